@@ -1,0 +1,116 @@
+"""Engine arguments: one dataclass, the single source for `LLM(...)` keywords and `serve` CLI flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
+
+
+@dataclass
+class EngineArgs:
+    model: Optional[str] = field(default=None, metadata={"help": "HF directory or .gguf file; "
+                                 "omitted: the embedded default model (SmolLM2-135M-Instruct)."})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "Tokenizer path (default: model)."})
+    dtype: str = field(default="auto", metadata={"help": "auto|float32|bfloat16|float16.",
+                                                 "choices": DTYPES})
+    max_model_len: Optional[int] = field(default=None, metadata={
+        "help": "Longest prompt + output (default: the model's max_position_embeddings)."})
+    max_num_seqs: int = field(default=256, metadata={"help": "Most sequences in one step."})
+    max_num_batched_tokens: Optional[int] = field(default=None, metadata={
+        "help": "Token budget of one step (default: 2048, at least max_num_seqs)."})
+    block_size: int = field(default=16, metadata={"help": "Tokens per KV-cache block."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "Fraction of device memory for weights, activations and KV cache."})
+    num_gpu_blocks_override: Optional[int] = field(default=None, metadata={
+        "help": "Number of KV-cache blocks (skips memory profiling)."})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "Automatic prefix caching."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "Devices to shard the model over."})
+    load_format: str = field(default="auto", metadata={"help": "auto|dummy|safetensors|gguf.",
+                                                       "choices": LOAD_FORMATS})
+    seed: int = field(default=0, metadata={"help": "Seed for dummy weights and unseeded sampling."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Accepted for vLLM "
+                                    "compatibility; remote code is never run."})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "Compile buckets on first use instead of all at start-up."})
+    max_logprobs: int = field(default=20, metadata={"help": "Most logprobs a request may ask for."})
+    compilation_cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "JAX persistent compilation cache (default: ~/.cache/jaxvllm/jax; 'none' disables)."})
+    weights_cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "Converted-weights cache (default: ~/.cache/jaxvllm/weights; 'none' disables)."})
+    token_buckets: Optional[tuple[int, ...]] = field(default=None, metadata={
+        "help": "Compiled token-count buckets (default: powers of two up to the token budget)."})
+    request_buckets: Optional[tuple[int, ...]] = field(default=None, metadata={
+        "help": "Compiled request-count buckets (default: powers of two up to max_num_seqs)."})
+    disable_log_stats: bool = field(default=False, metadata={"help": "Do not log engine stats."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def pos_int(name: str, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "max_logprobs"):
+            pos_int(name)
+        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
+            pos_int(name, optional=True)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not (isinstance(self.gpu_memory_utilization, (int, float))
+                and 0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        for name in ("token_buckets", "request_buckets"):
+            v = getattr(self, name)
+            if v is not None:
+                v = tuple(v)
+                if not v or any(not isinstance(x, int) or x < 1 for x in v):
+                    raise ValueError(f"{name} must be a non-empty list of positive ints, got {v!r}")
+                setattr(self, name, tuple(sorted(set(v))))
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        """One kebab-case flag per field, so `serve` and `LLM(...)` never drift."""
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            help_ = f.metadata.get("help", "")
+            base = _base_type(hints[f.name])
+            if base is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                    help=help_)
+            elif base is tuple:
+                parser.add_argument(flag, type=int, nargs="+", default=f.default, help=help_)
+            else:
+                parser.add_argument(flag, type=base, default=f.default, help=help_,
+                                    choices=f.metadata.get("choices"))
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(**{k: v for k, v in vars(args).items() if k in cls.field_names()})
+
+
+def _base_type(tp: Any) -> type:
+    if get_origin(tp) is not None and type(None) in get_args(tp):
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    origin = get_origin(tp)
+    if origin is not None:
+        return origin if origin is tuple else _base_type(get_args(tp)[0])
+    return tp

@@ -1,0 +1,70 @@
+"""The data that crosses the scheduler/model-runner boundary (vLLM v1's SchedulerOutput and
+ModelRunnerOutput). The runner keeps its own per-request state (token history, block table, sampling
+arrays): new requests arrive whole once, after that only deltas."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from jaxvllm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or must rebuild: resumed after preemption)."""
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]        # tokens generated before a preemption (recomputed as prompt)
+    sampling_params: SamplingParams
+    block_ids: list[int]               # its whole block table
+    num_computed_tokens: int           # tokens already in the cache (prefix-cache hit)
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds; only what changed."""
+    req_id: str
+    new_block_ids: list[int]           # appended to its block table
+    num_computed_tokens: int           # before this step's tokens
+
+
+@dataclass
+class SchedulerOutput:
+    new_reqs: list[NewRequestData]
+    cached_reqs: list[CachedRequestData]
+    # Batch order is this dict's insertion order: running requests first, then new ones.
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests the runner must forget: finished or aborted since the last step, or preempted now.
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class ModelRunnerOutput:
+    # One sampled token per request whose scheduled tokens reached the end of its known tokens;
+    # requests in the middle of a chunked prefill are absent.
+    sampled_token_ids: dict[str, int]
+    # Opaque to the scheduler: passed through to the engine.
+    logprobs: dict[str, Any] = field(default_factory=dict)
+    prompt_logprobs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step produced for one request."""
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: Optional[str] = None    # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None   # the stop token id (or stop string, set by the engine)
+    new_logprobs: Any = None
+    new_prompt_logprobs: Any = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,1 @@
+"""Llama-family models as pure functions over a params pytree."""

@@ -1,0 +1,116 @@
+"""ModelConfig: the Llama-family hyperparameters, read from an HF config (object or dict)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False           # Qwen2
+    qk_norm: bool = False            # Qwen3
+    rope_scaling: Optional[dict] = field(default=None, hash=False)
+    sliding_window: Optional[int] = None
+    dtype: str = "float32"           # the checkpoint's dtype ("auto" resolves to this)
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = field(default=None, hash=False)  # int or list of ints
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> "ModelConfig":
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        archs = d.get("architectures") or []
+        if not archs and d.get("model_type") in _MODEL_TYPE_TO_ARCH:
+            archs = [_MODEL_TYPE_TO_ARCH[d["model_type"]]]
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(f"Unsupported model architecture {archs or d.get('model_type')!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        hidden = d["hidden_size"]
+        heads = d["num_attention_heads"]
+        kv_heads = d.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of "
+                             f"num_key_value_heads ({kv_heads})")
+        head_dim = d.get("head_dim") or hidden // heads
+        rope_scaling, rope_theta = _rope(d)
+        dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
+        dtype = str(dtype).replace("torch.", "")
+        if arch == "Qwen2ForCausalLM":
+            qkv_bias = True
+        else:
+            qkv_bias = bool(d.get("attention_bias", False))
+        sliding = d.get("sliding_window") if d.get("use_sliding_window", True) else None
+        if arch in ("LlamaForCausalLM",):
+            sliding = None
+        return cls(
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            rope_scaling=rope_scaling,
+            sliding_window=sliding,
+            dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+        )
+
+
+_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _rope(d: dict) -> tuple[Optional[dict], float]:
+    """transformers < 5 keeps `rope_theta` + `rope_scaling`; >= 5 folds both into `rope_parameters`."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or None
+    theta = float(d.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if scaling is None and params:
+        scaling = params
+    if scaling is not None:
+        scaling = dict(scaling)
+        kind = scaling.get("rope_type") or scaling.get("type") or "default"
+        scaling["rope_type"] = kind
+        scaling.pop("type", None)
+        scaling.pop("rope_theta", None)
+        if kind == "default":
+            scaling = None
+        elif kind not in ("linear", "dynamic", "llama3"):
+            raise ValueError(f"Unsupported rope_scaling type {kind!r}; supported: linear, dynamic, llama3")
+    return scaling, theta

@@ -1,0 +1,109 @@
+"""SamplingParams: the same fields, defaults and validation as vLLM's offline API."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    best_of: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: Optional[str | list[str]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    max_tokens: Optional[int] = 16
+    min_tokens: int = 0
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: int = 0
+    # Filled by the engine: the tokenizer's EOS plus the generation config's extra EOS ids.
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k is None or self.top_k < 0:
+            self.top_k = 0
+        if self.best_of is None:
+            self.best_of = self.n
+        self._validate()
+        if self.temperature < _GREEDY_EPS:
+            # Greedy: the other sampling knobs are irrelevant, as in vLLM.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    def _validate(self) -> None:
+        def check(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"{name} {msg}")
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in ("n", "top_k", "min_tokens"):
+            if not is_int(getattr(self, name)):
+                raise TypeError(f"{name} must be an int, got {type(getattr(self, name)).__name__}")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            if not is_num(getattr(self, name)):
+                raise TypeError(f"{name} must be a number, got {type(getattr(self, name)).__name__}")
+        check(self.n >= 1, "n", f"must be at least 1, got {self.n}.")
+        check(is_int(self.best_of) and self.best_of >= self.n, "best_of",
+              f"must be an int >= n ({self.n}), got {self.best_of}.")
+        check(self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}.")
+        check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}.")
+        check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}.")
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
+              f"must be in [-2, 2], got {self.presence_penalty}.")
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+              f"must be in [-2, 2], got {self.frequency_penalty}.")
+        check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty",
+              f"must be in (0, 2], got {self.repetition_penalty}.")
+        if self.max_tokens is not None:
+            check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+                  f"must be at least 1, got {self.max_tokens}.")
+        check(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}.")
+        if self.max_tokens is not None:
+            check(self.min_tokens <= self.max_tokens, "min_tokens",
+                  f"must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        if self.seed is not None:
+            check(is_int(self.seed), "seed", f"must be an int, got {self.seed!r}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None:
+                check(is_int(v) and v >= 0, name, f"must be a non-negative int, got {v!r}.")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop",
+              "must be a string or a list of non-empty strings.")
+        check(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+              "must be a list of non-negative ints.")
+        check(is_int(self.priority), "priority", f"must be an int, got {self.priority!r}.")
+
+    def clone(self) -> "SamplingParams":
+        import copy
+        return copy.deepcopy(self)
