@@ -4,12 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+from jaxvllm.models.registry import MODEL_REGISTRY
+
+SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,80 @@
+"""Building blocks shared by the Llama family: RMSNorm, rotary embeddings (with HF's scaling types)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvllm.models.config import ModelConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # As HF: normalize in float32, cast back, then scale in the activation dtype.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies after `linear`/`llama3` scaling (computed once, at trace time)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > old_len / low, inv_freq / factor,
+                            np.where(wavelen < old_len / high, inv_freq, smoothed))
+    return inv_freq.astype(np.float32)
+
+
+def _dynamic_inv_freq(cfg: ModelConfig, positions: jax.Array) -> jax.Array:
+    """Dynamic NTK scaling, per token: HF recomputes the base from the sequence length once it passes
+    max_position_embeddings. A paged batch has no single length, so each token uses its own
+    position + 1 (identical to HF whenever the sequence fits the original context)."""
+    dim = cfg.head_dim
+    factor = float(cfg.rope_scaling["factor"])
+    max_pos = cfg.max_position_embeddings
+    seq_len = jnp.maximum(positions.astype(jnp.float32) + 1.0, float(max_pos))
+    base = cfg.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    return 1.0 / (base[:, None] ** exponents[None, :])
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape [T, head_dim] in float32 (HF's non-interleaved, rotate-half layout)."""
+    if (cfg.rope_scaling or {}).get("rope_type") == "dynamic":
+        freqs = positions.astype(jnp.float32)[:, None] * _dynamic_inv_freq(cfg, positions)
+    else:
+        freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    attention_factor = _attention_factor(cfg)
+    return jnp.cos(emb) * attention_factor, jnp.sin(emb) * attention_factor
+
+
+def _attention_factor(cfg: ModelConfig) -> float:
+    return float((cfg.rope_scaling or {}).get("attention_factor") or 1.0)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, None, :].astype(x.dtype)
+    sin = sin[:, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
+    y = x @ w
+    return y if b is None else y + b

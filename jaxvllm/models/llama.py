@@ -1,0 +1,106 @@
+"""The Llama family (Llama 2/3/3.1+, Mistral, Qwen2, Qwen3, SmolLM) on the engine's ragged, paged batch.
+
+Layers run unrolled (a Python loop over the per-layer params list): each layer's KV cache is its own
+donated buffer, updated in place, and the attention kernel reads it without a copy. See
+docs/architecture.md for the measurements behind unrolled vs `lax.scan`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.layers import apply_rope, linear, rms_norm, rope_cos_sin
+
+Params = dict[str, Any]
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: K and V, [num_blocks, block_size, kv_heads, head_dim]
+AttentionFn = Callable[..., jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class ModelInputs:
+    """One step's flat, padded, ragged batch (DESIGN step 3). Shapes are bucketed: T tokens, R requests."""
+    token_ids: jax.Array        # int32[T]
+    positions: jax.Array        # int32[T]
+    slot_mapping: jax.Array     # int32[T]  flat cache slot of each new token (padding -> a reserved slot)
+    query_start_loc: jax.Array  # int32[R+1]
+    seq_lens: jax.Array         # int32[R]  context length including the new tokens
+    block_tables: jax.Array     # int32[R, max_blocks]
+    num_seqs: jax.Array         # int32[1]
+
+
+def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Scatter new K or V rows [T, kv_heads, head_dim] into their cache slots (in place when donated)."""
+    nb, bs, h, d = cache.shape
+    flat = cache.reshape(nb * bs, h, d).at[slot_mapping].set(new.astype(cache.dtype), mode="drop",
+                                                              unique_indices=False)
+    return flat.reshape(nb, bs, h, d)
+
+
+def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                     k_cache: jax.Array, v_cache: jax.Array, inp: ModelInputs,
+                     attention_fn: AttentionFn) -> tuple[jax.Array, jax.Array, jax.Array]:
+    t = x.shape[0]
+    q = linear(x, lp["q"], lp.get("q_bias")).reshape(t, cfg.num_heads, cfg.head_dim)
+    k = linear(x, lp["k"], lp.get("k_bias")).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(x, lp["v"], lp.get("v_bias")).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    # Every new token's K/V is written before any attention reads: a request may attend to blocks
+    # another request of the same step is filling (the scheduler's same-step prefix sharing relies on it).
+    k_cache = write_kv(k_cache, k, inp.slot_mapping)
+    v_cache = write_kv(v_cache, v, inp.slot_mapping)
+    out = attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
+                       inp.num_seqs, sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    return linear(out.reshape(t, cfg.q_size), lp["o"]), k_cache, v_cache
+
+
+def _mlp(lp: Params, x: jax.Array) -> jax.Array:
+    return linear(jax.nn.silu(linear(x, lp["gate"])) * linear(x, lp["up"]), lp["down"])
+
+
+def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfig,
+            attention_fn: AttentionFn) -> tuple[jax.Array, KVCache]:
+    """Runs all layers over the batch's new tokens; returns final hidden states [T, hidden] (before
+    the final norm) and the updated cache."""
+    x = params["embed"][inp.token_ids]
+    cos, sin = rope_cos_sin(cfg, inp.positions)
+    new_cache: KVCache = []
+    for lp, (k_cache, v_cache) in zip(params["layers"], kv_cache):
+        h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps)
+        attn, k_cache, v_cache = _attention_block(cfg, lp, h, cos, sin, k_cache, v_cache, inp,
+                                                  attention_fn)
+        x = x + attn
+        x = x + _mlp(lp, rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps))
+        new_cache.append((k_cache, v_cache))
+    return x, new_cache
+
+
+def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits in float32 for the selected hidden states [N, hidden] (gathered before the norm: the
+    norm is per token, so only the tokens that are sampled pay for it and the LM head)."""
+    h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+
+def make_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: Any,
+                  sharding: Optional[jax.sharding.Sharding] = None) -> KVCache:
+    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+
+    def zeros() -> jax.Array:
+        return jnp.zeros(shape, dtype) if sharding is None else jax.jit(
+            lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+    return [(zeros(), zeros()) for _ in range(cfg.num_layers)]
+
+
+def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: Any) -> int:
+    return 2 * cfg.num_layers * block_size * cfg.kv_size * jnp.dtype(dtype).itemsize

@@ -1,0 +1,20 @@
+"""Architecture name (HF `architectures`) -> implementation module. One Flax-free functional
+implementation covers the whole Llama family; config flags select the variants."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+MODEL_REGISTRY: dict[str, str] = {
+    "LlamaForCausalLM": "jaxvllm.models.llama",
+    "MistralForCausalLM": "jaxvllm.models.llama",
+    "Qwen2ForCausalLM": "jaxvllm.models.llama",
+    "Qwen3ForCausalLM": "jaxvllm.models.llama",
+}
+
+
+def get_model_module(architecture: str) -> ModuleType:
+    if architecture not in MODEL_REGISTRY:
+        raise ValueError(f"Unsupported model architecture {architecture!r}; supported: "
+                         f"{', '.join(MODEL_REGISTRY)}")
+    return importlib.import_module(MODEL_REGISTRY[architecture])
