@@ -1,0 +1,395 @@
+"""Ragged paged attention: one entry point for decode, prefill chunks and mixed batches.
+
+Backend: Pallas **Triton** (``jax.experimental.pallas.triton``). Reasons: it lowers
+data-dependent gathers (rows of K/V through the block table, computed per tile) to
+plain pointer arithmetic, which is exactly what a paged cache needs; it runs in
+``interpret=True`` mode on CPU for tests; it compiles with jax 0.10 and 0.11 alike;
+and Triton's software pipeliner overlaps the block-table-indirected K/V loads with
+the matmuls (``num_stages``). Mosaic GPU would allow TMA + wgmma warp
+specialisation, but its TMA path wants contiguous tiles, not per-row gathers, and
+its API moved between the two jax versions we must support.
+
+Algorithm (flash attention with online softmax, f32 accumulation):
+
+* The batch is cut into *q tiles*. A tile is ``BQ`` consecutive new tokens of one
+  sequence times the ``G = Hq // Hkv`` query heads that share one KV head, so a
+  program's matrix has ``M = BQ * G`` rows (G padded to a power of two) and every
+  K/V tile it loads is used by all heads of the group (GQA sharing).
+* Grid = (q tiles, KV heads, KV splits). Each program walks its KV range
+  (causal, and sliding window when set) in tiles of ``BK`` keys; each key row is
+  fetched through the block table (``page * block_size + offset``), so BK need not
+  equal the page size.
+* Two launches with static shapes, dispatch by static sizes only:
+  - *short* tiles (``BQs = 16 // G`` tokens, M = 16): one tile per sequence whose
+    new-token count is <= BQs (decodes, short spec chunks). Optional split-K over
+    the context (``num_splits`` > 1) when R * Hkv programs would not fill the GPU;
+    the partial results are merged with their log-sum-exp in jnp.
+  - *long* tiles (``BQl`` tokens, M = 64..128): every other sequence, tiled
+    flash-style. It writes into the short launch's output buffer (aliased), so
+    mixed batches need no extra pass.
+  Which sequences are short or long is decided from the traced lengths when the
+  tile lists are built (tiny jnp ops); the grid sizes are static upper bounds and
+  programs without work exit at once.
+* Tile sizes live in ``TILE_TABLE`` keyed by (head_dim, GQA ratio, page size).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.reference import ragged_paged_attention_reference, token_metadata
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2E = math.log2(math.e)
+_NUM_SMS = 132  # H100 SXM
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    bk: int          # keys per inner-loop step
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    short: TileConfig        # decode-like tiles (M = 16 rows)
+    long_rows: int           # M rows of a long tile (BQl = long_rows // G tokens)
+    long: TileConfig
+
+
+# Tuned tile table, keyed by (head_dim, GQA ratio, page size). Entries measured on
+# H100 (see bench/RESULTS.md); missing keys fall back to _default_tiles().
+TILE_TABLE: dict[tuple[int, int, int], Tiles] = {
+    (128, 4, 16): Tiles(TileConfig(64, 4, 3), 128, TileConfig(64, 8, 3)),
+}
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _default_tiles(head_dim: int, group: int, block_size: int) -> Tiles:
+    del group, block_size
+    long_bk = 64 if head_dim <= 128 else 32
+    return Tiles(TileConfig(64, 4, 3), 128, TileConfig(long_bk, 8, 3))
+
+
+def get_tiles(head_dim: int, group: int, block_size: int) -> Tiles:
+    return TILE_TABLE.get((head_dim, group, block_size)) or _default_tiles(
+        head_dim, group, block_size)
+
+
+# ---------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------
+def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt_ref,
+                q_ref, k_ref, v_ref, *rest, bq, gp, group, num_q_heads, block_size,
+                max_blocks, bk, num_splits, sm_scale, sliding_window, soft_cap,
+                aliased, split_out, interpret):
+    if aliased:
+        rest = rest[1:]  # the aliased input buffer is never read
+    if split_out:
+        o_ref, lse_ref = rest
+    else:
+        (o_ref,) = rest
+    i = pl.program_id(0)
+    h = pl.program_id(1)
+    s_id = pl.program_id(2)
+    r = tile_seq_ref[i]
+
+    @pl.when(r >= 0)
+    def _():
+        M = bq * gp
+        q0 = tile_q0_ref[i]
+        q1 = tile_q1_ref[i]
+        kv_len = kv_lens_ref[r]
+        qs = qsl_ref[r]
+        qe = qsl_ref[r + 1]
+        ctx0 = kv_len - (qe - qs)            # absolute position of token qs
+
+        m_idx = lax.broadcasted_iota(jnp.int32, (M,), 0)
+        t_off = lax.div(m_idx, jnp.int32(gp))
+        g = lax.rem(m_idx, jnp.int32(gp))
+        tok = q0 + t_off
+        row_valid = (tok < q1) & (g < group)
+        tok_c = jnp.minimum(tok, q1 - 1)
+        g_c = jnp.minimum(g, group - 1)
+        qrow = tok_c * num_q_heads + h * group + g_c
+        qpos = ctx0 + (tok - qs)              # [M]
+
+        q = q_ref[qrow, :]                    # [M, D]
+
+        # KV range of this tile (causal upper bound, window lower bound).
+        hi = jnp.minimum(kv_len, ctx0 + (q1 - qs))
+        if sliding_window is not None:
+            lo = jnp.maximum(0, ctx0 + (q0 - qs) - (sliding_window - 1))
+        else:
+            lo = jnp.int32(0)
+        t_lo = lax.div(lo, jnp.int32(bk))
+        t_hi = lax.div(hi + (bk - 1), jnp.int32(bk))
+        if num_splits > 1:
+            per = lax.div(t_hi - t_lo + (num_splits - 1), jnp.int32(num_splits))
+            t_start = t_lo + s_id * per
+            t_end = jnp.minimum(t_start + per, t_hi)
+        else:
+            t_start, t_end = t_lo, t_hi
+
+        scale = sm_scale * _LOG2E if soft_cap is None else sm_scale / soft_cap
+        bt_base = r * max_blocks
+        k_iota = lax.broadcasted_iota(jnp.int32, (bk,), 0)
+
+        def body(t, carry):
+            acc, m_i, l_i = carry
+            kpos = t * bk + k_iota                                    # [BK]
+            kvalid = kpos < hi
+            page_idx = jnp.minimum(lax.div(kpos, jnp.int32(block_size)), max_blocks - 1)
+            page = bt_ref[bt_base + page_idx]
+            krow = page * block_size + lax.rem(kpos, jnp.int32(block_size))
+            krow = jnp.where(kvalid, krow, 0)
+            k = k_ref[krow, :]                                        # [BK, D]
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)    # [M, BK]
+            s = s * scale
+            if soft_cap is not None:
+                s = jnp.tanh(s) * (soft_cap * _LOG2E)
+            mask = (kpos[None, :] <= qpos[:, None]) & kvalid[None, :]
+            if sliding_window is not None:
+                mask = mask & ((qpos[:, None] - kpos[None, :]) < sliding_window)
+            s = jnp.where(mask, s, _MASK_VALUE)
+            m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+            p = jnp.exp2(s - m_new[:, None])
+            corr = jnp.exp2(m_i - m_new)
+            l_new = l_i * corr + jnp.sum(p, axis=1)
+            v = v_ref[krow, :]
+            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+            return acc * corr[:, None] + pv, m_new, l_new
+
+        D = q.shape[-1]
+        acc0 = jnp.zeros((M, D), jnp.float32)
+        m0 = jnp.full((M,), _MASK_VALUE, jnp.float32)
+        l0 = jnp.zeros((M,), jnp.float32)
+        acc, m_i, l_i = lax.fori_loop(t_start, t_end, body, (acc0, m0, l0))
+        l_safe = jnp.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        if split_out:
+            lse = jnp.where(l_i > 0, m_i + jnp.log2(l_safe), _MASK_VALUE)
+            _store(o_ref, qrow, out.astype(o_ref.dtype), row_valid, interpret)
+            _store(lse_ref, qrow, lse, row_valid, interpret)
+        else:
+            _store(o_ref, qrow, out.astype(o_ref.dtype), row_valid, interpret)
+
+
+def _store(ref, rows, val, row_valid, interpret):
+    """Masked row scatter: ref[rows[m]] = val[m] where row_valid[m]."""
+    if interpret:
+        # Masked-off lanes are written back with their old value in interpret
+        # mode, so they must not alias a real row: send them to the spare last row.
+        rows = jnp.where(row_valid, rows, ref.shape[0] - 1)
+    if val.ndim == 1:
+        plgpu.store(ref.at[rows], val, mask=row_valid)
+    elif interpret:
+        # Interpret mode only discharges masked stores whose indices are all arrays.
+        cols = lax.broadcasted_iota(jnp.int32, (1, val.shape[1]), 1)
+        plgpu.store(ref.at[rows[:, None], cols], val,
+                    mask=jnp.broadcast_to(row_valid[:, None], val.shape))
+    else:
+        plgpu.store(ref.at[rows, :], val, mask=row_valid[:, None])
+
+
+def _full_spec(shape, squeeze_axis=None, grid_axis=None):
+    """BlockSpec covering a whole array, optionally squeezing one axis to a grid index."""
+    if squeeze_axis is None:
+        return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+    block = tuple(None if a == squeeze_axis else d for a, d in enumerate(shape))
+
+    def index_map(*ids):
+        return tuple(ids[grid_axis] if a == squeeze_axis else 0 for a in range(len(shape)))
+    return pl.BlockSpec(block, index_map)
+
+
+def _launch(tile_seq, tile_q0, tile_q1, kv_lens, qsl, bt_flat, q2, k3, v3, out_in, *,
+            bq, gp, group, num_q_heads, block_size, max_blocks, cfg, num_splits,
+            sm_scale, sliding_window, soft_cap, interpret, out_dtype):
+    n_tiles = tile_seq.shape[0]
+    TH, D = q2.shape
+    NR, Hkv, _ = k3.shape
+    split_out = num_splits > 1
+    aliased = out_in is not None
+    TH_out = TH + 1 if interpret else TH   # interpret mode: one spare row
+    assert not (split_out and aliased)
+    kernel = functools.partial(
+        _rpa_kernel, bq=bq, gp=gp, group=group, num_q_heads=num_q_heads,
+        block_size=block_size, max_blocks=max_blocks, bk=cfg.bk,
+        num_splits=num_splits, sm_scale=float(sm_scale),
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        soft_cap=None if soft_cap is None else float(soft_cap),
+        aliased=aliased, split_out=split_out, interpret=interpret)
+    in_specs = [
+        _full_spec(tile_seq.shape), _full_spec(tile_q0.shape), _full_spec(tile_q1.shape),
+        _full_spec(kv_lens.shape), _full_spec(qsl.shape), _full_spec(bt_flat.shape),
+        _full_spec(q2.shape),
+        _full_spec(k3.shape, squeeze_axis=1, grid_axis=1),
+        _full_spec(v3.shape, squeeze_axis=1, grid_axis=1),
+    ]
+    args = [tile_seq, tile_q0, tile_q1, kv_lens, qsl, bt_flat, q2, k3, v3]
+    aliases = {}
+    if aliased:
+        in_specs.append(_full_spec(out_in.shape))
+        args.append(out_in)
+        aliases = {len(args) - 1: 0}
+    if split_out:
+        out_shape = [jax.ShapeDtypeStruct((num_splits, TH_out, D), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits, TH_out), jnp.float32)]
+        out_specs = [_full_spec(out_shape[0].shape, squeeze_axis=0, grid_axis=2),
+                     _full_spec(out_shape[1].shape, squeeze_axis=0, grid_axis=2)]
+    else:
+        out_shape = jax.ShapeDtypeStruct((TH_out, D), out_dtype)
+        out_specs = _full_spec((TH_out, D))
+    compiler_params = None
+    if not interpret:
+        compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                               num_stages=cfg.num_stages)
+    return pl.pallas_call(
+        kernel,
+        grid=(n_tiles, Hkv, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name=f"ragged_paged_attention_bq{bq}_bk{cfg.bk}_s{num_splits}",
+    )(*args)
+
+
+def choose_num_splits(T, R, Hkv, max_blocks, block_size, bk, Hq, D):
+    """Static split-K factor for the short (decode) launch."""
+    programs = max(1, R * Hkv)
+    want = _next_pow2(-(-4 * _NUM_SMS // programs))
+    max_ctx = max_blocks * block_size
+    s = max(1, min(want, 64, max_ctx // (4 * bk)))
+    # keep the f32 partial buffer modest
+    while s > 1 and s * T * Hq * D * 4 > (256 << 20):
+        s //= 2
+    return s
+
+
+def _build_tiles(qsl, q_lens, T, R, bq_s, bq_l):
+    """Tile lists for the short and long launches (all traced, tiny)."""
+    r_ids = jnp.arange(R, dtype=jnp.int32)
+    is_short = (q_lens > 0) & (q_lens <= bq_s)
+    s_seq = jnp.where(is_short, r_ids, -1)
+    s_q0 = qsl[:-1]
+    s_q1 = qsl[1:]
+    n_long = T // (bq_s + 1)
+    n_tiles_l = -(-T // bq_l) + min(R, n_long)
+    if n_long == 0:
+        return (s_seq, s_q0, s_q1), None
+    is_long = q_lens > bq_s
+    n_r = jnp.where(is_long, (q_lens + bq_l - 1) // bq_l, 0)
+    cum = jnp.cumsum(n_r)
+    ti = jnp.arange(n_tiles_l, dtype=jnp.int32)
+    seq = jnp.searchsorted(cum, ti, side="right").astype(jnp.int32)
+    valid = seq < R
+    seq_c = jnp.minimum(seq, R - 1)
+    j = ti - (cum[seq_c] - n_r[seq_c])
+    j = n_r[seq_c] - 1 - j          # heaviest (last) tile of a sequence first
+    q0 = qsl[seq_c] + j * bq_l
+    q1 = jnp.minimum(q0 + bq_l, qsl[seq_c + 1])
+    l_seq = jnp.where(valid, seq_c, -1)
+    return (s_seq, s_q0, s_q1), (l_seq, q0, q1)
+
+
+def ragged_paged_attention_kernel(
+    q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs, *,
+    sm_scale, sliding_window=None, logits_soft_cap=None, interpret=False,
+    num_splits=None, tiles: Tiles | None = None):
+    """The Pallas implementation (same semantics as the reference)."""
+    T, Hq, D = q.shape
+    NB, BS, Hkv, Dk = k_cache.shape
+    R, MB = block_tables.shape
+    assert Dk == D and v_cache.shape == k_cache.shape
+    assert Hq % Hkv == 0, (Hq, Hkv)
+    assert D & (D - 1) == 0 and D >= 16, "head_dim must be a power of two >= 16"
+    G = Hq // Hkv
+    gp = _next_pow2(G)
+    if tiles is None:
+        tiles = get_tiles(D, G, BS)
+    bq_s = max(1, 16 // gp)
+    bq_l = max(1, tiles.long_rows // gp)
+
+    qsl = query_start_loc.astype(jnp.int32)
+    kv_lens = kv_lens.astype(jnp.int32)
+    _, _, q_lens = token_metadata(qsl, num_seqs, T)
+    short_t, long_t = _build_tiles(qsl, q_lens, T, R, bq_s, bq_l)
+
+    q2 = q.reshape(T * Hq, D)
+    k3 = k_cache.reshape(NB * BS, Hkv, D)
+    v3 = v_cache.reshape(NB * BS, Hkv, D)
+    bt_flat = block_tables.astype(jnp.int32).reshape(R * MB)
+    if num_splits is None:
+        num_splits = choose_num_splits(T, R, Hkv, MB, BS, tiles.short.bk, Hq, D)
+    common = dict(gp=gp, group=G, num_q_heads=Hq, block_size=BS, max_blocks=MB,
+                  sm_scale=sm_scale, sliding_window=sliding_window,
+                  soft_cap=logits_soft_cap, interpret=interpret, out_dtype=q.dtype)
+
+    res = _launch(*short_t, kv_lens, qsl, bt_flat, q2, k3, v3, None, bq=bq_s,
+                  cfg=tiles.short, num_splits=num_splits, **common)
+    if num_splits > 1:
+        o_part, lse = res                                  # [S, TH, D], [S, TH]
+        m = jnp.max(lse, axis=0)
+        w = jnp.exp2(lse - m[None])
+        out = (jnp.sum(o_part * w[..., None], axis=0)
+               / jnp.sum(w, axis=0)[:, None]).astype(q.dtype)
+    else:
+        out = res
+    if long_t is not None:
+        out = _launch(*long_t, kv_lens, qsl, bt_flat, q2, k3, v3, out, bq=bq_l,
+                      cfg=tiles.long, num_splits=1, **common)
+    if interpret:
+        out = out[:T * Hq]
+    return out.reshape(T, Hq, D)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "sliding_window", "logits_soft_cap", "impl", "interpret"))
+def ragged_paged_attention(
+    q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs, *,
+    sm_scale, sliding_window=None, logits_soft_cap=None, impl="auto", interpret=None):
+    """Attention of packed new tokens against a paged KV cache.
+
+    q: [T, Hq, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D] (one layer);
+    kv_lens: int32[R] (context incl. new tokens); block_tables: int32[R, max_blocks];
+    query_start_loc: int32[R+1]; num_seqs: int32[1]. Returns [T, Hq, D]
+    (rows of padding tokens unspecified).
+
+    impl: "auto" (kernel on GPU, reference elsewhere), "kernel" or "reference".
+    interpret: run the kernel in Pallas interpret mode (default: when not on GPU).
+    """
+    on_gpu = jax.default_backend() == "gpu"
+    D = q.shape[-1]
+    if impl == "auto":
+        impl = "kernel" if (on_gpu and D & (D - 1) == 0 and D >= 16) else "reference"
+    if impl == "reference":
+        return ragged_paged_attention_reference(
+            q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window,
+            logits_soft_cap=logits_soft_cap)
+    if impl != "kernel":
+        raise ValueError(f"impl must be 'auto', 'kernel' or 'reference', got {impl!r}")
+    if interpret is None:
+        interpret = not on_gpu
+    return ragged_paged_attention_kernel(
+        q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs,
+        sm_scale=sm_scale, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap, interpret=interpret)

@@ -1,0 +1,208 @@
+"""Ragged paged attention: Pallas kernel (interpret mode on CPU) vs the jnp reference,
+and the jnp reference vs a dense float64 numpy implementation.
+
+Tolerances (max |out - ref| over non-padding rows, inputs ~N(0, 1)):
+  float32: 2e-5 kernel vs reference, 1e-4 reference vs float64 numpy;
+  bfloat16: relative Frobenius error <= 1e-2 (the kernel rounds the softmax
+  probabilities to bf16 before the PV matmul; the reference keeps f32).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import (
+    ragged_paged_attention,
+    ragged_paged_attention_kernel,
+    ragged_paged_attention_reference,
+)
+from pallas_kernels.ragged_paged_attention import TileConfig, Tiles
+
+F32_ATOL_KERNEL = 2e-5
+F32_ATOL_DENSE = 1e-4
+BF16_REL = 1e-2
+
+# Small tiles so that multi-tile prefills, ragged edges and the long launch are
+# exercised at CPU-friendly sizes.
+SMALL_TILES = Tiles(TileConfig(16, 4, 2), 16, TileConfig(16, 4, 2))
+
+
+def make_batch(q_lens, kv_lens, *, num_q_heads=4, num_kv_heads=2, head_dim=32,
+               block_size=16, max_blocks=None, num_blocks=None, T=None, R=None,
+               dtype=jnp.float32, seed=0):
+    """Random batch with permuted (non-contiguous) block tables and padding."""
+    rng = np.random.default_rng(seed)
+    n = len(q_lens)
+    R = R or n
+    T = T or int(sum(q_lens))
+    assert all(0 < ql <= kl for ql, kl in zip(q_lens, kv_lens))
+    need = max(-(-k // block_size) for k in kv_lens)
+    max_blocks = max_blocks or need + 1
+    num_blocks = num_blocks or R * max_blocks + 3
+    qsl = np.zeros(R + 1, np.int32)
+    qsl[1:n + 1] = np.cumsum(q_lens)
+    qsl[n + 1:] = qsl[n]
+    kvl = np.zeros(R, np.int32)
+    kvl[:n] = kv_lens
+    bt = rng.permutation(num_blocks)[:R * max_blocks].reshape(R, max_blocks).astype(np.int32)
+    q = rng.standard_normal((T, num_q_heads, head_dim))
+    k = rng.standard_normal((num_blocks, block_size, num_kv_heads, head_dim))
+    v = rng.standard_normal((num_blocks, block_size, num_kv_heads, head_dim))
+    arrays = dict(q=q, k=k, v=v, kv_lens=kvl, block_tables=bt, qsl=qsl,
+                  num_seqs=np.array([n], np.int32))
+    jargs = (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
+             jnp.asarray(kvl), jnp.asarray(bt), jnp.asarray(qsl),
+             jnp.asarray(arrays["num_seqs"]))
+    return jargs, arrays, int(qsl[n])
+
+
+def dense_numpy(a, sm_scale, sliding_window=None, soft_cap=None):
+    """Float64, one sequence at a time, straight from the definition."""
+    q, k, v = (np.asarray(a[x], np.float64) for x in ("q", "k", "v"))
+    T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    BS = k.shape[1]
+    out = np.zeros_like(q)
+    n = int(a["num_seqs"][0])
+    for r in range(n):
+        s0, s1 = a["qsl"][r], a["qsl"][r + 1]
+        ql, kl = s1 - s0, a["kv_lens"][r]
+        blocks = a["block_tables"][r, : -(-kl // BS)]
+        kk = k[blocks].reshape(-1, Hkv, D)[:kl]
+        vv = v[blocks].reshape(-1, Hkv, D)[:kl]
+        for i in range(ql):
+            p = kl - ql + i
+            for h in range(Hq):
+                s = kk[:, h // G] @ q[s0 + i, h] * sm_scale
+                if soft_cap is not None:
+                    s = soft_cap * np.tanh(s / soft_cap)
+                kpos = np.arange(kl)
+                mask = kpos <= p
+                if sliding_window is not None:
+                    mask &= (p - kpos) < sliding_window
+                s = np.where(mask, s, -np.inf)
+                w = np.exp(s - s.max())
+                w /= w.sum()
+                out[s0 + i, h] = w @ vv[:, h // G]
+    return out
+
+
+def check(out, ref, n_valid, dtype, atol=F32_ATOL_KERNEL):
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)[:n_valid]
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)[:n_valid]
+    assert np.all(np.isfinite(out)), "non-finite output in a real token row"
+    if dtype == jnp.bfloat16:
+        rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+        assert rel <= BF16_REL, rel
+    else:
+        err = np.abs(out - ref).max()
+        assert err <= atol, err
+
+
+def run_both(jargs, sm_scale=0.125, tiles=SMALL_TILES, num_splits=None, **kw):
+    ref = ragged_paged_attention_reference(*jargs, sm_scale=sm_scale, **kw)
+    out = jax.jit(lambda *a: ragged_paged_attention_kernel(
+        *a, sm_scale=sm_scale, interpret=True, tiles=tiles, num_splits=num_splits,
+        **kw))(*jargs)
+    return out, ref
+
+
+CASES = {
+    # name: (q_lens, kv_lens, extra make_batch kwargs)
+    "decode": ([1, 1, 1, 1, 1], [1, 16, 17, 40, 77], {}),
+    "prefill": ([37, 16], [37, 16], {}),
+    "chunked_prefill": ([20], [53], {}),
+    "mixed": ([1, 23, 1, 5, 1], [33, 23, 64, 50, 9], {}),
+    "block_edges": ([15, 17, 33], [31, 17, 48], {}),
+    "padding": ([3, 1, 9], [40, 5, 9], dict(T=24, R=6)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_vs_reference_f32(name):
+    q_lens, kv_lens, kw = CASES[name]
+    jargs, _, n = make_batch(q_lens, kv_lens, seed=hash(name) % 1000, **kw)
+    out, ref = run_both(jargs)
+    check(out, ref, n, jnp.float32)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (8, 1), (6, 2)])
+def test_gqa(hq, hkv):
+    jargs, _, n = make_batch([1, 9, 18], [25, 30, 18], num_q_heads=hq, num_kv_heads=hkv,
+                             T=32, R=4, seed=hq * 10 + hkv)
+    out, ref = run_both(jargs)
+    check(out, ref, n, jnp.float32)
+
+
+@pytest.mark.parametrize("window,cap", [(8, None), (None, 5.0), (20, 2.0)])
+def test_window_and_softcap(window, cap):
+    jargs, _, n = make_batch([1, 19, 1], [50, 40, 7], T=24, R=4, seed=7)
+    out, ref = run_both(jargs, sliding_window=window, logits_soft_cap=cap)
+    check(out, ref, n, jnp.float32)
+
+
+@pytest.mark.parametrize("num_splits", [2, 4])
+def test_split_k(num_splits):
+    # short multi-token tiles (q_len 3 <= BQs) too, and a window so some splits are empty
+    jargs, _, n = make_batch([1, 3, 1, 12], [70, 45, 3, 40], T=20, R=5, seed=num_splits)
+    out, ref = run_both(jargs, num_splits=num_splits)
+    check(out, ref, n, jnp.float32)
+    out, ref = run_both(jargs, num_splits=num_splits, sliding_window=9)
+    check(out, ref, n, jnp.float32)
+
+
+def test_block_size_32_head_dim_64_default_tiles():
+    jargs, _, n = make_batch([1, 21, 1], [90, 21, 33], head_dim=64, block_size=32,
+                             T=24, R=4, seed=3)
+    out, ref = run_both(jargs, tiles=None)
+    check(out, ref, n, jnp.float32)
+
+
+def test_bf16():
+    jargs, _, n = make_batch([1, 14, 1, 6], [44, 30, 16, 6], head_dim=64,
+                             dtype=jnp.bfloat16, T=24, R=5, seed=11)
+    out, ref = run_both(jargs)
+    assert out.dtype == jnp.bfloat16
+    check(out, ref, n, jnp.bfloat16)
+
+
+def test_public_entry_point_and_jit_with_traced_ints():
+    jargs, _, n = make_batch([1, 10], [30, 12], T=16, R=3, seed=5)
+    ref = ragged_paged_attention(*jargs, sm_scale=0.3, impl="reference")
+    out = ragged_paged_attention(*jargs, sm_scale=0.3, impl="kernel", interpret=True)
+    check(out, ref, n, jnp.float32)
+    if jax.default_backend() != "gpu":
+        auto = ragged_paged_attention(*jargs, sm_scale=0.3)
+        np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))
+    # same executable, different lengths: nothing about the values is static
+    jargs2, _, n2 = make_batch([5, 2], [5, 40], T=16, R=3, seed=6)
+    out2 = ragged_paged_attention(*jargs2, sm_scale=0.3, impl="kernel", interpret=True)
+    ref2 = ragged_paged_attention(*jargs2, sm_scale=0.3, impl="reference")
+    check(out2, ref2, n2, jnp.float32)
+    with pytest.raises(ValueError):
+        ragged_paged_attention(*jargs, sm_scale=0.3, impl="nope")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(sliding_window=6), dict(logits_soft_cap=3.0)])
+def test_reference_vs_dense_numpy(kw):
+    jargs, arrays, n = make_batch([1, 30, 4, 1], [70, 30, 20, 1], num_q_heads=6,
+                                  num_kv_heads=2, T=40, R=6, seed=13)
+    ref = ragged_paged_attention_reference(*jargs, sm_scale=0.2, **kw)
+    dense = dense_numpy(arrays, 0.2, kw.get("sliding_window"), kw.get("logits_soft_cap"))
+    check(ref, dense, n, jnp.float32, atol=F32_ATOL_DENSE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_kernel_vs_reference_bf16(name):
+    q_lens, kv_lens, kw = CASES[name]
+    jargs, _, n = make_batch(q_lens, kv_lens, num_q_heads=32, num_kv_heads=8,
+                             head_dim=128, dtype=jnp.bfloat16, seed=1, **kw)
+    ref = ragged_paged_attention(*jargs, sm_scale=0.088, impl="reference")
+    out = ragged_paged_attention(*jargs, sm_scale=0.088, impl="kernel")
+    check(out, ref, n, jnp.bfloat16)
