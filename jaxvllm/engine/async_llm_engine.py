@@ -1,0 +1,148 @@
+"""AsyncLLMEngine: an asyncio front over LLMEngine.
+
+The step loop runs on its own thread (a step blocks on the device), so the event loop stays free for
+HTTP. Requests are validated and tokenized on the caller's side; only admission, aborts and steps
+touch the scheduler, all on the step thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator, Optional
+
+from jaxvllm.config import EngineArgs
+from jaxvllm.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from jaxvllm.outputs import RequestOutput
+from jaxvllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len = engine.max_model_len
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._inbox: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._stats = engine.get_stats()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
+        return cls(LLMEngine(args))
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="jaxvllm-step", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._error is None
+
+    @property
+    def errored(self) -> bool:
+        return self._error is not None
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Cumulative RequestOutputs as tokens arrive; the last has finished=True. Raises
+        ValueError/TypeError before yielding for an invalid request. Closing the iterator (or
+        cancelling its consumer) aborts the request."""
+        if self._error is not None:
+            raise EngineDeadError(f"engine stopped: {self._error!r}")
+        await self.start()
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prepared = self.engine.prepare_request(request_id, prompt, sampling_params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._post("add", prepared)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    break
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._post("abort", request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def get_stats(self) -> EngineStats:
+        return self._stats
+
+    def _post(self, kind: str, payload: object) -> None:
+        with self._lock:
+            self._inbox.append((kind, payload))
+        self._wake.set()
+
+    # ---- the step thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not engine.has_unfinished_requests():
+                    self._stats = engine.get_stats()
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                outputs = engine.step()
+                self._stats = engine.get_stats()
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except BaseException as e:  # a dead engine must not leave clients waiting forever
+            logger.exception("engine step loop failed")
+            self._error = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine stopped: {e!r}"))
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, payload in inbox:
+            if kind == "add":
+                try:
+                    self.engine.admit_request(payload)
+                except (ValueError, TypeError) as e:
+                    self._deliver(payload.request_id, e)
+            else:
+                self.engine.abort_request(payload)
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        loop, queue = stream
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed
+            pass

@@ -1,0 +1,260 @@
+"""LLMEngine: the synchronous step loop. Tokenizes, fans out n>1, schedules, runs the model,
+detokenizes, applies stop strings, and emits cumulative RequestOutputs."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from jaxvllm.config import EngineArgs
+from jaxvllm.core.outputs import EngineCoreOutput
+from jaxvllm.core.request import Request, RequestStatus
+from jaxvllm.core.scheduler import Scheduler, SchedulerConfig
+from jaxvllm.engine.detokenizer import IncrementalDetokenizer
+from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxvllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = Union[str, list[int], dict]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+@dataclass
+class _Child:
+    index: int
+    request_id: str
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list[dict[int, Logprob]]] = None
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[_Child]
+    prompt_logprobs: Optional[list] = None
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, loaded: Any = None) -> None:
+        from jaxvllm.engine.setup import build_runner, load
+        self.args = args
+        self.loaded = loaded if loaded is not None else load(args)
+        self.tokenizer = self.loaded.tokenizer
+        self.model_config = self.loaded.config
+        self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded)
+        self.scheduler = Scheduler(sched_cfg)
+        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
+        self._parents: dict[str, _Parent] = {}
+        self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
+        self.compile_seconds = 0.0 if args.enforce_eager else self.runner.warmup()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), _check_ids(prompt["prompt_token_ids"],
+                                                        self.model_config.vocab_size)
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, _check_ids(list(prompt), self.model_config.vocab_size)
+        raise TypeError(f"prompt must be a str, a list of token ids or a dict, got "
+                        f"{type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None) -> None:
+        """Validates and queues a request; raises ValueError/TypeError (nothing is queued then)."""
+        self.admit_request(self.prepare_request(request_id, prompt, params, arrival_time))
+
+    def prepare_request(self, request_id: str, prompt: PromptType,
+                        params: Optional[SamplingParams] = None,
+                        arrival_time: Optional[float] = None) -> _Parent:
+        """Everything in add_request that does not touch the scheduler (safe off the step thread)."""
+        params = (params or SamplingParams()).clone()
+        if request_id in self._parents:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        text, ids = self.tokenize(prompt)
+        self._validate(ids, params)
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - len(ids)
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops |= self.extra_eos_ids | ({self.eos_token_id} - {None})
+        params.all_stop_token_ids = stops
+        children = [_Child(i, request_id if params.n == 1 else f"{i}_{request_id}",
+                           IncrementalDetokenizer(self.tokenizer, params, ids))
+                    for i in range(params.n)]
+        for c in children:
+            if params.logprobs is not None:
+                c.logprobs, c.cumulative_logprob = [], 0.0
+        now = time.monotonic() if arrival_time is None else arrival_time
+        return _Parent(request_id, text, ids, params, children,
+                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+                       metrics={"arrival_time": now, "first_scheduled_time": None,
+                                "first_token_time": None, "finished_time": None})
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"The prompt is {n} tokens long, but max_model_len is "
+                             f"{self.max_model_len}: it must be shorter")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"The prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len ({self.max_model_len})")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > self.args.max_logprobs:
+                raise ValueError(f"{name} must be at most max_logprobs={self.args.max_logprobs}, got {v}")
+
+    def admit_request(self, parent: _Parent) -> None:
+        p = parent.params
+        for c in parent.children:
+            child_params = p
+            if p.n > 1 and p.seed is not None:
+                # As vLLM: distinct but reproducible streams for the n samples of a seeded request.
+                child_params = p.clone()
+                child_params.seed = p.seed + c.index
+            req = Request(c.request_id, parent.prompt_token_ids, child_params, self.eos_token_id,
+                          arrival_time=parent.metrics["arrival_time"])
+            self.scheduler.add_request(req)
+            self._child_to_parent[c.request_id] = (parent, c)
+        self._parents[parent.request_id] = parent
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            parent = self._parents.pop(rid, None)
+            if parent is None:
+                continue
+            child_ids = [c.request_id for c in parent.children]
+            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+            for cid in child_ids:
+                self._child_to_parent.pop(cid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        now = time.monotonic()
+        for rid in so.num_scheduled_tokens:
+            pc = self._child_to_parent.get(rid)
+            if pc and pc[0].metrics["first_scheduled_time"] is None:
+                pc[0].metrics["first_scheduled_time"] = now
+        runner_out = self.runner.execute(so)
+        core_outs = self.scheduler.update_from_output(so, runner_out)
+        return self._process(core_outs)
+
+    def _process(self, core_outs: list[EngineCoreOutput]) -> list[RequestOutput]:
+        touched: dict[str, _Parent] = {}
+        stopped: list[str] = []
+        now = time.monotonic()
+        for co in core_outs:
+            pc = self._child_to_parent.get(co.req_id)
+            if pc is None:
+                continue
+            parent, child = pc
+            parent.num_cached_tokens = max(parent.num_cached_tokens, co.num_cached_tokens)
+            if co.new_prompt_logprobs is not None and child.index == 0:
+                self._add_decoded(co.new_prompt_logprobs)
+                parent.prompt_logprobs.extend(co.new_prompt_logprobs)
+            if co.new_token_ids:
+                if parent.metrics["first_token_time"] is None:
+                    parent.metrics["first_token_time"] = now
+                child.token_ids.extend(co.new_token_ids)
+                if co.new_logprobs is not None and child.logprobs is not None:
+                    self._add_decoded([co.new_logprobs])
+                    child.logprobs.append(co.new_logprobs)
+                    child.cumulative_logprob += co.new_logprobs[co.new_token_ids[-1]].logprob
+                if child.detok.update(co.new_token_ids) and co.finish_reason is None:
+                    child.finish_reason, child.stop_reason = "stop", child.detok.stop_reason
+                    stopped.append(co.req_id)
+            if co.finish_reason is not None and child.finish_reason is None:
+                child.finish_reason, child.stop_reason = co.finish_reason, co.stop_reason
+            touched[parent.request_id] = parent
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        outputs = []
+        for parent in touched.values():
+            finished = parent.finished
+            if finished:
+                parent.metrics["finished_time"] = now
+                self._parents.pop(parent.request_id, None)
+                for c in parent.children:
+                    self._child_to_parent.pop(c.request_id, None)
+            outputs.append(self._make_output(parent, finished))
+        return outputs
+
+    def _add_decoded(self, entries: list[Optional[dict[int, Logprob]]]) -> None:
+        for entry in entries:
+            for tid, lp in (entry or {}).items():
+                lp.decoded_token = self.tokenizer.decode([tid])
+
+    def _make_output(self, parent: _Parent, finished: bool) -> RequestOutput:
+        outs = [CompletionOutput(
+            index=c.index, text=c.detok.output_text(c.finish_reason is not None),
+            token_ids=list(c.token_ids), cumulative_logprob=c.cumulative_logprob,
+            logprobs=None if c.logprobs is None else list(c.logprobs),
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in parent.children]
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                             None if parent.prompt_logprobs is None else list(parent.prompt_logprobs),
+                             outs, finished, parent.num_cached_tokens, dict(parent.metrics))
+
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler.stats
+        return EngineStats(s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries,
+                           s.prefix_cache_hits, s.num_preemptions)
+
+
+def _generation_eos_ids(gen_config: Optional[dict]) -> set[int]:
+    eos = (gen_config or {}).get("eos_token_id")
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
+def _check_ids(ids: Any, vocab_size: int) -> list[int]:
+    ids = list(ids)
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt_token_ids must be ints in [0, {vocab_size}); got {bad[:5]!r}")
+    return ids

@@ -1,0 +1,71 @@
+"""Turns EngineArgs into a loaded model, a ModelRunner and a SchedulerConfig (start-up policy lives here)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from jaxvllm.config import EngineArgs
+from jaxvllm.core.scheduler import SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+def cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxvllm")
+
+
+def configure_jax(args: EngineArgs) -> None:
+    """Process-wide JAX settings; must run before the first device use to take full effect."""
+    # Let the allocator take gpu_memory_utilization of the card (XLA's default pool is 75%).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))
+    import jax
+    cache_dir = args.compilation_cache_dir or os.path.join(cache_root(), "jax")
+    if cache_dir.lower() != "none":
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def load(args: EngineArgs) -> Any:
+    configure_jax(args)
+    from converters import load_model
+    cache_dir = args.weights_cache_dir or os.path.join(cache_root(), "weights")
+    return load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+                      cache_dir=None if cache_dir.lower() == "none" else cache_dir,
+                      tokenizer=args.tokenizer)
+
+
+def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConfig]:
+    import jax.numpy as jnp
+    from jaxvllm.worker.model_runner import ModelRunner, RunnerConfig
+
+    cfg = loaded.config
+    max_model_len = args.max_model_len or cfg.max_position_embeddings
+    if max_model_len > cfg.max_position_embeddings and not cfg.rope_scaling:
+        raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
+                         f"max_position_embeddings ({cfg.max_position_embeddings})")
+    max_num_seqs = args.max_num_seqs
+    budget = args.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs)
+    if budget < max_num_seqs:
+        raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_num_seqs ({max_num_seqs})")
+    params_dtype = jnp.asarray(loaded.params["final_norm"]).dtype
+    shardings = None
+    if args.tensor_parallel_size > 1:
+        from jaxvllm.worker.sharding import shard_model
+        loaded.params, shardings = shard_model(loaded.params, cfg, args.tensor_parallel_size)
+    rc = RunnerConfig(
+        block_size=args.block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,
+        gpu_memory_utilization=args.gpu_memory_utilization, kv_dtype=params_dtype,
+        token_buckets=args.token_buckets, compile_all_at_start=not args.enforce_eager,
+        max_logprobs=args.max_logprobs, seed=args.seed)
+    runner = ModelRunner(cfg, loaded.params, rc, shardings=shardings)
+    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                            max_model_len=max_model_len, num_blocks=runner.num_blocks,
+                            block_size=args.block_size,
+                            enable_prefix_caching=args.enable_prefix_caching)
+    return runner, max_model_len, sched

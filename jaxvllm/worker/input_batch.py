@@ -1,0 +1,200 @@
+"""Host side of a step: per-request state the runner keeps, and the padded numpy arrays of one batch.
+
+Requests arrive whole once (NewRequestData), then only as deltas (CachedRequestData); the runner
+appends the tokens it samples itself, so the scheduler never re-sends token ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import numpy as np
+
+from jaxvllm.core.outputs import NewRequestData, SchedulerOutput
+from jaxvllm.sampling_params import SamplingParams
+
+PAD_SLOT = 0  # block 0 is never handed out: padded tokens write there
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[int]
+    seed: int
+    num_computed_tokens: int = 0
+    stop_ids: list[int] = field(default_factory=list)  # masked while below min_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass
+class StepBatch:
+    """One step's arrays, padded to the bucket (T tokens, R requests)."""
+    req_ids: list[str]              # batch order, len = num_reqs
+    num_tokens: int
+    token_ids: np.ndarray           # int32[T]
+    positions: np.ndarray           # int32[T]
+    slot_mapping: np.ndarray        # int32[T]
+    query_start_loc: np.ndarray     # int32[R+1]
+    seq_lens: np.ndarray            # int32[R]
+    block_tables: np.ndarray        # int32[R, max_blocks]
+    num_seqs: np.ndarray            # int32[1]
+    logits_indices: np.ndarray      # int32[R]
+    sample_mask: np.ndarray         # bool[R]: this request's chunk ends at its last known token
+    # Requests asking for prompt logprobs: (req_id, batch offset, first position, count); the logits
+    # at position p score prompt token p + 1.
+    prompt_logprob_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
+
+
+class InputBatch:
+    def __init__(self, block_size: int, max_blocks_per_seq: int, token_buckets: tuple[int, ...],
+                 max_num_seqs: int, vocab_size: int, rng_seed: int) -> None:
+        self.block_size = block_size
+        self.max_blocks = max_blocks_per_seq
+        self.token_buckets = token_buckets
+        self.max_num_seqs = max_num_seqs
+        self.vocab_size = vocab_size
+        self.requests: dict[str, RequestState] = {}
+        self._seed_rng = np.random.default_rng(rng_seed)
+
+    def request_bucket(self, t_bucket: int) -> int:
+        return min(t_bucket, self.max_num_seqs)
+
+    def token_bucket(self, num_tokens: int) -> int:
+        for b in self.token_buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.token_buckets[-1]}")
+
+    def update(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids | so.preempted_req_ids:
+            self.requests.pop(rid, None)
+        for nr in so.new_reqs:
+            self.requests[nr.req_id] = self._new_state(nr)
+        for cr in so.cached_reqs:
+            st = self.requests[cr.req_id]
+            st.block_ids.extend(cr.new_block_ids)
+            st.num_computed_tokens = cr.num_computed_tokens
+
+    def _new_state(self, nr: NewRequestData) -> RequestState:
+        sp = nr.sampling_params
+        # Unseeded requests get a seed here, so every request's random stream is (seed, position).
+        seed = sp.seed if sp.seed is not None else int(self._seed_rng.integers(0, 2**31 - 1))
+        return RequestState(
+            req_id=nr.req_id, token_ids=list(nr.prompt_token_ids) + list(nr.output_token_ids),
+            num_prompt_tokens=len(nr.prompt_token_ids), params=sp, block_ids=list(nr.block_ids),
+            seed=seed, num_computed_tokens=nr.num_computed_tokens,
+            stop_ids=sorted(sp.all_stop_token_ids))
+
+    def build(self, so: SchedulerOutput) -> StepBatch:
+        req_ids = list(so.num_scheduled_tokens)
+        counts = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
+        total = int(counts.sum())
+        t_bucket = self.token_bucket(total)
+        r_bucket = self.request_bucket(t_bucket)
+        bs = self.block_size
+
+        token_ids = np.zeros(t_bucket, np.int32)
+        positions = np.zeros(t_bucket, np.int32)
+        slot_mapping = np.full(t_bucket, PAD_SLOT, np.int32)
+        qsl = np.full(r_bucket + 1, total, np.int32)
+        qsl[0] = 0
+        seq_lens = np.zeros(r_bucket, np.int32)
+        block_tables = np.zeros((r_bucket, self.max_blocks), np.int32)
+        logits_indices = np.zeros(r_bucket, np.int32)
+        sample_mask = np.zeros(r_bucket, bool)
+        spans = []
+
+        offset = 0
+        for i, (rid, n) in enumerate(zip(req_ids, counts.tolist())):
+            st = self.requests[rid]
+            start = st.num_computed_tokens
+            end = start + n
+            token_ids[offset:offset + n] = st.token_ids[start:end]
+            pos = np.arange(start, end, dtype=np.int32)
+            positions[offset:offset + n] = pos
+            blocks = np.asarray(st.block_ids, np.int32)
+            slot_mapping[offset:offset + n] = blocks[pos // bs] * bs + pos % bs
+            block_tables[i, :len(blocks)] = blocks
+            seq_lens[i] = end
+            qsl[i + 1] = offset + n
+            if end == len(st.token_ids):
+                sample_mask[i] = True
+                logits_indices[i] = offset + n - 1
+            if st.params.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
+                # Position p's logits score prompt token p+1.
+                last = min(end, st.num_prompt_tokens - 1)
+                spans.append((rid, offset, start, last - start))
+            st.num_computed_tokens = end
+            offset += n
+        return StepBatch(req_ids, total, token_ids, positions, slot_mapping, qsl, seq_lens,
+                         block_tables, np.array([len(req_ids)], np.int32), logits_indices,
+                         sample_mask, spans)
+
+    def sampling_arrays(self, batch: StepBatch) -> dict[str, np.ndarray]:
+        """Per-request sampling knobs padded to R (the sampler's SamplingTensors fields)."""
+        r = len(batch.logits_indices)
+        f32 = lambda: np.zeros(r, np.float32)
+        out = {
+            "temperature": f32(), "top_k": np.zeros(r, np.int32), "top_p": np.ones(r, np.float32),
+            "min_p": f32(), "presence_penalty": f32(), "frequency_penalty": f32(),
+            "repetition_penalty": np.ones(r, np.float32), "seeds": np.zeros(r, np.uint32),
+            "steps": np.zeros(r, np.int32), "min_tokens_active": np.zeros(r, bool),
+        }
+        states = [self.requests[rid] for rid in batch.req_ids]
+        max_stop = max((len(s.stop_ids) for s in states if s.params.min_tokens), default=0)
+        stop_ids = np.full((r, max(max_stop, 1)), -1, np.int32)
+        penalized = [i for i, s in enumerate(states) if _has_penalty(s.params)]
+        max_hist = max((len(states[i].token_ids) for i in penalized), default=0)
+        hist_len = 0 if not penalized else _pow2_at_least(max_hist)
+        pen_tokens = np.full((r, hist_len), -1, np.int32)
+        pen_is_out = np.zeros((r, hist_len), bool)
+        for i, s in enumerate(states):
+            p = s.params
+            out["temperature"][i] = p.temperature
+            out["top_k"][i] = p.top_k
+            out["top_p"][i] = p.top_p
+            out["min_p"][i] = p.min_p
+            out["presence_penalty"][i] = p.presence_penalty
+            out["frequency_penalty"][i] = p.frequency_penalty
+            out["repetition_penalty"][i] = p.repetition_penalty
+            out["seeds"][i] = s.seed
+            out["steps"][i] = s.num_output_tokens
+            if s.num_output_tokens < p.min_tokens and s.stop_ids:
+                out["min_tokens_active"][i] = True
+                stop_ids[i, :len(s.stop_ids)] = s.stop_ids
+        for i in penalized:
+            toks = states[i].token_ids
+            pen_tokens[i, :len(toks)] = toks
+            pen_is_out[i, states[i].num_prompt_tokens:len(toks)] = True
+        out["stop_ids"] = stop_ids
+        out["penalty_tokens"] = pen_tokens
+        out["penalty_is_output"] = pen_is_out
+        return out
+
+    def num_logprobs(self, batch: StepBatch) -> int:
+        """Static top-k width for this batch's sampled-token logprobs (0: none asked)."""
+        return max((self.requests[rid].params.logprobs or 0 for rid in batch.req_ids), default=0)
+
+    def append_sampled(self, req_id: str, token: int) -> None:
+        self.requests[req_id].token_ids.append(token)
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:
+    buckets, b = [], smallest
+    while b < max_num_batched_tokens:
+        buckets.append(b)
+        b *= 2
+    buckets.append(max_num_batched_tokens)
+    return tuple(buckets)

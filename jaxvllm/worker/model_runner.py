@@ -1,0 +1,212 @@
+"""ModelRunner: SchedulerOutput -> padded ragged batch -> one jitted model step + one jitted sampler
+call -> ModelRunnerOutput.
+
+Shapes come from a bucket ladder of token counts T (the request bucket is R = min(T, max_num_seqs)),
+so a handful of executables covers every batch. The KV cache is donated to the step and updated in
+place. Only sampled ids (and logprobs when asked) come back to the host.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvllm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from jaxvllm.models import llama
+from jaxvllm.models.config import ModelConfig
+from jaxvllm.outputs import Logprob
+from jaxvllm.worker import sampler as sampler_lib
+from jaxvllm.worker.input_batch import InputBatch, StepBatch, default_token_buckets
+from pallas_kernels import ragged_paged_attention
+
+logger = logging.getLogger(__name__)
+
+# Without a device memory query (CPU), the KV cache gets this many bytes unless overridden.
+CPU_KV_CACHE_BYTES = 512 << 20
+
+
+@dataclass
+class RunnerConfig:
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_blocks: Optional[int] = None          # None: size from device memory
+    gpu_memory_utilization: float = 0.9
+    kv_dtype: Any = jnp.bfloat16
+    token_buckets: Optional[tuple[int, ...]] = None
+    compile_all_at_start: bool = True
+    max_logprobs: int = 20
+    seed: int = 0
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, params: Any, rc: RunnerConfig,
+                 attention_fn: Optional[Callable[..., jax.Array]] = None,
+                 shardings: Optional[Any] = None) -> None:
+        self.cfg = cfg
+        self.params = params
+        self.rc = rc
+        self.shardings = shardings
+        self.attention_fn = attention_fn or ragged_paged_attention
+        buckets = rc.token_buckets or default_token_buckets(rc.max_num_batched_tokens)
+        if buckets[-1] < rc.max_num_batched_tokens:
+            raise ValueError(f"token_buckets must reach max_num_batched_tokens "
+                             f"({rc.max_num_batched_tokens}), largest is {buckets[-1]}")
+        self.token_buckets = tuple(buckets)
+        self.max_blocks_per_seq = -(-rc.max_model_len // rc.block_size)
+        self.input_batch = InputBatch(rc.block_size, self.max_blocks_per_seq, self.token_buckets,
+                                      rc.max_num_seqs, cfg.vocab_size, rc.seed)
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("score",))
+        self._sample = sampler_lib.sample_jit
+        self._prompt_logprobs = sampler_lib.prompt_logprobs_jit
+        self.num_blocks = rc.num_blocks or self._profile_num_blocks()
+        self.kv_cache = llama.make_kv_cache(cfg, self.num_blocks, rc.block_size, rc.kv_dtype,
+                                            None if shardings is None else shardings.kv_cache)
+        self._log_capacity()
+
+    # ---- the jitted step -------------------------------------------------------------------
+    def _step_impl(self, params: Any, kv_cache: llama.KVCache, inp: llama.ModelInputs,
+                   logits_indices: jax.Array, score: bool = False):
+        hidden, kv_cache = llama.forward(params, kv_cache, inp, self.cfg, self.attention_fn)
+        logits = llama.compute_logits(params, hidden[logits_indices], self.cfg)
+        # `score`: also the logits of every token (prompt logprobs, scoring).
+        all_logits = llama.compute_logits(params, hidden, self.cfg) if score else None
+        return kv_cache, logits, all_logits
+
+    def _device_inputs(self, b: StepBatch) -> tuple[llama.ModelInputs, jax.Array]:
+        return (llama.ModelInputs(b.token_ids, b.positions, b.slot_mapping, b.query_start_loc,
+                                  b.seq_lens, b.block_tables, b.num_seqs),
+                b.logits_indices)
+
+    # ---- memory ------------------------------------------------------------------------------
+    def _profile_num_blocks(self) -> int:
+        per_block = llama.kv_cache_bytes_per_block(self.cfg, self.rc.block_size, self.rc.kv_dtype)
+        per_block //= max(1, getattr(self.shardings, "kv_split", 1) if self.shardings else 1)
+        dev = jax.local_devices()[0]
+        stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            return max(2, CPU_KV_CACHE_BYTES // per_block)
+        # Run the largest bucket once on a tiny cache so activations show up in the peak.
+        probe = llama.make_kv_cache(self.cfg, 2, self.rc.block_size, self.rc.kv_dtype,
+                                    None if self.shardings is None else self.shardings.kv_cache)
+        b = self._dummy_batch(self.token_buckets[-1])
+        out = self._step(self.params, probe, *self._device_inputs(b))
+        jax.block_until_ready(out)
+        del out, probe
+        stats = dev.memory_stats()
+        limit = stats["bytes_limit"]
+        total = stats.get("bytes_reservable_limit", limit)
+        budget = self.rc.gpu_memory_utilization * max(total, limit) - stats["peak_bytes_in_use"]
+        budget = min(budget, limit - stats["peak_bytes_in_use"]) - (256 << 20)
+        if budget < 2 * per_block:
+            raise ValueError(f"No device memory left for the KV cache (budget {budget / 2**30:.2f} "
+                             f"GiB): lower max_num_batched_tokens or raise gpu_memory_utilization")
+        return int(budget // per_block)
+
+    def _log_capacity(self) -> None:
+        tokens = (self.num_blocks - 1) * self.rc.block_size
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at "
+                    "max_model_len %d: %.1fx", self.num_blocks, self.rc.block_size, tokens,
+                    self.rc.max_model_len, tokens / self.rc.max_model_len)
+
+    # ---- compilation -------------------------------------------------------------------------
+    def _dummy_batch(self, t: int) -> StepBatch:
+        r = self.input_batch.request_bucket(t)
+        z = lambda *s: np.zeros(s, np.int32)
+        qsl = z(r + 1)
+        return StepBatch([], 0, z(t), z(t), z(t), qsl, z(r), z(r, self.max_blocks_per_seq),
+                         np.array([0], np.int32), z(r), np.zeros(r, bool))
+
+    def warmup(self, progress: bool = True) -> float:
+        """Compile every token bucket's step and the common sampler variants; returns seconds."""
+        t0 = time.perf_counter()
+        buckets = self.token_buckets
+        it = buckets
+        if progress:
+            try:
+                from tqdm import tqdm
+                it = tqdm(buckets, desc="Compiling buckets", unit="bucket")
+            except ImportError:
+                pass
+        for t in it:
+            b = self._dummy_batch(t)
+            self.kv_cache, logits, _ = self._step(self.params, self.kv_cache, *self._device_inputs(b))
+            tensors = sampler_lib.SamplingTensors(**self.input_batch.sampling_arrays(b))
+            for mode in ("greedy", "random", "random_sort"):
+                jax.block_until_ready(self._sample(logits, tensors, mode=mode, num_logprobs=0))
+        jax.block_until_ready(self.kv_cache)
+        return time.perf_counter() - t0
+
+    # ---- one step ----------------------------------------------------------------------------
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        ib = self.input_batch
+        ib.update(so)
+        if so.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput({})
+        b = ib.build(so)
+        score = bool(b.prompt_logprob_spans)
+        self.kv_cache, logits, all_logits = self._step(self.params, self.kv_cache,
+                                                       *self._device_inputs(b), score=score)
+        arrays = ib.sampling_arrays(b)
+        n = len(b.req_ids)
+        knobs = arrays["temperature"][:n], arrays["top_k"][:n], arrays["top_p"][:n]
+        mode = sampler_lib.sampling_mode(*knobs)
+        sampled = self._sample(logits, sampler_lib.SamplingTensors(**arrays), mode=mode,
+                               num_logprobs=ib.num_logprobs(b),
+                               topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
+        prompt_lp = self._score_prompts(b, all_logits) if score else {}
+        sampled = jax.device_get(sampled)
+
+        out = ModelRunnerOutput({}, prompt_logprobs=prompt_lp)
+        for i, rid in enumerate(b.req_ids):
+            if not b.sample_mask[i]:
+                continue
+            tok = int(sampled.token_ids[i])
+            st = ib.requests[rid]
+            if st.params.logprobs is not None:
+                out.logprobs[rid] = _logprob_entry(tok, sampled.logprob[i], sampled.rank[i],
+                                                   sampled.topk_ids[i], sampled.topk_logprobs[i],
+                                                   st.params.logprobs)
+            out.sampled_token_ids[rid] = tok
+            ib.append_sampled(rid, tok)
+        return out
+
+    def _score_prompts(self, b: StepBatch, all_logits: jax.Array) -> dict[str, list]:
+        """Prompt logprobs of this step's chunk of each asking request (scored in one call)."""
+        targets = np.zeros(len(b.token_ids), np.int32)
+        k = 0
+        for rid, offset, start, count in b.prompt_logprob_spans:
+            toks = self.input_batch.requests[rid].token_ids
+            targets[offset:offset + count] = toks[start + 1:start + 1 + count]
+            k = max(k, self.input_batch.requests[rid].params.prompt_logprobs)
+        res = jax.device_get(self._prompt_logprobs(all_logits, jnp.asarray(targets), num_logprobs=k))
+        lp, rank, top_ids, top_lp = res
+        out = {}
+        for rid, offset, start, count in b.prompt_logprob_spans:
+            want = self.input_batch.requests[rid].params.prompt_logprobs
+            toks = self.input_batch.requests[rid].token_ids
+            out[rid] = [_logprob_entry(toks[start + 1 + j], lp[offset + j], rank[offset + j],
+                                       top_ids[offset + j], top_lp[offset + j], want)
+                        for j in range(count)]
+        return out
+
+    def load_params(self, params: Any) -> None:
+        self.params = params
+
+
+def _logprob_entry(token: int, logprob: float, rank: int, top_ids: np.ndarray,
+                   top_lps: np.ndarray, k: int) -> dict[int, Logprob]:
+    """vLLM's shape: the chosen token first, then the top-k (which may include it)."""
+    entry = {int(token): Logprob(float(logprob), int(rank))}
+    for j in range(k):
+        tid = int(top_ids[j])
+        if tid not in entry:
+            entry[tid] = Logprob(float(top_lps[j]), j + 1)
+    return entry
