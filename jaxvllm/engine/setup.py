@@ -23,6 +23,8 @@ def configure_jax(args: EngineArgs) -> None:
     # Let the allocator take gpu_memory_utilization of the card (XLA's default pool is 75%).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))
     import jax
+    if args.compilation_cache_dir is None and jax.config.jax_compilation_cache_dir:
+        return  # the embedding application already chose one
     cache_dir = args.compilation_cache_dir or os.path.join(cache_root(), "jax")
     if cache_dir.lower() != "none":
         jax.config.update("jax_compilation_cache_dir", cache_dir)

@@ -1,0 +1,42 @@
+"""Shared test setup: one JAX compilation cache for the whole run, GPU markers, shared engines."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+# Executables compiled by one test are reused by the next (and by the next run on this machine).
+_CACHE = os.environ.setdefault(
+    "JAXVLLM_TEST_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "jaxvllm-test-jax-cache"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import jax
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2 GGUF, loaded once (float32)."""
+    from converters import load_model
+    return load_model(None, dtype="float32", cache_dir=None)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> tuple[str, str]:
+    from jaxvllm.default_model import default_model_path
+    path = default_model_path()
+    return os.path.dirname(path), os.path.basename(path)
