@@ -162,7 +162,12 @@ class FakeEngine:
         if len(prompt_ids) + max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
-        eos_trigger = "EOS" in self.tokenizer.decode(prompt_ids)
+        ptext = self.tokenizer.decode(prompt_ids)
+        if "RAISE_VALUE" in ptext:
+            raise ValueError("the fake engine rejects this prompt")
+        if "RAISE_INTERNAL" in ptext:
+            raise RuntimeError("the fake engine failed")
+        eos_trigger = "EOS" in ptext
         n = sp.n
         self._waiting.add(request_id)
         acquired = False
@@ -232,6 +237,8 @@ class FakeEngine:
                                          logprobs=list(lps[i]) if sp.logprobs is not None else None,
                                          finish_reason=fin[i], stop_reason=stop_reason[i])
                         for i in range(n)]
+                if "RAISE_MIDSTREAM" in ptext and step == 2:
+                    raise RuntimeError("the fake engine failed mid-stream")
                 yield RequestOutput(request_id=request_id, prompt=prompt_text,
                                     prompt_token_ids=list(prompt_ids), prompt_logprobs=prompt_lps,
                                     outputs=outs, finished=done, metrics=dict(metrics))

@@ -152,10 +152,7 @@ class OpenAIServer:
         """Build the engine in a daemon thread (loading weights and compiling blocks), then start it."""
         try:
             if self.engine is None:
-                factory = self._engine_factory
-                if factory is None:
-                    from jaxvllm.engine.async_llm_engine import AsyncLLMEngine
-                    factory = AsyncLLMEngine.from_engine_args
+                factory = self._engine_factory or _default_engine_factory
                 loop = asyncio.get_running_loop()
                 fut: asyncio.Future = loop.create_future()
 
@@ -576,7 +573,7 @@ class OpenAIServer:
                 async for i, out in it:
                     if out.finished:
                         finals[i] = out
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise bad_request(str(e), "max_tokens" if "max_tokens" in str(e) else None) from None
         n = req.n
         choices = []
@@ -644,7 +641,7 @@ class OpenAIServer:
                 first = await it.__anext__()
             except StopAsyncIteration:
                 first = None
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise bad_request(str(e)) from None
 
             resp = web.StreamResponse(status=200, headers={
@@ -728,7 +725,7 @@ class OpenAIServer:
                     await emit(*first)
                 async for i, out in it:
                     await emit(i, out)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 err = APIError(str(e), 400, "BadRequestError")
                 await send({"error": err.body()["error"]})
             except (ConnectionResetError, asyncio.CancelledError):
@@ -801,6 +798,12 @@ class OpenAIServer:
 # ----------------------------------------------------------------------------------------------
 # Starting and stopping
 # ----------------------------------------------------------------------------------------------
+def _default_engine_factory(engine_args: EngineArgs) -> Any:
+    # Imported here, in the loading thread: importing JAX takes seconds and must not block /health.
+    from jaxvllm.engine.async_llm_engine import AsyncLLMEngine
+    return AsyncLLMEngine.from_engine_args(engine_args)
+
+
 class ServerHandle:
     """A running server. `await handle.stop()` shuts it down gracefully."""
 
@@ -858,7 +861,7 @@ async def start_server(engine_args: Optional[EngineArgs] = None, host: str = "12
         kw["access_log"] = None
     runner = web.AppRunner(server.app, **kw)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=2.0)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     sockets = getattr(site._server, "sockets", None) or []
     actual_port = sockets[0].getsockname()[1] if sockets else port
@@ -882,8 +885,10 @@ class ServerThread:
     """
 
     def __init__(self, engine_args: Optional[EngineArgs] = None, host: str = "127.0.0.1",
-                 port: int = 0, ready_timeout: float = 600.0, **server_kwargs: Any):
+                 port: int = 0, ready_timeout: float = 600.0, wait_ready: bool = True,
+                 **server_kwargs: Any):
         self._args = (engine_args, host, port)
+        self._wait_ready = wait_ready
         self._kwargs = server_kwargs
         self._ready_timeout = ready_timeout
         self.loop = asyncio.new_event_loop()
@@ -894,7 +899,7 @@ class ServerThread:
     def start(self) -> "ServerThread":
         self._thread.start()
         fut = asyncio.run_coroutine_threadsafe(
-            start_server(*self._args, wait_ready=True, **self._kwargs), self.loop)
+            start_server(*self._args, wait_ready=self._wait_ready, **self._kwargs), self.loop)
         try:
             self.handle = fut.result(self._ready_timeout)
         except BaseException:

@@ -1,0 +1,747 @@
+"""OpenAI-compatible server against the fake engine: endpoints, shapes, streaming, errors, concurrency,
+disconnects, auth, backpressure, start-up and shutdown. Fast: no model, no JAX compute."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from fake_engine import FakeEngine, FakeTokenizer
+from jaxvllm.config import EngineArgs
+from jaxvllm.entrypoints.openai.api_server import ServerThread
+from test_server_helpers import assert_error, http, metric, raw_request, sse_events, wait_until
+
+MODEL = "SmolLM2-135M-Instruct"
+MAX_LEN = 256
+
+
+def _factory(token_delay: float = 0.002, **kw):
+    return lambda args: FakeEngine(args, token_delay=token_delay, **kw)
+
+
+@pytest.fixture(scope="module")
+def srv():
+    s = ServerThread(EngineArgs(max_model_len=MAX_LEN, max_num_seqs=16),
+                     engine_factory=_factory()).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------
+# Simple endpoints
+# ------------------------------------------------------------------------------------------------
+def test_health_version_models(srv, client):
+    status, _, _ = http("GET", srv.url + "/health")
+    assert status == 200
+    status, _, body = http("GET", srv.url + "/version")
+    assert status == 200 and isinstance(body["version"], str)
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].object == "model"
+    status, _, body = http("GET", srv.url + "/v1/models")
+    assert body["object"] == "list" and body["data"][0]["max_model_len"] == MAX_LEN
+    status, _, body = http("GET", srv.url + f"/v1/models/{MODEL}")
+    assert status == 200 and body["id"] == MODEL
+    status, _, body = http("GET", srv.url + "/v1/models/nope")
+    assert_error(status, body, 404)
+    assert body["error"]["type"] == "NotFoundError"
+
+
+def test_metrics_names(srv, client):
+    client.completions.create(model=MODEL, prompt="metrics", max_tokens=4, temperature=0)
+    status, hdrs, text = http("GET", srv.url + "/metrics")
+    assert status == 200 and hdrs["Content-Type"].startswith("text/plain")
+    for name in ("jaxvllm:num_requests_running", "jaxvllm:num_requests_waiting",
+                 "jaxvllm:kv_cache_usage_perc", "jaxvllm:prefix_cache_queries_total",
+                 "jaxvllm:prefix_cache_hits_total", "jaxvllm:prompt_tokens_total",
+                 "jaxvllm:generation_tokens_total", "jaxvllm:time_to_first_token_seconds_bucket",
+                 "jaxvllm:inter_token_latency_seconds_bucket",
+                 "jaxvllm:e2e_request_latency_seconds_count",
+                 "jaxvllm:request_queue_time_seconds_count", "jaxvllm:request_success_total"):
+        assert name in text, name
+    assert metric(srv.url, "jaxvllm:request_success_total", {"finished_reason": "length"}) >= 1
+    assert metric(srv.url, "jaxvllm:generation_tokens_total") >= 4
+    assert metric(srv.url, "jaxvllm:e2e_request_latency_seconds_count") >= 1
+    assert metric(srv.url, "jaxvllm:prefix_cache_queries_total") > 0
+
+
+def test_metrics_count_tokens(srv, client):
+    before_p = metric(srv.url, "jaxvllm:prompt_tokens_total")
+    before_g = metric(srv.url, "jaxvllm:generation_tokens_total")
+    r = client.completions.create(model=MODEL, prompt="count me", max_tokens=5, temperature=0)
+    assert metric(srv.url, "jaxvllm:prompt_tokens_total") - before_p == r.usage.prompt_tokens
+    assert metric(srv.url, "jaxvllm:generation_tokens_total") - before_g == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Completions
+# ------------------------------------------------------------------------------------------------
+def test_completion_basic(client):
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=7, temperature=0)
+    assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == MODEL
+    assert isinstance(r.created, int)
+    assert len(r.choices) == 1 and r.choices[0].index == 0
+    assert r.choices[0].finish_reason == "length" and len(r.choices[0].text) == 7
+    assert r.usage.prompt_tokens == len(FakeTokenizer().encode("Hello"))
+    assert r.usage.completion_tokens == 7
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+
+
+def test_completion_default_max_tokens_16_and_model_optional(srv):
+    status, _, body = http("POST", srv.url + "/v1/completions", {"prompt": "x", "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] == 16
+    assert body["model"] == MODEL
+
+
+def test_completion_stream_equals_nonstream_greedy(client):
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=20, temperature=0)
+    full = client.completions.create(**kw).choices[0]
+    pieces, reasons = [], []
+    for ch in client.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            pieces.append(c.text)
+            reasons.append(c.finish_reason)
+    assert "".join(pieces) == full.text
+    assert reasons[-1] == full.finish_reason == "length"
+    assert all(r is None for r in reasons[:-1])
+
+
+def test_completion_stream_raw_sse_and_usage(srv):
+    ev = sse_events(srv.url + "/v1/completions",
+                    {"model": MODEL, "prompt": "abc", "max_tokens": 5, "temperature": 0,
+                     "stream": True, "stream_options": {"include_usage": True}})
+    assert ev[-1] == "[DONE]"
+    usage = ev[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+    assert usage["usage"]["prompt_tokens"] == 4
+    for e in ev[:-2]:
+        assert e["object"] == "text_completion" and e["id"].startswith("cmpl-")
+        assert "usage" not in e
+
+
+def test_completion_n_and_batch(client):
+    r = client.completions.create(model=MODEL, prompt=["one", "two", "three"], n=2, max_tokens=4,
+                                  temperature=0.8, seed=3)
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    assert [c.index for c in r.choices] == list(range(6))
+    assert r.usage.completion_tokens == 24
+    assert r.usage.prompt_tokens == sum(len(FakeTokenizer().encode(p)) for p in ("one", "two", "three"))
+    # Greedy batch: each choice equals its prompt's own single completion.
+    r = client.completions.create(model=MODEL, prompt=["alpha", "beta"], max_tokens=6, temperature=0)
+    for i, p in enumerate(["alpha", "beta"]):
+        single = client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0)
+        assert r.choices[i].text == single.choices[0].text
+
+
+def test_completion_stream_n_batch(client):
+    kw = dict(model=MODEL, prompt=["aa", "bb"], n=2, max_tokens=5, temperature=0)
+    full = client.completions.create(**kw)
+    texts = {i: "" for i in range(4)}
+    finish = {}
+    for ch in client.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in full.choices}
+    assert finish == {i: "length" for i in range(4)}
+
+
+def test_completion_token_id_prompts(client):
+    tok = FakeTokenizer()
+    ids = tok.encode("hello")
+    a = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0)
+    b = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, temperature=0)
+    assert a.choices[0].text == b.choices[0].text
+    c = client.completions.create(model=MODEL, prompt=[ids, tok.encode("world")], max_tokens=3,
+                                  temperature=0)
+    assert len(c.choices) == 2 and c.usage.prompt_tokens == len(ids) + 6
+
+
+def test_completion_logprobs_shape(client):
+    r = client.completions.create(model=MODEL, prompt="lp", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [0, 1, 2, 3]
+    for tok, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert isinstance(l, float) and l <= 0
+        assert tok in top and len(top) <= 3
+    r0 = client.completions.create(model=MODEL, prompt="lp", max_tokens=2, temperature=0, logprobs=0)
+    assert all(len(t) == 1 for t in r0.choices[0].logprobs.top_logprobs)
+
+
+def test_completion_echo(client):
+    r = client.completions.create(model=MODEL, prompt="echo me", max_tokens=3, temperature=0,
+                                  echo=True)
+    plain = client.completions.create(model=MODEL, prompt="echo me", max_tokens=3, temperature=0)
+    assert r.choices[0].text == "echo me" + plain.choices[0].text
+    r = client.completions.create(model=MODEL, prompt="echo", max_tokens=2, temperature=0, echo=True,
+                                  logprobs=1)
+    lp = r.choices[0].logprobs
+    n_prompt = len(FakeTokenizer().encode("echo"))
+    assert len(lp.tokens) == n_prompt + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    pieces = []
+    for ch in client.completions.create(model=MODEL, prompt="echo me", max_tokens=3, temperature=0,
+                                        echo=True, stream=True):
+        pieces.append(ch.choices[0].text)
+    assert "".join(pieces) == "echo me" + plain.choices[0].text
+
+
+def test_completion_stop_and_stop_reason(srv, client):
+    base = client.completions.create(model=MODEL, prompt="stopper", max_tokens=12, temperature=0)
+    text = base.choices[0].text
+    stop = text[4:6]
+    assert stop and stop not in text[:4]
+    r = client.completions.create(model=MODEL, prompt="stopper", max_tokens=12, temperature=0,
+                                  stop=[stop])
+    assert r.choices[0].text == text[:text.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    status, _, body = http("POST", srv.url + "/v1/completions",
+                           {"prompt": "stopper", "max_tokens": 12, "temperature": 0, "stop": stop,
+                            "include_stop_str_in_output": True})
+    assert body["choices"][0]["text"] == text[:text.find(stop) + len(stop)]
+    assert body["choices"][0]["stop_reason"] == stop
+
+
+def test_completion_eos_ignore_eos_min_tokens(client):
+    r = client.completions.create(model=MODEL, prompt="EOS please", max_tokens=10, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 4
+    r = client.completions.create(model=MODEL, prompt="EOS please", max_tokens=10, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 10
+    r = client.completions.create(model=MODEL, prompt="EOS please", max_tokens=10, temperature=0,
+                                  extra_body={"min_tokens": 6})
+    assert r.usage.completion_tokens == 7
+
+
+def test_completion_vllm_extras_accepted(client):
+    r = client.completions.create(
+        model=MODEL, prompt="extras", max_tokens=3, temperature=0.7, top_p=0.9, seed=1,
+        presence_penalty=0.5, frequency_penalty=0.5, user="u1", best_of=1,
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "stop_token_ids": [7],
+                    "skip_special_tokens": False, "include_stop_str_in_output": False})
+    assert r.usage.completion_tokens <= 3
+    # Seeded sampling is reproducible.
+    a = client.completions.create(model=MODEL, prompt="seed", max_tokens=8, temperature=1.0, seed=42)
+    b = client.completions.create(model=MODEL, prompt="seed", max_tokens=8, temperature=1.0, seed=42)
+    assert a.choices[0].text == b.choices[0].text
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat
+# ------------------------------------------------------------------------------------------------
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+def test_chat_basic(client):
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=6, temperature=0)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == MODEL
+    c = r.choices[0]
+    assert c.message.role == "assistant" and len(c.message.content) == 6
+    assert c.finish_reason == "length" and c.logprobs is None
+    prompt = FakeTokenizer().apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(FakeTokenizer().encode(prompt, add_special_tokens=False))
+    assert r.usage.completion_tokens == 6
+
+
+def test_chat_max_completion_tokens_and_default(srv, client):
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_completion_tokens=3,
+                                       temperature=0)
+    assert r.usage.completion_tokens == 3
+    # No max_tokens: up to the context length.
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, temperature=0)
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == MAX_LEN
+
+
+def test_chat_content_parts_and_roles(client):
+    msgs = [{"role": "system", "content": [{"type": "text", "text": "sys"}]},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "again", "name": "bob"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_chat_stream_equals_nonstream(srv, client):
+    kw = dict(model=MODEL, messages=MSGS, max_tokens=15, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full
+    ev = sse_events(srv.url + "/v1/chat/completions",
+                    {**kw, "stream": True, "stream_options": {"include_usage": True}})
+    assert ev[-1] == "[DONE]" and ev[-2]["usage"]["completion_tokens"] == 15
+    assert ev[0]["object"] == "chat.completion.chunk" and ev[0]["id"].startswith("chatcmpl-")
+
+
+def test_chat_n_stream(client):
+    kw = dict(model=MODEL, messages=MSGS, max_tokens=4, temperature=0.9, seed=5, n=3)
+    full = client.chat.completions.create(**kw)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    texts = {0: "", 1: "", 2: ""}
+    roles = set()
+    for ch in client.chat.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.delta.role:
+                roles.add(c.index)
+    assert roles == {0, 1, 2}
+    assert texts == {c.index: c.message.content for c in full.choices}
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and t.bytes == list(t.token.encode())
+        assert len(t.top_logprobs) == 3
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2, temperature=0,
+                                       logprobs=True)
+    assert all(t.top_logprobs == [] for t in r.choices[0].logprobs.content)
+    toks = []
+    for ch in client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=4, temperature=0,
+                                             logprobs=True, top_logprobs=1, stream=True):
+        if ch.choices[0].logprobs:
+            toks += [t.token for t in ch.choices[0].logprobs.content]
+    assert "".join(toks) == "".join(t.token for t in content)
+
+
+def test_chat_response_format_text_ok(client):
+    r = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2,
+                                       response_format={"type": "text"})
+    assert r.usage.completion_tokens == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenize / detokenize
+# ------------------------------------------------------------------------------------------------
+def test_tokenize_detokenize(srv):
+    tok = FakeTokenizer()
+    status, _, body = http("POST", srv.url + "/tokenize", {"model": MODEL, "prompt": "héllo"})
+    assert status == 200
+    assert body["tokens"] == tok.encode("héllo") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == MAX_LEN
+    status, _, body2 = http("POST", srv.url + "/tokenize",
+                            {"prompt": "héllo", "add_special_tokens": False, "return_token_strs": True})
+    assert body2["tokens"] == tok.encode("héllo", add_special_tokens=False)
+    assert len(body2["token_strs"]) == body2["count"]
+    status, _, body3 = http("POST", srv.url + "/detokenize", {"model": MODEL, "tokens": body2["tokens"]})
+    assert status == 200 and body3["prompt"] == "héllo"
+    status, _, body4 = http("POST", srv.url + "/tokenize", {"messages": MSGS})
+    prompt = tok.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
+    assert body4["tokens"] == tok.encode(prompt, add_special_tokens=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad requests
+# ------------------------------------------------------------------------------------------------
+C, CH = "/v1/completions", "/v1/chat/completions"
+_OK_C = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+_OK_CH = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+BAD = [
+    # (path, body (dict or raw bytes), status, param or "__any__")
+    (C, b"{not json", 400, None),
+    (C, b"", 400, None),
+    (C, b"\xff\xfe\x00", 400, None),
+    (C, b"[1, 2]", 400, None),
+    (C, b'"a string"', 400, None),
+    (C, b"null", 400, None),
+    (C, b'{"prompt": "x", "temperature": NaN}', 400, None),
+    (C, b'{"prompt": "x", "temperature": 1e999}', 400, "temperature"),
+    (C, {"model": MODEL}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": []}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": 5}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": [[]]}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": [1, "a"]}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": [[1, 2], "a"]}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": [-1]}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": [10 ** 9]}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": [True]}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": "", "add_special_tokens": False}, 400, "prompt"),
+    (C, {**_OK_C, "model": "gpt-4"}, 404, "model"),
+    (C, {**_OK_C, "model": 3}, 400, "model"),
+    (C, {**_OK_C, "max_tokens": 0}, 400, "max_tokens"),
+    (C, {**_OK_C, "max_tokens": -5}, 400, "max_tokens"),
+    (C, {**_OK_C, "max_tokens": "10"}, 400, "max_tokens"),
+    (C, {**_OK_C, "max_tokens": 2.5}, 400, "max_tokens"),
+    (C, {**_OK_C, "max_tokens": 10 ** 30}, 400, "max_tokens"),
+    (C, {**_OK_C, "max_tokens": MAX_LEN}, 400, "max_tokens"),
+    (C, {**_OK_C, "prompt": "x" * (MAX_LEN + 5)}, 400, "prompt"),
+    (C, {**_OK_C, "temperature": -1}, 400, "temperature"),
+    (C, {**_OK_C, "temperature": "hot"}, 400, "temperature"),
+    (C, {**_OK_C, "temperature": True}, 400, "temperature"),
+    (C, {**_OK_C, "top_p": 0}, 400, "top_p"),
+    (C, {**_OK_C, "top_p": 1.5}, 400, "top_p"),
+    (C, {**_OK_C, "top_k": -2}, 400, "top_k"),
+    (C, {**_OK_C, "top_k": 1.5}, 400, "top_k"),
+    (C, {**_OK_C, "min_p": 2}, 400, "min_p"),
+    (C, {**_OK_C, "presence_penalty": 3}, 400, "presence_penalty"),
+    (C, {**_OK_C, "frequency_penalty": -3}, 400, "frequency_penalty"),
+    (C, {**_OK_C, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    (C, {**_OK_C, "n": 0}, 400, "n"),
+    (C, {**_OK_C, "n": 1000}, 400, "n"),
+    (C, {**_OK_C, "n": 2, "best_of": 3}, 400, "best_of"),
+    (C, {**_OK_C, "seed": "x"}, 400, "seed"),
+    (C, {**_OK_C, "seed": 10 ** 40}, 400, "seed"),
+    (C, {**_OK_C, "stop": 5}, 400, "stop"),
+    (C, {**_OK_C, "stop": ["a", 1]}, 400, "stop"),
+    (C, {**_OK_C, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    (C, {**_OK_C, "stop_token_ids": "1"}, 400, "stop_token_ids"),
+    (C, {**_OK_C, "logprobs": 100}, 400, "logprobs"),
+    (C, {**_OK_C, "logprobs": -1}, 400, "logprobs"),
+    (C, {**_OK_C, "logprobs": True}, 400, "logprobs"),
+    (C, {**_OK_C, "echo": "yes"}, 400, "echo"),
+    (C, {**_OK_C, "stream": "yes"}, 400, "stream"),
+    (C, {**_OK_C, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (C, {**_OK_C, "stream": True, "stream_options": {"include_usage": 1}}, 400,
+     "stream_options.include_usage"),
+    (C, {**_OK_C, "stream": True, "stream_options": []}, 400, "stream_options"),
+    (C, {**_OK_C, "user": 5}, 400, "user"),
+    (C, {**_OK_C, "ignore_eos": "no"}, 400, "ignore_eos"),
+    (C, {**_OK_C, "min_tokens": -1}, 400, "min_tokens"),
+    (C, {**_OK_C, "min_tokens": 5}, 400, "min_tokens"),
+    (C, {**_OK_C, "suffix": "tail"}, 400, "suffix"),
+    (C, {**_OK_C, "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    (C, {**_OK_C, "skip_special_tokens": 0}, 400, "skip_special_tokens"),
+    (CH, {"model": MODEL}, 400, "messages"),
+    (CH, {**_OK_CH, "messages": []}, 400, "messages"),
+    (CH, {**_OK_CH, "messages": "hi"}, 400, "messages"),
+    (CH, {**_OK_CH, "messages": [5]}, 400, "messages[0]"),
+    (CH, {**_OK_CH, "messages": [{"content": "x"}]}, 400, "messages[0].role"),
+    (CH, {**_OK_CH, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    (CH, {**_OK_CH, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    (CH, {**_OK_CH, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    (CH, {**_OK_CH, "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                "image_url": {"url": "x"}}]}]},
+     400, "messages[0].content[0].type"),
+    (CH, {**_OK_CH, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+     "messages[0].content[0].text"),
+    (CH, {**_OK_CH, "messages": [{"role": "user", "content": "x", "name": 3}]}, 400,
+     "messages[0].name"),
+    (CH, {**_OK_CH, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CH, {**_OK_CH, "response_format": "json"}, 400, "response_format"),
+    (CH, {**_OK_CH, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CH, {**_OK_CH, "tool_choice": "required"}, 400, "tool_choice"),
+    (CH, {**_OK_CH, "logprobs": "yes"}, 400, "logprobs"),
+    (CH, {**_OK_CH, "top_logprobs": 3}, 400, "top_logprobs"),
+    (CH, {**_OK_CH, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
+    (CH, {**_OK_CH, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    (CH, {**_OK_CH, "max_tokens": MAX_LEN * 2}, 400, "max_tokens"),
+    (CH, {**_OK_CH, "messages": [{"role": "user", "content": "y" * MAX_LEN}], "max_tokens": None},
+     400, "messages"),
+    (CH, {**_OK_CH, "messages": [{"role": "boom", "content": "x"}]}, 400, "messages[0].role"),
+    (CH, {**_OK_CH, "model": "other"}, 404, "model"),
+    (CH, {**_OK_CH, "n": 2, "best_of": 1}, 400, "best_of"),
+    (CH, {**_OK_CH, "chat_template_kwargs": 5}, 400, "chat_template_kwargs"),
+    (CH, {**_OK_CH, "echo": True}, 400, "echo"),
+    ("/tokenize", {"model": MODEL}, 400, "prompt"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("/tokenize", {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ("/tokenize", b"[]", 400, None),
+    ("/detokenize", {}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1, "a"]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-4]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [10 ** 12]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD,
+                         ids=[f"{i}-{p.rsplit('/', 1)[-1]}" for i, (p, *_) in enumerate(BAD)])
+def test_bad_request(srv, path, body, status, param):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    got, _, resp = http("POST", srv.url + path, raw=raw)
+    assert_error(got, resp, status, param)
+    if status == 400:
+        assert resp["error"]["type"] == "BadRequestError"
+
+
+def test_bad_requests_via_openai_client(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=10 ** 6)
+    assert "maximum context length" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MSGS)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=MSGS,
+                                       response_format={"type": "json_object"})
+
+
+def test_http_level_errors(srv):
+    status, _, body = http("GET", srv.url + "/nope")
+    assert_error(status, body, 404)
+    status, hdrs, body = http("GET", srv.url + "/v1/completions")
+    assert_error(status, body, 405)
+    status, _, body = http("POST", srv.url + "/v1/completions", raw=b"x" * (2 << 20))
+    assert_error(status, body, 413)
+    # Chunked body without a Content-Length, over the limit.
+    import socket
+    host, port = srv.handle.host, srv.handle.port
+    s = socket.create_connection((host, port), timeout=10)
+    chunk = b"a" * (1 << 16)
+    try:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Type: application/json\r\n\r\n")
+        for _ in range(20):
+            s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        s.sendall(b"0\r\n\r\n")
+    except OSError:
+        pass  # the server may close early
+    resp = b""
+    try:
+        while b"\r\n\r\n" not in resp:
+            d = s.recv(65536)
+            if not d:
+                break
+            resp += d
+    except OSError:
+        pass
+    s.close()
+    assert resp.startswith(b"HTTP/1.1 413"), resp[:100]
+
+
+def test_engine_errors_are_surfaced(srv, client):
+    status, _, body = http("POST", srv.url + C, {"prompt": "RAISE_VALUE", "max_tokens": 3})
+    assert_error(status, body, 400)
+    status, _, body = http("POST", srv.url + C, {"prompt": "RAISE_INTERNAL", "max_tokens": 3})
+    assert_error(status, body, 500)
+    assert body["error"]["type"] == "InternalServerError"
+    # Streaming: an up-front engine error is a 400; a mid-stream failure an error event + [DONE].
+    status, _, body = http("POST", srv.url + C, {"prompt": "RAISE_VALUE", "stream": True})
+    assert_error(status, body, 400)
+    ev = sse_events(srv.url + C, {"prompt": "RAISE_MIDSTREAM", "max_tokens": 10, "stream": True})
+    assert ev[-1] == "[DONE]" and "error" in ev[-2]
+    # The server is fine afterwards.
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens == 2
+    assert wait_until(lambda: metric(srv.url, "jaxvllm:num_requests_running") == 0)
+    assert srv.server.in_flight == 0
+
+
+def test_fuzz_no_5xx(srv):
+    import random
+    rng = random.Random(1234)
+    values = [None, True, False, 0, -1, 1, 2, 3.5, -2.5, 1e308, 10 ** 20, -(10 ** 20), "", "x",
+              "\u0000", "é" * 3, [], [1], [[1, 2]], ["a"], [[]], {}, {"a": 1}, [None], [1.5], [-7],
+              {"type": "text"}, {"include_usage": True}, "0.5", [[1], "a"], [{"role": "user"}],
+              [{"role": "user", "content": "hi"}], [{"role": "user", "content": [{"type": "text"}]}]]
+    fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "best_of",
+              "temperature", "top_p", "top_k", "min_p", "stop", "seed", "logprobs", "top_logprobs",
+              "echo", "stream", "stream_options", "presence_penalty", "frequency_penalty",
+              "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+              "skip_special_tokens", "include_stop_str_in_output", "response_format", "user",
+              "logit_bias", "tools", "tool_choice", "suffix", "prompt_logprobs", "tokens",
+              "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+              "add_special_tokens", "return_token_strs", "spaces_between_special_tokens"]
+    paths = [C, CH, "/tokenize", "/detokenize"]
+    codes = {}
+    for i in range(300):
+        path = rng.choice(paths)
+        kind = rng.random()
+        if kind < 0.15:
+            raw = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))
+        elif kind < 0.3:
+            raw = json.dumps(rng.choice(values)).encode()
+        else:
+            body = {}
+            if path == C and rng.random() < 0.8:
+                body["prompt"] = rng.choice(["hi", ["a", "b"], [5, 6], [[5], [6, 7]]])
+            if path == CH and rng.random() < 0.8:
+                body["messages"] = [{"role": "user", "content": "hi"}]
+            body["max_tokens"] = rng.choice([1, 2, 3])
+            for _ in range(rng.randint(1, 5)):
+                body[rng.choice(fields)] = rng.choice(values)
+            raw = json.dumps(body).encode()
+            if rng.random() < 0.1:
+                raw = raw[:rng.randint(0, len(raw))]
+        status, _, resp = http("POST", srv.url + path, raw=raw)
+        codes[status] = codes.get(status, 0) + 1
+        assert status < 500, (path, raw, resp)
+        if status >= 400:
+            assert_error(status, resp, status)
+    assert codes.get(200, 0) >= 3 and codes.get(400, 0) > 100, codes
+    assert http("GET", srv.url + "/health")[0] == 200
+    assert wait_until(lambda: srv.server.in_flight == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Concurrency and disconnects
+# ------------------------------------------------------------------------------------------------
+def test_32_concurrent_requests(client):
+    prompts = [f"prompt number {i}" for i in range(32)]
+    expected = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=12,
+                                             temperature=0).choices[0].text for p in prompts[:4]}
+
+    def one(i):
+        p = prompts[i]
+        if i % 2:
+            text = "".join(ch.choices[0].text for ch in client.completions.create(
+                model=MODEL, prompt=p, max_tokens=12, temperature=0, stream=True))
+        else:
+            text = client.completions.create(model=MODEL, prompt=p, max_tokens=12,
+                                             temperature=0).choices[0].text
+        return p, text
+
+    with ThreadPoolExecutor(32) as ex:
+        results = list(ex.map(one, range(32)))
+    assert len(results) == 32
+    for p, text in results:
+        assert len(text) == 12
+        if p in expected:
+            assert text == expected[p]
+
+
+def _running(srv) -> float:
+    return metric(srv.url, "jaxvllm:num_requests_running")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_aborts(srv, stream):
+    engine = srv.engine
+    n_aborted = len(engine.aborted)
+    body = json.dumps({"model": MODEL, "prompt": f"long one {stream}", "max_tokens": 200,
+                       "stream": stream, "temperature": 0}).encode()
+    s = raw_request(srv.handle.host, srv.handle.port, "POST", C, body)
+    try:
+        if stream:
+            got = b""
+            while got.count(b"data: ") < 3:
+                got += s.recv(4096)
+        assert wait_until(lambda: _running(srv) >= 1, 5)
+    finally:
+        s.close()
+    t0 = time.monotonic()
+    assert wait_until(lambda: _running(srv) == 0, 5), "request not aborted"
+    assert time.monotonic() - t0 < 2.0  # 200 tokens would take >= 0.4 s
+    assert len(engine.aborted) > n_aborted
+    assert wait_until(lambda: srv.server.in_flight == 0, 5)
+    assert metric(srv.url, "jaxvllm:request_success_total", {"finished_reason": "abort"}) >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Auth, backpressure, start-up, shutdown
+# ------------------------------------------------------------------------------------------------
+def test_api_key():
+    with ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory(),
+                      api_key="sekret") as s:
+        for path in ("/v1/models",):
+            st, _, body = http("GET", s.url + path)
+            assert_error(st, body, 401)
+            st, _, body = http("GET", s.url + path, headers={"Authorization": "Bearer wrong"})
+            assert_error(st, body, 401)
+            st, _, body = http("GET", s.url + path, headers={"Authorization": "Bearer sekret"})
+            assert st == 200
+        st, _, body = http("POST", s.url + "/v1/completions", _OK_C)
+        assert_error(st, body, 401)
+        st, _, body = http("POST", s.url + "/tokenize", {"prompt": "x"})
+        assert_error(st, body, 401)
+        for path in ("/health", "/metrics", "/version"):
+            assert http("GET", s.url + path)[0] == 200
+        bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0)
+        assert good.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_backpressure_503():
+    with ServerThread(EngineArgs(max_model_len=MAX_LEN, max_num_seqs=2), engine_factory=_factory(0.02),
+                      max_waiting_requests=1) as s:
+        body = {"model": MODEL, "prompt": "slow", "max_tokens": 30}
+        socks = [raw_request(s.handle.host, s.handle.port, "POST", C, json.dumps(body).encode())
+                 for _ in range(3)]
+        try:
+            assert wait_until(lambda: s.server.in_flight == 3, 5)
+            st, hdrs, resp = http("POST", s.url + C, body)
+            assert_error(st, resp, 503)
+            assert int(hdrs["Retry-After"]) >= 1
+            assert metric(s.url, "jaxvllm:num_requests_waiting") == 1
+            # Batches count one per prompt.
+        finally:
+            for sock in socks:
+                sock.close()
+        assert wait_until(lambda: s.server.in_flight == 0, 5)
+        st, _, resp = http("POST", s.url + C, {**body, "prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert st == 200 and len(resp["choices"]) == 3
+
+
+def test_health_503_while_loading_then_200():
+    s = ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory(load_delay=1.0),
+                     wait_ready=False).start()
+    try:
+        st, _, body = http("GET", s.url + "/health")
+        assert st == 503
+        st, hdrs, body = http("POST", s.url + C, _OK_C)
+        assert_error(st, body, 503)
+        assert "Retry-After" in hdrs
+        assert http("GET", s.url + "/metrics")[0] == 200
+        assert wait_until(lambda: http("GET", s.url + "/health")[0] == 200, 10)
+        assert http("POST", s.url + C, _OK_C)[0] == 200
+    finally:
+        s.stop()
+
+
+def test_load_failure_reported():
+    with pytest.raises(RuntimeError, match="fake load failure"):
+        ServerThread(EngineArgs(), engine_factory=_factory(fail_load=True)).start()
+    s = ServerThread(EngineArgs(), engine_factory=_factory(fail_load=True), wait_ready=False).start()
+    try:
+        assert wait_until(lambda: http("GET", s.url + "/health")[2] == {"status": "failed to load"})
+    finally:
+        s.stop()
+
+
+def test_graceful_stop_lets_requests_finish():
+    s = ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory(0.01)).start()
+    result = {}
+
+    def req():
+        result["r"] = http("POST", s.url + C, {"prompt": "finish me", "max_tokens": 40})
+
+    t = threading.Thread(target=req)
+    t.start()
+    assert wait_until(lambda: s.server.in_flight == 1, 5)
+    engine = s.engine
+    s.stop(timeout=10)
+    t.join(10)
+    st, _, body = result["r"]
+    assert st == 200 and body["usage"]["completion_tokens"] == 40
+    assert engine.shut_down
+
+
+def test_graceful_stop_aborts_after_timeout():
+    s = ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory(0.02)).start()
+    result = {}
+
+    def req():
+        try:
+            result["r"] = http("POST", s.url + C, {"prompt": "too long", "max_tokens": 200})
+        except Exception as e:  # the connection is closed on abort
+            result["r"] = e
+
+    t = threading.Thread(target=req)
+    t.start()
+    assert wait_until(lambda: s.server.in_flight == 1, 5)
+    engine = s.engine
+    t0 = time.monotonic()
+    s.stop(timeout=0.3)
+    assert time.monotonic() - t0 < 5
+    t.join(10)
+    assert engine.aborted and not engine._running
