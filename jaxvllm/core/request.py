@@ -56,6 +56,8 @@ class Request:
         self.stop_reason: int | str | None = None
         max_tokens = sampling_params.max_tokens
         self.max_tokens = max_tokens if max_tokens is not None else 1 << 62
+        # Bookkeeping owned by core/ (KV-cache manager and scheduler).
+        self.block_hashes: list[bytes] = []  # chained hashes of its full blocks (prefix caching)
 
     @property
     def all_token_ids(self) -> list[int]:

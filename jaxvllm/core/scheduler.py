@@ -1,0 +1,480 @@
+"""The scheduler: continuous batching with chunked prefill, prefix caching and preemption.
+
+One step is ``schedule()`` -> model runner -> ``update_from_output()``.
+
+schedule()
+  * Token budget ``max_num_batched_tokens`` and sequence budget ``max_num_seqs`` are never exceeded.
+  * Running requests go first: decodes (exactly one token left to compute), then running requests
+    still in (chunked) prefill, so decodes never starve behind a long prompt. Then waiting requests
+    are admitted in policy order ("fcfs": arrival order; "priority": lower ``priority`` first, ties
+    by arrival) while both budgets last. A waiting request that does not fit blocks the ones behind
+    it (no reordering, so nobody starves).
+  * Every scheduled request gets ``min(num_tokens - num_computed_tokens, remaining budget)`` tokens:
+    a prompt longer than the remaining budget is split across steps (chunked prefill), a running
+    request at the end of its known tokens gets one decode token. ``num_computed_tokens`` advances
+    here (as in vLLM v1), so a second schedule() before update_from_output() is still consistent.
+  * A new request first takes the longest run of prefix-cached full blocks of its tokens (always
+    leaving its last token to compute) and starts computing after them.
+  * Preemption by recompute: when a running request needs a block and none is free, the most
+    recently admitted running request (under "priority": the lowest-priority one, latest arrival
+    among equals) is preempted: its blocks are freed, it goes back to the FRONT of the waiting queue
+    (status PREEMPTED, ``num_computed_tokens`` reset, generated tokens kept) and later returns to the
+    runner as a NewRequestData whose ``output_token_ids`` are recomputed like prompt tokens (the
+    prefix cache may give some of them back). A step that preempts admits no waiting request.
+    If the victim was already scheduled in this step, its tokens are taken back out of the step.
+
+n > 1 (parallel sampling) shares the prompt's blocks. The engine fans a request with ``n`` samples
+out into n Requests with the same prompt. Full blocks are registered in the prefix cache as soon as
+they are allocated for known token ids, in the step that computes them, and the model runner writes
+the K/V of every scheduled token before any attention of the step reads the cache. So when the n
+siblings are admitted in the same step, the first one allocates and computes the prompt's blocks and
+the other n-1 hit those very blocks (ref count n) and compute only the prompt's last token (or last
+partial block). Later steps and later requests with the same prefix hit them the same way.
+
+update_from_output()
+  Appends each sampled token, then checks, in order: a stop token (EOS unless ``ignore_eos``, or any
+  id of ``sampling_params.all_stop_token_ids``; only once ``num_output_tokens >= min_tokens``) ->
+  "stop"; then ``max_tokens`` / ``max_model_len`` -> "length". Finished requests free their blocks
+  at once; their ids reach the runner in the next SchedulerOutput.finished_req_ids.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+from jaxvllm.core.kv_cache_manager import KVCacheManager
+from jaxvllm.core.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
+                                  NewRequestData, SchedulerOutput)
+from jaxvllm.core.request import Request, RequestStatus
+
+POLICIES = ("fcfs", "priority")
+
+_RUNNING = RequestStatus.RUNNING
+_WAITING = RequestStatus.WAITING
+_PREEMPTED = RequestStatus.PREEMPTED
+_STOPPED = RequestStatus.FINISHED_STOPPED
+_LENGTH = RequestStatus.FINISHED_LENGTH
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    num_blocks: int = 1024          # including the reserved padding block 0
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    policy: str = "fcfs"            # "fcfs" | "priority"
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.num_blocks, int) or self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be an int >= 2 (block 0 is reserved), got {self.num_blocks!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float           # fraction of usable blocks in use
+    num_used_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int       # cumulative, tokens
+    prefix_cache_hits: int          # cumulative, tokens
+    num_preemptions: int            # cumulative
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class _WaitingQueue:
+    """FCFS deque or priority heap; removal is lazy (finished entries are skipped)."""
+
+    def __init__(self, priority: bool) -> None:
+        self._priority = priority
+        self._dq: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._seq = itertools.count()
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def push(self, req: Request) -> None:
+        if self._priority:
+            heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._seq), req))
+        else:
+            self._dq.append(req)
+        self._len += 1
+
+    def push_front(self, req: Request) -> None:
+        """Re-queue a preempted request ahead of the others (under "priority" its own priority and
+        arrival time decide, which puts it ahead of later arrivals of its priority)."""
+        if self._priority:
+            self.push(req)
+        else:
+            self._dq.appendleft(req)
+            self._len += 1
+
+    def peek(self) -> Optional[Request]:
+        if self._priority:
+            heap = self._heap
+            while heap and heap[0][3].status.finished:
+                heapq.heappop(heap)
+            return heap[0][3] if heap else None
+        dq = self._dq
+        while dq and dq[0].status.finished:
+            dq.popleft()
+        return dq[0] if dq else None
+
+    def pop(self) -> Request:
+        req = self.peek()
+        assert req is not None
+        if self._priority:
+            heapq.heappop(self._heap)
+        else:
+            self._dq.popleft()
+        self._len -= 1
+        return req
+
+    def discard(self, req: Request) -> None:
+        """Account for `req` leaving the queue; the caller marks it finished so it is skipped."""
+        self._len -= 1
+
+    def __iter__(self) -> Iterator[Request]:
+        if self._priority:
+            items = [e[3] for e in sorted(self._heap)]
+        else:
+            items = list(self._dq)
+        return (r for r in items if not r.status.finished)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.kv_cache_manager = KVCacheManager(config.num_blocks, config.block_size,
+                                               config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}     # every unfinished request
+        self.waiting = _WaitingQueue(config.policy == "priority")
+        self.running: list[Request] = []            # admission order
+        self._finished_req_ids: set[str] = set()    # reported in the next SchedulerOutput
+        self.num_preemptions = 0
+
+    # ---- requests in / out ---------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        cfg = self.config
+        rid = req.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        p = len(req.prompt_token_ids)
+        if p == 0:
+            raise ValueError(f"request {rid!r}: the prompt is empty")
+        if req.sampling_params.max_tokens is None:
+            if p >= cfg.max_model_len:
+                raise ValueError(f"request {rid!r}: prompt of {p} tokens leaves no room to generate "
+                                 f"within max_model_len={cfg.max_model_len}")
+            req.max_tokens = cfg.max_model_len - p
+        elif p + req.max_tokens > cfg.max_model_len:
+            raise ValueError(f"request {rid!r}: prompt ({p} tokens) + max_tokens ({req.max_tokens}) = "
+                             f"{p + req.max_tokens} exceeds max_model_len={cfg.max_model_len}")
+        # The last generated token is never fed back, so at most p + max_tokens - 1 tokens need K/V.
+        need = self.kv_cache_manager.num_blocks_for(p + req.max_tokens - 1)
+        usable = cfg.num_blocks - 1
+        if need > usable:
+            raise ValueError(f"request {rid!r}: prompt ({p} tokens) + max_tokens ({req.max_tokens}) "
+                             f"needs {need} KV-cache blocks of {cfg.block_size} tokens, but the cache "
+                             f"has only {usable}")
+        sp = req.sampling_params
+        if sp.ignore_eos or req.eos_token_id is None:
+            stop_ids = set(sp.stop_token_ids or ())
+            if not sp.ignore_eos:
+                stop_ids |= sp.all_stop_token_ids
+        else:
+            stop_ids = set(sp.all_stop_token_ids) | {req.eos_token_id}
+        # Scheduler-private per-request constants (hot-path lookups).
+        req._stop_ids = frozenset(stop_ids)
+        req._eos = None if sp.ignore_eos else req.eos_token_id
+        req._min_tokens = sp.min_tokens
+        req._stop_len = min(p + req.max_tokens, cfg.max_model_len)  # num_tokens that ends it
+        req._plp_upto = 0  # prompt positions whose prompt logprobs were already passed on
+        req.status = _WAITING
+        self.requests[rid] = req
+        self.waiting.push(req)
+
+    def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> list[Request]:
+        """Remove requests in any state (the engine: aborts, stop strings). Frees their blocks now;
+        their ids go into the next SchedulerOutput.finished_req_ids. Unknown ids are ignored."""
+        if not status.finished:
+            raise ValueError(f"finish_requests needs a finished status, got {status!r}")
+        if isinstance(req_ids, str):
+            req_ids = (req_ids,)
+        done = []
+        for rid in req_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            was_running = req.status == _RUNNING
+            self._finish(req, status)
+            if was_running:
+                self.running.remove(req)
+            done.append(req)
+        return done
+
+    def abort_requests(self, req_ids: str | Iterable[str]) -> list[Request]:
+        return self.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        """Mark finished, free blocks, forget. The caller removes it from `running` if needed."""
+        if req.status == _WAITING or req.status == _PREEMPTED:
+            self.waiting.discard(req)
+        req.status = status
+        self.kv_cache_manager.free(req)
+        del self.requests[req.request_id]
+        self._finished_req_ids.add(req.request_id)
+
+    # ---- schedule ------------------------------------------------------------------------------
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            # Lowest priority (largest value), latest arrival; among equals the latest admitted.
+            best = None
+            for r in self.running:
+                if best is None or (r.priority, r.arrival_time) >= (best.priority, best.arrival_time):
+                    best = r
+            return best
+        return self.running[-1]
+
+    def _preempt(self, victim: Request, num_scheduled: dict[str, int]) -> int:
+        """Preempt `victim`; returns how many tokens of this step it gives back (0 if it was not
+        scheduled yet in this step)."""
+        if self.running and self.running[-1] is victim:
+            self.running.pop()
+        else:
+            self.running.remove(victim)
+        n = num_scheduled.pop(victim.request_id, 0)
+        victim.num_computed_tokens -= n  # roll back this step: free() unregisters uncomputed blocks
+        self.kv_cache_manager.free(victim)
+        victim.status = _PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.push_front(victim)
+        return n
+
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        kv = self.kv_cache_manager
+        allocate = kv.allocate_slots
+        budget = cfg.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        cached_reqs: list[CachedRequestData] = []
+        new_reqs: list[NewRequestData] = []
+        preempted: set[str] = set()
+        prefills: list[Request] = []
+
+        # 1) running requests: decodes first, then prefills in progress.
+        for phase in (0, 1):
+            for req in (self.running[:] if phase == 0 else prefills):
+                if budget <= 0:
+                    break
+                if req.status != _RUNNING:  # preempted earlier in this step
+                    continue
+                computed = req.num_computed_tokens
+                n = req.num_tokens - computed
+                if n != 1:
+                    if n <= 0:
+                        continue  # waiting for its sampled token (schedule() called twice)
+                    if phase == 0:
+                        prefills.append(req)
+                        continue
+                    if n > budget:
+                        n = budget
+                    upto = req._plp_upto
+                    if computed < upto < req.num_prompt_tokens and n > upto - computed:
+                        n = upto - computed  # keep prompt-logprob chunks aligned after a preemption
+                while True:
+                    new_ids = allocate(req, n)
+                    if new_ids is not None:
+                        break
+                    victim = self._pick_victim()
+                    preempted.add(victim.request_id)
+                    back = self._preempt(victim, num_scheduled)
+                    if back:
+                        budget += back
+                        cached_reqs = [c for c in cached_reqs if c.req_id != victim.request_id]
+                    if victim is req:
+                        break
+                if new_ids is None:
+                    continue
+                rid = req.request_id
+                cached_reqs.append(CachedRequestData(rid, new_ids, computed))
+                num_scheduled[rid] = n
+                req.num_computed_tokens = computed + n
+                budget -= n
+
+        # 2) waiting requests, in policy order (none in a step that had to preempt).
+        if not preempted:
+            running = self.running
+            waiting = self.waiting
+            max_seqs = cfg.max_num_seqs
+            while budget > 0 and len(running) < max_seqs and len(waiting):
+                req = waiting.peek()
+                if req is None:
+                    break
+                hits, num_hit = kv.get_computed_blocks(req)
+                n = req.num_tokens - num_hit
+                if n > budget:
+                    n = budget
+                upto = req._plp_upto
+                if 0 < upto < req.num_prompt_tokens and n > upto:
+                    n = upto
+                new_ids = allocate(req, n, hits, num_hit)
+                if new_ids is None:
+                    break  # head of line does not fit: wait for blocks to free up
+                waiting.pop()
+                rid = req.request_id
+                req.status = _RUNNING
+                running.append(req)
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_hit
+                new_reqs.append(NewRequestData(
+                    rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                    kv.get_block_ids(rid), num_hit))
+                num_scheduled[rid] = n
+                req.num_computed_tokens = num_hit + n
+                budget -= n
+
+        finished = self._finished_req_ids
+        self._finished_req_ids = set()
+        return SchedulerOutput(new_reqs=new_reqs, cached_reqs=cached_reqs,
+                               num_scheduled_tokens=num_scheduled,
+                               total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
+                               finished_req_ids=finished, preempted_req_ids=preempted)
+
+    # ---- update --------------------------------------------------------------------------------
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        requests = self.requests
+        logprobs = runner_output.logprobs
+        prompt_lps = runner_output.prompt_logprobs
+        starts = self._chunk_starts(scheduler_output) if prompt_lps else None
+        outputs: list[EngineCoreOutput] = []
+        append = outputs.append
+        any_finished_running = False
+        for rid, tok in runner_output.sampled_token_ids.items():
+            req = requests.get(rid)
+            if req is None:
+                continue  # finished or aborted meanwhile
+            out_ids = req.output_token_ids
+            out_ids.append(tok)
+            status = None
+            stop_reason = None
+            if tok in req._stop_ids and len(out_ids) >= req._min_tokens:
+                status = _STOPPED
+                if tok != req._eos:
+                    stop_reason = tok
+            elif len(out_ids) + len(req.prompt_token_ids) >= req._stop_len:
+                status = _LENGTH
+            plp = None
+            if prompt_lps and rid in prompt_lps:
+                plp = self._take_prompt_logprobs(req, prompt_lps[rid], starts, scheduler_output)
+            nc = req.num_cached_tokens
+            if status is None:
+                append(EngineCoreOutput(rid, [tok], None, None,
+                                        logprobs.get(rid) if logprobs else None, plp,
+                                        nc if nc > 0 else 0))
+                continue
+            req.stop_reason = stop_reason
+            if req.status == _RUNNING:
+                any_finished_running = True
+            self._finish(req, status)
+            append(EngineCoreOutput(rid, [tok], status.finish_reason, stop_reason,
+                                    logprobs.get(rid) if logprobs else None, plp,
+                                    nc if nc > 0 else 0))
+        if prompt_lps:
+            sampled = runner_output.sampled_token_ids
+            for rid, chunk in prompt_lps.items():
+                if rid in sampled:
+                    continue
+                req = requests.get(rid)
+                if req is None:
+                    continue
+                plp = self._take_prompt_logprobs(req, chunk, starts, scheduler_output)
+                if plp is not None:
+                    nc = req.num_cached_tokens
+                    append(EngineCoreOutput(rid, [], None, None, None, plp, nc if nc > 0 else 0))
+        if any_finished_running:
+            self.running = [r for r in self.running if r.status == _RUNNING]
+        return outputs
+
+    @staticmethod
+    def _chunk_starts(so: SchedulerOutput) -> dict[str, int]:
+        starts = {c.req_id: c.num_computed_tokens for c in so.cached_reqs}
+        for nr in so.new_reqs:
+            starts[nr.req_id] = nr.num_computed_tokens
+        return starts
+
+    @staticmethod
+    def _take_prompt_logprobs(req: Request, chunk, starts: dict[str, int], so: SchedulerOutput):
+        """Pass a prompt-logprobs chunk through unless it repeats positions already passed on
+        (recomputation after a preemption); schedule() keeps chunks from straddling that point."""
+        start = starts.get(req.request_id)
+        if start is None or start < req._plp_upto:
+            return None
+        end = start + so.num_scheduled_tokens.get(req.request_id, 0)
+        req._plp_upto = max(req._plp_upto, min(end, req.num_prompt_tokens))
+        return chunk
+
+    # ---- queries -------------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def get_request(self, req_id: str) -> Optional[Request]:
+        return self.requests.get(req_id)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes (e.g. after a weight swap). Safe at any time: free blocks lose
+        their hashes, in-use blocks stay with their requests but are unregistered. Running requests
+        keep K/V computed with the old weights, so swap weights while idle if that matters."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    @property
+    def stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=kv.usage,
+            num_used_blocks=kv.num_used_blocks, num_free_blocks=kv.num_free_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions)
+
+    def check_invariants(self) -> None:
+        """Consistency of queues, requests and block tables (for tests; O(everything))."""
+        kv = self.kv_cache_manager
+        kv.check_invariants()
+        cfg = self.config
+        running_ids = [r.request_id for r in self.running]
+        assert len(set(running_ids)) == len(running_ids), "a request is running twice"
+        assert len(self.running) <= cfg.max_num_seqs
+        waiting = list(self.waiting)
+        assert len(waiting) == len(self.waiting), "waiting count drifted"
+        assert len(waiting) + len(self.running) == len(self.requests), "requests lost or duplicated"
+        bs = cfg.block_size
+        for r in self.running:
+            assert r.status == _RUNNING and self.requests.get(r.request_id) is r
+            assert 0 <= r.num_computed_tokens <= r.num_tokens
+            assert len(kv.get_blocks(r.request_id)) >= -(-r.num_computed_tokens // bs)
+        for r in waiting:
+            assert r.status in (_WAITING, _PREEMPTED) and self.requests.get(r.request_id) is r
+            assert r.num_computed_tokens == 0 and not kv.get_blocks(r.request_id)
+        assert set(kv.req_to_blocks) <= set(running_ids), "a non-running request holds blocks"
