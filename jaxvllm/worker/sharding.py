@@ -1,0 +1,230 @@
+"""Tensor parallelism over the devices of one host: the mesh, the partition rules, and the per-device
+attention wrapper.
+
+`shard_model(params, cfg, tp)` places the params pytree (layout: `jaxvllm/models/params.py`) on a
+1-D `jax.sharding.Mesh` of `tp` devices with `NamedSharding`s, Megatron style:
+
+- q/k/v (and their biases), gate and up are column-parallel (split over their output: whole attention
+  heads, slices of the MLP's intermediate dimension); o and down are row-parallel (split over their
+  input). Each attention block and each MLP then ends in one partial sum, which XLA's SPMD partitioner
+  turns into one all-reduce; nothing else in a layer communicates.
+- The embedding and the LM head are split over the vocabulary (the embedding lookup is a masked local
+  gather plus an all-reduce; the logits are gathered to every device for the sampler by the step's
+  `out_shardings`). A vocabulary that does not divide by `tp` keeps them replicated.
+- Norm weights are replicated.
+- The KV cache `[num_blocks, block_size, kv_heads, head_dim]` is split over KV heads, and the
+  attention function runs per device under `shard_map`: each device sees only its query heads and
+  their KV heads, so the Pallas kernel (GPU) or the jnp reference (CPU) runs unchanged.
+
+KV heads fewer than `tp` (`tp % num_kv_heads == 0`) are replicated as vLLM does: the k/v weight columns
+(and biases) are repeated so that every device holds one copy of the KV head its query heads use, and
+the effective config (`TPShardings.model_config`) has `num_kv_heads == tp`; the runner and the KV cache
+use that config. Any other head count that does not divide raises `ValueError` at start-up.
+
+The model code (`jaxvllm/models/llama.py`) carries no device logic: the jitted step propagates these
+shardings from the params, and `TPShardings.step_jit_kwargs()` pins the KV cache's sharding (so the
+donated buffers are updated in place) and makes the logits replicated.
+
+Devices: the mesh takes the first `tp` devices of `jax.devices()`. Multi-host is not supported yet, but
+nothing here assumes one process: a multi-host deployment calls `jax.distributed.initialize()` in every
+process before building the engine (this module never calls it), after which `jax.devices()` lists
+every process's devices and the same partition rules apply. The runner's host-side batch building and
+`device_get` of sampled ids would then need one driver process (not done here).
+
+Loading: the params arrive unsharded (on the default device or the host) and are moved shard by shard,
+so the whole model must fit on one device (or in host memory) while it loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxvllm.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+AXIS = "tp"
+
+# Partition rules: per-layer param name -> PartitionSpec (params are stored [in, out]).
+LAYER_RULES: dict[str, P] = {
+    "q": P(None, AXIS), "k": P(None, AXIS), "v": P(None, AXIS),          # column-parallel (heads)
+    "q_bias": P(AXIS), "k_bias": P(AXIS), "v_bias": P(AXIS),
+    "o": P(AXIS, None),                                                  # row-parallel
+    "gate": P(None, AXIS), "up": P(None, AXIS),                          # column-parallel
+    "down": P(AXIS, None),                                               # row-parallel
+    "input_norm": P(), "post_attn_norm": P(), "q_norm": P(), "k_norm": P(),
+}
+VOCAB_RULES: dict[str, P] = {"embed": P(AXIS, None), "lm_head": P(None, AXIS)}
+
+# Activations seen by the attention function (per layer): q [T, Hq, D], cache [NB, BS, Hkv, D].
+HEADS_SPEC = P(None, AXIS, None)
+KV_CACHE_SPEC = P(None, None, AXIS, None)
+
+
+def validate(cfg: ModelConfig, tp: int, num_devices: Optional[int] = None) -> int:
+    """Checks that `cfg` can be split over `tp` devices; returns the KV-head replication factor
+    (1 unless num_kv_heads < tp). Raises ValueError naming the numbers."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    if num_devices is not None and tp > num_devices:
+        raise ValueError(f"tensor_parallel_size ({tp}) exceeds the number of available devices "
+                         f"({num_devices})")
+    if cfg.num_heads % tp:
+        raise ValueError(f"num_attention_heads ({cfg.num_heads}) must be divisible by "
+                         f"tensor_parallel_size ({tp})")
+    kv = cfg.num_kv_heads
+    if kv % tp and tp % kv:
+        raise ValueError(f"num_key_value_heads ({kv}) must be divisible by tensor_parallel_size "
+                         f"({tp}), or tensor_parallel_size a multiple of num_key_value_heads (KV "
+                         f"heads are then replicated)")
+    if cfg.intermediate_size % tp:
+        raise ValueError(f"intermediate_size ({cfg.intermediate_size}) must be divisible by "
+                         f"tensor_parallel_size ({tp})")
+    return 1 if kv % tp == 0 else tp // kv
+
+
+def make_mesh(tp: int, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    if tp > len(devices):
+        raise ValueError(f"tensor_parallel_size ({tp}) exceeds the number of available devices "
+                         f"({len(devices)})")
+    return Mesh(np.array(devices[:tp]), (AXIS,))
+
+
+def _shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
+    """`jax.shard_map` (newer JAX) or `jax.experimental.shard_map` (older), replication checks off."""
+    if hasattr(jax, "shard_map"):
+        try:
+            return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                 check_vma=False)
+        except TypeError:
+            return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                 check_rep=False)
+    from jax.experimental.shard_map import shard_map
+    return shard_map(f, mesh, in_specs, out_specs, check_rep=False)
+
+
+@dataclass(frozen=True)
+class TPShardings:
+    """Everything the runner needs to run a model sharded by `shard_model`."""
+    mesh: Mesh
+    tp: int
+    model_config: ModelConfig     # the effective config (num_kv_heads replicated up to tp if fewer)
+    params: Any                   # pytree of NamedSharding, same structure as the sharded params
+    kv_cache: NamedSharding       # each [num_blocks, block_size, kv_heads, head_dim] cache array
+    replicated: NamedSharding
+    kv_replication: int = 1       # > 1: each original KV head is held by this many devices
+
+    @property
+    def kv_split(self) -> int:
+        """Per-device share of the KV cache bytes (of the effective config's cache)."""
+        return self.tp
+
+    def attention_fn(self, base_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+        """Wraps a ragged paged attention function (pallas_kernels signature) to run per device:
+        q split over query heads, the caches over KV heads, the batch metadata replicated."""
+        mesh, rep = self.mesh, P()
+
+        def sharded_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
+                              num_seqs, **kwargs):
+            def local(q, k, v, kv_lens, block_tables, query_start_loc, num_seqs):
+                return base_fn(q, k, v, kv_lens, block_tables, query_start_loc, num_seqs, **kwargs)
+
+            f = _shard_map(local, mesh,
+                           in_specs=(HEADS_SPEC, KV_CACHE_SPEC, KV_CACHE_SPEC, rep, rep, rep, rep),
+                           out_specs=HEADS_SPEC)
+            return f(q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs)
+
+        return sharded_attention
+
+    def step_jit_kwargs(self) -> dict[str, Any]:
+        """`jax.jit` arguments for the runner's step `(params, kv_cache, inputs, logits_indices) ->
+        (kv_cache, logits, all_logits)`: the cache stays split over KV heads (so the donated buffers
+        are updated in place) and the logits come back replicated for the sampler. Inputs take their
+        arrays' shardings (params and cache are committed; the host batch arrives replicated); the
+        step passes `score` by keyword, which `jit` allows only without `in_shardings`."""
+        return dict(out_shardings=(self.kv_cache, self.replicated, self.replicated))
+
+    def shard_params(self, params: Any) -> Any:
+        """Places an unsharded params pytree of the original config (e.g. a weight swap) like
+        `shard_model` did."""
+        if self.kv_replication > 1:
+            params = _replicate_kv(params, self.model_config.head_dim, self.kv_replication)
+        return jax.tree.map(_place, params, self.params)
+
+
+def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
+    """The PartitionSpec pytree for `params` (vocab-split only where the vocabulary divides by tp)."""
+    vocab_ok = cfg.vocab_size % tp == 0
+    if not vocab_ok:
+        logger.warning("vocab_size (%d) is not divisible by tensor_parallel_size (%d): the "
+                       "embedding and LM head stay replicated", cfg.vocab_size, tp)
+    specs: dict[str, Any] = {}
+    for name in params:
+        if name == "layers":
+            specs[name] = [{k: _layer_spec(k) for k in lp} for lp in params[name]]
+        elif name in VOCAB_RULES:
+            specs[name] = VOCAB_RULES[name] if vocab_ok else P()
+        else:
+            specs[name] = P()
+    return specs
+
+
+def _layer_spec(name: str) -> P:
+    if name not in LAYER_RULES:
+        raise ValueError(f"No tensor-parallel partition rule for layer param {name!r}")
+    return LAYER_RULES[name]
+
+
+def _repeat_heads(w: Any, head_dim: int, rep: int) -> Any:
+    """[..., kv*head_dim] -> [..., kv*rep*head_dim], each head repeated rep times in place."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    lead = w.shape[:-1]
+    kv = w.shape[-1] // head_dim
+    w = xp.reshape(w, (*lead, kv, 1, head_dim))
+    w = xp.broadcast_to(w, (*lead, kv, rep, head_dim))
+    return xp.reshape(w, (*lead, kv * rep * head_dim))
+
+
+def _replicate_kv(params: Any, head_dim: int, rep: int) -> Any:
+    out = dict(params)
+    out["layers"] = [{k: (_repeat_heads(w, head_dim, rep) if k in ("k", "v", "k_bias", "v_bias")
+                          else w) for k, w in lp.items()} for lp in params["layers"]]
+    return out
+
+
+def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+    return jax.device_put(x, sharding)
+
+
+def shard_model(params: Any, cfg: ModelConfig, tp: int,
+                devices: Optional[Sequence[Any]] = None) -> tuple[Any, TPShardings]:
+    """Validates, builds the mesh and places `params` on it; returns (sharded params, TPShardings).
+
+    Raises ValueError (naming the numbers) when the heads, KV heads or intermediate size do not split
+    over `tp`, or when fewer than `tp` devices exist."""
+    devices = list(jax.devices() if devices is None else devices)
+    rep = validate(cfg, tp, len(devices))
+    mesh = make_mesh(tp, devices)
+    eff_cfg = cfg
+    if rep > 1:
+        logger.info("num_key_value_heads (%d) < tensor_parallel_size (%d): replicating each KV head "
+                    "on %d devices", cfg.num_kv_heads, tp, rep)
+        eff_cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * rep)
+        params = _replicate_kv(params, cfg.head_dim, rep)
+    specs = param_specs(params, eff_cfg, tp)
+    to_sharding = lambda s: NamedSharding(mesh, s)
+    shardings = jax.tree.map(to_sharding, specs, is_leaf=lambda s: isinstance(s, P))
+    sharded = jax.tree.map(_place, params, shardings)
+    tps = TPShardings(mesh=mesh, tp=tp, model_config=eff_cfg, params=shardings,
+                      kv_cache=NamedSharding(mesh, KV_CACHE_SPEC), replicated=NamedSharding(mesh, P()),
+                      kv_replication=rep)
+    logger.info("Tensor parallel over %d devices: %s", tp, [str(d) for d in mesh.devices.flat])
+    return sharded, tps
