@@ -59,6 +59,7 @@ def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConf
     if args.tensor_parallel_size > 1:
         from jaxvllm.worker.sharding import shard_model
         loaded.params, shardings = shard_model(loaded.params, cfg, args.tensor_parallel_size)
+        cfg = shardings.model_config  # KV heads replicated when fewer than tensor_parallel_size
     rc = RunnerConfig(
         block_size=args.block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,

@@ -55,6 +55,8 @@ class ModelRunner:
         self.rc = rc
         self.shardings = shardings
         self.attention_fn = attention_fn or ragged_paged_attention
+        if shardings is not None:  # tensor parallel: attention runs per device on its heads
+            self.attention_fn = shardings.attention_fn(self.attention_fn)
         buckets = rc.token_buckets or default_token_buckets(rc.max_num_batched_tokens)
         if buckets[-1] < rc.max_num_batched_tokens:
             raise ValueError(f"token_buckets must reach max_num_batched_tokens "
@@ -63,7 +65,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-rc.max_model_len // rc.block_size)
         self.input_batch = InputBatch(rc.block_size, self.max_blocks_per_seq, self.token_buckets,
                                       rc.max_num_seqs, cfg.vocab_size, rc.seed)
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("score",))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("score",),
+                             **({} if shardings is None else shardings.step_jit_kwargs()))
         self._sample = sampler_lib.sample_jit
         self._prompt_logprobs = sampler_lib.prompt_logprobs_jit
         self.num_blocks = rc.num_blocks or self._profile_num_blocks()
