@@ -198,6 +198,21 @@ def test_completion_echo(client):
     assert "".join(pieces) == "echo me" + plain.choices[0].text
 
 
+def test_completion_prompt_logprobs(srv):
+    status, _, body = http("POST", srv.url + C, {"prompt": "plp", "max_tokens": 2, "prompt_logprobs": 1})
+    assert status == 200
+    plp = body["choices"][0]["prompt_logprobs"]
+    assert len(plp) == body["usage"]["prompt_tokens"] and plp[0] is None
+    assert all(isinstance(v["logprob"], float) for step in plp[1:] for v in step.values())
+
+
+def test_stream_continuous_usage(srv):
+    ev = sse_events(srv.url + C, {"prompt": "cu", "max_tokens": 3, "stream": True,
+                                  "stream_options": {"include_usage": True,
+                                                     "continuous_usage_stats": True}})
+    assert [e["usage"]["completion_tokens"] for e in ev[:-2]] == [1, 2, 3]
+
+
 def test_completion_stop_and_stop_reason(srv, client):
     base = client.completions.create(model=MODEL, prompt="stopper", max_tokens=12, temperature=0)
     text = base.choices[0].text
@@ -365,6 +380,8 @@ BAD = [
     (C, b"null", 400, None),
     (C, b'{"prompt": "x", "temperature": NaN}', 400, None),
     (C, b'{"prompt": "x", "temperature": 1e999}', 400, "temperature"),
+    (C, b"[" * 200000, 400, None),
+    (C, b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, None),
     (C, {"model": MODEL}, 400, "prompt"),
     (C, {**_OK_C, "prompt": []}, 400, "prompt"),
     (C, {**_OK_C, "prompt": 5}, 400, "prompt"),

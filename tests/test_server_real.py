@@ -60,6 +60,20 @@ def test_completion_stream_matches_full(srv, client):
     assert streamed == c.text
 
 
+def test_stop_string_stream_matches_full(client):
+    kw = dict(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    text = client.completions.create(**kw).choices[0].text
+    stop = text.strip()[-2:] if len(text.strip()) > 3 else None
+    if not stop:
+        pytest.skip(f"greedy text too short for a stop string: {text!r}")
+    full = client.completions.create(stop=[stop], **kw).choices[0]
+    assert full.finish_reason == "stop" and stop not in full.text
+    assert text.startswith(full.text)
+    streamed = "".join(ch.choices[0].text
+                       for ch in client.completions.create(stream=True, stop=[stop], **kw))
+    assert streamed == full.text
+
+
 def test_chat_stream_matches_full(srv, client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8,
               temperature=0)

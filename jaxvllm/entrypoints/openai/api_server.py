@@ -257,6 +257,11 @@ class OpenAIServer:
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception as e:
+            if type(e).__name__ == "EngineDeadError":
+                logger.error("engine is dead: %s", e)
+                self.metrics.observe_error(503)
+                return _error_response(APIError(f"The engine has stopped: {e}", 503,
+                                                "ServiceUnavailableError"))
             logger.exception("unexpected error handling %s %s", request.method, request.path)
             self.metrics.observe_error(500)
             err = APIError(f"Internal server error: {type(e).__name__}", 500, "InternalServerError")
