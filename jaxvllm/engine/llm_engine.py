@@ -205,9 +205,13 @@ class LLMEngine:
                     self._add_decoded([co.new_logprobs])
                     child.logprobs.append(co.new_logprobs)
                     child.cumulative_logprob += co.new_logprobs[co.new_token_ids[-1]].logprob
-                if child.detok.update(co.new_token_ids) and co.finish_reason is None:
+                text_ids = co.new_token_ids
+                if co.finish_reason == "stop" and not parent.params.include_stop_str_in_output:
+                    text_ids = text_ids[:-1]  # as vLLM: a stop token's text is not part of the output
+                if child.detok.update(text_ids):
                     child.finish_reason, child.stop_reason = "stop", child.detok.stop_reason
-                    stopped.append(co.req_id)
+                    if co.finish_reason is None:
+                        stopped.append(co.req_id)
             if co.finish_reason is not None and child.finish_reason is None:
                 child.finish_reason, child.stop_reason = co.finish_reason, co.stop_reason
             touched[parent.request_id] = parent

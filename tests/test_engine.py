@@ -1,0 +1,270 @@
+"""The engine end to end on the embedded SmolLM2 (float32, CPU): greedy equals HF transformers;
+batching, chunked prefill, preemption and prefix caching never change greedy tokens; sampling
+semantics; stop conditions; errors."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jaxvllm import LLM, SamplingParams
+from jaxvllm.core.scheduler import Scheduler
+from jaxvllm.engine.async_llm_engine import AsyncLLMEngine
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+               num_gpu_blocks_override=96, enforce_eager=True, token_buckets=(8, 16, 32, 64))
+
+
+@pytest.fixture
+def scheduler_config(llm):
+    """Swap the scheduler for one test (scheduling policy is host-side: no recompilation)."""
+    engine = llm.llm_engine
+    original = engine.scheduler
+    base = original.config
+
+    def use(**changes):
+        engine.scheduler = Scheduler(dataclasses.replace(base, **changes))
+        return engine.scheduler
+
+    yield use
+    engine.scheduler = original
+
+
+def greedy(max_tokens=12, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def token_ids(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(llm, default_model_dir):
+    """HF transformers' greedy continuation of each prompt (same GGUF, float32)."""
+    from transformers import AutoModelForCausalLM
+    directory, name = default_model_dir
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    tok = llm.get_tokenizer()
+    refs = []
+    for p in PROMPTS:
+        ids = torch.tensor([tok.encode(p)])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                              do_sample=False, min_new_tokens=12)
+        refs.append(out[0, ids.shape[1]:].tolist())
+    return refs
+
+
+def test_greedy_matches_hf_batched(llm, reference_tokens):
+    outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    assert token_ids(outs) == reference_tokens
+    for o in outs:
+        assert o.finished and o.outputs[0].finish_reason == "length"
+        assert o.outputs[0].text == llm.get_tokenizer().decode(o.outputs[0].token_ids,
+                                                               skip_special_tokens=True)
+
+
+def test_alone_equals_batched(llm, reference_tokens):
+    for prompt, ref in zip(PROMPTS[:2], reference_tokens):
+        assert token_ids(llm.generate(prompt, greedy(), use_tqdm=False)) == [ref]
+
+
+def test_chunked_prefill_same_tokens(llm, reference_tokens, scheduler_config):
+    sched = scheduler_config(max_num_batched_tokens=8, max_num_seqs=4)
+    outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    assert token_ids(outs) == reference_tokens
+    assert not sched.has_unfinished_requests()
+
+
+def test_preemption_same_tokens(llm, reference_tokens, scheduler_config):
+    # 4 requests of ~20 tokens in 5 usable blocks of 16: they cannot all run at once.
+    sched = scheduler_config(num_blocks=6, enable_prefix_caching=False)
+    outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    assert token_ids(outs) == reference_tokens
+    assert sched.stats.num_preemptions > 0
+    assert all(len(t) == 12 for t in token_ids(outs))
+
+
+def test_prefix_caching_on_off_same_tokens(llm, scheduler_config):
+    shared = "You are a helpful assistant. Answer briefly and precisely. " * 3
+    prompts = [shared + q for q in ("What is red?", "What is blue?", "Name a fruit.")]
+    results = {}
+    for caching in (False, True):
+        sched = scheduler_config(enable_prefix_caching=caching)
+        llm.generate(prompts[:1], greedy(4), use_tqdm=False)  # warms the cache when enabled
+        outs = llm.generate(prompts, greedy(), use_tqdm=False)
+        results[caching] = token_ids(outs)
+        hits = sched.stats.prefix_cache_hits
+        assert (hits > 0) == caching
+        if caching:
+            assert max(o.num_cached_tokens for o in outs) >= 16
+    assert results[True] == results[False]
+
+
+def test_seeded_sampling_reproducible(llm):
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=10)
+    a = llm.generate([PROMPTS[0], PROMPTS[0], PROMPTS[1]], sp, use_tqdm=False)
+    b = llm.generate(PROMPTS[0], sp, use_tqdm=False)
+    assert a[0].outputs[0].token_ids == a[1].outputs[0].token_ids == b[0].outputs[0].token_ids
+    other = llm.generate(PROMPTS[0], dataclasses.replace(sp, seed=99), use_tqdm=False)
+    assert other[0].outputs[0].token_ids != a[0].outputs[0].token_ids
+
+
+def test_n_greater_than_one(llm):
+    sp = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    out = llm.generate(PROMPTS[1], sp, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # distinct samples
+    again = llm.generate(PROMPTS[1], sp, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+
+
+def _full_logprobs(llm, ids):
+    """log_softmax of the model's logits at every position (reference via the model test path)."""
+    from test_models import run_sequence
+    loaded = llm.llm_engine.loaded
+    logits = run_sequence(loaded.params, loaded.config, np.asarray(ids))
+    return np.asarray(jax.nn.log_softmax(logits, axis=-1))
+
+
+def test_logprobs_match_log_softmax(llm):
+    sp = SamplingParams(temperature=0.8, seed=3, max_tokens=6, logprobs=3, prompt_logprobs=2,
+                        ignore_eos=True)
+    out = llm.generate(PROMPTS[2], sp, use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert len(comp.logprobs) == len(comp.token_ids) == 6
+    ref = _full_logprobs(llm, out.prompt_token_ids + comp.token_ids)
+    n_prompt = len(out.prompt_token_ids)
+    total = 0.0
+    for j, (tok, entry) in enumerate(zip(comp.token_ids, comp.logprobs)):
+        row = ref[n_prompt - 1 + j]
+        assert tok in entry and 3 <= len(entry) <= 4
+        assert entry[tok].logprob == pytest.approx(row[tok], abs=1e-3)
+        assert entry[tok].rank == int((row > row[tok]).sum()) + 1
+        top = np.argsort(-row)[:3]
+        for r, t in enumerate(top):
+            assert entry[int(t)].logprob == pytest.approx(row[t], abs=1e-3)
+        total += entry[tok].logprob
+    assert comp.cumulative_logprob == pytest.approx(total, abs=1e-3)
+    # prompt logprobs: None for the first token, then the logprob of each actual prompt token.
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == n_prompt
+    for i in range(1, n_prompt):
+        tok = out.prompt_token_ids[i]
+        assert out.prompt_logprobs[i][tok].logprob == pytest.approx(ref[i - 1][tok], abs=1e-3)
+
+
+def test_stop_strings_and_stop_ids(llm):
+    base = llm.generate(PROMPTS[1], greedy(16), use_tqdm=False)[0].outputs[0]
+    words = re.findall(r"[A-Za-z]{3,}", base.text)
+    stop = words[len(words) // 2]
+    cut = base.text.index(stop)
+    out = llm.generate(PROMPTS[1], greedy(16, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert out.text == base.text[:cut] and out.finish_reason == "stop" and out.stop_reason == stop
+    out = llm.generate(PROMPTS[1], greedy(16, stop=stop, include_stop_str_in_output=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == base.text[:cut + len(stop)]
+    stop_id = base.token_ids[4]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate(PROMPTS[1], greedy(16, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == base.token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    # min_tokens masks stop ids until reached
+    out = llm.generate(PROMPTS[1], greedy(16, stop_token_ids=[base.token_ids[0]], min_tokens=3),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[0] != base.token_ids[0] and len(out.token_ids) >= 3
+
+
+def test_eos_stops_without_ignore_eos(llm):
+    chat = llm.chat([{"role": "user", "content": "Say hi."}],
+                    SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0]
+    comp = chat.outputs[0]
+    assert comp.finish_reason in ("stop", "length")
+    if comp.finish_reason == "stop":
+        engine = llm.llm_engine
+        assert comp.token_ids[-1] in {engine.eos_token_id} | engine.extra_eos_ids
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": 1.5}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"), ({"min_p": 2.0}, "min_p"),
+    ({"presence_penalty": 3.0}, "presence_penalty"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"logprobs": -1}, "logprobs"), ({"stop": [""]}, "stop"), ({"min_tokens": 20, "max_tokens": 5}, "min_tokens"),
+])
+def test_invalid_sampling_params(kwargs, field):
+    with pytest.raises((ValueError, TypeError), match=field):
+        SamplingParams(**kwargs)
+
+
+def test_overlong_prompt_rejected_others_unharmed(llm):
+    engine = llm.llm_engine
+    engine.add_request("ok-1", PROMPTS[0], greedy(5))
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("too-long", list(range(10, 300)), greedy(5))
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("too-long-2", PROMPTS[0], greedy(255))
+    engine.add_request("ok-2", PROMPTS[1], greedy(5))
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert set(done) == {"ok-1", "ok-2"}
+    assert all(len(o.outputs[0].token_ids) == 5 for o in done.values())
+    with pytest.raises(ValueError, match="max_logprobs"):
+        llm.generate(PROMPTS[0], SamplingParams(logprobs=50), use_tqdm=False)
+
+
+def test_kv_cache_donated_in_place(llm):
+    runner = llm.llm_engine.runner
+    b = runner._dummy_batch(runner.token_buckets[0])
+    text = runner._step.lower(runner.params, runner.kv_cache, *runner._device_inputs(b)).compile().as_text()
+    header = text.splitlines()[0]
+    aliased = re.findall(r"\{(\d+)\}: \((\d+), \{[^}]*\}, may-alias\)", header)
+    cache_leaves = 2 * runner.cfg.num_layers
+    assert len(aliased) >= cache_leaves, header[:500]
+    old = runner.kv_cache[0][0]
+    llm.generate(PROMPTS[0], greedy(2), use_tqdm=False)
+    assert old.is_deleted()  # the step consumed (donated) the buffer instead of copying it
+
+
+def test_async_engine_streams_and_aborts(llm):
+    engine = AsyncLLMEngine(llm.llm_engine)
+
+    async def main():
+        await engine.start()
+        seen = []
+        async for out in engine.generate(PROMPTS[0], greedy(6), "s1"):
+            seen.append(len(out.outputs[0].token_ids))
+        assert seen[-1] == 6 and seen == sorted(seen) and out.finished
+        # abandon a stream after its first output: the request is aborted and blocks freed
+        gen = engine.generate(PROMPTS[1], greedy(200), "s2")
+        await gen.__anext__()
+        await gen.aclose()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not llm.llm_engine.has_unfinished_requests():
+                break
+        assert not llm.llm_engine.has_unfinished_requests()
+        with pytest.raises(ValueError):
+            async for _ in engine.generate("", greedy(3), "s3"):
+                pass
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert llm.llm_engine.scheduler.stats.num_running == 0
