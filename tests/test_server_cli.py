@@ -174,3 +174,15 @@ def test_load_failure_exits_nonzero():
                        text=True, env=_env(), cwd=ROOT, timeout=60)
     assert r.returncode == 1
     assert "failed to load" in r.stderr
+
+
+def test_port_in_use_exits_1():
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        launch = _LAUNCH.replace("load_delay=0.3", "load_delay=0")
+        r = subprocess.run([sys.executable, "-c", launch, "--port", str(port)], capture_output=True,
+                           text=True, env=_env(), cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and "cannot listen" in r.stderr

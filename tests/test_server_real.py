@@ -151,3 +151,51 @@ def test_metrics(srv):
     assert metric(srv.url, "jaxvllm:prefix_cache_queries_total") > 0
     assert metric(srv.url, "jaxvllm:time_to_first_token_seconds_count") > 0
     assert metric(srv.url, "jaxvllm:request_success_total") > 0
+
+
+def test_cli_serve_process_sigterm_exits_0():
+    """`jaxvllm serve` end to end in its own process: ready line, one request, SIGTERM, exit 0."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("JAXVLLM_API_KEY", None)
+    cache = os.environ.get("JAXVLLM_TEST_COMPILE_CACHE")
+    cmd = [sys.executable, "-m", "jaxvllm.entrypoints.cli", "serve", "--port", "0",
+           "--max-model-len", str(MAX_LEN), "--max-num-seqs", "8", "--num-gpu-blocks-override",
+           "256", "--enforce-eager", "--max-num-batched-tokens", "64", "--token-buckets", "8", "64",
+           "--dtype", "float32", "--shutdown-timeout", "30"]
+    if cache:
+        cmd += ["--compilation-cache-dir", cache]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         cwd=root)
+    url = {}
+    ready = threading.Event()
+
+    def reader():
+        for line in p.stdout:
+            m = re.search(r"jaxvllm: serving (\S+) at (http://\S+)", line)
+            if m:
+                url["name"], url["url"] = m.group(1), m.group(2)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        ready.wait(300)
+        assert "url" in url, p.stderr.read() if p.poll() is not None else "no ready line"
+        assert url["name"] == MODEL
+        assert http("GET", url["url"] + "/health")[0] == 200
+        st, _, body = http("POST", url["url"] + "/v1/completions",
+                           {"prompt": "Hello", "max_tokens": 3, "temperature": 0}, timeout=300)
+        assert st == 200 and body["usage"]["completion_tokens"] >= 1
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()

@@ -19,6 +19,11 @@ Behaviour worth knowing:
   responses, a failed write for streams).
 - SIGTERM/SIGINT: stop listening, refuse new requests with 503, let in-flight requests finish for up
   to `--shutdown-timeout` seconds, abort the rest, shut the engine down and exit 0.
+
+In-process use (tests, benchmarks): `handle = await start_server(engine_args, port=0)` in a running
+event loop (`handle.url`, `await handle.stop()`), or `with ServerThread(engine_args) as srv:` from
+synchronous code. Both take `engine=` (an engine already built) or `engine_factory=` (a callable
+EngineArgs -> engine, run in a thread), plus the server options of OpenAIServer.
 """
 from __future__ import annotations
 
@@ -1001,11 +1006,16 @@ async def serve(args: argparse.Namespace,
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    handle = await start_server(
-        engine_args, args.host, args.port, wait_ready=False, access_log=args.access_log,
-        engine_factory=engine_factory, served_model_name=args.served_model_name, api_key=api_key,
-        max_waiting_requests=args.max_waiting_requests,
-        max_request_body_bytes=args.max_request_body_bytes, shutdown_timeout=args.shutdown_timeout)
+    try:
+        handle = await start_server(
+            engine_args, args.host, args.port, wait_ready=False, access_log=args.access_log,
+            engine_factory=engine_factory, served_model_name=args.served_model_name,
+            api_key=api_key, max_waiting_requests=args.max_waiting_requests,
+            max_request_body_bytes=args.max_request_body_bytes,
+            shutdown_timeout=args.shutdown_timeout)
+    except OSError as e:
+        print(f"jaxvllm: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr, flush=True)
+        return 1
     logger.info("loading %s; /health answers 503 until ready (listening on %s)",
                 handle.server.model_name, handle.url)
     ready = asyncio.ensure_future(handle.wait_ready())
