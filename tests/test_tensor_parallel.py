@@ -1,0 +1,262 @@
+"""Tensor parallelism (jaxvllm/worker/sharding.py) on 8 fake CPU devices.
+
+The fake devices need XLA_FLAGS set before JAX starts, and this test process already started JAX with
+one device, so the engine runs happen in one subprocess (this file run as a script), which writes a
+JSON report that the tests below check. Tiny random HF models: Llama (8 heads, 4 KV heads: TP 8
+replicates each KV head twice) and Qwen2 (qkv bias, tied embeddings, 2 KV heads: TP 4 replicates).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import pytest
+
+NUM_FAKE_DEVICES = 8
+TP_SIZES = (1, 2, 4, 8)
+LAYERS = 2
+PROMPTS = [list(range(3, 3 + n)) for n in (5, 11, 20, 40, 7)]   # 40 > the 32-token budget: chunked
+
+
+# ---- the subprocess ------------------------------------------------------------------------------
+def _save_model(d: str, kind: str, hidden: int, kv_heads: int) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, \
+        Qwen2ForCausalLM
+    torch.manual_seed(0)
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=LAYERS,
+                  num_attention_heads=8, num_key_value_heads=kv_heads, vocab_size=256,
+                  max_position_embeddings=256)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
+    with torch.no_grad():  # HF zero-inits biases: make them matter
+        for p in model.parameters():
+            if p.ndim == 1 and not torch.all(p == 1):
+                p.normal_(0, 0.5)
+    model.save_pretrained(d, safe_serialization=True)
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1").save_pretrained(d)
+
+
+def _count(pattern: str, text: str) -> int:
+    return len(re.findall(pattern, text))
+
+
+def _spec(a: Any) -> list:
+    return [e if e is None or isinstance(e, str) else list(e) for e in a.sharding.spec]
+
+
+def _run_engine(d: str, tp: int, dtype: str, inspect: bool) -> dict[str, Any]:
+    import numpy as np
+    from jaxvllm import LLM, SamplingParams
+    llm = LLM(model=d, dtype=dtype, tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4,
+              max_num_batched_tokens=32, num_gpu_blocks_override=32, enforce_eager=True,
+              token_buckets=(8, 32), weights_cache_dir="none",
+              compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    res: dict[str, Any] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                           "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
+    runner = llm.llm_engine.runner
+    if inspect:
+        b = runner._dummy_batch(32)
+        hlo = runner._step.lower(runner.params, runner.kv_cache,
+                                 *runner._device_inputs(b)).compile().as_text()
+        res["all_reduce"] = _count(r"= [^ ]+ all-reduce(-start)?\(", hlo)
+        res["all_gather"] = _count(r"= [^ ]+ all-gather(-start)?\(", hlo)
+        res["all_to_all"] = _count(r"= [^ ]+ all-to-all\(", hlo)
+        res["reduce_scatter"] = _count(r"= [^ ]+ reduce-scatter\(", hlo)
+        res["all_gather_shapes"] = re.findall(r"= ([^ ]+) all-gather(?:-start)?\(", hlo)
+        res["all_reduce_shapes"] = re.findall(r"= ([^ ]+) all-reduce(?:-start)?\(", hlo)
+        params = {}
+        flat = {"embed": runner.params["embed"], "final_norm": runner.params["final_norm"]}
+        if "lm_head" in runner.params:
+            flat["lm_head"] = runner.params["lm_head"]
+        for i, lp in enumerate(runner.params["layers"]):
+            flat.update({f"layers.{i}.{k}": v for k, v in lp.items()})
+        for name, a in flat.items():
+            shards = a.addressable_shards
+            params[name] = {"shape": list(a.shape), "spec": _spec(a),
+                            "num_devices": len(a.sharding.device_set),
+                            "shard_shapes": sorted({tuple(s.data.shape) for s in shards}),
+                            "shard_elems": int(np.prod(shards[0].data.shape))}
+        res["params"] = params
+        kc = runner.kv_cache[0][0]
+        res["kv_cache"] = {"shape": list(kc.shape), "spec": _spec(kc),
+                           "shard_shape": list(kc.addressable_shards[0].data.shape)}
+        res["kv_split"] = runner.shardings.kv_split
+    return res
+
+
+def _worker(out_path: str) -> None:
+    import jax
+    if jax.default_backend() == "gpu":
+        return _gpu_worker(out_path)
+    assert jax.device_count() == NUM_FAKE_DEVICES, jax.devices()
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        llama, qwen = os.path.join(tmp, "llama"), os.path.join(tmp, "qwen2")
+        _save_model(llama, "llama", hidden=64, kv_heads=4)
+        _save_model(qwen, "qwen2", hidden=64, kv_heads=2)
+        report["llama"] = {tp: _run_engine(llama, tp, "float32", inspect=tp in (4, 8))
+                           for tp in TP_SIZES}
+        report["qwen2"] = {tp: _run_engine(qwen, tp, "float32", inspect=tp == 4) for tp in (1, 4)}
+        errors = {}
+        for name, d, tp in (("heads", llama, 3), ("devices", llama, 16), ("kv_heads", qwen, 3)):
+            try:
+                _run_engine(d, tp, "float32", inspect=False)
+                errors[name] = None
+            except ValueError as e:
+                errors[name] = str(e)
+        report["errors"] = errors
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
+def _gpu_worker(out_path: str) -> None:
+    """Real GPUs: head_dim 16 so the Pallas kernel runs per device under shard_map."""
+    import jax
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = os.path.join(tmp, "llama")
+        _save_model(d, "llama", hidden=128, kv_heads=4)
+        sizes = [tp for tp in TP_SIZES if tp <= jax.device_count()]
+        report["llama"] = {tp: _run_engine(d, tp, "float32", inspect=False) for tp in sizes}
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
+def _run_worker(out: str, fake_cpu_devices: bool) -> dict[str, Any]:
+    env = dict(os.environ)
+    if fake_cpu_devices:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={NUM_FAKE_DEVICES}").strip()
+        env["JAX_PLATFORMS"] = "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with open(out) as f:
+        rep = json.load(f)
+    return {m: ({int(k): v for k, v in r.items()} if m != "errors" else r) for m, r in rep.items()}
+
+
+# ---- the tests -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict[str, Any]:
+    return _run_worker(str(tmp_path_factory.mktemp("tp") / "report.json"), fake_cpu_devices=True)
+
+
+@pytest.mark.parametrize("tp", TP_SIZES[1:])
+def test_greedy_tokens_match_tp1(report, tp):
+    ref, got = report["llama"][1], report["llama"][tp]
+    assert got["tokens"] == ref["tokens"]
+    assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+
+
+def test_kv_head_replication_qwen2_tp4(report):
+    """2 KV heads over 4 devices (each replicated twice), with qkv biases and tied embeddings."""
+    ref, got = report["qwen2"][1], report["qwen2"][4]
+    assert got["tokens"] == ref["tokens"]
+    assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    p = got["params"]
+    head_dim = 64 // 8
+    assert p["layers.0.k"]["shape"] == [64, 4 * head_dim]             # 2 heads -> 4 copies
+    assert p["layers.0.k"]["shard_shapes"] == [[64, head_dim]]        # one KV head per device
+    assert p["layers.0.k_bias"]["shard_shapes"] == [[head_dim]]
+    assert p["layers.0.q_bias"]["shard_shapes"] == [[2 * head_dim]]
+    assert got["kv_cache"]["shape"][2] == 4 and got["kv_cache"]["shard_shape"][2] == 1
+    assert "lm_head" not in p and p["embed"]["shard_shapes"] == [[64, 64]]  # tied, vocab split
+
+
+def test_llama_tp8_replicates_kv_heads(report):
+    got = report["llama"][8]
+    assert got["kv_cache"]["shape"][2] == 8 and got["kv_cache"]["shard_shape"][2] == 1
+    assert got["params"]["layers.1.v"]["shard_shapes"] == [[64, 8]]
+
+
+@pytest.mark.parametrize("model,tp", [("llama", 4), ("llama", 8), ("qwen2", 4)])
+def test_collectives(report, model, tp):
+    """One all-reduce per attention block and per MLP, one for the vocab-split embedding lookup, and
+    one all-gather (the logits for the sampler); nothing gathers weights or the KV cache."""
+    r = report[model][tp]
+    assert r["all_reduce"] == 2 * LAYERS + 1, r["all_reduce_shapes"]
+    assert r["all_gather"] == 1, r["all_gather_shapes"]
+    assert r["all_to_all"] == 0 and r["reduce_scatter"] == 0
+    assert all(re.search(r"\[\d+,64\]", s) for s in r["all_reduce_shapes"]), r["all_reduce_shapes"]
+    assert "256]" in r["all_gather_shapes"][0]                       # [R, vocab] logits
+
+
+@pytest.mark.parametrize("model,tp", [("llama", 4), ("llama", 8), ("qwen2", 4)])
+def test_params_are_sharded_not_replicated(report, model, tp):
+    r = report[model][tp]
+    for name, p in r["params"].items():
+        assert p["num_devices"] == tp, name
+        full = 1
+        for s in p["shape"]:
+            full *= s
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.endswith("norm"):
+            assert all(e is None for e in p["spec"]), name
+            assert p["shard_elems"] == full, name
+        else:
+            assert "tp" in p["spec"], (name, p["spec"])
+            assert p["shard_elems"] * tp == full, (name, p)
+            assert len(p["shard_shapes"]) == 1, (name, p)
+    assert r["kv_cache"]["spec"] == [None, None, "tp", None]
+    assert r["kv_split"] == tp
+
+
+def test_invalid_sizes_raise_at_startup(report):
+    e = report["errors"]
+    assert e["heads"] and "num_attention_heads (8)" in e["heads"] and "(3)" in e["heads"]
+    assert e["devices"] and "(16)" in e["devices"] and "(8)" in e["devices"]
+    assert e["kv_heads"] and "num_attention_heads (8)" in e["kv_heads"]  # heads checked first
+
+
+def test_validate_rules():
+    from jaxvllm.models.config import ModelConfig
+    from jaxvllm.worker.sharding import validate
+    base = dict(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=96,
+                intermediate_size=192, num_layers=1, num_heads=12, head_dim=8, rms_norm_eps=1e-6,
+                rope_theta=1e4, max_position_embeddings=128)
+    cfg = lambda **kw: ModelConfig(**{**base, **kw})
+    assert validate(cfg(num_kv_heads=12), 4) == 1
+    assert validate(cfg(num_kv_heads=2), 4) == 2
+    assert validate(cfg(num_kv_heads=1), 4) == 4
+    assert validate(cfg(num_kv_heads=4), 2) == 1
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(6\).*tensor_parallel_size \(4\)"):
+        validate(cfg(num_kv_heads=6), 4)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(12\).*\(8\)"):
+        validate(cfg(num_kv_heads=4), 8)
+    with pytest.raises(ValueError, match=r"intermediate_size \(190\)"):
+        validate(cfg(num_kv_heads=4, intermediate_size=190), 4)
+    with pytest.raises(ValueError, match=r"exceeds the number of available devices \(2\)"):
+        validate(cfg(num_kv_heads=4), 4, num_devices=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        validate(cfg(num_kv_heads=4), 0)
+
+
+@pytest.mark.gpu
+def test_gpu_tp_matches_tp1(tmp_path):
+    import jax
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    rep = _run_worker(str(tmp_path / "report.json"), fake_cpu_devices=False)["llama"]
+    for tp, r in rep.items():
+        assert r["tokens"] == rep[1]["tokens"], tp
+        assert r["cum_logprobs"] == pytest.approx(rep[1]["cum_logprobs"], abs=1e-2), tp
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
