@@ -43,6 +43,8 @@ class IncrementalDetokenizer:
         return False
 
     def _decode_one(self, tid: int) -> str:
+        if self.tokenizer is None:  # token-id-only models (dummy weights without tokenizer files)
+            return ""
         if self._stream is not None:
             return self._stream.step(self._rust, tid) or ""
         self._ids.append(tid)

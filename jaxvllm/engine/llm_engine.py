@@ -88,6 +88,8 @@ class LLMEngine:
             else:
                 raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)):
             return None, _check_ids(list(prompt), self.model_config.vocab_size)
@@ -229,6 +231,8 @@ class LLMEngine:
         return outputs
 
     def _add_decoded(self, entries: list[Optional[dict[int, Logprob]]]) -> None:
+        if self.tokenizer is None:
+            return
         for entry in entries:
             for tid, lp in (entry or {}).items():
                 lp.decoded_token = self.tokenizer.decode([tid])
