@@ -1,0 +1,204 @@
+"""GGUF files (llama.cpp) -> the engine's params pytree, with the config and tokenizer read through transformers.
+
+Named `gguf_loader` so that `import gguf` below is the `gguf` package, not this module.
+
+- Tensors are dequantized one at a time with `gguf.quants.dequantize` (the same routine transformers uses)
+  and placed on the default device as they are converted.
+- GGUF stores shapes in ggml order (fastest dimension first); the numpy view of a tensor has the reversed
+  shape, which is torch's [out, in] for linear weights, so linear weights are transposed as for HF.
+- llama.cpp's converter permutes the rows of q/k projection weights of `llama`-architecture models
+  (interleaved rotary halves); `unpermute_qk` undoes it exactly as transformers' GGUF loader does.
+  Qwen2/Qwen3 GGUFs are not permuted. Mistral GGUFs use the `llama` architecture (and are permuted:
+  the llama.cpp Mistral converter derives from the Llama one).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Optional
+
+import numpy as np
+
+from converters.errors import WeightLoadError
+from converters.hf import ParamsBuilder
+from jaxvllm.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# GGUF per-block tensor name -> HF per-layer suffix.
+GGUF_LAYER_TENSORS = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GGUF_TOP_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Tensors llama.cpp adds that the engine does not use (rope_freqs: llama3 rope factors, which the config
+# carries as rope_scaling).
+GGUF_IGNORED = re.compile(r"^rope_freqs\.weight$|\.rope_freqs\.weight$")
+# llama.cpp architectures whose q/k rows the converter permuted.
+PERMUTED_ARCHS = ("llama",)
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_to_hf_name(name: str) -> Optional[str]:
+    if name in GGUF_TOP_TENSORS:
+        return GGUF_TOP_TENSORS[name]
+    m = _BLK.match(name)
+    if m and m.group(2) in GGUF_LAYER_TENSORS:
+        return f"model.layers.{m.group(1)}.{GGUF_LAYER_TENSORS[m.group(2)]}"
+    return None
+
+
+def hf_to_gguf_name(name: str) -> str:
+    for g, h in GGUF_TOP_TENSORS.items():
+        if name == h:
+            return g
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
+    if m:
+        for g, h in GGUF_LAYER_TENSORS.items():
+            if m.group(2) == h:
+                return f"blk.{m.group(1)}.{g}"
+    return name
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's `permute(weights, n_head)` of q (n_head heads) or k (n_kv_head heads) rows.
+
+    Same as transformers' `LlamaTensorProcessor._reverse_permute_weights`: rows are [head, 2, dim/2]
+    in GGUF, [head, dim/2, 2] -> swapped back to HF's rotate-half order.
+    """
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def open_reader(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on corrupt files
+        raise WeightLoadError(f"{path}: not a valid GGUF file, corrupt or truncated "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def architecture(reader, path: str) -> str:
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise WeightLoadError(f"{path}: GGUF metadata has no general.architecture")
+    try:
+        return str(field.contents())
+    except Exception:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+
+
+def checkpoint_dtype(reader) -> str:
+    """'auto' for a GGUF: float16/bfloat16/float32 when every matrix is stored in that type; quantized
+    (or mixed) files dequantize to float32 (the exact result of dequantization; a float32 model of this
+    size fits any device, and callers may ask for bfloat16 explicitly to halve it)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    kinds = {t.tensor_type for t in reader.tensors if len(t.shape) >= 2}
+    if kinds == {T.F16}:
+        return "float16"
+    if kinds == {T.BF16}:
+        return "bfloat16"
+    return "float32"
+
+
+def tensor_array(t) -> np.ndarray:
+    """A GGUF tensor as a numpy array of its logical (numpy-order) shape; float16/bfloat16 stay as they are,
+    quantized types are dequantized to float32."""
+    import gguf
+    from gguf.quants import dequantize
+
+    T = gguf.GGMLQuantizationType
+    shape = tuple(int(s) for s in reversed(list(t.shape)))
+    if t.tensor_type == T.F16:
+        return np.asarray(t.data).view(np.float16).reshape(shape)
+    if t.tensor_type == T.BF16:
+        import ml_dtypes
+
+        return np.asarray(t.data).view(np.uint16).view(ml_dtypes.bfloat16).reshape(shape)
+    return dequantize(t.data, t.tensor_type).reshape(shape)
+
+
+def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None) -> dict[str, Any]:
+    """Dequantize and convert every tensor of the GGUF at `path` (dtype: one of DTYPES, already resolved)."""
+    reader = reader if reader is not None else open_reader(path)
+    arch = architecture(reader, path)
+    builder = ParamsBuilder(cfg, dtype, path, display_name=hf_to_gguf_name)
+    for t in reader.tensors:
+        hf_name = gguf_to_hf_name(t.name)
+        if hf_name is None:
+            if not GGUF_IGNORED.search(t.name):
+                builder.unexpected.append(t.name)
+            continue
+        if not builder.wants(hf_name):
+            continue
+        builder.check_shape(hf_name, reversed(list(t.shape)), path)
+        try:
+            w = tensor_array(t)
+        except Exception as e:
+            raise WeightLoadError(f"{path}: cannot dequantize tensor {t.name!r} "
+                                  f"({t.tensor_type.name}: {e})") from e
+        if arch in PERMUTED_ARCHS:
+            if hf_name.endswith("self_attn.q_proj.weight"):
+                w = unpermute_qk(w, cfg.num_heads)
+            elif hf_name.endswith("self_attn.k_proj.weight"):
+                w = unpermute_qk(w, cfg.num_kv_heads)
+        builder.add(hf_name, w, path)
+        del w
+    return builder.finish()
+
+
+def load_gguf_hf_config(path: str, reader=None):
+    """The transformers config of a GGUF (transformers maps the GGUF metadata).
+
+    With `reader`, an explicit `<arch>.attention.key_length` (head_dim) overrides the config's: transformers
+    does not map it for every architecture (e.g. qwen3, whose config class defaults head_dim to 128).
+    """
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(os.path.dirname(path) or ".",
+                                               gguf_file=os.path.basename(path))
+    except Exception as e:
+        raise WeightLoadError(f"{path}: cannot read the model config from the GGUF metadata "
+                              f"({type(e).__name__}: {e})") from e
+    if reader is not None:
+        field = reader.fields.get(f"{architecture(reader, path)}.attention.key_length")
+        if field is not None:
+            try:
+                head_dim = int(field.contents())
+            except Exception:
+                head_dim = None
+            if head_dim and getattr(hf_config, "head_dim", None) != head_dim:
+                hf_config.head_dim = head_dim
+    return hf_config
+
+
+def load_gguf_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    except Exception as e:
+        raise WeightLoadError(f"{path}: cannot build the tokenizer from the GGUF metadata "
+                              f"({type(e).__name__}: {e})") from e

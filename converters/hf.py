@@ -1,0 +1,329 @@
+"""HF checkpoints (config.json + *.safetensors) -> the engine's params pytree (see jaxvllm/models/params.py).
+
+Tensors are streamed one at a time (`safetensors.safe_open`): each is read, checked against the layout's
+shape, placed on the default device, transposed to [in, out] and cast there, and the host copy is dropped,
+so peak memory is about one tensor beyond the params.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from converters.errors import WeightLoadError
+from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.params import param_shapes
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
+}
+
+# HF per-layer tensor suffix -> (layout key, transpose to [in, out]).
+HF_LAYER_TENSORS: dict[str, tuple[str, bool]] = {
+    "self_attn.q_proj.weight": ("q", True),
+    "self_attn.k_proj.weight": ("k", True),
+    "self_attn.v_proj.weight": ("v", True),
+    "self_attn.o_proj.weight": ("o", True),
+    "self_attn.q_proj.bias": ("q_bias", False),
+    "self_attn.k_proj.bias": ("k_bias", False),
+    "self_attn.v_proj.bias": ("v_bias", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+    "mlp.gate_proj.weight": ("gate", True),
+    "mlp.up_proj.weight": ("up", True),
+    "mlp.down_proj.weight": ("down", True),
+    "input_layernorm.weight": ("input_norm", False),
+    "post_attention_layernorm.weight": ("post_attn_norm", False),
+}
+HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
+    "model.embed_tokens.weight": ("embed", False),
+    "model.norm.weight": ("final_norm", False),
+    "lm_head.weight": ("lm_head", True),
+}
+# Tensors some checkpoints carry that the engine recomputes or does not use.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.masked_bias$|\.attn\.bias$")
+
+Path = tuple  # ("embed",) or ("layers", i, "q")
+
+
+def canonical_dtype(dtype: Optional[str]) -> str:
+    """'auto' or one of DTYPES (accepts torch/jax spellings such as 'bf16', 'torch.float16')."""
+    if dtype is None:
+        return "auto"
+    name = str(getattr(dtype, "name", dtype)).replace("torch.", "").replace("jnp.", "").lower()
+    if name == "auto":
+        return "auto"
+    if name not in _DTYPE_ALIASES:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}; got {dtype!r}")
+    return _DTYPE_ALIASES[name]
+
+
+def hf_tensor_map(cfg: ModelConfig) -> dict[str, tuple[Path, bool]]:
+    """Every HF tensor name the layout needs for `cfg` -> (params path, transpose)."""
+    shapes = param_shapes(cfg)
+    out: dict[str, tuple[Path, bool]] = {}
+    for name, (key, t) in HF_TOP_TENSORS.items():
+        if key in shapes:
+            out[name] = ((key,), t)
+    for i, layer in enumerate(shapes["layers"]):
+        for suffix, (key, t) in HF_LAYER_TENSORS.items():
+            if key in layer:
+                out[f"model.layers.{i}.{suffix}"] = (("layers", i, key), t)
+    return out
+
+
+def is_ignored_tensor(cfg: ModelConfig, name: str) -> bool:
+    if _IGNORED.search(name):
+        return True
+    # A tied model's checkpoint may still carry lm_head.weight: the embedding is used instead.
+    return cfg.tie_word_embeddings and name == "lm_head.weight"
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _transpose_cast(x: jax.Array, transpose: bool, dtype: str) -> jax.Array:
+    if transpose:
+        x = x.T
+    return x.astype(jnp.dtype(dtype))
+
+
+def to_numpy(x: Any) -> Any:
+    """numpy or jax arrays pass through; torch tensors become numpy (bfloat16 via ml_dtypes, exactly)."""
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return x
+    if type(x).__module__.split(".")[0] == "torch":
+        import torch  # only reached when the caller already holds torch tensors
+
+        t = x.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(x)
+
+
+def place(x: Any, *, transpose: bool, dtype: str) -> jax.Array:
+    """Put one tensor on the default device as [in, out] (if `transpose`) in `dtype`."""
+    x = to_numpy(x)
+    if not isinstance(x, jax.Array):
+        if not (np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"):
+            raise TypeError(f"expected a floating-point tensor, got dtype {x.dtype}")
+        x = jax.device_put(x)
+    if not transpose and x.dtype == jnp.dtype(dtype):
+        return x
+    return _transpose_cast(x, transpose=transpose, dtype=dtype)
+
+
+class ParamsBuilder:
+    """Collects converted tensors into the layout, checking names and shapes, naming the offender on error."""
+
+    def __init__(self, cfg: ModelConfig, dtype: str, source: str,
+                 display_name: Optional[Callable[[str], str]] = None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.source = source
+        self.expected = hf_tensor_map(cfg)
+        self.shapes = param_shapes(cfg)
+        self.display = display_name or (lambda n: n)
+        self.params: dict[str, Any] = {k: None for k in self.shapes if k != "layers"}
+        self.params["layers"] = [{} for _ in range(cfg.num_layers)]
+        self.done: set[str] = set()
+        self.unexpected: list[str] = []
+
+    def wants(self, name: str) -> bool:
+        if name in self.expected:
+            return True
+        if not is_ignored_tensor(self.cfg, name):
+            self.unexpected.append(name)
+        return False
+
+    def target_shape(self, path: Path) -> tuple[int, ...]:
+        node: Any = self.shapes
+        for p in path:
+            node = node[p]
+        return tuple(node)
+
+    def check_shape(self, name: str, shape: Iterable[int], file: Optional[str] = None) -> None:
+        path, transpose = self.expected[name]
+        target = self.target_shape(path)
+        want = tuple(reversed(target)) if transpose else target
+        shape = tuple(int(s) for s in shape)
+        if shape != want:
+            where = file or self.source
+            raise WeightLoadError(
+                f"{where}: tensor {self.display(name)!r} has shape {list(shape)}, but the "
+                f"{self.cfg.architecture} config expects {list(want)}")
+
+    def add(self, name: str, tensor: Any, file: Optional[str] = None) -> None:
+        path, transpose = self.expected[name]
+        if name in self.done:
+            raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r} appears twice")
+        self.check_shape(name, getattr(tensor, "shape", ()), file)
+        try:
+            value = place(tensor, transpose=transpose, dtype=self.dtype)
+        except (TypeError, ValueError) as e:
+            raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r}: {e}") from e
+        if path[0] == "layers":
+            self.params["layers"][path[1]][path[2]] = value
+        else:
+            self.params[path[0]] = value
+        self.done.add(name)
+
+    def missing(self) -> list[str]:
+        return [n for n in self.expected if n not in self.done]
+
+    def finish(self, where: Optional[Callable[[str], str]] = None) -> dict[str, Any]:
+        missing = self.missing()
+        if missing:
+            first = missing[0]
+            loc = where(first) if where else self.source
+            more = f" (and {len(missing) - 1} more: {', '.join(map(self.display, missing[1:4]))}" \
+                   f"{', ...' if len(missing) > 4 else ''})" if len(missing) > 1 else ""
+            raise WeightLoadError(f"{loc}: missing tensor {self.display(first)!r}{more}")
+        if self.unexpected:
+            logger.info("%s: ignored %d tensors the layout does not use (e.g. %s)", self.source,
+                        len(self.unexpected), self.unexpected[0])
+        return self.params
+
+
+def convert_hf_state_dict(cfg: ModelConfig, named_tensors: Any, dtype: str = "auto", *,
+                          source: str = "<state dict>") -> dict[str, Any]:
+    """Convert an in-memory HF-layout state dict (a mapping or an iterable of (name, tensor) pairs of numpy
+    arrays, jax arrays or torch tensors) to the engine's params, on the default device.
+
+    dtype="auto" keeps `cfg.dtype`. Raises WeightLoadError naming the tensor on a missing tensor or a
+    shape mismatch; names the layout does not use are ignored.
+    """
+    dtype = canonical_dtype(dtype)
+    if dtype == "auto":
+        dtype = cfg.dtype if cfg.dtype in DTYPES else "float32"
+    items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
+    builder = ParamsBuilder(cfg, dtype, source)
+    for name, tensor in items:
+        if builder.wants(name):
+            builder.add(name, tensor)
+    return builder.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Directories on disk
+
+
+def weight_files(model_dir: str) -> tuple[list[str], Optional[dict[str, str]]]:
+    """The safetensors files of an HF directory and, for a sharded checkpoint, its tensor -> file map."""
+    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WeightLoadError(f"{index_path}: not a valid safetensors index ({e})") from e
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(model_dir, shard)
+            if not os.path.isfile(path):
+                raise WeightLoadError(f"{path}: shard listed in {index_path} does not exist")
+            files.append(path)
+        return files, {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        other = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+                 if os.path.exists(os.path.join(model_dir, n))]
+        hint = (f" (found {other[0]}: convert it to safetensors, e.g. load it with transformers and "
+                f"save_pretrained(..., safe_serialization=True))") if other else ""
+        raise WeightLoadError(f"{model_dir}: no *.safetensors weight files{hint}")
+    return files, None
+
+
+def read_config_dict(model_dir: str) -> dict[str, Any]:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise WeightLoadError(f"{path}: missing config.json (an HF model directory needs one)")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WeightLoadError(f"{path}: cannot read config ({e})") from e
+    if not isinstance(d, dict):
+        raise WeightLoadError(f"{path}: config is not a JSON object")
+    return d
+
+
+def checkpoint_dtype(config_dict: dict[str, Any], files: list[str]) -> str:
+    """The checkpoint's dtype: config.json's (torch_)dtype, else the first floating tensor's."""
+    for key in ("torch_dtype", "dtype"):
+        v = config_dict.get(key)
+        if v:
+            try:
+                c = canonical_dtype(v)
+                if c != "auto":
+                    return c
+            except ValueError:
+                pass
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(min(n, 100_000_000)))
+        except (OSError, ValueError):
+            continue
+        for k, v in header.items():
+            if k != "__metadata__" and isinstance(v, dict):
+                st = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(v.get("dtype"))
+                if st:
+                    return st
+    return "float32"
+
+
+def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """Stream the safetensors of `model_dir` into the layout (dtype: one of DTYPES, already resolved)."""
+    from safetensors import safe_open
+
+    files, weight_map = weight_files(model_dir)
+    builder = ParamsBuilder(cfg, dtype, model_dir)
+    for path in files:
+        try:
+            handle = safe_open(path, framework="flax")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise WeightLoadError(f"{path}: not a valid safetensors file ({e})") from e
+        with handle as f:
+            try:
+                names = list(f.keys())
+            except Exception as e:
+                raise WeightLoadError(f"{path}: cannot list tensors ({e})") from e
+            for name in names:
+                if not builder.wants(name):
+                    continue
+                try:
+                    shape = f.get_slice(name).get_shape()
+                except Exception as e:
+                    raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
+                builder.check_shape(name, shape, path)
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
+                builder.add(name, tensor, path)
+                del tensor
+
+    def where(name: str) -> str:
+        if weight_map and name in weight_map:
+            return weight_map[name]
+        return files[0] if len(files) == 1 else model_dir
+
+    return builder.finish(where)
