@@ -207,10 +207,10 @@ async def _run_rate(args: argparse.Namespace, base: str, model: str, vocab: int,
 
         t0 = time.perf_counter()
         next_at = t0
-        for body, plen, olen in bodies:
+        for i, (body, plen, olen) in enumerate(bodies):
             if args.duration is not None and time.perf_counter() - t0 >= args.duration:
                 break
-            if rate != float("inf"):
+            if rate != float("inf") and i > 0:  # the first request goes at t=0
                 next_at += rng.expovariate(rate)
                 delay = next_at - time.perf_counter()
                 if args.duration is not None:

@@ -1,0 +1,191 @@
+"""Benchmarks (jaxvllm/benchmarks, bench/*.py, `jaxvllm bench`): each runs end to end on tiny shapes
+and its --json output parses with the expected keys. CPU, small engine settings."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxvllm.benchmarks import common as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+         "--num-gpu-blocks-override", "64", "--enforce-eager", "--token-buckets", "16", "64"]
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Synthetic tokenizers and converted-weights caches go to a temporary directory.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dummy(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("tiny-dummy")
+    (d / "config.json").write_text(json.dumps(TINY))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> str:
+    """A tiny random HF Llama saved with save_pretrained (safetensors, no tokenizer)."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{k: v for k, v in TINY.items() if k not in ("architectures", "torch_dtype")})
+    d = tmp_path_factory.mktemp("tiny-hf")
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(d))
+    return str(d)
+
+
+def _json_out(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+# -------------------------------------------------------------------------------------------------
+def test_helpers():
+    assert C.LenSpec.parse("128") == C.LenSpec(128, 128)
+    assert C.LenSpec.parse("128:1024") == C.LenSpec(128, 1024)
+    for bad in ("0", "5:4", "x", "1:"):
+        with pytest.raises(Exception):
+            C.LenSpec.parse(bad)
+    a = C.make_requests(50, C.LenSpec(4, 9), C.LenSpec(2, 3), 100, seed=7)
+    b = C.make_requests(50, C.LenSpec(4, 9), C.LenSpec(2, 3), 100, seed=7)
+    assert [r.prompt_token_ids for r in a] == [r.prompt_token_ids for r in b]
+    assert {r.prompt_len for r in a} == set(range(4, 10)) and {r.output_len for r in a} == {2, 3}
+    assert all(0 <= t < 100 for r in a for t in r.prompt_token_ids)
+    assert C.percentile([1, 2, 3, 4], 50) == 2.5 and C.percentile([5], 99) == 5
+    assert C.parse_rates("1, 2.5,inf") == [1.0, 2.5, float("inf")]
+    assert "| a " in C.table([[1.5, "x"]], ["a", "b"])
+
+
+def test_synthetic_tokenizer_roundtrip(tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(C.synthetic_tokenizer_dir(300, str(tmp_path)))
+    assert len(tok) == 300 and tok.encode("t5 t299", add_special_tokens=False) == [5, 299]
+    assert tok.decode([5, 6]) == "t5 t6"
+
+
+def test_cli_lists_benchmarks():
+    out = subprocess.run([sys.executable, "-m", "jaxvllm.entrypoints.cli", "bench", "--help"],
+                         capture_output=True, text=True, cwd=ROOT, env=C.child_env())
+    assert out.returncode == 0, out.stderr
+    for name in ("throughput", "latency", "serve", "startup"):
+        assert name in out.stdout
+
+
+def test_throughput_jaxvllm(tiny_dummy, capsys):
+    from jaxvllm.benchmarks import throughput
+    assert throughput.main(["--model", tiny_dummy, "--load-format", "dummy", "--dtype", "bfloat16",
+                            "--num-prompts", "5", "--input-len", "8:40", "--output-len", "2:12",
+                            "--json", *SMALL]) == 0
+    res = _json_out(capsys)
+    assert res["benchmark"] == "throughput" and len(res["runs"]) == 1
+    r = res["runs"][0]
+    for k in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "kv_cache_usage_peak",
+              "elapsed_s", "num_preemptions"):
+        assert k in r, k
+    assert r["num_requests"] == 5 and r["output_tokens"] == r["expected_output_tokens"]
+    assert 0 < r["kv_cache_usage_peak"] <= 1
+
+
+def test_throughput_both_backends(tiny_hf, capsys):
+    """--backend both: HF generate in a child process, then jaxvllm on the same requests."""
+    from jaxvllm.benchmarks import throughput
+    assert throughput.main(["--model", tiny_hf, "--backend", "both", "--num-prompts", "4",
+                            "--hf-num-prompts", "3", "--hf-batch-size", "2", "--input-len", "4:20",
+                            "--output-len", "3:6", "--json", *SMALL]) == 0
+    res = _json_out(capsys)
+    jx, hf = res["runs"]
+    assert (jx["backend"], hf["backend"]) == ("jaxvllm", "hf")
+    assert hf["num_requests"] == 3 and hf["output_tokens_per_s"] > 0
+    assert res["speedup_output_tok_s"] > 0
+
+
+def test_latency(tiny_dummy, capsys):
+    from jaxvllm.benchmarks import latency
+    assert latency.main(["--model", tiny_dummy, "--load-format", "dummy", "--dtype", "bfloat16",
+                         "--batch-size", "2", "--input-len", "12", "--output-len", "4",
+                         "--iters", "2", "--warmup-iters", "1", "--bandwidth-bytes", str(8 << 20),
+                         "--json", *SMALL]) == 0
+    res = _json_out(capsys)
+    for k in ("ttft_ms", "tpot_ms", "latency_s", "output_tokens_per_s", "decode_tokens_per_s",
+              "roofline_tokens_per_s", "bandwidth_tbs", "param_bytes"):
+        assert res[k] is not None and res[k] > 0, k
+    assert len(res["per_iter"]) == 2 and all(x["output_tokens"] == 8 for x in res["per_iter"])
+    # Given bandwidth: the roofline is batch / (bytes / bandwidth).
+    assert latency.main(["--model", tiny_dummy, "--load-format", "dummy", "--batch-size", "1",
+                         "--input-len", "8", "--output-len", "2", "--iters", "1",
+                         "--warmup-iters", "0", "--bandwidth-tbs", "2", "--json", *SMALL]) == 0
+    res = _json_out(capsys)
+    assert res["roofline_tokens_per_s"] == pytest.approx(1 / (res["param_bytes"] / 2e12))
+
+
+def test_startup_cold_and_warm(tiny_dummy, capsys):
+    """Two fresh subprocesses through the bench/startup.py wrapper: cold, then warm."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "startup.py"),
+                          "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "bfloat16",
+                          "--json", *SMALL], capture_output=True, text=True, env=C.child_env(),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert res["cold_s"] > 0 and res["warm_s"] > 0
+    for k in ("wall_s", "engine_init_s", "first_token_s"):
+        assert res["cold"][k] > 0 and res["warm"][k] > 0
+
+
+SERVE_LOAD = ["--num-prompts", "8", "--input-len", "4:16", "--output-len", "2:6", "--json"]
+
+
+def _check_serve_run(r: dict, n: int) -> None:
+    assert r["completed"] == n and r["failed"] == 0, r["errors"]
+    for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert set(r[k]) == {"mean", "p50", "p90", "p99"}
+    assert r["ttft_ms"]["p50"] > 0 and r["requests_per_s"] > 0 and r["output_tokens_per_s"] > 0
+    assert 0 <= r["goodput_requests_per_s"] <= r["requests_per_s"]
+
+
+def test_serve_against_fake_server(capsys):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fake_engine import FakeEngine
+    from jaxvllm.config import EngineArgs
+    from jaxvllm.entrypoints.openai.api_server import ServerThread
+    from jaxvllm.benchmarks import serve
+    with ServerThread(EngineArgs(max_model_len=256, max_num_seqs=8),
+                      engine_factory=lambda a: FakeEngine(a, token_delay=0.002)) as srv:
+        assert serve.main(["--base-url", srv.url, "--request-rates", "50,inf", "--vocab-size", "250",
+                           *SERVE_LOAD]) == 0
+        res = _json_out(capsys)
+        assert [r["request_rate"] for r in res["runs"]] == [50.0, None]  # inf -> null in JSON
+        for r in res["runs"]:
+            _check_serve_run(r, 8)
+            assert r["output_tokens"] >= 16
+        # Text prompts, and a duration bound that stops sending early.
+        assert serve.main(["--base-url", srv.url, "--prompt-type", "text", "--request-rate", "5",
+                           "--duration", "0.5", "--num-prompts", "1000", "--input-len", "4",
+                           "--output-len", "3", "--json"]) == 0
+        r = _json_out(capsys)["runs"][0]
+        assert 0 < r["num_sent"] < 1000 and r["failed"] == 0 and r["send_window_s"] < 1.0
+
+
+def test_serve_launch_inprocess_real_engine(tiny_dummy, capsys):
+    from jaxvllm.benchmarks import serve
+    assert serve.main(["--launch", "inprocess", "--model", tiny_dummy, "--load-format", "dummy",
+                       "--dtype", "bfloat16", "--request-rate", "inf", *SERVE_LOAD, *SMALL]) == 0
+    res = _json_out(capsys)
+    assert res["launch"] == "inprocess" and res["base_url"].startswith("http://127.0.0.1:")
+    _check_serve_run(res["runs"][0], 8)
+
+
+def test_serve_rejects_non_url():
+    from jaxvllm.benchmarks import serve
+    with pytest.raises(SystemExit):
+        serve.main(["--base-url", "localhost:8000", "--no-warmup"])
