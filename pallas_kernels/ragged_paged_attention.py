@@ -203,7 +203,8 @@ def _store(ref, rows, val, row_valid, interpret):
         plgpu.store(ref.at[rows[:, None], cols], val,
                     mask=jnp.broadcast_to(row_valid[:, None], val.shape))
     else:
-        plgpu.store(ref.at[rows, :], val, mask=row_valid[:, None])
+        plgpu.store(ref.at[rows, :], val,
+                    mask=jnp.broadcast_to(row_valid[:, None], val.shape))
 
 
 def _full_spec(shape, squeeze_axis=None, grid_axis=None):

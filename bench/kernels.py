@@ -1,0 +1,331 @@
+"""Ragged paged attention on one GPU: validate against the reference, then time.
+
+    PYTHONPATH=. python3 bench/kernels.py [--sweep] [--out DIR]
+
+Prints a table: decode (KV bandwidth vs a measured copy and vs JAX's Triton
+paged_attention op), prefill (TFLOP/s vs cuDNN flash attention on the same,
+unpaged data) and a mixed batch (vs the sum of its two parts).
+Timing: jitted calls dispatched back to back, median over repetitions of the
+per-call time, after warm-up; inputs rotate among several copies when one copy
+would fit in L2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels import ragged_paged_attention  # noqa: E402
+from pallas_kernels.ragged_paged_attention import (  # noqa: E402
+    TileConfig, Tiles, get_tiles, ragged_paged_attention_kernel)
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+DT = jnp.bfloat16
+SCALE = 1.0 / math.sqrt(D)
+L2_BYTES = 50 << 20
+INTERPRET = jax.default_backend() != "gpu"  # CPU smoke runs only
+
+
+def make_batch(q_lens, kv_lens, *, T=None, R=None, hq=HQ, hkv=HKV, d=D, bs=BS,
+               dtype=DT, seed=0, copies=1, extra_blocks=0):
+    rng = np.random.default_rng(seed)
+    n = len(q_lens)
+    R = R or n
+    T = T or int(sum(q_lens))
+    mb = max(-(-k // bs) for k in kv_lens)
+    nb = R * mb + 1 + extra_blocks
+    qsl = np.zeros(R + 1, np.int32)
+    qsl[1:n + 1] = np.cumsum(q_lens)
+    qsl[n + 1:] = qsl[n]
+    kvl = np.zeros(R, np.int32)
+    kvl[:n] = kv_lens
+    bt = rng.permutation(nb)[:R * mb].reshape(R, mb).astype(np.int32)
+    key = jax.random.PRNGKey(seed)
+    kq, *kk = jax.random.split(key, 1 + 2 * copies)
+    q = jax.random.normal(kq, (T, hq, d), dtype)
+    caches = [(jax.random.normal(kk[2 * c], (nb, bs, hkv, d), dtype),
+               jax.random.normal(kk[2 * c + 1], (nb, bs, hkv, d), dtype))
+              for c in range(copies)]
+    ints = (jnp.asarray(kvl), jnp.asarray(bt), jnp.asarray(qsl),
+            jnp.asarray(np.array([n], np.int32)))
+    return q, caches, ints, int(qsl[n])
+
+
+def bench(fn, arg_sets, iters=None, reps=7, min_time=0.2):
+    """Median per-call seconds; fn(*args) for args cycling over arg_sets."""
+    out = fn(*arg_sets[0])
+    jax.block_until_ready(out)
+    for a in arg_sets:
+        jax.block_until_ready(fn(*a))
+    if iters is None:
+        t0 = time.perf_counter()
+        for i in range(5):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        per = (time.perf_counter() - t0) / 5
+        iters = int(max(10, min(2000, min_time / max(per, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for i in range(iters):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def rel_err(out, ref, n):
+    o = np.asarray(out[:n], np.float32)
+    r = np.asarray(ref[:n], np.float32)
+    if not np.all(np.isfinite(o)):
+        return float("inf")
+    return float(np.linalg.norm(o - r) / np.linalg.norm(r))
+
+
+def kernel_fn(tiles=None, num_splits=None, **kw):
+    return jax.jit(lambda q, k, v, *ints: ragged_paged_attention_kernel(
+        q, k, v, *ints, sm_scale=SCALE, tiles=tiles, num_splits=num_splits,
+        interpret=INTERPRET, **kw))
+
+
+REF = jax.jit(lambda q, k, v, *ints: ragged_paged_attention(
+    q, k, v, *ints, sm_scale=SCALE, impl="reference"))
+
+
+def copy_bandwidth():
+    x = jax.random.normal(jax.random.PRNGKey(0), (1 << 30,), jnp.bfloat16)  # 2 GiB
+    f = jax.jit(lambda a: a * 1.5 + 1.0)
+    t = bench(f, [(x,)], iters=20)
+    return 2 * x.size * 2 / t
+
+
+def validate(log):
+    cases = {
+        "decode": ([1, 1, 1, 1, 1], [1, 16, 17, 40, 777], {}),
+        "prefill": ([37, 300], [37, 300], {}),
+        "chunked_prefill": ([200], [1053], {}),
+        "mixed": ([1, 230, 1, 5, 1], [33, 230, 640, 50, 9], {}),
+        "block_edges": ([15, 17, 33], [31, 17, 48], {}),
+        "padding": ([3, 1, 9], [40, 5, 9], dict(T=24, R=6)),
+        "long_decode_split": ([1, 1], [8000, 3000], dict(T=8, R=4)),
+    }
+    worst = 0.0
+    for name, (ql, kl, kw) in cases.items():
+        for extra in ({}, dict(sliding_window=100), dict(logits_soft_cap=30.0)):
+            q, caches, ints, n = make_batch(ql, kl, seed=len(name), **kw)
+            k, v = caches[0]
+            f = jax.jit(lambda q, k, v, *i: ragged_paged_attention_kernel(
+                q, k, v, *i, sm_scale=SCALE, interpret=INTERPRET, **extra))
+            r = jax.jit(lambda q, k, v, *i: ragged_paged_attention(
+                q, k, v, *i, sm_scale=SCALE, impl="reference", **extra))
+            e = rel_err(f(q, k, v, *ints), r(q, k, v, *ints), n)
+            worst = max(worst, e)
+            log(f"validate {name:18s} {str(extra):28s} rel_err={e:.2e}")
+    # f32 inputs too
+    q, caches, ints, n = make_batch([1, 70, 1], [100, 70, 33], dtype=jnp.float32, T=80, R=4)
+    k, v = caches[0]
+    e = rel_err(kernel_fn()(q, k, v, *ints), REF(q, k, v, *ints), n)
+    log(f"validate f32 mixed rel_err={e:.2e}")
+    return worst, e
+
+
+def jax_paged_op():
+    from jax.experimental.pallas.ops.gpu import paged_attention as pa
+    return jax.jit(lambda q, kp, vp, bt, lens: pa.paged_attention(q, kp, vp, bt, lens))
+
+
+def decode_section(log, copy_bw, rows, sweep=False):
+    pa = None
+    try:
+        pa = jax_paged_op()
+    except Exception as e:  # pragma: no cover
+        log(f"jax paged_attention unavailable: {e}")
+    for B in (1, 16, 64, 256):
+        for ctx in (512, 2048, 8192):
+            kv_bytes = B * ctx * HKV * D * 2 * 2
+            copies = max(1, min(8, -(-4 * L2_BYTES // kv_bytes)))
+            q, caches, ints, n = make_batch([1] * B, [ctx] * B, seed=B + ctx, copies=copies)
+            kvl, bt, qsl, ns = ints
+            f = kernel_fn()
+            o = f(q, *caches[0], *ints)
+            err = rel_err(o, REF(q, *caches[0], *ints), n)
+            t = bench(f, [(q, k, v, *ints) for k, v in caches])
+            row = dict(kind="decode", B=B, ctx=ctx, us=t * 1e6, tbps=kv_bytes / t / 1e12,
+                       frac=kv_bytes / t / copy_bw, err=err)
+            if pa is not None:
+                try:
+                    pcs = [(k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)) for k, v in caches]
+                    op = pa(q, *pcs[0], bt, kvl)
+                    row["jax_err"] = rel_err(op, o, n)
+                    tj = bench(pa, [(q, kp, vp, bt, kvl) for kp, vp in pcs])
+                    row["jax_us"] = tj * 1e6
+                    row["jax_tbps"] = kv_bytes / tj / 1e12
+                    del pcs
+                except Exception as e:
+                    log(f"jax op failed B={B} ctx={ctx}: {type(e).__name__}: {str(e)[:200]}")
+            log(json.dumps(row))
+            rows.append(row)
+            if sweep and (B, ctx) in ((64, 2048), (1, 8192), (256, 2048)):
+                for bk, warps, stages in ((32, 4, 3), (64, 4, 4), (128, 4, 3), (64, 2, 3),
+                                          (128, 8, 3), (64, 8, 3)):
+                    for ns in (1, 2, 4, 16, 32):
+                        if B >= 64 and ns > 4:
+                            continue
+                        tiles = Tiles(TileConfig(bk, warps, stages), 128, TileConfig(64, 8, 3))
+                        try:
+                            g = kernel_fn(tiles=tiles, num_splits=ns)
+                            e2 = rel_err(g(q, *caches[0], *ints), o, n)
+                            t2 = bench(g, [(q, k, v, *ints) for k, v in caches], reps=5)
+                            log(f"sweep decode B={B} ctx={ctx} bk={bk} w={warps} st={stages} "
+                                f"splits={ns}: {t2*1e6:.1f} us {kv_bytes/t2/1e12:.2f} TB/s err={e2:.1e}")
+                        except Exception as e:
+                            log(f"sweep fail {bk},{warps},{stages},{ns}: {str(e)[:150]}")
+            del caches
+
+
+def prefill_section(log, rows, sweep=False):
+    for B, L in ((1, 4096), (4, 2048)):
+        flops = 4 * B * (L * L / 2) * HQ * D
+        q, caches, ints, n = make_batch([L] * B, [L] * B, seed=L)
+        k, v = caches[0]
+        kvl, bt, qsl, ns = ints
+        # same data, unpaged, for cuDNN: gather each sequence's blocks
+        kd = k[bt].reshape(B, L, HKV, D)
+        vd = v[bt].reshape(B, L, HKV, D)
+        qd = q.reshape(B, L, HQ, D)
+        cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, scale=SCALE, implementation="cudnn"))
+        f = kernel_fn()
+        o = f(q, k, v, *ints)
+        row = dict(kind="prefill", B=B, L=L)
+        try:
+            oc = cud(qd, kd, vd)
+            row["err_vs_cudnn"] = rel_err(o, oc.reshape(B * L, HQ, D), n)
+            tc = bench(cud, [(qd, kd, vd)])
+            row["cudnn_us"] = tc * 1e6
+            row["cudnn_tflops"] = flops / tc / 1e12
+        except Exception as e:
+            log(f"cudnn failed: {type(e).__name__}: {str(e)[:300]}")
+        t = bench(f, [(q, k, v, *ints)])
+        row.update(us=t * 1e6, tflops=flops / t / 1e12)
+        log(json.dumps(row))
+        rows.append(row)
+        if sweep:
+            for long_rows, bk, warps, stages in ((128, 64, 8, 3), (128, 128, 8, 3),
+                                                 (128, 64, 4, 3), (64, 64, 4, 3),
+                                                 (128, 32, 4, 4), (128, 64, 8, 4)):
+                tiles = Tiles(get_tiles(D, HQ // HKV, BS).short, long_rows,
+                              TileConfig(bk, warps, stages))
+                try:
+                    g = kernel_fn(tiles=tiles)
+                    e2 = rel_err(g(q, k, v, *ints), o, n)
+                    t2 = bench(g, [(q, k, v, *ints)], reps=5)
+                    log(f"sweep prefill {B}x{L} rows={long_rows} bk={bk} w={warps} "
+                        f"st={stages}: {t2*1e6:.0f} us {flops/t2/1e12:.0f} TFLOP/s err={e2:.1e}")
+                except Exception as e:
+                    log(f"sweep fail {long_rows},{bk},{warps},{stages}: {str(e)[:150]}")
+
+
+def mixed_section(log, rows):
+    ctx = 2048
+    f = kernel_fn()
+    qm, cm, im, nm = make_batch([512] + [1] * 63, [ctx] * 64, T=576, R=64, seed=1)
+    om = f(qm, *cm[0], *im)
+    err = rel_err(om, REF(qm, *cm[0], *im), nm)
+    tm = bench(f, [(qm, *cm[0], *im)])
+    qp, cp_, ip, _ = make_batch([512], [ctx], T=512, R=1, seed=2)
+    tp = bench(f, [(qp, *cp_[0], *ip)])
+    qd, cd, idd, _ = make_batch([1] * 63, [ctx] * 63, T=64, R=64, seed=3)
+    td = bench(f, [(qd, *cd[0], *idd)])
+    row = dict(kind="mixed", us=tm * 1e6, prefill_us=tp * 1e6, decode_us=td * 1e6,
+               sum_us=(tp + td) * 1e6, err=err)
+    log(json.dumps(row))
+    rows.append(row)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sections", default="validate,decode,prefill,mixed")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "kernels_log.txt"), "a")
+
+    def log(s):
+        print(s, flush=True)
+        logf.write(s + "\n")
+        logf.flush()
+
+    dev = jax.devices()[0]
+    log(f"device={dev.device_kind} jax={jax.__version__} backend={jax.default_backend()}")
+    secs = args.sections.split(",")
+    rows = []
+    copy_bw = copy_bandwidth()
+    log(f"copy bandwidth (read+write) {copy_bw/1e12:.2f} TB/s")
+    val = None
+    for name, fn in (("validate", lambda: validate(log)),
+                     ("decode", lambda: decode_section(log, copy_bw, rows, args.sweep)),
+                     ("prefill", lambda: prefill_section(log, rows, args.sweep)),
+                     ("mixed", lambda: mixed_section(log, rows))):
+        if name not in secs:
+            continue
+        t0 = time.time()
+        try:
+            r = fn()
+            if name == "validate":
+                val = r
+        except Exception:
+            log(f"SECTION {name} FAILED:\n{traceback.format_exc()[-3000:]}")
+        log(f"[{name} took {time.time()-t0:.0f} s]")
+
+    print_table(log, rows, copy_bw, val, dev)
+
+
+def print_table(log, rows, copy_bw, val, dev):
+    log("")
+    log(f"## {dev.device_kind}, jax {jax.__version__}; copy bandwidth {copy_bw/1e12:.2f} TB/s")
+    if val:
+        log(f"validation: worst bf16 rel err {val[0]:.2e}, f32 {val[1]:.2e}")
+    log("| decode B | ctx | kernel us | KV TB/s | % of copy | JAX op us | JAX op TB/s | speedup | rel err |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if r["kind"] == "decode":
+            ju = r.get("jax_us")
+            jcols = ("- | - | -" if ju is None else
+                     "%.1f | %.2f | %.2fx" % (ju, r["jax_tbps"], ju / r["us"]))
+            log("| %d | %d | %.1f | %.2f | %.0f%% | %s | %.1e |" % (
+                r["B"], r["ctx"], r["us"], r["tbps"], 100 * r["frac"], jcols, r["err"]))
+    log("")
+    log("| prefill | kernel us | TFLOP/s | cuDNN us | cuDNN TFLOP/s | % of cuDNN | rel err vs cuDNN |")
+    log("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if r["kind"] == "prefill":
+            cu = r.get("cudnn_tflops")
+            pct = "-" if not cu else "%.0f%%" % (100 * r["tflops"] / cu)
+            log("| %d x %d | %.0f | %.0f | %.0f | %.0f | %s | %.1e |" % (
+                r["B"], r["L"], r["us"], r["tflops"], r.get("cudnn_us", float("nan")),
+                cu or float("nan"), pct, r.get("err_vs_cudnn", float("nan"))))
+    log("")
+    for r in rows:
+        if r["kind"] == "mixed":
+            log("| mixed (512-token chunk + 63 decodes, ctx 2048) | us |")
+            log("| --- | --- |")
+            log(f"| one call | {r['us']:.0f} |")
+            log(f"| prefill chunk alone + decodes alone | {r['prefill_us']:.0f} + {r['decode_us']:.0f} "
+                f"= {r['sum_us']:.0f} |")
+            log(f"| rel err | {r['err']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
