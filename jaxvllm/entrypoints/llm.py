@@ -1,8 +1,12 @@
 """`LLM`: the offline API, with vLLM's names and meanings."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
+
+import numpy as np
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.engine.llm_engine import LLMEngine, PromptType
@@ -10,6 +14,15 @@ from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import SamplingParams
 
 Messages = list[dict[str, Any]]
+
+
+@dataclass
+class GenerationArrays:
+    """A batch's outputs as padded arrays (one row per completion), to feed a training step."""
+    token_ids: np.ndarray     # int32[N, L], -1 padded
+    logprobs: np.ndarray      # float32[N, L], NaN padded (NaN everywhere unless logprobs were asked)
+    lengths: np.ndarray       # int32[N]
+    prompt_index: np.ndarray  # int32[N]: which prompt each row continues (n > 1 gives n rows each)
 
 
 class LLM:
@@ -21,6 +34,96 @@ class LLM:
             raise TypeError(f"LLM() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         self.llm_engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self._counter = itertools.count()
+
+    @classmethod
+    def from_params(cls, params: Any, config: Any, tokenizer: Any = None,
+                    generation_config: Optional[dict] = None, **kwargs: Any) -> "LLM":
+        """An engine over an in-memory params pytree (the engine's layout or HF-named tensors) and an
+        HF config (object or dict). Arrays already on device are used as they are."""
+        import jax
+        import jax.numpy as jnp
+        from converters import LoadedModel
+        from jaxvllm.engine.setup import configure_jax
+        from jaxvllm.engine.weights import to_engine_layout
+        from jaxvllm.models.config import ModelConfig
+        args = EngineArgs(**kwargs)
+        configure_jax(args)
+        cfg = ModelConfig.from_hf(config)
+        dtype = args.dtype
+        params = to_engine_layout(params, cfg, dtype)
+        if dtype != "auto" and str(params["final_norm"].dtype) != dtype:
+            params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        leaf_dtype = str(params["final_norm"].dtype)
+        cfg = dataclasses.replace(cfg, dtype=leaf_dtype)
+        loaded = LoadedModel(params=params, config=cfg, hf_config=config, tokenizer=tokenizer,
+                             generation_config=generation_config, source="<params>", path=None,
+                             load_format="params")
+        self = cls.__new__(cls)
+        self.llm_engine = LLMEngine(args, loaded=loaded)
+        self._counter = itertools.count()
+        return self
+
+    def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
+        """Overwrite every weight in place (no recompilation; the old buffers are reused). The prefix
+        cache holds K/V computed with the old weights, so it is dropped unless told otherwise."""
+        from jaxvllm.engine.weights import swap_in_place, to_engine_layout
+        engine = self.llm_engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("update_weights must be called between generate calls (requests are running)")
+        new = to_engine_layout(params, engine.loaded.config, "auto")
+        runner = engine.runner
+        if runner.shardings is not None:
+            from jaxvllm.worker.sharding import shard_model
+            new, _ = shard_model(new, engine.loaded.config, engine.args.tensor_parallel_size)
+        runner.params = swap_in_place(runner.params, new)
+        engine.loaded.params = runner.params
+        if reset_prefix_cache:
+            engine.scheduler.reset_prefix_cache()
+
+    def score(self, prompts: Sequence[Union[str, list[int]]],
+              continuations: Sequence[Union[str, list[int]]], use_tqdm: bool = False) -> list[np.ndarray]:
+        """Log-probabilities (float32[len(continuation tokens)]) of each continuation given its
+        prompt, batched through the paged engine (prompt logprobs; the prefix cache is bypassed)."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"score needs as many continuations ({len(continuations)}) as prompts "
+                             f"({len(prompts)})")
+        tok = self.llm_engine.tokenizer
+
+        def ids(x: Union[str, list[int]], special: bool) -> list[int]:
+            if isinstance(x, str):
+                if tok is None:
+                    raise ValueError("this model has no tokenizer: pass token ids")
+                return tok.encode(x, add_special_tokens=special)
+            return list(x)
+
+        pairs = [(ids(p, True), ids(c, False)) for p, c in zip(prompts, continuations)]
+        for i, (_, c) in enumerate(pairs):
+            if not c:
+                raise ValueError(f"continuations[{i}] is empty")
+        sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.generate([{"prompt_token_ids": p + c} for p, c in pairs], sp, use_tqdm=use_tqdm)
+        result = []
+        for (p, c), out in zip(pairs, outs):
+            entries = out.prompt_logprobs[len(p):]
+            result.append(np.array([e[t].logprob for e, t in zip(entries, c)], np.float32))
+        return result
+
+    def generate_arrays(self, prompts: Union[PromptType, Sequence[PromptType]],
+                        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+                        use_tqdm: bool = False) -> GenerationArrays:
+        """`generate`, returned as padded numpy arrays instead of RequestOutput objects."""
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        rows = [(i, c) for i, o in enumerate(outs) for c in o.outputs]
+        width = max((len(c.token_ids) for _, c in rows), default=0)
+        token_ids = np.full((len(rows), width), -1, np.int32)
+        logprobs = np.full((len(rows), width), np.nan, np.float32)
+        for r, (_, c) in enumerate(rows):
+            token_ids[r, :len(c.token_ids)] = c.token_ids
+            if c.logprobs is not None:
+                logprobs[r, :len(c.token_ids)] = [e[t].logprob for e, t in zip(c.logprobs, c.token_ids)]
+        return GenerationArrays(token_ids, logprobs,
+                                np.array([len(c.token_ids) for _, c in rows], np.int32),
+                                np.array([i for i, _ in rows], np.int32))
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
