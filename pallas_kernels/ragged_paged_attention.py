@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.reference import ragged_paged_attention_reference, token_metadata
+from pallas_kernels.reference import ragged_paged_attention_reference
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
@@ -57,6 +57,7 @@ class TileConfig:
     bk: int          # keys per inner-loop step
     num_warps: int
     num_stages: int
+    split_mask: bool = True  # run fully visible key tiles without the causal mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +95,7 @@ def get_tiles(head_dim: int, group: int, block_size: int) -> Tiles:
 def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt_ref,
                 q_ref, k_ref, v_ref, *rest, bq, gp, group, num_q_heads, block_size,
                 max_blocks, bk, num_splits, sm_scale, sliding_window, soft_cap,
-                aliased, split_out, interpret):
+                aliased, split_out, interpret, split_mask):
     if aliased:
         rest = rest[1:]  # the aliased input buffer is never read
     if split_out:
@@ -147,24 +148,26 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
         bt_base = r * max_blocks
         k_iota = lax.broadcasted_iota(jnp.int32, (bk,), 0)
 
-        def body(t, carry):
+        def body(t, carry, masked=True):
             acc, m_i, l_i = carry
             kpos = t * bk + k_iota                                    # [BK]
             kvalid = kpos < hi
             page_idx = jnp.minimum(lax.div(kpos, jnp.int32(block_size)), max_blocks - 1)
             page = bt_ref[bt_base + page_idx]
             krow = page * block_size + lax.rem(kpos, jnp.int32(block_size))
-            krow = jnp.where(kvalid, krow, 0)
+            if masked:
+                krow = jnp.where(kvalid, krow, 0)
             k = k_ref[krow, :]                                        # [BK, D]
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)    # [M, BK]
             s = s * scale
             if soft_cap is not None:
                 s = jnp.tanh(s) * (soft_cap * _LOG2E)
-            mask = (kpos[None, :] <= qpos[:, None]) & kvalid[None, :]
-            if sliding_window is not None:
-                mask = mask & ((qpos[:, None] - kpos[None, :]) < sliding_window)
-            s = jnp.where(mask, s, _MASK_VALUE)
+            if masked:
+                mask = (kpos[None, :] <= qpos[:, None]) & kvalid[None, :]
+                if sliding_window is not None:
+                    mask = mask & ((qpos[:, None] - kpos[None, :]) < sliding_window)
+                s = jnp.where(mask, s, _MASK_VALUE)
             m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
             p = jnp.exp2(s - m_new[:, None])
             corr = jnp.exp2(m_i - m_new)
@@ -178,7 +181,17 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
         acc0 = jnp.zeros((M, D), jnp.float32)
         m0 = jnp.full((M,), _MASK_VALUE, jnp.float32)
         l0 = jnp.zeros((M,), jnp.float32)
-        acc, m_i, l_i = lax.fori_loop(t_start, t_end, body, (acc0, m0, l0))
+        carry = (acc0, m0, l0)
+        if split_mask and sliding_window is None:
+            # Key tiles wholly at or before the tile's first query position need
+            # no causal mask (every row sees every key): run them unmasked.
+            first_pos = ctx0 + (q0 - qs)
+            t_mid = jnp.maximum(t_start, jnp.minimum(
+                t_end, lax.div(first_pos + 1, jnp.int32(bk))))
+            carry = lax.fori_loop(t_start, t_mid,
+                                  functools.partial(body, masked=False), carry)
+            t_start = t_mid
+        acc, m_i, l_i = lax.fori_loop(t_start, t_end, body, carry)
         l_safe = jnp.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         if split_out:
@@ -234,7 +247,8 @@ def _launch(tile_seq, tile_q0, tile_q1, kv_lens, qsl, bt_flat, q2, k3, v3, out_i
         num_splits=num_splits, sm_scale=float(sm_scale),
         sliding_window=None if sliding_window is None else int(sliding_window),
         soft_cap=None if soft_cap is None else float(soft_cap),
-        aliased=aliased, split_out=split_out, interpret=interpret)
+        aliased=aliased, split_out=split_out, interpret=interpret,
+        split_mask=cfg.split_mask)
     in_specs = [
         _full_spec(tile_seq.shape), _full_spec(tile_q0.shape), _full_spec(tile_q1.shape),
         _full_spec(kv_lens.shape), _full_spec(qsl.shape), _full_spec(bt_flat.shape),
@@ -300,7 +314,7 @@ def _build_tiles(qsl, q_lens, T, R, bq_s, bq_l):
     n_r = jnp.where(is_long, (q_lens + bq_l - 1) // bq_l, 0)
     cum = jnp.cumsum(n_r)
     ti = jnp.arange(n_tiles_l, dtype=jnp.int32)
-    seq = jnp.searchsorted(cum, ti, side="right").astype(jnp.int32)
+    seq = jnp.searchsorted(cum, ti, side="right", method="compare_all").astype(jnp.int32)
     valid = seq < R
     seq_c = jnp.minimum(seq, R - 1)
     j = ti - (cum[seq_c] - n_r[seq_c])
@@ -331,7 +345,8 @@ def ragged_paged_attention_kernel(
 
     qsl = query_start_loc.astype(jnp.int32)
     kv_lens = kv_lens.astype(jnp.int32)
-    _, _, q_lens = token_metadata(qsl, num_seqs, T)
+    n_seqs = jnp.reshape(num_seqs, (-1,))[0].astype(jnp.int32)
+    q_lens = jnp.where(jnp.arange(R, dtype=jnp.int32) < n_seqs, qsl[1:] - qsl[:-1], 0)
     short_t, long_t = _build_tiles(qsl, q_lens, T, R, bq_s, bq_l)
 
     q2 = q.reshape(T * Hq, D)

@@ -35,7 +35,9 @@ def token_metadata(query_start_loc, num_seqs, num_tokens):
     q_lens = jnp.where(r_ids < n, qsl[1:] - qsl[:-1], 0)
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
     # seq of token t = number of r in [1, R] with qsl[r] <= t, i.e. searchsorted right - 1.
-    seq_ids = jnp.searchsorted(qsl[1:], tok, side="right").astype(jnp.int32)
+    # (compare_all: no while loop, which would cost a host round trip per step on GPU)
+    seq_ids = jnp.searchsorted(qsl[1:], tok, side="right",
+                               method="compare_all").astype(jnp.int32)
     valid = (tok < qsl[n]) & (seq_ids < n)
     seq_ids = jnp.clip(seq_ids, 0, R - 1)
     return seq_ids, valid, q_lens
