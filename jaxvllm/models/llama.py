@@ -26,7 +26,7 @@ class ModelInputs:
     """One step's flat, padded, ragged batch (DESIGN step 3). Shapes are bucketed: T tokens, R requests."""
     token_ids: jax.Array        # int32[T]
     positions: jax.Array        # int32[T]
-    slot_mapping: jax.Array     # int32[T]  flat cache slot of each new token (padding -> a reserved slot)
+    slot_mapping: jax.Array     # int32[T]  flat cache slot of each new token (padding: out of range)
     query_start_loc: jax.Array  # int32[R+1]
     seq_lens: jax.Array         # int32[R]  context length including the new tokens
     block_tables: jax.Array     # int32[R, max_blocks]
@@ -34,7 +34,8 @@ class ModelInputs:
 
 
 def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    """Scatter new K or V rows [T, kv_heads, head_dim] into their cache slots (in place when donated)."""
+    """Scatter new K or V rows [T, kv_heads, head_dim] into their cache slots (in place when donated);
+    out-of-range slots (padding) are dropped."""
     nb, bs, h, d = cache.shape
     flat = cache.reshape(nb * bs, h, d).at[slot_mapping].set(new.astype(cache.dtype), mode="drop",
                                                               unique_indices=False)

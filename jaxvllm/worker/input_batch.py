@@ -11,7 +11,9 @@ import numpy as np
 from jaxvllm.core.outputs import NewRequestData, SchedulerOutput
 from jaxvllm.sampling_params import SamplingParams
 
-PAD_SLOT = 0  # block 0 is never handed out: padded tokens write there
+# Padded tokens' K/V go to an out-of-range slot, which the cache scatter drops: block 0 (never handed
+# out) stays zero, so a kernel's masked-off reads (redirected to slot 0) never meet garbage or NaN.
+PAD_SLOT = np.iinfo(np.int32).max
 
 
 @dataclass

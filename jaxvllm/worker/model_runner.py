@@ -22,7 +22,7 @@ from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.outputs import Logprob
 from jaxvllm.worker import sampler as sampler_lib
-from jaxvllm.worker.input_batch import InputBatch, StepBatch, default_token_buckets
+from jaxvllm.worker.input_batch import PAD_SLOT, InputBatch, StepBatch, default_token_buckets
 from pallas_kernels import ragged_paged_attention
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ class RunnerConfig:
     gpu_memory_utilization: float = 0.9
     kv_dtype: Any = jnp.bfloat16
     token_buckets: Optional[tuple[int, ...]] = None
-    compile_all_at_start: bool = True
     max_logprobs: int = 20
     seed: int = 0
 
@@ -124,7 +123,8 @@ class ModelRunner:
         r = self.input_batch.request_bucket(t)
         z = lambda *s: np.zeros(s, np.int32)
         qsl = z(r + 1)
-        return StepBatch([], 0, z(t), z(t), z(t), qsl, z(r), z(r, self.max_blocks_per_seq),
+        return StepBatch([], 0, z(t), z(t), np.full(t, PAD_SLOT, np.int32), qsl, z(r),
+                         z(r, self.max_blocks_per_seq),
                          np.array([0], np.int32), z(r), np.zeros(r, bool))
 
     def warmup(self, progress: bool = True) -> float:
