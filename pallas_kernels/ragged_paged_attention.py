@@ -175,6 +175,9 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
             corr = jnp.exp2(m_i - m_new)
             l_new = l_i * corr + jnp.sum(p, axis=1)
             v = v_ref[krow, :]
+            if masked:
+                # p is 0 there, but 0 * (NaN/Inf garbage in an unused cache row) is not.
+                v = jnp.where(kvalid[:, None], v, jnp.zeros_like(v))
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
             return acc * corr[:, None] + pv, m_new, l_new

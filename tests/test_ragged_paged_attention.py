@@ -206,3 +206,23 @@ def test_gpu_kernel_vs_reference_bf16(name):
     ref = ragged_paged_attention(*jargs, sm_scale=0.088, impl="reference")
     out = ragged_paged_attention(*jargs, sm_scale=0.088, impl="kernel")
     check(out, ref, n, jnp.bfloat16)
+
+
+def test_garbage_in_unused_cache_rows_does_not_leak():
+    """NaN in every cache row that is not live context must not reach the output."""
+    jargs, arrays, n = make_batch([1, 7], [20, 23], T=8, R=2, seed=21)
+    q, k, v, kvl, bt, qsl, ns = jargs
+    # keep block 0 (where masked-off key lanes point) out of the live set
+    bt_np = arrays["block_tables"]
+    bt_np[bt_np == 0] = min(set(range(k.shape[0])) - set(bt_np.ravel().tolist()))
+    bt = jnp.asarray(bt_np)
+    ref = ragged_paged_attention_reference(q, k, v, kvl, bt, qsl, ns, sm_scale=0.125)
+    live = np.zeros(k.shape[:2], bool)
+    for r in range(2):
+        for p in range(arrays["kv_lens"][r]):
+            live[arrays["block_tables"][r, p // 16], p % 16] = True
+    k = np.where(live[:, :, None, None], np.array(k), np.nan)
+    v = np.where(live[:, :, None, None], np.array(v), np.nan)
+    out = ragged_paged_attention_kernel(q, jnp.asarray(k), jnp.asarray(v), kvl, bt, qsl, ns,
+                                        sm_scale=0.125, interpret=True, tiles=SMALL_TILES)
+    check(out, ref, n, jnp.float32)
