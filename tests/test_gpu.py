@@ -1,5 +1,5 @@
 """On a GPU: the engine (Pallas kernel attention) generates the same greedy tokens as HF transformers
-running on the same GPU, for a tiny random Llama (float32; bf16 with a stated tolerance)."""
+running on the same GPU, for a tiny random Llama (float32 exactly; bf16 within a stated tolerance)."""
 from __future__ import annotations
 
 import numpy as np
@@ -48,9 +48,15 @@ def test_engine_greedy_equals_hf_on_gpu(tmp_path, dtype):
     got = [o.outputs[0].token_ids for o in outs]
     if dtype == "float32":
         assert got == refs
-    else:
-        # bf16: rounding differs between cuBLAS/torch and XLA/Pallas; stated tolerance: the first 8
-        # tokens of every sequence agree and at least 75% of all tokens agree position-wise.
-        assert all(g[:8] == r[:8] for g, r in zip(got, refs)), (got, refs)
-        agree = np.mean([a == b for g, r in zip(got, refs) for a, b in zip(g, r)])
-        assert agree >= 0.75, agree
+        return
+    # bf16: cuBLAS (torch) and XLA round differently, so near-ties may flip and the sequences then
+    # diverge. Stated tolerance: under HF bf16 on the engine's own prefix (teacher forcing), every
+    # token the engine picked is within 2% of that position's logit spread of HF's best logit.
+    for p, g in zip(prompts, got):
+        ids = torch.tensor([p + g]).cuda()
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(p) - 1:-1].float().cpu().numpy()
+        best = logits.max(-1)
+        spread = best - logits.min(-1)
+        picked = logits[np.arange(len(g)), g]
+        assert (best - picked <= 0.02 * spread).all(), (best - picked) / spread

@@ -181,8 +181,6 @@ class InputBatch:
         """Static top-k width for this batch's sampled-token logprobs (0: none asked)."""
         return max((self.requests[rid].params.logprobs or 0 for rid in batch.req_ids), default=0)
 
-    def append_sampled(self, req_id: str, token: int) -> None:
-        self.requests[req_id].token_ids.append(token)
 
 
 def _has_penalty(p: SamplingParams) -> bool:

@@ -165,20 +165,24 @@ class ModelRunner:
                                num_logprobs=ib.num_logprobs(b),
                                topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
         prompt_lp = self._score_prompts(b, all_logits) if score else {}
-        sampled = jax.device_get(sampled)
+        states = [ib.requests[rid] for rid in b.req_ids]
+        want_logprobs = any(st.params.logprobs is not None for st in states)
+        # One device->host transfer unless logprobs were asked for.
+        sampled = jax.device_get(sampled) if want_logprobs else sampled._replace(
+            token_ids=np.asarray(sampled.token_ids))
+        tokens = sampled.token_ids[:len(states)].tolist()
 
         out = ModelRunnerOutput({}, prompt_logprobs=prompt_lp)
-        for i, rid in enumerate(b.req_ids):
+        for i, st in enumerate(states):
             if not b.sample_mask[i]:
                 continue
-            tok = int(sampled.token_ids[i])
-            st = ib.requests[rid]
+            tok = tokens[i]
             if st.params.logprobs is not None:
-                out.logprobs[rid] = _logprob_entry(tok, sampled.logprob[i], sampled.rank[i],
-                                                   sampled.topk_ids[i], sampled.topk_logprobs[i],
-                                                   st.params.logprobs)
-            out.sampled_token_ids[rid] = tok
-            ib.append_sampled(rid, tok)
+                out.logprobs[st.req_id] = _logprob_entry(
+                    tok, sampled.logprob[i], sampled.rank[i], sampled.topk_ids[i],
+                    sampled.topk_logprobs[i], st.params.logprobs)
+            out.sampled_token_ids[st.req_id] = tok
+            st.token_ids.append(tok)
         return out
 
     def _score_prompts(self, b: StepBatch, all_logits: jax.Array) -> dict[str, list]:
