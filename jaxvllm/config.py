@@ -46,6 +46,9 @@ class EngineArgs:
     request_buckets: Optional[tuple[int, ...]] = field(default=None, metadata={
         "help": "Compiled request-count buckets (default: powers of two up to max_num_seqs)."})
     disable_log_stats: bool = field(default=False, metadata={"help": "Do not log engine stats."})
+    async_scheduling: bool = field(default=True, metadata={
+        "help": "Schedule and dispatch the next step while the device runs the current one "
+                "(steps with penalty sampling run synchronously)."})
 
     def __post_init__(self) -> None:
         self.validate()

@@ -268,3 +268,26 @@ def test_async_engine_streams_and_aborts(llm):
 
     asyncio.run(main())
     assert llm.llm_engine.scheduler.stats.num_running == 0
+
+
+def test_async_scheduling_equals_sync(llm, scheduler_config):
+    """Overlapped steps (next step dispatched before the previous one's samples reach the host)
+    give exactly the synchronous results, also under preemption, seeded sampling, n > 1 and stops."""
+    engine = llm.llm_engine
+    params = [greedy(12), SamplingParams(temperature=0.9, top_k=20, seed=5, max_tokens=10),
+              SamplingParams(n=2, temperature=1.0, seed=11, max_tokens=9, ignore_eos=True),
+              greedy(16, stop=[" the"], min_tokens=2)]
+    results = {}
+    for mode in (False, True):
+        engine.args.async_scheduling = mode
+        try:
+            for blocks in (96, 6):  # plenty, then preemption
+                scheduler_config(num_blocks=blocks)
+                outs = llm.generate(PROMPTS, params, use_tqdm=False)
+                results[mode, blocks] = [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs]
+                                         for o in outs]
+        finally:
+            engine.args.async_scheduling = True
+    assert results[True, 96] == results[False, 96]
+    assert results[True, 6] == results[False, 6] == results[True, 96]
+    assert engine._inflight is None

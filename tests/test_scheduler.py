@@ -302,10 +302,14 @@ def test_each_request_gets_min_of_remaining_and_budget():
     assert so.num_scheduled_tokens == {"r0": 30, "r1": 50, "r2": 20}
     assert [n.num_computed_tokens for n in so.new_reqs] == [0, 0, 0]
     assert s.requests["r2"].num_computed_tokens == 20
-    # Second schedule() without an update: r2 continues its prefill, r3 starts, nobody else.
+    # Second schedule() without an update (async scheduling): r0 and r1 decode the token still in
+    # flight (its id comes from the device), r2 continues its prefill, r3 starts.
+    assert s.requests["r0"].num_inflight == 1 and s.requests["r2"].num_inflight == 0
     so2 = s.schedule()
-    assert so2.num_scheduled_tokens == {"r2": 25, "r3": 10}
-    assert so2.cached_reqs[0].num_computed_tokens == 20 and so2.cached_reqs[0].new_block_ids
+    assert so2.num_scheduled_tokens == {"r0": 1, "r1": 1, "r2": 25, "r3": 10}
+    r2 = next(c for c in so2.cached_reqs if c.req_id == "r2")
+    assert r2.num_computed_tokens == 20 and r2.new_block_ids
+    assert s.requests["r0"].num_inflight == 2
     s.check_invariants()
 
 

@@ -154,7 +154,8 @@ class KVCacheManager:
                 blocks.extend(new)
                 new_ids = [b.block_id for b in new]
         if self.enable_prefix_caching:
-            n_full = total // bs
+            # Only blocks whose token ids are all known (a sampled token may still be in flight).
+            n_full = min(total, req.num_tokens) // bs
             done = self.num_cached_blocks[rid]
             if n_full > done:
                 hashes = ensure_block_hashes(req, n_full, bs)

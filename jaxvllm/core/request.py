@@ -51,6 +51,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        # Tokens scheduled for sampling whose ids have not come back yet (async scheduling: the next
+        # step is scheduled while the current one runs, its decode input taken from the device).
+        self.num_inflight = 0
         self.num_cached_tokens = -1  # prefix-cache hit (tokens) at first scheduling; -1 = not yet
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None

@@ -9,10 +9,13 @@ schedule()
     are admitted in policy order ("fcfs": arrival order; "priority": lower ``priority`` first, ties
     by arrival) while both budgets last. A waiting request that does not fit blocks the ones behind
     it (no reordering, so nobody starves).
-  * Every scheduled request gets ``min(num_tokens - num_computed_tokens, remaining budget)`` tokens:
-    a prompt longer than the remaining budget is split across steps (chunked prefill), a running
-    request at the end of its known tokens gets one decode token. ``num_computed_tokens`` advances
-    here (as in vLLM v1), so a second schedule() before update_from_output() is still consistent.
+  * Every scheduled request gets ``min(num_tokens + num_inflight - num_computed_tokens, remaining
+    budget)`` tokens: a prompt longer than the remaining budget is split across steps (chunked
+    prefill), a running request at the end of its tokens gets one decode token. ``num_computed_tokens``
+    advances here (as in vLLM v1). Async scheduling: a chunk that ends a request's tokens will sample
+    one, counted in ``num_inflight`` until update_from_output() brings it; a schedule() before that
+    already schedules the decode of the in-flight token (the runner takes its id from the device).
+    A request whose in-flight tokens reach its length limit is not scheduled again.
   * A new request first takes the longest run of prefix-cached full blocks of its tokens (always
     leaving its last token to compute) and starts computing after them.
   * Preemption by recompute: when a running request needs a block and none is free, the most
@@ -252,9 +255,12 @@ class Scheduler:
             return best
         return self.running[-1]
 
-    def _preempt(self, victim: Request, num_scheduled: dict[str, int]) -> int:
+    def _preempt(self, victim: Request, num_scheduled: dict[str, int], samples: set[str]) -> int:
         """Preempt `victim`; returns how many tokens of this step it gives back (0 if it was not
-        scheduled yet in this step)."""
+        scheduled yet in this step). `samples`: requests whose chunk this step samples a token."""
+        if victim.request_id in samples:
+            samples.discard(victim.request_id)
+            victim.num_inflight -= 1
         if self.running and self.running[-1] is victim:
             self.running.pop()
         else:
@@ -279,6 +285,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         preempted: set[str] = set()
         prefills: list[Request] = []
+        samples: set[str] = set()  # requests whose chunk in this step ends with a sampled token
 
         # 1) running requests: decodes first, then prefills in progress.
         for phase in (0, 1):
@@ -288,10 +295,11 @@ class Scheduler:
                 if req.status != _RUNNING:  # preempted earlier in this step
                     continue
                 computed = req.num_computed_tokens
-                n = req.num_tokens - computed
+                known = req.num_tokens + req.num_inflight
+                if known >= req._stop_len:
+                    continue  # its in-flight token is its last: nothing left to compute
+                n = known - computed
                 if n != 1:
-                    if n <= 0:
-                        continue  # waiting for its sampled token (schedule() called twice)
                     if phase == 0:
                         prefills.append(req)
                         continue
@@ -306,7 +314,7 @@ class Scheduler:
                         break
                     victim = self._pick_victim()
                     preempted.add(victim.request_id)
-                    back = self._preempt(victim, num_scheduled)
+                    back = self._preempt(victim, num_scheduled, samples)
                     if back:
                         budget += back
                         cached_reqs = [c for c in cached_reqs if c.req_id != victim.request_id]
@@ -318,6 +326,9 @@ class Scheduler:
                 cached_reqs.append(CachedRequestData(rid, new_ids, computed))
                 num_scheduled[rid] = n
                 req.num_computed_tokens = computed + n
+                if computed + n == known:
+                    req.num_inflight += 1
+                    samples.add(rid)
                 budget -= n
 
         # 2) waiting requests, in policy order (none in a step that had to preempt).
@@ -327,8 +338,8 @@ class Scheduler:
             max_seqs = cfg.max_num_seqs
             while budget > 0 and len(running) < max_seqs and len(waiting):
                 req = waiting.peek()
-                if req is None:
-                    break
+                if req is None or req.num_inflight:
+                    break  # (a request preempted with a token in flight resumes once it is back)
                 hits, num_hit = kv.get_computed_blocks(req)
                 n = req.num_tokens - num_hit
                 if n > budget:
@@ -350,6 +361,8 @@ class Scheduler:
                     kv.get_block_ids(rid), num_hit))
                 num_scheduled[rid] = n
                 req.num_computed_tokens = num_hit + n
+                if num_hit + n == req.num_tokens:
+                    req.num_inflight += 1
                 budget -= n
 
         finished = self._finished_req_ids
@@ -373,6 +386,7 @@ class Scheduler:
             req = requests.get(rid)
             if req is None:
                 continue  # finished or aborted meanwhile
+            req.num_inflight -= 1
             out_ids = req.output_token_ids
             out_ids.append(tok)
             status = None
@@ -472,7 +486,8 @@ class Scheduler:
         bs = cfg.block_size
         for r in self.running:
             assert r.status == _RUNNING and self.requests.get(r.request_id) is r
-            assert 0 <= r.num_computed_tokens <= r.num_tokens
+            assert 0 <= r.num_computed_tokens <= r.num_tokens + r.num_inflight
+            assert 0 <= r.num_inflight <= 2
             assert len(kv.get_blocks(r.request_id)) >= -(-r.num_computed_tokens // bs)
         for r in waiting:
             assert r.status in (_WAITING, _PREEMPTED) and self.requests.get(r.request_id) is r

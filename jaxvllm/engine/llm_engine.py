@@ -70,6 +70,9 @@ class LLMEngine:
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
         self._parents: dict[str, _Parent] = {}
+        self._inflight: Optional[tuple[Any, Any]] = None   # (SchedulerOutput, dispatched step)
+        # Penalties need every earlier token on the host: while such requests live, steps are synchronous.
+        self._num_penalized = 0
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
         self.compile_seconds = 0.0 if args.enforce_eager else self.runner.warmup()
 
@@ -156,6 +159,7 @@ class LLMEngine:
             self.scheduler.add_request(req)
             self._child_to_parent[c.request_id] = (parent, c)
         self._parents[parent.request_id] = parent
+        self._num_penalized += p.has_penalties
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -163,6 +167,7 @@ class LLMEngine:
             parent = self._parents.pop(rid, None)
             if parent is None:
                 continue
+            self._num_penalized -= parent.params.has_penalties
             child_ids = [c.request_id for c in parent.children]
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
             for cid in child_ids:
@@ -176,15 +181,31 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduler step. With async scheduling the next step is dispatched before the
+        previous one's samples are collected, so outputs trail the device by one step."""
+        overlap = self.args.async_scheduling and not self._num_penalized
+        outputs = [] if overlap else self._collect_inflight()
         so = self.scheduler.schedule()
         now = time.monotonic()
         for rid in so.num_scheduled_tokens:
             pc = self._child_to_parent.get(rid)
             if pc and pc[0].metrics["first_scheduled_time"] is None:
                 pc[0].metrics["first_scheduled_time"] = now
-        runner_out = self.runner.execute(so)
-        core_outs = self.scheduler.update_from_output(so, runner_out)
-        return self._process(core_outs)
+        handle = self.runner.dispatch(so)
+        if overlap:
+            outputs = self._collect_inflight()
+        self._inflight = None if handle is None else (so, handle)
+        if not overlap or not self._parents:
+            outputs += self._collect_inflight()  # nothing left to overlap with
+        return outputs
+
+    def _collect_inflight(self) -> list[RequestOutput]:
+        if self._inflight is None:
+            return []
+        so, handle = self._inflight
+        self._inflight = None
+        runner_out = self.runner.collect(handle)
+        return self._process(self.scheduler.update_from_output(so, runner_out))
 
     def _process(self, core_outs: list[EngineCoreOutput]) -> list[RequestOutput]:
         touched: dict[str, _Parent] = {}
@@ -225,6 +246,7 @@ class LLMEngine:
             if finished:
                 parent.metrics["finished_time"] = now
                 self._parents.pop(parent.request_id, None)
+                self._num_penalized -= parent.params.has_penalties
                 for c in parent.children:
                     self._child_to_parent.pop(c.request_id, None)
             outputs.append(self._make_output(parent, finished))

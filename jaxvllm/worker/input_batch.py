@@ -26,10 +26,12 @@ class RequestState:
     seed: int
     num_computed_tokens: int = 0
     stop_ids: list[int] = field(default_factory=list)  # masked while below min_tokens
+    num_pending: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Generated tokens, including those still on the device."""
+        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
 
 
 @dataclass
@@ -45,7 +47,9 @@ class StepBatch:
     block_tables: np.ndarray        # int32[R, max_blocks]
     num_seqs: np.ndarray            # int32[1]
     logits_indices: np.ndarray      # int32[R]
-    sample_mask: np.ndarray         # bool[R]: this request's chunk ends at its last known token
+    sample_mask: np.ndarray         # bool[R]: this request's chunk ends at its last token
+    prev_rows: np.ndarray           # int32[T]: row of the previous step's samples holding this
+                                    # token's id (a token still on the device), else -1
     # Requests asking for prompt logprobs: (req_id, batch offset, first position, count); the logits
     # at position p score prompt token p + 1.
     prompt_logprob_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
@@ -61,6 +65,7 @@ class InputBatch:
         self.vocab_size = vocab_size
         self.requests: dict[str, RequestState] = {}
         self._seed_rng = np.random.default_rng(rng_seed)
+        self.last_rows: dict[str, int] = {}  # req_id -> its sample row in the last built step
 
     def request_bucket(self, t_bucket: int) -> int:
         return min(t_bucket, self.max_num_seqs)
@@ -108,14 +113,22 @@ class InputBatch:
         block_tables = np.zeros((r_bucket, self.max_blocks), np.int32)
         logits_indices = np.zeros(r_bucket, np.int32)
         sample_mask = np.zeros(r_bucket, bool)
+        prev_rows = np.full(t_bucket, -1, np.int32)
         spans = []
+        last_rows = self.last_rows
+        self.last_rows = {}
 
         offset = 0
         for i, (rid, n) in enumerate(zip(req_ids, counts.tolist())):
             st = self.requests[rid]
             start = st.num_computed_tokens
             end = start + n
-            token_ids[offset:offset + n] = st.token_ids[start:end]
+            known = len(st.token_ids)
+            if end <= known:
+                token_ids[offset:offset + n] = st.token_ids[start:end]
+            else:  # the last token is the previous step's sample, still on the device
+                token_ids[offset:offset + n - 1] = st.token_ids[start:end - 1]
+                prev_rows[offset + n - 1] = last_rows[rid]
             pos = np.arange(start, end, dtype=np.int32)
             positions[offset:offset + n] = pos
             blocks = np.asarray(st.block_ids, np.int32)
@@ -123,9 +136,11 @@ class InputBatch:
             block_tables[i, :len(blocks)] = blocks
             seq_lens[i] = end
             qsl[i + 1] = offset + n
-            if end == len(st.token_ids):
+            if end == known + st.num_pending:
                 sample_mask[i] = True
                 logits_indices[i] = offset + n - 1
+                st.num_pending += 1
+                self.last_rows[rid] = i
             if st.params.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
                 # Position p's logits score prompt token p+1.
                 last = min(end, st.num_prompt_tokens - 1)
@@ -134,7 +149,7 @@ class InputBatch:
             offset += n
         return StepBatch(req_ids, total, token_ids, positions, slot_mapping, qsl, seq_lens,
                          block_tables, np.array([len(req_ids)], np.int32), logits_indices,
-                         sample_mask, spans)
+                         sample_mask, prev_rows, spans)
 
     def sampling_arrays(self, batch: StepBatch) -> dict[str, np.ndarray]:
         """Per-request sampling knobs padded to R (the sampler's SamplingTensors fields)."""
@@ -149,7 +164,7 @@ class InputBatch:
         states = [self.requests[rid] for rid in batch.req_ids]
         max_stop = max((len(s.stop_ids) for s in states if s.params.min_tokens), default=0)
         stop_ids = np.full((r, max(max_stop, 1)), -1, np.int32)
-        penalized = [i for i, s in enumerate(states) if _has_penalty(s.params)]
+        penalized = [i for i, s in enumerate(states) if s.params.has_penalties]
         max_hist = max((len(states[i].token_ids) for i in penalized), default=0)
         hist_len = 0 if not penalized else _pow2_at_least(max_hist)
         pen_tokens = np.full((r, hist_len), -1, np.int32)
@@ -164,8 +179,10 @@ class InputBatch:
             out["frequency_penalty"][i] = p.frequency_penalty
             out["repetition_penalty"][i] = p.repetition_penalty
             out["seeds"][i] = s.seed
-            out["steps"][i] = s.num_output_tokens
-            if s.num_output_tokens < p.min_tokens and s.stop_ids:
+            # build() already counted this step's sample as pending: it is output number k - 1.
+            k = s.num_output_tokens - 1 if batch.sample_mask[i] else s.num_output_tokens
+            out["steps"][i] = k
+            if k < p.min_tokens and s.stop_ids:
                 out["min_tokens_active"][i] = True
                 stop_ids[i, :len(s.stop_ids)] = s.stop_ids
         for i in penalized:
@@ -181,10 +198,6 @@ class InputBatch:
         """Static top-k width for this batch's sampled-token logprobs (0: none asked)."""
         return max((self.requests[rid].params.logprobs or 0 for rid in batch.req_ids), default=0)
 
-
-
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
 
 def _pow2_at_least(n: int) -> int:

@@ -7,7 +7,7 @@ place. Only sampled ids (and logprobs when asked) come back to the host.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -66,8 +66,10 @@ class ModelRunner:
                                       rc.max_num_seqs, cfg.vocab_size, rc.seed)
         self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("score",),
                              **({} if shardings is None else shardings.step_jit_kwargs()))
-        self._sample = sampler_lib.sample_jit
+        self._sample = jax.jit(self._sample_impl,
+                               static_argnames=("mode", "num_logprobs", "topk_bound"))
         self._prompt_logprobs = sampler_lib.prompt_logprobs_jit
+        self._prev_sampled = jnp.zeros(rc.max_num_seqs, jnp.int32)
         self.num_blocks = rc.num_blocks or self._profile_num_blocks()
         self.kv_cache = llama.make_kv_cache(cfg, self.num_blocks, rc.block_size, rc.kv_dtype,
                                             None if shardings is None else shardings.kv_cache)
@@ -75,17 +77,31 @@ class ModelRunner:
 
     # ---- the jitted step -------------------------------------------------------------------
     def _step_impl(self, params: Any, kv_cache: llama.KVCache, inp: llama.ModelInputs,
-                   logits_indices: jax.Array, score: bool = False):
+                   logits_indices: jax.Array, prev_sampled: jax.Array, prev_rows: jax.Array,
+                   score: bool = False):
+        # Decode inputs whose ids are the previous step's samples are read on device (async
+        # scheduling: the host never waited for them).
+        token_ids = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], inp.token_ids)
+        inp = dataclasses.replace(inp, token_ids=token_ids)
         hidden, kv_cache = llama.forward(params, kv_cache, inp, self.cfg, self.attention_fn)
         logits = llama.compute_logits(params, hidden[logits_indices], self.cfg)
         # `score`: also the logits of every token (prompt logprobs, scoring).
         all_logits = llama.compute_logits(params, hidden, self.cfg) if score else None
         return kv_cache, logits, all_logits
 
-    def _device_inputs(self, b: StepBatch) -> tuple[llama.ModelInputs, jax.Array]:
+    def _device_inputs(self, b: StepBatch) -> tuple[Any, ...]:
+        """The step's arguments after params and cache."""
         return (llama.ModelInputs(b.token_ids, b.positions, b.slot_mapping, b.query_start_loc,
                                   b.seq_lens, b.block_tables, b.num_seqs),
-                b.logits_indices)
+                b.logits_indices, self._prev_sampled, b.prev_rows)
+
+    def _sample_impl(self, logits: jax.Array, tensors: Any, *, mode: str, num_logprobs: int,
+                     topk_bound: int) -> sampler_lib.SamplerOutput:
+        out = sampler_lib.sample(logits, tensors, mode=mode, num_logprobs=num_logprobs,
+                                 topk_bound=topk_bound)
+        # Padded to max_num_seqs so the next step's input gather has one shape for every bucket.
+        pad = self.rc.max_num_seqs - out.token_ids.shape[0]
+        return out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
 
     # ---- memory ------------------------------------------------------------------------------
     def _profile_num_blocks(self) -> int:
@@ -125,7 +141,7 @@ class ModelRunner:
         qsl = z(r + 1)
         return StepBatch([], 0, z(t), z(t), np.full(t, PAD_SLOT, np.int32), qsl, z(r),
                          z(r, self.max_blocks_per_seq),
-                         np.array([0], np.int32), z(r), np.zeros(r, bool))
+                         np.array([0], np.int32), z(r), np.zeros(r, bool), np.full(t, -1, np.int32))
 
     def warmup(self, progress: bool = True) -> float:
         """Compile every token bucket's step and the common sampler variants; returns seconds."""
@@ -143,16 +159,23 @@ class ModelRunner:
             self.kv_cache, logits, _ = self._step(self.params, self.kv_cache, *self._device_inputs(b))
             tensors = sampler_lib.SamplingTensors(**self.input_batch.sampling_arrays(b))
             for mode in ("greedy", "random", "random_sort"):
-                jax.block_until_ready(self._sample(logits, tensors, mode=mode, num_logprobs=0))
+                jax.block_until_ready(self._sample(logits, tensors, mode=mode, num_logprobs=0,
+                                                   topk_bound=0))
         jax.block_until_ready(self.kv_cache)
         return time.perf_counter() - t0
 
     # ---- one step ----------------------------------------------------------------------------
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its samples."""
+        handle = self.dispatch(so)
+        return ModelRunnerOutput({}) if handle is None else self.collect(handle)
+
+    def dispatch(self, so: SchedulerOutput) -> Optional["Inflight"]:
+        """Queue one step on the device without waiting for it (None: nothing to run)."""
         ib = self.input_batch
         ib.update(so)
         if so.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput({})
+            return None
         b = ib.build(so)
         score = bool(b.prompt_logprob_spans)
         self.kv_cache, logits, all_logits = self._step(self.params, self.kv_cache,
@@ -164,48 +187,73 @@ class ModelRunner:
         sampled = self._sample(logits, sampler_lib.SamplingTensors(**arrays), mode=mode,
                                num_logprobs=ib.num_logprobs(b),
                                topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
-        prompt_lp = self._score_prompts(b, all_logits) if score else {}
+        self._prev_sampled = sampled.token_ids
         states = [ib.requests[rid] for rid in b.req_ids]
-        want_logprobs = any(st.params.logprobs is not None for st in states)
-        # One device->host transfer unless logprobs were asked for.
-        sampled = jax.device_get(sampled) if want_logprobs else sampled._replace(
-            token_ids=np.asarray(sampled.token_ids))
-        tokens = sampled.token_ids[:len(states)].tolist()
+        logprobs_k = {st.req_id: st.params.logprobs for st in states if st.params.logprobs is not None}
+        prompt = self._score_prompts(b, all_logits) if score else None
+        return Inflight(b.req_ids, b.sample_mask[:n].copy(), sampled, logprobs_k, prompt)
 
-        out = ModelRunnerOutput({}, prompt_logprobs=prompt_lp)
-        for i, st in enumerate(states):
-            if not b.sample_mask[i]:
+    def collect(self, h: "Inflight") -> ModelRunnerOutput:
+        """Wait for a dispatched step's samples; append them to the requests' tokens."""
+        ib = self.input_batch
+        # One device->host transfer unless logprobs were asked for.
+        sampled = jax.device_get(h.sampled) if h.logprobs_k else h.sampled._replace(
+            token_ids=np.asarray(h.sampled.token_ids))
+        tokens = sampled.token_ids[:len(h.req_ids)].tolist()
+        out = ModelRunnerOutput({}, prompt_logprobs={} if h.prompt is None else h.prompt.fetch())
+        for i, rid in enumerate(h.req_ids):
+            if not h.sample_mask[i]:
                 continue
             tok = tokens[i]
-            if st.params.logprobs is not None:
-                out.logprobs[st.req_id] = _logprob_entry(
-                    tok, sampled.logprob[i], sampled.rank[i], sampled.topk_ids[i],
-                    sampled.topk_logprobs[i], st.params.logprobs)
-            out.sampled_token_ids[st.req_id] = tok
-            st.token_ids.append(tok)
+            k = h.logprobs_k.get(rid)
+            if k is not None:
+                out.logprobs[rid] = _logprob_entry(tok, sampled.logprob[i], sampled.rank[i],
+                                                   sampled.topk_ids[i], sampled.topk_logprobs[i], k)
+            out.sampled_token_ids[rid] = tok
+            st = ib.requests.get(rid)  # gone if finished or preempted since the dispatch
+            if st is not None:
+                st.token_ids.append(tok)
+                st.num_pending -= 1
         return out
 
-    def _score_prompts(self, b: StepBatch, all_logits: jax.Array) -> dict[str, list]:
+    def _score_prompts(self, b: StepBatch, all_logits: jax.Array) -> "_PromptScores":
         """Prompt logprobs of this step's chunk of each asking request (scored in one call)."""
         targets = np.zeros(len(b.token_ids), np.int32)
         k = 0
+        spans = []
         for rid, offset, start, count in b.prompt_logprob_spans:
-            toks = self.input_batch.requests[rid].token_ids
-            targets[offset:offset + count] = toks[start + 1:start + 1 + count]
-            k = max(k, self.input_batch.requests[rid].params.prompt_logprobs)
-        res = jax.device_get(self._prompt_logprobs(all_logits, jnp.asarray(targets), num_logprobs=k))
-        lp, rank, top_ids, top_lp = res
-        out = {}
-        for rid, offset, start, count in b.prompt_logprob_spans:
-            want = self.input_batch.requests[rid].params.prompt_logprobs
-            toks = self.input_batch.requests[rid].token_ids
-            out[rid] = [_logprob_entry(toks[start + 1 + j], lp[offset + j], rank[offset + j],
-                                       top_ids[offset + j], top_lp[offset + j], want)
-                        for j in range(count)]
-        return out
+            st = self.input_batch.requests[rid]
+            toks = st.token_ids[start + 1:start + 1 + count]
+            targets[offset:offset + count] = toks
+            k = max(k, st.params.prompt_logprobs)
+            spans.append((rid, offset, toks, st.params.prompt_logprobs))
+        res = self._prompt_logprobs(all_logits, jnp.asarray(targets), num_logprobs=k)
+        return _PromptScores(spans, res)
 
     def load_params(self, params: Any) -> None:
         self.params = params
+
+
+@dataclass
+class _PromptScores:
+    spans: list[tuple[str, int, list[int], int]]  # (req_id, batch offset, target ids, k)
+    device_result: Any
+
+    def fetch(self) -> dict[str, list]:
+        lp, rank, top_ids, top_lp = jax.device_get(self.device_result)
+        return {rid: [_logprob_entry(t, lp[off + j], rank[off + j], top_ids[off + j],
+                                     top_lp[off + j], k) for j, t in enumerate(toks)]
+                for rid, off, toks, k in self.spans}
+
+
+@dataclass
+class Inflight:
+    """A dispatched step: what collect() needs once the device is done."""
+    req_ids: list[str]
+    sample_mask: np.ndarray
+    sampled: Any                      # SamplerOutput of device arrays
+    logprobs_k: dict[str, int]        # requests that asked for logprobs -> k
+    prompt: Optional[_PromptScores]
 
 
 def _logprob_entry(token: int, logprob: float, rank: int, top_ids: np.ndarray,
