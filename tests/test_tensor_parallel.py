@@ -66,6 +66,14 @@ def _run_engine(d: str, tp: int, dtype: str, inspect: bool) -> dict[str, Any]:
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
     res: dict[str, Any] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
                            "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
+    # A weight swap with unsharded params of the original config lands in the sharded layout.
+    import jax
+    from converters import load_model
+    base = load_model(d, dtype=dtype, cache_dir=None, load_tokenizer=False).params
+    llm.update_weights(jax.tree.map(lambda x: x * 1.25, base))
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    res["tokens_after_update"] = [list(o.outputs[0].token_ids) for o in outs]
+    res["cum_logprobs_after_update"] = [o.outputs[0].cumulative_logprob for o in outs]
     runner = llm.llm_engine.runner
     if inspect:
         b = runner._dummy_batch(32)
@@ -162,6 +170,15 @@ def test_greedy_tokens_match_tp1(report, tp):
     ref, got = report["llama"][1], report["llama"][tp]
     assert got["tokens"] == ref["tokens"]
     assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+
+
+@pytest.mark.parametrize("model, tp", [("llama", 2), ("llama", 8), ("qwen2", 4)])
+def test_update_weights_under_tp(report, model, tp):
+    ref, got = report[model][1], report[model][tp]
+    assert got["tokens_after_update"] == ref["tokens_after_update"]
+    assert got["cum_logprobs_after_update"] == pytest.approx(ref["cum_logprobs_after_update"], abs=1e-3)
+    # the swap changed the model
+    assert ref["cum_logprobs_after_update"] != pytest.approx(ref["cum_logprobs"], abs=1e-3)
 
 
 def test_kv_head_replication_qwen2_tp4(report):

@@ -73,9 +73,8 @@ class LLM:
         new = to_engine_layout(params, engine.loaded.config, "auto")
         runner = engine.runner
         if runner.shardings is not None:
-            from jaxvllm.worker.sharding import shard_model
-            new, _ = shard_model(new, engine.loaded.config, engine.args.tensor_parallel_size)
-        runner.params = swap_in_place(runner.params, new)
+            new = runner.shardings.match_layout(new)
+        runner.params = swap_in_place(runner.params, new)  # places leaf by leaf
         engine.loaded.params = runner.params
         if reset_prefix_cache:
             engine.scheduler.reset_prefix_cache()

@@ -230,9 +230,6 @@ class ModelRunner:
         res = self._prompt_logprobs(all_logits, jnp.asarray(targets), num_logprobs=k)
         return _PromptScores(spans, res)
 
-    def load_params(self, params: Any) -> None:
-        self.params = params
-
 
 @dataclass
 class _PromptScores:

@@ -152,12 +152,13 @@ class TPShardings:
         step passes `score` by keyword, which `jit` allows only without `in_shardings`."""
         return dict(out_shardings=(self.kv_cache, self.replicated, self.replicated))
 
-    def shard_params(self, params: Any) -> Any:
-        """Places an unsharded params pytree of the original config (e.g. a weight swap) like
-        `shard_model` did."""
+    def match_layout(self, params: Any) -> Any:
+        """An unsharded params pytree of the original config (e.g. a weight swap) in the sharded
+        model's layout (KV heads replicated as `shard_model` did). Placement is left to the caller,
+        so a swap can place one leaf at a time."""
         if self.kv_replication > 1:
             params = _replicate_kv(params, self.model_config.head_dim, self.kv_replication)
-        return jax.tree.map(_place, params, self.params)
+        return params
 
 
 def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
