@@ -157,7 +157,7 @@ def test_serve_against_fake_server(capsys):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from fake_engine import FakeEngine
     from jaxvllm.config import EngineArgs
-    from jaxvllm.entrypoints.openai.api_server import ServerThread
+    from jaxvllm.entrypoints.openai.launch import ServerThread
     from jaxvllm.benchmarks import serve
     with ServerThread(EngineArgs(max_model_len=256, max_num_seqs=8),
                       engine_factory=lambda a: FakeEngine(a, token_delay=0.002)) as srv:

@@ -12,7 +12,7 @@ import pytest
 
 from fake_engine import FakeEngine, FakeTokenizer
 from jaxvllm.config import EngineArgs
-from jaxvllm.entrypoints.openai.api_server import ServerThread
+from jaxvllm.entrypoints.openai.launch import ServerThread
 from test_server_helpers import assert_error, http, metric, raw_request, sse_events, wait_until
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -28,7 +28,8 @@ def _env() -> dict:
 
 def test_serve_flags_via_cli_dispatcher():
     from jaxvllm.entrypoints.cli import build_parser
-    from jaxvllm.entrypoints.openai.api_server import _engine_args_from, default_served_model_name
+    from jaxvllm.entrypoints.openai.api_server import _engine_args_from
+    from jaxvllm.entrypoints.openai.server import default_served_model_name
     args = build_parser().parse_args(
         ["serve", "/models/my-model", "--max-model-len", "300", "--max-num-seqs", "4",
          "--no-enable-prefix-caching", "--port", "0", "--api-key", "k",

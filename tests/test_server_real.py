@@ -29,7 +29,7 @@ MAX_LEN = 512
 
 @pytest.fixture(scope="module")
 def srv():
-    from jaxvllm.entrypoints.openai.api_server import ServerThread
+    from jaxvllm.entrypoints.openai.launch import ServerThread
     args = EngineArgs(max_model_len=MAX_LEN, max_num_seqs=8, num_gpu_blocks_override=256,
                       enforce_eager=True, max_num_batched_tokens=64, token_buckets=(8, 64),
                       dtype="float32")

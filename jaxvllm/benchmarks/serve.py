@@ -304,7 +304,7 @@ class _Launched:
         args = self.args
         C.ensure_tokenizer(args)
         if args.launch == "inprocess":
-            from jaxvllm.entrypoints.openai.api_server import ServerThread
+            from jaxvllm.entrypoints.openai.launch import ServerThread
             C.log("starting the server in-process ...")
             self.thread = ServerThread(C.engine_args_from(args),
                                        ready_timeout=args.launch_timeout).start()
