@@ -43,9 +43,8 @@ class EngineArgs:
         "help": "Converted-weights cache (default: ~/.cache/jaxvllm/weights; 'none' disables)."})
     token_buckets: Optional[tuple[int, ...]] = field(default=None, metadata={
         "help": "Compiled token-count buckets (default: powers of two up to the token budget)."})
-    request_buckets: Optional[tuple[int, ...]] = field(default=None, metadata={
-        "help": "Compiled request-count buckets (default: powers of two up to max_num_seqs)."})
-    disable_log_stats: bool = field(default=False, metadata={"help": "Do not log engine stats."})
+    disable_log_stats: bool = field(default=False, metadata={
+        "help": "Do not log throughput, queue and KV-cache stats every few seconds."})
     async_scheduling: bool = field(default=True, metadata={
         "help": "Schedule and dispatch the next step while the device runs the current one "
                 "(steps with penalty sampling run synchronously)."})
@@ -74,13 +73,11 @@ class EngineArgs:
         if not (isinstance(self.gpu_memory_utilization, (int, float))
                 and 0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("token_buckets", "request_buckets"):
-            v = getattr(self, name)
-            if v is not None:
-                v = tuple(v)
-                if not v or any(not isinstance(x, int) or x < 1 for x in v):
-                    raise ValueError(f"{name} must be a non-empty list of positive ints, got {v!r}")
-                setattr(self, name, tuple(sorted(set(v))))
+        if self.token_buckets is not None:
+            v = tuple(self.token_buckets)
+            if not v or any(not isinstance(x, int) or x < 1 for x in v):
+                raise ValueError(f"token_buckets must be a non-empty list of positive ints, got {v!r}")
+            self.token_buckets = tuple(sorted(set(v)))
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -291,3 +291,21 @@ def test_async_scheduling_equals_sync(llm, scheduler_config):
     assert results[True, 96] == results[False, 96]
     assert results[True, 6] == results[False, 6] == results[True, 96]
     assert engine._inflight is None
+
+
+def test_periodic_stats_log(llm, caplog, monkeypatch):
+    from jaxvllm.engine import llm_engine
+    monkeypatch.setattr(llm_engine._StatsLogger, "INTERVAL_S", 0.0)
+    with caplog.at_level("INFO", logger="jaxvllm.engine.llm_engine"):
+        llm.generate(PROMPTS[0], greedy(3), use_tqdm=False)
+    lines = [r.getMessage() for r in caplog.records if "generation throughput" in r.getMessage()]
+    assert lines and "KV cache usage" in lines[-1]
+    assert any(not l.startswith("prompt throughput 0.0") for l in lines)  # the prefill was counted
+    llm.llm_engine.args.disable_log_stats = True
+    try:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="jaxvllm.engine.llm_engine"):
+            llm.generate(PROMPTS[0], greedy(3), use_tqdm=False)
+        assert not [r for r in caplog.records if "generation throughput" in r.getMessage()]
+    finally:
+        llm.llm_engine.args.disable_log_stats = False

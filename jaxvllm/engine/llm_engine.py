@@ -71,6 +71,7 @@ class LLMEngine:
         self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
         self._parents: dict[str, _Parent] = {}
         self._inflight: Optional[tuple[Any, Any]] = None   # (SchedulerOutput, dispatched step)
+        self._stats_log = _StatsLogger()
         # Penalties need every earlier token on the host: while such requests live, steps are synchronous.
         self._num_penalized = 0
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
@@ -205,6 +206,8 @@ class LLMEngine:
         so, handle = self._inflight
         self._inflight = None
         runner_out = self.runner.collect(handle)
+        if not self.args.disable_log_stats:
+            self._stats_log.record(so, runner_out, self.scheduler)
         return self._process(self.scheduler.update_from_output(so, runner_out))
 
     def _process(self, core_outs: list[EngineCoreOutput]) -> list[RequestOutput]:
@@ -273,6 +276,37 @@ class LLMEngine:
         s = self.scheduler.stats
         return EngineStats(s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries,
                            s.prefix_cache_hits, s.num_preemptions)
+
+
+class _StatsLogger:
+    """vLLM-style periodic log line: prompt/generation throughput, queue and KV-cache state."""
+    INTERVAL_S = 5.0
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+
+    def record(self, so: Any, runner_out: Any, scheduler: Scheduler) -> None:
+        self.generated_tokens += len(runner_out.sampled_token_ids)
+        starts = [(nr.req_id, nr.num_computed_tokens, len(nr.prompt_token_ids) + len(nr.output_token_ids))
+                  for nr in so.new_reqs]
+        for c in so.cached_reqs:
+            req = scheduler.get_request(c.req_id)
+            if req is not None:
+                starts.append((c.req_id, c.num_computed_tokens, req.num_prompt_tokens))
+        for rid, start, prompt_len in starts:  # prompt positions computed this step
+            self.prompt_tokens += max(0, min(start + so.num_scheduled_tokens[rid], prompt_len) - start)
+        now = time.monotonic()
+        if now - self.last < self.INTERVAL_S:
+            return
+        dt, self.last = now - self.last, now
+        s = scheduler.stats
+        logger.info("prompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, "
+                    "waiting %d, KV cache usage %.1f%%, prefix cache hit rate %.1f%%",
+                    self.prompt_tokens / dt, self.generated_tokens / dt, s.num_running,
+                    s.num_waiting, 100 * s.kv_cache_usage, 100 * s.prefix_cache_hit_rate)
+        self.prompt_tokens = self.generated_tokens = 0
 
 
 def _generation_eos_ids(gen_config: Optional[dict]) -> set[int]:
