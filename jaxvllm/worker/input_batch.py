@@ -178,7 +178,7 @@ class InputBatch:
             out["presence_penalty"][i] = p.presence_penalty
             out["frequency_penalty"][i] = p.frequency_penalty
             out["repetition_penalty"][i] = p.repetition_penalty
-            out["seeds"][i] = s.seed
+            out["seeds"][i] = s.seed & 0xFFFFFFFF  # any Python int seed, as its low 32 bits
             # build() already counted this step's sample as pending: it is output number k - 1.
             k = s.num_output_tokens - 1 if batch.sample_mask[i] else s.num_output_tokens
             out["steps"][i] = k

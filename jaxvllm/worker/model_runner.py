@@ -66,8 +66,9 @@ class ModelRunner:
                                       rc.max_num_seqs, cfg.vocab_size, rc.seed)
         self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("score",),
                              **({} if shardings is None else shardings.step_jit_kwargs()))
+        self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
         self._sample = jax.jit(self._sample_impl,
-                               static_argnames=("mode", "num_logprobs", "topk_bound"))
+                               static_argnames=("num_stop", "mode", "num_logprobs", "topk_bound"))
         self._prompt_logprobs = sampler_lib.prompt_logprobs_jit
         self._prev_sampled = jnp.zeros(rc.max_num_seqs, jnp.int32)
         self.num_blocks = rc.num_blocks or self._profile_num_blocks()
@@ -76,9 +77,9 @@ class ModelRunner:
         self._log_capacity()
 
     # ---- the jitted step -------------------------------------------------------------------
-    def _step_impl(self, params: Any, kv_cache: llama.KVCache, inp: llama.ModelInputs,
-                   logits_indices: jax.Array, prev_sampled: jax.Array, prev_rows: jax.Array,
-                   score: bool = False):
+    def _step_impl(self, params: Any, kv_cache: llama.KVCache, packed: jax.Array,
+                   prev_sampled: jax.Array, score: bool = False):
+        inp, logits_indices, prev_rows = self._unpack_inputs(packed)
         # Decode inputs whose ids are the previous step's samples are read on device (async
         # scheduling: the host never waited for them).
         token_ids = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], inp.token_ids)
@@ -89,14 +90,43 @@ class ModelRunner:
         all_logits = llama.compute_logits(params, hidden, self.cfg) if score else None
         return kv_cache, logits, all_logits
 
+    # The host batch crosses to the device as ONE int32 array (and the sampling knobs as two):
+    # every separate host array passed to a jitted call is its own transfer, which measured
+    # ~0.5 ms each on the GPU, more than the batch-1 step's slack.
+    def _packed_len(self, t: int) -> int:
+        r = self.input_batch.request_bucket(t)
+        return 4 * t + (r + 1) + 2 * r + 1 + r * self.max_blocks_per_seq
+
     def _device_inputs(self, b: StepBatch) -> tuple[Any, ...]:
         """The step's arguments after params and cache."""
-        return (llama.ModelInputs(b.token_ids, b.positions, b.slot_mapping, b.query_start_loc,
-                                  b.seq_lens, b.block_tables, b.num_seqs),
-                b.logits_indices, self._prev_sampled, b.prev_rows)
+        packed = np.concatenate([b.token_ids, b.positions, b.slot_mapping, b.prev_rows,
+                                 b.query_start_loc, b.seq_lens, b.logits_indices, b.num_seqs,
+                                 b.block_tables.ravel()])
+        return packed, self._prev_sampled
 
-    def _sample_impl(self, logits: jax.Array, tensors: Any, *, mode: str, num_logprobs: int,
-                     topk_bound: int) -> sampler_lib.SamplerOutput:
+    def _unpack_inputs(self, packed: jax.Array) -> tuple[llama.ModelInputs, jax.Array, jax.Array]:
+        t = self._bucket_by_packed_len[packed.shape[0]]  # static: shapes are known when tracing
+        r = self.input_batch.request_bucket(t)
+        sizes = [t, t, t, t, r + 1, r, r, 1, r * self.max_blocks_per_seq]
+        parts, o = [], 0
+        for n in sizes:
+            parts.append(packed[o:o + n])
+            o += n
+        token_ids, positions, slots, prev_rows, qsl, seq_lens, logits_indices, num_seqs, bt = parts
+        inp = llama.ModelInputs(token_ids, positions, slots, qsl, seq_lens,
+                                bt.reshape(r, self.max_blocks_per_seq), num_seqs)
+        return inp, logits_indices, prev_rows
+
+    def _sample_impl(self, logits: jax.Array, f32: jax.Array, i32: jax.Array, *, num_stop: int,
+                     mode: str, num_logprobs: int, topk_bound: int) -> sampler_lib.SamplerOutput:
+        hist = (i32.shape[0] - 4 - num_stop) // 2
+        stop_end = 4 + num_stop
+        tensors = sampler_lib.SamplingTensors(
+            temperature=f32[0], top_p=f32[1], min_p=f32[2], presence_penalty=f32[3],
+            frequency_penalty=f32[4], repetition_penalty=f32[5], top_k=i32[0], seeds=i32[1],
+            steps=i32[2], min_tokens_active=i32[3] != 0, stop_ids=i32[4:stop_end].T,
+            penalty_tokens=i32[stop_end:stop_end + hist].T,
+            penalty_is_output=i32[stop_end + hist:].T != 0)
         out = sampler_lib.sample(logits, tensors, mode=mode, num_logprobs=num_logprobs,
                                  topk_bound=topk_bound)
         # Padded to max_num_seqs so the next step's input gather has one shape for every bucket.
@@ -157,10 +187,10 @@ class ModelRunner:
         for t in it:
             b = self._dummy_batch(t)
             self.kv_cache, logits, _ = self._step(self.params, self.kv_cache, *self._device_inputs(b))
-            tensors = sampler_lib.SamplingTensors(**self.input_batch.sampling_arrays(b))
+            f32, i32, num_stop = _pack_sampling(self.input_batch.sampling_arrays(b))
             for mode in ("greedy", "random", "random_sort"):
-                jax.block_until_ready(self._sample(logits, tensors, mode=mode, num_logprobs=0,
-                                                   topk_bound=0))
+                jax.block_until_ready(self._sample(logits, f32, i32, num_stop=num_stop, mode=mode,
+                                                   num_logprobs=0, topk_bound=0))
         jax.block_until_ready(self.kv_cache)
         return time.perf_counter() - t0
 
@@ -184,7 +214,8 @@ class ModelRunner:
         n = len(b.req_ids)
         knobs = arrays["temperature"][:n], arrays["top_k"][:n], arrays["top_p"][:n]
         mode = sampler_lib.sampling_mode(*knobs)
-        sampled = self._sample(logits, sampler_lib.SamplingTensors(**arrays), mode=mode,
+        f32, i32, num_stop = _pack_sampling(arrays)
+        sampled = self._sample(logits, f32, i32, num_stop=num_stop, mode=mode,
                                num_logprobs=ib.num_logprobs(b),
                                topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
         self._prev_sampled = sampled.token_ids
@@ -229,6 +260,17 @@ class ModelRunner:
             spans.append((rid, offset, toks, st.params.prompt_logprobs))
         res = self._prompt_logprobs(all_logits, jnp.asarray(targets), num_logprobs=k)
         return _PromptScores(spans, res)
+
+
+def _pack_sampling(a: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    """The sampling knobs as one float32 [6, R] and one int32 [4 + S + 2L, R] array (+ S)."""
+    f32 = np.stack([a["temperature"], a["top_p"], a["min_p"], a["presence_penalty"],
+                    a["frequency_penalty"], a["repetition_penalty"]])
+    i32 = np.concatenate([
+        np.stack([a["top_k"], a["seeds"].view(np.int32), a["steps"],
+                  a["min_tokens_active"].astype(np.int32)]),
+        a["stop_ids"].T, a["penalty_tokens"].T, a["penalty_is_output"].T.astype(np.int32)])
+    return f32, i32, a["stop_ids"].shape[1]
 
 
 @dataclass
