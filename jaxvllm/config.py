@@ -45,6 +45,9 @@ class EngineArgs:
         "help": "Compiled token-count buckets (default: powers of two up to the token budget)."})
     disable_log_stats: bool = field(default=False, metadata={
         "help": "Do not log throughput, queue and KV-cache stats every few seconds."})
+    scheduling_policy: str = field(default="fcfs", metadata={
+        "help": "fcfs (arrival order) or priority (SamplingParams.priority, lower first; "
+                "preemption takes the lowest priority).", "choices": ("fcfs", "priority")})
     async_scheduling: bool = field(default=True, metadata={
         "help": "Schedule and dispatch the next step while the device runs the current one "
                 "(steps with penalty sampling run synchronously)."})
@@ -68,6 +71,8 @@ class EngineArgs:
             pos_int(name)
         for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
             pos_int(name, optional=True)
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not (isinstance(self.gpu_memory_utilization, (int, float))

@@ -309,3 +309,19 @@ def test_periodic_stats_log(llm, caplog, monkeypatch):
         assert not [r for r in caplog.records if "generation throughput" in r.getMessage()]
     finally:
         llm.llm_engine.args.disable_log_stats = False
+
+
+def test_priority_scheduling_policy(llm, scheduler_config):
+    """With the priority policy and room for one request at a time, the lower value runs first."""
+    sched = scheduler_config(policy="priority", max_num_seqs=1)
+    engine = llm.llm_engine
+    engine.add_request("late-low", PROMPTS[0], greedy(3, priority=5))
+    engine.add_request("urgent", PROMPTS[1], greedy(3, priority=-1))
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["urgent", "late-low"]
+    assert sched.config.policy == "priority"
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        from jaxvllm.config import EngineArgs
+        EngineArgs(scheduling_policy="lifo")

@@ -80,5 +80,6 @@ def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConf
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                             max_model_len=max_model_len, num_blocks=runner.num_blocks,
                             block_size=args.block_size,
-                            enable_prefix_caching=args.enable_prefix_caching)
+                            enable_prefix_caching=args.enable_prefix_caching,
+                            policy=args.scheduling_policy)
     return runner, max_model_len, sched
