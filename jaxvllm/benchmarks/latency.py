@@ -1,6 +1,6 @@
 """Latency of one batch (fixed batch size and lengths, random token-id prompts, ignore_eos): time to
 first token, time per output token and tok/s (medians over --iters after --warmup-iters), beside the
-weight-read roofline: roofline tok/s = batch / (param bytes / memory bandwidth), the bandwidth
+weight-read roofline: roofline tok/s = batch / (param bytes / (memory bandwidth x TP size)), the bandwidth
 measured with a large device copy in the same run (or given with --bandwidth-tbs).
 
     jaxvllm bench latency --model bench/configs/llama-3-8b --load-format dummy --dtype bfloat16 \\
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     lat = C.median([x["latency_s"] for x in iters])
     ttft = C.median([x["ttft_s"] for x in iters])
     tpot = C.median([x["tpot_s"] for x in iters])
-    step_bound = nbytes / bw
+    # Under tensor parallelism each card reads its 1/N of the weights, all cards at once.
+    step_bound = nbytes / (bw * args.tensor_parallel_size)
     result = {
         "benchmark": "latency", "model": args.model, "dtype": args.dtype,
         "load_format": args.load_format, "batch_size": args.batch_size,
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             ["end-to-end latency s", lat],
             ["output tok/s (end to end)", result["output_tokens_per_s"]],
             ["decode tok/s (batch / TPOT)", result["decode_tokens_per_s"]],
-            ["roofline step ms (params / bandwidth)", result["roofline_step_ms"]],
+            ["roofline step ms (params / (bandwidth x TP))", result["roofline_step_ms"]],
             ["roofline decode tok/s", result["roofline_tokens_per_s"]],
             ["decode / roofline", f"{result['decode_fraction_of_roofline']:.1%}"],
             ["param GB", nbytes / 1e9], ["bandwidth TB/s", f"{bw / 1e12:.3f} ({bw_source})"],
