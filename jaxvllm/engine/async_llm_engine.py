@@ -12,7 +12,8 @@ import threading
 from typing import AsyncIterator, Optional
 
 from jaxvllm.config import EngineArgs
-from jaxvllm.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from jaxvllm.core.scheduler import SchedulerStats
+from jaxvllm.engine.llm_engine import LLMEngine, PromptType
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import SamplingParams
 
@@ -96,7 +97,7 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
 
-    def get_stats(self) -> EngineStats:
+    def get_stats(self) -> SchedulerStats:
         return self._stats
 
     def _post(self, kind: str, payload: object) -> None:

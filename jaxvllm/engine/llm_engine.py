@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.outputs import EngineCoreOutput
 from jaxvllm.core.request import Request, RequestStatus
-from jaxvllm.core.scheduler import Scheduler, SchedulerConfig
+from jaxvllm.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import SamplingParams
@@ -18,16 +18,6 @@ from jaxvllm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 PromptType = Union[str, list[int], dict]
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
 
 
 @dataclass
@@ -52,6 +42,7 @@ class _Parent:
     prompt_logprobs: Optional[list] = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    final_only: bool = False  # emit one RequestOutput when finished, none while running
 
     @property
     def finished(self) -> bool:
@@ -108,8 +99,9 @@ class LLMEngine:
 
     def prepare_request(self, request_id: str, prompt: PromptType,
                         params: Optional[SamplingParams] = None,
-                        arrival_time: Optional[float] = None) -> _Parent:
-        """Everything in add_request that does not touch the scheduler (safe off the step thread)."""
+                        arrival_time: Optional[float] = None, final_only: bool = False) -> _Parent:
+        """Everything in add_request that does not touch the scheduler (safe off the step thread).
+        `final_only`: no per-step cumulative outputs (offline batches only read the final one)."""
         params = (params or SamplingParams()).clone()
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already running")
@@ -131,7 +123,8 @@ class LLMEngine:
         return _Parent(request_id, text, ids, params, children,
                        prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                        metrics={"arrival_time": now, "first_scheduled_time": None,
-                                "first_token_time": None, "finished_time": None})
+                                "first_token_time": None, "finished_time": None},
+                       final_only=final_only)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -199,8 +192,8 @@ class LLMEngine:
         outputs = early if overlap else early + self._collect_inflight()
         so = self.scheduler.schedule()
         now = time.monotonic()
-        for rid in so.num_scheduled_tokens:
-            pc = self._child_to_parent.get(rid)
+        for nr in so.new_reqs:  # a request is first scheduled as a new one
+            pc = self._child_to_parent.get(nr.req_id)
             if pc and pc[0].metrics["first_scheduled_time"] is None:
                 pc[0].metrics["first_scheduled_time"] = now
         handle = self.runner.dispatch(so)
@@ -263,6 +256,8 @@ class LLMEngine:
                 self._num_penalized -= parent.params.has_penalties
                 for c in parent.children:
                     self._child_to_parent.pop(c.request_id, None)
+            elif parent.final_only:
+                continue
             outputs.append(self._make_output(parent, finished))
         return outputs
 
@@ -283,10 +278,8 @@ class LLMEngine:
                              None if parent.prompt_logprobs is None else list(parent.prompt_logprobs),
                              outs, finished, parent.num_cached_tokens, dict(parent.metrics))
 
-    def get_stats(self) -> EngineStats:
-        s = self.scheduler.stats
-        return EngineStats(s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries,
-                           s.prefix_cache_hits, s.num_preemptions)
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.stats
 
 
 class _StatsLogger:

@@ -160,7 +160,7 @@ class LLM:
              use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt leaves no half-run batch.
-        prepared = [engine.prepare_request(str(next(self._counter)), p, sp)
+        prepared = [engine.prepare_request(str(next(self._counter)), p, sp, final_only=True)
                     for p, sp in zip(prompts, params_list)]
         order = {p.request_id: i for i, p in enumerate(prepared)}
         for p in prepared:

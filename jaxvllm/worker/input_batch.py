@@ -57,12 +57,11 @@ class StepBatch:
 
 class InputBatch:
     def __init__(self, block_size: int, max_blocks_per_seq: int, token_buckets: tuple[int, ...],
-                 max_num_seqs: int, vocab_size: int, rng_seed: int) -> None:
+                 max_num_seqs: int, rng_seed: int) -> None:
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.token_buckets = token_buckets
         self.max_num_seqs = max_num_seqs
-        self.vocab_size = vocab_size
         self.requests: dict[str, RequestState] = {}
         self._seed_rng = np.random.default_rng(rng_seed)
         self.last_rows: dict[str, int] = {}  # req_id -> its sample row in the last built step

@@ -41,7 +41,6 @@ class RunnerConfig:
     gpu_memory_utilization: float = 0.9
     kv_dtype: Any = jnp.bfloat16
     token_buckets: Optional[tuple[int, ...]] = None
-    max_logprobs: int = 20
     seed: int = 0
 
 
@@ -63,7 +62,7 @@ class ModelRunner:
         self.token_buckets = tuple(buckets)
         self.max_blocks_per_seq = -(-rc.max_model_len // rc.block_size)
         self.input_batch = InputBatch(rc.block_size, self.max_blocks_per_seq, self.token_buckets,
-                                      rc.max_num_seqs, cfg.vocab_size, rc.seed)
+                                      rc.max_num_seqs, rc.seed)
         self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("score",),
                              **({} if shardings is None else shardings.step_jit_kwargs()))
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
@@ -136,7 +135,8 @@ class ModelRunner:
     # ---- memory ------------------------------------------------------------------------------
     def _profile_num_blocks(self) -> int:
         per_block = llama.kv_cache_bytes_per_block(self.cfg, self.rc.block_size, self.rc.kv_dtype)
-        per_block //= max(1, getattr(self.shardings, "kv_split", 1) if self.shardings else 1)
+        if self.shardings is not None:
+            per_block //= self.shardings.kv_split  # each device holds its KV heads only
         dev = jax.local_devices()[0]
         stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
         if not stats or "bytes_limit" not in stats:
