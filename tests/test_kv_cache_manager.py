@@ -1,4 +1,3 @@
-import pytest
 
 from jaxvllm.core.kv_cache_manager import KVCacheManager, block_token_ids, ensure_block_hashes
 from jaxvllm.core.request import Request

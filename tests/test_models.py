@@ -2,7 +2,6 @@
 runs, and the embedded SmolLM2 GGUF against HF loading the same GGUF."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from jaxvllm.config import EngineArgs
-from test_server_helpers import http, wait_until
+from test_server_helpers import http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")

@@ -9,7 +9,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -346,3 +346,12 @@ def parse_rates(text: str) -> list[float]:
 def iter_chunks(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(seq), size):
         yield seq[i:i + size]
+
+
+def script_main(name: str, doc: Optional[str], add_args: Callable[[argparse.ArgumentParser], Any],
+                run: Callable[[argparse.Namespace], int], argv: Optional[list[str]] = None) -> int:
+    """`python bench/NAME.py ...`: the same flags as `jaxvllm bench NAME`."""
+    parser = argparse.ArgumentParser(prog=f"jaxvllm bench {name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    return run(parser.parse_args(argv))

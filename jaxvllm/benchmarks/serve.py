@@ -411,10 +411,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxvllm bench serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser)
-    return run(parser.parse_args(argv))
+    return C.script_main("serve", __doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

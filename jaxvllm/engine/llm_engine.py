@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.outputs import EngineCoreOutput
 from jaxvllm.core.request import Request, RequestStatus
-from jaxvllm.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats
+from jaxvllm.core.scheduler import Scheduler, SchedulerStats
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import SamplingParams
