@@ -37,7 +37,6 @@ class AsyncLLMEngine:
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
-        self._stats = engine.get_stats()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
@@ -98,7 +97,9 @@ class AsyncLLMEngine:
         self._post("abort", request_id)
 
     def get_stats(self) -> SchedulerStats:
-        return self._stats
+        # Read at scrape time from the event loop: plain counters, safe to read while the step
+        # thread runs, so the step loop does no metrics work.
+        return self.engine.get_stats()
 
     def _post(self, kind: str, payload: object) -> None:
         with self._lock:
@@ -112,12 +113,10 @@ class AsyncLLMEngine:
             while not self._stop:
                 self._drain_inbox()
                 if not engine.has_unfinished_requests():
-                    self._stats = engine.get_stats()
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
                 outputs = engine.step()
-                self._stats = engine.get_stats()
                 for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as e:  # a dead engine must not leave clients waiting forever
