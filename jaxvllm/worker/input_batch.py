@@ -16,6 +16,13 @@ from jaxvllm.sampling_params import SamplingParams
 PAD_SLOT = np.iinfo(np.int32).max
 
 
+# Packed sampler inputs: float32 rows (in this order) and int32 rows
+# [top_k, seed, step, min_tokens active, S stop ids, L penalty tokens, L penalty is-output].
+F32_KNOBS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+             "repetition_penalty")
+_F32_PAD = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # padding rows: greedy, no-ops
+
+
 @dataclass
 class RequestState:
     req_id: str
@@ -27,6 +34,15 @@ class RequestState:
     num_computed_tokens: int = 0
     stop_ids: list[int] = field(default_factory=list)  # masked while below min_tokens
     num_pending: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
+    # The request's constant sampling knobs, as one column of the packed sampler inputs.
+    f32_knobs: np.ndarray = field(init=False, repr=False)
+    seed32: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.f32_knobs = np.array([getattr(p, k) for k in F32_KNOBS], np.float32)
+        # Any Python int seed, as its low 32 bits in an int32 lane.
+        self.seed32 = int(np.uint32(self.seed & 0xFFFFFFFF).view(np.int32))
 
     @property
     def num_output_tokens(self) -> int:
@@ -150,48 +166,37 @@ class InputBatch:
                          block_tables, np.array([len(req_ids)], np.int32), logits_indices,
                          sample_mask, prev_rows, spans)
 
-    def sampling_arrays(self, batch: StepBatch) -> dict[str, np.ndarray]:
-        """Per-request sampling knobs padded to R (the sampler's SamplingTensors fields)."""
+    def sampling_arrays(self, batch: StepBatch) -> tuple[np.ndarray, np.ndarray, int]:
+        """The packed sampler inputs padded to R: float32 [6, R], int32 [4 + S + 2L, R], and S
+        (the sampler's SamplingTensors are unpacked from them on device)."""
         r = len(batch.logits_indices)
-        f32 = lambda: np.zeros(r, np.float32)
-        out = {
-            "temperature": f32(), "top_k": np.zeros(r, np.int32), "top_p": np.ones(r, np.float32),
-            "min_p": f32(), "presence_penalty": f32(), "frequency_penalty": f32(),
-            "repetition_penalty": np.ones(r, np.float32), "seeds": np.zeros(r, np.uint32),
-            "steps": np.zeros(r, np.int32), "min_tokens_active": np.zeros(r, bool),
-        }
         states = [self.requests[rid] for rid in batch.req_ids]
-        max_stop = max((len(s.stop_ids) for s in states if s.params.min_tokens), default=0)
-        stop_ids = np.full((r, max(max_stop, 1)), -1, np.int32)
+        n = len(states)
+        f32 = np.repeat(_F32_PAD[:, None], r, axis=1)
+        masked = [i for i, s in enumerate(states) if s.params.min_tokens and s.stop_ids]
         penalized = [i for i, s in enumerate(states) if s.params.has_penalties]
-        max_hist = max((len(states[i].token_ids) for i in penalized), default=0)
-        hist_len = 0 if not penalized else _pow2_at_least(max_hist)
-        pen_tokens = np.full((r, hist_len), -1, np.int32)
-        pen_is_out = np.zeros((r, hist_len), bool)
-        for i, s in enumerate(states):
-            p = s.params
-            out["temperature"][i] = p.temperature
-            out["top_k"][i] = p.top_k
-            out["top_p"][i] = p.top_p
-            out["min_p"][i] = p.min_p
-            out["presence_penalty"][i] = p.presence_penalty
-            out["frequency_penalty"][i] = p.frequency_penalty
-            out["repetition_penalty"][i] = p.repetition_penalty
-            out["seeds"][i] = s.seed & 0xFFFFFFFF  # any Python int seed, as its low 32 bits
+        num_stop = max((len(states[i].stop_ids) for i in masked), default=1)
+        hist = _pow2_at_least(max(len(states[i].token_ids) for i in penalized)) if penalized else 0
+        i32 = np.zeros((4 + num_stop + 2 * hist, r), np.int32)
+        i32[4:4 + num_stop + hist] = -1  # stop ids and penalty tokens: -1 is padding
+        if n:
+            f32[:, :n] = np.stack([s.f32_knobs for s in states], axis=1)
+            i32[0, :n] = [s.params.top_k for s in states]
+            i32[1, :n] = [s.seed32 for s in states]
             # build() already counted this step's sample as pending: it is output number k - 1.
-            k = s.num_output_tokens - 1 if batch.sample_mask[i] else s.num_output_tokens
-            out["steps"][i] = k
-            if k < p.min_tokens and s.stop_ids:
-                out["min_tokens_active"][i] = True
-                stop_ids[i, :len(s.stop_ids)] = s.stop_ids
+            i32[2, :n] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
+                - batch.sample_mask[:n]
+        for i in masked:
+            s = states[i]
+            if i32[2, i] < s.params.min_tokens:
+                i32[3, i] = 1
+                i32[4:4 + len(s.stop_ids), i] = s.stop_ids
+        base = 4 + num_stop
         for i in penalized:
             toks = states[i].token_ids
-            pen_tokens[i, :len(toks)] = toks
-            pen_is_out[i, states[i].num_prompt_tokens:len(toks)] = True
-        out["stop_ids"] = stop_ids
-        out["penalty_tokens"] = pen_tokens
-        out["penalty_is_output"] = pen_is_out
-        return out
+            i32[base:base + len(toks), i] = toks
+            i32[base + hist + states[i].num_prompt_tokens:base + hist + len(toks), i] = 1
+        return f32, i32, num_stop
 
     def num_logprobs(self, batch: StepBatch) -> int:
         """Static top-k width for this batch's sampled-token logprobs (0: none asked)."""

@@ -187,7 +187,7 @@ class ModelRunner:
         for t in it:
             b = self._dummy_batch(t)
             self.kv_cache, logits, _ = self._step(self.params, self.kv_cache, *self._device_inputs(b))
-            f32, i32, num_stop = _pack_sampling(self.input_batch.sampling_arrays(b))
+            f32, i32, num_stop = self.input_batch.sampling_arrays(b)
             for mode in ("greedy", "random", "random_sort"):
                 jax.block_until_ready(self._sample(logits, f32, i32, num_stop=num_stop, mode=mode,
                                                    num_logprobs=0, topk_bound=0))
@@ -210,11 +210,10 @@ class ModelRunner:
         score = bool(b.prompt_logprob_spans)
         self.kv_cache, logits, all_logits = self._step(self.params, self.kv_cache,
                                                        *self._device_inputs(b), score=score)
-        arrays = ib.sampling_arrays(b)
+        f32, i32, num_stop = ib.sampling_arrays(b)
         n = len(b.req_ids)
-        knobs = arrays["temperature"][:n], arrays["top_k"][:n], arrays["top_p"][:n]
+        knobs = f32[0, :n], i32[0, :n], f32[1, :n]  # temperature, top_k, top_p
         mode = sampler_lib.sampling_mode(*knobs)
-        f32, i32, num_stop = _pack_sampling(arrays)
         sampled = self._sample(logits, f32, i32, num_stop=num_stop, mode=mode,
                                num_logprobs=ib.num_logprobs(b),
                                topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
@@ -260,17 +259,6 @@ class ModelRunner:
             spans.append((rid, offset, toks, st.params.prompt_logprobs))
         res = self._prompt_logprobs(all_logits, jnp.asarray(targets), num_logprobs=k)
         return _PromptScores(spans, res)
-
-
-def _pack_sampling(a: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-    """The sampling knobs as one float32 [6, R] and one int32 [4 + S + 2L, R] array (+ S)."""
-    f32 = np.stack([a["temperature"], a["top_p"], a["min_p"], a["presence_penalty"],
-                    a["frequency_penalty"], a["repetition_penalty"]])
-    i32 = np.concatenate([
-        np.stack([a["top_k"], a["seeds"].view(np.int32), a["steps"],
-                  a["min_tokens_active"].astype(np.int32)]),
-        a["stop_ids"].T, a["penalty_tokens"].T, a["penalty_is_output"].T.astype(np.int32)])
-    return f32, i32, a["stop_ids"].shape[1]
 
 
 @dataclass
