@@ -133,10 +133,12 @@ class InputBatch:
         last_rows = self.last_rows
         self.last_rows = {}
 
+        # Per request: only what needs its Python state; per-token arrays are vectorized below.
+        starts = np.empty(len(req_ids), np.int64)
         offset = 0
         for i, (rid, n) in enumerate(zip(req_ids, counts.tolist())):
             st = self.requests[rid]
-            start = st.num_computed_tokens
+            start = starts[i] = st.num_computed_tokens
             end = start + n
             known = len(st.token_ids)
             if end <= known:
@@ -144,13 +146,7 @@ class InputBatch:
             else:  # the last token is the previous step's sample, still on the device
                 token_ids[offset:offset + n - 1] = st.token_ids[start:end - 1]
                 prev_rows[offset + n - 1] = last_rows[rid]
-            pos = np.arange(start, end, dtype=np.int32)
-            positions[offset:offset + n] = pos
-            blocks = np.asarray(st.block_ids, np.int32)
-            slot_mapping[offset:offset + n] = blocks[pos // bs] * bs + pos % bs
-            block_tables[i, :len(blocks)] = blocks
-            seq_lens[i] = end
-            qsl[i + 1] = offset + n
+            block_tables[i, :len(st.block_ids)] = st.block_ids
             if end == known + st.num_pending:
                 sample_mask[i] = True
                 logits_indices[i] = offset + n - 1
@@ -162,6 +158,13 @@ class InputBatch:
                 spans.append((rid, offset, start, last - start))
             st.num_computed_tokens = end
             offset += n
+        nreq = len(req_ids)
+        seq_lens[:nreq] = starts + counts
+        np.cumsum(counts, out=qsl[1:nreq + 1])
+        seq_of_token = np.repeat(np.arange(nreq), counts)
+        pos = np.arange(total) + np.repeat(starts - qsl[:nreq], counts)
+        positions[:total] = pos
+        slot_mapping[:total] = block_tables[seq_of_token, pos // bs] * bs + pos % bs
         return StepBatch(req_ids, total, token_ids, positions, slot_mapping, qsl, seq_lens,
                          block_tables, np.array([len(req_ids)], np.int32), logits_indices,
                          sample_mask, prev_rows, spans)
