@@ -173,10 +173,6 @@ def _observe(tracked: dict[str, Tracked], outs) -> None:
                 assert len(plp) == len(t.prompt), (rid, len(plp), len(t.prompt))
 
 
-def _child_ids(rid: str, n: int) -> set[str]:
-    return {rid} if n == 1 else {f"{i}_{rid}" for i in range(n)}
-
-
 def _inflight_parents(engine) -> list[str]:
     if engine._inflight is None:
         return []
@@ -202,7 +198,7 @@ def _assert_engine_idle(engine) -> None:
     assert not engine.has_unfinished_requests()
     engine.step()  # lets the runner drop the states of requests that finished in the last step
     sched = engine.scheduler
-    assert engine._inflight is None and not engine._early_outputs
+    assert engine._inflight is None
     assert not sched._finished_req_ids
     assert not sched.has_unfinished_requests() and not sched.running and len(sched.waiting) == 0
     sched.check_invariants()
@@ -235,7 +231,7 @@ def _stress(engine, seed: int, favorites: list[int]) -> None:
     reusable: list[str] = []   # ids of finished or aborted requests: may be used again
     num_requests = 150
     added = aborted_inflight = reused_inflight = 0
-    ended_n: dict[str, int] = {}  # ended request id -> its n
+    child_ids: dict[str, set[str]] = {}  # request id -> the engine's internal ids of its samples
     preemptions0 = engine.scheduler.num_preemptions
     hits0 = engine.scheduler.kv_cache_manager.prefix_cache_hits
 
@@ -243,7 +239,7 @@ def _stress(engine, seed: int, favorites: list[int]) -> None:
         if engine._inflight is None:
             return []
         scheduled = set(engine._inflight[0].num_scheduled_tokens)
-        return [r for r in reusable if scheduled & _child_ids(r, ended_n[r])]
+        return [r for r in reusable if scheduled & child_ids[r]]
 
     def add(reuse: bool) -> str:
         nonlocal added, reused_inflight
@@ -267,6 +263,7 @@ def _stress(engine, seed: int, favorites: list[int]) -> None:
             rid = f"s{seed}-{added}"
         added += 1
         engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+        child_ids[rid] = {c.request_id for c in engine._parents[rid].children}
         tracked[rid] = Tracked(rid, prompt, params, _stop_set(params),
                                [[] for _ in range(params.n)], [None] * params.n,
                                reused_inflight=hot_reuse)
@@ -281,7 +278,6 @@ def _stress(engine, seed: int, favorites: list[int]) -> None:
     def end(rid: str) -> None:
         alive.remove(rid)
         reusable.append(rid)
-        ended_n[rid] = tracked[rid].params.n
         history.append(tracked.pop(rid))
 
     history: list[Tracked] = []

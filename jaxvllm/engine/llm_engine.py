@@ -2,6 +2,7 @@
 detokenizes, applies stop strings, and emits cumulative RequestOutputs."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -62,7 +63,10 @@ class LLMEngine:
         self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
         self._parents: dict[str, _Parent] = {}
         self._inflight: Optional[tuple[Any, Any]] = None   # (SchedulerOutput, dispatched step)
-        self._early_outputs: list[RequestOutput] = []  # collected outside step(), returned by it
+        # Scheduler/runner ids are unique per admission, so a user's request_id may be used again
+        # while a step holding the old request is still on the device (its late sample then
+        # matches no live request and is dropped).
+        self._internal_ids = itertools.count()
         self._stats_log = _StatsLogger()
         # Penalties need every earlier token on the host: while such requests live, steps are synchronous.
         self._num_penalized = 0
@@ -113,7 +117,7 @@ class LLMEngine:
         if not params.ignore_eos:
             stops |= self.extra_eos_ids | ({self.eos_token_id} - {None})
         params.all_stop_token_ids = stops
-        children = [_Child(i, request_id if params.n == 1 else f"{i}_{request_id}",
+        children = [_Child(i, f"{request_id}#{next(self._internal_ids)}",
                            IncrementalDetokenizer(self.tokenizer, params, ids))
                     for i in range(params.n)]
         for c in children:
@@ -142,13 +146,6 @@ class LLMEngine:
                 raise ValueError(f"{name} must be at most max_logprobs={self.args.max_logprobs}, got {v}")
 
     def admit_request(self, parent: _Parent) -> None:
-        if self._inflight is not None:
-            scheduled = self._inflight[0].num_scheduled_tokens
-            if any(c.request_id in scheduled for c in parent.children):
-                # An earlier request of this id (finished or aborted) is in the step still on the
-                # device: collect that step first, or its late sample (and prompt logprobs) would
-                # be taken for the new request's, which the scheduler and runner know by id only.
-                self._early_outputs += self._collect_inflight()
         p = parent.params
         for c in parent.children:
             child_params = p
@@ -169,8 +166,6 @@ class LLMEngine:
             parent = self._parents.pop(rid, None)
             if parent is None:
                 continue
-            if self._early_outputs:
-                self._early_outputs = [o for o in self._early_outputs if o.request_id != rid]
             self._num_penalized -= parent.params.has_penalties
             child_ids = [c.request_id for c in parent.children]
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
@@ -188,8 +183,7 @@ class LLMEngine:
         """One scheduler step. With async scheduling the next step is dispatched before the
         previous one's samples are collected, so outputs trail the device by one step."""
         overlap = self.args.async_scheduling and not self._num_penalized
-        early, self._early_outputs = self._early_outputs, []
-        outputs = early if overlap else early + self._collect_inflight()
+        outputs = [] if overlap else self._collect_inflight()
         so = self.scheduler.schedule()
         now = time.monotonic()
         for nr in so.new_reqs:  # a request is first scheduled as a new one
@@ -198,7 +192,7 @@ class LLMEngine:
                 pc[0].metrics["first_scheduled_time"] = now
         handle = self.runner.dispatch(so)
         if overlap:
-            outputs += self._collect_inflight()
+            outputs = self._collect_inflight()
         self._inflight = None if handle is None else (so, handle)
         if not overlap or not self._parents:
             outputs += self._collect_inflight()  # nothing left to overlap with
