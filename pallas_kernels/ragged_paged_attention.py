@@ -45,11 +45,13 @@ from jax.experimental import pallas as pl
 
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import prefill_mgpu
 from pallas_kernels.reference import ragged_paged_attention_reference
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 _NUM_SMS = 132  # H100 SXM
+MGPU_BLOCK_KV = 128  # keys per K/V tile of the Mosaic GPU prefill path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +337,7 @@ def _build_tiles(qsl, q_lens, T, R, bq_s, bq_l):
 def ragged_paged_attention_kernel(
     q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs, *,
     sm_scale, sliding_window=None, logits_soft_cap=None, interpret=False,
-    num_splits=None, tiles: Tiles | None = None):
+    num_splits=None, tiles: Tiles | None = None, prefill_backend: str = "mosaic"):
     """The Pallas implementation (same semantics as the reference)."""
     T, Hq, D = q.shape
     NB, BS, Hkv, Dk = k_cache.shape
@@ -354,6 +356,19 @@ def ragged_paged_attention_kernel(
     kv_lens = kv_lens.astype(jnp.int32)
     n_seqs = jnp.reshape(num_seqs, (-1,))[0].astype(jnp.int32)
     q_lens = jnp.where(jnp.arange(R, dtype=jnp.int32) < n_seqs, qsl[1:] - qsl[:-1], 0)
+    use_mgpu = (prefill_backend == "mosaic" and not interpret and T >= prefill_mgpu.TILE_Q
+                and prefill_mgpu.supported(q.dtype, D, BS, MGPU_BLOCK_KV,
+                                           sliding_window, logits_soft_cap))
+    out0 = None
+    if use_mgpu:
+        # long prefills go to the Mosaic GPU kernel; the Triton launches below see
+        # them as empty and fill the other rows of its output in place
+        m_seq, m_q0, is_mgpu = prefill_mgpu.build_tiles(qsl, q_lens, T, R)
+        out0 = prefill_mgpu.prefill_attention(
+            q, k_cache, v_cache, kv_lens, block_tables.astype(jnp.int32), qsl,
+            m_seq, m_q0, sm_scale=sm_scale, block_kv=MGPU_BLOCK_KV)
+        q_lens = jnp.where(is_mgpu, 0, q_lens)
+        num_splits = 1   # split partials cannot be merged into an aliased buffer
     short_t, long_t = _build_tiles(qsl, q_lens, T, R, bq_s, bq_l)
 
     q2 = q.reshape(T * Hq, D)
@@ -366,7 +381,9 @@ def ragged_paged_attention_kernel(
                   sm_scale=sm_scale, sliding_window=sliding_window,
                   soft_cap=logits_soft_cap, interpret=interpret, out_dtype=q.dtype)
 
-    res = _launch(*short_t, kv_lens, qsl, bt_flat, q2, k3, v3, None, bq=bq_s,
+    if out0 is not None:
+        out0 = out0.reshape(T * Hq, D)
+    res = _launch(*short_t, kv_lens, qsl, bt_flat, q2, k3, v3, out0, bq=bq_s,
                   cfg=tiles.short, num_splits=num_splits, **common)
     if num_splits > 1:
         o_part, lse = res                                  # [S, TH, D], [S, TH]
