@@ -4,7 +4,7 @@
 
 Prints a table: decode (KV bandwidth vs a measured copy and vs JAX's Triton
 paged_attention op), prefill (TFLOP/s vs cuDNN flash attention on the same,
-unpaged data) and a mixed batch (vs the sum of its two parts).
+unpaged data, and with the Mosaic GPU prefill path off) and a mixed batch (vs the sum of its two parts).
 Timing: jitted calls dispatched back to back, median over repetitions of the
 per-call time, after warm-up; inputs rotate among several copies when one copy
 would fit in L2.
@@ -219,6 +219,9 @@ def prefill_section(log, rows, sweep=False):
             log(f"cudnn failed: {type(e).__name__}: {str(e)[:300]}")
         t = bench(f, [(q, k, v, *ints)])
         row.update(us=t * 1e6, tflops=flops / t / 1e12)
+        # the same call with the Mosaic GPU prefill path off (Triton tiles only)
+        tt = bench(kernel_fn(prefill_backend="triton"), [(q, k, v, *ints)])
+        row.update(triton_us=tt * 1e6, triton_tflops=flops / tt / 1e12)
         log(json.dumps(row))
         rows.append(row)
         if sweep:
@@ -229,7 +232,7 @@ def prefill_section(log, rows, sweep=False):
                 tiles = Tiles(get_tiles(D, HQ // HKV, BS).short, long_rows,
                               TileConfig(bk, warps, stages, sm))
                 try:
-                    g = kernel_fn(tiles=tiles)
+                    g = kernel_fn(tiles=tiles, prefill_backend="triton")
                     e2 = rel_err(g(q, k, v, *ints), o, n)
                     t2 = bench(g, [(q, k, v, *ints)], reps=5)
                     log(f"sweep prefill {B}x{L} rows={long_rows} bk={bk} w={warps} "
@@ -309,15 +312,17 @@ def print_table(log, rows, copy_bw, val, dev):
             log("| %d | %d | %.1f | %.2f | %.0f%% | %s | %.1e |" % (
                 r["B"], r["ctx"], r["us"], r["tbps"], 100 * r["frac"], jcols, r["err"]))
     log("")
-    log("| prefill | kernel us | TFLOP/s | cuDNN us | cuDNN TFLOP/s | % of cuDNN | rel err vs cuDNN |")
-    log("| --- | --- | --- | --- | --- | --- | --- |")
+    log("| prefill | kernel us | TFLOP/s | cuDNN us | cuDNN TFLOP/s | % of cuDNN | rel err vs cuDNN "
+        "| Triton-only us | Triton-only % of cuDNN |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if r["kind"] == "prefill":
             cu = r.get("cudnn_tflops")
-            pct = "-" if not cu else "%.0f%%" % (100 * r["tflops"] / cu)
-            log("| %d x %d | %.0f | %.0f | %.0f | %.0f | %s | %.1e |" % (
+            pct = (lambda tf: "-" if not cu else "%.0f%%" % (100 * tf / cu))
+            log("| %d x %d | %.0f | %.0f | %.0f | %.0f | %s | %.1e | %.0f | %s |" % (
                 r["B"], r["L"], r["us"], r["tflops"], r.get("cudnn_us", float("nan")),
-                cu or float("nan"), pct, r.get("err_vs_cudnn", float("nan"))))
+                cu or float("nan"), pct(r["tflops"]), r.get("err_vs_cudnn", float("nan")),
+                r["triton_us"], pct(r["triton_tflops"])))
     log("")
     for r in rows:
         if r["kind"] == "mixed":

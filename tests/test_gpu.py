@@ -30,7 +30,8 @@ def test_engine_greedy_equals_hf_on_gpu(tmp_path, dtype):
     from jaxvllm import LLM, SamplingParams
     model = _tiny_llama(tmp_path, kv_heads=1).cuda()
     rng = np.random.RandomState(0)
-    prompts = [rng.randint(0, 512, size=n).tolist() for n in (5, 17, 40, 64)]
+    # 200 tokens: a prefill long enough for the Mosaic GPU prefill path in bf16
+    prompts = [rng.randint(0, 512, size=n).tolist() for n in (5, 17, 40, 64, 200)]
     refs = []
     for p in prompts:
         ids = torch.tensor([p]).cuda()
@@ -41,7 +42,8 @@ def test_engine_greedy_equals_hf_on_gpu(tmp_path, dtype):
         refs.append(out[0, len(p):].tolist())
     with jax.default_matmul_precision("highest"):
         llm = LLM(str(tmp_path), dtype=dtype, max_model_len=256, max_num_seqs=8,
-                  max_num_batched_tokens=64, num_gpu_blocks_override=64, token_buckets=(8, 16, 64))
+                  max_num_batched_tokens=256, num_gpu_blocks_override=128,
+                  token_buckets=(8, 16, 64, 256))
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                             use_tqdm=False)

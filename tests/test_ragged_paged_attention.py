@@ -208,6 +208,60 @@ def test_gpu_kernel_vs_reference_bf16(name):
     check(out, ref, n, jnp.bfloat16)
 
 
+LONG_CASES = {
+    # sequences of >= 128 new tokens take the Mosaic GPU prefill path on a GPU
+    "long_prefill": ([300], [300], {}),
+    "long_exact_tile": ([128, 256], [128, 256], {}),
+    "long_chunk_with_context": ([200], [1053], {}),
+    "long_mixed": ([1, 230, 1, 5, 1, 500], [33, 230, 640, 50, 9, 2000], {}),
+    "long_padding": ([129, 257], [129, 900], dict(T=512, R=4)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("name", list(LONG_CASES))
+@pytest.mark.parametrize("heads,head_dim,block_size", [
+    ((32, 8), 128, 16), ((8, 8), 64, 16), ((32, 4), 128, 32), ((16, 2), 128, 64)])
+def test_gpu_long_prefill_vs_reference_bf16(name, heads, head_dim, block_size):
+    q_lens, kv_lens, kw = LONG_CASES[name]
+    jargs, _, n = make_batch(q_lens, kv_lens, num_q_heads=heads[0], num_kv_heads=heads[1],
+                             head_dim=head_dim, block_size=block_size, dtype=jnp.bfloat16,
+                             seed=2, **kw)
+    ref = ragged_paged_attention(*jargs, sm_scale=0.088, impl="reference")
+    out = ragged_paged_attention(*jargs, sm_scale=0.088, impl="kernel")
+    check(out, ref, n, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("q_lens,T,R", [
+    ([300], 300, 1), ([1, 230, 1, 5, 1, 500], 800, 8), ([128, 127, 129], 384, 3),
+    ([0, 256, 0], 256, 3), ([5, 3], 128, 4)])
+def test_mosaic_prefill_tiles_cover_long_sequences(q_lens, T, R):
+    """Every row of a sequence with >= 128 new tokens lies in exactly the tiles of its
+    sequence, each tile is 128 rows inside that sequence, and no other row is covered."""
+    from pallas_kernels import prefill_mgpu
+    n = len(q_lens)
+    qsl = np.zeros(R + 1, np.int32)
+    qsl[1:n + 1] = np.cumsum(q_lens)
+    qsl[n + 1:] = qsl[n]
+    ql = np.diff(qsl)
+    seq, q0, is_long = (np.asarray(x) for x in prefill_mgpu.build_tiles(
+        jnp.asarray(qsl), jnp.asarray(ql), T, R))
+    assert is_long.tolist() == (ql >= prefill_mgpu.TILE_Q).tolist()
+    covered = np.zeros(T, bool)
+    for s, start in zip(seq, q0):
+        if s < 0:
+            continue
+        assert qsl[s] <= start and start + prefill_mgpu.TILE_Q <= qsl[s + 1]
+        covered[start:start + prefill_mgpu.TILE_Q] = True
+    want = np.zeros(T, bool)
+    for r in range(R):
+        if ql[r] >= prefill_mgpu.TILE_Q:
+            want[qsl[r]:qsl[r + 1]] = True
+    assert (covered == want).all()
+    assert len(seq) >= int(np.sum(np.where(is_long, -(-ql // prefill_mgpu.TILE_Q), 0)))
+
+
 def test_garbage_in_unused_cache_rows_does_not_leak():
     """NaN in every cache row that is not live context must not reach the output."""
     jargs, arrays, n = make_batch([1, 7], [20, 23], T=8, R=2, seed=21)
