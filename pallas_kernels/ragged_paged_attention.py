@@ -52,6 +52,10 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 _NUM_SMS = 132  # H100 SXM
 MGPU_BLOCK_KV = 128  # keys per K/V tile of the Mosaic GPU prefill path
+# Token buckets below this keep prefill on Triton: their chunks are short, and each
+# Mosaic kernel shape costs a compile in every process plus an empty launch per layer
+# on decode-only steps.
+MGPU_MIN_TOKENS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +360,7 @@ def ragged_paged_attention_kernel(
     kv_lens = kv_lens.astype(jnp.int32)
     n_seqs = jnp.reshape(num_seqs, (-1,))[0].astype(jnp.int32)
     q_lens = jnp.where(jnp.arange(R, dtype=jnp.int32) < n_seqs, qsl[1:] - qsl[:-1], 0)
-    use_mgpu = (prefill_backend == "mosaic" and not interpret and T >= prefill_mgpu.TILE_Q
+    use_mgpu = (prefill_backend == "mosaic" and not interpret and T >= MGPU_MIN_TOKENS
                 and prefill_mgpu.supported(q.dtype, D, BS, MGPU_BLOCK_KV,
                                            sliding_window, logits_soft_cap))
     out0 = None

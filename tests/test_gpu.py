@@ -42,8 +42,8 @@ def test_engine_greedy_equals_hf_on_gpu(tmp_path, dtype):
         refs.append(out[0, len(p):].tolist())
     with jax.default_matmul_precision("highest"):
         llm = LLM(str(tmp_path), dtype=dtype, max_model_len=256, max_num_seqs=8,
-                  max_num_batched_tokens=256, num_gpu_blocks_override=128,
-                  token_buckets=(8, 16, 64, 256))
+                  max_num_batched_tokens=512, num_gpu_blocks_override=128,
+                  token_buckets=(8, 16, 64, 512))
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                             use_tqdm=False)

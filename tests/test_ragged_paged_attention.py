@@ -209,11 +209,12 @@ def test_gpu_kernel_vs_reference_bf16(name):
 
 
 LONG_CASES = {
-    # sequences of >= 128 new tokens take the Mosaic GPU prefill path on a GPU
-    "long_prefill": ([300], [300], {}),
-    "long_exact_tile": ([128, 256], [128, 256], {}),
-    "long_chunk_with_context": ([200], [1053], {}),
-    "long_mixed": ([1, 230, 1, 5, 1, 500], [33, 230, 640, 50, 9, 2000], {}),
+    # sequences of >= 128 new tokens in batches of >= 512 tokens take the Mosaic GPU
+    # prefill path on a GPU
+    "long_prefill": ([300], [300], dict(T=512)),
+    "long_exact_tile": ([128, 256], [128, 256], dict(T=512)),
+    "long_chunk_with_context": ([200], [1053], dict(T=512)),
+    "long_mixed": ([1, 230, 1, 5, 1, 500], [33, 230, 640, 50, 9, 2000], dict(T=768)),
     "long_padding": ([129, 257], [129, 900], dict(T=512, R=4)),
 }
 

@@ -59,6 +59,7 @@ def _child(args: argparse.Namespace) -> int:
     assert len(out[0].outputs[0].token_ids) == 1
     res = {"imports_s": t_imported - t_import, "engine_init_s": t_engine - t_imported,
            "compile_s": getattr(llm.llm_engine, "compile_seconds", None),
+           "kv_sizing_s": getattr(llm.llm_engine.runner, "kv_sizing_seconds", None),
            "first_token_s": t_first - t_engine, "in_process_total_s": t_first - _T_PROCESS,
            "from_cache": getattr(llm.llm_engine.loaded, "from_cache", None)}
     print(_MARK + json.dumps(res), flush=True)
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
               "warm_runs": [w["wall_s"] for w in warms]}
     keys = [("process start -> first token s", "wall_s"), ("imports s", "imports_s"),
             ("engine init s (load + compile)", "engine_init_s"), ("of which compile s", "compile_s"),
+            ("of which KV-cache sizing s", "kv_sizing_s"),
             ("first request s", "first_token_s"), ("weights from cache", "from_cache")]
     rows = [[label, cold.get(k), warm.get(k)] for label, k in keys]
     title = (f"startup: {args.model or 'default model'} ({args.load_format}, {args.dtype})"
