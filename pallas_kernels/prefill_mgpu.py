@@ -91,20 +91,26 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
     dtype = q.dtype
     scale = float(sm_scale) * _LOG2E
 
-    def kernel(tseq_ref, tq0_ref, kvl_ref, qsl_ref, bt_ref, q_ref, k_ref, v_ref,
-               out_ref, scoped):
+    # All int32 metadata in one freshly computed buffer: Mosaic GPU wants 256-byte aligned
+    # operands, and slices of the engine's packed host batch are not.
+    R = kv_lens.shape[0]
+    o_q0, o_kvl, o_qsl, o_bt = n_tiles, 2 * n_tiles, 2 * n_tiles + R, 2 * n_tiles + 2 * R + 1
+    meta = jnp.concatenate([tile_seq, tile_q0, kv_lens, query_start_loc,
+                            block_tables.reshape(-1)]).astype(jnp.int32)
+
+    def kernel(meta_ref, q_ref, k_ref, v_ref, out_ref, scoped):
         (qo_smem2, stage_smem2, k_smem, v_smem), (k_bars, v_bars, q_bars), \
             (k_free, v_free), sched = scoped
         h = lax.axis_index("head")
         tile = lax.axis_index("tile")
         wg = lax.axis_index("wg")
-        seq = tseq_ref[tile]
+        seq = meta_ref[tile]
 
         @pl.when(seq >= 0)
         def _():
-            q0 = tq0_ref[tile]
-            kv_len = kvl_ref[seq]
-            qe = qsl_ref[seq + 1]
+            q0 = meta_ref[o_q0 + tile]
+            kv_len = meta_ref[o_kvl + seq]
+            qe = meta_ref[o_qsl + seq + 1]
             p0 = kv_len - (qe - q0)          # position of the tile's first token
             # keys [0, p0 + TILE_Q) are visible to some row of the CTA
             kv_steps_all = lax.div(p0 + TILE_Q + block_kv - 1, jnp.int32(block_kv))
@@ -209,13 +215,13 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
                 def issue(step, slot):
                     for j in range(pages):
                         idx = jnp.minimum(step * pages + j, MB - 1)
-                        page = bt_ref[seq, idx]
+                        page = meta_ref[o_bt + seq * MB + idx]
                         dst = pl.ds(j * BS, BS)
                         plgpu.copy_gmem_to_smem(k_ref.at[page, :, kvh],
                                                 k_smem.at[slot, dst], k_bars.at[slot])
                     for j in range(pages):
                         idx = jnp.minimum(step * pages + j, MB - 1)
-                        page = bt_ref[seq, idx]
+                        page = meta_ref[o_bt + seq * MB + idx]
                         dst = pl.ds(j * BS, BS)
                         plgpu.copy_gmem_to_smem(v_ref.at[page, :, kvh],
                                                 v_smem.at[slot, dst], v_bars.at[slot])
@@ -230,11 +236,10 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
                     plgpu.barrier_wait(v_free.at[slot])
                     issue(step, slot)
 
-    def entry(tseq_ref, tq0_ref, kvl_ref, qsl_ref, bt_ref, q_ref, k_ref, v_ref, out_ref):
+    def entry(meta_ref, q_ref, k_ref, v_ref, out_ref):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         pl.run_scoped(
-            lambda *scoped: kernel(tseq_ref, tq0_ref, kvl_ref, qsl_ref, bt_ref,
-                                   q_ref, k_ref, v_ref, out_ref, scoped),
+            lambda *scoped: kernel(meta_ref, q_ref, k_ref, v_ref, out_ref, scoped),
             (plgpu.SMEM((2, BLOCK_Q, D), dtype, transforms=tiled),
              plgpu.SMEM((2, BLOCK_Q, D), dtype),
              plgpu.SMEM((stages, block_kv, D), dtype, transforms=tiled),
@@ -255,4 +260,4 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(tile_seq, tile_q0, kv_lens, query_start_loc, block_tables, q, k_cache, v_cache)
+    )(meta, q, k_cache, v_cache)
