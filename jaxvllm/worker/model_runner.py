@@ -29,6 +29,10 @@ from pallas_kernels import ragged_paged_attention
 
 logger = logging.getLogger(__name__)
 
+# Sampler variants compiled at start-up: greedy and plain temperature sampling. The top-k/top-p
+# variant ("random_sort") compiles, or loads from the persistent cache, on first use.
+WARMUP_SAMPLER_MODES = ("greedy", "random")
+
 # Without a device memory query (CPU), the KV cache gets this many bytes unless overridden.
 CPU_KV_CACHE_BYTES = 512 << 20
 
@@ -202,7 +206,7 @@ class ModelRunner:
                                                   score=False)
             f32, i32, num_stop = self.input_batch.sampling_arrays(b)
             variants += [(logits, f32, i32, num_stop, mode)
-                         for mode in ("greedy", "random", "random_sort")]
+                         for mode in WARMUP_SAMPLER_MODES]
 
         def compile_sampler(v) -> None:
             logits, f32, i32, num_stop, mode = v
