@@ -38,6 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.tile_lists import expand_tiles
+
 BLOCK_Q = 64          # rows per compute warpgroup (one wgmma M tile)
 TILE_Q = 2 * BLOCK_Q  # new tokens per CTA
 _LOG2E = math.log2(math.e)
@@ -68,12 +70,7 @@ def build_tiles(qsl, q_lens, T: int, R: int):
     n_tiles = n_max + min(R, n_max)
     is_long = q_lens >= TILE_Q
     n_r = jnp.where(is_long, (q_lens + TILE_Q - 1) // TILE_Q, 0)
-    cum = jnp.cumsum(n_r)
-    ti = jnp.arange(n_tiles, dtype=jnp.int32)
-    seq = jnp.searchsorted(cum, ti, side="right", method="compare_all").astype(jnp.int32)
-    valid = seq < R
-    seq_c = jnp.minimum(seq, R - 1)
-    j = n_r[seq_c] - 1 - (ti - (cum[seq_c] - n_r[seq_c]))
+    seq_c, j, valid = expand_tiles(n_r, n_tiles)
     q0 = jnp.minimum(qsl[seq_c] + j * TILE_Q, qsl[seq_c + 1] - TILE_Q)
     return jnp.where(valid, seq_c, -1), jnp.where(valid, q0, 0), is_long
 
@@ -213,18 +210,14 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
                 kvh = lax.div(h, jnp.int32(group))
 
                 def issue(step, slot):
-                    for j in range(pages):
-                        idx = jnp.minimum(step * pages + j, MB - 1)
-                        page = meta_ref[o_bt + seq * MB + idx]
-                        dst = pl.ds(j * BS, BS)
-                        plgpu.copy_gmem_to_smem(k_ref.at[page, :, kvh],
-                                                k_smem.at[slot, dst], k_bars.at[slot])
-                    for j in range(pages):
-                        idx = jnp.minimum(step * pages + j, MB - 1)
-                        page = meta_ref[o_bt + seq * MB + idx]
-                        dst = pl.ds(j * BS, BS)
-                        plgpu.copy_gmem_to_smem(v_ref.at[page, :, kvh],
-                                                v_smem.at[slot, dst], v_bars.at[slot])
+                    # all of K first: the compute warpgroups wait on K before V
+                    for src, smem, bars in ((k_ref, k_smem, k_bars), (v_ref, v_smem, v_bars)):
+                        for j in range(pages):
+                            idx = jnp.minimum(step * pages + j, MB - 1)
+                            page = meta_ref[o_bt + seq * MB + idx]
+                            plgpu.copy_gmem_to_smem(src.at[page, :, kvh],
+                                                    smem.at[slot, pl.ds(j * BS, BS)],
+                                                    bars.at[slot])
 
                 for i in range(stages):
                     pl.when(i < kv_steps_all)(functools.partial(issue, i, i))

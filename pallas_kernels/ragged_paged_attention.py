@@ -50,6 +50,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import prefill_mgpu
 from pallas_kernels.reference import ragged_paged_attention_reference
+from pallas_kernels.tile_lists import expand_tiles
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
@@ -330,13 +331,7 @@ def _build_tiles(qsl, q_lens, T, R, bq_s, bq_l):
         return (s_seq, s_q0, s_q1), None
     is_long = q_lens > bq_s
     n_r = jnp.where(is_long, (q_lens + bq_l - 1) // bq_l, 0)
-    cum = jnp.cumsum(n_r)
-    ti = jnp.arange(n_tiles_l, dtype=jnp.int32)
-    seq = jnp.searchsorted(cum, ti, side="right", method="compare_all").astype(jnp.int32)
-    valid = seq < R
-    seq_c = jnp.minimum(seq, R - 1)
-    j = ti - (cum[seq_c] - n_r[seq_c])
-    j = n_r[seq_c] - 1 - j          # heaviest (last) tile of a sequence first
+    seq_c, j, valid = expand_tiles(n_r, n_tiles_l)
     q0 = qsl[seq_c] + j * bq_l
     q1 = jnp.minimum(q0 + bq_l, qsl[seq_c + 1])
     l_seq = jnp.where(valid, seq_c, -1)
