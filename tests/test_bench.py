@@ -140,6 +140,9 @@ def test_startup_cold_and_warm(tiny_dummy, capsys):
     assert res["cold_s"] > 0 and res["warm_s"] > 0
     for k in ("wall_s", "engine_init_s", "first_token_s"):
         assert res["cold"][k] > 0 and res["warm"][k] > 0
+    # A warm start compiles nothing: every executable comes from the persistent cache.
+    assert res["cold"]["cache_misses"] > 0
+    assert res["warm"]["cache_hits"] > 0 and res["warm"]["cache_misses"] == 0, res["warm"]
 
 
 SERVE_LOAD = ["--num-prompts", "8", "--input-len", "4:16", "--output-len", "2:6", "--json"]

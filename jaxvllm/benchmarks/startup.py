@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from jaxvllm.benchmarks import common as C
 
@@ -41,8 +41,35 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+# JAX's own compile-path events, summed over the process (threads overlap, so the sums can exceed
+# the wall time): where a warm start's seconds go, and whether the persistent cache really hit.
+_JAX_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+               "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+               "/jax/core/compile/backend_compile_duration": "backend_compile_s",
+               "/jax/compilation_cache/cache_retrieval_time_sec": "cache_read_s",
+               "/jax/compilation_cache/cache_hits": "cache_hits",
+               "/jax/compilation_cache/cache_misses": "cache_misses"}
+
+
+def _record_jax_events() -> dict:
+    import jax.monitoring as mon
+    totals = {k: 0 for k in _JAX_EVENTS.values()}
+
+    def on_duration(event: str, secs: float, **_: Any) -> None:
+        if event in _JAX_EVENTS:
+            totals[_JAX_EVENTS[event]] += secs
+
+    def on_event(event: str, **_: Any) -> None:
+        if event in _JAX_EVENTS:
+            totals[_JAX_EVENTS[event]] += 1
+    mon.register_event_duration_secs_listener(on_duration)
+    mon.register_event_listener(on_event)
+    return totals
+
+
 def _child(args: argparse.Namespace) -> int:
     t_import = time.time()
+    jax_events = _record_jax_events()
     from jaxvllm.entrypoints.llm import LLM
     from jaxvllm.config import EngineArgs
     from jaxvllm.sampling_params import SamplingParams
@@ -58,10 +85,12 @@ def _child(args: argparse.Namespace) -> int:
     t_first = time.time()
     assert len(out[0].outputs[0].token_ids) == 1
     res = {"imports_s": t_imported - t_import, "engine_init_s": t_engine - t_imported,
+           "load_s": llm.llm_engine.load_seconds,
            "compile_s": getattr(llm.llm_engine, "compile_seconds", None),
            "kv_sizing_s": getattr(llm.llm_engine.runner, "kv_sizing_seconds", None),
            "first_token_s": t_first - t_engine, "in_process_total_s": t_first - _T_PROCESS,
-           "from_cache": getattr(llm.llm_engine.loaded, "from_cache", None)}
+           "from_cache": getattr(llm.llm_engine.loaded, "from_cache", None),
+           "num_gpu_blocks": llm.llm_engine.runner.num_blocks, **jax_events}
     print(_MARK + json.dumps(res), flush=True)
     return 0
 
@@ -119,9 +148,17 @@ def run(args: argparse.Namespace) -> int:
               "cold_s": cold["wall_s"], "warm_s": warm["wall_s"], "cold": cold, "warm": warm,
               "warm_runs": [w["wall_s"] for w in warms]}
     keys = [("process start -> first token s", "wall_s"), ("imports s", "imports_s"),
-            ("engine init s (load + compile)", "engine_init_s"), ("of which compile s", "compile_s"),
+            ("engine init s (load + compile)", "engine_init_s"),
+            ("of which weights + tokenizer load s", "load_s"), ("of which compile s", "compile_s"),
             ("of which KV-cache sizing s", "kv_sizing_s"),
-            ("first request s", "first_token_s"), ("weights from cache", "from_cache")]
+            ("first request s", "first_token_s"), ("weights from cache", "from_cache"),
+            ("KV-cache blocks", "num_gpu_blocks"),
+            ("persistent cache hits / misses", "cache_hits_misses"),
+            ("JAX trace s (summed over threads)", "trace_s"), ("JAX lower s", "lower_s"),
+            ("XLA compile or cache load s", "backend_compile_s"),
+            ("of which cache read s", "cache_read_s")]
+    for r in (cold, warm):
+        r["cache_hits_misses"] = f"{r.get('cache_hits')} / {r.get('cache_misses')}"
     rows = [[label, cold.get(k), warm.get(k)] for label, k in keys]
     title = (f"startup: {args.model or 'default model'} ({args.load_format}, {args.dtype})"
              + (", enforce-eager" if args.enforce_eager else ""))

@@ -54,7 +54,9 @@ class LLMEngine:
     def __init__(self, args: EngineArgs, loaded: Any = None) -> None:
         from jaxvllm.engine.setup import build_runner, load
         self.args = args
+        t0 = time.perf_counter()
         self.loaded = loaded if loaded is not None else load(args)
+        self.load_seconds = time.perf_counter() - t0  # weights, config and tokenizer
         self.tokenizer = self.loaded.tokenizer
         self.model_config = self.loaded.config
         self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded)

@@ -6,6 +6,7 @@ docs/architecture.md for the measurements behind unrolled vs `lax.scan`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -75,13 +76,24 @@ def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfi
     cos, sin = rope_cos_sin(cfg, inp.positions)
     new_cache: KVCache = []
     for lp, (k_cache, v_cache) in zip(params["layers"], kv_cache):
-        h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps)
-        attn, k_cache, v_cache = _attention_block(cfg, lp, h, cos, sin, k_cache, v_cache, inp,
-                                                  attention_fn)
-        x = x + attn
-        x = x + _mlp(lp, rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps))
+        x, k_cache, v_cache = _decoder_layer(lp, x, cos, sin, k_cache, v_cache, inp, cfg=cfg,
+                                             attention_fn=attention_fn)
         new_cache.append((k_cache, v_cache))
     return x, new_cache
+
+
+# A nested jit so that the step's identical layers are traced and lowered once per step shape (one
+# MLIR function called num_layers times) instead of once per layer: that Python work was most of a
+# warm start. XLA inlines the calls, so the compiled step is the same program.
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_fn"))
+def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
+                   v_cache: jax.Array, inp: ModelInputs, cfg: ModelConfig,
+                   attention_fn: AttentionFn) -> tuple[jax.Array, jax.Array, jax.Array]:
+    h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps)
+    attn, k_cache, v_cache = _attention_block(cfg, lp, h, cos, sin, k_cache, v_cache, inp,
+                                              attention_fn)
+    x = x + attn
+    return x + _mlp(lp, rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)), k_cache, v_cache
 
 
 def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

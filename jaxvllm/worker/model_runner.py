@@ -149,18 +149,22 @@ class ModelRunner:
         stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
         if not stats or "bytes_limit" not in stats:
             return max(2, CPU_KV_CACHE_BYTES // per_block)
-        # Run the largest bucket once on a tiny cache so activations show up in the peak.
+        # The step's own memory comes from its compiled program (the largest bucket, on a tiny cache),
+        # not from a trial run's peak: that peak also holds what XLA allocated while compiling
+        # (autotuning), so a cold and a warm start would size the cache differently, and a different
+        # cache shape misses every persistent-cache entry of the previous start.
         probe = llama.make_kv_cache(self.cfg, 2, self.rc.block_size, self.rc.kv_dtype,
                                     None if self.shardings is None else self.shardings.kv_cache)
         b = self._dummy_batch(self.token_buckets[-1])
-        out = self._step(self.params, probe, *self._device_inputs(b))
-        jax.block_until_ready(out)
-        del out, probe
-        stats = dev.memory_stats()
+        mem = self._step.lower(self.params, probe, *self._device_inputs(b),
+                               score=False).compile().memory_analysis()
+        del probe
+        step_bytes = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        in_use = dev.memory_stats()["bytes_in_use"]
         limit = stats["bytes_limit"]
         total = stats.get("bytes_reservable_limit", limit)
-        budget = self.rc.gpu_memory_utilization * max(total, limit) - stats["peak_bytes_in_use"]
-        budget = min(budget, limit - stats["peak_bytes_in_use"]) - (256 << 20)
+        budget = min(self.rc.gpu_memory_utilization * max(total, limit), limit)
+        budget -= in_use + step_bytes + (256 << 20)
         if budget < 2 * per_block:
             raise ValueError(f"No device memory left for the KV cache (budget {budget / 2**30:.2f} "
                              f"GiB): lower max_num_batched_tokens or raise gpu_memory_utilization")
