@@ -188,40 +188,33 @@ class ModelRunner:
     def warmup(self, progress: bool = True) -> float:
         """Compile every token bucket's step and the common sampler variants; returns seconds.
 
-        Executables are built ahead of time on a thread pool (XLA compiles, and loads from the
-        persistent cache, release the GIL), which fills the same in-memory cache the calls use;
-        then each bucket runs once, in order, on the real cache.
+        Each program is traced and lowered here, in a fixed order, and its executable is then built
+        on a thread pool (XLA compiles, and loads from the persistent cache, release the GIL); this
+        fills the same in-memory cache the calls use. Then each bucket runs once on the real cache.
+        The order is fixed because a lowered kernel can carry process-wide state (Mosaic GPU kernels
+        do); lowering concurrently gave a module that differed between processes, so a warm start
+        missed the persistent cache for some buckets.
         """
         t0 = time.perf_counter()
         batches = {t: self._dummy_batch(t) for t in self.token_buckets}
         bar = _progress(progress, len(batches), "Compiling buckets")
-
-        def compile_step(t: int) -> None:
-            self._step.lower(self.params, self.kv_cache, *self._device_inputs(batches[t]),
-                             score=False).compile()
-            bar.update(1)
-        with ThreadPoolExecutor(max_workers=_compile_workers()) as pool:
-            list(pool.map(compile_step, batches))
+        _compile_all([self._step.lower(self.params, self.kv_cache, *self._device_inputs(b),
+                                       score=False) for b in batches.values()], bar)
         bar.close()
         t_steps = time.perf_counter()
-        variants = []
+        sampler = []
         for t, b in batches.items():
             self.kv_cache, logits, _ = self._step(self.params, self.kv_cache, *self._device_inputs(b),
                                                   score=False)
             f32, i32, num_stop = self.input_batch.sampling_arrays(b)
-            variants += [(logits, f32, i32, num_stop, mode)
-                         for mode in WARMUP_SAMPLER_MODES]
-
-        def compile_sampler(v) -> None:
-            logits, f32, i32, num_stop, mode = v
-            self._sample.lower(logits, f32, i32, num_stop=num_stop, mode=mode, num_logprobs=0,
-                               topk_bound=0).compile()
-        with ThreadPoolExecutor(max_workers=_compile_workers()) as pool:
-            list(pool.map(compile_sampler, variants))
+            sampler += [self._sample.lower(logits, f32, i32, num_stop=num_stop, mode=mode,
+                                           num_logprobs=0, topk_bound=0)
+                        for mode in WARMUP_SAMPLER_MODES]
+        _compile_all(sampler)
         jax.block_until_ready(self.kv_cache)
         done = time.perf_counter()
         logger.info("Warm-up: %d step executables in %.1f s, %d sampler variants in %.1f s",
-                    len(batches), t_steps - t0, len(variants), done - t_steps)
+                    len(batches), t_steps - t0, len(sampler), done - t_steps)
         return done - t0
 
     # ---- one step ----------------------------------------------------------------------------
@@ -322,6 +315,15 @@ def _logprob_entry(token: int, logprob: float, rank: int, top_ids: np.ndarray,
         if tid not in entry:
             entry[tid] = Logprob(float(top_lps[j]), j + 1)
     return entry
+
+
+def _compile_all(lowered: list, bar: Any = None) -> None:
+    def build(lo: Any) -> None:
+        lo.compile()
+        if bar is not None:
+            bar.update(1)
+    with ThreadPoolExecutor(max_workers=_compile_workers()) as pool:
+        list(pool.map(build, lowered))
 
 
 def _compile_workers() -> int:
