@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-__all__ = ["LoadedModel", "WeightLoadError", "load_model", "convert_hf_state_dict", "init_dummy_params",
+__all__ = ["LoadedModel", "WeightLoadError", "load_model", "load_model_tokenizer", "convert_hf_state_dict",
+           "init_dummy_params",
            "resolve_source", "LOAD_FORMATS"]
 
 
@@ -230,6 +231,14 @@ def _load_tokenizer(tokenizer: Optional[str], res: _Resolved) -> Any:
     return None
 
 
+def load_model_tokenizer(source: Union[str, os.PathLike, dict, None] = None, *,
+                         tokenizer: Optional[str] = None, load_format: str = "auto") -> Any:
+    """The tokenizer `load_model(source, tokenizer=..., load_format=...)` would load (or None)."""
+    if load_format == "hf":
+        load_format = "safetensors"
+    return _load_tokenizer(tokenizer, resolve_source(source, load_format))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The entry point
 
@@ -250,7 +259,8 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
       None or "none" disables it. What is cached (converters/cache.py): by default GGUF sources of at
       least 256 MiB; with `cache_min_bytes=N` (or env JAXVLLM_WEIGHT_CACHE_MIN_BYTES) any source whose
       weight files total at least N bytes (0: every source).
-    tokenizer: another tokenizer path (HF directory or .gguf); load_tokenizer=False skips it.
+    tokenizer: another tokenizer path (HF directory or .gguf); load_tokenizer=False skips the tokenizer
+      (load it later with `load_model_tokenizer`).
     """
     from converters import cache as wcache
     from converters.hf import DTYPES, canonical_dtype
@@ -322,7 +332,7 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
                                                              "format": done_format})
     del reader
 
-    tok = _load_tokenizer(tokenizer, res) if (load_tokenizer or tokenizer is not None) else None
+    tok = _load_tokenizer(tokenizer, res) if load_tokenizer else None
     return LoadedModel(params=params, config=cfg, hf_config=hf_config, tokenizer=tok,
                        generation_config=_generation_config(res.path if res.kind == "hf" else None),
                        source=res.display, path=res.path, load_format=done_format, from_cache=from_cache)

@@ -211,6 +211,18 @@ def test_invalid_sampling_params(kwargs, field):
         SamplingParams(**kwargs)
 
 
+def test_tokenizer_loaded_beside_compile_is_the_models(llm, tmp_path):
+    """The engine loads the tokenizer on a thread while it compiles: same tokenizer as load_model's,
+    and a tokenizer that cannot load still fails the engine's construction with the path named."""
+    from converters import WeightLoadError, load_model
+    ref = load_model(None, load_tokenizer=True, cache_dir=None).tokenizer
+    assert llm.get_tokenizer().encode(PROMPTS[1]) == ref.encode(PROMPTS[1])
+    assert llm.llm_engine.eos_token_id == ref.eos_token_id
+    with pytest.raises(WeightLoadError, match=re.escape(str(tmp_path))):
+        LLM(dtype="float32", max_model_len=64, num_gpu_blocks_override=16, enforce_eager=True,
+            tokenizer=str(tmp_path))
+
+
 def test_overlong_prompt_rejected_others_unharmed(llm):
     engine = llm.llm_engine
     engine.add_request("ok-1", PROMPTS[0], greedy(5))

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
               "warm_runs": [w["wall_s"] for w in warms]}
     keys = [("process start -> first token s", "wall_s"), ("imports s", "imports_s"),
             ("engine init s (load + compile)", "engine_init_s"),
-            ("of which weights + tokenizer load s", "load_s"), ("of which compile s", "compile_s"),
+            ("of which weights + config load s", "load_s"), ("of which compile s", "compile_s"),
             ("of which KV-cache sizing s", "kv_sizing_s"),
             ("first request s", "first_token_s"), ("weights from cache", "from_cache"),
             ("KV-cache blocks", "num_gpu_blocks"),

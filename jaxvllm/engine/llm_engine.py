@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -52,17 +53,22 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs, loaded: Any = None) -> None:
-        from jaxvllm.engine.setup import build_runner, load
+        from jaxvllm.engine.setup import build_runner, load, load_tokenizer
         self.args = args
         t0 = time.perf_counter()
         self.loaded = loaded if loaded is not None else load(args)
-        self.load_seconds = time.perf_counter() - t0  # weights, config and tokenizer
-        self.tokenizer = self.loaded.tokenizer
+        self.load_seconds = time.perf_counter() - t0  # weights and config
+        # The tokenizer is first needed by a request, so it loads while the cache is sized and the
+        # buckets compile: importing transformers' AutoTokenizer alone took 6-11 s on the GPU host
+        # (it pulls in accelerate and more), a third of a warm start.
+        pending_tokenizer = None
+        if loaded is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvllm-tokenizer")
+            pending_tokenizer = pool.submit(load_tokenizer, args)
+            pool.shutdown(wait=False)
         self.model_config = self.loaded.config
         self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded)
         self.scheduler = Scheduler(sched_cfg)
-        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
-        self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
         self._parents: dict[str, _Parent] = {}
         self._inflight: Optional[tuple[Any, Any]] = None   # (SchedulerOutput, dispatched step)
         # Scheduler/runner ids are unique per admission, so a user's request_id may be used again
@@ -74,6 +80,11 @@ class LLMEngine:
         self._num_penalized = 0
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
         self.compile_seconds = 0.0 if args.enforce_eager else self.runner.warmup()
+        if pending_tokenizer is not None:
+            self.loaded.tokenizer = pending_tokenizer.result()
+        self.tokenizer = self.loaded.tokenizer
+        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

@@ -43,12 +43,19 @@ def configure_jax(args: EngineArgs) -> None:
 
 
 def load(args: EngineArgs) -> Any:
+    """Weights and config; the tokenizer is left to `load_tokenizer` (the engine overlaps it with
+    compiling)."""
     configure_jax(args)
     from converters import load_model
     cache_dir = args.weights_cache_dir or os.path.join(cache_root(), "weights")
     return load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
                       cache_dir=None if cache_dir.lower() == "none" else cache_dir,
-                      tokenizer=args.tokenizer)
+                      tokenizer=args.tokenizer, load_tokenizer=False)
+
+
+def load_tokenizer(args: EngineArgs) -> Any:
+    from converters import load_model_tokenizer
+    return load_model_tokenizer(args.model, tokenizer=args.tokenizer, load_format=args.load_format)
 
 
 def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConfig]:
