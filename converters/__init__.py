@@ -21,6 +21,7 @@ import glob
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -47,6 +48,7 @@ class LoadedModel:
     path: Optional[str] = None       # the resolved directory or .gguf file (None for a config dict)
     load_format: str = "safetensors"  # "safetensors" | "gguf" | "dummy" (what was actually done)
     from_cache: bool = False         # params restored from the converted-weights cache
+    seconds: dict = dataclasses.field(default_factory=dict)  # "config", "params", "tokenizer"
 
     @property
     def dtype(self) -> str:
@@ -275,6 +277,7 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
         raise WeightLoadError(f"{res.path}: a GGUF file cannot be loaded with load_format='safetensors'")
 
     # Config and checkpoint dtype.
+    t0 = time.perf_counter()
     reader = None
     files: list[str] = []
     if res.kind == "config":
@@ -305,6 +308,7 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
     cfg = dataclasses.replace(cfg, dtype=target)
 
     # Params.
+    t1 = time.perf_counter()
     from_cache = False
     if load_format == "dummy":
         from converters.dummy import init_dummy_params
@@ -331,11 +335,18 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
                 wcache.WeightCache(root).save(key, params, {"source": res.display, "dtype": target,
                                                              "format": done_format})
     del reader
-
+    # Device work is asynchronous: wait for it so that "params" is the time the weights took.
+    import jax
+    jax.block_until_ready(params)
+    t2 = time.perf_counter()
     tok = _load_tokenizer(tokenizer, res) if load_tokenizer else None
+    seconds = {"config": t1 - t0, "params": t2 - t1}
+    if load_tokenizer:
+        seconds["tokenizer"] = time.perf_counter() - t2
     return LoadedModel(params=params, config=cfg, hf_config=hf_config, tokenizer=tok,
                        generation_config=_generation_config(res.path if res.kind == "hf" else None),
-                       source=res.display, path=res.path, load_format=done_format, from_cache=from_cache)
+                       source=res.display, path=res.path, load_format=done_format, from_cache=from_cache,
+                       seconds=seconds)
 
 
 def _convert(res: _Resolved, cfg: Any, dtype: str, reader: Any = None) -> Any:

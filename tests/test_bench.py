@@ -138,8 +138,9 @@ def test_startup_cold_and_warm(tiny_dummy, capsys):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)
     assert res["cold_s"] > 0 and res["warm_s"] > 0
-    for k in ("wall_s", "engine_init_s", "first_token_s"):
+    for k in ("wall_s", "engine_init_s", "first_token_s", "config_s", "params_s", "tokenizer_s"):
         assert res["cold"][k] > 0 and res["warm"][k] > 0
+    assert res["warm"]["tokenizer_wait_s"] >= 0
     # A warm start compiles nothing: every executable comes from the persistent cache.
     assert res["cold"]["cache_misses"] > 0
     assert res["warm"]["cache_hits"] > 0 and res["warm"]["cache_misses"] == 0, res["warm"]

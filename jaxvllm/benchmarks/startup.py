@@ -86,6 +86,7 @@ def _child(args: argparse.Namespace) -> int:
     assert len(out[0].outputs[0].token_ids) == 1
     res = {"imports_s": t_imported - t_import, "engine_init_s": t_engine - t_imported,
            "load_s": llm.llm_engine.load_seconds,
+           **{f"{k}_s": v for k, v in llm.llm_engine.loaded.seconds.items()},
            "compile_s": getattr(llm.llm_engine, "compile_seconds", None),
            "kv_sizing_s": getattr(llm.llm_engine.runner, "kv_sizing_seconds", None),
            "first_token_s": t_first - t_engine, "in_process_total_s": t_first - _T_PROCESS,
@@ -149,8 +150,11 @@ def run(args: argparse.Namespace) -> int:
               "warm_runs": [w["wall_s"] for w in warms]}
     keys = [("process start -> first token s", "wall_s"), ("imports s", "imports_s"),
             ("engine init s (load + compile)", "engine_init_s"),
-            ("of which weights + config load s", "load_s"), ("of which compile s", "compile_s"),
+            ("of which weights + config load s", "load_s"), ("  config s", "config_s"),
+            ("  weights s", "params_s"), ("of which compile s", "compile_s"),
             ("of which KV-cache sizing s", "kv_sizing_s"),
+            ("tokenizer s (on a thread beside the above)", "tokenizer_s"),
+            ("tokenizer wait after compiling s", "tokenizer_wait_s"),
             ("first request s", "first_token_s"), ("weights from cache", "from_cache"),
             ("KV-cache blocks", "num_gpu_blocks"),
             ("persistent cache hits / misses", "cache_hits_misses"),

@@ -64,7 +64,7 @@ class LLMEngine:
         pending_tokenizer = None
         if loaded is None:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvllm-tokenizer")
-            pending_tokenizer = pool.submit(load_tokenizer, args)
+            pending_tokenizer = pool.submit(_timed, load_tokenizer, args)
             pool.shutdown(wait=False)
         self.model_config = self.loaded.config
         self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded)
@@ -81,7 +81,9 @@ class LLMEngine:
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
         self.compile_seconds = 0.0 if args.enforce_eager else self.runner.warmup()
         if pending_tokenizer is not None:
-            self.loaded.tokenizer = pending_tokenizer.result()
+            t_wait = time.perf_counter()
+            self.loaded.tokenizer, self.loaded.seconds["tokenizer"] = pending_tokenizer.result()
+            self.loaded.seconds["tokenizer_wait"] = time.perf_counter() - t_wait
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
@@ -318,6 +320,11 @@ class _StatsLogger:
                     self.prompt_tokens / dt, self.generated_tokens / dt, s.num_running,
                     s.num_waiting, 100 * s.kv_cache_usage, 100 * s.prefix_cache_hit_rate)
         self.prompt_tokens = self.generated_tokens = 0
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def _generation_eos_ids(gen_config: Optional[dict]) -> set[int]:
