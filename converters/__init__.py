@@ -33,8 +33,7 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 __all__ = ["LoadedModel", "WeightLoadError", "load_model", "load_model_tokenizer", "convert_hf_state_dict",
-           "init_dummy_params",
-           "resolve_source", "LOAD_FORMATS"]
+           "init_dummy_params", "resolve_source", "LOAD_FORMATS"]
 
 
 @dataclass

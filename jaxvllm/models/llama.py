@@ -83,8 +83,9 @@ def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfi
 
 
 # A nested jit so that the step's identical layers are traced and lowered once per step shape (one
-# MLIR function called num_layers times) instead of once per layer: that Python work was most of a
-# warm start. XLA inlines the calls, so the compiled step is the same program.
+# MLIR function called num_layers times) instead of once per layer: at the 8B shape this cut the 9
+# buckets' tracing + lowering from 9.0 s to 5.0 s of start-up. XLA inlines the calls, so the compiled
+# step is the same program.
 @functools.partial(jax.jit, static_argnames=("cfg", "attention_fn"))
 def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                    v_cache: jax.Array, inp: ModelInputs, cfg: ModelConfig,
