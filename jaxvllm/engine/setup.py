@@ -81,7 +81,7 @@ def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConf
         block_size=args.block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_dtype=params_dtype,
-        token_buckets=args.token_buckets, seed=args.seed)
+        token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs)
     runner = ModelRunner(cfg, loaded.params, rc, shardings=shardings)
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                             max_model_len=max_model_len, num_blocks=runner.num_blocks,

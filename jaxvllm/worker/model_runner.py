@@ -48,6 +48,7 @@ class RunnerConfig:
     kv_dtype: Any = jnp.bfloat16
     token_buckets: Optional[tuple[int, ...]] = None
     seed: int = 0
+    max_logprobs: int = 20                    # the sampler variant the KV sizing leaves room for
 
 
 class ModelRunner:
@@ -145,30 +146,46 @@ class ModelRunner:
         per_block = llama.kv_cache_bytes_per_block(self.cfg, self.rc.block_size, self.rc.kv_dtype)
         if self.shardings is not None:
             per_block //= self.shardings.kv_split  # each device holds its KV heads only
-        dev = jax.local_devices()[0]
-        stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+        stats = _device_memory_stats()
         if not stats or "bytes_limit" not in stats:
             return max(2, CPU_KV_CACHE_BYTES // per_block)
-        # The step's own memory comes from its compiled program (the largest bucket, on a tiny cache),
-        # not from a trial run's peak: that peak also holds what XLA allocated while compiling
-        # (autotuning), so a cold and a warm start would size the cache differently, and a different
-        # cache shape misses every persistent-cache entry of the previous start.
+        # What the cache must leave free comes from the compiled programs, not from a trial run's
+        # peak: that peak also holds what XLA allocated while compiling (autotuning), so a cold and
+        # a warm start would size the cache differently, and a different cache shape misses every
+        # persistent-cache entry of the previous start.
+        reserved = self._step_bytes() + self._sampler_bytes()
+        in_use = _device_memory_stats()["bytes_in_use"]
+        limit = stats["bytes_limit"]
+        total = stats.get("bytes_reservable_limit", limit)
+        budget = min(self.rc.gpu_memory_utilization * max(total, limit), limit)
+        budget -= in_use + reserved + (256 << 20)
+        if budget < 2 * per_block:
+            raise ValueError(f"No device memory left for the KV cache (budget {budget / 2**30:.2f} "
+                             f"GiB): lower max_num_batched_tokens or raise gpu_memory_utilization")
+        return int(budget // per_block)
+
+    def _step_bytes(self) -> int:
+        """Temporaries and new outputs of the largest bucket's step (compiled on a 2-block cache:
+        the cache itself is donated and aliased, and its size changes no temporary)."""
         probe = llama.make_kv_cache(self.cfg, 2, self.rc.block_size, self.rc.kv_dtype,
                                     None if self.shardings is None else self.shardings.kv_cache)
         b = self._dummy_batch(self.token_buckets[-1])
         mem = self._step.lower(self.params, probe, *self._device_inputs(b),
                                score=False).compile().memory_analysis()
-        del probe
-        step_bytes = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-        in_use = dev.memory_stats()["bytes_in_use"]
-        limit = stats["bytes_limit"]
-        total = stats.get("bytes_reservable_limit", limit)
-        budget = min(self.rc.gpu_memory_utilization * max(total, limit), limit)
-        budget -= in_use + step_bytes + (256 << 20)
-        if budget < 2 * per_block:
-            raise ValueError(f"No device memory left for the KV cache (budget {budget / 2**30:.2f} "
-                             f"GiB): lower max_num_batched_tokens or raise gpu_memory_utilization")
-        return int(budget // per_block)
+        return mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+
+    def _sampler_bytes(self) -> int:
+        """The sampler's most memory-hungry variant at max_num_seqs rows: a full sort over the
+        vocabulary (top-p without top-k), penalties and max_logprobs logprobs. At the 8B shape
+        (128k vocabulary, 256 rows; without penalties) it measured 878 MiB of temporaries on the
+        H100, 7x the step's own, and more than the fixed margin: OpenAI clients often send top_p."""
+        r, sds = self.rc.max_num_seqs, jax.ShapeDtypeStruct
+        num_stop, hist = 1, 1
+        mem = self._sample.lower(sds((r, self.cfg.vocab_size), jnp.float32), sds((6, r), jnp.float32),
+                                 sds((4 + num_stop + 2 * hist, r), jnp.int32), num_stop=num_stop,
+                                 mode="random_sort", num_logprobs=self.rc.max_logprobs,
+                                 topk_bound=0).compile().memory_analysis()
+        return mem.temp_size_in_bytes + mem.output_size_in_bytes
 
     def _log_capacity(self) -> None:
         tokens = (self.num_blocks - 1) * self.rc.block_size
@@ -315,6 +332,11 @@ def _logprob_entry(token: int, logprob: float, rank: int, top_ids: np.ndarray,
         if tid not in entry:
             entry[tid] = Logprob(float(top_lps[j]), j + 1)
     return entry
+
+
+def _device_memory_stats() -> Optional[dict]:
+    dev = jax.local_devices()[0]
+    return dev.memory_stats() if hasattr(dev, "memory_stats") else None
 
 
 def _compile_all(lowered: list, bar: Any = None) -> None:
