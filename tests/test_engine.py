@@ -169,6 +169,25 @@ def test_logprobs_match_log_softmax(llm):
         assert out.prompt_logprobs[i][tok].logprob == pytest.approx(ref[i - 1][tok], abs=1e-3)
 
 
+def test_prompt_logprobs_in_several_row_chunks(llm):
+    """Prompt tokens are scored max_num_seqs (8) rows at a time: two requests in one batch, 30+
+    prompt tokens between them, different k, each matches log_softmax at every position."""
+    long_prompt = " ".join(PROMPTS)
+    outs = llm.generate([long_prompt, PROMPTS[1]],
+                        [SamplingParams(max_tokens=1, prompt_logprobs=1),
+                         SamplingParams(max_tokens=1, prompt_logprobs=3)], use_tqdm=False)
+    assert len(outs[0].prompt_token_ids) > 3 * 8
+    for out, k in zip(outs, (1, 3)):
+        ids = out.prompt_token_ids
+        ref = _full_logprobs(llm, ids)
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+        for i in range(1, len(ids)):
+            entry = out.prompt_logprobs[i]
+            assert ids[i] in entry and k <= len(entry) <= k + 1
+            assert entry[ids[i]].logprob == pytest.approx(ref[i - 1][ids[i]], abs=1e-3)
+            assert entry[ids[i]].rank == int((ref[i - 1] > ref[i - 1][ids[i]]).sum()) + 1
+
+
 def test_stop_strings_and_stop_ids(llm):
     base = llm.generate(PROMPTS[1], greedy(16), use_tqdm=False)[0].outputs[0]
     words = re.findall(r"[A-Za-z]{3,}", base.text)

@@ -75,7 +75,7 @@ class ModelRunner:
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
         self._sample = jax.jit(self._sample_impl,
                                static_argnames=("num_stop", "mode", "num_logprobs", "topk_bound"))
-        self._prompt_logprobs = sampler_lib.prompt_logprobs_jit
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",))
         self._prev_sampled = jnp.zeros(rc.max_num_seqs, jnp.int32)
         t0 = time.perf_counter()
         self.num_blocks = rc.num_blocks or self._profile_num_blocks()
@@ -94,9 +94,9 @@ class ModelRunner:
         inp = dataclasses.replace(inp, token_ids=token_ids)
         hidden, kv_cache = llama.forward(params, kv_cache, inp, self.cfg, self.attention_fn)
         logits = llama.compute_logits(params, hidden[logits_indices], self.cfg)
-        # `score`: also the logits of every token (prompt logprobs, scoring).
-        all_logits = llama.compute_logits(params, hidden, self.cfg) if score else None
-        return kv_cache, logits, all_logits
+        # `score`: also every token's hidden state, for prompt logprobs (scored in row chunks
+        # afterwards: logits of a whole 2048-token bucket at a 128k vocabulary would be 1 GiB).
+        return kv_cache, logits, hidden if score else None
 
     # The host batch crosses to the device as ONE int32 array (and the sampling knobs as two):
     # every separate host array passed to a jitted call is its own transfer, which measured
@@ -248,7 +248,7 @@ class ModelRunner:
             return None
         b = ib.build(so)
         score = bool(b.prompt_logprob_spans)
-        self.kv_cache, logits, all_logits = self._step(self.params, self.kv_cache,
+        self.kv_cache, logits, all_hidden = self._step(self.params, self.kv_cache,
                                                        *self._device_inputs(b), score=score)
         f32, i32, num_stop = ib.sampling_arrays(b)
         n = len(b.req_ids)
@@ -260,7 +260,7 @@ class ModelRunner:
         self._prev_sampled = sampled.token_ids
         states = [ib.requests[rid] for rid in b.req_ids]
         logprobs_k = {st.req_id: st.params.logprobs for st in states if st.params.logprobs is not None}
-        prompt = self._score_prompts(b, all_logits) if score else None
+        prompt = self._score_prompts(b, all_hidden) if score else None
         return Inflight(b.req_ids, b.sample_mask[:n].copy(), sampled, logprobs_k, prompt)
 
     def collect(self, h: "Inflight") -> ModelRunnerOutput:
@@ -286,28 +286,42 @@ class ModelRunner:
                 st.num_pending -= 1
         return out
 
-    def _score_prompts(self, b: StepBatch, all_logits: jax.Array) -> "_PromptScores":
-        """Prompt logprobs of this step's chunk of each asking request (scored in one call)."""
-        targets = np.zeros(len(b.token_ids), np.int32)
-        k = 0
+    def _score_prompts(self, b: StepBatch, all_hidden: jax.Array) -> "_PromptScores":
+        """Prompt logprobs of this step's chunk of each asking request, over only those tokens, in
+        chunks of max_num_seqs rows: the KV sizing reserved memory for the sampler at that many
+        rows, which covers a chunk (its logits and a top-k instead of a full sort)."""
+        rows: list[int] = []
+        targets: list[int] = []
         spans = []
+        k = 0
         for rid, offset, start, count in b.prompt_logprob_spans:
             st = self.input_batch.requests[rid]
             toks = st.token_ids[start + 1:start + 1 + count]
-            targets[offset:offset + count] = toks
+            spans.append((rid, len(rows), toks, st.params.prompt_logprobs))
+            rows += range(offset, offset + len(toks))
+            targets += toks
             k = max(k, st.params.prompt_logprobs)
-            spans.append((rid, offset, toks, st.params.prompt_logprobs))
-        res = self._prompt_logprobs(all_logits, jnp.asarray(targets), num_logprobs=k)
-        return _PromptScores(spans, res)
+        c = self.rc.max_num_seqs
+        pad = -len(rows) % c
+        rows_a = np.asarray(rows + [0] * pad, np.int32)
+        targets_a = np.asarray(targets + [0] * pad, np.int32)
+        chunks = [self._prompt_logprobs(self.params, all_hidden, rows_a[i:i + c], targets_a[i:i + c],
+                                        num_logprobs=k) for i in range(0, len(rows_a), c)]
+        return _PromptScores(spans, chunks)
+
+    def _prompt_logprobs_impl(self, params: Any, hidden: jax.Array, rows: jax.Array,
+                              targets: jax.Array, *, num_logprobs: int):
+        logits = llama.compute_logits(params, hidden[rows], self.cfg)
+        return sampler_lib.prompt_logprobs(logits, targets, num_logprobs=num_logprobs)
 
 
 @dataclass
 class _PromptScores:
-    spans: list[tuple[str, int, list[int], int]]  # (req_id, batch offset, target ids, k)
-    device_result: Any
+    spans: list[tuple[str, int, list[int], int]]  # (req_id, offset in the scored rows, target ids, k)
+    chunks: list[Any]                             # per chunk of rows: (logprob, rank, topk ids, topk logprobs)
 
     def fetch(self) -> dict[str, list]:
-        lp, rank, top_ids, top_lp = jax.device_get(self.device_result)
+        lp, rank, top_ids, top_lp = (np.concatenate(x) for x in zip(*jax.device_get(self.chunks)))
         return {rid: [_logprob_entry(t, lp[off + j], rank[off + j], top_ids[off + j],
                                      top_lp[off + j], k) for j, t in enumerate(toks)]
                 for rid, off, toks, k in self.spans}

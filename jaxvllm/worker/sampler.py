@@ -313,4 +313,3 @@ def prompt_logprobs(logits: jax.Array, target_ids: jax.Array, *, num_logprobs: i
 
 
 sample_jit = jax.jit(sample, static_argnames=("mode", "num_logprobs", "topk_bound"))
-prompt_logprobs_jit = jax.jit(prompt_logprobs, static_argnames=("num_logprobs",))
