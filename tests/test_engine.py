@@ -169,9 +169,10 @@ def test_logprobs_match_log_softmax(llm):
         assert out.prompt_logprobs[i][tok].logprob == pytest.approx(ref[i - 1][tok], abs=1e-3)
 
 
-def test_prompt_logprobs_in_several_row_chunks(llm):
-    """Prompt tokens are scored max_num_seqs (8) rows at a time: two requests in one batch, 30+
-    prompt tokens between them, different k, each matches log_softmax at every position."""
+def test_prompt_logprobs_in_several_row_chunks(llm, monkeypatch):
+    """Prompt tokens scored 8 rows per call: two requests in one batch, 30+ prompt tokens between
+    them, different k, each matches log_softmax at every position."""
+    monkeypatch.setattr(llm.llm_engine.runner, "score_rows", 8)
     long_prompt = " ".join(PROMPTS)
     outs = llm.generate([long_prompt, PROMPTS[1]],
                         [SamplingParams(max_tokens=1, prompt_logprobs=1),

@@ -52,16 +52,20 @@ _JAX_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
 
 
 def _record_jax_events() -> dict:
+    import threading
     import jax.monitoring as mon
     totals = {k: 0 for k in _JAX_EVENTS.values()}
+    lock = threading.Lock()  # the engine compiles on several threads
 
     def on_duration(event: str, secs: float, **_: Any) -> None:
         if event in _JAX_EVENTS:
-            totals[_JAX_EVENTS[event]] += secs
+            with lock:
+                totals[_JAX_EVENTS[event]] += secs
 
     def on_event(event: str, **_: Any) -> None:
         if event in _JAX_EVENTS:
-            totals[_JAX_EVENTS[event]] += 1
+            with lock:
+                totals[_JAX_EVENTS[event]] += 1
     mon.register_event_duration_secs_listener(on_duration)
     mon.register_event_listener(on_event)
     return totals

@@ -68,6 +68,8 @@ class LLMEngine:
             pool.shutdown(wait=False)
         self.model_config = self.loaded.config
         self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded)
+        if pending_tokenizer is not None and pending_tokenizer.done():
+            pending_tokenizer.result()  # a tokenizer that failed already: say so before compiling
         self.scheduler = Scheduler(sched_cfg)
         self._parents: dict[str, _Parent] = {}
         self._inflight: Optional[tuple[Any, Any]] = None   # (SchedulerOutput, dispatched step)

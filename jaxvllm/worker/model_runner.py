@@ -35,6 +35,7 @@ WARMUP_SAMPLER_MODES = ("greedy", "random")
 
 # Without a device memory query (CPU), the KV cache gets this many bytes unless overridden.
 CPU_KV_CACHE_BYTES = 512 << 20
+SCORE_ROWS_MIN = 256
 
 
 @dataclass
@@ -76,6 +77,9 @@ class ModelRunner:
         self._sample = jax.jit(self._sample_impl,
                                static_argnames=("num_stop", "mode", "num_logprobs", "topk_bound"))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",))
+        # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
+        # so not fewer than SCORE_ROWS_MIN even when max_num_seqs is small.
+        self.score_rows = max(rc.max_num_seqs, SCORE_ROWS_MIN)
         self._prev_sampled = jnp.zeros(rc.max_num_seqs, jnp.int32)
         t0 = time.perf_counter()
         self.num_blocks = rc.num_blocks or self._profile_num_blocks()
@@ -153,7 +157,8 @@ class ModelRunner:
         # peak: that peak also holds what XLA allocated while compiling (autotuning), so a cold and
         # a warm start would size the cache differently, and a different cache shape misses every
         # persistent-cache entry of the previous start.
-        reserved = self._step_bytes() + self._sampler_bytes()
+        # The sampler and prompt scoring run after the step, one at a time.
+        reserved = self._step_bytes() + max(self._sampler_bytes(), self._prompt_scoring_bytes())
         in_use = _device_memory_stats()["bytes_in_use"]
         limit = stats["bytes_limit"]
         total = stats.get("bytes_reservable_limit", limit)
@@ -165,8 +170,10 @@ class ModelRunner:
         return int(budget // per_block)
 
     def _step_bytes(self) -> int:
-        """Temporaries and new outputs of the largest bucket's step (compiled on a 2-block cache:
-        the cache itself is donated and aliased, and its size changes no temporary)."""
+        """Temporaries and new outputs of the largest bucket's step, compiled on a 2-block cache (on
+        one device the cache is donated and aliased and its size changes no temporary; under tensor
+        parallelism on CPU, XLA copied each layer's cache around the scatter, not yet checked on
+        GPUs)."""
         probe = llama.make_kv_cache(self.cfg, 2, self.rc.block_size, self.rc.kv_dtype,
                                     None if self.shardings is None else self.shardings.kv_cache)
         b = self._dummy_batch(self.token_buckets[-1])
@@ -177,14 +184,24 @@ class ModelRunner:
     def _sampler_bytes(self) -> int:
         """The sampler's most memory-hungry variant at max_num_seqs rows: a full sort over the
         vocabulary (top-p without top-k), penalties and max_logprobs logprobs. At the 8B shape
-        (128k vocabulary, 256 rows; without penalties) it measured 878 MiB of temporaries on the
-        H100, 7x the step's own, and more than the fixed margin: OpenAI clients often send top_p."""
+        (128k vocabulary, 256 rows) the variant without penalties measured 878 MiB of temporaries on
+        the H100, 7x the step's own and more than the fixed margin: OpenAI clients often send top_p.
+        Compiling it here also does its autotuning before the cache takes the memory."""
         r, sds = self.rc.max_num_seqs, jax.ShapeDtypeStruct
         num_stop, hist = 1, 1
         mem = self._sample.lower(sds((r, self.cfg.vocab_size), jnp.float32), sds((6, r), jnp.float32),
                                  sds((4 + num_stop + 2 * hist, r), jnp.int32), num_stop=num_stop,
                                  mode="random_sort", num_logprobs=self.rc.max_logprobs,
                                  topk_bound=0).compile().memory_analysis()
+        return mem.temp_size_in_bytes + mem.output_size_in_bytes
+
+    def _prompt_scoring_bytes(self) -> int:
+        """One chunk of prompt scoring (`_score_prompts`) at max_logprobs, from the largest bucket."""
+        sds = jax.ShapeDtypeStruct
+        hidden = sds((self.token_buckets[-1], self.cfg.hidden_size), self.rc.kv_dtype)
+        rows = sds((self.score_rows,), jnp.int32)
+        mem = self._prompt_logprobs.lower(self.params, hidden, rows, rows,
+                                          num_logprobs=self.rc.max_logprobs).compile().memory_analysis()
         return mem.temp_size_in_bytes + mem.output_size_in_bytes
 
     def _log_capacity(self) -> None:
@@ -288,8 +305,8 @@ class ModelRunner:
 
     def _score_prompts(self, b: StepBatch, all_hidden: jax.Array) -> "_PromptScores":
         """Prompt logprobs of this step's chunk of each asking request, over only those tokens, in
-        chunks of max_num_seqs rows: the KV sizing reserved memory for the sampler at that many
-        rows, which covers a chunk (its logits and a top-k instead of a full sort)."""
+        chunks of `score_rows` rows (the KV sizing reserved memory for one chunk: the logits of a
+        whole 2048-token bucket at a 128k vocabulary would be 1 GiB)."""
         rows: list[int] = []
         targets: list[int] = []
         spans = []
@@ -301,7 +318,7 @@ class ModelRunner:
             rows += range(offset, offset + len(toks))
             targets += toks
             k = max(k, st.params.prompt_logprobs)
-        c = self.rc.max_num_seqs
+        c = self.score_rows
         pad = -len(rows) % c
         rows_a = np.asarray(rows + [0] * pad, np.int32)
         targets_a = np.asarray(targets + [0] * pad, np.int32)
