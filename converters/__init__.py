@@ -235,9 +235,14 @@ def _load_tokenizer(tokenizer: Optional[str], res: _Resolved) -> Any:
 def load_model_tokenizer(source: Union[str, os.PathLike, dict, None] = None, *,
                          tokenizer: Optional[str] = None, load_format: str = "auto") -> Any:
     """The tokenizer `load_model(source, tokenizer=..., load_format=...)` would load (or None)."""
-    if load_format == "hf":
-        load_format = "safetensors"
-    return _load_tokenizer(tokenizer, resolve_source(source, load_format))
+    return _load_tokenizer(tokenizer, resolve_source(source, _canonical_load_format(load_format)))
+
+
+def _canonical_load_format(load_format: str) -> str:
+    load_format = "safetensors" if load_format == "hf" else load_format
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}; got {load_format!r}")
+    return load_format
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,10 +272,7 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
     from converters.hf import DTYPES, canonical_dtype
 
     dtype = canonical_dtype(dtype)
-    if load_format == "hf":
-        load_format = "safetensors"
-    if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format must be one of {LOAD_FORMATS}; got {load_format!r}")
+    load_format = _canonical_load_format(load_format)
     res = resolve_source(source, load_format)
     if load_format == "safetensors" and res.kind == "gguf":
         raise WeightLoadError(f"{res.path}: a GGUF file cannot be loaded with load_format='safetensors'")

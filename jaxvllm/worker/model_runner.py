@@ -177,9 +177,7 @@ class ModelRunner:
         probe = llama.make_kv_cache(self.cfg, 2, self.rc.block_size, self.rc.kv_dtype,
                                     None if self.shardings is None else self.shardings.kv_cache)
         b = self._dummy_batch(self.token_buckets[-1])
-        mem = self._step.lower(self.params, probe, *self._device_inputs(b),
-                               score=False).compile().memory_analysis()
-        return mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        return _new_bytes(self._step.lower(self.params, probe, *self._device_inputs(b), score=False))
 
     def _sampler_bytes(self) -> int:
         """The sampler's most memory-hungry variant at max_num_seqs rows: a full sort over the
@@ -189,20 +187,18 @@ class ModelRunner:
         Compiling it here also does its autotuning before the cache takes the memory."""
         r, sds = self.rc.max_num_seqs, jax.ShapeDtypeStruct
         num_stop, hist = 1, 1
-        mem = self._sample.lower(sds((r, self.cfg.vocab_size), jnp.float32), sds((6, r), jnp.float32),
-                                 sds((4 + num_stop + 2 * hist, r), jnp.int32), num_stop=num_stop,
-                                 mode="random_sort", num_logprobs=self.rc.max_logprobs,
-                                 topk_bound=0).compile().memory_analysis()
-        return mem.temp_size_in_bytes + mem.output_size_in_bytes
+        return _new_bytes(self._sample.lower(
+            sds((r, self.cfg.vocab_size), jnp.float32), sds((6, r), jnp.float32),
+            sds((4 + num_stop + 2 * hist, r), jnp.int32), num_stop=num_stop, mode="random_sort",
+            num_logprobs=self.rc.max_logprobs, topk_bound=0))
 
     def _prompt_scoring_bytes(self) -> int:
         """One chunk of prompt scoring (`_score_prompts`) at max_logprobs, from the largest bucket."""
         sds = jax.ShapeDtypeStruct
         hidden = sds((self.token_buckets[-1], self.cfg.hidden_size), self.rc.kv_dtype)
         rows = sds((self.score_rows,), jnp.int32)
-        mem = self._prompt_logprobs.lower(self.params, hidden, rows, rows,
-                                          num_logprobs=self.rc.max_logprobs).compile().memory_analysis()
-        return mem.temp_size_in_bytes + mem.output_size_in_bytes
+        return _new_bytes(self._prompt_logprobs.lower(self.params, hidden, rows, rows,
+                                                      num_logprobs=self.rc.max_logprobs))
 
     def _log_capacity(self) -> None:
         tokens = (self.num_blocks - 1) * self.rc.block_size
@@ -244,7 +240,7 @@ class ModelRunner:
             sampler += [self._sample.lower(logits, f32, i32, num_stop=num_stop, mode=mode,
                                            num_logprobs=0, topk_bound=0)
                         for mode in WARMUP_SAMPLER_MODES]
-        _compile_all(sampler)
+        _compile_all(sampler, _NoBar())
         jax.block_until_ready(self.kv_cache)
         done = time.perf_counter()
         logger.info("Warm-up: %d step executables in %.1f s, %d sampler variants in %.1f s",
@@ -370,11 +366,17 @@ def _device_memory_stats() -> Optional[dict]:
     return dev.memory_stats() if hasattr(dev, "memory_stats") else None
 
 
-def _compile_all(lowered: list, bar: Any = None) -> None:
+def _new_bytes(lowered: Any) -> int:
+    """Device bytes a program allocates while it runs: temporaries and outputs not aliased to a
+    (donated) input."""
+    mem = lowered.compile().memory_analysis()
+    return mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+
+
+def _compile_all(lowered: list, bar: Any) -> None:
     def build(lo: Any) -> None:
         lo.compile()
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
     with ThreadPoolExecutor(max_workers=_compile_workers()) as pool:
         list(pool.map(build, lowered))
 
