@@ -40,7 +40,7 @@ __all__ = ["LoadedModel", "WeightLoadError", "load_model", "load_model_tokenizer
 class LoadedModel:
     params: Any                      # pytree of jax arrays on the default device (layout: models/params.py)
     config: Any                      # jaxvllm.models.config.ModelConfig; config.dtype = the params' dtype
-    hf_config: Any                   # the transformers config object
+    hf_config: dict                  # the HF config as a dict (config.json; transformers' reading of a GGUF)
     tokenizer: Any                   # a transformers tokenizer, or None (no tokenizer files / not asked)
     generation_config: Optional[dict]  # generation_config.json as a dict (extra eos ids, ...), or None
     source: str                      # a display name (directory/file name; the default model's name)
@@ -165,34 +165,6 @@ def _model_config(hf_config: Any, where: str):
         raise WeightLoadError(f"{where}: {e}") from e
 
 
-def _hf_dir_config(model_dir: str) -> tuple[dict, Any]:
-    from converters.hf import read_config_dict
-
-    d = read_config_dict(model_dir)
-    from transformers import AutoConfig
-
-    try:
-        hf_config = AutoConfig.from_pretrained(model_dir)
-    except Exception as e:
-        raise WeightLoadError(f"{os.path.join(model_dir, 'config.json')}: transformers cannot read this "
-                              f"config ({type(e).__name__}: {e})") from e
-    return d, hf_config
-
-
-def _config_from_dict(d: dict) -> Any:
-    from transformers import AutoConfig
-
-    d = dict(d)
-    model_type = d.pop("model_type", None)
-    if model_type is None:
-        raise WeightLoadError("config dict: missing 'model_type'")
-    try:
-        return AutoConfig.for_model(model_type, **d)
-    except Exception as e:
-        raise WeightLoadError(f"config dict: transformers cannot build a {model_type!r} config "
-                              f"({type(e).__name__}: {e})") from e
-
-
 def _generation_config(model_dir: Optional[str]) -> Optional[dict]:
     if model_dir is None:
         return None
@@ -281,12 +253,16 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
     t0 = time.perf_counter()
     reader = None
     files: list[str] = []
+    # HF directories and config dicts are read without transformers (ModelConfig.from_hf applies its
+    # defaults): importing it was a third of a warm start, and the tokenizer thread imports it anyway.
     if res.kind == "config":
-        hf_config = _config_from_dict(res.config_dict)
+        hf_config = dict(res.config_dict)
         cfg = _model_config(hf_config, "config dict")
         ckpt_dtype = cfg.dtype
     elif res.kind == "hf":
-        config_dict, hf_config = _hf_dir_config(res.path)
+        from converters.hf import read_config_dict
+
+        hf_config = read_config_dict(res.path)
         cfg = _model_config(hf_config, os.path.join(res.path, "config.json"))
         if load_format == "dummy":
             ckpt_dtype = cfg.dtype
@@ -294,12 +270,12 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
             from converters.hf import checkpoint_dtype, weight_files
 
             files = weight_files(res.path)[0]
-            ckpt_dtype = checkpoint_dtype(config_dict, files)
+            ckpt_dtype = checkpoint_dtype(hf_config, files)
     else:
         from converters import gguf_loader
 
         reader = gguf_loader.open_reader(res.path)
-        hf_config = gguf_loader.load_gguf_hf_config(res.path, reader)
+        hf_config = gguf_loader.load_gguf_hf_config(res.path, reader).to_dict()
         cfg = _model_config(hf_config, res.path)
         files = [res.path]
         ckpt_dtype = gguf_loader.checkpoint_dtype(reader)

@@ -131,7 +131,7 @@ def test_hf_metadata(hf_dirs):
     m = load_model(hf_dirs["llama_tied"][0], cache_dir=None)
     assert m.tokenizer is None  # no tokenizer files in the directory
     assert isinstance(m.generation_config, dict) and "bos_token_id" in m.generation_config
-    assert m.hf_config.model_type == "llama" and m.config.tie_word_embeddings
+    assert m.hf_config["model_type"] == "llama" and m.config.tie_word_embeddings
     assert m.source == os.path.basename(hf_dirs["llama_tied"][0])
     assert m.params["embed"].devices() == {jax.devices()[0]}
 
@@ -300,6 +300,23 @@ def test_dummy_from_config_dict():
     assert m.tokenizer is None and m.path is None
     with pytest.raises(WeightLoadError, match="dummy"):
         load_model(d)
+
+
+def test_config_dir_loads_without_transformers(tmp_path):
+    """A model directory's config is read without importing transformers (a third of a warm start on
+    the GPU host); only the tokenizer, loaded on the engine's side thread, needs it."""
+    import subprocess
+    import sys
+    d = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], **BASE, num_key_value_heads=2,
+             head_dim=16)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    code = ("import sys; from converters import load_model; "
+            f"m = load_model({str(tmp_path)!r}, load_format='dummy', load_tokenizer=False); "
+            "print(m.config.head_dim, m.config.num_kv_heads, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["16", "2", "False"], out.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------

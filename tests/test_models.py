@@ -121,3 +121,36 @@ def test_registry_rejects_unknown_architecture():
         ModelConfig.from_hf({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8})
     assert set(MODEL_REGISTRY) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                    "Qwen3ForCausalLM"}
+
+
+_PARTIAL_CONFIGS = [
+    {},
+    {"hidden_size": 64, "num_attention_heads": 8, "intermediate_size": 96, "num_hidden_layers": 2,
+     "vocab_size": 100},
+    {"hidden_size": 64, "num_attention_heads": 4, "torch_dtype": "bfloat16", "tie_word_embeddings": True,
+     "num_key_value_heads": 2},
+    {"use_sliding_window": True, "rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 5e5},
+    {"sliding_window": None, "max_position_embeddings": 4096, "attention_bias": True,
+     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("partial", range(len(_PARTIAL_CONFIGS)))
+def test_config_dict_defaults_match_transformers(model_type, partial):
+    """A config.json that leaves fields out is read (without transformers) as transformers reads it."""
+    from transformers import AutoConfig
+
+    raw = dict(_PARTIAL_CONFIGS[partial], model_type=model_type)
+    try:
+        want = ModelConfig.from_hf(AutoConfig.for_model(**raw))
+    except ValueError as e:  # e.g. 8 heads with Qwen's default of 32 KV heads: rejected alike
+        with pytest.raises(ValueError, match=str(e).split(" (")[0]):
+            ModelConfig.from_hf(raw)
+        return
+    assert ModelConfig.from_hf(raw) == want
+    # Architectures alone name the model type too.
+    no_type = {k: v for k, v in raw.items() if k != "model_type"}
+    no_type["architectures"] = [want.architecture]
+    assert ModelConfig.from_hf(no_type) == want

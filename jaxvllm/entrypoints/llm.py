@@ -55,7 +55,8 @@ class LLM:
             params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         leaf_dtype = str(params["final_norm"].dtype)
         cfg = dataclasses.replace(cfg, dtype=leaf_dtype)
-        loaded = LoadedModel(params=params, config=cfg, hf_config=config, tokenizer=tokenizer,
+        hf_config = config if isinstance(config, dict) else config.to_dict()
+        loaded = LoadedModel(params=params, config=cfg, hf_config=hf_config, tokenizer=tokenizer,
                              generation_config=generation_config, source="<params>", path=None,
                              load_format="params")
         self = cls.__new__(cls)

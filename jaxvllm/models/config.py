@@ -41,6 +41,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Any) -> "ModelConfig":
+        """From a transformers config object or a config dict (config.json as it is: fields it
+        leaves out take transformers' defaults for its model type)."""
         d = hf if isinstance(hf, dict) else hf.to_dict()
         archs = d.get("architectures") or []
         if not archs and d.get("model_type") in _MODEL_TYPE_TO_ARCH:
@@ -49,6 +51,8 @@ class ModelConfig:
         if arch is None:
             raise ValueError(f"Unsupported model architecture {archs or d.get('model_type')!r}; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        model_type = d.get("model_type") or _ARCH_TO_MODEL_TYPE[arch]
+        d = {**HF_CONFIG_DEFAULTS.get(model_type, {}), **d}
         hidden = d["hidden_size"]
         heads = d["num_attention_heads"]
         kv_heads = d.get("num_key_value_heads") or heads
@@ -91,6 +95,25 @@ class ModelConfig:
 
 _MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCH_TO_MODEL_TYPE = {a: t for t, a in _MODEL_TYPE_TO_ARCH.items()}
+
+# transformers' config-class defaults (5.x) for the fields `from_hf` reads, so that a config.json is
+# read without importing transformers: that import (it pulls in torch) was 8-11 s of a 24-31 s warm
+# start on the GPU host. Fields transformers derives (head_dim, num_key_value_heads) are derived in
+# `from_hf`. tests/test_models.py checks the result against transformers' own config classes.
+_QWEN = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
+             max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096)
+HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                  bos_token_id=1, eos_token_id=2),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6,
+                    max_position_embeddings=131072, sliding_window=4096, bos_token_id=1, eos_token_id=2),
+    "qwen2": _QWEN,
+    "qwen3": dict(_QWEN, head_dim=128),
+}
 
 
 def _rope(d: dict) -> tuple[Optional[dict], float]:
