@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             ("of which weights + config load s", "load_s"), ("  config s", "config_s"),
             ("  weights s", "params_s"), ("of which compile s", "compile_s"),
             ("of which KV-cache sizing s", "kv_sizing_s"),
-            ("tokenizer s (on a thread beside the above)", "tokenizer_s"),
+            ("tokenizer s (child process from engine init)", "tokenizer_s"),
             ("tokenizer wait after compiling s", "tokenizer_wait_s"),
             ("first request s", "first_token_s"), ("weights from cache", "from_cache"),
             ("KV-cache blocks", "num_gpu_blocks"),

@@ -53,19 +53,25 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs, loaded: Any = None) -> None:
-        from jaxvllm.engine.setup import build_runner, load, load_tokenizer
+        from jaxvllm.engine.setup import build_runner, load, start_tokenizer_load
         self.args = args
         t0 = time.perf_counter()
-        self.loaded = loaded if loaded is not None else load(args)
-        self.load_seconds = time.perf_counter() - t0  # weights and config
-        # The tokenizer is first needed by a request, so it loads while the cache is sized and the
-        # buckets compile: importing transformers' AutoTokenizer alone took 6-11 s on the GPU host
-        # (it pulls in accelerate and more), a third of a warm start.
+        # The tokenizer is first needed by a request, so it loads (in a child process: importing
+        # transformers' AutoTokenizer was 16 s of Python on the GPU host) while the weights load,
+        # the cache is sized and the buckets compile; a thread waits for it and unpickles it.
         pending_tokenizer = None
         if loaded is None:
+            child = start_tokenizer_load(args)
+            try:
+                loaded = load(args)
+            except BaseException:
+                child.cancel()
+                raise
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvllm-tokenizer")
-            pending_tokenizer = pool.submit(_timed, load_tokenizer, args)
+            pending_tokenizer = pool.submit(lambda: (child.result(), time.perf_counter() - t0))
             pool.shutdown(wait=False)
+        self.loaded = loaded
+        self.load_seconds = time.perf_counter() - t0  # weights and config
         self.model_config = self.loaded.config
         self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded)
         if pending_tokenizer is not None and pending_tokenizer.done():
@@ -322,11 +328,6 @@ class _StatsLogger:
                     self.prompt_tokens / dt, self.generated_tokens / dt, s.num_running,
                     s.num_waiting, 100 * s.kv_cache_usage, 100 * s.prefix_cache_hit_rate)
         self.prompt_tokens = self.generated_tokens = 0
-
-
-def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    return fn(*args), time.perf_counter() - t0
 
 
 def _generation_eos_ids(gen_config: Optional[dict]) -> set[int]:

@@ -43,8 +43,8 @@ def configure_jax(args: EngineArgs) -> None:
 
 
 def load(args: EngineArgs) -> Any:
-    """Weights and config; the tokenizer is left to `load_tokenizer` (the engine overlaps it with
-    compiling)."""
+    """Weights and config; the tokenizer is left to `start_tokenizer_load` (the engine overlaps it
+    with loading and compiling)."""
     configure_jax(args)
     from converters import load_model
     cache_dir = args.weights_cache_dir or os.path.join(cache_root(), "weights")
@@ -53,9 +53,10 @@ def load(args: EngineArgs) -> Any:
                       tokenizer=args.tokenizer, load_tokenizer=False)
 
 
-def load_tokenizer(args: EngineArgs) -> Any:
-    from converters import load_model_tokenizer
-    return load_model_tokenizer(args.model, tokenizer=args.tokenizer, load_format=args.load_format)
+def start_tokenizer_load(args: EngineArgs) -> Any:
+    """The tokenizer, loading in a child process from now on (`.result()` waits for it)."""
+    from converters.tokenizer_child import start_tokenizer_load as start
+    return start(args.model, tokenizer=args.tokenizer, load_format=args.load_format)
 
 
 def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConfig]:

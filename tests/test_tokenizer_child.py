@@ -1,0 +1,70 @@
+"""The engine's tokenizer loads in a child process and comes back pickled (converters/tokenizer_child.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from converters import WeightLoadError, load_model_tokenizer
+from converters import tokenizer_child
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "Paris is the capital of France. ¿Qué tal? 1234"
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def test_child_process_tokenizer_matches_in_process(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("{not json")
+    code = f"""
+import json, sys
+from converters import WeightLoadError
+from converters.tokenizer_child import start_tokenizer_load
+pending = start_tokenizer_load(None)
+assert pending._proc is not None  # loading in a child
+tok = pending.result()
+out = dict(encode=tok.encode({TEXT!r}), decode=tok.decode(tok.encode({TEXT!r})),
+           chat=tok.apply_chat_template({CHAT!r}, tokenize=False, add_generation_prompt=True),
+           eos=tok.eos_token_id, cls=type(tok).__name__,
+           heavy=[m for m in ("torch", {tokenizer_child._HEAVY_MODULE!r}) if m in sys.modules])
+try:
+    start_tokenizer_load(None, tokenizer={str(bad)!r}).result()
+except WeightLoadError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref = load_model_tokenizer(None)
+    assert got["encode"] == ref.encode(TEXT) and got["decode"] == ref.decode(ref.encode(TEXT))
+    assert got["chat"] == ref.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert got["eos"] == ref.eos_token_id and got["cls"] == type(ref).__name__
+    assert got["heavy"] == []  # the parent never imported torch or AutoTokenizer
+    assert str(bad) in got["error"] and "cannot load the tokenizer" in got["error"]
+
+
+def test_failed_child_falls_back_to_loading_here(monkeypatch):
+    # A process that imported AutoTokenizer already (this one) loads in-process; pretend it did not,
+    # and make the child fail to run at all.
+    monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    pending = tokenizer_child.start_tokenizer_load(None)
+    assert pending._proc is not None
+    tok = pending.result()
+    assert tok.encode(TEXT) == load_model_tokenizer(None).encode(TEXT)
+
+
+def test_cancel_stops_the_child(monkeypatch, tmp_path):
+    monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
+    pending = tokenizer_child.start_tokenizer_load(str(tmp_path / "missing"))
+    proc = pending._proc
+    pending.cancel()
+    assert proc.poll() is not None and pending._proc is None
+    with pytest.raises(WeightLoadError):  # result() after cancel loads here and reports as usual
+        pending.result()
