@@ -31,6 +31,7 @@ class PendingTokenizer:
     def __init__(self, source: Any, tokenizer: Optional[str], load_format: str) -> None:
         self._request = (source, tokenizer, load_format)
         self._proc: Optional[subprocess.Popen] = None
+        self._cancelled = False
         if _HEAVY_MODULE in sys.modules:
             return
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,23 +44,31 @@ class PendingTokenizer:
             self._proc.stdin.close()
         except (OSError, pickle.PicklingError) as e:
             logger.warning("tokenizer: cannot start a loader process (%s); loading in this one", e)
-            self.cancel()
+            if self._proc is not None:
+                self._proc.kill()
+                self._proc.wait()
+                self._proc = None
 
     def cancel(self) -> None:
-        """Stop the loader process (the engine failed before it needed the tokenizer)."""
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            self._proc = None
+        """Stop the loader process (the engine failed to start); `result()` then returns None."""
+        self._cancelled = True
+        proc = self._proc
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
     def result(self) -> Any:
         """The tokenizer (or None); raises WeightLoadError as `load_model_tokenizer` does."""
         from converters import load_model_tokenizer
 
-        if self._proc is not None:
-            out = self._proc.stdout.read()
-            code = self._proc.wait()
-            self._proc = None
+        proc, self._proc = self._proc, None
+        if self._cancelled:
+            return None
+        if proc is not None:
+            out = proc.stdout.read()
+            code = proc.wait()
+            if self._cancelled:
+                return None
             try:
                 status, value = pickle.loads(out) if code == 0 else ("crashed", f"exit code {code}")
             except Exception as e:  # noqa: BLE001 (an unpicklable class: load it here instead)

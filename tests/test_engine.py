@@ -264,8 +264,10 @@ def test_overlong_prompt_rejected_others_unharmed(llm):
 
 def test_kv_cache_donated_in_place(llm):
     runner = llm.llm_engine.runner
-    b = runner._dummy_batch(runner.token_buckets[0])
-    text = runner._step.lower(runner.params, runner.kv_cache, *runner._device_inputs(b)).compile().as_text()
+    t = runner.token_buckets[0]
+    b = runner._dummy_batch(t)
+    text = runner._step_for(t).lower(runner.params, runner.kv_cache,
+                                     *runner._device_inputs(b)).compile().as_text()
     header = text.splitlines()[0]
     aliased = re.findall(r"\{(\d+)\}: \((\d+), \{[^}]*\}, may-alias\)", header)
     cache_leaves = 2 * runner.cfg.num_layers
@@ -357,3 +359,19 @@ def test_priority_scheduling_policy(llm, scheduler_config):
     with pytest.raises(ValueError, match="scheduling_policy"):
         from jaxvllm.config import EngineArgs
         EngineArgs(scheduling_policy="lifo")
+
+
+def test_small_buckets_use_triton_gemms_unless_the_user_chose(llm, monkeypatch):
+    from jaxvllm.config import EngineArgs
+    from jaxvllm.engine import setup
+    runner = llm.llm_engine.runner
+    if runner.rc.triton_gemm_max_tokens:  # the engine chose the GEMMs (no user XLA_FLAGS setting)
+        assert runner.rc.triton_gemm_max_tokens == setup.TRITON_GEMM_MAX_TOKENS
+        assert runner._step_for(runner.token_buckets[0]) is runner._step_small
+    assert runner._step_for(runner.token_buckets[-1]) is runner._step
+    args = EngineArgs(model="unused", compilation_cache_dir="none")
+    for user_flags, chose in (("--xla_gpu_enable_triton_gemm=true", False), ("", True)):
+        monkeypatch.setenv("XLA_FLAGS", user_flags)
+        monkeypatch.setattr(setup, "_ENGINE_CHOSE_GEMMS", False)
+        setup.configure_jax(args)
+        assert setup._ENGINE_CHOSE_GEMMS is chose

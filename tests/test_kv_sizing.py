@@ -54,7 +54,7 @@ def test_cache_leaves_room_for_step_sampler_and_scoring(runner, monkeypatch):
     rows = jnp.zeros(runner.score_rows, jnp.int32)
     scoring = runner._prompt_logprobs.lower(runner.params, jnp.zeros((256, 64), jnp.float32), rows,
                                             rows, num_logprobs=20).compile().memory_analysis()
-    step = runner._step.lower(runner.params, runner.kv_cache, *runner._device_inputs(batch),
+    step = runner._step_for(runner.token_buckets[-1]).lower(runner.params, runner.kv_cache, *runner._device_inputs(batch),
                               score=False).compile().memory_analysis()
     need = _bytes(step) - step.alias_size_in_bytes + max(_bytes(sampler), _bytes(scoring)) + MARGIN
     assert need <= left < need + 2 * per_block + (64 << 20)  # enough, and nothing much wasted

@@ -77,7 +77,7 @@ def _run_engine(d: str, tp: int, dtype: str, inspect: bool) -> dict[str, Any]:
     runner = llm.llm_engine.runner
     if inspect:
         b = runner._dummy_batch(32)
-        hlo = runner._step.lower(runner.params, runner.kv_cache,
+        hlo = runner._step_for(32).lower(runner.params, runner.kv_cache,
                                  *runner._device_inputs(b)).compile().as_text()
         res["all_reduce"] = _count(r"= [^ ]+ all-reduce(-start)?\(", hlo)
         res["all_gather"] = _count(r"= [^ ]+ all-gather(-start)?\(", hlo)

@@ -60,11 +60,26 @@ def test_failed_child_falls_back_to_loading_here(monkeypatch):
     assert tok.encode(TEXT) == load_model_tokenizer(None).encode(TEXT)
 
 
-def test_cancel_stops_the_child(monkeypatch, tmp_path):
+def test_cancel_stops_the_child(monkeypatch):
     monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
-    pending = tokenizer_child.start_tokenizer_load(str(tmp_path / "missing"))
+    pending = tokenizer_child.start_tokenizer_load(None)
     proc = pending._proc
     pending.cancel()
-    assert proc.poll() is not None and pending._proc is None
-    with pytest.raises(WeightLoadError):  # result() after cancel loads here and reports as usual
-        pending.result()
+    assert proc.poll() is not None
+    assert pending.result() is None  # nothing loads after a cancel
+
+
+def test_failed_engine_start_stops_the_child(monkeypatch, tmp_path):
+    from jaxvllm import LLM
+
+    started = []
+    real = tokenizer_child.PendingTokenizer.__init__
+
+    def spy(self, *a):
+        real(self, *a)
+        started.append(self)
+    monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
+    monkeypatch.setattr(tokenizer_child.PendingTokenizer, "__init__", spy)
+    with pytest.raises(WeightLoadError):
+        LLM(str(tmp_path / "missing"))
+    assert len(started) == 1 and started[0]._cancelled

@@ -53,20 +53,25 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs, loaded: Any = None) -> None:
-        from jaxvllm.engine.setup import build_runner, load, start_tokenizer_load
+        from jaxvllm.engine.setup import start_tokenizer_load
         self.args = args
         t0 = time.perf_counter()
         # The tokenizer is first needed by a request, so it loads (in a child process: importing
         # transformers' AutoTokenizer was 16 s of Python on the GPU host) while the weights load,
         # the cache is sized and the buckets compile; a thread waits for it and unpickles it.
+        child = start_tokenizer_load(args) if loaded is None else None
+        try:
+            self._start(args, loaded, child, t0)
+        except BaseException:
+            if child is not None:
+                child.cancel()  # a failed start leaves no loader process behind
+            raise
+
+    def _start(self, args: EngineArgs, loaded: Any, child: Any, t0: float) -> None:
+        from jaxvllm.engine.setup import build_runner, load
         pending_tokenizer = None
-        if loaded is None:
-            child = start_tokenizer_load(args)
-            try:
-                loaded = load(args)
-            except BaseException:
-                child.cancel()
-                raise
+        if child is not None:
+            loaded = load(args)
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvllm-tokenizer")
             pending_tokenizer = pool.submit(lambda: (child.result(), time.perf_counter() - t0))
             pool.shutdown(wait=False)

@@ -13,6 +13,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
+# Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens).
+TRITON_GEMM_MAX_TOKENS = 16
+_ENGINE_CHOSE_GEMMS = False  # set once configure_jax added the GEMM flag (the user did not set it)
+
+
 def cache_root() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "jaxvllm")
@@ -22,11 +27,14 @@ def configure_jax(args: EngineArgs) -> None:
     """Process-wide JAX settings; must run before the first device use to take full effect."""
     # Let the allocator take gpu_memory_utilization of the card (XLA's default pool is 75%).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))
-    # cuBLAS instead of autotuned Triton GEMMs: ~15x faster compiles per bucket for ~5% slower
-    # batch-1 decode (measured: docs/architecture.md). A user's own XLA_FLAGS setting wins.
+    # cuBLAS instead of autotuned Triton GEMMs: ~15x faster compiles per bucket (measured:
+    # docs/architecture.md); the smallest buckets still get Triton GEMMs, per program
+    # (RunnerConfig.triton_gemm_max_tokens). A user's own XLA_FLAGS setting wins everywhere.
+    global _ENGINE_CHOSE_GEMMS
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_enable_triton_gemm" not in flags:
         flags += " --xla_gpu_enable_triton_gemm=false"
+        _ENGINE_CHOSE_GEMMS = True
     # XLA's dot merger fuses the q/k/v projections by concatenating their weights on every step
     # (a ~50 MB copy per layer at the 8B shape: 1 ms of a 7 ms batch-1 decode step).
     if "xla_disable_hlo_passes" not in flags:
@@ -82,7 +90,8 @@ def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConf
         block_size=args.block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_dtype=params_dtype,
-        token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs)
+        token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs,
+        triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS else 0)
     runner = ModelRunner(cfg, loaded.params, rc, shardings=shardings)
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                             max_model_len=max_model_len, num_blocks=runner.num_blocks,

@@ -50,6 +50,11 @@ class RunnerConfig:
     token_buckets: Optional[tuple[int, ...]] = None
     seed: int = 0
     max_logprobs: int = 20                    # the sampler variant the KV sizing leaves room for
+    # Buckets of at most this many tokens compile with XLA's autotuned Triton GEMMs instead of
+    # cuBLAS: on these GEMV-like decode shapes they were faster on the H100 at the 8B shape (step
+    # 6.40 -> 6.14 ms at 8 tokens, 6.52 -> 6.38 ms at 16; slower from 32 up), for ~7 s more cold
+    # compile each. 0: cuBLAS everywhere.
+    triton_gemm_max_tokens: int = 0
 
 
 class ModelRunner:
@@ -71,8 +76,11 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-rc.max_model_len // rc.block_size)
         self.input_batch = InputBatch(rc.block_size, self.max_blocks_per_seq, self.token_buckets,
                                       rc.max_num_seqs, rc.seed)
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,), static_argnames=("score",),
-                             **({} if shardings is None else shardings.step_jit_kwargs()))
+        step_kw = dict(donate_argnums=(1,), static_argnames=("score",),
+                       **({} if shardings is None else shardings.step_jit_kwargs()))
+        self._step = jax.jit(self._step_impl, **step_kw)
+        self._step_small = jax.jit(self._step_impl, **step_kw,
+                                   compiler_options={"xla_gpu_enable_triton_gemm": True})
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
         self._sample = jax.jit(self._sample_impl,
                                static_argnames=("num_stop", "mode", "num_logprobs", "topk_bound"))
@@ -101,6 +109,10 @@ class ModelRunner:
         # `score`: also every token's hidden state, for prompt logprobs (scored in row chunks
         # afterwards: logits of a whole 2048-token bucket at a 128k vocabulary would be 1 GiB).
         return kv_cache, logits, hidden if score else None
+
+    def _step_for(self, num_tokens: int) -> Any:
+        """The jitted step for a bucket of `num_tokens` (see RunnerConfig.triton_gemm_max_tokens)."""
+        return self._step_small if num_tokens <= self.rc.triton_gemm_max_tokens else self._step
 
     # The host batch crosses to the device as ONE int32 array (and the sampling knobs as two):
     # every separate host array passed to a jitted call is its own transfer, which measured
@@ -176,8 +188,10 @@ class ModelRunner:
         GPUs)."""
         probe = llama.make_kv_cache(self.cfg, 2, self.rc.block_size, self.rc.kv_dtype,
                                     None if self.shardings is None else self.shardings.kv_cache)
-        b = self._dummy_batch(self.token_buckets[-1])
-        return _new_bytes(self._step.lower(self.params, probe, *self._device_inputs(b), score=False))
+        t = self.token_buckets[-1]
+        b = self._dummy_batch(t)
+        return _new_bytes(self._step_for(t).lower(self.params, probe, *self._device_inputs(b),
+                                                  score=False))
 
     def _sampler_bytes(self) -> int:
         """The sampler's most memory-hungry variant at max_num_seqs rows: a full sort over the
@@ -228,14 +242,14 @@ class ModelRunner:
         t0 = time.perf_counter()
         batches = {t: self._dummy_batch(t) for t in self.token_buckets}
         bar = _progress(progress, len(batches), "Compiling buckets")
-        _compile_all([self._step.lower(self.params, self.kv_cache, *self._device_inputs(b),
-                                       score=False) for b in batches.values()], bar)
+        _compile_all([self._step_for(t).lower(self.params, self.kv_cache, *self._device_inputs(b),
+                                              score=False) for t, b in batches.items()], bar)
         bar.close()
         t_steps = time.perf_counter()
         sampler = []
         for t, b in batches.items():
-            self.kv_cache, logits, _ = self._step(self.params, self.kv_cache, *self._device_inputs(b),
-                                                  score=False)
+            self.kv_cache, logits, _ = self._step_for(t)(self.params, self.kv_cache,
+                                                         *self._device_inputs(b), score=False)
             f32, i32, num_stop = self.input_batch.sampling_arrays(b)
             sampler += [self._sample.lower(logits, f32, i32, num_stop=num_stop, mode=mode,
                                            num_logprobs=0, topk_bound=0)
@@ -261,8 +275,8 @@ class ModelRunner:
             return None
         b = ib.build(so)
         score = bool(b.prompt_logprob_spans)
-        self.kv_cache, logits, all_hidden = self._step(self.params, self.kv_cache,
-                                                       *self._device_inputs(b), score=score)
+        self.kv_cache, logits, all_hidden = self._step_for(len(b.token_ids))(
+            self.params, self.kv_cache, *self._device_inputs(b), score=score)
         f32, i32, num_stop = ib.sampling_arrays(b)
         n = len(b.req_ids)
         knobs = f32[0, :n], i32[0, :n], f32[1, :n]  # temperature, top_k, top_p
