@@ -61,12 +61,14 @@ class PendingTokenizer:
         """The tokenizer (or None); raises WeightLoadError as `load_model_tokenizer` does."""
         from converters import load_model_tokenizer
 
-        proc, self._proc = self._proc, None
+        proc = self._proc  # left in place while waiting, so that cancel() can still kill it
         if self._cancelled:
             return None
         if proc is not None:
             out = proc.stdout.read()
             code = proc.wait()
+            proc.stdout.close()
+            self._proc = None
             if self._cancelled:
                 return None
             try:

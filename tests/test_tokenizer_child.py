@@ -49,15 +49,16 @@ print(json.dumps(out))
     assert str(bad) in got["error"] and "cannot load the tokenizer" in got["error"]
 
 
-def test_failed_child_falls_back_to_loading_here(monkeypatch):
+def test_failed_child_falls_back_to_loading_here(monkeypatch, caplog):
     # A process that imported AutoTokenizer already (this one) loads in-process; pretend it did not,
     # and make the child fail to run at all.
     monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
     monkeypatch.setattr(sys, "executable", "/bin/false")
     pending = tokenizer_child.start_tokenizer_load(None)
-    assert pending._proc is not None
     tok = pending.result()
     assert tok.encode(TEXT) == load_model_tokenizer(None).encode(TEXT)
+    # Whether it died before or after reading its request, the child's failure was noticed.
+    assert "loading in this one" in caplog.text
 
 
 def test_cancel_stops_the_child(monkeypatch):
@@ -65,8 +66,24 @@ def test_cancel_stops_the_child(monkeypatch):
     pending = tokenizer_child.start_tokenizer_load(None)
     proc = pending._proc
     pending.cancel()
-    assert proc.poll() is not None
+    assert proc.poll() is not None and proc.returncode < 0
     assert pending.result() is None  # nothing loads after a cancel
+
+
+def test_cancel_while_waiting(monkeypatch):
+    # The engine's thread waits in result() while the main thread fails and cancels.
+    import threading
+    import time
+    monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
+    pending = tokenizer_child.start_tokenizer_load(None)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pending.result()))
+    waiter.start()
+    time.sleep(0.3)
+    proc = pending._proc
+    pending.cancel()
+    waiter.join(timeout=60)
+    assert got == [None] and proc.returncode < 0  # killed, not waited for
 
 
 def test_failed_engine_start_stops_the_child(monkeypatch, tmp_path):
