@@ -40,7 +40,8 @@ class EngineArgs:
     compilation_cache_dir: Optional[str] = field(default=None, metadata={
         "help": "JAX persistent compilation cache (default: ~/.cache/jaxvllm/jax; 'none' disables)."})
     weights_cache_dir: Optional[str] = field(default=None, metadata={
-        "help": "Converted-weights cache (default: ~/.cache/jaxvllm/weights; 'none' disables)."})
+        "help": "Converted-weights cache, with pickled tokenizers under its 'tokenizers' "
+                "subdirectory (default: ~/.cache/jaxvllm/weights; 'none' disables both)."})
     token_buckets: Optional[tuple[int, ...]] = field(default=None, metadata={
         "help": "Compiled token-count buckets (default: powers of two up to the token budget)."})
     disable_log_stats: bool = field(default=False, metadata={

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -24,9 +25,12 @@ def test_child_process_tokenizer_matches_in_process(tmp_path):
 import json, sys
 from converters import WeightLoadError
 from converters.tokenizer_child import start_tokenizer_load
-pending = start_tokenizer_load(None)
+pending = start_tokenizer_load(None, cache_dir={str(tmp_path / "cache")!r})
 assert pending._proc is not None  # loading in a child
 tok = pending.result()
+again = start_tokenizer_load(None, cache_dir={str(tmp_path / "cache")!r})
+assert again._proc is None  # from the cache the child filled
+assert again.result().encode({TEXT!r}) == tok.encode({TEXT!r})
 out = dict(encode=tok.encode({TEXT!r}), decode=tok.decode(tok.encode({TEXT!r})),
            chat=tok.apply_chat_template({CHAT!r}, tokenize=False, add_generation_prompt=True),
            eos=tok.eos_token_id, cls=type(tok).__name__,
@@ -100,3 +104,34 @@ def test_failed_engine_start_stops_the_child(monkeypatch, tmp_path):
     with pytest.raises(WeightLoadError):
         LLM(str(tmp_path / "missing"))
     assert len(started) == 1 and started[0]._cancelled
+
+
+def test_tokenizer_cache_hit_miss_and_garbled_entry(tmp_path, monkeypatch):
+    import converters
+    cache = tmp_path / "cache"
+    tok = tokenizer_child.start_tokenizer_load(None, cache_dir=str(cache)).result()  # in-process here
+    (entry,) = cache.glob("*.pkl")
+    real = converters.load_model_tokenizer
+    calls = []
+    monkeypatch.setattr(converters, "load_model_tokenizer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hit = tokenizer_child.start_tokenizer_load(None, cache_dir=str(cache)).result()
+    assert hit.encode(TEXT) == tok.encode(TEXT) and calls == []
+    entry.write_bytes(b"garbled")
+    again = tokenizer_child.start_tokenizer_load(None, cache_dir=str(cache)).result()
+    assert again.encode(TEXT) == tok.encode(TEXT) and calls == [1]
+    assert pickle.loads(entry.read_bytes())[0] == "ok"  # rewritten
+
+
+def test_tokenizer_cache_key_follows_the_files(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    load_model_tokenizer(None).save_pretrained(str(d))
+    (d / "config.json").write_text("{}")
+    key = tokenizer_child.cache_key(None, str(d), "auto")
+    assert key == tokenizer_child.cache_key(None, str(d), "auto")
+    f = d / "tokenizer_config.json"
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert tokenizer_child.cache_key(None, str(d), "auto") != key  # an edited tokenizer file misses
+    assert tokenizer_child.cache_key(None, "org/not-a-local-path", "auto") is None  # hub ids: no key
+    assert tokenizer_child.cache_key({"model_type": "llama"}, None, "dummy") is None  # no files

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.scheduler import SchedulerConfig
@@ -55,16 +55,23 @@ def load(args: EngineArgs) -> Any:
     with loading and compiling)."""
     configure_jax(args)
     from converters import load_model
-    cache_dir = args.weights_cache_dir or os.path.join(cache_root(), "weights")
     return load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                      cache_dir=None if cache_dir.lower() == "none" else cache_dir,
-                      tokenizer=args.tokenizer, load_tokenizer=False)
+                      cache_dir=_weights_cache_dir(args), tokenizer=args.tokenizer,
+                      load_tokenizer=False)
 
 
 def start_tokenizer_load(args: EngineArgs) -> Any:
-    """The tokenizer, loading in a child process from now on (`.result()` waits for it)."""
+    """The tokenizer, from the tokenizer cache beside the converted weights or loading in a child
+    process from now on (`.result()` waits for it)."""
     from converters.tokenizer_child import start_tokenizer_load as start
-    return start(args.model, tokenizer=args.tokenizer, load_format=args.load_format)
+    weights = _weights_cache_dir(args)
+    return start(args.model, tokenizer=args.tokenizer, load_format=args.load_format,
+                 cache_dir=None if weights is None else os.path.join(weights, "tokenizers"))
+
+
+def _weights_cache_dir(args: EngineArgs) -> Optional[str]:
+    cache_dir = args.weights_cache_dir or os.path.join(cache_root(), "weights")
+    return None if cache_dir.lower() == "none" else cache_dir
 
 
 def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConfig]:
