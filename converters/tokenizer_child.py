@@ -81,28 +81,33 @@ class PendingTokenizer:
                     return
         if _HEAVY_MODULE in sys.modules:
             return
+        # The package root goes first on the child's path, ahead of its working directory, which
+        # may hold another `converters`.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        code = f"import sys; sys.path.insert(0, {root!r}); from {__name__} import _child; _child()"
         try:
-            self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, env=env)
-            self._proc.stdin.write(pickle.dumps(self._request))
+            request = pickle.dumps(self._request)
+            self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE)
+            self._proc.stdin.write(request)
             self._proc.stdin.close()
-        except (OSError, pickle.PicklingError) as e:
+        except Exception as e:  # noqa: BLE001 (e.g. an unpicklable source: load in-process)
             logger.warning("tokenizer: cannot start a loader process (%s); loading in this one", e)
-            if self._proc is not None:
-                self._proc.kill()
-                self._proc.wait()
-                self._proc = None
+            self._stop()
+            self._proc = None
 
     def cancel(self) -> None:
         """Stop the loader process (the engine failed to start); `result()` then returns None."""
         self._cancelled = True
+        self._stop()
+
+    def _stop(self) -> None:
         proc = self._proc
         if proc is not None:
             proc.kill()
             proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()  # safe beside a reader in result(): it takes the reader's lock
 
     def result(self) -> Any:
         """The tokenizer (or None); raises WeightLoadError as `load_model_tokenizer` does."""
@@ -186,7 +191,3 @@ def _child() -> None:
         data = pickle.dumps(("crashed", f"cannot pickle the tokenizer ({type(e).__name__}: {e})"))
     out.write(data)
     out.close()
-
-
-if __name__ == "__main__":
-    _child()
