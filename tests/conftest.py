@@ -6,6 +6,10 @@ import tempfile
 
 import pytest
 
+# jaxvllm's own caches (converted weights, pickled tokenizers, bench tokenizers) start empty in every
+# run and stay out of the user's home.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxvllm-test-cache-")
+
 # Executables compiled by one test are reused by the next (and by the next run on this machine).
 _CACHE = os.environ.setdefault(
     "JAXVLLM_TEST_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "jaxvllm-test-jax-cache"))
