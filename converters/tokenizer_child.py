@@ -69,6 +69,7 @@ class PendingTokenizer:
         self._request = (source, tokenizer, load_format)
         self._proc: Optional[subprocess.Popen] = None
         self._cancelled = False
+        self.origin = ""  # after result(): "cache", "child process" or "this process"
         self._cache_file: Optional[str] = None
         if cache_dir is not None:
             try:
@@ -121,6 +122,7 @@ class PendingTokenizer:
                 with open(self._cache_file, "rb") as f:
                     status, value = pickle.load(f)
                 if status == "ok":
+                    self.origin = "cache"
                     return value
             except Exception as e:  # noqa: BLE001 (a garbled or stale entry: load and rewrite it)
                 logger.warning("tokenizer cache: %s unreadable (%s); loading the tokenizer",
@@ -138,12 +140,14 @@ class PendingTokenizer:
                 status, value = "crashed", f"{type(e).__name__}: {e}"
             if status == "ok":
                 self._store(out)
+                self.origin = "child process"
                 return value
             if status == "error":
                 raise WeightLoadError(value)
             logger.warning("tokenizer: the loader process failed (%s); loading in this one", value)
         source, tokenizer, load_format = self._request
         tok = load_model_tokenizer(source, tokenizer=tokenizer, load_format=load_format)
+        self.origin = "this process"
         if self._cache_file is not None:
             try:
                 self._store(pickle.dumps(("ok", tok)))

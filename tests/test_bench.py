@@ -141,6 +141,8 @@ def test_startup_cold_and_warm(tiny_dummy, capsys):
     for k in ("wall_s", "engine_init_s", "first_token_s", "config_s", "params_s", "tokenizer_s"):
         assert res["cold"][k] > 0 and res["warm"][k] > 0
     assert res["warm"]["tokenizer_wait_s"] >= 0
+    # The cold start loads the tokenizer in a child process; the warm one unpickles its cached copy.
+    assert (res["cold"]["tokenizer_origin"], res["warm"]["tokenizer_origin"]) == ("child process", "cache")
     # A warm start compiles nothing: every executable comes from the persistent cache.
     assert res["cold"]["cache_misses"] > 0
     assert res["warm"]["cache_hits"] > 0 and res["warm"]["cache_misses"] == 0, res["warm"]

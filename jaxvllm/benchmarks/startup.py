@@ -95,6 +95,7 @@ def _child(args: argparse.Namespace) -> int:
            "kv_sizing_s": getattr(llm.llm_engine.runner, "kv_sizing_seconds", None),
            "first_token_s": t_first - t_engine, "in_process_total_s": t_first - _T_PROCESS,
            "from_cache": getattr(llm.llm_engine.loaded, "from_cache", None),
+           "tokenizer_origin": llm.llm_engine.tokenizer_origin,
            "num_gpu_blocks": llm.llm_engine.runner.num_blocks, **jax_events}
     print(_MARK + json.dumps(res), flush=True)
     return 0
@@ -157,9 +158,10 @@ def run(args: argparse.Namespace) -> int:
             ("of which weights + config load s", "load_s"), ("  config s", "config_s"),
             ("  weights s", "params_s"), ("of which compile s", "compile_s"),
             ("of which KV-cache sizing s", "kv_sizing_s"),
-            ("tokenizer s (child process from engine init)", "tokenizer_s"),
+            ("tokenizer s (from engine init)", "tokenizer_s"),
             ("tokenizer wait after compiling s", "tokenizer_wait_s"),
             ("first request s", "first_token_s"), ("weights from cache", "from_cache"),
+            ("tokenizer from", "tokenizer_origin"),
             ("KV-cache blocks", "num_gpu_blocks"),
             ("persistent cache hits / misses", "cache_hits_misses"),
             ("JAX trace s (summed over threads)", "trace_s"), ("JAX lower s", "lower_s"),

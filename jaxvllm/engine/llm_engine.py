@@ -70,6 +70,7 @@ class LLMEngine:
     def _start(self, args: EngineArgs, loaded: Any, child: Any, t0: float) -> None:
         from jaxvllm.engine.setup import build_runner, load
         pending_tokenizer = None
+        self.tokenizer_origin = "given"  # with `loaded`; else where PendingTokenizer found it
         if child is not None:
             loaded = load(args)
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvllm-tokenizer")
@@ -96,6 +97,7 @@ class LLMEngine:
         if pending_tokenizer is not None:
             t_wait = time.perf_counter()
             self.loaded.tokenizer, self.loaded.seconds["tokenizer"] = pending_tokenizer.result()
+            self.tokenizer_origin = child.origin
             self.loaded.seconds["tokenizer_wait"] = time.perf_counter() - t_wait
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
