@@ -53,6 +53,22 @@ print(json.dumps(out))
     assert str(bad) in got["error"] and "cannot load the tokenizer" in got["error"]
 
 
+def test_child_ignores_a_converters_package_in_the_working_directory(tmp_path):
+    shadow = tmp_path / "converters"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the wrong converters')")
+    code = ("from converters.tokenizer_child import start_tokenizer_load\n"
+            "p = start_tokenizer_load(None)\n"
+            "p.result()\n"
+            "print(p.origin)")
+    # The parent finds the real package (safe path: no working directory on sys.path); the child
+    # must too, although it runs in the same working directory.
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONSAFEPATH="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("child process"), proc.stderr[-3000:]
+
+
 def test_failed_child_falls_back_to_loading_here(monkeypatch, caplog):
     # A process that imported AutoTokenizer already (this one) loads in-process; pretend it did not,
     # and make the child fail to run at all.
