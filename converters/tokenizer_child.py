@@ -11,7 +11,7 @@ the converted weights): a later start with the same tokenizer files and the same
 tokenizers versions unpickles it and starts no child. Like JAX's compilation cache, which holds
 executables, the cache directory is trusted: it must be the user's own.
 
-    pending = start_tokenizer_load(source, tokenizer=None, load_format="auto", cache_dir=None)
+    pending = PendingTokenizer(source, tokenizer=None, load_format="auto", cache_dir=None)  # starts now
     tok = pending.result()    # the tokenizer load_model_tokenizer(...) returns, or None
 """
 from __future__ import annotations
@@ -64,8 +64,11 @@ def cache_key(source: Any, tokenizer: Optional[str], load_format: str) -> Option
 
 
 class PendingTokenizer:
-    def __init__(self, source: Any, tokenizer: Optional[str], load_format: str,
-                 cache_dir: Optional[str] = None) -> None:
+    """What `load_model_tokenizer(source, tokenizer=..., load_format=...)` returns, loading from
+    now on; with `cache_dir`, from (and into) the tokenizer cache there."""
+
+    def __init__(self, source: Any = None, *, tokenizer: Optional[str] = None,
+                 load_format: str = "auto", cache_dir: Optional[str] = None) -> None:
         self._request = (source, tokenizer, load_format)
         self._proc: Optional[subprocess.Popen] = None
         self._cancelled = False
@@ -167,13 +170,6 @@ class PendingTokenizer:
             os.replace(tmp, self._cache_file)
         except OSError as e:
             logger.warning("tokenizer cache: cannot write %s (%s)", self._cache_file, e)
-
-
-def start_tokenizer_load(source: Any = None, *, tokenizer: Optional[str] = None,
-                         load_format: str = "auto", cache_dir: Optional[str] = None) -> PendingTokenizer:
-    """Start loading what `load_model_tokenizer(source, tokenizer=..., load_format=...)` returns;
-    with `cache_dir`, from (and into) the tokenizer cache there."""
-    return PendingTokenizer(source, tokenizer, load_format, cache_dir)
 
 
 def _child() -> None:

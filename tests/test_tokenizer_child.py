@@ -24,11 +24,11 @@ def test_child_process_tokenizer_matches_in_process(tmp_path):
     code = f"""
 import json, sys
 from converters import WeightLoadError
-from converters.tokenizer_child import start_tokenizer_load
-pending = start_tokenizer_load(None, cache_dir={str(tmp_path / "cache")!r})
+from converters.tokenizer_child import PendingTokenizer
+pending = PendingTokenizer(None, cache_dir={str(tmp_path / "cache")!r})
 assert pending._proc is not None  # loading in a child
 tok = pending.result()
-again = start_tokenizer_load(None, cache_dir={str(tmp_path / "cache")!r})
+again = PendingTokenizer(None, cache_dir={str(tmp_path / "cache")!r})
 assert again._proc is None  # from the cache the child filled
 assert again.result().encode({TEXT!r}) == tok.encode({TEXT!r})
 out = dict(encode=tok.encode({TEXT!r}), decode=tok.decode(tok.encode({TEXT!r})),
@@ -36,7 +36,7 @@ out = dict(encode=tok.encode({TEXT!r}), decode=tok.decode(tok.encode({TEXT!r})),
            eos=tok.eos_token_id, cls=type(tok).__name__,
            heavy=[m for m in ("torch", {tokenizer_child._HEAVY_MODULE!r}) if m in sys.modules])
 try:
-    start_tokenizer_load(None, tokenizer={str(bad)!r}).result()
+    PendingTokenizer(None, tokenizer={str(bad)!r}).result()
 except WeightLoadError as e:
     out["error"] = str(e)
 print(json.dumps(out))
@@ -57,8 +57,8 @@ def test_child_ignores_a_converters_package_in_the_working_directory(tmp_path):
     shadow = tmp_path / "converters"
     shadow.mkdir()
     (shadow / "__init__.py").write_text("raise ImportError('the wrong converters')")
-    code = ("from converters.tokenizer_child import start_tokenizer_load\n"
-            "p = start_tokenizer_load(None)\n"
+    code = ("from converters.tokenizer_child import PendingTokenizer\n"
+            "p = PendingTokenizer(None)\n"
             "p.result()\n"
             "print(p.origin)")
     # The parent finds the real package (safe path: no working directory on sys.path); the child
@@ -74,7 +74,7 @@ def test_failed_child_falls_back_to_loading_here(monkeypatch, caplog):
     # and make the child fail to run at all.
     monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
     monkeypatch.setattr(sys, "executable", "/bin/false")
-    pending = tokenizer_child.start_tokenizer_load(None)
+    pending = tokenizer_child.PendingTokenizer(None)
     tok = pending.result()
     assert tok.encode(TEXT) == load_model_tokenizer(None).encode(TEXT)
     # Whether it died before or after reading its request, the child's failure was noticed.
@@ -83,7 +83,7 @@ def test_failed_child_falls_back_to_loading_here(monkeypatch, caplog):
 
 def test_cancel_stops_the_child(monkeypatch):
     monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
-    pending = tokenizer_child.start_tokenizer_load(None)
+    pending = tokenizer_child.PendingTokenizer(None)
     proc = pending._proc
     pending.cancel()
     assert proc.poll() is not None and proc.returncode < 0
@@ -95,7 +95,7 @@ def test_cancel_while_waiting(monkeypatch):
     import threading
     import time
     monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
-    pending = tokenizer_child.start_tokenizer_load(None)
+    pending = tokenizer_child.PendingTokenizer(None)
     got = []
     waiter = threading.Thread(target=lambda: got.append(pending.result()))
     waiter.start()
@@ -112,8 +112,8 @@ def test_failed_engine_start_stops_the_child(monkeypatch, tmp_path):
     started = []
     real = tokenizer_child.PendingTokenizer.__init__
 
-    def spy(self, *a):
-        real(self, *a)
+    def spy(self, *a, **k):
+        real(self, *a, **k)
         started.append(self)
     monkeypatch.setattr(tokenizer_child, "_HEAVY_MODULE", "not.imported.module")
     monkeypatch.setattr(tokenizer_child.PendingTokenizer, "__init__", spy)
@@ -125,15 +125,15 @@ def test_failed_engine_start_stops_the_child(monkeypatch, tmp_path):
 def test_tokenizer_cache_hit_miss_and_garbled_entry(tmp_path, monkeypatch):
     import converters
     cache = tmp_path / "cache"
-    tok = tokenizer_child.start_tokenizer_load(None, cache_dir=str(cache)).result()  # in-process here
+    tok = tokenizer_child.PendingTokenizer(None, cache_dir=str(cache)).result()  # in-process here
     (entry,) = cache.glob("*.pkl")
     real = converters.load_model_tokenizer
     calls = []
     monkeypatch.setattr(converters, "load_model_tokenizer", lambda *a, **k: calls.append(1) or real(*a, **k))
-    hit = tokenizer_child.start_tokenizer_load(None, cache_dir=str(cache)).result()
+    hit = tokenizer_child.PendingTokenizer(None, cache_dir=str(cache)).result()
     assert hit.encode(TEXT) == tok.encode(TEXT) and calls == []
     entry.write_bytes(b"garbled")
-    again = tokenizer_child.start_tokenizer_load(None, cache_dir=str(cache)).result()
+    again = tokenizer_child.PendingTokenizer(None, cache_dir=str(cache)).result()
     assert again.encode(TEXT) == tok.encode(TEXT) and calls == [1]
     assert pickle.loads(entry.read_bytes())[0] == "ok"  # rewritten
 

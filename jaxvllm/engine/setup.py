@@ -63,10 +63,10 @@ def load(args: EngineArgs) -> Any:
 def start_tokenizer_load(args: EngineArgs) -> Any:
     """The tokenizer, from the tokenizer cache beside the converted weights or loading in a child
     process from now on (`.result()` waits for it)."""
-    from converters.tokenizer_child import start_tokenizer_load as start
+    from converters.tokenizer_child import PendingTokenizer
     weights = _weights_cache_dir(args)
-    return start(args.model, tokenizer=args.tokenizer, load_format=args.load_format,
-                 cache_dir=None if weights is None else os.path.join(weights, "tokenizers"))
+    return PendingTokenizer(args.model, tokenizer=args.tokenizer, load_format=args.load_format,
+                            cache_dir=None if weights is None else os.path.join(weights, "tokenizers"))
 
 
 def _weights_cache_dir(args: EngineArgs) -> Optional[str]:

@@ -180,7 +180,7 @@ class InputBatch:
         penalized = [i for i, s in enumerate(states) if s.params.has_penalties]
         num_stop = max((len(states[i].stop_ids) for i in masked), default=1)
         hist = _pow2_at_least(max(len(states[i].token_ids) for i in penalized)) if penalized else 0
-        i32 = np.zeros((4 + num_stop + 2 * hist, r), np.int32)
+        i32 = np.zeros(sampling_shapes(r, num_stop, hist)[1], np.int32)
         i32[4:4 + num_stop + hist] = -1  # stop ids and penalty tokens: -1 is padding
         if n:
             f32[:, :n] = np.stack([s.f32_knobs for s in states], axis=1)
@@ -205,6 +205,11 @@ class InputBatch:
         """Static top-k width for this batch's sampled-token logprobs (0: none asked)."""
         return max((self.requests[rid].params.logprobs or 0 for rid in batch.req_ids), default=0)
 
+
+def sampling_shapes(rows: int, num_stop: int, hist: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of `sampling_arrays`' float32 and int32 arrays for `rows` rows, `num_stop` stop ids
+    and a penalty history of `hist` tokens."""
+    return (len(_F32_PAD), rows), (4 + num_stop + 2 * hist, rows)
 
 
 def _pow2_at_least(n: int) -> int:

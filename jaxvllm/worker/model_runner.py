@@ -24,7 +24,8 @@ from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.outputs import Logprob
 from jaxvllm.worker import sampler as sampler_lib
-from jaxvllm.worker.input_batch import PAD_SLOT, InputBatch, StepBatch, default_token_buckets
+from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, StepBatch, default_token_buckets,
+                                        sampling_shapes)
 from pallas_kernels import ragged_paged_attention
 
 logger = logging.getLogger(__name__)
@@ -200,11 +201,11 @@ class ModelRunner:
         the H100, 7x the step's own and more than the fixed margin: OpenAI clients often send top_p.
         Compiling it here also does its autotuning before the cache takes the memory."""
         r, sds = self.rc.max_num_seqs, jax.ShapeDtypeStruct
-        num_stop, hist = 1, 1
+        num_stop = 1
+        f32, i32 = sampling_shapes(r, num_stop, hist=1)
         return _new_bytes(self._sample.lower(
-            sds((r, self.cfg.vocab_size), jnp.float32), sds((6, r), jnp.float32),
-            sds((4 + num_stop + 2 * hist, r), jnp.int32), num_stop=num_stop, mode="random_sort",
-            num_logprobs=self.rc.max_logprobs, topk_bound=0))
+            sds((r, self.cfg.vocab_size), jnp.float32), sds(f32, jnp.float32), sds(i32, jnp.int32),
+            num_stop=num_stop, mode="random_sort", num_logprobs=self.rc.max_logprobs, topk_bound=0))
 
     def _prompt_scoring_bytes(self) -> int:
         """One chunk of prompt scoring (`_score_prompts`) at max_logprobs, from the largest bucket."""
