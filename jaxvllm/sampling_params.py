@@ -36,16 +36,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        elif self.stop is None:
-            self.stop = []
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k is None or self.top_k < 0:
+        self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of ints")
+        if self.top_k is None:
             self.top_k = 0
         if self.best_of is None:
             self.best_of = self.n
         self._validate()
+        self.top_k = max(self.top_k, 0)  # any negative top_k means "all tokens", as -1 does in vLLM
         if self.temperature < _GREEDY_EPS:
             # Greedy: the other sampling knobs are irrelevant, as in vLLM.
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
@@ -74,6 +72,10 @@ class SamplingParams:
         for name in ("n", "top_k", "min_tokens"):
             if not is_int(getattr(self, name)):
                 raise TypeError(f"{name} must be an int, got {type(getattr(self, name)).__name__}")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                     "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             if not is_num(getattr(self, name)):
@@ -112,3 +114,11 @@ class SamplingParams:
     def clone(self) -> "SamplingParams":
         import copy
         return copy.deepcopy(self)
+
+
+def _as_list(v: object, name: str, what: str) -> list:
+    if v is None:
+        return []
+    if not isinstance(v, (list, tuple)):
+        raise TypeError(f"{name} must be {what}, got {type(v).__name__}")
+    return list(v)

@@ -225,6 +225,10 @@ def test_eos_stops_without_ignore_eos(llm):
     ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"), ({"min_p": 2.0}, "min_p"),
     ({"presence_penalty": 3.0}, "presence_penalty"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"logprobs": -1}, "logprobs"), ({"stop": [""]}, "stop"), ({"min_tokens": 20, "max_tokens": 5}, "min_tokens"),
+    ({"top_k": "5"}, "top_k"), ({"top_k": [5]}, "top_k"), ({"stop": 5}, "stop"), ({"stop": {"a": 1}}, "stop"),
+    ({"stop_token_ids": 5}, "stop_token_ids"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"ignore_eos": "no"}, "ignore_eos"), ({"skip_special_tokens": 0}, "skip_special_tokens"),
+    ({"include_stop_str_in_output": None}, "include_stop_str_in_output"),
 ])
 def test_invalid_sampling_params(kwargs, field):
     with pytest.raises((ValueError, TypeError), match=field):
@@ -260,6 +264,61 @@ def test_overlong_prompt_rejected_others_unharmed(llm):
     assert all(len(o.outputs[0].token_ids) == 5 for o in done.values())
     with pytest.raises(ValueError, match="max_logprobs"):
         llm.generate(PROMPTS[0], SamplingParams(logprobs=50), use_tqdm=False)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda llm: llm.generate(5), TypeError, "prompts"),
+    (lambda llm: llm.generate(None), TypeError, "prompts"),
+    (lambda llm: llm.generate({"prompt_token_ids": 5}), TypeError, "prompt_token_ids"),
+    (lambda llm: llm.generate(["hi"], [{"temperature": 0}]), TypeError, "sampling_params"),
+    (lambda llm: llm.generate(["hi"], {"temperature": 0}), TypeError, "sampling_params"),
+    (lambda llm: llm.generate("hi \ud800"), ValueError, "prompt is not valid Unicode"),
+    (lambda llm: llm.generate("hi", greedy(3, stop_token_ids=[49152])), ValueError, "stop_token_ids"),
+    (lambda llm: llm.generate("hi", SamplingParams(max_tokens=None, min_tokens=10 ** 6)), ValueError,
+     "min_tokens"),
+    (lambda llm: llm.score([""], ["Paris"]), ValueError, r"prompts\[0\] is empty"),
+    (lambda llm: llm.score([[]], [[7042]]), ValueError, r"prompts\[0\] is empty"),
+    (lambda llm: llm.score(["a"], [5]), TypeError, r"continuations\[0\]"),
+    (lambda llm: llm.chat(None), TypeError, "messages"),
+    (lambda llm: llm.chat([{"content": "hi"}]), ValueError, r"messages\[0\]\.role"),
+    (lambda llm: llm.chat([{"role": "user"}]), ValueError, r"messages\[0\]\.content"),
+    (lambda llm: llm.chat([{"role": "user", "content": 5}]), ValueError, r"messages\[0\]\.content"),
+    (lambda llm: llm.chat([{"role": "wizard", "content": "hi"}]), ValueError, "role"),
+    (lambda llm: llm.chat([[{"role": "user", "content": "a"}], [{"role": "user", "content": "\udfff"}]]),
+     ValueError, r"messages\[1\]\[0\]\.content"),
+], ids=lambda v: "" if callable(v) or isinstance(v, type) else v)
+def test_bad_offline_input_named_engine_unharmed(llm, call, error, match):
+    with pytest.raises(error, match=match):
+        call(llm)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert len(llm.generate("The", greedy(2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+
+
+def test_failed_admission_leaves_no_orphans(llm, monkeypatch):
+    """A batch whose second request fails to enter the scheduler aborts the first one: the next,
+    unrelated call runs alone and returns its own result."""
+    engine = llm.llm_engine
+    admit, calls = engine.admit_request, []
+
+    def flaky(parent):
+        calls.append(parent.request_id)
+        if len(calls) == 2:
+            raise RuntimeError("admission failed")
+        admit(parent)
+
+    monkeypatch.setattr(engine, "admit_request", flaky)
+    with pytest.raises(RuntimeError, match="admission failed"):
+        llm.generate(PROMPTS[:3], greedy(3), use_tqdm=False)
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests() and engine.scheduler.stats.num_running == 0
+    outs = llm.generate(PROMPTS[0], greedy(3), use_tqdm=False)
+    assert len(outs) == 1 and len(outs[0].outputs[0].token_ids) == 3
+
+
+def test_cache_smaller_than_max_model_len_refused_at_startup():
+    with pytest.raises(ValueError, match=r"max_model_len \(256\) needs 16 KV-cache blocks.*only 7"):
+        LLM(dtype="float32", max_model_len=256, num_gpu_blocks_override=8, enforce_eager=True,
+            max_num_seqs=8, max_num_batched_tokens=8, token_buckets=(8,))
 
 
 def test_kv_cache_donated_in_place(llm):
@@ -298,6 +357,13 @@ def test_async_engine_streams_and_aborts(llm):
         with pytest.raises(ValueError):
             async for _ in engine.generate("", greedy(3), "s3"):
                 pass
+        # Values past int32 are refused or normalized before they reach the step thread.
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            async for _ in engine.generate("hi", greedy(3, stop_token_ids=[2 ** 31], min_tokens=1), "s4"):
+                pass
+        async for out in engine.generate("hi", SamplingParams(top_k=2 ** 31, max_tokens=3), "s5"):
+            pass
+        assert out.finished and len(out.outputs[0].token_ids) == 3
         await engine.shutdown()
 
     asyncio.run(main())

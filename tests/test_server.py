@@ -421,6 +421,7 @@ BAD = [
     (C, {**_OK_C, "stop": ["a", 1]}, 400, "stop"),
     (C, {**_OK_C, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     (C, {**_OK_C, "stop_token_ids": "1"}, 400, "stop_token_ids"),
+    (C, {**_OK_C, "stop_token_ids": [2 ** 31], "min_tokens": 1}, 400, "stop_token_ids"),
     (C, {**_OK_C, "logprobs": 100}, 400, "logprobs"),
     (C, {**_OK_C, "logprobs": -1}, 400, "logprobs"),
     (C, {**_OK_C, "logprobs": True}, 400, "logprobs"),
@@ -478,6 +479,12 @@ BAD = [
     ("/detokenize", {"tokens": [1, "a"]}, 400, "tokens"),
     ("/detokenize", {"tokens": [-4]}, 400, "tokens"),
     ("/detokenize", {"tokens": [10 ** 12]}, 400, "tokens"),
+    # Lone UTF-16 surrogate escapes: valid JSON, but text no tokenizer can encode.
+    (C, {"model": MODEL, "prompt": "hi \ud800"}, 400, "prompt"),
+    (C, {"model": MODEL, "prompt": ["ok", "\udfff"]}, 400, "prompt[1]"),
+    (CH, {"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}]}, 400,
+     "messages[0].content"),
+    ("/tokenize", {"model": MODEL, "prompt": "\ud800"}, 400, "prompt"),
 ]
 
 
@@ -489,6 +496,16 @@ def test_bad_request(srv, path, body, status, param):
     assert_error(got, resp, status, param)
     if status == 400:
         assert resp["error"]["type"] == "BadRequestError"
+
+
+def test_surrogate_pairs_are_text_lone_surrogates_are_not():
+    from jaxvllm.entrypoints.openai.protocol import APIError, parse_json_body
+    body = json.dumps({"prompt": "smile \U0001F600", "stop": ["\\ud800 is not an escape here"]})
+    assert "\\ud83d\\ude00" in body  # json.dumps escapes the emoji as a surrogate pair
+    assert parse_json_body(body.encode())["prompt"] == "smile \U0001F600"
+    with pytest.raises(APIError) as e:
+        parse_json_body(json.dumps({"n": 1, "stop": {"a": ["x", "\udc00"]}}).encode())
+    assert e.value.param == "stop.a[1]"
 
 
 def test_bad_requests_via_openai_client(client):

@@ -118,6 +118,13 @@ def test_bad_requests(srv):
     assert_error(st, body, 404, "model")
     st, _, body = http("POST", srv.url + "/v1/completions", raw=b"{")
     assert_error(st, body, 400)
+    # An id past int32 with min_tokens once reached the step thread and stopped the engine.
+    st, _, body = http("POST", srv.url + "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 3,
+                                                              "stop_token_ids": [2 ** 31], "min_tokens": 1})
+    assert_error(st, body, 400, "stop_token_ids")
+    st, _, body = http("POST", srv.url + "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 3,
+                                                              "top_k": 2 ** 31 - 1, "temperature": 1.0})
+    assert st == 200 and body["usage"]["completion_tokens"] == 3, body
 
 
 def test_concurrent(client):

@@ -118,13 +118,17 @@ class LLMEngine:
             else:
                 raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.encode(prompt)
         if isinstance(prompt, (list, tuple)):
             return None, _check_ids(list(prompt), self.model_config.vocab_size)
         raise TypeError(f"prompt must be a str, a list of token ids or a dict, got "
                         f"{type(prompt).__name__}")
+
+    def encode(self, text: str, add_special_tokens: bool = True, name: str = "prompt") -> list[int]:
+        """Token ids of `text`; `name` is the field a bad value is reported as."""
+        if self.tokenizer is None:
+            raise ValueError(f"this model has no tokenizer: pass {name} as token ids")
+        return list(self.tokenizer.encode(check_text(text, name), add_special_tokens=add_special_tokens))
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None) -> None:
@@ -136,6 +140,8 @@ class LLMEngine:
                         arrival_time: Optional[float] = None, final_only: bool = False) -> _Parent:
         """Everything in add_request that does not touch the scheduler (safe off the step thread).
         `final_only`: no per-step cumulative outputs (offline batches only read the final one)."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params = (params or SamplingParams()).clone()
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already running")
@@ -143,6 +149,11 @@ class LLMEngine:
         self._validate(ids, params)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
+            if params.min_tokens > params.max_tokens:
+                raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the {params.max_tokens} "
+                                 f"tokens left after the prompt within max_model_len")
+        if params.top_k >= self.model_config.vocab_size:
+            params.top_k = 0  # the same "all tokens" (and the sampler's int32 lane cannot hold any int)
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
             stops |= self.extra_eos_ids | ({self.eos_token_id} - {None})
@@ -170,6 +181,10 @@ class LLMEngine:
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise ValueError(f"The prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must be ids in [0, {vocab}); got {bad[:5]!r}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(params, name)
             if v is not None and v > self.args.max_logprobs:
@@ -344,7 +359,20 @@ def _generation_eos_ids(gen_config: Optional[dict]) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
 
+def check_text(text: str, name: str) -> str:
+    """`text`, if it is valid Unicode: a lone UTF-16 surrogate (from a JSON escape or Python) is
+    text no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode text: a lone surrogate "
+                         f"{text[e.start]!r} at index {e.start}") from None
+    return text
+
+
 def _check_ids(ids: Any, vocab_size: int) -> list[int]:
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
     ids = list(ids)
     bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
     if bad:

@@ -100,6 +100,14 @@ def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConf
         token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs,
         triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS else 0)
     runner = ModelRunner(cfg, loaded.params, rc, shardings=shardings)
+    # As vLLM: refuse a cache that cannot hold one sequence of max_model_len, rather than start and
+    # then reject every long request. The last token is never fed back, and block 0 is reserved.
+    need = -(-(max_model_len - 1) // args.block_size)
+    if need > runner.num_blocks - 1:
+        raise ValueError(
+            f"max_model_len ({max_model_len}) needs {need} KV-cache blocks of {args.block_size} "
+            f"tokens, but the cache has only {runner.num_blocks - 1}: lower max_model_len or give the "
+            f"cache more room (gpu_memory_utilization, num_gpu_blocks_override)")
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                             max_model_len=max_model_len, num_blocks=runner.num_blocks,
                             block_size=args.block_size,

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from jaxvllm.config import EngineArgs
-from jaxvllm.engine.llm_engine import LLMEngine, PromptType
+from jaxvllm.engine.llm_engine import LLMEngine, PromptType, check_text
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import SamplingParams
 
@@ -87,19 +87,19 @@ class LLM:
         if len(prompts) != len(continuations):
             raise ValueError(f"score needs as many continuations ({len(continuations)}) as prompts "
                              f"({len(prompts)})")
-        tok = self.llm_engine.tokenizer
+        engine = self.llm_engine
 
-        def ids(x: Union[str, list[int]], special: bool) -> list[int]:
+        def ids(x: Union[str, list[int]], name: str, special: bool) -> list[int]:
             if isinstance(x, str):
-                if tok is None:
-                    raise ValueError("this model has no tokenizer: pass token ids")
-                return tok.encode(x, add_special_tokens=special)
+                x = engine.encode(x, special, name)
+            if not isinstance(x, (list, tuple)):
+                raise TypeError(f"{name} must be a str or a list of token ids, got {type(x).__name__}")
+            if not x:
+                raise ValueError(f"{name} is empty")
             return list(x)
 
-        pairs = [(ids(p, True), ids(c, False)) for p, c in zip(prompts, continuations)]
-        for i, (_, c) in enumerate(pairs):
-            if not c:
-                raise ValueError(f"continuations[{i}] is empty")
+        pairs = [(ids(p, f"prompts[{i}]", True), ids(c, f"continuations[{i}]", False))
+                 for i, (p, c) in enumerate(zip(prompts, continuations))]
         sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outs = self.generate([{"prompt_token_ids": p + c} for p, c in pairs], sp, use_tqdm=use_tqdm)
         result = []
@@ -134,11 +134,17 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
+        elif not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a str, a dict, a list of token ids or a list of those, "
+                            f"got {type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
+        elif not isinstance(sampling_params, (list, tuple)):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got "
+                            f"{type(sampling_params).__name__}")
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
@@ -150,11 +156,30 @@ class LLM:
              sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: Optional[str] = None) -> list[RequestOutput]:
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        from jinja2 import TemplateError
+        from jaxvllm.entrypoints.openai.protocol import APIError, parse_messages
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError("messages must be a non-empty list of message dicts or a list of those")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         tok = self.llm_engine.tokenizer
-        prompts = [{"prompt_token_ids": list(tok.apply_chat_template(
-            conv, tokenize=True, add_generation_prompt=add_generation_prompt,
-            chat_template=chat_template, return_dict=False))} for conv in conversations]
+        if tok is None:
+            raise ValueError("this model has no tokenizer: chat needs one (use generate with token ids)")
+        prompts = []
+        for i, conv in enumerate(conversations):
+            name = "messages" if len(conversations) == 1 else f"messages[{i}]"
+            try:  # the server's checks, so a bad message is named here rather than inside the template
+                conv = parse_messages(conv, name)
+            except APIError as e:
+                raise ValueError(e.message) from None
+            for j, m in enumerate(conv):
+                check_text(m["content"], f"{name}[{j}].content")
+            try:
+                ids = tok.apply_chat_template(
+                    conv, tokenize=True, add_generation_prompt=add_generation_prompt,
+                    chat_template=chat_template, return_dict=False)
+            except TemplateError as e:  # the template's own raise_exception()
+                raise ValueError(f"the chat template rejected {name}: {e}") from None
+            prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
@@ -164,11 +189,11 @@ class LLM:
         prepared = [engine.prepare_request(str(next(self._counter)), p, sp, final_only=True)
                     for p, sp in zip(prompts, params_list)]
         order = {p.request_id: i for i, p in enumerate(prepared)}
-        for p in prepared:
-            engine.admit_request(p)
         bar = _progress(len(prepared)) if use_tqdm and len(prepared) > 1 else None
         results: list[Optional[RequestOutput]] = [None] * len(prepared)
         try:
+            for p in prepared:
+                engine.admit_request(p)
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:

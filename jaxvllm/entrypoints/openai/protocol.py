@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from jaxvllm.engine.llm_engine import check_text
 from jaxvllm.sampling_params import SamplingParams
 
 _MISSING = object()
@@ -77,7 +79,41 @@ def parse_json_body(raw: bytes) -> dict:
         raise bad_request(f"The request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise bad_request(f"The request body must be a JSON object, got {_jtype(body)}.")
+    if _SURROGATE_ESCAPE.search(text):  # the only way valid UTF-8 JSON can hold a lone surrogate
+        bad = _lone_surrogate_path(body)
+        if bad is not None:
+            raise bad_request(f"'{bad}' is not valid Unicode text: it holds a lone UTF-16 surrogate "
+                              "escape (\\uD800-\\uDFFF without its pair).", bad)
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate_path(body: dict) -> Optional[str]:
+    """The path (`messages[0].content`) of the first string or key that is not valid Unicode."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, dict):
+            for k, x in v.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if not _is_unicode(k):
+                    return sub
+                stack.append((sub, x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+        elif isinstance(v, str) and not _is_unicode(v):
+            return path
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        check_text(text, "")
+    except ValueError:
+        return False
+    return True
 
 
 def _jtype(v: Any) -> str:
@@ -298,16 +334,13 @@ def _common(f: Fields, limits: ServerLimits, kind: str) -> dict:
         repetition_penalty=f.num("repetition_penalty", 1.0),
         seed=seed,
         stop=_parse_stop(f),
-        stop_token_ids=_parse_int_list(f, "stop_token_ids", None),
+        stop_token_ids=_parse_int_list(f, "stop_token_ids", limits.vocab_size),
         ignore_eos=f.bool("ignore_eos", False),
         min_tokens=f.int("min_tokens", 0, lo=0, hi=2 ** 31 - 1),
         skip_special_tokens=f.bool("skip_special_tokens", True),
         spaces_between_special_tokens=f.bool("spaces_between_special_tokens", True),
         include_stop_str_in_output=f.bool("include_stop_str_in_output", False),
     )
-    for t in sampling["stop_token_ids"]:
-        if t > INT64_MAX:
-            raise bad_request("'stop_token_ids' holds an out-of-range id.", "stop_token_ids")
     f.str("user")
     return sampling
 
