@@ -46,10 +46,11 @@ _LOG2E = math.log2(math.e)
 
 
 def _transposed(ref):
-    # jax 0.11 spells it ref.transpose; 0.10 only has plgpu.transpose_ref.
-    if hasattr(plgpu, "transpose_ref") and not hasattr(ref, "transpose"):
-        return plgpu.transpose_ref(ref, (1, 0))
-    return ref.transpose((1, 0))
+    # jax 0.11 spells it ref.transpose; 0.10 only has plgpu.transpose_ref (deprecated in 0.11, so
+    # it is looked up only when the ref lacks the method).
+    if hasattr(ref, "transpose"):
+        return ref.transpose((1, 0))
+    return plgpu.transpose_ref(ref, (1, 0))
 
 
 def supported(dtype, head_dim: int, block_size: int, block_kv: int,
