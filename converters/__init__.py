@@ -189,7 +189,9 @@ def _load_tokenizer(tokenizer: Optional[str], res: _Resolved) -> Any:
             from converters.gguf_loader import load_gguf_tokenizer
             return load_gguf_tokenizer(tok_path)
         try:
-            return AutoTokenizer.from_pretrained(tok_path if os.path.exists(tok_path) else tokenizer)
+            # A hub name is looked up in the local HF cache only: nothing is downloaded at run time.
+            return AutoTokenizer.from_pretrained(tok_path if os.path.exists(tok_path) else tokenizer,
+                                                 local_files_only=True)
         except Exception as e:
             raise WeightLoadError(f"{tokenizer}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
     if res.kind == "gguf":

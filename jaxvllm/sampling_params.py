@@ -7,7 +7,7 @@ from typing import Optional
 _GREEDY_EPS = 1e-5
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingParams:
     n: int = 1
     best_of: Optional[int] = None
@@ -43,7 +43,7 @@ class SamplingParams:
         if self.best_of is None:
             self.best_of = self.n
         self._validate()
-        self.top_k = max(self.top_k, 0)  # any negative top_k means "all tokens", as -1 does in vLLM
+        self.top_k = max(self.top_k, 0)  # -1 and 0 both mean "all tokens", as in vLLM
         if self.temperature < _GREEDY_EPS:
             # Greedy: the other sampling knobs are irrelevant, as in vLLM.
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
@@ -71,18 +71,20 @@ class SamplingParams:
 
         for name in ("n", "top_k", "min_tokens"):
             if not is_int(getattr(self, name)):
-                raise TypeError(f"{name} must be an int, got {type(getattr(self, name)).__name__}")
+                raise ValueError(f"{name} must be an int, got {type(getattr(self, name)).__name__}")
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
                      "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+                raise ValueError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             if not is_num(getattr(self, name)):
-                raise TypeError(f"{name} must be a number, got {type(getattr(self, name)).__name__}")
+                raise ValueError(f"{name} must be a number, got {type(getattr(self, name)).__name__}")
         check(self.n >= 1, "n", f"must be at least 1, got {self.n}.")
-        check(is_int(self.best_of) and self.best_of >= self.n, "best_of",
-              f"must be an int >= n ({self.n}), got {self.best_of}.")
+        # Kept for vLLM compatibility; like vLLM's V1 engine, only best_of == n is supported.
+        check(is_int(self.best_of) and self.best_of == self.n, "best_of",
+              f"({self.best_of!r}) != n ({self.n}) is not supported.")
+        check(self.top_k >= -1, "top_k", f"must be -1 or 0 (all tokens) or at least 1, got {self.top_k}.")
         check(self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}.")
         check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}.")
         check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}.")
@@ -90,8 +92,8 @@ class SamplingParams:
               f"must be in [-2, 2], got {self.presence_penalty}.")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
               f"must be in [-2, 2], got {self.frequency_penalty}.")
-        check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty",
-              f"must be in (0, 2], got {self.repetition_penalty}.")
+        check(self.repetition_penalty > 0.0, "repetition_penalty",
+              f"must be greater than zero, got {self.repetition_penalty}.")
         if self.max_tokens is not None:
             check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                   f"must be at least 1, got {self.max_tokens}.")
@@ -120,5 +122,5 @@ def _as_list(v: object, name: str, what: str) -> list:
     if v is None:
         return []
     if not isinstance(v, (list, tuple)):
-        raise TypeError(f"{name} must be {what}, got {type(v).__name__}")
+        raise ValueError(f"{name} must be {what}, got {type(v).__name__}")
     return list(v)

@@ -602,3 +602,22 @@ def test_bad_arguments(hf_dirs):
         load_model(hf_dirs["llama_gqa"][0], dtype="int8")
     with pytest.raises(ValueError, match="load_format"):
         load_model(hf_dirs["llama_gqa"][0], load_format="pt")
+
+
+def test_tokenizer_hub_name_is_never_downloaded(hf_dirs, monkeypatch):
+    """A --tokenizer that is neither a path nor in the local HF cache fails at once, naming it."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    from converters import load_model_tokenizer
+    import huggingface_hub.file_download as fd
+
+    attempts = []
+
+    def no_network(*a, **k):
+        attempts.append(a)
+        raise OSError("no network")
+
+    monkeypatch.setattr(fd, "get_hf_file_metadata", no_network)
+    with pytest.raises(WeightLoadError, match="someorg/not-cached-anywhere"):
+        load_model_tokenizer(hf_dirs["llama_gqa"][0], tokenizer="someorg/not-cached-anywhere")
+    assert not attempts

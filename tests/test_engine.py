@@ -199,6 +199,10 @@ def test_stop_strings_and_stop_ids(llm):
     out = llm.generate(PROMPTS[1], greedy(16, stop=stop, include_stop_str_in_output=True),
                        use_tqdm=False)[0].outputs[0]
     assert out.text == base.text[:cut + len(stop)]
+    # As vLLM, stop strings also wait for min_tokens: text within the first min_tokens tokens is
+    # never searched, so here the output runs to max_tokens.
+    out = llm.generate(PROMPTS[1], greedy(16, stop=[stop], min_tokens=16), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == base.token_ids and out.text == base.text and out.finish_reason == "length"
     stop_id = base.token_ids[4]
     first = base.token_ids.index(stop_id)
     out = llm.generate(PROMPTS[1], greedy(16, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
@@ -214,6 +218,12 @@ def test_eos_stops_without_ignore_eos(llm):
     chat = llm.chat([{"role": "user", "content": "Say hi."}],
                     SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0]
     comp = chat.outputs[0]
+    # The prompt is the rendered chat text, tokenized as transformers' apply_chat_template does.
+    tok = llm.get_tokenizer()
+    msgs = [{"role": "user", "content": "Say hi."}]
+    assert chat.prompt == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert chat.prompt_token_ids == list(tok.apply_chat_template(msgs, add_generation_prompt=True,
+                                                                  return_dict=False))
     assert comp.finish_reason in ("stop", "length")
     if comp.finish_reason == "stop":
         engine = llm.llm_engine
@@ -228,11 +238,21 @@ def test_eos_stops_without_ignore_eos(llm):
     ({"top_k": "5"}, "top_k"), ({"top_k": [5]}, "top_k"), ({"stop": 5}, "stop"), ({"stop": {"a": 1}}, "stop"),
     ({"stop_token_ids": 5}, "stop_token_ids"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"ignore_eos": "no"}, "ignore_eos"), ({"skip_special_tokens": 0}, "skip_special_tokens"),
-    ({"include_stop_str_in_output": None}, "include_stop_str_in_output"),
+    ({"include_stop_str_in_output": None}, "include_stop_str_in_output"), ({"top_k": -2}, "top_k"),
+    ({"n": 2, "best_of": 3}, "best_of"), ({"n": "2"}, "n"), ({"temperature": "a"}, "temperature"),
 ])
 def test_invalid_sampling_params(kwargs, field):
-    with pytest.raises((ValueError, TypeError), match=field):
+    # ValueError for wrong types too, as vLLM's SamplingParams and DESIGN.md say.
+    with pytest.raises(ValueError, match=f"^{field}"):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_vllm_meanings():
+    assert SamplingParams(top_k=-1).top_k == SamplingParams(top_k=0).top_k == 0
+    assert SamplingParams(repetition_penalty=3.0).repetition_penalty == 3.0  # any value > 0
+    assert SamplingParams(n=3).best_of == 3
+    with pytest.raises(TypeError):
+        SamplingParams(1, 0.7)  # keyword-only: positional order is not part of the API
 
 
 def test_tokenizer_loaded_beside_compile_is_the_models(llm, tmp_path):

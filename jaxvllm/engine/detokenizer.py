@@ -33,12 +33,14 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._decoded_len = 0
 
-    def update(self, new_token_ids: list[int]) -> bool:
-        """Appends tokens; returns True if a stop string ended the output (text is then truncated)."""
+    def update(self, new_token_ids: list[int], num_output_tokens: int) -> bool:
+        """Appends tokens (the output now holds `num_output_tokens`); returns True if a stop string
+        ended the output (text is then truncated). As vLLM, stop strings wait for min_tokens too:
+        only text that ends past the first min_tokens tokens is searched."""
         start = len(self.text)
         for tid in new_token_ids:
             self.text += self._decode_one(tid)
-        if self.params.stop:
+        if self.params.stop and num_output_tokens > self.params.min_tokens:
             return self._check_stop(start)
         return False
 

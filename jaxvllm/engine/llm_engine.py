@@ -277,7 +277,7 @@ class LLMEngine:
                 text_ids = co.new_token_ids
                 if co.finish_reason == "stop" and not parent.params.include_stop_str_in_output:
                     text_ids = text_ids[:-1]  # as vLLM: a stop token's text is not part of the output
-                if child.detok.update(text_ids):
+                if child.detok.update(text_ids, len(child.token_ids)):
                     child.finish_reason, child.stop_reason = "stop", child.detok.stop_reason
                     if co.finish_reason is None:
                         stopped.append(co.req_id)

@@ -174,12 +174,13 @@ class LLM:
             for j, m in enumerate(conv):
                 check_text(m["content"], f"{name}[{j}].content")
             try:
-                ids = tok.apply_chat_template(
-                    conv, tokenize=True, add_generation_prompt=add_generation_prompt,
-                    chat_template=chat_template, return_dict=False)
+                text = tok.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
+                                               add_generation_prompt=add_generation_prompt)
             except TemplateError as e:  # the template's own raise_exception()
                 raise ValueError(f"the chat template rejected {name}: {e}") from None
-            prompts.append({"prompt_token_ids": list(ids)})
+            # The rendered text is the prompt (as vLLM reports it); the template wrote the special
+            # tokens already, so the tokenizer adds none.
+            prompts.append({"prompt": text, "prompt_token_ids": self.llm_engine.encode(text, False, name)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
