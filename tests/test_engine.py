@@ -314,6 +314,26 @@ def test_bad_offline_input_named_engine_unharmed(llm, call, error, match):
     assert len(llm.generate("The", greedy(2), use_tqdm=False)[0].outputs[0].token_ids) == 2
 
 
+def test_per_request_counts_compile_no_new_sampler_variants(llm):
+    """A request's logprobs k and its count of stop ids under min_tokens are static in the sampler's
+    jit; they are bucketed so that new values reuse the compiled variants."""
+    sample = llm.llm_engine.runner._sample
+
+    def run(**kw):
+        return llm.generate(PROMPTS[0], greedy(3, **kw), use_tqdm=False)[0].outputs[0]
+
+    run(logprobs=1)
+    run(stop_token_ids=[5, 6, 7], min_tokens=2)
+    compiled = sample._cache_size()
+    out = run(logprobs=5)
+    run(logprobs=2)
+    run(stop_token_ids=[5, 6, 7, 8], min_tokens=2)
+    assert sample._cache_size() == compiled
+    # each request still gets its own k: the chosen token plus its top 5 (which may include it)
+    assert all(5 <= len(entry) <= 6 for entry in out.logprobs)
+    assert all(list(entry)[0] == t for entry, t in zip(out.logprobs, out.token_ids))
+
+
 def test_failed_admission_leaves_no_orphans(llm, monkeypatch):
     """A batch whose second request fails to enter the scheduler aborts the first one: the next,
     unrelated call runs alone and returns its own result."""

@@ -178,7 +178,9 @@ class InputBatch:
         f32 = np.repeat(_F32_PAD[:, None], r, axis=1)
         masked = [i for i, s in enumerate(states) if s.params.min_tokens and s.stop_ids]
         penalized = [i for i, s in enumerate(states) if s.params.has_penalties]
-        num_stop = max((len(states[i].stop_ids) for i in masked), default=1)
+        # Static in the sampler's jit, like the history length: powers of two, so a new count of
+        # stop ids seldom compiles a new variant.
+        num_stop = _pow2_at_least(max((len(states[i].stop_ids) for i in masked), default=1))
         hist = _pow2_at_least(max(len(states[i].token_ids) for i in penalized)) if penalized else 0
         i32 = np.zeros(sampling_shapes(r, num_stop, hist)[1], np.int32)
         i32[4:4 + num_stop + hist] = -1  # stop ids and penalty tokens: -1 is padding

@@ -283,7 +283,7 @@ class ModelRunner:
         knobs = f32[0, :n], i32[0, :n], f32[1, :n]  # temperature, top_k, top_p
         mode = sampler_lib.sampling_mode(*knobs)
         sampled = self._sample(logits, f32, i32, num_stop=num_stop, mode=mode,
-                               num_logprobs=ib.num_logprobs(b),
+                               num_logprobs=self._logprobs_width(ib.num_logprobs(b)),
                                topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
         self._prev_sampled = sampled.token_ids
         states = [ib.requests[rid] for rid in b.req_ids]
@@ -334,8 +334,15 @@ class ModelRunner:
         rows_a = np.asarray(rows + [0] * pad, np.int32)
         targets_a = np.asarray(targets + [0] * pad, np.int32)
         chunks = [self._prompt_logprobs(self.params, all_hidden, rows_a[i:i + c], targets_a[i:i + c],
-                                        num_logprobs=k) for i in range(0, len(rows_a), c)]
+                                        num_logprobs=self._logprobs_width(k))
+                  for i in range(0, len(rows_a), c)]
         return _PromptScores(spans, chunks)
+
+    def _logprobs_width(self, k: int) -> int:
+        """The top-k width compiled for a batch whose largest request asks for k logprobs: one width
+        for every k > 0 (each request's k is sliced on the host), since a width per value of k would
+        compile a new sampler variant while serving."""
+        return self.rc.max_logprobs if k else 0
 
     def _prompt_logprobs_impl(self, params: Any, hidden: jax.Array, rows: jax.Array,
                               targets: jax.Array, *, num_logprobs: int):
