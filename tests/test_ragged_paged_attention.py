@@ -187,6 +187,29 @@ def test_public_entry_point_and_jit_with_traced_ints():
         ragged_paged_attention(*jargs, sm_scale=0.3, impl="nope")
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes_kernel_vs_reference_vs_dense(seed):
+    """Random batch compositions (decodes, prefills and chunks of random lengths), GQA ratios, head
+    dims, block sizes, padding and attention options: the kernel against the reference, and the
+    reference against the float64 definition."""
+    rng = np.random.default_rng(1000 + seed)
+    n = int(rng.integers(1, 6))
+    q_lens = [1 if rng.random() < 0.4 else int(rng.integers(2, 41)) for _ in range(n)]
+    kv_lens = [q + int(rng.integers(0, 61)) for q in q_lens]
+    hq, hkv = [(4, 4), (4, 2), (8, 2), (8, 1)][int(rng.integers(4))]
+    head_dim = int(rng.choice([32, 64]))
+    block_size = int(rng.choice([16, 32]))
+    kw = [{}, dict(sliding_window=int(rng.integers(1, 40))), dict(logits_soft_cap=3.0)][seed % 3]
+    jargs, arrays, valid = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
+                                      head_dim=head_dim, block_size=block_size, seed=seed,
+                                      T=sum(q_lens) + int(rng.integers(0, 9)), R=n + int(rng.integers(0, 3)))
+    sm_scale = head_dim ** -0.5
+    out, ref = run_both(jargs, sm_scale=sm_scale, **kw)
+    check(out, ref, valid, jnp.float32)
+    dense = dense_numpy(arrays, sm_scale, kw.get("sliding_window"), kw.get("logits_soft_cap"))
+    check(ref, dense, valid, jnp.float32, atol=F32_ATOL_DENSE)
+
+
 @pytest.mark.parametrize("kw", [{}, dict(sliding_window=6), dict(logits_soft_cap=3.0)])
 def test_reference_vs_dense_numpy(kw):
     jargs, arrays, n = make_batch([1, 30, 4, 1], [70, 30, 20, 1], num_q_heads=6,
