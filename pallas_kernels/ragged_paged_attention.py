@@ -33,7 +33,8 @@ Algorithm (flash attention with online softmax, f32 accumulation):
   Which sequences are short or long is decided from the traced lengths when the
   tile lists are built (tiny jnp ops); the grid sizes are static upper bounds and
   programs without work exit at once.
-* Tile sizes live in ``TILE_TABLE`` keyed by (head_dim, GQA ratio, page size).
+* Tile sizes live in ``TILE_TABLE``, per GPU architecture (CUDA compute capability) and keyed
+  by (head_dim, GQA ratio, page size); the split-K heuristic reads the device's SM count.
 """
 from __future__ import annotations
 
@@ -54,7 +55,6 @@ from pallas_kernels.tile_lists import expand_tiles
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
-_NUM_SMS = 132  # H100 SXM
 # Token buckets below this keep prefill on Triton: their chunks are short, and each
 # Mosaic kernel shape costs a compile in every process plus an empty launch per layer
 # on decode-only steps.
@@ -79,13 +79,27 @@ class Tiles:
     prefill_block_kv: int = 128
 
 
-# Tuned tile table, keyed by (head_dim, GQA ratio, page size). Entries measured on
-# H100 (see bench/RESULTS.md); missing keys fall back to _default_tiles().
-TILE_TABLE: dict[tuple[int, int, int], Tiles] = {
-    # decode: bk 64 / 4 warps was best or within noise of best at B=1..64;
-    # prefill: 128 rows, bk 64, 4 warps, 3 stages (281 TFLOP/s vs 222 with 8 warps)
-    (128, 4, 16): Tiles(TileConfig(64, 4, 3), 128, TileConfig(64, 4, 3)),
+# Tuned tiles per GPU architecture (compute capability), then by (head_dim, GQA ratio, page
+# size); missing architectures and keys fall back to _default_tiles().
+TILE_TABLE: dict[str, dict[tuple[int, int, int], Tiles]] = {
+    "9.0": {  # Hopper (H100, H200); measured on H100, see bench/RESULTS.md
+        # decode: bk 64 / 4 warps was best or within noise of best at B=1..64;
+        # prefill: 128 rows, bk 64, 4 warps, 3 stages (281 TFLOP/s vs 222 with 8 warps)
+        (128, 4, 16): Tiles(TileConfig(64, 4, 3), 128, TileConfig(64, 4, 3)),
+    },
 }
+_DEFAULT_NUM_SMS = 132  # H100 SXM: the split-K heuristic's SM count where the device has none
+
+
+@functools.cache
+def _gpu_arch() -> str:
+    """The default device's CUDA compute capability ("9.0"), or "" off CUDA (interpret mode)."""
+    return str(getattr(jax.devices()[0], "compute_capability", "") or "")
+
+
+@functools.cache
+def _num_sms() -> int:
+    return int(getattr(jax.devices()[0], "core_count", 0) or _DEFAULT_NUM_SMS)
 
 
 def _next_pow2(x: int) -> int:
@@ -98,9 +112,10 @@ def _default_tiles(head_dim: int, group: int, block_size: int) -> Tiles:
     return Tiles(TileConfig(64, 4, 3), 128, TileConfig(long_bk, 4, 3))
 
 
-def get_tiles(head_dim: int, group: int, block_size: int) -> Tiles:
-    return TILE_TABLE.get((head_dim, group, block_size)) or _default_tiles(
-        head_dim, group, block_size)
+def get_tiles(head_dim: int, group: int, block_size: int, arch: str | None = None) -> Tiles:
+    """Tiles for this shape on `arch` (default: the current device's architecture)."""
+    table = TILE_TABLE.get(_gpu_arch() if arch is None else arch, {})
+    return table.get((head_dim, group, block_size)) or _default_tiles(head_dim, group, block_size)
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +324,7 @@ def choose_num_splits(T, R, Hkv, max_blocks, block_size, bk, Hq, D):
     # Measured on H100 (hd 128, 8 KV heads): B=64 best unsplit, B=16 best at 4,
     # B=1 (ctx 8192) at 8-16 splits.
     programs = max(1, R * Hkv)
-    want = _next_pow2(-(-2 * _NUM_SMS // programs))
+    want = _next_pow2(-(-2 * _num_sms() // programs))
     max_ctx = max_blocks * block_size
     s = max(1, min(want, 16, max_ctx // (4 * bk)))
     # keep the f32 partial buffer modest

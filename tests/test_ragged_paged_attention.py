@@ -304,3 +304,12 @@ def test_garbage_in_unused_cache_rows_does_not_leak():
     out = ragged_paged_attention_kernel(q, jnp.asarray(k), jnp.asarray(v), kvl, bt, qsl, ns,
                                         sm_scale=0.125, interpret=True, tiles=SMALL_TILES)
     check(out, ref, n, jnp.float32)
+
+
+def test_tile_table_is_per_architecture():
+    from pallas_kernels import TILE_TABLE, get_tiles
+    from pallas_kernels.ragged_paged_attention import _default_tiles
+    hopper = TILE_TABLE["9.0"][(128, 4, 16)]
+    assert get_tiles(128, 4, 16, arch="9.0") is hopper
+    assert get_tiles(128, 4, 16, arch="8.0") == _default_tiles(128, 4, 16)  # no Ampere entries
+    assert get_tiles(128, 4, 16, arch="") == _default_tiles(128, 4, 16)     # interpret mode
