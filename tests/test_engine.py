@@ -14,7 +14,7 @@ import torch
 
 from jaxvllm import LLM, SamplingParams
 from jaxvllm.core.scheduler import Scheduler
-from jaxvllm.engine.async_llm_engine import AsyncLLMEngine
+from jaxvllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
 
 PROMPTS = [
     "The capital of France is",
@@ -408,6 +408,45 @@ def test_async_engine_streams_and_aborts(llm):
 
     asyncio.run(main())
     assert llm.llm_engine.scheduler.stats.num_running == 0
+
+
+def test_async_engine_slow_consumer_gets_newest_output(llm):
+    """Outputs are cumulative: a consumer slower than the steps receives the newest one (not a
+    backlog of every step's copy), and still the finished output with every token."""
+    expected = llm.generate(PROMPTS[2], greedy(24), use_tqdm=False)[0].outputs[0].token_ids
+    engine = AsyncLLMEngine(llm.llm_engine)
+
+    async def main():
+        await engine.start()
+        got = []
+        async for out in engine.generate(PROMPTS[2], greedy(24), "slow"):
+            got.append(out)
+            await asyncio.sleep(0.25)
+        await engine.shutdown()
+        return got
+
+    got = asyncio.run(main())
+    assert got[-1].finished and got[-1].outputs[0].token_ids == expected
+    assert len(got) < 24  # steps were skipped, not queued
+    lengths = [len(o.outputs[0].token_ids) for o in got]
+    assert lengths == sorted(lengths)
+
+
+def test_async_engine_shutdown_ends_running_streams(llm):
+    engine = AsyncLLMEngine(llm.llm_engine)
+
+    async def main():
+        await engine.start()
+        gen = engine.generate(PROMPTS[0], greedy(200), "cut")
+        await gen.__anext__()
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(gen.__anext__(), 10)
+        with pytest.raises(EngineDeadError):
+            await engine.generate(PROMPTS[0], greedy(2), "after").__anext__()
+
+    asyncio.run(main())
+    assert not llm.llm_engine.has_unfinished_requests()
 
 
 def test_async_scheduling_equals_sync(llm, scheduler_config):

@@ -3,6 +3,7 @@ disconnects, auth, backpressure, start-up and shutdown. Fast: no model, no JAX c
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -707,10 +708,19 @@ def test_backpressure_503():
             assert_error(st, resp, 503)
             assert int(hdrs["Retry-After"]) >= 1
             assert metric(s.url, "jaxvllm:num_requests_waiting") == 1
-            # Batches count one per prompt.
         finally:
             for sock in socks:
                 sock.close()
+        assert wait_until(lambda: s.server.in_flight == 0, 5)
+        # Admission counts sequences (prompts x n); one request alone is always admitted.
+        sock = raw_request(s.handle.host, s.handle.port, "POST", C,
+                           json.dumps({**body, "prompt": ["a", "b"], "n": 2}).encode())
+        try:
+            assert wait_until(lambda: s.server.in_flight == 4, 5)
+            st, _, resp = http("POST", s.url + C, {**body, "max_tokens": 2})
+            assert_error(st, resp, 503)
+        finally:
+            sock.close()
         assert wait_until(lambda: s.server.in_flight == 0, 5)
         st, _, resp = http("POST", s.url + C, {**body, "prompt": ["a", "b", "c"], "max_tokens": 2})
         assert st == 200 and len(resp["choices"]) == 3
@@ -760,22 +770,68 @@ def test_graceful_stop_lets_requests_finish():
     assert engine.shut_down
 
 
-def test_graceful_stop_aborts_after_timeout():
-    s = ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory(0.02)).start()
+def test_graceful_stop_ends_late_requests_with_503():
+    """Requests still running when the shutdown timeout ends get an answer, not a torn connection:
+    a 503 body, or for a stream a final error event and [DONE]; their engine requests are aborted."""
+    s = ServerThread(EngineArgs(max_model_len=MAX_LEN, max_num_seqs=2),
+                     engine_factory=_factory(0.02)).start()
+    body = {"prompt": "too long", "max_tokens": 200}
     result = {}
 
-    def req():
-        try:
-            result["r"] = http("POST", s.url + C, {"prompt": "too long", "max_tokens": 200})
-        except Exception as e:  # the connection is closed on abort
-            result["r"] = e
+    def plain():
+        result["plain"] = http("POST", s.url + C, body)
 
-    t = threading.Thread(target=req)
-    t.start()
-    assert wait_until(lambda: s.server.in_flight == 1, 5)
+    def stream():
+        result["stream"] = http("POST", s.url + C, {**body, "stream": True})
+
+    def queued():  # admitted, but waiting for an engine slot: no output yet
+        result["queued"] = http("POST", s.url + C, {**body, "stream": True, "prompt": "third"})
+
+    threads = [threading.Thread(target=f) for f in (plain, stream)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: s.server.in_flight == 2, 5)
+    threads.append(threading.Thread(target=queued))
+    threads[-1].start()
+    assert wait_until(lambda: s.server.in_flight == 3, 5)
     engine = s.engine
     t0 = time.monotonic()
     s.stop(timeout=0.3)
     assert time.monotonic() - t0 < 5
-    t.join(10)
+    for t in threads:
+        t.join(10)
+    st, hdrs, resp = result["plain"]
+    assert_error(st, resp, 503)
+    assert "shutting down" in resp["error"]["message"] and hdrs["Retry-After"] == "1"
+    st, _, resp = result["queued"]
+    assert_error(st, resp, 503)
+    st, hdrs, text = result["stream"]
+    assert st == 200
+    events = [b[len("data: "):] for b in text.strip().split("\n\n")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == 503 and "shutting down" in err["message"]
     assert engine.aborted and not engine._running
+
+
+def test_stalled_stream_reader_is_dropped():
+    """A streaming client that stops reading loses its request after stream_write_timeout: its
+    admission is released and its engine request aborted, so it cannot hold the server."""
+    with ServerThread(EngineArgs(max_model_len=4096), engine_factory=_factory(0.0005),
+                      stream_write_timeout=0.5) as s:
+        body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 3000, "n": 4, "logprobs": 5,
+                           "stream": True, "ignore_eos": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect((s.handle.host, s.handle.port))
+        head = (f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        sock.sendall(head.encode() + body)  # and never read
+        try:
+            assert wait_until(lambda: s.server.in_flight == 4, 5)
+            assert wait_until(lambda: s.server.in_flight == 0, 30)
+            assert s.engine.aborted
+            st, _, resp = http("POST", s.url + C, {"model": MODEL, "prompt": "y", "max_tokens": 2})
+            assert st == 200 and resp["usage"]["completion_tokens"] == 2
+        finally:
+            sock.close()

@@ -24,13 +24,37 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class _Latest:
+    """The newest undelivered item of one request's stream, on the consumer's event loop. Outputs
+    are cumulative, so a consumer that falls behind (a client that stops reading) skips to the
+    newest one instead of buffering a copy per step, which would grow with n x length^2. A finished
+    output or an error is final: nothing replaces it."""
+
+    def __init__(self) -> None:
+        self._item: object = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: object) -> None:
+        held = self._item
+        if isinstance(held, BaseException) or getattr(held, "finished", False):
+            return
+        self._item = item
+        self._ready.set()
+
+    async def get(self) -> object:
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._item = self._item, None
+        return item
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _Latest]] = {}
         self._inbox: list[tuple[str, object]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -66,7 +90,8 @@ class AsyncLLMEngine:
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Cumulative RequestOutputs as tokens arrive; the last has finished=True. Raises
+        """Cumulative RequestOutputs as tokens arrive (a slow consumer gets the newest one, skipping
+        those it did not take in time); the last has finished=True. Raises
         ValueError/TypeError before yielding for an invalid request. Closing the iterator (or
         cancelling its consumer) aborts the request."""
         if self._error is not None:
@@ -75,13 +100,13 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prepared = self.engine.prepare_request(request_id, prompt, sampling_params)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        latest = _Latest()
+        self._streams[request_id] = (asyncio.get_running_loop(), latest)
         self._post("add", prepared)
         finished = False
         try:
             while True:
-                item = await queue.get()
+                item = await latest.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -119,11 +144,15 @@ class AsyncLLMEngine:
                 outputs = engine.step()
                 for out in outputs:
                     self._deliver(out.request_id, out)
-        except BaseException as e:  # a dead engine must not leave clients waiting forever
+            self.engine.abort_request(list(self._streams))  # shut down: nothing runs on
+            dead = EngineDeadError("the engine was shut down")
+        except BaseException as e:
             logger.exception("engine step loop failed")
-            self._error = e
-            for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"engine stopped: {e!r}"))
+            dead = EngineDeadError(f"engine stopped: {e!r}")
+        # Stopped or dead, the engine must not leave clients waiting forever.
+        self._error = dead
+        for rid in list(self._streams):
+            self._deliver(rid, dead)
 
     def _drain_inbox(self) -> None:
         with self._lock:
@@ -141,8 +170,8 @@ class AsyncLLMEngine:
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        loop, queue = stream
+        loop, latest = stream
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(latest.put, item)
         except RuntimeError:  # the consumer's loop is closed
             pass

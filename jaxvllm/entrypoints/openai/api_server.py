@@ -11,14 +11,16 @@ Behaviour worth knowing:
   it is ready.
 - `--api-key` (or env JAXVLLM_API_KEY) requires `Authorization: Bearer KEY` on every endpoint except
   /health, /metrics, /version (so /v1/*, /tokenize and /detokenize).
-- Backpressure: the server counts engine requests (one per prompt of a request) admitted and not yet
+- Backpressure: the server counts sequences (prompts x n of a request) admitted and not yet
   finished. A request that would take that count above `max_num_seqs + --max-waiting-requests` is
   refused with 503 and a Retry-After header (a single request is always admitted when nothing else is
   in flight).
 - A client that disconnects aborts its engine requests at once (handler cancellation for plain
-  responses, a failed write for streams).
+  responses, a failed write for streams); so does a streaming client that accepts no bytes for
+  `--stream-write-timeout` seconds (its connection is closed).
 - SIGTERM/SIGINT: stop listening, refuse new requests with 503, let in-flight requests finish for up
-  to `--shutdown-timeout` seconds, abort the rest, shut the engine down and exit 0.
+  to `--shutdown-timeout` seconds, then end the rest with a 503 (a final error event and [DONE] for
+  streams), shut the engine down and exit 0.
 
 Modules: server.py (the application, its lifecycle and small endpoints), serving.py (generation),
 logprobs.py, responses.py, protocol.py (request parsing), metrics.py, launch.py (in-process start:
@@ -38,7 +40,7 @@ from typing import Any, Callable, Optional
 from jaxvllm.config import EngineArgs
 from jaxvllm.entrypoints.openai.launch import start_server
 from jaxvllm.entrypoints.openai.server import (DEFAULT_MAX_BODY, DEFAULT_MAX_WAITING,
-                                               DEFAULT_MODEL_NAME)
+                                               DEFAULT_MODEL_NAME, DEFAULT_STREAM_WRITE_TIMEOUT)
 
 logger = logging.getLogger("jaxvllm.server")
 
@@ -60,13 +62,16 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Model name(s) in the API (default: the model path's basename, or "
                         f"{DEFAULT_MODEL_NAME} for the default model); the first is reported.")
     g.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING,
-                   help="Engine requests (one per prompt) allowed in flight beyond --max-num-seqs; "
-                        "more get 503 with Retry-After (default %(default)s).")
+                   help="Sequences (prompts x n) allowed in flight beyond --max-num-seqs; more "
+                        "get 503 with Retry-After (default %(default)s).")
     g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                    help="Largest request body; larger ones get 413 (default %(default)s).")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="Seconds in-flight requests may run after SIGTERM/SIGINT before they are "
-                        "aborted (default %(default)s).")
+                        "ended with 503 (default %(default)s).")
+    g.add_argument("--stream-write-timeout", type=float, default=DEFAULT_STREAM_WRITE_TIMEOUT,
+                   help="Seconds a streaming client may accept no data before its request is "
+                        "aborted and its connection closed (default %(default)s).")
     g.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="Server log level.")
     g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
@@ -99,7 +104,8 @@ async def serve(args: argparse.Namespace,
             engine_factory=engine_factory, served_model_name=args.served_model_name,
             api_key=api_key, max_waiting_requests=args.max_waiting_requests,
             max_request_body_bytes=args.max_request_body_bytes,
-            shutdown_timeout=args.shutdown_timeout)
+            shutdown_timeout=args.shutdown_timeout,
+            stream_write_timeout=args.stream_write_timeout)
     except OSError as e:
         print(f"jaxvllm: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr, flush=True)
         return 1

@@ -96,7 +96,8 @@ class ServerMetrics:
                                     buckets=_E2E_BUCKETS, registry=r)
         if get_in_flight is not None:
             g = Gauge("jaxvllm:num_requests_in_flight",
-                      "Engine requests admitted by the server and not finished.", L, registry=r)
+                      "Sequences (prompts x n) admitted by the server and not finished.", L,
+                      registry=r)
             g.labels(model_name).set_function(get_in_flight)
         # Pre-create the common label sets so they show (at 0) before the first request.
         self.prompt_tokens.labels(model_name)

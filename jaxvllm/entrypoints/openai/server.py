@@ -26,6 +26,7 @@ logger = logging.getLogger("jaxvllm.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_MAX_WAITING = 1024
+DEFAULT_STREAM_WRITE_TIMEOUT = 60.0
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
 _CHAT_TEMPLATE_RESERVED = frozenset({
     "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
@@ -67,7 +68,8 @@ class OpenAIServer:
                  api_key: Optional[str] = None,
                  max_waiting_requests: int = DEFAULT_MAX_WAITING,
                  max_request_body_bytes: int = DEFAULT_MAX_BODY,
-                 shutdown_timeout: float = 30.0):
+                 shutdown_timeout: float = 30.0,
+                 stream_write_timeout: float = DEFAULT_STREAM_WRITE_TIMEOUT):
         self.engine_args = engine_args or EngineArgs()
         if isinstance(served_model_name, str):
             served_model_name = [served_model_name]
@@ -80,12 +82,15 @@ class OpenAIServer:
         self.max_waiting = max_waiting_requests
         self.max_body = max_request_body_bytes
         self.shutdown_timeout = shutdown_timeout
+        if not stream_write_timeout > 0:
+            raise ValueError("stream_write_timeout must be > 0")
+        self.stream_write_timeout = stream_write_timeout
         self._engine_factory = engine_factory
         self.engine = engine
         self.load_error: Optional[BaseException] = None
         self.ready = asyncio.Event()
         self.draining = False
-        self.in_flight = 0                       # admitted engine requests, not finished
+        self.in_flight = 0                       # admitted sequences (prompts x n), not finished
         self._active: set[asyncio.Task] = set()  # generation handler tasks
         self.active_rids: set[str] = set()       # engine requests running, aborted by drain()
         self.created = P.now()
@@ -175,14 +180,16 @@ class OpenAIServer:
         return True
 
     async def drain(self, timeout: float) -> None:
-        """Refuse new work; wait for in-flight requests up to `timeout`, then abort the rest."""
+        """Refuse new work; wait for in-flight requests up to `timeout`, then end the rest: their
+        handlers, cancelled while draining, answer 503 (streams: a final error event and [DONE])
+        and abort their engine requests."""
         self.draining = True
         pending = {t for t in self._active if not t.done()}
         if pending:
             logger.info("waiting up to %.1fs for %d in-flight requests", timeout, len(pending))
             _, pending = await asyncio.wait(pending, timeout=max(timeout, 0.0))
         if pending:
-            logger.info("aborting %d requests still running", len(pending))
+            logger.info("ending %d requests still running", len(pending))
             for t in pending:
                 t.cancel()
             await asyncio.wait(pending, timeout=5.0)

@@ -94,7 +94,7 @@ class OpenAIServing:
             mt = self._max_tokens_for(len(ids), req.max_tokens, param)
             sp = P.build_sampling_params(req, mt)
             items.append((f"{base}-{i}", ids, sp))
-        with self.server.admitted(len(items)):
+        with self.server.admitted(len(items) * req.n):
             if req.stream:
                 return await self._stream(request, req, model, base, prompts, items)
             return await self._full(req, model, base, prompts, items)
@@ -145,31 +145,39 @@ class OpenAIServing:
                 async for out in it:
                     yield 0, out
             return
-        queue: asyncio.Queue = asyncio.Queue()
-        _END = object()
+        # Per prompt, only the newest output not yet taken: outputs are cumulative, so a consumer
+        # that falls behind (a client that stops reading) skips to it instead of buffering all.
+        latest: dict[int, Any] = {}
+        errors: list[BaseException] = []
+        ready = asyncio.Event()
+        ended = 0
 
         async def pump(i: int, item) -> None:
+            nonlocal ended
             try:
                 async with contextlib.aclosing(self._engine_stream(*item)) as it:
                     async for out in it:
-                        queue.put_nowait((i, out, None))
-                queue.put_nowait((i, _END, None))
+                        latest[i] = out
+                        ready.set()
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # noqa: BLE001 - re-raised by the consumer
-                queue.put_nowait((i, None, e))
+                errors.append(e)
+            finally:
+                ended += 1
+                ready.set()
 
         tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(items)]
         try:
-            remaining = len(tasks)
-            while remaining:
-                i, out, err = await queue.get()
-                if err is not None:
-                    raise err
-                if out is _END:
-                    remaining -= 1
-                    continue
-                yield i, out
+            while ended < len(tasks) or latest:
+                await ready.wait()
+                ready.clear()
+                if errors:
+                    raise errors[0]
+                taken = sorted(latest.items())
+                latest.clear()
+                for i, out in taken:
+                    yield i, out
         finally:
             for t in tasks:
                 t.cancel()
@@ -187,6 +195,11 @@ class OpenAIServing:
                         finals[i] = out
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), "max_tokens" if "max_tokens" in str(e) else None) from None
+        except asyncio.CancelledError:
+            if not self.server.draining:  # the client went away
+                raise
+            asyncio.current_task().uncancel()
+            raise _shutting_down() from None
         tok = self.server.engine.tokenizer
         n = req.n
         choices = []
@@ -234,6 +247,7 @@ class OpenAIServing:
         created = P.now()
         obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
         it = self._merged(items)
+        resp = None
         try:
             # Pull the first output before committing to a 200, so that engine-side validation
             # errors still become a proper 400.
@@ -243,6 +257,11 @@ class OpenAIServing:
                 first = None
             except (ValueError, TypeError) as e:
                 raise bad_request(str(e)) from None
+            except asyncio.CancelledError:
+                if not self.server.draining:  # the client went away
+                    raise
+                asyncio.current_task().uncancel()
+                raise _shutting_down() from None
 
             resp = web.StreamResponse(status=200, headers={
                 "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
@@ -251,7 +270,13 @@ class OpenAIServing:
 
             async def send(payload: Any) -> None:
                 data = payload if isinstance(payload, str) else json.dumps(payload, allow_nan=False)
-                await resp.write(f"data: {data}\n\n".encode("utf-8"))
+                try:
+                    # A client that takes no bytes for this long holds its admission and its
+                    # engine requests for nothing: treat it as gone.
+                    await asyncio.wait_for(resp.write(f"data: {data}\n\n".encode("utf-8")),
+                                           self.server.stream_write_timeout)
+                except asyncio.TimeoutError:
+                    raise ConnectionResetError("the client stopped reading the stream") from None
 
             def chunk(choices: list, usage: Optional[dict] = None) -> dict:
                 c = {"id": base, "object": obj, "created": created, "model": model,
@@ -327,17 +352,38 @@ class OpenAIServing:
             except (ValueError, TypeError) as e:
                 err = APIError(str(e), 400, "BadRequestError")
                 await send({"error": err.body()["error"]})
-            except (ConnectionResetError, asyncio.CancelledError):
+            except ConnectionResetError:
                 raise
+            except asyncio.CancelledError:
+                if not self.server.draining:  # the client went away
+                    raise
+                asyncio.current_task().uncancel()
+                await send({"error": _shutting_down().body()["error"]})
             except Exception as e:
-                logger.exception("error while streaming")
-                err = APIError(f"Internal server error: {type(e).__name__}", 500,
-                               "InternalServerError")
+                if type(e).__name__ == "EngineDeadError":
+                    err = APIError(f"The engine has stopped: {e}", 503, "ServiceUnavailableError")
+                else:
+                    logger.exception("error while streaming")
+                    err = APIError(f"Internal server error: {type(e).__name__}", 500,
+                                   "InternalServerError")
                 await send({"error": err.body()["error"]})
             if req.include_usage:
                 await send(chunk([], P.usage(prompt_tokens, sum(gen_tokens.values()))))
             await send("[DONE]")
             await resp.write_eof()
             return resp
+        except ConnectionResetError:
+            if resp is None:
+                raise
+            # Gone, or stalled past stream_write_timeout: close the connection (aiohttp then finds it
+            # closed and only logs the access); the finally aborts the engine requests.
+            if request.transport is not None:
+                request.transport.close()
+            return resp
         finally:
             await it.aclose()
+
+
+def _shutting_down() -> APIError:
+    return APIError("The server is shutting down; the request was not finished.", 503,
+                    "ServiceUnavailableError", headers={"Retry-After": "1"})
