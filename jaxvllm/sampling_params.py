@@ -42,6 +42,8 @@ class SamplingParams:
             self.top_k = 0
         if self.best_of is None:
             self.best_of = self.n
+        if self.seed == -1:
+            self.seed = None  # as vLLM: -1 means "no seed"
         self._validate()
         self.top_k = max(self.top_k, 0)  # -1 and 0 both mean "all tokens", as in vLLM
         if self.temperature < _GREEDY_EPS:

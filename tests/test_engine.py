@@ -247,7 +247,26 @@ def test_invalid_sampling_params(kwargs, field):
         SamplingParams(**kwargs)
 
 
+def test_stop_strings_first_in_list_wins(llm):
+    """As vLLM: when several stop strings occur in the new text, the first in the list wins."""
+    from jaxvllm.engine.detokenizer import IncrementalDetokenizer
+    tok = llm.get_tokenizer()
+    ids = tok.encode(" Paris is", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, SamplingParams(stop=["ar", " P"]), tok.encode("Hello"))
+    assert d.update(ids, len(ids)) and d.stop_reason == "ar" and d.text == " P"
+
+
+def test_eos_is_masked_by_min_tokens_even_with_ignore_eos(llm):
+    engine = llm.llm_engine
+    parent = engine.prepare_request("eos-mask", "hi", SamplingParams(ignore_eos=True, min_tokens=2))
+    assert engine.eos_token_id in parent.params.all_stop_token_ids  # masked below min_tokens
+    out = llm.generate("hi", SamplingParams(temperature=0, ignore_eos=True, min_tokens=2, max_tokens=6),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"  # and it never stops
+
+
 def test_sampling_params_vllm_meanings():
+    assert SamplingParams(seed=-1).seed is None
     assert SamplingParams(top_k=-1).top_k == SamplingParams(top_k=0).top_k == 0
     assert SamplingParams(repetition_penalty=3.0).repetition_penalty == 3.0  # any value > 0
     assert SamplingParams(n=3).best_of == 3

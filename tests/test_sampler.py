@@ -212,6 +212,11 @@ def test_penalty_changes_greedy_choice():
     # logprobs stay raw
     assert int(out.rank[0]) == 2
     np.testing.assert_allclose(float(out.logprob[0]), np_log_softmax(logits[0])[6], atol=1e-5)
+    # ties: as vLLM, the rank counts every token at least as likely (greedy picks index 0 here)
+    tied = np.zeros((1, V), np.float32)
+    tied[0, :2] = 2.0
+    out = _jit_sample("greedy")(tied, make_t(1, l=3, temperature=0.0))
+    assert int(out.token_ids[0]) == 0 and int(out.rank[0]) == 2
 
 
 def test_min_tokens_masks_stop_ids():
@@ -335,7 +340,7 @@ def test_logprobs_raw(mode, k):
     toks = np.asarray(out.token_ids)
     lp = np_log_softmax(logits)
     np.testing.assert_allclose(np.asarray(out.logprob), lp[np.arange(r), toks], atol=1e-5)
-    ranks = 1 + (lp > lp[np.arange(r), toks][:, None]).sum(-1)
+    ranks = (lp >= lp[np.arange(r), toks][:, None]).sum(-1)
     np.testing.assert_array_equal(np.asarray(out.rank), ranks)
     assert out.topk_ids.shape == (r, k) and out.topk_logprobs.shape == (r, k)
     assert out.token_ids.dtype == jnp.int32 and out.rank.dtype == jnp.int32
@@ -356,8 +361,7 @@ def test_prompt_logprobs(k):
     lp_, rank, ids, vals = jax.jit(functools.partial(prompt_logprobs, num_logprobs=k))(logits, tgt)
     lp = np_log_softmax(logits)
     np.testing.assert_allclose(np.asarray(lp_), lp[np.arange(n), tgt], atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(rank),
-                                  1 + (lp > lp[np.arange(n), tgt][:, None]).sum(-1))
+    np.testing.assert_array_equal(np.asarray(rank), (lp >= lp[np.arange(n), tgt][:, None]).sum(-1))
     assert ids.shape == (n, k) and vals.shape == (n, k)
     if k:
         ref_ids = np.argsort(-lp, -1)[:, :k]

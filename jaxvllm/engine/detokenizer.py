@@ -60,15 +60,14 @@ class IncrementalDetokenizer:
 
     def _check_stop(self, new_start: int) -> bool:
         # Only a window that can contain a stop string touching the new text needs searching.
+        # As vLLM, the first stop string in the list's order that occurs wins (not the earliest).
         window_start = max(0, new_start - self._max_stop_len + 1)
-        best: Optional[tuple[int, str]] = None
         for s in self.params.stop:
             i = self.text.find(s, window_start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
+            if i != -1:
+                break
+        else:
             return False
-        i, s = best
         self.text = self.text[:i + len(s)] if self.params.include_stop_str_in_output else self.text[:i]
         self.stop_reason = s
         return True

@@ -154,10 +154,10 @@ class LLMEngine:
                                  f"tokens left after the prompt within max_model_len")
         if params.top_k >= self.model_config.vocab_size:
             params.top_k = 0  # the same "all tokens" (and the sampler's int32 lane cannot hold any int)
-        stops = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stops |= self.extra_eos_ids | ({self.eos_token_id} - {None})
-        params.all_stop_token_ids = stops
+        # As vLLM: EOS ids are in the set even with ignore_eos (which only keeps them from
+        # stopping the request), so min_tokens masks them either way.
+        params.all_stop_token_ids = (set(params.stop_token_ids) | self.extra_eos_ids
+                                     | ({self.eos_token_id} - {None}))
         children = [_Child(i, f"{request_id}#{next(self._internal_ids)}",
                            IncrementalDetokenizer(self.tokenizer, params, ids))
                     for i in range(params.n)]

@@ -167,7 +167,8 @@ def _logprob_info(raw: jax.Array, token_ids: jax.Array, k: int):
     tok = jnp.take_along_axis(raw, token_ids[:, None].astype(jnp.int32), axis=-1)  # [N, 1]
     logprob = (tok - lse)[:, 0]
     # Rank in raw-logit space (same order as logprobs, without extra rounding).
-    rank = (1 + jnp.sum(raw > tok, axis=-1)).astype(jnp.int32)
+    # As vLLM: the count of tokens at least as likely, so tied tokens rank below each other.
+    rank = jnp.sum(raw >= tok, axis=-1).astype(jnp.int32)
     if k > 0:
         vals, topk_ids = _top_k(raw, k)
         topk_lp = vals - lse

@@ -320,7 +320,7 @@ def _common(f: Fields, limits: ServerLimits, kind: str) -> dict:
     if best_of is not None and best_of != n:
         raise bad_request(f"'best_of' ({best_of}) != 'n' ({n}) is not supported.", "best_of")
     seed = f.int("seed", None, lo=-(2 ** 63), hi=2 ** 64 - 1)
-    if seed is not None:
+    if seed is not None and seed != -1:  # -1: no seed (SamplingParams' meaning too)
         seed %= INT64_MAX
     top_k = f.int("top_k", 0, lo=-1, hi=2 ** 31 - 1)
     sampling = dict(
