@@ -336,17 +336,20 @@ def test_bad_offline_input_named_engine_unharmed(llm, call, error, match):
 def test_per_request_counts_compile_no_new_sampler_variants(llm):
     """A request's logprobs k and its count of stop ids under min_tokens are static in the sampler's
     jit; they are bucketed so that new values reuse the compiled variants."""
-    sample = llm.llm_engine.runner._sample
+    engine = llm.llm_engine
+    sample = engine.runner._sample
+    eos = engine.extra_eos_ids | {engine.eos_token_id}  # masked with the stop ids
+    ids = [t for t in range(5, 20) if t not in eos]
 
     def run(**kw):
         return llm.generate(PROMPTS[0], greedy(3, **kw), use_tqdm=False)[0].outputs[0]
 
     run(logprobs=1)
-    run(stop_token_ids=[5, 6, 7], min_tokens=2)
+    run(stop_token_ids=ids[:5 - len(eos)], min_tokens=2)  # 5 masked ids
     compiled = sample._cache_size()
     out = run(logprobs=5)
     run(logprobs=2)
-    run(stop_token_ids=[5, 6, 7, 8], min_tokens=2)
+    run(stop_token_ids=ids[:8 - len(eos)], min_tokens=2)  # 8: the same power-of-two bucket
     assert sample._cache_size() == compiled
     # each request still gets its own k: the chosen token plus its top 5 (which may include it)
     assert all(5 <= len(entry) <= 6 for entry in out.logprobs)
