@@ -291,8 +291,6 @@ def test_overlong_prompt_rejected_others_unharmed(llm):
     engine.add_request("ok-1", PROMPTS[0], greedy(5))
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request("too-long", list(range(10, 300)), greedy(5))
-    with pytest.raises(ValueError, match="max_model_len"):
-        engine.add_request("too-long-2", PROMPTS[0], greedy(255))
     engine.add_request("ok-2", PROMPTS[1], greedy(5))
     done = {}
     while engine.has_unfinished_requests():
@@ -313,8 +311,6 @@ def test_overlong_prompt_rejected_others_unharmed(llm):
     (lambda llm: llm.generate(["hi"], {"temperature": 0}), TypeError, "sampling_params"),
     (lambda llm: llm.generate("hi \ud800"), ValueError, "prompt is not valid Unicode"),
     (lambda llm: llm.generate("hi", greedy(3, stop_token_ids=[49152])), ValueError, "stop_token_ids"),
-    (lambda llm: llm.generate("hi", SamplingParams(max_tokens=None, min_tokens=10 ** 6)), ValueError,
-     "min_tokens"),
     (lambda llm: llm.score([""], ["Paris"]), ValueError, r"prompts\[0\] is empty"),
     (lambda llm: llm.score([[]], [[7042]]), ValueError, r"prompts\[0\] is empty"),
     (lambda llm: llm.score(["a"], [5]), TypeError, r"continuations\[0\]"),
@@ -381,6 +377,16 @@ def test_cache_smaller_than_max_model_len_refused_at_startup():
     with pytest.raises(ValueError, match=r"max_model_len \(256\) needs 16 KV-cache blocks.*only 7"):
         LLM(dtype="float32", max_model_len=256, num_gpu_blocks_override=8, enforce_eager=True,
             max_num_seqs=8, max_num_batched_tokens=8, token_buckets=(8,))
+
+
+def test_max_tokens_past_max_model_len_is_capped_offline(llm):
+    """As vLLM's offline API: generation stops at max_model_len with finish_reason "length"."""
+    prompt = list(range(100, 340))  # 240 tokens; max_model_len 256
+    outs = llm.generate([prompt, prompt], [greedy(100), SamplingParams(max_tokens=None, min_tokens=10 ** 6,
+                                                                        temperature=0)], use_tqdm=False)
+    for out in outs:
+        comp = out.outputs[0]
+        assert len(out.prompt_token_ids) + len(comp.token_ids) == 256 and comp.finish_reason == "length"
 
 
 def test_kv_cache_donated_in_place(llm):

@@ -147,11 +147,12 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         text, ids = self.tokenize(prompt)
         self._validate(ids, params)
-        if params.max_tokens is None:
-            params.max_tokens = self.max_model_len - len(ids)
-            if params.min_tokens > params.max_tokens:
-                raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the {params.max_tokens} "
-                                 f"tokens left after the prompt within max_model_len")
+        # As vLLM offline: generation stops at max_model_len (finish_reason "length"), so a larger
+        # (or no) max_tokens is capped there; the OpenAI server refuses such requests itself.
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is None or params.max_tokens > room:
+            params.max_tokens = room
+            params.min_tokens = min(params.min_tokens, room)
         if params.top_k >= self.model_config.vocab_size:
             params.top_k = 0  # the same "all tokens" (and the sampler's int32 lane cannot hold any int)
         # As vLLM: EOS ids are in the set even with ignore_eos (which only keeps them from
@@ -178,9 +179,6 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise ValueError(f"The prompt is {n} tokens long, but max_model_len is "
                              f"{self.max_model_len}: it must be shorter")
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(f"The prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len ({self.max_model_len})")
         vocab = self.model_config.vocab_size
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
