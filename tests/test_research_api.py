@@ -110,3 +110,33 @@ def test_score_matches_log_softmax(hf):
         np.testing.assert_allclose(s, want, atol=1e-4)
     with pytest.raises(ValueError, match="continuations"):
         llm.score([[1]], [[2], [3]])
+
+
+def test_generation_config_sets_sampling_defaults(hf):
+    """As vLLM (generation_config="auto"): without sampling_params, generate uses the model's
+    generation_config.json defaults; keys at transformers' defaults set nothing."""
+    from jaxvllm.engine.llm_engine import generation_sampling_defaults
+    assert generation_sampling_defaults({"temperature": 0.6, "top_p": 0.9, "top_k": 50, "do_sample": True,
+                                         "eos_token_id": 2, "max_new_tokens": 6}) == \
+        {"temperature": 0.6, "top_p": 0.9, "max_tokens": 6}
+    with pytest.raises(ValueError, match="generation_config.json: top_p"):
+        generation_sampling_defaults({"top_p": 0.0})
+    params = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    llm = LLM.from_params(params, hf.config, generation_config={"top_k": 1, "max_new_tokens": 6}, **ENGINE)
+    sp = llm.get_default_sampling_params()
+    assert sp.top_k == 1 and sp.temperature == 1.0 and sp.max_tokens == 6
+    outs = [llm.generate(PROMPTS[0], use_tqdm=False)[0].outputs[0].token_ids for _ in range(3)]
+    greedy = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert outs[0] == outs[1] == outs[2] == greedy[0].outputs[0].token_ids  # top_k=1 is greedy
+
+
+def test_server_fills_omitted_sampling_fields_from_generation_config():
+    from jaxvllm.entrypoints.openai import protocol as P
+    limits = P.ServerLimits(max_model_len=128, vocab_size=256,
+                            sampling_defaults={"temperature": 0.6, "top_k": 20, "max_tokens": 6})
+    req = P.parse_completion_request({"prompt": "x"}, limits)
+    sp = P.build_sampling_params(req, 4)
+    assert (sp.temperature, sp.top_k, sp.top_p) == (0.6, 20, 1.0)
+    req = P.parse_completion_request({"prompt": "x", "temperature": 0, "top_k": -1}, limits)
+    sp = P.build_sampling_params(req, 4)
+    assert sp.temperature == 0 and sp.top_k == 0  # what the client sends wins

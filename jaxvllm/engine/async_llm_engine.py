@@ -54,6 +54,7 @@ class AsyncLLMEngine:
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
+        self.default_sampling = engine.default_sampling
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _Latest]] = {}
         self._inbox: list[tuple[str, object]] = []
         self._lock = threading.Lock()

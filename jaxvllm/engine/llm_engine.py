@@ -102,6 +102,7 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
+        self.default_sampling = generation_sampling_defaults(self.loaded.generation_config)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -348,6 +349,28 @@ class _StatsLogger:
                     self.prompt_tokens / dt, self.generated_tokens / dt, s.num_running,
                     s.num_waiting, 100 * s.kv_cache_usage, 100 * s.prefix_cache_hit_rate)
         self.prompt_tokens = self.generated_tokens = 0
+
+
+# generation_config.json keys that set sampling defaults (vLLM's generation_config="auto"), with
+# transformers' GenerationConfig defaults: a key at its default value sets nothing, as in vLLM
+# (which reads the config's diff against those defaults).
+_GENERATION_KEYS = {"temperature": ("temperature", 1.0), "top_p": ("top_p", 1.0),
+                    "top_k": ("top_k", 50), "min_p": ("min_p", None),
+                    "repetition_penalty": ("repetition_penalty", 1.0),
+                    "max_new_tokens": ("max_tokens", None)}
+
+
+def generation_sampling_defaults(gen_config: Optional[dict]) -> dict:
+    """SamplingParams keywords the model's generation config sets (checked here, so a bad config
+    fails at start-up naming the field, not on every request)."""
+    g = gen_config or {}
+    out = {ours: g[key] for key, (ours, hf_default) in _GENERATION_KEYS.items()
+           if g.get(key) is not None and g[key] != hf_default}
+    try:
+        SamplingParams(**out)
+    except ValueError as e:
+        raise ValueError(f"generation_config.json: {e}") from None
+    return out
 
 
 def _generation_eos_ids(gen_config: Optional[dict]) -> set[int]:

@@ -230,6 +230,8 @@ class ServerLimits:
     max_model_len: int
     vocab_size: int
     max_logprobs: int = 20
+    # The model's generation_config.json sampling defaults, for fields a request leaves out.
+    sampling_defaults: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -322,16 +324,17 @@ def _common(f: Fields, limits: ServerLimits, kind: str) -> dict:
     seed = f.int("seed", None, lo=-(2 ** 63), hi=2 ** 64 - 1)
     if seed is not None and seed != -1:  # -1: no seed (SamplingParams' meaning too)
         seed %= INT64_MAX
-    top_k = f.int("top_k", 0, lo=-1, hi=2 ** 31 - 1)
+    d = limits.sampling_defaults
+    top_k = f.int("top_k", d.get("top_k", 0), lo=-1, hi=2 ** 31 - 1)
     sampling = dict(
         n=n,
-        temperature=f.num("temperature", 1.0, lo=0.0, hi=1e6),
-        top_p=f.num("top_p", 1.0),
+        temperature=f.num("temperature", d.get("temperature", 1.0), lo=0.0, hi=1e6),
+        top_p=f.num("top_p", d.get("top_p", 1.0)),
         top_k=max(top_k, 0),
-        min_p=f.num("min_p", 0.0),
+        min_p=f.num("min_p", d.get("min_p", 0.0)),
         presence_penalty=f.num("presence_penalty", 0.0),
         frequency_penalty=f.num("frequency_penalty", 0.0),
-        repetition_penalty=f.num("repetition_penalty", 1.0),
+        repetition_penalty=f.num("repetition_penalty", d.get("repetition_penalty", 1.0)),
         seed=seed,
         stop=_parse_stop(f),
         stop_token_ids=_parse_int_list(f, "stop_token_ids", limits.vocab_size),

@@ -147,7 +147,8 @@ class OpenAIServer:
             self.limits = P.ServerLimits(
                 max_model_len=int(self.engine.max_model_len),
                 vocab_size=self._vocab_size(),
-                max_logprobs=self.engine_args.max_logprobs)
+                max_logprobs=self.engine_args.max_logprobs,
+                sampling_defaults=dict(getattr(self.engine, "default_sampling", {})))
             self.ready.set()
         except asyncio.CancelledError:
             raise
