@@ -129,14 +129,3 @@ def test_generation_config_sets_sampling_defaults(hf):
     greedy = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert outs[0] == outs[1] == outs[2] == greedy[0].outputs[0].token_ids  # top_k=1 is greedy
 
-
-def test_server_fills_omitted_sampling_fields_from_generation_config():
-    from jaxvllm.entrypoints.openai import protocol as P
-    limits = P.ServerLimits(max_model_len=128, vocab_size=256,
-                            sampling_defaults={"temperature": 0.6, "top_k": 20, "max_tokens": 6})
-    req = P.parse_completion_request({"prompt": "x"}, limits)
-    sp = P.build_sampling_params(req, 4)
-    assert (sp.temperature, sp.top_k, sp.top_p) == (0.6, 20, 1.0)
-    req = P.parse_completion_request({"prompt": "x", "temperature": 0, "top_k": -1}, limits)
-    sp = P.build_sampling_params(req, 4)
-    assert sp.temperature == 0 and sp.top_k == 0  # what the client sends wins

@@ -835,3 +835,18 @@ def test_stalled_stream_reader_is_dropped():
             assert st == 200 and resp["usage"]["completion_tokens"] == 2
         finally:
             sock.close()
+
+
+def test_omitted_sampling_fields_come_from_generation_config():
+    """And an explicit null max_tokens means up to the context length, as in vLLM."""
+    from jaxvllm.entrypoints.openai import protocol as P
+    limits = P.ServerLimits(max_model_len=128, vocab_size=256,
+                            sampling_defaults={"temperature": 0.6, "top_k": 20, "max_tokens": 6})
+    req = P.parse_completion_request({"prompt": "x"}, limits)
+    sp = P.build_sampling_params(req, 4)
+    assert (sp.temperature, sp.top_k, sp.top_p) == (0.6, 20, 1.0)
+    req = P.parse_completion_request({"prompt": "x", "temperature": 0, "top_k": -1}, limits)
+    sp = P.build_sampling_params(req, 4)
+    assert sp.temperature == 0 and sp.top_k == 0  # what the client sends wins
+    assert P.parse_completion_request({"prompt": "x"}, limits).max_tokens == 16
+    assert P.parse_completion_request({"prompt": "x", "max_tokens": None}, limits).max_tokens is None

@@ -366,7 +366,8 @@ def _max_tokens(f: Fields, names: tuple[str, ...], default: Optional[int]) -> Op
     for name in names:
         if f.has(name):
             return f.int(name, None, lo=1, hi=2 ** 63 - 1)
-    return default
+    # An explicit null means "up to the context length", as in vLLM (not the completions default).
+    return None if any(name in f.body for name in names) else default
 
 
 def parse_prompt(v: Any, limits: ServerLimits) -> list:
