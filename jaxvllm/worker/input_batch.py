@@ -203,10 +203,6 @@ class InputBatch:
             i32[base + hist + states[i].num_prompt_tokens:base + hist + len(toks), i] = 1
         return f32, i32, num_stop
 
-    def num_logprobs(self, batch: StepBatch) -> int:
-        """Static top-k width for this batch's sampled-token logprobs (0: none asked)."""
-        return max((self.requests[rid].params.logprobs or 0 for rid in batch.req_ids), default=0)
-
 
 def sampling_shapes(rows: int, num_stop: int, hist: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Shapes of `sampling_arrays`' float32 and int32 arrays for `rows` rows, `num_stop` stop ids

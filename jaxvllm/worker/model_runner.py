@@ -282,12 +282,12 @@ class ModelRunner:
         n = len(b.req_ids)
         knobs = f32[0, :n], i32[0, :n], f32[1, :n]  # temperature, top_k, top_p
         mode = sampler_lib.sampling_mode(*knobs)
+        logprobs_k = {rid: ib.requests[rid].params.logprobs for rid in b.req_ids
+                      if ib.requests[rid].params.logprobs is not None}
         sampled = self._sample(logits, f32, i32, num_stop=num_stop, mode=mode,
-                               num_logprobs=self._logprobs_width(ib.num_logprobs(b)),
+                               num_logprobs=self._logprobs_width(max(logprobs_k.values(), default=0)),
                                topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
         self._prev_sampled = sampled.token_ids
-        states = [ib.requests[rid] for rid in b.req_ids]
-        logprobs_k = {st.req_id: st.params.logprobs for st in states if st.params.logprobs is not None}
         prompt = self._score_prompts(b, all_hidden) if score else None
         return Inflight(b.req_ids, b.sample_mask[:n].copy(), sampled, logprobs_k, prompt)
 

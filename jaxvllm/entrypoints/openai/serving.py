@@ -99,6 +99,16 @@ class OpenAIServing:
                 return await self._stream(request, req, model, base, prompts, items)
             return await self._full(req, model, base, prompts, items)
 
+    def _ended_by_shutdown(self) -> APIError:
+        """Called in a handler's `except asyncio.CancelledError`: drain() cancelled it, so the
+        request ends with a 503 (the cancellation is consumed); any other cancellation is a client
+        that went away and propagates."""
+        if not self.server.draining:
+            raise asyncio.CancelledError
+        asyncio.current_task().uncancel()
+        return APIError("The server is shutting down; the request was not finished.", 503,
+                        "ServiceUnavailableError", headers={"Retry-After": "1"})
+
     # ------------------------------------------------------------------------------------------
     # Engine requests
     # ------------------------------------------------------------------------------------------
@@ -196,10 +206,7 @@ class OpenAIServing:
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), "max_tokens" if "max_tokens" in str(e) else None) from None
         except asyncio.CancelledError:
-            if not self.server.draining:  # the client went away
-                raise
-            asyncio.current_task().uncancel()
-            raise _shutting_down() from None
+            raise self._ended_by_shutdown() from None
         tok = self.server.engine.tokenizer
         n = req.n
         choices = []
@@ -258,10 +265,7 @@ class OpenAIServing:
             except (ValueError, TypeError) as e:
                 raise bad_request(str(e)) from None
             except asyncio.CancelledError:
-                if not self.server.draining:  # the client went away
-                    raise
-                asyncio.current_task().uncancel()
-                raise _shutting_down() from None
+                raise self._ended_by_shutdown() from None
 
             resp = web.StreamResponse(status=200, headers={
                 "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
@@ -272,10 +276,11 @@ class OpenAIServing:
                 data = payload if isinstance(payload, str) else json.dumps(payload, allow_nan=False)
                 try:
                     # A client that takes no bytes for this long holds its admission and its
-                    # engine requests for nothing: treat it as gone.
-                    await asyncio.wait_for(resp.write(f"data: {data}\n\n".encode("utf-8")),
-                                           self.server.stream_write_timeout)
-                except asyncio.TimeoutError:
+                    # engine requests for nothing: treat it as gone. (asyncio.timeout, unlike
+                    # wait_for on Python 3.11, starts no task per chunk.)
+                    async with asyncio.timeout(self.server.stream_write_timeout):
+                        await resp.write(f"data: {data}\n\n".encode("utf-8"))
+                except TimeoutError:
                     raise ConnectionResetError("the client stopped reading the stream") from None
 
             def chunk(choices: list, usage: Optional[dict] = None) -> dict:
@@ -355,10 +360,7 @@ class OpenAIServing:
             except ConnectionResetError:
                 raise
             except asyncio.CancelledError:
-                if not self.server.draining:  # the client went away
-                    raise
-                asyncio.current_task().uncancel()
-                await send({"error": _shutting_down().body()["error"]})
+                await send({"error": self._ended_by_shutdown().body()["error"]})
             except Exception as e:
                 if type(e).__name__ == "EngineDeadError":
                     err = APIError(f"The engine has stopped: {e}", 503, "ServiceUnavailableError")
@@ -383,7 +385,3 @@ class OpenAIServing:
         finally:
             await it.aclose()
 
-
-def _shutting_down() -> APIError:
-    return APIError("The server is shutting down; the request was not finished.", 503,
-                    "ServiceUnavailableError", headers={"Retry-After": "1"})
