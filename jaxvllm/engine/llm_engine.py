@@ -7,7 +7,9 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.outputs import EngineCoreOutput
@@ -19,7 +21,8 @@ from jaxvllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-PromptType = Union[str, list[int], dict]
+# Token ids may also be a 1-D integer JAX array, or a list of numpy ints (see as_token_ids).
+PromptType = Union[str, Sequence[int], np.ndarray, dict]
 
 
 @dataclass
@@ -112,18 +115,16 @@ class LLMEngine:
     def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _check_ids(prompt["prompt_token_ids"],
-                                                        self.model_config.vocab_size)
+                ids = as_token_ids(prompt["prompt_token_ids"], "prompt_token_ids",
+                                   self.model_config.vocab_size)
+                return prompt.get("prompt"), ids
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
                 raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
             return prompt, self.encode(prompt)
-        if isinstance(prompt, (list, tuple)):
-            return None, _check_ids(list(prompt), self.model_config.vocab_size)
-        raise TypeError(f"prompt must be a str, a list of token ids or a dict, got "
-                        f"{type(prompt).__name__}")
+        return None, as_token_ids(prompt, "prompt", self.model_config.vocab_size)
 
     def encode(self, text: str, add_special_tokens: bool = True, name: str = "prompt") -> list[int]:
         """Token ids of `text`; `name` is the field a bad value is reported as."""
@@ -180,10 +181,8 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise ValueError(f"The prompt is {n} tokens long, but max_model_len is "
                              f"{self.max_model_len}: it must be shorter")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must be ids in [0, {vocab}); got {bad[:5]!r}")
+        if params.stop_token_ids:
+            as_token_ids(params.stop_token_ids, "stop_token_ids", self.model_config.vocab_size)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(params, name)
             if v is not None and v > self.args.max_logprobs:
@@ -391,11 +390,38 @@ def check_text(text: str, name: str) -> str:
     return text
 
 
-def _check_ids(ids: Any, vocab_size: int) -> list[int]:
-    if not isinstance(ids, (list, tuple)):
-        raise TypeError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
-    ids = list(ids)
-    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+def is_token_ids(x: Any) -> bool:
+    """Whether `x` is one sequence of token ids rather than a batch of prompts: an array (numpy,
+    JAX, anything numpy can view), or a list or tuple whose first item is an integer."""
+    return hasattr(x, "__array__") or (isinstance(x, (list, tuple)) and bool(x)
+                                       and isinstance(x[0], (int, np.integer)))
+
+
+def as_token_ids(ids: Any, name: str, vocab_size: int) -> list[int]:
+    """`ids` (a list or tuple of Python or numpy ints, or a 1-D integer numpy/JAX array) as a
+    non-empty list of Python ints in [0, vocab_size); `name` is the field a bad value is reported
+    as. Every way token ids come in goes through here once, so past it the engine sees Python ints
+    only (numpy ints would leak into outputs, block hashes and JSON responses)."""
+    if hasattr(ids, "__array__"):  # a JAX array is copied to the host here
+        arr = np.asarray(ids)
+        if arr.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D array of token ids, got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):  # bool is not an integer dtype to numpy
+            raise TypeError(f"{name} must have an integer dtype, got {arr.dtype}")
+        ids = arr.tolist()
+    elif isinstance(ids, (list, tuple)):
+        # bool is an int to Python, but never a token id.
+        wrong = [t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
+        if wrong:
+            raise TypeError(f"{name} must hold integers, got {type(wrong[0]).__name__} "
+                            f"{wrong[0]!r}")
+        ids = [int(t) for t in ids]
+    else:
+        raise TypeError(f"{name} must be a list of ints or a 1-D integer array, got "
+                        f"{type(ids).__name__}")
+    if not ids:
+        raise ValueError(f"{name} is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"prompt_token_ids must be ints in [0, {vocab_size}); got {bad[:5]!r}")
+        raise ValueError(f"{name} must be ids in [0, {vocab_size}); got {bad[:5]!r}")
     return ids

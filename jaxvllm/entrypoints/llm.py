@@ -9,11 +9,12 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from jaxvllm.config import EngineArgs
-from jaxvllm.engine.llm_engine import LLMEngine, PromptType, check_text
+from jaxvllm.engine.llm_engine import LLMEngine, PromptType, as_token_ids, check_text, is_token_ids
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import SamplingParams
 
 Messages = list[dict[str, Any]]
+TokenIds = Union[Sequence[int], np.ndarray]  # or a 1-D integer JAX array
 
 
 @dataclass
@@ -80,23 +81,20 @@ class LLM:
         if reset_prefix_cache:
             engine.scheduler.reset_prefix_cache()
 
-    def score(self, prompts: Sequence[Union[str, list[int]]],
-              continuations: Sequence[Union[str, list[int]]], use_tqdm: bool = False) -> list[np.ndarray]:
+    def score(self, prompts: Sequence[Union[str, TokenIds]], continuations: Sequence[Union[str, TokenIds]],
+              use_tqdm: bool = False) -> list[np.ndarray]:
         """Log-probabilities (float32[len(continuation tokens)]) of each continuation given its
-        prompt, batched through the paged engine (prompt logprobs; the prefix cache is bypassed)."""
+        prompt, batched through the paged engine (prompt logprobs; the prefix cache is bypassed).
+        Token ids may be lists of Python or numpy ints or 1-D integer numpy/JAX arrays."""
         if len(prompts) != len(continuations):
             raise ValueError(f"score needs as many continuations ({len(continuations)}) as prompts "
                              f"({len(prompts)})")
         engine = self.llm_engine
 
-        def ids(x: Union[str, list[int]], name: str, special: bool) -> list[int]:
+        def ids(x: Union[str, TokenIds], name: str, special: bool) -> list[int]:
             if isinstance(x, str):
                 x = engine.encode(x, special, name)
-            if not isinstance(x, (list, tuple)):
-                raise TypeError(f"{name} must be a str or a list of token ids, got {type(x).__name__}")
-            if not x:
-                raise ValueError(f"{name} is empty")
-            return list(x)
+            return as_token_ids(x, name, engine.model_config.vocab_size)
 
         pairs = [(ids(p, f"prompts[{i}]", True), ids(c, f"continuations[{i}]", False))
                  for i, (p, c) in enumerate(zip(prompts, continuations))]
@@ -137,12 +135,11 @@ class LLM:
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or is_token_ids(prompts):
             prompts = [prompts]
         elif not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a str, a dict, a list of token ids or a list of those, "
-                            f"got {type(prompts).__name__}")
+            raise TypeError(f"prompts must be a str, a dict, token ids (a list or 1-D array) or a "
+                            f"list of those, got {type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from jaxvllm.engine.llm_engine import check_text
+from jaxvllm.engine.llm_engine import as_token_ids, check_text
 from jaxvllm.sampling_params import SamplingParams
 
 _MISSING = object()
@@ -385,24 +385,17 @@ def parse_prompt(v: Any, limits: ServerLimits) -> list:
     if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         return [_check_ids(v, limits)]
     if all(isinstance(x, list) for x in v):
-        out = []
-        for ids in v:
-            if not ids:
-                raise bad_request("'prompt' holds an empty token array.", "prompt")
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
-                raise bad_request("'prompt' token arrays must hold integers only.", "prompt")
-            out.append(_check_ids(ids, limits))
-        return out
+        return [_check_ids(ids, limits, f"prompt[{i}]") for i, ids in enumerate(v)]
     raise bad_request("'prompt' must be a string, an array of strings, an array of token ids, or "
                       "an array of token-id arrays.", "prompt")
 
 
-def _check_ids(ids: list, limits: ServerLimits) -> list[int]:
-    for t in ids:
-        if t < 0 or t >= limits.vocab_size:
-            raise bad_request(f"'prompt' holds token id {t}, outside the vocabulary "
-                              f"[0, {limits.vocab_size}).", "prompt")
-    return list(ids)
+def _check_ids(ids: list, limits: ServerLimits, name: str = "prompt") -> list[int]:
+    """The engine's token-id checks (integers, not empty, in the vocabulary), as a 400."""
+    try:
+        return as_token_ids(ids, f"'{name}'", limits.vocab_size)
+    except (TypeError, ValueError) as e:
+        raise bad_request(f"{e}.", "prompt") from None
 
 
 MAX_PROMPTS = 1024
