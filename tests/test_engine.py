@@ -215,19 +215,30 @@ def test_stop_strings_and_stop_ids(llm):
 
 
 def test_eos_stops_without_ignore_eos(llm):
-    chat = llm.chat([{"role": "user", "content": "Say hi."}],
-                    SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0]
+    """Greedy "Say hi." chat ends with EOS well before max_tokens: without ignore_eos the request
+    stops right at the EOS (finish_reason "stop", EOS the last token, no stop_reason); with
+    ignore_eos the same greedy tokens run past it to max_tokens (finish_reason "length")."""
+    msgs = [{"role": "user", "content": "Say hi."}]
+    max_tokens = 64
+    engine = llm.llm_engine
+    eos = {engine.eos_token_id} | engine.extra_eos_ids
+    free = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                    use_tqdm=False)[0].outputs[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == max_tokens
+    first_eos = next((i for i, t in enumerate(free.token_ids) if t in eos), None)
+    # The case this test needs: greedy decoding reaches EOS with room to spare.
+    assert first_eos is not None and first_eos < max_tokens // 2, free.token_ids
+
+    chat = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)[0]
     comp = chat.outputs[0]
     # The prompt is the rendered chat text, tokenized as transformers' apply_chat_template does.
     tok = llm.get_tokenizer()
-    msgs = [{"role": "user", "content": "Say hi."}]
     assert chat.prompt == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert chat.prompt_token_ids == list(tok.apply_chat_template(msgs, add_generation_prompt=True,
                                                                   return_dict=False))
-    assert comp.finish_reason in ("stop", "length")
-    if comp.finish_reason == "stop":
-        engine = llm.llm_engine
-        assert comp.token_ids[-1] in {engine.eos_token_id} | engine.extra_eos_ids
+    assert comp.finish_reason == "stop" and comp.stop_reason is None
+    assert comp.token_ids == free.token_ids[:first_eos + 1]  # up to and including the EOS
+    assert comp.text == tok.decode(free.token_ids[:first_eos], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("kwargs, field", [

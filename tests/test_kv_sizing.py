@@ -1,68 +1,150 @@
-"""KV-cache sizing on a GPU-like device (memory stats faked): the cache leaves room for the largest
-bucket's step and for the larger of the sampler's most memory-hungry variant and a prompt-scoring
-chunk, and the size depends only on the settings and the memory in use (the same at a cold and a
-warm start)."""
+"""KV-cache sizing on a GPU-like device (memory stats faked), through the engine's start-up path
+(EngineArgs -> build_runner): the cache takes what gpu_memory_utilization leaves after the memory in
+use, the largest programs the engine runs (the largest bucket's step, then the larger of the
+sampler's most memory-hungry variant and a prompt-scoring chunk) and the documented 256 MiB of
+headroom, to the block; num_gpu_blocks_override wins; too little memory is a clear error."""
 from __future__ import annotations
+
+import types
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from converters import init_dummy_params
-from jaxvllm.models import llama
+from jaxvllm.config import EngineArgs
+from jaxvllm.engine.setup import build_runner
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.worker import model_runner
-from jaxvllm.worker.model_runner import ModelRunner, RunnerConfig
 
 # A 128k vocabulary, as Llama 3's: there the sampler's full sort over 256 rows needs far more than
-# the fixed 256 MiB margin (measured 878 MiB on H100), which is what this test is about.
+# the 256 MiB headroom (measured 878 MiB on H100), so leaving it out would be seen.
 CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=64,
                   intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                   rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=512)
-LIMIT, IN_USE, MARGIN = 8 << 30, 1 << 30, 256 << 20
+LIMIT, IN_USE, HEADROOM, UTIL = 8 << 30, 1 << 30, 256 << 20, 0.9
+MAX_MODEL_LEN, BLOCK = 512, 16  # a sequence of max_model_len needs 32 blocks besides block 0
 
 
-def _stats(peak: int):
-    return lambda: {"bytes_limit": LIMIT, "bytes_in_use": IN_USE, "peak_bytes_in_use": peak}
+def _stats(in_use: int):
+    return lambda: {"bytes_limit": LIMIT, "bytes_in_use": in_use}
+
+
+def _no_stats():
+    raise AssertionError("device memory was read although num_gpu_blocks_override is set")
 
 
 @pytest.fixture(scope="module")
-def runner():
-    # A 2-block cache: the sizing is called directly, under faked stats, without allocating its result.
-    rc = RunnerConfig(block_size=16, max_model_len=512, max_num_seqs=256, max_num_batched_tokens=256,
-                      num_blocks=2, gpu_memory_utilization=0.9, kv_dtype=jnp.float32,
-                      token_buckets=(256,))
-    return ModelRunner(CFG, init_dummy_params(CFG, "float32"), rc)
+def loaded():
+    return types.SimpleNamespace(config=CFG, params=init_dummy_params(CFG, "float32"))
 
 
-def _bytes(mem) -> int:
-    return mem.temp_size_in_bytes + mem.output_size_in_bytes
+def _args(**kw) -> EngineArgs:
+    return EngineArgs(max_model_len=MAX_MODEL_LEN, max_num_seqs=256, max_num_batched_tokens=256,
+                      block_size=BLOCK, gpu_memory_utilization=UTIL, token_buckets=(256,), **kw)
 
 
-def test_cache_leaves_room_for_step_sampler_and_scoring(runner, monkeypatch):
-    monkeypatch.setattr(model_runner, "_device_memory_stats", _stats(6 << 30))
-    num_blocks = runner._profile_num_blocks()
-    per_block = llama.kv_cache_bytes_per_block(CFG, 16, jnp.float32)
-    left = 0.9 * LIMIT - IN_USE - num_blocks * per_block
-    # Top-p without top-k (a full sort), 20 logprobs, every row of max_num_seqs sampling.
+@pytest.fixture(scope="module")
+def runner(loaded):
+    """A 33-block runner (nothing large allocated); its sizing is then called directly."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(model_runner, "_device_memory_stats", _no_stats)
+    try:
+        return build_runner(_args(num_gpu_blocks_override=33), loaded)[0]
+    finally:
+        mp.undo()
+
+
+def _cache_bytes(runner) -> int:
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(runner.kv_cache))
+
+
+@pytest.fixture(scope="module")
+def per_block(runner):
+    return _cache_bytes(runner) // runner.num_blocks
+
+
+def _running_bytes(mem) -> int:
+    return mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+
+
+@pytest.fixture(scope="module")
+def programs(runner):
+    """Device memory the engine's largest programs take while they run, from their compiled memory
+    analysis: the largest bucket's step (on the donated cache), then the larger of the sampler with
+    top-p and no top-k (a full sort), penalties and 20 logprobs for every one of max_num_seqs rows,
+    and one prompt-scoring chunk with 20 logprobs."""
     batch = runner._dummy_batch(256)
-    f32, i32, num_stop = runner.input_batch.sampling_arrays(batch)
-    logits = jax.ShapeDtypeStruct((256, CFG.vocab_size), jnp.float32)
-    sampler = runner._sample.lower(logits, f32, i32, num_stop=num_stop, mode="random_sort",
+    step = runner._step_for(256).lower(runner.params, runner.kv_cache, *runner._device_inputs(batch),
+                                       score=False).compile().memory_analysis()
+    sd = jax.ShapeDtypeStruct
+    f32, i32 = model_runner.sampling_shapes(256, 1, hist=1)
+    sampler = runner._sample.lower(sd((256, CFG.vocab_size), jnp.float32), sd(f32, jnp.float32),
+                                   sd(i32, jnp.int32), num_stop=1, mode="random_sort",
                                    num_logprobs=20, topk_bound=0).compile().memory_analysis()
-    assert _bytes(sampler) > MARGIN  # the case where the margin alone would not do
+    assert _running_bytes(sampler) > HEADROOM  # the case where the headroom alone would not do
     rows = jnp.zeros(runner.score_rows, jnp.int32)
     scoring = runner._prompt_logprobs.lower(runner.params, jnp.zeros((256, 64), jnp.float32), rows,
                                             rows, num_logprobs=20).compile().memory_analysis()
-    step = runner._step_for(runner.token_buckets[-1]).lower(runner.params, runner.kv_cache, *runner._device_inputs(batch),
-                              score=False).compile().memory_analysis()
-    need = _bytes(step) - step.alias_size_in_bytes + max(_bytes(sampler), _bytes(scoring)) + MARGIN
-    assert need <= left < need + 2 * per_block + (64 << 20)  # enough, and nothing much wasted
+    return _running_bytes(step) + max(_running_bytes(sampler), _running_bytes(scoring))
 
 
-def test_size_ignores_the_allocator_peak(runner, monkeypatch):
-    """A cold start's peak also holds compile-time buffers; the size must not follow it."""
-    monkeypatch.setattr(model_runner, "_device_memory_stats", _stats(6 << 30))
-    a = runner._profile_num_blocks()
-    monkeypatch.setattr(model_runner, "_device_memory_stats", _stats(7 << 30))
-    assert runner._profile_num_blocks() == a
+@pytest.fixture(scope="module")
+def blocks_at(runner):
+    """num_blocks the sizing picks with `in_use` bytes of the device already in use."""
+    def at(in_use: int) -> int:
+        mp = pytest.MonkeyPatch()
+        mp.setattr(model_runner, "_device_memory_stats", _stats(in_use))
+        try:
+            return runner._profile_num_blocks()
+        finally:
+            mp.undo()
+    return at
+
+
+@pytest.mark.parametrize("in_use", [IN_USE, 3 * IN_USE + 12345])
+def test_blocks_fit_the_budget_and_one_more_would_not(blocks_at, programs, per_block, in_use):
+    n = blocks_at(in_use)
+    free = UTIL * LIMIT - in_use - programs - HEADROOM
+    assert n * per_block <= free < (n + 1) * per_block, (n, free / per_block)
+
+
+def test_memory_in_use_costs_its_blocks(blocks_at, per_block):
+    n = blocks_at(IN_USE)
+    for k in (1, 7, 1000):
+        assert blocks_at(IN_USE + k * per_block) == n - k
+    assert blocks_at(IN_USE + per_block // 2) in (n - 1, n)
+
+
+def test_engine_start_sizes_the_cache_and_refuses_too_little_memory(loaded, blocks_at, per_block,
+                                                                    monkeypatch):
+    """Through build_runner: memory for 33 blocks gives a 33-block cache (block 0 and 32 for one
+    sequence of max_model_len); one block less cannot hold max_model_len; memory for less than 2
+    blocks is refused before any cache is made."""
+    n = blocks_at(IN_USE)
+
+    def in_use_for(k):  # bytes in use that leave room for exactly k blocks
+        return IN_USE + (n - k) * per_block
+
+    monkeypatch.setattr(model_runner, "_device_memory_stats", _stats(in_use_for(33)))
+    runner, max_model_len, sched = build_runner(_args(), loaded)
+    assert runner.num_blocks == sched.num_blocks == 33 and max_model_len == MAX_MODEL_LEN
+    assert _cache_bytes(runner) == 33 * per_block
+    del runner
+    monkeypatch.setattr(model_runner, "_device_memory_stats", _stats(in_use_for(32)))
+    with pytest.raises(ValueError, match=r"^max_model_len \(512\) needs 32 KV-cache blocks of 16 "
+                                         r"tokens, but the cache has only 31: lower max_model_len"):
+        build_runner(_args(), loaded)
+    monkeypatch.setattr(model_runner, "_device_memory_stats", _stats(in_use_for(1)))
+    with pytest.raises(ValueError, match=r"^No device memory left for the KV cache \(budget 0\.00 "
+                                         r"GiB\): lower max_num_batched_tokens or raise "
+                                         r"gpu_memory_utilization"):
+        build_runner(_args(), loaded)
+
+
+def test_num_gpu_blocks_override_wins(loaded, monkeypatch):
+    """The override is the cache size: device memory is not even read (here it is all in use)."""
+    monkeypatch.setattr(model_runner, "_device_memory_stats", _no_stats)
+    runner, _, sched = build_runner(_args(num_gpu_blocks_override=40), loaded)
+    assert runner.num_blocks == sched.num_blocks == 40
+    assert all(x.shape[0] == 40 for x in jax.tree_util.tree_leaves(runner.kv_cache))

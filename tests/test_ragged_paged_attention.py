@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import (
+    TILE_TABLE,
+    get_tiles,
+    prefill_mgpu,
     ragged_paged_attention,
     ragged_paged_attention_kernel,
     ragged_paged_attention_reference,
@@ -306,10 +309,44 @@ def test_garbage_in_unused_cache_rows_does_not_leak():
     check(out, ref, n, jnp.float32)
 
 
-def test_tile_table_is_per_architecture():
-    from pallas_kernels import TILE_TABLE, get_tiles
-    from pallas_kernels.ragged_paged_attention import _default_tiles
-    hopper = TILE_TABLE["9.0"][(128, 4, 16)]
-    assert get_tiles(128, 4, 16, arch="9.0") is hopper
-    assert get_tiles(128, 4, 16, arch="8.0") == _default_tiles(128, 4, 16)  # no Ampere entries
-    assert get_tiles(128, 4, 16, arch="") == _default_tiles(128, 4, 16)     # interpret mode
+def _pow2(x):
+    return x > 0 and x & (x - 1) == 0
+
+
+# Every tuned entry of the tile table (on its architecture) and the fallback tiles for the same
+# shapes on an architecture without entries ("": interpret mode), plus fallbacks for other shapes.
+TILE_CHOICES = sorted({(arch, *key) for arch, table in TILE_TABLE.items() for key in table}
+                      | {("", *key) for table in TILE_TABLE.values() for key in table}
+                      | {("", 64, 1, 16), ("", 256, 2, 32)})
+
+
+@pytest.mark.parametrize("arch,head_dim,group,block_size", TILE_CHOICES)
+def test_tile_choices_are_valid_and_exact(arch, head_dim, group, block_size):
+    """The tiles get_tiles picks for a shape satisfy what the Triton launches need (power-of-two
+    block shapes of >= 16 rows/keys, a long tile holding a whole number of padded head groups), a
+    tuned entry keeps the Mosaic prefill path usable, and the kernel with those tiles equals the
+    reference on a batch with decodes, a chunk at the short/long boundary and a prefill over
+    several long tiles and key tiles (interpret mode)."""
+    tiles = get_tiles(head_dim, group, block_size, arch=arch)
+    if arch:
+        assert tiles == TILE_TABLE[arch][(head_dim, group, block_size)]
+    gp = 1 << (group - 1).bit_length()
+    for cfg in (tiles.short, tiles.long):
+        assert _pow2(cfg.bk) and cfg.bk >= 16, cfg
+        assert _pow2(cfg.num_warps) and cfg.num_stages >= 1, cfg
+    assert _pow2(tiles.long_rows) and tiles.long_rows >= max(16, gp), tiles
+    if arch and head_dim % 64 == 0:
+        assert prefill_mgpu.supported(jnp.bfloat16, head_dim, block_size, tiles.prefill_block_kv,
+                                      None, None), tiles
+
+    bq_s, bq_l = max(1, 16 // gp), tiles.long_rows // gp
+    long_q = 2 * bq_l + 3                      # two full long tiles and a ragged one
+    ctx = 2 * max(tiles.long.bk, tiles.short.bk) + block_size + 5  # context before the chunk
+    q_lens = [1, bq_s, bq_s + 1, long_q, 1]
+    kv_lens = [ctx, bq_s + 7, bq_s + 1 + ctx, long_q + ctx, 3]
+    jargs, _, n = make_batch(q_lens, kv_lens, num_q_heads=2 * group, num_kv_heads=2,
+                             head_dim=head_dim, block_size=block_size, T=sum(q_lens) + 3, R=6,
+                             seed=head_dim + group)
+    for num_splits in (None, 2):
+        out, ref = run_both(jargs, sm_scale=head_dim ** -0.5, tiles=tiles, num_splits=num_splits)
+        check(out, ref, n, jnp.float32)

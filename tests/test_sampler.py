@@ -425,12 +425,35 @@ def test_invalid_mode():
         sample(fixed_logits(1), make_t(1), mode="beam")
 
 
-def test_jit_static_args_and_pytree():
-    t = make_t(4, l=0, temperature=1.0, top_k=3, seeds=[0, 1, 2, 3])
+def test_sample_jit_on_device_tensors_matches_numpy():
+    """The exported `sample_jit` (static mode/num_logprobs, SamplingTensors as a pytree of device
+    arrays), rows cycling through the top-k/top-p/min-p filter cases: each sampled token is one
+    the numpy filter keeps, greedy rows are the argmax, and the logprobs are numpy's raw
+    log-softmax."""
+    cases = [c for c in FILTER_CASES if set(c) & {"top_k", "top_p", "min_p"}] + [dict(temp=0.0)]
+    r = 32 * len(cases)
+    row_cases = [cases[i % len(cases)] for i in range(r)]
+    logits = fixed_logits(r, seed=21, scale=1.0)  # flat enough that filters matter
+    t = make_t(r, temperature=[c.get("temp", 1.0) for c in row_cases],
+               top_k=[c.get("top_k", 0) for c in row_cases],
+               top_p=[c.get("top_p", 1.0) for c in row_cases],
+               min_p=[c.get("min_p", 0.0) for c in row_cases], seeds=np.arange(r), steps=5)
     tj = jax.tree_util.tree_map(jnp.asarray, t)
     assert isinstance(tj, SamplingTensors)
-    f = jax.jit(sample, static_argnames=("mode", "num_logprobs", "topk_bound"))
-    out = f(fixed_logits(4), tj, mode="random_sort", num_logprobs=2)
-    assert out.token_ids.shape == (4,) and out.topk_ids.shape == (4, 2)
-    out2 = S.sample_jit(fixed_logits(4), tj, mode="random_sort", num_logprobs=2)
-    np.testing.assert_array_equal(np.asarray(out.token_ids), np.asarray(out2.token_ids))
+    out = S.sample_jit(jnp.asarray(logits), tj, mode="random_sort", num_logprobs=2)
+    toks = np.asarray(out.token_ids)
+    for i, c in enumerate(row_cases):
+        if c["temp"] == 0.0:
+            assert toks[i] == np.argmax(logits[i]), i
+        else:
+            kept = np.isfinite(np_filter(logits[i], c["temp"], c.get("min_p", 0.0),
+                                         c.get("top_k", 0), c.get("top_p", 1.0)))
+            assert kept[toks[i]], (i, c, toks[i], np.flatnonzero(kept))
+    random_rows = [i for i, c in enumerate(row_cases) if c["temp"] > 0 and c.get("top_k") != 1]
+    assert (toks[random_rows] != np.argmax(logits[random_rows], -1)).any()  # it does sample
+    lp = np_log_softmax(logits)
+    np.testing.assert_allclose(np.asarray(out.logprob), lp[np.arange(r), toks], atol=1e-5)
+    ref_ids = np.argsort(-lp, -1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(np.asarray(out.topk_ids), ref_ids)
+    np.testing.assert_allclose(np.asarray(out.topk_logprobs), np.take_along_axis(lp, ref_ids, -1),
+                               atol=1e-5)
