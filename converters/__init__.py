@@ -29,6 +29,17 @@ from converters.errors import WeightLoadError
 
 logger = logging.getLogger(__name__)
 
+
+class _NoTorchAdvice(logging.Filter):
+    """transformers logs "PyTorch was not found..." when imported without torch; this runtime needs
+    only its tokenizers and chat templates, so the advice is noise in every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "PyTorch was not found" not in record.getMessage()
+
+
+logging.getLogger("transformers").addFilter(_NoTorchAdvice())
+
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -40,7 +51,7 @@ __all__ = ["LoadedModel", "WeightLoadError", "load_model", "load_model_tokenizer
 class LoadedModel:
     params: Any                      # pytree of jax arrays on the default device (layout: models/params.py)
     config: Any                      # jaxvllm.models.config.ModelConfig; config.dtype = the params' dtype
-    hf_config: dict                  # the HF config as a dict (config.json; transformers' reading of a GGUF)
+    hf_config: dict                  # the HF config as a dict (config.json; what a GGUF's metadata describes)
     tokenizer: Any                   # a transformers tokenizer, or None (no tokenizer files / not asked)
     generation_config: Optional[dict]  # generation_config.json as a dict (extra eos ids, ...), or None
     source: str                      # a display name (directory/file name; the default model's name)
@@ -181,13 +192,15 @@ def _generation_config(model_dir: Optional[str]) -> Optional[dict]:
 
 
 def _load_tokenizer(tokenizer: Optional[str], res: _Resolved) -> Any:
-    from transformers import AutoTokenizer
+    # A GGUF's tokenizer is built from its metadata (converters/gguf_meta.py). AutoTokenizer is imported
+    # only for HF directories: its module imports torch wherever torch is installed.
+    from converters import gguf_meta
 
     if tokenizer is not None:
         tok_path = os.path.abspath(os.path.expanduser(tokenizer))
         if os.path.isfile(tok_path) and _is_gguf_file(tok_path):
-            from converters.gguf_loader import load_gguf_tokenizer
-            return load_gguf_tokenizer(tok_path)
+            return gguf_meta.load_tokenizer(tok_path)
+        from transformers import AutoTokenizer
         try:
             # A hub name is looked up in the local HF cache only: nothing is downloaded at run time.
             return AutoTokenizer.from_pretrained(tok_path if os.path.exists(tok_path) else tokenizer,
@@ -195,9 +208,9 @@ def _load_tokenizer(tokenizer: Optional[str], res: _Resolved) -> Any:
         except Exception as e:
             raise WeightLoadError(f"{tokenizer}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
     if res.kind == "gguf":
-        from converters.gguf_loader import load_gguf_tokenizer
-        return load_gguf_tokenizer(res.path)
+        return gguf_meta.load_tokenizer(res.path)
     if res.kind == "hf" and any(os.path.exists(os.path.join(res.path, n)) for n in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
         try:
             return AutoTokenizer.from_pretrained(res.path)
         except Exception as e:
@@ -274,10 +287,10 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
             files = weight_files(res.path)[0]
             ckpt_dtype = checkpoint_dtype(hf_config, files)
     else:
-        from converters import gguf_loader
+        from converters import gguf_loader, gguf_meta
 
-        reader = gguf_loader.open_reader(res.path)
-        hf_config = gguf_loader.load_gguf_hf_config(res.path, reader).to_dict()
+        reader = gguf_meta.open_reader(res.path)
+        hf_config = gguf_meta.hf_config(reader, res.path)
         cfg = _model_config(hf_config, res.path)
         files = [res.path]
         ckpt_dtype = gguf_loader.checkpoint_dtype(reader)

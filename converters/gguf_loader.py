@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp) -> the engine's params pytree, with the config and tokenizer read through transformers.
+"""GGUF files (llama.cpp) -> the engine's params pytree (the config and tokenizer: converters/gguf_meta.py).
 
 Named `gguf_loader` so that `import gguf` below is the `gguf` package, not this module.
 
@@ -13,18 +13,15 @@ Named `gguf_loader` so that `import gguf` below is the `gguf` package, not this 
 """
 from __future__ import annotations
 
-import logging
-import os
 import re
 from typing import Any, Optional
 
 import numpy as np
 
 from converters.errors import WeightLoadError
+from converters.gguf_meta import architecture, open_reader
 from converters.hf import ParamsBuilder
 from jaxvllm.models.config import ModelConfig
-
-logger = logging.getLogger(__name__)
 
 # GGUF per-block tensor name -> HF per-layer suffix.
 GGUF_LAYER_TENSORS = {
@@ -87,26 +84,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def open_reader(path: str):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on corrupt files
-        raise WeightLoadError(f"{path}: not a valid GGUF file, corrupt or truncated "
-                              f"({type(e).__name__}: {e})") from e
-
-
-def architecture(reader, path: str) -> str:
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise WeightLoadError(f"{path}: GGUF metadata has no general.architecture")
-    try:
-        return str(field.contents())
-    except Exception:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-
-
 def checkpoint_dtype(reader) -> str:
     """'auto' for a GGUF: float16/bfloat16/float32 when every matrix is stored in that type; quantized
     (or mixed) files dequantize to float32 (the exact result of dequantization; a float32 model of this
@@ -166,39 +143,3 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None) -> di
         builder.add(hf_name, w, path)
         del w
     return builder.finish()
-
-
-def load_gguf_hf_config(path: str, reader=None):
-    """The transformers config of a GGUF (transformers maps the GGUF metadata).
-
-    With `reader`, an explicit `<arch>.attention.key_length` (head_dim) overrides the config's: transformers
-    does not map it for every architecture (e.g. qwen3, whose config class defaults head_dim to 128).
-    """
-    from transformers import AutoConfig
-
-    try:
-        hf_config = AutoConfig.from_pretrained(os.path.dirname(path) or ".",
-                                               gguf_file=os.path.basename(path))
-    except Exception as e:
-        raise WeightLoadError(f"{path}: cannot read the model config from the GGUF metadata "
-                              f"({type(e).__name__}: {e})") from e
-    if reader is not None:
-        field = reader.fields.get(f"{architecture(reader, path)}.attention.key_length")
-        if field is not None:
-            try:
-                head_dim = int(field.contents())
-            except Exception:
-                head_dim = None
-            if head_dim and getattr(hf_config, "head_dim", None) != head_dim:
-                hf_config.head_dim = head_dim
-    return hf_config
-
-
-def load_gguf_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
-    except Exception as e:
-        raise WeightLoadError(f"{path}: cannot build the tokenizer from the GGUF metadata "
-                              f"({type(e).__name__}: {e})") from e

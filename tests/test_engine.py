@@ -253,7 +253,7 @@ def test_eos_stops_without_ignore_eos(llm):
     ({"n": 2, "best_of": 3}, "best_of"), ({"n": "2"}, "n"), ({"temperature": "a"}, "temperature"),
 ])
 def test_invalid_sampling_params(kwargs, field):
-    # ValueError for wrong types too, as vLLM's SamplingParams and DESIGN.md say.
+    # ValueError for wrong types too, as vLLM's SamplingParams does.
     with pytest.raises(ValueError, match=f"^{field}"):
         SamplingParams(**kwargs)
 

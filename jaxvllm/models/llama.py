@@ -24,7 +24,7 @@ AttentionFn = Callable[..., jax.Array]
 @jax.tree_util.register_dataclass
 @dataclass
 class ModelInputs:
-    """One step's flat, padded, ragged batch (DESIGN step 3). Shapes are bucketed: T tokens, R requests."""
+    """One step's flat, padded, ragged batch (docs/architecture.md, One step). Shapes are bucketed: T tokens, R requests."""
     token_ids: jax.Array        # int32[T]
     positions: jax.Array        # int32[T]
     slot_mapping: jax.Array     # int32[T]  flat cache slot of each new token (padding: out of range)
