@@ -1,7 +1,8 @@
 """A GGUF's metadata -> the HF config dict and a transformers tokenizer, with the `gguf` and `tokenizers`
 packages only: transformers' own GGUF reader imports torch, which the runtime never needs.
 
-The keys are llama.cpp's (`<arch>.block_count`, `tokenizer.ggml.tokens`, ...). The tokenizer is rebuilt
+The keys are llama.cpp's (`<arch>.block_count`, `tokenizer.ggml.tokens`, ...); Llama 3's rope scaling,
+which llama.cpp stores as a `rope_freqs` tensor, is turned back into its parameters. The tokenizer is rebuilt
 the way llama.cpp tokenizes the file:
 - `tokenizer.ggml.model == "gpt2"`: byte-level BPE with the file's merges, text split by the regex
   llama.cpp uses for `tokenizer.ggml.pre` (Llama 3, Qwen2, SmolLM/StarCoder, GPT-2);
@@ -13,7 +14,10 @@ Control tokens (token type 3) become special tokens and user-defined ones (type 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
+
+import numpy as np
 
 from converters.errors import WeightLoadError
 
@@ -112,9 +116,14 @@ def hf_config(reader: Any, path: str) -> dict:
         original = field(reader, f"{arch}.rope.scaling.original_context_length")
         if original is not None:
             cfg["rope_scaling"]["original_max_position_embeddings"] = int(original)
-    if "rope_freqs.weight" in tensors:
-        logger.warning("%s: the rope_freqs tensor (llama3 rope scaling factors) is not applied; "
-                       "positions beyond the original context may be off", path)
+    if "rope_freqs.weight" in tensors and "rope_scaling" not in cfg:
+        divisors = np.asarray(tensors["rope_freqs.weight"].data, np.float64).reshape(-1)
+        cfg["rope_scaling"] = llama3_rope_scaling(
+            divisors, cfg["rope_theta"], cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            int(field(reader, f"{arch}.rope.scaling.original_context_length", 8192)))
+        if cfg["rope_scaling"] is None:
+            raise WeightLoadError(f"{path}: the rope_freqs tensor is not Llama 3's rope scaling; "
+                                  f"cannot apply it")
     for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         value = field(reader, f"tokenizer.ggml.{key}")
         if value is not None:
@@ -131,6 +140,35 @@ def load_tokenizer(path: str) -> Any:
     except Exception as e:  # tokenizers rejects a malformed vocabulary/merges with its own errors
         raise WeightLoadError(f"{path}: cannot build the tokenizer from the GGUF metadata "
                               f"({type(e).__name__}: {e})") from e
+
+
+def llama3_rope_scaling(divisors: np.ndarray, theta: float, head_dim: int,
+                        original: int) -> Optional[dict]:
+    """Llama 3's rope_scaling recovered from llama.cpp's rope_freqs tensor (None if it is not one).
+
+    llama.cpp stores the scaling as a divisor per frequency: 1 for wavelengths below
+    original/high_freq_factor, `factor` above original/low_freq_factor, and 1/((1 - s)/factor + s)
+    between, where s = (original/wavelength - low)/(high - low) is linear in 1/wavelength. The line
+    fitted through the middle divisors gives original/(high - low) and low/(high - low): every
+    (original, low, high) on it yields the same frequencies, so `original` is taken as given.
+    """
+    if divisors.shape != (head_dim // 2,):
+        return None
+    factor = float(divisors.max())
+    inv_wavelen = theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * math.pi)
+    mid = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    if factor <= 1 or mid.sum() < 2:
+        return None
+    smooth = (1 / divisors[mid] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(inv_wavelen[mid], smooth, 1)
+    low = -intercept * original / slope
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+               "high_freq_factor": float(low + original / slope),
+               "original_max_position_embeddings": original}
+    s = np.clip(slope * inv_wavelen + intercept, 0.0, 1.0)
+    if not np.allclose(1 / ((1 - s) / factor + s), divisors, rtol=1e-4):
+        return None
+    return scaling
 
 
 def tokenizer(reader: Any, path: str) -> Any:

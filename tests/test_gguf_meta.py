@@ -234,3 +234,76 @@ def test_unsupported_gguf_architecture(tmp_path):
     w.close()
     with pytest.raises(WeightLoadError, match="unsupported GGUF architecture 'gemma'.*llama, qwen2, qwen3"):
         load_model(str(path), cache_dir=None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Llama 3 rope scaling, which llama.cpp stores as a rope_freqs tensor
+
+
+def _llama_cpp_rope_freqs(scaling: dict, theta: float, head_dim: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf (LlamaModel.generate_extra_tensors) for rope_type llama3."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+def _write_model_gguf(path, head_dim: int, theta: float, rope_freqs=None) -> None:
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(131072)
+    w.add_embedding_length(4 * head_dim)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tensor("token_embd.weight", np.zeros((32, 4 * head_dim), np.float32))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("head_dim,theta,scaling", [
+    (128, 500000.0, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                         original_max_position_embeddings=8192)),    # Llama 3.1
+    (64, 500000.0, dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=8192)),     # Llama 3.2
+    (128, 500000.0, dict(factor=4.0, low_freq_factor=2.0, high_freq_factor=8.0,
+                         original_max_position_embeddings=16384)),
+])
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path, head_dim, theta, scaling):
+    from jaxvllm.models.layers import rope_inv_freq
+
+    path = tmp_path / "llama3.gguf"
+    _write_model_gguf(path, head_dim, theta, _llama_cpp_rope_freqs(scaling, theta, head_dim))
+    cfg = ModelConfig.from_hf(gguf_meta.hf_config(gguf_meta.open_reader(str(path)), str(path)))
+    hf = ModelConfig.from_hf(dict(model_type="llama", hidden_size=4 * head_dim, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=64, num_hidden_layers=1,
+                                  vocab_size=32, rope_theta=theta,
+                                  rope_scaling=dict(rope_type="llama3", **scaling)))
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == scaling["factor"]
+    np.testing.assert_allclose(rope_inv_freq(cfg), rope_inv_freq(hf), rtol=1e-5)
+    plain = tmp_path / "plain.gguf"
+    _write_model_gguf(plain, head_dim, theta)
+    assert not np.allclose(rope_inv_freq(ModelConfig.from_hf(gguf_meta.hf_config(
+        gguf_meta.open_reader(str(plain)), str(plain)))), rope_inv_freq(hf), rtol=1e-3)
+
+
+def test_unknown_rope_freqs_is_refused(tmp_path):
+    path = tmp_path / "odd.gguf"
+    _write_model_gguf(path, 64, 10000.0, np.linspace(1.0, 3.0, 32).astype(np.float32) ** 2)
+    with pytest.raises(WeightLoadError, match="odd.gguf.*rope_freqs"):
+        gguf_meta.hf_config(gguf_meta.open_reader(str(path)), str(path))
