@@ -1,4 +1,5 @@
-"""Shared test setup: one JAX compilation cache for the whole run, GPU markers, shared engines."""
+"""Shared test setup: one JAX compilation cache for the whole run, GPU markers, shared engines and
+the shared real-engine server."""
 from __future__ import annotations
 
 import os
@@ -44,3 +45,14 @@ def default_model_dir() -> tuple[str, str]:
     from jaxvllm.default_model import default_model_path
     path = default_model_path()
     return os.path.dirname(path), os.path.basename(path)
+
+
+@pytest.fixture(scope="session")
+def real_srv():
+    """The OpenAI server on the real engine with the embedded default model (test_server_helpers'
+    real_engine_args), started once for the whole run and shared by the server test modules."""
+    from jaxvllm.entrypoints.openai.launch import ServerThread
+    from test_server_helpers import real_engine_args
+    s = ServerThread(real_engine_args(), ready_timeout=600).start()
+    yield s
+    s.stop()

@@ -2,9 +2,10 @@
 
 Tokenizer: one token per UTF-8 byte (id = byte + 3; 0 pad, 1 BOS, 2 EOS). Generation is a
 deterministic function of (prompt ids, seed, choice index, temperature): greedy requests always give
-the same stream. A prompt containing "EOS" makes the model emit EOS after 3 tokens (unless ignore_eos
-or min_tokens say otherwise). Each step sleeps `token_delay` seconds, so concurrency, disconnects and
-backpressure can be observed.
+the same stream. Every request runs to max_tokens: the fake never emits EOS and applies no stop
+rules (stop strings, stop ids, min_tokens, ignore_eos); those live in the engine, and test_server.py
+tests them against the real one. Each step sleeps `token_delay` seconds, so concurrency,
+disconnects and backpressure can be observed.
 """
 from __future__ import annotations
 
@@ -167,7 +168,6 @@ class FakeEngine:
             raise ValueError("the fake engine rejects this prompt")
         if "RAISE_INTERNAL" in ptext:
             raise RuntimeError("the fake engine failed")
-        eos_trigger = "EOS" in ptext
         n = sp.n
         self._waiting.add(request_id)
         acquired = False
@@ -190,7 +190,6 @@ class FakeEngine:
             lps: list[list] = [[] for _ in range(n)]
             texts = [""] * n
             fin: list[Optional[str]] = [None] * n
-            stop_reason: list = [None] * n
             cum = [0.0] * n
             prompt_lps = None
             if sp.prompt_logprobs is not None:
@@ -204,26 +203,12 @@ class FakeEngine:
                     if fin[i]:
                         continue
                     t = self._token(rngs[i], prompt_ids, step, i)
-                    if eos_trigger and step >= 3 and not sp.ignore_eos and step >= sp.min_tokens:
-                        t = EOS
                     toks[i].append(t)
                     if sp.logprobs is not None:
                         lps[i].append(self._logprobs(t, sp.logprobs, step))
                     cum[i] += -0.25
-                    if t == EOS and not sp.ignore_eos:
-                        fin[i] = "stop"
-                    elif t in sp.stop_token_ids and len(toks[i]) > sp.min_tokens:
-                        fin[i], stop_reason[i] = "stop", t
                     texts[i] = self.tokenizer.decode(toks[i], skip_special_tokens=sp.skip_special_tokens)
-                    if not fin[i] and len(toks[i]) > sp.min_tokens:
-                        for s in sp.stop:
-                            pos = texts[i].find(s)
-                            if pos >= 0:
-                                end = pos + len(s) if sp.include_stop_str_in_output else pos
-                                texts[i] = texts[i][:end]
-                                fin[i], stop_reason[i] = "stop", s
-                                break
-                    if not fin[i] and len(toks[i]) >= max_tokens:
+                    if len(toks[i]) >= max_tokens:
                         fin[i] = "length"
                 step += 1
                 now = time.monotonic()
@@ -235,7 +220,7 @@ class FakeEngine:
                 outs = [CompletionOutput(index=i, text=texts[i], token_ids=list(toks[i]),
                                          cumulative_logprob=cum[i],
                                          logprobs=list(lps[i]) if sp.logprobs is not None else None,
-                                         finish_reason=fin[i], stop_reason=stop_reason[i])
+                                         finish_reason=fin[i])
                         for i in range(n)]
                 if "RAISE_MIDSTREAM" in ptext and step == 2:
                     raise RuntimeError("the fake engine failed mid-stream")

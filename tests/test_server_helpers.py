@@ -1,4 +1,5 @@
-"""Helpers for the server tests: raw HTTP over loopback, SSE parsing, metric scraping."""
+"""Helpers for the server tests: raw HTTP over loopback, SSE parsing, metric scraping, and the
+settings of the real-engine server (conftest.py's `real_srv`)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,18 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any, Optional
+
+# The real engine with the embedded default model, small enough to start fast on CPU: few compiled
+# shapes (two token buckets) and a short context.
+REAL_MODEL = "SmolLM2-135M-Instruct"
+REAL_MAX_LEN = 512
+
+
+def real_engine_args():
+    from jaxvllm.config import EngineArgs
+    return EngineArgs(max_model_len=REAL_MAX_LEN, max_num_seqs=8, num_gpu_blocks_override=256,
+                      enforce_eager=True, max_num_batched_tokens=64, token_buckets=(8, 64),
+                      dtype="float32")
 
 
 def http(method: str, url: str, body: Any = None, *, raw: Optional[bytes] = None,

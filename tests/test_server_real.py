@@ -1,41 +1,23 @@
 """The server on the real engine with the embedded default model (SmolLM2-135M-Instruct), on CPU.
 
-One server for the whole module; few compiled shapes (two token buckets) to stay fast."""
+One server for the whole run (conftest.py's `real_srv`, shared with test_server.py); few compiled
+shapes (two token buckets) to stay fast."""
 from __future__ import annotations
 
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 
-try:
-    from jaxvllm.engine.async_llm_engine import AsyncLLMEngine  # noqa: F401
-    _IMPORT_ERROR = None
-except Exception as e:  # the engine is not importable in this checkout
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
-
-pytestmark = pytest.mark.skipif(_IMPORT_ERROR is not None,
-                                reason=f"real engine unavailable ({_IMPORT_ERROR})")
-
-import openai  # noqa: E402
-
-from jaxvllm.config import EngineArgs  # noqa: E402
-from test_server_helpers import assert_error, http, metric, raw_request, sse_events, wait_until  # noqa: E402
-
-MODEL = "SmolLM2-135M-Instruct"
-MAX_LEN = 512
+from test_server_helpers import (REAL_MAX_LEN as MAX_LEN, REAL_MODEL as MODEL, assert_error, http,
+                                 metric, raw_request, sse_events, wait_until)
 
 
 @pytest.fixture(scope="module")
-def srv():
-    from jaxvllm.entrypoints.openai.launch import ServerThread
-    args = EngineArgs(max_model_len=MAX_LEN, max_num_seqs=8, num_gpu_blocks_override=256,
-                      enforce_eager=True, max_num_batched_tokens=64, token_buckets=(8, 64),
-                      dtype="float32")
-    s = ServerThread(args, ready_timeout=600).start()
-    yield s
-    s.stop()
+def srv(real_srv):
+    return real_srv
 
 
 @pytest.fixture(scope="module")
