@@ -191,8 +191,11 @@ class WeightCache:
 
 
 def abstract_params(shapes: Any, dtype: str) -> Any:
-    """jax.ShapeDtypeStruct pytree of the layout on the default device."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """jax.ShapeDtypeStruct pytree of the layout on the default device (`jax.default_device` if set)."""
+    device = jax.config.jax_default_device or jax.devices()[0]
+    if isinstance(device, str):  # a platform name
+        device = jax.devices(device)[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
     dt = jnp.dtype(dtype)
 
     def is_shape(x: Any) -> bool:

@@ -49,6 +49,9 @@ class EngineArgs:
     scheduling_policy: str = field(default="fcfs", metadata={
         "help": "fcfs (arrival order) or priority (SamplingParams.priority, lower first; "
                 "preemption takes the lowest priority).", "choices": ("fcfs", "priority")})
+    step_timeout: float = field(default=300.0, metadata={
+        "help": "Seconds a tensor-parallel step may take on the devices before the engine fails "
+                "with an error naming the step (a collective waiting forever for a device)."})
     async_scheduling: bool = field(default=True, metadata={
         "help": "Schedule and dispatch the next step while the device runs the current one "
                 "(steps with penalty sampling run synchronously)."})
@@ -79,6 +82,9 @@ class EngineArgs:
         if not (isinstance(self.gpu_memory_utilization, (int, float))
                 and 0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not (isinstance(self.step_timeout, (int, float)) and not isinstance(self.step_timeout, bool)
+                and self.step_timeout > 0):
+            raise ValueError(f"step_timeout must be a positive number of seconds, got {self.step_timeout!r}")
         if self.token_buckets is not None:
             v = tuple(self.token_buckets)
             if not v or any(not isinstance(x, int) or x < 1 for x in v):

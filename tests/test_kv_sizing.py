@@ -8,6 +8,7 @@ from __future__ import annotations
 import types
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -27,10 +28,10 @@ MAX_MODEL_LEN, BLOCK = 512, 16  # a sequence of max_model_len needs 32 blocks be
 
 
 def _stats(in_use: int):
-    return lambda: {"bytes_limit": LIMIT, "bytes_in_use": in_use}
+    return lambda device: {"bytes_limit": LIMIT, "bytes_in_use": in_use}
 
 
-def _no_stats():
+def _no_stats(device):
     raise AssertionError("device memory was read although num_gpu_blocks_override is set")
 
 
@@ -148,3 +149,19 @@ def test_num_gpu_blocks_override_wins(loaded, monkeypatch):
     runner, _, sched = build_runner(_args(num_gpu_blocks_override=40), loaded)
     assert runner.num_blocks == sched.num_blocks == 40
     assert all(x.shape[0] == 40 for x in jax.tree_util.tree_leaves(runner.kv_cache))
+
+
+def test_tensor_parallel_sizing_takes_the_fullest_device(runner, blocks_at, per_block, monkeypatch):
+    """Under tensor parallelism each device holds the same share of the cache, so the device with
+    the least free memory decides (sizing from the first device alone overfilled the second)."""
+    fuller = IN_USE + 5 * per_block
+    expect = blocks_at(fuller)
+    devices = np.array(["dev0", "dev1"], dtype=object)
+    in_use = {"dev0": IN_USE, "dev1": fuller}
+    monkeypatch.setattr(runner, "shardings", types.SimpleNamespace(
+        mesh=types.SimpleNamespace(devices=devices), kv_split=1, kv_cache=None))
+    monkeypatch.setattr(model_runner, "_device_memory_stats",
+                        lambda device: {"bytes_limit": LIMIT, "bytes_in_use": in_use[device]})
+    assert runner._profile_num_blocks() == expect
+    in_use.update(dev0=fuller, dev1=IN_USE)
+    assert runner._profile_num_blocks() == expect

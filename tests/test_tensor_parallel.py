@@ -105,6 +105,44 @@ def _run_engine(d: str, tp: int, dtype: str, inspect: bool) -> dict[str, Any]:
     return res
 
 
+def _stuck_step(d: str) -> dict[str, Any]:
+    """A TP 2 step whose samples do not reach the host within step_timeout (their copy takes 10 s,
+    as one behind a collective waiting for a stuck device would): the engine must raise, not wait."""
+    import time
+
+    import numpy as np
+    from jaxvllm import LLM, SamplingParams
+    llm = LLM(model=d, dtype="float32", tensor_parallel_size=2, max_model_len=128, max_num_seqs=4,
+              max_num_batched_tokens=32, num_gpu_blocks_override=32, enforce_eager=True,
+              token_buckets=(8, 32), weights_cache_dir="none", step_timeout=1.0,
+              compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
+
+    class Held:
+        def __init__(self, a: Any) -> None:
+            self.a = a
+
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            time.sleep(10)
+            return np.asarray(self.a, dtype)
+
+    runner = llm.llm_engine.runner
+    real = runner.dispatch
+
+    def dispatch(so: Any) -> Any:
+        h = real(so)
+        if h is not None:
+            h.sampled = h.sampled._replace(token_ids=Held(h.sampled.token_ids))
+        return h
+
+    runner.dispatch = dispatch
+    t0 = time.perf_counter()
+    try:
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
+        return {"error": None}
+    except Exception as e:  # noqa: BLE001 (the report says which)
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
+
+
 def _worker(out_path: str) -> None:
     import jax
     if jax.default_backend() == "gpu":
@@ -126,6 +164,7 @@ def _worker(out_path: str) -> None:
             except ValueError as e:
                 errors[name] = str(e)
         report["errors"] = errors
+        report["stuck_step"] = _stuck_step(llama)
     with open(out_path, "w") as f:
         json.dump(report, f)
 
@@ -156,7 +195,8 @@ def _run_worker(out: str, fake_cpu_devices: bool) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     with open(out) as f:
         rep = json.load(f)
-    return {m: ({int(k): v for k, v in r.items()} if m != "errors" else r) for m, r in rep.items()}
+    return {m: ({int(k): v for k, v in r.items()} if m not in ("errors", "stuck_step") else r)
+            for m, r in rep.items()}
 
 
 # ---- the tests -----------------------------------------------------------------------------------
@@ -241,6 +281,13 @@ def test_invalid_sizes_raise_at_startup(report):
     assert e["kv_heads"] and "num_attention_heads (8)" in e["kv_heads"]  # heads checked first
 
 
+def test_stuck_step_raises_within_step_timeout(report):
+    got = report["stuck_step"]
+    assert got["error"] is not None and got["error"].startswith("StepTimeoutError: ")
+    assert "token bucket" in got["error"] and "did not finish within 1 s on 2 devices" in got["error"]
+    assert got["seconds"] < 8  # the 1 s deadline, not the 10 s the device was held
+
+
 def test_validate_rules():
     from jaxvllm.models.config import ModelConfig
     from jaxvllm.worker.sharding import validate
@@ -277,3 +324,23 @@ def test_gpu_tp_matches_tp1(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_weights_load_into_host_memory_under_tp(monkeypatch, tp):
+    """Under TP the whole model is loaded on the host and only shards reach the devices (loaded on
+    the first GPU it fragmented that device's memory: an OOM there and a hang on 2x H200)."""
+    import jax
+
+    import converters
+    from jaxvllm.config import EngineArgs
+    from jaxvllm.engine import setup
+    seen = []
+    monkeypatch.setattr(converters, "load_model", lambda *a, **k: seen.append(jax.config.jax_default_device))
+    setup.load(EngineArgs(model={"model_type": "llama"}, load_format="dummy", tensor_parallel_size=tp,
+                          compilation_cache_dir="none"))
+    assert len(seen) == 1
+    if tp == 1:
+        assert seen[0] is None
+    else:
+        assert seen[0].platform == "cpu"

@@ -54,10 +54,21 @@ def load(args: EngineArgs) -> Any:
     """Weights and config; the tokenizer is left to `start_tokenizer_load` (the engine overlaps it
     with loading and compiling)."""
     configure_jax(args)
+    import contextlib
+
+    import jax
     from converters import load_model
-    return load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                      cache_dir=_weights_cache_dir(args), tokenizer=args.tokenizer,
-                      load_tokenizer=False)
+    # Under tensor parallelism the whole model is loaded into host memory and only its shards go to
+    # the devices (worker/sharding.py). Loaded on the first device instead, it left that device's
+    # allocator fragmented around the replicated leaves (aliased, so kept in place): the KV cache,
+    # sized to the devices' free memory, then failed to fit there (measured on 2x H200, 8B shape: an
+    # allocator OOM on device 0 only, and the first step hung waiting for it in NCCL).
+    where = (jax.default_device(jax.devices("cpu")[0]) if args.tensor_parallel_size > 1
+             else contextlib.nullcontext())
+    with where:
+        return load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
+                          cache_dir=_weights_cache_dir(args), tokenizer=args.tokenizer,
+                          load_tokenizer=False)
 
 
 def start_tokenizer_load(args: EngineArgs) -> Any:
@@ -98,6 +109,7 @@ def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConf
         max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_dtype=params_dtype,
         token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs,
+        step_timeout=args.step_timeout,
         triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS else 0)
     runner = ModelRunner(cfg, loaded.params, rc, shardings=shardings)
     # As vLLM: refuse a cache that cannot hold one sequence of max_model_len, rather than start and

@@ -56,6 +56,12 @@ class RunnerConfig:
     # 6.40 -> 6.14 ms at 8 tokens, 6.52 -> 6.38 ms at 16; slower from 32 up), for ~7 s more cold
     # compile each. 0: cuBLAS everywhere.
     triton_gemm_max_tokens: int = 0
+    step_timeout: float = 300.0               # tensor parallel: seconds a step may take (StepTimeoutError)
+
+
+class StepTimeoutError(RuntimeError):
+    """A tensor-parallel step did not finish within RunnerConfig.step_timeout: a device is stuck
+    (e.g. a collective waiting for a peer that failed). The devices cannot be recovered in-process."""
 
 
 class ModelRunner:
@@ -90,6 +96,10 @@ class ModelRunner:
         # so not fewer than SCORE_ROWS_MIN even when max_num_seqs is small.
         self.score_rows = max(rc.max_num_seqs, SCORE_ROWS_MIN)
         self._prev_sampled = jnp.zeros(rc.max_num_seqs, jnp.int32)
+        # Under tensor parallelism a stuck collective would block a plain device->host copy forever;
+        # the copy runs on this thread instead, waited for with a deadline.
+        self._waiter = (None if shardings is None else
+                        ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvllm-step-wait"))
         t0 = time.perf_counter()
         self.num_blocks = rc.num_blocks or self._profile_num_blocks()
         self.kv_sizing_seconds = time.perf_counter() - t0
@@ -163,24 +173,30 @@ class ModelRunner:
         per_block = llama.kv_cache_bytes_per_block(self.cfg, self.rc.block_size, self.rc.kv_dtype)
         if self.shardings is not None:
             per_block //= self.shardings.kv_split  # each device holds its KV heads only
-        stats = _device_memory_stats()
-        if not stats or "bytes_limit" not in stats:
+        devices = (list(self.shardings.mesh.devices.flat) if self.shardings is not None
+                   else [jax.local_devices()[0]])
+        if _device_memory_stats(devices[0]) is None:
             return max(2, CPU_KV_CACHE_BYTES // per_block)
         # What the cache must leave free comes from the compiled programs, not from a trial run's
         # peak: that peak also holds what XLA allocated while compiling (autotuning), so a cold and
         # a warm start would size the cache differently, and a different cache shape misses every
         # persistent-cache entry of the previous start.
-        # The sampler and prompt scoring run after the step, one at a time.
+        # The sampler and prompt scoring run after the step, one at a time. Under tensor parallelism
+        # every device holds the same share, so the device with the least room decides (an OOM on
+        # one device leaves the others waiting in a collective).
         reserved = self._step_bytes() + max(self._sampler_bytes(), self._prompt_scoring_bytes())
-        in_use = _device_memory_stats()["bytes_in_use"]
-        limit = stats["bytes_limit"]
-        total = stats.get("bytes_reservable_limit", limit)
-        budget = min(self.rc.gpu_memory_utilization * max(total, limit), limit)
-        budget -= in_use + reserved + (256 << 20)
+        budget = min(self._device_budget(_device_memory_stats(d)) for d in devices)
+        budget -= reserved + (256 << 20)
         if budget < 2 * per_block:
             raise ValueError(f"No device memory left for the KV cache (budget {budget / 2**30:.2f} "
                              f"GiB): lower max_num_batched_tokens or raise gpu_memory_utilization")
         return int(budget // per_block)
+
+    def _device_budget(self, stats: dict) -> float:
+        """gpu_memory_utilization of one device's memory, less what is in use there."""
+        limit = stats["bytes_limit"]
+        total = stats.get("bytes_reservable_limit", limit)
+        return min(self.rc.gpu_memory_utilization * max(total, limit), limit) - stats["bytes_in_use"]
 
     def _step_bytes(self) -> int:
         """Temporaries and new outputs of the largest bucket's step, compiled on a 2-block cache (on
@@ -276,7 +292,8 @@ class ModelRunner:
             return None
         b = ib.build(so)
         score = bool(b.prompt_logprob_spans)
-        self.kv_cache, logits, all_hidden = self._step_for(len(b.token_ids))(
+        t = len(b.token_ids)
+        self.kv_cache, logits, all_hidden = self._step_for(t)(
             self.params, self.kv_cache, *self._device_inputs(b), score=score)
         f32, i32, num_stop = ib.sampling_arrays(b)
         n = len(b.req_ids)
@@ -289,16 +306,33 @@ class ModelRunner:
                                topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
         self._prev_sampled = sampled.token_ids
         prompt = self._score_prompts(b, all_hidden) if score else None
-        return Inflight(b.req_ids, b.sample_mask[:n].copy(), sampled, logprobs_k, prompt)
+        return Inflight(b.req_ids, b.sample_mask[:n].copy(), sampled, logprobs_k, prompt, t)
+
+    def _fetch(self, h: "Inflight") -> tuple[Any, dict]:
+        """The step's samples and prompt logprobs on the host (one device->host transfer for the
+        samples unless logprobs were asked for); under tensor parallelism within step_timeout."""
+        def get() -> tuple[Any, dict]:
+            sampled = jax.device_get(h.sampled) if h.logprobs_k else h.sampled._replace(
+                token_ids=np.asarray(h.sampled.token_ids))
+            return sampled, {} if h.prompt is None else h.prompt.fetch()
+
+        if self._waiter is None:
+            return get()
+        try:
+            return self._waiter.submit(get).result(timeout=self.rc.step_timeout)
+        except TimeoutError:
+            raise StepTimeoutError(
+                f"A step of token bucket {h.num_tokens} ({len(h.req_ids)} requests, prompt scoring "
+                f"{'on' if h.prompt is not None else 'off'}) did not finish within "
+                f"{self.rc.step_timeout:g} s on {self.shardings.tp} devices: a device is stuck (a "
+                f"collective waiting for a peer); the engine cannot continue") from None
 
     def collect(self, h: "Inflight") -> ModelRunnerOutput:
         """Wait for a dispatched step's samples; append them to the requests' tokens."""
         ib = self.input_batch
-        # One device->host transfer unless logprobs were asked for.
-        sampled = jax.device_get(h.sampled) if h.logprobs_k else h.sampled._replace(
-            token_ids=np.asarray(h.sampled.token_ids))
+        sampled, prompt_logprobs = self._fetch(h)
         tokens = sampled.token_ids[:len(h.req_ids)].tolist()
-        out = ModelRunnerOutput({}, prompt_logprobs={} if h.prompt is None else h.prompt.fetch())
+        out = ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
         for i, rid in enumerate(h.req_ids):
             if not h.sample_mask[i]:
                 continue
@@ -370,6 +404,7 @@ class Inflight:
     sampled: Any                      # SamplerOutput of device arrays
     logprobs_k: dict[str, int]        # requests that asked for logprobs -> k
     prompt: Optional[_PromptScores]
+    num_tokens: int                   # the token bucket
 
 
 def _logprob_entry(token: int, logprob: float, rank: int, top_ids: np.ndarray,
@@ -383,9 +418,10 @@ def _logprob_entry(token: int, logprob: float, rank: int, top_ids: np.ndarray,
     return entry
 
 
-def _device_memory_stats() -> Optional[dict]:
-    dev = jax.local_devices()[0]
-    return dev.memory_stats() if hasattr(dev, "memory_stats") else None
+def _device_memory_stats(device: Any) -> Optional[dict]:
+    """The device's allocator stats (None where there are none, e.g. on CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return stats if stats and "bytes_limit" in stats else None
 
 
 def _new_bytes(lowered: Any) -> int:
