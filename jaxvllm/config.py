@@ -29,6 +29,9 @@ class EngineArgs:
         "help": "Number of KV-cache blocks (skips memory profiling)."})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "Automatic prefix caching."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "Devices to shard the model over."})
+    data_parallel_size: int = field(default=1, metadata={
+        "help": "Engine replicas, each on its own tensor_parallel_size devices; requests are "
+                "routed by load with prefix-cache affinity."})
     load_format: str = field(default="auto", metadata={"help": "auto|dummy|safetensors|gguf.",
                                                        "choices": LOAD_FORMATS})
     seed: int = field(default=0, metadata={"help": "Seed for dummy weights and unseeded sampling."})
@@ -71,7 +74,8 @@ class EngineArgs:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "max_logprobs"):
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "data_parallel_size",
+                     "max_logprobs"):
             pos_int(name)
         for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
             pos_int(name, optional=True)

@@ -127,6 +127,9 @@ class FakeEngine:
                          kv_cache_usage=used / n_blocks, prefix_cache_queries=self._prefix_queries,
                          prefix_cache_hits=self._prefix_hits)
 
+    def get_replica_stats(self) -> list[FakeStats]:
+        return [self.get_stats()]
+
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 

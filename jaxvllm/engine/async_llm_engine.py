@@ -1,4 +1,4 @@
-"""AsyncLLMEngine: an asyncio front over LLMEngine.
+"""AsyncLLMEngine: an asyncio front over LLMEngine (or its data-parallel replicas).
 
 The step loop runs on its own thread (a step blocks on the device), so the event loop stays free for
 HTTP. Requests are validated and tokenized on the caller's side; only admission, aborts and steps
@@ -13,7 +13,8 @@ from typing import AsyncIterator, Optional
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.scheduler import SchedulerStats
-from jaxvllm.engine.llm_engine import LLMEngine, PromptType
+from jaxvllm.engine.data_parallel import Engine, create_engine
+from jaxvllm.engine.llm_engine import PromptType
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import SamplingParams
 
@@ -49,7 +50,7 @@ class _Latest:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
@@ -65,7 +66,7 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
-        return cls(LLMEngine(args))
+        return cls(create_engine(args))
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,6 +127,10 @@ class AsyncLLMEngine:
         # Read at scrape time from the event loop: plain counters, safe to read while the step
         # thread runs, so the step loop does no metrics work.
         return self.engine.get_stats()
+
+    def get_replica_stats(self) -> list[SchedulerStats]:
+        """Per data-parallel replica (one entry without data parallelism); read as get_stats."""
+        return self.engine.replica_stats()
 
     def _post(self, kind: str, payload: object) -> None:
         with self._lock:

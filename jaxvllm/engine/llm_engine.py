@@ -55,9 +55,12 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, loaded: Any = None) -> None:
+    def __init__(self, args: EngineArgs, loaded: Any = None,
+                 devices: Optional[list[Any]] = None) -> None:
+        """`devices`: the device group of a data-parallel replica (engine/data_parallel.py)."""
         from jaxvllm.engine.setup import start_tokenizer_load
         self.args = args
+        self.devices = devices
         t0 = time.perf_counter()
         # The tokenizer is first needed by a request, so it loads (in a child process: importing
         # transformers' AutoTokenizer was 16 s of Python on the GPU host) while the weights load,
@@ -82,7 +85,7 @@ class LLMEngine:
         self.loaded = loaded
         self.load_seconds = time.perf_counter() - t0  # weights and config
         self.model_config = self.loaded.config
-        self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded)
+        self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded, self.devices)
         if pending_tokenizer is not None and pending_tokenizer.done():
             pending_tokenizer.result()  # a tokenizer that failed already: say so before compiling
         self.scheduler = Scheduler(sched_cfg)
@@ -102,10 +105,15 @@ class LLMEngine:
             self.loaded.tokenizer, self.loaded.seconds["tokenizer"] = pending_tokenizer.result()
             self.tokenizer_origin = child.origin
             self.loaded.seconds["tokenizer_wait"] = time.perf_counter() - t_wait
-        self.tokenizer = self.loaded.tokenizer
-        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
-        self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
+        self.attach_tokenizer(self.loaded.tokenizer)
         self.default_sampling = generation_sampling_defaults(self.loaded.generation_config)
+
+    def attach_tokenizer(self, tokenizer: Any) -> None:
+        """The tokenizer and the EOS ids it brings (data-parallel replicas get the shared one once
+        it has loaded, while they compile)."""
+        self.loaded.tokenizer = self.tokenizer = tokenizer
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -317,6 +325,24 @@ class LLMEngine:
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.stats
+
+    def replica_stats(self) -> list[SchedulerStats]:
+        """Per data-parallel replica: this engine is the only one."""
+        return [self.scheduler.stats]
+
+    def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
+        """See LLM.update_weights."""
+        from jaxvllm.engine.weights import swap_in_place, to_engine_layout
+        if self.has_unfinished_requests():
+            raise RuntimeError("update_weights must be called between generate calls (requests are running)")
+        new = to_engine_layout(params, self.loaded.config, "auto")
+        runner = self.runner
+        if runner.shardings is not None:
+            new = runner.shardings.match_layout(new)
+        runner.params = swap_in_place(runner.params, new)  # places leaf by leaf
+        self.loaded.params = runner.params
+        if reset_prefix_cache:
+            self.scheduler.reset_prefix_cache()
 
 
 class _StatsLogger:

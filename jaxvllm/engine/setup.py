@@ -63,7 +63,9 @@ def load(args: EngineArgs) -> Any:
     # allocator fragmented around the replicated leaves (aliased, so kept in place): the KV cache,
     # sized to the devices' free memory, then failed to fit there (measured on 2x H200, 8B shape: an
     # allocator OOM on device 0 only, and the first step hung waiting for it in NCCL).
-    where = (jax.default_device(jax.devices("cpu")[0]) if args.tensor_parallel_size > 1
+    # Under data parallelism it is loaded there once and each replica's copy goes to its devices.
+    on_host = args.tensor_parallel_size > 1 or args.data_parallel_size > 1
+    where = (jax.default_device(jax.devices("cpu")[0]) if on_host
              else contextlib.nullcontext())
     with where:
         return load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
@@ -85,7 +87,11 @@ def _weights_cache_dir(args: EngineArgs) -> Optional[str]:
     return None if cache_dir.lower() == "none" else cache_dir
 
 
-def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConfig]:
+def build_runner(args: EngineArgs, loaded: Any,
+                 devices: Optional[list[Any]] = None) -> tuple[Any, int, SchedulerConfig]:
+    """`devices`: a data-parallel replica's device group (None: the first devices); the params are
+    placed there."""
+    import jax
     import jax.numpy as jnp
     from jaxvllm.worker.model_runner import ModelRunner, RunnerConfig
 
@@ -99,11 +105,14 @@ def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConf
     if budget < max_num_seqs:
         raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_num_seqs ({max_num_seqs})")
     params_dtype = jnp.asarray(loaded.params["final_norm"]).dtype
-    shardings = None
+    shardings = device = None
     if args.tensor_parallel_size > 1:
         from jaxvllm.worker.sharding import shard_model
-        loaded.params, shardings = shard_model(loaded.params, cfg, args.tensor_parallel_size)
+        loaded.params, shardings = shard_model(loaded.params, cfg, args.tensor_parallel_size, devices)
         cfg = shardings.model_config  # KV heads replicated when fewer than tensor_parallel_size
+    elif devices is not None:
+        device = devices[0]
+        loaded.params = jax.device_put(loaded.params, device)
     rc = RunnerConfig(
         block_size=args.block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,
@@ -111,7 +120,7 @@ def build_runner(args: EngineArgs, loaded: Any) -> tuple[Any, int, SchedulerConf
         token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs,
         step_timeout=args.step_timeout,
         triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS else 0)
-    runner = ModelRunner(cfg, loaded.params, rc, shardings=shardings)
+    runner = ModelRunner(cfg, loaded.params, rc, shardings=shardings, device=device)
     # As vLLM: refuse a cache that cannot hold one sequence of max_model_len, rather than start and
     # then reject every long request. The last token is never fed back, and block 0 is reserved.
     need = -(-(max_model_len - 1) // args.block_size)

@@ -9,7 +9,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from jaxvllm.config import EngineArgs
-from jaxvllm.engine.llm_engine import LLMEngine, PromptType, as_token_ids, check_text, is_token_ids
+from jaxvllm.engine.data_parallel import create_engine
+from jaxvllm.engine.llm_engine import PromptType, as_token_ids, check_text, is_token_ids
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import SamplingParams
 
@@ -33,7 +34,7 @@ class LLM:
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-        self.llm_engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self.llm_engine = create_engine(EngineArgs(model=model, **kwargs))
         self._counter = itertools.count()
 
     @classmethod
@@ -61,25 +62,14 @@ class LLM:
                              generation_config=generation_config, source="<params>", path=None,
                              load_format="params")
         self = cls.__new__(cls)
-        self.llm_engine = LLMEngine(args, loaded=loaded)
+        self.llm_engine = create_engine(args, loaded)
         self._counter = itertools.count()
         return self
 
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
         """Overwrite every weight in place (no recompilation; the old buffers are reused). The prefix
         cache holds K/V computed with the old weights, so it is dropped unless told otherwise."""
-        from jaxvllm.engine.weights import swap_in_place, to_engine_layout
-        engine = self.llm_engine
-        if engine.has_unfinished_requests():
-            raise RuntimeError("update_weights must be called between generate calls (requests are running)")
-        new = to_engine_layout(params, engine.loaded.config, "auto")
-        runner = engine.runner
-        if runner.shardings is not None:
-            new = runner.shardings.match_layout(new)
-        runner.params = swap_in_place(runner.params, new)  # places leaf by leaf
-        engine.loaded.params = runner.params
-        if reset_prefix_cache:
-            engine.scheduler.reset_prefix_cache()
+        self.llm_engine.update_weights(params, reset_prefix_cache)
 
     def score(self, prompts: Sequence[Union[str, TokenIds]], continuations: Sequence[Union[str, TokenIds]],
               use_tqdm: bool = False) -> list[np.ndarray]:

@@ -67,11 +67,17 @@ class StepTimeoutError(RuntimeError):
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: Any, rc: RunnerConfig,
                  attention_fn: Optional[Callable[..., jax.Array]] = None,
-                 shardings: Optional[Any] = None) -> None:
+                 shardings: Optional[Any] = None, device: Optional[Any] = None) -> None:
+        """`device`: where a runner without `shardings` keeps what it creates (a data-parallel
+        replica's device; None: JAX's default device). `params` must already be there."""
         self.cfg = cfg
         self.params = params
         self.rc = rc
         self.shardings = shardings
+        self.device = device
+        # The cache is committed to the replica's device (or mesh), so every step runs there.
+        self._kv_sharding = (shardings.kv_cache if shardings is not None else
+                             None if device is None else jax.sharding.SingleDeviceSharding(device))
         self.attention_fn = attention_fn or ragged_paged_attention
         if shardings is not None:  # tensor parallel: attention runs per device on its heads
             self.attention_fn = shardings.attention_fn(self.attention_fn)
@@ -95,7 +101,8 @@ class ModelRunner:
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
         # so not fewer than SCORE_ROWS_MIN even when max_num_seqs is small.
         self.score_rows = max(rc.max_num_seqs, SCORE_ROWS_MIN)
-        self._prev_sampled = jnp.zeros(rc.max_num_seqs, jnp.int32)
+        self._prev_sampled = jax.device_put(np.zeros(rc.max_num_seqs, np.int32),
+                                            device if shardings is None else shardings.replicated)
         # Under tensor parallelism a stuck collective would block a plain device->host copy forever;
         # the copy runs on this thread instead, waited for with a deadline.
         self._waiter = (None if shardings is None else
@@ -104,7 +111,7 @@ class ModelRunner:
         self.num_blocks = rc.num_blocks or self._profile_num_blocks()
         self.kv_sizing_seconds = time.perf_counter() - t0
         self.kv_cache = llama.make_kv_cache(cfg, self.num_blocks, rc.block_size, rc.kv_dtype,
-                                            None if shardings is None else shardings.kv_cache)
+                                            self._kv_sharding)
         self._log_capacity()
 
     # ---- the jitted step -------------------------------------------------------------------
@@ -174,7 +181,7 @@ class ModelRunner:
         if self.shardings is not None:
             per_block //= self.shardings.kv_split  # each device holds its KV heads only
         devices = (list(self.shardings.mesh.devices.flat) if self.shardings is not None
-                   else [jax.local_devices()[0]])
+                   else [self.device if self.device is not None else jax.local_devices()[0]])
         if _device_memory_stats(devices[0]) is None:
             return max(2, CPU_KV_CACHE_BYTES // per_block)
         # What the cache must leave free comes from the compiled programs, not from a trial run's
@@ -204,7 +211,7 @@ class ModelRunner:
         parallelism on CPU, XLA copied each layer's cache around the scatter, not yet checked on
         GPUs)."""
         probe = llama.make_kv_cache(self.cfg, 2, self.rc.block_size, self.rc.kv_dtype,
-                                    None if self.shardings is None else self.shardings.kv_cache)
+                                    self._kv_sharding)
         t = self.token_buckets[-1]
         b = self._dummy_batch(t)
         return _new_bytes(self._step_for(t).lower(self.params, probe, *self._device_inputs(b),

@@ -12,9 +12,9 @@ Behaviour worth knowing:
 - `--api-key` (or env JAXVLLM_API_KEY) requires `Authorization: Bearer KEY` on every endpoint except
   /health, /metrics, /version (so /v1/*, /tokenize and /detokenize).
 - Backpressure: the server counts sequences (prompts x n of a request) admitted and not yet
-  finished. A request that would take that count above `max_num_seqs + --max-waiting-requests` is
-  refused with 503 and a Retry-After header (a single request is always admitted when nothing else is
-  in flight).
+  finished. A request that would take that count above `max_num_seqs x data_parallel_size +
+  --max-waiting-requests` is refused with 503 and a Retry-After header (a single request is always
+  admitted when nothing else is in flight).
 - A client that disconnects aborts its engine requests at once (handler cancellation for plain
   responses, a failed write for streams); so does a streaming client that accepts no bytes for
   `--stream-write-timeout` seconds (its connection is closed).

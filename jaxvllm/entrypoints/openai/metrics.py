@@ -2,8 +2,9 @@
 
 Each server owns a private CollectorRegistry, so several servers can live in one process (tests).
 Engine-side state (running/waiting counts, KV-cache usage, prefix-cache counters, preemptions) is read
-from `engine.get_stats()` at scrape time; request-level counters and histograms are fed by the
-server as requests finish.
+from `engine.get_replica_stats()` at scrape time, one series per data-parallel replica under the
+`engine` label (vLLM's; "0" without data parallelism); request-level counters and histograms are fed
+by the server as requests finish.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 
 
 class _EngineStatsCollector:
-    """Reads engine stats on each scrape."""
+    """Reads each replica's stats on each scrape."""
 
     def __init__(self, get_engine: Callable[[], Any], model_name: str):
         self._get_engine = get_engine
@@ -41,29 +42,30 @@ class _EngineStatsCollector:
 
     def collect(self):
         engine = self._get_engine()
-        stats = None
+        per_replica: list = [None]  # zeros for replica 0 until the engine answers
         if engine is not None:
             try:
-                stats = engine.get_stats()
+                per_replica = engine.get_replica_stats()
             except Exception:  # a scrape must never fail because the engine is mid-update
-                logger.exception("engine.get_stats() failed")
-        g = lambda v: float(getattr(stats, v, 0) or 0) if stats is not None else 0.0
-        labels = ["model_name"]
-        for name, attr, doc in (
-                ("jaxvllm:num_requests_running", "num_running", "Requests in the running batch."),
-                ("jaxvllm:num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
-                ("jaxvllm:kv_cache_usage_perc", "kv_cache_usage", "KV-cache usage (1 = full).")):
-            m = GaugeMetricFamily(name, doc, labels=labels)
-            m.add_metric([self._model], g(attr))
-            yield m
-        for name, attr, doc in (
-                ("jaxvllm:prefix_cache_queries", "prefix_cache_queries",
+                logger.exception("engine.get_replica_stats() failed")
+        g = lambda stats, v: float(getattr(stats, v, 0) or 0) if stats is not None else 0.0
+        labels = ["model_name", "engine"]
+        for kind, name, attr, doc in (
+                (GaugeMetricFamily, "jaxvllm:num_requests_running", "num_running",
+                 "Requests in the running batch."),
+                (GaugeMetricFamily, "jaxvllm:num_requests_waiting", "num_waiting",
+                 "Requests waiting to be scheduled."),
+                (GaugeMetricFamily, "jaxvllm:kv_cache_usage_perc", "kv_cache_usage",
+                 "KV-cache usage (1 = full)."),
+                (CounterMetricFamily, "jaxvllm:prefix_cache_queries", "prefix_cache_queries",
                  "Prompt tokens looked up in the prefix cache."),
-                ("jaxvllm:prefix_cache_hits", "prefix_cache_hits",
+                (CounterMetricFamily, "jaxvllm:prefix_cache_hits", "prefix_cache_hits",
                  "Prompt tokens found in the prefix cache."),
-                ("jaxvllm:num_preemptions", "num_preemptions", "Preempted requests.")):
-            m = CounterMetricFamily(name, doc, labels=labels)
-            m.add_metric([self._model], g(attr))
+                (CounterMetricFamily, "jaxvllm:num_preemptions", "num_preemptions",
+                 "Preempted requests.")):
+            m = kind(name, doc, labels=labels)
+            for i, stats in enumerate(per_replica):
+                m.add_metric([self._model, str(i)], g(stats, attr))
             yield m
 
 

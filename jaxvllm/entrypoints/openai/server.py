@@ -170,7 +170,8 @@ class OpenAIServer:
 
     @property
     def capacity(self) -> int:
-        return self.engine_args.max_num_seqs + self.max_waiting
+        # Every data-parallel replica runs max_num_seqs sequences at once.
+        return self.engine_args.max_num_seqs * self.engine_args.data_parallel_size + self.max_waiting
 
     def _engine_alive(self) -> bool:
         e = self.engine

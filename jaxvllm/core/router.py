@@ -1,0 +1,77 @@
+"""Which data-parallel replica a new request goes to: the least-loaded one, unless a replica already
+holds the request's prompt prefix in its KV cache and is not overloaded.
+
+Pure bookkeeping (no JAX): the engine passes one `ReplicaState` per replica, read from that
+replica's scheduler. A prefix is "held" when the chained hashes of the prompt's first full blocks
+(`block_pool.hash_block_tokens`, exactly as the KV-cache manager computes them) are in the
+replica's block hash table, so a request routed there starts with those blocks as prefix-cache
+hits instead of recomputing them on another replica.
+
+Affinity yields to balance: a replica with more than `overload_margin` unfinished sequences above
+the least-loaded replica is passed over whatever it holds (the absolute threshold of SGLang's
+cache-aware router), since a shared system prompt would otherwise send every request to the replica
+that saw it first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Container, Sequence
+
+from jaxvllm.core.block_pool import NONE_HASH, BlockHash, hash_block_tokens
+
+
+@dataclass
+class RouterConfig:
+    block_size: int
+    overload_margin: int  # unfinished sequences above the least-loaded replica that void affinity
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.overload_margin, int) or self.overload_margin < 0:
+            raise ValueError(f"overload_margin must be a non-negative int, got {self.overload_margin!r}")
+
+
+@dataclass
+class ReplicaState:
+    """What the router reads of one replica when a request arrives."""
+    num_unfinished: int                  # sequences (n > 1 counts n) queued or running
+    kv_cache_usage: float                # fraction of its KV blocks in use
+    cached_blocks: Container[BlockHash]  # its block pool's hash table
+
+
+class Router:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+
+    def route(self, prompt_token_ids: Sequence[int], replicas: Sequence[ReplicaState]) -> int:
+        """Index of the replica for a new request: among replicas not overloaded, the one holding
+        the longest prefix of the prompt, then the least loaded (fewest unfinished sequences, then
+        lowest KV-cache usage), then the lowest index."""
+        if not replicas:
+            raise ValueError("no replicas to route to")
+        least = min(r.num_unfinished for r in replicas)
+        eligible = [i for i, r in enumerate(replicas)
+                    if r.num_unfinished <= least + self.config.overload_margin]
+        held = self.held_prefix_blocks(prompt_token_ids, [replicas[i] for i in eligible])
+        return min(zip(eligible, held),
+                   key=lambda e: (-e[1], replicas[e[0]].num_unfinished,
+                                  replicas[e[0]].kv_cache_usage, e[0]))[0]
+
+    def held_prefix_blocks(self, prompt_token_ids: Sequence[int],
+                           replicas: Sequence[ReplicaState]) -> list[int]:
+        """Per replica, how many leading full blocks of the prompt it holds. Hashes only as far as
+        some replica still matches. The last prompt token is always computed (as the KV-cache
+        manager's lookup), so the blocks considered end before it."""
+        bs = self.config.block_size
+        held = [0] * len(replicas)
+        alive = list(range(len(replicas)))
+        parent = NONE_HASH
+        for i in range((len(prompt_token_ids) - 1) // bs):
+            parent = hash_block_tokens(parent, prompt_token_ids[i * bs:(i + 1) * bs])
+            alive = [j for j in alive if parent in replicas[j].cached_blocks]
+            if not alive:
+                break
+            for j in alive:
+                held[j] = i + 1
+        return held

@@ -1,0 +1,271 @@
+"""Data parallelism (jaxvllm/engine/data_parallel.py) on 4 fake CPU devices.
+
+As in test_tensor_parallel.py (whose tiny-model helper this reuses), the engines run in one
+subprocess started with XLA_FLAGS set before JAX starts; it writes a JSON report that the tests
+below check. The router alone is tested in test_router.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import pytest
+
+NUM_FAKE_DEVICES = 4
+PROMPTS = [list(range(3, 3 + n)) for n in (5, 11, 20, 40, 7, 9)]
+PREFIX = list(range(100, 148))   # three full blocks of 16
+MAX_NUM_SEQS = 4                 # overload margin max(1, 4 // 8) = 1 sequence
+
+
+# ---- the subprocess ------------------------------------------------------------------------------
+def _llm(d: str, dp: int, tp: int) -> Any:
+    from jaxvllm import LLM
+    return LLM(model=d, dtype="float32", data_parallel_size=dp, tensor_parallel_size=tp,
+               max_model_len=128, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=32,
+               num_gpu_blocks_override=32, enforce_eager=True, token_buckets=(8, 32),
+               weights_cache_dir="none",
+               compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
+
+
+def _devices(tree: Any) -> list[int]:
+    import jax
+    return sorted({d.id for leaf in jax.tree.leaves(tree) for d in leaf.devices()})
+
+
+def _generate(llm: Any) -> dict[str, Any]:
+    import gc
+
+    import jax
+    from jaxvllm import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    res: dict[str, Any] = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    gc.collect()
+    live: dict[int, int] = {}  # bytes held per device: equal replicas hold equal bytes
+    for a in jax.live_arrays():
+        for shard in a.addressable_shards:
+            live[shard.device.id] = live.get(shard.device.id, 0) + shard.data.nbytes
+    res["live_bytes"] = [live.get(d.id, 0) for d in jax.devices()]
+    engine = llm.llm_engine
+    if hasattr(engine, "replicas"):
+        res["replicas"] = [{"prefix_cache_queries": r.scheduler.kv_cache_manager.prefix_cache_queries,
+                            **_placement(r)} for r in engine.replicas]
+    return res
+
+
+def _placement(replica: Any) -> dict[str, list[int]]:
+    runner = replica.runner
+    return {"params": _devices(runner.params), "kv_cache": _devices(runner.kv_cache),
+            "prev_sampled": _devices(runner._prev_sampled)}
+
+
+def _drain(engine: Any) -> dict[str, Any]:
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return finished
+
+
+def _affinity(llm: Any) -> dict[str, Any]:
+    """A request runs prefix PREFIX on the idle engine; three more share it: the first two go to its
+    replica (the second although the other replica is less loaded), the third finds that replica
+    overloaded (2 unfinished against 0, margin 1) and goes to the other one."""
+    from jaxvllm import SamplingParams
+    engine = llm.llm_engine
+    engine.add_request("a", {"prompt_token_ids": PREFIX + [1, 2]},
+                       SamplingParams(temperature=0, max_tokens=2))
+    holder = engine._owner["a"]
+    _drain(engine)
+    owners = []
+    for i in range(3):
+        engine.add_request(f"b{i}", {"prompt_token_ids": PREFIX + [7 + i] * 4},
+                           SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        owners.append(engine._owner[f"b{i}"])
+    done = _drain(engine)
+    return {"holder": holder, "owners": owners,
+            "cached": [done[f"b{i}"].num_cached_tokens for i in range(3)]}
+
+
+def _aborts(llm: Any) -> dict[str, Any]:
+    """One request on each replica; the one on replica 1 is aborted after a step."""
+    from jaxvllm import SamplingParams
+    engine = llm.llm_engine
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    engine.add_request("keep", {"prompt_token_ids": list(range(200, 210))}, sp)
+    engine.add_request("drop", {"prompt_token_ids": list(range(210, 220))}, sp)
+    owners = {rid: engine._owner[rid] for rid in ("keep", "drop")}
+    engine.step()
+    engine.abort_request("drop")
+    after_abort = [r.scheduler.get_num_unfinished_requests() for r in engine.replicas]
+    done = _drain(engine)
+    return {"owners": owners, "unfinished_after_abort": after_abort, "finished": sorted(done),
+            "keep_tokens": len(done["keep"].outputs[0].token_ids),
+            "left": [r.scheduler.get_num_unfinished_requests() for r in engine.replicas]}
+
+
+def _serve(llm: Any) -> dict[str, Any]:
+    """Two concurrent streams through AsyncLLMEngine, and its per-replica stats."""
+    import asyncio
+
+    from jaxvllm import SamplingParams
+    from jaxvllm.engine.async_llm_engine import AsyncLLMEngine
+
+    async def run() -> dict[str, Any]:
+        engine = AsyncLLMEngine(llm.llm_engine)
+        sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+        async def one(i: int) -> list[int]:
+            last = None
+            async for out in engine.generate({"prompt_token_ids": PROMPTS[i]}, sp, f"s{i}"):
+                last = out
+            return list(last.outputs[0].token_ids)
+
+        tokens = await asyncio.gather(one(0), one(1))
+        stats = [s.prefix_cache_queries for s in engine.get_replica_stats()]
+        await engine.shutdown()
+        return {"tokens": tokens, "replica_queries": stats}
+
+    return asyncio.run(run())
+
+
+def _worker(out_path: str) -> None:
+    import gc
+
+    import jax
+    from test_tensor_parallel import _save_model
+    assert jax.device_count() == NUM_FAKE_DEVICES, jax.devices()
+    report: dict[str, Any] = {"device_ids": [d.id for d in jax.devices()]}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = os.path.join(tmp, "llama")
+        _save_model(d, "llama", hidden=64, kv_heads=4)
+        dp1 = _llm(d, 1, 1)
+        report["dp1"] = _generate(dp1)
+        del dp1  # (its arrays on device 0 would count in the next run's live bytes)
+        gc.collect()
+        dp2 = _llm(d, 2, 1)
+        report["dp2_at_start"] = [_placement(r) for r in dp2.llm_engine.replicas]
+        report["dp2"] = _generate(dp2)
+        report["affinity"] = _affinity(dp2)
+        report["aborts"] = _aborts(dp2)
+        report["serve"] = _serve(dp2)
+        del dp2
+        gc.collect()
+        dp2tp2 = _llm(d, 2, 2)
+        report["dp2tp2_at_start"] = [_placement(r) for r in dp2tp2.llm_engine.replicas]
+        report["dp2tp2"] = _generate(dp2tp2)
+        report["dp2tp2"]["meshes"] = [sorted(d.id for d in r.runner.shardings.mesh.devices.flat)
+                                      for r in dp2tp2.llm_engine.replicas]
+        del dp2tp2
+        try:
+            _llm(d, 3, 2)
+            report["too_many"] = None
+        except ValueError as e:
+            report["too_many"] = str(e)
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
+# ---- the tests -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict[str, Any]:
+    out = str(tmp_path_factory.mktemp("dp") / "report.json")
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={NUM_FAKE_DEVICES}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("run", ["dp2", "dp2tp2"])
+def test_greedy_tokens_match_dp1(report, run):
+    assert report[run]["tokens"] == report["dp1"]["tokens"]
+
+
+def test_both_replicas_ran_requests_on_their_own_devices(report):
+    """Placed there at start-up (before any step could move them) and still there after steps."""
+    ids = report["device_ids"]
+    for run, tp in (("dp2", 1), ("dp2tp2", 2)):
+        for i, (start, r) in enumerate(zip(report[f"{run}_at_start"], report[run]["replicas"])):
+            group = sorted(ids[tp * i:tp * (i + 1)])
+            assert r["prefix_cache_queries"] > 0, (run, i)
+            for where in (start, r):
+                assert where["params"] == where["kv_cache"] == where["prev_sampled"] == group, \
+                    (run, i, where)
+    assert report["dp2tp2"]["meshes"] == [ids[:2], ids[2:]]
+
+
+@pytest.mark.parametrize("run, tp", [("dp2", 1), ("dp2tp2", 2)])
+def test_nothing_else_left_on_device_0(report, run, tp):
+    """Replica 1's devices hold exactly the bytes replica 0's do, device by device (its params and
+    cache, or its shards of them): no copy of the host params or of anything a replica created on
+    the default device stays behind."""
+    live = report[run]["live_bytes"]
+    assert live[0] > 0 and live[tp:2 * tp] == live[:tp], live
+
+
+def test_shared_prefix_goes_to_its_replica_unless_overloaded(report):
+    a = report["affinity"]
+    holder, other = a["holder"], 1 - a["holder"]
+    assert a["owners"] == [holder, holder, other]
+    assert a["cached"][0] == a["cached"][1] == len(PREFIX)   # the prefix's three blocks were hits
+    assert a["cached"][2] == 0
+
+
+def test_abort_reaches_its_replica(report):
+    a = report["aborts"]
+    assert sorted(a["owners"].values()) == [0, 1]              # one request on each replica
+    unfinished = [1, 1]
+    unfinished[a["owners"]["drop"]] = 0
+    assert a["unfinished_after_abort"] == unfinished
+    assert a["finished"] == ["keep"] and a["keep_tokens"] == 20
+    assert a["left"] == [0, 0]
+
+
+def test_async_engine_over_replicas(report):
+    s = report["serve"]
+    assert s["tokens"] == report["dp1"]["tokens"][:2]
+    assert len(s["replica_queries"]) == 2
+
+
+def test_too_few_devices_raise_at_startup(report):
+    assert report["too_many"] == ("data_parallel_size (3) x tensor_parallel_size (2) = 6 exceeds "
+                                  "the number of available devices (4)")
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_data_parallel_size_must_be_a_positive_int(bad):
+    from jaxvllm.config import EngineArgs
+    with pytest.raises(ValueError, match="data_parallel_size must be a positive int"):
+        EngineArgs(data_parallel_size=bad)
+
+
+def test_metrics_have_a_series_per_replica():
+    from jaxvllm.core.scheduler import SchedulerStats
+    from jaxvllm.entrypoints.openai.metrics import ServerMetrics
+
+    class TwoReplicas:
+        def get_replica_stats(self) -> list[SchedulerStats]:
+            return [SchedulerStats(3, 1, 0.5, 8, 8, 100, 40, 0),
+                    SchedulerStats(2, 0, 0.25, 4, 12, 60, 0, 1)]
+
+    text = ServerMetrics("m", TwoReplicas).render().decode()
+    assert 'jaxvllm:num_requests_running{engine="0",model_name="m"} 3.0' in text
+    assert 'jaxvllm:num_requests_running{engine="1",model_name="m"} 2.0' in text
+    assert 'jaxvllm:prefix_cache_hits_total{engine="0",model_name="m"} 40.0' in text
+    assert 'jaxvllm:num_preemptions_total{engine="1",model_name="m"} 1.0' in text
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
