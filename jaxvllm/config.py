@@ -58,6 +58,15 @@ class EngineArgs:
     async_scheduling: bool = field(default=True, metadata={
         "help": "Schedule and dispatch the next step while the device runs the current one "
                 "(steps with penalty sampling run synchronously)."})
+    nnodes: int = field(default=1, metadata={
+        "help": "Processes (hosts) that together run one engine: the model is sharded over all of "
+                "their devices; run the same command on each with its own --node-rank."})
+    node_rank: int = field(default=0, metadata={
+        "help": "This process's rank among --nnodes: 0 runs the scheduler (and the HTTP server), "
+                "the others follow its steps."})
+    dist_init_addr: Optional[str] = field(default=None, metadata={
+        "help": "HOST:PORT of rank 0, where the ranks meet (jax.distributed's coordinator; rank 0 "
+                "also sends each step's schedule from PORT+1). Required with --nnodes > 1."})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,11 +98,23 @@ class EngineArgs:
         if not (isinstance(self.step_timeout, (int, float)) and not isinstance(self.step_timeout, bool)
                 and self.step_timeout > 0):
             raise ValueError(f"step_timeout must be a positive number of seconds, got {self.step_timeout!r}")
+        self._validate_nodes()
         if self.token_buckets is not None:
             v = tuple(self.token_buckets)
             if not v or any(not isinstance(x, int) or x < 1 for x in v):
                 raise ValueError(f"token_buckets must be a non-empty list of positive ints, got {v!r}")
             self.token_buckets = tuple(sorted(set(v)))
+
+    def _validate_nodes(self) -> None:
+        if not isinstance(self.nnodes, int) or isinstance(self.nnodes, bool) or self.nnodes < 1:
+            raise ValueError(f"nnodes must be a positive int, got {self.nnodes!r}")
+        if (not isinstance(self.node_rank, int) or isinstance(self.node_rank, bool)
+                or not 0 <= self.node_rank < self.nnodes):
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank!r}")
+        if self.nnodes > 1 or self.dist_init_addr is not None:
+            split_host_port(self.dist_init_addr, "dist_init_addr")
+        if self.nnodes > 1 and self.data_parallel_size > 1:  # one leader per process, for now
+            raise ValueError("data_parallel_size > 1 is not supported with nnodes > 1")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -121,6 +142,16 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
         return cls(**{k: v for k, v in vars(args).items() if k in cls.field_names()})
+
+
+def split_host_port(addr: Any, name: str) -> tuple[str, int]:
+    """(host, port) of "HOST:PORT" ("[v6]:PORT" too); ValueError naming `name` otherwise."""
+    host, sep, port = addr.rpartition(":") if isinstance(addr, str) else ("", "", "")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise ValueError(f"{name} must be HOST:PORT (a port below 65535, since PORT+1 is used too), "
+                         f"got {addr!r}")
+    return host, int(port)
 
 
 def _base_type(tp: Any) -> type:

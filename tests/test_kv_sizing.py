@@ -156,7 +156,10 @@ def test_tensor_parallel_sizing_takes_the_fullest_device(runner, blocks_at, per_
     the least free memory decides (sizing from the first device alone overfilled the second)."""
     fuller = IN_USE + 5 * per_block
     expect = blocks_at(fuller)
-    devices = np.array(["dev0", "dev1"], dtype=object)
+    class Dev(str):
+        process_index = 0  # this process's (multi-host: only local devices are measured)
+
+    devices = np.array([Dev("dev0"), Dev("dev1")], dtype=object)
     in_use = {"dev0": IN_USE, "dev1": fuller}
     monkeypatch.setattr(runner, "shardings", types.SimpleNamespace(
         mesh=types.SimpleNamespace(devices=devices), kv_split=1, kv_cache=None))

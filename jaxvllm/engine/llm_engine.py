@@ -100,6 +100,9 @@ class LLMEngine:
         self._num_penalized = 0
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
         self.compile_seconds = 0.0 if args.enforce_eager else self.runner.warmup()
+        if args.nnodes > 1:  # the other ranks replay every runner call (engine/multihost.py)
+            from jaxvllm.engine.multihost import LeaderRunner
+            self.runner = LeaderRunner(self.runner, args)
         if pending_tokenizer is not None:
             t_wait = time.perf_counter()
             self.loaded.tokenizer, self.loaded.seconds["tokenizer"] = pending_tokenizer.result()

@@ -41,6 +41,9 @@ def configure_jax(args: EngineArgs) -> None:
         flags += " --xla_disable_hlo_passes=dot-merger"
     os.environ["XLA_FLAGS"] = flags.strip()
     import jax
+
+    from jaxvllm.engine.distributed import initialize
+    initialize(args)
     if args.compilation_cache_dir is None and jax.config.jax_compilation_cache_dir:
         return  # the embedding application already chose one
     cache_dir = args.compilation_cache_dir or os.path.join(cache_root(), "jax")
@@ -65,7 +68,8 @@ def load(args: EngineArgs) -> Any:
     # allocator OOM on device 0 only, and the first step hung waiting for it in NCCL).
     # Under data parallelism it is loaded there once and each replica's copy goes to its devices.
     on_host = args.tensor_parallel_size > 1 or args.data_parallel_size > 1
-    where = (jax.default_device(jax.devices("cpu")[0]) if on_host
+    # This process's own CPU: with several processes, jax.devices("cpu") starts with rank 0's.
+    where = (jax.default_device(jax.local_devices(backend="cpu")[0]) if on_host
              else contextlib.nullcontext())
     with where:
         return load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,

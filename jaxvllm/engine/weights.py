@@ -29,6 +29,10 @@ _copy_into = jax.jit(lambda old, new: new.astype(old.dtype), donate_argnums=0)
 
 def swap_in_place(current: Any, new: Any) -> Any:
     """Returns `current` with every leaf overwritten by `new`'s values (same tree, shapes, dtypes)."""
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(current)):
+        # Multi-host: every process would have to run the same swaps in step; not implemented.
+        raise RuntimeError("update_weights is not supported with nnodes > 1 (the weights span "
+                           "several processes)")
     cur_leaves, cur_tree = jax.tree_util.tree_flatten_with_path(current)
     new_leaves, new_tree = jax.tree_util.tree_flatten_with_path(new)
     if cur_tree != new_tree:

@@ -41,6 +41,9 @@ def sampling_params(llm: LLM, args: argparse.Namespace) -> SamplingParams:
 def run(args: argparse.Namespace) -> int:
     from jaxvllm import LLM
     engine_kwargs = {k: v for k, v in vars(args).items() if k in EngineArgs.field_names()}
+    if engine_kwargs["node_rank"] > 0:  # multi-host: rank 0 generates and prints
+        from jaxvllm.engine.multihost import run_follower
+        return run_follower(EngineArgs(**engine_kwargs))
     llm = LLM(**engine_kwargs)
     sp = sampling_params(llm, args)
     if args.chat:

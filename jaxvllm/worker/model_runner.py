@@ -37,6 +37,7 @@ WARMUP_SAMPLER_MODES = ("greedy", "random")
 # Without a device memory query (CPU), the KV cache gets this many bytes unless overridden.
 CPU_KV_CACHE_BYTES = 512 << 20
 SCORE_ROWS_MIN = 256
+PEER_CHECK_INTERVAL_S = 0.5  # multi-host: how often a waited-for step checks that the peers live
 
 
 @dataclass
@@ -107,6 +108,9 @@ class ModelRunner:
         # the copy runs on this thread instead, waited for with a deadline.
         self._waiter = (None if shardings is None else
                         ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvllm-step-wait"))
+        # Multi-host: raises when another process is gone (engine/multihost.py), checked while a
+        # step is waited for, so a collective left waiting for a dead peer fails within a second.
+        self.peer_check: Optional[Callable[[], None]] = None
         t0 = time.perf_counter()
         self.num_blocks = rc.num_blocks or self._profile_num_blocks()
         self.kv_sizing_seconds = time.perf_counter() - t0
@@ -180,7 +184,9 @@ class ModelRunner:
         per_block = llama.kv_cache_bytes_per_block(self.cfg, self.rc.block_size, self.rc.kv_dtype)
         if self.shardings is not None:
             per_block //= self.shardings.kv_split  # each device holds its KV heads only
-        devices = (list(self.shardings.mesh.devices.flat) if self.shardings is not None
+        # Only this process's devices can be queried (multi-host: the others' are remote).
+        devices = ([d for d in self.shardings.mesh.devices.flat
+                    if d.process_index == jax.process_index()] if self.shardings is not None
                    else [self.device if self.device is not None else jax.local_devices()[0]])
         if _device_memory_stats(devices[0]) is None:
             return max(2, CPU_KV_CACHE_BYTES // per_block)
@@ -194,6 +200,9 @@ class ModelRunner:
         reserved = self._step_bytes() + max(self._sampler_bytes(), self._prompt_scoring_bytes())
         budget = min(self._device_budget(_device_memory_stats(d)) for d in devices)
         budget -= reserved + (256 << 20)
+        if jax.process_count() > 1:  # one program for all: every process takes the smallest cache
+            from jax.experimental import multihost_utils
+            budget = float(np.min(multihost_utils.process_allgather(np.float64(budget))))
         if budget < 2 * per_block:
             raise ValueError(f"No device memory left for the KV cache (budget {budget / 2**30:.2f} "
                              f"GiB): lower max_num_batched_tokens or raise gpu_memory_utilization")
@@ -206,10 +215,10 @@ class ModelRunner:
         return min(self.rc.gpu_memory_utilization * max(total, limit), limit) - stats["bytes_in_use"]
 
     def _step_bytes(self) -> int:
-        """Temporaries and new outputs of the largest bucket's step, compiled on a 2-block cache (on
-        one device the cache is donated and aliased and its size changes no temporary; under tensor
-        parallelism on CPU, XLA copied each layer's cache around the scatter, not yet checked on
-        GPUs)."""
+        """Temporaries and new outputs of the largest bucket's step, compiled on a 2-block cache: the
+        cache is donated and aliased, and its size changes no temporary (on 2x H200 at the 8B shape,
+        TP 2: 0.27 GiB at 2 blocks and at 106,304). On CPU with one KV head per device XLA copies
+        each layer's cache (a layout change around a size-1 dimension), which this does not see."""
         probe = llama.make_kv_cache(self.cfg, 2, self.rc.block_size, self.rc.kv_dtype,
                                     self._kv_sharding)
         t = self.token_buckets[-1]
@@ -325,14 +334,19 @@ class ModelRunner:
 
         if self._waiter is None:
             return get()
-        try:
-            return self._waiter.submit(get).result(timeout=self.rc.step_timeout)
-        except TimeoutError:
-            raise StepTimeoutError(
-                f"A step of token bucket {h.num_tokens} ({len(h.req_ids)} requests, prompt scoring "
-                f"{'on' if h.prompt is not None else 'off'}) did not finish within "
-                f"{self.rc.step_timeout:g} s on {self.shardings.tp} devices: a device is stuck (a "
-                f"collective waiting for a peer); the engine cannot continue") from None
+        future = self._waiter.submit(get)
+        deadline = time.monotonic() + self.rc.step_timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                return future.result(timeout=min(left, PEER_CHECK_INTERVAL_S))
+            except TimeoutError:
+                if self.peer_check is not None:
+                    self.peer_check()
+        raise StepTimeoutError(
+            f"A step of token bucket {h.num_tokens} ({len(h.req_ids)} requests, prompt scoring "
+            f"{'on' if h.prompt is not None else 'off'}) did not finish within "
+            f"{self.rc.step_timeout:g} s on {self.shardings.tp} devices: a device is stuck (a "
+            f"collective waiting for a peer); the engine cannot continue")
 
     def collect(self, h: "Inflight") -> ModelRunnerOutput:
         """Wait for a dispatched step's samples; append them to the requests' tokens."""

@@ -25,11 +25,12 @@ The model code (`jaxvllm/models/llama.py`) carries no device logic: the jitted s
 shardings from the params, and `TPShardings.step_jit_kwargs()` pins the KV cache's sharding (so the
 donated buffers are updated in place) and makes the logits replicated.
 
-Devices: the mesh takes the first `tp` devices of `jax.devices()`. Multi-host is not supported yet, but
-nothing here assumes one process: a multi-host deployment calls `jax.distributed.initialize()` in every
-process before building the engine (this module never calls it), after which `jax.devices()` lists
-every process's devices and the same partition rules apply. The runner's host-side batch building and
-`device_get` of sampled ids would then need one driver process (not done here).
+Devices: the mesh takes the first `tp` devices of `jax.devices()`. With several processes
+(`nnodes > 1`: `jaxvllm/engine/distributed.py` initialized jax.distributed, so `jax.devices()` lists
+every process's devices, in the same order everywhere) it takes the first `tp / processes` devices of
+each process instead, so every process holds an equal share of the mesh and runs the same programs;
+the same partition rules apply. Shards of a mesh that spans processes are placed from each process's
+own copy of the host params (`jax.make_array_from_callback`): no process sends weights to another.
 
 Loading: the params arrive unsharded (on the default device or the host) and are moved shard by shard,
 so the whole model must fit on one device (or in host memory) while it loads.
@@ -95,7 +96,27 @@ def make_mesh(tp: int, devices: Optional[Sequence[Any]] = None) -> Mesh:
     if tp > len(devices):
         raise ValueError(f"tensor_parallel_size ({tp}) exceeds the number of available devices "
                          f"({len(devices)})")
-    return Mesh(np.array(devices[:tp]), (AXIS,))
+    return Mesh(np.array(_mesh_devices(tp, devices)), (AXIS,))
+
+
+def _mesh_devices(tp: int, devices: list[Any]) -> list[Any]:
+    """The first `tp` devices; over several processes the first `tp / processes` of each (in
+    process order), since a process holding none of the mesh would have nothing to run."""
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) == 1:
+        return devices[:tp]
+    if tp % len(procs):
+        raise ValueError(f"tensor_parallel_size ({tp}) must be a multiple of the number of processes "
+                         f"({len(procs)}): each process holds an equal share of the devices")
+    per = tp // len(procs)
+    chosen = []
+    for p in procs:
+        mine = [d for d in devices if d.process_index == p]
+        if len(mine) < per:
+            raise ValueError(f"tensor_parallel_size ({tp}) needs {per} devices on each of "
+                             f"{len(procs)} processes; process {p} has {len(mine)}")
+        chosen += mine[:per]
+    return chosen
 
 
 def _shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
@@ -202,7 +223,12 @@ def _replicate_kv(params: Any, head_dim: int, rep: int) -> Any:
 
 
 def _place(x: Any, sharding: NamedSharding) -> jax.Array:
-    return jax.device_put(x, sharding)
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    # A mesh over several processes: each places its own shards from its own host copy (device_put
+    # would first compare the whole array across processes, a cross-host transfer per weight).
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_model(params: Any, cfg: ModelConfig, tp: int,

@@ -134,6 +134,10 @@ def run(args: argparse.Namespace,
         engine_factory: Optional[Callable[[EngineArgs], Any]] = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_args = _engine_args_from(args)
+    if engine_args.node_rank > 0:  # multi-host: rank 0 serves, this rank only follows its steps
+        from jaxvllm.engine.multihost import run_follower
+        return run_follower(engine_args)
     try:
         return asyncio.run(serve(args, engine_factory))
     except KeyboardInterrupt:

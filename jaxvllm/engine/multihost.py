@@ -1,0 +1,232 @@
+"""Multi-host steps (`nnodes > 1`): rank 0 drives, the other ranks follow.
+
+Every process runs the same jitted programs over one global mesh (multi-controller SPMD), so every
+process must call its ModelRunner's `dispatch` and `collect` in the same order with the same
+SchedulerOutputs: the host-built inputs then match on every rank. Rank 0 runs the scheduler; its
+runner is wrapped in `LeaderRunner`, which sends each call to the followers before making it. A
+follower (`run_follower`) builds the same runner and replays the calls until rank 0 says it is
+shutting down.
+
+Transport: one TCP connection from each follower to rank 0 on the port after `dist_init_addr`'s,
+carrying length-prefixed pickles one way. A socket was chosen over jax.distributed's key-value store
+because a peer's death shows at once as a closed connection (the store only has blocking reads with
+timeouts, and keys would pile up per step), and because it keeps the order of messages by itself.
+Like jax.distributed's own coordinator it trusts the cluster network: followers unpickle what rank 0
+sends (rank 0 reads nothing but a rank number from them).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import pickle
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+from jaxvllm.config import EngineArgs, split_host_port
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 300.0   # as jax.distributed.initialize's default: ranks start minutes apart
+_LENGTH = struct.Struct("!Q")
+_RANK = struct.Struct("!I")
+
+
+class PeerLostError(RuntimeError):
+    """Another process of a multi-host engine is gone: the engine cannot continue."""
+
+
+def step_port(args: EngineArgs) -> tuple[str, int]:
+    host, port = split_host_port(args.dist_init_addr, "dist_init_addr")
+    return host, port + 1
+
+
+def _send(sock: socket.socket, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> Optional[bytes]:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> Any:
+    """The next message; None when the sender closed the connection."""
+    head = _recv_exact(sock, _LENGTH.size)
+    body = None if head is None else _recv_exact(sock, _LENGTH.unpack(head)[0])
+    return None if body is None else pickle.loads(body)
+
+
+class LeaderRunner:
+    """Rank 0's ModelRunner: every dispatch and collect is first sent to the followers. Anything
+    else reads through to the runner."""
+
+    def __init__(self, runner: Any, args: EngineArgs) -> None:
+        self._runner = runner
+        self._lost: Optional[str] = None
+        self._closed = False
+        self._socks = _accept_followers(args)
+        for rank, sock in self._socks.items():
+            threading.Thread(target=self._watch, args=(rank, sock), daemon=True,
+                             name=f"jaxvllm-follower-{rank}").start()
+        # A step waiting on a collective with a dead follower would wait for step_timeout: the
+        # runner checks this while it waits, so a closed connection fails the step at once.
+        runner.peer_check = self.check
+        atexit.register(self._at_exit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def _watch(self, rank: int, sock: socket.socket) -> None:
+        """Followers never send after the handshake, so a read returns only when one is gone."""
+        try:
+            sock.recv(1)
+        except OSError:
+            pass
+        if self._lost is None and not self._closed:
+            self._lost = f"rank {rank} closed its connection (the process exited or was killed)"
+
+    def check(self) -> None:
+        if self._lost is not None:
+            raise PeerLostError(f"multi-host engine: {self._lost}; the engine cannot continue")
+        if self._closed:  # alone, rank 0's steps would wait for the followers forever
+            raise PeerLostError("multi-host engine: rank 0 has shut the followers down")
+
+    def _broadcast(self, msg: tuple) -> None:
+        self.check()
+        for rank, sock in self._socks.items():
+            try:
+                _send(sock, msg)
+            except OSError as e:
+                self._lost = f"sending to rank {rank} failed ({e})"
+                self.check()
+
+    def dispatch(self, so: Any) -> Any:
+        self._broadcast(("dispatch", so))
+        return self._runner.dispatch(so)
+
+    def collect(self, handle: Any) -> Any:
+        self._broadcast(("collect",))
+        out = self._runner.collect(handle)
+        self.check()  # a follower lost during the step: its samples may be fine, its state is not
+        return out
+
+    def close(self) -> None:
+        """Tells the followers to exit (code 0); idempotent."""
+        self._closed = True
+        socks, self._socks = self._socks, {}
+        for sock in socks.values():
+            try:
+                _send(sock, ("shutdown",))
+                sock.close()
+            except OSError:
+                pass
+
+    def _at_exit(self) -> None:
+        if self._lost is None:
+            self.close()
+            return
+        # JAX's own exit handler would wait at jax.distributed's shutdown barrier for the lost rank
+        # until its heartbeat times out (100 s), then abort: exit now, non-zero, instead.
+        _exit_now(f"exiting: {self._lost}")
+
+
+def _exit_now(reason: str) -> None:
+    logger.error("multi-host engine %s", reason)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _accept_followers(args: EngineArgs) -> dict[int, socket.socket]:
+    _, port = step_port(args)
+    want = set(range(1, args.nnodes))
+    socks: dict[int, socket.socket] = {}
+    with socket.create_server(("", port)) as server:
+        server.settimeout(CONNECT_TIMEOUT_S)
+        logger.info("Waiting for ranks %s on port %d", sorted(want), port)
+        while want - set(socks):
+            try:
+                sock, _ = server.accept()
+            except socket.timeout:
+                raise PeerLostError(f"ranks {sorted(want - set(socks))} did not connect to port "
+                                    f"{port} within {CONNECT_TIMEOUT_S:g} s") from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            head = _recv_exact(sock, _RANK.size)
+            rank = None if head is None else _RANK.unpack(head)[0]
+            if rank not in want or rank in socks:
+                sock.close()
+                raise PeerLostError(f"a follower announced rank {rank}; expected one of "
+                                    f"{sorted(want - set(socks))}")
+            sock.settimeout(None)
+            socks[rank] = sock
+    return socks
+
+
+def _connect_to_leader(args: EngineArgs) -> socket.socket:
+    addr = step_port(args)
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:  # rank 0 listens only once its engine is built
+        try:
+            sock = socket.create_connection(addr, timeout=10)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise PeerLostError(f"rank 0 did not accept at {addr[0]}:{addr[1]} within "
+                                    f"{CONNECT_TIMEOUT_S:g} s") from None
+            time.sleep(0.5)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(_RANK.pack(args.node_rank))
+    return sock
+
+
+def run_follower(args: EngineArgs) -> int:
+    """A rank > 0: build the same runner as rank 0, then replay its calls. Returns 0 when rank 0
+    shuts down; when rank 0 disappears without saying so (or a step fails), exits the process with
+    code 1 at once (JAX's exit handler would wait for rank 0 at its shutdown barrier)."""
+    from jaxvllm.engine.setup import build_runner, load
+    if args.node_rank == 0:
+        raise ValueError("run_follower is for ranks > 0; rank 0 runs the engine")
+    runner, _, _ = build_runner(args, load(args))
+    if not args.enforce_eager:
+        runner.warmup(progress=False)  # rank 0 compiles and warms up the same programs
+    sock = _connect_to_leader(args)
+    logger.info("Rank %d following rank 0", args.node_rank)
+    try:
+        return _replay(runner, sock, args.node_rank)
+    except Exception as e:  # noqa: BLE001 (any failure ends this rank the same way)
+        _exit_now(f"rank {args.node_rank} stops: {type(e).__name__}: {e}")
+        raise  # not reached
+
+
+def _replay(runner: Any, sock: socket.socket, rank: int) -> int:
+    pending: collections.deque = collections.deque()  # dispatched steps, collected in order
+    while True:
+        msg = _recv(sock)
+        if msg is None:
+            raise PeerLostError("rank 0 closed its connection without shutting down")
+        if msg[0] == "dispatch":
+            handle = runner.dispatch(msg[1])
+            if handle is not None:
+                pending.append(handle)
+        elif msg[0] == "collect":
+            runner.collect(pending.popleft())
+        elif msg[0] == "shutdown":
+            logger.info("Rank 0 shut down; rank %d exits", rank)
+            return 0
+        else:
+            raise RuntimeError(f"unknown message from rank 0: {msg[0]!r}")

@@ -1,0 +1,318 @@
+"""Multi-host engines (`nnodes > 1`, jaxvllm/engine/multihost.py) as two processes on this machine.
+
+Each process gets 4 fake CPU devices and the two join through jax.distributed (CPU collectives over
+gloo), so tensor parallelism 8 spans both: rank 0 runs the engine, rank 1 follows its steps. The
+processes run this file as a script; rank 0 writes a JSON report that the tests check. The tiny
+random Llama and the prompts are test_tensor_parallel.py's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from test_tensor_parallel import PROMPTS, _save_model
+
+DEVICES_PER_PROCESS = 4
+TIMEOUT_S = 300
+
+
+def _engine_kwargs(tp: int) -> dict[str, Any]:
+    return dict(dtype="float32", tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4,
+                max_num_batched_tokens=32, num_gpu_blocks_override=32, enforce_eager=True,
+                token_buckets=(8, 32), weights_cache_dir="none",
+                compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
+
+
+def _node_kwargs(addr: str, rank: int) -> dict[str, Any]:
+    return dict(nnodes=2, node_rank=rank, dist_init_addr=addr, step_timeout=120.0)
+
+
+# ---- the processes -------------------------------------------------------------------------------
+def _greedy(llm: Any, **params: Any) -> dict[str, Any]:
+    from jaxvllm import SamplingParams
+    sp = SamplingParams(**{"temperature": 0, "max_tokens": 8, "ignore_eos": True, "logprobs": 1,
+                           **params})
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    return {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
+
+
+def _both(llm: Any) -> dict[str, Any]:
+    """Plain greedy, and greedy with a penalty: the penalty reads each request's earlier tokens on
+    the host, so it also checks that the follower appends the same samples as rank 0."""
+    return {"plain": _greedy(llm), "penalty": _greedy(llm, max_tokens=24, frequency_penalty=1.0)}
+
+
+def _lead(model: str, addr: str, out: str) -> None:
+    """Rank 0: TP 8 over both processes, then TP 1 on one device of this process as the reference."""
+    import jax
+
+    from jaxvllm import LLM
+    llm = LLM(model=model, **_engine_kwargs(8), **_node_kwargs(addr, 0))
+    report = {"devices": [d.id for d in llm.llm_engine.runner.shardings.mesh.devices.flat],
+              "processes": jax.process_count(), "tp8": _both(llm)}
+    try:
+        llm.update_weights(llm.llm_engine.loaded.params)
+        report["update_weights"] = None
+    except RuntimeError as e:
+        report["update_weights"] = str(e)
+    llm.llm_engine.runner.close()  # the follower exits now, while this process goes on alone
+    report["tp1"] = _both(LLM(model=model, **_engine_kwargs(1)))
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+def _lead_until_follower_dies(model: str, addr: str, out: str) -> None:
+    """Rank 0: one batch, during which the follower stops and is killed (see _follow)."""
+    from jaxvllm import LLM
+    llm = LLM(model=model, **_engine_kwargs(8), **_node_kwargs(addr, 0))
+    try:
+        _greedy(llm)
+        report = {"error": None}
+    except Exception as e:  # noqa: BLE001 (the report says which)
+        report = {"error": f"{type(e).__name__}: {e}", "time": time.time()}
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+def _follow(model: str, addr: str, stop_at_step: int = 0) -> int:
+    """Rank 1; with `stop_at_step`, it stops (SIGSTOP) as that step arrives, before running it: rank
+    0 runs it and waits in its collectives for this process, which the test then kills."""
+    from jaxvllm.config import EngineArgs
+    from jaxvllm.engine.multihost import run_follower
+    from jaxvllm.worker.model_runner import ModelRunner
+    if stop_at_step:
+        real, calls = ModelRunner.dispatch, []
+
+        def dispatch(self: ModelRunner, so: Any) -> Any:
+            calls.append(so)
+            if len(calls) == stop_at_step:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return real(self, so)
+
+        ModelRunner.dispatch = dispatch
+    return run_follower(EngineArgs(model=model, **_engine_kwargs(8), **_node_kwargs(addr, 1)))
+
+
+# ---- the test side -------------------------------------------------------------------------------
+def _free_port_pair() -> int:
+    """A port p with p + 1 free as well (the coordinator and the step channel)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p < 65534:
+            try:
+                with socket.socket() as a, socket.socket() as b:
+                    a.bind(("127.0.0.1", p))
+                    b.bind(("127.0.0.1", p + 1))
+                return p
+            except OSError:
+                continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _spawn(role: str, model: str, addr: str, out: str, log: str) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}").strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), role, model, addr, out],
+                                env=env, cwd=root, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _tail(log: str) -> str:
+    with open(log) as f:
+        return f.read()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("multihost") / "llama")
+    _save_model(d, "llama", hidden=64, kv_heads=4)
+    return d
+
+
+def _start_pair(model: str, tmp_path: Any, lead_role: str,
+                follow_role: str) -> tuple[Any, Any, str, list[str]]:
+    addr = f"127.0.0.1:{_free_port_pair()}"
+    out = str(tmp_path / "report.json")
+    logs = [str(tmp_path / "rank0.log"), str(tmp_path / "rank1.log")]
+    lead = _spawn(lead_role, model, addr, out, logs[0])
+    follow = _spawn(follow_role, model, addr, out, logs[1])
+    return lead, follow, out, logs
+
+
+def _kill(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_tp8_over_two_processes_matches_tp1(model, tmp_path):
+    lead, follow, out, logs = _start_pair(model, tmp_path, "lead", "follow")
+    try:
+        assert lead.wait(TIMEOUT_S) == 0, _tail(logs[0])
+        assert follow.wait(60) == 0, _tail(logs[1])  # rank 0 shut down cleanly: exit code 0
+    finally:
+        _kill(lead, follow)
+    with open(out) as f:
+        rep = json.load(f)
+    assert rep["processes"] == 2
+    assert len(rep["devices"]) == 8 and len(set(rep["devices"])) == 8
+    for kind in ("plain", "penalty"):
+        tp8, tp1 = rep["tp8"][kind], rep["tp1"][kind]
+        assert tp8["tokens"] == tp1["tokens"], kind
+        assert tp8["cum_logprobs"] == pytest.approx(tp1["cum_logprobs"], abs=1e-3), kind
+    assert rep["tp1"]["penalty"]["tokens"] != rep["tp1"]["plain"]["tokens"]  # the penalty mattered
+    assert rep["update_weights"] and "nnodes > 1" in rep["update_weights"]
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_follower_killed_mid_step_makes_rank0_raise(model, tmp_path):
+    """Rank 0 waits in a step's collectives for a follower that stopped; killing the follower
+    must fail that step at once, not after step_timeout (120 s here)."""
+    lead, follow, out, logs = _start_pair(model, tmp_path, "lead_until_follower_dies",
+                                          "follow_then_stop")
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not _stopped(follow.pid):
+            assert lead.poll() is None and follow.poll() is None, _tail(logs[0]) + _tail(logs[1])
+            assert time.monotonic() < deadline, "the follower never reached its stop"
+            time.sleep(0.2)
+        time.sleep(3)  # rank 0 is now waiting for the step the follower never ran
+        assert lead.poll() is None, _tail(logs[0])
+        killed_at = time.time()
+        follow.kill()
+        # Exit code 1 at once: not JAX's wait for the dead rank at exit (100 s, then an abort).
+        assert lead.wait(60) == 1, _tail(logs[0])
+    finally:
+        _kill(lead, follow)
+    with open(out) as f:
+        rep = json.load(f)
+    assert rep["error"] and rep["error"].startswith("PeerLostError: "), rep
+    assert "rank 1" in rep["error"]
+    assert rep["time"] - killed_at < 10  # the closed connection, not the 120 s step deadline
+
+
+# ---- in-process pieces ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"nnodes": 0}, "nnodes must be a positive int"),
+    ({"nnodes": 2, "node_rank": 2, "dist_init_addr": "h:1"}, r"node_rank must be in \[0, nnodes=2\)"),
+    ({"nnodes": 2, "node_rank": -1, "dist_init_addr": "h:1"}, "node_rank"),
+    ({"nnodes": 2}, "dist_init_addr must be HOST:PORT"),
+    ({"nnodes": 2, "dist_init_addr": "host"}, "dist_init_addr must be HOST:PORT"),
+    ({"nnodes": 2, "dist_init_addr": "host:x"}, "dist_init_addr must be HOST:PORT"),
+    ({"nnodes": 2, "dist_init_addr": ":80"}, "dist_init_addr must be HOST:PORT"),
+    ({"nnodes": 2, "dist_init_addr": "host:65535"}, "dist_init_addr must be HOST:PORT"),
+    ({"nnodes": 2, "dist_init_addr": "h:1", "data_parallel_size": 2}, "data_parallel_size > 1"),
+])
+def test_engine_args_refuse_bad_node_settings(kwargs, message):
+    from jaxvllm.config import EngineArgs
+    with pytest.raises(ValueError, match=message):
+        EngineArgs(**kwargs)
+
+
+def test_engine_args_node_settings():
+    from jaxvllm.config import EngineArgs, split_host_port
+    a = EngineArgs(nnodes=2, node_rank=1, dist_init_addr="[::1]:1234")
+    assert (a.nnodes, a.node_rank) == (2, 1)
+    assert split_host_port(a.dist_init_addr, "x") == ("::1", 1234)
+
+
+def test_serve_on_rank_above_0_only_follows(monkeypatch):
+    """The same command on every node: rank > 0 starts no HTTP server, it follows rank 0."""
+    from jaxvllm.engine import multihost
+    from jaxvllm.entrypoints import cli
+    from jaxvllm.entrypoints.openai import api_server
+    seen = []
+    monkeypatch.setattr(multihost, "run_follower", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(api_server, "serve", lambda *a: pytest.fail("rank 1 started the server"))
+    assert cli.main(["serve", "--nnodes", "2", "--node-rank", "1",
+                     "--dist-init-addr", "10.0.0.1:5000"]) == 0
+    assert [(a.nnodes, a.node_rank, a.dist_init_addr) for a in seen] == [(2, 1, "10.0.0.1:5000")]
+
+
+def test_generate_on_rank_above_0_only_follows(monkeypatch):
+    from jaxvllm.engine import multihost
+    from jaxvllm.entrypoints import cli, llm
+    seen = []
+    monkeypatch.setattr(multihost, "run_follower", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(llm.LLM, "__init__", lambda *a, **k: pytest.fail("rank 1 built an LLM"))
+    assert cli.main(["generate", "hi", "--nnodes", "2", "--node-rank", "1",
+                     "--dist-init-addr", "10.0.0.1:5000"]) == 0
+    assert [(a.nnodes, a.node_rank) for a in seen] == [(2, 1)]
+
+
+def test_mesh_takes_an_equal_share_of_each_process():
+    from types import SimpleNamespace
+
+    from jaxvllm.worker.sharding import _mesh_devices
+    devs = [SimpleNamespace(id=i, process_index=i // 4) for i in range(8)]
+    assert [d.id for d in _mesh_devices(8, devs)] == list(range(8))
+    assert [d.id for d in _mesh_devices(4, devs)] == [0, 1, 4, 5]
+    with pytest.raises(ValueError, match=r"multiple of the number of processes \(2\)"):
+        _mesh_devices(3, devs)
+    with pytest.raises(ValueError, match="process 1 has 3"):
+        _mesh_devices(8, devs[:7])
+
+
+def test_step_wait_fails_at_once_when_a_peer_is_lost():
+    """A step waiting on a collective whose peer died (a GPU's NCCL waits forever) fails on the
+    runner's next peer check, not after step_timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from jaxvllm.engine.multihost import PeerLostError
+    from jaxvllm.worker.model_runner import Inflight, ModelRunner
+
+    class Held:  # a device->host copy that does not finish in time
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            time.sleep(8)
+            return np.zeros(4, np.int32)
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner._waiter = ThreadPoolExecutor(max_workers=1)
+    runner.rc = SimpleNamespace(step_timeout=6.0)
+    runner.shardings = SimpleNamespace(tp=8)
+    lost = []
+
+    def peer_check() -> None:
+        if lost:
+            raise PeerLostError("rank 1 is gone")
+        lost.append(True)
+
+    runner.peer_check = peer_check
+    sampled = SimpleNamespace(token_ids=Held(), _replace=lambda **kw: SimpleNamespace(**kw))
+    h = Inflight(["a"], np.ones(1, bool), sampled, {}, None, 8)
+    t0 = time.perf_counter()
+    with pytest.raises(PeerLostError, match="rank 1 is gone"):
+        runner._fetch(h)
+    assert time.perf_counter() - t0 < 3
+    runner._waiter.shutdown(wait=False)
+
+
+if __name__ == "__main__":
+    role, model_dir, address, report_path = sys.argv[1:5]
+    if role.startswith("follow"):
+        sys.exit(_follow(model_dir, address, stop_at_step=3 if role == "follow_then_stop" else 0))
+    {"lead": _lead, "lead_until_follower_dies": _lead_until_follower_dies}[role](
+        model_dir, address, report_path)
