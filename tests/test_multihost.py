@@ -121,14 +121,19 @@ def _free_port_pair() -> int:
 
 
 def _spawn(role: str, model: str, addr: str, out: str, log: str) -> subprocess.Popen:
+    return _spawn_cmd([os.path.abspath(__file__), role, model, addr, out], log)
+
+
+def _spawn_cmd(args: list[str], log: str) -> subprocess.Popen:
+    """`python ARGS` with this process's share of fake CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}").strip()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, os.path.abspath(__file__), role, model, addr, out],
-                                env=env, cwd=root, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, *args], env=env, cwd=root, stdout=f,
+                                stderr=subprocess.STDOUT)
 
 
 def _tail(log: str) -> str:
@@ -209,6 +214,85 @@ def test_follower_killed_mid_step_makes_rank0_raise(model, tmp_path):
     assert rep["error"] and rep["error"].startswith("PeerLostError: "), rep
     assert "rank 1" in rep["error"]
     assert rep["time"] - killed_at < 10  # the closed connection, not the 120 s step deadline
+
+
+def _http(url: str, body: Any = None) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, None if body is None else json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, None
+
+
+def _serve_pair(model: str, tmp_path: Any) -> tuple[list[subprocess.Popen], str, dict, list[str]]:
+    """The user's command on each node (rank 0 serves, rank 1 follows), once rank 0 answered one
+    completion: (processes, url, that request, logs)."""
+    addr = f"127.0.0.1:{_free_port_pair()}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
+    flags = ["--tensor-parallel-size", "8", "--dtype", "float32", "--max-model-len", "128",
+             "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+             "--num-gpu-blocks-override", "32", "--enforce-eager", "--token-buckets", "8", "32",
+             "--weights-cache-dir", "none", "--compilation-cache-dir",
+             os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"), "--nnodes", "2",
+             "--dist-init-addr", addr, "--port", str(http_port)]
+    procs, logs = [], []
+    for rank in (0, 1):
+        logs.append(str(tmp_path / f"rank{rank}.log"))
+        procs.append(_spawn_cmd(["-m", "jaxvllm.entrypoints.cli", "serve", model, *flags,
+                                 "--node-rank", str(rank)], logs[-1]))
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            assert all(p.poll() is None for p in procs), _tail(logs[0]) + _tail(logs[1])
+            assert time.monotonic() < deadline, "the server never became ready"
+            try:
+                if _http(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        name = _http(url + "/v1/models")[1]["data"][0]["id"]
+        req = {"model": name, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+        status, body = _http(url + "/v1/completions", req)
+        assert status == 200 and len(body["choices"][0]["text"].split()) == 4, (status, body)
+    except BaseException:
+        _kill(*procs)
+        raise
+    return procs, url, req, logs
+
+
+def test_serve_on_two_nodes_stops_both(model, tmp_path):
+    """SIGTERM to rank 0 stops the server, and the follower exits 0 with it."""
+    (lead, follow), _, _, logs = _serve_pair(model, tmp_path)
+    try:
+        lead.send_signal(signal.SIGTERM)
+        assert lead.wait(60) == 0, _tail(logs[0])
+        assert follow.wait(60) == 0, _tail(logs[1])
+    finally:
+        _kill(lead, follow)
+
+
+def test_serve_with_a_dead_follower_fails_loudly(model, tmp_path):
+    """Once rank 1 is killed, a request fails, /health answers 503, and rank 0 exits non-zero
+    when stopped."""
+    (lead, follow), url, req, logs = _serve_pair(model, tmp_path)
+    try:
+        follow.kill()
+        follow.wait()
+        assert _http(url + "/v1/completions", req)[0] >= 500
+        assert _http(url + "/health")[0] == 503
+        lead.send_signal(signal.SIGTERM)
+        assert lead.wait(60) == 1, _tail(logs[0])
+        assert "rank 1 closed its connection" in _tail(logs[0])
+    finally:
+        _kill(lead, follow)
 
 
 # ---- in-process pieces ---------------------------------------------------------------------------

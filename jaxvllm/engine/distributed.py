@@ -25,6 +25,9 @@ def initialize(args: EngineArgs) -> None:
         # CPU devices of different processes need a collectives library to talk at all (jax's
         # default is none); GPUs use NCCL whatever this says.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Its preemption service takes over SIGTERM (to sync checkpoints, which an engine has
+        # none of): the server's own handler never ran, so SIGTERM no longer stopped it.
+        jax.config.update("jax_enable_preemption_service", False)
         logger.info("Joining %d processes as rank %d at %s", args.nnodes, args.node_rank,
                     args.dist_init_addr)
         jax.distributed.initialize(coordinator_address=args.dist_init_addr,
