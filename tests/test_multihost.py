@@ -344,6 +344,12 @@ def test_generate_on_rank_above_0_only_follows(monkeypatch):
     assert [(a.nnodes, a.node_rank) for a in seen] == [(2, 1)]
 
 
+def test_an_engine_on_rank_above_0_is_refused():
+    from jaxvllm import LLM
+    with pytest.raises(ValueError, match="only rank 0 runs an engine.*run_follower"):
+        LLM(nnodes=2, node_rank=1, dist_init_addr="127.0.0.1:1")
+
+
 def test_mesh_takes_an_equal_share_of_each_process():
     from types import SimpleNamespace
 

@@ -59,6 +59,9 @@ class LLMEngine:
                  devices: Optional[list[Any]] = None) -> None:
         """`devices`: the device group of a data-parallel replica (engine/data_parallel.py)."""
         from jaxvllm.engine.setup import start_tokenizer_load
+        if args.node_rank > 0:  # a second engine would wait for followers of its own
+            raise ValueError(f"node_rank {args.node_rank}: only rank 0 runs an engine; the other "
+                             f"ranks run jaxvllm.engine.multihost.run_follower(engine_args)")
         self.args = args
         self.devices = devices
         t0 = time.perf_counter()
