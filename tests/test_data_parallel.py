@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -174,18 +173,8 @@ def _worker(out_path: str) -> None:
 # ---- the tests -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict[str, Any]:
-    out = str(tmp_path_factory.mktemp("dp") / "report.json")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={NUM_FAKE_DEVICES}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    with open(out) as f:
-        return json.load(f)
+    from test_tensor_parallel import run_script
+    return run_script(__file__, str(tmp_path_factory.mktemp("dp") / "report.json"), NUM_FAKE_DEVICES)
 
 
 @pytest.mark.parametrize("run", ["dp2", "dp2tp2"])

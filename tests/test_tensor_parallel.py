@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -182,19 +182,25 @@ def _gpu_worker(out_path: str) -> None:
         json.dump(report, f)
 
 
-def _run_worker(out: str, fake_cpu_devices: bool) -> dict[str, Any]:
+def run_script(script: str, out: str, fake_cpu_devices: Optional[int]) -> dict[str, Any]:
+    """Runs a test file as a script in a subprocess (with that many fake CPU devices, set before JAX
+    starts) and returns the JSON report it writes to `out`."""
     env = dict(os.environ)
     if fake_cpu_devices:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                            f" --xla_force_host_platform_device_count={NUM_FAKE_DEVICES}").strip()
+                            f" --xla_force_host_platform_device_count={fake_cpu_devices}").strip()
         env["JAX_PLATFORMS"] = "cpu"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, cwd=root,
+    proc = subprocess.run([sys.executable, os.path.abspath(script), out], env=env, cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     with open(out) as f:
-        rep = json.load(f)
+        return json.load(f)
+
+
+def _run_worker(out: str, fake_cpu_devices: bool) -> dict[str, Any]:
+    rep = run_script(__file__, out, NUM_FAKE_DEVICES if fake_cpu_devices else None)
     return {m: ({int(k): v for k, v in r.items()} if m not in ("errors", "stuck_step") else r)
             for m, r in rep.items()}
 
