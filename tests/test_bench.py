@@ -148,6 +148,19 @@ def test_startup_cold_and_warm(tiny_dummy, capsys):
     assert res["warm"]["cache_hits"] > 0 and res["warm"]["cache_misses"] == 0, res["warm"]
 
 
+def test_startup_with_data_parallel_replicas(tiny_dummy):
+    """bench startup at --data-parallel-size 2 (2 fake CPU devices) reports both replicas' caches."""
+    env = {**C.child_env(), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "startup.py"),
+                          "--model", tiny_dummy, "--load-format", "dummy", "--json",
+                          "--data-parallel-size", "2", *SMALL],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert res["cold"]["num_gpu_blocks"] == res["warm"]["num_gpu_blocks"] == 2 * 64
+
+
 SERVE_LOAD = ["--num-prompts", "8", "--input-len", "4:16", "--output-len", "2:6", "--json"]
 
 
