@@ -551,6 +551,33 @@ def test_n_siblings_share_prompt_blocks_in_the_same_step():
     d.check_final()
 
 
+def test_discarded_step_unregisters_its_blocks_and_aborts_its_requests():
+    """A step whose dispatch failed wrote no K/V: the blocks it registered (including those its
+    other requests hit in the same step) leave the prefix cache; earlier steps' blocks stay."""
+    sched = Scheduler(SchedulerConfig(num_blocks=50))
+    kv = sched.kv_cache_manager
+    prefix = list(range(3, 35))  # 2 full blocks
+    sched.add_request(make_req("a", prefix + [40]))
+    so = sched.schedule()
+    sched.update_from_output(so, ModelRunnerOutput({"a": 7}))
+    committed = {b.block_hash for b in kv.get_blocks("a")[:2]}
+    prompt = prefix + list(range(50, 90))  # 4 full blocks + 8
+    for i in range(2):
+        sched.add_request(make_req(f"x-{i}", prompt, temperature=1.0, seed=i))
+    so = sched.schedule()
+    assert [n.num_computed_tokens for n in so.new_reqs] == [32, 64]  # x-1 hit x-0's new blocks
+    assert set(so.num_scheduled_tokens) == {"a", "x-0", "x-1"}
+    aborted = sched.discard_step(so)
+    assert sorted(r.request_id for r in aborted) == ["a", "x-0", "x-1"]
+    assert set(kv.block_pool.cached_block_hash_to_block) == committed
+    sched.check_invariants()
+    assert kv.num_used_blocks == 0
+    sched.add_request(make_req("y", prompt))
+    so = sched.schedule()
+    assert so.new_reqs[0].num_computed_tokens == 32  # only the prefix computed in the first step
+    assert so.finished_req_ids == {"a", "x-0", "x-1"}  # the runner hears of the aborts
+
+
 def test_prompt_logprobs_request_gets_no_hits_and_chunks_pass_through():
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, num_blocks=100, block_size=4)
     d = Driver(cfg)

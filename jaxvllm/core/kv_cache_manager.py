@@ -11,7 +11,9 @@ allocated for tokens whose ids are known, i.e. in the very step that computes it
 writes every scheduled token's K/V before any attention of that step reads the cache, so another
 request scheduled later in the same step may already hit it (this is how n>1 fan-outs share the
 prompt's blocks). If that step is rolled back for the request (preempted in the same schedule()
-call), the blocks whose K/V was not computed are unregistered when they are freed.
+call), the blocks whose K/V was not computed are unregistered when they are freed. If the whole step
+never runs (its dispatch raised), discard_step() unregisters every block the step registered, hits
+by other requests of that step included.
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class KVCacheManager:
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         # Number of leading blocks of each request already offered to the hash table.
         self.num_cached_blocks: dict[str, int] = {}
+        # Blocks registered since begin_step(): their K/V exists only once that step has run.
+        self.step_cached_blocks: list[KVCacheBlock] = []
         # Cumulative prefix-cache counters, in tokens (counted once per successful admission).
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -161,7 +165,8 @@ class KVCacheManager:
                 hashes = ensure_block_hashes(req, n_full, bs)
                 cache_block = pool.cache_block
                 for i in range(done, n_full):
-                    cache_block(blocks[i], hashes[i])
+                    if cache_block(blocks[i], hashes[i]):
+                        self.step_cached_blocks.append(blocks[i])
                 self.num_cached_blocks[rid] = n_full
         return new_ids
 
@@ -180,6 +185,18 @@ class KVCacheManager:
             if b.block_hash is not None and b.ref_cnt == 1:
                 pool.uncache_block(b)
         pool.free_blocks(reversed(blocks))
+
+    def begin_step(self) -> None:
+        """Start a step's allocations: what the previous step registered is committed."""
+        self.step_cached_blocks = []
+
+    def discard_step(self) -> None:
+        """The step allocated since begin_step() will never run: unregister the blocks it
+        registered, whoever holds them now, so no later request reads K/V never written."""
+        uncache = self.block_pool.uncache_block
+        for b in self.step_cached_blocks:
+            uncache(b)  # a block handed out again within the step has no hash or one of the step
+        self.step_cached_blocks = []
 
     def get_blocks(self, req_id: str) -> list[KVCacheBlock]:
         return self.req_to_blocks.get(req_id, [])

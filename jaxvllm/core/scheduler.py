@@ -278,6 +278,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         kv = self.kv_cache_manager
+        kv.begin_step()
         allocate = kv.allocate_slots
         budget = cfg.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
@@ -371,6 +372,16 @@ class Scheduler:
                                num_scheduled_tokens=num_scheduled,
                                total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
                                finished_req_ids=finished, preempted_req_ids=preempted)
+
+    def discard_step(self, scheduler_output: SchedulerOutput) -> list[Request]:
+        """The runner failed to run `scheduler_output` (the latest schedule()), so its K/V may never
+        have been written. Unregisters the prefix-cache blocks it registered and aborts the
+        requests it scheduled (their computed-token counts include tokens never computed); the
+        runner hears of these and of the step's finished requests in the next step. Returns the
+        aborted requests."""
+        self.kv_cache_manager.discard_step()
+        self._finished_req_ids |= scheduler_output.finished_req_ids
+        return self.abort_requests(list(scheduler_output.num_scheduled_tokens))
 
     # ---- update --------------------------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput,

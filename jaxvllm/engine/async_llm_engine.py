@@ -103,7 +103,10 @@ class AsyncLLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prepared = self.engine.prepare_request(request_id, prompt, sampling_params)
         latest = _Latest()
-        self._streams[request_id] = (asyncio.get_running_loop(), latest)
+        with self._lock:  # the loop dies under it: it either fails this stream or we see _error
+            if self._error is not None:
+                raise EngineDeadError(f"engine stopped: {self._error!r}")
+            self._streams[request_id] = (asyncio.get_running_loop(), latest)
         self._post("add", prepared)
         finished = False
         try:
@@ -155,9 +158,12 @@ class AsyncLLMEngine:
         except BaseException as e:
             logger.exception("engine step loop failed")
             dead = EngineDeadError(f"engine stopped: {e!r}")
-        # Stopped or dead, the engine must not leave clients waiting forever.
-        self._error = dead
-        for rid in list(self._streams):
+        # Stopped or dead, the engine must not leave clients waiting forever. Under the lock
+        # generate() registers streams with, so none is registered after this snapshot.
+        with self._lock:
+            self._error = dead
+            streams = list(self._streams)
+        for rid in streams:
             self._deliver(rid, dead)
 
     def _drain_inbox(self) -> None:

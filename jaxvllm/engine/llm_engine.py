@@ -242,18 +242,32 @@ class LLMEngine:
         overlap = self.args.async_scheduling and not self._num_penalized
         outputs = [] if overlap else self._collect_inflight()
         so = self.scheduler.schedule()
-        now = time.monotonic()
-        for nr in so.new_reqs:  # a request is first scheduled as a new one
-            pc = self._child_to_parent.get(nr.req_id)
-            if pc and pc[0].metrics["first_scheduled_time"] is None:
-                pc[0].metrics["first_scheduled_time"] = now
-        handle = self.runner.dispatch(so)
+        try:
+            now = time.monotonic()
+            for nr in so.new_reqs:  # a request is first scheduled as a new one
+                pc = self._child_to_parent.get(nr.req_id)
+                if pc and pc[0].metrics["first_scheduled_time"] is None:
+                    pc[0].metrics["first_scheduled_time"] = now
+            handle = self.runner.dispatch(so)
+        except BaseException:  # Ctrl-C too: the caller may go on using the engine
+            self._discard_step(so)
+            raise
         if overlap:
             outputs = self._collect_inflight()
         self._inflight = None if handle is None else (so, handle)
         if not overlap or not self._parents:
             outputs += self._collect_inflight()  # nothing left to overlap with
         return outputs
+
+    def _discard_step(self, so: Any) -> None:
+        """A step that failed to dispatch may have written none of its K/V: its requests fail
+        (with all their n samples) and its prefix-cache entries go, so no later prompt reads them."""
+        parents = set()
+        for req in self.scheduler.discard_step(so):
+            pc = self._child_to_parent.get(req.request_id)
+            if pc is not None:
+                parents.add(pc[0].request_id)
+        self.abort_request(list(parents))
 
     def _collect_inflight(self) -> list[RequestOutput]:
         if self._inflight is None:

@@ -1,0 +1,78 @@
+"""Fault injection on the real engine (embedded SmolLM2, float32, CPU): a fault fails what it must,
+and the engine neither serves wrong tokens afterwards nor leaves a request waiting forever."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from jaxvllm import LLM, SamplingParams
+from jaxvllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
+
+# 3 full blocks of 16 tokens and more: the step that computes them registers them in the prefix cache.
+PREFIX = "The history of the city begins with a small settlement on the river bank, where " * 3
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+               num_gpu_blocks_override=96, enforce_eager=True, token_buckets=(8, 16, 32, 64))
+
+
+def greedy(max_tokens=8):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def test_failed_dispatch_leaves_no_prefix_cache_entry(llm, monkeypatch):
+    engine = llm.llm_engine
+    pool = engine.scheduler.kv_cache_manager.block_pool
+    llm.generate(["An unrelated warm-up prompt."], greedy(2))  # a step that did run: its hashes stay
+    hashes_before = dict(pool.cached_block_hash_to_block)
+
+    real_dispatch = engine.runner.dispatch
+
+    def fail_once(so):
+        monkeypatch.setattr(engine.runner, "dispatch", real_dispatch)
+        raise RuntimeError("injected dispatch failure")
+
+    monkeypatch.setattr(engine.runner, "dispatch", fail_once)
+    with pytest.raises(RuntimeError, match="injected dispatch failure"):
+        llm.generate([PREFIX + "Question one?"], greedy())
+    assert not engine.has_unfinished_requests()
+    assert engine.scheduler.get_num_unfinished_requests() == 0
+    assert pool.cached_block_hash_to_block == hashes_before  # nothing of the failed step's blocks
+    engine.scheduler.check_invariants()
+
+    prompt = PREFIX + "Question two?"
+    after = llm.generate([prompt], greedy())[0].outputs[0].token_ids
+    engine.scheduler.reset_prefix_cache()
+    fresh = llm.generate([prompt], greedy())[0].outputs[0].token_ids
+    assert after == fresh
+
+
+def test_generate_racing_a_dying_loop_gets_engine_dead_error(llm, monkeypatch):
+    """The loop dies right after generate() checked for a dead engine and before it registered its
+    stream: the request must fail, not wait forever."""
+    engine = llm.llm_engine
+    aengine = AsyncLLMEngine(engine)
+    real_prepare = engine.prepare_request
+
+    def broken_loop():
+        raise RuntimeError("injected loop failure")
+
+    def prepare_then_kill_loop(*args, **kw):
+        prepared = real_prepare(*args, **kw)
+        monkeypatch.setattr(engine, "has_unfinished_requests", broken_loop)
+        aengine._wake.set()
+        aengine._thread.join(10)
+        assert not aengine._thread.is_alive()
+        return prepared
+
+    async def main():
+        await aengine.start()
+        monkeypatch.setattr(engine, "prepare_request", prepare_then_kill_loop)
+        with pytest.raises(EngineDeadError, match="injected loop failure"):
+            async for _ in aengine.generate("Hello", greedy(), "r1"):
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), 10))
