@@ -23,8 +23,10 @@ def greedy(max_tokens=8):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def test_failed_dispatch_leaves_no_prefix_cache_entry(llm, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_failed_dispatch_leaves_no_prefix_cache_entry(llm, monkeypatch, error):
     engine = llm.llm_engine
+    prefix = f"{error.__name__}. " + PREFIX  # no block shared with the other case
     pool = engine.scheduler.kv_cache_manager.block_pool
     llm.generate(["An unrelated warm-up prompt."], greedy(2))  # a step that did run: its hashes stay
     hashes_before = dict(pool.cached_block_hash_to_block)
@@ -33,17 +35,17 @@ def test_failed_dispatch_leaves_no_prefix_cache_entry(llm, monkeypatch):
 
     def fail_once(so):
         monkeypatch.setattr(engine.runner, "dispatch", real_dispatch)
-        raise RuntimeError("injected dispatch failure")
+        raise error("injected dispatch failure")
 
     monkeypatch.setattr(engine.runner, "dispatch", fail_once)
-    with pytest.raises(RuntimeError, match="injected dispatch failure"):
-        llm.generate([PREFIX + "Question one?"], greedy())
+    with pytest.raises(error, match="injected dispatch failure"):
+        llm.generate([prefix + "Question one?"], greedy())
     assert not engine.has_unfinished_requests()
     assert engine.scheduler.get_num_unfinished_requests() == 0
     assert pool.cached_block_hash_to_block == hashes_before  # nothing of the failed step's blocks
     engine.scheduler.check_invariants()
 
-    prompt = PREFIX + "Question two?"
+    prompt = prefix + "Question two?"
     after = llm.generate([prompt], greedy())[0].outputs[0].token_ids
     engine.scheduler.reset_prefix_cache()
     fresh = llm.generate([prompt], greedy())[0].outputs[0].token_ids
