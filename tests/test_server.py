@@ -544,6 +544,31 @@ def test_engine_errors_are_surfaced(srv, client):
     assert srv.server.in_flight == 0
 
 
+def test_server_bug_is_a_logged_500_with_an_id(srv, monkeypatch, caplog):
+    """A ValueError from our own response formatting is a server bug: a 500 whose error id is also
+    in the log line with the traceback, not a 400 blaming the client."""
+    import re
+
+    from jaxvllm.entrypoints.openai import serving
+
+    def broken(*a, **k):
+        raise ValueError("formatting bug")
+
+    monkeypatch.setattr(serving, "completion_logprobs", broken)
+    body = {"prompt": "hi", "max_tokens": 3, "logprobs": 1}
+    with caplog.at_level("ERROR", logger="jaxvllm.server"):
+        status, _, resp = http("POST", srv.url + C, body)
+        assert_error(status, resp, 500)
+        assert resp["error"]["type"] == "InternalServerError"
+        ev = sse_events(srv.url + C, {**body, "stream": True})
+    ids = [re.search(r"error id (err-\w+)", e["error"]["message"]).group(1)
+           for e in (resp, ev[-2])]
+    assert ev[-1] == "[DONE]" and ev[-2]["error"]["type"] == "InternalServerError"
+    for error_id in ids:
+        rec = [r for r in caplog.records if error_id in r.getMessage()]
+        assert rec and rec[0].exc_info and "formatting bug" in str(rec[0].exc_info[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # Concurrency and disconnects
 # ------------------------------------------------------------------------------------------------
@@ -622,6 +647,26 @@ def test_api_key():
             bad.models.list()
         good = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0)
         assert good.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_api_key_compared_in_constant_time(monkeypatch):
+    """The key check goes through hmac.compare_digest (its time does not depend on where the tokens
+    differ), and every path outside the documented open ones needs the key."""
+    import hmac
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append(a) or real(a, b))
+    with ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory(),
+                      api_key="sekret") as s:
+        for r in s.server.app.router.resources():
+            path = r.canonical.replace("{model}", MODEL)
+            method = "POST" if any(route.method == "POST" for route in r) else "GET"
+            st = http(method, s.url + path, {})[0]
+            assert (st != 401) == (path in ("/health", "/ping", "/metrics", "/version")), path
+        assert b"bearer-token" not in calls
+        http("GET", s.url + "/v1/models", headers={"Authorization": "Bearer bearer-token"})
+        assert calls[-1] == b"bearer-token"
 
 
 def test_backpressure_503():

@@ -109,6 +109,24 @@ def test_bad_requests(srv):
     assert st == 200 and body["usage"]["completion_tokens"] == 3, body
 
 
+def test_no_file_read_through_request_fields(srv, tmp_path):
+    """A model name or a chat template given as a file path is a name or refused, never read."""
+    template = tmp_path / "template.jinja"
+    template.write_text("SECRET {{ messages }}")
+    msgs = [{"role": "user", "content": "hi"}]
+    for model in (str(template), "../" * 8 + "etc/passwd"):
+        st, _, body = http("POST", srv.url + "/v1/chat/completions",
+                           {"model": model, "messages": msgs, "max_tokens": 1})
+        assert_error(st, body, 404, "model")
+    st, _, body = http("POST", srv.url + "/v1/chat/completions",
+                       {"messages": msgs, "max_tokens": 1, "chat_template": str(template)})
+    assert_error(st, body, 400, "chat_template")
+    plain = http("POST", srv.url + "/tokenize", {"messages": msgs})[2]["tokens"]
+    for extra in ({"chat_template": str(template)},
+                  {"chat_template_kwargs": {"chat_template": str(template)}}):
+        assert http("POST", srv.url + "/tokenize", {"messages": msgs, **extra})[2]["tokens"] == plain
+
+
 def test_concurrent(client):
     def one(i):
         return client.completions.create(model=MODEL, prompt=f"Number {i} is", max_tokens=6,
@@ -142,27 +160,29 @@ def test_metrics(srv):
     assert metric(srv.url, "jaxvllm:request_success_total") > 0
 
 
-def test_cli_serve_process_sigterm_exits_0():
-    """`jaxvllm serve` end to end in its own process: ready line, one request, SIGTERM, exit 0."""
+def _serve_process(cmd_head: list[str]):
+    """`cmd_head` + the real-engine serve flags in a subprocess (stderr to a file, read with
+    `.stderr_text()`); returns (process, {"name", "url"} once the ready line is printed)."""
     import os
     import re
-    import signal
     import subprocess
     import sys
+    import tempfile
     import threading
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     env.pop("JAXVLLM_API_KEY", None)
     cache = os.environ.get("JAXVLLM_TEST_COMPILE_CACHE")
-    cmd = [sys.executable, "-m", "jaxvllm.entrypoints.cli", "serve", "--port", "0",
-           "--max-model-len", str(MAX_LEN), "--max-num-seqs", "8", "--num-gpu-blocks-override",
-           "256", "--enforce-eager", "--max-num-batched-tokens", "64", "--token-buckets", "8", "64",
-           "--dtype", "float32", "--shutdown-timeout", "30"]
+    cmd = [sys.executable] + cmd_head + [
+        "--port", "0", "--max-model-len", str(MAX_LEN), "--max-num-seqs", "8",
+        "--num-gpu-blocks-override", "256", "--enforce-eager", "--max-num-batched-tokens", "64",
+        "--token-buckets", "8", "64", "--dtype", "float32", "--shutdown-timeout", "30"]
     if cache:
         cmd += ["--compilation-cache-dir", cache]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         cwd=root)
+    err = tempfile.TemporaryFile("w+")  # a pipe nobody reads could fill and block the server
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=root)
+    p.stderr_text = lambda: (err.seek(0), err.read())[1]
     url = {}
     ready = threading.Event()
 
@@ -175,9 +195,16 @@ def test_cli_serve_process_sigterm_exits_0():
         ready.set()
 
     threading.Thread(target=reader, daemon=True).start()
+    ready.wait(300)
+    return p, url
+
+
+def test_cli_serve_process_sigterm_exits_0():
+    """`jaxvllm serve` end to end in its own process: ready line, one request, SIGTERM, exit 0."""
+    import signal
+    p, url = _serve_process(["-m", "jaxvllm.entrypoints.cli", "serve"])
     try:
-        ready.wait(300)
-        assert "url" in url, p.stderr.read() if p.poll() is not None else "no ready line"
+        assert "url" in url, p.stderr_text() if p.poll() is not None else "no ready line"
         assert url["name"] == MODEL
         assert http("GET", url["url"] + "/health")[0] == 200
         st, _, body = http("POST", url["url"] + "/v1/completions",
@@ -185,6 +212,38 @@ def test_cli_serve_process_sigterm_exits_0():
         assert st == 200 and body["usage"]["completion_tokens"] >= 1
         p.send_signal(signal.SIGTERM)
         assert p.wait(60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_dead_engine_fails_requests_and_exits_1():
+    """A step that raises kills the engine: the requests in flight (stream and full) end with a
+    503, /health fails, and the process exits 1 on its own so that a supervisor restarts it."""
+    import os
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_failing_step.py")
+    p, url = _serve_process([script, "12"])
+    try:
+        assert "url" in url, p.stderr_text() if p.poll() is not None else "no ready line"
+        body = {"prompt": "Write a long story.", "max_tokens": 200, "ignore_eos": True,
+                "temperature": 0}
+        with ThreadPoolExecutor(2) as ex:
+            full = ex.submit(http, "POST", url["url"] + "/v1/completions", body, timeout=120)
+            stream = ex.submit(http, "POST", url["url"] + "/v1/completions",
+                               {**body, "stream": True}, timeout=120)
+            st, _, resp = full.result()
+            assert_error(st, resp, 503)
+            assert "engine" in resp["error"]["message"]
+            st, _, text = stream.result()
+        assert st == 200 and text.rstrip().endswith("data: [DONE]"), text
+        last = json.loads(text.rstrip().split("\n\n")[-2][len("data: "):])
+        assert last["error"]["type"] == "ServiceUnavailableError", last
+        try:  # until it exits, /health answers 503; then nothing listens
+            assert http("GET", url["url"] + "/health")[0] == 503
+        except OSError:
+            pass
+        assert p.wait(60) == 1, p.stderr_text()
+        assert "the engine is dead" in p.stderr_text()
     finally:
         if p.poll() is None:
             p.kill()

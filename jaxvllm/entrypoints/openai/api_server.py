@@ -21,6 +21,11 @@ Behaviour worth knowing:
 - SIGTERM/SIGINT: stop listening, refuse new requests with 503, let in-flight requests finish for up
   to `--shutdown-timeout` seconds, then end the rest with a 503 (a final error event and [DONE] for
   streams), shut the engine down and exit 0.
+- A dead engine (a step raised): in-flight requests end with a 503 (streams: an error event and
+  [DONE]), /health answers 503, and the server shuts down as on SIGTERM but exits 1, so that a
+  supervisor restarts it.
+- An unexpected exception in a handler is a 500 whose message carries an error id, logged with the
+  traceback under the same id; only request validation (parsing, engine input checks) is a 4xx.
 
 Modules: server.py (the application, its lifecycle and small endpoints), serving.py (generation),
 logprobs.py, responses.py, protocol.py (request parsing), metrics.py, launch.py (in-process start:
@@ -117,7 +122,15 @@ async def serve(args: argparse.Namespace,
     code = 0
     if ready.done() and not ready.cancelled() and ready.exception() is None:
         print(f"jaxvllm: serving {handle.server.model_name} at {handle.url}", flush=True)
-        await stopping
+        dead = asyncio.ensure_future(handle.server.wait_engine_dead())
+        await asyncio.wait({stopping, dead}, return_when=asyncio.FIRST_COMPLETED)
+        if dead.done():
+            # A dead engine never recovers in this process: exit non-zero so that a supervisor
+            # restarts the server, instead of answering 503 forever.
+            logger.error("the engine is dead; shutting down")
+            code = 1
+        else:
+            dead.cancel()
         logger.info("shutting down (waiting up to %.1fs for in-flight requests)",
                     args.shutdown_timeout)
     elif ready.done() and not ready.cancelled():

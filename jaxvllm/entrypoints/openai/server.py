@@ -18,7 +18,7 @@ from jaxvllm.entrypoints.openai.logprobs import decode_token
 from jaxvllm.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jaxvllm.entrypoints.openai.metrics import ServerMetrics
 from jaxvllm.entrypoints.openai.protocol import APIError, bad_request
-from jaxvllm.entrypoints.openai.responses import error_response, json_response
+from jaxvllm.entrypoints.openai.responses import error_response, internal_error, json_response
 from jaxvllm.entrypoints.openai.serving import OpenAIServing
 
 logger = logging.getLogger("jaxvllm.server")
@@ -181,6 +181,13 @@ class OpenAIServer:
             return False
         return True
 
+    async def wait_engine_dead(self, interval: float = 0.5) -> None:
+        """Return once the ready engine has died (a step failed). Polled, as vLLM's watchdog: the
+        step thread only records its death, it has no loop of ours to call."""
+        await self.ready.wait()
+        while self._engine_alive():
+            await asyncio.sleep(interval)
+
     async def drain(self, timeout: float) -> None:
         """Refuse new work; wait for in-flight requests up to `timeout`, then end the rest: their
         handlers, cancelled while draining, answer 503 (streams: a final error event and [DONE])
@@ -235,10 +242,8 @@ class OpenAIServer:
                 self.metrics.observe_error(503)
                 return error_response(APIError(f"The engine has stopped: {e}", 503,
                                                "ServiceUnavailableError"))
-            logger.exception("unexpected error handling %s %s", request.method, request.path)
             self.metrics.observe_error(500)
-            err = APIError(f"Internal server error: {type(e).__name__}", 500, "InternalServerError")
-            return error_response(err)
+            return error_response(internal_error(f"handling {request.method} {request.path}"))
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler) -> web.StreamResponse:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
@@ -17,12 +16,10 @@ from aiohttp import web
 from jaxvllm.entrypoints.openai import protocol as P
 from jaxvllm.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from jaxvllm.entrypoints.openai.protocol import APIError, bad_request
-from jaxvllm.entrypoints.openai.responses import json_response
+from jaxvllm.entrypoints.openai.responses import internal_error, json_response
 
 if TYPE_CHECKING:
     from jaxvllm.entrypoints.openai.server import OpenAIServer
-
-logger = logging.getLogger("jaxvllm.server")
 
 
 @dataclass
@@ -121,7 +118,16 @@ class OpenAIServing:
         out = None
         self.server.active_rids.add(rid)
         try:
-            async for out in agen:
+            while True:
+                try:
+                    out = await anext(agen)
+                except StopAsyncIteration:
+                    break
+                except (ValueError, TypeError) as e:
+                    # The engine refused the request (validation). Only these become a 400: the
+                    # same exceptions from our own code are server bugs, answered with a 500.
+                    raise bad_request(str(e), "max_tokens" if "max_tokens" in str(e) else None) \
+                        from None
                 t = time.monotonic()
                 total = sum(len(o.token_ids) for o in out.outputs)
                 new = total - last_n
@@ -203,8 +209,6 @@ class OpenAIServing:
                 async for i, out in it:
                     if out.finished:
                         finals[i] = out
-        except (ValueError, TypeError) as e:
-            raise bad_request(str(e), "max_tokens" if "max_tokens" in str(e) else None) from None
         except asyncio.CancelledError:
             raise self._ended_by_shutdown() from None
         tok = self.server.engine.tokenizer
@@ -262,8 +266,6 @@ class OpenAIServing:
                 first = await it.__anext__()
             except StopAsyncIteration:
                 first = None
-            except (ValueError, TypeError) as e:
-                raise bad_request(str(e)) from None
             except asyncio.CancelledError:
                 raise self._ended_by_shutdown() from None
 
@@ -354,9 +356,8 @@ class OpenAIServing:
                     await emit(*first)
                 async for i, out in it:
                     await emit(i, out)
-            except (ValueError, TypeError) as e:
-                err = APIError(str(e), 400, "BadRequestError")
-                await send({"error": err.body()["error"]})
+            except APIError as e:
+                await send({"error": e.body()["error"]})
             except ConnectionResetError:
                 raise
             except asyncio.CancelledError:
@@ -365,9 +366,7 @@ class OpenAIServing:
                 if type(e).__name__ == "EngineDeadError":
                     err = APIError(f"The engine has stopped: {e}", 503, "ServiceUnavailableError")
                 else:
-                    logger.exception("error while streaming")
-                    err = APIError(f"Internal server error: {type(e).__name__}", 500,
-                                   "InternalServerError")
+                    err = internal_error("while streaming")
                 await send({"error": err.body()["error"]})
             if req.include_usage:
                 await send(chunk([], P.usage(prompt_tokens, sum(gen_tokens.values()))))
