@@ -280,15 +280,17 @@ def test_serve_on_two_nodes_stops_both(model, tmp_path):
 
 
 def test_serve_with_a_dead_follower_fails_loudly(model, tmp_path):
-    """Once rank 1 is killed, a request fails, /health answers 503, and rank 0 exits non-zero
-    when stopped."""
+    """Once rank 1 is killed, a request fails, /health answers 503 (until rank 0 stops listening),
+    and rank 0 exits 1 on its own."""
     (lead, follow), url, req, logs = _serve_pair(model, tmp_path)
     try:
         follow.kill()
         follow.wait()
         assert _http(url + "/v1/completions", req)[0] >= 500
-        assert _http(url + "/health")[0] == 503
-        lead.send_signal(signal.SIGTERM)
+        try:
+            assert _http(url + "/health")[0] == 503
+        except OSError:  # the dead engine already ended the server
+            pass
         assert lead.wait(60) == 1, _tail(logs[0])
         assert "rank 1 closed its connection" in _tail(logs[0])
     finally:
