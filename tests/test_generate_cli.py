@@ -4,6 +4,7 @@ LLM.generate without sampling_params), and the sampling flags that are given ove
 from __future__ import annotations
 
 import json
+from typing import Any, Optional
 
 import pytest
 
@@ -16,8 +17,9 @@ ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "64", "--max-num-seqs",
 GENERATION_CONFIG = {"temperature": 0.5, "top_p": 0.8, "top_k": 7, "max_new_tokens": 3}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
+def save_tiny_llama(path: Any, chat_template: Optional[str] = None) -> None:
+    """A tiny random Llama (1 layer, 64 tokens t0..t63, no EOS) saved as an HF directory with a
+    word-level tokenizer."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -25,13 +27,19 @@ def model_dir(tmp_path_factory) -> str:
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       architectures=["LlamaForCausalLM"])
-    path = tmp_path_factory.mktemp("tiny_llama_gen_config")
     LlamaForCausalLM(cfg).save_pretrained(path)
-    # No EOS anywhere: every completion runs to max_tokens, so its length shows which one applied.
-    (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0",
+                            chat_template=chat_template).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny_llama_gen_config")
+    save_tiny_llama(path)
+    # No EOS anywhere: every completion runs to max_tokens, so its length shows which one applied.
+    (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     return str(path)
 
 

@@ -48,20 +48,10 @@ def test_default_gguf_generates_without_torch(no_torch_env):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> str:
     """A tiny random Llama saved as an HF directory with a tokenizer and a chat template."""
-    torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      architectures=["LlamaForCausalLM"])
+    pytest.importorskip("torch")
+    from test_generate_cli import save_tiny_llama
     path = tmp_path_factory.mktemp("tiny_llama_no_torch")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0",
-                            chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                            ).save_pretrained(path)
+    save_tiny_llama(path, chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}")
     return str(path)
 
 
