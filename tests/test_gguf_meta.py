@@ -37,6 +37,20 @@ CORPUS = [t for t in TEXTS if t] + [
 ] * 20
 
 
+def _finish(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _write_bare(path, arch: str) -> None:
+    """A GGUF with an embedding tensor and no other metadata than its architecture."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    _finish(w)
+
+
 def _reference(path: str):
     return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
@@ -156,10 +170,7 @@ def _write(path, tok: Tokenizer, kind: str, pre: str = "", *, add_bos=None, drop
         w.add_add_bos_token(add_bos)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
 
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "gpt-2"])
@@ -212,12 +223,7 @@ def test_gguf_tokenizer_errors_name_the_file(tmp_path):
     with pytest.raises(WeightLoadError, match="bert.gguf.*'bert'.*supported"):
         gguf_meta.load_tokenizer(str(bert))
     bare = tmp_path / "bare.gguf"
-    w = gguf.GGUFWriter(str(bare), "llama")
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_bare(bare, "llama")
     with pytest.raises(WeightLoadError, match="bare.gguf.*no tokenizer"):
         gguf_meta.load_tokenizer(str(bare))
     with pytest.raises(WeightLoadError, match="bare.gguf.*llama.attention.head_count"):
@@ -226,12 +232,7 @@ def test_gguf_tokenizer_errors_name_the_file(tmp_path):
 
 def test_unsupported_gguf_architecture(tmp_path):
     path = tmp_path / "gemma.gguf"
-    w = gguf.GGUFWriter(str(path), "gemma")
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_bare(path, "gemma")
     with pytest.raises(WeightLoadError, match="unsupported GGUF architecture 'gemma'.*llama, qwen2, qwen3"):
         load_model(str(path), cache_dir=None)
 
@@ -270,10 +271,7 @@ def _write_model_gguf(path, head_dim: int, theta: float, rope_freqs=None) -> Non
     w.add_tensor("token_embd.weight", np.zeros((32, 4 * head_dim), np.float32))
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
 
 
 @pytest.mark.parametrize("head_dim,theta,scaling", [
