@@ -208,3 +208,19 @@ def test_serve_rejects_non_url():
     from jaxvllm.benchmarks import serve
     with pytest.raises(SystemExit):
         serve.main(["--base-url", "localhost:8000", "--no-warmup"])
+
+
+def test_collectives_reports_each_flag_set():
+    """bench/collectives.py on 2 fake CPU devices: a timing per token count for a working flag set,
+    and an unknown flag set reported as a failure (not dropped)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env["PYTHONPATH"] = ROOT
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "collectives.py"), "--json",
+                          "--tokens", "1", "4", "--chain", "4", "--reps", "2",
+                          "--flag-sets", "default,no-such-set"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert [r["tokens"] for r in res["default"]["rows"]] == [1, 4]
+    assert all(r["chain_us"] > 0 for r in res["default"]["rows"])
+    assert "error" in res["no-such-set"]
