@@ -11,8 +11,8 @@ Every failure to locate, read or convert a source raises `WeightLoadError` (a Va
 names the file and, where there is one, the tensor.
 
 dtype="auto": an HF checkpoint keeps its dtype (config.json's torch_dtype/dtype, else the stored tensors');
-a GGUF whose matrices are all F16 (BF16) loads as float16 (bfloat16); a quantized or F32 GGUF loads as
-float32, the exact dequantized values (pass dtype="bfloat16" to halve device memory).
+a GGUF whose matrices are all F16 (BF16) loads as float16 (bfloat16); a GGUF with any quantized matrix
+dequantizes to bfloat16 (pass dtype="float32" for the exact dequantized values); an F32 GGUF loads as float32.
 """
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
         hf_config = gguf_meta.hf_config(reader, res.path)
         cfg = _model_config(hf_config, res.path)
         files = [res.path]
-        ckpt_dtype = gguf_loader.checkpoint_dtype(reader)
+        ckpt_dtype = gguf_loader.checkpoint_dtype(reader, res.path)
     target = ckpt_dtype if dtype == "auto" else dtype
     if target not in DTYPES:
         target = "float32"

@@ -8,8 +8,8 @@ and `meta.json` (the key, the converter version, every leaf's path/shape/dtype a
   converter version): editing or replacing a weight file, or asking for another dtype, misses.
 - An entry is written to a temporary directory beside it and renamed into place when complete, so an
   interrupted write never looks like an entry. On load, a missing/garbled meta.json, an orbax restore
-  error, a tree/shape/dtype mismatch or a checksum mismatch counts as corrupt: the entry is deleted and
-  the caller converts again (and rewrites it).
+  error, a tree/shape/dtype mismatch or a checksum mismatch counts as corrupt: a warning names the entry
+  and the exception, the entry is deleted and the caller converts again (and rewrites it).
 - What is cached (measured on CPU: an orbax save writes ~60 MB/s, a restore reads ~140 MB/s, while
   reading safetensors is a plain copy and dequantizing the default 100 MB GGUF takes ~1 s, so small
   sources and safetensors gain nothing): by default only GGUF sources of at least 256 MiB. An explicit
@@ -134,8 +134,13 @@ class WeightCache:
             STATS.corrupt += 1
             STATS.misses += 1
             STATS.events.append(("corrupt", key, str(e)))
-            logger.warning("Weight cache entry %s is unusable (%s); converting again", path, e)
-            shutil.rmtree(path, ignore_errors=True)
+            # The exception's type names the cause even where its text is terse (a KeyError's is a key).
+            logger.warning("Weight cache entry %s could not be restored (%s: %s); deleting it and "
+                           "converting the weights again", path, type(e).__name__, e)
+            try:
+                shutil.rmtree(path)
+            except OSError as rm_error:  # the entry stays: every load converts until it is removed
+                logger.warning("Could not delete the weight cache entry %s (%s)", path, rm_error)
             return None
         STATS.hits += 1
         return params

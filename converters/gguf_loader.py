@@ -13,6 +13,7 @@ Named `gguf_loader` so that `import gguf` below is the `gguf` package, not this 
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Optional
 
@@ -22,6 +23,8 @@ from converters.errors import WeightLoadError
 from converters.gguf_meta import architecture, open_reader
 from converters.hf import ParamsBuilder
 from jaxvllm.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # GGUF per-block tensor name -> HF per-layer suffix.
 GGUF_LAYER_TENSORS = {
@@ -84,10 +87,10 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def checkpoint_dtype(reader) -> str:
-    """'auto' for a GGUF: float16/bfloat16/float32 when every matrix is stored in that type; quantized
-    (or mixed) files dequantize to float32 (the exact result of dequantization; a float32 model of this
-    size fits any device, and callers may ask for bfloat16 explicitly to halve it)."""
+def checkpoint_dtype(reader, path: str) -> str:
+    """'auto' for a GGUF: float16/bfloat16 when every matrix is stored in that type; bfloat16 when any
+    matrix is quantized (float32 would double the device memory of a model that was quantized to be
+    small; the choice is logged); float32 otherwise (F32 or a mix of float types: the stored values)."""
     import gguf
 
     T = gguf.GGMLQuantizationType
@@ -95,6 +98,12 @@ def checkpoint_dtype(reader) -> str:
     if kinds == {T.F16}:
         return "float16"
     if kinds == {T.BF16}:
+        return "bfloat16"
+    quantized = sorted(k.name for k in kinds - {T.F32, T.F16, T.BF16, T.F64})
+    if quantized:
+        logger.info("%s is quantized (%s): dtype 'auto' dequantizes it to bfloat16; "
+                    "--dtype float32 keeps the full precision of the dequantized values",
+                    path, ", ".join(quantized))
         return "bfloat16"
     return "float32"
 

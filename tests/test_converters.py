@@ -163,7 +163,8 @@ def test_tied_checkpoint_with_lm_head_ignores_it(hf_dirs):
 
 @pytest.fixture(scope="module")
 def smol():
-    m = load_model(None, cache_dir=None)
+    # The default GGUF is quantized ("auto" would be bfloat16): float32 compares the exact dequantized values.
+    m = load_model(None, dtype="float32", cache_dir=None)
     path = default_model.default_model_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)

@@ -5,16 +5,32 @@ alone.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 from jaxvllm.entrypoints.openai.protocol import clean_logprob
 
+logger = logging.getLogger(__name__)
+
+# Token ids already reported as undecodable: one warning per id, not one per response or stream chunk.
+_undecodable: set[int] = set()
+
 
 def decode_token(tokenizer: Any, tid: int) -> str:
-    # An id the tokenizer cannot decode shows as "" rather than failing the whole response.
+    """The text of one token id. A model without a tokenizer has no token text: its ids are shown
+    as "token_id:<id>" (vLLM's spelling), which keeps top_logprobs keys distinct."""
+    if tokenizer is None:
+        return f"token_id:{tid}"
     try:
         return tokenizer.decode([tid])
-    except Exception:
+    except (LookupError, OverflowError) as e:
+        # What a tokenizer raises for an id it has no entry for (slow tokenizers: IndexError or
+        # KeyError; the Rust one: OverflowError past 2**32). Such an id shows as "" rather than
+        # failing the whole response; any other error is a bug and propagates.
+        if tid not in _undecodable:
+            _undecodable.add(tid)
+            logger.warning("token id %d cannot be decoded by the tokenizer (%s: %s); it is shown "
+                           "as \"\"", tid, type(e).__name__, e)
         return ""
 
 

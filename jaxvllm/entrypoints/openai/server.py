@@ -158,14 +158,11 @@ class OpenAIServer:
             raise
 
     def _vocab_size(self) -> int:
-        mc = getattr(self.engine, "model_config", None)
-        v = getattr(mc, "vocab_size", None)
+        # The bound every token id of a request is checked against: the model's embedding rows (what
+        # the engine checks too), never a guess that would let bad ids through to the model.
+        v = getattr(getattr(self.engine, "model_config", None), "vocab_size", None)
         if not v:
-            tok = self.engine.tokenizer
-            try:
-                v = len(tok)
-            except Exception:
-                v = getattr(tok, "vocab_size", 1 << 31)
+            raise ValueError(f"the engine's model config has no vocab_size (got {v!r})")
         return int(v)
 
     @property
@@ -321,11 +318,21 @@ class OpenAIServer:
             return model
         raise P.not_found(f"The model `{model}` does not exist.", "model")
 
+    def tokenizer(self, param: Optional[str]) -> Any:
+        """The engine's tokenizer; a 400 naming `param` for a model without one (a config-only
+        directory with dummy weights), which serves token-id prompts only."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise bad_request("This model has no tokenizer: send token ids instead of text "
+                              "(e.g. 'prompt' as a list of integers).", param)
+        return tok
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        # Chat requests reach this after render_chat, which already asked for the tokenizer.
+        return list(self.tokenizer("prompt").encode(text, add_special_tokens=add_special_tokens))
 
     def render_chat(self, req: P.GenerationRequest) -> str:
-        tok = self.engine.tokenizer
+        tok = self.tokenizer("messages")
         if getattr(tok, "chat_template", None) is None:
             raise bad_request("The model's tokenizer has no chat template; use /v1/completions.",
                               "messages")
@@ -408,4 +415,4 @@ class OpenAIServer:
         if not isinstance(tokens, list):
             raise bad_request("'tokens' must be an array of integers.", "tokens")
         ids = P._parse_int_list(f, "tokens", self.limits.vocab_size)
-        return json_response({"prompt": self.engine.tokenizer.decode(ids)})
+        return json_response({"prompt": self.tokenizer("tokens").decode(ids)})

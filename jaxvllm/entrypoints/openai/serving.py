@@ -44,6 +44,8 @@ class OpenAIServing:
         body = await s.read_json(request)
         req = P.parse_completion_request(body, s.limits)
         model = s.check_model(req.model)
+        if req.echo:
+            s.tokenizer("echo")  # the echoed prompt is text: a 400 for a model without a tokenizer
         prompts: list[tuple[str, list[int]]] = []
         for p in req.prompts:
             if isinstance(p, str):
