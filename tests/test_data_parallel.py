@@ -1,7 +1,8 @@
-"""Data parallelism (jaxvllm/engine/data_parallel.py) on 4 fake CPU devices.
+"""Data parallelism (jaxvllm/engine/data_parallel.py, one process per replica) on 4 fake CPU devices.
 
 As in test_tensor_parallel.py (whose tiny-model helper this reuses), the engines run in one
-subprocess started with XLA_FLAGS set before JAX starts; it writes a JSON report that the tests
+subprocess started with XLA_FLAGS set before JAX starts (the replica processes inherit them, so each
+has the same 4 host devices and takes its group's ids); it writes a JSON report that the tests
 below check. The router alone is tested in test_router.py.
 """
 from __future__ import annotations
@@ -30,36 +31,27 @@ def _llm(d: str, dp: int, tp: int) -> Any:
                compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
 
 
-def _devices(tree: Any) -> list[int]:
-    import jax
-    return sorted({d.id for leaf in jax.tree.leaves(tree) for d in leaf.devices()})
-
-
 def _generate(llm: Any) -> dict[str, Any]:
-    import gc
-
-    import jax
     from jaxvllm import SamplingParams
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
     res: dict[str, Any] = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
-    gc.collect()
-    live: dict[int, int] = {}  # bytes held per device: equal replicas hold equal bytes
-    for a in jax.live_arrays():
-        for shard in a.addressable_shards:
-            live[shard.device.id] = live.get(shard.device.id, 0) + shard.data.nbytes
-    res["live_bytes"] = [live.get(d.id, 0) for d in jax.devices()]
     engine = llm.llm_engine
-    if hasattr(engine, "replicas"):
-        res["replicas"] = [{"prefix_cache_queries": r.scheduler.kv_cache_manager.prefix_cache_queries,
-                            **_placement(r)} for r in engine.replicas]
+    if hasattr(engine, "describe_replicas"):
+        res["replicas"] = engine.describe_replicas()
     return res
 
 
-def _placement(replica: Any) -> dict[str, list[int]]:
-    runner = replica.runner
-    return {"params": _devices(runner.params), "kv_cache": _devices(runner.kv_cache),
-            "prev_sampled": _devices(runner._prev_sampled)}
+def _updated(llm: Any, d: str) -> list[list[int]]:
+    """Greedy tokens after a weight swap (unsharded params of the original config, scaled)."""
+    import jax
+    from converters import load_model
+    from jaxvllm import SamplingParams
+    base = load_model(d, dtype="float32", cache_dir=None, load_tokenizer=False).params
+    llm.update_weights(jax.tree.map(lambda x: x * 1.25, base))
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def _drain(engine: Any) -> dict[str, Any]:
@@ -79,13 +71,13 @@ def _affinity(llm: Any) -> dict[str, Any]:
     engine = llm.llm_engine
     engine.add_request("a", {"prompt_token_ids": PREFIX + [1, 2]},
                        SamplingParams(temperature=0, max_tokens=2))
-    holder = engine._owner["a"]
+    holder = engine._owner["a"][0]
     _drain(engine)
     owners = []
     for i in range(3):
         engine.add_request(f"b{i}", {"prompt_token_ids": PREFIX + [7 + i] * 4},
                            SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-        owners.append(engine._owner[f"b{i}"])
+        owners.append(engine._owner[f"b{i}"][0])
     done = _drain(engine)
     return {"holder": holder, "owners": owners,
             "cached": [done[f"b{i}"].num_cached_tokens for i in range(3)]}
@@ -98,14 +90,42 @@ def _aborts(llm: Any) -> dict[str, Any]:
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     engine.add_request("keep", {"prompt_token_ids": list(range(200, 210))}, sp)
     engine.add_request("drop", {"prompt_token_ids": list(range(210, 220))}, sp)
-    owners = {rid: engine._owner[rid] for rid in ("keep", "drop")}
+    owners = {rid: engine._owner[rid][0] for rid in ("keep", "drop")}
     engine.step()
     engine.abort_request("drop")
-    after_abort = [r.scheduler.get_num_unfinished_requests() for r in engine.replicas]
+    # Read from the replicas after the abort (each handles its commands in order).
+    after_abort = [r["num_unfinished"] for r in engine.describe_replicas()]
     done = _drain(engine)
     return {"owners": owners, "unfinished_after_abort": after_abort, "finished": sorted(done),
             "keep_tokens": len(done["keep"].outputs[0].token_ids),
-            "left": [r.scheduler.get_num_unfinished_requests() for r in engine.replicas]}
+            "left": [r["num_unfinished"] for r in engine.describe_replicas()]}
+
+
+def _replica_death(llm: Any) -> dict[str, Any]:
+    """Replica 1's process is killed while it runs a request: the next steps raise ReplicaError
+    naming it (no hang), and shutdown still returns."""
+    import time
+
+    from jaxvllm import SamplingParams
+    from jaxvllm.engine.data_parallel import ReplicaError
+    engine = llm.llm_engine
+    sp = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    engine.add_request("x0", {"prompt_token_ids": list(range(30, 40))}, sp)
+    engine.add_request("x1", {"prompt_token_ids": list(range(40, 50))}, sp)
+    victim = engine._owner["x1"][0]
+    engine.step()
+    engine.replicas[victim].process.kill()
+    t0 = time.monotonic()
+    error = None
+    try:
+        for _ in range(500):
+            engine.step()
+    except ReplicaError as e:
+        error = str(e)
+    seconds = time.monotonic() - t0
+    engine.shutdown()
+    return {"victim": victim, "error": error, "seconds": seconds,
+            "alive": [r.process.is_alive() for r in engine.replicas]}
 
 
 def _serve(llm: Any) -> dict[str, Any]:
@@ -134,8 +154,6 @@ def _serve(llm: Any) -> dict[str, Any]:
 
 
 def _worker(out_path: str) -> None:
-    import gc
-
     import jax
     from test_tensor_parallel import _save_model
     assert jax.device_count() == NUM_FAKE_DEVICES, jax.devices()
@@ -145,22 +163,20 @@ def _worker(out_path: str) -> None:
         _save_model(d, "llama", hidden=64, kv_heads=4)
         dp1 = _llm(d, 1, 1)
         report["dp1"] = _generate(dp1)
-        del dp1  # (its arrays on device 0 would count in the next run's live bytes)
-        gc.collect()
+        report["dp1"]["updated"] = _updated(dp1, d)
+        del dp1
         dp2 = _llm(d, 2, 1)
-        report["dp2_at_start"] = [_placement(r) for r in dp2.llm_engine.replicas]
+        report["dp2_at_start"] = dp2.llm_engine.describe_replicas()
         report["dp2"] = _generate(dp2)
         report["affinity"] = _affinity(dp2)
         report["aborts"] = _aborts(dp2)
         report["serve"] = _serve(dp2)
-        del dp2
-        gc.collect()
+        report["dp2"]["updated"] = _updated(dp2, d)
+        report["replica_death"] = _replica_death(dp2)
         dp2tp2 = _llm(d, 2, 2)
-        report["dp2tp2_at_start"] = [_placement(r) for r in dp2tp2.llm_engine.replicas]
+        report["dp2tp2_at_start"] = dp2tp2.llm_engine.describe_replicas()
         report["dp2tp2"] = _generate(dp2tp2)
-        report["dp2tp2"]["meshes"] = [sorted(d.id for d in r.runner.shardings.mesh.devices.flat)
-                                      for r in dp2tp2.llm_engine.replicas]
-        del dp2tp2
+        dp2tp2.llm_engine.shutdown()
         try:
             _llm(d, 3, 2)
             report["too_many"] = None
@@ -182,26 +198,28 @@ def test_greedy_tokens_match_dp1(report, run):
     assert report[run]["tokens"] == report["dp1"]["tokens"]
 
 
-def test_both_replicas_ran_requests_on_their_own_devices(report):
-    """Placed there at start-up (before any step could move them) and still there after steps."""
-    ids = report["device_ids"]
-    for run, tp in (("dp2", 1), ("dp2tp2", 2)):
-        for i, (start, r) in enumerate(zip(report[f"{run}_at_start"], report[run]["replicas"])):
-            group = sorted(ids[tp * i:tp * (i + 1)])
-            assert r["prefix_cache_queries"] > 0, (run, i)
-            for where in (start, r):
-                assert where["params"] == where["kv_cache"] == where["prev_sampled"] == group, \
-                    (run, i, where)
-    assert report["dp2tp2"]["meshes"] == [ids[:2], ids[2:]]
+def test_weight_update_reaches_every_replica(report):
+    assert report["dp2"]["updated"] == report["dp1"]["updated"]
+    assert report["dp1"]["updated"] != report["dp1"]["tokens"]  # the update changed the model
 
 
 @pytest.mark.parametrize("run, tp", [("dp2", 1), ("dp2tp2", 2)])
-def test_nothing_else_left_on_device_0(report, run, tp):
-    """Replica 1's devices hold exactly the bytes replica 0's do, device by device (its params and
-    cache, or its shards of them): no copy of the host params or of anything a replica created on
-    the default device stays behind."""
-    live = report[run]["live_bytes"]
-    assert live[0] > 0 and live[tp:2 * tp] == live[:tp], live
+def test_each_replica_runs_on_its_own_devices(report, run, tp):
+    """Placed there at start-up (before any step could move them) and still there after steps;
+    each replica process holds bytes on its own devices only, the same amount on each replica
+    (its params and cache, or its shards of them): nothing stays behind on the default device."""
+    ids = report["device_ids"]
+    for i, (start, r) in enumerate(zip(report[f"{run}_at_start"], report[run]["replicas"])):
+        group = sorted(ids[tp * i:tp * (i + 1)])
+        assert r["prefix_cache_queries"] > 0, (run, i)         # it ran requests
+        for where in (start, r):
+            assert where["params"] == where["kv_cache"] == where["prev_sampled"] == group, \
+                (run, i, where)
+            assert where["mesh"] == (group if tp > 1 else None)
+        held = {int(k): v for k, v in r["live_bytes"].items()}
+        assert all(held[k] > 0 for k in group) and not any(held[k] for k in held if k not in group)
+    a, b = ({int(k): v for k, v in r["live_bytes"].items()} for r in report[run]["replicas"])
+    assert [a[k] for k in ids[:tp]] == [b[k] for k in ids[tp:2 * tp]]
 
 
 def test_shared_prefix_goes_to_its_replica_unless_overloaded(report):
@@ -226,6 +244,13 @@ def test_async_engine_over_replicas(report):
     s = report["serve"]
     assert s["tokens"] == report["dp1"]["tokens"][:2]
     assert len(s["replica_queries"]) == 2
+
+
+def test_a_dead_replica_fails_the_engine_loudly(report):
+    r = report["replica_death"]
+    assert r["error"] is not None and f"replica {r['victim']} exited" in r["error"], r
+    assert r["seconds"] < 30
+    assert r["alive"] == [False, False]   # shutdown stopped the survivor too
 
 
 def test_too_few_devices_raise_at_startup(report):

@@ -221,7 +221,7 @@ def test_eos_stops_without_ignore_eos(llm):
     msgs = [{"role": "user", "content": "Say hi."}]
     max_tokens = 64
     engine = llm.llm_engine
-    eos = {engine.eos_token_id} | engine.extra_eos_ids
+    eos = {engine.eos_token_id} | engine.preparer.extra_eos_ids
     free = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                     use_tqdm=False)[0].outputs[0]
     assert free.finish_reason == "length" and len(free.token_ids) == max_tokens
@@ -345,7 +345,7 @@ def test_per_request_counts_compile_no_new_sampler_variants(llm):
     jit; they are bucketed so that new values reuse the compiled variants."""
     engine = llm.llm_engine
     sample = engine.runner._sample
-    eos = engine.extra_eos_ids | {engine.eos_token_id}  # masked with the stop ids
+    eos = engine.preparer.extra_eos_ids | {engine.eos_token_id}  # masked with the stop ids
     ids = [t for t in range(5, 20) if t not in eos]
 
     def run(**kw):

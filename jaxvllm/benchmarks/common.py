@@ -278,16 +278,10 @@ def build_llm(args: argparse.Namespace) -> Any:
     return LLM(args.model, **kw)
 
 
-def param_bytes(params: Any) -> int:
-    import jax
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)
-                   if hasattr(x, "dtype")))
-
-
-def device_description() -> str:
-    import jax
-    d = jax.devices()[0]
-    return f"{jax.default_backend()}:{getattr(d, 'device_kind', str(d))} x{jax.device_count()}"
+def device_description(engine: Any) -> str:
+    """The engine's devices, e.g. "gpu:NVIDIA H200 x2" (a data-parallel front asks its replicas:
+    touching the devices from the front would reserve memory on them)."""
+    return engine.startup_info()["device"]
 
 
 def measure_bandwidth(nbytes: int, iters: int = 10) -> float:

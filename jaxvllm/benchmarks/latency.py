@@ -67,6 +67,9 @@ def _one_batch(engine, args, rng_seed: int, tag: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     if min(args.batch_size, args.input_len, args.output_len, args.iters) < 1 or args.warmup_iters < 0:
         raise SystemExit("--batch-size, --input-len, --output-len and --iters must be >= 1")
+    if args.data_parallel_size > 1:
+        raise SystemExit("bench latency times one batch on one engine: leave --data-parallel-size "
+                         "at 1 (bench throughput and bench serve measure replicas)")
     C.ensure_tokenizer(args)
     from jaxvllm.engine.setup import configure_jax
     configure_jax(C.engine_args_from(args))  # before any device use: the memory pool settings
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input_len + args.output_len > engine.max_model_len:
         raise SystemExit(f"input+output ({args.input_len + args.output_len}) exceeds "
                          f"max_model_len ({engine.max_model_len})")
-    nbytes = C.param_bytes(engine.loaded.params)
+    nbytes = engine.startup_info()["param_bytes"]
     C.log(f"engine ready in {init_s:.1f}s; params {nbytes / 1e9:.3f} GB")
     for i in range(args.warmup_iters):
         _one_batch(engine, args, args.data_seed + 1000 + i, f"warm{i}")
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         "param_bytes": nbytes, "bandwidth_tbs": bw / 1e12, "bandwidth_source": bw_source,
         "roofline_step_ms": step_bound * 1e3,
         "roofline_tokens_per_s": args.batch_size / step_bound,
-        "engine_init_s": init_s, "device": C.device_description(),
+        "engine_init_s": init_s, "device": C.device_description(engine),
         "per_iter": iters,
     }
     result["decode_fraction_of_roofline"] = (result["decode_tokens_per_s"] /

@@ -88,17 +88,13 @@ def _child(args: argparse.Namespace) -> int:
                        use_tqdm=False)
     t_first = time.time()
     assert len(out[0].outputs[0].token_ids) == 1
-    # All data-parallel replicas' runners (an LLMEngine is its only replica), as bench throughput.
-    runners = [r.runner for r in getattr(llm.llm_engine, "replicas", [llm.llm_engine])]
+    info = llm.llm_engine.startup_info()  # all data-parallel replicas' together
     res = {"imports_s": t_imported - t_import, "engine_init_s": t_engine - t_imported,
-           "load_s": llm.llm_engine.load_seconds,
-           **{f"{k}_s": v for k, v in llm.llm_engine.loaded.seconds.items()},
-           "compile_s": getattr(llm.llm_engine, "compile_seconds", None),
-           "kv_sizing_s": sum(r.kv_sizing_seconds for r in runners),
+           "load_s": info["load_s"], **{f"{k}_s": v for k, v in info["seconds"].items()},
+           "compile_s": info["compile_s"], "kv_sizing_s": info["kv_sizing_s"],
            "first_token_s": t_first - t_engine, "in_process_total_s": t_first - _T_PROCESS,
-           "from_cache": getattr(llm.llm_engine.loaded, "from_cache", None),
-           "tokenizer_origin": llm.llm_engine.tokenizer_origin,
-           "num_gpu_blocks": sum(r.num_blocks for r in runners), **jax_events}
+           "from_cache": info["from_cache"], "tokenizer_origin": llm.llm_engine.tokenizer_origin,
+           "num_gpu_blocks": info["num_blocks"], **jax_events}
     print(_MARK + json.dumps(res), flush=True)
     return 0
 

@@ -100,9 +100,8 @@ def run_jaxvllm(args: argparse.Namespace) -> dict:
         "num_preemptions": stats.num_preemptions - stats0.num_preemptions,
         "steps": steps, "engine_init_s": init_s,
         "compile_s": getattr(engine, "compile_seconds", None),
-        # All data-parallel replicas' together (an LLMEngine is its only replica).
-        "num_kv_blocks": sum(r.runner.num_blocks for r in getattr(engine, "replicas", [engine])),
-        "device": C.device_description(),
+        "num_kv_blocks": engine.startup_info()["num_blocks"],  # all data-parallel replicas' together
+        "device": C.device_description(engine),
     }
     if out_tokens != expected:
         C.log(f"warning: {out_tokens} output tokens, expected {expected}")

@@ -1,11 +1,11 @@
 """Which data-parallel replica a new request goes to: the least-loaded one, unless a replica already
 holds the request's prompt prefix in its KV cache and is not overloaded.
 
-Pure bookkeeping (no JAX): the engine passes one `ReplicaState` per replica, read from that
-replica's scheduler. A prefix is "held" when the chained hashes of the prompt's first full blocks
-(`block_pool.hash_block_tokens`, exactly as the KV-cache manager computes them) are in the
-replica's block hash table, so a request routed there starts with those blocks as prefix-cache
-hits instead of recomputing them on another replica.
+Pure bookkeeping (no JAX): the engine passes one `ReplicaState` per replica. A prefix is "held"
+when the chained hashes of the prompt's first full blocks (`block_pool.hash_block_tokens`, exactly
+as the KV-cache manager computes them) are in the replica's `cached_blocks` (the data-parallel
+front's record of the prompts it sent there), so a request routed there starts with those blocks
+as prefix-cache hits instead of recomputing them on another replica.
 
 Affinity yields to balance: a replica with more than `overload_margin` unfinished sequences above
 the least-loaded replica is passed over whatever it holds (the absolute threshold of SGLang's
@@ -15,7 +15,7 @@ that saw it first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Container, Sequence
+from typing import Container, Iterator, Sequence
 
 from jaxvllm.core.block_pool import NONE_HASH, BlockHash, hash_block_tokens
 
@@ -37,7 +37,7 @@ class ReplicaState:
     """What the router reads of one replica when a request arrives."""
     num_unfinished: int                  # sequences (n > 1 counts n) queued or running
     kv_cache_usage: float                # fraction of its KV blocks in use
-    cached_blocks: Container[BlockHash]  # its block pool's hash table
+    cached_blocks: Container[BlockHash]  # block hashes it holds (or was sent)
 
 
 class Router:
@@ -61,17 +61,22 @@ class Router:
     def held_prefix_blocks(self, prompt_token_ids: Sequence[int],
                            replicas: Sequence[ReplicaState]) -> list[int]:
         """Per replica, how many leading full blocks of the prompt it holds. Hashes only as far as
-        some replica still matches. The last prompt token is always computed (as the KV-cache
-        manager's lookup), so the blocks considered end before it."""
-        bs = self.config.block_size
+        some replica still matches."""
         held = [0] * len(replicas)
         alive = list(range(len(replicas)))
-        parent = NONE_HASH
-        for i in range((len(prompt_token_ids) - 1) // bs):
-            parent = hash_block_tokens(parent, prompt_token_ids[i * bs:(i + 1) * bs])
-            alive = [j for j in alive if parent in replicas[j].cached_blocks]
+        for i, h in enumerate(self.block_hashes(prompt_token_ids)):
+            alive = [j for j in alive if h in replicas[j].cached_blocks]
             if not alive:
                 break
             for j in alive:
                 held[j] = i + 1
         return held
+
+    def block_hashes(self, prompt_token_ids: Sequence[int]) -> Iterator[BlockHash]:
+        """The chained hashes of the prompt's full blocks, in order. The last prompt token is always
+        computed (as the KV-cache manager's lookup), so the blocks considered end before it."""
+        bs = self.config.block_size
+        parent = NONE_HASH
+        for i in range((len(prompt_token_ids) - 1) // bs):
+            parent = hash_block_tokens(parent, prompt_token_ids[i * bs:(i + 1) * bs])
+            yield parent

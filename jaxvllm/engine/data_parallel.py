@@ -1,29 +1,46 @@
 """Data parallelism: `data_parallel_size` full engines (scheduler, runner, KV cache), replica i on
-devices [i * tp, (i + 1) * tp), behind the interface `LLM` and `AsyncLLMEngine` use from LLMEngine.
+devices [i * tp, (i + 1) * tp), each in its own process (engine/dp_replica.py), behind the interface
+`LLM` and `AsyncLLMEngine` use from LLMEngine.
 
-The weights are loaded once, into host memory, and each replica's copy goes to its own devices.
-A new request goes to the replica `core/router.py` picks (load, with prefix-cache affinity); its
-n > 1 samples stay together (they share the prompt's blocks). `step()` steps every replica that has
-work in turn: with async scheduling each replica dispatches its next step before it waits for the
-previous one, so while one replica waits for its device the others' devices are still busy.
-With `data_parallel_size == 1`, `create_engine` returns a plain LLMEngine: no wrapper on that path.
+This process is the front: it validates and tokenizes each request (a RequestPreparer built from
+replica 0's model facts), routes it with `core/router.py` (load, with prefix-cache affinity) and
+sends it to its replica; its n > 1 samples stay together (they share the prompt's blocks). The
+replicas step on their own and send their outputs back; `step()` returns what has arrived, waiting
+for at least one replica when none has. The front never touches the replicas' devices (it counts
+them in a short-lived probe process), so it holds no device memory.
+
+Affinity reads what the front has routed: a replica "holds" a prompt block when a request whose
+prompt has that block (by the KV-cache manager's chained hash) was sent to it, remembered for as
+many blocks as the replica's KV cache has, most recent kept. The replica's own cache may have
+evicted it since; the request then recomputes it there, as it would anywhere else.
+With `data_parallel_size == 1`, `create_engine` returns a plain LLMEngine: no front on that path.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-import time
+import logging
+import multiprocessing
+import threading
+import weakref
+from multiprocessing.connection import wait
 from typing import Any, Optional, Sequence, Union
 
 from jaxvllm.config import EngineArgs
+from jaxvllm.core.block_pool import BlockHash
 from jaxvllm.core.router import ReplicaState, Router, RouterConfig
 from jaxvllm.core.scheduler import SchedulerStats
-from jaxvllm.engine.llm_engine import LLMEngine, PromptType, _Parent
+from jaxvllm.engine.llm_engine import (LLMEngine, PromptType, RequestPreparer, _Parent,
+                                       _generation_eos_ids)
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # A replica holding a request's prefix is passed over when it has more than this fraction of
 # max_num_seqs unfinished sequences above the least-loaded replica (32 at the default 256).
 OVERLOAD_FRACTION = 1 / 8
+SHUTDOWN_WAIT_S = 30.0
 
 
 def create_engine(args: EngineArgs, loaded: Any = None) -> Union[LLMEngine, "DataParallelEngine"]:
@@ -33,58 +50,145 @@ def create_engine(args: EngineArgs, loaded: Any = None) -> Union[LLMEngine, "Dat
     return DataParallelEngine(args, loaded)
 
 
-def replica_device_groups(dp: int, tp: int, devices: Sequence[Any]) -> list[list[Any]]:
-    """Each replica's `tp` devices, in device order; ValueError when there are too few."""
-    if dp * tp > len(devices):
+def replica_device_groups(dp: int, tp: int, num_devices: int) -> list[list[int]]:
+    """Each replica's `tp` device ids, in device order; ValueError when there are too few."""
+    if dp * tp > num_devices:
         raise ValueError(f"data_parallel_size ({dp}) x tensor_parallel_size ({tp}) = {dp * tp} "
-                         f"exceeds the number of available devices ({len(devices)})")
-    return [list(devices[i * tp:(i + 1) * tp]) for i in range(dp)]
+                         f"exceeds the number of available devices ({num_devices})")
+    return [list(range(i * tp, (i + 1) * tp)) for i in range(dp)]
+
+
+class ReplicaError(RuntimeError):
+    """A replica process failed to start, failed a step, or exited: the engine cannot go on."""
+
+
+class _RoutedPrefixes:
+    """The prompt block hashes sent to one replica, the most recent `capacity` kept."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._hashes: collections.OrderedDict[BlockHash, None] = collections.OrderedDict()
+
+    def add(self, hashes: Sequence[BlockHash]) -> None:
+        for h in hashes:
+            self._hashes[h] = None
+            self._hashes.move_to_end(h)
+        while len(self._hashes) > self.capacity:
+            self._hashes.popitem(last=False)
+
+    def __contains__(self, h: object) -> bool:
+        return h in self._hashes
+
+
+class _Replica:
+    """The front's handle on one replica process."""
+
+    def __init__(self, rank: int, process: Any, commands: Any, events: Any) -> None:
+        self.rank = rank
+        self.process = process
+        self.commands = commands
+        self.events = events
+        self.info: dict = {}
+        self.stats: Optional[SchedulerStats] = None
+        self.load = 0          # unfinished sequences sent here (n > 1 counts n)
+        self.prefixes = _RoutedPrefixes(1)
+        self.send_lock = threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        with self.send_lock:
+            try:
+                self.commands.send(msg)
+            except (BrokenPipeError, OSError) as e:
+                raise ReplicaError(f"data-parallel replica {self.rank} is gone "
+                                   f"(exit code {self.process.exitcode})") from e
+
+    def recv(self) -> tuple:
+        try:
+            return self.events.recv()
+        except (EOFError, OSError) as e:
+            self.process.join(5)
+            raise ReplicaError(f"data-parallel replica {self.rank} exited (exit code "
+                               f"{self.process.exitcode})") from e
 
 
 class DataParallelEngine:
     def __init__(self, args: EngineArgs, loaded: Any = None) -> None:
-        import jax
-        from jaxvllm.engine.setup import configure_jax, load, start_tokenizer_load
-        configure_jax(args)  # XLA flags must be set before the device query starts the backend
-        groups = replica_device_groups(args.data_parallel_size, args.tensor_parallel_size,
-                                       jax.devices())
+        from jaxvllm.engine.dp_replica import probe_devices, replica_main
+        from jaxvllm.engine.setup import configure_jax
+        configure_jax(args)  # the XLA flags and caches the replica processes inherit
+        platform, count = probe_devices()
+        groups = replica_device_groups(args.data_parallel_size, args.tensor_parallel_size, count)
         self.args = args
-        t0 = time.perf_counter()
-        child = start_tokenizer_load(args) if loaded is None else None
+        if loaded is not None:  # in-memory params go to each replica on the host
+            import jax
+            import numpy as np
+            loaded = dataclasses.replace(loaded, params=jax.tree.map(np.asarray, loaded.params))
+        ctx = multiprocessing.get_context("spawn")  # a forked JAX runtime is not safe
+        self.replicas: list[_Replica] = []
         try:
-            if loaded is None:
-                loaded = load(args)
-            self.load_seconds = time.perf_counter() - t0
-            # Each replica places its own copy of the host params (setup.build_runner).
-            self.replicas = [LLMEngine(args, dataclasses.replace(loaded), devices=g) for g in groups]
-            if child is not None:  # loaded in a child process while the replicas compiled
-                tokenizer = child.result()
-                for r in self.replicas:
-                    r.attach_tokenizer(tokenizer)
-                    r.tokenizer_origin = child.origin
+            for rank, ids in enumerate(groups):
+                cmd_recv, cmd_send = ctx.Pipe(duplex=False)
+                ev_recv, ev_send = ctx.Pipe(duplex=False)
+                # Daemonic: ended with this process even when it exits without shutdown().
+                proc = ctx.Process(target=replica_main, name=f"jaxvllm-dp{rank}", daemon=True,
+                                   args=(rank, args, ids, platform, cmd_recv, ev_send, loaded))
+                proc.start()
+                cmd_recv.close()
+                ev_send.close()
+                self.replicas.append(_Replica(rank, proc, cmd_send, ev_recv))
+            for r in self.replicas:  # they load and compile at the same time
+                kind, payload = r.recv()
+                if kind != "ready":
+                    raise ReplicaError(f"data-parallel replica {r.rank} (devices "
+                                       f"{groups[r.rank]}) failed to start: {payload}")
+                r.info, r.stats = payload, payload["stats"]
+                r.prefixes = _RoutedPrefixes(payload["startup"]["num_blocks"])
         except BaseException:
-            if child is not None:
-                child.cancel()
+            _stop_replicas(self.replicas)
             raise
-        first = self.replicas[0]
-        self.loaded = first.loaded
-        self.model_config = first.model_config
-        self.max_model_len = first.max_model_len
-        self.tokenizer = first.tokenizer
-        self.tokenizer_origin = first.tokenizer_origin
-        self.default_sampling = first.default_sampling
-        self.compile_seconds = sum(r.compile_seconds for r in self.replicas)
+        # At garbage collection or interpreter exit, whichever comes first (holds no reference to
+        # self, so an engine dropped by its user is collected and its processes end).
+        self._finalizer = weakref.finalize(self, _stop_replicas, self.replicas)
+        first = self.replicas[0].info
+        self.model_config = first["model_config"]
+        self.max_model_len = first["max_model_len"]
+        self.tokenizer = first["tokenizer"]
+        self.tokenizer_origin = first["tokenizer_origin"]
+        self.default_sampling = first["default_sampling"]
+        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        self.preparer = RequestPreparer(self.tokenizer, self.model_config.vocab_size,
+                                        self.max_model_len, args.max_logprobs, self.eos_token_id,
+                                        _generation_eos_ids(first["generation_config"]))
+        startups = [r.info["startup"] for r in self.replicas]
+        self.load_seconds = max(s["load_s"] for s in startups)
+        self.compile_seconds = sum(s["compile_s"] for s in startups)
         self.router = Router(RouterConfig(
             block_size=args.block_size,
             overload_margin=max(1, int(args.max_num_seqs * OVERLOAD_FRACTION))))
-        self._owner: dict[str, int] = {}  # unfinished request id -> its replica
+        self._owner: dict[str, tuple[int, int]] = {}  # unfinished request id -> (replica, sequences)
+        self._arrived: list[RequestOutput] = []       # outputs read while waiting for a reply
+
+    def startup_info(self) -> dict:
+        """All replicas together: blocks, KV sizing and compile summed; loading (in parallel) the
+        slowest replica's."""
+        per = [r.info["startup"] for r in self.replicas]
+        return {"num_blocks": sum(s["num_blocks"] for s in per),
+                "kv_sizing_s": sum(s["kv_sizing_s"] for s in per),
+                "load_s": self.load_seconds, "compile_s": self.compile_seconds,
+                "seconds": max((s["seconds"] for s in per), key=lambda d: sum(d.values())),
+                "from_cache": per[0]["from_cache"], "param_bytes": per[0]["param_bytes"],
+                "device": f"{per[0]['device']} x{len(per)} replicas", "replicas": per}
+
+    def shutdown(self) -> None:
+        """Stops the replica processes (also done at garbage collection and interpreter exit)."""
+        self._finalizer()
 
     # ---- requests ----------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        return self.replicas[0].tokenize(prompt)
+        return self.preparer.tokenize(prompt)
 
     def encode(self, text: str, add_special_tokens: bool = True, name: str = "prompt") -> list[int]:
-        return self.replicas[0].encode(text, add_special_tokens, name)
+        return self.preparer.encode(text, add_special_tokens, name)
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None) -> None:
@@ -93,25 +197,34 @@ class DataParallelEngine:
     def prepare_request(self, request_id: str, prompt: PromptType,
                         params: Optional[SamplingParams] = None,
                         arrival_time: Optional[float] = None, final_only: bool = False) -> _Parent:
-        """LLMEngine.prepare_request. Replica 0 prepares every request, so the internal ids it
-        numbers stay unique whichever replica runs them."""
+        """LLMEngine.prepare_request, in the front (the internal ids it numbers stay unique
+        whichever replica runs them)."""
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already running")
-        return self.replicas[0].prepare_request(request_id, prompt, params, arrival_time, final_only)
+        return self.preparer.prepare(request_id, prompt, params, arrival_time, final_only)
 
     def admit_request(self, parent: _Parent) -> None:
         if parent.request_id in self._owner:  # prepared twice before either was admitted
             raise ValueError(f"request_id {parent.request_id!r} is already running")
-        i = self.router.route(parent.prompt_token_ids, [_state(r) for r in self.replicas])
-        self.replicas[i].admit_request(parent)
-        self._owner[parent.request_id] = i
+        ids = parent.prompt_token_ids
+        i = self.router.route(ids, [ReplicaState(r.load, r.stats.kv_cache_usage, r.prefixes)
+                                    for r in self.replicas])
+        r = self.replicas[i]
+        r.send(("add", parent))
+        r.prefixes.add(list(self.router.block_hashes(ids)))
+        r.load += parent.params.n
+        self._owner[parent.request_id] = (i, parent.params.n)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        by_replica: dict[int, list[str]] = {}
         for rid in ids:
-            i = self._owner.pop(rid, None)
-            if i is not None:
-                self.replicas[i].abort_request(rid)
+            owner = self._owner.pop(rid, None)
+            if owner is not None:
+                self.replicas[owner[0]].load -= owner[1]
+                by_replica.setdefault(owner[0], []).append(rid)
+        for i, rids in by_replica.items():
+            self.replicas[i].send(("abort", rids))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._owner)
@@ -121,19 +234,61 @@ class DataParallelEngine:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step of every replica with work (see the module docstring for the overlap)."""
-        outputs: list[RequestOutput] = []
-        for r in self.replicas:
-            if r.has_unfinished_requests():
-                outputs += r.step()
+        """The outputs the replicas have sent since the last call; waits for at least one replica
+        when none has sent any. Raises ReplicaError when a replica failed or exited."""
+        arrived, self._arrived = self._arrived, []
+        if not arrived:
+            busy = {r.events: r for r in self.replicas if r.load > 0}
+            if busy:
+                for conn in wait(list(busy)):
+                    r = busy[conn]
+                    while True:
+                        arrived += self._event(r, r.recv())
+                        if not conn.poll():
+                            break
+        return self._account(arrived)
+
+    def _event(self, r: _Replica, msg: tuple) -> list[RequestOutput]:
+        kind = msg[0]
+        if kind == "outputs":
+            r.stats = msg[2]
+            return msg[1]
+        if kind == "dead":
+            raise ReplicaError(f"data-parallel replica {r.rank} failed a step: {msg[1]}")
+        raise ReplicaError(f"data-parallel replica {r.rank} sent {kind!r} out of turn")
+
+    def _account(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        kept = []
         for out in outputs:
+            owner = self._owner.get(out.request_id)
+            if owner is None:  # aborted after the replica produced it
+                continue
             if out.finished:
-                self._owner.pop(out.request_id, None)
-        return outputs
+                del self._owner[out.request_id]
+                self.replicas[owner[0]].load -= owner[1]
+            kept.append(out)
+        return kept
+
+    def _call(self, r: _Replica, name: str, *call_args: Any) -> Any:
+        """Runs `name` (dp_replica._CALLS) in replica `r` between its steps; outputs that arrive
+        first are kept for the next step()."""
+        r.send(("call", name, call_args))
+        while True:
+            msg = r.recv()
+            if msg[0] == "reply":
+                return msg[1]
+            if msg[0] == "error":
+                raise ReplicaError(f"data-parallel replica {r.rank}: {msg[1]}")
+            self._arrived += self._event(r, msg)
+
+    def describe_replicas(self) -> list[dict]:
+        """Each replica's device placement and scheduler state (dp_replica._describe)."""
+        return [self._call(r, "describe") for r in self.replicas]
 
     # ---- stats and weights -------------------------------------------------------------------
     def replica_stats(self) -> list[SchedulerStats]:
-        return [r.get_stats() for r in self.replicas]
+        """As of each replica's last step (sent with its outputs)."""
+        return [r.stats for r in self.replicas]
 
     def get_stats(self) -> SchedulerStats:
         """All replicas together (KV-cache usage over all their blocks)."""
@@ -147,17 +302,28 @@ class DataParallelEngine:
             prefix_cache_hits=total("prefix_cache_hits"), num_preemptions=total("num_preemptions"))
 
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
-        """LLMEngine.update_weights on every replica (each copies `params` to its devices)."""
+        """LLMEngine.update_weights on every replica (each gets a host copy of `params`)."""
+        import jax
+        import numpy as np
+        if self.has_unfinished_requests():
+            raise RuntimeError("update_weights must be called between generate calls (requests are running)")
+        host = jax.tree.map(np.asarray, params)
         for r in self.replicas:
-            r.update_weights(params, reset_prefix_cache)
+            self._call(r, "update_weights", host, reset_prefix_cache)
 
 
 Engine = Union[LLMEngine, DataParallelEngine]
 
 
-def _state(replica: LLMEngine) -> ReplicaState:
-    sched = replica.scheduler
-    kv = sched.kv_cache_manager
-    return ReplicaState(num_unfinished=sched.get_num_unfinished_requests(),
-                        kv_cache_usage=kv.usage,
-                        cached_blocks=kv.block_pool.cached_block_hash_to_block)
+def _stop_replicas(replicas: list[_Replica]) -> None:
+    for r in replicas:
+        if r.process.is_alive():
+            try:
+                r.send(("shutdown",))
+            except ReplicaError:
+                pass
+    for r in replicas:
+        r.process.join(SHUTDOWN_WAIT_S)
+        if r.process.is_alive():
+            r.process.kill()
+            r.process.join()

@@ -29,7 +29,7 @@ PromptType = Union[str, Sequence[int], np.ndarray, dict]
 class _Child:
     index: int
     request_id: str
-    detok: IncrementalDetokenizer
+    detok: Optional[IncrementalDetokenizer] = None  # made at admission (a prepared request pickles)
     token_ids: list[int] = field(default_factory=list)
     logprobs: Optional[list[dict[int, Logprob]]] = None
     cumulative_logprob: Optional[float] = None
@@ -48,10 +48,92 @@ class _Parent:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
     final_only: bool = False  # emit one RequestOutput when finished, none while running
+    failed: bool = False      # its output processing raised: finished with finish_reason "error"
 
     @property
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.children)
+
+
+class RequestPreparer:
+    """Validates, tokenizes and normalizes a request into a `_Parent` (no scheduler, no device):
+    the engine's first half of add_request, and the data-parallel front's (engine/data_parallel.py)
+    before it hands the request to a replica process."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, max_logprobs: int,
+                 eos_token_id: Optional[int], generation_eos_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+        self.eos_token_id = eos_token_id
+        self.extra_eos_ids = generation_eos_ids - {eos_token_id}
+        # Scheduler/runner ids are unique per admission, so a user's request_id may be used again
+        # while a step holding the old request is still on the device (its late sample then
+        # matches no live request and is dropped).
+        self._internal_ids = itertools.count()
+
+    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = as_token_ids(prompt["prompt_token_ids"], "prompt_token_ids", self.vocab_size)
+                return prompt.get("prompt"), ids
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.encode(prompt)
+        return None, as_token_ids(prompt, "prompt", self.vocab_size)
+
+    def encode(self, text: str, add_special_tokens: bool = True, name: str = "prompt") -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"this model has no tokenizer: pass {name} as token ids")
+        return list(self.tokenizer.encode(check_text(text, name), add_special_tokens=add_special_tokens))
+
+    def prepare(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams],
+                arrival_time: Optional[float], final_only: bool) -> _Parent:
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params = (params or SamplingParams()).clone()
+        text, ids = self.tokenize(prompt)
+        self._validate(ids, params)
+        # As vLLM offline: generation stops at max_model_len (finish_reason "length"), so a larger
+        # (or no) max_tokens is capped there; the OpenAI server refuses such requests itself.
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is None or params.max_tokens > room:
+            params.max_tokens = room
+            params.min_tokens = min(params.min_tokens, room)
+        if params.top_k >= self.vocab_size:
+            params.top_k = 0  # the same "all tokens" (and the sampler's int32 lane cannot hold any int)
+        # As vLLM: EOS ids are in the set even with ignore_eos (which only keeps them from
+        # stopping the request), so min_tokens masks them either way.
+        params.all_stop_token_ids = (set(params.stop_token_ids) | self.extra_eos_ids
+                                     | ({self.eos_token_id} - {None}))
+        children = [_Child(i, f"{request_id}#{next(self._internal_ids)}") for i in range(params.n)]
+        for c in children:
+            if params.logprobs is not None:
+                c.logprobs, c.cumulative_logprob = [], 0.0
+        now = time.monotonic() if arrival_time is None else arrival_time
+        return _Parent(request_id, text, ids, params, children,
+                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+                       metrics={"arrival_time": now, "first_scheduled_time": None,
+                                "first_token_time": None, "finished_time": None},
+                       final_only=final_only)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"The prompt is {n} tokens long, but max_model_len is "
+                             f"{self.max_model_len}: it must be shorter")
+        if params.stop_token_ids:
+            as_token_ids(params.stop_token_ids, "stop_token_ids", self.vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > self.max_logprobs:
+                raise ValueError(f"{name} must be at most max_logprobs={self.max_logprobs}, got {v}")
 
 
 class LLMEngine:
@@ -94,10 +176,6 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg)
         self._parents: dict[str, _Parent] = {}
         self._inflight: Optional[tuple[Any, Any]] = None   # (SchedulerOutput, dispatched step)
-        # Scheduler/runner ids are unique per admission, so a user's request_id may be used again
-        # while a step holding the old request is still on the device (its late sample then
-        # matches no live request and is dropped).
-        self._internal_ids = itertools.count()
         self._stats_log = _StatsLogger()
         # Penalties need every earlier token on the host: while such requests live, steps are synchronous.
         self._num_penalized = 0
@@ -119,7 +197,9 @@ class LLMEngine:
         it has loaded, while they compile)."""
         self.loaded.tokenizer = self.tokenizer = tokenizer
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        self.extra_eos_ids = _generation_eos_ids(self.loaded.generation_config) - {self.eos_token_id}
+        self.preparer = RequestPreparer(tokenizer, self.model_config.vocab_size, self.max_model_len,
+                                        self.args.max_logprobs, self.eos_token_id,
+                                        _generation_eos_ids(self.loaded.generation_config))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -127,24 +207,11 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = as_token_ids(prompt["prompt_token_ids"], "prompt_token_ids",
-                                   self.model_config.vocab_size)
-                return prompt.get("prompt"), ids
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            return prompt, self.encode(prompt)
-        return None, as_token_ids(prompt, "prompt", self.model_config.vocab_size)
+        return self.preparer.tokenize(prompt)
 
     def encode(self, text: str, add_special_tokens: bool = True, name: str = "prompt") -> list[int]:
         """Token ids of `text`; `name` is the field a bad value is reported as."""
-        if self.tokenizer is None:
-            raise ValueError(f"this model has no tokenizer: pass {name} as token ids")
-        return list(self.tokenizer.encode(check_text(text, name), add_special_tokens=add_special_tokens))
+        return self.preparer.encode(text, add_special_tokens, name)
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None) -> None:
@@ -156,55 +223,14 @@ class LLMEngine:
                         arrival_time: Optional[float] = None, final_only: bool = False) -> _Parent:
         """Everything in add_request that does not touch the scheduler (safe off the step thread).
         `final_only`: no per-step cumulative outputs (offline batches only read the final one)."""
-        if params is not None and not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        params = (params or SamplingParams()).clone()
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already running")
-        text, ids = self.tokenize(prompt)
-        self._validate(ids, params)
-        # As vLLM offline: generation stops at max_model_len (finish_reason "length"), so a larger
-        # (or no) max_tokens is capped there; the OpenAI server refuses such requests itself.
-        room = self.max_model_len - len(ids)
-        if params.max_tokens is None or params.max_tokens > room:
-            params.max_tokens = room
-            params.min_tokens = min(params.min_tokens, room)
-        if params.top_k >= self.model_config.vocab_size:
-            params.top_k = 0  # the same "all tokens" (and the sampler's int32 lane cannot hold any int)
-        # As vLLM: EOS ids are in the set even with ignore_eos (which only keeps them from
-        # stopping the request), so min_tokens masks them either way.
-        params.all_stop_token_ids = (set(params.stop_token_ids) | self.extra_eos_ids
-                                     | ({self.eos_token_id} - {None}))
-        children = [_Child(i, f"{request_id}#{next(self._internal_ids)}",
-                           IncrementalDetokenizer(self.tokenizer, params, ids))
-                    for i in range(params.n)]
-        for c in children:
-            if params.logprobs is not None:
-                c.logprobs, c.cumulative_logprob = [], 0.0
-        now = time.monotonic() if arrival_time is None else arrival_time
-        return _Parent(request_id, text, ids, params, children,
-                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-                       metrics={"arrival_time": now, "first_scheduled_time": None,
-                                "first_token_time": None, "finished_time": None},
-                       final_only=final_only)
-
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        n = len(ids)
-        if n >= self.max_model_len:
-            raise ValueError(f"The prompt is {n} tokens long, but max_model_len is "
-                             f"{self.max_model_len}: it must be shorter")
-        if params.stop_token_ids:
-            as_token_ids(params.stop_token_ids, "stop_token_ids", self.model_config.vocab_size)
-        for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(params, name)
-            if v is not None and v > self.args.max_logprobs:
-                raise ValueError(f"{name} must be at most max_logprobs={self.args.max_logprobs}, got {v}")
+        return self.preparer.prepare(request_id, prompt, params, arrival_time, final_only)
 
     def admit_request(self, parent: _Parent) -> None:
         p = parent.params
         for c in parent.children:
+            c.detok = IncrementalDetokenizer(self.tokenizer, p, parent.prompt_token_ids)
             child_params = p
             if p.n > 1 and p.seed is not None:
                 # As vLLM: distinct but reproducible streams for the n samples of a seeded request.
@@ -288,28 +314,18 @@ class LLMEngine:
             if pc is None:
                 continue
             parent, child = pc
-            parent.num_cached_tokens = max(parent.num_cached_tokens, co.num_cached_tokens)
-            if co.new_prompt_logprobs is not None and child.index == 0:
-                self._add_decoded(co.new_prompt_logprobs)
-                parent.prompt_logprobs.extend(co.new_prompt_logprobs)
-            if co.new_token_ids:
-                if parent.metrics["first_token_time"] is None:
-                    parent.metrics["first_token_time"] = now
-                child.token_ids.extend(co.new_token_ids)
-                if co.new_logprobs is not None and child.logprobs is not None:
-                    self._add_decoded([co.new_logprobs])
-                    child.logprobs.append(co.new_logprobs)
-                    child.cumulative_logprob += co.new_logprobs[co.new_token_ids[-1]].logprob
-                text_ids = co.new_token_ids
-                if co.finish_reason == "stop" and not parent.params.include_stop_str_in_output:
-                    text_ids = text_ids[:-1]  # as vLLM: a stop token's text is not part of the output
-                if child.detok.update(text_ids, len(child.token_ids)):
-                    child.finish_reason, child.stop_reason = "stop", child.detok.stop_reason
-                    if co.finish_reason is None:
-                        stopped.append(co.req_id)
-            if co.finish_reason is not None and child.finish_reason is None:
-                child.finish_reason, child.stop_reason = co.finish_reason, co.stop_reason
             touched[parent.request_id] = parent
+            if parent.failed:
+                continue
+            try:
+                if self._apply(parent, child, co, now):
+                    stopped.append(co.req_id)
+            except Exception:
+                # A fault of this request's own (e.g. its detokenization) fails it alone.
+                logger.exception("request %s failed while processing its output; it is finished "
+                                 "with finish_reason 'error', the engine goes on",
+                                 parent.request_id)
+                self._fail(parent)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         outputs = []
@@ -326,6 +342,40 @@ class LLMEngine:
             outputs.append(self._make_output(parent, finished))
         return outputs
 
+    def _apply(self, parent: _Parent, child: _Child, co: EngineCoreOutput, now: float) -> bool:
+        """One step's output of one sequence; True when a stop string ended it (the scheduler
+        still has it)."""
+        stopped = False
+        parent.num_cached_tokens = max(parent.num_cached_tokens, co.num_cached_tokens)
+        if co.new_prompt_logprobs is not None and child.index == 0:
+            self._add_decoded(co.new_prompt_logprobs)
+            parent.prompt_logprobs.extend(co.new_prompt_logprobs)
+        if co.new_token_ids:
+            if parent.metrics["first_token_time"] is None:
+                parent.metrics["first_token_time"] = now
+            child.token_ids.extend(co.new_token_ids)
+            if co.new_logprobs is not None and child.logprobs is not None:
+                self._add_decoded([co.new_logprobs])
+                child.logprobs.append(co.new_logprobs)
+                child.cumulative_logprob += co.new_logprobs[co.new_token_ids[-1]].logprob
+            text_ids = co.new_token_ids
+            if co.finish_reason == "stop" and not parent.params.include_stop_str_in_output:
+                text_ids = text_ids[:-1]  # as vLLM: a stop token's text is not part of the output
+            if child.detok.update(text_ids, len(child.token_ids)):
+                child.finish_reason, child.stop_reason = "stop", child.detok.stop_reason
+                stopped = co.finish_reason is None
+        if co.finish_reason is not None and child.finish_reason is None:
+            child.finish_reason, child.stop_reason = co.finish_reason, co.stop_reason
+        return stopped
+
+    def _fail(self, parent: _Parent) -> None:
+        """Finishes every unfinished sequence of `parent` with finish_reason "error" and frees them."""
+        parent.failed = True
+        live = [c for c in parent.children if c.finish_reason is None]
+        for c in live:
+            c.finish_reason, c.stop_reason = "error", None
+        self.scheduler.finish_requests([c.request_id for c in live], RequestStatus.FINISHED_ABORTED)
+
     def _add_decoded(self, entries: list[Optional[dict[int, Logprob]]]) -> None:
         if self.tokenizer is None:
             return
@@ -335,7 +385,10 @@ class LLMEngine:
 
     def _make_output(self, parent: _Parent, finished: bool) -> RequestOutput:
         outs = [CompletionOutput(
-            index=c.index, text=c.detok.output_text(c.finish_reason is not None),
+            # A failed request's text is what was decoded before the fault (its detokenizer may be
+            # what failed).
+            index=c.index, text=(c.detok.text if parent.failed else
+                                 c.detok.output_text(c.finish_reason is not None)),
             token_ids=list(c.token_ids), cumulative_logprob=c.cumulative_logprob,
             logprobs=None if c.logprobs is None else list(c.logprobs),
             finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in parent.children]
@@ -345,6 +398,19 @@ class LLMEngine:
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.stats
+
+    def startup_info(self) -> dict:
+        """Start-up figures (benchmarks; a data-parallel replica reports its own to the front)."""
+        import jax
+        params = self.loaded.params
+        d, n = (self.devices or jax.devices())[0], self.args.tensor_parallel_size
+        return {"num_blocks": self.runner.num_blocks, "kv_sizing_s": self.runner.kv_sizing_seconds,
+                "load_s": self.load_seconds, "compile_s": self.compile_seconds,
+                "seconds": dict(self.loaded.seconds),
+                "from_cache": getattr(self.loaded, "from_cache", None),
+                "param_bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)
+                                       if hasattr(x, "dtype"))),
+                "device": f"{jax.default_backend()}:{getattr(d, 'device_kind', str(d))} x{n}"}
 
     def replica_stats(self) -> list[SchedulerStats]:
         """Per data-parallel replica: this engine is the only one."""

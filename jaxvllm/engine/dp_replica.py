@@ -1,0 +1,175 @@
+"""One data-parallel replica: an LLMEngine in its own process (engine/data_parallel.py starts it).
+
+Each replica's step is mostly Python (schedule, build the batch, collect, detokenize); replicas
+stepped in turn on one thread added their host work up (measured on 2x H200: DP 2 gave 1.37x DP 1).
+In its own process a replica steps as fast as its own host and devices allow.
+
+Two pipes: commands come in on one, events go out on the other from a sender thread, so the main
+loop never blocks on a full outgoing pipe while the front is blocked sending it a command.
+
+Commands (front -> replica): ("add", _Parent), ("abort", [ids]), ("call", name, args) answered by
+("reply", value) or ("error", text), ("shutdown",). Events (replica -> front): ("ready", info) or
+("error", text) at start-up, ("outputs", [RequestOutput], SchedulerStats) after every step,
+("dead", text) when a step raised (the replica then exits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import signal
+import threading
+import traceback
+from typing import Any, Optional
+
+# A device group is given as ids: on GPU the replica's process sees only those devices (renumbered
+# from 0, by CUDA_VISIBLE_DEVICES, read when CUDA starts); on CPU (tests) every process has the
+# same host devices and takes those ids.
+
+
+def describe_exception(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}\n{''.join(traceback.format_exception(e))}"
+
+
+def replica_main(rank: int, args: Any, device_ids: list[int], platform: str, commands: Any,
+                 events: Any, loaded: Any = None) -> None:
+    """The replica process's entry point (multiprocessing, spawn)."""
+    # Ctrl-C reaches the whole process group: the front decides what it means (it may abort its
+    # requests and go on), so a replica must not die of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        engine = _start(args, device_ids, platform, loaded)
+        events.send(("ready", _info(engine, rank, device_ids)))
+    except BaseException as e:  # the front raises it, naming this replica
+        events.send(("error", describe_exception(e)))
+        return
+    out: queue.Queue = queue.Queue()
+    sender = threading.Thread(target=_send_loop, args=(out, events), daemon=True,
+                              name="jaxvllm-replica-send")
+    sender.start()
+    try:
+        _loop(engine, commands, out)
+    finally:
+        out.put(None)
+        sender.join()
+
+
+def _start(args: Any, device_ids: list[int], platform: str, loaded: Any) -> Any:
+    if platform == "gpu":
+        # Ids count within the front's own visible set, if it has one.
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        names = seen.split(",") if seen else [str(i) for i in range(max(device_ids) + 1)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(names[i] for i in device_ids)
+    import jax
+    from jaxvllm.engine.llm_engine import LLMEngine
+    from jaxvllm.engine.setup import configure_jax
+    # This process is one replica: the weights load straight onto its devices.
+    args = dataclasses.replace(args, data_parallel_size=1)
+    configure_jax(args)
+    if platform == "gpu":
+        group = jax.devices()
+        if jax.default_backend() != "gpu" or len(group) != len(device_ids):
+            raise RuntimeError(f"replica on GPUs {device_ids} sees {len(group)} "
+                               f"{jax.default_backend()} device(s)")
+    else:
+        by_id = {d.id: d for d in jax.devices()}
+        group = [by_id[i] for i in device_ids]
+    return LLMEngine(args, loaded, devices=group)
+
+
+def _info(engine: Any, rank: int, device_ids: list[int]) -> dict:
+    """What the front needs of a replica: the model facts its requests are prepared with, and the
+    replica's start-up figures."""
+    return {"rank": rank, "device_ids": device_ids, "pid": os.getpid(),
+            "model_config": engine.model_config, "max_model_len": engine.max_model_len,
+            "tokenizer": engine.tokenizer, "tokenizer_origin": engine.tokenizer_origin,
+            "generation_config": engine.loaded.generation_config,
+            "default_sampling": engine.default_sampling, "startup": engine.startup_info(),
+            "stats": engine.get_stats()}
+
+
+def _send_loop(out: queue.Queue, events: Any) -> None:
+    while (item := out.get()) is not None:
+        try:
+            events.send(item)
+        except (BrokenPipeError, OSError):  # the front is gone
+            return
+
+
+def _loop(engine: Any, commands: Any, out: queue.Queue) -> None:
+    while True:
+        # Commands first (adds and aborts apply before the next step); wait for one when idle.
+        while not engine.has_unfinished_requests() or commands.poll():
+            try:
+                msg = commands.recv()
+            except (EOFError, OSError):  # the front is gone: so is this replica
+                return
+            if not _handle(engine, msg, out):
+                return
+        try:
+            outputs = engine.step()
+        except BaseException as e:
+            out.put(("dead", describe_exception(e)))
+            return
+        out.put(("outputs", outputs, engine.get_stats()))
+
+
+def _handle(engine: Any, msg: tuple, out: queue.Queue) -> bool:
+    kind = msg[0]
+    if kind == "add":
+        engine.admit_request(msg[1])
+    elif kind == "abort":
+        engine.abort_request(msg[1])
+    elif kind == "call":
+        _, name, call_args = msg
+        try:
+            out.put(("reply", _CALLS[name](engine, *call_args)))
+        except Exception as e:
+            out.put(("error", describe_exception(e)))
+    elif kind == "shutdown":
+        return False
+    else:
+        raise ValueError(f"unknown replica command {kind!r}")
+    return True
+
+
+def _describe(engine: Any) -> dict:
+    """Where this replica's arrays live and what its scheduler holds (tests and diagnostics)."""
+    import jax
+    runner = engine.runner
+    ids = lambda tree: sorted({d.id for leaf in jax.tree.leaves(tree) for d in leaf.devices()})
+    live: dict[int, int] = {}
+    for a in jax.live_arrays():
+        for shard in a.addressable_shards:
+            live[shard.device.id] = live.get(shard.device.id, 0) + shard.data.nbytes
+    sched = engine.scheduler
+    return {"params": ids(runner.params), "kv_cache": ids(runner.kv_cache),
+            "prev_sampled": ids(runner._prev_sampled),
+            "mesh": (None if runner.shardings is None else
+                     sorted(d.id for d in runner.shardings.mesh.devices.flat)),
+            "live_bytes": {d.id: live.get(d.id, 0) for d in jax.devices()},
+            "num_unfinished": sched.get_num_unfinished_requests(),
+            "prefix_cache_queries": sched.kv_cache_manager.prefix_cache_queries}
+
+
+def _update_weights(engine: Any, params: Any, reset_prefix_cache: bool) -> None:
+    engine.update_weights(params, reset_prefix_cache)
+
+
+_CALLS = {"describe": _describe, "update_weights": _update_weights}
+
+
+def probe_devices(env: Optional[dict] = None) -> tuple[str, int]:
+    """(backend, device count) from a short-lived process that reserves no device memory, so the
+    front never holds memory on the replicas' devices."""
+    import json
+    import subprocess
+    import sys
+    code = ("import json, jax; print(json.dumps([jax.default_backend(), jax.device_count()]))")
+    env = dict(os.environ if env is None else env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode:
+        raise RuntimeError(f"could not list the devices: {proc.stderr.strip()[-2000:]}")
+    backend, count = json.loads(proc.stdout.strip().splitlines()[-1])
+    return backend, int(count)
