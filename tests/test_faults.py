@@ -78,3 +78,66 @@ def test_generate_racing_a_dying_loop_gets_engine_dead_error(llm, monkeypatch):
                 pass
 
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def _detok_fails_for(monkeypatch, marker: str):
+    """Detokenization raises for requests whose prompt contains `marker` (and only for those)."""
+    from jaxvllm.engine import detokenizer
+
+    real_init = detokenizer.IncrementalDetokenizer.__init__
+    real_update = detokenizer.IncrementalDetokenizer.update
+
+    def init(self, tokenizer, params, prompt_token_ids):
+        real_init(self, tokenizer, params, prompt_token_ids)
+        self.doomed = marker in tokenizer.decode(prompt_token_ids)
+
+    def update(self, new_token_ids, num_output_tokens):
+        if self.doomed and num_output_tokens >= 3:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
+        return real_update(self, new_token_ids, num_output_tokens)
+
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "__init__", init)
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "update", update)
+
+
+def test_a_detokenizer_fault_fails_only_its_request(llm, monkeypatch, caplog):
+    engine = llm.llm_engine
+    good = ["Tell me about rivers.", "Name three colours."]
+    clean = [o.outputs[0].token_ids for o in llm.generate(good, greedy(8))]
+    _detok_fails_for(monkeypatch, "DOOMED")
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, n=2)
+    outs = llm.generate([good[0], "DOOMED prompt here.", good[1]], [greedy(8), sp, greedy(8)])
+    assert [o.outputs[0].token_ids for o in (outs[0], outs[2])] == clean
+    assert [c.finish_reason for c in outs[1].outputs] == ["error", "error"]
+    # The first sample failed at its third token; the other stopped in the same step.
+    assert outs[1].finished and [len(c.token_ids) for c in outs[1].outputs] == [3, 2]
+    assert "failed while processing its output" in caplog.text and "DOOMED" not in caplog.text
+    assert not engine.has_unfinished_requests()
+    assert engine.get_stats().num_used_blocks == 0  # the failed request's blocks were freed
+    engine.scheduler.check_invariants()
+    assert [o.outputs[0].token_ids for o in llm.generate(good, greedy(8))] == clean
+
+
+def test_a_detokenizer_fault_fails_only_its_stream(llm, monkeypatch):
+    from jaxvllm.engine.async_llm_engine import RequestFailedError
+    _detok_fails_for(monkeypatch, "DOOMED")
+
+    async def run():
+        aengine = AsyncLLMEngine(llm.llm_engine)
+
+        async def one(prompt, rid):
+            last = None
+            async for out in aengine.generate(prompt, greedy(8), rid):
+                last = out
+            return last
+
+        res = await asyncio.gather(one("Tell me about rivers.", "ok"),
+                                   one("DOOMED prompt here.", "bad"), return_exceptions=True)
+        alive = aengine.is_running
+        await aengine.shutdown()
+        return res, alive
+
+    (ok, bad), alive = asyncio.run(run())
+    assert isinstance(bad, RequestFailedError) and "request bad failed" in str(bad)
+    assert ok.finished and len(ok.outputs[0].token_ids) == 8
+    assert alive

@@ -25,6 +25,11 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed in the engine (its output processing raised; the engine log has the
+    traceback); the engine and the other requests go on."""
+
+
 class _Latest:
     """The newest undelivered item of one request's stream, on the consumer's event loop. Outputs
     are cumulative, so a consumer that falls behind (a client that stops reading) skips to the
@@ -152,7 +157,10 @@ class AsyncLLMEngine:
                     continue
                 outputs = engine.step()
                 for out in outputs:
-                    self._deliver(out.request_id, out)
+                    failed = out.finished and any(o.finish_reason == "error" for o in out.outputs)
+                    self._deliver(out.request_id, RequestFailedError(
+                        f"request {out.request_id} failed in the engine (see the server log)")
+                        if failed else out)
             self.engine.abort_request(list(self._streams))  # shut down: nothing runs on
             dead = EngineDeadError("the engine was shut down")
         except BaseException as e:
