@@ -685,11 +685,15 @@ def test_backpressure_503():
             for sock in socks:
                 sock.close()
         assert wait_until(lambda: s.server.in_flight == 0, 5)
-        # Admission counts sequences (prompts x n); one request alone is always admitted.
+        # Admission counts sequences (prompts x n): more than the capacity (2 + 1) in one request
+        # can never run, a 400; up to it, one request alone is always admitted.
+        st, _, resp = http("POST", s.url + C, {**body, "prompt": ["a", "b"], "n": 2})
+        assert_error(st, resp, 400, param="n")
+        assert "asks for 4 sequences" in resp["error"]["message"]
         sock = raw_request(s.handle.host, s.handle.port, "POST", C,
-                           json.dumps({**body, "prompt": ["a", "b"], "n": 2}).encode())
+                           json.dumps({**body, "prompt": ["a", "b", "c"]}).encode())
         try:
-            assert wait_until(lambda: s.server.in_flight == 4, 5)
+            assert wait_until(lambda: s.server.in_flight == 3, 5)
             st, _, resp = http("POST", s.url + C, {**body, "max_tokens": 2})
             assert_error(st, resp, 503)
         finally:

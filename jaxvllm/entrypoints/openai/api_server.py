@@ -14,7 +14,7 @@ Behaviour worth knowing:
 - Backpressure: the server counts sequences (prompts x n of a request) admitted and not yet
   finished. A request that would take that count above `max_num_seqs x data_parallel_size +
   --max-waiting-requests` is refused with 503 and a Retry-After header (a single request is always
-  admitted when nothing else is in flight).
+  admitted when nothing else is in flight); one that alone asks for more than that is a 400.
 - A client that disconnects aborts its engine requests at once (handler cancellation for plain
   responses, a failed write for streams); so does a streaming client that accepts no bytes for
   `--stream-write-timeout` seconds (its connection is closed).

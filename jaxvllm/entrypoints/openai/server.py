@@ -351,7 +351,12 @@ class OpenAIServer:
     @contextlib.contextmanager
     def admitted(self, count: int) -> Iterator[None]:
         """Count `count` engine requests in flight, refusing them with 503 when over capacity, and
-        track the current handler task so that drain() can wait for it."""
+        track the current handler task so that drain() can wait for it. A request that alone asks
+        for more than the capacity is a 400: no wait would ever admit it."""
+        if count > self.capacity:
+            raise bad_request(f"This request asks for {count} sequences (prompts x n); the server "
+                              f"runs at most {self.capacity} at once (max_num_seqs x "
+                              f"data_parallel_size + max_waiting_requests).", "n")
         if self.in_flight > 0 and self.in_flight + count > self.capacity:
             self.metrics.rejected.labels(self.model_name).inc()
             raise APIError(f"The server is overloaded ({self.in_flight} requests in flight); "
