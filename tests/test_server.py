@@ -1011,3 +1011,31 @@ def test_real_fuzz_no_5xx(real_srv):
     assert http("GET", srv.url + "/health")[0] == 200
     assert wait_until(lambda: srv.server.in_flight == 0, 60)
     assert _real(srv, C, probe)["choices"][0]["text"] == before
+
+
+@pytest.mark.parametrize("path, body", [
+    (C, {"model": MODEL, "prompt": "slow to tokenize", "max_tokens": 2}),
+    ("/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
+                              "messages": [{"role": "user", "content": "slow to tokenize"}]}),
+    ("/tokenize", {"model": MODEL, "prompt": "slow to tokenize"}),
+])
+def test_tokenizing_does_not_block_the_event_loop(path, body):
+    """Tokenization (and chat rendering) runs on a worker thread: while one request's prompt takes
+    a second to encode, /health answers at once."""
+    with ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory()) as s:
+        real_encode = s.server.encode
+
+        def slow_encode(text, add_special_tokens):
+            if "slow" in text:
+                time.sleep(1.0)
+            return real_encode(text, add_special_tokens)
+
+        s.server.encode = slow_encode
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(http, "POST", s.url + path, body)
+            time.sleep(0.2)  # the slow request is being tokenized
+            t0 = time.monotonic()
+            assert http("GET", s.url + "/health")[0] == 200
+            waited = time.monotonic() - t0
+            assert slow.result()[0] == 200
+        assert waited < 0.5, waited

@@ -393,14 +393,15 @@ class OpenAIServer:
             if req.add_generation_prompt and req.continue_final_message:
                 raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot "
                                   "both be true.", "continue_final_message")
-            ids = self.encode(self.render_chat(req), f.bool("add_special_tokens", False))
+            special = f.bool("add_special_tokens", False)
+            ids = await asyncio.to_thread(lambda: self.encode(self.render_chat(req), special))
         else:
             prompt = body.get("prompt")
             if prompt is None:
                 raise bad_request("'prompt' or 'messages' is required.", "prompt")
             if not isinstance(prompt, str):
                 raise bad_request("'prompt' must be a string.", "prompt")
-            ids = self.encode(prompt, f.bool("add_special_tokens", True))
+            ids = await asyncio.to_thread(self.encode, prompt, f.bool("add_special_tokens", True))
         res = {"count": len(ids), "max_model_len": self.limits.max_model_len, "tokens": ids,
                "token_strs": None}
         if want_strs:

@@ -46,14 +46,14 @@ class OpenAIServing:
         model = s.check_model(req.model)
         if req.echo:
             s.tokenizer("echo")  # the echoed prompt is text: a 400 for a model without a tokenizer
-        prompts: list[tuple[str, list[int]]] = []
-        for p in req.prompts:
-            if isinstance(p, str):
-                ids = s.encode(p, req.add_special_tokens)
-                prompts.append((p, ids))
-            else:
-                prompts.append((None, p))
+        # Tokenizing up to MAX_PROMPTS prompts (and rendering chat templates, below) takes CPU time
+        # the event loop needs for every other connection: it runs on a worker thread.
+        prompts = await asyncio.to_thread(self._tokenize, req)
         return await self._generate(request, req, model, prompts, "prompt")
+
+    def _tokenize(self, req: P.GenerationRequest) -> list[tuple[Optional[str], list[int]]]:
+        return [(p, self.server.encode(p, req.add_special_tokens)) if isinstance(p, str) else (None, p)
+                for p in req.prompts]
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         s = self.server
@@ -61,9 +61,12 @@ class OpenAIServing:
         body = await s.read_json(request)
         req = P.parse_chat_request(body, s.limits)
         model = s.check_model(req.model)
-        text = s.render_chat(req)
-        ids = s.encode(text, req.add_special_tokens)
+        text, ids = await asyncio.to_thread(self._render, req)
         return await self._generate(request, req, model, [(text, ids)], "messages")
+
+    def _render(self, req: P.GenerationRequest) -> tuple[str, list[int]]:
+        text = self.server.render_chat(req)
+        return text, self.server.encode(text, req.add_special_tokens)
 
     def _max_tokens_for(self, prompt_len: int, requested: Optional[int], param: str) -> int:
         L = self.server.limits.max_model_len
