@@ -7,6 +7,11 @@ from typing import Optional
 _GREEDY_EPS = 1e-5
 
 
+# Stop strings are searched on every step and stop ids are masked in the sampler (with min_tokens),
+# whose compiled width follows their count: both are bounded per request.
+MAX_STOP = 64
+
+
 @dataclass(kw_only=True)
 class SamplingParams:
     n: int = 1
@@ -111,8 +116,12 @@ class SamplingParams:
                 check(is_int(v) and v >= 0, name, f"must be a non-negative int, got {v!r}.")
         check(all(isinstance(s, str) and s for s in self.stop), "stop",
               "must be a string or a list of non-empty strings.")
+        check(len(self.stop) <= MAX_STOP, "stop", f"may hold at most {MAX_STOP} strings, got "
+              f"{len(self.stop)}.")
         check(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
               "must be a list of non-negative ints.")
+        check(len(self.stop_token_ids) <= MAX_STOP, "stop_token_ids",
+              f"may hold at most {MAX_STOP} ids, got {len(self.stop_token_ids)}.")
         check(is_int(self.priority), "priority", f"must be an int, got {self.priority!r}.")
 
     def clone(self) -> "SamplingParams":

@@ -457,3 +457,14 @@ def test_sample_jit_on_device_tensors_matches_numpy():
     np.testing.assert_array_equal(np.asarray(out.topk_ids), ref_ids)
     np.testing.assert_allclose(np.asarray(out.topk_logprobs), np.take_along_axis(lp, ref_ids, -1),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("stop", [f"s{i}" for i in range(65)]),
+                                          ("stop_token_ids", list(range(65)))])
+def test_stop_lists_are_capped(field, value):
+    """At most MAX_STOP stop strings and stop ids per request (both cost per step); the cap itself
+    is allowed."""
+    from jaxvllm.sampling_params import MAX_STOP, SamplingParams
+    with pytest.raises(ValueError, match=rf"^{field} may hold at most {MAX_STOP} "):
+        SamplingParams(**{field: value})
+    SamplingParams(**{field: value[:MAX_STOP]})

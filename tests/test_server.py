@@ -394,6 +394,8 @@ BAD = [
     (C, {**_OK_C, "seed": 10 ** 40}, 400, "seed"),
     (C, {**_OK_C, "stop": 5}, 400, "stop"),
     (C, {**_OK_C, "stop": ["a", 1]}, 400, "stop"),
+    (C, {**_OK_C, "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
+    (C, {**_OK_C, "stop_token_ids": list(range(65)), "min_tokens": 1}, 400, "stop_token_ids"),
     (C, {**_OK_C, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     (C, {**_OK_C, "stop_token_ids": "1"}, 400, "stop_token_ids"),
     (C, {**_OK_C, "stop_token_ids": [2 ** 31], "min_tokens": 1}, 400, "stop_token_ids"),
