@@ -141,3 +141,38 @@ def test_a_detokenizer_fault_fails_only_its_stream(llm, monkeypatch):
     assert isinstance(bad, RequestFailedError) and "request bad failed" in str(bad)
     assert ok.finished and len(ok.outputs[0].token_ids) == 8
     assert alive
+
+
+@pytest.mark.parametrize("stage", ["schedule", "sample"])
+def test_a_fault_in_the_step_fails_every_stream_and_marks_the_engine_dead(llm, monkeypatch, stage):
+    """An exception in the scheduler or the sampler is an engine fault (its state is unknown): every
+    stream in flight gets EngineDeadError naming it, the engine reports itself dead (the server then
+    exits 1), and nothing waits forever."""
+    engine = llm.llm_engine
+    target, name = (engine.scheduler, "schedule") if stage == "schedule" else (engine.runner, "_sample")
+    real = getattr(target, name)
+    calls = {"n": 0}
+
+    def fail_on_third(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError(f"injected {stage} fault")
+        return real(*args, **kw)
+
+    async def main():
+        aengine = AsyncLLMEngine(engine)
+
+        async def one(rid):
+            async for _ in aengine.generate(f"Question {rid}?", greedy(16), rid):
+                pass
+
+        monkeypatch.setattr(target, name, fail_on_third)
+        res = await asyncio.gather(one("a"), one("b"), return_exceptions=True)
+        return res, aengine.errored, aengine.is_running
+
+    res, errored, running = asyncio.run(asyncio.wait_for(main(), 60))
+    assert all(isinstance(e, EngineDeadError) and f"injected {stage} fault" in str(e) for e in res), res
+    assert errored and not running
+    monkeypatch.setattr(target, name, real)
+    engine.abort_request(["a", "b"])  # the module's engine goes on serving the other tests
+    assert not engine.has_unfinished_requests()
