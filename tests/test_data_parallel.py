@@ -101,6 +101,29 @@ def _aborts(llm: Any) -> dict[str, Any]:
             "left": [r["num_unfinished"] for r in engine.describe_replicas()]}
 
 
+def _id_reuse(llm: Any) -> dict[str, Any]:
+    """A request id aborted and added again at once (to the same replica: both are idle): outputs
+    the replica made for the old request before it saw the abort must not reach the new one."""
+    import time
+
+    from jaxvllm import SamplingParams
+    engine = llm.llm_engine
+    old, new = list(range(60, 70)), list(range(70, 75))
+    engine.add_request("dup", {"prompt_token_ids": old},
+                       SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    engine.step()
+    time.sleep(1.0)  # the replica goes on stepping: its outputs wait in the pipe
+    engine.abort_request("dup")
+    engine.add_request("dup", {"prompt_token_ids": new},
+                       SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [(o.prompt_token_ids, len(o.outputs[0].token_ids), o.finished)
+                 for o in engine.step() if o.request_id == "dup"]
+    return {"prompts_seen": sorted({tuple(p) for p, _, _ in seen}), "last": seen[-1][1:],
+            "new": new}
+
+
 def _replica_death(llm: Any) -> dict[str, Any]:
     """Replica 1's process is killed while it runs a request: the next steps raise ReplicaError
     naming it (no hang), and shutdown still returns."""
@@ -170,6 +193,7 @@ def _worker(out_path: str) -> None:
         report["dp2"] = _generate(dp2)
         report["affinity"] = _affinity(dp2)
         report["aborts"] = _aborts(dp2)
+        report["id_reuse"] = _id_reuse(dp2)
         report["serve"] = _serve(dp2)
         report["dp2"]["updated"] = _updated(dp2, d)
         report["replica_death"] = _replica_death(dp2)
@@ -238,6 +262,12 @@ def test_abort_reaches_its_replica(report):
     assert a["unfinished_after_abort"] == unfinished
     assert a["finished"] == ["keep"] and a["keep_tokens"] == 20
     assert a["left"] == [0, 0]
+
+
+def test_an_aborted_id_reused_at_once_gets_only_its_own_outputs(report):
+    r = report["id_reuse"]
+    assert r["prompts_seen"] == [r["new"]]
+    assert r["last"] == [3, True]
 
 
 def test_async_engine_over_replicas(report):

@@ -91,6 +91,9 @@ class _Replica:
         self.info: dict = {}
         self.stats: Optional[SchedulerStats] = None
         self.load = 0          # unfinished sequences sent here (n > 1 counts n)
+        # Request ids aborted here whose abort the replica has not confirmed yet: its outputs for
+        # them until then were made before the abort (a request reusing the id is not theirs).
+        self.aborting: collections.Counter[str] = collections.Counter()
         self.prefixes = _RoutedPrefixes(1)
         self.send_lock = threading.Lock()
 
@@ -224,6 +227,7 @@ class DataParallelEngine:
                 self.replicas[owner[0]].load -= owner[1]
                 by_replica.setdefault(owner[0], []).append(rid)
         for i, rids in by_replica.items():
+            self.replicas[i].aborting.update(rids)
             self.replicas[i].send(("abort", rids))
 
     def has_unfinished_requests(self) -> bool:
@@ -252,7 +256,12 @@ class DataParallelEngine:
         kind = msg[0]
         if kind == "outputs":
             r.stats = msg[2]
-            return msg[1]
+            return [o for o in msg[1] if o.request_id not in r.aborting
+                    and self._owner.get(o.request_id, (None,))[0] == r.rank]
+        if kind == "aborted":
+            r.aborting.subtract(msg[1])
+            r.aborting += collections.Counter()  # drops the ids at zero
+            return []
         if kind == "dead":
             raise ReplicaError(f"data-parallel replica {r.rank} failed a step: {msg[1]}")
         raise ReplicaError(f"data-parallel replica {r.rank} sent {kind!r} out of turn")
@@ -261,7 +270,7 @@ class DataParallelEngine:
         kept = []
         for out in outputs:
             owner = self._owner.get(out.request_id)
-            if owner is None:  # aborted after the replica produced it
+            if owner is None:  # finished by an earlier output of this batch
                 continue
             if out.finished:
                 del self._owner[out.request_id]

@@ -10,7 +10,8 @@ loop never blocks on a full outgoing pipe while the front is blocked sending it 
 Commands (front -> replica): ("add", _Parent), ("abort", [ids]), ("call", name, args) answered by
 ("reply", value) or ("error", text), ("shutdown",). Events (replica -> front): ("ready", info) or
 ("error", text) at start-up, ("outputs", [RequestOutput], SchedulerStats) after every step,
-("dead", text) when a step raised (the replica then exits).
+("aborted", [ids]) once an abort is applied, ("dead", text) when a step raised (the replica
+then exits).
 """
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ def _handle(engine: Any, msg: tuple, out: queue.Queue) -> bool:
         engine.admit_request(msg[1])
     elif kind == "abort":
         engine.abort_request(msg[1])
+        out.put(("aborted", msg[1]))  # after every output made before the abort
     elif kind == "call":
         _, name, call_args = msg
         try:
