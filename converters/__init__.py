@@ -256,7 +256,7 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
       (load it later with `load_model_tokenizer`).
     """
     from converters import cache as wcache
-    from converters.hf import DTYPES, canonical_dtype
+    from converters.hf import canonical_dtype
 
     dtype = canonical_dtype(dtype)
     load_format = _canonical_load_format(load_format)
@@ -295,8 +295,6 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
         files = [res.path]
         ckpt_dtype = gguf_loader.checkpoint_dtype(reader, res.path)
     target = ckpt_dtype if dtype == "auto" else dtype
-    if target not in DTYPES:
-        target = "float32"
     cfg = dataclasses.replace(cfg, dtype=target)
 
     # Params.

@@ -274,19 +274,24 @@ def checkpoint_dtype(config_dict: dict[str, Any], files: list[str]) -> str:
                 if c != "auto":
                     return c
             except ValueError:
-                pass
+                logger.warning("config.json's %s %r is not one of %s: reading the weight files' "
+                               "dtype instead", key, v, ", ".join(DTYPES))
     for path in files:
         try:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(min(n, 100_000_000)))
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            logger.warning("%s: could not read the safetensors header for its dtype (%s: %s)",
+                           path, type(e).__name__, e)
             continue
         for k, v in header.items():
             if k != "__metadata__" and isinstance(v, dict):
                 st = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(v.get("dtype"))
                 if st:
                     return st
+    logger.warning("no float32/bfloat16/float16 tensor found in %s: loading in float32",
+                   ", ".join(files) or "the checkpoint")
     return "float32"
 
 

@@ -238,3 +238,32 @@ def test_no_tokenizer_token_id_prompts_work(notok_srv):
     lps = choice["logprobs"]
     assert len(lps["tokens"]) == 3 and all(t.startswith("token_id:") for t in lps["tokens"])
     assert all(len(top) >= 2 for top in lps["top_logprobs"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A checkpoint dtype the engine does not compute in falls back to float32, saying so
+
+
+def test_unknown_config_dtype_loads_float32_with_a_warning(caplog):
+    cfg = {**TINY, "torch_dtype": "float8_e4m3fn"}
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(cfg, load_format="dummy", cache_dir=None, load_tokenizer=False)
+    assert loaded.params["final_norm"].dtype == jnp.float32
+    assert "dtype 'float8_e4m3fn' is not one of float32, bfloat16, float16" in caplog.text
+
+
+def test_checkpoint_dtype_says_why_it_reads_the_files(tmp_path, caplog):
+    from safetensors.numpy import save_file
+
+    from converters.hf import checkpoint_dtype
+    good = str(tmp_path / "model.safetensors")
+    save_file({"w": np.zeros((2, 2), np.float16)}, good)
+    bad = str(tmp_path / "broken.safetensors")
+    with open(bad, "wb") as f:
+        f.write(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint_dtype({"torch_dtype": "int8"}, [bad, good]) == "float16"
+        assert "config.json's torch_dtype 'int8' is not one of" in caplog.text
+        assert f"{bad}: could not read the safetensors header" in caplog.text
+        assert checkpoint_dtype({}, [bad]) == "float32"
+        assert "no float32/bfloat16/float16 tensor found" in caplog.text

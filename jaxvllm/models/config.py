@@ -1,10 +1,14 @@
 """ModelConfig: the Llama-family hyperparameters, read from an HF config (object or dict)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from jaxvllm.models.registry import MODEL_REGISTRY
+
+logger = logging.getLogger(__name__)
+_DTYPES = ("float32", "bfloat16", "float16")
 
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
 
@@ -63,6 +67,10 @@ class ModelConfig:
         rope_scaling, rope_theta = _rope(d)
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
         dtype = str(dtype).replace("torch.", "")
+        if dtype not in _DTYPES:  # e.g. float8: the engine computes in one of _DTYPES
+            logger.warning("the config's dtype %r is not one of %s; the checkpoint counts as "
+                           "float32 (pass dtype= to choose)", dtype, ", ".join(_DTYPES))
+            dtype = "float32"
         if arch == "Qwen2ForCausalLM":
             qkv_bias = True
         else:
@@ -87,7 +95,7 @@ class ModelConfig:
             qk_norm=arch == "Qwen3ForCausalLM",
             rope_scaling=rope_scaling,
             sliding_window=sliding,
-            dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
+            dtype=dtype,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
         )
