@@ -1,10 +1,18 @@
 """SamplingParams: the same fields, defaults and validation as vLLM's offline API."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each RequestOutput of a request holds (vLLM's names)."""
+    CUMULATIVE = 0   # everything so far, every step
+    DELTA = 1        # only what is new since the request's previous output
+    FINAL_ONLY = 2   # one output, when the request finishes
 
 
 # Stop strings are searched on every step and stop ids are masked in the sampler (with min_tokens),
@@ -35,6 +43,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine: the tokenizer's EOS plus the generation config's extra EOS ids.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -123,6 +132,8 @@ class SamplingParams:
         check(len(self.stop_token_ids) <= MAX_STOP, "stop_token_ids",
               f"may hold at most {MAX_STOP} ids, got {len(self.stop_token_ids)}.")
         check(is_int(self.priority), "priority", f"must be an int, got {self.priority!r}.")
+        check(isinstance(self.output_kind, RequestOutputKind), "output_kind",
+              f"must be a RequestOutputKind, got {self.output_kind!r}.")
 
     def clone(self) -> "SamplingParams":
         import copy

@@ -17,7 +17,7 @@ from typing import AsyncIterator, Optional
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB_SIZE = 259
@@ -194,6 +194,7 @@ class FakeEngine:
             texts = [""] * n
             fin: list[Optional[str]] = [None] * n
             cum = [0.0] * n
+            sent_toks, sent_text = [0] * n, [0] * n
             prompt_lps = None
             if sp.prompt_logprobs is not None:
                 prompt_lps = [None] + [self._logprobs(t, sp.prompt_logprobs, t) for t in prompt_ids[1:]]
@@ -220,16 +221,25 @@ class FakeEngine:
                 done = all(fin)
                 if done:
                     metrics["finished_time"] = now
-                outs = [CompletionOutput(index=i, text=texts[i], token_ids=list(toks[i]),
-                                         cumulative_logprob=cum[i],
-                                         logprobs=list(lps[i]) if sp.logprobs is not None else None,
-                                         finish_reason=fin[i])
-                        for i in range(n)]
                 if "RAISE_MIDSTREAM" in ptext and step == 2:
                     raise RuntimeError("the fake engine failed mid-stream")
+                if sp.output_kind == RequestOutputKind.FINAL_ONLY and not done:
+                    continue
+                # As the engine: DELTA outputs hold what is new since the previous output.
+                delta = sp.output_kind == RequestOutputKind.DELTA
+                outs = [CompletionOutput(index=i, text=texts[i][sent_text[i]:],
+                                         token_ids=toks[i][sent_toks[i]:], cumulative_logprob=cum[i],
+                                         logprobs=lps[i][sent_toks[i]:] if sp.logprobs is not None
+                                         else None, finish_reason=fin[i])
+                        for i in range(n)]
+                if delta:
+                    sent_toks = [len(t) for t in toks]
+                    sent_text = [len(t) for t in texts]
                 yield RequestOutput(request_id=request_id, prompt=prompt_text,
                                     prompt_token_ids=list(prompt_ids), prompt_logprobs=prompt_lps,
                                     outputs=outs, finished=done, metrics=dict(metrics))
+                if delta:
+                    prompt_lps = None if prompt_lps is None else []
             self.finished.append(request_id)
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request_id)

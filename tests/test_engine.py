@@ -559,3 +559,67 @@ def test_small_buckets_use_triton_gemms_unless_the_user_chose(llm, monkeypatch):
         monkeypatch.setattr(setup, "_ENGINE_CHOSE_GEMMS", False)
         setup.configure_jax(args)
         assert setup._ENGINE_CHOSE_GEMMS is chose
+
+
+def _drain(engine, prompts, params):
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"k{i}", p, sp)
+    outs: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    return outs
+
+
+def test_output_kinds_delta_and_final_only_add_up_to_cumulative(llm):
+    """DELTA outputs hold only what is new (text, tokens, logprobs, prompt logprobs) and add up to
+    the cumulative outputs' last one; FINAL_ONLY gives that one alone. n=2, a stop string (its text
+    is held back until it can be ruled out) and logprobs."""
+    from jaxvllm.sampling_params import RequestOutputKind
+    engine = llm.llm_engine
+    prompts = ["The capital of France is", "Count: one, two, three,"]
+    base = [SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=20, logprobs=2,
+                           prompt_logprobs=1, stop=[" Paris"]),
+            SamplingParams(temperature=0.0, max_tokens=16, stop=[" six"], logprobs=0)]
+    runs = {kind: _drain(engine, prompts, [dataclasses.replace(sp, output_kind=kind) for sp in base])
+            for kind in RequestOutputKind}
+    cumulative = runs[RequestOutputKind.CUMULATIVE]
+    for rid, outs in runs[RequestOutputKind.DELTA].items():
+        full = cumulative[rid][-1]
+        assert len(outs) > 1 and outs[-1].finished and not any(o.finished for o in outs[:-1])
+        merged = outs[0]
+        for o in outs[1:]:
+            assert o.prompt_logprobs in (None, [])           # sent with the first output only
+            assert all(len(c.token_ids) <= 1 for c in o.outputs)  # one step's token
+            merged.add(o)
+        assert merged.prompt_logprobs == full.prompt_logprobs
+        for m, f in zip(merged.outputs, full.outputs):
+            assert (m.text, m.token_ids, m.logprobs, m.finish_reason, m.stop_reason) == \
+                (f.text, f.token_ids, f.logprobs, f.finish_reason, f.stop_reason)
+            assert m.cumulative_logprob == pytest.approx(f.cumulative_logprob)
+    for rid, outs in runs[RequestOutputKind.FINAL_ONLY].items():
+        assert len(outs) == 1 and outs[0].finished
+        assert [c.text for c in outs[0].outputs] == [c.text for c in cumulative[rid][-1].outputs]
+
+
+def test_a_slow_delta_consumer_gets_the_deltas_merged(llm):
+    """AsyncLLMEngine: a stream consumer that falls behind receives fewer, merged DELTA outputs
+    whose concatenation is the whole completion."""
+    from jaxvllm.sampling_params import RequestOutputKind
+
+    async def run():
+        aengine = AsyncLLMEngine(llm.llm_engine)
+        sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+        got = []
+        async for out in aengine.generate("Once upon a time", sp, "slow"):
+            got.append(out)
+            await asyncio.sleep(0.3)   # several steps pass before the next read
+        await aengine.shutdown()
+        return got
+
+    got = asyncio.run(run())
+    full = llm.generate(["Once upon a time"], greedy(24))[0].outputs[0]
+    assert len(got) < 24 and got[-1].finished
+    assert "".join(o.outputs[0].text for o in got) == full.text
+    assert sum((o.outputs[0].token_ids for o in got), []) == full.token_ids

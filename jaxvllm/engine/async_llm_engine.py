@@ -16,7 +16,7 @@ from jaxvllm.core.scheduler import SchedulerStats
 from jaxvllm.engine.data_parallel import Engine, create_engine
 from jaxvllm.engine.llm_engine import PromptType
 from jaxvllm.outputs import RequestOutput
-from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +31,14 @@ class RequestFailedError(RuntimeError):
 
 
 class _Latest:
-    """The newest undelivered item of one request's stream, on the consumer's event loop. Outputs
-    are cumulative, so a consumer that falls behind (a client that stops reading) skips to the
-    newest one instead of buffering a copy per step, which would grow with n x length^2. A finished
-    output or an error is final: nothing replaces it."""
+    """What one request's stream has not delivered yet, on the consumer's event loop, in one item:
+    a consumer that falls behind (a client that stops reading) takes it at once instead of a
+    backlog of one output per step. Cumulative outputs replace the held one (the newest holds
+    everything); DELTA outputs are appended to it (RequestOutput.add). A finished output or an
+    error is final: nothing replaces it."""
 
-    def __init__(self) -> None:
+    def __init__(self, delta: bool) -> None:
+        self._delta = delta
         self._item: object = None
         self._ready = asyncio.Event()
 
@@ -44,7 +46,10 @@ class _Latest:
         held = self._item
         if isinstance(held, BaseException) or getattr(held, "finished", False):
             return
-        self._item = item
+        if self._delta and held is not None and not isinstance(item, BaseException):
+            held.add(item)
+        else:
+            self._item = item
         self._ready.set()
 
     async def get(self) -> object:
@@ -107,7 +112,7 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prepared = self.engine.prepare_request(request_id, prompt, sampling_params)
-        latest = _Latest()
+        latest = _Latest(prepared.params.output_kind == RequestOutputKind.DELTA)
         with self._lock:  # the loop dies under it: it either fails this stream or we see _error
             if self._error is not None:
                 raise EngineDeadError(f"engine stopped: {self._error!r}")

@@ -199,12 +199,12 @@ class DataParallelEngine:
 
     def prepare_request(self, request_id: str, prompt: PromptType,
                         params: Optional[SamplingParams] = None,
-                        arrival_time: Optional[float] = None, final_only: bool = False) -> _Parent:
+                        arrival_time: Optional[float] = None) -> _Parent:
         """LLMEngine.prepare_request, in the front (the internal ids it numbers stay unique
         whichever replica runs them)."""
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already running")
-        return self.preparer.prepare(request_id, prompt, params, arrival_time, final_only)
+        return self.preparer.prepare(request_id, prompt, params, arrival_time)
 
     def admit_request(self, parent: _Parent) -> None:
         if parent.request_id in self._owner:  # prepared twice before either was admitted

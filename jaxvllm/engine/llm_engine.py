@@ -1,5 +1,6 @@
 """LLMEngine: the synchronous step loop. Tokenizes, fans out n>1, schedules, runs the model,
-detokenizes, applies stop strings, and emits cumulative RequestOutputs."""
+detokenizes, applies stop strings, and emits RequestOutputs (cumulative, delta or final only, as
+each request's SamplingParams.output_kind asks)."""
 from __future__ import annotations
 
 import itertools
@@ -17,7 +18,7 @@ from jaxvllm.core.request import Request, RequestStatus
 from jaxvllm.core.scheduler import Scheduler, SchedulerStats
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class _Child:
     cumulative_logprob: Optional[float] = None
     finish_reason: Optional[str] = None
     stop_reason: int | str | None = None
+    sent_tokens: int = 0   # DELTA outputs: what earlier outputs already carried
+    sent_text: int = 0
 
 
 @dataclass
@@ -47,7 +50,7 @@ class _Parent:
     prompt_logprobs: Optional[list] = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
-    final_only: bool = False  # emit one RequestOutput when finished, none while running
+    sent_prompt_logprobs: int = 0  # DELTA outputs: prompt positions already sent
     failed: bool = False      # its output processing raised: finished with finish_reason "error"
 
     @property
@@ -92,7 +95,7 @@ class RequestPreparer:
         return list(self.tokenizer.encode(check_text(text, name), add_special_tokens=add_special_tokens))
 
     def prepare(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams],
-                arrival_time: Optional[float], final_only: bool) -> _Parent:
+                arrival_time: Optional[float]) -> _Parent:
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params = (params or SamplingParams()).clone()
@@ -118,8 +121,7 @@ class RequestPreparer:
         return _Parent(request_id, text, ids, params, children,
                        prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                        metrics={"arrival_time": now, "first_scheduled_time": None,
-                                "first_token_time": None, "finished_time": None},
-                       final_only=final_only)
+                                "first_token_time": None, "finished_time": None})
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -220,12 +222,12 @@ class LLMEngine:
 
     def prepare_request(self, request_id: str, prompt: PromptType,
                         params: Optional[SamplingParams] = None,
-                        arrival_time: Optional[float] = None, final_only: bool = False) -> _Parent:
+                        arrival_time: Optional[float] = None) -> _Parent:
         """Everything in add_request that does not touch the scheduler (safe off the step thread).
-        `final_only`: no per-step cumulative outputs (offline batches only read the final one)."""
+        What each output holds follows `params.output_kind` (offline batches use FINAL_ONLY)."""
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already running")
-        return self.preparer.prepare(request_id, prompt, params, arrival_time, final_only)
+        return self.preparer.prepare(request_id, prompt, params, arrival_time)
 
     def admit_request(self, parent: _Parent) -> None:
         p = parent.params
@@ -337,7 +339,7 @@ class LLMEngine:
                 self._num_penalized -= parent.params.has_penalties
                 for c in parent.children:
                     self._child_to_parent.pop(c.request_id, None)
-            elif parent.final_only:
+            elif parent.params.output_kind == RequestOutputKind.FINAL_ONLY:
                 continue
             outputs.append(self._make_output(parent, finished))
         return outputs
@@ -384,17 +386,27 @@ class LLMEngine:
                 lp.decoded_token = self.tokenizer.decode([tid])
 
     def _make_output(self, parent: _Parent, finished: bool) -> RequestOutput:
-        outs = [CompletionOutput(
+        # DELTA: each list is a fresh slice of what is new, so the step thread's work per output is
+        # what the step added, not everything so far (cumulative outputs copy O(length) per step).
+        delta = parent.params.output_kind == RequestOutputKind.DELTA
+        outs = []
+        for c in parent.children:
             # A failed request's text is what was decoded before the fault (its detokenizer may be
             # what failed).
-            index=c.index, text=(c.detok.text if parent.failed else
-                                 c.detok.output_text(c.finish_reason is not None)),
-            token_ids=list(c.token_ids), cumulative_logprob=c.cumulative_logprob,
-            logprobs=None if c.logprobs is None else list(c.logprobs),
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in parent.children]
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                             None if parent.prompt_logprobs is None else list(parent.prompt_logprobs),
-                             outs, finished, parent.num_cached_tokens, dict(parent.metrics))
+            text = c.detok.text if parent.failed else c.detok.output_text(c.finish_reason is not None)
+            start, tstart = (c.sent_tokens, c.sent_text) if delta else (0, 0)
+            outs.append(CompletionOutput(
+                index=c.index, text=text[tstart:], token_ids=c.token_ids[start:],
+                cumulative_logprob=c.cumulative_logprob,
+                logprobs=None if c.logprobs is None else c.logprobs[start:],
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            c.sent_tokens, c.sent_text = len(c.token_ids), len(text)
+        plp = parent.prompt_logprobs
+        if plp is not None:
+            plp = plp[parent.sent_prompt_logprobs if delta else 0:]
+            parent.sent_prompt_logprobs = len(parent.prompt_logprobs)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, plp, outs,
+                             finished, parent.num_cached_tokens, dict(parent.metrics))
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.stats

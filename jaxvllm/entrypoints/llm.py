@@ -12,7 +12,7 @@ from jaxvllm.config import EngineArgs
 from jaxvllm.engine.data_parallel import create_engine
 from jaxvllm.engine.llm_engine import PromptType, as_token_ids, check_text, is_token_ids
 from jaxvllm.outputs import RequestOutput
-from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
 Messages = list[dict[str, Any]]
 TokenIds = Union[Sequence[int], np.ndarray]  # or a 1-D integer JAX array
@@ -180,8 +180,10 @@ class LLM:
              use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt leaves no half-run batch.
-        prepared = [engine.prepare_request(str(next(self._counter)), p, sp, final_only=True)
+        prepared = [engine.prepare_request(str(next(self._counter)), p, sp)
                     for p, sp in zip(prompts, params_list)]
+        for p in prepared:  # as vLLM's LLM: only the final outputs are read (on the prepared copy)
+            p.params.output_kind = RequestOutputKind.FINAL_ONLY
         order = {p.request_id: i for i, p in enumerate(prepared)}
         bar = _progress(len(prepared)) if use_tqdm and len(prepared) > 1 else None
         results: list[Optional[RequestOutput]] = [None] * len(prepared)

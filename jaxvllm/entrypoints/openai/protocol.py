@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from jaxvllm.engine.llm_engine import as_token_ids, check_text
-from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
 _MISSING = object()
 INT64_MAX = 2 ** 63 - 1
@@ -525,6 +525,9 @@ def build_sampling_params(req: GenerationRequest, max_tokens: int) -> SamplingPa
     kw["max_tokens"] = max_tokens
     kw["logprobs"] = req.logprobs
     kw["prompt_logprobs"] = req.prompt_logprobs
+    # Streamed or not, the server takes each step's new tokens: the engine then copies only those
+    # (cumulative outputs copy everything so far, every step).
+    kw["output_kind"] = RequestOutputKind.DELTA
     if kw["min_tokens"] > max_tokens:
         raise bad_request(f"'min_tokens' ({kw['min_tokens']}) must be <= max_tokens "
                           f"({max_tokens}).", "min_tokens")

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 class _Choice:
     """Streaming state of one choice."""
     sent_text: int = 0
-    sent_tokens: int = 0
     started: bool = False
     finished: bool = False
 
@@ -119,7 +118,7 @@ class OpenAIServing:
         engine, metrics = self.server.engine, self.server.metrics
         agen = engine.generate(prompt_ids, sp, rid)
         finished = False
-        last_t, last_n = None, 0
+        last_t, gen = None, 0
         out = None
         self.server.active_rids.add(rid)
         try:
@@ -134,12 +133,11 @@ class OpenAIServing:
                     raise bad_request(str(e), "max_tokens" if "max_tokens" in str(e) else None) \
                         from None
                 t = time.monotonic()
-                total = sum(len(o.token_ids) for o in out.outputs)
-                new = total - last_n
+                new = sum(len(o.token_ids) for o in out.outputs)  # DELTA outputs
                 if new > 0:
                     if last_t is not None:
                         metrics.observe_itl((t - last_t) / new, new)
-                    last_t, last_n = t, total
+                    last_t, gen = t, gen + new
                 if out.finished:
                     finished = True
                 yield out
@@ -152,7 +150,6 @@ class OpenAIServing:
             if not finished:
                 with contextlib.suppress(BaseException):
                     await engine.abort(rid)
-            gen = sum(len(o.token_ids) for o in out.outputs) if out is not None else 0
             metrics.observe_tokens(len(prompt_ids) if out is not None else 0, gen)
             if out is not None:
                 reasons = [o.finish_reason if finished else (o.finish_reason or "abort")
@@ -166,8 +163,8 @@ class OpenAIServing:
                 async for out in it:
                     yield 0, out
             return
-        # Per prompt, only the newest output not yet taken: outputs are cumulative, so a consumer
-        # that falls behind (a client that stops reading) skips to it instead of buffering all.
+        # Per prompt, what has not been taken yet, as one output: a consumer that falls behind (a
+        # client that stops reading) takes the deltas merged instead of a backlog of them.
         latest: dict[int, Any] = {}
         errors: list[BaseException] = []
         ready = asyncio.Event()
@@ -178,7 +175,10 @@ class OpenAIServing:
             try:
                 async with contextlib.aclosing(self._engine_stream(*item)) as it:
                     async for out in it:
-                        latest[i] = out
+                        if i in latest:
+                            latest[i].add(out)
+                        else:
+                            latest[i] = out
                         ready.set()
             except asyncio.CancelledError:
                 raise
@@ -208,11 +208,13 @@ class OpenAIServing:
     # Responses
     # ------------------------------------------------------------------------------------------
     async def _full(self, req, model, base, prompts, items) -> web.Response:
-        finals: dict[int, Any] = {}
+        finals: dict[int, Any] = {}  # per prompt, its deltas added up
         try:
             async with contextlib.aclosing(self._merged(items)) as it:
                 async for i, out in it:
-                    if out.finished:
+                    if i in finals:
+                        finals[i].add(out)
+                    else:
                         finals[i] = out
         except asyncio.CancelledError:
             raise self._ended_by_shutdown() from None
@@ -316,11 +318,11 @@ class OpenAIServing:
                     st = states.setdefault(idx, _Choice())
                     if st.finished:
                         continue
-                    gen_tokens[idx] = len(o.token_ids)
-                    text = o.text
-                    delta = text[st.sent_text:] if len(text) > st.sent_text else ""
-                    new_ids = list(o.token_ids[st.sent_tokens:])
-                    steps = list((o.logprobs or [])[st.sent_tokens:len(o.token_ids)])
+                    # DELTA outputs: each holds this choice's new text, tokens and logprobs.
+                    gen_tokens[idx] = gen_tokens.get(idx, 0) + len(o.token_ids)
+                    delta = o.text
+                    new_ids = list(o.token_ids)
+                    steps = list(o.logprobs or [])
                     done = o.finish_reason is not None
                     if not delta and not new_ids and not done and st.started:
                         continue
@@ -347,8 +349,7 @@ class OpenAIServing:
                         if done:
                             choice["stop_reason"] = o.stop_reason
                     st.started = True
-                    st.sent_text = max(st.sent_text, len(text))
-                    st.sent_tokens = len(o.token_ids)
+                    st.sent_text += len(delta)
                     st.finished = done
                     usage = None
                     if req.include_usage and req.continuous_usage:
