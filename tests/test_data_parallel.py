@@ -206,6 +206,13 @@ def _worker(out_path: str) -> None:
             report["too_many"] = None
         except ValueError as e:
             report["too_many"] = str(e)
+        from jaxvllm import LLM
+        try:  # a setting every replica refuses at start-up (a cache too small for max_model_len)
+            LLM(model=d, dtype="float32", data_parallel_size=2, max_model_len=128,
+                num_gpu_blocks_override=4, enforce_eager=True, weights_cache_dir="none")
+            report["bad_setting"] = None
+        except Exception as e:  # noqa: BLE001 - its type is what the test checks
+            report["bad_setting"] = [type(e).__name__, str(e)]
     with open(out_path, "w") as f:
         json.dump(report, f)
 
@@ -281,6 +288,11 @@ def test_a_dead_replica_fails_the_engine_loudly(report):
     assert r["error"] is not None and f"replica {r['victim']} exited" in r["error"], r
     assert r["seconds"] < 30
     assert r["alive"] == [False, False]   # shutdown stopped the survivor too
+
+
+def test_a_setting_a_replica_refuses_is_a_value_error(report):
+    kind, msg = report["bad_setting"]
+    assert kind == "ValueError" and "failed to start" in msg and "max_model_len (128) needs" in msg
 
 
 def test_too_few_devices_raise_at_startup(report):

@@ -140,14 +140,17 @@ class DataParallelEngine:
                 ev_send.close()
                 self.replicas.append(_Replica(rank, proc, cmd_send, ev_recv))
             for r in self.replicas:  # they load and compile at the same time
-                kind, payload = r.recv()
+                kind, payload, *error_type = r.recv()
                 if kind != "ready":
-                    raise ReplicaError(f"data-parallel replica {r.rank} (devices "
-                                       f"{groups[r.rank]}) failed to start: {payload}")
+                    msg = (f"data-parallel replica {r.rank} (devices {groups[r.rank]}) failed to "
+                           f"start: {payload}")
+                    # A bad setting stays the ValueError/TypeError LLMEngine raises for it.
+                    raise {"ValueError": ValueError, "TypeError": TypeError}.get(
+                        error_type[0] if error_type else "", ReplicaError)(msg)
                 r.info, r.stats = payload, payload["stats"]
                 r.prefixes = _RoutedPrefixes(payload["startup"]["num_blocks"])
         except BaseException:
-            _stop_replicas(self.replicas)
+            _stop_replicas(self.replicas, wait=0.0)  # the others may still be loading: no waiting
             raise
         # At garbage collection or interpreter exit, whichever comes first (holds no reference to
         # self, so an engine dropped by its user is collected and its processes end).
@@ -324,7 +327,7 @@ class DataParallelEngine:
 Engine = Union[LLMEngine, DataParallelEngine]
 
 
-def _stop_replicas(replicas: list[_Replica]) -> None:
+def _stop_replicas(replicas: list[_Replica], wait: float = SHUTDOWN_WAIT_S) -> None:
     for r in replicas:
         if r.process.is_alive():
             try:
@@ -332,7 +335,7 @@ def _stop_replicas(replicas: list[_Replica]) -> None:
             except ReplicaError:
                 pass
     for r in replicas:
-        r.process.join(SHUTDOWN_WAIT_S)
+        r.process.join(wait)
         if r.process.is_alive():
             r.process.kill()
             r.process.join()

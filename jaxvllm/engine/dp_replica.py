@@ -9,7 +9,7 @@ loop never blocks on a full outgoing pipe while the front is blocked sending it 
 
 Commands (front -> replica): ("add", _Parent), ("abort", [ids]), ("call", name, args) answered by
 ("reply", value) or ("error", text), ("shutdown",). Events (replica -> front): ("ready", info) or
-("error", text) at start-up, ("outputs", [RequestOutput], SchedulerStats) after every step,
+("error", text, exception type name) at start-up, ("outputs", [RequestOutput], SchedulerStats) after every step,
 ("aborted", [ids]) once an abort is applied, ("dead", text) when a step raised (the replica
 then exits).
 """
@@ -42,7 +42,7 @@ def replica_main(rank: int, args: Any, device_ids: list[int], platform: str, com
         engine = _start(args, device_ids, platform, loaded)
         events.send(("ready", _info(engine, rank, device_ids)))
     except BaseException as e:  # the front raises it, naming this replica
-        events.send(("error", describe_exception(e)))
+        events.send(("error", describe_exception(e), type(e).__name__))
         return
     out: queue.Queue = queue.Queue()
     sender = threading.Thread(target=_send_loop, args=(out, events), daemon=True,
