@@ -45,15 +45,21 @@ class RequestOutput:
     def add(self, delta: "RequestOutput") -> None:
         """Appends the next DELTA output of the same request to this one (a consumer that falls
         behind takes them merged); the newer output's state (finish, cached tokens) wins."""
+        # In place: a DELTA output's lists are its own (fresh slices), so merging k deltas costs
+        # what they hold, not k copies of everything so far.
         for mine, new in zip(self.outputs, delta.outputs):
             mine.text += new.text
-            mine.token_ids = mine.token_ids + new.token_ids
+            mine.token_ids.extend(new.token_ids)
             if new.logprobs is not None:
-                mine.logprobs = (mine.logprobs or []) + new.logprobs
+                if mine.logprobs is None:
+                    mine.logprobs = []
+                mine.logprobs.extend(new.logprobs)
             mine.cumulative_logprob = new.cumulative_logprob
             mine.finish_reason, mine.stop_reason = new.finish_reason, new.stop_reason
         if delta.prompt_logprobs is not None:
-            self.prompt_logprobs = (self.prompt_logprobs or []) + delta.prompt_logprobs
+            if self.prompt_logprobs is None:
+                self.prompt_logprobs = []
+            self.prompt_logprobs.extend(delta.prompt_logprobs)
         self.finished = delta.finished
         self.num_cached_tokens = delta.num_cached_tokens
         self.metrics = delta.metrics

@@ -20,8 +20,13 @@ def replica(held_prompt=None, load=0, usage=0.0):
                         cached_blocks=kv.block_pool.cached_block_hash_to_block), kv
 
 
+def _hashes(prompt):
+    return Router(RouterConfig(BS, 4)).block_hashes(prompt)
+
+
 def route(states, prompt, margin=4):
-    return Router(RouterConfig(block_size=BS, overload_margin=margin)).route(prompt, states)
+    router = Router(RouterConfig(block_size=BS, overload_margin=margin))
+    return router.route(router.block_hashes(prompt), states)
 
 
 def test_least_loaded_without_prefix_then_kv_usage_then_index():
@@ -49,15 +54,15 @@ def test_longest_held_prefix_wins():
     one_block = replica(PREFIX[:BS] + [1] * BS, load=0)[0]      # shares block 0 only
     three = replica(PREFIX + [1], load=2)[0]
     assert route([one_block, three], PREFIX + [9], margin=4) == 1
-    assert Router(RouterConfig(BS, 4)).held_prefix_blocks(PREFIX + [9], [one_block, three]) == [1, 3]
+    assert Router.held_prefix_blocks(_hashes(PREFIX + [9]), [one_block, three]) == [1, 3]
 
 
 def test_last_prompt_token_is_never_a_hit():
     """A prompt of exactly three blocks can hit two (its last token is always computed), as the
     KV-cache manager's lookup."""
     states = [replica(PREFIX + [1])[0]]
-    assert Router(RouterConfig(BS, 4)).held_prefix_blocks(PREFIX, states) == [2]
-    assert Router(RouterConfig(BS, 4)).held_prefix_blocks(PREFIX[:BS], states) == [0]
+    assert Router.held_prefix_blocks(_hashes(PREFIX), states) == [2]
+    assert Router.held_prefix_blocks(_hashes(PREFIX[:BS]), states) == [0]
 
 
 def test_config_validation():

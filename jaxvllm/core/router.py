@@ -15,7 +15,7 @@ that saw it first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Container, Iterator, Sequence
+from typing import Container, Sequence
 
 from jaxvllm.core.block_pool import NONE_HASH, BlockHash, hash_block_tokens
 
@@ -44,27 +44,28 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
 
-    def route(self, prompt_token_ids: Sequence[int], replicas: Sequence[ReplicaState]) -> int:
-        """Index of the replica for a new request: among replicas not overloaded, the one holding
-        the longest prefix of the prompt, then the least loaded (fewest unfinished sequences, then
-        lowest KV-cache usage), then the lowest index."""
+    def route(self, block_hashes: Sequence[BlockHash], replicas: Sequence[ReplicaState]) -> int:
+        """Index of the replica for a new request whose prompt has `block_hashes`
+        (`block_hashes(prompt)`): among replicas not overloaded, the one holding the longest prefix
+        of them, then the least loaded (fewest unfinished sequences, then lowest KV-cache usage),
+        then the lowest index."""
         if not replicas:
             raise ValueError("no replicas to route to")
         least = min(r.num_unfinished for r in replicas)
         eligible = [i for i, r in enumerate(replicas)
                     if r.num_unfinished <= least + self.config.overload_margin]
-        held = self.held_prefix_blocks(prompt_token_ids, [replicas[i] for i in eligible])
+        held = self.held_prefix_blocks(block_hashes, [replicas[i] for i in eligible])
         return min(zip(eligible, held),
                    key=lambda e: (-e[1], replicas[e[0]].num_unfinished,
                                   replicas[e[0]].kv_cache_usage, e[0]))[0]
 
-    def held_prefix_blocks(self, prompt_token_ids: Sequence[int],
+    @staticmethod
+    def held_prefix_blocks(block_hashes: Sequence[BlockHash],
                            replicas: Sequence[ReplicaState]) -> list[int]:
-        """Per replica, how many leading full blocks of the prompt it holds. Hashes only as far as
-        some replica still matches."""
+        """Per replica, how many of the leading `block_hashes` it holds."""
         held = [0] * len(replicas)
         alive = list(range(len(replicas)))
-        for i, h in enumerate(self.block_hashes(prompt_token_ids)):
+        for i, h in enumerate(block_hashes):
             alive = [j for j in alive if h in replicas[j].cached_blocks]
             if not alive:
                 break
@@ -72,11 +73,12 @@ class Router:
                 held[j] = i + 1
         return held
 
-    def block_hashes(self, prompt_token_ids: Sequence[int]) -> Iterator[BlockHash]:
+    def block_hashes(self, prompt_token_ids: Sequence[int]) -> list[BlockHash]:
         """The chained hashes of the prompt's full blocks, in order. The last prompt token is always
         computed (as the KV-cache manager's lookup), so the blocks considered end before it."""
         bs = self.config.block_size
-        parent = NONE_HASH
+        hashes, parent = [], NONE_HASH
         for i in range((len(prompt_token_ids) - 1) // bs):
             parent = hash_block_tokens(parent, prompt_token_ids[i * bs:(i + 1) * bs])
-            yield parent
+            hashes.append(parent)
+        return hashes

@@ -30,10 +30,9 @@ from jaxvllm.config import EngineArgs
 from jaxvllm.core.block_pool import BlockHash
 from jaxvllm.core.router import ReplicaState, Router, RouterConfig
 from jaxvllm.core.scheduler import SchedulerStats
-from jaxvllm.engine.llm_engine import (LLMEngine, PromptType, RequestPreparer, _Parent,
+from jaxvllm.engine.llm_engine import (LLMEngine, RequestFront, RequestPreparer, _Parent,
                                        _generation_eos_ids)
 from jaxvllm.outputs import RequestOutput
-from jaxvllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class _Replica:
                                f"{self.process.exitcode})") from e
 
 
-class DataParallelEngine:
+class DataParallelEngine(RequestFront):
     def __init__(self, args: EngineArgs, loaded: Any = None) -> None:
         from jaxvllm.engine.dp_replica import probe_devices, replica_main
         from jaxvllm.engine.setup import configure_jax
@@ -161,9 +160,9 @@ class DataParallelEngine:
         self.tokenizer = first["tokenizer"]
         self.tokenizer_origin = first["tokenizer_origin"]
         self.default_sampling = first["default_sampling"]
-        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         self.preparer = RequestPreparer(self.tokenizer, self.model_config.vocab_size,
-                                        self.max_model_len, args.max_logprobs, self.eos_token_id,
+                                        self.max_model_len, args.max_logprobs,
+                                        getattr(self.tokenizer, "eos_token_id", None),
                                         _generation_eos_ids(first["generation_config"]))
         startups = [r.info["startup"] for r in self.replicas]
         self.load_seconds = max(s["load_s"] for s in startups)
@@ -189,35 +188,19 @@ class DataParallelEngine:
         """Stops the replica processes (also done at garbage collection and interpreter exit)."""
         self._finalizer()
 
-    # ---- requests ----------------------------------------------------------------------------
-    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        return self.preparer.tokenize(prompt)
-
-    def encode(self, text: str, add_special_tokens: bool = True, name: str = "prompt") -> list[int]:
-        return self.preparer.encode(text, add_special_tokens, name)
-
-    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None) -> None:
-        self.admit_request(self.prepare_request(request_id, prompt, params, arrival_time))
-
-    def prepare_request(self, request_id: str, prompt: PromptType,
-                        params: Optional[SamplingParams] = None,
-                        arrival_time: Optional[float] = None) -> _Parent:
-        """LLMEngine.prepare_request, in the front (the internal ids it numbers stay unique
-        whichever replica runs them)."""
-        if request_id in self._owner:
-            raise ValueError(f"request_id {request_id!r} is already running")
-        return self.preparer.prepare(request_id, prompt, params, arrival_time)
+    # ---- requests (prepared here: the internal ids stay unique whichever replica runs them) ---
+    def _is_running(self, request_id: str) -> bool:
+        return request_id in self._owner
 
     def admit_request(self, parent: _Parent) -> None:
         if parent.request_id in self._owner:  # prepared twice before either was admitted
             raise ValueError(f"request_id {parent.request_id!r} is already running")
-        ids = parent.prompt_token_ids
-        i = self.router.route(ids, [ReplicaState(r.load, r.stats.kv_cache_usage, r.prefixes)
-                                    for r in self.replicas])
+        hashes = self.router.block_hashes(parent.prompt_token_ids)
+        i = self.router.route(hashes, [ReplicaState(r.load, r.stats.kv_cache_usage, r.prefixes)
+                                       for r in self.replicas])
         r = self.replicas[i]
         r.send(("add", parent))
-        r.prefixes.add(list(self.router.block_hashes(ids)))
+        r.prefixes.add(hashes)
         r.load += parent.params.n
         self._owner[parent.request_id] = (i, parent.params.n)
 

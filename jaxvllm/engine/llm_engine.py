@@ -138,7 +138,40 @@ class RequestPreparer:
                 raise ValueError(f"{name} must be at most max_logprobs={self.max_logprobs}, got {v}")
 
 
-class LLMEngine:
+class RequestFront:
+    """The request-facing methods an engine (LLMEngine, or the data-parallel front) offers on top
+    of its `preparer` and its `_is_running` / `admit_request`."""
+    preparer: RequestPreparer
+
+    def _is_running(self, request_id: str) -> bool:
+        raise NotImplementedError
+
+    def admit_request(self, parent: _Parent) -> None:
+        raise NotImplementedError
+
+    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        return self.preparer.tokenize(prompt)
+
+    def encode(self, text: str, add_special_tokens: bool = True, name: str = "prompt") -> list[int]:
+        """Token ids of `text`; `name` is the field a bad value is reported as."""
+        return self.preparer.encode(text, add_special_tokens, name)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None) -> None:
+        """Validates and queues a request; raises ValueError/TypeError (nothing is queued then)."""
+        self.admit_request(self.prepare_request(request_id, prompt, params, arrival_time))
+
+    def prepare_request(self, request_id: str, prompt: PromptType,
+                        params: Optional[SamplingParams] = None,
+                        arrival_time: Optional[float] = None) -> _Parent:
+        """Everything in add_request that does not touch the scheduler (safe off the step thread).
+        What each output holds follows `params.output_kind` (offline batches use FINAL_ONLY)."""
+        if self._is_running(request_id):
+            raise ValueError(f"request_id {request_id!r} is already running")
+        return self.preparer.prepare(request_id, prompt, params, arrival_time)
+
+
+class LLMEngine(RequestFront):
     def __init__(self, args: EngineArgs, loaded: Any = None,
                  devices: Optional[list[Any]] = None) -> None:
         """`devices`: the device group of a data-parallel replica (engine/data_parallel.py)."""
@@ -191,43 +224,20 @@ class LLMEngine:
             self.loaded.tokenizer, self.loaded.seconds["tokenizer"] = pending_tokenizer.result()
             self.tokenizer_origin = child.origin
             self.loaded.seconds["tokenizer_wait"] = time.perf_counter() - t_wait
-        self.attach_tokenizer(self.loaded.tokenizer)
-        self.default_sampling = generation_sampling_defaults(self.loaded.generation_config)
-
-    def attach_tokenizer(self, tokenizer: Any) -> None:
-        """The tokenizer and the EOS ids it brings (data-parallel replicas get the shared one once
-        it has loaded, while they compile)."""
-        self.loaded.tokenizer = self.tokenizer = tokenizer
-        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        self.preparer = RequestPreparer(tokenizer, self.model_config.vocab_size, self.max_model_len,
-                                        self.args.max_logprobs, self.eos_token_id,
+        self.tokenizer = self.loaded.tokenizer
+        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        self.preparer = RequestPreparer(self.tokenizer, self.model_config.vocab_size,
+                                        self.max_model_len, args.max_logprobs, self.eos_token_id,
                                         _generation_eos_ids(self.loaded.generation_config))
+        self.default_sampling = generation_sampling_defaults(self.loaded.generation_config)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args)
 
     # ---- requests ----------------------------------------------------------------------------
-    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        return self.preparer.tokenize(prompt)
-
-    def encode(self, text: str, add_special_tokens: bool = True, name: str = "prompt") -> list[int]:
-        """Token ids of `text`; `name` is the field a bad value is reported as."""
-        return self.preparer.encode(text, add_special_tokens, name)
-
-    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None) -> None:
-        """Validates and queues a request; raises ValueError/TypeError (nothing is queued then)."""
-        self.admit_request(self.prepare_request(request_id, prompt, params, arrival_time))
-
-    def prepare_request(self, request_id: str, prompt: PromptType,
-                        params: Optional[SamplingParams] = None,
-                        arrival_time: Optional[float] = None) -> _Parent:
-        """Everything in add_request that does not touch the scheduler (safe off the step thread).
-        What each output holds follows `params.output_kind` (offline batches use FINAL_ONLY)."""
-        if request_id in self._parents:
-            raise ValueError(f"request_id {request_id!r} is already running")
-        return self.preparer.prepare(request_id, prompt, params, arrival_time)
+    def _is_running(self, request_id: str) -> bool:
+        return request_id in self._parents
 
     def admit_request(self, parent: _Parent) -> None:
         p = parent.params
