@@ -56,8 +56,7 @@ class EngineArgs:
         "help": "Seconds a tensor-parallel step may take on the devices before the engine fails "
                 "with an error naming the step (a collective waiting forever for a device)."})
     async_scheduling: bool = field(default=True, metadata={
-        "help": "Schedule and dispatch the next step while the device runs the current one "
-                "(steps with penalty sampling run synchronously)."})
+        "help": "Schedule and dispatch the next step while the device runs the current one."})
     nnodes: int = field(default=1, metadata={
         "help": "Processes (hosts) that together run one engine: the model is sharded over all of "
                 "their devices; run the same command on each with its own --node-rank."})

@@ -73,16 +73,17 @@ def _running_bytes(mem) -> int:
 def programs(runner):
     """Device memory the engine's largest programs take while they run, from their compiled memory
     analysis: the largest bucket's step (on the donated cache), then the larger of the sampler with
-    top-p and no top-k (a full sort), penalties and 20 logprobs for every one of max_num_seqs rows,
+    top-p and no top-k (a full sort), token bits and 20 logprobs for every one of max_num_seqs rows,
     and one prompt-scoring chunk with 20 logprobs."""
     batch = runner._dummy_batch(256)
-    step = runner._step_for(256).lower(runner.params, runner.kv_cache, *runner._device_inputs(batch),
-                                       score=False).compile().memory_analysis()
+    step = runner._step_for(256).lower(runner.params, runner.kv_cache,
+                                       *runner._device_inputs(batch)).compile().memory_analysis()
     sd = jax.ShapeDtypeStruct
-    f32, i32 = model_runner.sampling_shapes(256, 1, hist=1)
-    sampler = runner._sample.lower(sd((256, CFG.vocab_size), jnp.float32), sd(f32, jnp.float32),
-                                   sd(i32, jnp.int32), num_stop=1, mode="random_sort",
-                                   num_logprobs=20, topk_bound=0).compile().memory_analysis()
+    f32, i32 = model_runner.sampling_shapes(256)
+    sampler = runner._sample.lower(sd((256, CFG.vocab_size), jnp.int32),
+                                   sd((256, CFG.vocab_size), jnp.float32), sd(f32, jnp.float32),
+                                   sd(i32, jnp.int32), mode="random_sort", num_logprobs=20,
+                                   topk_bound=0).compile().memory_analysis()
     assert _running_bytes(sampler) > HEADROOM  # the case where the headroom alone would not do
     rows = jnp.zeros(runner.score_rows, jnp.int32)
     scoring = runner._prompt_logprobs.lower(runner.params, jnp.zeros((256, 64), jnp.float32), rows,
@@ -108,6 +109,22 @@ def test_blocks_fit_the_budget_and_one_more_would_not(blocks_at, programs, per_b
     n = blocks_at(in_use)
     free = UTIL * LIMIT - in_use - programs - HEADROOM
     assert n * per_block <= free < (n + 1) * per_block, (n, free / per_block)
+
+
+def test_token_table_is_in_use_when_the_cache_is_sized(loaded, monkeypatch):
+    """The per-request token table (max_num_seqs x vocabulary int32, for penalties) exists when the
+    sizing reads the memory in use, so the KV cache leaves room for it."""
+    seen = []
+
+    def stats(device):
+        seen.append(any(a.shape == (256, CFG.vocab_size) and a.dtype == jnp.int32
+                        for a in jax.live_arrays()))
+        return {"bytes_limit": LIMIT, "bytes_in_use": IN_USE}
+
+    monkeypatch.setattr(model_runner, "_device_memory_stats", stats)
+    runner = build_runner(_args(), loaded)[0]
+    assert seen and all(seen)
+    assert runner.token_table.array.shape == (256, CFG.vocab_size)
 
 
 def test_memory_in_use_costs_its_blocks(blocks_at, per_block):

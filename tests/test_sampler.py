@@ -30,8 +30,9 @@ def _jit_process(mode, topk_bound=0):
     return jax.jit(lambda l, t: S._process(l, t, mode, topk_bound)[1:])
 
 
-def make_t(r, s=0, l=0, **kw) -> SamplingTensors:
-    t = SamplingTensors.empty(r, s, l)
+def make_t(r, v=0, **kw) -> SamplingTensors:
+    """Neutral tensors for r rows (token bits over a vocabulary of v when v > 0), then `kw`."""
+    t = SamplingTensors.empty(r, v)
     for k, v in kw.items():
         cur = getattr(t, k)
         setattr(t, k, np.broadcast_to(np.asarray(v, cur.dtype), cur.shape).copy())
@@ -187,10 +188,11 @@ def test_penalties_match_numpy(case):
     toks[2, :] = -1
     is_out = np.zeros((r, l), bool)
     is_out[:, 4:] = True  # first 4 are prompt tokens
-    t = make_t(r, l=l, temperature=0.0, repetition_penalty=case["rep"],
+    t = make_t(r, V, temperature=0.0, repetition_penalty=case["rep"],
                frequency_penalty=case["freq"], presence_penalty=case["pres"])
-    t.penalty_tokens[:] = toks
-    t.penalty_is_output[:] = is_out
+    for i in range(r):
+        t.token_bits[i] = S.token_bits(V, toks[i, :4][toks[i, :4] >= 0],
+                                       toks[i, 4:][toks[i, 4:] >= 0])
     x, greedy = _jit_process("greedy")(logits, t)
     for i in range(r):
         ref = np_penalize(logits[i], toks[i], is_out[i], case["rep"], case["freq"], case["pres"])
@@ -205,8 +207,8 @@ def test_penalty_changes_greedy_choice():
     logits = np.zeros((1, V), np.float32)
     logits[0, 5] = 2.0
     logits[0, 6] = 1.5
-    t = make_t(1, l=3, temperature=0.0, repetition_penalty=2.0)
-    t.penalty_tokens[0] = [5, -1, -1]
+    t = make_t(1, V, temperature=0.0, repetition_penalty=2.0)
+    t.token_bits[0] = S.token_bits(V, [5])
     out = _jit_sample("greedy")(logits, t)
     assert int(out.token_ids[0]) == 6
     # logprobs stay raw
@@ -215,18 +217,18 @@ def test_penalty_changes_greedy_choice():
     # ties: as vLLM, the rank counts every token at least as likely (greedy picks index 0 here)
     tied = np.zeros((1, V), np.float32)
     tied[0, :2] = 2.0
-    out = _jit_sample("greedy")(tied, make_t(1, l=3, temperature=0.0))
+    out = _jit_sample("greedy")(tied, make_t(1, V, temperature=0.0))
     assert int(out.token_ids[0]) == 0 and int(out.rank[0]) == 2
 
 
 def test_min_tokens_masks_stop_ids():
     logits = fixed_logits(3, seed=2)
     eos = np.argmax(logits, -1)
-    stop = np.full((3, 3), -1, np.int32)
-    stop[:, 0] = eos
-    stop[0, 1] = np.argsort(logits[0])[-2]  # second best too
-    t = make_t(3, s=3, temperature=0.0, min_tokens_active=[True, True, False])
-    t.stop_ids[:] = stop
+    stop = [[eos[0], np.argsort(logits[0])[-2]], [eos[1]], [eos[2]]]  # row 0: second best too
+    # A prompt token that is also a stop id is masked all the same.
+    t = make_t(3, V, temperature=0.0, min_tokens_active=[True, True, False])
+    for i in range(3):
+        t.token_bits[i] = S.token_bits(V, [eos[i]], stop_ids=stop[i])
     out = _jit_sample("greedy")(logits, t)
     toks = np.asarray(out.token_ids)
     assert toks[0] == np.argsort(logits[0])[-3]
@@ -236,9 +238,9 @@ def test_min_tokens_masks_stop_ids():
     n = 500
     lg = np.zeros((n, V), np.float32)
     lg[:, 3] = 5.0
-    t = make_t(n, s=2, temperature=1.0, min_tokens_active=True, seeds=9)
+    t = make_t(n, V, temperature=1.0, min_tokens_active=True, seeds=9)
     t.steps[:] = np.arange(n)
-    t.stop_ids[:, 0] = 3
+    t.token_bits[:] = S.token_bits(V, [], stop_ids=[3, V + 5])  # an id beyond V is ignored
     toks = np.asarray(_jit_sample("random")(lg, t).token_ids)
     assert not (toks == 3).any()
     t.min_tokens_active[:] = False
@@ -332,10 +334,10 @@ def test_int32_and_uint32_seeds_agree():
 def test_logprobs_raw(mode, k):
     r, v = 6, 300
     logits = fixed_logits(r, v=v, seed=13)
-    t = make_t(r, l=4, temperature=0.0 if mode == "greedy" else 1.3, top_k=50, top_p=0.9,
+    t = make_t(r, v, temperature=0.0 if mode == "greedy" else 1.3, top_k=50, top_p=0.9,
                repetition_penalty=1.8, frequency_penalty=0.5, seeds=np.arange(r), steps=2)
-    t.penalty_tokens[:] = np.argsort(logits, -1)[:, -4:]
-    t.penalty_is_output[:] = True
+    for i in range(r):
+        t.token_bits[i] = S.token_bits(v, [], output_ids=np.argsort(logits[i])[-4:])
     out = _jit_sample(mode, k)(logits, t)
     toks = np.asarray(out.token_ids)
     lp = np_log_softmax(logits)
@@ -405,9 +407,9 @@ def test_all_masked_rows_no_nan(mode):
     v = 8
     logits = fixed_logits(3, v=v, seed=1)
     logits[2, :] = -np.inf  # raw row all -inf
-    t = make_t(3, s=v, temperature=0.0 if mode == "greedy" else 1.0, top_k=2, top_p=0.5,
+    t = make_t(3, v, temperature=0.0 if mode == "greedy" else 1.0, top_k=2, top_p=0.5,
                min_p=0.2, min_tokens_active=[True, False, True], seeds=[1, 2, 3])
-    t.stop_ids[:] = np.arange(v)  # row 0: every token masked by min_tokens
+    t.token_bits[:] = S.token_bits(v, [], stop_ids=np.arange(v))  # row 0: every token masked
     out = _jit_sample(mode, 3)(logits, t)
     toks = np.asarray(out.token_ids)
     assert toks[0] == np.argmax(logits[0])  # fallback: raw argmax

@@ -212,8 +212,6 @@ class LLMEngine(RequestFront):
         self._parents: dict[str, _Parent] = {}
         self._inflight: Optional[tuple[Any, Any]] = None   # (SchedulerOutput, dispatched step)
         self._stats_log = _StatsLogger()
-        # Penalties need every earlier token on the host: while such requests live, steps are synchronous.
-        self._num_penalized = 0
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
         self.compile_seconds = 0.0 if args.enforce_eager else self.runner.warmup()
         if args.nnodes > 1:  # the other ranks replay every runner call (engine/multihost.py)
@@ -253,7 +251,6 @@ class LLMEngine(RequestFront):
             self.scheduler.add_request(req)
             self._child_to_parent[c.request_id] = (parent, c)
         self._parents[parent.request_id] = parent
-        self._num_penalized += p.has_penalties
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -261,7 +258,6 @@ class LLMEngine(RequestFront):
             parent = self._parents.pop(rid, None)
             if parent is None:
                 continue
-            self._num_penalized -= parent.params.has_penalties
             child_ids = [c.request_id for c in parent.children]
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
             for cid in child_ids:
@@ -277,7 +273,7 @@ class LLMEngine(RequestFront):
     def step(self) -> list[RequestOutput]:
         """One scheduler step. With async scheduling the next step is dispatched before the
         previous one's samples are collected, so outputs trail the device by one step."""
-        overlap = self.args.async_scheduling and not self._num_penalized
+        overlap = self.args.async_scheduling
         outputs = [] if overlap else self._collect_inflight()
         so = self.scheduler.schedule()
         try:
@@ -346,7 +342,6 @@ class LLMEngine(RequestFront):
             if finished:
                 parent.metrics["finished_time"] = now
                 self._parents.pop(parent.request_id, None)
-                self._num_penalized -= parent.params.has_penalties
                 for c in parent.children:
                     self._child_to_parent.pop(c.request_id, None)
             elif parent.params.output_kind == RequestOutputKind.FINAL_ONLY:

@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxvllm.core.outputs import NewRequestData, SchedulerOutput
 from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.worker.token_table import TokenTable
 
 # Padded tokens' K/V go to an out-of-range slot, which the cache scatter drops: block 0 (never handed
 # out) stays zero, so a kernel's masked-off reads (redirected to slot 0) never meet garbage or NaN.
@@ -17,7 +18,7 @@ PAD_SLOT = np.iinfo(np.int32).max
 
 
 # Packed sampler inputs: float32 rows (in this order) and int32 rows
-# [top_k, seed, step, min_tokens active, S stop ids, L penalty tokens, L penalty is-output].
+# [top_k, seed, step, min_tokens active, token-table row (num_slots: none)].
 F32_KNOBS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
              "repetition_penalty")
 _F32_PAD = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # padding rows: greedy, no-ops
@@ -32,7 +33,7 @@ class RequestState:
     block_ids: list[int]
     seed: int
     num_computed_tokens: int = 0
-    stop_ids: list[int] = field(default_factory=list)  # masked while below min_tokens
+    slot: int = -1  # its row of the token table; -1: none (no penalties, nothing to mask)
     num_pending: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
     # The request's constant sampling knobs, as one column of the packed sampler inputs.
     f32_knobs: np.ndarray = field(init=False, repr=False)
@@ -73,12 +74,13 @@ class StepBatch:
 
 class InputBatch:
     def __init__(self, block_size: int, max_blocks_per_seq: int, token_buckets: tuple[int, ...],
-                 max_num_seqs: int, rng_seed: int) -> None:
+                 max_num_seqs: int, rng_seed: int, token_table: TokenTable) -> None:
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.token_buckets = token_buckets
         self.max_num_seqs = max_num_seqs
         self.requests: dict[str, RequestState] = {}
+        self.token_table = token_table
         self._seed_rng = np.random.default_rng(rng_seed)
         self.last_rows: dict[str, int] = {}  # req_id -> its sample row in the last built step
 
@@ -93,7 +95,9 @@ class InputBatch:
 
     def update(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids | so.preempted_req_ids:
-            self.requests.pop(rid, None)
+            st = self.requests.pop(rid, None)
+            if st is not None and st.slot >= 0:
+                self.token_table.release(st.slot)
         for nr in so.new_reqs:
             self.requests[nr.req_id] = self._new_state(nr)
         for cr in so.cached_reqs:
@@ -105,11 +109,17 @@ class InputBatch:
         sp = nr.sampling_params
         # Unseeded requests get a seed here, so every request's random stream is (seed, position).
         seed = sp.seed if sp.seed is not None else int(self._seed_rng.integers(0, 2**31 - 1))
+        slot = -1
+        masks = bool(sp.min_tokens and sp.all_stop_token_ids)
+        if sp.has_penalties or masks:
+            pen = sp.has_penalties
+            slot = self.token_table.assign(nr.prompt_token_ids if pen else (),
+                                           nr.output_token_ids if pen else (),
+                                           sorted(sp.all_stop_token_ids) if masks else ())
         return RequestState(
             req_id=nr.req_id, token_ids=list(nr.prompt_token_ids) + list(nr.output_token_ids),
             num_prompt_tokens=len(nr.prompt_token_ids), params=sp, block_ids=list(nr.block_ids),
-            seed=seed, num_computed_tokens=nr.num_computed_tokens,
-            stop_ids=sorted(sp.all_stop_token_ids))
+            seed=seed, num_computed_tokens=nr.num_computed_tokens, slot=slot)
 
     def build(self, so: SchedulerOutput) -> StepBatch:
         req_ids = list(so.num_scheduled_tokens)
@@ -169,21 +179,15 @@ class InputBatch:
                          block_tables, np.array([len(req_ids)], np.int32), logits_indices,
                          sample_mask, prev_rows, spans)
 
-    def sampling_arrays(self, batch: StepBatch) -> tuple[np.ndarray, np.ndarray, int]:
-        """The packed sampler inputs padded to R: float32 [6, R], int32 [4 + S + 2L, R], and S
-        (the sampler's SamplingTensors are unpacked from them on device)."""
+    def sampling_arrays(self, batch: StepBatch) -> tuple[np.ndarray, np.ndarray]:
+        """The packed sampler inputs padded to R: float32 [6, R] and int32 [5, R] (the sampler's
+        SamplingTensors are unpacked from them on device)."""
         r = len(batch.logits_indices)
         states = [self.requests[rid] for rid in batch.req_ids]
         n = len(states)
-        f32 = np.repeat(_F32_PAD[:, None], r, axis=1)
-        masked = [i for i, s in enumerate(states) if s.params.min_tokens and s.stop_ids]
-        penalized = [i for i, s in enumerate(states) if s.params.has_penalties]
-        # Static in the sampler's jit, like the history length: powers of two, so a new count of
-        # stop ids seldom compiles a new variant.
-        num_stop = _pow2_at_least(max((len(states[i].stop_ids) for i in masked), default=1))
-        hist = _pow2_at_least(max(len(states[i].token_ids) for i in penalized)) if penalized else 0
-        i32 = np.zeros(sampling_shapes(r, num_stop, hist)[1], np.int32)
-        i32[4:4 + num_stop + hist] = -1  # stop ids and penalty tokens: -1 is padding
+        f32, i32 = (np.zeros(s, d) for s, d in zip(sampling_shapes(r), (np.float32, np.int32)))
+        f32[:] = _F32_PAD[:, None]
+        i32[4] = self.token_table.num_slots
         if n:
             f32[:, :n] = np.stack([s.f32_knobs for s in states], axis=1)
             i32[0, :n] = [s.params.top_k for s in states]
@@ -191,27 +195,17 @@ class InputBatch:
             # build() already counted this step's sample as pending: it is output number k - 1.
             i32[2, :n] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
                 - batch.sample_mask[:n]
-        for i in masked:
-            s = states[i]
-            if i32[2, i] < s.params.min_tokens:
-                i32[3, i] = 1
-                i32[4:4 + len(s.stop_ids), i] = s.stop_ids
-        base = 4 + num_stop
-        for i in penalized:
-            toks = states[i].token_ids
-            i32[base:base + len(toks), i] = toks
-            i32[base + hist + states[i].num_prompt_tokens:base + hist + len(toks), i] = 1
-        return f32, i32, num_stop
+        for i, s in enumerate(states):
+            # Only a row that samples reads its token bits and counts its token in them.
+            if s.slot >= 0 and batch.sample_mask[i]:
+                i32[3, i] = i32[2, i] < s.params.min_tokens
+                i32[4, i] = s.slot
+        return f32, i32
 
 
-def sampling_shapes(rows: int, num_stop: int, hist: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of `sampling_arrays`' float32 and int32 arrays for `rows` rows, `num_stop` stop ids
-    and a penalty history of `hist` tokens."""
-    return (len(_F32_PAD), rows), (4 + num_stop + 2 * hist, rows)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def sampling_shapes(rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of `sampling_arrays`' float32 and int32 arrays for `rows` rows."""
+    return (len(_F32_PAD), rows), (5, rows)
 
 
 def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:

@@ -23,16 +23,20 @@ from jaxvllm.core.outputs import ModelRunnerOutput, SchedulerOutput
 from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.outputs import Logprob
+from jaxvllm.worker import compile_watch
 from jaxvllm.worker import sampler as sampler_lib
 from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, StepBatch, default_token_buckets,
                                         sampling_shapes)
+from jaxvllm.worker import token_table
+from jaxvllm.worker.token_table import TokenTable
 from pallas_kernels import ragged_paged_attention
 
 logger = logging.getLogger(__name__)
 
-# Sampler variants compiled at start-up: greedy and plain temperature sampling. The top-k/top-p
-# variant ("random_sort") compiles, or loads from the persistent cache, on first use.
-WARMUP_SAMPLER_MODES = ("greedy", "random")
+# The sampler's static variants, (mode, topk_bound): all are compiled at start-up, for every
+# request bucket and both logprob widths, so that no request compiles anything while serving.
+SAMPLER_VARIANTS = (("greedy", 0), ("random", 0), ("random_sort", 0)) + tuple(
+    ("random_sort", b) for b in sampler_lib.TOPK_BOUNDS)
 
 # Without a device memory query (CPU), the KV cache gets this many bytes unless overridden.
 CPU_KV_CACHE_BYTES = 512 << 20
@@ -88,16 +92,20 @@ class ModelRunner:
                              f"({rc.max_num_batched_tokens}), largest is {buckets[-1]}")
         self.token_buckets = tuple(buckets)
         self.max_blocks_per_seq = -(-rc.max_model_len // rc.block_size)
+        # Allocated before the KV cache is sized, which so leaves room for it.
+        self.token_table = TokenTable(rc.max_num_seqs, cfg.vocab_size,
+                                      shardings.replicated if shardings is not None
+                                      else self._kv_sharding)
         self.input_batch = InputBatch(rc.block_size, self.max_blocks_per_seq, self.token_buckets,
-                                      rc.max_num_seqs, rc.seed)
-        step_kw = dict(donate_argnums=(1,), static_argnames=("score",),
+                                      rc.max_num_seqs, rc.seed, self.token_table)
+        step_kw = dict(donate_argnums=(1,),
                        **({} if shardings is None else shardings.step_jit_kwargs()))
         self._step = jax.jit(self._step_impl, **step_kw)
         self._step_small = jax.jit(self._step_impl, **step_kw,
                                    compiler_options={"xla_gpu_enable_triton_gemm": True})
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
-        self._sample = jax.jit(self._sample_impl,
-                               static_argnames=("num_stop", "mode", "num_logprobs", "topk_bound"))
+        self._sample = jax.jit(self._sample_impl, donate_argnums=(0,),
+                               static_argnames=("mode", "num_logprobs", "topk_bound"))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",))
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
         # so not fewer than SCORE_ROWS_MIN even when max_num_seqs is small.
@@ -111,6 +119,7 @@ class ModelRunner:
         # Multi-host: raises when another process is gone (engine/multihost.py), checked while a
         # step is waited for, so a collective left waiting for a dead peer fails within a second.
         self.peer_check: Optional[Callable[[], None]] = None
+        self._compile_mark: Optional[int] = None  # set by warmup(): lowerings from then on are news
         t0 = time.perf_counter()
         self.num_blocks = rc.num_blocks or self._profile_num_blocks()
         self.kv_sizing_seconds = time.perf_counter() - t0
@@ -120,7 +129,7 @@ class ModelRunner:
 
     # ---- the jitted step -------------------------------------------------------------------
     def _step_impl(self, params: Any, kv_cache: llama.KVCache, packed: jax.Array,
-                   prev_sampled: jax.Array, score: bool = False):
+                   prev_sampled: jax.Array):
         inp, logits_indices, prev_rows = self._unpack_inputs(packed)
         # Decode inputs whose ids are the previous step's samples are read on device (async
         # scheduling: the host never waited for them).
@@ -128,9 +137,10 @@ class ModelRunner:
         inp = dataclasses.replace(inp, token_ids=token_ids)
         hidden, kv_cache = llama.forward(params, kv_cache, inp, self.cfg, self.attention_fn)
         logits = llama.compute_logits(params, hidden[logits_indices], self.cfg)
-        # `score`: also every token's hidden state, for prompt logprobs (scored in row chunks
-        # afterwards: logits of a whole 2048-token bucket at a 128k vocabulary would be 1 GiB).
-        return kv_cache, logits, hidden if score else None
+        # Also every token's hidden state, for prompt logprobs (scored in row chunks afterwards:
+        # logits of a whole 2048-token bucket at a 128k vocabulary would be 1 GiB). Always, not as
+        # a static variant: that would double the step executables compiled at start-up.
+        return kv_cache, logits, hidden
 
     def _step_for(self, num_tokens: int) -> Any:
         """The jitted step for a bucket of `num_tokens` (see RunnerConfig.triton_gemm_max_tokens)."""
@@ -163,21 +173,21 @@ class ModelRunner:
                                 bt.reshape(r, self.max_blocks_per_seq), num_seqs)
         return inp, logits_indices, prev_rows
 
-    def _sample_impl(self, logits: jax.Array, f32: jax.Array, i32: jax.Array, *, num_stop: int,
-                     mode: str, num_logprobs: int, topk_bound: int) -> sampler_lib.SamplerOutput:
-        hist = (i32.shape[0] - 4 - num_stop) // 2
-        stop_end = 4 + num_stop
+    def _sample_impl(self, table: jax.Array, logits: jax.Array, f32: jax.Array, i32: jax.Array, *,
+                     mode: str, num_logprobs: int,
+                     topk_bound: int) -> tuple[jax.Array, sampler_lib.SamplerOutput]:
+        slots = i32[4]
         tensors = sampler_lib.SamplingTensors(
             temperature=f32[0], top_p=f32[1], min_p=f32[2], presence_penalty=f32[3],
             frequency_penalty=f32[4], repetition_penalty=f32[5], top_k=i32[0], seeds=i32[1],
-            steps=i32[2], min_tokens_active=i32[3] != 0, stop_ids=i32[4:stop_end].T,
-            penalty_tokens=i32[stop_end:stop_end + hist].T,
-            penalty_is_output=i32[stop_end + hist:].T != 0)
+            steps=i32[2], min_tokens_active=i32[3] != 0,
+            token_bits=token_table.read_rows(table, slots))
         out = sampler_lib.sample(logits, tensors, mode=mode, num_logprobs=num_logprobs,
                                  topk_bound=topk_bound)
+        table = token_table.record(table, slots, out.token_ids)
         # Padded to max_num_seqs so the next step's input gather has one shape for every bucket.
         pad = self.rc.max_num_seqs - out.token_ids.shape[0]
-        return out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
+        return table, out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
 
     # ---- memory ------------------------------------------------------------------------------
     def _profile_num_blocks(self) -> int:
@@ -223,21 +233,21 @@ class ModelRunner:
                                     self._kv_sharding)
         t = self.token_buckets[-1]
         b = self._dummy_batch(t)
-        return _new_bytes(self._step_for(t).lower(self.params, probe, *self._device_inputs(b),
-                                                  score=False))
+        return _new_bytes(self._step_for(t).lower(self.params, probe, *self._device_inputs(b)))
 
     def _sampler_bytes(self) -> int:
         """The sampler's most memory-hungry variant at max_num_seqs rows: a full sort over the
-        vocabulary (top-p without top-k), penalties and max_logprobs logprobs. At the 8B shape
-        (128k vocabulary, 256 rows) the variant without penalties measured 878 MiB of temporaries on
-        the H100, 7x the step's own and more than the fixed margin: OpenAI clients often send top_p.
-        Compiling it here also does its autotuning before the cache takes the memory."""
+        vocabulary (top-p without top-k) and max_logprobs logprobs. At the 8B shape (128k
+        vocabulary, 256 rows) it measured 878 MiB of temporaries on the H100, 7x the step's own and
+        more than the fixed margin: OpenAI clients often send top_p. Compiling it here also does
+        its autotuning before the cache takes the memory. (The token table it reads and updates in
+        place is allocated already.)"""
         r, sds = self.rc.max_num_seqs, jax.ShapeDtypeStruct
-        num_stop = 1
-        f32, i32 = sampling_shapes(r, num_stop, hist=1)
+        f32, i32 = sampling_shapes(r)
         return _new_bytes(self._sample.lower(
-            sds((r, self.cfg.vocab_size), jnp.float32), sds(f32, jnp.float32), sds(i32, jnp.int32),
-            num_stop=num_stop, mode="random_sort", num_logprobs=self.rc.max_logprobs, topk_bound=0))
+            self.token_table.array, sds((r, self.cfg.vocab_size), jnp.float32),
+            sds(f32, jnp.float32), sds(i32, jnp.int32),
+            mode="random_sort", num_logprobs=self.rc.max_logprobs, topk_bound=0))
 
     def _prompt_scoring_bytes(self) -> int:
         """One chunk of prompt scoring (`_score_prompts`) at max_logprobs, from the largest bucket."""
@@ -263,7 +273,10 @@ class ModelRunner:
                          np.array([0], np.int32), z(r), np.zeros(r, bool), np.full(t, -1, np.int32))
 
     def warmup(self, progress: bool = True) -> float:
-        """Compile every token bucket's step and the common sampler variants; returns seconds.
+        """Compiles every program a request can need, so that serving compiles nothing: each token
+        bucket's step, every sampler variant (SAMPLER_VARIANTS x both logprob widths) at each
+        request bucket, prompt scoring from each token bucket and the token table's write; returns
+        seconds.
 
         Each program is traced and lowered here, in a fixed order, and its executable is then built
         on a thread pool (XLA compiles, and loads from the persistent cache, release the GIL); this
@@ -275,23 +288,32 @@ class ModelRunner:
         t0 = time.perf_counter()
         batches = {t: self._dummy_batch(t) for t in self.token_buckets}
         bar = _progress(progress, len(batches), "Compiling buckets")
-        _compile_all([self._step_for(t).lower(self.params, self.kv_cache, *self._device_inputs(b),
-                                              score=False) for t, b in batches.items()], bar)
+        _compile_all([self._step_for(t).lower(self.params, self.kv_cache, *self._device_inputs(b))
+                      for t, b in batches.items()], bar)
         bar.close()
         t_steps = time.perf_counter()
-        sampler = []
+        rows = np.zeros(self.score_rows, np.int32)
+        widths = sorted({0, self.rc.max_logprobs})
+        others, sampler_rows = [self.token_table.warmup()], set()
         for t, b in batches.items():
-            self.kv_cache, logits, _ = self._step_for(t)(self.params, self.kv_cache,
-                                                         *self._device_inputs(b), score=False)
-            f32, i32, num_stop = self.input_batch.sampling_arrays(b)
-            sampler += [self._sample.lower(logits, f32, i32, num_stop=num_stop, mode=mode,
-                                           num_logprobs=0, topk_bound=0)
-                        for mode in WARMUP_SAMPLER_MODES]
-        _compile_all(sampler, _NoBar())
+            self.kv_cache, logits, hidden = self._step_for(t)(self.params, self.kv_cache,
+                                                              *self._device_inputs(b))
+            others.append(self._prompt_logprobs.lower(self.params, hidden, rows, rows,
+                                                      num_logprobs=self.rc.max_logprobs))
+            if logits.shape[0] in sampler_rows:
+                continue
+            sampler_rows.add(logits.shape[0])
+            f32, i32 = self.input_batch.sampling_arrays(b)
+            others += [self._sample.lower(self.token_table.array, logits, f32, i32, mode=mode,
+                                          num_logprobs=k, topk_bound=bound)
+                       for mode, bound in SAMPLER_VARIANTS for k in widths]
+        _compile_all(others, _NoBar())
         jax.block_until_ready(self.kv_cache)
+        self._compile_mark = compile_watch.mark()
         done = time.perf_counter()
-        logger.info("Warm-up: %d step executables in %.1f s, %d sampler variants in %.1f s",
-                    len(batches), t_steps - t0, len(sampler), done - t_steps)
+        logger.info("Warm-up: %d step executables in %.1f s, %d sampler, prompt-scoring and "
+                    "token-table executables in %.1f s", len(batches), t_steps - t0, len(others),
+                    done - t_steps)
         return done - t0
 
     # ---- one step ----------------------------------------------------------------------------
@@ -304,25 +326,39 @@ class ModelRunner:
         """Queue one step on the device without waiting for it (None: nothing to run)."""
         ib = self.input_batch
         ib.update(so)
+        self.token_table.flush()  # rows of new requests, written before the sampler reads them
         if so.total_num_scheduled_tokens == 0:
             return None
         b = ib.build(so)
-        score = bool(b.prompt_logprob_spans)
         t = len(b.token_ids)
         self.kv_cache, logits, all_hidden = self._step_for(t)(
-            self.params, self.kv_cache, *self._device_inputs(b), score=score)
-        f32, i32, num_stop = ib.sampling_arrays(b)
+            self.params, self.kv_cache, *self._device_inputs(b))
+        f32, i32 = ib.sampling_arrays(b)
         n = len(b.req_ids)
         knobs = f32[0, :n], i32[0, :n], f32[1, :n]  # temperature, top_k, top_p
         mode = sampler_lib.sampling_mode(*knobs)
         logprobs_k = {rid: ib.requests[rid].params.logprobs for rid in b.req_ids
                       if ib.requests[rid].params.logprobs is not None}
-        sampled = self._sample(logits, f32, i32, num_stop=num_stop, mode=mode,
-                               num_logprobs=self._logprobs_width(max(logprobs_k.values(), default=0)),
-                               topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
+        # One logprob width for every k > 0 (each request's k is sliced on the host): a width per k
+        # would be a sampler variant per k.
+        self.token_table.array, sampled = self._sample(
+            self.token_table.array, logits, f32, i32, mode=mode,
+            num_logprobs=self.rc.max_logprobs if any(logprobs_k.values()) else 0,
+            topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
         self._prev_sampled = sampled.token_ids
-        prompt = self._score_prompts(b, all_hidden) if score else None
+        prompt = self._score_prompts(b, all_hidden) if b.prompt_logprob_spans else None
+        self._warn_on_compiles(t, mode)
         return Inflight(b.req_ids, b.sample_mask[:n].copy(), sampled, logprobs_k, prompt, t)
+
+    def _warn_on_compiles(self, num_tokens: int, mode: str) -> None:
+        if self._compile_mark is None:
+            return
+        names = compile_watch.since(self._compile_mark)
+        if names:
+            self._compile_mark += len(names)
+            logger.warning("%d program(s) compiled while serving, after the warm-up (every request "
+                           "waited): %s; step of token bucket %d, sampler mode %s", len(names),
+                           ", ".join(names), num_tokens, mode)
 
     def _fetch(self, h: "Inflight") -> tuple[Any, dict]:
         """The step's samples and prompt logprobs on the host (one device->host transfer for the
@@ -376,28 +412,21 @@ class ModelRunner:
         rows: list[int] = []
         targets: list[int] = []
         spans = []
-        k = 0
         for rid, offset, start, count in b.prompt_logprob_spans:
             st = self.input_batch.requests[rid]
             toks = st.token_ids[start + 1:start + 1 + count]
             spans.append((rid, len(rows), toks, st.params.prompt_logprobs))
             rows += range(offset, offset + len(toks))
             targets += toks
-            k = max(k, st.params.prompt_logprobs)
         c = self.score_rows
         pad = -len(rows) % c
         rows_a = np.asarray(rows + [0] * pad, np.int32)
         targets_a = np.asarray(targets + [0] * pad, np.int32)
+        # One top-k width for every request's k (each k is sliced on the host), as for the sampler.
         chunks = [self._prompt_logprobs(self.params, all_hidden, rows_a[i:i + c], targets_a[i:i + c],
-                                        num_logprobs=self._logprobs_width(k))
+                                        num_logprobs=self.rc.max_logprobs)
                   for i in range(0, len(rows_a), c)]
         return _PromptScores(spans, chunks)
-
-    def _logprobs_width(self, k: int) -> int:
-        """The top-k width compiled for a batch whose largest request asks for k logprobs: one width
-        for every k > 0 (each request's k is sliced on the host), since a width per value of k would
-        compile a new sampler variant while serving."""
-        return self.rc.max_logprobs if k else 0
 
     def _prompt_logprobs_impl(self, params: Any, hidden: jax.Array, rows: jax.Array,
                               targets: jax.Array, *, num_logprobs: int):

@@ -10,6 +10,12 @@ Semantics follow vLLM v1's sampler:
   Gumbel-max over the processed logits. Identical requests with the same seed produce identical
   tokens wherever they sit in the batch.
 
+Penalties and min_tokens masking read each row's *token bits* (int32 [R, V], see
+:func:`token_bits`): ``PROMPT_BIT`` for a token in the prompt, ``STOP_BIT`` for a stop id masked
+while min_tokens is not reached, and ``COUNT_UNIT`` times the token's count in the output. The
+engine keeps them on the device (worker/token_table.py), so their size never depends on the length
+of a request and no step waits for the host.
+
 Everything is fixed-shape, with no Python loops over rows and no host syncs. ``mode`` and
 ``num_logprobs`` (and the optional ``topk_bound``) are static: the model runner picks them on the
 host from the batch's parameters (see :func:`sampling_mode` and :func:`topk_bound_for`).
@@ -32,11 +38,16 @@ TOPK_BOUNDS = (16, 64)
 
 _NEG_INF = float("-inf")
 
+# Token bits: one int32 per (row, vocabulary id). Prompt and stop bits are set once per distinct id,
+# the output count is added per occurrence, so every contribution is a plain scatter-add.
+PROMPT_BIT = 1
+STOP_BIT = 2
+COUNT_UNIT = 4
+
 _FIELDS = (
     "temperature", "top_k", "top_p", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "seeds", "steps", "stop_ids", "min_tokens_active",
-    "penalty_tokens", "penalty_is_output",
+    "seeds", "steps", "min_tokens_active", "token_bits",
 )
 
 
@@ -52,14 +63,13 @@ class SamplingTensors:
     repetition_penalty: jax.Array  # f32[R]; 1 = off
     seeds: jax.Array              # u32[R] or i32[R]
     steps: jax.Array              # i32[R]; index of the output token being sampled
-    stop_ids: jax.Array           # i32[R, S]; masked while min_tokens_active; -1 = padding
-    min_tokens_active: jax.Array  # bool[R]
-    penalty_tokens: jax.Array     # i32[R, L]; prompt + output history; -1 = padding; L may be 0
-    penalty_is_output: jax.Array  # bool[R, L]
+    min_tokens_active: jax.Array  # bool[R]; mask the row's STOP_BIT ids
+    token_bits: jax.Array         # i32[R, V] (see token_bits()), or i32[R, 0]: no penalties/masking
 
     @classmethod
-    def empty(cls, num_rows: int, num_stop_ids: int = 0, penalty_len: int = 0) -> "SamplingTensors":
-        """Neutral numpy tensors (greedy rows, every filter and penalty off): padding / warm-up."""
+    def empty(cls, num_rows: int, vocab_size: int = 0) -> "SamplingTensors":
+        """Neutral numpy tensors (greedy rows, every filter and penalty off); ``vocab_size`` 0
+        leaves out the token bits."""
         r = num_rows
         return cls(
             temperature=np.zeros((r,), np.float32),
@@ -71,10 +81,8 @@ class SamplingTensors:
             repetition_penalty=np.ones((r,), np.float32),
             seeds=np.zeros((r,), np.uint32),
             steps=np.zeros((r,), np.int32),
-            stop_ids=np.full((r, num_stop_ids), -1, np.int32),
             min_tokens_active=np.zeros((r,), np.bool_),
-            penalty_tokens=np.full((r, penalty_len), -1, np.int32),
-            penalty_is_output=np.zeros((r, penalty_len), np.bool_),
+            token_bits=np.zeros((r, vocab_size), np.int32),
         )
 
 
@@ -91,6 +99,36 @@ class SamplerOutput(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------
 # Host-side helpers for the model runner (numpy, cheap).
+
+
+def token_bit_entries(prompt_ids: Sequence[int], output_ids: Sequence[int] = (),
+                      stop_ids: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(vocabulary ids, values) whose scatter-add into a zeroed row gives that row's token bits;
+    ids need not be in range (out-of-range ones are dropped by the scatter)."""
+    parts = []
+    for ids, unit in ((prompt_ids, PROMPT_BIT), (stop_ids, STOP_BIT)):
+        if len(ids):
+            parts.append((np.unique(np.asarray(ids, np.int64)), None, unit))
+    if len(output_ids):
+        ids, counts = np.unique(np.asarray(output_ids, np.int64), return_counts=True)
+        parts.append((ids, counts, COUNT_UNIT))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    ids = np.concatenate([p[0] for p in parts])
+    vals = np.concatenate([np.full(len(p[0]), p[2], np.int32) if p[1] is None
+                           else (p[1] * p[2]).astype(np.int32) for p in parts])
+    return ids, vals
+
+
+def token_bits(vocab_size: int, prompt_ids: Sequence[int], output_ids: Sequence[int] = (),
+               stop_ids: Sequence[int] = ()) -> np.ndarray:
+    """One row of token bits (int32 [vocab_size]) for a request's prompt, its output so far and
+    the stop ids min_tokens masks."""
+    ids, vals = token_bit_entries(prompt_ids, output_ids, stop_ids)
+    row = np.zeros(vocab_size, np.int32)
+    ok = (ids >= 0) & (ids < vocab_size)
+    np.add.at(row, ids[ok], vals[ok])
+    return row
 
 
 def sampling_mode(temperature: Sequence[float] | np.ndarray, top_k: Sequence[int] | np.ndarray,
@@ -184,23 +222,13 @@ def _argmax_or(x: jax.Array, fallback: jax.Array) -> jax.Array:
     return jnp.where(ok, jnp.argmax(x, axis=-1), jnp.argmax(fallback, axis=-1)).astype(jnp.int32)
 
 
-def _mask_stop_ids(x: jax.Array, stop_ids: jax.Array, active: jax.Array) -> jax.Array:
-    r, v = x.shape
-    keep = active[:, None] & (stop_ids >= 0) & (stop_ids < v)
-    idx = jnp.where(keep, stop_ids, v)  # v is out of bounds: dropped
-    rows = jnp.arange(r, dtype=jnp.int32)[:, None]
-    return x.at[rows, idx].set(_NEG_INF, mode="drop")
+def _mask_stop_ids(x: jax.Array, bits: jax.Array, active: jax.Array) -> jax.Array:
+    return jnp.where(active[:, None] & ((bits & STOP_BIT) != 0), _NEG_INF, x)
 
 
-def _apply_penalties(x: jax.Array, t: SamplingTensors) -> jax.Array:
-    r, v = x.shape
-    tok = t.penalty_tokens
-    valid = (tok >= 0) & (tok < v)
-    idx = jnp.where(valid, tok, v)  # padding -> out of bounds -> dropped
-    rows = jnp.arange(r, dtype=jnp.int32)[:, None]
-    seen = jnp.zeros((r, v), jnp.bool_).at[rows, idx].set(True, mode="drop")
-    out_w = jnp.where(t.penalty_is_output, 1.0, 0.0).astype(jnp.float32)
-    counts = jnp.zeros((r, v), jnp.float32).at[rows, idx].add(out_w, mode="drop")
+def _apply_penalties(x: jax.Array, bits: jax.Array, t: SamplingTensors) -> jax.Array:
+    seen = (bits & ~STOP_BIT) != 0  # in the prompt or the output
+    counts = (bits // COUNT_UNIT).astype(jnp.float32)
     rep = t.repetition_penalty.astype(jnp.float32)[:, None]
     x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
     freq = t.frequency_penalty.astype(jnp.float32)[:, None]
@@ -266,10 +294,9 @@ def _process(logits: jax.Array, t: SamplingTensors, mode: str, topk_bound: int =
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     raw = logits.astype(jnp.float32)
     x = raw
-    if t.stop_ids.shape[-1] > 0:
-        x = _mask_stop_ids(x, t.stop_ids, t.min_tokens_active)
-    if t.penalty_tokens.shape[-1] > 0:
-        x = _apply_penalties(x, t)
+    if t.token_bits.shape[-1] > 0:
+        x = _mask_stop_ids(x, t.token_bits, t.min_tokens_active)
+        x = _apply_penalties(x, t.token_bits, t)
     greedy_tok = _argmax_or(x, raw)
     if mode == "greedy":
         return raw, x, greedy_tok

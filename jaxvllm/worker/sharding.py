@@ -169,8 +169,7 @@ class TPShardings:
         """`jax.jit` arguments for the runner's step `(params, kv_cache, packed host inputs,
         previous samples) -> (kv_cache, logits, all_hidden)`: the cache stays split over KV heads (so the donated buffers
         are updated in place) and the logits (and hidden states) come back replicated. Inputs take their
-        arrays' shardings (params and cache are committed; the host batch arrives replicated); the
-        step passes `score` by keyword, which `jit` allows only without `in_shardings`."""
+        arrays' shardings (params and cache are committed; the host batch arrives replicated)."""
         return dict(out_shardings=(self.kv_cache, self.replicated, self.replicated))
 
     def match_layout(self, params: Any) -> Any:

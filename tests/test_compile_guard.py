@@ -1,0 +1,69 @@
+"""Nothing compiles after the warm-up: the real engine (embedded SmolLM2, float32, CPU), warmed up,
+serves every kind of request a user can send (each sampler variant, logprob widths, prompt
+logprobs, penalties, min_tokens, n > 1, seeds, stop strings, chunked prefill, batches of every
+request bucket), and JAX lowers no program meanwhile. A compile while serving stalls every stream,
+so the runner also warns when one happens."""
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from jaxvllm import LLM, SamplingParams
+from jaxvllm.worker import compile_watch
+
+LONG = "A long prompt about rivers and the cities that grew on their banks, " * 6  # > 32 tokens
+
+
+@pytest.fixture(scope="module")
+def llm():
+    # Request buckets 8 and 16 (max_num_seqs 16): two sampler row counts.
+    return LLM(dtype="float32", max_model_len=256, max_num_seqs=16, max_num_batched_tokens=32,
+               token_buckets=(8, 16, 32), num_gpu_blocks_override=96, max_logprobs=8)
+
+
+def _kinds() -> list[SamplingParams]:
+    g = dict(max_tokens=6, ignore_eos=True)
+    return [
+        SamplingParams(temperature=0.0, **g),
+        SamplingParams(temperature=0.8, seed=1, **g),
+        SamplingParams(temperature=0.8, top_k=5, **g),           # top-k bound 16
+        SamplingParams(temperature=0.8, top_k=40, **g),          # top-k bound 64
+        SamplingParams(temperature=0.8, top_k=100, **g),         # full sort
+        SamplingParams(temperature=0.8, top_p=0.9, **g),         # full sort
+        SamplingParams(temperature=0.8, min_p=0.1, **g),
+        SamplingParams(temperature=0.0, logprobs=0, **g),
+        SamplingParams(temperature=0.7, logprobs=3, top_p=0.5, **g),
+        SamplingParams(temperature=0.0, prompt_logprobs=0, **g),
+        SamplingParams(temperature=0.0, prompt_logprobs=5, logprobs=8, **g),
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5,
+                       frequency_penalty=0.4, **g),
+        SamplingParams(temperature=1.0, frequency_penalty=1.0, n=3, seed=4, **g),
+        SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=list(range(60)), max_tokens=6),
+        SamplingParams(temperature=0.0, stop=["the", "\n"], max_tokens=6),
+    ]
+
+
+def test_serving_compiles_nothing_after_warm_up(llm, caplog):
+    mark = compile_watch.mark()
+    kinds = _kinds()
+    with caplog.at_level(logging.WARNING, logger="jaxvllm.worker.model_runner"):
+        for i, sp in enumerate(kinds):  # each kind alone: a batch of one row
+            llm.generate([f"Question {i}: what is a river?"], sp, use_tqdm=False)
+        # Mixed batches of every size up to max_num_seqs, with long (chunked) prompts.
+        for size in (2, 5, 9, 16):
+            prompts = [(LONG if j % 3 == 0 else "") + f"Say {j} things." for j in range(size)]
+            llm.generate(prompts, [kinds[j % len(kinds)] for j in range(size)], use_tqdm=False)
+    assert compile_watch.since(mark) == []
+    assert not [r for r in caplog.records if "compiled while serving" in r.getMessage()]
+
+
+def test_a_compile_while_serving_is_logged(llm, caplog):
+    """A lowering between steps (here a stray jit in the same process) is reported by the next step."""
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7))
+    with caplog.at_level(logging.WARNING, logger="jaxvllm.worker.model_runner"):
+        llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    msgs = [r.getMessage() for r in caplog.records if "compiled while serving" in r.getMessage()]
+    assert len(msgs) == 1 and "1 program(s)" in msgs[0] and "jit(<lambda>)" in msgs[0], msgs
