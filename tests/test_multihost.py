@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -83,23 +83,62 @@ def _lead_until_follower_dies(model: str, addr: str, out: str) -> None:
         json.dump(report, f)
 
 
-def _follow(model: str, addr: str, stop_at_step: int = 0) -> int:
-    """Rank 1; with `stop_at_step`, it stops (SIGSTOP) as that step arrives, before running it: rank
-    0 runs it and waits in its collectives for this process, which the test then kills."""
+def _lead_until_step_fails(model: str, addr: str, out: str) -> None:
+    """Rank 0 with a fault injected into its runner (see FAULTS): two batches, the first meets the
+    fault, the second finds the engine dead."""
+    from jaxvllm import LLM
+    llm = LLM(model=model, **_engine_kwargs(8), **_node_kwargs(addr, 0))
+    errors: list[Optional[dict]] = []
+    for _ in range(2):
+        t0 = time.monotonic()
+        try:
+            _greedy(llm)
+            errors.append(None)
+        except BaseException as e:  # noqa: BLE001 (Ctrl-C is one of the faults)
+            errors.append({"error": f"{type(e).__name__}: {e}", "cause": repr(e.__cause__),
+                           "seconds": time.monotonic() - t0})
+    with open(out, "w") as f:
+        json.dump({"errors": errors}, f)
+
+
+def _follow(model: str, addr: str) -> int:
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine.multihost import run_follower
-    from jaxvllm.worker.model_runner import ModelRunner
-    if stop_at_step:
-        real, calls = ModelRunner.dispatch, []
-
-        def dispatch(self: ModelRunner, so: Any) -> Any:
-            calls.append(so)
-            if len(calls) == stop_at_step:
-                os.kill(os.getpid(), signal.SIGSTOP)
-            return real(self, so)
-
-        ModelRunner.dispatch = dispatch
     return run_follower(EngineArgs(model=model, **_engine_kwargs(8), **_node_kwargs(addr, 1)))
+
+
+def _inject(call: str, at: int, fault: Callable[[], None]) -> None:
+    """ModelRunner's `call` ("dispatch" or "collect") runs `fault` first at its `at`-th call in this
+    process."""
+    from jaxvllm.worker.model_runner import ModelRunner
+    real, calls = getattr(ModelRunner, call), []
+
+    def wrapped(self: ModelRunner, arg: Any) -> Any:
+        calls.append(arg)
+        if len(calls) == at:
+            fault()
+        return real(self, arg)
+
+    setattr(ModelRunner, call, wrapped)
+
+
+def _stop() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _raise(exc: type) -> Callable[[], None]:
+    def fault() -> None:
+        raise exc("injected fault")
+    return fault
+
+
+# Role -> (the runner call, at which call, the fault). follow_then_stop: rank 1 stops (SIGSTOP) as
+# the step arrives, before running it: rank 0 runs it and waits in its collectives for this process,
+# which the test then kills.
+FAULTS = {"follow_then_stop": ("dispatch", 3, _stop),
+          "follow_then_interrupt": ("dispatch", 3, _raise(KeyboardInterrupt)),
+          "lead_then_dispatch_fails": ("dispatch", 3, _raise(RuntimeError)),
+          "lead_then_collect_interrupted": ("collect", 3, _raise(KeyboardInterrupt))}
 
 
 # ---- the test side -------------------------------------------------------------------------------
@@ -214,6 +253,54 @@ def test_follower_killed_mid_step_makes_rank0_raise(model, tmp_path):
     assert rep["error"] and rep["error"].startswith("PeerLostError: "), rep
     assert "rank 1" in rep["error"]
     assert rep["time"] - killed_at < 10  # the closed connection, not the 120 s step deadline
+
+
+@pytest.mark.parametrize("lead_role, call, first_error", [
+    ("lead_then_dispatch_fails", "dispatch", "PeerLostError: "),
+    ("lead_then_collect_interrupted", "collect", "KeyboardInterrupt: "),
+])
+def test_a_failed_call_on_rank0_ends_the_engine_and_the_followers(model, tmp_path, lead_role, call,
+                                                                   first_error):
+    """The follower made the call before it failed on rank 0 and cannot take it back, so the
+    engine is over: the follower exits 1 saying why, the failing batch raises (an Exception as
+    PeerLostError, Ctrl-C as itself), and the next batch raises PeerLostError at once."""
+    lead, follow, out, logs = _start_pair(model, tmp_path, lead_role, "follow")
+    try:
+        assert lead.wait(TIMEOUT_S) == 1, _tail(logs[0])  # a dead engine: not JAX's exit wait
+        assert follow.wait(60) == 1, _tail(logs[1])
+    finally:
+        _kill(lead, follow)
+    assert (f"rank 1 stops: rank 0 stopped the engine: rank 0's {call} failed"
+            in _tail(logs[1])), _tail(logs[1])
+    assert "injected fault" in _tail(logs[1])
+    with open(out) as f:
+        first, second = json.load(f)["errors"]
+    assert first["error"].startswith(first_error) and "injected fault" in first["error"], first
+    if call == "dispatch":
+        assert first["cause"] == "RuntimeError('injected fault')", first
+    assert second["error"].startswith("PeerLostError: "), second
+    assert f"rank 0's {call} failed" in second["error"], second
+    assert second["seconds"] < 5, second
+
+
+def test_a_failed_dispatch_on_a_follower_ends_it_and_rank0_raises(model, tmp_path):
+    """Rank 1's own dispatch raises (Ctrl-C, not only an Exception): rank 1 exits 1 at once, not
+    after JAX's wait for rank 0 at exit, and rank 0's step fails with PeerLostError within seconds,
+    not after step_timeout (120 s here)."""
+    lead, follow, out, logs = _start_pair(model, tmp_path, "lead_until_follower_dies",
+                                          "follow_then_interrupt")
+    try:
+        assert follow.wait(TIMEOUT_S) == 1, _tail(logs[1])
+        exited_at = time.time()
+        assert lead.wait(60) == 1, _tail(logs[0])
+    finally:
+        _kill(lead, follow)
+    assert "rank 1 stops: KeyboardInterrupt: injected fault" in _tail(logs[1]), _tail(logs[1])
+    with open(out) as f:
+        rep = json.load(f)
+    assert rep["error"] and rep["error"].startswith("PeerLostError: "), rep
+    assert "rank 1" in rep["error"]
+    assert rep["time"] - exited_at < 10
 
 
 def _http(url: str, body: Any = None) -> tuple[int, Any]:
@@ -404,7 +491,10 @@ def test_step_wait_fails_at_once_when_a_peer_is_lost():
 
 if __name__ == "__main__":
     role, model_dir, address, report_path = sys.argv[1:5]
+    if role in FAULTS:
+        _inject(*FAULTS[role])
     if role.startswith("follow"):
-        sys.exit(_follow(model_dir, address, stop_at_step=3 if role == "follow_then_stop" else 0))
-    {"lead": _lead, "lead_until_follower_dies": _lead_until_follower_dies}[role](
-        model_dir, address, report_path)
+        sys.exit(_follow(model_dir, address))
+    {"lead": _lead, "lead_until_follower_dies": _lead_until_follower_dies,
+     "lead_then_dispatch_fails": _lead_until_step_fails,
+     "lead_then_collect_interrupted": _lead_until_step_fails}[role](model_dir, address, report_path)

@@ -7,6 +7,12 @@ runner is wrapped in `LeaderRunner`, which sends each call to the followers befo
 follower (`run_follower`) builds the same runner and replays the calls until rank 0 says it is
 shutting down.
 
+A call that fails on rank 0 has already been sent, and the followers cannot take it back: their
+runner state and device queue now hold a step that rank 0 lacks, so the next collective would
+mismatch. Such a failure therefore ends the engine: rank 0 tells the followers, which exit with code
+1, and every later step on rank 0 raises PeerLostError. A follower whose own call fails exits with
+code 1 as well, which rank 0 sees as a closed connection.
+
 Transport: one TCP connection from each follower to rank 0 on the port after `dist_init_addr`'s,
 carrying length-prefixed pickles one way. A socket was chosen over jax.distributed's key-value store
 because a peer's death shows at once as a closed connection (the store only has blocking reads with
@@ -18,9 +24,11 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import logging
 import os
 import pickle
+import queue
 import socket
 import struct
 import sys
@@ -38,7 +46,8 @@ _RANK = struct.Struct("!I")
 
 
 class PeerLostError(RuntimeError):
-    """Another process of a multi-host engine is gone: the engine cannot continue."""
+    """A process of a multi-host engine is gone, or out of step with the others: the engine cannot
+    continue."""
 
 
 def step_port(args: EngineArgs) -> tuple[str, int]:
@@ -99,28 +108,50 @@ class LeaderRunner:
 
     def check(self) -> None:
         if self._lost is not None:
-            raise PeerLostError(f"multi-host engine: {self._lost}; the engine cannot continue")
+            raise self._lost_error()
         if self._closed:  # alone, rank 0's steps would wait for the followers forever
             raise PeerLostError("multi-host engine: rank 0 has shut the followers down")
 
-    def _broadcast(self, msg: tuple) -> None:
-        self.check()
-        for rank, sock in self._socks.items():
-            try:
-                _send(sock, msg)
-            except OSError as e:
-                self._lost = f"sending to rank {rank} failed ({e})"
-                self.check()
-
     def dispatch(self, so: Any) -> Any:
-        self._broadcast(("dispatch", so))
-        return self._runner.dispatch(so)
+        return self._call(("dispatch", so), self._runner.dispatch, so)
 
     def collect(self, handle: Any) -> Any:
-        self._broadcast(("collect",))
-        out = self._runner.collect(handle)
+        out = self._call(("collect",), self._runner.collect, handle)
         self.check()  # a follower lost during the step: its samples may be fine, its state is not
         return out
+
+    def _call(self, msg: tuple, run: Any, arg: Any) -> Any:
+        """Sends `msg` to the followers, then makes the same call here."""
+        self.check()
+        try:
+            for rank, sock in self._socks.items():
+                try:
+                    _send(sock, msg)
+                except OSError as e:
+                    self._lost = f"sending to rank {rank} failed ({e})"
+                    self.check()
+            return run(arg)
+        except BaseException as e:
+            # Followers that got the call have made it and cannot take it back: rank 0 is out of
+            # step with them for good.
+            self._fail(f"rank 0's {msg[0]} failed after the other ranks had started it "
+                       f"({type(e).__name__}: {e})")
+            if isinstance(e, PeerLostError) or not isinstance(e, Exception):
+                raise  # a lost peer says so already; Ctrl-C and the like stay what they are
+            raise self._lost_error() from e
+
+    def _lost_error(self) -> PeerLostError:
+        return PeerLostError(f"multi-host engine: {self._lost}; the engine cannot continue")
+
+    def _fail(self, reason: str) -> None:
+        """Ends the followers (code 1) and every later step of this engine."""
+        if self._lost is None:
+            self._lost = reason
+        socks, self._socks = self._socks, {}
+        for sock in socks.values():
+            with contextlib.suppress(OSError):
+                _send(sock, ("fail", self._lost))
+            sock.close()
 
     def close(self) -> None:
         """Tells the followers to exit (code 0); idempotent."""
@@ -196,8 +227,9 @@ def _connect_to_leader(args: EngineArgs) -> socket.socket:
 
 def run_follower(args: EngineArgs) -> int:
     """A rank > 0: build the same runner as rank 0, then replay its calls. Returns 0 when rank 0
-    shuts down; when rank 0 disappears without saying so (or a step fails), exits the process with
-    code 1 at once (JAX's exit handler would wait for rank 0 at its shutdown barrier)."""
+    shuts down; when rank 0 reports a failure or disappears without saying so, or a call fails here,
+    exits the process with code 1 at once (JAX's exit handler would wait for rank 0 at its shutdown
+    barrier)."""
     from jaxvllm.engine.setup import build_runner, load
     if args.node_rank == 0:
         raise ValueError("run_follower is for ranks > 0; rank 0 runs the engine")
@@ -208,17 +240,18 @@ def run_follower(args: EngineArgs) -> int:
     logger.info("Rank %d following rank 0", args.node_rank)
     try:
         return _replay(runner, sock, args.node_rank)
-    except Exception as e:  # noqa: BLE001 (any failure ends this rank the same way)
+    except BaseException as e:  # noqa: BLE001 (Ctrl-C too: JAX's exit would wait for rank 0)
         _exit_now(f"rank {args.node_rank} stops: {type(e).__name__}: {e}")
         raise  # not reached
 
 
 def _replay(runner: Any, sock: socket.socket, rank: int) -> int:
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_leader, args=(sock, inbox, rank), daemon=True,
+                     name="jaxvllm-leader").start()
     pending: collections.deque = collections.deque()  # dispatched steps, collected in order
     while True:
-        msg = _recv(sock)
-        if msg is None:
-            raise PeerLostError("rank 0 closed its connection without shutting down")
+        msg = inbox.get()
         if msg[0] == "dispatch":
             handle = runner.dispatch(msg[1])
             if handle is not None:
@@ -230,3 +263,19 @@ def _replay(runner: Any, sock: socket.socket, rank: int) -> int:
             return 0
         else:
             raise RuntimeError(f"unknown message from rank 0: {msg[0]!r}")
+
+
+def _read_leader(sock: socket.socket, inbox: queue.SimpleQueue, rank: int) -> None:
+    """Passes rank 0's calls to the replay loop. Off that loop, so that rank 0's failure or death
+    ends this rank even while a replayed call waits for a collective rank 0 never joins (as a
+    dispatch may, on the device queue)."""
+    try:
+        while (msg := _recv(sock)) is not None and msg[0] != "fail":
+            inbox.put(msg)
+            if msg[0] == "shutdown":
+                return
+        reason = ("rank 0 closed its connection without shutting down" if msg is None
+                  else f"rank 0 stopped the engine: {msg[1]}")
+    except Exception as e:  # noqa: BLE001 (a broken channel ends this rank the same way)
+        reason = f"reading from rank 0 failed ({type(e).__name__}: {e})"
+    _exit_now(f"rank {rank} stops: {reason}")
