@@ -508,7 +508,7 @@ def test_async_scheduling_equals_sync(llm, scheduler_config):
             engine.args.async_scheduling = True
     assert results[True, 96] == results[False, 96]
     assert results[True, 6] == results[False, 6] == results[True, 96]
-    assert engine._inflight is None
+    assert not engine._inflight
 
 
 def test_periodic_stats_log(llm, caplog, monkeypatch):

@@ -174,9 +174,9 @@ def _observe(tracked: dict[str, Tracked], outs) -> None:
 
 
 def _inflight_parents(engine) -> list[str]:
-    if engine._inflight is None:
+    if not engine._inflight:
         return []
-    so = engine._inflight[0]
+    so = engine._inflight[-1][0]
     return sorted({engine._child_to_parent[cid][0].request_id
                    for cid in so.num_scheduled_tokens if cid in engine._child_to_parent})
 
@@ -198,7 +198,7 @@ def _assert_engine_idle(engine) -> None:
     assert not engine.has_unfinished_requests()
     engine.step()  # lets the runner drop the states of requests that finished in the last step
     sched = engine.scheduler
-    assert engine._inflight is None
+    assert not engine._inflight
     assert not sched._finished_req_ids
     assert not sched.has_unfinished_requests() and not sched.running and len(sched.waiting) == 0
     sched.check_invariants()
@@ -237,9 +237,9 @@ def _stress(engine, seed: int, favorites: list[int]) -> None:
     hits0 = engine.scheduler.kv_cache_manager.prefix_cache_hits
 
     def hot_ids() -> list[str]:
-        if engine._inflight is None:
+        if not engine._inflight:
             return []
-        scheduled = set(engine._inflight[0].num_scheduled_tokens)
+        scheduled = set(engine._inflight[-1][0].num_scheduled_tokens)
         return [r for r in reusable if scheduled & child_ids[r]]
 
     def add(reuse: bool) -> str:

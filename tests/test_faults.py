@@ -176,3 +176,73 @@ def test_a_fault_in_the_step_fails_every_stream_and_marks_the_engine_dead(llm, m
     monkeypatch.setattr(target, name, real)
     engine.abort_request(["a", "b"])  # the module's engine goes on serving the other tests
     assert not engine.has_unfinished_requests()
+
+
+def _interrupt_fetch(monkeypatch, engine, calls_to_fail: set[int]) -> None:
+    """Ctrl-C (KeyboardInterrupt) during the chosen waits for a step's samples."""
+    real_fetch = engine.runner._fetch
+    calls = {"n": 0}
+
+    def fetch(h):
+        calls["n"] += 1
+        if calls["n"] in calls_to_fail:
+            raise KeyboardInterrupt
+        return real_fetch(h)
+
+    monkeypatch.setattr(engine.runner, "_fetch", fetch)
+
+
+def _drained(engine) -> None:
+    assert not engine.has_unfinished_requests() and not engine._inflight
+    assert engine.get_stats().num_used_blocks == 0
+    engine.scheduler.check_invariants()
+
+
+PROMPTS = ["Tell me about rivers.", "Name three colours."]
+PARAMS = [greedy(10), SamplingParams(temperature=0.9, seed=7, max_tokens=10, ignore_eos=True,
+                                     repetition_penalty=1.2)]
+
+
+def test_an_interrupted_wait_for_the_device_loses_no_step(llm, monkeypatch):
+    """Ctrl-C while the engine waits for a step's samples leaves that step queued: stepping on
+    gives the tokens of an uninterrupted run (greedy, and seeded with a penalty), also after two
+    interrupts in a row (two steps queued), and the engine drains."""
+    engine = llm.llm_engine
+    clean = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    _interrupt_fetch(monkeypatch, engine, {3, 4})
+    for i, (p, sp) in enumerate(zip(PROMPTS, PARAMS)):
+        engine.add_request(f"int-{i}", p, sp)
+    final, interrupts = {}, 0
+    for _ in range(100):
+        if not engine.has_unfinished_requests():
+            break
+        try:
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out.outputs[0].token_ids
+        except KeyboardInterrupt:
+            interrupts += 1
+    assert interrupts == 2
+    assert [final.get("int-0"), final.get("int-1")] == clean
+    _drained(engine)
+
+
+def test_ctrl_c_in_generate_while_waiting_for_the_device(llm, monkeypatch):
+    """LLM.generate interrupted in the wait raises KeyboardInterrupt and aborts its requests; the
+    next call gives the uninterrupted tokens and the engine drains."""
+    engine = llm.llm_engine
+    clean = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    _interrupt_fetch(monkeypatch, engine, {3})
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, PARAMS)
+    assert not engine.has_unfinished_requests()
+    real_step, steps = engine.step, {"n": 0}
+
+    def bounded_step():  # a lost step would leave generate() stepping forever
+        steps["n"] += 1
+        assert steps["n"] < 100, "generate() does not finish"
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", bounded_step)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)] == clean
+    _drained(engine)

@@ -3,6 +3,7 @@ detokenizes, applies stop strings, and emits RequestOutputs (cumulative, delta o
 each request's SamplingParams.output_kind asks)."""
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -210,7 +211,8 @@ class LLMEngine(RequestFront):
             pending_tokenizer.result()  # a tokenizer that failed already: say so before compiling
         self.scheduler = Scheduler(sched_cfg)
         self._parents: dict[str, _Parent] = {}
-        self._inflight: Optional[tuple[Any, Any]] = None   # (SchedulerOutput, dispatched step)
+        # Dispatched steps not yet collected, oldest first: (SchedulerOutput, runner handle).
+        self._inflight: collections.deque[tuple[Any, Any]] = collections.deque()
         self._stats_log = _StatsLogger()
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
         self.compile_seconds = 0.0 if args.enforce_eager else self.runner.warmup()
@@ -274,7 +276,10 @@ class LLMEngine(RequestFront):
         """One scheduler step. With async scheduling the next step is dispatched before the
         previous one's samples are collected, so outputs trail the device by one step."""
         overlap = self.args.async_scheduling
-        outputs = [] if overlap else self._collect_inflight()
+        # Normally nothing here with overlap; more when a collect was cut short (Ctrl-C while
+        # waiting for the device): that step stays queued and is collected now, so the scheduler
+        # never runs with more than one step on the device.
+        outputs = self._collect_inflight(keep=1 if overlap else 0)
         so = self.scheduler.schedule()
         try:
             now = time.monotonic()
@@ -286,11 +291,13 @@ class LLMEngine(RequestFront):
         except BaseException:  # Ctrl-C too: the caller may go on using the engine
             self._discard_step(so)
             raise
-        if overlap:
-            outputs = self._collect_inflight()
-        self._inflight = None if handle is None else (so, handle)
-        if not overlap or not self._parents:
-            outputs += self._collect_inflight()  # nothing left to overlap with
+        if handle is not None:
+            self._inflight.append((so, handle))
+        # The step just dispatched overlaps the collection of the one before (nothing to overlap
+        # when nothing was dispatched).
+        outputs += self._collect_inflight(keep=1 if overlap and handle is not None else 0)
+        if not self._parents:
+            outputs += self._collect_inflight(keep=0)  # nothing left to overlap with
         return outputs
 
     def _discard_step(self, so: Any) -> None:
@@ -303,15 +310,18 @@ class LLMEngine(RequestFront):
                 parents.add(pc[0].request_id)
         self.abort_request(list(parents))
 
-    def _collect_inflight(self) -> list[RequestOutput]:
-        if self._inflight is None:
-            return []
-        so, handle = self._inflight
-        self._inflight = None
-        runner_out = self.runner.collect(handle)
-        if not self.args.disable_log_stats:
-            self._stats_log.record(so, runner_out, self.scheduler)
-        return self._process(self.scheduler.update_from_output(so, runner_out))
+    def _collect_inflight(self, keep: int) -> list[RequestOutput]:
+        """Collects the oldest dispatched steps until `keep` are left. A step leaves the queue only
+        once the runner has its samples, so an interrupted wait loses nothing."""
+        outputs: list[RequestOutput] = []
+        while len(self._inflight) > keep:
+            so, handle = self._inflight[0]
+            runner_out = self.runner.collect(handle)
+            self._inflight.popleft()
+            if not self.args.disable_log_stats:
+                self._stats_log.record(so, runner_out, self.scheduler)
+            outputs += self._process(self.scheduler.update_from_output(so, runner_out))
+        return outputs
 
     def _process(self, core_outs: list[EngineCoreOutput]) -> list[RequestOutput]:
         touched: dict[str, _Parent] = {}
