@@ -246,3 +246,52 @@ def test_ctrl_c_in_generate_while_waiting_for_the_device(llm, monkeypatch):
     monkeypatch.setattr(engine, "step", bounded_step)
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)] == clean
     _drained(engine)
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError, BrokenPipeError, RuntimeError])
+def test_a_stream_write_fault_aborts_only_its_request(real_srv, monkeypatch, error):
+    """An exception while the server writes a stream to its client ends that stream and aborts its
+    engine request: a connection error (reset, broken pipe) as a client gone, with no more bytes;
+    anything else as an internal error, told in a last error event. Either way the engine drains,
+    its blocks are free, and the server answers the next request."""
+    import json
+    import socket
+    from aiohttp import web
+    from test_server_helpers import http, raw_request, wait_until
+
+    real_write = web.StreamResponse.write
+    events = {"n": 0}
+
+    async def write(self, data):
+        if data.startswith(b"data: "):
+            events["n"] += 1
+            if events["n"] == 3:
+                raise error("injected stream write fault")
+        return await real_write(self, data)
+
+    engine = real_srv.engine.engine
+    monkeypatch.setattr(web.StreamResponse, "write", write)
+    body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "Tell me a long story.",
+                       "max_tokens": 200, "stream": True, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    s = raw_request(real_srv.handle.host, real_srv.handle.port, "POST", "/v1/completions", body)
+    got = b""
+    try:
+        while chunk := s.recv(65536):  # the server ends the connection
+            got += chunk
+    except (socket.timeout, OSError):
+        pass
+    finally:
+        s.close()
+    assert got.startswith(b"HTTP/1.1 200"), got[:100]
+    if issubclass(error, ConnectionError):
+        assert got.count(b"data: ") == 2, got[-300:]
+    else:  # two chunks, the error, [DONE]
+        assert got.count(b"data: ") == 4 and b'"code": 500' in got and b"[DONE]" in got, got[-300:]
+    assert wait_until(lambda: not engine.has_unfinished_requests(), 10), "request not aborted"
+    assert engine.get_stats().num_used_blocks == 0
+    monkeypatch.setattr(web.StreamResponse, "write", real_write)
+    status, _, resp = http("POST", real_srv.url + "/v1/completions",
+                           {"model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 3},
+                           timeout=60)
+    assert status == 200 and resp["usage"]["completion_tokens"] == 3

@@ -497,12 +497,19 @@ def test_bad_requests_via_openai_client(client):
 
 
 def test_http_level_errors(srv):
+    from jaxvllm.entrypoints.openai.server import DEFAULT_MAX_BODY
     status, _, body = http("GET", srv.url + "/nope")
     assert_error(status, body, 404)
     status, hdrs, body = http("GET", srv.url + "/v1/completions")
     assert_error(status, body, 405)
-    status, _, body = http("POST", srv.url + "/v1/completions", raw=b"x" * (2 << 20))
+    status, _, body = http("POST", srv.url + "/v1/completions", raw=b"x" * (DEFAULT_MAX_BODY + 1))
     assert_error(status, body, 413)
+    # Within the default limit: a long prompt sent as token ids (1.3 MB, more than aiohttp's 1 MiB
+    # default) is read and parsed (here refused for its length, by the engine's context check).
+    status, _, body = http("POST", srv.url + "/v1/completions",
+                           {"model": MODEL, "prompt": [258] * 262144, "max_tokens": 1})
+    assert_error(status, body, 400)
+    assert "maximum context length" in body["error"]["message"]
     # Chunked body without a Content-Length, over the limit.
     import socket
     host, port = srv.handle.host, srv.handle.port
@@ -511,7 +518,7 @@ def test_http_level_errors(srv):
     try:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                   b"Content-Type: application/json\r\n\r\n")
-        for _ in range(20):
+        for _ in range(DEFAULT_MAX_BODY // len(chunk) + 2):
             s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
         s.sendall(b"0\r\n\r\n")
     except OSError:

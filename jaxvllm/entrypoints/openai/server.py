@@ -24,7 +24,10 @@ from jaxvllm.entrypoints.openai.serving import OpenAIServing
 logger = logging.getLogger("jaxvllm.server")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_MAX_BODY = 1 << 20
+# A request body is read whole into memory before it is parsed. 32 MiB holds a batch of 32 prompts of
+# 128k token ids each (a 128k-token prompt as ids is ~0.9 MB, as text ~0.5 MB); 1 MiB, aiohttp's own
+# default, refused a single long prompt sent as token ids.
+DEFAULT_MAX_BODY = 32 << 20
 DEFAULT_MAX_WAITING = 1024
 DEFAULT_STREAM_WRITE_TIMEOUT = 60.0
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
@@ -231,7 +234,7 @@ class OpenAIServer:
             err = APIError(msg or e.reason, e.status, _HTTP_ERROR_TYPES.get(e.status, "BadRequestError"))
             headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
             return json_response(err.body(), e.status, headers)
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, ConnectionError):  # the client is gone: nothing to answer
             raise
         except Exception as e:
             if type(e).__name__ == "EngineDeadError":

@@ -364,7 +364,7 @@ class OpenAIServing:
                     await emit(i, out)
             except APIError as e:
                 await send({"error": e.body()["error"]})
-            except ConnectionResetError:
+            except ConnectionError:  # reset, broken pipe, aborted: the client is gone
                 raise
             except asyncio.CancelledError:
                 await send({"error": self._ended_by_shutdown().body()["error"]})
@@ -379,7 +379,7 @@ class OpenAIServing:
             await send("[DONE]")
             await resp.write_eof()
             return resp
-        except ConnectionResetError:
+        except ConnectionError:
             if resp is None:
                 raise
             # Gone, or stalled past stream_write_timeout: close the connection (aiohttp then finds it
