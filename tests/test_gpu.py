@@ -62,3 +62,71 @@ def test_engine_greedy_equals_hf_on_gpu(tmp_path, dtype):
         spread = best - logits.min(-1)
         picked = logits[np.arange(len(g)), g]
         assert (best - picked <= 0.02 * spread).all(), (best - picked) / spread
+
+
+def _tp_run(path: str, tp: int) -> dict:
+    """One engine at tensor_parallel_size `tp`: a mixed batch, then a request aborted mid-run."""
+    import gc
+    import jax
+    from jaxvllm import LLM, SamplingParams
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(3, 512, size=n).tolist() for n in (5, 30, 70, 100, 12, 45)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3,
+                       presence_penalty=0.5),
+        SamplingParams(temperature=0, max_tokens=40, min_tokens=10, frequency_penalty=0.5,
+                       stop_token_ids=rng.randint(3, 512, size=30).tolist()),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=5, n=2, max_tokens=40, ignore_eos=True,
+                       frequency_penalty=0.3),
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=2,
+                       logprobs=2),
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_k=20, seed=9, n=3, max_tokens=40, ignore_eos=True),
+    ]
+    with jax.default_matmul_precision("highest"):
+        # 23 usable blocks of 16 tokens for ~780 tokens of sequences: requests get preempted.
+        llm = LLM(path, dtype="float32", tensor_parallel_size=tp, max_model_len=256,
+                  max_num_seqs=8, max_num_batched_tokens=64, num_gpu_blocks_override=24,
+                  token_buckets=(8, 16, 64))
+        engine = llm.llm_engine
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        res = {"batch": [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs],
+               "plp": [[{t: lp.logprob for t, lp in e.items()} for e in outs[3].prompt_logprobs[1:]]],
+               "preemptions": engine.get_stats().num_preemptions}
+        for i in range(3):
+            engine.add_request(f"a{i}", {"prompt_token_ids": prompts[i + 1]},
+                               SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                              repetition_penalty=1.2))
+        final = {}
+        for step in range(200):
+            if step == 5:
+                engine.abort_request("a1")
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out.outputs[0].token_ids
+            if not engine.has_unfinished_requests():
+                break
+        res["abort"] = final
+        res["drained"] = engine.get_stats().num_used_blocks == 0
+    del llm, engine
+    gc.collect()
+    return res
+
+
+def test_tensor_parallel_2_equals_1_on_gpus(tmp_path):
+    """On two GPUs: TP 2 gives TP 1's tokens (float32, highest matmul precision) for the cases
+    that touch state on every device: penalties and min_tokens (the token table, replicated over the
+    mesh), seeded n > 1, prompt logprobs, preemption, and a request aborted mid-run."""
+    import jax
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _tiny_llama(tmp_path, kv_heads=2, head_dim_mult=2)
+    one, two = _tp_run(str(tmp_path), 1), _tp_run(str(tmp_path), 2)
+    assert two["batch"] == one["batch"]
+    assert sorted(two["abort"]) == sorted(one["abort"]) == ["a0", "a2"]
+    assert two["abort"] == one["abort"]
+    for a, b in zip(one["plp"][0], two["plp"][0]):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], atol=1e-4)
+    assert one["drained"] and two["drained"]
+    assert one["preemptions"] > 0 and two["preemptions"] > 0
