@@ -73,22 +73,24 @@ def _running_bytes(mem) -> int:
 def programs(runner):
     """Device memory the engine's largest programs take while they run, from their compiled memory
     analysis: the largest bucket's step (on the donated cache), then the larger of the sampler with
-    top-p and no top-k (a full sort), token bits and 20 logprobs for every one of max_num_seqs rows,
-    and one prompt-scoring chunk with 20 logprobs."""
+    top-p and no top-k (a full sort) and 20 logprobs for every one of max_num_seqs rows, plus the
+    token-bit program's output it reads, and one prompt-scoring chunk with 20 logprobs."""
     batch = runner._dummy_batch(256)
     step = runner._step_for(256).lower(runner.params, runner.kv_cache,
                                        *runner._device_inputs(batch)).compile().memory_analysis()
     sd = jax.ShapeDtypeStruct
-    f32, i32 = model_runner.sampling_shapes(256)
-    sampler = runner._sample.lower(sd((256, CFG.vocab_size), jnp.int32),
-                                   sd((256, CFG.vocab_size), jnp.float32), sd(f32, jnp.float32),
-                                   sd(i32, jnp.int32), mode="random_sort", num_logprobs=20,
+    f32, i32 = (sd(s, d) for s, d in zip(model_runner.sampling_shapes(256), (jnp.float32, jnp.int32)))
+    logits = sd((256, CFG.vocab_size), jnp.float32)
+    bits = runner._apply_token_bits.lower(sd((256, CFG.vocab_size), jnp.int32), logits, f32,
+                                          i32).compile().memory_analysis()
+    sampler = runner._sample.lower(logits, logits, f32, i32, mode="random_sort", num_logprobs=20,
                                    topk_bound=0).compile().memory_analysis()
     assert _running_bytes(sampler) > HEADROOM  # the case where the headroom alone would not do
     rows = jnp.zeros(runner.score_rows, jnp.int32)
     scoring = runner._prompt_logprobs.lower(runner.params, jnp.zeros((256, 64), jnp.float32), rows,
                                             rows, num_logprobs=20).compile().memory_analysis()
-    return _running_bytes(step) + max(_running_bytes(sampler), _running_bytes(scoring))
+    return _running_bytes(step) + max(_running_bytes(bits) + _running_bytes(sampler),
+                                      _running_bytes(scoring))
 
 
 @pytest.fixture(scope="module")

@@ -470,3 +470,28 @@ def test_stop_lists_are_capped(field, value):
     with pytest.raises(ValueError, match=rf"^{field} may hold at most {MAX_STOP} "):
         SamplingParams(**{field: value})
     SamplingParams(**{field: value[:MAX_STOP]})
+
+
+@pytest.mark.parametrize("mode", ["greedy", "random", "random_sort"])
+def test_token_bits_applied_apart_equal_token_bits_inside(mode):
+    """The runner applies token bits in a program of its own (apply_token_bits), then samples the
+    processed logits with the raw ones beside them: the same tokens, logprobs and ranks as one call
+    with the bits inside."""
+    r, v = 6, 300
+    logits = fixed_logits(r, v=v, seed=5)
+    t = make_t(r, v, temperature=0.0 if mode == "greedy" else 0.9, top_k=40, top_p=0.8,
+               repetition_penalty=1.5, frequency_penalty=0.7, presence_penalty=-0.4,
+               min_tokens_active=[True, False] * 3, seeds=np.arange(r), steps=3)
+    for i in range(r):
+        top = np.argsort(logits[i])[::-1]
+        t.token_bits[i] = S.token_bits(v, top[:3], top[2:6], stop_ids=top[6:8])
+    whole = _jit_sample(mode, 3)(logits, t)
+    processed = jax.jit(S.apply_token_bits)(logits, t)
+    apart = jax.jit(functools.partial(sample, mode=mode, num_logprobs=3))(
+        processed, dataclasses.replace(t, token_bits=np.zeros((r, 0), np.int32)), raw_logits=logits)
+    for a, b in zip(whole, apart):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(whole.token_ids),  # the bits do change the choice
+                              np.asarray(_jit_sample(mode, 3)(logits, make_t(
+                                  r, v, temperature=t.temperature, top_k=40, top_p=0.8,
+                                  seeds=np.arange(r), steps=3)).token_ids))

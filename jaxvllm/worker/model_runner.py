@@ -104,8 +104,13 @@ class ModelRunner:
         self._step_small = jax.jit(self._step_impl, **step_kw,
                                    compiler_options={"xla_gpu_enable_triton_gemm": True})
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
-        self._sample = jax.jit(self._sample_impl, donate_argnums=(0,),
+        self._sample = jax.jit(self._sample_impl,
                                static_argnames=("mode", "num_logprobs", "topk_bound"))
+        # Token bits (penalties, min_tokens masking) are programs of their own, run only for
+        # batches with a row that has them: inside the sampler they cost every batch ~0.1 ms at 64
+        # rows on an H200, and as a static sampler switch they would double its variants.
+        self._apply_token_bits = jax.jit(self._apply_token_bits_impl)
+        self._record_tokens = jax.jit(token_table.record, donate_argnums=(0,))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",))
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
         # so not fewer than SCORE_ROWS_MIN even when max_num_seqs is small.
@@ -173,21 +178,30 @@ class ModelRunner:
                                 bt.reshape(r, self.max_blocks_per_seq), num_seqs)
         return inp, logits_indices, prev_rows
 
-    def _sample_impl(self, table: jax.Array, logits: jax.Array, f32: jax.Array, i32: jax.Array, *,
-                     mode: str, num_logprobs: int,
-                     topk_bound: int) -> tuple[jax.Array, sampler_lib.SamplerOutput]:
-        slots = i32[4]
-        tensors = sampler_lib.SamplingTensors(
+    @staticmethod
+    def _sampling_tensors(f32: jax.Array, i32: jax.Array,
+                          token_bits: jax.Array) -> sampler_lib.SamplingTensors:
+        return sampler_lib.SamplingTensors(
             temperature=f32[0], top_p=f32[1], min_p=f32[2], presence_penalty=f32[3],
             frequency_penalty=f32[4], repetition_penalty=f32[5], top_k=i32[0], seeds=i32[1],
-            steps=i32[2], min_tokens_active=i32[3] != 0,
-            token_bits=token_table.read_rows(table, slots))
-        out = sampler_lib.sample(logits, tensors, mode=mode, num_logprobs=num_logprobs,
-                                 topk_bound=topk_bound)
-        table = token_table.record(table, slots, out.token_ids)
+            steps=i32[2], min_tokens_active=i32[3] != 0, token_bits=token_bits)
+
+    def _apply_token_bits_impl(self, table: jax.Array, logits: jax.Array, f32: jax.Array,
+                               i32: jax.Array) -> jax.Array:
+        bits = token_table.read_rows(table, i32[4])
+        return sampler_lib.apply_token_bits(logits, self._sampling_tensors(f32, i32, bits))
+
+    def _sample_impl(self, logits: jax.Array, processed: jax.Array, f32: jax.Array,
+                     i32: jax.Array, *, mode: str, num_logprobs: int,
+                     topk_bound: int) -> sampler_lib.SamplerOutput:
+        """`processed`: the logits after token bits, or the logits themselves."""
+        no_bits = jnp.zeros((logits.shape[0], 0), jnp.int32)
+        out = sampler_lib.sample(processed, self._sampling_tensors(f32, i32, no_bits), mode=mode,
+                                 num_logprobs=num_logprobs, topk_bound=topk_bound,
+                                 raw_logits=logits)
         # Padded to max_num_seqs so the next step's input gather has one shape for every bucket.
         pad = self.rc.max_num_seqs - out.token_ids.shape[0]
-        return table, out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
+        return out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
 
     # ---- memory ------------------------------------------------------------------------------
     def _profile_num_blocks(self) -> int:
@@ -240,14 +254,14 @@ class ModelRunner:
         vocabulary (top-p without top-k) and max_logprobs logprobs. At the 8B shape (128k
         vocabulary, 256 rows) it measured 878 MiB of temporaries on the H100, 7x the step's own and
         more than the fixed margin: OpenAI clients often send top_p. Compiling it here also does
-        its autotuning before the cache takes the memory. (The token table it reads and updates in
-        place is allocated already.)"""
+        its autotuning before the cache takes the memory. Plus the token-bit program's output, which
+        the sampler reads (the token table itself is allocated already)."""
         r, sds = self.rc.max_num_seqs, jax.ShapeDtypeStruct
-        f32, i32 = sampling_shapes(r)
-        return _new_bytes(self._sample.lower(
-            self.token_table.array, sds((r, self.cfg.vocab_size), jnp.float32),
-            sds(f32, jnp.float32), sds(i32, jnp.int32),
-            mode="random_sort", num_logprobs=self.rc.max_logprobs, topk_bound=0))
+        f32, i32 = sds(sampling_shapes(r)[0], jnp.float32), sds(sampling_shapes(r)[1], jnp.int32)
+        logits = sds((r, self.cfg.vocab_size), jnp.float32)
+        return (_new_bytes(self._apply_token_bits.lower(self.token_table.array, logits, f32, i32))
+                + _new_bytes(self._sample.lower(logits, logits, f32, i32, mode="random_sort",
+                                                num_logprobs=self.rc.max_logprobs, topk_bound=0)))
 
     def _prompt_scoring_bytes(self) -> int:
         """One chunk of prompt scoring (`_score_prompts`) at max_logprobs, from the largest bucket."""
@@ -294,7 +308,9 @@ class ModelRunner:
         t_steps = time.perf_counter()
         rows = np.zeros(self.score_rows, np.int32)
         widths = sorted({0, self.rc.max_logprobs})
-        others, sampler_rows = [self.token_table.warmup()], set()
+        others = [self.token_table.warmup(), self._record_tokens.lower(
+            self.token_table.array, np.zeros(self.rc.max_num_seqs, np.int32), self._prev_sampled)]
+        sampler_rows = set()
         for t, b in batches.items():
             self.kv_cache, logits, hidden = self._step_for(t)(self.params, self.kv_cache,
                                                               *self._device_inputs(b))
@@ -304,8 +320,9 @@ class ModelRunner:
                 continue
             sampler_rows.add(logits.shape[0])
             f32, i32 = self.input_batch.sampling_arrays(b)
-            others += [self._sample.lower(self.token_table.array, logits, f32, i32, mode=mode,
-                                          num_logprobs=k, topk_bound=bound)
+            others.append(self._apply_token_bits.lower(self.token_table.array, logits, f32, i32))
+            others += [self._sample.lower(logits, logits, f32, i32, mode=mode, num_logprobs=k,
+                                          topk_bound=bound)
                        for mode, bound in SAMPLER_VARIANTS for k in widths]
         _compile_all(others, _NoBar())
         jax.block_until_ready(self.kv_cache)
@@ -341,10 +358,19 @@ class ModelRunner:
                       if ib.requests[rid].params.logprobs is not None}
         # One logprob width for every k > 0 (each request's k is sliced on the host): a width per k
         # would be a sampler variant per k.
-        self.token_table.array, sampled = self._sample(
-            self.token_table.array, logits, f32, i32, mode=mode,
+        slots = i32[4]
+        with_bits = bool((slots < self.token_table.num_slots).any())
+        processed = (self._apply_token_bits(self.token_table.array, logits, f32, i32) if with_bits
+                     else logits)
+        sampled = self._sample(
+            logits, processed, f32, i32, mode=mode,
             num_logprobs=self.rc.max_logprobs if any(logprobs_k.values()) else 0,
             topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
+        if with_bits:  # count each sampled token in its request's row, on the device
+            all_slots = np.full(self.rc.max_num_seqs, self.token_table.num_slots, np.int32)
+            all_slots[:len(slots)] = slots
+            self.token_table.array = self._record_tokens(self.token_table.array, all_slots,
+                                                         sampled.token_ids)
         self._prev_sampled = sampled.token_ids
         prompt = self._score_prompts(b, all_hidden) if b.prompt_logprob_spans else None
         self._warn_on_compiles(t, mode)

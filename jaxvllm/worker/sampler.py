@@ -23,7 +23,7 @@ host from the batch's parameters (see :func:`sampling_mode` and :func:`topk_boun
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -285,18 +285,25 @@ def _gumbel_rows(seeds: jax.Array, steps: jax.Array, v: int) -> jax.Array:
     return jax.vmap(one)(seeds, steps.astype(jnp.uint32))
 
 
-def _process(logits: jax.Array, t: SamplingTensors, mode: str, topk_bound: int = 0):
+def apply_token_bits(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """min_tokens stop-id masking and penalties from ``t.token_bits`` (f32 [R, V])."""
+    x = logits.astype(jnp.float32)
+    if t.token_bits.shape[-1] > 0:
+        x = _mask_stop_ids(x, t.token_bits, t.min_tokens_active)
+        x = _apply_penalties(x, t.token_bits, t)
+    return x
+
+
+def _process(logits: jax.Array, t: SamplingTensors, mode: str, topk_bound: int = 0,
+             raw_logits: Optional[jax.Array] = None):
     """(raw f32 logits, processed logits right before the random draw, greedy token ids).
 
     For mode "greedy" the processed logits are the penalized ones (no temperature or filters).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    raw = logits.astype(jnp.float32)
-    x = raw
-    if t.token_bits.shape[-1] > 0:
-        x = _mask_stop_ids(x, t.token_bits, t.min_tokens_active)
-        x = _apply_penalties(x, t.token_bits, t)
+    raw = (logits if raw_logits is None else raw_logits).astype(jnp.float32)
+    x = apply_token_bits(logits, t)
     greedy_tok = _argmax_or(x, raw)
     if mode == "greedy":
         return raw, x, greedy_tok
@@ -310,7 +317,7 @@ def _process(logits: jax.Array, t: SamplingTensors, mode: str, topk_bound: int =
 
 
 def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: int = 0,
-           topk_bound: int = 0) -> SamplerOutput:
+           topk_bound: int = 0, raw_logits: Optional[jax.Array] = None) -> SamplerOutput:
     """Sample one token per row of ``logits`` (f32/bf16 [R, V]).
 
     mode (static): "greedy" (every row has temperature 0: argmax, no RNG), "random" (top_k/top_p
@@ -319,8 +326,10 @@ def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: in
     topk_bound (static, "random_sort" only): 0 = full sort over V; B > 0 = partial top-B sort,
     valid only when every random row has 1 <= top_k <= B or (top_k = 0 and top_p = 1)
     (see :func:`topk_bound_for`).
+    raw_logits: the model's logits when ``logits`` come already processed by the caller (e.g.
+    :func:`apply_token_bits` in a program of its own); logprobs and ranks are taken from them.
     """
-    raw, x, greedy_tok = _process(logits, t, mode, topk_bound)
+    raw, x, greedy_tok = _process(logits, t, mode, topk_bound, raw_logits)
     if mode == "greedy":
         tok = greedy_tok
     else:
