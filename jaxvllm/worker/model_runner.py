@@ -356,12 +356,12 @@ class ModelRunner:
         mode = sampler_lib.sampling_mode(*knobs)
         logprobs_k = {rid: ib.requests[rid].params.logprobs for rid in b.req_ids
                       if ib.requests[rid].params.logprobs is not None}
-        # One logprob width for every k > 0 (each request's k is sliced on the host): a width per k
-        # would be a sampler variant per k.
         slots = i32[4]
         with_bits = bool((slots < self.token_table.num_slots).any())
         processed = (self._apply_token_bits(self.token_table.array, logits, f32, i32) if with_bits
                      else logits)
+        # One logprob width for every k > 0 (each request's k is sliced on the host): a width per k
+        # would be a sampler variant per k.
         sampled = self._sample(
             logits, processed, f32, i32, mode=mode,
             num_logprobs=self.rc.max_logprobs if any(logprobs_k.values()) else 0,
