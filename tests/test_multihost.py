@@ -24,9 +24,9 @@ DEVICES_PER_PROCESS = 4
 TIMEOUT_S = 300
 
 
-def _engine_kwargs(tp: int) -> dict[str, Any]:
+def _engine_kwargs(tp: int, blocks: Optional[int] = 32) -> dict[str, Any]:
     return dict(dtype="float32", tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4,
-                max_num_batched_tokens=32, num_gpu_blocks_override=32, enforce_eager=True,
+                max_num_batched_tokens=32, num_gpu_blocks_override=blocks, enforce_eager=True,
                 token_buckets=(8, 32), weights_cache_dir="none",
                 compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
 
@@ -101,23 +101,29 @@ def _lead_until_step_fails(model: str, addr: str, out: str) -> None:
         json.dump({"errors": errors}, f)
 
 
-def _follow(model: str, addr: str) -> int:
+def _lead_through_startup(model: str, addr: str, out: str) -> None:
+    """Rank 0 whose start-up meets a fault on one of the ranks (see FAULTS)."""
+    from jaxvllm import LLM
+    LLM(model=model, **_engine_kwargs(8, blocks=None), **_node_kwargs(addr, 0))
+
+
+def _follow(model: str, addr: str, blocks: Optional[int] = 32) -> int:
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine.multihost import run_follower
-    return run_follower(EngineArgs(model=model, **_engine_kwargs(8), **_node_kwargs(addr, 1)))
+    return run_follower(EngineArgs(model=model, **_engine_kwargs(8, blocks),
+                                   **_node_kwargs(addr, 1)))
 
 
 def _inject(call: str, at: int, fault: Callable[[], None]) -> None:
-    """ModelRunner's `call` ("dispatch" or "collect") runs `fault` first at its `at`-th call in this
-    process."""
+    """ModelRunner's method `call` runs `fault` first at its `at`-th call in this process."""
     from jaxvllm.worker.model_runner import ModelRunner
     real, calls = getattr(ModelRunner, call), []
 
-    def wrapped(self: ModelRunner, arg: Any) -> Any:
-        calls.append(arg)
+    def wrapped(self: ModelRunner, *args: Any) -> Any:
+        calls.append(args)
         if len(calls) == at:
             fault()
-        return real(self, arg)
+        return real(self, *args)
 
     setattr(ModelRunner, call, wrapped)
 
@@ -132,13 +138,27 @@ def _raise(exc: type) -> Callable[[], None]:
     return fault
 
 
+def _hold() -> None:
+    time.sleep(TIMEOUT_S)
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 # Role -> (the runner call, at which call, the fault). follow_then_stop: rank 1 stops (SIGSTOP) as
 # the step arrives, before running it: rank 0 runs it and waits in its collectives for this process,
-# which the test then kills.
+# which the test then kills. The *_in_startup roles size the KV cache from memory (no
+# num_gpu_blocks_override): there one rank fails and the other is held, as on GPUs, where the ranks
+# meet in a collective (the allgather of the cache budget) that the failed rank never joins.
 FAULTS = {"follow_then_stop": ("dispatch", 3, _stop),
           "follow_then_interrupt": ("dispatch", 3, _raise(KeyboardInterrupt)),
           "lead_then_dispatch_fails": ("dispatch", 3, _raise(RuntimeError)),
-          "lead_then_collect_interrupted": ("collect", 3, _raise(KeyboardInterrupt))}
+          "lead_then_collect_interrupted": ("collect", 3, _raise(KeyboardInterrupt)),
+          **{role: ("_profile_num_blocks", 1, fault) for role, fault in [
+              ("lead_held_in_startup", _hold), ("lead_killed_in_startup", _die),
+              ("lead_fails_in_startup", _raise(RuntimeError)),
+              ("follow_held_in_startup", _hold), ("follow_fails_in_startup", _raise(RuntimeError))]}}
 
 
 # ---- the test side -------------------------------------------------------------------------------
@@ -301,6 +321,47 @@ def test_a_failed_dispatch_on_a_follower_ends_it_and_rank0_raises(model, tmp_pat
     assert rep["error"] and rep["error"].startswith("PeerLostError: "), rep
     assert "rank 1" in rep["error"]
     assert rep["time"] - exited_at < 10
+
+
+# Not which phase: on CPU nothing keeps the ranks in step before the KV cache is sized.
+_IN_STARTUP = "during start-up, while this rank was "
+
+
+def test_a_follower_failing_in_startup_ends_rank0(model, tmp_path):
+    """Rank 1 fails while rank 0 waits for it in start-up: rank 1 exits 1 at once (not after JAX's
+    wait for rank 0 at exit), and rank 0 exits 1 within seconds, not after JAX's heartbeat timeout
+    (100 s) or never, saying which rank it lost and where."""
+    lead, follow, _, logs = _start_pair(model, tmp_path, "lead_held_in_startup",
+                                        "follow_fails_in_startup")
+    try:
+        assert follow.wait(TIMEOUT_S) == 1, _tail(logs[1])
+        exited_at = time.monotonic()
+        assert lead.wait(60) == 1, _tail(logs[0])
+        assert time.monotonic() - exited_at < 10
+    finally:
+        _kill(lead, follow)
+    assert "rank 1 stops: RuntimeError: injected fault" in _tail(logs[1]), _tail(logs[1])
+    assert f"rank 1 closed its connection (the process exited or was killed) {_IN_STARTUP}" in \
+        _tail(logs[0]), _tail(logs[0])
+
+
+@pytest.mark.parametrize("lead_role, code, reason", [
+    ("lead_killed_in_startup", -signal.SIGKILL, "rank 0 closed its connection without shutting down"),
+    ("lead_fails_in_startup", 1, "rank 0 stopped the engine: rank 0 failed to start (while placing "
+                                 "the weights and sizing the KV cache; its log says why)"),
+])
+def test_rank0_lost_in_startup_ends_the_followers(model, tmp_path, lead_role, code, reason):
+    """Rank 0 is killed, or fails and exits, while rank 1 waits for it in start-up: rank 1 exits 1
+    within seconds, not after JAX's heartbeat timeout (100 s)."""
+    lead, follow, _, logs = _start_pair(model, tmp_path, lead_role, "follow_held_in_startup")
+    try:
+        assert lead.wait(TIMEOUT_S) == code, _tail(logs[0])
+        exited_at = time.monotonic()
+        assert follow.wait(60) == 1, _tail(logs[1])
+        assert time.monotonic() - exited_at < 10
+    finally:
+        _kill(lead, follow)
+    assert f"rank 1 stops: {reason} {_IN_STARTUP}" in _tail(logs[1]), _tail(logs[1])
 
 
 def _http(url: str, body: Any = None) -> tuple[int, Any]:
@@ -494,7 +555,9 @@ if __name__ == "__main__":
     if role in FAULTS:
         _inject(*FAULTS[role])
     if role.startswith("follow"):
-        sys.exit(_follow(model_dir, address))
+        sys.exit(_follow(model_dir, address, None if role.endswith("_in_startup") else 32))
     {"lead": _lead, "lead_until_follower_dies": _lead_until_follower_dies,
      "lead_then_dispatch_fails": _lead_until_step_fails,
-     "lead_then_collect_interrupted": _lead_until_step_fails}[role](model_dir, address, report_path)
+     "lead_then_collect_interrupted": _lead_until_step_fails,
+     "lead_held_in_startup": _lead_through_startup, "lead_killed_in_startup": _lead_through_startup,
+     "lead_fails_in_startup": _lead_through_startup}[role](model_dir, address, report_path)

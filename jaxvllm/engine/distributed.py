@@ -2,8 +2,8 @@
 
 After `initialize`, `jax.devices()` lists every process's devices (the same list, in the same order,
 on every rank), so the tensor-parallel mesh spans hosts and every process runs the same programs
-(multi-controller SPMD). Must run before the first device use: the backends read the distributed
-client when they start.
+(multi-controller SPMD), and the ranks' own connections (engine/multihost.py) are open. Must run
+before the first device use: the backends read the distributed client when they start.
 """
 from __future__ import annotations
 
@@ -36,3 +36,5 @@ def initialize(args: EngineArgs) -> None:
         raise RuntimeError(f"JAX's distributed runtime has {jax.process_count()} processes with "
                            f"this one as rank {jax.process_index()}, but nnodes={args.nnodes} and "
                            f"node_rank={args.node_rank}")
+    from jaxvllm.engine.multihost import open_channel
+    open_channel(args)  # before the weights load: a rank lost in start-up ends the others at once

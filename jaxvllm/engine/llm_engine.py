@@ -215,9 +215,10 @@ class LLMEngine(RequestFront):
         self._inflight: collections.deque[tuple[Any, Any]] = collections.deque()
         self._stats_log = _StatsLogger()
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
+        from jaxvllm.engine.multihost import LeaderRunner, startup_phase
+        startup_phase("compiling")  # multi-host: named if another rank is lost meanwhile
         self.compile_seconds = 0.0 if args.enforce_eager else self.runner.warmup()
         if args.nnodes > 1:  # the other ranks replay every runner call (engine/multihost.py)
-            from jaxvllm.engine.multihost import LeaderRunner
             self.runner = LeaderRunner(self.runner, args)
         if pending_tokenizer is not None:
             t_wait = time.perf_counter()

@@ -13,6 +13,13 @@ mismatch. Such a failure therefore ends the engine: rank 0 tells the followers, 
 1, and every later step on rank 0 raises PeerLostError. A follower whose own call fails exits with
 code 1 as well, which rank 0 sees as a closed connection.
 
+Start-up: the connections open right after `jax.distributed.initialize`, before the weights load.
+Until the engine runs (rank 0's LeaderRunner is built, a follower starts replaying), a peer's closed
+connection ends the process at once with code 1, naming the lost rank and what this process was
+doing (`startup_phase`): the others would otherwise wait for the lost rank in a start-up collective
+(the KV cache's sizing, the warm-up) until JAX's heartbeat timeout (100 s), or for ever. Rank 0
+failing in start-up tells the followers as it exits; a follower failing there exits at once.
+
 Transport: one TCP connection from each follower to rank 0 on the port after `dist_init_addr`'s,
 carrying length-prefixed pickles one way. A socket was chosen over jax.distributed's key-value store
 because a peer's death shows at once as a closed connection (the store only has blocking reads with
@@ -77,6 +84,84 @@ def _recv(sock: socket.socket) -> Any:
     return None if body is None else pickle.loads(body)
 
 
+class _Channel:
+    """This process's connections to the other ranks (rank 0: one per follower; a follower: one to
+    rank 0), from jax.distributed.initialize on. During start-up a lost peer ends this process at
+    once; then the engine takes the channel over (`_take_channel`)."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.rank = args.node_rank
+        self.phase: Optional[str] = "starting"  # None once the engine runs
+        self.leader: Optional[LeaderRunner] = None  # rank 0, once the engine runs
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # a follower's: rank 0's calls
+        if self.rank == 0:
+            self.socks = _accept_followers(args)
+            for rank, sock in self.socks.items():
+                threading.Thread(target=self._watch, args=(rank, sock), daemon=True,
+                                 name=f"jaxvllm-follower-{rank}").start()
+            atexit.register(self._at_exit)
+        else:
+            self.socks = {0: _connect_to_leader(args)}
+            threading.Thread(target=_read_leader, args=(self,), daemon=True,
+                             name="jaxvllm-leader").start()
+
+    def during_startup(self) -> str:
+        return "" if self.phase is None else f" during start-up, while this rank was {self.phase}"
+
+    def _watch(self, rank: int, sock: socket.socket) -> None:
+        """Followers never send after the handshake, so a read returns only when one is gone."""
+        try:
+            sock.recv(1)
+        except OSError:
+            pass
+        lost = f"rank {rank} closed its connection (the process exited or was killed)"
+        if during := self.during_startup():
+            _exit_now(f"exiting: {lost}{during}")
+        elif self.leader is not None:
+            self.leader._follower_lost(lost)
+
+    def _at_exit(self) -> None:
+        """Rank 0 exits before its engine ran (a start-up error, Ctrl-C): the followers would wait
+        for it in a start-up collective while it waited for them at JAX's shutdown barrier."""
+        if self.phase is None:
+            return
+        reason = f"rank 0 failed to start (while {self.phase}; its log says why)"
+        self.phase = None  # the followers exit now: their closing connections are no news
+        for sock in self.socks.values():
+            with contextlib.suppress(OSError):
+                _send(sock, ("fail", reason))
+        # JAX's own exit handler would wait at jax.distributed's shutdown barrier for the followers,
+        # which exit without reaching it, until its heartbeat times out (100 s).
+        _exit_now(f"exiting: {reason}")
+
+
+_channel: Optional[_Channel] = None
+
+
+def open_channel(args: EngineArgs) -> None:
+    """Connects the ranks of a multi-host engine (nothing with one node, or when open already); to
+    be called right after jax.distributed.initialize."""
+    global _channel
+    if args.nnodes > 1 and _channel is None:
+        _channel = _Channel(args)
+
+
+def startup_phase(phase: str) -> None:
+    """Names what this process does next in start-up, for the message when a peer is lost then."""
+    if _channel is not None:
+        _channel.phase = phase
+
+
+def _take_channel(args: EngineArgs, leader: Optional[LeaderRunner] = None) -> _Channel:
+    """The channel, now the engine's: from here on a lost follower fails rank 0's steps
+    (LeaderRunner) rather than ending the process at once; a follower's reader goes on as it was."""
+    global _channel
+    channel, _channel = _channel or _Channel(args), None
+    channel.leader = leader  # before the phase ends: a follower lost meanwhile is not missed
+    channel.phase = None
+    return channel
+
+
 class LeaderRunner:
     """Rank 0's ModelRunner: every dispatch and collect is first sent to the followers. Anything
     else reads through to the runner."""
@@ -85,10 +170,7 @@ class LeaderRunner:
         self._runner = runner
         self._lost: Optional[str] = None
         self._closed = False
-        self._socks = _accept_followers(args)
-        for rank, sock in self._socks.items():
-            threading.Thread(target=self._watch, args=(rank, sock), daemon=True,
-                             name=f"jaxvllm-follower-{rank}").start()
+        self._socks = dict(_take_channel(args, self).socks)
         # A step waiting on a collective with a dead follower would wait for step_timeout: the
         # runner checks this while it waits, so a closed connection fails the step at once.
         runner.peer_check = self.check
@@ -97,14 +179,9 @@ class LeaderRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
-    def _watch(self, rank: int, sock: socket.socket) -> None:
-        """Followers never send after the handshake, so a read returns only when one is gone."""
-        try:
-            sock.recv(1)
-        except OSError:
-            pass
+    def _follower_lost(self, reason: str) -> None:
         if self._lost is None and not self._closed:
-            self._lost = f"rank {rank} closed its connection (the process exited or was killed)"
+            self._lost = reason
 
     def check(self) -> None:
         if self._lost is not None:
@@ -173,8 +250,8 @@ class LeaderRunner:
         _exit_now(f"exiting: {self._lost}")
 
 
-def _exit_now(reason: str) -> None:
-    logger.error("multi-host engine %s", reason)
+def _exit_now(reason: str, exc: Optional[BaseException] = None) -> None:
+    logger.error("multi-host engine %s", reason, exc_info=exc)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -210,7 +287,7 @@ def _accept_followers(args: EngineArgs) -> dict[int, socket.socket]:
 def _connect_to_leader(args: EngineArgs) -> socket.socket:
     addr = step_port(args)
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
-    while True:  # rank 0 listens only once its engine is built
+    while True:  # rank 0 listens once it has joined jax.distributed, maybe a moment after this rank
         try:
             sock = socket.create_connection(addr, timeout=10)
             break
@@ -227,28 +304,26 @@ def _connect_to_leader(args: EngineArgs) -> socket.socket:
 
 def run_follower(args: EngineArgs) -> int:
     """A rank > 0: build the same runner as rank 0, then replay its calls. Returns 0 when rank 0
-    shuts down; when rank 0 reports a failure or disappears without saying so, or a call fails here,
-    exits the process with code 1 at once (JAX's exit handler would wait for rank 0 at its shutdown
-    barrier)."""
+    shuts down; when rank 0 reports a failure or disappears without saying so, or start-up or a
+    call fails here, exits the process with code 1 at once (JAX's exit handler would wait for rank
+    0 at its shutdown barrier)."""
     from jaxvllm.engine.setup import build_runner, load
     if args.node_rank == 0:
         raise ValueError("run_follower is for ranks > 0; rank 0 runs the engine")
-    runner, _, _ = build_runner(args, load(args))
-    if not args.enforce_eager:
-        runner.warmup(progress=False)  # rank 0 compiles and warms up the same programs
-    sock = _connect_to_leader(args)
-    logger.info("Rank %d following rank 0", args.node_rank)
     try:
-        return _replay(runner, sock, args.node_rank)
+        runner, _, _ = build_runner(args, load(args))  # load connects to rank 0 first
+        startup_phase("compiling")
+        if not args.enforce_eager:
+            runner.warmup(progress=False)  # rank 0 compiles and warms up the same programs
+        channel = _take_channel(args)
+        logger.info("Rank %d following rank 0", args.node_rank)
+        return _replay(runner, channel.inbox, args.node_rank)
     except BaseException as e:  # noqa: BLE001 (Ctrl-C too: JAX's exit would wait for rank 0)
-        _exit_now(f"rank {args.node_rank} stops: {type(e).__name__}: {e}")
+        _exit_now(f"rank {args.node_rank} stops: {type(e).__name__}: {e}", e)
         raise  # not reached
 
 
-def _replay(runner: Any, sock: socket.socket, rank: int) -> int:
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_read_leader, args=(sock, inbox, rank), daemon=True,
-                     name="jaxvllm-leader").start()
+def _replay(runner: Any, inbox: queue.SimpleQueue, rank: int) -> int:
     pending: collections.deque = collections.deque()  # dispatched steps, collected in order
     while True:
         msg = inbox.get()
@@ -265,17 +340,18 @@ def _replay(runner: Any, sock: socket.socket, rank: int) -> int:
             raise RuntimeError(f"unknown message from rank 0: {msg[0]!r}")
 
 
-def _read_leader(sock: socket.socket, inbox: queue.SimpleQueue, rank: int) -> None:
-    """Passes rank 0's calls to the replay loop. Off that loop, so that rank 0's failure or death
-    ends this rank even while a replayed call waits for a collective rank 0 never joins (as a
-    dispatch may, on the device queue)."""
+def _read_leader(channel: _Channel) -> None:
+    """Passes rank 0's calls to the replay loop, from start-up on (calls sent meanwhile wait for
+    it). Off that loop, so that rank 0's failure or death ends this rank even while it waits for a
+    collective rank 0 never joins: in start-up, or in a replayed call (as a dispatch may, on the
+    device queue)."""
     try:
-        while (msg := _recv(sock)) is not None and msg[0] != "fail":
-            inbox.put(msg)
+        while (msg := _recv(channel.socks[0])) is not None and msg[0] != "fail":
+            channel.inbox.put(msg)
             if msg[0] == "shutdown":
                 return
         reason = ("rank 0 closed its connection without shutting down" if msg is None
                   else f"rank 0 stopped the engine: {msg[1]}")
     except Exception as e:  # noqa: BLE001 (a broken channel ends this rank the same way)
         reason = f"reading from rank 0 failed ({type(e).__name__}: {e})"
-    _exit_now(f"rank {rank} stops: {reason}")
+    _exit_now(f"rank {channel.rank} stops: {reason}{channel.during_startup()}")

@@ -61,6 +61,8 @@ def load(args: EngineArgs) -> Any:
 
     import jax
     from converters import load_model
+    from jaxvllm.engine.multihost import startup_phase
+    startup_phase("loading the weights")
     # Under tensor parallelism the whole model is loaded into host memory and only its shards go to
     # the devices (worker/sharding.py). Loaded on the first device instead, it left that device's
     # allocator fragmented around the replicated leaves (aliased, so kept in place): the KV cache,
@@ -97,8 +99,10 @@ def build_runner(args: EngineArgs, loaded: Any,
     placed there."""
     import jax
     import jax.numpy as jnp
+    from jaxvllm.engine.multihost import startup_phase
     from jaxvllm.worker.model_runner import ModelRunner, RunnerConfig
 
+    startup_phase("placing the weights and sizing the KV cache")
     cfg = loaded.config
     max_model_len = args.max_model_len or cfg.max_position_embeddings
     if max_model_len > cfg.max_position_embeddings and not cfg.rope_scaling:
