@@ -21,6 +21,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from jaxvllm import LLM, SamplingParams
+from test_models import _hf_model  # larger weights, so logits are far from flat
 
 VOCAB = 256
 EOS = 2  # written to generation_config.json: the engine masks it under min_tokens, as vLLM does
@@ -36,18 +37,9 @@ def _prompt(seed: int, n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hf_model() -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=EOS, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():  # as test_models: larger weights, so logits are far from flat
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-            else:
-                p.add_(torch.randn_like(p) * 0.2)
-    return model
+    return _hf_model(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                 max_position_embeddings=256, eos_token_id=EOS))
 
 
 def _engine(model: LlamaForCausalLM, path: Path, num_blocks: int, max_model_len: int) -> LLM:

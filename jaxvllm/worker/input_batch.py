@@ -195,11 +195,12 @@ class InputBatch:
             # build() already counted this step's sample as pending: it is output number k - 1.
             i32[2, :n] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
                 - batch.sample_mask[:n]
-        for i, s in enumerate(states):
             # Only a row that samples reads its token bits and counts its token in them.
-            if s.slot >= 0 and batch.sample_mask[i]:
-                i32[3, i] = i32[2, i] < s.params.min_tokens
-                i32[4, i] = s.slot
+            slots = np.fromiter((s.slot for s in states), np.int32, n)
+            has_row = (slots >= 0) & batch.sample_mask[:n]
+            min_tokens = np.fromiter((s.params.min_tokens for s in states), np.int32, n)
+            i32[3, :n] = has_row & (i32[2, :n] < min_tokens)
+            i32[4, :n] = np.where(has_row, slots, self.token_table.num_slots)
         return f32, i32
 
 
