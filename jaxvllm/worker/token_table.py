@@ -2,8 +2,8 @@
 penalties, or stop ids that min_tokens masks), in a table of max_num_seqs rows x vocabulary.
 
 A row is written once, when its request (re)enters the batch, from the tokens the host holds, in
-chunks of a fixed size (one small program for any prompt length); from then on the sampler adds
-each token it samples, on the device. So a step with penalties neither waits for the host nor sends
+chunks of a fixed size (one small program for any prompt length); from then on each token sampled
+for it is counted in it, on the device (`record`, after the sampler). So a step with penalties neither waits for the host nor sends
 a history: its inputs stay one value per row, and the table is allocated before the KV cache is
 sized, so its memory is reserved.
 """
@@ -59,7 +59,7 @@ class TokenTable:
         self._free.append(slot)
 
     def flush(self) -> None:
-        """Dispatches the queued row writes; call before the next sampler call that reads them.
+        """Dispatches the queued row writes; call before the next program that reads the table.
         Every call takes and returns the table, so they run in dispatch order on the device."""
         if not self._zero:
             return
