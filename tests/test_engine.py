@@ -623,3 +623,23 @@ def test_a_slow_delta_consumer_gets_the_deltas_merged(llm):
     assert len(got) < 24 and got[-1].finished
     assert "".join(o.outputs[0].text for o in got) == full.text
     assert sum((o.outputs[0].token_ids for o in got), []) == full.token_ids
+
+
+def test_steps_are_launched_off_the_engine_thread(llm, monkeypatch):
+    """The step's programs are enqueued on the runner's launch thread (so the engine's host work
+    overlaps the launch), with the GIL switch interval lowered so that thread is not kept waiting."""
+    import sys
+    import threading
+
+    from jaxvllm.worker.model_runner import LAUNCH_SWITCH_INTERVAL_S
+    runner = llm.llm_engine.runner
+    real, threads = runner._sample, set()
+
+    def sample(*args, **kw):
+        threads.add(threading.current_thread().name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "_sample", sample)
+    llm.generate(["Hello"], greedy(4))
+    assert threads == {"jaxvllm-launch"}
+    assert sys.getswitchinterval() <= LAUNCH_SWITCH_INTERVAL_S

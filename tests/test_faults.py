@@ -52,6 +52,31 @@ def test_failed_dispatch_leaves_no_prefix_cache_entry(llm, monkeypatch, error):
     assert after == fresh
 
 
+def test_failed_launch_is_a_failed_dispatch(llm, monkeypatch):
+    """A step whose programs fail to reach the device (raised on the launch thread, seen when its
+    samples are collected) fails its requests and leaves the queue, as a failed dispatch does (the
+    step dispatched after it stays queued, collected as usual): the next generate gives the tokens
+    of a clean run and the engine drains."""
+    engine = llm.llm_engine
+    clean = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    real_sample = engine.runner._sample
+    calls = {"n": 0}
+
+    def fail_second(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected launch failure")
+        return real_sample(*args, **kw)
+
+    monkeypatch.setattr(engine.runner, "_sample", fail_second)
+    with pytest.raises(RuntimeError, match="injected launch failure"):
+        llm.generate(PROMPTS, PARAMS)
+    assert not engine.has_unfinished_requests()
+    assert not any(h.launch_failed for _, h in engine._inflight)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)] == clean
+    _drained(engine)
+
+
 def test_generate_racing_a_dying_loop_gets_engine_dead_error(llm, monkeypatch):
     """The loop dies right after generate() checked for a dead engine and before it registered its
     stream: the request must fail, not wait forever."""

@@ -516,13 +516,14 @@ def test_mesh_takes_an_equal_share_of_each_process():
 def test_step_wait_fails_at_once_when_a_peer_is_lost():
     """A step waiting on a collective whose peer died (a GPU's NCCL waits forever) fails on the
     runner's next peer check, not after step_timeout."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future
     from types import SimpleNamespace
 
     import numpy as np
 
     from jaxvllm.engine.multihost import PeerLostError
     from jaxvllm.worker.model_runner import Inflight, ModelRunner
+    from jaxvllm.worker.serial_thread import SerialThread
 
     class Held:  # a device->host copy that does not finish in time
         def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -530,7 +531,7 @@ def test_step_wait_fails_at_once_when_a_peer_is_lost():
             return np.zeros(4, np.int32)
 
     runner = ModelRunner.__new__(ModelRunner)
-    runner._waiter = ThreadPoolExecutor(max_workers=1)
+    runner._waiter = SerialThread("test-step-wait")
     runner.rc = SimpleNamespace(step_timeout=6.0)
     runner.shardings = SimpleNamespace(tp=8)
     lost = []
@@ -542,12 +543,13 @@ def test_step_wait_fails_at_once_when_a_peer_is_lost():
 
     runner.peer_check = peer_check
     sampled = SimpleNamespace(token_ids=Held(), _replace=lambda **kw: SimpleNamespace(**kw))
-    h = Inflight(["a"], np.ones(1, bool), sampled, {}, None, 8)
+    launched: Future = Future()
+    launched.set_result((sampled, None))
+    h = Inflight(["a"], np.ones(1, bool), launched, {}, 8, False)
     t0 = time.perf_counter()
     with pytest.raises(PeerLostError, match="rank 1 is gone"):
         runner._fetch(h)
     assert time.perf_counter() - t0 < 3
-    runner._waiter.shutdown(wait=False)
 
 
 if __name__ == "__main__":

@@ -105,9 +105,11 @@ def _run_engine(d: str, tp: int, dtype: str, inspect: bool) -> dict[str, Any]:
     return res
 
 
-def _stuck_step(d: str) -> dict[str, Any]:
-    """A TP 2 step whose samples do not reach the host within step_timeout (their copy takes 10 s,
-    as one behind a collective waiting for a stuck device would): the engine must raise, not wait."""
+def _stuck_step(d: str, held: str) -> dict[str, Any]:
+    """A TP 2 step that takes 10 s against a 1 s step_timeout, held where a collective waiting for a
+    stuck device would hold it: in the copy of its samples to the host (`held="fetch"`) or while
+    its programs are enqueued (`held="launch"`: XLA acquires the devices' NCCL clique then). The
+    engine must raise, not wait."""
     import time
 
     import numpy as np
@@ -126,15 +128,16 @@ def _stuck_step(d: str) -> dict[str, Any]:
             return np.asarray(self.a, dtype)
 
     runner = llm.llm_engine.runner
-    real = runner.dispatch
+    real_sample = runner._sample
 
-    def dispatch(so: Any) -> Any:
-        h = real(so)
-        if h is not None:
-            h.sampled = h.sampled._replace(token_ids=Held(h.sampled.token_ids))
-        return h
+    def sample(*args: Any, **kw: Any) -> Any:
+        if held == "launch":
+            time.sleep(10)
+            return real_sample(*args, **kw)
+        out = real_sample(*args, **kw)
+        return out._replace(token_ids=Held(out.token_ids))
 
-    runner.dispatch = dispatch
+    runner._sample = sample
     t0 = time.perf_counter()
     try:
         llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), use_tqdm=False)
@@ -164,7 +167,7 @@ def _worker(out_path: str) -> None:
             except ValueError as e:
                 errors[name] = str(e)
         report["errors"] = errors
-        report["stuck_step"] = _stuck_step(llama)
+        report["stuck_step"] = {held: _stuck_step(llama, held) for held in ("fetch", "launch")}
     with open(out_path, "w") as f:
         json.dump(report, f)
 
@@ -287,8 +290,9 @@ def test_invalid_sizes_raise_at_startup(report):
     assert e["kv_heads"] and "num_attention_heads (8)" in e["kv_heads"]  # heads checked first
 
 
-def test_stuck_step_raises_within_step_timeout(report):
-    got = report["stuck_step"]
+@pytest.mark.parametrize("held", ["fetch", "launch"])
+def test_stuck_step_raises_within_step_timeout(report, held):
+    got = report["stuck_step"][held]
     assert got["error"] is not None and got["error"].startswith("StepTimeoutError: ")
     assert "token bucket" in got["error"] and "did not finish within 1 s on 2 devices" in got["error"]
     assert got["seconds"] < 8  # the 1 s deadline, not the 10 s the device was held

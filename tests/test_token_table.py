@@ -28,7 +28,7 @@ def test_rows_match_token_bits_across_chunks_and_reuse():
     assert sorted(slots) == [0, 1, 2] and table.num_free == 0
     with pytest.raises(RuntimeError, match="token-table rows"):
         table.assign([1], [], [])
-    table.flush()
+    table.write(table.take_writes())
     got = _rows(table, slots + [table.num_slots])  # the last: no slot
     for row, r in zip(got, reqs):
         np.testing.assert_array_equal(row, token_bits(V, *r))
@@ -44,7 +44,7 @@ def test_rows_match_token_bits_across_chunks_and_reuse():
     table.release(slots[0])
     again = table.assign([11, 11], [12], [])
     assert again == slots[0]
-    table.flush()
+    table.write(table.take_writes())
     row = _rows(table, [again])[0]
     np.testing.assert_array_equal(row, token_bits(V, [11], [12]))
     assert row[11] == PROMPT_BIT and row[12] == COUNT_UNIT and np.count_nonzero(row) == 2

@@ -317,7 +317,13 @@ class LLMEngine(RequestFront):
         outputs: list[RequestOutput] = []
         while len(self._inflight) > keep:
             so, handle = self._inflight[0]
-            runner_out = self.runner.collect(handle)
+            try:
+                runner_out = self.runner.collect(handle)
+            except BaseException:
+                if handle.launch_failed:  # as a step that failed to dispatch
+                    self._inflight.popleft()
+                    self._discard_step(so)
+                raise
             self._inflight.popleft()
             if not self.args.disable_log_stats:
                 self._stats_log.record(so, runner_out, self.scheduler)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -24,6 +25,7 @@ from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.outputs import Logprob
 from jaxvllm.worker import compile_watch
+from jaxvllm.worker.serial_thread import SerialThread
 from jaxvllm.worker import sampler as sampler_lib
 from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, StepBatch, default_token_buckets,
                                         sampling_shapes)
@@ -42,6 +44,7 @@ SAMPLER_VARIANTS = (("greedy", 0), ("random", 0), ("random_sort", 0)) + tuple(
 CPU_KV_CACHE_BYTES = 512 << 20
 SCORE_ROWS_MIN = 256
 PEER_CHECK_INTERVAL_S = 0.5  # multi-host: how often a waited-for step checks that the peers live
+LAUNCH_SWITCH_INTERVAL_S = 2e-4  # the GIL switch interval while a runner lives (see __init__)
 
 
 @dataclass
@@ -119,8 +122,13 @@ class ModelRunner:
                                             device if shardings is None else shardings.replicated)
         # Under tensor parallelism a stuck collective would block a plain device->host copy forever;
         # the copy runs on this thread instead, waited for with a deadline.
-        self._waiter = (None if shardings is None else
-                        ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvllm-step-wait"))
+        self._waiter = None if shardings is None else SerialThread("jaxvllm-step-wait")
+        # Enqueueing a step holds its caller (2.6 ms under TP 2 at the 8B shape): on a thread of
+        # its own it overlaps the engine's host work (docs/architecture.md, Async scheduling).
+        self._launcher = SerialThread("jaxvllm-launch")
+        # At the default 5 ms, each of that thread's GIL handovers could wait that long behind the
+        # engine's Python (TP 2: 5.35 ms per step at 5 ms, 4.18 at 0.2 ms; bench/RESULTS.md).
+        sys.setswitchinterval(min(sys.getswitchinterval(), LAUNCH_SWITCH_INTERVAL_S))
         # Multi-host: raises when another process is gone (engine/multihost.py), checked while a
         # step is waited for, so a collective left waiting for a dead peer fails within a second.
         self.peer_check: Optional[Callable[[], None]] = None
@@ -158,12 +166,15 @@ class ModelRunner:
         r = self.input_batch.request_bucket(t)
         return 4 * t + (r + 1) + 2 * r + 1 + r * self.max_blocks_per_seq
 
+    def _packed_inputs(self, b: StepBatch) -> np.ndarray:
+        return np.concatenate([b.token_ids, b.positions, b.slot_mapping, b.prev_rows,
+                               b.query_start_loc, b.seq_lens, b.logits_indices, b.num_seqs,
+                               b.block_tables.ravel()])
+
     def _device_inputs(self, b: StepBatch) -> tuple[Any, ...]:
-        """The step's arguments after params and cache."""
-        packed = np.concatenate([b.token_ids, b.positions, b.slot_mapping, b.prev_rows,
-                                 b.query_start_loc, b.seq_lens, b.logits_indices, b.num_seqs,
-                                 b.block_tables.ravel()])
-        return packed, self._prev_sampled
+        """The step's arguments after params and cache (for lowering: a dispatched step reads the
+        previous samples when it is launched)."""
+        return self._packed_inputs(b), self._prev_sampled
 
     def _unpack_inputs(self, packed: jax.Array) -> tuple[llama.ModelInputs, jax.Array, jax.Array]:
         t = self._bucket_by_packed_len[packed.shape[0]]  # static: shapes are known when tracing
@@ -340,16 +351,15 @@ class ModelRunner:
         return ModelRunnerOutput({}) if handle is None else self.collect(handle)
 
     def dispatch(self, so: SchedulerOutput) -> Optional["Inflight"]:
-        """Queue one step on the device without waiting for it (None: nothing to run)."""
+        """Queue one step for the device without waiting for it (None: nothing to run). The batch
+        is built here; its programs are enqueued by the launch thread, in dispatch order."""
         ib = self.input_batch
         ib.update(so)
-        self.token_table.flush()  # rows of new requests, written before the sampler reads them
         if so.total_num_scheduled_tokens == 0:
             return None
         b = ib.build(so)
         t = len(b.token_ids)
-        self.kv_cache, logits, all_hidden = self._step_for(t)(
-            self.params, self.kv_cache, *self._device_inputs(b))
+        packed = self._packed_inputs(b)
         f32, i32 = ib.sampling_arrays(b)
         n = len(b.req_ids)
         knobs = f32[0, :n], i32[0, :n], f32[1, :n]  # temperature, top_k, top_p
@@ -357,24 +367,37 @@ class ModelRunner:
         logprobs_k = {rid: ib.requests[rid].params.logprobs for rid in b.req_ids
                       if ib.requests[rid].params.logprobs is not None}
         slots = i32[4]
-        with_bits = bool((slots < self.token_table.num_slots).any())
-        processed = (self._apply_token_bits(self.token_table.array, logits, f32, i32) if with_bits
-                     else logits)
+        # Rows with token bits: their table rows are read before sampling and counted after.
+        record_slots = None
+        if (slots < self.token_table.num_slots).any():
+            record_slots = np.full(self.rc.max_num_seqs, self.token_table.num_slots, np.int32)
+            record_slots[:len(slots)] = slots
         # One logprob width for every k > 0 (each request's k is sliced on the host): a width per k
         # would be a sampler variant per k.
-        sampled = self._sample(
-            logits, processed, f32, i32, mode=mode,
-            num_logprobs=self.rc.max_logprobs if any(logprobs_k.values()) else 0,
+        sampler_kw = dict(
+            mode=mode, num_logprobs=self.rc.max_logprobs if any(logprobs_k.values()) else 0,
             topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
-        if with_bits:  # count each sampled token in its request's row, on the device
-            all_slots = np.full(self.rc.max_num_seqs, self.token_table.num_slots, np.int32)
-            all_slots[:len(slots)] = slots
-            self.token_table.array = self._record_tokens(self.token_table.array, all_slots,
-                                                         sampled.token_ids)
-        self._prev_sampled = sampled.token_ids
-        prompt = self._score_prompts(b, all_hidden) if b.prompt_logprob_spans else None
-        self._warn_on_compiles(t, mode)
-        return Inflight(b.req_ids, b.sample_mask[:n].copy(), sampled, logprobs_k, prompt, t)
+        prompt_rows = self._prompt_rows(b) if b.prompt_logprob_spans else None
+        # Rows of new requests, written before the sampler reads them.
+        table_writes = self.token_table.take_writes()
+
+        def launch() -> tuple[Any, Optional[_PromptScores]]:
+            self.token_table.write(table_writes)
+            self.kv_cache, logits, all_hidden = self._step_for(t)(
+                self.params, self.kv_cache, packed, self._prev_sampled)
+            processed = (logits if record_slots is None else
+                         self._apply_token_bits(self.token_table.array, logits, f32, i32))
+            sampled = self._sample(logits, processed, f32, i32, **sampler_kw)
+            if record_slots is not None:  # count each sampled token in its request's row
+                self.token_table.array = self._record_tokens(self.token_table.array, record_slots,
+                                                             sampled.token_ids)
+            self._prev_sampled = sampled.token_ids
+            prompt = None if prompt_rows is None else self._score_prompts(all_hidden, *prompt_rows)
+            self._warn_on_compiles(t, mode)
+            return sampled, prompt
+
+        return Inflight(b.req_ids, b.sample_mask[:n].copy(), self._launcher.submit(launch),
+                        logprobs_k, t, prompt_rows is not None)
 
     def _warn_on_compiles(self, num_tokens: int, mode: str) -> None:
         if self._compile_mark is None:
@@ -390,9 +413,10 @@ class ModelRunner:
         """The step's samples and prompt logprobs on the host (one device->host transfer for the
         samples unless logprobs were asked for); under tensor parallelism within step_timeout."""
         def get() -> tuple[Any, dict]:
-            sampled = jax.device_get(h.sampled) if h.logprobs_k else h.sampled._replace(
-                token_ids=np.asarray(h.sampled.token_ids))
-            return sampled, {} if h.prompt is None else h.prompt.fetch()
+            sampled, prompt = h.launched.result()
+            sampled = jax.device_get(sampled) if h.logprobs_k else sampled._replace(
+                token_ids=np.asarray(sampled.token_ids))
+            return sampled, {} if prompt is None else prompt.fetch()
 
         if self._waiter is None:
             return get()
@@ -406,7 +430,7 @@ class ModelRunner:
                     self.peer_check()
         raise StepTimeoutError(
             f"A step of token bucket {h.num_tokens} ({len(h.req_ids)} requests, prompt scoring "
-            f"{'on' if h.prompt is not None else 'off'}) did not finish within "
+            f"{'on' if h.prompt_scoring else 'off'}) did not finish within "
             f"{self.rc.step_timeout:g} s on {self.shardings.tp} devices: a device is stuck (a "
             f"collective waiting for a peer); the engine cannot continue")
 
@@ -431,10 +455,9 @@ class ModelRunner:
                 st.num_pending -= 1
         return out
 
-    def _score_prompts(self, b: StepBatch, all_hidden: jax.Array) -> "_PromptScores":
-        """Prompt logprobs of this step's chunk of each asking request, over only those tokens, in
-        chunks of `score_rows` rows (the KV sizing reserved memory for one chunk: the logits of a
-        whole 2048-token bucket at a 128k vocabulary would be 1 GiB)."""
+    def _prompt_rows(self, b: StepBatch) -> tuple[list, np.ndarray, np.ndarray]:
+        """Which rows of this step's hidden states prompt scoring reads, and their target tokens:
+        this step's chunk of each asking request, padded to whole chunks of `score_rows`."""
         rows: list[int] = []
         targets: list[int] = []
         spans = []
@@ -444,14 +467,20 @@ class ModelRunner:
             spans.append((rid, len(rows), toks, st.params.prompt_logprobs))
             rows += range(offset, offset + len(toks))
             targets += toks
+        pad = -len(rows) % self.score_rows
+        return (spans, np.asarray(rows + [0] * pad, np.int32),
+                np.asarray(targets + [0] * pad, np.int32))
+
+    def _score_prompts(self, all_hidden: jax.Array, spans: list, rows: np.ndarray,
+                       targets: np.ndarray) -> "_PromptScores":
+        """Prompt logprobs of the given rows, a chunk of `score_rows` rows per call (the KV sizing
+        reserved memory for one chunk: the logits of a whole 2048-token bucket at a 128k vocabulary
+        would be 1 GiB). One top-k width for every request's k (each k is sliced on the host), as
+        for the sampler."""
         c = self.score_rows
-        pad = -len(rows) % c
-        rows_a = np.asarray(rows + [0] * pad, np.int32)
-        targets_a = np.asarray(targets + [0] * pad, np.int32)
-        # One top-k width for every request's k (each k is sliced on the host), as for the sampler.
-        chunks = [self._prompt_logprobs(self.params, all_hidden, rows_a[i:i + c], targets_a[i:i + c],
+        chunks = [self._prompt_logprobs(self.params, all_hidden, rows[i:i + c], targets[i:i + c],
                                         num_logprobs=self.rc.max_logprobs)
-                  for i in range(0, len(rows_a), c)]
+                  for i in range(0, len(rows), c)]
         return _PromptScores(spans, chunks)
 
     def _prompt_logprobs_impl(self, params: Any, hidden: jax.Array, rows: jax.Array,
@@ -477,10 +506,15 @@ class Inflight:
     """A dispatched step: what collect() needs once the device is done."""
     req_ids: list[str]
     sample_mask: np.ndarray
-    sampled: Any                      # SamplerOutput of device arrays
+    launched: Future                  # -> (SamplerOutput of device arrays, Optional[_PromptScores])
     logprobs_k: dict[str, int]        # requests that asked for logprobs -> k
-    prompt: Optional[_PromptScores]
     num_tokens: int                   # the token bucket
+    prompt_scoring: bool
+
+    @property
+    def launch_failed(self) -> bool:
+        """Its programs never all reached the device (an exception while enqueueing them)."""
+        return self.launched.done() and self.launched.exception() is not None
 
 
 def _logprob_entry(token: int, logprob: float, rank: int, top_ids: np.ndarray,

@@ -43,7 +43,7 @@ class TokenTable:
 
     def assign(self, prompt_ids: Sequence[int], output_ids: Sequence[int],
                stop_ids: Sequence[int]) -> int:
-        """A free row for a request, queued to be zeroed and written (by `flush`)."""
+        """A free row for a request, queued to be zeroed and written (`take_writes`, then `write`)."""
         if not self._free:
             raise RuntimeError(f"all {self.num_slots} token-table rows are taken: more live "
                                f"requests than max_num_seqs")
@@ -58,22 +58,29 @@ class TokenTable:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
-    def flush(self) -> None:
-        """Dispatches the queued row writes; call before the next program that reads the table.
-        Every call takes and returns the table, so they run in dispatch order on the device."""
+    def take_writes(self) -> list[np.ndarray]:
+        """The queued row writes as write-call inputs (host arrays), and the queue emptied: taken on
+        the engine's thread, written (`write`) by the launch thread before the next program that
+        reads the table."""
         if not self._zero:
-            return
+            return []
         slots, ids, vals = (np.concatenate(x) for x in (self._slots, self._ids, self._vals))
         zero = np.full(self.num_slots, self.num_slots, np.int32)  # out of range: no row
         zero[:len(self._zero)] = self._zero
         self._zero, self._slots, self._ids, self._vals = [], [], [], []
         ok = (ids >= 0) & (ids < self.vocab_size)  # e.g. stop ids beyond the vocabulary
         slots, ids, vals = slots[ok], ids[ok].astype(np.int32), vals[ok]
-        c = self.write_chunk
+        c, packed = self.write_chunk, []
         for i in range(0, max(len(ids), 1), c):
-            self.array = self._write(self.array, self.pack(zero, slots[i:i + c], ids[i:i + c],
-                                                           vals[i:i + c]))
+            packed.append(self.pack(zero, slots[i:i + c], ids[i:i + c], vals[i:i + c]))
             zero = np.full_like(zero, self.num_slots)  # zeroed by the first call only
+        return packed
+
+    def write(self, packed: list[np.ndarray]) -> None:
+        """Dispatches write calls. Every call takes and returns the table, so they run in dispatch
+        order on the device."""
+        for p in packed:
+            self.array = self._write(self.array, p)
 
     def pack(self, zero: np.ndarray, slots: np.ndarray, ids: np.ndarray,
              vals: np.ndarray) -> np.ndarray:
