@@ -67,3 +67,18 @@ def test_a_compile_while_serving_is_logged(llm, caplog):
         llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     msgs = [r.getMessage() for r in caplog.records if "compiled while serving" in r.getMessage()]
     assert len(msgs) == 1 and "1 program(s)" in msgs[0] and "jit(<lambda>)" in msgs[0], msgs
+
+
+def test_an_engine_used_under_a_jax_context_compiles_nothing_after_warm_up(caplog):
+    """JAX's context managers are thread-local and the runner launches steps on a thread of its
+    own: an engine built and used under `jax.default_matmul_precision` must launch under it too,
+    or every step program would be traced again (and on the GPU computed at another precision)."""
+    with jax.default_matmul_precision("highest"):
+        llm = LLM(dtype="float32", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16,
+                  token_buckets=(8, 16), num_gpu_blocks_override=32, max_logprobs=2)
+        mark = compile_watch.mark()
+        with caplog.at_level(logging.WARNING, logger="jaxvllm.worker.model_runner"):
+            llm.generate(["What is a river?", LONG], SamplingParams(temperature=0.0, max_tokens=4),
+                         use_tqdm=False)
+    assert compile_watch.since(mark) == []
+    assert not [r for r in caplog.records if "compiled while serving" in r.getMessage()]
