@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
-_GREEDY_EPS = 1e-5
+GREEDY_EPS = 1e-5  # a temperature below this is greedy (the sampler uses the same)
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -44,8 +44,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     priority: int = 0
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    # Filled by the engine: the tokenizer's EOS plus the generation config's extra EOS ids.
-    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # stop_token_ids, and at admission the tokenizer's EOS and the generation config's extra EOS
+    # ids (the engine adds them): what min_tokens masks. Not a constructor argument.
+    all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,14 +61,14 @@ class SamplingParams:
             self.seed = None  # as vLLM: -1 means "no seed"
         self._validate()
         self.top_k = max(self.top_k, 0)  # -1 and 0 both mean "all tokens", as in vLLM
-        if self.temperature < _GREEDY_EPS:
+        if self.temperature < GREEDY_EPS:
             # Greedy: the other sampling knobs are irrelevant, as in vLLM.
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
         self.all_stop_token_ids = set(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < _GREEDY_EPS
+        return self.temperature < GREEDY_EPS
 
     @property
     def has_penalties(self) -> bool:

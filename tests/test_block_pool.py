@@ -62,14 +62,14 @@ def test_lru_eviction_order_of_cached_blocks():
     order = [3, 1, 4, 0, 2]
     for i in order:
         pool.free_blocks([blocks[i]])
-    assert all(pool.get_cached_block(h) is not None for h in hashes)  # still reusable
+    assert all(pool.cached_block_hash_to_block.get(h) is not None for h in hashes)  # still reusable
     for k, i in enumerate(order):
         (nb,) = pool.get_new_blocks(1)
         assert nb is blocks[i]
-        assert nb.block_hash is None and pool.get_cached_block(hashes[i]) is None
+        assert nb.block_hash is None and pool.cached_block_hash_to_block.get(hashes[i]) is None
         # Blocks not yet evicted are still cached.
         for j in order[k + 1:]:
-            assert pool.get_cached_block(hashes[j]) is blocks[j]
+            assert pool.cached_block_hash_to_block.get(hashes[j]) is blocks[j]
     pool.check_invariants()
 
 
@@ -91,7 +91,7 @@ def test_cache_block_keeps_first_owner_of_a_hash():
     h = hash_block_tokens(NONE_HASH, [5] * 16)
     assert pool.cache_block(a, h)
     assert not pool.cache_block(b, h)
-    assert b.block_hash is None and pool.get_cached_block(h) is a
+    assert b.block_hash is None and pool.cached_block_hash_to_block.get(h) is a
     pool.check_invariants()
 
 
@@ -110,7 +110,7 @@ def test_uncache_and_reset():
         pool.cache_block(blk, h)
     pool.free_blocks([blocks[0]])
     pool.uncache_block(blocks[0])
-    assert pool.get_cached_block(hs[0]) is None
+    assert pool.cached_block_hash_to_block.get(hs[0]) is None
     # An uncached free block is evicted first.
     assert next(iter(pool.free_queue)) == blocks[0].block_id
     assert pool.reset_prefix_cache() == 2

@@ -551,7 +551,7 @@ def test_small_buckets_use_triton_gemms_unless_the_user_chose(llm, monkeypatch):
     runner = llm.llm_engine.runner
     if runner.rc.triton_gemm_max_tokens:  # the engine chose the GEMMs (no user XLA_FLAGS setting)
         assert runner.rc.triton_gemm_max_tokens == setup.TRITON_GEMM_MAX_TOKENS
-        assert runner._step_for(runner.token_buckets[0]) is runner._step_small
+        assert runner._step_for(runner.token_buckets[0]) is runner._step_triton_gemm
     assert runner._step_for(runner.token_buckets[-1]) is runner._step
     args = EngineArgs(model="unused", compilation_cache_dir="none")
     for user_flags, chose in (("--xla_gpu_enable_triton_gemm=true", False), ("", True)):

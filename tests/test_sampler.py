@@ -32,7 +32,13 @@ def _jit_process(mode, topk_bound=0):
 
 def make_t(r, v=0, **kw) -> SamplingTensors:
     """Neutral tensors for r rows (token bits over a vocabulary of v when v > 0), then `kw`."""
-    t = SamplingTensors.empty(r, v)
+    t = SamplingTensors(
+        temperature=np.zeros(r, np.float32), top_k=np.zeros(r, np.int32),
+        top_p=np.ones(r, np.float32), min_p=np.zeros(r, np.float32),
+        presence_penalty=np.zeros(r, np.float32), frequency_penalty=np.zeros(r, np.float32),
+        repetition_penalty=np.ones(r, np.float32), seeds=np.zeros(r, np.uint32),
+        steps=np.zeros(r, np.int32), min_tokens_active=np.zeros(r, np.bool_),
+        token_bits=np.zeros((r, v), np.int32))
     for k, v in kw.items():
         cur = getattr(t, k)
         setattr(t, k, np.broadcast_to(np.asarray(v, cur.dtype), cur.shape).copy())
@@ -427,9 +433,9 @@ def test_invalid_mode():
         sample(fixed_logits(1), make_t(1), mode="beam")
 
 
-def test_sample_jit_on_device_tensors_matches_numpy():
-    """The exported `sample_jit` (static mode/num_logprobs, SamplingTensors as a pytree of device
-    arrays), rows cycling through the top-k/top-p/min-p filter cases: each sampled token is one
+def test_jitted_sample_on_device_tensors_matches_numpy():
+    """`sample` jitted as the runner does (static mode/num_logprobs, SamplingTensors as a pytree of
+    device arrays), rows cycling through the top-k/top-p/min-p filter cases: each sampled token is one
     the numpy filter keeps, greedy rows are the argmax, and the logprobs are numpy's raw
     log-softmax."""
     cases = [c for c in FILTER_CASES if set(c) & {"top_k", "top_p", "min_p"}] + [dict(temp=0.0)]
@@ -442,7 +448,7 @@ def test_sample_jit_on_device_tensors_matches_numpy():
                min_p=[c.get("min_p", 0.0) for c in row_cases], seeds=np.arange(r), steps=5)
     tj = jax.tree_util.tree_map(jnp.asarray, t)
     assert isinstance(tj, SamplingTensors)
-    out = S.sample_jit(jnp.asarray(logits), tj, mode="random_sort", num_logprobs=2)
+    out = _jit_sample("random_sort", 2)(jnp.asarray(logits), tj)
     toks = np.asarray(out.token_ids)
     for i, c in enumerate(row_cases):
         if c["temp"] == 0.0:

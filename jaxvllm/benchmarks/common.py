@@ -13,12 +13,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-# Small engine settings for CPU smoke runs (tests and `--help` examples).
-CPU_SMOKE_ENGINE_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "8",
-                          "--max-num-batched-tokens", "256", "--num-gpu-blocks-override", "64",
-                          "--enforce-eager", "--token-buckets", "16", "64", "256"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Lengths and prompts
 # ---------------------------------------------------------------------------------------------

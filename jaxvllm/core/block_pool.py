@@ -75,10 +75,6 @@ class BlockPool:
         self.cached_block_hash_to_block: dict[BlockHash, KVCacheBlock] = {}
 
     # ---- queries -------------------------------------------------------------------------------
-    @property
-    def num_usable_blocks(self) -> int:
-        return self.num_blocks - 1
-
     def get_num_free_blocks(self) -> int:
         return len(self.free_queue)
 
@@ -88,9 +84,6 @@ class BlockPool:
     def get_usage(self) -> float:
         """Fraction of usable blocks that are in use (free-but-cached blocks count as free)."""
         return (self.num_blocks - 1 - len(self.free_queue)) / (self.num_blocks - 1)
-
-    def get_cached_block(self, block_hash: BlockHash) -> Optional[KVCacheBlock]:
-        return self.cached_block_hash_to_block.get(block_hash)
 
     # ---- allocation ----------------------------------------------------------------------------
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:

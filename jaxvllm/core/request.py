@@ -59,6 +59,15 @@ class Request:
         self.stop_reason: int | str | None = None
         max_tokens = sampling_params.max_tokens
         self.max_tokens = max_tokens if max_tokens is not None else 1 << 62
+        sp = sampling_params
+        # Ids that stop it once min_tokens are out: the stop ids, and EOS unless ignore_eos.
+        self.stop_ids = (frozenset(sp.stop_token_ids) if sp.ignore_eos else
+                         frozenset(sp.all_stop_token_ids | ({eos_token_id} - {None})))
+        self.stop_reason_exempt_id = None if sp.ignore_eos else eos_token_id  # stops with reason None
+        self.min_tokens = sp.min_tokens
+        # Set by the scheduler at admission: the token count (prompt + output) that ends it.
+        self.max_num_tokens = 0
+        self.num_prompt_logprobs_sent = 0  # prompt positions whose logprobs were passed on
         # Bookkeeping owned by core/ (KV-cache manager and scheduler).
         self.block_hashes: list[bytes] = []  # chained hashes of its full blocks (prefix caching)
 
@@ -77,9 +86,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
-
-    def is_finished(self) -> bool:
-        return self.status.finished
 
     def get_finish_reason(self) -> Optional[str]:
         return self.status.finish_reason

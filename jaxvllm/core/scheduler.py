@@ -196,19 +196,7 @@ class Scheduler:
             raise ValueError(f"request {rid!r}: prompt ({p} tokens) + max_tokens ({req.max_tokens}) "
                              f"needs {need} KV-cache blocks of {cfg.block_size} tokens, but the cache "
                              f"has only {usable}")
-        sp = req.sampling_params
-        if sp.ignore_eos or req.eos_token_id is None:
-            stop_ids = set(sp.stop_token_ids or ())
-            if not sp.ignore_eos:
-                stop_ids |= sp.all_stop_token_ids
-        else:
-            stop_ids = set(sp.all_stop_token_ids) | {req.eos_token_id}
-        # Scheduler-private per-request constants (hot-path lookups).
-        req._stop_ids = frozenset(stop_ids)
-        req._eos = None if sp.ignore_eos else req.eos_token_id
-        req._min_tokens = sp.min_tokens
-        req._stop_len = min(p + req.max_tokens, cfg.max_model_len)  # num_tokens that ends it
-        req._plp_upto = 0  # prompt positions whose prompt logprobs were already passed on
+        req.max_num_tokens = min(p + req.max_tokens, cfg.max_model_len)
         req.status = _WAITING
         self.requests[rid] = req
         self.waiting.push(req)
@@ -231,9 +219,6 @@ class Scheduler:
                 self.running.remove(req)
             done.append(req)
         return done
-
-    def abort_requests(self, req_ids: str | Iterable[str]) -> list[Request]:
-        return self.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         """Mark finished, free blocks, forget. The caller removes it from `running` if needed."""
@@ -297,7 +282,7 @@ class Scheduler:
                     continue
                 computed = req.num_computed_tokens
                 known = req.num_tokens + req.num_inflight
-                if known >= req._stop_len:
+                if known >= req.max_num_tokens:
                     continue  # its in-flight token is its last: nothing left to compute
                 n = known - computed
                 if n != 1:
@@ -306,7 +291,7 @@ class Scheduler:
                         continue
                     if n > budget:
                         n = budget
-                    upto = req._plp_upto
+                    upto = req.num_prompt_logprobs_sent
                     if computed < upto < req.num_prompt_tokens and n > upto - computed:
                         n = upto - computed  # keep prompt-logprob chunks aligned after a preemption
                 while True:
@@ -345,7 +330,7 @@ class Scheduler:
                 n = req.num_tokens - num_hit
                 if n > budget:
                     n = budget
-                upto = req._plp_upto
+                upto = req.num_prompt_logprobs_sent
                 if 0 < upto < req.num_prompt_tokens and n > upto:
                     n = upto
                 new_ids = allocate(req, n, hits, num_hit)
@@ -381,7 +366,8 @@ class Scheduler:
         aborted requests."""
         self.kv_cache_manager.discard_step()
         self._finished_req_ids |= scheduler_output.finished_req_ids
-        return self.abort_requests(list(scheduler_output.num_scheduled_tokens))
+        return self.finish_requests(list(scheduler_output.num_scheduled_tokens),
+                                    RequestStatus.FINISHED_ABORTED)
 
     # ---- update --------------------------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -402,11 +388,11 @@ class Scheduler:
             out_ids.append(tok)
             status = None
             stop_reason = None
-            if tok in req._stop_ids and len(out_ids) >= req._min_tokens:
+            if tok in req.stop_ids and len(out_ids) >= req.min_tokens:
                 status = _STOPPED
-                if tok != req._eos:
+                if tok != req.stop_reason_exempt_id:
                     stop_reason = tok
-            elif len(out_ids) + len(req.prompt_token_ids) >= req._stop_len:
+            elif len(out_ids) + len(req.prompt_token_ids) >= req.max_num_tokens:
                 status = _LENGTH
             plp = None
             if prompt_lps and rid in prompt_lps:
@@ -452,10 +438,10 @@ class Scheduler:
         """Pass a prompt-logprobs chunk through unless it repeats positions already passed on
         (recomputation after a preemption); schedule() keeps chunks from straddling that point."""
         start = starts.get(req.request_id)
-        if start is None or start < req._plp_upto:
+        if start is None or start < req.num_prompt_logprobs_sent:
             return None
         end = start + so.num_scheduled_tokens.get(req.request_id, 0)
-        req._plp_upto = max(req._plp_upto, min(end, req.num_prompt_tokens))
+        req.num_prompt_logprobs_sent = max(req.num_prompt_logprobs_sent, min(end, req.num_prompt_tokens))
         return chunk
 
     # ---- queries -------------------------------------------------------------------------------

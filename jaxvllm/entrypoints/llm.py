@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.engine.data_parallel import create_engine
@@ -185,7 +186,8 @@ class LLM:
         for p in prepared:  # as vLLM's LLM: only the final outputs are read (on the prepared copy)
             p.params.output_kind = RequestOutputKind.FINAL_ONLY
         order = {p.request_id: i for i, p in enumerate(prepared)}
-        bar = _progress(len(prepared)) if use_tqdm and len(prepared) > 1 else None
+        bar = tqdm(total=len(prepared), desc="Processed prompts", unit="req", dynamic_ncols=True,
+                   disable=not (use_tqdm and len(prepared) > 1))
         results: list[Optional[RequestOutput]] = [None] * len(prepared)
         try:
             for p in prepared:
@@ -194,20 +196,11 @@ class LLM:
                 for out in engine.step():
                     if out.finished:
                         results[order[out.request_id]] = out
-                        if bar is not None:
-                            bar.update(1)
+                        bar.update(1)
         except BaseException:
             engine.abort_request(list(order))
             raise
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         return results  # type: ignore[return-value]
 
-
-def _progress(total: int) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="Processed prompts", unit="req", dynamic_ncols=True)

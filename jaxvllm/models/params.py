@@ -47,6 +47,3 @@ def param_shapes(cfg: ModelConfig) -> Shapes:
         shapes["lm_head"] = (cfg.hidden_size, cfg.vocab_size)
     return shapes
 
-
-def is_norm(name: str) -> bool:
-    return name.endswith("norm")

@@ -34,7 +34,7 @@ class RequestState:
     seed: int
     num_computed_tokens: int = 0
     slot: int = -1  # its row of the token table; -1: none (no penalties, nothing to mask)
-    num_pending: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
+    num_inflight: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
     # The request's constant sampling knobs, as one column of the packed sampler inputs.
     f32_knobs: np.ndarray = field(init=False, repr=False)
     seed32: int = field(init=False)
@@ -48,7 +48,7 @@ class RequestState:
     @property
     def num_output_tokens(self) -> int:
         """Generated tokens, including those still on the device."""
-        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
+        return len(self.token_ids) + self.num_inflight - self.num_prompt_tokens
 
 
 @dataclass
@@ -157,10 +157,10 @@ class InputBatch:
                 token_ids[offset:offset + n - 1] = st.token_ids[start:end - 1]
                 prev_rows[offset + n - 1] = last_rows[rid]
             block_tables[i, :len(st.block_ids)] = st.block_ids
-            if end == known + st.num_pending:
+            if end == known + st.num_inflight:
                 sample_mask[i] = True
                 logits_indices[i] = offset + n - 1
-                st.num_pending += 1
+                st.num_inflight += 1
                 self.last_rows[rid] = i
             if st.params.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
                 # Position p's logits score prompt token p+1.

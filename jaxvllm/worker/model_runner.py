@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from jaxvllm.core.outputs import ModelRunnerOutput, SchedulerOutput
 from jaxvllm.models import llama
@@ -104,8 +105,8 @@ class ModelRunner:
         step_kw = dict(donate_argnums=(1,),
                        **({} if shardings is None else shardings.step_jit_kwargs()))
         self._step = jax.jit(self._step_impl, **step_kw)
-        self._step_small = jax.jit(self._step_impl, **step_kw,
-                                   compiler_options={"xla_gpu_enable_triton_gemm": True})
+        self._step_triton_gemm = jax.jit(self._step_impl, **step_kw,
+                                         compiler_options={"xla_gpu_enable_triton_gemm": True})
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
         self._sample = jax.jit(self._sample_impl,
                                static_argnames=("mode", "num_logprobs", "topk_bound"))
@@ -157,7 +158,7 @@ class ModelRunner:
 
     def _step_for(self, num_tokens: int) -> Any:
         """The jitted step for a bucket of `num_tokens` (see RunnerConfig.triton_gemm_max_tokens)."""
-        return self._step_small if num_tokens <= self.rc.triton_gemm_max_tokens else self._step
+        return self._step_triton_gemm if num_tokens <= self.rc.triton_gemm_max_tokens else self._step
 
     # The host batch crosses to the device as ONE int32 array (and the sampling knobs as two):
     # every separate host array passed to a jitted call is its own transfer, which measured
@@ -312,7 +313,7 @@ class ModelRunner:
         """
         t0 = time.perf_counter()
         batches = {t: self._dummy_batch(t) for t in self.token_buckets}
-        bar = _progress(progress, len(batches), "Compiling buckets")
+        bar = tqdm(total=len(batches), desc="Compiling buckets", unit="bucket", disable=not progress)
         _compile_all([self._step_for(t).lower(self.params, self.kv_cache, *self._device_inputs(b))
                       for t, b in batches.items()], bar)
         bar.close()
@@ -335,7 +336,7 @@ class ModelRunner:
             others += [self._sample.lower(logits, logits, f32, i32, mode=mode, num_logprobs=k,
                                           topk_bound=bound)
                        for mode, bound in SAMPLER_VARIANTS for k in widths]
-        _compile_all(others, _NoBar())
+        _compile_all(others, tqdm(total=len(others), disable=True))
         jax.block_until_ready(self.kv_cache)
         self._compile_mark = compile_watch.mark()
         done = time.perf_counter()
@@ -345,11 +346,6 @@ class ModelRunner:
         return done - t0
 
     # ---- one step ----------------------------------------------------------------------------
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step and wait for its samples."""
-        handle = self.dispatch(so)
-        return ModelRunnerOutput({}) if handle is None else self.collect(handle)
-
     def dispatch(self, so: SchedulerOutput) -> Optional["Inflight"]:
         """Queue one step for the device without waiting for it (None: nothing to run). The batch
         is built here; its programs are enqueued by the launch thread, in dispatch order."""
@@ -452,7 +448,7 @@ class ModelRunner:
             st = ib.requests.get(rid)  # gone if finished or preempted since the dispatch
             if st is not None:
                 st.token_ids.append(tok)
-                st.num_pending -= 1
+                st.num_inflight -= 1
         return out
 
     def _prompt_rows(self, b: StepBatch) -> tuple[list, np.ndarray, np.ndarray]:
@@ -552,20 +548,3 @@ def _compile_all(lowered: list, bar: Any) -> None:
 def _compile_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, total: int, desc: str) -> Any:
-    if enabled:
-        try:
-            from tqdm import tqdm
-            return tqdm(total=total, desc=desc, unit="bucket")
-        except ImportError:
-            pass
-    return _NoBar()

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GREEDY_EPS = 1e-5  # temperature below this is greedy (same threshold as SamplingParams)
+from jaxvllm.sampling_params import GREEDY_EPS
+
 MODES = ("greedy", "random", "random_sort")
 # Static top-k widths the runner may pass as ``topk_bound`` (one executable per value used).
 # Up to 16, XLA:GPU's TopK runs a dedicated kernel (~10x cheaper than a sort over V = 128k);
@@ -65,25 +66,6 @@ class SamplingTensors:
     steps: jax.Array              # i32[R]; index of the output token being sampled
     min_tokens_active: jax.Array  # bool[R]; mask the row's STOP_BIT ids
     token_bits: jax.Array         # i32[R, V] (see token_bits()), or i32[R, 0]: no penalties/masking
-
-    @classmethod
-    def empty(cls, num_rows: int, vocab_size: int = 0) -> "SamplingTensors":
-        """Neutral numpy tensors (greedy rows, every filter and penalty off); ``vocab_size`` 0
-        leaves out the token bits."""
-        r = num_rows
-        return cls(
-            temperature=np.zeros((r,), np.float32),
-            top_k=np.zeros((r,), np.int32),
-            top_p=np.ones((r,), np.float32),
-            min_p=np.zeros((r,), np.float32),
-            presence_penalty=np.zeros((r,), np.float32),
-            frequency_penalty=np.zeros((r,), np.float32),
-            repetition_penalty=np.ones((r,), np.float32),
-            seeds=np.zeros((r,), np.uint32),
-            steps=np.zeros((r,), np.int32),
-            min_tokens_active=np.zeros((r,), np.bool_),
-            token_bits=np.zeros((r, vocab_size), np.int32),
-        )
 
 
 jax.tree_util.register_dataclass(SamplingTensors, data_fields=list(_FIELDS), meta_fields=[])
@@ -348,5 +330,3 @@ def prompt_logprobs(logits: jax.Array, target_ids: jax.Array, *, num_logprobs: i
     tgt = jnp.clip(target_ids.astype(jnp.int32), 0, raw.shape[-1] - 1)
     return _logprob_info(raw, tgt, num_logprobs)
 
-
-sample_jit = jax.jit(sample, static_argnames=("mode", "num_logprobs", "topk_bound"))
