@@ -394,22 +394,19 @@ class Scheduler:
                     stop_reason = tok
             elif len(out_ids) + len(req.prompt_token_ids) >= req.max_num_tokens:
                 status = _LENGTH
-            plp = None
+            prompt_logprobs = None
             if prompt_lps and rid in prompt_lps:
-                plp = self._take_prompt_logprobs(req, prompt_lps[rid], starts, scheduler_output)
-            nc = req.num_cached_tokens
-            if status is None:
-                append(EngineCoreOutput(rid, [tok], None, None,
-                                        logprobs.get(rid) if logprobs else None, plp,
-                                        nc if nc > 0 else 0))
-                continue
-            req.stop_reason = stop_reason
-            if req.status == _RUNNING:
-                any_finished_running = True
-            self._finish(req, status)
-            append(EngineCoreOutput(rid, [tok], status.finish_reason, stop_reason,
-                                    logprobs.get(rid) if logprobs else None, plp,
-                                    nc if nc > 0 else 0))
+                prompt_logprobs = self._take_prompt_logprobs(req, prompt_lps[rid], starts,
+                                                             scheduler_output)
+            if status is not None:
+                req.stop_reason = stop_reason
+                if req.status == _RUNNING:
+                    any_finished_running = True
+                self._finish(req, status)
+            finish_reason = None if status is None else status.finish_reason
+            append(EngineCoreOutput(rid, [tok], finish_reason, stop_reason,
+                                    logprobs.get(rid) if logprobs else None, prompt_logprobs,
+                                    max(req.num_cached_tokens, 0)))
         if prompt_lps:
             sampled = runner_output.sampled_token_ids
             for rid, chunk in prompt_lps.items():
@@ -418,10 +415,10 @@ class Scheduler:
                 req = requests.get(rid)
                 if req is None:
                     continue
-                plp = self._take_prompt_logprobs(req, chunk, starts, scheduler_output)
-                if plp is not None:
-                    nc = req.num_cached_tokens
-                    append(EngineCoreOutput(rid, [], None, None, None, plp, nc if nc > 0 else 0))
+                prompt_logprobs = self._take_prompt_logprobs(req, chunk, starts, scheduler_output)
+                if prompt_logprobs is not None:
+                    append(EngineCoreOutput(rid, [], new_prompt_logprobs=prompt_logprobs,
+                                            num_cached_tokens=max(req.num_cached_tokens, 0)))
         if any_finished_running:
             self.running = [r for r in self.running if r.status == _RUNNING]
         return outputs
