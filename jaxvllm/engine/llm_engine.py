@@ -452,15 +452,11 @@ class LLMEngine(RequestFront):
 
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
         """See LLM.update_weights."""
-        from jaxvllm.engine.weights import swap_in_place, to_engine_layout
+        from jaxvllm.engine.weights import to_engine_layout
         if self.has_unfinished_requests():
             raise RuntimeError("update_weights must be called between generate calls (requests are running)")
-        new = to_engine_layout(params, self.loaded.config, "auto")
-        runner = self.runner
-        if runner.shardings is not None:
-            new = runner.shardings.match_layout(new)
-        runner.params = swap_in_place(runner.params, new)  # places leaf by leaf
-        self.loaded.params = runner.params
+        self.runner.update_weights(to_engine_layout(params, self.loaded.config, "auto"))
+        self.loaded.params = self.runner.params
         if reset_prefix_cache:
             self.scheduler.reset_prefix_cache()
 

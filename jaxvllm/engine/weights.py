@@ -1,9 +1,7 @@
-"""Weights from memory: accepting a params pytree, and swapping weights in place between steps."""
+"""Weights from memory: a params pytree in the engine's layout (the runner swaps them in)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
-
-import jax
 
 from jaxvllm.models.config import ModelConfig
 
@@ -20,36 +18,3 @@ def to_engine_layout(params: Any, cfg: ModelConfig, dtype: str = "auto") -> Any:
         return convert_hf_state_dict(cfg, params, dtype, source="<params>")
     raise ValueError("params must be the engine's layout ({'embed', 'layers', 'final_norm', ...}) "
                      "or an HF-named state dict ({'model.embed_tokens.weight': ...})")
-
-
-# The old buffer is donated and aliased to the output: the new values land in the engine's own
-# memory, so a swap allocates nothing beyond the caller's arrays and compiles once per leaf shape.
-_copy_into = jax.jit(lambda old, new: new.astype(old.dtype), donate_argnums=0)
-
-
-def swap_in_place(current: Any, new: Any) -> Any:
-    """Returns `current` with every leaf overwritten by `new`'s values (same tree, shapes, dtypes)."""
-    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(current)):
-        # Multi-host: every process would have to run the same swaps in step; not implemented.
-        raise RuntimeError("update_weights is not supported with nnodes > 1 (the weights span "
-                           "several processes)")
-    cur_leaves, cur_tree = jax.tree_util.tree_flatten_with_path(current)
-    new_leaves, new_tree = jax.tree_util.tree_flatten_with_path(new)
-    if cur_tree != new_tree:
-        cur_names = {jax.tree_util.keystr(p) for p, _ in cur_leaves}
-        new_names = {jax.tree_util.keystr(p) for p, _ in new_leaves}
-        missing, extra = sorted(cur_names - new_names)[:5], sorted(new_names - cur_names)[:5]
-        raise ValueError(f"params tree does not match the model's: missing {missing}, unexpected {extra}")
-    for (path, old), (_, leaf) in zip(cur_leaves, new_leaves):
-        name = jax.tree_util.keystr(path)
-        if tuple(leaf.shape) != tuple(old.shape):
-            raise ValueError(f"params{name}: shape {tuple(leaf.shape)} does not match the model's "
-                             f"{tuple(old.shape)}")
-        if leaf.dtype != old.dtype:
-            raise ValueError(f"params{name}: dtype {leaf.dtype} does not match the model's {old.dtype}")
-    out = []
-    for (_, old), (_, leaf) in zip(cur_leaves, new_leaves):
-        if not isinstance(leaf, jax.Array) or leaf.sharding != old.sharding:
-            leaf = jax.device_put(leaf, old.sharding)
-        out.append(_copy_into(old, leaf))
-    return jax.tree_util.tree_unflatten(cur_tree, out)

@@ -27,6 +27,7 @@ from jaxvllm.models.config import ModelConfig
 from jaxvllm.outputs import Logprob
 from jaxvllm.worker import compile_watch
 from jaxvllm.worker.serial_thread import SerialThread
+from jaxvllm.worker.weight_swap import swap_in_place
 from jaxvllm.worker import sampler as sampler_lib
 from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, StepBatch, default_token_buckets,
                                         sampling_shapes)
@@ -140,6 +141,12 @@ class ModelRunner:
         self.kv_cache = llama.make_kv_cache(cfg, self.num_blocks, rc.block_size, rc.kv_dtype,
                                             self._kv_sharding)
         self._log_capacity()
+
+    def update_weights(self, params: Any) -> None:
+        """Overwrites every weight in place with `params` (the engine's layout, unsharded)."""
+        if self.shardings is not None:
+            params = self.shardings.match_layout(params)
+        self.params = swap_in_place(self.params, params)  # places leaf by leaf
 
     # ---- the jitted step -------------------------------------------------------------------
     def _step_impl(self, params: Any, kv_cache: llama.KVCache, packed: jax.Array,
