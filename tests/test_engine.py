@@ -549,8 +549,8 @@ def test_small_buckets_use_triton_gemms_unless_the_user_chose(llm, monkeypatch):
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine import setup
     runner = llm.llm_engine.runner
-    if runner.rc.triton_gemm_max_tokens:  # the engine chose the GEMMs (no user XLA_FLAGS setting)
-        assert runner.rc.triton_gemm_max_tokens == setup.TRITON_GEMM_MAX_TOKENS
+    if runner.config.triton_gemm_max_tokens:  # the engine chose the GEMMs (no XLA_FLAGS setting)
+        assert runner.config.triton_gemm_max_tokens == setup.TRITON_GEMM_MAX_TOKENS
         assert runner._step_for(runner.token_buckets[0]) is runner._step_triton_gemm
     assert runner._step_for(runner.token_buckets[-1]) is runner._step
     args = EngineArgs(model="unused", compilation_cache_dir="none")

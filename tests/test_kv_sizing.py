@@ -79,11 +79,12 @@ def programs(runner):
     step = runner._step_for(256).lower(runner.params, runner.kv_cache,
                                        *runner._device_inputs(batch)).compile().memory_analysis()
     sd = jax.ShapeDtypeStruct
-    f32, i32 = (sd(s, d) for s, d in zip(model_runner.sampling_shapes(256), (jnp.float32, jnp.int32)))
+    sampling = model_runner.SamplingInputs(*(sd(s, d) for s, d in zip(
+        model_runner.sampling_shapes(256), (jnp.float32, jnp.int32))))
     logits = sd((256, CFG.vocab_size), jnp.float32)
-    bits = runner._apply_token_bits.lower(sd((256, CFG.vocab_size), jnp.int32), logits, f32,
-                                          i32).compile().memory_analysis()
-    sampler = runner._sample.lower(logits, logits, f32, i32, mode="random_sort", num_logprobs=20,
+    bits = runner._apply_token_bits.lower(sd((256, CFG.vocab_size), jnp.int32), logits,
+                                          sampling).compile().memory_analysis()
+    sampler = runner._sample.lower(logits, logits, sampling, mode="random_sort", num_logprobs=20,
                                    topk_bound=0).compile().memory_analysis()
     assert _running_bytes(sampler) > HEADROOM  # the case where the headroom alone would not do
     rows = jnp.zeros(runner.score_rows, jnp.int32)

@@ -532,7 +532,7 @@ def test_step_wait_fails_at_once_when_a_peer_is_lost():
 
     runner = ModelRunner.__new__(ModelRunner)
     runner._waiter = SerialThread("test-step-wait")
-    runner.rc = SimpleNamespace(step_timeout=6.0)
+    runner.config = SimpleNamespace(step_timeout=6.0)
     runner.shardings = SimpleNamespace(tp=8)
     lost = []
 

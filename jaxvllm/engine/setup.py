@@ -121,14 +121,14 @@ def build_runner(args: EngineArgs, loaded: Any,
     elif devices is not None:
         device = devices[0]
         loaded.params = jax.device_put(loaded.params, device)
-    rc = RunnerConfig(
+    runner_config = RunnerConfig(
         block_size=args.block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_dtype=params_dtype,
         token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs,
         step_timeout=args.step_timeout,
         triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS else 0)
-    runner = ModelRunner(cfg, loaded.params, rc, shardings=shardings, device=device)
+    runner = ModelRunner(cfg, loaded.params, runner_config, shardings=shardings, device=device)
     # As vLLM: refuse a cache that cannot hold one sequence of max_model_len, rather than start and
     # then reject every long request. The last token is never fed back, and block 0 is reserved.
     need = -(-(max_model_len - 1) // args.block_size)

@@ -6,10 +6,13 @@ appends the tokens it samples itself, so the scheduler never re-sends token ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from jaxvllm.core.outputs import NewRequestData, SchedulerOutput
 from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.worker.sampler import SamplingTensors
 from jaxvllm.worker.token_table import TokenTable
 
 # Padded tokens' K/V go to an out-of-range slot, which the cache scatter drops: block 0 (never handed
@@ -17,11 +20,10 @@ from jaxvllm.worker.token_table import TokenTable
 PAD_SLOT = np.iinfo(np.int32).max
 
 
-# Packed sampler inputs: float32 rows (in this order) and int32 rows
-# [top_k, seed, step, min_tokens active, token-table row (num_slots: none)].
-F32_KNOBS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+# SamplingInputs.floats' rows, in this order.
+FLOAT_KNOBS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
              "repetition_penalty")
-_F32_PAD = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # padding rows: greedy, no-ops
+_FLOAT_PAD = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # padding rows: greedy, no-ops
 
 
 @dataclass
@@ -36,12 +38,12 @@ class RequestState:
     slot: int = -1  # its row of the token table; -1: none (no penalties, nothing to mask)
     num_inflight: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
     # The request's constant sampling knobs, as one column of the packed sampler inputs.
-    f32_knobs: np.ndarray = field(init=False, repr=False)
+    float_knobs: np.ndarray = field(init=False, repr=False)
     seed32: int = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.params
-        self.f32_knobs = np.array([getattr(p, k) for k in F32_KNOBS], np.float32)
+        self.float_knobs = np.array([getattr(p, k) for k in FLOAT_KNOBS], np.float32)
         # Any Python int seed, as its low 32 bits in an int32 lane.
         self.seed32 = int(np.uint32(self.seed & 0xFFFFFFFF).view(np.int32))
 
@@ -93,37 +95,40 @@ class InputBatch:
                 return b
         raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.token_buckets[-1]}")
 
-    def update(self, so: SchedulerOutput) -> None:
-        for rid in so.finished_req_ids | so.preempted_req_ids:
-            st = self.requests.pop(rid, None)
-            if st is not None and st.slot >= 0:
-                self.token_table.release(st.slot)
-        for nr in so.new_reqs:
-            self.requests[nr.req_id] = self._new_state(nr)
-        for cr in so.cached_reqs:
-            st = self.requests[cr.req_id]
-            st.block_ids.extend(cr.new_block_ids)
-            st.num_computed_tokens = cr.num_computed_tokens
+    def update(self, scheduler_output: SchedulerOutput) -> None:
+        for rid in scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids:
+            state = self.requests.pop(rid, None)
+            if state is not None and state.slot >= 0:
+                self.token_table.release(state.slot)
+        for new_req in scheduler_output.new_reqs:
+            self.requests[new_req.req_id] = self._new_state(new_req)
+        for cached_req in scheduler_output.cached_reqs:
+            state = self.requests[cached_req.req_id]
+            state.block_ids.extend(cached_req.new_block_ids)
+            state.num_computed_tokens = cached_req.num_computed_tokens
 
-    def _new_state(self, nr: NewRequestData) -> RequestState:
-        sp = nr.sampling_params
+    def _new_state(self, new_req: NewRequestData) -> RequestState:
+        sp = new_req.sampling_params
         # Unseeded requests get a seed here, so every request's random stream is (seed, position).
         seed = sp.seed if sp.seed is not None else int(self._seed_rng.integers(0, 2**31 - 1))
         slot = -1
         masks = bool(sp.min_tokens and sp.all_stop_token_ids)
         if sp.has_penalties or masks:
             pen = sp.has_penalties
-            slot = self.token_table.assign(nr.prompt_token_ids if pen else (),
-                                           nr.output_token_ids if pen else (),
+            slot = self.token_table.assign(new_req.prompt_token_ids if pen else (),
+                                           new_req.output_token_ids if pen else (),
                                            sorted(sp.all_stop_token_ids) if masks else ())
         return RequestState(
-            req_id=nr.req_id, token_ids=list(nr.prompt_token_ids) + list(nr.output_token_ids),
-            num_prompt_tokens=len(nr.prompt_token_ids), params=sp, block_ids=list(nr.block_ids),
-            seed=seed, num_computed_tokens=nr.num_computed_tokens, slot=slot)
+            req_id=new_req.req_id,
+            token_ids=list(new_req.prompt_token_ids) + list(new_req.output_token_ids),
+            num_prompt_tokens=len(new_req.prompt_token_ids), params=sp,
+            block_ids=list(new_req.block_ids),
+            seed=seed, num_computed_tokens=new_req.num_computed_tokens, slot=slot)
 
-    def build(self, so: SchedulerOutput) -> StepBatch:
-        req_ids = list(so.num_scheduled_tokens)
-        counts = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
+    def build(self, scheduler_output: SchedulerOutput) -> StepBatch:
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        counts = np.fromiter(scheduler_output.num_scheduled_tokens.values(), dtype=np.int64,
+                             count=len(req_ids))
         total = int(counts.sum())
         t_bucket = self.token_bucket(total)
         r_bucket = self.request_bucket(t_bucket)
@@ -147,26 +152,26 @@ class InputBatch:
         starts = np.empty(len(req_ids), np.int64)
         offset = 0
         for i, (rid, n) in enumerate(zip(req_ids, counts.tolist())):
-            st = self.requests[rid]
-            start = starts[i] = st.num_computed_tokens
+            state = self.requests[rid]
+            start = starts[i] = state.num_computed_tokens
             end = start + n
-            known = len(st.token_ids)
+            known = len(state.token_ids)
             if end <= known:
-                token_ids[offset:offset + n] = st.token_ids[start:end]
+                token_ids[offset:offset + n] = state.token_ids[start:end]
             else:  # the last token is the previous step's sample, still on the device
-                token_ids[offset:offset + n - 1] = st.token_ids[start:end - 1]
+                token_ids[offset:offset + n - 1] = state.token_ids[start:end - 1]
                 prev_rows[offset + n - 1] = last_rows[rid]
-            block_tables[i, :len(st.block_ids)] = st.block_ids
-            if end == known + st.num_inflight:
+            block_tables[i, :len(state.block_ids)] = state.block_ids
+            if end == known + state.num_inflight:
                 sample_mask[i] = True
                 logits_indices[i] = offset + n - 1
-                st.num_inflight += 1
+                state.num_inflight += 1
                 self.last_rows[rid] = i
-            if st.params.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
+            if state.params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
                 # Position p's logits score prompt token p+1.
-                last = min(end, st.num_prompt_tokens - 1)
+                last = min(end, state.num_prompt_tokens - 1)
                 spans.append((rid, offset, start, last - start))
-            st.num_computed_tokens = end
+            state.num_computed_tokens = end
             offset += n
         nreq = len(req_ids)
         seq_lens[:nreq] = starts + counts
@@ -179,34 +184,65 @@ class InputBatch:
                          block_tables, np.array([len(req_ids)], np.int32), logits_indices,
                          sample_mask, prev_rows, spans)
 
-    def sampling_arrays(self, batch: StepBatch) -> tuple[np.ndarray, np.ndarray]:
-        """The packed sampler inputs padded to R: float32 [6, R] and int32 [5, R] (the sampler's
-        SamplingTensors are unpacked from them on device)."""
+    def sampling_inputs(self, batch: StepBatch) -> "SamplingInputs":
+        """The batch's sampling parameters, padded to R rows."""
         r = len(batch.logits_indices)
         states = [self.requests[rid] for rid in batch.req_ids]
         n = len(states)
-        f32, i32 = (np.zeros(s, d) for s, d in zip(sampling_shapes(r), (np.float32, np.int32)))
-        f32[:] = _F32_PAD[:, None]
-        i32[4] = self.token_table.num_slots
+        floats, ints = (np.zeros(s, d) for s, d in zip(sampling_shapes(r), (np.float32, np.int32)))
+        floats[:] = _FLOAT_PAD[:, None]
+        ints[4] = self.token_table.num_slots
         if n:
-            f32[:, :n] = np.stack([s.f32_knobs for s in states], axis=1)
-            i32[0, :n] = [s.params.top_k for s in states]
-            i32[1, :n] = [s.seed32 for s in states]
+            floats[:, :n] = np.stack([s.float_knobs for s in states], axis=1)
+            ints[0, :n] = [s.params.top_k for s in states]
+            ints[1, :n] = [s.seed32 for s in states]
             # build() already counted this step's sample as pending: it is output number k - 1.
-            i32[2, :n] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
+            ints[2, :n] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
                 - batch.sample_mask[:n]
             # Only a row that samples reads its token bits and counts its token in them.
             slots = np.fromiter((s.slot for s in states), np.int32, n)
             has_row = (slots >= 0) & batch.sample_mask[:n]
             min_tokens = np.fromiter((s.params.min_tokens for s in states), np.int32, n)
-            i32[3, :n] = has_row & (i32[2, :n] < min_tokens)
-            i32[4, :n] = np.where(has_row, slots, self.token_table.num_slots)
-        return f32, i32
+            ints[3, :n] = has_row & (ints[2, :n] < min_tokens)
+            ints[4, :n] = np.where(has_row, slots, self.token_table.num_slots)
+        return SamplingInputs(floats, ints)
+
+
+class SamplingInputs(NamedTuple):
+    """A batch's sampling parameters packed for the device (two arrays: two host->device copies),
+    one column per row. `floats` [6, R]: temperature, top_p, min_p, presence, frequency and
+    repetition penalties. `ints` [5, R]: top_k, seed, index of the output token being sampled,
+    min_tokens still masking stop ids (0/1), token-table row (num_slots: none)."""
+    floats: Any
+    ints: Any
+
+    @property
+    def temperature(self) -> Any:
+        return self.floats[0]
+
+    @property
+    def top_p(self) -> Any:
+        return self.floats[1]
+
+    @property
+    def top_k(self) -> Any:
+        return self.ints[0]
+
+    @property
+    def slots(self) -> Any:
+        return self.ints[4]
+
+    def tensors(self, token_bits: Any) -> SamplingTensors:
+        """The sampler's view (on the device, inside a jitted call)."""
+        f, i = self.floats, self.ints
+        return SamplingTensors(**{k: f[j] for j, k in enumerate(FLOAT_KNOBS)}, top_k=i[0],
+                               seeds=i[1], steps=i[2], min_tokens_active=i[3] != 0,
+                               token_bits=token_bits)
 
 
 def sampling_shapes(rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of `sampling_arrays`' float32 and int32 arrays for `rows` rows."""
-    return (len(_F32_PAD), rows), (5, rows)
+    """Shapes of `SamplingInputs`' floats and ints for `rows` rows."""
+    return (len(_FLOAT_PAD), rows), (5, rows)
 
 
 def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:

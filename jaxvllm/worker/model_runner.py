@@ -29,8 +29,8 @@ from jaxvllm.worker import compile_watch
 from jaxvllm.worker.serial_thread import SerialThread
 from jaxvllm.worker.weight_swap import swap_in_place
 from jaxvllm.worker import sampler as sampler_lib
-from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, StepBatch, default_token_buckets,
-                                        sampling_shapes)
+from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, SamplingInputs, StepBatch,
+                                        default_token_buckets, sampling_shapes)
 from jaxvllm.worker import token_table
 from jaxvllm.worker.token_table import TokenTable
 from pallas_kernels import ragged_paged_attention
@@ -75,14 +75,14 @@ class StepTimeoutError(RuntimeError):
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params: Any, rc: RunnerConfig,
+    def __init__(self, cfg: ModelConfig, params: Any, config: RunnerConfig,
                  attention_fn: Optional[Callable[..., jax.Array]] = None,
                  shardings: Optional[Any] = None, device: Optional[Any] = None) -> None:
         """`device`: where a runner without `shardings` keeps what it creates (a data-parallel
         replica's device; None: JAX's default device). `params` must already be there."""
         self.cfg = cfg
         self.params = params
-        self.rc = rc
+        self.config = config
         self.shardings = shardings
         self.device = device
         # The cache is committed to the replica's device (or mesh), so every step runs there.
@@ -91,18 +91,19 @@ class ModelRunner:
         self.attention_fn = attention_fn or ragged_paged_attention
         if shardings is not None:  # tensor parallel: attention runs per device on its heads
             self.attention_fn = shardings.attention_fn(self.attention_fn)
-        buckets = rc.token_buckets or default_token_buckets(rc.max_num_batched_tokens)
-        if buckets[-1] < rc.max_num_batched_tokens:
+        buckets = config.token_buckets or default_token_buckets(config.max_num_batched_tokens)
+        if buckets[-1] < config.max_num_batched_tokens:
             raise ValueError(f"token_buckets must reach max_num_batched_tokens "
-                             f"({rc.max_num_batched_tokens}), largest is {buckets[-1]}")
+                             f"({config.max_num_batched_tokens}), largest is {buckets[-1]}")
         self.token_buckets = tuple(buckets)
-        self.max_blocks_per_seq = -(-rc.max_model_len // rc.block_size)
+        self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         # Allocated before the KV cache is sized, which so leaves room for it.
-        self.token_table = TokenTable(rc.max_num_seqs, cfg.vocab_size,
+        self.token_table = TokenTable(config.max_num_seqs, cfg.vocab_size,
                                       shardings.replicated if shardings is not None
                                       else self._kv_sharding)
-        self.input_batch = InputBatch(rc.block_size, self.max_blocks_per_seq, self.token_buckets,
-                                      rc.max_num_seqs, rc.seed, self.token_table)
+        self.input_batch = InputBatch(config.block_size, self.max_blocks_per_seq,
+                                      self.token_buckets,
+                                      config.max_num_seqs, config.seed, self.token_table)
         step_kw = dict(donate_argnums=(1,),
                        **({} if shardings is None else shardings.step_jit_kwargs()))
         self._step = jax.jit(self._step_impl, **step_kw)
@@ -119,8 +120,8 @@ class ModelRunner:
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",))
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
         # so not fewer than SCORE_ROWS_MIN even when max_num_seqs is small.
-        self.score_rows = max(rc.max_num_seqs, SCORE_ROWS_MIN)
-        self._prev_sampled = jax.device_put(np.zeros(rc.max_num_seqs, np.int32),
+        self.score_rows = max(config.max_num_seqs, SCORE_ROWS_MIN)
+        self._prev_sampled = jax.device_put(np.zeros(config.max_num_seqs, np.int32),
                                             device if shardings is None else shardings.replicated)
         # Under tensor parallelism a stuck collective would block a plain device->host copy forever;
         # the copy runs on this thread instead, waited for with a deadline.
@@ -136,9 +137,10 @@ class ModelRunner:
         self.peer_check: Optional[Callable[[], None]] = None
         self._compile_mark: Optional[int] = None  # set by warmup(): lowerings from then on are news
         t0 = time.perf_counter()
-        self.num_blocks = rc.num_blocks or self._profile_num_blocks()
+        self.num_blocks = config.num_blocks or self._profile_num_blocks()
         self.kv_sizing_seconds = time.perf_counter() - t0
-        self.kv_cache = llama.make_kv_cache(cfg, self.num_blocks, rc.block_size, rc.kv_dtype,
+        self.kv_cache = llama.make_kv_cache(cfg, self.num_blocks, config.block_size,
+                                            config.kv_dtype,
                                             self._kv_sharding)
         self._log_capacity()
 
@@ -165,7 +167,8 @@ class ModelRunner:
 
     def _step_for(self, num_tokens: int) -> Any:
         """The jitted step for a bucket of `num_tokens` (see RunnerConfig.triton_gemm_max_tokens)."""
-        return self._step_triton_gemm if num_tokens <= self.rc.triton_gemm_max_tokens else self._step
+        small = num_tokens <= self.config.triton_gemm_max_tokens
+        return self._step_triton_gemm if small else self._step
 
     # The host batch crosses to the device as ONE int32 array (and the sampling knobs as two):
     # every separate host array passed to a jitted call is its own transfer, which measured
@@ -197,34 +200,26 @@ class ModelRunner:
                                 bt.reshape(r, self.max_blocks_per_seq), num_seqs)
         return inp, logits_indices, prev_rows
 
-    @staticmethod
-    def _sampling_tensors(f32: jax.Array, i32: jax.Array,
-                          token_bits: jax.Array) -> sampler_lib.SamplingTensors:
-        return sampler_lib.SamplingTensors(
-            temperature=f32[0], top_p=f32[1], min_p=f32[2], presence_penalty=f32[3],
-            frequency_penalty=f32[4], repetition_penalty=f32[5], top_k=i32[0], seeds=i32[1],
-            steps=i32[2], min_tokens_active=i32[3] != 0, token_bits=token_bits)
+    def _apply_token_bits_impl(self, table: jax.Array, logits: jax.Array,
+                               sampling: SamplingInputs) -> jax.Array:
+        bits = token_table.read_rows(table, sampling.slots)
+        return sampler_lib.apply_token_bits(logits, sampling.tensors(bits))
 
-    def _apply_token_bits_impl(self, table: jax.Array, logits: jax.Array, f32: jax.Array,
-                               i32: jax.Array) -> jax.Array:
-        bits = token_table.read_rows(table, i32[4])
-        return sampler_lib.apply_token_bits(logits, self._sampling_tensors(f32, i32, bits))
-
-    def _sample_impl(self, logits: jax.Array, processed: jax.Array, f32: jax.Array,
-                     i32: jax.Array, *, mode: str, num_logprobs: int,
-                     topk_bound: int) -> sampler_lib.SamplerOutput:
+    def _sample_impl(self, logits: jax.Array, processed: jax.Array, sampling: SamplingInputs, *,
+                     mode: str, num_logprobs: int, topk_bound: int) -> sampler_lib.SamplerOutput:
         """`processed`: the logits after token bits, or the logits themselves."""
         no_bits = jnp.zeros((logits.shape[0], 0), jnp.int32)
-        out = sampler_lib.sample(processed, self._sampling_tensors(f32, i32, no_bits), mode=mode,
+        out = sampler_lib.sample(processed, sampling.tensors(no_bits), mode=mode,
                                  num_logprobs=num_logprobs, topk_bound=topk_bound,
                                  raw_logits=logits)
         # Padded to max_num_seqs so the next step's input gather has one shape for every bucket.
-        pad = self.rc.max_num_seqs - out.token_ids.shape[0]
+        pad = self.config.max_num_seqs - out.token_ids.shape[0]
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
 
     # ---- memory ------------------------------------------------------------------------------
     def _profile_num_blocks(self) -> int:
-        per_block = llama.kv_cache_bytes_per_block(self.cfg, self.rc.block_size, self.rc.kv_dtype)
+        per_block = llama.kv_cache_bytes_per_block(self.cfg, self.config.block_size,
+                                                   self.config.kv_dtype)
         if self.shardings is not None:
             per_block //= self.shardings.kv_split  # each device holds its KV heads only
         # Only this process's devices can be queried (multi-host: the others' are remote).
@@ -255,14 +250,15 @@ class ModelRunner:
         """gpu_memory_utilization of one device's memory, less what is in use there."""
         limit = stats["bytes_limit"]
         total = stats.get("bytes_reservable_limit", limit)
-        return min(self.rc.gpu_memory_utilization * max(total, limit), limit) - stats["bytes_in_use"]
+        share = min(self.config.gpu_memory_utilization * max(total, limit), limit)
+        return share - stats["bytes_in_use"]
 
     def _step_bytes(self) -> int:
         """Temporaries and new outputs of the largest bucket's step, compiled on a 2-block cache: the
         cache is donated and aliased, and its size changes no temporary (on 2x H200 at the 8B shape,
         TP 2: 0.27 GiB at 2 blocks and at 106,304). On CPU with one KV head per device XLA copies
         each layer's cache (a layout change around a size-1 dimension), which this does not see."""
-        probe = llama.make_kv_cache(self.cfg, 2, self.rc.block_size, self.rc.kv_dtype,
+        probe = llama.make_kv_cache(self.cfg, 2, self.config.block_size, self.config.kv_dtype,
                                     self._kv_sharding)
         t = self.token_buckets[-1]
         b = self._dummy_batch(t)
@@ -275,26 +271,28 @@ class ModelRunner:
         more than the fixed margin: OpenAI clients often send top_p. Compiling it here also does
         its autotuning before the cache takes the memory. Plus the token-bit program's output, which
         the sampler reads (the token table itself is allocated already)."""
-        r, sds = self.rc.max_num_seqs, jax.ShapeDtypeStruct
-        f32, i32 = sds(sampling_shapes(r)[0], jnp.float32), sds(sampling_shapes(r)[1], jnp.int32)
+        r, sds = self.config.max_num_seqs, jax.ShapeDtypeStruct
+        sampling = SamplingInputs(*(sds(s, d) for s, d in zip(sampling_shapes(r),
+                                                              (jnp.float32, jnp.int32))))
         logits = sds((r, self.cfg.vocab_size), jnp.float32)
-        return (_new_bytes(self._apply_token_bits.lower(self.token_table.array, logits, f32, i32))
-                + _new_bytes(self._sample.lower(logits, logits, f32, i32, mode="random_sort",
-                                                num_logprobs=self.rc.max_logprobs, topk_bound=0)))
+        return (_new_bytes(self._apply_token_bits.lower(self.token_table.array, logits, sampling))
+                + _new_bytes(self._sample.lower(logits, logits, sampling, mode="random_sort",
+                                                num_logprobs=self.config.max_logprobs,
+                                                topk_bound=0)))
 
     def _prompt_scoring_bytes(self) -> int:
         """One chunk of prompt scoring (`_score_prompts`) at max_logprobs, from the largest bucket."""
         sds = jax.ShapeDtypeStruct
-        hidden = sds((self.token_buckets[-1], self.cfg.hidden_size), self.rc.kv_dtype)
+        hidden = sds((self.token_buckets[-1], self.cfg.hidden_size), self.config.kv_dtype)
         rows = sds((self.score_rows,), jnp.int32)
         return _new_bytes(self._prompt_logprobs.lower(self.params, hidden, rows, rows,
-                                                      num_logprobs=self.rc.max_logprobs))
+                                                      num_logprobs=self.config.max_logprobs))
 
     def _log_capacity(self) -> None:
-        tokens = (self.num_blocks - 1) * self.rc.block_size
+        tokens = (self.num_blocks - 1) * self.config.block_size
         logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at "
-                    "max_model_len %d: %.1fx", self.num_blocks, self.rc.block_size, tokens,
-                    self.rc.max_model_len, tokens / self.rc.max_model_len)
+                    "max_model_len %d: %.1fx", self.num_blocks, self.config.block_size, tokens,
+                    self.config.max_model_len, tokens / self.config.max_model_len)
 
     # ---- compilation -------------------------------------------------------------------------
     def _dummy_batch(self, t: int) -> StepBatch:
@@ -326,21 +324,22 @@ class ModelRunner:
         bar.close()
         t_steps = time.perf_counter()
         rows = np.zeros(self.score_rows, np.int32)
-        widths = sorted({0, self.rc.max_logprobs})
+        widths = sorted({0, self.config.max_logprobs})
         others = [self.token_table.warmup(), self._record_tokens.lower(
-            self.token_table.array, np.zeros(self.rc.max_num_seqs, np.int32), self._prev_sampled)]
+            self.token_table.array, np.zeros(self.config.max_num_seqs, np.int32),
+            self._prev_sampled)]
         sampler_rows = set()
         for t, b in batches.items():
             self.kv_cache, logits, hidden = self._step_for(t)(self.params, self.kv_cache,
                                                               *self._device_inputs(b))
             others.append(self._prompt_logprobs.lower(self.params, hidden, rows, rows,
-                                                      num_logprobs=self.rc.max_logprobs))
+                                                      num_logprobs=self.config.max_logprobs))
             if logits.shape[0] in sampler_rows:
                 continue
             sampler_rows.add(logits.shape[0])
-            f32, i32 = self.input_batch.sampling_arrays(b)
-            others.append(self._apply_token_bits.lower(self.token_table.array, logits, f32, i32))
-            others += [self._sample.lower(logits, logits, f32, i32, mode=mode, num_logprobs=k,
+            sampling = self.input_batch.sampling_inputs(b)
+            others.append(self._apply_token_bits.lower(self.token_table.array, logits, sampling))
+            others += [self._sample.lower(logits, logits, sampling, mode=mode, num_logprobs=k,
                                           topk_bound=bound)
                        for mode, bound in SAMPLER_VARIANTS for k in widths]
         _compile_all(others, tqdm(total=len(others), disable=True))
@@ -353,32 +352,32 @@ class ModelRunner:
         return done - t0
 
     # ---- one step ----------------------------------------------------------------------------
-    def dispatch(self, so: SchedulerOutput) -> Optional["Inflight"]:
+    def dispatch(self, scheduler_output: SchedulerOutput) -> Optional["Inflight"]:
         """Queue one step for the device without waiting for it (None: nothing to run). The batch
         is built here; its programs are enqueued by the launch thread, in dispatch order."""
-        ib = self.input_batch
-        ib.update(so)
-        if so.total_num_scheduled_tokens == 0:
+        input_batch = self.input_batch
+        input_batch.update(scheduler_output)
+        if scheduler_output.total_num_scheduled_tokens == 0:
             return None
-        b = ib.build(so)
+        b = input_batch.build(scheduler_output)
         t = len(b.token_ids)
         packed = self._packed_inputs(b)
-        f32, i32 = ib.sampling_arrays(b)
+        sampling = input_batch.sampling_inputs(b)
         n = len(b.req_ids)
-        knobs = f32[0, :n], i32[0, :n], f32[1, :n]  # temperature, top_k, top_p
+        knobs = sampling.temperature[:n], sampling.top_k[:n], sampling.top_p[:n]
         mode = sampler_lib.sampling_mode(*knobs)
-        logprobs_k = {rid: ib.requests[rid].params.logprobs for rid in b.req_ids
-                      if ib.requests[rid].params.logprobs is not None}
-        slots = i32[4]
+        logprobs_k = {rid: input_batch.requests[rid].params.logprobs for rid in b.req_ids
+                      if input_batch.requests[rid].params.logprobs is not None}
+        slots = sampling.slots
         # Rows with token bits: their table rows are read before sampling and counted after.
         record_slots = None
         if (slots < self.token_table.num_slots).any():
-            record_slots = np.full(self.rc.max_num_seqs, self.token_table.num_slots, np.int32)
+            record_slots = np.full(self.config.max_num_seqs, self.token_table.num_slots, np.int32)
             record_slots[:len(slots)] = slots
         # One logprob width for every k > 0 (each request's k is sliced on the host): a width per k
         # would be a sampler variant per k.
         sampler_kw = dict(
-            mode=mode, num_logprobs=self.rc.max_logprobs if any(logprobs_k.values()) else 0,
+            mode=mode, num_logprobs=self.config.max_logprobs if any(logprobs_k.values()) else 0,
             topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
         prompt_rows = self._prompt_rows(b) if b.prompt_logprob_spans else None
         # Rows of new requests, written before the sampler reads them.
@@ -389,8 +388,8 @@ class ModelRunner:
             self.kv_cache, logits, all_hidden = self._step_for(t)(
                 self.params, self.kv_cache, packed, self._prev_sampled)
             processed = (logits if record_slots is None else
-                         self._apply_token_bits(self.token_table.array, logits, f32, i32))
-            sampled = self._sample(logits, processed, f32, i32, **sampler_kw)
+                         self._apply_token_bits(self.token_table.array, logits, sampling))
+            sampled = self._sample(logits, processed, sampling, **sampler_kw)
             if record_slots is not None:  # count each sampled token in its request's row
                 self.token_table.array = self._record_tokens(self.token_table.array, record_slots,
                                                              sampled.token_ids)
@@ -424,7 +423,7 @@ class ModelRunner:
         if self._waiter is None:
             return get()
         future = self._waiter.submit(get)
-        deadline = time.monotonic() + self.rc.step_timeout
+        deadline = time.monotonic() + self.config.step_timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
                 return future.result(timeout=min(left, PEER_CHECK_INTERVAL_S))
@@ -434,12 +433,12 @@ class ModelRunner:
         raise StepTimeoutError(
             f"A step of token bucket {h.num_tokens} ({len(h.req_ids)} requests, prompt scoring "
             f"{'on' if h.prompt_scoring else 'off'}) did not finish within "
-            f"{self.rc.step_timeout:g} s on {self.shardings.tp} devices: a device is stuck (a "
+            f"{self.config.step_timeout:g} s on {self.shardings.tp} devices: a device is stuck (a "
             f"collective waiting for a peer); the engine cannot continue")
 
     def collect(self, h: "Inflight") -> ModelRunnerOutput:
         """Wait for a dispatched step's samples; append them to the requests' tokens."""
-        ib = self.input_batch
+        input_batch = self.input_batch
         sampled, prompt_logprobs = self._fetch(h)
         tokens = sampled.token_ids[:len(h.req_ids)].tolist()
         out = ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
@@ -452,10 +451,10 @@ class ModelRunner:
                 out.logprobs[rid] = _logprob_entry(tok, sampled.logprob[i], sampled.rank[i],
                                                    sampled.topk_ids[i], sampled.topk_logprobs[i], k)
             out.sampled_token_ids[rid] = tok
-            st = ib.requests.get(rid)  # gone if finished or preempted since the dispatch
-            if st is not None:
-                st.token_ids.append(tok)
-                st.num_inflight -= 1
+            state = input_batch.requests.get(rid)  # gone if finished or preempted since dispatch
+            if state is not None:
+                state.token_ids.append(tok)
+                state.num_inflight -= 1
         return out
 
     def _prompt_rows(self, b: StepBatch) -> tuple[list, np.ndarray, np.ndarray]:
@@ -465,9 +464,9 @@ class ModelRunner:
         targets: list[int] = []
         spans = []
         for rid, offset, start, count in b.prompt_logprob_spans:
-            st = self.input_batch.requests[rid]
-            toks = st.token_ids[start + 1:start + 1 + count]
-            spans.append((rid, len(rows), toks, st.params.prompt_logprobs))
+            state = self.input_batch.requests[rid]
+            toks = state.token_ids[start + 1:start + 1 + count]
+            spans.append((rid, len(rows), toks, state.params.prompt_logprobs))
             rows += range(offset, offset + len(toks))
             targets += toks
         pad = -len(rows) % self.score_rows
@@ -482,7 +481,7 @@ class ModelRunner:
         for the sampler."""
         c = self.score_rows
         chunks = [self._prompt_logprobs(self.params, all_hidden, rows[i:i + c], targets[i:i + c],
-                                        num_logprobs=self.rc.max_logprobs)
+                                        num_logprobs=self.config.max_logprobs)
                   for i in range(0, len(rows), c)]
         return _PromptScores(spans, chunks)
 
