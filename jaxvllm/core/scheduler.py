@@ -424,20 +424,21 @@ class Scheduler:
         return outputs
 
     @staticmethod
-    def _chunk_starts(so: SchedulerOutput) -> dict[str, int]:
-        starts = {c.req_id: c.num_computed_tokens for c in so.cached_reqs}
-        for nr in so.new_reqs:
-            starts[nr.req_id] = nr.num_computed_tokens
+    def _chunk_starts(scheduler_output: SchedulerOutput) -> dict[str, int]:
+        starts = {c.req_id: c.num_computed_tokens for c in scheduler_output.cached_reqs}
+        for new_req in scheduler_output.new_reqs:
+            starts[new_req.req_id] = new_req.num_computed_tokens
         return starts
 
     @staticmethod
-    def _take_prompt_logprobs(req: Request, chunk, starts: dict[str, int], so: SchedulerOutput):
+    def _take_prompt_logprobs(req: Request, chunk, starts: dict[str, int],
+                              scheduler_output: SchedulerOutput):
         """Pass a prompt-logprobs chunk through unless it repeats positions already passed on
         (recomputation after a preemption); schedule() keeps chunks from straddling that point."""
         start = starts.get(req.request_id)
         if start is None or start < req.num_prompt_logprobs_sent:
             return None
-        end = start + so.num_scheduled_tokens.get(req.request_id, 0)
+        end = start + scheduler_output.num_scheduled_tokens.get(req.request_id, 0)
         req.num_prompt_logprobs_sent = max(req.num_prompt_logprobs_sent, min(end, req.num_prompt_tokens))
         return chunk
 

@@ -281,19 +281,19 @@ class LLMEngine(RequestFront):
         # waiting for the device): that step stays queued and is collected now, so the scheduler
         # never runs with more than one step on the device.
         outputs = self._collect_inflight(keep=1 if overlap else 0)
-        so = self.scheduler.schedule()
+        scheduler_output = self.scheduler.schedule()
         try:
             now = time.monotonic()
-            for nr in so.new_reqs:  # a request is first scheduled as a new one
-                pc = self._child_to_parent.get(nr.req_id)
-                if pc and pc[0].metrics["first_scheduled_time"] is None:
-                    pc[0].metrics["first_scheduled_time"] = now
-            handle = self.runner.dispatch(so)
+            for new_req in scheduler_output.new_reqs:  # a request is first scheduled as a new one
+                parent_child = self._child_to_parent.get(new_req.req_id)
+                if parent_child and parent_child[0].metrics["first_scheduled_time"] is None:
+                    parent_child[0].metrics["first_scheduled_time"] = now
+            handle = self.runner.dispatch(scheduler_output)
         except BaseException:  # Ctrl-C too: the caller may go on using the engine
-            self._discard_step(so)
+            self._discard_step(scheduler_output)
             raise
         if handle is not None:
-            self._inflight.append((so, handle))
+            self._inflight.append((scheduler_output, handle))
         # The step just dispatched overlaps the collection of the one before (nothing to overlap
         # when nothing was dispatched).
         outputs += self._collect_inflight(keep=1 if overlap and handle is not None else 0)
@@ -301,14 +301,14 @@ class LLMEngine(RequestFront):
             outputs += self._collect_inflight(keep=0)  # nothing left to overlap with
         return outputs
 
-    def _discard_step(self, so: Any) -> None:
+    def _discard_step(self, scheduler_output: Any) -> None:
         """A step that failed to dispatch may have written none of its K/V: its requests fail
         (with all their n samples) and its prefix-cache entries go, so no later prompt reads them."""
         parents = set()
-        for req in self.scheduler.discard_step(so):
-            pc = self._child_to_parent.get(req.request_id)
-            if pc is not None:
-                parents.add(pc[0].request_id)
+        for req in self.scheduler.discard_step(scheduler_output):
+            parent_child = self._child_to_parent.get(req.request_id)
+            if parent_child is not None:
+                parents.add(parent_child[0].request_id)
         self.abort_request(list(parents))
 
     def _collect_inflight(self, keep: int) -> list[RequestOutput]:
@@ -316,18 +316,19 @@ class LLMEngine(RequestFront):
         once the runner has its samples, so an interrupted wait loses nothing."""
         outputs: list[RequestOutput] = []
         while len(self._inflight) > keep:
-            so, handle = self._inflight[0]
+            scheduler_output, handle = self._inflight[0]
             try:
                 runner_out = self.runner.collect(handle)
             except BaseException:
                 if handle.launch_failed:  # as a step that failed to dispatch
                     self._inflight.popleft()
-                    self._discard_step(so)
+                    self._discard_step(scheduler_output)
                 raise
             self._inflight.popleft()
             if not self.args.disable_log_stats:
-                self._stats_log.record(so, runner_out, self.scheduler)
-            outputs += self._process(self.scheduler.update_from_output(so, runner_out))
+                self._stats_log.record(scheduler_output, runner_out, self.scheduler)
+            core_outputs = self.scheduler.update_from_output(scheduler_output, runner_out)
+            outputs += self._process(core_outputs)
         return outputs
 
     def _process(self, core_outs: list[EngineCoreOutput]) -> list[RequestOutput]:
@@ -335,10 +336,10 @@ class LLMEngine(RequestFront):
         stopped: list[str] = []
         now = time.monotonic()
         for co in core_outs:
-            pc = self._child_to_parent.get(co.req_id)
-            if pc is None:
+            parent_child = self._child_to_parent.get(co.req_id)
+            if parent_child is None:
                 continue
-            parent, child = pc
+            parent, child = parent_child
             touched[parent.request_id] = parent
             if parent.failed:
                 continue
@@ -423,12 +424,13 @@ class LLMEngine(RequestFront):
                 logprobs=None if c.logprobs is None else c.logprobs[start:],
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))
             c.sent_tokens, c.sent_text = len(c.token_ids), len(text)
-        plp = parent.prompt_logprobs
-        if plp is not None:
-            plp = plp[parent.sent_prompt_logprobs if delta else 0:]
+        prompt_logprobs = parent.prompt_logprobs
+        if prompt_logprobs is not None:
+            prompt_logprobs = prompt_logprobs[parent.sent_prompt_logprobs if delta else 0:]
             parent.sent_prompt_logprobs = len(parent.prompt_logprobs)
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, plp, outs,
-                             finished, parent.num_cached_tokens, dict(parent.metrics))
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                             prompt_logprobs, outs, finished, parent.num_cached_tokens,
+                             dict(parent.metrics))
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.stats
@@ -470,16 +472,18 @@ class _StatsLogger:
         self.prompt_tokens = 0
         self.generated_tokens = 0
 
-    def record(self, so: Any, runner_out: Any, scheduler: Scheduler) -> None:
+    def record(self, scheduler_output: Any, runner_out: Any, scheduler: Scheduler) -> None:
         self.generated_tokens += len(runner_out.sampled_token_ids)
-        starts = [(nr.req_id, nr.num_computed_tokens, len(nr.prompt_token_ids) + len(nr.output_token_ids))
-                  for nr in so.new_reqs]
-        for c in so.cached_reqs:
+        starts = [(new_req.req_id, new_req.num_computed_tokens,
+                   len(new_req.prompt_token_ids) + len(new_req.output_token_ids))
+                  for new_req in scheduler_output.new_reqs]
+        for c in scheduler_output.cached_reqs:
             req = scheduler.get_request(c.req_id)
             if req is not None:
                 starts.append((c.req_id, c.num_computed_tokens, req.num_prompt_tokens))
         for rid, start, prompt_len in starts:  # prompt positions computed this step
-            self.prompt_tokens += max(0, min(start + so.num_scheduled_tokens[rid], prompt_len) - start)
+            end = min(start + scheduler_output.num_scheduled_tokens[rid], prompt_len)
+            self.prompt_tokens += max(0, end - start)
         now = time.monotonic()
         if now - self.last < self.INTERVAL_S:
             return
