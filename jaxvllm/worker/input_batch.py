@@ -34,7 +34,6 @@ class RequestState:
     params: SamplingParams
     block_ids: list[int]
     seed: int
-    num_computed_tokens: int = 0
     slot: int = -1  # its row of the token table; -1: none (no penalties, nothing to mask)
     num_inflight: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
     # The request's constant sampling knobs, as one column of the packed sampler inputs.
@@ -105,7 +104,6 @@ class InputBatch:
         for cached_req in scheduler_output.cached_reqs:
             state = self.requests[cached_req.req_id]
             state.block_ids.extend(cached_req.new_block_ids)
-            state.num_computed_tokens = cached_req.num_computed_tokens
 
     def _new_state(self, new_req: NewRequestData) -> RequestState:
         sp = new_req.sampling_params
@@ -123,7 +121,7 @@ class InputBatch:
             token_ids=list(new_req.prompt_token_ids) + list(new_req.output_token_ids),
             num_prompt_tokens=len(new_req.prompt_token_ids), params=sp,
             block_ids=list(new_req.block_ids),
-            seed=seed, num_computed_tokens=new_req.num_computed_tokens, slot=slot)
+            seed=seed, slot=slot)
 
     def build(self, scheduler_output: SchedulerOutput) -> StepBatch:
         req_ids = list(scheduler_output.num_scheduled_tokens)
@@ -148,12 +146,15 @@ class InputBatch:
         last_rows = self.last_rows
         self.last_rows = {}
 
+        # Tokens each request has in the cache before this step: the scheduler's count.
+        computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.new_reqs}
+        computed.update((r.req_id, r.num_computed_tokens) for r in scheduler_output.cached_reqs)
         # Per request: only what needs its Python state; per-token arrays are vectorized below.
         starts = np.empty(len(req_ids), np.int64)
         offset = 0
         for i, (rid, n) in enumerate(zip(req_ids, counts.tolist())):
             state = self.requests[rid]
-            start = starts[i] = state.num_computed_tokens
+            start = starts[i] = computed[rid]
             end = start + n
             known = len(state.token_ids)
             if end <= known:
@@ -171,7 +172,6 @@ class InputBatch:
                 # Position p's logits score prompt token p+1.
                 last = min(end, state.num_prompt_tokens - 1)
                 spans.append((rid, offset, start, last - start))
-            state.num_computed_tokens = end
             offset += n
         nreq = len(req_ids)
         seq_lens[:nreq] = starts + counts
