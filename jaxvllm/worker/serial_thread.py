@@ -14,6 +14,7 @@ multi-host engine's exit handler ends it with code 1 instead).
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import weakref
@@ -21,6 +22,8 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from jax._src import config as jax_config
+
+logger = logging.getLogger(__name__)
 
 
 class SerialThread:
@@ -38,10 +41,23 @@ class SerialThread:
 
 def _thread_jax_config() -> list[tuple[Any, Any]]:
     """(option, value) of every JAX configuration option set on this thread (JAX has no public
-    API for this: its options are its module's `config_states`)."""
-    unset = jax_config.config_ext.unset
-    return [(state, v) for state in jax_config.config_states.values()
-            if (v := state.get_local()) is not unset]
+    API for this: its options are its module's `config_states`; a JAX without them runs works
+    under the global configuration only, with a warning)."""
+    try:
+        unset = jax_config.config_ext.unset
+        return [(state, v) for state in jax_config.config_states.values()
+                if (v := state.get_local()) is not unset]
+    except AttributeError as e:
+        global _warned
+        if not _warned:
+            _warned = True
+            logger.warning("this JAX has no per-thread configuration API (%s): works on this "
+                           "thread do not see JAX context managers such as "
+                           "jax.default_matmul_precision", e)
+        return []
+
+
+_warned = False
 
 
 def _serve(q: queue.SimpleQueue) -> None:
