@@ -66,7 +66,7 @@ def _serve(q: queue.SimpleQueue) -> None:
         try:
             with contextlib.ExitStack() as stack:
                 for state, value in config:
-                    stack.enter_context(jax_config.StateContextManager(state, value))
+                    stack.enter_context(state(value))  # as `jax.default_matmul_precision(v)`
                 result = work()
             future.set_result(result)
         except BaseException as e:  # noqa: BLE001 (handed to whoever waits for the work)
