@@ -22,7 +22,7 @@ PAD_SLOT = np.iinfo(np.int32).max
 
 # SamplingInputs.floats' rows, in this order.
 FLOAT_KNOBS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-             "repetition_penalty")
+               "repetition_penalty")
 _FLOAT_PAD = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)  # padding rows: greedy, no-ops
 
 
