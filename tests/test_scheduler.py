@@ -246,21 +246,17 @@ def test_admission_rejections():
         s.add_request(make_req("b", [5] * 90, max_tokens=20))
     with pytest.raises(ValueError, match=r"needs 5 KV-cache blocks.*only 4"):
         s.add_request(make_req("c", [5] * 60, max_tokens=20))
-    with pytest.raises(ValueError, match="no room"):
-        s.add_request(make_req("d", [5] * 100, max_tokens=None))
+    with pytest.raises(ValueError, match="max_tokens must be set"):
+        make_req("d", [5] * 10, max_tokens=None)
     s.add_request(make_req("ok", [5] * 60, max_tokens=5))  # 64 tokens of K/V: fits exactly
     with pytest.raises(ValueError, match="already in use"):
         s.add_request(make_req("ok", [5] * 3))
     assert s.get_num_unfinished_requests() == 1
 
 
-def test_max_tokens_none_is_capped_to_model_len():
-    s = Scheduler(SchedulerConfig(max_model_len=50, num_blocks=10))
-    r = make_req("a", [5] * 20, max_tokens=None)
-    s.add_request(r)
-    assert r.max_tokens == 30
+def test_max_tokens_up_to_model_len():
     d = Driver(SchedulerConfig(max_model_len=50, num_blocks=10))
-    r = make_req("a", [5] * 20, max_tokens=None, ignore_eos=True)
+    r = make_req("a", [5] * 20, max_tokens=30, ignore_eos=True)
     d.add(r)
     d.run()
     assert len(d.outputs["a"]) == 30 and d.finish["a"][0] == "length"
@@ -476,7 +472,7 @@ def test_extra_stop_ids_from_engine_and_max_model_len():
     sp.all_stop_token_ids |= {33}  # as the engine adds its extra EOS ids at admission
     req = Request("a", [7, 8, 9], sp, eos_token_id=EOS)
     d.add(req, plan=[5, 33, 1, 1, 1])
-    req2 = make_req("b", [7, 8, 9], max_tokens=None, ignore_eos=True)
+    req2 = make_req("b", [7, 8, 9], max_tokens=5, ignore_eos=True)
     d.add(req2, plan=[1] * 10)
     d.run()
     assert d.finish["a"] == ("stop", 33)
@@ -655,9 +651,9 @@ def random_request(rng: random.Random, rid: str, cfg: SchedulerConfig, arrival: 
     shared = rng.randrange(0, p_len + 1) if rng.random() < 0.6 else 0
     prompt = _PREFIXES[rng.randrange(3)][:shared] + [rng.randrange(3, 40) for _ in range(p_len - shared)]
     max_tokens = rng.choice([None, 1, 2, rng.randrange(1, 30), rng.randrange(1, 80)])
-    min_tokens = rng.choice([0, 0, 0, rng.randrange(0, 5)])
-    if max_tokens is not None:
-        min_tokens = min(min_tokens, max_tokens)
+    if max_tokens is None:  # up to max_model_len, as the engine resolves an unset max_tokens
+        max_tokens = max(1, cfg.max_model_len - p_len)
+    min_tokens = min(rng.choice([0, 0, 0, rng.randrange(0, 5)]), max_tokens)
     kw = dict(max_tokens=max_tokens, min_tokens=min_tokens, ignore_eos=rng.random() < 0.5,
               stop_token_ids=rng.choice([None, [rng.randrange(3, 40)]]),
               priority=rng.randrange(3))

@@ -57,8 +57,11 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit (tokens) at first scheduling; -1 = not yet
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
-        max_tokens = sampling_params.max_tokens
-        self.max_tokens = max_tokens if max_tokens is not None else 1 << 62
+        if sampling_params.max_tokens is None:
+            # Resolving it is a policy of the caller's (vLLM's offline engine caps it at
+            # max_model_len, its OpenAI server fills it up to there), not the scheduler's.
+            raise ValueError(f"request {request_id!r}: sampling_params.max_tokens must be set")
+        self.max_tokens = sampling_params.max_tokens
         sp = sampling_params
         # Ids that stop it once min_tokens are out: the stop ids, and EOS unless ignore_eos.
         self.stop_ids = (frozenset(sp.stop_token_ids) if sp.ignore_eos else

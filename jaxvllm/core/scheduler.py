@@ -181,12 +181,7 @@ class Scheduler:
         p = len(req.prompt_token_ids)
         if p == 0:
             raise ValueError(f"request {rid!r}: the prompt is empty")
-        if req.sampling_params.max_tokens is None:
-            if p >= cfg.max_model_len:
-                raise ValueError(f"request {rid!r}: prompt of {p} tokens leaves no room to generate "
-                                 f"within max_model_len={cfg.max_model_len}")
-            req.max_tokens = cfg.max_model_len - p
-        elif p + req.max_tokens > cfg.max_model_len:
+        if p + req.max_tokens > cfg.max_model_len:
             raise ValueError(f"request {rid!r}: prompt ({p} tokens) + max_tokens ({req.max_tokens}) = "
                              f"{p + req.max_tokens} exceeds max_model_len={cfg.max_model_len}")
         # The last generated token is never fed back, so at most p + max_tokens - 1 tokens need K/V.
