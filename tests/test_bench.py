@@ -37,12 +37,11 @@ def tiny_dummy(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> str:
     """A tiny random HF Llama saved with save_pretrained (safetensors, no tokenizer)."""
-    torch = pytest.importorskip("torch")
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**{k: v for k, v in TINY.items() if k not in ("architectures", "torch_dtype")})
+    pytest.importorskip("torch")
+    from hf_builders import tiny_config, tiny_model
+    cfg = tiny_config(**{k: v for k, v in TINY.items() if k not in ("architectures", "torch_dtype")})
     d = tmp_path_factory.mktemp("tiny-hf")
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(d))
+    tiny_model(cfg, dtype="bfloat16").save_pretrained(str(d))
     return str(d)
 
 

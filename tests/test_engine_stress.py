@@ -27,17 +27,9 @@ NUM_BLOCKS = 14
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, architectures=["LlamaForCausalLM"])
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # larger weights: peaked, position-dependent logits (greedy not stuck)
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(5.0)
+    from hf_builders import tiny_config, tiny_model
+    # larger weights: peaked, position-dependent logits (greedy not stuck)
+    model = tiny_model(tiny_config(vocab_size=VOCAB), matrix_scale=5.0)
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
     return LLM(model=str(path), dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=6,

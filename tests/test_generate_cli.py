@@ -20,18 +20,11 @@ GENERATION_CONFIG = {"temperature": 0.5, "top_p": 0.8, "top_k": 7, "max_new_toke
 def save_tiny_llama(path: Any, chat_template: Optional[str] = None) -> None:
     """A tiny random Llama (1 layer, 64 tokens t0..t63, no EOS) saved as an HF directory with a
     word-level tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      architectures=["LlamaForCausalLM"])
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0",
-                            chat_template=chat_template).save_pretrained(path)
+    from hf_builders import save_word_tokenizer, tiny_config, tiny_model
+    cfg = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      max_position_embeddings=128)
+    tiny_model(cfg).save_pretrained(path)
+    save_word_tokenizer(path, 64, chat_template=chat_template)
 
 
 @pytest.fixture(scope="module")

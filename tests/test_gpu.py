@@ -10,16 +10,11 @@ pytestmark = pytest.mark.gpu
 
 
 def _tiny_llama(path, kv_heads: int, head_dim_mult: int = 1):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128 * head_dim_mult, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=2 * head_dim_mult,
-                      num_key_value_heads=kv_heads, max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(6.0)
+    from hf_builders import tiny_config, tiny_model
+    cfg = tiny_config(vocab_size=512, hidden_size=128 * head_dim_mult, intermediate_size=256,
+                      num_attention_heads=2 * head_dim_mult, num_key_value_heads=kv_heads,
+                      max_position_embeddings=512)
+    model = tiny_model(cfg, matrix_scale=6.0)
     model.save_pretrained(path)
     return model
 

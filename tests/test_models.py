@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import AutoModelForCausalLM
 
 from converters import load_model
+from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
 from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.registry import MODEL_REGISTRY, get_model_module
@@ -21,18 +21,20 @@ _SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_l
               num_attention_heads=8, max_position_embeddings=256)
 
 CONFIGS = {
-    "llama-gqa4-tied": lambda: LlamaConfig(**_SMALL, num_key_value_heads=2, tie_word_embeddings=True),
-    "llama3-rope": lambda: LlamaConfig(**_SMALL, num_key_value_heads=8, rope_scaling={
+    "llama-gqa4-tied": lambda: tiny_config("llama", **_SMALL, num_key_value_heads=2,
+                                           tie_word_embeddings=True),
+    "llama3-rope": lambda: tiny_config("llama", **_SMALL, num_key_value_heads=8, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}),
-    "llama-linear-rope": lambda: LlamaConfig(**_SMALL, num_key_value_heads=1,
+    "llama-linear-rope": lambda: tiny_config("llama", **_SMALL, num_key_value_heads=1,
                                              rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    "llama-dynamic-rope": lambda: LlamaConfig(**_SMALL, num_key_value_heads=4,
+    "llama-dynamic-rope": lambda: tiny_config("llama", **_SMALL, num_key_value_heads=4,
                                               rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
-    "mistral": lambda: MistralConfig(**_SMALL, num_key_value_heads=2, sliding_window=None),
-    "mistral-sliding": lambda: MistralConfig(**_SMALL, num_key_value_heads=2, sliding_window=7),
-    "qwen2-bias": lambda: Qwen2Config(**_SMALL, num_key_value_heads=4),
-    "qwen3-qknorm": lambda: Qwen3Config(**_SMALL, num_key_value_heads=1, head_dim=16),
+    "mistral": lambda: tiny_config("mistral", **_SMALL, num_key_value_heads=2, sliding_window=None),
+    "mistral-sliding": lambda: tiny_config("mistral", **_SMALL, num_key_value_heads=2,
+                                           sliding_window=7),
+    "qwen2-bias": lambda: tiny_config("qwen2", **_SMALL, num_key_value_heads=4),
+    "qwen3-qknorm": lambda: tiny_config("qwen3", **_SMALL, num_key_value_heads=1, head_dim=16),
 }
 
 
@@ -58,22 +60,9 @@ def run_sequence(params, cfg: ModelConfig, ids: np.ndarray, chunks: tuple[int, .
     return np.concatenate(out)
 
 
-def _hf_model(hf_config, seed: int = 0):
-    hf_config.architectures = [type(hf_config).__name__.replace("Config", "ForCausalLM")]
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config).float().eval()
-    with torch.no_grad():  # scale weights up so the logits are far from flat
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-            else:
-                p.add_(torch.randn_like(p) * 0.2)
-    return model
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_hf(name, tmp_path):
-    model = _hf_model(CONFIGS[name]())
+    model = tiny_model(CONFIGS[name](), **FAR_FROM_FLAT)
     model.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path), dtype="float32", cache_dir=None)
     ids = np.random.RandomState(1).randint(0, 256, size=37)
@@ -88,7 +77,7 @@ def test_logits_match_hf(name, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs(dtype, tmp_path):
-    model = _hf_model(CONFIGS["qwen3-qknorm"]())
+    model = tiny_model(CONFIGS["qwen3-qknorm"](), **FAR_FROM_FLAT)
     model.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path), dtype=dtype, cache_dir=None)
     assert loaded.params["layers"][0]["q"].dtype == jnp.dtype(dtype)

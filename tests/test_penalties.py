@@ -18,10 +18,10 @@ from typing import Optional, Sequence
 import numpy as np
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM
 
+from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
 from jaxvllm import LLM, SamplingParams
-from test_models import _hf_model  # larger weights, so logits are far from flat
 
 VOCAB = 256
 EOS = 2  # written to generation_config.json: the engine masks it under min_tokens, as vLLM does
@@ -37,9 +37,8 @@ def _prompt(seed: int, n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hf_model() -> LlamaForCausalLM:
-    return _hf_model(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                                 max_position_embeddings=256, eos_token_id=EOS))
+    return tiny_model(tiny_config(vocab_size=VOCAB, intermediate_size=96, num_attention_heads=8,
+                                  eos_token_id=EOS), **FAR_FROM_FLAT)
 
 
 def _engine(model: LlamaForCausalLM, path: Path, num_blocks: int, max_model_len: int) -> LLM:

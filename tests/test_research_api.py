@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_builders import tiny_config, tiny_model
 from jaxvllm import LLM, SamplingParams
 
 ENGINE = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
@@ -20,16 +20,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs
 
 @pytest.fixture(scope="module")
 def hf():
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(5.0)
-    return model
+    return tiny_model(tiny_config(), matrix_scale=5.0)
 
 
 def _count_traces():

@@ -25,26 +25,13 @@ PROMPTS = [list(range(3, 3 + n)) for n in (5, 11, 20, 40, 7)]   # 40 > the 32-to
 
 # ---- the subprocess ------------------------------------------------------------------------------
 def _save_model(d: str, kind: str, hidden: int, kv_heads: int) -> None:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, \
-        Qwen2ForCausalLM
-    torch.manual_seed(0)
-    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=LAYERS,
-                  num_attention_heads=8, num_key_value_heads=kv_heads, vocab_size=256,
-                  max_position_embeddings=256)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True))
-    with torch.no_grad():  # HF zero-inits biases: make them matter
-        for p in model.parameters():
-            if p.ndim == 1 and not torch.all(p == 1):
-                p.normal_(0, 0.5)
-    model.save_pretrained(d, safe_serialization=True)
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1").save_pretrained(d)
+    """`kind` "llama" (untied embeddings) or "qwen2" (tied), with a 256-word tokenizer."""
+    from hf_builders import save_word_tokenizer, tiny_config, tiny_model
+    cfg = tiny_config(kind, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=LAYERS,
+                      num_attention_heads=8, num_key_value_heads=kv_heads,
+                      tie_word_embeddings=kind != "llama")
+    tiny_model(cfg, bias_std=0.5).save_pretrained(d)  # HF zero-inits biases: make them matter
+    save_word_tokenizer(d, 256, eos_token="t1")
 
 
 def _count(pattern: str, text: str) -> int:
