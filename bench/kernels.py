@@ -12,6 +12,7 @@ would fit in L2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import ragged_paged_attention  # noqa: E402
 from pallas_kernels.ragged_paged_attention import (  # noqa: E402
     TileConfig, Tiles, get_tiles, ragged_paged_attention_kernel)
+from pallas_kernels.reference import make_attention_batch  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DT = jnp.bfloat16
@@ -36,29 +38,9 @@ L2_BYTES = 50 << 20
 INTERPRET = jax.default_backend() != "gpu"  # CPU smoke runs only
 
 
-def make_batch(q_lens, kv_lens, *, T=None, R=None, hq=HQ, hkv=HKV, d=D, bs=BS,
-               dtype=DT, seed=0, copies=1, extra_blocks=0):
-    rng = np.random.default_rng(seed)
-    n = len(q_lens)
-    R = R or n
-    T = T or int(sum(q_lens))
-    mb = max(-(-k // bs) for k in kv_lens)
-    nb = R * mb + 1 + extra_blocks
-    qsl = np.zeros(R + 1, np.int32)
-    qsl[1:n + 1] = np.cumsum(q_lens)
-    qsl[n + 1:] = qsl[n]
-    kvl = np.zeros(R, np.int32)
-    kvl[:n] = kv_lens
-    bt = rng.permutation(nb)[:R * mb].reshape(R, mb).astype(np.int32)
-    key = jax.random.PRNGKey(seed)
-    kq, *kk = jax.random.split(key, 1 + 2 * copies)
-    q = jax.random.normal(kq, (T, hq, d), dtype)
-    caches = [(jax.random.normal(kk[2 * c], (nb, bs, hkv, d), dtype),
-               jax.random.normal(kk[2 * c + 1], (nb, bs, hkv, d), dtype))
-              for c in range(copies)]
-    ints = (jnp.asarray(kvl), jnp.asarray(bt), jnp.asarray(qsl),
-            jnp.asarray(np.array([n], np.int32)))
-    return q, caches, ints, int(qsl[n])
+# Block tables exactly as wide as the longest context: prefill_section gathers them into dense K/V.
+make_batch = functools.partial(make_attention_batch, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                               block_size=BS, dtype=DT)
 
 
 def bench(fn, arg_sets, iters=None, reps=7, min_time=0.2):
@@ -122,19 +104,17 @@ def validate(log):
     worst = 0.0
     for name, (ql, kl, kw) in cases.items():
         for extra in ({}, dict(sliding_window=100), dict(logits_soft_cap=30.0)):
-            q, caches, ints, n = make_batch(ql, kl, seed=len(name), **kw)
-            k, v = caches[0]
+            b = make_batch(ql, kl, seed=len(name), **kw)
             f = jax.jit(lambda q, k, v, *i: ragged_paged_attention_kernel(
                 q, k, v, *i, sm_scale=SCALE, interpret=INTERPRET, **extra))
             r = jax.jit(lambda q, k, v, *i: ragged_paged_attention(
                 q, k, v, *i, sm_scale=SCALE, impl="reference", **extra))
-            e = rel_err(f(q, k, v, *ints), r(q, k, v, *ints), n)
+            e = rel_err(f(*b.args), r(*b.args), b.num_tokens)
             worst = max(worst, e)
             log(f"validate {name:18s} {str(extra):28s} rel_err={e:.2e}")
     # f32 inputs too
-    q, caches, ints, n = make_batch([1, 70, 1], [100, 70, 33], dtype=jnp.float32, T=80, R=4)
-    k, v = caches[0]
-    e = rel_err(kernel_fn()(q, k, v, *ints), REF(q, k, v, *ints), n)
+    b = make_batch([1, 70, 1], [100, 70, 33], dtype=jnp.float32, T=80, R=4)
+    e = rel_err(kernel_fn()(*b.args), REF(*b.args), b.num_tokens)
     log(f"validate f32 mixed rel_err={e:.2e}")
     return worst, e
 
@@ -154,8 +134,10 @@ def decode_section(log, copy_bw, rows, sweep=False):
         for ctx in (512, 2048, 8192):
             kv_bytes = B * ctx * HKV * D * 2 * 2
             copies = max(1, min(8, -(-4 * L2_BYTES // kv_bytes)))
-            q, caches, ints, n = make_batch([1] * B, [ctx] * B, seed=B + ctx, copies=copies)
+            b = make_batch([1] * B, [ctx] * B, seed=B + ctx, copies=copies)
+            q, caches, ints, n = b.q, b.caches, b.metadata, b.num_tokens
             kvl, bt, qsl, ns = ints
+            del b  # `del caches` below frees the copies
             f = kernel_fn()
             o = f(q, *caches[0], *ints)
             err = rel_err(o, REF(q, *caches[0], *ints), n)
@@ -197,8 +179,8 @@ def decode_section(log, copy_bw, rows, sweep=False):
 def prefill_section(log, rows, sweep=False):
     for B, L in ((1, 4096), (4, 2048)):
         flops = 4 * B * (L * L / 2) * HQ * D
-        q, caches, ints, n = make_batch([L] * B, [L] * B, seed=L)
-        k, v = caches[0]
+        b = make_batch([L] * B, [L] * B, seed=L)
+        q, (k, v), ints, n = b.q, b.caches[0], b.metadata, b.num_tokens
         kvl, bt, qsl, ns = ints
         # same data, unpaged, for cuDNN: gather each sequence's blocks
         kd = k[bt].reshape(B, L, HKV, D)
@@ -244,14 +226,12 @@ def prefill_section(log, rows, sweep=False):
 def mixed_section(log, rows):
     ctx = 2048
     f = kernel_fn()
-    qm, cm, im, nm = make_batch([512] + [1] * 63, [ctx] * 64, T=576, R=64, seed=1)
-    om = f(qm, *cm[0], *im)
-    err = rel_err(om, REF(qm, *cm[0], *im), nm)
-    tm = bench(f, [(qm, *cm[0], *im)])
-    qp, cp_, ip, _ = make_batch([512], [ctx], T=512, R=1, seed=2)
-    tp = bench(f, [(qp, *cp_[0], *ip)])
-    qd, cd, idd, _ = make_batch([1] * 63, [ctx] * 63, T=64, R=64, seed=3)
-    td = bench(f, [(qd, *cd[0], *idd)])
+    mixed = make_batch([512] + [1] * 63, [ctx] * 64, T=576, R=64, seed=1)
+    om = f(*mixed.args)
+    err = rel_err(om, REF(*mixed.args), mixed.num_tokens)
+    tm = bench(f, [mixed.args])
+    tp = bench(f, [make_batch([512], [ctx], T=512, R=1, seed=2).args])
+    td = bench(f, [make_batch([1] * 63, [ctx] * 63, T=64, R=64, seed=3).args])
     row = dict(kind="mixed", us=tm * 1e6, prefill_us=tp * 1e6, decode_us=td * 1e6,
                sum_us=(tp + td) * 1e6, err=err)
     log(json.dumps(row))

@@ -1,6 +1,8 @@
 """Pure-jnp reference for ragged paged attention (same signature as the kernel).
 
 Used as the correctness reference for the Pallas kernel and by the engine on CPU.
+``make_attention_batch`` builds the random batches that the kernel tests and the kernel
+benchmark feed to both.
 
 Formulation: every token knows its sequence (segment id, from ``query_start_loc``)
 and its absolute position. Keys are streamed through the block tables in chunks of
@@ -12,9 +14,12 @@ actual context in the batch (a traced trip count), not to the static table width
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # Keys per loop step = _CHUNK_BLOCKS * block_size.
@@ -106,3 +111,60 @@ def ragged_paged_attention_reference(
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(T, Hq, D).astype(q.dtype)
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """A random batch in the kernel's argument layout."""
+    q: jax.Array                                   # [T, Hq, D]
+    caches: list[tuple[jax.Array, jax.Array]]      # `copies` independent (k_cache, v_cache) pairs
+    metadata: tuple[jax.Array, ...]                # kv_lens, block_tables, query_start_loc, num_seqs
+    num_tokens: int                                # rows of q that are real tokens (the rest pad)
+    host: Optional[dict[str, np.ndarray]] = None   # float64 q/k/v and the metadata (host_values)
+
+    @property
+    def args(self) -> tuple[jax.Array, ...]:
+        """The positional arguments of the kernel and the reference, with the first cache."""
+        return (self.q, *self.caches[0], *self.metadata)
+
+
+def make_attention_batch(q_lens: Sequence[int], kv_lens: Sequence[int], *, num_q_heads: int,
+                         num_kv_heads: int, head_dim: int, block_size: int,
+                         dtype: jnp.dtype = jnp.float32, T: Optional[int] = None,
+                         R: Optional[int] = None, spare_columns: int = 0, spare_blocks: int = 1,
+                         copies: int = 1, seed: int = 0, host_values: bool = False) -> AttentionBatch:
+    """Sequence r has q_lens[r] new tokens at the end of kv_lens[r] tokens of context; T query rows
+    and R sequence slots (default: exactly enough), the rest padding. Each block table has
+    `spare_columns` columns beyond the longest context, and the blocks are a random permutation of
+    R * columns + spare_blocks cache blocks (non-contiguous, some never referenced).
+
+    Values ~ N(0, 1): by default drawn on the device in `dtype` (cheap at benchmark sizes; `copies`
+    caches let a benchmark rotate inputs larger than L2); with `host_values`, drawn in float64 with
+    numpy and kept in `.host` for a float64 reference (one copy).
+    """
+    assert all(0 < ql <= kl for ql, kl in zip(q_lens, kv_lens))
+    rng = np.random.default_rng(seed)
+    n = len(q_lens)
+    R = R or n
+    T = T or int(sum(q_lens))
+    columns = max(-(-k // block_size) for k in kv_lens) + spare_columns
+    num_blocks = R * columns + spare_blocks
+    qsl = np.zeros(R + 1, np.int32)
+    qsl[1:n + 1] = np.cumsum(q_lens)
+    qsl[n + 1:] = qsl[n]
+    kvl = np.zeros(R, np.int32)
+    kvl[:n] = kv_lens
+    bt = rng.permutation(num_blocks)[:R * columns].reshape(R, columns).astype(np.int32)
+    num_seqs = np.array([n], np.int32)
+    metadata = tuple(jnp.asarray(a) for a in (kvl, bt, qsl, num_seqs))
+    q_shape, cache_shape = (T, num_q_heads, head_dim), (num_blocks, block_size, num_kv_heads, head_dim)
+    if host_values:
+        assert copies == 1
+        q, k, v = (rng.standard_normal(s) for s in (q_shape, cache_shape, cache_shape))
+        host = dict(q=q, k=k, v=v, kv_lens=kvl, block_tables=bt, qsl=qsl, num_seqs=num_seqs)
+        return AttentionBatch(jnp.asarray(q, dtype), [(jnp.asarray(k, dtype), jnp.asarray(v, dtype))],
+                              metadata, int(qsl[n]), host)
+    kq, *kk = jax.random.split(jax.random.PRNGKey(seed), 1 + 2 * copies)
+    caches = [(jax.random.normal(kk[2 * c], cache_shape, dtype),
+               jax.random.normal(kk[2 * c + 1], cache_shape, dtype)) for c in range(copies)]
+    return AttentionBatch(jax.random.normal(kq, q_shape, dtype), caches, metadata, int(qsl[n]))

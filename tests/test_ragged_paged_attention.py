@@ -8,6 +8,8 @@ Tolerances (max |out - ref| over non-padding rows, inputs ~N(0, 1)):
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,7 @@ from pallas_kernels import (
     ragged_paged_attention_reference,
 )
 from pallas_kernels.ragged_paged_attention import TileConfig, Tiles
+from pallas_kernels.reference import make_attention_batch
 
 F32_ATOL_KERNEL = 2e-5
 F32_ATOL_DENSE = 1e-4
@@ -32,34 +35,10 @@ BF16_REL = 1e-2
 # exercised at CPU-friendly sizes.
 SMALL_TILES = Tiles(TileConfig(16, 4, 2), 16, TileConfig(16, 4, 2))
 
-
-def make_batch(q_lens, kv_lens, *, num_q_heads=4, num_kv_heads=2, head_dim=32,
-               block_size=16, max_blocks=None, num_blocks=None, T=None, R=None,
-               dtype=jnp.float32, seed=0):
-    """Random batch with permuted (non-contiguous) block tables and padding."""
-    rng = np.random.default_rng(seed)
-    n = len(q_lens)
-    R = R or n
-    T = T or int(sum(q_lens))
-    assert all(0 < ql <= kl for ql, kl in zip(q_lens, kv_lens))
-    need = max(-(-k // block_size) for k in kv_lens)
-    max_blocks = max_blocks or need + 1
-    num_blocks = num_blocks or R * max_blocks + 3
-    qsl = np.zeros(R + 1, np.int32)
-    qsl[1:n + 1] = np.cumsum(q_lens)
-    qsl[n + 1:] = qsl[n]
-    kvl = np.zeros(R, np.int32)
-    kvl[:n] = kv_lens
-    bt = rng.permutation(num_blocks)[:R * max_blocks].reshape(R, max_blocks).astype(np.int32)
-    q = rng.standard_normal((T, num_q_heads, head_dim))
-    k = rng.standard_normal((num_blocks, block_size, num_kv_heads, head_dim))
-    v = rng.standard_normal((num_blocks, block_size, num_kv_heads, head_dim))
-    arrays = dict(q=q, k=k, v=v, kv_lens=kvl, block_tables=bt, qsl=qsl,
-                  num_seqs=np.array([n], np.int32))
-    jargs = (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
-             jnp.asarray(kvl), jnp.asarray(bt), jnp.asarray(qsl),
-             jnp.asarray(arrays["num_seqs"]))
-    return jargs, arrays, int(qsl[n])
+# CPU-sized batches with float64 values for dense_numpy, and block tables and a cache with entries
+# that no sequence uses.
+make_batch = functools.partial(make_attention_batch, num_q_heads=4, num_kv_heads=2, head_dim=32,
+                               block_size=16, spare_columns=1, spare_blocks=3, host_values=True)
 
 
 def dense_numpy(a, sm_scale, sliding_window=None, soft_cap=None):
@@ -106,11 +85,11 @@ def check(out, ref, n_valid, dtype, atol=F32_ATOL_KERNEL):
         assert err <= atol, err
 
 
-def run_both(jargs, sm_scale=0.125, tiles=SMALL_TILES, num_splits=None, **kw):
-    ref = ragged_paged_attention_reference(*jargs, sm_scale=sm_scale, **kw)
+def run_both(args, sm_scale=0.125, tiles=SMALL_TILES, num_splits=None, **kw):
+    ref = ragged_paged_attention_reference(*args, sm_scale=sm_scale, **kw)
     out = jax.jit(lambda *a: ragged_paged_attention_kernel(
         *a, sm_scale=sm_scale, interpret=True, tiles=tiles, num_splits=num_splits,
-        **kw))(*jargs)
+        **kw))(*args)
     return out, ref
 
 
@@ -128,66 +107,66 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_vs_reference_f32(name):
     q_lens, kv_lens, kw = CASES[name]
-    jargs, _, n = make_batch(q_lens, kv_lens, seed=hash(name) % 1000, **kw)
-    out, ref = run_both(jargs)
-    check(out, ref, n, jnp.float32)
+    batch = make_batch(q_lens, kv_lens, seed=hash(name) % 1000, **kw)
+    out, ref = run_both(batch.args)
+    check(out, ref, batch.num_tokens, jnp.float32)
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (8, 1), (6, 2)])
 def test_gqa(hq, hkv):
-    jargs, _, n = make_batch([1, 9, 18], [25, 30, 18], num_q_heads=hq, num_kv_heads=hkv,
-                             T=32, R=4, seed=hq * 10 + hkv)
-    out, ref = run_both(jargs)
-    check(out, ref, n, jnp.float32)
+    batch = make_batch([1, 9, 18], [25, 30, 18], num_q_heads=hq, num_kv_heads=hkv,
+                       T=32, R=4, seed=hq * 10 + hkv)
+    out, ref = run_both(batch.args)
+    check(out, ref, batch.num_tokens, jnp.float32)
 
 
 @pytest.mark.parametrize("window,cap", [(8, None), (None, 5.0), (20, 2.0)])
 def test_window_and_softcap(window, cap):
-    jargs, _, n = make_batch([1, 19, 1], [50, 40, 7], T=24, R=4, seed=7)
-    out, ref = run_both(jargs, sliding_window=window, logits_soft_cap=cap)
-    check(out, ref, n, jnp.float32)
+    batch = make_batch([1, 19, 1], [50, 40, 7], T=24, R=4, seed=7)
+    out, ref = run_both(batch.args, sliding_window=window, logits_soft_cap=cap)
+    check(out, ref, batch.num_tokens, jnp.float32)
 
 
 @pytest.mark.parametrize("num_splits", [2, 4])
 def test_split_k(num_splits):
     # short multi-token tiles (q_len 3 <= BQs) too, and a window so some splits are empty
-    jargs, _, n = make_batch([1, 3, 1, 12], [70, 45, 3, 40], T=20, R=5, seed=num_splits)
-    out, ref = run_both(jargs, num_splits=num_splits)
-    check(out, ref, n, jnp.float32)
-    out, ref = run_both(jargs, num_splits=num_splits, sliding_window=9)
-    check(out, ref, n, jnp.float32)
+    batch = make_batch([1, 3, 1, 12], [70, 45, 3, 40], T=20, R=5, seed=num_splits)
+    out, ref = run_both(batch.args, num_splits=num_splits)
+    check(out, ref, batch.num_tokens, jnp.float32)
+    out, ref = run_both(batch.args, num_splits=num_splits, sliding_window=9)
+    check(out, ref, batch.num_tokens, jnp.float32)
 
 
 def test_block_size_32_head_dim_64_default_tiles():
-    jargs, _, n = make_batch([1, 21, 1], [90, 21, 33], head_dim=64, block_size=32,
-                             T=24, R=4, seed=3)
-    out, ref = run_both(jargs, tiles=None)
-    check(out, ref, n, jnp.float32)
+    batch = make_batch([1, 21, 1], [90, 21, 33], head_dim=64, block_size=32,
+                       T=24, R=4, seed=3)
+    out, ref = run_both(batch.args, tiles=None)
+    check(out, ref, batch.num_tokens, jnp.float32)
 
 
 def test_bf16():
-    jargs, _, n = make_batch([1, 14, 1, 6], [44, 30, 16, 6], head_dim=64,
-                             dtype=jnp.bfloat16, T=24, R=5, seed=11)
-    out, ref = run_both(jargs)
+    batch = make_batch([1, 14, 1, 6], [44, 30, 16, 6], head_dim=64,
+                       dtype=jnp.bfloat16, T=24, R=5, seed=11)
+    out, ref = run_both(batch.args)
     assert out.dtype == jnp.bfloat16
-    check(out, ref, n, jnp.bfloat16)
+    check(out, ref, batch.num_tokens, jnp.bfloat16)
 
 
 def test_public_entry_point_and_jit_with_traced_ints():
-    jargs, _, n = make_batch([1, 10], [30, 12], T=16, R=3, seed=5)
-    ref = ragged_paged_attention(*jargs, sm_scale=0.3, impl="reference")
-    out = ragged_paged_attention(*jargs, sm_scale=0.3, impl="kernel", interpret=True)
-    check(out, ref, n, jnp.float32)
+    batch = make_batch([1, 10], [30, 12], T=16, R=3, seed=5)
+    ref = ragged_paged_attention(*batch.args, sm_scale=0.3, impl="reference")
+    out = ragged_paged_attention(*batch.args, sm_scale=0.3, impl="kernel", interpret=True)
+    check(out, ref, batch.num_tokens, jnp.float32)
     if jax.default_backend() != "gpu":
-        auto = ragged_paged_attention(*jargs, sm_scale=0.3)
+        auto = ragged_paged_attention(*batch.args, sm_scale=0.3)
         np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))
     # same executable, different lengths: nothing about the values is static
-    jargs2, _, n2 = make_batch([5, 2], [5, 40], T=16, R=3, seed=6)
-    out2 = ragged_paged_attention(*jargs2, sm_scale=0.3, impl="kernel", interpret=True)
-    ref2 = ragged_paged_attention(*jargs2, sm_scale=0.3, impl="reference")
-    check(out2, ref2, n2, jnp.float32)
+    batch2 = make_batch([5, 2], [5, 40], T=16, R=3, seed=6)
+    out2 = ragged_paged_attention(*batch2.args, sm_scale=0.3, impl="kernel", interpret=True)
+    ref2 = ragged_paged_attention(*batch2.args, sm_scale=0.3, impl="reference")
+    check(out2, ref2, batch2.num_tokens, jnp.float32)
     with pytest.raises(ValueError):
-        ragged_paged_attention(*jargs, sm_scale=0.3, impl="nope")
+        ragged_paged_attention(*batch.args, sm_scale=0.3, impl="nope")
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -203,23 +182,23 @@ def test_random_shapes_kernel_vs_reference_vs_dense(seed):
     head_dim = int(rng.choice([32, 64]))
     block_size = int(rng.choice([16, 32]))
     kw = [{}, dict(sliding_window=int(rng.integers(1, 40))), dict(logits_soft_cap=3.0)][seed % 3]
-    jargs, arrays, valid = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
-                                      head_dim=head_dim, block_size=block_size, seed=seed,
-                                      T=sum(q_lens) + int(rng.integers(0, 9)), R=n + int(rng.integers(0, 3)))
+    batch = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
+                       head_dim=head_dim, block_size=block_size, seed=seed,
+                       T=sum(q_lens) + int(rng.integers(0, 9)), R=n + int(rng.integers(0, 3)))
     sm_scale = head_dim ** -0.5
-    out, ref = run_both(jargs, sm_scale=sm_scale, **kw)
-    check(out, ref, valid, jnp.float32)
-    dense = dense_numpy(arrays, sm_scale, kw.get("sliding_window"), kw.get("logits_soft_cap"))
-    check(ref, dense, valid, jnp.float32, atol=F32_ATOL_DENSE)
+    out, ref = run_both(batch.args, sm_scale=sm_scale, **kw)
+    check(out, ref, batch.num_tokens, jnp.float32)
+    dense = dense_numpy(batch.host, sm_scale, kw.get("sliding_window"), kw.get("logits_soft_cap"))
+    check(ref, dense, batch.num_tokens, jnp.float32, atol=F32_ATOL_DENSE)
 
 
 @pytest.mark.parametrize("kw", [{}, dict(sliding_window=6), dict(logits_soft_cap=3.0)])
 def test_reference_vs_dense_numpy(kw):
-    jargs, arrays, n = make_batch([1, 30, 4, 1], [70, 30, 20, 1], num_q_heads=6,
-                                  num_kv_heads=2, T=40, R=6, seed=13)
-    ref = ragged_paged_attention_reference(*jargs, sm_scale=0.2, **kw)
-    dense = dense_numpy(arrays, 0.2, kw.get("sliding_window"), kw.get("logits_soft_cap"))
-    check(ref, dense, n, jnp.float32, atol=F32_ATOL_DENSE)
+    batch = make_batch([1, 30, 4, 1], [70, 30, 20, 1], num_q_heads=6,
+                       num_kv_heads=2, T=40, R=6, seed=13)
+    ref = ragged_paged_attention_reference(*batch.args, sm_scale=0.2, **kw)
+    dense = dense_numpy(batch.host, 0.2, kw.get("sliding_window"), kw.get("logits_soft_cap"))
+    check(ref, dense, batch.num_tokens, jnp.float32, atol=F32_ATOL_DENSE)
 
 
 @pytest.mark.gpu
@@ -227,11 +206,11 @@ def test_reference_vs_dense_numpy(kw):
 @pytest.mark.parametrize("name", list(CASES))
 def test_gpu_kernel_vs_reference_bf16(name):
     q_lens, kv_lens, kw = CASES[name]
-    jargs, _, n = make_batch(q_lens, kv_lens, num_q_heads=32, num_kv_heads=8,
-                             head_dim=128, dtype=jnp.bfloat16, seed=1, **kw)
-    ref = ragged_paged_attention(*jargs, sm_scale=0.088, impl="reference")
-    out = ragged_paged_attention(*jargs, sm_scale=0.088, impl="kernel")
-    check(out, ref, n, jnp.bfloat16)
+    batch = make_batch(q_lens, kv_lens, num_q_heads=32, num_kv_heads=8,
+                       head_dim=128, dtype=jnp.bfloat16, seed=1, **kw)
+    ref = ragged_paged_attention(*batch.args, sm_scale=0.088, impl="reference")
+    out = ragged_paged_attention(*batch.args, sm_scale=0.088, impl="kernel")
+    check(out, ref, batch.num_tokens, jnp.bfloat16)
 
 
 LONG_CASES = {
@@ -252,12 +231,12 @@ LONG_CASES = {
     ((32, 8), 128, 16), ((8, 8), 64, 16), ((32, 4), 128, 32), ((16, 2), 128, 64)])
 def test_gpu_long_prefill_vs_reference_bf16(name, heads, head_dim, block_size):
     q_lens, kv_lens, kw = LONG_CASES[name]
-    jargs, _, n = make_batch(q_lens, kv_lens, num_q_heads=heads[0], num_kv_heads=heads[1],
-                             head_dim=head_dim, block_size=block_size, dtype=jnp.bfloat16,
-                             seed=2, **kw)
-    ref = ragged_paged_attention(*jargs, sm_scale=0.088, impl="reference")
-    out = ragged_paged_attention(*jargs, sm_scale=0.088, impl="kernel")
-    check(out, ref, n, jnp.bfloat16)
+    batch = make_batch(q_lens, kv_lens, num_q_heads=heads[0], num_kv_heads=heads[1],
+                       head_dim=head_dim, block_size=block_size, dtype=jnp.bfloat16,
+                       seed=2, **kw)
+    ref = ragged_paged_attention(*batch.args, sm_scale=0.088, impl="reference")
+    out = ragged_paged_attention(*batch.args, sm_scale=0.088, impl="kernel")
+    check(out, ref, batch.num_tokens, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("q_lens,T,R", [
@@ -291,22 +270,22 @@ def test_mosaic_prefill_tiles_cover_long_sequences(q_lens, T, R):
 
 def test_garbage_in_unused_cache_rows_does_not_leak():
     """NaN in every cache row that is not live context must not reach the output."""
-    jargs, arrays, n = make_batch([1, 7], [20, 23], T=8, R=2, seed=21)
-    q, k, v, kvl, bt, qsl, ns = jargs
+    batch = make_batch([1, 7], [20, 23], T=8, R=2, seed=21)
+    q, k, v, kvl, bt, qsl, ns = batch.args
     # keep block 0 (where masked-off key lanes point) out of the live set
-    bt_np = arrays["block_tables"]
+    bt_np = batch.host["block_tables"]
     bt_np[bt_np == 0] = min(set(range(k.shape[0])) - set(bt_np.ravel().tolist()))
     bt = jnp.asarray(bt_np)
     ref = ragged_paged_attention_reference(q, k, v, kvl, bt, qsl, ns, sm_scale=0.125)
     live = np.zeros(k.shape[:2], bool)
     for r in range(2):
-        for p in range(arrays["kv_lens"][r]):
-            live[arrays["block_tables"][r, p // 16], p % 16] = True
+        for p in range(batch.host["kv_lens"][r]):
+            live[batch.host["block_tables"][r, p // 16], p % 16] = True
     k = np.where(live[:, :, None, None], np.array(k), np.nan)
     v = np.where(live[:, :, None, None], np.array(v), np.nan)
     out = ragged_paged_attention_kernel(q, jnp.asarray(k), jnp.asarray(v), kvl, bt, qsl, ns,
                                         sm_scale=0.125, interpret=True, tiles=SMALL_TILES)
-    check(out, ref, n, jnp.float32)
+    check(out, ref, batch.num_tokens, jnp.float32)
 
 
 def _pow2(x):
@@ -344,9 +323,9 @@ def test_tile_choices_are_valid_and_exact(arch, head_dim, group, block_size):
     ctx = 2 * max(tiles.long.bk, tiles.short.bk) + block_size + 5  # context before the chunk
     q_lens = [1, bq_s, bq_s + 1, long_q, 1]
     kv_lens = [ctx, bq_s + 7, bq_s + 1 + ctx, long_q + ctx, 3]
-    jargs, _, n = make_batch(q_lens, kv_lens, num_q_heads=2 * group, num_kv_heads=2,
-                             head_dim=head_dim, block_size=block_size, T=sum(q_lens) + 3, R=6,
-                             seed=head_dim + group)
+    batch = make_batch(q_lens, kv_lens, num_q_heads=2 * group, num_kv_heads=2,
+                       head_dim=head_dim, block_size=block_size, T=sum(q_lens) + 3, R=6,
+                       seed=head_dim + group)
     for num_splits in (None, 2):
-        out, ref = run_both(jargs, sm_scale=head_dim ** -0.5, tiles=tiles, num_splits=num_splits)
-        check(out, ref, n, jnp.float32)
+        out, ref = run_both(batch.args, sm_scale=head_dim ** -0.5, tiles=tiles, num_splits=num_splits)
+        check(out, ref, batch.num_tokens, jnp.float32)
