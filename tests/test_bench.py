@@ -223,3 +223,14 @@ def test_collectives_reports_each_flag_set():
     assert [r["tokens"] for r in res["default"]["rows"]] == [1, 4]
     assert all(r["chain_us"] > 0 for r in res["default"]["rows"])
     assert "error" in res["no-such-set"]
+
+
+def test_request_parsing_times_every_body():
+    """bench/request_parsing.py: a time per body, the good bodies accepted and the bad refused (the
+    script asserts which is which before timing)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "request_parsing.py"), "--json",
+                          "--iters", "5", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert len(res) >= 7 and all(r["us_per_request"] > 0 for r in res.values())

@@ -228,6 +228,24 @@ def test_completion_vllm_extras_accepted(client):
     assert r.usage.completion_tokens <= 3
 
 
+def test_nulls_and_integral_numbers_accepted(srv):
+    """A null field is the field left out (max_tokens: null aside, which means up to the context
+    length); a float without a fraction is an integer; unknown fields are ignored."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 3.0, "n": 1.0, "temperature": None,
+            "stop": None, "stream_options": None, "logit_bias": None, "tools": None, "echo": None,
+            "presence_penalty": None, "ignore_eos": None, "min_tokens": None,
+            "not_a_field": {"anything": [1]}}
+    status, _, resp = http("POST", srv.url + "/v1/completions", body)
+    assert status == 200, resp
+    assert resp["usage"]["completion_tokens"] <= 3
+    status, _, resp = http("POST", srv.url + "/v1/chat/completions",
+                           {"model": MODEL, "messages": [{"role": "user", "content": "x", "name": None},
+                                                         {"role": "assistant", "content": None}],
+                            "max_completion_tokens": None, "max_tokens": 2})
+    assert status == 200, resp
+    assert resp["usage"]["completion_tokens"] <= 2
+
+
 # ------------------------------------------------------------------------------------------------
 # Chat
 # ------------------------------------------------------------------------------------------------
@@ -366,6 +384,11 @@ BAD = [
     (C, {**_OK_C, "prompt": [-1]}, 400, "prompt"),
     (C, {**_OK_C, "prompt": [10 ** 9]}, 400, "prompt"),
     (C, {**_OK_C, "prompt": [True]}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": ["x"] * 1025}, 400, "prompt"),
+    (C, {**_OK_C, "prompt": [[1]] * 1025}, 400, "prompt"),
+    (C, {**_OK_C, "prompt_embeds": "AAAA"}, 400, "prompt_embeds"),
+    (C, {**_OK_C, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400,
+     "tool_choice"),
     (C, {**_OK_C, "prompt": "", "add_special_tokens": False}, 400, "prompt"),
     (C, {**_OK_C, "model": "gpt-4"}, 404, "model"),
     (C, {**_OK_C, "model": 3}, 400, "model"),
@@ -393,7 +416,7 @@ BAD = [
     (C, {**_OK_C, "seed": "x"}, 400, "seed"),
     (C, {**_OK_C, "seed": 10 ** 40}, 400, "seed"),
     (C, {**_OK_C, "stop": 5}, 400, "stop"),
-    (C, {**_OK_C, "stop": ["a", 1]}, 400, "stop"),
+    (C, {**_OK_C, "stop": ["a", 1]}, 400, "stop[1]"),
     (C, {**_OK_C, "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
     (C, {**_OK_C, "stop_token_ids": list(range(65)), "min_tokens": 1}, 400, "stop_token_ids"),
     (C, {**_OK_C, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
@@ -453,7 +476,7 @@ BAD = [
     ("/tokenize", b"[]", 400, None),
     ("/detokenize", {}, 400, "tokens"),
     ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
-    ("/detokenize", {"tokens": [1, "a"]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1, "a"]}, 400, "tokens[1]"),
     ("/detokenize", {"tokens": [-4]}, 400, "tokens"),
     ("/detokenize", {"tokens": [10 ** 12]}, 400, "tokens"),
     # Lone UTF-16 surrogate escapes: valid JSON, but text no tokenizer can encode.
@@ -550,7 +573,7 @@ def test_engine_errors_are_surfaced(srv, client):
     # The server is fine afterwards.
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens == 2
     assert wait_until(lambda: metric(srv.url, "jaxvllm:num_requests_running") == 0)
-    assert srv.server.in_flight == 0
+    assert srv.server.serving.in_flight == 0
 
 
 def test_server_bug_is_a_logged_500_with_an_id(srv, monkeypatch, caplog):
@@ -628,7 +651,7 @@ def test_disconnect_aborts(srv, stream):
     assert wait_until(lambda: _running(srv) == 0, 5), "request not aborted"
     assert time.monotonic() - t0 < 2.0  # 200 tokens would take >= 0.4 s
     assert len(engine.aborted) > n_aborted
-    assert wait_until(lambda: srv.server.in_flight == 0, 5)
+    assert wait_until(lambda: srv.server.serving.in_flight == 0, 5)
     assert metric(srv.url, "jaxvllm:request_success_total", {"finished_reason": "abort"}) >= 1
 
 
@@ -685,7 +708,7 @@ def test_backpressure_503():
         socks = [raw_request(s.handle.host, s.handle.port, "POST", C, json.dumps(body).encode())
                  for _ in range(3)]
         try:
-            assert wait_until(lambda: s.server.in_flight == 3, 5)
+            assert wait_until(lambda: s.server.serving.in_flight == 3, 5)
             st, hdrs, resp = http("POST", s.url + C, body)
             assert_error(st, resp, 503)
             assert int(hdrs["Retry-After"]) >= 1
@@ -693,7 +716,7 @@ def test_backpressure_503():
         finally:
             for sock in socks:
                 sock.close()
-        assert wait_until(lambda: s.server.in_flight == 0, 5)
+        assert wait_until(lambda: s.server.serving.in_flight == 0, 5)
         # Admission counts sequences (prompts x n): more than the capacity (2 + 1) in one request
         # can never run, a 400; up to it, one request alone is always admitted.
         st, _, resp = http("POST", s.url + C, {**body, "prompt": ["a", "b"], "n": 2})
@@ -702,12 +725,12 @@ def test_backpressure_503():
         sock = raw_request(s.handle.host, s.handle.port, "POST", C,
                            json.dumps({**body, "prompt": ["a", "b", "c"]}).encode())
         try:
-            assert wait_until(lambda: s.server.in_flight == 3, 5)
+            assert wait_until(lambda: s.server.serving.in_flight == 3, 5)
             st, _, resp = http("POST", s.url + C, {**body, "max_tokens": 2})
             assert_error(st, resp, 503)
         finally:
             sock.close()
-        assert wait_until(lambda: s.server.in_flight == 0, 5)
+        assert wait_until(lambda: s.server.serving.in_flight == 0, 5)
         st, _, resp = http("POST", s.url + C, {**body, "prompt": ["a", "b", "c"], "max_tokens": 2})
         assert st == 200 and len(resp["choices"]) == 3
 
@@ -747,7 +770,7 @@ def test_graceful_stop_lets_requests_finish():
 
     t = threading.Thread(target=req)
     t.start()
-    assert wait_until(lambda: s.server.in_flight == 1, 5)
+    assert wait_until(lambda: s.server.serving.in_flight == 1, 5)
     engine = s.engine
     s.stop(timeout=10)
     t.join(10)
@@ -776,10 +799,10 @@ def test_graceful_stop_ends_late_requests_with_503():
     threads = [threading.Thread(target=f) for f in (plain, stream)]
     for t in threads:
         t.start()
-    assert wait_until(lambda: s.server.in_flight == 2, 5)
+    assert wait_until(lambda: s.server.serving.in_flight == 2, 5)
     threads.append(threading.Thread(target=queued))
     threads[-1].start()
-    assert wait_until(lambda: s.server.in_flight == 3, 5)
+    assert wait_until(lambda: s.server.serving.in_flight == 3, 5)
     engine = s.engine
     t0 = time.monotonic()
     s.stop(timeout=0.3)
@@ -814,8 +837,8 @@ def test_stalled_stream_reader_is_dropped():
                 f"Content-Length: {len(body)}\r\n\r\n")
         sock.sendall(head.encode() + body)  # and never read
         try:
-            assert wait_until(lambda: s.server.in_flight == 4, 5)
-            assert wait_until(lambda: s.server.in_flight == 0, 30)
+            assert wait_until(lambda: s.server.serving.in_flight == 4, 5)
+            assert wait_until(lambda: s.server.serving.in_flight == 0, 30)
             assert s.engine.aborted
             st, _, resp = http("POST", s.url + C, {"model": MODEL, "prompt": "y", "max_tokens": 2})
             assert st == 200 and resp["usage"]["completion_tokens"] == 2
@@ -825,17 +848,18 @@ def test_stalled_stream_reader_is_dropped():
 
 def test_omitted_sampling_fields_come_from_generation_config():
     """And an explicit null max_tokens means up to the context length, as in vLLM."""
-    from jaxvllm.entrypoints.openai import protocol as P
-    limits = P.ServerLimits(max_model_len=128, vocab_size=256,
-                            sampling_defaults={"temperature": 0.6, "top_k": 20, "max_tokens": 6})
-    req = P.parse_completion_request({"prompt": "x"}, limits)
-    sp = P.build_sampling_params(req, 4)
+    from jaxvllm.entrypoints.openai.protocol import CompletionRequest, ServerLimits, parse
+    limits = ServerLimits(max_model_len=128, vocab_size=256,
+                          sampling_defaults={"temperature": 0.6, "top_k": 20, "max_tokens": 6})
+    defaults = limits.sampling_defaults
+    sp = parse(CompletionRequest, {"prompt": "x"}, limits).sampling_params(4, defaults)
     assert (sp.temperature, sp.top_k, sp.top_p) == (0.6, 20, 1.0)
-    req = P.parse_completion_request({"prompt": "x", "temperature": 0, "top_k": -1}, limits)
-    sp = P.build_sampling_params(req, 4)
+    req = parse(CompletionRequest, {"prompt": "x", "temperature": 0, "top_k": -1}, limits)
+    sp = req.sampling_params(4, defaults)
     assert sp.temperature == 0 and sp.top_k == 0  # what the client sends wins
-    assert P.parse_completion_request({"prompt": "x"}, limits).max_tokens == 16
-    assert P.parse_completion_request({"prompt": "x", "max_tokens": None}, limits).max_tokens is None
+    assert parse(CompletionRequest, {"prompt": "x"}, limits).requested_max_tokens == 16
+    req = parse(CompletionRequest, {"prompt": "x", "max_tokens": None}, limits)
+    assert req.requested_max_tokens is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1018,7 +1042,7 @@ def test_real_fuzz_no_5xx(real_srv):
             assert isinstance(resp, dict) and "error" not in resp, (path, raw, resp)
     assert codes.get(200, 0) >= 80 and codes.get(400, 0) >= 80, codes
     assert http("GET", srv.url + "/health")[0] == 200
-    assert wait_until(lambda: srv.server.in_flight == 0, 60)
+    assert wait_until(lambda: srv.server.serving.in_flight == 0, 60)
     assert _real(srv, C, probe)["choices"][0]["text"] == before
 
 
@@ -1032,14 +1056,14 @@ def test_tokenizing_does_not_block_the_event_loop(path, body):
     """Tokenization (and chat rendering) runs on a worker thread: while one request's prompt takes
     a second to encode, /health answers at once."""
     with ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory()) as s:
-        real_encode = s.server.encode
+        real_encode = s.server.serving.encode
 
         def slow_encode(text, add_special_tokens):
             if "slow" in text:
                 time.sleep(1.0)
             return real_encode(text, add_special_tokens)
 
-        s.server.encode = slow_encode
+        s.server.serving.encode = slow_encode
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(http, "POST", s.url + path, body)
             time.sleep(0.2)  # the slow request is being tokenized

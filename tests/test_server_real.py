@@ -118,13 +118,13 @@ def test_no_file_read_through_request_fields(srv, tmp_path):
         st, _, body = http("POST", srv.url + "/v1/chat/completions",
                            {"model": model, "messages": msgs, "max_tokens": 1})
         assert_error(st, body, 404, "model")
-    st, _, body = http("POST", srv.url + "/v1/chat/completions",
-                       {"messages": msgs, "max_tokens": 1, "chat_template": str(template)})
-    assert_error(st, body, 400, "chat_template")
+    for path in ("/v1/chat/completions", "/tokenize"):
+        st, _, body = http("POST", srv.url + path,
+                           {"messages": msgs, "max_tokens": 1, "chat_template": str(template)})
+        assert_error(st, body, 400, "chat_template")
     plain = http("POST", srv.url + "/tokenize", {"messages": msgs})[2]["tokens"]
-    for extra in ({"chat_template": str(template)},
-                  {"chat_template_kwargs": {"chat_template": str(template)}}):
-        assert http("POST", srv.url + "/tokenize", {"messages": msgs, **extra})[2]["tokens"] == plain
+    extra = {"chat_template_kwargs": {"chat_template": str(template)}}
+    assert http("POST", srv.url + "/tokenize", {"messages": msgs, **extra})[2]["tokens"] == plain
 
 
 def test_concurrent(client):
@@ -150,7 +150,7 @@ def test_disconnect_aborts(srv):
     finally:
         s.close()
     assert wait_until(lambda: metric(srv.url, "jaxvllm:num_requests_running") == 0, 30)
-    assert wait_until(lambda: srv.server.in_flight == 0, 10)
+    assert wait_until(lambda: srv.server.serving.in_flight == 0, 10)
 
 
 def test_metrics(srv):

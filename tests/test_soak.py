@@ -274,8 +274,8 @@ def test_soak(srv, monkeypatch):
 
     # Cancelled requests end on the server after their client has gone: wait for them. Handler
     # tasks of closed connections go too (only the load task, done, stays on the loop).
-    drained = wait_until(lambda: not llm.has_unfinished_requests() and srv.server.in_flight == 0
-                         and not srv.server.active_rids
+    drained = wait_until(lambda: not llm.has_unfinished_requests() and srv.server.serving.in_flight == 0
+                         and not srv.server.serving.active_rids
                          and all(t.done() for t in srv.call(_other_tasks())), timeout=30)
     rss_after = _rss_mb()
     sched = llm.scheduler
@@ -292,7 +292,7 @@ def test_soak(srv, monkeypatch):
 
     assert not failures, f"{len(failures)} failed, e.g.:\n" + "\n".join(failures[:5])
     assert drained, (f"not drained: {llm.get_num_unfinished_requests()} engine requests, "
-                     f"in_flight {srv.server.in_flight}, active {len(srv.server.active_rids)}, "
+                     f"in_flight {srv.server.serving.in_flight}, active {len(srv.server.serving.active_rids)}, "
                      f"tasks {srv.call(_other_tasks())}")
     assert stats.num_running == 0 and stats.num_waiting == 0, stats
     assert stats.num_used_blocks == 0, stats
@@ -301,7 +301,7 @@ def test_soak(srv, monkeypatch):
     assert not sched.requests and not llm._child_to_parent
     table = llm.runner.input_batch.token_table
     assert table.num_free == table.num_slots
-    assert not srv.engine._streams and not srv.server._active
+    assert not srv.engine._streams and not srv.server.serving.active_tasks
     assert not _live_objects(), _live_objects()
     # Cancellations reached the engine while their requests still ran.
     assert aborts.live >= kinds["cancel_stream"] // 4, aborts.live

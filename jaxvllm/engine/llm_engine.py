@@ -31,8 +31,10 @@ PromptType = Union[str, Sequence[int], np.ndarray, dict]
 class _Child:
     index: int
     request_id: str
-    detok: Optional[IncrementalDetokenizer] = None  # made at admission (a prepared request pickles)
-    token_ids: list[int] = field(default_factory=list)
+    # Both made at admission (a prepared request pickles). The scheduler's request holds the
+    # sequence's output tokens; the engine reads them there.
+    detok: Optional[IncrementalDetokenizer] = None
+    request: Optional[Request] = None
     logprobs: Optional[list[dict[int, Logprob]]] = None
     cumulative_logprob: Optional[float] = None
     finish_reason: Optional[str] = None
@@ -249,9 +251,9 @@ class LLMEngine(RequestFront):
                 # As vLLM: distinct but reproducible streams for the n samples of a seeded request.
                 child_params = p.clone()
                 child_params.seed = p.seed + c.index
-            req = Request(c.request_id, parent.prompt_token_ids, child_params, self.eos_token_id,
-                          arrival_time=parent.metrics["arrival_time"])
-            self.scheduler.add_request(req)
+            c.request = Request(c.request_id, parent.prompt_token_ids, child_params,
+                                self.eos_token_id, arrival_time=parent.metrics["arrival_time"])
+            self.scheduler.add_request(c.request)
             self._child_to_parent[c.request_id] = (parent, c)
         self._parents[parent.request_id] = parent
 
@@ -378,7 +380,6 @@ class LLMEngine(RequestFront):
         if co.new_token_ids:
             if parent.metrics["first_token_time"] is None:
                 parent.metrics["first_token_time"] = now
-            child.token_ids.extend(co.new_token_ids)
             if co.new_logprobs is not None and child.logprobs is not None:
                 self._add_decoded([co.new_logprobs])
                 child.logprobs.append(co.new_logprobs)
@@ -386,7 +387,7 @@ class LLMEngine(RequestFront):
             text_ids = co.new_token_ids
             if co.finish_reason == "stop" and not parent.params.include_stop_str_in_output:
                 text_ids = text_ids[:-1]  # as vLLM: a stop token's text is not part of the output
-            if child.detok.update(text_ids, len(child.token_ids)):
+            if child.detok.update(text_ids, child.request.num_output_tokens):
                 child.finish_reason, child.stop_reason = "stop", child.detok.stop_reason
                 stopped = co.finish_reason is None
         if co.finish_reason is not None and child.finish_reason is None:
@@ -419,11 +420,11 @@ class LLMEngine(RequestFront):
             text = c.detok.text if parent.failed else c.detok.output_text(c.finish_reason is not None)
             start, tstart = (c.sent_tokens, c.sent_text) if delta else (0, 0)
             outs.append(CompletionOutput(
-                index=c.index, text=text[tstart:], token_ids=c.token_ids[start:],
+                index=c.index, text=text[tstart:], token_ids=c.request.output_token_ids[start:],
                 cumulative_logprob=c.cumulative_logprob,
                 logprobs=None if c.logprobs is None else c.logprobs[start:],
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-            c.sent_tokens, c.sent_text = len(c.token_ids), len(text)
+            c.sent_tokens, c.sent_text = c.request.num_output_tokens, len(text)
         prompt_logprobs = parent.prompt_logprobs
         if prompt_logprobs is not None:
             prompt_logprobs = prompt_logprobs[parent.sent_prompt_logprobs if delta else 0:]
@@ -556,18 +557,21 @@ def as_token_ids(ids: Any, name: str, vocab_size: int) -> list[int]:
             raise TypeError(f"{name} must have an integer dtype, got {arr.dtype}")
         ids = arr.tolist()
     elif isinstance(ids, (list, tuple)):
-        # bool is an int to Python, but never a token id.
-        wrong = [t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
-        if wrong:
-            raise TypeError(f"{name} must hold integers, got {type(wrong[0]).__name__} "
-                            f"{wrong[0]!r}")
-        ids = [int(t) for t in ids]
+        if all(type(t) is int for t in ids):  # the usual case, in one pass (a bool is not an int)
+            ids = list(ids)
+        else:
+            # bool is an int to Python, but never a token id.
+            wrong = [t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
+            if wrong:
+                raise TypeError(f"{name} must hold integers, got {type(wrong[0]).__name__} "
+                                f"{wrong[0]!r}")
+            ids = [int(t) for t in ids]
     else:
         raise TypeError(f"{name} must be a list of ints or a 1-D integer array, got "
                         f"{type(ids).__name__}")
     if not ids:
         raise ValueError(f"{name} is empty")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        bad = [t for t in ids if not 0 <= t < vocab_size]
         raise ValueError(f"{name} must be ids in [0, {vocab_size}); got {bad[:5]!r}")
     return ids

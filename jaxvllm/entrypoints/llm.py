@@ -12,6 +12,7 @@ from tqdm import tqdm
 from jaxvllm.config import EngineArgs
 from jaxvllm.engine.data_parallel import create_engine
 from jaxvllm.engine.llm_engine import PromptType, as_token_ids, check_text, is_token_ids
+from jaxvllm.entrypoints.chat_utils import parse_messages
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -151,7 +152,6 @@ class LLM:
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: Optional[str] = None) -> list[RequestOutput]:
         from jinja2 import TemplateError
-        from jaxvllm.entrypoints.openai.protocol import APIError, parse_messages
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError("messages must be a non-empty list of message dicts or a list of those")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
@@ -161,10 +161,7 @@ class LLM:
         prompts = []
         for i, conv in enumerate(conversations):
             name = "messages" if len(conversations) == 1 else f"messages[{i}]"
-            try:  # the server's checks, so a bad message is named here rather than inside the template
-                conv = parse_messages(conv, name)
-            except APIError as e:
-                raise ValueError(e.message) from None
+            conv = parse_messages(conv, name)  # a bad message is named here, not inside the template
             for j, m in enumerate(conv):
                 check_text(m["content"], f"{name}[{j}].content")
             try:

@@ -48,7 +48,7 @@ class ServerHandle:
             return
         self._stopped = True
         timeout = self.server.shutdown_timeout if timeout is None else timeout
-        self.server.draining = True
+        self.server.serving.draining = True
         for site in list(self.runner.sites):  # stop accepting connections
             with contextlib.suppress(Exception):
                 await site.stop()

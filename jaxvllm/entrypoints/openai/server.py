@@ -1,5 +1,6 @@
-"""The aiohttp application: engine loading and draining, error and auth middlewares, request
-plumbing shared by all endpoints, and every endpoint except generation (see serving.py)."""
+"""The aiohttp application: its routes, the engine's loading and draining, the error and auth
+middlewares, and the endpoints about the server itself (health, version, metrics, models). Requests
+to the model are serving.py's."""
 from __future__ import annotations
 
 import asyncio
@@ -8,18 +9,18 @@ import hmac
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from aiohttp import web
 
 from jaxvllm.config import EngineArgs
-from jaxvllm.entrypoints.openai import protocol as P
-from jaxvllm.entrypoints.openai.logprobs import decode_token
+from jaxvllm.engine.async_llm_engine import EngineDeadError
+from jaxvllm.entrypoints.openai import protocol
 from jaxvllm.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jaxvllm.entrypoints.openai.metrics import ServerMetrics
-from jaxvllm.entrypoints.openai.protocol import APIError, bad_request
+from jaxvllm.entrypoints.openai.protocol import APIError
 from jaxvllm.entrypoints.openai.responses import error_response, internal_error, json_response
-from jaxvllm.entrypoints.openai.serving import OpenAIServing
+from jaxvllm.entrypoints.openai.serving import OpenAIServing, engine_stopped
 
 logger = logging.getLogger("jaxvllm.server")
 
@@ -31,10 +32,6 @@ DEFAULT_MAX_BODY = 32 << 20
 DEFAULT_MAX_WAITING = 1024
 DEFAULT_STREAM_WRITE_TIMEOUT = 60.0
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
-_CHAT_TEMPLATE_RESERVED = frozenset({
-    "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 def _version() -> str:
@@ -76,37 +73,32 @@ class OpenAIServer:
         self.engine_args = engine_args or EngineArgs()
         if isinstance(served_model_name, str):
             served_model_name = [served_model_name]
-        self.served_names = list(served_model_name or
-                                 [default_served_model_name(self.engine_args.model)])
-        self.model_name = self.served_names[0]
+        served_names = list(served_model_name or [default_served_model_name(self.engine_args.model)])
+        self.model_name = served_names[0]
         self.api_key = api_key or None
         if max_waiting_requests < 0:
             raise ValueError("max_waiting_requests must be >= 0")
-        self.max_waiting = max_waiting_requests
-        self.max_body = max_request_body_bytes
-        self.shutdown_timeout = shutdown_timeout
         if not stream_write_timeout > 0:
             raise ValueError("stream_write_timeout must be > 0")
-        self.stream_write_timeout = stream_write_timeout
+        self.shutdown_timeout = shutdown_timeout
         self._engine_factory = engine_factory
-        self.engine = engine
+        self._engine_given = engine
         self.load_error: Optional[BaseException] = None
-        self.ready = asyncio.Event()
-        self.draining = False
-        self.in_flight = 0                       # admitted sequences (prompts x n), not finished
-        self._active: set[asyncio.Task] = set()  # generation handler tasks
-        self.active_rids: set[str] = set()       # engine requests running, aborted by drain()
-        self.created = P.now()
-        self.metrics = ServerMetrics(self.model_name, lambda: self.engine if self.ready.is_set()
-                                     else None, lambda: self.in_flight)
-        self.serving = OpenAIServing(self)
+        self.created = protocol.now()
+        self.metrics = ServerMetrics(self.model_name, lambda: self.serving.engine
+                                     if self.serving.ready.is_set() else None,
+                                     lambda: self.serving.in_flight)
+        self.serving = OpenAIServing(self.engine_args, served_names, self.metrics,
+                                     max_waiting=max_waiting_requests,
+                                     max_body=max_request_body_bytes,
+                                     stream_write_timeout=stream_write_timeout)
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------
     # App and engine lifecycle
     # ------------------------------------------------------------------------------------------
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body,
+        app = web.Application(client_max_size=self.serving.max_body,
                               middlewares=[self._error_middleware, self._auth_middleware])
         r = app.router
         r.add_get("/health", self.health)
@@ -117,13 +109,19 @@ class OpenAIServer:
         r.add_get("/v1/models/{model:.+}", self.get_model)
         r.add_post("/v1/completions", self.serving.completions)
         r.add_post("/v1/chat/completions", self.serving.chat_completions)
-        r.add_post("/tokenize", self.tokenize)
-        r.add_post("/detokenize", self.detokenize)
+        r.add_post("/tokenize", self.serving.tokenize)
+        r.add_post("/detokenize", self.serving.detokenize)
         return app
+
+    @property
+    def engine(self) -> Any:
+        return self.serving.engine
+
     async def load_engine(self) -> None:
         """Build the engine in a daemon thread (loading weights and compiling blocks), then start it."""
         try:
-            if self.engine is None:
+            engine = self._engine_given
+            if engine is None:
                 factory = self._engine_factory or _default_engine_factory
                 loop = asyncio.get_running_loop()
                 fut: asyncio.Future = loop.create_future()
@@ -145,33 +143,15 @@ class OpenAIServer:
                         loop.call_soon_threadsafe(done)
 
                 threading.Thread(target=work, name="jaxvllm-engine-load", daemon=True).start()
-                self.engine = await fut
-            await self.engine.start()
-            self.limits = P.ServerLimits(
-                max_model_len=int(self.engine.max_model_len),
-                vocab_size=self._vocab_size(),
-                max_logprobs=self.engine_args.max_logprobs,
-                sampling_defaults=dict(getattr(self.engine, "default_sampling", {})))
-            self.ready.set()
+                engine = await fut
+            await engine.start()
+            self.serving.attach(engine)
         except asyncio.CancelledError:
             raise
         except BaseException as e:
             self.load_error = e
             logger.error("engine failed to load: %s", e, exc_info=e)
             raise
-
-    def _vocab_size(self) -> int:
-        # The bound every token id of a request is checked against: the model's embedding rows (what
-        # the engine checks too), never a guess that would let bad ids through to the model.
-        v = getattr(getattr(self.engine, "model_config", None), "vocab_size", None)
-        if not v:
-            raise ValueError(f"the engine's model config has no vocab_size (got {v!r})")
-        return int(v)
-
-    @property
-    def capacity(self) -> int:
-        # Every data-parallel replica runs max_num_seqs sequences at once.
-        return self.engine_args.max_num_seqs * self.engine_args.data_parallel_size + self.max_waiting
 
     def _engine_alive(self) -> bool:
         e = self.engine
@@ -184,7 +164,7 @@ class OpenAIServer:
     async def wait_engine_dead(self, interval: float = 0.5) -> None:
         """Return once the ready engine has died (a step failed). Polled, as vLLM's watchdog: the
         step thread only records its death, it has no loop of ours to call."""
-        await self.ready.wait()
+        await self.serving.ready.wait()
         while self._engine_alive():
             await asyncio.sleep(interval)
 
@@ -192,8 +172,8 @@ class OpenAIServer:
         """Refuse new work; wait for in-flight requests up to `timeout`, then end the rest: their
         handlers, cancelled while draining, answer 503 (streams: a final error event and [DONE])
         and abort their engine requests."""
-        self.draining = True
-        pending = {t for t in self._active if not t.done()}
+        self.serving.draining = True
+        pending = {t for t in self.serving.active_tasks if not t.done()}
         if pending:
             logger.info("waiting up to %.1fs for %d in-flight requests", timeout, len(pending))
             _, pending = await asyncio.wait(pending, timeout=max(timeout, 0.0))
@@ -203,12 +183,12 @@ class OpenAIServer:
                 t.cancel()
             await asyncio.wait(pending, timeout=5.0)
         if self.engine is not None:
-            for rid in list(self.active_rids):
+            for rid in list(self.serving.active_rids):
                 with contextlib.suppress(Exception):
                     await self.engine.abort(rid)
 
     async def close_engine(self) -> None:
-        if self.engine is not None and self.ready.is_set():
+        if self.engine is not None and self.serving.ready.is_set():
             try:
                 await asyncio.wait_for(self.engine.shutdown(), timeout=30.0)
             except Exception:
@@ -230,18 +210,17 @@ class OpenAIServer:
             self.metrics.observe_error(e.status)
             msg = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
             if e.status == 413:
-                msg = f"The request body is larger than the limit of {self.max_body} bytes."
+                msg = f"The request body is larger than the limit of {self.serving.max_body} bytes."
             err = APIError(msg or e.reason, e.status, _HTTP_ERROR_TYPES.get(e.status, "BadRequestError"))
             headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
             return json_response(err.body(), e.status, headers)
         except (asyncio.CancelledError, ConnectionError):  # the client is gone: nothing to answer
             raise
-        except Exception as e:
-            if type(e).__name__ == "EngineDeadError":
-                logger.error("engine is dead: %s", e)
-                self.metrics.observe_error(503)
-                return error_response(APIError(f"The engine has stopped: {e}", 503,
-                                               "ServiceUnavailableError"))
+        except EngineDeadError as e:
+            logger.error("engine is dead: %s", e)
+            self.metrics.observe_error(503)
+            return error_response(engine_stopped(e))
+        except Exception:
             self.metrics.observe_error(500)
             return error_response(internal_error(f"handling {request.method} {request.path}"))
 
@@ -262,10 +241,11 @@ class OpenAIServer:
     # Small endpoints
     # ------------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        if self.ready.is_set() and not self.draining and self._engine_alive():
+        ready, draining = self.serving.ready.is_set(), self.serving.draining
+        if ready and not draining and self._engine_alive():
             return web.Response(status=200)
-        state = ("failed to load" if self.load_error else "shutting down" if self.draining
-                 else "loading" if not self.ready.is_set() else "unhealthy")
+        state = ("failed to load" if self.load_error else "shutting down" if draining
+                 else "loading" if not ready else "unhealthy")
         return json_response({"status": state}, 503)
 
     async def version(self, request: web.Request) -> web.Response:
@@ -278,150 +258,15 @@ class OpenAIServer:
     def _model_card(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "jaxvllm",
                 "root": self.engine_args.model or DEFAULT_MODEL_NAME, "parent": None,
-                "max_model_len": self.limits.max_model_len if self.ready.is_set() else
-                self.engine_args.max_model_len, "permission": []}
+                "max_model_len": self.serving.limits.max_model_len if self.serving.ready.is_set()
+                else self.engine_args.max_model_len, "permission": []}
 
     async def list_models(self, request: web.Request) -> web.Response:
         return json_response({"object": "list",
-                              "data": [self._model_card(n) for n in self.served_names]})
+                              "data": [self._model_card(n) for n in self.serving.served_names]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name not in self.served_names:
-            raise P.not_found(f"The model `{name}` does not exist.", "model")
+        if name not in self.serving.served_names:
+            raise protocol.not_found(f"The model `{name}` does not exist.", "model")
         return json_response(self._model_card(name))
-
-    # ------------------------------------------------------------------------------------------
-    # Request plumbing, shared with the generation handlers
-    # ------------------------------------------------------------------------------------------
-    def require_ready(self) -> None:
-        if self.draining:
-            raise APIError("The server is shutting down.", 503, "ServiceUnavailableError",
-                           headers={"Retry-After": "5"})
-        if not self.ready.is_set():
-            raise APIError("The model is still loading.", 503, "ServiceUnavailableError",
-                           headers={"Retry-After": "5"})
-
-    async def read_json(self, request: web.Request) -> dict:
-        cl = request.content_length
-        if cl is not None and cl > self.max_body:
-            raise APIError(f"The request body ({cl} bytes) is larger than the limit of "
-                           f"{self.max_body} bytes.", 413, "RequestEntityTooLarge")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise APIError(f"The request body is larger than the limit of {self.max_body} bytes.",
-                           413, "RequestEntityTooLarge") from None
-        return P.parse_json_body(raw)
-
-    def check_model(self, model: Optional[str]) -> str:
-        if model is None:
-            return self.model_name
-        if model in self.served_names or (self.engine_args.model and model == self.engine_args.model):
-            return model
-        raise P.not_found(f"The model `{model}` does not exist.", "model")
-
-    def tokenizer(self, param: Optional[str]) -> Any:
-        """The engine's tokenizer; a 400 naming `param` for a model without one (a config-only
-        directory with dummy weights), which serves token-id prompts only."""
-        tok = self.engine.tokenizer
-        if tok is None:
-            raise bad_request("This model has no tokenizer: send token ids instead of text "
-                              "(e.g. 'prompt' as a list of integers).", param)
-        return tok
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        # Chat requests reach this after render_chat, which already asked for the tokenizer.
-        return list(self.tokenizer("prompt").encode(text, add_special_tokens=add_special_tokens))
-
-    def render_chat(self, req: P.GenerationRequest) -> str:
-        tok = self.tokenizer("messages")
-        if getattr(tok, "chat_template", None) is None:
-            raise bad_request("The model's tokenizer has no chat template; use /v1/completions.",
-                              "messages")
-        kwargs = {k: v for k, v in req.chat_template_kwargs.items()
-                  if k not in _CHAT_TEMPLATE_RESERVED}
-        try:
-            text = tok.apply_chat_template(
-                req.messages, tokenize=False, add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message, **kwargs)
-        except Exception as e:  # jinja raise_exception(), template errors
-            raise bad_request(f"The chat template could not be applied: {e}", "messages") from None
-        if not isinstance(text, str):
-            raise bad_request("The chat template did not render to text.", "messages")
-        return text
-
-    @contextlib.contextmanager
-    def admitted(self, count: int) -> Iterator[None]:
-        """Count `count` engine requests in flight, refusing them with 503 when over capacity, and
-        track the current handler task so that drain() can wait for it. A request that alone asks
-        for more than the capacity is a 400: no wait would ever admit it."""
-        if count > self.capacity:
-            raise bad_request(f"This request asks for {count} sequences (prompts x n); the server "
-                              f"runs at most {self.capacity} at once (max_num_seqs x "
-                              f"data_parallel_size + max_waiting_requests).", "n")
-        if self.in_flight > 0 and self.in_flight + count > self.capacity:
-            self.metrics.rejected.labels(self.model_name).inc()
-            raise APIError(f"The server is overloaded ({self.in_flight} requests in flight); "
-                           "retry later.", 503, "ServiceUnavailableError",
-                           headers={"Retry-After": "1"})
-        self.in_flight += count
-        task = asyncio.current_task()
-        self._active.add(task)
-        try:
-            yield
-        finally:
-            self.in_flight -= count
-            self._active.discard(task)
-
-    # ------------------------------------------------------------------------------------------
-    # /tokenize and /detokenize
-    # ------------------------------------------------------------------------------------------
-    async def tokenize(self, request: web.Request) -> web.Response:
-        self.require_ready()
-        body = await self.read_json(request)
-        f = P.Fields(body)
-        self.check_model(f.str("model"))
-        want_strs = f.bool("return_token_strs", False)
-        if body.get("messages") is not None:
-            if body.get("prompt") is not None:
-                raise bad_request("Give either 'prompt' or 'messages', not both.", "prompt")
-            req = P.GenerationRequest(
-                kind="chat", model=None, prompts=[], sampling={}, max_tokens=None, n=1,
-                stream=False, include_usage=False, continuous_usage=False,
-                messages=P.parse_messages(body["messages"]),
-                add_generation_prompt=f.bool("add_generation_prompt", True),
-                continue_final_message=f.bool("continue_final_message", False),
-                chat_template_kwargs=f.obj("chat_template_kwargs") or {})
-            if req.add_generation_prompt and req.continue_final_message:
-                raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot "
-                                  "both be true.", "continue_final_message")
-            special = f.bool("add_special_tokens", False)
-            ids = await asyncio.to_thread(lambda: self.encode(self.render_chat(req), special))
-        else:
-            prompt = body.get("prompt")
-            if prompt is None:
-                raise bad_request("'prompt' or 'messages' is required.", "prompt")
-            if not isinstance(prompt, str):
-                raise bad_request("'prompt' must be a string.", "prompt")
-            ids = await asyncio.to_thread(self.encode, prompt, f.bool("add_special_tokens", True))
-        res = {"count": len(ids), "max_model_len": self.limits.max_model_len, "tokens": ids,
-               "token_strs": None}
-        if want_strs:
-            tok = self.engine.tokenizer
-            conv = getattr(tok, "convert_ids_to_tokens", None)
-            res["token_strs"] = list(conv(ids)) if conv else [decode_token(tok, t) for t in ids]
-        return json_response(res)
-
-    async def detokenize(self, request: web.Request) -> web.Response:
-        self.require_ready()
-        body = await self.read_json(request)
-        f = P.Fields(body)
-        self.check_model(f.str("model"))
-        tokens = body.get("tokens")
-        if tokens is None:
-            raise bad_request("'tokens' is required.", "tokens")
-        if not isinstance(tokens, list):
-            raise bad_request("'tokens' must be an array of integers.", "tokens")
-        ids = P._parse_int_list(f, "tokens", self.limits.vocab_size)
-        return json_response({"prompt": self.tokenizer("tokens").decode(ids)})

@@ -1,4 +1,6 @@
-"""The generation path: /v1/completions and /v1/chat/completions, as full responses or SSE streams.
+"""Request handling: the engine once loaded, admission of sequences, prompts from text or messages,
+and the handlers of /v1/completions and /v1/chat/completions (full responses or SSE streams),
+/tokenize and /detokenize. The routes and the engine's lifecycle are server.py's.
 
 Each prompt of a request is one engine request; their outputs are merged as they come.
 """
@@ -9,17 +11,26 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional
 
 from aiohttp import web
 
-from jaxvllm.entrypoints.openai import protocol as P
-from jaxvllm.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
-from jaxvllm.entrypoints.openai.protocol import APIError, bad_request
+from jaxvllm.config import EngineArgs
+from jaxvllm.engine.async_llm_engine import EngineDeadError
+from jaxvllm.entrypoints.openai import protocol
+from jaxvllm.entrypoints.openai.logprobs import (chat_logprobs, completion_logprobs, decode_token,
+                                                 prompt_logprobs)
+from jaxvllm.entrypoints.openai.metrics import ServerMetrics
+from jaxvllm.entrypoints.openai.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
+                                                 DetokenizeRequest, ServerLimits, TokenizeRequest,
+                                                 bad_request)
 from jaxvllm.entrypoints.openai.responses import internal_error, json_response
 
-if TYPE_CHECKING:
-    from jaxvllm.entrypoints.openai.server import OpenAIServer
+# Keys the chat template call sets itself: a request's chat_template_kwargs cannot override them.
+_CHAT_TEMPLATE_RESERVED = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 @dataclass
@@ -30,45 +41,188 @@ class _Choice:
     finished: bool = False
 
 
+def engine_stopped(e: EngineDeadError) -> APIError:
+    return APIError(f"The engine has stopped: {e}", 503, "ServiceUnavailableError")
+
+
 class OpenAIServing:
-    """The generation handlers of one OpenAIServer, whose engine, limits, metrics and admission
-    they use."""
+    """The request handlers of one server and the state they share."""
 
-    def __init__(self, server: OpenAIServer):
-        self.server = server
+    def __init__(self, engine_args: EngineArgs, served_names: list[str], metrics: ServerMetrics, *,
+                 max_waiting: int, max_body: int, stream_write_timeout: float):
+        self.engine_args = engine_args
+        self.served_names = served_names
+        self.metrics = metrics
+        self.max_waiting = max_waiting
+        self.max_body = max_body
+        self.stream_write_timeout = stream_write_timeout
+        self.engine: Any = None
+        self.limits: Optional[ServerLimits] = None
+        self.ready = asyncio.Event()
+        self.draining = False
+        self.in_flight = 0                           # admitted sequences (prompts x n), not finished
+        self.active_tasks: set[asyncio.Task] = set()  # handler tasks of admitted requests
+        self.active_rids: set[str] = set()           # engine requests running, aborted by a drain
 
+    def attach(self, engine: Any) -> None:
+        """Serve `engine` (started); the limits requests are checked against come from it."""
+        # Token ids are checked against the model's embedding rows (what the engine checks too),
+        # never a guess that would let bad ids through to the model.
+        vocab_size = getattr(getattr(engine, "model_config", None), "vocab_size", None)
+        if not vocab_size:
+            raise ValueError(f"the engine's model config has no vocab_size (got {vocab_size!r})")
+        self.engine = engine
+        self.limits = ServerLimits(
+            max_model_len=int(engine.max_model_len), vocab_size=int(vocab_size),
+            max_logprobs=self.engine_args.max_logprobs,
+            sampling_defaults=dict(getattr(engine, "default_sampling", {})))
+        self.ready.set()
+
+    @property
+    def capacity(self) -> int:
+        # Every data-parallel replica runs max_num_seqs sequences at once.
+        return self.engine_args.max_num_seqs * self.engine_args.data_parallel_size + self.max_waiting
+
+    # ------------------------------------------------------------------------------------------
+    # What every handler does first
+    # ------------------------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.draining:
+            raise APIError("The server is shutting down.", 503, "ServiceUnavailableError",
+                           headers={"Retry-After": "5"})
+        if not self.ready.is_set():
+            raise APIError("The model is still loading.", 503, "ServiceUnavailableError",
+                           headers={"Retry-After": "5"})
+
+    async def read_request(self, request: web.Request, schema: type[protocol.Request]) -> Any:
+        """The ready server's request body, validated as `schema`."""
+        self.require_ready()
+        cl = request.content_length
+        if cl is not None and cl > self.max_body:
+            raise APIError(f"The request body ({cl} bytes) is larger than the limit of "
+                           f"{self.max_body} bytes.", 413, "RequestEntityTooLarge")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise APIError(f"The request body is larger than the limit of {self.max_body} bytes.",
+                           413, "RequestEntityTooLarge") from None
+        return protocol.parse(schema, protocol.parse_json_body(raw), self.limits)
+
+    def check_model(self, model: Optional[str]) -> str:
+        if model is None:
+            return self.served_names[0]
+        if model in self.served_names or (self.engine_args.model and model == self.engine_args.model):
+            return model
+        raise protocol.not_found(f"The model `{model}` does not exist.", "model")
+
+    def tokenizer(self, param: Optional[str]) -> Any:
+        """The engine's tokenizer; a 400 naming `param` for a model without one (a config-only
+        directory with dummy weights), which serves token-id prompts only."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise bad_request("This model has no tokenizer: send token ids instead of text "
+                              "(e.g. 'prompt' as a list of integers).", param)
+        return tok
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        # Chat requests reach this after render_chat, which already asked for the tokenizer.
+        return list(self.tokenizer("prompt").encode(text, add_special_tokens=add_special_tokens))
+
+    def render_chat(self, req: ChatCompletionRequest | TokenizeRequest) -> str:
+        tok = self.tokenizer("messages")
+        if getattr(tok, "chat_template", None) is None:
+            raise bad_request("The model's tokenizer has no chat template; use /v1/completions.",
+                              "messages")
+        kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items()
+                  if k not in _CHAT_TEMPLATE_RESERVED}
+        try:
+            text = tok.apply_chat_template(
+                [m.for_template() for m in req.messages], tokenize=False,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message, **kwargs)
+        except Exception as e:  # jinja raise_exception(), template errors
+            raise bad_request(f"The chat template could not be applied: {e}", "messages") from None
+        if not isinstance(text, str):
+            raise bad_request("The chat template did not render to text.", "messages")
+        return text
+
+    @contextlib.contextmanager
+    def admitted(self, count: int) -> Iterator[None]:
+        """Count `count` engine requests in flight, refusing them with 503 when over capacity, and
+        track the current handler task so that a drain can wait for it. A request that alone asks
+        for more than the capacity is a 400: no wait would ever admit it."""
+        if count > self.capacity:
+            raise bad_request(f"This request asks for {count} sequences (prompts x n); the server "
+                              f"runs at most {self.capacity} at once (max_num_seqs x "
+                              f"data_parallel_size + max_waiting_requests).", "n")
+        if self.in_flight > 0 and self.in_flight + count > self.capacity:
+            self.metrics.rejected.labels(self.served_names[0]).inc()
+            raise APIError(f"The server is overloaded ({self.in_flight} requests in flight); "
+                           "retry later.", 503, "ServiceUnavailableError",
+                           headers={"Retry-After": "1"})
+        self.in_flight += count
+        task = asyncio.current_task()
+        self.active_tasks.add(task)
+        try:
+            yield
+        finally:
+            self.in_flight -= count
+            self.active_tasks.discard(task)
+
+    # ------------------------------------------------------------------------------------------
+    # /tokenize and /detokenize
+    # ------------------------------------------------------------------------------------------
+    async def tokenize(self, request: web.Request) -> web.Response:
+        req = await self.read_request(request, TokenizeRequest)
+        self.check_model(req.model)
+        if req.messages is not None:
+            special = bool(req.add_special_tokens)
+            ids = await asyncio.to_thread(lambda: self.encode(self.render_chat(req), special))
+        else:
+            special = req.add_special_tokens is not False
+            ids = await asyncio.to_thread(self.encode, req.prompt, special)
+        res = {"count": len(ids), "max_model_len": self.limits.max_model_len, "tokens": ids,
+               "token_strs": None}
+        if req.return_token_strs:
+            tok = self.engine.tokenizer
+            conv = getattr(tok, "convert_ids_to_tokens", None)
+            res["token_strs"] = list(conv(ids)) if conv else [decode_token(tok, t) for t in ids]
+        return json_response(res)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        req = await self.read_request(request, DetokenizeRequest)
+        self.check_model(req.model)
+        return json_response({"prompt": self.tokenizer("tokens").decode(req.tokens)})
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        s = self.server
-        s.require_ready()
-        body = await s.read_json(request)
-        req = P.parse_completion_request(body, s.limits)
-        model = s.check_model(req.model)
+        req = await self.read_request(request, CompletionRequest)
+        model = self.check_model(req.model)
         if req.echo:
-            s.tokenizer("echo")  # the echoed prompt is text: a 400 for a model without a tokenizer
+            self.tokenizer("echo")  # the echoed prompt is text: a 400 for a model without a tokenizer
         # Tokenizing up to MAX_PROMPTS prompts (and rendering chat templates, below) takes CPU time
         # the event loop needs for every other connection: it runs on a worker thread.
         prompts = await asyncio.to_thread(self._tokenize, req)
         return await self._generate(request, req, model, prompts, "prompt")
 
-    def _tokenize(self, req: P.GenerationRequest) -> list[tuple[Optional[str], list[int]]]:
-        return [(p, self.server.encode(p, req.add_special_tokens)) if isinstance(p, str) else (None, p)
+    def _tokenize(self, req: CompletionRequest) -> list[tuple[Optional[str], list[int]]]:
+        return [(p, self.encode(p, req.add_special_tokens)) if isinstance(p, str) else (None, p)
                 for p in req.prompts]
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        s = self.server
-        s.require_ready()
-        body = await s.read_json(request)
-        req = P.parse_chat_request(body, s.limits)
-        model = s.check_model(req.model)
+        req = await self.read_request(request, ChatCompletionRequest)
+        model = self.check_model(req.model)
         text, ids = await asyncio.to_thread(self._render, req)
         return await self._generate(request, req, model, [(text, ids)], "messages")
 
-    def _render(self, req: P.GenerationRequest) -> tuple[str, list[int]]:
-        text = self.server.render_chat(req)
-        return text, self.server.encode(text, req.add_special_tokens)
+    def _render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        text = self.render_chat(req)
+        return text, self.encode(text, req.add_special_tokens)
 
     def _max_tokens_for(self, prompt_len: int, requested: Optional[int], param: str) -> int:
-        L = self.server.limits.max_model_len
+        L = self.limits.max_model_len
         if prompt_len == 0:
             raise bad_request("The prompt is empty.", param)
         if requested is None:
@@ -87,15 +241,16 @@ class OpenAIServing:
                 f"completion). Please reduce the length of the input or the completion.", bad)
         return requested
 
-    async def _generate(self, request: web.Request, req: P.GenerationRequest, model: str,
+    async def _generate(self, request: web.Request, req: CompletionRequest | ChatCompletionRequest,
+                        model: str,
                         prompts: list, param: str) -> web.StreamResponse:
         items = []
-        base = P.random_id("chatcmpl" if req.kind == "chat" else "cmpl")
+        base = protocol.random_id("chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl")
         for i, (_, ids) in enumerate(prompts):
-            mt = self._max_tokens_for(len(ids), req.max_tokens, param)
-            sp = P.build_sampling_params(req, mt)
+            max_tokens = self._max_tokens_for(len(ids), req.requested_max_tokens, param)
+            sp = req.sampling_params(max_tokens, self.limits.sampling_defaults)
             items.append((f"{base}-{i}", ids, sp))
-        with self.server.admitted(len(items) * req.n):
+        with self.admitted(len(items) * req.n):
             if req.stream:
                 return await self._stream(request, req, model, base, prompts, items)
             return await self._full(req, model, base, prompts, items)
@@ -104,7 +259,7 @@ class OpenAIServing:
         """Called in a handler's `except asyncio.CancelledError`: drain() cancelled it, so the
         request ends with a 503 (the cancellation is consumed); any other cancellation is a client
         that went away and propagates."""
-        if not self.server.draining:
+        if not self.draining:
             raise asyncio.CancelledError
         asyncio.current_task().uncancel()
         return APIError("The server is shutting down; the request was not finished.", 503,
@@ -115,12 +270,12 @@ class OpenAIServing:
     # ------------------------------------------------------------------------------------------
     async def _engine_stream(self, rid: str, prompt_ids: list[int], sp) -> AsyncIterator[Any]:
         """One engine request, with abort on early exit and metrics on the way."""
-        engine, metrics = self.server.engine, self.server.metrics
+        engine, metrics = self.engine, self.metrics
         agen = engine.generate(prompt_ids, sp, rid)
         finished = False
         last_t, gen = None, 0
         out = None
-        self.server.active_rids.add(rid)
+        self.active_rids.add(rid)
         try:
             while True:
                 try:
@@ -144,7 +299,7 @@ class OpenAIServing:
                 if finished:
                     break
         finally:
-            self.server.active_rids.discard(rid)
+            self.active_rids.discard(rid)
             with contextlib.suppress(BaseException):
                 await agen.aclose()
             if not finished:
@@ -218,7 +373,8 @@ class OpenAIServing:
                         finals[i] = out
         except asyncio.CancelledError:
             raise self._ended_by_shutdown() from None
-        tok = self.server.engine.tokenizer
+        tok = self.engine.tokenizer
+        chat = isinstance(req, ChatCompletionRequest)
         n = req.n
         choices = []
         prompt_tokens = completion_tokens = cached = 0
@@ -229,9 +385,9 @@ class OpenAIServing:
             cached += int(getattr(out, "num_cached_tokens", 0) or 0)
             for o in sorted(out.outputs, key=lambda o: o.index):
                 completion_tokens += len(o.token_ids)
-                if req.kind == "chat":
-                    lps = (chat_logprobs(tok, o.token_ids, o.logprobs, req.logprobs or 0)
-                           if req.want_logprobs else None)
+                if chat:
+                    lps = (chat_logprobs(tok, o.token_ids, o.logprobs, req.num_logprobs)
+                           if req.num_logprobs is not None else None)
                     choices.append({"index": i * n + o.index,
                                     "message": {"role": "assistant", "content": o.text},
                                     "logprobs": lps, "finish_reason": o.finish_reason,
@@ -242,28 +398,30 @@ class OpenAIServing:
                     if req.echo:
                         ptext = prompt_text if prompt_text is not None else tok.decode(ids)
                         text = ptext + text
-                    if req.logprobs is not None:
+                    if req.num_logprobs is not None:
                         tids, steps = list(o.token_ids), list(o.logprobs or [])
                         if req.echo:
                             plp = list(out.prompt_logprobs or [None] * len(ids))
                             tids, steps = list(ids) + tids, plp + steps
-                        lps = completion_logprobs(tok, tids, steps, req.logprobs, 0)
+                        lps = completion_logprobs(tok, tids, steps, req.num_logprobs, 0)
                     choices.append({"index": i * n + o.index, "text": text, "logprobs": lps,
                                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
                                     **({"prompt_logprobs": prompt_logprobs(tok, out)}
-                                       if req.prompt_logprobs is not None and not req.echo else {})})
-        resp = {"id": base, "object": "chat.completion" if req.kind == "chat" else "text_completion",
-                "created": P.now(), "model": model, "choices": choices,
-                "usage": P.usage(prompt_tokens, completion_tokens, cached)}
-        if req.kind == "chat":
+                                       if req.num_prompt_logprobs is not None and not req.echo
+                                       else {})})
+        resp = {"id": base, "object": "chat.completion" if chat else "text_completion",
+                "created": protocol.now(), "model": model, "choices": choices,
+                "usage": protocol.usage(prompt_tokens, completion_tokens, cached)}
+        if chat:
             resp["system_fingerprint"] = None
         return json_response(resp)
 
     async def _stream(self, request, req, model, base, prompts, items) -> web.StreamResponse:
-        tok = self.server.engine.tokenizer
+        tok = self.engine.tokenizer
+        chat = isinstance(req, ChatCompletionRequest)
         n = req.n
-        created = P.now()
-        obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
+        created = protocol.now()
+        obj = "chat.completion.chunk" if chat else "text_completion"
         it = self._merged(items)
         resp = None
         try:
@@ -287,7 +445,7 @@ class OpenAIServing:
                     # A client that takes no bytes for this long holds its admission and its
                     # engine requests for nothing: treat it as gone. (asyncio.timeout, unlike
                     # wait_for on Python 3.11, starts no task per chunk.)
-                    async with asyncio.timeout(self.server.stream_write_timeout):
+                    async with asyncio.timeout(self.stream_write_timeout):
                         await resp.write(f"data: {data}\n\n".encode("utf-8"))
                 except TimeoutError:
                     raise ConnectionResetError("the client stopped reading the stream") from None
@@ -303,7 +461,7 @@ class OpenAIServing:
             prompt_tokens = sum(len(ids) for _, ids in prompts)
             gen_tokens: dict[int, int] = {}
 
-            if req.kind == "chat":
+            if chat:
                 for i in range(len(items)):
                     for j in range(n):
                         states[i * n + j] = _Choice(started=True)
@@ -326,10 +484,11 @@ class OpenAIServing:
                     done = o.finish_reason is not None
                     if not delta and not new_ids and not done and st.started:
                         continue
-                    if req.kind == "chat":
+                    if chat:
                         choice = {"index": idx, "delta": {"content": delta} if delta else {},
-                                  "logprobs": (chat_logprobs(tok, new_ids, steps, req.logprobs or 0)
-                                               if req.want_logprobs and new_ids else None),
+                                  "logprobs": (chat_logprobs(tok, new_ids, steps, req.num_logprobs)
+                                               if req.num_logprobs is not None and new_ids
+                                               else None),
                                   "finish_reason": o.finish_reason}
                         if done:
                             choice["stop_reason"] = o.stop_reason
@@ -338,11 +497,11 @@ class OpenAIServing:
                         prefix = ""
                         if not st.started and req.echo:
                             prefix = prompt_text if prompt_text is not None else tok.decode(ids)
-                            if req.logprobs is not None:
+                            if req.num_logprobs is not None:
                                 plp = list(out.prompt_logprobs or [None] * len(ids))
                                 new_ids, steps = list(ids) + new_ids, plp + steps
-                        if req.logprobs is not None:
-                            lps = completion_logprobs(tok, new_ids, steps, req.logprobs,
+                        if req.num_logprobs is not None:
+                            lps = completion_logprobs(tok, new_ids, steps, req.num_logprobs,
                                                       st.sent_text)
                         choice = {"index": idx, "text": prefix + delta, "logprobs": lps,
                                   "finish_reason": o.finish_reason}
@@ -354,7 +513,7 @@ class OpenAIServing:
                     usage = None
                     if req.include_usage and req.continuous_usage:
                         g = sum(gen_tokens.values())
-                        usage = P.usage(prompt_tokens, g)
+                        usage = protocol.usage(prompt_tokens, g)
                     await send(chunk([choice], usage))
 
             try:
@@ -368,14 +527,12 @@ class OpenAIServing:
                 raise
             except asyncio.CancelledError:
                 await send({"error": self._ended_by_shutdown().body()["error"]})
-            except Exception as e:
-                if type(e).__name__ == "EngineDeadError":
-                    err = APIError(f"The engine has stopped: {e}", 503, "ServiceUnavailableError")
-                else:
-                    err = internal_error("while streaming")
-                await send({"error": err.body()["error"]})
+            except EngineDeadError as e:
+                await send({"error": engine_stopped(e).body()["error"]})
+            except Exception:
+                await send({"error": internal_error("while streaming").body()["error"]})
             if req.include_usage:
-                await send(chunk([], P.usage(prompt_tokens, sum(gen_tokens.values()))))
+                await send(chunk([], protocol.usage(prompt_tokens, sum(gen_tokens.values()))))
             await send("[DONE]")
             await resp.write_eof()
             return resp
