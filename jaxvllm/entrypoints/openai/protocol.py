@@ -151,12 +151,19 @@ class Request(StrictModel):
         """Rules across fields, as a 400 naming the field to fix (none unless a body has some)."""
 
 
-def parse(schema: type[Request], body: dict, limits: ServerLimits) -> Any:
-    """`body` validated as `schema` (an instance of it); a 400 naming the first bad field."""
+def parse(schema: type[Request], raw: bytes, limits: ServerLimits) -> Any:
+    """The JSON request body `raw` as an instance of `schema`; a 400 naming the first bad field."""
     try:
-        req = schema.model_validate(body, context=limits)
+        req = schema.model_validate_json(raw, context=limits)
     except ValidationError as e:
-        raise bad_request(*reversed(describe(e))) from None
+        if e.errors(include_url=False)[0]["type"] != "json_invalid":
+            raise bad_request(*reversed(describe(e))) from None
+        # pydantic's JSON parser refuses more than JSON does (nesting past 200 levels) and says
+        # less (not which string holds a lone surrogate): Python's parser decides, and names it.
+        try:
+            req = schema.model_validate(parse_json_body(raw), context=limits)
+        except ValidationError as e:
+            raise bad_request(*reversed(describe(e))) from None
     req.check()
     return req
 

@@ -106,7 +106,7 @@ class OpenAIServing:
         except web.HTTPRequestEntityTooLarge:
             raise APIError(f"The request body is larger than the limit of {self.max_body} bytes.",
                            413, "RequestEntityTooLarge") from None
-        return protocol.parse(schema, protocol.parse_json_body(raw), self.limits)
+        return protocol.parse(schema, raw, self.limits)
 
     def check_model(self, model: Optional[str]) -> str:
         if model is None:
