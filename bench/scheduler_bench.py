@@ -40,9 +40,9 @@ def run(num_reqs: int, prompt_len: int, steps: int, block_size: int, prefix_cach
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         sched.add_request(Request(f"req-{i}", prompt, sp, eos_token_id=2))
 
-    def fake_output(so):
+    def fake_output(scheduler_output):
         sampled = {}
-        for rid in so.num_scheduled_tokens:
+        for rid in scheduler_output.num_scheduled_tokens:
             req = sched.requests[rid]
             if req.num_computed_tokens == req.num_tokens:
                 sampled[rid] = rng.randrange(3, 32000)
@@ -50,8 +50,8 @@ def run(num_reqs: int, prompt_len: int, steps: int, block_size: int, prefix_cach
 
     # Prefill (untimed) until every request is decoding.
     while True:
-        so = sched.schedule()
-        sched.update_from_output(so, fake_output(so))
+        scheduler_output = sched.schedule()
+        sched.update_from_output(scheduler_output, fake_output(scheduler_output))
         if len(sched.running) == num_reqs and all(r.num_tokens - r.num_computed_tokens == 1
                                                    for r in sched.running):
             break
@@ -62,13 +62,13 @@ def run(num_reqs: int, prompt_len: int, steps: int, block_size: int, prefix_cach
     try:
         for _ in range(steps):
             t0 = time.perf_counter_ns()
-            so = sched.schedule()
+            scheduler_output = sched.schedule()
             t1 = time.perf_counter_ns()
-            ro = fake_output(so)
+            runner_output = fake_output(scheduler_output)
             t2 = time.perf_counter_ns()
-            sched.update_from_output(so, ro)
+            sched.update_from_output(scheduler_output, runner_output)
             t3 = time.perf_counter_ns()
-            assert len(so.num_scheduled_tokens) == num_reqs
+            assert len(scheduler_output.num_scheduled_tokens) == num_reqs
             times_sched.append((t1 - t0) / 1e3)
             times_update.append((t3 - t2) / 1e3)
             times_total.append((t1 - t0 + t3 - t2) / 1e3)

@@ -118,13 +118,13 @@ def _start_once(args: argparse.Namespace, cache_dir: str, label: str) -> dict:
                 break
             if time.perf_counter() - t0 > args.timeout:
                 break
-        rc = proc.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - t0)))
+        returncode = proc.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - t0)))
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
         raise SystemExit(f"{label} start timed out after {args.timeout:.0f}s")
-    if result is None or rc != 0:
-        raise SystemExit(f"{label} start failed (exit {rc}); its stderr is above")
+    if result is None or returncode != 0:
+        raise SystemExit(f"{label} start failed (exit {returncode}); its stderr is above")
     C.log(f"{label} start: {result['wall_s']:.2f}s to the first token")
     return result
 

@@ -189,8 +189,8 @@ class LeaderRunner:
         if self._closed:  # alone, rank 0's steps would wait for the followers forever
             raise PeerLostError("multi-host engine: rank 0 has shut the followers down")
 
-    def dispatch(self, so: Any) -> Any:
-        return self._call(("dispatch", so), self._runner.dispatch, so)
+    def dispatch(self, scheduler_output: Any) -> Any:
+        return self._call(("dispatch", scheduler_output), self._runner.dispatch, scheduler_output)
 
     def collect(self, handle: Any) -> Any:
         out = self._call(("collect",), self._runner.collect, handle)

@@ -401,8 +401,8 @@ class OpenAIServing:
                     if req.num_logprobs is not None:
                         tids, steps = list(o.token_ids), list(o.logprobs or [])
                         if req.echo:
-                            plp = list(out.prompt_logprobs or [None] * len(ids))
-                            tids, steps = list(ids) + tids, plp + steps
+                            prompt_lps = list(out.prompt_logprobs or [None] * len(ids))
+                            tids, steps = list(ids) + tids, prompt_lps + steps
                         lps = completion_logprobs(tok, tids, steps, req.num_logprobs, 0)
                     choices.append({"index": i * n + o.index, "text": text, "logprobs": lps,
                                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
@@ -473,8 +473,8 @@ class OpenAIServing:
                 prompt_text, ids = prompts[i]
                 for o in sorted(out.outputs, key=lambda o: o.index):
                     idx = i * n + o.index
-                    st = states.setdefault(idx, _Choice())
-                    if st.finished:
+                    choice_state = states.setdefault(idx, _Choice())
+                    if choice_state.finished:
                         continue
                     # DELTA outputs: each holds this choice's new text, tokens and logprobs.
                     gen_tokens[idx] = gen_tokens.get(idx, 0) + len(o.token_ids)
@@ -482,7 +482,7 @@ class OpenAIServing:
                     new_ids = list(o.token_ids)
                     steps = list(o.logprobs or [])
                     done = o.finish_reason is not None
-                    if not delta and not new_ids and not done and st.started:
+                    if not delta and not new_ids and not done and choice_state.started:
                         continue
                     if chat:
                         choice = {"index": idx, "delta": {"content": delta} if delta else {},
@@ -495,21 +495,21 @@ class OpenAIServing:
                     else:
                         lps = None
                         prefix = ""
-                        if not st.started and req.echo:
+                        if not choice_state.started and req.echo:
                             prefix = prompt_text if prompt_text is not None else tok.decode(ids)
                             if req.num_logprobs is not None:
-                                plp = list(out.prompt_logprobs or [None] * len(ids))
-                                new_ids, steps = list(ids) + new_ids, plp + steps
+                                prompt_lps = list(out.prompt_logprobs or [None] * len(ids))
+                                new_ids, steps = list(ids) + new_ids, prompt_lps + steps
                         if req.num_logprobs is not None:
                             lps = completion_logprobs(tok, new_ids, steps, req.num_logprobs,
-                                                      st.sent_text)
+                                                      choice_state.sent_text)
                         choice = {"index": idx, "text": prefix + delta, "logprobs": lps,
                                   "finish_reason": o.finish_reason}
                         if done:
                             choice["stop_reason"] = o.stop_reason
-                    st.started = True
-                    st.sent_text += len(delta)
-                    st.finished = done
+                    choice_state.started = True
+                    choice_state.sent_text += len(delta)
+                    choice_state.finished = done
                     usage = None
                     if req.include_usage and req.continuous_usage:
                         g = sum(gen_tokens.values())
