@@ -125,3 +125,24 @@ def test_tensor_parallel_2_equals_1_on_gpus(tmp_path):
         np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], atol=1e-4)
     assert one["drained"] and two["drained"]
     assert one["preemptions"] > 0 and two["preemptions"] > 0
+
+
+def test_a_script_using_the_engine_exits_cleanly(tmp_path):
+    """A Python process that generated and then simply ends exits with code 0: the runner's daemon
+    threads are left alone at interpreter exit (woken then, one aborted the process on the GPU with
+    "terminate called after throwing an instance of ...", exit code 134)."""
+    import os
+    import subprocess
+    import sys
+    _tiny_llama(tmp_path, kv_heads=1)
+    script = ("from jaxvllm import LLM, SamplingParams\n"
+              f"llm = LLM({str(tmp_path)!r}, max_model_len=128,\n"
+              "          max_num_seqs=4, max_num_batched_tokens=16, token_buckets=(8, 16))\n"
+              "out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))\n"
+              "print(len(out[0].outputs[0].token_ids))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("4"), proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr

@@ -31,7 +31,11 @@ class SerialThread:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=_serve, args=(self._queue,), name=name, daemon=True)
         self._thread.start()
-        weakref.finalize(self, self._queue.put, None)  # the thread ends with its owner
+        # The thread ends with its owner, but not at interpreter exit: woken then, it would end
+        # while the interpreter tears JAX down and abort the process (seen on the GPU: "terminate
+        # called after throwing an instance of ...", exit code 134). Left blocked on its queue, a
+        # daemon thread is simply dropped.
+        weakref.finalize(self, self._queue.put, None).atexit = False
 
     def submit(self, work: Callable[[], Any]) -> Future:
         future: Future = Future()
