@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "jaxvllm.entrypoints.llm",
     "SamplingParams": "jaxvllm.sampling_params",
+    "StructuredOutputsParams": "jaxvllm.sampling_params",
     "RequestOutput": "jaxvllm.outputs",
     "CompletionOutput": "jaxvllm.outputs",
     "Logprob": "jaxvllm.outputs",

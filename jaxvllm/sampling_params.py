@@ -21,6 +21,48 @@ MAX_STOP = 64
 
 
 @dataclass(kw_only=True)
+class StructuredOutputsParams:
+    """What a request's output must be (vLLM's names); exactly one field is set.
+
+    json: a JSON schema (a dict or its JSON text); json_object: any JSON object; regex: a regular
+    expression the whole output matches; choice: one of these strings; grammar: a context-free
+    grammar, in Lark syntax (llguidance's) or GBNF (llama.cpp's, `root ::= ...`)."""
+    json: Optional[str | dict] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of json, regex, choice, "
+                             f"grammar, json_object; got {given or 'none'}")
+        kinds = {"json": (str, dict), "regex": str, "grammar": str, "json_object": bool}
+        name = given[0]
+        if name == "choice":
+            if not (isinstance(self.choice, (list, tuple)) and self.choice
+                    and all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty "
+                                 "strings")
+            self.choice = list(self.choice)
+        elif not isinstance(getattr(self, name), kinds[name]):
+            raise ValueError(f"structured_outputs.{name} must be a "
+                             f"{' or '.join(t.__name__ for t in _tuple(kinds[name]))}, got "
+                             f"{type(getattr(self, name)).__name__}")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, name) not in (None, False))
+
+
+def _tuple(t: type | tuple) -> tuple:
+    return t if isinstance(t, tuple) else (t,)
+
+
+@dataclass(kw_only=True)
 class SamplingParams:
     n: int = 1
     best_of: Optional[int] = None
@@ -44,6 +86,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     priority: int = 0
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: Optional[StructuredOutputsParams] = None
     # stop_token_ids, and at admission the tokenizer's EOS and the generation config's extra EOS
     # ids (the engine adds them): what min_tokens masks. Not a constructor argument.
     all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
@@ -135,6 +178,9 @@ class SamplingParams:
         check(is_int(self.priority), "priority", f"must be an int, got {self.priority!r}.")
         check(isinstance(self.output_kind, RequestOutputKind), "output_kind",
               f"must be a RequestOutputKind, got {self.output_kind!r}.")
+        check(self.structured_outputs is None
+              or isinstance(self.structured_outputs, StructuredOutputsParams), "structured_outputs",
+              f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}.")
 
     def clone(self) -> "SamplingParams":
         import copy

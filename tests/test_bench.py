@@ -234,3 +234,19 @@ def test_request_parsing_times_every_body():
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert len(res) >= 7 and all(r["us_per_request"] > 0 for r in res.values())
+
+
+def test_structured_outputs_bench_reports_both_ways():
+    """bench/structured_outputs.py on the default model: TPOT with and without the constraint, and
+    the constrained requests ran their full length (the schema cannot complete)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "structured_outputs.py"),
+                          "--json", "--batch-sizes", "4", "--input-len", "8", "--output-len", "6",
+                          "--max-model-len", "128", "--max-num-seqs", "4",
+                          "--max-num-batched-tokens", "32", "--token-buckets", "8", "32",
+                          "--enforce-eager", "--dtype", "float32"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)["4"]
+    assert res["unconstrained"]["tpot_ms"] > 0 and res["constrained"]["tpot_ms"] > 0
+    assert res["constrained"]["finish_reasons"] == ["length"]
+    assert res["constrained"]["output_tokens"] == 4 * 6 and res["mask_fill_ms_per_step"] > 0

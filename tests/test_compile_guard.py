@@ -1,8 +1,8 @@
 """Nothing compiles after the warm-up: the real engine (embedded SmolLM2, float32, CPU), warmed up,
 serves every kind of request a user can send (each sampler variant, logprob widths, prompt
-logprobs, penalties, min_tokens, n > 1, seeds, stop strings, chunked prefill, batches of every
-request bucket), and JAX lowers no program meanwhile. A compile while serving stalls every stream,
-so the runner also warns when one happens."""
+logprobs, penalties, min_tokens, n > 1, seeds, stop strings, structured outputs, chunked prefill,
+batches of every request bucket), and JAX lowers no program meanwhile. A compile while serving
+stalls every stream, so the runner also warns when one happens."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvllm import LLM, SamplingParams
+from jaxvllm import LLM, SamplingParams, StructuredOutputsParams
 from jaxvllm.worker import compile_watch
 
 LONG = "A long prompt about rivers and the cities that grew on their banks, " * 6  # > 32 tokens
@@ -43,6 +43,10 @@ def _kinds() -> list[SamplingParams]:
         SamplingParams(temperature=1.0, frequency_penalty=1.0, n=3, seed=4, **g),
         SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=list(range(60)), max_tokens=6),
         SamplingParams(temperature=0.0, stop=["the", "\n"], max_tokens=6),
+        SamplingParams(temperature=0.0, max_tokens=6,
+                       structured_outputs=StructuredOutputsParams(regex="[a-z ]+")),
+        SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.2, max_tokens=6,
+                       structured_outputs=StructuredOutputsParams(json_object=True)),
     ]
 
 

@@ -744,3 +744,50 @@ def test_random_workloads_hypothesis(seed, max_num_seqs, max_num_batched_tokens,
                           max_model_len=128, num_blocks=num_blocks, block_size=block_size,
                           enable_prefix_caching=caching, policy=policy)
     run_random(seed, num_reqs=15, cfg=cfg, check_prob=1.0)
+
+
+class _CountingGrammar:
+    """A grammar of exactly `length` tokens, any of them (the scheduler's side of a matcher)."""
+    bitmask_words = 2
+
+    def __init__(self, length):
+        self.length, self.accepted = length, []
+
+    def accept(self, token):
+        self.accepted.append(token)
+        return True
+
+    @property
+    def terminated(self):
+        return len(self.accepted) >= self.length
+
+    @staticmethod
+    def fill_bitmasks(grammar_rows, bitmask):
+        for g, i in grammar_rows:
+            bitmask[i] = len(g.accepted)  # the mask of the state it was filled in
+
+
+def test_grammar_masks_follow_the_tokens_and_a_complete_grammar_stops():
+    """Async scheduling: each step is scheduled before the one before it has come back; its masks
+    are filled after that, from matchers that have seen every earlier token."""
+    s = Scheduler(SchedulerConfig(max_model_len=64, num_blocks=20, block_size=4))
+    plain = make_req("plain", [5, 6, 7], max_tokens=10)
+    constrained = make_req("g", [5, 6], max_tokens=10)
+    constrained.grammar = _CountingGrammar(3)
+    s.add_request(plain)
+    s.add_request(constrained)
+    in_flight = s.schedule()
+    assert set(in_flight.grammar_rows) == {"g"} and s.num_structured_requests == 1
+    assert s.grammar_bitmask(in_flight)[0][0] == 0
+    while "g" in s.requests:
+        ahead = s.schedule()
+        s.update_from_output(in_flight, ModelRunnerOutput(
+            {rid: 9 for rid in in_flight.num_scheduled_tokens}))
+        if "g" in ahead.grammar_rows:
+            mask = s.grammar_bitmask(ahead)[ahead.grammar_rows["g"]]
+            # Every token before this step's sample is in, or the request is done (all allowed).
+            assert mask[0] == (len(constrained.output_token_ids) if "g" in s.requests else -1)
+        in_flight = ahead
+    assert constrained.output_token_ids == [9, 9, 9] == constrained.grammar.accepted
+    assert constrained.status == RequestStatus.FINISHED_STOPPED and constrained.stop_reason is None
+    assert s.num_structured_requests == 0 and "plain" in s.requests

@@ -459,8 +459,18 @@ BAD = [
      "messages[0].content[0].text"),
     (CH, {**_OK_CH, "messages": [{"role": "user", "content": "x", "name": 3}]}, 400,
      "messages[0].name"),
-    (CH, {**_OK_CH, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CH, {**_OK_CH, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    (CH, {**_OK_CH, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    (CH, {**_OK_CH, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "response_format.json_schema.schema"),
     (CH, {**_OK_CH, "response_format": "json"}, 400, "response_format"),
+    (C, {**_OK_C, "guided_json": 5}, 400, "guided_json"),
+    (C, {**_OK_C, "guided_choice": []}, 400, "guided_choice"),
+    (C, {**_OK_C, "guided_regex": "a", "guided_choice": ["a"]}, 400, "guided_choice"),
+    (C, {**_OK_C, "structured_outputs": {}}, 400, "structured_outputs"),
+    (C, {**_OK_C, "structured_outputs": {"regex": 1}}, 400, "structured_outputs.regex"),
+    (CH, {**_OK_CH, "response_format": {"type": "json_object"}, "guided_regex": "a"}, 400,
+     "guided_regex"),
     (CH, {**_OK_CH, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     (CH, {**_OK_CH, "tool_choice": "required"}, 400, "tool_choice"),
     (CH, {**_OK_CH, "logprobs": "yes"}, 400, "logprobs"),
@@ -522,7 +532,7 @@ def test_bad_requests_via_openai_client(client):
         client.chat.completions.create(model="nope", messages=MSGS)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=MSGS,
-                                       response_format={"type": "json_object"})
+                                       response_format={"type": "json_schema"})
 
 
 def test_http_level_errors(srv):
@@ -971,6 +981,7 @@ def test_real_fuzz_no_5xx(real_srv):
               "echo", "stream", "stream_options", "presence_penalty", "frequency_penalty",
               "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
               "skip_special_tokens", "include_stop_str_in_output", "response_format", "user",
+              "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
               "logit_bias", "tools", "tool_choice", "suffix", "prompt_logprobs", "tokens",
               "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
               "add_special_tokens", "return_token_strs", "spaces_between_special_tokens"]

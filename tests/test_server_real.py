@@ -5,9 +5,11 @@ shapes (two token buckets) to stay fast."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jsonschema
 import openai
 import pytest
 
@@ -247,3 +249,43 @@ def test_dead_engine_fails_requests_and_exits_1():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 24},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+ASK = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+def test_structured_outputs_over_the_api(srv, client):
+    """response_format (json_schema, json_object) and vLLM's structured_outputs / guided_* extras
+    constrain the real model's output; a stream of a constrained request reassembles to the same
+    text; a schema the grammar library refuses is a 400 naming the field."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    full = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=100, temperature=0,
+                                          response_format=fmt)
+    text = full.choices[0].message.content
+    jsonschema.validate(json.loads(text), PERSON)
+    assert full.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=100,
+                                            temperature=0, response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    ok = [{"role": "user", "content": 'Reply with the JSON object {"ok": true} and nothing else.'}]
+    obj = client.chat.completions.create(model=MODEL, messages=ok, max_tokens=40, temperature=0,
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    choice = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=5, n=3,
+                                       temperature=1.0, seed=2,
+                                       extra_body={"structured_outputs": {"choice": ["blue", "grey"]}})
+    assert {c.text for c in choice.choices} <= {"blue", "grey"}
+    date = client.completions.create(model=MODEL, prompt="Today's date:", max_tokens=12,
+                                     temperature=0, extra_body={"guided_regex": r"\d{4}-\d{2}-\d{2}"})
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", date.choices[0].text), date.choices[0].text
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
+    for stream in (False, True):
+        st, _, body = http("POST", srv.url + "/v1/chat/completions",
+                           {"messages": ASK, "max_tokens": 4, "response_format": bad,
+                            "stream": stream})
+        assert_error(st, body, 400, "response_format")
+        assert "structured_outputs.json" in body["error"]["message"]

@@ -38,6 +38,8 @@ class SchedulerOutput:
     # Requests the runner must forget: finished or aborted since the last step, or preempted now.
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Requests with a grammar -> their row of the step's masks (Scheduler.grammar_bitmask).
+    grammar_rows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

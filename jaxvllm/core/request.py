@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from jaxvllm.sampling_params import SamplingParams
 
@@ -71,6 +71,9 @@ class Request:
         # Set by the scheduler at admission: the token count (prompt + output) that ends it.
         self.max_num_tokens = 0
         self.num_prompt_logprobs_sent = 0  # prompt positions whose logprobs were passed on
+        # Structured outputs: the matcher of its grammar (jaxvllm.structured_output.Grammar), set
+        # at admission, advanced by the scheduler with each token it appends.
+        self.grammar: Optional[Any] = None
         # Bookkeeping owned by core/ (KV-cache manager and scheduler).
         self.block_hashes: list[bytes] = []  # chained hashes of its full blocks (prefix caching)
 

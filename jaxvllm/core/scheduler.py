@@ -48,6 +48,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
+
 from jaxvllm.core.kv_cache_manager import KVCacheManager
 from jaxvllm.core.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
                                   NewRequestData, SchedulerOutput)
@@ -60,6 +62,7 @@ _WAITING = RequestStatus.WAITING
 _PREEMPTED = RequestStatus.PREEMPTED
 _STOPPED = RequestStatus.FINISHED_STOPPED
 _LENGTH = RequestStatus.FINISHED_LENGTH
+_ABORTED = RequestStatus.FINISHED_ABORTED
 
 
 @dataclass
@@ -171,6 +174,7 @@ class Scheduler:
         self.running: list[Request] = []            # admission order
         self._finished_req_ids: set[str] = set()    # reported in the next SchedulerOutput
         self.num_preemptions = 0
+        self.num_structured_requests = 0           # unfinished requests with a grammar
 
     # ---- requests in / out ---------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -194,6 +198,8 @@ class Scheduler:
         req.max_num_tokens = min(p + req.max_tokens, cfg.max_model_len)
         req.status = _WAITING
         self.requests[rid] = req
+        if req.grammar is not None:
+            self.num_structured_requests += 1
         self.waiting.push(req)
 
     def finish_requests(self, req_ids: str | Iterable[str], status: RequestStatus) -> list[Request]:
@@ -223,6 +229,8 @@ class Scheduler:
         self.kv_cache_manager.free(req)
         del self.requests[req.request_id]
         self._finished_req_ids.add(req.request_id)
+        if req.grammar is not None:
+            self.num_structured_requests -= 1
 
     # ---- schedule ------------------------------------------------------------------------------
     def _pick_victim(self) -> Request:
@@ -348,10 +356,29 @@ class Scheduler:
 
         finished = self._finished_req_ids
         self._finished_req_ids = set()
+        grammar_rows = {}
+        if self.num_structured_requests:
+            requests = self.requests
+            grammar_rows = {rid: i for i, rid in enumerate(
+                rid for rid in num_scheduled if requests[rid].grammar is not None)}
         return SchedulerOutput(new_reqs=new_reqs, cached_reqs=cached_reqs,
                                num_scheduled_tokens=num_scheduled,
                                total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
-                               finished_req_ids=finished, preempted_req_ids=preempted)
+                               finished_req_ids=finished, preempted_req_ids=preempted,
+                               grammar_rows=grammar_rows)
+
+    def grammar_bitmask(self, scheduler_output: SchedulerOutput) -> np.ndarray:
+        """The next-token masks of the step's requests with a grammar, in `grammar_rows` order.
+        Valid once every token sampled before that step has come back through update_from_output
+        (the matchers have then seen all of them); a request finished since allows every token."""
+        rows = scheduler_output.grammar_rows
+        live = [(req.grammar, i) for rid, i in rows.items()
+                if (req := self.requests.get(rid)) is not None]
+        if not live:
+            return np.full((len(rows), 1), -1, np.int32)
+        bitmask = np.full((len(rows), live[0][0].bitmask_words), -1, np.int32)
+        live[0][0].fill_bitmasks(live, bitmask)
+        return bitmask
 
     def discard_step(self, scheduler_output: SchedulerOutput) -> list[Request]:
         """The runner failed to run `scheduler_output` (the latest schedule()), so its K/V may never
@@ -383,10 +410,15 @@ class Scheduler:
             out_ids.append(tok)
             status = None
             stop_reason = None
-            if tok in req.stop_ids and len(out_ids) >= req.min_tokens:
+            grammar = req.grammar
+            if grammar is not None and not grammar.accept(tok):
+                status = _ABORTED  # cannot happen with the mask applied: a sampler fault
+            elif tok in req.stop_ids and len(out_ids) >= req.min_tokens:
                 status = _STOPPED
                 if tok != req.stop_reason_exempt_id:
                     stop_reason = tok
+            elif grammar is not None and grammar.terminated:
+                status = _STOPPED  # the output is complete: as a stop token, without its id
             elif len(out_ids) + len(req.prompt_token_ids) >= req.max_num_tokens:
                 status = _LENGTH
             prompt_logprobs = None

@@ -20,6 +20,7 @@ from jaxvllm.core.scheduler import Scheduler, SchedulerStats
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxvllm.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class _Parent:
     metrics: dict = field(default_factory=dict)
     sent_prompt_logprobs: int = 0  # DELTA outputs: prompt positions already sent
     failed: bool = False      # its output processing raised: finished with finish_reason "error"
+    grammar: Optional[str] = None  # structured outputs: compiled when prepared
 
     @property
     def finished(self) -> bool:
@@ -74,6 +76,8 @@ class RequestPreparer:
         self.max_logprobs = max_logprobs
         self.eos_token_id = eos_token_id
         self.extra_eos_ids = generation_eos_ids - {eos_token_id}
+        self.grammars = GrammarCompiler(tokenizer, vocab_size,
+                                        sorted(generation_eos_ids | ({eos_token_id} - {None})))
         # Scheduler/runner ids are unique per admission, so a user's request_id may be used again
         # while a step holding the old request is still on the device (its late sample then
         # matches no live request and is dropped).
@@ -120,11 +124,14 @@ class RequestPreparer:
         for c in children:
             if params.logprobs is not None:
                 c.logprobs, c.cumulative_logprob = [], 0.0
+        grammar = (self.grammars.compile(params.structured_outputs)
+                   if params.structured_outputs is not None else None)
         now = time.monotonic() if arrival_time is None else arrival_time
         return _Parent(request_id, text, ids, params, children,
                        prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                        metrics={"arrival_time": now, "first_scheduled_time": None,
-                                "first_token_time": None, "finished_time": None})
+                                "first_token_time": None, "finished_time": None},
+                       grammar=grammar)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -253,6 +260,8 @@ class LLMEngine(RequestFront):
                 child_params.seed = p.seed + c.index
             c.request = Request(c.request_id, parent.prompt_token_ids, child_params,
                                 self.eos_token_id, arrival_time=parent.metrics["arrival_time"])
+            if parent.grammar is not None:
+                c.request.grammar = self.preparer.grammars.matcher(parent.grammar)
             self.scheduler.add_request(c.request)
             self._child_to_parent[c.request_id] = (parent, c)
         self._parents[parent.request_id] = parent
@@ -318,6 +327,7 @@ class LLMEngine(RequestFront):
         once the runner has its samples, so an interrupted wait loses nothing."""
         outputs: list[RequestOutput] = []
         while len(self._inflight) > keep:
+            self._give_grammar_bitmask()
             scheduler_output, handle = self._inflight[0]
             try:
                 runner_out = self.runner.collect(handle)
@@ -331,7 +341,24 @@ class LLMEngine(RequestFront):
                 self._stats_log.record(scheduler_output, runner_out, self.scheduler)
             core_outputs = self.scheduler.update_from_output(scheduler_output, runner_out)
             outputs += self._process(core_outputs)
+        self._give_grammar_bitmask()  # the step left in flight samples while the host goes on
         return outputs
+
+    def _give_grammar_bitmask(self) -> None:
+        """Structured outputs: the oldest step in flight gets its grammar masks, which need the
+        tokens of every step before it (all collected now). Its forward pass already runs; its
+        sampler waits for them."""
+        if not self._inflight:
+            return
+        scheduler_output, handle = self._inflight[0]
+        if not handle.needs_grammar_bitmask:
+            return
+        try:
+            rows = self.scheduler.grammar_bitmask(scheduler_output)
+        except BaseException:
+            self.runner.set_grammar_bitmask(handle, None)  # the step fails instead of waiting
+            raise
+        self.runner.set_grammar_bitmask(handle, rows)
 
     def _process(self, core_outs: list[EngineCoreOutput]) -> list[RequestOutput]:
         touched: dict[str, _Parent] = {}
@@ -385,7 +412,8 @@ class LLMEngine(RequestFront):
                 child.logprobs.append(co.new_logprobs)
                 child.cumulative_logprob += co.new_logprobs[co.new_token_ids[-1]].logprob
             text_ids = co.new_token_ids
-            if co.finish_reason == "stop" and not parent.params.include_stop_str_in_output:
+            if (co.finish_reason == "stop" and not parent.params.include_stop_str_in_output
+                    and text_ids[-1] in child.request.stop_ids):
                 text_ids = text_ids[:-1]  # as vLLM: a stop token's text is not part of the output
             if child.detok.update(text_ids, child.request.num_output_tokens):
                 child.finish_reason, child.stop_reason = "stop", child.detok.stop_reason

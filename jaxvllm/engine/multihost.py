@@ -192,6 +192,10 @@ class LeaderRunner:
     def dispatch(self, scheduler_output: Any) -> Any:
         return self._call(("dispatch", scheduler_output), self._runner.dispatch, scheduler_output)
 
+    def set_grammar_bitmask(self, handle: Any, rows: Any) -> None:
+        self._call(("grammar_bitmask", rows),
+                   lambda r: self._runner.set_grammar_bitmask(handle, r), rows)
+
     def collect(self, handle: Any) -> Any:
         out = self._call(("collect",), self._runner.collect, handle)
         self.check()  # a follower lost during the step: its samples may be fine, its state is not
@@ -331,6 +335,8 @@ def _replay(runner: Any, inbox: queue.SimpleQueue, rank: int) -> int:
             handle = runner.dispatch(msg[1])
             if handle is not None:
                 pending.append(handle)
+        elif msg[0] == "grammar_bitmask":  # for the oldest step still waiting for its masks
+            runner.set_grammar_bitmask(next(h for h in pending if h.needs_grammar_bitmask), msg[1])
         elif msg[0] == "collect":
             runner.collect(pending.popleft())
         elif msg[0] == "shutdown":

@@ -25,6 +25,7 @@ from jaxvllm.core.outputs import ModelRunnerOutput, SchedulerOutput
 from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.outputs import Logprob
+from jaxvllm.structured_output import bitmask_words, new_bitmask
 from jaxvllm.worker import compile_watch
 from jaxvllm.worker.serial_thread import SerialThread
 from jaxvllm.worker.weight_swap import swap_in_place
@@ -116,6 +117,8 @@ class ModelRunner:
         # batches with a row that has them: inside the sampler they cost every batch ~0.1 ms at 64
         # rows on an H200, and as a static sampler switch they would double its variants.
         self._apply_token_bits = jax.jit(self._apply_token_bits_impl)
+        # Structured outputs' grammar masks: likewise only for batches with such a row.
+        self._apply_token_bitmask = jax.jit(sampler_lib.apply_token_bitmask)
         self._record_tokens = jax.jit(token_table.record, donate_argnums=(0,))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",))
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
@@ -275,7 +278,9 @@ class ModelRunner:
         sampling = SamplingInputs(*(sds(s, d) for s, d in zip(sampling_shapes(r),
                                                               (jnp.float32, jnp.int32))))
         logits = sds((r, self.cfg.vocab_size), jnp.float32)
-        return (_new_bytes(self._apply_token_bits.lower(self.token_table.array, logits, sampling))
+        bitmask = sds((r, bitmask_words(self.cfg.vocab_size)), jnp.int32)
+        return (_new_bytes(self._apply_token_bitmask.lower(logits, bitmask))
+                + _new_bytes(self._apply_token_bits.lower(self.token_table.array, logits, sampling))
                 + _new_bytes(self._sample.lower(logits, logits, sampling, mode="random_sort",
                                                 num_logprobs=self.config.max_logprobs,
                                                 topk_bound=0)))
@@ -339,6 +344,8 @@ class ModelRunner:
             sampler_rows.add(logits.shape[0])
             sampling = self.input_batch.sampling_inputs(b)
             others.append(self._apply_token_bits.lower(self.token_table.array, logits, sampling))
+            others.append(self._apply_token_bitmask.lower(
+                logits, new_bitmask(logits.shape[0], self.cfg.vocab_size)))
             others += [self._sample.lower(logits, logits, sampling, mode=mode, num_logprobs=k,
                                           topk_bound=bound)
                        for mode, bound in SAMPLER_VARIANTS for k in widths]
@@ -380,6 +387,13 @@ class ModelRunner:
             mode=mode, num_logprobs=self.config.max_logprobs if any(logprobs_k.values()) else 0,
             topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
         prompt_rows = self._prompt_rows(b) if b.prompt_logprob_spans else None
+        # Structured outputs: the masks come once the step before has been collected (they need
+        # its tokens), while this step's forward pass already runs; the sampler waits for them.
+        grammar = None
+        if scheduler_output.grammar_rows:
+            row_of = {rid: i for i, rid in enumerate(b.req_ids)}
+            grammar = _GrammarMask({rid: row_of[rid] for rid in scheduler_output.grammar_rows},
+                                   self.input_batch.request_bucket(t), Future())
         # Rows of new requests, written before the sampler reads them.
         table_writes = self.token_table.take_writes()
 
@@ -387,8 +401,10 @@ class ModelRunner:
             self.token_table.write(table_writes)
             self.kv_cache, logits, all_hidden = self._step_for(t)(
                 self.params, self.kv_cache, packed, self._prev_sampled)
-            processed = (logits if record_slots is None else
-                         self._apply_token_bits(self.token_table.array, logits, sampling))
+            processed = (logits if grammar is None else
+                         self._apply_token_bitmask(logits, grammar.bitmask.result()))
+            if record_slots is not None:
+                processed = self._apply_token_bits(self.token_table.array, processed, sampling)
             sampled = self._sample(logits, processed, sampling, **sampler_kw)
             if record_slots is not None:  # count each sampled token in its request's row
                 self.token_table.array = self._record_tokens(self.token_table.array, record_slots,
@@ -399,7 +415,18 @@ class ModelRunner:
             return sampled, prompt
 
         return Inflight(b.req_ids, b.sample_mask[:n].copy(), self._launcher.submit(launch),
-                        logprobs_k, t, prompt_rows is not None)
+                        logprobs_k, t, prompt_rows is not None, grammar)
+
+    def set_grammar_bitmask(self, h: "Inflight", rows: Optional[np.ndarray]) -> None:
+        """Give a dispatched step its grammar masks: `rows[i]` for its i-th request of
+        `SchedulerOutput.grammar_rows`; its other rows allow every token. None: there are none
+        (the step fails)."""
+        if rows is None:
+            h.grammar.bitmask.set_exception(RuntimeError("the step's grammar masks failed"))
+            return
+        mask = new_bitmask(h.grammar.num_rows, self.cfg.vocab_size)
+        mask[list(h.grammar.batch_rows.values())] = rows
+        h.grammar.bitmask.set_result(mask)
 
     def _warn_on_compiles(self, num_tokens: int, mode: str) -> None:
         if self._compile_mark is None:
@@ -504,6 +531,14 @@ class _PromptScores:
 
 
 @dataclass
+class _GrammarMask:
+    """A step's rows with a grammar and the mask its sampler waits for."""
+    batch_rows: dict[str, int]        # request id -> batch row, in SchedulerOutput.grammar_rows order
+    num_rows: int                     # the step's request bucket
+    bitmask: Future                   # -> int32[num_rows, ceil(V/32)]
+
+
+@dataclass
 class Inflight:
     """A dispatched step: what collect() needs once the device is done."""
     req_ids: list[str]
@@ -512,6 +547,11 @@ class Inflight:
     logprobs_k: dict[str, int]        # requests that asked for logprobs -> k
     num_tokens: int                   # the token bucket
     prompt_scoring: bool
+    grammar: Optional["_GrammarMask"] = None
+
+    @property
+    def needs_grammar_bitmask(self) -> bool:
+        return self.grammar is not None and not self.grammar.bitmask.done()
 
     @property
     def launch_failed(self) -> bool:

@@ -267,6 +267,15 @@ def _gumbel_rows(seeds: jax.Array, steps: jax.Array, v: int) -> jax.Array:
     return jax.vmap(one)(seeds, steps.astype(jnp.uint32))
 
 
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Structured outputs: the logits (f32) with every token a row's grammar forbids at -inf.
+    `bitmask` is int32 [R, ceil(V/32)]: bit j of word w allows token 32w + j."""
+    r, v = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(r, -1)[:, :v] != 0
+    return jnp.where(allowed, logits.astype(jnp.float32), _NEG_INF)
+
+
 def apply_token_bits(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     """min_tokens stop-id masking and penalties from ``t.token_bits`` (f32 [R, V])."""
     x = logits.astype(jnp.float32)

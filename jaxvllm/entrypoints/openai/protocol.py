@@ -3,8 +3,7 @@ pieces of responses.
 
 Every malformed request becomes a 4xx `APIError` naming the offending field (pydantic's error path),
 never an exception deeper in the server or the engine. Types are strict (jaxvllm.entrypoints.schema);
-known fields whose feature is not supported (tools, logit_bias, non-text response_format, ...) are
-rejected.
+known fields whose feature is not supported (tools, logit_bias, ...) are rejected.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from pydantic_core.core_schema import ValidationInfo
 from jaxvllm.engine.llm_engine import as_token_ids, check_text
 from jaxvllm.entrypoints.chat_utils import ChatMessage, Messages
 from jaxvllm.entrypoints.schema import Int, StrictModel, describe, invalid, json_type
-from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxvllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 INT64_MAX = 2 ** 63 - 1
 
@@ -187,6 +186,27 @@ def _as_list(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
 
 
+class JSONSchemaFormat(Request):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: dict = Field(validation_alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
+class StructuredOutputs(Request):
+    """vLLM's `structured_outputs` request field (StructuredOutputsParams' fields)."""
+    json_: Any = Field(None, validation_alias="json")  # a schema, or its JSON text
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+
 class StreamOptions(Request):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -229,11 +249,12 @@ class _GenerationRequest(Request):
     functions: Optional[list] = None
     tool_choice: Literal["none", "auto"] = "none"
     function_call: Literal["none", "auto"] = "none"
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+    guided_json: Any = None   # vLLM's older names of structured_outputs' fields
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
     prompt_embeds: Any = None
     lora_request: Any = None
 
@@ -256,12 +277,6 @@ class _GenerationRequest(Request):
     @classmethod
     def _no_tools(cls, v: list) -> list:
         return _unsupported(v, "tool calling")
-
-    @field_validator("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "structured_outputs")
-    @classmethod
-    def _no_guided(cls, v: Any) -> Any:
-        return _unsupported(v is not None, "structured output")
 
     @field_validator("prompt_embeds", "lora_request")
     @classmethod
@@ -291,8 +306,47 @@ class _GenerationRequest(Request):
     def num_prompt_logprobs(self) -> Optional[int]:
         return self.prompt_logprobs
 
+    def _constraints(self) -> list[str]:
+        """The fields given that constrain the output."""
+        return [name for name in ("response_format", "structured_outputs", "guided_json",
+                                  "guided_regex", "guided_choice", "guided_grammar")
+                if getattr(self, name) is not None
+                and not (name == "response_format" and self.response_format.type == "text")]
+
+    @property
+    def structured_outputs_field(self) -> Optional[str]:
+        """The field that constrains the output, if any."""
+        given = self._constraints()
+        return given[0] if given else None
+
+    def structured_outputs_params(self) -> Optional[StructuredOutputsParams]:
+        name = self.structured_outputs_field
+        if name is None:
+            return None
+        if name == "response_format":
+            fmt = self.response_format
+            if fmt.type == "json_object":
+                return StructuredOutputsParams(json_object=True)
+            if fmt.json_schema is None:
+                raise bad_request("'response_format.json_schema' is required for type "
+                                  "'json_schema'.", "response_format.json_schema")
+            return StructuredOutputsParams(json=fmt.json_schema.schema_)
+        if name == "structured_outputs":
+            spec = self.structured_outputs
+            return StructuredOutputsParams(json=spec.json_, regex=spec.regex, choice=spec.choice,
+                                           grammar=spec.grammar, json_object=spec.json_object)
+        return StructuredOutputsParams(**{name.removeprefix("guided_"): getattr(self, name)})
+
     def check(self) -> None:
         """Rules across fields, as a 400 naming the field to fix."""
+        given = self._constraints()
+        if len(given) > 1:
+            raise bad_request(f"Give one way to constrain the output, not {' and '.join(given)}.",
+                              given[1])
+        try:
+            self.structured_outputs_params()
+        except ValueError as e:
+            raise bad_request(f"{e}.", self.structured_outputs_field) from None
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request(f"'best_of' ({self.best_of}) != 'n' ({self.n}) is not supported.",
                               "best_of")
@@ -323,6 +377,7 @@ class _GenerationRequest(Request):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs,
+            structured_outputs=self.structured_outputs_params(),
             # Streamed or not, the server takes each step's new tokens: the engine then copies
             # only those (cumulative outputs copy everything so far, every step).
             output_kind=RequestOutputKind.DELTA)
@@ -420,19 +475,11 @@ class ChatTemplateFields(Request):
 class ChatCompletionRequest(ChatTemplateFields, _GenerationRequest):
     KIND = "chat"
     messages: Messages
-    response_format: Optional[dict] = None
     logprobs: bool = False
     top_logprobs: Optional[Int] = Field(None, ge=0)
     max_completion_tokens: Optional[Int] = Field(None, ge=1, le=INT64_MAX)
     echo: bool = False
     add_special_tokens: bool = False
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: Optional[dict]) -> Optional[dict]:
-        if v is not None and v.get("type") != "text":
-            raise invalid(f"type {v.get('type')!r} is not supported; only 'text' is")
-        return v
 
     @field_validator("top_logprobs")
     @classmethod

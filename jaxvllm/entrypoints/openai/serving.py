@@ -249,7 +249,7 @@ class OpenAIServing:
         for i, (_, ids) in enumerate(prompts):
             max_tokens = self._max_tokens_for(len(ids), req.requested_max_tokens, param)
             sp = req.sampling_params(max_tokens, self.limits.sampling_defaults)
-            items.append((f"{base}-{i}", ids, sp))
+            items.append((f"{base}-{i}", ids, sp, req.structured_outputs_field))
         with self.admitted(len(items) * req.n):
             if req.stream:
                 return await self._stream(request, req, model, base, prompts, items)
@@ -268,8 +268,10 @@ class OpenAIServing:
     # ------------------------------------------------------------------------------------------
     # Engine requests
     # ------------------------------------------------------------------------------------------
-    async def _engine_stream(self, rid: str, prompt_ids: list[int], sp) -> AsyncIterator[Any]:
-        """One engine request, with abort on early exit and metrics on the way."""
+    async def _engine_stream(self, rid: str, prompt_ids: list[int], sp,
+                             constraint_field: Optional[str]) -> AsyncIterator[Any]:
+        """One engine request, with abort on early exit and metrics on the way. A grammar the
+        engine refuses is reported as `constraint_field`'s."""
         engine, metrics = self.engine, self.metrics
         agen = engine.generate(prompt_ids, sp, rid)
         finished = False
@@ -285,8 +287,10 @@ class OpenAIServing:
                 except (ValueError, TypeError) as e:
                     # The engine refused the request (validation). Only these become a 400: the
                     # same exceptions from our own code are server bugs, answered with a 500.
-                    raise bad_request(str(e), "max_tokens" if "max_tokens" in str(e) else None) \
-                        from None
+                    msg = str(e)
+                    param = ("max_tokens" if "max_tokens" in msg else
+                             constraint_field if "structured_outputs" in msg else None)
+                    raise bad_request(msg, param) from None
                 t = time.monotonic()
                 new = sum(len(o.token_ids) for o in out.outputs)  # DELTA outputs
                 if new > 0:
@@ -311,7 +315,7 @@ class OpenAIServing:
                            for o in out.outputs]
                 metrics.observe_finished(out.metrics if finished else None, reasons)
 
-    async def _merged(self, items: list[tuple[str, list[int], Any]]) -> AsyncIterator[tuple[int, Any]]:
+    async def _merged(self, items: list[tuple]) -> AsyncIterator[tuple[int, Any]]:
         """Outputs of several engine requests, as they come: (prompt index, RequestOutput)."""
         if len(items) == 1:
             async with contextlib.aclosing(self._engine_stream(*items[0])) as it:
