@@ -90,7 +90,7 @@ class FakeModelConfig:
 
 class FakeEngine:
     def __init__(self, args: Optional[EngineArgs] = None, token_delay: float = 0.002,
-                 load_delay: float = 0.0, fail_load: bool = False):
+                 load_delay: float = 0.0, fail_load: bool = False, script: Optional[str] = None):
         if load_delay:
             time.sleep(load_delay)
         if fail_load:
@@ -100,6 +100,7 @@ class FakeEngine:
         self.model_config = FakeModelConfig()
         self.max_model_len = self.args.max_model_len or 512
         self.token_delay = token_delay
+        self.script = script  # the text every output spells, one character a token (repeated)
         self._running: set[str] = set()
         self._waiting: set[str] = set()
         self._slots = asyncio.Semaphore(self.args.max_num_seqs)  # bound lazily to the running loop
@@ -135,7 +136,9 @@ class FakeEngine:
 
     # -- generation -----------------------------------------------------------------------------
     def _token(self, rng: Optional[random.Random], prompt_ids: list[int], i: int, index: int) -> int:
-        if rng is None:
+        if self.script is not None:
+            c = self.script[i % len(self.script)]
+        elif rng is None:
             c = _ALPHABET[(sum(prompt_ids) + i * 7) % len(_ALPHABET)]
         else:
             c = rng.choice(_ALPHABET)

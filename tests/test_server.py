@@ -1089,3 +1089,33 @@ def test_tokenizing_does_not_block_the_event_loop(path, body):
             waited = time.monotonic() - t0
             assert slow.result()[0] == 200
         assert waited < 0.5, waited
+
+
+@pytest.mark.parametrize("parser, output, reasoning, content", [
+    ("deepseek_r1", "Two and two.</think>It is 4.", "Two and two.", "It is 4."),
+    ("qwen3", "<think>Two and two.</think>\n\nIt is 4.", "Two and two.", "\n\nIt is 4."),
+    ("qwen3", "It is 4.", None, "It is 4."),
+])
+def test_reasoning_parser_splits_chat_completions(parser, output, reasoning, content):
+    """--reasoning-parser: the think block goes to reasoning_content, full or streamed (the official
+    client sees the extra field), and completions are left alone."""
+    with ServerThread(EngineArgs(max_model_len=MAX_LEN),
+                      engine_factory=_factory(script=output), reasoning_parser=parser) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model=MODEL, messages=MSGS, max_tokens=len(output), temperature=0)
+        msg = c.chat.completions.create(**kw).choices[0].message
+        assert (getattr(msg, "reasoning_content", None), msg.content) == (reasoning, content)
+        pieces = {"reasoning_content": "", "content": ""}
+        for chunk in c.chat.completions.create(**kw, stream=True):
+            if chunk.choices:
+                for key in pieces:
+                    pieces[key] += getattr(chunk.choices[0].delta, key, None) or ""
+        assert (pieces["reasoning_content"] or None, pieces["content"] or None) == (reasoning, content)
+        text = c.completions.create(model=MODEL, prompt="x", max_tokens=len(output)).choices[0].text
+        assert text == output
+
+
+def test_unknown_reasoning_parser_is_refused():
+    from jaxvllm.entrypoints.openai.server import OpenAIServer
+    with pytest.raises(ValueError, match="reasoning_parser"):
+        OpenAIServer(EngineArgs(), engine_factory=_factory(), reasoning_parser="granite")

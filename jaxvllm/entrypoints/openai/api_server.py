@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.entrypoints.openai.launch import start_server
+from jaxvllm.entrypoints.openai.reasoning import PARSERS
 from jaxvllm.entrypoints.openai.server import (DEFAULT_MAX_BODY, DEFAULT_MAX_WAITING,
                                                DEFAULT_MODEL_NAME, DEFAULT_STREAM_WRITE_TIMEOUT)
 
@@ -77,6 +78,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--stream-write-timeout", type=float, default=DEFAULT_STREAM_WRITE_TIMEOUT,
                    help="Seconds a streaming client may accept no data before its request is "
                         "aborted and its connection closed (default %(default)s).")
+    g.add_argument("--reasoning-parser", choices=PARSERS, default=None,
+                   help="Split <think>...</think> out of chat completions into reasoning_content "
+                        "(deepseek_r1: the template opens the block; qwen3: the output does).")
     g.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="Server log level.")
     g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
@@ -110,7 +114,8 @@ async def serve(args: argparse.Namespace,
             api_key=api_key, max_waiting_requests=args.max_waiting_requests,
             max_request_body_bytes=args.max_request_body_bytes,
             shutdown_timeout=args.shutdown_timeout,
-            stream_write_timeout=args.stream_write_timeout)
+            stream_write_timeout=args.stream_write_timeout,
+            reasoning_parser=args.reasoning_parser)
     except OSError as e:
         print(f"jaxvllm: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr, flush=True)
         return 1

@@ -67,7 +67,8 @@ async def start_server(engine_args: Optional[EngineArgs] = None, host: str = "12
     """Start a server in the running event loop (port 0: any free port) and return its handle.
 
     server_kwargs go to OpenAIServer: engine=, engine_factory=, served_model_name=, api_key=,
-    max_waiting_requests=, max_request_body_bytes=, shutdown_timeout=, stream_write_timeout=.
+    max_waiting_requests=, max_request_body_bytes=, shutdown_timeout=, stream_write_timeout=,
+    reasoning_parser=.
     """
     server = OpenAIServer(engine_args, **server_kwargs)
     kw: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": 2.0}

@@ -69,7 +69,8 @@ class OpenAIServer:
                  max_waiting_requests: int = DEFAULT_MAX_WAITING,
                  max_request_body_bytes: int = DEFAULT_MAX_BODY,
                  shutdown_timeout: float = 30.0,
-                 stream_write_timeout: float = DEFAULT_STREAM_WRITE_TIMEOUT):
+                 stream_write_timeout: float = DEFAULT_STREAM_WRITE_TIMEOUT,
+                 reasoning_parser: Optional[str] = None):
         self.engine_args = engine_args or EngineArgs()
         if isinstance(served_model_name, str):
             served_model_name = [served_model_name]
@@ -91,7 +92,8 @@ class OpenAIServer:
         self.serving = OpenAIServing(self.engine_args, served_names, self.metrics,
                                      max_waiting=max_waiting_requests,
                                      max_body=max_request_body_bytes,
-                                     stream_write_timeout=stream_write_timeout)
+                                     stream_write_timeout=stream_write_timeout,
+                                     reasoning_parser=reasoning_parser)
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------

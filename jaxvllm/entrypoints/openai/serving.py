@@ -24,6 +24,7 @@ from jaxvllm.entrypoints.openai.metrics import ServerMetrics
 from jaxvllm.entrypoints.openai.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                                  DetokenizeRequest, ServerLimits, TokenizeRequest,
                                                  bad_request)
+from jaxvllm.entrypoints.openai.reasoning import ReasoningStream, check_parser, split_reasoning
 from jaxvllm.entrypoints.openai.responses import internal_error, json_response
 
 # Keys the chat template call sets itself: a request's chat_template_kwargs cannot override them.
@@ -39,6 +40,8 @@ class _Choice:
     sent_text: int = 0
     started: bool = False
     finished: bool = False
+    text: str = ""                              # so far, where a reasoning parser splits it
+    reasoning: Optional[ReasoningStream] = None
 
 
 def engine_stopped(e: EngineDeadError) -> APIError:
@@ -49,8 +52,10 @@ class OpenAIServing:
     """The request handlers of one server and the state they share."""
 
     def __init__(self, engine_args: EngineArgs, served_names: list[str], metrics: ServerMetrics, *,
-                 max_waiting: int, max_body: int, stream_write_timeout: float):
+                 max_waiting: int, max_body: int, stream_write_timeout: float,
+                 reasoning_parser: Optional[str] = None):
         self.engine_args = engine_args
+        self.reasoning_parser = check_parser(reasoning_parser)
         self.served_names = served_names
         self.metrics = metrics
         self.max_waiting = max_waiting
@@ -392,8 +397,11 @@ class OpenAIServing:
                 if chat:
                     lps = (chat_logprobs(tok, o.token_ids, o.logprobs, req.num_logprobs)
                            if req.num_logprobs is not None else None)
-                    choices.append({"index": i * n + o.index,
-                                    "message": {"role": "assistant", "content": o.text},
+                    message = {"role": "assistant", "content": o.text}
+                    if self.reasoning_parser is not None:
+                        message["reasoning_content"], message["content"] = split_reasoning(
+                            self.reasoning_parser, o.text)
+                    choices.append({"index": i * n + o.index, "message": message,
                                     "logprobs": lps, "finish_reason": o.finish_reason,
                                     "stop_reason": o.stop_reason})
                 else:
@@ -468,7 +476,9 @@ class OpenAIServing:
             if chat:
                 for i in range(len(items)):
                     for j in range(n):
-                        states[i * n + j] = _Choice(started=True)
+                        states[i * n + j] = _Choice(
+                            started=True, reasoning=self.reasoning_parser
+                            and ReasoningStream(self.reasoning_parser))
                         await send(chunk([{"index": i * n + j,
                                            "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}]))
@@ -489,7 +499,14 @@ class OpenAIServing:
                     if not delta and not new_ids and not done and choice_state.started:
                         continue
                     if chat:
-                        choice = {"index": idx, "delta": {"content": delta} if delta else {},
+                        delta_msg = {"content": delta} if delta else {}
+                        if choice_state.reasoning is not None:
+                            choice_state.text += delta
+                            reasoning, content = choice_state.reasoning.update(choice_state.text,
+                                                                               final=done)
+                            delta_msg = {k: v for k, v in (("reasoning_content", reasoning),
+                                                           ("content", content)) if v}
+                        choice = {"index": idx, "delta": delta_msg,
                                   "logprobs": (chat_logprobs(tok, new_ids, steps, req.num_logprobs)
                                                if req.num_logprobs is not None and new_ids
                                                else None),
