@@ -18,6 +18,8 @@ class RequestOutputKind(enum.IntEnum):
 # Stop strings are searched on every step and stop ids are masked in the sampler (with min_tokens),
 # whose compiled width follows their count: both are bounded per request.
 MAX_STOP = 64
+# logit_bias entries per request: OpenAI's limit, and the static width of the device's bias rows.
+MAX_LOGIT_BIAS = 300
 
 
 @dataclass(kw_only=True)
@@ -87,6 +89,8 @@ class SamplingParams:
     priority: int = 0
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: Optional[StructuredOutputsParams] = None
+    logit_bias: Optional[dict[int, float]] = None   # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: Optional[list[int]] = None   # only these may be sampled
     # stop_token_ids, and at admission the tokenizer's EOS and the generation config's extra EOS
     # ids (the engine adds them): what min_tokens masks. Not a constructor argument.
     all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
@@ -181,6 +185,19 @@ class SamplingParams:
         check(self.structured_outputs is None
               or isinstance(self.structured_outputs, StructuredOutputsParams), "structured_outputs",
               f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}.")
+        if self.logit_bias is not None:
+            check(isinstance(self.logit_bias, dict) and all(
+                is_int(t) and t >= 0 and is_num(b) and -100.0 <= b <= 100.0
+                for t, b in self.logit_bias.items()), "logit_bias",
+                "must map non-negative int token ids to numbers in [-100, 100].")
+            check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+                  f"may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}.")
+        if self.allowed_token_ids is not None:
+            check(isinstance(self.allowed_token_ids, (list, tuple)) and self.allowed_token_ids
+                  and all(is_int(t) and t >= 0 for t in self.allowed_token_ids),
+                  "allowed_token_ids", "must be a non-empty list of non-negative ints.")
+            check(self.structured_outputs is None, "allowed_token_ids",
+                  "cannot be combined with structured_outputs.")
 
     def clone(self) -> "SamplingParams":
         import copy

@@ -57,6 +57,30 @@ class Grammar:
                                             bitmask.shape[0])
 
 
+class TokenMask:
+    """A fixed set of allowed tokens (SamplingParams.allowed_token_ids), served to the scheduler as
+    a grammar that never advances or completes."""
+    __slots__ = ("row", "bitmask_words")
+
+    def __init__(self, token_ids: list[int], vocab_size: int) -> None:
+        self.bitmask_words = bitmask_words(vocab_size)
+        bits = np.zeros(self.bitmask_words * 32, np.uint8)
+        bits[np.asarray(token_ids, np.int64)] = 1
+        self.row = np.packbits(bits, bitorder="little").view(np.int32)
+
+    def accept(self, token: int) -> bool:
+        return True
+
+    @property
+    def terminated(self) -> bool:
+        return False
+
+    @staticmethod
+    def fill_bitmasks(grammar_rows: list[tuple["TokenMask", int]], bitmask: np.ndarray) -> None:
+        for mask, i in grammar_rows:
+            bitmask[i] = mask.row
+
+
 _EXECUTOR: Any = None
 _EXECUTOR_LOCK = threading.Lock()
 

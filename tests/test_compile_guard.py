@@ -1,8 +1,9 @@
 """Nothing compiles after the warm-up: the real engine (embedded SmolLM2, float32, CPU), warmed up,
 serves every kind of request a user can send (each sampler variant, logprob widths, prompt
-logprobs, penalties, min_tokens, n > 1, seeds, stop strings, structured outputs, chunked prefill,
-batches of every request bucket), and JAX lowers no program meanwhile. A compile while serving
-stalls every stream, so the runner also warns when one happens."""
+logprobs, penalties, min_tokens, n > 1, seeds, stop strings, structured outputs, logit_bias,
+allowed_token_ids, chunked prefill, batches of every request bucket), and JAX lowers no program
+meanwhile. A compile while serving stalls every stream, so the runner also warns when one
+happens."""
 from __future__ import annotations
 
 import logging
@@ -47,6 +48,8 @@ def _kinds() -> list[SamplingParams]:
                        structured_outputs=StructuredOutputsParams(regex="[a-z ]+")),
         SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.2, max_tokens=6,
                        structured_outputs=StructuredOutputsParams(json_object=True)),
+        SamplingParams(temperature=0.0, max_tokens=6, logit_bias={5: 3.0, 9: -100.0}),
+        SamplingParams(temperature=0.8, seed=2, max_tokens=6, allowed_token_ids=[5, 9, 300]),
     ]
 
 

@@ -289,3 +289,17 @@ def test_structured_outputs_over_the_api(srv, client):
                             "stream": stream})
         assert_error(st, body, 400, "response_format")
         assert "structured_outputs.json" in body["error"]["message"]
+
+
+def test_logit_bias_and_allowed_token_ids_over_the_api(srv, client):
+    def text_of(ids):
+        return http("POST", srv.url + "/detokenize", {"tokens": ids})[2]["prompt"]
+
+    forced = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                       logit_bias={"1234": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == text_of([1234] * 4)
+    allowed = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5,
+                                             temperature=1.0, seed=1, logprobs=True,
+                                             extra_body={"allowed_token_ids": [300, 301]})
+    assert {t.token for t in allowed.choices[0].logprobs.content} <= {text_of([300]),
+                                                                     text_of([301])}

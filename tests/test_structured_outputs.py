@@ -140,3 +140,30 @@ def test_device_mask_matches_a_reference():
                 want[i, t] = -np.inf
     got = np.asarray(apply_token_bitmask(jnp.asarray(logits), jnp.asarray(bitmask)))
     np.testing.assert_array_equal(got, want)
+
+
+def test_logit_bias_and_allowed_token_ids(llm):
+    """OpenAI's logit_bias (+100 forces a token, -100 bans one) and vLLM's allowed_token_ids, each
+    in a batch beside an unbiased request that keeps its own tokens."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = ["The capital of France is", "Tell me about rivers."]
+    plain = llm.generate(prompts, greedy, use_tqdm=False)
+    first = plain[0].outputs[0].token_ids[0]
+    forced, banned, allowed = greedy.clone(), greedy.clone(), greedy.clone()
+    forced.logit_bias = {1234: 100.0}
+    banned.logit_bias = {first: -100.0}
+    allowed.allowed_token_ids = [300, 301, 302]
+    outs = llm.generate([prompts[0], prompts[0], prompts[0], prompts[1]],
+                        [forced, banned, allowed, greedy], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == [1234] * 6
+    assert outs[1].outputs[0].token_ids[0] != first
+    assert set(outs[2].outputs[0].token_ids) <= {300, 301, 302}
+    assert outs[3].outputs[0].token_ids == plain[1].outputs[0].token_ids
+    sampled = greedy.clone()
+    sampled.temperature, sampled.seed, sampled.allowed_token_ids = 1.0, 3, [300, 301, 302]
+    assert set(llm.generate(prompts[:1], sampled, use_tqdm=False)[0].outputs[0].token_ids) <= {
+        300, 301, 302}
+    bad = greedy.clone()
+    bad.logit_bias = {10 ** 6: 1.0}
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate(prompts[:1], bad, use_tqdm=False)

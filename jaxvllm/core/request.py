@@ -71,8 +71,8 @@ class Request:
         # Set by the scheduler at admission: the token count (prompt + output) that ends it.
         self.max_num_tokens = 0
         self.num_prompt_logprobs_sent = 0  # prompt positions whose logprobs were passed on
-        # Structured outputs: the matcher of its grammar (jaxvllm.structured_output.Grammar), set
-        # at admission, advanced by the scheduler with each token it appends.
+        # Structured outputs: the matcher of its grammar (jaxvllm.structured_output.Grammar, or a
+        # TokenMask for allowed_token_ids), set at admission, advanced with each appended token.
         self.grammar: Optional[Any] = None
         # Bookkeeping owned by core/ (KV-cache manager and scheduler).
         self.block_hashes: list[bytes] = []  # chained hashes of its full blocks (prefix caching)

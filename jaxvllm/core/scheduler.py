@@ -377,7 +377,11 @@ class Scheduler:
         if not live:
             return np.full((len(rows), 1), -1, np.int32)
         bitmask = np.full((len(rows), live[0][0].bitmask_words), -1, np.int32)
-        live[0][0].fill_bitmasks(live, bitmask)
+        by_kind: dict[type, list] = {}  # grammars, fixed token sets: each kind fills its own rows
+        for grammar, i in live:
+            by_kind.setdefault(type(grammar), []).append((grammar, i))
+        for kind, kind_rows in by_kind.items():
+            kind.fill_bitmasks(kind_rows, bitmask)
         return bitmask
 
     def discard_step(self, scheduler_output: SchedulerOutput) -> list[Request]:

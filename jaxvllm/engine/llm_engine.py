@@ -20,7 +20,7 @@ from jaxvllm.core.scheduler import Scheduler, SchedulerStats
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
-from jaxvllm.structured_output import GrammarCompiler
+from jaxvllm.structured_output import GrammarCompiler, TokenMask
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,10 @@ class RequestPreparer:
         if n >= self.max_model_len:
             raise ValueError(f"The prompt is {n} tokens long, but max_model_len is "
                              f"{self.max_model_len}: it must be shorter")
-        if params.stop_token_ids:
-            as_token_ids(params.stop_token_ids, "stop_token_ids", self.vocab_size)
+        for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
+            ids = getattr(params, name)
+            if ids:
+                as_token_ids(list(ids), name, self.vocab_size)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(params, name)
             if v is not None and v > self.max_logprobs:
@@ -262,6 +264,8 @@ class LLMEngine(RequestFront):
                                 self.eos_token_id, arrival_time=parent.metrics["arrival_time"])
             if parent.grammar is not None:
                 c.request.grammar = self.preparer.grammars.matcher(parent.grammar)
+            elif p.allowed_token_ids:
+                c.request.grammar = TokenMask(p.allowed_token_ids, self.model_config.vocab_size)
             self.scheduler.add_request(c.request)
             self._child_to_parent[c.request_id] = (parent, c)
         self._parents[parent.request_id] = parent

@@ -25,6 +25,7 @@ from jaxvllm.core.outputs import ModelRunnerOutput, SchedulerOutput
 from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.outputs import Logprob
+from jaxvllm.sampling_params import MAX_LOGIT_BIAS
 from jaxvllm.structured_output import bitmask_words, new_bitmask
 from jaxvllm.worker import compile_watch
 from jaxvllm.worker.serial_thread import SerialThread
@@ -117,8 +118,10 @@ class ModelRunner:
         # batches with a row that has them: inside the sampler they cost every batch ~0.1 ms at 64
         # rows on an H200, and as a static sampler switch they would double its variants.
         self._apply_token_bits = jax.jit(self._apply_token_bits_impl)
-        # Structured outputs' grammar masks: likewise only for batches with such a row.
+        # Structured outputs' grammar masks and logit_bias: likewise only for batches with such
+        # a row.
         self._apply_token_bitmask = jax.jit(sampler_lib.apply_token_bitmask)
+        self._apply_logit_bias = jax.jit(sampler_lib.apply_logit_bias)
         self._record_tokens = jax.jit(token_table.record, donate_argnums=(0,))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",))
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
@@ -346,6 +349,8 @@ class ModelRunner:
             others.append(self._apply_token_bits.lower(self.token_table.array, logits, sampling))
             others.append(self._apply_token_bitmask.lower(
                 logits, new_bitmask(logits.shape[0], self.cfg.vocab_size)))
+            others.append(self._apply_logit_bias.lower(logits, *_logit_bias_rows(
+                logits.shape[0], [])))
             others += [self._sample.lower(logits, logits, sampling, mode=mode, num_logprobs=k,
                                           topk_bound=bound)
                        for mode, bound in SAMPLER_VARIANTS for k in widths]
@@ -394,6 +399,10 @@ class ModelRunner:
             row_of = {rid: i for i, rid in enumerate(b.req_ids)}
             grammar = _GrammarMask({rid: row_of[rid] for rid in scheduler_output.grammar_rows},
                                    self.input_batch.request_bucket(t), Future())
+        requests = input_batch.requests
+        biased = [(i, requests[rid].params.logit_bias) for i, rid in enumerate(b.req_ids)
+                  if requests[rid].params.logit_bias]
+        logit_bias = _logit_bias_rows(input_batch.request_bucket(t), biased) if biased else None
         # Rows of new requests, written before the sampler reads them.
         table_writes = self.token_table.take_writes()
 
@@ -403,6 +412,8 @@ class ModelRunner:
                 self.params, self.kv_cache, packed, self._prev_sampled)
             processed = (logits if grammar is None else
                          self._apply_token_bitmask(logits, grammar.bitmask.result()))
+            if logit_bias is not None:
+                processed = self._apply_logit_bias(processed, *logit_bias)
             if record_slots is not None:
                 processed = self._apply_token_bits(self.token_table.array, processed, sampling)
             sampled = self._sample(logits, processed, sampling, **sampler_kw)
@@ -516,6 +527,17 @@ class ModelRunner:
                               targets: jax.Array, *, num_logprobs: int):
         logits = llama.compute_logits(params, hidden[rows], self.cfg)
         return sampler_lib.prompt_logprobs(logits, targets, num_logprobs=num_logprobs)
+
+
+def _logit_bias_rows(num_rows: int, biased: list[tuple[int, dict[int, float]]]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, values), [num_rows, MAX_LOGIT_BIAS] each: one fixed width for every request."""
+    ids = np.zeros((num_rows, MAX_LOGIT_BIAS), np.int32)
+    values = np.zeros((num_rows, MAX_LOGIT_BIAS), np.float32)
+    for row, bias in biased:
+        ids[row, :len(bias)] = list(bias)
+        values[row, :len(bias)] = list(bias.values())
+    return ids, values
 
 
 @dataclass

@@ -276,6 +276,13 @@ def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
     return jnp.where(allowed, logits.astype(jnp.float32), _NEG_INF)
 
 
+def apply_logit_bias(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
+    """OpenAI's logit_bias: `values[r, j]` added to the logit of token `ids[r, j]` (padding entries
+    add 0)."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.astype(jnp.float32).at[rows, ids].add(values)
+
+
 def apply_token_bits(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     """min_tokens stop-id masking and penalties from ``t.token_bits`` (f32 [R, V])."""
     x = logits.astype(jnp.float32)

@@ -3,7 +3,7 @@ pieces of responses.
 
 Every malformed request becomes a 4xx `APIError` naming the offending field (pydantic's error path),
 never an exception deeper in the server or the engine. Types are strict (jaxvllm.entrypoints.schema);
-known fields whose feature is not supported (tools, logit_bias, ...) are rejected.
+known fields whose feature is not supported (tools, ...) are rejected.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from pydantic_core.core_schema import ValidationInfo
 from jaxvllm.engine.llm_engine import as_token_ids, check_text
 from jaxvllm.entrypoints.chat_utils import ChatMessage, Messages
 from jaxvllm.entrypoints.schema import Int, StrictModel, describe, invalid, json_type
-from jaxvllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from jaxvllm.sampling_params import (MAX_LOGIT_BIAS, RequestOutputKind, SamplingParams,
+                                     StructuredOutputsParams)
 
 INT64_MAX = 2 ** 63 - 1
 
@@ -244,7 +245,8 @@ class _GenerationRequest(Request):
     stream_options: Optional[StreamOptions] = None
     prompt_logprobs: Optional[Int] = Field(None, ge=0)
     user: Optional[str] = None
-    logit_bias: Optional[dict] = None
+    logit_bias: Optional[dict[str, float]] = None   # token id (as JSON keys are strings) -> bias
+    allowed_token_ids: Optional[list[Int]] = None
     tools: Optional[list] = None
     functions: Optional[list] = None
     tool_choice: Literal["none", "auto"] = "none"
@@ -270,8 +272,20 @@ class _GenerationRequest(Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict) -> dict:
-        return _unsupported(v)
+    def _logit_bias_ids(cls, bias: dict[str, float], info: ValidationInfo) -> dict[int, float]:
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise invalid(f"may hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        if not all(key.isdigit() for key in bias):
+            raise invalid("must map token ids (integer strings) to biases")
+        if not all(-100.0 <= v <= 100.0 for v in bias.values()):
+            raise invalid("biases must be in [-100, 100]")
+        ids = _token_ids([int(key) for key in bias], "logit_bias", info.context) if bias else []
+        return dict(zip(ids, bias.values()))
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _allowed_ids_in_vocab(cls, ids: list[int], info: ValidationInfo) -> list[int]:
+        return _token_ids(ids, "allowed_token_ids", info.context)
 
     @field_validator("tools", "functions")
     @classmethod
@@ -378,6 +392,7 @@ class _GenerationRequest(Request):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs,
             structured_outputs=self.structured_outputs_params(),
+            logit_bias=self.logit_bias or None, allowed_token_ids=self.allowed_token_ids,
             # Streamed or not, the server takes each step's new tokens: the engine then copies
             # only those (cumulative outputs copy everything so far, every step).
             output_kind=RequestOutputKind.DELTA)
