@@ -91,6 +91,7 @@ class SamplingParams:
     structured_outputs: Optional[StructuredOutputsParams] = None
     logit_bias: Optional[dict[int, float]] = None   # token id -> added to its logit, in [-100, 100]
     allowed_token_ids: Optional[list[int]] = None   # only these may be sampled
+    bad_words: Optional[list[str]] = None           # words never generated (vLLM's)
     # stop_token_ids, and at admission the tokenizer's EOS and the generation config's extra EOS
     # ids (the engine adds them): what min_tokens masks. Not a constructor argument.
     all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False)
@@ -198,6 +199,12 @@ class SamplingParams:
                   "allowed_token_ids", "must be a non-empty list of non-negative ints.")
             check(self.structured_outputs is None, "allowed_token_ids",
                   "cannot be combined with structured_outputs.")
+        if self.bad_words is not None:
+            check(isinstance(self.bad_words, (list, tuple))
+                  and all(isinstance(w, str) and w for w in self.bad_words), "bad_words",
+                  "must be a list of non-empty strings.")
+            check(self.structured_outputs is None and self.allowed_token_ids is None, "bad_words",
+                  "cannot be combined with structured_outputs or allowed_token_ids.")
 
     def clone(self) -> "SamplingParams":
         import copy

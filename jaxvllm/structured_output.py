@@ -81,6 +81,38 @@ class TokenMask:
             bitmask[i] = mask.row
 
 
+class BadWords:
+    """vLLM's bad_words, served to the scheduler as a grammar: the last token of each word's token
+    sequence is banned right after the rest of it has been generated (a one-token word always)."""
+    __slots__ = ("sequences", "recent", "bitmask_words", "_context")
+
+    def __init__(self, sequences: list[tuple[int, ...]], vocab_size: int) -> None:
+        self.sequences = sequences
+        self.bitmask_words = bitmask_words(vocab_size)
+        self._context = max(len(seq) for seq in sequences) - 1  # output tokens a ban looks back at
+        self.recent: list[int] = []
+
+    def accept(self, token: int) -> bool:
+        if self._context:
+            self.recent.append(token)
+            del self.recent[:-self._context]
+        return True
+
+    @property
+    def terminated(self) -> bool:
+        return False
+
+    @staticmethod
+    def fill_bitmasks(grammar_rows: list[tuple["BadWords", int]], bitmask: np.ndarray) -> None:
+        words = bitmask.view(np.uint32)
+        for bad, i in grammar_rows:
+            for seq in bad.sequences:
+                n = len(seq) - 1
+                if n == 0 or (len(bad.recent) >= n and tuple(bad.recent[-n:]) == seq[:-1]):
+                    t = seq[-1]
+                    words[i, t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
+
+
 _EXECUTOR: Any = None
 _EXECUTOR_LOCK = threading.Lock()
 

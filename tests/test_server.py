@@ -369,6 +369,11 @@ C, CH = "/v1/completions", "/v1/chat/completions"
 _OK_C = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
 _OK_CH = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}]
+
 BAD = [
     # (path, body (dict or raw bytes), status, param or "__any__")
     (C, b"{not json", 400, None),
@@ -448,6 +453,8 @@ BAD = [
     (C, {**_OK_C, "logit_bias": {str(10 ** 9): 5}}, 400, "logit_bias"),
     (C, {**_OK_C, "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
     (C, {**_OK_C, "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    (C, {**_OK_C, "bad_words": [""]}, 400, "bad_words"),
+    (C, {**_OK_C, "bad_words": "word"}, 400, "bad_words"),
     (C, {**_OK_C, "allowed_token_ids": [10 ** 9]}, 400, "allowed_token_ids"),
     (C, {**_OK_C, "allowed_token_ids": [1], "guided_regex": "a"}, 400, "allowed_token_ids"),
     (C, {**_OK_C, "skip_special_tokens": 0}, 400, "skip_special_tokens"),
@@ -478,8 +485,20 @@ BAD = [
     (C, {**_OK_C, "structured_outputs": {"regex": 1}}, 400, "structured_outputs.regex"),
     (CH, {**_OK_CH, "response_format": {"type": "json_object"}, "guided_regex": "a"}, 400,
      "guided_regex"),
-    (CH, {**_OK_CH, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (C, {**_OK_C, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CH, {**_OK_CH, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
+    (CH, {**_OK_CH, "tools": [{"type": "code", "function": {"name": "f"}}]}, 400, "tools[0].type"),
     (CH, {**_OK_CH, "tool_choice": "required"}, 400, "tool_choice"),
+    (CH, {**_OK_CH, "tool_choice": "sometimes", "tools": TOOLS}, 400, "tool_choice"),
+    (CH, {**_OK_CH, "tool_choice": {"type": "function", "function": {"name": "nope"}},
+          "tools": TOOLS}, 400, "tool_choice"),
+    (CH, {**_OK_CH, "tool_choice": {"type": "function"}, "tools": TOOLS}, 400, "tool_choice"),
+    (CH, {**_OK_CH, "tool_choice": "auto", "tools": TOOLS}, 400, "tool_choice"),
+    (CH, {**_OK_CH, "tool_choice": "required", "tools": TOOLS, "guided_regex": "a"}, 400,
+     "tool_choice"),
+    (CH, {**_OK_CH, "functions": [{"name": "f"}]}, 400, "functions"),
+    (CH, {**_OK_CH, "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 1}}]}]},
+     400, "messages[0].tool_calls[0].function.name"),
     (CH, {**_OK_CH, "logprobs": "yes"}, 400, "logprobs"),
     (CH, {**_OK_CH, "top_logprobs": 3}, 400, "top_logprobs"),
     (CH, {**_OK_CH, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
@@ -1126,3 +1145,38 @@ def test_unknown_reasoning_parser_is_refused():
     from jaxvllm.entrypoints.openai.server import OpenAIServer
     with pytest.raises(ValueError, match="reasoning_parser"):
         OpenAIServer(EngineArgs(), engine_factory=_factory(), reasoning_parser="granite")
+
+
+HERMES_CALL = ('Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+               '</tool_call>')
+
+
+def test_auto_tool_choice_reads_calls_full_and_streamed():
+    """--tool-call-parser hermes under tool_choice "auto": the calls come back as tool_calls with
+    finish_reason "tool_calls", and the official client reassembles the streamed ones the same."""
+    with ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory(script=HERMES_CALL),
+                      tool_call_parser="hermes") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model=MODEL, messages=MSGS, tools=TOOLS, max_tokens=len(HERMES_CALL))
+        full = c.chat.completions.create(**kw).choices[0]
+        assert full.finish_reason == "tool_calls" and full.message.content == "Checking."
+        [call] = full.message.tool_calls
+        assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+            "function", "get_weather", {"city": "Paris"})
+        content, calls, reasons = "", {}, []
+        for chunk in c.chat.completions.create(**kw, stream=True):
+            if not chunk.choices:
+                continue
+            d = chunk.choices[0].delta
+            content += d.content or ""
+            for tc in d.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+                entry["name"] += tc.function.name or ""
+                entry["arguments"] += tc.function.arguments or ""
+            reasons.append(chunk.choices[0].finish_reason)
+        assert content == "Checking." and reasons[-1] == "tool_calls"
+        assert [(v["name"], json.loads(v["arguments"])) for v in calls.values()] == [
+            ("get_weather", {"city": "Paris"})]
+        # tool_choice "none": the text is content, tools or not.
+        plain = c.chat.completions.create(**kw, tool_choice="none").choices[0]
+        assert plain.message.content == HERMES_CALL and plain.message.tool_calls is None

@@ -303,3 +303,55 @@ def test_logit_bias_and_allowed_token_ids_over_the_api(srv, client):
                                              extra_body={"allowed_token_ids": [300, 301]})
     assert {t.token for t in allowed.choices[0].logprobs.content} <= {text_of([300]),
                                                                      text_of([301])}
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"type": "string", "maxLength": 10}}, "required": ["zone"],
+        "additionalProperties": False}}}
+
+
+def test_forced_tool_calls_validate_and_stream_the_same(client):
+    """tool_choice "required" and a named function: a grammar built from the functions' schemas
+    makes the output the calls, so the arguments always parse and validate."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model=MODEL, messages=ask, tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=120,
+              temperature=0)
+    req = client.chat.completions.create(**kw, tool_choice="required").choices[0]
+    assert req.finish_reason == "tool_calls" and req.message.tool_calls
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, TIME_TOOL)}
+    for call in req.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    named = client.chat.completions.create(
+        **kw, tool_choice={"type": "function", "function": {"name": "get_time"}}).choices[0]
+    [call] = named.message.tool_calls
+    assert call.function.name == "get_time" and named.finish_reason == "stop"
+    jsonschema.validate(json.loads(call.function.arguments), schemas["get_time"])
+    streamed = {}
+    for chunk in client.chat.completions.create(**kw, tool_choice="required", stream=True):
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            streamed[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
+    assert list(streamed.values()) == [(c.function.name, json.loads(c.function.arguments))
+                                      for c in req.message.tool_calls]
+
+
+def test_tool_results_round_trip_through_the_template(srv, client):
+    """An assistant turn with tool_calls and the tool's result are sent back and rendered."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather",
+                                  "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees and sunny"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                         tool_choice="none", max_tokens=8, temperature=0)
+    assert out.choices[0].message.content
+    st, _, body = http("POST", srv.url + "/tokenize", {"messages": messages})
+    assert st == 200, body
+    text = http("POST", srv.url + "/detokenize", {"tokens": body["tokens"]})[2]["prompt"]
+    assert "21 degrees and sunny" in text

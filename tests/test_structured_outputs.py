@@ -167,3 +167,52 @@ def test_logit_bias_and_allowed_token_ids(llm):
     bad.logit_bias = {10 ** 6: 1.0}
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate(prompts[:1], bad, use_tqdm=False)
+
+
+def test_chat_renders_tools_and_tool_turns(llm):
+    """LLM.chat(tools=...) hands the tools to the chat template, and tool-call turns and tool
+    results render through it; a malformed tool is a ValueError naming it."""
+    template = ("{% for t in tools %}TOOL {{ t.function.name }}|{% endfor %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+                "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} "
+                "{{ c.function.arguments | tojson }}{% endfor %}|{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "get_weather",
+                                               "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    out = llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False,
+                   chat_template=template, tools=tools)[0]
+    assert out.prompt == ('TOOL get_weather|user: Weather?|assistant: CALL get_weather '
+                          '{"city": "Paris"}|tool: sunny|')
+    with pytest.raises(ValueError, match=r"tools\[0\]\.function"):
+        llm.chat(messages[:1], tools=[{"type": "function"}], use_tqdm=False)
+
+
+def _contains(seq, sub):
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def test_bad_words_are_never_generated(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompt = ["Tell me about rivers."]
+    plain = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0]
+    tok = llm.llm_engine.tokenizer
+    # A two-token phrase the model wrote, banned: it may start the phrase, never finish it.
+    ids = plain.token_ids
+    phrase = next(tok.decode(ids[i:i + 2]) for i in range(len(ids) - 1)
+                  if len(tok.encode(tok.decode(ids[i:i + 2]), add_special_tokens=False)) == 2)
+    banned = greedy.clone()
+    banned.bad_words = [phrase]
+    out = llm.generate(prompt, banned, use_tqdm=False)[0].outputs[0]
+    for variant in {phrase, " " + phrase.lstrip()}:
+        assert not _contains(out.token_ids, tok.encode(variant, add_special_tokens=False))
+    assert out.token_ids != plain.token_ids
+    # A one-token word is banned everywhere.
+    word = tok.decode(ids[:1])
+    banned.bad_words = [word]
+    out = llm.generate(prompt, banned, use_tqdm=False)[0].outputs[0]
+    assert ids[0] not in out.token_ids
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=["x"], allowed_token_ids=[1])

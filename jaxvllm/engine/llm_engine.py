@@ -20,7 +20,7 @@ from jaxvllm.core.scheduler import Scheduler, SchedulerStats
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
-from jaxvllm.structured_output import GrammarCompiler, TokenMask
+from jaxvllm.structured_output import BadWords, GrammarCompiler, TokenMask
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class _Parent:
     sent_prompt_logprobs: int = 0  # DELTA outputs: prompt positions already sent
     failed: bool = False      # its output processing raised: finished with finish_reason "error"
     grammar: Optional[str] = None  # structured outputs: compiled when prepared
+    bad_words: Optional[list[tuple[int, ...]]] = None  # token sequences, tokenized when prepared
 
     @property
     def finished(self) -> bool:
@@ -126,12 +127,23 @@ class RequestPreparer:
                 c.logprobs, c.cumulative_logprob = [], 0.0
         grammar = (self.grammars.compile(params.structured_outputs)
                    if params.structured_outputs is not None else None)
+        bad_words = self._bad_word_sequences(params.bad_words) if params.bad_words else None
         now = time.monotonic() if arrival_time is None else arrival_time
         return _Parent(request_id, text, ids, params, children,
                        prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                        metrics={"arrival_time": now, "first_scheduled_time": None,
                                 "first_token_time": None, "finished_time": None},
-                       grammar=grammar)
+                       grammar=grammar, bad_words=bad_words)
+
+    def _bad_word_sequences(self, words: list[str]) -> list[tuple[int, ...]]:
+        """As vLLM: each word as written and with a leading space (how it follows another word)."""
+        seqs = set()
+        for word in words:
+            for variant in {word, " " + word.lstrip()}:
+                ids = tuple(self.encode(variant, False, "bad_words"))
+                if ids:
+                    seqs.add(ids)
+        return sorted(seqs)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -266,6 +278,8 @@ class LLMEngine(RequestFront):
                 c.request.grammar = self.preparer.grammars.matcher(parent.grammar)
             elif p.allowed_token_ids:
                 c.request.grammar = TokenMask(p.allowed_token_ids, self.model_config.vocab_size)
+            elif parent.bad_words:
+                c.request.grammar = BadWords(parent.bad_words, self.model_config.vocab_size)
             self.scheduler.add_request(c.request)
             self._child_to_parent[c.request_id] = (parent, c)
         self._parents[parent.request_id] = parent

@@ -2,6 +2,7 @@
 chat templates take them (text parts joined into one string)."""
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator
@@ -25,12 +26,25 @@ Content = Annotated[
                   custom_error_message="must be a string or an array of text parts")]
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(StrictModel):
+    """An earlier assistant turn's tool call, as the client sends it back."""
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     # Only an assistant message may leave its content out (it is then empty).
     content: Optional[Content] = Field(None, validate_default=True)
     name: Optional[str] = None
-    tool_calls: Optional[list] = None
+    tool_calls: Optional[list[ToolCallMessage]] = None
+    tool_call_id: Optional[str] = None
 
     @field_validator("content")
     @classmethod
@@ -43,22 +57,52 @@ class ChatMessage(StrictModel):
             return "\n".join(part.text for part in content)
         return content
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, tool_calls: list) -> list:
-        if tool_calls:
-            raise invalid("is not supported (tool calling)")
-        return tool_calls
-
     def for_template(self) -> dict:
-        msg = {"role": self.role, "content": self.content}
+        msg: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            # Templates write the arguments with `tojson`: they take them as an object.
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name,
+                                               "arguments": _json_or_text(c.function.arguments)}}
+                                 for c in self.tool_calls]
         return msg
 
 
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(StrictModel):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict] = None  # a JSON schema of the arguments
+    strict: Optional[bool] = None
+
+
+class Tool(StrictModel):
+    """A function the model may call (OpenAI's `tools` entries), as chat templates take it."""
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 Messages = Annotated[list[ChatMessage], Field(min_length=1)]
+_TOOLS = TypeAdapter(list[Tool])
 _MESSAGES = TypeAdapter(Messages)
+
+
+def parse_tools(tools: Any, name: str = "tools") -> list[dict]:
+    """`tools` checked (ValueError naming the bad field) and shaped for a chat template."""
+    try:
+        return [t.model_dump(exclude_none=True) for t in _TOOLS.validate_python(tools)]
+    except ValidationError as e:
+        raise ValueError(describe(e, name)[1]) from None
 
 
 def parse_messages(messages: Any, name: str = "messages") -> list[dict]:

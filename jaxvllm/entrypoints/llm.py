@@ -12,7 +12,7 @@ from tqdm import tqdm
 from jaxvllm.config import EngineArgs
 from jaxvllm.engine.data_parallel import create_engine
 from jaxvllm.engine.llm_engine import PromptType, as_token_ids, check_text, is_token_ids
-from jaxvllm.entrypoints.chat_utils import parse_messages
+from jaxvllm.entrypoints.chat_utils import parse_messages, parse_tools
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -150,10 +150,14 @@ class LLM:
     def chat(self, messages: Union[Messages, Sequence[Messages]],
              sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template: Optional[str] = None) -> list[RequestOutput]:
+             chat_template: Optional[str] = None,
+             tools: Optional[list[dict]] = None) -> list[RequestOutput]:
+        """Each conversation rendered with the model's chat template (or `chat_template`), with
+        `tools` (OpenAI's function entries) passed to it, then generated from."""
         from jinja2 import TemplateError
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError("messages must be a non-empty list of message dicts or a list of those")
+        tool_list = parse_tools(tools) if tools else None
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         tok = self.llm_engine.tokenizer
         if tok is None:
@@ -166,7 +170,8 @@ class LLM:
                 check_text(m["content"], f"{name}[{j}].content")
             try:
                 text = tok.apply_chat_template(conv, tokenize=False, chat_template=chat_template,
-                                               add_generation_prompt=add_generation_prompt)
+                                               add_generation_prompt=add_generation_prompt,
+                                               tools=tool_list)
             except TemplateError as e:  # the template's own raise_exception()
                 raise ValueError(f"the chat template rejected {name}: {e}") from None
             # The rendered text is the prompt (as vLLM reports it); the template wrote the special

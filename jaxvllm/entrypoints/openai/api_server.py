@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional
 from jaxvllm.config import EngineArgs
 from jaxvllm.entrypoints.openai.launch import start_server
 from jaxvllm.entrypoints.openai.reasoning import PARSERS
+from jaxvllm.entrypoints.openai.tool_parsers import PARSERS as TOOL_PARSERS
 from jaxvllm.entrypoints.openai.server import (DEFAULT_MAX_BODY, DEFAULT_MAX_WAITING,
                                                DEFAULT_MODEL_NAME, DEFAULT_STREAM_WRITE_TIMEOUT)
 
@@ -81,6 +82,12 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--reasoning-parser", choices=PARSERS, default=None,
                    help="Split <think>...</think> out of chat completions into reasoning_content "
                         "(deepseek_r1: the template opens the block; qwen3: the output does).")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='Let tool_choice "auto" (the default with tools) read tool calls out of the '
+                        "output, with --tool-call-parser.")
+    g.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
+                   help="The tool-call format of the model: hermes (Qwen2.5/Qwen3), llama3_json, "
+                        "mistral.")
     g.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="Server log level.")
     g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
@@ -102,6 +109,8 @@ async def serve(args: argparse.Namespace,
         raise SystemExit("--max-waiting-requests must be >= 0")
     if args.max_request_body_bytes < 1:
         raise SystemExit("--max-request-body-bytes must be >= 1")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,7 +124,8 @@ async def serve(args: argparse.Namespace,
             max_request_body_bytes=args.max_request_body_bytes,
             shutdown_timeout=args.shutdown_timeout,
             stream_write_timeout=args.stream_write_timeout,
-            reasoning_parser=args.reasoning_parser)
+            reasoning_parser=args.reasoning_parser,
+            tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     except OSError as e:
         print(f"jaxvllm: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr, flush=True)
         return 1

@@ -3,7 +3,8 @@ pieces of responses.
 
 Every malformed request becomes a 4xx `APIError` naming the offending field (pydantic's error path),
 never an exception deeper in the server or the engine. Types are strict (jaxvllm.entrypoints.schema);
-known fields whose feature is not supported (tools, ...) are rejected.
+known fields whose feature is not supported (OpenAI's legacy `functions`, tools on completions, ...)
+are rejected.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from pydantic_core.core_schema import ValidationInfo
 
 from jaxvllm.engine.llm_engine import as_token_ids, check_text
-from jaxvllm.entrypoints.chat_utils import ChatMessage, Messages
+from jaxvllm.entrypoints.chat_utils import ChatMessage, Messages, Tool
 from jaxvllm.entrypoints.schema import Int, StrictModel, describe, invalid, json_type
 from jaxvllm.sampling_params import (MAX_LOGIT_BIAS, RequestOutputKind, SamplingParams,
                                      StructuredOutputsParams)
@@ -247,9 +248,8 @@ class _GenerationRequest(Request):
     user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None   # token id (as JSON keys are strings) -> bias
     allowed_token_ids: Optional[list[Int]] = None
-    tools: Optional[list] = None
-    functions: Optional[list] = None
-    tool_choice: Literal["none", "auto"] = "none"
+    bad_words: Optional[list[str]] = None
+    functions: Optional[list] = None             # OpenAI's legacy names of tools and tool_choice
     function_call: Literal["none", "auto"] = "none"
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputs] = None
@@ -287,10 +287,10 @@ class _GenerationRequest(Request):
     def _allowed_ids_in_vocab(cls, ids: list[int], info: ValidationInfo) -> list[int]:
         return _token_ids(ids, "allowed_token_ids", info.context)
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, v: list) -> list:
-        return _unsupported(v, "tool calling")
+    def _no_functions(cls, v: list) -> list:
+        return _unsupported(v, "use tools")
 
     @field_validator("prompt_embeds", "lora_request")
     @classmethod
@@ -393,6 +393,7 @@ class _GenerationRequest(Request):
             logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs,
             structured_outputs=self.structured_outputs_params(),
             logit_bias=self.logit_bias or None, allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
             # Streamed or not, the server takes each step's new tokens: the engine then copies
             # only those (cumulative outputs copy everything so far, every step).
             output_kind=RequestOutputKind.DELTA)
@@ -422,6 +423,13 @@ class CompletionRequest(_GenerationRequest):
     logprobs: Optional[Int] = Field(None, ge=0)
     max_tokens: Optional[Int] = Field(16, ge=1, le=INT64_MAX)
     add_special_tokens: bool = True
+    tools: Optional[list] = None
+    tool_choice: Literal["none", "auto"] = "none"
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list) -> list:
+        return _unsupported(v, "tools are for chat completions")
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -487,9 +495,23 @@ class ChatTemplateFields(Request):
                               "continue_final_message")
 
 
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(ChatTemplateFields, _GenerationRequest):
     KIND = "chat"
     messages: Messages
+    tools: Optional[list[Tool]] = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}; left out:
+    # "auto" with tools, else "none" (OpenAI's default).
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: Optional[Int] = Field(None, ge=0)
     max_completion_tokens: Optional[Int] = Field(None, ge=1, le=INT64_MAX)
@@ -516,7 +538,64 @@ class ChatCompletionRequest(ChatTemplateFields, _GenerationRequest):
     def num_logprobs(self) -> Optional[int]:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v not in ("none", "auto", "required"):
+                raise invalid("must be 'none', 'auto', 'required' or a named function")
+            return v
+        try:
+            return NamedToolChoice.model_validate(v)
+        except ValidationError as e:
+            raise invalid(describe(e, "tool_choice")[1].removeprefix("'tool_choice' ")) from None
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def forced_tool_calls(self) -> bool:
+        """tool_choice "required" or a named function: the output is the call, by a grammar."""
+        choice = self.effective_tool_choice
+        return choice == "required" or isinstance(choice, NamedToolChoice)
+
+    def _constraints(self) -> list[str]:
+        given = super()._constraints()
+        return given + ["tool_choice"] if self.forced_tool_calls else given
+
+    def structured_outputs_params(self) -> Optional[StructuredOutputsParams]:
+        if self.structured_outputs_field != "tool_choice":
+            return super().structured_outputs_params()
+        choice = self.effective_tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return StructuredOutputsParams(json=self._tool(choice.function.name).function.parameters
+                                           or {"type": "object"})
+        # vLLM's form for "required": an array of {"name", "parameters"} objects, one per call.
+        calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
+                                              "parameters": t.function.parameters
+                                              or {"type": "object"}},
+             "required": ["name", "parameters"]} for t in self.tools]}}
+        if not self.parallel_tool_calls:
+            calls["maxItems"] = 1
+        return StructuredOutputsParams(json=calls)
+
+    def _tool(self, name: str) -> Tool:
+        for tool in self.tools or ():
+            if tool.function.name == name:
+                return tool
+        raise bad_request(f"tool_choice names the function {name!r}, which is not in 'tools'.",
+                          "tool_choice")
+
     def check(self) -> None:
+        choice = self.effective_tool_choice
+        if choice != "none" and not self.tools:
+            raise bad_request("'tool_choice' needs 'tools'.", "tool_choice")
+        if isinstance(choice, NamedToolChoice):
+            self._tool(choice.function.name)
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise bad_request("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")

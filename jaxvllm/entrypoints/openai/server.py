@@ -70,7 +70,8 @@ class OpenAIServer:
                  max_request_body_bytes: int = DEFAULT_MAX_BODY,
                  shutdown_timeout: float = 30.0,
                  stream_write_timeout: float = DEFAULT_STREAM_WRITE_TIMEOUT,
-                 reasoning_parser: Optional[str] = None):
+                 reasoning_parser: Optional[str] = None,
+                 tool_call_parser: Optional[str] = None):
         self.engine_args = engine_args or EngineArgs()
         if isinstance(served_model_name, str):
             served_model_name = [served_model_name]
@@ -93,7 +94,8 @@ class OpenAIServer:
                                      max_waiting=max_waiting_requests,
                                      max_body=max_request_body_bytes,
                                      stream_write_timeout=stream_write_timeout,
-                                     reasoning_parser=reasoning_parser)
+                                     reasoning_parser=reasoning_parser,
+                                     tool_call_parser=tool_call_parser)
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ from jaxvllm.entrypoints.openai.logprobs import (chat_logprobs, completion_logpr
                                                  prompt_logprobs)
 from jaxvllm.entrypoints.openai.metrics import ServerMetrics
 from jaxvllm.entrypoints.openai.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                                 DetokenizeRequest, ServerLimits, TokenizeRequest,
-                                                 bad_request)
-from jaxvllm.entrypoints.openai.reasoning import ReasoningStream, check_parser, split_reasoning
+                                                 DetokenizeRequest, NamedToolChoice, ServerLimits,
+                                                 TokenizeRequest, bad_request)
+from jaxvllm.entrypoints.openai.chat_output import ChatOutput
+from jaxvllm.entrypoints.openai.reasoning import check_parser as check_reasoning_parser
+from jaxvllm.entrypoints.openai.tool_parsers import check_parser as check_tool_call_parser
 from jaxvllm.entrypoints.openai.responses import internal_error, json_response
 
 # Keys the chat template call sets itself: a request's chat_template_kwargs cannot override them.
@@ -40,8 +42,7 @@ class _Choice:
     sent_text: int = 0
     started: bool = False
     finished: bool = False
-    text: str = ""                              # so far, where a reasoning parser splits it
-    reasoning: Optional[ReasoningStream] = None
+    chat: Optional[ChatOutput] = None           # chat: its text split into message parts
 
 
 def engine_stopped(e: EngineDeadError) -> APIError:
@@ -53,9 +54,11 @@ class OpenAIServing:
 
     def __init__(self, engine_args: EngineArgs, served_names: list[str], metrics: ServerMetrics, *,
                  max_waiting: int, max_body: int, stream_write_timeout: float,
-                 reasoning_parser: Optional[str] = None):
+                 reasoning_parser: Optional[str] = None, tool_call_parser: Optional[str] = None):
         self.engine_args = engine_args
-        self.reasoning_parser = check_parser(reasoning_parser)
+        self.reasoning_parser = check_reasoning_parser(reasoning_parser)
+        # Set: tool_choice "auto" reads calls out of the text with it (--enable-auto-tool-choice).
+        self.tool_call_parser = check_tool_call_parser(tool_call_parser)
         self.served_names = served_names
         self.metrics = metrics
         self.max_waiting = max_waiting
@@ -141,6 +144,9 @@ class OpenAIServing:
         kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items()
                   if k not in _CHAT_TEMPLATE_RESERVED}
         try:
+            tools = getattr(req, "tools", None)
+            if tools:
+                kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
             text = tok.apply_chat_template(
                 [m.for_template() for m in req.messages], tokenize=False,
                 add_generation_prompt=req.add_generation_prompt,
@@ -219,8 +225,18 @@ class OpenAIServing:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = await self.read_request(request, ChatCompletionRequest)
         model = self.check_model(req.model)
+        if req.tool_choice == "auto" and self.tool_call_parser is None:
+            raise bad_request('tool_choice "auto" needs the server started with '
+                              "--enable-auto-tool-choice and --tool-call-parser.", "tool_choice")
         text, ids = await asyncio.to_thread(self._render, req)
         return await self._generate(request, req, model, [(text, ids)], "messages")
+
+    def _chat_output(self, req: ChatCompletionRequest) -> ChatOutput:
+        choice = req.effective_tool_choice
+        forced = (choice.function.name if isinstance(choice, NamedToolChoice)
+                  else "required" if choice == "required" else None)
+        parser = self.tool_call_parser if choice == "auto" else None
+        return ChatOutput(self.reasoning_parser, parser, forced)
 
     def _render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         text = self.render_chat(req)
@@ -397,12 +413,18 @@ class OpenAIServing:
                 if chat:
                     lps = (chat_logprobs(tok, o.token_ids, o.logprobs, req.num_logprobs)
                            if req.num_logprobs is not None else None)
-                    message = {"role": "assistant", "content": o.text}
+                    parts = self._chat_output(req)
+                    reasoning, content, calls = parts.update(o.text, final=True)
+                    message = {"role": "assistant",
+                               "content": content or (None if calls or self.reasoning_parser
+                                                      else content)}
                     if self.reasoning_parser is not None:
-                        message["reasoning_content"], message["content"] = split_reasoning(
-                            self.reasoning_parser, o.text)
+                        message["reasoning_content"] = reasoning or None
+                    if calls:
+                        message["tool_calls"] = [c.to_openai() for c in calls]
                     choices.append({"index": i * n + o.index, "message": message,
-                                    "logprobs": lps, "finish_reason": o.finish_reason,
+                                    "logprobs": lps,
+                                    "finish_reason": parts.finish_reason(o.finish_reason),
                                     "stop_reason": o.stop_reason})
                 else:
                     text = o.text
@@ -476,9 +498,7 @@ class OpenAIServing:
             if chat:
                 for i in range(len(items)):
                     for j in range(n):
-                        states[i * n + j] = _Choice(
-                            started=True, reasoning=self.reasoning_parser
-                            and ReasoningStream(self.reasoning_parser))
+                        states[i * n + j] = _Choice(started=True, chat=self._chat_output(req))
                         await send(chunk([{"index": i * n + j,
                                            "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}]))
@@ -499,18 +519,19 @@ class OpenAIServing:
                     if not delta and not new_ids and not done and choice_state.started:
                         continue
                     if chat:
-                        delta_msg = {"content": delta} if delta else {}
-                        if choice_state.reasoning is not None:
-                            choice_state.text += delta
-                            reasoning, content = choice_state.reasoning.update(choice_state.text,
-                                                                               final=done)
-                            delta_msg = {k: v for k, v in (("reasoning_content", reasoning),
-                                                           ("content", content)) if v}
+                        parts = choice_state.chat
+                        first_call = parts.num_calls
+                        reasoning, content, calls = parts.update(delta, final=done)
+                        delta_msg = {k: v for k, v in (("reasoning_content", reasoning),
+                                                       ("content", content)) if v}
+                        if calls:
+                            delta_msg["tool_calls"] = [{"index": first_call + k, **c.to_openai()}
+                                                       for k, c in enumerate(calls)]
                         choice = {"index": idx, "delta": delta_msg,
                                   "logprobs": (chat_logprobs(tok, new_ids, steps, req.num_logprobs)
                                                if req.num_logprobs is not None and new_ids
                                                else None),
-                                  "finish_reason": o.finish_reason}
+                                  "finish_reason": parts.finish_reason(o.finish_reason)}
                         if done:
                             choice["stop_reason"] = o.stop_reason
                     else:
