@@ -17,22 +17,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+from jaxvllm.entrypoints.openai.text_split import check_name, partial_tag_len
+
 START, END = "<think>", "</think>"
 PARSERS = ("deepseek_r1", "qwen3")
 
 
 def check_parser(name: Optional[str]) -> Optional[str]:
-    if name is not None and name not in PARSERS:
-        raise ValueError(f"reasoning_parser must be one of {', '.join(PARSERS)}, got {name!r}")
-    return name
-
-
-def _partial_tag_len(text: str, tag: str) -> int:
-    """How many of `text`'s last characters could be the start of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
+    return check_name(name, PARSERS, "reasoning_parser")
 
 
 def split_reasoning(parser: str, text: str, final: bool = True) -> tuple[Optional[str], Optional[str]]:
@@ -49,7 +41,7 @@ def split_reasoning(parser: str, text: str, final: bool = True) -> tuple[Optiona
     reasoning, closed, content = body.partition(END)
     if not closed:
         if not final:
-            reasoning = reasoning[:len(reasoning) - _partial_tag_len(reasoning, END)]
+            reasoning = reasoning[:len(reasoning) - partial_tag_len(reasoning, END)]
         return _nonempty(reasoning), None
     return _nonempty(reasoning), _nonempty(content)
 

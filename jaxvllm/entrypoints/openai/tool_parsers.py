@@ -18,6 +18,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from jaxvllm.entrypoints.openai.text_split import check_name, partial_tag_len
+
 PARSERS = ("hermes", "llama3_json", "mistral")
 
 
@@ -33,16 +35,7 @@ class ToolCall:
 
 
 def check_parser(name: Optional[str]) -> Optional[str]:
-    if name is not None and name not in PARSERS:
-        raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got {name!r}")
-    return name
-
-
-def _partial_tag_len(text: str, tag: str) -> int:
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
+    return check_name(name, PARSERS, "tool_call_parser")
 
 
 def _call(obj: Any, args_key: str) -> Optional[ToolCall]:
@@ -71,7 +64,7 @@ def _hermes(text: str, final: bool) -> Split:
     start, end = "<tool_call>", "</tool_call>"
     head, opened, rest = text.partition(start)
     if not opened:
-        return Split(text if final else text[:len(text) - _partial_tag_len(text, start)], [])
+        return Split(text if final else text[:len(text) - partial_tag_len(text, start)], [])
     calls = []
     blocks = [start + b for b in rest.split(start)]
     for i, block in enumerate(blocks):
@@ -109,7 +102,7 @@ def _mistral(text: str, final: bool) -> Split:
     marker = "[TOOL_CALLS]"
     head, found, rest = text.partition(marker)
     if not found:
-        return Split(text if final else text[:len(text) - _partial_tag_len(text, marker)], [])
+        return Split(text if final else text[:len(text) - partial_tag_len(text, marker)], [])
     if not final:
         return Split(head, [])  # the array is read once the output is complete
     parsed = _json(rest.strip())
