@@ -374,7 +374,7 @@ class Scheduler:
         rows = scheduler_output.grammar_rows
         live = [(req.grammar, i) for rid, i in rows.items()
                 if (req := self.requests.get(rid)) is not None]
-        if not live:
+        if not live:  # one all-ones word per row, which broadcasts over a row of any width
             return np.full((len(rows), 1), -1, np.int32)
         bitmask = np.full((len(rows), live[0][0].bitmask_words), -1, np.int32)
         by_kind: dict[type, list] = {}  # grammars, fixed token sets: each kind fills its own rows
