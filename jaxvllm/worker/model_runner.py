@@ -275,14 +275,17 @@ class ModelRunner:
         vocabulary (top-p without top-k) and max_logprobs logprobs. At the 8B shape (128k
         vocabulary, 256 rows) it measured 878 MiB of temporaries on the H100, 7x the step's own and
         more than the fixed margin: OpenAI clients often send top_p. Compiling it here also does
-        its autotuning before the cache takes the memory. Plus the token-bit program's output, which
-        the sampler reads (the token table itself is allocated already)."""
+        its autotuning before the cache takes the memory. Plus the outputs of the programs that
+        process the logits before it (grammar masks, logit_bias, token bits; the token table itself
+        is allocated already)."""
         r, sds = self.config.max_num_seqs, jax.ShapeDtypeStruct
         sampling = SamplingInputs(*(sds(s, d) for s, d in zip(sampling_shapes(r),
                                                               (jnp.float32, jnp.int32))))
         logits = sds((r, self.cfg.vocab_size), jnp.float32)
         bitmask = sds((r, bitmask_words(self.cfg.vocab_size)), jnp.int32)
+        bias_ids, bias_values = (sds((r, MAX_LOGIT_BIAS), d) for d in (jnp.int32, jnp.float32))
         return (_new_bytes(self._apply_token_bitmask.lower(logits, bitmask))
+                + _new_bytes(self._apply_logit_bias.lower(logits, bias_ids, bias_values))
                 + _new_bytes(self._apply_token_bits.lower(self.token_table.array, logits, sampling))
                 + _new_bytes(self._sample.lower(logits, logits, sampling, mode="random_sort",
                                                 num_logprobs=self.config.max_logprobs,
