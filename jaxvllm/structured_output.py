@@ -57,16 +57,9 @@ class Grammar:
                                             bitmask.shape[0])
 
 
-class TokenMask:
-    """A fixed set of allowed tokens (SamplingParams.allowed_token_ids), served to the scheduler as
-    a grammar that never advances or completes."""
-    __slots__ = ("row", "bitmask_words")
-
-    def __init__(self, token_ids: list[int], vocab_size: int) -> None:
-        self.bitmask_words = bitmask_words(vocab_size)
-        bits = np.zeros(self.bitmask_words * 32, np.uint8)
-        bits[np.asarray(token_ids, np.int64)] = 1
-        self.row = np.packbits(bits, bitorder="little").view(np.int32)
+class _TokenRule:
+    """A mask that is no grammar: every token is accepted and the output never completes."""
+    __slots__ = ()
 
     def accept(self, token: int) -> bool:
         return True
@@ -75,15 +68,26 @@ class TokenMask:
     def terminated(self) -> bool:
         return False
 
+
+class TokenMask(_TokenRule):
+    """A fixed set of allowed tokens (SamplingParams.allowed_token_ids)."""
+    __slots__ = ("row", "bitmask_words")
+
+    def __init__(self, token_ids: list[int], vocab_size: int) -> None:
+        self.bitmask_words = bitmask_words(vocab_size)
+        bits = np.zeros(self.bitmask_words * 32, np.uint8)
+        bits[np.asarray(token_ids, np.int64)] = 1
+        self.row = np.packbits(bits, bitorder="little").view(np.int32)
+
     @staticmethod
     def fill_bitmasks(grammar_rows: list[tuple["TokenMask", int]], bitmask: np.ndarray) -> None:
         for mask, i in grammar_rows:
             bitmask[i] = mask.row
 
 
-class BadWords:
-    """vLLM's bad_words, served to the scheduler as a grammar: the last token of each word's token
-    sequence is banned right after the rest of it has been generated (a one-token word always)."""
+class BadWords(_TokenRule):
+    """vLLM's bad_words: the last token of each word's token sequence is banned right after the
+    rest of it has been generated (a one-token word always)."""
     __slots__ = ("sequences", "recent", "bitmask_words", "_context")
 
     def __init__(self, sequences: list[tuple[int, ...]], vocab_size: int) -> None:
@@ -97,10 +101,6 @@ class BadWords:
             self.recent.append(token)
             del self.recent[:-self._context]
         return True
-
-    @property
-    def terminated(self) -> bool:
-        return False
 
     @staticmethod
     def fill_bitmasks(grammar_rows: list[tuple["BadWords", int]], bitmask: np.ndarray) -> None:

@@ -84,6 +84,7 @@ class InputBatch:
         self.token_table = token_table
         self._seed_rng = np.random.default_rng(rng_seed)
         self.last_rows: dict[str, int] = {}  # req_id -> its sample row in the last built step
+        self.biased: set[str] = set()  # requests with a logit_bias: a step without any skips it
 
     def request_bucket(self, t_bucket: int) -> int:
         return min(t_bucket, self.max_num_seqs)
@@ -97,10 +98,13 @@ class InputBatch:
     def update(self, scheduler_output: SchedulerOutput) -> None:
         for rid in scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids:
             state = self.requests.pop(rid, None)
+            self.biased.discard(rid)
             if state is not None and state.slot >= 0:
                 self.token_table.release(state.slot)
         for new_req in scheduler_output.new_reqs:
             self.requests[new_req.req_id] = self._new_state(new_req)
+            if new_req.sampling_params.logit_bias:
+                self.biased.add(new_req.req_id)
         for cached_req in scheduler_output.cached_reqs:
             state = self.requests[cached_req.req_id]
             state.block_ids.extend(cached_req.new_block_ids)

@@ -402,10 +402,12 @@ class ModelRunner:
             row_of = {rid: i for i, rid in enumerate(b.req_ids)}
             grammar = _GrammarMask({rid: row_of[rid] for rid in scheduler_output.grammar_rows},
                                    self.input_batch.request_bucket(t), Future())
-        requests = input_batch.requests
-        biased = [(i, requests[rid].params.logit_bias) for i, rid in enumerate(b.req_ids)
-                  if requests[rid].params.logit_bias]
-        logit_bias = _logit_bias_rows(input_batch.request_bucket(t), biased) if biased else None
+        logit_bias = None
+        if input_batch.biased:
+            requests = input_batch.requests
+            logit_bias = _logit_bias_rows(input_batch.request_bucket(t), [
+                (i, requests[rid].params.logit_bias) for i, rid in enumerate(b.req_ids)
+                if rid in input_batch.biased])
         # Rows of new requests, written before the sampler reads them.
         table_writes = self.token_table.take_writes()
 
