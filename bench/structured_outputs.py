@@ -8,7 +8,9 @@ The schema asks for an object with one string of at least 100k characters, so no
 complete it and each runs to --output-len (the mask of a JSON string's inside allows most of the
 vocabulary: the expensive case for the grammar library). The model needs a real tokenizer (JSON
 needs its characters); a smaller one than the model's vocabulary is fine (ids past it are masked).
-Also prints the host time spent filling masks per step (it overlaps the step's forward pass).
+Also prints host time per step: filling the masks (it overlaps the step's forward pass), advancing
+the matchers (in update_from_output), and the engine's wait for the device (near zero when the host
+is the bottleneck).
 """
 from __future__ import annotations
 
@@ -37,38 +39,70 @@ def run_batch(llm, prompts: list, output_len: int, constrained: bool) -> dict:
             "finish_reasons": sorted({o.outputs[0].finish_reason for o in outs})}
 
 
+class HostProfile:
+    """Host time per engine step in the methods that structured outputs add work to: filling the
+    masks, advancing the matchers (update_from_output), and the engine's wait for the device's
+    samples (collect; near zero when the host is the bottleneck)."""
+    METHODS = {"mask_fill": ("jaxvllm.core.scheduler", "Scheduler", "grammar_bitmask"),
+               "update": ("jaxvllm.core.scheduler", "Scheduler", "update_from_output"),
+               "device_wait": ("jaxvllm.worker.model_runner", "ModelRunner", "collect"),
+               "steps": ("jaxvllm.engine.llm_engine", "LLMEngine", "step")}
+
+    def __init__(self) -> None:
+        import importlib
+        self.seconds = dict.fromkeys(self.METHODS, 0.0)
+        self.calls = dict.fromkeys(self.METHODS, 0)
+        for key, (module, cls, name) in self.METHODS.items():
+            owner = getattr(importlib.import_module(module), cls)
+            setattr(owner, name, self._timed(key, getattr(owner, name)))
+
+    def _timed(self, key: str, inner):
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                self.seconds[key] += time.perf_counter() - t
+                self.calls[key] += 1
+        return timed
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.METHODS, 0.0)
+        self.calls = dict.fromkeys(self.METHODS, 0)
+
+    def per_step_ms(self) -> dict:
+        steps = max(self.calls["steps"], 1)
+        out = {k: self.seconds[k] / steps * 1e3 for k in ("update", "device_wait")}
+        out["mask_fill"] = self.seconds["mask_fill"] / max(self.calls["mask_fill"], 1) * 1e3
+        return out
+
+
 def run(args: argparse.Namespace) -> int:
-    from jaxvllm.core.scheduler import Scheduler
     llm = common.build_llm(args)
     vocab = llm.llm_engine.model_config.vocab_size
-    fill = {"seconds": 0.0, "calls": 0}
-    inner = Scheduler.grammar_bitmask
-
-    def timed(self, scheduler_output):  # the scheduler's mask filling, timed
-        t = time.perf_counter()
-        masks = inner(self, scheduler_output)
-        fill["seconds"] += time.perf_counter() - t
-        fill["calls"] += 1
-        return masks
-
-    Scheduler.grammar_bitmask = timed
+    profile = HostProfile()
     rows, result = [], {}
     for b in args.batch_sizes:
         reqs = common.make_requests(b, common.LenSpec(args.input_len, args.input_len),
                                     common.LenSpec(args.output_len, args.output_len), vocab, b)
         prompts = [r.prompt_token_ids for r in reqs]
         run_batch(llm, prompts[:8], 8, True)  # the grammar library's tokenizer, the matchers
+        profile.reset()
         base = run_batch(llm, prompts, args.output_len, False)
-        fill.update(seconds=0.0, calls=0)
+        base["host_ms_per_step"] = profile.per_step_ms()
+        profile.reset()
         con = run_batch(llm, prompts, args.output_len, True)
-        fill_ms = fill["seconds"] / max(fill["calls"], 1) * 1e3
-        result[b] = {"unconstrained": base, "constrained": con, "mask_fill_ms_per_step": fill_ms}
+        con["host_ms_per_step"] = hp = profile.per_step_ms()
+        result[b] = {"unconstrained": base, "constrained": con}
         rows.append([b, base["tpot_ms"], con["tpot_ms"],
-                     f"{(con['tpot_ms'] / base['tpot_ms'] - 1) * 100:+.1f}%", fill_ms,
+                     f"{(con['tpot_ms'] / base['tpot_ms'] - 1) * 100:+.1f}%", hp["mask_fill"],
+                     hp["update"], f"{hp['device_wait']:.2f} / "
+                     f"{base['host_ms_per_step']['device_wait']:.2f}",
                      ",".join(con["finish_reasons"])])
     common.emit(result, args, common.table(
         rows, ["batch", "TPOT ms, unconstrained", "TPOT ms, JSON schema", "overhead",
-               "mask fill ms / step (host)", "finish"]))
+               "mask fill ms", "update_from_output ms / step",
+               "device wait ms / step (constrained / not)", "finish"]))
     return 0
 
 

@@ -34,9 +34,11 @@ class Grammar:
         self._matcher = matcher
         self.bitmask_words = bitmask_words(vocab_size)
 
-    def accept(self, token: int) -> bool:
-        """Advance by a sampled token; False if the grammar does not allow it."""
-        return self._matcher.consume_token(token)
+    @staticmethod
+    def accept_all(grammar_tokens: list[tuple["Grammar", int]]) -> list[bool]:
+        """Advance each grammar by its sampled token, in parallel; False where the grammar does not
+        allow it."""
+        return _executor().consume_token_par([(g._matcher, t) for g, t in grammar_tokens])
 
     @property
     def terminated(self) -> bool:
@@ -61,8 +63,14 @@ class _TokenRule:
     """A mask that is no grammar: every token is accepted and the output never completes."""
     __slots__ = ()
 
-    def accept(self, token: int) -> bool:
-        return True
+    def accept(self, token: int) -> None:
+        pass
+
+    @staticmethod
+    def accept_all(rule_tokens: list[tuple["_TokenRule", int]]) -> list[bool]:
+        for rule, token in rule_tokens:
+            rule.accept(token)
+        return [True] * len(rule_tokens)
 
     @property
     def terminated(self) -> bool:
@@ -96,11 +104,10 @@ class BadWords(_TokenRule):
         self._context = max(len(seq) for seq in sequences) - 1  # output tokens a ban looks back at
         self.recent: list[int] = []
 
-    def accept(self, token: int) -> bool:
+    def accept(self, token: int) -> None:
         if self._context:
             self.recent.append(token)
             del self.recent[:-self._context]
-        return True
 
     @staticmethod
     def fill_bitmasks(grammar_rows: list[tuple["BadWords", int]], bitmask: np.ndarray) -> None:
@@ -145,8 +152,12 @@ class GrammarCompiler:
                 if rust is None:
                     raise ValueError("structured_outputs needs a fast (Rust) tokenizer; this "
                                      "model's tokenizer is not one")
-                self._ll_tokenizer = llguidance.LLTokenizer(
-                    rust.to_str(), n_vocab=self._vocab_size, eos_token=self._eos_token_ids)
+                try:
+                    self._ll_tokenizer = llguidance.LLTokenizer(
+                        rust.to_str(), n_vocab=self._vocab_size, eos_token=self._eos_token_ids)
+                except ValueError as e:  # e.g. a word-level tokenizer: no bytes to match
+                    raise ValueError(f"structured_outputs cannot use this model's tokenizer: "
+                                     f"{e}") from None
             return self._ll_tokenizer
 
     def compile(self, params: StructuredOutputsParams) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from test_tensor_parallel import PROMPTS, _save_model
+from test_tensor_parallel import ALLOWED, PROMPTS, _save_model
 
 DEVICES_PER_PROCESS = 4
 TIMEOUT_S = 300
@@ -48,7 +48,8 @@ def _greedy(llm: Any, **params: Any) -> dict[str, Any]:
 def _both(llm: Any) -> dict[str, Any]:
     """Plain greedy, and greedy with a penalty: the penalty reads each request's earlier tokens on
     the host, so it also checks that the follower appends the same samples as rank 0."""
-    return {"plain": _greedy(llm), "penalty": _greedy(llm, max_tokens=24, frequency_penalty=1.0)}
+    return {"plain": _greedy(llm), "penalty": _greedy(llm, max_tokens=24, frequency_penalty=1.0),
+            "masked": _greedy(llm, allowed_token_ids=ALLOWED)}
 
 
 def _lead(model: str, addr: str, out: str) -> None:
@@ -235,11 +236,13 @@ def test_tp8_over_two_processes_matches_tp1(model, tmp_path):
         rep = json.load(f)
     assert rep["processes"] == 2
     assert len(rep["devices"]) == 8 and len(set(rep["devices"])) == 8
-    for kind in ("plain", "penalty"):
+    for kind in ("plain", "penalty", "masked"):
         tp8, tp1 = rep["tp8"][kind], rep["tp1"][kind]
         assert tp8["tokens"] == tp1["tokens"], kind
         assert tp8["cum_logprobs"] == pytest.approx(tp1["cum_logprobs"], abs=1e-3), kind
     assert rep["tp1"]["penalty"]["tokens"] != rep["tp1"]["plain"]["tokens"]  # the penalty mattered
+    # The follower's steps wait for the masks rank 0 sends them (each from the mask thread).
+    assert all(t in ALLOWED for toks in rep["tp8"]["masked"]["tokens"] for t in toks)
     assert rep["update_weights"] and "nnodes > 1" in rep["update_weights"]
 
 

@@ -753,9 +753,13 @@ class _CountingGrammar:
     def __init__(self, length):
         self.length, self.accepted = length, []
 
-    def accept(self, token):
-        self.accepted.append(token)
-        return True
+    @staticmethod
+    def accept_all(grammar_tokens):
+        for g, t in grammar_tokens:
+            g.accepted.append(t)
+        return [t != g.refuses for g, t in grammar_tokens]
+
+    refuses = None
 
     @property
     def terminated(self):
@@ -791,3 +795,17 @@ def test_grammar_masks_follow_the_tokens_and_a_complete_grammar_stops():
     assert constrained.output_token_ids == [9, 9, 9] == constrained.grammar.accepted
     assert constrained.status == RequestStatus.FINISHED_STOPPED and constrained.stop_reason is None
     assert s.num_structured_requests == 0 and "plain" in s.requests
+
+
+def test_a_token_its_grammar_refuses_aborts_only_that_request():
+    s = Scheduler(SchedulerConfig(max_model_len=64, num_blocks=20, block_size=4))
+    reqs = [make_req(rid, [5, 6], max_tokens=10) for rid in ("a", "b", "plain")]
+    reqs[0].grammar, reqs[1].grammar = _CountingGrammar(5), _CountingGrammar(5)
+    reqs[1].grammar.refuses = 13
+    for r in reqs:
+        s.add_request(r)
+    out = s.schedule()
+    s.update_from_output(out, ModelRunnerOutput({"a": 13, "b": 13, "plain": 13}))
+    assert reqs[1].status == RequestStatus.FINISHED_ABORTED
+    assert reqs[0].status == reqs[2].status == RequestStatus.RUNNING
+    assert reqs[0].grammar.accepted == [13] and s.num_structured_requests == 1

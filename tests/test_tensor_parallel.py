@@ -21,6 +21,7 @@ NUM_FAKE_DEVICES = 8
 TP_SIZES = (1, 2, 4, 8)
 LAYERS = 2
 PROMPTS = [list(range(3, 3 + n)) for n in (5, 11, 20, 40, 7)]   # 40 > the 32-token budget: chunked
+ALLOWED = [5, 17, 33, 70, 101, 180, 222]
 
 
 # ---- the subprocess ------------------------------------------------------------------------------
@@ -53,6 +54,11 @@ def _run_engine(d: str, tp: int, dtype: str, inspect: bool) -> dict[str, Any]:
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
     res: dict[str, Any] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
                            "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
+    # A token mask (the structured-outputs path: the host's mask, applied to sharded logits).
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                       allowed_token_ids=ALLOWED), use_tqdm=False)
+    res["masked_tokens"] = [list(o.outputs[0].token_ids) for o in outs]
     # A weight swap with unsharded params of the original config lands in the sharded layout.
     import jax
     from converters import load_model
@@ -206,6 +212,14 @@ def test_greedy_tokens_match_tp1(report, tp):
     ref, got = report["llama"][1], report["llama"][tp]
     assert got["tokens"] == ref["tokens"]
     assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    assert got["masked_tokens"] == ref["masked_tokens"]
+
+
+def test_token_masks_hold_under_tp(report):
+    for tp in TP_SIZES:
+        masked = report["llama"][tp]["masked_tokens"]
+        assert all(t in ALLOWED for toks in masked for t in toks), tp
+        assert masked != report["llama"][tp]["tokens"]  # the mask mattered
 
 
 @pytest.mark.parametrize("model, tp", [("llama", 2), ("llama", 8), ("qwen2", 4)])

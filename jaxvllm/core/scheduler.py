@@ -405,6 +405,8 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         append = outputs.append
         any_finished_running = False
+        refused = (self._advance_grammars(runner_output.sampled_token_ids)
+                   if self.num_structured_requests else ())
         for rid, tok in runner_output.sampled_token_ids.items():
             req = requests.get(rid)
             if req is None:
@@ -415,7 +417,7 @@ class Scheduler:
             status = None
             stop_reason = None
             grammar = req.grammar
-            if grammar is not None and not grammar.accept(tok):
+            if rid in refused:
                 status = _ABORTED  # cannot happen with the mask applied: a sampler fault
             elif tok in req.stop_ids and len(out_ids) >= req.min_tokens:
                 status = _STOPPED
@@ -453,6 +455,21 @@ class Scheduler:
         if any_finished_running:
             self.running = [r for r in self.running if r.status == _RUNNING]
         return outputs
+
+    def _advance_grammars(self, sampled: dict[str, int]) -> set[str]:
+        """Each sampled token advances its request's grammar, every grammar of a kind in one call
+        (llguidance's matchers in parallel: one by one they took ~17 us each, 4 ms a step at batch
+        256). Returns the ids of the requests whose grammar refused its token."""
+        by_kind: dict[type, list] = {}
+        for rid, tok in sampled.items():
+            req = self.requests.get(rid)
+            if req is not None and req.grammar is not None:
+                by_kind.setdefault(type(req.grammar), []).append((rid, req.grammar, tok))
+        refused = set()
+        for kind, items in by_kind.items():
+            accepted = kind.accept_all([(grammar, tok) for _, grammar, tok in items])
+            refused.update(rid for (rid, _, _), ok in zip(items, accepted) if not ok)
+        return refused
 
     @staticmethod
     def _chunk_starts(scheduler_output: SchedulerOutput) -> dict[str, int]:
