@@ -1163,20 +1163,36 @@ def test_auto_tool_choice_reads_calls_full_and_streamed():
         [call] = full.message.tool_calls
         assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
             "function", "get_weather", {"city": "Paris"})
-        content, calls, reasons = "", {}, []
-        for chunk in c.chat.completions.create(**kw, stream=True):
-            if not chunk.choices:
-                continue
-            d = chunk.choices[0].delta
-            content += d.content or ""
-            for tc in d.tool_calls or []:
-                entry = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
-                entry["name"] += tc.function.name or ""
-                entry["arguments"] += tc.function.arguments or ""
-            reasons.append(chunk.choices[0].finish_reason)
-        assert content == "Checking." and reasons[-1] == "tool_calls"
-        assert [(v["name"], json.loads(v["arguments"])) for v in calls.values()] == [
-            ("get_weather", {"city": "Paris"})]
+        pieces = 0
+        with c.chat.completions.stream(**kw) as stream:
+            for event in stream:
+                pieces += event.type == "tool_calls.function.arguments.delta"
+            streamed = stream.get_final_completion().choices[0]
+        assert streamed.message.content == "Checking." and streamed.finish_reason == "tool_calls"
+        [scall] = streamed.message.tool_calls
+        assert (scall.function.name, scall.function.arguments) == (call.function.name,
+                                                                   call.function.arguments)
+        assert pieces > 3  # the arguments streamed as they came
         # tool_choice "none": the text is content, tools or not.
         plain = c.chat.completions.create(**kw, tool_choice="none").choices[0]
         assert plain.message.content == HERMES_CALL and plain.message.tool_calls is None
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    two = HERMES_CALL + '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    with ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory(script=two),
+                      tool_call_parser="hermes") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model=MODEL, messages=MSGS, tools=TOOLS, max_tokens=len(two))
+        cities = [json.loads(t.function.arguments)["city"]
+                  for t in c.chat.completions.create(**kw).choices[0].message.tool_calls]
+        assert cities == ["Paris", "Rome"]
+        one = c.chat.completions.create(**kw, parallel_tool_calls=False).choices[0]
+        assert [json.loads(t.function.arguments) for t in one.message.tool_calls] == [
+            {"city": "Paris"}] and one.finish_reason == "tool_calls"
+        with c.chat.completions.stream(**kw, parallel_tool_calls=False) as stream:
+            for _ in stream:
+                pass
+            streamed = stream.get_final_completion().choices[0]
+        assert [json.loads(t.function.arguments) for t in streamed.message.tool_calls] == [
+            {"city": "Paris"}]

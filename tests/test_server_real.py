@@ -332,12 +332,18 @@ def test_forced_tool_calls_validate_and_stream_the_same(client):
     [call] = named.message.tool_calls
     assert call.function.name == "get_time" and named.finish_reason == "stop"
     jsonschema.validate(json.loads(call.function.arguments), schemas["get_time"])
-    streamed = {}
-    for chunk in client.chat.completions.create(**kw, tool_choice="required", stream=True):
-        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
-            streamed[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
-    assert list(streamed.values()) == [(c.function.name, json.loads(c.function.arguments))
-                                      for c in req.message.tool_calls]
+    # Streamed, the official client's stream helper reassembles the same calls from arguments
+    # that arrive in pieces (as the tokens come).
+    pieces: dict[int, int] = {}
+    with client.chat.completions.stream(**kw, tool_choice="required") as stream:
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.delta":
+                pieces[event.index] = pieces.get(event.index, 0) + 1
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in req.message.tool_calls]
+    assert pieces and all(n > 3 for n in pieces.values()), pieces
 
 
 def test_tool_results_round_trip_through_the_template(srv, client):

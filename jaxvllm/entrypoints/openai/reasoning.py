@@ -27,41 +27,49 @@ def check_parser(name: Optional[str]) -> Optional[str]:
     return check_name(name, PARSERS, "reasoning_parser")
 
 
-def split_reasoning(parser: str, text: str, final: bool = True) -> tuple[Optional[str], Optional[str]]:
-    """(reasoning, content) of a chat completion's text so far; None for a part with nothing in it.
-    While not `final`, a tail that may still become a tag belongs to neither."""
-    body = text.lstrip()
-    opened = body.startswith(START)
-    if opened:
-        body = body[len(START):]
-    elif not final and START.startswith(body) and body:
-        return None, None  # "<thi": the opening tag, or not yet known
-    if parser == "qwen3" and not opened:
-        return None, _nonempty(text)
-    reasoning, closed, content = body.partition(END)
-    if not closed:
-        if not final:
-            reasoning = reasoning[:len(reasoning) - partial_tag_len(reasoning, END)]
-        return _nonempty(reasoning), None
-    return _nonempty(reasoning), _nonempty(content)
-
-
-def _nonempty(s: str) -> Optional[str]:
-    return s or None
+def split_reasoning(parser: str, text: str) -> tuple[Optional[str], Optional[str]]:
+    """(reasoning, content) of a whole chat completion; None for a part with nothing in it."""
+    reasoning, content = ReasoningStream(parser).update(text, final=True)
+    return reasoning or None, content or None
 
 
 class ReasoningStream:
-    """One streamed choice: each call takes the text so far and returns the new (reasoning,
-    content) pieces."""
+    """One choice's text, fed as it grows: each update returns the new (reasoning, content)
+    pieces. Each character is looked at about once (a long reasoning streams in linear time)."""
 
     def __init__(self, parser: str) -> None:
         self.parser = parser
-        self.sent_reasoning = 0
-        self.sent_content = 0
+        self.phase = "start"   # start (tag not yet known), reasoning, content
+        self.reasoning_start = self.reasoning_sent = 0
+        self.content_start = self.content_sent = 0
+        self.searched = 0      # END does not start before this, in the reasoning
 
     def update(self, text: str, final: bool) -> tuple[str, str]:
-        reasoning, content = split_reasoning(self.parser, text, final)
-        reasoning, content = reasoning or "", content or ""
-        new = reasoning[self.sent_reasoning:], content[self.sent_content:]
-        self.sent_reasoning, self.sent_content = len(reasoning), len(content)
-        return new
+        if self.phase == "start":
+            i = len(text) - len(text.lstrip())
+            if text.startswith(START, i):
+                self.phase, self.reasoning_start = "reasoning", i + len(START)
+            elif not final and START.startswith(text[i:]):
+                return "", ""  # "<thi": the opening tag, or not yet known (or nothing yet)
+            elif self.parser == "qwen3":  # no think block: all content
+                self.phase = "content"
+            else:  # deepseek_r1: the template opened it
+                self.phase, self.reasoning_start = "reasoning", i
+            self.reasoning_sent = self.searched = self.reasoning_start
+        reasoning = ""
+        if self.phase == "reasoning":
+            k = text.find(END, self.searched)
+            if k < 0:
+                end = len(text) if final else len(text) - partial_tag_len(text, END)
+                self.searched = max(self.searched, len(text) - len(END) + 1)
+            else:
+                end = k
+                self.phase, self.content_start = "content", k + len(END)
+                self.content_sent = self.content_start
+            reasoning = text[self.reasoning_sent:end]
+            self.reasoning_sent = max(self.reasoning_sent, end)
+        content = ""
+        if self.phase == "content":
+            content = text[self.content_sent:]
+            self.content_sent = len(text)
+        return reasoning, content

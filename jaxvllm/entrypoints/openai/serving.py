@@ -236,7 +236,7 @@ class OpenAIServing:
         forced = (choice.function.name if isinstance(choice, NamedToolChoice)
                   else "required" if choice == "required" else None)
         parser = self.tool_call_parser if choice == "auto" else None
-        return ChatOutput(self.reasoning_parser, parser, forced)
+        return ChatOutput(self.reasoning_parser, parser, forced, req.parallel_tool_calls)
 
     def _render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         text = self.render_chat(req)
@@ -414,7 +414,8 @@ class OpenAIServing:
                     lps = (chat_logprobs(tok, o.token_ids, o.logprobs, req.num_logprobs)
                            if req.num_logprobs is not None else None)
                     parts = self._chat_output(req)
-                    reasoning, content, calls = parts.update(o.text, final=True)
+                    reasoning, content, _ = parts.update(o.text, final=True)
+                    calls = parts.calls
                     message = {"role": "assistant",
                                "content": content or (None if calls or self.reasoning_parser
                                                       else content)}
@@ -520,13 +521,11 @@ class OpenAIServing:
                         continue
                     if chat:
                         parts = choice_state.chat
-                        first_call = parts.num_calls
                         reasoning, content, calls = parts.update(delta, final=done)
                         delta_msg = {k: v for k, v in (("reasoning_content", reasoning),
                                                        ("content", content)) if v}
                         if calls:
-                            delta_msg["tool_calls"] = [{"index": first_call + k, **c.to_openai()}
-                                                       for k, c in enumerate(calls)]
+                            delta_msg["tool_calls"] = [c.to_openai() for c in calls]
                         choice = {"index": idx, "delta": delta_msg,
                                   "logprobs": (chat_logprobs(tok, new_ids, steps, req.num_logprobs)
                                                if req.num_logprobs is not None and new_ids
