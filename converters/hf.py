@@ -45,6 +45,10 @@ HF_LAYER_TENSORS: dict[str, tuple[str, bool]] = {
     "mlp.gate_proj.weight": ("gate", True),
     "mlp.up_proj.weight": ("up", True),
     "mlp.down_proj.weight": ("down", True),
+    "mlp.shared_expert.gate_proj.weight": ("shared_gate", True),
+    "mlp.shared_expert.up_proj.weight": ("shared_up", True),
+    "mlp.shared_expert.down_proj.weight": ("shared_down", True),
+    "mlp.shared_expert_gate.weight": ("shared_router", True),
     "input_layernorm.weight": ("input_norm", False),
     "post_attention_layernorm.weight": ("post_attn_norm", False),
 }
@@ -56,7 +60,16 @@ HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
 # Tensors some checkpoints carry that the engine recomputes or does not use.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.masked_bias$|\.attn\.bias$")
 
-Path = tuple  # ("embed",) or ("layers", i, "q")
+# Mixture-of-experts layers: (module, router, {expert tensor: layout key}), each expert's tensors
+# stacked on a leading expert axis.
+_MOE_TENSORS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "MixtralForCausalLM": ("block_sparse_moe", "gate",
+                           {"w1": "experts_gate", "w3": "experts_up", "w2": "experts_down"}),
+}
+_MOE_DEFAULT = ("mlp", "gate", {"gate_proj": "experts_gate", "up_proj": "experts_up",
+                                "down_proj": "experts_down"})
+
+Path = tuple  # ("embed",), ("layers", i, "q") or ("layers", i, "experts_up", expert)
 
 
 def canonical_dtype(dtype: Optional[str]) -> str:
@@ -78,10 +91,17 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[str, tuple[Path, bool]]:
     for name, (key, t) in HF_TOP_TENSORS.items():
         if key in shapes:
             out[name] = ((key,), t)
+    module, router, experts = _MOE_TENSORS.get(cfg.architecture, _MOE_DEFAULT)
     for i, layer in enumerate(shapes["layers"]):
         for suffix, (key, t) in HF_LAYER_TENSORS.items():
             if key in layer:
                 out[f"model.layers.{i}.{suffix}"] = (("layers", i, key), t)
+        if "router" in layer:
+            out[f"model.layers.{i}.{module}.{router}.weight"] = (("layers", i, "router"), True)
+            for j in range(cfg.num_experts):
+                for name, key in experts.items():
+                    out[f"model.layers.{i}.{module}.experts.{j}.{name}.weight"] = (
+                        ("layers", i, key, j), True)
     return out
 
 
@@ -152,9 +172,9 @@ class ParamsBuilder:
 
     def target_shape(self, path: Path) -> tuple[int, ...]:
         node: Any = self.shapes
-        for p in path:
+        for p in path[:3]:
             node = node[p]
-        return tuple(node)
+        return tuple(node[1:] if len(path) == 4 else node)  # one expert of a stack
 
     def check_shape(self, name: str, shape: Iterable[int], file: Optional[str] = None) -> None:
         path, transpose = self.expected[name]
@@ -176,7 +196,10 @@ class ParamsBuilder:
             value = place(tensor, transpose=transpose, dtype=self.dtype)
         except (TypeError, ValueError) as e:
             raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r}: {e}") from e
-        if path[0] == "layers":
+        if len(path) == 4:  # one expert: stacked once the layer has them all (finish)
+            stack = self.params["layers"][path[1]].setdefault(path[2], [None] * self.cfg.num_experts)
+            stack[path[3]] = value
+        elif path[0] == "layers":
             self.params["layers"][path[1]][path[2]] = value
         else:
             self.params[path[0]] = value
@@ -196,6 +219,11 @@ class ParamsBuilder:
         if self.unexpected:
             logger.info("%s: ignored %d tensors the layout does not use (e.g. %s)", self.source,
                         len(self.unexpected), self.unexpected[0])
+        for layer in self.params["layers"]:
+            for key, value in layer.items():
+                if isinstance(value, list):
+                    layer[key] = jnp.stack(value)
+                    value.clear()  # each expert's own copy goes now, not with the whole model
         return self.params
 
 

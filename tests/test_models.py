@@ -2,6 +2,8 @@
 runs, and the embedded SmolLM2 GGUF against HF loading the same GGUF."""
 from __future__ import annotations
 
+import copy
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,6 +37,16 @@ CONFIGS = {
                                            sliding_window=7),
     "qwen2-bias": lambda: tiny_config("qwen2", **_SMALL, num_key_value_heads=4),
     "qwen3-qknorm": lambda: tiny_config("qwen3", **_SMALL, num_key_value_heads=1, head_dim=16),
+    "mixtral-moe": lambda: tiny_config("mixtral", **_SMALL, num_key_value_heads=2,
+                                       num_local_experts=4, num_experts_per_tok=2, sliding_window=9),
+    "qwen2-moe-shared": lambda: tiny_config("qwen2_moe", **_SMALL, num_key_value_heads=4,
+                                            num_experts=6, num_experts_per_tok=2,
+                                            moe_intermediate_size=32,
+                                            shared_expert_intermediate_size=48),
+    "qwen3-moe-dense-layer": lambda: tiny_config("qwen3_moe", **_SMALL, num_key_value_heads=2,
+                                                 head_dim=16, num_experts=8, num_experts_per_tok=3,
+                                                 moe_intermediate_size=32, norm_topk_prob=True,
+                                                 mlp_only_layers=[1]),
 }
 
 
@@ -109,7 +121,8 @@ def test_registry_rejects_unknown_architecture():
     with pytest.raises(ValueError, match="Unsupported model architecture"):
         ModelConfig.from_hf({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8})
     assert set(MODEL_REGISTRY) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                   "Qwen3ForCausalLM"}
+                                   "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+                                   "Qwen3MoeForCausalLM"}
 
 
 _PARTIAL_CONFIGS = [
@@ -125,13 +138,15 @@ _PARTIAL_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "mixtral",
+                                        "qwen2_moe", "qwen3_moe"])
 @pytest.mark.parametrize("partial", range(len(_PARTIAL_CONFIGS)))
 def test_config_dict_defaults_match_transformers(model_type, partial):
     """A config.json that leaves fields out is read (without transformers) as transformers reads it."""
     from transformers import AutoConfig
 
-    raw = dict(_PARTIAL_CONFIGS[partial], model_type=model_type)
+    # A deep copy: transformers writes into the rope_scaling dict it is given.
+    raw = copy.deepcopy(dict(_PARTIAL_CONFIGS[partial], model_type=model_type))
     try:
         want = ModelConfig.from_hf(AutoConfig.for_model(**raw))
     except ValueError as e:  # e.g. 8 heads with Qwen's default of 32 KV heads: rejected alike

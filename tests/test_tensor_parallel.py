@@ -25,12 +25,13 @@ ALLOWED = [5, 17, 33, 70, 101, 180, 222]
 
 
 # ---- the subprocess ------------------------------------------------------------------------------
-def _save_model(d: str, kind: str, hidden: int, kv_heads: int) -> None:
-    """`kind` "llama" (untied embeddings) or "qwen2" (tied), with a 256-word tokenizer."""
+def _save_model(d: str, kind: str, hidden: int, kv_heads: int, **extra: Any) -> None:
+    """`kind` "llama" (untied embeddings), "qwen2" or "qwen2_moe" (tied), with a 256-word
+    tokenizer."""
     from hf_builders import save_word_tokenizer, tiny_config, tiny_model
     cfg = tiny_config(kind, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=LAYERS,
                       num_attention_heads=8, num_key_value_heads=kv_heads,
-                      tie_word_embeddings=kind != "llama")
+                      tie_word_embeddings=kind != "llama", **extra)
     tiny_model(cfg, bias_std=0.5).save_pretrained(d)  # HF zero-inits biases: make them matter
     save_word_tokenizer(d, 256, eos_token="t1")
 
@@ -152,6 +153,11 @@ def _worker(out_path: str) -> None:
         report["llama"] = {tp: _run_engine(llama, tp, "float32", inspect=tp in (4, 8))
                            for tp in TP_SIZES}
         report["qwen2"] = {tp: _run_engine(qwen, tp, "float32", inspect=tp == 4) for tp in (1, 4)}
+        # Mixture of experts with a shared expert: every expert's intermediate dimension split.
+        moe = os.path.join(tmp, "qwen2_moe")
+        _save_model(moe, "qwen2_moe", hidden=64, kv_heads=4, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=32, shared_expert_intermediate_size=64)
+        report["qwen2_moe"] = {tp: _run_engine(moe, tp, "float32", inspect=False) for tp in (1, 2, 4)}
         errors = {}
         for name, d, tp in (("heads", llama, 3), ("devices", llama, 16), ("kv_heads", qwen, 3)):
             try:
@@ -222,7 +228,15 @@ def test_token_masks_hold_under_tp(report):
         assert masked != report["llama"][tp]["tokens"]  # the mask mattered
 
 
-@pytest.mark.parametrize("model, tp", [("llama", 2), ("llama", 8), ("qwen2", 4)])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_moe_greedy_tokens_match_tp1(report, tp):
+    ref, got = report["qwen2_moe"][1], report["qwen2_moe"][tp]
+    assert got["tokens"] == ref["tokens"]
+    assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    assert got["masked_tokens"] == ref["masked_tokens"]
+
+
+@pytest.mark.parametrize("model, tp", [("llama", 2), ("llama", 8), ("qwen2", 4), ("qwen2_moe", 4)])
 def test_update_weights_under_tp(report, model, tp):
     ref, got = report[model][1], report[model][tp]
     assert got["tokens_after_update"] == ref["tokens_after_update"]

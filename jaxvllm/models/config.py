@@ -34,6 +34,13 @@ class ModelConfig:
     dtype: str = "float32"           # the checkpoint's dtype ("auto" resolves to this)
     bos_token_id: Optional[int] = None
     eos_token_id: Any = field(default=None, hash=False)  # int or list of ints
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): 0 experts is a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False       # the top-k routing weights renormalised to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a shared expert with its own gate
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP instead
 
     @property
     def q_size(self) -> int:
@@ -42,6 +49,9 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
 
     @classmethod
     def from_hf(cls, hf: Any) -> "ModelConfig":
@@ -71,14 +81,14 @@ class ModelConfig:
             logger.warning("the config's dtype %r is not one of %s; the checkpoint counts as "
                            "float32 (pass dtype= to choose)", dtype, ", ".join(_DTYPES))
             dtype = "float32"
-        if arch == "Qwen2ForCausalLM":
+        if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"):
             qkv_bias = True
         else:
             qkv_bias = bool(d.get("attention_bias", False))
         sliding = d.get("sliding_window") if d.get("use_sliding_window", True) else None
         if arch in ("LlamaForCausalLM",):
             sliding = None
-        return cls(
+        return cls(**_moe_fields(arch, d), 
             architecture=arch,
             vocab_size=d["vocab_size"],
             hidden_size=hidden,
@@ -92,7 +102,7 @@ class ModelConfig:
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             rope_scaling=rope_scaling,
             sliding_window=sliding,
             dtype=dtype,
@@ -101,8 +111,30 @@ class ModelConfig:
         )
 
 
+def _moe_fields(arch: str, d: dict) -> dict[str, Any]:
+    """The mixture-of-experts fields, as transformers' models of `arch` read them."""
+    if arch == "MixtralForCausalLM":  # every layer; the top-k weights always renormalised
+        return dict(num_experts=d["num_local_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+                    moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True)
+    if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        return {}
+    experts = d.get("num_experts") or d.get("num_local_experts")
+    step = d.get("decoder_sparse_step") or 1
+    only_mlp = set(d.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(d["num_hidden_layers"])
+                  if i in only_mlp or not (experts and (i + 1) % step == 0))
+    return dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
+                moe_intermediate_size=d["moe_intermediate_size"],
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=(d.get("shared_expert_intermediate_size") or 0
+                                                 if arch == "Qwen2MoeForCausalLM" else 0),
+                dense_layers=dense)
+
+
 _MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                       "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                       "qwen3_moe": "Qwen3MoeForCausalLM"}
 _ARCH_TO_MODEL_TYPE = {a: t for t, a in _MODEL_TYPE_TO_ARCH.items()}
 
 # transformers' config-class defaults (5.x) for the fields `from_hf` reads, so that a config.json is
@@ -121,6 +153,18 @@ HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
                     max_position_embeddings=131072, sliding_window=4096, bos_token_id=1, eos_token_id=2),
     "qwen2": _QWEN,
     "qwen3": dict(_QWEN, head_dim=128),
+    "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                    max_position_embeddings=131072, bos_token_id=1,
+                    rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+                    eos_token_id=2, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(_QWEN, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=16,
+                      moe_intermediate_size=1408, num_experts=60, num_experts_per_tok=4,
+                      shared_expert_intermediate_size=5632),
+    "qwen3_moe": dict(_QWEN, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=4,
+                      moe_intermediate_size=768, num_local_experts=128, num_experts_per_tok=8),
 }
 
 

@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3/3.1+, Mistral, Qwen2, Qwen3, SmolLM) on the engine's ragged, paged batch.
+"""The Llama family (Llama 2/3/3.1+, Mistral, Qwen2, Qwen3, SmolLM) and its mixture-of-experts relatives
+(Mixtral, Qwen2-MoE, Qwen3-MoE) on the engine's ragged, paged batch.
 
 Layers run unrolled (a Python loop over the per-layer params list): each layer's KV cache is its own
 donated buffer, updated in place, and the attention kernel reads it without a copy. See
@@ -64,8 +65,35 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
     return linear(out.reshape(t, cfg.q_size), lp["o"]), k_cache, v_cache
 
 
-def _mlp(lp: Params, x: jax.Array) -> jax.Array:
-    return linear(jax.nn.silu(linear(x, lp["gate"])) * linear(x, lp["up"]), lp["down"])
+def _mlp(lp: Params, x: jax.Array, prefix: str = "") -> jax.Array:
+    return linear(jax.nn.silu(linear(x, lp[prefix + "gate"])) * linear(x, lp[prefix + "up"]),
+                  lp[prefix + "down"])
+
+
+def _moe(cfg: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
+    """Mixture of experts: each token's top-k experts by the router's softmax (in float32, the
+    weights renormalised over the k when the model says so), as HF's Mixtral / Qwen-MoE blocks.
+    The k copies of every token are sorted by expert, so each expert's GEMMs run over its own
+    contiguous rows (`ragged_dot`, one grouped GEMM per projection), and the weighted outputs are
+    summed back per token. Padding tokens are routed too; their rows are never read."""
+    k = cfg.num_experts_per_tok
+    probs = jax.nn.softmax(linear(x, lp["router"]).astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)                    # [T, k]
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)                         # rows grouped by expert
+    token = order // k
+    group_sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+    rows = x[token]
+    gate = jax.lax.ragged_dot(rows, lp["experts_gate"], group_sizes)
+    up = jax.lax.ragged_dot(rows, lp["experts_up"], group_sizes)
+    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, lp["experts_down"], group_sizes)
+    out = out * weights.reshape(-1)[order][:, None].astype(x.dtype)
+    y = jnp.zeros_like(x).at[token].add(out)
+    if "shared_router" in lp:  # Qwen2-MoE: a dense expert every token takes, gated on its own
+        y = y + jax.nn.sigmoid(linear(x, lp["shared_router"])) * _mlp(lp, x, "shared_")
+    return y
 
 
 def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfig,
@@ -94,7 +122,8 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
     attn, k_cache, v_cache = _attention_block(cfg, lp, h, cos, sin, k_cache, v_cache, inp,
                                               attention_fn)
     x = x + attn
-    return x + _mlp(lp, rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)), k_cache, v_cache
+    h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)
+    return x + (_moe(cfg, lp, h) if "router" in lp else _mlp(lp, h)), k_cache, v_cache
 
 
 def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

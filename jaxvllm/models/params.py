@@ -8,7 +8,12 @@ params = {
      "o": [heads*head_dim, hidden],
      "q_bias"/"k_bias"/"v_bias": [heads*head_dim] / [kv_heads*head_dim]   (qkv_bias models only)
      "q_norm"/"k_norm": [head_dim]                                         (qk_norm models only)
-     "gate": [hidden, inter], "up": [hidden, inter], "down": [inter, hidden]}, ...],
+     "gate": [hidden, inter], "up": [hidden, inter], "down": [inter, hidden]    (dense MLP layers)
+     "router": [hidden, experts],                                             (MoE layers instead)
+     "experts_gate"/"experts_up": [experts, hidden, moe_inter], "experts_down": [experts, moe_inter, hidden]
+     "shared_gate"/"shared_up": [hidden, shared_inter], "shared_down": [shared_inter, hidden],
+     "shared_router": [hidden, 1]                                  (Qwen2-MoE's shared expert)
+    }, ...],
   "final_norm": [hidden],
   "lm_head":    [hidden, vocab]   (absent when tie_word_embeddings)
 }
@@ -23,13 +28,21 @@ from jaxvllm.models.config import ModelConfig
 Shapes = dict[str, Any]
 
 
-def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def layer_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     h, i = cfg.hidden_size, cfg.intermediate_size
     shapes = {
         "input_norm": (h,), "post_attn_norm": (h,),
         "q": (h, cfg.q_size), "k": (h, cfg.kv_size), "v": (h, cfg.kv_size), "o": (cfg.q_size, h),
-        "gate": (h, i), "up": (h, i), "down": (i, h),
     }
+    if cfg.is_moe_layer(layer):
+        e, m, s = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+        shapes.update(router=(h, e), experts_gate=(e, h, m), experts_up=(e, h, m),
+                      experts_down=(e, m, h))
+        if s:
+            shapes.update(shared_gate=(h, s), shared_up=(h, s), shared_down=(s, h),
+                          shared_router=(h, 1))
+    else:
+        shapes.update(gate=(h, i), up=(h, i), down=(i, h))
     if cfg.qkv_bias:
         shapes.update(q_bias=(cfg.q_size,), k_bias=(cfg.kv_size,), v_bias=(cfg.kv_size,))
     if cfg.qk_norm:
@@ -40,7 +53,7 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def param_shapes(cfg: ModelConfig) -> Shapes:
     shapes: Shapes = {
         "embed": (cfg.vocab_size, cfg.hidden_size),
-        "layers": [layer_shapes(cfg) for _ in range(cfg.num_layers)],
+        "layers": [layer_shapes(cfg, i) for i in range(cfg.num_layers)],
         "final_norm": (cfg.hidden_size,),
     }
     if not cfg.tie_word_embeddings:

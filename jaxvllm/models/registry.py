@@ -1,5 +1,6 @@
 """Architecture name (HF `architectures`) -> implementation module. One Flax-free functional
-implementation covers the whole Llama family; config flags select the variants."""
+implementation covers the whole Llama family and its mixture-of-experts relatives (Mixtral,
+Qwen2-MoE, Qwen3-MoE); config flags select the variants."""
 from __future__ import annotations
 
 import importlib
@@ -10,6 +11,9 @@ MODEL_REGISTRY: dict[str, str] = {
     "MistralForCausalLM": "jaxvllm.models.llama",
     "Qwen2ForCausalLM": "jaxvllm.models.llama",
     "Qwen3ForCausalLM": "jaxvllm.models.llama",
+    "MixtralForCausalLM": "jaxvllm.models.llama",
+    "Qwen2MoeForCausalLM": "jaxvllm.models.llama",
+    "Qwen3MoeForCausalLM": "jaxvllm.models.llama",
 }
 
 

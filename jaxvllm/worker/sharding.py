@@ -60,6 +60,11 @@ LAYER_RULES: dict[str, P] = {
     "o": P(AXIS, None),                                                  # row-parallel
     "gate": P(None, AXIS), "up": P(None, AXIS),                          # column-parallel
     "down": P(AXIS, None),                                               # row-parallel
+    # Mixture of experts: each expert's intermediate dimension split, as a dense MLP's.
+    "router": P(), "shared_router": P(),
+    "experts_gate": P(None, None, AXIS), "experts_up": P(None, None, AXIS),
+    "experts_down": P(None, AXIS, None),
+    "shared_gate": P(None, AXIS), "shared_up": P(None, AXIS), "shared_down": P(AXIS, None),
     "input_norm": P(), "post_attn_norm": P(), "q_norm": P(), "k_norm": P(),
 }
 VOCAB_RULES: dict[str, P] = {"embed": P(AXIS, None), "lm_head": P(None, AXIS)}
@@ -85,9 +90,13 @@ def validate(cfg: ModelConfig, tp: int, num_devices: Optional[int] = None) -> in
         raise ValueError(f"num_key_value_heads ({kv}) must be divisible by tensor_parallel_size "
                          f"({tp}), or tensor_parallel_size a multiple of num_key_value_heads (KV "
                          f"heads are then replicated)")
-    if cfg.intermediate_size % tp:
-        raise ValueError(f"intermediate_size ({cfg.intermediate_size}) must be divisible by "
-                         f"tensor_parallel_size ({tp})")
+    sizes = [("moe_intermediate_size", cfg.moe_intermediate_size),
+             ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size)]
+    if not cfg.num_experts or cfg.dense_layers:
+        sizes.append(("intermediate_size", cfg.intermediate_size))
+    for name, size in sizes:
+        if size % tp:
+            raise ValueError(f"{name} ({size}) must be divisible by tensor_parallel_size ({tp})")
     return 1 if kv % tp == 0 else tp // kv
 
 
