@@ -252,3 +252,18 @@ def test_structured_outputs_bench_reports_both_ways():
     assert res["constrained"]["output_tokens"] == 4 * 6
     host = res["constrained"]["host_ms_per_step"]
     assert host["mask_fill"] > 0 and host["update"] > 0 and host["device_wait"] > 0
+
+
+def test_moe_bench_compares_the_ways(tmp_path):
+    """bench/moe.py on a tiny mixture-of-experts config: every way agrees with the grouped GEMM."""
+    from hf_builders import tiny_config
+    tiny_config("qwen3_moe", hidden_size=64, num_attention_heads=4, head_dim=16, num_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=32).save_pretrained(tmp_path)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "moe.py"), "--json",
+                          "--model", str(tmp_path), "--tokens", "1", "16"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)["tokens"]
+    for t in ("1", "16"):
+        assert res[t]["engine_us"] > 0 and res[t]["xla_ragged_dot_us"] > 0
+        assert res[t]["gathered_us"] > 0 and res[t]["gathered_max_rel_diff"] < 1e-2

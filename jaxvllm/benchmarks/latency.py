@@ -1,7 +1,8 @@
 """Latency of one batch (fixed batch size and lengths, random token-id prompts, ignore_eos): time to
 first token, time per output token and tok/s (medians over --iters after --warmup-iters), beside the
-weight-read roofline: roofline tok/s = batch / (param bytes / (memory bandwidth x TP size)), the bandwidth
-measured with a large device copy in the same run (or given with --bandwidth-tbs).
+weight-read roofline: roofline tok/s = batch / (bytes a step reads / (memory bandwidth x TP size)), the
+bandwidth measured with a large device copy in the same run (or given with --bandwidth-tbs). A step
+reads every parameter, but a mixture-of-experts layer only the experts its tokens pick.
 
     jaxvllm bench latency --model bench/configs/llama-3-8b --load-format dummy --dtype bfloat16 \\
         --batch-size 1 --input-len 128 --output-len 256
@@ -34,6 +35,22 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     e = parser.add_argument_group("engine (EngineArgs)")
     EngineArgs.add_cli_args(e)
     return parser
+
+
+def step_read_bytes(engine, batch: int, param_bytes: int) -> int:
+    """The weight bytes one decode step of `batch` tokens reads: every parameter, except that a
+    mixture-of-experts layer reads only the experts its tokens are routed to (the expected number
+    of distinct experts among batch x k picks, routing uniform)."""
+    cfg = engine.model_config
+    if not cfg.num_experts:
+        return param_bytes
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    unread = e * (1 - k / e) ** batch  # experts no token of the step picks, expected
+    layers = engine.runner.params["layers"]
+    per_expert = sum(layers[i][key].nbytes // e for i in range(cfg.num_layers)
+                     if cfg.is_moe_layer(i)
+                     for key in ("experts_gate", "experts_up", "experts_down"))
+    return int(param_bytes - unread * per_expert)
 
 
 def _one_batch(engine, args, rng_seed: int, tag: str) -> dict:
@@ -89,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
     if args.input_len + args.output_len > engine.max_model_len:
         raise SystemExit(f"input+output ({args.input_len + args.output_len}) exceeds "
                          f"max_model_len ({engine.max_model_len})")
-    nbytes = engine.startup_info()["param_bytes"]
-    C.log(f"engine ready in {init_s:.1f}s; params {nbytes / 1e9:.3f} GB")
+    param_bytes = engine.startup_info()["param_bytes"]
+    nbytes = step_read_bytes(engine, args.batch_size, param_bytes)
+    C.log(f"engine ready in {init_s:.1f}s; params {param_bytes / 1e9:.3f} GB, a decode step reads "
+          f"{nbytes / 1e9:.3f} GB")
     for i in range(args.warmup_iters):
         _one_batch(engine, args, args.data_seed + 1000 + i, f"warm{i}")
     iters = []
@@ -112,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         "tpot_ms": tpot * 1e3,
         "output_tokens_per_s": args.batch_size * args.output_len / lat,
         "decode_tokens_per_s": args.batch_size / tpot if tpot == tpot and tpot > 0 else float("nan"),
-        "param_bytes": nbytes, "bandwidth_tbs": bw / 1e12, "bandwidth_source": bw_source,
+        "param_bytes": param_bytes, "step_read_bytes": nbytes, "bandwidth_tbs": bw / 1e12,
+        "bandwidth_source": bw_source,
         "roofline_step_ms": step_bound * 1e3,
         "roofline_tokens_per_s": args.batch_size / step_bound,
         "engine_init_s": init_s, "device": C.device_description(engine),
@@ -124,10 +144,11 @@ def run(args: argparse.Namespace) -> int:
             ["end-to-end latency s", lat],
             ["output tok/s (end to end)", result["output_tokens_per_s"]],
             ["decode tok/s (batch / TPOT)", result["decode_tokens_per_s"]],
-            ["roofline step ms (params / (bandwidth x TP))", result["roofline_step_ms"]],
+            ["roofline step ms (bytes read / (bandwidth x TP))", result["roofline_step_ms"]],
             ["roofline decode tok/s", result["roofline_tokens_per_s"]],
             ["decode / roofline", f"{result['decode_fraction_of_roofline']:.1%}"],
-            ["param GB", nbytes / 1e9], ["bandwidth TB/s", f"{bw / 1e12:.3f} ({bw_source})"],
+            ["param GB", param_bytes / 1e9], ["GB a decode step reads", nbytes / 1e9],
+            ["bandwidth TB/s", f"{bw / 1e12:.3f} ({bw_source})"],
             ["device", result["device"]]]
     title = (f"latency: {args.model or 'default model'} ({args.load_format}, {args.dtype}), batch "
              f"{args.batch_size}, {args.input_len} in / {args.output_len} out, median of "

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.layers import apply_rope, linear, rms_norm, rope_cos_sin
+from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 
 Params = dict[str, Any]
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: K and V, [num_blocks, block_size, kv_heads, head_dim]
@@ -65,47 +66,22 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
     return linear(out.reshape(t, cfg.q_size), lp["o"]), k_cache, v_cache
 
 
-def _mlp(lp: Params, x: jax.Array, prefix: str = "") -> jax.Array:
-    return linear(jax.nn.silu(linear(x, lp[prefix + "gate"])) * linear(x, lp[prefix + "up"]),
-                  lp[prefix + "down"])
-
-
-def _moe(cfg: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
-    """Mixture of experts: each token's top-k experts by the router's softmax (in float32, the
-    weights renormalised over the k when the model says so), as HF's Mixtral / Qwen-MoE blocks.
-    The k copies of every token are sorted by expert, so each expert's GEMMs run over its own
-    contiguous rows (`ragged_dot`, one grouped GEMM per projection), and the weighted outputs are
-    summed back per token. Padding tokens are routed too; their rows are never read."""
-    k = cfg.num_experts_per_tok
-    probs = jax.nn.softmax(linear(x, lp["router"]).astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, k)                    # [T, k]
-    if cfg.norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)                         # rows grouped by expert
-    token = order // k
-    group_sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
-    rows = x[token]
-    gate = jax.lax.ragged_dot(rows, lp["experts_gate"], group_sizes)
-    up = jax.lax.ragged_dot(rows, lp["experts_up"], group_sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, lp["experts_down"], group_sizes)
-    out = out * weights.reshape(-1)[order][:, None].astype(x.dtype)
-    y = jnp.zeros_like(x).at[token].add(out)
-    if "shared_router" in lp:  # Qwen2-MoE: a dense expert every token takes, gated on its own
-        y = y + jax.nn.sigmoid(linear(x, lp["shared_router"])) * _mlp(lp, x, "shared_")
-    return y
+def _mlp(lp: Params, x: jax.Array) -> jax.Array:
+    return linear(jax.nn.silu(linear(x, lp["gate"])) * linear(x, lp["up"]), lp["down"])
 
 
 def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfig,
-            attention_fn: AttentionFn) -> tuple[jax.Array, KVCache]:
+            attention_fn: AttentionFn,
+            experts_fn: ExpertsFn = experts_swiglu) -> tuple[jax.Array, KVCache]:
     """Runs all layers over the batch's new tokens; returns final hidden states [T, hidden] (before
-    the final norm) and the updated cache."""
+    the final norm) and the updated cache. `experts_fn`: mixture-of-experts layers' experts
+    (models/moe.py)."""
     x = params["embed"][inp.token_ids]
     cos, sin = rope_cos_sin(cfg, inp.positions)
     new_cache: KVCache = []
     for lp, (k_cache, v_cache) in zip(params["layers"], kv_cache):
         x, k_cache, v_cache = _decoder_layer(lp, x, cos, sin, k_cache, v_cache, inp, cfg=cfg,
-                                             attention_fn=attention_fn)
+                                             attention_fn=attention_fn, experts_fn=experts_fn)
         new_cache.append((k_cache, v_cache))
     return x, new_cache
 
@@ -114,16 +90,17 @@ def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfi
 # MLIR function called num_layers times) instead of once per layer: at the 8B shape this cut the 9
 # buckets' tracing + lowering from 9.0 s to 5.0 s of start-up. XLA inlines the calls, so the compiled
 # step is the same program.
-@functools.partial(jax.jit, static_argnames=("cfg", "attention_fn"))
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_fn", "experts_fn"))
 def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
-                   v_cache: jax.Array, inp: ModelInputs, cfg: ModelConfig,
-                   attention_fn: AttentionFn) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   v_cache: jax.Array, inp: ModelInputs, cfg: ModelConfig, attention_fn: AttentionFn,
+                   experts_fn: ExpertsFn) -> tuple[jax.Array, jax.Array, jax.Array]:
     h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps)
     attn, k_cache, v_cache = _attention_block(cfg, lp, h, cos, sin, k_cache, v_cache, inp,
                                               attention_fn)
     x = x + attn
     h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)
-    return x + (_moe(cfg, lp, h) if "router" in lp else _mlp(lp, h)), k_cache, v_cache
+    return (x + (moe(cfg, lp, h, experts_fn) if "router" in lp else _mlp(lp, h)), k_cache,
+            v_cache)
 
 
 def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

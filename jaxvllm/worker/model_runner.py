@@ -35,6 +35,7 @@ from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, SamplingInputs, St
                                         default_token_buckets, sampling_shapes)
 from jaxvllm.worker import token_table
 from jaxvllm.worker.token_table import TokenTable
+from jaxvllm.models.moe import experts_swiglu
 from pallas_kernels import ragged_paged_attention
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,10 @@ class ModelRunner:
         self._kv_sharding = (shardings.kv_cache if shardings is not None else
                              None if device is None else jax.sharding.SingleDeviceSharding(device))
         self.attention_fn = attention_fn or ragged_paged_attention
-        if shardings is not None:  # tensor parallel: attention runs per device on its heads
+        self.experts_fn = experts_swiglu
+        if shardings is not None:  # tensor parallel: attention and experts run per device
             self.attention_fn = shardings.attention_fn(self.attention_fn)
+            self.experts_fn = shardings.experts_fn(self.experts_fn)
         buckets = config.token_buckets or default_token_buckets(config.max_num_batched_tokens)
         if buckets[-1] < config.max_num_batched_tokens:
             raise ValueError(f"token_buckets must reach max_num_batched_tokens "
@@ -164,7 +167,8 @@ class ModelRunner:
         # scheduling: the host never waited for them).
         token_ids = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], inp.token_ids)
         inp = dataclasses.replace(inp, token_ids=token_ids)
-        hidden, kv_cache = llama.forward(params, kv_cache, inp, self.cfg, self.attention_fn)
+        hidden, kv_cache = llama.forward(params, kv_cache, inp, self.cfg, self.attention_fn,
+                                         self.experts_fn)
         logits = llama.compute_logits(params, hidden[logits_indices], self.cfg)
         # Also every token's hidden state, for prompt logprobs (scored in row chunks afterwards:
         # logits of a whole 2048-token bucket at a 128k vocabulary would be 1 GiB). Always, not as

@@ -174,6 +174,18 @@ class TPShardings:
 
         return sharded_attention
 
+    def experts_fn(self, base_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+        """Wraps a mixture-of-experts ExpertsFn (models/moe.py) to run per device on every
+        expert's slice of the intermediate dimension, the routed rows whole; the partial outputs
+        are summed (the all-reduce of a dense MLP's down projection)."""
+        mesh, rep = self.mesh, P()
+        col, row = LAYER_RULES["experts_gate"], LAYER_RULES["experts_down"]
+
+        def local(rows, group_sizes, w_gate, w_up, w_down):
+            return jax.lax.psum(base_fn(rows, group_sizes, w_gate, w_up, w_down), AXIS)
+
+        return _shard_map(local, mesh, in_specs=(rep, rep, col, col, row), out_specs=rep)
+
     def step_jit_kwargs(self) -> dict[str, Any]:
         """`jax.jit` arguments for the runner's step `(params, kv_cache, packed host inputs,
         previous samples) -> (kv_cache, logits, all_hidden)`: the cache stays split over KV heads (so the donated buffers
