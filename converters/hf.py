@@ -69,7 +69,15 @@ _MOE_TENSORS: dict[str, tuple[str, str, dict[str, str]]] = {
 _MOE_DEFAULT = ("mlp", "gate", {"gate_proj": "experts_gate", "up_proj": "experts_up",
                                 "down_proj": "experts_down"})
 
-Path = tuple  # ("embed",), ("layers", i, "q") or ("layers", i, "experts_up", expert)
+# Fused tensors (Phi-3): HF suffix -> the layout keys its output rows hold, in order.
+_FUSED_TENSORS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj.weight": ("q", "k", "v"),
+    "mlp.gate_up_proj.weight": ("gate", "up"),
+}
+_FUSED_ARCHITECTURES = ("Phi3ForCausalLM",)
+
+Path = tuple  # ("embed",), ("layers", i, "q"), ("layers", i, "experts_up", expert) or
+#               ("layers", i, ("q", "k", "v")) for a fused tensor
 
 
 def canonical_dtype(dtype: Optional[str]) -> str:
@@ -92,10 +100,14 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[str, tuple[Path, bool]]:
         if key in shapes:
             out[name] = ((key,), t)
     module, router, experts = _MOE_TENSORS.get(cfg.architecture, _MOE_DEFAULT)
+    fused = _FUSED_TENSORS if cfg.architecture in _FUSED_ARCHITECTURES else {}
+    in_fused = {key for keys in fused.values() for key in keys}
     for i, layer in enumerate(shapes["layers"]):
         for suffix, (key, t) in HF_LAYER_TENSORS.items():
-            if key in layer:
+            if key in layer and key not in in_fused:
                 out[f"model.layers.{i}.{suffix}"] = (("layers", i, key), t)
+        for suffix, keys in fused.items():
+            out[f"model.layers.{i}.{suffix}"] = (("layers", i, keys), True)
         if "router" in layer:
             out[f"model.layers.{i}.{module}.{router}.weight"] = (("layers", i, "router"), True)
             for j in range(cfg.num_experts):
@@ -171,6 +183,9 @@ class ParamsBuilder:
         return False
 
     def target_shape(self, path: Path) -> tuple[int, ...]:
+        if isinstance(path[-1], tuple):  # a fused tensor: its parts side by side
+            parts = [self.shapes["layers"][path[1]][key] for key in path[-1]]
+            return (parts[0][0], sum(p[1] for p in parts))
         node: Any = self.shapes
         for p in path[:3]:
             node = node[p]
@@ -196,7 +211,13 @@ class ParamsBuilder:
             value = place(tensor, transpose=transpose, dtype=self.dtype)
         except (TypeError, ValueError) as e:
             raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r}: {e}") from e
-        if len(path) == 4:  # one expert: stacked once the layer has them all (finish)
+        if isinstance(path[-1], tuple):  # a fused tensor: its parts side by side, [in, out]
+            start = 0
+            for key in path[-1]:
+                width = self.shapes["layers"][path[1]][key][1]
+                self.params["layers"][path[1]][key] = value[:, start:start + width]
+                start += width
+        elif len(path) == 4:  # one expert: stacked once the layer has them all (finish)
             stack = self.params["layers"][path[1]].setdefault(path[2], [None] * self.cfg.num_experts)
             stack[path[3]] = value
         elif path[0] == "layers":

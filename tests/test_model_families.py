@@ -1,4 +1,4 @@
-"""The engine end to end on the model families beyond the dense Llama layout (tiny random HF models,
+"""The engine end to end on the model families beyond the plain Llama layout (tiny random HF models,
 float32, CPU): prompt logprobs within 2e-3 of HF transformers and greedy tokens equal to HF's
 generate, through the scheduler's chunked prefill and prefix caching, on prompts longer than the
 sliding window where the model has one."""
@@ -19,6 +19,13 @@ FAMILIES = {
     "qwen2_moe": lambda: tiny_config("qwen2_moe", **_SMALL, num_key_value_heads=4, num_experts=6,
                                      num_experts_per_tok=2, moe_intermediate_size=32,
                                      shared_expert_intermediate_size=48, decoder_sparse_step=2),
+    # LongRoPE within its original context (short factors), partial rotary, sliding window;
+    # fused qkv and gate_up weights, split when loaded.
+    "phi3": lambda: tiny_config("phi3", **dict(_SMALL, num_attention_heads=4), num_key_value_heads=2,
+                                pad_token_id=0, partial_rotary_factor=0.5, sliding_window=11,
+                                original_max_position_embeddings=128,
+                                rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.0, 3.5],
+                                              "long_factor": [2.0, 3.0, 5.0, 9.0]}),
     "qwen3_moe": lambda: tiny_config("qwen3_moe", **_SMALL, num_key_value_heads=2, head_dim=16,
                                      num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
                                      norm_topk_prob=True, mlp_only_layers=[0]),

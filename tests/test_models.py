@@ -37,6 +37,14 @@ CONFIGS = {
                                            sliding_window=7),
     "qwen2-bias": lambda: tiny_config("qwen2", **_SMALL, num_key_value_heads=4),
     "qwen3-qknorm": lambda: tiny_config("qwen3", **_SMALL, num_key_value_heads=1, head_dim=16),
+    # LongRoPE past its original context (32) for the whole 37-token prompt, partial rotary.
+    "phi3-longrope": lambda: tiny_config(
+        "phi3", **dict(_SMALL, num_attention_heads=4), num_key_value_heads=2, pad_token_id=0,
+        partial_rotary_factor=0.5, original_max_position_embeddings=32,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.0, 3.5],
+                      "long_factor": [2.0, 3.0, 5.0, 9.0]}),
+    "phi3-sliding": lambda: tiny_config("phi3", **_SMALL, num_key_value_heads=8, sliding_window=9,
+                                        pad_token_id=0),
     "mixtral-moe": lambda: tiny_config("mixtral", **_SMALL, num_key_value_heads=2,
                                        num_local_experts=4, num_experts_per_tok=2, sliding_window=9),
     "qwen2-moe-shared": lambda: tiny_config("qwen2_moe", **_SMALL, num_key_value_heads=4,
@@ -80,10 +88,20 @@ def test_logits_match_hf(name, tmp_path):
     ids = np.random.RandomState(1).randint(0, 256, size=37)
     with torch.no_grad():
         ref = model(torch.tensor(ids)[None]).logits[0].numpy()
-    for chunks in ((), (5, 16, 17)):
-        got = run_sequence(loaded.params, loaded.config, ids, chunks)
-        err = np.abs(got - ref).max()
-        assert err < 2e-4 * max(1.0, np.abs(ref).max()), (name, chunks, err, np.abs(ref).max())
+    runs = [((), ids, ref)]
+    if "longrope" in name:
+        # Chunked, a prompt within the original context (short factors); HF takes the long ones
+        # for a whole forward pass past it, which chunks of a longer prompt would not match.
+        with torch.no_grad():
+            short_ref = model(torch.tensor(ids[:30])[None]).logits[0].numpy()
+        runs.append(((5, 16, 17), ids[:30], short_ref))
+        assert np.abs(short_ref - ref[:30]).max() > 1e-2  # the long factors mattered
+    else:
+        runs.append(((5, 16, 17), ids, ref))
+    for chunks, seq, want in runs:
+        got = run_sequence(loaded.params, loaded.config, seq, chunks)
+        err = np.abs(got - want).max()
+        assert err < 2e-4 * max(1.0, np.abs(want).max()), (name, chunks, err, np.abs(want).max())
     assert np.abs(ref).max() > 1.0  # not flat
 
 
@@ -122,7 +140,7 @@ def test_registry_rejects_unknown_architecture():
         ModelConfig.from_hf({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8})
     assert set(MODEL_REGISTRY) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                    "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                                   "Qwen3MoeForCausalLM"}
+                                   "Qwen3MoeForCausalLM", "Phi3ForCausalLM"}
 
 
 _PARTIAL_CONFIGS = [
@@ -139,12 +157,14 @@ _PARTIAL_CONFIGS = [
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "mixtral",
-                                        "qwen2_moe", "qwen3_moe"])
+                                        "qwen2_moe", "qwen3_moe", "phi3"])
 @pytest.mark.parametrize("partial", range(len(_PARTIAL_CONFIGS)))
 def test_config_dict_defaults_match_transformers(model_type, partial):
     """A config.json that leaves fields out is read (without transformers) as transformers reads it."""
     from transformers import AutoConfig
 
+    if model_type == "phi3" and "rope_scaling" in _PARTIAL_CONFIGS[partial]:
+        pytest.skip("transformers' Phi-3 config takes LongRoPE only")
     # A deep copy: transformers writes into the rope_scaling dict it is given.
     raw = copy.deepcopy(dict(_PARTIAL_CONFIGS[partial], model_type=model_type))
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -41,6 +42,7 @@ class ModelConfig:
     norm_topk_prob: bool = False       # the top-k routing weights renormalised to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a shared expert with its own gate
     dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP instead
+    partial_rotary_factor: float = 1.0  # RoPE on the first head_dim x this of each head (Phi-4-mini)
 
     @property
     def q_size(self) -> int:
@@ -49,6 +51,10 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and i not in self.dense_layers
@@ -75,6 +81,8 @@ class ModelConfig:
                              f"num_key_value_heads ({kv_heads})")
         head_dim = d.get("head_dim") or hidden // heads
         rope_scaling, rope_theta = _rope(d)
+        partial_rotary = float(d.get("partial_rotary_factor")
+                               or (d.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0)
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
         dtype = str(dtype).replace("torch.", "")
         if dtype not in _DTYPES:  # e.g. float8: the engine computes in one of _DTYPES
@@ -103,6 +111,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            partial_rotary_factor=partial_rotary,
             rope_scaling=rope_scaling,
             sliding_window=sliding,
             dtype=dtype,
@@ -134,7 +143,7 @@ def _moe_fields(arch: str, d: dict) -> dict[str, Any]:
 _MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                        "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                       "qwen3_moe": "Qwen3MoeForCausalLM"}
+                       "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
 _ARCH_TO_MODEL_TYPE = {a: t for t, a in _MODEL_TYPE_TO_ARCH.items()}
 
 # transformers' config-class defaults (5.x) for the fields `from_hf` reads, so that a config.json is
@@ -162,6 +171,9 @@ HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
                       num_attention_heads=16, num_key_value_heads=16,
                       moe_intermediate_size=1408, num_experts=60, num_experts_per_tok=4,
                       shared_expert_intermediate_size=5632),
+    "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                 num_attention_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                 bos_token_id=1, eos_token_id=32000),
     "qwen3_moe": dict(_QWEN, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
                       num_attention_heads=32, num_key_value_heads=4,
                       moe_intermediate_size=768, num_local_experts=128, num_experts_per_tok=8),
@@ -178,11 +190,31 @@ def _rope(d: dict) -> tuple[Optional[dict], float]:
     if scaling is not None:
         scaling = dict(scaling)
         kind = scaling.get("rope_type") or scaling.get("type") or "default"
+        kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it
         scaling["rope_type"] = kind
-        scaling.pop("type", None)
-        scaling.pop("rope_theta", None)
+        for key in ("type", "rope_theta", "partial_rotary_factor"):
+            scaling.pop(key, None)
         if kind == "default":
             scaling = None
+        elif kind == "longrope":
+            _longrope(scaling, d)
         elif kind not in ("linear", "dynamic", "llama3"):
-            raise ValueError(f"Unsupported rope_scaling type {kind!r}; supported: linear, dynamic, llama3")
+            raise ValueError(f"Unsupported rope_scaling type {kind!r}; supported: linear, dynamic, "
+                             f"llama3, longrope")
     return scaling, theta
+
+
+def _longrope(scaling: dict, d: dict) -> None:
+    """LongRoPE's derived fields, as transformers derives them: the original context (config or
+    rope parameters), its ratio to the context as the factor, and the attention factor."""
+    original = scaling.get("original_max_position_embeddings") or d.get(
+        "original_max_position_embeddings") or d["max_position_embeddings"]
+    scaling["original_max_position_embeddings"] = int(original)
+    factor = scaling.get("factor") or d["max_position_embeddings"] / original
+    if scaling.get("attention_factor") is None:
+        scaling["attention_factor"] = (1.0 if factor <= 1.0 else
+                                       math.sqrt(1 + math.log(factor) / math.log(original)))
+    for key in ("short_factor", "long_factor"):
+        if not isinstance(scaling.get(key), (list, tuple)):
+            raise ValueError(f"rope_scaling of type longrope needs a list {key}")
+        scaling[key] = tuple(float(f) for f in scaling[key])

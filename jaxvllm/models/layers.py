@@ -18,13 +18,16 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * y.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies after `linear`/`llama3` scaling (computed once, at trace time)."""
-    dim = cfg.head_dim
+def rope_inv_freq(cfg: ModelConfig, longrope_factors: str = "short_factor") -> np.ndarray:
+    """Inverse frequencies after `linear`/`llama3`/`longrope` scaling (computed once, at trace
+    time; `longrope_factors` picks LongRoPE's short or long factors)."""
+    dim = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type")
-    if kind == "linear":
+    if kind == "longrope":
+        inv_freq = inv_freq / np.asarray(scaling[longrope_factors], np.float64)
+    elif kind == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
     elif kind == "llama3":
         factor = float(scaling["factor"])
@@ -42,7 +45,7 @@ def _dynamic_inv_freq(cfg: ModelConfig, positions: jax.Array) -> jax.Array:
     """Dynamic NTK scaling, per token: HF recomputes the base from the sequence length once it passes
     max_position_embeddings. A paged batch has no single length, so each token uses its own
     position + 1 (identical to HF whenever the sequence fits the original context)."""
-    dim = cfg.head_dim
+    dim = cfg.rotary_dim
     factor = float(cfg.rope_scaling["factor"])
     max_pos = cfg.max_position_embeddings
     seq_len = jnp.maximum(positions.astype(jnp.float32) + 1.0, float(max_pos))
@@ -51,10 +54,19 @@ def _dynamic_inv_freq(cfg: ModelConfig, positions: jax.Array) -> jax.Array:
     return 1.0 / (base[:, None] ** exponents[None, :])
 
 
-def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape [T, head_dim] in float32 (HF's non-interleaved, rotate-half layout)."""
-    if (cfg.rope_scaling or {}).get("rope_type") == "dynamic":
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array,
+                 token_seq_lens: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape [T, rotary_dim] in float32 (HF's non-interleaved, rotate-half layout).
+    `token_seq_lens`: each token's sequence length with this step's tokens (LongRoPE takes its long
+    factors for a sequence past the original context, as HF does for a forward pass that long)."""
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if kind == "dynamic":
         freqs = positions.astype(jnp.float32)[:, None] * _dynamic_inv_freq(cfg, positions)
+    elif kind == "longrope":
+        long = token_seq_lens > cfg.rope_scaling["original_max_position_embeddings"]
+        inv_freq = jnp.where(long[:, None], jnp.asarray(rope_inv_freq(cfg, "long_factor"))[None],
+                             jnp.asarray(rope_inv_freq(cfg))[None])
+        freqs = positions.astype(jnp.float32)[:, None] * inv_freq
     else:
         freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))[None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -67,12 +79,14 @@ def _attention_factor(cfg: ModelConfig) -> float:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    """x: [T, heads, head_dim]; cos/sin: [T, rotary_dim] (the first rotary_dim of each head turn)."""
+    rot, rest = x[..., :cos.shape[-1]], x[..., cos.shape[-1]:]
+    half = rot.shape[-1] // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
     cos = cos[:, None, :].astype(x.dtype)
     sin = sin[:, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    out = rot * cos + rotated * sin
+    return out if rest.shape[-1] == 0 else jnp.concatenate([out, rest], axis=-1)
 
 
 def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:

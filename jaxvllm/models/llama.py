@@ -1,5 +1,5 @@
-"""The Llama family (Llama 2/3/3.1+, Mistral, Qwen2, Qwen3, SmolLM) and its mixture-of-experts relatives
-(Mixtral, Qwen2-MoE, Qwen3-MoE) on the engine's ragged, paged batch.
+"""The Llama family (Llama 2/3/3.1+, Mistral, Qwen2, Qwen3, SmolLM, Phi-3) and its mixture-of-experts
+relatives (Mixtral, Qwen2-MoE, Qwen3-MoE) on the engine's ragged, paged batch.
 
 Layers run unrolled (a Python loop over the per-layer params list): each layer's KV cache is its own
 donated buffer, updated in place, and the attention kernel reads it without a copy. See
@@ -77,7 +77,11 @@ def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfi
     the final norm) and the updated cache. `experts_fn`: mixture-of-experts layers' experts
     (models/moe.py)."""
     x = params["embed"][inp.token_ids]
-    cos, sin = rope_cos_sin(cfg, inp.positions)
+    token_seq_lens = None
+    if (cfg.rope_scaling or {}).get("rope_type") == "longrope":  # each token's request's length
+        req = jnp.searchsorted(inp.query_start_loc[1:], jnp.arange(x.shape[0]), side="right")
+        token_seq_lens = inp.seq_lens[jnp.minimum(req, inp.seq_lens.shape[0] - 1)]
+    cos, sin = rope_cos_sin(cfg, inp.positions, token_seq_lens)
     new_cache: KVCache = []
     for lp, (k_cache, v_cache) in zip(params["layers"], kv_cache):
         x, k_cache, v_cache = _decoder_layer(lp, x, cos, sin, k_cache, v_cache, inp, cfg=cfg,

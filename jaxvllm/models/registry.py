@@ -1,6 +1,7 @@
 """Architecture name (HF `architectures`) -> implementation module. One Flax-free functional
-implementation covers the whole Llama family and its mixture-of-experts relatives (Mixtral,
-Qwen2-MoE, Qwen3-MoE); config flags select the variants."""
+implementation covers the whole Llama family (Phi-3 too: its fused weights are split when loaded) and
+its mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE); config flags select the
+variants."""
 from __future__ import annotations
 
 import importlib
@@ -14,6 +15,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "MixtralForCausalLM": "jaxvllm.models.llama",
     "Qwen2MoeForCausalLM": "jaxvllm.models.llama",
     "Qwen3MoeForCausalLM": "jaxvllm.models.llama",
+    "Phi3ForCausalLM": "jaxvllm.models.llama",
 }
 
 
