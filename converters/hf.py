@@ -51,6 +51,8 @@ HF_LAYER_TENSORS: dict[str, tuple[str, bool]] = {
     "mlp.shared_expert_gate.weight": ("shared_router", True),
     "input_layernorm.weight": ("input_norm", False),
     "post_attention_layernorm.weight": ("post_attn_norm", False),
+    "pre_feedforward_layernorm.weight": ("pre_ffn_norm", False),
+    "post_feedforward_layernorm.weight": ("post_ffn_norm", False),
 }
 HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
     "model.embed_tokens.weight": ("embed", False),

@@ -45,6 +45,18 @@ CONFIGS = {
                       "long_factor": [2.0, 3.0, 5.0, 9.0]}),
     "phi3-sliding": lambda: tiny_config("phi3", **_SMALL, num_key_value_heads=8, sliding_window=9,
                                         pad_token_id=0),
+    # Soft caps (both), local layers (sliding window 9) alternating with global ones.
+    "gemma2": lambda: tiny_config("gemma2", **dict(_SMALL, num_attention_heads=4), num_key_value_heads=2,
+                                  head_dim=16, query_pre_attn_scalar=24, sliding_window=9,
+                                  attn_logit_softcapping=20.0, final_logit_softcapping=10.0),
+    # Two local layers (RoPE base 1e4) then a global one (1e6, linear scaling), q/k norms.
+    "gemma3": lambda: tiny_config(
+        "gemma3_text", **dict(_SMALL, num_attention_heads=4, num_hidden_layers=3),
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=9,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1000000.0}}),
     "mixtral-moe": lambda: tiny_config("mixtral", **_SMALL, num_key_value_heads=2,
                                        num_local_experts=4, num_experts_per_tok=2, sliding_window=9),
     "qwen2-moe-shared": lambda: tiny_config("qwen2_moe", **_SMALL, num_key_value_heads=4,
@@ -75,8 +87,9 @@ def run_sequence(params, cfg: ModelConfig, ids: np.ndarray, chunks: tuple[int, .
             jnp.asarray(table[0, pos // BLOCK] * BLOCK + pos % BLOCK),
             jnp.array([0, hi - lo], jnp.int32), jnp.array([hi], jnp.int32), jnp.asarray(table),
             jnp.array([1], jnp.int32))
-        hidden, cache = llama.forward(params, cache, inp, cfg, ragged_paged_attention_reference)
-        out.append(np.asarray(llama.compute_logits(params, hidden, cfg)))
+        model = get_model_module(cfg.architecture)
+        hidden, cache = model.forward(params, cache, inp, cfg, ragged_paged_attention_reference)
+        out.append(np.asarray(model.compute_logits(params, hidden, cfg)))
     return np.concatenate(out)
 
 
@@ -140,7 +153,8 @@ def test_registry_rejects_unknown_architecture():
         ModelConfig.from_hf({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8})
     assert set(MODEL_REGISTRY) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                                    "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                                   "Qwen3MoeForCausalLM", "Phi3ForCausalLM"}
+                                   "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM",
+                                   "Gemma3ForCausalLM"}
 
 
 _PARTIAL_CONFIGS = [
@@ -157,7 +171,8 @@ _PARTIAL_CONFIGS = [
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "mixtral",
-                                        "qwen2_moe", "qwen3_moe", "phi3"])
+                                        "qwen2_moe", "qwen3_moe", "phi3", "gemma2",
+                                        "gemma3_text"])
 @pytest.mark.parametrize("partial", range(len(_PARTIAL_CONFIGS)))
 def test_config_dict_defaults_match_transformers(model_type, partial):
     """A config.json that leaves fields out is read (without transformers) as transformers reads it."""
@@ -165,6 +180,8 @@ def test_config_dict_defaults_match_transformers(model_type, partial):
 
     if model_type == "phi3" and "rope_scaling" in _PARTIAL_CONFIGS[partial]:
         pytest.skip("transformers' Phi-3 config takes LongRoPE only")
+    if model_type == "gemma3_text" and "type" in _PARTIAL_CONFIGS[partial].get("rope_scaling", {}):
+        pytest.skip("transformers' Gemma 3 config keeps a legacy rope_scaling 'type' unapplied")
     # A deep copy: transformers writes into the rope_scaling dict it is given.
     raw = copy.deepcopy(dict(_PARTIAL_CONFIGS[partial], model_type=model_type))
     try:

@@ -26,8 +26,8 @@ ALLOWED = [5, 17, 33, 70, 101, 180, 222]
 
 # ---- the subprocess ------------------------------------------------------------------------------
 def _save_model(d: str, kind: str, hidden: int, kv_heads: int, **extra: Any) -> None:
-    """`kind` "llama" (untied embeddings), "qwen2" or "qwen2_moe" (tied), with a 256-word
-    tokenizer."""
+    """`kind` "llama" (untied embeddings), "qwen2", "qwen2_moe" or "gemma2" (tied), with a
+    256-word tokenizer."""
     from hf_builders import save_word_tokenizer, tiny_config, tiny_model
     cfg = tiny_config(kind, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=LAYERS,
                       num_attention_heads=8, num_key_value_heads=kv_heads,
@@ -158,6 +158,11 @@ def _worker(out_path: str) -> None:
         _save_model(moe, "qwen2_moe", hidden=64, kv_heads=4, num_experts=4, num_experts_per_tok=2,
                     moe_intermediate_size=32, shared_expert_intermediate_size=64)
         report["qwen2_moe"] = {tp: _run_engine(moe, tp, "float32", inspect=False) for tp in (1, 2, 4)}
+        # Gemma 2: soft-capped attention per device, local and global layers.
+        gemma = os.path.join(tmp, "gemma2")
+        _save_model(gemma, "gemma2", hidden=64, kv_heads=4, head_dim=16, query_pre_attn_scalar=16,
+                    sliding_window=9, attn_logit_softcapping=20.0, final_logit_softcapping=10.0)
+        report["gemma2"] = {tp: _run_engine(gemma, tp, "float32", inspect=False) for tp in (1, 2)}
         errors = {}
         for name, d, tp in (("heads", llama, 3), ("devices", llama, 16), ("kv_heads", qwen, 3)):
             try:
@@ -228,9 +233,9 @@ def test_token_masks_hold_under_tp(report):
         assert masked != report["llama"][tp]["tokens"]  # the mask mattered
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_moe_greedy_tokens_match_tp1(report, tp):
-    ref, got = report["qwen2_moe"][1], report["qwen2_moe"][tp]
+@pytest.mark.parametrize("model, tp", [("qwen2_moe", 2), ("qwen2_moe", 4), ("gemma2", 2)])
+def test_other_families_greedy_tokens_match_tp1(report, model, tp):
+    ref, got = report[model][1], report[model][tp]
     assert got["tokens"] == ref["tokens"]
     assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
     assert got["masked_tokens"] == ref["masked_tokens"]

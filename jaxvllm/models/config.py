@@ -43,6 +43,14 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a shared expert with its own gate
     dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP instead
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim x this of each head (Phi-4-mini)
+    # Gemma 2/3: layers without the sliding window, norms after attention and the MLP too, query
+    # scaling, soft caps, and the sliding layers' own RoPE base.
+    full_attention_layers: tuple[int, ...] = ()
+    post_norms: bool = False
+    query_pre_attn_scalar: Optional[float] = None
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    rope_local_theta: Optional[float] = None
 
     @property
     def q_size(self) -> int:
@@ -55,6 +63,9 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_sliding_window(self, i: int) -> Optional[int]:
+        return None if i in self.full_attention_layers else self.sliding_window
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and i not in self.dense_layers
@@ -80,7 +91,7 @@ class ModelConfig:
             raise ValueError(f"num_attention_heads ({heads}) must be a multiple of "
                              f"num_key_value_heads ({kv_heads})")
         head_dim = d.get("head_dim") or hidden // heads
-        rope_scaling, rope_theta = _rope(d)
+        rope_scaling, rope_theta = _rope(d) if arch not in _GEMMA else (None, 0.0)
         partial_rotary = float(d.get("partial_rotary_factor")
                                or (d.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0)
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
@@ -96,7 +107,13 @@ class ModelConfig:
         sliding = d.get("sliding_window") if d.get("use_sliding_window", True) else None
         if arch in ("LlamaForCausalLM",):
             sliding = None
-        return cls(**_moe_fields(arch, d), 
+        if arch in _GEMMA:
+            gemma = _gemma_fields(arch, d)
+            rope_scaling, rope_theta = gemma.pop("rope_scaling"), gemma.pop("rope_theta")
+            sliding = d.get("sliding_window")
+        else:
+            gemma = {}
+        return cls(**_moe_fields(arch, d), **gemma, 
             architecture=arch,
             vocab_size=d["vocab_size"],
             hidden_size=hidden,
@@ -110,7 +127,7 @@ class ModelConfig:
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             partial_rotary_factor=partial_rotary,
             rope_scaling=rope_scaling,
             sliding_window=sliding,
@@ -118,6 +135,33 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
         )
+
+
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
+def _gemma_fields(arch: str, d: dict) -> dict[str, Any]:
+    """Gemma 2/3's fields, from transformers 5's config (`layer_types`, RoPE per layer type) or
+    the older one (`sliding_window_pattern`, `rope_theta` + `rope_local_base_freq`)."""
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types")
+    if not types:
+        pattern = 2 if arch == "Gemma2ForCausalLM" else int(d.get("sliding_window_pattern") or 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                 for i in range(n)]
+    params = d.get("rope_parameters") or {}
+    if "full_attention" in params:  # transformers 5: a RoPE per layer type
+        rope_scaling, rope_theta = _rope({"rope_parameters": params["full_attention"]})
+        local_theta = params.get("sliding_attention", {}).get("rope_theta")
+    else:
+        rope_scaling, rope_theta = _rope(d)
+        local_theta = d.get("rope_local_base_freq")
+    return dict(full_attention_layers=tuple(i for i, t in enumerate(types) if t != "sliding_attention"),
+                post_norms=True, query_pre_attn_scalar=float(d["query_pre_attn_scalar"]),
+                attn_logit_softcapping=d.get("attn_logit_softcapping"),
+                final_logit_softcapping=d.get("final_logit_softcapping"),
+                rope_local_theta=None if arch == "Gemma2ForCausalLM" else float(local_theta or 1e4),
+                rope_scaling=rope_scaling, rope_theta=rope_theta)
 
 
 def _moe_fields(arch: str, d: dict) -> dict[str, Any]:
@@ -143,7 +187,8 @@ def _moe_fields(arch: str, d: dict) -> dict[str, Any]:
 _MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                        "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                       "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
+                       "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
+                       "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _ARCH_TO_MODEL_TYPE = {a: t for t, a in _MODEL_TYPE_TO_ARCH.items()}
 
 # transformers' config-class defaults (5.x) for the fields `from_hf` reads, so that a config.json is
@@ -171,6 +216,16 @@ HF_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
                       num_attention_heads=16, num_key_value_heads=16,
                       moe_intermediate_size=1408, num_experts=60, num_experts_per_tok=4,
                       shared_expert_intermediate_size=5632),
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                   max_position_embeddings=8192, sliding_window=4096, query_pre_attn_scalar=256,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   tie_word_embeddings=True, bos_token_id=2, eos_token_id=1),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=256, rms_norm_eps=1e-6, max_position_embeddings=131072,
+                        sliding_window=4096, query_pre_attn_scalar=256, tie_word_embeddings=True,
+                        bos_token_id=2, eos_token_id=1, rope_theta=1e6, rope_local_base_freq=1e4),
     "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                  num_attention_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096,
                  bos_token_id=1, eos_token_id=32000),

@@ -8,6 +8,7 @@ params = {
      "o": [heads*head_dim, hidden],
      "q_bias"/"k_bias"/"v_bias": [heads*head_dim] / [kv_heads*head_dim]   (qkv_bias models only)
      "q_norm"/"k_norm": [head_dim]                                         (qk_norm models only)
+     "pre_ffn_norm"/"post_ffn_norm": [hidden]                              (Gemma's extra norms)
      "gate": [hidden, inter], "up": [hidden, inter], "down": [inter, hidden]    (dense MLP layers)
      "router": [hidden, experts],                                             (MoE layers instead)
      "experts_gate"/"experts_up": [experts, hidden, moe_inter], "experts_down": [experts, moe_inter, hidden]
@@ -43,6 +44,8 @@ def layer_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
                           shared_router=(h, 1))
     else:
         shapes.update(gate=(h, i), up=(h, i), down=(i, h))
+    if cfg.post_norms:  # Gemma: post_attn_norm is then the attention output's norm
+        shapes.update(pre_ffn_norm=(h,), post_ffn_norm=(h,))
     if cfg.qkv_bias:
         shapes.update(q_bias=(cfg.q_size,), k_bias=(cfg.kv_size,), v_bias=(cfg.kv_size,))
     if cfg.qk_norm:

@@ -1,7 +1,8 @@
-"""Architecture name (HF `architectures`) -> implementation module. One Flax-free functional
-implementation covers the whole Llama family (Phi-3 too: its fused weights are split when loaded) and
+"""Architecture name (HF `architectures`) -> implementation module (`forward`, `compute_logits`;
+the batch and cache helpers are llama.py's). One Flax-free functional implementation covers the
+whole Llama family (Phi-3 too: its fused weights are split when loaded) and
 its mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE); config flags select the
-variants."""
+variants; Gemma 2/3 have their own (gemma.py)."""
 from __future__ import annotations
 
 import importlib
@@ -16,6 +17,8 @@ MODEL_REGISTRY: dict[str, str] = {
     "Qwen2MoeForCausalLM": "jaxvllm.models.llama",
     "Qwen3MoeForCausalLM": "jaxvllm.models.llama",
     "Phi3ForCausalLM": "jaxvllm.models.llama",
+    "Gemma2ForCausalLM": "jaxvllm.models.gemma",
+    "Gemma3ForCausalLM": "jaxvllm.models.gemma",
 }
 
 

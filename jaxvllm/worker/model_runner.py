@@ -24,6 +24,7 @@ from tqdm import tqdm
 from jaxvllm.core.outputs import ModelRunnerOutput, SchedulerOutput
 from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.registry import get_model_module
 from jaxvllm.outputs import Logprob
 from jaxvllm.sampling_params import MAX_LOGIT_BIAS
 from jaxvllm.structured_output import bitmask_words, new_bitmask
@@ -84,6 +85,7 @@ class ModelRunner:
         """`device`: where a runner without `shardings` keeps what it creates (a data-parallel
         replica's device; None: JAX's default device). `params` must already be there."""
         self.cfg = cfg
+        self.model = get_model_module(cfg.architecture)  # forward, compute_logits
         self.params = params
         self.config = config
         self.shardings = shardings
@@ -167,9 +169,9 @@ class ModelRunner:
         # scheduling: the host never waited for them).
         token_ids = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], inp.token_ids)
         inp = dataclasses.replace(inp, token_ids=token_ids)
-        hidden, kv_cache = llama.forward(params, kv_cache, inp, self.cfg, self.attention_fn,
-                                         self.experts_fn)
-        logits = llama.compute_logits(params, hidden[logits_indices], self.cfg)
+        hidden, kv_cache = self.model.forward(params, kv_cache, inp, self.cfg, self.attention_fn,
+                                              self.experts_fn)
+        logits = self.model.compute_logits(params, hidden[logits_indices], self.cfg)
         # Also every token's hidden state, for prompt logprobs (scored in row chunks afterwards:
         # logits of a whole 2048-token bucket at a 128k vocabulary would be 1 GiB). Always, not as
         # a static variant: that would double the step executables compiled at start-up.
@@ -534,7 +536,7 @@ class ModelRunner:
 
     def _prompt_logprobs_impl(self, params: Any, hidden: jax.Array, rows: jax.Array,
                               targets: jax.Array, *, num_logprobs: int):
-        logits = llama.compute_logits(params, hidden[rows], self.cfg)
+        logits = self.model.compute_logits(params, hidden[rows], self.cfg)
         return sampler_lib.prompt_logprobs(logits, targets, num_logprobs=num_logprobs)
 
 

@@ -66,6 +66,7 @@ LAYER_RULES: dict[str, P] = {
     "experts_down": P(None, AXIS, None),
     "shared_gate": P(None, AXIS), "shared_up": P(None, AXIS), "shared_down": P(AXIS, None),
     "input_norm": P(), "post_attn_norm": P(), "q_norm": P(), "k_norm": P(),
+    "pre_ffn_norm": P(), "post_ffn_norm": P(),
 }
 VOCAB_RULES: dict[str, P] = {"embed": P(AXIS, None), "lm_head": P(None, AXIS)}
 
