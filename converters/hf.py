@@ -59,8 +59,20 @@ HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
     "model.norm.weight": ("final_norm", False),
     "lm_head.weight": ("lm_head", True),
 }
-# Tensors some checkpoints carry that the engine recomputes or does not use.
-_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.masked_bias$|\.attn\.bias$")
+# Tensors some checkpoints carry that the engine recomputes or does not use (a multimodal
+# checkpoint's vision tower and projector too).
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.masked_bias$|\.attn\.bias$"
+                      r"|^(model\.)?(vision_tower|multi_modal_projector)\.")
+# A multimodal checkpoint's text-model tensors, under the names of the text model alone.
+_TEXT_MODEL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                        ("language_model.lm_head.", "lm_head."))
+
+
+def text_model_name(name: str) -> str:
+    for prefix, replacement in _TEXT_MODEL_PREFIXES:
+        if name.startswith(prefix):
+            return replacement + name[len(prefix):]
+    return name
 
 # Mixture-of-experts layers: (module, router, {expert tensor: layout key}), each expert's tensors
 # stacked on a leading expert axis.
@@ -178,6 +190,7 @@ class ParamsBuilder:
         self.unexpected: list[str] = []
 
     def wants(self, name: str) -> bool:
+        name = text_model_name(name)
         if name in self.expected:
             return True
         if not is_ignored_tensor(self.cfg, name):
@@ -194,6 +207,7 @@ class ParamsBuilder:
         return tuple(node[1:] if len(path) == 4 else node)  # one expert of a stack
 
     def check_shape(self, name: str, shape: Iterable[int], file: Optional[str] = None) -> None:
+        name = text_model_name(name)
         path, transpose = self.expected[name]
         target = self.target_shape(path)
         want = tuple(reversed(target)) if transpose else target
@@ -205,6 +219,7 @@ class ParamsBuilder:
                 f"{self.cfg.architecture} config expects {list(want)}")
 
     def add(self, name: str, tensor: Any, file: Optional[str] = None) -> None:
+        name = text_model_name(name)
         path, transpose = self.expected[name]
         if name in self.done:
             raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r} appears twice")

@@ -40,6 +40,23 @@ PROMPTS = [list(np.random.RandomState(n).randint(2, 256, size=n)) for n in (7, 3
 MAX_TOKENS = 10
 
 
+def _gemma3_multimodal():
+    """A Gemma 3 checkpoint with a (tiny) vision tower: the engine runs its text model."""
+    from transformers import Gemma3Config
+    cfg = Gemma3Config(text_config=dict(_SMALL, num_attention_heads=4, num_key_value_heads=1,
+                                        head_dim=16, query_pre_attn_scalar=16, sliding_window=11,
+                                        sliding_window_pattern=3),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=28, patch_size=14),
+                       mm_tokens_per_image=4, image_token_index=255, boi_token_index=253,
+                       eoi_token_index=254)
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    return cfg
+
+
+FAMILIES["gemma3_multimodal"] = _gemma3_multimodal
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)

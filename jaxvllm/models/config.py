@@ -76,12 +76,24 @@ class ModelConfig:
         leaves out take transformers' defaults for its model type)."""
         d = hf if isinstance(hf, dict) else hf.to_dict()
         archs = d.get("architectures") or []
+        text_of = next((_TEXT_MODEL_OF[a] for a in archs if a in _TEXT_MODEL_OF), None)
+        if text_of is not None and isinstance(d.get("text_config"), dict):
+            # A multimodal checkpoint: its text model (the loader skips the vision tensors).
+            dtype = d.get("torch_dtype") or d.get("dtype")
+            outer = {k: d[k] for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id")
+                     if d.get(k) is not None}
+            d = {**outer, **d["text_config"], "architectures": [text_of],
+                 "model_type": _ARCH_TO_MODEL_TYPE[text_of]}
+            if dtype and not (d.get("torch_dtype") or d.get("dtype")):
+                d["torch_dtype"] = dtype
+            archs = d["architectures"]
         if not archs and d.get("model_type") in _MODEL_TYPE_TO_ARCH:
             archs = [_MODEL_TYPE_TO_ARCH[d["model_type"]]]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ValueError(f"Unsupported model architecture {archs or d.get('model_type')!r}; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (and the text "
+                             f"model of {', '.join(_TEXT_MODEL_OF)})")
         model_type = d.get("model_type") or _ARCH_TO_MODEL_TYPE[arch]
         d = {**HF_CONFIG_DEFAULTS.get(model_type, {}), **d}
         hidden = d["hidden_size"]
@@ -190,6 +202,8 @@ _MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausal
                        "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
                        "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _ARCH_TO_MODEL_TYPE = {a: t for t, a in _MODEL_TYPE_TO_ARCH.items()}
+# Multimodal architectures whose text model runs (text prompts only).
+_TEXT_MODEL_OF = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
 
 # transformers' config-class defaults (5.x) for the fields `from_hf` reads, so that a config.json is
 # read without importing transformers: that import (it pulls in torch) was 8-11 s of a 24-31 s warm
