@@ -21,7 +21,7 @@ import numpy as np
 
 from converters.errors import WeightLoadError
 from converters.gguf_meta import architecture, open_reader
-from converters.hf import ParamsBuilder
+from converters.hf import ParamsBuilder, moe_tensor_names
 from jaxvllm.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,17 @@ GGUF_LAYER_TENSORS = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Mixture-of-experts tensors: llama.cpp stacks each layer's experts ([experts, out, in]); the
+# router and Qwen2-MoE's shared expert are one tensor each. GGUF name -> the HF name's part
+# ("{experts}" and "{router}": the architecture's module names, see converters/hf.py).
+GGUF_MOE_TENSORS = {
+    "ffn_gate_inp.weight": "{router}",
+    "ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
 GGUF_TOP_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -131,6 +142,10 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None) -> di
     arch = architecture(reader, path)
     builder = ParamsBuilder(cfg, dtype, path, display_name=hf_to_gguf_name)
     for t in reader.tensors:
+        m = _BLK.match(t.name)
+        if m and m.group(2) in GGUF_MOE_TENSORS:
+            _add_moe_tensor(builder, cfg, int(m.group(1)), GGUF_MOE_TENSORS[m.group(2)], t, path)
+            continue
         hf_name = gguf_to_hf_name(t.name)
         if hf_name is None:
             if not GGUF_IGNORED.search(t.name):
@@ -152,3 +167,28 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None) -> di
         builder.add(hf_name, w, path)
         del w
     return builder.finish()
+
+
+def _add_moe_tensor(builder: ParamsBuilder, cfg: ModelConfig, layer: int, part: str, t: Any,
+                    path: str) -> None:
+    """One mixture-of-experts tensor of a GGUF: a stack of experts goes in expert by expert."""
+    module, router, experts = moe_tensor_names(cfg)
+    prefix = f"model.layers.{layer}."
+    try:
+        w = tensor_array(t)
+    except Exception as e:
+        raise WeightLoadError(f"{path}: cannot dequantize tensor {t.name!r} "
+                              f"({t.tensor_type.name}: {e})") from e
+    if part in ("gate", "up", "down"):
+        if w.ndim != 3 or w.shape[0] != cfg.num_experts:
+            raise WeightLoadError(f"{path}: tensor {t.name!r} has shape {list(w.shape)}, but the "
+                                  f"config expects {cfg.num_experts} stacked experts")
+        for j in range(cfg.num_experts):
+            builder.add(f"{prefix}{module}.experts.{j}.{experts[part]}.weight", w[j], path)
+        return
+    name = prefix + (f"{module}.{router}.weight" if part == "{router}" else part)
+    if name.endswith("shared_expert_gate.weight") and w.ndim == 1:
+        w = w[None]  # llama.cpp keeps it as a vector
+    if builder.wants(name):
+        builder.check_shape(name, w.shape, path)
+        builder.add(name, w, path)

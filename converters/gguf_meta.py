@@ -28,7 +28,13 @@ GGUF_ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
+# A `llama` GGUF with experts is Mixtral. llama.cpp renormalises the top-k routing weights of these
+# (unless the file says otherwise in `<arch>.expert_weights_norm`), as their HF models do.
+_MIXTRAL = ("mixtral", "MixtralForCausalLM")
+_MOE_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 # llama.cpp's token types (llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -79,6 +85,9 @@ def hf_config(reader: Any, path: str) -> dict:
         raise WeightLoadError(f"{path}: unsupported GGUF architecture {arch!r}; supported: "
                               f"{', '.join(GGUF_ARCHITECTURES)}")
     model_type, hf_arch = GGUF_ARCHITECTURES[arch]
+    experts = field(reader, f"{arch}.expert_count")
+    if arch == "llama" and experts:
+        model_type, hf_arch = _MIXTRAL
 
     def need(key: str) -> Any:
         value = field(reader, f"{arch}.{key}")
@@ -106,6 +115,20 @@ def hf_config(reader: Any, path: str) -> dict:
         "rope_theta": float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
+    if experts:
+        used = int(need("expert_used_count"))
+        norm = bool(field(reader, f"{arch}.expert_weights_norm", _MOE_NORM_TOPK[arch]))
+        if hf_arch == "MixtralForCausalLM":
+            if not norm:
+                raise WeightLoadError(f"{path}: a Mixtral GGUF without renormalised routing "
+                                      f"weights is not supported")
+            cfg.update(num_local_experts=int(experts), num_experts_per_tok=used)
+        else:
+            cfg.update(num_experts=int(experts), num_experts_per_tok=used, norm_topk_prob=norm,
+                       moe_intermediate_size=int(need("expert_feed_forward_length")))
+            shared = field(reader, f"{arch}.expert_shared_feed_forward_length")
+            if shared:
+                cfg["shared_expert_intermediate_size"] = int(shared)
     head_dim = field(reader, f"{arch}.attention.key_length")
     if head_dim is not None:
         cfg["head_dim"] = int(head_dim)

@@ -74,14 +74,16 @@ def text_model_name(name: str) -> str:
             return replacement + name[len(prefix):]
     return name
 
-# Mixture-of-experts layers: (module, router, {expert tensor: layout key}), each expert's tensors
-# stacked on a leading expert axis.
+# Mixture-of-experts layers' HF names: (module, router, {projection: expert tensor}); each
+# projection's experts are stacked on a leading expert axis (`experts_<projection>`).
 _MOE_TENSORS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "MixtralForCausalLM": ("block_sparse_moe", "gate",
-                           {"w1": "experts_gate", "w3": "experts_up", "w2": "experts_down"}),
+    "MixtralForCausalLM": ("block_sparse_moe", "gate", {"gate": "w1", "up": "w3", "down": "w2"}),
 }
-_MOE_DEFAULT = ("mlp", "gate", {"gate_proj": "experts_gate", "up_proj": "experts_up",
-                                "down_proj": "experts_down"})
+_MOE_DEFAULT = ("mlp", "gate", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+
+
+def moe_tensor_names(cfg: ModelConfig) -> tuple[str, str, dict[str, str]]:
+    return _MOE_TENSORS.get(cfg.architecture, _MOE_DEFAULT)
 
 # Fused tensors (Phi-3): HF suffix -> the layout keys its output rows hold, in order.
 _FUSED_TENSORS: dict[str, tuple[str, ...]] = {
@@ -113,7 +115,7 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[str, tuple[Path, bool]]:
     for name, (key, t) in HF_TOP_TENSORS.items():
         if key in shapes:
             out[name] = ((key,), t)
-    module, router, experts = _MOE_TENSORS.get(cfg.architecture, _MOE_DEFAULT)
+    module, router, experts = moe_tensor_names(cfg)
     fused = _FUSED_TENSORS if cfg.architecture in _FUSED_ARCHITECTURES else {}
     in_fused = {key for keys in fused.values() for key in keys}
     for i, layer in enumerate(shapes["layers"]):
@@ -125,9 +127,9 @@ def hf_tensor_map(cfg: ModelConfig) -> dict[str, tuple[Path, bool]]:
         if "router" in layer:
             out[f"model.layers.{i}.{module}.{router}.weight"] = (("layers", i, "router"), True)
             for j in range(cfg.num_experts):
-                for name, key in experts.items():
+                for projection, name in experts.items():
                     out[f"model.layers.{i}.{module}.experts.{j}.{name}.weight"] = (
-                        ("layers", i, key, j), True)
+                        ("layers", i, f"experts_{projection}", j), True)
     return out
 
 

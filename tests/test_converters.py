@@ -622,3 +622,78 @@ def test_tokenizer_hub_name_is_never_downloaded(hf_dirs, monkeypatch):
     with pytest.raises(WeightLoadError, match="someorg/not-cached-anywhere"):
         load_model_tokenizer(hf_dirs["llama_gqa"][0], tokenizer="someorg/not-cached-anywhere")
     assert not attempts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixture-of-experts GGUFs: written as llama.cpp's converter writes them (its tensor names from the
+# gguf package's TensorNameMap, each layer's experts stacked), read back equal to the HF checkpoint.
+
+_MOE_GGUF = {
+    "qwen3moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                   norm_topk_prob=True, head_dim=16)),
+    "qwen2moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                   shared_expert_intermediate_size=40)),
+    "llama": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+def _write_moe_gguf(path, arch: str, cfg, sd: dict) -> None:
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_expert_count(sd_experts := (getattr(cfg, "num_experts", None) or cfg.num_local_experts))
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch != "llama":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if getattr(cfg, "shared_expert_intermediate_size", None):
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if getattr(cfg, "head_dim", None):
+        w.add_key_length(cfg.head_dim)
+    stacks: dict[str, list] = {}
+    for name, t in sd.items():
+        parts = name.split(".")
+        if "experts" in parts:  # model.layers.L.<module>.experts.J.<proj>.weight -> one stack
+            j = parts.index("experts")
+            stacks.setdefault(".".join(parts[:j + 1] + parts[j + 2:]), []).append(t)
+            continue
+        g = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if arch == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_attention_heads if "attn_q" in g else cfg.num_key_value_heads
+            t = _llama_cpp_permute(t, heads)
+        w.add_tensor(g, np.ascontiguousarray(t))
+    for name, ts in stacks.items():
+        assert len(ts) == sd_experts
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.stack(ts))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", sorted(_MOE_GGUF))
+def test_moe_gguf_matches_hf(tmp_path, arch):
+    from hf_builders import tiny_config, tiny_model
+    model_type, fields = _MOE_GGUF[arch]
+    cfg = tiny_config(model_type, **BASE, num_key_value_heads=2, **fields)
+    model = tiny_model(cfg, norm_std=0.1)
+    model.save_pretrained(tmp_path / "hf")
+    # The checkpoint's tensors (one per expert), not the in-memory module's (stacked in memory).
+    from safetensors.numpy import load_file
+    sd = {k: v for k, v in load_file(str(tmp_path / "hf" / "model.safetensors")).items()
+          if k != "lm_head.weight" or not cfg.tie_word_embeddings}
+    _write_moe_gguf(tmp_path / "m.gguf", arch, cfg, sd)
+    hf = load_model(str(tmp_path / "hf"), dtype="float32", cache_dir=None, load_tokenizer=False)
+    got = load_model(str(tmp_path / "m.gguf"), dtype="float32", cache_dir=None, load_tokenizer=False)
+    for field in ("architecture", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                  "norm_topk_prob", "shared_expert_intermediate_size", "head_dim", "qk_norm"):
+        assert getattr(got.config, field) == getattr(hf.config, field), field
+    assert jax.tree.structure(got.params) == jax.tree.structure(hf.params)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(hf.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
