@@ -42,7 +42,10 @@ GGUF_LAYER_TENSORS = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",  # Phi-3: fused (split by the builder)
 }
+# Per llama.cpp architecture, names that mean something else there.
+GGUF_ARCH_LAYER_TENSORS = {"phi3": {"ffn_up.weight": "mlp.gate_up_proj.weight"}}
 # Mixture-of-experts tensors: llama.cpp stacks each layer's experts ([experts, out, in]); the
 # router and Qwen2-MoE's shared expert are one tensor each. GGUF name -> the HF name's part
 # ("{experts}" and "{router}": the architecture's module names, see converters/hf.py).
@@ -59,20 +62,22 @@ GGUF_TOP_TENSORS = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# Tensors llama.cpp adds that the engine does not use (rope_freqs: llama3 rope factors, which the config
-# carries as rope_scaling).
-GGUF_IGNORED = re.compile(r"^rope_freqs\.weight$|\.rope_freqs\.weight$")
+# Tensors llama.cpp adds that the engine does not use (rope_freqs: llama3 rope factors, and
+# rope_factors_*: Phi-3's LongRoPE factors, which the config carries as rope_scaling).
+GGUF_IGNORED = re.compile(r"^rope_freqs\.weight$|\.rope_freqs\.weight$"
+                          r"|^rope_factors_(long|short)\.weight$")
 # llama.cpp architectures whose q/k rows the converter permuted.
 PERMUTED_ARCHS = ("llama",)
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def gguf_to_hf_name(name: str) -> Optional[str]:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> Optional[str]:
     if name in GGUF_TOP_TENSORS:
         return GGUF_TOP_TENSORS[name]
     m = _BLK.match(name)
-    if m and m.group(2) in GGUF_LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{GGUF_LAYER_TENSORS[m.group(2)]}"
+    layer_tensors = {**GGUF_LAYER_TENSORS, **GGUF_ARCH_LAYER_TENSORS.get(arch, {})}
+    if m and m.group(2) in layer_tensors:
+        return f"model.layers.{m.group(1)}.{layer_tensors[m.group(2)]}"
     return None
 
 
@@ -146,7 +151,7 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None) -> di
         if m and m.group(2) in GGUF_MOE_TENSORS:
             _add_moe_tensor(builder, cfg, int(m.group(1)), GGUF_MOE_TENSORS[m.group(2)], t, path)
             continue
-        hf_name = gguf_to_hf_name(t.name)
+        hf_name = gguf_to_hf_name(t.name, arch)
         if hf_name is None:
             if not GGUF_IGNORED.search(t.name):
                 builder.unexpected.append(t.name)

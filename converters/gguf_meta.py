@@ -30,6 +30,7 @@ GGUF_ARCHITECTURES = {
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "phi3": ("phi3", "Phi3ForCausalLM"),
 }
 # A `llama` GGUF with experts is Mixtral. llama.cpp renormalises the top-k routing weights of these
 # (unless the file says otherwise in `<arch>.expert_weights_norm`), as their HF models do.
@@ -139,6 +140,8 @@ def hf_config(reader: Any, path: str) -> dict:
         original = field(reader, f"{arch}.rope.scaling.original_context_length")
         if original is not None:
             cfg["rope_scaling"]["original_max_position_embeddings"] = int(original)
+    if arch == "phi3":
+        _phi3_fields(reader, cfg, tensors, heads)
     if "rope_freqs.weight" in tensors and "rope_scaling" not in cfg:
         divisors = np.asarray(tensors["rope_freqs.weight"].data, np.float64).reshape(-1)
         cfg["rope_scaling"] = llama3_rope_scaling(
@@ -152,6 +155,30 @@ def hf_config(reader: Any, path: str) -> dict:
         if value is not None:
             cfg[name] = int(value)
     return cfg
+
+
+def _phi3_fields(reader: Any, cfg: dict, tensors: dict, heads: int) -> None:
+    """Phi-3 as llama.cpp's converter writes it: the rotary dimensions (partial rotary), the
+    sliding window, and LongRoPE as two factor tensors with the original context and the attention
+    factor in the metadata."""
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rotary = field(reader, "phi3.rope.dimension_count")
+    if rotary is not None:
+        cfg["partial_rotary_factor"] = int(rotary) / head_dim
+    window = field(reader, "phi3.attention.sliding_window")
+    cfg["sliding_window"] = int(window) if window else None
+    if "rope_factors_long.weight" in tensors:
+        def factors(name: str) -> list:
+            return np.asarray(tensors[name].data, np.float32).reshape(-1).tolist()
+
+        original = int(field(reader, "phi3.rope.scaling.original_context_length",
+                             cfg["max_position_embeddings"]))
+        cfg["rope_scaling"] = {"rope_type": "longrope", "original_max_position_embeddings": original,
+                               "long_factor": factors("rope_factors_long.weight"),
+                               "short_factor": factors("rope_factors_short.weight")}
+        attention = field(reader, "phi3.rope.scaling.attn_factor")
+        if attention is not None:
+            cfg["rope_scaling"]["attention_factor"] = float(attention)
 
 
 def load_tokenizer(path: str) -> Any:

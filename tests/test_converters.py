@@ -697,3 +697,52 @@ def test_moe_gguf_matches_hf(tmp_path, arch):
     assert jax.tree.structure(got.params) == jax.tree.structure(hf.params)
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(hf.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_phi3_gguf_matches_hf(tmp_path):
+    """Phi-3 as llama.cpp's converter writes it: fused attn_qkv and ffn_up (gate and up), LongRoPE
+    factors as tensors, the rotary dimensions and the sliding window in the metadata."""
+    import math
+
+    from hf_builders import tiny_config, tiny_model
+    from safetensors.numpy import load_file
+    long, short = [2.0, 3.0, 5.0, 9.0], [1.0, 1.3, 2.0, 3.5]
+    cfg = tiny_config("phi3", **BASE, num_key_value_heads=2, pad_token_id=0,
+                      partial_rotary_factor=0.5, sliding_window=48,
+                      original_max_position_embeddings=32,
+                      rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+    tiny_model(cfg).save_pretrained(tmp_path / "hf")
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "phi3")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(int(0.5 * cfg.hidden_size) // cfg.num_attention_heads)
+    w.add_sliding_window(48)
+    w.add_rope_scaling_orig_ctx_len(32)
+    w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(128 / 32) / math.log(32)))
+    w.add_tensor("rope_factors_long.weight", np.asarray(long, np.float32))
+    w.add_tensor("rope_factors_short.weight", np.asarray(short, np.float32))
+    for name, t in sd.items():
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    hf = load_model(str(tmp_path / "hf"), dtype="float32", cache_dir=None, load_tokenizer=False)
+    got = load_model(str(tmp_path / "m.gguf"), dtype="float32", cache_dir=None, load_tokenizer=False)
+    for field in ("architecture", "partial_rotary_factor", "sliding_window", "head_dim"):
+        assert getattr(got.config, field) == getattr(hf.config, field), field
+    g, h = got.config.rope_scaling, hf.config.rope_scaling
+    assert set(g) == set(h) and g["rope_type"] == "longrope"
+    for key in h:  # the factors went through float32
+        assert g[key] == (pytest.approx(h[key], rel=1e-6) if key != "rope_type" else h[key]), key
+    assert jax.tree.structure(got.params) == jax.tree.structure(hf.params)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(hf.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
