@@ -637,8 +637,8 @@ _MOE_GGUF = {
 }
 
 
-def _write_moe_gguf(path, arch: str, cfg, sd: dict) -> None:
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+def _gguf_writer(path, arch: str, cfg):
+    """A GGUF writer with the metadata every architecture has, and llama.cpp's tensor names."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -648,6 +648,18 @@ def _write_moe_gguf(path, arch: str, cfg, sd: dict) -> None:
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
+    return w, gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+
+
+def _finish_gguf(w) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _write_moe_gguf(path, arch: str, cfg, sd: dict) -> None:
+    w, names = _gguf_writer(path, arch, cfg)
     w.add_expert_count(sd_experts := (getattr(cfg, "num_experts", None) or cfg.num_local_experts))
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch != "llama":
@@ -671,10 +683,7 @@ def _write_moe_gguf(path, arch: str, cfg, sd: dict) -> None:
     for name, ts in stacks.items():
         assert len(ts) == sd_experts
         w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.stack(ts))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish_gguf(w)
 
 
 @pytest.mark.parametrize("arch", sorted(_MOE_GGUF))
@@ -713,16 +722,7 @@ def test_phi3_gguf_matches_hf(tmp_path):
                       rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
     tiny_model(cfg).save_pretrained(tmp_path / "hf")
     sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI3, cfg.num_hidden_layers)
-    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "phi3")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
+    w, names = _gguf_writer(tmp_path / "m.gguf", "phi3", cfg)
     w.add_rope_dimension_count(int(0.5 * cfg.hidden_size) // cfg.num_attention_heads)
     w.add_sliding_window(48)
     w.add_rope_scaling_orig_ctx_len(32)
@@ -731,10 +731,7 @@ def test_phi3_gguf_matches_hf(tmp_path):
     w.add_tensor("rope_factors_short.weight", np.asarray(short, np.float32))
     for name, t in sd.items():
         w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.ascontiguousarray(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish_gguf(w)
     hf = load_model(str(tmp_path / "hf"), dtype="float32", cache_dir=None, load_tokenizer=False)
     got = load_model(str(tmp_path / "m.gguf"), dtype="float32", cache_dir=None, load_tokenizer=False)
     for field in ("architecture", "partial_rotary_factor", "sliding_window", "head_dim"):
