@@ -103,7 +103,9 @@ class ModelConfig:
             raise ValueError(f"num_attention_heads ({heads}) must be a multiple of "
                              f"num_key_value_heads ({kv_heads})")
         head_dim = d.get("head_dim") or hidden // heads
-        rope_scaling, rope_theta = _rope(d) if arch not in _GEMMA else (None, 0.0)
+        gemma = _gemma_fields(arch, d) if arch in _GEMMA else {}
+        rope_scaling, rope_theta = ((gemma.pop("rope_scaling"), gemma.pop("rope_theta")) if gemma
+                                    else _rope(d))
         partial_rotary = float(d.get("partial_rotary_factor")
                                or (d.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0)
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
@@ -119,13 +121,8 @@ class ModelConfig:
         sliding = d.get("sliding_window") if d.get("use_sliding_window", True) else None
         if arch in ("LlamaForCausalLM",):
             sliding = None
-        if arch in _GEMMA:
-            gemma = _gemma_fields(arch, d)
-            rope_scaling, rope_theta = gemma.pop("rope_scaling"), gemma.pop("rope_theta")
-            sliding = d.get("sliding_window")
-        else:
-            gemma = {}
-        return cls(**_moe_fields(arch, d), **gemma, 
+        return cls(
+            **_moe_fields(arch, d), **gemma,
             architecture=arch,
             vocab_size=d["vocab_size"],
             hidden_size=hidden,
