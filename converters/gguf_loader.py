@@ -45,7 +45,13 @@ GGUF_LAYER_TENSORS = {
     "attn_qkv.weight": "self_attn.qkv_proj.weight",  # Phi-3: fused (split by the builder)
 }
 # Per llama.cpp architecture, names that mean something else there.
-GGUF_ARCH_LAYER_TENSORS = {"phi3": {"ffn_up.weight": "mlp.gate_up_proj.weight"}}
+_GEMMA_NORMS = {"ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                "post_attention_norm.weight": "post_attention_layernorm.weight",
+                "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+GGUF_ARCH_LAYER_TENSORS = {"phi3": {"ffn_up.weight": "mlp.gate_up_proj.weight"},
+                           "gemma2": _GEMMA_NORMS, "gemma3": _GEMMA_NORMS}
+# llama.cpp's Gemma converter stores each norm weight plus one (ggml scales by the weight itself).
+NORMS_PLUS_ONE_ARCHS = ("gemma2", "gemma3")
 # Mixture-of-experts tensors: llama.cpp stacks each layer's experts ([experts, out, in]); the
 # router and Qwen2-MoE's shared expert are one tensor each. GGUF name -> the HF name's part
 # ("{experts}" and "{router}": the architecture's module names, see converters/hf.py).
@@ -164,6 +170,8 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None) -> di
         except Exception as e:
             raise WeightLoadError(f"{path}: cannot dequantize tensor {t.name!r} "
                                   f"({t.tensor_type.name}: {e})") from e
+        if arch in NORMS_PLUS_ONE_ARCHS and t.name.endswith("norm.weight"):
+            w = w - 1
         if arch in PERMUTED_ARCHS:
             if hf_name.endswith("self_attn.q_proj.weight"):
                 w = unpermute_qk(w, cfg.num_heads)

@@ -31,7 +31,12 @@ GGUF_ARCHITECTURES = {
     "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "phi3": ("phi3", "Phi3ForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
+# llama.cpp's layer count of the 27B Gemmas, whose queries it scales by hidden / heads (the others:
+# by head_dim); the GGUF does not store query_pre_attn_scalar.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # A `llama` GGUF with experts is Mixtral. llama.cpp renormalises the top-k routing weights of these
 # (unless the file says otherwise in `<arch>.expert_weights_norm`), as their HF models do.
 _MIXTRAL = ("mixtral", "MixtralForCausalLM")
@@ -142,6 +147,8 @@ def hf_config(reader: Any, path: str) -> dict:
             cfg["rope_scaling"]["original_max_position_embeddings"] = int(original)
     if arch == "phi3":
         _phi3_fields(reader, cfg, tensors, heads)
+    if arch in _GEMMA_27B_LAYERS:
+        _gemma_fields(reader, cfg, arch, heads)
     if "rope_freqs.weight" in tensors and "rope_scaling" not in cfg:
         divisors = np.asarray(tensors["rope_freqs.weight"].data, np.float64).reshape(-1)
         cfg["rope_scaling"] = llama3_rope_scaling(
@@ -179,6 +186,29 @@ def _phi3_fields(reader: Any, cfg: dict, tensors: dict, heads: int) -> None:
         attention = field(reader, "phi3.rope.scaling.attn_factor")
         if attention is not None:
             cfg["rope_scaling"]["attention_factor"] = float(attention)
+
+
+def _gemma_fields(reader: Any, cfg: dict, arch: str, heads: int) -> None:
+    """Gemma 2/3 as llama.cpp reads them: soft caps and the window from the metadata, the layer
+    pattern from it or llama.cpp's fixed one, the query scale by llama.cpp's 27B rule, and Gemma 3's
+    local RoPE base (llama.cpp's fixed 10000)."""
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    big = cfg["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]
+    cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // heads if big else head_dim
+    window = field(reader, f"{arch}.attention.sliding_window")
+    if window:
+        cfg["sliding_window"] = int(window)
+    pattern = field(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        cfg["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    elif pattern:
+        cfg["sliding_window_pattern"] = int(pattern)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = field(reader, f"{arch}.{key}")
+        if value is not None:
+            cfg[key] = float(value)
+    if arch == "gemma3":
+        cfg["rope_local_base_freq"] = 10000.0
 
 
 def load_tokenizer(path: str) -> Any:

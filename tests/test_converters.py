@@ -743,3 +743,41 @@ def test_phi3_gguf_matches_hf(tmp_path):
     assert jax.tree.structure(got.params) == jax.tree.structure(hf.params)
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(hf.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_gguf_matches_hf(tmp_path, arch):
+    """Gemma as llama.cpp's converter writes it: norm weights plus one, its norm names, soft caps
+    and the window in the metadata (the layer pattern and Gemma 3's local RoPE base are llama.cpp's
+    fixed ones, and the query scale head_dim below 27B)."""
+    from hf_builders import tiny_config, tiny_model
+    from safetensors.numpy import load_file
+    model_type = {"gemma2": "gemma2", "gemma3": "gemma3_text"}[arch]
+    extra = (dict(attn_logit_softcapping=20.0, final_logit_softcapping=10.0) if arch == "gemma2"
+             else dict(num_hidden_layers=6))
+    cfg = tiny_config(model_type, **{**BASE, **extra}, num_key_value_heads=2, head_dim=16,
+                      query_pre_attn_scalar=16, sliding_window=9)
+    tiny_model(cfg, norm_std=0.2).save_pretrained(tmp_path / "hf")
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    w, names = _gguf_writer(tmp_path / "m.gguf", arch, cfg)
+    w.add_key_length(16)
+    w.add_sliding_window(9)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(20.0)
+        w.add_final_logit_softcapping(10.0)
+    else:
+        w.add_rope_freq_base(1e6)
+    for name, t in sd.items():
+        if name.endswith("norm.weight"):
+            t = t + 1
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.ascontiguousarray(t))
+    _finish_gguf(w)
+    hf = load_model(str(tmp_path / "hf"), dtype="float32", cache_dir=None, load_tokenizer=False)
+    got = load_model(str(tmp_path / "m.gguf"), dtype="float32", cache_dir=None, load_tokenizer=False)
+    for field in ("architecture", "full_attention_layers", "sliding_window", "query_pre_attn_scalar",
+                  "attn_logit_softcapping", "final_logit_softcapping", "rope_local_theta",
+                  "rope_theta", "head_dim", "qk_norm", "tie_word_embeddings"):
+        assert getattr(got.config, field) == getattr(hf.config, field), field
+    assert jax.tree.structure(got.params) == jax.tree.structure(hf.params)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(hf.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
