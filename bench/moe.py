@@ -1,56 +1,36 @@
 """One mixture-of-experts layer on one device, at a model's shapes: the engine's choice for the
-shape (models/moe.py), and each way it chooses from: grouped GEMMs over the tokens sorted by expert
-(XLA's `jax.lax.ragged_dot`, and JAX's Mosaic GPU kernel on the GPU), and per-token expert weights
-gathered into a batched matmul (not used: slower inside the engine's step), beside the roofline (the bytes of the experts the tokens pick at the measured
-copy bandwidth, or their FLOPs at a measured bf16 matmul rate, whichever is larger).
+shape (models/moe.py), and each way it chooses from: the routed-experts Pallas kernel (reads only
+the experts picked; GPU), grouped GEMMs over the tokens sorted by expert with JAX's Mosaic GPU
+kernel (Hopper) and XLA's `jax.lax.ragged_dot`, beside the roofline (the bytes of the experts the
+tokens pick at the measured copy bandwidth, or their FLOPs at a measured bf16 matmul rate,
+whichever is larger).
 
     PYTHONPATH=. python3 bench/moe.py --model bench/configs/qwen3-30b-a3b [--tokens 1 8 64 256 2048]
+        [--sweep]
 
 Random bf16 weights and inputs (routing near uniform); each time is the median per call of a jitted
-layer called back to back. The two ways are checked against each other first.
+layer called back to back. Every way is checked against XLA's ragged_dot first (the Mosaic kernel where
+`--max-xla-rows` skips it). `--sweep` also
+times the routed kernel over a grid of tiles per token count.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
-import statistics
-import time
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def _median_seconds(fn, *args, reps: int = 7, min_time: float = 0.2) -> float:
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    iters = int(max(5, min(1000, min_time / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
-
-
-def gathered_swiglu(rows, group_sizes, w_gate, w_up, w_down):
-    """Each row's expert weights gathered, one batched matrix-vector product per projection (reads
-    only the experts picked; measured here, slower than the grouped GEMM inside the engine's step)."""
-    row_expert = jnp.repeat(jnp.arange(w_gate.shape[0]), group_sizes,
-                            total_repeat_length=rows.shape[0])
-    r = rows[:, None, :]
-    gate = jnp.matmul(r, w_gate[row_expert])
-    up = jnp.matmul(r, w_up[row_expert])
-    return jnp.matmul(jax.nn.silu(gate) * up, w_down[row_expert])[:, 0]
+from kernels import bench
 
 
 def run(args: argparse.Namespace) -> int:
     from jaxvllm.models import moe
+    from pallas_kernels import routed_experts
     from jaxvllm.models.config import ModelConfig
     with open(os.path.join(args.model, "config.json")) as f:
         cfg = ModelConfig.from_hf(json.load(f))
@@ -62,43 +42,56 @@ def run(args: argparse.Namespace) -> int:
           "experts_up": jax.random.normal(ks[2], (e, h, m), jnp.bfloat16) * 0.02,
           "experts_down": jax.random.normal(ks[3], (e, m, h), jnp.bfloat16) * 0.02}
     on_gpu = jax.default_backend() == "gpu"
-    big = jnp.ones((1 << (30 if on_gpu else 22),), jnp.bfloat16)
-    copy_bw = 2 * big.nbytes / _median_seconds(jax.jit(lambda a: a * 1.5 + 1.0), big)
-    del big
+    copy_bw = common.measure_bandwidth(1 << (31 if on_gpu else 23))
     n = 8192 if on_gpu else 512
-    flops = 2 * n ** 3 / _median_seconds(jax.jit(lambda p: p @ p), jnp.ones((n, n), jnp.bfloat16))
+    flops = 2 * n ** 3 / bench(jax.jit(lambda p: p @ p), [(jnp.ones((n, n), jnp.bfloat16),)])
 
     def layer(experts_fn):
         return jax.jit(lambda lp, x: moe.moe(cfg, lp, x, experts_fn))
 
-    ways = {"engine": layer(moe.experts_swiglu), "xla_ragged_dot": layer(moe.grouped_swiglu),
-            "gathered": layer(gathered_swiglu)}
+    ways = {"engine": layer(moe.experts_swiglu), "xla_ragged_dot": layer(moe.grouped_swiglu)}
+    if on_gpu and routed_experts.fits(h, m):
+        ways["routed"] = layer(routed_experts.routed_swiglu)
+    if moe._mosaic_fits(jnp.zeros((1, h), jnp.bfloat16), lp["experts_gate"]) and on_gpu:
+        ways["mosaic"] = layer(functools.partial(moe.grouped_swiglu, gemm=moe.mosaic_ragged_dot))
+    sweep = [routed_experts.ExpertTiles(bk=bk, bn=bn, num_warps=w, num_stages=st)
+             for bk, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4,), (3, 4))
+             if routed_experts.fits(h, m, *(routed_experts.ExpertTiles(bk=bk, bn=bn),) * 2)
+             ] if args.sweep and "routed" in ways else []
     expert_bytes = 3 * h * m * 2
     rows, result = [], {"copy_tbs": copy_bw / 1e12, "matmul_tflops": flops / 1e12, "tokens": {}}
     for t in args.tokens:
         x = jax.random.normal(jax.random.fold_in(ks[4], t), (t, h), jnp.bfloat16)
-        ref = np.asarray(ways["xla_ragged_dot"](lp, x), np.float32)
+        ref_way = "xla_ragged_dot" if t * k <= args.max_xla_rows else "mosaic"
+        ref = np.asarray(ways[ref_way](lp, x), np.float32)
         picked = jax.lax.top_k(x @ lp["router"], k)[1]
         distinct = int(np.unique(np.asarray(picked)).size)
         roof = max(distinct * expert_bytes / copy_bw, 2 * t * k * expert_bytes / 2 / flops)
         res = result["tokens"][t] = {"roofline_us": roof * 1e6, "distinct_experts": distinct}
         for name, fn in ways.items():
-            if name == "gathered" and t * k * expert_bytes > args.max_gather_bytes:
-                res[name + "_us"] = res[name + "_max_rel_diff"] = float("nan")
+            if name == "xla_ragged_dot" and t * k > args.max_xla_rows:
+                res[name + "_us"] = float("nan")
                 continue
             out = np.asarray(fn(lp, x), np.float32)
             res[name + "_max_rel_diff"] = float(np.abs(out - ref).max() / np.abs(ref).max())
-            res[name + "_us"] = _median_seconds(fn, lp, x) * 1e6
+            res[name + "_us"] = bench(fn, [(lp, x)]) * 1e6
+        for tiles in sweep:
+            fn = layer(functools.partial(routed_experts.routed_swiglu, gate_up_tiles=tiles,
+                                         down_tiles=tiles))
+            res.setdefault("routed_sweep_us", {})[str(tiles)] = bench(fn, [(lp, x)]) * 1e6
+        if sweep:
+            best = min(res["routed_sweep_us"], key=res["routed_sweep_us"].get)
+            common.log(f"{t} tokens: best routed tiles {best}: {res['routed_sweep_us'][best]:.1f} us")
         rows.append([t, distinct, f"{roof * 1e6:.1f}", f"{res['engine_us']:.1f}",
-                     f"{roof * 1e6 / res['engine_us']:.0%}", f"{res['engine_max_rel_diff']:.1e}",
-                     f"{res['xla_ragged_dot_us']:.1f}", f"{res['gathered_us']:.1f}"])
-    gemm = "Mosaic GPU" if moe._mosaic_fits(x, lp["experts_gate"]) else "XLA ragged_dot"
+                     f"{roof * 1e6 / res['engine_us']:.0%}", f"{res['engine_max_rel_diff']:.1e}"]
+                    + [f"{res.get(w + '_us', float('nan')):.1f}"
+                       for w in ("routed", "mosaic", "xla_ragged_dot")])
     common.emit(result, args, f"{cfg.architecture} MoE layer: {e} experts, top {k}, hidden {h}, "
                 f"expert intermediate {m}, bf16; {jax.devices()[0].device_kind}, copy "
-                f"{copy_bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s; the engine's "
-                f"grouped GEMM here: {gemm}\n" + common.table(
+                f"{copy_bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s\n" + common.table(
                     rows, ["tokens", "experts picked", "roofline us", "engine us", "of roofline",
-                           "its max rel diff", "XLA ragged_dot us", "gathered bmm us"]))
+                           "its max rel diff", "routed kernel us", "Mosaic GPU us",
+                           "XLA ragged_dot us"]))
     return 0
 
 
@@ -106,8 +99,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="bench/configs/qwen3-30b-a3b",
                         help="A directory with a mixture-of-experts config.json.")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 2048])
-    parser.add_argument("--max-gather-bytes", type=float, default=8e9,
-                        help="Skip the gathered way where its gathered weights exceed this.")
+    parser.add_argument("--max-xla-rows", type=int, default=1 << 30,
+                        help="Skip XLA's ragged_dot above this many rows (tokens x k): at Mixtral's "
+                        "shapes it allocates far more than the weights.")
+    parser.add_argument("--sweep", action="store_true",
+                        help="Also time the routed kernel over a grid of tiles.")
     common.add_output_args(parser)
 
 

@@ -5,12 +5,18 @@ from pallas_kernels.ragged_paged_attention import (  # noqa: F401
     ragged_paged_attention,
     ragged_paged_attention_kernel,
 )
-from pallas_kernels.reference import ragged_paged_attention_reference  # noqa: F401
+from pallas_kernels.reference import (  # noqa: F401
+    ragged_paged_attention_reference,
+    routed_swiglu_reference,
+)
+from pallas_kernels.routed_experts import routed_swiglu  # noqa: F401
 
 __all__ = [
     "ragged_paged_attention",
     "ragged_paged_attention_kernel",
     "ragged_paged_attention_reference",
+    "routed_swiglu",
+    "routed_swiglu_reference",
     "TILE_TABLE",
     "get_tiles",
 ]

@@ -52,6 +52,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import prefill_mgpu
 from pallas_kernels.reference import ragged_paged_attention_reference
 from pallas_kernels.tile_lists import expand_tiles
+from pallas_kernels.triton_rows import full_spec, store_rows
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
@@ -228,39 +229,10 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
         out = acc / l_safe[:, None]
         if split_out:
             lse = jnp.where(l_i > 0, m_i + jnp.log2(l_safe), _MASK_VALUE)
-            _store(o_ref, qrow, out.astype(o_ref.dtype), row_valid, interpret)
-            _store(lse_ref, qrow, lse, row_valid, interpret)
+            store_rows(o_ref, qrow, out.astype(o_ref.dtype), row_valid, interpret)
+            store_rows(lse_ref, qrow, lse, row_valid, interpret)
         else:
-            _store(o_ref, qrow, out.astype(o_ref.dtype), row_valid, interpret)
-
-
-def _store(ref, rows, val, row_valid, interpret):
-    """Masked row scatter: ref[rows[m]] = val[m] where row_valid[m]."""
-    if interpret:
-        # Masked-off lanes are written back with their old value in interpret
-        # mode, so they must not alias a real row: send them to the spare last row.
-        rows = jnp.where(row_valid, rows, ref.shape[0] - 1)
-    if val.ndim == 1:
-        plgpu.store(ref.at[rows], val, mask=row_valid)
-    elif interpret:
-        # Interpret mode only discharges masked stores whose indices are all arrays.
-        cols = lax.broadcasted_iota(jnp.int32, (1, val.shape[1]), 1)
-        plgpu.store(ref.at[rows[:, None], cols], val,
-                    mask=jnp.broadcast_to(row_valid[:, None], val.shape))
-    else:
-        plgpu.store(ref.at[rows, :], val,
-                    mask=jnp.broadcast_to(row_valid[:, None], val.shape))
-
-
-def _full_spec(shape, squeeze_axis=None, grid_axis=None):
-    """BlockSpec covering a whole array, optionally squeezing one axis to a grid index."""
-    if squeeze_axis is None:
-        return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-    block = tuple(None if a == squeeze_axis else d for a, d in enumerate(shape))
-
-    def index_map(*ids):
-        return tuple(ids[grid_axis] if a == squeeze_axis else 0 for a in range(len(shape)))
-    return pl.BlockSpec(block, index_map)
+            store_rows(o_ref, qrow, out.astype(o_ref.dtype), row_valid, interpret)
 
 
 def _launch(tile_seq, tile_q0, tile_q1, kv_lens, qsl, bt_flat, q2, k3, v3, out_in, *,
@@ -282,26 +254,26 @@ def _launch(tile_seq, tile_q0, tile_q1, kv_lens, qsl, bt_flat, q2, k3, v3, out_i
         aliased=aliased, split_out=split_out, interpret=interpret,
         split_mask=cfg.split_mask)
     in_specs = [
-        _full_spec(tile_seq.shape), _full_spec(tile_q0.shape), _full_spec(tile_q1.shape),
-        _full_spec(kv_lens.shape), _full_spec(qsl.shape), _full_spec(bt_flat.shape),
-        _full_spec(q2.shape),
-        _full_spec(k3.shape, squeeze_axis=1, grid_axis=1),
-        _full_spec(v3.shape, squeeze_axis=1, grid_axis=1),
+        full_spec(tile_seq.shape), full_spec(tile_q0.shape), full_spec(tile_q1.shape),
+        full_spec(kv_lens.shape), full_spec(qsl.shape), full_spec(bt_flat.shape),
+        full_spec(q2.shape),
+        full_spec(k3.shape, squeeze_axis=1, grid_axis=1),
+        full_spec(v3.shape, squeeze_axis=1, grid_axis=1),
     ]
     args = [tile_seq, tile_q0, tile_q1, kv_lens, qsl, bt_flat, q2, k3, v3]
     aliases = {}
     if aliased:
-        in_specs.append(_full_spec(out_in.shape))
+        in_specs.append(full_spec(out_in.shape))
         args.append(out_in)
         aliases = {len(args) - 1: 0}
     if split_out:
         out_shape = [jax.ShapeDtypeStruct((num_splits, TH_out, D), jnp.float32),
                      jax.ShapeDtypeStruct((num_splits, TH_out), jnp.float32)]
-        out_specs = [_full_spec(out_shape[0].shape, squeeze_axis=0, grid_axis=2),
-                     _full_spec(out_shape[1].shape, squeeze_axis=0, grid_axis=2)]
+        out_specs = [full_spec(out_shape[0].shape, squeeze_axis=0, grid_axis=2),
+                     full_spec(out_shape[1].shape, squeeze_axis=0, grid_axis=2)]
     else:
         out_shape = jax.ShapeDtypeStruct((TH_out, D), out_dtype)
-        out_specs = _full_spec((TH_out, D))
+        out_specs = full_spec((TH_out, D))
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps,

@@ -168,3 +168,19 @@ def make_attention_batch(q_lens: Sequence[int], kv_lens: Sequence[int], *, num_q
     caches = [(jax.random.normal(kk[2 * c], cache_shape, dtype),
                jax.random.normal(kk[2 * c + 1], cache_shape, dtype)) for c in range(copies)]
     return AttentionBatch(jax.random.normal(kq, q_shape, dtype), caches, metadata, int(qsl[n]))
+
+
+def routed_swiglu_reference(rows, group_sizes, w_gate, w_up, w_down):
+    """Mixture-of-experts SwiGLU over rows sorted by expert, each row with its own expert's weights
+    gathered (the routed-experts kernel's reference; rows past the groups come out zero)."""
+    n = rows.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    expert = jnp.searchsorted(ends, jnp.arange(n), side="right")
+    valid = expert < group_sizes.shape[0]
+    expert = jnp.minimum(expert, group_sizes.shape[0] - 1)
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    gate = f32("nh,nhi->ni", rows, w_gate[expert])
+    up = f32("nh,nhi->ni", rows, w_up[expert])
+    act = (jax.nn.silu(gate) * up).astype(rows.dtype)
+    out = f32("ni,nih->nh", act, w_down[expert]).astype(rows.dtype)
+    return jnp.where(valid[:, None], out, 0)

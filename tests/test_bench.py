@@ -255,7 +255,8 @@ def test_structured_outputs_bench_reports_both_ways():
 
 
 def test_moe_bench_compares_the_ways(tmp_path):
-    """bench/moe.py on a tiny mixture-of-experts config: every way agrees with the grouped GEMM."""
+    """bench/moe.py on a tiny mixture-of-experts config: the ways it times on the CPU (the engine's,
+and XLA's ragged_dot as the reference) agree."""
     from hf_builders import tiny_config
     tiny_config("qwen3_moe", hidden_size=64, num_attention_heads=4, head_dim=16, num_experts=8,
                 num_experts_per_tok=2, moe_intermediate_size=32).save_pretrained(tmp_path)
@@ -266,4 +267,4 @@ def test_moe_bench_compares_the_ways(tmp_path):
     res = json.loads(out.stdout)["tokens"]
     for t in ("1", "16"):
         assert res[t]["engine_us"] > 0 and res[t]["xla_ragged_dot_us"] > 0
-        assert res[t]["gathered_us"] > 0 and res[t]["gathered_max_rel_diff"] < 1e-2
+        assert res[t]["engine_max_rel_diff"] < 1e-2

@@ -103,8 +103,9 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
                                               attention_fn)
     x = x + attn
     h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)
-    return (x + (moe(cfg, lp, h, experts_fn) if "router" in lp else _mlp(lp, h)), k_cache,
-            v_cache)
+    mlp = (moe(cfg, lp, h, experts_fn, inp.query_start_loc[inp.num_seqs[0]]) if "router" in lp
+           else _mlp(lp, h))
+    return x + mlp, k_cache, v_cache
 
 
 def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -9,46 +9,64 @@ wraps the function per device and sums the partial outputs).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
+from pallas_kernels import routed_experts
 
 ExpertsFn = Callable[..., jax.Array]
 
 
-def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn) -> jax.Array:
+def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn,
+        num_tokens: Optional[jax.Array] = None) -> jax.Array:
     """Each token's top-k experts by the router's softmax (in float32, the weights renormalised
     over the k when the model says so), their SwiGLU outputs weighted and summed per token, plus
-    Qwen2-MoE's shared expert under its sigmoid gate. Padding tokens are routed too; their rows
-    are never read."""
-    k = cfg.num_experts_per_tok
+    Qwen2-MoE's shared expert under its sigmoid gate. Tokens from `num_tokens` on are the step's
+    padding: their rows join no expert's group, so no expert is computed (or read) for them."""
+    k, e = cfg.num_experts_per_tok, cfg.num_experts
     probs = jax.nn.softmax((x @ lp["router"]).astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, k)                    # [T, k]
     if cfg.norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     flat = experts.reshape(-1)
+    if num_tokens is not None:  # expert id e: sorted after every group, dropped by bincount
+        flat = jnp.where(jnp.arange(flat.shape[0]) // k < num_tokens, flat, e)
     order = jnp.argsort(flat, stable=True)                         # rows grouped by expert
     token = order // k
-    group_sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     out = experts_fn(x[token], group_sizes, lp["experts_gate"], lp["experts_up"],
                      lp["experts_down"])
+    # Rows outside every group are undefined in the kernels' output.
     out = out * weights.reshape(-1)[order][:, None].astype(x.dtype)
-    y = jnp.zeros_like(x).at[token].add(out)
+    y = jnp.zeros_like(x).at[token].add(jnp.where((flat[order] < e)[:, None], out, 0))
     if "shared_router" in lp:
         shared = jax.nn.silu(x @ lp["shared_gate"]) * (x @ lp["shared_up"]) @ lp["shared_down"]
         y = y + jax.nn.sigmoid(x @ lp["shared_router"]) * shared
     return y
 
 
+# Rows per expert on average (tokens x k / experts) up to which the routed-experts kernel, which
+# reads only the experts picked, beats the grouped GEMM that tiles every expert: it walks an
+# expert's rows 16 at a time and re-reads the weights for each 16 (bench/RESULTS.md, "Mixture of
+# experts": 2-7x faster at Qwen3-30B-A3B's 1-8 rows per expert, slower at Mixtral's 16).
+ROUTED_MAX_ROWS_PER_EXPERT = 8
+
+
 def experts_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                    w_down: jax.Array) -> jax.Array:
-    """The default ExpertsFn: grouped GEMMs, with JAX's Mosaic GPU kernel on a Hopper GPU where its
-    tiles fit, else XLA's ragged_dot (CPU, float32; 5-20x slower than the kernel on the GPU)."""
-    gemm = mosaic_ragged_dot if _mosaic_fits(rows, w_gate) else jax.lax.ragged_dot
-    return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, gemm)
+    """The default ExpertsFn on the GPU: for a few rows the routed-experts kernel
+    (pallas_kernels/routed_experts.py), for more JAX's Mosaic GPU grouped GEMM on Hopper in
+    bf16/f16 where its tiles fit; XLA's ragged_dot elsewhere (CPU; 5-20x slower on the GPU)."""
+    if jax.default_backend() == "gpu":
+        few_rows = rows.shape[0] <= ROUTED_MAX_ROWS_PER_EXPERT * w_gate.shape[0]
+        if few_rows and routed_experts.fits(rows.shape[1], w_gate.shape[2]):
+            return routed_experts.routed_swiglu(rows, group_sizes, w_gate, w_up, w_down)
+        if _mosaic_fits(rows, w_gate):
+            return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, mosaic_ragged_dot)
+    return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down)
 
 
 def grouped_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -64,7 +82,7 @@ _MOSAIC_TILES = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4
 
 
 def _mosaic_fits(rows: jax.Array, w_gate: jax.Array) -> bool:
-    if jax.default_backend() != "gpu" or rows.dtype not in (jnp.bfloat16, jnp.float16):
+    if rows.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."):
         return False  # warpgroup MMA: Hopper only

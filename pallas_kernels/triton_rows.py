@@ -1,0 +1,37 @@
+"""Helpers shared by the Pallas Triton kernels: whole-array BlockSpecs (the kernels index their
+refs themselves) and masked row scatters that also work in interpret mode."""
+from __future__ import annotations
+
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def store_rows(ref, rows, val, row_valid, interpret):
+    """Masked row scatter: ref[rows[m]] = val[m] where row_valid[m]."""
+    if interpret:
+        # Masked-off lanes are written back with their old value in interpret
+        # mode, so they must not alias a real row: send them to the spare last row.
+        rows = jnp.where(row_valid, rows, ref.shape[0] - 1)
+    if val.ndim == 1:
+        plgpu.store(ref.at[rows], val, mask=row_valid)
+    elif interpret:
+        # Interpret mode only discharges masked stores whose indices are all arrays.
+        cols = lax.broadcasted_iota(jnp.int32, (1, val.shape[1]), 1)
+        plgpu.store(ref.at[rows[:, None], cols], val,
+                    mask=jnp.broadcast_to(row_valid[:, None], val.shape))
+    else:
+        plgpu.store(ref.at[rows, :], val,
+                    mask=jnp.broadcast_to(row_valid[:, None], val.shape))
+
+
+def full_spec(shape, squeeze_axis=None, grid_axis=None):
+    """BlockSpec covering a whole array, optionally squeezing one axis to a grid index."""
+    if squeeze_axis is None:
+        return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+    block = tuple(None if a == squeeze_axis else d for a, d in enumerate(shape))
+
+    def index_map(*ids):
+        return tuple(ids[grid_axis] if a == squeeze_axis else 0 for a in range(len(shape)))
+    return pl.BlockSpec(block, index_map)

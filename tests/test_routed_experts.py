@@ -1,0 +1,103 @@
+"""The routed-experts kernel (Pallas Triton, interpret mode on CPU) against its pure-jnp reference
+and XLA's ragged_dot, and the MoE layer's padding rows."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvllm.models import moe
+from jaxvllm.models.config import ModelConfig
+from pallas_kernels import routed_experts
+from pallas_kernels.reference import routed_swiglu_reference
+
+_TILES = routed_experts.ExpertTiles(bm=16, bk=32, bn=16)
+
+
+def _weights(key, e, h, i, dtype=jnp.float32):
+    ks = jax.random.split(key, 3)
+    return (jax.random.normal(ks[0], (e, h, i), dtype) * 0.2,
+            jax.random.normal(ks[1], (e, h, i), dtype) * 0.2,
+            jax.random.normal(ks[2], (e, i, h), dtype) * 0.2)
+
+
+@pytest.mark.parametrize("sizes", [
+    [0, 3, 0, 0, 1, 0],        # empty experts between picked ones, one-row groups
+    [0, 0, 0, 0, 0, 37],       # one expert with more rows than a row tile (three tiles)
+    [5, 0, 17, 0, 0, 2],
+    [2, 1, 0, 0, 0, 0],        # fewer rows than experts: the grid has one slot per row
+])
+def test_routed_swiglu_matches_reference_and_ragged_dot(sizes):
+    h, i = 64, 96
+    sizes = np.array(sizes, np.int32)
+    n = int(sizes.sum())
+    rows = jax.random.normal(jax.random.key(n), (n, h), jnp.float32)
+    w = _weights(jax.random.key(1), len(sizes), h, i)
+    got = routed_experts.routed_swiglu(rows, jnp.asarray(sizes), *w, gate_up_tiles=_TILES,
+                                       down_tiles=_TILES, interpret=True)
+    ref = routed_swiglu_reference(rows, jnp.asarray(sizes), *w)
+    xla = moe.grouped_swiglu(rows, jnp.asarray(sizes), *w)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(xla), rtol=1e-4, atol=1e-4)
+
+
+def test_routed_swiglu_leaves_rows_past_the_groups_alone_and_checks_tiles():
+    h, i = 64, 96
+    sizes = jnp.array([0, 4, 0, 2], jnp.int32)
+    rows = jax.random.normal(jax.random.key(0), (9, h), jnp.float32)   # 3 rows in no group
+    w = _weights(jax.random.key(2), 4, h, i)
+    got = routed_experts.routed_swiglu(rows, sizes, *w, gate_up_tiles=_TILES, down_tiles=_TILES,
+                                       interpret=True)
+    ref = routed_swiglu_reference(rows, sizes, *w)
+    np.testing.assert_allclose(np.asarray(got)[:6], np.asarray(ref)[:6], rtol=1e-4, atol=1e-4)
+    assert not routed_experts.fits(64, 40, _TILES, _TILES)
+    with pytest.raises(ValueError, match="intermediate 40"):
+        routed_experts.routed_swiglu(rows, sizes, *_weights(jax.random.key(2), 4, h, 40),
+                                     gate_up_tiles=_TILES, down_tiles=_TILES, interpret=True)
+
+
+def _moe_layer(e=6, k=2, h=64, i=96):
+    cfg = ModelConfig(architecture="Qwen3MoeForCausalLM", vocab_size=16, hidden_size=h,
+                      intermediate_size=h, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=32,
+                      rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=64,
+                      num_experts=e, num_experts_per_tok=k, moe_intermediate_size=i,
+                      norm_topk_prob=True)
+    ks = jax.random.split(jax.random.key(3), 2)
+    gate, up, down = _weights(ks[0], e, h, i)
+    lp = {"router": jax.random.normal(ks[1], (h, e)), "experts_gate": gate, "experts_up": up,
+          "experts_down": down}
+    return cfg, lp
+
+
+def test_moe_padding_tokens_join_no_group():
+    """Padding tokens (from num_tokens on) reach no expert: the experts see only the real tokens'
+    rows, the real tokens' outputs are unchanged and the padding tokens' are zero."""
+    cfg, lp = _moe_layer()
+    x = jax.random.normal(jax.random.key(4), (8, 64))
+    seen = []
+
+    def spy(rows, group_sizes, *w):
+        seen.append(int(jnp.sum(group_sizes)))
+        return moe.grouped_swiglu(rows, group_sizes, *w)
+
+    full = moe.moe(cfg, lp, x, spy)
+    padded = moe.moe(cfg, lp, x, spy, num_tokens=jnp.int32(3))
+    assert seen == [16, 6]
+    np.testing.assert_allclose(np.asarray(padded[:3]), np.asarray(full[:3]), rtol=1e-5, atol=1e-6)
+    assert not np.asarray(padded[3:]).any()
+
+
+def test_moe_layer_with_the_routed_kernel_masks_undefined_rows():
+    """The layer over the routed kernel (whose rows past the groups hold garbage: NaN here) equals
+    the layer over XLA's ragged_dot, padding included."""
+    cfg, lp = _moe_layer()
+    x = jax.random.normal(jax.random.key(5), (8, 64))
+
+    def routed(rows, group_sizes, *w):
+        out = routed_experts.routed_swiglu(rows, group_sizes, *w, gate_up_tiles=_TILES,
+                                           down_tiles=_TILES, interpret=True)
+        in_group = jnp.arange(rows.shape[0]) < jnp.sum(group_sizes)
+        return jnp.where(in_group[:, None], out, jnp.nan)
+
+    got = moe.moe(cfg, lp, x, routed, num_tokens=jnp.int32(5))
+    want = moe.moe(cfg, lp, x, moe.grouped_swiglu, num_tokens=jnp.int32(5))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
