@@ -68,15 +68,24 @@ def _assert_bf16_greedy_close(model, prompts, got) -> None:
 _FAMILIES = {
     "gemma2": dict(model_type="gemma2", head_dim=128, query_pre_attn_scalar=128, sliding_window=64,
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
-    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=128, num_experts=8, num_experts_per_tok=2,
+    # Gemma 3's shapes: head_dim 256 (global layers on the Triton prefill launch), local layers
+    # with a window, q/k norms, two RoPE bases
+    "gemma3": dict(model_type="gemma3_text", head_dim=256, query_pre_attn_scalar=256,
+                   sliding_window=64, sliding_window_pattern=2),
+    # Every token to all 8 experts: with top-2 of 8 random experts a router near a tie picks other
+    # experts under other bf16 rounding, in HF as in the engine (on the CPU HF bf16 itself was 83%
+    # of the logit spread off the float32 model at one position), so greedy parity in bf16 would
+    # test the rounding. Routing to all keeps the grouped GEMMs, the routed kernel (decode) and
+    # the weighting; choosing the top k is checked in float32 (test_model_families.py).
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=128, num_experts=8, num_experts_per_tok=8,
                       moe_intermediate_size=128, norm_topk_prob=True),
 }
 
 
 @pytest.mark.parametrize("family", sorted(_FAMILIES))
 def test_other_families_greedy_close_to_hf_in_bf16_on_gpu(tmp_path, family):
-    """Gemma 2 (soft caps, sliding window) and a mixture of experts (the routed-experts kernel for
-    decode, the Mosaic GPU grouped GEMM for the prompts) in bf16 against HF on the same GPU, with a prompt long enough for the Mosaic prefill path."""
+    """Gemma 2 (soft caps, sliding window), Gemma 3 (head_dim 256) and a mixture of experts (the
+    routed-experts kernel for decode, the Mosaic GPU grouped GEMM for the prompts) in bf16 against HF on the same GPU, with a prompt long enough for the Mosaic prefill path."""
     from hf_builders import tiny_config, tiny_model
     from jaxvllm import LLM, SamplingParams
     fields = dict(_FAMILIES[family])
@@ -94,27 +103,7 @@ def test_other_families_greedy_close_to_hf_in_bf16_on_gpu(tmp_path, family):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                         use_tqdm=False)
-    got = [o.outputs[0].token_ids for o in outs]
-    if "num_experts" not in fields:
-        _assert_bf16_greedy_close(model, prompts, got)
-        return
-    # A router near a tie picks other experts under other bf16 rounding, which moves a token's
-    # logits by more than dense layers' rounding does (one position at 5.7% of the spread here,
-    # with the grouped GEMM and the routed kernel alike). The yardstick is HF's own bf16: against
-    # the float32 model, the engine's picks are no further off than HF bf16's greedy picks.
-    model32 = tiny_model(cfg, matrix_scale=6.0).cuda()
-    off_engine, off_hf = [], []
-    for p, g in zip(prompts, got):
-        ids = torch.tensor([p + g]).cuda()
-        with torch.no_grad():
-            ref = model32(ids).logits[0, len(p) - 1:-1].float().cpu().numpy()
-            hf16 = model(ids).logits[0, len(p) - 1:-1].float().cpu().numpy().argmax(-1)
-        spread = ref.max(-1) - ref.min(-1)
-        pos = np.arange(len(g))
-        off_engine.append((ref.max(-1) - ref[pos, g]) / spread)
-        off_hf.append((ref.max(-1) - ref[pos, hf16]) / spread)
-    worst_engine, worst_hf = np.concatenate(off_engine).max(), np.concatenate(off_hf).max()
-    assert worst_engine <= worst_hf + 0.02, (worst_engine, worst_hf)
+    _assert_bf16_greedy_close(model, prompts, [o.outputs[0].token_ids for o in outs])
 
 
 def _tp_run(path: str, tp: int) -> dict:
