@@ -8,6 +8,7 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
+QUANTIZATIONS = ("fp8",)  # models/quant.py; vLLM's names
 
 
 @dataclass
@@ -34,6 +35,10 @@ class EngineArgs:
                 "routed by load with prefix-cache affinity."})
     load_format: str = field(default="auto", metadata={"help": "auto|dummy|safetensors|gguf.",
                                                        "choices": LOAD_FORMATS})
+    quantization: Optional[str] = field(default=None, metadata={
+        "help": "fp8: linear weights quantized to FP8 (e4m3) on load, per output channel, and "
+                "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype.",
+        "choices": QUANTIZATIONS})
     seed: int = field(default=0, metadata={"help": "Seed for dummy weights and unseeded sampling."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Accepted for vLLM "
                                     "compatibility; remote code is never run."})
@@ -82,6 +87,9 @@ class EngineArgs:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got "
+                             f"{self.quantization!r}")
         for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "data_parallel_size",
                      "max_logprobs"):
             pos_int(name)

@@ -44,13 +44,13 @@ def _spec(a: Any) -> list:
     return [e if e is None or isinstance(e, str) else list(e) for e in a.sharding.spec]
 
 
-def _run_engine(d: str, tp: int, dtype: str, inspect: bool) -> dict[str, Any]:
+def _run_engine(d: str, tp: int, dtype: str, inspect: bool, **engine: Any) -> dict[str, Any]:
     import numpy as np
     from jaxvllm import LLM, SamplingParams
     llm = LLM(model=d, dtype=dtype, tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4,
               max_num_batched_tokens=32, num_gpu_blocks_override=32, enforce_eager=True,
               token_buckets=(8, 32), weights_cache_dir="none",
-              compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
+              compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"), **engine)
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
     res: dict[str, Any] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
@@ -163,6 +163,10 @@ def _worker(out_path: str) -> None:
         _save_model(gemma, "gemma2", hidden=64, kv_heads=4, head_dim=16, query_pre_attn_scalar=16,
                     sliding_window=9, attn_logit_softcapping=20.0, final_logit_softcapping=10.0)
         report["gemma2"] = {tp: _run_engine(gemma, tp, "float32", inspect=False) for tp in (1, 2)}
+        # FP8 weights: scales split with their weights' outputs (and repeated with replicated KV
+        # heads at TP 4); a weight swap quantizes the new weights.
+        report["qwen2_fp8"] = {tp: _run_engine(qwen, tp, "float32", inspect=False,
+                                               quantization="fp8") for tp in (1, 2, 4)}
         errors = {}
         for name, d, tp in (("heads", llama, 3), ("devices", llama, 16), ("kv_heads", qwen, 3)):
             try:
@@ -233,7 +237,8 @@ def test_token_masks_hold_under_tp(report):
         assert masked != report["llama"][tp]["tokens"]  # the mask mattered
 
 
-@pytest.mark.parametrize("model, tp", [("qwen2_moe", 2), ("qwen2_moe", 4), ("gemma2", 2)])
+@pytest.mark.parametrize("model, tp", [("qwen2_moe", 2), ("qwen2_moe", 4), ("gemma2", 2),
+                                       ("qwen2_fp8", 2), ("qwen2_fp8", 4)])
 def test_other_families_greedy_tokens_match_tp1(report, model, tp):
     ref, got = report[model][1], report[model][tp]
     assert got["tokens"] == ref["tokens"]
@@ -241,7 +246,8 @@ def test_other_families_greedy_tokens_match_tp1(report, model, tp):
     assert got["masked_tokens"] == ref["masked_tokens"]
 
 
-@pytest.mark.parametrize("model, tp", [("llama", 2), ("llama", 8), ("qwen2", 4), ("qwen2_moe", 4)])
+@pytest.mark.parametrize("model, tp", [("llama", 2), ("llama", 8), ("qwen2", 4), ("qwen2_moe", 4),
+                                       ("qwen2_fp8", 4)])
 def test_update_weights_under_tp(report, model, tp):
     ref, got = report[model][1], report[model][tp]
     assert got["tokens_after_update"] == ref["tokens_after_update"]

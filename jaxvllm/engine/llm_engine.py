@@ -504,7 +504,11 @@ class LLMEngine(RequestFront):
         from jaxvllm.engine.weights import to_engine_layout
         if self.has_unfinished_requests():
             raise RuntimeError("update_weights must be called between generate calls (requests are running)")
-        self.runner.update_weights(to_engine_layout(params, self.loaded.config, "auto"))
+        params = to_engine_layout(params, self.loaded.config, "auto")
+        if self.args.quantization is not None:  # the new weights quantized as the loaded ones were
+            from jaxvllm.models.quant import quantize_params
+            params = quantize_params(params, self.args.quantization)
+        self.runner.update_weights(params)
         self.loaded.params = self.runner.params
         if reset_prefix_cache:
             self.scheduler.reset_prefix_cache()

@@ -74,9 +74,13 @@ def load(args: EngineArgs) -> Any:
     where = (jax.default_device(jax.local_devices(backend="cpu")[0]) if on_host
              else contextlib.nullcontext())
     with where:
-        return load_model(args.model, dtype=args.dtype, load_format=args.load_format, seed=args.seed,
-                          cache_dir=_weights_cache_dir(args), tokenizer=args.tokenizer,
-                          load_tokenizer=False)
+        loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format,
+                            seed=args.seed, cache_dir=_weights_cache_dir(args),
+                            tokenizer=args.tokenizer, load_tokenizer=False)
+        if args.quantization is not None:
+            from jaxvllm.models.quant import quantize_params
+            loaded.params = quantize_params(loaded.params, args.quantization)
+    return loaded
 
 
 def start_tokenizer_load(args: EngineArgs) -> Any:

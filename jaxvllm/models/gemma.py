@@ -51,9 +51,9 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
                    window: Optional[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
     eps, t = cfg.rms_norm_eps, x.shape[0]
     h = rms_norm(x, lp["input_norm"], eps)
-    q = linear(h, lp["q"]).reshape(t, cfg.num_heads, cfg.head_dim)
-    k = linear(h, lp["k"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(h, lp["v"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(h, lp, "q").reshape(t, cfg.num_heads, cfg.head_dim)
+    k = linear(h, lp, "k").reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(h, lp, "v").reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], eps)
         k = rms_norm(k, lp["k_norm"], eps)
@@ -63,10 +63,10 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
     out = attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
                        inp.num_seqs, sm_scale=cfg.query_pre_attn_scalar ** -0.5,
                        sliding_window=window, logits_soft_cap=cfg.attn_logit_softcapping)
-    x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp["o"]), lp["post_attn_norm"], eps)
+    x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp, "o"), lp["post_attn_norm"], eps)
     h = rms_norm(x, lp["pre_ffn_norm"], eps)
-    mlp = linear(jax.nn.gelu(linear(h, lp["gate"]), approximate=True) * linear(h, lp["up"]),
-                 lp["down"])
+    mlp = linear(jax.nn.gelu(linear(h, lp, "gate"), approximate=True) * linear(h, lp, "up"),
+                 lp, "down")
     return x + rms_norm(mlp, lp["post_ffn_norm"], eps), k_cache, v_cache
 
 

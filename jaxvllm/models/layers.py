@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.quant import fp8_linear
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -89,6 +90,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out if rest.shape[-1] == 0 else jnp.concatenate([out, rest], axis=-1)
 
 
-def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
-    y = x @ w
-    return y if b is None else y + b
+def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
+    """x @ lp[name] (+ lp[name + "_bias"]); an FP8 weight (with lp[name + "_scale"], models/quant.py)
+    runs as an FP8 matmul."""
+    scale = lp.get(name + "_scale")
+    y = x @ lp[name] if scale is None else fp8_linear(x, lp[name], scale)
+    bias = lp.get(name + "_bias")
+    return y if bias is None else y + bias

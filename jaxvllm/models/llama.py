@@ -49,9 +49,9 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
                      k_cache: jax.Array, v_cache: jax.Array, inp: ModelInputs,
                      attention_fn: AttentionFn) -> tuple[jax.Array, jax.Array, jax.Array]:
     t = x.shape[0]
-    q = linear(x, lp["q"], lp.get("q_bias")).reshape(t, cfg.num_heads, cfg.head_dim)
-    k = linear(x, lp["k"], lp.get("k_bias")).reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(x, lp["v"], lp.get("v_bias")).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(x, lp, "q").reshape(t, cfg.num_heads, cfg.head_dim)
+    k = linear(x, lp, "k").reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(x, lp, "v").reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
@@ -63,11 +63,11 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
     v_cache = write_kv(v_cache, v, inp.slot_mapping)
     out = attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
                        inp.num_seqs, sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
-    return linear(out.reshape(t, cfg.q_size), lp["o"]), k_cache, v_cache
+    return linear(out.reshape(t, cfg.q_size), lp, "o"), k_cache, v_cache
 
 
 def _mlp(lp: Params, x: jax.Array) -> jax.Array:
-    return linear(jax.nn.silu(linear(x, lp["gate"])) * linear(x, lp["up"]), lp["down"])
+    return linear(jax.nn.silu(linear(x, lp, "gate")) * linear(x, lp, "up"), lp, "down")
 
 
 def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfig,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.layers import linear
 from pallas_kernels import routed_experts
 
 ExpertsFn = Callable[..., jax.Array]
@@ -43,7 +44,8 @@ def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn,
     out = out * weights.reshape(-1)[order][:, None].astype(x.dtype)
     y = jnp.zeros_like(x).at[token].add(jnp.where((flat[order] < e)[:, None], out, 0))
     if "shared_router" in lp:
-        shared = jax.nn.silu(x @ lp["shared_gate"]) * (x @ lp["shared_up"]) @ lp["shared_down"]
+        shared = linear(jax.nn.silu(linear(x, lp, "shared_gate")) * linear(x, lp, "shared_up"), lp,
+                        "shared_down")
         y = y + jax.nn.sigmoid(x @ lp["shared_router"]) * shared
     return y
 

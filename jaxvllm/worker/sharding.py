@@ -65,6 +65,10 @@ LAYER_RULES: dict[str, P] = {
     "experts_gate": P(None, None, AXIS), "experts_up": P(None, None, AXIS),
     "experts_down": P(None, AXIS, None),
     "shared_gate": P(None, AXIS), "shared_up": P(None, AXIS), "shared_down": P(AXIS, None),
+    # FP8 weights' per-output-channel scales (models/quant.py): split as their weight's output.
+    "q_scale": P(AXIS), "k_scale": P(AXIS), "v_scale": P(AXIS), "o_scale": P(),
+    "gate_scale": P(AXIS), "up_scale": P(AXIS), "down_scale": P(),
+    "shared_gate_scale": P(AXIS), "shared_up_scale": P(AXIS), "shared_down_scale": P(),
     "input_norm": P(), "post_attn_norm": P(), "q_norm": P(), "k_norm": P(),
     "pre_ffn_norm": P(), "post_ffn_norm": P(),
 }
@@ -238,7 +242,7 @@ def _repeat_heads(w: Any, head_dim: int, rep: int) -> Any:
 
 def _replicate_kv(params: Any, head_dim: int, rep: int) -> Any:
     out = dict(params)
-    out["layers"] = [{k: (_repeat_heads(w, head_dim, rep) if k in ("k", "v", "k_bias", "v_bias")
+    out["layers"] = [{k: (_repeat_heads(w, head_dim, rep) if k in ("k", "v", "k_bias", "v_bias", "k_scale", "v_scale")
                           else w) for k, w in lp.items()} for lp in params["layers"]]
     return out
 

@@ -1,0 +1,61 @@
+"""FP8 weights (W8A8, `quantization="fp8"`): each linear weight stored as float8 e4m3 with one
+float32 scale per output channel, each token's activations quantized with their own scale as the
+layer runs, one FP8 matmul with float32 accumulation, both scales applied to its output.
+
+The layout keeps the weight's name and adds `<name>_scale` [out] beside it (models/params.py), so
+tensor parallelism splits a scale as its weight's output dimension (worker/sharding.py). The
+embedding, the LM head, norms, routers and the experts of mixture-of-experts layers stay in the
+model's dtype.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxvllm.config import QUANTIZATIONS
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+# Linear weights [in, out] that are quantized (the dense MLP, attention, a shared expert).
+QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+_MIN_AMAX = 1e-12  # an all-zero row or column gets a tiny scale, not a division by zero
+
+
+@jax.jit
+def quantize_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[in, out] -> (float8 e4m3 [in, out], float32 scale [out]) with w ~= q * scale, each output
+    channel's largest magnitude mapped to the format's largest (448)."""
+    w32 = w.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(w32), axis=0), _MIN_AMAX) / FP8_MAX
+    return _to_fp8(w32 / scale), scale
+
+
+def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [..., in] (any float dtype) @ an FP8 weight with its per-output-channel scale; each row of
+    x quantized to FP8 with its own scale first. Returns x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_AMAX) / FP8_MAX
+    y = jnp.dot(_to_fp8(x32 / x_scale), w, preferred_element_type=jnp.float32)
+    return (y * x_scale * scale).astype(x.dtype)
+
+
+def _to_fp8(x: jax.Array) -> jax.Array:
+    # e4m3fn has no infinity: a value rounded past 448 would become NaN, so clip first.
+    return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(FP8)
+
+
+def quantize_params(params: dict[str, Any], method: str) -> dict[str, Any]:
+    """The params with every weight in QUANTIZED replaced by its FP8 form plus `<name>_scale`, one
+    tensor at a time (each original is dropped as soon as its FP8 copy exists)."""
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {method!r}")
+    layers = []
+    for lp in params["layers"]:
+        lp = dict(lp)
+        for name in QUANTIZED:
+            if name in lp:
+                lp[name], lp[name + "_scale"] = quantize_fp8(lp.pop(name))
+        layers.append(lp)
+    return {**params, "layers": layers}

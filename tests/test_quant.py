@@ -1,0 +1,99 @@
+"""FP8 weights (W8A8, models/quant.py): the quantizer and the FP8 linear layer against float64
+references, the engine arguments, and the default model quantized on load against itself in bf16."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvllm.models.quant import FP8_MAX, fp8_linear, quantize_fp8, quantize_params
+
+
+def _f64(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+
+
+def test_quantize_round_trip_per_output_channel():
+    w = jax.random.normal(jax.random.key(0), (96, 40)) * jnp.linspace(0.01, 30.0, 40)
+    w = w.at[:, 7].set(0.0)  # an all-zero channel
+    q, scale = quantize_fp8(w)
+    assert q.dtype == jnp.float8_e4m3fn and scale.shape == (40,) and scale.dtype == jnp.float32
+    qf = _f64(q)
+    # Each channel's largest magnitude lands on the format's largest value.
+    np.testing.assert_array_equal(np.abs(qf).max(0)[np.arange(40) != 7], FP8_MAX)
+    assert not qf[:, 7].any()
+    deq, ref = qf * _f64(scale), _f64(w)
+    # e4m3: 3 mantissa bits (relative error <= 2^-4), subnormal spacing 2^-9 of the scale.
+    assert (np.abs(deq - ref) <= 2.0 ** -4 * np.abs(ref) + 2.0 ** -9 * _f64(scale) + 1e-30).all()
+
+
+def test_fp8_linear_against_float64():
+    w = jax.random.normal(jax.random.key(1), (128, 48)) * 0.05
+    x = jax.random.normal(jax.random.key(2), (7, 128), jnp.bfloat16) * 3.0
+    x = x.at[3].set(0.0)  # a padding row: zeros in, zeros out
+    q, scale = quantize_fp8(w)
+    y = fp8_linear(x, q, scale)
+    assert y.dtype == jnp.bfloat16 and y.shape == (7, 48)
+    # Exactly the quantized operands' product (float64), up to the bf16 output rounding.
+    xs = np.abs(_f64(x)).max(-1, keepdims=True) / FP8_MAX
+    xs = np.where(xs > 0, xs, 1e-12 / FP8_MAX)
+    xq = _f64(jnp.clip(jnp.asarray(_f64(x) / xs, jnp.float32), -FP8_MAX, FP8_MAX)
+              .astype(jnp.float8_e4m3fn))
+    exact = (xq * xs) @ (_f64(q) * _f64(scale))
+    np.testing.assert_allclose(_f64(y), exact, rtol=2 ** -7, atol=1e-3 * np.abs(exact).max())
+    assert not _f64(y)[3].any()
+    # And close to the unquantized product (FP8's error, a few percent).
+    full = _f64(x) @ _f64(w)
+    assert np.abs(_f64(y) - full).max() < 0.06 * np.abs(full).max()
+
+
+def test_quantize_params_keeps_norms_embeddings_and_experts():
+    params = {"embed": jnp.ones((8, 4)), "final_norm": jnp.ones(4),
+              "layers": [{"q": jnp.ones((4, 4)), "q_bias": jnp.ones(4), "input_norm": jnp.ones(4),
+                          "router": jnp.ones((4, 2)), "experts_gate": jnp.ones((2, 4, 3)),
+                          "shared_down": jnp.ones((3, 4))}]}
+    out = quantize_params(params, "fp8")
+    lp = out["layers"][0]
+    assert lp["q"].dtype == jnp.float8_e4m3fn and lp["q_scale"].shape == (4,)
+    assert lp["shared_down"].dtype == jnp.float8_e4m3fn and "shared_down_scale" in lp
+    for name in ("q_bias", "input_norm", "router", "experts_gate"):
+        assert lp[name].dtype == jnp.float32 and name + "_scale" not in lp
+    assert out["embed"].dtype == jnp.float32 and params["layers"][0]["q"].dtype == jnp.float32
+    with pytest.raises(ValueError, match="quantization"):
+        quantize_params(params, "int3")
+
+
+@pytest.mark.parametrize("bad", ["awq_marlin", "FP8", 8])
+def test_engine_args_name_the_quantization(bad):
+    from jaxvllm.config import EngineArgs
+    with pytest.raises(ValueError, match="quantization"):
+        EngineArgs(quantization=bad)
+
+
+def test_default_model_in_fp8_stays_close_to_bf16():
+    """The default model (SmolLM2-135M-Instruct) quantized to FP8 on load against itself in bf16:
+    prompt logprobs within a mean |delta| of 0.35 and the same first greedy tokens for most
+    prompts. Measured (bench/RESULTS.md, "FP8 weights"): 0.27, where bf16 against float32 is
+    already 0.065 for this model; the issue's 0.05 is not met by per-channel FP8 here."""
+    from jaxvllm import LLM, SamplingParams
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ",
+               "Water boils at a temperature of", "Once upon a time, in a small village,"]
+    sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0)
+    runs = {}
+    for q in (None, "fp8"):
+        llm = LLM(dtype="bfloat16", quantization=q, max_model_len=128, max_num_seqs=4,
+                  max_num_batched_tokens=64,
+                  num_gpu_blocks_override=64, enforce_eager=True, token_buckets=(8, 64))
+        if q:
+            lp = llm.llm_engine.runner.params["layers"][0]
+            assert lp["q"].dtype == jnp.float8_e4m3fn and lp["down"].dtype == jnp.float8_e4m3fn
+        runs[q] = llm.generate(prompts, sp, use_tqdm=False)
+        del llm
+    deltas, agree = [], 0
+    for ref, got in zip(runs[None], runs["fp8"]):
+        assert ref.prompt_token_ids == got.prompt_token_ids
+        for a, b, tok in zip(ref.prompt_logprobs[1:], got.prompt_logprobs[1:],
+                             ref.prompt_token_ids[1:]):
+            deltas.append(abs(a[tok].logprob - b[tok].logprob))
+        agree += ref.outputs[0].token_ids[:3] == got.outputs[0].token_ids[:3]
+    assert 0 < np.mean(deltas) <= 0.35, np.mean(deltas)
+    assert agree >= 3, agree
