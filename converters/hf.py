@@ -19,6 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import WeightLoadError
+from converters.fp8 import dequantize as dequantize_fp8
+from converters.fp8 import fp8_checkpoint, read_fp8
+from converters.fp8 import scale_name as fp8_scale_name
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.params import param_shapes
 
@@ -61,7 +64,9 @@ HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
 }
 # Tensors some checkpoints carry that the engine recomputes or does not use (a multimodal
 # checkpoint's vision tower and projector too).
+# FP8 checkpoints' scales are read with their weights (converters/fp8.py).
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.masked_bias$|\.attn\.bias$"
+                      r"|\.(weight_scale|weight_scale_inv|input_scale)$"
                       r"|^(model\.)?(vision_tower|multi_modal_projector)\.")
 # A multimodal checkpoint's text-model tensors, under the names of the text model alone.
 _TEXT_MODEL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
@@ -369,6 +374,18 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
 
     files, weight_map = weight_files(model_dir)
     builder = ParamsBuilder(cfg, dtype, model_dir)
+    fp8 = fp8_checkpoint(read_config_dict(model_dir))
+
+    def fp8_scale(name: str, f: Any, names: list[str], path: str) -> Any:
+        scale = fp8_scale_name(fp8, name)
+        if scale in names:
+            return f.get_tensor(scale)
+        other = (weight_map or {}).get(scale)
+        if other is None:
+            raise WeightLoadError(f"{path}: float8 tensor {name!r} has no {scale!r}")
+        with safe_open(os.path.join(model_dir, other), framework="flax") as g:
+            return g.get_tensor(scale)
+
     for path in files:
         try:
             handle = safe_open(path, framework="flax")
@@ -387,10 +404,17 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                 except Exception as e:
                     raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
                 builder.check_shape(name, shape, path)
+                is_fp8 = f.get_slice(name).get_dtype() == "F8_E4M3"
+                if is_fp8 and fp8 is None:
+                    raise WeightLoadError(f"{path}: tensor {name!r} is float8 but config.json has "
+                                          "no quantization_config")
                 try:
-                    tensor = f.get_tensor(name)
+                    tensor = read_fp8(path, name) if is_fp8 else f.get_tensor(name)
                 except Exception as e:
                     raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
+                if is_fp8:
+                    tensor = dequantize_fp8(fp8, name, tensor, fp8_scale(name, f, names, path),
+                                            path)
                 builder.add(name, tensor, path)
                 del tensor
 

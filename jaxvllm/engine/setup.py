@@ -77,6 +77,11 @@ def load(args: EngineArgs) -> Any:
         loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format,
                             seed=args.seed, cache_dir=_weights_cache_dir(args),
                             tokenizer=args.tokenizer, load_tokenizer=False)
+        if args.quantization is None and loaded.load_format == "safetensors":
+            from converters.fp8 import fp8_checkpoint
+            if fp8_checkpoint(loaded.hf_config) is not None:  # as vLLM: the checkpoint's method
+                logger.info("%s is an FP8 checkpoint: quantization='fp8'", loaded.source)
+                args.quantization = "fp8"
         if args.quantization is not None:
             from jaxvllm.models.quant import quantize_params
             loaded.params = quantize_params(loaded.params, args.quantization)

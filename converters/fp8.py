@@ -1,0 +1,121 @@
+"""FP8 checkpoints: what config.json's `quantization_config` says, and each float8 weight
+dequantized with its scale as it is read.
+
+Two formats, as vLLM loads them: HF's `quant_method: "fp8"` (weights e4m3 [out, in], a
+`weight_scale_inv` per tensor or per `weight_block_size` block, e.g. 128x128 in the Qwen3 and
+DeepSeek FP8 releases) and compressed-tensors' `float-quantized` (a `weight_scale` per tensor, per
+output channel or per block). The weights come out in the engine's dtype; an FP8 checkpoint turns
+`quantization="fp8"` on (engine/setup.py), which requantizes the layers the engine runs in FP8
+with its own per-output-channel scales (models/quant.py). Activation scales stored for static
+quantization are not used: the engine scales activations per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import struct
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from converters.errors import WeightLoadError
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Checkpoint:
+    scale_suffix: str                    # a weight's scale is "<prefix>.<scale_suffix>"
+    block: Optional[tuple[int, int]]     # (out, in) elements per scale; None: per tensor or channel
+
+
+def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
+    """The checkpoint's FP8 format, None for an unquantized one. Raises ValueError naming
+    `quantization_config` for a quantization this engine cannot load."""
+    qc = hf_config.get("quantization_config") or (hf_config.get("text_config") or {}).get(
+        "quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method == "fp8":
+        if qc.get("fmt", "e4m3") != "e4m3":
+            raise ValueError(f"quantization_config.fmt {qc.get('fmt')!r}: only e4m3 FP8 loads")
+        block = qc.get("weight_block_size")
+        return Fp8Checkpoint("weight_scale_inv", _block(block, "weight_block_size"))
+    if method == "compressed-tensors" and qc.get("format") == "float-quantized":
+        blocks = set()
+        for name, group in (qc.get("config_groups") or {}).items():
+            w = group.get("weights") or {}
+            if w.get("type") != "float" or w.get("num_bits") != 8:
+                raise ValueError(f"quantization_config.config_groups.{name}.weights: only 8-bit "
+                                 f"float weights load, got {w.get('type')!r} {w.get('num_bits')!r}")
+            strategy = w.get("strategy")
+            if strategy not in ("tensor", "channel", "block"):
+                raise ValueError(f"quantization_config.config_groups.{name}.weights.strategy "
+                                 f"{strategy!r}: tensor, channel or block scales load")
+            blocks.add(_block(w.get("block_structure"), "block_structure")
+                       if strategy == "block" else None)
+        if len(blocks) > 1:
+            raise ValueError("quantization_config.config_groups: one scale layout for all groups")
+        return Fp8Checkpoint("weight_scale", blocks.pop() if blocks else None)
+    raise ValueError(f"quantization_config: quant_method {method!r}"
+                     f"{'' if method != 'compressed-tensors' else ' format ' + repr(qc.get('format'))}"
+                     " cannot be loaded (supported: 'fp8', 'compressed-tensors' float-quantized)")
+
+
+def _block(value: Any, field: str) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and v > 0 for v in value)):
+        raise ValueError(f"quantization_config.{field} must be two positive ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def read_fp8(path: str, name: str) -> np.ndarray:
+    """A float8 e4m3 tensor of a safetensors file, read from the file's header and bytes
+    (safetensors' numpy reader has no float8 type)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(header_len))[name]
+        if entry["dtype"] != "F8_E4M3":
+            raise WeightLoadError(f"{path}: tensor {name!r} is {entry['dtype']}, not F8_E4M3")
+        start, end = entry["data_offsets"]
+        f.seek(8 + header_len + start)
+        data = f.read(end - start)
+    return np.frombuffer(data, ml_dtypes.float8_e4m3fn).reshape(entry["shape"])
+
+
+def scale_name(fmt: Fp8Checkpoint, weight_name: str) -> str:
+    return weight_name.rsplit(".", 1)[0] + "." + fmt.scale_suffix
+
+
+def dequantize(fmt: Fp8Checkpoint, name: str, q: Any, scale: Any, source: str) -> jax.Array:
+    """float8 [out, in] times its scale -> float32; a scale whose shape fits neither the format nor
+    the weight is a WeightLoadError naming the tensor."""
+    out, inp = q.shape
+    size = math.prod(scale.shape)
+    if fmt.block is not None:
+        want = (-(-out // fmt.block[0]), -(-inp // fmt.block[1]))
+        ok = tuple(scale.shape) == want
+    else:
+        ok = size in (1, out) and len([d for d in scale.shape if d != 1]) <= 1
+    if not ok:
+        raise WeightLoadError(f"{source}: tensor {name!r}: scale shape {list(scale.shape)} does not "
+                              f"fit a weight of shape {[out, inp]}"
+                              + (f" in blocks of {list(fmt.block)}" if fmt.block else ""))
+    return _dequantize(jnp.asarray(q), jnp.asarray(scale), fmt.block)
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _dequantize(q: jax.Array, scale: jax.Array, block: Optional[tuple[int, int]]) -> jax.Array:
+    out, inp = q.shape
+    s = scale.astype(jnp.float32)
+    if block is not None:
+        s = jnp.repeat(jnp.repeat(s, block[0], axis=0), block[1], axis=1)[:out, :inp]
+    else:
+        s = s.reshape(-1, 1)  # one per output channel, or a single one broadcast
+    return q.astype(jnp.float32) * s

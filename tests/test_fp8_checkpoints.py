@@ -1,0 +1,129 @@
+"""FP8 checkpoints (converters/fp8.py): tiny random Llama models written in HF's `fp8` format (per
+tensor and 32x32 blocks) and compressed-tensors' `float-quantized` (per output channel), with the
+formats' tensor names and scales; each must load as its dequantized float32 twin does, and the
+engine must run it in FP8 exactly as it runs the twin with quantization="fp8"."""
+import json
+import math
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from converters import WeightLoadError, load_model
+from hf_builders import save_word_tokenizer, tiny_config, tiny_model
+
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_FORMATS = {
+    "hf-tensor": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "weight_scale_inv", None),
+    "hf-block": ({"quant_method": "fp8", "activation_scheme": "dynamic",
+                  "weight_block_size": [32, 32]}, "weight_scale_inv", (32, 32)),
+    "ct-channel": ({"quant_method": "compressed-tensors", "format": "float-quantized",
+                    "config_groups": {"group_0": {
+                        "targets": ["Linear"],
+                        "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
+                        "input_activations": {"type": "float", "num_bits": 8, "dynamic": True}}},
+                    "ignore": ["lm_head"]}, "weight_scale", "channel"),
+}
+
+
+def _quantize(w: np.ndarray, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float8 [out, in], its scale in the format's shape, the float32 the scale dequantizes to)."""
+    out, inp = w.shape
+    if layout is None:
+        scale = np.array(np.abs(w).max() / 448.0, np.float32).reshape(1)
+        full = np.full_like(w, scale[0])
+    elif layout == "channel":
+        scale = (np.abs(w).max(1, keepdims=True) / 448.0).astype(np.float32)  # [out, 1]
+        full = np.broadcast_to(scale, w.shape)
+    else:
+        bo, bi = layout
+        scale = np.zeros((math.ceil(out / bo), math.ceil(inp / bi)), np.float32)
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                scale[i, j] = np.abs(w[i * bo:(i + 1) * bo, j * bi:(j + 1) * bi]).max() / 448.0
+        full = np.kron(scale, np.ones((bo, bi), np.float32))[:out, :inp]
+    q = (w / full).clip(-448, 448).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale, q.astype(np.float32) * full
+
+
+def _write_pair(tmp_path, fmt: str):
+    """An FP8 checkpoint in `fmt` and its float32 twin holding the dequantized weights."""
+    cfg = tiny_config("llama", vocab_size=128, hidden_size=64, intermediate_size=80,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=False)
+    tiny_model(cfg, matrix_scale=4.0).save_pretrained(tmp_path / "src")
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+    qc, suffix, layout = _FORMATS[fmt]
+    fp8, twin = {}, {}
+    for name, w in tensors.items():
+        if name.rsplit(".", 2)[-2] in _LINEARS:
+            q, scale, deq = _quantize(w.astype(np.float32), layout)
+            fp8[name], fp8[name[:-len("weight")] + suffix] = q, scale
+            twin[name] = deq
+        else:
+            fp8[name] = twin[name] = w
+    dirs = {}
+    for kind, ts in (("fp8", fp8), ("twin", twin)):
+        d = tmp_path / kind
+        d.mkdir()
+        save_file(ts, d / "model.safetensors")
+        conf = json.loads((tmp_path / "src" / "config.json").read_text())
+        if kind == "fp8":
+            conf["quantization_config"] = qc
+        (d / "config.json").write_text(json.dumps(conf))
+        save_word_tokenizer(d, 128)
+        dirs[kind] = str(d)
+    return dirs
+
+
+@pytest.mark.parametrize("fmt", sorted(_FORMATS))
+def test_fp8_checkpoint_loads_as_its_dequantized_twin(tmp_path, fmt):
+    dirs = _write_pair(tmp_path, fmt)
+    got = load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False).params
+    want = load_model(dirs["twin"], dtype="float32", cache_dir=None, load_tokenizer=False).params
+    for lg, lw in zip(got["layers"], want["layers"]):
+        assert lg.keys() == lw.keys()
+        for k in lg:
+            np.testing.assert_array_equal(np.asarray(lg[k]), np.asarray(lw[k]), err_msg=k)
+    np.testing.assert_array_equal(np.asarray(got["lm_head"]), np.asarray(want["lm_head"]))
+
+
+def test_fp8_checkpoint_runs_in_fp8(tmp_path):
+    """An FP8 checkpoint turns quantization="fp8" on, and generates exactly as its dequantized twin
+    with quantization="fp8" (the same weights, requantized the same way)."""
+    from jaxvllm import LLM, SamplingParams
+    dirs = _write_pair(tmp_path, "hf-block")
+    kw = dict(dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
+              num_gpu_blocks_override=16, enforce_eager=True, token_buckets=(8, 32))
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (4, 13)]
+    runs = {}
+    for kind, extra in (("fp8", {}), ("twin", {"quantization": "fp8"})):
+        llm = LLM(model=dirs[kind], **kw, **extra)
+        assert llm.llm_engine.args.quantization == "fp8"
+        assert llm.llm_engine.runner.params["layers"][0]["q"].dtype == jnp.float8_e4m3fn
+        runs[kind] = [(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob)
+                      for o in llm.generate(prompts, sp, use_tqdm=False)]
+        del llm
+    assert runs["fp8"] == runs["twin"]
+
+
+def test_fp8_checkpoint_errors_name_the_problem(tmp_path):
+    dirs = _write_pair(tmp_path, "hf-block")
+    conf_path = tmp_path / "fp8" / "config.json"
+    conf = json.loads(conf_path.read_text())
+    # Another quantization method: refused by name before any tensor is read.
+    conf_path.write_text(json.dumps({**conf, "quantization_config": {"quant_method": "awq"}}))
+    with pytest.raises(ValueError, match="quant_method 'awq'"):
+        load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False)
+    # A block size the scales do not fit: the tensor is named.
+    conf_path.write_text(json.dumps({**conf, "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [16, 16]}}))
+    with pytest.raises(WeightLoadError, match=r"proj.weight'.*scale shape"):
+        load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False)
+    # float8 tensors with no quantization_config at all.
+    conf_path.write_text(json.dumps({k: v for k, v in conf.items() if k != "quantization_config"}))
+    with pytest.raises(WeightLoadError, match="float8 but config.json has no quantization_config"):
+        load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False)
