@@ -9,6 +9,7 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
 QUANTIZATIONS = ("fp8",)  # models/quant.py; vLLM's names
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -39,6 +40,10 @@ class EngineArgs:
         "help": "fp8: linear weights quantized to FP8 (e4m3) on load, per output channel, and "
                 "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype.",
         "choices": QUANTIZATIONS})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "auto: the model's dtype; fp8 (= fp8_e4m3): K/V stored as float8 e4m3 (values "
+                "clipped to +-448, no scales), half the bytes per cached token.",
+        "choices": KV_CACHE_DTYPES})
     seed: int = field(default=0, metadata={"help": "Seed for dummy weights and unseeded sampling."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Accepted for vLLM "
                                     "compatibility; remote code is never run."})
@@ -90,6 +95,9 @@ class EngineArgs:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got "
                              f"{self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got "
+                             f"{self.kv_cache_dtype!r}")
         for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "data_parallel_size",
                      "max_logprobs"):
             pos_int(name)

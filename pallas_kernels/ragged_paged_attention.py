@@ -187,7 +187,7 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
             krow = page * block_size + lax.rem(kpos, jnp.int32(block_size))
             if masked:
                 krow = jnp.where(kvalid, krow, 0)
-            k = k_ref[krow, :]                                        # [BK, D]
+            k = k_ref[krow, :].astype(q.dtype)                        # [BK, D] (FP8 cache: up)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)    # [M, BK]
             s = s * scale
@@ -202,7 +202,7 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
             p = jnp.exp2(s - m_new[:, None])
             corr = jnp.exp2(m_i - m_new)
             l_new = l_i * corr + jnp.sum(p, axis=1)
-            v = v_ref[krow, :]
+            v = v_ref[krow, :].astype(q.dtype)
             if masked:
                 # p is 0 there, but 0 * (NaN/Inf garbage in an unused cache row) is not.
                 v = jnp.where(kvalid[:, None], v, jnp.zeros_like(v))
@@ -348,6 +348,7 @@ def ragged_paged_attention_kernel(
     n_seqs = jnp.reshape(num_seqs, (-1,))[0].astype(jnp.int32)
     q_lens = jnp.where(jnp.arange(R, dtype=jnp.int32) < n_seqs, qsl[1:] - qsl[:-1], 0)
     use_mgpu = (prefill_backend == "mosaic" and not interpret and T >= MGPU_MIN_TOKENS
+                and k_cache.dtype == q.dtype  # an FP8 cache stays on the Triton launch
                 and prefill_mgpu.supported(q.dtype, D, BS, tiles.prefill_block_kv,
                                            sliding_window, logits_soft_cap))
     out0 = None

@@ -152,6 +152,27 @@ def test_bf16():
     check(out, ref, batch.num_tokens, jnp.bfloat16)
 
 
+def _fp8_caches(batch):
+    return [c.astype(jnp.float8_e4m3fn) for c in batch.args[1:3]]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["decode", "mixed", "padding"])
+def test_fp8_kv_cache(name, dtype):
+    """kv_cache_dtype="fp8": the kernel reads float8 K/V (upcast to q's dtype) as the reference
+    does; and the FP8 cache's rounding stays small against the unrounded cache."""
+    q_lens, kv_lens, kw = CASES[name]
+    batch = make_batch(q_lens, kv_lens, dtype=dtype, seed=21, **kw)
+    k8, v8 = _fp8_caches(batch)
+    args = (batch.args[0], k8, v8, *batch.args[3:])
+    out, ref = run_both(args)
+    assert out.dtype == dtype
+    check(out, ref, batch.num_tokens, dtype)
+    exact = ragged_paged_attention_reference(*batch.args, sm_scale=0.125)
+    o, e = (np.asarray(jnp.asarray(x, jnp.float32))[:batch.num_tokens] for x in (ref, exact))
+    assert np.linalg.norm(o - e) / np.linalg.norm(e) < 0.05
+
+
 def test_public_entry_point_and_jit_with_traced_ints():
     batch = make_batch([1, 10], [30, 12], T=16, R=3, seed=5)
     ref = ragged_paged_attention(*batch.args, sm_scale=0.3, impl="reference")
@@ -210,6 +231,20 @@ def test_gpu_kernel_vs_reference_bf16(name):
                        head_dim=128, dtype=jnp.bfloat16, seed=1, **kw)
     ref = ragged_paged_attention(*batch.args, sm_scale=0.088, impl="reference")
     out = ragged_paged_attention(*batch.args, sm_scale=0.088, impl="kernel")
+    check(out, ref, batch.num_tokens, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("name", list(CASES) + ["long"])
+def test_gpu_fp8_kv_cache_vs_reference(name):
+    """Float8 K/V on the GPU: Triton upcasts them; a long prefill stays off the Mosaic path."""
+    q_lens, kv_lens, kw = CASES[name] if name in CASES else ([300], [300], dict(T=512))
+    batch = make_batch(q_lens, kv_lens, num_q_heads=32, num_kv_heads=8,
+                       head_dim=128, dtype=jnp.bfloat16, seed=1, **kw)
+    args = (batch.args[0], *_fp8_caches(batch), *batch.args[3:])
+    ref = ragged_paged_attention(*args, sm_scale=0.088, impl="reference")
+    out = ragged_paged_attention(*args, sm_scale=0.088, impl="kernel")
     check(out, ref, batch.num_tokens, jnp.bfloat16)
 
 

@@ -163,10 +163,12 @@ def _worker(out_path: str) -> None:
         _save_model(gemma, "gemma2", hidden=64, kv_heads=4, head_dim=16, query_pre_attn_scalar=16,
                     sliding_window=9, attn_logit_softcapping=20.0, final_logit_softcapping=10.0)
         report["gemma2"] = {tp: _run_engine(gemma, tp, "float32", inspect=False) for tp in (1, 2)}
-        # FP8 weights: scales split with their weights' outputs (and repeated with replicated KV
-        # heads at TP 4); a weight swap quantizes the new weights.
+        # FP8 weights and KV cache: scales split with their weights' outputs (and repeated with
+        # replicated KV heads at TP 4), the float8 cache split over KV heads; a weight swap
+        # quantizes the new weights.
         report["qwen2_fp8"] = {tp: _run_engine(qwen, tp, "float32", inspect=False,
-                                               quantization="fp8") for tp in (1, 2, 4)}
+                                               quantization="fp8", kv_cache_dtype="fp8")
+                               for tp in (1, 2, 4)}
         errors = {}
         for name, d, tp in (("heads", llama, 3), ("devices", llama, 16), ("kv_heads", qwen, 3)):
             try:

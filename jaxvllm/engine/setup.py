@@ -133,7 +133,8 @@ def build_runner(args: EngineArgs, loaded: Any,
     runner_config = RunnerConfig(
         block_size=args.block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_dtype=params_dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_dtype=params_dtype if args.kv_cache_dtype == "auto" else jnp.float8_e4m3fn,
         token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs,
         step_timeout=args.step_timeout,
         triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS else 0)

@@ -40,6 +40,8 @@ def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.A
     """Scatter new K or V rows [T, kv_heads, head_dim] into their cache slots (in place when donated);
     out-of-range slots (padding) are dropped."""
     nb, bs, h, d = cache.shape
+    if cache.dtype == jnp.float8_e4m3fn:  # an FP8 cache: no infinity, so saturate, not NaN
+        new = jnp.clip(new, -448.0, 448.0)
     flat = cache.reshape(nb * bs, h, d).at[slot_mapping].set(new.astype(cache.dtype), mode="drop",
                                                               unique_indices=False)
     return flat.reshape(nb, bs, h, d)

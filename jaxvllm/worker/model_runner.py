@@ -300,7 +300,7 @@ class ModelRunner:
     def _prompt_scoring_bytes(self) -> int:
         """One chunk of prompt scoring (`_score_prompts`) at max_logprobs, from the largest bucket."""
         sds = jax.ShapeDtypeStruct
-        hidden = sds((self.token_buckets[-1], self.cfg.hidden_size), self.config.kv_dtype)
+        hidden = sds((self.token_buckets[-1], self.cfg.hidden_size), self.params["final_norm"].dtype)
         rows = sds((self.score_rows,), jnp.int32)
         return _new_bytes(self._prompt_logprobs.lower(self.params, hidden, rows, rows,
                                                       num_logprobs=self.config.max_logprobs))
