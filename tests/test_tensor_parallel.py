@@ -374,7 +374,9 @@ def test_weights_load_into_host_memory_under_tp(monkeypatch, tp):
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine import setup
     seen = []
-    monkeypatch.setattr(converters, "load_model", lambda *a, **k: seen.append(jax.config.jax_default_device))
+    import types
+    monkeypatch.setattr(converters, "load_model", lambda *a, **k: (
+        seen.append(jax.config.jax_default_device), types.SimpleNamespace(load_format="dummy"))[1])
     setup.load(EngineArgs(model={"model_type": "llama"}, load_format="dummy", tensor_parallel_size=tp,
                           compilation_cache_dir="none"))
     assert len(seen) == 1
