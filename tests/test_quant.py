@@ -69,14 +69,29 @@ def test_engine_args_name_the_quantization(bad):
         EngineArgs(quantization=bad)
 
 
+_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
+            "Water boils at a temperature of", "Once upon a time, in a small village,"]
+
+
+def _compare(refs, gots) -> tuple[list[float], int]:
+    """|delta| of every scored prompt token's logprob, and how many prompts kept their first three
+    greedy tokens."""
+    deltas, agree = [], 0
+    for ref, got in zip(refs, gots):
+        assert ref.prompt_token_ids == got.prompt_token_ids
+        for a, b, tok in zip(ref.prompt_logprobs[1:], got.prompt_logprobs[1:],
+                             ref.prompt_token_ids[1:]):
+            deltas.append(abs(a[tok].logprob - b[tok].logprob))
+        agree += ref.outputs[0].token_ids[:3] == got.outputs[0].token_ids[:3]
+    return deltas, agree
+
+
 def test_default_model_in_fp8_stays_close_to_bf16():
     """The default model (SmolLM2-135M-Instruct) quantized to FP8 on load against itself in bf16:
     prompt logprobs within a mean |delta| of 0.35 and the same first greedy tokens for most
     prompts. Measured (bench/RESULTS.md, "FP8 weights"): 0.27, where bf16 against float32 is
     already 0.065 for this model; the issue's 0.05 is not met by per-channel FP8 here."""
     from jaxvllm import LLM, SamplingParams
-    prompts = ["The capital of France is", "def fibonacci(n):\n    ",
-               "Water boils at a temperature of", "Once upon a time, in a small village,"]
     sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0)
     runs = {}
     for q in (None, "fp8"):
@@ -86,15 +101,9 @@ def test_default_model_in_fp8_stays_close_to_bf16():
         if q:
             lp = llm.llm_engine.runner.params["layers"][0]
             assert lp["q"].dtype == jnp.float8_e4m3fn and lp["down"].dtype == jnp.float8_e4m3fn
-        runs[q] = llm.generate(prompts, sp, use_tqdm=False)
+        runs[q] = llm.generate(_PROMPTS, sp, use_tqdm=False)
         del llm
-    deltas, agree = [], 0
-    for ref, got in zip(runs[None], runs["fp8"]):
-        assert ref.prompt_token_ids == got.prompt_token_ids
-        for a, b, tok in zip(ref.prompt_logprobs[1:], got.prompt_logprobs[1:],
-                             ref.prompt_token_ids[1:]):
-            deltas.append(abs(a[tok].logprob - b[tok].logprob))
-        agree += ref.outputs[0].token_ids[:3] == got.outputs[0].token_ids[:3]
+    deltas, agree = _compare(runs[None], runs["fp8"])
     assert 0 < np.mean(deltas) <= 0.35, np.mean(deltas)
     assert agree >= 3, agree
 
@@ -107,8 +116,6 @@ def test_fp8_kv_cache_on_the_default_model():
     from jaxvllm import LLM, SamplingParams
     from jaxvllm.config import EngineArgs
     from jaxvllm.models.llama import kv_cache_bytes_per_block
-    prompts = ["The capital of France is", "def fibonacci(n):\n    ",
-               "Water boils at a temperature of", "Once upon a time, in a small village,"]
     sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0)
     runs = {}
     for kv in ("auto", "fp8"):
@@ -117,16 +124,11 @@ def test_fp8_kv_cache_on_the_default_model():
                   token_buckets=(8, 64))
         runner = llm.llm_engine.runner
         assert runner.kv_cache[0][0].dtype == (jnp.float8_e4m3fn if kv == "fp8" else jnp.bfloat16)
-        runs[kv] = (llm.generate(prompts, sp, use_tqdm=False),
+        runs[kv] = (llm.generate(_PROMPTS, sp, use_tqdm=False),
                     kv_cache_bytes_per_block(runner.cfg, 16, runner.config.kv_dtype))
         del llm
     assert runs["fp8"][1] * 2 == runs["auto"][1]
-    deltas, agree = [], 0
-    for ref, got in zip(runs["auto"][0], runs["fp8"][0]):
-        for a, b, tok in zip(ref.prompt_logprobs[1:], got.prompt_logprobs[1:],
-                             ref.prompt_token_ids[1:]):
-            deltas.append(abs(a[tok].logprob - b[tok].logprob))
-        agree += ref.outputs[0].token_ids[:3] == got.outputs[0].token_ids[:3]
+    deltas, agree = _compare(runs["auto"][0], runs["fp8"][0])
     assert 0 < np.mean(deltas) <= 0.2, np.mean(deltas)
     assert agree >= 3, agree
     with pytest.raises(ValueError, match="kv_cache_dtype"):
