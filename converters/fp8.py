@@ -78,15 +78,24 @@ def _block(value: Any, field: str) -> Optional[tuple[int, int]]:
 def read_fp8(path: str, name: str) -> np.ndarray:
     """A float8 e4m3 tensor of a safetensors file, read from the file's header and bytes
     (safetensors' numpy reader has no float8 type)."""
+    data_start, header = _header(path)
+    entry = header[name]
+    if entry["dtype"] != "F8_E4M3":
+        raise WeightLoadError(f"{path}: tensor {name!r} is {entry['dtype']}, not F8_E4M3")
+    start, end = entry["data_offsets"]
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        entry = json.loads(f.read(header_len))[name]
-        if entry["dtype"] != "F8_E4M3":
-            raise WeightLoadError(f"{path}: tensor {name!r} is {entry['dtype']}, not F8_E4M3")
-        start, end = entry["data_offsets"]
-        f.seek(8 + header_len + start)
+        f.seek(data_start + start)
         data = f.read(end - start)
     return np.frombuffer(data, ml_dtypes.float8_e4m3fn).reshape(entry["shape"])
+
+
+@functools.lru_cache(maxsize=4)
+def _header(path: str) -> tuple[int, dict[str, Any]]:
+    """(where the tensor bytes start, the JSON header) of a safetensors file, parsed once per file
+    rather than once per tensor (the loader reads a file's tensors one after another)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        return 8 + header_len, json.loads(f.read(header_len))
 
 
 def scale_name(fmt: Fp8Checkpoint, weight_name: str) -> str:

@@ -400,11 +400,12 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                 if not builder.wants(name):
                     continue
                 try:
-                    shape = f.get_slice(name).get_shape()
+                    header = f.get_slice(name)
+                    shape = header.get_shape()
                 except Exception as e:
                     raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
                 builder.check_shape(name, shape, path)
-                is_fp8 = f.get_slice(name).get_dtype() == "F8_E4M3"
+                is_fp8 = header.get_dtype() == "F8_E4M3"
                 if is_fp8 and fp8 is None:
                     raise WeightLoadError(f"{path}: tensor {name!r} is float8 but config.json has "
                                           "no quantization_config")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.layers import apply_rope, linear, rms_norm, rope_cos_sin
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
+from jaxvllm.models.quant import FP8, to_fp8
 
 Params = dict[str, Any]
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: K and V, [num_blocks, block_size, kv_heads, head_dim]
@@ -40,10 +41,8 @@ def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.A
     """Scatter new K or V rows [T, kv_heads, head_dim] into their cache slots (in place when donated);
     out-of-range slots (padding) are dropped."""
     nb, bs, h, d = cache.shape
-    if cache.dtype == jnp.float8_e4m3fn:  # an FP8 cache: no infinity, so saturate, not NaN
-        new = jnp.clip(new, -448.0, 448.0)
-    flat = cache.reshape(nb * bs, h, d).at[slot_mapping].set(new.astype(cache.dtype), mode="drop",
-                                                              unique_indices=False)
+    new = to_fp8(new) if cache.dtype == FP8 else new.astype(cache.dtype)
+    flat = cache.reshape(nb * bs, h, d).at[slot_mapping].set(new, mode="drop", unique_indices=False)
     return flat.reshape(nb, bs, h, d)
 
 

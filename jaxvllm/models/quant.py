@@ -29,7 +29,7 @@ def quantize_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     channel's largest magnitude mapped to the format's largest (448)."""
     w32 = w.astype(jnp.float32)
     scale = jnp.maximum(jnp.max(jnp.abs(w32), axis=0), _MIN_AMAX) / FP8_MAX
-    return _to_fp8(w32 / scale), scale
+    return to_fp8(w32 / scale), scale
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
@@ -37,18 +37,19 @@ def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
     x quantized to FP8 with its own scale first. Returns x's dtype."""
     x32 = x.astype(jnp.float32)
     x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_AMAX) / FP8_MAX
-    y = jnp.dot(_to_fp8(x32 / x_scale), w, preferred_element_type=jnp.float32)
+    y = jnp.dot(to_fp8(x32 / x_scale), w, preferred_element_type=jnp.float32)
     return (y * x_scale * scale).astype(x.dtype)
 
 
-def _to_fp8(x: jax.Array) -> jax.Array:
-    # e4m3fn has no infinity: a value rounded past 448 would become NaN, so clip first.
+def to_fp8(x: jax.Array) -> jax.Array:
+    """Saturating cast to float8 e4m3 (it has no infinity: a value rounded past 448 would be NaN)."""
     return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(FP8)
 
 
 def quantize_params(params: dict[str, Any], method: str) -> dict[str, Any]:
-    """The params with every weight in QUANTIZED replaced by its FP8 form plus `<name>_scale`, one
-    tensor at a time (each original is dropped as soon as its FP8 copy exists)."""
+    """A new params tree with every weight in QUANTIZED replaced by its FP8 form plus
+    `<name>_scale` (`params` itself is left as it is: its weights are freed once the caller drops
+    it, so loading peaks at the model in its dtype plus its FP8 copy)."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {method!r}")
     layers = []
