@@ -91,8 +91,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
-    """x @ lp[name] (+ lp[name + "_bias"]); an FP8 weight (with lp[name + "_scale"], models/quant.py)
-    runs as an FP8 matmul."""
+    """x @ lp[name] (+ lp[name + "_bias"]); an FP8 weight (with lp[name + "_scale"], stored [out, in],
+    models/quant.py) runs as an FP8 matmul."""
     scale = lp.get(name + "_scale")
     y = x @ lp[name] if scale is None else fp8_linear(x, lp[name], scale)
     bias = lp.get(name + "_bias")

@@ -19,6 +19,8 @@ params = {
   "lm_head":    [hidden, vocab]   (absent when tie_word_embeddings)
 }
 Linear weights are stored [in, out] (HF's torch weights transposed) so `x @ w` needs no transpose.
+With `quantization="fp8"` (models/quant.py) the quantized ones are float8 [out, in] (the layout
+cuBLASLt's FP8 GEMM reads) with a float32 `<name>_scale` [out] beside each.
 """
 from __future__ import annotations
 

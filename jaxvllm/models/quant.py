@@ -1,14 +1,18 @@
 """FP8 weights (W8A8, `quantization="fp8"`): each linear weight stored as float8 e4m3 with one
 float32 scale per output channel, each token's activations quantized with their own scale as the
-layer runs, one FP8 matmul with float32 accumulation, both scales applied to its output.
+layer runs (but in the smallest decode buckets: WEIGHT_ONLY_MAX_ROWS), one FP8 matmul with float32
+accumulation, both scales applied to its output.
 
-The layout keeps the weight's name and adds `<name>_scale` [out] beside it (models/params.py), so
-tensor parallelism splits a scale as its weight's output dimension (worker/sharding.py). The
-embedding, the LM head, norms, routers and the experts of mixture-of-experts layers stay in the
-model's dtype.
+The layout keeps the weight's name, stores it transposed, [out, in], and adds `<name>_scale` [out]
+beside it (models/params.py). [out, in] is the K-major layout cuBLASLt's FP8 GEMM reads both
+operands in: with the [in, out] of the model's other weights XLA transposed every FP8 weight on
+every step (a copy of the weight, read and written, beside the GEMM that reads it). Tensor
+parallelism splits an FP8 weight and its scale by that layout (worker/sharding.py). The embedding,
+the LM head, norms, routers and the experts of mixture-of-experts layers stay in the model's dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -18,26 +22,36 @@ from jaxvllm.config import QUANTIZATIONS
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
-# Linear weights [in, out] that are quantized (the dense MLP, attention, a shared expert).
+# The linear weights quantized (the dense MLP, attention, a shared expert).
 QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+# Up to this many rows x stays in its dtype and the weight is upcast inside the GEMM (W8A16): these
+# are the decode buckets the engine compiles with Triton GEMMs (engine/setup.TRITON_GEMM_MAX_TOKENS),
+# which read the FP8 weight and convert it in registers. Quantizing so few activation rows costs more
+# kernels than the GEMM itself at batch 1.
+WEIGHT_ONLY_MAX_ROWS = 16
 _MIN_AMAX = 1e-12  # an all-zero row or column gets a tiny scale, not a division by zero
 
 
 @jax.jit
 def quantize_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[in, out] -> (float8 e4m3 [in, out], float32 scale [out]) with w ~= q * scale, each output
-    channel's largest magnitude mapped to the format's largest (448)."""
-    w32 = w.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(w32), axis=0), _MIN_AMAX) / FP8_MAX
-    return to_fp8(w32 / scale), scale
+    """[in, out] -> (float8 e4m3 [out, in], float32 scale [out]) with w.T ~= q * scale[:, None],
+    each output channel's largest magnitude mapped to the format's largest (448)."""
+    w32 = w.astype(jnp.float32).T
+    scale = jnp.maximum(jnp.max(jnp.abs(w32), axis=1), _MIN_AMAX) / FP8_MAX
+    return to_fp8(w32 / scale[:, None]), scale
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
-    """x [..., in] (any float dtype) @ an FP8 weight with its per-output-channel scale; each row of
-    x quantized to FP8 with its own scale first. Returns x's dtype."""
+    """x [..., in] (any float dtype) times an FP8 weight [out, in] with its per-output-channel
+    scale; each row of x quantized to FP8 with its own scale first, except in the smallest decode
+    buckets (WEIGHT_ONLY_MAX_ROWS). Returns x's dtype."""
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    if math.prod(x.shape[:-1]) <= WEIGHT_ONLY_MAX_ROWS:
+        y = jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+        return (y * scale).astype(x.dtype)
     x32 = x.astype(jnp.float32)
     x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_AMAX) / FP8_MAX
-    y = jnp.dot(to_fp8(x32 / x_scale), w, preferred_element_type=jnp.float32)
+    y = jax.lax.dot_general(to_fp8(x32 / x_scale), w, dims, preferred_element_type=jnp.float32)
     return (y * x_scale * scale).astype(x.dtype)
 
 

@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 AXIS = "tp"
 
-# Partition rules: per-layer param name -> PartitionSpec (params are stored [in, out]).
+# Partition rules: per-layer param name -> PartitionSpec (params are stored [in, out]; an FP8 weight
+# [out, in] takes its rule reversed).
 LAYER_RULES: dict[str, P] = {
     "q": P(None, AXIS), "k": P(None, AXIS), "v": P(None, AXIS),          # column-parallel (heads)
     "q_bias": P(AXIS), "k_bias": P(AXIS), "v_bias": P(AXIS),
@@ -216,7 +217,7 @@ def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
     specs: dict[str, Any] = {}
     for name in params:
         if name == "layers":
-            specs[name] = [{k: _layer_spec(k) for k in lp} for lp in params[name]]
+            specs[name] = [{k: _layer_spec(k, lp) for k in lp} for lp in params[name]]
         elif name in VOCAB_RULES:
             specs[name] = VOCAB_RULES[name] if vocab_ok else P()
         else:
@@ -224,10 +225,11 @@ def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
     return specs
 
 
-def _layer_spec(name: str) -> P:
+def _layer_spec(name: str, lp: dict[str, Any]) -> P:
     if name not in LAYER_RULES:
         raise ValueError(f"No tensor-parallel partition rule for layer param {name!r}")
-    return LAYER_RULES[name]
+    # An FP8 weight is stored [out, in] (models/quant.py): its [in, out] rule, reversed.
+    return P(*reversed(LAYER_RULES[name])) if name + "_scale" in lp else LAYER_RULES[name]
 
 
 def _repeat_heads(w: Any, head_dim: int, rep: int) -> Any:
@@ -242,9 +244,17 @@ def _repeat_heads(w: Any, head_dim: int, rep: int) -> Any:
 
 def _replicate_kv(params: Any, head_dim: int, rep: int) -> Any:
     out = dict(params)
-    out["layers"] = [{k: (_repeat_heads(w, head_dim, rep) if k in ("k", "v", "k_bias", "v_bias", "k_scale", "v_scale")
-                          else w) for k, w in lp.items()} for lp in params["layers"]]
+    out["layers"] = [{k: _replicate_kv_param(k, w, lp, head_dim, rep) for k, w in lp.items()}
+                     for lp in params["layers"]]
     return out
+
+
+def _replicate_kv_param(name: str, w: Any, lp: dict[str, Any], head_dim: int, rep: int) -> Any:
+    if name not in ("k", "v", "k_bias", "v_bias", "k_scale", "v_scale"):
+        return w
+    if name + "_scale" in lp:  # an FP8 weight, [out, in]: its heads are its rows
+        return _repeat_heads(w.T, head_dim, rep).T
+    return _repeat_heads(w, head_dim, rep)
 
 
 def _place(x: Any, sharding: NamedSharding) -> jax.Array:
