@@ -308,6 +308,9 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
     else:
         done_format = "gguf" if res.kind == "gguf" else "safetensors"
         root = wcache.resolve_cache_dir(cache_dir)
+        from converters.int4 import int4_checkpoint
+        if int4_checkpoint(hf_config) is not None:  # its layout is not the cache's (param_shapes)
+            root = None
         if root is not None and not wcache.should_cache(done_format, sum(os.path.getsize(f) for f in files),
                                                          cache_min_bytes):
             root = None

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from converters.errors import WeightLoadError
+from converters.int4 import METHODS as INT4_METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,8 @@ def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
     if not qc:
         return None
     method = qc.get("quant_method")
+    if method in INT4_METHODS:  # converters/int4.py
+        return None
     if method == "fp8":
         if qc.get("fmt", "e4m3") != "e4m3":
             raise ValueError(f"quantization_config.fmt {qc.get('fmt')!r}: only e4m3 FP8 loads")
@@ -63,7 +66,8 @@ def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
         return Fp8Checkpoint("weight_scale", blocks.pop() if blocks else None)
     raise ValueError(f"quantization_config: quant_method {method!r}"
                      f"{'' if method != 'compressed-tensors' else ' format ' + repr(qc.get('format'))}"
-                     " cannot be loaded (supported: 'fp8', 'compressed-tensors' float-quantized)")
+                     " cannot be loaded (supported: 'fp8', 'compressed-tensors' float-quantized, "
+                     "'awq', 'gptq')")
 
 
 def _block(value: Any, field: str) -> Optional[tuple[int, int]]:

@@ -16,14 +16,18 @@ from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from converters.errors import WeightLoadError
 from converters.fp8 import dequantize as dequantize_fp8
 from converters.fp8 import fp8_checkpoint, read_fp8
 from converters.fp8 import scale_name as fp8_scale_name
+from converters.int4 import COMPANIONS, Int4Weight, int4_checkpoint
+from converters.int4 import unpack as unpack_int4
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.params import param_shapes
+from jaxvllm.models.quant import QUANTIZED
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +68,10 @@ HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
 }
 # Tensors some checkpoints carry that the engine recomputes or does not use (a multimodal
 # checkpoint's vision tower and projector too).
-# FP8 checkpoints' scales are read with their weights (converters/fp8.py).
+# FP8 checkpoints' scales (converters/fp8.py) and int4 ones' zeros, scales and group indices
+# (converters/int4.py) are read with their weights.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.masked_bias$|\.attn\.bias$"
-                      r"|\.(weight_scale|weight_scale_inv|input_scale)$"
+                      r"|\.(weight_scale|weight_scale_inv|input_scale|qzeros|scales|g_idx)$"
                       r"|^(model\.)?(vision_tower|multi_modal_projector)\.")
 # A multimodal checkpoint's text-model tensors, under the names of the text model alone.
 _TEXT_MODEL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
@@ -250,6 +255,32 @@ class ParamsBuilder:
             self.params[path[0]] = value
         self.done.add(name)
 
+    def add_int4(self, name: str, w: Int4Weight, file: Optional[str] = None) -> None:
+        """An AWQ/GPTQ linear (`name` is its unpacked weight's HF name, "<prefix>.weight") in the
+        int4 layout (models/int4.py): the weight, its scale, zero and input order."""
+        name = text_model_name(name)
+        path, _ = self.expected[name]
+        where = file or self.source
+        if name in self.done:
+            raise WeightLoadError(f"{where}: tensor {self.display(name)!r} appears twice")
+        fused = isinstance(path[-1], tuple)
+        if path[0] != "layers" or len(path) == 4 or not fused and path[2] not in QUANTIZED:
+            raise WeightLoadError(f"{where}: int4 tensor {self.display(name)!r}: only the attention "
+                                  "and dense MLP projections load at 4 bits")
+        self.check_shape(name, w.q.shape, file)  # [out, in], as HF stores a weight
+        layer = self.params["layers"][path[1]]
+        keys = path[-1] if fused else (path[2],)
+        start = 0
+        for key in keys:  # a fused tensor's parts are consecutive output rows
+            rows = slice(start, start + self.shapes["layers"][path[1]][key][1])
+            start = rows.stop
+            layer[key] = jnp.asarray(w.q[rows].astype(ml_dtypes.uint4))
+            layer[key + "_scale"] = place(w.scale[rows], transpose=False, dtype=self.dtype)
+            layer[key + "_zero"] = jnp.asarray(w.zero[rows].astype(ml_dtypes.uint4))
+            if w.perm is not None:
+                layer[key + "_perm"] = jnp.asarray(w.perm)
+        self.done.add(name)
+
     def missing(self) -> list[str]:
         return [n for n in self.expected if n not in self.done]
 
@@ -374,17 +405,43 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
 
     files, weight_map = weight_files(model_dir)
     builder = ParamsBuilder(cfg, dtype, model_dir)
-    fp8 = fp8_checkpoint(read_config_dict(model_dir))
+    hf_config = read_config_dict(model_dir)
+    fp8, int4 = fp8_checkpoint(hf_config), int4_checkpoint(hf_config)
+
+    def companion(name: str, f: Any, names: list[str]) -> Any:
+        """Tensor `name` (a scale or zeros read with its weight), from this file or the one the
+        index names; None where neither has it."""
+        if name in names:
+            return f.get_tensor(name)
+        other = (weight_map or {}).get(name)
+        if other is None:
+            return None
+        with safe_open(os.path.join(model_dir, other), framework="flax") as g:
+            return g.get_tensor(name)
 
     def fp8_scale(name: str, f: Any, names: list[str], path: str) -> Any:
-        scale = fp8_scale_name(fp8, name)
-        if scale in names:
-            return f.get_tensor(scale)
-        other = (weight_map or {}).get(scale)
-        if other is None:
-            raise WeightLoadError(f"{path}: float8 tensor {name!r} has no {scale!r}")
-        with safe_open(os.path.join(model_dir, other), framework="flax") as g:
-            return g.get_tensor(scale)
+        scale = companion(fp8_scale_name(fp8, name), f, names)
+        if scale is None:
+            raise WeightLoadError(f"{path}: float8 tensor {name!r} has no "
+                                  f"{fp8_scale_name(fp8, name)!r}")
+        return scale
+
+    def add_int4(name: str, f: Any, names: list[str], path: str) -> None:
+        prefix = name[:-len(".qweight")]
+        if int4 is None:
+            raise WeightLoadError(f"{path}: tensor {name!r} is a packed int4 weight but config.json "
+                                  "has no AWQ or GPTQ quantization_config")
+        if not builder.wants(prefix + ".weight"):
+            return
+        try:
+            parts = {"qweight": f.get_tensor(name)}
+            for part in COMPANIONS:
+                tensor = companion(f"{prefix}.{part}", f, names)
+                if tensor is not None:
+                    parts[part] = tensor
+        except Exception as e:
+            raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
+        builder.add_int4(prefix + ".weight", unpack_int4(int4, name, parts, path), path)
 
     for path in files:
         try:
@@ -397,6 +454,9 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
             except Exception as e:
                 raise WeightLoadError(f"{path}: cannot list tensors ({e})") from e
             for name in names:
+                if name.endswith(".qweight"):
+                    add_int4(name, f, names, path)
+                    continue
                 if not builder.wants(name):
                     continue
                 try:

@@ -8,7 +8,7 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
-QUANTIZATIONS = ("fp8",)  # models/quant.py; vLLM's names
+QUANTIZATIONS = ("fp8", "awq", "gptq")  # models/quant.py, models/int4.py; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
@@ -38,7 +38,9 @@ class EngineArgs:
                                                        "choices": LOAD_FORMATS})
     quantization: Optional[str] = field(default=None, metadata={
         "help": "fp8: linear weights quantized to FP8 (e4m3) on load, per output channel, and "
-                "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype.",
+                "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype. "
+                "awq, gptq: the 4-bit weights of such a checkpoint (taken from its config.json "
+                "when not given).",
         "choices": QUANTIZATIONS})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "auto: the model's dtype; fp8 (= fp8_e4m3): K/V stored as float8 e4m3 (values "

@@ -505,6 +505,10 @@ class LLMEngine(RequestFront):
         if self.has_unfinished_requests():
             raise RuntimeError("update_weights must be called between generate calls (requests are running)")
         params = to_engine_layout(params, self.loaded.config, "auto")
+        if self.args.quantization in ("awq", "gptq"):
+            raise ValueError(f"update_weights on a {self.args.quantization.upper()} (int4) model: "
+                             "new weights are not quantized to int4; load an unquantized model "
+                             "(or quantization='fp8') to swap weights")
         if self.args.quantization is not None:  # the new weights quantized as the loaded ones were
             from jaxvllm.models.quant import quantize_params
             params = quantize_params(params, self.args.quantization)

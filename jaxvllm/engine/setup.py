@@ -77,15 +77,36 @@ def load(args: EngineArgs) -> Any:
         loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format,
                             seed=args.seed, cache_dir=_weights_cache_dir(args),
                             tokenizer=args.tokenizer, load_tokenizer=False)
-        if args.quantization is None and loaded.load_format == "safetensors":
-            from converters.fp8 import fp8_checkpoint
-            if fp8_checkpoint(loaded.hf_config) is not None:  # as vLLM: the checkpoint's method
-                logger.info("%s is an FP8 checkpoint: quantization='fp8'", loaded.source)
-                args.quantization = "fp8"
-        if args.quantization is not None:
+        args.quantization = _checkpoint_quantization(args.quantization, loaded)
+        if args.quantization == "fp8":
             from jaxvllm.models.quant import quantize_params
             loaded.params = quantize_params(loaded.params, args.quantization)
+        elif args.quantization is not None and loaded.load_format == "dummy":  # awq, gptq
+            from jaxvllm.models import int4
+            loaded.params = int4.quantize_params(loaded.params)
     return loaded
+
+
+def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]:
+    """The quantization the loaded checkpoint's own config implies, as vLLM takes it: an FP8
+    checkpoint turns "fp8" on, an AWQ/GPTQ one is its method; asking for int4 of a checkpoint
+    that is not one, or for another method than an int4 checkpoint's, is a ValueError."""
+    from converters.fp8 import fp8_checkpoint
+    from converters.int4 import METHODS, int4_checkpoint
+    hf = loaded.hf_config if loaded.load_format == "safetensors" else {}
+    int4 = int4_checkpoint(hf)
+    if int4 is not None:
+        if asked not in (None, int4.method):
+            raise ValueError(f"quantization={asked!r}, but {loaded.source} is a "
+                             f"{int4.method.upper()} checkpoint (quantization={int4.method!r})")
+        return int4.method
+    if asked in METHODS and loaded.load_format != "dummy":  # dummy weights: quantized in load()
+        raise ValueError(f"quantization={asked!r} loads the 4-bit weights of an {asked.upper()} "
+                         f"checkpoint; {loaded.source} ({loaded.load_format}) is not one")
+    if asked is None and fp8_checkpoint(hf) is not None:
+        logger.info("%s is an FP8 checkpoint: quantization='fp8'", loaded.source)
+        return "fp8"
+    return asked
 
 
 def start_tokenizer_load(args: EngineArgs) -> Any:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.int4 import INT4, int4_linear
 from jaxvllm.models.quant import fp8_linear
 
 
@@ -92,8 +93,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
     """x @ lp[name] (+ lp[name + "_bias"]); an FP8 weight (with lp[name + "_scale"], stored [out, in],
-    models/quant.py) runs as an FP8 matmul."""
-    scale = lp.get(name + "_scale")
-    y = x @ lp[name] if scale is None else fp8_linear(x, lp[name], scale)
+    models/quant.py) runs as an FP8 matmul, an int4 one (models/int4.py) dequantized in the GEMM's
+    input."""
+    w, scale = lp[name], lp.get(name + "_scale")
+    if scale is None:
+        y = x @ w
+    elif w.dtype == INT4:
+        y = int4_linear(x, w, scale, lp[name + "_zero"], lp.get(name + "_perm"))
+    else:
+        y = fp8_linear(x, w, scale)
     bias = lp.get(name + "_bias")
     return y if bias is None else y + bias

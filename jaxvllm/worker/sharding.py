@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.int4 import INT4
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +227,9 @@ def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
 
 
 def _layer_spec(name: str, lp: dict[str, Any]) -> P:
+    if lp[name].dtype == INT4 or name.endswith("_zero"):
+        raise ValueError("tensor_parallel_size > 1 with int4 (AWQ/GPTQ) weights is not supported "
+                         "yet: run it with tensor_parallel_size=1")
     if name not in LAYER_RULES:
         raise ValueError(f"No tensor-parallel partition rule for layer param {name!r}")
     # An FP8 weight is stored [out, in] (models/quant.py): its [in, out] rule, reversed.

@@ -1,0 +1,248 @@
+"""int4 weights (AWQ and GPTQ checkpoints, models/int4.py, converters/int4.py): the int4 linear
+against float64; the packed formats, written here by packers that follow each format's
+description, unpacked; and tiny random checkpoints in each format (GPTQ in activation order, Phi-3's
+fused projections) against HF transformers running the same dequantized weights."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from converters.int4 import Int4Checkpoint, int4_checkpoint, unpack
+from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
+from jaxvllm.models.int4 import int4_linear, quantize_int4
+
+GROUP = 16
+_AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AWQ's packer: nibble i of a word holds output 8k+order[i]
+
+
+def _words(nibbles: list[np.ndarray]) -> np.ndarray:
+    word = np.zeros(nibbles[0].shape, np.uint32)
+    for i, n in enumerate(nibbles):
+        word |= n.astype(np.uint32) << np.uint32(4 * i)
+    return word.view(np.int32)
+
+
+def pack_awq(v: np.ndarray) -> np.ndarray:
+    """[rows, cols] 4-bit values -> int32 [rows, cols/8], AWQ's interleaved order."""
+    return _words([v[:, _AWQ_ORDER[i]::8] for i in range(8)])
+
+
+def pack_cols(v: np.ndarray) -> np.ndarray:
+    """[rows, cols] -> int32 [rows, cols/8], column 8k+i at bits 4i (GPTQ's qzeros)."""
+    return _words([v[:, i::8] for i in range(8)])
+
+
+def pack_rows(v: np.ndarray) -> np.ndarray:
+    """[rows, cols] -> int32 [rows/8, cols], row 8k+i at bits 4i (GPTQ's qweight)."""
+    return _words([v[i::8] for i in range(8)])
+
+
+def quantize(w: np.ndarray, g_idx: np.ndarray, groups: int, min_zero: int = 0):
+    """w [out, in] float -> q uint8 [out, in], zero uint8 [out, groups], scale float16
+    [out, groups] (asymmetric min/max per output channel and group; g_idx [in]: each input's
+    group) and the dequantized weight."""
+    out = w.shape[0]
+    q = np.zeros(w.shape, np.uint8)
+    zero = np.zeros((out, groups), np.uint8)
+    scale = np.zeros((out, groups), np.float16)
+    for g in range(groups):
+        cols = g_idx == g
+        lo, hi = np.minimum(w[:, cols].min(1), 0), np.maximum(w[:, cols].max(1), 0)
+        s = ((hi - lo) / 15).astype(np.float16)
+        z = np.clip(np.round(-lo / s.astype(np.float32)), min_zero, 15)
+        scale[:, g], zero[:, g] = s, z
+        q[:, cols] = np.clip(np.round(w[:, cols] / s[:, None].astype(np.float32)) + z[:, None], 0, 15)
+    deq = (q.astype(np.float32) - zero[:, g_idx]) * scale[:, g_idx].astype(np.float32)
+    return q, zero, scale, deq
+
+
+def test_int4_linear_against_float64():
+    rng = np.random.default_rng(0)
+    out, inp, groups = 24, 64, 4
+    q = rng.integers(0, 16, (out, inp)).astype(ml_dtypes.uint4)
+    zero = rng.integers(0, 16, (out, groups)).astype(ml_dtypes.uint4)
+    scale = rng.uniform(0.01, 0.1, (out, groups)).astype(np.float32)
+    perm = rng.permutation(inp).astype(np.int32)
+    x = rng.standard_normal((5, 3, inp)).astype(np.float32)
+    g = np.arange(inp) // (inp // groups)
+    w = (q.astype(np.float64) - zero.astype(np.float64)[:, g]) * scale.astype(np.float64)[:, g]
+    for p in (None, perm):
+        y = int4_linear(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), jnp.asarray(zero),
+                        None if p is None else jnp.asarray(p))
+        xs = x.astype(np.float64) if p is None else x.astype(np.float64)[..., p]
+        np.testing.assert_allclose(np.asarray(y), xs @ w.T, rtol=1e-5, atol=1e-5)
+    # bf16 activations: one rounding of each dequantized weight and of the output.
+    y = int4_linear(jnp.asarray(x, jnp.bfloat16), jnp.asarray(q), jnp.asarray(scale, jnp.bfloat16),
+                    jnp.asarray(zero))
+    assert y.dtype == jnp.bfloat16
+    ref = x.astype(np.float64) @ w.T
+    assert np.abs(np.asarray(y, np.float64) - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def test_quantize_int4_round_trip():
+    """Round to nearest: every weight within half a step of its group's scale, each group's
+    range kept (0 representable exactly), the levels used from 0 to 15."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 40)).astype(np.float32) * np.linspace(0.01, 3, 40)
+    q, scale, zero = quantize_int4(jnp.asarray(w), 16)
+    assert q.dtype == zero.dtype == jnp.uint4 and q.shape == (40, 64)
+    assert scale.shape == zero.shape == (40, 4) and scale.dtype == jnp.float32
+    g = np.arange(64) // 16
+    qf, s, z = (np.asarray(a).astype(np.float64) for a in (q, scale, zero))
+    deq = (qf - z[:, g]) * s[:, g]
+    assert (np.abs(deq - w.T) <= s[:, g] / 2 + 1e-6).all()
+    assert qf.min() == 0 and qf.max() == 15
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "gptq_act_order"])
+def test_unpack_inverts_the_packers(method):
+    rng = np.random.default_rng(1)
+    out, inp, groups = 32, 48, 3
+    q = rng.integers(0, 16, (out, inp)).astype(np.uint8)
+    zero = rng.integers(1, 16, (out, groups)).astype(np.uint8)
+    scale = rng.uniform(0.01, 0.1, (groups, out)).astype(np.float16)
+    g_idx = np.arange(inp) // (inp // groups)
+    if method == "awq":
+        fmt = Int4Checkpoint("awq", inp // groups, 0)
+        tensors = {"qweight": pack_awq(q.T), "qzeros": pack_awq(zero.T), "scales": scale}
+    else:
+        fmt = Int4Checkpoint("gptq", inp // groups, 1)
+        if method == "gptq_act_order":
+            g_idx = rng.permutation(g_idx)
+        tensors = {"qweight": pack_rows(q.T), "qzeros": pack_cols(zero.T - 1), "scales": scale,
+                   "g_idx": g_idx.astype(np.int32)}
+    w = unpack(fmt, "x.qweight", tensors, "test")
+    assert w.q.shape == (out, inp) and w.zero.shape == w.scale.shape == (out, groups)
+    np.testing.assert_array_equal(w.zero, zero)
+    np.testing.assert_array_equal(w.scale, scale.T)
+    if method == "gptq_act_order":
+        np.testing.assert_array_equal(np.sort(w.perm), np.arange(inp))
+        np.testing.assert_array_equal(w.q, q[:, w.perm])
+        np.testing.assert_array_equal(g_idx[w.perm], np.arange(inp) // (inp // groups))
+    else:
+        assert w.perm is None
+        np.testing.assert_array_equal(w.q, q)
+
+
+_SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+CHECKPOINTS = {  # name: (HF config, quant_method, activation order)
+    "llama_awq": (lambda: tiny_config("llama", **_SMALL), "awq", False),
+    "qwen2_gptq_act_order": (lambda: tiny_config("qwen2", **_SMALL), "gptq", True),
+    "phi3_awq": (lambda: tiny_config("phi3", **_SMALL, pad_token_id=0), "awq", False),
+}
+PROMPTS = [list(np.random.RandomState(n).randint(2, 256, size=n)) for n in (6, 29)]
+
+
+def write_int4_checkpoint(d: str, name: str):
+    """A tiny random model saved as an AWQ or GPTQ checkpoint (every decoder-layer linear
+    packed); returns the HF model holding the dequantized weights."""
+    from safetensors.numpy import save_file
+    make_config, method, act_order = CHECKPOINTS[name]
+    model = tiny_model(make_config(), **FAR_FROM_FLAT)
+    rng = np.random.default_rng(2)
+    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    for module_name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in module_name):
+            continue
+        w = module.weight.detach().numpy()
+        inp = w.shape[1]
+        g_idx = np.arange(inp) // GROUP
+        if act_order:
+            g_idx = rng.permutation(g_idx)
+        q, zero, scale, deq = quantize(w, g_idx, inp // GROUP, min_zero=1 if method == "gptq" else 0)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(deq))
+        del tensors[module_name + ".weight"]
+        if method == "awq":
+            tensors[module_name + ".qweight"] = pack_awq(q.T)
+            tensors[module_name + ".qzeros"] = pack_awq(zero.T)
+        else:
+            tensors[module_name + ".qweight"] = pack_rows(q.T)
+            tensors[module_name + ".qzeros"] = pack_cols(zero.T - 1)
+            tensors[module_name + ".g_idx"] = g_idx.astype(np.int32)
+        tensors[module_name + ".scales"] = np.ascontiguousarray(scale.T)
+    model.config.save_pretrained(d)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              os.path.join(d, "model.safetensors"))
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = (
+        {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}
+        if method == "awq" else
+        {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": act_order, "sym": False})
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_word_tokenizer(d, 256)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_int4_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
+    from jaxvllm import LLM, SamplingParams
+    model = write_int4_checkpoint(str(tmp_path), name)
+    llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=128, max_num_seqs=4,
+              max_num_batched_tokens=32, num_gpu_blocks_override=64, enforce_eager=True,
+              token_buckets=(8, 32))
+    engine = llm.llm_engine
+    assert engine.args.quantization == CHECKPOINTS[name][1]  # taken from config.json
+    lp = engine.runner.params["layers"][0]
+    assert lp["q"].dtype == jnp.uint4 and lp["q_zero"].dtype == jnp.uint4
+    assert lp["down"].shape == (64, 96) and lp["down_scale"].shape == (64, 96 // GROUP)
+    assert ("q_perm" in lp) == CHECKPOINTS[name][2]
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor(prompt)[None]
+        with torch.no_grad():
+            want = torch.log_softmax(model(ids).logits[0].double(), -1).numpy()
+            tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                    do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        got = [next(iter(pos.values())).logprob for pos in out.prompt_logprobs[1:]]
+        err = np.abs(np.asarray(got) - want[np.arange(len(prompt) - 1), prompt[1:]]).max()
+        assert err < 2e-3, (name, err)
+        assert list(out.outputs[0].token_ids) == tokens, name
+    # Weights swaps and tensor parallelism refuse int4 weights by name.
+    with pytest.raises(ValueError, match="int4"):
+        llm.update_weights(engine.runner.params)
+    from jaxvllm.worker.sharding import param_specs
+    with pytest.raises(ValueError, match="int4"):
+        param_specs(engine.runner.params, engine.model_config, 2)
+
+
+def test_quantization_must_fit_the_checkpoint(tmp_path):
+    from jaxvllm import LLM
+    write_int4_checkpoint(str(tmp_path), "llama_awq")
+    with pytest.raises(ValueError, match="AWQ checkpoint"):
+        LLM(model=str(tmp_path), quantization="gptq", dtype="float32", max_model_len=64)
+    with pytest.raises(ValueError, match="is not one"):
+        LLM(quantization="awq", max_model_len=64)  # the default model, a GGUF
+    cfg = json.load(open(tmp_path / "config.json"))
+    for field, value in (("bits", 8), ("group_size", 0), ("version", "gemv")):
+        bad = {**cfg["quantization_config"], field: value}
+        with pytest.raises(ValueError, match=f"quantization_config.{field}"):
+            int4_checkpoint({"quantization_config": bad})
+
+
+def test_dummy_weights_at_four_bits(tmp_path):
+    """load_format="dummy" with quantization="awq": random weights quantized to the int4 layout
+    (how the bench measures an int4 model without a checkpoint); it generates."""
+    from jaxvllm import LLM, SamplingParams
+    tiny_config("llama", **_SMALL).save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path, 256)
+    llm = LLM(model=str(tmp_path), load_format="dummy", quantization="awq", dtype="bfloat16",
+              max_model_len=64, max_num_seqs=2, num_gpu_blocks_override=16, enforce_eager=True,
+              token_buckets=(8, 32), max_num_batched_tokens=32)
+    lp = llm.llm_engine.runner.params["layers"][0]
+    assert lp["up"].dtype == jnp.uint4 and lp["up_scale"].shape == (96, 1)  # 64 inputs: one group
+    assert lp["down_scale"].shape == (64, 1) and lp["down_scale"].dtype == jnp.bfloat16
+    out = llm.generate([{"prompt_token_ids": PROMPTS[0]}],
+                       SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
