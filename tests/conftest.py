@@ -48,6 +48,17 @@ def default_model_dir() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
+def hf_default_model(default_model_dir):
+    """transformers' own reading of the embedded GGUF (float32, torch), loaded once: it
+    dequantizes every tensor in Python, ~20 s."""
+    import torch
+    import transformers
+    directory, name = default_model_dir
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def real_srv():
     """The OpenAI server on the real engine with the embedded default model (test_server_helpers'
     real_engine_args), started once for the whole run and shared by the server test modules."""

@@ -162,13 +162,10 @@ def test_tied_checkpoint_with_lm_head_ignores_it(hf_dirs):
 
 
 @pytest.fixture(scope="module")
-def smol():
-    # The default GGUF is quantized ("auto" would be bfloat16): float32 compares the exact dequantized values.
-    m = load_model(None, dtype="float32", cache_dir=None)
-    path = default_model.default_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-    return m, {k: v.float().numpy() for k, v in hf.state_dict().items()}
+def smol(default_model, hf_default_model):
+    # The default GGUF is quantized ("auto" would be bfloat16): float32 (conftest's default_model)
+    # compares the exact dequantized values.
+    return default_model, {k: v.float().numpy() for k, v in hf_default_model.state_dict().items()}
 
 
 def test_default_gguf_matches_transformers(smol):

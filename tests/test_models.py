@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from converters import load_model
 from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
@@ -134,9 +133,8 @@ def test_half_precision_runs(dtype, tmp_path):
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
 
 
-def test_default_gguf_matches_hf(default_model, default_model_dir):
-    directory, name = default_model_dir
-    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+def test_default_gguf_matches_hf(default_model, hf_default_model):
+    hf = hf_default_model
     tok = default_model.tokenizer
     ids = np.asarray(tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of"))
     with torch.no_grad():
