@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from converters.errors import WeightLoadError
@@ -26,6 +25,7 @@ from converters.fp8 import scale_name as fp8_scale_name
 from converters.int4 import COMPANIONS, Int4Weight, int4_checkpoint
 from converters.int4 import unpack as unpack_int4
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.int4 import pack as pack_int4
 from jaxvllm.models.params import param_shapes
 from jaxvllm.models.quant import QUANTIZED
 
@@ -257,7 +257,7 @@ class ParamsBuilder:
 
     def add_int4(self, name: str, w: Int4Weight, file: Optional[str] = None) -> None:
         """An AWQ/GPTQ linear (`name` is its unpacked weight's HF name, "<prefix>.weight") in the
-        int4 layout (models/int4.py): the weight, its scale, zero and input order."""
+        int4 layout (models/int4.py): the weight packed, its scale, zero and input order."""
         name = text_model_name(name)
         path, _ = self.expected[name]
         where = file or self.source
@@ -270,13 +270,14 @@ class ParamsBuilder:
         self.check_shape(name, w.q.shape, file)  # [out, in], as HF stores a weight
         layer = self.params["layers"][path[1]]
         keys = path[-1] if fused else (path[2],)
+        group = w.q.shape[1] // w.scale.shape[1]
         start = 0
         for key in keys:  # a fused tensor's parts are consecutive output rows
             rows = slice(start, start + self.shapes["layers"][path[1]][key][1])
             start = rows.stop
-            layer[key] = jnp.asarray(w.q[rows].astype(ml_dtypes.uint4))
-            layer[key + "_scale"] = place(w.scale[rows], transpose=False, dtype=self.dtype)
-            layer[key + "_zero"] = jnp.asarray(w.zero[rows].astype(ml_dtypes.uint4))
+            layer[key] = jnp.asarray(pack_int4(w.q[rows], group))
+            layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype=self.dtype)
+            layer[key + "_zero"] = jnp.asarray(np.ascontiguousarray(w.zero[rows].T))
             if w.perm is not None:
                 layer[key + "_perm"] = jnp.asarray(w.perm)
         self.done.add(name)

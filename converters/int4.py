@@ -1,7 +1,8 @@
 """int4 checkpoints (AWQ and GPTQ, 4 bits, as vLLM loads them): what config.json's
-`quantization_config` says, and each linear's packed tensors unpacked into the engine's int4
-layout (models/int4.py: uint4 [out, in], scale and zero [out, groups], an input order for GPTQ's
-activation order). The weights stay at 4 bits; nothing is dequantized at load.
+`quantization_config` says, and each linear's packed tensors unpacked into 4-bit values [out, in]
+with scale and zero [out, groups] and an input order for GPTQ's activation order, which the loader
+packs into the engine's int4 layout (models/int4.py). The weights stay at 4 bits; nothing is
+dequantized at load.
 
 AWQ (`quant_method: "awq"`, version "gemm", zero points): `qweight` int32 [in, out/8] and
 `qzeros` int32 [groups, out/8], eight 4-bit values per int32 along the output dimension in AWQ's

@@ -184,3 +184,16 @@ def routed_swiglu_reference(rows, group_sizes, w_gate, w_up, w_down):
     act = (jax.nn.silu(gate) * up).astype(rows.dtype)
     out = f32("ni,nih->nh", act, w_down[expert]).astype(rows.dtype)
     return jnp.where(valid[:, None], out, 0)
+
+
+def int4_matmul_reference(x, w, scale, zero):
+    """`int4_matmul` in jnp (any number of rows): the packed weight unpacked, dequantized in x's
+    dtype and multiplied, float32 accumulation."""
+    n, half_k = w.shape
+    groups = scale.shape[0]
+    packed = w.reshape(n, groups, half_k // groups)
+    q = jnp.concatenate([packed & 15, packed >> 4], axis=-1).astype(x.dtype)  # [N, G, group]
+    deq = (q - zero.T.astype(x.dtype)[..., None]) * scale.T.astype(x.dtype)[..., None]
+    y = lax.dot_general(x, deq.reshape(n, 2 * half_k), (((x.ndim - 1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)

@@ -8,14 +8,14 @@ import json
 import os
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
 from converters.int4 import Int4Checkpoint, int4_checkpoint, unpack
 from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
-from jaxvllm.models.int4 import int4_linear, quantize_int4
+from jaxvllm.models.int4 import int4_linear, pack, quantize_int4
+from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 
 GROUP = 16
 _AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AWQ's packer: nibble i of a word holds output 8k+order[i]
@@ -62,27 +62,81 @@ def quantize(w: np.ndarray, g_idx: np.ndarray, groups: int, min_zero: int = 0):
     return q, zero, scale, deq
 
 
+def _unpack(w: np.ndarray, groups: int) -> np.ndarray:
+    """The layout's packed uint8 [out, in/2] -> 4-bit values [out, in] (models/int4.py)."""
+    g = np.asarray(w).reshape(w.shape[0], groups, -1)
+    return np.concatenate([g & 15, g >> 4], axis=-1).reshape(w.shape[0], -1)
+
+
+def _random_int4(rng, out: int, inp: int, groups: int):
+    """Random 4-bit values [out, in], the layout's (packed, scale [groups, out], zero), and the
+    dequantized weight [out, in] in float64."""
+    q = rng.integers(0, 16, (out, inp)).astype(np.uint8)
+    zero = rng.integers(0, 16, (groups, out)).astype(np.uint8)
+    scale = rng.uniform(0.01, 0.1, (groups, out)).astype(np.float32)
+    g = np.arange(inp) // (inp // groups)
+    w = (q.astype(np.float64) - zero.T[:, g]) * scale.T.astype(np.float64)[:, g]
+    return pack(q, inp // groups), scale, zero, w
+
+
+def test_pack_layout():
+    """Within each group byte j holds input j (low bits) and input j + group/2 (high bits)."""
+    q = np.arange(16, dtype=np.uint8)[None].repeat(2, 0)
+    p = pack(q, 8)
+    np.testing.assert_array_equal(p[0], [0 | 4 << 4, 1 | 5 << 4, 2 | 6 << 4, 3 | 7 << 4,
+                                         8 | 12 << 4, 9 | 13 << 4, 10 | 14 << 4, 11 | 15 << 4])
+    np.testing.assert_array_equal(_unpack(p, 2), q)
+    np.testing.assert_array_equal(np.asarray(pack(jnp.asarray(q), 8)), p)
+
+
 def test_int4_linear_against_float64():
     rng = np.random.default_rng(0)
     out, inp, groups = 24, 64, 4
-    q = rng.integers(0, 16, (out, inp)).astype(ml_dtypes.uint4)
-    zero = rng.integers(0, 16, (out, groups)).astype(ml_dtypes.uint4)
-    scale = rng.uniform(0.01, 0.1, (out, groups)).astype(np.float32)
+    w_packed, scale, zero, w = _random_int4(rng, out, inp, groups)
     perm = rng.permutation(inp).astype(np.int32)
     x = rng.standard_normal((5, 3, inp)).astype(np.float32)
-    g = np.arange(inp) // (inp // groups)
-    w = (q.astype(np.float64) - zero.astype(np.float64)[:, g]) * scale.astype(np.float64)[:, g]
     for p in (None, perm):
-        y = int4_linear(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), jnp.asarray(zero),
-                        None if p is None else jnp.asarray(p))
+        y = int4_linear(jnp.asarray(x), jnp.asarray(w_packed), jnp.asarray(scale),
+                        jnp.asarray(zero), None if p is None else jnp.asarray(p))
         xs = x.astype(np.float64) if p is None else x.astype(np.float64)[..., p]
         np.testing.assert_allclose(np.asarray(y), xs @ w.T, rtol=1e-5, atol=1e-5)
     # bf16 activations: one rounding of each dequantized weight and of the output.
-    y = int4_linear(jnp.asarray(x, jnp.bfloat16), jnp.asarray(q), jnp.asarray(scale, jnp.bfloat16),
-                    jnp.asarray(zero))
+    y = int4_linear(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w_packed),
+                    jnp.asarray(scale, jnp.bfloat16), jnp.asarray(zero))
     assert y.dtype == jnp.bfloat16
     ref = x.astype(np.float64) @ w.T
     assert np.abs(np.asarray(y, np.float64) - ref).max() < 0.02 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("rows, group", [(1, 128), (5, 32), (16, 256)])
+def test_int4_gemm_kernel_against_reference(rows, group):
+    """The Pallas GEMM (interpret mode) against its jnp reference and float64, per group size
+    (one reduction step per half group of 16 inputs, several per half group of 128)."""
+    rng = np.random.default_rng(rows)
+    n, k = 256, 512
+    w_packed, scale, zero, w = _random_int4(rng, n, k, k // group)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    args = (jnp.asarray(w_packed), jnp.asarray(scale, jnp.bfloat16), jnp.asarray(zero))
+    xb = jnp.asarray(x, jnp.bfloat16)
+    got = int4_matmul(xb, *args, interpret=True)
+    want = int4_matmul_reference(xb, *args)
+    assert got.shape == (rows, n) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2e-2, atol=2e-2 * float(np.abs(np.asarray(want, np.float32)).max()))
+    exact = np.asarray(xb, np.float64) @ ((_unpack(w_packed, k // group).astype(np.float64)
+                                           - zero.T[:, np.arange(k) // group])
+                                          * np.asarray(args[1], np.float64).T[:, np.arange(k) // group]).T
+    assert np.abs(np.asarray(got, np.float64) - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def test_int4_gemm_kernel_refuses_what_it_cannot_tile():
+    assert int4_gemm.fits(256, 512, 128) and int4_gemm.fits(256, 512, 32)
+    assert not int4_gemm.fits(200, 512, 128)   # N not a multiple of the column tile
+    assert not int4_gemm.fits(256, 512, 16)    # half a group below the tensor cores' 16
+    w_packed, scale, zero, _ = _random_int4(np.random.default_rng(0), 256, 512, 4)
+    with pytest.raises(ValueError, match="rows"):
+        int4_matmul(jnp.ones((17, 512), jnp.bfloat16), jnp.asarray(w_packed), jnp.asarray(scale),
+                    jnp.asarray(zero), interpret=True)
 
 
 def test_quantize_int4_round_trip():
@@ -91,10 +145,11 @@ def test_quantize_int4_round_trip():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 40)).astype(np.float32) * np.linspace(0.01, 3, 40)
     q, scale, zero = quantize_int4(jnp.asarray(w), 16)
-    assert q.dtype == zero.dtype == jnp.uint4 and q.shape == (40, 64)
-    assert scale.shape == zero.shape == (40, 4) and scale.dtype == jnp.float32
+    assert q.dtype == zero.dtype == jnp.uint8 and q.shape == (40, 32)
+    assert scale.shape == zero.shape == (4, 40) and scale.dtype == jnp.float32
     g = np.arange(64) // 16
-    qf, s, z = (np.asarray(a).astype(np.float64) for a in (q, scale, zero))
+    qf = _unpack(q, 4).astype(np.float64)
+    s, z = (np.asarray(a).astype(np.float64).T for a in (scale, zero))
     deq = (qf - z[:, g]) * s[:, g]
     assert (np.abs(deq - w.T) <= s[:, g] / 2 + 1e-6).all()
     assert qf.min() == 0 and qf.max() == 15
@@ -193,8 +248,8 @@ def test_int4_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
     engine = llm.llm_engine
     assert engine.args.quantization == CHECKPOINTS[name][1]  # taken from config.json
     lp = engine.runner.params["layers"][0]
-    assert lp["q"].dtype == jnp.uint4 and lp["q_zero"].dtype == jnp.uint4
-    assert lp["down"].shape == (64, 96) and lp["down_scale"].shape == (64, 96 // GROUP)
+    assert lp["q"].dtype == jnp.uint8 and lp["q_zero"].dtype == jnp.uint8
+    assert lp["down"].shape == (64, 48) and lp["down_scale"].shape == (96 // GROUP, 64)
     assert ("q_perm" in lp) == CHECKPOINTS[name][2]
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
@@ -240,8 +295,8 @@ def test_dummy_weights_at_four_bits(tmp_path):
               max_model_len=64, max_num_seqs=2, num_gpu_blocks_override=16, enforce_eager=True,
               token_buckets=(8, 32), max_num_batched_tokens=32)
     lp = llm.llm_engine.runner.params["layers"][0]
-    assert lp["up"].dtype == jnp.uint4 and lp["up_scale"].shape == (96, 1)  # 64 inputs: one group
-    assert lp["down_scale"].shape == (64, 1) and lp["down_scale"].dtype == jnp.bfloat16
+    assert lp["up"].dtype == jnp.uint8 and lp["up_scale"].shape == (1, 96)  # 64 inputs: one group
+    assert lp["down_scale"].shape == (1, 64) and lp["down_scale"].dtype == jnp.bfloat16
     out = llm.generate([{"prompt_token_ids": PROMPTS[0]}],
                        SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4

@@ -1,12 +1,14 @@
 """int4 weights (W4A16: AWQ and GPTQ checkpoints, `quantization="awq"|"gptq"`): each linear weight
-stored as uint4 [out, in] (read at 4 bits) with a scale and a zero point per output channel and
-group of input rows, dequantized to the activations' dtype as the layer runs:
-w = (q - zero) * scale.
+kept at 4 bits with a scale and a zero point per output channel and group of inputs, dequantized
+to the activations' dtype as the layer runs: w = (q - zero) * scale.
 
-Layout (beside the weight `<name>`, converters/int4.py writes it): `<name>_scale` [out, groups] in
-the model's dtype, `<name>_zero` uint4 [out, groups], and for a GPTQ checkpoint quantized in
-activation order `<name>_perm` int32 [in]: the order of the input rows that makes each group
-contiguous (the weight's rows are stored in that order, and the input is gathered the same way).
+Layout (beside the weight `<name>`; converters/int4.py writes it from a checkpoint, pack() from
+values): `<name>` uint8 [out, in/2], two 4-bit values a byte, within each group of inputs byte j
+holding input j (low bits) and input j + group/2 (high bits) (the layout the Pallas GEMM reads
+without moving values between lanes, pallas_kernels/int4_gemm.py); `<name>_scale` [groups, out] in
+the model's dtype; `<name>_zero` uint8 [groups, out]; and for a GPTQ checkpoint quantized in
+activation order `<name>_perm` int32 [in]: the order of the inputs that makes each group contiguous
+(the weight's inputs are stored in that order and the layer gathers its input the same way).
 The embedding, LM head, norms and routers stay in the model's dtype.
 """
 from __future__ import annotations
@@ -16,31 +18,46 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-INT4 = jnp.uint4
+from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
+
+INT4 = jnp.uint8  # the packed weight's dtype (no other weight of the layout is uint8)
 
 
 def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array,
                 perm: Optional[jax.Array] = None) -> jax.Array:
-    """x [..., in] times the int4 weight w uint4 [out, in] dequantized group by group with scale
-    and zero [out, groups]; perm [in] reorders x's features first. Returns x's dtype."""
+    """x [..., in] times the packed int4 weight (w [out, in/2], scale and zero [groups, out]);
+    perm [in] reorders x's features first. Decode-sized batches on the GPU run the Pallas GEMM
+    (the weight read at 4 bits); others dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    out, inp = w.shape
-    groups = scale.shape[1]
-    q = w.reshape(out, groups, inp // groups).astype(x.dtype)
-    deq = (q - zero.astype(x.dtype)[..., None]) * scale.astype(x.dtype)[..., None]
-    y = jax.lax.dot_general(x, deq.reshape(out, inp), (((x.ndim - 1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    group = k // scale.shape[0]
+    if (jax.default_backend() == "gpu" and x2.shape[0] <= int4_gemm.MAX_ROWS
+            and int4_gemm.fits(w.shape[0], k, group)):
+        y = int4_matmul(x2, w, scale, zero)
+    else:
+        y = int4_matmul_reference(x2, w, scale, zero)
+    return y.reshape(*lead, w.shape[0])
+
+
+def pack(q: Any, group: int) -> Any:
+    """4-bit values [out, in] (0..15; numpy or jax) -> the layout's packed uint8 [out, in/2]."""
+    xp = jnp if isinstance(q, jax.Array) else np
+    out, inp = q.shape
+    g = q.reshape(out, inp // group, group).astype(xp.uint8)
+    half = group // 2
+    return (g[..., :half] | (g[..., half:] << 4)).reshape(out, inp // 2)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
 def quantize_int4(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[in, out] -> (uint4 [out, in], scale [out, groups] in w's dtype, uint4 zero [out, groups]):
-    round to nearest with each group's range [min(w, 0), max(w, 0)] over 16 levels. For weights
-    that come without int4 scales (dummy weights measured at 4 bits): AWQ and GPTQ checkpoints
-    bring their own."""
+    """[in, out] -> the layout's (packed uint8 [out, in/2], scale [groups, out] in w's dtype, uint8
+    zero [groups, out]): round to nearest with each group's range [min(w, 0), max(w, 0)] over 16
+    levels. For weights that come without int4 scales (dummy weights measured at 4 bits): AWQ and
+    GPTQ checkpoints bring their own."""
     wt = w.astype(jnp.float32).T
     out, inp = wt.shape
     g = wt.reshape(out, inp // group_size, group_size)
@@ -48,7 +65,7 @@ def quantize_int4(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, 
     scale = jnp.maximum(hi - lo, 1e-12) / 15
     zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
     q = jnp.clip(jnp.round(g / scale[..., None]) + zero[..., None], 0, 15)
-    return q.reshape(out, inp).astype(INT4), scale.astype(w.dtype), zero.astype(INT4)
+    return pack(q.reshape(out, inp), group_size), scale.T.astype(w.dtype), zero.T.astype(jnp.uint8)
 
 
 def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, Any]:
