@@ -1,0 +1,93 @@
+"""One decoder layer's linears (q, k, v, o, gate, up, down) on one device, at a model's shapes, in
+each weight format the engine runs: bf16, FP8 (models/quant.py: weight-only up to 16 rows, W8A8 on
+cuBLASLt beyond), int4 as the engine runs it (models/int4.py: the Pallas GEMM up to 16 rows on the
+GPU) and int4 dequantized by XLA before the GEMM (`int4_matmul_reference`), beside each format's
+roofline (its weight bytes at the measured copy bandwidth).
+
+    PYTHONPATH=. python3 bench/quant_gemm.py --model bench/configs/llama-3-8b [--tokens 1 8 16 64 256]
+
+Random weights and inputs; each bucket compiled as the engine compiles it (Triton GEMMs up to
+engine/setup.TRITON_GEMM_MAX_TOKENS tokens, cuBLAS beyond); each time the median per call of the
+jitted layer called back to back. Each format's outputs are compared with bf16's (quantization
+error, a few percent, is expected; a wrong kernel is far off).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+from kernels import bench
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxvllm.engine.setup import TRITON_GEMM_MAX_TOKENS
+    from jaxvllm.models import int4, quant
+    from jaxvllm.models.config import ModelConfig
+    from jaxvllm.models.layers import linear
+    from jaxvllm.models.params import layer_shapes
+    from pallas_kernels import int4_matmul_reference
+    with open(os.path.join(args.model, "config.json")) as f:
+        cfg = ModelConfig.from_hf(json.load(f))
+    shapes = {k: v for k, v in layer_shapes(cfg, 0).items() if k in LINEARS}
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    bf16 = {k: jax.random.normal(key, s, jnp.bfloat16) * s[0] ** -0.5
+            for key, (k, s) in zip(keys, shapes.items())}
+    formats = {"bf16": bf16, "fp8": quant.quantize_params({"layers": [bf16]}, "fp8")["layers"][0],
+               "int4": int4.quantize_params({"layers": [bf16]}, args.group_size)["layers"][0]}
+    on_gpu = jax.default_backend() == "gpu"
+    copy_bw = common.measure_bandwidth(1 << (31 if on_gpu else 23))
+
+    def layer_fn(tokens: int, int4_by_xla: bool = False):
+        def f(lp, xs):
+            if int4_by_xla:
+                return [int4_matmul_reference(xs[k], lp[k], lp[k + "_scale"], lp[k + "_zero"])
+                        for k in LINEARS]
+            return [linear(xs[k], lp, k) for k in LINEARS]
+        opts = {"xla_gpu_enable_triton_gemm": tokens <= TRITON_GEMM_MAX_TOKENS} if on_gpu else None
+        return jax.jit(f, compiler_options=opts)
+
+    rows, result = [], {"copy_tbs": copy_bw / 1e12, "tokens": {}}
+    for t in args.tokens:
+        xk = jax.random.split(jax.random.fold_in(jax.random.key(1), t), len(shapes))
+        xs = {k: jax.random.normal(key, (t, s[0]), jnp.bfloat16) for key, (k, s) in
+              zip(xk, shapes.items())}
+        ref = [np.asarray(o, np.float32) for o in layer_fn(t)(bf16, xs)]
+        res = result["tokens"][t] = {}
+        ways = {"bf16": (layer_fn(t), bf16), "fp8": (layer_fn(t), formats["fp8"]),
+                "int4": (layer_fn(t), formats["int4"]),
+                "int4_xla_dequant": (layer_fn(t, int4_by_xla=True), formats["int4"])}
+        for name, (fn, lp) in ways.items():
+            outs = [np.asarray(o, np.float32) for o in fn(lp, xs)]
+            res[name + "_max_rel_diff"] = max(float(np.abs(o - r).max() / np.abs(r).max())
+                                              for o, r in zip(outs, ref))
+            res[name + "_us"] = bench(fn, [(lp, xs)]) * 1e6
+            weight_bytes = sum(a.nbytes for a in jax.tree.leaves(lp))
+            res[name + "_roofline_us"] = weight_bytes / copy_bw * 1e6
+        rows.append([t] + [f"{res[w + '_us']:.1f} ({res[w + '_roofline_us'] / res[w + '_us']:.0%})"
+                           for w in ways] + [f"{res[w + '_max_rel_diff']:.1e}" for w in list(ways)[1:]])
+    common.emit(result, args, f"{cfg.architecture} layer linears, hidden {cfg.hidden_size}, "
+                f"intermediate {cfg.intermediate_size}; {jax.devices()[0].device_kind}, copy "
+                f"{copy_bw / 1e12:.2f} TB/s; us per layer (share of the format's roofline)\n"
+                + common.table(rows, ["tokens", "bf16", "fp8", "int4 (engine)",
+                                      "int4 (XLA dequant)", "fp8 rel diff", "int4 rel diff",
+                                      "int4 XLA rel diff"]))
+    return 0
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="bench/configs/llama-3-8b",
+                        help="A directory with a dense model's config.json.")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 64, 256])
+    parser.add_argument("--group-size", type=int, default=128, help="int4 inputs per scale.")
+    common.add_output_args(parser)
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.script_main("quant_gemm", __doc__, add_args, run))
