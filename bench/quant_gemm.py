@@ -7,7 +7,7 @@ roofline (its weight bytes at the measured copy bandwidth).
     PYTHONPATH=. python3 bench/quant_gemm.py --model bench/configs/llama-3-8b [--tokens 1 8 16 64 256]
 
 Random weights and inputs; each bucket compiled as the engine compiles it (Triton GEMMs up to
-engine/setup.TRITON_GEMM_MAX_TOKENS tokens, cuBLAS beyond); each time the median per call of the
+TRITON_GEMM_MAX_TOKENS (jaxvllm/config.py) tokens, cuBLAS beyond); each time the median per call of the
 jitted layer called back to back. Each format's outputs are compared with bf16's (quantization
 error, a few percent, is expected; a wrong kernel is far off).
 """
@@ -27,7 +27,7 @@ LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxvllm.engine.setup import TRITON_GEMM_MAX_TOKENS
+    from jaxvllm.config import TRITON_GEMM_MAX_TOKENS
     from jaxvllm.models import int4, quant
     from jaxvllm.models.config import ModelConfig
     from jaxvllm.models.layers import linear

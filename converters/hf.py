@@ -409,39 +409,35 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
     hf_config = read_config_dict(model_dir)
     fp8, int4 = fp8_checkpoint(hf_config), int4_checkpoint(hf_config)
 
-    def companion(name: str, f: Any, names: list[str]) -> Any:
-        """Tensor `name` (a scale or zeros read with its weight), from this file or the one the
-        index names; None where neither has it."""
-        if name in names:
-            return f.get_tensor(name)
-        other = (weight_map or {}).get(name)
-        if other is None:
+    def companion(name: str, path: str, names: list[str], framework: str) -> Any:
+        """Tensor `name` (read with its weight: a scale, zeros, group indices) from this file or
+        the one the index names; None where neither has it."""
+        where = path if name in names else (weight_map or {}).get(name)
+        if where is None:
             return None
-        with safe_open(os.path.join(model_dir, other), framework="flax") as g:
+        with safe_open(where, framework=framework) as g:
             return g.get_tensor(name)
 
-    def fp8_scale(name: str, f: Any, names: list[str], path: str) -> Any:
-        scale = companion(fp8_scale_name(fp8, name), f, names)
+    def fp8_scale(name: str, names: list[str], path: str) -> Any:
+        scale = companion(fp8_scale_name(fp8, name), path, names, "flax")
         if scale is None:
             raise WeightLoadError(f"{path}: float8 tensor {name!r} has no "
                                   f"{fp8_scale_name(fp8, name)!r}")
         return scale
 
-    def add_int4(name: str, f: Any, names: list[str], path: str) -> None:
+    def add_int4(name: str, names: list[str], path: str) -> None:
         prefix = name[:-len(".qweight")]
         if int4 is None:
             raise WeightLoadError(f"{path}: tensor {name!r} is a packed int4 weight but config.json "
                                   "has no AWQ or GPTQ quantization_config")
         if not builder.wants(prefix + ".weight"):
             return
-        try:
-            parts = {"qweight": f.get_tensor(name)}
-            for part in COMPANIONS:
-                tensor = companion(f"{prefix}.{part}", f, names)
-                if tensor is not None:
-                    parts[part] = tensor
+        try:  # on the host (numpy): unpacked there, placed once packed
+            parts = {part: companion(f"{prefix}.{part}", path, names, "numpy")
+                     for part in ("qweight", *COMPANIONS)}
         except Exception as e:
             raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
+        parts = {k: v for k, v in parts.items() if v is not None}
         builder.add_int4(prefix + ".weight", unpack_int4(int4, name, parts, path), path)
 
     for path in files:
@@ -456,7 +452,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                 raise WeightLoadError(f"{path}: cannot list tensors ({e})") from e
             for name in names:
                 if name.endswith(".qweight"):
-                    add_int4(name, f, names, path)
+                    add_int4(name, names, path)
                     continue
                 if not builder.wants(name):
                     continue
@@ -475,7 +471,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                 except Exception as e:
                     raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
                 if is_fp8:
-                    tensor = dequantize_fp8(fp8, name, tensor, fp8_scale(name, f, names, path),
+                    tensor = dequantize_fp8(fp8, name, tensor, fp8_scale(name, names, path),
                                             path)
                 builder.add(name, tensor, path)
                 del tensor

@@ -92,6 +92,9 @@ def unpack(fmt: Int4Checkpoint, name: str, tensors: dict[str, np.ndarray],
         if part not in tensors:
             raise bad(f"no {part!r} beside it")
     qweight, qzeros, scales = (np.asarray(tensors[p]) for p in ("qweight", "qzeros", "scales"))
+    if not qweight.ndim == qzeros.ndim == scales.ndim == 2:
+        raise bad(f"qweight, qzeros and scales must be 2-D, got shapes {list(qweight.shape)}, "
+                  f"{list(qzeros.shape)}, {list(scales.shape)}")
     if qweight.dtype != np.int32 or qzeros.dtype != np.int32:
         raise bad(f"qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}")
     if fmt.method == "awq":
@@ -108,8 +111,10 @@ def unpack(fmt: Int4Checkpoint, name: str, tensors: dict[str, np.ndarray],
         raise bad(f"scales {list(scales.shape)} and qzeros {list(qzeros.shape)} do not fit a "
                   f"weight of {inp} inputs and {out} outputs in groups of {group}")
     zeros = zeros.astype(np.int32) + fmt.zero_offset
-    if zeros.max(initial=0) > 15:
-        raise bad("a zero point past 15")
+    if zeros.max(initial=0) > 15:  # GPTQ's original format cannot store a zero point of 0
+        raise bad("a zero point of 16: the checkpoint's zeros are stored minus 1 "
+                  "(quantization_config.checkpoint_format 'gptq') and one wrapped from 0; "
+                  "requantize with checkpoint_format 'gptq_v2'")
     perm = None
     g_idx = tensors.get("g_idx")
     if fmt.method == "gptq" and g_idx is not None:

@@ -10,6 +10,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
 QUANTIZATIONS = ("fp8", "awq", "gptq")  # models/quant.py, models/int4.py; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens),
+# and FP8 linears that small run weight-only (models/quant.py): the Triton GEMM converts the FP8
+# weight in registers, where cuBLAS would need a bf16 copy of it first.
+TRITON_GEMM_MAX_TOKENS = 16
 
 
 @dataclass

@@ -3,10 +3,12 @@ and dequantized in registers, tile by tile.
 
 XLA fuses an int4 dequantization into a one-row GEMV but, from a few rows up, writes the whole
 dequantized bf16 weight to memory before the GEMM (bench/RESULTS.md, "int4"): four times the bytes
-the weight holds, read and written again every step. Here a program owns `bn` output columns and
-walks the input dimension: it loads a [bn, c] tile of packed bytes, splits each byte's two 4-bit
+the weight holds, read and written again every step. Here a program owns BN output columns and
+walks the input dimension: it loads a [BN, step] tile of packed bytes, splits each byte's two 4-bit
 values, subtracts the group's zero, multiplies by its scale, and feeds both halves to the tensor
-cores against the matching input columns.
+cores against the matching input columns. Not yet timed on a GPU: with one program per BN columns
+the narrow projections (k and v at the 8B shape: 8 programs) may not fill the SMs; splitting the
+input dimension over programs is the first thing to measure.
 
 Packed layout (models/int4.py): w uint8 [N, K/2]; within each group of `group` inputs, byte j holds
 input j in its low 4 bits and input j + group/2 in its high 4 bits, so the two halves of a tile are
@@ -31,14 +33,15 @@ MAX_STEP = 64    # packed bytes per reduction step (2 x 64 inputs)
 
 def fits(n: int, k: int, group: int) -> bool:
     """Whether the kernel's tiles divide these sizes: N by BN, and each half group (the bytes of a
-    group) by a reduction step of at least 16 inputs, the tensor cores' minimum."""
+    group) by a reduction step of at least 16 inputs (the tensor cores' minimum) and a power of
+    two (Triton's tiles are)."""
     return n % BN == 0 and group % 2 == 0 and k % group == 0 and _step(group) >= 16
 
 
 def _step(group: int) -> int:
     half = group // 2
     step = min(half, MAX_STEP)
-    return step if half % step == 0 else 0
+    return step if half % step == 0 and step & (step - 1) == 0 else 0
 
 
 def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array, *,

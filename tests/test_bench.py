@@ -256,8 +256,7 @@ def test_structured_outputs_bench_reports_both_ways():
 
 def test_quant_gemm_bench_times_every_format(tmp_path):
     """bench/quant_gemm.py on a tiny dense config: every format timed, each within its
-    quantization error of bf16, the engine's int4 path and XLA's dequantize-first path alike on
-    the CPU (the same reference)."""
+    quantization error of bf16."""
     from hf_builders import tiny_config
     tiny_config("llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
                 num_key_value_heads=2).save_pretrained(tmp_path)
@@ -268,10 +267,9 @@ def test_quant_gemm_bench_times_every_format(tmp_path):
     res = json.loads(out.stdout)["tokens"]
     for t in ("1", "24"):
         assert all(res[t][w + "_us"] > 0 for w in ("bf16", "fp8", "int4", "int4_xla_dequant"))
-        assert res[t]["bf16_max_rel_diff"] == 0
         assert 0 < res[t]["fp8_max_rel_diff"] < 0.1
         assert 0 < res[t]["int4_max_rel_diff"] < 0.3
-        assert res[t]["int4_max_rel_diff"] == res[t]["int4_xla_dequant_max_rel_diff"]
+        assert 0 < res[t]["int4_xla_dequant_max_rel_diff"] < 0.3
 
 
 def test_moe_bench_compares_the_ways(tmp_path):

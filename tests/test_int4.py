@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from converters.errors import WeightLoadError
 from converters.int4 import Int4Checkpoint, int4_checkpoint, unpack
 from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
 from jaxvllm.models.int4 import int4_linear, pack, quantize_int4
@@ -133,6 +134,7 @@ def test_int4_gemm_kernel_refuses_what_it_cannot_tile():
     assert int4_gemm.fits(256, 512, 128) and int4_gemm.fits(256, 512, 32)
     assert not int4_gemm.fits(200, 512, 128)   # N not a multiple of the column tile
     assert not int4_gemm.fits(256, 512, 16)    # half a group below the tensor cores' 16
+    assert not int4_gemm.fits(256, 192, 96)    # a step of 48 inputs: not a power of two
     w_packed, scale, zero, _ = _random_int4(np.random.default_rng(0), 256, 512, 4)
     with pytest.raises(ValueError, match="rows"):
         int4_matmul(jnp.ones((17, 512), jnp.bfloat16), jnp.asarray(w_packed), jnp.asarray(scale),
@@ -153,6 +155,26 @@ def test_quantize_int4_round_trip():
     deq = (qf - z[:, g]) * s[:, g]
     assert (np.abs(deq - w.T) <= s[:, g] / 2 + 1e-6).all()
     assert qf.min() == 0 and qf.max() == 15
+
+
+def test_unpack_golden_words():
+    """One int32 word whose nibbles are 0..7 from the low bits up: AWQ puts output j at nibble
+    [0, 4, 1, 5, 2, 6, 3, 7][j] (its packer's order 0 2 4 6 1 3 5 7); GPTQ puts input 8k+i of a
+    column at nibble i, and stores each zero point minus 1 ('gptq'; 'gptq_v2' stores it as is)."""
+    word = np.array([[0x76543210]], np.uint32).view(np.int32)
+    ones = np.ones((1, 8), np.float16)
+    awq = unpack(Int4Checkpoint("awq", -1, 0), "x.qweight",
+                 {"qweight": word, "qzeros": word, "scales": ones}, "test")
+    np.testing.assert_array_equal(awq.q[:, 0], [0, 4, 1, 5, 2, 6, 3, 7])
+    np.testing.assert_array_equal(awq.zero[:, 0], [0, 4, 1, 5, 2, 6, 3, 7])
+    for fmt, offset in (("gptq", 1), ("gptq_v2", 0)):
+        cfg = int4_checkpoint({"quantization_config": {"quant_method": "gptq", "bits": 4,
+                                                       "group_size": -1, "checkpoint_format": fmt}})
+        zeros = np.array([[0x65432100]], np.uint32).view(np.int32)  # outputs 0..7: 0 0 1 2 .. 6
+        w = unpack(cfg, "x.qweight", {"qweight": word.repeat(8, 1), "qzeros": zeros,
+                                      "scales": ones}, "test")
+        np.testing.assert_array_equal(w.q, np.tile(np.arange(8), (8, 1)))  # [out, in]
+        np.testing.assert_array_equal(w.zero[:, 0], np.array([0, 0, 1, 2, 3, 4, 5, 6]) + offset)
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq", "gptq_act_order"])
@@ -269,6 +291,26 @@ def test_int4_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
     from jaxvllm.worker.sharding import param_specs
     with pytest.raises(ValueError, match="int4"):
         param_specs(engine.runner.params, engine.model_config, 2)
+
+
+def test_malformed_int4_tensors_are_named():
+    fmt = Int4Checkpoint("awq", -1, 0)
+    with pytest.raises(WeightLoadError, match="'x.qweight'.*2-D"):
+        unpack(fmt, "x.qweight", {"qweight": np.zeros(8, np.int32), "qzeros": np.zeros((1, 1), np.int32),
+                                  "scales": np.ones((1, 8), np.float16)}, "test")
+    with pytest.raises(WeightLoadError, match="no 'qzeros'"):
+        unpack(fmt, "x.qweight", {"qweight": np.zeros((8, 1), np.int32),
+                                  "scales": np.ones((1, 8), np.float16)}, "test")
+    with pytest.raises(WeightLoadError, match="do not fit"):
+        unpack(fmt, "x.qweight", {"qweight": np.zeros((8, 1), np.int32),
+                                  "qzeros": np.zeros((1, 1), np.int32),
+                                  "scales": np.ones((2, 8), np.float16)}, "test")
+    # GPTQ's original format stores zero - 1: a zero of 0 wraps to 15 and reads back as 16.
+    wrapped = np.array([[-1]], np.int32)  # every nibble 15
+    with pytest.raises(WeightLoadError, match="gptq_v2"):
+        unpack(Int4Checkpoint("gptq", -1, 1), "x.qweight",
+               {"qweight": np.zeros((1, 8), np.int32), "qzeros": wrapped,
+                "scales": np.ones((1, 8), np.float16)}, "test")
 
 
 def test_quantization_must_fit_the_checkpoint(tmp_path):

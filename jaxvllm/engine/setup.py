@@ -5,7 +5,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from jaxvllm.config import EngineArgs
+from jaxvllm.config import TRITON_GEMM_MAX_TOKENS, EngineArgs
 from jaxvllm.core.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -13,8 +13,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
-# Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens).
-TRITON_GEMM_MAX_TOKENS = 16
 _ENGINE_CHOSE_GEMMS = False  # set once configure_jax added the GEMM flag (the user did not set it)
 
 
@@ -78,6 +76,10 @@ def load(args: EngineArgs) -> Any:
                             seed=args.seed, cache_dir=_weights_cache_dir(args),
                             tokenizer=args.tokenizer, load_tokenizer=False)
         args.quantization = _checkpoint_quantization(args.quantization, loaded)
+        if args.quantization in ("awq", "gptq") and args.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} with int4 "
+                             f"({args.quantization}) weights is not supported yet: run it with "
+                             "tensor_parallel_size=1")
         if args.quantization == "fp8":
             from jaxvllm.models.quant import quantize_params
             loaded.params = quantize_params(loaded.params, args.quantization)

@@ -1,6 +1,6 @@
 """FP8 weights (W8A8, `quantization="fp8"`): each linear weight stored as float8 e4m3 with one
 float32 scale per output channel, each token's activations quantized with their own scale as the
-layer runs (but in the smallest decode buckets: WEIGHT_ONLY_MAX_ROWS), one FP8 matmul with float32
+layer runs (but in the smallest decode buckets, weight-only), one FP8 matmul with float32
 accumulation, both scales applied to its output.
 
 The layout keeps the weight's name, stores it transposed, [out, in], and adds `<name>_scale` [out]
@@ -18,17 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxvllm.config import QUANTIZATIONS
+from jaxvllm.config import QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 # The linear weights quantized (the dense MLP, attention, a shared expert).
 QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
-# Up to this many rows x stays in its dtype and the weight is upcast inside the GEMM (W8A16): these
-# are the decode buckets the engine compiles with Triton GEMMs (engine/setup.TRITON_GEMM_MAX_TOKENS),
-# which read the FP8 weight and convert it in registers. Quantizing so few activation rows costs more
-# kernels than the GEMM itself at batch 1.
-WEIGHT_ONLY_MAX_ROWS = 16
 _MIN_AMAX = 1e-12  # an all-zero row or column gets a tiny scale, not a division by zero
 
 
@@ -43,10 +38,13 @@ def quantize_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
     """x [..., in] (any float dtype) times an FP8 weight [out, in] with its per-output-channel
-    scale; each row of x quantized to FP8 with its own scale first, except in the smallest decode
-    buckets (WEIGHT_ONLY_MAX_ROWS). Returns x's dtype."""
+    scale; each row of x quantized to FP8 with its own scale first, except up to
+    TRITON_GEMM_MAX_TOKENS rows, the decode buckets the engine compiles with Triton GEMMs: there x
+    stays in its dtype and the Triton GEMM converts the weight in registers (quantizing so few rows
+    cost more kernels than the GEMM at batch 1). A user's XLA_FLAGS turning Triton GEMMs off makes
+    cuBLAS write a bf16 copy of the weight for those buckets instead. Returns x's dtype."""
     dims = (((x.ndim - 1,), (1,)), ((), ()))
-    if math.prod(x.shape[:-1]) <= WEIGHT_ONLY_MAX_ROWS:
+    if math.prod(x.shape[:-1]) <= TRITON_GEMM_MAX_TOKENS:
         y = jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32)
         return (y * scale).astype(x.dtype)
     x32 = x.astype(jnp.float32)

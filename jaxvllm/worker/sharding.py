@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import INT4
+from jaxvllm.models.quant import FP8
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def _layer_spec(name: str, lp: dict[str, Any]) -> P:
     if name not in LAYER_RULES:
         raise ValueError(f"No tensor-parallel partition rule for layer param {name!r}")
     # An FP8 weight is stored [out, in] (models/quant.py): its [in, out] rule, reversed.
-    return P(*reversed(LAYER_RULES[name])) if name + "_scale" in lp else LAYER_RULES[name]
+    return P(*reversed(LAYER_RULES[name])) if lp[name].dtype == FP8 else LAYER_RULES[name]
 
 
 def _repeat_heads(w: Any, head_dim: int, rep: int) -> Any:
@@ -248,15 +249,15 @@ def _repeat_heads(w: Any, head_dim: int, rep: int) -> Any:
 
 def _replicate_kv(params: Any, head_dim: int, rep: int) -> Any:
     out = dict(params)
-    out["layers"] = [{k: _replicate_kv_param(k, w, lp, head_dim, rep) for k, w in lp.items()}
+    out["layers"] = [{k: _replicate_kv_param(k, w, head_dim, rep) for k, w in lp.items()}
                      for lp in params["layers"]]
     return out
 
 
-def _replicate_kv_param(name: str, w: Any, lp: dict[str, Any], head_dim: int, rep: int) -> Any:
+def _replicate_kv_param(name: str, w: Any, head_dim: int, rep: int) -> Any:
     if name not in ("k", "v", "k_bias", "v_bias", "k_scale", "v_scale"):
         return w
-    if name + "_scale" in lp:  # an FP8 weight, [out, in]: its heads are its rows
+    if w.dtype == FP8:  # an FP8 weight, [out, in]: its heads are its rows
         return _repeat_heads(w.T, head_dim, rep).T
     return _repeat_heads(w, head_dim, rep)
 
