@@ -24,7 +24,8 @@ import ml_dtypes
 import numpy as np
 
 from converters.errors import WeightLoadError
-from converters.int4 import METHODS as INT4_METHODS
+from converters.quant_config import quantization_config
+from jaxvllm.config import INT4_QUANTIZATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +37,11 @@ class Fp8Checkpoint:
 def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
     """The checkpoint's FP8 format, None for an unquantized one. Raises ValueError naming
     `quantization_config` for a quantization this engine cannot load."""
-    qc = hf_config.get("quantization_config") or (hf_config.get("text_config") or {}).get(
-        "quantization_config")
+    qc = quantization_config(hf_config)
     if not qc:
         return None
     method = qc.get("quant_method")
-    if method in INT4_METHODS:  # converters/int4.py
+    if method in INT4_QUANTIZATIONS:  # converters/int4.py
         return None
     if method == "fp8":
         if qc.get("fmt", "e4m3") != "e4m3":

@@ -21,8 +21,9 @@ from typing import Any, Optional
 import numpy as np
 
 from converters.errors import WeightLoadError
+from converters.quant_config import quantization_config
+from jaxvllm.config import INT4_QUANTIZATIONS
 
-METHODS = ("awq", "gptq")
 # Tensors that come with a packed weight "<prefix>.qweight" and are read with it.
 COMPANIONS = ("qzeros", "scales", "g_idx")
 _AWQ_NIBBLE = np.array([0, 4, 1, 5, 2, 6, 3, 7])  # AWQ packs outputs 0..7 in the order 0 2 4 6 1 3 5 7
@@ -49,9 +50,8 @@ class Int4Weight:
 def int4_checkpoint(hf_config: dict[str, Any]) -> Optional[Int4Checkpoint]:
     """The checkpoint's int4 format; None for any other. Raises ValueError naming the
     `quantization_config` field an AWQ or GPTQ checkpoint this engine cannot load has wrong."""
-    qc = hf_config.get("quantization_config") or (hf_config.get("text_config") or {}).get(
-        "quantization_config")
-    if not qc or qc.get("quant_method") not in METHODS:
+    qc = quantization_config(hf_config)
+    if qc.get("quant_method") not in INT4_QUANTIZATIONS:
         return None
     method = qc["quant_method"]
     bits = qc.get("bits", qc.get("w_bit"))

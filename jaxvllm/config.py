@@ -8,7 +8,8 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
-QUANTIZATIONS = ("fp8", "awq", "gptq")  # models/quant.py, models/int4.py; vLLM's names
+INT4_QUANTIZATIONS = ("awq", "gptq")  # 4-bit checkpoints (models/int4.py, converters/int4.py)
+QUANTIZATIONS = ("fp8", *INT4_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens),
 # and FP8 linears that small run weight-only (models/quant.py): the Triton GEMM converts the FP8

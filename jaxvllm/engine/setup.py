@@ -5,7 +5,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from jaxvllm.config import TRITON_GEMM_MAX_TOKENS, EngineArgs
+from jaxvllm.config import INT4_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS, EngineArgs
 from jaxvllm.core.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def load(args: EngineArgs) -> Any:
                             seed=args.seed, cache_dir=_weights_cache_dir(args),
                             tokenizer=args.tokenizer, load_tokenizer=False)
         args.quantization = _checkpoint_quantization(args.quantization, loaded)
-        if args.quantization in ("awq", "gptq") and args.tensor_parallel_size > 1:
+        if args.quantization in INT4_QUANTIZATIONS and args.tensor_parallel_size > 1:
             raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} with int4 "
                              f"({args.quantization}) weights is not supported yet: run it with "
                              "tensor_parallel_size=1")
@@ -94,7 +94,7 @@ def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]
     checkpoint turns "fp8" on, an AWQ/GPTQ one is its method; asking for int4 of a checkpoint
     that is not one, or for another method than an int4 checkpoint's, is a ValueError."""
     from converters.fp8 import fp8_checkpoint
-    from converters.int4 import METHODS, int4_checkpoint
+    from converters.int4 import int4_checkpoint
     hf = loaded.hf_config if loaded.load_format == "safetensors" else {}
     int4 = int4_checkpoint(hf)
     if int4 is not None:
@@ -102,7 +102,7 @@ def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]
             raise ValueError(f"quantization={asked!r}, but {loaded.source} is a "
                              f"{int4.method.upper()} checkpoint (quantization={int4.method!r})")
         return int4.method
-    if asked in METHODS and loaded.load_format != "dummy":  # dummy weights: quantized in load()
+    if asked in INT4_QUANTIZATIONS and loaded.load_format != "dummy":  # dummy weights: quantized in load()
         raise ValueError(f"quantization={asked!r} loads the 4-bit weights of an {asked.upper()} "
                          f"checkpoint; {loaded.source} ({loaded.load_format}) is not one")
     if asked is None and fp8_checkpoint(hf) is not None:

@@ -71,14 +71,9 @@ def quantize_int4(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, 
 def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, Any]:
     """A new params tree with every linear of QUANTIZED in the int4 layout (quantize_int4; one
     group per output channel where the input size is not a multiple of group_size)."""
-    from jaxvllm.models.quant import QUANTIZED
-    layers = []
-    for lp in params["layers"]:
-        lp = dict(lp)
-        for name in QUANTIZED:
-            if name in lp:
-                w = lp.pop(name)
-                group = group_size if w.shape[0] % group_size == 0 else w.shape[0]
-                lp[name], lp[name + "_scale"], lp[name + "_zero"] = quantize_int4(w, group)
-        layers.append(lp)
-    return {**params, "layers": layers}
+    from jaxvllm.models.quant import map_linears
+
+    def quantize(w: jax.Array) -> dict[str, jax.Array]:
+        group = group_size if w.shape[0] % group_size == 0 else w.shape[0]
+        return dict(zip(("", "_scale", "_zero"), quantize_int4(w, group)))
+    return map_linears(params, quantize)

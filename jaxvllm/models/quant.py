@@ -13,7 +13,7 @@ the LM head, norms, routers and the experts of mixture-of-experts layers stay in
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,16 +60,24 @@ def to_fp8(x: jax.Array) -> jax.Array:
 
 def quantize_params(params: dict[str, Any], method: str) -> dict[str, Any]:
     """A new params tree with every weight in QUANTIZED replaced by its FP8 form plus
-    `<name>_scale` (`params` itself is left as it is: its weights are freed once the caller drops
-    it, so loading peaks at the model in its dtype plus its FP8 copy)."""
+    `<name>_scale`."""
     if method != "fp8":  # awq and gptq weights arrive quantized (converters/int4.py)
         raise ValueError(f"quantization {method!r} does not quantize weights on load: only 'fp8' "
                          f"does (one of {QUANTIZATIONS})")
+    return map_linears(params, lambda w: dict(zip(("", "_scale"), quantize_fp8(w))))
+
+
+def map_linears(params: dict[str, Any], quantize: Callable[[jax.Array], dict[str, Any]]
+                ) -> dict[str, Any]:
+    """A new params tree with each weight `name` in QUANTIZED replaced by the entries
+    `quantize(weight)` returns, keyed by suffix ("" for the weight itself, "_scale", ...).
+    `params` itself is left as it is: its weights are freed once the caller drops it, so loading
+    peaks at the model in its dtype plus its quantized copy."""
     layers = []
     for lp in params["layers"]:
         lp = dict(lp)
         for name in QUANTIZED:
             if name in lp:
-                lp[name], lp[name + "_scale"] = quantize_fp8(lp.pop(name))
+                lp.update({name + suffix: a for suffix, a in quantize(lp.pop(name)).items()})
         layers.append(lp)
     return {**params, "layers": layers}

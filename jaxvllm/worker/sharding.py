@@ -228,7 +228,7 @@ def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
 
 
 def _layer_spec(name: str, lp: dict[str, Any]) -> P:
-    if lp[name].dtype == INT4 or name.endswith("_zero"):
+    if lp[name].dtype == INT4:
         raise ValueError("tensor_parallel_size > 1 with int4 (AWQ/GPTQ) weights is not supported "
                          "yet: run it with tensor_parallel_size=1")
     if name not in LAYER_RULES:

@@ -1,0 +1,11 @@
+"""A checkpoint's `quantization_config` (config.json), where HF puts it: at the top or, for a
+multimodal checkpoint, in its text config. converters/fp8.py and converters/int4.py read it."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def quantization_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's quantization_config, {} for an unquantized one."""
+    return (hf_config.get("quantization_config")
+            or (hf_config.get("text_config") or {}).get("quantization_config") or {})
