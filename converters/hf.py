@@ -257,7 +257,7 @@ class ParamsBuilder:
 
     def add_int4(self, name: str, w: Int4Weight, file: Optional[str] = None) -> None:
         """An AWQ/GPTQ linear (`name` is its unpacked weight's HF name, "<prefix>.weight") in the
-        int4 layout (models/int4.py): the weight packed, its scale, zero and input order."""
+        int4 layout (models/int4.py): the weight packed, its scale, min and input order."""
         name = text_model_name(name)
         path, _ = self.expected[name]
         where = file or self.source
@@ -277,7 +277,7 @@ class ParamsBuilder:
             start = rows.stop
             layer[key] = jnp.asarray(pack_int4(w.q[rows], group))
             layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype=self.dtype)
-            layer[key + "_zero"] = jnp.asarray(np.ascontiguousarray(w.zero[rows].T))
+            layer[key + "_min"] = place(w.min[rows].T, transpose=False, dtype=self.dtype)
             if w.perm is not None:
                 layer[key + "_perm"] = jnp.asarray(w.perm)
         self.done.add(name)

@@ -1,6 +1,6 @@
 """int4 checkpoints (AWQ and GPTQ, 4 bits, as vLLM loads them): what config.json's
 `quantization_config` says, and each linear's packed tensors unpacked into 4-bit values [out, in]
-with scale and zero [out, groups] and an input order for GPTQ's activation order, which the loader
+with scale and min [out, groups] (w = q * scale + min; min = -zero * scale) and an input order for GPTQ's activation order, which the loader
 packs into the engine's int4 layout (models/int4.py). The weights stay at 4 bits; nothing is
 dequantized at load.
 
@@ -39,11 +39,11 @@ class Int4Checkpoint:
 
 @dataclasses.dataclass
 class Int4Weight:
-    """One linear's weight unpacked: q, zero uint8 values 0..15 ([out, in], [out, groups]),
-    scale [out, groups], perm [in] or None."""
+    """One linear's weight unpacked: q uint8 values 0..15 [out, in], float32 scale and min
+    [out, groups] (w = q * scale + min), perm [in] or None."""
     q: np.ndarray
     scale: np.ndarray
-    zero: np.ndarray
+    min: np.ndarray
     perm: Optional[np.ndarray]
 
 
@@ -127,6 +127,7 @@ def unpack(fmt: Int4Checkpoint, name: str, tensors: dict[str, np.ndarray],
             if not np.array_equal(g_idx[perm], in_order):
                 raise bad(f"g_idx does not put {group} input rows in each group")
             q = q[perm]
-    return Int4Weight(q=np.ascontiguousarray(q.T), scale=np.ascontiguousarray(scales.T),
-                      zero=np.ascontiguousarray(zeros.T.astype(np.uint8)),
+    scale = scales.T.astype(np.float32)  # exact: the checkpoints' scales are float16
+    return Int4Weight(q=np.ascontiguousarray(q.T), scale=np.ascontiguousarray(scale),
+                      min=np.ascontiguousarray(-zeros.T * scale),
                       perm=None if perm is None else perm.astype(np.int32))

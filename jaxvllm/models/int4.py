@@ -1,12 +1,13 @@
 """int4 weights (W4A16: AWQ and GPTQ checkpoints, `quantization="awq"|"gptq"`): each linear weight
-kept at 4 bits with a scale and a zero point per output channel and group of inputs, dequantized
-to the activations' dtype as the layer runs: w = (q - zero) * scale.
+kept at 4 bits with a scale and a minimum per output channel and group of inputs, dequantized
+to the activations' dtype as the layer runs: w = q * scale + min (one multiply-add; AWQ's and
+GPTQ's integer zero points are min = -zero * scale, GGUF's Q4_1 and Q4_K store min itself).
 
 Layout (beside the weight `<name>`; converters/int4.py writes it from a checkpoint, pack() from
 values): `<name>` uint8 [out, in/2], two 4-bit values a byte, within each group of inputs byte j
 holding input j (low bits) and input j + group/2 (high bits) (the layout the Pallas GEMM reads
 without moving values between lanes, pallas_kernels/int4_gemm.py); `<name>_scale` [groups, out] in
-the model's dtype; `<name>_zero` uint8 [groups, out]; and for a GPTQ checkpoint quantized in
+the model's dtype; `<name>_min` [groups, out], the same; and for a GPTQ checkpoint quantized in
 activation order `<name>_perm` int32 [in]: the order of the inputs that makes each group contiguous
 (the weight's inputs are stored in that order and the layer gathers its input the same way).
 The embedding, LM head, norms and routers stay in the model's dtype.
@@ -25,9 +26,9 @@ from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 INT4 = jnp.uint8  # the packed weight's dtype (no other weight of the layout is uint8)
 
 
-def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array,
+def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array,
                 perm: Optional[jax.Array] = None) -> jax.Array:
-    """x [..., in] times the packed int4 weight (w [out, in/2], scale and zero [groups, out]);
+    """x [..., in] times the packed int4 weight (w [out, in/2], scale and min [groups, out]);
     perm [in] reorders x's features first. Decode-sized batches on the GPU run the Pallas GEMM
     (the weight read at 4 bits); others dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
@@ -37,9 +38,9 @@ def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, zero: jax.Array,
     group = k // scale.shape[0]
     if (jax.default_backend() == "gpu" and x2.shape[0] <= int4_gemm.MAX_ROWS
             and int4_gemm.fits(w.shape[0], k, group)):
-        y = int4_matmul(x2, w, scale, zero)
+        y = int4_matmul(x2, w, scale, mn)
     else:
-        y = int4_matmul_reference(x2, w, scale, zero)
+        y = int4_matmul_reference(x2, w, scale, mn)
     return y.reshape(*lead, w.shape[0])
 
 
@@ -54,18 +55,18 @@ def pack(q: Any, group: int) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
 def quantize_int4(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[in, out] -> the layout's (packed uint8 [out, in/2], scale [groups, out] in w's dtype, uint8
-    zero [groups, out]): round to nearest with each group's range [min(w, 0), max(w, 0)] over 16
-    levels. For weights that come without int4 scales (dummy weights measured at 4 bits): AWQ and
-    GPTQ checkpoints bring their own."""
+    """[in, out] -> the layout's (packed uint8 [out, in/2], scale and min [groups, out] in w's
+    dtype): round to nearest with each group's range [min(w), max(w)] over 16 levels. For weights
+    that come without int4 scales (dummy weights measured at 4 bits): AWQ and GPTQ checkpoints
+    bring their own."""
     wt = w.astype(jnp.float32).T
     out, inp = wt.shape
     g = wt.reshape(out, inp // group_size, group_size)
-    lo, hi = jnp.minimum(g.min(-1), 0.0), jnp.maximum(g.max(-1), 0.0)
-    scale = jnp.maximum(hi - lo, 1e-12) / 15
-    zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
-    q = jnp.clip(jnp.round(g / scale[..., None]) + zero[..., None], 0, 15)
-    return pack(q.reshape(out, inp), group_size), scale.T.astype(w.dtype), zero.T.astype(jnp.uint8)
+    stored = lambda a: a.astype(w.dtype).astype(jnp.float32)  # round to what the layer reads
+    lo, hi = stored(g.min(-1)), g.max(-1)
+    scale = stored(jnp.maximum(hi - lo, 1e-12) / 15)
+    q = jnp.clip(jnp.round((g - lo[..., None]) / scale[..., None]), 0, 15)
+    return pack(q.reshape(out, inp), group_size), scale.T.astype(w.dtype), lo.T.astype(w.dtype)
 
 
 def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, Any]:
@@ -75,5 +76,5 @@ def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, 
 
     def quantize(w: jax.Array) -> dict[str, jax.Array]:
         group = group_size if w.shape[0] % group_size == 0 else w.shape[0]
-        return dict(zip(("", "_scale", "_zero"), quantize_int4(w, group)))
+        return dict(zip(("", "_scale", "_min"), quantize_int4(w, group)))
     return map_linears(params, quantize)

@@ -99,7 +99,7 @@ def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
     if scale is None:
         y = x @ w
     elif w.dtype == INT4:
-        y = int4_linear(x, w, scale, lp[name + "_zero"], lp.get(name + "_perm"))
+        y = int4_linear(x, w, scale, lp[name + "_min"], lp.get(name + "_perm"))
     else:
         y = fp8_linear(x, w, scale)
     bias = lp.get(name + "_bias")
