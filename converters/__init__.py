@@ -239,7 +239,7 @@ def _canonical_load_format(load_format: str) -> str:
 def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str = "auto",
                load_format: str = "auto", seed: int = 0, cache_dir: Any = "auto",
                tokenizer: Optional[str] = None, load_tokenizer: bool = True,
-               cache_min_bytes: Optional[int] = None) -> LoadedModel:
+               cache_min_bytes: Optional[int] = None, keep_gguf_4bit: bool = False) -> LoadedModel:
     """Load a model's params (on the default device), config and tokenizer.
 
     source: None (the embedded default model), an HF directory (config.json + *.safetensors, sharded or
@@ -254,6 +254,8 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
       weight files total at least N bytes (0: every source).
     tokenizer: another tokenizer path (HF directory or .gguf); load_tokenizer=False skips the tokenizer
       (load it later with `load_model_tokenizer`).
+    keep_gguf_4bit: a GGUF's attention and MLP projections stored as Q4_0/Q4_1/Q4_K stay at 4 bits, in
+      the int4 layout (models/int4.py; the engine's quantization="gguf"); a ValueError for other sources.
     """
     from converters import cache as wcache
     from converters.hf import canonical_dtype
@@ -263,6 +265,9 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
     res = resolve_source(source, load_format)
     if load_format == "safetensors" and res.kind == "gguf":
         raise WeightLoadError(f"{res.path}: a GGUF file cannot be loaded with load_format='safetensors'")
+    if keep_gguf_4bit and (res.kind != "gguf" or load_format == "dummy"):
+        raise ValueError(f"quantization='gguf' keeps the 4-bit tensors of a GGUF file; "
+                         f"{res.display} is not one (load_format {load_format!r})")
 
     # Config and checkpoint dtype.
     t0 = time.perf_counter()
@@ -309,8 +314,8 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
         done_format = "gguf" if res.kind == "gguf" else "safetensors"
         root = wcache.resolve_cache_dir(cache_dir)
         from converters.int4 import int4_checkpoint
-        if int4_checkpoint(hf_config) is not None:  # its layout is not the cache's (param_shapes)
-            root = None
+        if keep_gguf_4bit or int4_checkpoint(hf_config) is not None:
+            root = None  # the int4 layout is not the cache's (param_shapes)
         if root is not None and not wcache.should_cache(done_format, sum(os.path.getsize(f) for f in files),
                                                          cache_min_bytes):
             root = None
@@ -323,7 +328,7 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
             params = wcache.WeightCache(root).load(key, wcache.abstract_params(param_shapes(cfg), target))
             from_cache = params is not None
         if params is None:
-            params = _convert(res, cfg, target, reader)
+            params = _convert(res, cfg, target, reader, keep_gguf_4bit)
             if root is not None:
                 wcache.WeightCache(root).save(key, params, {"source": res.display, "dtype": target,
                                                              "format": done_format})
@@ -342,12 +347,13 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
                        seconds=seconds)
 
 
-def _convert(res: _Resolved, cfg: Any, dtype: str, reader: Any = None) -> Any:
+def _convert(res: _Resolved, cfg: Any, dtype: str, reader: Any = None,
+             keep_gguf_4bit: bool = False) -> Any:
     """Read and convert the weights (the expensive step the cache skips)."""
     if res.kind == "gguf":
         from converters.gguf_loader import load_gguf_params
 
-        return load_gguf_params(res.path, cfg, dtype, reader=reader)
+        return load_gguf_params(res.path, cfg, dtype, reader=reader, four_bit=keep_gguf_4bit)
     from converters.hf import load_hf_params
 
     return load_hf_params(res.path, cfg, dtype)

@@ -13,6 +13,7 @@ Named `gguf_loader` so that `import gguf` below is the `gguf` package, not this 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Any, Optional
@@ -147,11 +148,16 @@ def tensor_array(t) -> np.ndarray:
     return dequantize(t.data, t.tensor_type).reshape(shape)
 
 
-def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None) -> dict[str, Any]:
-    """Dequantize and convert every tensor of the GGUF at `path` (dtype: one of DTYPES, already resolved)."""
+def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
+                     four_bit: bool = False) -> dict[str, Any]:
+    """Dequantize and convert every tensor of the GGUF at `path` (dtype: one of DTYPES, already
+    resolved); with `four_bit` the projections stored in a 4-bit type stay at 4 bits
+    (converters/gguf_int4.py)."""
+    from converters.gguf_int4 import four_bit_types, int4_weight
     reader = reader if reader is not None else open_reader(path)
     arch = architecture(reader, path)
     builder = ParamsBuilder(cfg, dtype, path, display_name=hf_to_gguf_name)
+    keep = four_bit_types() if four_bit else ()
     for t in reader.tensors:
         m = _BLK.match(t.name)
         if m and m.group(2) in GGUF_MOE_TENSORS:
@@ -165,19 +171,24 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None) -> di
         if not builder.wants(hf_name):
             continue
         builder.check_shape(hf_name, reversed(list(t.shape)), path)
+        packed = t.tensor_type in keep and builder.takes_int4(hf_name)
         try:
-            w = tensor_array(t)
+            w = int4_weight(t) if packed else tensor_array(t)
         except Exception as e:
-            raise WeightLoadError(f"{path}: cannot dequantize tensor {t.name!r} "
-                                  f"({t.tensor_type.name}: {e})") from e
+            raise WeightLoadError(f"{path}: cannot {'unpack' if packed else 'dequantize'} tensor "
+                                  f"{t.name!r} ({t.tensor_type.name}: {e})") from e
         if arch in NORMS_PLUS_ONE_ARCHS and t.name.endswith("norm.weight"):
             w = w - 1
-        if arch in PERMUTED_ARCHS:
-            if hf_name.endswith("self_attn.q_proj.weight"):
-                w = unpermute_qk(w, cfg.num_heads)
-            elif hf_name.endswith("self_attn.k_proj.weight"):
-                w = unpermute_qk(w, cfg.num_kv_heads)
-        builder.add(hf_name, w, path)
+        heads = {"self_attn.q_proj.weight": cfg.num_heads,
+                 "self_attn.k_proj.weight": cfg.num_kv_heads}.get(hf_name.split(".", 3)[-1])
+        if arch in PERMUTED_ARCHS and heads:
+            w = (dataclasses.replace(w, **{f: unpermute_qk(getattr(w, f), heads)
+                                           for f in ("q", "scale", "min")})
+                 if packed else unpermute_qk(w, heads))
+        if packed:
+            builder.add_int4(hf_name, w, path)
+        else:
+            builder.add(hf_name, w, path)
         del w
     return builder.finish()
 

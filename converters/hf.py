@@ -255,8 +255,15 @@ class ParamsBuilder:
             self.params[path[0]] = value
         self.done.add(name)
 
+    def takes_int4(self, name: str) -> bool:
+        """Whether weight `name` (HF) is one of the linears the int4 layout holds: the attention
+        and dense MLP projections."""
+        path, _ = self.expected[text_model_name(name)]
+        fused = isinstance(path[-1], tuple)
+        return path[0] == "layers" and len(path) != 4 and (fused or path[2] in QUANTIZED)
+
     def add_int4(self, name: str, w: Int4Weight, file: Optional[str] = None) -> None:
-        """An AWQ/GPTQ linear (`name` is its unpacked weight's HF name, "<prefix>.weight") in the
+        """A 4-bit linear (`name` is its unpacked weight's HF name, "<prefix>.weight") in the
         int4 layout (models/int4.py): the weight packed, its scale, min and input order."""
         name = text_model_name(name)
         path, _ = self.expected[name]
@@ -264,7 +271,7 @@ class ParamsBuilder:
         if name in self.done:
             raise WeightLoadError(f"{where}: tensor {self.display(name)!r} appears twice")
         fused = isinstance(path[-1], tuple)
-        if path[0] != "layers" or len(path) == 4 or not fused and path[2] not in QUANTIZED:
+        if not self.takes_int4(name):
             raise WeightLoadError(f"{where}: int4 tensor {self.display(name)!r}: only the attention "
                                   "and dense MLP projections load at 4 bits")
         self.check_shape(name, w.q.shape, file)  # [out, in], as HF stores a weight
@@ -276,8 +283,8 @@ class ParamsBuilder:
             rows = slice(start, start + self.shapes["layers"][path[1]][key][1])
             start = rows.stop
             layer[key] = jnp.asarray(pack_int4(w.q[rows], group))
-            layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype=self.dtype)
-            layer[key + "_min"] = place(w.min[rows].T, transpose=False, dtype=self.dtype)
+            layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype="float32")
+            layer[key + "_min"] = place(w.min[rows].T, transpose=False, dtype="float32")
             if w.perm is not None:
                 layer[key + "_perm"] = jnp.asarray(w.perm)
         self.done.add(name)

@@ -8,8 +8,11 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
-INT4_QUANTIZATIONS = ("awq", "gptq")  # 4-bit checkpoints (models/int4.py, converters/int4.py)
-QUANTIZATIONS = ("fp8", *INT4_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
+INT4_QUANTIZATIONS = ("awq", "gptq")  # 4-bit checkpoints (converters/int4.py)
+# Weights in the int4 layout (models/int4.py): those checkpoints, and a GGUF's 4-bit tensors kept
+# at 4 bits (converters/gguf_int4.py).
+FOUR_BIT_QUANTIZATIONS = (*INT4_QUANTIZATIONS, "gguf")
+QUANTIZATIONS = ("fp8", *FOUR_BIT_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens),
 # and FP8 linears that small run weight-only (models/quant.py): the Triton GEMM converts the FP8
@@ -45,7 +48,8 @@ class EngineArgs:
         "help": "fp8: linear weights quantized to FP8 (e4m3) on load, per output channel, and "
                 "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype. "
                 "awq, gptq: the 4-bit weights of such a checkpoint (taken from its config.json "
-                "when not given).",
+                "when not given). gguf: a GGUF file's Q4_0/Q4_1/Q4_K projections kept at 4 bits "
+                "(otherwise dequantized to dtype).",
         "choices": QUANTIZATIONS})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "auto: the model's dtype; fp8 (= fp8_e4m3): K/V stored as float8 e4m3 (values "

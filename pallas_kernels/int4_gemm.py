@@ -12,7 +12,7 @@ a decode GEMV has too few output tiles to keep enough loads in flight (bench/RES
 
 Packed layout (models/int4.py): w uint8 [N, K/2]; within each group of `group` inputs, byte j holds
 input j in its low 4 bits and input j + group/2 in its high 4 bits, so the two halves of a tile are
-two contiguous slices of x and no value needs moving between lanes. scale and min [G, N] (x's dtype)
+two contiguous slices of x and no value needs moving between lanes. scale and min [G, N] (float32)
 are stored group-major so a program reads a contiguous row of each per group.
 """
 from __future__ import annotations

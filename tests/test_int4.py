@@ -72,11 +72,10 @@ def _unpack(w: np.ndarray, groups: int) -> np.ndarray:
 
 def _random_int4(rng, out: int, inp: int, groups: int):
     """Random 4-bit values [out, in], the layout's (packed, scale [groups, out], min), and the
-    dequantized weight [out, in] in float64. Scales and mins are bf16 values."""
+    dequantized weight [out, in] in float64."""
     q = rng.integers(0, 16, (out, inp)).astype(np.uint8)
-    bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
-    scale = bf16(rng.uniform(0.01, 0.1, (groups, out)))
-    mn = bf16(-scale * rng.uniform(0, 15, (groups, out)))
+    scale = rng.uniform(0.01, 0.1, (groups, out)).astype(np.float32)
+    mn = (-scale * rng.uniform(0, 15, (groups, out))).astype(np.float32)
     g = np.arange(inp) // (inp // groups)
     w = q.astype(np.float64) * scale.T.astype(np.float64)[:, g] + mn.T.astype(np.float64)[:, g]
     return pack(q, inp // groups), scale, mn, w
@@ -105,7 +104,7 @@ def test_int4_linear_against_float64():
         np.testing.assert_allclose(np.asarray(y), xs @ w.T, rtol=1e-5, atol=1e-5)
     # bf16 activations: one rounding of each dequantized weight and of the output.
     y = int4_linear(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w_packed),
-                    jnp.asarray(scale, jnp.bfloat16), jnp.asarray(mn, jnp.bfloat16))
+                    jnp.asarray(scale), jnp.asarray(mn))
     assert y.dtype == jnp.bfloat16
     ref = x.astype(np.float64) @ w.T
     assert np.abs(np.asarray(y, np.float64) - ref).max() < 0.02 * np.abs(ref).max()
@@ -122,7 +121,7 @@ def test_int4_gemm_kernel_against_reference(rows, group, tiles):
     rng = np.random.default_rng(rows)
     n, k = 256, 512
     w_packed, scale, mn, w = _random_int4(rng, n, k, k // group)
-    args = (jnp.asarray(w_packed), jnp.asarray(scale, jnp.bfloat16), jnp.asarray(mn, jnp.bfloat16))
+    args = (jnp.asarray(w_packed), jnp.asarray(scale), jnp.asarray(mn))
     xb = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
     got = int4_matmul(xb, *args, tiles=tiles, interpret=True)
     want = int4_matmul_reference(xb, *args)
@@ -141,7 +140,7 @@ def test_gpu_int4_gemm_against_reference(rows, n, k):
     import jax
     rng = np.random.default_rng(n + rows)
     w_packed, scale, mn, w = _random_int4(rng, n, k, k // 128)
-    args = (jnp.asarray(w_packed), jnp.asarray(scale, jnp.bfloat16), jnp.asarray(mn, jnp.bfloat16))
+    args = (jnp.asarray(w_packed), jnp.asarray(scale), jnp.asarray(mn))
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
     got = np.asarray(jax.jit(int4_matmul)(x, *args), np.float64)
     exact = np.asarray(x, np.float64) @ w.T
@@ -162,21 +161,20 @@ def test_int4_gemm_kernel_refuses_what_it_cannot_tile():
 
 
 def test_quantize_int4_round_trip():
-    """Round to nearest: every weight within half a step of its group's scale (in float32 and,
-    with the scale and min rounded first, in bf16), each group's range kept, the levels used from
-    0 to 15."""
+    """Round to nearest: every weight within half a step of its group's scale, each group's range
+    kept, the levels used from 0 to 15; scale and min in float32 whatever the weight's dtype."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 40)).astype(np.float32) * np.linspace(0.01, 3, 40)
     for dtype in (jnp.float32, jnp.bfloat16):
         q, scale, mn = quantize_int4(jnp.asarray(w, dtype), 16)
         assert q.dtype == jnp.uint8 and q.shape == (40, 32)
-        assert scale.shape == mn.shape == (4, 40) and scale.dtype == mn.dtype == dtype
+        assert scale.shape == mn.shape == (4, 40) and scale.dtype == mn.dtype == jnp.float32
         g = np.arange(64) // 16
         qf = _unpack(q, 4).astype(np.float64)
         s, m = (np.asarray(a).astype(np.float64).T for a in (scale, mn))
         deq = qf * s[:, g] + m[:, g]
         target = np.asarray(jnp.asarray(w, dtype), np.float64).T
-        assert (np.abs(deq - target) <= s[:, g] * 0.51 + 1e-6).all()
+        assert (np.abs(deq - target) <= s[:, g] * 0.5 + 1e-6).all()
         assert qf.min() == 0 and qf.max() == 15
 
 
@@ -361,7 +359,7 @@ def test_dummy_weights_at_four_bits(tmp_path):
               token_buckets=(8, 32), max_num_batched_tokens=32)
     lp = llm.llm_engine.runner.params["layers"][0]
     assert lp["up"].dtype == jnp.uint8 and lp["up_scale"].shape == (1, 96)  # 64 inputs: one group
-    assert lp["down_scale"].shape == (1, 64) and lp["down_scale"].dtype == jnp.bfloat16
+    assert lp["down_scale"].shape == (1, 64) and lp["down_scale"].dtype == jnp.float32
     out = llm.generate([{"prompt_token_ids": PROMPTS[0]}],
                        SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4

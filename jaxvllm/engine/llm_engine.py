@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from jaxvllm.config import INT4_QUANTIZATIONS, EngineArgs
+from jaxvllm.config import FOUR_BIT_QUANTIZATIONS, EngineArgs
 from jaxvllm.core.outputs import EngineCoreOutput
 from jaxvllm.core.request import Request, RequestStatus
 from jaxvllm.core.scheduler import Scheduler, SchedulerStats
@@ -504,7 +504,7 @@ class LLMEngine(RequestFront):
         from jaxvllm.engine.weights import to_engine_layout
         if self.has_unfinished_requests():
             raise RuntimeError("update_weights must be called between generate calls (requests are running)")
-        if self.args.quantization in INT4_QUANTIZATIONS:
+        if self.args.quantization in FOUR_BIT_QUANTIZATIONS:
             raise ValueError(f"update_weights on a {self.args.quantization.upper()} (int4) model: "
                              "new weights are not quantized to int4; load an unquantized model "
                              "(or quantization='fp8') to swap weights")

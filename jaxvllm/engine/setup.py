@@ -5,7 +5,8 @@ import logging
 import os
 from typing import Any, Optional
 
-from jaxvllm.config import INT4_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS, EngineArgs
+from jaxvllm.config import (FOUR_BIT_QUANTIZATIONS, INT4_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS,
+                            EngineArgs)
 from jaxvllm.core.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -74,16 +75,17 @@ def load(args: EngineArgs) -> Any:
     with where:
         loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format,
                             seed=args.seed, cache_dir=_weights_cache_dir(args),
-                            tokenizer=args.tokenizer, load_tokenizer=False)
+                            tokenizer=args.tokenizer, load_tokenizer=False,
+                            keep_gguf_4bit=args.quantization == "gguf")
         args.quantization = _checkpoint_quantization(args.quantization, loaded)
-        if args.quantization in INT4_QUANTIZATIONS and args.tensor_parallel_size > 1:
+        if args.quantization in FOUR_BIT_QUANTIZATIONS and args.tensor_parallel_size > 1:
             raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} with int4 "
                              f"({args.quantization}) weights is not supported yet: run it with "
                              "tensor_parallel_size=1")
         if args.quantization == "fp8":
             from jaxvllm.models.quant import quantize_params
             loaded.params = quantize_params(loaded.params, args.quantization)
-        elif args.quantization is not None and loaded.load_format == "dummy":  # awq, gptq
+        elif args.quantization in INT4_QUANTIZATIONS and loaded.load_format == "dummy":
             from jaxvllm.models import int4
             loaded.params = int4.quantize_params(loaded.params)
     return loaded

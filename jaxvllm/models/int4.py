@@ -1,4 +1,5 @@
-"""int4 weights (W4A16: AWQ and GPTQ checkpoints, `quantization="awq"|"gptq"`): each linear weight
+"""int4 weights (W4A16: AWQ and GPTQ checkpoints, `quantization="awq"|"gptq"`, and a GGUF's 4-bit
+tensors, `quantization="gguf"`): each linear weight
 kept at 4 bits with a scale and a minimum per output channel and group of inputs, dequantized
 to the activations' dtype as the layer runs: w = q * scale + min (one multiply-add; AWQ's and
 GPTQ's integer zero points are min = -zero * scale, GGUF's Q4_1 and Q4_K store min itself).
@@ -6,8 +7,10 @@ GPTQ's integer zero points are min = -zero * scale, GGUF's Q4_1 and Q4_K store m
 Layout (beside the weight `<name>`; converters/int4.py writes it from a checkpoint, pack() from
 values): `<name>` uint8 [out, in/2], two 4-bit values a byte, within each group of inputs byte j
 holding input j (low bits) and input j + group/2 (high bits) (the layout the Pallas GEMM reads
-without moving values between lanes, pallas_kernels/int4_gemm.py); `<name>_scale` [groups, out] in
-the model's dtype; `<name>_min` [groups, out], the same; and for a GPTQ checkpoint quantized in
+without moving values between lanes, pallas_kernels/int4_gemm.py); `<name>_scale` and `<name>_min`
+[groups, out] in float32 (the checkpoints' float16 scales, and min = -zero * scale or GGUF's
+Q4_K sub-block products, all exact: a model-dtype bf16 min, shared by a group, biased the whole
+group; bench/RESULTS.md, "GGUF at 4 bits"); and for a GPTQ checkpoint quantized in
 activation order `<name>_perm` int32 [in]: the order of the inputs that makes each group contiguous
 (the weight's inputs are stored in that order and the layer gathers its input the same way).
 The embedding, LM head, norms and routers stay in the model's dtype.
@@ -55,18 +58,17 @@ def pack(q: Any, group: int) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
 def quantize_int4(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[in, out] -> the layout's (packed uint8 [out, in/2], scale and min [groups, out] in w's
-    dtype): round to nearest with each group's range [min(w), max(w)] over 16 levels. For weights
+    """[in, out] -> the layout's (packed uint8 [out, in/2], float32 scale and min [groups, out]):
+    round to nearest with each group's range [min(w), max(w)] over 16 levels. For weights
     that come without int4 scales (dummy weights measured at 4 bits): AWQ and GPTQ checkpoints
     bring their own."""
     wt = w.astype(jnp.float32).T
     out, inp = wt.shape
     g = wt.reshape(out, inp // group_size, group_size)
-    stored = lambda a: a.astype(w.dtype).astype(jnp.float32)  # round to what the layer reads
-    lo, hi = stored(g.min(-1)), g.max(-1)
-    scale = stored(jnp.maximum(hi - lo, 1e-12) / 15)
+    lo, hi = g.min(-1), g.max(-1)
+    scale = jnp.maximum(hi - lo, 1e-12) / 15
     q = jnp.clip(jnp.round((g - lo[..., None]) / scale[..., None]), 0, 15)
-    return pack(q.reshape(out, inp), group_size), scale.T.astype(w.dtype), lo.T.astype(w.dtype)
+    return pack(q.reshape(out, inp), group_size), scale.T, lo.T
 
 
 def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, Any]:
