@@ -2,7 +2,8 @@
 each weight format the engine runs: bf16, FP8 (models/quant.py: weight-only up to 16 rows, W8A8 on
 cuBLASLt beyond), int4 as the engine runs it (models/int4.py: the Pallas GEMM up to 16 rows on the
 GPU) and int4 dequantized by XLA before the GEMM (`int4_matmul_reference`), beside each format's
-roofline (its weight bytes at the measured copy bandwidth).
+roofline (its weight bytes at the measured copy bandwidth). Each linear is its own GEMM here; the
+engine runs an int4 model's q/k/v and gate/up as one GEMM each (models/int4.fuse_projections).
 
     PYTHONPATH=. python3 bench/quant_gemm.py --model bench/configs/llama-3-8b [--tokens 1 8 16 64 256]
 

@@ -7,8 +7,12 @@ the weight holds, read and written again every step. Here a program owns `block_
 `block_n` output columns and one of `splits` equal slices of the input dimension: it loads a
 [block_n, step] tile of packed bytes, splits each byte's two 4-bit values, dequantizes them
 (q * scale + min, one multiply-add) and feeds both halves to the tensor cores against the matching
-input columns; the slices' partial sums meet in a float32 output by atomic adds. Splitting the input dimension is what fills the GPU:
-a decode GEMV has too few output tiles to keep enough loads in flight (bench/RESULTS.md).
+input columns. Splitting the input dimension is what fills the GPU: a decode GEMV has too few
+output tiles to keep enough loads in flight (bench/RESULTS.md). Each slice writes its float32
+partial sums; their sum and the cast to x's dtype are left to XLA, which fuses them into the
+consumer. Rows past M are masked, neither padded in memory nor written: the kernel is the GEMM's
+only launch (padding, zeroing an atomic accumulator and casting it cost a kernel each, more than
+the GEMM at decode sizes).
 
 Packed layout (models/int4.py): w uint8 [N, K/2]; within each group of `group` inputs, byte j holds
 input j in its low 4 bits and input j + group/2 in its high 4 bits, so the two halves of a tile are
@@ -38,6 +42,9 @@ MAX_STEP = 64    # packed bytes per reduction step (2 x 64 inputs)
 # tilings gave each program 512-900 inputs (8 slices of 4096, 16 of 14336), more programs than SMs.
 MIN_SLICE = 512
 MAX_SPLITS = 16
+# Partial sums cost splits * M * N * 4 bytes written and read again: at most an eighth of the
+# weight's N * K / 2 bytes, so splits * M <= K / 64 (fewer splits as the rows grow).
+PARTIAL_SHARE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +69,12 @@ def _step(group: int) -> int:
     return step if half % step == 0 and step & (step - 1) == 0 else 0
 
 
-def _splits(k: int, groups: int) -> int:
+def _splits(m: int, k: int, groups: int) -> int:
     """The most input slices, up to MAX_SPLITS, each a whole number of groups and at least
-    MIN_SLICE inputs."""
+    MIN_SLICE inputs, whose partial sums stay within PARTIAL_SHARE."""
     return max(s for s in range(1, min(groups, MAX_SPLITS) + 1)
-               if groups % s == 0 and (k // s >= MIN_SLICE or s == 1))
+               if groups % s == 0 and (k // s >= MIN_SLICE and s * m <= k // PARTIAL_SHARE
+                                       or s == 1))
 
 
 def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array, *,
@@ -82,40 +90,44 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array, *,
                          f"kernel (rows <= {MAX_ROWS}, N % {MIN_BLOCK_N}, a half group of >= 16 "
                          f"inputs)")
     bm = min(tiles.block_m, max(MIN_BLOCK_M, 1 << (m - 1).bit_length()))
-    mp = -(-m // bm) * bm
     bn = max(d for d in (tiles.block_n, 64, MIN_BLOCK_N) if n % d == 0)
-    splits = tiles.splits or _splits(k, groups)
+    splits = tiles.splits or _splits(m, k, groups)
     if groups % splits:
         raise ValueError(f"int4_matmul: {splits} splits do not divide {groups} groups")
     step = _step(group)
-    xp = jnp.zeros((mp, k), x.dtype).at[:m].set(x)
-    kernel = functools.partial(_kernel, group=group, step=step,
+    kernel = functools.partial(_kernel, group=group, step=step, block_m=bm, block_n=bn,
                                steps=(k // 2) // splits // step)
-    out = pl.pallas_call(
+    partials = pl.pallas_call(
         kernel,
         # Row tiles vary fastest: the programs that read one weight tile run together and the
         # later ones find it in the L2.
-        grid=(mp // bm, n // bn, splits),
-        in_specs=[pl.BlockSpec((bm, k), lambda r, i, j: (r, 0)),
+        grid=(-(-m // bm), n // bn, splits),
+        in_specs=[pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
                   pl.BlockSpec((bn, k // 2), lambda r, i, j: (i, 0)),
                   pl.BlockSpec((groups, bn), lambda r, i, j: (0, i)),
-                  pl.BlockSpec((groups, bn), lambda r, i, j: (0, i)),
-                  pl.BlockSpec((bm, bn), lambda r, i, j: (r, i))],
-        out_specs=pl.BlockSpec((bm, bn), lambda r, i, j: (r, i)),
-        out_shape=jax.ShapeDtypeStruct((mp, n), jnp.float32),
-        input_output_aliases={4: 0},
+                  pl.BlockSpec((groups, bn), lambda r, i, j: (0, i))],
+        out_specs=pl.BlockSpec((splits, m, n), lambda r, i, j: (0, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
         compiler_params=None if interpret else plgpu.CompilerParams(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name="int4_matmul",
-    )(xp, w, scale, mn, jnp.zeros((mp, n), jnp.float32))
-    return out[:m].astype(x.dtype)
+    )(x, w, scale, mn)
+    return partials.sum(0).astype(x.dtype)
 
 
-def _kernel(x_ref, w_ref, s_ref, m_ref, _, o_ref, *, group, step, steps):
+def _kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, group, step, block_m, block_n, steps):
     half = group // 2
     dtype = x_ref.dtype
     first = pl.program_id(2) * steps
+    r0 = pl.program_id(0) * block_m
+    rows = pl.ds(r0, block_m)
+
+    def live(cols: int) -> jax.Array:  # [block_m, cols]: which rows are < M
+        return r0 + lax.broadcasted_iota(jnp.int32, (block_m, cols), 0) < x_ref.shape[0]
+
+    def x_tile(e0):  # [block_m, step]; rows past M read as 0, never from memory
+        return plgpu.load(x_ref.at[rows, pl.ds(e0, step)], mask=live(step), other=0)
 
     def k_step(i, acc):
         j0 = pl.multiple_of((first + i) * step, step)       # packed byte column
@@ -126,8 +138,9 @@ def _kernel(x_ref, w_ref, s_ref, m_ref, _, o_ref, *, group, step, steps):
         mn = m_ref[g, :].astype(jnp.float32)[:, None]
         lo = ((packed & 15).astype(jnp.float32) * scale + mn).astype(dtype)
         hi = ((packed >> 4).astype(jnp.float32) * scale + mn).astype(dtype)
-        acc += plgpu.dot(x_ref[:, pl.ds(e0, step)], lo, trans_b=True)
-        return acc + plgpu.dot(x_ref[:, pl.ds(e0 + half, step)], hi, trans_b=True)
+        acc += plgpu.dot(x_tile(e0), lo, trans_b=True)
+        return acc + plgpu.dot(x_tile(e0 + half), hi, trans_b=True)
 
-    acc = lax.fori_loop(0, steps, k_step, jnp.zeros(o_ref.shape, jnp.float32))
-    plgpu.atomic_add(o_ref, (slice(None), slice(None)), acc)
+    acc = lax.fori_loop(0, steps, k_step, jnp.zeros((block_m, block_n), jnp.float32))
+    plgpu.store(o_ref.at[pl.program_id(2), rows, pl.ds(pl.program_id(1) * block_n, block_n)],
+                acc, mask=live(block_n))

@@ -70,10 +70,11 @@ def test_default_model_at_four_bits_matches_it_dequantized():
     params4, four = _run(quantization="gguf")
     params, ref = _run()
     lp4, lp = params4["layers"][0], params["layers"][0]
-    for name in ("q", "k", "v", "o", "gate", "up", "down"):
-        inp, out = lp[name].shape
-        assert lp4[name].dtype == jnp.uint8 and lp4[name].shape == (out, inp // 2), name
-        assert lp4[name + "_scale"].shape == lp4[name + "_min"].shape == (inp // 32, out), name
+    for names in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)):  # fused where one input
+        key = "+".join(names)
+        inp, out = lp[names[0]].shape[0], sum(lp[n].shape[1] for n in names)
+        assert lp4[key].dtype == jnp.uint8 and lp4[key].shape == (out, inp // 2), key
+        assert lp4[key + "_scale"].shape == lp4[key + "_min"].shape == (inp // 32, out), key
     assert params4["embed"].dtype == jnp.float32  # Q8_0 in the file: dequantized, as before
     for a, b in zip(ref, four):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

@@ -147,6 +147,13 @@ def test_gpu_int4_gemm_against_reference(rows, n, k):
     assert np.abs(got - exact).max() < 0.01 * np.abs(exact).max()
 
 
+def test_int4_gemm_splits_shrink_as_rows_grow():
+    """Slices of >= 512 inputs, at most 16, and partial sums of at most an eighth of the weight's
+    bytes: 8 slices of 4096 inputs for one row, 4 for 16 rows, 1 for 64; 16 of 14336 for one."""
+    assert [int4_gemm._splits(m, 4096, 32) for m in (1, 8, 16, 64)] == [8, 8, 4, 1]
+    assert int4_gemm._splits(1, 14336, 112) == 16 and int4_gemm._splits(1, 576, 18) == 1
+
+
 def test_int4_gemm_kernel_refuses_what_it_cannot_tile():
     assert int4_gemm.fits(256, 512, 128) and int4_gemm.fits(256, 512, 32)
     assert not int4_gemm.fits(200, 512, 128)   # N not a multiple of the column tile
@@ -233,6 +240,7 @@ _SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_l
 CHECKPOINTS = {  # name: (HF config, quant_method, activation order)
     "llama_awq": (lambda: tiny_config("llama", **_SMALL), "awq", False),
     "qwen2_gptq_act_order": (lambda: tiny_config("qwen2", **_SMALL), "gptq", True),
+    "qwen2_gptq": (lambda: tiny_config("qwen2", **_SMALL), "gptq", False),  # q/k/v biases, fused
     "phi3_awq": (lambda: tiny_config("phi3", **_SMALL, pad_token_id=0), "awq", False),
 }
 PROMPTS = [list(np.random.RandomState(n).randint(2, 256, size=n)) for n in (6, 29)]
@@ -291,9 +299,12 @@ def test_int4_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
     engine = llm.llm_engine
     assert engine.args.quantization == CHECKPOINTS[name][1]  # taken from config.json
     lp = engine.runner.params["layers"][0]
-    assert lp["q"].dtype == jnp.uint8 and lp["q_min"].dtype == jnp.float32
+    act_order = CHECKPOINTS[name][2]  # q/k/v and gate/up fused into one GEMM each unless
+    qkv = "q" if act_order else "q+k+v"  # their inputs are reordered
+    assert lp[qkv].dtype == jnp.uint8 and lp[qkv + "_min"].dtype == jnp.float32
+    assert ("q+k+v" in lp) == ("gate+up" in lp) == ("q" not in lp) == (not act_order)
     assert lp["down"].shape == (64, 48) and lp["down_scale"].shape == (96 // GROUP, 64)
-    assert ("q_perm" in lp) == CHECKPOINTS[name][2]
+    assert ("q_perm" in lp) == act_order
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
@@ -358,7 +369,7 @@ def test_dummy_weights_at_four_bits(tmp_path):
               max_model_len=64, max_num_seqs=2, num_gpu_blocks_override=16, enforce_eager=True,
               token_buckets=(8, 32), max_num_batched_tokens=32)
     lp = llm.llm_engine.runner.params["layers"][0]
-    assert lp["up"].dtype == jnp.uint8 and lp["up_scale"].shape == (1, 96)  # 64 inputs: one group
+    assert lp["gate+up"].dtype == jnp.uint8 and lp["gate+up_scale"].shape == (1, 192)  # 64 inputs
     assert lp["down_scale"].shape == (1, 64) and lp["down_scale"].dtype == jnp.float32
     out = llm.generate([{"prompt_token_ids": PROMPTS[0]}],
                        SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)

@@ -85,9 +85,11 @@ def load(args: EngineArgs) -> Any:
         if args.quantization == "fp8":
             from jaxvllm.models.quant import quantize_params
             loaded.params = quantize_params(loaded.params, args.quantization)
-        elif args.quantization in INT4_QUANTIZATIONS and loaded.load_format == "dummy":
+        elif args.quantization in FOUR_BIT_QUANTIZATIONS:
             from jaxvllm.models import int4
-            loaded.params = int4.quantize_params(loaded.params)
+            if loaded.load_format == "dummy":  # awq, gptq measured without a checkpoint
+                loaded.params = int4.quantize_params(loaded.params)
+            loaded.params = int4.fuse_projections(loaded.params)
     return loaded
 
 

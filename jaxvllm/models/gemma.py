@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import apply_rope, linear, rope_cos_sin
+from jaxvllm.models.layers import apply_rope, linear, projections, rope_cos_sin
 from jaxvllm.models.llama import AttentionFn, KVCache, ModelInputs, Params, write_kv
 from jaxvllm.models.moe import ExpertsFn
 
@@ -51,9 +51,11 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
                    window: Optional[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
     eps, t = cfg.rms_norm_eps, x.shape[0]
     h = rms_norm(x, lp["input_norm"], eps)
-    q = linear(h, lp, "q").reshape(t, cfg.num_heads, cfg.head_dim)
-    k = linear(h, lp, "k").reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(h, lp, "v").reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    kv_size = cfg.num_kv_heads * cfg.head_dim
+    q, k, v = projections(h, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size))
+    q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], eps)
         k = rms_norm(k, lp["k_norm"], eps)
@@ -65,8 +67,8 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
                        sliding_window=window, logits_soft_cap=cfg.attn_logit_softcapping)
     x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp, "o"), lp["post_attn_norm"], eps)
     h = rms_norm(x, lp["pre_ffn_norm"], eps)
-    mlp = linear(jax.nn.gelu(linear(h, lp, "gate"), approximate=True) * linear(h, lp, "up"),
-                 lp, "down")
+    gate, up = projections(h, lp, ("gate", "up"))
+    mlp = linear(jax.nn.gelu(gate, approximate=True) * up, lp, "down")
     return x + rms_norm(mlp, lp["post_ffn_norm"], eps), k_cache, v_cache
 
 

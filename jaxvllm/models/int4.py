@@ -80,3 +80,28 @@ def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, 
         group = group_size if w.shape[0] % group_size == 0 else w.shape[0]
         return dict(zip(("", "_scale", "_min"), quantize_int4(w, group)))
     return map_linears(params, quantize)
+
+
+FUSED = (("q", "k", "v"), ("gate", "up"))  # projections of one input (models/layers.projections)
+
+
+def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
+    """A new params tree with each layer's int4 q/k/v and gate/up stored as one weight each
+    ("q+k+v", "gate+up": outputs concatenated, with their scales and mins), so the layer runs one
+    GEMM for them, not three and two: at decode sizes every int4 GEMM is a launch of its own and
+    the narrow k and v ones are launch-bound (bench/RESULTS.md, "int4"). Projections that differ
+    in group size or carry an input order (GPTQ's activation order) stay apart."""
+    layers = []
+    for lp in params["layers"]:
+        lp = dict(lp)
+        for names in FUSED:
+            if not all(n in lp and lp[n].dtype == INT4 and n + "_perm" not in lp for n in names):
+                continue
+            if len({lp[n + "_scale"].shape[0] for n in names}) != 1:
+                continue
+            key = "+".join(names)
+            lp[key] = jnp.concatenate([lp.pop(n) for n in names])
+            for part in ("_scale", "_min"):
+                lp[key + part] = jnp.concatenate([lp.pop(n + part) for n in names], axis=1)
+        layers.append(lp)
+    return {**params, "layers": layers}

@@ -102,5 +102,22 @@ def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
         y = int4_linear(x, w, scale, lp[name + "_min"], lp.get(name + "_perm"))
     else:
         y = fp8_linear(x, w, scale)
+    return _add_bias(y, lp, name)
+
+
+def projections(x: jax.Array, lp: dict, names: tuple[str, ...],
+                sizes: Optional[tuple[int, ...]] = None) -> list[jax.Array]:
+    """[linear(x, lp, n) for n in names] for projections of one input (q/k/v, gate/up). int4 ones
+    fused at load (models/int4.fuse_projections, stored under "+".join(names)) run as one GEMM
+    whose output is split: `sizes` are the outputs' widths (None: equal)."""
+    key = "+".join(names)
+    if key not in lp:
+        return [linear(x, lp, n) for n in names]
+    y = int4_linear(x, lp[key], lp[key + "_scale"], lp[key + "_min"])
+    cuts = len(names) if sizes is None else np.cumsum(sizes)[:-1].tolist()
+    return [_add_bias(y, lp, n) for y, n in zip(jnp.split(y, cuts, axis=-1), names)]
+
+
+def _add_bias(y: jax.Array, lp: dict, name: str) -> jax.Array:
     bias = lp.get(name + "_bias")
     return y if bias is None else y + bias

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import apply_rope, linear, rms_norm, rope_cos_sin
+from jaxvllm.models.layers import apply_rope, linear, projections, rms_norm, rope_cos_sin
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 from jaxvllm.models.quant import FP8, to_fp8
 
@@ -50,9 +50,11 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
                      k_cache: jax.Array, v_cache: jax.Array, inp: ModelInputs,
                      attention_fn: AttentionFn) -> tuple[jax.Array, jax.Array, jax.Array]:
     t = x.shape[0]
-    q = linear(x, lp, "q").reshape(t, cfg.num_heads, cfg.head_dim)
-    k = linear(x, lp, "k").reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(x, lp, "v").reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    kv_size = cfg.num_kv_heads * cfg.head_dim
+    q, k, v = projections(x, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size))
+    q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
@@ -68,7 +70,8 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
 
 
 def _mlp(lp: Params, x: jax.Array) -> jax.Array:
-    return linear(jax.nn.silu(linear(x, lp, "gate")) * linear(x, lp, "up"), lp, "down")
+    gate, up = projections(x, lp, ("gate", "up"))
+    return linear(jax.nn.silu(gate) * up, lp, "down")
 
 
 def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfig,
