@@ -307,6 +307,16 @@ class DataParallelEngine(RequestFront):
             self._call(r, "update_weights", host, reset_prefix_cache)
 
 
+    def sleep(self, level: int = 1) -> None:
+        raise RuntimeError("sleep is not supported with data_parallel_size > 1 yet")
+
+    def wake_up(self, tags: Any = None) -> None:
+        raise RuntimeError("wake_up is not supported with data_parallel_size > 1 yet")
+
+    def is_sleeping(self) -> bool:
+        return False
+
+
 Engine = Union[LLMEngine, DataParallelEngine]
 
 

@@ -23,6 +23,7 @@ from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxvllm.structured_output import BadWords, GrammarCompiler, TokenMask
 
 logger = logging.getLogger(__name__)
+WAKE_TAGS = ("weights", "kv_cache")  # what LLM.wake_up can bring back
 
 # Token ids may also be a 1-D integer JAX array, or a list of numpy ints (see as_token_ids).
 PromptType = Union[str, Sequence[int], np.ndarray, dict]
@@ -183,6 +184,7 @@ class RequestFront:
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None) -> None:
         """Validates and queues a request; raises ValueError/TypeError (nothing is queued then)."""
+        self._check_awake()
         self.admit_request(self.prepare_request(request_id, prompt, params, arrival_time))
 
     def prepare_request(self, request_id: str, prompt: PromptType,
@@ -305,6 +307,8 @@ class LLMEngine(RequestFront):
     def step(self) -> list[RequestOutput]:
         """One scheduler step. With async scheduling the next step is dispatched before the
         previous one's samples are collected, so outputs trail the device by one step."""
+        if self._parents:
+            self._check_awake()
         overlap = self.args.async_scheduling
         # Normally nothing here with overlap; more when a collect was cut short (Ctrl-C while
         # waiting for the device): that step stays queued and is collected now, so the scheduler
@@ -516,6 +520,35 @@ class LLMEngine(RequestFront):
         self.loaded.params = self.runner.params
         if reset_prefix_cache:
             self.scheduler.reset_prefix_cache()
+
+
+    def sleep(self, level: int = 1) -> None:
+        """See LLM.sleep."""
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 or 2, got {level!r}")
+        if self.has_unfinished_requests():
+            raise RuntimeError("sleep must be called between generate calls (requests are running)")
+        if self.args.nnodes > 1:
+            raise RuntimeError("sleep is not supported with nnodes > 1 yet")
+        self.scheduler.reset_prefix_cache()  # the cached K/V are dropped with the cache
+        self.runner.sleep(level)
+        self.loaded.params = None  # the runner's were the only other reference
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """See LLM.wake_up."""
+        tags = list(WAKE_TAGS if tags is None else tags)
+        bad = [t for t in tags if t not in WAKE_TAGS]
+        if bad or not tags:
+            raise ValueError(f"tags must name some of {list(WAKE_TAGS)}, got {tags!r}")
+        self.runner.wake_up(tags)
+        self.loaded.params = self.runner.params
+
+    def is_sleeping(self) -> bool:
+        return self.runner.is_sleeping
+
+    def _check_awake(self) -> None:
+        if self.runner.is_sleeping:
+            raise RuntimeError("the engine is asleep (sleep()): call wake_up() before generating")
 
 
 class _StatsLogger:

@@ -73,6 +73,21 @@ class LLM:
         cache holds K/V computed with the old weights, so it is dropped unless told otherwise."""
         self.llm_engine.update_weights(params, reset_prefix_cache)
 
+    def sleep(self, level: int = 1) -> None:
+        """Give the device memory to something else between generate calls (vLLM's sleep mode): the
+        KV cache is freed and its prefix cache dropped; level 1 moves the weights to host memory,
+        level 2 drops them (after wake_up(tags=["weights"]) they are zeros: load new ones with
+        update_weights). Generating while asleep is a RuntimeError."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Bring back what `tags` name ("weights", "kv_cache"; None: both) with the shapes and
+        shardings they had: nothing is compiled again."""
+        self.llm_engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.llm_engine.is_sleeping()
+
     def score(self, prompts: Sequence[Union[str, TokenIds]], continuations: Sequence[Union[str, TokenIds]],
               use_tqdm: bool = False) -> list[np.ndarray]:
         """Log-probabilities (float32[len(continuation tokens)]) of each continuation given its

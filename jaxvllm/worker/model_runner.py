@@ -14,7 +14,7 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +147,7 @@ class ModelRunner:
         # step is waited for, so a collective left waiting for a dead peer fails within a second.
         self.peer_check: Optional[Callable[[], None]] = None
         self._compile_mark: Optional[int] = None  # set by warmup(): lowerings from then on are news
+        self._host_params: Any = None  # the weights while asleep at level 1 (sleep())
         t0 = time.perf_counter()
         self.num_blocks = config.num_blocks or self._profile_num_blocks()
         self.kv_sizing_seconds = time.perf_counter() - t0
@@ -157,9 +158,47 @@ class ModelRunner:
 
     def update_weights(self, params: Any) -> None:
         """Overwrites every weight in place with `params` (the engine's layout, unsharded)."""
+        if self.params is None:
+            raise RuntimeError("update_weights while the weights are asleep: call "
+                               "wake_up(tags=['weights']) first")
         if self.shardings is not None:
             params = self.shardings.match_layout(params)
         self.params = swap_in_place(self.params, params)  # places leaf by leaf
+
+    # ---- sleep / wake ------------------------------------------------------------------------
+    def sleep(self, level: int) -> None:
+        """Releases the device memory of the KV cache (its contents are dropped) and of the
+        weights: level 1 keeps a host copy of them, level 2 drops them (update_weights refills
+        them after wake_up). What is already asleep stays so."""
+        if self.kv_cache is not None:
+            for a in jax.tree.leaves(self.kv_cache):
+                a.delete()  # the runner's own: freed now, not when the last reference goes
+            self.kv_cache = None
+        if self.params is not None:
+            self._params_spec = _specs(self.params)
+            # Dropped, not deleted: LLM.from_params may share them with the caller.
+            self._host_params = jax.device_get(self.params) if level == 1 else None
+            self.params = None
+
+    def wake_up(self, tags: Sequence[str]) -> None:
+        """Puts back what `tags` name ("weights", "kv_cache") as they were placed (shapes, dtypes,
+        shardings, and whether committed to them: jit's cache keys on each), so no program
+        compiles again: the weights from their host copy (zeros after sleep(level=2)), the KV
+        cache zeroed as at start-up."""
+        if "weights" in tags and self.params is None:
+            host = self._host_params if self._host_params is not None else jax.tree.map(
+                lambda s: np.zeros(s[0].shape, s[0].dtype), self._params_spec,
+                is_leaf=lambda x: isinstance(x, tuple))
+            self.params = jax.tree.map(lambda h, s: jax.device_put(h, s[1]), host,
+                                       self._params_spec, is_leaf=lambda x: isinstance(x, tuple))
+            self._host_params = None
+        if "kv_cache" in tags and self.kv_cache is None:
+            self.kv_cache = llama.make_kv_cache(self.cfg, self.num_blocks, self.config.block_size,
+                                                self.config.kv_dtype, self._kv_sharding)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.params is None or self.kv_cache is None
 
     # ---- the jitted step -------------------------------------------------------------------
     def _step_impl(self, params: Any, kv_cache: llama.KVCache, packed: jax.Array,
@@ -601,6 +640,13 @@ def _logprob_entry(token: int, logprob: float, rank: int, top_ids: np.ndarray,
         if tid not in entry:
             entry[tid] = Logprob(float(top_lps[j]), j + 1)
     return entry
+
+
+def _specs(tree: Any) -> Any:
+    """Each leaf's (shape and dtype, where to put it back: its sharding, or None if it was not
+    committed to one)."""
+    return jax.tree.map(lambda a: (jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                   a.sharding if a.committed else None), tree)
 
 
 def _device_memory_stats(device: Any) -> Optional[dict]:

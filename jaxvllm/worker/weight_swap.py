@@ -33,7 +33,11 @@ def swap_in_place(current: Any, new: Any) -> Any:
             raise ValueError(f"params{name}: dtype {leaf.dtype} does not match the model's {old.dtype}")
     out = []
     for (_, old), (_, leaf) in zip(cur_leaves, new_leaves):
-        if not isinstance(leaf, jax.Array) or leaf.sharding != old.sharding:
+        if not isinstance(leaf, jax.Array):
+            # Host values go where the old ones are, committed to it only if they were: jit's
+            # cache keys on it, and committed weights compiled every bucket's step once more.
+            leaf = jax.device_put(leaf, old.sharding if old.committed else None)
+        elif leaf.sharding != old.sharding:
             leaf = jax.device_put(leaf, old.sharding)
         out.append(_copy_into(old, leaf))
     return jax.tree_util.tree_unflatten(cur_tree, out)
