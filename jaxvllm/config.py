@@ -14,6 +14,7 @@ INT4_QUANTIZATIONS = ("awq", "gptq")  # 4-bit checkpoints (converters/int4.py)
 FOUR_BIT_QUANTIZATIONS = (*INT4_QUANTIZATIONS, "gguf")
 QUANTIZATIONS = ("fp8", *FOUR_BIT_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 # Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens),
 # and FP8 linears that small run weight-only (models/quant.py): the Triton GEMM converts the FP8
 # weight in registers, where cuBLAS would need a bf16 copy of it first.
@@ -61,6 +62,12 @@ class EngineArgs:
     enforce_eager: bool = field(default=False, metadata={
         "help": "Compile buckets on first use instead of all at start-up."})
     max_logprobs: int = field(default=20, metadata={"help": "Most logprobs a request may ask for."})
+    logprobs_mode: str = field(default="raw_logprobs", metadata={
+        "help": "What logprobs and prompt_logprobs hold (vLLM's names): raw_logprobs (the model's "
+                "log-probabilities), raw_logits, processed_logprobs / processed_logits (after "
+                "penalties, logit_bias, grammar masks, temperature, min_p, top_k and top_p: the "
+                "distribution a token was drawn from; prompt tokens have no processing).",
+        "choices": LOGPROBS_MODES})
     compilation_cache_dir: Optional[str] = field(default=None, metadata={
         "help": "JAX persistent compilation cache (default: ~/.cache/jaxvllm/jax; 'none' disables)."})
     weights_cache_dir: Optional[str] = field(default=None, metadata={
@@ -106,6 +113,9 @@ class EngineArgs:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got "
                              f"{self.quantization!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got "
+                             f"{self.logprobs_mode!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got "
                              f"{self.kv_cache_dtype!r}")

@@ -163,6 +163,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_dtype=params_dtype if args.kv_cache_dtype == "auto" else jnp.float8_e4m3fn,
         token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs,
+        logprobs_mode=args.logprobs_mode,
         step_timeout=args.step_timeout,
         triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS else 0)
     runner = ModelRunner(cfg, loaded.params, runner_config, shardings=shardings, device=device)

@@ -91,7 +91,8 @@ class LLM:
     def score(self, prompts: Sequence[Union[str, TokenIds]], continuations: Sequence[Union[str, TokenIds]],
               use_tqdm: bool = False) -> list[np.ndarray]:
         """Log-probabilities (float32[len(continuation tokens)]) of each continuation given its
-        prompt, batched through the paged engine (prompt logprobs; the prefix cache is bypassed).
+        prompt, batched through the paged engine (prompt logprobs, so logits instead under
+        logprobs_mode "raw_logits"/"processed_logits"; the prefix cache is bypassed).
         Token ids may be lists of Python or numpy ints or 1-D integer numpy/JAX arrays."""
         if len(prompts) != len(continuations):
             raise ValueError(f"score needs as many continuations ({len(continuations)}) as prompts "

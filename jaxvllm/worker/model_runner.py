@@ -65,6 +65,7 @@ class RunnerConfig:
     token_buckets: Optional[tuple[int, ...]] = None
     seed: int = 0
     max_logprobs: int = 20                    # the sampler variant the KV sizing leaves room for
+    logprobs_mode: str = "raw_logprobs"       # config.LOGPROBS_MODES
     # Buckets of at most this many tokens compile with XLA's autotuned Triton GEMMs instead of
     # cuBLAS: on these GEMV-like decode shapes they were faster on the H100 at the 8B shape (step
     # 6.40 -> 6.14 ms at 8 tokens, 6.52 -> 6.38 ms at 16; slower from 32 up), for ~7 s more cold
@@ -262,7 +263,7 @@ class ModelRunner:
         no_bits = jnp.zeros((logits.shape[0], 0), jnp.int32)
         out = sampler_lib.sample(processed, sampling.tensors(no_bits), mode=mode,
                                  num_logprobs=num_logprobs, topk_bound=topk_bound,
-                                 raw_logits=logits)
+                                 raw_logits=logits, logprobs_mode=self.config.logprobs_mode)
         # Padded to max_num_seqs so the next step's input gather has one shape for every bucket.
         pad = self.config.max_num_seqs - out.token_ids.shape[0]
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
@@ -576,7 +577,9 @@ class ModelRunner:
     def _prompt_logprobs_impl(self, params: Any, hidden: jax.Array, rows: jax.Array,
                               targets: jax.Array, *, num_logprobs: int):
         logits = self.model.compute_logits(params, hidden[rows], self.cfg)
-        return sampler_lib.prompt_logprobs(logits, targets, num_logprobs=num_logprobs)
+        return sampler_lib.prompt_logprobs(
+            logits, targets, num_logprobs=num_logprobs,
+            as_logits=self.config.logprobs_mode.endswith("logits"))
 
 
 def _logit_bias_rows(num_rows: int, biased: list[tuple[int, dict[int, float]]]

@@ -180,10 +180,11 @@ def _top_k(x: jax.Array, k: int):
     return vals2, jnp.minimum(ids2, v - 1)
 
 
-def _logprob_info(raw: jax.Array, token_ids: jax.Array, k: int):
-    """(logprob, rank, topk_ids, topk_logprobs) of ``token_ids`` under log_softmax(raw)."""
+def _logprob_info(raw: jax.Array, token_ids: jax.Array, k: int, as_logits: bool = False):
+    """(logprob, rank, topk_ids, topk_logprobs) of ``token_ids`` under log_softmax(raw), or with
+    ``as_logits`` the values of ``raw`` themselves (ranks and top-k the same)."""
     n = raw.shape[0]
-    lse = _safe_lse(raw)
+    lse = 0.0 if as_logits else _safe_lse(raw)
     tok = jnp.take_along_axis(raw, token_ids[:, None].astype(jnp.int32), axis=-1)  # [N, 1]
     logprob = (tok - lse)[:, 0]
     # Rank in raw-logit space (same order as logprobs, without extra rounding).
@@ -315,7 +316,8 @@ def _process(logits: jax.Array, t: SamplingTensors, mode: str, topk_bound: int =
 
 
 def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: int = 0,
-           topk_bound: int = 0, raw_logits: Optional[jax.Array] = None) -> SamplerOutput:
+           topk_bound: int = 0, raw_logits: Optional[jax.Array] = None,
+           logprobs_mode: str = "raw_logprobs") -> SamplerOutput:
     """Sample one token per row of ``logits`` (f32/bf16 [R, V]).
 
     mode (static): "greedy" (every row has temperature 0: argmax, no RNG), "random" (top_k/top_p
@@ -325,7 +327,10 @@ def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: in
     valid only when every random row has 1 <= top_k <= B or (top_k = 0 and top_p = 1)
     (see :func:`topk_bound_for`).
     raw_logits: the model's logits when ``logits`` come already processed by the caller (e.g.
-    :func:`apply_token_bits` in a program of its own); logprobs and ranks are taken from them.
+    :func:`apply_token_bits` in a program of its own); raw logprobs and ranks are taken from them.
+    logprobs_mode (static): config.LOGPROBS_MODES; "processed_*" take them from the logits the
+    token was drawn from (for greedy rows: after penalties and the caller's processing, without
+    temperature), "*_logits" return the values instead of log_softmax.
     """
     raw, x, greedy_tok = _process(logits, t, mode, topk_bound, raw_logits)
     if mode == "greedy":
@@ -334,15 +339,18 @@ def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: in
         g = _gumbel_rows(t.seeds, t.steps, raw.shape[-1])
         rand_tok = _argmax_or(x + g, raw)
         tok = jnp.where(t.temperature < GREEDY_EPS, greedy_tok, rand_tok)
-    logprob, rank, topk_ids, topk_lp = _logprob_info(raw, tok, num_logprobs)
+    values = x if logprobs_mode.startswith("processed") else raw
+    logprob, rank, topk_ids, topk_lp = _logprob_info(values, tok, num_logprobs,
+                                                     logprobs_mode.endswith("logits"))
     return SamplerOutput(tok, logprob, rank, topk_ids, topk_lp)
 
 
-def prompt_logprobs(logits: jax.Array, target_ids: jax.Array, *, num_logprobs: int = 0):
+def prompt_logprobs(logits: jax.Array, target_ids: jax.Array, *, num_logprobs: int = 0,
+                    as_logits: bool = False):
     """Raw (logprob f32[N], rank i32[N], topk_ids i32[N, k], topk_logprobs f32[N, k]) of
-    ``target_ids`` (the next prompt token at each position). Negative targets (padding) are
-    read as token 0; the caller drops those rows."""
+    ``target_ids`` (the next prompt token at each position), or the logits with ``as_logits``.
+    Negative targets (padding) are read as token 0; the caller drops those rows."""
     raw = logits.astype(jnp.float32)
     tgt = jnp.clip(target_ids.astype(jnp.int32), 0, raw.shape[-1] - 1)
-    return _logprob_info(raw, tgt, num_logprobs)
+    return _logprob_info(raw, tgt, num_logprobs, as_logits)
 
