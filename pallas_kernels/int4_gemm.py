@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-MIN_BLOCK_M = 16  # the tensor cores' smallest M: fewer rows are padded to it
+MIN_BLOCK_M = 16  # the tensor cores' smallest M: a tile of fewer rows masks the rest
 # Larger batches take the dequantize-then-GEMM path (models/int4.py): each row tile dequantizes
 # the whole weight again, and from 128 rows that cost more than XLA's dequantization written once
 # (H200, 8B shapes; bench/RESULTS.md, "int4").
@@ -90,7 +90,7 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array, *,
                          f"kernel (rows <= {MAX_ROWS}, N % {MIN_BLOCK_N}, a half group of >= 16 "
                          f"inputs)")
     bm = min(tiles.block_m, max(MIN_BLOCK_M, 1 << (m - 1).bit_length()))
-    bn = max(d for d in (tiles.block_n, 64, MIN_BLOCK_N) if n % d == 0)
+    bn = next(d for d in (tiles.block_n, MIN_BLOCK_N) if n % d == 0)
     splits = tiles.splits or _splits(m, k, groups)
     if groups % splits:
         raise ValueError(f"int4_matmul: {splits} splits do not divide {groups} groups")

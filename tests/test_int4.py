@@ -112,7 +112,7 @@ def test_int4_linear_against_float64():
 
 @pytest.mark.parametrize("rows, group, tiles", [
     (1, 128, Tiles()),                            # 64 columns a program, as many splits as fit
-    (5, 32, Tiles(block_n=32, splits=4)),         # four slices' partial sums added atomically
+    (5, 32, Tiles(block_n=32, splits=4)),         # four slices' partial sums, summed after
     (16, 256, Tiles(block_n=128, splits=1)),      # one slice: several steps a half group
     (50, 64, Tiles(block_m=16, splits=2))])       # four row tiles, the last one part padding
 def test_int4_gemm_kernel_against_reference(rows, group, tiles):
