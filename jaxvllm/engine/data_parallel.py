@@ -307,6 +307,13 @@ class DataParallelEngine(RequestFront):
             self._call(r, "update_weights", host, reset_prefix_cache)
 
 
+    def start_weight_update(self) -> None:
+        raise RuntimeError("weight updates in chunks are not supported with data_parallel_size > 1 "
+                           "yet: pass the whole tree to update_weights")
+
+    def finish_weight_update(self, reset_prefix_cache: bool = True) -> None:
+        self.start_weight_update()
+
     def sleep(self, level: int = 1) -> None:
         raise RuntimeError("sleep is not supported with data_parallel_size > 1 yet")
 

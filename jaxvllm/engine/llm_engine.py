@@ -184,7 +184,7 @@ class RequestFront:
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None) -> None:
         """Validates and queues a request; raises ValueError/TypeError (nothing is queued then)."""
-        self._check_awake()
+        self._check_can_generate()
         self.admit_request(self.prepare_request(request_id, prompt, params, arrival_time))
 
     def prepare_request(self, request_id: str, prompt: PromptType,
@@ -239,6 +239,7 @@ class LLMEngine(RequestFront):
         # Dispatched steps not yet collected, oldest first: (SchedulerOutput, runner handle).
         self._inflight: collections.deque[tuple[Any, Any]] = collections.deque()
         self._stats_log = _StatsLogger()
+        self._weight_update: Optional[set[str]] = None  # names updated since start_weight_update
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
         from jaxvllm.engine.multihost import LeaderRunner, startup_phase
         startup_phase("compiling")  # multi-host: named if another rank is lost meanwhile
@@ -308,7 +309,7 @@ class LLMEngine(RequestFront):
         """One scheduler step. With async scheduling the next step is dispatched before the
         previous one's samples are collected, so outputs trail the device by one step."""
         if self._parents:
-            self._check_awake()
+            self._check_can_generate()
         overlap = self.args.async_scheduling
         # Normally nothing here with overlap; more when a collect was cut short (Ctrl-C while
         # waiting for the device): that step stays queued and is collected now, so the scheduler
@@ -506,12 +507,10 @@ class LLMEngine(RequestFront):
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
         """See LLM.update_weights."""
         from jaxvllm.engine.weights import to_engine_layout
-        if self.has_unfinished_requests():
-            raise RuntimeError("update_weights must be called between generate calls (requests are running)")
-        if self.args.quantization in FOUR_BIT_QUANTIZATIONS:
-            raise ValueError(f"update_weights on a {self.args.quantization.upper()} (int4) model: "
-                             "new weights are not quantized to int4; load an unquantized model "
-                             "(or quantization='fp8') to swap weights")
+        self._check_swappable("update_weights")
+        if self._weight_update is not None:
+            self._update_weight_chunk(params)
+            return
         params = to_engine_layout(params, self.loaded.config, "auto")
         if self.args.quantization is not None:  # the new weights quantized as the loaded ones were
             from jaxvllm.models.quant import quantize_params
@@ -521,6 +520,45 @@ class LLMEngine(RequestFront):
         if reset_prefix_cache:
             self.scheduler.reset_prefix_cache()
 
+
+    def start_weight_update(self) -> None:
+        """See LLM.start_weight_update."""
+        self._check_swappable("start_weight_update")
+        if self._weight_update is not None:
+            raise RuntimeError("a weight update is already in progress (finish_weight_update())")
+        self._weight_update = set()
+
+    def finish_weight_update(self, reset_prefix_cache: bool = True) -> None:
+        """See LLM.finish_weight_update."""
+        if self._weight_update is None:
+            raise RuntimeError("finish_weight_update without start_weight_update")
+        self._weight_update = None
+        if reset_prefix_cache:
+            self.scheduler.reset_prefix_cache()
+
+    def _check_swappable(self, what: str) -> None:
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"{what} must be called between generate calls (requests are running)")
+        if self.args.quantization in FOUR_BIT_QUANTIZATIONS:
+            raise ValueError(f"{what} on a {self.args.quantization.upper()} (int4) model: "
+                             "new weights are not quantized to int4; load an unquantized model "
+                             "(or quantization='fp8') to swap weights")
+
+    def _update_weight_chunk(self, chunk: Any) -> None:
+        """Weights by name ("embed", "layers.3.q", ...) in the engine's layout, in place; an FP8
+        model's quantized ones arrive in the model's dtype and are quantized here."""
+        from jaxvllm.models.quant import FP8, quantize_fp8
+        from jaxvllm.worker.weight_swap import get_named
+        if not (isinstance(chunk, dict) and all(isinstance(k, str) for k in chunk)):
+            raise TypeError("during a weight update (start_weight_update), update_weights takes "
+                            "a dict of weights by name ('embed', 'layers.3.q', ...)")
+        named = dict(chunk)
+        if self.args.quantization == "fp8":
+            for name in chunk:
+                if self.runner.params is not None and get_named(self.runner.params, name).dtype == FP8:
+                    named[name], named[name + "_scale"] = quantize_fp8(chunk[name])
+        self.runner.update_named_weights(named)
+        self._weight_update.update(chunk)
 
     def sleep(self, level: int = 1) -> None:
         """See LLM.sleep."""
@@ -546,9 +584,12 @@ class LLMEngine(RequestFront):
     def is_sleeping(self) -> bool:
         return self.runner.is_sleeping
 
-    def _check_awake(self) -> None:
+    def _check_can_generate(self) -> None:
         if self.runner.is_sleeping:
             raise RuntimeError("the engine is asleep (sleep()): call wake_up() before generating")
+        if self._weight_update is not None:
+            raise RuntimeError("a weight update is in progress: call finish_weight_update() "
+                               "before generating")
 
 
 class _StatsLogger:

@@ -73,6 +73,19 @@ class LLM:
         cache holds K/V computed with the old weights, so it is dropped unless told otherwise."""
         self.llm_engine.update_weights(params, reset_prefix_cache)
 
+    def start_weight_update(self) -> None:
+        """Begin a weight update in chunks (vLLM's names): until finish_weight_update(),
+        update_weights(chunk) takes a dict of some weights by name in the engine's layout
+        ("embed", "final_norm", "lm_head", "layers.3.q", ...; an FP8 model's in the model's
+        dtype), each written in place, so a trainer streams its weights with one chunk in memory
+        at a time. Generating meanwhile is a RuntimeError (the weights are half old)."""
+        self.llm_engine.start_weight_update()
+
+    def finish_weight_update(self, reset_prefix_cache: bool = True) -> None:
+        """End the update begun by start_weight_update(); the prefix cache is dropped unless told
+        otherwise (its K/V came from the old weights)."""
+        self.llm_engine.finish_weight_update(reset_prefix_cache)
+
     def sleep(self, level: int = 1) -> None:
         """Give the device memory to something else between generate calls (vLLM's sleep mode): the
         KV cache is freed and its prefix cache dropped; level 1 moves the weights to host memory,

@@ -30,7 +30,7 @@ from jaxvllm.sampling_params import MAX_LOGIT_BIAS
 from jaxvllm.structured_output import bitmask_words, new_bitmask
 from jaxvllm.worker import compile_watch
 from jaxvllm.worker.serial_thread import SerialThread
-from jaxvllm.worker.weight_swap import swap_in_place
+from jaxvllm.worker.weight_swap import get_named, set_named, swap_in_place
 from jaxvllm.worker import sampler as sampler_lib
 from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, SamplingInputs, StepBatch,
                                         default_token_buckets, sampling_shapes)
@@ -165,6 +165,19 @@ class ModelRunner:
         if self.shardings is not None:
             params = self.shardings.match_layout(params)
         self.params = swap_in_place(self.params, params)  # places leaf by leaf
+
+    def update_named_weights(self, named: dict[str, Any]) -> None:
+        """Overwrites the weights `named` (weight_swap.get_named's names) in place, each
+        checked and placed as update_weights does."""
+        if self.params is None:
+            raise RuntimeError("update_weights while the weights are asleep: call "
+                               "wake_up(tags=['weights']) first")
+        if self.shardings is not None:
+            raise RuntimeError("weight updates in chunks are not supported with "
+                               "tensor_parallel_size > 1 yet: pass the whole tree")
+        current = {n: get_named(self.params, n) for n in named}
+        for n, value in swap_in_place(current, named).items():
+            set_named(self.params, n, value)
 
     # ---- sleep / wake ------------------------------------------------------------------------
     def sleep(self, level: int) -> None:

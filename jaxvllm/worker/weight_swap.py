@@ -41,3 +41,26 @@ def swap_in_place(current: Any, new: Any) -> Any:
             leaf = jax.device_put(leaf, old.sharding)
         out.append(_copy_into(old, leaf))
     return jax.tree_util.tree_unflatten(cur_tree, out)
+
+
+def get_named(params: Any, name: str) -> Any:
+    """The leaf `name` of the engine's params ("embed", "layers.3.q", ...: keys joined by dots,
+    list indices as numbers); a ValueError naming it when there is none."""
+    node: Any = params
+    try:
+        for part in name.split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+    except (KeyError, IndexError, ValueError, TypeError):
+        node = None
+    if not isinstance(node, jax.Array):
+        raise ValueError(f"params has no weight {name!r} (names: 'embed', 'final_norm', "
+                         f"'layers.<i>.<name>', ...)")
+    return node
+
+
+def set_named(params: Any, name: str, value: Any) -> None:
+    *parents, last = name.split(".")
+    node: Any = params
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[int(last) if isinstance(node, list) else last] = value

@@ -1,0 +1,68 @@
+"""Weight updates in chunks (LLM.start_weight_update / update_weights(chunk) /
+finish_weight_update, vLLM's names) on the default model: streamed layer by layer they give what
+one whole update gives, in bf16 and with FP8 weights quantized on arrival."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxvllm import LLM, SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
+SP = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0)
+
+
+def _llm(**kw) -> LLM:
+    return LLM(dtype="bfloat16", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64,
+               num_gpu_blocks_override=64, enforce_eager=True, token_buckets=(8, 64), **kw)
+
+
+def _run(llm: LLM) -> list:
+    outs = llm.generate(PROMPTS, SP, use_tqdm=False)
+    return [(o.outputs[0].token_ids, [next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
+            for o in outs]
+
+
+def _chunks(params) -> list[dict]:
+    """Layer by layer, then the rest: the names a trainer would stream."""
+    out = [{f"layers.{i}.{k}": v for k, v in lp.items()} for i, lp in enumerate(params["layers"])]
+    return out + [{k: v for k, v in params.items() if k != "layers"}]
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_chunked_update_equals_a_whole_one(quantization):
+    whole, chunked = _llm(quantization=quantization), _llm(quantization=quantization)
+    from converters import load_model
+    base = load_model(None, dtype="bfloat16", cache_dir=None, load_tokenizer=False).params
+    # The unquantized weights, scaled: the new weights a trainer would push.
+    new = jax.tree.map(lambda a: np.asarray(a * 1.25 if a.ndim > 1 else a), base)
+    before = _run(chunked)
+    whole.update_weights(new)
+    want = _run(whole)
+    assert want != before
+    chunked.start_weight_update()
+    for chunk in _chunks(new):
+        chunked.update_weights(chunk)
+        with pytest.raises(RuntimeError, match="finish_weight_update"):
+            chunked.generate(PROMPTS, SP, use_tqdm=False)
+    chunked.finish_weight_update()
+    assert _run(chunked) == want
+
+
+def test_chunk_errors_name_the_problem():
+    llm = _llm()
+    q = np.asarray(llm.llm_engine.runner.params["layers"][0]["q"])
+    with pytest.raises(RuntimeError, match="start_weight_update"):
+        llm.finish_weight_update()
+    llm.start_weight_update()
+    with pytest.raises(ValueError, match="layers.0.qq"):
+        llm.update_weights({"layers.0.qq": q})
+    with pytest.raises(ValueError, match="shape"):
+        llm.update_weights({"layers.0.q": q[:, :3]})
+    with pytest.raises(TypeError, match="by name"):
+        llm.update_weights([q])
+    with pytest.raises(RuntimeError, match="already"):
+        llm.start_weight_update()
+    llm.finish_weight_update()
+    assert llm.generate(PROMPTS, SP, use_tqdm=False)
