@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import time
 
 import jax
 import numpy as np
@@ -451,8 +452,12 @@ def test_async_engine_streams_and_aborts(llm):
 
 def test_async_engine_slow_consumer_gets_newest_output(llm):
     """Outputs are cumulative: a consumer slower than the steps receives the newest one (not a
-    backlog of every step's copy), and still the finished output with every token."""
+    backlog of every step's copy), and still the finished output with every token. The consumer
+    takes three steps' time per output, measured here: a fixed pause was shorter than a step on a
+    loaded machine, and nothing was skipped."""
+    t0 = time.perf_counter()
     expected = llm.generate(PROMPTS[2], greedy(24), use_tqdm=False)[0].outputs[0].token_ids
+    pause = max(0.25, 3 * (time.perf_counter() - t0) / 24)
     engine = AsyncLLMEngine(llm.llm_engine)
 
     async def main():
@@ -460,7 +465,7 @@ def test_async_engine_slow_consumer_gets_newest_output(llm):
         got = []
         async for out in engine.generate(PROMPTS[2], greedy(24), "slow"):
             got.append(out)
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(pause)
         await engine.shutdown()
         return got
 
