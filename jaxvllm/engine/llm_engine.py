@@ -184,7 +184,6 @@ class RequestFront:
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     arrival_time: Optional[float] = None) -> None:
         """Validates and queues a request; raises ValueError/TypeError (nothing is queued then)."""
-        self._check_can_generate()
         self.admit_request(self.prepare_request(request_id, prompt, params, arrival_time))
 
     def prepare_request(self, request_id: str, prompt: PromptType,
@@ -267,6 +266,7 @@ class LLMEngine(RequestFront):
         return request_id in self._parents
 
     def admit_request(self, parent: _Parent) -> None:
+        self._check_can_generate()
         p = parent.params
         for c in parent.children:
             c.detok = IncrementalDetokenizer(self.tokenizer, p, parent.prompt_token_ids)
