@@ -308,11 +308,10 @@ class DataParallelEngine(RequestFront):
 
 
     def start_weight_update(self) -> None:
-        raise RuntimeError("weight updates in chunks are not supported with data_parallel_size > 1 "
-                           "yet: pass the whole tree to update_weights")
+        raise RuntimeError(_NO_CHUNKS)
 
     def finish_weight_update(self, reset_prefix_cache: bool = True) -> None:
-        self.start_weight_update()
+        raise RuntimeError(_NO_CHUNKS)
 
     def sleep(self, level: int = 1) -> None:
         raise RuntimeError("sleep is not supported with data_parallel_size > 1 yet")
@@ -323,6 +322,9 @@ class DataParallelEngine(RequestFront):
     def is_sleeping(self) -> bool:
         return False
 
+
+_NO_CHUNKS = ("weight updates in chunks are not supported with data_parallel_size > 1 yet: pass "
+              "the whole tree to update_weights")
 
 Engine = Union[LLMEngine, DataParallelEngine]
 

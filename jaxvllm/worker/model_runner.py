@@ -159,25 +159,25 @@ class ModelRunner:
 
     def update_weights(self, params: Any) -> None:
         """Overwrites every weight in place with `params` (the engine's layout, unsharded)."""
-        if self.params is None:
-            raise RuntimeError("update_weights while the weights are asleep: call "
-                               "wake_up(tags=['weights']) first")
         if self.shardings is not None:
             params = self.shardings.match_layout(params)
-        self.params = swap_in_place(self.params, params)  # places leaf by leaf
+        self.params = swap_in_place(self._awake_params(), params)  # places leaf by leaf
 
     def update_named_weights(self, named: dict[str, Any]) -> None:
         """Overwrites the weights `named` (weight_swap.get_named's names) in place, each
         checked and placed as update_weights does."""
-        if self.params is None:
-            raise RuntimeError("update_weights while the weights are asleep: call "
-                               "wake_up(tags=['weights']) first")
         if self.shardings is not None:
             raise RuntimeError("weight updates in chunks are not supported with "
                                "tensor_parallel_size > 1 yet: pass the whole tree")
-        current = {n: get_named(self.params, n) for n in named}
+        current = {n: get_named(self._awake_params(), n) for n in named}
         for n, value in swap_in_place(current, named).items():
             set_named(self.params, n, value)
+
+    def _awake_params(self) -> Any:
+        if self.params is None:
+            raise RuntimeError("update_weights while the weights are asleep: call "
+                               "wake_up(tags=['weights']) first")
+        return self.params
 
     # ---- sleep / wake ------------------------------------------------------------------------
     def sleep(self, level: int) -> None:
