@@ -1,15 +1,16 @@
 """AsyncLLMEngine: an asyncio front over LLMEngine (or its data-parallel replicas).
 
 The step loop runs on its own thread (a step blocks on the device), so the event loop stays free for
-HTTP. Requests are validated and tokenized on the caller's side; only admission, aborts and steps
-touch the scheduler, all on the step thread.
+HTTP. Requests are validated and tokenized on the caller's side; only admission, aborts, steps and
+the engine calls of a training loop (weights, sleep, the prefix cache) touch the engine, all on the
+step thread, between steps.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.scheduler import SchedulerStats
@@ -73,6 +74,11 @@ class AsyncLLMEngine:
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        # pause_generation(): new requests wait for this; futures resolved once no request runs.
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._paused_on: Optional[asyncio.AbstractEventLoop] = None
+        self._idle_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
@@ -109,6 +115,9 @@ class AsyncLLMEngine:
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
         await self.start()
+        await self._unpaused.wait()
+        if self._error is not None:  # died while this request waited for resume_generation()
+            raise EngineDeadError(f"engine stopped: {self._error!r}")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prepared = self.engine.prepare_request(request_id, prompt, sampling_params)
@@ -136,6 +145,62 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
 
+    # ---- a training loop's calls (vLLM's AsyncLLM names) -------------------------------------
+    async def pause_generation(self, *, wait_for_inflight_requests: bool = False,
+                               clear_cache: bool = True) -> None:
+        """Stop generating so the weights can change: new generate() calls wait until
+        resume_generation(); running requests either finish (wait_for_inflight_requests) or are
+        retracted at once, their streams ending with what they generated so far and finish_reason
+        "abort". Returns once no request runs; clear_cache drops the prefix cache then (its K/V
+        would be stale after a weight update)."""
+        await self.start()
+        self._paused_on = asyncio.get_running_loop()
+        self._unpaused.clear()
+        if not wait_for_inflight_requests:
+            await self._call_engine("retract_requests")
+        fut = self._paused_on.create_future()
+        self._post("idle", (self._paused_on, fut))
+        await fut
+        if clear_cache:
+            await self._call_engine("reset_prefix_cache")
+
+    async def resume_generation(self) -> None:
+        self._unpaused.set()
+
+    def is_paused(self) -> bool:
+        return not self._unpaused.is_set()
+
+    async def reset_prefix_cache(self) -> None:
+        await self._call_engine("reset_prefix_cache")
+
+    async def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
+        """LLM.update_weights (and a chunk of a chunked update), between steps; with requests
+        running it raises RuntimeError: pause_generation() first."""
+        await self._call_engine("update_weights", params, reset_prefix_cache)
+
+    async def start_weight_update(self) -> None:
+        await self._call_engine("start_weight_update")
+
+    async def finish_weight_update(self, reset_prefix_cache: bool = True) -> None:
+        await self._call_engine("finish_weight_update", reset_prefix_cache)
+
+    async def sleep(self, level: int = 1) -> None:
+        await self._call_engine("sleep", level)
+
+    async def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        await self._call_engine("wake_up", tags)
+
+    async def is_sleeping(self) -> bool:
+        return await self._call_engine("is_sleeping")
+
+    async def _call_engine(self, method: str, *args: Any) -> Any:
+        """engine.<method>(*args) on the step thread between steps; its result or its exception."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._post("call", (method, args, loop, fut))
+        return await fut
+
     def get_stats(self) -> SchedulerStats:
         # Read at scrape time from the event loop: plain counters, safe to read while the step
         # thread runs, so the step loop does no metrics work.
@@ -147,6 +212,10 @@ class AsyncLLMEngine:
 
     def _post(self, kind: str, payload: object) -> None:
         with self._lock:
+            # A call posted after the loop died would wait forever: the loop fails those it holds
+            # under this lock.
+            if kind in ("call", "idle") and self._error is not None:
+                raise EngineDeadError(f"engine stopped: {self._error!r}")
             self._inbox.append((kind, payload))
         self._wake.set()
 
@@ -157,6 +226,9 @@ class AsyncLLMEngine:
             while not self._stop:
                 self._drain_inbox()
                 if not engine.has_unfinished_requests():
+                    for loop, fut in self._idle_waiters:
+                        _resolve(loop, fut, None)
+                    self._idle_waiters = []
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
@@ -176,8 +248,15 @@ class AsyncLLMEngine:
         with self._lock:
             self._error = dead
             streams = list(self._streams)
+            inbox, self._inbox = self._inbox, []
         for rid in streams:
             self._deliver(rid, dead)
+        waiters = self._idle_waiters + [p[2:] for kind, p in inbox if kind == "call"]
+        waiters += [p for kind, p in inbox if kind == "idle"]
+        for loop, fut in waiters:
+            _resolve(loop, fut, dead)
+        if self._paused_on is not None:  # requests waiting for resume_generation() see the error
+            self._paused_on.call_soon_threadsafe(self._unpaused.set)
 
     def _drain_inbox(self) -> None:
         with self._lock:
@@ -188,8 +267,22 @@ class AsyncLLMEngine:
                     self.engine.admit_request(payload)
                 except (ValueError, TypeError) as e:
                     self._deliver(payload.request_id, e)
-            else:
+            elif kind == "abort":
                 self.engine.abort_request(payload)
+            elif kind == "idle":
+                self._idle_waiters.append(payload)
+            else:
+                method, args, loop, fut = payload
+                try:
+                    result = getattr(self.engine, method)(*args)
+                except Exception as e:  # the caller's error (bad weights, wrong state)
+                    _resolve(loop, fut, e)
+                    continue
+                if method == "retract_requests":
+                    for out in result:
+                        self._deliver(out.request_id, out)
+                    result = None
+                _resolve(loop, fut, result)
 
     def _deliver(self, request_id: str, item: object) -> None:
         stream = self._streams.get(request_id)
@@ -200,3 +293,18 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(latest.put, item)
         except RuntimeError:  # the consumer's loop is closed
             pass
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result: object) -> None:
+    """Completes a future of another thread's loop: an exception is raised there."""
+    def done() -> None:
+        if fut.done():  # its caller was cancelled
+            return
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+    try:
+        loop.call_soon_threadsafe(done)
+    except RuntimeError:  # that loop is closed
+        pass

@@ -216,6 +216,15 @@ class DataParallelEngine(RequestFront):
             self.replicas[i].aborting.update(rids)
             self.replicas[i].send(("abort", rids))
 
+    def retract_requests(self) -> list[RequestOutput]:
+        """LLMEngine.retract_requests on every busy replica."""
+        outs = [o for r in self.replicas if r.load > 0 for o in self._call(r, "retract_requests")]
+        return self._account(outs)
+
+    def reset_prefix_cache(self) -> None:
+        for r in self.replicas:
+            self._call(r, "reset_prefix_cache")
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._owner)
 
@@ -305,7 +314,6 @@ class DataParallelEngine(RequestFront):
         host = jax.tree.map(np.asarray, params)
         for r in self.replicas:
             self._call(r, "update_weights", host, reset_prefix_cache)
-
 
     def start_weight_update(self) -> None:
         raise RuntimeError(_NO_CHUNKS)

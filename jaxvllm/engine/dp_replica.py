@@ -158,7 +158,9 @@ def _update_weights(engine: Any, params: Any, reset_prefix_cache: bool) -> None:
     engine.update_weights(params, reset_prefix_cache)
 
 
-_CALLS = {"describe": _describe, "update_weights": _update_weights}
+_CALLS = {"describe": _describe, "update_weights": _update_weights,
+          "retract_requests": lambda engine: engine.retract_requests(),
+          "reset_prefix_cache": lambda engine: engine.reset_prefix_cache()}
 
 
 def probe_devices(env: Optional[dict] = None) -> tuple[str, int]:

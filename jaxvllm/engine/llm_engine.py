@@ -298,6 +298,22 @@ class LLMEngine(RequestFront):
             for cid in child_ids:
                 self._child_to_parent.pop(cid, None)
 
+    def retract_requests(self) -> list[RequestOutput]:
+        """Ends every unfinished request now (pause_generation without waiting): each one's
+        output so far, finished, its unfinished sequences with finish_reason "abort". The step in
+        flight is collected first, so the engine is idle after (weights may change)."""
+        outs = self._collect_inflight(keep=0)
+        for parent in self._parents.values():
+            for c in parent.children:
+                if c.finish_reason is None:
+                    c.finish_reason = "abort"
+            outs.append(self._make_output(parent, finished=True))
+        self.abort_request(list(self._parents))
+        return outs
+
+    def reset_prefix_cache(self) -> None:
+        self.scheduler.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
@@ -519,7 +535,6 @@ class LLMEngine(RequestFront):
         self.loaded.params = self.runner.params
         if reset_prefix_cache:
             self.scheduler.reset_prefix_cache()
-
 
     def start_weight_update(self) -> None:
         """See LLM.start_weight_update."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -37,7 +38,15 @@ class LLM:
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
         self.llm_engine = create_engine(EngineArgs(model=model, **kwargs))
+        self._init_state()
+
+    def _init_state(self) -> None:
         self._counter = itertools.count()
+        # pause_generation() from another thread than the one in generate().
+        self._pause = threading.Condition()
+        self._paused_by: Optional[int] = None  # the pausing thread's ident
+        self._retract = False
+        self._generating = False
 
     @classmethod
     def from_params(cls, params: Any, config: Any, tokenizer: Any = None,
@@ -65,7 +74,7 @@ class LLM:
                              load_format="params")
         self = cls.__new__(cls)
         self.llm_engine = create_engine(args, loaded)
-        self._counter = itertools.count()
+        self._init_state()
         return self
 
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
@@ -85,6 +94,33 @@ class LLM:
         """End the update begun by start_weight_update(); the prefix cache is dropped unless told
         otherwise (its K/V came from the old weights)."""
         self.llm_engine.finish_weight_update(reset_prefix_cache)
+
+    def pause_generation(self, *, wait_for_inflight_requests: bool = False,
+                         clear_cache: bool = True) -> None:
+        """Stop generating so the weights can change (vLLM's AsyncLLM call), for a generate() on
+        another thread: its requests either finish (wait_for_inflight_requests) or are retracted
+        at once, that generate() returning what they had so far with finish_reason "abort".
+        Returns once it has returned; clear_cache drops the prefix cache. Until
+        resume_generation(), generate() on another thread waits, and on this one raises."""
+        with self._pause:
+            self._paused_by = threading.get_ident()
+            self._retract = not wait_for_inflight_requests
+            self._pause.wait_for(lambda: not self._generating)
+            self._retract = False
+        if clear_cache:
+            self.llm_engine.reset_prefix_cache()
+
+    def resume_generation(self) -> None:
+        with self._pause:
+            self._paused_by = None
+            self._pause.notify_all()
+
+    def is_paused(self) -> bool:
+        return self._paused_by is not None
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (their K/V stay valid only while the weights do)."""
+        self.llm_engine.reset_prefix_cache()
 
     def sleep(self, level: int = 1) -> None:
         """Give the device memory to something else between generate calls (vLLM's sleep mode): the
@@ -220,11 +256,17 @@ class LLM:
         bar = tqdm(total=len(prepared), desc="Processed prompts", unit="req", dynamic_ncols=True,
                    disable=not (use_tqdm and len(prepared) > 1))
         results: list[Optional[RequestOutput]] = [None] * len(prepared)
+        with self._pause:
+            if self._paused_by == threading.get_ident():
+                raise RuntimeError("generation is paused (pause_generation()): call "
+                                   "resume_generation() first")
+            self._pause.wait_for(lambda: self._paused_by is None)
+            self._generating = True
         try:
             for p in prepared:
                 engine.admit_request(p)
             while engine.has_unfinished_requests():
-                for out in engine.step():
+                for out in engine.retract_requests() if self._retract else engine.step():
                     if out.finished:
                         results[order[out.request_id]] = out
                         bar.update(1)
@@ -233,5 +275,8 @@ class LLM:
             raise
         finally:
             bar.close()
+            with self._pause:
+                self._generating = False
+                self._pause.notify_all()
         return results  # type: ignore[return-value]
 
