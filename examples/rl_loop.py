@@ -1,44 +1,97 @@
-"""A toy RL-style loop on the JAX research API: generate, score, nudge the weights, regenerate.
+"""An RL loop with one model definition and one set of arrays: the engine samples groups of
+completions, a reward scores them, the Flax NNX module (models/flax_module.py) takes a GRPO-style
+optax step, and the new weights go back into the engine in chunks, while the engine sleeps through
+the training step so the trainer has the device.
 
-The "reward" favours completions that use even token ids; the "update" is a crude step that moves the
-LM head towards the tokens of the best-rewarded completion. Nothing is written to disk and nothing
-recompiles after the first round.
+Each round prints the mean reward and the largest gap between the log-probabilities `generate`
+reported for the sampled tokens and the trainer's forward on the same tokens (float32 here: the
+engine's paged attention and the trainer's dense one sum in different orders).
 
-    python examples/rl_loop.py
+    python examples/rl_loop.py [--rounds 8]
 """
 from __future__ import annotations
+
+import argparse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from transformers import LlamaConfig
+import optax
+from flax import nnx
 
-from converters import init_dummy_params
+from converters import load_model
 from jaxvllm import LLM, SamplingParams
-from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.flax_module import CausalLM, token_logprobs
 
-config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                     architectures=["LlamaForCausalLM"])
-params = init_dummy_params(ModelConfig.from_hf(config), "float32", seed=0)
-llm = LLM.from_params(params, config, max_model_len=256, max_num_seqs=16, enforce_eager=True,
-                      num_gpu_blocks_override=256)
+CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512,
+              hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
+PROMPT_LEN, COMPLETION_LEN, GROUP = 8, 12, 4
 
-prompts = [{"prompt_token_ids": list(range(i, i + 8))} for i in range(8)]
-sampling = SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=0, logprobs=0)
-for step in range(5):
-    batch = llm.generate_arrays(prompts, sampling)
-    valid = batch.token_ids >= 0
-    reward = ((batch.token_ids % 2 == 0) & valid).sum(1) / batch.lengths
-    best = int(np.argmax(reward))
-    best_tokens = batch.token_ids[best, :batch.lengths[best]].tolist()
-    # Score the best completion under the current weights (log-probabilities per token).
-    prompt = prompts[batch.prompt_index[best]]["prompt_token_ids"]
-    logp = llm.score([prompt], [best_tokens])[0]
-    print(f"step {step}: mean reward {reward.mean():.3f}, best completion logprob {logp.sum():.2f}")
-    # Nudge: raise the output-embedding weights of even tokens a little, then swap in place.
-    head = params["lm_head"]
-    bump = jnp.zeros(head.shape[1]).at[jnp.arange(0, head.shape[1], 2)].set(0.05)
-    params = dict(params, lm_head=head + jnp.sign(head.mean(0, keepdims=True)) * bump)
-    llm.update_weights(params)
-print("final params are the engine's:", jax.tree.structure(params) == jax.tree.structure(llm.llm_engine.runner.params))
+
+def reward(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The share of a completion's tokens that are even: something to learn."""
+    valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    return ((tokens % 2 == 0) & valid).sum(1) / lengths
+
+
+def grpo_loss(model: CausalLM, ids: jax.Array, advantages: jax.Array) -> jax.Array:
+    """Policy gradient with group-normalised advantages over the completions' tokens."""
+    logp = token_logprobs(model(ids), ids)[:, PROMPT_LEN - 1:]
+    return -jnp.mean(advantages * logp.sum(axis=1))
+
+
+@nnx.jit
+def train_step(model: CausalLM, optimizer: nnx.Optimizer, ids: jax.Array,
+               advantages: jax.Array) -> jax.Array:
+    loss, grads = nnx.value_and_grad(grpo_loss)(model, ids, advantages)
+    optimizer.update(model, grads)
+    return loss
+
+
+@nnx.jit
+def completion_logprobs(model: CausalLM, ids: jax.Array) -> jax.Array:
+    return token_logprobs(model(ids), ids)[:, PROMPT_LEN - 1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args()
+
+    loaded = load_model(CONFIG, load_format="dummy", dtype="float32", load_tokenizer=False)
+    model = CausalLM(loaded.params, loaded.config)
+    # The engine serves the module's own arrays (no copy).
+    llm = LLM.from_params(nnx.state(model), CONFIG, max_model_len=64, max_num_seqs=32,
+                          num_gpu_blocks_override=256, enforce_eager=True)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": rng.integers(1, 512, PROMPT_LEN).tolist()} for _ in range(8)]
+    sampling = SamplingParams(n=GROUP, temperature=1.0, max_tokens=COMPLETION_LEN, ignore_eos=True,
+                              logprobs=0, seed=0)
+
+    for step in range(args.rounds):
+        batch = llm.generate_arrays(prompts, sampling)
+        r = reward(batch.token_ids, batch.lengths)
+        groups = r.reshape(-1, GROUP)
+        adv = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-6))
+        prompt_ids = np.array([prompts[i]["prompt_token_ids"] for i in batch.prompt_index])
+        ids = jnp.asarray(np.concatenate([prompt_ids, batch.token_ids], axis=1))
+        gap = np.abs(np.asarray(completion_logprobs(model, ids)) - batch.logprobs).max()
+
+        # The KV cache freed and the engine's hold on the weights let go (they are the module's:
+        # level 2 keeps no host copy) while the trainer has the device.
+        llm.sleep(level=2)
+        loss = float(train_step(model, optimizer, ids, jnp.asarray(adv.reshape(-1))))
+        llm.wake_up(tags=["weights"])
+        llm.start_weight_update()  # a layer at a time, as a trainer on other devices would stream
+        for chunk in model.weight_chunks():
+            llm.update_weights(chunk)
+        llm.finish_weight_update()
+        llm.wake_up(tags=["kv_cache"])
+        print(f"round {step}: mean reward {r.mean():.3f}  loss {loss:+.3f}  "
+              f"max |generate logprob - trainer logprob| {gap:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,9 +13,19 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 SP = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0)
 
 
-def _llm(**kw) -> LLM:
-    return LLM(dtype="bfloat16", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64,
-               num_gpu_blocks_override=64, enforce_eager=True, token_buckets=(8, 64), **kw)
+@pytest.fixture(scope="module")
+def llms():
+    """One engine per quantization for the module's tests."""
+    made: dict = {}
+
+    def get(quantization=None) -> LLM:
+        if quantization not in made:
+            made[quantization] = LLM(
+                dtype="bfloat16", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64,
+                num_gpu_blocks_override=64, enforce_eager=True, token_buckets=(8, 64),
+                quantization=quantization)
+        return made[quantization]
+    return get
 
 
 def _run(llm: LLM) -> list:
@@ -31,27 +41,30 @@ def _chunks(params) -> list[dict]:
 
 
 @pytest.mark.parametrize("quantization", [None, "fp8"])
-def test_chunked_update_equals_a_whole_one(quantization):
-    whole, chunked = _llm(quantization=quantization), _llm(quantization=quantization)
+def test_chunked_update_equals_a_whole_one(quantization, llms):
+    """On one engine: a whole update, the old weights back, then the same update in chunks."""
+    llm = llms(quantization)
     from converters import load_model
     base = load_model(None, dtype="bfloat16", cache_dir=None, load_tokenizer=False).params
     # The unquantized weights, scaled: the new weights a trainer would push.
     new = jax.tree.map(lambda a: np.asarray(a * 1.25 if a.ndim > 1 else a), base)
-    before = _run(chunked)
-    whole.update_weights(new)
-    want = _run(whole)
+    before = _run(llm)
+    llm.update_weights(new)
+    want = _run(llm)
     assert want != before
-    chunked.start_weight_update()
+    llm.update_weights(base)
+    assert _run(llm) == before
+    llm.start_weight_update()
     for chunk in _chunks(new):
-        chunked.update_weights(chunk)
+        llm.update_weights(chunk)
         with pytest.raises(RuntimeError, match="finish_weight_update"):
-            chunked.generate(PROMPTS, SP, use_tqdm=False)
-    chunked.finish_weight_update()
-    assert _run(chunked) == want
+            llm.generate(PROMPTS, SP, use_tqdm=False)
+    llm.finish_weight_update()
+    assert _run(llm) == want
 
 
-def test_chunk_errors_name_the_problem():
-    llm = _llm()
+def test_chunk_errors_name_the_problem(llms):
+    llm = llms()
     q = np.asarray(llm.llm_engine.runner.params["layers"][0]["q"])
     with pytest.raises(RuntimeError, match="start_weight_update"):
         llm.finish_weight_update()

@@ -167,6 +167,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         step_timeout=args.step_timeout,
         triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS else 0)
     runner = ModelRunner(cfg, loaded.params, runner_config, shardings=shardings, device=device)
+    runner.shares_params = loaded.load_format == "params"
     # As vLLM: refuse a cache that cannot hold one sequence of max_model_len, rather than start and
     # then reject every long request. The last token is never fed back, and block 0 is reserved.
     need = -(-(max_model_len - 1) // args.block_size)

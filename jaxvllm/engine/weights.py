@@ -7,10 +7,16 @@ from jaxvllm.models.config import ModelConfig
 
 
 def to_engine_layout(params: Any, cfg: ModelConfig, dtype: str = "auto") -> Any:
-    """The engine's layout (models/params.py) from either that layout (optionally wrapped as Flax's
-    {"params": ...}) or an HF-named flat mapping ("model.layers.0.self_attn.q_proj.weight", ...)."""
+    """The engine's layout (models/params.py) from that layout (optionally wrapped as Flax's
+    {"params": ...}, or a CausalLM's nnx.State), or an HF-named flat mapping
+    ("model.layers.0.self_attn.q_proj.weight", ...). The arrays are the caller's, not copies."""
+    if type(params).__module__.startswith("flax.nnx"):  # an NNX State (models/flax_module.py)
+        from flax import nnx
+        params = nnx.to_pure_dict(params)
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
+    if isinstance(params, Mapping) and isinstance(params.get("layers"), Mapping):  # NNX: by index
+        params = dict(params, layers=[params["layers"][i] for i in range(len(params["layers"]))])
     if isinstance(params, Mapping) and "layers" in params and "embed" in params:
         return params
     if isinstance(params, Mapping) and any(str(k).startswith("model.") for k in params):

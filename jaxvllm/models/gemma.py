@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.layers import apply_rope, linear, projections, rope_cos_sin
-from jaxvllm.models.llama import AttentionFn, KVCache, ModelInputs, Params, write_kv
+from jaxvllm.models.llama import AttentionFn, KVCache, ModelInputs, Params, attend, no_cache
 from jaxvllm.models.moe import ExpertsFn
 
 
@@ -26,9 +26,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
 
 
-def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfig,
+def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: ModelConfig,
             attention_fn: AttentionFn,
-            experts_fn: Optional[ExpertsFn] = None) -> tuple[jax.Array, KVCache]:
+            experts_fn: Optional[ExpertsFn] = None) -> tuple[jax.Array, Optional[KVCache]]:
     """As llama.forward (`experts_fn` unused: no Gemma has experts)."""
     embed = params["embed"]
     x = embed[inp.token_ids] * jnp.asarray(cfg.hidden_size ** 0.5, embed.dtype)
@@ -36,13 +36,13 @@ def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfi
     rope_local = rope_global if cfg.rope_local_theta is None else rope_cos_sin(
         dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None), inp.positions)
     new_cache: KVCache = []
-    for i, (lp, (k_cache, v_cache)) in enumerate(zip(params["layers"], kv_cache)):
+    for i, (lp, (k_cache, v_cache)) in enumerate(zip(params["layers"], kv_cache or no_cache(cfg))):
         window = cfg.layer_sliding_window(i)
         cos, sin = rope_global if window is None else rope_local
         x, k_cache, v_cache = _decoder_layer(lp, x, cos, sin, k_cache, v_cache, inp, cfg=cfg,
                                              attention_fn=attention_fn, window=window)
         new_cache.append((k_cache, v_cache))
-    return x, new_cache
+    return x, new_cache if kv_cache is not None else None
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention_fn", "window"))
@@ -60,11 +60,9 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
         q = rms_norm(q, lp["q_norm"], eps)
         k = rms_norm(k, lp["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache = write_kv(k_cache, k, inp.slot_mapping)
-    v_cache = write_kv(v_cache, v, inp.slot_mapping)
-    out = attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
-                       inp.num_seqs, sm_scale=cfg.query_pre_attn_scalar ** -0.5,
-                       sliding_window=window, logits_soft_cap=cfg.attn_logit_softcapping)
+    out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn,
+                                   sm_scale=cfg.query_pre_attn_scalar ** -0.5,
+                                   sliding_window=window, logits_soft_cap=cfg.attn_logit_softcapping)
     x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp, "o"), lp["post_attn_norm"], eps)
     h = rms_norm(x, lp["pre_ffn_norm"], eps)
     gate, up = projections(h, lp, ("gate", "up"))

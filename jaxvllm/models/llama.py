@@ -46,6 +46,23 @@ def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.A
     return flat.reshape(nb, bs, h, d)
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: Optional[jax.Array],
+           v_cache: Optional[jax.Array], inp: ModelInputs, attention_fn: AttentionFn,
+           **kw: Any) -> tuple[jax.Array, Optional[jax.Array], Optional[jax.Array]]:
+    """The engine's paged attention: the new K/V written into the cache, then `attention_fn`
+    reads it. Without a cache (the dense, differentiable forward of models/flax_module.py):
+    attention_fn(q, k, v, inp, **kw) over the new tokens alone."""
+    if k_cache is None:
+        return attention_fn(q, k, v, inp, **kw), None, None
+    # Every new token's K/V is written before any attention reads: a request may attend to blocks
+    # another request of the same step is filling (the scheduler's same-step prefix sharing relies on it).
+    k_cache = write_kv(k_cache, k, inp.slot_mapping)
+    v_cache = write_kv(v_cache, v, inp.slot_mapping)
+    out = attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
+                       inp.num_seqs, **kw)
+    return out, k_cache, v_cache
+
+
 def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
                      k_cache: jax.Array, v_cache: jax.Array, inp: ModelInputs,
                      attention_fn: AttentionFn) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -60,12 +77,8 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    # Every new token's K/V is written before any attention reads: a request may attend to blocks
-    # another request of the same step is filling (the scheduler's same-step prefix sharing relies on it).
-    k_cache = write_kv(k_cache, k, inp.slot_mapping)
-    v_cache = write_kv(v_cache, v, inp.slot_mapping)
-    out = attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
-                       inp.num_seqs, sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn,
+                                   sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
     return linear(out.reshape(t, cfg.q_size), lp, "o"), k_cache, v_cache
 
 
@@ -74,12 +87,12 @@ def _mlp(lp: Params, x: jax.Array) -> jax.Array:
     return linear(jax.nn.silu(gate) * up, lp, "down")
 
 
-def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfig,
+def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: ModelConfig,
             attention_fn: AttentionFn,
-            experts_fn: ExpertsFn = experts_swiglu) -> tuple[jax.Array, KVCache]:
+            experts_fn: ExpertsFn = experts_swiglu) -> tuple[jax.Array, Optional[KVCache]]:
     """Runs all layers over the batch's new tokens; returns final hidden states [T, hidden] (before
     the final norm) and the updated cache. `experts_fn`: mixture-of-experts layers' experts
-    (models/moe.py)."""
+    (models/moe.py). kv_cache None: the tokens attend among themselves (see `attend`)."""
     x = params["embed"][inp.token_ids]
     token_seq_lens = None
     if (cfg.rope_scaling or {}).get("rope_type") == "longrope":  # each token's request's length
@@ -87,11 +100,15 @@ def forward(params: Params, kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfi
         token_seq_lens = inp.seq_lens[jnp.minimum(req, inp.seq_lens.shape[0] - 1)]
     cos, sin = rope_cos_sin(cfg, inp.positions, token_seq_lens)
     new_cache: KVCache = []
-    for lp, (k_cache, v_cache) in zip(params["layers"], kv_cache):
+    for lp, (k_cache, v_cache) in zip(params["layers"], kv_cache or no_cache(cfg)):
         x, k_cache, v_cache = _decoder_layer(lp, x, cos, sin, k_cache, v_cache, inp, cfg=cfg,
                                              attention_fn=attention_fn, experts_fn=experts_fn)
         new_cache.append((k_cache, v_cache))
-    return x, new_cache
+    return x, new_cache if kv_cache is not None else None
+
+
+def no_cache(cfg: ModelConfig) -> list[tuple[None, None]]:
+    return [(None, None)] * cfg.num_layers
 
 
 # A nested jit so that the step's identical layers are traced and lowered once per step shape (one

@@ -88,6 +88,8 @@ class ModelRunner:
         self.cfg = cfg
         self.model = get_model_module(cfg.architecture)  # forward, compute_logits
         self.params = params
+        # The caller's arrays (LLM.from_params): weight updates replace them, never write into them.
+        self.shares_params = False
         self.config = config
         self.shardings = shardings
         self.device = device
@@ -161,7 +163,7 @@ class ModelRunner:
         """Overwrites every weight in place with `params` (the engine's layout, unsharded)."""
         if self.shardings is not None:
             params = self.shardings.match_layout(params)
-        self.params = swap_in_place(self._awake_params(), params)  # places leaf by leaf
+        self.params = swap_in_place(self._awake_params(), params, donate=not self.shares_params)
 
     def update_named_weights(self, named: dict[str, Any]) -> None:
         """Overwrites the weights `named` (weight_swap.get_named's names) in place, each
@@ -170,7 +172,7 @@ class ModelRunner:
             raise RuntimeError("weight updates in chunks are not supported with "
                                "tensor_parallel_size > 1 yet: pass the whole tree")
         current = {n: get_named(self._awake_params(), n) for n in named}
-        for n, value in swap_in_place(current, named).items():
+        for n, value in swap_in_place(current, named, donate=not self.shares_params).items():
             set_named(self.params, n, value)
 
     def _awake_params(self) -> Any:

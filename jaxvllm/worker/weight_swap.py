@@ -11,8 +11,11 @@ import jax
 _copy_into = jax.jit(lambda old, new: new.astype(old.dtype), donate_argnums=0)
 
 
-def swap_in_place(current: Any, new: Any) -> Any:
-    """Returns `current` with every leaf overwritten by `new`'s values (same tree, shapes, dtypes)."""
+def swap_in_place(current: Any, new: Any, donate: bool = True) -> Any:
+    """Returns `current` with every leaf overwritten by `new`'s values (same tree, shapes, dtypes).
+    donate=False (weights shared with the caller, LLM.from_params): `new`'s arrays are taken as
+    they are where already placed like `current`'s (none of `current`'s is overwritten: the
+    caller may hold them)."""
     if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(current)):
         # Multi-host: every process would have to run the same swaps in step; not implemented.
         raise RuntimeError("update_weights is not supported with nnodes > 1 (the weights span "
@@ -39,7 +42,7 @@ def swap_in_place(current: Any, new: Any) -> Any:
             leaf = jax.device_put(leaf, old.sharding if old.committed else None)
         elif leaf.sharding != old.sharding:
             leaf = jax.device_put(leaf, old.sharding)
-        out.append(_copy_into(old, leaf))
+        out.append(_copy_into(old, leaf) if donate else leaf)
     return jax.tree_util.tree_unflatten(cur_tree, out)
 
 

@@ -1,0 +1,138 @@
+"""The engine's models as Flax NNX modules, for training: one model definition and one set of arrays
+for a JAX stack that trains and samples.
+
+`CausalLM` holds the engine's own params layout (models/params.py) as `nnx.Param`s and runs the
+engine's own forward (the family's module from models/registry.py) with the KV cache left out: the
+batch's tokens attend among themselves in a plain causal attention, so the forward is dense and
+differentiable. `LLM.from_params(nnx.state(model), config)` serves the same arrays (no copy where
+their placement fits), and `llm.update_weights(nnx.state(model))` takes them after a training step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.llama import ModelInputs
+from jaxvllm.models.registry import get_model_module
+
+_MASK = -1e30
+
+
+@dataclass(frozen=True)
+class DenseAttention:
+    """Causal attention among a [batch, length] block of new tokens (flattened to [T, ...] as the
+    engine's are), in float32 as the engine's reference attention: a token sees the tokens of its
+    row at positions up to its own (within the sliding window); a position of -1 marks padding,
+    which nothing attends to."""
+    batch: int
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, inp: ModelInputs, *,
+                 sm_scale: float, sliding_window: Optional[int] = None,
+                 logits_soft_cap: Optional[float] = None) -> jax.Array:
+        t, hq, d = q.shape
+        b, hkv = self.batch, k.shape[1]
+        length, g = t // b, hq // hkv
+        qf = q.astype(jnp.float32).reshape(b, length, hkv, g, d) * sm_scale
+        kf = k.astype(jnp.float32).reshape(b, length, hkv, d)
+        vf = v.astype(jnp.float32).reshape(b, length, hkv, d)
+        s = jnp.einsum("bqkgd,bskd->bkgqs", qf, kf, precision=jax.lax.Precision.HIGHEST)
+        if logits_soft_cap is not None:
+            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+        pos = inp.positions.reshape(b, length)
+        qpos, kpos = pos[:, :, None], pos[:, None, :]
+        mask = (kpos <= qpos) & (kpos >= 0)
+        if sliding_window is not None:
+            mask &= qpos - kpos < sliding_window
+        s = jnp.where(mask[:, None, None], s, _MASK)
+        p = jax.nn.softmax(s, axis=-1)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", p, vf, precision=jax.lax.Precision.HIGHEST)
+        return out.reshape(t, hq, d).astype(q.dtype)
+
+
+def dense_inputs(token_ids: jax.Array, positions: jax.Array) -> ModelInputs:
+    """A [B, L] block as the engine's flat batch of B sequences with no cache behind them."""
+    b, length = token_ids.shape
+    lengths = jnp.sum(positions >= 0, axis=1).astype(jnp.int32)
+    return ModelInputs(token_ids=token_ids.reshape(-1).astype(jnp.int32),
+                       positions=positions.reshape(-1).astype(jnp.int32),
+                       slot_mapping=jnp.full((b * length,), -1, jnp.int32),
+                       query_start_loc=jnp.arange(b + 1, dtype=jnp.int32) * length,
+                       seq_lens=lengths, block_tables=jnp.zeros((b, 1), jnp.int32),
+                       num_seqs=jnp.array([b], jnp.int32))
+
+
+class CausalLM(nnx.Module):
+    """A model family's forward over the engine's params layout, as an NNX module.
+
+    `CausalLM(params, config)`: params in the engine's layout (e.g. `converters.load_model(...)
+    .params`, or `LLM.llm_engine.runner.params`), config an HF config (object or dict) or a
+    ModelConfig. `CausalLM.load(model)` loads as `LLM(model)` would. Quantized params (FP8, int4)
+    are refused: they are the engine's serving forms, not trainable ones."""
+
+    def __init__(self, params: dict, config: Any) -> None:
+        cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(
+            config if isinstance(config, dict) else config.to_dict())
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            if any(str(getattr(k, "key", "")).endswith(("_scale", "_min", "_perm"))
+                   for k in path) or not jnp.issubdtype(leaf.dtype, jnp.floating) or \
+                    jnp.dtype(leaf.dtype).itemsize < 2:
+                raise ValueError(f"params{jax.tree_util.keystr(path)}: a quantized weight "
+                                 f"({leaf.dtype}); CausalLM trains unquantized params")
+        self.config = dataclasses.replace(cfg, dtype=str(params["final_norm"].dtype))
+        self._model = get_model_module(cfg.architecture)
+        self.embed = nnx.Param(params["embed"])
+        self.final_norm = nnx.Param(params["final_norm"])
+        if "lm_head" in params:
+            self.lm_head = nnx.Param(params["lm_head"])
+        self.layers = nnx.List([nnx.Dict({k: nnx.Param(v) for k, v in lp.items()})
+                                for lp in params["layers"]])
+
+    @classmethod
+    def load(cls, model: Optional[str] = None, dtype: str = "auto", **load_kw: Any) -> "CausalLM":
+        """The weights `LLM(model, dtype=dtype)` serves (None: the embedded default model);
+        `load_kw` as converters.load_model's."""
+        from converters import load_model
+        loaded = load_model(model, dtype=dtype, load_tokenizer=False, **load_kw)
+        return cls(loaded.params, loaded.config)
+
+    def params(self) -> dict:
+        """The engine's layout: the same arrays (this module's, traced under nnx.grad or jit)."""
+        out = {"embed": self.embed[...], "final_norm": self.final_norm[...],
+               "layers": [{k: p[...] for k, p in lp.items()} for lp in self.layers]}
+        if hasattr(self, "lm_head"):
+            out["lm_head"] = self.lm_head[...]
+        return out
+
+    def weight_chunks(self) -> Iterator[dict[str, jax.Array]]:
+        """The weights by the engine's names, a layer per dict ("layers.3.q", ...), then the rest:
+        for LLM.update_weights between start_weight_update() and finish_weight_update()."""
+        params = self.params()
+        for i, lp in enumerate(params.pop("layers")):
+            yield {f"layers.{i}.{k}": v for k, v in lp.items()}
+        yield params
+
+    def __call__(self, token_ids: jax.Array, positions: Optional[jax.Array] = None) -> jax.Array:
+        """float32 logits [B, L, vocab] of int token_ids [B, L]. positions [B, L] default to
+        0..L-1; a position of -1 marks padding (its logits are meaningless), so a left-padded
+        batch counts each row's positions from its first real token."""
+        b, length = token_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        params = self.params()
+        inp = dense_inputs(token_ids, positions)
+        hidden, _ = self._model.forward(params, None, inp, self.config, DenseAttention(b))
+        logits = self._model.compute_logits(params, hidden, self.config)
+        return logits.reshape(b, length, -1)
+
+
+def token_logprobs(logits: jax.Array, token_ids: jax.Array) -> jax.Array:
+    """log p(token_ids[:, i + 1] | tokens up to i): float32 [B, L - 1], what LLM.score returns for
+    the same tokens."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, token_ids[:, 1:, None], axis=-1)[..., 0]
