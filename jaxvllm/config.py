@@ -68,6 +68,10 @@ class EngineArgs:
                 "penalties, logit_bias, grammar masks, temperature, min_p, top_k and top_p: the "
                 "distribution a token was drawn from; prompt tokens have no processing).",
         "choices": LOGPROBS_MODES})
+    batch_invariant: bool = field(default=False, metadata={
+        "help": "A request's tokens and logprobs are bitwise the same whatever else runs beside "
+                "it, however its prompt is chunked or cached (GEMMs in fixed row tiles, the "
+                "reference attention); score() equals generate()'s logprobs. Slower."})
     compilation_cache_dir: Optional[str] = field(default=None, metadata={
         "help": "JAX persistent compilation cache (default: ~/.cache/jaxvllm/jax; 'none' disables)."})
     weights_cache_dir: Optional[str] = field(default=None, metadata={
@@ -116,6 +120,9 @@ class EngineArgs:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got "
                              f"{self.logprobs_mode!r}")
+        if self.batch_invariant and (self.quantization is not None or self.tensor_parallel_size > 1):
+            raise ValueError("batch_invariant is not supported with quantization or "
+                             "tensor_parallel_size > 1 yet")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got "
                              f"{self.kv_cache_dtype!r}")

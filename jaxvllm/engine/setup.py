@@ -129,6 +129,20 @@ def _weights_cache_dir(args: EngineArgs) -> Optional[str]:
     return None if cache_dir.lower() == "none" else cache_dir
 
 
+def _batch_invariant(cfg: Any) -> tuple[Any, Any]:
+    """The model config and attention of batch-invariant mode: GEMMs in fixed row tiles
+    (models/layers.matmul) and the reference attention, which computes each token on its own over
+    fixed chunks of its context (the Pallas kernel's split over the context and its tiles
+    depend on the batch)."""
+    import dataclasses
+    import functools
+    from pallas_kernels import ragged_paged_attention
+    if cfg.num_experts:
+        raise ValueError("batch_invariant is not supported for mixture-of-experts models yet")
+    return (dataclasses.replace(cfg, batch_invariant=True),
+            functools.partial(ragged_paged_attention, impl="reference"))
+
+
 def build_runner(args: EngineArgs, loaded: Any,
                  devices: Optional[list[Any]] = None) -> tuple[Any, int, SchedulerConfig]:
     """`devices`: a data-parallel replica's device group (None: the first devices); the params are
@@ -165,8 +179,13 @@ def build_runner(args: EngineArgs, loaded: Any,
         token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs,
         logprobs_mode=args.logprobs_mode,
         step_timeout=args.step_timeout,
-        triton_gemm_max_tokens=TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS else 0)
-    runner = ModelRunner(cfg, loaded.params, runner_config, shardings=shardings, device=device)
+        triton_gemm_max_tokens=(TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS
+                                and not args.batch_invariant else 0))
+    attention_fn = None
+    if args.batch_invariant:
+        cfg, attention_fn = _batch_invariant(cfg)
+    runner = ModelRunner(cfg, loaded.params, runner_config, attention_fn=attention_fn,
+                         shardings=shardings, device=device)
     runner.shares_params = loaded.load_format == "params"
     # As vLLM: refuse a cache that cannot hold one sequence of max_model_len, rather than start and
     # then reject every long request. The last token is never fed back, and block 0 is reserved.

@@ -51,6 +51,7 @@ class ModelConfig:
     attn_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
     rope_local_theta: Optional[float] = None
+    batch_invariant: bool = False      # the engine's mode (EngineArgs.batch_invariant), not the model's
 
     @property
     def q_size(self) -> int:

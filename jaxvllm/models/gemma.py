@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import apply_rope, linear, projections, rope_cos_sin
+from jaxvllm.models.layers import apply_rope, linear, matmul, projections, rope_cos_sin
 from jaxvllm.models.llama import AttentionFn, KVCache, ModelInputs, Params, attend, no_cache
 from jaxvllm.models.moe import ExpertsFn
 
@@ -52,7 +52,8 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
     eps, t = cfg.rms_norm_eps, x.shape[0]
     h = rms_norm(x, lp["input_norm"], eps)
     kv_size = cfg.num_kv_heads * cfg.head_dim
-    q, k, v = projections(h, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size))
+    inv = cfg.batch_invariant
+    q, k, v = projections(h, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size), inv)
     q = q.reshape(t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -63,10 +64,10 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
     out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn,
                                    sm_scale=cfg.query_pre_attn_scalar ** -0.5,
                                    sliding_window=window, logits_soft_cap=cfg.attn_logit_softcapping)
-    x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp, "o"), lp["post_attn_norm"], eps)
+    x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp, "o", inv), lp["post_attn_norm"], eps)
     h = rms_norm(x, lp["pre_ffn_norm"], eps)
-    gate, up = projections(h, lp, ("gate", "up"))
-    mlp = linear(jax.nn.gelu(gate, approximate=True) * up, lp, "down")
+    gate, up = projections(h, lp, ("gate", "up"), invariant=inv)
+    mlp = linear(jax.nn.gelu(gate, approximate=True) * up, lp, "down", inv)
     return x + rms_norm(mlp, lp["post_ffn_norm"], eps), k_cache, v_cache
 
 
@@ -74,6 +75,6 @@ def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.A
     """As llama.compute_logits, with Gemma's norm and final soft cap."""
     h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
+    logits = matmul(h, w, cfg.batch_invariant, jnp.float32)
     cap = cfg.final_logit_softcapping
     return logits if cap is None else cap * jnp.tanh(logits / cap)

@@ -91,13 +91,32 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out if rest.shape[-1] == 0 else jnp.concatenate([out, rest], axis=-1)
 
 
-def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
+# Batch-invariant GEMMs: rows in tiles of this many, each tile its own GEMM of one shape, so a
+# row's sums run in the same order whatever the number of rows (XLA picks GEMM algorithms, tilings
+# and split-K by shape: on CPU a float32 row came out differently at 1, 2-32 and 64+ rows).
+INVARIANT_ROWS = 16
+
+
+def matmul(x: jax.Array, w: jax.Array, invariant: bool = False,
+           out_dtype: Optional[jnp.dtype] = None) -> jax.Array:
+    """x [M, K] @ w [K, N] (out_dtype: x @ w's unless given); `invariant`: each row's result
+    depends on that row alone (see INVARIANT_ROWS)."""
+    if not invariant:
+        return x @ w if out_dtype is None else jnp.dot(x, w, preferred_element_type=out_dtype)
+    out_dtype = out_dtype or jnp.result_type(x, w)
+    m, k = x.shape
+    tiles = jnp.pad(x, ((0, -m % INVARIANT_ROWS), (0, 0))).reshape(-1, INVARIANT_ROWS, k)
+    out = jax.lax.map(lambda t: jnp.dot(t, w, preferred_element_type=jnp.float32), tiles)
+    return out.reshape(-1, w.shape[1])[:m].astype(out_dtype)
+
+
+def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False) -> jax.Array:
     """x @ lp[name] (+ lp[name + "_bias"]); an FP8 weight (with lp[name + "_scale"], stored [out, in],
     models/quant.py) runs as an FP8 matmul, an int4 one (models/int4.py) dequantized in the GEMM's
-    input."""
+    input. `invariant`: see matmul (unquantized weights only: EngineArgs refuses the others)."""
     w, scale = lp[name], lp.get(name + "_scale")
     if scale is None:
-        y = x @ w
+        y = matmul(x, w, invariant)
     elif w.dtype == INT4:
         y = int4_linear(x, w, scale, lp[name + "_min"], lp.get(name + "_perm"))
     else:
@@ -106,13 +125,13 @@ def linear(x: jax.Array, lp: dict, name: str) -> jax.Array:
 
 
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],
-                sizes: Optional[tuple[int, ...]] = None) -> list[jax.Array]:
+                sizes: Optional[tuple[int, ...]] = None, invariant: bool = False) -> list[jax.Array]:
     """[linear(x, lp, n) for n in names] for projections of one input (q/k/v, gate/up). int4 ones
     fused at load (models/int4.fuse_projections, stored under "+".join(names)) run as one GEMM
     whose output is split: `sizes` are the outputs' widths (None: equal)."""
     key = "+".join(names)
     if key not in lp:
-        return [linear(x, lp, n) for n in names]
+        return [linear(x, lp, n, invariant) for n in names]
     y = int4_linear(x, lp[key], lp[key + "_scale"], lp[key + "_min"])
     cuts = len(names) if sizes is None else np.cumsum(sizes)[:-1].tolist()
     return [_add_bias(y, lp, n) for y, n in zip(jnp.split(y, cuts, axis=-1), names)]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import apply_rope, linear, projections, rms_norm, rope_cos_sin
+from jaxvllm.models.layers import apply_rope, linear, matmul, projections, rms_norm, rope_cos_sin
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 from jaxvllm.models.quant import FP8, to_fp8
 
@@ -68,7 +68,8 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
                      attention_fn: AttentionFn) -> tuple[jax.Array, jax.Array, jax.Array]:
     t = x.shape[0]
     kv_size = cfg.num_kv_heads * cfg.head_dim
-    q, k, v = projections(x, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size))
+    q, k, v = projections(x, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size),
+                          cfg.batch_invariant)
     q = q.reshape(t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -79,12 +80,12 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
     k = apply_rope(k, cos, sin)
     out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn,
                                    sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
-    return linear(out.reshape(t, cfg.q_size), lp, "o"), k_cache, v_cache
+    return linear(out.reshape(t, cfg.q_size), lp, "o", cfg.batch_invariant), k_cache, v_cache
 
 
-def _mlp(lp: Params, x: jax.Array) -> jax.Array:
-    gate, up = projections(x, lp, ("gate", "up"))
-    return linear(jax.nn.silu(gate) * up, lp, "down")
+def _mlp(lp: Params, x: jax.Array, invariant: bool) -> jax.Array:
+    gate, up = projections(x, lp, ("gate", "up"), invariant=invariant)
+    return linear(jax.nn.silu(gate) * up, lp, "down", invariant)
 
 
 def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: ModelConfig,
@@ -125,7 +126,7 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
     x = x + attn
     h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)
     mlp = (moe(cfg, lp, h, experts_fn, inp.query_start_loc[inp.num_seqs[0]]) if "router" in lp
-           else _mlp(lp, h))
+           else _mlp(lp, h, cfg.batch_invariant))
     return x + mlp, k_cache, v_cache
 
 
@@ -134,7 +135,7 @@ def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.A
     norm is per token, so only the tokens that are sampled pay for it and the LM head)."""
     h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.dot(h, w, preferred_element_type=jnp.float32)
+    return matmul(h, w, cfg.batch_invariant, jnp.float32)
 
 
 def make_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: Any,
