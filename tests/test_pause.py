@@ -28,6 +28,17 @@ def llm():
                enable_prefix_caching=True)
 
 
+def _until_shutdown(engine: AsyncLLMEngine, body):
+    """asyncio.run(body()), the engine's step thread stopped after (also when an assert fails:
+    the next test drives the same engine)."""
+    async def main():
+        try:
+            return await body()
+        finally:
+            await engine.shutdown()
+    return asyncio.run(main())
+
+
 def _tokens(llm: LLM, prompt: str = PROMPT) -> list[int]:
     return llm.generate([prompt], SHORT, use_tqdm=False)[0].outputs[0].token_ids
 
@@ -44,12 +55,6 @@ def test_async_pause_retracts_holds_new_requests_and_resumes(llm):
     async def consume(gen):
         outs = [out async for out in gen]
         return outs[-1]
-
-    async def main():
-        try:
-            return await run()
-        finally:
-            await engine.shutdown()
 
     async def run():
         running = [asyncio.create_task(consume(engine.generate(PROMPT, LONG, f"r{i}")))
@@ -70,7 +75,7 @@ def test_async_pause_retracts_holds_new_requests_and_resumes(llm):
         await engine.update_weights(params)
         return cut, got
 
-    cut, got = asyncio.run(main())
+    cut, got = _until_shutdown(engine, run)
     for out in cut:
         c = out.outputs[0]
         assert out.finished and c.finish_reason == "abort" and 0 < len(c.token_ids) < 100
@@ -81,12 +86,6 @@ def test_async_pause_retracts_holds_new_requests_and_resumes(llm):
 
 def test_async_pause_waits_for_running_requests(llm):
     engine = AsyncLLMEngine(llm.llm_engine)
-
-    async def main():
-        try:
-            return await run()
-        finally:
-            await engine.shutdown()
 
     async def run():
         outs = []
@@ -104,7 +103,7 @@ def test_async_pause_waits_for_running_requests(llm):
         assert not engine.is_paused()
         return outs[-1]
 
-    last = asyncio.run(main())
+    last = _until_shutdown(engine, run)
     assert last.finished and last.outputs[0].finish_reason == "length"
     assert len(last.outputs[0].token_ids) == 20
 
