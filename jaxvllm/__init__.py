@@ -17,6 +17,7 @@ _EXPORTS = {
     "EngineArgs": "jaxvllm.config",
     "LLMEngine": "jaxvllm.engine.llm_engine",
     "AsyncLLMEngine": "jaxvllm.engine.async_llm_engine",
+    "LoRARequest": "jaxvllm.lora.request",
 }
 
 __all__ = list(_EXPORTS)

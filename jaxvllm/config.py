@@ -72,6 +72,11 @@ class EngineArgs:
         "help": "A request's tokens and logprobs are bitwise the same whatever else runs beside "
                 "it, however its prompt is chunked or cached (GEMMs in fixed row tiles, the "
                 "reference attention); score() equals generate()'s logprobs. Slower."})
+    enable_lora: bool = field(default=False, metadata={
+        "help": "Serve LoRA adapters: requests name one (LoRARequest; the server's --lora-modules)."})
+    max_loras: int = field(default=1, metadata={
+        "help": "Adapters on the device at once (the most distinct ones a step can run)."})
+    max_lora_rank: int = field(default=16, metadata={"help": "The largest adapter rank."})
     compilation_cache_dir: Optional[str] = field(default=None, metadata={
         "help": "JAX persistent compilation cache (default: ~/.cache/jaxvllm/jax; 'none' disables)."})
     weights_cache_dir: Optional[str] = field(default=None, metadata={
@@ -120,15 +125,20 @@ class EngineArgs:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got "
                              f"{self.logprobs_mode!r}")
-        if self.batch_invariant and (self.quantization is not None or self.tensor_parallel_size > 1):
-            raise ValueError("batch_invariant is not supported with quantization or "
-                             "tensor_parallel_size > 1 yet")
+        if self.batch_invariant and (self.quantization is not None or self.tensor_parallel_size > 1
+                                     or self.enable_lora):
+            raise ValueError("batch_invariant is not supported with quantization, "
+                             "tensor_parallel_size > 1 or enable_lora yet")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got "
                              f"{self.kv_cache_dtype!r}")
         for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "data_parallel_size",
-                     "max_logprobs"):
+                     "max_logprobs", "max_loras", "max_lora_rank"):
             pos_int(name)
+        if self.enable_lora and (self.quantization is not None or self.tensor_parallel_size > 1
+                                 or self.data_parallel_size > 1 or self.nnodes > 1):
+            raise ValueError("enable_lora is not supported with quantization, tensor or data "
+                             "parallelism or nnodes > 1 yet")
         for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
             pos_int(name, optional=True)
         if self.scheduling_policy not in ("fcfs", "priority"):

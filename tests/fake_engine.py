@@ -155,8 +155,10 @@ class FakeEngine:
             r += 1
         return d
 
-    async def generate(self, prompt, sampling_params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, sampling_params: SamplingParams, request_id: str,
+                       lora_request=None) -> AsyncIterator[RequestOutput]:
+        if lora_request is not None:
+            raise ValueError("the fake engine serves no LoRA adapters")
         arrival = time.monotonic()
         if isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)

@@ -328,6 +328,28 @@ def test_fcfs_order_and_slot_reuse_next_step():
     d.check_final()
 
 
+def test_running_requests_hold_at_most_max_loras_adapters():
+    """With max_loras=2, a request of a third adapter waits (head of line) until a running
+    adapter's requests are gone; base-model requests (lora_id 0) never count."""
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, num_blocks=100, max_loras=2)
+    d = Driver(cfg)
+    loras = [1, 0, 2, 1, 3, 0]
+    for i, lora in enumerate(loras):
+        req = make_req(f"r{i}", [3 + i] * 10, max_tokens=2 + 4 * (lora == 2), ignore_eos=True,
+                       arrival=float(i))
+        req.lora_id = lora
+        d.add(req)
+    admitted = []
+    while d.sched.has_unfinished_requests():
+        so = d.step()
+        admitted.append([n.req_id for n in so.new_reqs])
+        assert all(n.lora_id == loras[int(n.req_id[1:])] for n in so.new_reqs)
+        assert len({r.lora_id for r in d.sched.running} - {0}) <= 2
+    assert admitted[0] == ["r0", "r1", "r2", "r3"]  # r4's adapter 3 waits, and r5 behind it
+    assert ["r4", "r5"] in admitted
+    d.check_final()
+
+
 def test_finished_slot_and_blocks_reused_in_the_very_next_step():
     cfg = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, num_blocks=3, max_model_len=64)
     d = Driver(cfg)

@@ -18,6 +18,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]               # its whole block table
     num_computed_tokens: int           # tokens already in the cache (prefix-cache hit)
+    lora_id: int = 0                   # its LoRA adapter's lora_int_id (0: none)
 
 
 @dataclass

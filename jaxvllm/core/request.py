@@ -40,7 +40,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_id: Optional[int], arrival_time: Optional[float] = None,
-                 cache_salt: Optional[str] = None) -> None:
+                 cache_salt: Optional[str] = None, lora_id: int = 0) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -48,6 +48,7 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = sampling_params.priority
         self.cache_salt = cache_salt  # extra key mixed into the first block hash (e.g. a LoRA id)
+        self.lora_id = lora_id  # its LoRA adapter's lora_int_id (0: none)
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0

@@ -74,6 +74,7 @@ class SchedulerConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     policy: str = "fcfs"            # "fcfs" | "priority"
+    max_loras: int = 0              # most distinct LoRA adapters among running requests (0: no LoRA)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -329,6 +330,8 @@ class Scheduler:
                 req = waiting.peek()
                 if req is None or req.num_inflight:
                     break  # (a request preempted with a token in flight resumes once it is back)
+                if req.lora_id and not self._lora_fits(req.lora_id):
+                    break  # its adapter needs a slot that running requests' adapters hold
                 hits, num_hit = kv.get_computed_blocks(req)
                 n = req.num_tokens - num_hit
                 if n > budget:
@@ -347,7 +350,7 @@ class Scheduler:
                     req.num_cached_tokens = num_hit
                 new_reqs.append(NewRequestData(
                     rid, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                    kv.get_block_ids(rid), num_hit))
+                    kv.get_block_ids(rid), num_hit, req.lora_id))
                 num_scheduled[rid] = n
                 req.num_computed_tokens = num_hit + n
                 if num_hit + n == req.num_tokens:
@@ -366,6 +369,10 @@ class Scheduler:
                                total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
                                finished_req_ids=finished, preempted_req_ids=preempted,
                                grammar_rows=grammar_rows)
+
+    def _lora_fits(self, lora_id: int) -> bool:
+        active = {r.lora_id for r in self.running if r.lora_id}
+        return lora_id in active or len(active) < self.config.max_loras
 
     def grammar_bitmask(self, scheduler_output: SchedulerOutput) -> np.ndarray:
         """The next-token masks of the step's requests with a grammar, in `grammar_rows` order.

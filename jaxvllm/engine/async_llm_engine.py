@@ -16,6 +16,7 @@ from jaxvllm.config import EngineArgs
 from jaxvllm.core.scheduler import SchedulerStats
 from jaxvllm.engine.data_parallel import Engine, create_engine
 from jaxvllm.engine.llm_engine import PromptType
+from jaxvllm.lora.request import LoRARequest
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -107,7 +108,8 @@ class AsyncLLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, lora_request: Optional[LoRARequest] = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Cumulative RequestOutputs as tokens arrive (a slow consumer gets the newest one, skipping
         those it did not take in time); the last has finished=True. Raises
         ValueError/TypeError before yielding for an invalid request. Closing the iterator (or
@@ -120,7 +122,8 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        prepared = self.engine.prepare_request(request_id, prompt, sampling_params)
+        prepared = self.engine.prepare_request(request_id, prompt, sampling_params,
+                                               lora_request=lora_request)
         latest = _Latest(prepared.params.output_kind == RequestOutputKind.DELTA)
         with self._lock:  # the loop dies under it: it either fails this stream or we see _error
             if self._error is not None:

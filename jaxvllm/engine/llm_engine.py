@@ -9,7 +9,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from jaxvllm.core.outputs import EngineCoreOutput
 from jaxvllm.core.request import Request, RequestStatus
 from jaxvllm.core.scheduler import Scheduler, SchedulerStats
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
+from jaxvllm.lora.request import LoRARequest
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxvllm.structured_output import BadWords, GrammarCompiler, TokenMask
@@ -59,6 +60,7 @@ class _Parent:
     failed: bool = False      # its output processing raised: finished with finish_reason "error"
     grammar: Optional[str] = None  # structured outputs: compiled when prepared
     bad_words: Optional[list[tuple[int, ...]]] = None  # token sequences, tokenized when prepared
+    lora_request: Optional[LoRARequest] = None  # its adapter, loaded when prepared
 
     @property
     def finished(self) -> bool:
@@ -71,8 +73,10 @@ class RequestPreparer:
     before it hands the request to a replica process."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, max_logprobs: int,
-                 eos_token_id: Optional[int], generation_eos_ids: set[int]) -> None:
+                 eos_token_id: Optional[int], generation_eos_ids: set[int],
+                 load_lora: Optional[Callable[[LoRARequest], None]] = None) -> None:
         self.tokenizer = tokenizer
+        self.load_lora = load_lora  # None: LoRA not enabled
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
@@ -104,9 +108,17 @@ class RequestPreparer:
         return list(self.tokenizer.encode(check_text(text, name), add_special_tokens=add_special_tokens))
 
     def prepare(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams],
-                arrival_time: Optional[float]) -> _Parent:
+                arrival_time: Optional[float],
+                lora_request: Optional[LoRARequest] = None) -> _Parent:
         if params is not None and not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise TypeError(f"lora_request must be a LoRARequest, got "
+                                f"{type(lora_request).__name__}")
+            if self.load_lora is None:
+                raise ValueError("lora_request needs an engine started with enable_lora=True")
+            self.load_lora(lora_request)
         params = (params or SamplingParams()).clone()
         text, ids = self.tokenize(prompt)
         self._validate(ids, params)
@@ -134,7 +146,7 @@ class RequestPreparer:
                        prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                        metrics={"arrival_time": now, "first_scheduled_time": None,
                                 "first_token_time": None, "finished_time": None},
-                       grammar=grammar, bad_words=bad_words)
+                       grammar=grammar, bad_words=bad_words, lora_request=lora_request)
 
     def _bad_word_sequences(self, words: list[str]) -> list[tuple[int, ...]]:
         """As vLLM: each word as written and with a leading space (how it follows another word)."""
@@ -182,18 +194,21 @@ class RequestFront:
         return self.preparer.encode(text, add_special_tokens, name)
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None) -> None:
+                    arrival_time: Optional[float] = None,
+                    lora_request: Optional[LoRARequest] = None) -> None:
         """Validates and queues a request; raises ValueError/TypeError (nothing is queued then)."""
-        self.admit_request(self.prepare_request(request_id, prompt, params, arrival_time))
+        self.admit_request(self.prepare_request(request_id, prompt, params, arrival_time,
+                                                lora_request))
 
     def prepare_request(self, request_id: str, prompt: PromptType,
                         params: Optional[SamplingParams] = None,
-                        arrival_time: Optional[float] = None) -> _Parent:
+                        arrival_time: Optional[float] = None,
+                        lora_request: Optional[LoRARequest] = None) -> _Parent:
         """Everything in add_request that does not touch the scheduler (safe off the step thread).
         What each output holds follows `params.output_kind` (offline batches use FINAL_ONLY)."""
         if self._is_running(request_id):
             raise ValueError(f"request_id {request_id!r} is already running")
-        return self.preparer.prepare(request_id, prompt, params, arrival_time)
+        return self.preparer.prepare(request_id, prompt, params, arrival_time, lora_request)
 
 
 class LLMEngine(RequestFront):
@@ -254,7 +269,8 @@ class LLMEngine(RequestFront):
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         self.preparer = RequestPreparer(self.tokenizer, self.model_config.vocab_size,
                                         self.max_model_len, args.max_logprobs, self.eos_token_id,
-                                        _generation_eos_ids(self.loaded.generation_config))
+                                        _generation_eos_ids(self.loaded.generation_config),
+                                        self._load_lora if args.enable_lora else None)
         self.default_sampling = generation_sampling_defaults(self.loaded.generation_config)
 
     @classmethod
@@ -275,8 +291,12 @@ class LLMEngine(RequestFront):
                 # As vLLM: distinct but reproducible streams for the n samples of a seeded request.
                 child_params = p.clone()
                 child_params.seed = p.seed + c.index
+            lora = parent.lora_request
+            # An adapter's K/V are its own: its id salts the prefix-cache hashes.
             c.request = Request(c.request_id, parent.prompt_token_ids, child_params,
-                                self.eos_token_id, arrival_time=parent.metrics["arrival_time"])
+                                self.eos_token_id, arrival_time=parent.metrics["arrival_time"],
+                                cache_salt=None if lora is None else f"lora-{lora.lora_int_id}",
+                                lora_id=0 if lora is None else lora.lora_int_id)
             if parent.grammar is not None:
                 c.request.grammar = self.preparer.grammars.matcher(parent.grammar)
             elif p.allowed_token_ids:
@@ -297,6 +317,22 @@ class LLMEngine(RequestFront):
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
             for cid in child_ids:
                 self._child_to_parent.pop(cid, None)
+
+    def _load_lora(self, lora: LoRARequest) -> None:
+        """The adapter's weights on the host, read once per lora_int_id (the runner puts them in a
+        device slot when a step needs them)."""
+        from jaxvllm.lora.peft import check_shapes, load_peft_adapter
+        slots = self.runner.lora
+        known = slots.adapters.get(lora.lora_int_id)
+        if known is not None:
+            if known[0] != lora.lora_path:
+                raise ValueError(f"lora_int_id {lora.lora_int_id} is already the adapter at "
+                                 f"{known[0]!r}, not {lora.lora_path!r}")
+            return
+        cfg = self.model_config
+        adapter = load_peft_adapter(lora.lora_path, cfg.num_layers, slots.rank)
+        check_shapes(adapter, lora.lora_path, slots.shapes)
+        slots.add(lora.lora_int_id, lora.lora_path, adapter)
 
     def retract_requests(self) -> list[RequestOutput]:
         """Ends every unfinished request now (pause_generation without waiting): each one's

@@ -178,6 +178,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         kv_dtype=params_dtype if args.kv_cache_dtype == "auto" else jnp.float8_e4m3fn,
         token_buckets=args.token_buckets, seed=args.seed, max_logprobs=args.max_logprobs,
         logprobs_mode=args.logprobs_mode,
+        max_loras=args.max_loras if args.enable_lora else 0, max_lora_rank=args.max_lora_rank,
         step_timeout=args.step_timeout,
         triton_gemm_max_tokens=(TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS
                                 and not args.batch_invariant else 0))
@@ -199,5 +200,6 @@ def build_runner(args: EngineArgs, loaded: Any,
                             max_model_len=max_model_len, num_blocks=runner.num_blocks,
                             block_size=args.block_size,
                             enable_prefix_caching=args.enable_prefix_caching,
-                            policy=args.scheduling_policy)
+                            policy=args.scheduling_policy,
+                            max_loras=args.max_loras if args.enable_lora else 0)
     return runner, max_model_len, sched

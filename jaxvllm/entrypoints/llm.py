@@ -14,6 +14,7 @@ from jaxvllm.config import EngineArgs
 from jaxvllm.engine.data_parallel import create_engine
 from jaxvllm.engine.llm_engine import PromptType, as_token_ids, check_text, is_token_ids
 from jaxvllm.entrypoints.chat_utils import parse_messages, parse_tools
+from jaxvllm.lora.request import LoRARequest
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -191,7 +192,11 @@ class LLM:
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: Optional[Union[LoRARequest, Sequence[Optional[LoRARequest]]]] = None
+                 ) -> list[RequestOutput]:
+        """`lora_request`: the adapter for every prompt, or one per prompt (None: the base
+        model); the engine needs enable_lora=True."""
         if isinstance(prompts, (str, dict)) or is_token_ids(prompts):
             prompts = [prompts]
         elif not isinstance(prompts, (list, tuple)):
@@ -210,13 +215,21 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for "
                                  f"{len(prompts)} prompts")
-        return self._run(prompts, params_list, use_tqdm)
+        if isinstance(lora_request, (list, tuple)):
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
+        else:
+            loras = [lora_request] * len(prompts)
+        return self._run(prompts, params_list, use_tqdm, loras)
 
     def chat(self, messages: Union[Messages, Sequence[Messages]],
              sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: Optional[str] = None,
-             tools: Optional[list[dict]] = None) -> list[RequestOutput]:
+             tools: Optional[list[dict]] = None,
+             lora_request: Optional[Union[LoRARequest, Sequence[Optional[LoRARequest]]]] = None
+             ) -> list[RequestOutput]:
         """Each conversation rendered with the model's chat template (or `chat_template`), with
         `tools` (OpenAI's function entries) passed to it, then generated from."""
         from jinja2 import TemplateError
@@ -242,14 +255,14 @@ class LLM:
             # The rendered text is the prompt (as vLLM reports it); the template wrote the special
             # tokens already, so the tokenizer adds none.
             prompts.append({"prompt": text, "prompt_token_ids": self.llm_engine.encode(text, False, name)})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+             use_tqdm: bool, loras: list[Optional[LoRARequest]]) -> list[RequestOutput]:
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt leaves no half-run batch.
-        prepared = [engine.prepare_request(str(next(self._counter)), p, sp)
-                    for p, sp in zip(prompts, params_list)]
+        prepared = [engine.prepare_request(str(next(self._counter)), p, sp, lora_request=lora)
+                    for p, sp, lora in zip(prompts, params_list, loras)]
         for p in prepared:  # as vLLM's LLM: only the final outputs are read (on the prepared copy)
             p.params.output_kind = RequestOutputKind.FINAL_ONLY
         order = {p.request_id: i for i, p in enumerate(prepared)}

@@ -13,6 +13,13 @@ from jaxvllm.models.int4 import INT4, int4_linear
 from jaxvllm.models.quant import fp8_linear
 
 
+def lora_update(x: jax.Array, mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Each token's LoRA update (x @ A_slot) @ B_slot for all tokens at once: A [in, S*R] and
+    B [S*R, out] stack the adapters' slots, `mask` [T, S*R] keeps each token's own slot's columns
+    (worker/lora_slots.py)."""
+    return ((x @ a) * mask) @ b
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     # As HF: normalize in float32, cast back, then scale in the activation dtype.
     x32 = x.astype(jnp.float32)
@@ -121,7 +128,11 @@ def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False) -> jax.Ar
         y = int4_linear(x, w, scale, lp[name + "_min"], lp.get(name + "_perm"))
     else:
         y = fp8_linear(x, w, scale)
-    return _add_bias(y, lp, name)
+    y = _add_bias(y, lp, name)
+    lora_a = lp.get(name + "_lora_a")  # LoRA adapters' slots (worker/lora_slots.py)
+    if lora_a is not None:
+        y = y + lora_update(x, lp["lora_mask"], lora_a, lp[name + "_lora_b"])
+    return y
 
 
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],

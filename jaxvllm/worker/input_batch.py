@@ -6,7 +6,7 @@ appends the tokens it samples itself, so the scheduler never re-sends token ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class RequestState:
     block_ids: list[int]
     seed: int
     slot: int = -1  # its row of the token table; -1: none (no penalties, nothing to mask)
+    lora_id: int = 0  # its LoRA adapter (0: none)
     num_inflight: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
     # The request's constant sampling knobs, as one column of the packed sampler inputs.
     float_knobs: np.ndarray = field(init=False, repr=False)
@@ -71,6 +72,7 @@ class StepBatch:
     # Requests asking for prompt logprobs: (req_id, batch offset, first position, count); the logits
     # at position p score prompt token p + 1.
     prompt_logprob_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
+    lora_slots: Optional[np.ndarray] = None  # int32[T]: each token's LoRA slot (-1: none)
 
 
 class InputBatch:
@@ -125,7 +127,7 @@ class InputBatch:
             token_ids=list(new_req.prompt_token_ids) + list(new_req.output_token_ids),
             num_prompt_tokens=len(new_req.prompt_token_ids), params=sp,
             block_ids=list(new_req.block_ids),
-            seed=seed, slot=slot)
+            seed=seed, slot=slot, lora_id=new_req.lora_id)
 
     def build(self, scheduler_output: SchedulerOutput) -> StepBatch:
         req_ids = list(scheduler_output.num_scheduled_tokens)

@@ -35,6 +35,7 @@ from jaxvllm.worker import sampler as sampler_lib
 from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, SamplingInputs, StepBatch,
                                         default_token_buckets, sampling_shapes)
 from jaxvllm.worker import token_table
+from jaxvllm.worker.lora_slots import LoRASlots
 from jaxvllm.worker.token_table import TokenTable
 from jaxvllm.models.moe import experts_swiglu
 from pallas_kernels import ragged_paged_attention
@@ -72,6 +73,8 @@ class RunnerConfig:
     # compile each. 0: cuBLAS everywhere.
     triton_gemm_max_tokens: int = 0
     step_timeout: float = 300.0               # tensor parallel: seconds a step may take (StepTimeoutError)
+    max_loras: int = 0                        # LoRA adapter slots (0: LoRA off)
+    max_lora_rank: int = 0
 
 
 class StepTimeoutError(RuntimeError):
@@ -114,6 +117,9 @@ class ModelRunner:
         self.input_batch = InputBatch(config.block_size, self.max_blocks_per_seq,
                                       self.token_buckets,
                                       config.max_num_seqs, config.seed, self.token_table)
+        self.lora = (LoRASlots(cfg, config.max_loras, config.max_lora_rank,
+                               jnp.asarray(params["final_norm"]).dtype, device)
+                     if config.max_loras else None)
         step_kw = dict(donate_argnums=(1,),
                        **({} if shardings is None else shardings.step_jit_kwargs()))
         self._step = jax.jit(self._step_impl, **step_kw)
@@ -219,7 +225,9 @@ class ModelRunner:
     # ---- the jitted step -------------------------------------------------------------------
     def _step_impl(self, params: Any, kv_cache: llama.KVCache, packed: jax.Array,
                    prev_sampled: jax.Array):
-        inp, logits_indices, prev_rows = self._unpack_inputs(packed)
+        inp, logits_indices, prev_rows, lora_slots = self._unpack_inputs(packed)
+        if lora_slots is not None:
+            params = self.lora.with_mask(params, lora_slots)
         # Decode inputs whose ids are the previous step's samples are read on device (async
         # scheduling: the host never waited for them).
         token_ids = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], inp.token_ids)
@@ -242,30 +250,34 @@ class ModelRunner:
     # ~0.5 ms each on the GPU, more than the batch-1 step's slack.
     def _packed_len(self, t: int) -> int:
         r = self.input_batch.request_bucket(t)
-        return 4 * t + (r + 1) + 2 * r + 1 + r * self.max_blocks_per_seq
+        return (4 + bool(self.lora)) * t + (r + 1) + 2 * r + 1 + r * self.max_blocks_per_seq
 
     def _packed_inputs(self, b: StepBatch) -> np.ndarray:
+        lora = [] if self.lora is None else [
+            b.lora_slots if b.lora_slots is not None else np.full(len(b.token_ids), -1, np.int32)]
         return np.concatenate([b.token_ids, b.positions, b.slot_mapping, b.prev_rows,
                                b.query_start_loc, b.seq_lens, b.logits_indices, b.num_seqs,
-                               b.block_tables.ravel()])
+                               b.block_tables.ravel(), *lora])
 
     def _device_inputs(self, b: StepBatch) -> tuple[Any, ...]:
         """The step's arguments after params and cache (for lowering: a dispatched step reads the
         previous samples when it is launched)."""
         return self._packed_inputs(b), self._prev_sampled
 
-    def _unpack_inputs(self, packed: jax.Array) -> tuple[llama.ModelInputs, jax.Array, jax.Array]:
+    def _unpack_inputs(self, packed: jax.Array) -> tuple[llama.ModelInputs, jax.Array, jax.Array,
+                                                         Optional[jax.Array]]:
+        """The batch, logits rows, previous-sample rows and (LoRA on) each token's adapter slot."""
         t = self._bucket_by_packed_len[packed.shape[0]]  # static: shapes are known when tracing
         r = self.input_batch.request_bucket(t)
-        sizes = [t, t, t, t, r + 1, r, r, 1, r * self.max_blocks_per_seq]
+        sizes = [t, t, t, t, r + 1, r, r, 1, r * self.max_blocks_per_seq] + [t] * bool(self.lora)
         parts, o = [], 0
         for n in sizes:
             parts.append(packed[o:o + n])
             o += n
-        token_ids, positions, slots, prev_rows, qsl, seq_lens, logits_indices, num_seqs, bt = parts
+        token_ids, positions, slots, prev_rows, qsl, seq_lens, logits_indices, num_seqs, bt = parts[:9]
         inp = llama.ModelInputs(token_ids, positions, slots, qsl, seq_lens,
                                 bt.reshape(r, self.max_blocks_per_seq), num_seqs)
-        return inp, logits_indices, prev_rows
+        return inp, logits_indices, prev_rows, parts[9] if self.lora else None
 
     def _apply_token_bits_impl(self, table: jax.Array, logits: jax.Array,
                                sampling: SamplingInputs) -> jax.Array:
@@ -329,7 +341,8 @@ class ModelRunner:
                                     self._kv_sharding)
         t = self.token_buckets[-1]
         b = self._dummy_batch(t)
-        return _new_bytes(self._step_for(t).lower(self.params, probe, *self._device_inputs(b)))
+        return _new_bytes(self._step_for(t).lower(self._step_params(), probe,
+                                                  *self._device_inputs(b)))
 
     def _sampler_bytes(self) -> int:
         """The sampler's most memory-hungry variant at max_num_seqs rows: a full sort over the
@@ -367,6 +380,20 @@ class ModelRunner:
                     self.config.max_model_len, tokens / self.config.max_model_len)
 
     # ---- compilation -------------------------------------------------------------------------
+    def _step_params(self) -> Any:
+        """The weights a step reads: with LoRA on, each layer's adapter slots beside them."""
+        return self.params if self.lora is None else self.lora.step_params(self.params)
+
+    def _token_lora_slots(self, b: StepBatch) -> np.ndarray:
+        """Each token's adapter slot (-1: none), the step's adapters loaded into slots first."""
+        ids = [self.input_batch.requests[rid].lora_id for rid in b.req_ids]
+        slot_of = self.lora.ensure(i for i in ids if i)
+        per_request = np.array([slot_of.get(i, -1) for i in ids], np.int32)
+        slots = np.full(len(b.token_ids), -1, np.int32)
+        qsl = b.query_start_loc
+        slots[:b.num_tokens] = np.repeat(per_request, np.diff(qsl[:len(ids) + 1]))
+        return slots
+
     def _dummy_batch(self, t: int) -> StepBatch:
         r = self.input_batch.request_bucket(t)
         z = lambda *s: np.zeros(s, np.int32)
@@ -391,7 +418,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         batches = {t: self._dummy_batch(t) for t in self.token_buckets}
         bar = tqdm(total=len(batches), desc="Compiling buckets", unit="bucket", disable=not progress)
-        _compile_all([self._step_for(t).lower(self.params, self.kv_cache, *self._device_inputs(b))
+        _compile_all([self._step_for(t).lower(self._step_params(), self.kv_cache,
+                                              *self._device_inputs(b))
                       for t, b in batches.items()], bar)
         bar.close()
         t_steps = time.perf_counter()
@@ -402,7 +430,7 @@ class ModelRunner:
             self._prev_sampled)]
         sampler_rows = set()
         for t, b in batches.items():
-            self.kv_cache, logits, hidden = self._step_for(t)(self.params, self.kv_cache,
+            self.kv_cache, logits, hidden = self._step_for(t)(self._step_params(), self.kv_cache,
                                                               *self._device_inputs(b))
             others.append(self._prompt_logprobs.lower(self.params, hidden, rows, rows,
                                                       num_logprobs=self.config.max_logprobs))
@@ -437,6 +465,9 @@ class ModelRunner:
             return None
         b = input_batch.build(scheduler_output)
         t = len(b.token_ids)
+        if self.lora is not None:
+            b.lora_slots = self._token_lora_slots(b)
+        step_params = self._step_params()  # now: a later dispatch may load other adapters
         packed = self._packed_inputs(b)
         sampling = input_batch.sampling_inputs(b)
         n = len(b.req_ids)
@@ -475,7 +506,7 @@ class ModelRunner:
         def launch() -> tuple[Any, Optional[_PromptScores]]:
             self.token_table.write(table_writes)
             self.kv_cache, logits, all_hidden = self._step_for(t)(
-                self.params, self.kv_cache, packed, self._prev_sampled)
+                step_params, self.kv_cache, packed, self._prev_sampled)
             processed = (logits if grammar is None else
                          self._apply_token_bitmask(logits, grammar.bitmask.result()))
             if logit_bias is not None:

@@ -46,6 +46,7 @@ from jaxvllm.config import EngineArgs
 from jaxvllm.entrypoints.openai.launch import start_server
 from jaxvllm.entrypoints.openai.reasoning import PARSERS
 from jaxvllm.entrypoints.openai.tool_parsers import PARSERS as TOOL_PARSERS
+from jaxvllm.lora.request import LoRARequest
 from jaxvllm.entrypoints.openai.server import (DEFAULT_MAX_BODY, DEFAULT_MAX_WAITING,
                                                DEFAULT_MODEL_NAME, DEFAULT_STREAM_WRITE_TIMEOUT)
 
@@ -88,11 +89,34 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
                    help="The tool-call format of the model: hermes (Qwen2.5/Qwen3), llama3_json, "
                         "mistral.")
+    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) the `model` field may name, with "
+                        "--enable-lora.")
     g.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="Server log level.")
     g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                    help="Log every HTTP request.")
     return parser
+
+
+def parse_lora_modules(specs: Optional[list[str]], enable_lora: bool) -> list[LoRARequest]:
+    """--lora-modules NAME=PATH ...: adapters with ids 1, 2, ... in the order given."""
+    if not specs:
+        return []
+    if not enable_lora:
+        raise SystemExit("--lora-modules needs --enable-lora")
+    out = []
+    for i, spec in enumerate(specs, 1):
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora-modules: expected NAME=PATH, got {spec!r}")
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise SystemExit(f"--lora-modules {name}: {path!r} is not a PEFT adapter directory "
+                             "(no adapter_config.json)")
+        out.append(LoRARequest(name, i, path))
+    if len({lora.lora_name for lora in out}) < len(out):
+        raise SystemExit("--lora-modules: each NAME once")
+    return out
 
 
 def _engine_args_from(args: argparse.Namespace) -> EngineArgs:
@@ -111,6 +135,7 @@ async def serve(args: argparse.Namespace,
         raise SystemExit("--max-request-body-bytes must be >= 1")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
+    lora_modules = parse_lora_modules(args.lora_modules, engine_args.enable_lora)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,7 +150,8 @@ async def serve(args: argparse.Namespace,
             shutdown_timeout=args.shutdown_timeout,
             stream_write_timeout=args.stream_write_timeout,
             reasoning_parser=args.reasoning_parser,
-            tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
+            tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+            lora_modules=lora_modules)
     except OSError as e:
         print(f"jaxvllm: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr, flush=True)
         return 1

@@ -71,7 +71,8 @@ class OpenAIServer:
                  shutdown_timeout: float = 30.0,
                  stream_write_timeout: float = DEFAULT_STREAM_WRITE_TIMEOUT,
                  reasoning_parser: Optional[str] = None,
-                 tool_call_parser: Optional[str] = None):
+                 tool_call_parser: Optional[str] = None,
+                 lora_modules: Optional[list[Any]] = None):
         self.engine_args = engine_args or EngineArgs()
         if isinstance(served_model_name, str):
             served_model_name = [served_model_name]
@@ -95,7 +96,8 @@ class OpenAIServer:
                                      max_body=max_request_body_bytes,
                                      stream_write_timeout=stream_write_timeout,
                                      reasoning_parser=reasoning_parser,
-                                     tool_call_parser=tool_call_parser)
+                                     tool_call_parser=tool_call_parser,
+                                     lora_modules=lora_modules)
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------
@@ -260,17 +262,19 @@ class OpenAIServer:
                             headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     def _model_card(self, name: str) -> dict:
+        lora = self.serving.lora_modules.get(name)  # an adapter: its path, the base as parent
         return {"id": name, "object": "model", "created": self.created, "owned_by": "jaxvllm",
-                "root": self.engine_args.model or DEFAULT_MODEL_NAME, "parent": None,
+                "root": lora.lora_path if lora else self.engine_args.model or DEFAULT_MODEL_NAME,
+                "parent": self.model_name if lora else None,
                 "max_model_len": self.serving.limits.max_model_len if self.serving.ready.is_set()
                 else self.engine_args.max_model_len, "permission": []}
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return json_response({"object": "list",
-                              "data": [self._model_card(n) for n in self.serving.served_names]})
+        names = [*self.serving.served_names, *self.serving.lora_modules]
+        return json_response({"object": "list", "data": [self._model_card(n) for n in names]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name not in self.serving.served_names:
+        if name not in self.serving.served_names and name not in self.serving.lora_modules:
             raise protocol.not_found(f"The model `{name}` does not exist.", "model")
         return json_response(self._model_card(name))

@@ -26,6 +26,7 @@ from jaxvllm.entrypoints.openai.protocol import (APIError, ChatCompletionRequest
                                                  TokenizeRequest, bad_request)
 from jaxvllm.entrypoints.openai.chat_output import ChatOutput
 from jaxvllm.entrypoints.openai.reasoning import check_parser as check_reasoning_parser
+from jaxvllm.lora.request import LoRARequest
 from jaxvllm.entrypoints.openai.tool_parsers import check_parser as check_tool_call_parser
 from jaxvllm.entrypoints.openai.responses import internal_error, json_response
 
@@ -54,8 +55,11 @@ class OpenAIServing:
 
     def __init__(self, engine_args: EngineArgs, served_names: list[str], metrics: ServerMetrics, *,
                  max_waiting: int, max_body: int, stream_write_timeout: float,
-                 reasoning_parser: Optional[str] = None, tool_call_parser: Optional[str] = None):
+                 reasoning_parser: Optional[str] = None, tool_call_parser: Optional[str] = None,
+                 lora_modules: Optional[list[LoRARequest]] = None):
         self.engine_args = engine_args
+        # The adapters the `model` field may name (--lora-modules).
+        self.lora_modules = {lora.lora_name: lora for lora in lora_modules or ()}
         self.reasoning_parser = check_reasoning_parser(reasoning_parser)
         # Set: tool_choice "auto" reads calls out of the text with it (--enable-auto-tool-choice).
         self.tool_call_parser = check_tool_call_parser(tool_call_parser)
@@ -119,7 +123,8 @@ class OpenAIServing:
     def check_model(self, model: Optional[str]) -> str:
         if model is None:
             return self.served_names[0]
-        if model in self.served_names or (self.engine_args.model and model == self.engine_args.model):
+        if (model in self.served_names or model in self.lora_modules
+                or (self.engine_args.model and model == self.engine_args.model)):
             return model
         raise protocol.not_found(f"The model `{model}` does not exist.", "model")
 
@@ -270,7 +275,8 @@ class OpenAIServing:
         for i, (_, ids) in enumerate(prompts):
             max_tokens = self._max_tokens_for(len(ids), req.requested_max_tokens, param)
             sp = req.sampling_params(max_tokens, self.limits.sampling_defaults)
-            items.append((f"{base}-{i}", ids, sp, req.structured_outputs_field))
+            items.append((f"{base}-{i}", ids, sp, req.structured_outputs_field,
+                          self.lora_modules.get(model)))
         with self.admitted(len(items) * req.n):
             if req.stream:
                 return await self._stream(request, req, model, base, prompts, items)
@@ -290,11 +296,12 @@ class OpenAIServing:
     # Engine requests
     # ------------------------------------------------------------------------------------------
     async def _engine_stream(self, rid: str, prompt_ids: list[int], sp,
-                             constraint_field: Optional[str]) -> AsyncIterator[Any]:
+                             constraint_field: Optional[str],
+                             lora_request: Optional[LoRARequest]) -> AsyncIterator[Any]:
         """One engine request, with abort on early exit and metrics on the way. A grammar the
         engine refuses is reported as `constraint_field`'s."""
         engine, metrics = self.engine, self.metrics
-        agen = engine.generate(prompt_ids, sp, rid)
+        agen = engine.generate(prompt_ids, sp, rid, lora_request=lora_request)
         finished = False
         last_t, gen = None, 0
         out = None

@@ -1,0 +1,167 @@
+"""LoRA serving (`enable_lora`, LoRARequest, vLLM's names) against PEFT on a tiny random Llama:
+adapters of different ranks and targets, and the base model, in one batch; more adapters than
+slots; the prefix cache kept apart per adapter; bad adapters refused by name."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
+from jaxvllm import LLM, LoRARequest, SamplingParams
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (rank, alpha, targets, rslora)
+ADAPTERS = {"all8": (8, 16, ALL, False), "qv4": (4, 8, ["q_proj", "v_proj"], True),
+            "mlp2": (2, 4, ["gate_proj", "up_proj", "down_proj"], False)}
+PROMPTS = [[5, 17, 33, 70, 101, 180, 222, 9, 14, 3, 77, 42, 8, 150, 99, 4, 61, 23, 7, 31, 12],
+           [44, 12, 9], [200, 3, 3, 3, 19, 88, 120, 7]]
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
+
+
+def _base():
+    return tiny_model(tiny_config("llama", vocab_size=256), **FAR_FROM_FLAT)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    root = tmp_path_factory.mktemp("lora")
+    model_dir = root / "base"
+    base = _base()
+    base.save_pretrained(model_dir)
+    save_word_tokenizer(model_dir, 256)
+    out = {"base": str(model_dir)}
+    for i, (name, (r, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(10 + i)
+        # init_lora_weights=False: B random too (PEFT's default zeros would make it a no-op)
+        peft = get_peft_model(_base(), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                  lora_dropout=0.0, init_lora_weights=False,
+                                                  use_rslora=rslora))
+        peft.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def _reference(dirs, name: str, prompt: list[int]) -> tuple[list[int], np.ndarray]:
+    """PEFT's greedy continuation and prompt log-probabilities (float64)."""
+    from peft import PeftModel
+    model = _base() if name == "base" else PeftModel.from_pretrained(_base(), dirs[name]).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1).numpy()
+        seq = ids
+        for _ in range(8):
+            nxt = model(seq).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    return seq[0, len(prompt):].tolist(), logp[np.arange(len(prompt) - 1), prompt[1:]]
+
+
+def _llm(dirs, max_loras: int, enforce_eager: bool = True) -> LLM:
+    return LLM(dirs["base"], dtype="float32", enable_lora=True, max_loras=max_loras,
+               max_lora_rank=8, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32,
+               num_gpu_blocks_override=64, enforce_eager=enforce_eager, token_buckets=(8, 32))
+
+
+def _lora(dirs, name: str):
+    return None if name == "base" else LoRARequest(name, list(ADAPTERS).index(name) + 1, dirs[name])
+
+
+@pytest.mark.parametrize("max_loras", [3, 1], ids=["all_in_slots", "one_slot"])
+def test_adapters_and_base_in_one_batch_match_peft(dirs, max_loras):
+    """Every prompt under every adapter and the base in one generate call: with 3 slots they
+    share steps; with 1 the scheduler runs one adapter at a time and slots are swapped (LRU)."""
+    llm = _llm(dirs, max_loras)
+    names = ["base", *ADAPTERS]
+    jobs = [(n, p) for n in names for p in PROMPTS]
+    outs = llm.generate([{"prompt_token_ids": p} for _, p in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[_lora(dirs, n) for n, _ in jobs])
+    for (name, prompt), out in zip(jobs, outs):
+        tokens, logp = _reference(dirs, name, prompt)
+        assert out.outputs[0].token_ids == tokens, (name, prompt)
+        got = [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+        np.testing.assert_allclose(got, logp, atol=2e-4, err_msg=name)
+
+
+def test_prefix_cache_is_per_adapter_and_slot_swaps_compile_nothing(dirs):
+    llm = _llm(dirs, 2, enforce_eager=False)
+    runner = llm.llm_engine.runner
+    compiled = runner._step._cache_size()
+    sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    prompt = {"prompt_token_ids": PROMPTS[0]}  # 21 tokens: one full block of 16
+    cached = {}
+    for name in ("all8", "all8", "qv4", "base", "qv4"):
+        cached.setdefault(name, []).append(
+            llm.generate([prompt], sp, use_tqdm=False, lora_request=_lora(dirs, name))[0]
+            .num_cached_tokens)
+    assert cached == {"all8": [0, 16], "qv4": [0, 16], "base": [0]}
+    llm.generate([prompt], sp, use_tqdm=False, lora_request=_lora(dirs, "mlp2"))  # evicts one
+    assert runner._step._cache_size() == compiled
+
+
+def test_bad_adapters_are_refused(dirs, tmp_path):
+    llm = _llm(dirs, 1)
+    prompt = {"prompt_token_ids": PROMPTS[1]}
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        llm.generate([prompt], GREEDY, lora_request=LoRARequest("x", 9, str(tmp_path)))
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "adapter_model.safetensors").write_bytes(
+        open(dirs["all8"] + "/adapter_model.safetensors", "rb").read())
+    config = json.loads(open(dirs["all8"] + "/adapter_config.json").read())
+    (big / "adapter_config.json").write_text(json.dumps(dict(config, r=16)))
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        llm.generate([prompt], GREEDY, lora_request=LoRARequest("big", 10, str(big)))
+    with pytest.raises(ValueError, match="already the adapter"):
+        llm.generate([prompt], GREEDY, lora_request=[LoRARequest("a", 11, dirs["all8"])])
+        llm.generate([prompt], GREEDY, lora_request=LoRARequest("b", 11, dirs["qv4"]))
+    with pytest.raises(ValueError, match="lora_int_id"):
+        LoRARequest("x", 0, dirs["all8"])
+    plain = LLM(dirs["base"], dtype="float32", max_model_len=64, num_gpu_blocks_override=16,
+                enforce_eager=True, token_buckets=(8,), max_num_batched_tokens=8, max_num_seqs=4)
+    with pytest.raises(ValueError, match="enable_lora"):
+        plain.generate([prompt], GREEDY, lora_request=_lora(dirs, "qv4"))
+
+
+def test_server_serves_adapters_by_model_name(dirs):
+    """--lora-modules: the `model` field names an adapter (its output is the offline engine's with
+    that adapter), /v1/models lists it with the base as parent; an unknown name is a 404."""
+    import urllib.error
+    import urllib.request
+
+    from jaxvllm import EngineArgs
+    from jaxvllm.entrypoints.openai.api_server import parse_lora_modules
+    from jaxvllm.entrypoints.openai.launch import ServerThread
+    modules = parse_lora_modules([f"all8={dirs['all8']}", f"qv4={dirs['qv4']}"], True)
+    args = EngineArgs(model=dirs["base"], dtype="float32", enable_lora=True, max_loras=2,
+                      max_lora_rank=8, max_model_len=64, max_num_seqs=8,
+                      max_num_batched_tokens=32, num_gpu_blocks_override=64, enforce_eager=True,
+                      token_buckets=(8, 32))
+    offline = _llm(dirs, 2)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    def post(srv, body):
+        req = urllib.request.Request(srv.url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.load(r)
+
+    with ServerThread(args, served_model_name="base", lora_modules=modules) as srv:
+        cards = json.load(urllib.request.urlopen(srv.url + "/v1/models"))["data"]
+        assert [(c["id"], c["parent"]) for c in cards] == [
+            ("base", None), ("all8", "base"), ("qv4", "base")]
+        for name in ("base", "all8", "qv4"):
+            got = post(srv, {"model": name, "prompt": PROMPTS[2], "max_tokens": 8,
+                             "temperature": 0, "ignore_eos": True})["choices"][0]["text"]
+            want = offline.generate([{"prompt_token_ids": PROMPTS[2]}], sp, use_tqdm=False,
+                                    lora_request=_lora(dirs, name))[0].outputs[0].text
+            assert got == want, name
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post(srv, {"model": "nope", "prompt": PROMPTS[2], "max_tokens": 2})
+        assert e.value.code == 404
+    with pytest.raises(SystemExit, match="enable-lora"):
+        parse_lora_modules([f"all8={dirs['all8']}"], False)
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        parse_lora_modules(["all8"], True)
