@@ -37,7 +37,8 @@ def _no_stats(device):
 
 @pytest.fixture(scope="module")
 def loaded():
-    return types.SimpleNamespace(config=CFG, params=init_dummy_params(CFG, "float32"))
+    return types.SimpleNamespace(config=CFG, params=init_dummy_params(CFG, "float32"),
+                                 load_format="dummy")
 
 
 def _args(**kw) -> EngineArgs:

@@ -3,7 +3,9 @@ adapters of different ranks and targets, and the base model, in one batch; more 
 slots; the prefix cache kept apart per adapter; bad adapters refused by name."""
 from __future__ import annotations
 
+import functools
 import json
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -45,10 +47,12 @@ def dirs(tmp_path_factory):
     return out
 
 
-def _reference(dirs, name: str, prompt: list[int]) -> tuple[list[int], np.ndarray]:
-    """PEFT's greedy continuation and prompt log-probabilities (float64)."""
+@functools.lru_cache(maxsize=None)
+def _reference(adapter: Optional[str], prompt: tuple[int, ...]) -> tuple[list[int], np.ndarray]:
+    """PEFT's greedy continuation and prompt log-probabilities (float64) under the adapter
+    directory `adapter` (None: the base model)."""
     from peft import PeftModel
-    model = _base() if name == "base" else PeftModel.from_pretrained(_base(), dirs[name]).eval()
+    model = _base() if adapter is None else PeftModel.from_pretrained(_base(), adapter).eval()
     ids = torch.tensor([prompt])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0].double(), -1).numpy()
@@ -79,7 +83,7 @@ def test_adapters_and_base_in_one_batch_match_peft(dirs, max_loras):
     outs = llm.generate([{"prompt_token_ids": p} for _, p in jobs], GREEDY, use_tqdm=False,
                         lora_request=[_lora(dirs, n) for n, _ in jobs])
     for (name, prompt), out in zip(jobs, outs):
-        tokens, logp = _reference(dirs, name, prompt)
+        tokens, logp = _reference(None if name == "base" else dirs[name], tuple(prompt))
         assert out.outputs[0].token_ids == tokens, (name, prompt)
         got = [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], prompt[1:])]
         np.testing.assert_allclose(got, logp, atol=2e-4, err_msg=name)

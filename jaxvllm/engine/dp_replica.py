@@ -139,6 +139,9 @@ def _describe(engine: Any) -> dict:
     """Where this replica's arrays live and what its scheduler holds (tests and diagnostics)."""
     import jax
     runner = engine.runner
+    # A step still being launched has donated the cache it was given and not yet stored the new
+    # one: wait for the launches queued so far.
+    runner._launcher.submit(lambda: None).result()
     ids = lambda tree: sorted({d.id for leaf in jax.tree.leaves(tree) for d in leaf.devices()})
     live: dict[int, int] = {}
     for a in jax.live_arrays():
