@@ -35,8 +35,8 @@ def _run(llm: LLM, prompts: list[str], sp: SamplingParams):
 
 
 @pytest.mark.parametrize("sp", [
-    SamplingParams(temperature=0, max_tokens=10, logprobs=0, prompt_logprobs=0),
-    SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=10, logprobs=0,
+    SamplingParams(temperature=0, max_tokens=6, logprobs=0, prompt_logprobs=0),
+    SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=6, logprobs=0,
                    prompt_logprobs=0)], ids=["greedy", "seeded"])
 def test_a_request_is_bitwise_the_same_in_any_batch(llm, sp):
     """Prompt logprobs bypass the prefix cache (as in vLLM), so the cached run asks for none."""

@@ -67,16 +67,6 @@ def test_module_logprobs_equal_engine_score(family):
                                        rng.integers(1, 256, 13).tolist()], 1e-5)
 
 
-def test_default_model_logprobs_equal_engine_score(default_model):
-    module = CausalLM(default_model.params, default_model.config)
-    llm = LLM.from_params(nnx.state(module), default_model.hf_config,
-                          tokenizer=default_model.tokenizer, **ENGINE)
-    tok = llm.get_tokenizer()
-    seqs = [tok.encode(t) for t in ("The capital of France is Paris, a city of light.",
-                                     "def fibonacci(n):\n    return n")]
-    _check_against_score(module, llm, seqs, 2e-4)
-
-
 def test_optax_steps_pushed_with_update_weights():
     """SFT steps on one sequence until the module has learnt it; pushed into the engine, greedy
     decoding from its first token reproduces it, the engine's scores are the module's, nothing
