@@ -13,8 +13,10 @@ Control tokens (token type 3) become special tokens and user-defined ones (type 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import struct
 from typing import Any, Optional
 
 import numpy as np
@@ -68,13 +70,46 @@ def field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def open_reader(path: str):
-    import gguf
-
     try:
-        return gguf.GGUFReader(path, "r")
+        return _reader_class()(path, "r")
     except Exception as e:  # the reader raises ValueError/struct errors/IndexError on corrupt files
         raise WeightLoadError(f"{path}: not a valid GGUF file, corrupt or truncated "
                               f"({type(e).__name__}: {e})") from e
+
+
+@functools.cache
+def _reader_class() -> type:
+    import gguf
+    from gguf import GGUFValueType
+
+    class Reader(gguf.GGUFReader):
+        """gguf's reader with a faster walk over metadata arrays (a vocabulary is ~100k strings
+        and numbers): the same fields and parts, sliced from a plain view of the file. The memmap's
+        own slicing runs Python code per item; opening SmolLM2's file took 5 s, now 0.4 s."""
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple:
+            if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype, n, offs = GGUFValueType(raw_itype[0]), int(alen[0]), orig_offs + 12
+            parts, types = [raw_itype, alen], [GGUFValueType.ARRAY, itype]
+            nptype = self.gguf_scalar_to_np.get(itype)
+            if nptype is not None:
+                values = self._get(offs, nptype, n).view(np.ndarray)
+                parts += [values[i:i + 1] for i in range(n)]
+                return 12 + values.nbytes, parts, list(range(2, n + 2)), types
+            if itype != GGUFValueType.STRING:  # nested arrays: none in the models we read
+                return super()._get_field_parts(orig_offs, raw_type)
+            data = self.data.view(np.ndarray)
+            unpack, buf = struct.Struct("<Q").unpack_from, memoryview(data)
+            for _ in range(n):
+                (slen,) = unpack(buf, offs)
+                parts += [data[offs:offs + 8].view(np.uint64), data[offs + 8:offs + 8 + slen]]
+                offs += 8 + slen
+            return offs - orig_offs, parts, list(range(3, 2 * n + 3, 2)), types
+
+    return Reader
 
 
 def architecture(reader: Any, path: str) -> str:

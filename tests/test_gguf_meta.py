@@ -85,6 +85,37 @@ def test_default_tokenizer_matches_transformers():
             == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
+def _same_reading(path) -> None:
+    ours, ref = gguf_meta.open_reader(str(path)), gguf.GGUFReader(str(path), "r")
+    assert list(ours.fields) == list(ref.fields)
+    for key, f in ours.fields.items():
+        g = ref.fields[key]
+        assert (f.offset, f.name, f.types, f.data) == (g.offset, g.name, g.types, g.data), key
+        assert f.contents() == g.contents(), key
+        assert len(f.parts) == len(g.parts), key
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(f.parts, g.parts)), key
+    assert ours.data_offset == ref.data_offset
+    assert [(t.name, t.data_offset, t.shape.tolist()) for t in ours.tensors] == \
+        [(t.name, t.data_offset, t.shape.tolist()) for t in ref.tensors]
+
+
+def test_reader_reads_the_fields_as_gguf_does(tmp_path):
+    """open_reader walks metadata arrays its own (faster) way: the fields, parts and tensors are
+    gguf's own, for the default model's vocabulary and for arrays of every item type."""
+    _same_reading(default_model_path())
+    w = gguf.GGUFWriter(str(tmp_path / "arrays.gguf"), "llama")
+    w.add_array("t.strings", ["", "a", "ünï", "x" * 300])
+    w.add_array("t.empty", [])
+    w.add_array("t.ints", [3, -1, 7])
+    w.add_array("t.floats", [0.5, -2.0])
+    w.add_array("t.bools", [True, False, True])
+    w.add_array("t.nested", [[1, 2], [3]])
+    w.add_string("t.after", "still aligned")
+    w.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+    _finish(w)
+    _same_reading(tmp_path / "arrays.gguf")
+
+
 def test_runtime_gguf_path_imports_no_torch():
     """Config, tokenizer and weights of the default model load without importing torch (even where it is
     installed, as here)."""

@@ -151,9 +151,17 @@ def test_sigterm_while_loading_exits_0():
     launch = _LAUNCH.replace("load_delay=0.3", "load_delay=30")
     p = subprocess.Popen([sys.executable, "-c", launch, "--port", "0"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    time.sleep(1.5)
-    p.send_signal(signal.SIGTERM)
     try:
+        # Once the server says it is loading (its signal handlers are in place), not after a fixed
+        # sleep: a slow import on a busy machine made that a kill by the default handler.
+        seen = []
+        for line in p.stderr:
+            seen.append(line)
+            if "/health answers 503 until ready" in line:
+                break
+        else:
+            raise AssertionError("the server never said it was loading: " + "".join(seen))
+        p.send_signal(signal.SIGTERM)
         assert p.wait(20) == 0
     finally:
         p.kill()

@@ -160,7 +160,9 @@ class AsyncLLMEngine:
         self._paused_on = asyncio.get_running_loop()
         self._unpaused.clear()
         if not wait_for_inflight_requests:
-            await self._call_engine("retract_requests")
+            fut = self._paused_on.create_future()
+            self._post("retract", (self._paused_on, fut))
+            await fut
         fut = self._paused_on.create_future()
         self._post("idle", (self._paused_on, fut))
         await fut
@@ -217,7 +219,7 @@ class AsyncLLMEngine:
         with self._lock:
             # A call posted after the loop died would wait forever: the loop fails those it holds
             # under this lock.
-            if kind in ("call", "idle") and self._error is not None:
+            if kind in ("call", "idle", "retract") and self._error is not None:
                 raise EngineDeadError(f"engine stopped: {self._error!r}")
             self._inbox.append((kind, payload))
         self._wake.set()
@@ -230,7 +232,7 @@ class AsyncLLMEngine:
                 self._drain_inbox()
                 if not engine.has_unfinished_requests():
                     for loop, fut in self._idle_waiters:
-                        _resolve(loop, fut, None)
+                        resolve_future(loop, fut, None)
                     self._idle_waiters = []
                     self._wake.wait(0.5)
                     self._wake.clear()
@@ -255,9 +257,9 @@ class AsyncLLMEngine:
         for rid in streams:
             self._deliver(rid, dead)
         waiters = self._idle_waiters + [p[2:] for kind, p in inbox if kind == "call"]
-        waiters += [p for kind, p in inbox if kind == "idle"]
+        waiters += [p for kind, p in inbox if kind in ("idle", "retract")]
         for loop, fut in waiters:
-            _resolve(loop, fut, dead)
+            resolve_future(loop, fut, dead)
         if self._paused_on is not None:  # requests waiting for resume_generation() see the error
             self._paused_on.call_soon_threadsafe(self._unpaused.set)
 
@@ -274,18 +276,23 @@ class AsyncLLMEngine:
                 self.engine.abort_request(payload)
             elif kind == "idle":
                 self._idle_waiters.append(payload)
+            elif kind == "retract":  # pause: running requests end now, their streams told why
+                loop, fut = payload
+                try:
+                    for out in self.engine.retract_requests():
+                        self._deliver(out.request_id, out)
+                except Exception as e:
+                    resolve_future(loop, fut, e)
+                    continue
+                resolve_future(loop, fut, None)
             else:
                 method, args, loop, fut = payload
                 try:
                     result = getattr(self.engine, method)(*args)
                 except Exception as e:  # the caller's error (bad weights, wrong state)
-                    _resolve(loop, fut, e)
+                    resolve_future(loop, fut, e)
                     continue
-                if method == "retract_requests":
-                    for out in result:
-                        self._deliver(out.request_id, out)
-                    result = None
-                _resolve(loop, fut, result)
+                resolve_future(loop, fut, result)
 
     def _deliver(self, request_id: str, item: object) -> None:
         stream = self._streams.get(request_id)
@@ -298,8 +305,8 @@ class AsyncLLMEngine:
             pass
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result: object) -> None:
-    """Completes a future of another thread's loop: an exception is raised there."""
+def resolve_future(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result: object) -> None:
+    """Completes, from any thread, a future of `loop`: an exception result is raised there."""
     def done() -> None:
         if fut.done():  # its caller was cancelled
             return

@@ -67,6 +67,14 @@ def dense_inputs(token_ids: jax.Array, positions: jax.Array) -> ModelInputs:
                        num_seqs=jnp.array([b], jnp.int32))
 
 
+def _quantized(path: tuple, leaf: jax.Array) -> bool:
+    """A leaf of a quantized serving form: scales/zero points/permutations beside packed weights,
+    integer weights, or 8-bit floats."""
+    if any(str(getattr(k, "key", "")).endswith(("_scale", "_min", "_perm")) for k in path):
+        return True
+    return not jnp.issubdtype(leaf.dtype, jnp.floating) or jnp.dtype(leaf.dtype).itemsize < 2
+
+
 class CausalLM(nnx.Module):
     """A model family's forward over the engine's params layout, as an NNX module.
 
@@ -79,9 +87,7 @@ class CausalLM(nnx.Module):
         cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(
             config if isinstance(config, dict) else config.to_dict())
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            if any(str(getattr(k, "key", "")).endswith(("_scale", "_min", "_perm"))
-                   for k in path) or not jnp.issubdtype(leaf.dtype, jnp.floating) or \
-                    jnp.dtype(leaf.dtype).itemsize < 2:
+            if _quantized(path, leaf):
                 raise ValueError(f"params{jax.tree_util.keystr(path)}: a quantized weight "
                                  f"({leaf.dtype}); CausalLM trains unquantized params")
         self.config = dataclasses.replace(cfg, dtype=str(params["final_norm"].dtype))

@@ -274,10 +274,11 @@ class ModelRunner:
         for n in sizes:
             parts.append(packed[o:o + n])
             o += n
-        token_ids, positions, slots, prev_rows, qsl, seq_lens, logits_indices, num_seqs, bt = parts[:9]
+        lora_slots = parts.pop() if self.lora else None
+        token_ids, positions, slots, prev_rows, qsl, seq_lens, logits_indices, num_seqs, bt = parts
         inp = llama.ModelInputs(token_ids, positions, slots, qsl, seq_lens,
                                 bt.reshape(r, self.max_blocks_per_seq), num_seqs)
-        return inp, logits_indices, prev_rows, parts[9] if self.lora else None
+        return inp, logits_indices, prev_rows, lora_slots
 
     def _apply_token_bits_impl(self, table: jax.Array, logits: jax.Array,
                                sampling: SamplingInputs) -> jax.Array:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from aiohttp import web
 
 from jaxvllm.config import EngineArgs
-from jaxvllm.engine.async_llm_engine import EngineDeadError
+from jaxvllm.engine.async_llm_engine import EngineDeadError, resolve_future
 from jaxvllm.entrypoints.openai import protocol
 from jaxvllm.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jaxvllm.entrypoints.openai.metrics import ServerMetrics
@@ -134,19 +134,10 @@ class OpenAIServer:
 
                 def work() -> None:
                     try:
-                        res, exc = factory(self.engine_args), None
+                        res: object = factory(self.engine_args)
                     except BaseException as e:  # noqa: BLE001 - reported to the loop
-                        res, exc = None, e
-
-                    def done() -> None:
-                        if fut.done():
-                            return
-                        if exc is not None:
-                            fut.set_exception(exc)
-                        else:
-                            fut.set_result(res)
-                    with contextlib.suppress(RuntimeError):  # loop already closed
-                        loop.call_soon_threadsafe(done)
+                        res = e
+                    resolve_future(loop, fut, res)
 
                 threading.Thread(target=work, name="jaxvllm-engine-load", daemon=True).start()
                 engine = await fut
