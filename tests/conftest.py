@@ -48,22 +48,42 @@ def default_model_dir() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def hf_default_model(default_model_dir):
-    """transformers' own reading of the embedded GGUF (float32, torch), loaded once: it
-    dequantizes every tensor in Python, ~20 s."""
+def hf_default_model(default_model_dir, tmp_path_factory):
+    """transformers' own reading of the embedded GGUF (float32, torch). Reading it dequantizes
+    every tensor in Python (~20 s, a minute on a busy machine), so the first pytest worker to need
+    it saves its config and weights where the others load them from (5 s)."""
+    import fcntl
+
     import torch
     import transformers
-    directory, name = default_model_dir
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32).eval()
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # one directory for every worker of the run
+    saved = shared / "hf-default-model.pt"
+    with open(shared / "hf-default-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if saved.exists():
+            read = torch.load(saved, weights_only=True)
+            config = transformers.AutoConfig.for_model(**read["config"])
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(read["state"])
+            return model.eval()
+        directory, name = default_model_dir
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=torch.float32).eval()
+        config = model.config.to_dict()
+        config.pop("quantization_config")  # the GGUF's: the weights saved are plain float32
+        torch.save({"config": config, "state": model.state_dict()}, saved)
+        return model
 
 
 @pytest.fixture(scope="session")
 def real_srv():
     """The OpenAI server on the real engine with the embedded default model (test_server_helpers'
-    real_engine_args), started once for the whole run and shared by the server test modules."""
+    real_engine_args), started once for the whole run and shared by the server test modules; in
+    dev mode (its pause/sleep endpoints)."""
     from jaxvllm.entrypoints.openai.launch import ServerThread
     from test_server_helpers import real_engine_args
-    s = ServerThread(real_engine_args(), ready_timeout=600).start()
+    s = ServerThread(real_engine_args(), ready_timeout=600, dev_mode=True).start()
     yield s
     s.stop()

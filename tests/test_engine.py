@@ -55,11 +55,9 @@ def token_ids(outs):
 
 
 @pytest.fixture(scope="module")
-def reference_tokens(llm, default_model_dir):
+def reference_tokens(llm, hf_default_model):
     """HF transformers' greedy continuation of each prompt (same GGUF, float32)."""
-    from transformers import AutoModelForCausalLM
-    directory, name = default_model_dir
-    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    hf = hf_default_model
     tok = llm.get_tokenizer()
     refs = []
     for p in PROMPTS:

@@ -723,6 +723,24 @@ def test_api_key():
         assert good.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_dev_endpoints_only_in_dev_mode_and_behind_the_api_key(monkeypatch):
+    monkeypatch.delenv("JAXVLLM_SERVER_DEV_MODE", raising=False)
+    with ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory()) as s:
+        for method, path in (("POST", "/pause"), ("POST", "/sleep"), ("GET", "/is_sleeping")):
+            assert_error(*http(method, s.url + path)[::2], 404)
+    monkeypatch.setenv("JAXVLLM_SERVER_DEV_MODE", "1")
+    with ServerThread(EngineArgs(max_model_len=MAX_LEN), engine_factory=_factory(),
+                      api_key="sekret") as s:
+        for method, path in (("POST", "/pause"), ("POST", "/resume"), ("GET", "/is_paused"),
+                             ("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping"),
+                             ("POST", "/reset_prefix_cache")):
+            assert_error(*http(method, s.url + path)[::2], 401)
+        # With the key the route answers (its own validation: the real engine's cycle is in
+        # test_server_real.py).
+        auth = {"Authorization": "Bearer sekret"}
+        assert_error(*http("POST", s.url + "/sleep?level=9", headers=auth)[::2], 400, "level")
+
+
 def test_api_key_compared_in_constant_time(monkeypatch):
     """The key check goes through hmac.compare_digest (its time does not depend on where the tokens
     differ), and every path outside the documented open ones needs the key."""

@@ -361,3 +361,60 @@ def test_tool_results_round_trip_through_the_template(srv, client):
     assert st == 200, body
     text = http("POST", srv.url + "/detokenize", {"tokens": body["tokens"]})[2]["prompt"]
     assert "21 degrees and sunny" in text
+
+
+def test_dev_endpoints_pause_sleep_wake_and_resume(srv, client):
+    """A trainer's cycle over HTTP: /pause ends a running stream ("abort") and holds new requests;
+    /sleep while paused; /resume admits the held request, which the sleeping engine answers 503;
+    /wake_up, and requests are served again. Bad arguments are 400s naming the field, a sleep
+    with requests running a 409."""
+    url = srv.url
+
+    def call(method: str, path: str) -> tuple[int, object]:
+        status, _, body = http(method, url + path)
+        return status, body
+
+    long_body = {"model": MODEL, "prompt": "Write a long story.", "max_tokens": 300,
+                 "ignore_eos": True}
+    pool = ThreadPoolExecutor(2)
+    try:
+        assert call("GET", "/is_paused") == (200, {"is_paused": False})
+        assert call("GET", "/is_sleeping") == (200, {"is_sleeping": False})
+        assert_error(*call("POST", "/pause?clear_cache=maybe"), 400, "clear_cache")
+        running = pool.submit(http, "POST", url + "/v1/completions", long_body, timeout=300)
+        assert wait_until(lambda: metric(url, "jaxvllm:num_requests_running") == 1, 120)
+        assert call("POST", "/pause") == (200, {"status": "paused"})
+        status, _, body = running.result(60)
+        assert status == 200 and body["choices"][0]["finish_reason"] == "abort", body
+        assert body["usage"]["completion_tokens"] < 300
+        assert call("GET", "/is_paused") == (200, {"is_paused": True})
+
+        held = pool.submit(http, "POST", url + "/v1/completions",
+                           {"model": MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=300)
+        time.sleep(1.0)
+        assert not held.done()  # waits for /resume
+        assert_error(*call("POST", "/sleep?level=3"), 400, "level")
+        assert call("POST", "/sleep?level=1") == (200, {"is_sleeping": True})
+        assert call("POST", "/resume") == (200, {"status": "resumed"})
+        status, _, body = held.result(60)
+        assert_error(status, body, 503)
+        assert "wake_up" in body["error"]["message"]
+
+        assert_error(*call("POST", "/wake_up?tags=gpu"), 400, "tags")
+        assert call("POST", "/wake_up?tags=weights") == (200, {"is_sleeping": True})
+        assert call("POST", "/wake_up") == (200, {"is_sleeping": False})
+        assert call("POST", "/reset_prefix_cache") == (200, {"status": "reset"})
+        out = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                        max_tokens=4, temperature=0)
+        assert out.choices[0].text
+
+        running = pool.submit(http, "POST", url + "/v1/completions", long_body, timeout=300)
+        assert wait_until(lambda: metric(url, "jaxvllm:num_requests_running") == 1, 60)
+        assert_error(*call("POST", "/sleep"), 409)
+        assert call("GET", "/is_sleeping") == (200, {"is_sleeping": False})
+        assert call("POST", "/pause") == (200, {"status": "paused"})  # ends it
+        assert running.result(60)[2]["choices"][0]["finish_reason"] == "abort"
+    finally:  # the server is shared: leave it serving
+        http("POST", url + "/wake_up")
+        http("POST", url + "/resume")
+        pool.shutdown(wait=True)

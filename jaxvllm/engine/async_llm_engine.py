@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Optional, Sequence
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.scheduler import SchedulerStats
 from jaxvllm.engine.data_parallel import Engine, create_engine
-from jaxvllm.engine.llm_engine import PromptType
+from jaxvllm.engine.llm_engine import NotServingError, PromptType
 from jaxvllm.lora.request import LoRARequest
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
@@ -112,7 +112,8 @@ class AsyncLLMEngine:
                        ) -> AsyncIterator[RequestOutput]:
         """Cumulative RequestOutputs as tokens arrive (a slow consumer gets the newest one, skipping
         those it did not take in time); the last has finished=True. Raises
-        ValueError/TypeError before yielding for an invalid request. Closing the iterator (or
+        ValueError/TypeError before yielding for an invalid request, NotServingError while the
+        engine is asleep or mid weight update. Closing the iterator (or
         cancelling its consumer) aborts the request."""
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
@@ -270,7 +271,7 @@ class AsyncLLMEngine:
             if kind == "add":
                 try:
                     self.engine.admit_request(payload)
-                except (ValueError, TypeError) as e:
+                except (ValueError, TypeError, NotServingError) as e:
                     self._deliver(payload.request_id, e)
             elif kind == "abort":
                 self.engine.abort_request(payload)

@@ -30,6 +30,11 @@ WAKE_TAGS = ("weights", "kv_cache")  # what LLM.wake_up can bring back
 PromptType = Union[str, Sequence[int], np.ndarray, dict]
 
 
+class NotServingError(RuntimeError):
+    """A request arrived while the engine cannot generate: asleep, or mid weight update. Nothing
+    is wrong with the request; it can be sent again once the engine is woken or updated."""
+
+
 @dataclass
 class _Child:
     index: int
@@ -637,10 +642,10 @@ class LLMEngine(RequestFront):
 
     def _check_can_generate(self) -> None:
         if self.runner.is_sleeping:
-            raise RuntimeError("the engine is asleep (sleep()): call wake_up() before generating")
+            raise NotServingError("the engine is asleep (sleep()): call wake_up() before generating")
         if self._weight_update is not None:
-            raise RuntimeError("a weight update is in progress: call finish_weight_update() "
-                               "before generating")
+            raise NotServingError("a weight update is in progress: call finish_weight_update() "
+                                  "before generating")
 
 
 class _StatsLogger:

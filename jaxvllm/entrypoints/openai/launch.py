@@ -68,7 +68,7 @@ async def start_server(engine_args: Optional[EngineArgs] = None, host: str = "12
 
     server_kwargs go to OpenAIServer: engine=, engine_factory=, served_model_name=, api_key=,
     max_waiting_requests=, max_request_body_bytes=, shutdown_timeout=, stream_write_timeout=,
-    reasoning_parser=, tool_call_parser=.
+    reasoning_parser=, tool_call_parser=, lora_modules=, dev_mode=.
     """
     server = OpenAIServer(engine_args, **server_kwargs)
     kw: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": 2.0}

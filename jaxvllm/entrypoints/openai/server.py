@@ -16,6 +16,7 @@ from aiohttp import web
 from jaxvllm.config import EngineArgs
 from jaxvllm.engine.async_llm_engine import EngineDeadError, resolve_future
 from jaxvllm.entrypoints.openai import protocol
+from jaxvllm.entrypoints.openai.dev_endpoints import DevEndpoints, dev_mode_from_env
 from jaxvllm.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jaxvllm.entrypoints.openai.metrics import ServerMetrics
 from jaxvllm.entrypoints.openai.protocol import APIError
@@ -72,7 +73,8 @@ class OpenAIServer:
                  stream_write_timeout: float = DEFAULT_STREAM_WRITE_TIMEOUT,
                  reasoning_parser: Optional[str] = None,
                  tool_call_parser: Optional[str] = None,
-                 lora_modules: Optional[list[Any]] = None):
+                 lora_modules: Optional[list[Any]] = None,
+                 dev_mode: Optional[bool] = None):
         self.engine_args = engine_args or EngineArgs()
         if isinstance(served_model_name, str):
             served_model_name = [served_model_name]
@@ -98,6 +100,7 @@ class OpenAIServer:
                                      reasoning_parser=reasoning_parser,
                                      tool_call_parser=tool_call_parser,
                                      lora_modules=lora_modules)
+        self.dev_mode = dev_mode_from_env() if dev_mode is None else dev_mode
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------
@@ -117,7 +120,13 @@ class OpenAIServer:
         r.add_post("/v1/chat/completions", self.serving.chat_completions)
         r.add_post("/tokenize", self.serving.tokenize)
         r.add_post("/detokenize", self.serving.detokenize)
+        if self.dev_mode:
+            DevEndpoints(self._ready_engine).add_routes(r)
         return app
+
+    def _ready_engine(self) -> Any:
+        self.serving.require_ready()
+        return self.serving.engine
 
     @property
     def engine(self) -> Any:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.engine.async_llm_engine import EngineDeadError
+from jaxvllm.engine.llm_engine import NotServingError
 from jaxvllm.entrypoints.openai import protocol
 from jaxvllm.entrypoints.openai.logprobs import (chat_logprobs, completion_logprobs, decode_token,
                                                  prompt_logprobs)
@@ -319,6 +320,8 @@ class OpenAIServing:
                     param = ("max_tokens" if "max_tokens" in msg else
                              constraint_field if "structured_outputs" in msg else None)
                     raise bad_request(msg, param) from None
+                except NotServingError as e:  # asleep or mid weight update: a passing state
+                    raise APIError(str(e), 503, "ServiceUnavailableError") from None
                 t = time.monotonic()
                 new = sum(len(o.token_ids) for o in out.outputs)  # DELTA outputs
                 if new > 0:
