@@ -26,7 +26,7 @@ def llm():
 
 
 def _kinds() -> list[SamplingParams]:
-    g = dict(max_tokens=6, ignore_eos=True)
+    g = dict(max_tokens=4, ignore_eos=True)
     return [
         SamplingParams(temperature=0.0, **g),
         SamplingParams(temperature=0.8, seed=1, **g),
@@ -42,14 +42,14 @@ def _kinds() -> list[SamplingParams]:
         SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5,
                        frequency_penalty=0.4, **g),
         SamplingParams(temperature=1.0, frequency_penalty=1.0, n=3, seed=4, **g),
-        SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=list(range(60)), max_tokens=6),
-        SamplingParams(temperature=0.0, stop=["the", "\n"], max_tokens=6),
-        SamplingParams(temperature=0.0, max_tokens=6,
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=list(range(60)), max_tokens=4),
+        SamplingParams(temperature=0.0, stop=["the", "\n"], max_tokens=4),
+        SamplingParams(temperature=0.0, max_tokens=4,
                        structured_outputs=StructuredOutputsParams(regex="[a-z ]+")),
-        SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.2, max_tokens=6,
+        SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.2, max_tokens=4,
                        structured_outputs=StructuredOutputsParams(json_object=True)),
-        SamplingParams(temperature=0.0, max_tokens=6, logit_bias={5: 3.0, 9: -100.0}),
-        SamplingParams(temperature=0.8, seed=2, max_tokens=6, allowed_token_ids=[5, 9, 300]),
+        SamplingParams(temperature=0.0, max_tokens=4, logit_bias={5: 3.0, 9: -100.0}),
+        SamplingParams(temperature=0.8, seed=2, max_tokens=4, allowed_token_ids=[5, 9, 300]),
     ]
 
 

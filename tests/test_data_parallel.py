@@ -54,6 +54,45 @@ def _updated(llm: Any, d: str) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def _sleep_and_chunks(llm: Any, d: str) -> dict[str, Any]:
+    """Sleep mode and a chunked weight update on every replica: asleep, a request is refused and
+    the replicas hold less device memory; woken, the tokens are the same; the scaled weights of
+    `_updated`, streamed layer by layer, give its tokens."""
+    import jax
+    from converters import load_model
+    from jaxvllm import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    def run() -> list[list[int]]:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def live() -> list[int]:
+        return [sum(r["live_bytes"].values()) for r in llm.llm_engine.describe_replicas()]
+
+    res: dict[str, Any] = {"live_awake": live()}
+    llm.sleep(level=1)
+    res["asleep"] = llm.is_sleeping()
+    res["live_asleep"] = live()
+    try:
+        run()
+        res["asleep_error"] = None
+    except RuntimeError as e:
+        res["asleep_error"] = str(e)
+    llm.wake_up()
+    res["awake"], res["tokens_after_wake"] = not llm.is_sleeping(), run()
+    base = load_model(d, dtype="float32", cache_dir=None, load_tokenizer=False).params
+    new = jax.tree.map(lambda x: x * 1.25, base)
+    llm.start_weight_update()
+    for i, lp in enumerate(new["layers"]):
+        llm.update_weights({f"layers.{i}.{k}": v for k, v in lp.items()})
+    llm.update_weights({k: v for k, v in new.items() if k != "layers"})
+    llm.finish_weight_update()
+    res["tokens_after_chunks"] = run()
+    llm.update_weights(base)  # back to the start for what follows
+    return res
+
+
 def _drain(engine: Any) -> dict[str, Any]:
     finished = {}
     while engine.has_unfinished_requests():
@@ -195,6 +234,7 @@ def _worker(out_path: str) -> None:
         report["aborts"] = _aborts(dp2)
         report["id_reuse"] = _id_reuse(dp2)
         report["serve"] = _serve(dp2)
+        report["sleep_and_chunks"] = _sleep_and_chunks(dp2, d)
         report["dp2"]["updated"] = _updated(dp2, d)
         report["replica_death"] = _replica_death(dp2)
         dp2tp2 = _llm(d, 2, 2)
@@ -232,6 +272,15 @@ def test_greedy_tokens_match_dp1(report, run):
 def test_weight_update_reaches_every_replica(report):
     assert report["dp2"]["updated"] == report["dp1"]["updated"]
     assert report["dp1"]["updated"] != report["dp1"]["tokens"]  # the update changed the model
+
+
+def test_sleep_wake_and_chunked_updates_reach_every_replica(report):
+    r = report["sleep_and_chunks"]
+    assert r["asleep"] and r["awake"]
+    assert "wake_up" in r["asleep_error"]
+    assert all(a < b for a, b in zip(r["live_asleep"], r["live_awake"])), r
+    assert r["tokens_after_wake"] == report["dp1"]["tokens"]
+    assert r["tokens_after_chunks"] == report["dp1"]["updated"]
 
 
 @pytest.mark.parametrize("run, tp", [("dp2", 1), ("dp2tp2", 2)])

@@ -68,3 +68,11 @@ def test_generate_flags_override_defaults(monkeypatch, capsys, model_dir):
     assert sp.greedy and sp.max_tokens == 3
     with pytest.raises(ValueError, match="top_p"):  # the flags go through SamplingParams' checks
         _generate(monkeypatch, capsys, model_dir, "--top-p", "0")
+
+
+def test_generate_compiles_buckets_on_first_use_unless_told():
+    """One prompt runs a bucket or two: the CLI skips the warm-up of every bucket (the server's)."""
+    from jaxvllm.entrypoints.cli import build_parser
+    assert build_parser().parse_args(["generate", "x"]).enforce_eager is True
+    assert build_parser().parse_args(["generate", "x", "--no-enforce-eager"]).enforce_eager is False
+    assert build_parser().parse_args(["serve"]).enforce_eager is False

@@ -112,7 +112,7 @@ def test_kernel_vs_reference_f32(name):
     check(out, ref, batch.num_tokens, jnp.float32)
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (8, 1), (6, 2)])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 1), (6, 2)])
 def test_gqa(hq, hkv):
     batch = make_batch([1, 9, 18], [25, 30, 18], num_q_heads=hq, num_kv_heads=hkv,
                        T=32, R=4, seed=hq * 10 + hkv)
@@ -156,8 +156,8 @@ def _fp8_caches(batch):
     return [c.astype(jnp.float8_e4m3fn) for c in batch.args[1:3]]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("name", ["decode", "mixed", "padding"])
+@pytest.mark.parametrize("name, dtype", [("decode", jnp.float32), ("mixed", jnp.bfloat16),
+                                         ("padding", jnp.bfloat16)])
 def test_fp8_kv_cache(name, dtype):
     """kv_cache_dtype="fp8": the kernel reads float8 K/V (upcast to q's dtype) as the reference
     does; and the FP8 cache's rounding stays small against the unrounded cache."""
@@ -190,7 +190,7 @@ def test_public_entry_point_and_jit_with_traced_ints():
         ragged_paged_attention(*batch.args, sm_scale=0.3, impl="nope")
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(4))
 def test_random_shapes_kernel_vs_reference_vs_dense(seed):
     """Random batch compositions (decodes, prefills and chunks of random lengths), GQA ratios, head
     dims, block sizes, padding and attention options: the kernel against the reference, and the

@@ -31,7 +31,8 @@ from jaxvllm.core.block_pool import BlockHash
 from jaxvllm.core.router import ReplicaState, Router, RouterConfig
 from jaxvllm.core.scheduler import SchedulerStats
 from jaxvllm.engine.llm_engine import (LLMEngine, RequestFront, RequestPreparer, _Parent,
-                                       _generation_eos_ids)
+                                       _generation_eos_ids, check_can_generate, check_chunk,
+                                       check_idle, check_sleep_level, wake_tags)
 from jaxvllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ class DataParallelEngine(RequestFront):
             overload_margin=max(1, int(args.max_num_seqs * OVERLOAD_FRACTION))))
         self._owner: dict[str, tuple[int, int]] = {}  # unfinished request id -> (replica, sequences)
         self._arrived: list[RequestOutput] = []       # outputs read while waiting for a reply
+        self._asleep = False                          # as every replica is (they change together)
+        self._updating = False                        # between start_ and finish_weight_update
 
     def startup_info(self) -> dict:
         """All replicas together: blocks, KV sizing and compile summed; loading (in parallel) the
@@ -193,6 +196,7 @@ class DataParallelEngine(RequestFront):
         return request_id in self._owner
 
     def admit_request(self, parent: _Parent) -> None:
+        check_can_generate(self._asleep, self._updating)
         if parent.request_id in self._owner:  # prepared twice before either was admitted
             raise ValueError(f"request_id {parent.request_id!r} is already running")
         hashes = self.router.block_hashes(parent.prompt_token_ids)
@@ -274,7 +278,7 @@ class DataParallelEngine(RequestFront):
         return kept
 
     def _call(self, r: _Replica, name: str, *call_args: Any) -> Any:
-        """Runs `name` (dp_replica._CALLS) in replica `r` between its steps; outputs that arrive
+        """Runs `name` (dp_replica._run_call) in replica `r` between its steps; outputs that arrive
         first are kept for the next step()."""
         r.send(("call", name, call_args))
         while True:
@@ -306,33 +310,48 @@ class DataParallelEngine(RequestFront):
             prefix_cache_hits=total("prefix_cache_hits"), num_preemptions=total("num_preemptions"))
 
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
-        """LLMEngine.update_weights on every replica (each gets a host copy of `params`)."""
+        """LLMEngine.update_weights on every replica (each gets a host copy of `params`; during a
+        chunked update, of the chunk)."""
         import jax
         import numpy as np
-        if self.has_unfinished_requests():
-            raise RuntimeError("update_weights must be called between generate calls (requests are running)")
+        check_idle("update_weights", self.has_unfinished_requests())
+        if self._updating:
+            check_chunk(params)
         host = jax.tree.map(np.asarray, params)
         for r in self.replicas:
             self._call(r, "update_weights", host, reset_prefix_cache)
 
     def start_weight_update(self) -> None:
-        raise RuntimeError(_NO_CHUNKS)
+        check_idle("start_weight_update", self.has_unfinished_requests())
+        if self._updating:
+            raise RuntimeError("a weight update is already in progress (finish_weight_update())")
+        for r in self.replicas:
+            self._call(r, "start_weight_update")
+        self._updating = True
 
     def finish_weight_update(self, reset_prefix_cache: bool = True) -> None:
-        raise RuntimeError(_NO_CHUNKS)
+        if not self._updating:
+            raise RuntimeError("finish_weight_update without start_weight_update")
+        for r in self.replicas:
+            self._call(r, "finish_weight_update", reset_prefix_cache)
+        self._updating = False
 
     def sleep(self, level: int = 1) -> None:
-        raise RuntimeError("sleep is not supported with data_parallel_size > 1 yet")
+        check_sleep_level(level)
+        check_idle("sleep", self.has_unfinished_requests())
+        for r in self.replicas:
+            self._call(r, "sleep", level)
+        self._asleep = True
 
-    def wake_up(self, tags: Any = None) -> None:
-        raise RuntimeError("wake_up is not supported with data_parallel_size > 1 yet")
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        tags = wake_tags(tags)
+        for r in self.replicas:
+            self._call(r, "wake_up", tags)
+        self._asleep = self._call(self.replicas[0], "is_sleeping")
 
     def is_sleeping(self) -> bool:
-        return False
+        return self._asleep
 
-
-_NO_CHUNKS = ("weight updates in chunks are not supported with data_parallel_size > 1 yet: pass "
-              "the whole tree to update_weights")
 
 Engine = Union[LLMEngine, DataParallelEngine]
 

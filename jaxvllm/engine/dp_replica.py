@@ -125,7 +125,7 @@ def _handle(engine: Any, msg: tuple, out: queue.Queue) -> bool:
     elif kind == "call":
         _, name, call_args = msg
         try:
-            out.put(("reply", _CALLS[name](engine, *call_args)))
+            out.put(("reply", _run_call(engine, name, call_args)))
         except Exception as e:
             out.put(("error", describe_exception(e)))
     elif kind == "shutdown":
@@ -157,13 +157,17 @@ def _describe(engine: Any) -> dict:
             "prefix_cache_queries": sched.kv_cache_manager.prefix_cache_queries}
 
 
-def _update_weights(engine: Any, params: Any, reset_prefix_cache: bool) -> None:
-    engine.update_weights(params, reset_prefix_cache)
+# The LLMEngine methods the front calls on its replicas (DataParallelEngine._call), between steps.
+_ENGINE_CALLS = ("update_weights", "start_weight_update", "finish_weight_update", "sleep",
+                 "wake_up", "is_sleeping", "retract_requests", "reset_prefix_cache")
 
 
-_CALLS = {"describe": _describe, "update_weights": _update_weights,
-          "retract_requests": lambda engine: engine.retract_requests(),
-          "reset_prefix_cache": lambda engine: engine.reset_prefix_cache()}
+def _run_call(engine: Any, name: str, args: tuple) -> Any:
+    if name == "describe":
+        return _describe(engine)
+    if name not in _ENGINE_CALLS:
+        raise ValueError(f"unknown replica call {name!r}")
+    return getattr(engine, name)(*args)
 
 
 def probe_devices(env: Optional[dict] = None) -> tuple[str, int]:

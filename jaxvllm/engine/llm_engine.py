@@ -35,6 +35,39 @@ class NotServingError(RuntimeError):
     is wrong with the request; it can be sent again once the engine is woken or updated."""
 
 
+def check_can_generate(asleep: bool, updating: bool) -> None:
+    if asleep:
+        raise NotServingError("the engine is asleep (sleep()): call wake_up() before generating")
+    if updating:
+        raise NotServingError("a weight update is in progress: call finish_weight_update() "
+                              "before generating")
+
+
+def check_idle(what: str, busy: bool) -> None:
+    if busy:
+        raise RuntimeError(f"{what} must be called between generate calls (requests are running)")
+
+
+def check_sleep_level(level: Any) -> None:
+    if level not in (1, 2) or isinstance(level, bool):
+        raise ValueError(f"level must be 1 or 2, got {level!r}")
+
+
+def wake_tags(tags: Optional[Sequence[str]]) -> list[str]:
+    """The parts wake_up brings back (None: all of them)."""
+    tags = list(WAKE_TAGS if tags is None else tags)
+    bad = [t for t in tags if t not in WAKE_TAGS]
+    if bad or not tags:
+        raise ValueError(f"tags must name some of {list(WAKE_TAGS)}, got {tags!r}")
+    return tags
+
+
+def check_chunk(chunk: Any) -> None:
+    if not (isinstance(chunk, dict) and all(isinstance(k, str) for k in chunk)):
+        raise TypeError("during a weight update (start_weight_update), update_weights takes "
+                        "a dict of weights by name ('embed', 'layers.3.q', ...)")
+
+
 @dataclass
 class _Child:
     index: int
@@ -593,8 +626,7 @@ class LLMEngine(RequestFront):
             self.scheduler.reset_prefix_cache()
 
     def _check_swappable(self, what: str) -> None:
-        if self.has_unfinished_requests():
-            raise RuntimeError(f"{what} must be called between generate calls (requests are running)")
+        check_idle(what, self.has_unfinished_requests())
         if self.args.quantization in FOUR_BIT_QUANTIZATIONS:
             raise ValueError(f"{what} on a {self.args.quantization.upper()} (int4) model: "
                              "new weights are not quantized to int4; load an unquantized model "
@@ -605,9 +637,7 @@ class LLMEngine(RequestFront):
         model's quantized ones arrive in the model's dtype and are quantized here."""
         from jaxvllm.models.quant import FP8, quantize_fp8
         from jaxvllm.worker.weight_swap import get_named
-        if not (isinstance(chunk, dict) and all(isinstance(k, str) for k in chunk)):
-            raise TypeError("during a weight update (start_weight_update), update_weights takes "
-                            "a dict of weights by name ('embed', 'layers.3.q', ...)")
+        check_chunk(chunk)
         named = dict(chunk)
         if self.args.quantization == "fp8":
             for name in chunk:
@@ -618,10 +648,8 @@ class LLMEngine(RequestFront):
 
     def sleep(self, level: int = 1) -> None:
         """See LLM.sleep."""
-        if level not in (1, 2):
-            raise ValueError(f"level must be 1 or 2, got {level!r}")
-        if self.has_unfinished_requests():
-            raise RuntimeError("sleep must be called between generate calls (requests are running)")
+        check_sleep_level(level)
+        check_idle("sleep", self.has_unfinished_requests())
         if self.args.nnodes > 1:
             raise RuntimeError("sleep is not supported with nnodes > 1 yet")
         self.scheduler.reset_prefix_cache()  # the cached K/V are dropped with the cache
@@ -630,22 +658,14 @@ class LLMEngine(RequestFront):
 
     def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
         """See LLM.wake_up."""
-        tags = list(WAKE_TAGS if tags is None else tags)
-        bad = [t for t in tags if t not in WAKE_TAGS]
-        if bad or not tags:
-            raise ValueError(f"tags must name some of {list(WAKE_TAGS)}, got {tags!r}")
-        self.runner.wake_up(tags)
+        self.runner.wake_up(wake_tags(tags))
         self.loaded.params = self.runner.params
 
     def is_sleeping(self) -> bool:
         return self.runner.is_sleeping
 
     def _check_can_generate(self) -> None:
-        if self.runner.is_sleeping:
-            raise NotServingError("the engine is asleep (sleep()): call wake_up() before generating")
-        if self._weight_update is not None:
-            raise NotServingError("a weight update is in progress: call finish_weight_update() "
-                                  "before generating")
+        check_can_generate(self.runner.is_sleeping, self._weight_update is not None)
 
 
 class _StatsLogger:

@@ -25,6 +25,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help=f"0 is all tokens. {_DEFAULT} (0).")
     parser.add_argument("--sampling-seed", type=int, default=None)
     EngineArgs.add_cli_args(parser)
+    # One prompt runs one or two token buckets: compiling every bucket first (the server's
+    # warm-up, so that no request waits on a compile) tripled a cold first run on a CPU.
+    parser.set_defaults(enforce_eager=True)
 
 
 def sampling_params(llm: LLM, args: argparse.Namespace) -> SamplingParams:
