@@ -254,6 +254,23 @@ def test_structured_outputs_bench_reports_both_ways():
     assert host["mask_fill"] > 0 and host["update"] > 0 and host["device_wait"] > 0
 
 
+def test_research_bench_times_lora_and_a_sleep_cycle(tiny_dummy):
+    """bench/research.py with LoRA on: TPOT with and without an adapter, then a sleep/wake cycle
+    at both levels that gave the device memory back and took it again."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "research.py"),
+                          "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "float32",
+                          "--enable-lora", "--max-lora-rank", "4", "--batch-sizes", "2",
+                          "--input-len", "8", "--output-len", "4", "--json", *SMALL],
+                         capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert res["tpot"]["2"]["tpot_ms"] > 0 and res["tpot"]["2"]["tpot_ms_adapter"] > 0
+    s = res["sleep"]
+    assert s["gib_asleep1"] < s["gib_awake"] and s["gib_asleep2"] < s["gib_awake"]
+    assert s["gib_woken"] == pytest.approx(s["gib_awake"])
+    assert s["sleep1_s"] > 0 and s["wake1_s"] > 0 and s["tpot_ms_after_wake"] > 0
+
+
 def test_quant_gemm_bench_times_every_format(tmp_path):
     """bench/quant_gemm.py on a tiny dense config: every format timed, each within its
     quantization error of bf16."""

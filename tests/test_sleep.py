@@ -16,8 +16,10 @@ PROMPTS = ["The capital of France is Paris, the capital of Germany is Berlin, th
 
 
 def _live_bytes() -> int:
+    """Bytes of the live arrays in device memory (a sleeping engine's host copies are in pinned
+    host memory: on a GPU not the device's, on the CPU backend the same RAM)."""
     gc.collect()
-    return sum(a.nbytes for a in jax.live_arrays())
+    return sum(a.nbytes for a in jax.live_arrays() if a.sharding.memory_kind == "device")
 
 
 def _generate(llm: LLM) -> list[list[int]]:

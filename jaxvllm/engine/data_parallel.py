@@ -325,9 +325,9 @@ class DataParallelEngine(RequestFront):
         check_idle("start_weight_update", self.has_unfinished_requests())
         if self._updating:
             raise RuntimeError("a weight update is already in progress (finish_weight_update())")
+        self._updating = True  # set first: a replica failing part way still holds requests off
         for r in self.replicas:
             self._call(r, "start_weight_update")
-        self._updating = True
 
     def finish_weight_update(self, reset_prefix_cache: bool = True) -> None:
         if not self._updating:
@@ -339,9 +339,9 @@ class DataParallelEngine(RequestFront):
     def sleep(self, level: int = 1) -> None:
         check_sleep_level(level)
         check_idle("sleep", self.has_unfinished_requests())
+        self._asleep = True  # set first: a replica failing part way still holds requests off
         for r in self.replicas:
             self._call(r, "sleep", level)
-        self._asleep = True
 
     def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
         tags = wake_tags(tags)

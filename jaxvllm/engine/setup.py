@@ -185,9 +185,16 @@ def build_runner(args: EngineArgs, loaded: Any,
     attention_fn = None
     if args.batch_invariant:
         cfg, attention_fn = _batch_invariant(cfg)
+    shares = loaded.load_format == "params"
+    if shardings is None and device is None and not shares:
+        # The runner committed to the device the weights are on (as a data-parallel replica is to
+        # its own), the weights with it (no copy): sleep mode then offloads them to pinned host
+        # memory and back as committed arrays (runner._offload), the same placement for jit.
+        device = next(iter(jax.tree.leaves(loaded.params)[0].devices()))
+        loaded.params = jax.device_put(loaded.params, device)
     runner = ModelRunner(cfg, loaded.params, runner_config, attention_fn=attention_fn,
                          shardings=shardings, device=device)
-    runner.shares_params = loaded.load_format == "params"
+    runner.shares_params = shares
     # As vLLM: refuse a cache that cannot hold one sequence of max_model_len, rather than start and
     # then reject every long request. The last token is never fed back, and block 0 is reserved.
     need = -(-(max_model_len - 1) // args.block_size)
