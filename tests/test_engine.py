@@ -616,8 +616,9 @@ def test_a_slow_delta_consumer_gets_the_deltas_merged(llm):
                             output_kind=RequestOutputKind.DELTA)
         got = []
         async for out in aengine.generate("Once upon a time", sp, "slow"):
+            if not got:  # several steps pass before the next read (>= 3 at a slow 1 s a step)
+                await asyncio.sleep(3.0)
             got.append(out)
-            await asyncio.sleep(0.3)   # several steps pass before the next read
         await aengine.shutdown()
         return got
 

@@ -2,8 +2,8 @@
 disconnects, auth, backpressure, start-up and shutdown. Fast: no model, no JAX compute.
 
 What the engine decides (stop strings, EOS / ignore_eos / min_tokens, seeded sampling) and the
-no-5xx fuzz run are tested at the end against the real engine with the embedded default model
-(conftest.py's `real_srv`, one server for the whole run)."""
+no-5xx fuzz run are in test_server_real.py, against the real engine with the embedded default
+model."""
 from __future__ import annotations
 
 import json
@@ -18,8 +18,7 @@ import pytest
 from fake_engine import FakeEngine, FakeTokenizer
 from jaxvllm.config import EngineArgs
 from jaxvllm.entrypoints.openai.launch import ServerThread
-from test_server_helpers import (REAL_MAX_LEN, assert_error, http, metric, raw_request, sse_events,
-                                 wait_until)
+from test_server_helpers import assert_error, http, metric, raw_request, sse_events, wait_until
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_LEN = 256
@@ -920,191 +919,6 @@ def test_omitted_sampling_fields_come_from_generation_config():
     assert parse(CompletionRequest, b'{"prompt": "x"}', limits).requested_max_tokens == 16
     req = parse(CompletionRequest, b'{"prompt": "x", "max_tokens": null}', limits)
     assert req.requested_max_tokens is None
-
-
-# ------------------------------------------------------------------------------------------------
-# Sampling and stopping: rules that live in the engine, so on the real engine with the embedded
-# default model. Each test first takes the model's own output, then asserts what the rule does to it.
-# ------------------------------------------------------------------------------------------------
-def _real(srv, path: str, body: dict) -> dict:
-    status, _, resp = http("POST", srv.url + path, body, timeout=300)
-    assert status == 200, resp
-    return resp
-
-
-def _stream_text(srv, path: str, body: dict) -> tuple[str, str]:
-    """(the streamed text, the last finish_reason) of a single-choice streaming request."""
-    ev = sse_events(srv.url + path, {**body, "stream": True}, timeout=300)
-    assert ev[-1] == "[DONE]"
-    pieces, reasons = [], []
-    for e in ev[:-1]:
-        for c in e["choices"]:
-            pieces.append(c["text"] if "text" in c else c["delta"].get("content") or "")
-            reasons.append(c["finish_reason"])
-    return "".join(pieces), reasons[-1]
-
-
-def test_real_stop_string(real_srv):
-    body = {"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}
-    base = _real(real_srv, C, body)["choices"][0]
-    text = base["text"]
-    assert base["finish_reason"] == "length" and base["stop_reason"] is None
-    # A 3-character stop string that first occurs past the first third of the output (so the cut is
-    # visible), mostly inside a token.
-    i = next(i for i in range(len(text) // 3, len(text) - 3)
-             if text.find(text[i:i + 3]) == i and not text[i:i + 3].isspace())
-    stop = text[i:i + 3]
-    r = _real(real_srv, C, {**body, "stop": [stop]})
-    c = r["choices"][0]
-    assert (c["text"], c["finish_reason"], c["stop_reason"]) == (text[:i], "stop", stop)
-    assert r["usage"]["completion_tokens"] < 24
-    # Streamed, the same text (a possible partial stop string is held back, never sent).
-    assert _stream_text(real_srv, C, {**body, "stop": [stop]}) == (text[:i], "stop")
-    c = _real(real_srv, C, {**body, "stop": stop, "include_stop_str_in_output": True})["choices"][0]
-    assert (c["text"], c["finish_reason"], c["stop_reason"]) == (text[:i + 3], "stop", stop)
-    # Stop strings wait for min_tokens (as vLLM): past the whole output, the stop never applies.
-    c = _real(real_srv, C, {**body, "stop": [stop], "min_tokens": 24})["choices"][0]
-    assert (c["text"], c["finish_reason"], c["stop_reason"]) == (text, "length", None)
-
-
-def test_real_eos_ignore_eos_min_tokens(real_srv):
-    eos = real_srv.engine.tokenizer.eos_token
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "temperature": 0}
-    r = _real(real_srv, CH, body)
-    text, n = r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"]
-    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["stop_reason"] is None
-    assert text and 2 <= n < 40  # the model's EOS ended it
-    # ignore_eos: the same EOS is sampled (shown where special tokens are not skipped), and the
-    # request runs on to max_tokens.
-    r = _real(real_srv, CH, {**body, "ignore_eos": True, "skip_special_tokens": False})
-    assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 40
-    assert r["choices"][0]["message"]["content"].startswith(text + eos)
-    # min_tokens: EOS cannot be sampled (nor stop the request) before min_tokens tokens.
-    r = _real(real_srv, CH, {**body, "min_tokens": n + 5, "skip_special_tokens": False})
-    out = r["choices"][0]["message"]["content"]
-    assert r["usage"]["completion_tokens"] >= n + 5
-    assert out.startswith(text) and len(out) > len(text) and eos not in out
-    # Streamed alike.
-    assert _stream_text(real_srv, CH, body) == (text, "stop")
-
-
-def test_real_seeded_sampling_is_reproducible(real_srv):
-    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0}
-
-    def texts(**kw) -> list[str]:
-        return [c["text"] for c in _real(real_srv, C, {**body, **kw})["choices"]]
-
-    a = texts(seed=1)[0]
-    assert texts(seed=1) == [a]
-    # Batched with another request of the same seed: the same text for both.
-    assert texts(seed=1, prompt=[body["prompt"]] * 2) == [a, a]
-    others = [texts(seed=s)[0] for s in (2, 3, 4)]
-    assert len({a, *others}) == 4, others
-    # Without a seed, two requests differ.
-    assert texts()[0] != texts()[0]
-
-
-def test_real_fuzz_no_5xx(real_srv):
-    """Edge values one at a time (on a request with the engine's optional paths on: min_tokens
-    masking, seeded sampling, penalties), then random and garbled bodies and random combinations
-    of edge values, against the real engine's validation, sampler, stop checks and detokenizer:
-    only 2xx and 4xx answers, errors OpenAI-shaped, no error inside a stream, and the engine
-    answers alike afterwards."""
-    import random
-    srv = real_srv
-    probe = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
-    before = _real(srv, C, probe)["choices"][0]["text"]
-    rng = random.Random(1234)
-    vocab = srv.engine.model_config.vocab_size
-    values = [None, True, False, 0, -1, 1, 2, 3.5, -2.5, 1e308, 10 ** 20, -(10 ** 20), "", "x",
-              "\u0000", "é" * 3, [], [1], [[1, 2]], ["a"], [[]], {}, {"a": 1}, [None], [1.5], [-7],
-              {"type": "text"}, {"include_usage": True}, "0.5", [[1], "a"], [{"role": "user"}],
-              [{"role": "user", "content": "hi"}], [{"role": "user", "content": [{"type": "text"}]}]]
-    fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "best_of",
-              "temperature", "top_p", "top_k", "min_p", "stop", "seed", "logprobs", "top_logprobs",
-              "echo", "stream", "stream_options", "presence_penalty", "frequency_penalty",
-              "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-              "skip_special_tokens", "include_stop_str_in_output", "response_format", "user",
-              "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-              "logit_bias", "tools", "tool_choice", "suffix", "prompt_logprobs", "tokens",
-              "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
-              "add_special_tokens", "return_token_strs", "spaces_between_special_tokens"]
-    # Valid values and values just past valid, per field.
-    edge = {"n": [1, 2, 3], "temperature": [0, 1e-6, 0.7, 2.0], "top_p": [1e-6, 0.5, 1],
-            "top_k": [-1, 0, 1, 5, vocab - 1, vocab, 2 ** 31 - 1, 2 ** 31],
-            "min_p": [0, 0.3, 1], "seed": [0, 1, -1, 2 ** 31, 2 ** 63 - 1, 2 ** 64 - 1, 2 ** 64],
-            "stop": ["x", " ", "\n", ".", ["e", "the"], [], "", ["\ud83d\ude00"]],
-            "stop_token_ids": [[], [0], [2], [vocab - 1], [vocab], [2 ** 31 - 1], [2 ** 31]],
-            "min_tokens": [0, 1, 2, 3, 4], "ignore_eos": [True, False],
-            "presence_penalty": [-2, 0, 2], "frequency_penalty": [-2, 2],
-            "repetition_penalty": [0.01, 1, 2], "logprobs": [True, 0, 1, 5, 20, 21],
-            "top_logprobs": [0, 5, 20, 21], "prompt_logprobs": [0, 1, 5, 21], "echo": [True],
-            "skip_special_tokens": [False], "include_stop_str_in_output": [True],
-            "stream": [True, False], "stream_options": [{"include_usage": True}],
-            "max_tokens": [1, 2, 3, 4], "add_special_tokens": [False],
-            "prompt": ["", "hi", " ", "é\U0001F600", [0], [vocab - 1], [vocab], [[1, 2], [3]],
-                       "a " * (REAL_MAX_LEN - 8), "a " * REAL_MAX_LEN],
-            "messages": [[{"role": "user", "content": ""}],
-                         [{"role": "assistant", "content": "Sure"}],
-                         [{"role": "user", "content": "a " * REAL_MAX_LEN}],
-                         [{"role": "system", "content": "x"}, {"role": "user", "content": "é"}]]}
-    paths = [C, CH, "/tokenize", "/detokenize"]
-    hi = [{"role": "user", "content": "hi"}]
-
-    def requests():
-        base = {"max_tokens": 3, "min_tokens": 1, "temperature": 0.8, "seed": 7,
-                "presence_penalty": 0.5}
-        for k, vs in edge.items():
-            for v in vs:
-                path = CH if k == "messages" else C
-                first = {"messages": hi} if path == CH else {"prompt": "hi"}
-                yield path, json.dumps({**first, **base, k: v}).encode()
-        for _ in range(80):
-            path = rng.choice(paths)
-            kind = rng.random()
-            if kind < 0.1:
-                yield path, bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))
-            elif kind < 0.15:
-                yield path, json.dumps(rng.choice(values)).encode()
-            elif kind < 0.6:
-                body = {}
-                if path in (C, "/tokenize") and rng.random() < 0.8:
-                    body["prompt"] = rng.choice(["hi", ["a", "b"], [5, 6], [[5], [6, 7]]])
-                if path == CH and rng.random() < 0.8:
-                    body["messages"] = hi
-                if path == "/detokenize":
-                    body["tokens"] = rng.choice([[5, 6], [0, 1, 2], [vocab - 1]])
-                body["max_tokens"] = rng.choice([1, 2, 3])
-                for _ in range(rng.randint(1, 5)):
-                    body[rng.choice(fields)] = rng.choice(values)
-                raw = json.dumps(body).encode()
-                yield path, (raw[:rng.randint(0, len(raw))] if rng.random() < 0.1 else raw)
-            else:  # a generation request with several edge values at once
-                path = rng.choice([C, CH])
-                body = {"prompt": "hi"} if path == C else {"messages": hi}
-                body["max_tokens"] = rng.choice(edge["max_tokens"])
-                for k, vs in edge.items():
-                    if rng.random() < 0.25:
-                        body[k] = rng.choice(vs)
-                yield path, json.dumps(body).encode()
-
-    codes = {}
-    for path, raw in requests():
-        status, hdrs, resp = http("POST", srv.url + path, raw=raw, timeout=300)
-        codes[status] = codes.get(status, 0) + 1
-        assert status < 500, (path, raw, resp)
-        if status >= 400:
-            assert_error(status, resp, status)
-        elif hdrs.get("Content-Type", "").startswith("text/event-stream"):
-            events = [b[len("data: "):] for b in resp.strip().split("\n\n")]
-            assert events[-1] == "[DONE]", (path, raw, resp)
-            assert not any("error" in json.loads(e) for e in events[:-1]), (path, raw, resp)
-        else:
-            assert isinstance(resp, dict) and "error" not in resp, (path, raw, resp)
-    assert codes.get(200, 0) >= 60 and codes.get(400, 0) >= 60, codes
-    assert http("GET", srv.url + "/health")[0] == 200
-    assert wait_until(lambda: srv.server.serving.in_flight == 0, 60)
-    assert _real(srv, C, probe)["choices"][0]["text"] == before
 
 
 @pytest.mark.parametrize("path, body", [
