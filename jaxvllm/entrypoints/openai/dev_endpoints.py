@@ -11,8 +11,7 @@ resume generation around a weight update, sleep and wake the engine, drop the pr
 
 They are off unless the server runs in dev mode (JAXVLLM_SERVER_DEV_MODE=1, as vLLM's
 VLLM_SERVER_DEV_MODE; `OpenAIServer(dev_mode=True)` in-process): any client that reaches them can
-stop the server's work. The API key
-guards them as it guards /v1. Semantics are AsyncLLMEngine's: while paused, new requests wait;
+stop the server's work. The API key guards them as it guards /v1. Semantics are AsyncLLMEngine's: while paused, new requests wait;
 while asleep they are answered 503; sleeping with requests running is a 409.
 """
 from __future__ import annotations
@@ -22,7 +21,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from jaxvllm.engine.llm_engine import WAKE_TAGS
+from jaxvllm.engine.llm_engine import check_sleep_level, wake_tags
 from jaxvllm.entrypoints.openai.protocol import APIError, bad_request
 from jaxvllm.entrypoints.openai.responses import json_response
 
@@ -88,17 +87,20 @@ class DevEndpoints:
 
     async def sleep(self, request: web.Request) -> web.Response:
         raw = request.query.get("level", "1")
-        if raw.strip() not in ("1", "2"):
-            raise bad_request(f"level must be 1 or 2, got {raw!r}", "level")
-        await self._call("sleep", int(raw))
+        try:  # the engine's own check, here to name the query parameter in the 400
+            level = int(raw) if raw.strip().isdigit() else raw
+            check_sleep_level(level)
+        except ValueError as e:
+            raise bad_request(str(e), "level") from None
+        await self._call("sleep", level)
         return await self.is_sleeping(request)
 
     async def wake_up(self, request: web.Request) -> web.Response:
         tags = request.query.getall("tags", None)
-        if tags is not None:
-            bad = [t for t in tags if t not in WAKE_TAGS]
-            if bad:
-                raise bad_request(f"tags must name some of {list(WAKE_TAGS)}, got {tags!r}", "tags")
+        try:
+            wake_tags(tags)
+        except ValueError as e:
+            raise bad_request(str(e), "tags") from None
         await self._call("wake_up", tags)
         return await self.is_sleeping(request)
 
