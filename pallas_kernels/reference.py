@@ -24,6 +24,9 @@ from jax import lax
 
 # Keys per loop step = _CHUNK_BLOCKS * block_size.
 _CHUNK_BLOCKS = 8
+# Keys per loop step in batch-invariant mode, whatever the block size and table width: where the
+# online softmax rescales is part of a token's result.
+INVARIANT_CHUNK_KEYS = 128
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -48,22 +51,85 @@ def token_metadata(query_start_loc, num_seqs, num_tokens):
     return seq_ids, valid, q_lens
 
 
+def ordered_sum(x):
+    """x summed over its last axis (kept, of size 1) in one fixed order: a pairwise tree of
+    elementwise adds. XLA picks a reduction's order by how it fuses it (on CPU a row read through
+    a gather was summed otherwise than a row read whole); adds of two halves it cannot reorder.
+    For batch-invariant mode."""
+    width = x.shape[-1]
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (1 << (width - 1).bit_length()) - width)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x
+
+
+def chunked_attention(qf, key_chunk, pos, kv_len, n_chunks, chunk_keys, *,
+                      sliding_window=None, logits_soft_cap=None, invariant=False):
+    """Each token's attention over its own context, `chunk_keys` keys per loop step with an online
+    softmax in float32: the one computation of the reference and of the dense training forward's
+    batch-invariant mode (models/flax_module.py), so both sum in the same order.
+
+    qf: float32 [T, Hkv, G, D], already scaled; key_chunk(c) -> float32 (k, v) [T, chunk_keys, Hkv,
+    D], token t's keys at context positions c * chunk_keys + [0, chunk_keys); pos: int32[T], each
+    token's position (it sees keys at positions <= pos); kv_len: int32[T], keys past it are not
+    there; n_chunks: loop steps (traced, or a Python int: then the loop is differentiable);
+    invariant: the softmax denominators summed in a fixed order (ordered_sum).
+    Returns float32 [T, Hkv, G, D], zeros for a token that sees no key."""
+    T, Hkv, G, D = qf.shape
+
+    def body(c, carry):
+        m, l, acc = carry
+        kc, vc = key_chunk(c)
+        kpos = c * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)     # [CK]
+        s = jnp.einsum("tkgd,tskd->tkgs", qf, kc,
+                       precision=lax.Precision.HIGHEST)
+        if logits_soft_cap is not None:
+            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+        mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < kv_len[:, None])
+        if sliding_window is not None:
+            mask &= (pos[:, None] - kpos[None, :]) < sliding_window
+        mask = mask[:, None, None, :]
+        s = jnp.where(mask, s, _MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        l = l * corr + (ordered_sum(p)[..., 0] if invariant else p.sum(-1))
+        acc = acc * corr[..., None] + jnp.einsum(
+            "tkgs,tskd->tkgd", p, vc, precision=lax.Precision.HIGHEST)
+        return m_new, l, acc
+
+    m0 = jnp.full((T, Hkv, G), _MASK_VALUE, jnp.float32)
+    l0 = jnp.zeros((T, Hkv, G), jnp.float32)
+    a0 = jnp.zeros((T, Hkv, G, D), jnp.float32)
+    _, l, acc = lax.fori_loop(0, n_chunks, body, (m0, l0, a0))
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
 @functools.partial(
-    jax.jit, static_argnames=("sm_scale", "sliding_window", "logits_soft_cap"))
+    jax.jit, static_argnames=("sm_scale", "sliding_window", "logits_soft_cap", "invariant"))
 def ragged_paged_attention_reference(
     q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs, *,
-    sm_scale, sliding_window=None, logits_soft_cap=None):
+    sm_scale, sliding_window=None, logits_soft_cap=None, invariant=False):
     """Ragged paged attention, pure jnp. See pallas_kernels.ragged_paged_attention.
 
     q: [T, Hq, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D];
     kv_lens: int32[R]; block_tables: int32[R, max_blocks]; query_start_loc: int32[R+1];
     num_seqs: int32[1]. Returns [T, Hq, D] in q.dtype (padding rows are zeros here).
+    invariant: batch-invariant mode: INVARIANT_CHUNK_KEYS keys per loop step (a multiple of
+    block_size) whatever the table's width, and sums in a fixed order (see chunked_attention).
     """
     T, Hq, D = q.shape
     _, BS, Hkv, _ = k_cache.shape
     R, MB = block_tables.shape
     G = Hq // Hkv
-    CB = min(_CHUNK_BLOCKS, MB)
+    if not invariant:
+        CB = min(_CHUNK_BLOCKS, MB)
+    elif INVARIANT_CHUNK_KEYS % BS:
+        raise ValueError(f"batch-invariant attention needs a block size that divides "
+                         f"{INVARIANT_CHUNK_KEYS}, got {BS}")
+    else:
+        CB = INVARIANT_CHUNK_KEYS // BS
     CK = CB * BS
 
     seq_ids, valid, q_lens = token_metadata(query_start_loc, num_seqs, T)
@@ -75,40 +141,18 @@ def ragged_paged_attention_reference(
     pos = tok_kv_len - q_lens[seq_ids] + (tok - qsl[seq_ids])
     tok_tables = block_tables.astype(jnp.int32)[seq_ids]          # [T, MB]
 
+    def key_chunk(c):
+        blk = jnp.minimum(c * CB + jnp.arange(CB, dtype=jnp.int32), MB - 1)   # [CB]
+        phys = jnp.take_along_axis(
+            tok_tables, jnp.broadcast_to(blk, (T, CB)), axis=1)  # [T, CB]
+        return (k_cache[phys].astype(jnp.float32).reshape(T, CK, Hkv, D),
+                v_cache[phys].astype(jnp.float32).reshape(T, CK, Hkv, D))
+
     qf = q.astype(jnp.float32).reshape(T, Hkv, G, D) * sm_scale
     n_chunks = (jnp.max(tok_kv_len) + CK - 1) // CK
-
-    def body(c, carry):
-        m, l, acc = carry
-        blk = c * CB + jnp.arange(CB, dtype=jnp.int32)               # [CB]
-        blk_c = jnp.minimum(blk, MB - 1)
-        phys = jnp.take_along_axis(
-            tok_tables, jnp.broadcast_to(blk_c, (T, CB)), axis=1)  # [T, CB]
-        kc = k_cache[phys].astype(jnp.float32).reshape(T, CK, Hkv, D)
-        vc = v_cache[phys].astype(jnp.float32).reshape(T, CK, Hkv, D)
-        kpos = c * CK + jnp.arange(CK, dtype=jnp.int32)              # [CK]
-        s = jnp.einsum("tkgd,tskd->tkgs", qf, kc,
-                       precision=lax.Precision.HIGHEST)
-        if logits_soft_cap is not None:
-            s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-        mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] < tok_kv_len[:, None])
-        if sliding_window is not None:
-            mask &= (pos[:, None] - kpos[None, :]) < sliding_window
-        mask = mask[:, None, None, :]
-        s = jnp.where(mask, s, _MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum(
-            "tkgs,tskd->tkgd", p, vc, precision=lax.Precision.HIGHEST)
-        return m_new, l, acc
-
-    m0 = jnp.full((T, Hkv, G), _MASK_VALUE, jnp.float32)
-    l0 = jnp.zeros((T, Hkv, G), jnp.float32)
-    a0 = jnp.zeros((T, Hkv, G, D), jnp.float32)
-    _, l, acc = lax.fori_loop(0, n_chunks, body, (m0, l0, a0))
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    out = chunked_attention(qf, key_chunk, pos, tok_kv_len, n_chunks, CK,
+                            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                            invariant=invariant)
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(T, Hq, D).astype(q.dtype)
 

@@ -32,39 +32,59 @@ CONFIGS = {
 }
 
 
-def _module_and_llm(config: dict) -> tuple[CausalLM, LLM]:
+def _module_and_llm(config: dict, batch_invariant: bool = False) -> tuple[CausalLM, LLM]:
     loaded = load_model(config, load_format="dummy", dtype="float32", load_tokenizer=False)
-    module = CausalLM(loaded.params, loaded.config)
-    return module, LLM.from_params(nnx.state(module), config, **ENGINE)
+    module = CausalLM(loaded.params, loaded.config, batch_invariant)
+    return module, LLM.from_params(nnx.state(module), config, batch_invariant=batch_invariant,
+                                   **ENGINE)
 
 
-def _padded(seqs: list[list[int]]) -> tuple[jax.Array, jax.Array]:
-    """Right-padded ids and positions (-1 on padding)."""
+def _padded(seqs: list[list[int]], left: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Right- (or left-) padded ids and positions (-1 on padding)."""
     width = max(map(len, seqs))
     ids = np.zeros((len(seqs), width), np.int32)
     pos = np.full((len(seqs), width), -1, np.int32)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)], pos[i, :len(s)] = s, np.arange(len(s))
+        at = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, at], pos[i, at] = s, np.arange(len(s))
     return jnp.asarray(ids), jnp.asarray(pos)
 
 
-def _check_against_score(module: CausalLM, llm: LLM, seqs: list[list[int]], tol: float) -> None:
-    ids, pos = _padded(seqs)
-    got = np.asarray(token_logprobs(module(ids, pos), ids))
+def _check_against_score(module: CausalLM, llm: LLM, seqs: list[list[int]], tol: float,
+                         left_padded: bool = False) -> None:
+    """tol 0: bitwise."""
+    ids, pos = _padded(seqs, left_padded)
+    got = np.asarray(jax.jit(lambda i, p: token_logprobs(
+        module(i, p), i, module.config.batch_invariant))(ids, pos))
     want = llm.score([s[:1] for s in seqs], [s[1:] for s in seqs])
-    for row, w in zip(got, want):
-        np.testing.assert_allclose(row[:len(w)], w, atol=tol, rtol=tol)
+    for row, p, w in zip(got, np.asarray(pos)[:, 1:], want):
+        row = row[p > 0]  # the logprob of each real token after the first
+        if tol:
+            np.testing.assert_allclose(row, w, atol=tol, rtol=tol)
+        else:
+            np.testing.assert_array_equal(row, w)
 
 
-@pytest.mark.parametrize("family", list(CONFIGS))
-def test_module_logprobs_equal_engine_score(family):
-    """Two sequences of different lengths in one padded batch; the engine serves the module's own
-    arrays (not copies)."""
-    module, llm = _module_and_llm(CONFIGS[family])
+@pytest.mark.parametrize("family, batch_invariant", [
+    ("llama", False), ("gemma2", False), ("qwen2_moe", False), ("llama", True), ("gemma2", True)])
+def test_module_logprobs_equal_engine_score(family, batch_invariant):
+    """Two sequences of different lengths in one padded batch (right-padded, and in batch-invariant
+    mode left-padded too: the module computes a token at its position, not at its index); the
+    engine serves the module's own arrays (not copies). Batch-invariant: bitwise the same."""
+    module, llm = _module_and_llm(CONFIGS[family], batch_invariant)
     assert llm.llm_engine.runner.params["layers"][1]["q"] is module.layers[1]["q"][...]
     rng = np.random.default_rng(1)
-    _check_against_score(module, llm, [rng.integers(1, 256, 21).tolist(),
-                                       rng.integers(1, 256, 13).tolist()], 1e-5)
+    seqs = [rng.integers(1, 256, 21).tolist(), rng.integers(1, 256, 13).tolist()]
+    _check_against_score(module, llm, seqs, 0 if batch_invariant else 1e-5)
+    if batch_invariant:
+        _check_against_score(module, llm, seqs, 0, left_padded=True)
+
+
+def test_batch_invariant_module_refuses_experts():
+    loaded = load_model(CONFIGS["qwen2_moe"], load_format="dummy", dtype="float32",
+                        load_tokenizer=False)
+    with pytest.raises(ValueError, match="batch_invariant"):
+        CausalLM(loaded.params, loaded.config, batch_invariant=True)
 
 
 def test_optax_steps_pushed_with_update_weights():
@@ -112,7 +132,7 @@ def test_quantized_params_are_refused():
 
 def test_rl_loop_example_learns():
     """examples/rl_loop.py: the reward rises over its rounds, and generate's logprobs are the
-    trainer's for the same tokens."""
+    trainer's for the same tokens, bitwise (batch-invariant engine and module)."""
     import os
     import re
     import subprocess
@@ -125,4 +145,4 @@ def test_rl_loop_example_learns():
     rounds = re.findall(r"mean reward ([0-9.]+) .* trainer logprob\| ([0-9.e+-]+)", proc.stdout)
     assert len(rounds) == 8, proc.stdout
     rewards, gaps = [float(r) for r, _ in rounds], [float(g) for _, g in rounds]
-    assert rewards[-1] > rewards[0] + 0.1 and max(gaps) < 1e-4
+    assert rewards[-1] > rewards[0] + 0.1 and max(gaps) == 0

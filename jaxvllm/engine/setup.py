@@ -136,11 +136,11 @@ def _batch_invariant(cfg: Any) -> tuple[Any, Any]:
     depend on the batch)."""
     import dataclasses
     import functools
-    from pallas_kernels import ragged_paged_attention
+    from pallas_kernels.reference import ragged_paged_attention_reference
     if cfg.num_experts:
         raise ValueError("batch_invariant is not supported for mixture-of-experts models yet")
     return (dataclasses.replace(cfg, batch_invariant=True),
-            functools.partial(ragged_paged_attention, impl="reference"))
+            functools.partial(ragged_paged_attention_reference, invariant=True))
 
 
 def build_runner(args: EngineArgs, loaded: Any,

@@ -20,6 +20,8 @@ from flax import nnx
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.llama import ModelInputs
 from jaxvllm.models.registry import get_model_module
+from jaxvllm.worker.sampler import prompt_logprobs
+from pallas_kernels.reference import INVARIANT_CHUNK_KEYS, chunked_attention
 
 _MASK = -1e30
 
@@ -29,12 +31,18 @@ class DenseAttention:
     """Causal attention among a [batch, length] block of new tokens (flattened to [T, ...] as the
     engine's are), in float32 as the engine's reference attention: a token sees the tokens of its
     row at positions up to its own (within the sliding window); a position of -1 marks padding,
-    which nothing attends to."""
+    which nothing attends to. `invariant`: the batch-invariant engine's computation (each token
+    over fixed chunks of its context, pallas_kernels/reference.chunked_attention) instead of one
+    softmax over the whole row, so the sums run in the engine's order."""
     batch: int
+    invariant: bool = False
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, inp: ModelInputs, *,
                  sm_scale: float, sliding_window: Optional[int] = None,
                  logits_soft_cap: Optional[float] = None) -> jax.Array:
+        if self.invariant:
+            return self._chunked(q, k, v, inp.positions, sm_scale=sm_scale,
+                                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
         t, hq, d = q.shape
         b, hkv = self.batch, k.shape[1]
         length, g = t // b, hq // hkv
@@ -52,6 +60,31 @@ class DenseAttention:
         s = jnp.where(mask[:, None, None], s, _MASK)
         p = jax.nn.softmax(s, axis=-1)
         out = jnp.einsum("bkgqs,bskd->bqkgd", p, vf, precision=jax.lax.Precision.HIGHEST)
+        return out.reshape(t, hq, d).astype(q.dtype)
+
+    def _chunked(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                 **kw: Any) -> jax.Array:
+        t, hq, d = q.shape
+        hkv = k.shape[1]
+        length = t // self.batch
+        chunk = INVARIANT_CHUNK_KEYS
+        # A static trip count: a differentiable loop.
+        n_chunks = -(-length // chunk)
+        width = n_chunks * chunk
+        row = jnp.arange(t, dtype=jnp.int32) // length
+        # Each row's keys by position, as the engine's cache holds a sequence's (padding dropped).
+        slot = jnp.where(positions >= 0, row * width + positions, self.batch * width)
+        rows_k = jnp.zeros((self.batch * width, hkv, d), k.dtype).at[slot].set(k, mode="drop")
+        rows_v = jnp.zeros((self.batch * width, hkv, d), v.dtype).at[slot].set(v, mode="drop")
+
+        def key_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+            idx = row[:, None] * width + c * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+            return rows_k[idx].astype(jnp.float32), rows_v[idx].astype(jnp.float32)
+
+        qf = q.astype(jnp.float32).reshape(t, hkv, hq // hkv, d) * kw.pop("sm_scale")
+        out = chunked_attention(qf, key_chunk, positions, jnp.full((t,), width, jnp.int32),
+                                n_chunks, chunk, invariant=True, **kw)
+        out = jnp.where((positions >= 0)[:, None, None, None], out, 0.0)
         return out.reshape(t, hq, d).astype(q.dtype)
 
 
@@ -81,16 +114,21 @@ class CausalLM(nnx.Module):
     `CausalLM(params, config)`: params in the engine's layout (e.g. `converters.load_model(...)
     .params`, or `LLM.llm_engine.runner.params`), config an HF config (object or dict) or a
     ModelConfig. `CausalLM.load(model)` loads as `LLM(model)` would. Quantized params (FP8, int4)
-    are refused: they are the engine's serving forms, not trainable ones."""
+    are refused: they are the engine's serving forms, not trainable ones. `batch_invariant`: the
+    forward of an engine in batch-invariant mode (`LLM(..., batch_invariant=True)`), bitwise: the
+    same GEMM row tiles and attention chunks."""
 
-    def __init__(self, params: dict, config: Any) -> None:
+    def __init__(self, params: dict, config: Any, batch_invariant: bool = False) -> None:
         cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(
             config if isinstance(config, dict) else config.to_dict())
+        if batch_invariant and cfg.num_experts:
+            raise ValueError("batch_invariant is not supported for mixture-of-experts models yet")
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             if _quantized(path, leaf):
                 raise ValueError(f"params{jax.tree_util.keystr(path)}: a quantized weight "
                                  f"({leaf.dtype}); CausalLM trains unquantized params")
-        self.config = dataclasses.replace(cfg, dtype=str(params["final_norm"].dtype))
+        self.config = dataclasses.replace(cfg, dtype=str(params["final_norm"].dtype),
+                                          batch_invariant=batch_invariant)
         self._model = get_model_module(cfg.architecture)
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
@@ -100,12 +138,13 @@ class CausalLM(nnx.Module):
                                 for lp in params["layers"]])
 
     @classmethod
-    def load(cls, model: Optional[str] = None, dtype: str = "auto", **load_kw: Any) -> "CausalLM":
+    def load(cls, model: Optional[str] = None, dtype: str = "auto", batch_invariant: bool = False,
+             **load_kw: Any) -> "CausalLM":
         """The weights `LLM(model, dtype=dtype)` serves (None: the embedded default model);
         `load_kw` as converters.load_model's."""
         from converters import load_model
         loaded = load_model(model, dtype=dtype, load_tokenizer=False, **load_kw)
-        return cls(loaded.params, loaded.config)
+        return cls(loaded.params, loaded.config, batch_invariant)
 
     def params(self) -> dict:
         """The engine's layout: the same arrays (this module's, traced under nnx.grad or jit)."""
@@ -132,13 +171,17 @@ class CausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         params = self.params()
         inp = dense_inputs(token_ids, positions)
-        hidden, _ = self._model.forward(params, None, inp, self.config, DenseAttention(b))
+        hidden, _ = self._model.forward(params, None, inp, self.config,
+                                        DenseAttention(b, self.config.batch_invariant))
         logits = self._model.compute_logits(params, hidden, self.config)
         return logits.reshape(b, length, -1)
 
 
-def token_logprobs(logits: jax.Array, token_ids: jax.Array) -> jax.Array:
+def token_logprobs(logits: jax.Array, token_ids: jax.Array, batch_invariant: bool = False
+                   ) -> jax.Array:
     """log p(token_ids[:, i + 1] | tokens up to i): float32 [B, L - 1], what LLM.score returns for
-    the same tokens."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, token_ids[:, 1:, None], axis=-1)[..., 0]
+    the same tokens, computed as it computes them (`batch_invariant`: as an engine in that mode)."""
+    b, length, vocab = logits.shape
+    rows = logits[:, :-1].reshape(-1, vocab)
+    logprob = prompt_logprobs(rows, token_ids[:, 1:].reshape(-1), invariant=batch_invariant)[0]
+    return logprob.reshape(b, length - 1)

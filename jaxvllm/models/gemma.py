@@ -14,15 +14,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import apply_rope, linear, matmul, projections, rope_cos_sin
+from jaxvllm.models.layers import (apply_rope, linear, lm_head, mean_square, projections,
+                                   rope_cos_sin)
 from jaxvllm.models.llama import AttentionFn, KVCache, ModelInputs, Params, attend, no_cache
 from jaxvllm.models.moe import ExpertsFn
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, invariant: bool = False) -> jax.Array:
     """Gemma's: scaled by (1 + weight), all in float32, then cast (Llama's casts, then scales)."""
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = x32 * jax.lax.rsqrt(mean_square(x32, invariant) + eps)
     return (y * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
 
 
@@ -49,32 +50,29 @@ def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: 
 def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                    v_cache: jax.Array, inp: ModelInputs, cfg: ModelConfig, attention_fn: AttentionFn,
                    window: Optional[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    eps, t = cfg.rms_norm_eps, x.shape[0]
-    h = rms_norm(x, lp["input_norm"], eps)
+    eps, t, inv = cfg.rms_norm_eps, x.shape[0], cfg.batch_invariant
+    h = rms_norm(x, lp["input_norm"], eps, inv)
     kv_size = cfg.num_kv_heads * cfg.head_dim
-    inv = cfg.batch_invariant
     q, k, v = projections(h, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size), inv)
     q = q.reshape(t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], eps)
-        k = rms_norm(k, lp["k_norm"], eps)
+        q = rms_norm(q, lp["q_norm"], eps, inv)
+        k = rms_norm(k, lp["k_norm"], eps, inv)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn,
                                    sm_scale=cfg.query_pre_attn_scalar ** -0.5,
                                    sliding_window=window, logits_soft_cap=cfg.attn_logit_softcapping)
-    x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp, "o", inv), lp["post_attn_norm"], eps)
-    h = rms_norm(x, lp["pre_ffn_norm"], eps)
+    x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp, "o", inv), lp["post_attn_norm"], eps, inv)
+    h = rms_norm(x, lp["pre_ffn_norm"], eps, inv)
     gate, up = projections(h, lp, ("gate", "up"), invariant=inv)
     mlp = linear(jax.nn.gelu(gate, approximate=True) * up, lp, "down", inv)
-    return x + rms_norm(mlp, lp["post_ffn_norm"], eps), k_cache, v_cache
+    return x + rms_norm(mlp, lp["post_ffn_norm"], eps, inv), k_cache, v_cache
 
 
 def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """As llama.compute_logits, with Gemma's norm and final soft cap."""
-    h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = matmul(h, w, cfg.batch_invariant, jnp.float32)
+    logits = lm_head(hidden, params, cfg, rms_norm)
     cap = cfg.final_logit_softcapping
     return logits if cap is None else cap * jnp.tanh(logits / cap)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import numpy as np
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import INT4, int4_linear
 from jaxvllm.models.quant import fp8_linear
+from pallas_kernels.reference import ordered_sum
 
 
 def lora_update(x: jax.Array, mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -20,10 +21,18 @@ def lora_update(x: jax.Array, mask: jax.Array, a: jax.Array, b: jax.Array) -> ja
     return ((x @ a) * mask) @ b
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def mean_square(x32: jax.Array, invariant: bool = False) -> jax.Array:
+    """mean(x32 ** 2) over the last axis, kept; `invariant`: summed in a fixed order."""
+    sq = x32 * x32
+    if invariant:
+        return ordered_sum(sq) / x32.shape[-1]
+    return jnp.mean(sq, axis=-1, keepdims=True)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, invariant: bool = False) -> jax.Array:
     # As HF: normalize in float32, cast back, then scale in the activation dtype.
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = x32 * jax.lax.rsqrt(mean_square(x32, invariant) + eps)
     return weight * y.astype(x.dtype)
 
 
@@ -105,16 +114,36 @@ INVARIANT_ROWS = 16
 
 
 def matmul(x: jax.Array, w: jax.Array, invariant: bool = False,
-           out_dtype: Optional[jnp.dtype] = None) -> jax.Array:
-    """x [M, K] @ w [K, N] (out_dtype: x @ w's unless given); `invariant`: each row's result
-    depends on that row alone (see INVARIANT_ROWS)."""
+           out_dtype: Optional[jnp.dtype] = None, *, w_transposed: bool = False) -> jax.Array:
+    """x [M, K] @ w [K, N], or with `w_transposed` x @ w.T for w [N, K] (out_dtype: the product's
+    unless given); `invariant`: each row's result depends on that row alone (see INVARIANT_ROWS)."""
     if not invariant:
+        w = w.T if w_transposed else w
         return x @ w if out_dtype is None else jnp.dot(x, w, preferred_element_type=out_dtype)
+    dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
     out_dtype = out_dtype or jnp.result_type(x, w)
     m, k = x.shape
     tiles = jnp.pad(x, ((0, -m % INVARIANT_ROWS), (0, 0))).reshape(-1, INVARIANT_ROWS, k)
-    out = jax.lax.map(lambda t: jnp.dot(t, w, preferred_element_type=jnp.float32), tiles)
-    return out.reshape(-1, w.shape[1])[:m].astype(out_dtype)
+    # The transposed weight is contracted as it lies: given as w.T, XLA folds the transpose into
+    # the GEMM when there is one tile and copies it out of the loop when there are more, and the
+    # two sum a row in different orders (measured on CPU, tied embeddings).
+    out = jax.lax.map(
+        lambda t: jax.lax.dot_general(t, w, dims, preferred_element_type=jnp.float32), tiles)
+    return out.reshape(m + -m % INVARIANT_ROWS, -1)[:m].astype(out_dtype)
+
+
+def lm_head(hidden: jax.Array, params: dict, cfg: ModelConfig,
+            norm: Callable[..., jax.Array] = rms_norm) -> jax.Array:
+    """float32 logits of hidden states [N, hidden]: the final `norm`, then the LM head (the
+    embedding itself when tied). Batch-invariant: whole tiles of rows from the norm on (a lone
+    row's norm sums in another order than a block's)."""
+    n = hidden.shape[0]
+    if cfg.batch_invariant:
+        hidden = jnp.pad(hidden, ((0, -n % INVARIANT_ROWS), (0, 0)))
+    h = norm(hidden, params["final_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
+    tied = cfg.tie_word_embeddings
+    w = params["embed"] if tied else params["lm_head"]
+    return matmul(h, w, cfg.batch_invariant, jnp.float32, w_transposed=tied)[:n]
 
 
 def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False) -> jax.Array:

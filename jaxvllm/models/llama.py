@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import apply_rope, linear, matmul, projections, rms_norm, rope_cos_sin
+from jaxvllm.models.layers import apply_rope, linear, lm_head, projections, rms_norm, rope_cos_sin
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 from jaxvllm.models.quant import FP8, to_fp8
 
@@ -74,8 +74,8 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
     k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn,
@@ -120,11 +120,11 @@ def no_cache(cfg: ModelConfig) -> list[tuple[None, None]]:
 def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                    v_cache: jax.Array, inp: ModelInputs, cfg: ModelConfig, attention_fn: AttentionFn,
                    experts_fn: ExpertsFn) -> tuple[jax.Array, jax.Array, jax.Array]:
-    h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps)
+    h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
     attn, k_cache, v_cache = _attention_block(cfg, lp, h, cos, sin, k_cache, v_cache, inp,
                                               attention_fn)
     x = x + attn
-    h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)
+    h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
     mlp = (moe(cfg, lp, h, experts_fn, inp.query_start_loc[inp.num_seqs[0]]) if "router" in lp
            else _mlp(lp, h, cfg.batch_invariant))
     return x + mlp, k_cache, v_cache
@@ -133,9 +133,7 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
 def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Logits in float32 for the selected hidden states [N, hidden] (gathered before the norm: the
     norm is per token, so only the tokens that are sampled pay for it and the LM head)."""
-    h = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return matmul(h, w, cfg.batch_invariant, jnp.float32)
+    return lm_head(hidden, params, cfg)
 
 
 def make_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: Any,

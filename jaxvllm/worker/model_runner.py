@@ -294,7 +294,8 @@ class ModelRunner:
         no_bits = jnp.zeros((logits.shape[0], 0), jnp.int32)
         out = sampler_lib.sample(processed, sampling.tensors(no_bits), mode=mode,
                                  num_logprobs=num_logprobs, topk_bound=topk_bound,
-                                 raw_logits=logits, logprobs_mode=self.config.logprobs_mode)
+                                 raw_logits=logits, logprobs_mode=self.config.logprobs_mode,
+                                 invariant=self.cfg.batch_invariant)
         # Padded to max_num_seqs so the next step's input gather has one shape for every bucket.
         pad = self.config.max_num_seqs - out.token_ids.shape[0]
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
@@ -629,7 +630,7 @@ class ModelRunner:
         logits = self.model.compute_logits(params, hidden[rows], self.cfg)
         return sampler_lib.prompt_logprobs(
             logits, targets, num_logprobs=num_logprobs,
-            as_logits=self.config.logprobs_mode.endswith("logits"))
+            as_logits=self.config.logprobs_mode.endswith("logits"), invariant=self.cfg.batch_invariant)
 
 
 def _logit_bias_rows(num_rows: int, biased: list[tuple[int, dict[int, float]]]

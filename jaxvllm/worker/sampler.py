@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvllm.sampling_params import GREEDY_EPS
+from pallas_kernels.reference import ordered_sum
 
 MODES = ("greedy", "random", "random_sort")
 # Static top-k widths the runner may pass as ``topk_bound`` (one executable per value used).
@@ -148,12 +149,13 @@ def topk_bound_for(temperature, top_k, top_p, bounds: Sequence[int] = TOPK_BOUND
 # Device-side pieces.
 
 
-def _safe_lse(x: jax.Array) -> jax.Array:
+def _safe_lse(x: jax.Array, invariant: bool = False) -> jax.Array:
     """logsumexp over the last axis, keepdims; 0 for rows that are all -inf (so that
-    x - lse is -inf there, not NaN)."""
+    x - lse is -inf there, not NaN). `invariant`: summed in a fixed order (batch-invariant mode)."""
     m = jnp.max(x, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    s = jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)
+    e = jnp.exp(x - m)
+    s = ordered_sum(e) if invariant else jnp.sum(e, axis=-1, keepdims=True)
     return jnp.where(s > 0, m + jnp.log(s), 0.0)
 
 
@@ -180,11 +182,12 @@ def _top_k(x: jax.Array, k: int):
     return vals2, jnp.minimum(ids2, v - 1)
 
 
-def _logprob_info(raw: jax.Array, token_ids: jax.Array, k: int, as_logits: bool = False):
+def _logprob_info(raw: jax.Array, token_ids: jax.Array, k: int, as_logits: bool = False,
+                  invariant: bool = False):
     """(logprob, rank, topk_ids, topk_logprobs) of ``token_ids`` under log_softmax(raw), or with
     ``as_logits`` the values of ``raw`` themselves (ranks and top-k the same)."""
     n = raw.shape[0]
-    lse = 0.0 if as_logits else _safe_lse(raw)
+    lse = 0.0 if as_logits else _safe_lse(raw, invariant)
     tok = jnp.take_along_axis(raw, token_ids[:, None].astype(jnp.int32), axis=-1)  # [N, 1]
     logprob = (tok - lse)[:, 0]
     # Rank in raw-logit space (same order as logprobs, without extra rounding).
@@ -317,7 +320,7 @@ def _process(logits: jax.Array, t: SamplingTensors, mode: str, topk_bound: int =
 
 def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: int = 0,
            topk_bound: int = 0, raw_logits: Optional[jax.Array] = None,
-           logprobs_mode: str = "raw_logprobs") -> SamplerOutput:
+           logprobs_mode: str = "raw_logprobs", invariant: bool = False) -> SamplerOutput:
     """Sample one token per row of ``logits`` (f32/bf16 [R, V]).
 
     mode (static): "greedy" (every row has temperature 0: argmax, no RNG), "random" (top_k/top_p
@@ -331,6 +334,7 @@ def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: in
     logprobs_mode (static): config.LOGPROBS_MODES; "processed_*" take them from the logits the
     token was drawn from (for greedy rows: after penalties and the caller's processing, without
     temperature), "*_logits" return the values instead of log_softmax.
+    invariant (static): batch-invariant mode (logprobs' sums in a fixed order).
     """
     raw, x, greedy_tok = _process(logits, t, mode, topk_bound, raw_logits)
     if mode == "greedy":
@@ -341,16 +345,16 @@ def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: in
         tok = jnp.where(t.temperature < GREEDY_EPS, greedy_tok, rand_tok)
     values = x if logprobs_mode.startswith("processed") else raw
     logprob, rank, topk_ids, topk_lp = _logprob_info(values, tok, num_logprobs,
-                                                     logprobs_mode.endswith("logits"))
+                                                     logprobs_mode.endswith("logits"), invariant)
     return SamplerOutput(tok, logprob, rank, topk_ids, topk_lp)
 
 
 def prompt_logprobs(logits: jax.Array, target_ids: jax.Array, *, num_logprobs: int = 0,
-                    as_logits: bool = False):
+                    as_logits: bool = False, invariant: bool = False):
     """Raw (logprob f32[N], rank i32[N], topk_ids i32[N, k], topk_logprobs f32[N, k]) of
     ``target_ids`` (the next prompt token at each position), or the logits with ``as_logits``.
     Negative targets (padding) are read as token 0; the caller drops those rows."""
     raw = logits.astype(jnp.float32)
     tgt = jnp.clip(target_ids.astype(jnp.int32), 0, raw.shape[-1] - 1)
-    return _logprob_info(raw, tgt, num_logprobs, as_logits)
+    return _logprob_info(raw, tgt, num_logprobs, as_logits, invariant)
 
