@@ -14,6 +14,7 @@ from flax import nnx
 from converters import load_model
 from jaxvllm import LLM, SamplingParams
 from jaxvllm.models.flax_module import CausalLM, token_logprobs
+from jaxvllm.models.layers import INVARIANT_COMPILER_OPTIONS
 
 ENGINE = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
               num_gpu_blocks_override=64, enforce_eager=True, token_buckets=(8, 32))
@@ -32,8 +33,9 @@ CONFIGS = {
 }
 
 
-def _module_and_llm(config: dict, batch_invariant: bool = False) -> tuple[CausalLM, LLM]:
-    loaded = load_model(config, load_format="dummy", dtype="float32", load_tokenizer=False)
+def _module_and_llm(config: dict, batch_invariant: bool = False,
+                    dtype: str = "float32") -> tuple[CausalLM, LLM]:
+    loaded = load_model(config, load_format="dummy", dtype=dtype, load_tokenizer=False)
     module = CausalLM(loaded.params, loaded.config, batch_invariant)
     return module, LLM.from_params(nnx.state(module), config, batch_invariant=batch_invariant,
                                    **ENGINE)
@@ -54,8 +56,10 @@ def _check_against_score(module: CausalLM, llm: LLM, seqs: list[list[int]], tol:
                          left_padded: bool = False) -> None:
     """tol 0: bitwise."""
     ids, pos = _padded(seqs, left_padded)
-    got = np.asarray(jax.jit(lambda i, p: token_logprobs(
-        module(i, p), i, module.config.batch_invariant))(ids, pos))
+    invariant = module.config.batch_invariant
+    got = np.asarray(jax.jit(lambda i, p: token_logprobs(module(i, p), i, invariant),
+                             compiler_options=INVARIANT_COMPILER_OPTIONS if invariant else None
+                             )(ids, pos))
     want = llm.score([s[:1] for s in seqs], [s[1:] for s in seqs])
     for row, p, w in zip(got, np.asarray(pos)[:, 1:], want):
         row = row[p > 0]  # the logprob of each real token after the first
@@ -65,13 +69,15 @@ def _check_against_score(module: CausalLM, llm: LLM, seqs: list[list[int]], tol:
             np.testing.assert_array_equal(row, w)
 
 
-@pytest.mark.parametrize("family, batch_invariant", [
-    ("llama", False), ("gemma2", False), ("qwen2_moe", False), ("llama", True), ("gemma2", True)])
-def test_module_logprobs_equal_engine_score(family, batch_invariant):
+@pytest.mark.parametrize("family, batch_invariant, dtype", [
+    ("llama", False, "float32"), ("gemma2", False, "float32"), ("qwen2_moe", False, "float32"),
+    ("llama", True, "float32"), ("gemma2", True, "float32"), ("llama", True, "bfloat16")])
+def test_module_logprobs_equal_engine_score(family, batch_invariant, dtype):
     """Two sequences of different lengths in one padded batch (right-padded, and in batch-invariant
     mode left-padded too: the module computes a token at its position, not at its index); the
-    engine serves the module's own arrays (not copies). Batch-invariant: bitwise the same."""
-    module, llm = _module_and_llm(CONFIGS[family], batch_invariant)
+    engine serves the module's own arrays (not copies). Batch-invariant: bitwise the same (bf16 too,
+    the module's forward compiled with INVARIANT_COMPILER_OPTIONS, as the engine's programs are)."""
+    module, llm = _module_and_llm(CONFIGS[family], batch_invariant, dtype)
     assert llm.llm_engine.runner.params["layers"][1]["q"] is module.layers[1]["q"][...]
     rng = np.random.default_rng(1)
     seqs = [rng.integers(1, 256, 21).tolist(), rng.integers(1, 256, 13).tolist()]

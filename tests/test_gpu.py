@@ -226,3 +226,46 @@ def test_moe_kernels_match_xla(tokens, way):
     want = np.asarray(jax.jit(lambda: moe.moe(cfg, lp, x, moe.grouped_swiglu, real))(), np.float32)
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+
+
+def test_batch_invariant_bf16_is_bitwise_on_gpu():
+    """Batch-invariant mode in bf16 on a GPU: a request's tokens and logprobs alone and beside
+    others (a long chunked prompt among them), score() against generate()'s logprobs, and the
+    Flax module's forward (compiled with INVARIANT_COMPILER_OPTIONS) against the engine: bitwise.
+    (float32 on a GPU is not: decoded tokens' logprobs differ by ~1e-4, docs/architecture.md.)"""
+    import jax
+    from flax import nnx
+
+    from converters import load_model
+    from jaxvllm import LLM, SamplingParams
+    from jaxvllm.models.flax_module import CausalLM, token_logprobs
+    from jaxvllm.models.layers import INVARIANT_COMPILER_OPTIONS
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=2048,
+                  hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=True)
+    rng = np.random.default_rng(0)
+    target = rng.integers(1, 2048, 40).tolist()
+    others = [rng.integers(1, 2048, n).tolist() for n in (5, 17, 3, 120)]
+    loaded = load_model(config, load_format="dummy", dtype="bfloat16", load_tokenizer=False)
+    module = CausalLM(loaded.params, loaded.config, batch_invariant=True)
+    llm = LLM.from_params(nnx.state(module), config, batch_invariant=True, max_model_len=512,
+                          max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(8, 16, 32, 64),
+                          num_gpu_blocks_override=256, enforce_eager=True)
+    sp = SamplingParams(temperature=0, max_tokens=8, logprobs=0, prompt_logprobs=0, ignore_eos=True)
+
+    def run(prompts):
+        out = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)[0]
+        c = out.outputs[0]
+        return (list(c.token_ids), [e[t].logprob for e, t in zip(c.logprobs, c.token_ids)],
+                [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])])
+
+    alone = run([target])
+    assert run([target] + others) == alone
+    np.testing.assert_array_equal(llm.score([target], [alone[0]])[0],
+                                  np.array(alone[1], np.float32))
+    ids = np.array([target + alone[0]], np.int32)
+    forward = jax.jit(lambda i: token_logprobs(module(i), i, True),
+                      compiler_options=INVARIANT_COMPILER_OPTIONS)
+    np.testing.assert_array_equal(np.asarray(forward(ids))[0],
+                                  np.array(alone[2] + alone[1], np.float32))

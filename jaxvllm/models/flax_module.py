@@ -116,7 +116,9 @@ class CausalLM(nnx.Module):
     ModelConfig. `CausalLM.load(model)` loads as `LLM(model)` would. Quantized params (FP8, int4)
     are refused: they are the engine's serving forms, not trainable ones. `batch_invariant`: the
     forward of an engine in batch-invariant mode (`LLM(..., batch_invariant=True)`), bitwise: the
-    same GEMM row tiles and attention chunks."""
+    same GEMM row tiles, ordered sums and attention chunks; in bfloat16 compile it as the engine
+    compiles its programs, `jax.jit(..., compiler_options=layers.INVARIANT_COMPILER_OPTIONS)` (or
+    with XLA_FLAGS=--xla_allow_excess_precision=false), or XLA may skip a bf16 rounding."""
 
     def __init__(self, params: dict, config: Any, batch_invariant: bool = False) -> None:
         cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(

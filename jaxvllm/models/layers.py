@@ -111,6 +111,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # row's sums run in the same order whatever the number of rows (XLA picks GEMM algorithms, tilings
 # and split-K by shape: on CPU a float32 row came out differently at 1, 2-32 and 64+ rows).
 INVARIANT_ROWS = 16
+# And programs of batch-invariant mode compile with these: with excess precision allowed, XLA drops
+# a bf16 rounding between two ops where it fuses them (measured on CPU: the engine's step and the
+# dense forward of models/flax_module.py, the same layer code, differed by a bf16 ulp).
+INVARIANT_COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
 
 
 def matmul(x: jax.Array, w: jax.Array, invariant: bool = False,

@@ -25,6 +25,7 @@ from jaxvllm.core.outputs import ModelRunnerOutput, SchedulerOutput
 from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.registry import get_model_module
+from jaxvllm.models.layers import INVARIANT_COMPILER_OPTIONS
 from jaxvllm.outputs import Logprob
 from jaxvllm.sampling_params import MAX_LOGIT_BIAS
 from jaxvllm.structured_output import bitmask_words, new_bitmask
@@ -120,9 +121,12 @@ class ModelRunner:
         self.lora = (LoRASlots(cfg, config.max_loras, config.max_lora_rank,
                                jnp.asarray(params["final_norm"]).dtype, device)
                      if config.max_loras else None)
+        # Batch-invariant: bf16 values rounded where the program says, whatever XLA fuses.
+        invariant_kw = ({"compiler_options": dict(INVARIANT_COMPILER_OPTIONS)}
+                        if cfg.batch_invariant else {})
         step_kw = dict(donate_argnums=(1,),
                        **({} if shardings is None else shardings.step_jit_kwargs()))
-        self._step = jax.jit(self._step_impl, **step_kw)
+        self._step = jax.jit(self._step_impl, **step_kw, **invariant_kw)
         self._step_triton_gemm = jax.jit(self._step_impl, **step_kw,
                                          compiler_options={"xla_gpu_enable_triton_gemm": True})
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
@@ -137,7 +141,8 @@ class ModelRunner:
         self._apply_token_bitmask = jax.jit(sampler_lib.apply_token_bitmask)
         self._apply_logit_bias = jax.jit(sampler_lib.apply_logit_bias)
         self._record_tokens = jax.jit(token_table.record, donate_argnums=(0,))
-        self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",))
+        self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",),
+                                        **invariant_kw)
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
         # so not fewer than SCORE_ROWS_MIN even when max_num_seqs is small.
         self.score_rows = max(config.max_num_seqs, SCORE_ROWS_MIN)
