@@ -59,8 +59,10 @@ class EngineArgs:
     seed: int = field(default=0, metadata={"help": "Seed for dummy weights and unseeded sampling."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Accepted for vLLM "
                                     "compatibility; remote code is never run."})
-    enforce_eager: bool = field(default=False, metadata={
-        "help": "Compile buckets on first use instead of all at start-up."})
+    enforce_eager: Optional[bool] = field(default=None, metadata={
+        "help": "Compile buckets on first use instead of all at start-up. Default: at start-up on "
+                "a GPU (no request then waits on a compile), on first use on a CPU (compiles "
+                "there take minutes, and a CPU serves a user or two)."})
     max_logprobs: int = field(default=20, metadata={"help": "Most logprobs a request may ask for."})
     logprobs_mode: str = field(default="raw_logprobs", metadata={
         "help": "What logprobs and prompt_logprobs hold (vLLM's names): raw_logprobs (the model's "
@@ -168,6 +170,13 @@ class EngineArgs:
             split_host_port(self.dist_init_addr, "dist_init_addr")
         if self.nnodes > 1 and self.data_parallel_size > 1:  # one leader per process, for now
             raise ValueError("data_parallel_size > 1 is not supported with nnodes > 1")
+
+    def compiles_at_start(self) -> bool:
+        """Whether the engine compiles every bucket at start-up (see enforce_eager)."""
+        if self.enforce_eager is not None:
+            return not self.enforce_eager
+        import jax
+        return jax.default_backend() != "cpu"
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -21,8 +21,11 @@ LONG = "A long prompt about rivers and the cities that grew on their banks, " * 
 @pytest.fixture(scope="module")
 def llm():
     # Request buckets 8 and 16 (max_num_seqs 16): two sampler row counts.
-    return LLM(dtype="float32", max_model_len=256, max_num_seqs=16, max_num_batched_tokens=32,
-               token_buckets=(8, 16, 32), num_gpu_blocks_override=96, max_logprobs=8)
+    llm = LLM(dtype="float32", max_model_len=256, max_num_seqs=16, max_num_batched_tokens=32,
+              token_buckets=(8, 16, 32), num_gpu_blocks_override=96, max_logprobs=8,
+              enforce_eager=False)  # the server's default on a GPU; on a CPU it is asked for
+    assert llm.llm_engine.compile_seconds > 0
+    return llm
 
 
 def _kinds() -> list[SamplingParams]:
@@ -82,10 +85,27 @@ def test_an_engine_used_under_a_jax_context_compiles_nothing_after_warm_up(caplo
     or every step program would be traced again (and on the GPU computed at another precision)."""
     with jax.default_matmul_precision("highest"):
         llm = LLM(dtype="float32", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16,
-                  token_buckets=(8, 16), num_gpu_blocks_override=32, max_logprobs=2)
+                  token_buckets=(8, 16), num_gpu_blocks_override=32, max_logprobs=2,
+                  enforce_eager=False)
         mark = compile_watch.mark()
         with caplog.at_level(logging.WARNING, logger="jaxvllm.worker.model_runner"):
             llm.generate(["What is a river?", LONG], SamplingParams(temperature=0.0, max_tokens=4),
                          use_tqdm=False)
     assert compile_watch.since(mark) == []
     assert not [r for r in caplog.records if "compiled while serving" in r.getMessage()]
+
+
+def test_a_cpu_engine_compiles_on_first_use_unless_asked():
+    """enforce_eager's default: on a CPU nothing compiles at start-up (a user's first `jaxvllm
+    serve` there would wait minutes for buckets it may never use)."""
+    from converters import load_model
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128,
+                  hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64)
+    params = load_model(config, load_format="dummy", dtype="float32", load_tokenizer=False).params
+    llm = LLM.from_params(params, config, max_model_len=64, max_num_seqs=2,
+                          num_gpu_blocks_override=8, max_num_batched_tokens=8, token_buckets=(8,))
+    assert llm.llm_engine.compile_seconds == 0
+    mark = compile_watch.mark()
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert compile_watch.since(mark)  # compiled on first use

@@ -559,7 +559,7 @@ def test_real_fuzz_no_5xx(real_srv):
                 path = CH if k == "messages" else C
                 first = {"messages": hi} if path == CH else {"prompt": "hi"}
                 yield path, json.dumps({**first, **base, k: v}).encode()
-        for _ in range(80):
+        for _ in range(50):
             path = rng.choice(paths)
             kind = rng.random()
             if kind < 0.1:
@@ -601,7 +601,7 @@ def test_real_fuzz_no_5xx(real_srv):
             assert not any("error" in json.loads(e) for e in events[:-1]), (path, raw, resp)
         else:
             assert isinstance(resp, dict) and "error" not in resp, (path, raw, resp)
-    assert codes.get(200, 0) >= 60 and codes.get(400, 0) >= 60, codes
+    assert codes.get(200, 0) >= 60 and codes.get(400, 0) >= 40, codes
     assert http("GET", srv.url + "/health")[0] == 200
     assert wait_until(lambda: srv.server.serving.in_flight == 0, 60)
     assert _real(srv, C, probe)["choices"][0]["text"] == before

@@ -18,7 +18,10 @@ from typing import Any, Optional
 import pytest
 
 NUM_FAKE_DEVICES = 8
-TP_SIZES = (1, 2, 8)  # Llama's 4 KV heads split at 2, replicated at 8; Qwen2 and the MoE take 4
+TP_SIZES = (1, 2, 8)  # on GPUs: Llama's 4 KV heads split at 2, replicated at 8
+# On the fake CPU devices Llama runs at 1 and 8 (replicated KV heads); Gemma 2 splits its KV heads at
+# 2, Qwen2 and the MoE take 4.
+CPU_TP_SIZES = (1, 8)
 LAYERS = 2
 PROMPTS = [list(range(3, 3 + n)) for n in (5, 11, 20, 40, 7)]   # 40 > the 32-token budget: chunked
 ALLOWED = [5, 17, 33, 70, 101, 180, 222]
@@ -151,7 +154,7 @@ def _worker(out_path: str) -> None:
         _save_model(llama, "llama", hidden=64, kv_heads=4)
         _save_model(qwen, "qwen2", hidden=64, kv_heads=2)
         report["llama"] = {tp: _run_engine(llama, tp, "float32", inspect=tp == 8)
-                           for tp in TP_SIZES}
+                           for tp in CPU_TP_SIZES}
         report["qwen2"] = {tp: _run_engine(qwen, tp, "float32", inspect=tp == 4) for tp in (1, 4)}
         # Mixture of experts with a shared expert: every expert's intermediate dimension split.
         moe = os.path.join(tmp, "qwen2_moe")
@@ -224,7 +227,7 @@ def report(tmp_path_factory) -> dict[str, Any]:
     return _run_worker(str(tmp_path_factory.mktemp("tp") / "report.json"), fake_cpu_devices=True)
 
 
-@pytest.mark.parametrize("tp", TP_SIZES[1:])
+@pytest.mark.parametrize("tp", CPU_TP_SIZES[1:])
 def test_greedy_tokens_match_tp1(report, tp):
     ref, got = report["llama"][1], report["llama"][tp]
     assert got["tokens"] == ref["tokens"]
@@ -233,7 +236,7 @@ def test_greedy_tokens_match_tp1(report, tp):
 
 
 def test_token_masks_hold_under_tp(report):
-    for tp in TP_SIZES:
+    for tp in CPU_TP_SIZES:
         masked = report["llama"][tp]["masked_tokens"]
         assert all(t in ALLOWED for toks in masked for t in toks), tp
         assert masked != report["llama"][tp]["tokens"]  # the mask mattered
@@ -247,7 +250,7 @@ def test_other_families_greedy_tokens_match_tp1(report, model, tp):
     assert got["masked_tokens"] == ref["masked_tokens"]
 
 
-@pytest.mark.parametrize("model, tp", [("llama", 2), ("llama", 8), ("qwen2", 4), ("qwen2_moe", 4),
+@pytest.mark.parametrize("model, tp", [("gemma2", 2), ("llama", 8), ("qwen2", 4), ("qwen2_moe", 4),
                                        ("qwen2_fp8", 4)])
 def test_update_weights_under_tp(report, model, tp):
     ref, got = report[model][1], report[model][tp]

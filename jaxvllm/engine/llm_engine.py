@@ -295,7 +295,7 @@ class LLMEngine(RequestFront):
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
         from jaxvllm.engine.multihost import LeaderRunner, startup_phase
         startup_phase("compiling")  # multi-host: named if another rank is lost meanwhile
-        self.compile_seconds = 0.0 if args.enforce_eager else self.runner.warmup()
+        self.compile_seconds = self.runner.warmup() if args.compiles_at_start() else 0.0
         if args.nnodes > 1:  # the other ranks replay every runner call (engine/multihost.py)
             self.runner = LeaderRunner(self.runner, args)
         if pending_tokenizer is not None:

@@ -317,7 +317,7 @@ def run_follower(args: EngineArgs) -> int:
     try:
         runner, _, _ = build_runner(args, load(args))  # load connects to rank 0 first
         startup_phase("compiling")
-        if not args.enforce_eager:
+        if args.compiles_at_start():
             runner.warmup(progress=False)  # rank 0 compiles and warms up the same programs
         channel = _take_channel(args)
         logger.info("Rank %d following rank 0", args.node_rank)
