@@ -28,6 +28,15 @@ def llm():
     return llm
 
 
+def _tiny_llama() -> tuple[dict, dict]:
+    """A random one-layer Llama's params and HF config, for LLM.from_params."""
+    from converters import load_model
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128,
+                  hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=128)
+    return load_model(config, load_format="dummy", dtype="float32", load_tokenizer=False).params, config
+
+
 def _kinds() -> list[SamplingParams]:
     g = dict(max_tokens=4, ignore_eos=True)
     return [
@@ -84,13 +93,13 @@ def test_an_engine_used_under_a_jax_context_compiles_nothing_after_warm_up(caplo
     own: an engine built and used under `jax.default_matmul_precision` must launch under it too,
     or every step program would be traced again (and on the GPU computed at another precision)."""
     with jax.default_matmul_precision("highest"):
-        llm = LLM(dtype="float32", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16,
-                  token_buckets=(8, 16), num_gpu_blocks_override=32, max_logprobs=2,
-                  enforce_eager=False)
+        llm = LLM.from_params(*_tiny_llama(), max_model_len=128, max_num_seqs=8,
+                              max_num_batched_tokens=16, token_buckets=(8, 16),
+                              num_gpu_blocks_override=32, max_logprobs=2, enforce_eager=False)
         mark = compile_watch.mark()
         with caplog.at_level(logging.WARNING, logger="jaxvllm.worker.model_runner"):
-            llm.generate(["What is a river?", LONG], SamplingParams(temperature=0.0, max_tokens=4),
-                         use_tqdm=False)
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": list(range(40))}],
+                         SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     assert compile_watch.since(mark) == []
     assert not [r for r in caplog.records if "compiled while serving" in r.getMessage()]
 
@@ -98,12 +107,7 @@ def test_an_engine_used_under_a_jax_context_compiles_nothing_after_warm_up(caplo
 def test_a_cpu_engine_compiles_on_first_use_unless_asked():
     """enforce_eager's default: on a CPU nothing compiles at start-up (a user's first `jaxvllm
     serve` there would wait minutes for buckets it may never use)."""
-    from converters import load_model
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128,
-                  hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=64)
-    params = load_model(config, load_format="dummy", dtype="float32", load_tokenizer=False).params
-    llm = LLM.from_params(params, config, max_model_len=64, max_num_seqs=2,
+    llm = LLM.from_params(*_tiny_llama(), max_model_len=64, max_num_seqs=2,
                           num_gpu_blocks_override=8, max_num_batched_tokens=8, token_buckets=(8,))
     assert llm.llm_engine.compile_seconds == 0
     mark = compile_watch.mark()

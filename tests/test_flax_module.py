@@ -145,10 +145,10 @@ def test_rl_loop_example_learns():
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, os.path.join(root, "examples", "rl_loop.py"),
-                           "--rounds", "8"], capture_output=True, text=True, timeout=600,
+                           "--rounds", "6"], capture_output=True, text=True, timeout=600,
                           cwd=root, env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rounds = re.findall(r"mean reward ([0-9.]+) .* trainer logprob\| ([0-9.e+-]+)", proc.stdout)
-    assert len(rounds) == 8, proc.stdout
+    assert len(rounds) == 6, proc.stdout
     rewards, gaps = [float(r) for r, _ in rounds], [float(g) for _, g in rounds]
     assert rewards[-1] > rewards[0] + 0.1 and max(gaps) == 0

@@ -1,5 +1,5 @@
 """Weight updates in chunks (LLM.start_weight_update / update_weights(chunk) /
-finish_weight_update, vLLM's names) on the default model: streamed layer by layer they give what
+finish_weight_update, vLLM's names) on a tiny random Llama: streamed layer by layer they give what
 one whole update gives, in bf16 and with FP8 weights quantized on arrival."""
 from __future__ import annotations
 
@@ -9,21 +9,30 @@ import pytest
 
 from jaxvllm import LLM, SamplingParams
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
-SP = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0)
+PROMPTS = ["t5 t9 t13 t2 t77", "t100 t3"]
+SP = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def llms():
+def model_dir(tmp_path_factory) -> str:
+    from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
+    d = str(tmp_path_factory.mktemp("llama"))
+    tiny_model(tiny_config(num_hidden_layers=3), **FAR_FROM_FLAT).save_pretrained(d)
+    save_word_tokenizer(d, 256)
+    return d
+
+
+@pytest.fixture(scope="module")
+def llms(model_dir):
     """One engine per quantization for the module's tests."""
     made: dict = {}
 
     def get(quantization=None) -> LLM:
         if quantization not in made:
             made[quantization] = LLM(
-                dtype="bfloat16", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64,
-                num_gpu_blocks_override=64, enforce_eager=True, token_buckets=(8, 64),
-                quantization=quantization)
+                model_dir, dtype="bfloat16", max_model_len=128, max_num_seqs=4,
+                max_num_batched_tokens=64, num_gpu_blocks_override=64, enforce_eager=True,
+                token_buckets=(8, 64), quantization=quantization)
         return made[quantization]
     return get
 
@@ -41,11 +50,11 @@ def _chunks(params) -> list[dict]:
 
 
 @pytest.mark.parametrize("quantization", [None, "fp8"])
-def test_chunked_update_equals_a_whole_one(quantization, llms):
+def test_chunked_update_equals_a_whole_one(quantization, llms, model_dir):
     """On one engine: a whole update, the old weights back, then the same update in chunks."""
     llm = llms(quantization)
     from converters import load_model
-    base = load_model(None, dtype="bfloat16", cache_dir=None, load_tokenizer=False).params
+    base = load_model(model_dir, dtype="bfloat16", cache_dir=None, load_tokenizer=False).params
     # The unquantized weights, scaled: the new weights a trainer would push.
     new = jax.tree.map(lambda a: np.asarray(a * 1.25 if a.ndim > 1 else a), base)
     before = _run(llm)

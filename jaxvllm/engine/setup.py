@@ -129,7 +129,7 @@ def _weights_cache_dir(args: EngineArgs) -> Optional[str]:
     return None if cache_dir.lower() == "none" else cache_dir
 
 
-def _batch_invariant(cfg: Any) -> tuple[Any, Any]:
+def _batch_invariant(cfg: Any, params_dtype: Any) -> tuple[Any, Any]:
     """The model config and attention of batch-invariant mode: GEMMs in fixed row tiles
     (models/layers.matmul) and the reference attention, which computes each token on its own over
     fixed chunks of its context (the Pallas kernel's split over the context and its tiles
@@ -139,6 +139,11 @@ def _batch_invariant(cfg: Any) -> tuple[Any, Any]:
     from pallas_kernels.reference import ragged_paged_attention_reference
     if cfg.num_experts:
         raise ValueError("batch_invariant is not supported for mixture-of-experts models yet")
+    import jax
+    if jax.default_backend() == "gpu" and params_dtype == jax.numpy.float32:
+        # Measured on an H200 (bench/RESULTS.md); bf16 there, and float32 on a CPU, are bitwise.
+        logger.warning("batch_invariant in float32 on a GPU: decoded tokens' logprobs can still "
+                       "differ by ~1e-4 with the batch (bfloat16 is bitwise)")
     return (dataclasses.replace(cfg, batch_invariant=True),
             functools.partial(ragged_paged_attention_reference, invariant=True))
 
@@ -184,7 +189,7 @@ def build_runner(args: EngineArgs, loaded: Any,
                                 and not args.batch_invariant else 0))
     attention_fn = None
     if args.batch_invariant:
-        cfg, attention_fn = _batch_invariant(cfg)
+        cfg, attention_fn = _batch_invariant(cfg, params_dtype)
     shares = loaded.load_format == "params"
     if shardings is None and device is None and not shares:
         # The runner committed to the device the weights are on (as a data-parallel replica is to

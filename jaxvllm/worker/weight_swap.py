@@ -1,6 +1,7 @@
 """Overwriting the model's weights in place between steps (LLM.update_weights)."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -9,6 +10,21 @@ import jax
 # The old buffer is donated and aliased to the output: the new values land in the engine's own
 # memory, so a swap allocates nothing beyond the caller's arrays and compiles once per leaf shape.
 _copy_into = jax.jit(lambda old, new: new.astype(old.dtype), donate_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames="sharding")
+def _reshard(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _to_layout(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+    """x laid out as `sharding`: by the devices themselves (one program of collectives per leaf
+    shape and pair of layouts) when both span the same devices, as a trainer's mesh and the
+    engine's do; jax.device_put, which went through the host for another mesh of the same
+    devices, only between different devices."""
+    if x.sharding.device_set == sharding.device_set and len(sharding.device_set) > 1:
+        return _reshard(x, sharding=sharding)
+    return jax.device_put(x, sharding)
 
 
 def swap_in_place(current: Any, new: Any, donate: bool = True) -> Any:
@@ -41,7 +57,7 @@ def swap_in_place(current: Any, new: Any, donate: bool = True) -> Any:
             # cache keys on it, and committed weights compiled every bucket's step once more.
             leaf = jax.device_put(leaf, old.sharding if old.committed else None)
         elif leaf.sharding != old.sharding:
-            leaf = jax.device_put(leaf, old.sharding)
+            leaf = _to_layout(leaf, old.sharding)
         out.append(_copy_into(old, leaf) if donate else leaf)
     return jax.tree_util.tree_unflatten(cur_tree, out)
 
