@@ -71,6 +71,16 @@ def _run_engine(d: str, tp: int, dtype: str, inspect: bool, **engine: Any) -> di
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
     res["tokens_after_update"] = [list(o.outputs[0].token_ids) for o in outs]
     res["cum_logprobs_after_update"] = [o.outputs[0].cumulative_logprob for o in outs]
+    if tp > 1:  # the same update streamed a layer at a time (KV heads replicated per chunk)
+        llm.update_weights(base)
+        scaled = jax.tree.map(lambda x: x * 1.25, base)
+        llm.start_weight_update()
+        for i, lp in enumerate(scaled["layers"]):
+            llm.update_weights({f"layers.{i}.{k}": v for k, v in lp.items()})
+        llm.update_weights({k: v for k, v in scaled.items() if k != "layers"})
+        llm.finish_weight_update()
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+        res["tokens_after_chunked_update"] = [list(o.outputs[0].token_ids) for o in outs]
     runner = llm.llm_engine.runner
     if tp == NUM_FAKE_DEVICES:
         res.update(_cross_mesh_update(llm, base, sp))
@@ -279,6 +289,15 @@ def test_other_families_greedy_tokens_match_tp1(report, model, tp):
     assert got["tokens"] == ref["tokens"]
     assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
     assert got["masked_tokens"] == ref["masked_tokens"]
+
+
+@pytest.mark.parametrize("model, tp", [("llama", 8), ("qwen2", 4), ("qwen2_fp8", 4),
+                                       ("qwen2_moe", 4), ("gemma2", 2)])
+def test_chunked_update_under_tp_equals_a_whole_one(report, model, tp):
+    """start_weight_update / update_weights(chunk) / finish_weight_update on a sharded engine
+    (replicated KV heads at Llama 8 and Qwen2 4, FP8 weights quantized on arrival)."""
+    got = report[model][tp]
+    assert got["tokens_after_chunked_update"] == got["tokens_after_update"]
 
 
 def test_update_weights_from_another_mesh_reshards_on_device(report):

@@ -180,8 +180,7 @@ class ModelRunner:
         """Overwrites the weights `named` (weight_swap.get_named's names) in place, each
         checked and placed as update_weights does."""
         if self.shardings is not None:
-            raise RuntimeError("weight updates in chunks are not supported with "
-                               "tensor_parallel_size > 1 yet: pass the whole tree")
+            named = {n: self.shardings.match_named(n, w) for n, w in named.items()}
         current = {n: get_named(self._awake_params(), n) for n in named}
         for n, value in swap_in_place(current, named, donate=not self.shares_params).items():
             set_named(self.params, n, value)

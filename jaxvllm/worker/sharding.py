@@ -209,6 +209,14 @@ class TPShardings:
             params = _replicate_kv(params, self.model_config.head_dim, self.kv_replication)
         return params
 
+    def match_named(self, name: str, w: Any) -> Any:
+        """One weight of a chunked update (weight_swap.get_named's name, e.g. "layers.3.k") in the
+        sharded model's layout, as match_layout does the whole tree."""
+        if self.kv_replication > 1 and name.startswith("layers."):
+            return _replicate_kv_param(name.rsplit(".", 1)[-1], w, self.model_config.head_dim,
+                                       self.kv_replication)
+        return w
+
 
 def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
     """The PartitionSpec pytree for `params` (vocab-split only where the vocabulary divides by tp)."""
