@@ -45,7 +45,7 @@ def run(num_reqs: int, prompt_len: int, steps: int, block_size: int, prefix_cach
         for rid in scheduler_output.num_scheduled_tokens:
             req = sched.requests[rid]
             if req.num_computed_tokens == req.num_tokens:
-                sampled[rid] = rng.randrange(3, 32000)
+                sampled[rid] = [rng.randrange(3, 32000)]
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
     # Prefill (untimed) until every request is decoding.

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+from jaxvllm.spec_decode import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
@@ -95,7 +98,15 @@ class EngineArgs:
         "help": "Seconds a tensor-parallel step may take on the devices before the engine fails "
                 "with an error naming the step (a collective waiting forever for a device)."})
     async_scheduling: bool = field(default=True, metadata={
-        "help": "Schedule and dispatch the next step while the device runs the current one."})
+        "help": "Schedule and dispatch the next step while the device runs the current one "
+                "(not with speculative decoding, whose guesses need the step before's tokens)."})
+    speculative_config: Optional[dict] = field(default=None, metadata={
+        "help": "Speculative decoding, vLLM's keys, as JSON on the command line: "
+                '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+                '"prompt_lookup_min": 1} guesses a request\'s next tokens from its own context '
+                "(prompt lookup) and verifies them in one step: greedy output is unchanged, "
+                "sampled output keeps its distribution. Requests with penalties, min_tokens, "
+                "logit_bias, bad_words or a grammar decode one token a step."})
     nnodes: int = field(default=1, metadata={
         "help": "Processes (hosts) that together run one engine: the model is sharded over all of "
                 "their devices; run the same command on each with its own --node-rank."})
@@ -154,6 +165,7 @@ class EngineArgs:
                 and self.step_timeout > 0):
             raise ValueError(f"step_timeout must be a positive number of seconds, got {self.step_timeout!r}")
         self._validate_nodes()
+        self.speculative  # noqa: B018 (validates speculative_config)
         if self.token_buckets is not None:
             v = tuple(self.token_buckets)
             if not v or any(not isinstance(x, int) or x < 1 for x in v):
@@ -170,6 +182,10 @@ class EngineArgs:
             split_host_port(self.dist_init_addr, "dist_init_addr")
         if self.nnodes > 1 and self.data_parallel_size > 1:  # one leader per process, for now
             raise ValueError("data_parallel_size > 1 is not supported with nnodes > 1")
+
+    @property
+    def speculative(self) -> Optional[SpeculativeConfig]:
+        return SpeculativeConfig.from_dict(self.speculative_config)
 
     def compiles_at_start(self) -> bool:
         """Whether the engine compiles every bucket at start-up (see enforce_eager)."""
@@ -197,6 +213,8 @@ class EngineArgs:
                                     help=help_)
             elif base is tuple:
                 parser.add_argument(flag, type=int, nargs="+", default=f.default, help=help_)
+            elif base is dict:
+                parser.add_argument(flag, type=_json_object, default=f.default, help=help_)
             else:
                 parser.add_argument(flag, type=base, default=f.default, help=help_,
                                     choices=f.metadata.get("choices"))
@@ -214,6 +232,16 @@ def split_host_port(addr: Any, name: str) -> tuple[str, int]:
         raise ValueError(f"{name} must be HOST:PORT (a port below 65535, since PORT+1 is used too), "
                          f"got {addr!r}")
     return host, int(port)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _base_type(tp: Any) -> type:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 from jaxvllm.config import EngineArgs
+from jaxvllm.core.scheduler import SpecDecodeStats
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -80,6 +81,7 @@ class FakeStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    spec_decode: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Every cache slot the fake runner writes holds a digest of (cache salt, all tokens up to and including
 that position). Before "attention" it checks that every position a request reads through its block
 table holds exactly its own digest, so a wrong prefix-cache hit, a block freed while still in use, a
-block owned twice, or a hit on K/V that is never computed is caught where it happens.
+block owned twice, or a hit on K/V that is never computed is caught where it happens. With `guess`
+it also makes speculative guesses, right and wrong: the K/V of a rejected guess is a digest of the
+wrong token, so a step that reads it without computing it again fails the same check.
 """
 from __future__ import annotations
 
@@ -41,12 +43,21 @@ class _State:
             d.append(hash((prev, self.tokens[len(d)])))
         return d[p]
 
+    def digests_with(self, guesses, end):
+        """Digests of positions [0, end) of the known tokens followed by `guesses`."""
+        known = min(end, len(self.tokens))
+        out = [self.digest(p) for p in range(known)]
+        for g in guesses[:end - known]:
+            out.append(hash((out[-1] if out else hash(("salt", self.salt)), g)))
+        return out
+
 
 class FakeRunner:
     """Keeps its own per-request state from SchedulerOutput deltas (as the real runner does),
     writes/reads a simulated KV cache, samples from per-request plans (or a seeded RNG)."""
 
-    def __init__(self, sched: Scheduler, plans=None, seed=0, vocab=40, check_prob=1.0):
+    def __init__(self, sched: Scheduler, plans=None, seed=0, vocab=40, check_prob=1.0,
+                 guess=False):
         self.sched = sched
         self.bs = sched.config.block_size
         self.cache: dict[int, int] = {}
@@ -55,6 +66,7 @@ class FakeRunner:
         self.rng = random.Random(seed)
         self.vocab = vocab
         self.check_prob = check_prob
+        self.guess = guess
         self.steps = 0
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -77,43 +89,65 @@ class FakeRunner:
             s.blocks.extend(cr.new_block_ids)
         assert list(so.num_scheduled_tokens)[:len(so.cached_reqs)] == [c.req_id for c in so.cached_reqs]
         new_ids = {nr.req_id for nr in so.new_reqs}
-        # 1) write the K/V of every scheduled token
+        drafts = so.scheduled_spec_decode_tokens
+        assert self.guess or not drafts
+        # 1) write the K/V of every scheduled token (guesses: of the guessed tokens)
         for rid, n in so.num_scheduled_tokens.items():
             s = self.states[rid]
             assert n >= 1
+            guesses = drafts.get(rid, [])
             start, end = s.computed, s.computed + n
-            assert end <= len(s.tokens), (rid, start, n, len(s.tokens))
+            assert end <= len(s.tokens) + len(guesses), (rid, start, n, len(s.tokens))
+            assert not guesses or end - len(guesses) == len(s.tokens)  # only after the last token
             assert len(s.blocks) * bs >= end, f"{rid}: {len(s.blocks)} blocks for {end} tokens"
-            assert len(s.blocks) <= -(-len(s.tokens) // bs), f"{rid} holds more blocks than needed"
+            # (Blocks for guesses rejected earlier stay: up to 4 guesses a step.)
+            assert len(s.blocks) <= -(-(len(s.tokens) + 4 * self.guess) // bs), \
+                f"{rid} holds more blocks than needed"
             assert 0 not in s.blocks
+            digests = s.digests_with(guesses, end)
             for p in range(start, end):
-                self.cache[s.blocks[p // bs] * bs + p % bs] = s.digest(p)
+                self.cache[s.blocks[p // bs] * bs + p % bs] = digests[p]
         # 2) "attention": every position read must hold this request's own K/V
         for rid, n in so.num_scheduled_tokens.items():
             s = self.states[rid]
             end = s.computed + n
             if rid in new_ids or self.rng.random() < self.check_prob:
+                digests = s.digests_with(drafts.get(rid, []), end)
                 for p in range(end):
                     slot = s.blocks[p // bs] * bs + p % bs
-                    assert self.cache.get(slot) == s.digest(p), f"{rid}: bad K/V at position {p}"
-        # 3) sample
-        sampled, plps = {}, {}
+                    assert self.cache.get(slot) == digests[p], f"{rid}: bad K/V at position {p}"
+        # 3) sample: the guesses the plan agrees with, then the plan's next token
+        sampled, plps, lps, proposals = {}, {}, {}, {}
         for rid, n in so.num_scheduled_tokens.items():
             s = self.states[rid]
+            guesses = drafts.get(rid, [])
             start, end = s.computed, s.computed + n
             s.computed = end
             if s.plp and start < s.num_prompt - 1:
                 plps[rid] = list(range(start, min(end, s.num_prompt - 1)))
-            if end == len(s.tokens):
+            if end - len(guesses) == len(s.tokens):
                 k = len(s.tokens) - s.num_prompt
                 plan = self.plans.get(rid)
-                tok = plan[k] if plan is not None else self.rng.randrange(3, self.vocab)
-                s.tokens.append(tok)
-                sampled[rid] = tok
-        return ModelRunnerOutput(sampled_token_ids=sampled,
-                                 logprobs={rid: ("lp", rid, len(self.states[rid].tokens))
-                                           for rid in sampled},
-                                 prompt_logprobs=plps)
+                toks = []
+                for g in guesses:
+                    if g != plan[k + len(toks)]:
+                        break
+                    toks.append(g)
+                toks.append(plan[k + len(toks)] if plan is not None
+                            else self.rng.randrange(3, self.vocab))
+                s.computed -= len(guesses) + 1 - len(toks)
+                lps[rid] = [("lp", rid, len(s.tokens) + j + 1) for j in range(len(toks))]
+                s.tokens.extend(toks)
+                sampled[rid] = toks
+                if self.guess and plan is not None and self.rng.random() < 0.7:
+                    # Up to 4 guesses, the plan's next tokens with one of them often wrong.
+                    nxt = list(plan[k + len(toks):k + len(toks) + self.rng.randrange(1, 5)])
+                    if nxt and self.rng.random() < 0.5:
+                        nxt[self.rng.randrange(len(nxt))] = 1  # no plan holds token 1
+                    if nxt:
+                        proposals[rid] = nxt
+        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=lps, prompt_logprobs=plps,
+                                 spec_token_ids=proposals)
 
 
 def expected_output(req: Request, plan, max_model_len):
@@ -132,11 +166,12 @@ def expected_output(req: Request, plan, max_model_len):
 class Driver:
     """Runs the scheduler with the fake runner, checking invariants and budgets every step."""
 
-    def __init__(self, cfg: SchedulerConfig, seed=0, check_prob=1.0):
+    def __init__(self, cfg: SchedulerConfig, seed=0, check_prob=1.0, guess=False):
         self.cfg = cfg
         self.sched = Scheduler(cfg)
         self.plans: dict[str, list[int]] = {}
-        self.runner = FakeRunner(self.sched, self.plans, seed=seed, check_prob=check_prob)
+        self.runner = FakeRunner(self.sched, self.plans, seed=seed, check_prob=check_prob,
+                                 guess=guess)
         self.rng = random.Random(seed + 1)
         self.outputs: dict[str, list[int]] = {}
         self.finish: dict[str, tuple] = {}
@@ -197,7 +232,8 @@ class Driver:
             assert rid not in self.finish, f"output for finished {rid}"
             self.outputs[rid].extend(o.new_token_ids)
             if o.new_token_ids:
-                assert o.new_logprobs == ("lp", rid, self.reqs[rid].num_tokens)
+                n = self.reqs[rid].num_tokens - len(o.new_token_ids)
+                assert o.new_logprobs == [("lp", rid, n + j + 1) for j in range(len(o.new_token_ids))]
             if o.new_prompt_logprobs is not None:
                 self.prompt_lps.setdefault(rid, []).extend(o.new_prompt_logprobs)
             self.cached[rid] = o.num_cached_tokens
@@ -578,7 +614,7 @@ def test_discarded_step_unregisters_its_blocks_and_aborts_its_requests():
     prefix = list(range(3, 35))  # 2 full blocks
     sched.add_request(make_req("a", prefix + [40]))
     so = sched.schedule()
-    sched.update_from_output(so, ModelRunnerOutput({"a": 7}))
+    sched.update_from_output(so, ModelRunnerOutput({"a": [7]}))
     committed = {b.block_hash for b in kv.get_blocks("a")[:2]}
     prompt = prefix + list(range(50, 90))  # 4 full blocks + 8
     for i in range(2):
@@ -685,7 +721,8 @@ def random_request(rng: random.Random, rid: str, cfg: SchedulerConfig, arrival: 
     return make_req(rid, prompt, salt=salt, arrival=arrival, **kw)
 
 
-def run_random(seed: int, num_reqs: int, cfg: SchedulerConfig | None = None, check_prob=0.2):
+def run_random(seed: int, num_reqs: int, cfg: SchedulerConfig | None = None, check_prob=0.2,
+               guess=False):
     rng = random.Random(seed)
     if cfg is None:
         cfg = SchedulerConfig(
@@ -696,7 +733,7 @@ def run_random(seed: int, num_reqs: int, cfg: SchedulerConfig | None = None, che
             block_size=rng.choice([1, 4, 16]),
             enable_prefix_caching=rng.random() < 0.8,
             policy=rng.choice(["fcfs", "priority"]))
-    d = Driver(cfg, seed=seed, check_prob=check_prob)
+    d = Driver(cfg, seed=seed, check_prob=check_prob, guess=guess)
     t = 0.0
     pending = num_reqs
     accepted = rejected = 0
@@ -733,6 +770,47 @@ def run_random(seed: int, num_reqs: int, cfg: SchedulerConfig | None = None, che
 def test_random_workloads(seed):
     d, accepted, rejected = run_random(seed, num_reqs=60)
     assert accepted + rejected > 0
+
+
+@pytest.mark.parametrize("seeds", [range(0, 10), range(10, 20)])
+def test_random_workloads_with_speculative_guesses(seeds):
+    """Guesses right and wrong: the outputs are the plans' (cut at stops and lengths within a
+    step's guesses), rejected guesses' K/V is computed again before it is read, and every budget
+    and block count holds."""
+    guessed = accepted = 0
+    for seed in seeds:
+        d, _, _ = run_random(3000 + seed, num_reqs=40, guess=True, check_prob=1.0)
+        guessed += d.sched.stats.spec_decode.num_draft_tokens
+        accepted += d.sched.stats.spec_decode.num_accepted_tokens
+    assert guessed > accepted > 100
+
+
+def test_speculative_guesses_under_heavy_preemption():
+    cfg = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=48, max_model_len=120,
+                          num_blocks=12, block_size=4)
+    spec = preempted = 0
+    for seed in range(5):
+        d, _, _ = run_random(4000 + seed, num_reqs=40, cfg=cfg, guess=True, check_prob=1.0)
+        spec += d.sched.stats.spec_decode.num_accepted_tokens
+        preempted += d.sched.stats.num_preemptions
+    assert spec > 50 and preempted > 20
+
+
+def test_guesses_are_cut_to_the_budget_and_the_length_limit():
+    d = Driver(SchedulerConfig(max_num_batched_tokens=3, num_blocks=20, max_model_len=100),
+               guess=True)
+    d.add(make_req("a", [5] * 4, max_tokens=6, ignore_eos=True), plan=[7, 8, 9, 10, 11, 12])
+    d.step()  # prefill (4 tokens over two steps at a budget of 3)
+    d.step()
+    req = d.sched.requests["a"]
+    req.spec_token_ids = [8, 9, 10, 11]
+    so = d.step()
+    assert so.scheduled_spec_decode_tokens == {"a": [8, 9]} and so.num_scheduled_tokens == {"a": 3}
+    assert req.output_token_ids == [7, 8, 9, 10]
+    req.spec_token_ids = [11, 12, 13]
+    so = d.step()  # 4 outputs so far, 6 at most: one guess, then the last token
+    assert so.scheduled_spec_decode_tokens == {"a": [11]}
+    assert d.finish["a"] == ("length", None) and d.outputs["a"] == [7, 8, 9, 10, 11, 12]
 
 
 def test_random_workload_heavy_preemption():
@@ -808,7 +886,7 @@ def test_grammar_masks_follow_the_tokens_and_a_complete_grammar_stops():
     while "g" in s.requests:
         ahead = s.schedule()
         s.update_from_output(in_flight, ModelRunnerOutput(
-            {rid: 9 for rid in in_flight.num_scheduled_tokens}))
+            {rid: [9] for rid in in_flight.num_scheduled_tokens}))
         if "g" in ahead.grammar_rows:
             mask = s.grammar_bitmask(ahead)[ahead.grammar_rows["g"]]
             # Every token before this step's sample is in, or the request is done (all allowed).
@@ -827,7 +905,7 @@ def test_a_token_its_grammar_refuses_aborts_only_that_request():
     for r in reqs:
         s.add_request(r)
     out = s.schedule()
-    s.update_from_output(out, ModelRunnerOutput({"a": 13, "b": 13, "plain": 13}))
+    s.update_from_output(out, ModelRunnerOutput({"a": [13], "b": [13], "plain": [13]}))
     assert reqs[1].status == RequestStatus.FINISHED_ABORTED
     assert reqs[0].status == reqs[2].status == RequestStatus.RUNNING
     assert reqs[0].grammar.accepted == [13] and s.num_structured_requests == 1

@@ -71,7 +71,9 @@ def test_metrics_names(srv, client):
                  "jaxvllm:generation_tokens_total", "jaxvllm:time_to_first_token_seconds_bucket",
                  "jaxvllm:inter_token_latency_seconds_bucket",
                  "jaxvllm:e2e_request_latency_seconds_count",
-                 "jaxvllm:request_queue_time_seconds_count", "jaxvllm:request_success_total"):
+                 "jaxvllm:request_queue_time_seconds_count", "jaxvllm:request_success_total",
+                 "jaxvllm:spec_decode_num_draft_tokens_total",
+                 "jaxvllm:spec_decode_num_accepted_tokens_total"):
         assert name in text, name
     assert metric(srv.url, "jaxvllm:request_success_total", {"finished_reason": "length"}) >= 1
     assert metric(srv.url, "jaxvllm:generation_tokens_total") >= 4

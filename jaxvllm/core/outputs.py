@@ -41,16 +41,22 @@ class SchedulerOutput:
     preempted_req_ids: set[str] = field(default_factory=set)
     # Requests with a grammar -> their row of the step's masks (Scheduler.grammar_bitmask).
     grammar_rows: dict[str, int] = field(default_factory=dict)
+    # Speculative decoding: the guessed tokens scheduled after a request's last token (counted in
+    # its num_scheduled_tokens), verified in this step.
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
 class ModelRunnerOutput:
-    # One sampled token per request whose scheduled tokens reached the end of its known tokens;
-    # requests in the middle of a chunked prefill are absent.
-    sampled_token_ids: dict[str, int]
-    # Opaque to the scheduler: passed through to the engine.
-    logprobs: dict[str, Any] = field(default_factory=dict)
+    # The new tokens of each request whose scheduled tokens reached the end of its known tokens:
+    # one, or with speculative decoding the accepted guesses and one more; requests in the middle
+    # of a chunked prefill are absent.
+    sampled_token_ids: dict[str, list[int]]
+    # Opaque to the scheduler: passed through to the engine (logprobs: one entry per new token).
+    logprobs: dict[str, list[Any]] = field(default_factory=dict)
     prompt_logprobs: dict[str, Any] = field(default_factory=dict)
+    # Speculative decoding: guesses for the tokens after each request's new ones.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,7 +66,7 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     finish_reason: Optional[str] = None    # "stop" | "length" | "abort"
     stop_reason: int | str | None = None   # the stop token id (or stop string, set by the engine)
-    new_logprobs: Any = None
+    new_logprobs: Optional[list[Any]] = None   # one entry per new token
     new_prompt_logprobs: Any = None
     num_cached_tokens: int = 0
 

@@ -72,6 +72,8 @@ class Request:
         # Set by the scheduler at admission: the token count (prompt + output) that ends it.
         self.max_num_tokens = 0
         self.num_prompt_logprobs_sent = 0  # prompt positions whose logprobs were passed on
+        # Speculative decoding: guesses for its next tokens, from the last step (scheduled in the next).
+        self.spec_token_ids: list[int] = []
         # Structured outputs: the matcher of its grammar (jaxvllm.structured_output.Grammar, or a
         # TokenMask for allowed_token_ids), set at admission, advanced with each appended token.
         self.grammar: Optional[Any] = None

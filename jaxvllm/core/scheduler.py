@@ -34,14 +34,21 @@ siblings are admitted in the same step, the first one allocates and computes the
 the other n-1 hit those very blocks (ref count n) and compute only the prompt's last token (or last
 partial block). Later steps and later requests with the same prefix hit them the same way.
 
+Speculative decoding: a decoding request with guesses (``Request.spec_token_ids``, from the
+runner's previous output) is scheduled for its last token and up to that many guesses
+(``SchedulerOutput.scheduled_spec_decode_tokens``), within the token budget and its length limit;
+``num_computed_tokens`` advances over all of them, and update_from_output() takes the rejected ones
+back. Only without async scheduling: guesses need the tokens of the step before.
+
 update_from_output()
-  Appends each sampled token, then checks, in order: a stop token (EOS unless ``ignore_eos``, or any
+  Appends each new token (several with speculative decoding), then checks, in order: a stop token (EOS unless ``ignore_eos``, or any
   id of ``sampling_params.all_stop_token_ids``; only once ``num_output_tokens >= min_tokens``) ->
   "stop"; then ``max_tokens`` / ``max_model_len`` -> "length". Finished requests free their blocks
   at once; their ids reach the runner in the next SchedulerOutput.finished_req_ids.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 from collections import deque
@@ -88,6 +95,23 @@ class SchedulerConfig:
 
 
 @dataclass
+class SpecDecodeStats:
+    """Speculative decoding, cumulative (vLLM's spec_decode counters)."""
+    num_drafts: int = 0             # requests verified with at least one guess
+    num_draft_tokens: int = 0       # guesses verified
+    num_accepted_tokens: int = 0    # guesses the target model kept
+
+    def record(self, num_guessed: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_guessed
+        self.num_accepted_tokens += num_accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+@dataclass
 class SchedulerStats:
     num_running: int
     num_waiting: int
@@ -97,6 +121,7 @@ class SchedulerStats:
     prefix_cache_queries: int       # cumulative, tokens
     prefix_cache_hits: int          # cumulative, tokens
     num_preemptions: int            # cumulative
+    spec_decode: SpecDecodeStats = dataclasses.field(default_factory=SpecDecodeStats)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -176,6 +201,8 @@ class Scheduler:
         self._finished_req_ids: set[str] = set()    # reported in the next SchedulerOutput
         self.num_preemptions = 0
         self.num_structured_requests = 0           # unfinished requests with a grammar
+        self.spec_stats = SpecDecodeStats()
+        self._step_guesses: dict[str, list[int]] = {}  # the last schedule()'s, until its update
 
     # ---- requests in / out ---------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -244,9 +271,13 @@ class Scheduler:
             return best
         return self.running[-1]
 
-    def _preempt(self, victim: Request, num_scheduled: dict[str, int], samples: set[str]) -> int:
+    def _preempt(self, victim: Request, num_scheduled: dict[str, int], samples: set[str],
+                 drafts: dict[str, list[int]]) -> int:
         """Preempt `victim`; returns how many tokens of this step it gives back (0 if it was not
-        scheduled yet in this step). `samples`: requests whose chunk this step samples a token."""
+        scheduled yet in this step). `samples`: requests whose chunk this step samples a token;
+        `drafts`: the step's scheduled guesses."""
+        drafts.pop(victim.request_id, None)
+        victim.spec_token_ids = []
         if victim.request_id in samples:
             samples.discard(victim.request_id)
             victim.num_inflight -= 1
@@ -276,6 +307,7 @@ class Scheduler:
         preempted: set[str] = set()
         prefills: list[Request] = []
         samples: set[str] = set()  # requests whose chunk in this step ends with a sampled token
+        drafts: dict[str, list[int]] = {}  # speculative decoding: guesses verified in this step
 
         # 1) running requests: decodes first, then prefills in progress.
         for phase in (0, 1):
@@ -289,7 +321,11 @@ class Scheduler:
                 if known >= req.max_num_tokens:
                     continue  # its in-flight token is its last: nothing left to compute
                 n = known - computed
-                if n != 1:
+                k = 0  # guesses scheduled after its last token
+                if n == 1 and req.spec_token_ids:
+                    k = min(len(req.spec_token_ids), req.max_num_tokens - known - 1, budget - 1)
+                    n += k
+                elif n != 1:
                     if phase == 0:
                         prefills.append(req)
                         continue
@@ -304,7 +340,7 @@ class Scheduler:
                         break
                     victim = self._pick_victim()
                     preempted.add(victim.request_id)
-                    back = self._preempt(victim, num_scheduled, samples)
+                    back = self._preempt(victim, num_scheduled, samples, drafts)
                     if back:
                         budget += back
                         cached_reqs = [c for c in cached_reqs if c.req_id != victim.request_id]
@@ -316,7 +352,10 @@ class Scheduler:
                 cached_reqs.append(CachedRequestData(rid, new_ids, computed))
                 num_scheduled[rid] = n
                 req.num_computed_tokens = computed + n
-                if computed + n == known:
+                if k:
+                    drafts[rid] = req.spec_token_ids[:k]
+                req.spec_token_ids = []
+                if computed + n - k == known:
                     req.num_inflight += 1
                     samples.add(rid)
                 budget -= n
@@ -359,6 +398,7 @@ class Scheduler:
 
         finished = self._finished_req_ids
         self._finished_req_ids = set()
+        self._step_guesses = drafts
         grammar_rows = {}
         if self.num_structured_requests:
             requests = self.requests
@@ -368,7 +408,7 @@ class Scheduler:
                                num_scheduled_tokens=num_scheduled,
                                total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
                                finished_req_ids=finished, preempted_req_ids=preempted,
-                               grammar_rows=grammar_rows)
+                               grammar_rows=grammar_rows, scheduled_spec_decode_tokens=drafts)
 
     def _lora_fits(self, lora_id: int) -> bool:
         active = {r.lora_id for r in self.running if r.lora_id}
@@ -414,26 +454,39 @@ class Scheduler:
         any_finished_running = False
         refused = (self._advance_grammars(runner_output.sampled_token_ids)
                    if self.num_structured_requests else ())
-        for rid, tok in runner_output.sampled_token_ids.items():
+        drafts = scheduler_output.scheduled_spec_decode_tokens
+        self._step_guesses = {}
+        proposals = runner_output.spec_token_ids
+        for rid, toks in runner_output.sampled_token_ids.items():
             req = requests.get(rid)
             if req is None:
                 continue  # finished or aborted meanwhile
             req.num_inflight -= 1
+            guessed = drafts.get(rid)
+            if guessed:  # the rejected guesses' K/V is not the request's: computed again
+                req.num_computed_tokens -= len(guessed) + 1 - len(toks)
+                self.spec_stats.record(len(guessed), len(toks) - 1)
             out_ids = req.output_token_ids
-            out_ids.append(tok)
             status = None
             stop_reason = None
             grammar = req.grammar
-            if rid in refused:
-                status = _ABORTED  # cannot happen with the mask applied: a sampler fault
-            elif tok in req.stop_ids and len(out_ids) >= req.min_tokens:
-                status = _STOPPED
-                if tok != req.stop_reason_exempt_id:
-                    stop_reason = tok
-            elif grammar is not None and grammar.terminated:
-                status = _STOPPED  # the output is complete: as a stop token, without its id
-            elif len(out_ids) + len(req.prompt_token_ids) >= req.max_num_tokens:
-                status = _LENGTH
+            for j, tok in enumerate(toks):
+                out_ids.append(tok)
+                if rid in refused:
+                    status = _ABORTED  # cannot happen with the mask applied: a sampler fault
+                elif tok in req.stop_ids and len(out_ids) >= req.min_tokens:
+                    status = _STOPPED
+                    if tok != req.stop_reason_exempt_id:
+                        stop_reason = tok
+                elif grammar is not None and grammar.terminated:
+                    status = _STOPPED  # the output is complete: as a stop token, without its id
+                elif len(out_ids) + len(req.prompt_token_ids) >= req.max_num_tokens:
+                    status = _LENGTH
+                if status is not None:
+                    toks = toks[:j + 1]  # what follows a stop is not output
+                    break
+            if status is None and rid in proposals:
+                req.spec_token_ids = proposals[rid]
             prompt_logprobs = None
             if prompt_lps and rid in prompt_lps:
                 prompt_logprobs = self._take_prompt_logprobs(req, prompt_lps[rid], starts,
@@ -444,9 +497,10 @@ class Scheduler:
                     any_finished_running = True
                 self._finish(req, status)
             finish_reason = None if status is None else status.finish_reason
-            append(EngineCoreOutput(rid, [tok], finish_reason, stop_reason,
-                                    logprobs.get(rid) if logprobs else None, prompt_logprobs,
-                                    max(req.num_cached_tokens, 0)))
+            new_logprobs = logprobs.get(rid) if logprobs else None
+            append(EngineCoreOutput(rid, toks, finish_reason, stop_reason,
+                                    None if new_logprobs is None else new_logprobs[:len(toks)],
+                                    prompt_logprobs, max(req.num_cached_tokens, 0)))
         if prompt_lps:
             sampled = runner_output.sampled_token_ids
             for rid, chunk in prompt_lps.items():
@@ -463,15 +517,16 @@ class Scheduler:
             self.running = [r for r in self.running if r.status == _RUNNING]
         return outputs
 
-    def _advance_grammars(self, sampled: dict[str, int]) -> set[str]:
+    def _advance_grammars(self, sampled: dict[str, list[int]]) -> set[str]:
         """Each sampled token advances its request's grammar, every grammar of a kind in one call
         (llguidance's matchers in parallel: one by one they took ~17 us each, 4 ms a step at batch
-        256). Returns the ids of the requests whose grammar refused its token."""
+        256). Returns the ids of the requests whose grammar refused its token. (A request with a
+        grammar gets no speculative guesses: one token each.)"""
         by_kind: dict[type, list] = {}
-        for rid, tok in sampled.items():
+        for rid, toks in sampled.items():
             req = self.requests.get(rid)
             if req is not None and req.grammar is not None:
-                by_kind.setdefault(type(req.grammar), []).append((rid, req.grammar, tok))
+                by_kind.setdefault(type(req.grammar), []).append((rid, req.grammar, toks[0]))
         refused = set()
         for kind, items in by_kind.items():
             accepted = kind.accept_all([(grammar, tok) for _, grammar, tok in items])
@@ -520,7 +575,7 @@ class Scheduler:
             num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=kv.usage,
             num_used_blocks=kv.num_used_blocks, num_free_blocks=kv.num_free_blocks,
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
-            num_preemptions=self.num_preemptions)
+            num_preemptions=self.num_preemptions, spec_decode=dataclasses.replace(self.spec_stats))
 
     def check_invariants(self) -> None:
         """Consistency of queues, requests and block tables (for tests; O(everything))."""
@@ -536,7 +591,8 @@ class Scheduler:
         bs = cfg.block_size
         for r in self.running:
             assert r.status == _RUNNING and self.requests.get(r.request_id) is r
-            assert 0 <= r.num_computed_tokens <= r.num_tokens + r.num_inflight
+            guesses = len(self._step_guesses.get(r.request_id, ()))
+            assert 0 <= r.num_computed_tokens <= r.num_tokens + r.num_inflight + guesses
             assert 0 <= r.num_inflight <= 2
             assert len(kv.get_blocks(r.request_id)) >= -(-r.num_computed_tokens // bs)
         for r in waiting:

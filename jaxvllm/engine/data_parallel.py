@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence, Union
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.block_pool import BlockHash
 from jaxvllm.core.router import ReplicaState, Router, RouterConfig
-from jaxvllm.core.scheduler import SchedulerStats
+from jaxvllm.core.scheduler import SchedulerStats, SpecDecodeStats
 from jaxvllm.engine.llm_engine import (LLMEngine, RequestFront, RequestPreparer, _Parent,
                                        _generation_eos_ids, check_can_generate, check_chunk,
                                        check_idle, check_sleep_level, wake_tags)
@@ -307,7 +307,9 @@ class DataParallelEngine(RequestFront):
             num_running=total("num_running"), num_waiting=total("num_waiting"),
             kv_cache_usage=used / max(1, used + free), num_used_blocks=used, num_free_blocks=free,
             prefix_cache_queries=total("prefix_cache_queries"),
-            prefix_cache_hits=total("prefix_cache_hits"), num_preemptions=total("num_preemptions"))
+            prefix_cache_hits=total("prefix_cache_hits"), num_preemptions=total("num_preemptions"),
+            spec_decode=SpecDecodeStats(*(sum(getattr(s.spec_decode, f.name) for s in per)
+                                          for f in dataclasses.fields(SpecDecodeStats))))
 
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
         """LLMEngine.update_weights on every replica (each gets a host copy of `params`; during a

@@ -400,7 +400,8 @@ class LLMEngine(RequestFront):
         previous one's samples are collected, so outputs trail the device by one step."""
         if self._parents:
             self._check_can_generate()
-        overlap = self.args.async_scheduling
+        # Speculative guesses come from the tokens of the step before: no step in flight then.
+        overlap = self.args.async_scheduling and self.args.speculative_config is None
         # Normally nothing here with overlap; more when a collect was cut short (Ctrl-C while
         # waiting for the device): that step stays queued and is collected now, so the scheduler
         # never runs with more than one step on the device.
@@ -521,9 +522,10 @@ class LLMEngine(RequestFront):
             if parent.metrics["first_token_time"] is None:
                 parent.metrics["first_token_time"] = now
             if co.new_logprobs is not None and child.logprobs is not None:
-                self._add_decoded([co.new_logprobs])
-                child.logprobs.append(co.new_logprobs)
-                child.cumulative_logprob += co.new_logprobs[co.new_token_ids[-1]].logprob
+                self._add_decoded(co.new_logprobs)
+                child.logprobs.extend(co.new_logprobs)
+                child.cumulative_logprob += sum(entry[tok].logprob for tok, entry
+                                                in zip(co.new_token_ids, co.new_logprobs))
             text_ids = co.new_token_ids
             if (co.finish_reason == "stop" and not parent.params.include_stop_str_in_output
                     and text_ids[-1] in child.request.stop_ids):
@@ -678,7 +680,7 @@ class _StatsLogger:
         self.generated_tokens = 0
 
     def record(self, scheduler_output: Any, runner_out: Any, scheduler: Scheduler) -> None:
-        self.generated_tokens += len(runner_out.sampled_token_ids)
+        self.generated_tokens += sum(map(len, runner_out.sampled_token_ids.values()))
         starts = [(new_req.req_id, new_req.num_computed_tokens,
                    len(new_req.prompt_token_ids) + len(new_req.output_token_ids))
                   for new_req in scheduler_output.new_reqs]

@@ -185,6 +185,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         logprobs_mode=args.logprobs_mode,
         max_loras=args.max_loras if args.enable_lora else 0, max_lora_rank=args.max_lora_rank,
         step_timeout=args.step_timeout,
+        speculative=args.speculative,
         triton_gemm_max_tokens=(TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS
                                 and not args.batch_invariant else 0))
     attention_fn = None

@@ -40,9 +40,15 @@ class RequestState:
     # The request's constant sampling knobs, as one column of the packed sampler inputs.
     float_knobs: np.ndarray = field(init=False, repr=False)
     seed32: int = field(init=False)
+    # Speculative guesses are verified against its own distribution at each guess, so not for a
+    # request whose tokens change the processing of the next (penalties and min_tokens' token
+    # bits, grammars, bad_words).
+    may_guess: bool = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.params
+        self.may_guess = (self.slot < 0 and p.structured_outputs is None
+                          and not p.allowed_token_ids and not p.bad_words)
         self.float_knobs = np.array([getattr(p, k) for k in FLOAT_KNOBS], np.float32)
         # Any Python int seed, as its low 32 bits in an int32 lane.
         self.seed32 = int(np.uint32(self.seed & 0xFFFFFFFF).view(np.int32))
@@ -65,7 +71,7 @@ class StepBatch:
     seq_lens: np.ndarray            # int32[R]
     block_tables: np.ndarray        # int32[R, max_blocks]
     num_seqs: np.ndarray            # int32[1]
-    logits_indices: np.ndarray      # int32[R]
+    logits_indices: np.ndarray      # int32[L]: the tokens whose logits are sampled (L = logits_rows(T))
     sample_mask: np.ndarray         # bool[R]: this request's chunk ends at its last token
     prev_rows: np.ndarray           # int32[T]: row of the previous step's samples holding this
                                     # token's id (a token still on the device), else -1
@@ -73,15 +79,34 @@ class StepBatch:
     # at position p score prompt token p + 1.
     prompt_logprob_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
     lora_slots: Optional[np.ndarray] = None  # int32[T]: each token's LoRA slot (-1: none)
+    # Logits rows per request: its first row, and how many of its rows follow for guesses
+    # (speculative decoding; without, request i has row i alone). None: row i is request i.
+    row_starts: Optional[np.ndarray] = None   # int32[num_reqs]
+    num_drafts: Optional[np.ndarray] = None   # int32[num_reqs]
+    draft_ids: Optional[np.ndarray] = None    # int32[L]: the guess each row verifies, -1: none
+
+    def first_rows(self) -> np.ndarray:
+        """Each request's first logits row."""
+        n = len(self.req_ids)
+        return np.arange(n) if self.row_starts is None else self.row_starts
+
+    @property
+    def num_rows(self) -> int:
+        """Logits rows in use (the rest is padding)."""
+        n = len(self.req_ids)
+        return n if self.row_starts is None or not n else int(self.row_starts[-1]
+                                                               + self.num_drafts[-1] + 1)
 
 
 class InputBatch:
     def __init__(self, block_size: int, max_blocks_per_seq: int, token_buckets: tuple[int, ...],
-                 max_num_seqs: int, rng_seed: int, token_table: TokenTable) -> None:
+                 max_num_seqs: int, rng_seed: int, token_table: TokenTable,
+                 num_speculative_tokens: int = 0) -> None:
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.token_buckets = token_buckets
         self.max_num_seqs = max_num_seqs
+        self.num_speculative_tokens = num_speculative_tokens
         self.requests: dict[str, RequestState] = {}
         self.token_table = token_table
         self._seed_rng = np.random.default_rng(rng_seed)
@@ -90,6 +115,10 @@ class InputBatch:
 
     def request_bucket(self, t_bucket: int) -> int:
         return min(t_bucket, self.max_num_seqs)
+
+    def logits_rows(self, t_bucket: int) -> int:
+        """Logits rows of a bucket: one per request, and with speculative decoding one per guess."""
+        return min(t_bucket, self.max_num_seqs * (1 + self.num_speculative_tokens))
 
     def token_bucket(self, num_tokens: int) -> int:
         for b in self.token_buckets:
@@ -145,8 +174,16 @@ class InputBatch:
         qsl[0] = 0
         seq_lens = np.zeros(r_bucket, np.int32)
         block_tables = np.zeros((r_bucket, self.max_blocks), np.int32)
-        logits_indices = np.zeros(r_bucket, np.int32)
+        drafts = scheduler_output.scheduled_spec_decode_tokens
+        l_rows = self.logits_rows(t_bucket)
+        logits_indices = np.zeros(l_rows, np.int32)
         sample_mask = np.zeros(r_bucket, bool)
+        spec = self.num_speculative_tokens > 0
+        if spec:
+            row_starts = np.zeros(len(req_ids), np.int32)
+            num_drafts = np.zeros(len(req_ids), np.int32)
+            draft_ids = np.full(l_rows, -1, np.int32)
+        row = 0
         prev_rows = np.full(t_bucket, -1, np.int32)
         spans = []
         last_rows = self.last_rows
@@ -161,19 +198,27 @@ class InputBatch:
         for i, (rid, n) in enumerate(zip(req_ids, counts.tolist())):
             state = self.requests[rid]
             start = starts[i] = computed[rid]
-            end = start + n
+            guesses = drafts.get(rid, ()) if spec else ()
+            k = len(guesses)
+            end = start + n - k  # the guesses follow its known tokens
             known = len(state.token_ids)
             if end <= known:
-                token_ids[offset:offset + n] = state.token_ids[start:end]
+                token_ids[offset:offset + n - k] = state.token_ids[start:end]
             else:  # the last token is the previous step's sample, still on the device
-                token_ids[offset:offset + n - 1] = state.token_ids[start:end - 1]
-                prev_rows[offset + n - 1] = last_rows[rid]
+                token_ids[offset:offset + n - k - 1] = state.token_ids[start:end - 1]
+                prev_rows[offset + n - k - 1] = last_rows[rid]
             block_tables[i, :len(state.block_ids)] = state.block_ids
+            if spec:
+                row_starts[i], num_drafts[i] = row, k
+            if k:
+                token_ids[offset + n - k:offset + n] = guesses
+                draft_ids[row:row + k] = guesses
             if end == known + state.num_inflight:
                 sample_mask[i] = True
-                logits_indices[i] = offset + n - 1
+                logits_indices[row:row + k + 1] = np.arange(offset + n - k - 1, offset + n)
                 state.num_inflight += 1
-                self.last_rows[rid] = i
+                self.last_rows[rid] = row + k
+            row += 1 + k
             if state.params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
                 # Position p's logits score prompt token p+1.
                 last = min(end, state.num_prompt_tokens - 1)
@@ -188,37 +233,57 @@ class InputBatch:
         slot_mapping[:total] = block_tables[seq_of_token, pos // bs] * bs + pos % bs
         return StepBatch(req_ids, total, token_ids, positions, slot_mapping, qsl, seq_lens,
                          block_tables, np.array([len(req_ids)], np.int32), logits_indices,
-                         sample_mask, prev_rows, spans)
+                         sample_mask, prev_rows, spans,
+                         **(dict(row_starts=row_starts, num_drafts=num_drafts, draft_ids=draft_ids)
+                            if spec else {}))
 
     def sampling_inputs(self, batch: StepBatch) -> "SamplingInputs":
-        """The batch's sampling parameters, padded to R rows."""
+        """The batch's sampling parameters, one column per logits row, padded to L rows; with
+        speculative decoding a request's columns repeat over its guesses' rows."""
         r = len(batch.logits_indices)
+        spec = batch.draft_ids is not None
         states = [self.requests[rid] for rid in batch.req_ids]
         n = len(states)
-        floats, ints = (np.zeros(s, d) for s, d in zip(sampling_shapes(r), (np.float32, np.int32)))
+        floats, ints = (np.zeros(s, d) for s, d in zip(sampling_shapes(r, spec),
+                                                       (np.float32, np.int32)))
         floats[:] = _FLOAT_PAD[:, None]
         ints[4] = self.token_table.num_slots
+        if spec:
+            ints[5] = batch.draft_ids
         if n:
-            floats[:, :n] = np.stack([s.float_knobs for s in states], axis=1)
-            ints[0, :n] = [s.params.top_k for s in states]
-            ints[1, :n] = [s.seed32 for s in states]
+            per_req = np.empty((len(floats) + 5, n), np.float64)
+            per_req[:len(floats)] = np.stack([s.float_knobs for s in states], axis=1)
+            f = len(floats)
+            per_req[f] = [s.params.top_k for s in states]
+            per_req[f + 1] = [s.seed32 for s in states]
             # build() already counted this step's sample as pending: it is output number k - 1.
-            ints[2, :n] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
+            per_req[f + 2] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
                 - batch.sample_mask[:n]
             # Only a row that samples reads its token bits and counts its token in them.
             slots = np.fromiter((s.slot for s in states), np.int32, n)
             has_row = (slots >= 0) & batch.sample_mask[:n]
             min_tokens = np.fromiter((s.params.min_tokens for s in states), np.int32, n)
-            ints[3, :n] = has_row & (ints[2, :n] < min_tokens)
-            ints[4, :n] = np.where(has_row, slots, self.token_table.num_slots)
+            per_req[f + 3] = has_row & (per_req[f + 2] < min_tokens)
+            per_req[f + 4] = np.where(has_row, slots, self.token_table.num_slots)
+            if spec:  # each guess's row samples the output token after the one before it
+                rows = 1 + batch.num_drafts
+                of_row = np.repeat(np.arange(n), rows)
+                nrows = len(of_row)
+                cols = per_req[:, of_row]
+                cols[f + 2] += np.arange(nrows) - np.repeat(batch.row_starts, rows)
+            else:
+                nrows, cols = n, per_req
+            floats[:, :nrows] = cols[:f]
+            ints[:5, :nrows] = cols[f:]
         return SamplingInputs(floats, ints)
 
 
 class SamplingInputs(NamedTuple):
     """A batch's sampling parameters packed for the device (two arrays: two host->device copies),
     one column per row. `floats` [6, R]: temperature, top_p, min_p, presence, frequency and
-    repetition penalties. `ints` [5, R]: top_k, seed, index of the output token being sampled,
-    min_tokens still masking stop ids (0/1), token-table row (num_slots: none)."""
+    repetition penalties. `ints` [5, R] (speculative decoding: [6, R]): top_k, seed, index of the
+    output token being sampled, min_tokens still masking stop ids (0/1), token-table row
+    (num_slots: none) and the guess the row verifies (-1: none)."""
     floats: Any
     ints: Any
 
@@ -243,12 +308,13 @@ class SamplingInputs(NamedTuple):
         f, i = self.floats, self.ints
         return SamplingTensors(**{k: f[j] for j, k in enumerate(FLOAT_KNOBS)}, top_k=i[0],
                                seeds=i[1], steps=i[2], min_tokens_active=i[3] != 0,
-                               token_bits=token_bits)
+                               token_bits=token_bits, draft_ids=i[5] if len(i) > 5 else None)
 
 
-def sampling_shapes(rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def sampling_shapes(rows: int, speculative: bool = False
+                    ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Shapes of `SamplingInputs`' floats and ints for `rows` rows."""
-    return (len(_FLOAT_PAD), rows), (5, rows)
+    return (len(_FLOAT_PAD), rows), (5 + speculative, rows)
 
 
 def default_token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ from jaxvllm.models.registry import get_model_module
 from jaxvllm.models.layers import INVARIANT_COMPILER_OPTIONS
 from jaxvllm.outputs import Logprob
 from jaxvllm.sampling_params import MAX_LOGIT_BIAS
+from jaxvllm.spec_decode import SpeculativeConfig
 from jaxvllm.structured_output import bitmask_words, new_bitmask
 from jaxvllm.worker import compile_watch
 from jaxvllm.worker.serial_thread import SerialThread
@@ -76,6 +77,7 @@ class RunnerConfig:
     step_timeout: float = 300.0               # tensor parallel: seconds a step may take (StepTimeoutError)
     max_loras: int = 0                        # LoRA adapter slots (0: LoRA off)
     max_lora_rank: int = 0
+    speculative: Optional[SpeculativeConfig] = None  # speculative decoding (None: off)
 
 
 class StepTimeoutError(RuntimeError):
@@ -117,7 +119,11 @@ class ModelRunner:
                                       else self._kv_sharding)
         self.input_batch = InputBatch(config.block_size, self.max_blocks_per_seq,
                                       self.token_buckets,
-                                      config.max_num_seqs, config.seed, self.token_table)
+                                      config.max_num_seqs, config.seed, self.token_table,
+                                      config.speculative.num_speculative_tokens
+                                      if config.speculative else 0)
+        # Sampled ids are padded to this many rows, one shape for the next step's gather.
+        self.sample_rows = self.input_batch.logits_rows(self.token_buckets[-1])
         self.lora = (LoRASlots(cfg, config.max_loras, config.max_lora_rank,
                                jnp.asarray(params["final_norm"]).dtype, device)
                      if config.max_loras else None)
@@ -146,7 +152,7 @@ class ModelRunner:
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
         # so not fewer than SCORE_ROWS_MIN even when max_num_seqs is small.
         self.score_rows = max(config.max_num_seqs, SCORE_ROWS_MIN)
-        self._prev_sampled = jax.device_put(np.zeros(config.max_num_seqs, np.int32),
+        self._prev_sampled = jax.device_put(np.zeros(self.sample_rows, np.int32),
                                             device if shardings is None else shardings.replicated)
         # Under tensor parallelism a stuck collective would block a plain device->host copy forever;
         # the copy runs on this thread instead, waited for with a deadline.
@@ -257,7 +263,8 @@ class ModelRunner:
     # ~0.5 ms each on the GPU, more than the batch-1 step's slack.
     def _packed_len(self, t: int) -> int:
         r = self.input_batch.request_bucket(t)
-        return (4 + bool(self.lora)) * t + (r + 1) + 2 * r + 1 + r * self.max_blocks_per_seq
+        rows = self.input_batch.logits_rows(t)
+        return (4 + bool(self.lora)) * t + (r + 1) + r + rows + 1 + r * self.max_blocks_per_seq
 
     def _packed_inputs(self, b: StepBatch) -> np.ndarray:
         lora = [] if self.lora is None else [
@@ -276,7 +283,8 @@ class ModelRunner:
         """The batch, logits rows, previous-sample rows and (LoRA on) each token's adapter slot."""
         t = self._bucket_by_packed_len[packed.shape[0]]  # static: shapes are known when tracing
         r = self.input_batch.request_bucket(t)
-        sizes = [t, t, t, t, r + 1, r, r, 1, r * self.max_blocks_per_seq] + [t] * bool(self.lora)
+        rows = self.input_batch.logits_rows(t)
+        sizes = [t, t, t, t, r + 1, r, rows, 1, r * self.max_blocks_per_seq] + [t] * bool(self.lora)
         parts, o = [], 0
         for n in sizes:
             parts.append(packed[o:o + n])
@@ -300,8 +308,8 @@ class ModelRunner:
                                  num_logprobs=num_logprobs, topk_bound=topk_bound,
                                  raw_logits=logits, logprobs_mode=self.config.logprobs_mode,
                                  invariant=self.cfg.batch_invariant)
-        # Padded to max_num_seqs so the next step's input gather has one shape for every bucket.
-        pad = self.config.max_num_seqs - out.token_ids.shape[0]
+        # Padded so the next step's input gather has one shape for every bucket.
+        pad = self.sample_rows - out.token_ids.shape[0]
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
 
     # ---- memory ------------------------------------------------------------------------------
@@ -361,9 +369,9 @@ class ModelRunner:
         its autotuning before the cache takes the memory. Plus the outputs of the programs that
         process the logits before it (grammar masks, logit_bias, token bits; the token table itself
         is allocated already)."""
-        r, sds = self.config.max_num_seqs, jax.ShapeDtypeStruct
-        sampling = SamplingInputs(*(sds(s, d) for s, d in zip(sampling_shapes(r),
-                                                              (jnp.float32, jnp.int32))))
+        r, sds = self.sample_rows, jax.ShapeDtypeStruct
+        sampling = SamplingInputs(*(sds(s, d) for s, d in zip(
+            sampling_shapes(r, self.config.speculative is not None), (jnp.float32, jnp.int32))))
         logits = sds((r, self.cfg.vocab_size), jnp.float32)
         bitmask = sds((r, bitmask_words(self.cfg.vocab_size)), jnp.int32)
         bias_ids, bias_values = (sds((r, MAX_LOGIT_BIAS), d) for d in (jnp.int32, jnp.float32))
@@ -405,11 +413,15 @@ class ModelRunner:
 
     def _dummy_batch(self, t: int) -> StepBatch:
         r = self.input_batch.request_bucket(t)
+        rows = self.input_batch.logits_rows(t)
         z = lambda *s: np.zeros(s, np.int32)
         qsl = z(r + 1)
+        spec = {} if self.config.speculative is None else dict(
+            row_starts=z(0), num_drafts=z(0), draft_ids=np.full(rows, -1, np.int32))
         return StepBatch([], 0, z(t), z(t), np.full(t, PAD_SLOT, np.int32), qsl, z(r),
                          z(r, self.max_blocks_per_seq),
-                         np.array([0], np.int32), z(r), np.zeros(r, bool), np.full(t, -1, np.int32))
+                         np.array([0], np.int32), z(rows), np.zeros(r, bool),
+                         np.full(t, -1, np.int32), **spec)
 
     def warmup(self, progress: bool = True) -> float:
         """Compiles every program a request can need, so that serving compiles nothing: each token
@@ -435,8 +447,7 @@ class ModelRunner:
         rows = np.zeros(self.score_rows, np.int32)
         widths = sorted({0, self.config.max_logprobs})
         others = [self.token_table.warmup(), self._record_tokens.lower(
-            self.token_table.array, np.zeros(self.config.max_num_seqs, np.int32),
-            self._prev_sampled)]
+            self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled)]
         sampler_rows = set()
         for t, b in batches.items():
             self.kv_cache, logits, hidden = self._step_for(t)(self._step_params(), self.kv_cache,
@@ -479,7 +490,7 @@ class ModelRunner:
         step_params = self._step_params()  # now: a later dispatch may load other adapters
         packed = self._packed_inputs(b)
         sampling = input_batch.sampling_inputs(b)
-        n = len(b.req_ids)
+        n = b.num_rows
         knobs = sampling.temperature[:n], sampling.top_k[:n], sampling.top_p[:n]
         mode = sampler_lib.sampling_mode(*knobs)
         logprobs_k = {rid: input_batch.requests[rid].params.logprobs for rid in b.req_ids
@@ -488,7 +499,7 @@ class ModelRunner:
         # Rows with token bits: their table rows are read before sampling and counted after.
         record_slots = None
         if (slots < self.token_table.num_slots).any():
-            record_slots = np.full(self.config.max_num_seqs, self.token_table.num_slots, np.int32)
+            record_slots = np.full(self.sample_rows, self.token_table.num_slots, np.int32)
             record_slots[:len(slots)] = slots
         # One logprob width for every k > 0 (each request's k is sliced on the host): a width per k
         # would be a sampler variant per k.
@@ -499,16 +510,19 @@ class ModelRunner:
         # Structured outputs: the masks come once the step before has been collected (they need
         # its tokens), while this step's forward pass already runs; the sampler waits for them.
         grammar = None
+        first_rows = b.first_rows()
         if scheduler_output.grammar_rows:
-            row_of = {rid: i for i, rid in enumerate(b.req_ids)}
+            row_of = {rid: int(first_rows[i]) for i, rid in enumerate(b.req_ids)}
             grammar = _GrammarMask({rid: row_of[rid] for rid in scheduler_output.grammar_rows},
-                                   self.input_batch.request_bucket(t), Future())
+                                   len(b.logits_indices), Future())
         logit_bias = None
         if input_batch.biased:
             requests = input_batch.requests
-            logit_bias = _logit_bias_rows(input_batch.request_bucket(t), [
-                (i, requests[rid].params.logit_bias) for i, rid in enumerate(b.req_ids)
-                if rid in input_batch.biased])
+            guesses = np.zeros(len(b.req_ids), np.int32) if b.num_drafts is None else b.num_drafts
+            logit_bias = _logit_bias_rows(len(b.logits_indices), [
+                (row, requests[rid].params.logit_bias)
+                for i, rid in enumerate(b.req_ids) if rid in input_batch.biased
+                for row in range(first_rows[i], first_rows[i] + guesses[i] + 1)])
         # Rows of new requests, written before the sampler reads them.
         table_writes = self.token_table.take_writes()
 
@@ -531,8 +545,9 @@ class ModelRunner:
             self._warn_on_compiles(t, mode)
             return sampled, prompt
 
-        return Inflight(b.req_ids, b.sample_mask[:n].copy(), self._launcher.submit(launch),
-                        logprobs_k, t, prompt_rows is not None, grammar)
+        return Inflight(b.req_ids, b.sample_mask[:len(b.req_ids)].copy(),
+                        self._launcher.submit(launch), logprobs_k, t, prompt_rows is not None,
+                        grammar, b.row_starts, b.num_drafts)
 
     def set_grammar_bitmask(self, h: "Inflight", rows: Optional[np.ndarray]) -> None:
         """Give a dispatched step its grammar masks: `rows[i]` for its i-th request of
@@ -560,8 +575,11 @@ class ModelRunner:
         samples unless logprobs were asked for); under tensor parallelism within step_timeout."""
         def get() -> tuple[Any, dict]:
             sampled, prompt = h.launched.result()
-            sampled = jax.device_get(sampled) if h.logprobs_k else sampled._replace(
-                token_ids=np.asarray(sampled.token_ids))
+            if h.logprobs_k:
+                sampled = jax.device_get(sampled)
+            else:  # one transfer
+                sampled = sampled._replace(**jax.device_get(
+                    {"token_ids": sampled.token_ids, "accepted": sampled.accepted}))
             return sampled, {} if prompt is None else prompt.fetch()
 
         if self._waiter is None:
@@ -581,24 +599,42 @@ class ModelRunner:
             f"collective waiting for a peer); the engine cannot continue")
 
     def collect(self, h: "Inflight") -> ModelRunnerOutput:
-        """Wait for a dispatched step's samples; append them to the requests' tokens."""
+        """Wait for a dispatched step's samples; append them to the requests' tokens (with
+        speculative decoding: the guesses kept and the token after them, and new guesses)."""
         input_batch = self.input_batch
         sampled, prompt_logprobs = self._fetch(h)
-        tokens = sampled.token_ids[:len(h.req_ids)].tolist()
+        spec = h.row_starts is not None
+        tokens = sampled.token_ids.tolist()
+        accepted = sampled.accepted.tolist() if spec else None
         out = ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
+        proposer = self.config.speculative
         for i, rid in enumerate(h.req_ids):
             if not h.sample_mask[i]:
                 continue
-            tok = tokens[i]
+            if spec:
+                first, last = int(h.row_starts[i]), int(h.row_starts[i] + h.num_drafts[i])
+                row = first
+                while row < last and accepted[row]:
+                    row += 1  # kept: the guess itself, the next row's token follows it
+                rows = range(first, row + 1)
+            else:
+                rows = (i,)
+            toks = [tokens[r] for r in rows]
             k = h.logprobs_k.get(rid)
             if k is not None:
-                out.logprobs[rid] = _logprob_entry(tok, sampled.logprob[i], sampled.rank[i],
-                                                   sampled.topk_ids[i], sampled.topk_logprobs[i], k)
-            out.sampled_token_ids[rid] = tok
+                out.logprobs[rid] = [_logprob_entry(tokens[r], sampled.logprob[r], sampled.rank[r],
+                                                    sampled.topk_ids[r], sampled.topk_logprobs[r], k)
+                                     for r in rows]
+            out.sampled_token_ids[rid] = toks
             state = input_batch.requests.get(rid)  # gone if finished or preempted since dispatch
             if state is not None:
-                state.token_ids.append(tok)
+                state.token_ids.extend(toks)
                 state.num_inflight -= 1
+                if proposer is not None and state.may_guess:
+                    guesses = proposer.propose(state.token_ids, self.config.max_model_len
+                                               - len(state.token_ids) - 1)
+                    if guesses:
+                        out.spec_token_ids[rid] = guesses
         return out
 
     def _prompt_rows(self, b: StepBatch) -> tuple[list, np.ndarray, np.ndarray]:
@@ -678,6 +714,8 @@ class Inflight:
     num_tokens: int                   # the token bucket
     prompt_scoring: bool
     grammar: Optional["_GrammarMask"] = None
+    row_starts: Optional[np.ndarray] = None  # speculative decoding: StepBatch's
+    num_drafts: Optional[np.ndarray] = None
 
     @property
     def needs_grammar_bitmask(self) -> bool:

@@ -49,7 +49,7 @@ COUNT_UNIT = 4
 _FIELDS = (
     "temperature", "top_k", "top_p", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "seeds", "steps", "min_tokens_active", "token_bits",
+    "seeds", "steps", "min_tokens_active", "token_bits", "draft_ids",
 )
 
 
@@ -67,6 +67,9 @@ class SamplingTensors:
     steps: jax.Array              # i32[R]; index of the output token being sampled
     min_tokens_active: jax.Array  # bool[R]; mask the row's STOP_BIT ids
     token_bits: jax.Array         # i32[R, V] (see token_bits()), or i32[R, 0]: no penalties/masking
+    # Speculative decoding: the guess each row verifies (-1: none, the row samples freely); None
+    # without speculative decoding.
+    draft_ids: Optional[jax.Array] = None
 
 
 jax.tree_util.register_dataclass(SamplingTensors, data_fields=list(_FIELDS), meta_fields=[])
@@ -78,6 +81,7 @@ class SamplerOutput(NamedTuple):
     rank: jax.Array           # i32[R]   1-based rank of the sampled token in the raw distribution
     topk_ids: jax.Array       # i32[R, k]
     topk_logprobs: jax.Array  # f32[R, k]
+    accepted: Optional[jax.Array] = None  # bool[R]: the row's guess was kept (with draft_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,11 +268,17 @@ def _apply_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array,
     return jnp.where(x < thr, _NEG_INF, x)
 
 
-def _gumbel_rows(seeds: jax.Array, steps: jax.Array, v: int) -> jax.Array:
-    def one(seed, step):
-        key = jax.random.fold_in(jax.random.key(seed), step)
-        return jax.random.gumbel(key, (v,), jnp.float32)
-    return jax.vmap(one)(seeds, steps.astype(jnp.uint32))
+def _row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
+        seeds, steps.astype(jnp.uint32))
+
+
+def _gumbel_rows(keys: jax.Array, v: int) -> jax.Array:
+    return jax.vmap(lambda key: jax.random.gumbel(key, (v,), jnp.float32))(keys)
+
+
+# The acceptance draw's stream, apart from the Gumbel noise of the same row.
+_ACCEPT_STREAM = 0x5EC
 
 
 def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
@@ -337,16 +347,43 @@ def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: in
     invariant (static): batch-invariant mode (logprobs' sums in a fixed order).
     """
     raw, x, greedy_tok = _process(logits, t, mode, topk_bound, raw_logits)
+    d = t.draft_ids
+    accepted = None
+    if d is not None:  # a row's guess stands where the greedy token is the guess
+        accepted = (d >= 0) & (greedy_tok == d)
     if mode == "greedy":
         tok = greedy_tok
     else:
-        g = _gumbel_rows(t.seeds, t.steps, raw.shape[-1])
-        rand_tok = _argmax_or(x + g, raw)
-        tok = jnp.where(t.temperature < GREEDY_EPS, greedy_tok, rand_tok)
+        keys = _row_keys(t.seeds, t.steps)
+        drawn_from = x
+        if d is not None:
+            drawn_from, rand_accepted = _verify_guesses(x, d, keys, invariant)
+        rand_tok = _argmax_or(drawn_from + _gumbel_rows(keys, raw.shape[-1]), raw)
+        greedy_row = t.temperature < GREEDY_EPS
+        if d is not None:
+            rand_tok = jnp.where(rand_accepted, d, rand_tok)
+            accepted = jnp.where(greedy_row, accepted, rand_accepted)
+        tok = jnp.where(greedy_row, greedy_tok, rand_tok)
     values = x if logprobs_mode.startswith("processed") else raw
     logprob, rank, topk_ids, topk_lp = _logprob_info(values, tok, num_logprobs,
                                                      logprobs_mode.endswith("logits"), invariant)
-    return SamplerOutput(tok, logprob, rank, topk_ids, topk_lp)
+    return SamplerOutput(tok, logprob, rank, topk_ids, topk_lp, accepted)
+
+
+def _verify_guesses(x: jax.Array, d: jax.Array, keys: jax.Array, invariant: bool
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Rejection sampling of a guess made with certainty (prompt lookup: q(d) = 1) against the
+    row's distribution p = softmax(x): kept with probability p(d); otherwise the row's token is
+    drawn from the residual max(p - q, 0), which is p without d, renormalized. Returns (x with a
+    row's guess at -inf, for that draw; whether the guess was kept). So every row's token is
+    distributed as p whatever the guess. Rows without one (d < 0) are untouched."""
+    has = d >= 0
+    dc = jnp.maximum(d, 0)[:, None]
+    p_d = jnp.exp(jnp.take_along_axis(x, dc, axis=-1) - _safe_lse(x, invariant))[:, 0]
+    u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _ACCEPT_STREAM)))(keys)
+    kept = has & (u < p_d)
+    guess = has[:, None] & (jnp.arange(x.shape[-1], dtype=jnp.int32)[None, :] == dc)
+    return jnp.where(guess, _NEG_INF, x), kept
 
 
 def prompt_logprobs(logits: jax.Array, target_ids: jax.Array, *, num_logprobs: int = 0,

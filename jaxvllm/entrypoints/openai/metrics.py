@@ -9,6 +9,7 @@ by the server as requests finish.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any, Callable, Optional
 
 import prometheus_client
@@ -48,7 +49,7 @@ class _EngineStatsCollector:
                 per_replica = engine.get_replica_stats()
             except Exception:  # a scrape must never fail because the engine is mid-update
                 logger.exception("engine.get_replica_stats() failed")
-        g = lambda stats, v: float(getattr(stats, v, 0) or 0) if stats is not None else 0.0
+        g = lambda stats, v: float(operator.attrgetter(v)(stats) or 0) if stats is not None else 0.0
         labels = ["model_name", "engine"]
         for kind, name, attr, doc in (
                 (GaugeMetricFamily, "jaxvllm:num_requests_running", "num_running",
@@ -62,7 +63,13 @@ class _EngineStatsCollector:
                 (CounterMetricFamily, "jaxvllm:prefix_cache_hits", "prefix_cache_hits",
                  "Prompt tokens found in the prefix cache."),
                 (CounterMetricFamily, "jaxvllm:num_preemptions", "num_preemptions",
-                 "Preempted requests.")):
+                 "Preempted requests."),
+                (CounterMetricFamily, "jaxvllm:spec_decode_num_drafts", "spec_decode.num_drafts",
+                 "Speculative decoding: request steps that verified guesses."),
+                (CounterMetricFamily, "jaxvllm:spec_decode_num_draft_tokens",
+                 "spec_decode.num_draft_tokens", "Speculative decoding: guesses verified."),
+                (CounterMetricFamily, "jaxvllm:spec_decode_num_accepted_tokens",
+                 "spec_decode.num_accepted_tokens", "Speculative decoding: guesses accepted.")):
             m = kind(name, doc, labels=labels)
             for i, stats in enumerate(per_replica):
                 m.add_metric([self._model, str(i)], g(stats, attr))

@@ -1,0 +1,80 @@
+"""Speculative decoding by prompt lookup (vLLM's "ngram" method): its configuration and proposer.
+
+A request's next tokens are guessed by finding its latest tokens earlier in its own context and
+copying what followed them there. The engine then computes the request's last token and the guesses
+in one step, and the sampler keeps the guesses the target model agrees with (worker/sampler.py:
+greedy output is unchanged token for token; sampled output keeps the target distribution), plus
+one token of its own. Host-only (numpy): nothing here touches the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config` keys for the "ngram" method."""
+    method: str = "ngram"
+    num_speculative_tokens: int = 4     # most guesses verified per step
+    # The suffix lengths looked up; as vLLM: 5 when neither is given, one given sets the other.
+    prompt_lookup_max: int = 5
+    prompt_lookup_min: int = 5
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Optional["SpeculativeConfig"]:
+        """None for None; ValueError/TypeError naming the key for anything else malformed."""
+        if d is None:
+            return None
+        if isinstance(d, SpeculativeConfig):
+            return d
+        if not isinstance(d, dict):
+            raise TypeError(f"speculative_config must be a dict, got {type(d).__name__}")
+        unknown = set(d) - {"method", "num_speculative_tokens", "prompt_lookup_max",
+                            "prompt_lookup_min"}
+        if unknown:
+            raise ValueError(f"speculative_config: unsupported key(s) {sorted(unknown)} (supported: "
+                             f"method, num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)")
+        method = d.get("method", "ngram")
+        if method not in METHODS:
+            raise ValueError(f"speculative_config.method must be one of {METHODS}, got {method!r}")
+        if "num_speculative_tokens" not in d:
+            raise ValueError("speculative_config.num_speculative_tokens is required")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            v = d.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"speculative_config.{name} must be a positive int, got {v!r}")
+        lo, hi = d.get("prompt_lookup_min"), d.get("prompt_lookup_max")
+        lo, hi = (lo if lo is not None else hi if hi is not None else cls.prompt_lookup_min,
+                  hi if hi is not None else lo if lo is not None else cls.prompt_lookup_max)
+        cfg = cls(method, d["num_speculative_tokens"], hi, lo)
+        if cfg.prompt_lookup_min > cfg.prompt_lookup_max:
+            raise ValueError(f"speculative_config.prompt_lookup_min ({cfg.prompt_lookup_min}) must "
+                             f"not exceed prompt_lookup_max ({cfg.prompt_lookup_max})")
+        return cfg
+
+    def propose(self, token_ids: Sequence[int], limit: int) -> list[int]:
+        """Up to min(num_speculative_tokens, limit) guesses for what follows `token_ids`."""
+        return propose_ngram(token_ids, self.prompt_lookup_min, self.prompt_lookup_max,
+                             min(self.num_speculative_tokens, limit))
+
+
+def propose_ngram(token_ids: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """The up to `k` tokens that followed the earliest earlier occurrence of the longest suffix of
+    `token_ids` of length in [min_n, max_n] (vLLM's rule); [] when no such suffix recurs."""
+    if k < 1:
+        return []
+    toks = np.asarray(token_ids, np.int64)
+    size = len(toks)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        # Windows starting at 0 .. size-n-1: every earlier occurrence, not the suffix itself.
+        windows = np.lib.stride_tricks.sliding_window_view(toks[:size - 1], n)
+        hits = np.flatnonzero((windows == toks[size - n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[0]) + n
+            return toks[start:start + k].tolist()
+    return []
