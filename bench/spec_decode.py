@@ -69,13 +69,16 @@ TASKS = [
 
 
 def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
+    """k guesses at most per step; 0: plain decoding, -1: plain without async scheduling (what a
+    step that verifies guesses costs on the host)."""
     from jaxvllm import LLM, SamplingParams
-    spec = None if k == 0 else {"method": "ngram", "num_speculative_tokens": k,
+    spec = None if k <= 0 else {"method": "ngram", "num_speculative_tokens": k,
                                 "prompt_lookup_max": args.prompt_lookup_max,
                                 "prompt_lookup_min": args.prompt_lookup_min}
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
               max_model_len=args.max_model_len, max_num_seqs=8, max_num_batched_tokens=1024,
-              enforce_eager=True, speculative_config=spec, disable_log_stats=True)
+              enforce_eager=True, speculative_config=spec, disable_log_stats=True,
+              async_scheduling=k >= 0)
     sp = SamplingParams(temperature=0.0, max_tokens=args.output_len,
                         ignore_eos=args.load_format == "dummy")
     if args.load_format == "dummy":
@@ -122,6 +125,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=384)
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 6],
                    help="num_speculative_tokens values to compare with plain decoding")
+    p.add_argument("--sync-baseline", action="store_true",
+                   help="Also plain decoding without async scheduling, as verification steps run.")
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
@@ -132,7 +137,7 @@ def main() -> None:
         return run_one(args, args.one, args.out)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k in [0, *args.k]:
+        for k in [0, *([-1] if args.sync_baseline else []), *args.k]:
             out = os.path.join(tmp, f"{k}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--one", str(k), "--out", out]
             for flag in ("model", "load_format", "dtype", "max_model_len", "output_len",
@@ -150,7 +155,8 @@ def main() -> None:
     for r in results:
         kept = f"{r['kept']}/{r['guesses']} ({r['kept'] / r['guesses']:.0%})" if r["guesses"] else "-"
         per_step = f"{1 + r['kept'] / r['verify_steps']:.2f}" if r["verify_steps"] else "1"
-        print(f"| {r['k'] or 'off'} | {r['decode_tok_s']:.1f} | {r['tpot_ms']:.2f} | "
+        name = {0: "off", -1: "off, synchronous"}.get(r["k"], r["k"])
+        print(f"| {name} | {r['decode_tok_s']:.1f} | {r['tpot_ms']:.2f} | "
               f"{r['decode_tok_s'] / plain['decode_tok_s']:.2f}x | {kept} | {per_step} | "
               f"{r['tokens'] == plain['tokens']} |")
     if plain["sample"]:

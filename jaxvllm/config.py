@@ -99,7 +99,8 @@ class EngineArgs:
                 "with an error naming the step (a collective waiting forever for a device)."})
     async_scheduling: bool = field(default=True, metadata={
         "help": "Schedule and dispatch the next step while the device runs the current one "
-                "(not with speculative decoding, whose guesses need the step before's tokens)."})
+                "(not for a step that verifies speculative guesses: they need the tokens of the "
+                "step before)."})
     speculative_config: Optional[dict] = field(default=None, metadata={
         "help": "Speculative decoding, vLLM's keys, as JSON on the command line: "
                 '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '

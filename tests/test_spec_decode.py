@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxvllm.config import EngineArgs
-from jaxvllm.spec_decode import SpeculativeConfig, propose_ngram
+from jaxvllm.spec_decode import NgramIndex, SpeculativeConfig
 from jaxvllm.worker.sampler import sample, sampling_mode
 from test_sampler import FILTER_CASES, V, _case_tensors, fixed_logits, np_filter, np_softmax
 
@@ -28,15 +28,41 @@ from test_sampler import FILTER_CASES, V, _case_tensors, fixed_logits, np_filter
     ([1, 2, 3], 1, 4, 2, []),                             # nothing repeats
     ([7], 1, 1, 2, []),
 ])
-def test_propose_ngram(tokens, lo, hi, k, want):
-    assert propose_ngram(tokens, lo, hi, k) == want
+def test_propose(tokens, lo, hi, k, want):
+    index = NgramIndex(lo, hi)
+    index.extend(tokens)
+    assert index.propose(k) == want == _scan(tokens, lo, hi, k)
+
+
+def _scan(tokens, lo, hi, k):
+    """The rule, by brute force: the earliest earlier occurrence of the longest suffix."""
+    for n in range(min(hi, len(tokens) - 1), lo - 1, -1):
+        for start in range(len(tokens) - n):
+            if tokens[start:start + n] == tokens[len(tokens) - n:]:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def test_the_index_kept_up_to_date_agrees_with_a_scan():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        lo = int(rng.integers(1, 4))
+        hi, k = int(rng.integers(lo, 6)), int(rng.integers(0, 5))
+        index, tokens = NgramIndex(lo, hi), []
+        for _ in range(int(rng.integers(1, 8))):  # appended a few tokens at a time
+            new = rng.integers(0, 4, int(rng.integers(1, 9))).tolist()
+            tokens += new
+            index.extend(new)
+            assert index.propose(k) == _scan(tokens, lo, hi, k), (tokens, lo, hi, k)
 
 
 def test_propose_caps_at_the_limit():
     cfg = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=2, prompt_lookup_min=1)
-    assert cfg.propose([1, 2, 3, 4, 5, 1, 2], limit=10) == [3, 4, 5]
-    assert cfg.propose([1, 2, 3, 4, 5, 1, 2], limit=1) == [3]
-    assert cfg.propose([1, 2, 3, 4, 5, 1, 2], limit=0) == []
+    index = cfg.index()
+    index.extend([1, 2, 3, 4, 5, 1, 2])
+    assert cfg.propose(index, limit=10) == [3, 4, 5]
+    assert cfg.propose(index, limit=1) == [3]
+    assert cfg.propose(index, limit=0) == []
 
 
 # ---- configuration -------------------------------------------------------------------------------

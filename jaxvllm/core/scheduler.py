@@ -35,10 +35,10 @@ the other n-1 hit those very blocks (ref count n) and compute only the prompt's 
 partial block). Later steps and later requests with the same prefix hit them the same way.
 
 Speculative decoding: a decoding request with guesses (``Request.spec_token_ids``, from the
-runner's previous output) is scheduled for its last token and up to that many guesses
-(``SchedulerOutput.scheduled_spec_decode_tokens``), within the token budget and its length limit;
-``num_computed_tokens`` advances over all of them, and update_from_output() takes the rejected ones
-back. Only without async scheduling: guesses need the tokens of the step before.
+runner's previous output) and no token in flight is scheduled for its last token and up to that many
+guesses (``SchedulerOutput.scheduled_spec_decode_tokens``), within the token budget and its length
+limit; ``num_computed_tokens`` advances over all of them, and update_from_output() takes the
+rejected ones back. The engine runs a step with guesses synchronously (see has_guesses()).
 
 update_from_output()
   Appends each new token (several with speculative decoding), then checks, in order: a stop token (EOS unless ``ignore_eos``, or any
@@ -322,7 +322,7 @@ class Scheduler:
                     continue  # its in-flight token is its last: nothing left to compute
                 n = known - computed
                 k = 0  # guesses scheduled after its last token
-                if n == 1 and req.spec_token_ids:
+                if n == 1 and req.spec_token_ids and not req.num_inflight:
                     k = min(len(req.spec_token_ids), req.max_num_tokens - known - 1, budget - 1)
                     n += k
                 elif n != 1:
@@ -410,6 +410,11 @@ class Scheduler:
                                finished_req_ids=finished, preempted_req_ids=preempted,
                                grammar_rows=grammar_rows, scheduled_spec_decode_tokens=drafts)
 
+    def has_guesses(self) -> bool:
+        """Whether a running request holds speculative guesses: they are from its latest tokens,
+        so its next step must be scheduled after the step before it has come back."""
+        return any(r.spec_token_ids for r in self.running)
+
     def _lora_fits(self, lora_id: int) -> bool:
         active = {r.lora_id for r in self.running if r.lora_id}
         return lora_id in active or len(active) < self.config.max_loras
@@ -485,8 +490,8 @@ class Scheduler:
                 if status is not None:
                     toks = toks[:j + 1]  # what follows a stop is not output
                     break
-            if status is None and rid in proposals:
-                req.spec_token_ids = proposals[rid]
+            if status is None:  # (guesses made while a later step ran are stale: none then)
+                req.spec_token_ids = proposals.get(rid, [])
             prompt_logprobs = None
             if prompt_lps and rid in prompt_lps:
                 prompt_logprobs = self._take_prompt_logprobs(req, prompt_lps[rid], starts,

@@ -290,6 +290,7 @@ class LLMEngine(RequestFront):
         self._parents: dict[str, _Parent] = {}
         # Dispatched steps not yet collected, oldest first: (SchedulerOutput, runner handle).
         self._inflight: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._speculative = args.speculative_config is not None
         self._stats_log = _StatsLogger()
         self._weight_update: Optional[set[str]] = None  # names updated since start_weight_update
         self._child_to_parent: dict[str, tuple[_Parent, _Child]] = {}
@@ -400,12 +401,17 @@ class LLMEngine(RequestFront):
         previous one's samples are collected, so outputs trail the device by one step."""
         if self._parents:
             self._check_can_generate()
-        # Speculative guesses come from the tokens of the step before: no step in flight then.
-        overlap = self.args.async_scheduling and self.args.speculative_config is None
+        # Speculative guesses come from the tokens of the step before: a step that verifies some
+        # is scheduled with no step in flight (its guesses made anew from them) and collected at
+        # once; the others overlap as usual.
+        guessing = self._speculative and self.scheduler.has_guesses()
+        overlap = self.args.async_scheduling and not guessing
         # Normally nothing here with overlap; more when a collect was cut short (Ctrl-C while
         # waiting for the device): that step stays queued and is collected now, so the scheduler
         # never runs with more than one step on the device.
         outputs = self._collect_inflight(keep=1 if overlap else 0)
+        if guessing:
+            overlap = self.args.async_scheduling and not self.scheduler.has_guesses()
         scheduler_output = self.scheduler.schedule()
         try:
             now = time.monotonic()

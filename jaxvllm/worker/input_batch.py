@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxvllm.core.outputs import NewRequestData, SchedulerOutput
 from jaxvllm.sampling_params import SamplingParams
+from jaxvllm.spec_decode import NgramIndex
 from jaxvllm.worker.sampler import SamplingTensors
 from jaxvllm.worker.token_table import TokenTable
 
@@ -44,6 +45,7 @@ class RequestState:
     # request whose tokens change the processing of the next (penalties and min_tokens' token
     # bits, grammars, bad_words).
     may_guess: bool = field(init=False)
+    ngrams: Optional[NgramIndex] = field(default=None, repr=False)  # its tokens' n-grams, once guessing
 
     def __post_init__(self) -> None:
         p = self.params

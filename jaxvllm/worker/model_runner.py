@@ -631,7 +631,12 @@ class ModelRunner:
                 state.token_ids.extend(toks)
                 state.num_inflight -= 1
                 if proposer is not None and state.may_guess:
-                    guesses = proposer.propose(state.token_ids, self.config.max_model_len
+                    if state.ngrams is None:
+                        state.ngrams = proposer.index()
+                        state.ngrams.extend(state.token_ids)
+                    else:
+                        state.ngrams.extend(toks)
+                    guesses = proposer.propose(state.ngrams, self.config.max_model_len
                                                - len(state.token_ids) - 1)
                     if guesses:
                         out.spec_token_ids[rid] = guesses
