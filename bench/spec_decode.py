@@ -93,6 +93,7 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
         run = lambda p: llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)[0]  # noqa: E731
     for p in prompts:  # compiles what they need
         run(p)
+    phases = _time_phases(llm.llm_engine) if args.phases else None
     before = llm.llm_engine.get_stats().spec_decode
     rows = []
     t0 = time.perf_counter()
@@ -111,9 +112,38 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
            "kept": after.num_accepted_tokens - before.num_accepted_tokens, "verify_steps": drafts,
            "tokens": [r["tokens"] for r in rows],
            "sample": llm.get_tokenizer().decode(rows[0]["tokens"][:60])
-           if args.load_format != "dummy" else None}
+           if args.load_format != "dummy" else None,
+           "phases_ms": None if phases is None else {
+               name: 1e3 * t / max(phases["step"][1], 1) for name, (t, _) in phases.items()}}
     with open(out_path, "w") as f:
         json.dump(res, f)
+
+
+def _time_phases(engine) -> dict[str, list]:
+    """Wraps the engine's per-step calls with timers: name -> [seconds, calls]. ms per step =
+    seconds / steps; "fetch" is collect()'s wait for the device and the copy of the samples."""
+    phases: dict[str, list] = {}
+
+    def wrap(obj, attr, name):
+        fn = getattr(obj, attr)
+        acc = phases.setdefault(name, [0.0, 0])
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[0] += time.perf_counter() - t
+                acc[1] += 1
+        setattr(obj, attr, timed)
+
+    runner, sched = engine.runner, engine.scheduler
+    for obj, attr, name in ((engine, "step", "step"), (sched, "schedule", "schedule"),
+                            (runner, "dispatch", "dispatch"), (runner, "collect", "collect"),
+                            (runner, "_fetch", "fetch"), (sched, "update_from_output", "update"),
+                            (engine, "_process", "outputs")):
+        wrap(obj, attr, name)
+    return phases
 
 
 def main() -> None:
@@ -129,6 +159,9 @@ def main() -> None:
                    help="Also plain decoding without async scheduling, as verification steps run.")
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=2)
+    p.add_argument("--phases", action="store_true",
+                   help="Also time the engine's calls per step (schedule, dispatch, collect and its "
+                        "wait for the device, update, outputs).")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--output-json", default=None, metavar="PATH", help="Also write the results here.")
@@ -144,6 +177,7 @@ def main() -> None:
                          "prompt_lookup_max", "prompt_lookup_min"):
                 if getattr(args, flag) is not None:
                     cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+            cmd += ["--phases"] * args.phases
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 results.append(json.load(f))
@@ -159,6 +193,10 @@ def main() -> None:
         print(f"| {name} | {r['decode_tok_s']:.1f} | {r['tpot_ms']:.2f} | "
               f"{r['decode_tok_s'] / plain['decode_tok_s']:.2f}x | {kept} | {per_step} | "
               f"{r['tokens'] == plain['tokens']} |")
+    if args.phases:
+        print("ms per engine step (collect includes fetch; step includes the rest):")
+        for r in results:
+            print(f"  k {r['k']}: " + ", ".join(f"{n} {v:.2f}" for n, v in r["phases_ms"].items()))
     if plain["sample"]:
         print("first output begins:", json.dumps(plain["sample"]))
     if args.output_json:

@@ -271,6 +271,22 @@ def test_research_bench_times_lora_and_a_sleep_cycle(tiny_dummy):
     assert s["sleep1_s"] > 0 and s["wake1_s"] > 0 and s["tpot_ms_after_wake"] > 0
 
 
+def test_spec_decode_bench_compares_with_plain_decoding(tiny_dummy, tmp_path):
+    """bench/spec_decode.py: plain (async and synchronous) and speculative rows, each engine in a
+    process of its own, with per-step phase times; greedy output the same in every row."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "spec_decode.py"),
+                          "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "float32",
+                          "--max-model-len", "512", "--output-len", "12", "--k", "2",
+                          "--sync-baseline", "--phases", "--output-json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["k"] for r in rows] == [0, -1, 2]
+    assert all(r["decode_tok_s"] > 0 and r["phases_ms"]["step"] > 0 for r in rows)
+    table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table) == 4 and all(line.endswith("| True |") for line in table[1:]), out.stdout
+
+
 def test_quant_gemm_bench_times_every_format(tmp_path):
     """bench/quant_gemm.py on a tiny dense config: every format timed, each within its
     quantization error of bf16."""

@@ -61,6 +61,7 @@ def _sleep_and_chunks(llm: Any, d: str) -> dict[str, Any]:
     import jax
     from converters import load_model
     from jaxvllm import SamplingParams
+    from jaxvllm.worker.weight_swap import weight_chunks
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
     def run() -> list[list[int]]:
@@ -84,9 +85,8 @@ def _sleep_and_chunks(llm: Any, d: str) -> dict[str, Any]:
     base = load_model(d, dtype="float32", cache_dir=None, load_tokenizer=False).params
     new = jax.tree.map(lambda x: x * 1.25, base)
     llm.start_weight_update()
-    for i, lp in enumerate(new["layers"]):
-        llm.update_weights({f"layers.{i}.{k}": v for k, v in lp.items()})
-    llm.update_weights({k: v for k, v in new.items() if k != "layers"})
+    for chunk in weight_chunks(new):
+        llm.update_weights(chunk)
     llm.finish_weight_update()
     res["tokens_after_chunks"] = run()
     llm.update_weights(base)  # back to the start for what follows

@@ -545,7 +545,8 @@ def test_step_wait_fails_at_once_when_a_peer_is_lost():
         lost.append(True)
 
     runner.peer_check = peer_check
-    sampled = SimpleNamespace(token_ids=Held(), _replace=lambda **kw: SimpleNamespace(**kw))
+    sampled = SimpleNamespace(token_ids=Held(), accepted=None,
+                              _replace=lambda **kw: SimpleNamespace(**kw))
     launched: Future = Future()
     launched.set_result((sampled, None))
     h = Inflight(["a"], np.ones(1, bool), launched, {}, 8, False)

@@ -66,6 +66,7 @@ def _run_engine(d: str, tp: int, dtype: str, inspect: bool, **engine: Any) -> di
     # A weight swap with unsharded params of the original config lands in the sharded layout.
     import jax
     from converters import load_model
+    from jaxvllm.worker.weight_swap import weight_chunks
     base = load_model(d, dtype=dtype, cache_dir=None, load_tokenizer=False).params
     llm.update_weights(jax.tree.map(lambda x: x * 1.25, base))
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
@@ -75,9 +76,8 @@ def _run_engine(d: str, tp: int, dtype: str, inspect: bool, **engine: Any) -> di
         llm.update_weights(base)
         scaled = jax.tree.map(lambda x: x * 1.25, base)
         llm.start_weight_update()
-        for i, lp in enumerate(scaled["layers"]):
-            llm.update_weights({f"layers.{i}.{k}": v for k, v in lp.items()})
-        llm.update_weights({k: v for k, v in scaled.items() if k != "layers"})
+        for chunk in weight_chunks(scaled):
+            llm.update_weights(chunk)
         llm.finish_weight_update()
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
         res["tokens_after_chunked_update"] = [list(o.outputs[0].token_ids) for o in outs]
@@ -143,6 +143,26 @@ def _cross_mesh_update(llm: Any, base: Any, sp: Any) -> dict[str, Any]:
             "engine_spec": _spec(llm.llm_engine.runner.params["layers"][0]["q"])}
 
 
+def _speculative(d: str, tp: int) -> dict[str, Any]:
+    """Greedy tokens of prompts that repeat a phrase, with prompt-lookup guesses verified on the
+    sharded engine, and without guesses on one device."""
+    from jaxvllm import LLM, SamplingParams
+    prompts = [{"prompt_token_ids": p * 4} for p in ([3, 4, 5, 6, 7], [9, 8, 7], [20, 30, 40, 50])]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    res: dict[str, Any] = {}
+    for size, spec in ((1, None), (tp, {"method": "ngram", "num_speculative_tokens": 3,
+                                        "prompt_lookup_max": 2, "prompt_lookup_min": 1})):
+        llm = LLM(model=d, dtype="float32", tensor_parallel_size=size, max_model_len=128,
+                  max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=32,
+                  enforce_eager=True, token_buckets=(8, 32), weights_cache_dir="none",
+                  compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"),
+                  speculative_config=spec)
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        res["guessed" if spec else "plain"] = [list(o.outputs[0].token_ids) for o in outs]
+    res["guesses"] = llm.llm_engine.get_stats().spec_decode.num_draft_tokens
+    return res
+
+
 def _stuck_step(d: str, held: str) -> dict[str, Any]:
     """A TP 2 step that takes 5 s against a 1 s step_timeout, held where a collective waiting for a
     stuck device would hold it: in the copy of its samples to the host (`held="fetch"`) or while
@@ -196,6 +216,7 @@ def _worker(out_path: str) -> None:
         _save_model(qwen, "qwen2", hidden=64, kv_heads=2)
         report["llama"] = {tp: _run_engine(llama, tp, "float32", inspect=tp == 8)
                            for tp in CPU_TP_SIZES}
+        report["speculative"] = _speculative(llama, 8)
         report["qwen2"] = {tp: _run_engine(qwen, tp, "float32", inspect=tp == 4) for tp in (1, 4)}
         # Mixture of experts with a shared expert: every expert's intermediate dimension split.
         moe = os.path.join(tmp, "qwen2_moe")
@@ -258,7 +279,8 @@ def run_script(script: str, out: str, fake_cpu_devices: Optional[int]) -> dict[s
 
 def _run_worker(out: str, fake_cpu_devices: bool) -> dict[str, Any]:
     rep = run_script(__file__, out, NUM_FAKE_DEVICES if fake_cpu_devices else None)
-    return {m: ({int(k): v for k, v in r.items()} if m not in ("errors", "stuck_step") else r)
+    return {m: ({int(k): v for k, v in r.items()}
+                if m not in ("errors", "stuck_step", "speculative") else r)
             for m, r in rep.items()}
 
 
@@ -274,6 +296,13 @@ def test_greedy_tokens_match_tp1(report, tp):
     assert got["tokens"] == ref["tokens"]
     assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
     assert got["masked_tokens"] == ref["masked_tokens"]
+
+
+def test_speculative_decoding_under_tp(report):
+    """Guesses verified on 8 devices: the greedy tokens of plain decoding on one."""
+    got = report["speculative"]
+    assert got["guesses"] > 0
+    assert got["guessed"] == got["plain"]
 
 
 def test_token_masks_hold_under_tp(report):

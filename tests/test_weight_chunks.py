@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxvllm import LLM, SamplingParams
+from jaxvllm.worker.weight_swap import weight_chunks
 
 PROMPTS = ["t5 t9 t13 t2 t77", "t100 t3"]
 SP = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0, ignore_eos=True)
@@ -43,12 +44,6 @@ def _run(llm: LLM) -> list:
             for o in outs]
 
 
-def _chunks(params) -> list[dict]:
-    """Layer by layer, then the rest: the names a trainer would stream."""
-    out = [{f"layers.{i}.{k}": v for k, v in lp.items()} for i, lp in enumerate(params["layers"])]
-    return out + [{k: v for k, v in params.items() if k != "layers"}]
-
-
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 def test_chunked_update_equals_a_whole_one(quantization, llms, model_dir):
     """On one engine: a whole update, the old weights back, then the same update in chunks."""
@@ -64,7 +59,7 @@ def test_chunked_update_equals_a_whole_one(quantization, llms, model_dir):
     llm.update_weights(base)
     assert _run(llm) == before
     llm.start_weight_update()
-    for chunk in _chunks(new):
+    for chunk in weight_chunks(new):
         llm.update_weights(chunk)
         with pytest.raises(RuntimeError, match="finish_weight_update"):
             llm.generate(PROMPTS, SP, use_tqdm=False)

@@ -41,10 +41,11 @@ limit; ``num_computed_tokens`` advances over all of them, and update_from_output
 rejected ones back. The engine runs a step with guesses synchronously (see has_guesses()).
 
 update_from_output()
-  Appends each new token (several with speculative decoding), then checks, in order: a stop token (EOS unless ``ignore_eos``, or any
-  id of ``sampling_params.all_stop_token_ids``; only once ``num_output_tokens >= min_tokens``) ->
-  "stop"; then ``max_tokens`` / ``max_model_len`` -> "length". Finished requests free their blocks
-  at once; their ids reach the runner in the next SchedulerOutput.finished_req_ids.
+  Appends each new token (several with speculative decoding; a stop drops those after it), then
+  checks, in order: a stop token (EOS unless ``ignore_eos``, or any id of
+  ``sampling_params.all_stop_token_ids``; only once ``num_output_tokens >= min_tokens``) -> "stop";
+  then ``max_tokens`` / ``max_model_len`` -> "length". Finished requests free their blocks at once;
+  their ids reach the runner in the next SchedulerOutput.finished_req_ids.
 """
 from __future__ import annotations
 
@@ -490,7 +491,7 @@ class Scheduler:
                 if status is not None:
                     toks = toks[:j + 1]  # what follows a stop is not output
                     break
-            if status is None:  # (guesses made while a later step ran are stale: none then)
+            if status is None:  # its guesses after these tokens (each step's replace the last)
                 req.spec_token_ids = proposals.get(rid, [])
             prompt_logprobs = None
             if prompt_lps and rid in prompt_lps:

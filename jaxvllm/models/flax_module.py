@@ -21,6 +21,7 @@ from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.llama import ModelInputs
 from jaxvllm.models.registry import get_model_module
 from jaxvllm.worker.sampler import prompt_logprobs
+from jaxvllm.worker.weight_swap import weight_chunks
 from pallas_kernels.reference import INVARIANT_CHUNK_KEYS, chunked_attention
 
 _MASK = -1e30
@@ -159,10 +160,7 @@ class CausalLM(nnx.Module):
     def weight_chunks(self) -> Iterator[dict[str, jax.Array]]:
         """The weights by the engine's names, a layer per dict ("layers.3.q", ...), then the rest:
         for LLM.update_weights between start_weight_update() and finish_weight_update()."""
-        params = self.params()
-        for i, lp in enumerate(params.pop("layers")):
-            yield {f"layers.{i}.{k}": v for k, v in lp.items()}
-        yield params
+        return weight_chunks(self.params())
 
     def __call__(self, token_ids: jax.Array, positions: Optional[jax.Array] = None) -> jax.Array:
         """float32 logits [B, L, vocab] of int token_ids [B, L]. positions [B, L] default to

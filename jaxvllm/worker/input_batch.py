@@ -45,7 +45,7 @@ class RequestState:
     # request whose tokens change the processing of the next (penalties and min_tokens' token
     # bits, grammars, bad_words).
     may_guess: bool = field(init=False)
-    ngrams: Optional[NgramIndex] = field(default=None, repr=False)  # its tokens' n-grams, once guessing
+    ngrams: Optional[NgramIndex] = field(default=None, repr=False)  # its n-grams, when guessing
 
     def __post_init__(self) -> None:
         p = self.params
@@ -73,7 +73,7 @@ class StepBatch:
     seq_lens: np.ndarray            # int32[R]
     block_tables: np.ndarray        # int32[R, max_blocks]
     num_seqs: np.ndarray            # int32[1]
-    logits_indices: np.ndarray      # int32[L]: the tokens whose logits are sampled (L = logits_rows(T))
+    logits_indices: np.ndarray      # int32[L]: the tokens whose logits are sampled (logits_rows)
     sample_mask: np.ndarray         # bool[R]: this request's chunk ends at its last token
     prev_rows: np.ndarray           # int32[T]: row of the previous step's samples holding this
                                     # token's id (a token still on the device), else -1

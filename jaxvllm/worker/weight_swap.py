@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 
@@ -60,6 +60,14 @@ def swap_in_place(current: Any, new: Any, donate: bool = True) -> Any:
             leaf = _to_layout(leaf, old.sharding)
         out.append(_copy_into(old, leaf) if donate else leaf)
     return jax.tree_util.tree_unflatten(cur_tree, out)
+
+
+def weight_chunks(params: Any) -> Iterator[dict[str, Any]]:
+    """The engine's params by name ("layers.3.q", ...), a layer per dict, then the rest: what a
+    trainer streams to update_weights between start_weight_update() and finish_weight_update()."""
+    for i, lp in enumerate(params["layers"]):
+        yield {f"layers.{i}.{k}": v for k, v in lp.items()}
+    yield {k: v for k, v in params.items() if k != "layers"}
 
 
 def get_named(params: Any, name: str) -> Any:
