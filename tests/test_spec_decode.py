@@ -267,6 +267,27 @@ def test_greedy_output_is_the_same_token_for_token(params):
         assert plain.prompt_logprobs == guessed.prompt_logprobs
 
 
+def test_token_masks_land_on_their_rows_beside_guesses(params):
+    """Requests with a token mask (allowed_token_ids: no guesses) or logit_bias after guessing
+    ones in the batch: their masks and biases go to their own rows, which guesses shift (greedy
+    tokens as without guessing, every token allowed)."""
+    from jaxvllm import SamplingParams
+    g = dict(temperature=0.0, max_tokens=24, ignore_eos=True)
+    allowed = list(range(10, 30))
+    kinds = [SamplingParams(**g), SamplingParams(**g, allowed_token_ids=allowed), SamplingParams(**g),
+             SamplingParams(**g, allowed_token_ids=allowed[::3]), SamplingParams(**g),
+             SamplingParams(**g, logit_bias={7: 5.0})]
+    prompts = _prompts(6, seed=4)
+    outs = {}
+    for spec in (None, SPEC):
+        llm = _engine(params, spec, batch_invariant=True)
+        outs[spec is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, kinds,
+                                                                           use_tqdm=False)]
+    assert outs[False] == outs[True]
+    assert all(t in allowed for t in outs[False][1]) and all(t in allowed[::3] for t in outs[False][3])
+    assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 0
+
+
 def test_a_stop_token_among_kept_guesses_ends_the_output_there(params):
     from jaxvllm import SamplingParams
     prompts = _prompts(6, seed=1)
