@@ -107,7 +107,7 @@ class EngineArgs:
                 '"prompt_lookup_min": 1} guesses a request\'s next tokens from its own context '
                 "(prompt lookup) and verifies them in one step: greedy output is unchanged, "
                 "sampled output keeps its distribution. Requests with penalties, min_tokens, "
-                "logit_bias, bad_words or a grammar decode one token a step."})
+                "allowed_token_ids, bad_words or a grammar decode one token a step."})
     nnodes: int = field(default=1, metadata={
         "help": "Processes (hosts) that together run one engine: the model is sharded over all of "
                 "their devices; run the same command on each with its own --node-rank."})
@@ -166,7 +166,7 @@ class EngineArgs:
                 and self.step_timeout > 0):
             raise ValueError(f"step_timeout must be a positive number of seconds, got {self.step_timeout!r}")
         self._validate_nodes()
-        self.speculative  # noqa: B018 (validates speculative_config)
+        SpeculativeConfig.from_dict(self.speculative_config)  # raises on a malformed one
         if self.token_buckets is not None:
             v = tuple(self.token_buckets)
             if not v or any(not isinstance(x, int) or x < 1 for x in v):

@@ -28,8 +28,6 @@ class SpeculativeConfig:
         """None for None; ValueError/TypeError naming the key for anything else malformed."""
         if d is None:
             return None
-        if isinstance(d, SpeculativeConfig):
-            return d
         if not isinstance(d, dict):
             raise TypeError(f"speculative_config must be a dict, got {type(d).__name__}")
         unknown = set(d) - {"method", "num_speculative_tokens", "prompt_lookup_max",

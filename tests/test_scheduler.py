@@ -209,7 +209,7 @@ class Driver:
                           if r.num_tokens - r.num_computed_tokens == 1]
         so = sched.schedule()
         self.history.append(so)
-        sched.check_invariants()
+        sched.check_invariants(so)
         assert self.must_report <= so.finished_req_ids, self.must_report - so.finished_req_ids
         self.must_report = set()
         ns = so.num_scheduled_tokens

@@ -203,7 +203,6 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_structured_requests = 0           # unfinished requests with a grammar
         self.spec_stats = SpecDecodeStats()
-        self._step_guesses: dict[str, list[int]] = {}  # the last schedule()'s, until its update
 
     # ---- requests in / out ---------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -399,7 +398,6 @@ class Scheduler:
 
         finished = self._finished_req_ids
         self._finished_req_ids = set()
-        self._step_guesses = drafts
         grammar_rows = {}
         if self.num_structured_requests:
             requests = self.requests
@@ -461,7 +459,6 @@ class Scheduler:
         refused = (self._advance_grammars(runner_output.sampled_token_ids)
                    if self.num_structured_requests else ())
         drafts = scheduler_output.scheduled_spec_decode_tokens
-        self._step_guesses = {}
         proposals = runner_output.spec_token_ids
         for rid, toks in runner_output.sampled_token_ids.items():
             req = requests.get(rid)
@@ -583,8 +580,11 @@ class Scheduler:
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.num_preemptions, spec_decode=dataclasses.replace(self.spec_stats))
 
-    def check_invariants(self) -> None:
-        """Consistency of queues, requests and block tables (for tests; O(everything))."""
+    def check_invariants(self, scheduled: Optional[SchedulerOutput] = None) -> None:
+        """Consistency of queues, requests and block tables (for tests; O(everything)).
+        `scheduled`: the schedule() whose output has not come back yet, if any (its guesses are
+        counted as computed until then)."""
+        guessed = scheduled.scheduled_spec_decode_tokens if scheduled is not None else {}
         kv = self.kv_cache_manager
         kv.check_invariants()
         cfg = self.config
@@ -597,7 +597,7 @@ class Scheduler:
         bs = cfg.block_size
         for r in self.running:
             assert r.status == _RUNNING and self.requests.get(r.request_id) is r
-            guesses = len(self._step_guesses.get(r.request_id, ()))
+            guesses = len(guessed.get(r.request_id, ()))
             assert 0 <= r.num_computed_tokens <= r.num_tokens + r.num_inflight + guesses
             assert 0 <= r.num_inflight <= 2
             assert len(kv.get_blocks(r.request_id)) >= -(-r.num_computed_tokens // bs)

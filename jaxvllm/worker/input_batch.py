@@ -81,23 +81,23 @@ class StepBatch:
     # at position p score prompt token p + 1.
     prompt_logprob_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
     lora_slots: Optional[np.ndarray] = None  # int32[T]: each token's LoRA slot (-1: none)
-    # Logits rows per request: its first row, and how many of its rows follow for guesses
-    # (speculative decoding; without, request i has row i alone). None: row i is request i.
-    row_starts: Optional[np.ndarray] = None   # int32[num_reqs]
+    # Speculative decoding: each request's guesses, whose logits rows follow its own (None:
+    # speculative decoding off, row i is request i's alone).
     num_drafts: Optional[np.ndarray] = None   # int32[num_reqs]
     draft_ids: Optional[np.ndarray] = None    # int32[L]: the guess each row verifies, -1: none
 
-    def first_rows(self) -> np.ndarray:
+    @property
+    def row_starts(self) -> np.ndarray:
         """Each request's first logits row."""
-        n = len(self.req_ids)
-        return np.arange(n) if self.row_starts is None else self.row_starts
+        if self.num_drafts is None:
+            return np.arange(len(self.req_ids))
+        return np.concatenate(([0], np.cumsum(1 + self.num_drafts)[:-1])).astype(np.int32)
 
     @property
     def num_rows(self) -> int:
         """Logits rows in use (the rest is padding)."""
         n = len(self.req_ids)
-        return n if self.row_starts is None or not n else int(self.row_starts[-1]
-                                                               + self.num_drafts[-1] + 1)
+        return n if self.num_drafts is None else n + int(self.num_drafts.sum())
 
 
 class InputBatch:
@@ -182,7 +182,6 @@ class InputBatch:
         sample_mask = np.zeros(r_bucket, bool)
         spec = self.num_speculative_tokens > 0
         if spec:
-            row_starts = np.zeros(len(req_ids), np.int32)
             num_drafts = np.zeros(len(req_ids), np.int32)
             draft_ids = np.full(l_rows, -1, np.int32)
         row = 0
@@ -210,9 +209,8 @@ class InputBatch:
                 token_ids[offset:offset + n - k - 1] = state.token_ids[start:end - 1]
                 prev_rows[offset + n - k - 1] = last_rows[rid]
             block_tables[i, :len(state.block_ids)] = state.block_ids
-            if spec:
-                row_starts[i], num_drafts[i] = row, k
             if k:
+                num_drafts[i] = k
                 token_ids[offset + n - k:offset + n] = guesses
                 draft_ids[row:row + k] = guesses
             if end == known + state.num_inflight:
@@ -236,8 +234,7 @@ class InputBatch:
         return StepBatch(req_ids, total, token_ids, positions, slot_mapping, qsl, seq_lens,
                          block_tables, np.array([len(req_ids)], np.int32), logits_indices,
                          sample_mask, prev_rows, spans,
-                         **(dict(row_starts=row_starts, num_drafts=num_drafts, draft_ids=draft_ids)
-                            if spec else {}))
+                         **(dict(num_drafts=num_drafts, draft_ids=draft_ids) if spec else {}))
 
     def sampling_inputs(self, batch: StepBatch) -> "SamplingInputs":
         """The batch's sampling parameters, one column per logits row, padded to L rows; with
@@ -253,30 +250,25 @@ class InputBatch:
         if spec:
             ints[5] = batch.draft_ids
         if n:
-            per_req = np.empty((len(floats) + 5, n), np.float64)
-            per_req[:len(floats)] = np.stack([s.float_knobs for s in states], axis=1)
-            f = len(floats)
-            per_req[f] = [s.params.top_k for s in states]
-            per_req[f + 1] = [s.seed32 for s in states]
+            floats[:, :n] = np.stack([s.float_knobs for s in states], axis=1)
+            ints[0, :n] = [s.params.top_k for s in states]
+            ints[1, :n] = [s.seed32 for s in states]
             # build() already counted this step's sample as pending: it is output number k - 1.
-            per_req[f + 2] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
+            ints[2, :n] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
                 - batch.sample_mask[:n]
             # Only a row that samples reads its token bits and counts its token in them.
             slots = np.fromiter((s.slot for s in states), np.int32, n)
             has_row = (slots >= 0) & batch.sample_mask[:n]
             min_tokens = np.fromiter((s.params.min_tokens for s in states), np.int32, n)
-            per_req[f + 3] = has_row & (per_req[f + 2] < min_tokens)
-            per_req[f + 4] = np.where(has_row, slots, self.token_table.num_slots)
-            if spec:  # each guess's row samples the output token after the one before it
+            ints[3, :n] = has_row & (ints[2, :n] < min_tokens)
+            ints[4, :n] = np.where(has_row, slots, self.token_table.num_slots)
+            if spec:  # a request's column over its rows; each guess's samples the next token
                 rows = 1 + batch.num_drafts
                 of_row = np.repeat(np.arange(n), rows)
-                nrows = len(of_row)
-                cols = per_req[:, of_row]
-                cols[f + 2] += np.arange(nrows) - np.repeat(batch.row_starts, rows)
-            else:
-                nrows, cols = n, per_req
-            floats[:, :nrows] = cols[:f]
-            ints[:5, :nrows] = cols[f:]
+                m = len(of_row)
+                floats[:, :m] = floats[:, of_row]
+                ints[:5, :m] = ints[:5, of_row]
+                ints[2, :m] += np.arange(m) - np.repeat(batch.row_starts, rows)
         return SamplingInputs(floats, ints)
 
 

@@ -417,7 +417,7 @@ class ModelRunner:
         z = lambda *s: np.zeros(s, np.int32)
         qsl = z(r + 1)
         spec = {} if self.config.speculative is None else dict(
-            row_starts=z(0), num_drafts=z(0), draft_ids=np.full(rows, -1, np.int32))
+            num_drafts=z(0), draft_ids=np.full(rows, -1, np.int32))
         return StepBatch([], 0, z(t), z(t), np.full(t, PAD_SLOT, np.int32), qsl, z(r),
                          z(r, self.max_blocks_per_seq),
                          np.array([0], np.int32), z(rows), np.zeros(r, bool),
@@ -510,7 +510,7 @@ class ModelRunner:
         # Structured outputs: the masks come once the step before has been collected (they need
         # its tokens), while this step's forward pass already runs; the sampler waits for them.
         grammar = None
-        first_rows = b.first_rows()
+        first_rows = b.row_starts
         if scheduler_output.grammar_rows:
             row_of = {rid: int(first_rows[i]) for i, rid in enumerate(b.req_ids)}
             grammar = _GrammarMask({rid: row_of[rid] for rid in scheduler_output.grammar_rows},
@@ -547,7 +547,7 @@ class ModelRunner:
 
         return Inflight(b.req_ids, b.sample_mask[:len(b.req_ids)].copy(),
                         self._launcher.submit(launch), logprobs_k, t, prompt_rows is not None,
-                        grammar, b.row_starts, b.num_drafts)
+                        grammar, n, None if b.num_drafts is None else first_rows, b.num_drafts)
 
     def set_grammar_bitmask(self, h: "Inflight", rows: Optional[np.ndarray]) -> None:
         """Give a dispatched step its grammar masks: `rows[i]` for its i-th request of
@@ -604,8 +604,8 @@ class ModelRunner:
         input_batch = self.input_batch
         sampled, prompt_logprobs = self._fetch(h)
         spec = h.row_starts is not None
-        tokens = sampled.token_ids.tolist()
-        accepted = sampled.accepted.tolist() if spec else None
+        tokens = sampled.token_ids[:h.num_rows].tolist()
+        accepted = sampled.accepted[:h.num_rows].tolist() if spec else None
         out = ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
         proposer = self.config.speculative
         for i, rid in enumerate(h.req_ids):
@@ -719,6 +719,7 @@ class Inflight:
     num_tokens: int                   # the token bucket
     prompt_scoring: bool
     grammar: Optional["_GrammarMask"] = None
+    num_rows: int = 0                        # sampled rows in use (StepBatch.num_rows)
     row_starts: Optional[np.ndarray] = None  # speculative decoding: StepBatch's
     num_drafts: Optional[np.ndarray] = None
 
