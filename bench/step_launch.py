@@ -6,7 +6,8 @@ Builds the runner as the engine does (dummy weights), makes a decode batch (ever
 `--context`), and prints ms per step for: new host inputs each call (as the engine passes them),
 two device-resident input sets alternating (new addresses, no transfers), the same inputs every
 call, and one call with the device idle before it (how long the call holds its caller while the
-step's programs are enqueued). Then, for the first bucket, the step call with `--python-ms` of
+step's programs are enqueued) or with the step before still running (whether the call waits for
+it). Then, for the first bucket, the step call with `--python-ms` of
 GIL-holding Python between calls, made on the same thread or on a second one, at Python's default
 GIL switch interval and at the runner's (worker/model_runner.py): whether the launch overlaps the
 engine's own host work. bench/RESULTS.md, "Steps launched off the engine's thread", has a run.
@@ -99,6 +100,14 @@ def main() -> int:
             call(*resident[0])
             idle.append(time.perf_counter() - t0)
         row["one call, device idle before it"] = statistics.median(idle) * 1e3
+        busy = []
+        for _ in range(20):
+            jax.block_until_ready(runner.kv_cache)
+            call(*resident[0])
+            t0 = time.perf_counter()
+            call(*resident[1])
+            busy.append(time.perf_counter() - t0)
+        row["one call, the step before still running"] = statistics.median(busy) * 1e3
         rows.append(row)
         if overlap is None:
             overlap = _overlap(runner, lambda: call(*resident[0]), args, LAUNCH_SWITCH_INTERVAL_S)

@@ -287,6 +287,27 @@ def test_spec_decode_bench_compares_with_plain_decoding(tiny_dummy, tmp_path):
     assert len(table) == 4 and all(line.endswith("| True |") for line in table[1:]), out.stdout
 
 
+def test_step_profile_accounts_for_every_step(tiny_dummy, tmp_path):
+    """bench/step_profile.py: every step lands in one kind and one bucket row, the kinds' seconds
+    add up to the run, each step has a roofline, and the host profile covers its window."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "step_profile.py"),
+                          "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "float32",
+                          "--num-prompts", "6", "--input-len", "8:40", "--output-len", "4:12",
+                          "--peak-tflops", "1", "--bandwidth-tbs", "0.1", "--host-profile", "2:3",
+                          "--output-json", str(tmp_path / "r.json"), *SMALL],
+                         capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    kinds = {k["group"]: k for k in res["kinds"]}
+    parts = [k for name, k in kinds.items() if name != "all"]
+    assert sum(k["steps"] for k in parts) == kinds["all"]["steps"] == sum(
+        b["steps"] for b in res["buckets"])
+    assert abs(sum(k["seconds"] for k in parts) - kinds["all"]["seconds"]) < 1e-6
+    assert kinds["all"]["seconds"] <= res["elapsed_s"] + 1e-6
+    assert "decode only" in kinds and all(0 < k["of_roofline"] for k in parts)
+    assert res["host_profile"].count("llm_engine.py") and res["output_tokens_per_s"] > 0
+
+
 def test_quant_gemm_bench_times_every_format(tmp_path):
     """bench/quant_gemm.py on a tiny dense config: every format timed, each within its
     quantization error of bf16."""

@@ -57,7 +57,7 @@ def _check(args: argparse.Namespace) -> None:
 # jaxvllm
 # ---------------------------------------------------------------------------------------------
 def run_jaxvllm(args: argparse.Namespace) -> dict:
-    from jaxvllm.sampling_params import SamplingParams
+    from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
     t0 = time.perf_counter()
     llm = C.build_llm(args)
     init_s = time.perf_counter() - t0
@@ -70,10 +70,12 @@ def run_jaxvllm(args: argparse.Namespace) -> dict:
                          f"{max(r.prompt_len + r.output_len for r in too_long)}); raise "
                          f"--max-model-len or lower the lengths")
     C.log(f"jaxvllm: engine ready in {init_s:.1f}s; {len(reqs)} requests")
+    # One output per request, when it finishes: what LLM.generate asks of the engine.
     for i, r in enumerate(reqs):
         engine.add_request(f"bench-{i}", {"prompt_token_ids": r.prompt_token_ids},
                            SamplingParams(max_tokens=r.output_len, ignore_eos=True,
-                                          temperature=args.temperature, top_p=1.0))
+                                          temperature=args.temperature, top_p=1.0,
+                                          output_kind=RequestOutputKind.FINAL_ONLY))
     steps, done, out_tokens = 0, 0, 0
     kv_samples: list[float] = []
     stats0 = engine.get_stats()
