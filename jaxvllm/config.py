@@ -33,9 +33,13 @@ class EngineArgs:
                                                  "choices": DTYPES})
     max_model_len: Optional[int] = field(default=None, metadata={
         "help": "Longest prompt + output (default: the model's max_position_embeddings)."})
-    max_num_seqs: int = field(default=256, metadata={"help": "Most sequences in one step."})
+    max_num_seqs: Optional[int] = field(default=None, metadata={
+        "help": "Most sequences in one step (default: 1024 on a GPU of >= 70 GiB, else 256, as "
+                "vLLM's)."})
     max_num_batched_tokens: Optional[int] = field(default=None, metadata={
-        "help": "Token budget of one step (default: 2048, at least max_num_seqs)."})
+        "help": "Token budget of one step (default, at least max_num_seqs: on a GPU of >= 70 GiB "
+                "16384 offline and 8192 for the server, whose running streams wait for a long "
+                "prefill step; else 2048)."})
     block_size: int = field(default=16, metadata={"help": "Tokens per KV-cache block."})
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "Fraction of device memory for weights, activations and KV cache."})
@@ -146,14 +150,15 @@ class EngineArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got "
                              f"{self.kv_cache_dtype!r}")
-        for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "data_parallel_size",
+        for name in ("block_size", "tensor_parallel_size", "data_parallel_size",
                      "max_logprobs", "max_loras", "max_lora_rank"):
             pos_int(name)
         if self.enable_lora and (self.quantization is not None or self.tensor_parallel_size > 1
                                  or self.data_parallel_size > 1 or self.nnodes > 1):
             raise ValueError("enable_lora is not supported with quantization, tensor or data "
                              "parallelism or nnodes > 1 yet")
-        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens",
+                     "num_gpu_blocks_override"):
             pos_int(name, optional=True)
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")

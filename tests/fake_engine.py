@@ -17,6 +17,7 @@ from typing import AsyncIterator, Optional
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.scheduler import SpecDecodeStats
+from jaxvllm.engine.setup import resolve_batch_limits
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -98,6 +99,7 @@ class FakeEngine:
         if fail_load:
             raise RuntimeError("fake load failure")
         self.args = args or EngineArgs()
+        resolve_batch_limits(self.args, server=True, device_bytes=None)  # as a CPU engine's
         self.tokenizer = FakeTokenizer()
         self.model_config = FakeModelConfig()
         self.max_model_len = self.args.max_model_len or 512

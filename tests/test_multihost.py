@@ -474,27 +474,31 @@ def test_engine_args_node_settings():
 
 
 def test_serve_on_rank_above_0_only_follows(monkeypatch):
-    """The same command on every node: rank > 0 starts no HTTP server, it follows rank 0."""
+    """The same command on every node: rank > 0 starts no HTTP server, it follows rank 0 (with
+    the server's batch-limit defaults, as rank 0's engine)."""
     from jaxvllm.engine import multihost
     from jaxvllm.entrypoints import cli
     from jaxvllm.entrypoints.openai import api_server
     seen = []
-    monkeypatch.setattr(multihost, "run_follower", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(multihost, "run_follower",
+                        lambda args, server=False: seen.append((args, server)) or 0)
     monkeypatch.setattr(api_server, "serve", lambda *a: pytest.fail("rank 1 started the server"))
     assert cli.main(["serve", "--nnodes", "2", "--node-rank", "1",
                      "--dist-init-addr", "10.0.0.1:5000"]) == 0
-    assert [(a.nnodes, a.node_rank, a.dist_init_addr) for a in seen] == [(2, 1, "10.0.0.1:5000")]
+    assert [(a.nnodes, a.node_rank, a.dist_init_addr, server) for a, server in seen] == [
+        (2, 1, "10.0.0.1:5000", True)]
 
 
 def test_generate_on_rank_above_0_only_follows(monkeypatch):
     from jaxvllm.engine import multihost
     from jaxvllm.entrypoints import cli, llm
     seen = []
-    monkeypatch.setattr(multihost, "run_follower", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(multihost, "run_follower",
+                        lambda args, server=False: seen.append((args, server)) or 0)
     monkeypatch.setattr(llm.LLM, "__init__", lambda *a, **k: pytest.fail("rank 1 built an LLM"))
     assert cli.main(["generate", "hi", "--nnodes", "2", "--node-rank", "1",
                      "--dist-init-addr", "10.0.0.1:5000"]) == 0
-    assert [(a.nnodes, a.node_rank) for a in seen] == [(2, 1)]
+    assert [(a.nnodes, a.node_rank, server) for a, server in seen] == [(2, 1, False)]
 
 
 def test_an_engine_on_rank_above_0_is_refused():

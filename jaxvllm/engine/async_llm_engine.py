@@ -83,7 +83,8 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
-        return cls(create_engine(args))
+        """An engine for serving: batch limits left unset get the server's defaults."""
+        return cls(create_engine(args, server=True))
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

@@ -11,7 +11,13 @@ from jaxvllm.core.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+# Batch limits left unset (EngineArgs.max_num_seqs, max_num_batched_tokens): vLLM V1's, which
+# are larger on GPUs of at least 70 GiB (H100, H200): 1024 sequences, and a token budget of 16384
+# offline and 8192 for a server (a step's prefill tokens delay every running stream's next token).
+# Elsewhere (smaller GPUs, a CPU) the budget that kept start-up compiles short on an H100.
+BIG_GPU_BYTES = 70 << 30
+BIG_GPU_LIMITS = {False: (1024, 16384), True: (1024, 8192)}  # server? -> (sequences, tokens)
+DEFAULT_LIMITS = (256, 2048)
 
 
 _ENGINE_CHOSE_GEMMS = False  # set once configure_jax added the GEMM flag (the user did not set it)
@@ -148,10 +154,32 @@ def _batch_invariant(cfg: Any, params_dtype: Any) -> tuple[Any, Any]:
             functools.partial(ragged_paged_attention_reference, invariant=True))
 
 
-def build_runner(args: EngineArgs, loaded: Any,
-                 devices: Optional[list[Any]] = None) -> tuple[Any, int, SchedulerConfig]:
+def device_memory_bytes(device: Any) -> Optional[int]:
+    """A GPU's memory: the allocator's limit over the fraction of the card it may take
+    (configure_jax sets that fraction); None off a GPU or when the device does not say."""
+    if device.platform != "gpu":
+        return None
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] / float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)))
+
+
+def resolve_batch_limits(args: EngineArgs, server: bool, device_bytes: Optional[int]) -> None:
+    """Fills in max_num_seqs and max_num_batched_tokens where `args` leaves them unset (None).
+    `device_bytes`: the memory of one of the engine's GPUs (None: not a GPU)."""
+    big = device_bytes is not None and device_bytes >= BIG_GPU_BYTES
+    seqs, tokens = BIG_GPU_LIMITS[server] if big else DEFAULT_LIMITS
+    if args.max_num_seqs is None:  # within a budget given alone
+        args.max_num_seqs = min(seqs, args.max_num_batched_tokens or seqs)
+    if args.max_num_batched_tokens is None:
+        args.max_num_batched_tokens = max(tokens, args.max_num_seqs)
+
+
+def build_runner(args: EngineArgs, loaded: Any, devices: Optional[list[Any]] = None,
+                 server: bool = False) -> tuple[Any, int, SchedulerConfig]:
     """`devices`: a data-parallel replica's device group (None: the first devices); the params are
-    placed there."""
+    placed there. `server`: batch limits left unset get the server's defaults."""
     import jax
     import jax.numpy as jnp
     from jaxvllm.engine.multihost import startup_phase
@@ -163,8 +191,8 @@ def build_runner(args: EngineArgs, loaded: Any,
     if max_model_len > cfg.max_position_embeddings and not cfg.rope_scaling:
         raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
                          f"max_position_embeddings ({cfg.max_position_embeddings})")
-    max_num_seqs = args.max_num_seqs
-    budget = args.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs)
+    resolve_batch_limits(args, server, device_memory_bytes((devices or jax.devices())[0]))
+    max_num_seqs, budget = args.max_num_seqs, args.max_num_batched_tokens
     if budget < max_num_seqs:
         raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_num_seqs ({max_num_seqs})")
     params_dtype = jnp.asarray(loaded.params["final_norm"]).dtype

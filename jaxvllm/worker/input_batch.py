@@ -33,7 +33,8 @@ class RequestState:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
-    block_ids: list[int]
+    table_row: int   # its row of InputBatch.block_table
+    num_blocks: int  # KV-cache blocks it holds (the row's first num_blocks entries)
     seed: int
     slot: int = -1  # its row of the token table; -1: none (no penalties, nothing to mask)
     lora_id: int = 0  # its LoRA adapter (0: none)
@@ -114,6 +115,11 @@ class InputBatch:
         self._seed_rng = np.random.default_rng(rng_seed)
         self.last_rows: dict[str, int] = {}  # req_id -> its sample row in the last built step
         self.biased: set[str] = set()  # requests with a logit_bias: a step without any skips it
+        # Every request's block ids, a row each, kept across steps: a step copies its requests'
+        # rows in one gather instead of converting each request's block list (measured ~20% of
+        # build() at 256 decode rows).
+        self.block_table = np.zeros((max_num_seqs, max_blocks_per_seq), np.int32)
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
     def request_bucket(self, t_bucket: int) -> int:
         return min(t_bucket, self.max_num_seqs)
@@ -132,15 +138,30 @@ class InputBatch:
         for rid in scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids:
             state = self.requests.pop(rid, None)
             self.biased.discard(rid)
-            if state is not None and state.slot >= 0:
-                self.token_table.release(state.slot)
+            if state is not None:
+                self._free_rows.append(state.table_row)
+                if state.slot >= 0:
+                    self.token_table.release(state.slot)
         for new_req in scheduler_output.new_reqs:
             self.requests[new_req.req_id] = self._new_state(new_req)
             if new_req.sampling_params.logit_bias:
                 self.biased.add(new_req.req_id)
+        table = self.block_table
         for cached_req in scheduler_output.cached_reqs:
-            state = self.requests[cached_req.req_id]
-            state.block_ids.extend(cached_req.new_block_ids)
+            new = cached_req.new_block_ids
+            if new:
+                state = self.requests[cached_req.req_id]
+                table[state.table_row, state.num_blocks:state.num_blocks + len(new)] = new
+                state.num_blocks += len(new)
+
+    def _table_row(self, block_ids: list[int]) -> int:
+        if not self._free_rows:  # the scheduler runs at most max_num_seqs
+            raise RuntimeError(f"more than max_num_seqs ({self.max_num_seqs}) requests in the "
+                               f"batch: the scheduler's finished requests were not released")
+        row = self._free_rows.pop()
+        self.block_table[row] = 0  # a recycled row: no stale ids past the request's blocks
+        self.block_table[row, :len(block_ids)] = block_ids
+        return row
 
     def _new_state(self, new_req: NewRequestData) -> RequestState:
         sp = new_req.sampling_params
@@ -157,7 +178,7 @@ class InputBatch:
             req_id=new_req.req_id,
             token_ids=list(new_req.prompt_token_ids) + list(new_req.output_token_ids),
             num_prompt_tokens=len(new_req.prompt_token_ids), params=sp,
-            block_ids=list(new_req.block_ids),
+            table_row=self._table_row(new_req.block_ids), num_blocks=len(new_req.block_ids),
             seed=seed, slot=slot, lora_id=new_req.lora_id)
 
     def build(self, scheduler_output: SchedulerOutput) -> StepBatch:
@@ -195,6 +216,7 @@ class InputBatch:
         computed.update((r.req_id, r.num_computed_tokens) for r in scheduler_output.cached_reqs)
         # Per request: only what needs its Python state; per-token arrays are vectorized below.
         starts = np.empty(len(req_ids), np.int64)
+        table_rows = np.empty(len(req_ids), np.int64)
         offset = 0
         for i, (rid, n) in enumerate(zip(req_ids, counts.tolist())):
             state = self.requests[rid]
@@ -206,16 +228,20 @@ class InputBatch:
             if end <= known:
                 token_ids[offset:offset + n - k] = state.token_ids[start:end]
             else:  # the last token is the previous step's sample, still on the device
-                token_ids[offset:offset + n - k - 1] = state.token_ids[start:end - 1]
+                if n - k > 1:  # a decode has no other
+                    token_ids[offset:offset + n - k - 1] = state.token_ids[start:end - 1]
                 prev_rows[offset + n - k - 1] = last_rows[rid]
-            block_tables[i, :len(state.block_ids)] = state.block_ids
+            table_rows[i] = state.table_row
             if k:
                 num_drafts[i] = k
                 token_ids[offset + n - k:offset + n] = guesses
                 draft_ids[row:row + k] = guesses
             if end == known + state.num_inflight:
                 sample_mask[i] = True
-                logits_indices[row:row + k + 1] = np.arange(offset + n - k - 1, offset + n)
+                if k:
+                    logits_indices[row:row + k + 1] = np.arange(offset + n - k - 1, offset + n)
+                else:
+                    logits_indices[row] = offset + n - 1
                 state.num_inflight += 1
                 self.last_rows[rid] = row + k
             row += 1 + k
@@ -225,6 +251,7 @@ class InputBatch:
                 spans.append((rid, offset, start, last - start))
             offset += n
         nreq = len(req_ids)
+        block_tables[:nreq] = self.block_table[table_rows]
         seq_lens[:nreq] = starts + counts
         np.cumsum(counts, out=qsl[1:nreq + 1])
         seq_of_token = np.repeat(np.arange(nreq), counts)

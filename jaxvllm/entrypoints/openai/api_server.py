@@ -191,7 +191,7 @@ def run(args: argparse.Namespace,
     engine_args = _engine_args_from(args)
     if engine_args.node_rank > 0:  # multi-host: rank 0 serves, this rank only follows its steps
         from jaxvllm.engine.multihost import run_follower
-        return run_follower(engine_args)
+        return run_follower(engine_args, server=True)
     try:
         return asyncio.run(serve(args, engine_factory))
     except KeyboardInterrupt:

@@ -1,0 +1,85 @@
+"""Batch limits left unset (max_num_seqs, max_num_batched_tokens) take vLLM V1's defaults: 1024
+sequences on a GPU of >= 70 GiB with a token budget of 16384 offline and 8192 for a server, 256 and
+2048 elsewhere; what the user gives is kept. Checked on the resolution, through build_runner, and
+through the engines a user builds (LLM offline, AsyncLLMEngine for serving) with a GPU's memory
+faked."""
+from __future__ import annotations
+
+import types
+
+import jax
+import pytest
+
+from converters import init_dummy_params
+from jaxvllm import LLM
+from jaxvllm.config import EngineArgs
+from jaxvllm.engine import setup
+from jaxvllm.engine.async_llm_engine import AsyncLLMEngine
+from jaxvllm.models.config import ModelConfig
+from jaxvllm.sampling_params import SamplingParams
+
+GIB = 1 << 30
+H100, A10 = 80 * 10**9, 24 * GIB  # H100 80GB: 74.5 GiB
+
+
+@pytest.mark.parametrize("device_bytes, server, limits", [
+    (None, False, (256, 2048)), (None, True, (256, 2048)), (A10, False, (256, 2048)),
+    (H100, False, (1024, 16384)), (H100, True, (1024, 8192)), (141 * GIB, True, (1024, 8192)),
+])
+def test_defaults_by_device_and_use(device_bytes, server, limits):
+    args = EngineArgs()
+    setup.resolve_batch_limits(args, server, device_bytes)
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == limits
+
+
+@pytest.mark.parametrize("given, device_bytes, limits", [
+    (dict(max_num_seqs=64), H100, (64, 16384)),
+    (dict(max_num_batched_tokens=512), H100, (512, 512)),  # sequences within a budget given alone
+    (dict(max_num_batched_tokens=4096), H100, (1024, 4096)),
+    (dict(max_num_seqs=4096), None, (4096, 4096)),         # a budget of at least max_num_seqs
+    (dict(max_num_seqs=8, max_num_batched_tokens=64), H100, (8, 64)),
+])
+def test_given_limits_kept(given, device_bytes, limits):
+    args = EngineArgs(**given)
+    setup.resolve_batch_limits(args, False, device_bytes)
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == limits
+
+
+def test_device_memory_from_allocator_limit(monkeypatch):
+    assert setup.device_memory_bytes(jax.devices("cpu")[0]) is None
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": int(0.9 * H100)})
+    assert abs(setup.device_memory_bytes(gpu) - H100) < 16
+    quiet = types.SimpleNamespace(platform="gpu", memory_stats=lambda: None)
+    assert setup.device_memory_bytes(quiet) is None
+
+
+CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=64,
+                  intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                  rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=512)
+
+
+@pytest.mark.parametrize("server, budget", [(False, 16384), (True, 8192)])
+def test_build_runner_on_a_big_gpu(monkeypatch, server, budget):
+    monkeypatch.setattr(setup, "device_memory_bytes", lambda device: H100)
+    loaded = types.SimpleNamespace(config=CFG, params=init_dummy_params(CFG, "float32"),
+                                   load_format="dummy")
+    args = EngineArgs(max_model_len=512, num_gpu_blocks_override=64)
+    runner, _, sched = setup.build_runner(args, loaded, server=server)
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (1024, budget)
+    assert runner.token_buckets[-1] == budget and runner.input_batch.max_num_seqs == 1024
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == (1024, budget)  # what the server reads
+
+
+def test_engines_take_offline_and_server_defaults(monkeypatch):
+    monkeypatch.setattr(setup, "device_memory_bytes", lambda device: H100)
+    kw = dict(dtype="float32", max_model_len=128, num_gpu_blocks_override=64)
+    llm = LLM(**kw)
+    sched = llm.llm_engine.scheduler.config
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (1024, 16384)
+    out = llm.generate("The capital of France is", SamplingParams(max_tokens=4, temperature=0))
+    assert len(out[0].outputs[0].token_ids) == 4
+    del llm
+    engine = AsyncLLMEngine.from_engine_args(EngineArgs(**kw))
+    sched = engine.engine.scheduler.config
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (1024, 8192)
