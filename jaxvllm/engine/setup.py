@@ -11,12 +11,14 @@ from jaxvllm.core.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
-# Batch limits left unset (EngineArgs.max_num_seqs, max_num_batched_tokens): vLLM V1's, which
-# are larger on GPUs of at least 70 GiB (H100, H200): 1024 sequences, and a token budget of 16384
-# offline and 8192 for a server (a step's prefill tokens delay every running stream's next token).
-# Elsewhere (smaller GPUs, a CPU) the budget that kept start-up compiles short on an H100.
+# Batch limits left unset (EngineArgs.max_num_seqs, max_num_batched_tokens). Offline on a GPU of
+# at least 70 GiB (H100, H200), vLLM V1's: 1024 sequences and 16384 tokens (the 1000-request row
+# +16% on one H200). A server keeps 256 and 2048: with vLLM's 1024 and 8192 the rate-inf serving
+# row fell from 8,712 to 5,168 output tok/s and its p50 TPOT rose from 23 to 128 ms (one H200;
+# bench/RESULTS.md), the streams waiting on 8192-token prefill steps and the server, in the
+# engine's process, streaming 1000 responses a step. Elsewhere (smaller GPUs, a CPU) 256 and 2048.
 BIG_GPU_BYTES = 70 << 30
-BIG_GPU_LIMITS = {False: (1024, 16384), True: (1024, 8192)}  # server? -> (sequences, tokens)
+BIG_GPU_OFFLINE_LIMITS = (1024, 16384)
 DEFAULT_LIMITS = (256, 2048)
 
 
@@ -168,8 +170,8 @@ def device_memory_bytes(device: Any) -> Optional[int]:
 def resolve_batch_limits(args: EngineArgs, server: bool, device_bytes: Optional[int]) -> None:
     """Fills in max_num_seqs and max_num_batched_tokens where `args` leaves them unset (None).
     `device_bytes`: the memory of one of the engine's GPUs (None: not a GPU)."""
-    big = device_bytes is not None and device_bytes >= BIG_GPU_BYTES
-    seqs, tokens = BIG_GPU_LIMITS[server] if big else DEFAULT_LIMITS
+    big = not server and device_bytes is not None and device_bytes >= BIG_GPU_BYTES
+    seqs, tokens = BIG_GPU_OFFLINE_LIMITS if big else DEFAULT_LIMITS
     if args.max_num_seqs is None:  # within a budget given alone
         args.max_num_seqs = min(seqs, args.max_num_batched_tokens or seqs)
     if args.max_num_batched_tokens is None:
