@@ -215,6 +215,33 @@ def _serve(llm: Any) -> dict[str, Any]:
     return asyncio.run(run())
 
 
+def _lora(d: str, adapter: str, dp: int) -> dict[str, Any]:
+    """Greedy tokens with an adapter on every prompt but the last (spread over the replicas by
+    load, so each reads it), then a request naming a missing adapter."""
+    from jaxvllm import LLM, LoRARequest, SamplingParams
+    llm = LLM(model=d, dtype="float32", data_parallel_size=dp, max_model_len=128,
+              max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=32, num_gpu_blocks_override=32,
+              enforce_eager=True, token_buckets=(8, 32), weights_cache_dir="none",
+              compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"),
+              enable_lora=True, max_loras=1, max_lora_rank=8)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    lora = LoRARequest("adapter", 1, adapter)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False,
+                        lora_request=[lora] * (len(PROMPTS) - 1) + [None])
+    res: dict[str, Any] = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    try:
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], sp, use_tqdm=False,
+                     lora_request=LoRARequest("missing", 2, adapter + "-missing"))
+        res["missing"] = None
+    except ValueError as e:
+        res["missing"] = str(e)
+    res["after_missing"] = [list(o.outputs[0].token_ids) for o in llm.generate(
+        [{"prompt_token_ids": PROMPTS[0]}], sp, use_tqdm=False, lora_request=lora)]
+    if dp > 1:
+        llm.llm_engine.shutdown()
+    return res
+
+
 def _worker(out_path: str) -> None:
     import jax
     from test_tensor_parallel import _save_model
@@ -241,6 +268,10 @@ def _worker(out_path: str) -> None:
         report["dp2tp2_at_start"] = dp2tp2.llm_engine.describe_replicas()
         report["dp2tp2"] = _generate(dp2tp2)
         dp2tp2.llm_engine.shutdown()
+        from test_tensor_parallel import _save_adapter
+        adapter = os.path.join(tmp, "adapter")
+        _save_adapter(d, adapter)
+        report["lora"] = {str(dp): _lora(d, adapter, dp) for dp in (1, 2)}
         try:
             _llm(d, 3, 2)
             report["too_many"] = None
@@ -267,6 +298,17 @@ def report(tmp_path_factory) -> dict[str, Any]:
 @pytest.mark.parametrize("run", ["dp2", "dp2tp2"])
 def test_greedy_tokens_match_dp1(report, run):
     assert report[run]["tokens"] == report["dp1"]["tokens"]
+
+
+def test_lora_adapters_over_replicas_match_one_engine(report):
+    """Each replica reads an adapter when it first runs a request of it: the same tokens as one
+    engine; a missing adapter is refused at the front as a ValueError, the engine unharmed."""
+    one, two = report["lora"]["1"], report["lora"]["2"]
+    assert two["tokens"] == one["tokens"]
+    assert two["tokens"][:-1] != report["dp1"]["tokens"][:-1]  # the adapter mattered
+    assert two["tokens"][-1] == report["dp1"]["tokens"][-1]
+    assert "adapter-missing" in two["missing"] and "adapter-missing" in one["missing"]
+    assert two["after_missing"] == [two["tokens"][0]]
 
 
 def test_weight_update_reaches_every_replica(report):

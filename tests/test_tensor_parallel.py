@@ -163,6 +163,41 @@ def _speculative(d: str, tp: int) -> dict[str, Any]:
     return res
 
 
+def _save_adapter(d: str, out: str) -> None:
+    """A random rank-4 PEFT adapter on all seven projections of the model in `d`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # init_lora_weights=False: B random too (PEFT's default zeros would make it a no-op)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(d), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False))
+    model.save_pretrained(out)
+
+
+def _lora(d: str, adapter: str, tp: int) -> dict[str, Any]:
+    """Greedy tokens and logprobs of the prompts, alternately with the adapter and without, in
+    one batch."""
+    from jaxvllm import LLM, LoRARequest, SamplingParams
+    llm = LLM(model=d, dtype="float32", tensor_parallel_size=tp, max_model_len=128,
+              max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=32,
+              enforce_eager=True, token_buckets=(8, 32), weights_cache_dir="none",
+              compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"),
+              enable_lora=True, max_loras=1, max_lora_rank=8)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    lora = LoRARequest("adapter", 1, adapter)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False,
+                        lora_request=[lora if i % 2 == 0 else None for i in range(len(PROMPTS))])
+    res = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+           "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
+    if tp > 1:
+        slots = llm.llm_engine.runner.lora.weights[0]
+        res["specs"] = {k: _spec(a) for k, a in slots.items()}
+        res["shard_shapes"] = {k: list(a.addressable_shards[0].data.shape) for k, a in slots.items()}
+    return res
+
+
 def _stuck_step(d: str, held: str) -> dict[str, Any]:
     """A TP 2 step that takes 5 s against a 1 s step_timeout, held where a collective waiting for a
     stuck device would hold it: in the copy of its samples to the host (`held="fetch"`) or while
@@ -217,6 +252,10 @@ def _worker(out_path: str) -> None:
         report["llama"] = {tp: _run_engine(llama, tp, "float32", inspect=tp == 8)
                            for tp in CPU_TP_SIZES}
         report["speculative"] = _speculative(llama, 8)
+        # LoRA: slot arrays placed beside their weights' shards, B's KV heads replicated at TP 8.
+        adapter = os.path.join(tmp, "adapter")
+        _save_adapter(llama, adapter)
+        report["lora"] = {tp: _lora(llama, adapter, tp) for tp in CPU_TP_SIZES}
         report["qwen2"] = {tp: _run_engine(qwen, tp, "float32", inspect=tp == 4) for tp in (1, 4)}
         # Mixture of experts with a shared expert: every expert's intermediate dimension split.
         moe = os.path.join(tmp, "qwen2_moe")
@@ -296,6 +335,26 @@ def test_greedy_tokens_match_tp1(report, tp):
     assert got["tokens"] == ref["tokens"]
     assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
     assert got["masked_tokens"] == ref["masked_tokens"]
+
+
+@pytest.mark.parametrize("tp", CPU_TP_SIZES[1:])
+def test_lora_adapters_match_tp1(report, tp):
+    """Requests with an adapter beside requests without, sharded: as on one device (whose LoRA
+    matches PEFT, tests/test_lora.py); the adapter changed what its requests generated."""
+    ref, got = report["lora"][1], report["lora"][tp]
+    assert got["tokens"] == ref["tokens"]
+    assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    base = report["llama"][1]["tokens"]
+    assert [t for i, t in enumerate(ref["tokens"]) if i % 2] == base[1::2]
+    assert [t for i, t in enumerate(ref["tokens"]) if i % 2 == 0] != base[0::2]
+    # Each slot array split as its weight: B of column-parallel projections over outputs (k/v's
+    # 4 KV heads of 8 dims replicated to 8: 64 columns), A of row-parallel ones over inputs.
+    specs, shapes = got["specs"], got["shard_shapes"]
+    for n in ("q", "k", "v", "gate", "up"):
+        assert specs[f"{n}_lora_a"] == [] and specs[f"{n}_lora_b"] == [None, "tp"]
+    for n in ("o", "down"):
+        assert specs[f"{n}_lora_a"] == ["tp", None] and specs[f"{n}_lora_b"] == []
+    assert shapes["k_lora_b"] == [8, 64 // tp] and shapes["o_lora_a"] == [64 // tp, 8]
 
 
 def test_speculative_decoding_under_tp(report):

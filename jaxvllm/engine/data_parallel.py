@@ -33,6 +33,7 @@ from jaxvllm.core.scheduler import SchedulerStats, SpecDecodeStats
 from jaxvllm.engine.llm_engine import (LLMEngine, RequestFront, RequestPreparer, _Parent,
                                        _generation_eos_ids, check_can_generate, check_chunk,
                                        check_idle, check_sleep_level, wake_tags)
+from jaxvllm.lora.request import LoRARequest
 from jaxvllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -164,10 +165,12 @@ class DataParallelEngine(RequestFront):
         self.tokenizer = first["tokenizer"]
         self.tokenizer_origin = first["tokenizer_origin"]
         self.default_sampling = first["default_sampling"]
+        self._lora_paths: dict[int, str] = {}  # adapters checked here: lora_int_id -> path
         self.preparer = RequestPreparer(self.tokenizer, self.model_config.vocab_size,
                                         self.max_model_len, args.max_logprobs,
                                         getattr(self.tokenizer, "eos_token_id", None),
-                                        _generation_eos_ids(first["generation_config"]))
+                                        _generation_eos_ids(first["generation_config"]),
+                                        self._check_lora if args.enable_lora else None)
         startups = [r.info["startup"] for r in self.replicas]
         self.load_seconds = max(s["load_s"] for s in startups)
         self.compile_seconds = sum(s["compile_s"] for s in startups)
@@ -178,6 +181,14 @@ class DataParallelEngine(RequestFront):
         self._arrived: list[RequestOutput] = []       # outputs read while waiting for a reply
         self._asleep = False                          # as every replica is (they change together)
         self._updating = False                        # between start_ and finish_weight_update
+
+    def _check_lora(self, lora: LoRARequest) -> None:
+        """A bad adapter fails its request here, before routing; each replica reads it again
+        when it first runs a request of it (LLMEngine.admit_request)."""
+        from jaxvllm.lora.peft import read_adapter
+        read_adapter(lora, self.model_config, self.args.max_lora_rank,
+                     self._lora_paths.get(lora.lora_int_id))
+        self._lora_paths[lora.lora_int_id] = lora.lora_path
 
     def startup_info(self) -> dict:
         """All replicas together: blocks, KV sizing and compile summed; loading (in parallel) the

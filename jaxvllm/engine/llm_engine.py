@@ -325,6 +325,8 @@ class LLMEngine(RequestFront):
 
     def admit_request(self, parent: _Parent) -> None:
         self._check_can_generate()
+        if parent.lora_request is not None:  # read when prepared, unless a front prepared it
+            self._load_lora(parent.lora_request)
         p = parent.params
         for c in parent.children:
             c.detok = IncrementalDetokenizer(self.tokenizer, p, parent.prompt_token_ids)
@@ -363,18 +365,12 @@ class LLMEngine(RequestFront):
     def _load_lora(self, lora: LoRARequest) -> None:
         """The adapter's weights on the host, read once per lora_int_id (the runner puts them in a
         device slot when a step needs them)."""
-        from jaxvllm.lora.peft import check_shapes, load_peft_adapter
+        from jaxvllm.lora.peft import read_adapter
         slots = self.runner.lora
         known = slots.adapters.get(lora.lora_int_id)
-        if known is not None:
-            if known[0] != lora.lora_path:
-                raise ValueError(f"lora_int_id {lora.lora_int_id} is already the adapter at "
-                                 f"{known[0]!r}, not {lora.lora_path!r}")
-            return
-        cfg = self.model_config
-        adapter = load_peft_adapter(lora.lora_path, cfg.num_layers, slots.rank)
-        check_shapes(adapter, lora.lora_path, slots.shapes)
-        slots.add(lora.lora_int_id, lora.lora_path, adapter)
+        adapter = read_adapter(lora, self.model_config, slots.rank, known and known[0])
+        if adapter is not None:
+            slots.add(lora.lora_int_id, lora.lora_path, adapter)
 
     def retract_requests(self) -> list[RequestOutput]:
         """Ends every unfinished request now (pause_generation without waiting): each one's

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -56,6 +56,21 @@ def load_peft_adapter(path: str, num_layers: int, max_rank: int) -> Adapter:
         a = np.asarray(ab["A"], np.float32).T              # [in, r]
         b = np.asarray(ab["B"], np.float32).T * scale      # [r, out]
         adapter[(layer, name)] = (a, b)
+    return adapter
+
+
+def read_adapter(lora: Any, cfg: Any, max_rank: int, known_path: Optional[str]) -> Optional[Adapter]:
+    """A LoRARequest's adapter checked against the model (`cfg`, the model's ModelConfig: its own
+    shapes, not a sharded runner's); None when its id is already known at `known_path`. An id
+    names one adapter for the engine's life: another path for it is a ValueError."""
+    if known_path is not None:
+        if known_path != lora.lora_path:
+            raise ValueError(f"lora_int_id {lora.lora_int_id} is already the adapter at "
+                             f"{known_path!r}, not {lora.lora_path!r}")
+        return None
+    from jaxvllm.models.params import layer_shapes
+    adapter = load_peft_adapter(lora.lora_path, cfg.num_layers, max_rank)
+    check_shapes(adapter, lora.lora_path, [layer_shapes(cfg, i) for i in range(cfg.num_layers)])
     return adapter
 
 

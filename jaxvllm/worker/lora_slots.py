@@ -48,17 +48,22 @@ class LoRASlots:
     least-recently-used replacement among the slots a step does not need."""
 
     def __init__(self, cfg: ModelConfig, max_loras: int, rank: int, dtype: Any,
-                 device: Any = None) -> None:
+                 device: Any = None, shardings: Any = None) -> None:
+        """`cfg`: the runner's (effective) config; `shardings`: tensor parallelism's TPShardings,
+        whose rules place each slot array beside its weight's shards (worker/sharding.py)."""
         self.max_loras, self.rank, self.dtype = max_loras, rank, dtype
         self.num_layers = cfg.num_layers
         self.shapes = [layer_shapes(cfg, i) for i in range(cfg.num_layers)]
+        self.shardings = shardings
         width = max_loras * rank
 
-        def zeros(shape: tuple[int, ...]) -> jax.Array:
+        def zeros(key: str, shape: tuple[int, ...]) -> jax.Array:
             z = np.zeros(shape, jnp.dtype(dtype))
+            if shardings is not None:
+                return jax.device_put(z, shardings.lora_sharding(key))
             return jax.device_put(z, device) if device is not None else jnp.asarray(z)
 
-        self.weights = [{k: zeros((shapes[n][0], width) if k.endswith("_a") else
+        self.weights = [{k: zeros(k, (shapes[n][0], width) if k.endswith("_a") else
                                   (width, shapes[n][1]))
                          for n in PROJECTIONS if n in shapes
                          for k in (f"{n}_lora_a", f"{n}_lora_b")} for shapes in self.shapes]
@@ -66,6 +71,11 @@ class LoRASlots:
         self.slot_of: collections.OrderedDict[int, int] = collections.OrderedDict()  # LRU first
 
     def add(self, lora_id: int, path: str, adapter: Adapter) -> None:
+        """Registers an adapter of the model's shapes; under tensor parallelism with KV heads
+        replicated, k/v's B get their heads repeated as the weights did."""
+        if self.shardings is not None:
+            adapter = {(i, n): (a, self.shardings.match_named(f"layers.{i}.{n}_lora_b", b))
+                       for (i, n), (a, b) in adapter.items()}
         self.adapters[lora_id] = (path, adapter)
 
     def ensure(self, lora_ids: Iterable[int]) -> dict[int, int]:

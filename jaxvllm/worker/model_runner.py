@@ -125,7 +125,7 @@ class ModelRunner:
         # Sampled ids are padded to this many rows, one shape for the next step's gather.
         self.sample_rows = self.input_batch.logits_rows(self.token_buckets[-1])
         self.lora = (LoRASlots(cfg, config.max_loras, config.max_lora_rank,
-                               jnp.asarray(params["final_norm"]).dtype, device)
+                               jnp.asarray(params["final_norm"]).dtype, device, shardings)
                      if config.max_loras else None)
         # Batch-invariant: bf16 values rounded where the program says, whatever XLA fuses.
         invariant_kw = ({"compiler_options": dict(INVARIANT_COMPILER_OPTIONS)}

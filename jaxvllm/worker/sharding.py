@@ -74,6 +74,12 @@ LAYER_RULES: dict[str, P] = {
     "shared_gate_scale": P(AXIS), "shared_up_scale": P(AXIS), "shared_down_scale": P(),
     "input_norm": P(), "post_attn_norm": P(), "q_norm": P(), "k_norm": P(),
     "pre_ffn_norm": P(), "post_ffn_norm": P(),
+    # LoRA slots (worker/lora_slots.py), A [in, S*R] and B [S*R, out]: a column-parallel
+    # projection's B split as its weight's output (A whole on every device), a row-parallel one's
+    # A split as its weight's input, whose partial (x @ A) the SPMD partitioner sums (B whole).
+    **{f"{n}_lora_a": P() for n in ("q", "k", "v", "gate", "up")},
+    **{f"{n}_lora_b": P(None, AXIS) for n in ("q", "k", "v", "gate", "up")},
+    "o_lora_a": P(AXIS, None), "down_lora_a": P(AXIS, None), "o_lora_b": P(), "down_lora_b": P(),
 }
 VOCAB_RULES: dict[str, P] = {"embed": P(AXIS, None), "lm_head": P(None, AXIS)}
 
@@ -209,6 +215,10 @@ class TPShardings:
             params = _replicate_kv(params, self.model_config.head_dim, self.kv_replication)
         return params
 
+    def lora_sharding(self, key: str) -> NamedSharding:
+        """Where a LoRA slot array (e.g. "k_lora_b") lives on the mesh."""
+        return NamedSharding(self.mesh, LAYER_RULES[key])
+
     def match_named(self, name: str, w: Any) -> Any:
         """One weight of a chunked update (weight_swap.get_named's name, e.g. "layers.3.k") in the
         sharded model's layout, as match_layout does the whole tree."""
@@ -263,7 +273,8 @@ def _replicate_kv(params: Any, head_dim: int, rep: int) -> Any:
 
 
 def _replicate_kv_param(name: str, w: Any, head_dim: int, rep: int) -> Any:
-    if name not in ("k", "v", "k_bias", "v_bias", "k_scale", "v_scale"):
+    # A LoRA B's columns are its projection's outputs: the heads, as the weight's.
+    if name not in ("k", "v", "k_bias", "v_bias", "k_scale", "v_scale", "k_lora_b", "v_lora_b"):
         return w
     if w.dtype == FP8:  # an FP8 weight, [out, in]: its heads are its rows
         return _repeat_heads(w.T, head_dim, rep).T
