@@ -33,16 +33,20 @@ def llm():
 
 @pytest.fixture
 def scheduler_config(llm):
-    """Swap the scheduler for one test (scheduling policy is host-side: no recompilation)."""
+    """Swap the scheduler for one test (scheduling policy is host-side: no recompilation). An idle
+    step first hands the runner the requests the outgoing scheduler finished since its last step,
+    so the runner releases their rows (a new scheduler would never report them)."""
     engine = llm.llm_engine
     original = engine.scheduler
     base = original.config
 
     def use(**changes):
+        engine.step()
         engine.scheduler = Scheduler(dataclasses.replace(base, **changes))
         return engine.scheduler
 
     yield use
+    engine.step()
     engine.scheduler = original
 
 

@@ -10,6 +10,10 @@ from typing import Any, Optional
 
 import numpy as np
 
+from jaxvllm.lora.request import LoRARequest
+from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.params import layer_shapes
+
 # HF module name -> the engine's projection name (models/params.py).
 TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
            "up_proj": "up", "down_proj": "down"}
@@ -59,7 +63,8 @@ def load_peft_adapter(path: str, num_layers: int, max_rank: int) -> Adapter:
     return adapter
 
 
-def read_adapter(lora: Any, cfg: Any, max_rank: int, known_path: Optional[str]) -> Optional[Adapter]:
+def read_adapter(lora: LoRARequest, cfg: ModelConfig, max_rank: int,
+                 known_path: Optional[str]) -> Optional[Adapter]:
     """A LoRARequest's adapter checked against the model (`cfg`, the model's ModelConfig: its own
     shapes, not a sharded runner's); None when its id is already known at `known_path`. An id
     names one adapter for the engine's life: another path for it is a ValueError."""
@@ -68,7 +73,6 @@ def read_adapter(lora: Any, cfg: Any, max_rank: int, known_path: Optional[str]) 
             raise ValueError(f"lora_int_id {lora.lora_int_id} is already the adapter at "
                              f"{known_path!r}, not {lora.lora_path!r}")
         return None
-    from jaxvllm.models.params import layer_shapes
     adapter = load_peft_adapter(lora.lora_path, cfg.num_layers, max_rank)
     check_shapes(adapter, lora.lora_path, [layer_shapes(cfg, i) for i in range(cfg.num_layers)])
     return adapter
