@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = jax.default_backend() == "gpu"
     copy_bw = common.measure_bandwidth(1 << (31 if on_gpu else 23))
     n = 8192 if on_gpu else 512
-    flops = 2 * n ** 3 / bench(jax.jit(lambda p: p @ p), [(jnp.ones((n, n), jnp.bfloat16),)])
+    flops = common.measure_matmul_flops(n)
 
     def layer(experts_fn):
         return jax.jit(lambda lp, x: moe.moe(cfg, lp, x, experts_fn))

@@ -52,20 +52,6 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def measure_matmul_tflops(n: int = 8192, iters: int = 10) -> float:
-    import jax
-    import jax.numpy as jnp
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / C.median(times) / 1e12
-
-
 class StepCost:
     """FLOPs and bytes of one step of a dense model (MoE: the experts a token uses)."""
 
@@ -276,10 +262,10 @@ def run(args: argparse.Namespace) -> int:
     llm = C.build_llm(args)
     engine = llm.llm_engine
     cfg = engine.model_config
-    peak = 1e12 * (args.peak_tflops or measure_matmul_tflops())
+    peak = 1e12 * args.peak_tflops if args.peak_tflops else C.measure_matmul_flops()
     bw = 1e12 * args.bandwidth_tbs if args.bandwidth_tbs else C.measure_bandwidth(2 << 30)
     runner = engine.runner
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.params))
+    param_bytes = engine.startup_info()["param_bytes"]
     kv_bytes_per_token = sum(x.nbytes for x in jax.tree.leaves(runner.kv_cache)) // (
         engine.startup_info()["num_blocks"] * engine.args.block_size)
     recorder = StepRecorder(engine, StepCost(cfg, param_bytes, kv_bytes_per_token))

@@ -28,7 +28,9 @@ H100, A10 = 80 * 10**9, 24 * GIB  # H100 80GB: 74.5 GiB
 ])
 def test_defaults_by_device_and_use(device_bytes, server, limits):
     args = EngineArgs()
-    setup.resolve_batch_limits(args, server, device_bytes)
+    if server:
+        setup.use_server_batch_limits(args)  # the server's entry points, before the engine's own
+    setup.resolve_batch_limits(args, device_bytes)
     assert (args.max_num_seqs, args.max_num_batched_tokens) == limits
 
 
@@ -41,7 +43,7 @@ def test_defaults_by_device_and_use(device_bytes, server, limits):
 ])
 def test_given_limits_kept(given, device_bytes, limits):
     args = EngineArgs(**given)
-    setup.resolve_batch_limits(args, False, device_bytes)
+    setup.resolve_batch_limits(args, device_bytes)
     assert (args.max_num_seqs, args.max_num_batched_tokens) == limits
 
 
@@ -65,7 +67,9 @@ def test_build_runner_on_a_big_gpu(monkeypatch, server, seqs, budget):
     loaded = types.SimpleNamespace(config=CFG, params=init_dummy_params(CFG, "float32"),
                                    load_format="dummy")
     args = EngineArgs(max_model_len=512, num_gpu_blocks_override=64)
-    runner, _, sched = setup.build_runner(args, loaded, server=server)
+    if server:
+        setup.use_server_batch_limits(args)
+    runner, _, sched = setup.build_runner(args, loaded)
     assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (seqs, budget)
     assert runner.token_buckets[-1] == budget and runner.input_batch.max_num_seqs == seqs
     assert (args.max_num_seqs, args.max_num_batched_tokens) == (seqs, budget)  # what the server reads

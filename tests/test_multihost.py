@@ -481,7 +481,7 @@ def test_serve_on_rank_above_0_only_follows(monkeypatch):
     from jaxvllm.entrypoints.openai import api_server
     seen = []
     monkeypatch.setattr(multihost, "run_follower",
-                        lambda args, server=False: seen.append((args, server)) or 0)
+                        lambda args: seen.append((args, args.max_num_seqs is not None)) or 0)
     monkeypatch.setattr(api_server, "serve", lambda *a: pytest.fail("rank 1 started the server"))
     assert cli.main(["serve", "--nnodes", "2", "--node-rank", "1",
                      "--dist-init-addr", "10.0.0.1:5000"]) == 0
@@ -494,7 +494,7 @@ def test_generate_on_rank_above_0_only_follows(monkeypatch):
     from jaxvllm.entrypoints import cli, llm
     seen = []
     monkeypatch.setattr(multihost, "run_follower",
-                        lambda args, server=False: seen.append((args, server)) or 0)
+                        lambda args: seen.append((args, args.max_num_seqs is not None)) or 0)
     monkeypatch.setattr(llm.LLM, "__init__", lambda *a, **k: pytest.fail("rank 1 built an LLM"))
     assert cli.main(["generate", "hi", "--nnodes", "2", "--node-rank", "1",
                      "--dist-init-addr", "10.0.0.1:5000"]) == 0

@@ -300,6 +300,22 @@ def measure_bandwidth(nbytes: int, iters: int = 10) -> float:
     return 2 * n * 2 / median(times)
 
 
+def measure_matmul_flops(n: int = 8192, iters: int = 10) -> float:
+    """bf16 GEMM throughput in FLOP/s: median time of a jitted n x n x n matmul."""
+    import time
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / median(times)
+
+
 def repo_root() -> str:
     """The directory holding the `jaxvllm` package (for PYTHONPATH of child processes)."""
     import jaxvllm

@@ -16,6 +16,7 @@ from jaxvllm.config import EngineArgs
 from jaxvllm.core.scheduler import SchedulerStats
 from jaxvllm.engine.data_parallel import Engine, create_engine
 from jaxvllm.engine.llm_engine import NotServingError, PromptType
+from jaxvllm.engine.setup import use_server_batch_limits
 from jaxvllm.lora.request import LoRARequest
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
@@ -84,7 +85,8 @@ class AsyncLLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
         """An engine for serving: batch limits left unset get the server's defaults."""
-        return cls(create_engine(args, server=True))
+        use_server_batch_limits(args)
+        return cls(create_engine(args))
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

@@ -44,13 +44,11 @@ OVERLOAD_FRACTION = 1 / 8
 SHUTDOWN_WAIT_S = 30.0
 
 
-def create_engine(args: EngineArgs, loaded: Any = None,
-                  server: bool = False) -> Union[LLMEngine, "DataParallelEngine"]:
-    """The engine for `args`: one LLMEngine, or a DataParallelEngine over data_parallel_size.
-    `server`: batch limits left unset get the server's defaults (engine/setup.py)."""
+def create_engine(args: EngineArgs, loaded: Any = None) -> Union[LLMEngine, "DataParallelEngine"]:
+    """The engine for `args`: one LLMEngine, or a DataParallelEngine over data_parallel_size."""
     if args.data_parallel_size == 1:
-        return LLMEngine(args, loaded, server=server)
-    return DataParallelEngine(args, loaded, server=server)
+        return LLMEngine(args, loaded)
+    return DataParallelEngine(args, loaded)
 
 
 def replica_device_groups(dp: int, tp: int, num_devices: int) -> list[list[int]]:
@@ -118,12 +116,12 @@ class _Replica:
 
 
 class DataParallelEngine(RequestFront):
-    def __init__(self, args: EngineArgs, loaded: Any = None, server: bool = False) -> None:
+    def __init__(self, args: EngineArgs, loaded: Any = None) -> None:
         from jaxvllm.engine.dp_replica import probe_devices, replica_main
         from jaxvllm.engine.setup import configure_jax, resolve_batch_limits
         configure_jax(args)  # the XLA flags and caches the replica processes inherit
         platform, count, device_bytes = probe_devices()
-        resolve_batch_limits(args, server, device_bytes)  # before the replicas get a copy
+        resolve_batch_limits(args, device_bytes)  # before the replicas get a copy
         groups = replica_device_groups(args.data_parallel_size, args.tensor_parallel_size, count)
         self.args = args
         if loaded is not None:  # in-memory params go to each replica on the host

@@ -251,16 +251,14 @@ class RequestFront:
 
 class LLMEngine(RequestFront):
     def __init__(self, args: EngineArgs, loaded: Any = None,
-                 devices: Optional[list[Any]] = None, server: bool = False) -> None:
-        """`devices`: the device group of a data-parallel replica (engine/data_parallel.py).
-        `server`: batch limits left unset get the server's defaults (engine/setup.py)."""
+                 devices: Optional[list[Any]] = None) -> None:
+        """`devices`: the device group of a data-parallel replica (engine/data_parallel.py)."""
         from jaxvllm.engine.setup import start_tokenizer_load
         if args.node_rank > 0:  # a second engine would wait for followers of its own
             raise ValueError(f"node_rank {args.node_rank}: only rank 0 runs an engine; the other "
                              f"ranks run jaxvllm.engine.multihost.run_follower(engine_args)")
         self.args = args
         self.devices = devices
-        self._server = server
         t0 = time.perf_counter()
         # The tokenizer is first needed by a request, so it loads (in a child process: importing
         # transformers' AutoTokenizer was 16 s of Python on the GPU host) while the weights load,
@@ -285,8 +283,7 @@ class LLMEngine(RequestFront):
         self.loaded = loaded
         self.load_seconds = time.perf_counter() - t0  # weights and config
         self.model_config = self.loaded.config
-        self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded, self.devices,
-                                                                 self._server)
+        self.runner, self.max_model_len, sched_cfg = build_runner(args, self.loaded, self.devices)
         if pending_tokenizer is not None and pending_tokenizer.done():
             pending_tokenizer.result()  # a tokenizer that failed already: say so before compiling
         self.scheduler = Scheduler(sched_cfg)

@@ -306,16 +306,17 @@ def _connect_to_leader(args: EngineArgs) -> socket.socket:
     return sock
 
 
-def run_follower(args: EngineArgs, server: bool = False) -> int:
+def run_follower(args: EngineArgs) -> int:
     """A rank > 0: build the same runner as rank 0, then replay its calls. Returns 0 when rank 0
     shuts down; when rank 0 reports a failure or disappears without saying so, or start-up or a
     call fails here, exits the process with code 1 at once (JAX's exit handler would wait for rank
-    0 at its shutdown barrier). `server`: as rank 0's engine (its batch limits' defaults)."""
+    0 at its shutdown barrier). Batch limits left unset are resolved as rank 0's offline engine
+    resolves them; a server's rank 0 fills them in before (the serve command does here too)."""
     from jaxvllm.engine.setup import build_runner, load
     if args.node_rank == 0:
         raise ValueError("run_follower is for ranks > 0; rank 0 runs the engine")
     try:
-        runner, _, _ = build_runner(args, load(args), server=server)  # load connects to rank 0 first
+        runner, _, _ = build_runner(args, load(args))  # load connects to rank 0 first
         startup_phase("compiling")
         if args.compiles_at_start():
             runner.warmup(progress=False)  # rank 0 compiles and warms up the same programs

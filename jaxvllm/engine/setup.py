@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 # +16% on one H200). A server keeps 256 and 2048: with vLLM's 1024 and 8192 the rate-inf serving
 # row fell from 8,712 to 5,168 output tok/s and its p50 TPOT rose from 23 to 128 ms (one H200;
 # bench/RESULTS.md), the streams waiting on 8192-token prefill steps and the server, in the
-# engine's process, streaming 1000 responses a step. Elsewhere (smaller GPUs, a CPU) 256 and 2048.
+# engine's process, streaming 1000 responses a step (use_server_batch_limits, at the server's entry
+# points). Elsewhere (smaller GPUs, a CPU) 256 and 2048.
 BIG_GPU_BYTES = 70 << 30
 BIG_GPU_OFFLINE_LIMITS = (1024, 16384)
 DEFAULT_LIMITS = (256, 2048)
@@ -167,10 +168,11 @@ def device_memory_bytes(device: Any) -> Optional[int]:
     return int(stats["bytes_limit"] / float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)))
 
 
-def resolve_batch_limits(args: EngineArgs, server: bool, device_bytes: Optional[int]) -> None:
-    """Fills in max_num_seqs and max_num_batched_tokens where `args` leaves them unset (None).
-    `device_bytes`: the memory of one of the engine's GPUs (None: not a GPU)."""
-    big = not server and device_bytes is not None and device_bytes >= BIG_GPU_BYTES
+def resolve_batch_limits(args: EngineArgs, device_bytes: Optional[int]) -> None:
+    """Fills in max_num_seqs and max_num_batched_tokens where `args` leaves them unset (None),
+    for an offline engine. `device_bytes`: the memory of one of the engine's GPUs (None: not a
+    GPU)."""
+    big = device_bytes is not None and device_bytes >= BIG_GPU_BYTES
     seqs, tokens = BIG_GPU_OFFLINE_LIMITS if big else DEFAULT_LIMITS
     if args.max_num_seqs is None:  # within a budget given alone
         args.max_num_seqs = min(seqs, args.max_num_batched_tokens or seqs)
@@ -178,10 +180,16 @@ def resolve_batch_limits(args: EngineArgs, server: bool, device_bytes: Optional[
         args.max_num_batched_tokens = max(tokens, args.max_num_seqs)
 
 
-def build_runner(args: EngineArgs, loaded: Any, devices: Optional[list[Any]] = None,
-                 server: bool = False) -> tuple[Any, int, SchedulerConfig]:
+def use_server_batch_limits(args: EngineArgs) -> None:
+    """A server's batch limits where `args` leaves them unset: 256 and 2048 on every device (see
+    above), filled in before its engine starts, so the engine's own resolution finds them set."""
+    resolve_batch_limits(args, device_bytes=None)
+
+
+def build_runner(args: EngineArgs, loaded: Any,
+                 devices: Optional[list[Any]] = None) -> tuple[Any, int, SchedulerConfig]:
     """`devices`: a data-parallel replica's device group (None: the first devices); the params are
-    placed there. `server`: batch limits left unset get the server's defaults."""
+    placed there."""
     import jax
     import jax.numpy as jnp
     from jaxvllm.engine.multihost import startup_phase
@@ -193,7 +201,7 @@ def build_runner(args: EngineArgs, loaded: Any, devices: Optional[list[Any]] = N
     if max_model_len > cfg.max_position_embeddings and not cfg.rope_scaling:
         raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
                          f"max_position_embeddings ({cfg.max_position_embeddings})")
-    resolve_batch_limits(args, server, device_memory_bytes((devices or jax.devices())[0]))
+    resolve_batch_limits(args, device_memory_bytes((devices or jax.devices())[0]))
     max_num_seqs, budget = args.max_num_seqs, args.max_num_batched_tokens
     if budget < max_num_seqs:
         raise ValueError(f"max_num_batched_tokens ({budget}) must be >= max_num_seqs ({max_num_seqs})")
