@@ -1,14 +1,18 @@
-"""Speculative decoding by prompt lookup at batch 1: output tok/s and TPOT with and without it, the
-guesses kept per verification step, and whether greedy output is the same token for token.
+"""Speculative decoding at batch 1, by prompt lookup or with a draft model (--draft-model): output
+tok/s and TPOT with and without it, the guesses kept per verification step, and whether greedy
+output is the same token for token.
 
     PYTHONPATH=. python3 bench/spec_decode.py [--model M] [--dtype bfloat16] [--k 2 4 6]
+        [--draft-model D]
 
 Each configuration runs in a process of its own (one engine's device memory at a time); the table
 compares them. The tasks ask the model to reproduce a given text with a small change (rename a
 variable in code, fix words in a paragraph, convert a list), where most of the output is in the
 prompt, which is what prompt lookup guesses from. With --load-format dummy (random weights, e.g.
 --model bench/configs/llama-3-8b) the prompts are token ids that repeat a random phrase: what it
-measures is the cost of a verification step at that shape, its acceptance says nothing.
+measures is the cost of a verification step at that shape, its acceptance says nothing (a dummy
+draft guesses nothing either: e.g. --draft-model bench/configs/llama-3.2-1b measures what a step
+with the 1B draft's forward and k guesses costs the 8B shape).
 """
 from __future__ import annotations
 
@@ -72,9 +76,11 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
     """k guesses at most per step; 0: plain decoding, -1: plain without async scheduling (what a
     step that verifies guesses costs on the host)."""
     from jaxvllm import LLM, SamplingParams
-    spec = None if k <= 0 else {"method": "ngram", "num_speculative_tokens": k,
-                                "prompt_lookup_max": args.prompt_lookup_max,
-                                "prompt_lookup_min": args.prompt_lookup_min}
+    spec = None if k <= 0 else (
+        {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": k}
+        if args.draft_model else
+        {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": args.prompt_lookup_max,
+         "prompt_lookup_min": args.prompt_lookup_min})
     llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
               max_model_len=args.max_model_len, max_num_seqs=8, max_num_batched_tokens=1024,
               enforce_eager=True, speculative_config=spec, disable_log_stats=True,
@@ -157,6 +163,8 @@ def main() -> None:
                    help="num_speculative_tokens values to compare with plain decoding")
     p.add_argument("--sync-baseline", action="store_true",
                    help="Also plain decoding without async scheduling, as verification steps run.")
+    p.add_argument("--draft-model", default=None,
+                   help="Guess with this draft model (method draft_model) instead of prompt lookup.")
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--phases", action="store_true",
@@ -174,7 +182,7 @@ def main() -> None:
             out = os.path.join(tmp, f"{k}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--one", str(k), "--out", out]
             for flag in ("model", "load_format", "dtype", "max_model_len", "output_len",
-                         "prompt_lookup_max", "prompt_lookup_min"):
+                         "prompt_lookup_max", "prompt_lookup_min", "draft_model"):
                 if getattr(args, flag) is not None:
                     cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
             cmd += ["--phases"] * args.phases
@@ -183,7 +191,8 @@ def main() -> None:
                 results.append(json.load(f))
     plain = results[0]
     print(f"model {args.model or 'default'} ({args.load_format}, {args.dtype}), batch 1, "
-          f"{len(TASKS)} prompts, greedy, up to {args.output_len} tokens each")
+          f"{len(TASKS)} prompts, greedy, up to {args.output_len} tokens each; guesses from "
+          f"{args.draft_model or 'prompt lookup'}")
     print("| k | decode tok/s | TPOT ms | speed-up | guesses kept | tokens per step | same output |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:

@@ -108,7 +108,9 @@ class EngineArgs:
         "help": "Speculative decoding, vLLM's keys, as JSON on the command line: "
                 '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
                 '"prompt_lookup_min": 1} guesses a request\'s next tokens from its own context '
-                "(prompt lookup) and verifies them in one step: greedy output is unchanged, "
+                '(prompt lookup); {"method": "draft_model", "model": PATH, '
+                '"num_speculative_tokens": 4} has a smaller model of the same tokenizer guess '
+                "them. Either way they are verified in one step: greedy output is unchanged, "
                 "sampled output keeps its distribution. Requests with penalties, min_tokens, "
                 "allowed_token_ids, bad_words or a grammar decode one token a step."})
     nnodes: int = field(default=1, metadata={
@@ -168,7 +170,11 @@ class EngineArgs:
                 and self.step_timeout > 0):
             raise ValueError(f"step_timeout must be a positive number of seconds, got {self.step_timeout!r}")
         self._validate_nodes()
-        SpeculativeConfig.from_dict(self.speculative_config)  # raises on a malformed one
+        spec = SpeculativeConfig.from_dict(self.speculative_config)  # raises on a malformed one
+        if spec is not None and spec.method == "draft_model" and (
+                self.tensor_parallel_size > 1 or self.nnodes > 1):
+            raise ValueError("speculative_config with a draft model is not supported with "
+                             "tensor_parallel_size > 1 or nnodes > 1 yet")
         if self.token_buckets is not None:
             v = tuple(self.token_buckets)
             if not v or any(not isinstance(x, int) or x < 1 for x in v):

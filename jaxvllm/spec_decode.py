@@ -1,27 +1,32 @@
-"""Speculative decoding by prompt lookup (vLLM's "ngram" method): its configuration and proposer.
+"""Speculative decoding's configuration (vLLM's `speculative_config`) and the prompt-lookup proposer.
 
-A request's next tokens are guessed by finding its latest tokens earlier in its own context and
-copying what followed them there. The engine then computes the request's last token and the guesses
-in one step, and the sampler keeps the guesses the target model agrees with (worker/sampler.py:
-greedy output is unchanged token for token; sampled output keeps the target distribution), plus
-one token of its own. Host-only: nothing here touches the device.
+Two ways to guess a request's next tokens: "ngram" finds its latest tokens earlier in its own
+context and copies what followed them there (host-only, here); "draft_model" runs a smaller model
+of the same vocabulary greedily on the device (worker/drafter.py). Either way the engine then
+computes the request's last token and the guesses in one step, and the sampler keeps the guesses
+the target model agrees with (worker/sampler.py: greedy output is unchanged token for token;
+sampled output keeps the target distribution), plus one token of its own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
+_NGRAM_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's `speculative_config` keys for the "ngram" method."""
+    """vLLM's `speculative_config` keys for the "ngram" and "draft_model" methods."""
     method: str = "ngram"
     num_speculative_tokens: int = 4     # most guesses verified per step
-    # The suffix lengths looked up; as vLLM: 5 when neither is given, one given sets the other.
+    # ngram: the suffix lengths looked up; as vLLM: 5 when neither is given, one given sets the other.
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 5
+    # draft_model: the draft's HF directory or .gguf file (loaded as the target's load_format and
+    # dtype: dummy weights for a dummy target).
+    model: Optional[str] = None
 
     @classmethod
     def from_dict(cls, d: Any) -> Optional["SpeculativeConfig"]:
@@ -30,14 +35,28 @@ class SpeculativeConfig:
             return None
         if not isinstance(d, dict):
             raise TypeError(f"speculative_config must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {"method", "num_speculative_tokens", "prompt_lookup_max",
-                            "prompt_lookup_min"}
+        unknown = set(d) - {"method", "model", "num_speculative_tokens", *_NGRAM_KEYS}
         if unknown:
             raise ValueError(f"speculative_config: unsupported key(s) {sorted(unknown)} (supported: "
-                             f"method, num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)")
-        method = d.get("method", "ngram")
+                             f"method, model, num_speculative_tokens, prompt_lookup_max, "
+                             f"prompt_lookup_min)")
+        model = d.get("model")
+        # As vLLM infers it: a model named "ngram" is prompt lookup, any other a draft model.
+        method = d.get("method") or ("ngram" if model in (None, "ngram", "[ngram]")
+                                     else "draft_model")
         if method not in METHODS:
             raise ValueError(f"speculative_config.method must be one of {METHODS}, got {method!r}")
+        if method == "draft_model":
+            if not isinstance(model, str) or not model:
+                raise ValueError("speculative_config.model (the draft model's path) is required "
+                                 f"for method 'draft_model', got {model!r}")
+            ngram_keys = sorted(set(d) & set(_NGRAM_KEYS))
+            if ngram_keys:
+                raise ValueError(f"speculative_config: {ngram_keys} are for method 'ngram', not "
+                                 "'draft_model'")
+        elif model not in (None, "ngram", "[ngram]"):
+            raise ValueError(f"speculative_config.model is the draft model of method "
+                             f"'draft_model'; method 'ngram' takes none, got {model!r}")
         if "num_speculative_tokens" not in d:
             raise ValueError("speculative_config.num_speculative_tokens is required")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
@@ -47,11 +66,18 @@ class SpeculativeConfig:
         lo, hi = d.get("prompt_lookup_min"), d.get("prompt_lookup_max")
         lo, hi = (lo if lo is not None else hi if hi is not None else cls.prompt_lookup_min,
                   hi if hi is not None else lo if lo is not None else cls.prompt_lookup_max)
-        cfg = cls(method, d["num_speculative_tokens"], hi, lo)
+        cfg = cls(method, d["num_speculative_tokens"], hi, lo,
+                  model if method == "draft_model" else None)
         if cfg.prompt_lookup_min > cfg.prompt_lookup_max:
             raise ValueError(f"speculative_config.prompt_lookup_min ({cfg.prompt_lookup_min}) must "
                              f"not exceed prompt_lookup_max ({cfg.prompt_lookup_max})")
         return cfg
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots a request needs past its scheduled tokens: a draft model writes its guesses'
+        K/V there while guessing (vLLM's name)."""
+        return self.num_speculative_tokens if self.method == "draft_model" else 0
 
     def index(self) -> "NgramIndex":
         return NgramIndex(self.prompt_lookup_min, self.prompt_lookup_max)

@@ -287,6 +287,20 @@ def test_spec_decode_bench_compares_with_plain_decoding(tiny_dummy, tmp_path):
     assert len(table) == 4 and all(line.endswith("| True |") for line in table[1:]), out.stdout
 
 
+def test_spec_decode_bench_with_a_draft_model(tiny_dummy, tmp_path):
+    """--draft-model: the guesses come from it (the dummy model as its own draft: most kept)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "spec_decode.py"),
+                          "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "float32",
+                          "--max-model-len", "512", "--output-len", "12", "--k", "3",
+                          "--draft-model", tiny_dummy, "--output-json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["k"] for r in rows] == [0, 3]
+    assert rows[1]["kept"] > 0.8 * rows[1]["guesses"] > 0
+    assert f"guesses from {tiny_dummy}" in out.stdout
+
+
 def test_step_profile_accounts_for_every_step(tiny_dummy, tmp_path):
     """bench/step_profile.py: every step lands in one kind and one bucket row, the kinds' seconds
     add up to the run, each step has a roofline, and the host profile covers its window."""

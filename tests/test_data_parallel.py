@@ -22,13 +22,13 @@ MAX_NUM_SEQS = 4                 # overload margin max(1, 4 // 8) = 1 sequence
 
 
 # ---- the subprocess ------------------------------------------------------------------------------
-def _llm(d: str, dp: int, tp: int) -> Any:
+def _llm(d: str, dp: int, tp: int, **kw: Any) -> Any:
     from jaxvllm import LLM
     return LLM(model=d, dtype="float32", data_parallel_size=dp, tensor_parallel_size=tp,
                max_model_len=128, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=32,
                num_gpu_blocks_override=32, enforce_eager=True, token_buckets=(8, 32),
                weights_cache_dir="none",
-               compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
+               compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"), **kw)
 
 
 def _generate(llm: Any) -> dict[str, Any]:
@@ -268,6 +268,11 @@ def _worker(out_path: str) -> None:
         report["dp2tp2_at_start"] = dp2tp2.llm_engine.describe_replicas()
         report["dp2tp2"] = _generate(dp2tp2)
         dp2tp2.llm_engine.shutdown()
+        # The model as its own draft: each replica loads it onto its own device.
+        drafted = _llm(d, 2, 1, speculative_config={"model": d, "num_speculative_tokens": 3})
+        report["dp2draft"] = _generate(drafted)
+        report["dp2draft"]["spec"] = vars(drafted.llm_engine.get_stats().spec_decode)
+        drafted.llm_engine.shutdown()
         from test_tensor_parallel import _save_adapter
         adapter = os.path.join(tmp, "adapter")
         _save_adapter(d, adapter)
@@ -295,9 +300,16 @@ def report(tmp_path_factory) -> dict[str, Any]:
     return run_script(__file__, str(tmp_path_factory.mktemp("dp") / "report.json"), NUM_FAKE_DEVICES)
 
 
-@pytest.mark.parametrize("run", ["dp2", "dp2tp2"])
+@pytest.mark.parametrize("run", ["dp2", "dp2tp2", "dp2draft"])
 def test_greedy_tokens_match_dp1(report, run):
     assert report[run]["tokens"] == report["dp1"]["tokens"]
+
+
+def test_each_replica_guesses_with_a_draft_model_of_its_own(report):
+    r = report["dp2draft"]
+    spec = r["spec"]
+    assert spec["num_draft_tokens"] >= spec["num_accepted_tokens"] > 0.8 * spec["num_draft_tokens"]
+    assert [x["draft"] for x in r["replicas"]] == [x["params"] for x in r["replicas"]] == [[0], [1]]
 
 
 def test_lora_adapters_over_replicas_match_one_engine(report):

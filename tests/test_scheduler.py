@@ -5,7 +5,9 @@ that position). Before "attention" it checks that every position a request reads
 table holds exactly its own digest, so a wrong prefix-cache hit, a block freed while still in use, a
 block owned twice, or a hit on K/V that is never computed is caught where it happens. With `guess`
 it also makes speculative guesses, right and wrong: the K/V of a rejected guess is a digest of the
-wrong token, so a step that reads it without computing it again fails the same check.
+wrong token, so a step that reads it without computing it again fails the same check. With the
+config's `num_lookahead_tokens` it writes junk where a draft model writes its guesses' K/V, in the
+slots after a sampling step's tokens: they must be the request's own, allocated ahead.
 """
 from __future__ import annotations
 
@@ -100,8 +102,9 @@ class FakeRunner:
             assert end <= len(s.tokens) + len(guesses), (rid, start, n, len(s.tokens))
             assert not guesses or end - len(guesses) == len(s.tokens)  # only after the last token
             assert len(s.blocks) * bs >= end, f"{rid}: {len(s.blocks)} blocks for {end} tokens"
-            # (Blocks for guesses rejected earlier stay: up to 4 guesses a step.)
-            assert len(s.blocks) <= -(-(len(s.tokens) + 4 * self.guess) // bs), \
+            # (Blocks for guesses rejected earlier stay: up to 4 guesses a step, and a draft's.)
+            ahead = self.sched.config.num_lookahead_tokens
+            assert len(s.blocks) <= -(-(len(s.tokens) + 4 * self.guess + ahead) // bs), \
                 f"{rid} holds more blocks than needed"
             assert 0 not in s.blocks
             digests = s.digests_with(guesses, end)
@@ -139,6 +142,7 @@ class FakeRunner:
                 lps[rid] = [("lp", rid, len(s.tokens) + j + 1) for j in range(len(toks))]
                 s.tokens.extend(toks)
                 sampled[rid] = toks
+                self._draft_writes(rid, s)
                 if self.guess and plan is not None and self.rng.random() < 0.7:
                     # Up to 4 guesses, the plan's next tokens with one of them often wrong.
                     nxt = list(plan[k + len(toks):k + len(toks) + self.rng.randrange(1, 5)])
@@ -148,6 +152,15 @@ class FakeRunner:
                         proposals[rid] = nxt
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=lps, prompt_logprobs=plps,
                                  spec_token_ids=proposals)
+
+    def _draft_writes(self, rid, s):
+        """A draft model's K/V of the new token and its guesses after it, up to max_model_len
+        (junk: a later step computes what it keeps)."""
+        bs, cfg = self.bs, self.sched.config
+        end = min(s.computed + cfg.num_lookahead_tokens, cfg.max_model_len)
+        assert len(s.blocks) * bs >= end, f"{rid}: {len(s.blocks)} blocks, guesses up to {end}"
+        for p in range(s.computed, end):
+            self.cache[s.blocks[p // bs] * bs + p % bs] = ("draft", rid, p)
 
 
 def expected_output(req: Request, plan, max_model_len):
@@ -794,6 +807,40 @@ def test_speculative_guesses_under_heavy_preemption():
         spec += d.sched.stats.spec_decode.num_accepted_tokens
         preempted += d.sched.stats.num_preemptions
     assert spec > 50 and preempted > 20
+
+
+@pytest.mark.parametrize("seeds", [range(0, 10)])
+def test_random_workloads_with_a_draft_models_lookahead(seeds):
+    """As above with a draft model's slots allocated ahead of each sampling step: they hold
+    whatever the draft writes there, never another request's or a cached block's K/V."""
+    accepted = 0
+    for seed in seeds:
+        rng = random.Random(seed)
+        cfg = SchedulerConfig(max_num_seqs=rng.choice([1, 4, 32]),
+                              max_num_batched_tokens=rng.choice([3, 16, 512]),
+                              max_model_len=rng.choice([32, 100]),
+                              num_blocks=rng.choice([12, 40, 400]), block_size=rng.choice([1, 4, 16]),
+                              num_lookahead_tokens=rng.choice([1, 3, 4]))
+        d, _, _ = run_random(5000 + seed, num_reqs=40, cfg=cfg, guess=True, check_prob=1.0)
+        accepted += d.sched.stats.spec_decode.num_accepted_tokens
+    assert accepted > 100
+
+
+def test_lookahead_slots_go_to_sampling_steps_up_to_max_model_len():
+    d = Driver(SchedulerConfig(max_num_batched_tokens=8, num_blocks=40, max_model_len=40,
+                               block_size=2, num_lookahead_tokens=3))
+    assert d.add(make_req("a", [5] * 20, max_tokens=20, ignore_eos=True))
+    kv = d.sched.kv_cache_manager
+    for held in (4, 8):  # prompt chunks of 8 tokens, without a sample: no slots ahead
+        d.step()
+        assert len(kv.get_block_ids("a")) == held
+    d.step()  # the prompt's last 4 tokens and a sample: 20 + 3 slots
+    assert len(kv.get_block_ids("a")) == 12
+    most = 0
+    while not d.finish.get("a"):
+        d.step()
+        most = max(most, len(kv.get_block_ids("a") or []))
+    assert most == 20  # 40 slots: none past max_model_len
 
 
 def test_guesses_are_cut_to_the_budget_and_the_length_limit():

@@ -119,9 +119,11 @@ class KVCacheManager:
 
     def allocate_slots(self, req: Request, num_new_tokens: int,
                        new_computed_blocks: Sequence[KVCacheBlock] = (),
-                       num_new_computed_tokens: int = 0) -> Optional[list[int]]:
+                       num_new_computed_tokens: int = 0,
+                       num_lookahead_tokens: int = 0) -> Optional[list[int]]:
         """Make room for `num_new_tokens` more tokens of `req` (after its `num_computed_tokens`
-        plus `num_new_computed_tokens` prefix-cache hits held by `new_computed_blocks`).
+        plus `num_new_computed_tokens` prefix-cache hits held by `new_computed_blocks`), and
+        `num_lookahead_tokens` slots after them (a draft model's guesses; never cached).
 
         Returns the ids of newly allocated blocks (hits excluded), or None, changing nothing, when
         the free blocks do not suffice. Full blocks covered by the scheduled tokens are registered
@@ -135,7 +137,7 @@ class KVCacheManager:
             raise ValueError(f"request {rid} already holds blocks; prefix hits only on admission")
         bs = self.block_size
         total = req.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        need = -(-total // bs) - len(blocks) - len(new_computed_blocks)
+        need = -(-(total + num_lookahead_tokens) // bs) - len(blocks) - len(new_computed_blocks)
         pool = self.block_pool
         new_ids: list[int] = []
         if need > 0 or first:

@@ -38,7 +38,9 @@ Speculative decoding: a decoding request with guesses (``Request.spec_token_ids`
 runner's previous output) and no token in flight is scheduled for its last token and up to that many
 guesses (``SchedulerOutput.scheduled_spec_decode_tokens``), within the token budget and its length
 limit; ``num_computed_tokens`` advances over all of them, and update_from_output() takes the
-rejected ones back. The engine runs a step with guesses synchronously (see has_guesses()).
+rejected ones back. The engine runs a step with guesses synchronously (see has_guesses()). With a
+draft model, a step that samples a request's token also gets it ``num_lookahead_tokens`` more KV
+slots (up to max_model_len), where the draft writes its guesses' K/V.
 
 update_from_output()
   Appends each new token (several with speculative decoding; a stop drops those after it), then
@@ -83,6 +85,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     policy: str = "fcfs"            # "fcfs" | "priority"
     max_loras: int = 0              # most distinct LoRA adapters among running requests (0: no LoRA)
+    num_lookahead_tokens: int = 0   # KV slots past a sampling step's tokens (a draft model's guesses)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -334,8 +337,9 @@ class Scheduler:
                     upto = req.num_prompt_logprobs_sent
                     if computed < upto < req.num_prompt_tokens and n > upto - computed:
                         n = upto - computed  # keep prompt-logprob chunks aligned after a preemption
+                ahead = self._lookahead(computed + n) if computed + n - k == known else 0
                 while True:
-                    new_ids = allocate(req, n)
+                    new_ids = allocate(req, n, num_lookahead_tokens=ahead)
                     if new_ids is not None:
                         break
                     victim = self._pick_victim()
@@ -378,7 +382,8 @@ class Scheduler:
                 upto = req.num_prompt_logprobs_sent
                 if 0 < upto < req.num_prompt_tokens and n > upto:
                     n = upto
-                new_ids = allocate(req, n, hits, num_hit)
+                ahead = self._lookahead(num_hit + n) if num_hit + n == req.num_tokens else 0
+                new_ids = allocate(req, n, hits, num_hit, ahead)
                 if new_ids is None:
                     break  # head of line does not fit: wait for blocks to free up
                 waiting.pop()
@@ -408,6 +413,10 @@ class Scheduler:
                                total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
                                finished_req_ids=finished, preempted_req_ids=preempted,
                                grammar_rows=grammar_rows, scheduled_spec_decode_tokens=drafts)
+
+    def _lookahead(self, num_tokens: int) -> int:
+        """Slots past a request's first `num_tokens` it gets for a draft model's guesses."""
+        return max(0, min(self.config.num_lookahead_tokens, self.config.max_model_len - num_tokens))
 
     def has_guesses(self) -> bool:
         """Whether a running request holds speculative guesses: they are from its latest tokens,

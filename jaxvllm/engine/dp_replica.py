@@ -150,6 +150,8 @@ def _describe(engine: Any) -> dict:
     sched = engine.scheduler
     return {"params": ids(runner.params), "kv_cache": ids(runner.kv_cache),
             "prev_sampled": ids(runner._prev_sampled),
+            "draft": None if runner.drafter is None else ids((runner.drafter.params,
+                                                              runner.draft_kv_cache)),
             "mesh": (None if runner.shardings is None else
                      sorted(d.id for d in runner.shardings.mesh.devices.flat)),
             "live_bytes": {d.id: live.get(d.id, 0) for d in jax.devices()},

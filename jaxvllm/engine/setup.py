@@ -237,7 +237,8 @@ def build_runner(args: EngineArgs, loaded: Any,
         device = next(iter(jax.tree.leaves(loaded.params)[0].devices()))
         loaded.params = jax.device_put(loaded.params, device)
     runner = ModelRunner(cfg, loaded.params, runner_config, attention_fn=attention_fn,
-                         shardings=shardings, device=device)
+                         shardings=shardings, device=device,
+                         draft=_load_draft(args, cfg, params_dtype, max_model_len, device))
     runner.shares_params = shares
     # As vLLM: refuse a cache that cannot hold one sequence of max_model_len, rather than start and
     # then reject every long request. The last token is never fed back, and block 0 is reserved.
@@ -252,5 +253,31 @@ def build_runner(args: EngineArgs, loaded: Any,
                             block_size=args.block_size,
                             enable_prefix_caching=args.enable_prefix_caching,
                             policy=args.scheduling_policy,
-                            max_loras=args.max_loras if args.enable_lora else 0)
+                            max_loras=args.max_loras if args.enable_lora else 0,
+                            num_lookahead_tokens=(args.speculative.num_lookahead_tokens
+                                                  if args.speculative else 0))
     return runner, max_model_len, sched
+
+
+def _load_draft(args: EngineArgs, target: Any, dtype: Any, max_model_len: int,
+                device: Any) -> Optional[tuple[Any, Any]]:
+    """The draft model of speculative decoding's "draft_model" method, (config, params) on
+    `device`, in the target's dtype and, for dummy target weights, dummy too; None without one.
+    Each data-parallel replica loads its own (a draft is small)."""
+    spec = args.speculative
+    if spec is None or spec.method != "draft_model":
+        return None
+    import jax
+    from converters import load_model
+    from jaxvllm.worker.drafter import check_draft_config
+    draft = load_model(spec.model, dtype=jax.numpy.dtype(dtype).name,
+                       load_format="dummy" if args.load_format == "dummy" else "auto",
+                       seed=args.seed, cache_dir=_weights_cache_dir(args),
+                       load_tokenizer=False)
+    check_draft_config(draft.config, target)
+    if draft.config.max_position_embeddings < max_model_len:
+        logger.warning("The draft model %s was trained for %d positions, fewer than max_model_len "
+                       "%d: its guesses for longer requests may be poor (the output is unchanged)",
+                       spec.model, draft.config.max_position_embeddings, max_model_len)
+    params = draft.params if device is None else jax.device_put(draft.params, device)
+    return draft.config, params

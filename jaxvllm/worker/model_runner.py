@@ -7,7 +7,6 @@ place. Only sampled ids (and logprobs when asked) come back to the host.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -31,6 +30,7 @@ from jaxvllm.sampling_params import MAX_LOGIT_BIAS
 from jaxvllm.spec_decode import SpeculativeConfig
 from jaxvllm.structured_output import bitmask_words, new_bitmask
 from jaxvllm.worker import compile_watch
+from jaxvllm.worker.drafter import Drafter
 from jaxvllm.worker.serial_thread import SerialThread
 from jaxvllm.worker.weight_swap import get_named, set_named, swap_in_place
 from jaxvllm.worker import sampler as sampler_lib
@@ -88,9 +88,12 @@ class StepTimeoutError(RuntimeError):
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: Any, config: RunnerConfig,
                  attention_fn: Optional[Callable[..., jax.Array]] = None,
-                 shardings: Optional[Any] = None, device: Optional[Any] = None) -> None:
+                 shardings: Optional[Any] = None, device: Optional[Any] = None,
+                 draft: Optional[tuple[ModelConfig, Any]] = None) -> None:
         """`device`: where a runner without `shardings` keeps what it creates (a data-parallel
-        replica's device; None: JAX's default device). `params` must already be there."""
+        replica's device; None: JAX's default device). `params` must already be there, and so
+        must `draft`'s, the draft model's (config, params) of speculative decoding's
+        "draft_model" method."""
         self.cfg = cfg
         self.model = get_model_module(cfg.architecture)  # forward, compute_logits
         self.params = params
@@ -124,6 +127,9 @@ class ModelRunner:
                                       if config.speculative else 0)
         # Sampled ids are padded to this many rows, one shape for the next step's gather.
         self.sample_rows = self.input_batch.logits_rows(self.token_buckets[-1])
+        self.drafter = None if draft is None else Drafter(
+            *draft, config.speculative.num_speculative_tokens, cfg.vocab_size,
+            config.max_model_len, config.block_size, self.attention_fn, self.experts_fn)
         self.lora = (LoRASlots(cfg, config.max_loras, config.max_lora_rank,
                                jnp.asarray(params["final_norm"]).dtype, device, shardings)
                      if config.max_loras else None)
@@ -147,6 +153,7 @@ class ModelRunner:
         self._apply_token_bitmask = jax.jit(sampler_lib.apply_token_bitmask)
         self._apply_logit_bias = jax.jit(sampler_lib.apply_logit_bias)
         self._record_tokens = jax.jit(token_table.record, donate_argnums=(0,))
+        self._propose = jax.jit(self._propose_impl, donate_argnums=(1,))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",),
                                         **invariant_kw)
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
@@ -168,12 +175,15 @@ class ModelRunner:
         self.peer_check: Optional[Callable[[], None]] = None
         self._compile_mark: Optional[int] = None  # set by warmup(): lowerings from then on are news
         self._host_params: Any = None  # the weights while asleep at level 1 (sleep())
+        self._host_draft_params: Any = None  # the draft model's while asleep (any level)
         t0 = time.perf_counter()
         self.num_blocks = config.num_blocks or self._profile_num_blocks()
         self.kv_sizing_seconds = time.perf_counter() - t0
         self.kv_cache = llama.make_kv_cache(cfg, self.num_blocks, config.block_size,
                                             config.kv_dtype,
                                             self._kv_sharding)
+        self.draft_kv_cache = (None if self.drafter is None else self.drafter.make_cache(
+            self.num_blocks, config.kv_dtype, self._kv_sharding))
         self._log_capacity()
 
     def update_weights(self, params: Any) -> None:
@@ -203,14 +213,18 @@ class ModelRunner:
         weights: level 1 keeps a host copy of them, level 2 drops them (update_weights refills
         them after wake_up). What is already asleep stays so."""
         if self.kv_cache is not None:
-            for a in jax.tree.leaves(self.kv_cache):
+            for a in jax.tree.leaves((self.kv_cache, self.draft_kv_cache)):
                 a.delete()  # the runner's own: freed now, not when the last reference goes
-            self.kv_cache = None
+            self.kv_cache = self.draft_kv_cache = None
         if self.params is not None:
             self._params_spec = _specs(self.params)
             # Dropped, not deleted: LLM.from_params may share them with the caller.
             self._host_params = _offload(self.params) if level == 1 else None
             self.params = None
+            if self.drafter is not None:  # at any level: update_weights never refills a draft's
+                self._draft_spec = _specs(self.drafter.params)
+                self._host_draft_params = _offload(self.drafter.params)
+                self.drafter.params = None
 
     def wake_up(self, tags: Sequence[str]) -> None:
         """Puts back what `tags` name ("weights", "kv_cache") as they were placed (shapes, dtypes,
@@ -219,17 +233,22 @@ class ModelRunner:
         cache zeroed as at start-up."""
         if "weights" in tags and self.params is None:
             spec_leaf = lambda x: isinstance(x, tuple)  # noqa: E731
+            if self.drafter is not None:
+                self.drafter.params = _restore(self._host_draft_params, self._draft_spec)
+                self._host_draft_params = None
             if self._host_params is not None:
-                self.params = jax.tree.map(lambda h, s: jax.device_put(h, s[1]), self._host_params,
-                                           self._params_spec, is_leaf=spec_leaf)
+                self.params = _restore(self._host_params, self._params_spec)
             else:  # made where they go, not sent from the host (15 GB of zeros took 4.5 s)
                 self.params = jax.tree.map(lambda s: jnp.zeros(s[0].shape, s[0].dtype, device=s[1]),
                                            self._params_spec, is_leaf=spec_leaf)
-            jax.block_until_ready(self.params)
+            jax.block_until_ready((self.params, self.drafter and self.drafter.params))
             self._host_params = None
         if "kv_cache" in tags and self.kv_cache is None:
             self.kv_cache = llama.make_kv_cache(self.cfg, self.num_blocks, self.config.block_size,
                                                 self.config.kv_dtype, self._kv_sharding)
+            if self.drafter is not None:
+                self.draft_kv_cache = self.drafter.make_cache(self.num_blocks, self.config.kv_dtype,
+                                                              self._kv_sharding)
 
     @property
     def is_sleeping(self) -> bool:
@@ -238,13 +257,9 @@ class ModelRunner:
     # ---- the jitted step -------------------------------------------------------------------
     def _step_impl(self, params: Any, kv_cache: llama.KVCache, packed: jax.Array,
                    prev_sampled: jax.Array):
-        inp, logits_indices, prev_rows, lora_slots = self._unpack_inputs(packed)
+        inp, logits_indices, lora_slots, _ = self._unpack_inputs(packed, prev_sampled)
         if lora_slots is not None:
             params = self.lora.with_mask(params, lora_slots)
-        # Decode inputs whose ids are the previous step's samples are read on device (async
-        # scheduling: the host never waited for them).
-        token_ids = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], inp.token_ids)
-        inp = dataclasses.replace(inp, token_ids=token_ids)
         hidden, kv_cache = self.model.forward(params, kv_cache, inp, self.cfg, self.attention_fn,
                                               self.experts_fn)
         logits = self.model.compute_logits(params, hidden[logits_indices], self.cfg)
@@ -252,6 +267,13 @@ class ModelRunner:
         # logits of a whole 2048-token bucket at a 128k vocabulary would be 1 GiB). Always, not as
         # a static variant: that would double the step executables compiled at start-up.
         return kv_cache, logits, hidden
+
+    def _propose_impl(self, params: Any, kv_cache: llama.KVCache, packed: jax.Array,
+                      prev_sampled: jax.Array, sampled: jax.Array, accepted: jax.Array):
+        """The draft model over the step's batch, then its guesses (worker/drafter.py)."""
+        inp, _, _, (num_drafts, guessing) = self._unpack_inputs(packed, prev_sampled)
+        return self.drafter.propose(params, kv_cache, inp, num_drafts, guessing != 0, sampled,
+                                    accepted)
 
     def _step_for(self, num_tokens: int) -> Any:
         """The jitted step for a bucket of `num_tokens` (see RunnerConfig.triton_gemm_max_tokens)."""
@@ -264,36 +286,51 @@ class ModelRunner:
     def _packed_len(self, t: int) -> int:
         r = self.input_batch.request_bucket(t)
         rows = self.input_batch.logits_rows(t)
-        return (4 + bool(self.lora)) * t + (r + 1) + r + rows + 1 + r * self.max_blocks_per_seq
+        return ((4 + bool(self.lora)) * t + (r + 1) + r + rows + 1 + r * self.max_blocks_per_seq
+                + 2 * r * bool(self.drafter))
 
     def _packed_inputs(self, b: StepBatch) -> np.ndarray:
         lora = [] if self.lora is None else [
             b.lora_slots if b.lora_slots is not None else np.full(len(b.token_ids), -1, np.int32)]
+        draft = []
+        if self.drafter is not None:  # per request: its guesses verified, whether it guesses next
+            draft = np.zeros((2, len(b.seq_lens)), np.int32)
+            n = len(b.req_ids)
+            draft[0, :n] = b.num_drafts
+            draft[1, :n] = b.sample_mask[:n] & np.fromiter(
+                (self.input_batch.requests[rid].may_guess for rid in b.req_ids), bool, n)
+            draft = [draft.ravel()]
         return np.concatenate([b.token_ids, b.positions, b.slot_mapping, b.prev_rows,
                                b.query_start_loc, b.seq_lens, b.logits_indices, b.num_seqs,
-                               b.block_tables.ravel(), *lora])
+                               b.block_tables.ravel(), *lora, *draft])
 
     def _device_inputs(self, b: StepBatch) -> tuple[Any, ...]:
         """The step's arguments after params and cache (for lowering: a dispatched step reads the
         previous samples when it is launched)."""
         return self._packed_inputs(b), self._prev_sampled
 
-    def _unpack_inputs(self, packed: jax.Array) -> tuple[llama.ModelInputs, jax.Array, jax.Array,
-                                                         Optional[jax.Array]]:
-        """The batch, logits rows, previous-sample rows and (LoRA on) each token's adapter slot."""
+    def _unpack_inputs(self, packed: jax.Array, prev_sampled: jax.Array
+                       ) -> tuple[llama.ModelInputs, jax.Array, Optional[jax.Array], tuple]:
+        """The batch (token ids resolved), logits rows, (LoRA on) each token's adapter slot and
+        (draft model on) each request's guesses verified and whether it guesses next."""
         t = self._bucket_by_packed_len[packed.shape[0]]  # static: shapes are known when tracing
         r = self.input_batch.request_bucket(t)
         rows = self.input_batch.logits_rows(t)
-        sizes = [t, t, t, t, r + 1, r, rows, 1, r * self.max_blocks_per_seq] + [t] * bool(self.lora)
+        sizes = ([t, t, t, t, r + 1, r, rows, 1, r * self.max_blocks_per_seq]
+                 + [t] * bool(self.lora) + [r, r] * bool(self.drafter))
         parts, o = [], 0
         for n in sizes:
             parts.append(packed[o:o + n])
             o += n
+        draft = (parts.pop(-2), parts.pop()) if self.drafter else ()
         lora_slots = parts.pop() if self.lora else None
         token_ids, positions, slots, prev_rows, qsl, seq_lens, logits_indices, num_seqs, bt = parts
+        # Decode inputs whose ids are the previous step's samples are read on device (async
+        # scheduling: the host never waited for them).
+        token_ids = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], token_ids)
         inp = llama.ModelInputs(token_ids, positions, slots, qsl, seq_lens,
                                 bt.reshape(r, self.max_blocks_per_seq), num_seqs)
-        return inp, logits_indices, prev_rows, lora_slots
+        return inp, logits_indices, lora_slots, draft
 
     def _apply_token_bits_impl(self, table: jax.Array, logits: jax.Array,
                                sampling: SamplingInputs) -> jax.Array:
@@ -316,6 +353,8 @@ class ModelRunner:
     def _profile_num_blocks(self) -> int:
         per_block = llama.kv_cache_bytes_per_block(self.cfg, self.config.block_size,
                                                    self.config.kv_dtype)
+        if self.drafter is not None:  # a block holds the draft's K/V too
+            per_block += self.drafter.bytes_per_block(self.config.kv_dtype)
         if self.shardings is not None:
             per_block //= self.shardings.kv_split  # each device holds its KV heads only
         # Only this process's devices can be queried (multi-host: the others' are remote).
@@ -331,7 +370,8 @@ class ModelRunner:
         # The sampler and prompt scoring run after the step, one at a time. Under tensor parallelism
         # every device holds the same share, so the device with the least room decides (an OOM on
         # one device leaves the others waiting in a collective).
-        reserved = self._step_bytes() + max(self._sampler_bytes(), self._prompt_scoring_bytes())
+        reserved = self._step_bytes() + max(self._sampler_bytes(), self._prompt_scoring_bytes(),
+                                            self._propose_bytes())
         budget = min(self._device_budget(_device_memory_stats(d)) for d in devices)
         budget -= reserved + (256 << 20)
         if jax.process_count() > 1:  # one program for all: every process takes the smallest cache
@@ -360,6 +400,24 @@ class ModelRunner:
         b = self._dummy_batch(t)
         return _new_bytes(self._step_for(t).lower(self._step_params(), probe,
                                                   *self._device_inputs(b)))
+
+    def _propose_bytes(self) -> int:
+        """The draft model's guessing from the largest bucket, as `_step_bytes` (0: no draft)."""
+        if self.drafter is None:
+            return 0
+        probe = self.drafter.make_cache(2, self.config.kv_dtype, self._kv_sharding)
+        t = self.token_buckets[-1]
+        return _new_bytes(self._propose.lower(self.drafter.params, probe,
+                                              *self._propose_inputs(self._dummy_batch(t))))
+
+    def _propose_inputs(self, b: StepBatch) -> tuple[Any, ...]:
+        """The draft's arguments after params and cache, for warming up: a batch's, and sampler
+        outputs of its shapes."""
+        # Placed as the sampler's outputs are, committed to a device only where the runner is
+        # (jit's cache keys on it).
+        where = self._prev_sampled.sharding if self._prev_sampled.committed else None
+        return (*self._device_inputs(b), self._prev_sampled,
+                jax.device_put(np.zeros(len(b.logits_indices), bool), where))
 
     def _sampler_bytes(self) -> int:
         """The sampler's most memory-hungry variant at max_num_seqs rows: a full sort over the
@@ -438,10 +496,13 @@ class ModelRunner:
         """
         t0 = time.perf_counter()
         batches = {t: self._dummy_batch(t) for t in self.token_buckets}
-        bar = tqdm(total=len(batches), desc="Compiling buckets", unit="bucket", disable=not progress)
+        bar = tqdm(total=len(batches) * (1 + bool(self.drafter)), desc="Compiling buckets",
+                   unit="program", disable=not progress)
         _compile_all([self._step_for(t).lower(self._step_params(), self.kv_cache,
                                               *self._device_inputs(b))
-                      for t, b in batches.items()], bar)
+                      for t, b in batches.items()] + [
+            self._propose.lower(self.drafter.params, self.draft_kv_cache, *self._propose_inputs(b))
+            for b in (batches.values() if self.drafter else ())], bar)
         bar.close()
         t_steps = time.perf_counter()
         rows = np.zeros(self.score_rows, np.int32)
@@ -452,6 +513,9 @@ class ModelRunner:
         for t, b in batches.items():
             self.kv_cache, logits, hidden = self._step_for(t)(self._step_params(), self.kv_cache,
                                                               *self._device_inputs(b))
+            if self.drafter is not None:
+                self.draft_kv_cache, _ = self._propose(
+                    self.drafter.params, self.draft_kv_cache, *self._propose_inputs(b))
             others.append(self._prompt_logprobs.lower(self.params, hidden, rows, rows,
                                                       num_logprobs=self.config.max_logprobs))
             if logits.shape[0] in sampler_rows:
@@ -526,10 +590,11 @@ class ModelRunner:
         # Rows of new requests, written before the sampler reads them.
         table_writes = self.token_table.take_writes()
 
-        def launch() -> tuple[Any, Optional[_PromptScores]]:
+        def launch() -> tuple[Any, Optional[_PromptScores], Optional[jax.Array]]:
             self.token_table.write(table_writes)
+            prev_sampled = self._prev_sampled
             self.kv_cache, logits, all_hidden = self._step_for(t)(
-                step_params, self.kv_cache, packed, self._prev_sampled)
+                step_params, self.kv_cache, packed, prev_sampled)
             processed = (logits if grammar is None else
                          self._apply_token_bitmask(logits, grammar.bitmask.result()))
             if logit_bias is not None:
@@ -541,9 +606,14 @@ class ModelRunner:
                 self.token_table.array = self._record_tokens(self.token_table.array, record_slots,
                                                              sampled.token_ids)
             self._prev_sampled = sampled.token_ids
+            guesses = None
+            if self.drafter is not None:
+                self.draft_kv_cache, guesses = self._propose(
+                    self.drafter.params, self.draft_kv_cache, packed, prev_sampled,
+                    sampled.token_ids, sampled.accepted)
             prompt = None if prompt_rows is None else self._score_prompts(all_hidden, *prompt_rows)
             self._warn_on_compiles(t, mode)
-            return sampled, prompt
+            return sampled, prompt, guesses
 
         return Inflight(b.req_ids, b.sample_mask[:len(b.req_ids)].copy(),
                         self._launcher.submit(launch), logprobs_k, t, prompt_rows is not None,
@@ -570,17 +640,20 @@ class ModelRunner:
                            "waited): %s; step of token bucket %d, sampler mode %s", len(names),
                            ", ".join(names), num_tokens, mode)
 
-    def _fetch(self, h: "Inflight") -> tuple[Any, dict]:
-        """The step's samples and prompt logprobs on the host (one device->host transfer for the
-        samples unless logprobs were asked for); under tensor parallelism within step_timeout."""
-        def get() -> tuple[Any, dict]:
-            sampled, prompt = h.launched.result()
+    def _fetch(self, h: "Inflight") -> tuple[Any, dict, Optional[np.ndarray]]:
+        """The step's samples, prompt logprobs and draft model's guesses on the host (one
+        device->host transfer for samples and guesses unless logprobs were asked for); under
+        tensor parallelism within step_timeout."""
+        def get() -> tuple[Any, dict, Optional[np.ndarray]]:
+            sampled, prompt, guesses = h.launched.result()
             if h.logprobs_k:
-                sampled = jax.device_get(sampled)
+                sampled, guesses = jax.device_get((sampled, guesses))
             else:  # one transfer
-                sampled = sampled._replace(**jax.device_get(
-                    {"token_ids": sampled.token_ids, "accepted": sampled.accepted}))
-            return sampled, {} if prompt is None else prompt.fetch()
+                got = jax.device_get({"token_ids": sampled.token_ids,
+                                      "accepted": sampled.accepted, "guesses": guesses})
+                guesses = got.pop("guesses")
+                sampled = sampled._replace(**got)
+            return sampled, {} if prompt is None else prompt.fetch(), guesses
 
         if self._waiter is None:
             return get()
@@ -602,7 +675,7 @@ class ModelRunner:
         """Wait for a dispatched step's samples; append them to the requests' tokens (with
         speculative decoding: the guesses kept and the token after them, and new guesses)."""
         input_batch = self.input_batch
-        sampled, prompt_logprobs = self._fetch(h)
+        sampled, prompt_logprobs, drafted = self._fetch(h)
         spec = h.row_starts is not None
         tokens = sampled.token_ids[:h.num_rows].tolist()
         accepted = sampled.accepted[:h.num_rows].tolist() if spec else None
@@ -631,13 +704,17 @@ class ModelRunner:
                 state.token_ids.extend(toks)
                 state.num_inflight -= 1
                 if proposer is not None and state.may_guess:
-                    if state.ngrams is None:
-                        state.ngrams = proposer.index()
-                        state.ngrams.extend(state.token_ids)
+                    limit = self.config.max_model_len - len(state.token_ids) - 1
+                    if drafted is not None:
+                        guesses = drafted[i, :max(0, min(proposer.num_speculative_tokens,
+                                                         limit))].tolist()
                     else:
-                        state.ngrams.extend(toks)
-                    guesses = proposer.propose(state.ngrams, self.config.max_model_len
-                                               - len(state.token_ids) - 1)
+                        if state.ngrams is None:
+                            state.ngrams = proposer.index()
+                            state.ngrams.extend(state.token_ids)
+                        else:
+                            state.ngrams.extend(toks)
+                        guesses = proposer.propose(state.ngrams, limit)
                     if guesses:
                         out.spec_token_ids[rid] = guesses
         return out
@@ -714,7 +791,8 @@ class Inflight:
     """A dispatched step: what collect() needs once the device is done."""
     req_ids: list[str]
     sample_mask: np.ndarray
-    launched: Future                  # -> (SamplerOutput of device arrays, Optional[_PromptScores])
+    launched: Future                  # -> (SamplerOutput of device arrays, Optional[_PromptScores],
+                                      #     the draft model's guesses or None)
     logprobs_k: dict[str, int]        # requests that asked for logprobs -> k
     num_tokens: int                   # the token bucket
     prompt_scoring: bool
@@ -754,6 +832,12 @@ def _offload(params: Any) -> Any:
                         if a.committed else np.asarray(a), params)
     jax.block_until_ready(host)  # copied before the device buffers are let go
     return host
+
+
+def _restore(host: Any, specs: Any) -> Any:
+    """`_offload`'s copies back on the device, placed as `_specs` recorded."""
+    return jax.tree.map(lambda h, s: jax.device_put(h, s[1]), host, specs,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _specs(tree: Any) -> Any:
