@@ -552,7 +552,7 @@ def test_step_wait_fails_at_once_when_a_peer_is_lost():
     sampled = SimpleNamespace(token_ids=Held(), accepted=None,
                               _replace=lambda **kw: SimpleNamespace(**kw))
     launched: Future = Future()
-    launched.set_result((sampled, None))
+    launched.set_result((sampled, None, None))  # samples, prompt scores, draft guesses
     h = Inflight(["a"], np.ones(1, bool), launched, {}, 8, False)
     t0 = time.perf_counter()
     with pytest.raises(PeerLostError, match="rank 1 is gone"):
