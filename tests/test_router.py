@@ -2,7 +2,7 @@
 import pytest
 
 from jaxvllm.core.kv_cache_manager import KVCacheManager
-from jaxvllm.core.request import Request
+from jaxvllm.core.request import Request, lora_cache_salt
 from jaxvllm.core.router import ReplicaState, Router, RouterConfig
 from jaxvllm.sampling_params import SamplingParams
 
@@ -10,11 +10,13 @@ BS = 16
 PREFIX = list(range(1000, 1000 + 3 * BS))  # three full blocks
 
 
-def replica(held_prompt=None, load=0, usage=0.0):
-    """A replica state whose KV cache holds `held_prompt`'s full blocks (as a scheduler leaves them)."""
+def replica(held_prompt=None, load=0, usage=0.0, lora_id=0):
+    """A replica state whose KV cache holds `held_prompt`'s full blocks (as a scheduler leaves them),
+    computed under LoRA adapter `lora_id`."""
     kv = KVCacheManager(num_blocks=64, block_size=BS)
     if held_prompt is not None:
-        req = Request("held", held_prompt, SamplingParams(max_tokens=4), eos_token_id=2)
+        req = Request("held", held_prompt, SamplingParams(max_tokens=4), eos_token_id=2,
+                      cache_salt=lora_cache_salt(lora_id), lora_id=lora_id)
         assert kv.allocate_slots(req, len(held_prompt)) is not None
     return ReplicaState(num_unfinished=load, kv_cache_usage=usage,
                         cached_blocks=kv.block_pool.cached_block_hash_to_block), kv
@@ -43,6 +45,21 @@ def test_prefix_holder_wins_within_the_margin():
     # The hashes the router matched are the ones the holder's KV-cache manager hits on admission.
     req = Request("new", prompt, SamplingParams(max_tokens=4), eos_token_id=2)
     assert kv.get_computed_blocks(req)[1] == 3 * BS
+
+
+@pytest.mark.parametrize("held_under, asked_with, affine", [
+    (1, 1, True), (1, 2, False), (1, 0, False), (0, 1, False), (0, 0, True)])
+def test_affinity_is_per_lora_adapter(held_under, asked_with, affine):
+    """A prefix computed under one adapter is another adapter's (or the base model's) miss: the
+    router salts its hashes as the KV-cache manager does."""
+    holder, kv = replica(PREFIX + [7, 8], load=2, lora_id=held_under)
+    prompt = PREFIX + [9, 9, 9]
+    router = Router(RouterConfig(block_size=BS, overload_margin=4))
+    hashes = router.block_hashes(prompt, lora_cache_salt(asked_with))
+    assert router.route(hashes, [replica(load=0)[0], holder]) == int(affine)
+    req = Request("new", prompt, SamplingParams(max_tokens=4), eos_token_id=2,
+                  cache_salt=lora_cache_salt(asked_with), lora_id=asked_with)
+    assert kv.get_computed_blocks(req)[1] == 3 * BS * affine
 
 
 def test_overloaded_holder_is_passed_over():

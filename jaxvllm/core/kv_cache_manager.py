@@ -36,8 +36,8 @@ def block_token_ids(req: Request, block_index: int, block_size: int) -> list[int
     return prompt[start:] + req.output_token_ids[:end - p]
 
 
-def _extra_key(req: Request) -> Optional[bytes]:
-    salt = req.cache_salt
+def salt_key(salt: Optional[str | bytes]) -> Optional[bytes]:
+    """A cache salt as the extra key of a request's first block hash."""
     if salt is None:
         return None
     return salt if isinstance(salt, bytes) else str(salt).encode("utf-8")
@@ -51,7 +51,7 @@ def ensure_block_hashes(req: Request, num_blocks: int, block_size: int) -> list[
         parent = hashes[-1] if hashes else NONE_HASH
         while i < num_blocks:
             parent = hash_block_tokens(parent, block_token_ids(req, i, block_size),
-                                       _extra_key(req) if i == 0 else None)
+                                       salt_key(req.cache_salt) if i == 0 else None)
             hashes.append(parent)
             i += 1
     return hashes

@@ -35,6 +35,12 @@ _FINISH_REASON = {
 }
 
 
+def lora_cache_salt(lora_int_id: int) -> Optional[str]:
+    """The prefix-cache salt of a request under LoRA adapter `lora_int_id` (0: none): an adapter's
+    K/V are its own."""
+    return f"lora-{lora_int_id}" if lora_int_id else None
+
+
 class Request:
     """One sequence to generate. `n > 1` is fanned out by the engine into n Requests sharing a prompt."""
 

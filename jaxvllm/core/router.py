@@ -15,9 +15,10 @@ that saw it first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Container, Sequence
+from typing import Container, Optional, Sequence
 
 from jaxvllm.core.block_pool import NONE_HASH, BlockHash, hash_block_tokens
+from jaxvllm.core.kv_cache_manager import salt_key
 
 
 @dataclass
@@ -73,12 +74,15 @@ class Router:
                 held[j] = i + 1
         return held
 
-    def block_hashes(self, prompt_token_ids: Sequence[int]) -> list[BlockHash]:
-        """The chained hashes of the prompt's full blocks, in order. The last prompt token is always
+    def block_hashes(self, prompt_token_ids: Sequence[int],
+                     cache_salt: Optional[str] = None) -> list[BlockHash]:
+        """The chained hashes of the prompt's full blocks, in order, salted as the request's
+        (`Request.cache_salt`: a LoRA adapter's K/V are its own). The last prompt token is always
         computed (as the KV-cache manager's lookup), so the blocks considered end before it."""
         bs = self.config.block_size
         hashes, parent = [], NONE_HASH
         for i in range((len(prompt_token_ids) - 1) // bs):
-            parent = hash_block_tokens(parent, prompt_token_ids[i * bs:(i + 1) * bs])
+            parent = hash_block_tokens(parent, prompt_token_ids[i * bs:(i + 1) * bs],
+                                       salt_key(cache_salt) if i == 0 else None)
             hashes.append(parent)
         return hashes

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence, Union
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.block_pool import BlockHash
+from jaxvllm.core.request import lora_cache_salt
 from jaxvllm.core.router import ReplicaState, Router, RouterConfig
 from jaxvllm.core.scheduler import SchedulerStats, SpecDecodeStats
 from jaxvllm.engine.llm_engine import (LLMEngine, RequestFront, RequestPreparer, _Parent,
@@ -211,7 +212,9 @@ class DataParallelEngine(RequestFront):
         check_can_generate(self._asleep, self._updating)
         if parent.request_id in self._owner:  # prepared twice before either was admitted
             raise ValueError(f"request_id {parent.request_id!r} is already running")
-        hashes = self.router.block_hashes(parent.prompt_token_ids)
+        lora = parent.lora_request
+        hashes = self.router.block_hashes(parent.prompt_token_ids, lora_cache_salt(
+            0 if lora is None else lora.lora_int_id))
         i = self.router.route(hashes, [ReplicaState(r.load, r.stats.kv_cache_usage, r.prefixes)
                                        for r in self.replicas])
         r = self.replicas[i]

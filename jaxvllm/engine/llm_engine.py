@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxvllm.config import FOUR_BIT_QUANTIZATIONS, EngineArgs
 from jaxvllm.core.outputs import EngineCoreOutput
-from jaxvllm.core.request import Request, RequestStatus
+from jaxvllm.core.request import Request, RequestStatus, lora_cache_salt
 from jaxvllm.core.scheduler import Scheduler, SchedulerStats
 from jaxvllm.engine.detokenizer import IncrementalDetokenizer
 from jaxvllm.lora.request import LoRARequest
@@ -333,11 +333,10 @@ class LLMEngine(RequestFront):
                 child_params = p.clone()
                 child_params.seed = p.seed + c.index
             lora = parent.lora_request
-            # An adapter's K/V are its own: its id salts the prefix-cache hashes.
+            lora_id = 0 if lora is None else lora.lora_int_id
             c.request = Request(c.request_id, parent.prompt_token_ids, child_params,
                                 self.eos_token_id, arrival_time=parent.metrics["arrival_time"],
-                                cache_salt=None if lora is None else f"lora-{lora.lora_int_id}",
-                                lora_id=0 if lora is None else lora.lora_int_id)
+                                cache_salt=lora_cache_salt(lora_id), lora_id=lora_id)
             if parent.grammar is not None:
                 c.request.grammar = self.preparer.grammars.matcher(parent.grammar)
             elif p.allowed_token_ids:
