@@ -111,7 +111,7 @@ class EngineArgs:
                 '(prompt lookup); {"method": "draft_model", "model": PATH, '
                 '"num_speculative_tokens": 4} has a smaller model of the same tokenizer guess '
                 "them. Either way they are verified in one step: greedy output is unchanged, "
-                "sampled output keeps its distribution. Requests with penalties, min_tokens, "
+                "sampled output keeps its distribution. Requests with "
                 "allowed_token_ids, bad_words or a grammar decode one token a step."})
     nnodes: int = field(default=1, metadata={
         "help": "Processes (hosts) that together run one engine: the model is sharded over all of "

@@ -7,6 +7,7 @@ import argparse
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -204,6 +205,29 @@ def test_a_step_batch_gives_each_guess_a_row_of_its_own():
     np.testing.assert_allclose(rows.temperature[:5], [0.7] * 4 + [0.0])
 
 
+def test_min_tokens_masks_each_guess_row_by_its_own_position():
+    """A request's rows sample consecutive output positions: min_tokens keeps masking its stop ids
+    on the rows before it is reached only."""
+    from jaxvllm.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput
+    from jaxvllm.sampling_params import SamplingParams
+    from jaxvllm.worker.input_batch import InputBatch
+    from jaxvllm.worker.token_table import TokenTable
+    batch = InputBatch(block_size=4, max_blocks_per_seq=8, token_buckets=(16,), max_num_seqs=4,
+                       rng_seed=0, token_table=TokenTable(4, 32), num_speculative_tokens=3)
+    sp = SamplingParams(temperature=0.0, min_tokens=5, stop_token_ids=[3], max_tokens=10)
+    first = SchedulerOutput([NewRequestData("a", [1, 2, 3], [7, 8], sp, [1, 2], 0)], [], {"a": 5}, 5)
+    batch.update(first)
+    batch.build(first)
+    batch.requests["a"].token_ids.append(9)
+    batch.requests["a"].num_inflight -= 1
+    second = SchedulerOutput([], [CachedRequestData("a", [], 5)], {"a": 4}, 4,
+                             scheduled_spec_decode_tokens={"a": [10, 11, 12]})
+    batch.update(second)
+    rows = batch.sampling_inputs(batch.build(second))
+    assert rows.ints[2][:4].tolist() == [3, 4, 5, 6]   # output positions 3..6
+    assert rows.ints[3][:4].tolist() == [1, 1, 0, 0]   # min_tokens 5: masking before position 5
+
+
 # ---- the engine ----------------------------------------------------------------------------------
 VOCAB = 64
 CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB,
@@ -328,10 +352,13 @@ def test_seeded_sampling_is_reproducible_in_any_batch(peaked_params):
     assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 0
 
 
-def test_sampled_tokens_keep_their_distribution(peaked_params):
+@pytest.mark.parametrize("penalties", [{}, dict(presence_penalty=0.6, frequency_penalty=0.4,
+                                                repetition_penalty=1.2)])
+def test_sampled_tokens_keep_their_distribution(peaked_params, penalties):
     """The engine end to end at temperature 1 on a 64-token vocabulary: each of the first output
     positions has the same distribution with and without guesses (two-sample chi-square over
-    480 seeded samples each, different seeds on each side)."""
+    480 seeded samples each, different seeds on each side), penalties too (each row counts the
+    guesses before it)."""
     from jaxvllm import SamplingParams
     n, positions = 480, 5
     samples = {}
@@ -340,11 +367,13 @@ def test_sampled_tokens_keep_their_distribution(peaked_params):
         if spec is None:
             prompt = _own_text(llm, [{"prompt_token_ids": [5, 9, 14]}])[0]
         outs = llm.generate([prompt] * n, [SamplingParams(temperature=1.0, seed=i + (spec is None) * n,
-                                                          max_tokens=positions, ignore_eos=True)
+                                                          max_tokens=positions, ignore_eos=True,
+                                                          **penalties)
                                            for i in range(n)], use_tqdm=False)
         samples[spec is None] = np.array([o.outputs[0].token_ids for o in outs])
         if spec is not None:
-            assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 100
+            kept = llm.llm_engine.get_stats().spec_decode.num_accepted_tokens
+            assert kept > (50 if penalties else 100)  # penalties make the repeats less likely
     for pos in range(positions):
         a = np.bincount(samples[True][:, pos], minlength=VOCAB)
         b = np.bincount(samples[False][:, pos], minlength=VOCAB)
@@ -352,6 +381,61 @@ def test_sampled_tokens_keep_their_distribution(peaked_params):
         chi2 = float((((a - b) ** 2)[m] / (a + b)[m]).sum())  # equal sample sizes
         df = int(m.sum()) - 1
         assert chi2 < df + 6 * np.sqrt(2 * df) + 10, (pos, chi2, df)
+
+
+def _first_rows(draft_ids):
+    first, out = 0, []
+    for r in range(len(draft_ids)):
+        if r and draft_ids[r - 1] < 0:
+            first = r
+        out.append(first)
+    return out
+
+
+def test_guess_rows_count_the_guesses_before_them():
+    """count_guesses and counted_rows against a loop over random batches: a request's rows are its
+    guesses (>= 0) then one without (-1); a row's token bits count its request's earlier guesses,
+    and its token is output when every earlier guess of its request was kept."""
+    from jaxvllm.worker.sampler import COUNT_UNIT, count_guesses, counted_rows
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        draft = np.concatenate([np.r_[rng.integers(0, V, int(rng.integers(0, 4))), -1]
+                                for _ in range(int(rng.integers(1, 6)))]).astype(np.int32)
+        accepted = (draft >= 0) & (rng.random(len(draft)) < 0.6)
+        bits = rng.integers(0, 3, (len(draft), V)).astype(np.int32) * COUNT_UNIT
+        want_bits, want_counted = bits.copy(), np.ones(len(draft), bool)
+        for r, first in enumerate(_first_rows(draft)):
+            for src in range(first, r):
+                want_bits[r, draft[src]] += COUNT_UNIT
+                want_counted[r] &= accepted[src]
+        np.testing.assert_array_equal(np.asarray(count_guesses(jnp.asarray(bits), draft, 3)),
+                                      want_bits)
+        np.testing.assert_array_equal(np.asarray(counted_rows(draft, accepted)), want_counted)
+
+
+def test_requests_with_penalties_guess_too(peaked_params):
+    """Penalties and min_tokens (token bits) with guesses: each row counts the guesses before it
+    (its own min_tokens too), and only output tokens are counted after the step; greedy tokens
+    and logprobs as without guessing. Prompts of the model's own text, so that its guesses are
+    often right; stop ids its continuations start with, masked for the first 8 tokens."""
+    from jaxvllm import SamplingParams
+    g = dict(temperature=0.0, max_tokens=30, ignore_eos=True)
+    llm = _engine(peaked_params, None, batch_invariant=True)
+    prompts = _own_text(llm, _prompts(6, seed=6))
+    first = llm.generate(prompts, SamplingParams(**g), use_tqdm=False)
+    stops = sorted({t for o in first for t in o.outputs[0].token_ids[:3]})
+    kinds = [SamplingParams(**g, frequency_penalty=0.3), SamplingParams(**g, presence_penalty=0.5),
+             SamplingParams(**g, repetition_penalty=1.3),
+             SamplingParams(**g, min_tokens=8, stop_token_ids=stops),
+             SamplingParams(**g, repetition_penalty=1.1, frequency_penalty=0.2, logprobs=1),
+             SamplingParams(**g, min_tokens=12, stop_token_ids=stops[::2])]
+    outs = {}
+    for spec in (None, SPEC):
+        llm = _engine(peaked_params, spec, batch_invariant=True)
+        outs[spec is None] = llm.generate(prompts, kinds, use_tqdm=False)
+    assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs[False]] == \
+        [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs[True]]
+    assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 10
 
 
 def test_the_warm_up_covers_verification_steps(params):

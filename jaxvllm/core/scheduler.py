@@ -303,6 +303,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         kv.begin_step()
         allocate = kv.allocate_slots
+        look = cfg.num_lookahead_tokens
         budget = cfg.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         cached_reqs: list[CachedRequestData] = []
@@ -337,7 +338,7 @@ class Scheduler:
                     upto = req.num_prompt_logprobs_sent
                     if computed < upto < req.num_prompt_tokens and n > upto - computed:
                         n = upto - computed  # keep prompt-logprob chunks aligned after a preemption
-                ahead = self._lookahead(computed + n) if computed + n - k == known else 0
+                ahead = self._lookahead(computed + n) if look and computed + n - k == known else 0
                 while True:
                     new_ids = allocate(req, n, num_lookahead_tokens=ahead)
                     if new_ids is not None:
@@ -382,7 +383,7 @@ class Scheduler:
                 upto = req.num_prompt_logprobs_sent
                 if 0 < upto < req.num_prompt_tokens and n > upto:
                     n = upto
-                ahead = self._lookahead(num_hit + n) if num_hit + n == req.num_tokens else 0
+                ahead = self._lookahead(num_hit + n) if look and num_hit + n == req.num_tokens else 0
                 new_ids = allocate(req, n, hits, num_hit, ahead)
                 if new_ids is None:
                     break  # head of line does not fit: wait for blocks to free up

@@ -42,16 +42,16 @@ class RequestState:
     # The request's constant sampling knobs, as one column of the packed sampler inputs.
     float_knobs: np.ndarray = field(init=False, repr=False)
     seed32: int = field(init=False)
-    # Speculative guesses are verified against its own distribution at each guess, so not for a
-    # request whose tokens change the processing of the next (penalties and min_tokens' token
-    # bits, grammars, bad_words).
+    # Speculative guesses are verified against its own distribution at each guess: its token
+    # bits count the guesses before each row (sampler.count_guesses), but a grammar's or
+    # bad_words' mask is one per step, so not for a request with one.
     may_guess: bool = field(init=False)
     ngrams: Optional[NgramIndex] = field(default=None, repr=False)  # its n-grams, when guessing
 
     def __post_init__(self) -> None:
         p = self.params
-        self.may_guess = (self.slot < 0 and p.structured_outputs is None
-                          and not p.allowed_token_ids and not p.bad_words)
+        self.may_guess = (p.structured_outputs is None and not p.allowed_token_ids
+                          and not p.bad_words)
         self.float_knobs = np.array([getattr(p, k) for k in FLOAT_KNOBS], np.float32)
         # Any Python int seed, as its low 32 bits in an int32 lane.
         self.seed32 = int(np.uint32(self.seed & 0xFFFFFFFF).view(np.int32))
@@ -296,6 +296,7 @@ class InputBatch:
                 floats[:, :m] = floats[:, of_row]
                 ints[:5, :m] = ints[:5, of_row]
                 ints[2, :m] += np.arange(m) - np.repeat(batch.row_starts, rows)
+                ints[3, :m] = has_row[of_row] & (ints[2, :m] < min_tokens[of_row])
         return SamplingInputs(floats, ints)
 
 

@@ -335,6 +335,9 @@ class ModelRunner:
     def _apply_token_bits_impl(self, table: jax.Array, logits: jax.Array,
                                sampling: SamplingInputs) -> jax.Array:
         bits = token_table.read_rows(table, sampling.slots)
+        if self.config.speculative is not None:
+            bits = sampler_lib.count_guesses(bits, sampling.ints[5],
+                                             self.config.speculative.num_speculative_tokens)
         return sampler_lib.apply_token_bits(logits, sampling.tensors(bits))
 
     def _sample_impl(self, logits: jax.Array, processed: jax.Array, sampling: SamplingInputs, *,
@@ -345,9 +348,11 @@ class ModelRunner:
                                  num_logprobs=num_logprobs, topk_bound=topk_bound,
                                  raw_logits=logits, logprobs_mode=self.config.logprobs_mode,
                                  invariant=self.cfg.batch_invariant)
-        # Padded so the next step's input gather has one shape for every bucket.
+        # Padded so the next step's input gather has one shape for every bucket (and the token
+        # table's count of them, which with guesses reads which rows' tokens are output).
         pad = self.sample_rows - out.token_ids.shape[0]
-        return out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
+        out = out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
+        return out if out.counted is None else out._replace(counted=jnp.pad(out.counted, (0, pad)))
 
     # ---- memory ------------------------------------------------------------------------------
     def _profile_num_blocks(self) -> int:
@@ -413,11 +418,14 @@ class ModelRunner:
     def _propose_inputs(self, b: StepBatch) -> tuple[Any, ...]:
         """The draft's arguments after params and cache, for warming up: a batch's, and sampler
         outputs of its shapes."""
-        # Placed as the sampler's outputs are, committed to a device only where the runner is
-        # (jit's cache keys on it).
-        where = self._prev_sampled.sharding if self._prev_sampled.committed else None
         return (*self._device_inputs(b), self._prev_sampled,
-                jax.device_put(np.zeros(len(b.logits_indices), bool), where))
+                self._like_samples(np.zeros(len(b.logits_indices), bool)))
+
+    def _like_samples(self, a: np.ndarray) -> jax.Array:
+        """`a` placed as the sampler's outputs are, committed to a device only where the runner
+        is (jit's cache keys on it), for warming up programs that take them."""
+        return jax.device_put(a, self._prev_sampled.sharding if self._prev_sampled.committed
+                              else None)
 
     def _sampler_bytes(self) -> int:
         """The sampler's most memory-hungry variant at max_num_seqs rows: a full sort over the
@@ -507,8 +515,11 @@ class ModelRunner:
         t_steps = time.perf_counter()
         rows = np.zeros(self.score_rows, np.int32)
         widths = sorted({0, self.config.max_logprobs})
+        counted = (() if self.config.speculative is None
+                   else (self._like_samples(np.zeros(self.sample_rows, bool)),))
         others = [self.token_table.warmup(), self._record_tokens.lower(
-            self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled)]
+            self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled,
+            *counted)]
         sampler_rows = set()
         for t, b in batches.items():
             self.kv_cache, logits, hidden = self._step_for(t)(self._step_params(), self.kv_cache,
@@ -602,9 +613,10 @@ class ModelRunner:
             if record_slots is not None:
                 processed = self._apply_token_bits(self.token_table.array, processed, sampling)
             sampled = self._sample(logits, processed, sampling, **sampler_kw)
-            if record_slots is not None:  # count each sampled token in its request's row
-                self.token_table.array = self._record_tokens(self.token_table.array, record_slots,
-                                                             sampled.token_ids)
+            if record_slots is not None:  # count each output token in its request's row
+                self.token_table.array = self._record_tokens(
+                    self.token_table.array, record_slots, sampled.token_ids,
+                    *(() if sampled.counted is None else (sampled.counted,)))
             self._prev_sampled = sampled.token_ids
             guesses = None
             if self.drafter is not None:

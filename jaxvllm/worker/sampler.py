@@ -82,6 +82,9 @@ class SamplerOutput(NamedTuple):
     topk_ids: jax.Array       # i32[R, k]
     topk_logprobs: jax.Array  # f32[R, k]
     accepted: Optional[jax.Array] = None  # bool[R]: the row's guess was kept (with draft_ids)
+    # bool[R] (with draft_ids): the row's token is output, every guess before it in its request
+    # having been kept.
+    counted: Optional[jax.Array] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +370,36 @@ def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: in
     values = x if logprobs_mode.startswith("processed") else raw
     logprob, rank, topk_ids, topk_lp = _logprob_info(values, tok, num_logprobs,
                                                      logprobs_mode.endswith("logits"), invariant)
-    return SamplerOutput(tok, logprob, rank, topk_ids, topk_lp, accepted)
+    return SamplerOutput(tok, logprob, rank, topk_ids, topk_lp, accepted,
+                         None if d is None else counted_rows(d, accepted))
+
+
+def _request_first_rows(draft_ids: jax.Array) -> jax.Array:
+    """Each row's request's first row. A request's rows are one per guess it verifies (draft id
+    >= 0) and the row after its last guess (-1), so a request starts after a row without one."""
+    r = jnp.arange(draft_ids.shape[0])
+    first = (r == 0) | (jnp.roll(draft_ids, 1) < 0)
+    return jax.lax.cummax(jnp.where(first, r, 0))
+
+
+def counted_rows(draft_ids: jax.Array, accepted: jax.Array) -> jax.Array:
+    """bool[R]: the row's token is output (every guess before it in its request was kept)."""
+    rejected = ((draft_ids >= 0) & ~accepted).astype(jnp.int32)
+    before = jnp.cumsum(rejected) - rejected
+    return before == before[_request_first_rows(draft_ids)]
+
+
+def count_guesses(bits: jax.Array, draft_ids: jax.Array, num_guesses: int) -> jax.Array:
+    """Token bits (i32[R, V]) of verification rows: a row samples after the guesses before it in
+    its request (at most `num_guesses`), so those count as output tokens for its penalties and
+    min_tokens, as they would had they been sampled one at a time."""
+    first = _request_first_rows(draft_ids)
+    r = jnp.arange(draft_ids.shape[0])
+    for m in range(1, num_guesses + 1):
+        src = r - m
+        tok = jnp.where(src >= first, draft_ids[jnp.maximum(src, 0)], bits.shape[-1])  # else dropped
+        bits = bits.at[r, tok].add(COUNT_UNIT, mode="drop")
+    return bits
 
 
 def _verify_guesses(x: jax.Array, d: jax.Array, keys: jax.Array, invariant: bool

@@ -110,6 +110,11 @@ def read_rows(table: jax.Array, slots: jax.Array) -> jax.Array:
     return table.at[slots].get(mode="fill", fill_value=0)
 
 
-def record(table: jax.Array, slots: jax.Array, token_ids: jax.Array) -> jax.Array:
-    """Counts each row's sampled token in its row of the table; rows without a slot are dropped."""
+def record(table: jax.Array, slots: jax.Array, token_ids: jax.Array,
+           counted: Optional[jax.Array] = None) -> jax.Array:
+    """Counts each row's sampled token in its row of the table; rows without a slot, or (with
+    speculative decoding) whose token is not output (`counted` false: a guess before it in its
+    request was rejected), are dropped."""
+    if counted is not None:
+        slots = jnp.where(counted, slots, table.shape[0])
     return table.at[slots, token_ids].add(COUNT_UNIT, mode="drop")
