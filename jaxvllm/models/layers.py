@@ -161,11 +161,7 @@ def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False) -> jax.Ar
         y = int4_linear(x, w, scale, lp[name + "_min"], lp.get(name + "_perm"))
     else:
         y = fp8_linear(x, w, scale)
-    y = _add_bias(y, lp, name)
-    lora_a = lp.get(name + "_lora_a")  # LoRA adapters' slots (worker/lora_slots.py)
-    if lora_a is not None:
-        y = y + lora_update(x, lp["lora_mask"], lora_a, lp[name + "_lora_b"])
-    return y
+    return _add_lora(_add_bias(y, lp, name), x, lp, name)
 
 
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],
@@ -178,7 +174,15 @@ def projections(x: jax.Array, lp: dict, names: tuple[str, ...],
         return [linear(x, lp, n, invariant) for n in names]
     y = int4_linear(x, lp[key], lp[key + "_scale"], lp[key + "_min"])
     cuts = len(names) if sizes is None else np.cumsum(sizes)[:-1].tolist()
-    return [_add_bias(y, lp, n) for y, n in zip(jnp.split(y, cuts, axis=-1), names)]
+    return [_add_lora(_add_bias(y, lp, n), x, lp, n)
+            for y, n in zip(jnp.split(y, cuts, axis=-1), names)]
+
+
+def _add_lora(y: jax.Array, x: jax.Array, lp: dict, name: str) -> jax.Array:
+    lora_a = lp.get(name + "_lora_a")  # LoRA adapters' slots (worker/lora_slots.py)
+    if lora_a is None:
+        return y
+    return y + lora_update(x, lp["lora_mask"], lora_a, lp[name + "_lora_b"])
 
 
 def _add_bias(y: jax.Array, lp: dict, name: str) -> jax.Array:
