@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import common  # puts the repository root on sys.path
 
 CODE = '''def moving_average(values, window):
     """Average of each run of `window` consecutive values."""
@@ -99,7 +99,7 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
         run = lambda p: llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)[0]  # noqa: E731
     for p in prompts:  # compiles what they need
         run(p)
-    phases = _time_phases(llm.llm_engine) if args.phases else None
+    phases = common.time_engine_phases(llm.llm_engine) if args.phases else None
     before = llm.llm_engine.get_stats().spec_decode
     rows = []
     t0 = time.perf_counter()
@@ -123,33 +123,6 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
                name: 1e3 * t / max(phases["step"][1], 1) for name, (t, _) in phases.items()}}
     with open(out_path, "w") as f:
         json.dump(res, f)
-
-
-def _time_phases(engine) -> dict[str, list]:
-    """Wraps the engine's per-step calls with timers: name -> [seconds, calls]. ms per step =
-    seconds / steps; "fetch" is collect()'s wait for the device and the copy of the samples."""
-    phases: dict[str, list] = {}
-
-    def wrap(obj, attr, name):
-        fn = getattr(obj, attr)
-        acc = phases.setdefault(name, [0.0, 0])
-
-        def timed(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                acc[0] += time.perf_counter() - t
-                acc[1] += 1
-        setattr(obj, attr, timed)
-
-    runner, sched = engine.runner, engine.scheduler
-    for obj, attr, name in ((engine, "step", "step"), (sched, "schedule", "schedule"),
-                            (runner, "dispatch", "dispatch"), (runner, "collect", "collect"),
-                            (runner, "_fetch", "fetch"), (sched, "update_from_output", "update"),
-                            (engine, "_process", "outputs")):
-        wrap(obj, attr, name)
-    return phases
 
 
 def main() -> None:

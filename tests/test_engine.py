@@ -270,6 +270,35 @@ def test_stop_strings_first_in_list_wins(llm):
     assert d.update(ids, len(ids)) and d.stop_reason == "ar" and d.text == " P"
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_text_decoded_once_at_the_end_is_the_streams(llm, skip_special_tokens):
+    """A FINAL_ONLY request without stop strings is decoded in one call when its text is read:
+    the text the stream gives token by token, for random ids in random chunks (byte tokens that
+    leave characters incomplete, at the end too, and special tokens)."""
+    from jaxvllm.engine.detokenizer import IncrementalDetokenizer
+    from jaxvllm.sampling_params import RequestOutputKind
+    tok = llm.get_tokenizer()
+    rng = np.random.default_rng(0)
+    deferred = 0
+    for _ in range(300):
+        prompt = rng.integers(0, len(tok), 6).tolist()
+        out = rng.integers(0, len(tok), int(rng.integers(1, 40))).tolist()
+        out += rng.integers(0, 400, int(rng.integers(0, 4))).tolist()  # low ids: bytes, specials
+        kw = dict(skip_special_tokens=skip_special_tokens)
+        once = IncrementalDetokenizer(tok, SamplingParams(**kw, output_kind=RequestOutputKind.FINAL_ONLY),
+                                      prompt)
+        stream = IncrementalDetokenizer(tok, SamplingParams(**kw), prompt)
+        deferred += once._deferred is not None
+        i = 0
+        while i < len(out):
+            n = int(rng.integers(1, 4))
+            for d in (once, stream):
+                assert not d.update(out[i:i + n], i + n)
+            i += n
+        assert once.text == stream.text == once.output_text(True), (prompt, out)
+    assert deferred > 250
+
+
 def test_eos_is_masked_by_min_tokens_even_with_ignore_eos(llm):
     engine = llm.llm_engine
     parent = engine.prepare_request("eos-mask", "hi", SamplingParams(ignore_eos=True, min_tokens=2))

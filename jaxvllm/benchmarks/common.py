@@ -8,6 +8,7 @@ import math
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -350,6 +351,34 @@ def parse_rates(text: str) -> list[float]:
 def iter_chunks(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(seq), size):
         yield seq[i:i + size]
+
+
+def time_engine_phases(engine: Any) -> dict[str, list]:
+    """Wraps an LLMEngine's per-step calls with timers: name -> [seconds, calls] (ms per step =
+    seconds / steps). "fetch" is collect()'s wait for the device and the copy of the samples, so
+    the engine thread's own time is step - fetch."""
+    phases: dict[str, list] = {}
+
+    def wrap(obj: Any, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+        acc = phases.setdefault(name, [0.0, 0])
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[0] += time.perf_counter() - t
+                acc[1] += 1
+        setattr(obj, attr, timed)
+
+    runner, sched = engine.runner, engine.scheduler
+    for obj, attr, name in ((engine, "step", "step"), (sched, "schedule", "schedule"),
+                            (runner, "dispatch", "dispatch"), (runner, "collect", "collect"),
+                            (runner, "_fetch", "fetch"), (sched, "update_from_output", "update"),
+                            (engine, "_process", "outputs")):
+        wrap(obj, attr, name)
+    return phases
 
 
 def script_main(name: str, doc: Optional[str], add_args: Callable[[argparse.ArgumentParser], Any],

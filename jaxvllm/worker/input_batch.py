@@ -39,9 +39,6 @@ class RequestState:
     slot: int = -1  # its row of the token table; -1: none (no penalties, nothing to mask)
     lora_id: int = 0  # its LoRA adapter (0: none)
     num_inflight: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
-    # The request's constant sampling knobs, as one column of the packed sampler inputs.
-    float_knobs: np.ndarray = field(init=False, repr=False)
-    seed32: int = field(init=False)
     # Speculative guesses are verified against its own distribution at each guess: its token
     # bits count the guesses before each row (sampler.count_guesses), but a grammar's or
     # bad_words' mask is one per step, so not for a request with one.
@@ -52,9 +49,6 @@ class RequestState:
         p = self.params
         self.may_guess = (p.structured_outputs is None and not p.allowed_token_ids
                           and not p.bad_words)
-        self.float_knobs = np.array([getattr(p, k) for k in FLOAT_KNOBS], np.float32)
-        # Any Python int seed, as its low 32 bits in an int32 lane.
-        self.seed32 = int(np.uint32(self.seed & 0xFFFFFFFF).view(np.int32))
 
     @property
     def num_output_tokens(self) -> int:
@@ -86,6 +80,7 @@ class StepBatch:
     # speculative decoding off, row i is request i's alone).
     num_drafts: Optional[np.ndarray] = None   # int32[num_reqs]
     draft_ids: Optional[np.ndarray] = None    # int32[L]: the guess each row verifies, -1: none
+    table_rows: Optional[np.ndarray] = None   # int64[num_reqs]: each request's InputBatch row
 
     @property
     def row_starts(self) -> np.ndarray:
@@ -119,6 +114,11 @@ class InputBatch:
         # rows in one gather instead of converting each request's block list (measured ~20% of
         # build() at 256 decode rows).
         self.block_table = np.zeros((max_num_seqs, max_blocks_per_seq), np.int32)
+        # Likewise each request's constant sampling knobs, a column each: FLOAT_KNOBS, and top_k,
+        # seed (its low 32 bits), token-table row and min_tokens (a step gathers its requests'
+        # columns instead of collecting them request by request: ~2 us a request).
+        self.float_knobs = np.zeros((len(FLOAT_KNOBS), max_num_seqs), np.float32)
+        self.int_knobs = np.zeros((4, max_num_seqs), np.int32)
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
     def request_bucket(self, t_bucket: int) -> int:
@@ -174,12 +174,16 @@ class InputBatch:
             slot = self.token_table.assign(new_req.prompt_token_ids if pen else (),
                                            new_req.output_token_ids if pen else (),
                                            sorted(sp.all_stop_token_ids) if masks else ())
+        row = self._table_row(new_req.block_ids)
+        self.float_knobs[:, row] = [getattr(sp, k) for k in FLOAT_KNOBS]
+        # Any Python int seed, as its low 32 bits in an int32 lane.
+        self.int_knobs[:, row] = (sp.top_k, np.uint32(seed & 0xFFFFFFFF).view(np.int32), slot,
+                                  sp.min_tokens)
         return RequestState(
             req_id=new_req.req_id,
             token_ids=list(new_req.prompt_token_ids) + list(new_req.output_token_ids),
-            num_prompt_tokens=len(new_req.prompt_token_ids), params=sp,
-            table_row=self._table_row(new_req.block_ids), num_blocks=len(new_req.block_ids),
-            seed=seed, slot=slot, lora_id=new_req.lora_id)
+            num_prompt_tokens=len(new_req.prompt_token_ids), params=sp, table_row=row,
+            num_blocks=len(new_req.block_ids), seed=seed, slot=slot, lora_id=new_req.lora_id)
 
     def build(self, scheduler_output: SchedulerOutput) -> StepBatch:
         req_ids = list(scheduler_output.num_scheduled_tokens)
@@ -260,7 +264,7 @@ class InputBatch:
         slot_mapping[:total] = block_tables[seq_of_token, pos // bs] * bs + pos % bs
         return StepBatch(req_ids, total, token_ids, positions, slot_mapping, qsl, seq_lens,
                          block_tables, np.array([len(req_ids)], np.int32), logits_indices,
-                         sample_mask, prev_rows, spans,
+                         sample_mask, prev_rows, spans, table_rows=table_rows,
                          **(dict(num_drafts=num_drafts, draft_ids=draft_ids) if spec else {}))
 
     def sampling_inputs(self, batch: StepBatch) -> "SamplingInputs":
@@ -277,16 +281,15 @@ class InputBatch:
         if spec:
             ints[5] = batch.draft_ids
         if n:
-            floats[:, :n] = np.stack([s.float_knobs for s in states], axis=1)
-            ints[0, :n] = [s.params.top_k for s in states]
-            ints[1, :n] = [s.seed32 for s in states]
+            rows = batch.table_rows
+            floats[:, :n] = self.float_knobs[:, rows]
+            top_k, seeds, slots, min_tokens = self.int_knobs[:, rows]
+            ints[0, :n], ints[1, :n] = top_k, seeds
             # build() already counted this step's sample as pending: it is output number k - 1.
             ints[2, :n] = np.fromiter((s.num_output_tokens for s in states), np.int32, n) \
                 - batch.sample_mask[:n]
             # Only a row that samples reads its token bits and counts its token in them.
-            slots = np.fromiter((s.slot for s in states), np.int32, n)
             has_row = (slots >= 0) & batch.sample_mask[:n]
-            min_tokens = np.fromiter((s.params.min_tokens for s in states), np.int32, n)
             ints[3, :n] = has_row & (ints[2, :n] < min_tokens)
             ints[4, :n] = np.where(has_row, slots, self.token_table.num_slots)
             if spec:  # a request's column over its rows; each guess's samples the next token
