@@ -301,6 +301,24 @@ def test_spec_decode_bench_with_a_draft_model(tiny_dummy, tmp_path):
     assert f"guesses from {tiny_dummy}" in out.stdout
 
 
+def test_host_step_times_each_phase(tmp_path):
+    """bench/host_step.py: per row count, each phase's ms per step, the engine thread's own time
+    (its steps less the wait for the device) and the garbage collector's counts."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "host_step.py"),
+                          "--rows", "4", "8", "--steps", "3", "--warmup-steps", "2",
+                          "--output-json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["rows"] for r in rows] == [4, 8]
+    for r in rows:
+        ms = r["ms"]
+        assert ms["step"] > ms["own"] > 0 and ms["fetch"] > 0
+        assert ms["own"] >= ms["schedule"] + ms["dispatch"] + ms["update"] + ms["outputs"]
+        assert len(r["gc_collections_per_step"]) == 3 and r["gc_objects"] > 0
+    assert out.stdout.count("\n| ") == 4  # header, rule and a row per row count
+
+
 def test_step_profile_accounts_for_every_step(tiny_dummy, tmp_path):
     """bench/step_profile.py: every step lands in one kind and one bucket row, the kinds' seconds
     add up to the run, each step has a roofline, and the host profile covers its window."""
