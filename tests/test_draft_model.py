@@ -15,6 +15,7 @@ import torch
 from hf_builders import save_word_tokenizer, tiny_config, tiny_model
 from jaxvllm import LLM, SamplingParams
 from jaxvllm.config import EngineArgs
+from test_spec_decode import assert_same_distribution, assert_same_outputs
 
 VOCAB = 64
 K = 3
@@ -153,13 +154,7 @@ def test_greedy_output_is_the_same_token_for_token(dirs, draft):
         assert 0.3 * spec.num_draft_tokens < spec.num_accepted_tokens < spec.num_draft_tokens, spec
     else:
         assert spec.num_draft_tokens > 100, spec
-    for plain, guessed in zip(results[None], results[draft]):
-        assert len(plain.outputs) == len(guessed.outputs)
-        for a, b in zip(plain.outputs, guessed.outputs):
-            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
-            assert a.cumulative_logprob == b.cumulative_logprob
-            assert a.logprobs == b.logprobs
-        assert plain.prompt_logprobs == guessed.prompt_logprobs
+    assert_same_outputs(results[None], results[draft])
 
 
 def test_sampled_tokens_keep_their_distribution(dirs):
@@ -178,13 +173,7 @@ def test_sampled_tokens_keep_their_distribution(dirs):
         samples[draft] = np.array([o.outputs[0].token_ids for o in outs])
         if draft is not None:
             assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 300
-    for pos in range(positions):
-        a = np.bincount(samples[None][:, pos], minlength=VOCAB)
-        b = np.bincount(samples["noisy"][:, pos], minlength=VOCAB)
-        m = (a + b) > 0
-        chi2 = float((((a - b) ** 2)[m] / (a + b)[m]).sum())  # equal sample sizes
-        df = int(m.sum()) - 1
-        assert chi2 < df + 6 * np.sqrt(2 * df) + 10, (pos, chi2, df)
+    assert_same_distribution(samples[None], samples["noisy"], VOCAB)
 
 
 def test_the_warm_up_covers_the_draft(dirs):

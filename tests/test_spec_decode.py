@@ -283,13 +283,30 @@ def test_greedy_output_is_the_same_token_for_token(params):
         results[spec is None] = llm.generate(prompts, kinds, use_tqdm=False)
         stats = llm.llm_engine.get_stats().spec_decode
     assert stats.num_draft_tokens > stats.num_accepted_tokens > 50, stats
-    for plain, guessed in zip(results[True], results[False]):
-        assert len(plain.outputs) == len(guessed.outputs)
-        for a, b in zip(plain.outputs, guessed.outputs):
+    assert_same_outputs(results[True], results[False])
+
+
+def assert_same_outputs(plain: list, guessed: list) -> None:
+    """Every output of `guessed` (RequestOutputs) as `plain`'s: tokens, finish reasons,
+    logprobs and prompt logprobs."""
+    for p, g in zip(plain, guessed, strict=True):
+        assert len(p.outputs) == len(g.outputs)
+        for a, b in zip(p.outputs, g.outputs):
             assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
             assert a.cumulative_logprob == b.cumulative_logprob
             assert a.logprobs == b.logprobs
-        assert plain.prompt_logprobs == guessed.prompt_logprobs
+        assert p.prompt_logprobs == g.prompt_logprobs
+
+
+def assert_same_distribution(a: np.ndarray, b: np.ndarray, vocab: int) -> None:
+    """Two-sample chi-square per output position of two equal-sized [samples, positions] token
+    arrays (a loose bound: 6 standard deviations of the statistic)."""
+    for pos in range(a.shape[1]):
+        x, y = np.bincount(a[:, pos], minlength=vocab), np.bincount(b[:, pos], minlength=vocab)
+        m = (x + y) > 0
+        chi2 = float((((x - y) ** 2)[m] / (x + y)[m]).sum())
+        df = int(m.sum()) - 1
+        assert chi2 < df + 6 * np.sqrt(2 * df) + 10, (pos, chi2, df)
 
 
 def test_token_masks_land_on_their_rows_beside_guesses(params):
@@ -374,13 +391,7 @@ def test_sampled_tokens_keep_their_distribution(peaked_params, penalties):
         if spec is not None:
             kept = llm.llm_engine.get_stats().spec_decode.num_accepted_tokens
             assert kept > (50 if penalties else 100)  # penalties make the repeats less likely
-    for pos in range(positions):
-        a = np.bincount(samples[True][:, pos], minlength=VOCAB)
-        b = np.bincount(samples[False][:, pos], minlength=VOCAB)
-        m = (a + b) > 0
-        chi2 = float((((a - b) ** 2)[m] / (a + b)[m]).sum())  # equal sample sizes
-        df = int(m.sum()) - 1
-        assert chi2 < df + 6 * np.sqrt(2 * df) + 10, (pos, chi2, df)
+    assert_same_distribution(samples[True], samples[False], VOCAB)
 
 
 def _first_rows(draft_ids):
