@@ -282,7 +282,6 @@ def device_description(engine: Any) -> str:
 def measure_bandwidth(nbytes: int, iters: int = 10) -> float:
     """Device memory bandwidth in bytes/s: median time of a jitted elementwise read+write of an
     `nbytes` bf16 array (counts 2 * nbytes per call, as the GPU notes' 2 GiB figure)."""
-    import time
     import jax
     import jax.numpy as jnp
     n = max(1, nbytes // 2)
@@ -303,7 +302,6 @@ def measure_bandwidth(nbytes: int, iters: int = 10) -> float:
 
 def measure_matmul_flops(n: int = 8192, iters: int = 10) -> float:
     """bf16 GEMM throughput in FLOP/s: median time of a jitted n x n x n matmul."""
-    import time
     import jax
     import jax.numpy as jnp
     a = jnp.ones((n, n), jnp.bfloat16)

@@ -29,8 +29,10 @@ class IncrementalDetokenizer:
         self._stream = None
         self._ids: list[int] = []
         self._decoded_len = 0
-        # Deferred: the output's ids, decoded after the prompt tail when the text is read.
+        # Deferred: the output's ids, decoded after the prompt tail when the text is read (text
+        # cached for the first `_deferred_decoded` of them).
         self._deferred: Optional[list[int]] = None
+        self._deferred_decoded = 0
         if DecodeStream is None or rust is None:
             return
         self._rust = rust
@@ -48,12 +50,12 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """The output's text so far (without what a stop string cut)."""
-        if self._deferred is not None and len(self._deferred) != self._decoded_len:
+        if self._deferred is not None and len(self._deferred) != self._deferred_decoded:
             full = self._rust.decode(self._tail + self._deferred,
                                      skip_special_tokens=self.params.skip_special_tokens)
             # As the stream does, a multi-byte character still incomplete at the end is left out.
             self._text = full[self._prefix_len:].rstrip("\ufffd")
-            self._decoded_len = len(self._deferred)
+            self._deferred_decoded = len(self._deferred)
         return self._text
 
     def update(self, new_token_ids: list[int], num_output_tokens: int) -> bool:

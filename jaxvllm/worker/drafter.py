@@ -107,4 +107,3 @@ def check_draft_config(draft: ModelConfig, target: ModelConfig) -> None:
         raise ValueError(f"speculative_config.model: the draft's vocabulary ({draft.vocab_size} "
                          f"tokens) is not the target's ({target.vocab_size}); a draft model must "
                          f"share the target's tokenizer")
-

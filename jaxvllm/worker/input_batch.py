@@ -119,6 +119,7 @@ class InputBatch:
         # columns instead of collecting them request by request: ~2 us a request).
         self.float_knobs = np.zeros((len(FLOAT_KNOBS), max_num_seqs), np.float32)
         self.int_knobs = np.zeros((4, max_num_seqs), np.int32)
+        self.may_guess = np.zeros(max_num_seqs, bool)  # RequestState.may_guess, by row
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
     def request_bucket(self, t_bucket: int) -> int:
@@ -179,11 +180,13 @@ class InputBatch:
         # Any Python int seed, as its low 32 bits in an int32 lane.
         self.int_knobs[:, row] = (sp.top_k, np.uint32(seed & 0xFFFFFFFF).view(np.int32), slot,
                                   sp.min_tokens)
-        return RequestState(
+        state = RequestState(
             req_id=new_req.req_id,
             token_ids=list(new_req.prompt_token_ids) + list(new_req.output_token_ids),
             num_prompt_tokens=len(new_req.prompt_token_ids), params=sp, table_row=row,
             num_blocks=len(new_req.block_ids), seed=seed, slot=slot, lora_id=new_req.lora_id)
+        self.may_guess[row] = state.may_guess
+        return state
 
     def build(self, scheduler_output: SchedulerOutput) -> StepBatch:
         req_ids = list(scheduler_output.num_scheduled_tokens)

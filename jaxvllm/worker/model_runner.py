@@ -297,8 +297,8 @@ class ModelRunner:
             draft = np.zeros((2, len(b.seq_lens)), np.int32)
             n = len(b.req_ids)
             draft[0, :n] = b.num_drafts
-            draft[1, :n] = b.sample_mask[:n] & np.fromiter(
-                (self.input_batch.requests[rid].may_guess for rid in b.req_ids), bool, n)
+            if n:  # (a warm-up batch has none)
+                draft[1, :n] = b.sample_mask[:n] & self.input_batch.may_guess[b.table_rows]
             draft = [draft.ravel()]
         return np.concatenate([b.token_ids, b.positions, b.slot_mapping, b.prev_rows,
                                b.query_start_loc, b.seq_lens, b.logits_indices, b.num_seqs,
@@ -718,8 +718,7 @@ class ModelRunner:
                 if proposer is not None and state.may_guess:
                     limit = self.config.max_model_len - len(state.token_ids) - 1
                     if drafted is not None:
-                        guesses = drafted[i, :max(0, min(proposer.num_speculative_tokens,
-                                                         limit))].tolist()
+                        guesses = drafted[i, :max(0, limit)].tolist()  # [R, k] already
                     else:
                         if state.ngrams is None:
                             state.ngrams = proposer.index()
