@@ -259,11 +259,15 @@ def _window(spec: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     import jax
     from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
+    from jaxvllm.engine.setup import configure_jax
+    configure_jax(C.engine_args_from(args))  # before any device use: the memory pool settings
+    # Measured before the engine starts: programs lowered after its warm-up count as compiles
+    # while serving (the engine warns), and the buffers fit before the KV cache takes the memory.
+    peak = 1e12 * args.peak_tflops if args.peak_tflops else C.measure_matmul_flops()
+    bw = 1e12 * args.bandwidth_tbs if args.bandwidth_tbs else C.measure_bandwidth(2 << 30)
     llm = C.build_llm(args)
     engine = llm.llm_engine
     cfg = engine.model_config
-    peak = 1e12 * args.peak_tflops if args.peak_tflops else C.measure_matmul_flops()
-    bw = 1e12 * args.bandwidth_tbs if args.bandwidth_tbs else C.measure_bandwidth(2 << 30)
     runner = engine.runner
     param_bytes = engine.startup_info()["param_bytes"]
     kv_bytes_per_token = sum(x.nbytes for x in jax.tree.leaves(runner.kv_cache)) // (

@@ -120,6 +120,10 @@ def test_latency(tiny_dummy, capsys):
               "roofline_tokens_per_s", "bandwidth_tbs", "param_bytes"):
         assert res[k] is not None and res[k] > 0, k
     assert len(res["per_iter"]) == 2 and all(x["output_tokens"] == 8 for x in res["per_iter"])
+    gemv = res["gemv_bandwidth_tbs"]
+    assert set(gemv) == {"4096x6144", "4096x4096", "4096x28672", "14336x4096"}
+    assert res["roofline_gemv_tokens_per_s"] == pytest.approx(
+        2 * max(gemv.values()) * 1e12 / res["step_read_bytes"])
     # Given bandwidth: the roofline is batch / (bytes / bandwidth).
     assert latency.main(["--model", tiny_dummy, "--load-format", "dummy", "--batch-size", "1",
                          "--input-len", "8", "--output-len", "2", "--iters", "1",

@@ -300,6 +300,41 @@ def measure_bandwidth(nbytes: int, iters: int = 10) -> float:
     return 2 * n * 2 / median(times)
 
 
+# One-row matmul shapes of an 8B Llama layer (fused q/k/v, o, fused gate/up, down): K x N.
+GEMV_SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
+
+
+def measure_gemv_bandwidth(nbytes: int, shapes: tuple = GEMV_SHAPES,
+                           iters: int = 10) -> dict[tuple[int, int], float]:
+    """Read bandwidth in bytes/s per weight shape of one-row bf16 matmuls, x[1,K] @ W[K,N], over
+    distinct weights of `nbytes` in all (far beyond L2), each row depending on the one before and
+    all in one program, as a decode step's layers are: what a batch-1 step's weight reads can
+    reach. The copy above counts reads and writes, which contend; a decode step only reads. (A
+    scan over stacked weights measured 0.6-0.7 TB/s on an H200: the loop, not the memory.)"""
+    import jax
+    import jax.numpy as jnp
+    out = {}
+    for k, n in shapes:
+        ws = [jnp.full((k, n), 1 + i, jnp.bfloat16) for i in range(max(1, nbytes // (2 * k * n)))]
+
+        def chain(x, ws):
+            for w in ws:
+                y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+                x = x + (y[:, :1] * 1e-3).astype(x.dtype)
+            return x
+        f = jax.jit(chain)
+        x = jnp.ones((1, k), jnp.bfloat16)
+        f(x, ws).block_until_ready()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            f(x, ws).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        out[(k, n)] = len(ws) * k * n * 2 / median(times)
+        del ws
+    return out
+
+
 def measure_matmul_flops(n: int = 8192, iters: int = 10) -> float:
     """bf16 GEMM throughput in FLOP/s: median time of a jitted n x n x n matmul."""
     import jax

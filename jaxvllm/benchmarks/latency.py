@@ -2,7 +2,9 @@
 first token, time per output token and tok/s (medians over --iters after --warmup-iters), beside the
 weight-read roofline: roofline tok/s = batch / (bytes a step reads / (memory bandwidth x TP size)), the
 bandwidth measured with a large device copy in the same run (or given with --bandwidth-tbs). A step
-reads every parameter, but a mixture-of-experts layer only the experts its tokens pick.
+reads every parameter, but a mixture-of-experts layer only the experts its tokens pick. A second
+roofline uses the best read rate of one-row bf16 matmuls over weights of the 8B layer shapes (a copy
+also writes, so it understates what a decode step, which only reads, can reach).
 
     jaxvllm bench latency --model bench/configs/llama-3-8b --load-format dummy --dtype bfloat16 \\
         --batch-size 1 --input-len 128 --output-len 256
@@ -98,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
         # Measured before the engine takes its KV cache, so the big buffer fits; freed afterwards.
         nbytes = args.bandwidth_bytes or ((2 << 30) if on_gpu else (64 << 20))
         bw, bw_source = C.measure_bandwidth(nbytes), f"measured ({nbytes / 2**30:.2f} GiB copy)"
-    C.log(f"memory bandwidth {bw / 1e12:.3f} TB/s ({bw_source})")
+    # The copy's reads and writes contend; a decode step reads: one-row matmuls are its ceiling.
+    gemv = {} if args.bandwidth_tbs else C.measure_gemv_bandwidth(nbytes)
+    C.log(f"memory bandwidth {bw / 1e12:.3f} TB/s ({bw_source})"
+          + "".join(f"; GEMV {k}x{n} {v / 1e12:.3f} TB/s" for (k, n), v in gemv.items()))
     t0 = time.perf_counter()
     llm = C.build_llm(args)
     init_s = time.perf_counter() - t0
@@ -140,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
     }
     result["decode_fraction_of_roofline"] = (result["decode_tokens_per_s"] /
                                              result["roofline_tokens_per_s"])
+    if gemv:
+        best = max(gemv.values())
+        result["gemv_bandwidth_tbs"] = {f"{k}x{n}": v / 1e12 for (k, n), v in gemv.items()}
+        result["roofline_gemv_tokens_per_s"] = args.batch_size * best * args.tensor_parallel_size / nbytes
+        result["decode_fraction_of_gemv_roofline"] = (result["decode_tokens_per_s"] /
+                                                      result["roofline_gemv_tokens_per_s"])
     rows = [["TTFT (whole batch) ms", result["ttft_ms"]], ["TPOT ms", result["tpot_ms"]],
             ["end-to-end latency s", lat],
             ["output tok/s (end to end)", result["output_tokens_per_s"]],
@@ -149,6 +160,11 @@ def run(args: argparse.Namespace) -> int:
             ["decode / roofline", f"{result['decode_fraction_of_roofline']:.1%}"],
             ["param GB", param_bytes / 1e9], ["GB a decode step reads", nbytes / 1e9],
             ["bandwidth TB/s", f"{bw / 1e12:.3f} ({bw_source})"],
+            *([["GEMV read TB/s by K x N (bf16, 1 row)", ", ".join(
+                f"{s} {v:.3f}" for s, v in result["gemv_bandwidth_tbs"].items())],
+               ["roofline decode tok/s at the best GEMV rate", result["roofline_gemv_tokens_per_s"]],
+               ["decode / GEMV roofline", f"{result['decode_fraction_of_gemv_roofline']:.1%}"]]
+              if gemv else []),
             ["device", result["device"]]]
     title = (f"latency: {args.model or 'default model'} ({args.load_format}, {args.dtype}), batch "
              f"{args.batch_size}, {args.input_len} in / {args.output_len} out, median of "
