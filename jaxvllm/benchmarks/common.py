@@ -300,17 +300,19 @@ def measure_bandwidth(nbytes: int, iters: int = 10) -> float:
     return 2 * n * 2 / median(times)
 
 
-# One-row matmul shapes of an 8B Llama layer (fused q/k/v, o, fused gate/up, down): K x N.
+# Weight shapes of an 8B Llama layer (fused q/k/v, o, fused gate/up, down): K x N.
 GEMV_SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
+GEMV_ROWS = 8  # the engine's smallest token bucket: what a batch-1 decode step multiplies
 
 
 def measure_gemv_bandwidth(nbytes: int, shapes: tuple = GEMV_SHAPES,
                            iters: int = 10) -> dict[tuple[int, int], float]:
-    """Read bandwidth in bytes/s per weight shape of one-row bf16 matmuls, x[1,K] @ W[K,N], over
-    distinct weights of `nbytes` in all (far beyond L2), each row depending on the one before and
-    all in one program, as a decode step's layers are: what a batch-1 step's weight reads can
-    reach. The copy above counts reads and writes, which contend; a decode step only reads. (A
-    scan over stacked weights measured 0.6-0.7 TB/s on an H200: the loop, not the memory.)"""
+    """Read bandwidth in bytes/s per weight shape of 8-row bf16 matmuls, x[8,K] @ W[K,N], over
+    distinct weights of `nbytes` in all (far beyond L2), each product depending on the one before
+    and all in one program, as a decode step's layers are: what a batch-1 step's weight reads can
+    reach. The copy above counts reads and writes, which contend; a decode step only reads. (One
+    row measured 0.6-0.7 TB/s on an H200, in a loop and unrolled alike, far below the decode
+    step's own rate; the engine never multiplies one row.)"""
     import jax
     import jax.numpy as jnp
     out = {}
@@ -319,11 +321,10 @@ def measure_gemv_bandwidth(nbytes: int, shapes: tuple = GEMV_SHAPES,
 
         def chain(x, ws):
             for w in ws:
-                y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-                x = x + (y[:, :1] * 1e-3).astype(x.dtype)
+                x = x + (x @ w)[:, :1] * jnp.bfloat16(1e-3)
             return x
         f = jax.jit(chain)
-        x = jnp.ones((1, k), jnp.bfloat16)
+        x = jnp.ones((GEMV_ROWS, k), jnp.bfloat16)
         f(x, ws).block_until_ready()
         times = []
         for _ in range(iters):

@@ -3,7 +3,7 @@ first token, time per output token and tok/s (medians over --iters after --warmu
 weight-read roofline: roofline tok/s = batch / (bytes a step reads / (memory bandwidth x TP size)), the
 bandwidth measured with a large device copy in the same run (or given with --bandwidth-tbs). A step
 reads every parameter, but a mixture-of-experts layer only the experts its tokens pick. A second
-roofline uses the best read rate of one-row bf16 matmuls over weights of the 8B layer shapes (a copy
+roofline uses the best read rate of 8-row bf16 matmuls over weights of the 8B layer shapes (a copy
 also writes, so it understates what a decode step, which only reads, can reach).
 
     jaxvllm bench latency --model bench/configs/llama-3-8b --load-format dummy --dtype bfloat16 \\
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         # Measured before the engine takes its KV cache, so the big buffer fits; freed afterwards.
         nbytes = args.bandwidth_bytes or ((2 << 30) if on_gpu else (64 << 20))
         bw, bw_source = C.measure_bandwidth(nbytes), f"measured ({nbytes / 2**30:.2f} GiB copy)"
-    # The copy's reads and writes contend; a decode step reads: one-row matmuls are its ceiling.
+    # The copy's reads and writes contend; a decode step reads: small matmuls are its ceiling.
     gemv = {} if args.bandwidth_tbs else C.measure_gemv_bandwidth(nbytes)
     C.log(f"memory bandwidth {bw / 1e12:.3f} TB/s ({bw_source})"
           + "".join(f"; GEMV {k}x{n} {v / 1e12:.3f} TB/s" for (k, n), v in gemv.items()))
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             ["decode / roofline", f"{result['decode_fraction_of_roofline']:.1%}"],
             ["param GB", param_bytes / 1e9], ["GB a decode step reads", nbytes / 1e9],
             ["bandwidth TB/s", f"{bw / 1e12:.3f} ({bw_source})"],
-            *([["GEMV read TB/s by K x N (bf16, 1 row)", ", ".join(
+            *([["GEMV read TB/s by K x N (bf16, 8 rows)", ", ".join(
                 f"{s} {v:.3f}" for s, v in result["gemv_bandwidth_tbs"].items())],
                ["roofline decode tok/s at the best GEMV rate", result["roofline_gemv_tokens_per_s"]],
                ["decode / GEMV roofline", f"{result['decode_fraction_of_gemv_roofline']:.1%}"]]

@@ -7,6 +7,7 @@ place. Only sampled ids (and logprobs when asked) come back to the host.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -29,7 +30,7 @@ from jaxvllm.outputs import Logprob
 from jaxvllm.sampling_params import MAX_LOGIT_BIAS
 from jaxvllm.spec_decode import SpeculativeConfig
 from jaxvllm.structured_output import bitmask_words, new_bitmask
-from jaxvllm.worker import compile_watch
+from jaxvllm.worker import compile_watch, executables
 from jaxvllm.worker.drafter import Drafter
 from jaxvllm.worker.serial_thread import SerialThread
 from jaxvllm.worker.weight_swap import get_named, set_named, swap_in_place
@@ -174,6 +175,13 @@ class ModelRunner:
         # step is waited for, so a collective left waiting for a dead peer fails within a second.
         self.peer_check: Optional[Callable[[], None]] = None
         self._compile_mark: Optional[int] = None  # set by warmup(): lowerings from then on are news
+        # Programs built at warm-up, by name (`_run`); without a warm-up each call is jit's.
+        self._executables: dict[str, Any] = {}
+        self._store = executables.store_for(
+            repr(cfg), repr(config), self.token_buckets, executables.describe_function(
+                attention_fn or ragged_paged_attention), executables.describe_function(experts_swiglu),
+            str(getattr(shardings, "mesh", None)), str(device), executables.describe_arrays(params),
+            executables.describe_arrays(draft and draft[1]))
         self._host_params: Any = None  # the weights while asleep at level 1 (sleep())
         self._host_draft_params: Any = None  # the draft model's while asleep (any level)
         t0 = time.perf_counter()
@@ -375,8 +383,13 @@ class ModelRunner:
         # The sampler and prompt scoring run after the step, one at a time. Under tensor parallelism
         # every device holds the same share, so the device with the least room decides (an OOM on
         # one device leaves the others waiting in a collective).
-        reserved = self._step_bytes() + max(self._sampler_bytes(), self._prompt_scoring_bytes(),
-                                            self._propose_bytes())
+        # Stored with the executables: the probe programs cost a warm start 6 s at the 8B shape.
+        reserved = self._store and self._store.get_json("kv-reserved-bytes")
+        if reserved is None:
+            reserved = self._step_bytes() + max(self._sampler_bytes(),
+                                                self._prompt_scoring_bytes(), self._propose_bytes())
+            if self._store is not None:
+                self._store.put_json("kv-reserved-bytes", reserved)
         budget = min(self._device_budget(_device_memory_stats(d)) for d in devices)
         budget -= reserved + (256 << 20)
         if jax.process_count() > 1:  # one program for all: every process takes the smallest cache
@@ -490,65 +503,78 @@ class ModelRunner:
                          np.full(t, -1, np.int32), **spec)
 
     def warmup(self, progress: bool = True) -> float:
-        """Compiles every program a request can need, so that serving compiles nothing: each token
+        """Builds every program a request can need, so that serving compiles nothing: each token
         bucket's step, every sampler variant (SAMPLER_VARIANTS x both logprob widths) at each
-        request bucket, prompt scoring from each token bucket and the token table's write; returns
-        seconds.
-
-        Each program is traced and lowered here, in a fixed order, and its executable is then built
-        on a thread pool (XLA compiles, and loads from the persistent cache, release the GIL); this
-        fills the same in-memory cache the calls use. Then each bucket runs once on the real cache.
-        The order is fixed because a lowered kernel can carry process-wide state (Mosaic GPU kernels
-        do); lowering concurrently gave a module that differed between processes, so a warm start
-        missed the persistent cache for some buckets.
-        """
+        request bucket, prompt scoring from each token bucket and the token table's programs;
+        returns seconds. Programs stored by an earlier start are loaded (worker/executables.py);
+        the others are lowered on this thread and compiled on a thread pool (XLA compiles, and
+        loads from the persistent cache, release the GIL). Then each bucket runs once on the real
+        cache."""
         t0 = time.perf_counter()
         batches = {t: self._dummy_batch(t) for t in self.token_buckets}
-        bar = tqdm(total=len(batches) * (1 + bool(self.drafter)), desc="Compiling buckets",
-                   unit="program", disable=not progress)
-        _compile_all([self._step_for(t).lower(self._step_params(), self.kv_cache,
-                                              *self._device_inputs(b))
-                      for t, b in batches.items()] + [
-            self._propose.lower(self.drafter.params, self.draft_kv_cache, *self._propose_inputs(b))
-            for b in (batches.values() if self.drafter else ())], bar)
-        bar.close()
-        t_steps = time.perf_counter()
-        rows = np.zeros(self.score_rows, np.int32)
-        widths = sorted({0, self.config.max_logprobs})
-        counted = (() if self.config.speculative is None
-                   else (self._like_samples(np.zeros(self.sample_rows, bool)),))
-        others = [self.token_table.warmup(), self._record_tokens.lower(
-            self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled,
-            *counted)]
-        sampler_rows = set()
-        for t, b in batches.items():
-            self.kv_cache, logits, hidden = self._step_for(t)(self._step_params(), self.kv_cache,
-                                                              *self._device_inputs(b))
-            if self.drafter is not None:
-                self.draft_kv_cache, _ = self._propose(
-                    self.drafter.params, self.draft_kv_cache, *self._propose_inputs(b))
-            others.append(self._prompt_logprobs.lower(self.params, hidden, rows, rows,
-                                                      num_logprobs=self.config.max_logprobs))
-            if logits.shape[0] in sampler_rows:
-                continue
-            sampler_rows.add(logits.shape[0])
-            sampling = self.input_batch.sampling_inputs(b)
-            others.append(self._apply_token_bits.lower(self.token_table.array, logits, sampling))
-            others.append(self._apply_token_bitmask.lower(
-                logits, new_bitmask(logits.shape[0], self.cfg.vocab_size)))
-            others.append(self._apply_logit_bias.lower(logits, *_logit_bias_rows(
-                logits.shape[0], [])))
-            others += [self._sample.lower(logits, logits, sampling, mode=mode, num_logprobs=k,
-                                          topk_bound=bound)
-                       for mode, bound in SAMPLER_VARIANTS for k in widths]
-        _compile_all(others, tqdm(total=len(others), disable=True))
+        kv = f"kv{self.num_blocks}"  # the cache's shape is in every step's signature
+        steps = {f"step-{t}-{kv}": functools.partial(
+            lambda t, b: self._step_for(t).lower(self._step_params(), self.kv_cache,
+                                                 *self._device_inputs(b)), t, b)
+            for t, b in batches.items()}
+        if self.drafter is not None:
+            steps.update({f"propose-{t}-{kv}": functools.partial(
+                lambda b: self._propose.lower(self.drafter.params, self.draft_kv_cache,
+                                              *self._propose_inputs(b)), b)
+                for t, b in batches.items()})
+        bar = tqdm(total=len(steps), desc="Compiling buckets", unit="program",
+                   disable=not progress)
+        with ThreadPoolExecutor(max_workers=_compile_workers()) as pool:
+            self._executables.update(executables.build_all(steps, self._store, pool,
+                                                           lambda: bar.update(1)))
+            bar.close()
+            t_steps = time.perf_counter()
+            rows = np.zeros(self.score_rows, np.int32)
+            widths = sorted({0, self.config.max_logprobs})
+            counted = (() if self.config.speculative is None
+                       else (self._like_samples(np.zeros(self.sample_rows, bool)),))
+            others: dict[str, Callable[[], Any]] = {"record": lambda: self._record_tokens.lower(
+                self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled,
+                *counted)}
+            for t, b in batches.items():
+                self.kv_cache, logits, hidden = self._run(
+                    f"step-{t}-{kv}", None, self._step_params(), self.kv_cache,
+                    *self._device_inputs(b))
+                if self.drafter is not None:
+                    self.draft_kv_cache, _ = self._run(
+                        f"propose-{t}-{kv}", None, self.drafter.params, self.draft_kv_cache,
+                        *self._propose_inputs(b))
+                others[f"prompt-logprobs-{t}"] = functools.partial(
+                    lambda hidden: self._prompt_logprobs.lower(
+                        self.params, hidden, rows, rows, num_logprobs=self.config.max_logprobs),
+                    hidden)
+                r = logits.shape[0]
+                if f"token-bits-{r}" in others:
+                    continue
+                sampling = self.input_batch.sampling_inputs(b)
+                others[f"token-bits-{r}"] = functools.partial(
+                    self._apply_token_bits.lower, self.token_table.array, logits, sampling)
+                others[f"bitmask-{r}"] = functools.partial(
+                    self._apply_token_bitmask.lower, logits, new_bitmask(r, self.cfg.vocab_size))
+                others[f"logit-bias-{r}"] = functools.partial(
+                    self._apply_logit_bias.lower, logits, *_logit_bias_rows(r, []))
+                others.update({_sampler_name(r, mode, k, bound): functools.partial(
+                    self._sample.lower, logits, logits, sampling, mode=mode, num_logprobs=k,
+                    topk_bound=bound) for mode, bound in SAMPLER_VARIANTS for k in widths})
+            self._executables.update(executables.build_all(others, self._store, pool))
+        self.token_table.warmup().compile()
         jax.block_until_ready(self.kv_cache)
         self._compile_mark = compile_watch.mark()
         done = time.perf_counter()
         logger.info("Warm-up: %d step executables in %.1f s, %d sampler, prompt-scoring and "
-                    "token-table executables in %.1f s", len(batches), t_steps - t0, len(others),
+                    "token-table executables in %.1f s", len(steps), t_steps - t0, len(others),
                     done - t_steps)
         return done - t0
+
+    def _run(self, name: str, fn: Any, *args: Any, **static: Any) -> Any:
+        """The program built at warm-up as `name`, else `fn` (jit: compiled on first use)."""
+        exe = self._executables.get(name)
+        return exe(*args) if exe is not None else fn(*args, **static)
 
     # ---- one step ----------------------------------------------------------------------------
     def dispatch(self, scheduler_output: SchedulerOutput) -> Optional["Inflight"]:
@@ -604,25 +630,30 @@ class ModelRunner:
         def launch() -> tuple[Any, Optional[_PromptScores], Optional[jax.Array]]:
             self.token_table.write(table_writes)
             prev_sampled = self._prev_sampled
-            self.kv_cache, logits, all_hidden = self._step_for(t)(
-                step_params, self.kv_cache, packed, prev_sampled)
-            processed = (logits if grammar is None else
-                         self._apply_token_bitmask(logits, grammar.bitmask.result()))
+            self.kv_cache, logits, all_hidden = self._run(
+                f"step-{t}-kv{self.num_blocks}", self._step_for(t), step_params, self.kv_cache,
+                packed, prev_sampled)
+            r = logits.shape[0]
+            processed = (logits if grammar is None else self._run(
+                f"bitmask-{r}", self._apply_token_bitmask, logits, grammar.bitmask.result()))
             if logit_bias is not None:
-                processed = self._apply_logit_bias(processed, *logit_bias)
+                processed = self._run(f"logit-bias-{r}", self._apply_logit_bias, processed,
+                                      *logit_bias)
             if record_slots is not None:
-                processed = self._apply_token_bits(self.token_table.array, processed, sampling)
-            sampled = self._sample(logits, processed, sampling, **sampler_kw)
+                processed = self._run(f"token-bits-{r}", self._apply_token_bits,
+                                      self.token_table.array, processed, sampling)
+            sampled = self._run(_sampler_name(r, **sampler_kw), self._sample, logits, processed,
+                                sampling, **sampler_kw)
             if record_slots is not None:  # count each output token in its request's row
-                self.token_table.array = self._record_tokens(
-                    self.token_table.array, record_slots, sampled.token_ids,
-                    *(() if sampled.counted is None else (sampled.counted,)))
+                self.token_table.array = self._run(
+                    "record", self._record_tokens, self.token_table.array, record_slots,
+                    sampled.token_ids, *(() if sampled.counted is None else (sampled.counted,)))
             self._prev_sampled = sampled.token_ids
             guesses = None
             if self.drafter is not None:
-                self.draft_kv_cache, guesses = self._propose(
-                    self.drafter.params, self.draft_kv_cache, packed, prev_sampled,
-                    sampled.token_ids, sampled.accepted)
+                self.draft_kv_cache, guesses = self._run(
+                    f"propose-{t}-kv{self.num_blocks}", self._propose, self.drafter.params,
+                    self.draft_kv_cache, packed, prev_sampled, sampled.token_ids, sampled.accepted)
             prompt = None if prompt_rows is None else self._score_prompts(all_hidden, *prompt_rows)
             self._warn_on_compiles(t, mode)
             return sampled, prompt, guesses
@@ -753,8 +784,9 @@ class ModelRunner:
         would be 1 GiB). One top-k width for every request's k (each k is sliced on the host), as
         for the sampler."""
         c = self.score_rows
-        chunks = [self._prompt_logprobs(self.params, all_hidden, rows[i:i + c], targets[i:i + c],
-                                        num_logprobs=self.config.max_logprobs)
+        name = f"prompt-logprobs-{all_hidden.shape[0]}"
+        chunks = [self._run(name, self._prompt_logprobs, self.params, all_hidden, rows[i:i + c],
+                            targets[i:i + c], num_logprobs=self.config.max_logprobs)
                   for i in range(0, len(rows), c)]
         return _PromptScores(spans, chunks)
 
@@ -871,12 +903,8 @@ def _new_bytes(lowered: Any) -> int:
     return mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
 
 
-def _compile_all(lowered: list, bar: Any) -> None:
-    def build(lo: Any) -> None:
-        lo.compile()
-        bar.update(1)
-    with ThreadPoolExecutor(max_workers=_compile_workers()) as pool:
-        list(pool.map(build, lowered))
+def _sampler_name(rows: int, mode: str, num_logprobs: int, topk_bound: int) -> str:
+    return f"sample-{rows}-{mode}-{num_logprobs}-{topk_bound}"
 
 
 def _compile_workers() -> int:

@@ -1,0 +1,181 @@
+"""Compiled programs kept on disk between starts: a warm start loads each executable instead of
+tracing and lowering it again.
+
+JAX's persistent compilation cache keys an executable by its lowered module, so a start that finds
+every program there still traces and lowers each one first: 23 s of a 35 s warm start at the 8B
+shape on an H200 (276 programs, bench/RESULTS.md). Here a program is keyed by what it is made of
+instead: the source of the packages that build it, the model's and the runner's configuration,
+the shapes, dtypes and placement of the weights and the KV cache, the JAX and XLA versions and
+flags, and the devices. A change to any of them is another fingerprint, and a program not stored
+under the current one is lowered and compiled (through the persistent cache) as before.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from typing import Any, Callable, Optional
+
+import jax
+
+logger = logging.getLogger(__name__)
+
+STORE_DIR = "jaxvllm-executables"  # under JAX's persistent compilation cache directory
+KEEP = 8  # fingerprints kept; the least recently used beyond that are deleted
+_PACKAGES = ("jaxvllm", "pallas_kernels")
+# JAX settings that change what a traced program computes.
+_JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+              "jax_threefry_partitionable", "jax_numpy_rank_promotion")
+
+
+@functools.cache
+def source_digest() -> str:
+    """A digest of every Python file of the packages that trace the programs."""
+    h = hashlib.sha256()
+    for pkg in _PACKAGES:
+        root = os.path.dirname(os.path.abspath(__import__(pkg).__file__))
+        for d, dirs, files in sorted(os.walk(root)):
+            dirs.sort()
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    path = os.path.join(d, f)
+                    h.update(os.path.relpath(path, root).encode())
+                    with open(path, "rb") as fh:
+                        h.update(fh.read())
+    return h.hexdigest()
+
+
+def describe_arrays(tree: Any) -> str:
+    """Structure, shapes, dtypes and placement of a pytree of arrays (for a fingerprint)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return repr((str(treedef), [(tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None)),
+                                 bool(getattr(x, "committed", False))) for x in leaves]))
+
+
+def describe_function(fn: Any) -> str:
+    """A function by name (a partial with its arguments), stable across processes."""
+    if isinstance(fn, functools.partial):
+        return (f"partial({describe_function(fn.func)}, {fn.args!r}, "
+                f"{sorted(fn.keywords.items())!r})")
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def fingerprint(*parts: Any) -> str:
+    """`parts` (reprs that name what the programs are made of) and this process's JAX, XLA and
+    devices, as one digest."""
+    backend = jax.devices()[0].client
+    import jaxlib
+    env = (jax.__version__, jaxlib.__version__, backend.platform,
+           backend.platform_version, os.environ.get("XLA_FLAGS", ""),
+           [(f, str(getattr(jax.config, f, None))) for f in _JAX_FLAGS],
+           [(d.id, d.device_kind) for d in jax.devices()], source_digest())
+    return hashlib.sha256(repr((env, parts)).encode()).hexdigest()[:32]
+
+
+class ExecutableStore:
+    """Executables and small JSON values under one fingerprint's directory."""
+
+    def __init__(self, root: str, key: str) -> None:
+        self.dir = os.path.join(root, key)
+        os.makedirs(self.dir, exist_ok=True)
+        os.utime(self.dir)  # most recently used
+        _prune(root, keep=KEEP)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name.replace(os.sep, "_"))
+
+    def load(self, name: str) -> Optional[Any]:
+        """The executable stored as `name`, loaded onto its devices (None: none stored, or one
+        that does not load here)."""
+        try:
+            with open(self._path(name) + ".exe", "rb") as f:
+                payload, in_tree, out_tree = pickle.load(f)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # a torn or foreign file: compile instead
+            logger.warning("Stored executable %s unreadable (%s); compiling it", name, e)
+            return None
+        from jax.experimental import serialize_executable
+        try:
+            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as e:
+            logger.warning("Stored executable %s did not load (%s); compiling it", name, e)
+            return None
+
+    def save(self, name: str, compiled: Any) -> None:
+        from jax.experimental import serialize_executable
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(compiled))
+        except Exception as e:  # e.g. a backend that cannot serialize: the next start compiles
+            logger.warning("Executable %s not stored (%s)", name, e)
+            return
+        self._write(self._path(name) + ".exe", blob)
+
+    def get_json(self, name: str) -> Any:
+        try:
+            with open(self._path(name) + ".json") as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def put_json(self, name: str, value: Any) -> None:
+        self._write(self._path(name) + ".json", json.dumps(value).encode())
+
+    def _write(self, path: str, data: bytes) -> None:
+        # Another process of the same fingerprint (a data-parallel replica) may write the same
+        # file: each writes its own temporary file and renames it, so a reader sees one whole file.
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            logger.warning("Could not write %s: %s", path, e)
+
+
+def _prune(root: str, keep: int) -> None:
+    try:
+        dirs = [os.path.join(root, d) for d in os.listdir(root)]
+        dirs = sorted((d for d in dirs if os.path.isdir(d)), key=os.path.getmtime, reverse=True)
+    except OSError:
+        return
+    for d in dirs[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def store_for(*parts: Any) -> Optional[ExecutableStore]:
+    """The store of programs made of `parts`, under JAX's persistent cache directory; None where
+    there is none, and in a multi-process run (every process must run the programs it lowers)."""
+    cache_dir = jax.config.jax_compilation_cache_dir
+    if not cache_dir or jax.process_count() > 1:
+        return None
+    return ExecutableStore(os.path.join(cache_dir, STORE_DIR), fingerprint(*parts))
+
+
+def build_all(programs: dict[str, Callable[[], Any]], store: Optional[ExecutableStore],
+              pool: Any, on_done: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Executables for `programs` (name -> a function returning the program lowered): those the
+    store has, loaded on `pool`'s threads; the others lowered here, in the given order (a lowered
+    Mosaic GPU kernel can carry process-wide state: lowering concurrently gave modules that
+    differed between processes), then compiled on the threads and stored."""
+    names = list(programs)
+    found = dict(zip(names, pool.map(store.load, names))) if store is not None else {}
+    missing = [n for n in names if found.get(n) is None]
+    for n in names:
+        if found.get(n) is not None:
+            on_done()
+    lowered = [programs[n]() for n in missing]
+
+    def build(n_lo: tuple[str, Any]) -> Any:
+        compiled = n_lo[1].compile()
+        if store is not None:
+            store.save(n_lo[0], compiled)
+        on_done()
+        return compiled
+    found.update(zip(missing, pool.map(build, zip(missing, lowered))))
+    return found
