@@ -5,7 +5,8 @@ AutoTokenizer's imports pull in torch, and through it sympy, torch._dynamo and s
 on the GPU host, under the GIL, so on a thread beside the start-up's tracing and lowering it slowed
 those too (a 25 s thread, a 29 s warm start). A child does that work on another core; the parent only
 unpickles the tokenizer, which imports the tokenizer's own class (transformers' light part, no torch:
-0.6 s on a CPU host for the default model's). The child still took 21-25 s on the GPU host, the
+0.6 s on a CPU host for the default model's; transformers 5.17's fast-tokenizer module still imported
+torch, 4.5 s on the GPU host: hence the floor of 5.18). The child still took 21-25 s on the GPU host, the
 longest path of a warm start, so the pickle is also kept in a cache directory (the engine's: beside
 the converted weights): a later start with the same tokenizer files and the same transformers and
 tokenizers versions unpickles it and starts no child. Like JAX's compilation cache, which holds
