@@ -207,6 +207,30 @@ def test_serve_launch_inprocess_real_engine(tiny_dummy, capsys):
     _check_serve_run(res["runs"][0], 8)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc")
+def test_serve_reads_a_server_s_cpu_time_by_thread():
+    """The launched server's CPU seconds, split into its main thread's (the event loop) and its
+    other threads': work on another thread counts there, not in the main thread's."""
+    import threading
+    from jaxvllm.benchmarks import serve
+    assert serve._server_cpu_s(None) is None
+    burnt, release = threading.Event(), threading.Event()
+
+    def burn() -> None:  # stays alive until read: an exited thread's time leaves /proc with it
+        sum(i * i for i in range(3_000_000))
+        burnt.set()
+        release.wait()
+    t = threading.Thread(target=burn)
+    before = serve._server_cpu_s(os.getpid())
+    t.start()
+    burnt.wait()
+    after = serve._server_cpu_s(os.getpid())
+    release.set()
+    t.join()
+    assert after["other_threads"] - before["other_threads"] >= 0.05
+    assert after["event_loop"] - before["event_loop"] < 0.05
+
+
 def test_serve_rejects_non_url():
     from jaxvllm.benchmarks import serve
     with pytest.raises(SystemExit):

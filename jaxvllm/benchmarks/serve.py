@@ -271,6 +271,27 @@ def _summarize(args: argparse.Namespace, rate: float, results: list[ReqResult], 
 # ---------------------------------------------------------------------------------------------
 # Launching our server
 # ---------------------------------------------------------------------------------------------
+def _server_cpu_s(pid: Optional[int]) -> Optional[dict]:
+    """CPU seconds (user + system) the launched server has used, in its main thread (the event
+    loop's: HTTP, streaming) and in all its other threads (the engine's step and launch threads,
+    XLA's); None where /proc cannot tell (not Linux, or no subprocess). A thread that exits takes
+    its time with it: the server's threads live as long as it does."""
+    if pid is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"event_loop": 0.0, "other_threads": 0.0}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            # Fields 14 and 15 of stat (utime, stime), counted after the command name.
+            s = (int(fields[11]) + int(fields[12])) / tick
+            out["event_loop" if int(tid) == pid else "other_threads"] += s
+    except (OSError, ValueError, IndexError):
+        return None
+    return out
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -380,10 +401,16 @@ def run(args: argparse.Namespace) -> int:
         vocab = args.vocab_size or (launched.vocab_size() if launched else None) or 32000
         model = asyncio.run(_model_name(args, base, launched is not None))
         runs = []
+        pid = launched.proc.pid if launched is not None and launched.proc is not None else None
         for rate in rates:
             C.log(f"rate {rate} req/s: up to {args.num_prompts} requests"
                   + (f", {args.duration:.0f}s" if args.duration else ""))
+            cpu = _server_cpu_s(pid)
             runs.append(asyncio.run(_run_rate(args, base, model, vocab, rate)))
+            after = _server_cpu_s(pid)
+            if cpu is not None and after is not None and runs[-1]["output_tokens"]:
+                runs[-1]["server_cpu_us_per_token"] = {
+                    k: 1e6 * (after[k] - cpu[k]) / runs[-1]["output_tokens"] for k in cpu}
     finally:
         if launched is not None:
             launched.__exit__()
@@ -403,6 +430,12 @@ def run(args: argparse.Namespace) -> int:
     title = (f"serve: {model} at {base}, input {args.input_len}, output {args.output_len} "
              f"({args.prompt_type} prompts); times in ms")
     text = title + "\n" + C.table(rows, header)
+    for r in runs:
+        if "server_cpu_us_per_token" in r:
+            cpu = r["server_cpu_us_per_token"]
+            text += (f"\nrate {r['request_rate']:g}: the server's CPU time per output token: event "
+                     f"loop thread {cpu['event_loop']:.1f} us, its other threads "
+                     f"{cpu['other_threads']:.1f} us")
     errs = sorted({e for r in runs for e in r["errors"]})
     if errs:
         text += "\nerrors: " + "; ".join(errs)
