@@ -66,6 +66,9 @@ class _TokenRule:
     def accept(self, token: int) -> None:
         pass
 
+    def rollback(self, num_tokens: int) -> None:
+        pass
+
     @staticmethod
     def accept_all(rule_tokens: list[tuple["_TokenRule", int]]) -> list[bool]:
         for rule, token in rule_tokens:
@@ -105,9 +108,12 @@ class BadWords(_TokenRule):
         self.recent: list[int] = []
 
     def accept(self, token: int) -> None:
-        if self._context:
+        if self._context:  # every output token: a rollback (of guesses) may reach back any way
             self.recent.append(token)
-            del self.recent[:-self._context]
+
+    def rollback(self, num_tokens: int) -> None:
+        if self._context:
+            del self.recent[len(self.recent) - num_tokens:]
 
     @staticmethod
     def fill_bitmasks(grammar_rows: list[tuple["BadWords", int]], bitmask: np.ndarray) -> None:

@@ -134,11 +134,12 @@ def test_the_target_as_its_own_draft_guesses_every_token(dirs):
 @pytest.mark.parametrize("draft", ["noisy", "small"])
 def test_greedy_output_is_the_same_token_for_token(dirs, draft):
     """Batch-invariant mode, as in test_spec_decode.py: tokens, logprobs and finish reasons of
-    plain decoding, for requests that guess (logprobs, logit_bias, stop ids, n = 2 sharing a
-    prompt's blocks, prompt logprobs) and requests that do not (penalties, min_tokens), with
-    few enough KV blocks that requests are preempted and recomputed."""
+    plain decoding, for requests with logprobs, logit_bias, allowed_token_ids (a mask on every
+    guess row), stop ids, n = 2 sharing a prompt's blocks, prompt logprobs, penalties and
+    min_tokens, with few enough KV blocks that requests are preempted and recomputed."""
     g = dict(GREEDY)
-    kinds = [SamplingParams(**g, logprobs=2), SamplingParams(**g),
+    kinds = [SamplingParams(**g, logprobs=2),
+             SamplingParams(**g, allowed_token_ids=list(range(3, VOCAB, 2))),
              SamplingParams(**g, repetition_penalty=1.3), SamplingParams(**g, logit_bias={5: 3.0}),
              SamplingParams(**g, n=2, prompt_logprobs=1), SamplingParams(**{**g, "max_tokens": 7}),
              SamplingParams(**g, min_tokens=4, stop_token_ids=[7]), SamplingParams(**g, logprobs=0)]

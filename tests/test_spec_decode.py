@@ -310,9 +310,9 @@ def assert_same_distribution(a: np.ndarray, b: np.ndarray, vocab: int) -> None:
 
 
 def test_token_masks_land_on_their_rows_beside_guesses(params):
-    """Requests with a token mask (allowed_token_ids: no guesses) or logit_bias after guessing
-    ones in the batch: their masks and biases go to their own rows, which guesses shift (greedy
-    tokens as without guessing, every token allowed)."""
+    """Requests with a token mask (allowed_token_ids) or logit_bias beside requests without:
+    their masks and biases go to their own rows, which guesses shift (greedy tokens as without
+    guessing, every token allowed)."""
     from jaxvllm import SamplingParams
     g = dict(temperature=0.0, max_tokens=24, ignore_eos=True)
     allowed = list(range(10, 30))
@@ -328,6 +328,29 @@ def test_token_masks_land_on_their_rows_beside_guesses(params):
     assert outs[False] == outs[True]
     assert all(t in allowed for t in outs[False][1]) and all(t in allowed[::3] for t in outs[False][3])
     assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 0
+
+
+def test_requests_with_allowed_token_ids_guess_too(params):
+    """allowed_token_ids requests guess (every guess row masked): the same greedy tokens as
+    without guessing, guesses kept, and the mask holds."""
+    from jaxvllm import SamplingParams
+    g = dict(temperature=0.0, max_tokens=30, ignore_eos=True)
+    prompts = _prompts(6, seed=7)
+    plain = _engine(params, None, batch_invariant=True)
+    first = [o.outputs[0].token_ids for o in plain.generate(prompts, SamplingParams(**g),
+                                                            use_tqdm=False)]
+    # What each greedy output used (the mask leaves it room to loop), less its 10th token.
+    allowed = [sorted(set(t) - {t[9]}) for t in first]
+    kinds = [SamplingParams(**g, allowed_token_ids=a) for a in allowed]
+    outs = {}
+    for spec in (None, SPEC):
+        llm = _engine(params, spec, batch_invariant=True)
+        outs[spec is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, kinds,
+                                                                           use_tqdm=False)]
+    assert outs[False] == outs[True]
+    assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 10
+    for t, a, f in zip(outs[False], allowed, first):
+        assert set(t) <= set(a) and t != f
 
 
 def test_a_stop_token_among_kept_guesses_ends_the_output_there(params):

@@ -216,3 +216,37 @@ def test_bad_words_are_never_generated(llm):
     assert ids[0] not in out.token_ids
     with pytest.raises(ValueError, match="bad_words"):
         SamplingParams(bad_words=["x"], allowed_token_ids=[1])
+
+
+def test_constrained_requests_guess_and_decode_as_without_guessing():
+    """With prompt-lookup speculation, grammars (JSON schema, regex, choice) and bad_words mask
+    every guess row (the matcher advanced over the guesses before it, then rolled back): greedy
+    output token for token as plain decoding's (batch-invariant mode: a verified row's logits are
+    a single row's), the constraints hold, and guesses are kept."""
+    text = '{"name": "Ada Lovelace", "age": 36, "pets": ["cat", "owl"]}'
+    prompts = [f"Copy this JSON exactly.\n{text}\n{text}\n", "Repeat: 2024-01-15, 2024-01-15, ",
+               "Pick one: red, green or blue. Answer: blue, blue, ",
+               "The cat sat on the mat. The cat sat on the mat. The cat"]
+    g = dict(temperature=0.0, max_tokens=40)
+    kinds = [constrained(**g, json=PERSON),
+             constrained(**g, regex=r"\d{4}-\d{2}-\d{2}(, \d{4}-\d{2}-\d{2}){0,2}"),
+             constrained(**g, choice=["red", "green", "blue"]),
+             SamplingParams(**g, ignore_eos=True, bad_words=[" mat"])]
+    outs, stats = {}, None
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+                        "prompt_lookup_min": 2}):
+        llm = LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+                  num_gpu_blocks_override=96, enforce_eager=True, batch_invariant=True,
+                  speculative_config=spec)
+        outs[spec is None] = llm.generate(prompts, kinds, use_tqdm=False)
+        stats = llm.llm_engine.get_stats().spec_decode
+    for a, b in zip(outs[True], outs[False]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+    assert stats.num_accepted_tokens > 20, stats
+    texts = [o.outputs[0].text for o in outs[False]]
+    jsonschema.validate(json.loads(texts[0]), PERSON)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}(, \d{4}-\d{2}-\d{2}){0,2}", texts[1])
+    assert texts[2] in ("red", "green", "blue")
+    tok = outs[False][3].outputs[0].token_ids
+    assert not _contains(tok, llm.llm_engine.tokenizer.encode(" mat", add_special_tokens=False))

@@ -39,7 +39,8 @@ class SchedulerOutput:
     # Requests the runner must forget: finished or aborted since the last step, or preempted now.
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
-    # Requests with a grammar -> their row of the step's masks (Scheduler.grammar_bitmask).
+    # Requests with a grammar -> their first row of the step's masks (Scheduler.grammar_bitmask):
+    # one row per token the request samples in the step, 1 + its scheduled guesses.
     grammar_rows: dict[str, int] = field(default_factory=dict)
     # Speculative decoding: the guessed tokens scheduled after a request's last token (counted in
     # its num_scheduled_tokens), verified in this step.

@@ -56,7 +56,7 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -406,9 +406,11 @@ class Scheduler:
         self._finished_req_ids = set()
         grammar_rows = {}
         if self.num_structured_requests:
-            requests = self.requests
-            grammar_rows = {rid: i for i, rid in enumerate(
-                rid for rid in num_scheduled if requests[rid].grammar is not None)}
+            requests, start = self.requests, 0
+            for rid in num_scheduled:
+                if requests[rid].grammar is not None:
+                    grammar_rows[rid] = start
+                    start += 1 + len(drafts.get(rid, ()))
         return SchedulerOutput(new_reqs=new_reqs, cached_reqs=cached_reqs,
                                num_scheduled_tokens=num_scheduled,
                                total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
@@ -429,20 +431,41 @@ class Scheduler:
         return lora_id in active or len(active) < self.config.max_loras
 
     def grammar_bitmask(self, scheduler_output: SchedulerOutput) -> np.ndarray:
-        """The next-token masks of the step's requests with a grammar, in `grammar_rows` order.
-        Valid once every token sampled before that step has come back through update_from_output
-        (the matchers have then seen all of them); a request finished since allows every token."""
+        """The next-token masks of the step's requests with a grammar, from each one's first row of
+        `grammar_rows` on: the mask after its tokens so far, then after each of its scheduled
+        guesses in turn (the matcher advanced over them and rolled back). Valid once every token
+        sampled before that step has come back through update_from_output (the matchers have then
+        seen all of them); a request finished since allows every token, and so do the rows after a
+        guess its grammar refuses (verification rejects that guess: its masked probability is 0)."""
         rows = scheduler_output.grammar_rows
-        live = [(req.grammar, i) for rid, i in rows.items()
+        drafts = scheduler_output.scheduled_spec_decode_tokens
+        total = sum(1 + len(drafts.get(rid, ())) for rid in rows)
+        live = [(req.grammar, i, drafts.get(rid, ())) for rid, i in rows.items()
                 if (req := self.requests.get(rid)) is not None]
         if not live:  # one all-ones word per row, which broadcasts over a row of any width
-            return np.full((len(rows), 1), -1, np.int32)
-        bitmask = np.full((len(rows), live[0][0].bitmask_words), -1, np.int32)
-        by_kind: dict[type, list] = {}  # grammars, fixed token sets: each kind fills its own rows
-        for grammar, i in live:
-            by_kind.setdefault(type(grammar), []).append((grammar, i))
-        for kind, kind_rows in by_kind.items():
-            kind.fill_bitmasks(kind_rows, bitmask)
+            return np.full((total, 1), -1, np.int32)
+        bitmask = np.full((total, live[0][0].bitmask_words), -1, np.int32)
+        advanced: dict[Any, int] = {}  # grammar -> guesses it consumed here (rolled back below)
+        j = 0
+        while live:
+            by_kind: dict[type, list] = {}  # grammars, fixed token sets: each kind fills its rows
+            for grammar, i, _ in live:
+                by_kind.setdefault(type(grammar), []).append((grammar, i + j))
+            for kind, kind_rows in by_kind.items():
+                kind.fill_bitmasks(kind_rows, bitmask)
+            # A guess the mask refuses is not consumed (a refused token can leave a matcher failed).
+            live = [(g, i, guesses) for g, i, guesses in live if j < len(guesses)
+                    and _allows(bitmask[i + j], guesses[j])]
+            by_kind = {}
+            for g, i, guesses in live:
+                by_kind.setdefault(type(g), []).append((g, guesses[j]))
+            for kind, items in by_kind.items():
+                kind.accept_all(items)
+            for g, _, _ in live:
+                advanced[g] = advanced.get(g, 0) + 1
+            j += 1
+        for g, n in advanced.items():
+            g.rollback(n)
         return bitmask
 
     def discard_step(self, scheduler_output: SchedulerOutput) -> list[Request]:
@@ -466,8 +489,8 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         append = outputs.append
         any_finished_running = False
-        refused = (self._advance_grammars(runner_output.sampled_token_ids)
-                   if self.num_structured_requests else ())
+        refused, completed = (self._advance_grammars(runner_output.sampled_token_ids)
+                              if self.num_structured_requests else ({}, {}))
         drafts = scheduler_output.scheduled_spec_decode_tokens
         proposals = runner_output.spec_token_ids
         for rid, toks in runner_output.sampled_token_ids.items():
@@ -482,16 +505,15 @@ class Scheduler:
             out_ids = req.output_token_ids
             status = None
             stop_reason = None
-            grammar = req.grammar
             for j, tok in enumerate(toks):
                 out_ids.append(tok)
-                if rid in refused:
+                if refused.get(rid) == j:
                     status = _ABORTED  # cannot happen with the mask applied: a sampler fault
                 elif tok in req.stop_ids and len(out_ids) >= req.min_tokens:
                     status = _STOPPED
                     if tok != req.stop_reason_exempt_id:
                         stop_reason = tok
-                elif grammar is not None and grammar.terminated:
+                elif completed.get(rid) == j:
                     status = _STOPPED  # the output is complete: as a stop token, without its id
                 elif len(out_ids) + len(req.prompt_token_ids) >= req.max_num_tokens:
                     status = _LENGTH
@@ -530,21 +552,33 @@ class Scheduler:
             self.running = [r for r in self.running if r.status == _RUNNING]
         return outputs
 
-    def _advance_grammars(self, sampled: dict[str, list[int]]) -> set[str]:
-        """Each sampled token advances its request's grammar, every grammar of a kind in one call
+    def _advance_grammars(self, sampled: dict[str, list[int]]
+                          ) -> tuple[dict[str, int], dict[str, int]]:
+        """The sampled tokens advance their requests' grammars, a token of each request at a time
+        (with speculative decoding a request may have several), every grammar of a kind in one call
         (llguidance's matchers in parallel: one by one they took ~17 us each, 4 ms a step at batch
-        256). Returns the ids of the requests whose grammar refused its token. (A request with a
-        grammar gets no speculative guesses: one token each.)"""
-        by_kind: dict[type, list] = {}
-        for rid, toks in sampled.items():
-            req = self.requests.get(rid)
-            if req is not None and req.grammar is not None:
-                by_kind.setdefault(type(req.grammar), []).append((rid, req.grammar, toks[0]))
-        refused = set()
-        for kind, items in by_kind.items():
-            accepted = kind.accept_all([(grammar, tok) for _, grammar, tok in items])
-            refused.update(rid for (rid, _, _), ok in zip(items, accepted) if not ok)
-        return refused
+        256). Returns, by request id, the index of the token its grammar refused, and of the token
+        that completed its output (nothing after either is consumed)."""
+        live = [(rid, req.grammar, toks) for rid, toks in sampled.items()
+                if (req := self.requests.get(rid)) is not None and req.grammar is not None]
+        refused: dict[str, int] = {}
+        completed: dict[str, int] = {}
+        j = 0
+        while live:
+            by_kind: dict[type, list] = {}
+            for item in live:
+                by_kind.setdefault(type(item[1]), []).append(item)
+            for kind, items in by_kind.items():
+                accepted = kind.accept_all([(grammar, toks[j]) for _, grammar, toks in items])
+                for (rid, grammar, _), ok in zip(items, accepted):
+                    if not ok:
+                        refused[rid] = j
+                    elif grammar.terminated:
+                        completed[rid] = j
+            j += 1
+            live = [x for x in live if j < len(x[2]) and x[0] not in refused
+                    and x[0] not in completed]
+        return refused, completed
 
     @staticmethod
     def _chunk_starts(scheduler_output: SchedulerOutput) -> dict[str, int]:
@@ -615,3 +649,8 @@ class Scheduler:
             assert r.status in (_WAITING, _PREEMPTED) and self.requests.get(r.request_id) is r
             assert r.num_computed_tokens == 0 and not kv.get_blocks(r.request_id)
         assert set(kv.req_to_blocks) <= set(running_ids), "a non-running request holds blocks"
+
+
+def _allows(row: np.ndarray, token: int) -> bool:
+    """Whether a mask row (int32 words, bit t of the row = token t) allows `token`."""
+    return bool((int(row[token >> 5]) >> (token & 31)) & 1)

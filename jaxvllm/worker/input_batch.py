@@ -39,16 +39,7 @@ class RequestState:
     slot: int = -1  # its row of the token table; -1: none (no penalties, nothing to mask)
     lora_id: int = 0  # its LoRA adapter (0: none)
     num_inflight: int = 0  # sampled on device by a dispatched step, not yet appended to token_ids
-    # Speculative guesses are verified against its own distribution at each guess: its token
-    # bits count the guesses before each row (sampler.count_guesses), but a grammar's or
-    # bad_words' mask is one per step, so not for a request with one.
-    may_guess: bool = field(init=False)
     ngrams: Optional[NgramIndex] = field(default=None, repr=False)  # its n-grams, when guessing
-
-    def __post_init__(self) -> None:
-        p = self.params
-        self.may_guess = (p.structured_outputs is None and not p.allowed_token_ids
-                          and not p.bad_words)
 
     @property
     def num_output_tokens(self) -> int:
@@ -119,7 +110,6 @@ class InputBatch:
         # columns instead of collecting them request by request: ~2 us a request).
         self.float_knobs = np.zeros((len(FLOAT_KNOBS), max_num_seqs), np.float32)
         self.int_knobs = np.zeros((4, max_num_seqs), np.int32)
-        self.may_guess = np.zeros(max_num_seqs, bool)  # RequestState.may_guess, by row
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
     def request_bucket(self, t_bucket: int) -> int:
@@ -185,7 +175,6 @@ class InputBatch:
             token_ids=list(new_req.prompt_token_ids) + list(new_req.output_token_ids),
             num_prompt_tokens=len(new_req.prompt_token_ids), params=sp, table_row=row,
             num_blocks=len(new_req.block_ids), seed=seed, slot=slot, lora_id=new_req.lora_id)
-        self.may_guess[row] = state.may_guess
         return state
 
     def build(self, scheduler_output: SchedulerOutput) -> StepBatch:

@@ -306,7 +306,7 @@ class ModelRunner:
             n = len(b.req_ids)
             draft[0, :n] = b.num_drafts
             if n:  # (a warm-up batch has none)
-                draft[1, :n] = b.sample_mask[:n] & self.input_batch.may_guess[b.table_rows]
+                draft[1, :n] = b.sample_mask[:n]
             draft = [draft.ravel()]
         return np.concatenate([b.token_ids, b.positions, b.slot_mapping, b.prev_rows,
                                b.query_start_loc, b.seq_lens, b.logits_indices, b.num_seqs,
@@ -613,8 +613,11 @@ class ModelRunner:
         grammar = None
         first_rows = b.row_starts
         if scheduler_output.grammar_rows:
-            row_of = {rid: int(first_rows[i]) for i, rid in enumerate(b.req_ids)}
-            grammar = _GrammarMask({rid: row_of[rid] for rid in scheduler_output.grammar_rows},
+            rows_of = {rid: (int(first_rows[i]), 1 + (0 if b.num_drafts is None
+                                                      else int(b.num_drafts[i])))
+                       for i, rid in enumerate(b.req_ids)}
+            grammar = _GrammarMask({rid: (*rows_of[rid], start) for rid, start
+                                    in scheduler_output.grammar_rows.items()},
                                    len(b.logits_indices), Future())
         logit_bias = None
         if input_batch.biased:
@@ -663,14 +666,15 @@ class ModelRunner:
                         grammar, n, None if b.num_drafts is None else first_rows, b.num_drafts)
 
     def set_grammar_bitmask(self, h: "Inflight", rows: Optional[np.ndarray]) -> None:
-        """Give a dispatched step its grammar masks: `rows[i]` for its i-th request of
-        `SchedulerOutput.grammar_rows`; its other rows allow every token. None: there are none
-        (the step fails)."""
+        """Give a dispatched step its grammar masks: `rows` as Scheduler.grammar_bitmask returns
+        them, each request's from its first row of `SchedulerOutput.grammar_rows` on, one per row
+        it samples; its other rows allow every token. None: there are none (the step fails)."""
         if rows is None:
             h.grammar.bitmask.set_exception(RuntimeError("the step's grammar masks failed"))
             return
         mask = new_bitmask(h.grammar.num_rows, self.cfg.vocab_size)
-        mask[list(h.grammar.batch_rows.values())] = rows
+        for first, count, start in h.grammar.batch_rows.values():
+            mask[first:first + count] = rows[start:start + count]
         h.grammar.bitmask.set_result(mask)
 
     def _warn_on_compiles(self, num_tokens: int, mode: str) -> None:
@@ -746,7 +750,7 @@ class ModelRunner:
             if state is not None:
                 state.token_ids.extend(toks)
                 state.num_inflight -= 1
-                if proposer is not None and state.may_guess:
+                if proposer is not None:
                     limit = self.config.max_model_len - len(state.token_ids) - 1
                     if drafted is not None:
                         guesses = drafted[i, :max(0, limit)].tolist()  # [R, k] already
@@ -824,7 +828,8 @@ class _PromptScores:
 @dataclass
 class _GrammarMask:
     """A step's rows with a grammar and the mask its sampler waits for."""
-    batch_rows: dict[str, int]        # request id -> batch row, in SchedulerOutput.grammar_rows order
+    # request id -> (its first batch row, its rows, its first row of the scheduler's masks)
+    batch_rows: dict[str, tuple[int, int, int]]
     num_rows: int                     # the step's request bucket
     bitmask: Future                   # -> int32[num_rows, ceil(V/32)]
 
