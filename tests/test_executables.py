@@ -122,3 +122,18 @@ def test_the_kv_sizing_figure_is_stored(store_root, monkeypatch):
         raise AssertionError("the probe programs were compiled again")
     monkeypatch.setattr(model_runner.ModelRunner, "_step_bytes", no_probe)
     assert build_runner(args, loaded)[0].num_blocks == first.num_blocks
+
+
+def test_an_unwritable_cache_directory_only_costs_the_store(params, tmp_path, caplog):
+    """A cache directory the store cannot create its folder in: the engine starts and serves."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(blocked))
+    try:
+        with caplog.at_level(logging.WARNING, logger="jaxvllm.worker.executables"):
+            llm, _ = _start(params)
+        assert any("No stored executables" in r.getMessage() for r in caplog.records)
+        assert llm.llm_engine.runner._store is None and _outputs(llm)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)

@@ -154,7 +154,11 @@ def store_for(*parts: Any) -> Optional[ExecutableStore]:
     cache_dir = jax.config.jax_compilation_cache_dir
     if not cache_dir or jax.process_count() > 1:
         return None
-    return ExecutableStore(os.path.join(cache_dir, STORE_DIR), fingerprint(*parts))
+    try:
+        return ExecutableStore(os.path.join(cache_dir, STORE_DIR), fingerprint(*parts))
+    except OSError as e:  # e.g. a read-only cache directory: every start compiles, as without
+        logger.warning("No stored executables (%s): each start traces and lowers its programs", e)
+        return None
 
 
 def build_all(programs: dict[str, Callable[[], Any]], store: Optional[ExecutableStore],
