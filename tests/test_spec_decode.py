@@ -319,15 +319,21 @@ def test_token_masks_land_on_their_rows_beside_guesses(params):
     kinds = [SamplingParams(**g), SamplingParams(**g, allowed_token_ids=allowed), SamplingParams(**g),
              SamplingParams(**g, allowed_token_ids=allowed[::3]), SamplingParams(**g),
              SamplingParams(**g, logit_bias={7: 5.0})]
-    prompts = _prompts(6, seed=4)
+    plain, guessed, stats = _tokens_plain_and_guessed(params, _prompts(6, seed=4), kinds)
+    assert guessed == plain
+    assert all(t in allowed for t in guessed[1]) and all(t in allowed[::3] for t in guessed[3])
+    assert stats.num_accepted_tokens > 0
+
+
+def _tokens_plain_and_guessed(params, prompts, kinds) -> tuple:
+    """Each request's greedy tokens without and with guessing (batch-invariant mode), and the
+    guessing engine's speculation counts."""
     outs = {}
     for spec in (None, SPEC):
         llm = _engine(params, spec, batch_invariant=True)
         outs[spec is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, kinds,
                                                                            use_tqdm=False)]
-    assert outs[False] == outs[True]
-    assert all(t in allowed for t in outs[False][1]) and all(t in allowed[::3] for t in outs[False][3])
-    assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 0
+    return outs[True], outs[False], llm.llm_engine.get_stats().spec_decode
 
 
 def test_requests_with_allowed_token_ids_guess_too(params):
@@ -342,14 +348,10 @@ def test_requests_with_allowed_token_ids_guess_too(params):
     # What each greedy output used (the mask leaves it room to loop), less its 10th token.
     allowed = [sorted(set(t) - {t[9]}) for t in first]
     kinds = [SamplingParams(**g, allowed_token_ids=a) for a in allowed]
-    outs = {}
-    for spec in (None, SPEC):
-        llm = _engine(params, spec, batch_invariant=True)
-        outs[spec is None] = [o.outputs[0].token_ids for o in llm.generate(prompts, kinds,
-                                                                           use_tqdm=False)]
-    assert outs[False] == outs[True]
-    assert llm.llm_engine.get_stats().spec_decode.num_accepted_tokens > 10
-    for t, a, f in zip(outs[False], allowed, first):
+    plain, guessed, stats = _tokens_plain_and_guessed(params, prompts, kinds)
+    assert guessed == plain
+    assert stats.num_accepted_tokens > 10
+    for t, a, f in zip(guessed, allowed, first):
         assert set(t) <= set(a) and t != f
 
 
