@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pickle
+import platform
 import shutil
 import tempfile
 from typing import Any, Callable, Optional
@@ -65,6 +66,19 @@ def describe_function(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
+@functools.cache
+def _host_cpu() -> str:
+    """The host CPU's feature flags: a CPU executable is machine code for them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return hashlib.sha256(line.encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def fingerprint(*parts: Any) -> str:
     """`parts` (reprs that name what the programs are made of) and this process's JAX, XLA and
     devices, as one digest."""
@@ -73,7 +87,7 @@ def fingerprint(*parts: Any) -> str:
     env = (jax.__version__, jaxlib.__version__, backend.platform,
            backend.platform_version, os.environ.get("XLA_FLAGS", ""),
            [(f, str(getattr(jax.config, f, None))) for f in _JAX_FLAGS],
-           [(d.id, d.device_kind) for d in jax.devices()], source_digest())
+           [(d.id, d.device_kind) for d in jax.devices()], _host_cpu(), source_digest())
     return hashlib.sha256(repr((env, parts)).encode()).hexdigest()[:32]
 
 
