@@ -176,7 +176,7 @@ def _save_adapter(d: str, out: str) -> None:
     model.save_pretrained(out)
 
 
-def _lora(d: str, adapter: str, tp: int) -> dict[str, Any]:
+def _lora(d: str, adapter: str, tp: int, **engine: Any) -> dict[str, Any]:
     """Greedy tokens and logprobs of the prompts, alternately with the adapter and without, in
     one batch."""
     from jaxvllm import LLM, LoRARequest, SamplingParams
@@ -184,7 +184,7 @@ def _lora(d: str, adapter: str, tp: int) -> dict[str, Any]:
               max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=32,
               enforce_eager=True, token_buckets=(8, 32), weights_cache_dir="none",
               compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"),
-              enable_lora=True, max_loras=1, max_lora_rank=8)
+              enable_lora=True, max_loras=1, max_lora_rank=8, **engine)
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     lora = LoRARequest("adapter", 1, adapter)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False,
@@ -256,6 +256,8 @@ def _worker(out_path: str) -> None:
         adapter = os.path.join(tmp, "adapter")
         _save_adapter(llama, adapter)
         report["lora"] = {tp: _lora(llama, adapter, tp) for tp in CPU_TP_SIZES}
+        # LoRA over FP8 weights: the adapter's update beside the quantized GEMM, sharded alike.
+        report["lora_fp8"] = {tp: _lora(llama, adapter, tp, quantization="fp8") for tp in (1, 4)}
         report["qwen2"] = {tp: _run_engine(qwen, tp, "float32", inspect=tp == 4) for tp in (1, 4)}
         # Mixture of experts with a shared expert: every expert's intermediate dimension split.
         moe = os.path.join(tmp, "qwen2_moe")
@@ -355,6 +357,15 @@ def test_lora_adapters_match_tp1(report, tp):
     for n in ("o", "down"):
         assert specs[f"{n}_lora_a"] == ["tp", None] and specs[f"{n}_lora_b"] == []
     assert shapes["k_lora_b"] == [8, 64 // tp] and shapes["o_lora_a"] == [64 // tp, 8]
+
+
+def test_lora_over_fp8_weights_matches_tp1(report):
+    """Adapters over FP8 weights at TP 4 as on one device (tests/test_lora.py checks one device's
+    against the adapter's shift over unquantized weights)."""
+    ref, got = report["lora_fp8"][1], report["lora_fp8"][4]
+    assert got["tokens"] == ref["tokens"]
+    assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    assert got["specs"]["q_lora_b"] == [None, "tp"] and got["specs"]["o_lora_a"] == ["tp", None]
 
 
 def test_speculative_decoding_under_tp(report):
