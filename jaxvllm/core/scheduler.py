@@ -448,18 +448,12 @@ class Scheduler:
         advanced: dict[Any, int] = {}  # grammar -> guesses it consumed here (rolled back below)
         j = 0
         while live:
-            by_kind: dict[type, list] = {}  # grammars, fixed token sets: each kind fills its rows
-            for grammar, i, _ in live:
-                by_kind.setdefault(type(grammar), []).append((grammar, i + j))
-            for kind, kind_rows in by_kind.items():
+            for kind, kind_rows in _by_kind((g, i + j) for g, i, _ in live).items():
                 kind.fill_bitmasks(kind_rows, bitmask)
             # A guess the mask refuses is not consumed (a refused token can leave a matcher failed).
             live = [(g, i, guesses) for g, i, guesses in live if j < len(guesses)
                     and _allows(bitmask[i + j], guesses[j])]
-            by_kind = {}
-            for g, i, guesses in live:
-                by_kind.setdefault(type(g), []).append((g, guesses[j]))
-            for kind, items in by_kind.items():
+            for kind, items in _by_kind((g, guesses[j]) for g, _, guesses in live).items():
                 kind.accept_all(items)
             for g, _, _ in live:
                 advanced[g] = advanced.get(g, 0) + 1
@@ -559,25 +553,22 @@ class Scheduler:
         (llguidance's matchers in parallel: one by one they took ~17 us each, 4 ms a step at batch
         256). Returns, by request id, the index of the token its grammar refused, and of the token
         that completed its output (nothing after either is consumed)."""
-        live = [(rid, req.grammar, toks) for rid, toks in sampled.items()
+        live = [(req.grammar, rid) for rid in sampled
                 if (req := self.requests.get(rid)) is not None and req.grammar is not None]
         refused: dict[str, int] = {}
         completed: dict[str, int] = {}
         j = 0
         while live:
-            by_kind: dict[type, list] = {}
-            for item in live:
-                by_kind.setdefault(type(item[1]), []).append(item)
-            for kind, items in by_kind.items():
-                accepted = kind.accept_all([(grammar, toks[j]) for _, grammar, toks in items])
-                for (rid, grammar, _), ok in zip(items, accepted):
+            for kind, items in _by_kind(live).items():
+                accepted = kind.accept_all([(grammar, sampled[rid][j]) for grammar, rid in items])
+                for (grammar, rid), ok in zip(items, accepted):
                     if not ok:
                         refused[rid] = j
                     elif grammar.terminated:
                         completed[rid] = j
             j += 1
-            live = [x for x in live if j < len(x[2]) and x[0] not in refused
-                    and x[0] not in completed]
+            live = [(g, rid) for g, rid in live if j < len(sampled[rid]) and rid not in refused
+                    and rid not in completed]
         return refused, completed
 
     @staticmethod
@@ -649,6 +640,15 @@ class Scheduler:
             assert r.status in (_WAITING, _PREEMPTED) and self.requests.get(r.request_id) is r
             assert r.num_computed_tokens == 0 and not kv.get_blocks(r.request_id)
         assert set(kv.req_to_blocks) <= set(running_ids), "a non-running request holds blocks"
+
+
+def _by_kind(pairs: Iterable[tuple[Any, Any]]) -> dict[type, list[tuple[Any, Any]]]:
+    """(mask rule, value) pairs grouped by the rule's kind (grammar, fixed token set, bad words):
+    each kind fills masks and accepts tokens for all of its rules in one call."""
+    groups: dict[type, list[tuple[Any, Any]]] = {}
+    for pair in pairs:
+        groups.setdefault(type(pair[0]), []).append(pair)
+    return groups
 
 
 def _allows(row: np.ndarray, token: int) -> bool:

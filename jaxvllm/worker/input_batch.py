@@ -170,12 +170,11 @@ class InputBatch:
         # Any Python int seed, as its low 32 bits in an int32 lane.
         self.int_knobs[:, row] = (sp.top_k, np.uint32(seed & 0xFFFFFFFF).view(np.int32), slot,
                                   sp.min_tokens)
-        state = RequestState(
+        return RequestState(
             req_id=new_req.req_id,
             token_ids=list(new_req.prompt_token_ids) + list(new_req.output_token_ids),
             num_prompt_tokens=len(new_req.prompt_token_ids), params=sp, table_row=row,
             num_blocks=len(new_req.block_ids), seed=seed, slot=slot, lora_id=new_req.lora_id)
-        return state
 
     def build(self, scheduler_output: SchedulerOutput) -> StepBatch:
         req_ids = list(scheduler_output.num_scheduled_tokens)

@@ -305,8 +305,7 @@ class ModelRunner:
             draft = np.zeros((2, len(b.seq_lens)), np.int32)
             n = len(b.req_ids)
             draft[0, :n] = b.num_drafts
-            if n:  # (a warm-up batch has none)
-                draft[1, :n] = b.sample_mask[:n]
+            draft[1, :n] = b.sample_mask[:n]
             draft = [draft.ravel()]
         return np.concatenate([b.token_ids, b.positions, b.slot_mapping, b.prev_rows,
                                b.query_start_loc, b.seq_lens, b.logits_indices, b.num_seqs,
