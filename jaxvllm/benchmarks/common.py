@@ -323,15 +323,8 @@ def measure_gemv_bandwidth(nbytes: int, shapes: tuple = GEMV_SHAPES,
             for w in ws:
                 x = x + (x @ w)[:, :1] * jnp.bfloat16(1e-3)
             return x
-        f = jax.jit(chain)
-        x = jnp.ones((GEMV_ROWS, k), jnp.bfloat16)
-        f(x, ws).block_until_ready()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            f(x, ws).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        out[(k, n)] = len(ws) * k * n * 2 / median(times)
+        f, x = jax.jit(chain), jnp.ones((GEMV_ROWS, k), jnp.bfloat16)
+        out[(k, n)] = len(ws) * k * n * 2 / _median_call_s(f, iters, x, ws)
         del ws
     return out
 
@@ -342,13 +335,19 @@ def measure_matmul_flops(n: int = 8192, iters: int = 10) -> float:
     import jax.numpy as jnp
     a = jnp.ones((n, n), jnp.bfloat16)
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+    return 2 * n ** 3 / _median_call_s(f, iters, a)
+
+
+def _median_call_s(f: Callable[..., Any], iters: int, *args: Any) -> float:
+    """Median seconds of `iters` calls `f(*args)` (a device computation, waited for), after one
+    that compiles it."""
+    f(*args).block_until_ready()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        f(a).block_until_ready()
+        f(*args).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / median(times)
+    return median(times)
 
 
 def repo_root() -> str:
