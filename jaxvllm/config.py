@@ -154,8 +154,6 @@ class EngineArgs:
         for name in ("block_size", "tensor_parallel_size", "data_parallel_size",
                      "max_logprobs", "max_loras", "max_lora_rank"):
             pos_int(name)
-        if self.enable_lora and self.nnodes > 1:
-            raise ValueError("enable_lora is not supported with nnodes > 1 yet")
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens",
                      "num_gpu_blocks_override"):
             pos_int(name, optional=True)

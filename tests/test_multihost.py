@@ -7,6 +7,7 @@ random Llama and the prompts are test_tensor_parallel.py's.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -36,11 +37,14 @@ def _node_kwargs(addr: str, rank: int) -> dict[str, Any]:
 
 
 # ---- the processes -------------------------------------------------------------------------------
-def _greedy(llm: Any, **params: Any) -> dict[str, Any]:
+def _greedy(llm: Any, lora: Any = None, **params: Any) -> dict[str, Any]:
+    """The prompts greedy; with `lora`, every other one with that adapter."""
     from jaxvllm import SamplingParams
     sp = SamplingParams(**{"temperature": 0, "max_tokens": 8, "ignore_eos": True, "logprobs": 1,
                            **params})
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    loras = None if lora is None else [lora if i % 2 == 0 else None for i in range(len(PROMPTS))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False,
+                        lora_request=loras)
     return {"tokens": [list(o.outputs[0].token_ids) for o in outs],
             "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
 
@@ -60,13 +64,73 @@ def _lead(model: str, addr: str, out: str) -> None:
     llm = LLM(model=model, **_engine_kwargs(8), **_node_kwargs(addr, 0))
     report = {"devices": [d.id for d in llm.llm_engine.runner.shardings.mesh.devices.flat],
               "processes": jax.process_count(), "tp8": _both(llm)}
-    try:
-        llm.update_weights(llm.llm_engine.loaded.params)
-        report["update_weights"] = None
-    except RuntimeError as e:
-        report["update_weights"] = str(e)
     llm.llm_engine.runner.close()  # the follower exits now, while this process goes on alone
     report["tp1"] = _both(LLM(model=model, **_engine_kwargs(1)))
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+LORA = dict(enable_lora=True, max_loras=1, max_lora_rank=8)
+
+
+def _adapter_dir(model: str) -> str:
+    return os.path.join(os.path.dirname(model), "adapter")
+
+
+def _research(llm: Any, model: str, new_weights: dict[str, Any]) -> dict[str, Any]:
+    """What an RL loop asks of the engine between its steps, each followed by greedy outputs:
+    two adapter ids taking turns in one slot, sleep at both levels, new weights whole and
+    streamed, and refused chunks that leave the engine running."""
+    import numpy as np
+
+    from jaxvllm import LoRARequest
+    from jaxvllm.worker.weight_swap import weight_chunks
+    adapters = [LoRARequest(f"adapter{i}", i, _adapter_dir(model)) for i in (1, 2)]
+    rep = {"plain": _greedy(llm), "lora": [_greedy(llm, a) for a in adapters + adapters[:1]]}
+    llm.sleep(level=1)
+    llm.wake_up()
+    rep["after_sleep1"] = _greedy(llm, adapters[1])
+    llm.sleep(level=2)
+    llm.wake_up(tags=["weights"])
+    llm.update_weights(new_weights)
+    llm.wake_up(tags=["kv_cache"])
+    rep["updated"] = _greedy(llm)
+    old = {n: w / np.float32(0.75) if n.startswith("layers.") else w
+           for chunk in weight_chunks(new_weights) for n, w in chunk.items()}
+    llm.start_weight_update()
+    refused = []
+    for bad in ({"layers.0.q": np.zeros((3, 3), np.float32)}, {"layers.0.nope": old["embed"]}):
+        try:
+            llm.update_weights(bad)
+        except ValueError as e:
+            refused.append(str(e))
+    for i in range(len(new_weights["layers"])):
+        llm.update_weights({n: w for n, w in old.items() if n.startswith(f"layers.{i}.")})
+    llm.finish_weight_update()
+    rep["refused"], rep["restored"] = refused, _greedy(llm)
+    try:
+        llm.update_weights(llm.llm_engine.loaded.params)
+        rep["global_arrays"] = None
+    except ValueError as e:
+        rep["global_arrays"] = str(e)
+    return rep
+
+
+def _lead_research(model: str, addr: str, out: str) -> None:
+    """Rank 0: `_research` at TP 8 over both processes, then at TP 1 on one device of this
+    process (built second: the multi-host engine joins jax.distributed before any JAX call). The
+    new weights: the TP 1 engine's own with every layer's scaled by 0.75."""
+    import jax
+    import numpy as np
+
+    from jaxvllm import LLM
+    llm = LLM(model=model, **_engine_kwargs(8), **LORA, **_node_kwargs(addr, 0))
+    tp1 = LLM(model=model, **_engine_kwargs(1), **LORA)
+    params = jax.tree.map(np.asarray, tp1.llm_engine.loaded.params)
+    new = {**params, "layers": jax.tree.map(lambda w: w * np.float32(0.75), params["layers"])}
+    report = {"tp8": _research(llm, model, new)}
+    llm.llm_engine.runner.close()
+    report["tp1"] = _research(tp1, model, new)
     with open(out, "w") as f:
         json.dump(report, f)
 
@@ -108,11 +172,38 @@ def _lead_through_startup(model: str, addr: str, out: str) -> None:
     LLM(model=model, **_engine_kwargs(8, blocks=None), **_node_kwargs(addr, 0))
 
 
-def _follow(model: str, addr: str, blocks: Optional[int] = 32) -> int:
+def _follow(model: str, addr: str, blocks: Optional[int] = 32, **engine: Any) -> int:
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine.multihost import run_follower
-    return run_follower(EngineArgs(model=model, **_engine_kwargs(8, blocks),
+    return run_follower(EngineArgs(model=model, **_engine_kwargs(8, blocks), **engine,
                                    **_node_kwargs(addr, 1)))
+
+
+def _record_memory(out: str) -> None:
+    """This process's bytes in live device arrays (not host copies) after each sleep and wake_up of its runner,
+    written to `out` at exit: a follower's memory is only seen from inside it."""
+    import atexit
+
+    import jax
+
+    from jaxvllm.worker.model_runner import ModelRunner
+    record: list[list] = []
+    for name in ("sleep", "wake_up"):
+        def wrapped(self: ModelRunner, *args: Any, _real: Callable = getattr(ModelRunner, name),
+                    _name: str = name) -> Any:
+            _real(self, *args)
+            live = collections.Counter()
+            for a in jax.live_arrays():
+                live[str(a.sharding.memory_kind)] += sum(s.data.nbytes for s in a.addressable_shards)
+            held = sum(s.data.nbytes for a in jax.tree.leaves((self.params, self.kv_cache))
+                       for s in a.addressable_shards)
+            record.append([_name, dict(live), held])
+        setattr(ModelRunner, name, wrapped)
+
+    def write() -> None:
+        with open(out, "w") as f:
+            json.dump(record, f)
+    atexit.register(write)
 
 
 def _inject(call: str, at: int, fault: Callable[[], None]) -> None:
@@ -243,7 +334,55 @@ def test_tp8_over_two_processes_matches_tp1(model, tmp_path):
     assert rep["tp1"]["penalty"]["tokens"] != rep["tp1"]["plain"]["tokens"]  # the penalty mattered
     # The follower's steps wait for the masks rank 0 sends them (each from the mask thread).
     assert all(t in ALLOWED for toks in rep["tp8"]["masked"]["tokens"] for t in toks)
-    assert rep["update_weights"] and "nnodes > 1" in rep["update_weights"]
+
+
+@pytest.fixture(scope="module")
+def adapter(model) -> str:
+    pytest.importorskip("peft")
+    from test_tensor_parallel import _save_adapter
+    _save_adapter(model, _adapter_dir(model))
+    return _adapter_dir(model)
+
+
+def _same_outputs(got: dict[str, Any], ref: dict[str, Any], what: str) -> None:
+    assert got["tokens"] == ref["tokens"], what
+    assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3), what
+
+
+def test_research_calls_over_two_processes_match_tp1(model, adapter, tmp_path):
+    """LoRA adapters, sleep and wake at both levels, update_weights whole and streamed: every
+    rank makes each call, so TP 8 over two processes keeps giving TP 1's outputs."""
+    lead, follow, out, logs = _start_pair(model, tmp_path, "lead_research", "follow_lora")
+    try:
+        assert lead.wait(TIMEOUT_S) == 0, _tail(logs[0])
+        assert follow.wait(60) == 0, _tail(logs[1])
+    finally:
+        _kill(lead, follow)
+    with open(out) as f:
+        rep = json.load(f)
+    tp8, tp1 = rep["tp8"], rep["tp1"]
+    with open(out + ".rank1") as f:
+        follower = json.load(f)
+    # The follower released its weights and cache as rank 0 did, and put them back.
+    assert [call for call, _, _ in follower] == ["sleep", "wake_up"] * 2 + ["wake_up"]
+    (_, asleep1, _), (_, awake, held), (_, asleep2, _), (_, weights_only, params), _ = follower
+    assert follower[-1][1:] == [awake, held] and weights_only["device"] >= asleep2["device"] + params
+    for asleep in (asleep1, asleep2):
+        assert asleep["device"] < awake["device"] - 0.9 * held
+    assert asleep1["pinned_host"] == params and "pinned_host" not in asleep2
+    for key in ("plain", "after_sleep1", "updated", "restored"):
+        _same_outputs(tp8[key], tp1[key], key)
+    for i, (got, ref) in enumerate(zip(tp8["lora"], tp1["lora"])):
+        _same_outputs(got, ref, f"lora call {i}")
+    plain = tp1["plain"]["tokens"]
+    lora = tp1["lora"][0]["tokens"]
+    assert lora[0] != plain[0] and lora[1] == plain[1]  # the adapter changed its requests only
+    assert all(call["tokens"] == lora for call in tp1["lora"] + [tp1["after_sleep1"]])
+    assert tp1["updated"]["tokens"] != plain and tp1["restored"]["tokens"] == plain
+    assert len(tp8["refused"]) == 2 and "shape" in tp8["refused"][0]
+    assert "nope" in tp8["refused"][1]
+    assert "spread over several processes" in tp8["global_arrays"]
+    assert tp1["global_arrays"] is None
 
 
 def _stopped(pid: int) -> bool:
@@ -564,9 +703,12 @@ if __name__ == "__main__":
     role, model_dir, address, report_path = sys.argv[1:5]
     if role in FAULTS:
         _inject(*FAULTS[role])
+    if role == "follow_lora":
+        _record_memory(report_path + ".rank1")
     if role.startswith("follow"):
-        sys.exit(_follow(model_dir, address, None if role.endswith("_in_startup") else 32))
-    {"lead": _lead, "lead_until_follower_dies": _lead_until_follower_dies,
+        sys.exit(_follow(model_dir, address, None if role.endswith("_in_startup") else 32,
+                         **(LORA if role == "follow_lora" else {})))
+    {"lead": _lead, "lead_research": _lead_research, "lead_until_follower_dies": _lead_until_follower_dies,
      "lead_then_dispatch_fails": _lead_until_step_fails,
      "lead_then_collect_interrupted": _lead_until_step_fails,
      "lead_held_in_startup": _lead_through_startup, "lead_killed_in_startup": _lead_through_startup,

@@ -380,7 +380,7 @@ class LLMEngine(RequestFront):
         known = slots.adapters.get(lora.lora_int_id)
         adapter = read_adapter(lora, self.model_config, slots.rank, known and known[0])
         if adapter is not None:
-            slots.add(lora.lora_int_id, lora.lora_path, adapter)
+            self.runner.add_lora(lora.lora_int_id, lora.lora_path, adapter)
 
     def retract_requests(self) -> list[RequestOutput]:
         """Ends every unfinished request now (pause_generation without waiting): each one's
@@ -667,8 +667,6 @@ class LLMEngine(RequestFront):
         """See LLM.sleep."""
         check_sleep_level(level)
         check_idle("sleep", self.has_unfinished_requests())
-        if self.args.nnodes > 1:
-            raise RuntimeError("sleep is not supported with nnodes > 1 yet")
         self.scheduler.reset_prefix_cache()  # the cached K/V are dropped with the cache
         self.runner.sleep(level)
         self.loaded.params = None  # the runner's were the only other reference

@@ -5,7 +5,10 @@ process must call its ModelRunner's `dispatch` and `collect` in the same order w
 SchedulerOutputs: the host-built inputs then match on every rank. Rank 0 runs the scheduler; its
 runner is wrapped in `LeaderRunner`, which sends each call to the followers before making it. A
 follower (`run_follower`) builds the same runner and replays the calls until rank 0 says it is
-shutting down.
+shutting down. The calls between steps that change what every rank holds go the same way: sleep and
+wake_up, new weights (sent as numpy arrays: a follower cannot read rank 0's devices, and a trainer
+hands rank 0 whole weights; each rank then places its own shards), and LoRA adapters (read from
+disk on rank 0 only, so the path need not exist on the other nodes).
 
 A call that fails on rank 0 has already been sent, and the followers cannot take it back: their
 runner state and device queue now hold a step that rank 0 lacks, so the next collective would
@@ -41,12 +44,17 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
 
 from jaxvllm.config import EngineArgs, split_host_port
 
 logger = logging.getLogger(__name__)
 
+_REPLICATED = ("sleep", "wake_up", "add_lora", "update_weights", "update_named_weights")
+_BAD_INPUT = (ValueError, TypeError)
 CONNECT_TIMEOUT_S = 300.0   # as jax.distributed.initialize's default: ranks start minutes apart
 _LENGTH = struct.Struct("!Q")
 _RANK = struct.Struct("!I")
@@ -170,6 +178,7 @@ class LeaderRunner:
         self._runner = runner
         self._lost: Optional[str] = None
         self._closed = False
+        self._send_lock = threading.Lock()
         self._socks = dict(_take_channel(args, self).socks)
         # A step waiting on a collective with a dead follower would wait for step_timeout: the
         # runner checks this while it waits, so a closed connection fails the step at once.
@@ -190,28 +199,54 @@ class LeaderRunner:
             raise PeerLostError("multi-host engine: rank 0 has shut the followers down")
 
     def dispatch(self, scheduler_output: Any) -> Any:
-        return self._call(("dispatch", scheduler_output), self._runner.dispatch, scheduler_output)
+        return self._call(("dispatch", scheduler_output),
+                          lambda: self._runner.dispatch(scheduler_output))
 
     def set_grammar_bitmask(self, handle: Any, rows: Any) -> None:
-        self._call(("grammar_bitmask", rows),
-                   lambda r: self._runner.set_grammar_bitmask(handle, r), rows)
+        self._call(("grammar_bitmask", rows), lambda: self._runner.set_grammar_bitmask(handle, rows))
 
     def collect(self, handle: Any) -> Any:
-        out = self._call(("collect",), self._runner.collect, handle)
+        out = self._call(("collect",), lambda: self._runner.collect(handle))
         self.check()  # a follower lost during the step: its samples may be fine, its state is not
         return out
 
-    def _call(self, msg: tuple, run: Any, arg: Any) -> Any:
-        """Sends `msg` to the followers, then makes the same call here."""
+    # Calls between steps that change what every rank holds (weights, cache, adapters): each rank
+    # makes them in the order rank 0 did. A ValueError or TypeError from one is bad input, found
+    # before anything changed, and the same on every rank (they run the same code on the same
+    # values): it reaches the caller and the engine goes on.
+    def sleep(self, level: int) -> None:
+        self._replicate("sleep", level)
+
+    def wake_up(self, tags: Any) -> None:
+        self._replicate("wake_up", tags)
+
+    def add_lora(self, lora_id: int, path: str, adapter: Any) -> None:
+        self._replicate("add_lora", lora_id, path, adapter)
+
+    def update_weights(self, params: Any) -> None:
+        self._replicate("update_weights", _on_host(params))
+
+    def update_named_weights(self, named: dict[str, Any]) -> None:
+        self._replicate("update_named_weights", _on_host(named))
+
+    def _replicate(self, name: str, *args: Any) -> None:
+        self._call((name, *args), lambda: getattr(self._runner, name)(*args), _BAD_INPUT)
+
+    def _call(self, msg: tuple, run: Callable[[], Any], passes: tuple = ()) -> Any:
+        """Sends `msg` to the followers, then makes the same call here. An exception of a type in
+        `passes` is raised as it is; any other ends the engine."""
         self.check()
         try:
-            for rank, sock in self._socks.items():
-                try:
-                    _send(sock, msg)
-                except OSError as e:
-                    self._lost = f"sending to rank {rank} failed ({e})"
-                    self.check()
-            return run(arg)
+            with self._send_lock:  # calls come from the engine's thread and a front's (add_lora)
+                for rank, sock in self._socks.items():
+                    try:
+                        _send(sock, msg)
+                    except OSError as e:
+                        self._lost = f"sending to rank {rank} failed ({e})"
+                        self.check()
+            return run()
+        except passes:
+            raise
         except BaseException as e:
             # Followers that got the call have made it and cannot take it back: rank 0 is out of
             # step with them for good.
@@ -252,6 +287,18 @@ class LeaderRunner:
         # JAX's own exit handler would wait at jax.distributed's shutdown barrier for the lost rank
         # until its heartbeat times out (100 s), then abort: exit now, non-zero, instead.
         _exit_now(f"exiting: {self._lost}")
+
+
+def _on_host(weights: Any) -> Any:
+    """The weights rank 0 was given, as numpy arrays for the followers (they cannot read rank 0's
+    devices)."""
+    def leaf(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            raise ValueError("with nnodes > 1, update_weights takes weights that rank 0 holds "
+                             "(numpy arrays, or arrays on rank 0's own devices) and sends them to "
+                             "the other ranks; got an array spread over several processes")
+        return np.asarray(x)
+    return jax.tree.map(leaf, weights)
 
 
 def _exit_now(reason: str, exc: Optional[BaseException] = None) -> None:
@@ -340,6 +387,11 @@ def _replay(runner: Any, inbox: queue.SimpleQueue, rank: int) -> int:
             runner.set_grammar_bitmask(next(h for h in pending if h.needs_grammar_bitmask), msg[1])
         elif msg[0] == "collect":
             runner.collect(pending.popleft())
+        elif msg[0] in _REPLICATED:
+            try:
+                getattr(runner, msg[0])(*msg[1:])
+            except _BAD_INPUT as e:  # rank 0 met the same and told its caller (LeaderRunner)
+                logger.info("Rank 0's %s was refused here too: %s", msg[0], e)
         elif msg[0] == "shutdown":
             logger.info("Rank 0 shut down; rank %d exits", rank)
             return 0

@@ -209,6 +209,10 @@ class ModelRunner:
         for n, value in swap_in_place(current, named, donate=not self.shares_params).items():
             set_named(self.params, n, value)
 
+    def add_lora(self, lora_id: int, path: str, adapter: Any) -> None:
+        """Registers an adapter read on the host (LoRASlots.add); a step needing it places it."""
+        self.lora.add(lora_id, path, adapter)
+
     def _awake_params(self) -> Any:
         if self.params is None:
             raise RuntimeError("update_weights while the weights are asleep: call "

@@ -32,10 +32,6 @@ def swap_in_place(current: Any, new: Any, donate: bool = True) -> Any:
     donate=False (weights shared with the caller, LLM.from_params): `new`'s arrays are taken as
     they are where already placed like `current`'s (none of `current`'s is overwritten: the
     caller may hold them)."""
-    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(current)):
-        # Multi-host: every process would have to run the same swaps in step; not implemented.
-        raise RuntimeError("update_weights is not supported with nnodes > 1 (the weights span "
-                           "several processes)")
     cur_leaves, cur_tree = jax.tree_util.tree_flatten_with_path(current)
     new_leaves, new_tree = jax.tree_util.tree_flatten_with_path(new)
     if cur_tree != new_tree:
