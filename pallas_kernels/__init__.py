@@ -5,8 +5,10 @@ from pallas_kernels.ragged_paged_attention import (  # noqa: F401
     ragged_paged_attention,
     ragged_paged_attention_kernel,
 )
+from pallas_kernels.fp8_gemm import fp8_matmul  # noqa: F401
 from pallas_kernels.int4_gemm import int4_matmul  # noqa: F401
 from pallas_kernels.reference import (  # noqa: F401
+    fp8_matmul_reference,
     int4_matmul_reference,
     ragged_paged_attention_reference,
     routed_swiglu_reference,
@@ -14,6 +16,8 @@ from pallas_kernels.reference import (  # noqa: F401
 from pallas_kernels.routed_experts import routed_swiglu  # noqa: F401
 
 __all__ = [
+    "fp8_matmul",
+    "fp8_matmul_reference",
     "int4_matmul",
     "int4_matmul_reference",
     "ragged_paged_attention",

@@ -242,3 +242,11 @@ def int4_matmul_reference(x, w, scale, mn):
     y = lax.dot_general(x, deq.reshape(n, 2 * half_k), (((x.ndim - 1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
+
+
+def fp8_matmul_reference(x, w, scale):
+    """`fp8_matmul` in jnp (any number of rows): the FP8 weight [N, K] converted to x's dtype
+    (exact), multiplied with float32 accumulation, its per-output-channel scale applied."""
+    y = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    return (y * scale).astype(x.dtype)

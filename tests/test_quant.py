@@ -1,5 +1,7 @@
 """FP8 weights (W8A8, models/quant.py): the quantizer and the FP8 linear layer against float64
 references, the engine arguments, and the default model quantized on load against itself in bf16."""
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,8 @@ import pytest
 
 from jaxvllm.config import TRITON_GEMM_MAX_TOKENS
 from jaxvllm.models.quant import FP8_MAX, fp8_linear, quantize_fp8, quantize_params
+from pallas_kernels import fp8_matmul_reference
+from pallas_kernels.fp8_gemm import Tiles, fp8_matmul, one_row_tiles
 
 
 def _f64(a):
@@ -180,3 +184,87 @@ def test_fp8_kv_cache_on_the_default_model(bf16_run):
     assert agree >= 3, agree
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineArgs(kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("rows, tiles", [
+    (1, Tiles(block_n=32, block_k=64)), (5, Tiles(block_n=32, block_k=64, splits=2)),
+    (16, Tiles(block_n=96, block_k=128, splits=1)),
+    (1, Tiles(block_n=32, block_k=64, splits=4, mode="fma"))])
+def test_fp8_gemm_kernel_against_float64(rows, tiles):
+    """The Pallas FP8 GEMM (interpret mode) and its jnp reference are x times the dequantized
+    weight, float32 sums."""
+    w = jax.random.normal(jax.random.key(7), (256, 96)) * 0.05
+    x = jax.random.normal(jax.random.key(8), (rows, 256), jnp.bfloat16)
+    q, scale = quantize_fp8(w)
+    y = fp8_matmul(x, q, scale, tiles=tiles, interpret=True)
+    assert y.dtype == jnp.bfloat16 and y.shape == (rows, 96)
+    exact = _f64(x) @ (_f64(q).T * _f64(scale))
+    for got in (y, fp8_matmul_reference(x, q, scale)):
+        np.testing.assert_allclose(_f64(got), exact, rtol=2 ** -7, atol=1e-3 * np.abs(exact).max())
+
+
+def test_fp8_gemm_kernel_refuses_what_it_cannot_tile():
+    q, scale = quantize_fp8(jnp.ones((256, 96)))
+    for rows, tiles in [(17, Tiles(block_n=32)), (1, Tiles(block_n=64)),
+                        (2, Tiles(block_n=32, block_k=64, mode="fma")),
+                        (1, Tiles(block_n=32, block_k=64, splits=3))]:
+        with pytest.raises(ValueError, match="fp8_matmul"):
+            fp8_matmul(jnp.ones((rows, 256), jnp.bfloat16), q, scale, tiles=tiles, interpret=True)
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (2,)])
+def test_fp8_linear_one_row_kernel(lead):
+    """With the engine's fp8_kernel, one row goes through the Pallas GEMM (interpret mode here)
+    and more rows through XLA, all exactly x times the dequantized weight."""
+    w = jax.random.normal(jax.random.key(9), (512, 64)) * 0.05
+    x = jax.random.normal(jax.random.key(10), (*lead, 512), jnp.bfloat16)
+    q, scale = quantize_fp8(w)
+    y = fp8_linear(x, q, scale, kernel=True)
+    program = str(jax.make_jaxpr(lambda *a: fp8_linear(*a, kernel=True))(x, q, scale))
+    assert ("pallas_call" in program) == (np.prod(lead) == 1)
+    exact = _f64(x) @ (_f64(q).T * _f64(scale))
+    np.testing.assert_allclose(_f64(y), exact, rtol=2 ** -7, atol=1e-3 * np.abs(exact).max())
+
+
+def test_one_row_tiles_fit_the_8b_shapes():
+    for n, k in [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096), (64, 512)]:
+        tiles = one_row_tiles(n, k)
+        assert tiles.mode == "fma" and n % tiles.block_n == 0
+        assert (k // tiles.block_k) % tiles.splits == 0
+    assert one_row_tiles(100, 4096) is None and one_row_tiles(64, 96) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(14336, 4096), (4096, 14336), (1024, 4096)])
+def test_gpu_fp8_one_row_kernel_against_reference(n, k):
+    w = jax.random.normal(jax.random.key(11), (k, n)) * k ** -0.5
+    x = jax.random.normal(jax.random.key(12), (1, k), jnp.bfloat16)
+    q, scale = quantize_fp8(w)
+    got = _f64(jax.jit(fp8_linear, static_argnums=3)(x, q, scale, True))
+    exact = _f64(x) @ (_f64(q).T * _f64(scale))
+    np.testing.assert_allclose(got, exact, rtol=2 ** -7, atol=1e-3 * np.abs(exact).max())
+
+
+def _one_request(**engine_kw) -> tuple[Any, Any]:
+    from jaxvllm import LLM, SamplingParams
+    llm = LLM(dtype="float32", quantization="fp8", max_model_len=128, max_num_seqs=4,
+              max_num_batched_tokens=64, num_gpu_blocks_override=64, enforce_eager=True,
+              **engine_kw)
+    out = llm.generate(_PROMPTS[:1], SamplingParams(temperature=0, max_tokens=6, logprobs=0),
+                       use_tqdm=False)[0].outputs[0]
+    return llm.llm_engine.runner, out
+
+
+def test_one_decoding_request_runs_the_fp8_kernel(monkeypatch):
+    """Where the engine picks the Pallas FP8 GEMM (on a GPU; forced here, the kernel interpreted)
+    one decoding request runs in a bucket of one token through it, with the tokens and logprobs
+    of XLA's GEMM (float32 activations: only the sums' order differs)."""
+    from jaxvllm.engine import setup
+    plain_runner, plain = _one_request()
+    monkeypatch.setattr(setup, "fp8_kernel_fits", lambda args, shardings: True)
+    runner, got = _one_request()
+    assert not plain_runner.cfg.fp8_kernel and plain_runner.token_buckets[0] == 8
+    assert runner.cfg.fp8_kernel and runner.token_buckets[0] == 1
+    assert got.token_ids == plain.token_ids
+    lp = lambda o: [e[t].logprob for e, t in zip(o.logprobs, o.token_ids)]  # noqa: E731
+    np.testing.assert_allclose(lp(got), lp(plain), atol=1e-3)

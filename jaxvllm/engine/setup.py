@@ -1,6 +1,7 @@
 """Turns EngineArgs into a loaded model, a ModelRunner and a SchedulerConfig (start-up policy lives here)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Optional
@@ -143,7 +144,6 @@ def _batch_invariant(cfg: Any, params_dtype: Any) -> tuple[Any, Any]:
     (models/layers.matmul) and the reference attention, which computes each token on its own over
     fixed chunks of its context (the Pallas kernel's split over the context and its tiles
     depend on the batch)."""
-    import dataclasses
     import functools
     from pallas_kernels.reference import ragged_paged_attention_reference
     if cfg.num_experts:
@@ -186,6 +186,13 @@ def use_server_batch_limits(args: EngineArgs) -> None:
     resolve_batch_limits(args, device_bytes=None)
 
 
+def fp8_kernel_fits(args: EngineArgs, shardings: Any) -> bool:
+    """Whether one-row FP8 linears run on the Pallas GEMM (models/quant.fp8_linear): on a GPU, with
+    the weights on one device (a GSPMD-sharded weight would be gathered whole for it)."""
+    import jax
+    return args.quantization == "fp8" and shardings is None and jax.default_backend() == "gpu"
+
+
 def build_runner(args: EngineArgs, loaded: Any,
                  devices: Optional[list[Any]] = None) -> tuple[Any, int, SchedulerConfig]:
     """`devices`: a data-parallel replica's device group (None: the first devices); the params are
@@ -226,6 +233,8 @@ def build_runner(args: EngineArgs, loaded: Any,
         speculative=args.speculative,
         triton_gemm_max_tokens=(TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS
                                 and not args.batch_invariant else 0))
+    if fp8_kernel_fits(args, shardings):
+        cfg = dataclasses.replace(cfg, fp8_kernel=True)
     attention_fn = None
     if args.batch_invariant:
         cfg, attention_fn = _batch_invariant(cfg, params_dtype)

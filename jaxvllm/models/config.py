@@ -52,6 +52,7 @@ class ModelConfig:
     final_logit_softcapping: Optional[float] = None
     rope_local_theta: Optional[float] = None
     batch_invariant: bool = False      # the engine's mode (EngineArgs.batch_invariant), not the model's
+    fp8_kernel: bool = False           # the engine's choice: one-row FP8 linears on the Pallas GEMM
 
     @property
     def q_size(self) -> int:

@@ -150,28 +150,31 @@ def lm_head(hidden: jax.Array, params: dict, cfg: ModelConfig,
     return matmul(h, w, cfg.batch_invariant, jnp.float32, w_transposed=tied)[:n]
 
 
-def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False) -> jax.Array:
+def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False,
+           fp8_kernel: bool = False) -> jax.Array:
     """x @ lp[name] (+ lp[name + "_bias"]); an FP8 weight (with lp[name + "_scale"], stored [out, in],
     models/quant.py) runs as an FP8 matmul, an int4 one (models/int4.py) dequantized in the GEMM's
-    input. `invariant`: see matmul (unquantized weights only: EngineArgs refuses the others)."""
+    input. `invariant`: see matmul (unquantized weights only: EngineArgs refuses the others);
+    `fp8_kernel`: see fp8_linear (ModelConfig.fp8_kernel)."""
     w, scale = lp[name], lp.get(name + "_scale")
     if scale is None:
         y = matmul(x, w, invariant)
     elif w.dtype == INT4:
         y = int4_linear(x, w, scale, lp[name + "_min"], lp.get(name + "_perm"))
     else:
-        y = fp8_linear(x, w, scale)
+        y = fp8_linear(x, w, scale, fp8_kernel)
     return _add_lora(_add_bias(y, lp, name), x, lp, name)
 
 
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],
-                sizes: Optional[tuple[int, ...]] = None, invariant: bool = False) -> list[jax.Array]:
+                sizes: Optional[tuple[int, ...]] = None, invariant: bool = False,
+                fp8_kernel: bool = False) -> list[jax.Array]:
     """[linear(x, lp, n) for n in names] for projections of one input (q/k/v, gate/up). int4 ones
     fused at load (models/int4.fuse_projections, stored under "+".join(names)) run as one GEMM
     whose output is split: `sizes` are the outputs' widths (None: equal)."""
     key = "+".join(names)
     if key not in lp:
-        return [linear(x, lp, n, invariant) for n in names]
+        return [linear(x, lp, n, invariant, fp8_kernel) for n in names]
     y = int4_linear(x, lp[key], lp[key + "_scale"], lp[key + "_min"])
     cuts = len(names) if sizes is None else np.cumsum(sizes)[:-1].tolist()
     return [_add_lora(_add_bias(y, lp, n), x, lp, n)

@@ -69,7 +69,7 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
     t = x.shape[0]
     kv_size = cfg.num_kv_heads * cfg.head_dim
     q, k, v = projections(x, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size),
-                          cfg.batch_invariant)
+                          cfg.batch_invariant, cfg.fp8_kernel)
     q = q.reshape(t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -80,12 +80,14 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
     k = apply_rope(k, cos, sin)
     out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn,
                                    sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
-    return linear(out.reshape(t, cfg.q_size), lp, "o", cfg.batch_invariant), k_cache, v_cache
+    o = linear(out.reshape(t, cfg.q_size), lp, "o", cfg.batch_invariant, cfg.fp8_kernel)
+    return o, k_cache, v_cache
 
 
-def _mlp(lp: Params, x: jax.Array, invariant: bool) -> jax.Array:
-    gate, up = projections(x, lp, ("gate", "up"), invariant=invariant)
-    return linear(jax.nn.silu(gate) * up, lp, "down", invariant)
+def _mlp(cfg: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
+    gate, up = projections(x, lp, ("gate", "up"), invariant=cfg.batch_invariant,
+                           fp8_kernel=cfg.fp8_kernel)
+    return linear(jax.nn.silu(gate) * up, lp, "down", cfg.batch_invariant, cfg.fp8_kernel)
 
 
 def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: ModelConfig,
@@ -126,7 +128,7 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
     x = x + attn
     h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
     mlp = (moe(cfg, lp, h, experts_fn, inp.query_start_loc[inp.num_seqs[0]]) if "router" in lp
-           else _mlp(lp, h, cfg.batch_invariant))
+           else _mlp(cfg, lp, h))
     return x + mlp, k_cache, v_cache
 
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.config import QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS
+from pallas_kernels import fp8_matmul_reference
+from pallas_kernels.fp8_gemm import fp8_matmul, one_row_tiles
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
@@ -36,17 +38,27 @@ def quantize_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return to_fp8(w32 / scale[:, None]), scale
 
 
-def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = False) -> jax.Array:
     """x [..., in] (any float dtype) times an FP8 weight [out, in] with its per-output-channel
     scale; each row of x quantized to FP8 with its own scale first, except up to
     TRITON_GEMM_MAX_TOKENS rows, the decode buckets the engine compiles with Triton GEMMs: there x
     stays in its dtype and the Triton GEMM converts the weight in registers (quantizing so few rows
     cost more kernels than the GEMM at batch 1). A user's XLA_FLAGS turning Triton GEMMs off makes
-    cuBLAS write a bf16 copy of the weight for those buckets instead. Returns x's dtype."""
+    cuBLAS write a bf16 copy of the weight for those buckets instead. `kernel` (the engine sets it
+    on one GPU, ModelConfig.fp8_kernel): one row runs on the Pallas GEMM (pallas_kernels/fp8_gemm.py),
+    which read the weight 10-40% faster than XLA's GEMM at one row and slower from 16 (H200, 8B
+    shapes; bench/RESULTS.md, "FP8"); a GSPMD-sharded weight must not reach it (a Pallas call is
+    not partitioned: its operands would be gathered whole). Returns x's dtype."""
     dims = (((x.ndim - 1,), (1,)), ((), ()))
-    if math.prod(x.shape[:-1]) <= TRITON_GEMM_MAX_TOKENS:
-        y = jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32)
-        return (y * scale).astype(x.dtype)
+    rows = math.prod(x.shape[:-1])
+    if kernel and rows == 1:
+        tiles = one_row_tiles(*w.shape)
+        if tiles is not None:
+            y = fp8_matmul(x.reshape(1, -1), w, scale, tiles=tiles,
+                           interpret=jax.default_backend() != "gpu")
+            return y.reshape(*x.shape[:-1], w.shape[0])
+    if rows <= TRITON_GEMM_MAX_TOKENS:
+        return fp8_matmul_reference(x, w, scale)
     x32 = x.astype(jnp.float32)
     x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_AMAX) / FP8_MAX
     y = jax.lax.dot_general(to_fp8(x32 / x_scale), w, dims, preferred_element_type=jnp.float32)

@@ -112,6 +112,10 @@ class ModelRunner:
             self.attention_fn = shardings.attention_fn(self.attention_fn)
             self.experts_fn = shardings.experts_fn(self.experts_fn)
         buckets = config.token_buckets or default_token_buckets(config.max_num_batched_tokens)
+        if cfg.fp8_kernel and not config.token_buckets:
+            # One decoding request runs without padded rows: only one row takes the Pallas FP8
+            # GEMM, which reads the weights faster than XLA's (models/quant.fp8_linear).
+            buckets = (1, *buckets)
         if buckets[-1] < config.max_num_batched_tokens:
             raise ValueError(f"token_buckets must reach max_num_batched_tokens "
                              f"({config.max_num_batched_tokens}), largest is {buckets[-1]}")

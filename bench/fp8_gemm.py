@@ -1,0 +1,115 @@
+"""The FP8 weight GEMM at decode sizes: XLA's weight-only Triton GEMM (what models/quant.fp8_linear
+compiles up to 16 rows) against the Pallas kernel (pallas_kernels/fp8_gemm.py) over a sweep of its
+tilings, beside bf16 and each format's roofline (weight bytes at the copy bandwidth measured in the
+same run).
+
+    PYTHONPATH=.:bench python3 bench/fp8_gemm.py [--rows 1 8 16] [--layers 32]
+
+Each linear of the Llama-3-8B shape runs as a model step runs it: one program over `--layers`
+weights (more bytes than the L2 holds; no host dispatch between calls), time per layer the median
+program time divided by the layer count. (A scan over stacked weights copied each layer's slice
+first: it read bf16 at 40% of the copy bandwidth.) q/k/v and gate/up are timed apart and
+fused (one weight, outputs concatenated).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+from kernels import bench
+
+SHAPES = {"gate+up": (28672, 4096), "down": (4096, 14336), "q+k+v": (6144, 4096),
+          "o": (4096, 4096), "k": (1024, 4096), "gate": (14336, 4096)}  # (N, K); q is o's shape
+
+
+def _tilings(rows: int) -> list:
+    """The tilings worth timing (the fastest of a wider sweep, bench/RESULTS.md, "FP8")."""
+    from pallas_kernels.fp8_gemm import Tiles
+    if rows == 1:
+        return [Tiles(block_n=bn, block_k=bk, splits=s, mode=mode) for mode, bn, bk, s in [
+            ("fma", 32, 128, 2), ("fma", 32, 128, 8), ("fma", 64, 128, 8), ("fma", 64, 128, None),
+            ("fma", 32, 256, 4), ("dot", 64, 128, 8), ("dot", 32, 256, 4)]]
+    return [Tiles(block_n=bn, block_k=bk, splits=s) for bn, bk, s in [
+        (64, 128, 2), (64, 256, 4), (32, 256, 2), (32, 128, None)]]
+
+
+def _layers(mm, compiler_options=None):
+    """One program over every layer's weight (a list: no slice of a stacked array is copied),
+    each GEMM's output added into one sum (fused into its epilogue, no kernel of its own)."""
+    def run(ws, x):
+        acc = None
+        for w in ws:
+            y = mm(x, *w).astype(jnp.float32)
+            acc = y if acc is None else acc + y
+        return acc.sum()
+    return jax.jit(run, compiler_options=compiler_options)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxvllm.models.quant import fp8_linear, to_fp8
+    from pallas_kernels.fp8_gemm import fits, fp8_matmul
+    bw = common.measure_bandwidth(1 << 31)
+    triton = {"xla_gpu_enable_triton_gemm": True}
+    result, rows_out = {"copy_tbs": bw / 1e12, "shapes": {}}, []
+    t_start = time.perf_counter()
+    for name, (n, k) in SHAPES.items():
+        key = jax.random.key(n + k)
+        w16 = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * k ** -0.5
+               for i in range(args.layers)]
+        fp8 = [(to_fp8(w.T.astype(jnp.float32) * 64), jnp.full((n,), 1 / 64, jnp.float32))
+               for w in w16]  # [N, K] and its scale, as models/quant.py stores them
+        for m in args.rows:
+            x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+            res = result["shapes"].setdefault(name, {})[m] = {}
+            per = lambda fn, ws: bench(fn, [(ws, x)], reps=5, min_time=0.1) / args.layers  # noqa: E731
+            res["bf16_us"] = per(_layers(lambda x, w: x @ w, triton), [(w,) for w in w16]) * 1e6
+            res["xla_fp8_us"] = per(_layers(fp8_linear, triton), fp8) * 1e6
+            ref = np.asarray(_layers(fp8_linear, triton)(fp8[:1], x))
+            best = None
+            for tiles in _tilings(m):
+                if time.perf_counter() - t_start > args.budget_s:
+                    break  # the sweep's time is up: the remaining shapes keep their baselines
+                if not fits(n, k, tiles) or (tiles.mode == "fma" and m != 1):
+                    continue
+                try:
+                    fn = _layers(lambda x, w, s, t=tiles: fp8_matmul(x, w, s, tiles=t))
+                    got = np.asarray(fn(fp8[:1], x))
+                    us = per(fn, fp8) * 1e6
+                except Exception as e:  # noqa: BLE001 (a tiling Triton refuses is skipped)
+                    print(f"  {name} m={m} {tiles}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                if abs(got - ref) > 1e-2 * max(1.0, abs(ref)):
+                    print(f"  {name} m={m} {tiles}: wrong sum {got} vs {ref}")
+                    continue
+                if best is None or us < best[0]:
+                    best = (us, tiles)
+            res["pallas_us"], res["pallas_tiles"] = (best[0], str(best[1])) if best else (None, None)
+            res["fp8_roofline_us"] = n * k / bw * 1e6
+            row = [name, m, f"{res['bf16_us']:.1f} ({2 * res['fp8_roofline_us'] / res['bf16_us']:.0%})",
+                   f"{res['xla_fp8_us']:.1f} ({res['fp8_roofline_us'] / res['xla_fp8_us']:.0%})",
+                   "-" if not best else
+                   f"{best[0]:.1f} ({res['fp8_roofline_us'] / best[0]:.0%})",
+                   "-" if not best else str(best[1]).replace("Tiles", "")]
+            rows_out.append(row)
+            print(" | ".join(map(str, row)), f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+    common.emit(result, args, f"FP8 GEMM per layer, us (share of roofline); copy {bw / 1e12:.2f} "
+                f"TB/s; {jax.devices()[0].device_kind}\n" + common.table(
+                    rows_out, ["linear", "rows", "bf16 (XLA)", "FP8 XLA weight-only",
+                               "FP8 Pallas best", "tiles"]))
+    return 0
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="Stop sweeping tilings after this many seconds.")
+    common.add_output_args(parser)
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.script_main("fp8_gemm", __doc__, add_args, run))
