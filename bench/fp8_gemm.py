@@ -26,13 +26,19 @@ SHAPES = {"gate+up": (28672, 4096), "down": (4096, 14336), "q+k+v": (6144, 4096)
           "o": (4096, 4096), "k": (1024, 4096), "gate": (14336, 4096)}  # (N, K); q is o's shape
 
 
-def _tilings(rows: int) -> list:
-    """The tilings worth timing (the fastest of a wider sweep, bench/RESULTS.md, "FP8")."""
-    from pallas_kernels.fp8_gemm import Tiles
+def _tilings(rows: int, n: int, k: int) -> list:
+    """The tilings worth timing (the fastest of a wider sweep, bench/RESULTS.md, "FP8"), and for
+    one row the engine's (one_row_tiles) with other warp and pipeline-stage counts."""
+    import dataclasses
+
+    from pallas_kernels.fp8_gemm import Tiles, one_row_tiles
     if rows == 1:
+        engine = one_row_tiles(n, k)
         return [Tiles(block_n=bn, block_k=bk, splits=s, mode=mode) for mode, bn, bk, s in [
             ("fma", 32, 128, 2), ("fma", 32, 128, 8), ("fma", 64, 128, 8), ("fma", 64, 128, None),
-            ("fma", 32, 256, 4), ("dot", 64, 128, 8), ("dot", 32, 256, 4)]]
+            ("fma", 32, 256, 4), ("dot", 64, 128, 8), ("dot", 32, 256, 4)]] + [
+            dataclasses.replace(engine, num_warps=w, num_stages=st)
+            for w, st in ((4, 2), (4, 4), (8, 2), (8, 3), (8, 4), (2, 3))]
     return [Tiles(block_n=bn, block_k=bk, splits=s) for bn, bk, s in [
         (64, 128, 2), (64, 256, 4), (32, 256, 2), (32, 128, None)]]
 
@@ -57,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     result, rows_out = {"copy_tbs": bw / 1e12, "shapes": {}}, []
     t_start = time.perf_counter()
     for name, (n, k) in SHAPES.items():
+        if args.shapes and name not in args.shapes:
+            continue
         key = jax.random.key(n + k)
         w16 = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * k ** -0.5
                for i in range(args.layers)]
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             res["xla_fp8_us"] = per(_layers(fp8_linear, triton), fp8) * 1e6
             ref = np.asarray(_layers(fp8_linear, triton)(fp8[:1], x))
             best = None
-            for tiles in _tilings(m):
+            for tiles in _tilings(m, n, k):
                 if time.perf_counter() - t_start > args.budget_s:
                     break  # the sweep's time is up: the remaining shapes keep their baselines
                 if not fits(n, k, tiles) or (tiles.mode == "fma" and m != 1):
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 if abs(got - ref) > 1e-2 * max(1.0, abs(ref)):
                     print(f"  {name} m={m} {tiles}: wrong sum {got} vs {ref}")
                     continue
+                print(f"  {name} m={m} {tiles}: {us:.1f} us", flush=True)
                 if best is None or us < best[0]:
                     best = (us, tiles)
             res["pallas_us"], res["pallas_tiles"] = (best[0], str(best[1])) if best else (None, None)
@@ -106,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
+                        help="Only these linears (default: all).")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="Stop sweeping tilings after this many seconds.")
     common.add_output_args(parser)

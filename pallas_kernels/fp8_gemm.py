@@ -44,15 +44,17 @@ def fits(n: int, k: int, tiles: Tiles = Tiles()) -> bool:
 def one_row_tiles(n: int, k: int) -> Optional[Tiles]:
     """The tiling for one row of x against an [n, k] weight, as measured fastest at the 8B shapes on
     an H200 (bench/RESULTS.md, "FP8"): 32 output columns a program, 128 inputs a step for wide
-    weights (256 for the others; less where that does not divide k), and input slices until there
-    are about 512 programs (at most 8). None where the sizes do not tile."""
+    weights (256 for the others; less where that does not divide k), input slices until there
+    are about 512 programs (at most 8), and 8 warps with 256-input steps (4 otherwise: 8 were
+    9-11% faster there and 39% slower with 128). None where the sizes do not tile."""
     block_k = next((b for b in ((128, 64) if n >= 8192 else (256, 128, 64)) if k % b == 0), None)
     if n % 32 or block_k is None:
         return None
     steps, splits = k // block_k, 1
     while n // 32 * splits < 512 and splits < 8 and steps % (2 * splits) == 0:
         splits *= 2
-    return Tiles(block_n=32, block_k=block_k, splits=splits, mode="fma")
+    return Tiles(block_n=32, block_k=block_k, splits=splits, mode="fma",
+                 num_warps=8 if block_k == 256 else 4)
 
 
 def _splits(n: int, k: int, tiles: Tiles) -> int:
