@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import types
 
 import jax
@@ -99,7 +100,23 @@ def test_a_damaged_file_is_compiled_again(params, store_root, caplog):
     assert any("step-16-kv32" in r.getMessage() for r in caplog.records)
     assert [n for n in lowered if "_step_impl" in n] == ["jit(_step_impl)"]  # that one only
     assert _outputs(second) == expected
-    assert executables.ExecutableStore(str(store_root), fp).load("step-16-kv32") is not None
+    # Stored again; on the CPU removed instead (JAX's persistent cache compiled it: see below).
+    again = executables.ExecutableStore(str(store_root), fp).load("step-16-kv32")
+    assert (again is None) == (jax.default_backend() == "cpu")
+    assert (store_root / fp / "step-16-kv32.exe").exists() == (again is not None)
+
+
+def test_programs_from_the_persistent_cache_run_when_loaded_again(params, store_root):
+    """A start with a new fingerprint whose programs JAX's persistent cache already holds (an
+    upgrade that changes none of them): on the CPU those executables are not stored, since
+    XLA:CPU serializes a cache-loaded executable without some of its functions (the next start
+    would load them and fail when running them); on the GPU they are."""
+    expected = _outputs(_start(params)[0])
+    shutil.rmtree(store_root)  # the store emptied, JAX's persistent cache kept
+    assert _outputs(_start(params)[0]) == expected
+    third, lowered = _start(params)
+    assert bool(_stored_lowered(lowered)) == (jax.default_backend() == "cpu")
+    assert _outputs(third) == expected
 
 
 def test_the_kv_sizing_figure_is_stored(store_root, monkeypatch):

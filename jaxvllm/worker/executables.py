@@ -20,6 +20,7 @@ import pickle
 import platform
 import shutil
 import tempfile
+import threading
 from typing import Any, Callable, Optional
 
 import jax
@@ -130,6 +131,13 @@ class ExecutableStore:
             return
         self._write(self._path(name) + ".exe", blob)
 
+    def discard(self, name: str) -> None:
+        """Removes what is stored as `name` (a file that did not load is not read again)."""
+        try:
+            os.remove(self._path(name) + ".exe")
+        except OSError:
+            pass
+
     def get_json(self, name: str) -> Any:
         try:
             with open(self._path(name) + ".json") as f:
@@ -175,6 +183,33 @@ def store_for(*parts: Any) -> Optional[ExecutableStore]:
         return None
 
 
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_served = threading.local()  # per compiling thread: whether JAX's persistent cache answered
+
+
+def _on_jax_event(event: str, **_: Any) -> None:
+    if event == _CACHE_HIT:
+        _served.hit = True
+
+
+jax.monitoring.register_event_listener(_on_jax_event)
+
+
+def _compile(lowered: Any) -> tuple[Any, bool]:
+    """`lowered` compiled, and whether JAX's persistent cache served it (the event is recorded
+    on the compiling thread)."""
+    _served.hit = False
+    return lowered.compile(), _served.hit
+
+
+def _storable(from_persistent_cache: bool) -> bool:
+    """Whether an executable can be stored: on the CPU not one JAX's persistent cache served,
+    whose serialization there leaves out functions of the program (loaded later, it fails when
+    run: 'Function ... not found'; XLA:CPU, jax 0.10-0.11). Such a program goes through the
+    persistent cache at every start instead, as without the store."""
+    return not from_persistent_cache or jax.default_backend() != "cpu"
+
+
 def build_all(programs: dict[str, Callable[[], Any]], store: Optional[ExecutableStore],
               pool: Any, on_done: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Executables for `programs` (name -> a function returning the program lowered): those the
@@ -190,9 +225,12 @@ def build_all(programs: dict[str, Callable[[], Any]], store: Optional[Executable
     lowered = [programs[n]() for n in missing]
 
     def build(n_lo: tuple[str, Any]) -> Any:
-        compiled = n_lo[1].compile()
+        compiled, from_cache = _compile(n_lo[1])
         if store is not None:
-            store.save(n_lo[0], compiled)
+            if _storable(from_cache):
+                store.save(n_lo[0], compiled)
+            else:
+                store.discard(n_lo[0])
         on_done()
         return compiled
     found.update(zip(missing, pool.map(build, zip(missing, lowered))))
