@@ -131,6 +131,29 @@ def test_prefix_cache_is_per_adapter_and_slot_swaps_compile_nothing(dirs):
     assert runner._step._cache_size() == compiled
 
 
+def test_steps_without_adapters_skip_the_update(dirs):
+    """With LoRA on, the steps where no token has an adapter run the step program built without
+    the adapter slots (the update would cost them two GEMMs a projection for nothing), the others
+    the one with them; both are built at warm-up, and the base model's output stays PEFT's."""
+    llm = _llm(dirs, 2, enforce_eager=False)
+    runner = llm.llm_engine.runner
+    ran, run = [], runner._run
+    runner._run = lambda name, *a, **kw: (ran.append(name), run(name, *a, **kw))[1]
+    compiled = runner._step._cache_size()
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    for name in ("base", "all8"):
+        ran.clear()
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=_lora(dirs, name))
+        steps = [n for n in ran if n.startswith("step-")]
+        assert steps and all(n.endswith("-base") == (name == "base") for n in steps), steps
+        for prompt, out in zip(PROMPTS, outs):
+            tokens, logp = _reference(None if name == "base" else dirs[name], tuple(prompt))
+            assert out.outputs[0].token_ids == tokens, (name, prompt)
+            got = [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+            np.testing.assert_allclose(got, logp, atol=2e-4, err_msg=name)
+    assert runner._step._cache_size() == compiled
+
+
 def test_bad_adapters_are_refused(dirs, tmp_path):
     llm = _llm(dirs, 1)
     prompt = {"prompt_token_ids": PROMPTS[1]}
