@@ -1,15 +1,16 @@
-"""The FP8 weight GEMM at decode sizes: XLA's weight-only Triton GEMM (what models/quant.fp8_linear
-compiles up to 16 rows) against the Pallas kernel (pallas_kernels/fp8_gemm.py) over a sweep of its
-tilings, beside bf16 and each format's roofline (weight bytes at the copy bandwidth measured in the
-same run).
+"""The quantized weight GEMMs at decode sizes, per format: FP8 (XLA's weight-only Triton GEMM, what
+models/quant.fp8_linear compiles up to 16 rows, against pallas_kernels/fp8_gemm.py) and int4 (XLA
+dequantizing then multiplying, int4_matmul_reference, against pallas_kernels/int4_gemm.py), each
+Pallas kernel over a sweep of its tilings, beside bf16 and each format's roofline (weight bytes,
+with int4's float32 scales and mins, at the copy bandwidth measured in the same run).
 
-    PYTHONPATH=.:bench python3 bench/fp8_gemm.py [--rows 1 8 16] [--layers 32]
+    PYTHONPATH=.:bench python3 bench/decode_gemm.py [--formats fp8 int4] [--rows 1 8 16] [--layers 32]
 
 Each linear of the Llama-3-8B shape runs as a model step runs it: one program over `--layers`
 weights (more bytes than the L2 holds; no host dispatch between calls), time per layer the median
 program time divided by the layer count. (A scan over stacked weights copied each layer's slice
 first: it read bf16 at 40% of the copy bandwidth.) q/k/v and gate/up are timed apart and
-fused (one weight, outputs concatenated).
+fused (one weight, outputs concatenated; the engine fuses int4's, models/int4.fuse_projections).
 """
 from __future__ import annotations
 
@@ -22,11 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 from kernels import bench
 
+GROUP = 128  # int4 group size (AWQ's and GPTQ's usual)
 SHAPES = {"gate+up": (28672, 4096), "down": (4096, 14336), "q+k+v": (6144, 4096),
           "o": (4096, 4096), "k": (1024, 4096), "gate": (14336, 4096)}  # (N, K); q is o's shape
 
 
-def _tilings(rows: int, n: int, k: int) -> list:
+def _int4_tilings(rows: int, n: int, k: int) -> list:
+    """The engine's tiling (the defaults) and neighbours of it: column tiles, slices, warps,
+    pipeline stages."""
+    from pallas_kernels.int4_gemm import Tiles
+    return [Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(splits=4), Tiles(splits=16),
+            Tiles(num_warps=8), Tiles(num_warps=2), Tiles(num_stages=2), Tiles(num_stages=4)]
+
+
+def _fp8_tilings(rows: int, n: int, k: int) -> list:
     """The tilings worth timing (the fastest of a wider sweep, bench/RESULTS.md, "FP8"), and for
     one row the engine's (one_row_tiles) with other warp and pipeline-stage counts."""
     import dataclasses
@@ -55,9 +65,26 @@ def _layers(mm, compiler_options=None):
     return jax.jit(run, compiler_options=compiler_options)
 
 
+def _format(fmt: str, w16: list, n: int, k: int) -> tuple:
+    """Per layer the weight's arguments in the format's layout, XLA's linear for them, the Pallas
+    kernel (tiles -> fn), its tilings, whether a tiling fits, and the weight's bytes."""
+    if fmt == "fp8":
+        from jaxvllm.models.quant import fp8_linear, to_fp8
+        from pallas_kernels.fp8_gemm import fits, fp8_matmul
+        ws = [(to_fp8(w.T.astype(jnp.float32) * 64), jnp.full((n,), 1 / 64, jnp.float32))
+              for w in w16]  # [N, K] and its scale, as models/quant.py stores them
+        return (ws, fp8_linear, lambda t: lambda x, w, s: fp8_matmul(x, w, s, tiles=t),
+                _fp8_tilings, lambda rows, t: fits(n, k, t) and (t.mode != "fma" or rows == 1),
+                n * k)
+    from jaxvllm.models.int4 import quantize_int4
+    from pallas_kernels import int4_matmul, int4_matmul_reference
+    ws = [quantize_int4(w, GROUP) for w in w16]
+    return (ws, int4_matmul_reference,
+            lambda t: lambda x, w, s, m: int4_matmul(x, w, s, m, tiles=t), _int4_tilings,
+            lambda rows, t: True, n * k // 2 + 8 * n * (k // GROUP))
+
+
 def run(args: argparse.Namespace) -> int:
-    from jaxvllm.models.quant import fp8_linear, to_fp8
-    from pallas_kernels.fp8_gemm import fits, fp8_matmul
     bw = common.measure_bandwidth(1 << 31)
     triton = {"xla_gpu_enable_triton_gemm": True}
     result, rows_out = {"copy_tbs": bw / 1e12, "shapes": {}}, []
@@ -68,51 +95,54 @@ def run(args: argparse.Namespace) -> int:
         key = jax.random.key(n + k)
         w16 = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * k ** -0.5
                for i in range(args.layers)]
-        fp8 = [(to_fp8(w.T.astype(jnp.float32) * 64), jnp.full((n,), 1 / 64, jnp.float32))
-               for w in w16]  # [N, K] and its scale, as models/quant.py stores them
         for m in args.rows:
             x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-            res = result["shapes"].setdefault(name, {})[m] = {}
             per = lambda fn, ws: bench(fn, [(ws, x)], reps=5, min_time=0.1) / args.layers  # noqa: E731
-            res["bf16_us"] = per(_layers(lambda x, w: x @ w, triton), [(w,) for w in w16]) * 1e6
-            res["xla_fp8_us"] = per(_layers(fp8_linear, triton), fp8) * 1e6
-            ref = np.asarray(_layers(fp8_linear, triton)(fp8[:1], x))
-            best = None
-            for tiles in _tilings(m, n, k):
-                if time.perf_counter() - t_start > args.budget_s:
-                    break  # the sweep's time is up: the remaining shapes keep their baselines
-                if not fits(n, k, tiles) or (tiles.mode == "fma" and m != 1):
-                    continue
-                try:
-                    fn = _layers(lambda x, w, s, t=tiles: fp8_matmul(x, w, s, tiles=t))
-                    got = np.asarray(fn(fp8[:1], x))
-                    us = per(fn, fp8) * 1e6
-                except Exception as e:  # noqa: BLE001 (a tiling Triton refuses is skipped)
-                    print(f"  {name} m={m} {tiles}: {type(e).__name__}: {str(e)[:120]}")
-                    continue
-                if abs(got - ref) > 1e-2 * max(1.0, abs(ref)):
-                    print(f"  {name} m={m} {tiles}: wrong sum {got} vs {ref}")
-                    continue
-                print(f"  {name} m={m} {tiles}: {us:.1f} us", flush=True)
-                if best is None or us < best[0]:
-                    best = (us, tiles)
-            res["pallas_us"], res["pallas_tiles"] = (best[0], str(best[1])) if best else (None, None)
-            res["fp8_roofline_us"] = n * k / bw * 1e6
-            row = [name, m, f"{res['bf16_us']:.1f} ({2 * res['fp8_roofline_us'] / res['bf16_us']:.0%})",
-                   f"{res['xla_fp8_us']:.1f} ({res['fp8_roofline_us'] / res['xla_fp8_us']:.0%})",
-                   "-" if not best else
-                   f"{best[0]:.1f} ({res['fp8_roofline_us'] / best[0]:.0%})",
-                   "-" if not best else str(best[1]).replace("Tiles", "")]
-            rows_out.append(row)
-            print(" | ".join(map(str, row)), f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
-    common.emit(result, args, f"FP8 GEMM per layer, us (share of roofline); copy {bw / 1e12:.2f} "
-                f"TB/s; {jax.devices()[0].device_kind}\n" + common.table(
-                    rows_out, ["linear", "rows", "bf16 (XLA)", "FP8 XLA weight-only",
-                               "FP8 Pallas best", "tiles"]))
+            bf16_us = per(_layers(lambda x, w: x @ w, triton), [(w,) for w in w16]) * 1e6
+            for fmt in args.formats:
+                ws, xla_fn, kernel, tilings, fits, nbytes = _format(fmt, w16, n, k)
+                res = result["shapes"].setdefault(name, {}).setdefault(m, {})[fmt] = {
+                    "bf16_us": bf16_us}
+                res["xla_us"] = per(_layers(xla_fn, triton), ws) * 1e6
+                ref = np.asarray(_layers(xla_fn, triton)(ws[:1], x))
+                best = None
+                for tiles in tilings(m, n, k):
+                    if time.perf_counter() - t_start > args.budget_s:
+                        break  # the sweep's time is up: the remaining shapes keep their baselines
+                    if not fits(m, tiles):
+                        continue
+                    try:
+                        fn = _layers(kernel(tiles))
+                        got = np.asarray(fn(ws[:1], x))
+                        us = per(fn, ws) * 1e6
+                    except Exception as e:  # noqa: BLE001 (a tiling Triton refuses is skipped)
+                        print(f"  {fmt} {name} m={m} {tiles}: {type(e).__name__}: {str(e)[:120]}")
+                        continue
+                    if abs(got - ref) > 1e-2 * max(1.0, abs(ref)):
+                        print(f"  {fmt} {name} m={m} {tiles}: wrong sum {got} vs {ref}")
+                        continue
+                    print(f"  {fmt} {name} m={m} {tiles}: {us:.1f} us", flush=True)
+                    if best is None or us < best[0]:
+                        best = (us, tiles)
+                res["pallas_us"], res["pallas_tiles"] = (
+                    (best[0], str(best[1])) if best else (None, None))
+                res["roofline_us"] = roof = nbytes / bw * 1e6
+                row = [fmt, name, m, f"{bf16_us:.1f} ({2 * n * k / bw * 1e6 / bf16_us:.0%})",
+                       f"{res['xla_us']:.1f} ({roof / res['xla_us']:.0%})",
+                       "-" if not best else f"{best[0]:.1f} ({roof / best[0]:.0%})",
+                       "-" if not best else str(best[1]).replace("Tiles", "")]
+                rows_out.append(row)
+                print(" | ".join(map(str, row)), f"[{time.perf_counter() - t_start:.0f} s]",
+                      flush=True)
+    common.emit(result, args, f"Quantized GEMMs per layer, us (share of the format's roofline); "
+                f"copy {bw / 1e12:.2f} TB/s; {jax.devices()[0].device_kind}\n" + common.table(
+                    rows_out, ["format", "linear", "rows", "bf16 (XLA)", "XLA", "Pallas best",
+                               "tiles"]))
     return 0
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--formats", nargs="+", default=["fp8", "int4"], choices=["fp8", "int4"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
@@ -123,4 +153,4 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(common.script_main("fp8_gemm", __doc__, add_args, run))
+    raise SystemExit(common.script_main("decode_gemm", __doc__, add_args, run))
