@@ -77,11 +77,12 @@ def _format(fmt: str, w16: list, n: int, k: int) -> tuple:
                 _fp8_tilings, lambda rows, t: fits(n, k, t) and (t.mode != "fma" or rows == 1),
                 n * k)
     from jaxvllm.models.int4 import quantize_int4
-    from pallas_kernels import int4_matmul, int4_matmul_reference
+    from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
     ws = [quantize_int4(w, GROUP) for w in w16]
     return (ws, int4_matmul_reference,
             lambda t: lambda x, w, s, m: int4_matmul(x, w, s, m, tiles=t), _int4_tilings,
-            lambda rows, t: True, n * k // 2 + 8 * n * (k // GROUP))
+            lambda rows, t: rows <= int4_gemm.MAX_ROWS and int4_gemm.fits(n, k, GROUP),
+            n * k // 2 + 8 * n * (k // GROUP))
 
 
 def run(args: argparse.Namespace) -> int:

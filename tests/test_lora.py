@@ -63,6 +63,14 @@ def _reference(adapter: Optional[str], prompt: tuple[int, ...]) -> tuple[list[in
     return seq[0, len(prompt):].tolist(), logp[np.arange(len(prompt) - 1), prompt[1:]]
 
 
+def _assert_peft(dirs, name: str, prompt: list[int], out) -> None:
+    """`out` (greedy, prompt logprobs) is PEFT's under adapter `name` ("base": none)."""
+    tokens, logp = _reference(None if name == "base" else dirs[name], tuple(prompt))
+    assert out.outputs[0].token_ids == tokens, (name, prompt)
+    got = [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+    np.testing.assert_allclose(got, logp, atol=2e-4, err_msg=name)
+
+
 def _llm(dirs, max_loras: int, enforce_eager: bool = True) -> LLM:
     return LLM(dirs["base"], dtype="float32", enable_lora=True, max_loras=max_loras,
                max_lora_rank=8, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32,
@@ -83,10 +91,7 @@ def test_adapters_and_base_in_one_batch_match_peft(dirs):
     outs = llm.generate([{"prompt_token_ids": p} for _, p in jobs], GREEDY, use_tqdm=False,
                         lora_request=[_lora(dirs, n) for n, _ in jobs])
     for (name, prompt), out in zip(jobs, outs):
-        tokens, logp = _reference(None if name == "base" else dirs[name], tuple(prompt))
-        assert out.outputs[0].token_ids == tokens, (name, prompt)
-        got = [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], prompt[1:])]
-        np.testing.assert_allclose(got, logp, atol=2e-4, err_msg=name)
+        _assert_peft(dirs, name, prompt, out)
 
 
 @pytest.mark.parametrize("quantization, load_format", [("fp8", "auto"), ("awq", "dummy")])
@@ -147,10 +152,7 @@ def test_steps_without_adapters_skip_the_update(dirs):
         steps = [n for n in ran if n.startswith("step-")]
         assert steps and all(n.endswith("-base") == (name == "base") for n in steps), steps
         for prompt, out in zip(PROMPTS, outs):
-            tokens, logp = _reference(None if name == "base" else dirs[name], tuple(prompt))
-            assert out.outputs[0].token_ids == tokens, (name, prompt)
-            got = [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], prompt[1:])]
-            np.testing.assert_allclose(got, logp, atol=2e-4, err_msg=name)
+            _assert_peft(dirs, name, prompt, out)
     assert runner._step._cache_size() == compiled
 
 

@@ -119,11 +119,6 @@ class LoRASlots:
         return {**params, "layers": [{**lp, **lw} for lp, lw in zip(params["layers"],
                                                                      self.weights)]}
 
-    @staticmethod
-    def holds(params: dict) -> bool:
-        """Whether `params` carries the slot arrays (step_params), not the plain weights."""
-        return any(key.endswith("_lora_a") for key in params["layers"][0])
-
     def with_mask(self, params: dict, slots: jax.Array) -> dict:
         """Inside the step: every layer gets the tokens' slot mask."""
         mask = token_mask(slots, self.max_loras, self.rank, self.dtype)

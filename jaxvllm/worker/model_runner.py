@@ -274,7 +274,7 @@ class ModelRunner:
     def _step_impl(self, params: Any, kv_cache: llama.KVCache, packed: jax.Array,
                    prev_sampled: jax.Array):
         inp, logits_indices, lora_slots, _ = self._unpack_inputs(packed, prev_sampled)
-        if lora_slots is not None and LoRASlots.holds(params):
+        if lora_slots is not None:  # unused (and dropped by XLA) in a program without the slots
             params = self.lora.with_mask(params, lora_slots)
         hidden, kv_cache = self.model.forward(params, kv_cache, inp, self.cfg, self.attention_fn,
                                               self.experts_fn)
@@ -489,13 +489,16 @@ class ModelRunner:
         return self.params if self.lora is None or not adapters else self.lora.step_params(
             self.params)
 
-    def _step_names(self, t: int) -> dict[str, bool]:
-        """The step programs of token bucket `t`, by name: whether each reads the adapter slots.
-        With LoRA on, a second program without them runs the steps where no token has an
-        adapter: the update costs every token of a step it runs in (two GEMMs and a mask per
-        projection; +23% at batch 1 and +38% at 64 on the 8B shape, bench/RESULTS.md, "LoRA")."""
-        name = f"step-{t}-kv{self.num_blocks}"
-        return {name: False} if self.lora is None else {name: True, f"{name}-base": False}
+    def _step_variants(self) -> tuple[bool, ...]:
+        """Whether each step program of a token bucket reads the adapter slots. With LoRA on, a
+        second program without them runs the steps where no token has an adapter: the update
+        costs every token of a step it runs in (two GEMMs and a mask per projection; +23% at
+        batch 1 and +38% at 64 on the 8B shape, bench/RESULTS.md, "LoRA")."""
+        return (False,) if self.lora is None else (True, False)
+
+    def _step_name(self, t: int, adapters: bool) -> str:
+        base = "-base" if self.lora is not None and not adapters else ""
+        return f"step-{t}-kv{self.num_blocks}{base}"
 
     def _token_lora_slots(self, b: StepBatch) -> np.ndarray:
         """Each token's adapter slot (-1: none), the step's adapters loaded into slots first."""
@@ -530,10 +533,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         batches = {t: self._dummy_batch(t) for t in self.token_buckets}
         kv = f"kv{self.num_blocks}"  # the cache's shape is in every step's signature
-        steps = {name: functools.partial(
+        steps = {self._step_name(t, adapters): functools.partial(
             lambda t, b, a: self._step_for(t).lower(self._step_params(a), self.kv_cache,
                                                     *self._device_inputs(b)), t, b, adapters)
-            for t, b in batches.items() for name, adapters in self._step_names(t).items()}
+            for t, b in batches.items() for adapters in self._step_variants()}
         if self.drafter is not None:
             steps.update({f"propose-{t}-{kv}": functools.partial(
                 lambda b: self._propose.lower(self.drafter.params, self.draft_kv_cache,
@@ -554,10 +557,10 @@ class ModelRunner:
                 self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled,
                 *counted)}
             for t, b in batches.items():
-                for name, adapters in self._step_names(t).items():
+                for adapters in self._step_variants():
                     self.kv_cache, logits, hidden = self._run(
-                        name, None, self._step_params(adapters), self.kv_cache,
-                        *self._device_inputs(b))
+                        self._step_name(t, adapters), None, self._step_params(adapters),
+                        self.kv_cache, *self._device_inputs(b))
                 if self.drafter is not None:
                     self.draft_kv_cache, _ = self._run(
                         f"propose-{t}-{kv}", None, self.drafter.params, self.draft_kv_cache,
@@ -609,7 +612,7 @@ class ModelRunner:
             b.lora_slots = self._token_lora_slots(b)
             adapters = bool((b.lora_slots >= 0).any())
         step_params = self._step_params(adapters)  # now: a later dispatch may load others
-        step_name = next(n for n, a in self._step_names(t).items() if a == adapters)
+        step_name = self._step_name(t, adapters)
         packed = self._packed_inputs(b)
         sampling = input_batch.sampling_inputs(b)
         n = b.num_rows
