@@ -78,8 +78,8 @@ class EngineArgs:
         "choices": LOGPROBS_MODES})
     batch_invariant: bool = field(default=False, metadata={
         "help": "A request's tokens and logprobs are bitwise the same whatever else runs beside "
-                "it, however its prompt is chunked or cached (GEMMs in fixed row tiles, the "
-                "reference attention); score() equals generate()'s logprobs. Slower."})
+                "it, however its prompt is chunked or cached (sums in an order fixed per row); "
+                "score() equals generate()'s logprobs. Slower (1.1-1.2x the step on a GPU)."})
     enable_lora: bool = field(default=False, metadata={
         "help": "Serve LoRA adapters: requests name one (LoRARequest; the server's --lora-modules)."})
     max_loras: int = field(default=1, metadata={

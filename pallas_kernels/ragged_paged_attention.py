@@ -89,6 +89,14 @@ TILE_TABLE: dict[str, dict[tuple[int, int, int], Tiles]] = {
         (128, 4, 16): Tiles(TileConfig(64, 4, 3), 128, TileConfig(64, 4, 3)),
     },
 }
+# Batch-invariant mode's one launch: every sequence in tiles of 16 rows (as a decode's), this
+# tiling whatever the shape, no split over the context and no Mosaic GPU path. A row's arithmetic
+# is then its own: its tensor-core products do not depend on the other rows of its tile, its keys
+# come in the same steps of `bk` from key 0 in order, and a step wholly masked for the row (a
+# decode sees none; a prefill tile's first tokens see the tile's later keys masked) leaves its
+# running max, sum and output bitwise unchanged. So a token's result is the same decoded or in a
+# prefill chunk, alone or beside any batch (tests/test_ragged_paged_attention.py).
+INVARIANT_TILE = TileConfig(64, 4, 3)
 _DEFAULT_NUM_SMS = 132  # H100 SXM: the split-K heuristic's SM count where the device has none
 
 
@@ -305,31 +313,34 @@ def choose_num_splits(T, R, Hkv, max_blocks, block_size, bk, Hq, D):
     return s
 
 
+def _seq_tiles(qsl, q_lens, tiled, bq, n_tiles):
+    """Tiles of `bq` tokens over the sequences where `tiled` (traced, tiny): (sequence, first
+    token, end) per tile, sequence -1 past the last."""
+    n_r = jnp.where(tiled, (q_lens + bq - 1) // bq, 0)
+    seq_c, j, valid = expand_tiles(n_r, n_tiles)
+    q0 = qsl[seq_c] + j * bq
+    q1 = jnp.minimum(q0 + bq, qsl[seq_c + 1])
+    return jnp.where(valid, seq_c, -1), q0, q1
+
+
 def _build_tiles(qsl, q_lens, T, R, bq_s, bq_l):
     """Tile lists for the short and long launches (all traced, tiny)."""
     r_ids = jnp.arange(R, dtype=jnp.int32)
     is_short = (q_lens > 0) & (q_lens <= bq_s)
-    s_seq = jnp.where(is_short, r_ids, -1)
-    s_q0 = qsl[:-1]
-    s_q1 = qsl[1:]
+    short = (jnp.where(is_short, r_ids, -1), qsl[:-1], qsl[1:])
     n_long = T // (bq_s + 1)
-    n_tiles_l = -(-T // bq_l) + min(R, n_long)
     if n_long == 0:
-        return (s_seq, s_q0, s_q1), None
-    is_long = q_lens > bq_s
-    n_r = jnp.where(is_long, (q_lens + bq_l - 1) // bq_l, 0)
-    seq_c, j, valid = expand_tiles(n_r, n_tiles_l)
-    q0 = qsl[seq_c] + j * bq_l
-    q1 = jnp.minimum(q0 + bq_l, qsl[seq_c + 1])
-    l_seq = jnp.where(valid, seq_c, -1)
-    return (s_seq, s_q0, s_q1), (l_seq, q0, q1)
+        return short, None
+    return short, _seq_tiles(qsl, q_lens, q_lens > bq_s, bq_l, -(-T // bq_l) + min(R, n_long))
 
 
 def ragged_paged_attention_kernel(
     q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs, *,
     sm_scale, sliding_window=None, logits_soft_cap=None, interpret=False,
-    num_splits=None, tiles: Tiles | None = None, prefill_backend: str = "mosaic"):
-    """The Pallas implementation (same semantics as the reference)."""
+    num_splits=None, tiles: Tiles | None = None, prefill_backend: str = "mosaic",
+    invariant: bool = False):
+    """The Pallas implementation (same semantics as the reference). `invariant`: batch-invariant
+    mode (see INVARIANT_TILE)."""
     T, Hq, D = q.shape
     NB, BS, Hkv, Dk = k_cache.shape
     R, MB = block_tables.shape
@@ -347,6 +358,18 @@ def ragged_paged_attention_kernel(
     kv_lens = kv_lens.astype(jnp.int32)
     n_seqs = jnp.reshape(num_seqs, (-1,))[0].astype(jnp.int32)
     q_lens = jnp.where(jnp.arange(R, dtype=jnp.int32) < n_seqs, qsl[1:] - qsl[:-1], 0)
+    q2 = q.reshape(T * Hq, D)
+    k3 = k_cache.reshape(NB * BS, Hkv, D)
+    v3 = v_cache.reshape(NB * BS, Hkv, D)
+    bt_flat = block_tables.astype(jnp.int32).reshape(R * MB)
+    common = dict(gp=gp, group=G, num_q_heads=Hq, block_size=BS, max_blocks=MB,
+                  sm_scale=sm_scale, sliding_window=sliding_window,
+                  soft_cap=logits_soft_cap, interpret=interpret, out_dtype=q.dtype)
+    if invariant:
+        tile_list = _seq_tiles(qsl, q_lens, q_lens > 0, bq_s, -(-T // bq_s) + R)
+        out = _launch(*tile_list, kv_lens, qsl, bt_flat, q2, k3, v3, None, bq=bq_s,
+                      cfg=INVARIANT_TILE, num_splits=1, **common)
+        return (out[:T * Hq] if interpret else out).reshape(T, Hq, D)
     use_mgpu = (prefill_backend == "mosaic" and not interpret and T >= MGPU_MIN_TOKENS
                 and k_cache.dtype == q.dtype  # an FP8 cache stays on the Triton launch
                 and prefill_mgpu.supported(q.dtype, D, BS, tiles.prefill_block_kv,
@@ -362,16 +385,8 @@ def ragged_paged_attention_kernel(
         q_lens = jnp.where(is_mgpu, 0, q_lens)
         num_splits = 1   # split partials cannot be merged into an aliased buffer
     short_t, long_t = _build_tiles(qsl, q_lens, T, R, bq_s, bq_l)
-
-    q2 = q.reshape(T * Hq, D)
-    k3 = k_cache.reshape(NB * BS, Hkv, D)
-    v3 = v_cache.reshape(NB * BS, Hkv, D)
-    bt_flat = block_tables.astype(jnp.int32).reshape(R * MB)
     if num_splits is None:
         num_splits = choose_num_splits(T, R, Hkv, MB, BS, tiles.short.bk, Hq, D)
-    common = dict(gp=gp, group=G, num_q_heads=Hq, block_size=BS, max_blocks=MB,
-                  sm_scale=sm_scale, sliding_window=sliding_window,
-                  soft_cap=logits_soft_cap, interpret=interpret, out_dtype=q.dtype)
 
     if out0 is not None:
         out0 = out0.reshape(T * Hq, D)
@@ -393,11 +408,18 @@ def ragged_paged_attention_kernel(
     return out.reshape(T, Hq, D)
 
 
+def uses_kernel(head_dim: int) -> bool:
+    """Whether ragged_paged_attention's "auto" runs the kernel (on a GPU, for power-of-two head
+    sizes) or the reference."""
+    return jax.default_backend() == "gpu" and head_dim & (head_dim - 1) == 0 and head_dim >= 16
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "sliding_window", "logits_soft_cap", "impl", "interpret"))
+    "sm_scale", "sliding_window", "logits_soft_cap", "impl", "interpret", "invariant"))
 def ragged_paged_attention(
     q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs, *,
-    sm_scale, sliding_window=None, logits_soft_cap=None, impl="auto", interpret=None):
+    sm_scale, sliding_window=None, logits_soft_cap=None, impl="auto", interpret=None,
+    invariant=False):
     """Attention of packed new tokens against a paged KV cache.
 
     q: [T, Hq, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D] (one layer);
@@ -407,16 +429,18 @@ def ragged_paged_attention(
 
     impl: "auto" (kernel on GPU, reference elsewhere), "kernel" or "reference".
     interpret: run the kernel in Pallas interpret mode (default: when not on GPU).
+    invariant: batch-invariant mode: each token's result depends on its own sequence alone, not
+    on the batch beside it nor on how its tokens were split into steps (the kernel's one launch of
+    INVARIANT_TILE, or the reference's fixed chunks).
     """
     on_gpu = jax.default_backend() == "gpu"
-    D = q.shape[-1]
     if impl == "auto":
-        impl = "kernel" if (on_gpu and D & (D - 1) == 0 and D >= 16) else "reference"
+        impl = "kernel" if uses_kernel(q.shape[-1]) else "reference"
     if impl == "reference":
         return ragged_paged_attention_reference(
             q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window,
-            logits_soft_cap=logits_soft_cap)
+            logits_soft_cap=logits_soft_cap, invariant=invariant)
     if impl != "kernel":
         raise ValueError(f"impl must be 'auto', 'kernel' or 'reference', got {impl!r}")
     if interpret is None:
@@ -424,4 +448,4 @@ def ragged_paged_attention(
     return ragged_paged_attention_kernel(
         q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window,
-        logits_soft_cap=logits_soft_cap, interpret=interpret)
+        logits_soft_cap=logits_soft_cap, interpret=interpret, invariant=invariant)

@@ -73,3 +73,57 @@ def test_unsupported_combinations_are_refused():
         EngineArgs(batch_invariant=True, quantization="fp8")
     with pytest.raises(ValueError, match="batch_invariant"):
         EngineArgs(batch_invariant=True, tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("w_transposed", [False, True])
+def test_invariant_gemm_kernel_rows_do_not_depend_on_the_batch(w_transposed):
+    """The GPU's batch-invariant GEMM (pallas_kernels/invariant_gemm.py, interpret mode here): x
+    times the weight (float64 reference), and each row bitwise the same at any number of rows
+    (one tile, a masked part tile, several tiles), K split into slices."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.invariant_gemm import Tiles, invariant_matmul, splits_for
+    k, n, rows = 1024, 128, Tiles().rows
+    assert 1 < splits_for(k, n) < k // 64  # slices of several steps, added in order
+    x = jax.random.normal(jax.random.key(0), (2 * rows + 5, k), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (n, k) if w_transposed else (k, n), jnp.bfloat16)
+    full = np.asarray(invariant_matmul(x, w, w_transposed=w_transposed, interpret=True))
+    w64 = np.asarray(w, np.float64)
+    exact = np.asarray(x, np.float64) @ (w64.T if w_transposed else w64)
+    np.testing.assert_allclose(full, exact, rtol=1e-5, atol=1e-4)
+    for m in (1, 5, rows, rows + 3):
+        part = np.asarray(invariant_matmul(x[:m], w, w_transposed=w_transposed, interpret=True))
+        np.testing.assert_array_equal(part, full[:m])
+
+
+def test_invariant_gemm_kernel_refuses_what_it_cannot_tile():
+    import jax.numpy as jnp
+
+    from pallas_kernels.invariant_gemm import invariant_matmul
+    with pytest.raises(ValueError, match="invariant_matmul"):
+        invariant_matmul(jnp.ones((4, 96)), jnp.ones((96, 128)), interpret=True)  # K % 64
+    with pytest.raises(ValueError, match="invariant_matmul"):
+        invariant_matmul(jnp.ones((4, 128)), jnp.ones((128, 100)), interpret=True)  # N % 64
+
+
+@pytest.mark.gpu
+def test_gpu_invariant_gemm_kernel_is_bitwise_across_batches():
+    """Compiled for the GPU at an 8B layer's shapes: every row bitwise the same at 1 to 256 rows,
+    and within bf16 products' float32 sums of the float64 result."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.invariant_gemm import invariant_matmul
+    for k, n, transposed in [(4096, 6144, False), (14336, 4096, False), (4096, 2048, True)]:
+        x = jax.random.normal(jax.random.key(k), (256, k), jnp.bfloat16)
+        w = jax.random.normal(jax.random.key(n), (n, k) if transposed else (k, n),
+                              jnp.bfloat16) * k ** -0.5
+        mm = jax.jit(invariant_matmul, static_argnames="w_transposed")
+        full = np.asarray(mm(x, w, w_transposed=transposed))
+        for m in (1, 7, 16, 100):
+            np.testing.assert_array_equal(np.asarray(mm(x[:m], w, w_transposed=transposed)),
+                                          full[:m])
+        w64 = np.asarray(w, np.float64)
+        exact = np.asarray(x, np.float64) @ (w64.T if transposed else w64)
+        assert np.abs(full - exact).max() < 1e-3 * np.abs(exact).max()

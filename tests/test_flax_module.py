@@ -86,6 +86,42 @@ def test_module_logprobs_equal_engine_score(family, batch_invariant, dtype):
         _check_against_score(module, llm, seqs, 0, left_padded=True)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_batch_invariant_module_on_the_gpu_kernel_path(family, monkeypatch):
+    """On a GPU the batch-invariant engine attends with its kernel's invariant launch, and the
+    module's forward calls the same kernel (each token a sequence of its own; gradients from the
+    reference's chunks). Both take that path here, the kernel in interpret mode: the module's
+    logprobs equal score()'s bitwise, and its gradients are the CPU path's up to rounding."""
+    import sys
+
+    from jaxvllm.models import flax_module
+    rpa = sys.modules["pallas_kernels.ragged_paged_attention"]
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(1, 256, 21).tolist(), rng.integers(1, 256, 13).tolist()]
+    ids, pos = _padded(seqs, left=True)
+
+    def grads(module: CausalLM) -> list[np.ndarray]:
+        loss = lambda m: -jnp.sum(jnp.where(pos[:, 1:] > 0,  # noqa: E731
+                                            token_logprobs(m(ids, pos), ids, True), 0.0))
+        return [np.asarray(g) for g in jax.tree.leaves(nnx.grad(loss)(module))]
+
+    jax.clear_caches()  # traces of the CPU path (same shapes, same static arguments) go
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(rpa, "uses_kernel", lambda head_dim: True)
+            patch.setattr(flax_module, "uses_kernel", lambda head_dim: True)
+            module, llm = _module_and_llm(CONFIGS[family], True)
+            _check_against_score(module, llm, seqs, 0, left_padded=True)
+            on_kernel = grads(module)
+        jax.clear_caches()
+        reference = grads(module)
+    finally:
+        jax.clear_caches()
+    assert len(on_kernel) == len(reference) > 0
+    for a, b in zip(on_kernel, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
 def test_batch_invariant_module_refuses_experts():
     loaded = load_model(CONFIGS["qwen2_moe"], load_format="dummy", dtype="float32",
                         load_tokenizer=False)

@@ -228,11 +228,12 @@ def test_moe_kernels_match_xla(tokens, way):
     assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
 
 
-def test_batch_invariant_bf16_is_bitwise_on_gpu():
-    """Batch-invariant mode in bf16 on a GPU: a request's tokens and logprobs alone and beside
-    others (a long chunked prompt among them), score() against generate()'s logprobs, and the
-    Flax module's forward (compiled with INVARIANT_COMPILER_OPTIONS) against the engine: bitwise.
-    (float32 on a GPU is not: decoded tokens' logprobs differ by ~1e-4, docs/architecture.md.)"""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_batch_invariant_is_bitwise_on_gpu(dtype):
+    """Batch-invariant mode on a GPU (the invariant GEMM and attention kernels): a request's tokens
+    and logprobs alone and beside others (a long chunked prompt among them), score() against
+    generate()'s logprobs, and the Flax module's forward (the same kernels, compiled with
+    INVARIANT_COMPILER_OPTIONS) against the engine: bitwise."""
     import jax
     from flax import nnx
 
@@ -247,7 +248,7 @@ def test_batch_invariant_bf16_is_bitwise_on_gpu():
     rng = np.random.default_rng(0)
     target = rng.integers(1, 2048, 40).tolist()
     others = [rng.integers(1, 2048, n).tolist() for n in (5, 17, 3, 120)]
-    loaded = load_model(config, load_format="dummy", dtype="bfloat16", load_tokenizer=False)
+    loaded = load_model(config, load_format="dummy", dtype=dtype, load_tokenizer=False)
     module = CausalLM(loaded.params, loaded.config, batch_invariant=True)
     llm = LLM.from_params(nnx.state(module), config, batch_invariant=True, max_model_len=512,
                           max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(8, 16, 32, 64),

@@ -323,6 +323,66 @@ def test_garbage_in_unused_cache_rows_does_not_leak():
     check(out, ref, batch.num_tokens, jnp.float32)
 
 
+def _invariant_batches(dtype):
+    """One token (position 99 of sequence S, one query vector) in five batches: decoded alone,
+    decoded beside others, last of a prefill chunk, in the middle of a longer chunk (the chunk's
+    later keys masked for it), and beside padding. -> [(args, row of the token in q)]."""
+    rng = np.random.default_rng(5)
+    hq, hkv, d, bs, nb = 4, 2, 32, 16, 40
+    k = jnp.asarray(rng.standard_normal((nb, bs, hkv, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((nb, bs, hkv, d)), dtype)
+    blocks = rng.permutation(nb)
+    tables = {"S": blocks[:8], "A": blocks[8:16], "B": blocks[16:24]}
+    token = rng.standard_normal((hq, d))
+    layouts = [([("S", 1, 100)], 0), ([("A", 1, 30), ("S", 1, 100), ("B", 20, 50)], 1),
+               ([("B", 5, 60), ("S", 30, 100)], 34), ([("S", 40, 110)], 29),
+               ([("A", 3, 9), ("S", 1, 100)], 3)]
+    out = []
+    for seqs, row in layouts:
+        t = sum(ql for _, ql, _ in seqs) + 5                       # padding tokens after them
+        q = rng.standard_normal((t, hq, d))
+        q[row] = token
+        qsl = np.concatenate([[0], np.cumsum([ql for _, ql, _ in seqs]), [t - 5]])
+        args = (jnp.asarray(q, dtype), k, v,
+                jnp.asarray([kl for *_, kl in seqs] + [0], jnp.int32),
+                jnp.asarray(np.stack([tables[n] for n, *_ in seqs] + [blocks[24:32]]), jnp.int32),
+                jnp.asarray(qsl, jnp.int32), jnp.asarray([len(seqs)], jnp.int32))
+        out.append((args, row))
+    return out
+
+
+def _check_invariant_mode(dtype, kw, interpret):
+    results = []
+    for args, row in _invariant_batches(dtype):
+        out = ragged_paged_attention_kernel(*args, sm_scale=0.17, interpret=interpret,
+                                            invariant=True, **kw)
+        ref = ragged_paged_attention_reference(*args, sm_scale=0.17, **kw)
+        # compiled, float32 dots run on the tensor cores in TF32: bf16's tolerance
+        check(out, ref, int(args[5][-1]), dtype if interpret else jnp.bfloat16)
+        results.append(np.asarray(out[row].astype(jnp.float32)))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+INVARIANT_CASES = [{}, dict(sliding_window=40), dict(logits_soft_cap=4.0)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kw", INVARIANT_CASES)
+def test_invariant_mode_token_result_does_not_depend_on_the_batch(dtype, kw):
+    """Batch-invariant mode (interpret mode here): a token's output is bitwise the same decoded or
+    inside a prefill chunk, alone or batched, and matches the reference."""
+    _check_invariant_mode(dtype, kw, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kw", INVARIANT_CASES)
+def test_gpu_invariant_mode_token_result_does_not_depend_on_the_batch(dtype, kw):
+    _check_invariant_mode(dtype, kw, interpret=False)
+
+
 def _pow2(x):
     return x > 0 and x & (x - 1) == 0
 

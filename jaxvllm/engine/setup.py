@@ -139,22 +139,16 @@ def _weights_cache_dir(args: EngineArgs) -> Optional[str]:
     return None if cache_dir.lower() == "none" else cache_dir
 
 
-def _batch_invariant(cfg: Any, params_dtype: Any) -> tuple[Any, Any]:
-    """The model config and attention of batch-invariant mode: GEMMs in fixed row tiles
-    (models/layers.matmul) and the reference attention, which computes each token on its own over
-    fixed chunks of its context (the Pallas kernel's split over the context and its tiles
-    depend on the batch)."""
+def _batch_invariant(cfg: Any) -> tuple[Any, Any]:
+    """The model config and attention of batch-invariant mode: GEMMs whose rows do not depend on
+    the batch (models/layers.matmul) and the attention's invariant form (one launch of fixed tiles
+    on a GPU, the reference's fixed chunks elsewhere: pallas_kernels.ragged_paged_attention)."""
     import functools
-    from pallas_kernels.reference import ragged_paged_attention_reference
+    from pallas_kernels import ragged_paged_attention
     if cfg.num_experts:
         raise ValueError("batch_invariant is not supported for mixture-of-experts models yet")
-    import jax
-    if jax.default_backend() == "gpu" and params_dtype == jax.numpy.float32:
-        # Measured on an H200 (bench/RESULTS.md); bf16 there, and float32 on a CPU, are bitwise.
-        logger.warning("batch_invariant in float32 on a GPU: decoded tokens' logprobs can still "
-                       "differ by ~1e-4 with the batch (bfloat16 is bitwise)")
     return (dataclasses.replace(cfg, batch_invariant=True),
-            functools.partial(ragged_paged_attention_reference, invariant=True))
+            functools.partial(ragged_paged_attention, invariant=True))
 
 
 def device_memory_bytes(device: Any) -> Optional[int]:
@@ -237,7 +231,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         cfg = dataclasses.replace(cfg, fp8_kernel=True)
     attention_fn = None
     if args.batch_invariant:
-        cfg, attention_fn = _batch_invariant(cfg, params_dtype)
+        cfg, attention_fn = _batch_invariant(cfg)
     shares = loaded.load_format == "params"
     if shardings is None and device is None and not shares:
         # The runner committed to the device the weights are on (as a data-parallel replica is to

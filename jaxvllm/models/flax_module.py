@@ -10,6 +10,7 @@ their placement fits), and `llm.update_weights(nnx.state(model))` takes them aft
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -22,9 +23,12 @@ from jaxvllm.models.llama import ModelInputs
 from jaxvllm.models.registry import get_model_module
 from jaxvllm.worker.sampler import prompt_logprobs
 from jaxvllm.worker.weight_swap import weight_chunks
+from pallas_kernels import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import uses_kernel
 from pallas_kernels.reference import INVARIANT_CHUNK_KEYS, chunked_attention
 
 _MASK = -1e30
+_PAGE = 16  # the paged layout's block size in the GPU's invariant forward (any divisor of a row)
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,10 @@ class DenseAttention:
     """Causal attention among a [batch, length] block of new tokens (flattened to [T, ...] as the
     engine's are), in float32 as the engine's reference attention: a token sees the tokens of its
     row at positions up to its own (within the sliding window); a position of -1 marks padding,
-    which nothing attends to. `invariant`: the batch-invariant engine's computation (each token
-    over fixed chunks of its context, pallas_kernels/reference.chunked_attention) instead of one
-    softmax over the whole row, so the sums run in the engine's order."""
+    which nothing attends to. `invariant`: the batch-invariant engine's computation instead of one
+    softmax over the whole row, so the sums run in the engine's order: on a GPU its attention
+    kernel's invariant launch (`_paged`), elsewhere each token over fixed chunks of its context
+    (pallas_kernels/reference.chunked_attention)."""
     batch: int
     invariant: bool = False
 
@@ -42,8 +47,11 @@ class DenseAttention:
                  sm_scale: float, sliding_window: Optional[int] = None,
                  logits_soft_cap: Optional[float] = None) -> jax.Array:
         if self.invariant:
-            return self._chunked(q, k, v, inp.positions, sm_scale=sm_scale,
-                                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+            kw = dict(sm_scale=sm_scale, sliding_window=sliding_window,
+                      logits_soft_cap=logits_soft_cap)
+            if uses_kernel(q.shape[-1]):
+                return _paged_invariant(q, k, v, inp.positions, self, tuple(kw.items()))
+            return self._chunked(q, k, v, inp.positions, **kw)
         t, hq, d = q.shape
         b, hkv = self.batch, k.shape[1]
         length, g = t // b, hq // hkv
@@ -63,20 +71,42 @@ class DenseAttention:
         out = jnp.einsum("bkgqs,bskd->bqkgd", p, vf, precision=jax.lax.Precision.HIGHEST)
         return out.reshape(t, hq, d).astype(q.dtype)
 
+    def _by_position(self, k: jax.Array, v: jax.Array, positions: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+        """Each row's keys and values by position, as the engine's cache holds a sequence's
+        (padding dropped): ([batch * width, Hkv, D] twice, each token's row, width)."""
+        t, hkv, d = k.shape
+        length = t // self.batch
+        width = -(-length // INVARIANT_CHUNK_KEYS) * INVARIANT_CHUNK_KEYS
+        row = jnp.arange(t, dtype=jnp.int32) // length
+        slot = jnp.where(positions >= 0, row * width + positions, self.batch * width)
+        rows_k = jnp.zeros((self.batch * width, hkv, d), k.dtype).at[slot].set(k, mode="drop")
+        rows_v = jnp.zeros((self.batch * width, hkv, d), v.dtype).at[slot].set(v, mode="drop")
+        return rows_k, rows_v, row, width
+
+    def _paged(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+               **kw: Any) -> jax.Array:
+        """The engine's invariant attention kernel over the rows laid out as a paged cache, each
+        token a sequence of its own (its context the keys at positions up to its own): a token's
+        arithmetic in that kernel does not depend on the tokens beside it."""
+        rows_k, rows_v, row, width = self._by_position(k, v, positions)
+        t, hkv, d = k.shape
+        pages = width // _PAGE
+        tables = row[:, None] * pages + jnp.arange(pages, dtype=jnp.int32)[None, :]
+        cache = lambda x: x.reshape(-1, _PAGE, hkv, d)  # noqa: E731
+        out = ragged_paged_attention(q, cache(rows_k), cache(rows_v),
+                                     jnp.where(positions >= 0, positions + 1, 0), tables,
+                                     jnp.arange(t + 1, dtype=jnp.int32), jnp.array([t], jnp.int32),
+                                     impl="kernel", invariant=True, **kw)
+        return jnp.where((positions >= 0)[:, None, None], out, 0).astype(q.dtype)
+
     def _chunked(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                  **kw: Any) -> jax.Array:
         t, hq, d = q.shape
         hkv = k.shape[1]
-        length = t // self.batch
         chunk = INVARIANT_CHUNK_KEYS
-        # A static trip count: a differentiable loop.
-        n_chunks = -(-length // chunk)
-        width = n_chunks * chunk
-        row = jnp.arange(t, dtype=jnp.int32) // length
-        # Each row's keys by position, as the engine's cache holds a sequence's (padding dropped).
-        slot = jnp.where(positions >= 0, row * width + positions, self.batch * width)
-        rows_k = jnp.zeros((self.batch * width, hkv, d), k.dtype).at[slot].set(k, mode="drop")
-        rows_v = jnp.zeros((self.batch * width, hkv, d), v.dtype).at[slot].set(v, mode="drop")
+        rows_k, rows_v, row, width = self._by_position(k, v, positions)
+        n_chunks = width // chunk  # a static trip count: a differentiable loop
 
         def key_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
             idx = row[:, None] * width + c * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
@@ -87,6 +117,28 @@ class DenseAttention:
                                 n_chunks, chunk, invariant=True, **kw)
         out = jnp.where((positions >= 0)[:, None, None, None], out, 0.0)
         return out.reshape(t, hq, d).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _paged_invariant(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                     attn: DenseAttention, kw: tuple) -> jax.Array:
+    """Batch-invariant attention on a GPU: forward by the engine's kernel (bitwise the engine's),
+    gradients by the reference's chunks (the same function up to rounding; the kernel has no
+    derivative of its own)."""
+    return attn._paged(q, k, v, positions, **dict(kw))
+
+
+def _paged_invariant_fwd(q, k, v, positions, attn, kw):
+    return _paged_invariant(q, k, v, positions, attn, kw), (q, k, v, positions)
+
+
+def _paged_invariant_bwd(attn, kw, res, g):
+    q, k, v, positions = res
+    _, vjp = jax.vjp(lambda q, k, v: attn._chunked(q, k, v, positions, **dict(kw)), q, k, v)
+    return (*vjp(g), None)
+
+
+_paged_invariant.defvjp(_paged_invariant_fwd, _paged_invariant_bwd)
 
 
 def dense_inputs(token_ids: jax.Array, positions: jax.Array) -> ModelInputs:
