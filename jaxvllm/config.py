@@ -49,6 +49,10 @@ class EngineArgs:
     data_parallel_size: int = field(default=1, metadata={
         "help": "Engine replicas, each on its own tensor_parallel_size devices; requests are "
                 "routed by load with prefix-cache affinity."})
+    engine_process: bool = field(default=False, metadata={
+        "help": "Run the engine (scheduler, model runner, detokenizer) in a process of its own, as "
+                "data-parallel replicas always run, so a server's HTTP and streaming work does not "
+                "share a GIL with the engine's steps."})
     load_format: str = field(default="auto", metadata={"help": "auto|dummy|safetensors|gguf.",
                                                        "choices": LOAD_FORMATS})
     quantization: Optional[str] = field(default=None, metadata={
@@ -187,8 +191,10 @@ class EngineArgs:
             raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank!r}")
         if self.nnodes > 1 or self.dist_init_addr is not None:
             split_host_port(self.dist_init_addr, "dist_init_addr")
-        if self.nnodes > 1 and self.data_parallel_size > 1:  # one leader per process, for now
-            raise ValueError("data_parallel_size > 1 is not supported with nnodes > 1")
+        if self.nnodes > 1 and (self.data_parallel_size > 1 or self.engine_process):
+            # one leader per process, for now
+            raise ValueError("data_parallel_size > 1 and engine_process are not supported with "
+                             "nnodes > 1")
 
     @property
     def speculative(self) -> Optional[SpeculativeConfig]:

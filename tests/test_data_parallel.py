@@ -254,6 +254,11 @@ def _worker(out_path: str) -> None:
         report["dp1"] = _generate(dp1)
         report["dp1"]["updated"] = _updated(dp1, d)
         del dp1
+        alone = _llm(d, 1, 1, engine_process=True)  # the one engine behind the front
+        report["dp1proc"] = _generate(alone)
+        report["dp1proc"]["pids"] = [os.getpid(), alone.llm_engine.replicas[0].info["pid"]]
+        report["dp1proc"]["serve"] = _serve(alone)
+        alone.llm_engine.shutdown()
         dp2 = _llm(d, 2, 1)
         report["dp2_at_start"] = dp2.llm_engine.describe_replicas()
         report["dp2"] = _generate(dp2)
@@ -303,6 +308,17 @@ def report(tmp_path_factory) -> dict[str, Any]:
 @pytest.mark.parametrize("run", ["dp2", "dp2tp2", "dp2draft"])
 def test_greedy_tokens_match_dp1(report, run):
     assert report[run]["tokens"] == report["dp1"]["tokens"]
+
+
+def test_one_engine_in_a_process_of_its_own(report):
+    """engine_process=True at data_parallel_size 1: the engine runs in a child process behind the
+    front, offline and under AsyncLLMEngine, with the in-process engine's tokens."""
+    r = report["dp1proc"]
+    assert r["tokens"] == report["dp1"]["tokens"]
+    assert r["serve"]["tokens"] == report["dp1"]["tokens"][:2]
+    assert len(r["serve"]["replica_queries"]) == 1
+    front, engine = r["pids"]
+    assert engine != front
 
 
 def test_each_replica_guesses_with_a_draft_model_of_its_own(report):

@@ -598,6 +598,7 @@ def test_serve_with_a_dead_follower_fails_loudly(model, tmp_path):
     ({"nnodes": 2, "dist_init_addr": ":80"}, "dist_init_addr must be HOST:PORT"),
     ({"nnodes": 2, "dist_init_addr": "host:65535"}, "dist_init_addr must be HOST:PORT"),
     ({"nnodes": 2, "dist_init_addr": "h:1", "data_parallel_size": 2}, "data_parallel_size > 1"),
+    ({"nnodes": 2, "dist_init_addr": "h:1", "engine_process": True}, "engine_process"),
 ])
 def test_engine_args_refuse_bad_node_settings(kwargs, message):
     from jaxvllm.config import EngineArgs

@@ -13,7 +13,8 @@ Affinity reads what the front has routed: a replica "holds" a prompt block when 
 prompt has that block (by the KV-cache manager's chained hash) was sent to it, remembered for as
 many blocks as the replica's KV cache has, most recent kept. The replica's own cache may have
 evicted it since; the request then recomputes it there, as it would anywhere else.
-With `data_parallel_size == 1`, `create_engine` returns a plain LLMEngine: no front on that path.
+With `data_parallel_size == 1`, `create_engine` returns a plain LLMEngine (no front on that path)
+unless `engine_process` asks for the one engine in a process of its own behind this front.
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ SHUTDOWN_WAIT_S = 30.0
 
 
 def create_engine(args: EngineArgs, loaded: Any = None) -> Union[LLMEngine, "DataParallelEngine"]:
-    """The engine for `args`: one LLMEngine, or a DataParallelEngine over data_parallel_size."""
-    if args.data_parallel_size == 1:
+    """The engine for `args`: one LLMEngine, or a DataParallelEngine over data_parallel_size
+    replica processes (one with engine_process)."""
+    if args.data_parallel_size == 1 and not args.engine_process:
         return LLMEngine(args, loaded)
     return DataParallelEngine(args, loaded)
 
