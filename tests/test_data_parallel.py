@@ -35,7 +35,8 @@ def _generate(llm: Any) -> dict[str, Any]:
     from jaxvllm import SamplingParams
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
-    res: dict[str, Any] = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    res: dict[str, Any] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                           "prompts": [[o.prompt, list(o.prompt_token_ids)] for o in outs]}
     engine = llm.llm_engine
     if hasattr(engine, "describe_replicas"):
         res["replicas"] = engine.describe_replicas()
@@ -308,6 +309,12 @@ def report(tmp_path_factory) -> dict[str, Any]:
 @pytest.mark.parametrize("run", ["dp2", "dp2tp2", "dp2draft"])
 def test_greedy_tokens_match_dp1(report, run):
     assert report[run]["tokens"] == report["dp1"]["tokens"]
+
+
+@pytest.mark.parametrize("run", ["dp1proc", "dp2"])
+def test_outputs_carry_their_prompt(report, run):
+    """Replicas send outputs without the prompt; the front puts back what it prepared."""
+    assert report[run]["prompts"] == report["dp1"]["prompts"] == [[None, p] for p in PROMPTS]
 
 
 def test_one_engine_in_a_process_of_its_own(report):

@@ -25,7 +25,7 @@ import multiprocessing
 import threading
 import weakref
 from multiprocessing.connection import wait
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.block_pool import BlockHash
@@ -82,6 +82,14 @@ class _RoutedPrefixes:
 
     def __contains__(self, h: object) -> bool:
         return h in self._hashes
+
+
+class _Owned(NamedTuple):
+    """An unfinished request as the front remembers it."""
+    replica: int
+    sequences: int  # n
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
 
 
 class _Replica:
@@ -178,7 +186,7 @@ class DataParallelEngine(RequestFront):
         self.router = Router(RouterConfig(
             block_size=args.block_size,
             overload_margin=max(1, int(args.max_num_seqs * OVERLOAD_FRACTION))))
-        self._owner: dict[str, tuple[int, int]] = {}  # unfinished request id -> (replica, sequences)
+        self._owner: dict[str, _Owned] = {}  # unfinished requests by id
         self._arrived: list[RequestOutput] = []       # outputs read while waiting for a reply
         self._asleep = False                          # as every replica is (they change together)
         self._updating = False                        # between start_ and finish_weight_update
@@ -223,7 +231,8 @@ class DataParallelEngine(RequestFront):
         r.send(("add", parent))
         r.prefixes.add(hashes)
         r.load += parent.params.n
-        self._owner[parent.request_id] = (i, parent.params.n)
+        self._owner[parent.request_id] = _Owned(i, parent.params.n, parent.prompt,
+                                                parent.prompt_token_ids)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -231,8 +240,8 @@ class DataParallelEngine(RequestFront):
         for rid in ids:
             owner = self._owner.pop(rid, None)
             if owner is not None:
-                self.replicas[owner[0]].load -= owner[1]
-                by_replica.setdefault(owner[0], []).append(rid)
+                self.replicas[owner.replica].load -= owner.sequences
+                by_replica.setdefault(owner.replica, []).append(rid)
         for i, rids in by_replica.items():
             self.replicas[i].aborting.update(rids)
             self.replicas[i].send(("abort", rids))
@@ -272,8 +281,14 @@ class DataParallelEngine(RequestFront):
         kind = msg[0]
         if kind == "outputs":
             r.stats = msg[2]
-            return [o for o in msg[1] if o.request_id not in r.aborting
-                    and self._owner.get(o.request_id, (None,))[0] == r.rank]
+            kept = []
+            for o in msg[1]:
+                owner = self._owner.get(o.request_id)
+                if owner is None or owner.replica != r.rank or o.request_id in r.aborting:
+                    continue
+                o.prompt, o.prompt_token_ids = owner.prompt, owner.prompt_token_ids  # not sent
+                kept.append(o)
+            return kept
         if kind == "aborted":
             r.aborting.subtract(msg[1])
             r.aborting += collections.Counter()  # drops the ids at zero
@@ -290,7 +305,7 @@ class DataParallelEngine(RequestFront):
                 continue
             if out.finished:
                 del self._owner[out.request_id]
-                self.replicas[owner[0]].load -= owner[1]
+                self.replicas[owner.replica].load -= owner.sequences
             kept.append(out)
         return kept
 

@@ -9,7 +9,8 @@ loop never blocks on a full outgoing pipe while the front is blocked sending it 
 
 Commands (front -> replica): ("add", _Parent), ("abort", [ids]), ("call", name, args) answered by
 ("reply", value) or ("error", text), ("shutdown",). Events (replica -> front): ("ready", info) or
-("error", text, exception type name) at start-up, ("outputs", [RequestOutput], SchedulerStats) after every step,
+("error", text, exception type name) at start-up, ("outputs", [RequestOutput without its prompt
+and prompt ids], SchedulerStats) after every step,
 ("aborted", [ids]) once an abort is applied, ("dead", text) when a step raised (the replica
 then exits).
 """
@@ -112,7 +113,14 @@ def _loop(engine: Any, commands: Any, out: queue.Queue) -> None:
         except BaseException as e:
             out.put(("dead", describe_exception(e)))
             return
-        out.put(("outputs", outputs, engine.get_stats()))
+        out.put(("outputs", [_without_prompt(o) for o in outputs], engine.get_stats()))
+
+
+def _without_prompt(output: Any) -> Any:
+    """A step's output as sent: its prompt text and ids left out (the front has them from when it
+    prepared the request). Pickled with every step's output, a prompt of ~600 ids took most of the
+    front's time per streamed token (bench/RESULTS.md)."""
+    return dataclasses.replace(output, prompt=None, prompt_token_ids=None)
 
 
 def _handle(engine: Any, msg: tuple, out: queue.Queue) -> bool:
