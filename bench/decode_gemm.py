@@ -53,7 +53,7 @@ def _fp8_tilings(rows: int, n: int, k: int) -> list:
         (64, 128, 2), (64, 256, 4), (32, 256, 2), (32, 128, None)]]
 
 
-def _layers(mm, compiler_options=None):
+def layers_program(mm, compiler_options=None):
     """One program over every layer's weight (a list: no slice of a stacked array is copied),
     each GEMM's output added into one sum (fused into its epilogue, no kernel of its own)."""
     def run(ws, x):
@@ -99,13 +99,13 @@ def run(args: argparse.Namespace) -> int:
         for m in args.rows:
             x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
             per = lambda fn, ws: bench(fn, [(ws, x)], reps=5, min_time=0.1) / args.layers  # noqa: E731
-            bf16_us = per(_layers(lambda x, w: x @ w, triton), [(w,) for w in w16]) * 1e6
+            bf16_us = per(layers_program(lambda x, w: x @ w, triton), [(w,) for w in w16]) * 1e6
             for fmt in args.formats:
                 ws, xla_fn, kernel, tilings, fits, nbytes = _format(fmt, w16, n, k)
                 res = result["shapes"].setdefault(name, {}).setdefault(m, {})[fmt] = {
                     "bf16_us": bf16_us}
-                res["xla_us"] = per(_layers(xla_fn, triton), ws) * 1e6
-                ref = np.asarray(_layers(xla_fn, triton)(ws[:1], x))
+                res["xla_us"] = per(layers_program(xla_fn, triton), ws) * 1e6
+                ref = np.asarray(layers_program(xla_fn, triton)(ws[:1], x))
                 best = None
                 for tiles in tilings(m, n, k):
                     if time.perf_counter() - t_start > args.budget_s:
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                     if not fits(m, tiles):
                         continue
                     try:
-                        fn = _layers(kernel(tiles))
+                        fn = layers_program(kernel(tiles))
                         got = np.asarray(fn(ws[:1], x))
                         us = per(fn, ws) * 1e6
                     except Exception as e:  # noqa: BLE001 (a tiling Triton refuses is skipped)

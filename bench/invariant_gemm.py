@@ -17,6 +17,7 @@ import common
 import jax
 import jax.numpy as jnp
 import numpy as np
+from decode_gemm import layers_program
 from kernels import bench
 
 from jaxvllm.models import layers
@@ -24,19 +25,10 @@ from pallas_kernels import invariant_gemm
 
 SHAPES = {"q+k+v": (6144, 4096), "o": (4096, 4096), "gate+up": (28672, 4096),
           "down": (4096, 14336), "lm_head": (128256, 4096)}  # (N, K)
+INVARIANT = dict(layers.INVARIANT_COMPILER_OPTIONS)
 T = invariant_gemm.Tiles
 TILINGS = [T(), T(rows=16), T(rows=16, block_n=128), T(rows=32), T(rows=32, block_n=128),
            T(rows=64, block_n=128), T(rows=128, block_n=128, num_warps=8)]
-
-
-def _layers(mm):
-    def run(ws, x):
-        acc = None
-        for w in ws:
-            y = mm(x, w).astype(jnp.float32)
-            acc = y if acc is None else acc + y
-        return acc.sum()
-    return jax.jit(run, compiler_options=dict(layers.INVARIANT_COMPILER_OPTIONS))
 
 
 def _bitwise(tiles: invariant_gemm.Tiles, x: jax.Array, w: jax.Array) -> bool:
@@ -58,15 +50,16 @@ def run(args: argparse.Namespace) -> int:
     rows_out, result, not_bitwise = [], {}, []
     for name, (n, k) in SHAPES.items():
         count = 2 if name == "lm_head" else args.layers  # 1 GiB a weight
-        ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * k ** -0.5
+        ws = [(jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * k ** -0.5,)
               for i in range(count)]
         xs = jax.random.normal(jax.random.key(n + k), (128, k), jnp.bfloat16)
-        not_bitwise += [f"{name} {t}" for t in TILINGS if not _bitwise(t, xs, ws[0])]
+        not_bitwise += [f"{name} {t}" for t in TILINGS if not _bitwise(t, xs, ws[0][0])]
         for m in args.rows:
             x = jnp.resize(xs, (m, k))
             per = lambda fn: bench(fn, [(ws, x)], reps=5, min_time=0.1) / count * 1e6  # noqa: E731
-            times = [per(_layers(lambda x, w: x @ w)), per(_layers(_per_tile))]
-            times += [per(_layers(lambda x, w, t=t: invariant_gemm.invariant_matmul(x, w, tiles=t)))
+            program = lambda mm: layers_program(mm, INVARIANT)  # noqa: E731
+            times = [per(program(lambda x, w: x @ w)), per(program(_per_tile))]
+            times += [per(program(lambda x, w, t=t: invariant_gemm.invariant_matmul(x, w, tiles=t)))
                       for t in TILINGS]
             result.setdefault(name, {})[m] = times
             rows_out.append([name, m] + [f"{t:.1f}" for t in times])

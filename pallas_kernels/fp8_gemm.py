@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.triton_rows import split_k_call
+
 MAX_ROWS = 16    # the engine's Triton-GEMM decode buckets (config.TRITON_GEMM_MAX_TOKENS)
 MIN_BLOCK_M = 16  # the tensor cores' smallest M
 MODES = ("dot", "fma")
@@ -83,18 +85,11 @@ def fp8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *, tiles: Tiles = T
     kernel = functools.partial(_fma_kernel if tiles.mode == "fma" else _dot_kernel,
                                block_m=bm, block_n=tiles.block_n, block_k=tiles.block_k,
                                steps=steps // splits)
-    partials = pl.pallas_call(
-        kernel,
-        grid=(n // tiles.block_n, splits),
-        in_specs=[pl.BlockSpec((m, k), lambda i, j: (0, 0)),
-                  pl.BlockSpec((tiles.block_n, k), lambda i, j: (i, 0))],
-        out_specs=pl.BlockSpec((splits, m, n), lambda i, j: (0, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-        compiler_params=None if interpret else plgpu.CompilerParams(
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-        interpret=interpret,
-        name="fp8_matmul",
-    )(x, w)
+    partials = split_k_call(
+        kernel, (x, w), [pl.BlockSpec((m, k), lambda i, j: (0, 0)),
+                         pl.BlockSpec((tiles.block_n, k), lambda i, j: (i, 0))],
+        grid=(n // tiles.block_n, splits), m=m, n=n, splits=splits, tiles=tiles,
+        interpret=interpret, name="fp8_matmul")
     return (partials.sum(0) * scale).astype(x.dtype)
 
 

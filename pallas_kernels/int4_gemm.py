@@ -31,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.triton_rows import split_k_call
+
 MIN_BLOCK_M = 16  # the tensor cores' smallest M: a tile of fewer rows masks the rest
 # Larger batches take the dequantize-then-GEMM path (models/int4.py): each row tile dequantizes
 # the whole weight again, and from 128 rows that cost more than XLA's dequantization written once
@@ -97,22 +99,16 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array, *,
     step = _step(group)
     kernel = functools.partial(_kernel, group=group, step=step, block_m=bm, block_n=bn,
                                steps=(k // 2) // splits // step)
-    partials = pl.pallas_call(
-        kernel,
+    partials = split_k_call(
+        kernel, (x, w, scale, mn),
+        [pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
+         pl.BlockSpec((bn, k // 2), lambda r, i, j: (i, 0)),
+         pl.BlockSpec((groups, bn), lambda r, i, j: (0, i)),
+         pl.BlockSpec((groups, bn), lambda r, i, j: (0, i))],
         # Row tiles vary fastest: the programs that read one weight tile run together and the
         # later ones find it in the L2.
-        grid=(-(-m // bm), n // bn, splits),
-        in_specs=[pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
-                  pl.BlockSpec((bn, k // 2), lambda r, i, j: (i, 0)),
-                  pl.BlockSpec((groups, bn), lambda r, i, j: (0, i)),
-                  pl.BlockSpec((groups, bn), lambda r, i, j: (0, i))],
-        out_specs=pl.BlockSpec((splits, m, n), lambda r, i, j: (0, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-        compiler_params=None if interpret else plgpu.CompilerParams(
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-        interpret=interpret,
-        name="int4_matmul",
-    )(x, w, scale, mn)
+        grid=(-(-m // bm), n // bn, splits), m=m, n=n, splits=splits, tiles=tiles,
+        interpret=interpret, name="int4_matmul")
     return partials.sum(0).astype(x.dtype)
 
 

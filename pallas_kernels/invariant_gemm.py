@@ -23,6 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.triton_rows import split_k_call
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     rows: int = 64  # a row tile (16 and 32 took 1.5-2.4x as long at 128 rows, bench/RESULTS.md)
@@ -55,20 +57,14 @@ def invariant_matmul(x: jax.Array, w: jax.Array, *, w_transposed: bool = False,
         raise ValueError(f"invariant_matmul: x {x.shape} and w {w.shape} (w_transposed="
                          f"{w_transposed}) do not fit: K a multiple of {bk}, N of {bn}")
     splits = splits_for(k, n, tiles)
-    partials = pl.pallas_call(
+    partials = split_k_call(
         functools.partial(_kernel, steps=k // bk // splits, rows=tiles.rows, block_k=bk,
-                          transposed=w_transposed),
-        grid=(-(-m // tiles.rows), n // bn, splits),
-        in_specs=[pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
-                  pl.BlockSpec((bn, k), lambda r, i, j: (i, 0)) if w_transposed else
-                  pl.BlockSpec((k, bn), lambda r, i, j: (0, i))],
-        out_specs=pl.BlockSpec((splits, m, n), lambda r, i, j: (0, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-        compiler_params=None if interpret else plgpu.CompilerParams(
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-        interpret=interpret,
-        name="invariant_matmul",
-    )(x, w)
+                          transposed=w_transposed), (x, w),
+        [pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
+         pl.BlockSpec((bn, k), lambda r, i, j: (i, 0)) if w_transposed else
+         pl.BlockSpec((k, bn), lambda r, i, j: (0, i))],
+        grid=(-(-m // tiles.rows), n // bn, splits), m=m, n=n, splits=splits, tiles=tiles,
+        interpret=interpret, name="invariant_matmul")
     out = partials[0]
     for p in partials[1:]:  # left to right: XLA does not reorder float adds
         out = out + p

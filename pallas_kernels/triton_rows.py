@@ -1,7 +1,9 @@
 """Helpers shared by the Pallas Triton kernels: whole-array BlockSpecs (the kernels index their
-refs themselves) and masked row scatters that also work in interpret mode."""
+refs themselves), masked row scatters that also work in interpret mode, and the launch of the
+GEMMs that split K into slices."""
 from __future__ import annotations
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -35,3 +37,17 @@ def full_spec(shape, squeeze_axis=None, grid_axis=None):
     def index_map(*ids):
         return tuple(ids[grid_axis] if a == squeeze_axis else 0 for a in range(len(shape)))
     return pl.BlockSpec(block, index_map)
+
+
+def split_k_call(kernel, args, in_specs, *, grid, m, n, splits, tiles, interpret, name):
+    """A GEMM kernel whose programs each write one slice of K's float32 partial sums into
+    [splits, m, n] (the whole output is every program's block: they index it themselves);
+    `tiles` gives num_warps and num_stages. Returns the partials for the caller to add."""
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs,
+        out_specs=pl.BlockSpec((splits, m, n), lambda *_: (0, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+        compiler_params=None if interpret else plgpu.CompilerParams(
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret, name=name,
+    )(*args)
