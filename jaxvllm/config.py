@@ -173,10 +173,9 @@ class EngineArgs:
             raise ValueError(f"step_timeout must be a positive number of seconds, got {self.step_timeout!r}")
         self._validate_nodes()
         spec = SpeculativeConfig.from_dict(self.speculative_config)  # raises on a malformed one
-        if spec is not None and spec.method == "draft_model" and (
-                self.tensor_parallel_size > 1 or self.nnodes > 1):
+        if spec is not None and spec.method == "draft_model" and self.nnodes > 1:
             raise ValueError("speculative_config with a draft model is not supported with "
-                             "tensor_parallel_size > 1 or nnodes > 1 yet")
+                             "nnodes > 1 yet")
         if self.token_buckets is not None:
             v = tuple(self.token_buckets)
             if not v or any(not isinstance(x, int) or x < 1 for x in v):

@@ -274,6 +274,21 @@ def _worker(out_path: str) -> None:
         report["dp2tp2_at_start"] = dp2tp2.llm_engine.describe_replicas()
         report["dp2tp2"] = _generate(dp2tp2)
         dp2tp2.llm_engine.shutdown()
+        # Drafts under tensor parallelism, split over the target's mesh: the model itself, and
+        # another with one KV head (replicated on both devices, as a target's would be).
+        one_kv = os.path.join(tmp, "one-kv")
+        _save_model(one_kv, "llama", hidden=64, kv_heads=1)
+        for name, draft in (("tp2draft", d), ("tp2draft1kv", one_kv)):
+            tp_draft = _llm(d, 1, 2, speculative_config={"model": draft,
+                                                         "num_speculative_tokens": 3})
+            report[name] = _generate(tp_draft)
+            report[name]["spec"] = vars(tp_draft.llm_engine.get_stats().spec_decode)
+            runner = tp_draft.llm_engine.runner
+            report[name]["cache_spec"] = [list(x.sharding.spec) for x in
+                                          jax.tree.leaves(runner.draft_kv_cache)]
+            q = runner.drafter.params["layers"][0]["q"]
+            report[name]["q_spec"] = [list(q.sharding.spec), len(q.sharding.device_set)]
+            del tp_draft, runner
         # The model as its own draft: each replica loads it onto its own device.
         drafted = _llm(d, 2, 1, speculative_config={"model": d, "num_speculative_tokens": 3})
         report["dp2draft"] = _generate(drafted)
@@ -306,7 +321,7 @@ def report(tmp_path_factory) -> dict[str, Any]:
     return run_script(__file__, str(tmp_path_factory.mktemp("dp") / "report.json"), NUM_FAKE_DEVICES)
 
 
-@pytest.mark.parametrize("run", ["dp2", "dp2tp2", "dp2draft"])
+@pytest.mark.parametrize("run", ["dp2", "dp2tp2", "dp2draft", "tp2draft", "tp2draft1kv"])
 def test_greedy_tokens_match_dp1(report, run):
     assert report[run]["tokens"] == report["dp1"]["tokens"]
 
@@ -326,6 +341,19 @@ def test_one_engine_in_a_process_of_its_own(report):
     assert len(r["serve"]["replica_queries"]) == 1
     front, engine = r["pids"]
     assert engine != front
+
+
+def test_a_draft_model_guesses_under_tensor_parallelism(report):
+    """A draft split over the target's two devices (its cache over KV heads, as the target's):
+    the greedy output is the target's (above); the model as its own draft has its guesses taken,
+    and a one-KV-head draft (its head replicated) runs and guesses too."""
+    spec = report["tp2draft"]["spec"]
+    assert spec["num_draft_tokens"] >= spec["num_accepted_tokens"] > 0.8 * spec["num_draft_tokens"]
+    assert report["tp2draft1kv"]["spec"]["num_draft_tokens"] > 0
+    for run in ("tp2draft", "tp2draft1kv"):
+        specs = report[run]["cache_spec"]
+        assert specs and all(s == [None, None, "tp", None] for s in specs), (run, specs)
+        assert report[run]["q_spec"] == [[None, "tp"], 2], run  # split by the target's rules
 
 
 def test_each_replica_guesses_with_a_draft_model_of_its_own(report):

@@ -95,10 +95,11 @@ def test_bad_draft_config_is_refused_by_name(bad, match):
         EngineArgs(speculative_config=bad)
 
 
-def test_a_draft_model_under_tensor_parallelism_is_refused():
-    with pytest.raises(ValueError, match="draft model is not supported with tensor_parallel_size"):
+def test_a_draft_model_over_several_hosts_is_refused():
+    """Under tensor parallelism on one host it runs (tests/test_data_parallel.py)."""
+    with pytest.raises(ValueError, match="draft model is not supported with nnodes > 1"):
         EngineArgs(speculative_config={"model": "/d", "num_speculative_tokens": 2},
-                   tensor_parallel_size=2)
+                   nnodes=2, dist_init_addr="h:1")
 
 
 def test_a_draft_of_another_vocabulary_is_refused(tmp_path):

@@ -241,7 +241,8 @@ def build_runner(args: EngineArgs, loaded: Any,
         loaded.params = jax.device_put(loaded.params, device)
     runner = ModelRunner(cfg, loaded.params, runner_config, attention_fn=attention_fn,
                          shardings=shardings, device=device,
-                         draft=_load_draft(args, cfg, params_dtype, max_model_len, device))
+                         draft=_load_draft(args, cfg, params_dtype, max_model_len, device,
+                                           shardings))
     runner.shares_params = shares
     # As vLLM: refuse a cache that cannot hold one sequence of max_model_len, rather than start and
     # then reject every long request. The last token is never fed back, and block 0 is reserved.
@@ -263,10 +264,12 @@ def build_runner(args: EngineArgs, loaded: Any,
 
 
 def _load_draft(args: EngineArgs, target: Any, dtype: Any, max_model_len: int,
-                device: Any) -> Optional[tuple[Any, Any]]:
+                device: Any, shardings: Any = None) -> Optional[tuple[Any, Any]]:
     """The draft model of speculative decoding's "draft_model" method, (config, params) on
-    `device`, in the target's dtype and, for dummy target weights, dummy too; None without one.
-    Each data-parallel replica loads its own (a draft is small)."""
+    `device`, or under tensor parallelism split over the target's mesh as the target is (its KV
+    heads then split like the target's, so the runner's per-device attention and cache layout
+    serve both), in the target's dtype and, for dummy target weights, dummy too; None without
+    one. Each data-parallel replica loads its own (a draft is small)."""
     spec = args.speculative
     if spec is None or spec.method != "draft_model":
         return None
@@ -282,5 +285,13 @@ def _load_draft(args: EngineArgs, target: Any, dtype: Any, max_model_len: int,
         logger.warning("The draft model %s was trained for %d positions, fewer than max_model_len "
                        "%d: its guesses for longer requests may be poor (the output is unchanged)",
                        spec.model, draft.config.max_position_embeddings, max_model_len)
+    if shardings is not None:
+        from jaxvllm.worker.sharding import shard_model
+        try:
+            params, split = shard_model(draft.params, draft.config, shardings.tp,
+                                        list(shardings.mesh.devices.flat))
+        except ValueError as e:
+            raise ValueError(f"speculative_config model {spec.model!r} (the draft): {e}") from e
+        return split.model_config, params  # its KV heads replicated when fewer than the devices
     params = draft.params if device is None else jax.device_put(draft.params, device)
     return draft.config, params

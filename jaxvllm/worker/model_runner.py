@@ -158,7 +158,11 @@ class ModelRunner:
         self._apply_token_bitmask = jax.jit(sampler_lib.apply_token_bitmask)
         self._apply_logit_bias = jax.jit(sampler_lib.apply_logit_bias)
         self._record_tokens = jax.jit(token_table.record, donate_argnums=(0,))
-        self._propose = jax.jit(self._propose_impl, donate_argnums=(1,))
+        # Under tensor parallelism the draft's cache stays split over its KV heads, as the target's
+        # (the donated buffers updated in place), and its guesses come back whole.
+        self._propose = jax.jit(self._propose_impl, donate_argnums=(1,), **(
+            {} if shardings is None else
+            {"out_shardings": (shardings.kv_cache, shardings.replicated)}))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",),
                                         **invariant_kw)
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
