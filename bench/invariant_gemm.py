@@ -1,6 +1,6 @@
 """Batch-invariant mode's GEMMs (models/layers.matmul with `invariant`) against the plain GEMM, per
 linear of the Llama-3-8B shape and number of rows: XLA's GEMM, the per-tile form (`lax.map` over
-16-row tiles, what the mode runs off the GPU kernel's shapes) and pallas_kernels/invariant_gemm.py
+16-row tiles, layers.tiled_matmul: what the mode runs off the GPU kernel's shapes) and pallas_kernels/invariant_gemm.py
 over a sweep of its tilings, each checked bitwise: a row's result at 1, 7 and 100 rows against the
 same row among 128.
 
@@ -37,15 +37,6 @@ def _bitwise(tiles: invariant_gemm.Tiles, x: jax.Array, w: jax.Array) -> bool:
     return all(np.array_equal(np.asarray(mm(x[:m], w)), full[:m]) for m in (1, 7, 100))
 
 
-def _per_tile(x: jax.Array, w: jax.Array) -> jax.Array:
-    fits = invariant_gemm.fits
-    invariant_gemm.fits = lambda *a, **kw: False  # models/layers.matmul's loop over row tiles
-    try:
-        return layers.matmul(x, w, True)
-    finally:
-        invariant_gemm.fits = fits
-
-
 def run(args: argparse.Namespace) -> int:
     rows_out, result, not_bitwise = [], {}, []
     for name, (n, k) in SHAPES.items():
@@ -58,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             x = jnp.resize(xs, (m, k))
             per = lambda fn: bench(fn, [(ws, x)], reps=5, min_time=0.1) / count * 1e6  # noqa: E731
             program = lambda mm: layers_program(mm, INVARIANT)  # noqa: E731
-            times = [per(program(lambda x, w: x @ w)), per(program(_per_tile))]
+            times = [per(program(lambda x, w: x @ w)), per(program(layers.tiled_matmul))]
             times += [per(program(lambda x, w, t=t: invariant_gemm.invariant_matmul(x, w, tiles=t)))
                       for t in TILINGS]
             result.setdefault(name, {})[m] = times

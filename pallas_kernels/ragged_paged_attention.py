@@ -349,10 +349,7 @@ def ragged_paged_attention_kernel(
     assert D & (D - 1) == 0 and D >= 16, "head_dim must be a power of two >= 16"
     G = Hq // Hkv
     gp = _next_pow2(G)
-    if tiles is None:
-        tiles = get_tiles(D, G, BS)
     bq_s = max(1, 16 // gp)
-    bq_l = max(1, tiles.long_rows // gp)
 
     qsl = query_start_loc.astype(jnp.int32)
     kv_lens = kv_lens.astype(jnp.int32)
@@ -370,6 +367,9 @@ def ragged_paged_attention_kernel(
         out = _launch(*tile_list, kv_lens, qsl, bt_flat, q2, k3, v3, None, bq=bq_s,
                       cfg=INVARIANT_TILE, num_splits=1, **common)
         return (out[:T * Hq] if interpret else out).reshape(T, Hq, D)
+    if tiles is None:
+        tiles = get_tiles(D, G, BS)
+    bq_l = max(1, tiles.long_rows // gp)
     use_mgpu = (prefill_backend == "mosaic" and not interpret and T >= MGPU_MIN_TOKENS
                 and k_cache.dtype == q.dtype  # an FP8 cache stays on the Triton launch
                 and prefill_mgpu.supported(q.dtype, D, BS, tiles.prefill_block_kv,

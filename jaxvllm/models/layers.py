@@ -127,20 +127,27 @@ def matmul(x: jax.Array, w: jax.Array, invariant: bool = False,
     if not invariant:
         w = w.T if w_transposed else w
         return x @ w if out_dtype is None else jnp.dot(x, w, preferred_element_type=out_dtype)
-    dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
     out_dtype = out_dtype or jnp.result_type(x, w)
-    m, k = x.shape
-    if jax.default_backend() == "gpu" and invariant_gemm.fits(k, w.shape[0 if w_transposed else 1]):
-        # One launch for every row tile (the loop below reads the weight once a tile: 3-8x the
+    if jax.default_backend() == "gpu" and invariant_gemm.fits(x.shape[1],
+                                                              w.shape[0 if w_transposed else 1]):
+        # One launch for every row tile (the per-tile form reads the weight once a tile: 3-8x the
         # plain GEMM at 128 rows on an H200, the kernel 1-1.4x).
         return invariant_gemm.invariant_matmul(x, w, w_transposed=w_transposed).astype(out_dtype)
+    return tiled_matmul(x, w, w_transposed=w_transposed).astype(out_dtype)
+
+
+def tiled_matmul(x: jax.Array, w: jax.Array, *, w_transposed: bool = False) -> jax.Array:
+    """Batch-invariant mode's portable GEMM: x's rows in tiles of INVARIANT_ROWS, each tile its
+    own float32 GEMM of one shape (`lax.map`)."""
+    m, k = x.shape
+    dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
     tiles = jnp.pad(x, ((0, -m % INVARIANT_ROWS), (0, 0))).reshape(-1, INVARIANT_ROWS, k)
     # The transposed weight is contracted as it lies: given as w.T, XLA folds the transpose into
     # the GEMM when there is one tile and copies it out of the loop when there are more, and the
     # two sum a row in different orders (measured on CPU, tied embeddings).
     out = jax.lax.map(
         lambda t: jax.lax.dot_general(t, w, dims, preferred_element_type=jnp.float32), tiles)
-    return out.reshape(m + -m % INVARIANT_ROWS, -1)[:m].astype(out_dtype)
+    return out.reshape(m + -m % INVARIANT_ROWS, -1)[:m]
 
 
 def lm_head(hidden: jax.Array, params: dict, cfg: ModelConfig,
