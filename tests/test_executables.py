@@ -141,6 +141,29 @@ def test_the_kv_sizing_figure_is_stored(store_root, monkeypatch):
     assert build_runner(args, loaded)[0].num_blocks == first.num_blocks
 
 
+def test_the_cache_is_sized_the_same_while_its_programs_compile(monkeypatch):
+    """With a warm-up to follow (compile_at_start), the programs that do not read the cache start
+    compiling before it is sized, and the sizing reads its figures from them: the same cache as
+    when the sizing compiles its probes itself."""
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=64,
+                      intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=16, rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=256)
+    loaded = types.SimpleNamespace(config=cfg, params=init_dummy_params(cfg, "float32"),
+                                   load_format="dummy")
+    monkeypatch.setattr(model_runner, "_device_memory_stats",
+                        lambda d: {"bytes_limit": 1 << 30, "bytes_in_use": 1 << 28})
+    args = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(64,))
+    alone = build_runner(EngineArgs(**args, enforce_eager=True), loaded)[0]
+    assert alone.config.compile_at_start is False
+    early = build_runner(EngineArgs(**args, enforce_eager=False), loaded)[0]
+    assert early.config.compile_at_start is True
+    assert early.num_blocks == alone.num_blocks
+    for figure in ("_sampler_bytes", "_prompt_scoring_bytes"):
+        assert getattr(early, figure)() == getattr(alone, figure)() > 0, figure
+    early.warmup(progress=False)
+    assert "sample-8-random_sort-20-0" in early.program_seconds
+
+
 def test_an_unwritable_cache_directory_only_costs_the_store(params, tmp_path, caplog):
     """A cache directory the store cannot create its folder in: the engine starts and serves."""
     blocked = tmp_path / "file"

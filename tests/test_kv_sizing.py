@@ -17,6 +17,7 @@ from jaxvllm.config import EngineArgs
 from jaxvllm.engine.setup import build_runner
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.worker import model_runner
+from jaxvllm.worker.input_batch import sampling_shapes
 
 # A 128k vocabulary, as Llama 3's: there the sampler's full sort over 256 rows needs far more than
 # the 256 MiB headroom (measured 878 MiB on H100), so leaving it out would be seen.
@@ -82,7 +83,7 @@ def programs(runner):
                                        *runner._device_inputs(batch)).compile().memory_analysis()
     sd = jax.ShapeDtypeStruct
     sampling = model_runner.SamplingInputs(*(sd(s, d) for s, d in zip(
-        model_runner.sampling_shapes(256), (jnp.float32, jnp.int32))))
+        sampling_shapes(256), (jnp.float32, jnp.int32))))
     logits = sd((256, CFG.vocab_size), jnp.float32)
     bits = runner._apply_token_bits.lower(sd((256, CFG.vocab_size), jnp.int32), logits,
                                           sampling).compile().memory_analysis()

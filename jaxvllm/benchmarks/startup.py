@@ -93,7 +93,8 @@ def _child(args: argparse.Namespace) -> int:
            "load_s": info["load_s"], **{f"{k}_s": v for k, v in info["seconds"].items()},
            "compile_s": info["compile_s"], "kv_sizing_s": info["kv_sizing_s"],
            "first_token_s": t_first - t_engine, "in_process_total_s": t_first - _T_PROCESS,
-           "from_cache": info["from_cache"], "tokenizer_origin": llm.llm_engine.tokenizer_origin,
+           "programs": info.get("programs", {}), "from_cache": info["from_cache"],
+           "tokenizer_origin": llm.llm_engine.tokenizer_origin,
            "num_gpu_blocks": info["num_blocks"], **jax_events}
     print(_MARK + json.dumps(res), flush=True)
     return 0
@@ -170,7 +171,11 @@ def run(args: argparse.Namespace) -> int:
     rows = [[label, cold.get(k), warm.get(k)] for label, k in keys]
     title = (f"startup: {args.model or 'default model'} ({args.load_format}, {args.dtype})"
              + (", enforce-eager" if args.enforce_eager else ""))
-    C.emit(result, args, title + "\n" + C.table(rows, ["", "cold", "warm"]))
+    kinds = sorted(cold["programs"].items(), key=lambda kv: -kv[1][2])
+    compiled = C.table([[k, *v] for k, v in kinds],
+                       ["cold start: programs compiled", "count", "lower s", "compile s (summed)",
+                        "slowest compile s"])
+    C.emit(result, args, title + "\n" + C.table(rows, ["", "cold", "warm"]) + "\n" + compiled)
     return 0
 
 

@@ -602,6 +602,7 @@ class LLMEngine(RequestFront):
         return {"num_blocks": self.runner.num_blocks, "kv_sizing_s": self.runner.kv_sizing_seconds,
                 "load_s": self.load_seconds, "compile_s": self.compile_seconds,
                 "seconds": dict(self.loaded.seconds),
+                "programs": self.runner.program_summary(),
                 "from_cache": getattr(self.loaded, "from_cache", None),
                 "param_bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)
                                        if hasattr(x, "dtype"))),

@@ -224,7 +224,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         logprobs_mode=args.logprobs_mode,
         max_loras=args.max_loras if args.enable_lora else 0, max_lora_rank=args.max_lora_rank,
         step_timeout=args.step_timeout,
-        speculative=args.speculative,
+        speculative=args.speculative, compile_at_start=args.compiles_at_start(),
         triton_gemm_max_tokens=(TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS
                                 and not args.batch_invariant else 0))
     if fp8_kernel_fits(args, shardings):

@@ -21,6 +21,8 @@ import platform
 import shutil
 import tempfile
 import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 import jax
@@ -210,28 +212,63 @@ def _storable(from_persistent_cache: bool) -> bool:
     return not from_persistent_cache or jax.default_backend() != "cpu"
 
 
-def build_all(programs: dict[str, Callable[[], Any]], store: Optional[ExecutableStore],
-              pool: Any, on_done: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Executables for `programs` (name -> a function returning the program lowered): those the
-    store has, loaded on `pool`'s threads; the others lowered here, in the given order (a lowered
-    Mosaic GPU kernel can carry process-wide state: lowering concurrently gave modules that
-    differed between processes), then compiled on the threads and stored."""
-    names = list(programs)
-    found = dict(zip(names, pool.map(store.load, names))) if store is not None else {}
-    missing = [n for n in names if found.get(n) is None]
-    for n in names:
-        if found.get(n) is not None:
-            on_done()
-    lowered = [programs[n]() for n in missing]
+class Build:
+    """Executables for `programs` (name -> a function returning the program lowered), being built
+    on threads of this build's own: those the store has are loaded on `workers` threads; the
+    others are lowered on one thread, in the given order (a lowered Mosaic GPU kernel can carry
+    process-wide state: lowering concurrently gave modules that differed between processes), each
+    compiled (and stored) on the `workers` threads as soon as it is lowered, so lowering the next
+    overlaps compiling the last (XLA compiles, and loads from the persistent cache, release the
+    GIL). `seconds` gets each compiled program's (lower, compile) seconds by name."""
 
-    def build(n_lo: tuple[str, Any]) -> Any:
-        compiled, from_cache = _compile(n_lo[1])
-        if store is not None:
-            if _storable(from_cache):
-                store.save(n_lo[0], compiled)
-            else:
-                store.discard(n_lo[0])
-        on_done()
-        return compiled
-    found.update(zip(missing, pool.map(build, zip(missing, lowered))))
-    return found
+    def __init__(self, programs: dict[str, Callable[[], Any]], store: Optional[ExecutableStore],
+                 workers: int, on_done: Callable[[], None] = lambda: None,
+                 seconds: Optional[dict[str, tuple[float, float]]] = None) -> None:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxvllm-compile")
+        self._store, self._pool, self._on_done, self._seconds = store, pool, on_done, seconds
+        self._futures = {n: Future() for n in programs}
+        loads = {n: pool.submit(store.load, n) for n in programs} if store is not None else {}
+        threading.Thread(target=self._lower_all, args=(programs, loads), daemon=True,
+                         name="jaxvllm-lower").start()
+
+    def get(self, name: str) -> Any:
+        """One program's executable, once built (raises what building it raised)."""
+        return self._futures[name].result()
+
+    def result(self) -> dict[str, Any]:
+        """Every program's executable, by name, once all are built."""
+        return {n: f.result() for n, f in self._futures.items()}
+
+    def _lower_all(self, programs: dict[str, Callable[[], Any]], loads: dict[str, Future]) -> None:
+        for name, lower in programs.items():
+            out = self._futures[name]
+            try:
+                exe = loads[name].result() if name in loads else None
+                if exe is not None:
+                    self._on_done()
+                    out.set_result(exe)
+                    continue
+                t0 = time.perf_counter()
+                lowered = lower()
+            except BaseException as e:  # the caller sees it from get() / result()
+                out.set_exception(e)
+                continue
+            self._pool.submit(self._build, name, lowered, out, time.perf_counter() - t0)
+        self._pool.shutdown(wait=False)  # what was submitted still runs
+
+    def _build(self, name: str, lowered: Any, out: Future, lower_s: float) -> None:
+        try:
+            t0 = time.perf_counter()
+            compiled, from_cache = _compile(lowered)
+            if self._seconds is not None:
+                self._seconds[name] = (lower_s, time.perf_counter() - t0)
+            if self._store is not None:
+                if _storable(from_cache):
+                    self._store.save(name, compiled)
+                else:
+                    self._store.discard(name)
+            self._on_done()
+        except BaseException as e:
+            out.set_exception(e)
+            return
+        out.set_result(compiled)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -29,14 +30,14 @@ from jaxvllm.models.layers import INVARIANT_COMPILER_OPTIONS
 from jaxvllm.outputs import Logprob
 from jaxvllm.sampling_params import MAX_LOGIT_BIAS
 from jaxvllm.spec_decode import SpeculativeConfig
-from jaxvllm.structured_output import bitmask_words, new_bitmask
+from jaxvllm.structured_output import new_bitmask
 from jaxvllm.worker import compile_watch, executables
 from jaxvllm.worker.drafter import Drafter
 from jaxvllm.worker.serial_thread import SerialThread
 from jaxvllm.worker.weight_swap import get_named, set_named, swap_in_place
 from jaxvllm.worker import sampler as sampler_lib
 from jaxvllm.worker.input_batch import (PAD_SLOT, InputBatch, SamplingInputs, StepBatch,
-                                        default_token_buckets, sampling_shapes)
+                                        default_token_buckets)
 from jaxvllm.worker import token_table
 from jaxvllm.worker.lora_slots import LoRASlots
 from jaxvllm.worker.token_table import TokenTable
@@ -69,6 +70,7 @@ class RunnerConfig:
     token_buckets: Optional[tuple[int, ...]] = None
     seed: int = 0
     max_logprobs: int = 20                    # the sampler variant the KV sizing leaves room for
+    compile_at_start: bool = False            # warmup() follows: start what it builds early
     logprobs_mode: str = "raw_logprobs"       # config.LOGPROBS_MODES
     # Buckets of at most this many tokens compile with XLA's autotuned Triton GEMMs instead of
     # cuBLAS: on these GEMV-like decode shapes they were faster on the H100 at the 8B shape (step
@@ -185,6 +187,8 @@ class ModelRunner:
         self._compile_mark: Optional[int] = None  # set by warmup(): lowerings from then on are news
         # Programs built at warm-up, by name (`_run`); without a warm-up each call is jit's.
         self._executables: dict[str, Any] = {}
+        # Warm-up's (lower, compile) seconds per program built (not those loaded from the store).
+        self.program_seconds: dict[str, tuple[float, float]] = {}
         self._store = executables.store_for(
             repr(cfg), repr(config), self.token_buckets, executables.describe_function(
                 attention_fn or ragged_paged_attention), executables.describe_function(experts_swiglu),
@@ -192,6 +196,11 @@ class ModelRunner:
             executables.describe_arrays(draft and draft[1]))
         self._host_params: Any = None  # the weights while asleep at level 1 (sleep())
         self._host_draft_params: Any = None  # the draft model's while asleep (any level)
+        # The step's logits and hidden states are placed so (step_jit_kwargs / the device).
+        self._placed = shardings.replicated if shardings is not None else self._kv_sharding
+        # With a warm-up to follow, the programs that do not read the cache start compiling now,
+        # while it is sized (which reads some of them).
+        self._independent = self._start_independent() if config.compile_at_start else None
         t0 = time.perf_counter()
         self.num_blocks = config.num_blocks or self._profile_num_blocks()
         self.kv_sizing_seconds = time.perf_counter() - t0
@@ -428,7 +437,7 @@ class ModelRunner:
         t = self.token_buckets[-1]
         b = self._dummy_batch(t)
         return _new_bytes(self._step_for(t).lower(self._step_params(), probe,
-                                                  *self._device_inputs(b)))
+                                                  *self._device_inputs(b)).compile())
 
     def _propose_bytes(self) -> int:
         """The draft model's guessing from the largest bucket, as `_step_bytes` (0: no draft)."""
@@ -436,8 +445,8 @@ class ModelRunner:
             return 0
         probe = self.drafter.make_cache(2, self.config.kv_dtype, self._kv_sharding)
         t = self.token_buckets[-1]
-        return _new_bytes(self._propose.lower(self.drafter.params, probe,
-                                              *self._propose_inputs(self._dummy_batch(t))))
+        inputs = self._propose_inputs(self._dummy_batch(t))
+        return _new_bytes(self._propose.lower(self.drafter.params, probe, *inputs).compile())
 
     def _propose_inputs(self, b: StepBatch) -> tuple[Any, ...]:
         """The draft's arguments after params and cache, for warming up: a batch's, and sampler
@@ -452,33 +461,24 @@ class ModelRunner:
                               else None)
 
     def _sampler_bytes(self) -> int:
-        """The sampler's most memory-hungry variant at max_num_seqs rows: a full sort over the
+        """The sampler's most memory-hungry variant at its most rows: a full sort over the
         vocabulary (top-p without top-k) and max_logprobs logprobs. At the 8B shape (128k
         vocabulary, 256 rows) it measured 878 MiB of temporaries on the H100, 7x the step's own and
         more than the fixed margin: OpenAI clients often send top_p. Compiling it here also does
         its autotuning before the cache takes the memory. Plus the outputs of the programs that
         process the logits before it (grammar masks, logit_bias, token bits; the token table itself
         is allocated already)."""
-        r, sds = self.sample_rows, jax.ShapeDtypeStruct
-        sampling = SamplingInputs(*(sds(s, d) for s, d in zip(
-            sampling_shapes(r, self.config.speculative is not None), (jnp.float32, jnp.int32))))
-        logits = sds((r, self.cfg.vocab_size), jnp.float32)
-        bitmask = sds((r, bitmask_words(self.cfg.vocab_size)), jnp.int32)
-        bias_ids, bias_values = (sds((r, MAX_LOGIT_BIAS), d) for d in (jnp.int32, jnp.float32))
-        return (_new_bytes(self._apply_token_bitmask.lower(logits, bitmask))
-                + _new_bytes(self._apply_logit_bias.lower(logits, bias_ids, bias_values))
-                + _new_bytes(self._apply_token_bits.lower(self.token_table.array, logits, sampling))
-                + _new_bytes(self._sample.lower(logits, logits, sampling, mode="random_sort",
-                                                num_logprobs=self.config.max_logprobs,
-                                                topk_bound=0)))
+        return self._independent_bytes(self._sizing_programs()[1:])
 
     def _prompt_scoring_bytes(self) -> int:
         """One chunk of prompt scoring (`_score_prompts`) at max_logprobs, from the largest bucket."""
-        sds = jax.ShapeDtypeStruct
-        hidden = sds((self.token_buckets[-1], self.cfg.hidden_size), self.params["final_norm"].dtype)
-        rows = sds((self.score_rows,), jnp.int32)
-        return _new_bytes(self._prompt_logprobs.lower(self.params, hidden, rows, rows,
-                                                      num_logprobs=self.config.max_logprobs))
+        return self._independent_bytes(self._sizing_programs()[:1])
+
+    def _sizing_programs(self) -> tuple[str, ...]:
+        """The independent programs the KV sizing reads: prompt scoring, then the sampler's."""
+        r = self.sample_rows
+        return (f"prompt-logprobs-{self.token_buckets[-1]}", f"bitmask-{r}", f"logit-bias-{r}",
+                f"token-bits-{r}", _sampler_name(r, "random_sort", self.config.max_logprobs, 0))
 
     def _log_capacity(self) -> None:
         tokens = (self.num_blocks - 1) * self.config.block_size
@@ -526,15 +526,72 @@ class ModelRunner:
                          np.array([0], np.int32), z(rows), np.zeros(r, bool),
                          np.full(t, -1, np.int32), **spec)
 
+    def _independent_programs(self) -> dict[str, Callable[[], Any]]:
+        """The programs that do not read the KV cache, lowered from the shapes and placement of
+        the step's outputs (so they can compile while the cache is sized): every sampler variant
+        (SAMPLER_VARIANTS x both logprob widths), token bits, grammar bitmask and logit_bias per
+        logits-row count, prompt scoring from each token bucket, the token record. Those the KV
+        sizing reads come first."""
+        sds = jax.ShapeDtypeStruct
+        rows = np.zeros(self.score_rows, np.int32)
+        widths = sorted({0, self.config.max_logprobs})
+        counted = (() if self.config.speculative is None
+                   else (self._like_samples(np.zeros(self.sample_rows, bool)),))
+        programs: dict[str, Callable[[], Any]] = {}
+        for t in self.token_buckets:
+            hidden = sds((t, self.cfg.hidden_size), self._hidden_dtype(), sharding=self._placed)
+            programs[f"prompt-logprobs-{t}"] = functools.partial(
+                self._prompt_logprobs.lower, self.params, hidden, rows, rows,
+                num_logprobs=self.config.max_logprobs)
+            r = self.input_batch.logits_rows(t)
+            if f"token-bits-{r}" in programs:
+                continue
+            logits = sds((r, self.cfg.vocab_size), self._logits_dtype, sharding=self._placed)
+            sampling = self.input_batch.sampling_inputs(self._dummy_batch(t))
+            programs[f"token-bits-{r}"] = functools.partial(
+                self._apply_token_bits.lower, self.token_table.array, logits, sampling)
+            programs[f"bitmask-{r}"] = functools.partial(
+                self._apply_token_bitmask.lower, logits, new_bitmask(r, self.cfg.vocab_size))
+            programs[f"logit-bias-{r}"] = functools.partial(
+                self._apply_logit_bias.lower, logits, *_logit_bias_rows(r, []))
+            programs.update({_sampler_name(r, mode, k, bound): functools.partial(
+                self._sample.lower, logits, logits, sampling, mode=mode, num_logprobs=k,
+                topk_bound=bound) for mode, bound in SAMPLER_VARIANTS for k in widths})
+        programs["record"] = lambda: self._record_tokens.lower(
+            self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled,
+            *counted)
+        first = self._sizing_programs()
+        return {**{n: programs[n] for n in first}, **programs}
+
+    def _hidden_dtype(self) -> Any:
+        return self.params["final_norm"].dtype
+
+    @functools.cached_property
+    def _logits_dtype(self) -> Any:
+        hidden = jax.ShapeDtypeStruct((1, self.cfg.hidden_size), self._hidden_dtype())
+        return jax.eval_shape(lambda p, h: self.model.compute_logits(p, h, self.cfg),
+                              self.params, hidden).dtype
+
+    def _start_independent(self) -> executables.Build:
+        return executables.Build(self._independent_programs(), self._store, _compile_workers(),
+                                 seconds=self.program_seconds)
+
+    def _independent_bytes(self, names: Sequence[str]) -> int:
+        """`_new_bytes` of independent programs: from the build under way, or compiled here."""
+        if self._independent is not None:
+            return sum(_new_bytes(self._independent.get(n)) for n in names)
+        programs = self._independent_programs()
+        return sum(_new_bytes(programs[n]().compile()) for n in names)
+
     def warmup(self, progress: bool = True) -> float:
         """Builds every program a request can need, so that serving compiles nothing: each token
-        bucket's step, every sampler variant (SAMPLER_VARIANTS x both logprob widths) at each
-        request bucket, prompt scoring from each token bucket and the token table's programs;
-        returns seconds. Programs stored by an earlier start are loaded (worker/executables.py);
-        the others are lowered on this thread and compiled on a thread pool (XLA compiles, and
-        loads from the persistent cache, release the GIL). Then each bucket runs once on the real
-        cache."""
+        bucket's step, and `_independent_programs` (started already when the runner was made with
+        `compile_at_start`, to compile while the cache was sized); returns seconds. Programs
+        stored by an earlier start are loaded (worker/executables.py); the others are lowered on a
+        thread and compiled on a thread pool (XLA compiles, and loads from the persistent cache,
+        release the GIL). Then each bucket runs once on the real cache."""
         t0 = time.perf_counter()
+        independent, self._independent = self._independent or self._start_independent(), None
         batches = {t: self._dummy_batch(t) for t in self.token_buckets}
         kv = f"kv{self.num_blocks}"  # the cache's shape is in every step's signature
         steps = {self._step_name(t, adapters): functools.partial(
@@ -548,53 +605,46 @@ class ModelRunner:
                 for t, b in batches.items()})
         bar = tqdm(total=len(steps), desc="Compiling buckets", unit="program",
                    disable=not progress)
-        with ThreadPoolExecutor(max_workers=_compile_workers()) as pool:
-            self._executables.update(executables.build_all(steps, self._store, pool,
-                                                           lambda: bar.update(1)))
-            bar.close()
-            t_steps = time.perf_counter()
-            rows = np.zeros(self.score_rows, np.int32)
-            widths = sorted({0, self.config.max_logprobs})
-            counted = (() if self.config.speculative is None
-                       else (self._like_samples(np.zeros(self.sample_rows, bool)),))
-            others: dict[str, Callable[[], Any]] = {"record": lambda: self._record_tokens.lower(
-                self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled,
-                *counted)}
-            for t, b in batches.items():
-                for adapters in self._step_variants():
-                    self.kv_cache, logits, hidden = self._run(
-                        self._step_name(t, adapters), None, self._step_params(adapters),
-                        self.kv_cache, *self._device_inputs(b))
-                if self.drafter is not None:
-                    self.draft_kv_cache, _ = self._run(
-                        f"propose-{t}-{kv}", None, self.drafter.params, self.draft_kv_cache,
-                        *self._propose_inputs(b))
-                others[f"prompt-logprobs-{t}"] = functools.partial(
-                    lambda hidden: self._prompt_logprobs.lower(
-                        self.params, hidden, rows, rows, num_logprobs=self.config.max_logprobs),
-                    hidden)
-                r = logits.shape[0]
-                if f"token-bits-{r}" in others:
-                    continue
-                sampling = self.input_batch.sampling_inputs(b)
-                others[f"token-bits-{r}"] = functools.partial(
-                    self._apply_token_bits.lower, self.token_table.array, logits, sampling)
-                others[f"bitmask-{r}"] = functools.partial(
-                    self._apply_token_bitmask.lower, logits, new_bitmask(r, self.cfg.vocab_size))
-                others[f"logit-bias-{r}"] = functools.partial(
-                    self._apply_logit_bias.lower, logits, *_logit_bias_rows(r, []))
-                others.update({_sampler_name(r, mode, k, bound): functools.partial(
-                    self._sample.lower, logits, logits, sampling, mode=mode, num_logprobs=k,
-                    topk_bound=bound) for mode, bound in SAMPLER_VARIANTS for k in widths})
-            self._executables.update(executables.build_all(others, self._store, pool))
+        self._executables.update(executables.Build(
+            steps, self._store, _compile_workers(), lambda: bar.update(1),
+            self.program_seconds).result())
+        bar.close()
+        t_steps = time.perf_counter()
+        for t, b in batches.items():
+            for adapters in self._step_variants():
+                self.kv_cache, logits, hidden = self._run(
+                    self._step_name(t, adapters), None, self._step_params(adapters),
+                    self.kv_cache, *self._device_inputs(b))
+            # The independent programs were lowered for outputs of these kinds.
+            for x, dtype in ((logits, self._logits_dtype), (hidden, self._hidden_dtype())):
+                if x.dtype != dtype or x.sharding != (self._placed or x.sharding):
+                    raise RuntimeError(f"a step's output ({x.dtype}, {x.sharding}) is not what "
+                                       f"its sampler and scoring programs were built for")
+            if self.drafter is not None:
+                self.draft_kv_cache, _ = self._run(
+                    f"propose-{t}-{kv}", None, self.drafter.params, self.draft_kv_cache,
+                    *self._propose_inputs(b))
+        built = independent.result()
+        self._executables.update(built)
         self.token_table.warmup().compile()
         jax.block_until_ready(self.kv_cache)
         self._compile_mark = compile_watch.mark()
         done = time.perf_counter()
-        logger.info("Warm-up: %d step executables in %.1f s, %d sampler, prompt-scoring and "
-                    "token-table executables in %.1f s", len(steps), t_steps - t0, len(others),
-                    done - t_steps)
+        logger.info("Warm-up: %d step executables in %.1f s, then %d sampler, prompt-scoring and "
+                    "token-table executables done %.1f s later", len(steps), t_steps - t0,
+                    len(built), done - t_steps)
         return done - t0
+
+    def program_summary(self) -> dict[str, list]:
+        """Warm-up's compiled programs by kind (the name less its bucket and cache size): [count,
+        lowering seconds, compile seconds summed over the compiling threads, the slowest compile's
+        seconds]."""
+        kinds: dict[str, list] = {}
+        for name, (lower_s, compile_s) in self.program_seconds.items():
+            kind = re.sub(r"-kv\d+", "", re.sub(r"-\d+", "", name, count=1))
+            k = kinds.setdefault(kind, [0, 0.0, 0.0, 0.0])
+            k[:] = k[0] + 1, k[1] + lower_s, k[2] + compile_s, max(k[3], compile_s)
+        return kinds
 
     def _run(self, name: str, fn: Any, *args: Any, **static: Any) -> Any:
         """The program built at warm-up as `name`, else `fn` (jit: compiled on first use)."""
@@ -928,10 +978,10 @@ def _device_memory_stats(device: Any) -> Optional[dict]:
     return stats if stats and "bytes_limit" in stats else None
 
 
-def _new_bytes(lowered: Any) -> int:
+def _new_bytes(compiled: Any) -> int:
     """Device bytes a program allocates while it runs: temporaries and outputs not aliased to a
     (donated) input."""
-    mem = lowered.compile().memory_analysis()
+    mem = compiled.memory_analysis()
     return mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
 
 
