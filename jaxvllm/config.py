@@ -49,10 +49,11 @@ class EngineArgs:
     data_parallel_size: int = field(default=1, metadata={
         "help": "Engine replicas, each on its own tensor_parallel_size devices; requests are "
                 "routed by load with prefix-cache affinity."})
-    engine_process: bool = field(default=False, metadata={
+    engine_process: Optional[bool] = field(default=None, metadata={
         "help": "Run the engine (scheduler, model runner, detokenizer) in a process of its own, as "
                 "data-parallel replicas always run, so a server's HTTP and streaming work does not "
-                "share a GIL with the engine's steps."})
+                "share a GIL with the engine's steps. Default: on for a server on a GPU (one "
+                "host), off otherwise (LLM, a CPU)."})
     load_format: str = field(default="auto", metadata={"help": "auto|dummy|safetensors|gguf.",
                                                        "choices": LOAD_FORMATS})
     quantization: Optional[str] = field(default=None, metadata={

@@ -17,7 +17,7 @@ from typing import AsyncIterator, Optional
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.core.scheduler import SpecDecodeStats
-from jaxvllm.engine.setup import use_server_batch_limits
+from jaxvllm.engine.setup import use_server_defaults
 from jaxvllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -99,7 +99,7 @@ class FakeEngine:
         if fail_load:
             raise RuntimeError("fake load failure")
         self.args = args or EngineArgs()
-        use_server_batch_limits(self.args)  # as AsyncLLMEngine.from_engine_args
+        use_server_defaults(self.args)  # as AsyncLLMEngine.from_engine_args
         self.tokenizer = FakeTokenizer()
         self.model_config = FakeModelConfig()
         self.max_model_len = self.args.max_model_len or 512

@@ -29,7 +29,7 @@ H100, A10 = 80 * 10**9, 24 * GIB  # H100 80GB: 74.5 GiB
 def test_defaults_by_device_and_use(device_bytes, server, limits):
     args = EngineArgs()
     if server:
-        setup.use_server_batch_limits(args)  # the server's entry points, before the engine's own
+        setup.use_server_defaults(args)  # the server's entry points, before the engine's own
     setup.resolve_batch_limits(args, device_bytes)
     assert (args.max_num_seqs, args.max_num_batched_tokens) == limits
 
@@ -68,7 +68,7 @@ def test_build_runner_on_a_big_gpu(monkeypatch, server, seqs, budget):
                                    load_format="dummy")
     args = EngineArgs(max_model_len=512, num_gpu_blocks_override=64)
     if server:
-        setup.use_server_batch_limits(args)
+        setup.use_server_defaults(args)
     runner, _, sched = setup.build_runner(args, loaded)
     assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (seqs, budget)
     assert runner.token_buckets[-1] == budget and runner.input_batch.max_num_seqs == seqs
@@ -87,3 +87,20 @@ def test_engines_take_offline_and_server_defaults(monkeypatch):
     engine = AsyncLLMEngine.from_engine_args(EngineArgs(**kw))
     sched = engine.engine.scheduler.config
     assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (256, 2048)
+
+
+@pytest.mark.parametrize("given, platform, expected", [
+    (dict(), "gpu", True), (dict(), "cpu", False),
+    (dict(nnodes=2, dist_init_addr="h:1"), "gpu", False),  # refused with several hosts
+    (dict(data_parallel_size=2), "gpu", False),            # replicas are processes already
+    (dict(engine_process=False), "gpu", False), (dict(engine_process=True), "cpu", True),
+])
+def test_server_engine_in_its_own_process_on_a_gpu(monkeypatch, given, platform, expected):
+    """engine_process left unset: a server on a GPU of one host runs its engine in a process of
+    its own; offline (no server defaults) it stays unset, which create_engine reads as off."""
+    from jaxvllm.engine import dp_replica
+    monkeypatch.setattr(dp_replica, "probe_devices", lambda: (platform, 8, H100))
+    args = EngineArgs(**given)
+    assert args.engine_process == given.get("engine_process")
+    setup.use_server_defaults(args)
+    assert args.engine_process is expected

@@ -16,7 +16,7 @@ from jaxvllm.config import EngineArgs
 from jaxvllm.core.scheduler import SchedulerStats
 from jaxvllm.engine.data_parallel import Engine, create_engine
 from jaxvllm.engine.llm_engine import NotServingError, PromptType
-from jaxvllm.engine.setup import use_server_batch_limits
+from jaxvllm.engine.setup import use_server_defaults
 from jaxvllm.lora.request import LoRARequest
 from jaxvllm.outputs import RequestOutput
 from jaxvllm.sampling_params import RequestOutputKind, SamplingParams
@@ -85,7 +85,7 @@ class AsyncLLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
         """An engine for serving: batch limits left unset get the server's defaults."""
-        use_server_batch_limits(args)
+        use_server_defaults(args)
         return cls(create_engine(args))
 
     # ---- lifecycle ---------------------------------------------------------------------------

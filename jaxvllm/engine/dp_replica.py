@@ -17,6 +17,7 @@ then exits).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import queue
 import signal
@@ -180,17 +181,18 @@ def _run_call(engine: Any, name: str, args: tuple) -> Any:
     return getattr(engine, name)(*args)
 
 
-def probe_devices(env: Optional[dict] = None) -> tuple[str, int, Optional[int]]:
+@functools.cache
+def probe_devices() -> tuple[str, int, Optional[int]]:
     """(backend, device count, a GPU's memory as setup.device_memory_bytes says) from a
     short-lived process that reserves no device memory, so the front never holds memory on the
-    replicas' devices."""
+    replicas' devices (once per process)."""
     import json
     import subprocess
     import sys
     code = ("import json, jax; from jaxvllm.engine.setup import device_memory_bytes; "
             "print(json.dumps([jax.default_backend(), jax.device_count(), "
             "device_memory_bytes(jax.devices()[0])]))")
-    env = dict(os.environ if env is None else env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)
     if proc.returncode:

@@ -191,8 +191,8 @@ def run(args: argparse.Namespace,
     engine_args = _engine_args_from(args)
     if engine_args.node_rank > 0:  # multi-host: rank 0 serves, this rank only follows its steps
         from jaxvllm.engine.multihost import run_follower
-        from jaxvllm.engine.setup import use_server_batch_limits
-        use_server_batch_limits(engine_args)  # as rank 0's server engine
+        from jaxvllm.engine.setup import use_server_defaults
+        use_server_defaults(engine_args)  # as rank 0's server engine
         return run_follower(engine_args)
     try:
         return asyncio.run(serve(args, engine_factory))
