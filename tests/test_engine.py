@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 import time
 
@@ -595,6 +596,25 @@ def test_small_buckets_use_triton_gemms_unless_the_user_chose(llm, monkeypatch):
         monkeypatch.setattr(setup, "_ENGINE_CHOSE_GEMMS", False)
         setup.configure_jax(args)
         assert setup._ENGINE_CHOSE_GEMMS is chose
+
+
+@pytest.mark.parametrize("given, user_flags, off", [
+    (dict(), "", False),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "", True),
+    (dict(async_scheduling=False), "", True),
+    (dict(async_scheduling=False), "--xla_gpu_enable_command_buffer=FUSION", False),
+])
+def test_synchronous_engines_launch_without_command_buffers(monkeypatch, given, user_flags, off):
+    """An engine whose steps are launched onto an idle device (speculative verification, no async
+    scheduling) turns XLA's command buffers off, unless the user's XLA_FLAGS decide them."""
+    from jaxvllm.config import EngineArgs
+    from jaxvllm.engine import setup
+    monkeypatch.setenv("XLA_FLAGS", user_flags)
+    monkeypatch.setattr(setup, "_ENGINE_CHOSE_GEMMS", False)
+    setup.configure_jax(EngineArgs(model="unused", compilation_cache_dir="none", **given))
+    flags = os.environ["XLA_FLAGS"].split()
+    assert ("--xla_gpu_enable_command_buffer=" in flags) is off
+    assert user_flags in os.environ["XLA_FLAGS"]
 
 
 def _drain(engine, prompts, params):
