@@ -347,6 +347,30 @@ def test_host_step_times_each_phase(tmp_path):
     assert out.stdout.count("\n| ") == 4  # header, rule and a row per row count
 
 
+def test_target_rows_runs_each_row_and_reads_its_figures(tiny_dummy, tmp_path):
+    """bench/target_rows.py --quick: each chosen row is its benchmark's run, its figures read from
+    that run's JSON and judged against the row's target; a row whose run fails says so and the
+    script exits non-zero."""
+    def rows(*argv):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "target_rows.py"),
+                              "--model", tiny_dummy, "--load-format", "dummy", "--dtype",
+                              "float32", "--quick", "--output-json", str(tmp_path / "r.json"),
+                              *argv], capture_output=True, text=True, env=C.child_env(),
+                             timeout=600)
+        return out, json.loads((tmp_path / "r.json").read_text())["rows"]
+    out, res = rows("--rows", "batch-1,serve-16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list(res) == ["batch-1", "serve-16"]
+    batch1 = res["batch-1"]
+    assert batch1["figures"][0] == ["decode tok/s", batch1["result"]["decode_tokens_per_s"]]
+    assert batch1["met"] is (batch1["result"]["decode_tokens_per_s"] >= 250)
+    ttft = res["serve-16"]["result"]["runs"][0]["ttft_ms"]["p50"]
+    assert res["serve-16"]["figures"][0] == ["TTFT p50 ms", ttft] and ttft > 0
+    assert out.stdout.count("\n| ") == 3
+    out, res = rows("--rows", "batch-1", "--", "--max-num-seqs", "0")
+    assert out.returncode == 1 and "error" in res["batch-1"] and "exit" in out.stdout
+
+
 def test_step_profile_accounts_for_every_step(tiny_dummy, tmp_path):
     """bench/step_profile.py: every step lands in one kind and one bucket row, the kinds' seconds
     add up to the run, each step has a roofline, and the host profile covers its window."""

@@ -1,0 +1,149 @@
+"""Every row of the one-GPU speed targets in one run: each row is the `bench/README.md` command
+(throughput, latency, serve, startup) in a process of its own, one after the other, sharing one
+compilation cache so only the first start of each engine configuration compiles (startup's cold
+row uses an empty cache of its own). Prints one table: the figures of each row beside its target.
+
+    python bench/target_rows.py --model bench/configs/llama-3-8b --load-format dummy --dtype bfloat16
+        [--rows mixed,long,serve-inf,serve-16,batch-1,startup] [--quick]
+
+`--quick` swaps every workload for a seconds-long one (CPU smoke runs, tests); engine flags after
+`--` go to every row's engine (e.g. `-- --max-num-seqs 512`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+from jaxvllm.benchmarks import common as C
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+MIXED = ["--num-prompts", "1000", "--input-len", "128:1024", "--output-len", "32:512"]
+QUICK_MIXED = ["--num-prompts", "8", "--input-len", "16:64", "--output-len", "8:32"]
+QUICK_ENGINE = ["--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens",
+                "256", "--num-gpu-blocks-override", "64", "--token-buckets", "16", "64", "256"]
+
+
+@dataclass
+class Row:
+    script: str
+    workload: list[str]
+    quick: list[str]
+    target: str
+    figures: Callable[[dict], list[tuple[str, float]]]
+    met: Callable[[dict], bool]
+
+
+def _run(r: dict) -> dict:
+    """The first run of a throughput or serve result (ours; one request rate)."""
+    return r["runs"][0]
+
+
+ROWS = {
+    "mixed": Row("throughput", MIXED, QUICK_MIXED, ">= 12,000 output tok/s",
+                 lambda r: [("output tok/s", _run(r)["output_tokens_per_s"])],
+                 lambda r: _run(r)["output_tokens_per_s"] >= 12000),
+    "long": Row("throughput", ["--num-prompts", "500", "--input-len", "1000", "--output-len", "1000"],
+                ["--num-prompts", "4", "--input-len", "32", "--output-len", "32"],
+                ">= 13,000 output tok/s",
+                lambda r: [("output tok/s", _run(r)["output_tokens_per_s"])],
+                lambda r: _run(r)["output_tokens_per_s"] >= 13000),
+    "serve-inf": Row("serve", ["--launch", "subprocess", "--request-rates", "inf", *MIXED],
+                     ["--launch", "subprocess", "--request-rates", "inf", *QUICK_MIXED],
+                     ">= 11,000 output tok/s, TPOT p50 <= 25 ms",
+                     lambda r: [("output tok/s", _run(r)["output_tokens_per_s"]),
+                                ("TPOT p50 ms", _run(r)["tpot_ms"]["p50"])],
+                     lambda r: (_run(r)["output_tokens_per_s"] >= 11000
+                                and _run(r)["tpot_ms"]["p50"] <= 25)),
+    "serve-16": Row("serve", ["--launch", "subprocess", "--request-rates", "16", *MIXED],
+                    ["--launch", "subprocess", "--request-rates", "16", *QUICK_MIXED],
+                    "TTFT p50 <= 50 ms",
+                    lambda r: [("TTFT p50 ms", _run(r)["ttft_ms"]["p50"]),
+                               ("output tok/s", _run(r)["output_tokens_per_s"])],
+                    lambda r: _run(r)["ttft_ms"]["p50"] <= 50),
+    "batch-1": Row("latency", ["--batch-size", "1", "--input-len", "128", "--output-len", "256",
+                               "--iters", "3", "--warmup-iters", "1"],
+                   ["--batch-size", "1", "--input-len", "16", "--output-len", "16", "--iters", "1",
+                    "--warmup-iters", "1"],
+                   ">= 250 decode tok/s",
+                   lambda r: [("decode tok/s", r["decode_tokens_per_s"]),
+                              ("of the weight-read roofline", r["decode_fraction_of_roofline"])],
+                   lambda r: r["decode_tokens_per_s"] >= 250),
+    "startup": Row("startup", ["--warm-runs", "2"], ["--warm-runs", "1"],
+                   "cold <= 60 s, warm <= 10 s",
+                   lambda r: [("cold s", r["cold_s"]), ("warm s", r["warm_s"])],
+                   lambda r: r["cold_s"] <= 60 and r["warm_s"] <= 10),
+}
+
+
+def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default=None)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"Comma-separated rows to run, in order (default all: {','.join(ROWS)}).")
+    p.add_argument("--quick", action="store_true", help="Seconds-long workloads (smoke runs).")
+    p.add_argument("--timeout", type=float, default=1800.0, help="Seconds allowed per row.")
+    C.add_output_args(p)
+    return p
+
+
+def run_row(name: str, args: argparse.Namespace, engine: list[str], cache_dir: str,
+            out_dir: str) -> dict:
+    row = ROWS[name]
+    out = os.path.join(out_dir, f"{name}.json")
+    cmd = [sys.executable, os.path.join(BENCH, f"{row.script}.py"),
+           *(row.quick if args.quick else row.workload), "--output-json", out]
+    cmd += [f for k, v in (("--model", args.model), ("--load-format", args.load_format),
+                           ("--dtype", args.dtype)) if v is not None for f in (k, v)]
+    cmd += (QUICK_ENGINE if args.quick else []) + engine  # the user's flags win
+    if row.script != "startup":  # it times a cold start: a cache of its own
+        cmd += ["--compilation-cache-dir", cache_dir]
+    C.log(f"row {name}: {' '.join(cmd[1:])}")
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=args.timeout)
+    if proc.returncode or not os.path.exists(out):
+        return {"error": f"exit {proc.returncode} (its stderr is above)"}
+    with open(out) as f:
+        result = json.load(f)
+    return {"result": result, "figures": row.figures(result), "met": row.met(result)}
+
+
+def run(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    engine: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, engine = argv[:i], argv[i + 1:]
+    args = add_args(argparse.ArgumentParser(description=__doc__,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                    ).parse_args(argv)
+    names = [n for n in args.rows.split(",") if n]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; the rows are {list(ROWS)}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="jaxvllm-rows-") as tmp:
+        cache_dir = os.path.join(tmp, "jax")
+        for name in names:
+            results[name] = run_row(name, args, engine, cache_dir, tmp)
+    table = []
+    for name in names:
+        res = results[name]
+        figures = ("; ".join(f"{label} {C.fmt(v)}" for label, v in res["figures"])
+                   if "figures" in res else res["error"])
+        table.append([name, figures, ROWS[name].target,
+                      "yes" if res.get("met") else "no" if "met" in res else "-"])
+    doc = {"benchmark": "target_rows", "model": args.model, "quick": args.quick,
+           "engine_flags": engine, "rows": results}
+    C.emit(doc, args, C.table(table, ["row", "figures", "target", "met"]))
+    return 0 if all("met" in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())
