@@ -598,6 +598,27 @@ def test_small_buckets_use_triton_gemms_unless_the_user_chose(llm, monkeypatch):
         assert setup._ENGINE_CHOSE_GEMMS is chose
 
 
+@pytest.mark.parametrize("user_flags, chose", [("", True),
+                                               ("--xla_gpu_enable_triton_gemm=true", False)])
+def test_a_replica_process_sees_the_flags_the_user_chose(monkeypatch, user_flags, chose):
+    """A data-parallel replica (or the engine process behind a server) inherits the XLA_FLAGS its
+    front's configure_jax set; its own configure_jax must still tell the user's from the engine's,
+    or the engine's GEMM choice would pass for the user's and the small buckets lose their Triton
+    GEMMs."""
+    from jaxvllm.config import EngineArgs
+    from jaxvllm.engine import setup
+    monkeypatch.setenv("XLA_FLAGS", user_flags)
+    for var in (setup._SET_XLA_FLAGS, setup._USER_XLA_FLAGS):
+        monkeypatch.delenv(var, raising=False)
+    args = EngineArgs(model="unused", compilation_cache_dir="none")
+    for process in ("front", "replica"):  # the replica starts from the front's environment
+        monkeypatch.setattr(setup, "_ENGINE_CHOSE_GEMMS", False)
+        setup.configure_jax(args)
+        assert setup._ENGINE_CHOSE_GEMMS is chose, process
+        flags = os.environ["XLA_FLAGS"].split()
+        assert len(flags) == len(set(flags)) and flags[:len(user_flags.split())] == user_flags.split()
+
+
 @pytest.mark.parametrize("given, user_flags, off", [
     (dict(), "", False),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "", True),
@@ -610,6 +631,8 @@ def test_synchronous_engines_launch_without_command_buffers(monkeypatch, given, 
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine import setup
     monkeypatch.setenv("XLA_FLAGS", user_flags)
+    for var in (setup._SET_XLA_FLAGS, setup._USER_XLA_FLAGS):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(setup, "_ENGINE_CHOSE_GEMMS", False)
     setup.configure_jax(EngineArgs(model="unused", compilation_cache_dir="none", **given))
     flags = os.environ["XLA_FLAGS"].split()

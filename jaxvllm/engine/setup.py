@@ -25,6 +25,9 @@ DEFAULT_LIMITS = (256, 2048)
 
 
 _ENGINE_CHOSE_GEMMS = False  # set once configure_jax added the GEMM flag (the user did not set it)
+# XLA_FLAGS as configure_jax left them, and the user's before it: a replica process inherits the
+# flags its front set, and must still see which of them the user chose.
+_SET_XLA_FLAGS, _USER_XLA_FLAGS = "JAXVLLM_SET_XLA_FLAGS", "JAXVLLM_USER_XLA_FLAGS"
 
 
 def cache_root() -> str:
@@ -41,22 +44,26 @@ def configure_jax(args: EngineArgs) -> None:
     # (RunnerConfig.triton_gemm_max_tokens). A user's own XLA_FLAGS setting wins everywhere.
     global _ENGINE_CHOSE_GEMMS
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_gpu_enable_triton_gemm" not in flags:
+    if flags and flags == os.environ.get(_SET_XLA_FLAGS):  # set by an engine, here or in the parent
+        flags = os.environ.get(_USER_XLA_FLAGS, "")
+    user = flags
+    if "xla_gpu_enable_triton_gemm" not in user:
         flags += " --xla_gpu_enable_triton_gemm=false"
         _ENGINE_CHOSE_GEMMS = True
     # XLA's dot merger fuses the q/k/v projections by concatenating their weights on every step
     # (a ~50 MB copy per layer at the 8B shape: 1 ms of a 7 ms batch-1 decode step).
-    if "xla_disable_hlo_passes" not in flags:
+    if "xla_disable_hlo_passes" not in user:
         flags += " --xla_disable_hlo_passes=dot-merger"
     # XLA's command buffers (CUDA graphs) are updated when a step is launched: a step launched onto
     # an idle device waits for that (one H200, 8B shape, batch 1: 9.1 ms a synchronous step with
     # them, 6.7 ms without), a step launched while the one before runs hides it (4.8 against 5.1
     # ms). Speculative decoding's verify steps, and every step without async scheduling, are
     # launched onto an idle device: such an engine turns them off.
-    if "xla_gpu_enable_command_buffer" not in flags and (
+    if "xla_gpu_enable_command_buffer" not in user and (
             args.speculative_config is not None or not args.async_scheduling):
         flags += " --xla_gpu_enable_command_buffer="
-    os.environ["XLA_FLAGS"] = flags.strip()
+    os.environ["XLA_FLAGS"] = os.environ[_SET_XLA_FLAGS] = flags.strip()
+    os.environ[_USER_XLA_FLAGS] = user
     import jax
 
     from jaxvllm.engine.distributed import initialize
