@@ -119,43 +119,41 @@ def test_programs_from_the_persistent_cache_run_when_loaded_again(params, store_
     assert _outputs(third) == expected
 
 
-def test_the_kv_sizing_figure_is_stored(store_root, monkeypatch):
-    """On a device with memory stats the sizing compiles its probe programs once; a later start
-    reads their figure and sizes the cache the same without them."""
+@pytest.fixture
+def gpu_like(monkeypatch):
+    """A small model's weights, on a device whose memory stats are faked (so the cache is sized)."""
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=64,
                       intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=16, rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=256)
-    loaded = types.SimpleNamespace(config=cfg, params=init_dummy_params(cfg, "float32"),
-                                   load_format="dummy")
     monkeypatch.setattr(model_runner, "_device_memory_stats",
                         lambda d: {"bytes_limit": 1 << 30, "bytes_in_use": 1 << 28})
+    return types.SimpleNamespace(config=cfg, params=init_dummy_params(cfg, "float32"),
+                                 load_format="dummy")
+
+
+def test_the_kv_sizing_figure_is_stored(store_root, gpu_like, monkeypatch):
+    """On a device with memory stats the sizing compiles its probe programs once; a later start
+    reads their figure and sizes the cache the same without them."""
     args = EngineArgs(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
                       token_buckets=(64,))
-    first = build_runner(args, loaded)[0]
+    first = build_runner(args, gpu_like)[0]
     (fp,) = os.listdir(store_root)
     assert os.path.exists(store_root / fp / "kv-reserved-bytes.json")
 
     def no_probe(self):
         raise AssertionError("the probe programs were compiled again")
     monkeypatch.setattr(model_runner.ModelRunner, "_step_bytes", no_probe)
-    assert build_runner(args, loaded)[0].num_blocks == first.num_blocks
+    assert build_runner(args, gpu_like)[0].num_blocks == first.num_blocks
 
 
-def test_the_cache_is_sized_the_same_while_its_programs_compile(monkeypatch):
+def test_the_cache_is_sized_the_same_while_its_programs_compile(gpu_like):
     """With a warm-up to follow (compile_at_start), the programs that do not read the cache start
     compiling before it is sized, and the sizing reads its figures from them: the same cache as
     when the sizing compiles its probes itself."""
-    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=64,
-                      intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=16, rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=256)
-    loaded = types.SimpleNamespace(config=cfg, params=init_dummy_params(cfg, "float32"),
-                                   load_format="dummy")
-    monkeypatch.setattr(model_runner, "_device_memory_stats",
-                        lambda d: {"bytes_limit": 1 << 30, "bytes_in_use": 1 << 28})
     args = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(64,))
-    alone = build_runner(EngineArgs(**args, enforce_eager=True), loaded)[0]
+    alone = build_runner(EngineArgs(**args, enforce_eager=True), gpu_like)[0]
     assert alone.config.compile_at_start is False
-    early = build_runner(EngineArgs(**args, enforce_eager=False), loaded)[0]
+    early = build_runner(EngineArgs(**args, enforce_eager=False), gpu_like)[0]
     assert early.config.compile_at_start is True
     assert early.num_blocks == alone.num_blocks
     for figure in ("_sampler_bytes", "_prompt_scoring_bytes"):
