@@ -199,7 +199,8 @@ class ModelRunner:
         # The step's logits and hidden states are placed so (step_jit_kwargs / the device).
         self._placed = shardings.replicated if shardings is not None else self._kv_sharding
         # With a warm-up to follow, the programs that do not read the cache start compiling now,
-        # while it is sized (which reads some of them).
+        # while it is sized (which reads some of them). None has a Mosaic GPU kernel, so their
+        # lowering beside the steps' leaves the steps' modules as they were (executables.Build).
         self._independent = self._start_independent() if config.compile_at_start else None
         t0 = time.perf_counter()
         self.num_blocks = config.num_blocks or self._profile_num_blocks()
@@ -468,17 +469,18 @@ class ModelRunner:
         its autotuning before the cache takes the memory. Plus the outputs of the programs that
         process the logits before it (grammar masks, logit_bias, token bits; the token table itself
         is allocated already)."""
-        return self._independent_bytes(self._sizing_programs()[1:])
+        return self._independent_bytes(self._sizing_programs()[1])
 
     def _prompt_scoring_bytes(self) -> int:
         """One chunk of prompt scoring (`_score_prompts`) at max_logprobs, from the largest bucket."""
-        return self._independent_bytes(self._sizing_programs()[:1])
+        return self._independent_bytes(self._sizing_programs()[0])
 
-    def _sizing_programs(self) -> tuple[str, ...]:
-        """The independent programs the KV sizing reads: prompt scoring, then the sampler's."""
+    def _sizing_programs(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The independent programs the KV sizing reads: (prompt scoring's, the sampler's)."""
         r = self.sample_rows
-        return (f"prompt-logprobs-{self.token_buckets[-1]}", f"bitmask-{r}", f"logit-bias-{r}",
-                f"token-bits-{r}", _sampler_name(r, "random_sort", self.config.max_logprobs, 0))
+        return ((f"prompt-logprobs-{self.token_buckets[-1]}",),
+                (f"bitmask-{r}", f"logit-bias-{r}", f"token-bits-{r}",
+                 _sampler_name(r, "random_sort", self.config.max_logprobs, 0)))
 
     def _log_capacity(self) -> None:
         tokens = (self.num_blocks - 1) * self.config.block_size
@@ -560,7 +562,7 @@ class ModelRunner:
         programs["record"] = lambda: self._record_tokens.lower(
             self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled,
             *counted)
-        first = self._sizing_programs()
+        first = sum(self._sizing_programs(), ())
         return {**{n: programs[n] for n in first}, **programs}
 
     def _hidden_dtype(self) -> Any:
