@@ -22,6 +22,13 @@ LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed
 # and FP8 linears that small run weight-only (models/quant.py): the Triton GEMM converts the FP8
 # weight in registers, where cuBLAS would need a bf16 copy of it first.
 TRITON_GEMM_MAX_TOKENS = 16
+# An engine whose steps are launched onto an idle device (speculative verification, no async
+# scheduling) compiles its steps without XLA's command buffers when the weights a device reads per
+# step are at least this many bytes (RunnerConfig.command_buffers): updating the buffers at launch
+# then costs more than launching kernel by kernel. One H200, batch 1, synchronous steps, ms with /
+# without them: SmolLM2-135M's shape (0.27 GB) 3.82 / 4.86, Llama-3.2-1B's (2.5 GB) 3.41 / 2.89,
+# 3B 5.66 / 4.78, 8B 8.27 / 6.81 (bench/RESULTS.md, "Command buffers by model size").
+COMMAND_BUFFERS_OFF_MIN_BYTES = 1 << 30
 
 
 @dataclass

@@ -619,25 +619,49 @@ def test_a_replica_process_sees_the_flags_the_user_chose(monkeypatch, user_flags
         assert len(flags) == len(set(flags)) and flags[:len(user_flags.split())] == user_flags.split()
 
 
-@pytest.mark.parametrize("given, user_flags, off", [
-    (dict(), "", False),
-    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "", True),
-    (dict(async_scheduling=False), "", True),
-    (dict(async_scheduling=False), "--xla_gpu_enable_command_buffer=FUSION", False),
+@pytest.mark.parametrize("given, user_flags, weights, off", [
+    (dict(), "", 4096, False),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "", 4096, True),
+    (dict(async_scheduling=False), "", 4096, True),
+    (dict(async_scheduling=False), "", 4095, False),
+    (dict(async_scheduling=False, tensor_parallel_size=2), "", 4096, False),
+    (dict(async_scheduling=False), "--xla_gpu_enable_command_buffer=FUSION", 4096, False),
 ])
-def test_synchronous_engines_launch_without_command_buffers(monkeypatch, given, user_flags, off):
+def test_synchronous_engines_with_big_weights_step_without_command_buffers(
+        monkeypatch, given, user_flags, weights, off):
     """An engine whose steps are launched onto an idle device (speculative verification, no async
-    scheduling) turns XLA's command buffers off, unless the user's XLA_FLAGS decide them."""
+    scheduling) compiles them without XLA's command buffers when a device reads at least
+    COMMAND_BUFFERS_OFF_MIN_BYTES of weights a step (here 4096), unless the user's XLA_FLAGS
+    decide them; XLA_FLAGS themselves are left as the user set them."""
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine import setup
     monkeypatch.setenv("XLA_FLAGS", user_flags)
     for var in (setup._SET_XLA_FLAGS, setup._USER_XLA_FLAGS):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(setup, "_ENGINE_CHOSE_GEMMS", False)
-    setup.configure_jax(EngineArgs(model="unused", compilation_cache_dir="none", **given))
-    flags = os.environ["XLA_FLAGS"].split()
-    assert ("--xla_gpu_enable_command_buffer=" in flags) is off
-    assert user_flags in os.environ["XLA_FLAGS"]
+    monkeypatch.setattr(setup, "COMMAND_BUFFERS_OFF_MIN_BYTES", 4096)
+    args = EngineArgs(model="unused", compilation_cache_dir="none", **given)
+    setup.configure_jax(args)
+    assert "command_buffer=" not in os.environ["XLA_FLAGS"].replace(user_flags, "")
+    params = {"a": np.zeros(weights // 2 - 1, np.uint8), "b": {"c": np.zeros(weights // 2 + 1, np.uint8)}}
+    assert setup.step_command_buffers(args, params) is not off
+
+
+def test_a_synchronous_engine_compiles_its_steps_without_command_buffers(monkeypatch, llm):
+    """End to end: the setting reaches the runner's step programs, and the engine decodes as one
+    with them."""
+    from jaxvllm.engine import setup
+    monkeypatch.setattr(setup, "COMMAND_BUFFERS_OFF_MIN_BYTES", 0)
+    sync = LLM(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+               num_gpu_blocks_override=96, enforce_eager=True, token_buckets=(8, 16, 32, 64),
+               async_scheduling=False)
+    runner = sync.llm_engine.runner
+    assert runner.config.command_buffers is False
+    assert runner.step_compiler_options == {"xla_gpu_enable_command_buffer": ""}
+    assert llm.llm_engine.runner.step_compiler_options == {}
+    params = SamplingParams(temperature=0, max_tokens=8)
+    assert ([o.outputs[0].token_ids for o in sync.generate(PROMPTS[:2], params)]
+            == [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)])
 
 
 def _drain(engine, prompts, params):

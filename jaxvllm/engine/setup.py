@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from jaxvllm.config import (FOUR_BIT_QUANTIZATIONS, INT4_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS,
+from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, FOUR_BIT_QUANTIZATIONS, INT4_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS,
                             EngineArgs)
 from jaxvllm.core.scheduler import SchedulerConfig
 
@@ -25,6 +25,7 @@ DEFAULT_LIMITS = (256, 2048)
 
 
 _ENGINE_CHOSE_GEMMS = False  # set once configure_jax added the GEMM flag (the user did not set it)
+_USER_CHOSE_COMMAND_BUFFERS = False  # the user's XLA_FLAGS set XLA's command buffers
 # XLA_FLAGS as configure_jax left them, and the user's before it: a replica process inherits the
 # flags its front set, and must still see which of them the user chose.
 _SET_XLA_FLAGS, _USER_XLA_FLAGS = "JAXVLLM_SET_XLA_FLAGS", "JAXVLLM_USER_XLA_FLAGS"
@@ -42,7 +43,7 @@ def configure_jax(args: EngineArgs) -> None:
     # cuBLAS instead of autotuned Triton GEMMs: ~15x faster compiles per bucket (measured:
     # docs/architecture.md); the smallest buckets still get Triton GEMMs, per program
     # (RunnerConfig.triton_gemm_max_tokens). A user's own XLA_FLAGS setting wins everywhere.
-    global _ENGINE_CHOSE_GEMMS
+    global _ENGINE_CHOSE_GEMMS, _USER_CHOSE_COMMAND_BUFFERS
     flags = os.environ.get("XLA_FLAGS", "")
     if flags and flags == os.environ.get(_SET_XLA_FLAGS):  # set by an engine, here or in the parent
         flags = os.environ.get(_USER_XLA_FLAGS, "")
@@ -54,14 +55,7 @@ def configure_jax(args: EngineArgs) -> None:
     # (a ~50 MB copy per layer at the 8B shape: 1 ms of a 7 ms batch-1 decode step).
     if "xla_disable_hlo_passes" not in user:
         flags += " --xla_disable_hlo_passes=dot-merger"
-    # XLA's command buffers (CUDA graphs) are updated when a step is launched: a step launched onto
-    # an idle device waits for that (one H200, 8B shape, batch 1: 9.1 ms a synchronous step with
-    # them, 6.7 ms without), a step launched while the one before runs hides it (4.8 against 5.1
-    # ms). Speculative decoding's verify steps, and every step without async scheduling, are
-    # launched onto an idle device: such an engine turns them off.
-    if "xla_gpu_enable_command_buffer" not in user and (
-            args.speculative_config is not None or not args.async_scheduling):
-        flags += " --xla_gpu_enable_command_buffer="
+    _USER_CHOSE_COMMAND_BUFFERS = "xla_gpu_enable_command_buffer" in user
     os.environ["XLA_FLAGS"] = os.environ[_SET_XLA_FLAGS] = flags.strip()
     os.environ[_USER_XLA_FLAGS] = user
     import jax
@@ -202,6 +196,20 @@ def use_server_defaults(args: EngineArgs) -> None:
                                and probe_devices()[0] == "gpu")
 
 
+def step_command_buffers(args: EngineArgs, params: Any) -> bool:
+    """Whether the steps compile with XLA's command buffers (CUDA graphs). They are updated when a
+    step is launched: a step launched while the one before runs hides that, one launched onto an
+    idle device (speculative verification, no async scheduling) waits for it. Without them the
+    kernels are launched one by one, which bounds a step of a small model: so they are off for
+    such an engine whose weights take long enough to read (config.COMMAND_BUFFERS_OFF_MIN_BYTES,
+    measured); the user's XLA_FLAGS win."""
+    import jax
+    if _USER_CHOSE_COMMAND_BUFFERS or (args.speculative_config is None and args.async_scheduling):
+        return True
+    weights = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(params))
+    return weights / args.tensor_parallel_size < COMMAND_BUFFERS_OFF_MIN_BYTES
+
+
 def fp8_kernel_fits(args: EngineArgs, shardings: Any) -> bool:
     """Whether one-row FP8 linears run on the Pallas GEMM (models/quant.fp8_linear): on a GPU, with
     the weights on one device (a GSPMD-sharded weight would be gathered whole for it)."""
@@ -247,6 +255,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         max_loras=args.max_loras if args.enable_lora else 0, max_lora_rank=args.max_lora_rank,
         step_timeout=args.step_timeout,
         speculative=args.speculative, compile_at_start=args.compiles_at_start(),
+        command_buffers=step_command_buffers(args, loaded.params),
         triton_gemm_max_tokens=(TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS
                                 and not args.batch_invariant else 0))
     if fp8_kernel_fits(args, shardings):

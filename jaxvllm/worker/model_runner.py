@@ -81,6 +81,7 @@ class RunnerConfig:
     max_loras: int = 0                        # LoRA adapter slots (0: LoRA off)
     max_lora_rank: int = 0
     speculative: Optional[SpeculativeConfig] = None  # speculative decoding (None: off)
+    command_buffers: bool = True              # steps with XLA's command buffers (setup.step_command_buffers)
 
 
 class StepTimeoutError(RuntimeError):
@@ -143,11 +144,14 @@ class ModelRunner:
         # Batch-invariant: bf16 values rounded where the program says, whatever XLA fuses.
         invariant_kw = ({"compiler_options": dict(INVARIANT_COMPILER_OPTIONS)}
                         if cfg.batch_invariant else {})
+        self.step_compiler_options = {**invariant_kw.get("compiler_options", {}), **(
+            {} if config.command_buffers else {"xla_gpu_enable_command_buffer": ""})}
         step_kw = dict(donate_argnums=(1,),
                        **({} if shardings is None else shardings.step_jit_kwargs()))
-        self._step = jax.jit(self._step_impl, **step_kw, **invariant_kw)
-        self._step_triton_gemm = jax.jit(self._step_impl, **step_kw,
-                                         compiler_options={"xla_gpu_enable_triton_gemm": True})
+        self._step = jax.jit(self._step_impl, **step_kw,
+                             compiler_options=self.step_compiler_options or None)
+        self._step_triton_gemm = jax.jit(self._step_impl, **step_kw, compiler_options={
+            **self.step_compiler_options, "xla_gpu_enable_triton_gemm": True})
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
         self._sample = jax.jit(self._sample_impl,
                                static_argnames=("mode", "num_logprobs", "topk_bound"))
