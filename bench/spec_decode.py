@@ -17,6 +17,7 @@ with the 1B draft's forward and k guesses costs the 8B shape).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -93,12 +94,18 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
         vocab = llm.llm_engine.model_config.vocab_size
         prompts = [{"prompt_token_ids": (rng.integers(3, vocab, 40).tolist() * 10)[:300]}
                    for _ in TASKS]
-        run = lambda p: llm.generate([p], sp, use_tqdm=False)[0]  # noqa: E731
+        run = lambda p, sp=sp: llm.generate([p], sp, use_tqdm=False)[0]  # noqa: E731
     else:
         prompts = TASKS
-        run = lambda p: llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)[0]  # noqa: E731
+        run = lambda p, sp=sp: llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)[0]  # noqa: E731
     for p in prompts:  # compiles what they need
         run(p)
+    # Plain decoding's top two logprobs at each token (an untimed pass): where a speculative run's
+    # greedy output differs, the gap between them says whether rounding decided a near tie.
+    top2 = dataclasses.replace(sp, logprobs=2)
+    gaps = [[lp[0] - lp[1] for lp in (sorted((x.logprob for x in pos.values()), reverse=True)
+                                      for pos in run(p, top2).outputs[0].logprobs)]
+            for p in prompts] if k <= 0 else None
     phases = common.time_engine_phases(llm.llm_engine) if args.phases else None
     before = llm.llm_engine.get_stats().spec_decode
     rows = []
@@ -116,13 +123,25 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
            "decode_tok_s": sum(r["n"] - 1 for r in rows) / sum(r["decode_s"] for r in rows),
            "guesses": after.num_draft_tokens - before.num_draft_tokens,
            "kept": after.num_accepted_tokens - before.num_accepted_tokens, "verify_steps": drafts,
-           "tokens": [r["tokens"] for r in rows],
+           "tokens": [r["tokens"] for r in rows], "gaps": gaps,
            "sample": llm.get_tokenizer().decode(rows[0]["tokens"][:60])
            if args.load_format != "dummy" else None,
            "phases_ms": None if phases is None else {
                name: 1e3 * t / max(phases["step"][1], 1) for name, (t, _) in phases.items()}}
     with open(out_path, "w") as f:
         json.dump(res, f)
+
+
+def _differences(plain: dict, run: dict) -> str:
+    """Where each prompt's output first differs from plain decoding's, with plain decoding's gap
+    between its two likeliest tokens there."""
+    out = []
+    for i, (a, b) in enumerate(zip(plain["tokens"], run["tokens"])):
+        j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if j < max(len(a), len(b)):
+            gap = plain["gaps"][i][j] if j < len(plain["gaps"][i]) else float("nan")
+            out.append(f"{i}, {j}, {gap:.3f}")
+    return "; ".join(out) or "-"
 
 
 def main() -> None:
@@ -166,15 +185,16 @@ def main() -> None:
     print(f"model {args.model or 'default'} ({args.load_format}, {args.dtype}), batch 1, "
           f"{len(TASKS)} prompts, greedy, up to {args.output_len} tokens each; guesses from "
           f"{args.draft_model or 'prompt lookup'}")
-    print("| k | decode tok/s | TPOT ms | speed-up | guesses kept | tokens per step | same output |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| k | decode tok/s | TPOT ms | speed-up | guesses kept | tokens per step | same output |"
+          " first differences: prompt, token, plain's top-2 logprob gap |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         kept = f"{r['kept']}/{r['guesses']} ({r['kept'] / r['guesses']:.0%})" if r["guesses"] else "-"
         per_step = f"{1 + r['kept'] / r['verify_steps']:.2f}" if r["verify_steps"] else "1"
         name = {0: "off", -1: "off, synchronous"}.get(r["k"], r["k"])
         print(f"| {name} | {r['decode_tok_s']:.1f} | {r['tpot_ms']:.2f} | "
               f"{r['decode_tok_s'] / plain['decode_tok_s']:.2f}x | {kept} | {per_step} | "
-              f"{r['tokens'] == plain['tokens']} |")
+              f"{r['tokens'] == plain['tokens']} | {_differences(plain, r)} |")
     if args.phases:
         print("ms per engine step (collect includes fetch; step includes the rest):")
         for r in results:
@@ -183,7 +203,8 @@ def main() -> None:
         print("first output begins:", json.dumps(plain["sample"]))
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump([{k: v for k, v in r.items() if k != "tokens"} for r in results], f, indent=1)
+            json.dump([{k: v for k, v in r.items() if k not in ("tokens", "gaps")} for r in results], f,
+                      indent=1)
 
 
 if __name__ == "__main__":

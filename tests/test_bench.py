@@ -312,7 +312,32 @@ def test_spec_decode_bench_compares_with_plain_decoding(tiny_dummy, tmp_path):
     assert [r["k"] for r in rows] == [0, -1, 2]
     assert all(r["decode_tok_s"] > 0 and r["phases_ms"]["step"] > 0 for r in rows)
     table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(table) == 4 and all(line.endswith("| True |") for line in table[1:]), out.stdout
+    assert len(table) == 4 and all(line.endswith("| True | - |") for line in table[1:]), out.stdout
+
+
+def test_spec_decode_bench_says_where_outputs_first_differ():
+    """Where a row's greedy output differs from plain decoding's: the prompt, the token, and plain
+    decoding's gap between its two likeliest tokens there (a length difference counts too)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import spec_decode
+    plain = {"tokens": [[1, 2, 3], [4, 5], [6, 7]], "gaps": [[0.5, 0.01, 0.2], [1.0, 2.0], [3.0, 4.0]]}
+    assert spec_decode._differences(plain, {"tokens": [[1, 2, 4], [4, 5], [6, 7, 8]]}) == (
+        "0, 2, 0.200; 2, 2, nan")
+    assert spec_decode._differences(plain, {"tokens": plain["tokens"]}) == "-"
+
+
+def test_read_ceiling_bench(tmp_path):
+    """bench/read_ceiling.py: JAX's copy, read and GEMM-chain rates, PyTorch's beside them where it
+    runs on a GPU (not on a CPU: nan there)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "read_ceiling.py"), "--gib", "0.02",
+                          "--output-json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res["jax_tbs"]) == {"copy", "read", *(f"GEMM rows {r}, {k}x{n}" for r in (1, 8)
+                                                     for k, n in C.GEMV_SHAPES)}
+    assert all(v > 0 for v in res["jax_tbs"].values()) and res["torch_tbs"] == {}
+    assert "| GEMM rows 8, 4096x28672 |" in out.stdout
 
 
 def test_spec_decode_bench_with_a_draft_model(tiny_dummy, tmp_path):

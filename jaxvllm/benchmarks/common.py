@@ -305,9 +305,9 @@ GEMV_SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
 GEMV_ROWS = 8  # the engine's smallest token bucket: what a batch-1 decode step multiplies
 
 
-def measure_gemv_bandwidth(nbytes: int, shapes: tuple = GEMV_SHAPES,
-                           iters: int = 10) -> dict[tuple[int, int], float]:
-    """Read bandwidth in bytes/s per weight shape of 8-row bf16 matmuls, x[8,K] @ W[K,N], over
+def measure_gemv_bandwidth(nbytes: int, shapes: tuple = GEMV_SHAPES, iters: int = 10,
+                           rows: int = GEMV_ROWS) -> dict[tuple[int, int], float]:
+    """Read bandwidth in bytes/s per weight shape of `rows`-row bf16 matmuls, x[rows,K] @ W[K,N], over
     distinct weights of `nbytes` in all (far beyond L2), each product depending on the one before
     and all in one program, as a decode step's layers are: what a batch-1 step's weight reads can
     reach. The copy above counts reads and writes, which contend; a decode step only reads. (One
@@ -323,8 +323,8 @@ def measure_gemv_bandwidth(nbytes: int, shapes: tuple = GEMV_SHAPES,
             for w in ws:
                 x = x + (x @ w)[:, :1] * jnp.bfloat16(1e-3)
             return x
-        f, x = jax.jit(chain), jnp.ones((GEMV_ROWS, k), jnp.bfloat16)
-        out[(k, n)] = len(ws) * k * n * 2 / _median_call_s(f, iters, x, ws)
+        f, x = jax.jit(chain), jnp.ones((rows, k), jnp.bfloat16)
+        out[(k, n)] = len(ws) * k * n * 2 / median_call_s(f, iters, x, ws)
         del ws
     return out
 
@@ -335,10 +335,10 @@ def measure_matmul_flops(n: int = 8192, iters: int = 10) -> float:
     import jax.numpy as jnp
     a = jnp.ones((n, n), jnp.bfloat16)
     f = jax.jit(lambda x: x @ x)
-    return 2 * n ** 3 / _median_call_s(f, iters, a)
+    return 2 * n ** 3 / median_call_s(f, iters, a)
 
 
-def _median_call_s(f: Callable[..., Any], iters: int, *args: Any) -> float:
+def median_call_s(f: Callable[..., Any], iters: int, *args: Any) -> float:
     """Median seconds of `iters` calls `f(*args)` (a device computation, waited for), after one
     that compiles it."""
     f(*args).block_until_ready()
