@@ -101,7 +101,8 @@ def main() -> None:
     except ImportError:
         ref = {}
     step = args.step_gb * 1e9
-    rows = [[name, v / 1e12, v / step, ref.get(name, float("nan")) / 1e12, ref.get(name, float("nan")) / step]
+    nan = float("nan")
+    rows = [[name, v / 1e12, v / step, ref.get(name, nan) / 1e12, ref.get(name, nan) / step]
             for name, v in ours.items()]
     doc = {"benchmark": "read_ceiling", "device": str(jax.devices()[0].device_kind), "gib": args.gib,
            "jax_tbs": {k: v / 1e12 for k, v in ours.items()}, "torch_tbs": {k: v / 1e12 for k, v in ref.items()}}

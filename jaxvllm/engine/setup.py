@@ -6,8 +6,8 @@ import logging
 import os
 from typing import Any, Optional
 
-from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, FOUR_BIT_QUANTIZATIONS, INT4_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS,
-                            EngineArgs)
+from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, FOUR_BIT_QUANTIZATIONS,
+                            INT4_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS, EngineArgs)
 from jaxvllm.core.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
