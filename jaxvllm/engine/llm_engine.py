@@ -597,15 +597,15 @@ class LLMEngine(RequestFront):
     def startup_info(self) -> dict:
         """Start-up figures (benchmarks; a data-parallel replica reports its own to the front)."""
         import jax
-        params = self.loaded.params
+
+        from jaxvllm.engine.setup import param_bytes
         d, n = (self.devices or jax.devices())[0], self.args.tensor_parallel_size
         return {"num_blocks": self.runner.num_blocks, "kv_sizing_s": self.runner.kv_sizing_seconds,
                 "load_s": self.load_seconds, "compile_s": self.compile_seconds,
                 "seconds": dict(self.loaded.seconds),
                 "programs": self.runner.program_summary(),
                 "from_cache": getattr(self.loaded, "from_cache", None),
-                "param_bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)
-                                       if hasattr(x, "dtype"))),
+                "param_bytes": param_bytes(self.loaded.params),
                 "device": f"{jax.default_backend()}:{getattr(d, 'device_kind', str(d))} x{n}"}
 
     def replica_stats(self) -> list[SchedulerStats]:

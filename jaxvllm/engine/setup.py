@@ -203,11 +203,16 @@ def step_command_buffers(args: EngineArgs, params: Any) -> bool:
     kernels are launched one by one, which bounds a step of a small model: so they are off for
     such an engine whose weights take long enough to read (config.COMMAND_BUFFERS_OFF_MIN_BYTES,
     measured); the user's XLA_FLAGS win."""
-    import jax
     if _USER_CHOSE_COMMAND_BUFFERS or (args.speculative_config is None and args.async_scheduling):
         return True
-    weights = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(params))
-    return weights / args.tensor_parallel_size < COMMAND_BUFFERS_OFF_MIN_BYTES
+    return param_bytes(params) / args.tensor_parallel_size < COMMAND_BUFFERS_OFF_MIN_BYTES
+
+
+def param_bytes(params: Any) -> int:
+    """Bytes of a weight tree's arrays (all devices' shares together)."""
+    import jax
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)
+                   if hasattr(x, "dtype")))
 
 
 def fp8_kernel_fits(args: EngineArgs, shardings: Any) -> bool:

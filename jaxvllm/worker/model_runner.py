@@ -142,9 +142,8 @@ class ModelRunner:
                                jnp.asarray(params["final_norm"]).dtype, device, shardings)
                      if config.max_loras else None)
         # Batch-invariant: bf16 values rounded where the program says, whatever XLA fuses.
-        invariant_kw = ({"compiler_options": dict(INVARIANT_COMPILER_OPTIONS)}
-                        if cfg.batch_invariant else {})
-        self.step_compiler_options = {**invariant_kw.get("compiler_options", {}), **(
+        invariant = dict(INVARIANT_COMPILER_OPTIONS) if cfg.batch_invariant else {}
+        self.step_compiler_options = {**invariant, **(
             {} if config.command_buffers else {"xla_gpu_enable_command_buffer": ""})}
         step_kw = dict(donate_argnums=(1,),
                        **({} if shardings is None else shardings.step_jit_kwargs()))
@@ -170,7 +169,7 @@ class ModelRunner:
             {} if shardings is None else
             {"out_shardings": (shardings.kv_cache, shardings.replicated)}))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",),
-                                        **invariant_kw)
+                                        compiler_options=invariant or None)
         # Rows per prompt-scoring call: each call reads the whole LM head (1 GiB at the 8B shape),
         # so not fewer than SCORE_ROWS_MIN even when max_num_seqs is small.
         self.score_rows = max(config.max_num_seqs, SCORE_ROWS_MIN)
