@@ -3,7 +3,7 @@ tok/s and TPOT with and without it, the guesses kept per verification step, and 
 output is the same token for token.
 
     PYTHONPATH=. python3 bench/spec_decode.py [--model M] [--dtype bfloat16] [--k 2 4 6]
-        [--draft-model D]
+        [--draft-model D] [--grow-to CONFIG_DIR]
 
 Each configuration runs in a process of its own (one engine's device memory at a time); the table
 compares them. The tasks ask the model to reproduce a given text with a small change (rename a
@@ -12,7 +12,9 @@ prompt, which is what prompt lookup guesses from. With --load-format dummy (rand
 --model bench/configs/llama-3-8b) the prompts are token ids that repeat a random phrase: what it
 measures is the cost of a verification step at that shape, its acceptance says nothing (a dummy
 draft guesses nothing either: e.g. --draft-model bench/configs/llama-3.2-1b measures what a step
-with the 1B draft's forward and k guesses costs the 8B shape).
+with the 1B draft's forward and k guesses costs the 8B shape). With --grow-to (e.g.
+bench/configs/llama-3-8b) a real small model runs grown to that shape (bench/grow.py): its own
+outputs and acceptance, at the larger shape's cost.
 """
 from __future__ import annotations
 
@@ -82,10 +84,21 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
         if args.draft_model else
         {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": args.prompt_lookup_max,
          "prompt_lookup_min": args.prompt_lookup_min})
-    llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype,
-              max_model_len=args.max_model_len, max_num_seqs=8, max_num_batched_tokens=1024,
-              enforce_eager=True, speculative_config=spec, disable_log_stats=True,
-              async_scheduling=k >= 0)
+    engine = dict(max_model_len=args.max_model_len, max_num_seqs=8, max_num_batched_tokens=1024,
+                  enforce_eager=True, speculative_config=spec, disable_log_stats=True,
+                  async_scheduling=k >= 0)
+    if args.grow_to:
+        import jax.numpy as jnp
+        from converters import load_model
+        from grow import grow
+        small = load_model(args.model, dtype="float32", load_format=args.load_format)
+        with open(os.path.join(args.grow_to, "config.json")) as f:
+            params, config = grow(small.params, small.config, json.load(f),
+                                  jnp.dtype("bfloat16" if args.dtype == "auto" else args.dtype))
+        llm = LLM.from_params(params, config, tokenizer=small.tokenizer,
+                              generation_config=small.generation_config, **engine)
+    else:
+        llm = LLM(model=args.model, load_format=args.load_format, dtype=args.dtype, **engine)
     sp = SamplingParams(temperature=0.0, max_tokens=args.output_len,
                         ignore_eos=args.load_format == "dummy")
     if args.load_format == "dummy":
@@ -157,6 +170,9 @@ def main() -> None:
                    help="Also plain decoding without async scheduling, as verification steps run.")
     p.add_argument("--draft-model", default=None,
                    help="Guess with this draft model (method draft_model) instead of prompt lookup.")
+    p.add_argument("--grow-to", default=None, metavar="CONFIG_DIR",
+                   help="Run the model grown to this config's shape, computing the same function "
+                        "(bench/grow.py): the small model's outputs at the larger shape's cost.")
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--phases", action="store_true",
@@ -174,7 +190,7 @@ def main() -> None:
             out = os.path.join(tmp, f"{k}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--one", str(k), "--out", out]
             for flag in ("model", "load_format", "dtype", "max_model_len", "output_len",
-                         "prompt_lookup_max", "prompt_lookup_min", "draft_model"):
+                         "prompt_lookup_max", "prompt_lookup_min", "draft_model", "grow_to"):
                 if getattr(args, flag) is not None:
                     cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
             cmd += ["--phases"] * args.phases
@@ -182,7 +198,8 @@ def main() -> None:
             with open(out) as f:
                 results.append(json.load(f))
     plain = results[0]
-    print(f"model {args.model or 'default'} ({args.load_format}, {args.dtype}), batch 1, "
+    grown = f" grown to {args.grow_to}" if args.grow_to else ""
+    print(f"model {args.model or 'default'}{grown} ({args.load_format}, {args.dtype}), batch 1, "
           f"{len(TASKS)} prompts, greedy, up to {args.output_len} tokens each; guesses from "
           f"{args.draft_model or 'prompt lookup'}")
     print("| k | decode tok/s | TPOT ms | speed-up | guesses kept | tokens per step | same output |"

@@ -326,6 +326,63 @@ def test_spec_decode_bench_says_where_outputs_first_differ():
     assert spec_decode._differences(plain, {"tokens": plain["tokens"]}) == "-"
 
 
+GROWN = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=3, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=32)
+
+
+def test_a_grown_model_computes_what_the_small_one_does():
+    """bench/grow.py: a random small Llama (norm weights away from 1, tied embeddings) grown to
+    larger hidden and intermediate sizes, head size, heads per KV group, KV heads and layers gives
+    the same greedy tokens and logprobs (float32); targets it cannot be grown to are refused."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import grow
+    from converters import init_dummy_params
+    from jaxvllm import LLM, SamplingParams
+    from jaxvllm.models.config import ModelConfig
+    small = {**TINY, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 6,
+             "num_key_value_heads": 2, "tie_word_embeddings": True, "vocab_size": 256}
+    cfg = ModelConfig.from_hf(small)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: jnp.asarray(
+        rng.normal(1.0, 0.3, x.shape) if x.ndim == 1 else rng.normal(0, 0.5, x.shape), jnp.float32),
+        init_dummy_params(cfg, "float32"))
+    grown, grown_cfg = grow.grow(params, cfg, GROWN, jnp.float32)
+    assert grown["layers"][2]["q"].shape == (128, 256) and grown["lm_head"].shape == (128, 256)
+    engine = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, dtype="float32",
+                  enforce_eager=True, num_gpu_blocks_override=64)
+    sp = SamplingParams(temperature=0.0, max_tokens=16, logprobs=1, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [5, 17, 33, 99, 4, 200, 7]}]
+    a, b = (LLM.from_params(p, c, **engine).generate(prompt, sp, use_tqdm=False)[0].outputs[0]
+            for p, c in ((params, small), (grown, grown_cfg)))
+    assert a.token_ids == b.token_ids and len(set(a.token_ids)) > 4
+    assert max(abs(x[t].logprob - y[t].logprob)
+               for x, y, t in zip(a.logprobs, b.logprobs, a.token_ids)) < 1e-4
+    for bad, match in (({"hidden_size": 32}, "hidden_size 32 is smaller"),
+                       ({"head_dim": 20}, "head_dim 20 is not a multiple"),
+                       ({"num_attention_heads": 4}, "query heads per KV head 2 is smaller")):
+        with pytest.raises(ValueError, match=match):
+            grow.grown_config(cfg, {**GROWN, **bad})
+
+
+def test_spec_decode_bench_on_a_grown_model(tiny_dummy, tmp_path):
+    """--grow-to: the model runs grown to the config's shape; speculative output is plain's."""
+    target = tmp_path / "grown"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({**TINY, **GROWN}))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "spec_decode.py"),
+                          "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "float32",
+                          "--max-model-len", "512", "--output-len", "12", "--k", "2",
+                          "--grow-to", str(target)],
+                         capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table) == 3 and table[2].endswith("| True | - |"), out.stdout
+    assert f"grown to {target}" in out.stdout
+
+
 def test_read_ceiling_bench(tmp_path):
     """bench/read_ceiling.py: JAX's copy, read and GEMM-chain rates, PyTorch's beside them where it
     runs on a GPU (not on a CPU: nan there)."""
