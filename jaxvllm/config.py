@@ -41,11 +41,11 @@ class EngineArgs:
     max_model_len: Optional[int] = field(default=None, metadata={
         "help": "Longest prompt + output (default: the model's max_position_embeddings)."})
     max_num_seqs: Optional[int] = field(default=None, metadata={
-        "help": "Most sequences in one step (default: 1024 offline on a GPU of >= 70 GiB, as "
-                "vLLM's; else, and for the server, 256)."})
+        "help": "Most sequences in one step (default on a GPU of >= 70 GiB: 1024 offline, as "
+                "vLLM's, 384 for the server; else 256)."})
     max_num_batched_tokens: Optional[int] = field(default=None, metadata={
-        "help": "Token budget of one step (default, at least max_num_seqs: 16384 offline on a GPU "
-                "of >= 70 GiB, as vLLM's; else, and for the server, 2048)."})
+        "help": "Token budget of one step (default, at least max_num_seqs: on a GPU of >= 70 GiB "
+                "16384 offline, as vLLM's, 1024 for the server; else 2048)."})
     block_size: int = field(default=16, metadata={"help": "Tokens per KV-cache block."})
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "Fraction of device memory for weights, activations and KV cache."})

@@ -1,6 +1,6 @@
-"""Batch limits left unset (max_num_seqs, max_num_batched_tokens): offline on a GPU of >= 70 GiB
-vLLM V1's 1024 sequences and 16384 tokens; for a server, and elsewhere, 256 and 2048 (measured
-better for our server, engine/setup.py); what the user gives is kept. Checked on the resolution,
+"""Batch limits left unset (max_num_seqs, max_num_batched_tokens): on a GPU of >= 70 GiB vLLM V1's
+1024 sequences and 16384 tokens offline, 384 and 1024 for a server (measured better for our
+server, engine/setup.py); elsewhere 256 and 2048; what the user gives is kept. Checked on the resolution,
 through build_runner, and through the engines a user builds (LLM offline, AsyncLLMEngine for
 serving) with a GPU's memory faked."""
 from __future__ import annotations
@@ -24,9 +24,11 @@ H100, A10 = 80 * 10**9, 24 * GIB  # H100 80GB: 74.5 GiB
 
 @pytest.mark.parametrize("device_bytes, server, limits", [
     (None, False, (256, 2048)), (None, True, (256, 2048)), (A10, False, (256, 2048)),
-    (H100, False, (1024, 16384)), (141 * GIB, False, (1024, 16384)), (H100, True, (256, 2048)),
+    (A10, True, (256, 2048)), (H100, False, (1024, 16384)), (141 * GIB, False, (1024, 16384)),
+    (H100, True, (384, 1024)), (141 * GIB, True, (384, 1024)),
 ])
-def test_defaults_by_device_and_use(device_bytes, server, limits):
+def test_defaults_by_device_and_use(monkeypatch, device_bytes, server, limits):
+    _probe_finds(monkeypatch, device_bytes)
     args = EngineArgs()
     if server:
         setup.use_server_defaults(args)  # the server's entry points, before the engine's own
@@ -47,6 +49,19 @@ def test_given_limits_kept(given, device_bytes, limits):
     assert (args.max_num_seqs, args.max_num_batched_tokens) == limits
 
 
+def test_server_given_everything_probes_no_device(monkeypatch):
+    """A server given its limits and where its engine runs starts no device probe (a process that
+    initializes JAX): there is nothing left to choose."""
+    from jaxvllm.engine import dp_replica
+
+    def probe():
+        raise AssertionError("devices probed")
+    monkeypatch.setattr(dp_replica, "probe_devices", probe)
+    args = EngineArgs(max_num_seqs=32, max_num_batched_tokens=512, engine_process=False)
+    setup.use_server_defaults(args)
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.engine_process) == (32, 512, False)
+
+
 def test_device_memory_from_allocator_limit(monkeypatch):
     assert setup.device_memory_bytes(jax.devices("cpu")[0]) is None
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
@@ -61,12 +76,20 @@ CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=6
                   rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=512)
 
 
-@pytest.mark.parametrize("server, seqs, budget", [(False, 1024, 16384), (True, 256, 2048)])
+def _probe_finds(monkeypatch, device_bytes):
+    """The server's device probe finds a GPU of `device_bytes` (None: a CPU)."""
+    from jaxvllm.engine import dp_replica
+    backend = "cpu" if device_bytes is None else "gpu"
+    monkeypatch.setattr(dp_replica, "probe_devices", lambda: (backend, 1, device_bytes))
+
+
+@pytest.mark.parametrize("server, seqs, budget", [(False, 1024, 16384), (True, 384, 1024)])
 def test_build_runner_on_a_big_gpu(monkeypatch, server, seqs, budget):
     monkeypatch.setattr(setup, "device_memory_bytes", lambda device: H100)
+    _probe_finds(monkeypatch, H100)
     loaded = types.SimpleNamespace(config=CFG, params=init_dummy_params(CFG, "float32"),
                                    load_format="dummy")
-    args = EngineArgs(max_model_len=512, num_gpu_blocks_override=64)
+    args = EngineArgs(max_model_len=512, num_gpu_blocks_override=64, engine_process=False)
     if server:
         setup.use_server_defaults(args)
     runner, _, sched = setup.build_runner(args, loaded)
@@ -84,9 +107,10 @@ def test_engines_take_offline_and_server_defaults(monkeypatch):
     out = llm.generate("The capital of France is", SamplingParams(max_tokens=4, temperature=0))
     assert len(out[0].outputs[0].token_ids) == 4
     del llm
-    engine = AsyncLLMEngine.from_engine_args(EngineArgs(**kw))
+    _probe_finds(monkeypatch, H100)
+    engine = AsyncLLMEngine.from_engine_args(EngineArgs(**kw, engine_process=False))
     sched = engine.engine.scheduler.config
-    assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (256, 2048)
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens) == (384, 1024)
 
 
 @pytest.mark.parametrize("given, platform, expected", [

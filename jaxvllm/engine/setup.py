@@ -14,13 +14,14 @@ logger = logging.getLogger(__name__)
 
 # Batch limits left unset (EngineArgs.max_num_seqs, max_num_batched_tokens). Offline on a GPU of
 # at least 70 GiB (H100, H200), vLLM V1's: 1024 sequences and 16384 tokens (the 1000-request row
-# +16% on one H200). A server keeps 256 and 2048: with vLLM's 1024 and 8192 the rate-inf serving
-# row fell from 8,712 to 5,168 output tok/s and its p50 TPOT rose from 23 to 128 ms (one H200;
-# bench/RESULTS.md), the streams waiting on 8192-token prefill steps and the server, in the
-# engine's process, streaming 1000 responses a step (use_server_defaults, at the server's entry
-# points). Elsewhere (smaller GPUs, a CPU) 256 and 2048.
+# +16% on one H200). A server there takes 384 and 1024: against 256 and 2048, 8,805 against 7,602
+# output tok/s at rate inf (TPOT p50 31.6 against 31.0 ms) and TTFT p50 46.9 against 52.1 ms at
+# 16 req/s, one H200, one run; vLLM's 1024 and 8192 gave 8,771 at twice the TPOT (63.7 ms), its
+# streams waiting on long prefill steps (bench/RESULTS.md; use_server_defaults, at the server's
+# entry points). Elsewhere (smaller GPUs, a CPU) 256 and 2048.
 BIG_GPU_BYTES = 70 << 30
 BIG_GPU_OFFLINE_LIMITS = (1024, 16384)
+BIG_GPU_SERVER_LIMITS = (384, 1024)
 DEFAULT_LIMITS = (256, 2048)
 
 
@@ -176,7 +177,10 @@ def resolve_batch_limits(args: EngineArgs, device_bytes: Optional[int]) -> None:
     for an offline engine. `device_bytes`: the memory of one of the engine's GPUs (None: not a
     GPU)."""
     big = device_bytes is not None and device_bytes >= BIG_GPU_BYTES
-    seqs, tokens = BIG_GPU_OFFLINE_LIMITS if big else DEFAULT_LIMITS
+    _fill_batch_limits(args, *(BIG_GPU_OFFLINE_LIMITS if big else DEFAULT_LIMITS))
+
+
+def _fill_batch_limits(args: EngineArgs, seqs: int, tokens: int) -> None:
     if args.max_num_seqs is None:  # within a budget given alone
         args.max_num_seqs = min(seqs, args.max_num_batched_tokens or seqs)
     if args.max_num_batched_tokens is None:
@@ -185,15 +189,21 @@ def resolve_batch_limits(args: EngineArgs, device_bytes: Optional[int]) -> None:
 
 def use_server_defaults(args: EngineArgs) -> None:
     """A server's settings where `args` leaves them unset, filled in before its engine starts:
-    batch limits 256 and 2048 on every device (see above), so the engine's own resolution finds
-    them set; and on a GPU of one host the engine in a process of its own (engine_process: +9%
-    output tok/s and ITL p50 23 against 31 ms at rate inf on one H200, bench/RESULTS.md; on a CPU
-    the engine's device work shares the host's cores with the server anyway)."""
-    resolve_batch_limits(args, device_bytes=None)
-    if args.engine_process is None:
+    batch limits 384 and 1024 on a GPU of >= 70 GiB, else 256 and 2048 (see above), so the
+    engine's own resolution finds them set; and on a GPU of one host the engine in a process of
+    its own (engine_process: +9% output tok/s and ITL p50 23 against 31 ms at rate inf on one
+    H200, bench/RESULTS.md; on a CPU the engine's device work shares the host's cores with the
+    server anyway). The devices are probed only for what is unset."""
+    limits_unset = args.max_num_seqs is None or args.max_num_batched_tokens is None
+    one_engine = args.nnodes == 1 and args.data_parallel_size == 1
+    backend, device_bytes = None, None
+    if limits_unset or (args.engine_process is None and one_engine):
         from jaxvllm.engine.dp_replica import probe_devices
-        args.engine_process = (args.nnodes == 1 and args.data_parallel_size == 1
-                               and probe_devices()[0] == "gpu")
+        backend, _, device_bytes = probe_devices()
+    big = device_bytes is not None and device_bytes >= BIG_GPU_BYTES
+    _fill_batch_limits(args, *(BIG_GPU_SERVER_LIMITS if big else DEFAULT_LIMITS))
+    if args.engine_process is None:
+        args.engine_process = one_engine and backend == "gpu"
 
 
 def step_command_buffers(args: EngineArgs, params: Any) -> bool:
