@@ -8,8 +8,10 @@ import logging
 import os
 import shutil
 import types
+import uuid
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from converters import init_dummy_params, load_model
@@ -160,6 +162,27 @@ def test_the_cache_is_sized_the_same_while_its_programs_compile(gpu_like):
         assert getattr(early, figure)() == getattr(alone, figure)() > 0, figure
     early.warmup(progress=False)
     assert "sample-8-random_sort-20-0" in early.program_seconds
+
+
+@pytest.mark.parametrize("keeps_every_program", [True, False])
+def test_a_stored_program_is_not_written_to_the_persistent_cache_too(store_root, monkeypatch,
+                                                                     keeps_every_program):
+    """Where the store keeps every program a build compiles (the GPU), a program goes there only,
+    not serialized a second time into JAX's persistent cache; where it does not (the CPU, see
+    executables._storable), the persistent cache is written as before. Either way it is stored."""
+    from jax._src import compilation_cache
+    written = []
+    put = compilation_cache.put_executable_and_time
+    monkeypatch.setattr(compilation_cache, "put_executable_and_time",
+                        lambda key, name, *a, **k: (written.append(name), put(key, name, *a, **k)))
+    monkeypatch.setattr(executables, "_store_keeps_every_program", lambda: keeps_every_program)
+    scale = float(uuid.uuid4().int % 10**6) + 0.5  # a program no cache has seen
+    store = executables.ExecutableStore(str(store_root), "fp")
+    build = executables.Build({"scaled": lambda: jax.jit(lambda x: x * scale).lower(
+        jax.ShapeDtypeStruct((8,), jnp.float32))}, store, workers=1)
+    assert float(build.get("scaled")(jnp.ones(8, jnp.float32))[0]) == scale
+    assert ("jit__lambda" in written) is not keeps_every_program, written
+    assert (store_root / "fp" / "scaled.exe").exists()
 
 
 def test_an_unwritable_cache_directory_only_costs_the_store(params, tmp_path, caplog):

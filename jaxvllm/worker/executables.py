@@ -7,10 +7,13 @@ shape on an H200 (276 programs, bench/RESULTS.md). Here a program is keyed by wh
 instead: the source of the packages that build it, the model's and the runner's configuration,
 the shapes, dtypes and placement of the weights and the KV cache, the JAX and XLA versions and
 flags, and the devices. A change to any of them is another fingerprint, and a program not stored
-under the current one is lowered and compiled (through the persistent cache) as before.
+under the current one is lowered and compiled (through the persistent cache) as before. Where the
+store keeps every program it builds (a GPU), those programs are not written to the persistent
+cache as well (`_store_keeps_every_program`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -26,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 import jax
+from jax._src import config as jax_config
 
 logger = logging.getLogger(__name__)
 
@@ -197,11 +201,22 @@ def _on_jax_event(event: str, **_: Any) -> None:
 jax.monitoring.register_event_listener(_on_jax_event)
 
 
-def _compile(lowered: Any) -> tuple[Any, bool]:
+def _compile(lowered: Any, persist: bool) -> tuple[Any, bool]:
     """`lowered` compiled, and whether JAX's persistent cache served it (the event is recorded
-    on the compiling thread)."""
+    on the compiling thread). `persist`: whether the program is also written to that cache (it
+    is read either way)."""
     _served.hit = False
-    return lowered.compile(), _served.hit
+    with (contextlib.nullcontext() if persist
+          else jax_config.persistent_cache_min_compile_time_secs(float("inf"))):  # this thread's
+        return lowered.compile(), _served.hit
+
+
+def _store_keeps_every_program() -> bool:
+    """Whether the store keeps every program a build compiles (see `_storable`). Where it does, a
+    program is not written to JAX's persistent cache as well: that serialized each executable a
+    second time, holding the GIL (8 s of a cold start at the 8B shape on an H200, whose lowering
+    of the next programs waits for the GIL: bench/RESULTS.md)."""
+    return jax.default_backend() != "cpu"
 
 
 def _storable(from_persistent_cache: bool) -> bool:
@@ -259,7 +274,8 @@ class Build:
     def _build(self, name: str, lowered: Any, out: Future, lower_s: float) -> None:
         try:
             t0 = time.perf_counter()
-            compiled, from_cache = _compile(lowered)
+            compiled, from_cache = _compile(
+                lowered, persist=self._store is None or not _store_keeps_every_program())
             if self._seconds is not None:
                 self._seconds[name] = (lower_s, time.perf_counter() - t0)
             if self._store is not None:
