@@ -3,7 +3,7 @@ tok/s and TPOT with and without it, the guesses kept per verification step, and 
 output is the same token for token.
 
     PYTHONPATH=. python3 bench/spec_decode.py [--model M] [--dtype bfloat16] [--k 2 4 6]
-        [--draft-model D] [--grow-to CONFIG_DIR]
+        [--draft-model D] [--grow-to CONFIG_DIR] [--batch-invariant]
 
 Each configuration runs in a process of its own (one engine's device memory at a time); the table
 compares them. The tasks ask the model to reproduce a given text with a small change (rename a
@@ -86,7 +86,7 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
          "prompt_lookup_min": args.prompt_lookup_min})
     engine = dict(max_model_len=args.max_model_len, max_num_seqs=8, max_num_batched_tokens=1024,
                   enforce_eager=True, speculative_config=spec, disable_log_stats=True,
-                  async_scheduling=k >= 0)
+                  async_scheduling=k >= 0, batch_invariant=args.batch_invariant)
     if args.grow_to:
         import jax.numpy as jnp
         from converters import load_model
@@ -137,6 +137,7 @@ def run_one(args: argparse.Namespace, k: int, out_path: str) -> None:
            "guesses": after.num_draft_tokens - before.num_draft_tokens,
            "kept": after.num_accepted_tokens - before.num_accepted_tokens, "verify_steps": drafts,
            "tokens": [r["tokens"] for r in rows], "gaps": gaps,
+           "batch_invariant": llm.llm_engine.runner.cfg.batch_invariant,
            "sample": llm.get_tokenizer().decode(rows[0]["tokens"][:60])
            if args.load_format != "dummy" else None,
            "phases_ms": None if phases is None else {
@@ -173,6 +174,11 @@ def main() -> None:
     p.add_argument("--grow-to", default=None, metavar="CONFIG_DIR",
                    help="Run the model grown to this config's shape, computing the same function "
                         "(bench/grow.py): the small model's outputs at the larger shape's cost.")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="Every engine in batch-invariant mode: a verification step computes each "
+                        "row as a one-row step does, so greedy output is the same token for token "
+                        "(without it, bf16 rounding that differs with the rows can flip a near "
+                        "tie).")
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--phases", action="store_true",
@@ -193,12 +199,13 @@ def main() -> None:
                          "prompt_lookup_max", "prompt_lookup_min", "draft_model", "grow_to"):
                 if getattr(args, flag) is not None:
                     cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-            cmd += ["--phases"] * args.phases
+            cmd += ["--phases"] * args.phases + ["--batch-invariant"] * args.batch_invariant
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 results.append(json.load(f))
     plain = results[0]
-    grown = f" grown to {args.grow_to}" if args.grow_to else ""
+    grown = (f" grown to {args.grow_to}" if args.grow_to else "") + (
+        ", batch-invariant" if args.batch_invariant else "")
     print(f"model {args.model or 'default'}{grown} ({args.load_format}, {args.dtype}), batch 1, "
           f"{len(TASKS)} prompts, greedy, up to {args.output_len} tokens each; guesses from "
           f"{args.draft_model or 'prompt lookup'}")

@@ -368,19 +368,22 @@ def test_a_grown_model_computes_what_the_small_one_does():
 
 
 def test_spec_decode_bench_on_a_grown_model(tiny_dummy, tmp_path):
-    """--grow-to: the model runs grown to the config's shape; speculative output is plain's."""
+    """--grow-to: the model runs grown to the config's shape; speculative output is plain's (in
+    batch-invariant mode, which every engine of the run takes)."""
     target = tmp_path / "grown"
     target.mkdir()
     (target / "config.json").write_text(json.dumps({**TINY, **GROWN}))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "spec_decode.py"),
                           "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "float32",
                           "--max-model-len", "512", "--output-len", "12", "--k", "2",
-                          "--grow-to", str(target)],
+                          "--grow-to", str(target), "--batch-invariant",
+                          "--output-json", str(tmp_path / "r.json")],
                          capture_output=True, text=True, env=C.child_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert all(r["batch_invariant"] for r in json.loads((tmp_path / "r.json").read_text()))
     table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) == 3 and table[2].endswith("| True | - |"), out.stdout
-    assert f"grown to {target}" in out.stdout
+    assert f"grown to {target}, batch-invariant" in out.stdout
 
 
 def test_read_ceiling_bench(tmp_path):
