@@ -301,7 +301,8 @@ def test_research_bench_times_lora_and_a_sleep_cycle(tiny_dummy):
 
 def test_spec_decode_bench_compares_with_plain_decoding(tiny_dummy, tmp_path):
     """bench/spec_decode.py: plain (async and synchronous) and speculative rows, each engine in a
-    process of its own, with per-step phase times; greedy output the same in every row."""
+    process of its own, with per-step phase times; greedy output the same in every row; nothing
+    compiled while timed (the warm-up runs the prompts from the prefix cache too)."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "spec_decode.py"),
                           "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "float32",
                           "--max-model-len", "512", "--output-len", "12", "--k", "2",
@@ -311,6 +312,7 @@ def test_spec_decode_bench_compares_with_plain_decoding(tiny_dummy, tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())
     assert [r["k"] for r in rows] == [0, -1, 2]
     assert all(r["decode_tok_s"] > 0 and r["phases_ms"]["step"] > 0 for r in rows)
+    assert all(r["compiled_while_timed"] == [] for r in rows), rows
     table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) == 4 and all(line.endswith("| True | - |") for line in table[1:]), out.stdout
 
