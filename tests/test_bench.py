@@ -388,6 +388,25 @@ def test_spec_decode_bench_on_a_grown_model(tiny_dummy, tmp_path):
     assert f"grown to {target}, batch-invariant" in out.stdout
 
 
+def test_quant_quality_bench(tiny_dummy, tmp_path):
+    """bench/quant_quality.py: each scheme against the bf16 model, a row each (FP8 weights, the
+    FP8 KV cache, int4 quantized on load); int4 without dummy weights is refused."""
+    script = os.path.join(ROOT, "bench", "quant_quality.py")
+    out = subprocess.run([sys.executable, script, "--model", tiny_dummy, "--load-format", "dummy",
+                          "--schemes", "fp8", "fp8-kv", "awq", "--output-len", "4",
+                          "--output-json", str(tmp_path / "q.json")],
+                         capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "q.json").read_text())
+    assert set(rows) == {"fp8", "fp8-kv", "awq"}
+    for r in rows.values():  # quantized: not the reference's logprobs, but close to them
+        assert 0 < r["mean_abs_delta"] <= r["max_abs_delta"] < 1.0 and r["tokens_scored"] == 138
+        assert 0 <= r["greedy_same"] <= r["prompts"] == 6
+    refused = subprocess.run([sys.executable, script, "--model", tiny_dummy, "--schemes", "awq"],
+                             capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert refused.returncode == 2 and "needs --load-format dummy" in refused.stderr
+
+
 def test_read_ceiling_bench(tmp_path):
     """bench/read_ceiling.py: JAX's copy, read and GEMM-chain rates, PyTorch's beside them where it
     runs on a GPU (not on a CPU: nan there)."""

@@ -1,0 +1,91 @@
+"""What each quantization scheme does to a model's outputs: mean and max |delta| of prompt logprobs
+against the unquantized model in bf16, and greedy agreement, over a fixed prompt set.
+
+    PYTHONPATH=. python3 bench/quant_quality.py [--model M] [--load-format dummy]
+        [--schemes fp8 fp8-kv gguf awq]
+
+Schemes: "fp8" (weights W8A8, quantized on load), "fp8-kv" (the KV cache in e4m3), "gguf" (a
+GGUF's 4-bit projections kept at 4 bits; against the same weights dequantized), "awq" (int4,
+group 128, round to nearest: only with --load-format dummy, whose seeded weights are quantized on
+load, since no int4 checkpoint of a given bf16 model is at hand). Dummy weights are random: their
+distributions are flat, so their deltas are small and their greedy tokens near ties; the real
+model's rows are the ones that say what a user would see.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n",
+           "Water boils at a temperature of", "The three primary colors are",
+           "In 1969, the first humans to walk on the Moon were",
+           "To make a cup of tea, first boil the water, then"]
+SCHEMES = {"fp8": dict(quantization="fp8"), "fp8-kv": dict(kv_cache_dtype="fp8"),
+           "gguf": dict(quantization="gguf"), "awq": dict(quantization="awq")}
+
+
+def run(args: argparse.Namespace, **engine_kw) -> list:
+    from jaxvllm import LLM, SamplingParams
+    llm = LLM(model=args.model, load_format=args.load_format, dtype="bfloat16",
+              max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256,
+              num_gpu_blocks_override=256, enforce_eager=True, disable_log_stats=True, **engine_kw)
+    if args.load_format == "dummy":
+        rng = np.random.default_rng(0)
+        vocab = llm.llm_engine.model_config.vocab_size
+        prompts = [{"prompt_token_ids": rng.integers(3, vocab, 24).tolist()} for _ in PROMPTS]
+    else:
+        prompts = PROMPTS
+    sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, prompt_logprobs=0,
+                        ignore_eos=True)
+    return llm.generate(prompts, sp, use_tqdm=False)
+
+
+def compare(refs: list, gots: list) -> dict:
+    """|delta| of every scored prompt token's logprob; how many prompts kept all their greedy
+    tokens, and the mean length of the greedy prefix kept."""
+    deltas, same, kept = [], 0, []
+    for ref, got in zip(refs, gots, strict=True):
+        for a, b, tok in zip(ref.prompt_logprobs[1:], got.prompt_logprobs[1:],
+                             ref.prompt_token_ids[1:]):
+            deltas.append(abs(a[tok].logprob - b[tok].logprob))
+        x, y = ref.outputs[0].token_ids, got.outputs[0].token_ids
+        same += x == y
+        kept.append(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)))
+    return {"mean_abs_delta": float(np.mean(deltas)), "max_abs_delta": float(np.max(deltas)),
+            "tokens_scored": len(deltas), "greedy_same": same, "prompts": len(refs),
+            "greedy_prefix_kept": float(np.mean(kept))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--schemes", nargs="+", default=["fp8", "fp8-kv"], choices=sorted(SCHEMES))
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--output-json", default=None, metavar="PATH")
+    args = p.parse_args()
+    if "awq" in args.schemes and args.load_format != "dummy":
+        p.error("--schemes awq needs --load-format dummy (weights quantized on load)")
+    ref = run(args)
+    rows = {s: compare(ref, run(args, **SCHEMES[s])) for s in args.schemes}
+    print(f"model {args.model or 'default'} ({args.load_format}), bf16 reference, {len(PROMPTS)} "
+          f"prompts, {args.output_len} greedy tokens each")
+    print("| scheme | mean \\|delta prompt logprob\\| | max | tokens scored | greedy output the "
+          "same | greedy tokens kept (mean) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for s, r in rows.items():
+        print(f"| {s} | {r['mean_abs_delta']:.4f} | {r['max_abs_delta']:.3f} | "
+              f"{r['tokens_scored']} | {r['greedy_same']}/{r['prompts']} | "
+              f"{r['greedy_prefix_kept']:.1f} / {args.output_len} |")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
