@@ -62,6 +62,19 @@ def test_server_given_everything_probes_no_device(monkeypatch):
     assert (args.max_num_seqs, args.max_num_batched_tokens, args.engine_process) == (32, 512, False)
 
 
+def test_server_on_several_hosts_keeps_the_small_limits(monkeypatch):
+    """Every host of a multi-host server resolves its limits alone: without a probe of its own
+    device they are the same on all (a rank whose limits differed would run other programs)."""
+    from jaxvllm.engine import dp_replica
+
+    def probe():
+        raise AssertionError("devices probed")
+    monkeypatch.setattr(dp_replica, "probe_devices", probe)
+    args = EngineArgs(nnodes=2, node_rank=1, dist_init_addr="h:1")
+    setup.use_server_defaults(args)
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.engine_process) == (256, 2048, False)
+
+
 def test_device_memory_from_allocator_limit(monkeypatch):
     assert setup.device_memory_bytes(jax.devices("cpu")[0]) is None
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")

@@ -193,11 +193,12 @@ def use_server_defaults(args: EngineArgs) -> None:
     engine's own resolution finds them set; and on a GPU of one host the engine in a process of
     its own (engine_process: +9% output tok/s and ITL p50 23 against 31 ms at rate inf on one
     H200, bench/RESULTS.md; on a CPU the engine's device work shares the host's cores with the
-    server anyway). The devices are probed only for what is unset."""
+    server anyway). The devices are probed only for what is unset, and not with several hosts:
+    each would probe its own, and all must take the same limits (256 and 2048, as before)."""
     limits_unset = args.max_num_seqs is None or args.max_num_batched_tokens is None
     one_engine = args.nnodes == 1 and args.data_parallel_size == 1
     backend, device_bytes = None, None
-    if limits_unset or (args.engine_process is None and one_engine):
+    if args.nnodes == 1 and (limits_unset or (args.engine_process is None and one_engine)):
         from jaxvllm.engine.dp_replica import probe_devices
         backend, _, device_bytes = probe_devices()
     big = device_bytes is not None and device_bytes >= BIG_GPU_BYTES
