@@ -178,11 +178,25 @@ def test_a_stored_program_is_not_written_to_the_persistent_cache_too(store_root,
     monkeypatch.setattr(executables, "_store_keeps_every_program", lambda: keeps_every_program)
     scale = float(uuid.uuid4().int % 10**6) + 0.5  # a program no cache has seen
     store = executables.ExecutableStore(str(store_root), "fp")
+    seconds = {}
     build = executables.Build({"scaled": lambda: jax.jit(lambda x: x * scale).lower(
-        jax.ShapeDtypeStruct((8,), jnp.float32))}, store, workers=1)
+        jax.ShapeDtypeStruct((8,), jnp.float32))}, store, workers=1, seconds=seconds)
     assert float(build.get("scaled")(jnp.ones(8, jnp.float32))[0]) == scale
     assert ("jit__lambda" in written) is not keeps_every_program, written
     assert (store_root / "fp" / "scaled.exe").exists()
+    lower_s, compile_s, store_s = seconds["scaled"]  # the time storing it counted apart
+    assert lower_s > 0 and compile_s > 0 and store_s > 0
+
+
+def test_program_summary_by_kind():
+    """Warm-up's programs summed by kind (bucket and cache size dropped): count, lowering,
+    compile (and the slowest), storing."""
+    runner = types.SimpleNamespace(program_seconds={
+        "step-8-kv32": (1.0, 2.0, 0.5), "step-16-kv32": (1.5, 3.0, 0.25),
+        "sample-8-greedy-0-0": (0.25, 0.5, 0.125)})
+    summary = model_runner.ModelRunner.program_summary(runner)
+    assert summary == {"step": [2, 2.5, 5.0, 3.0, 0.75],
+                       "sample-greedy-0-0": [1, 0.25, 0.5, 0.5, 0.125]}
 
 
 def test_an_unwritable_cache_directory_only_costs_the_store(params, tmp_path, caplog):

@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     kinds = sorted(cold["programs"].items(), key=lambda kv: -kv[1][2])
     compiled = C.table([[k, *v] for k, v in kinds],
                        ["cold start: programs compiled", "count", "lower s", "compile s (summed)",
-                        "slowest compile s"])
+                        "slowest compile s", "store s (summed)"])
     C.emit(result, args, title + "\n" + C.table(rows, ["", "cold", "warm"]) + "\n" + compiled)
     return 0
 

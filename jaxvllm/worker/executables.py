@@ -234,11 +234,12 @@ class Build:
     process-wide state: lowering concurrently gave modules that differed between processes), each
     compiled (and stored) on the `workers` threads as soon as it is lowered, so lowering the next
     overlaps compiling the last (XLA compiles, and loads from the persistent cache, release the
-    GIL). `seconds` gets each compiled program's (lower, compile) seconds by name."""
+    GIL). `seconds` gets each compiled program's (lower, compile, store) seconds by name (store:
+    serializing and writing it, which holds the GIL while serializing)."""
 
     def __init__(self, programs: dict[str, Callable[[], Any]], store: Optional[ExecutableStore],
                  workers: int, on_done: Callable[[], None] = lambda: None,
-                 seconds: Optional[dict[str, tuple[float, float]]] = None) -> None:
+                 seconds: Optional[dict[str, tuple[float, float, float]]] = None) -> None:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxvllm-compile")
         self._store, self._pool, self._on_done, self._seconds = store, pool, on_done, seconds
         self._futures = {n: Future() for n in programs}
@@ -276,13 +277,14 @@ class Build:
             t0 = time.perf_counter()
             compiled, from_cache = _compile(
                 lowered, persist=self._store is None or not _store_keeps_every_program())
-            if self._seconds is not None:
-                self._seconds[name] = (lower_s, time.perf_counter() - t0)
+            t1 = time.perf_counter()
             if self._store is not None:
                 if _storable(from_cache):
                     self._store.save(name, compiled)
                 else:
                     self._store.discard(name)
+            if self._seconds is not None:
+                self._seconds[name] = (lower_s, t1 - t0, time.perf_counter() - t1)
             self._on_done()
         except BaseException as e:
             out.set_exception(e)

@@ -190,8 +190,9 @@ class ModelRunner:
         self._compile_mark: Optional[int] = None  # set by warmup(): lowerings from then on are news
         # Programs built at warm-up, by name (`_run`); without a warm-up each call is jit's.
         self._executables: dict[str, Any] = {}
-        # Warm-up's (lower, compile) seconds per program built (not those loaded from the store).
-        self.program_seconds: dict[str, tuple[float, float]] = {}
+        # Warm-up's (lower, compile, store) seconds per program built (not those loaded from the
+        # store).
+        self.program_seconds: dict[str, tuple[float, float, float]] = {}
         self._store = executables.store_for(
             repr(cfg), repr(config), self.token_buckets, executables.describe_function(
                 attention_fn or ragged_paged_attention), executables.describe_function(experts_swiglu),
@@ -643,12 +644,13 @@ class ModelRunner:
     def program_summary(self) -> dict[str, list]:
         """Warm-up's compiled programs by kind (the name less its bucket and cache size): [count,
         lowering seconds, compile seconds summed over the compiling threads, the slowest compile's
-        seconds]."""
+        seconds, seconds storing them (executables.Build)]."""
         kinds: dict[str, list] = {}
-        for name, (lower_s, compile_s) in self.program_seconds.items():
+        for name, (lower_s, compile_s, store_s) in self.program_seconds.items():
             kind = re.sub(r"-kv\d+", "", re.sub(r"-\d+", "", name, count=1))
-            k = kinds.setdefault(kind, [0, 0.0, 0.0, 0.0])
-            k[:] = k[0] + 1, k[1] + lower_s, k[2] + compile_s, max(k[3], compile_s)
+            k = kinds.setdefault(kind, [0, 0.0, 0.0, 0.0, 0.0])
+            k[:] = (k[0] + 1, k[1] + lower_s, k[2] + compile_s, max(k[3], compile_s),
+                    k[4] + store_s)
         return kinds
 
     def _run(self, name: str, fn: Any, *args: Any, **static: Any) -> Any:
