@@ -172,15 +172,14 @@ def device_memory_bytes(device: Any) -> Optional[int]:
     return int(stats["bytes_limit"] / float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)))
 
 
-def resolve_batch_limits(args: EngineArgs, device_bytes: Optional[int]) -> None:
+def resolve_batch_limits(args: EngineArgs, device_bytes: Optional[int],
+                         server: bool = False) -> None:
     """Fills in max_num_seqs and max_num_batched_tokens where `args` leaves them unset (None),
-    for an offline engine. `device_bytes`: the memory of one of the engine's GPUs (None: not a
-    GPU)."""
+    for an offline engine or (`server`) a server's. `device_bytes`: the memory of one of the
+    engine's GPUs (None: not a GPU)."""
     big = device_bytes is not None and device_bytes >= BIG_GPU_BYTES
-    _fill_batch_limits(args, *(BIG_GPU_OFFLINE_LIMITS if big else DEFAULT_LIMITS))
-
-
-def _fill_batch_limits(args: EngineArgs, seqs: int, tokens: int) -> None:
+    seqs, tokens = ((BIG_GPU_SERVER_LIMITS if server else BIG_GPU_OFFLINE_LIMITS) if big
+                    else DEFAULT_LIMITS)
     if args.max_num_seqs is None:  # within a budget given alone
         args.max_num_seqs = min(seqs, args.max_num_batched_tokens or seqs)
     if args.max_num_batched_tokens is None:
@@ -201,8 +200,7 @@ def use_server_defaults(args: EngineArgs) -> None:
     if args.nnodes == 1 and (limits_unset or (args.engine_process is None and one_engine)):
         from jaxvllm.engine.dp_replica import probe_devices
         backend, _, device_bytes = probe_devices()
-    big = device_bytes is not None and device_bytes >= BIG_GPU_BYTES
-    _fill_batch_limits(args, *(BIG_GPU_SERVER_LIMITS if big else DEFAULT_LIMITS))
+    resolve_batch_limits(args, device_bytes, server=True)
     if args.engine_process is None:
         args.engine_process = one_engine and backend == "gpu"
 

@@ -242,6 +242,7 @@ class Build:
                  seconds: Optional[dict[str, tuple[float, float, float]]] = None) -> None:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxvllm-compile")
         self._store, self._pool, self._on_done, self._seconds = store, pool, on_done, seconds
+        self._persist = store is None or not _store_keeps_every_program()
         self._futures = {n: Future() for n in programs}
         loads = {n: pool.submit(store.load, n) for n in programs} if store is not None else {}
         threading.Thread(target=self._lower_all, args=(programs, loads), daemon=True,
@@ -275,8 +276,7 @@ class Build:
     def _build(self, name: str, lowered: Any, out: Future, lower_s: float) -> None:
         try:
             t0 = time.perf_counter()
-            compiled, from_cache = _compile(
-                lowered, persist=self._store is None or not _store_keeps_every_program())
+            compiled, from_cache = _compile(lowered, self._persist)
             t1 = time.perf_counter()
             if self._store is not None:
                 if _storable(from_cache):
