@@ -377,7 +377,7 @@ def test_per_request_counts_compile_no_new_sampler_variants(llm):
     """A request's logprobs k and its count of stop ids under min_tokens are static in the sampler's
     jit; they are bucketed so that new values reuse the compiled variants."""
     engine = llm.llm_engine
-    sample = engine.runner._sample
+    sample, logprobs = engine.runner._sample, engine.runner._token_logprobs
     eos = engine.preparer.extra_eos_ids | {engine.eos_token_id}  # masked with the stop ids
     ids = [t for t in range(5, 20) if t not in eos]
 
@@ -386,14 +386,28 @@ def test_per_request_counts_compile_no_new_sampler_variants(llm):
 
     run(logprobs=1)
     run(stop_token_ids=ids[:5 - len(eos)], min_tokens=2)  # 5 masked ids
-    compiled = sample._cache_size()
+    compiled = sample._cache_size(), logprobs._cache_size()
     out = run(logprobs=5)
     run(logprobs=2)
     run(stop_token_ids=ids[:8 - len(eos)], min_tokens=2)  # 8: the same power-of-two bucket
-    assert sample._cache_size() == compiled
+    assert (sample._cache_size(), logprobs._cache_size()) == compiled
     # each request still gets its own k: the chosen token plus its top 5 (which may include it)
     assert all(5 <= len(entry) <= 6 for entry in out.logprobs)
     assert all(list(entry)[0] == t for entry, t in zip(out.logprobs, out.token_ids))
+
+
+def test_logprobs_run_only_for_batches_that_ask(llm, monkeypatch):
+    """Logprobs are a program of their own after the sampler, launched for a step only where one
+    of its requests asks for them (logprobs=0 too: the chosen token's logprob and rank)."""
+    runner = llm.llm_engine.runner
+    real, calls = runner._token_logprobs, []
+    monkeypatch.setattr(runner, "_token_logprobs", lambda *a: calls.append(a) or real(*a))
+    plain = llm.generate(PROMPTS[0], greedy(3), use_tqdm=False)[0].outputs[0]
+    assert calls == [] and plain.logprobs is None
+    out = llm.generate(PROMPTS[0], greedy(3, logprobs=0), use_tqdm=False)[0].outputs[0]
+    assert len(calls) >= 3 and out.token_ids == plain.token_ids
+    assert [list(entry) for entry in out.logprobs] == [[t] for t in out.token_ids]
+    assert all(entry[t].rank == 1 for entry, t in zip(out.logprobs, out.token_ids))  # greedy
 
 
 def test_failed_admission_leaves_no_orphans(llm, monkeypatch):

@@ -76,7 +76,8 @@ def test_a_second_start_loads_every_program_and_lowers_none(params, store_root):
     (fp,) = os.listdir(store_root)
     files = sorted(os.listdir(store_root / fp))
     assert "step-8-kv32.exe" in files and "step-16-kv32.exe" in files
-    assert "sample-8-random_sort-2-0.exe" in files and "record.exe" in files
+    assert "sample-8-random_sort-0.exe" in files and "logprobs-8.exe" in files
+    assert "record.exe" in files
     expected = _outputs(first)
     second, lowered = _start(params)
     assert _stored_lowered(lowered) == []
@@ -86,7 +87,7 @@ def test_a_second_start_loads_every_program_and_lowers_none(params, store_root):
 
 def test_another_configuration_is_another_fingerprint(params, store_root):
     _start(params)
-    _, lowered = _start(params, max_logprobs=3)  # every sampler variant's outputs change
+    _, lowered = _start(params, max_logprobs=3)  # the logprobs programs change
     assert _stored_lowered(lowered)
     assert len(os.listdir(store_root)) == 2
 
@@ -161,7 +162,7 @@ def test_the_cache_is_sized_the_same_while_its_programs_compile(gpu_like):
     for figure in ("_sampler_bytes", "_prompt_scoring_bytes"):
         assert getattr(early, figure)() == getattr(alone, figure)() > 0, figure
     early.warmup(progress=False)
-    assert "sample-8-random_sort-20-0" in early.program_seconds
+    assert "sample-8-random_sort-0" in early.program_seconds
 
 
 @pytest.mark.parametrize("keeps_every_program", [True, False])
@@ -193,10 +194,10 @@ def test_program_summary_by_kind():
     compile (and the slowest), storing."""
     runner = types.SimpleNamespace(program_seconds={
         "step-8-kv32": (1.0, 2.0, 0.5), "step-16-kv32": (1.5, 3.0, 0.25),
-        "sample-8-greedy-0-0": (0.25, 0.5, 0.125)})
+        "sample-8-greedy-0": (0.25, 0.5, 0.125)})
     summary = model_runner.ModelRunner.program_summary(runner)
     assert summary == {"step": [2, 2.5, 5.0, 3.0, 0.75],
-                       "sample-greedy-0-0": [1, 0.25, 0.5, 0.5, 0.125]}
+                       "sample-greedy-0": [1, 0.25, 0.5, 0.5, 0.125]}
 
 
 def test_an_unwritable_cache_directory_only_costs_the_store(params, tmp_path, caplog):

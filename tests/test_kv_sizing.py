@@ -75,9 +75,9 @@ def _running_bytes(mem) -> int:
 def programs(runner):
     """Device memory the engine's largest programs take while they run, from their compiled memory
     analysis: the largest bucket's step (on the donated cache), then the larger of the sampler with
-    top-p and no top-k (a full sort) and 20 logprobs for every one of max_num_seqs rows, plus the
-    outputs of the grammar-mask, logit-bias and token-bit programs before it, and one
-    prompt-scoring chunk with 20 logprobs."""
+    top-p and no top-k (a full sort) for every one of max_num_seqs rows, plus the outputs of the
+    grammar-mask, logit-bias and token-bit programs before it and the 20 logprobs after it, and
+    one prompt-scoring chunk with 20 logprobs."""
     batch = runner._dummy_batch(256)
     step = runner._step_for(256).lower(runner.params, runner.kv_cache,
                                        *runner._device_inputs(batch)).compile().memory_analysis()
@@ -91,13 +91,15 @@ def programs(runner):
                                                         jnp.int32)).compile().memory_analysis()
     bias = runner._apply_logit_bias.lower(logits, sd((256, 300), jnp.int32),
                                           sd((256, 300), jnp.float32)).compile().memory_analysis()
-    sampler = runner._sample.lower(logits, logits, sampling, mode="random_sort", num_logprobs=20,
+    sampler = runner._sample.lower(logits, logits, sampling, mode="random_sort",
                                    topk_bound=0).compile().memory_analysis()
     assert _running_bytes(sampler) > HEADROOM  # the case where the headroom alone would not do
+    logprobs = runner._token_logprobs.lower(logits, sd((runner.sample_rows,), jnp.int32)
+                                            ).compile().memory_analysis()
     rows = jnp.zeros(runner.score_rows, jnp.int32)
     scoring = runner._prompt_logprobs.lower(runner.params, jnp.zeros((256, 64), jnp.float32), rows,
                                             rows, num_logprobs=20).compile().memory_analysis()
-    processing = sum(_running_bytes(m) for m in (mask, bias, bits, sampler))
+    processing = sum(_running_bytes(m) for m in (mask, bias, bits, sampler, logprobs))
     return _running_bytes(step) + max(processing, _running_bytes(scoring))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +11,31 @@ import numpy as np
 import pytest
 
 from jaxvllm.worker import sampler as S
-from jaxvllm.worker.sampler import SamplingTensors, prompt_logprobs, sample, sampling_mode, topk_bound_for
+from jaxvllm.worker.sampler import (SamplingTensors, prompt_logprobs, sample, sampling_mode,
+                                    token_logprobs, topk_bound_for)
 
 V = 24
 
 
+class Sampled(NamedTuple):
+    token_ids: jax.Array
+    accepted: Optional[jax.Array]
+    logprob: jax.Array
+    rank: jax.Array
+    topk_ids: jax.Array
+    topk_logprobs: jax.Array
+
+
+def sample_scored(logits, t, *, mode, num_logprobs=0, topk_bound=0, raw_logits=None):
+    """The runner's two programs in one: `sample`, then `token_logprobs` of its tokens under the
+    raw logits."""
+    out = sample(logits, t, mode=mode, topk_bound=topk_bound, raw_logits=raw_logits)
+    lp = token_logprobs(logits if raw_logits is None else raw_logits, out.token_ids, num_logprobs)
+    return Sampled(out.token_ids, out.accepted, *lp)
+
+
 def _jsample(mode, num_logprobs=0, topk_bound=0):
-    return jax.jit(functools.partial(sample, mode=mode, num_logprobs=num_logprobs,
+    return jax.jit(functools.partial(sample_scored, mode=mode, num_logprobs=num_logprobs,
                                      topk_bound=topk_bound))
 
 
@@ -434,7 +453,7 @@ def test_invalid_mode():
 
 
 def test_jitted_sample_on_device_tensors_matches_numpy():
-    """`sample` jitted as the runner does (static mode/num_logprobs, SamplingTensors as a pytree of
+    """`sample` jitted as the runner does (static mode, SamplingTensors as a pytree of
     device arrays), rows cycling through the top-k/top-p/min-p filter cases: each sampled token is one
     the numpy filter keeps, greedy rows are the argmax, and the logprobs are numpy's raw
     log-softmax."""
@@ -493,7 +512,7 @@ def test_token_bits_applied_apart_equal_token_bits_inside(mode):
         t.token_bits[i] = S.token_bits(v, top[:3], top[2:6], stop_ids=top[6:8])
     whole = _jit_sample(mode, 3)(logits, t)
     processed = jax.jit(S.apply_token_bits)(logits, t)
-    apart = jax.jit(functools.partial(sample, mode=mode, num_logprobs=3))(
+    apart = jax.jit(functools.partial(sample_scored, mode=mode, num_logprobs=3))(
         processed, dataclasses.replace(t, token_bits=np.zeros((r, 0), np.int32)), raw_logits=logits)
     for a, b in zip(whole, apart):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

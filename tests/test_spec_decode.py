@@ -13,8 +13,9 @@ import pytest
 
 from jaxvllm.config import EngineArgs
 from jaxvllm.spec_decode import NgramIndex, SpeculativeConfig
-from jaxvllm.worker.sampler import sample, sampling_mode
-from test_sampler import FILTER_CASES, V, _case_tensors, fixed_logits, np_filter, np_softmax
+from jaxvllm.worker.sampler import sampling_mode
+from test_sampler import (FILTER_CASES, V, _case_tensors, fixed_logits, np_filter, np_softmax,
+                          sample_scored)
 
 
 # ---- the proposer --------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_cli_takes_json():
 # ---- the sampler's verification ------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _jit_sample(mode):
-    return jax.jit(functools.partial(sample, mode=mode, num_logprobs=1))
+    return jax.jit(functools.partial(sample_scored, mode=mode, num_logprobs=1))
 
 
 def _guessed(case, guess, n=4000, seed=11):

@@ -47,7 +47,7 @@ from pallas_kernels import ragged_paged_attention
 logger = logging.getLogger(__name__)
 
 # The sampler's static variants, (mode, topk_bound): all are compiled at start-up, for every
-# request bucket and both logprob widths, so that no request compiles anything while serving.
+# request bucket, so that no request compiles anything while serving.
 SAMPLER_VARIANTS = (("greedy", 0), ("random", 0), ("random_sort", 0)) + tuple(
     ("random_sort", b) for b in sampler_lib.TOPK_BOUNDS)
 
@@ -69,7 +69,7 @@ class RunnerConfig:
     kv_dtype: Any = jnp.bfloat16
     token_buckets: Optional[tuple[int, ...]] = None
     seed: int = 0
-    max_logprobs: int = 20                    # the sampler variant the KV sizing leaves room for
+    max_logprobs: int = 20                    # the top-k width of every logprobs program
     compile_at_start: bool = False            # warmup() follows: start what it builds early
     logprobs_mode: str = "raw_logprobs"       # config.LOGPROBS_MODES
     # Buckets of at most this many tokens compile with XLA's autotuned Triton GEMMs instead of
@@ -152,8 +152,11 @@ class ModelRunner:
         self._step_triton_gemm = jax.jit(self._step_impl, **step_kw, compiler_options={
             **self.step_compiler_options, "xla_gpu_enable_triton_gemm": True})
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
-        self._sample = jax.jit(self._sample_impl,
-                               static_argnames=("mode", "num_logprobs", "topk_bound"))
+        self._sample = jax.jit(self._sample_impl, static_argnames=("mode", "topk_bound"))
+        # Logprobs: a program of its own, run only for batches with a row that asks for them (one
+        # top-k width for every k, each request's k sliced on the host; a width per k would be a
+        # variant per k).
+        self._token_logprobs = jax.jit(self._token_logprobs_impl)
         # Token bits (penalties, min_tokens masking) are programs of their own, run only for
         # batches with a row that has them: inside the sampler they cost every batch ~0.1 ms at 64
         # rows on an H200, and as a static sampler switch they would double its variants.
@@ -374,18 +377,27 @@ class ModelRunner:
         return sampler_lib.apply_token_bits(logits, sampling.tensors(bits))
 
     def _sample_impl(self, logits: jax.Array, processed: jax.Array, sampling: SamplingInputs, *,
-                     mode: str, num_logprobs: int, topk_bound: int) -> sampler_lib.SamplerOutput:
+                     mode: str, topk_bound: int) -> sampler_lib.SamplerOutput:
         """`processed`: the logits after token bits, or the logits themselves."""
         no_bits = jnp.zeros((logits.shape[0], 0), jnp.int32)
         out = sampler_lib.sample(processed, sampling.tensors(no_bits), mode=mode,
-                                 num_logprobs=num_logprobs, topk_bound=topk_bound,
-                                 raw_logits=logits, logprobs_mode=self.config.logprobs_mode,
+                                 topk_bound=topk_bound, raw_logits=logits,
+                                 logprobs_mode=self.config.logprobs_mode,
                                  invariant=self.cfg.batch_invariant)
         # Padded so the next step's input gather has one shape for every bucket (and the token
         # table's count of them, which with guesses reads which rows' tokens are output).
         pad = self.sample_rows - out.token_ids.shape[0]
         out = out._replace(token_ids=jnp.pad(out.token_ids, (0, pad)))
         return out if out.counted is None else out._replace(counted=jnp.pad(out.counted, (0, pad)))
+
+    def _token_logprobs_impl(self, values: jax.Array, token_ids: jax.Array
+                             ) -> sampler_lib.TokenLogprobs:
+        """`values`: the step's logits, or the sampler's `processed` ones; `token_ids`: the
+        sampler's (padded to sample_rows)."""
+        return sampler_lib.token_logprobs(
+            values, token_ids[:values.shape[0]], self.config.max_logprobs,
+            as_logits=self.config.logprobs_mode.endswith("logits"),
+            invariant=self.cfg.batch_invariant)
 
     # ---- memory ------------------------------------------------------------------------------
     def _profile_num_blocks(self) -> int:
@@ -467,12 +479,12 @@ class ModelRunner:
 
     def _sampler_bytes(self) -> int:
         """The sampler's most memory-hungry variant at its most rows: a full sort over the
-        vocabulary (top-p without top-k) and max_logprobs logprobs. At the 8B shape (128k
-        vocabulary, 256 rows) it measured 878 MiB of temporaries on the H100, 7x the step's own and
-        more than the fixed margin: OpenAI clients often send top_p. Compiling it here also does
-        its autotuning before the cache takes the memory. Plus the outputs of the programs that
-        process the logits before it (grammar masks, logit_bias, token bits; the token table itself
-        is allocated already)."""
+        vocabulary (top-p without top-k). At the 8B shape (128k vocabulary, 256 rows) it measured
+        878 MiB of temporaries on the H100, 7x the step's own and more than the fixed margin:
+        OpenAI clients often send top_p. Compiling it here also does its autotuning before the
+        cache takes the memory. Plus the outputs of the programs that process the logits before
+        it (grammar masks, logit_bias, token bits; the token table itself is allocated already)
+        and the logprobs after it (summed with the sampler's, an upper bound)."""
         return self._independent_bytes(self._sizing_programs()[1])
 
     def _prompt_scoring_bytes(self) -> int:
@@ -484,7 +496,7 @@ class ModelRunner:
         r = self.sample_rows
         return ((f"prompt-logprobs-{self.token_buckets[-1]}",),
                 (f"bitmask-{r}", f"logit-bias-{r}", f"token-bits-{r}",
-                 _sampler_name(r, "random_sort", self.config.max_logprobs, 0)))
+                 _sampler_name(r, "random_sort", 0), f"logprobs-{r}"))
 
     def _log_capacity(self) -> None:
         tokens = (self.num_blocks - 1) * self.config.block_size
@@ -535,12 +547,12 @@ class ModelRunner:
     def _independent_programs(self) -> dict[str, Callable[[], Any]]:
         """The programs that do not read the KV cache, lowered from the shapes and placement of
         the step's outputs (so they can compile while the cache is sized): every sampler variant
-        (SAMPLER_VARIANTS x both logprob widths), token bits, grammar bitmask and logit_bias per
-        logits-row count, prompt scoring from each token bucket, the token record. Those the KV
-        sizing reads come first."""
+        (SAMPLER_VARIANTS), logprobs, token bits, grammar bitmask and logit_bias per logits-row
+        count, prompt scoring from each token bucket, the token record. Those the KV sizing reads
+        come first."""
         sds = jax.ShapeDtypeStruct
         rows = np.zeros(self.score_rows, np.int32)
-        widths = sorted({0, self.config.max_logprobs})
+        processed = self.config.logprobs_mode.startswith("processed")
         counted = (() if self.config.speculative is None
                    else (self._like_samples(np.zeros(self.sample_rows, bool)),))
         programs: dict[str, Callable[[], Any]] = {}
@@ -560,9 +572,12 @@ class ModelRunner:
                 self._apply_token_bitmask.lower, logits, new_bitmask(r, self.cfg.vocab_size))
             programs[f"logit-bias-{r}"] = functools.partial(
                 self._apply_logit_bias.lower, logits, *_logit_bias_rows(r, []))
-            programs.update({_sampler_name(r, mode, k, bound): functools.partial(
-                self._sample.lower, logits, logits, sampling, mode=mode, num_logprobs=k,
-                topk_bound=bound) for mode, bound in SAMPLER_VARIANTS for k in widths})
+            programs.update({_sampler_name(r, mode, bound): functools.partial(
+                self._sample.lower, logits, logits, sampling, mode=mode, topk_bound=bound)
+                for mode, bound in SAMPLER_VARIANTS})
+            values = sds(logits.shape, jnp.float32, sharding=self._placed) if processed else logits
+            programs[f"logprobs-{r}"] = functools.partial(
+                self._token_logprobs.lower, values, self._prev_sampled)
         programs["record"] = lambda: self._record_tokens.lower(
             self.token_table.array, np.zeros(self.sample_rows, np.int32), self._prev_sampled,
             *counted)
@@ -687,11 +702,8 @@ class ModelRunner:
         if (slots < self.token_table.num_slots).any():
             record_slots = np.full(self.sample_rows, self.token_table.num_slots, np.int32)
             record_slots[:len(slots)] = slots
-        # One logprob width for every k > 0 (each request's k is sliced on the host): a width per k
-        # would be a sampler variant per k.
         sampler_kw = dict(
-            mode=mode, num_logprobs=self.config.max_logprobs if any(logprobs_k.values()) else 0,
-            topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
+            mode=mode, topk_bound=sampler_lib.topk_bound_for(*knobs) if mode == "random_sort" else 0)
         prompt_rows = self._prompt_rows(b) if b.prompt_logprob_spans else None
         # Structured outputs: the masks come once the step before has been collected (they need
         # its tokens), while this step's forward pass already runs; the sampler waits for them.
@@ -731,6 +743,9 @@ class ModelRunner:
                                       self.token_table.array, processed, sampling)
             sampled = self._run(_sampler_name(r, **sampler_kw), self._sample, logits, processed,
                                 sampling, **sampler_kw)
+            logprobs = None if not logprobs_k else self._run(
+                f"logprobs-{r}", self._token_logprobs,
+                logits if sampled.processed is None else sampled.processed, sampled.token_ids)
             if record_slots is not None:  # count each output token in its request's row
                 self.token_table.array = self._run(
                     "record", self._record_tokens, self.token_table.array, record_slots,
@@ -743,7 +758,7 @@ class ModelRunner:
                     self.draft_kv_cache, packed, prev_sampled, sampled.token_ids, sampled.accepted)
             prompt = None if prompt_rows is None else self._score_prompts(all_hidden, *prompt_rows)
             self._warn_on_compiles(t, mode)
-            return sampled, prompt, guesses
+            return sampled, logprobs, prompt, guesses
 
         return Inflight(b.req_ids, b.sample_mask[:len(b.req_ids)].copy(),
                         self._launcher.submit(launch), logprobs_k, t, prompt_rows is not None,
@@ -771,20 +786,15 @@ class ModelRunner:
                            "waited): %s; step of token bucket %d, sampler mode %s", len(names),
                            ", ".join(names), num_tokens, mode)
 
-    def _fetch(self, h: "Inflight") -> tuple[Any, dict, Optional[np.ndarray]]:
-        """The step's samples, prompt logprobs and draft model's guesses on the host (one
-        device->host transfer for samples and guesses unless logprobs were asked for); under
-        tensor parallelism within step_timeout."""
-        def get() -> tuple[Any, dict, Optional[np.ndarray]]:
-            sampled, prompt, guesses = h.launched.result()
-            if h.logprobs_k:
-                sampled, guesses = jax.device_get((sampled, guesses))
-            else:  # one transfer
-                got = jax.device_get({"token_ids": sampled.token_ids,
-                                      "accepted": sampled.accepted, "guesses": guesses})
-                guesses = got.pop("guesses")
-                sampled = sampled._replace(**got)
-            return sampled, {} if prompt is None else prompt.fetch(), guesses
+    def _fetch(self, h: "Inflight") -> tuple[Any, Any, dict, Optional[np.ndarray]]:
+        """The step's samples, their logprobs (None: not asked for), prompt logprobs and draft
+        model's guesses on the host (one device->host transfer); under tensor parallelism within
+        step_timeout."""
+        def get() -> tuple[Any, Any, dict, Optional[np.ndarray]]:
+            sampled, logprobs, prompt, guesses = h.launched.result()
+            sampled, logprobs, guesses = jax.device_get(
+                (sampled._replace(counted=None, processed=None), logprobs, guesses))
+            return sampled, logprobs, {} if prompt is None else prompt.fetch(), guesses
 
         if self._waiter is None:
             return get()
@@ -806,7 +816,7 @@ class ModelRunner:
         """Wait for a dispatched step's samples; append them to the requests' tokens (with
         speculative decoding: the guesses kept and the token after them, and new guesses)."""
         input_batch = self.input_batch
-        sampled, prompt_logprobs, drafted = self._fetch(h)
+        sampled, logprobs, prompt_logprobs, drafted = self._fetch(h)
         spec = h.row_starts is not None
         tokens = sampled.token_ids[:h.num_rows].tolist()
         accepted = sampled.accepted[:h.num_rows].tolist() if spec else None
@@ -826,8 +836,8 @@ class ModelRunner:
             toks = [tokens[r] for r in rows]
             k = h.logprobs_k.get(rid)
             if k is not None:
-                out.logprobs[rid] = [_logprob_entry(tokens[r], sampled.logprob[r], sampled.rank[r],
-                                                    sampled.topk_ids[r], sampled.topk_logprobs[r], k)
+                out.logprobs[rid] = [_logprob_entry(tokens[r], logprobs.logprob[r], logprobs.rank[r],
+                                                    logprobs.topk_ids[r], logprobs.topk_logprobs[r], k)
                                      for r in rows]
             out.sampled_token_ids[rid] = toks
             state = input_batch.requests.get(rid)  # gone if finished or preempted since dispatch
@@ -923,8 +933,8 @@ class Inflight:
     """A dispatched step: what collect() needs once the device is done."""
     req_ids: list[str]
     sample_mask: np.ndarray
-    launched: Future                  # -> (SamplerOutput of device arrays, Optional[_PromptScores],
-                                      #     the draft model's guesses or None)
+    launched: Future                  # -> (SamplerOutput of device arrays, Optional[TokenLogprobs],
+                                      #     Optional[_PromptScores], the draft's guesses or None)
     logprobs_k: dict[str, int]        # requests that asked for logprobs -> k
     num_tokens: int                   # the token bucket
     prompt_scoring: bool
@@ -992,8 +1002,8 @@ def _new_bytes(compiled: Any) -> int:
     return mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
 
 
-def _sampler_name(rows: int, mode: str, num_logprobs: int, topk_bound: int) -> str:
-    return f"sample-{rows}-{mode}-{num_logprobs}-{topk_bound}"
+def _sampler_name(rows: int, mode: str, topk_bound: int) -> str:
+    return f"sample-{rows}-{mode}-{topk_bound}"
 
 
 def _compile_workers() -> int:

@@ -16,9 +16,12 @@ while min_tokens is not reached, and ``COUNT_UNIT`` times the token's count in t
 engine keeps them on the device (worker/token_table.py), so their size never depends on the length
 of a request and no step waits for the host.
 
-Everything is fixed-shape, with no Python loops over rows and no host syncs. ``mode`` and
-``num_logprobs`` (and the optional ``topk_bound``) are static: the model runner picks them on the
-host from the batch's parameters (see :func:`sampling_mode` and :func:`topk_bound_for`).
+Everything is fixed-shape, with no Python loops over rows and no host syncs. ``mode`` (and the
+optional ``topk_bound``) are static: the model runner picks them on the host from the batch's
+parameters (see :func:`sampling_mode` and :func:`topk_bound_for`). Logprobs are a function of
+their own (:func:`token_logprobs`), run after :func:`sample` only for batches that ask for them:
+inside the sampler they were a static width that doubled its variants compiled at start-up, and
+made every batch compute a logsumexp and a rank over the vocabulary that few requests read.
 """
 from __future__ import annotations
 
@@ -77,14 +80,20 @@ jax.tree_util.register_dataclass(SamplingTensors, data_fields=list(_FIELDS), met
 
 class SamplerOutput(NamedTuple):
     token_ids: jax.Array      # i32[R]
-    logprob: jax.Array        # f32[R]   raw log-prob of the sampled token
-    rank: jax.Array           # i32[R]   1-based rank of the sampled token in the raw distribution
-    topk_ids: jax.Array       # i32[R, k]
-    topk_logprobs: jax.Array  # f32[R, k]
     accepted: Optional[jax.Array] = None  # bool[R]: the row's guess was kept (with draft_ids)
     # bool[R] (with draft_ids): the row's token is output, every guess before it in its request
     # having been kept.
     counted: Optional[jax.Array] = None
+    # f32[R, V], with a "processed_*" logprobs_mode only: the logits each token was drawn from,
+    # which token_logprobs then reads (in the raw modes it reads the model's logits).
+    processed: Optional[jax.Array] = None
+
+
+class TokenLogprobs(NamedTuple):
+    logprob: jax.Array        # f32[R]   log-prob of the token (raw: under the model's logits)
+    rank: jax.Array           # i32[R]   1-based rank of the token in that distribution
+    topk_ids: jax.Array       # i32[R, k]
+    topk_logprobs: jax.Array  # f32[R, k]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,10 +198,12 @@ def _top_k(x: jax.Array, k: int):
     return vals2, jnp.minimum(ids2, v - 1)
 
 
-def _logprob_info(raw: jax.Array, token_ids: jax.Array, k: int, as_logits: bool = False,
-                  invariant: bool = False):
-    """(logprob, rank, topk_ids, topk_logprobs) of ``token_ids`` under log_softmax(raw), or with
-    ``as_logits`` the values of ``raw`` themselves (ranks and top-k the same)."""
+def token_logprobs(values: jax.Array, token_ids: jax.Array, num_logprobs: int = 0,
+                   as_logits: bool = False, invariant: bool = False) -> TokenLogprobs:
+    """Logprob, rank and the top ``num_logprobs`` (static) of ``token_ids`` (i32[N]) under
+    log_softmax(values) (f32/bf16 [N, V]), or with ``as_logits`` the values themselves (ranks and
+    top-k the same). `invariant`: batch-invariant mode (the logsumexp summed in a fixed order)."""
+    raw, k = values.astype(jnp.float32), num_logprobs
     n = raw.shape[0]
     lse = 0.0 if as_logits else _safe_lse(raw, invariant)
     tok = jnp.take_along_axis(raw, token_ids[:, None].astype(jnp.int32), axis=-1)  # [N, 1]
@@ -206,7 +217,7 @@ def _logprob_info(raw: jax.Array, token_ids: jax.Array, k: int, as_logits: bool 
     else:
         topk_ids = jnp.zeros((n, 0), jnp.int32)
         topk_lp = jnp.zeros((n, 0), jnp.float32)
-    return logprob, rank, topk_ids, topk_lp
+    return TokenLogprobs(logprob, rank, topk_ids, topk_lp)
 
 
 def _argmax_or(x: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -331,23 +342,22 @@ def _process(logits: jax.Array, t: SamplingTensors, mode: str, topk_bound: int =
     return raw, x, greedy_tok
 
 
-def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: int = 0,
-           topk_bound: int = 0, raw_logits: Optional[jax.Array] = None,
-           logprobs_mode: str = "raw_logprobs", invariant: bool = False) -> SamplerOutput:
+def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, topk_bound: int = 0,
+           raw_logits: Optional[jax.Array] = None, logprobs_mode: str = "raw_logprobs",
+           invariant: bool = False) -> SamplerOutput:
     """Sample one token per row of ``logits`` (f32/bf16 [R, V]).
 
     mode (static): "greedy" (every row has temperature 0: argmax, no RNG), "random" (top_k/top_p
     ignored), "random_sort" (some row uses top_k/top_p).
-    num_logprobs (static): 0 = none, else top-``num_logprobs`` raw logprobs per row.
     topk_bound (static, "random_sort" only): 0 = full sort over V; B > 0 = partial top-B sort,
     valid only when every random row has 1 <= top_k <= B or (top_k = 0 and top_p = 1)
     (see :func:`topk_bound_for`).
     raw_logits: the model's logits when ``logits`` come already processed by the caller (e.g.
-    :func:`apply_token_bits` in a program of its own); raw logprobs and ranks are taken from them.
-    logprobs_mode (static): config.LOGPROBS_MODES; "processed_*" take them from the logits the
-    token was drawn from (for greedy rows: after penalties and the caller's processing, without
-    temperature), "*_logits" return the values instead of log_softmax.
-    invariant (static): batch-invariant mode (logprobs' sums in a fixed order).
+    :func:`apply_token_bits` in a program of its own); the fallback of rows left all -inf.
+    logprobs_mode (static): config.LOGPROBS_MODES; with "processed_*" the output carries the
+    logits each token was drawn from (for greedy rows: after penalties and the caller's
+    processing, without temperature), for :func:`token_logprobs`.
+    invariant (static): batch-invariant mode (the acceptance test's sums in a fixed order).
     """
     raw, x, greedy_tok = _process(logits, t, mode, topk_bound, raw_logits)
     d = t.draft_ids
@@ -367,11 +377,8 @@ def sample(logits: jax.Array, t: SamplingTensors, *, mode: str, num_logprobs: in
             rand_tok = jnp.where(rand_accepted, d, rand_tok)
             accepted = jnp.where(greedy_row, accepted, rand_accepted)
         tok = jnp.where(greedy_row, greedy_tok, rand_tok)
-    values = x if logprobs_mode.startswith("processed") else raw
-    logprob, rank, topk_ids, topk_lp = _logprob_info(values, tok, num_logprobs,
-                                                     logprobs_mode.endswith("logits"), invariant)
-    return SamplerOutput(tok, logprob, rank, topk_ids, topk_lp, accepted,
-                         None if d is None else counted_rows(d, accepted))
+    return SamplerOutput(tok, accepted, None if d is None else counted_rows(d, accepted),
+                         x if logprobs_mode.startswith("processed") else None)
 
 
 def _request_first_rows(draft_ids: jax.Array) -> jax.Array:
@@ -423,7 +430,6 @@ def prompt_logprobs(logits: jax.Array, target_ids: jax.Array, *, num_logprobs: i
     """Raw (logprob f32[N], rank i32[N], topk_ids i32[N, k], topk_logprobs f32[N, k]) of
     ``target_ids`` (the next prompt token at each position), or the logits with ``as_logits``.
     Negative targets (padding) are read as token 0; the caller drops those rows."""
-    raw = logits.astype(jnp.float32)
-    tgt = jnp.clip(target_ids.astype(jnp.int32), 0, raw.shape[-1] - 1)
-    return _logprob_info(raw, tgt, num_logprobs, as_logits, invariant)
+    tgt = jnp.clip(target_ids.astype(jnp.int32), 0, logits.shape[-1] - 1)
+    return token_logprobs(logits, tgt, num_logprobs, as_logits, invariant)
 
