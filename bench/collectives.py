@@ -113,7 +113,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
-    print(f"| flag set | " + " | ".join(f"{t} tok ({t * args.hidden * 2 // 1024} KiB) us"
+    print("| flag set | " + " | ".join(f"{t} tok ({t * args.hidden * 2 // 1024} KiB) us"
                                          for t in args.tokens) + " |")
     print("| --- |" + " --- |" * len(args.tokens))
     for name, r in results.items():
