@@ -670,6 +670,7 @@ def test_step_wait_fails_at_once_when_a_peer_is_lost():
 
     from jaxvllm.engine.multihost import PeerLostError
     from jaxvllm.worker.model_runner import Inflight, ModelRunner
+    from jaxvllm.worker.sampler import SamplerOutput
     from jaxvllm.worker.serial_thread import SerialThread
 
     class Held:  # a device->host copy that does not finish in time
@@ -689,10 +690,9 @@ def test_step_wait_fails_at_once_when_a_peer_is_lost():
         lost.append(True)
 
     runner.peer_check = peer_check
-    sampled = SimpleNamespace(token_ids=Held(), accepted=None,
-                              _replace=lambda **kw: SimpleNamespace(**kw))
     launched: Future = Future()
-    launched.set_result((sampled, None, None))  # samples, prompt scores, draft guesses
+    # samples, their logprobs, prompt scores, draft guesses
+    launched.set_result((SamplerOutput(token_ids=Held()), None, None, None))
     h = Inflight(["a"], np.ones(1, bool), launched, {}, 8, False)
     t0 = time.perf_counter()
     with pytest.raises(PeerLostError, match="rank 1 is gone"):
