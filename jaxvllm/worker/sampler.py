@@ -203,7 +203,7 @@ def token_logprobs(values: jax.Array, token_ids: jax.Array, num_logprobs: int = 
     """Logprob, rank and the top ``num_logprobs`` (static) of ``token_ids`` (i32[N]) under
     log_softmax(values) (f32/bf16 [N, V]), or with ``as_logits`` the values themselves (ranks and
     top-k the same). `invariant`: batch-invariant mode (the logsumexp summed in a fixed order)."""
-    raw, k = values.astype(jnp.float32), num_logprobs
+    raw = values.astype(jnp.float32)
     n = raw.shape[0]
     lse = 0.0 if as_logits else _safe_lse(raw, invariant)
     tok = jnp.take_along_axis(raw, token_ids[:, None].astype(jnp.int32), axis=-1)  # [N, 1]
@@ -211,8 +211,8 @@ def token_logprobs(values: jax.Array, token_ids: jax.Array, num_logprobs: int = 
     # Rank in raw-logit space (same order as logprobs, without extra rounding).
     # As vLLM: the count of tokens at least as likely, so tied tokens rank below each other.
     rank = jnp.sum(raw >= tok, axis=-1).astype(jnp.int32)
-    if k > 0:
-        vals, topk_ids = _top_k(raw, k)
+    if num_logprobs > 0:
+        vals, topk_ids = _top_k(raw, num_logprobs)
         topk_lp = vals - lse
     else:
         topk_ids = jnp.zeros((n, 0), jnp.int32)
