@@ -374,8 +374,9 @@ def test_bad_offline_input_named_engine_unharmed(llm, call, error, match):
 
 
 def test_per_request_counts_compile_no_new_sampler_variants(llm):
-    """A request's logprobs k and its count of stop ids under min_tokens are static in the sampler's
-    jit; they are bucketed so that new values reuse the compiled variants."""
+    """A request's logprobs k (one top-k width in the logprobs program, sliced on the host) and
+    its count of stop ids under min_tokens (bucketed) reuse the compiled programs: new values
+    compile neither a sampler nor a logprobs variant."""
     engine = llm.llm_engine
     sample, logprobs = engine.runner._sample, engine.runner._token_logprobs
     eos = engine.preparer.extra_eos_ids | {engine.eos_token_id}  # masked with the stop ids
