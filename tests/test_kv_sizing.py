@@ -123,6 +123,23 @@ def test_blocks_fit_the_budget_and_one_more_would_not(blocks_at, programs, per_b
     assert n * per_block <= free < (n + 1) * per_block, (n, free / per_block)
 
 
+def test_a_pool_smaller_than_the_limit_bounds_the_cache(runner, blocks_at, per_block, monkeypatch):
+    """Another process holds part of the card: XLA's preallocation backed off to a smaller pool
+    than its limit, and the cache is sized from that pool (sized from the limit it ran out of memory
+    at warm-up on the GPU). Growing on demand instead, the pool says nothing of what is left."""
+    n = blocks_at(IN_USE)
+    pool = int(0.5 * LIMIT)
+
+    def with_pool(device):
+        return {"bytes_limit": LIMIT, "bytes_in_use": IN_USE, "pool_bytes": pool}
+
+    monkeypatch.setattr(model_runner, "_device_memory_stats", with_pool)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    assert runner._profile_num_blocks() == n - int(np.ceil((UTIL * LIMIT - pool) / per_block))
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    assert runner._profile_num_blocks() == n
+
+
 def test_token_table_is_in_use_when_the_cache_is_sized(loaded, monkeypatch):
     """The per-request token table (max_num_seqs x vocabulary int32, for penalties) exists when the
     sizing reads the memory in use, so the KV cache leaves room for it."""

@@ -438,10 +438,15 @@ class ModelRunner:
         return int(budget // per_block)
 
     def _device_budget(self, stats: dict) -> float:
-        """gpu_memory_utilization of one device's memory, less what is in use there."""
+        """gpu_memory_utilization of one device's memory, less what is in use there. A preallocated
+        pool bounds it too: the allocator's limit is what it asked the card for, and where another
+        process holds part of the card XLA backs off to a smaller pool rather than fail, so a cache
+        sized from the limit would not fit."""
         limit = stats["bytes_limit"]
         total = stats.get("bytes_reservable_limit", limit)
         share = min(self.config.gpu_memory_utilization * max(total, limit), limit)
+        if _preallocates() and stats.get("pool_bytes"):
+            share = min(share, stats["pool_bytes"])
         return share - stats["bytes_in_use"]
 
     def _step_bytes(self) -> int:
@@ -987,6 +992,13 @@ def _specs(tree: Any) -> Any:
     committed to one)."""
     return jax.tree.map(lambda a: (jax.ShapeDtypeStruct(a.shape, a.dtype),
                                    a.sharding if a.committed else None), tree)
+
+
+def _preallocates() -> bool:
+    """Whether XLA's GPU allocator takes its pool up front (JAX's default), so that the pool's size
+    is all this process has."""
+    return (os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() not in ("false", "0")
+            and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") != "platform")
 
 
 def _device_memory_stats(device: Any) -> Optional[dict]:
