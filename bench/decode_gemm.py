@@ -2,9 +2,12 @@
 models/quant.fp8_linear compiles up to 16 rows, against pallas_kernels/fp8_gemm.py) and int4 (XLA
 dequantizing then multiplying, int4_matmul_reference, against pallas_kernels/int4_gemm.py), each
 Pallas kernel over a sweep of its tilings, beside bf16 and each format's roofline (weight bytes,
-with int4's float32 scales and mins, at the copy bandwidth measured in the same run).
+with int4's float32 scales and offsets, at the copy bandwidth measured in the same run). "int4" has
+integer zero points (AWQ's, GPTQ's and the engine's quantization: the kernel dequantizes in bf16
+pairs), "int4-min" the same values with a float32 min per group (GGUF's Q4_1 and Q4_K: through
+float32).
 
-    PYTHONPATH=.:bench python3 bench/decode_gemm.py [--formats fp8 int4] [--rows 1 8 16] [--layers 32]
+    PYTHONPATH=.:bench python3 bench/decode_gemm.py [--formats fp8 int4 int4-min] [--rows 1 8 16] [--layers 32]
 
 Each linear of the Llama-3-8B shape runs as a model step runs it: one program over `--layers`
 weights (more bytes than the L2 holds; no host dispatch between calls), time per layer the median
@@ -79,10 +82,13 @@ def _format(fmt: str, w16: list, n: int, k: int) -> tuple:
     from jaxvllm.models.int4 import quantize_int4
     from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
     ws = [quantize_int4(w, GROUP) for w in w16]
+    if fmt == "int4-min":  # the same values with a float32 min per group (GGUF's Q4_1 and Q4_K)
+        ws = [(w, s, -z.astype(jnp.float32) * s) for w, s, z in ws]
+    offset_bytes = 4 if fmt == "int4-min" else 1
     return (ws, int4_matmul_reference,
-            lambda t: lambda x, w, s, m: int4_matmul(x, w, s, m, tiles=t), _int4_tilings,
+            lambda t: lambda x, w, s, o: int4_matmul(x, w, s, o, tiles=t), _int4_tilings,
             lambda rows, t: rows <= int4_gemm.MAX_ROWS and int4_gemm.fits(n, k, GROUP),
-            n * k // 2 + 8 * n * (k // GROUP))
+            n * k // 2 + (4 + offset_bytes) * n * (k // GROUP))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--formats", nargs="+", default=["fp8", "int4"], choices=["fp8", "int4"])
+    parser.add_argument("--formats", nargs="+", default=["fp8", "int4", "int4-min"],
+                        choices=["fp8", "int4", "int4-min"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),

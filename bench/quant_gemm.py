@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     def layer_fn(tokens: int, int4_by_xla: bool = False):
         def f(lp, xs):
             if int4_by_xla:
-                return [int4_matmul_reference(xs[k], lp[k], lp[k + "_scale"], lp[k + "_min"])
+                return [int4_matmul_reference(xs[k], lp[k], lp[k + "_scale"], int4.offset(lp, k))
                         for k in LINEARS]
             return [linear(xs[k], lp, k) for k in LINEARS]
         opts = {"xla_gpu_enable_triton_gemm": tokens <= TRITON_GEMM_MAX_TOKENS} if on_gpu else None

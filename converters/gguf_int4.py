@@ -1,11 +1,12 @@
 """GGUF's 4-bit block formats kept at 4 bits (`quantization="gguf"`): the Q4_0, Q4_1 and Q4_K
 tensors of the attention and dense MLP projections split into their 4-bit values with a scale and
-a min per 32 inputs (w = q * scale + min), which the loader packs into the int4 layout
-(models/int4.py) instead of dequantizing them. Other types load dequantized, as without it.
+an offset per 32 inputs (Q4_0's zero point of 8, the others' min), which the loader packs into the
+int4 layout (models/int4.py) instead of dequantizing them. Other types load dequantized, as
+without it.
 
 Blocks run along each row (an output channel's inputs), the scales in float16:
 - Q4_0, 32 values in 18 bytes: d, then 16 bytes whose low 4 bits hold values 0..15 and high 4
-  bits values 16..31; w = d * (q - 8), so scale d and min -8d.
+  bits values 16..31; w = d * (q - 8), so scale d and zero point 8.
 - Q4_1, 32 values in 20 bytes: d, m, the same 16 bytes; w = d * q + m.
 - Q4_K, 256 values in 144 bytes: d, dmin, 12 bytes of eight 6-bit scales and mins (one pair per 32
   values, unpacked by gguf's own `Q4_K.get_scale_min`), then 128 bytes: each run of 32 bytes holds
@@ -40,7 +41,8 @@ def int4_weight(t: Any) -> Int4Weight:
     f16 = lambda b: b.copy().view(np.float16)[..., 0].astype(np.float32)
     if t.tensor_type in (T.Q4_0, T.Q4_1):
         d = f16(blocks[..., 0:2])
-        mn = -8 * d if t.tensor_type == T.Q4_0 else f16(blocks[..., 2:4])
+        offset = (np.full(d.shape, 8, np.uint8) if t.tensor_type == T.Q4_0  # a zero point of 8
+                  else f16(blocks[..., 2:4]))
         qs = blocks[..., -16:]
         q = np.concatenate([qs & 15, qs >> 4], axis=-1)              # [out, blocks, 32]
         scale = d
@@ -49,9 +51,9 @@ def int4_weight(t: Any) -> Int4Weight:
         sc, m = gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
         sc, m = (a.reshape(out, -1, 8).astype(np.float32) for a in (sc, m))
         scale = (d[..., None] * sc).reshape(out, -1)
-        mn = -(dmin[..., None] * m).reshape(out, -1)
+        offset = -(dmin[..., None] * m).reshape(out, -1)
         qs = blocks[..., 16:].reshape(out, -1, 4, 1, 32)
         q = np.concatenate([qs & 15, qs >> 4], axis=-2)              # [out, blocks, 4, 2, 32]
     return Int4Weight(q=np.ascontiguousarray(q.reshape(out, inp)),
                       scale=np.ascontiguousarray(scale.reshape(out, -1)),
-                      min=np.ascontiguousarray(mn.reshape(out, -1)), perm=None)
+                      offset=np.ascontiguousarray(offset.reshape(out, -1)), perm=None)

@@ -184,7 +184,7 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
                  "self_attn.k_proj.weight": cfg.num_kv_heads}.get(hf_name.split(".", 3)[-1])
         if arch in PERMUTED_ARCHS and heads:
             w = (dataclasses.replace(w, **{f: unpermute_qk(getattr(w, f), heads)
-                                           for f in ("q", "scale", "min")})
+                                           for f in ("q", "scale", "offset")})
                  if packed else unpermute_qk(w, heads))
         if packed:
             builder.add_int4(hf_name, w, path)

@@ -264,7 +264,7 @@ class ParamsBuilder:
 
     def add_int4(self, name: str, w: Int4Weight, file: Optional[str] = None) -> None:
         """A 4-bit linear (`name` is its unpacked weight's HF name, "<prefix>.weight") in the
-        int4 layout (models/int4.py): the weight packed, its scale, min and input order."""
+        int4 layout (models/int4.py): the weight packed, its scale, offset and input order."""
         name = text_model_name(name)
         path, _ = self.expected[name]
         where = file or self.source
@@ -284,7 +284,10 @@ class ParamsBuilder:
             start = rows.stop
             layer[key] = jnp.asarray(pack_int4(w.q[rows], group))
             layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype="float32")
-            layer[key + "_min"] = place(w.min[rows].T, transpose=False, dtype="float32")
+            if w.offset.dtype == np.uint8:
+                layer[key + "_zero"] = jnp.asarray(np.ascontiguousarray(w.offset[rows].T))
+            else:
+                layer[key + "_min"] = place(w.offset[rows].T, transpose=False, dtype="float32")
             if w.perm is not None:
                 layer[key + "_perm"] = jnp.asarray(w.perm)
         self.done.add(name)

@@ -1,6 +1,7 @@
 """int4 checkpoints (AWQ and GPTQ, 4 bits, as vLLM loads them): what config.json's
 `quantization_config` says, and each linear's packed tensors unpacked into 4-bit values [out, in]
-with scale and min [out, groups] (w = q * scale + min; min = -zero * scale) and an input order for GPTQ's activation order, which the loader
+with scale and zero points [out, groups] (w = (q - zero) * scale) and an input order for GPTQ's
+activation order, which the loader
 packs into the engine's int4 layout (models/int4.py). The weights stay at 4 bits; nothing is
 dequantized at load.
 
@@ -39,11 +40,12 @@ class Int4Checkpoint:
 
 @dataclasses.dataclass
 class Int4Weight:
-    """One linear's weight unpacked: q uint8 values 0..15 [out, in], float32 scale and min
-    [out, groups] (w = q * scale + min), perm [in] or None."""
+    """One linear's weight unpacked: q uint8 values 0..15 [out, in], float32 scale [out, groups],
+    offset [out, groups]: uint8 zero points (w = (q - zero) * scale) or a float32 min
+    (w = q * scale + min), perm [in] or None."""
     q: np.ndarray
     scale: np.ndarray
-    min: np.ndarray
+    offset: np.ndarray
     perm: Optional[np.ndarray]
 
 
@@ -129,5 +131,5 @@ def unpack(fmt: Int4Checkpoint, name: str, tensors: dict[str, np.ndarray],
             q = q[perm]
     scale = scales.T.astype(np.float32)  # exact: the checkpoints' scales are float16
     return Int4Weight(q=np.ascontiguousarray(q.T), scale=np.ascontiguousarray(scale),
-                      min=np.ascontiguousarray(-zeros.T * scale),
+                      offset=np.ascontiguousarray(zeros.T.astype(np.uint8)),
                       perm=None if perm is None else perm.astype(np.int32))

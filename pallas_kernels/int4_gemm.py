@@ -16,8 +16,15 @@ the GEMM at decode sizes).
 
 Packed layout (models/int4.py): w uint8 [N, K/2]; within each group of `group` inputs, byte j holds
 input j in its low 4 bits and input j + group/2 in its high 4 bits, so the two halves of a tile are
-two contiguous slices of x and no value needs moving between lanes. scale and min [G, N] (float32)
-are stored group-major so a program reads a contiguous row of each per group.
+two contiguous slices of x and no value needs moving between lanes. scale [G, N] (float32) and
+the offset [G, N] are stored group-major so a program reads a contiguous row of each per group. The
+offset is either a float32 min (w = q * scale + min: GGUF's Q4_1 and Q4_K) or a uint8 integer zero
+point (w = (q - zero) * scale: AWQ, GPTQ, GGUF's Q4_0 and the engine's own quantization). With zero
+points and bf16 x on the GPU the dequantization runs in bf16 pairs (_ZERO_POINT_ASM), two weights
+an instruction and exact but for the scale's rounding to bf16 (as vLLM's Marlin kernels round it);
+the other forms convert each weight through float32. A bf16 min could not take the pair path: a
+rounded min is shared by its group and biases every weight of it alike (bench/RESULTS.md, "int4 at
+one row").
 """
 from __future__ import annotations
 
@@ -47,6 +54,21 @@ MAX_SPLITS = 16
 # Partial sums cost splits * M * N * 4 bytes written and read again: at most an eighth of the
 # weight's N * K / 2 bytes, so splits * M <= K / 64 (fewer splits as the rows grow).
 PARTIAL_SHARE = 64
+
+# Four weights from four bytes of the packed tile (Triton's pack=4; operands are 32-bit words:
+# $0-$1 the weights as bf16 pairs, $2 the bytes, $3-$4 the scales, $5-$6 128 + zero, bf16 pairs).
+# prmt spreads bytes 0,1 (then 2,3) to the two halves of a word; lop3 0xEA ((a & b) | c) puts a
+# nibble in the low mantissa bits of 128.0 (0x4300), so each half reads 128 + q exactly; subtracting
+# 128 + zero leaves q - zero, exact; one multiply by the scale rounds once. One call per half of the
+# byte (the low nibbles, then the high): Pallas lowers an inline asm of one result only.
+def _zero_point_asm(high: bool) -> str:
+    shift = "shr.u32 b01, b01, 4;\nshr.u32 b23, b23, 4;\n" if high else ""
+    return ("{\n.reg .b32 b01, b23, v, m;\nmov.b32 m, 0x43004300;\n"
+            "prmt.b32 b01, $2, 0, 0x4140;\nprmt.b32 b23, $2, 0, 0x4342;\n" + shift +
+            "lop3.b32 v, b01, 0x000F000F, m, 0xEA;\nsub.bf16x2 v, v, $5;\n"
+            "mul.rn.bf16x2 $0, v, $3;\n"
+            "lop3.b32 v, b23, 0x000F000F, m, 0xEA;\nsub.bf16x2 v, v, $6;\n"
+            "mul.rn.bf16x2 $1, v, $4;\n}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +101,11 @@ def _splits(m: int, k: int, groups: int) -> int:
                                        or s == 1))
 
 
-def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array, *,
+def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array, *,
                 tiles: Tiles = Tiles(), interpret: bool = False) -> jax.Array:
-    """x [M, K] (M <= MAX_ROWS) times the packed int4 weight (w uint8 [N, K/2], scale and min
-    [G, N]) -> [M, N] in x's dtype, float32 accumulation."""
+    """x [M, K] (M <= MAX_ROWS) times the packed int4 weight (w uint8 [N, K/2], scale [G, N],
+    offset [G, N]: a float32 min or uint8 zero points) -> [M, N] in x's dtype, float32
+    accumulation."""
     m, k = x.shape
     n = w.shape[0]
     groups = scale.shape[0]
@@ -97,10 +120,14 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array, *,
     if groups % splits:
         raise ValueError(f"int4_matmul: {splits} splits do not divide {groups} groups")
     step = _step(group)
+    if offset.dtype == jnp.uint8:
+        dequant = "pairs" if x.dtype == jnp.bfloat16 and not interpret else "zero"
+    else:
+        dequant = "min"
     kernel = functools.partial(_kernel, group=group, step=step, block_m=bm, block_n=bn,
-                               steps=(k // 2) // splits // step)
+                               steps=(k // 2) // splits // step, dequant=dequant)
     partials = split_k_call(
-        kernel, (x, w, scale, mn),
+        kernel, (x, w, scale, offset),
         [pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
          pl.BlockSpec((bn, k // 2), lambda r, i, j: (i, 0)),
          pl.BlockSpec((groups, bn), lambda r, i, j: (0, i)),
@@ -112,7 +139,28 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array, *,
     return partials.sum(0).astype(x.dtype)
 
 
-def _kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, group, step, block_m, block_n, steps):
+def _dequantize(packed, scale, offset, dtype, how: str):
+    """[BN, step] packed bytes and [BN] scales and offsets of their group -> the low and the high
+    nibbles' weights, [BN, step] each in `dtype`. `how`: "min" (q * scale + min), "zero"
+    ((q - zero) * scale), both through float32; "pairs" the zero-point form in bf16 pairs."""
+    if how == "pairs":
+        s = jnp.broadcast_to(scale.astype(jnp.bfloat16)[:, None], packed.shape)
+        z = jnp.broadcast_to((offset.astype(jnp.float32) + 128).astype(jnp.bfloat16)[:, None],
+                             packed.shape)
+        out = [jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)]
+        return tuple(plgpu.elementwise_inline_asm(
+            _zero_point_asm(high), args=[packed, s, z], constraints="=r,=r,r,r,r,r,r", pack=4,
+            result_shape_dtypes=out)[0] for high in (False, True))
+    scale = scale.astype(jnp.float32)[:, None]
+    offset = offset.astype(jnp.float32)[:, None]
+    nibbles = ((packed & 15).astype(jnp.float32), (packed >> 4).astype(jnp.float32))
+    if how == "zero":
+        return tuple(((q - offset) * scale).astype(dtype) for q in nibbles)
+    return tuple((q * scale + offset).astype(dtype) for q in nibbles)
+
+
+def _kernel(x_ref, w_ref, s_ref, off_ref, o_ref, *, group, step, block_m, block_n, steps,
+            dequant):
     half = group // 2
     dtype = x_ref.dtype
     first = pl.program_id(2) * steps
@@ -130,10 +178,7 @@ def _kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, group, step, block_m, block_n,
         g = j0 // half                                       # its group
         e0 = pl.multiple_of(g * group + (j0 - g * half), step)  # the low half's first input
         packed = w_ref[:, pl.ds(j0, step)]                  # [BN, step]
-        scale = s_ref[g, :].astype(jnp.float32)[:, None]
-        mn = m_ref[g, :].astype(jnp.float32)[:, None]
-        lo = ((packed & 15).astype(jnp.float32) * scale + mn).astype(dtype)
-        hi = ((packed >> 4).astype(jnp.float32) * scale + mn).astype(dtype)
+        lo, hi = _dequantize(packed, s_ref[g, :], off_ref[g, :], dtype, dequant)
         acc += plgpu.dot(x_tile(e0), lo, trans_b=True)
         return acc + plgpu.dot(x_tile(e0 + half), hi, trans_b=True)
 

@@ -230,15 +230,19 @@ def routed_swiglu_reference(rows, group_sizes, w_gate, w_up, w_down):
     return jnp.where(valid[:, None], out, 0)
 
 
-def int4_matmul_reference(x, w, scale, mn):
+def int4_matmul_reference(x, w, scale, offset):
     """`int4_matmul` in jnp (any number of rows): the packed weight unpacked, dequantized in x's
-    dtype (w = q * scale + min, one rounding) and multiplied, float32 accumulation."""
+    dtype (w = q * scale + min for a float offset, (q - zero) * scale for uint8 zero points; one
+    rounding) and multiplied, float32 accumulation."""
     n, half_k = w.shape
     groups = scale.shape[0]
     packed = w.reshape(n, groups, half_k // groups)
     q = jnp.concatenate([packed & 15, packed >> 4], axis=-1).astype(jnp.float32)  # [N, G, group]
     f32 = lambda a: a.T.astype(jnp.float32)[..., None]
-    deq = (q * f32(scale) + f32(mn)).astype(x.dtype)
+    if offset.dtype == jnp.uint8:
+        deq = ((q - f32(offset)) * f32(scale)).astype(x.dtype)
+    else:
+        deq = (q * f32(scale) + f32(offset)).astype(x.dtype)
     y = lax.dot_general(x, deq.reshape(n, 2 * half_k), (((x.ndim - 1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)
     return y.astype(x.dtype)

@@ -33,15 +33,19 @@ def _tensor(qtype, out: int, inp: int, rng) -> types.SimpleNamespace:
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)
 def test_four_bit_blocks_against_gguf(qtype):
-    """q * scale + min per group of 32 is exactly gguf's dequantized tensor, the values span
-    0..15 (Q4_K: its two groups a byte run, its 6-bit scales and mins)."""
+    """(q - zero) * scale (Q4_0: a zero point of 8) or q * scale + min per group of 32 is exactly
+    gguf's dequantized tensor, the values span 0..15 (Q4_K: its two groups a byte run, its 6-bit
+    scales and mins)."""
     t = _tensor(qtype, 6, 512, np.random.default_rng(int(qtype)))
     w = int4_weight(t)
     assert w.q.shape == (6, 512) and w.q.dtype == np.uint8 and w.perm is None
-    assert w.scale.shape == w.min.shape == (6, 16)
+    assert w.scale.shape == w.offset.shape == (6, 16)
+    assert (w.offset.dtype == np.uint8) == (qtype == T.Q4_0)
     g = np.arange(512) // 32
-    np.testing.assert_array_equal(w.q * w.scale[:, g] + w.min[:, g],
-                                  dequantize(t.data, qtype).reshape(6, 512))
+    off = w.offset[:, g]
+    deq = ((w.q - off.astype(np.float32)) * w.scale[:, g] if qtype == T.Q4_0
+           else w.q * w.scale[:, g] + off)
+    np.testing.assert_array_equal(deq, dequantize(t.data, qtype).reshape(6, 512))
     assert w.q.min() == 0 and w.q.max() == 15
 
 

@@ -70,15 +70,23 @@ def _unpack(w: np.ndarray, groups: int) -> np.ndarray:
     return np.concatenate([g & 15, g >> 4], axis=-1).reshape(w.shape[0], -1)
 
 
-def _random_int4(rng, out: int, inp: int, groups: int):
-    """Random 4-bit values [out, in], the layout's (packed, scale [groups, out], min), and the
-    dequantized weight [out, in] in float64."""
+OFFSETS = ["zero", "min"]
+
+
+def _random_int4(rng, out: int, inp: int, groups: int, offset: str = "min"):
+    """Random 4-bit values [out, in], the layout's (packed, scale [groups, out], offset: uint8 zero
+    points or a float32 min), and the dequantized weight [out, in] in float64."""
     q = rng.integers(0, 16, (out, inp)).astype(np.uint8)
     scale = rng.uniform(0.01, 0.1, (groups, out)).astype(np.float32)
-    mn = (-scale * rng.uniform(0, 15, (groups, out))).astype(np.float32)
     g = np.arange(inp) // (inp // groups)
-    w = q.astype(np.float64) * scale.T.astype(np.float64)[:, g] + mn.T.astype(np.float64)[:, g]
-    return pack(q, inp // groups), scale, mn, w
+    s64 = scale.T.astype(np.float64)[:, g]
+    if offset == "zero":
+        off = rng.integers(0, 16, (groups, out)).astype(np.uint8)
+        w = (q.astype(np.float64) - off.T.astype(np.float64)[:, g]) * s64
+    else:
+        off = (-scale * rng.uniform(0, 15, (groups, out))).astype(np.float32)
+        w = q.astype(np.float64) * s64 + off.T.astype(np.float64)[:, g]
+    return pack(q, inp // groups), scale, off, w
 
 
 def test_pack_layout():
@@ -91,37 +99,40 @@ def test_pack_layout():
     np.testing.assert_array_equal(np.asarray(pack(jnp.asarray(q), 8)), p)
 
 
-def test_int4_linear_against_float64():
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_int4_linear_against_float64(offset):
     rng = np.random.default_rng(0)
     out, inp, groups = 24, 64, 4
-    w_packed, scale, mn, w = _random_int4(rng, out, inp, groups)
+    w_packed, scale, off, w = _random_int4(rng, out, inp, groups, offset)
     perm = rng.permutation(inp).astype(np.int32)
     x = rng.standard_normal((5, 3, inp)).astype(np.float32)
     for p in (None, perm):
         y = int4_linear(jnp.asarray(x), jnp.asarray(w_packed), jnp.asarray(scale),
-                        jnp.asarray(mn), None if p is None else jnp.asarray(p))
+                        jnp.asarray(off), None if p is None else jnp.asarray(p))
         xs = x.astype(np.float64) if p is None else x.astype(np.float64)[..., p]
         np.testing.assert_allclose(np.asarray(y), xs @ w.T, rtol=1e-5, atol=1e-5)
     # bf16 activations: one rounding of each dequantized weight and of the output.
     y = int4_linear(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w_packed),
-                    jnp.asarray(scale), jnp.asarray(mn))
+                    jnp.asarray(scale), jnp.asarray(off))
     assert y.dtype == jnp.bfloat16
     ref = x.astype(np.float64) @ w.T
     assert np.abs(np.asarray(y, np.float64) - ref).max() < 0.02 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("rows, group, tiles", [
     (1, 128, Tiles()),                            # 64 columns a program, as many splits as fit
     (5, 32, Tiles(block_n=32, splits=4)),         # four slices' partial sums, summed after
     (16, 256, Tiles(block_n=128, splits=1)),      # one slice: several steps a half group
     (50, 64, Tiles(block_m=16, splits=2))])       # four row tiles, the last one part padding
-def test_int4_gemm_kernel_against_reference(rows, group, tiles):
-    """The Pallas GEMM (interpret mode) against its jnp reference and float64, per group size and
-    tiling (one reduction step per half group of 16 inputs, several per half group of 128)."""
+def test_int4_gemm_kernel_against_reference(rows, group, tiles, offset):
+    """The Pallas GEMM (interpret mode) against its jnp reference and float64, per group size,
+    tiling (one reduction step per half group of 16 inputs, several per half group of 128) and
+    offset (zero points, a min)."""
     rng = np.random.default_rng(rows)
     n, k = 256, 512
-    w_packed, scale, mn, w = _random_int4(rng, n, k, k // group)
-    args = (jnp.asarray(w_packed), jnp.asarray(scale), jnp.asarray(mn))
+    w_packed, scale, off, w = _random_int4(rng, n, k, k // group, offset)
+    args = (jnp.asarray(w_packed), jnp.asarray(scale), jnp.asarray(off))
     xb = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
     got = int4_matmul(xb, *args, tiles=tiles, interpret=True)
     want = int4_matmul_reference(xb, *args)
@@ -133,18 +144,27 @@ def test_int4_gemm_kernel_against_reference(rows, group, tiles):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("rows, n, k", [(1, 1024, 4096), (16, 4096, 14336), (7, 14336, 4096)])
-def test_gpu_int4_gemm_against_reference(rows, n, k):
-    """Compiled for the GPU at the 8B shapes (k/v, down, gate/up), group 128: the Pallas GEMM
-    against its jnp reference."""
+def test_gpu_int4_gemm_against_reference(rows, n, k, offset):
+    """Compiled for the GPU at the 8B shapes (k/v, down, gate/up), group 128, bf16 x, each offset
+    (zero points: the bf16-pair dequantization in PTX): the Pallas GEMM against float64, and each
+    weight read back through unit rows."""
     import jax
     rng = np.random.default_rng(n + rows)
-    w_packed, scale, mn, w = _random_int4(rng, n, k, k // 128)
-    args = (jnp.asarray(w_packed), jnp.asarray(scale), jnp.asarray(mn))
+    w_packed, scale, off, w = _random_int4(rng, n, k, k // 128, offset)
+    args = (jnp.asarray(w_packed), jnp.asarray(scale), jnp.asarray(off))
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    got = np.asarray(jax.jit(int4_matmul)(x, *args), np.float64)
+    mm = jax.jit(int4_matmul)
+    got = np.asarray(mm(x, *args), np.float64)
     exact = np.asarray(x, np.float64) @ w.T
     assert np.abs(got - exact).max() < 0.01 * np.abs(exact).max()
+    # Each weight within its rounding to bf16 (2^-8 relative) plus, for zero points, the scale's
+    # (another 2^-8 of it); a swapped or shifted nibble is off by a whole step or more.
+    w_got = np.asarray(mm(jnp.eye(k, dtype=jnp.bfloat16)[:64], *args), np.float64).T
+    w64 = w[:, :64]
+    s64 = np.repeat(scale.T.astype(np.float64), 128, axis=1)[:, :64]
+    assert (np.abs(w_got - w64) <= 2.0**-7 * np.abs(w64) + 1e-3 * s64).all()
 
 
 def test_int4_gemm_splits_shrink_as_rows_grow():
@@ -159,8 +179,8 @@ def test_int4_gemm_kernel_refuses_what_it_cannot_tile():
     assert not int4_gemm.fits(200, 512, 128)   # N not a multiple of the column tile
     assert not int4_gemm.fits(256, 512, 16)    # half a group below the tensor cores' 16
     assert not int4_gemm.fits(256, 192, 96)    # a step of 48 inputs: not a power of two
-    w_packed, scale, mn, _ = _random_int4(np.random.default_rng(0), 256, 512, 4)
-    args = (jnp.asarray(w_packed), jnp.asarray(scale), jnp.asarray(mn))
+    w_packed, scale, off, _ = _random_int4(np.random.default_rng(0), 256, 512, 4)
+    args = (jnp.asarray(w_packed), jnp.asarray(scale), jnp.asarray(off))
     with pytest.raises(ValueError, match="rows"):
         int4_matmul(jnp.ones((65, 512), jnp.bfloat16), *args, interpret=True)
     with pytest.raises(ValueError, match="3 splits"):
@@ -168,21 +188,24 @@ def test_int4_gemm_kernel_refuses_what_it_cannot_tile():
 
 
 def test_quantize_int4_round_trip():
-    """Round to nearest: every weight within half a step of its group's scale, each group's range
-    kept, the levels used from 0 to 15; scale and min in float32 whatever the weight's dtype."""
+    """Round to nearest with integer zero points: every weight within half a step of its group's
+    scale (the zero point's own rounding included: a range of 15 steps holds the group and 0), the
+    levels used from 0 to 15; scale float32 and zero points uint8 whatever the weight's dtype."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 40)).astype(np.float32) * np.linspace(0.01, 3, 40)
+    w[:16, 0] = np.abs(w[:16, 0]) + 0.5  # a group of positive weights: zero point 0
     for dtype in (jnp.float32, jnp.bfloat16):
-        q, scale, mn = quantize_int4(jnp.asarray(w, dtype), 16)
+        q, scale, zero = quantize_int4(jnp.asarray(w, dtype), 16)
         assert q.dtype == jnp.uint8 and q.shape == (40, 32)
-        assert scale.shape == mn.shape == (4, 40) and scale.dtype == mn.dtype == jnp.float32
+        assert scale.shape == zero.shape == (4, 40)
+        assert scale.dtype == jnp.float32 and zero.dtype == jnp.uint8
         g = np.arange(64) // 16
         qf = _unpack(q, 4).astype(np.float64)
-        s, m = (np.asarray(a).astype(np.float64).T for a in (scale, mn))
-        deq = qf * s[:, g] + m[:, g]
+        s, z = (np.asarray(a).astype(np.float64).T for a in (scale, zero))
+        deq = (qf - z[:, g]) * s[:, g]
         target = np.asarray(jnp.asarray(w, dtype), np.float64).T
         assert (np.abs(deq - target) <= s[:, g] * 0.5 + 1e-6).all()
-        assert qf.min() == 0 and qf.max() == 15
+        assert qf.min() == 0 and qf.max() == 15 and z[0, 0] == 0
 
 
 def test_unpack_golden_words():
@@ -194,7 +217,8 @@ def test_unpack_golden_words():
     awq = unpack(Int4Checkpoint("awq", -1, 0), "x.qweight",
                  {"qweight": word, "qzeros": word, "scales": ones}, "test")
     np.testing.assert_array_equal(awq.q[:, 0], [0, 4, 1, 5, 2, 6, 3, 7])
-    np.testing.assert_array_equal(awq.min[:, 0], -np.array([0, 4, 1, 5, 2, 6, 3, 7]))
+    np.testing.assert_array_equal(awq.offset[:, 0], [0, 4, 1, 5, 2, 6, 3, 7])
+    assert awq.offset.dtype == np.uint8
     for fmt, offset in (("gptq", 1), ("gptq_v2", 0)):
         cfg = int4_checkpoint({"quantization_config": {"quant_method": "gptq", "bits": 4,
                                                        "group_size": -1, "checkpoint_format": fmt}})
@@ -202,7 +226,7 @@ def test_unpack_golden_words():
         w = unpack(cfg, "x.qweight", {"qweight": word.repeat(8, 1), "qzeros": zeros,
                                       "scales": ones}, "test")
         np.testing.assert_array_equal(w.q, np.tile(np.arange(8), (8, 1)))  # [out, in]
-        np.testing.assert_array_equal(w.min[:, 0], -(np.array([0, 0, 1, 2, 3, 4, 5, 6]) + offset))
+        np.testing.assert_array_equal(w.offset[:, 0], np.array([0, 0, 1, 2, 3, 4, 5, 6]) + offset)
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq", "gptq_act_order"])
@@ -223,9 +247,9 @@ def test_unpack_inverts_the_packers(method):
         tensors = {"qweight": pack_rows(q.T), "qzeros": pack_cols(zero.T - 1), "scales": scale,
                    "g_idx": g_idx.astype(np.int32)}
     w = unpack(fmt, "x.qweight", tensors, "test")
-    assert w.q.shape == (out, inp) and w.min.shape == w.scale.shape == (out, groups)
+    assert w.q.shape == (out, inp) and w.offset.shape == w.scale.shape == (out, groups)
     np.testing.assert_array_equal(w.scale, scale.T.astype(np.float32))
-    np.testing.assert_array_equal(w.min, -zero.astype(np.float32) * scale.T.astype(np.float32))
+    np.testing.assert_array_equal(w.offset, zero)
     if method == "gptq_act_order":
         np.testing.assert_array_equal(np.sort(w.perm), np.arange(inp))
         np.testing.assert_array_equal(w.q, q[:, w.perm])
@@ -301,7 +325,7 @@ def test_int4_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
     lp = engine.runner.params["layers"][0]
     act_order = CHECKPOINTS[name][2]  # q/k/v and gate/up fused into one GEMM each unless
     qkv = "q" if act_order else "q+k+v"  # their inputs are reordered
-    assert lp[qkv].dtype == jnp.uint8 and lp[qkv + "_min"].dtype == jnp.float32
+    assert lp[qkv].dtype == lp[qkv + "_zero"].dtype == jnp.uint8 and qkv + "_min" not in lp
     assert ("q+k+v" in lp) == ("gate+up" in lp) == ("q" not in lp) == (not act_order)
     assert lp["down"].shape == (64, 48) and lp["down_scale"].shape == (96 // GROUP, 64)
     assert ("q_perm" in lp) == act_order

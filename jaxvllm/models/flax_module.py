@@ -156,7 +156,7 @@ def dense_inputs(token_ids: jax.Array, positions: jax.Array) -> ModelInputs:
 def _quantized(path: tuple, leaf: jax.Array) -> bool:
     """A leaf of a quantized serving form: scales/zero points/permutations beside packed weights,
     integer weights, or 8-bit floats."""
-    if any(str(getattr(k, "key", "")).endswith(("_scale", "_min", "_perm")) for k in path):
+    if any(str(getattr(k, "key", "")).endswith(("_scale", "_zero", "_min", "_perm")) for k in path):
         return True
     return not jnp.issubdtype(leaf.dtype, jnp.floating) or jnp.dtype(leaf.dtype).itemsize < 2
 

@@ -1,16 +1,18 @@
 """int4 weights (W4A16: AWQ and GPTQ checkpoints, `quantization="awq"|"gptq"`, and a GGUF's 4-bit
-tensors, `quantization="gguf"`): each linear weight
-kept at 4 bits with a scale and a minimum per output channel and group of inputs, dequantized
-to the activations' dtype as the layer runs: w = q * scale + min (one multiply-add; AWQ's and
-GPTQ's integer zero points are min = -zero * scale, GGUF's Q4_1 and Q4_K store min itself).
+tensors, `quantization="gguf"`): each linear weight kept at 4 bits with a scale and an offset per
+output channel and group of inputs, dequantized to the activations' dtype as the layer runs. The
+offset is an integer zero point where the format has one, w = (q - zero) * scale (AWQ, GPTQ, GGUF's
+Q4_0 and quantize_int4), else a min, w = q * scale + min (GGUF's Q4_1 and Q4_K): with zero points
+the GPU's GEMM dequantizes in bf16 pairs, twice the weights an instruction
+(pallas_kernels/int4_gemm.py).
 
 Layout (beside the weight `<name>`; converters/int4.py writes it from a checkpoint, pack() from
 values): `<name>` uint8 [out, in/2], two 4-bit values a byte, within each group of inputs byte j
 holding input j (low bits) and input j + group/2 (high bits) (the layout the Pallas GEMM reads
-without moving values between lanes, pallas_kernels/int4_gemm.py); `<name>_scale` and `<name>_min`
-[groups, out] in float32 (the checkpoints' float16 scales, and min = -zero * scale or GGUF's
-Q4_K sub-block products, all exact: a model-dtype bf16 min, shared by a group, biased the whole
-group; bench/RESULTS.md, "GGUF at 4 bits"); and for a GPTQ checkpoint quantized in
+without moving values between lanes); `<name>_scale` [groups, out] in float32 (the checkpoints'
+float16 scales, exact); either `<name>_zero` uint8 or `<name>_min` float32 [groups, out] (GGUF's
+mins and Q4_K's sub-block products exact: a model-dtype bf16 min, shared by a group, biased the
+whole group; bench/RESULTS.md, "GGUF at 4 bits"); and for a GPTQ checkpoint quantized in
 activation order `<name>_perm` int32 [in]: the order of the inputs that makes each group contiguous
 (the weight's inputs are stored in that order and the layer gathers its input the same way).
 The embedding, LM head, norms and routers stay in the model's dtype.
@@ -29,10 +31,18 @@ from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 INT4 = jnp.uint8  # the packed weight's dtype (no other weight of the layout is uint8)
 
 
-def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array,
+OFFSETS = ("_zero", "_min")  # an int4 weight's offset: one of the two, by the format
+
+
+def offset(lp: dict, name: str) -> jax.Array:
+    """The int4 weight `name`'s offset in the layer params `lp`: its zero points or its min."""
+    return lp[name + "_zero"] if name + "_zero" in lp else lp[name + "_min"]
+
+
+def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
                 perm: Optional[jax.Array] = None) -> jax.Array:
-    """x [..., in] times the packed int4 weight (w [out, in/2], scale and min [groups, out]);
-    perm [in] reorders x's features first. Decode-sized batches on the GPU run the Pallas GEMM
+    """x [..., in] times the packed int4 weight (w [out, in/2], scale [groups, out], off the uint8
+    zero points or float32 min [groups, out]); perm [in] reorders x's features first. Decode-sized batches on the GPU run the Pallas GEMM
     (the weight read at 4 bits); others dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
@@ -41,9 +51,9 @@ def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, mn: jax.Array,
     group = k // scale.shape[0]
     if (jax.default_backend() == "gpu" and x2.shape[0] <= int4_gemm.MAX_ROWS
             and int4_gemm.fits(w.shape[0], k, group)):
-        y = int4_matmul(x2, w, scale, mn)
+        y = int4_matmul(x2, w, scale, off)
     else:
-        y = int4_matmul_reference(x2, w, scale, mn)
+        y = int4_matmul_reference(x2, w, scale, off)
     return y.reshape(*lead, w.shape[0])
 
 
@@ -58,17 +68,19 @@ def pack(q: Any, group: int) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("group_size",))
 def quantize_int4(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[in, out] -> the layout's (packed uint8 [out, in/2], float32 scale and min [groups, out]):
-    round to nearest with each group's range [min(w), max(w)] over 16 levels. For weights
+    """[in, out] -> the layout's (packed uint8 [out, in/2], float32 scale [groups, out], uint8 zero
+    points [groups, out]): round to nearest over 16 levels spanning each group's range widened to
+    hold 0 (AWQ's asymmetric form: zero = round(-min / scale), w ~ (q - zero) * scale). For weights
     that come without int4 scales (dummy weights measured at 4 bits): AWQ and GPTQ checkpoints
     bring their own."""
     wt = w.astype(jnp.float32).T
     out, inp = wt.shape
     g = wt.reshape(out, inp // group_size, group_size)
-    lo, hi = g.min(-1), g.max(-1)
+    lo, hi = jnp.minimum(g.min(-1), 0), jnp.maximum(g.max(-1), 0)
     scale = jnp.maximum(hi - lo, 1e-12) / 15
-    q = jnp.clip(jnp.round((g - lo[..., None]) / scale[..., None]), 0, 15)
-    return pack(q.reshape(out, inp), group_size), scale.T, lo.T
+    zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
+    q = jnp.clip(jnp.round(g / scale[..., None]) + zero[..., None], 0, 15)
+    return pack(q.reshape(out, inp), group_size), scale.T, zero.astype(jnp.uint8).T
 
 
 def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, Any]:
@@ -78,7 +90,7 @@ def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, 
 
     def quantize(w: jax.Array) -> dict[str, jax.Array]:
         group = group_size if w.shape[0] % group_size == 0 else w.shape[0]
-        return dict(zip(("", "_scale", "_min"), quantize_int4(w, group)))
+        return dict(zip(("", "_scale", "_zero"), quantize_int4(w, group)))
     return map_linears(params, quantize)
 
 
@@ -87,21 +99,23 @@ FUSED = (("q", "k", "v"), ("gate", "up"))  # projections of one input (models/la
 
 def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
     """A new params tree with each layer's int4 q/k/v and gate/up stored as one weight each
-    ("q+k+v", "gate+up": outputs concatenated, with their scales and mins), so the layer runs one
-    GEMM for them, not three and two: at decode sizes every int4 GEMM is a launch of its own and
-    the narrow k and v ones are launch-bound (bench/RESULTS.md, "int4"). Projections that differ
-    in group size or carry an input order (GPTQ's activation order) stay apart."""
+    ("q+k+v", "gate+up": outputs concatenated, with their scales and offsets), so the layer runs
+    one GEMM for them, not three and two: at decode sizes every int4 GEMM is a launch of its own
+    and the narrow k and v ones are launch-bound (bench/RESULTS.md, "int4"). Projections that
+    differ in group size or offset kind, or carry an input order (GPTQ's activation order), stay
+    apart."""
     layers = []
     for lp in params["layers"]:
         lp = dict(lp)
         for names in FUSED:
             if not all(n in lp and lp[n].dtype == INT4 and n + "_perm" not in lp for n in names):
                 continue
-            if len({lp[n + "_scale"].shape[0] for n in names}) != 1:
+            if len({(lp[n + "_scale"].shape[0], n + "_zero" in lp) for n in names}) != 1:
                 continue
             key = "+".join(names)
+            kind = next(o for o in OFFSETS if names[0] + o in lp)
             lp[key] = jnp.concatenate([lp.pop(n) for n in names])
-            for part in ("_scale", "_min"):
+            for part in ("_scale", kind):
                 lp[key + part] = jnp.concatenate([lp.pop(n + part) for n in names], axis=1)
         layers.append(lp)
     return {**params, "layers": layers}

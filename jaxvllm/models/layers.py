@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.int4 import INT4, int4_linear
+from jaxvllm.models.int4 import INT4, int4_linear, offset as int4_offset
 from jaxvllm.models.quant import fp8_linear
 from pallas_kernels import invariant_gemm
 from pallas_kernels.reference import ordered_sum
@@ -174,7 +174,7 @@ def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False,
     if scale is None:
         y = matmul(x, w, invariant)
     elif w.dtype == INT4:
-        y = int4_linear(x, w, scale, lp[name + "_min"], lp.get(name + "_perm"))
+        y = int4_linear(x, w, scale, int4_offset(lp, name), lp.get(name + "_perm"))
     else:
         y = fp8_linear(x, w, scale, fp8_kernel)
     return _add_lora(_add_bias(y, lp, name), x, lp, name)
@@ -189,7 +189,7 @@ def projections(x: jax.Array, lp: dict, names: tuple[str, ...],
     key = "+".join(names)
     if key not in lp:
         return [linear(x, lp, n, invariant, fp8_kernel) for n in names]
-    y = int4_linear(x, lp[key], lp[key + "_scale"], lp[key + "_min"])
+    y = int4_linear(x, lp[key], lp[key + "_scale"], int4_offset(lp, key))
     cuts = len(names) if sizes is None else np.cumsum(sizes)[:-1].tolist()
     return [_add_lora(_add_bias(y, lp, n), x, lp, n)
             for y, n in zip(jnp.split(y, cuts, axis=-1), names)]

@@ -21,8 +21,9 @@ params = {
 Linear weights are stored [in, out] (HF's torch weights transposed) so `x @ w` needs no transpose.
 With `quantization="fp8"` (models/quant.py) the quantized ones are float8 [out, in] (the layout
 cuBLASLt's FP8 GEMM reads) with a float32 `<name>_scale` [out] beside each. With "awq"/"gptq"
-(models/int4.py) they are packed uint8 [out, in/2] with `<name>_scale` and `<name>_min` [groups,
-out] (float32), and `<name>_perm` int32 [in] for GPTQ in activation order.
+(models/int4.py) they are packed uint8 [out, in/2] with `<name>_scale` [groups, out] (float32),
+`<name>_zero` (uint8 zero points) or `<name>_min` (float32, GGUF's Q4_1 and Q4_K) [groups, out],
+and `<name>_perm` int32 [in] for GPTQ in activation order.
 """
 from __future__ import annotations
 
