@@ -111,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
                 res = result["shapes"].setdefault(name, {}).setdefault(m, {})[fmt] = {
                     "bf16_us": bf16_us}
                 res["xla_us"] = per(layers_program(xla_fn, triton), ws) * 1e6
-                ref = np.asarray(layers_program(xla_fn, triton)(ws[:1], x))
+                # Checked output by output against one layer's reference (a sum over the outputs
+                # cancels to a few percent of their count and moved by their bf16 rounding alone).
+                ref = np.asarray(jax.jit(xla_fn)(x, *ws[0]), np.float32)
                 best = None
                 for tiles in tilings(m, n, k):
                     if time.perf_counter() - t_start > args.budget_s:
@@ -120,13 +122,15 @@ def run(args: argparse.Namespace) -> int:
                         continue
                     try:
                         fn = layers_program(kernel(tiles))
-                        got = np.asarray(fn(ws[:1], x))
+                        got = np.asarray(jax.jit(kernel(tiles))(x, *ws[0]), np.float32)
                         us = per(fn, ws) * 1e6
                     except Exception as e:  # noqa: BLE001 (a tiling Triton refuses is skipped)
                         print(f"  {fmt} {name} m={m} {tiles}: {type(e).__name__}: {str(e)[:120]}")
                         continue
-                    if abs(got - ref) > 1e-2 * max(1.0, abs(ref)):
-                        print(f"  {fmt} {name} m={m} {tiles}: wrong sum {got} vs {ref}")
+                    err = np.abs(got - ref).max() / np.abs(ref).max()
+                    if err > 1e-2:
+                        print(f"  {fmt} {name} m={m} {tiles}: wrong output (max error {err:.2%} "
+                              f"of the largest)")
                         continue
                     print(f"  {fmt} {name} m={m} {tiles}: {us:.1f} us", flush=True)
                     if best is None or us < best[0]:
