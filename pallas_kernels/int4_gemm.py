@@ -80,6 +80,14 @@ class Tiles:
     num_stages: int = 3
 
 
+def default_tiles(m: int) -> Tiles:
+    """The engine's tiling for m rows: two warps a program up to 8 rows, where the input is split
+    into as many slices as for one row (H200, 8B shapes, one row: 66.6 µs a layer's linears against
+    70.7 with four; bench/RESULTS.md, "int4 with integer zero points"); four from 16 rows, where
+    fewer slices leave fewer programs and two warps were slower (36.2 against 35.5 µs, gate+up)."""
+    return Tiles(num_warps=2) if m <= 8 else Tiles()
+
+
 def fits(n: int, k: int, group: int) -> bool:
     """Whether the kernel's tiles divide these sizes: N by the smallest column tile, and each half
     group (the bytes of a group) by a reduction step of at least 16 inputs (the tensor cores'
@@ -102,10 +110,10 @@ def _splits(m: int, k: int, groups: int) -> int:
 
 
 def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array, *,
-                tiles: Tiles = Tiles(), interpret: bool = False) -> jax.Array:
+                tiles: Optional[Tiles] = None, interpret: bool = False) -> jax.Array:
     """x [M, K] (M <= MAX_ROWS) times the packed int4 weight (w uint8 [N, K/2], scale [G, N],
     offset [G, N]: a float32 min or uint8 zero points) -> [M, N] in x's dtype, float32
-    accumulation."""
+    accumulation. `tiles`: default_tiles(M) unless given."""
     m, k = x.shape
     n = w.shape[0]
     groups = scale.shape[0]
@@ -114,6 +122,7 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array,
         raise ValueError(f"int4_matmul: {m} rows, N {n}, K {k}, group {group} do not fit the "
                          f"kernel (rows <= {MAX_ROWS}, N % {MIN_BLOCK_N}, a half group of >= 16 "
                          f"inputs)")
+    tiles = tiles or default_tiles(m)
     bm = min(tiles.block_m, max(MIN_BLOCK_M, 1 << (m - 1).bit_length()))
     bn = next(d for d in (tiles.block_n, MIN_BLOCK_N) if n % d == 0)
     splits = tiles.splits or _splits(m, k, groups)

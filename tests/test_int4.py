@@ -121,7 +121,7 @@ def test_int4_linear_against_float64(offset):
 
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("rows, group, tiles", [
-    (1, 128, Tiles()),                            # 64 columns a program, as many splits as fit
+    (1, 128, None),                               # the engine's tiling (default_tiles)
     (5, 32, Tiles(block_n=32, splits=4)),         # four slices' partial sums, summed after
     (16, 256, Tiles(block_n=128, splits=1)),      # one slice: several steps a half group
     (50, 64, Tiles(block_m=16, splits=2))])       # four row tiles, the last one part padding
