@@ -15,7 +15,7 @@ import torch
 from converters.errors import WeightLoadError
 from converters.int4 import Int4Checkpoint, int4_checkpoint, unpack
 from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
-from jaxvllm.models.int4 import int4_linear, pack, quantize_int4
+from jaxvllm.models.int4 import fuse_projections, int4_linear, pack, quantize_int4
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 from pallas_kernels.int4_gemm import Tiles
 
@@ -208,6 +208,28 @@ def test_quantize_int4_round_trip():
         target = np.asarray(jnp.asarray(w, dtype), np.float64).T
         assert (np.abs(deq - target) <= s[:, g] * 0.5 + 1e-6).all()
         assert qf.min() == 0 and qf.max() == 15 and z[0, 0] == 0
+
+
+def test_fused_projections_keep_their_offsets():
+    """gate and up with zero points fuse into one weight whose scales and zero points are theirs
+    side by side; q/k/v whose offsets differ in kind (zero points, a min) stay apart."""
+    rng = np.random.default_rng(4)
+
+    def weight(out, offset):
+        w, scale, off, _ = _random_int4(rng, out, 64, 2, offset)
+        return {"": jnp.asarray(w), "_scale": jnp.asarray(scale), "_" + offset: jnp.asarray(off)}
+
+    parts = {"gate": weight(32, "zero"), "up": weight(48, "zero"), "q": weight(32, "zero"),
+             "k": weight(16, "zero"), "v": weight(16, "min")}
+    lp = {n + suffix: a for n, p in parts.items() for suffix, a in p.items()}
+    fused = fuse_projections({"layers": [lp]})["layers"][0]
+    assert "gate" not in fused and "gate+up_min" not in fused
+    np.testing.assert_array_equal(fused["gate+up"], np.concatenate([lp["gate"], lp["up"]]))
+    for part in ("_scale", "_zero"):
+        np.testing.assert_array_equal(fused["gate+up" + part],
+                                      np.concatenate([lp["gate" + part], lp["up" + part]], axis=1))
+    assert fused["gate+up_zero"].dtype == jnp.uint8
+    assert "q+k+v" not in fused and all(n in fused for n in ("q", "k_zero", "v_min"))
 
 
 def test_unpack_golden_words():
