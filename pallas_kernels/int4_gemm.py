@@ -20,11 +20,11 @@ two contiguous slices of x and no value needs moving between lanes. scale [G, N]
 the offset [G, N] are stored group-major so a program reads a contiguous row of each per group. The
 offset is either a float32 min (w = q * scale + min: GGUF's Q4_1 and Q4_K) or a uint8 integer zero
 point (w = (q - zero) * scale: AWQ, GPTQ, GGUF's Q4_0 and the engine's own quantization). With zero
-points and bf16 x on the GPU the dequantization runs in bf16 pairs (_ZERO_POINT_ASM), two weights
+points and bf16 x on the GPU the dequantization runs in bf16 pairs (_zero_point_asm), two weights
 an instruction and exact but for the scale's rounding to bf16 (as vLLM's Marlin kernels round it);
 the other forms convert each weight through float32. A bf16 min could not take the pair path: a
-rounded min is shared by its group and biases every weight of it alike (bench/RESULTS.md, "int4 at
-one row").
+rounded min is shared by its group and biases every weight of it alike (bench/RESULTS.md, "int4
+with integer zero points").
 """
 from __future__ import annotations
 

@@ -42,8 +42,9 @@ def offset(lp: dict, name: str) -> jax.Array:
 def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
                 perm: Optional[jax.Array] = None) -> jax.Array:
     """x [..., in] times the packed int4 weight (w [out, in/2], scale [groups, out], off the uint8
-    zero points or float32 min [groups, out]); perm [in] reorders x's features first. Decode-sized batches on the GPU run the Pallas GEMM
-    (the weight read at 4 bits); others dequantize, then multiply. Returns x's dtype."""
+    zero points or float32 min [groups, out]); perm [in] reorders x's features first.
+    Decode-sized batches on the GPU run the Pallas GEMM (the weight read at 4 bits); others
+    dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
     lead, k = x.shape[:-1], x.shape[-1]
