@@ -234,7 +234,8 @@ def main() -> None:
         print("first output begins:", json.dumps(plain["sample"]))
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump([{k: v for k, v in r.items() if k not in ("tokens", "gaps")} for r in results], f,
+            json.dump([{**{k: v for k, v in r.items() if k not in ("tokens", "gaps")},
+                        "same_output": r["tokens"] == plain["tokens"]} for r in results], f,
                       indent=1)
 
 

@@ -1,13 +1,17 @@
 """Every row of the one-GPU speed targets in one run: each row is the `bench/README.md` command
-(throughput, latency, serve, startup) in a process of its own, one after the other, sharing one
-compilation cache so only the first start of each engine configuration compiles (startup's cold
-row uses an empty cache of its own). Prints one table: the figures of each row beside its target.
+(throughput, latency, serve, startup, spec_decode) in a process of its own, one after the other,
+sharing one compilation cache so only the first start of each engine configuration compiles
+(startup's cold row uses an empty cache of its own). Prints one table: the figures of each row
+beside its target.
 
     python bench/target_rows.py --model bench/configs/llama-3-8b --load-format dummy --dtype bfloat16
-        [--rows mixed,long,serve-inf,serve-16,batch-1,startup] [--quick]
+        [--rows mixed,long,serve-inf,serve-16,batch-1,startup,spec] [--spec-model M] [--quick]
 
+The spec row decodes by prompt lookup at batch 1 in batch-invariant mode (so that its greedy
+output can be the same as plain decoding's): a dummy model's guesses say nothing, so
+`--spec-model` names a real model that the row runs grown to --model's shape (bench/grow.py).
 `--quick` swaps every workload for a seconds-long one (CPU smoke runs, tests); engine flags after
-`--` go to every row's engine (e.g. `-- --max-num-seqs 512`).
+`--` go to every row's engine but the spec row's (e.g. `-- --max-num-seqs 512`).
 """
 from __future__ import annotations
 
@@ -38,6 +42,12 @@ class Row:
     target: str
     figures: Callable[[dict], list[tuple[str, float]]]
     met: Callable[[dict], bool]
+    takes_engine_flags: bool = True  # spec_decode sets its engines itself
+
+
+def _speedups(r: list) -> list[tuple[float, bool]]:
+    """spec_decode's runs after plain decoding's: (decode rate over plain's, same output)."""
+    return [(x["decode_tok_s"] / r[0]["decode_tok_s"], x["same_output"]) for x in r[1:]]
 
 
 def _run(r: dict) -> dict:
@@ -79,6 +89,13 @@ ROWS = {
                    "cold <= 60 s, warm <= 10 s",
                    lambda r: [("cold s", r["cold_s"]), ("warm s", r["warm_s"])],
                    lambda r: r["cold_s"] <= 60 and r["warm_s"] <= 10),
+    "spec": Row("spec_decode", ["--k", "4", "6", "--batch-invariant"],
+                ["--k", "2", "--batch-invariant", "--output-len", "12", "--max-model-len", "512"],
+                ">= 2x plain batch-1 decode, the same greedy output",
+                lambda r: [(f"k {x['k']} speed-up", s) for x, (s, _) in zip(r[1:], _speedups(r))]
+                + [("runs with plain's output", sum(same for _, same in _speedups(r)))],
+                lambda r: any(s >= 2 and same for s, same in _speedups(r)),
+                takes_engine_flags=False),
 }
 
 
@@ -88,6 +105,9 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--rows", default=",".join(ROWS),
                    help=f"Comma-separated rows to run, in order (default all: {','.join(ROWS)}).")
+    p.add_argument("--spec-model", default=None,
+                   help="A real model for the spec row, run grown to --model's shape (default: "
+                        "--model itself).")
     p.add_argument("--quick", action="store_true", help="Seconds-long workloads (smoke runs).")
     p.add_argument("--timeout", type=float, default=1800.0, help="Seconds allowed per row.")
     C.add_output_args(p)
@@ -100,10 +120,13 @@ def run_row(name: str, args: argparse.Namespace, engine: list[str], cache_dir: s
     out = os.path.join(out_dir, f"{name}.json")
     cmd = [sys.executable, os.path.join(BENCH, f"{row.script}.py"),
            *(row.quick if args.quick else row.workload), "--output-json", out]
-    cmd += [f for k, v in (("--model", args.model), ("--load-format", args.load_format),
-                           ("--dtype", args.dtype)) if v is not None for f in (k, v)]
-    cmd += (QUICK_ENGINE if args.quick else []) + engine  # the user's flags win
-    if row.script != "startup":  # it times a cold start: a cache of its own
+    model = (("--model", args.spec_model), ("--grow-to", args.model)) if (
+        name == "spec" and args.spec_model) else (("--model", args.model),
+                                                  ("--load-format", args.load_format))
+    cmd += [f for k, v in (*model, ("--dtype", args.dtype)) if v is not None for f in (k, v)]
+    if row.takes_engine_flags:
+        cmd += (QUICK_ENGINE if args.quick else []) + engine  # the user's flags win
+    if row.takes_engine_flags and row.script != "startup":  # startup times a cold start
         cmd += ["--compilation-cache-dir", cache_dir]
     C.log(f"row {name}: {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=args.timeout)

@@ -464,15 +464,21 @@ def test_target_rows_runs_each_row_and_reads_its_figures(tiny_dummy, tmp_path):
                               *argv], capture_output=True, text=True, env=C.child_env(),
                              timeout=600)
         return out, json.loads((tmp_path / "r.json").read_text())["rows"]
-    out, res = rows("--rows", "batch-1,serve-16")
+    out, res = rows("--rows", "batch-1,serve-16,spec")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert list(res) == ["batch-1", "serve-16"]
+    assert list(res) == ["batch-1", "serve-16", "spec"]
     batch1 = res["batch-1"]
     assert batch1["figures"][0] == ["decode tok/s", batch1["result"]["decode_tokens_per_s"]]
     assert batch1["met"] is (batch1["result"]["decode_tokens_per_s"] >= 250)
     ttft = res["serve-16"]["result"]["runs"][0]["ttft_ms"]["p50"]
     assert res["serve-16"]["figures"][0] == ["TTFT p50 ms", ttft] and ttft > 0
-    assert out.stdout.count("\n| ") == 3
+    runs = res["spec"]["result"]  # plain decoding, then k 2, batch-invariant
+    assert [r["k"] for r in runs] == [0, 2] and all(r["batch_invariant"] for r in runs)
+    speedup = runs[1]["decode_tok_s"] / runs[0]["decode_tok_s"]
+    assert res["spec"]["figures"] == [["k 2 speed-up", speedup],
+                                      ["runs with plain's output", int(runs[1]["same_output"])]]
+    assert res["spec"]["met"] is (speedup >= 2 and runs[1]["same_output"])
+    assert out.stdout.count("\n| ") == 4
     out, res = rows("--rows", "batch-1", "--", "--max-num-seqs", "0")
     assert out.returncode == 1 and "error" in res["batch-1"] and "exit" in out.stdout
 
