@@ -31,12 +31,14 @@ from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 INT4 = jnp.uint8  # the packed weight's dtype (no other weight of the layout is uint8)
 
 
-OFFSETS = ("_zero", "_min")  # an int4 weight's offset: one of the two, by the format
+def _offset_suffix(lp: dict, name: str) -> str:
+    """Which offset the int4 weight `name` has in the layer params `lp`: "_zero" or "_min"."""
+    return "_zero" if name + "_zero" in lp else "_min"
 
 
 def offset(lp: dict, name: str) -> jax.Array:
     """The int4 weight `name`'s offset in the layer params `lp`: its zero points or its min."""
-    return lp[name + "_zero"] if name + "_zero" in lp else lp[name + "_min"]
+    return lp[name + _offset_suffix(lp, name)]
 
 
 def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
@@ -111,12 +113,12 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
         for names in FUSED:
             if not all(n in lp and lp[n].dtype == INT4 and n + "_perm" not in lp for n in names):
                 continue
-            if len({(lp[n + "_scale"].shape[0], n + "_zero" in lp) for n in names}) != 1:
+            if len({(lp[n + "_scale"].shape[0], _offset_suffix(lp, n)) for n in names}) != 1:
                 continue
             key = "+".join(names)
-            kind = next(o for o in OFFSETS if names[0] + o in lp)
+            suffix = _offset_suffix(lp, names[0])
             lp[key] = jnp.concatenate([lp.pop(n) for n in names])
-            for part in ("_scale", kind):
+            for part in ("_scale", suffix):
                 lp[key + part] = jnp.concatenate([lp.pop(n + part) for n in names], axis=1)
         layers.append(lp)
     return {**params, "layers": layers}
