@@ -6,6 +6,7 @@ beside its target.
 
     python bench/target_rows.py --model bench/configs/llama-3-8b --load-format dummy --dtype bfloat16
         [--rows mixed,long,serve-inf,serve-16,batch-1,startup,spec] [--spec-model M] [--quick]
+        [--work-dir DIR]
 
 The spec row decodes by prompt lookup at batch 1 in batch-invariant mode (so that its greedy
 output can be the same as plain decoding's): a dummy model's guesses say nothing, so
@@ -16,6 +17,7 @@ output can be the same as plain decoding's): a dummy model's guesses say nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -110,6 +112,11 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--model itself).")
     p.add_argument("--quick", action="store_true", help="Seconds-long workloads (smoke runs).")
     p.add_argument("--timeout", type=float, default=1800.0, help="Seconds allowed per row.")
+    p.add_argument("--work-dir", default=None,
+                   help="Where each row's JSON result and the rows' shared compilation cache are "
+                        "kept (default: a temporary directory, removed at the end). A run cut "
+                        "short keeps its finished rows there, and a later run with the same "
+                        "directory starts from the cache.")
     C.add_output_args(p)
     return p
 
@@ -151,10 +158,12 @@ def run(argv: Optional[list[str]] = None) -> int:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; the rows are {list(ROWS)}")
     results = {}
-    with tempfile.TemporaryDirectory(prefix="jaxvllm-rows-") as tmp:
-        cache_dir = os.path.join(tmp, "jax")
+    with contextlib.ExitStack() as stack:
+        work = args.work_dir or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="jaxvllm-rows-"))
+        os.makedirs(work, exist_ok=True)
         for name in names:
-            results[name] = run_row(name, args, engine, cache_dir, tmp)
+            results[name] = run_row(name, args, engine, os.path.join(work, "jax"), work)
     table = []
     for name in names:
         res = results[name]

@@ -455,8 +455,8 @@ def test_host_step_times_each_phase(tmp_path):
 
 def test_target_rows_runs_each_row_and_reads_its_figures(tiny_dummy, tmp_path):
     """bench/target_rows.py --quick: each chosen row is its benchmark's run, its figures read from
-    that run's JSON and judged against the row's target; a row whose run fails says so and the
-    script exits non-zero."""
+    that run's JSON and judged against the row's target; --work-dir keeps each row's JSON and the
+    rows' compilation cache; a row whose run fails says so and the script exits non-zero."""
     def rows(*argv):
         out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "target_rows.py"),
                               "--model", tiny_dummy, "--load-format", "dummy", "--dtype",
@@ -464,9 +464,12 @@ def test_target_rows_runs_each_row_and_reads_its_figures(tiny_dummy, tmp_path):
                               *argv], capture_output=True, text=True, env=C.child_env(),
                              timeout=600)
         return out, json.loads((tmp_path / "r.json").read_text())["rows"]
-    out, res = rows("--rows", "batch-1,serve-16,spec")
+    out, res = rows("--rows", "batch-1,serve-16,spec", "--work-dir", str(tmp_path / "w"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert list(res) == ["batch-1", "serve-16", "spec"]
+    for name in res:
+        assert json.loads((tmp_path / "w" / f"{name}.json").read_text()) == res[name]["result"]
+    assert any((tmp_path / "w" / "jax").iterdir())
     batch1 = res["batch-1"]
     assert batch1["figures"][0] == ["decode tok/s", batch1["result"]["decode_tokens_per_s"]]
     assert batch1["met"] is (batch1["result"]["decode_tokens_per_s"] >= 250)
