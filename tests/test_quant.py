@@ -255,6 +255,20 @@ def _one_request(**engine_kw) -> tuple[Any, Any]:
     return llm.llm_engine.runner, out
 
 
+@pytest.mark.parametrize("on_gpu", [True, False])  # not "gpu": that keyword marks GPU-only tests
+def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
+    """The engine adds a bucket of one token for FP8 on one GPU and for int4 (AWQ, GPTQ, GGUF's
+    4-bit) on a GPU: never for bf16, a CPU, or FP8 sharded over devices."""
+    import jax
+    from jaxvllm.engine import setup
+    from jaxvllm.config import EngineArgs
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if on_gpu else "cpu")
+    fits = lambda q, shardings=None: setup.one_row_bucket(  # noqa: E731
+        EngineArgs(model="m", quantization=q), shardings)
+    assert [fits(q) for q in ("awq", "gptq", "gguf", "fp8")] == [on_gpu] * 4
+    assert not fits(None) and not fits("fp8", shardings=object())
+
+
 def test_one_decoding_request_runs_the_fp8_kernel(monkeypatch):
     """Where the engine picks the Pallas FP8 GEMM (on a GPU; forced here, the kernel interpreted)
     one decoding request runs in a bucket of one token through it, with the tokens and logprobs

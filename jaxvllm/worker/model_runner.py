@@ -68,6 +68,7 @@ class RunnerConfig:
     gpu_memory_utilization: float = 0.9
     kv_dtype: Any = jnp.bfloat16
     token_buckets: Optional[tuple[int, ...]] = None
+    one_row_bucket: bool = False              # a bucket of one token below the default ones
     seed: int = 0
     max_logprobs: int = 20                    # the top-k width of every logprobs program
     compile_at_start: bool = False            # warmup() follows: start what it builds early
@@ -115,10 +116,8 @@ class ModelRunner:
             self.attention_fn = shardings.attention_fn(self.attention_fn)
             self.experts_fn = shardings.experts_fn(self.experts_fn)
         buckets = config.token_buckets or default_token_buckets(config.max_num_batched_tokens)
-        if cfg.fp8_kernel and not config.token_buckets:
-            # One decoding request runs without padded rows: only one row takes the Pallas FP8
-            # GEMM, which reads the weights faster than XLA's (models/quant.fp8_linear).
-            buckets = (1, *buckets)
+        if config.one_row_bucket and not config.token_buckets:
+            buckets = (1, *buckets)  # one decoding request without padded rows (setup.py)
         if buckets[-1] < config.max_num_batched_tokens:
             raise ValueError(f"token_buckets must reach max_num_batched_tokens "
                              f"({config.max_num_batched_tokens}), largest is {buckets[-1]}")
