@@ -7,7 +7,7 @@ host. The seconds between two steps' samples are the step's time when the device
 Each step's roofline is max(FLOPs / peak, bytes / bandwidth): linear layers at 2 x parameters per
 token, the LM head per sampled row, attention at 4 x heads x head_dim x layers per (query, key)
 pair; bytes are the weights once plus the K/V read. Peak and bandwidth are measured in the run
-(a bf16 8192^3 matmul, a 2 GiB copy) unless given. `--trace-steps START:COUNT` also records a JAX
+(an 8192^3 matmul, FP8 for FP8 weights, a 2 GiB copy) unless given. `--trace-steps START:COUNT` also records a JAX
 profiler trace of COUNT steps from step START and sums its GPU kernels by name.
 
     python bench/step_profile.py --model bench/configs/llama-3-8b --load-format dummy \\
@@ -36,7 +36,8 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num-prompts", type=int, default=1000)
     C.add_len_args(g, "128:1024", "32:512")
     g.add_argument("--peak-tflops", type=float, default=None,
-                   help="bf16 GEMM peak for the roofline (default: measured, 8192^3 matmul).")
+                   help="GEMM peak for the roofline (default: measured, an 8192^3 matmul in "
+                        "bf16, or FP8 with --quantization fp8).")
     g.add_argument("--bandwidth-tbs", type=float, default=None,
                    help="Memory bandwidth for the roofline (default: measured, 2 GiB copy).")
     g.add_argument("--trace-steps", default=None, metavar="START:COUNT",
@@ -263,7 +264,10 @@ def run(args: argparse.Namespace) -> int:
     configure_jax(C.engine_args_from(args))  # before any device use: the memory pool settings
     # Measured before the engine starts: programs lowered after its warm-up count as compiles
     # while serving (the engine warns), and the buffers fit before the KV cache takes the memory.
-    peak = 1e12 * args.peak_tflops if args.peak_tflops else C.measure_matmul_flops()
+    # FP8 weights: the linears' FLOPs at the FP8 GEMM's peak (the LM head's bf16 share is ~3% of
+    # an 8B step's).
+    peak = 1e12 * args.peak_tflops if args.peak_tflops else C.measure_matmul_flops(
+        fp8=args.quantization == "fp8")
     bw = 1e12 * args.bandwidth_tbs if args.bandwidth_tbs else C.measure_bandwidth(2 << 30)
     llm = C.build_llm(args)
     engine = llm.llm_engine

@@ -329,12 +329,19 @@ def measure_gemv_bandwidth(nbytes: int, shapes: tuple = GEMV_SHAPES, iters: int 
     return out
 
 
-def measure_matmul_flops(n: int = 8192, iters: int = 10) -> float:
-    """bf16 GEMM throughput in FLOP/s: median time of a jitted n x n x n matmul."""
+def measure_matmul_flops(n: int = 8192, iters: int = 10, fp8: bool = False) -> float:
+    """GEMM throughput in FLOP/s: median time of a jitted n x n x n matmul, bf16 or (`fp8`) e4m3
+    operands with float32 accumulation and a bf16 output, in the form of models/quant.fp8_linear's
+    GEMM (both operands contracted on their last axis, which XLA gives to cuBLASLt's FP8 GEMM)."""
     import jax
     import jax.numpy as jnp
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(lambda x: x @ x)
+    if fp8:
+        a = jnp.ones((n, n), jnp.float8_e4m3fn)
+        f = jax.jit(lambda x: jax.lax.dot_general(x, x, (((1,), (1,)), ((), ())),
+                                                  preferred_element_type=jnp.bfloat16))
+    else:
+        a = jnp.ones((n, n), jnp.bfloat16)
+        f = jax.jit(lambda x: x @ x)
     return 2 * n ** 3 / median_call_s(f, iters, a)
 
 
