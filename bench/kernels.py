@@ -1,13 +1,14 @@
 """Ragged paged attention on one GPU: validate against the reference, then time.
 
-    PYTHONPATH=. python3 bench/kernels.py [--sweep] [--out DIR]
+    PYTHONPATH=. python3 bench/kernels.py [--sweep] [--out DIR] [--kv-dtype fp8]
 
 Prints a table: decode (KV bandwidth vs a measured copy and vs JAX's Triton
 paged_attention op), prefill (TFLOP/s vs cuDNN flash attention on the same,
 unpaged data, and with the Mosaic GPU prefill path off) and a mixed batch (vs the sum of its two parts).
 Timing: jitted calls dispatched back to back, median over repetitions of the
 per-call time, after warm-up; inputs rotate among several copies when one copy
-would fit in L2.
+would fit in L2. `--kv-dtype fp8` runs the decode section on float8 e4m3 caches
+(`kv_cache_dtype="fp8"`: the read rate counts their bytes; JAX's op is not run on them).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ HQ, HKV, D, BS = 32, 8, 128, 16
 DT = jnp.bfloat16
 SCALE = 1.0 / math.sqrt(D)
 L2_BYTES = 50 << 20
+DECODE_BATCHES, DECODE_CONTEXTS = (1, 16, 64, 256), (512, 2048, 8192)
 INTERPRET = jax.default_backend() != "gpu"  # CPU smoke runs only
 
 
@@ -124,25 +126,27 @@ def jax_paged_op():
     return jax.jit(lambda q, kp, vp, bt, lens: pa.paged_attention(q, kp, vp, bt, lens))
 
 
-def decode_section(log, copy_bw, rows, sweep=False):
+def decode_section(log, copy_bw, rows, sweep=False, kv_dtype=DT):
     pa = None
     try:
-        pa = jax_paged_op()
+        pa = jax_paged_op() if kv_dtype == DT else None
     except Exception as e:  # pragma: no cover
         log(f"jax paged_attention unavailable: {e}")
-    for B in (1, 16, 64, 256):
-        for ctx in (512, 2048, 8192):
-            kv_bytes = B * ctx * HKV * D * 2 * 2
+    for B in DECODE_BATCHES:
+        for ctx in DECODE_CONTEXTS:
+            kv_bytes = B * ctx * HKV * D * 2 * jnp.dtype(kv_dtype).itemsize
             copies = max(1, min(8, -(-4 * L2_BYTES // kv_bytes)))
             b = make_batch([1] * B, [ctx] * B, seed=B + ctx, copies=copies)
             q, caches, ints, n = b.q, b.caches, b.metadata, b.num_tokens
+            caches = [(k.astype(kv_dtype), v.astype(kv_dtype)) for k, v in caches]
             kvl, bt, qsl, ns = ints
             del b  # `del caches` below frees the copies
             f = kernel_fn()
             o = f(q, *caches[0], *ints)
             err = rel_err(o, REF(q, *caches[0], *ints), n)
             t = bench(f, [(q, k, v, *ints) for k, v in caches])
-            row = dict(kind="decode", B=B, ctx=ctx, us=t * 1e6, tbps=kv_bytes / t / 1e12,
+            row = dict(kind="decode", kv=jnp.dtype(kv_dtype).name, B=B, ctx=ctx, us=t * 1e6,
+                       tbps=kv_bytes / t / 1e12,
                        frac=kv_bytes / t / copy_bw, err=err)
             if pa is not None:
                 try:
@@ -243,6 +247,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sections", default="validate,decode,prefill,mixed")
+    ap.add_argument("--kv-dtype", choices=("bfloat16", "fp8"), default="bfloat16",
+                    help="The decode section's cache dtype.")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "kernels_log.txt"), "a")
@@ -261,7 +267,9 @@ def main():
     val = None
     for name, fn in (("validate", lambda: validate(log)),
                      ("prefill", lambda: prefill_section(log, rows, args.sweep)),
-                     ("decode", lambda: decode_section(log, copy_bw, rows, args.sweep)),
+                     ("decode", lambda: decode_section(
+                         log, copy_bw, rows, args.sweep,
+                         jnp.float8_e4m3fn if args.kv_dtype == "fp8" else DT)),
                      ("mixed", lambda: mixed_section(log, rows))):
         if name not in secs:
             continue
@@ -282,15 +290,16 @@ def print_table(log, rows, copy_bw, val, dev):
     log(f"## {dev.device_kind}, jax {jax.__version__}; copy bandwidth {copy_bw/1e12:.2f} TB/s")
     if val:
         log(f"validation: worst bf16 rel err {val[0]:.2e}, f32 {val[1]:.2e}")
-    log("| decode B | ctx | kernel us | KV TB/s | % of copy | JAX op us | JAX op TB/s | speedup | rel err |")
-    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    log("| decode B | ctx | KV | kernel us | KV TB/s | % of copy | JAX op us | JAX op TB/s | speedup "
+        "| rel err |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if r["kind"] == "decode":
             ju = r.get("jax_us")
             jcols = ("- | - | -" if ju is None else
                      "%.1f | %.2f | %.2fx" % (ju, r["jax_tbps"], ju / r["us"]))
-            log("| %d | %d | %.1f | %.2f | %.0f%% | %s | %.1e |" % (
-                r["B"], r["ctx"], r["us"], r["tbps"], 100 * r["frac"], jcols, r["err"]))
+            log("| %d | %d | %s | %.1f | %.2f | %.0f%% | %s | %.1e |" % (
+                r["B"], r["ctx"], r["kv"], r["us"], r["tbps"], 100 * r["frac"], jcols, r["err"]))
     log("")
     log("| prefill | kernel us | TFLOP/s | cuDNN us | cuDNN TFLOP/s | % of cuDNN | rel err vs cuDNN "
         "| Triton-only us | Triton-only % of cuDNN |")
