@@ -290,8 +290,8 @@ def print_table(log, rows, copy_bw, val, dev):
     log(f"## {dev.device_kind}, jax {jax.__version__}; copy bandwidth {copy_bw/1e12:.2f} TB/s")
     if val:
         log(f"validation: worst bf16 rel err {val[0]:.2e}, f32 {val[1]:.2e}")
-    log("| decode B | ctx | KV | kernel us | KV TB/s | % of copy | JAX op us | JAX op TB/s | speedup "
-        "| rel err |")
+    log("| decode B | ctx | KV | kernel us | KV TB/s | % of copy | JAX op us | JAX op TB/s "
+        "| speedup | rel err |")
     log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if r["kind"] == "decode":

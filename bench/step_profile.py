@@ -7,8 +7,8 @@ host. The seconds between two steps' samples are the step's time when the device
 Each step's roofline is max(FLOPs / peak, bytes / bandwidth): linear layers at 2 x parameters per
 token, the LM head per sampled row, attention at 4 x heads x head_dim x layers per (query, key)
 pair; bytes are the weights once plus the K/V read. Peak and bandwidth are measured in the run
-(an 8192^3 matmul, FP8 for FP8 weights, a 2 GiB copy) unless given. `--trace-steps START:COUNT` also records a JAX
-profiler trace of COUNT steps from step START and sums its GPU kernels by name.
+(an 8192^3 matmul, FP8 for FP8 weights, a 2 GiB copy) unless given. `--trace-steps START:COUNT`
+also records a JAX profiler trace of COUNT steps from step START and sums its GPU kernels by name.
 
     python bench/step_profile.py --model bench/configs/llama-3-8b --load-format dummy \\
         --dtype bfloat16 --num-prompts 1000 --input-len 128:1024 --output-len 32:512
