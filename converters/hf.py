@@ -66,6 +66,11 @@ HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
     "model.norm.weight": ("final_norm", False),
     "lm_head.weight": ("lm_head", True),
 }
+# FP8 KV-cache scales (a float per layer for K and one for V, as vLLM reads them: the current
+# `self_attn.{k,v}_scale`, and the `{k,v}_proj.output_scale` of earlier FP8 checkpoints).
+_KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\."
+                       r"(?:(k|v)_scale|(k|v)_proj\.output_scale)$")
+KV_SCALE_KEYS = ("k_cache_scale", "v_cache_scale")
 # Tensors some checkpoints carry that the engine recomputes or does not use (a multimodal
 # checkpoint's vision tower and projector too).
 # FP8 checkpoints' scales (converters/fp8.py) and int4 ones' zeros, scales and group indices
@@ -255,6 +260,26 @@ class ParamsBuilder:
             self.params[path[0]] = value
         self.done.add(name)
 
+    def take_kv_scale(self, name: str, tensor: Any, file: Optional[str] = None) -> bool:
+        """Keep `name` if it is a layer's FP8 KV-cache scale (models/llama.attend applies it to an
+        FP8 cache only); False for any other tensor. A scale that is not one positive finite
+        number is a WeightLoadError naming it."""
+        m = _KV_SCALE.match(text_model_name(name))
+        if m is None:
+            return False
+        layer = int(m.group(1))
+        value = np.asarray(to_numpy(tensor), np.float32)
+        if layer >= self.cfg.num_layers or value.size != 1 or not (
+                np.isfinite(value).all() and (value > 0).all()):
+            raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r} must be "
+                                  f"one positive number for one of the model's "
+                                  f"{self.cfg.num_layers} layers, got shape {list(value.shape)}"
+                                  + (f" value {float(value.reshape(-1)[0])}" if value.size == 1
+                                     else ""))
+        key = "k_cache_scale" if "k" in (m.group(2), m.group(3)) else "v_cache_scale"
+        self.params["layers"][layer][key] = jnp.asarray(value.reshape(()))
+        return True
+
     def takes_int4(self, name: str) -> bool:
         """Whether weight `name` (HF) is one of the linears the int4 layout holds: the attention
         and dense MLP projections."""
@@ -306,6 +331,10 @@ class ParamsBuilder:
         if self.unexpected:
             logger.info("%s: ignored %d tensors the layout does not use (e.g. %s)", self.source,
                         len(self.unexpected), self.unexpected[0])
+        if any(key in layer for layer in self.params["layers"] for key in KV_SCALE_KEYS):
+            for layer in self.params["layers"]:  # one tree for every layer: a missing scale is 1
+                for key in KV_SCALE_KEYS:
+                    layer.setdefault(key, jnp.ones((), jnp.float32))
         for layer in self.params["layers"]:
             for key, value in layer.items():
                 if isinstance(value, list):
@@ -328,7 +357,7 @@ def convert_hf_state_dict(cfg: ModelConfig, named_tensors: Any, dtype: str = "au
     items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
     builder = ParamsBuilder(cfg, dtype, source)
     for name, tensor in items:
-        if builder.wants(name):
+        if not builder.take_kv_scale(name, tensor) and builder.wants(name):
             builder.add(name, tensor)
     return builder.finish()
 
@@ -463,6 +492,9 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
             for name in names:
                 if name.endswith(".qweight"):
                     add_int4(name, names, path)
+                    continue
+                if _KV_SCALE.match(text_model_name(name)):
+                    builder.take_kv_scale(name, f.get_tensor(name), path)
                     continue
                 if not builder.wants(name):
                     continue

@@ -62,7 +62,7 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
         q = rms_norm(q, lp["q_norm"], eps, inv)
         k = rms_norm(k, lp["k_norm"], eps, inv)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn,
+    out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn, lp,
                                    sm_scale=cfg.query_pre_attn_scalar ** -0.5,
                                    sliding_window=window, logits_soft_cap=cfg.attn_logit_softcapping)
     x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp, "o", inv, fp8), lp["post_attn_norm"], eps, inv)

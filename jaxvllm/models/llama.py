@@ -48,18 +48,30 @@ def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.A
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: Optional[jax.Array],
            v_cache: Optional[jax.Array], inp: ModelInputs, attention_fn: AttentionFn,
+           lp: Optional[Params] = None,
            **kw: Any) -> tuple[jax.Array, Optional[jax.Array], Optional[jax.Array]]:
     """The engine's paged attention: the new K/V written into the cache, then `attention_fn`
     reads it. Without a cache (the dense, differentiable forward of models/flax_module.py):
-    attention_fn(q, k, v, inp, **kw) over the new tokens alone."""
+    attention_fn(q, k, v, inp, **kw) over the new tokens alone. An FP8 cache with the layer's
+    `k_cache_scale` / `v_cache_scale` (`lp`, from an FP8 checkpoint) holds K / k_scale and
+    V / v_scale; the kernels read the stored values, so the query takes k_scale (q . k = (q *
+    k_scale) . (k / k_scale)) and the output v_scale (it is linear in V), as vLLM's descales do."""
     if k_cache is None:
         return attention_fn(q, k, v, inp, **kw), None, None
+    scales = (lp["k_cache_scale"], lp["v_cache_scale"]) if (
+        k_cache.dtype == FP8 and lp is not None and "k_cache_scale" in lp) else None
+    if scales is not None:
+        k = k.astype(jnp.float32) / scales[0]
+        v = v.astype(jnp.float32) / scales[1]
+        q = (q.astype(jnp.float32) * scales[0]).astype(q.dtype)
     # Every new token's K/V is written before any attention reads: a request may attend to blocks
     # another request of the same step is filling (the scheduler's same-step prefix sharing relies on it).
     k_cache = write_kv(k_cache, k, inp.slot_mapping)
     v_cache = write_kv(v_cache, v, inp.slot_mapping)
     out = attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
                        inp.num_seqs, **kw)
+    if scales is not None:
+        out = (out.astype(jnp.float32) * scales[1]).astype(out.dtype)
     return out, k_cache, v_cache
 
 
@@ -78,7 +90,7 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn,
+    out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn, lp,
                                    sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
     o = linear(out.reshape(t, cfg.q_size), lp, "o", cfg.batch_invariant, cfg.fp8_kernel)
     return o, k_cache, v_cache

@@ -72,6 +72,7 @@ LAYER_RULES: dict[str, P] = {
     "q_scale": P(AXIS), "k_scale": P(AXIS), "v_scale": P(AXIS), "o_scale": P(),
     "gate_scale": P(AXIS), "up_scale": P(AXIS), "down_scale": P(),
     "shared_gate_scale": P(AXIS), "shared_up_scale": P(AXIS), "shared_down_scale": P(),
+    "k_cache_scale": P(), "v_cache_scale": P(),  # an FP8 cache's scales: a float a layer
     "input_norm": P(), "post_attn_norm": P(), "q_norm": P(), "k_norm": P(),
     "pre_ffn_norm": P(), "post_ffn_norm": P(),
     # LoRA slots (worker/lora_slots.py), A [in, S*R] and B [S*R, out]: a column-parallel

@@ -1,0 +1,95 @@
+"""FP8 KV-cache scales from a checkpoint (`model.layers.N.self_attn.{k,v}_scale`, or the older
+`{k,v}_proj.output_scale`): loaded a float per layer, applied by an FP8 cache (K / k_scale and
+V / v_scale stored, the query and the output scaled back), ignored by a bf16 or float32 cache."""
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from converters import WeightLoadError, load_model
+from hf_builders import save_word_tokenizer, tiny_config, tiny_model
+
+LAYERS = 2
+V_GAIN = 4000.0  # V past e4m3's 448 unless scaled (o_proj divided back: the same function)
+
+
+def _write(tmp_path, scales: dict) -> str:
+    """A tiny float32 Llama whose V values reach thousands, with `scales` (HF name -> value)
+    added to its tensors; its directory."""
+    cfg = tiny_config("llama", vocab_size=128, hidden_size=64, intermediate_size=80,
+                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=False)
+    d = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+    tiny_model(cfg, matrix_scale=2.0).save_pretrained(d)
+    tensors = load_file(d / "model.safetensors")
+    for i in range(LAYERS):
+        tensors[f"model.layers.{i}.self_attn.v_proj.weight"] *= V_GAIN
+        tensors[f"model.layers.{i}.self_attn.o_proj.weight"] /= V_GAIN
+    tensors.update({k: np.asarray(v, np.float32) for k, v in scales.items()})
+    save_file(tensors, d / "model.safetensors")
+    save_word_tokenizer(d, 128)
+    return str(d)
+
+
+def _layers(path: str) -> list:
+    return load_model(path, dtype="float32", cache_dir=None, load_tokenizer=False).params["layers"]
+
+
+def test_kv_cache_scales_load_by_either_name(tmp_path):
+    """Layer 0 by the current names, layer 1's V by the older one and its K missing (1.0)."""
+    layers = _layers(_write(tmp_path, {"model.layers.0.self_attn.k_scale": 0.5,
+                                       "model.layers.0.self_attn.v_scale": [8.0],
+                                       "model.layers.1.self_attn.v_proj.output_scale": 4.0}))
+    got = [(float(lp["k_cache_scale"]), float(lp["v_cache_scale"])) for lp in layers]
+    assert got == [(0.5, 8.0), (1.0, 4.0)]
+    assert all(lp["k_cache_scale"].shape == () for lp in layers)
+    assert "k_cache_scale" not in _layers(_write(tmp_path, {}))[0]
+
+
+def test_kv_cache_scales_bypass_the_weight_cache(tmp_path):
+    """The converted-weights cache holds the layout's tensors only: a checkpoint with scales is
+    converted each time, never cached without them nor restored as corrupt."""
+    from converters import cache as wcache
+    path = _write(tmp_path, {"model.layers.0.self_attn.v_scale": 8.0})
+    root = tmp_path / "wcache"
+    corrupt = wcache.STATS.corrupt
+    for _ in range(2):
+        loaded = load_model(path, dtype="float32", cache_dir=str(root), cache_min_bytes=0,
+                            load_tokenizer=False)
+        assert not loaded.from_cache and float(loaded.params["layers"][0]["v_cache_scale"]) == 8
+    assert not root.exists() or not [p for p in root.iterdir() if not p.name.startswith(".")]
+    assert wcache.STATS.corrupt == corrupt
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("model.layers.0.self_attn.k_scale", [1.0, 2.0], r"k_scale'.*one positive number.*shape \[2\]"),
+    ("model.layers.1.self_attn.v_scale", -1.0, r"v_scale'.*one positive number.*value -1"),
+    ("model.layers.7.self_attn.k_scale", 1.0, r"layers.7.self_attn.k_scale'.* 2 layers"),
+])
+def test_bad_kv_cache_scales_name_the_tensor(tmp_path, name, value, match):
+    with pytest.raises(WeightLoadError, match=match):
+        _layers(_write(tmp_path, {name: value}))
+
+
+def test_fp8_cache_applies_the_scales_and_a_float_cache_ignores_them(tmp_path):
+    """Prompt logprobs against the float32 cache: with V of thousands, an unscaled FP8 cache clips
+    V at 448 and moves them by ~0.2; the checkpoint's v_scale of 8 keeps them within FP8's
+    rounding. A float32 cache over the same checkpoint gives the float32 cache's results exactly."""
+    from jaxvllm import LLM, SamplingParams
+    scales = {f"model.layers.{i}.self_attn.{kv}_scale": s for i in range(LAYERS)
+              for kv, s in (("k", 1.0), ("v", 8.0))}
+    plain, scaled = _write(tmp_path, {}), _write(tmp_path, scales)
+    kw = dict(dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
+              num_gpu_blocks_override=16, enforce_eager=True, token_buckets=(8, 32))
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)
+    prompts = [{"prompt_token_ids": list(range(3 + j, 3 + j + n))} for j, n in enumerate((9, 17, 25))]
+
+    def logprobs(path, **engine_kw):
+        outs = LLM(model=path, **kw, **engine_kw).generate(prompts, sp, use_tqdm=False)
+        return np.array([next(iter(p.values())).logprob for o in outs
+                         for p in o.prompt_logprobs[1:]])
+
+    ref = logprobs(plain)
+    np.testing.assert_array_equal(logprobs(scaled), ref)
+    unscaled = np.abs(logprobs(plain, kv_cache_dtype="fp8") - ref).mean()
+    with_scales = np.abs(logprobs(scaled, kv_cache_dtype="fp8") - ref).mean()
+    assert with_scales < 0.03 and unscaled > 5 * with_scales, (unscaled, with_scales)
