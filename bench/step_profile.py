@@ -264,8 +264,8 @@ def run(args: argparse.Namespace) -> int:
     configure_jax(C.engine_args_from(args))  # before any device use: the memory pool settings
     # Measured before the engine starts: programs lowered after its warm-up count as compiles
     # while serving (the engine warns), and the buffers fit before the KV cache takes the memory.
-    # FP8 weights: the linears' FLOPs at the FP8 GEMM's peak (the LM head's bf16 share is ~3% of
-    # an 8B step's).
+    # FP8 weights: every FLOP at the FP8 GEMM's peak, the bf16 LM head's and attention's too (a
+    # bound below the truth where those are a large share: long-context prefill).
     peak = 1e12 * args.peak_tflops if args.peak_tflops else C.measure_matmul_flops(
         fp8=args.quantization == "fp8")
     bw = 1e12 * args.bandwidth_tbs if args.bandwidth_tbs else C.measure_bandwidth(2 << 30)

@@ -136,6 +136,8 @@ def run_row(name: str, args: argparse.Namespace, engine: list[str], cache_dir: s
     if row.takes_engine_flags and row.script != "startup":  # startup times a cold start
         cmd += ["--compilation-cache-dir", cache_dir]
     C.log(f"row {name}: {' '.join(cmd[1:])}")
+    if os.path.exists(out):  # a reused --work-dir's earlier result
+        os.remove(out)
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=args.timeout)
     if proc.returncode or not os.path.exists(out):
         return {"error": f"exit {proc.returncode} (its stderr is above)"}

@@ -34,7 +34,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: an entry of 1 may hold a checkpoint whose FP8 KV-cache scales it dropped
 DEFAULT_GGUF_MIN_BYTES = 256 << 20
 _META = "meta.json"
 _PARAMS = "params"

@@ -67,9 +67,10 @@ HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
     "lm_head.weight": ("lm_head", True),
 }
 # FP8 KV-cache scales (a float per layer for K and one for V, as vLLM reads them: the current
-# `self_attn.{k,v}_scale`, and the `{k,v}_proj.output_scale` of earlier FP8 checkpoints).
+# `self_attn.{k,v}_scale`, the `{k,v}_proj.output_scale` of earlier FP8 checkpoints, and the
+# deprecated `self_attn.kv_scale`, one for both).
 _KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\."
-                       r"(?:(k|v)_scale|(k|v)_proj\.output_scale)$")
+                       r"(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)$")
 KV_SCALE_KEYS = ("k_cache_scale", "v_cache_scale")
 # Tensors some checkpoints carry that the engine recomputes or does not use (a multimodal
 # checkpoint's vision tower and projector too).
@@ -205,6 +206,7 @@ class ParamsBuilder:
         self.params["layers"] = [{} for _ in range(cfg.num_layers)]
         self.done: set[str] = set()
         self.unexpected: list[str] = []
+        self._kv_scales: dict[int, dict[str, Any]] = {}  # layer -> take_kv_scale's
 
     def wants(self, name: str) -> bool:
         name = text_model_name(name)
@@ -262,22 +264,28 @@ class ParamsBuilder:
 
     def take_kv_scale(self, name: str, tensor: Any, file: Optional[str] = None) -> bool:
         """Keep `name` if it is a layer's FP8 KV-cache scale (models/llama.attend applies it to an
-        FP8 cache only); False for any other tensor. A scale that is not one positive finite
-        number is a WeightLoadError naming it."""
+        FP8 cache only); False for any other tensor. One that is not a single number (a per-head
+        or per-channel scale) is left out with a warning: the cache's scales are per tensor. A
+        number that is not positive and finite, or a layer the model does not have, is a
+        WeightLoadError naming the tensor."""
         m = _KV_SCALE.match(text_model_name(name))
         if m is None:
             return False
+        where = file or self.source
         layer = int(m.group(1))
         value = np.asarray(to_numpy(tensor), np.float32)
-        if layer >= self.cfg.num_layers or value.size != 1 or not (
-                np.isfinite(value).all() and (value > 0).all()):
-            raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r} must be "
-                                  f"one positive number for one of the model's "
-                                  f"{self.cfg.num_layers} layers, got shape {list(value.shape)}"
-                                  + (f" value {float(value.reshape(-1)[0])}" if value.size == 1
-                                     else ""))
-        key = "k_cache_scale" if "k" in (m.group(2), m.group(3)) else "v_cache_scale"
-        self.params["layers"][layer][key] = jnp.asarray(value.reshape(()))
+        if value.size != 1:
+            logger.warning("%s: tensor %r of shape %s left out: FP8 KV-cache scales are one "
+                           "number per layer here", where, self.display(name), list(value.shape))
+            return True
+        if layer >= self.cfg.num_layers or not (np.isfinite(value).all() and (value > 0).all()):
+            raise WeightLoadError(f"{where}: tensor {self.display(name)!r} must be one positive "
+                                  f"number for one of the model's {self.cfg.num_layers} layers, "
+                                  f"got {float(value.reshape(-1)[0])}")
+        which = m.group(2) or m.group(3)
+        for kv in ("k", "v") if which == "kv" else (which,):
+            self._kv_scales.setdefault(layer, {})[kv + "_cache_scale"] = jnp.asarray(
+                value.reshape(()))
         return True
 
     def takes_int4(self, name: str) -> bool:
@@ -331,10 +339,12 @@ class ParamsBuilder:
         if self.unexpected:
             logger.info("%s: ignored %d tensors the layout does not use (e.g. %s)", self.source,
                         len(self.unexpected), self.unexpected[0])
-        if any(key in layer for layer in self.params["layers"] for key in KV_SCALE_KEYS):
-            for layer in self.params["layers"]:  # one tree for every layer: a missing scale is 1
-                for key in KV_SCALE_KEYS:
-                    layer.setdefault(key, jnp.ones((), jnp.float32))
+        if self._kv_scales:  # one tree for every layer
+            for i, layer in enumerate(self.params["layers"]):
+                have = self._kv_scales.get(i, {})
+                # As vLLM: a layer with one of the two uses it for both; one with neither, 1.
+                one = next(iter(have.values()), jnp.ones((), jnp.float32))
+                layer.update({key: have.get(key, one) for key in KV_SCALE_KEYS})
         for layer in self.params["layers"]:
             for key, value in layer.items():
                 if isinstance(value, list):

@@ -257,16 +257,20 @@ def _one_request(**engine_kw) -> tuple[Any, Any]:
 
 @pytest.mark.parametrize("on_gpu", [True, False])  # not "gpu": that keyword marks GPU-only tests
 def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
-    """The engine adds a bucket of one token for FP8 on one GPU and for int4 (AWQ, GPTQ, GGUF's
-    4-bit) on a GPU: never for bf16, a CPU, or FP8 sharded over devices."""
+    """The engine adds a bucket of one token for FP8 on one GPU and for int4 weights (AWQ, GPTQ,
+    GGUF's 4-bit types: zero points or mins beside them) on a GPU: never for bf16, a CPU, FP8
+    sharded over devices, or a GGUF load that kept no 4-bit weight."""
     import jax
-    from jaxvllm.engine import setup
     from jaxvllm.config import EngineArgs
+    from jaxvllm.engine import setup
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if on_gpu else "cpu")
-    fits = lambda q, shardings=None: setup.one_row_bucket(  # noqa: E731
-        EngineArgs(model="m", quantization=q), shardings)
-    assert [fits(q) for q in ("awq", "gptq", "gguf", "fp8")] == [on_gpu] * 4
-    assert not fits(None) and not fits("fp8", shardings=object())
+    dense = {"layers": [{"q": 0, "q_scale": 0}]}
+    fits = lambda q, params=dense, shardings=None: setup.one_row_bucket(  # noqa: E731
+        EngineArgs(model="m", quantization=q), shardings, params)
+    assert fits("fp8") is on_gpu and not fits("fp8", shardings=object())
+    for offset in ("q_zero", "q+k+v_min"):
+        assert fits("awq", {"layers": [{"q": 0, "q_scale": 0, offset: 0}]}) is on_gpu
+    assert not fits("gguf") and not fits(None)
 
 
 def test_one_decoding_request_runs_the_fp8_kernel(monkeypatch):

@@ -330,9 +330,9 @@ def measure_gemv_bandwidth(nbytes: int, shapes: tuple = GEMV_SHAPES, iters: int 
 
 
 def measure_matmul_flops(n: int = 8192, iters: int = 10, fp8: bool = False) -> float:
-    """GEMM throughput in FLOP/s: median time of a jitted n x n x n matmul, bf16 or (`fp8`) e4m3
-    operands with float32 accumulation and a bf16 output, in the form of models/quant.fp8_linear's
-    GEMM (both operands contracted on their last axis, which XLA gives to cuBLASLt's FP8 GEMM)."""
+    """GEMM throughput in FLOP/s: median time of a jitted n x n x n matmul of bf16 operands, or
+    (`fp8`) of e4m3 operands contracted on their last axes, as models/quant.fp8_linear lays out
+    its GEMM (which XLA gives to cuBLASLt's FP8 GEMM), into a bf16 output."""
     import jax
     import jax.numpy as jnp
     if fp8:

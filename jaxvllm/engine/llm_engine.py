@@ -614,12 +614,14 @@ class LLMEngine(RequestFront):
 
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
         """See LLM.update_weights."""
-        from jaxvllm.engine.weights import to_engine_layout
+        from jaxvllm.engine.weights import keep_cache_scales, to_engine_layout
         self._check_swappable("update_weights")
         if self._weight_update is not None:
             self._update_weight_chunk(params)
             return
         params = to_engine_layout(params, self.loaded.config, "auto")
+        if self.runner.params is not None:  # asleep: the runner says so below
+            params = keep_cache_scales(params, self.runner.params)
         if self.args.quantization is not None:  # the new weights quantized as the loaded ones were
             from jaxvllm.models.quant import quantize_params
             params = quantize_params(params, self.args.quantization)

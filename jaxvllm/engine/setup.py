@@ -231,16 +231,17 @@ def fp8_kernel_fits(args: EngineArgs, shardings: Any) -> bool:
     return args.quantization == "fp8" and shardings is None and jax.default_backend() == "gpu"
 
 
-def one_row_bucket(args: EngineArgs, shardings: Any) -> bool:
+def one_row_bucket(args: EngineArgs, shardings: Any, params: Any) -> bool:
     """Whether the engine compiles a bucket of one token below the default ones, so that one
     decoding request runs without padded rows: where a quantized linear reads its weight faster
     at one row than at the smallest default bucket's eight. FP8's one-row Pallas GEMM runs only
     there (fp8_kernel_fits); the int4 GEMM's split-K partial sums are eight times smaller there
     (batch 1 339-342 against 318-319 decode tok/s, H200, 8B shape; bench/RESULTS.md, "Issue 23's
-    rows in one run, and int4 at one row")."""
+    rows in one run, and int4 at one row"), for any int4 weight in `params` (a GGUF's 4-bit
+    types kept so; its other types load dequantized)."""
     import jax
-    return fp8_kernel_fits(args, shardings) or (args.quantization in FOUR_BIT_QUANTIZATIONS
-                                                and jax.default_backend() == "gpu")
+    int4 = any(k.endswith(("_zero", "_min")) for lp in params["layers"] for k in lp)
+    return fp8_kernel_fits(args, shardings) or (int4 and jax.default_backend() == "gpu")
 
 
 def build_runner(args: EngineArgs, loaded: Any,
@@ -276,7 +277,8 @@ def build_runner(args: EngineArgs, loaded: Any,
         max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_dtype=params_dtype if args.kv_cache_dtype == "auto" else jnp.float8_e4m3fn,
-        token_buckets=args.token_buckets, one_row_bucket=one_row_bucket(args, shardings),
+        token_buckets=args.token_buckets,
+        one_row_bucket=one_row_bucket(args, shardings, loaded.params),
         seed=args.seed, max_logprobs=args.max_logprobs,
         logprobs_mode=args.logprobs_mode,
         max_loras=args.max_loras if args.enable_lora else 0, max_lora_rank=args.max_lora_rank,

@@ -24,3 +24,14 @@ def to_engine_layout(params: Any, cfg: ModelConfig, dtype: str = "auto") -> Any:
         return convert_hf_state_dict(cfg, params, dtype, source="<params>")
     raise ValueError("params must be the engine's layout ({'embed', 'layers', 'final_norm', ...}) "
                      "or an HF-named state dict ({'model.embed_tokens.weight': ...})")
+
+
+def keep_cache_scales(new: Any, current: Any) -> Any:
+    """`new` (the engine's layout) with `current`'s FP8 KV-cache scales in the layers that have
+    none: they come with a checkpoint's calibration, not with a trainer's weights."""
+    layers = [dict(lp) for lp in new["layers"]]
+    for lp, cur in zip(layers, current["layers"]):
+        for key in ("k_cache_scale", "v_cache_scale"):
+            if key in cur and key not in lp:
+                lp[key] = cur[key]
+    return dict(new, layers=layers)

@@ -155,8 +155,11 @@ def dense_inputs(token_ids: jax.Array, positions: jax.Array) -> ModelInputs:
 
 def _quantized(path: tuple, leaf: jax.Array) -> bool:
     """A leaf of a quantized serving form: scales/zero points/permutations beside packed weights,
-    integer weights, or 8-bit floats."""
-    if any(str(getattr(k, "key", "")).endswith(("_scale", "_zero", "_min", "_perm")) for k in path):
+    integer weights, or 8-bit floats. An FP8 KV cache's scales (`k_cache_scale`, from a
+    checkpoint) are none: a forward without a cache leaves them unused."""
+    names = [str(getattr(k, "key", "")) for k in path]
+    if any(n.endswith(("_scale", "_zero", "_min", "_perm")) and not n.endswith("_cache_scale")
+           for n in names):
         return True
     return not jnp.issubdtype(leaf.dtype, jnp.floating) or jnp.dtype(leaf.dtype).itemsize < 2
 

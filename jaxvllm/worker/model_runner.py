@@ -201,6 +201,7 @@ class ModelRunner:
             str(getattr(shardings, "mesh", None)), str(device), executables.describe_arrays(params),
             executables.describe_arrays(draft and draft[1]))
         self._host_params: Any = None  # the weights while asleep at level 1 (sleep())
+        self._cache_scales: list = []  # FP8 KV-cache scales while asleep at level 2 (sleep())
         self._host_draft_params: Any = None  # the draft model's while asleep (any level)
         # The step's logits and hidden states are placed so (step_jit_kwargs / the device).
         self._placed = shardings.replicated if shardings is not None else self._kv_sharding
@@ -256,6 +257,10 @@ class ModelRunner:
             self._params_spec = _specs(self.params)
             # Dropped, not deleted: LLM.from_params may share them with the caller.
             self._host_params = _offload(self.params) if level == 1 else None
+            # Level 2 keeps the FP8 KV-cache scales (a float a layer): they are the checkpoint's
+            # calibration, which update_weights does not bring back (engine.weights.keep_cache_scales).
+            self._cache_scales = [{k: v for k, v in lp.items() if k.endswith("_cache_scale")}
+                                  for lp in self.params["layers"]]
             self.params = None
             if self.drafter is not None:  # at any level: update_weights never refills a draft's
                 self._draft_spec = _specs(self.drafter.params)
@@ -277,6 +282,8 @@ class ModelRunner:
             else:  # made where they go, not sent from the host (15 GB of zeros took 4.5 s)
                 self.params = jax.tree.map(lambda s: jnp.zeros(s[0].shape, s[0].dtype, device=s[1]),
                                            self._params_spec, is_leaf=spec_leaf)
+                for lp, kept in zip(self.params["layers"], self._cache_scales):
+                    lp.update(kept)
             jax.block_until_ready((self.params, self.drafter and self.drafter.params))
             self._host_params = None
         if "kv_cache" in tags and self.kv_cache is None:
