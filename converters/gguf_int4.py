@@ -1,5 +1,5 @@
-"""GGUF's 4-bit block formats kept at 4 bits (`quantization="gguf"`): the Q4_0, Q4_1 and Q4_K
-tensors of the attention and dense MLP projections split into their 4-bit values with a scale and
+"""GGUF's 4- and 8-bit block formats kept small (`quantization="gguf"`): the Q4_0, Q4_1, Q4_K and
+Q8_0 tensors of the attention and dense MLP projections split into 4-bit values with a scale and
 an offset per 32 inputs (Q4_0's zero point of 8, the others' min), which the loader packs into the
 int4 layout (models/int4.py) instead of dequantizing them. Other types load dequantized, as
 without it.
@@ -11,6 +11,11 @@ Blocks run along each row (an output channel's inputs), the scales in float16:
 - Q4_K, 256 values in 144 bytes: d, dmin, 12 bytes of eight 6-bit scales and mins (one pair per 32
   values, unpacked by gguf's own `Q4_K.get_scale_min`), then 128 bytes: each run of 32 bytes holds
   one group of 32 in its low 4 bits and the next group in its high 4 bits; w = d * sc * q - dmin * m.
+- Q8_0, 32 values in 34 bytes: d, then 32 signed bytes q; w = d * q. Kept as two 4-bit weights
+  along the input (Int4Weight.halves): with q + 128 = 16 h + l, w = 16 d (h - 8) + d l, so the high
+  halves h take scale 16 d and zero point 8 and the low halves l scale d and zero point 0, exactly;
+  the layer multiplies its input, taken twice, by both (models/int4.int4_linear). A byte a weight
+  and one GEMM, on the int4 kernel, where an int8 path would need a kernel of its own.
 """
 from __future__ import annotations
 
@@ -23,22 +28,33 @@ from converters.int4 import Int4Weight
 GROUP = 32  # inputs per scale in every format here (Q4_K's sub-blocks)
 
 
-def four_bit_types() -> tuple:
+def kept_types() -> tuple:
+    """The GGUF types `quantization="gguf"` keeps in the int4 layout."""
     import gguf
     T = gguf.GGMLQuantizationType
-    return (T.Q4_0, T.Q4_1, T.Q4_K)
+    return (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0)
 
 
 def int4_weight(t: Any) -> Int4Weight:
-    """A GGUF tensor of one of four_bit_types() ([out, in] in numpy order) as an Int4Weight."""
+    """A GGUF tensor of one of kept_types() ([out, in] in numpy order) as an Int4Weight."""
     import gguf
     T = gguf.GGMLQuantizationType
-    if t.tensor_type not in four_bit_types():
-        raise ValueError(f"{t.name}: {t.tensor_type.name} is not a 4-bit GGUF type")
+    if t.tensor_type not in kept_types():
+        raise ValueError(f"{t.name}: {t.tensor_type.name} is not a GGUF type kept in the int4 "
+                         f"layout ({', '.join(k.name for k in kept_types())})")
     out, inp = (int(s) for s in reversed(list(t.shape)))
     block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
     blocks = np.asarray(t.data).view(np.uint8).reshape(out, inp // block, size)
     f16 = lambda b: b.copy().view(np.float16)[..., 0].astype(np.float32)
+    if t.tensor_type == T.Q8_0:
+        d = f16(blocks[..., 0:2])                                      # [out, blocks]
+        u = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        q = np.concatenate([u >> 4, u & 15], axis=1)                  # [out, 2 blocks, 32]
+        scale = np.concatenate([16 * d, d], axis=1)
+        offset = np.concatenate([np.full(d.shape, 8, np.uint8), np.zeros(d.shape, np.uint8)],
+                                axis=1)
+        return Int4Weight(q=np.ascontiguousarray(q.reshape(out, 2 * inp)), scale=scale,
+                          offset=offset, perm=None, halves=True)
     if t.tensor_type in (T.Q4_0, T.Q4_1):
         d = f16(blocks[..., 0:2])
         offset = (np.full(d.shape, 8, np.uint8) if t.tensor_type == T.Q4_0  # a zero point of 8

@@ -152,13 +152,13 @@ def tensor_array(t) -> np.ndarray:
 def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
                      four_bit: bool = False) -> dict[str, Any]:
     """Dequantize and convert every tensor of the GGUF at `path` (dtype: one of DTYPES, already
-    resolved); with `four_bit` the projections stored in a 4-bit type stay at 4 bits
-    (converters/gguf_int4.py)."""
-    from converters.gguf_int4 import four_bit_types, int4_weight
+    resolved); with `four_bit` the projections stored in one of converters/gguf_int4.kept_types()
+    stay in the int4 layout."""
+    from converters.gguf_int4 import int4_weight, kept_types
     reader = reader if reader is not None else open_reader(path)
     arch = architecture(reader, path)
     builder = ParamsBuilder(cfg, dtype, path, display_name=hf_to_gguf_name)
-    keep = four_bit_types() if four_bit else ()
+    keep = kept_types() if four_bit else ()
     for t in reader.tensors:
         m = _BLK.match(t.name)
         if m and m.group(2) in GGUF_MOE_TENSORS:

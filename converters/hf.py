@@ -307,7 +307,8 @@ class ParamsBuilder:
         if not self.takes_int4(name):
             raise WeightLoadError(f"{where}: int4 tensor {self.display(name)!r}: only the attention "
                                   "and dense MLP projections load at 4 bits")
-        self.check_shape(name, w.q.shape, file)  # [out, in], as HF stores a weight
+        out, inp = w.q.shape
+        self.check_shape(name, (out, inp // 2 if w.halves else inp), file)  # [out, in], as HF
         layer = self.params["layers"][path[1]]
         keys = path[-1] if fused else (path[2],)
         group = w.q.shape[1] // w.scale.shape[1]

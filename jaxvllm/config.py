@@ -12,8 +12,8 @@ from jaxvllm.spec_decode import SpeculativeConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
 INT4_QUANTIZATIONS = ("awq", "gptq")  # 4-bit checkpoints (converters/int4.py)
-# Weights in the int4 layout (models/int4.py): those checkpoints, and a GGUF's 4-bit tensors kept
-# at 4 bits (converters/gguf_int4.py).
+# Weights in the int4 layout (models/int4.py): those checkpoints, and a GGUF's 4-bit and Q8_0
+# tensors kept small (converters/gguf_int4.py).
 FOUR_BIT_QUANTIZATIONS = (*INT4_QUANTIZATIONS, "gguf")
 QUANTIZATIONS = ("fp8", *FOUR_BIT_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -68,11 +68,12 @@ class EngineArgs:
                 "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype. "
                 "awq, gptq: the 4-bit weights of such a checkpoint (taken from its config.json "
                 "when not given). gguf: a GGUF file's Q4_0/Q4_1/Q4_K projections kept at 4 bits "
-                "(otherwise dequantized to dtype).",
+                "and Q8_0 ones at 8 (otherwise dequantized to dtype).",
         "choices": QUANTIZATIONS})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "auto: the model's dtype; fp8 (= fp8_e4m3): K/V stored as float8 e4m3 (values "
-                "clipped to +-448, no scales), half the bytes per cached token.",
+                "clipped to +-448, divided by the checkpoint's k_scale / v_scale where it has "
+                "them), half the bytes per cached token.",
         "choices": KV_CACHE_DTYPES})
     seed: int = field(default=0, metadata={"help": "Seed for dummy weights and unseeded sampling."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Accepted for vLLM "

@@ -49,10 +49,23 @@ def test_four_bit_blocks_against_gguf(qtype):
     assert w.q.min() == 0 and w.q.max() == 15
 
 
+def test_q8_0_as_two_four_bit_halves_against_gguf():
+    """Q8_0's signed bytes split exactly into high halves (scale 16 d, zero point 8) then low
+    halves (scale d, zero point 0) along the input: their sum is gguf's dequantized tensor."""
+    t = _tensor(T.Q8_0, 6, 512, np.random.default_rng(8))
+    w = int4_weight(t)
+    assert w.halves and w.q.shape == (6, 1024) and w.q.max() == 15 and w.perm is None
+    assert w.scale.shape == w.offset.shape == (6, 32) and w.offset.dtype == np.uint8
+    g = np.arange(1024) // 32
+    deq = (w.q - w.offset[:, g].astype(np.float32)) * w.scale[:, g]
+    np.testing.assert_array_equal(deq[:, :512] + deq[:, 512:],
+                                  dequantize(t.data, T.Q8_0).reshape(6, 512))
+
+
 def test_other_types_are_refused():
     t = _tensor(T.Q4_0, 2, 64, np.random.default_rng(0))
-    t.tensor_type = T.Q8_0
-    with pytest.raises(ValueError, match="Q8_0"):
+    t.tensor_type = T.Q6_K
+    with pytest.raises(ValueError, match="Q6_K.*Q4_0, Q4_1, Q4_K, Q8_0"):
         int4_weight(t)
 
 
@@ -96,3 +109,76 @@ def test_gguf_quantization_needs_a_gguf():
         load_model(config, load_format="dummy", keep_gguf_4bit=True)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(quantization="gguf", tensor_parallel_size=2)
+
+
+_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _q8_0_gguf(tmp_path) -> str:
+    """A tiny Qwen2 GGUF (its q/k rows as HF's: no llama.cpp permutation) whose projections with
+    inputs a multiple of 32 are Q8_0; the rest (down, of 80 inputs; norms, biases, embedding)
+    float32."""
+    from safetensors.numpy import load_file
+    from hf_builders import save_word_tokenizer, tiny_config, tiny_model
+    cfg = tiny_config("qwen2", vocab_size=128, hidden_size=64, intermediate_size=80,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=False)
+    tiny_model(cfg, matrix_scale=4.0).save_pretrained(tmp_path / "hf")
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    path = str(tmp_path / "tiny-q8_0.gguf")
+    w = gguf.GGUFWriter(path, "qwen2")
+    for add, value in ((w.add_block_count, 2), (w.add_context_length, 128),
+                       (w.add_embedding_length, 64), (w.add_feed_forward_length, 80),
+                       (w.add_head_count, 4), (w.add_head_count_kv, 2),
+                       (w.add_rope_freq_base, 10000.0), (w.add_layer_norm_rms_eps, 1e-6),
+                       (w.add_vocab_size, 128)):
+        add(value)
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+           "output_norm.weight", "lm_head.weight": "output.weight"}
+    for name, t in sd.items():
+        if name in top:
+            g = top[name]
+        else:
+            _, _, i, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            g = f"blk.{i}.{_GGUF_NAMES[module]}.{kind}"
+        t = t.astype(np.float32)
+        if t.ndim == 2 and "blk." in g and t.shape[1] % 32 == 0:
+            w.add_tensor(g, quantize(t, T.Q8_0), raw_dtype=T.Q8_0)
+        else:
+            w.add_tensor(g, np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    save_word_tokenizer(tmp_path / "hf", 128)
+    return path
+
+
+def test_q8_0_projections_in_the_int4_layout_match_them_dequantized(tmp_path):
+    """quantization="gguf" keeps Q8_0 projections at a byte a weight (two 4-bit halves, q/k/v and
+    gate/up fused as the 4-bit ones) and, in float32, gives the prompt logprobs and greedy tokens
+    of the same GGUF dequantized on load."""
+    from jaxvllm import LLM, SamplingParams
+    path = _q8_0_gguf(tmp_path)
+    prompts = [{"prompt_token_ids": list(range(3 + j, 3 + j + n))} for j, n in enumerate((7, 19))]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    runs = {}
+    for kind, extra in (("plain", {}), ("gguf", {"quantization": "gguf"})):
+        llm = LLM(model=path, tokenizer=str(tmp_path / "hf"), dtype="float32", max_model_len=64,
+                  max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=16,
+                  enforce_eager=True, token_buckets=(8, 32), **extra)
+        runs[kind] = (llm.llm_engine.runner.params["layers"][0],
+                      llm.generate(prompts, sp, use_tqdm=False))
+    lp, outs = runs["gguf"]
+    assert lp["q+k+v"].dtype == jnp.uint8 and lp["q+k+v"].shape == (128, 64)  # [out, in] bytes
+    assert lp["q+k+v_scale"].shape == lp["q+k+v_zero"].shape == (4, 128)
+    assert lp["gate+up"].shape == (160, 64) and lp["o"].shape == (64, 64)
+    assert lp["down"].dtype == jnp.float32
+    for a, b in zip(runs["plain"][1], outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for pa, pb, tok in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:]):
+            assert abs(pa[tok].logprob - pb[tok].logprob) < 1e-3

@@ -49,6 +49,8 @@ def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
     dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
+    if w.shape[1] == x.shape[-1]:  # an 8-bit weight as two 4-bit halves (converters/gguf_int4.py)
+        x = jnp.concatenate([x, x], axis=-1)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     group = k // scale.shape[0]
