@@ -182,3 +182,18 @@ def test_q8_0_projections_in_the_int4_layout_match_them_dequantized(tmp_path):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for pa, pb, tok in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:]):
             assert abs(pa[tok].logprob - pb[tok].logprob) < 1e-3
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_q8_0_halves_through_int4_linear(rows):
+    """The halves packed in the layout through models/int4.int4_linear (on a GPU the Pallas GEMM,
+    its bf16 pairs; here XLA's reference) against the Q8_0 weight dequantized, in float64."""
+    from jaxvllm.models.int4 import int4_linear, pack
+    rng = np.random.default_rng(rows)
+    t = _tensor(T.Q8_0, 256, 512, rng)
+    w = int4_weight(t)
+    x = jnp.asarray(rng.standard_normal((rows, 512)), jnp.bfloat16)
+    y = int4_linear(x, pack(w.q, 32), jnp.asarray(w.scale.T), jnp.asarray(w.offset.T))
+    ref = np.asarray(x, np.float64) @ dequantize(t.data, T.Q8_0).reshape(256, 512).T.astype(np.float64)
+    err = np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max()
+    assert y.shape == (rows, 256) and y.dtype == jnp.bfloat16 and err < 0.01, err
