@@ -329,8 +329,8 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
             from_cache = params is not None
         if params is None:
             params = _convert(res, cfg, target, reader, keep_gguf_4bit)
-            from converters.hf import KV_SCALE_KEYS
-            if any(k in params["layers"][0] for k in KV_SCALE_KEYS):
+            from jaxvllm.models.params import KV_CACHE_SCALES
+            if KV_CACHE_SCALES[0] in params["layers"][0]:
                 root = None  # FP8 KV-cache scales are not in the cache's layout either
             if root is not None:
                 wcache.WeightCache(root).save(key, params, {"source": res.display, "dtype": target,

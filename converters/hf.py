@@ -26,7 +26,7 @@ from converters.int4 import COMPANIONS, Int4Weight, int4_checkpoint
 from converters.int4 import unpack as unpack_int4
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import pack as pack_int4
-from jaxvllm.models.params import param_shapes
+from jaxvllm.models.params import KV_CACHE_SCALES, param_shapes
 from jaxvllm.models.quant import QUANTIZED
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
 # deprecated `self_attn.kv_scale`, one for both).
 _KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\."
                        r"(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)$")
-KV_SCALE_KEYS = ("k_cache_scale", "v_cache_scale")
 # Tensors some checkpoints carry that the engine recomputes or does not use (a multimodal
 # checkpoint's vision tower and projector too).
 # FP8 checkpoints' scales (converters/fp8.py) and int4 ones' zeros, scales and group indices
@@ -283,9 +282,9 @@ class ParamsBuilder:
                                   f"number for one of the model's {self.cfg.num_layers} layers, "
                                   f"got {float(value.reshape(-1)[0])}")
         which = m.group(2) or m.group(3)
-        for kv in ("k", "v") if which == "kv" else (which,):
-            self._kv_scales.setdefault(layer, {})[kv + "_cache_scale"] = jnp.asarray(
-                value.reshape(()))
+        for kv, key in zip("kv", KV_CACHE_SCALES):
+            if which in (kv, "kv"):
+                self._kv_scales.setdefault(layer, {})[key] = jnp.asarray(value.reshape(()))
         return True
 
     def takes_int4(self, name: str) -> bool:
@@ -345,7 +344,7 @@ class ParamsBuilder:
                 have = self._kv_scales.get(i, {})
                 # As vLLM: a layer with one of the two uses it for both; one with neither, 1.
                 one = next(iter(have.values()), jnp.ones((), jnp.float32))
-                layer.update({key: have.get(key, one) for key in KV_SCALE_KEYS})
+                layer.update({key: have.get(key, one) for key in KV_CACHE_SCALES})
         for layer in self.params["layers"]:
             for key, value in layer.items():
                 if isinstance(value, list):

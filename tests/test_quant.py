@@ -258,18 +258,20 @@ def _one_request(**engine_kw) -> tuple[Any, Any]:
 @pytest.mark.parametrize("on_gpu", [True, False])  # not "gpu": that keyword marks GPU-only tests
 def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
     """The engine adds a bucket of one token for FP8 on one GPU and for int4 weights (AWQ, GPTQ,
-    GGUF's 4-bit types: zero points or mins beside them) on a GPU: never for bf16, a CPU, FP8
-    sharded over devices, or a GGUF load that kept no 4-bit weight."""
+    GGUF's kept types: packed uint8 weights, zero points or mins beside them) on a GPU: never for
+    bf16, a CPU, FP8 sharded over devices, or a GGUF load that kept no packed weight."""
     import jax
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine import setup
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if on_gpu else "cpu")
-    dense = {"layers": [{"q": 0, "q_scale": 0}]}
+    f32, u8 = jnp.zeros(2, jnp.float32), jnp.zeros(2, jnp.uint8)
+    dense = {"layers": [{"q": f32, "q_scale": f32}]}
     fits = lambda q, params=dense, shardings=None: setup.one_row_bucket(  # noqa: E731
         EngineArgs(model="m", quantization=q), shardings, params)
     assert fits("fp8") is on_gpu and not fits("fp8", shardings=object())
     for offset in ("q_zero", "q+k+v_min"):
-        assert fits("awq", {"layers": [{"q": 0, "q_scale": 0, offset: 0}]}) is on_gpu
+        off = u8 if offset.endswith("_zero") else f32
+        assert fits("awq", {"layers": [{"q": u8, "q_scale": f32, offset: off}]}) is on_gpu
     assert not fits("gguf") and not fits(None)
 
 

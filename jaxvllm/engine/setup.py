@@ -237,10 +237,11 @@ def one_row_bucket(args: EngineArgs, shardings: Any, params: Any) -> bool:
     at one row than at the smallest default bucket's eight. FP8's one-row Pallas GEMM runs only
     there (fp8_kernel_fits); the int4 GEMM's split-K partial sums are eight times smaller there
     (batch 1 339-342 against 318-319 decode tok/s, H200, 8B shape; bench/RESULTS.md, "Issue 23's
-    rows in one run, and int4 at one row"), for any int4 weight in `params` (a GGUF's 4-bit
-    types kept so; its other types load dequantized)."""
+    rows in one run, and int4 at one row"), for any int4 weight in `params` (a GGUF's kept
+    types; its other types load dequantized)."""
     import jax
-    int4 = any(k.endswith(("_zero", "_min")) for lp in params["layers"] for k in lp)
+    from jaxvllm.models.int4 import INT4
+    int4 = any(w.dtype == INT4 for lp in params["layers"] for w in lp.values())
     return fp8_kernel_fits(args, shardings) or (int4 and jax.default_backend() == "gpu")
 
 

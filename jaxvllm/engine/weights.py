@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.params import KV_CACHE_SCALES
 
 
 def to_engine_layout(params: Any, cfg: ModelConfig, dtype: str = "auto") -> Any:
@@ -31,7 +32,7 @@ def keep_cache_scales(new: Any, current: Any) -> Any:
     none: they come with a checkpoint's calibration, not with a trainer's weights."""
     layers = [dict(lp) for lp in new["layers"]]
     for lp, cur in zip(layers, current["layers"]):
-        for key in ("k_cache_scale", "v_cache_scale"):
+        for key in KV_CACHE_SCALES:
             if key in cur and key not in lp:
                 lp[key] = cur[key]
     return dict(new, layers=layers)

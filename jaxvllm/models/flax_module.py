@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.params import KV_CACHE_SCALES
 from jaxvllm.models.llama import ModelInputs
 from jaxvllm.models.registry import get_model_module
 from jaxvllm.worker.sampler import prompt_logprobs
@@ -158,7 +159,7 @@ def _quantized(path: tuple, leaf: jax.Array) -> bool:
     integer weights, or 8-bit floats. An FP8 KV cache's scales (`k_cache_scale`, from a
     checkpoint) are none: a forward without a cache leaves them unused."""
     names = [str(getattr(k, "key", "")) for k in path]
-    if any(n.endswith(("_scale", "_zero", "_min", "_perm")) and not n.endswith("_cache_scale")
+    if any(n.endswith(("_scale", "_zero", "_min", "_perm")) and n not in KV_CACHE_SCALES
            for n in names):
         return True
     return not jnp.issubdtype(leaf.dtype, jnp.floating) or jnp.dtype(leaf.dtype).itemsize < 2

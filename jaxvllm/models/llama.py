@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.layers import apply_rope, linear, lm_head, projections, rms_norm, rope_cos_sin
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
+from jaxvllm.models.params import KV_CACHE_SCALES
 from jaxvllm.models.quant import FP8, to_fp8
 
 Params = dict[str, Any]
@@ -58,8 +59,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: Optional[jax.Array
     k_scale) . (k / k_scale)) and the output v_scale (it is linear in V), as vLLM's descales do."""
     if k_cache is None:
         return attention_fn(q, k, v, inp, **kw), None, None
-    scales = (lp["k_cache_scale"], lp["v_cache_scale"]) if (
-        k_cache.dtype == FP8 and lp is not None and "k_cache_scale" in lp) else None
+    scales = tuple(lp[k] for k in KV_CACHE_SCALES) if (
+        k_cache.dtype == FP8 and lp is not None and KV_CACHE_SCALES[0] in lp) else None
     if scales is not None:
         k = k.astype(jnp.float32) / scales[0]
         v = v.astype(jnp.float32) / scales[1]

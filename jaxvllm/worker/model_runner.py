@@ -25,6 +25,7 @@ from tqdm import tqdm
 from jaxvllm.core.outputs import ModelRunnerOutput, SchedulerOutput
 from jaxvllm.models import llama
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.params import KV_CACHE_SCALES
 from jaxvllm.models.registry import get_model_module
 from jaxvllm.models.layers import INVARIANT_COMPILER_OPTIONS
 from jaxvllm.outputs import Logprob
@@ -259,8 +260,8 @@ class ModelRunner:
             self._host_params = _offload(self.params) if level == 1 else None
             # Level 2 keeps the FP8 KV-cache scales (a float a layer): they are the checkpoint's
             # calibration, which update_weights does not bring back (engine.weights.keep_cache_scales).
-            self._cache_scales = [{k: v for k, v in lp.items() if k.endswith("_cache_scale")}
-                                  for lp in self.params["layers"]]
+            self._cache_scales = [{k: lp[k] for k in KV_CACHE_SCALES if k in lp}
+                                  for lp in self.params["layers"]] if level == 2 else []
             self.params = None
             if self.drafter is not None:  # at any level: update_weights never refills a draft's
                 self._draft_spec = _specs(self.drafter.params)

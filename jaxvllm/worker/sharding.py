@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import INT4
+from jaxvllm.models.params import KV_CACHE_SCALES
 from jaxvllm.models.quant import FP8
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ LAYER_RULES: dict[str, P] = {
     "q_scale": P(AXIS), "k_scale": P(AXIS), "v_scale": P(AXIS), "o_scale": P(),
     "gate_scale": P(AXIS), "up_scale": P(AXIS), "down_scale": P(),
     "shared_gate_scale": P(AXIS), "shared_up_scale": P(AXIS), "shared_down_scale": P(),
-    "k_cache_scale": P(), "v_cache_scale": P(),  # an FP8 cache's scales: a float a layer
+    **{k: P() for k in KV_CACHE_SCALES},  # an FP8 cache's scales: a float a layer
     "input_norm": P(), "post_attn_norm": P(), "q_norm": P(), "k_norm": P(),
     "pre_ffn_norm": P(), "post_ffn_norm": P(),
     # LoRA slots (worker/lora_slots.py), A [in, S*R] and B [S*R, out]: a column-parallel
