@@ -55,6 +55,7 @@ from pallas_kernels.tile_lists import expand_tiles
 from pallas_kernels.triton_rows import full_spec, store_rows
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_F16_MAX = float(jnp.finfo(jnp.float16).max)
 _LOG2E = math.log2(math.e)
 # Token buckets below this keep prefill on Triton: their chunks are short, and each
 # Mosaic kernel shape costs a compile in every process plus an empty launch per layer
@@ -130,6 +131,20 @@ def get_tiles(head_dim: int, group: int, block_size: int, arch: str | None = Non
 # ---------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------
+def _compute_dtype(q_dtype, kv_dtype):
+    """The dtype of the kernel's tensor-core operands: the query's, but f16 for an FP8 cache
+    read by a 16-bit query. Hopper converts a pair of e4m3 values to f16 in one instruction and has
+    none to bf16 (Triton goes through f16 and f32), and at half the bytes a step the conversion
+    is what held the FP8 cache's read rate at 2.0 TB/s against bf16's 2.7 (H200, 8B shape;
+    bench/RESULTS.md, "FP8 weights and FP8 KV ... where the step goes"). Nothing is lost: e4m3
+    values are exact in f16, so is a bf16 query within f16's range (its 8 significant bits in f16's
+    11; the kernel clips it to that range), and the probabilities in [0, 1] keep more bits in f16
+    than in bf16."""
+    if jnp.dtype(kv_dtype).itemsize == 1 and jnp.dtype(q_dtype).itemsize == 2:
+        return jnp.float16
+    return q_dtype
+
+
 def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt_ref,
                 q_ref, k_ref, v_ref, *rest, bq, gp, group, num_q_heads, block_size,
                 max_blocks, bk, num_splits, sm_scale, sliding_window, soft_cap,
@@ -166,6 +181,9 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
         qpos = ctx0 + (tok - qs)              # [M]
 
         q = q_ref[qrow, :]                    # [M, D]
+        cdt = _compute_dtype(q.dtype, k_ref.dtype)
+        if cdt != q.dtype:  # clipped: a query past f16's range would be inf, then NaN
+            q = jnp.clip(q.astype(jnp.float32), -_F16_MAX, _F16_MAX).astype(cdt)
 
         # KV range of this tile (causal upper bound, window lower bound).
         hi = jnp.minimum(kv_len, ctx0 + (q1 - qs))
@@ -195,7 +213,7 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
             krow = page * block_size + lax.rem(kpos, jnp.int32(block_size))
             if masked:
                 krow = jnp.where(kvalid, krow, 0)
-            k = k_ref[krow, :].astype(q.dtype)                        # [BK, D] (FP8 cache: up)
+            k = k_ref[krow, :].astype(cdt)                            # [BK, D] (FP8 cache: up)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)    # [M, BK]
             s = s * scale
@@ -210,7 +228,7 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
             p = jnp.exp2(s - m_new[:, None])
             corr = jnp.exp2(m_i - m_new)
             l_new = l_i * corr + jnp.sum(p, axis=1)
-            v = v_ref[krow, :].astype(q.dtype)
+            v = v_ref[krow, :].astype(cdt)
             if masked:
                 # p is 0 there, but 0 * (NaN/Inf garbage in an unused cache row) is not.
                 v = jnp.where(kvalid[:, None], v, jnp.zeros_like(v))

@@ -173,6 +173,19 @@ def test_fp8_kv_cache(name, dtype):
     assert np.linalg.norm(o - e) / np.linalg.norm(e) < 0.05
 
 
+def test_fp8_kv_cache_with_a_query_past_f16s_range():
+    """A bf16 query meets an FP8 cache in f16 inside the kernel: a query value past f16's range
+    is clipped to it, not made inf (whose products with the keys would be NaN); the other tokens'
+    outputs stay the reference's."""
+    q_lens, kv_lens, kw = CASES["mixed"]
+    batch = make_batch(q_lens, kv_lens, dtype=jnp.bfloat16, seed=22, **kw)
+    q = batch.args[0].at[0, 0, 0].set(1e6)
+    args = (q, *_fp8_caches(batch), *batch.args[3:])
+    out, ref = run_both(args)
+    assert np.isfinite(np.asarray(jnp.asarray(out[0], jnp.float32))).all()
+    check(out[1:], ref[1:], batch.num_tokens - 1, jnp.bfloat16)
+
+
 def test_public_entry_point_and_jit_with_traced_ints():
     batch = make_batch([1, 10], [30, 12], T=16, R=3, seed=5)
     ref = ragged_paged_attention(*batch.args, sm_scale=0.3, impl="reference")
