@@ -134,12 +134,14 @@ def get_tiles(head_dim: int, group: int, block_size: int, arch: str | None = Non
 def _compute_dtype(q_dtype, kv_dtype):
     """The dtype of the kernel's tensor-core operands: the query's, but f16 for an FP8 cache
     read by a 16-bit query. Hopper converts a pair of e4m3 values to f16 in one instruction and has
-    none to bf16 (Triton goes through f16 and f32), and at half the bytes a step the conversion
-    is what held the FP8 cache's read rate at 2.0 TB/s against bf16's 2.7 (H200, 8B shape;
-    bench/RESULTS.md, "FP8 weights and FP8 KV ... where the step goes"). Nothing is lost: e4m3
-    values are exact in f16, so is a bf16 query within f16's range (its 8 significant bits in f16's
-    11; the kernel clips it to that range), and the probabilities in [0, 1] keep more bits in f16
-    than in bf16."""
+    none to bf16 (Triton goes through f16 and f32); the conversion is the suspect for the FP8
+    cache's read rate of 2.0 TB/s against bf16's 2.7 (H200, 8B shape; bench/RESULTS.md, "FP8
+    weights and FP8 KV ... where the step goes"), not yet confirmed by a measurement of this form.
+    e4m3 values are exact in f16; so is a bf16 query between f16's smallest normal (2^-14) and its
+    largest (the kernel clips to that), and probabilities from 2^-14 to 1 keep more bits in f16
+    than in bf16. Below 2^-14 f16 goes subnormal: query elements that small, and probabilities
+    under 2^-24 (flushed to 0 in the P.V product while the row's sum still counts them), lose what
+    bf16 would have kept, a change far below the FP8 cache's own rounding."""
     if jnp.dtype(kv_dtype).itemsize == 1 and jnp.dtype(q_dtype).itemsize == 2:
         return jnp.float16
     return q_dtype
