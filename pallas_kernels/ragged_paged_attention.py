@@ -79,6 +79,8 @@ class Tiles:
     # keys per K/V tile of the Mosaic GPU prefill path (128: 94% of cuDNN at 1x4096 on H100
     # vs 86% with 64, measured on the contiguous FA3 schedule it follows)
     prefill_block_kv: int = 128
+    # decode-like tiles over an FP8 cache (None: `short`)
+    short_fp8: TileConfig | None = None
 
 
 # Tuned tiles per GPU architecture (compute capability), then by (head_dim, GQA ratio, page
@@ -86,8 +88,11 @@ class Tiles:
 TILE_TABLE: dict[str, dict[tuple[int, int, int], Tiles]] = {
     "9.0": {  # Hopper (H100, H200); measured on H100, see bench/RESULTS.md
         # decode: bk 64 / 4 warps was best or within noise of best at B=1..64;
-        # prefill: 128 rows, bk 64, 4 warps, 3 stages (281 TFLOP/s vs 222 with 8 warps)
-        (128, 4, 16): Tiles(TileConfig(64, 4, 3), 128, TileConfig(64, 4, 3)),
+        # prefill: 128 rows, bk 64, 4 warps, 3 stages (281 TFLOP/s vs 222 with 8 warps);
+        # FP8 cache decode: bk 128 (a bf16 step's bytes), 2.78 TB/s vs 2.54 with 64 at 256 x 1536
+        # on H200, 8 warps or 256 keys slower
+        (128, 4, 16): Tiles(TileConfig(64, 4, 3), 128, TileConfig(64, 4, 3),
+                            short_fp8=TileConfig(128, 4, 3)),
     },
 }
 # Batch-invariant mode's one launch: every sequence in tiles of 16 rows (as a decode's), this
@@ -134,14 +139,13 @@ def get_tiles(head_dim: int, group: int, block_size: int, arch: str | None = Non
 def _compute_dtype(q_dtype, kv_dtype):
     """The dtype of the kernel's tensor-core operands: the query's, but f16 for an FP8 cache
     read by a 16-bit query. Hopper converts a pair of e4m3 values to f16 in one instruction and has
-    none to bf16 (Triton goes through f16 and f32); the conversion is the suspect for the FP8
-    cache's read rate of 2.0 TB/s against bf16's 2.7 (H200, 8B shape; bench/RESULTS.md, "FP8
-    weights and FP8 KV ... where the step goes"), not yet confirmed by a measurement of this form.
-    e4m3 values are exact in f16; so is a bf16 query between f16's smallest normal (2^-14) and its
-    largest (the kernel clips to that), and probabilities from 2^-14 to 1 keep more bits in f16
-    than in bf16. Below 2^-14 f16 goes subnormal: query elements that small, and probabilities
-    under 2^-24 (flushed to 0 in the P.V product while the row's sum still counts them), lose what
-    bf16 would have kept, a change far below the FP8 cache's own rounding."""
+    none to bf16 (Triton goes through f16 and f32): decode over an FP8 cache read at 2.54 TB/s
+    with f16 operands against 2.29 with bf16 (H200, 256 x 1536, 8B shape; bench/RESULTS.md, "FP8
+    KV decode in f16"). e4m3 values are exact in f16; so is a bf16 query between f16's smallest
+    normal (2^-14) and its largest (the kernel clips to that), and probabilities from 2^-14 to 1
+    keep more bits in f16 than in bf16. Below 2^-14 f16 goes subnormal: query elements that small,
+    and probabilities under 2^-24 (flushed to 0 in the P.V product while the row's sum still
+    counts them), lose what bf16 would have kept, a change far below the FP8 cache's own rounding."""
     if jnp.dtype(kv_dtype).itemsize == 1 and jnp.dtype(q_dtype).itemsize == 2:
         return jnp.float16
     return q_dtype
@@ -405,13 +409,16 @@ def ragged_paged_attention_kernel(
         q_lens = jnp.where(is_mgpu, 0, q_lens)
         num_splits = 1   # split partials cannot be merged into an aliased buffer
     short_t, long_t = _build_tiles(qsl, q_lens, T, R, bq_s, bq_l)
+    short_cfg = tiles.short
+    if jnp.dtype(k_cache.dtype).itemsize == 1 and tiles.short_fp8 is not None:
+        short_cfg = tiles.short_fp8
     if num_splits is None:
-        num_splits = choose_num_splits(T, R, Hkv, MB, BS, tiles.short.bk, Hq, D)
+        num_splits = choose_num_splits(T, R, Hkv, MB, BS, short_cfg.bk, Hq, D)
 
     if out0 is not None:
         out0 = out0.reshape(T * Hq, D)
     res = _launch(*short_t, kv_lens, qsl, bt_flat, q2, k3, v3, out0, bq=bq_s,
-                  cfg=tiles.short, num_splits=num_splits, **common)
+                  cfg=short_cfg, num_splits=num_splits, **common)
     if num_splits > 1:
         o_part, lse = res                                  # [S, TH, D], [S, TH]
         m = jnp.max(lse, axis=0)

@@ -418,7 +418,7 @@ def test_tile_choices_are_valid_and_exact(arch, head_dim, group, block_size):
     if arch:
         assert tiles == TILE_TABLE[arch][(head_dim, group, block_size)]
     gp = 1 << (group - 1).bit_length()
-    for cfg in (tiles.short, tiles.long):
+    for cfg in (tiles.short, tiles.long, tiles.short_fp8 or tiles.short):
         assert _pow2(cfg.bk) and cfg.bk >= 16, cfg
         assert _pow2(cfg.num_warps) and cfg.num_stages >= 1, cfg
     assert _pow2(tiles.long_rows) and tiles.long_rows >= max(16, gp), tiles
@@ -428,7 +428,7 @@ def test_tile_choices_are_valid_and_exact(arch, head_dim, group, block_size):
 
     bq_s, bq_l = max(1, 16 // gp), tiles.long_rows // gp
     long_q = 2 * bq_l + 3                      # two full long tiles and a ragged one
-    ctx = 2 * max(tiles.long.bk, tiles.short.bk) + block_size + 5  # context before the chunk
+    ctx = 2 * max(tiles.long.bk, (tiles.short_fp8 or tiles.short).bk) + block_size + 5
     q_lens = [1, bq_s, bq_s + 1, long_q, 1]
     kv_lens = [ctx, bq_s + 7, bq_s + 1 + ctx, long_q + ctx, 3]
     batch = make_batch(q_lens, kv_lens, num_q_heads=2 * group, num_kv_heads=2,
@@ -436,4 +436,8 @@ def test_tile_choices_are_valid_and_exact(arch, head_dim, group, block_size):
                        seed=head_dim + group)
     for num_splits in (None, 2):
         out, ref = run_both(batch.args, sm_scale=head_dim ** -0.5, tiles=tiles, num_splits=num_splits)
+        check(out, ref, batch.num_tokens, jnp.float32)
+    if tiles.short_fp8 is not None:
+        args = (batch.args[0], *_fp8_caches(batch), *batch.args[3:])
+        out, ref = run_both(args, sm_scale=head_dim ** -0.5, tiles=tiles)
         check(out, ref, batch.num_tokens, jnp.float32)
