@@ -180,21 +180,23 @@ def decode_section(log, copy_bw, rows, sweep=False, kv_dtype=DT):
             del caches
 
 
-def prefill_section(log, rows, sweep=False):
+def prefill_section(log, rows, sweep=False, kv_dtype=DT):
     for B, L in ((1, 4096), (4, 2048)):
         flops = 4 * B * (L * L / 2) * HQ * D
         b = make_batch([L] * B, [L] * B, seed=L)
         q, (k, v), ints, n = b.q, b.caches[0], b.metadata, b.num_tokens
+        k, v = k.astype(kv_dtype), v.astype(kv_dtype)
         kvl, bt, qsl, ns = ints
-        # same data, unpaged, for cuDNN: gather each sequence's blocks
-        kd = k[bt].reshape(B, L, HKV, D)
-        vd = v[bt].reshape(B, L, HKV, D)
+        # same data (an FP8 cache's values in bf16), unpaged, for cuDNN: gather each
+        # sequence's blocks
+        kd = k[bt].reshape(B, L, HKV, D).astype(DT)
+        vd = v[bt].reshape(B, L, HKV, D).astype(DT)
         qd = q.reshape(B, L, HQ, D)
         cud = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, scale=SCALE, implementation="cudnn"))
         f = kernel_fn()
         o = f(q, k, v, *ints)
-        row = dict(kind="prefill", B=B, L=L)
+        row = dict(kind="prefill", kv=jnp.dtype(kv_dtype).name, B=B, L=L)
         try:
             oc = cud(qd, kd, vd)
             row["err_vs_cudnn"] = rel_err(o, oc.reshape(B * L, HQ, D), n)
@@ -248,7 +250,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sections", default="validate,decode,prefill,mixed")
     ap.add_argument("--kv-dtype", choices=("bfloat16", "fp8"), default="bfloat16",
-                    help="The decode section's cache dtype.")
+                    help="The decode and prefill sections' cache dtype.")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "kernels_log.txt"), "a")
@@ -265,11 +267,10 @@ def main():
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth (read+write) {copy_bw/1e12:.2f} TB/s")
     val = None
+    kv_dtype = jnp.float8_e4m3fn if args.kv_dtype == "fp8" else DT
     for name, fn in (("validate", lambda: validate(log)),
-                     ("prefill", lambda: prefill_section(log, rows, args.sweep)),
-                     ("decode", lambda: decode_section(
-                         log, copy_bw, rows, args.sweep,
-                         jnp.float8_e4m3fn if args.kv_dtype == "fp8" else DT)),
+                     ("prefill", lambda: prefill_section(log, rows, args.sweep, kv_dtype)),
+                     ("decode", lambda: decode_section(log, copy_bw, rows, args.sweep, kv_dtype)),
                      ("mixed", lambda: mixed_section(log, rows))):
         if name not in secs:
             continue
@@ -301,15 +302,15 @@ def print_table(log, rows, copy_bw, val, dev):
             log("| %d | %d | %s | %.1f | %.2f | %.0f%% | %s | %.1e |" % (
                 r["B"], r["ctx"], r["kv"], r["us"], r["tbps"], 100 * r["frac"], jcols, r["err"]))
     log("")
-    log("| prefill | kernel us | TFLOP/s | cuDNN us | cuDNN TFLOP/s | % of cuDNN | rel err vs cuDNN "
+    log("| prefill | KV | kernel us | TFLOP/s | cuDNN us | cuDNN TFLOP/s | % of cuDNN | rel err vs cuDNN "
         "| Triton-only us | Triton-only % of cuDNN |")
-    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if r["kind"] == "prefill":
             cu = r.get("cudnn_tflops")
             pct = (lambda tf: "-" if not cu else "%.0f%%" % (100 * tf / cu))
-            log("| %d x %d | %.0f | %.0f | %.0f | %.0f | %s | %.1e | %.0f | %s |" % (
-                r["B"], r["L"], r["us"], r["tflops"], r.get("cudnn_us", float("nan")),
+            log("| %d x %d | %s | %.0f | %.0f | %.0f | %.0f | %s | %.1e | %.0f | %s |" % (
+                r["B"], r["L"], r["kv"], r["us"], r["tflops"], r.get("cudnn_us", float("nan")),
                 cu or float("nan"), pct(r["tflops"]), r.get("err_vs_cudnn", float("nan")),
                 r["triton_us"], pct(r["triton_tflops"])))
     log("")

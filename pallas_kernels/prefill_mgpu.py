@@ -19,8 +19,13 @@ FlashAttention-3 schedule written with Pallas Mosaic GPU:
   it shares with the previous tile are computed twice and written with equal
   values). Shorter sequences stay on the Triton path.
 
-Restrictions (checked statically by the caller): bf16/f16, head_dim a multiple
-of 64 up to 256, no sliding window, no soft cap, and finite values in the cache
+An FP8 cache (one byte a value) lands in shared memory as stored; each compute
+warpgroup converts a K or V tile into its own 16-bit buffer (f16, kv_operands) and
+multiplies from there, releasing the FP8 slot to the memory warpgroup at once.
+
+Restrictions (checked statically by the caller): bf16/f16 queries, a cache of the
+query's dtype or float8_e4m3fn, head_dim a multiple of 64 up to 128, no sliding
+window, no soft cap, and finite values in the cache
 rows past a sequence's context (they are read, masked to probability 0, and
 multiplied by 0). The engine zero-initialises its cache, so the last holds.
 There is no CPU interpret mode for this path (the Mosaic GPU interpreter of the
@@ -38,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.kv_operands import compute_dtype, to_compute_dtype
 from pallas_kernels.tile_lists import expand_tiles
 
 BLOCK_Q = 64          # rows per compute warpgroup (one wgmma M tile)
@@ -53,12 +59,19 @@ def _transposed(ref):
     return plgpu.transpose_ref(ref, (1, 0))
 
 
-def supported(dtype, head_dim: int, block_size: int, block_kv: int,
+def _tiled(dtype):
+    """Shared-memory tiling of a [rows, head_dim] operand: 128-byte swizzled rows."""
+    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(128))
+
+
+def supported(dtype, kv_dtype, head_dim: int, block_size: int, block_kv: int,
               sliding_window, logits_soft_cap) -> bool:
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and jnp.dtype(kv_dtype) in (jnp.dtype(dtype), jnp.dtype(jnp.float8_e4m3fn))
             # head_dim 256 (Gemma 3) would need 395 KB of shared memory at 128 keys per stage
             # (bench/RESULTS.md, Gemma); the Triton launch takes it
-            and head_dim % 64 == 0 and head_dim <= 128
+            and head_dim % (128 // jnp.dtype(kv_dtype).itemsize) == 0 and head_dim <= 128
             and block_kv % block_size == 0 and block_size % 8 == 0
             and sliding_window is None and logits_soft_cap is None)
 
@@ -89,6 +102,9 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
     pages = block_kv // BS
     n_tiles = tile_seq.shape[0]
     dtype = q.dtype
+    kv_dtype = k_cache.dtype
+    cdt = compute_dtype(dtype, kv_dtype)     # the tensor cores' operands
+    convert = kv_dtype != cdt
     scale = float(sm_scale) * _LOG2E
 
     # All int32 metadata in one freshly computed buffer: Mosaic GPU wants 256-byte aligned
@@ -99,7 +115,7 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
                             block_tables.reshape(-1)]).astype(jnp.int32)
 
     def kernel(meta_ref, q_ref, k_ref, v_ref, out_ref, scoped):
-        (qo_smem2, stage_smem2, k_smem, v_smem), (k_bars, v_bars, q_bars), \
+        (qo_smem2, stage_smem2, k_smem, v_smem, conv_smem2), (k_bars, v_bars, q_bars), \
             (k_free, v_free), sched = scoped
         h = lax.axis_index("head")
         tile = lax.axis_index("tile")
@@ -134,8 +150,8 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
                 plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q0 + row0, BLOCK_Q), h],
                                         stage, q_bars.at[wg])
                 plgpu.barrier_wait(q_bars.at[wg])
-                qo_smem[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA,
-                                          optimized=False)
+                qo_smem[...] = to_compute_dtype(
+                    plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False), cdt)
                 plgpu.commit_smem()
                 m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
                                         plgpu.Layout.WGMMA.reduce(1))
@@ -146,16 +162,28 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
                 plgpu.barrier_wait(k_bars.at[0])
                 pl.when(wg == 1)(schedule_barrier)
 
+                def operand(src, free):
+                    """The tile in `src` as the tensor cores take it; `free` is arrived on once
+                    `src` may be overwritten (after the conversion, or after the caller's product)."""
+                    if not convert:
+                        return src, lambda: plgpu.barrier_arrive(free)
+                    conv = conv_smem2.at[wg]  # the product before this one has completed
+                    conv[...] = src[...].astype(cdt)
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(free)
+                    return conv, lambda: None
+
                 def kv_step(step, carry, masked=False):
                     acc, m_i, l_i = carry
                     slot = lax.rem(step, jnp.int32(stages))
+                    k_op, k_done = operand(k_smem.at[slot], k_free.at[slot])
 
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, qo_smem, _transposed(k_smem.at[slot]))
+                        plgpu.wgmma(acc_ref, qo_smem, _transposed(k_op))
                         schedule_barrier()
                         return acc_ref[...]
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
-                    plgpu.barrier_arrive(k_free.at[slot])
+                    k_done()
                     if masked:
                         rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 0,
                                                       layout=plgpu.Layout.WGMMA)
@@ -168,21 +196,22 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
                     p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
-                    p16 = p.astype(dtype)
+                    p16 = p.astype(cdt)
                     acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                     plgpu.barrier_arrive(sched)          # softmax done
                     plgpu.barrier_wait(v_bars.at[slot])
+                    v_op, v_done = operand(v_smem.at[slot], v_free.at[slot])
                     plgpu.barrier_wait(sched)            # tensor cores free
 
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        plgpu.wgmma(acc_ref, p16, v_op)
                         nxt = step + 1
 
                         @pl.when(nxt < kv_steps)
                         def _():
                             plgpu.barrier_wait(k_bars.at[lax.rem(nxt, jnp.int32(stages))])
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                    plgpu.barrier_arrive(v_free.at[slot])
+                    v_done()
                     return acc, m_new, l_i
 
                 def drain(step, _):
@@ -233,13 +262,16 @@ def prefill_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_lo
                     issue(step, slot)
 
     def entry(meta_ref, q_ref, k_ref, v_ref, out_ref):
-        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        # one conversion buffer a compute warpgroup serves its K and V tiles in turn: two
+        # would take the shared memory past Hopper's 227 KiB at 128 keys a tile
+        conv = plgpu.SMEM((2, block_kv, D), cdt, transforms=_tiled(cdt)) if convert else None
         pl.run_scoped(
             lambda *scoped: kernel(meta_ref, q_ref, k_ref, v_ref, out_ref, scoped),
-            (plgpu.SMEM((2, BLOCK_Q, D), dtype, transforms=tiled),
+            (plgpu.SMEM((2, BLOCK_Q, D), cdt, transforms=_tiled(cdt)),
              plgpu.SMEM((2, BLOCK_Q, D), dtype),
-             plgpu.SMEM((stages, block_kv, D), dtype, transforms=tiled),
-             plgpu.SMEM((stages, block_kv, D), dtype, transforms=tiled)),
+             plgpu.SMEM((stages, block_kv, D), kv_dtype, transforms=_tiled(kv_dtype)),
+             plgpu.SMEM((stages, block_kv, D), kv_dtype, transforms=_tiled(kv_dtype)),
+             conv),
             (plgpu.Barrier(num_arrivals=pages, num_barriers=stages),
              plgpu.Barrier(num_arrivals=pages, num_barriers=stages),
              plgpu.Barrier(num_barriers=2)),

@@ -51,11 +51,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import prefill_mgpu
 from pallas_kernels.reference import ragged_paged_attention_reference
+from pallas_kernels.kv_operands import compute_dtype, to_compute_dtype
 from pallas_kernels.tile_lists import expand_tiles
 from pallas_kernels.triton_rows import full_spec, store_rows
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-_F16_MAX = float(jnp.finfo(jnp.float16).max)
 _LOG2E = math.log2(math.e)
 # Token buckets below this keep prefill on Triton: their chunks are short, and each
 # Mosaic kernel shape costs a compile in every process plus an empty launch per layer
@@ -136,21 +136,6 @@ def get_tiles(head_dim: int, group: int, block_size: int, arch: str | None = Non
 # ---------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------
-def _compute_dtype(q_dtype, kv_dtype):
-    """The dtype of the kernel's tensor-core operands: the query's, but f16 for an FP8 cache
-    read by a 16-bit query. Hopper converts a pair of e4m3 values to f16 in one instruction and has
-    none to bf16 (Triton goes through f16 and f32): decode over an FP8 cache read at 2.54 TB/s
-    with f16 operands against 2.29 with bf16 (H200, 256 x 1536, 8B shape; bench/RESULTS.md, "FP8
-    KV decode in f16"). e4m3 values are exact in f16; so is a bf16 query between f16's smallest
-    normal (2^-14) and its largest (the kernel clips to that), and probabilities from 2^-14 to 1
-    keep more bits in f16 than in bf16. Below 2^-14 f16 goes subnormal: query elements that small,
-    and probabilities under 2^-24 (flushed to 0 in the P.V product while the row's sum still
-    counts them), lose what bf16 would have kept, a change far below the FP8 cache's own rounding."""
-    if jnp.dtype(kv_dtype).itemsize == 1 and jnp.dtype(q_dtype).itemsize == 2:
-        return jnp.float16
-    return q_dtype
-
-
 def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt_ref,
                 q_ref, k_ref, v_ref, *rest, bq, gp, group, num_q_heads, block_size,
                 max_blocks, bk, num_splits, sm_scale, sliding_window, soft_cap,
@@ -187,9 +172,8 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
         qpos = ctx0 + (tok - qs)              # [M]
 
         q = q_ref[qrow, :]                    # [M, D]
-        cdt = _compute_dtype(q.dtype, k_ref.dtype)
-        if cdt != q.dtype:  # clipped: a query past f16's range would be inf, then NaN
-            q = jnp.clip(q.astype(jnp.float32), -_F16_MAX, _F16_MAX).astype(cdt)
+        cdt = compute_dtype(q.dtype, k_ref.dtype)
+        q = to_compute_dtype(q, cdt)
 
         # KV range of this tile (causal upper bound, window lower bound).
         hi = jnp.minimum(kv_len, ctx0 + (q1 - qs))
@@ -395,8 +379,7 @@ def ragged_paged_attention_kernel(
         tiles = get_tiles(D, G, BS)
     bq_l = max(1, tiles.long_rows // gp)
     use_mgpu = (prefill_backend == "mosaic" and not interpret and T >= MGPU_MIN_TOKENS
-                and k_cache.dtype == q.dtype  # an FP8 cache stays on the Triton launch
-                and prefill_mgpu.supported(q.dtype, D, BS, tiles.prefill_block_kv,
+                and prefill_mgpu.supported(q.dtype, k_cache.dtype, D, BS, tiles.prefill_block_kv,
                                            sliding_window, logits_soft_cap))
     out0 = None
     if use_mgpu:

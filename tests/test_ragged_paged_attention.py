@@ -247,20 +247,6 @@ def test_gpu_kernel_vs_reference_bf16(name):
     check(out, ref, batch.num_tokens, jnp.bfloat16)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("name", list(CASES) + ["long"])
-def test_gpu_fp8_kv_cache_vs_reference(name):
-    """Float8 K/V on the GPU: Triton upcasts them; a long prefill stays off the Mosaic path."""
-    q_lens, kv_lens, kw = CASES[name] if name in CASES else ([300], [300], dict(T=512))
-    batch = make_batch(q_lens, kv_lens, num_q_heads=32, num_kv_heads=8,
-                       head_dim=128, dtype=jnp.bfloat16, seed=1, **kw)
-    args = (batch.args[0], *_fp8_caches(batch), *batch.args[3:])
-    ref = ragged_paged_attention(*args, sm_scale=0.088, impl="reference")
-    out = ragged_paged_attention(*args, sm_scale=0.088, impl="kernel")
-    check(out, ref, batch.num_tokens, jnp.bfloat16)
-
-
 LONG_CASES = {
     # sequences of >= 128 new tokens in batches of >= 512 tokens take the Mosaic GPU
     # prefill path on a GPU
@@ -270,6 +256,27 @@ LONG_CASES = {
     "long_mixed": ([1, 230, 1, 5, 1, 500], [33, 230, 640, 50, 9, 2000], dict(T=768)),
     "long_padding": ([129, 257], [129, 900], dict(T=512, R=4)),
 }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("name", list(CASES) + list(LONG_CASES))
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_gpu_fp8_kv_cache_vs_reference(name, block_size):
+    """Float8 K/V on the GPU against the reference on the same cache: the Triton launches and,
+    for the long cases, the Mosaic GPU prefill (checked in the lowered program), both converting
+    K and V to f16; a query value past f16's range stays finite."""
+    q_lens, kv_lens, kw = {**CASES, **LONG_CASES}[name]
+    batch = make_batch(q_lens, kv_lens, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                       block_size=block_size, dtype=jnp.bfloat16, seed=1, **kw)
+    q = batch.args[0].at[0, 0, 0].set(1e6)
+    args = (q, *_fp8_caches(batch), *batch.args[3:])
+    ref = ragged_paged_attention(*args, sm_scale=0.088, impl="reference")
+    kernel = jax.jit(functools.partial(ragged_paged_attention, sm_scale=0.088, impl="kernel"))
+    out = kernel(*args)
+    assert ("mosaic_gpu" in kernel.lower(*args).as_text()) == (name in LONG_CASES)
+    assert np.isfinite(np.asarray(jnp.asarray(out[0], jnp.float32))).all()
+    check(out[1:], ref[1:], batch.num_tokens - 1, jnp.bfloat16)
 
 
 @pytest.mark.gpu
@@ -423,8 +430,8 @@ def test_tile_choices_are_valid_and_exact(arch, head_dim, group, block_size):
         assert _pow2(cfg.num_warps) and cfg.num_stages >= 1, cfg
     assert _pow2(tiles.long_rows) and tiles.long_rows >= max(16, gp), tiles
     if arch and head_dim % 64 == 0:
-        assert prefill_mgpu.supported(jnp.bfloat16, head_dim, block_size, tiles.prefill_block_kv,
-                                      None, None), tiles
+        assert prefill_mgpu.supported(jnp.bfloat16, jnp.bfloat16, head_dim, block_size,
+                                      tiles.prefill_block_kv, None, None), tiles
 
     bq_s, bq_l = max(1, 16 // gp), tiles.long_rows // gp
     long_q = 2 * bq_l + 3                      # two full long tiles and a ragged one
