@@ -1,7 +1,9 @@
 """One decoder layer's linears (q, k, v, o, gate, up, down) on one device, at a model's shapes, in
 each weight format the engine runs: bf16, FP8 (models/quant.py: weight-only up to 16 rows, W8A8 on
 cuBLASLt beyond), int4 as the engine runs it (models/int4.py: the Pallas GEMM up to 16 rows on the
-GPU) and int4 dequantized by XLA before the GEMM (`int4_matmul_reference`), beside each format's
+GPU), a GGUF Q8_0 weight as `quantization="gguf"` keeps it (converters/gguf_int4.py: two 4-bit
+halves on the int4 GEMM, the input taken twice) and int4 dequantized by XLA before the GEMM
+(`int4_matmul_reference`), beside each format's
 roofline (its weight bytes at the measured copy bandwidth). Each linear is its own GEMM here; the
 engine runs an int4 model's q/k/v and gate/up as one GEMM each (models/int4.fuse_projections).
 
@@ -27,6 +29,23 @@ from kernels import bench
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+def q8_0(w: jax.Array) -> dict[str, jax.Array]:
+    """A bf16 weight [in, out] quantized to GGUF's Q8_0 and laid out as the GGUF loader lays it
+    with quantization="gguf"."""
+    import types
+
+    import gguf
+    from converters.gguf_int4 import GROUP, int4_weight
+    from jaxvllm.models import int4
+    wt = np.asarray(w, np.float32).T
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    t = types.SimpleNamespace(name="", shape=list(reversed(wt.shape)), tensor_type=q8,
+                              data=gguf.quants.quantize(wt, q8))
+    iw = int4_weight(t)
+    return {"": jnp.asarray(int4.pack(iw.q, GROUP)), "_scale": jnp.asarray(iw.scale.T),
+            "_zero": jnp.asarray(iw.offset.T)}
+
+
 def run(args: argparse.Namespace) -> int:
     from jaxvllm.config import TRITON_GEMM_MAX_TOKENS
     from jaxvllm.models import int4, quant
@@ -41,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     bf16 = {k: jax.random.normal(key, s, jnp.bfloat16) * s[0] ** -0.5
             for key, (k, s) in zip(keys, shapes.items())}
     formats = {"bf16": bf16, "fp8": quant.quantize_params({"layers": [bf16]}, "fp8")["layers"][0],
-               "int4": int4.quantize_params({"layers": [bf16]}, args.group_size)["layers"][0]}
+               "int4": int4.quantize_params({"layers": [bf16]}, args.group_size)["layers"][0],
+               "q8_0": {k + suffix: a for k in LINEARS for suffix, a in q8_0(bf16[k]).items()}}
     on_gpu = jax.default_backend() == "gpu"
     copy_bw = common.measure_bandwidth(1 << (31 if on_gpu else 23))
 
@@ -62,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         ref = [np.asarray(o, np.float32) for o in layer_fn(t)(bf16, xs)]
         res = result["tokens"][t] = {}
         ways = {"bf16": (layer_fn(t), bf16), "fp8": (layer_fn(t), formats["fp8"]),
-                "int4": (layer_fn(t), formats["int4"]),
+                "int4": (layer_fn(t), formats["int4"]), "q8_0": (layer_fn(t), formats["q8_0"]),
                 "int4_xla_dequant": (layer_fn(t, int4_by_xla=True), formats["int4"])}
         for name, (fn, lp) in ways.items():
             outs = [np.asarray(o, np.float32) for o in fn(lp, xs)]
@@ -76,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     common.emit(result, args, f"{cfg.architecture} layer linears, hidden {cfg.hidden_size}, "
                 f"intermediate {cfg.intermediate_size}; {jax.devices()[0].device_kind}, copy "
                 f"{copy_bw / 1e12:.2f} TB/s; us per layer (share of the format's roofline)\n"
-                + common.table(rows, ["tokens", "bf16", "fp8", "int4 (engine)",
+                + common.table(rows, ["tokens", "bf16", "fp8", "int4 (engine)", "GGUF Q8_0 (engine)",
                                       "int4 (XLA dequant)", "fp8 rel diff", "int4 rel diff",
-                                      "int4 XLA rel diff"]))
+                                      "Q8_0 rel diff", "int4 XLA rel diff"]))
     return 0
 
 

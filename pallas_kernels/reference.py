@@ -230,20 +230,26 @@ def routed_swiglu_reference(rows, group_sizes, w_gate, w_up, w_down):
     return jnp.where(valid[:, None], out, 0)
 
 
-def int4_matmul_reference(x, w, scale, offset):
-    """`int4_matmul` in jnp (any number of rows): the packed weight unpacked, dequantized in x's
-    dtype (w = q * scale + min for a float offset, (q - zero) * scale for uint8 zero points; one
-    rounding) and multiplied, float32 accumulation."""
+def int4_dequantize(w, scale, offset):
+    """The packed int4 weight [N, K/2] as float32 [N, K]: w = q * scale + min for a float offset,
+    (q - zero) * scale for uint8 zero points (exact in float32)."""
     n, half_k = w.shape
     groups = scale.shape[0]
     packed = w.reshape(n, groups, half_k // groups)
     q = jnp.concatenate([packed & 15, packed >> 4], axis=-1).astype(jnp.float32)  # [N, G, group]
     f32 = lambda a: a.T.astype(jnp.float32)[..., None]
     if offset.dtype == jnp.uint8:
-        deq = ((q - f32(offset)) * f32(scale)).astype(x.dtype)
+        deq = (q - f32(offset)) * f32(scale)
     else:
-        deq = (q * f32(scale) + f32(offset)).astype(x.dtype)
-    y = lax.dot_general(x, deq.reshape(n, 2 * half_k), (((x.ndim - 1,), (1,)), ((), ())),
+        deq = q * f32(scale) + f32(offset)
+    return deq.reshape(n, 2 * half_k)
+
+
+def int4_matmul_reference(x, w, scale, offset):
+    """`int4_matmul` in jnp (any number of rows): the packed weight dequantized in x's dtype (one
+    rounding) and multiplied, float32 accumulation."""
+    deq = int4_dequantize(w, scale, offset).astype(x.dtype)
+    y = lax.dot_general(x, deq, (((x.ndim - 1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 

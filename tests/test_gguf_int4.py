@@ -184,10 +184,11 @@ def test_q8_0_projections_in_the_int4_layout_match_them_dequantized(tmp_path):
             assert abs(pa[tok].logprob - pb[tok].logprob) < 1e-3
 
 
-@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("rows", [1, 16, 80])
 def test_q8_0_halves_through_int4_linear(rows):
-    """The halves packed in the layout through models/int4.int4_linear (on a GPU the Pallas GEMM,
-    its bf16 pairs; here XLA's reference) against the Q8_0 weight dequantized, in float64."""
+    """The halves packed in the layout through models/int4.int4_linear (on a GPU the Pallas GEMM
+    up to HALVES_GEMM_MAX_ROWS rows, its bf16 pairs; else the halves summed into one weight by
+    XLA) against the Q8_0 weight dequantized, in float64."""
     from jaxvllm.models.int4 import int4_linear, pack
     rng = np.random.default_rng(rows)
     t = _tensor(T.Q8_0, 256, 512, rng)

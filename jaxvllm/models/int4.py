@@ -25,10 +25,16 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
+from pallas_kernels.reference import int4_dequantize
 
 INT4 = jnp.uint8  # the packed weight's dtype (no other weight of the layout is uint8)
+# Rows up to which a GGUF Q8_0 weight's halves run the Pallas GEMM (the input twice); beyond, XLA
+# dequantizes them into one weight and multiplies (H200, an 8B layer's linears: the GEMM 367 us at
+# 16 rows and 945 at 64, XLA 680-747 at 32-256; bench/RESULTS.md, "GGUF Q8_0 on the GPU").
+HALVES_GEMM_MAX_ROWS = 16
 
 
 def _offset_suffix(lp: dict, name: str) -> str:
@@ -49,14 +55,18 @@ def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
     dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    if w.shape[1] == x.shape[-1]:  # an 8-bit weight as two 4-bit halves (converters/gguf_int4.py)
-        x = jnp.concatenate([x, x], axis=-1)
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    group = k // scale.shape[0]
-    if (jax.default_backend() == "gpu" and x2.shape[0] <= int4_gemm.MAX_ROWS
-            and int4_gemm.fits(w.shape[0], k, group)):
-        y = int4_matmul(x2, w, scale, off)
+    halves = w.shape[1] == x.shape[-1]  # an 8-bit weight as two 4-bit ones (converters/gguf_int4.py)
+    lead, k = x.shape[:-1], 2 * w.shape[1]
+    x2 = x.reshape(-1, x.shape[-1])
+    max_rows = HALVES_GEMM_MAX_ROWS if halves else int4_gemm.MAX_ROWS
+    if (jax.default_backend() == "gpu" and x2.shape[0] <= max_rows
+            and int4_gemm.fits(w.shape[0], k, k // scale.shape[0])):
+        y = int4_matmul(jnp.concatenate([x2, x2], axis=-1) if halves else x2, w, scale, off)
+    elif halves:  # the two halves summed into one weight, one rounding, the input once
+        deq = int4_dequantize(w, scale, off)
+        y = lax.dot_general(x2, (deq[:, :k // 2] + deq[:, k // 2:]).astype(x.dtype),
+                            (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = y.astype(x.dtype)
     else:
         y = int4_matmul_reference(x2, w, scale, off)
     return y.reshape(*lead, w.shape[0])
