@@ -330,8 +330,10 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
         if params is None:
             params = _convert(res, cfg, target, reader, keep_gguf_4bit)
             from jaxvllm.models.params import KV_CACHE_SCALES
-            if KV_CACHE_SCALES[0] in params["layers"][0]:
-                root = None  # FP8 KV-cache scales are not in the cache's layout either
+            from jaxvllm.models.quant import FP8
+            if KV_CACHE_SCALES[0] in params["layers"][0] or any(
+                    a.dtype == FP8 for a in params["layers"][0].values()):
+                root = None  # FP8 KV-cache scales and FP8 linears are not in the cache's layout
             if root is not None:
                 wcache.WeightCache(root).save(key, params, {"source": res.display, "dtype": target,
                                                              "format": done_format})

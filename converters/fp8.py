@@ -4,10 +4,12 @@ dequantized with its scale as it is read.
 Two formats, as vLLM loads them: HF's `quant_method: "fp8"` (weights e4m3 [out, in], a
 `weight_scale_inv` per tensor or per `weight_block_size` block, e.g. 128x128 in the Qwen3 and
 DeepSeek FP8 releases) and compressed-tensors' `float-quantized` (a `weight_scale` per tensor, per
-output channel or per block). The weights come out in the engine's dtype; an FP8 checkpoint turns
-`quantization="fp8"` on (engine/setup.py), which requantizes the layers the engine runs in FP8
-with its own per-output-channel scales (models/quant.py). Activation scales stored for static
-quantization are not used: the engine scales activations per token.
+output channel or per block). An FP8 checkpoint turns `quantization="fp8"` on (engine/setup.py).
+The linears the engine runs in FP8 (models/quant.py: e4m3 [out, in], a float32 scale per output
+channel) keep a per-tensor or per-channel checkpoint's bytes and scales as they are
+(channel_scales); block-scaled ones, and the other float8 tensors, come out dequantized in the
+engine's dtype, and the engine requantizes those linears with its own per-channel scales. Activation
+scales stored for static quantization are not used: the engine scales activations per token.
 """
 from __future__ import annotations
 
@@ -109,7 +111,24 @@ def scale_name(fmt: Fp8Checkpoint, weight_name: str) -> str:
 def dequantize(fmt: Fp8Checkpoint, name: str, q: Any, scale: Any, source: str) -> jax.Array:
     """float8 [out, in] times its scale -> float32; a scale whose shape fits neither the format nor
     the weight is a WeightLoadError naming the tensor."""
-    out, inp = q.shape
+    _check_scale(fmt, name, q.shape, scale, source)
+    return _dequantize(jnp.asarray(q), jnp.asarray(scale), fmt.block)
+
+
+def channel_scales(fmt: Fp8Checkpoint, name: str, q: Any, scale: Any,
+                   source: str) -> Optional[np.ndarray]:
+    """The float32 scale per output channel [out] under which `q` [out, in] is the engine's FP8
+    layout exactly: a per-tensor scale repeated, a per-channel one as it is. None for block scales,
+    which that layout cannot hold. A scale that does not fit is a WeightLoadError naming `name`."""
+    if fmt.block is not None:
+        return None
+    _check_scale(fmt, name, q.shape, scale, source)
+    s = np.asarray(scale, np.float32).reshape(-1)
+    return np.repeat(s, q.shape[0]) if s.size == 1 else s
+
+
+def _check_scale(fmt: Fp8Checkpoint, name: str, shape: Any, scale: Any, source: str) -> None:
+    out, inp = shape
     size = math.prod(scale.shape)
     if fmt.block is not None:
         want = (-(-out // fmt.block[0]), -(-inp // fmt.block[1]))
@@ -120,7 +139,6 @@ def dequantize(fmt: Fp8Checkpoint, name: str, q: Any, scale: Any, source: str) -
         raise WeightLoadError(f"{source}: tensor {name!r}: scale shape {list(scale.shape)} does not "
                               f"fit a weight of shape {[out, inp]}"
                               + (f" in blocks of {list(fmt.block)}" if fmt.block else ""))
-    return _dequantize(jnp.asarray(q), jnp.asarray(scale), fmt.block)
 
 
 @functools.partial(jax.jit, static_argnames=("block",))

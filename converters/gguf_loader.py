@@ -172,7 +172,7 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
         if not builder.wants(hf_name):
             continue
         builder.check_shape(hf_name, reversed(list(t.shape)), path)
-        packed = t.tensor_type in keep and builder.takes_int4(hf_name)
+        packed = t.tensor_type in keep and builder.takes_quantized(hf_name)
         try:
             w = int4_weight(t) if packed else tensor_array(t)
         except Exception as e:

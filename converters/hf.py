@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import WeightLoadError
+from converters.fp8 import channel_scales as fp8_channel_scales
 from converters.fp8 import dequantize as dequantize_fp8
 from converters.fp8 import fp8_checkpoint, read_fp8
 from converters.fp8 import scale_name as fp8_scale_name
@@ -287,9 +288,9 @@ class ParamsBuilder:
                 self._kv_scales.setdefault(layer, {})[key] = jnp.asarray(value.reshape(()))
         return True
 
-    def takes_int4(self, name: str) -> bool:
-        """Whether weight `name` (HF) is one of the linears the int4 layout holds: the attention
-        and dense MLP projections."""
+    def takes_quantized(self, name: str) -> bool:
+        """Whether weight `name` (HF) is one of the linears the int4 and FP8 layouts hold: the
+        attention and dense MLP projections (models/quant.QUANTIZED)."""
         path, _ = self.expected[text_model_name(name)]
         fused = isinstance(path[-1], tuple)
         return path[0] == "layers" and len(path) != 4 and (fused or path[2] in QUANTIZED)
@@ -302,19 +303,13 @@ class ParamsBuilder:
         where = file or self.source
         if name in self.done:
             raise WeightLoadError(f"{where}: tensor {self.display(name)!r} appears twice")
-        fused = isinstance(path[-1], tuple)
-        if not self.takes_int4(name):
+        if not self.takes_quantized(name):
             raise WeightLoadError(f"{where}: int4 tensor {self.display(name)!r}: only the attention "
                                   "and dense MLP projections load at 4 bits")
         out, inp = w.q.shape
         self.check_shape(name, (out, inp // 2 if w.halves else inp), file)  # [out, in], as HF
-        layer = self.params["layers"][path[1]]
-        keys = path[-1] if fused else (path[2],)
         group = w.q.shape[1] // w.scale.shape[1]
-        start = 0
-        for key in keys:  # a fused tensor's parts are consecutive output rows
-            rows = slice(start, start + self.shapes["layers"][path[1]][key][1])
-            start = rows.stop
+        for layer, key, rows in self._output_rows(path):
             layer[key] = jnp.asarray(pack_int4(w.q[rows], group))
             layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype="float32")
             if w.offset.dtype == np.uint8:
@@ -324,6 +319,30 @@ class ParamsBuilder:
             if w.perm is not None:
                 layer[key + "_perm"] = jnp.asarray(w.perm)
         self.done.add(name)
+
+    def add_fp8(self, name: str, q: np.ndarray, scale: np.ndarray,
+                file: Optional[str] = None) -> None:
+        """An FP8 linear (one that takes_quantized) kept in the FP8 layout (models/quant.py): float8
+        `q` [out, in] as it is, `scale` float32 [out]."""
+        name = text_model_name(name)
+        path, _ = self.expected[name]
+        if name in self.done:
+            raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r} appears twice")
+        for layer, key, rows in self._output_rows(path):
+            layer[key] = jnp.asarray(np.ascontiguousarray(q[rows]))
+            layer[key + "_scale"] = jnp.asarray(scale[rows])
+        self.done.add(name)
+
+    def _output_rows(self, path: tuple) -> list[tuple[dict, str, slice]]:
+        """(layer params, key, its rows of the HF tensor [out, in]) of each part of the layer
+        weight at `path`: a fused tensor's parts are consecutive output rows."""
+        layer = self.params["layers"][path[1]]
+        parts, start = [], 0
+        for key in (path[-1] if isinstance(path[-1], tuple) else (path[2],)):
+            rows = slice(start, start + self.shapes["layers"][path[1]][key][1])
+            parts.append((layer, key, rows))
+            start = rows.stop
+        return parts
 
     def missing(self) -> list[str]:
         return [n for n in self.expected if n not in self.done]
@@ -523,8 +542,13 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                 except Exception as e:
                     raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
                 if is_fp8:
-                    tensor = dequantize_fp8(fp8, name, tensor, fp8_scale(name, names, path),
-                                            path)
+                    scale = fp8_scale(name, names, path)
+                    kept = (fp8_channel_scales(fp8, name, tensor, scale, path)
+                            if builder.takes_quantized(name) else None)
+                    if kept is not None:
+                        builder.add_fp8(name, tensor, kept, path)
+                        continue
+                    tensor = dequantize_fp8(fp8, name, tensor, scale, path)
                 builder.add(name, tensor, path)
                 del tensor
 

@@ -1,7 +1,9 @@
 """FP8 checkpoints (converters/fp8.py): tiny random Llama models written in HF's `fp8` format (per
 tensor and 32x32 blocks) and compressed-tensors' `float-quantized` (per output channel), with the
-formats' tensor names and scales; each must load as its dequantized float32 twin does, and the
-engine must run it in FP8 exactly as it runs the twin with quantization="fp8"."""
+formats' tensor names and scales. Per-tensor and per-channel ones keep their float8 bytes and
+scales in the engine's FP8 layout, which dequantizes to their float32 twin; block-scaled ones load
+as the twin does, and the engine runs them in FP8 exactly as it runs the twin with
+quantization="fp8"."""
 import json
 import math
 
@@ -49,7 +51,8 @@ def _quantize(w: np.ndarray, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _write_pair(tmp_path, fmt: str):
-    """An FP8 checkpoint in `fmt` and its float32 twin holding the dequantized weights."""
+    """An FP8 checkpoint in `fmt` and its float32 twin holding the dequantized weights; and the
+    checkpoint's tensors."""
     cfg = tiny_config("llama", vocab_size=128, hidden_size=64, intermediate_size=80,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       tie_word_embeddings=False)
@@ -75,18 +78,36 @@ def _write_pair(tmp_path, fmt: str):
         (d / "config.json").write_text(json.dumps(conf))
         save_word_tokenizer(d, 128)
         dirs[kind] = str(d)
-    return dirs
+    return dirs, fp8
+
+
+_KEYS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+         "up_proj": "up", "down_proj": "down"}
 
 
 @pytest.mark.parametrize("fmt", sorted(_FORMATS))
 def test_fp8_checkpoint_loads_as_its_dequantized_twin(tmp_path, fmt):
-    dirs = _write_pair(tmp_path, fmt)
+    dirs, tensors = _write_pair(tmp_path, fmt)
     got = load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False).params
     want = load_model(dirs["twin"], dtype="float32", cache_dir=None, load_tokenizer=False).params
-    for lg, lw in zip(got["layers"], want["layers"]):
-        assert lg.keys() == lw.keys()
-        for k in lg:
-            np.testing.assert_array_equal(np.asarray(lg[k]), np.asarray(lw[k]), err_msg=k)
+    kept = _FORMATS[fmt][2] in (None, "channel")
+    for i, (lg, lw) in enumerate(zip(got["layers"], want["layers"])):
+        for k in lw:
+            if kept and k in _KEYS.values():
+                # the checkpoint's bytes [out, in] and its scale per output channel, exactly
+                proj = next(p for p, key in _KEYS.items() if key == k)
+                mod = "self_attn" if k in ("q", "k", "v", "o") else "mlp"
+                name = f"model.layers.{i}.{mod}.{proj}."
+                q, scale = tensors[name + "weight"], tensors[name + _FORMATS[fmt][1]]
+                assert lg[k].dtype == jnp.float8_e4m3fn and lg[k + "_scale"].dtype == jnp.float32
+                np.testing.assert_array_equal(np.asarray(lg[k]).view(np.uint8), q.view(np.uint8))
+                np.testing.assert_array_equal(np.asarray(lg[k + "_scale"]),
+                                              np.broadcast_to(scale.reshape(-1), q.shape[:1]))
+                deq = np.asarray(lg[k]).astype(np.float32) * np.asarray(lg[k + "_scale"])[:, None]
+                np.testing.assert_array_equal(deq.T, np.asarray(lw[k]), err_msg=k)
+            else:
+                np.testing.assert_array_equal(np.asarray(lg[k]), np.asarray(lw[k]), err_msg=k)
+        assert set(lg) == set(lw) | ({k + "_scale" for k in _KEYS.values()} if kept else set())
     np.testing.assert_array_equal(np.asarray(got["lm_head"]), np.asarray(want["lm_head"]))
 
 
@@ -94,7 +115,7 @@ def test_fp8_checkpoint_runs_in_fp8(tmp_path):
     """An FP8 checkpoint turns quantization="fp8" on, and generates exactly as its dequantized twin
     with quantization="fp8" (the same weights, requantized the same way)."""
     from jaxvllm import LLM, SamplingParams
-    dirs = _write_pair(tmp_path, "hf-block")
+    dirs, _ = _write_pair(tmp_path, "hf-block")
     kw = dict(dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
               num_gpu_blocks_override=16, enforce_eager=True, token_buckets=(8, 32))
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
@@ -110,8 +131,36 @@ def test_fp8_checkpoint_runs_in_fp8(tmp_path):
     assert runs["fp8"] == runs["twin"]
 
 
+def test_per_tensor_fp8_checkpoint_runs_on_its_own_bytes(tmp_path):
+    """A per-tensor FP8 checkpoint in the engine: its linears are the checkpoint's float8 bytes
+    with its scale (not requantized per channel, which would round them again), and its greedy
+    logprobs stay near the float32 twin's unquantized (only the activations are rounded)."""
+    from jaxvllm import LLM, SamplingParams
+    dirs, tensors = _write_pair(tmp_path, "hf-tensor")
+    kw = dict(dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
+              num_gpu_blocks_override=16, enforce_eager=True, token_buckets=(8, 32))
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (4, 13)]
+    llm = LLM(model=dirs["fp8"], **kw)
+    lp = llm.llm_engine.runner.params["layers"][1]
+    q = tensors["model.layers.1.mlp.down_proj.weight"]
+    np.testing.assert_array_equal(np.asarray(lp["down"]).view(np.uint8), q.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(lp["down_scale"]), np.repeat(
+        tensors["model.layers.1.mlp.down_proj.weight_scale_inv"], q.shape[0]))
+    got = llm.generate(prompts, sp, use_tqdm=False)
+    del llm
+    want = LLM(model=dirs["twin"], **kw).generate(prompts, sp, use_tqdm=False)
+    for g, w in zip(got, want):
+        tokens = w.outputs[0].token_ids
+        assert g.outputs[0].token_ids[:2] == tokens[:2]
+        lps = [d[t].logprob for d, t in zip(g.outputs[0].logprobs, g.outputs[0].token_ids)]
+        ref = [d[t].logprob for d, t in zip(w.outputs[0].logprobs, tokens)]
+        n = next((i for i, (a, b) in enumerate(zip(g.outputs[0].token_ids, tokens)) if a != b), 6)
+        assert np.abs(np.subtract(lps[:n], ref[:n])).max() < 0.1
+
+
 def test_fp8_checkpoint_errors_name_the_problem(tmp_path):
-    dirs = _write_pair(tmp_path, "hf-block")
+    dirs, _ = _write_pair(tmp_path, "hf-block")
     conf_path = tmp_path / "fp8" / "config.json"
     conf = json.loads(conf_path.read_text())
     # Another quantization method: refused by name before any tensor is read.
