@@ -24,8 +24,9 @@ warpgroup converts a K or V tile into its own 16-bit buffer (f16, kv_operands) a
 multiplies from there, releasing the FP8 slot to the memory warpgroup at once.
 
 Restrictions (checked statically by the caller): bf16/f16 queries, a cache of the
-query's dtype or float8_e4m3fn, head_dim a multiple of 64 up to 128, no sliding
-window, no soft cap, and finite values in the cache
+query's dtype or float8_e4m3fn, head_dim a multiple of 64 up to 128 (128 with an
+FP8 cache: its rows fill a 128-byte swizzle), no sliding window, no soft cap, and
+finite values in the cache
 rows past a sequence's context (they are read, masked to probability 0, and
 multiplied by 0). The engine zero-initialises its cache, so the last holds.
 There is no CPU interpret mode for this path (the Mosaic GPU interpreter of the
