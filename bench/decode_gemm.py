@@ -24,7 +24,7 @@ import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-from kernels import bench
+from attention_kernels import bench
 
 GROUP = 128  # int4 group size (AWQ's and GPTQ's usual)
 SHAPES = {"gate+up": (28672, 4096), "down": (4096, 14336), "q+k+v": (6144, 4096),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from decode_gemm import layers_program
-from kernels import bench
+from attention_kernels import bench
 
 from jaxvllm.models import layers
 from pallas_kernels import invariant_gemm

@@ -25,7 +25,7 @@ import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-from kernels import bench
+from attention_kernels import bench
 
 
 def run(args: argparse.Namespace) -> int:

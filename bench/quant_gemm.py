@@ -24,7 +24,7 @@ import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-from kernels import bench
+from attention_kernels import bench
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 

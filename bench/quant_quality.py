@@ -7,7 +7,10 @@ against the unquantized model in bf16, and greedy agreement, over a fixed prompt
 Schemes: "fp8" (weights W8A8, quantized on load), "fp8-kv" (the KV cache in e4m3), "gguf" (a
 GGUF's 4-bit projections kept at 4 bits; against the same weights dequantized), "awq" (int4,
 group 128, round to nearest: only with --load-format dummy, whose seeded weights are quantized on
-load, since no int4 checkpoint of a given bf16 model is at hand). Dummy weights are random: their
+load, since no int4 checkpoint of a given bf16 model is at hand), "fp8-tensor-checkpoint" (the
+model written as an FP8 checkpoint with one scale per tensor, HF's `quant_method: "fp8"`, and
+loaded: its float8 bytes kept) and "fp8-tensor-requantized" (that checkpoint's values dequantized
+and requantized per output channel on load, as the loader did before it kept them). Dummy weights are random: their
 distributions are flat, so their deltas are small and their greedy tokens near ties; the real
 model's rows are the ones that say what a user would see.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 
 import numpy as np
 
@@ -25,12 +30,56 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n      
            "In 1969, the first humans to walk on the Moon were",
            "To make a cup of tea, first boil the water, then"]
 SCHEMES = {"fp8": dict(quantization="fp8"), "fp8-kv": dict(kv_cache_dtype="fp8"),
-           "gguf": dict(quantization="gguf"), "awq": dict(quantization="awq")}
+           "gguf": dict(quantization="gguf"), "awq": dict(quantization="awq"),
+           "fp8-tensor-checkpoint": dict(model="fp8"),
+           "fp8-tensor-requantized": dict(model="twin", quantization="fp8")}
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_fp8_tensor_checkpoint(model: str | None, root: str) -> dict[str, str]:
+    """The model's weights as an HF FP8 checkpoint with one scale per linear (root/fp8) and that
+    checkpoint's values dequantized in float32 (root/twin); each directory with the tokenizer."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from converters import load_model
+    from converters.hf import hf_tensor_map
+    m = load_model(model, dtype="float32")
+    fp8, twin = {}, {}
+    for name, (path, transpose) in hf_tensor_map(m.config).items():
+        if len(path) == 4 or isinstance(path[-1], tuple):
+            raise ValueError("fp8-tensor-* schemes take a dense model without fused tensors")
+        w = m.params
+        for key in path:
+            w = w[key]
+        w = np.asarray(w, np.float32)
+        w = np.ascontiguousarray(w.T if transpose else w)  # safetensors writes the buffer's order
+        if name.rsplit(".", 2)[-2] in _LINEARS:
+            scale = np.float32(np.abs(w).max() / 448.0)
+            q = np.clip(w / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+            fp8[name], fp8[name[:-len("weight")] + "weight_scale_inv"] = q, scale.reshape(1)
+            twin[name] = q.astype(np.float32) * scale
+        else:
+            fp8[name] = twin[name] = w
+    dirs = {}
+    for kind, tensors in (("fp8", fp8), ("twin", twin)):
+        d = os.path.join(root, kind)
+        os.makedirs(d)
+        save_file(tensors, os.path.join(d, "model.safetensors"))
+        conf = dict(m.hf_config)
+        if kind == "fp8":
+            conf["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(conf, f)
+        m.tokenizer.save_pretrained(d)
+        dirs[kind] = d
+    return dirs
 
 
 def run(args: argparse.Namespace, **engine_kw) -> list:
     from jaxvllm import LLM, SamplingParams
-    llm = LLM(model=args.model, load_format=args.load_format, dtype="bfloat16",
+    engine_kw.setdefault("model", args.model)
+    llm = LLM(load_format=args.load_format, dtype="bfloat16",
               max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256,
               num_gpu_blocks_override=256, enforce_eager=True, disable_log_stats=True, **engine_kw)
     if args.load_format == "dummy":
@@ -71,8 +120,18 @@ def main() -> None:
     args = p.parse_args()
     if "awq" in args.schemes and args.load_format != "dummy":
         p.error("--schemes awq needs --load-format dummy (weights quantized on load)")
+    if any(s.startswith("fp8-tensor") for s in args.schemes) and args.load_format == "dummy":
+        p.error("the fp8-tensor-* schemes write the model's own weights: not with dummy ones")
     ref = run(args)
-    rows = {s: compare(ref, run(args, **SCHEMES[s])) for s in args.schemes}
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = (write_fp8_tensor_checkpoint(args.model, tmp)
+                if any(s.startswith("fp8-tensor") for s in args.schemes) else {})
+        rows = {}
+        for s in args.schemes:
+            kw = dict(SCHEMES[s])
+            if "model" in kw:
+                kw["model"] = dirs[kw["model"]]
+            rows[s] = compare(ref, run(args, **kw))
     print(f"model {args.model or 'default'} ({args.load_format}), bf16 reference, {len(PROMPTS)} "
           f"prompts, {args.output_len} greedy tokens each")
     print("| scheme | mean \\|delta prompt logprob\\| | max | tokens scored | greedy output the "

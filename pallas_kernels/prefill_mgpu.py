@@ -31,7 +31,7 @@ rows past a sequence's context (they are read, masked to probability 0, and
 multiplied by 0). The engine zero-initialises its cache, so the last holds.
 There is no CPU interpret mode for this path (the Mosaic GPU interpreter of the
 supported jax versions cannot run wgmma on transposed operands); it is checked
-against the jnp reference on the GPU (tests/test_gpu.py, bench/kernels.py).
+against the jnp reference on the GPU (tests/test_gpu.py, bench/attention_kernels.py).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Ragged paged attention on one GPU: validate against the reference, then time.
 
-    PYTHONPATH=. python3 bench/kernels.py [--sweep] [--out DIR] [--kv-dtype fp8]
+    PYTHONPATH=. python3 bench/attention_kernels.py [--sweep] [--out DIR] [--kv-dtype fp8]
 
 Prints a table: decode (KV bandwidth vs a measured copy and vs JAX's Triton
 paged_attention op), prefill (TFLOP/s vs cuDNN flash attention on the same,
