@@ -231,6 +231,17 @@ def test_serve_reads_a_server_s_cpu_time_by_thread():
     assert after["event_loop"] - before["event_loop"] < 0.05
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc")
+def test_serve_cpu_time_survives_a_thread_exiting_while_read(monkeypatch):
+    """A thread listed in /proc/<pid>/task that exits before its stat is read is left out, not
+    the whole reading (a busy server starts and ends threads)."""
+    from jaxvllm.benchmarks import serve
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: listdir(path) + ["999999999"])
+    out = serve._server_cpu_s(os.getpid())
+    assert out is not None and out["event_loop"] > 0
+
+
 def test_serve_rejects_non_url():
     from jaxvllm.benchmarks import serve
     with pytest.raises(SystemExit):

@@ -281,14 +281,21 @@ def _server_cpu_s(pid: Optional[int]) -> Optional[dict]:
     tick = os.sysconf("SC_CLK_TCK")
     out = {"event_loop": 0.0, "other_threads": 0.0}
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread exited since the listing: its time went with it
+            continue
+        try:
             # Fields 14 and 15 of stat (utime, stime), counted after the command name.
             s = (int(fields[11]) + int(fields[12])) / tick
-            out["event_loop" if int(tid) == pid else "other_threads"] += s
-    except (OSError, ValueError, IndexError):
-        return None
+        except (ValueError, IndexError):
+            return None
+        out["event_loop" if int(tid) == pid else "other_threads"] += s
     return out
 
 
