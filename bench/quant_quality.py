@@ -9,8 +9,11 @@ GGUF's 4-bit projections kept at 4 bits; against the same weights dequantized), 
 group 128, round to nearest: only with --load-format dummy, whose seeded weights are quantized on
 load, since no int4 checkpoint of a given bf16 model is at hand), "fp8-tensor-checkpoint" (the
 model written as an FP8 checkpoint with one scale per tensor, HF's `quant_method: "fp8"`, and
-loaded: its float8 bytes kept) and "fp8-tensor-requantized" (that checkpoint's values dequantized
-and requantized per output channel on load, as the loader did before it kept them). Dummy weights are random: their
+loaded: its float8 bytes kept), "fp8-tensor-requantized" (that checkpoint's values dequantized
+and requantized per output channel on load, as the loader did before it kept them),
+"fp8-block-checkpoint" (a checkpoint with 128x128 block scales, as Qwen3's FP8 releases, loaded:
+requantized per channel) and "fp8-block-dequantized" (its values unquantized: what a block-scaled
+GEMM would multiply, but for the activations' rounding). Dummy weights are random: their
 distributions are flat, so their deltas are small and their greedy tokens near ties; the real
 model's rows are the ones that say what a user would see.
 """
@@ -31,44 +34,59 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n      
            "To make a cup of tea, first boil the water, then"]
 SCHEMES = {"fp8": dict(quantization="fp8"), "fp8-kv": dict(kv_cache_dtype="fp8"),
            "gguf": dict(quantization="gguf"), "awq": dict(quantization="awq"),
-           "fp8-tensor-checkpoint": dict(model="fp8"),
-           "fp8-tensor-requantized": dict(model="twin", quantization="fp8")}
+           "fp8-tensor-checkpoint": dict(model="tensor/fp8"),
+           "fp8-tensor-requantized": dict(model="tensor/twin", quantization="fp8"),
+           "fp8-block-checkpoint": dict(model="block/fp8"),
+           "fp8-block-dequantized": dict(model="block/twin")}
+BLOCK = 128  # the block scales' (out, in) size, as the Qwen3 and DeepSeek FP8 releases
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def write_fp8_tensor_checkpoint(model: str | None, root: str) -> dict[str, str]:
-    """The model's weights as an HF FP8 checkpoint with one scale per linear (root/fp8) and that
-    checkpoint's values dequantized in float32 (root/twin); each directory with the tokenizer."""
+def write_fp8_checkpoints(model: str | None, root: str) -> dict[str, str]:
+    """The model's weights as HF FP8 checkpoints with one scale per linear ("tensor/fp8") and one
+    per BLOCK x BLOCK block ("block/fp8"), and each one's values dequantized in float32
+    (".../twin"); each directory with the tokenizer."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
     from converters import load_model
     from converters.hf import hf_tensor_map
     m = load_model(model, dtype="float32")
-    fp8, twin = {}, {}
+    out = {kind: {} for kind in ("tensor/fp8", "tensor/twin", "block/fp8", "block/twin")}
     for name, (path, transpose) in hf_tensor_map(m.config).items():
         if len(path) == 4 or isinstance(path[-1], tuple):
-            raise ValueError("fp8-tensor-* schemes take a dense model without fused tensors")
+            raise ValueError("the fp8-tensor/block schemes take a dense model without fused tensors")
         w = m.params
         for key in path:
             w = w[key]
         w = np.asarray(w, np.float32)
         w = np.ascontiguousarray(w.T if transpose else w)  # safetensors writes the buffer's order
-        if name.rsplit(".", 2)[-2] in _LINEARS:
-            scale = np.float32(np.abs(w).max() / 448.0)
-            q = np.clip(w / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn)
-            fp8[name], fp8[name[:-len("weight")] + "weight_scale_inv"] = q, scale.reshape(1)
-            twin[name] = q.astype(np.float32) * scale
-        else:
-            fp8[name] = twin[name] = w
+        if name.rsplit(".", 2)[-2] not in _LINEARS:
+            for tensors in out.values():
+                tensors[name] = w
+            continue
+        rows, cols = -(-w.shape[0] // BLOCK), -(-w.shape[1] // BLOCK)
+        blocks = np.pad(np.abs(w), ((0, rows * BLOCK - w.shape[0]), (0, cols * BLOCK - w.shape[1])))
+        for layout, scale in (
+                ("tensor", np.abs(w).max().reshape(1) / 448.0),
+                ("block", blocks.reshape(rows, BLOCK, cols, BLOCK).max((1, 3)) / 448.0)):
+            scale = np.maximum(scale, 1e-12).astype(np.float32)
+            full = np.kron(scale, np.ones((BLOCK, BLOCK), np.float32))[:w.shape[0], :w.shape[1]] \
+                if layout == "block" else scale[0]
+            q = np.clip(w / full, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+            out[layout + "/fp8"][name] = q
+            out[layout + "/fp8"][name[:-len("weight")] + "weight_scale_inv"] = scale
+            out[layout + "/twin"][name] = q.astype(np.float32) * full
     dirs = {}
-    for kind, tensors in (("fp8", fp8), ("twin", twin)):
+    for kind, tensors in out.items():
         d = os.path.join(root, kind)
         os.makedirs(d)
         save_file(tensors, os.path.join(d, "model.safetensors"))
         conf = dict(m.hf_config)
-        if kind == "fp8":
+        if kind.endswith("fp8"):
             conf["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+            if kind.startswith("block"):
+                conf["quantization_config"]["weight_block_size"] = [BLOCK, BLOCK]
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(conf, f)
         m.tokenizer.save_pretrained(d)
@@ -120,12 +138,12 @@ def main() -> None:
     args = p.parse_args()
     if "awq" in args.schemes and args.load_format != "dummy":
         p.error("--schemes awq needs --load-format dummy (weights quantized on load)")
-    if any(s.startswith("fp8-tensor") for s in args.schemes) and args.load_format == "dummy":
-        p.error("the fp8-tensor-* schemes write the model's own weights: not with dummy ones")
+    writes = any(s.startswith(("fp8-tensor", "fp8-block")) for s in args.schemes)
+    if writes and args.load_format == "dummy":
+        p.error("the fp8-tensor/block schemes write the model's own weights: not with dummy ones")
     ref = run(args)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = (write_fp8_tensor_checkpoint(args.model, tmp)
-                if any(s.startswith("fp8-tensor") for s in args.schemes) else {})
+        dirs = write_fp8_checkpoints(args.model, tmp) if writes else {}
         rows = {}
         for s in args.schemes:
             kw = dict(SCHEMES[s])
