@@ -418,6 +418,64 @@ def test_quant_quality_bench(tiny_dummy, tmp_path):
     assert refused.returncode == 2 and "needs --load-format dummy" in refused.stderr
 
 
+def test_quant_quality_fp8_checkpoint_schemes(tiny_hf, tmp_path):
+    """bench/quant_quality.py's FP8-checkpoint schemes: the model written as FP8 checkpoints (a
+    scale per tensor, 128x128 blocks) and their dequantized twins, each loaded and scored against
+    the model; they need the model's own weights, not dummy ones."""
+    import math
+    import shutil
+    from hf_builders import save_word_tokenizer
+    model = tmp_path / "model"
+    shutil.copytree(tiny_hf, model)
+    save_word_tokenizer(model, TINY["vocab_size"])
+    schemes = ["fp8-tensor-checkpoint", "fp8-tensor-requantized", "fp8-block-checkpoint",
+               "fp8-block-dequantized"]
+    script = os.path.join(ROOT, "bench", "quant_quality.py")
+    out = subprocess.run([sys.executable, script, "--model", str(model), "--schemes", *schemes,
+                          "--output-len", "4", "--output-json", str(tmp_path / "q.json")],
+                         capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "q.json").read_text())
+    assert list(rows) == schemes
+    for r in rows.values():  # each weights' rounding moves the logprobs, a little
+        assert 0 < r["mean_abs_delta"] <= r["max_abs_delta"] < 1.0 and r["tokens_scored"] > 0
+        assert math.isfinite(r["greedy_prefix_kept"])
+    refused = subprocess.run([sys.executable, script, "--model", str(model), "--load-format",
+                              "dummy", "--schemes", "fp8-block-checkpoint"],
+                             capture_output=True, text=True, env=C.child_env(), timeout=300)
+    assert refused.returncode == 2 and "not with dummy ones" in refused.stderr
+
+
+def test_quant_quality_writes_fp8_checkpoints_of_the_model(tiny_hf, tmp_path, monkeypatch):
+    """The checkpoints those schemes score: each twin holds the model's weights within e4m3's
+    rounding under its scales, and each FP8 checkpoint loads to its twin's values (the per-tensor
+    one as float8 bytes with a scale per output channel, the block one dequantized)."""
+    import shutil
+
+    import numpy as np
+    from converters import load_model
+    from hf_builders import save_word_tokenizer
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    from quant_quality import write_fp8_checkpoints
+    model = tmp_path / "model"
+    shutil.copytree(tiny_hf, model)
+    save_word_tokenizer(model, TINY["vocab_size"])
+    dirs = write_fp8_checkpoints(str(model), str(tmp_path / "out"))
+    load = lambda d: load_model(d, dtype="float32", cache_dir=None, load_tokenizer=False).params
+    ref = load(str(model))["layers"]
+    for layout in ("tensor", "block"):
+        got, twin = load(dirs[layout + "/fp8"])["layers"], load(dirs[layout + "/twin"])["layers"]
+        for lg, lt, lr in zip(got, twin, ref):
+            for k in ("q", "k", "v", "o", "gate", "up", "down"):
+                w, t = np.asarray(lr[k]), np.asarray(lt[k])
+                assert np.all(np.abs(t - w) <= np.abs(w) / 16 + np.abs(w).max() / 448 / 512), k
+                if layout == "tensor":
+                    q, scale = np.asarray(lg[k]).astype(np.float32), np.asarray(lg[k + "_scale"])
+                    np.testing.assert_array_equal((q * scale[:, None]).T, t, err_msg=k)
+                else:
+                    np.testing.assert_array_equal(np.asarray(lg[k]), t, err_msg=k)
+
+
 def test_read_ceiling_bench(tmp_path):
     """bench/read_ceiling.py: JAX's copy, read and GEMM-chain rates, PyTorch's beside them where it
     runs on a GPU (not on a CPU: nan there)."""
