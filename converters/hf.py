@@ -237,11 +237,16 @@ class ParamsBuilder:
                 f"{where}: tensor {self.display(name)!r} has shape {list(shape)}, but the "
                 f"{self.cfg.architecture} config expects {list(want)}")
 
-    def add(self, name: str, tensor: Any, file: Optional[str] = None) -> None:
+    def _claim(self, name: str, file: Optional[str]) -> tuple[str, Path, bool]:
+        """(text-model name, params path, transpose) of HF tensor `name`, which has not been
+        added yet (a WeightLoadError naming it otherwise)."""
         name = text_model_name(name)
-        path, transpose = self.expected[name]
         if name in self.done:
             raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r} appears twice")
+        return (name, *self.expected[name])
+
+    def add(self, name: str, tensor: Any, file: Optional[str] = None) -> None:
+        name, path, transpose = self._claim(name, file)
         self.check_shape(name, getattr(tensor, "shape", ()), file)
         try:
             value = place(tensor, transpose=transpose, dtype=self.dtype)
@@ -298,11 +303,8 @@ class ParamsBuilder:
     def add_int4(self, name: str, w: Int4Weight, file: Optional[str] = None) -> None:
         """A 4-bit linear (`name` is its unpacked weight's HF name, "<prefix>.weight") in the
         int4 layout (models/int4.py): the weight packed, its scale, offset and input order."""
-        name = text_model_name(name)
-        path, _ = self.expected[name]
+        name, path, _ = self._claim(name, file)
         where = file or self.source
-        if name in self.done:
-            raise WeightLoadError(f"{where}: tensor {self.display(name)!r} appears twice")
         if not self.takes_quantized(name):
             raise WeightLoadError(f"{where}: int4 tensor {self.display(name)!r}: only the attention "
                                   "and dense MLP projections load at 4 bits")
@@ -324,10 +326,7 @@ class ParamsBuilder:
                 file: Optional[str] = None) -> None:
         """An FP8 linear (one that takes_quantized) kept in the FP8 layout (models/quant.py): float8
         `q` [out, in] as it is, `scale` float32 [out]."""
-        name = text_model_name(name)
-        path, _ = self.expected[name]
-        if name in self.done:
-            raise WeightLoadError(f"{file or self.source}: tensor {self.display(name)!r} appears twice")
+        name, path, _ = self._claim(name, file)
         for layer, key, rows in self._output_rows(path):
             layer[key] = jnp.asarray(np.ascontiguousarray(q[rows]))
             layer[key + "_scale"] = jnp.asarray(scale[rows])
