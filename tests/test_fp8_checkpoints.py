@@ -81,8 +81,9 @@ def _write_pair(tmp_path, fmt: str):
     return dirs, fp8
 
 
-_KEYS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
-         "up_proj": "up", "down_proj": "down"}
+# the engine's key of each linear -> its HF module and name
+_HF = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+       "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
 @pytest.mark.parametrize("fmt", sorted(_FORMATS))
@@ -93,11 +94,9 @@ def test_fp8_checkpoint_loads_as_its_dequantized_twin(tmp_path, fmt):
     kept = _FORMATS[fmt][2] in (None, "channel")
     for i, (lg, lw) in enumerate(zip(got["layers"], want["layers"])):
         for k in lw:
-            if kept and k in _KEYS.values():
+            if kept and k in _HF:
                 # the checkpoint's bytes [out, in] and its scale per output channel, exactly
-                proj = next(p for p, key in _KEYS.items() if key == k)
-                mod = "self_attn" if k in ("q", "k", "v", "o") else "mlp"
-                name = f"model.layers.{i}.{mod}.{proj}."
+                name = f"model.layers.{i}.{_HF[k]}."
                 q, scale = tensors[name + "weight"], tensors[name + _FORMATS[fmt][1]]
                 assert lg[k].dtype == jnp.float8_e4m3fn and lg[k + "_scale"].dtype == jnp.float32
                 np.testing.assert_array_equal(np.asarray(lg[k]).view(np.uint8), q.view(np.uint8))
@@ -107,7 +106,7 @@ def test_fp8_checkpoint_loads_as_its_dequantized_twin(tmp_path, fmt):
                 np.testing.assert_array_equal(deq.T, np.asarray(lw[k]), err_msg=k)
             else:
                 np.testing.assert_array_equal(np.asarray(lg[k]), np.asarray(lw[k]), err_msg=k)
-        assert set(lg) == set(lw) | ({k + "_scale" for k in _KEYS.values()} if kept else set())
+        assert set(lg) == set(lw) | ({k + "_scale" for k in _HF} if kept else set())
     np.testing.assert_array_equal(np.asarray(got["lm_head"]), np.asarray(want["lm_head"]))
 
 
