@@ -53,7 +53,7 @@ from pallas_kernels import prefill_mgpu
 from pallas_kernels.reference import ragged_paged_attention_reference
 from pallas_kernels.kv_operands import compute_dtype, to_compute_dtype
 from pallas_kernels.tile_lists import expand_tiles
-from pallas_kernels.triton_rows import full_spec, store_rows
+from pallas_kernels.triton_rows import full_spec, load_rows, store_rows
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
@@ -90,9 +90,9 @@ TILE_TABLE: dict[str, dict[tuple[int, int, int], Tiles]] = {
         # decode: bk 64 / 4 warps was best or within noise of best at B=1..64;
         # prefill: 128 rows, bk 64, 4 warps, 3 stages (281 TFLOP/s vs 222 with 8 warps);
         # FP8 cache decode: bk 128 (a bf16 step's bytes), 2.78 TB/s vs 2.54 with 64 at 256 x 1536
-        # on H200, 8 warps or 256 keys slower
+        # on H200, 8 warps or 256 keys slower; 5 stages +6-10% at 64-512 rows over 3 (-8% at 16)
         (128, 4, 16): Tiles(TileConfig(64, 4, 3), 128, TileConfig(64, 4, 3),
-                            short_fp8=TileConfig(128, 4, 3)),
+                            short_fp8=TileConfig(128, 4, 5)),
     },
 }
 # Batch-invariant mode's one launch: every sequence in tiles of 16 rows (as a decode's), this
@@ -218,10 +218,11 @@ def _rpa_kernel(tile_seq_ref, tile_q0_ref, tile_q1_ref, kv_lens_ref, qsl_ref, bt
             p = jnp.exp2(s - m_new[:, None])
             corr = jnp.exp2(m_i - m_new)
             l_new = l_i * corr + jnp.sum(p, axis=1)
-            v = v_ref[krow, :].astype(cdt)
             if masked:
                 # p is 0 there, but 0 * (NaN/Inf garbage in an unused cache row) is not.
-                v = jnp.where(kvalid[:, None], v, jnp.zeros_like(v))
+                v = load_rows(v_ref, krow, kvalid, interpret).astype(cdt)
+            else:
+                v = v_ref[krow, :].astype(cdt)
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
             return acc * corr[:, None] + pv, m_new, l_new

@@ -323,10 +323,13 @@ def test_mosaic_prefill_tiles_cover_long_sequences(q_lens, T, R):
     assert len(seq) >= int(np.sum(np.where(is_long, -(-ql // prefill_mgpu.TILE_Q), 0)))
 
 
-def test_garbage_in_unused_cache_rows_does_not_leak():
-    """NaN in every cache row that is not live context must not reach the output."""
+@pytest.mark.parametrize("kv_dtype", [jnp.float32, jnp.float8_e4m3fn])
+def test_garbage_in_unused_cache_rows_does_not_leak(kv_dtype):
+    """NaN in every cache row that is not live context must not reach the output (the kernel
+    loads V's masked-off rows as zeros; FP8 has a NaN too)."""
     batch = make_batch([1, 7], [20, 23], T=8, R=2, seed=21)
     q, k, v, kvl, bt, qsl, ns = batch.args
+    k, v = k.astype(kv_dtype), v.astype(kv_dtype)
     # keep block 0 (where masked-off key lanes point) out of the live set
     bt_np = batch.host["block_tables"]
     bt_np[bt_np == 0] = min(set(range(k.shape[0])) - set(bt_np.ravel().tolist()))
@@ -336,9 +339,10 @@ def test_garbage_in_unused_cache_rows_does_not_leak():
     for r in range(2):
         for p in range(batch.host["kv_lens"][r]):
             live[batch.host["block_tables"][r, p // 16], p % 16] = True
-    k = np.where(live[:, :, None, None], np.array(k), np.nan)
-    v = np.where(live[:, :, None, None], np.array(v), np.nan)
-    out = ragged_paged_attention_kernel(q, jnp.asarray(k), jnp.asarray(v), kvl, bt, qsl, ns,
+    k = jnp.where(live[:, :, None, None], k, jnp.nan).astype(kv_dtype)
+    v = jnp.where(live[:, :, None, None], v, jnp.nan).astype(kv_dtype)
+    assert np.isnan(np.asarray(v, np.float32)).any()
+    out = ragged_paged_attention_kernel(q, k, v, kvl, bt, qsl, ns,
                                         sm_scale=0.125, interpret=True, tiles=SMALL_TILES)
     check(out, ref, batch.num_tokens, jnp.float32)
 
