@@ -67,9 +67,9 @@ HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
     "model.norm.weight": ("final_norm", False),
     "lm_head.weight": ("lm_head", True),
 }
-# FP8 KV-cache scales (a float per layer for K and one for V, as vLLM reads them: the current
-# `self_attn.{k,v}_scale`, the `{k,v}_proj.output_scale` of earlier FP8 checkpoints, and the
-# deprecated `self_attn.kv_scale`, one for both).
+# FP8 KV-cache scales (a float per layer for K and one for V, or one per KV head, as vLLM reads
+# them: the current `self_attn.{k,v}_scale`, the `{k,v}_proj.output_scale` of earlier FP8
+# checkpoints, and the deprecated `self_attn.kv_scale`, one for both).
 _KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\."
                        r"(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)$")
 # Tensors some checkpoints carry that the engine recomputes or does not use (a multimodal
@@ -269,28 +269,31 @@ class ParamsBuilder:
 
     def take_kv_scale(self, name: str, tensor: Any, file: Optional[str] = None) -> bool:
         """Keep `name` if it is a layer's FP8 KV-cache scale (models/llama.attend applies it to an
-        FP8 cache only); False for any other tensor. One that is not a single number (a per-head
-        or per-channel scale) is left out with a warning: the cache's scales are per tensor. A
-        number that is not positive and finite, or a layer the model does not have, is a
-        WeightLoadError naming the tensor."""
+        FP8 cache only); False for any other tensor. A scale is one number, or one per KV head
+        (compressed-tensors' "attn_head" strategy, stored [kv_heads, 1, 1]); one of another size
+        (per channel) is left out with a warning. A value that is not positive and finite, or a
+        layer the model does not have, is a WeightLoadError naming the tensor."""
         m = _KV_SCALE.match(text_model_name(name))
         if m is None:
             return False
         where = file or self.source
         layer = int(m.group(1))
         value = np.asarray(to_numpy(tensor), np.float32)
-        if value.size != 1:
+        if value.size not in (1, self.cfg.num_kv_heads):
             logger.warning("%s: tensor %r of shape %s left out: FP8 KV-cache scales are one "
-                           "number per layer here", where, self.display(name), list(value.shape))
+                           "number per layer or one per KV head (%d) here", where,
+                           self.display(name), list(value.shape), self.cfg.num_kv_heads)
             return True
         if layer >= self.cfg.num_layers or not (np.isfinite(value).all() and (value > 0).all()):
-            raise WeightLoadError(f"{where}: tensor {self.display(name)!r} must be one positive "
-                                  f"number for one of the model's {self.cfg.num_layers} layers, "
-                                  f"got {float(value.reshape(-1)[0])}")
+            bad = [x for x in value.reshape(-1).tolist() if not (np.isfinite(x) and x > 0)]
+            raise WeightLoadError(f"{where}: tensor {self.display(name)!r} must hold positive "
+                                  f"numbers (one, or one per KV head) for one of the model's "
+                                  f"{self.cfg.num_layers} layers, got "
+                                  f"{(bad or value.reshape(-1).tolist())[0]}")
         which = m.group(2) or m.group(3)
         for kv, key in zip("kv", KV_CACHE_SCALES):
             if which in (kv, "kv"):
-                self._kv_scales.setdefault(layer, {})[key] = jnp.asarray(value.reshape(()))
+                self._kv_scales.setdefault(layer, {})[key] = value.reshape(-1)
         return True
 
     def takes_quantized(self, name: str) -> bool:
@@ -358,11 +361,16 @@ class ParamsBuilder:
             logger.info("%s: ignored %d tensors the layout does not use (e.g. %s)", self.source,
                         len(self.unexpected), self.unexpected[0])
         if self._kv_scales:  # one tree for every layer
+            # Per KV head in every layer if one scale anywhere is (a number repeated is exact).
+            per_head = any(v.size > 1 for have in self._kv_scales.values() for v in have.values())
+            shape = (self.cfg.num_kv_heads,) if per_head else ()
             for i, layer in enumerate(self.params["layers"]):
                 have = self._kv_scales.get(i, {})
                 # As vLLM: a layer with one of the two uses it for both; one with neither, 1.
-                one = next(iter(have.values()), jnp.ones((), jnp.float32))
-                layer.update({key: have.get(key, one) for key in KV_CACHE_SCALES})
+                one = next(iter(have.values()), np.ones(1, np.float32))
+                layer.update({key: jnp.asarray(np.broadcast_to(have.get(key, one), shape)
+                                               if per_head else have.get(key, one).reshape(()))
+                              for key in KV_CACHE_SCALES})
         for layer in self.params["layers"]:
             for key, value in layer.items():
                 if isinstance(value, list):

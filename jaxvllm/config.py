@@ -72,8 +72,8 @@ class EngineArgs:
         "choices": QUANTIZATIONS})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "auto: the model's dtype; fp8 (= fp8_e4m3): K/V stored as float8 e4m3 (values "
-                "clipped to +-448, divided by the checkpoint's k_scale / v_scale where it has "
-                "them), half the bytes per cached token.",
+                "clipped to +-448, divided by the checkpoint's k_scale / v_scale, per layer or per KV "
+                "head, where it has them), half the bytes per cached token.",
         "choices": KV_CACHE_DTYPES})
     seed: int = field(default=0, metadata={"help": "Seed for dummy weights and unseeded sampling."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Accepted for vLLM "

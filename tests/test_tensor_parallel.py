@@ -39,6 +39,21 @@ def _save_model(d: str, kind: str, hidden: int, kv_heads: int, **extra: Any) -> 
     save_word_tokenizer(d, 256, eos_token="t1")
 
 
+def _with_per_head_kv_scales(src: str, dst: str) -> None:
+    """A copy of the 2-KV-head model at `src` with FP8 KV-cache scales per KV head (compressed-
+    tensors' [kv_heads, 1, 1]): at TP 4 the vector of 2 is repeated with the replicated KV heads
+    and split over the devices."""
+    import shutil
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    for i in range(LAYERS):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = np.array([[[0.5]], [[2.0]]], np.float32)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = np.array([[[1.5]], [[0.25]]], np.float32)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+
+
 def _count(pattern: str, text: str) -> int:
     return len(re.findall(pattern, text))
 
@@ -270,9 +285,11 @@ def _worker(out_path: str) -> None:
                     sliding_window=9, attn_logit_softcapping=20.0, final_logit_softcapping=10.0)
         report["gemma2"] = {tp: _run_engine(gemma, tp, "float32", inspect=False) for tp in (1, 2)}
         # FP8 weights and KV cache: scales split with their weights' outputs (and repeated with
-        # replicated KV heads at TP 4), the float8 cache split over KV heads; a weight swap
-        # quantizes the new weights.
-        report["qwen2_fp8"] = {tp: _run_engine(qwen, tp, "float32", inspect=False,
+        # replicated KV heads at TP 4), the float8 cache and its per-head scales split over KV
+        # heads; a weight swap quantizes the new weights.
+        qwen_fp8 = os.path.join(tmp, "qwen2_fp8")
+        _with_per_head_kv_scales(qwen, qwen_fp8)
+        report["qwen2_fp8"] = {tp: _run_engine(qwen_fp8, tp, "float32", inspect=False,
                                                quantization="fp8", kv_cache_dtype="fp8")
                                for tp in (1, 4)}
         errors = {}

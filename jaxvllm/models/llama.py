@@ -54,17 +54,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: Optional[jax.Array
     """The engine's paged attention: the new K/V written into the cache, then `attention_fn`
     reads it. Without a cache (the dense, differentiable forward of models/flax_module.py):
     attention_fn(q, k, v, inp, **kw) over the new tokens alone. An FP8 cache with the layer's
-    `k_cache_scale` / `v_cache_scale` (`lp`, from an FP8 checkpoint) holds K / k_scale and
-    V / v_scale; the kernels read the stored values, so the query takes k_scale (q . k = (q *
-    k_scale) . (k / k_scale)) and the output v_scale (it is linear in V), as vLLM's descales do."""
+    `k_cache_scale` / `v_cache_scale` (`lp`, from an FP8 checkpoint; a number, or one per KV head)
+    holds K / k_scale and V / v_scale; the kernels read the stored values, so the query takes
+    k_scale (q . k = (q * k_scale) . (k / k_scale)) and the output v_scale (it is linear in V),
+    each query head its KV head's, as vLLM's descales do."""
     if k_cache is None:
         return attention_fn(q, k, v, inp, **kw), None, None
     scales = tuple(lp[k] for k in KV_CACHE_SCALES) if (
         k_cache.dtype == FP8 and lp is not None and KV_CACHE_SCALES[0] in lp) else None
     if scales is not None:
-        k = k.astype(jnp.float32) / scales[0]
-        v = v.astype(jnp.float32) / scales[1]
-        q = (q.astype(jnp.float32) * scales[0]).astype(q.dtype)
+        k = k.astype(jnp.float32) / _per_head(scales[0], k.shape[1])
+        v = v.astype(jnp.float32) / _per_head(scales[1], v.shape[1])
+        q = (q.astype(jnp.float32) * _per_head(scales[0], q.shape[1])).astype(q.dtype)
     # Every new token's K/V is written before any attention reads: a request may attend to blocks
     # another request of the same step is filling (the scheduler's same-step prefix sharing relies on it).
     k_cache = write_kv(k_cache, k, inp.slot_mapping)
@@ -72,8 +73,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: Optional[jax.Array
     out = attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
                        inp.num_seqs, **kw)
     if scales is not None:
-        out = (out.astype(jnp.float32) * scales[1]).astype(out.dtype)
+        out = (out.astype(jnp.float32) * _per_head(scales[1], out.shape[1])).astype(out.dtype)
     return out, k_cache, v_cache
+
+
+def _per_head(scale: jax.Array, heads: int) -> jax.Array:
+    """A KV-cache scale broadcastable over [tokens, heads, head_dim]: a number as it is; one per
+    KV head repeated for each of its query heads (GQA's groups are consecutive heads)."""
+    if scale.ndim == 0:
+        return scale
+    return jnp.repeat(scale, heads // scale.shape[0])[:, None]
 
 
 def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
