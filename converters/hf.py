@@ -278,22 +278,22 @@ class ParamsBuilder:
             return False
         where = file or self.source
         layer = int(m.group(1))
-        value = np.asarray(to_numpy(tensor), np.float32)
+        value = np.asarray(to_numpy(tensor), np.float32).reshape(-1)
         if value.size not in (1, self.cfg.num_kv_heads):
             logger.warning("%s: tensor %r of shape %s left out: FP8 KV-cache scales are one "
                            "number per layer or one per KV head (%d) here", where,
                            self.display(name), list(value.shape), self.cfg.num_kv_heads)
             return True
-        if layer >= self.cfg.num_layers or not (np.isfinite(value).all() and (value > 0).all()):
-            bad = [x for x in value.reshape(-1).tolist() if not (np.isfinite(x) and x > 0)]
+        bad = value[~(np.isfinite(value) & (value > 0))]
+        if layer >= self.cfg.num_layers or bad.size:
             raise WeightLoadError(f"{where}: tensor {self.display(name)!r} must hold positive "
                                   f"numbers (one, or one per KV head) for one of the model's "
                                   f"{self.cfg.num_layers} layers, got "
-                                  f"{(bad or value.reshape(-1).tolist())[0]}")
+                                  f"{float((bad if bad.size else value)[0])}")
         which = m.group(2) or m.group(3)
         for kv, key in zip("kv", KV_CACHE_SCALES):
             if which in (kv, "kv"):
-                self._kv_scales.setdefault(layer, {})[key] = value.reshape(-1)
+                self._kv_scales.setdefault(layer, {})[key] = value
         return True
 
     def takes_quantized(self, name: str) -> bool:
@@ -363,13 +363,13 @@ class ParamsBuilder:
         if self._kv_scales:  # one tree for every layer
             # Per KV head in every layer if one scale anywhere is (a number repeated is exact).
             per_head = any(v.size > 1 for have in self._kv_scales.values() for v in have.values())
-            shape = (self.cfg.num_kv_heads,) if per_head else ()
+            size = self.cfg.num_kv_heads if per_head else 1
             for i, layer in enumerate(self.params["layers"]):
                 have = self._kv_scales.get(i, {})
                 # As vLLM: a layer with one of the two uses it for both; one with neither, 1.
                 one = next(iter(have.values()), np.ones(1, np.float32))
-                layer.update({key: jnp.asarray(np.broadcast_to(have.get(key, one), shape)
-                                               if per_head else have.get(key, one).reshape(()))
+                layer.update({key: jnp.asarray(np.broadcast_to(have.get(key, one), (size,))
+                                               .reshape((size,) if per_head else ()))
                               for key in KV_CACHE_SCALES})
         for layer in self.params["layers"]:
             for key, value in layer.items():

@@ -73,7 +73,6 @@ LAYER_RULES: dict[str, P] = {
     "q_scale": P(AXIS), "k_scale": P(AXIS), "v_scale": P(AXIS), "o_scale": P(),
     "gate_scale": P(AXIS), "up_scale": P(AXIS), "down_scale": P(),
     "shared_gate_scale": P(AXIS), "shared_up_scale": P(AXIS), "shared_down_scale": P(),
-    **{k: P() for k in KV_CACHE_SCALES},  # an FP8 cache's scales: a float a layer (per head: AXIS)
     "input_norm": P(), "post_attn_norm": P(), "q_norm": P(), "k_norm": P(),
     "pre_ffn_norm": P(), "post_ffn_norm": P(),
     # LoRA slots (worker/lora_slots.py), A [in, S*R] and B [S*R, out]: a column-parallel
@@ -251,10 +250,10 @@ def _layer_spec(name: str, lp: dict[str, Any]) -> P:
     if lp[name].dtype == INT4:
         raise ValueError("tensor_parallel_size > 1 with int4 (AWQ/GPTQ) weights is not supported "
                          "yet: run it with tensor_parallel_size=1")
+    if name in KV_CACHE_SCALES:  # an FP8 cache's scales: a number, or one per KV head (split so)
+        return P(AXIS) if lp[name].ndim else P()
     if name not in LAYER_RULES:
         raise ValueError(f"No tensor-parallel partition rule for layer param {name!r}")
-    if name in KV_CACHE_SCALES and lp[name].ndim == 1:
-        return P(AXIS)  # one scale per KV head: split as the heads
     # An FP8 weight is stored [out, in] (models/quant.py): its [in, out] rule, reversed.
     return P(*reversed(LAYER_RULES[name])) if lp[name].dtype == FP8 else LAYER_RULES[name]
 
