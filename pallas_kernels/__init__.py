@@ -2,6 +2,7 @@
 from pallas_kernels.ragged_paged_attention import (  # noqa: F401
     TILE_TABLE,
     get_tiles,
+    max_cache_elements,
     ragged_paged_attention,
     ragged_paged_attention_kernel,
 )
@@ -27,4 +28,5 @@ __all__ = [
     "routed_swiglu_reference",
     "TILE_TABLE",
     "get_tiles",
+    "max_cache_elements",
 ]

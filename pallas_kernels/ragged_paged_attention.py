@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,10 @@ _LOG2E = math.log2(math.e)
 # Mosaic kernel shape costs a compile in every process plus an empty launch per layer
 # on decode-only steps.
 MGPU_MIN_TOKENS = 512
+# Pallas's Triton lowering offsets an operand's elements in signed 32 bits unless it exceeds 2**32
+# bytes: a 1-byte (FP8) cache layer of more than 2**31 elements is read at wrapped offsets (on an
+# H200, wrong outputs for the sequence holding the block past 2**31; bench/RESULTS.md).
+BYTE_CACHE_MAX_ELEMENTS = 2 ** 31
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +124,12 @@ def _num_sms() -> int:
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def max_cache_elements(dtype: Any) -> int | None:
+    """The most elements one cache layer (per device) of `dtype` may hold for the kernels to
+    index it correctly; None: no bound below memory."""
+    return BYTE_CACHE_MAX_ELEMENTS if jnp.dtype(dtype).itemsize == 1 else None
 
 
 def _default_tiles(head_dim: int, group: int, block_size: int) -> Tiles:
@@ -356,6 +367,10 @@ def ragged_paged_attention_kernel(
     assert Dk == D and v_cache.shape == k_cache.shape
     assert Hq % Hkv == 0, (Hq, Hkv)
     assert D & (D - 1) == 0 and D >= 16, "head_dim must be a power of two >= 16"
+    limit = max_cache_elements(k_cache.dtype)
+    if limit is not None and k_cache.size > limit:
+        raise ValueError(f"a {k_cache.dtype} cache layer of {k_cache.size} elements exceeds the "
+                         f"{limit} the attention kernel can index: use fewer KV-cache blocks")
     G = Hq // Hkv
     gp = _next_pow2(G)
     bq_s = max(1, 16 // gp)

@@ -214,3 +214,27 @@ def test_tensor_parallel_sizing_takes_the_fullest_device(runner, blocks_at, per_
     assert runner._profile_num_blocks() == expect
     in_use.update(dev0=fuller, dev1=IN_USE)
     assert runner._profile_num_blocks() == expect
+
+
+def test_a_byte_cache_stays_within_the_kernels_offsets(loaded, monkeypatch):
+    """An FP8 cache layer holds at most max_cache_elements (the attention kernels' 32-bit offsets;
+    on the GPU the wrapped offsets read wrong K/V): sized from memory, the cache keeps the most
+    blocks within it; num_gpu_blocks_override past it is refused. A 2-byte cache is not bounded.
+    The bound is lowered here to 100 blocks of this model's (16 tokens x 2 KV heads x 16)."""
+    assert model_runner.max_cache_elements(jnp.float8_e4m3fn) == 2 ** 31
+    assert model_runner.max_cache_elements(jnp.bfloat16) is None
+    real = model_runner.max_cache_elements
+    monkeypatch.setattr(model_runner, "max_cache_elements",
+                        lambda dtype: None if real(dtype) is None else 100 * BLOCK * 32)
+    monkeypatch.setattr(model_runner, "_device_memory_stats", _stats(IN_USE))
+    runner, _, sched = build_runner(_args(kv_cache_dtype="fp8"), loaded)
+    assert runner.num_blocks == sched.num_blocks == 100
+    assert all(x.shape == (100, BLOCK, 2, 16) for x in jax.tree_util.tree_leaves(runner.kv_cache))
+    del runner
+    monkeypatch.setattr(model_runner, "_device_memory_stats", _no_stats)
+    assert build_runner(_args(kv_cache_dtype="fp8", num_gpu_blocks_override=100),
+                        loaded)[0].num_blocks == 100
+    with pytest.raises(ValueError, match=r"^num_gpu_blocks_override \(101\) exceeds the 100 blocks "
+                                         r"of 16 tokens whose float8_e4m3fn cache layers"):
+        build_runner(_args(kv_cache_dtype="fp8", num_gpu_blocks_override=101), loaded)
+    assert build_runner(_args(num_gpu_blocks_override=101), loaded)[0].num_blocks == 101

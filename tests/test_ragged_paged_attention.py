@@ -186,6 +186,28 @@ def test_fp8_kv_cache_with_a_query_past_f16s_range():
     check(out[1:], ref[1:], batch.num_tokens - 1, jnp.bfloat16)
 
 
+def test_a_byte_cache_past_32_bit_offsets_is_refused():
+    """An FP8 cache layer of more than 2**31 elements (the kernel's offsets are 32-bit below 2**32
+    bytes; on the GPU they wrapped) is a clear error, traced without allocating; 2**31 elements, or
+    a bf16 cache past them, are not."""
+    sd = jax.ShapeDtypeStruct
+    ints = (sd((1,), jnp.int32), sd((1, 4), jnp.int32), sd((2,), jnp.int32), sd((1,), jnp.int32))
+    q = sd((1, 8, 128), jnp.bfloat16)
+    per_block = 16 * 8 * 128
+    fits = 2 ** 31 // per_block
+
+    def trace(num_blocks, dtype):
+        cache = sd((num_blocks, 16, 8, 128), dtype)
+        return jax.eval_shape(functools.partial(ragged_paged_attention_kernel, sm_scale=0.1,
+                                                interpret=True), q, cache, cache, *ints)
+
+    assert trace(fits, jnp.float8_e4m3fn).shape == q.shape
+    assert trace(fits + 1, jnp.bfloat16).shape == q.shape
+    with pytest.raises(ValueError, match=r"float8_e4m3fn cache layer of 2147500032 elements "
+                                         r"exceeds the 2147483648 the attention kernel can index"):
+        trace(fits + 1, jnp.float8_e4m3fn)
+
+
 def test_public_entry_point_and_jit_with_traced_ints():
     batch = make_batch([1, 10], [30, 12], T=16, R=3, seed=5)
     ref = ragged_paged_attention(*batch.args, sm_scale=0.3, impl="reference")

@@ -43,7 +43,7 @@ from jaxvllm.worker import token_table
 from jaxvllm.worker.lora_slots import LoRASlots
 from jaxvllm.worker.token_table import TokenTable
 from jaxvllm.models.moe import experts_swiglu
-from pallas_kernels import ragged_paged_attention
+from pallas_kernels import max_cache_elements, ragged_paged_attention
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,9 @@ class ModelRunner:
         # lowering beside the steps' leaves the steps' modules as they were (executables.Build).
         self._independent = self._start_independent() if config.compile_at_start else None
         t0 = time.perf_counter()
-        self.num_blocks = config.num_blocks or self._profile_num_blocks()
+        self.num_blocks = self._within_kernel_bound(config.num_blocks
+                                                    or self._profile_num_blocks(),
+                                                    overridden=config.num_blocks is not None)
         self.kv_sizing_seconds = time.perf_counter() - t0
         self.kv_cache = llama.make_kv_cache(cfg, self.num_blocks, config.block_size,
                                             config.kv_dtype,
@@ -443,6 +445,27 @@ class ModelRunner:
             raise ValueError(f"No device memory left for the KV cache (budget {budget / 2**30:.2f} "
                              f"GiB): lower max_num_batched_tokens or raise gpu_memory_utilization")
         return int(budget // per_block)
+
+    def _within_kernel_bound(self, num_blocks: int, overridden: bool) -> int:
+        """`num_blocks`, or fewer where a cache layer (per device) would hold more elements than the
+        attention kernels index correctly (an FP8 cache past 2**31: a small model's on a large
+        card); a cache size set by the user that exceeds it is refused."""
+        limit = max_cache_elements(self.config.kv_dtype)
+        if limit is None:
+            return num_blocks
+        split = self.shardings.kv_split if self.shardings is not None else 1
+        dtype = jnp.dtype(self.config.kv_dtype).name
+        cfgs = [self.cfg] + ([self.drafter.cfg] if self.drafter is not None else [])
+        most = min(limit // (self.config.block_size * c.kv_size // split) for c in cfgs)
+        if num_blocks <= most:
+            return num_blocks
+        if overridden:
+            raise ValueError(f"num_gpu_blocks_override ({num_blocks}) exceeds the {most} blocks of "
+                             f"{self.config.block_size} tokens whose {dtype} cache "
+                             f"layers the attention kernels can index ({limit} elements each)")
+        logger.info("KV cache: %d blocks fit in memory; %d kept, the most a %s cache layer's "
+                    "%d elements allow the attention kernels", num_blocks, most, dtype, limit)
+        return most
 
     def _device_budget(self, stats: dict) -> float:
         """gpu_memory_utilization of one device's memory, less what is in use there. A preallocated
