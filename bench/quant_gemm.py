@@ -1,13 +1,18 @@
 """One decoder layer's linears (q, k, v, o, gate, up, down) on one device, at a model's shapes, in
 each weight format the engine runs: bf16, FP8 (models/quant.py: weight-only up to 16 rows, W8A8 on
-cuBLASLt beyond), int4 as the engine runs it (models/int4.py: the Pallas GEMM up to 16 rows on the
-GPU), a GGUF Q8_0 weight as `quantization="gguf"` keeps it (converters/gguf_int4.py: two 4-bit
-halves on the int4 GEMM, the input taken twice) and int4 dequantized by XLA before the GEMM
-(`int4_matmul_reference`), beside each format's
-roofline (its weight bytes at the measured copy bandwidth). Each linear is its own GEMM here; the
-engine runs an int4 model's q/k/v and gate/up as one GEMM each (models/int4.fuse_projections).
+cuBLASLt beyond), int4 as the engine runs it (models/int4.py: the Pallas GEMM up to 64 rows on the
+GPU), a GGUF Q8_0 weight as `quantization="gguf"` keeps it (converters/gguf_quant.py, models/int8.py:
+int8 with a scale per 32 inputs, the Pallas int8 GEMM up to 64 rows on the GPU), and int4 and Q8_0
+dequantized by XLA before the GEMM (`int4_matmul_reference`, `int8_matmul_reference`), beside each
+format's roofline (its weight bytes at the measured copy bandwidth). Each linear is its own GEMM
+here; the engine runs an int4 or int8 model's q/k/v and gate/up as one GEMM each
+(models/int4.fuse_projections).
 
     PYTHONPATH=. python3 bench/quant_gemm.py --model bench/configs/llama-3-8b [--tokens 1 8 16 64 256]
+
+With `--sweep` it times the int8 GEMM's tilings instead (pallas_kernels/int8_gemm.Tiles) over the
+layer's seven Q8_0 linears at each token count up to the kernel's MAX_ROWS, fastest first, beside
+the engine's default_tiles (interpret mode off the GPU: a check that the sweep runs, not a time).
 
 Random weights and inputs; each bucket compiled as the engine compiles it (Triton GEMMs up to
 TRITON_GEMM_MAX_TOKENS (jaxvllm/config.py) tokens, cuBLAS beyond); each time the median per call of the
@@ -17,6 +22,7 @@ error, a few percent, is expected; a wrong kernel is far off).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -35,15 +41,45 @@ def q8_0(w: jax.Array) -> dict[str, jax.Array]:
     import types
 
     import gguf
-    from converters.gguf_int4 import GROUP, int4_weight
-    from jaxvllm.models import int4
+    from converters.gguf_quant import int8_weight
     wt = np.asarray(w, np.float32).T
     q8 = gguf.GGMLQuantizationType.Q8_0
     t = types.SimpleNamespace(name="", shape=list(reversed(wt.shape)), tensor_type=q8,
                               data=gguf.quants.quantize(wt, q8))
-    iw = int4_weight(t)
-    return {"": jnp.asarray(int4.pack(iw.q, GROUP)), "_scale": jnp.asarray(iw.scale.T),
-            "_zero": jnp.asarray(iw.offset.T)}
+    iw = int8_weight(t)
+    return {"": jnp.asarray(iw.q), "_scale": jnp.asarray(iw.scale.T)}
+
+
+def sweep(args: argparse.Namespace, shapes: dict, q8: dict) -> int:
+    """Time the int8 GEMM's tilings over the layer's Q8_0 linears (see the module docstring)."""
+    import itertools
+
+    from pallas_kernels import int8_gemm, int8_matmul
+    on_gpu = jax.default_backend() == "gpu"
+    grid = [int8_gemm.Tiles(block_n=bn, groups_per_step=g, num_warps=w, num_stages=st)
+            for bn, g, w, st in itertools.product((32, 64, 128), (1, 2, 4), (2, 4), (3, 4))]
+    result, rows = {}, []
+    for t in [t for t in args.tokens if t <= int8_gemm.MAX_ROWS]:
+        xs = {k: jax.random.normal(jax.random.key(t), (t, s[0]), jnp.bfloat16)
+              for k, s in shapes.items()}
+
+        def layer(tiles):
+            return jax.jit(lambda lp, xs: [int8_matmul(
+                xs[k], lp[k], lp[k + "_scale"], tiles=tiles, interpret=not on_gpu)
+                for k in LINEARS])
+        times = {tiles: bench(layer(tiles), [(q8, xs)]) * 1e6
+                 for tiles in [int8_gemm.default_tiles(t)] + (grid if on_gpu else grid[:2])}
+        default = times[int8_gemm.default_tiles(t)]
+        best = sorted(times.items(), key=lambda kv: kv[1])[:args.top]
+        result[t] = {"default_us": default,
+                     "best": [{**dataclasses.asdict(k), "us": v} for k, v in best]}
+        rows += [[t, f"{v:.1f}", f"{default:.1f}", k.block_n, k.groups_per_step, k.num_warps,
+                  k.num_stages] for k, v in best]
+    common.emit(result, args, "int8 GEMM tilings, a layer's seven Q8_0 linears, us per layer "
+                f"({jax.devices()[0].device_kind})\n" + common.table(
+                    rows, ["tokens", "us", "default us", "block_n", "groups/step", "warps",
+                           "stages"]))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxvllm.models.config import ModelConfig
     from jaxvllm.models.layers import linear
     from jaxvllm.models.params import layer_shapes
-    from pallas_kernels import int4_matmul_reference
+    from pallas_kernels import int4_matmul_reference, int8_matmul_reference
     with open(os.path.join(args.model, "config.json")) as f:
         cfg = ModelConfig.from_hf(json.load(f))
     shapes = {k: v for k, v in layer_shapes(cfg, 0).items() if k in LINEARS}
@@ -62,14 +98,18 @@ def run(args: argparse.Namespace) -> int:
     formats = {"bf16": bf16, "fp8": quant.quantize_params({"layers": [bf16]}, "fp8")["layers"][0],
                "int4": int4.quantize_params({"layers": [bf16]}, args.group_size)["layers"][0],
                "q8_0": {k + suffix: a for k in LINEARS for suffix, a in q8_0(bf16[k]).items()}}
+    if args.sweep:
+        return sweep(args, shapes, formats["q8_0"])
     on_gpu = jax.default_backend() == "gpu"
     copy_bw = common.measure_bandwidth(1 << (31 if on_gpu else 23))
 
-    def layer_fn(tokens: int, int4_by_xla: bool = False):
+    def layer_fn(tokens: int, by_xla: str = ""):
         def f(lp, xs):
-            if int4_by_xla:
+            if by_xla == "int4":
                 return [int4_matmul_reference(xs[k], lp[k], lp[k + "_scale"], int4.offset(lp, k))
                         for k in LINEARS]
+            if by_xla == "q8_0":
+                return [int8_matmul_reference(xs[k], lp[k], lp[k + "_scale"]) for k in LINEARS]
             return [linear(xs[k], lp, k) for k in LINEARS]
         opts = {"xla_gpu_enable_triton_gemm": tokens <= TRITON_GEMM_MAX_TOKENS} if on_gpu else None
         return jax.jit(f, compiler_options=opts)
@@ -83,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         res = result["tokens"][t] = {}
         ways = {"bf16": (layer_fn(t), bf16), "fp8": (layer_fn(t), formats["fp8"]),
                 "int4": (layer_fn(t), formats["int4"]), "q8_0": (layer_fn(t), formats["q8_0"]),
-                "int4_xla_dequant": (layer_fn(t, int4_by_xla=True), formats["int4"])}
+                "int4_xla_dequant": (layer_fn(t, by_xla="int4"), formats["int4"]),
+                "q8_0_xla_dequant": (layer_fn(t, by_xla="q8_0"), formats["q8_0"])}
         for name, (fn, lp) in ways.items():
             outs = [np.asarray(o, np.float32) for o in fn(lp, xs)]
             res[name + "_max_rel_diff"] = max(float(np.abs(o - r).max() / np.abs(r).max())
@@ -97,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
                 f"intermediate {cfg.intermediate_size}; {jax.devices()[0].device_kind}, copy "
                 f"{copy_bw / 1e12:.2f} TB/s; us per layer (share of the format's roofline)\n"
                 + common.table(rows, ["tokens", "bf16", "fp8", "int4 (engine)", "GGUF Q8_0 (engine)",
-                                      "int4 (XLA dequant)", "fp8 rel diff", "int4 rel diff",
-                                      "Q8_0 rel diff", "int4 XLA rel diff"]))
+                                      "int4 (XLA dequant)", "Q8_0 (XLA dequant)",
+                                      "fp8 rel diff", "int4 rel diff", "Q8_0 rel diff",
+                                      "int4 XLA rel diff", "Q8_0 XLA rel diff"]))
     return 0
 
 
@@ -107,6 +149,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="A directory with a dense model's config.json.")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 64, 256])
     parser.add_argument("--group-size", type=int, default=128, help="int4 inputs per scale.")
+    parser.add_argument("--sweep", action="store_true",
+                        help="Time the int8 GEMM's tilings instead of the formats.")
+    parser.add_argument("--top", type=int, default=5, help="Tilings listed per token count.")
     common.add_output_args(parser)
 
 

@@ -239,7 +239,7 @@ def _canonical_load_format(load_format: str) -> str:
 def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str = "auto",
                load_format: str = "auto", seed: int = 0, cache_dir: Any = "auto",
                tokenizer: Optional[str] = None, load_tokenizer: bool = True,
-               cache_min_bytes: Optional[int] = None, keep_gguf_4bit: bool = False) -> LoadedModel:
+               cache_min_bytes: Optional[int] = None, keep_gguf_quantized: bool = False) -> LoadedModel:
     """Load a model's params (on the default device), config and tokenizer.
 
     source: None (the embedded default model), an HF directory (config.json + *.safetensors, sharded or
@@ -254,8 +254,9 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
       weight files total at least N bytes (0: every source).
     tokenizer: another tokenizer path (HF directory or .gguf); load_tokenizer=False skips the tokenizer
       (load it later with `load_model_tokenizer`).
-    keep_gguf_4bit: a GGUF's attention and MLP projections stored as Q4_0/Q4_1/Q4_K stay at 4 bits, in
-      the int4 layout (models/int4.py; the engine's quantization="gguf"); a ValueError for other sources.
+    keep_gguf_quantized: a GGUF's attention and MLP projections stored as Q4_0/Q4_1/Q4_K stay at 4 bits, in
+      the int4 layout (models/int4.py), and Q8_0 ones at 8, in the int8 layout (models/int8.py) (the
+      engine's quantization="gguf"); a ValueError for other sources.
     """
     from converters import cache as wcache
     from converters.hf import canonical_dtype
@@ -265,8 +266,8 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
     res = resolve_source(source, load_format)
     if load_format == "safetensors" and res.kind == "gguf":
         raise WeightLoadError(f"{res.path}: a GGUF file cannot be loaded with load_format='safetensors'")
-    if keep_gguf_4bit and (res.kind != "gguf" or load_format == "dummy"):
-        raise ValueError(f"quantization='gguf' keeps the 4-bit tensors of a GGUF file; "
+    if keep_gguf_quantized and (res.kind != "gguf" or load_format == "dummy"):
+        raise ValueError(f"quantization='gguf' keeps the quantized tensors of a GGUF file; "
                          f"{res.display} is not one (load_format {load_format!r})")
 
     # Config and checkpoint dtype.
@@ -314,8 +315,8 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
         done_format = "gguf" if res.kind == "gguf" else "safetensors"
         root = wcache.resolve_cache_dir(cache_dir)
         from converters.int4 import int4_checkpoint
-        if keep_gguf_4bit or int4_checkpoint(hf_config) is not None:
-            root = None  # the int4 layout is not the cache's (param_shapes)
+        if keep_gguf_quantized or int4_checkpoint(hf_config) is not None:
+            root = None  # the int4 and int8 layouts are not the cache's (param_shapes)
         if root is not None and not wcache.should_cache(done_format, sum(os.path.getsize(f) for f in files),
                                                          cache_min_bytes):
             root = None
@@ -328,7 +329,7 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
             params = wcache.WeightCache(root).load(key, wcache.abstract_params(param_shapes(cfg), target))
             from_cache = params is not None
         if params is None:
-            params = _convert(res, cfg, target, reader, keep_gguf_4bit)
+            params = _convert(res, cfg, target, reader, keep_gguf_quantized)
             from jaxvllm.models.params import KV_CACHE_SCALES
             from jaxvllm.models.quant import FP8
             if KV_CACHE_SCALES[0] in params["layers"][0] or any(
@@ -353,12 +354,12 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
 
 
 def _convert(res: _Resolved, cfg: Any, dtype: str, reader: Any = None,
-             keep_gguf_4bit: bool = False) -> Any:
+             keep_gguf_quantized: bool = False) -> Any:
     """Read and convert the weights (the expensive step the cache skips)."""
     if res.kind == "gguf":
         from converters.gguf_loader import load_gguf_params
 
-        return load_gguf_params(res.path, cfg, dtype, reader=reader, four_bit=keep_gguf_4bit)
+        return load_gguf_params(res.path, cfg, dtype, reader=reader, keep_quantized=keep_gguf_quantized)
     from converters.hf import load_hf_params
 
     return load_hf_params(res.path, cfg, dtype)

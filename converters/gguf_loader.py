@@ -150,15 +150,15 @@ def tensor_array(t) -> np.ndarray:
 
 
 def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
-                     four_bit: bool = False) -> dict[str, Any]:
+                     keep_quantized: bool = False) -> dict[str, Any]:
     """Dequantize and convert every tensor of the GGUF at `path` (dtype: one of DTYPES, already
-    resolved); with `four_bit` the projections stored in one of converters/gguf_int4.kept_types()
-    stay in the int4 layout."""
-    from converters.gguf_int4 import int4_weight, kept_types
+    resolved); with `keep_quantized` the projections stored in one of
+    converters/gguf_quant.kept_types() stay in the int4 or int8 layout."""
+    from converters.gguf_quant import Int8Weight, kept_types, kept_weight
     reader = reader if reader is not None else open_reader(path)
     arch = architecture(reader, path)
     builder = ParamsBuilder(cfg, dtype, path, display_name=hf_to_gguf_name)
-    keep = kept_types() if four_bit else ()
+    keep = kept_types() if keep_quantized else ()
     for t in reader.tensors:
         m = _BLK.match(t.name)
         if m and m.group(2) in GGUF_MOE_TENSORS:
@@ -174,7 +174,7 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
         builder.check_shape(hf_name, reversed(list(t.shape)), path)
         packed = t.tensor_type in keep and builder.takes_quantized(hf_name)
         try:
-            w = int4_weight(t) if packed else tensor_array(t)
+            w = kept_weight(t) if packed else tensor_array(t)
         except Exception as e:
             raise WeightLoadError(f"{path}: cannot {'unpack' if packed else 'dequantize'} tensor "
                                   f"{t.name!r} ({t.tensor_type.name}: {e})") from e
@@ -184,9 +184,11 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
                  "self_attn.k_proj.weight": cfg.num_kv_heads}.get(hf_name.split(".", 3)[-1])
         if arch in PERMUTED_ARCHS and heads:
             w = (dataclasses.replace(w, **{f: unpermute_qk(getattr(w, f), heads)
-                                           for f in ("q", "scale", "offset")})
+                                           for f in ("q", "scale", "offset") if hasattr(w, f)})
                  if packed else unpermute_qk(w, heads))
-        if packed:
+        if isinstance(w, Int8Weight):
+            builder.add_int8(hf_name, w, path)
+        elif packed:
             builder.add_int4(hf_name, w, path)
         else:
             builder.add(hf_name, w, path)

@@ -23,6 +23,7 @@ from converters.fp8 import channel_scales as fp8_channel_scales
 from converters.fp8 import dequantize as dequantize_fp8
 from converters.fp8 import fp8_checkpoint, read_fp8
 from converters.fp8 import scale_name as fp8_scale_name
+from converters.gguf_quant import Int8Weight
 from converters.int4 import COMPANIONS, Int4Weight, int4_checkpoint
 from converters.int4 import unpack as unpack_int4
 from jaxvllm.models.config import ModelConfig
@@ -311,8 +312,7 @@ class ParamsBuilder:
         if not self.takes_quantized(name):
             raise WeightLoadError(f"{where}: int4 tensor {self.display(name)!r}: only the attention "
                                   "and dense MLP projections load at 4 bits")
-        out, inp = w.q.shape
-        self.check_shape(name, (out, inp // 2 if w.halves else inp), file)  # [out, in], as HF
+        self.check_shape(name, w.q.shape, file)  # [out, in], as HF
         group = w.q.shape[1] // w.scale.shape[1]
         for layer, key, rows in self._output_rows(path):
             layer[key] = jnp.asarray(pack_int4(w.q[rows], group))
@@ -323,6 +323,19 @@ class ParamsBuilder:
                 layer[key + "_min"] = place(w.offset[rows].T, transpose=False, dtype="float32")
             if w.perm is not None:
                 layer[key + "_perm"] = jnp.asarray(w.perm)
+        self.done.add(name)
+
+    def add_int8(self, name: str, w: Int8Weight, file: Optional[str] = None) -> None:
+        """An 8-bit linear (converters/gguf_quant.Int8Weight; `name` its HF name) in the int8
+        layout (models/int8.py): the signed bytes as they are, the scales group-major."""
+        name, path, _ = self._claim(name, file)
+        if not self.takes_quantized(name):
+            raise WeightLoadError(f"{file or self.source}: int8 tensor {self.display(name)!r}: only "
+                                  "the attention and dense MLP projections load at 8 bits")
+        self.check_shape(name, w.q.shape, file)
+        for layer, key, rows in self._output_rows(path):
+            layer[key] = jnp.asarray(np.ascontiguousarray(w.q[rows]))
+            layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype="float32")
         self.done.add(name)
 
     def add_fp8(self, name: str, q: np.ndarray, scale: np.ndarray,

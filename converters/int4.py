@@ -42,13 +42,11 @@ class Int4Checkpoint:
 class Int4Weight:
     """One linear's weight unpacked: q uint8 values 0..15 [out, in], float32 scale [out, groups],
     offset [out, groups]: uint8 zero points (w = (q - zero) * scale) or a float32 min
-    (w = q * scale + min), perm [in] or None. `halves`: an 8-bit weight as two 4-bit ones along
-    the input, q [out, 2 * in] (models/int4.int4_linear takes the input twice)."""
+    (w = q * scale + min), perm [in] or None."""
     q: np.ndarray
     scale: np.ndarray
     offset: np.ndarray
     perm: Optional[np.ndarray]
-    halves: bool = False
 
 
 def int4_checkpoint(hf_config: dict[str, Any]) -> Optional[Int4Checkpoint]:

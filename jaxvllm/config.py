@@ -12,10 +12,10 @@ from jaxvllm.spec_decode import SpeculativeConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
 INT4_QUANTIZATIONS = ("awq", "gptq")  # 4-bit checkpoints (converters/int4.py)
-# Weights in the int4 layout (models/int4.py): those checkpoints, and a GGUF's 4-bit and Q8_0
-# tensors kept small (converters/gguf_int4.py).
-FOUR_BIT_QUANTIZATIONS = (*INT4_QUANTIZATIONS, "gguf")
-QUANTIZATIONS = ("fp8", *FOUR_BIT_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
+# Weights in the int4 layout (models/int4.py): those checkpoints, and a GGUF's 4-bit tensors kept
+# small, its Q8_0 ones in the int8 layout (converters/gguf_quant.py).
+INTEGER_QUANTIZATIONS = (*INT4_QUANTIZATIONS, "gguf")
+QUANTIZATIONS = ("fp8", *INTEGER_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 # Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens),

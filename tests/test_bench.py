@@ -588,10 +588,23 @@ def test_quant_gemm_bench_times_every_format(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)["tokens"]
     for t in ("1", "24"):
-        assert all(res[t][w + "_us"] > 0 for w in ("bf16", "fp8", "int4", "int4_xla_dequant"))
+        assert all(res[t][w + "_us"] > 0 for w in ("bf16", "fp8", "int4", "int4_xla_dequant",
+                                                   "q8_0", "q8_0_xla_dequant"))
         assert 0 < res[t]["fp8_max_rel_diff"] < 0.1
         assert 0 < res[t]["int4_max_rel_diff"] < 0.3
         assert 0 < res[t]["int4_xla_dequant_max_rel_diff"] < 0.3
+        assert 0 < res[t]["q8_0_max_rel_diff"] < 0.02
+        assert 0 < res[t]["q8_0_xla_dequant_max_rel_diff"] < 0.02
+    # --sweep: the int8 GEMM's tilings (interpret mode here), the default among them.
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quant_gemm.py"), "--json",
+                          "--model", str(tmp_path), "--tokens", "1", "16", "--sweep", "--top", "3"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    for t in ("1", "16"):
+        best = res[t]["best"]
+        assert len(best) == 3 and best[0]["us"] <= res[t]["default_us"]
+        assert [b["us"] for b in best] == sorted(b["us"] for b in best)
 
 
 def test_moe_bench_compares_the_ways(tmp_path):

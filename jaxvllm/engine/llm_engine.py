@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from jaxvllm.config import FOUR_BIT_QUANTIZATIONS, EngineArgs
+from jaxvllm.config import INTEGER_QUANTIZATIONS, EngineArgs
 from jaxvllm.core.outputs import EngineCoreOutput
 from jaxvllm.core.request import Request, RequestStatus, lora_cache_salt
 from jaxvllm.core.scheduler import Scheduler, SchedulerStats
@@ -647,10 +647,10 @@ class LLMEngine(RequestFront):
 
     def _check_swappable(self, what: str) -> None:
         check_idle(what, self.has_unfinished_requests())
-        if self.args.quantization in FOUR_BIT_QUANTIZATIONS:
-            raise ValueError(f"{what} on a {self.args.quantization.upper()} (int4) model: "
-                             "new weights are not quantized to int4; load an unquantized model "
-                             "(or quantization='fp8') to swap weights")
+        if self.args.quantization in INTEGER_QUANTIZATIONS:
+            raise ValueError(f"{what} on a {self.args.quantization.upper()} (integer-quantized) "
+                             "model: new weights are not quantized to its int4 or int8 layout; "
+                             "load an unquantized model (or quantization='fp8') to swap weights")
 
     def _update_weight_chunk(self, chunk: Any) -> None:
         """Weights by name ("embed", "layers.3.q", ...) in the engine's layout, in place; an FP8

@@ -6,8 +6,8 @@ import logging
 import os
 from typing import Any, Optional
 
-from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, FOUR_BIT_QUANTIZATIONS,
-                            INT4_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS, EngineArgs)
+from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, INT4_QUANTIZATIONS,
+                            INTEGER_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS, EngineArgs)
 from jaxvllm.core.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -96,16 +96,16 @@ def load(args: EngineArgs) -> Any:
         loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format,
                             seed=args.seed, cache_dir=_weights_cache_dir(args),
                             tokenizer=args.tokenizer, load_tokenizer=False,
-                            keep_gguf_4bit=args.quantization == "gguf")
+                            keep_gguf_quantized=args.quantization == "gguf")
         args.quantization = _checkpoint_quantization(args.quantization, loaded)
-        if args.quantization in FOUR_BIT_QUANTIZATIONS and args.tensor_parallel_size > 1:
-            raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} with int4 "
+        if args.quantization in INTEGER_QUANTIZATIONS and args.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} with integer "
                              f"({args.quantization}) weights is not supported yet: run it with "
                              "tensor_parallel_size=1")
         if args.quantization == "fp8":
             from jaxvllm.models.quant import quantize_params
             loaded.params = quantize_params(loaded.params, args.quantization)
-        elif args.quantization in FOUR_BIT_QUANTIZATIONS:
+        elif args.quantization in INTEGER_QUANTIZATIONS:
             from jaxvllm.models import int4
             if loaded.load_format == "dummy":  # awq, gptq measured without a checkpoint
                 loaded.params = int4.quantize_params(loaded.params)
@@ -238,11 +238,12 @@ def one_row_bucket(args: EngineArgs, shardings: Any, params: Any) -> bool:
     there (fp8_kernel_fits); the int4 GEMM's split-K partial sums are eight times smaller there
     (batch 1 339-342 against 318-319 decode tok/s, H200, 8B shape; bench/RESULTS.md, "Issue 23's
     rows in one run, and int4 at one row"), for any int4 weight in `params` (a GGUF's kept
-    types; its other types load dequantized)."""
+    types; its other types load dequantized), and the int8 GEMM's alike (split as the int4's)."""
     import jax
     from jaxvllm.models.int4 import INT4
-    int4 = any(w.dtype == INT4 for lp in params["layers"] for w in lp.values())
-    return fp8_kernel_fits(args, shardings) or (int4 and jax.default_backend() == "gpu")
+    from jaxvllm.models.int8 import INT8
+    grouped = any(w.dtype in (INT4, INT8) for lp in params["layers"] for w in lp.values())
+    return fp8_kernel_fits(args, shardings) or (grouped and jax.default_backend() == "gpu")
 
 
 def build_runner(args: EngineArgs, loaded: Any,

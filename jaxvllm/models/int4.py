@@ -25,16 +25,11 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from jaxvllm.models.int8 import INT8
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
-from pallas_kernels.reference import int4_dequantize
 
 INT4 = jnp.uint8  # the packed weight's dtype (no other weight of the layout is uint8)
-# Rows up to which a GGUF Q8_0 weight's halves run the Pallas GEMM (the input twice); beyond, XLA
-# dequantizes them into one weight and multiplies (H200, an 8B layer's linears: the GEMM 367 us at
-# 16 rows and 945 at 64, XLA 680-747 at 32-256; bench/RESULTS.md, "GGUF Q8_0 on the GPU").
-HALVES_GEMM_MAX_ROWS = 16
 
 
 def _offset_suffix(lp: dict, name: str) -> str:
@@ -55,18 +50,11 @@ def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
     dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    halves = w.shape[1] == x.shape[-1]  # an 8-bit weight as two 4-bit ones (converters/gguf_int4.py)
-    lead, k = x.shape[:-1], 2 * w.shape[1]
-    x2 = x.reshape(-1, x.shape[-1])
-    max_rows = HALVES_GEMM_MAX_ROWS if halves else int4_gemm.MAX_ROWS
-    if (jax.default_backend() == "gpu" and x2.shape[0] <= max_rows
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if (jax.default_backend() == "gpu" and x2.shape[0] <= int4_gemm.MAX_ROWS
             and int4_gemm.fits(w.shape[0], k, k // scale.shape[0])):
-        y = int4_matmul(jnp.concatenate([x2, x2], axis=-1) if halves else x2, w, scale, off)
-    elif halves:  # the two halves summed into one weight, one rounding, the input once
-        deq = int4_dequantize(w, scale, off)
-        y = lax.dot_general(x2, (deq[:, :k // 2] + deq[:, k // 2:]).astype(x.dtype),
-                            (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        y = y.astype(x.dtype)
+        y = int4_matmul(x2, w, scale, off)
     else:
         y = int4_matmul_reference(x2, w, scale, off)
     return y.reshape(*lead, w.shape[0])
@@ -112,25 +100,33 @@ def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, 
 FUSED = (("q", "k", "v"), ("gate", "up"))  # projections of one input (models/layers.projections)
 
 
+def _companions(lp: dict, name: str) -> tuple[str, ...]:
+    """The suffixes of the tensors stored beside the int4 or int8 weight `name`, [groups, out]
+    each."""
+    return ("_scale",) if lp[name].dtype == INT8 else ("_scale", _offset_suffix(lp, name))
+
+
 def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
-    """A new params tree with each layer's int4 q/k/v and gate/up stored as one weight each
-    ("q+k+v", "gate+up": outputs concatenated, with their scales and offsets), so the layer runs
-    one GEMM for them, not three and two: at decode sizes every int4 GEMM is a launch of its own
-    and the narrow k and v ones are launch-bound (bench/RESULTS.md, "int4"). Projections that
-    differ in group size or offset kind, or carry an input order (GPTQ's activation order), stay
-    apart."""
+    """A new params tree with each layer's int4 or int8 (models/int8.py) q/k/v and gate/up stored
+    as one weight each ("q+k+v", "gate+up": outputs concatenated, with their scales and offsets),
+    so the layer runs one GEMM for them, not three and two: at decode sizes every such GEMM is a
+    launch of its own and the narrow k and v ones are launch-bound (bench/RESULTS.md, "int4").
+    Projections that differ in layout, group size or offset kind, or carry an input order (GPTQ's
+    activation order), stay apart."""
     layers = []
     for lp in params["layers"]:
         lp = dict(lp)
         for names in FUSED:
-            if not all(n in lp and lp[n].dtype == INT4 and n + "_perm" not in lp for n in names):
+            if not all(n in lp and lp[n].dtype in (INT4, INT8) and n + "_perm" not in lp
+                       for n in names):
                 continue
-            if len({(lp[n + "_scale"].shape[0], _offset_suffix(lp, n)) for n in names}) != 1:
+            parts = {(lp[n + "_scale"].shape[0], _companions(lp, n)) for n in names}
+            if len(parts) != 1:
                 continue
             key = "+".join(names)
-            suffix = _offset_suffix(lp, names[0])
+            _, companions = parts.pop()
             lp[key] = jnp.concatenate([lp.pop(n) for n in names])
-            for part in ("_scale", suffix):
+            for part in companions:
                 lp[key + part] = jnp.concatenate([lp.pop(n + part) for n in names], axis=1)
         layers.append(lp)
     return {**params, "layers": layers}

@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import INT4, int4_linear, offset as int4_offset
+from jaxvllm.models.int8 import INT8, int8_linear
 from jaxvllm.models.quant import fp8_linear
 from pallas_kernels import invariant_gemm
 from pallas_kernels.reference import ordered_sum
@@ -167,29 +168,34 @@ def lm_head(hidden: jax.Array, params: dict, cfg: ModelConfig,
 def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False,
            fp8_kernel: bool = False) -> jax.Array:
     """x @ lp[name] (+ lp[name + "_bias"]); an FP8 weight (with lp[name + "_scale"], stored [out, in],
-    models/quant.py) runs as an FP8 matmul, an int4 one (models/int4.py) dequantized in the GEMM's
-    input. `invariant`: see matmul (unquantized weights only: EngineArgs refuses the others);
-    `fp8_kernel`: see fp8_linear (ModelConfig.fp8_kernel)."""
+    models/quant.py) runs as an FP8 matmul, an int4 or int8 one (models/int4.py, models/int8.py)
+    dequantized in the GEMM's input. `invariant`: see matmul (unquantized weights only: EngineArgs
+    refuses the others); `fp8_kernel`: see fp8_linear (ModelConfig.fp8_kernel)."""
+    return _add_lora(_add_bias(_product(x, lp, name, invariant, fp8_kernel), lp, name), x, lp, name)
+
+
+def _product(x: jax.Array, lp: dict, name: str, invariant: bool, fp8_kernel: bool) -> jax.Array:
+    """x times the weight lp[name] in whichever layout it is stored."""
     w, scale = lp[name], lp.get(name + "_scale")
     if scale is None:
-        y = matmul(x, w, invariant)
-    elif w.dtype == INT4:
-        y = int4_linear(x, w, scale, int4_offset(lp, name), lp.get(name + "_perm"))
-    else:
-        y = fp8_linear(x, w, scale, fp8_kernel)
-    return _add_lora(_add_bias(y, lp, name), x, lp, name)
+        return matmul(x, w, invariant)
+    if w.dtype == INT4:
+        return int4_linear(x, w, scale, int4_offset(lp, name), lp.get(name + "_perm"))
+    if w.dtype == INT8:
+        return int8_linear(x, w, scale)
+    return fp8_linear(x, w, scale, fp8_kernel)
 
 
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],
                 sizes: Optional[tuple[int, ...]] = None, invariant: bool = False,
                 fp8_kernel: bool = False) -> list[jax.Array]:
-    """[linear(x, lp, n) for n in names] for projections of one input (q/k/v, gate/up). int4 ones
-    fused at load (models/int4.fuse_projections, stored under "+".join(names)) run as one GEMM
-    whose output is split: `sizes` are the outputs' widths (None: equal)."""
+    """[linear(x, lp, n) for n in names] for projections of one input (q/k/v, gate/up). int4 and
+    int8 ones fused at load (models/int4.fuse_projections, stored under "+".join(names)) run as one
+    GEMM whose output is split: `sizes` are the outputs' widths (None: equal)."""
     key = "+".join(names)
     if key not in lp:
         return [linear(x, lp, n, invariant, fp8_kernel) for n in names]
-    y = int4_linear(x, lp[key], lp[key + "_scale"], int4_offset(lp, key))
+    y = _product(x, lp, key, invariant, fp8_kernel)
     cuts = len(names) if sizes is None else np.cumsum(sizes)[:-1].tolist()
     return [_add_lora(_add_bias(y, lp, n), x, lp, n)
             for y, n in zip(jnp.split(y, cuts, axis=-1), names)]

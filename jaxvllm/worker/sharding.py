@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import INT4
+from jaxvllm.models.int8 import INT8
 from jaxvllm.models.params import KV_CACHE_SCALES
 from jaxvllm.models.quant import FP8
 
@@ -247,9 +248,9 @@ def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
 
 
 def _layer_spec(name: str, lp: dict[str, Any]) -> P:
-    if lp[name].dtype == INT4:
-        raise ValueError("tensor_parallel_size > 1 with int4 (AWQ/GPTQ) weights is not supported "
-                         "yet: run it with tensor_parallel_size=1")
+    if lp[name].dtype in (INT4, INT8):
+        raise ValueError("tensor_parallel_size > 1 with int4 or int8 (AWQ/GPTQ/GGUF) weights is "
+                         "not supported yet: run it with tensor_parallel_size=1")
     if name in KV_CACHE_SCALES:  # an FP8 cache's scales: a number, or one per KV head (split so)
         return P(AXIS) if lp[name].ndim else P()
     if name not in LAYER_RULES:

@@ -1,6 +1,7 @@
-"""GGUF's 4-bit tensors kept at 4 bits (`quantization="gguf"`, converters/gguf_int4.py): each
-block format split into 4-bit values, scales and mins against gguf's own dequantization, and the
-default model (its projections are Q4_1) run at 4 bits against itself dequantized."""
+"""GGUF's quantized tensors kept small (`quantization="gguf"`, converters/gguf_quant.py): each
+4-bit block format split into 4-bit values, scales and mins, and Q8_0's bytes and scales, against
+gguf's own dequantization; the default model (its projections are Q4_1) run at 4 bits, and a tiny
+Q8_0 GGUF at 8, against themselves dequantized."""
 from __future__ import annotations
 
 import types
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from converters.gguf_int4 import int4_weight
+from converters.gguf_quant import int4_weight, int8_weight
 
 T = gguf.GGMLQuantizationType
 _PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
@@ -49,24 +50,26 @@ def test_four_bit_blocks_against_gguf(qtype):
     assert w.q.min() == 0 and w.q.max() == 15
 
 
-def test_q8_0_as_two_four_bit_halves_against_gguf():
-    """Q8_0's signed bytes split exactly into high halves (scale 16 d, zero point 8) then low
-    halves (scale d, zero point 0) along the input: their sum is gguf's dequantized tensor."""
+def test_q8_0_bytes_and_scales_against_gguf():
+    """Q8_0's signed bytes as they are and a float32 scale per 32 inputs: their product is gguf's
+    dequantized tensor."""
     t = _tensor(T.Q8_0, 6, 512, np.random.default_rng(8))
-    w = int4_weight(t)
-    assert w.halves and w.q.shape == (6, 1024) and w.q.max() == 15 and w.perm is None
-    assert w.scale.shape == w.offset.shape == (6, 32) and w.offset.dtype == np.uint8
-    g = np.arange(1024) // 32
-    deq = (w.q - w.offset[:, g].astype(np.float32)) * w.scale[:, g]
-    np.testing.assert_array_equal(deq[:, :512] + deq[:, 512:],
+    w = int8_weight(t)
+    assert w.q.shape == (6, 512) and w.q.dtype == np.int8 and w.q.min() < 0 < w.q.max()
+    assert w.scale.shape == (6, 16) and w.scale.dtype == np.float32
+    np.testing.assert_array_equal(w.q * w.scale[:, np.arange(512) // 32],
                                   dequantize(t.data, T.Q8_0).reshape(6, 512))
 
 
 def test_other_types_are_refused():
     t = _tensor(T.Q4_0, 2, 64, np.random.default_rng(0))
     t.tensor_type = T.Q6_K
-    with pytest.raises(ValueError, match="Q6_K.*Q4_0, Q4_1, Q4_K, Q8_0"):
+    with pytest.raises(ValueError, match="Q6_K.*int4 layout.*Q4_0, Q4_1, Q4_K"):
         int4_weight(t)
+    with pytest.raises(ValueError, match="Q6_K.*int8 layout.*Q8_0"):
+        int8_weight(t)
+    with pytest.raises(ValueError, match="Q8_0.*int4 layout"):
+        int4_weight(_tensor(T.Q8_0, 2, 64, np.random.default_rng(0)))
 
 
 def _run(**engine_kw):
@@ -106,7 +109,7 @@ def test_gguf_quantization_needs_a_gguf():
               "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
               "vocab_size": 128, "max_position_embeddings": 64}
     with pytest.raises(ValueError, match="quantization='gguf'"):
-        load_model(config, load_format="dummy", keep_gguf_4bit=True)
+        load_model(config, load_format="dummy", keep_gguf_quantized=True)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(quantization="gguf", tensor_parallel_size=2)
 
@@ -117,19 +120,19 @@ _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def _q8_0_gguf(tmp_path) -> str:
-    """A tiny Qwen2 GGUF (its q/k rows as HF's: no llama.cpp permutation) whose projections with
-    inputs a multiple of 32 are Q8_0; the rest (down, of 80 inputs; norms, biases, embedding)
-    float32."""
+def _q8_0_gguf(tmp_path, arch: str) -> str:
+    """A tiny GGUF of `arch` ("qwen2": its q/k rows as HF's; "llama": permuted as llama.cpp's
+    converter writes them) whose projections with inputs a multiple of 32 are Q8_0; the rest
+    (down, of 80 inputs; norms, biases, embedding) float32."""
     from safetensors.numpy import load_file
     from hf_builders import save_word_tokenizer, tiny_config, tiny_model
-    cfg = tiny_config("qwen2", vocab_size=128, hidden_size=64, intermediate_size=80,
+    cfg = tiny_config(arch, vocab_size=128, hidden_size=64, intermediate_size=80,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       tie_word_embeddings=False)
     tiny_model(cfg, matrix_scale=4.0).save_pretrained(tmp_path / "hf")
     sd = load_file(tmp_path / "hf" / "model.safetensors")
-    path = str(tmp_path / "tiny-q8_0.gguf")
-    w = gguf.GGUFWriter(path, "qwen2")
+    path = str(tmp_path / f"tiny-{arch}-q8_0.gguf")
+    w = gguf.GGUFWriter(path, arch)
     for add, value in ((w.add_block_count, 2), (w.add_context_length, 128),
                        (w.add_embedding_length, 64), (w.add_feed_forward_length, 80),
                        (w.add_head_count, 4), (w.add_head_count_kv, 2),
@@ -146,6 +149,9 @@ def _q8_0_gguf(tmp_path) -> str:
             module, kind = rest.rsplit(".", 1)
             g = f"blk.{i}.{_GGUF_NAMES[module]}.{kind}"
         t = t.astype(np.float32)
+        heads = {"attn_q.weight": 4, "attn_k.weight": 2}.get(g.split(".", 2)[-1])
+        if arch == "llama" and heads:  # llama.cpp's permute(): rows [head, 2, dim/2]
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(t.shape)
         if t.ndim == 2 and "blk." in g and t.shape[1] % 32 == 0:
             w.add_tensor(g, quantize(t, T.Q8_0), raw_dtype=T.Q8_0)
         else:
@@ -158,12 +164,14 @@ def _q8_0_gguf(tmp_path) -> str:
     return path
 
 
-def test_q8_0_projections_in_the_int4_layout_match_them_dequantized(tmp_path):
-    """quantization="gguf" keeps Q8_0 projections at a byte a weight (two 4-bit halves, q/k/v and
-    gate/up fused as the 4-bit ones) and, in float32, gives the prompt logprobs and greedy tokens
-    of the same GGUF dequantized on load."""
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_q8_0_projections_in_the_int8_layout_match_them_dequantized(tmp_path, arch):
+    """quantization="gguf" keeps Q8_0 projections at a byte a weight (their signed bytes, a scale
+    per 32 inputs; q/k/v and gate/up fused as the 4-bit ones) and, in float32, gives the prompt
+    logprobs and greedy tokens of the same GGUF dequantized on load; llama's permuted q/k rows are
+    put back with their scales."""
     from jaxvllm import LLM, SamplingParams
-    path = _q8_0_gguf(tmp_path)
+    path = _q8_0_gguf(tmp_path, arch)
     prompts = [{"prompt_token_ids": list(range(3 + j, 3 + j + n))} for j, n in enumerate((7, 19))]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
     runs = {}
@@ -174,8 +182,9 @@ def test_q8_0_projections_in_the_int4_layout_match_them_dequantized(tmp_path):
         runs[kind] = (llm.llm_engine.runner.params["layers"][0],
                       llm.generate(prompts, sp, use_tqdm=False))
     lp, outs = runs["gguf"]
-    assert lp["q+k+v"].dtype == jnp.uint8 and lp["q+k+v"].shape == (128, 64)  # [out, in] bytes
-    assert lp["q+k+v_scale"].shape == lp["q+k+v_zero"].shape == (4, 128)
+    assert lp["q+k+v"].dtype == jnp.int8 and lp["q+k+v"].shape == (128, 64)  # [out, in] bytes
+    assert lp["q+k+v_scale"].shape == (2, 128) and lp["q+k+v_scale"].dtype == jnp.float32
+    assert not any(k.endswith(("_zero", "_min")) for k in lp)
     assert lp["gate+up"].shape == (160, 64) and lp["o"].shape == (64, 64)
     assert lp["down"].dtype == jnp.float32
     for a, b in zip(runs["plain"][1], outs):
@@ -185,16 +194,15 @@ def test_q8_0_projections_in_the_int4_layout_match_them_dequantized(tmp_path):
 
 
 @pytest.mark.parametrize("rows", [1, 16, 80])
-def test_q8_0_halves_through_int4_linear(rows):
-    """The halves packed in the layout through models/int4.int4_linear (on a GPU the Pallas GEMM
-    up to HALVES_GEMM_MAX_ROWS rows, its bf16 pairs; else the halves summed into one weight by
-    XLA) against the Q8_0 weight dequantized, in float64."""
-    from jaxvllm.models.int4 import int4_linear, pack
+def test_q8_0_through_int8_linear(rows):
+    """A Q8_0 weight in the int8 layout through models/int8.int8_linear (on a GPU the Pallas GEMM
+    up to its MAX_ROWS, else dequantized by XLA) against the weight dequantized, in float64."""
+    from jaxvllm.models.int8 import int8_linear
     rng = np.random.default_rng(rows)
     t = _tensor(T.Q8_0, 256, 512, rng)
-    w = int4_weight(t)
+    w = int8_weight(t)
     x = jnp.asarray(rng.standard_normal((rows, 512)), jnp.bfloat16)
-    y = int4_linear(x, pack(w.q, 32), jnp.asarray(w.scale.T), jnp.asarray(w.offset.T))
+    y = int8_linear(x, jnp.asarray(w.q), jnp.asarray(w.scale.T))
     ref = np.asarray(x, np.float64) @ dequantize(t.data, T.Q8_0).reshape(256, 512).T.astype(np.float64)
     err = np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max()
     assert y.shape == (rows, 256) and y.dtype == jnp.bfloat16 and err < 0.01, err

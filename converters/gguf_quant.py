@@ -1,0 +1,108 @@
+"""GGUF's 4- and 8-bit block formats kept small (`quantization="gguf"`): the Q4_0, Q4_1 and Q4_K
+tensors of the attention and dense MLP projections split into 4-bit values with a scale and an
+offset per 32 inputs (Q4_0's zero point of 8, the others' min), which the loader packs into the
+int4 layout (models/int4.py), and the Q8_0 ones kept as their signed bytes with a scale per 32
+inputs (the int8 layout, models/int8.py), instead of dequantizing them. Other types load
+dequantized, as without it.
+
+Blocks run along each row (an output channel's inputs), the scales in float16:
+- Q4_0, 32 values in 18 bytes: d, then 16 bytes whose low 4 bits hold values 0..15 and high 4
+  bits values 16..31; w = d * (q - 8), so scale d and zero point 8.
+- Q4_1, 32 values in 20 bytes: d, m, the same 16 bytes; w = d * q + m.
+- Q4_K, 256 values in 144 bytes: d, dmin, 12 bytes of eight 6-bit scales and mins (one pair per 32
+  values, unpacked by gguf's own `Q4_K.get_scale_min`), then 128 bytes: each run of 32 bytes holds
+  one group of 32 in its low 4 bits and the next group in its high 4 bits; w = d * sc * q - dmin * m.
+- Q8_0, 32 values in 34 bytes: d, then 32 signed bytes q; w = d * q.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+import numpy as np
+
+from converters.int4 import Int4Weight
+
+GROUP = 32  # inputs per scale in every format here (Q4_K's sub-blocks)
+
+
+def kept_types() -> tuple:
+    """The GGUF types `quantization="gguf"` keeps quantized."""
+    return int4_types() + int8_types()
+
+
+def int4_types() -> tuple:
+    """The GGUF types kept in the int4 layout."""
+    import gguf
+    T = gguf.GGMLQuantizationType
+    return (T.Q4_0, T.Q4_1, T.Q4_K)
+
+
+def int8_types() -> tuple:
+    """The GGUF types kept in the int8 layout."""
+    import gguf
+    return (gguf.GGMLQuantizationType.Q8_0,)
+
+
+def _blocks(t: Any, types: tuple, layout: str) -> np.ndarray:
+    """A GGUF tensor's raw blocks, uint8 [out, blocks, bytes a block], if its type is one of
+    `types` (those the `layout` holds)."""
+    import gguf
+    if t.tensor_type not in types:
+        raise ValueError(f"{t.name}: {t.tensor_type.name} is not a GGUF type kept in the {layout} "
+                         f"layout ({', '.join(k.name for k in types)})")
+    out, inp = (int(s) for s in reversed(list(t.shape)))
+    block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    return np.asarray(t.data).view(np.uint8).reshape(out, inp // block, size)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """[..., 2] bytes of float16 -> float32 [...]."""
+    return b.copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+@dataclasses.dataclass
+class Int8Weight:
+    """One linear's weight in the int8 layout: q int8 [out, in], float32 scale [out, groups]
+    (w = q * scale)."""
+    q: np.ndarray
+    scale: np.ndarray
+
+
+def kept_weight(t: Any) -> Union[Int4Weight, Int8Weight]:
+    """A GGUF tensor of one of kept_types() ([out, in] in numpy order) in the layout that holds
+    its type."""
+    return int8_weight(t) if t.tensor_type in int8_types() else int4_weight(t)
+
+
+def int8_weight(t: Any) -> Int8Weight:
+    """A Q8_0 GGUF tensor ([out, in] in numpy order) as its signed bytes and scales."""
+    blocks = _blocks(t, int8_types(), "int8")
+    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
+    return Int8Weight(q=q.reshape(blocks.shape[0], -1), scale=_f16(blocks[..., 0:2]))
+
+
+def int4_weight(t: Any) -> Int4Weight:
+    """A GGUF tensor of one of int4_types() ([out, in] in numpy order) as an Int4Weight."""
+    import gguf
+    T = gguf.GGMLQuantizationType
+    blocks = _blocks(t, int4_types(), "int4")
+    out = blocks.shape[0]
+    if t.tensor_type in (T.Q4_0, T.Q4_1):
+        d = _f16(blocks[..., 0:2])
+        offset = (np.full(d.shape, 8, np.uint8) if t.tensor_type == T.Q4_0  # a zero point of 8
+                  else _f16(blocks[..., 2:4]))
+        qs = blocks[..., -16:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1)              # [out, blocks, 32]
+        scale = d
+    else:  # Q4_K
+        d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+        sc, m = gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
+        sc, m = (a.reshape(out, -1, 8).astype(np.float32) for a in (sc, m))
+        scale = (d[..., None] * sc).reshape(out, -1)
+        offset = -(dmin[..., None] * m).reshape(out, -1)
+        qs = blocks[..., 16:].reshape(out, -1, 4, 1, 32)
+        q = np.concatenate([qs & 15, qs >> 4], axis=-2)              # [out, blocks, 4, 2, 32]
+    return Int4Weight(q=np.ascontiguousarray(q.reshape(out, -1)),
+                      scale=np.ascontiguousarray(scale.reshape(out, -1)),
+                      offset=np.ascontiguousarray(offset.reshape(out, -1)), perm=None)

@@ -1,0 +1,133 @@
+"""int8 weight GEMM with a scale per output channel and group of inputs (W8A16: a GGUF's Q8_0
+projections, `quantization="gguf"`) for decode-sized batches (up to MAX_ROWS rows; Pallas
+Triton): the weight is read at a byte a value and dequantized in registers, group by group.
+
+XLA writes the dequantized bf16 weight to memory before its GEMM whatever the batch (its GEMM does
+not take group scales into its tiles: 400-490 us for an 8B layer's linears on an H200 at 1 to 256
+rows, bench/RESULTS.md, "GGUF Q8_0 on the GPU"), three times the bytes the weight holds. Here a
+program owns `block_m` rows, `block_n` output columns and one of `splits` equal slices of the
+input dimension, as in the int4 GEMM (int4_gemm.py): it loads a [block_n, group] tile of signed
+bytes, multiplies each column by its group's scale in float32, rounds the product to x's dtype (the
+weight a load in that dtype would hold) and feeds it to the tensor cores against the group's input
+columns; `groups_per_step` groups a loop step. Each slice writes its float32 partial sums; XLA adds
+them and casts to x's dtype, fused into the consumer. Rows past M are masked, neither padded in
+memory nor written.
+
+Layout (models/int8.py): w int8 [N, K]; scale float32 [G, N], group-major, so a program reads a
+contiguous row of it per group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.triton_rows import split_k_call
+
+MIN_BLOCK_M = 16  # the tensor cores' smallest M: a tile of fewer rows masks the rest
+MAX_ROWS = 64     # larger batches dequantize once, then multiply (models/int8.py)
+MIN_BLOCK_N = 32
+MAX_GROUP = 256   # a group is one dot's reduction: [block_n, group] bytes in registers
+# Input slices as the int4 GEMM's (int4_gemm.py, measured there): at least MIN_SLICE inputs each,
+# at most MAX_SPLITS, and float32 partial sums of at most an eighth of the weight's N * K bytes,
+# so splits * M <= K / PARTIAL_SHARE.
+MIN_SLICE = 512
+MAX_SPLITS = 16
+PARTIAL_SHARE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    block_m: int = 32              # at most: fewer rows take the next power of two (>= 16)
+    block_n: int = 64
+    groups_per_step: int = 2       # at most: the largest that divides a slice's groups
+    splits: Optional[int] = None   # None: _splits()
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_tiles(m: int) -> Tiles:
+    """The engine's tiling for m rows: two warps a program up to 8 rows, four from 16 (the int4
+    GEMM's measured choice, int4_gemm.default_tiles; this kernel's own sweep is
+    `bench/quant_gemm.py --sweep`)."""
+    return Tiles(num_warps=2) if m <= 8 else Tiles()
+
+
+def fits(n: int, k: int, group: int) -> bool:
+    """Whether the kernel's tiles divide these sizes: N by the smallest column tile, K by the
+    group, and the group a power of two from the tensor cores' 16 inputs to MAX_GROUP."""
+    return (n % MIN_BLOCK_N == 0 and group > 0 and k % group == 0
+            and 16 <= group <= MAX_GROUP and group & (group - 1) == 0)
+
+
+def _splits(m: int, k: int, groups: int) -> int:
+    """The most input slices, up to MAX_SPLITS, each a whole number of groups and at least
+    MIN_SLICE inputs, whose partial sums stay within PARTIAL_SHARE."""
+    return max(s for s in range(1, min(groups, MAX_SPLITS) + 1)
+               if groups % s == 0 and (k // s >= MIN_SLICE and s * m <= k // PARTIAL_SHARE
+                                       or s == 1))
+
+
+def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *,
+                tiles: Optional[Tiles] = None, interpret: bool = False) -> jax.Array:
+    """x [M, K] (M <= MAX_ROWS) times the int8 weight w [N, K] with float32 scale [G, N] (w's
+    value (n, k) is w[n, k] * scale[k // (K / G), n]) -> [M, N] in x's dtype, float32
+    accumulation. `tiles`: default_tiles(M) unless given."""
+    m, k = x.shape
+    n = w.shape[0]
+    groups = scale.shape[0]
+    group = k // groups
+    if m > MAX_ROWS or w.shape[1] != k or scale.shape[1] != n or not fits(n, k, group):
+        raise ValueError(f"int8_matmul: {m} rows, w {tuple(w.shape)}, scale {tuple(scale.shape)} "
+                         f"do not fit the kernel (rows <= {MAX_ROWS}, N % {MIN_BLOCK_N}, w [N, K], "
+                         f"scale [K / group, N], a group a power of two in 16..{MAX_GROUP})")
+    tiles = tiles or default_tiles(m)
+    bm = min(tiles.block_m, max(MIN_BLOCK_M, 1 << (m - 1).bit_length()))
+    bn = next(d for d in (tiles.block_n, MIN_BLOCK_N) if n % d == 0)
+    splits = tiles.splits or _splits(m, k, groups)
+    if groups % splits:
+        raise ValueError(f"int8_matmul: {splits} splits do not divide {groups} groups")
+    per_slice = groups // splits
+    per_step = max(d for d in range(1, tiles.groups_per_step + 1) if per_slice % d == 0)
+    kernel = functools.partial(_kernel, group=group, block_m=bm, block_n=bn, per_step=per_step,
+                               steps=per_slice // per_step)
+    partials = split_k_call(
+        kernel, (x, w, scale),
+        [pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
+         pl.BlockSpec((bn, k), lambda r, i, j: (i, 0)),
+         pl.BlockSpec((groups, bn), lambda r, i, j: (0, i))],
+        # Row tiles vary fastest: the programs that read one weight tile run together and the
+        # later ones find it in the L2.
+        grid=(-(-m // bm), n // bn, splits), m=m, n=n, splits=splits, tiles=tiles,
+        interpret=interpret, name="int8_matmul")
+    return partials.sum(0).astype(x.dtype)
+
+
+def _kernel(x_ref, w_ref, s_ref, o_ref, *, group, block_m, block_n, per_step, steps):
+    dtype = x_ref.dtype
+    first = pl.program_id(2) * steps * per_step  # the slice's first group
+    r0 = pl.program_id(0) * block_m
+    rows = pl.ds(r0, block_m)
+
+    def live(cols: int) -> jax.Array:  # [block_m, cols]: which rows are < M
+        return r0 + lax.broadcasted_iota(jnp.int32, (block_m, cols), 0) < x_ref.shape[0]
+
+    def k_step(i, acc):
+        for u in range(per_step):
+            g = first + i * per_step + u
+            k0 = pl.multiple_of(g * group, group)
+            q = w_ref[:, pl.ds(k0, group)].astype(jnp.float32)             # [BN, group]
+            wt = (q * s_ref[g, :].astype(jnp.float32)[:, None]).astype(dtype)
+            xt = plgpu.load(x_ref.at[rows, pl.ds(k0, group)], mask=live(group), other=0)
+            acc += plgpu.dot(xt, wt, trans_b=True)
+        return acc
+
+    acc = lax.fori_loop(0, steps, k_step, jnp.zeros((block_m, block_n), jnp.float32))
+    plgpu.store(o_ref.at[pl.program_id(2), rows, pl.ds(pl.program_id(1) * block_n, block_n)],
+                acc, mask=live(block_n))

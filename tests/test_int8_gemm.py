@@ -1,0 +1,123 @@
+"""int8 weights with group scales (models/int8.py, pallas_kernels/int8_gemm.py): the Pallas GEMM in
+interpret mode against its jnp reference and float64 per tiling, what it refuses, the fusion of
+int8 projections beside int4 ones, and (GPU) the compiled kernel at the 8B shapes."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvllm.models.int4 import fuse_projections, quantize_int4
+from jaxvllm.models.int8 import int8_linear
+from pallas_kernels import int8_gemm, int8_matmul, int8_matmul_reference
+from pallas_kernels.int8_gemm import Tiles
+
+
+def _random_int8(rng, n: int, k: int, group: int):
+    """Random signed bytes [n, k], float32 scales [k / group, n] (Q8_0's range of values) and the
+    weight they hold, float64 [n, k]."""
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    scale = rng.uniform(2e-4, 2e-3, (k // group, n)).astype(np.float32)
+    return q, scale, q.astype(np.float64) * np.repeat(scale.T.astype(np.float64), group, axis=1)
+
+
+@pytest.mark.parametrize("rows, group, tiles", [
+    (1, 32, None),                                          # the engine's tiling (default_tiles)
+    (5, 32, Tiles(block_n=32, splits=4)),                   # four slices' partial sums
+    (16, 64, Tiles(block_n=128, splits=1, groups_per_step=4)),  # one slice, four groups a step
+    (50, 32, Tiles(block_m=16, splits=2, groups_per_step=3))])  # four row tiles; 3 -> 2 a step
+def test_int8_gemm_kernel_against_reference(rows, group, tiles):
+    """The Pallas GEMM (interpret mode) and its jnp reference against float64: bf16 x, each weight
+    rounded once to bf16 after its scale."""
+    rng = np.random.default_rng(rows)
+    n, k = 256, 512
+    q, scale, w = _random_int8(rng, n, k, group)
+    args = (jnp.asarray(q), jnp.asarray(scale))
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    got = int8_matmul(x, *args, tiles=tiles, interpret=True)
+    want = int8_matmul_reference(x, *args)
+    assert got.shape == want.shape == (rows, n) and got.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float64) @ w.T
+    for y in (got, want):
+        assert np.abs(np.asarray(y, np.float64) - exact).max() < 0.01 * np.abs(exact).max()
+
+
+def test_int8_gemm_float32_is_exact_to_float32_rounding():
+    """With float32 x the dequantized weight is q * scale in float32 (exact but for that product's
+    rounding): the kernel within float32 accumulation error of float64."""
+    rng = np.random.default_rng(7)
+    q, scale, w = _random_int8(rng, 64, 256, 32)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    got = int8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), interpret=True)
+    np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_keeps_leading_dims():
+    rng = np.random.default_rng(1)
+    q, scale, w = _random_int8(rng, 64, 128, 32)
+    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
+    y = int8_linear(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale))
+    assert y.shape == (2, 3, 64) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_gemm_splits_shrink_as_rows_grow():
+    """Slices of >= 512 inputs, at most 16, and partial sums of at most an eighth of the weight's
+    bytes: 8 slices of 4096 inputs (128 groups of 32) up to 16 rows, 4 at 32, 2 at 64; 16 of
+    14336 for one row; one slice where K holds a single slice."""
+    assert [int8_gemm._splits(m, 4096, 128) for m in (1, 16, 32, 64)] == [8, 8, 4, 2]
+    assert int8_gemm._splits(1, 14336, 448) == 16 and int8_gemm._splits(1, 576, 18) == 1
+
+
+def test_int8_gemm_kernel_refuses_what_it_cannot_tile():
+    assert int8_gemm.fits(256, 512, 32) and int8_gemm.fits(256, 512, 256)
+    assert not int8_gemm.fits(200, 512, 32)    # N not a multiple of the column tile
+    assert not int8_gemm.fits(256, 512, 8)     # a group below the tensor cores' 16 inputs
+    assert not int8_gemm.fits(256, 480, 48)    # not a power of two
+    assert not int8_gemm.fits(256, 1024, 512)  # past MAX_GROUP
+    q, scale, _ = _random_int8(np.random.default_rng(0), 256, 512, 32)
+    args = (jnp.asarray(q), jnp.asarray(scale))
+    with pytest.raises(ValueError, match="rows"):
+        int8_matmul(jnp.ones((65, 512), jnp.bfloat16), *args, interpret=True)
+    with pytest.raises(ValueError, match="scale"):
+        int8_matmul(jnp.ones((1, 512), jnp.bfloat16), args[0], args[1].T, interpret=True)
+    with pytest.raises(ValueError, match="3 splits"):
+        int8_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, tiles=Tiles(splits=3), interpret=True)
+
+
+def test_fuse_projections_joins_int8_and_keeps_layouts_apart():
+    """int8 q/k/v fuse into one weight with their scales side by side (no offsets); gate/up whose
+    layouts differ (gate int4, up int8) stay apart."""
+    rng = np.random.default_rng(2)
+    lp = {}
+    for name, n in (("q", 64), ("k", 32), ("v", 32), ("up", 96)):
+        q, scale, _ = _random_int8(rng, n, 64, 32)
+        lp[name], lp[name + "_scale"] = jnp.asarray(q), jnp.asarray(scale)
+    lp["gate"], lp["gate_scale"], lp["gate_zero"] = quantize_int4(
+        jnp.asarray(rng.standard_normal((64, 96)), jnp.float32), 32)
+    fused = fuse_projections({"layers": [dict(lp)]})["layers"][0]
+    assert fused["q+k+v"].dtype == jnp.int8 and fused["q+k+v"].shape == (128, 64)
+    np.testing.assert_array_equal(fused["q+k+v_scale"],
+                                  np.concatenate([lp[n + "_scale"] for n in "qkv"], axis=1))
+    assert not any(k.startswith(("q_", "k_", "v_")) or k in "qkv" for k in fused)
+    assert "gate+up" not in fused and {"gate", "gate_zero", "up", "up_scale"} <= set(fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, n, k", [(1, 6144, 4096), (16, 4096, 14336), (64, 28672, 4096)])
+def test_gpu_int8_gemm_against_reference(rows, n, k):
+    """Compiled for the GPU at the 8B shapes (q/k/v, down, gate/up), Q8_0's group of 32, bf16 x:
+    the Pallas GEMM against float64, and weights read back through unit rows within their rounding
+    to bf16 (a wrong group's scale or a shifted column is off by far more)."""
+    import jax
+    rng = np.random.default_rng(n + rows)
+    q, scale, w = _random_int8(rng, n, k, 32)
+    args = (jnp.asarray(q), jnp.asarray(scale))
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    mm = jax.jit(int8_matmul)
+    got = np.asarray(mm(x, *args), np.float64)
+    exact = np.asarray(x, np.float64) @ w.T
+    assert np.abs(got - exact).max() < 0.01 * np.abs(exact).max()
+    cols = np.sort(rng.choice(k, 64, replace=False))
+    w_got = np.asarray(mm(jnp.eye(k, dtype=jnp.bfloat16)[cols], *args), np.float64).T
+    assert (np.abs(w_got - w[:, cols]) <= 2.0**-7 * np.abs(w[:, cols]) + 1e-9).all()
