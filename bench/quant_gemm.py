@@ -56,8 +56,9 @@ def sweep(args: argparse.Namespace, shapes: dict, q8: dict) -> int:
 
     from pallas_kernels import int8_gemm, int8_matmul
     on_gpu = jax.default_backend() == "gpu"
-    grid = [int8_gemm.Tiles(block_n=bn, groups_per_step=g, num_warps=w, num_stages=st)
-            for bn, g, w, st in itertools.product((32, 64, 128), (1, 2, 4), (2, 4), (3, 4))]
+    grid = [int8_gemm.Tiles(block_n=bn, groups_per_step=g, num_warps=w, dequant=d)
+            for bn, g, w, d in itertools.product((32, 64, 128), (1, 2, 4), (2, 4),
+                                                 ("bits", "convert"))]
     result, rows = {}, []
     for t in [t for t in args.tokens if t <= int8_gemm.MAX_ROWS]:
         xs = {k: jax.random.normal(jax.random.key(t), (t, s[0]), jnp.bfloat16)
@@ -74,11 +75,11 @@ def sweep(args: argparse.Namespace, shapes: dict, q8: dict) -> int:
         result[t] = {"default_us": default,
                      "best": [{**dataclasses.asdict(k), "us": v} for k, v in best]}
         rows += [[t, f"{v:.1f}", f"{default:.1f}", k.block_n, k.groups_per_step, k.num_warps,
-                  k.num_stages] for k, v in best]
+                  k.num_stages, k.dequant] for k, v in best]
     common.emit(result, args, "int8 GEMM tilings, a layer's seven Q8_0 linears, us per layer "
                 f"({jax.devices()[0].device_kind})\n" + common.table(
                     rows, ["tokens", "us", "default us", "block_n", "groups/step", "warps",
-                           "stages"]))
+                           "stages", "dequant"]))
     return 0
 
 

@@ -7,9 +7,10 @@ not take group scales into its tiles: 400-490 us for an 8B layer's linears on an
 rows, bench/RESULTS.md, "GGUF Q8_0 on the GPU"), three times the bytes the weight holds. Here a
 program owns `block_m` rows, `block_n` output columns and one of `splits` equal slices of the
 input dimension, as in the int4 GEMM (int4_gemm.py): it loads a [block_n, group] tile of signed
-bytes, multiplies each column by its group's scale in float32, rounds the product to x's dtype (the
-weight a load in that dtype would hold) and feeds it to the tensor cores against the group's input
-columns; `groups_per_step` groups a loop step. Each slice writes its float32 partial sums; XLA adds
+bytes, turns them into float32 (by their bits, not the GPU's slower type conversion: _to_float),
+multiplies each column by its group's scale, rounds the product to x's dtype (the weight a load in
+that dtype would hold) and feeds it to the tensor cores against the group's input columns;
+`groups_per_step` groups a loop step. Each slice writes its float32 partial sums; XLA adds
 them and casts to x's dtype, fused into the consumer. Rows past M are masked, neither padded in
 memory nor written.
 
@@ -50,6 +51,7 @@ class Tiles:
     splits: Optional[int] = None   # None: _splits()
     num_warps: int = 4
     num_stages: int = 3
+    dequant: str = "bits"          # how a byte becomes a float: _to_float
 
 
 def default_tiles(m: int) -> Tiles:
@@ -95,8 +97,10 @@ def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *,
         raise ValueError(f"int8_matmul: {splits} splits do not divide {groups} groups")
     per_slice = groups // splits
     per_step = max(d for d in range(1, tiles.groups_per_step + 1) if per_slice % d == 0)
+    if tiles.dequant not in ("bits", "convert"):
+        raise ValueError(f"int8_matmul: dequant {tiles.dequant!r} is not 'bits' or 'convert'")
     kernel = functools.partial(_kernel, group=group, block_m=bm, block_n=bn, per_step=per_step,
-                               steps=per_slice // per_step)
+                               steps=per_slice // per_step, dequant=tiles.dequant)
     partials = split_k_call(
         kernel, (x, w, scale),
         [pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
@@ -109,7 +113,25 @@ def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *,
     return partials.sum(0).astype(x.dtype)
 
 
-def _kernel(x_ref, w_ref, s_ref, o_ref, *, group, block_m, block_n, per_step, steps):
+# A byte b set into the low bits of the float32 2**23 (0x4B000000), whose unit is 1, reads
+# 2**23 + b exactly; flipping b's sign bit first (XOR 0x80) makes it q + 128, so subtracting
+# 2**23 + 128 leaves q, exact.
+_MAGIC_BITS = 0x4B000080
+_MAGIC = float(2**23 + 128)
+
+
+def _to_float(q: jax.Array, how: str) -> jax.Array:
+    """int8 -> float32, exact. "convert": a type conversion, which Hopper issues at an eighth
+    of its float32 rate (16 a cycle per SM against 128, CUDA's throughput table); "bits": integer
+    and float32 arithmetic, full-rate instructions (_MAGIC_BITS). Which is faster in this kernel
+    is the sweep's to say (bench/quant_gemm.py --sweep)."""
+    if how == "convert":
+        return q.astype(jnp.float32)
+    bits = (q.astype(jnp.int32) & 0xFF) ^ _MAGIC_BITS
+    return lax.bitcast_convert_type(bits, jnp.float32) - _MAGIC
+
+
+def _kernel(x_ref, w_ref, s_ref, o_ref, *, group, block_m, block_n, per_step, steps, dequant):
     dtype = x_ref.dtype
     first = pl.program_id(2) * steps * per_step  # the slice's first group
     r0 = pl.program_id(0) * block_m
@@ -122,7 +144,7 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, group, block_m, block_n, per_step, st
         for u in range(per_step):
             g = first + i * per_step + u
             k0 = pl.multiple_of(g * group, group)
-            q = w_ref[:, pl.ds(k0, group)].astype(jnp.float32)             # [BN, group]
+            q = _to_float(w_ref[:, pl.ds(k0, group)], dequant)             # [BN, group]
             wt = (q * s_ref[g, :].astype(jnp.float32)[:, None]).astype(dtype)
             xt = plgpu.load(x_ref.at[rows, pl.ds(k0, group)], mask=live(group), other=0)
             acc += plgpu.dot(xt, wt, trans_b=True)

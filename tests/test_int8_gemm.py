@@ -3,6 +3,8 @@ interpret mode against its jnp reference and float64 per tiling, what it refuses
 int8 projections beside int4 ones, and (GPU) the compiled kernel at the 8B shapes."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ def _random_int8(rng, n: int, k: int, group: int):
     (1, 32, None),                                          # the engine's tiling (default_tiles)
     (5, 32, Tiles(block_n=32, splits=4)),                   # four slices' partial sums
     (16, 64, Tiles(block_n=128, splits=1, groups_per_step=4)),  # one slice, four groups a step
-    (50, 32, Tiles(block_m=16, splits=2, groups_per_step=3))])  # four row tiles; 3 -> 2 a step
+    (50, 32, Tiles(block_m=16, splits=2, groups_per_step=3)),   # four row tiles; 3 -> 2 a step
+    (3, 32, Tiles(dequant="convert"))])                     # bytes by type conversion
 def test_int8_gemm_kernel_against_reference(rows, group, tiles):
     """The Pallas GEMM (interpret mode) and its jnp reference against float64: bf16 x, each weight
     rounded once to bf16 after its scale."""
@@ -50,6 +53,14 @@ def test_int8_gemm_float32_is_exact_to_float32_rounding():
     x = rng.standard_normal((3, 256)).astype(np.float32)
     got = int8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), interpret=True)
     np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_bytes_to_floats_by_their_bits_are_exact():
+    """Every int8 value through the kernel's two dequantizations: the float it holds."""
+    from pallas_kernels.int8_gemm import _to_float
+    q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8)
+    for how in ("bits", "convert"):
+        np.testing.assert_array_equal(np.asarray(_to_float(q, how)), np.arange(-128, 128))
 
 
 def test_int8_linear_keeps_leading_dims():
@@ -83,6 +94,9 @@ def test_int8_gemm_kernel_refuses_what_it_cannot_tile():
         int8_matmul(jnp.ones((1, 512), jnp.bfloat16), args[0], args[1].T, interpret=True)
     with pytest.raises(ValueError, match="3 splits"):
         int8_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, tiles=Tiles(splits=3), interpret=True)
+    with pytest.raises(ValueError, match="dequant 'f16'"):
+        int8_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, tiles=Tiles(dequant="f16"),
+                    interpret=True)
 
 
 def test_fuse_projections_joins_int8_and_keeps_layouts_apart():
@@ -104,17 +118,20 @@ def test_fuse_projections_joins_int8_and_keeps_layouts_apart():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dequant", ["bits", "convert"])
 @pytest.mark.parametrize("rows, n, k", [(1, 6144, 4096), (16, 4096, 14336), (64, 28672, 4096)])
-def test_gpu_int8_gemm_against_reference(rows, n, k):
-    """Compiled for the GPU at the 8B shapes (q/k/v, down, gate/up), Q8_0's group of 32, bf16 x:
-    the Pallas GEMM against float64, and weights read back through unit rows within their rounding
-    to bf16 (a wrong group's scale or a shifted column is off by far more)."""
+def test_gpu_int8_gemm_against_reference(rows, n, k, dequant):
+    """Compiled for the GPU at the 8B shapes (q/k/v, down, gate/up), Q8_0's group of 32, bf16 x,
+    each dequantization: the Pallas GEMM against float64, and weights read back through unit rows
+    within their rounding to bf16 (a wrong group's scale or a shifted column is off by far
+    more)."""
     import jax
     rng = np.random.default_rng(n + rows)
     q, scale, w = _random_int8(rng, n, k, 32)
     args = (jnp.asarray(q), jnp.asarray(scale))
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    mm = jax.jit(int8_matmul)
+    mm = jax.jit(lambda x, q, s: int8_matmul(x, q, s, tiles=dataclasses.replace(
+        int8_gemm.default_tiles(x.shape[0]), dequant=dequant)))
     got = np.asarray(mm(x, *args), np.float64)
     exact = np.asarray(x, np.float64) @ w.T
     assert np.abs(got - exact).max() < 0.01 * np.abs(exact).max()
