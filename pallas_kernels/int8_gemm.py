@@ -7,10 +7,9 @@ not take group scales into its tiles: 400-490 us for an 8B layer's linears on an
 rows, bench/RESULTS.md, "GGUF Q8_0 on the GPU"), three times the bytes the weight holds. Here a
 program owns `block_m` rows, `block_n` output columns and one of `splits` equal slices of the
 input dimension, as in the int4 GEMM (int4_gemm.py): it loads a [block_n, group] tile of signed
-bytes, turns them into float32 (by their bits, not the GPU's slower type conversion: _to_float),
-multiplies each column by its group's scale, rounds the product to x's dtype (the weight a load in
-that dtype would hold) and feeds it to the tensor cores against the group's input columns;
-`groups_per_step` groups a loop step. Each slice writes its float32 partial sums; XLA adds
+bytes, turns them into float32 (_to_float), multiplies each column by its group's scale, rounds
+the product to x's dtype (the weight a load in that dtype would hold) and feeds it to the tensor
+cores against the group's input columns; `groups_per_step` groups a loop step. Each slice writes its float32 partial sums; XLA adds
 them and casts to x's dtype, fused into the consumer. Rows past M are masked, neither padded in
 memory nor written.
 
@@ -51,7 +50,7 @@ class Tiles:
     splits: Optional[int] = None   # None: _splits()
     num_warps: int = 4
     num_stages: int = 3
-    dequant: str = "bits"          # how a byte becomes a float: _to_float
+    dequant: str = "convert"       # how a byte becomes a float: _to_float
 
 
 def default_tiles(m: int) -> Tiles:
@@ -123,8 +122,10 @@ _MAGIC = float(2**23 + 128)
 def _to_float(q: jax.Array, how: str) -> jax.Array:
     """int8 -> float32, exact. "convert": a type conversion, which Hopper issues at an eighth
     of its float32 rate (16 a cycle per SM against 128, CUDA's throughput table); "bits": integer
-    and float32 arithmetic, full-rate instructions (_MAGIC_BITS). Which is faster in this kernel
-    is the sweep's to say (bench/quant_gemm.py --sweep)."""
+    and float32 arithmetic, full-rate instructions (_MAGIC_BITS). The default is the conversion:
+    in the int4 GEMM's one-row form the bits were the slower of the two (bench/RESULTS.md, "int4
+    at one row: three dequantization forms"); which is faster here is the sweep's to say
+    (bench/quant_gemm.py --sweep)."""
     if how == "convert":
         return q.astype(jnp.float32)
     bits = (q.astype(jnp.int32) & 0xFF) ^ _MAGIC_BITS

@@ -28,7 +28,7 @@ def _random_int8(rng, n: int, k: int, group: int):
     (5, 32, Tiles(block_n=32, splits=4)),                   # four slices' partial sums
     (16, 64, Tiles(block_n=128, splits=1, groups_per_step=4)),  # one slice, four groups a step
     (50, 32, Tiles(block_m=16, splits=2, groups_per_step=3)),   # four row tiles; 3 -> 2 a step
-    (3, 32, Tiles(dequant="convert"))])                     # bytes by type conversion
+    (3, 32, Tiles(dequant="bits"))])                        # bytes to floats by their bits
 def test_int8_gemm_kernel_against_reference(rows, group, tiles):
     """The Pallas GEMM (interpret mode) and its jnp reference against float64: bf16 x, each weight
     rounded once to bf16 after its scale."""
