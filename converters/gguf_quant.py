@@ -23,9 +23,6 @@ import numpy as np
 
 from converters.int4 import Int4Weight
 
-GROUP = 32  # inputs per scale in every format here (Q4_K's sub-blocks)
-
-
 def kept_types() -> tuple:
     """The GGUF types `quantization="gguf"` keeps quantized."""
     return int4_types() + int8_types()
