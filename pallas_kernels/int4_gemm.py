@@ -38,19 +38,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.triton_rows import split_k_call
+from pallas_kernels.triton_rows import MIN_BLOCK_N, grouped_tiles, split_k_call
 
-MIN_BLOCK_M = 16  # the tensor cores' smallest M: a tile of fewer rows masks the rest
 # Larger batches take the dequantize-then-GEMM path (models/int4.py): each row tile dequantizes
 # the whole weight again, and from 128 rows that cost more than XLA's dequantization written once
 # (H200, 8B shapes; bench/RESULTS.md, "int4").
 MAX_ROWS = 64
-MIN_BLOCK_N = 32
 MAX_STEP = 64    # packed bytes per reduction step (2 x 64 inputs)
-# Input slices: measured on an H200 at the 8B shapes (bench/RESULTS.md, "int4"), the fastest
-# tilings gave each program 512-900 inputs (8 slices of 4096, 16 of 14336), more programs than SMs.
-MIN_SLICE = 512
-MAX_SPLITS = 16
 # Partial sums cost splits * M * N * 4 bytes written and read again: at most an eighth of the
 # weight's N * K / 2 bytes, so splits * M <= K / 64 (fewer splits as the rows grow).
 PARTIAL_SHARE = 64
@@ -75,7 +69,7 @@ def _zero_point_asm(high: bool) -> str:
 class Tiles:
     block_m: int = 32              # at most: fewer rows take the next power of two (>= 16)
     block_n: int = 64
-    splits: Optional[int] = None   # None: _splits()
+    splits: Optional[int] = None   # None: triton_rows.input_splits()
     num_warps: int = 4
     num_stages: int = 3
 
@@ -101,14 +95,6 @@ def _step(group: int) -> int:
     return step if half % step == 0 and step & (step - 1) == 0 else 0
 
 
-def _splits(m: int, k: int, groups: int) -> int:
-    """The most input slices, up to MAX_SPLITS, each a whole number of groups and at least
-    MIN_SLICE inputs, whose partial sums stay within PARTIAL_SHARE."""
-    return max(s for s in range(1, min(groups, MAX_SPLITS) + 1)
-               if groups % s == 0 and (k // s >= MIN_SLICE and s * m <= k // PARTIAL_SHARE
-                                       or s == 1))
-
-
 def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array, *,
                 tiles: Optional[Tiles] = None, interpret: bool = False) -> jax.Array:
     """x [M, K] (M <= MAX_ROWS) times the packed int4 weight (w uint8 [N, K/2], scale [G, N],
@@ -123,11 +109,7 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array,
                          f"kernel (rows <= {MAX_ROWS}, N % {MIN_BLOCK_N}, a half group of >= 16 "
                          f"inputs)")
     tiles = tiles or default_tiles(m)
-    bm = min(tiles.block_m, max(MIN_BLOCK_M, 1 << (m - 1).bit_length()))
-    bn = next(d for d in (tiles.block_n, MIN_BLOCK_N) if n % d == 0)
-    splits = tiles.splits or _splits(m, k, groups)
-    if groups % splits:
-        raise ValueError(f"int4_matmul: {splits} splits do not divide {groups} groups")
+    bm, bn, splits = grouped_tiles(m, n, k, groups, tiles, PARTIAL_SHARE, "int4_matmul")
     step = _step(group)
     if offset.dtype == jnp.uint8:
         dequant = "pairs" if x.dtype == jnp.bfloat16 and not interpret else "zero"

@@ -28,17 +28,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.triton_rows import split_k_call
+from pallas_kernels.triton_rows import MIN_BLOCK_N, grouped_tiles, split_k_call
 
-MIN_BLOCK_M = 16  # the tensor cores' smallest M: a tile of fewer rows masks the rest
 MAX_ROWS = 64     # larger batches dequantize once, then multiply (models/int8.py)
-MIN_BLOCK_N = 32
 MAX_GROUP = 256   # a group is one dot's reduction: [block_n, group] bytes in registers
-# Input slices as the int4 GEMM's (int4_gemm.py, measured there): at least MIN_SLICE inputs each,
-# at most MAX_SPLITS, and float32 partial sums of at most an eighth of the weight's N * K bytes,
-# so splits * M <= K / PARTIAL_SHARE.
-MIN_SLICE = 512
-MAX_SPLITS = 16
+# Float32 partial sums of at most an eighth of the weight's N * K bytes: splits * M <= K / 32
+# (the int4 GEMM's budget, int4_gemm.PARTIAL_SHARE, for a weight of twice its bytes).
 PARTIAL_SHARE = 32
 
 
@@ -47,7 +42,7 @@ class Tiles:
     block_m: int = 32              # at most: fewer rows take the next power of two (>= 16)
     block_n: int = 64
     groups_per_step: int = 2       # at most: the largest that divides a slice's groups
-    splits: Optional[int] = None   # None: _splits()
+    splits: Optional[int] = None   # None: triton_rows.input_splits()
     num_warps: int = 4
     num_stages: int = 3
     dequant: str = "convert"       # how a byte becomes a float: _to_float
@@ -67,14 +62,6 @@ def fits(n: int, k: int, group: int) -> bool:
             and 16 <= group <= MAX_GROUP and group & (group - 1) == 0)
 
 
-def _splits(m: int, k: int, groups: int) -> int:
-    """The most input slices, up to MAX_SPLITS, each a whole number of groups and at least
-    MIN_SLICE inputs, whose partial sums stay within PARTIAL_SHARE."""
-    return max(s for s in range(1, min(groups, MAX_SPLITS) + 1)
-               if groups % s == 0 and (k // s >= MIN_SLICE and s * m <= k // PARTIAL_SHARE
-                                       or s == 1))
-
-
 def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *,
                 tiles: Optional[Tiles] = None, interpret: bool = False) -> jax.Array:
     """x [M, K] (M <= MAX_ROWS) times the int8 weight w [N, K] with float32 scale [G, N] (w's
@@ -89,11 +76,7 @@ def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *,
                          f"do not fit the kernel (rows <= {MAX_ROWS}, N % {MIN_BLOCK_N}, w [N, K], "
                          f"scale [K / group, N], a group a power of two in 16..{MAX_GROUP})")
     tiles = tiles or default_tiles(m)
-    bm = min(tiles.block_m, max(MIN_BLOCK_M, 1 << (m - 1).bit_length()))
-    bn = next(d for d in (tiles.block_n, MIN_BLOCK_N) if n % d == 0)
-    splits = tiles.splits or _splits(m, k, groups)
-    if groups % splits:
-        raise ValueError(f"int8_matmul: {splits} splits do not divide {groups} groups")
+    bm, bn, splits = grouped_tiles(m, n, k, groups, tiles, PARTIAL_SHARE, "int8_matmul")
     per_slice = groups // splits
     per_step = max(d for d in range(1, tiles.groups_per_step + 1) if per_slice % d == 0)
     if tiles.dequant not in ("bits", "convert"):

@@ -1,6 +1,6 @@
 """Helpers shared by the Pallas Triton kernels: whole-array BlockSpecs (the kernels index their
-refs themselves), masked row gathers and scatters that also work in interpret mode, and the launch
-of the GEMMs that split K into slices."""
+refs themselves), masked row gathers and scatters that also work in interpret mode, and the tiling
+and launch of the GEMMs that split K into slices."""
 from __future__ import annotations
 
 import jax
@@ -8,6 +8,15 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+# The grouped-weight GEMMs (int4_gemm.py, int8_gemm.py): row tiles of at least the tensor cores'
+# 16 (fewer rows are masked), column tiles of at least 32.
+MIN_BLOCK_M = 16
+MIN_BLOCK_N = 32
+# Input slices: measured on an H200 at the 8B shapes (bench/RESULTS.md, "int4"), the fastest
+# tilings gave each program 512-900 inputs (8 slices of 4096, 16 of 14336), more programs than SMs.
+MIN_SLICE = 512
+MAX_SPLITS = 16
 
 
 def load_rows(ref, rows, row_valid, interpret):
@@ -66,3 +75,25 @@ def split_k_call(kernel, args, in_specs, *, grid, m, n, splits, tiles, interpret
             num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret, name=name,
     )(*args)
+
+
+def input_splits(m: int, k: int, groups: int, partial_share: int) -> int:
+    """The most slices of K, up to MAX_SPLITS, each a whole number of groups and at least
+    MIN_SLICE inputs, whose float32 partial sums keep splits * m <= k / partial_share (one slice
+    where none does)."""
+    return max(s for s in range(1, min(groups, MAX_SPLITS) + 1)
+               if groups % s == 0 and (k // s >= MIN_SLICE and s * m <= k // partial_share
+                                       or s == 1))
+
+
+def grouped_tiles(m: int, n: int, k: int, groups: int, tiles, partial_share: int,
+                  name: str) -> tuple[int, int, int]:
+    """(block_m, block_n, splits) of a grouped-weight GEMM of m rows, N n, K k in `groups` groups:
+    at most tiles.block_m rows (fewer rows take the next power of two from MIN_BLOCK_M),
+    tiles.block_n columns where it divides n (else MIN_BLOCK_N), tiles.splits or input_splits()."""
+    bm = min(tiles.block_m, max(MIN_BLOCK_M, 1 << (m - 1).bit_length()))
+    bn = next(d for d in (tiles.block_n, MIN_BLOCK_N) if n % d == 0)
+    splits = tiles.splits or input_splits(m, k, groups, partial_share)
+    if groups % splits:
+        raise ValueError(f"{name}: {splits} splits do not divide {groups} groups")
+    return bm, bn, splits

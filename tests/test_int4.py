@@ -18,6 +18,7 @@ from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_mo
 from jaxvllm.models.int4 import fuse_projections, int4_linear, pack, quantize_int4
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 from pallas_kernels.int4_gemm import Tiles
+from pallas_kernels.triton_rows import input_splits
 
 GROUP = 16
 _AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AWQ's packer: nibble i of a word holds output 8k+order[i]
@@ -172,8 +173,9 @@ def test_gpu_int4_gemm_against_reference(rows, n, k, offset):
 def test_int4_gemm_splits_shrink_as_rows_grow():
     """Slices of >= 512 inputs, at most 16, and partial sums of at most an eighth of the weight's
     bytes: 8 slices of 4096 inputs for one row, 4 for 16 rows, 1 for 64; 16 of 14336 for one."""
-    assert [int4_gemm._splits(m, 4096, 32) for m in (1, 8, 16, 64)] == [8, 8, 4, 1]
-    assert int4_gemm._splits(1, 14336, 112) == 16 and int4_gemm._splits(1, 576, 18) == 1
+    share = int4_gemm.PARTIAL_SHARE
+    assert [input_splits(m, 4096, 32, share) for m in (1, 8, 16, 64)] == [8, 8, 4, 1]
+    assert input_splits(1, 14336, 112, share) == 16 and input_splits(1, 576, 18, share) == 1
 
 
 def test_int4_gemm_kernel_refuses_what_it_cannot_tile():

@@ -13,6 +13,7 @@ from jaxvllm.models.int4 import fuse_projections, quantize_int4
 from jaxvllm.models.int8 import int8_linear
 from pallas_kernels import int8_gemm, int8_matmul, int8_matmul_reference
 from pallas_kernels.int8_gemm import Tiles
+from pallas_kernels.triton_rows import input_splits
 
 
 def _random_int8(rng, n: int, k: int, group: int):
@@ -76,8 +77,9 @@ def test_int8_gemm_splits_shrink_as_rows_grow():
     """Slices of >= 512 inputs, at most 16, and partial sums of at most an eighth of the weight's
     bytes: 8 slices of 4096 inputs (128 groups of 32) up to 16 rows, 4 at 32, 2 at 64; 16 of
     14336 for one row; one slice where K holds a single slice."""
-    assert [int8_gemm._splits(m, 4096, 128) for m in (1, 16, 32, 64)] == [8, 8, 4, 2]
-    assert int8_gemm._splits(1, 14336, 448) == 16 and int8_gemm._splits(1, 576, 18) == 1
+    share = int8_gemm.PARTIAL_SHARE
+    assert [input_splits(m, 4096, 128, share) for m in (1, 16, 32, 64)] == [8, 8, 4, 2]
+    assert input_splits(1, 14336, 448, share) == 16 and input_splits(1, 576, 18, share) == 1
 
 
 def test_int8_gemm_kernel_refuses_what_it_cannot_tile():
