@@ -184,7 +184,8 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
                  "self_attn.k_proj.weight": cfg.num_kv_heads}.get(hf_name.split(".", 3)[-1])
         if arch in PERMUTED_ARCHS and heads:
             w = (dataclasses.replace(w, **{f: unpermute_qk(getattr(w, f), heads)
-                                           for f in ("q", "scale", "offset") if hasattr(w, f)})
+                                           for f in ("q", "scale", "offset")
+                                           if getattr(w, f, None) is not None})
                  if packed else unpermute_qk(w, heads))
         if isinstance(w, Int8Weight):
             builder.add_int8(hf_name, w, path)

@@ -1,9 +1,9 @@
-"""GGUF's 4- and 8-bit block formats kept small (`quantization="gguf"`): the Q4_0, Q4_1 and Q4_K
+"""GGUF's 4- to 8-bit block formats kept small (`quantization="gguf"`): the Q4_0, Q4_1 and Q4_K
 tensors of the attention and dense MLP projections split into 4-bit values with a scale and an
 offset per 32 inputs (Q4_0's zero point of 8, the others' min), which the loader packs into the
-int4 layout (models/int4.py), and the Q8_0 ones kept as their signed bytes with a scale per 32
-inputs (the int8 layout, models/int8.py), instead of dequantizing them. Other types load
-dequantized, as without it.
+int4 layout (models/int4.py), and the Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 ones as integer values a
+byte each with a scale (and a min where the format has one) per group of inputs (the int8 layout,
+models/int8.py), instead of dequantizing them. Other types load dequantized, as without it.
 
 Blocks run along each row (an output channel's inputs), the scales in float16:
 - Q4_0, 32 values in 18 bytes: d, then 16 bytes whose low 4 bits hold values 0..15 and high 4
@@ -12,12 +12,18 @@ Blocks run along each row (an output channel's inputs), the scales in float16:
 - Q4_K, 256 values in 144 bytes: d, dmin, 12 bytes of eight 6-bit scales and mins (one pair per 32
   values, unpacked by gguf's own `Q4_K.get_scale_min`), then 128 bytes: each run of 32 bytes holds
   one group of 32 in its low 4 bits and the next group in its high 4 bits; w = d * sc * q - dmin * m.
+- Q5_0 and Q5_1, 32 values: as Q4_0 and Q4_1 with a fifth bit a value; w = d * (q - 16), d * q + m.
+- Q5_K, 256 values: as Q4_K with a fifth bit a value; w = d * sc * q - dmin * m per 32.
+- Q6_K, 256 values: 6-bit q, a signed 8-bit sc per 16 values and one d; w = d * sc * (q - 32).
 - Q8_0, 32 values in 34 bytes: d, then 32 signed bytes q; w = d * q.
+The 5- and 6-bit values are read through gguf's own dequantization of the blocks with their
+scales set to 1 and their mins to 0 (exact: small integers in float32), so their bit layouts are
+gguf's, not restated here.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -38,7 +44,8 @@ def int4_types() -> tuple:
 def int8_types() -> tuple:
     """The GGUF types kept in the int8 layout."""
     import gguf
-    return (gguf.GGMLQuantizationType.Q8_0,)
+    T = gguf.GGMLQuantizationType
+    return (T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0)
 
 
 def _blocks(t: Any, types: tuple, layout: str) -> np.ndarray:
@@ -60,10 +67,11 @@ def _f16(b: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class Int8Weight:
-    """One linear's weight in the int8 layout: q int8 [out, in], float32 scale [out, groups]
-    (w = q * scale)."""
+    """One linear's weight in the int8 layout: q int8 [out, in], float32 scale [out, groups] and
+    either no offset (w = q * scale) or a float32 min [out, groups] (w = q * scale + min)."""
     q: np.ndarray
     scale: np.ndarray
+    offset: Optional[np.ndarray] = None
 
 
 def kept_weight(t: Any) -> Union[Int4Weight, Int8Weight]:
@@ -73,10 +81,50 @@ def kept_weight(t: Any) -> Union[Int4Weight, Int8Weight]:
 
 
 def int8_weight(t: Any) -> Int8Weight:
-    """A Q8_0 GGUF tensor ([out, in] in numpy order) as its signed bytes and scales."""
+    """A GGUF tensor of one of int8_types() ([out, in] in numpy order) as its integer values, a
+    byte each, with their scales (and mins)."""
+    import gguf
+    T = gguf.GGMLQuantizationType
     blocks = _blocks(t, int8_types(), "int8")
-    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
-    return Int8Weight(q=q.reshape(blocks.shape[0], -1), scale=_f16(blocks[..., 0:2]))
+    out = blocks.shape[0]
+    kind = t.tensor_type
+    if kind == T.Q8_0:
+        q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(out, -1)
+        return Int8Weight(q=q, scale=_f16(blocks[..., 0:2]))
+    one, zero = _f16_bytes(1.0), _f16_bytes(0.0)
+    unit = blocks.copy()
+    if kind == T.Q6_K:  # ql, qh, 16 int8 scales, d last
+        unit[..., -18:-2], unit[..., -2:] = 1, one
+        q = _dequantized(unit, kind, out)                                  # q - 32
+        sc = blocks[..., -18:-2].copy().view(np.int8).astype(np.float32)
+        return Int8Weight(q=q, scale=(_f16(blocks[..., -2:])[..., None] * sc).reshape(out, -1))
+    d = _f16(blocks[..., 0:2])
+    unit[..., 0:2] = one
+    if kind == T.Q5_0:
+        return Int8Weight(q=_dequantized(unit, kind, out), scale=d)    # q - 16
+    unit[..., 2:4] = zero
+    if kind == T.Q5_1:
+        return Int8Weight(q=_dequantized(unit, kind, out), scale=d, offset=_f16(blocks[..., 2:4]))
+    # Q5_K: with d 1 and dmin 0 the blocks read sc * q; sc and m are Q4_K's 6-bit pairs.
+    sc, m = gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
+    sc, m = (a.reshape(out, -1, 8).astype(np.float32) for a in (sc, m))  # [out, blocks, 8]
+    scaled = _dequantized(unit, kind, out, np.float32).reshape(*sc.shape, -1)
+    q = np.divide(scaled, sc[..., None], out=np.zeros_like(scaled), where=sc[..., None] > 0)
+    dmin = _f16(blocks[..., 2:4])
+    return Int8Weight(q=q.astype(np.int8).reshape(out, -1),
+                      scale=(d[..., None] * sc).reshape(out, -1),
+                      offset=-(dmin[..., None] * m).reshape(out, -1))
+
+
+def _f16_bytes(value: float) -> np.ndarray:
+    return np.frombuffer(np.float16(value).tobytes(), np.uint8)
+
+
+def _dequantized(blocks: np.ndarray, kind: Any, out: int, dtype: Any = np.int8) -> np.ndarray:
+    """gguf's dequantization of `blocks` [out, blocks, bytes], [out, in] in `dtype` (values that
+    are small integers, exact)."""
+    from gguf.quants import dequantize
+    return dequantize(blocks.reshape(out, -1), kind).reshape(out, -1).astype(dtype)
 
 
 def int4_weight(t: Any) -> Int4Weight:

@@ -327,7 +327,7 @@ class ParamsBuilder:
 
     def add_int8(self, name: str, w: Int8Weight, file: Optional[str] = None) -> None:
         """An 8-bit linear (converters/gguf_quant.Int8Weight; `name` its HF name) in the int8
-        layout (models/int8.py): the signed bytes as they are, the scales group-major."""
+        layout (models/int8.py): the values as they are, the scales (and mins) group-major."""
         name, path, _ = self._claim(name, file)
         if not self.takes_quantized(name):
             raise WeightLoadError(f"{file or self.source}: int8 tensor {self.display(name)!r}: only "
@@ -336,6 +336,8 @@ class ParamsBuilder:
         for layer, key, rows in self._output_rows(path):
             layer[key] = jnp.asarray(np.ascontiguousarray(w.q[rows]))
             layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype="float32")
+            if w.offset is not None:
+                layer[key + "_min"] = place(w.offset[rows].T, transpose=False, dtype="float32")
         self.done.add(name)
 
     def add_fp8(self, name: str, q: np.ndarray, scale: np.ndarray,

@@ -13,7 +13,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
 INT4_QUANTIZATIONS = ("awq", "gptq")  # 4-bit checkpoints (converters/int4.py)
 # Weights in the int4 layout (models/int4.py): those checkpoints, and a GGUF's 4-bit tensors kept
-# small, its Q8_0 ones in the int8 layout (converters/gguf_quant.py).
+# small, its 5- to 8-bit ones in the int8 layout (converters/gguf_quant.py).
 INTEGER_QUANTIZATIONS = (*INT4_QUANTIZATIONS, "gguf")
 QUANTIZATIONS = ("fp8", *INTEGER_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
@@ -68,7 +68,7 @@ class EngineArgs:
                 "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype. "
                 "awq, gptq: the 4-bit weights of such a checkpoint (taken from its config.json "
                 "when not given). gguf: a GGUF file's Q4_0/Q4_1/Q4_K projections kept at 4 bits "
-                "and Q8_0 ones at 8 (otherwise dequantized to dtype).",
+                "and Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 ones at 8 (otherwise dequantized to dtype).",
         "choices": QUANTIZATIONS})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "auto: the model's dtype; fp8 (= fp8_e4m3): K/V stored as float8 e4m3 (values "

@@ -1,20 +1,21 @@
-"""int8 weight GEMM with a scale per output channel and group of inputs (W8A16: a GGUF's Q8_0
-projections, `quantization="gguf"`) for decode-sized batches (up to MAX_ROWS rows; Pallas
-Triton): the weight is read at a byte a value and dequantized in registers, group by group.
+"""int8 weight GEMM with a scale (and a min) per output channel and group of inputs (W8A16: a
+GGUF's 5- to 8-bit projections, `quantization="gguf"`) for decode-sized batches (up to MAX_ROWS
+rows; Pallas Triton): the weight is read at a byte a value and dequantized in registers, group by
+group.
 
 XLA writes the dequantized bf16 weight to memory before its GEMM whatever the batch (its GEMM does
 not take group scales into its tiles: 400-490 us for an 8B layer's linears on an H200 at 1 to 256
 rows, bench/RESULTS.md, "GGUF Q8_0 on the GPU"), three times the bytes the weight holds. Here a
 program owns `block_m` rows, `block_n` output columns and one of `splits` equal slices of the
-input dimension, as in the int4 GEMM (int4_gemm.py): it loads a [block_n, group] tile of signed
-bytes, turns them into float32 (_to_float), multiplies each column by its group's scale, rounds
-the product to x's dtype (the weight a load in that dtype would hold) and feeds it to the tensor
-cores against the group's input columns; `groups_per_step` groups a loop step. Each slice writes its float32 partial sums; XLA adds
-them and casts to x's dtype, fused into the consumer. Rows past M are masked, neither padded in
-memory nor written.
+input dimension, as in the int4 GEMM (int4_gemm.py): it loads a [block_n, group] tile of bytes,
+turns them into float32 (_to_float), multiplies each column by its group's scale (and adds its
+min), rounds the result to x's dtype (the weight a load in that dtype would hold) and feeds it to
+the tensor cores against the group's input columns; `groups_per_step` groups a loop step. Each
+slice writes its float32 partial sums; XLA adds them and casts to x's dtype, fused into the
+consumer. Rows past M are masked, neither padded in memory nor written.
 
-Layout (models/int8.py): w int8 [N, K]; scale float32 [G, N], group-major, so a program reads a
-contiguous row of it per group.
+Layout (models/int8.py): w int8 [N, K]; scale and the optional min float32 [G, N], group-major, so
+a program reads a contiguous row of each per group.
 """
 from __future__ import annotations
 
@@ -62,19 +63,21 @@ def fits(n: int, k: int, group: int) -> bool:
             and 16 <= group <= MAX_GROUP and group & (group - 1) == 0)
 
 
-def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *,
-                tiles: Optional[Tiles] = None, interpret: bool = False) -> jax.Array:
-    """x [M, K] (M <= MAX_ROWS) times the int8 weight w [N, K] with float32 scale [G, N] (w's
-    value (n, k) is w[n, k] * scale[k // (K / G), n]) -> [M, N] in x's dtype, float32
-    accumulation. `tiles`: default_tiles(M) unless given."""
+def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.Array] = None,
+                *, tiles: Optional[Tiles] = None, interpret: bool = False) -> jax.Array:
+    """x [M, K] (M <= MAX_ROWS) times the int8 weight w [N, K] with float32 scale and min (or
+    None) [G, N] (w's value (n, k) is w[n, k] * scale[g, n] + mn[g, n], g = k // (K / G)) ->
+    [M, N] in x's dtype, float32 accumulation. `tiles`: default_tiles(M) unless given."""
     m, k = x.shape
     n = w.shape[0]
     groups = scale.shape[0]
     group = k // groups
-    if m > MAX_ROWS or w.shape[1] != k or scale.shape[1] != n or not fits(n, k, group):
+    if (m > MAX_ROWS or w.shape[1] != k or scale.shape[1] != n or not fits(n, k, group)
+            or mn is not None and mn.shape != scale.shape):
         raise ValueError(f"int8_matmul: {m} rows, w {tuple(w.shape)}, scale {tuple(scale.shape)} "
                          f"do not fit the kernel (rows <= {MAX_ROWS}, N % {MIN_BLOCK_N}, w [N, K], "
-                         f"scale [K / group, N], a group a power of two in 16..{MAX_GROUP})")
+                         f"scale and min [K / group, N], a group a power of two in "
+                         f"16..{MAX_GROUP})")
     tiles = tiles or default_tiles(m)
     bm, bn, splits = grouped_tiles(m, n, k, groups, tiles, PARTIAL_SHARE, "int8_matmul")
     per_slice = groups // splits
@@ -83,11 +86,12 @@ def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *,
         raise ValueError(f"int8_matmul: dequant {tiles.dequant!r} is not 'bits' or 'convert'")
     kernel = functools.partial(_kernel, group=group, block_m=bm, block_n=bn, per_step=per_step,
                                steps=per_slice // per_step, dequant=tiles.dequant)
+    group_rows = pl.BlockSpec((groups, bn), lambda r, i, j: (0, i))
     partials = split_k_call(
-        kernel, (x, w, scale),
+        kernel, (x, w, scale) + (() if mn is None else (mn,)),
         [pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
          pl.BlockSpec((bn, k), lambda r, i, j: (i, 0)),
-         pl.BlockSpec((groups, bn), lambda r, i, j: (0, i))],
+         group_rows] + ([] if mn is None else [group_rows]),
         # Row tiles vary fastest: the programs that read one weight tile run together and the
         # later ones find it in the L2.
         grid=(-(-m // bm), n // bn, splits), m=m, n=n, splits=splits, tiles=tiles,
@@ -115,7 +119,8 @@ def _to_float(q: jax.Array, how: str) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32) - _MAGIC
 
 
-def _kernel(x_ref, w_ref, s_ref, o_ref, *, group, block_m, block_n, per_step, steps, dequant):
+def _kernel(x_ref, w_ref, s_ref, *refs, group, block_m, block_n, per_step, steps, dequant):
+    *min_ref, o_ref = refs  # the min's ref where the weight has one
     dtype = x_ref.dtype
     first = pl.program_id(2) * steps * per_step  # the slice's first group
     r0 = pl.program_id(0) * block_m
@@ -129,7 +134,10 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, group, block_m, block_n, per_step, st
             g = first + i * per_step + u
             k0 = pl.multiple_of(g * group, group)
             q = _to_float(w_ref[:, pl.ds(k0, group)], dequant)             # [BN, group]
-            wt = (q * s_ref[g, :].astype(jnp.float32)[:, None]).astype(dtype)
+            wt = q * s_ref[g, :].astype(jnp.float32)[:, None]
+            if min_ref:
+                wt += min_ref[0][g, :].astype(jnp.float32)[:, None]
+            wt = wt.astype(dtype)
             xt = plgpu.load(x_ref.at[rows, pl.ds(k0, group)], mask=live(group), other=0)
             acc += plgpu.dot(xt, wt, trans_b=True)
         return acc

@@ -254,19 +254,21 @@ def int4_matmul_reference(x, w, scale, offset):
     return y.astype(x.dtype)
 
 
-def int8_dequantize(w, scale):
-    """The int8 weight [N, K] with float32 scale [G, N] (one per output channel and group of K / G
-    inputs) as float32 [N, K] (exact)."""
+def int8_dequantize(w, scale, mn=None):
+    """The int8 weight [N, K] with float32 scale and min (or None) [G, N] (one per output channel
+    and group of K / G inputs) as float32 [N, K]: w * scale (+ min)."""
     n, k = w.shape
     groups = scale.shape[0]
     deq = w.reshape(n, groups, k // groups).astype(jnp.float32) * scale.T[..., None]
+    if mn is not None:
+        deq = deq + mn.T[..., None]
     return deq.reshape(n, k)
 
 
-def int8_matmul_reference(x, w, scale):
+def int8_matmul_reference(x, w, scale, mn=None):
     """`int8_matmul` in jnp (any number of rows): the weight dequantized in x's dtype (one
     rounding) and multiplied, float32 accumulation."""
-    y = lax.dot_general(x, int8_dequantize(w, scale).astype(x.dtype),
+    y = lax.dot_general(x, int8_dequantize(w, scale, mn).astype(x.dtype),
                         (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 

@@ -19,15 +19,27 @@ _PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
             "Once upon a time, in a small village,"]
 
 
+# Where each K-quant block keeps its float16 d (and dmin): gguf cannot quantize to these, so the
+# tests write random blocks with these set to small finite scales.
+_K_SCALES = {T.Q4_K: (slice(0, 4), [0.013, 0.021]), T.Q5_K: (slice(0, 4), [0.013, 0.021]),
+             T.Q6_K: (slice(-2, None), [0.0007])}
+
+
+def _data(qtype, w: np.ndarray, rng) -> np.ndarray:
+    """w [out, in] float32 in `qtype`'s raw blocks: gguf's quantization, or for a K-quant random
+    blocks (w's shape only) with small scales."""
+    if qtype not in _K_SCALES:
+        return quantize(w, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (w.shape[0], w.shape[1] // block, size), dtype=np.uint8)
+    where, scales = _K_SCALES[qtype]
+    raw[..., where] = np.frombuffer(np.array(scales, np.float16).tobytes(), np.uint8)
+    return raw.reshape(w.shape[0], -1)
+
+
 def _tensor(qtype, out: int, inp: int, rng) -> types.SimpleNamespace:
     """A GGUF tensor of shape [out, in] (numpy order) in `qtype`, as GGUFReader gives it."""
-    if qtype == T.Q4_K:  # gguf cannot quantize to Q4_K: random blocks with finite scales
-        block, size = gguf.GGML_QUANT_SIZES[qtype]
-        raw = rng.integers(0, 256, (out, inp // block, size), dtype=np.uint8)
-        raw[..., 0:4] = np.frombuffer(np.array([0.013, 0.021], np.float16).tobytes(), np.uint8)
-        data = raw.reshape(out, -1)
-    else:
-        data = quantize(rng.standard_normal((out, inp)).astype(np.float32), qtype)
+    data = _data(qtype, rng.standard_normal((out, inp)).astype(np.float32), rng)
     return types.SimpleNamespace(name="blk.0.attn_q.weight", shape=[inp, out], tensor_type=qtype,
                                  data=data)
 
@@ -50,23 +62,32 @@ def test_four_bit_blocks_against_gguf(qtype):
     assert w.q.min() == 0 and w.q.max() == 15
 
 
-def test_q8_0_bytes_and_scales_against_gguf():
-    """Q8_0's signed bytes as they are and a float32 scale per 32 inputs: their product is gguf's
-    dequantized tensor."""
-    t = _tensor(T.Q8_0, 6, 512, np.random.default_rng(8))
+@pytest.mark.parametrize("qtype, group, lo, hi, with_min", [
+    (T.Q8_0, 32, -127, 127, False), (T.Q5_0, 32, -16, 15, False), (T.Q5_1, 32, 0, 31, True),
+    (T.Q5_K, 32, 0, 31, True), (T.Q6_K, 16, -32, 31, False)],
+    ids=["Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+def test_int8_blocks_against_gguf(qtype, group, lo, hi, with_min):
+    """Each 5- to 8-bit format's integer values a byte each with a float32 scale (and min) per
+    group: q * scale (+ min) is exactly gguf's dequantized tensor, the values span the format's
+    range (Q8_0's signed bytes, Q5_0's and Q6_K's offset ones, Q5_1's and Q5_K's with a min)."""
+    t = _tensor(qtype, 6, 512, np.random.default_rng(int(qtype)))
     w = int8_weight(t)
-    assert w.q.shape == (6, 512) and w.q.dtype == np.int8 and w.q.min() < 0 < w.q.max()
-    assert w.scale.shape == (6, 16) and w.scale.dtype == np.float32
-    np.testing.assert_array_equal(w.q * w.scale[:, np.arange(512) // 32],
-                                  dequantize(t.data, T.Q8_0).reshape(6, 512))
+    assert w.q.shape == (6, 512) and w.q.dtype == np.int8
+    assert w.scale.shape == (6, 512 // group) and w.scale.dtype == np.float32
+    assert (w.offset is not None) == with_min
+    g = np.arange(512) // group
+    deq = w.q * w.scale[:, g] + (w.offset[:, g] if with_min else 0)
+    np.testing.assert_array_equal(deq, dequantize(t.data, qtype).reshape(6, 512))
+    q_lo, q_hi = int(w.q.min()), int(w.q.max())
+    assert lo <= q_lo < q_hi <= hi and q_hi - q_lo > (hi - lo) // 2
 
 
 def test_other_types_are_refused():
     t = _tensor(T.Q4_0, 2, 64, np.random.default_rng(0))
-    t.tensor_type = T.Q6_K
-    with pytest.raises(ValueError, match="Q6_K.*int4 layout.*Q4_0, Q4_1, Q4_K"):
+    t.tensor_type = T.Q2_K
+    with pytest.raises(ValueError, match="Q2_K.*int4 layout.*Q4_0, Q4_1, Q4_K"):
         int4_weight(t)
-    with pytest.raises(ValueError, match="Q6_K.*int8 layout.*Q8_0"):
+    with pytest.raises(ValueError, match="Q2_K.*int8 layout.*Q5_0, Q5_1, Q5_K, Q6_K, Q8_0"):
         int8_weight(t)
     with pytest.raises(ValueError, match="Q8_0.*int4 layout"):
         int4_weight(_tensor(T.Q8_0, 2, 64, np.random.default_rng(0)))
@@ -120,27 +141,29 @@ _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def _q8_0_gguf(tmp_path, arch: str) -> str:
+def _tiny_gguf(tmp_path, arch: str, kinds: dict, hidden: int = 64, inter: int = 80) -> str:
     """A tiny GGUF of `arch` ("qwen2": its q/k rows as HF's; "llama": permuted as llama.cpp's
-    converter writes them) whose projections with inputs a multiple of 32 are Q8_0; the rest
-    (down, of 80 inputs; norms, biases, embedding) float32."""
+    converter writes them) whose projections named in `kinds` (GGUF's names: "attn_q", ...) are
+    stored in that type (_data: a K-quant's blocks random); the rest (norms, biases, embedding,
+    other projections) float32."""
     from safetensors.numpy import load_file
     from hf_builders import save_word_tokenizer, tiny_config, tiny_model
-    cfg = tiny_config(arch, vocab_size=128, hidden_size=64, intermediate_size=80,
+    cfg = tiny_config(arch, vocab_size=128, hidden_size=hidden, intermediate_size=inter,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       tie_word_embeddings=False)
     tiny_model(cfg, matrix_scale=4.0).save_pretrained(tmp_path / "hf")
     sd = load_file(tmp_path / "hf" / "model.safetensors")
-    path = str(tmp_path / f"tiny-{arch}-q8_0.gguf")
+    path = str(tmp_path / f"tiny-{arch}.gguf")
     w = gguf.GGUFWriter(path, arch)
     for add, value in ((w.add_block_count, 2), (w.add_context_length, 128),
-                       (w.add_embedding_length, 64), (w.add_feed_forward_length, 80),
+                       (w.add_embedding_length, hidden), (w.add_feed_forward_length, inter),
                        (w.add_head_count, 4), (w.add_head_count_kv, 2),
                        (w.add_rope_freq_base, 10000.0), (w.add_layer_norm_rms_eps, 1e-6),
                        (w.add_vocab_size, 128)):
         add(value)
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
            "output_norm.weight", "lm_head.weight": "output.weight"}
+    rng = np.random.default_rng(0)
     for name, t in sd.items():
         if name in top:
             g = top[name]
@@ -149,11 +172,12 @@ def _q8_0_gguf(tmp_path, arch: str) -> str:
             module, kind = rest.rsplit(".", 1)
             g = f"blk.{i}.{_GGUF_NAMES[module]}.{kind}"
         t = t.astype(np.float32)
-        heads = {"attn_q.weight": 4, "attn_k.weight": 2}.get(g.split(".", 2)[-1])
+        short = g.split(".")[2] if g.startswith("blk.") and g.endswith(".weight") else None
+        heads = {"attn_q": 4, "attn_k": 2}.get(short)
         if arch == "llama" and heads:  # llama.cpp's permute(): rows [head, 2, dim/2]
             t = t.reshape(heads, 2, t.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(t.shape)
-        if t.ndim == 2 and "blk." in g and t.shape[1] % 32 == 0:
-            w.add_tensor(g, quantize(t, T.Q8_0), raw_dtype=T.Q8_0)
+        if short in kinds:
+            w.add_tensor(g, _data(kinds[short], t, rng), raw_dtype=kinds[short])
         else:
             w.add_tensor(g, np.ascontiguousarray(t))
     w.write_header_to_file()
@@ -164,14 +188,25 @@ def _q8_0_gguf(tmp_path, arch: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_q8_0_projections_in_the_int8_layout_match_them_dequantized(tmp_path, arch):
-    """quantization="gguf" keeps Q8_0 projections at a byte a weight (their signed bytes, a scale
-    per 32 inputs; q/k/v and gate/up fused as the 4-bit ones) and, in float32, gives the prompt
-    logprobs and greedy tokens of the same GGUF dequantized on load; llama's permuted q/k rows are
-    put back with their scales."""
+_ALL_Q8_0 = {k: T.Q8_0 for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                 "ffn_up")}
+_FIVE_BITS = {"attn_q": T.Q8_0, "attn_k": T.Q5_0, "attn_v": T.Q5_1, "attn_output": T.Q5_0,
+              "ffn_gate": T.Q5_1, "ffn_up": T.Q5_1}
+_K_QUANTS = {"attn_q": T.Q5_K, "attn_k": T.Q5_K, "attn_v": T.Q5_K, "attn_output": T.Q4_K,
+             "ffn_gate": T.Q6_K, "ffn_up": T.Q6_K, "ffn_down": T.Q6_K}
+
+
+@pytest.mark.parametrize("arch, kinds, hidden, inter", [
+    ("qwen2", _ALL_Q8_0, 64, 80), ("llama", _FIVE_BITS, 64, 80), ("llama", _K_QUANTS, 256, 512)],
+    ids=["qwen2-q8_0", "llama-q5_0-q5_1-q8_0", "llama-q4_k_m-like"])
+def test_int8_projections_match_them_dequantized(tmp_path, arch, kinds, hidden, inter):
+    """quantization="gguf" keeps 5- to 8-bit projections at a byte a weight (their integer values,
+    a scale, and a min where the format has one, per group: 32 inputs, Q6_K's 16), q/k/v and
+    gate/up fused where their layouts agree, beside 4-bit ones (Q4_K), and, in float32, gives
+    the prompt logprobs and greedy tokens of the same GGUF dequantized on load; llama's permuted
+    q/k rows are put back with their scales and mins."""
     from jaxvllm import LLM, SamplingParams
-    path = _q8_0_gguf(tmp_path, arch)
+    path = _tiny_gguf(tmp_path, arch, kinds, hidden, inter)
     prompts = [{"prompt_token_ids": list(range(3 + j, 3 + j + n))} for j, n in enumerate((7, 19))]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
     runs = {}
@@ -182,11 +217,23 @@ def test_q8_0_projections_in_the_int8_layout_match_them_dequantized(tmp_path, ar
         runs[kind] = (llm.llm_engine.runner.params["layers"][0],
                       llm.generate(prompts, sp, use_tqdm=False))
     lp, outs = runs["gguf"]
-    assert lp["q+k+v"].dtype == jnp.int8 and lp["q+k+v"].shape == (128, 64)  # [out, in] bytes
-    assert lp["q+k+v_scale"].shape == (2, 128) and lp["q+k+v_scale"].dtype == jnp.float32
-    assert not any(k.endswith(("_zero", "_min")) for k in lp)
-    assert lp["gate+up"].shape == (160, 64) and lp["o"].shape == (64, 64)
-    assert lp["down"].dtype == jnp.float32
+    qkv, o = hidden + 2 * hidden // 2, hidden  # 4 query heads, 2 KV heads
+    if kinds is _FIVE_BITS:  # q, k without a min, v with one: apart; gate/up, both with mins: fused
+        assert [lp[n].dtype for n in "qkv"] == [jnp.int8] * 3 and "q+k+v" not in lp
+        assert "v_min" in lp and "k_min" not in lp and lp["k_scale"].shape == (2, hidden // 2)
+        assert lp["gate+up_min"].shape == lp["gate+up_scale"].shape == (2, 2 * inter)
+    elif kinds is _K_QUANTS:  # Q5_K q/k/v fused with mins, Q6_K by 16, Q4_K o at 4 bits
+        assert lp["q+k+v"].dtype == jnp.int8 and lp["q+k+v_min"].shape == (hidden // 32, qkv)
+        assert lp["gate+up"].shape == (2 * inter, hidden)
+        assert lp["gate+up_scale"].shape == (hidden // 16, 2 * inter) and "gate+up_min" not in lp
+        assert lp["down"].dtype == jnp.int8 and lp["down_scale"].shape == (inter // 16, hidden)
+        assert lp["o"].dtype == jnp.uint8 and lp["o"].shape == (o, hidden // 2)
+    else:
+        assert lp["q+k+v"].dtype == jnp.int8 and lp["q+k+v"].shape == (qkv, hidden)
+        assert lp["q+k+v_scale"].shape == (2, qkv) and lp["q+k+v_scale"].dtype == jnp.float32
+        assert not any(k.endswith(("_zero", "_min")) for k in lp)
+        assert lp["gate+up"].shape == (2 * inter, hidden) and lp["o"].shape == (o, hidden)
+        assert lp["down"].dtype == jnp.float32  # 80 inputs: not a whole number of blocks
     for a, b in zip(runs["plain"][1], outs):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for pa, pb, tok in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:]):
@@ -194,15 +241,17 @@ def test_q8_0_projections_in_the_int8_layout_match_them_dequantized(tmp_path, ar
 
 
 @pytest.mark.parametrize("rows", [1, 16, 80])
-def test_q8_0_through_int8_linear(rows):
-    """A Q8_0 weight in the int8 layout through models/int8.int8_linear (on a GPU the Pallas GEMM
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_1, T.Q6_K], ids=lambda t: t.name)
+def test_int8_blocks_through_int8_linear(rows, qtype):
+    """A GGUF weight in the int8 layout through models/int8.int8_linear (on a GPU the Pallas GEMM
     up to its MAX_ROWS, else dequantized by XLA) against the weight dequantized, in float64."""
     from jaxvllm.models.int8 import int8_linear
     rng = np.random.default_rng(rows)
-    t = _tensor(T.Q8_0, 256, 512, rng)
+    t = _tensor(qtype, 256, 512, rng)
     w = int8_weight(t)
     x = jnp.asarray(rng.standard_normal((rows, 512)), jnp.bfloat16)
-    y = int8_linear(x, jnp.asarray(w.q), jnp.asarray(w.scale.T))
-    ref = np.asarray(x, np.float64) @ dequantize(t.data, T.Q8_0).reshape(256, 512).T.astype(np.float64)
+    mn = None if w.offset is None else jnp.asarray(w.offset.T)
+    y = int8_linear(x, jnp.asarray(w.q), jnp.asarray(w.scale.T), mn)
+    ref = np.asarray(x, np.float64) @ dequantize(t.data, qtype).reshape(256, 512).T.astype(np.float64)
     err = np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max()
     assert y.shape == (rows, 256) and y.dtype == jnp.bfloat16 and err < 0.01, err

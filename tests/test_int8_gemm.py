@@ -16,27 +16,33 @@ from pallas_kernels.int8_gemm import Tiles
 from pallas_kernels.triton_rows import input_splits
 
 
-def _random_int8(rng, n: int, k: int, group: int):
-    """Random signed bytes [n, k], float32 scales [k / group, n] (Q8_0's range of values) and the
-    weight they hold, float64 [n, k]."""
+def _random_int8(rng, n: int, k: int, group: int, with_min: bool = False):
+    """Random signed bytes [n, k], float32 scales [k / group, n] (Q8_0's range of values), mins
+    (or None) of the same shape, and the weight they hold, float64 [n, k]."""
     q = rng.integers(-127, 128, (n, k)).astype(np.int8)
     scale = rng.uniform(2e-4, 2e-3, (k // group, n)).astype(np.float32)
-    return q, scale, q.astype(np.float64) * np.repeat(scale.T.astype(np.float64), group, axis=1)
+    mn = rng.uniform(-0.1, 0.05, scale.shape).astype(np.float32) if with_min else None
+    w = q.astype(np.float64) * np.repeat(scale.T.astype(np.float64), group, axis=1)
+    if with_min:
+        w += np.repeat(mn.T.astype(np.float64), group, axis=1)
+    return q, scale, mn, w
 
 
-@pytest.mark.parametrize("rows, group, tiles", [
-    (1, 32, None),                                          # the engine's tiling (default_tiles)
-    (5, 32, Tiles(block_n=32, splits=4)),                   # four slices' partial sums
-    (16, 64, Tiles(block_n=128, splits=1, groups_per_step=4)),  # one slice, four groups a step
-    (50, 32, Tiles(block_m=16, splits=2, groups_per_step=3)),   # four row tiles; 3 -> 2 a step
-    (3, 32, Tiles(dequant="bits"))])                        # bytes to floats by their bits
-def test_int8_gemm_kernel_against_reference(rows, group, tiles):
+@pytest.mark.parametrize("rows, group, tiles, with_min", [
+    (1, 32, None, False),                                   # the engine's tiling (default_tiles)
+    (5, 32, Tiles(block_n=32, splits=4), False),            # four slices' partial sums
+    (16, 64, Tiles(block_n=128, splits=1, groups_per_step=4), False),  # four groups a step
+    (50, 32, Tiles(block_m=16, splits=2, groups_per_step=3), False),   # 4 row tiles; 2 a step
+    (3, 32, Tiles(dequant="bits"), False),                  # bytes to floats by their bits
+    (7, 16, None, True),                                    # a min per group of 16 (Q6_K's size)
+    (1, 32, Tiles(dequant="bits", splits=2), True)])
+def test_int8_gemm_kernel_against_reference(rows, group, tiles, with_min):
     """The Pallas GEMM (interpret mode) and its jnp reference against float64: bf16 x, each weight
-    rounded once to bf16 after its scale."""
+    rounded once to bf16 after its scale (and min)."""
     rng = np.random.default_rng(rows)
     n, k = 256, 512
-    q, scale, w = _random_int8(rng, n, k, group)
-    args = (jnp.asarray(q), jnp.asarray(scale))
+    q, scale, mn, w = _random_int8(rng, n, k, group, with_min)
+    args = (jnp.asarray(q), jnp.asarray(scale), None if mn is None else jnp.asarray(mn))
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
     got = int8_matmul(x, *args, tiles=tiles, interpret=True)
     want = int8_matmul_reference(x, *args)
@@ -50,7 +56,7 @@ def test_int8_gemm_float32_is_exact_to_float32_rounding():
     """With float32 x the dequantized weight is q * scale in float32 (exact but for that product's
     rounding): the kernel within float32 accumulation error of float64."""
     rng = np.random.default_rng(7)
-    q, scale, w = _random_int8(rng, 64, 256, 32)
+    q, scale, _, w = _random_int8(rng, 64, 256, 32)
     x = rng.standard_normal((3, 256)).astype(np.float32)
     got = int8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), interpret=True)
     np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
@@ -66,9 +72,9 @@ def test_bytes_to_floats_by_their_bits_are_exact():
 
 def test_int8_linear_keeps_leading_dims():
     rng = np.random.default_rng(1)
-    q, scale, w = _random_int8(rng, 64, 128, 32)
+    q, scale, mn, w = _random_int8(rng, 64, 128, 32, with_min=True)
     x = rng.standard_normal((2, 3, 128)).astype(np.float32)
-    y = int8_linear(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale))
+    y = int8_linear(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), jnp.asarray(mn))
     assert y.shape == (2, 3, 64) and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
 
@@ -88,12 +94,14 @@ def test_int8_gemm_kernel_refuses_what_it_cannot_tile():
     assert not int8_gemm.fits(256, 512, 8)     # a group below the tensor cores' 16 inputs
     assert not int8_gemm.fits(256, 480, 48)    # not a power of two
     assert not int8_gemm.fits(256, 1024, 512)  # past MAX_GROUP
-    q, scale, _ = _random_int8(np.random.default_rng(0), 256, 512, 32)
+    q, scale, _, _ = _random_int8(np.random.default_rng(0), 256, 512, 32)
     args = (jnp.asarray(q), jnp.asarray(scale))
     with pytest.raises(ValueError, match="rows"):
         int8_matmul(jnp.ones((65, 512), jnp.bfloat16), *args, interpret=True)
     with pytest.raises(ValueError, match="scale"):
         int8_matmul(jnp.ones((1, 512), jnp.bfloat16), args[0], args[1].T, interpret=True)
+    with pytest.raises(ValueError, match="min"):
+        int8_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, args[1][:4], interpret=True)
     with pytest.raises(ValueError, match="3 splits"):
         int8_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, tiles=Tiles(splits=3), interpret=True)
     with pytest.raises(ValueError, match="dequant 'f16'"):
@@ -103,11 +111,12 @@ def test_int8_gemm_kernel_refuses_what_it_cannot_tile():
 
 def test_fuse_projections_joins_int8_and_keeps_layouts_apart():
     """int8 q/k/v fuse into one weight with their scales side by side (no offsets); gate/up whose
-    layouts differ (gate int4, up int8) stay apart."""
+    layouts differ (gate int4, up int8) stay apart, and so do int8 ones with and without mins;
+    int8 ones with mins fuse with them."""
     rng = np.random.default_rng(2)
     lp = {}
     for name, n in (("q", 64), ("k", 32), ("v", 32), ("up", 96)):
-        q, scale, _ = _random_int8(rng, n, 64, 32)
+        q, scale, _, _ = _random_int8(rng, n, 64, 32)
         lp[name], lp[name + "_scale"] = jnp.asarray(q), jnp.asarray(scale)
     lp["gate"], lp["gate_scale"], lp["gate_zero"] = quantize_int4(
         jnp.asarray(rng.standard_normal((64, 96)), jnp.float32), 32)
@@ -117,22 +126,36 @@ def test_fuse_projections_joins_int8_and_keeps_layouts_apart():
                                   np.concatenate([lp[n + "_scale"] for n in "qkv"], axis=1))
     assert not any(k.startswith(("q_", "k_", "v_")) or k in "qkv" for k in fused)
     assert "gate+up" not in fused and {"gate", "gate_zero", "up", "up_scale"} <= set(fused)
+    for name, n in (("gate", 96), ("up", 96)):
+        q, scale, mn, _ = _random_int8(rng, n, 64, 32, with_min=name == "up")
+        lp[name], lp[name + "_scale"] = jnp.asarray(q), jnp.asarray(scale)
+        if mn is not None:
+            lp[name + "_min"] = jnp.asarray(mn)
+    lp.pop("gate_zero")
+    assert "gate+up" not in fuse_projections({"layers": [dict(lp)]})["layers"][0]
+    lp["gate_min"] = jnp.zeros_like(lp["gate_scale"])
+    fused = fuse_projections({"layers": [dict(lp)]})["layers"][0]
+    np.testing.assert_array_equal(fused["gate+up_min"],
+                                  np.concatenate([lp["gate_min"], lp["up_min"]], axis=1))
+    assert not {"gate", "up", "gate_min", "up_scale"} & set(fused)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dequant", ["bits", "convert"])
-@pytest.mark.parametrize("rows, n, k", [(1, 6144, 4096), (16, 4096, 14336), (64, 28672, 4096)])
-def test_gpu_int8_gemm_against_reference(rows, n, k, dequant):
-    """Compiled for the GPU at the 8B shapes (q/k/v, down, gate/up), Q8_0's group of 32, bf16 x,
-    each dequantization: the Pallas GEMM against float64, and weights read back through unit rows
-    within their rounding to bf16 (a wrong group's scale or a shifted column is off by far
-    more)."""
+@pytest.mark.parametrize("rows, n, k, group, with_min", [
+    (1, 6144, 4096, 32, False), (16, 4096, 14336, 32, False), (64, 28672, 4096, 32, False),
+    (1, 28672, 4096, 16, False), (8, 6144, 4096, 32, True)])
+def test_gpu_int8_gemm_against_reference(rows, n, k, group, with_min, dequant):
+    """Compiled for the GPU at the 8B shapes (q/k/v, down, gate/up), groups of 32 (Q8_0, Q5) and
+    16 (Q6_K), with and without mins, bf16 x, each dequantization: the Pallas GEMM against
+    float64, and weights read back through unit rows within their rounding to bf16 (a wrong
+    group's scale or a shifted column is off by far more)."""
     import jax
     rng = np.random.default_rng(n + rows)
-    q, scale, w = _random_int8(rng, n, k, 32)
-    args = (jnp.asarray(q), jnp.asarray(scale))
+    q, scale, mn, w = _random_int8(rng, n, k, group, with_min)
+    args = (jnp.asarray(q), jnp.asarray(scale), None if mn is None else jnp.asarray(mn))
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    mm = jax.jit(lambda x, q, s: int8_matmul(x, q, s, tiles=dataclasses.replace(
+    mm = jax.jit(lambda x, q, s, m: int8_matmul(x, q, s, m, tiles=dataclasses.replace(
         int8_gemm.default_tiles(x.shape[0]), dequant=dequant)))
     got = np.asarray(mm(x, *args), np.float64)
     exact = np.asarray(x, np.float64) @ w.T

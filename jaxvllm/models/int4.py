@@ -103,7 +103,9 @@ FUSED = (("q", "k", "v"), ("gate", "up"))  # projections of one input (models/la
 def _companions(lp: dict, name: str) -> tuple[str, ...]:
     """The suffixes of the tensors stored beside the int4 or int8 weight `name`, [groups, out]
     each."""
-    return ("_scale",) if lp[name].dtype == INT8 else ("_scale", _offset_suffix(lp, name))
+    if lp[name].dtype == INT8:
+        return ("_scale", "_min") if name + "_min" in lp else ("_scale",)
+    return "_scale", _offset_suffix(lp, name)
 
 
 def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
