@@ -11,8 +11,9 @@ here; the engine runs an int4 or int8 model's q/k/v and gate/up as one GEMM each
     PYTHONPATH=. python3 bench/quant_gemm.py --model bench/configs/llama-3-8b [--tokens 1 8 16 64 256]
 
 With `--sweep` it times the int8 GEMM's tilings instead (pallas_kernels/int8_gemm.Tiles) over the
-layer's seven Q8_0 linears at each token count up to the kernel's MAX_ROWS, fastest first, beside
-the engine's default_tiles (interpret mode off the GPU: a check that the sweep runs, not a time).
+layer's seven Q8_0 linears at each token count, fastest first, beside the engine's default_tiles
+and XLA's dequantize-then-GEMM (what the engine runs past int8_gemm.MAX_ROWS), so the sweep also
+says where the kernel stops paying (interpret mode off the GPU: a check that it runs, not a time).
 
 Random weights and inputs; each bucket compiled as the engine compiles it (Triton GEMMs up to
 TRITON_GEMM_MAX_TOKENS (jaxvllm/config.py) tokens, cuBLAS beyond); each time the median per call of the
@@ -50,17 +51,28 @@ def q8_0(w: jax.Array) -> dict[str, jax.Array]:
     return {"": jnp.asarray(iw.q), "_scale": jnp.asarray(iw.scale.T)}
 
 
-def sweep(args: argparse.Namespace, shapes: dict, q8: dict) -> int:
-    """Time the int8 GEMM's tilings over the layer's Q8_0 linears (see the module docstring)."""
+def _sweep_grid(tokens: int) -> list:
+    """The int8 GEMM's tilings tried at `tokens` rows: one row tile up to 32 rows (columns, groups
+    a step, warps), 64- and 128-row tiles beyond; each with both ways of making a byte a float."""
     import itertools
 
-    from pallas_kernels import int8_gemm, int8_matmul
+    from pallas_kernels.int8_gemm import Tiles
+    if tokens <= 32:
+        return [Tiles(block_n=bn, groups_per_step=g, num_warps=w, dequant=d)
+                for bn, g, w, d in itertools.product((32, 64, 128), (1, 2, 4), (2, 4),
+                                                     ("bits", "convert"))]
+    return [Tiles(block_m=bm, block_n=bn, groups_per_step=g, num_warps=w, dequant=d)
+            for bm, bn, g, w, d in itertools.product((64, 128), (64, 128), (2, 4), (4, 8),
+                                                     ("bits", "convert"))]
+
+
+def sweep(args: argparse.Namespace, shapes: dict, q8: dict) -> int:
+    """Time the int8 GEMM's tilings over the layer's Q8_0 linears (see the module docstring)."""
+    from jaxvllm.config import TRITON_GEMM_MAX_TOKENS
+    from pallas_kernels import int8_gemm, int8_matmul, int8_matmul_reference
     on_gpu = jax.default_backend() == "gpu"
-    grid = [int8_gemm.Tiles(block_n=bn, groups_per_step=g, num_warps=w, dequant=d)
-            for bn, g, w, d in itertools.product((32, 64, 128), (1, 2, 4), (2, 4),
-                                                 ("bits", "convert"))]
     result, rows = {}, []
-    for t in [t for t in args.tokens if t <= int8_gemm.MAX_ROWS]:
+    for t in args.tokens:
         xs = {k: jax.random.normal(jax.random.key(t), (t, s[0]), jnp.bfloat16)
               for k, s in shapes.items()}
 
@@ -68,18 +80,23 @@ def sweep(args: argparse.Namespace, shapes: dict, q8: dict) -> int:
             return jax.jit(lambda lp, xs: [int8_matmul(
                 xs[k], lp[k], lp[k + "_scale"], tiles=tiles, interpret=not on_gpu)
                 for k in LINEARS])
+        opts = {"xla_gpu_enable_triton_gemm": t <= TRITON_GEMM_MAX_TOKENS} if on_gpu else None
+        xla = bench(jax.jit(lambda lp, xs: [int8_matmul_reference(xs[k], lp[k], lp[k + "_scale"])
+                                            for k in LINEARS], compiler_options=opts),
+                    [(q8, xs)]) * 1e6
+        grid = _sweep_grid(t)
         times = {tiles: bench(layer(tiles), [(q8, xs)]) * 1e6
                  for tiles in [int8_gemm.default_tiles(t)] + (grid if on_gpu else grid[:2])}
         default = times[int8_gemm.default_tiles(t)]
         best = sorted(times.items(), key=lambda kv: kv[1])[:args.top]
-        result[t] = {"default_us": default,
+        result[t] = {"default_us": default, "xla_dequant_us": xla,
                      "best": [{**dataclasses.asdict(k), "us": v} for k, v in best]}
-        rows += [[t, f"{v:.1f}", f"{default:.1f}", k.block_n, k.groups_per_step, k.num_warps,
-                  k.num_stages, k.dequant] for k, v in best]
+        rows += [[t, f"{v:.1f}", f"{default:.1f}", f"{xla:.1f}", k.block_m, k.block_n,
+                  k.groups_per_step, k.num_warps, k.dequant] for k, v in best]
     common.emit(result, args, "int8 GEMM tilings, a layer's seven Q8_0 linears, us per layer "
                 f"({jax.devices()[0].device_kind})\n" + common.table(
-                    rows, ["tokens", "us", "default us", "block_n", "groups/step", "warps",
-                           "stages", "dequant"]))
+                    rows, ["tokens", "us", "default us", "XLA dequant us", "block_m", "block_n",
+                           "groups/step", "warps", "dequant"]))
     return 0
 
 

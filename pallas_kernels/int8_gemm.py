@@ -1,7 +1,7 @@
 """int8 weight GEMM with a scale (and a min) per output channel and group of inputs (W8A16: a
-GGUF's 5- to 8-bit projections, `quantization="gguf"`) for decode-sized batches (up to MAX_ROWS
-rows; Pallas Triton): the weight is read at a byte a value and dequantized in registers, group by
-group.
+GGUF's 5- to 8-bit projections, `quantization="gguf"`; Pallas Triton), which the engine runs for
+decode-sized batches (up to MAX_ROWS rows): the weight is read at a byte a value and dequantized
+in registers, group by group.
 
 XLA writes the dequantized bf16 weight to memory before its GEMM whatever the batch (its GEMM does
 not take group scales into its tiles: 400-490 us for an 8B layer's linears on an H200 at 1 to 256
@@ -31,7 +31,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.triton_rows import MIN_BLOCK_N, grouped_tiles, split_k_call
 
-MAX_ROWS = 64     # larger batches dequantize once, then multiply (models/int8.py)
+# Rows up to which the engine takes this kernel (models/int8.py; beyond, XLA dequantizes once
+# and multiplies): the int4 GEMM's measured bound (int4_gemm.MAX_ROWS), until this one's sweep
+# (bench/quant_gemm.py --sweep, which also times more rows) says otherwise.
+MAX_ROWS = 64
 MAX_GROUP = 256   # a group is one dot's reduction: [block_n, group] bytes in registers
 # Float32 partial sums of at most an eighth of the weight's N * K bytes: splits * M <= K / 32
 # (the int4 GEMM's budget, int4_gemm.PARTIAL_SHARE, for a weight of twice its bytes).
@@ -65,17 +68,17 @@ def fits(n: int, k: int, group: int) -> bool:
 
 def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.Array] = None,
                 *, tiles: Optional[Tiles] = None, interpret: bool = False) -> jax.Array:
-    """x [M, K] (M <= MAX_ROWS) times the int8 weight w [N, K] with float32 scale and min (or
+    """x [M, K] times the int8 weight w [N, K] with float32 scale and min (or
     None) [G, N] (w's value (n, k) is w[n, k] * scale[g, n] + mn[g, n], g = k // (K / G)) ->
     [M, N] in x's dtype, float32 accumulation. `tiles`: default_tiles(M) unless given."""
     m, k = x.shape
     n = w.shape[0]
     groups = scale.shape[0]
     group = k // groups
-    if (m > MAX_ROWS or w.shape[1] != k or scale.shape[1] != n or not fits(n, k, group)
+    if (w.shape[1] != k or scale.shape[1] != n or not fits(n, k, group)
             or mn is not None and mn.shape != scale.shape):
         raise ValueError(f"int8_matmul: {m} rows, w {tuple(w.shape)}, scale {tuple(scale.shape)} "
-                         f"do not fit the kernel (rows <= {MAX_ROWS}, N % {MIN_BLOCK_N}, w [N, K], "
+                         f"do not fit the kernel (N % {MIN_BLOCK_N}, w [N, K], "
                          f"scale and min [K / group, N], a group a power of two in "
                          f"16..{MAX_GROUP})")
     tiles = tiles or default_tiles(m)

@@ -597,13 +597,14 @@ def test_quant_gemm_bench_times_every_format(tmp_path):
         assert 0 < res[t]["q8_0_xla_dequant_max_rel_diff"] < 0.02
     # --sweep: the int8 GEMM's tilings (interpret mode here), the default among them.
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quant_gemm.py"), "--json",
-                          "--model", str(tmp_path), "--tokens", "1", "16", "--sweep", "--top", "3"],
+                          "--model", str(tmp_path), "--tokens", "1", "48", "--sweep", "--top", "3"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)
-    for t in ("1", "16"):
+    for t in ("1", "48"):
         best = res[t]["best"]
         assert len(best) == 3 and best[0]["us"] <= res[t]["default_us"]
+        assert res[t]["xla_dequant_us"] > 0
         assert [b["us"] for b in best] == sorted(b["us"] for b in best)
 
 
