@@ -13,7 +13,7 @@ here; the engine runs an int4 or int8 model's q/k/v and gate/up as one GEMM each
 With `--sweep` it times the int8 GEMM's tilings instead (pallas_kernels/int8_gemm.Tiles) over the
 layer's seven Q8_0 linears at each token count, fastest first, beside the engine's default_tiles
 and XLA's dequantize-then-GEMM (what the engine runs past int8_gemm.MAX_ROWS), so the sweep also
-says where the kernel stops paying (interpret mode off the GPU: a check that it runs, not a time).
+says where the kernel stops paying and which way of making the weights is fastest (interpret mode off the GPU: a check that it runs, not a time).
 
 Random weights and inputs; each bucket compiled as the engine compiles it (Triton GEMMs up to
 TRITON_GEMM_MAX_TOKENS (jaxvllm/config.py) tokens, cuBLAS beyond); each time the median per call of the
@@ -53,17 +53,15 @@ def q8_0(w: jax.Array) -> dict[str, jax.Array]:
 
 def _sweep_grid(tokens: int) -> list:
     """The int8 GEMM's tilings tried at `tokens` rows: one row tile up to 32 rows (columns, groups
-    a step, warps), 64- and 128-row tiles beyond; each with both ways of making a byte a float."""
+    a step, warps), 64- and 128-row tiles beyond; each with every way of making the weights."""
     import itertools
 
-    from pallas_kernels.int8_gemm import Tiles
+    from pallas_kernels.int8_gemm import DEQUANT, Tiles
     if tokens <= 32:
         return [Tiles(block_n=bn, groups_per_step=g, num_warps=w, dequant=d)
-                for bn, g, w, d in itertools.product((32, 64, 128), (1, 2, 4), (2, 4),
-                                                     ("bits", "convert"))]
-    return [Tiles(block_m=bm, block_n=bn, groups_per_step=g, num_warps=w, dequant=d)
-            for bm, bn, g, w, d in itertools.product((64, 128), (64, 128), (2, 4), (4, 8),
-                                                     ("bits", "convert"))]
+                for bn, g, w, d in itertools.product((32, 64, 128), (2, 4), (2, 4), DEQUANT)]
+    return [Tiles(block_m=bm, block_n=bn, num_warps=w, dequant=d)
+            for bm, bn, w, d in itertools.product((64, 128), (64, 128), (4, 8), DEQUANT)]
 
 
 def sweep(args: argparse.Namespace, shapes: dict, q8: dict) -> int:

@@ -36,7 +36,9 @@ def _random_int8(rng, n: int, k: int, group: int, with_min: bool = False):
     (3, 32, Tiles(dequant="bits"), False),                  # bytes to floats by their bits
     (7, 16, None, True),                                    # a min per group of 16 (Q6_K's size)
     (1, 32, Tiles(dequant="bits", splits=2), True),
-    (100, 32, Tiles(block_m=64, splits=1), True)])          # past MAX_ROWS: two 64-row tiles
+    (100, 32, Tiles(block_m=64, splits=1), True),           # past MAX_ROWS: two 64-row tiles
+    (5, 32, Tiles(dequant="f16"), False),                   # float16 pairs (emulated here)
+    (9, 16, Tiles(dequant="f16", splits=2), True)])
 def test_int8_gemm_kernel_against_reference(rows, group, tiles, with_min):
     """The Pallas GEMM (interpret mode) and its jnp reference against float64: bf16 x, each weight
     rounded once to bf16 after its scale (and min)."""
@@ -63,12 +65,34 @@ def test_int8_gemm_float32_is_exact_to_float32_rounding():
     np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def test_bytes_to_floats_by_their_bits_are_exact():
-    """Every int8 value through the kernel's two dequantizations: the float it holds."""
-    from pallas_kernels.int8_gemm import _to_float
-    q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8)
-    for how in ("bits", "convert"):
-        np.testing.assert_array_equal(np.asarray(_to_float(q, how)), np.arange(-128, 128))
+def test_every_byte_through_each_dequantization_is_exact():
+    """Every int8 value with a unit scale (and a zero min) through the kernel's dequantizations
+    (interpret mode's emulation of the float16 pairs): the value itself."""
+    from pallas_kernels.int8_gemm import DEQUANT, _dequantize
+    q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(8, 32)
+    ones, zeros = jnp.ones(8, jnp.float32), jnp.zeros(8, jnp.float32)
+    for how in DEQUANT:
+        dtype = jnp.float16 if how == "f16" else jnp.bfloat16
+        for mn in (None, zeros):
+            w = _dequantize(q, ones, mn, how, dtype, asm=False)
+            assert w.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(w, np.float32), np.asarray(q, np.float32))
+
+
+def test_float16_pairs_keep_any_row_magnitude():
+    """dequant="f16" runs on float16 inputs made row by row: rows of 1e6 (past float16's 65504)
+    and 1e-6 (float16 subnormals) come out as exact as rows of 1, each within bf16's rounding of
+    float64 relative to its own row; a zero row stays zero."""
+    rng = np.random.default_rng(11)
+    q, scale, _, w = _random_int8(rng, 64, 256, 32)
+    x = rng.standard_normal((4, 256)) * np.array([[1e6], [1e-6], [1.0], [0.0]])
+    xb = jnp.asarray(x, jnp.bfloat16)
+    got = np.asarray(int8_matmul(xb, jnp.asarray(q), jnp.asarray(scale),
+                                 tiles=Tiles(dequant="f16"), interpret=True), np.float64)
+    exact = np.asarray(xb, np.float64) @ w.T
+    assert np.isfinite(got).all() and not got[3].any()
+    for r in range(3):
+        assert np.abs(got[r] - exact[r]).max() < 0.01 * np.abs(exact[r]).max(), r
 
 
 def test_int8_linear_keeps_leading_dims():
@@ -103,8 +127,8 @@ def test_int8_gemm_kernel_refuses_what_it_cannot_tile():
         int8_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, args[1][:4], interpret=True)
     with pytest.raises(ValueError, match="3 splits"):
         int8_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, tiles=Tiles(splits=3), interpret=True)
-    with pytest.raises(ValueError, match="dequant 'f16'"):
-        int8_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, tiles=Tiles(dequant="f16"),
+    with pytest.raises(ValueError, match="dequant 'f8'"):
+        int8_matmul(jnp.ones((1, 512), jnp.bfloat16), *args, tiles=Tiles(dequant="f8"),
                     interpret=True)
 
 
@@ -140,7 +164,7 @@ def test_fuse_projections_joins_int8_and_keeps_layouts_apart():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dequant", ["bits", "convert"])
+@pytest.mark.parametrize("dequant", int8_gemm.DEQUANT)
 @pytest.mark.parametrize("rows, n, k, group, with_min", [
     (1, 6144, 4096, 32, False), (16, 4096, 14336, 32, False), (64, 28672, 4096, 32, False),
     (1, 28672, 4096, 16, False), (8, 6144, 4096, 32, True)])
