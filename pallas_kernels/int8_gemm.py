@@ -70,19 +70,19 @@ def fits(n: int, k: int, group: int) -> bool:
 
 def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.Array] = None,
                 *, tiles: Optional[Tiles] = None, interpret: bool = False) -> jax.Array:
-    """x [M, K] times the int8 weight w [N, K] with float32 scale and min (or
-    None) [G, N] (w's value (n, k) is w[n, k] * scale[g, n] + mn[g, n], g = k // (K / G)) ->
-    [M, N] in x's dtype, float32 accumulation. `tiles`: default_tiles(M) unless given."""
+    """x [M, K] times the int8 weight w [N, K] with float32 scale and min (or None) [G, N] (w's
+    value (n, k) is w[n, k] * scale[g, n] + mn[g, n], g = k // (K / G)) -> [M, N] in x's dtype,
+    float32 accumulation. `tiles`: default_tiles(M) unless given."""
     m, k = x.shape
     n = w.shape[0]
     groups = scale.shape[0]
     group = k // groups
     if (w.shape[1] != k or scale.shape[1] != n or not fits(n, k, group)
             or mn is not None and mn.shape != scale.shape):
-        raise ValueError(f"int8_matmul: {m} rows, w {tuple(w.shape)}, scale {tuple(scale.shape)} "
-                         f"do not fit the kernel (N % {MIN_BLOCK_N}, w [N, K], "
-                         f"scale and min [K / group, N], a group a power of two in "
-                         f"16..{MAX_GROUP})")
+        raise ValueError(f"int8_matmul: x {tuple(x.shape)}, w {tuple(w.shape)}, scale "
+                         f"{tuple(scale.shape)} do not fit the kernel (w [N, K] with N % "
+                         f"{MIN_BLOCK_N}, scale and min [K / group, N], a group a power of two "
+                         f"in 16..{MAX_GROUP})")
     tiles = tiles or default_tiles(m)
     bm, bn, splits = grouped_tiles(m, n, k, groups, tiles, PARTIAL_SHARE, "int8_matmul")
     per_slice = groups // splits
