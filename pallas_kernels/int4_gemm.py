@@ -20,11 +20,13 @@ two contiguous slices of x and no value needs moving between lanes. scale [G, N]
 the offset [G, N] are stored group-major so a program reads a contiguous row of each per group. The
 offset is either a float32 min (w = q * scale + min: GGUF's Q4_1 and Q4_K) or a uint8 integer zero
 point (w = (q - zero) * scale: AWQ, GPTQ, GGUF's Q4_0 and the engine's own quantization). With zero
-points and bf16 x on the GPU the dequantization runs in bf16 pairs (_zero_point_asm), two weights
+points and bf16 x on the GPU the dequantization runs in bf16 pairs (_pairs_asm), two weights
 an instruction and exact but for the scale's rounding to bf16 (as vLLM's Marlin kernels round it);
 the other forms convert each weight through float32. A bf16 min could not take the pair path: a
 rounded min is shared by its group and biases every weight of it alike (bench/RESULTS.md, "int4
-with integer zero points").
+with integer zero points"). `Tiles(f16=True)` dequantizes either offset in float16 pairs instead
+(a min rounded to float16 carries an eighth of bf16's error), against x made float16 row by row
+(triton_rows.f16_rows): for the sweep to weigh (bench/decode_gemm.py).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.triton_rows import MIN_BLOCK_N, grouped_tiles, split_k_call
+from pallas_kernels.triton_rows import MIN_BLOCK_N, f16_rows, grouped_tiles, split_k_call
 
 # Larger batches take the dequantize-then-GEMM path (models/int4.py): each row tile dequantizes
 # the whole weight again, and from 128 rows that cost more than XLA's dequantization written once
@@ -50,19 +52,32 @@ MAX_STEP = 64    # packed bytes per reduction step (2 x 64 inputs)
 PARTIAL_SHARE = 64
 
 # Four weights from four bytes of the packed tile (Triton's pack=4; operands are 32-bit words:
-# $0-$1 the weights as bf16 pairs, $2 the bytes, $3-$4 the scales, $5-$6 128 + zero, bf16 pairs).
-# prmt spreads bytes 0,1 (then 2,3) to the two halves of a word; lop3 0xEA ((a & b) | c) puts a
-# nibble in the low mantissa bits of 128.0 (0x4300), so each half reads 128 + q exactly; subtracting
-# 128 + zero leaves q - zero, exact; one multiply by the scale rounds once. One call per half of the
-# byte (the low nibbles, then the high): Pallas lowers an inline asm of one result only.
-def _zero_point_asm(high: bool) -> str:
+# $0-$1 the weights as half-precision pairs, $2 the bytes, $3-$4 the scales, $5-$6 the offsets,
+# pairs). prmt spreads bytes 0,1 (then 2,3) to the two halves of a word; lop3 0xEA ((a & b) | c)
+# puts a nibble in the low mantissa bits of a power of two whose unit is 1 (bf16 128.0, 0x4300;
+# float16 1024.0, 0x6400), so each half reads that base + q exactly. Zero points ("bf16", "f16"):
+# subtracting base + zero leaves q - zero, exact, and one multiply by the scale rounds once. A min
+# ("f16-min"; bf16 would round the min a group shares too coarsely, bench/RESULTS.md, "GGUF at 4
+# bits"): subtracting the base leaves q, and one fma with the scale and min rounds once. One call
+# per half of the byte (the low nibbles, then the high): Pallas lowers an inline asm of one result
+# only.
+_PAIRS = {"bf16": (jnp.bfloat16, "bf16x2", "0x43004300", 128.0),
+          "f16": (jnp.float16, "f16x2", "0x64006400", 1024.0),
+          "f16-min": (jnp.float16, "f16x2", "0x64006400", 1024.0)}  # (dtype, PTX type, base)
+
+
+def _pairs_asm(high: bool, form: str) -> str:
+    _, kind, base, _ = _PAIRS[form]
     shift = "shr.u32 b01, b01, 4;\nshr.u32 b23, b23, 4;\n" if high else ""
-    return ("{\n.reg .b32 b01, b23, v, m;\nmov.b32 m, 0x43004300;\n"
-            "prmt.b32 b01, $2, 0, 0x4140;\nprmt.b32 b23, $2, 0, 0x4342;\n" + shift +
-            "lop3.b32 v, b01, 0x000F000F, m, 0xEA;\nsub.bf16x2 v, v, $5;\n"
-            "mul.rn.bf16x2 $0, v, $3;\n"
-            "lop3.b32 v, b23, 0x000F000F, m, 0xEA;\nsub.bf16x2 v, v, $6;\n"
-            "mul.rn.bf16x2 $1, v, $4;\n}")
+
+    def pair(src: str, out: int) -> str:
+        made = f"lop3.b32 v, {src}, 0x000F000F, m, 0xEA;\n"
+        if form == "f16-min":
+            return made + f"sub.{kind} v, v, m;\nfma.rn.{kind} ${out}, v, ${3 + out}, ${5 + out};\n"
+        return made + f"sub.{kind} v, v, ${5 + out};\nmul.rn.{kind} ${out}, v, ${3 + out};\n"
+    return ("{\n.reg .b32 b01, b23, v, m;\n" + f"mov.b32 m, {base};\n"
+            "prmt.b32 b01, $2, 0, 0x4140;\nprmt.b32 b23, $2, 0, 0x4342;\n" + shift
+            + pair("b01", 0) + pair("b23", 1) + "}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +87,9 @@ class Tiles:
     splits: Optional[int] = None   # None: triton_rows.input_splits()
     num_warps: int = 4
     num_stages: int = 3
+    # Dequantize in float16 pairs, either offset, against x made float16 row by row
+    # (triton_rows.f16_rows); else bf16 pairs for zero points and a bf16 x, float32 otherwise.
+    f16: bool = False
 
 
 def default_tiles(m: int) -> Tiles:
@@ -111,14 +129,19 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array,
     tiles = tiles or default_tiles(m)
     bm, bn, splits = grouped_tiles(m, n, k, groups, tiles, PARTIAL_SHARE, "int4_matmul")
     step = _step(group)
-    if offset.dtype == jnp.uint8:
-        dequant = "pairs" if x.dtype == jnp.bfloat16 and not interpret else "zero"
+    zero = offset.dtype == jnp.uint8
+    if tiles.f16:
+        dequant = "f16" if zero else "f16-min"
+    elif zero:
+        dequant = "bf16" if x.dtype == jnp.bfloat16 else "zero"
     else:
         dequant = "min"
     kernel = functools.partial(_kernel, group=group, step=step, block_m=bm, block_n=bn,
-                               steps=(k // 2) // splits // step, dequant=dequant)
+                               steps=(k // 2) // splits // step, dequant=dequant,
+                               asm=not interpret)
+    xk, shift = f16_rows(x) if tiles.f16 else (x, None)
     partials = split_k_call(
-        kernel, (x, w, scale, offset),
+        kernel, (xk, w, scale, offset),
         [pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
          pl.BlockSpec((bn, k // 2), lambda r, i, j: (i, 0)),
          pl.BlockSpec((groups, bn), lambda r, i, j: (0, i)),
@@ -127,21 +150,29 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array,
         # later ones find it in the L2.
         grid=(-(-m // bm), n // bn, splits), m=m, n=n, splits=splits, tiles=tiles,
         interpret=interpret, name="int4_matmul")
-    return partials.sum(0).astype(x.dtype)
+    y = partials.sum(0)
+    return (y if shift is None else y * jnp.exp2(-shift)).astype(x.dtype)
 
 
-def _dequantize(packed, scale, offset, dtype, how: str):
+def _dequantize(packed, scale, offset, dtype, how: str, asm: bool):
     """[BN, step] packed bytes and [BN] scales and offsets of their group -> the low and the high
     nibbles' weights, [BN, step] each in `dtype`. `how`: "min" (q * scale + min), "zero"
-    ((q - zero) * scale), both through float32; "pairs" the zero-point form in bf16 pairs."""
-    if how == "pairs":
-        s = jnp.broadcast_to(scale.astype(jnp.bfloat16)[:, None], packed.shape)
-        z = jnp.broadcast_to((offset.astype(jnp.float32) + 128).astype(jnp.bfloat16)[:, None],
-                             packed.shape)
-        out = [jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)]
-        return tuple(plgpu.elementwise_inline_asm(
-            _zero_point_asm(high), args=[packed, s, z], constraints="=r,=r,r,r,r,r,r", pack=4,
-            result_shape_dtypes=out)[0] for high in (False, True))
+    ((q - zero) * scale), both through float32; "bf16", "f16" (zero points) and "f16-min" in
+    half-precision pairs (_pairs_asm; emulated where `asm` is off, as in interpret mode: the same
+    arithmetic, the scale and offset rounded to the pairs' type first)."""
+    if how in _PAIRS:
+        half, _, _, base = _PAIRS[how]
+        base = 0.0 if how == "f16-min" else base  # zero points go in as base + zero
+        s = scale.astype(half)
+        off = (offset.astype(jnp.float32) + base).astype(half)
+        if asm:
+            s, off = (jnp.broadcast_to(a[:, None], packed.shape) for a in (s, off))
+            out = [jax.ShapeDtypeStruct(packed.shape, half)]
+            return tuple(plgpu.elementwise_inline_asm(
+                _pairs_asm(high, how), args=[packed, s, off], constraints="=r,=r,r,r,r,r,r",
+                pack=4, result_shape_dtypes=out)[0] for high in (False, True))
+        scale, offset = s.astype(jnp.float32), off.astype(jnp.float32) - base
+        how = "min" if how == "f16-min" else "zero"
     scale = scale.astype(jnp.float32)[:, None]
     offset = offset.astype(jnp.float32)[:, None]
     nibbles = ((packed & 15).astype(jnp.float32), (packed >> 4).astype(jnp.float32))
@@ -151,7 +182,7 @@ def _dequantize(packed, scale, offset, dtype, how: str):
 
 
 def _kernel(x_ref, w_ref, s_ref, off_ref, o_ref, *, group, step, block_m, block_n, steps,
-            dequant):
+            dequant, asm):
     half = group // 2
     dtype = x_ref.dtype
     first = pl.program_id(2) * steps
@@ -169,7 +200,7 @@ def _kernel(x_ref, w_ref, s_ref, off_ref, o_ref, *, group, step, block_m, block_
         g = j0 // half                                       # its group
         e0 = pl.multiple_of(g * group + (j0 - g * half), step)  # the low half's first input
         packed = w_ref[:, pl.ds(j0, step)]                  # [BN, step]
-        lo, hi = _dequantize(packed, s_ref[g, :], off_ref[g, :], dtype, dequant)
+        lo, hi = _dequantize(packed, s_ref[g, :], off_ref[g, :], dtype, dequant, asm)
         acc += plgpu.dot(x_tile(e0), lo, trans_b=True)
         return acc + plgpu.dot(x_tile(e0 + half), hi, trans_b=True)
 

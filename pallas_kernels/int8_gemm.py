@@ -12,7 +12,7 @@ turns them into floats, multiplies each column by its group's scale (and adds it
 result to x's dtype (the weight a load in that dtype would hold) and feeds it to the tensor cores
 against the group's input columns; `groups_per_step` groups a loop step. Three ways of making the
 weights (_dequantize; Tiles.dequant): through float32 by a type conversion or by the bytes' bits,
-or in float16 pairs against an input made float16 row by row (_to_f16_rows). Each
+or in float16 pairs against an input made float16 row by row (triton_rows.f16_rows). Each
 slice writes its float32 partial sums; XLA adds them and casts to x's dtype, fused into the
 consumer. Rows past M are masked, neither padded in memory nor written.
 
@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.triton_rows import MIN_BLOCK_N, grouped_tiles, split_k_call
+from pallas_kernels.triton_rows import MIN_BLOCK_N, f16_rows, grouped_tiles, split_k_call
 
 # Rows up to which the engine takes this kernel (models/int8.py; beyond, XLA dequantizes once
 # and multiplies): the int4 GEMM's measured bound (int4_gemm.MAX_ROWS), until this one's sweep
@@ -92,7 +92,7 @@ def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.A
     kernel = functools.partial(_kernel, group=group, block_m=bm, block_n=bn, per_step=per_step,
                                steps=per_slice // per_step, dequant=tiles.dequant,
                                asm=not interpret)
-    xk, shift = (x, None) if tiles.dequant != "f16" else _to_f16_rows(x)
+    xk, shift = (x, None) if tiles.dequant != "f16" else f16_rows(x)
     group_rows = pl.BlockSpec((groups, bn), lambda r, i, j: (0, i))
     partials = split_k_call(
         kernel, (xk, w, scale) + (() if mn is None else (mn,)),
@@ -105,15 +105,6 @@ def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.A
         interpret=interpret, name="int8_matmul")
     y = partials.sum(0)
     return (y if shift is None else y * jnp.exp2(-shift)).astype(x.dtype)
-
-
-def _to_f16_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [M, K] as float16, each row scaled by a power of two that brings its largest magnitude
-    into [2**13, 2**14) (exact, and far from float16's 65504 whatever x's range), and the scales'
-    exponents [M, 1] to undo on the output."""
-    _, e = jnp.frexp(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True))
-    shift = (14 - e).astype(jnp.float32)
-    return (x.astype(jnp.float32) * jnp.exp2(shift)).astype(jnp.float16), shift
 
 
 DEQUANT = ("convert", "bits", "f16")

@@ -97,3 +97,13 @@ def grouped_tiles(m: int, n: int, k: int, groups: int, tiles, partial_share: int
     if groups % splits:
         raise ValueError(f"{name}: {splits} splits do not divide {groups} groups")
     return bm, bn, splits
+
+
+def f16_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] as float16 for a GEMM in float16 pairs, each row scaled by a power of two that
+    brings its largest magnitude into [2**13, 2**14) (far from float16's 65504 whatever x's range;
+    a bf16 x exactly, but for values below 2**-27 of their row's largest, float16 subnormals), and
+    the scales' exponents [M, 1]: the GEMM's output times 2**-exponent is x's."""
+    _, e = jnp.frexp(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True))
+    shift = (14 - e).astype(jnp.float32)
+    return (x.astype(jnp.float32) * jnp.exp2(shift)).astype(jnp.float16), shift

@@ -125,11 +125,13 @@ def test_int4_linear_against_float64(offset):
     (1, 128, None),                               # the engine's tiling (default_tiles)
     (5, 32, Tiles(block_n=32, splits=4)),         # four slices' partial sums, summed after
     (16, 256, Tiles(block_n=128, splits=1)),      # one slice: several steps a half group
-    (50, 64, Tiles(block_m=16, splits=2))])       # four row tiles, the last one part padding
+    (50, 64, Tiles(block_m=16, splits=2)),        # four row tiles, the last one part padding
+    (3, 128, Tiles(f16=True))])                   # float16 pairs (emulated here)
 def test_int4_gemm_kernel_against_reference(rows, group, tiles, offset):
     """The Pallas GEMM (interpret mode) against its jnp reference and float64, per group size,
-    tiling (one reduction step per half group of 16 inputs, several per half group of 128) and
-    offset (zero points, a min)."""
+    tiling (one reduction step per half group of 16 inputs, several per half group of 128),
+    offset (zero points, a min) and dequantization (bf16 pairs for zero points, emulated here;
+    float16 pairs)."""
     rng = np.random.default_rng(rows)
     n, k = 256, 512
     w_packed, scale, off, w = _random_int4(rng, n, k, k // group, offset)
@@ -145,29 +147,35 @@ def test_int4_gemm_kernel_against_reference(rows, group, tiles, offset):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("f16", [False, True], ids=["engine", "f16-pairs"])
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("rows, n, k", [(1, 1024, 4096), (16, 4096, 14336), (7, 14336, 4096)])
-def test_gpu_int4_gemm_against_reference(rows, n, k, offset):
+def test_gpu_int4_gemm_against_reference(rows, n, k, offset, f16):
     """Compiled for the GPU at the 8B shapes (k/v, down, gate/up), group 128, bf16 x, each offset
-    (zero points: the bf16-pair dequantization in PTX): the Pallas GEMM against float64, and each
-    weight read back through unit rows."""
+    (zero points: the bf16-pair dequantization in PTX) and the float16 pairs for either: the
+    Pallas GEMM against float64, and each weight read back through unit rows."""
+    import dataclasses
+
     import jax
     rng = np.random.default_rng(n + rows)
     w_packed, scale, off, w = _random_int4(rng, n, k, k // 128, offset)
     args = (jnp.asarray(w_packed), jnp.asarray(scale), jnp.asarray(off))
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-    mm = jax.jit(int4_matmul)
+    mm = jax.jit(lambda x, *a: int4_matmul(x, *a, tiles=dataclasses.replace(
+        int4_gemm.default_tiles(x.shape[0]), f16=f16)))
     got = np.asarray(mm(x, *args), np.float64)
     exact = np.asarray(x, np.float64) @ w.T
     assert np.abs(got - exact).max() < 0.01 * np.abs(exact).max()
     # 64 weights of every output read back through unit rows (inputs from every group, low and high
     # nibbles): each within its rounding to bf16 (2^-8 relative) plus, for zero points, the scale's
-    # (another 2^-8 of it); a swapped or shifted nibble is off by a whole step or more.
+    # (another 2^-8 of it) and, in float16 pairs, a min's rounding to float16 (2^-11 of it); a
+    # swapped or shifted nibble is off by a whole step or more.
     cols = np.sort(rng.choice(k, 64, replace=False))
     w_got = np.asarray(mm(jnp.eye(k, dtype=jnp.bfloat16)[cols], *args), np.float64).T
     w64 = w[:, cols]
     s64 = scale.T.astype(np.float64)[:, cols // 128]
-    assert (np.abs(w_got - w64) <= 2.0**-7 * np.abs(w64) + 1e-3 * s64).all()
+    min64 = 0 if offset == "zero" else np.abs(off.T.astype(np.float64)[:, cols // 128])
+    assert (np.abs(w_got - w64) <= 2.0**-7 * np.abs(w64) + 1e-3 * s64 + 2.0**-10 * min64).all()
 
 
 def test_int4_gemm_splits_shrink_as_rows_grow():
