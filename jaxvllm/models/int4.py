@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvllm.models.grouped import grouped_linear
 from jaxvllm.models.int8 import INT8
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 
@@ -50,14 +51,7 @@ def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
     dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if (jax.default_backend() == "gpu" and x2.shape[0] <= int4_gemm.MAX_ROWS
-            and int4_gemm.fits(w.shape[0], k, k // scale.shape[0])):
-        y = int4_matmul(x2, w, scale, off)
-    else:
-        y = int4_matmul_reference(x2, w, scale, off)
-    return y.reshape(*lead, w.shape[0])
+    return grouped_linear(x, int4_gemm, int4_matmul, int4_matmul_reference, w, scale, off)
 
 
 def pack(q: Any, group: int) -> Any:

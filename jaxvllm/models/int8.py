@@ -15,6 +15,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxvllm.models.grouped import grouped_linear
 from pallas_kernels import int8_gemm, int8_matmul, int8_matmul_reference
 
 INT8 = jnp.int8
@@ -25,11 +26,4 @@ def int8_linear(x: jax.Array, w: jax.Array, scale: jax.Array,
     """x [..., in] times the int8 weight (w [out, in], scale and the min `mn` (or None) [groups,
     out]). Decode-sized batches on the GPU run the Pallas GEMM (the weight read at a byte a
     value); others dequantize, then multiply. Returns x's dtype."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if (jax.default_backend() == "gpu" and x2.shape[0] <= int8_gemm.MAX_ROWS
-            and int8_gemm.fits(w.shape[0], k, k // scale.shape[0])):
-        y = int8_matmul(x2, w, scale, mn)
-    else:
-        y = int8_matmul_reference(x2, w, scale, mn)
-    return y.reshape(*lead, w.shape[0])
+    return grouped_linear(x, int8_gemm, int8_matmul, int8_matmul_reference, w, scale, mn)
