@@ -105,18 +105,26 @@ def int8_weight(t: Any) -> Int8Weight:
     unit[..., 2:4] = zero
     if kind == T.Q5_1:
         return Int8Weight(q=_dequantized(unit, kind, out), scale=d, offset=_f16(blocks[..., 2:4]))
-    # Q5_K: with d 1 and dmin 0 the blocks read sc * q; sc and m are Q4_K's 6-bit pairs.
-    sc, m = gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
-    sc, m = (a.reshape(out, -1, 8).astype(np.float32) for a in (sc, m))  # [out, blocks, 8]
+    # Q5_K: with d 1 and dmin 0 the blocks read sc * q.
+    sc, scale, offset = _k_scales(blocks)
     scaled = _dequantized(unit, kind, out, np.float32).reshape(*sc.shape, -1)
     q = np.divide(scaled, sc[..., None], out=np.zeros_like(scaled), where=sc[..., None] > 0)
-    dmin = _f16(blocks[..., 2:4])
-    return Int8Weight(q=q.astype(np.int8).reshape(out, -1),
-                      scale=(d[..., None] * sc).reshape(out, -1),
-                      offset=-(dmin[..., None] * m).reshape(out, -1))
+    return Int8Weight(q=q.astype(np.int8).reshape(out, -1), scale=scale, offset=offset)
+
+
+def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K's and Q5_K's blocks [out, blocks, bytes] -> their 6-bit scales sc [out, blocks, 8]
+    (float32) and each group of 32's scale d * sc and min -dmin * m, [out, groups] each."""
+    import gguf
+    out = blocks.shape[0]
+    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    sc, m = gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
+    sc, m = (a.reshape(out, -1, 8).astype(np.float32) for a in (sc, m))
+    return sc, (d[..., None] * sc).reshape(out, -1), -(dmin[..., None] * m).reshape(out, -1)
 
 
 def _f16_bytes(value: float) -> np.ndarray:
+    """`value` as the two bytes of a float16, to write into a block."""
     return np.frombuffer(np.float16(value).tobytes(), np.uint8)
 
 
@@ -141,11 +149,7 @@ def int4_weight(t: Any) -> Int4Weight:
         q = np.concatenate([qs & 15, qs >> 4], axis=-1)              # [out, blocks, 32]
         scale = d
     else:  # Q4_K
-        d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
-        sc, m = gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
-        sc, m = (a.reshape(out, -1, 8).astype(np.float32) for a in (sc, m))
-        scale = (d[..., None] * sc).reshape(out, -1)
-        offset = -(dmin[..., None] * m).reshape(out, -1)
+        _, scale, offset = _k_scales(blocks)
         qs = blocks[..., 16:].reshape(out, -1, 4, 1, 32)
         q = np.concatenate([qs & 15, qs >> 4], axis=-2)              # [out, blocks, 4, 2, 32]
     return Int4Weight(q=np.ascontiguousarray(q.reshape(out, -1)),
