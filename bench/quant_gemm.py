@@ -13,7 +13,8 @@ here; the engine runs an int4 or int8 model's q/k/v and gate/up as one GEMM each
 With `--sweep` it times the int8 GEMM's tilings instead (pallas_kernels/int8_gemm.Tiles) over the
 layer's seven Q8_0 linears at each token count, fastest first, beside the engine's default_tiles
 and XLA's dequantize-then-GEMM (what the engine runs past int8_gemm.MAX_ROWS), so the sweep also
-says where the kernel stops paying and which way of making the weights is fastest (interpret mode off the GPU: a check that it runs, not a time).
+says where the kernel stops paying and which way of making the weights is fastest (interpret mode
+off the GPU: a check that it runs, not a time).
 
 Random weights and inputs; each bucket compiled as the engine compiles it (Triton GEMMs up to
 TRITON_GEMM_MAX_TOKENS (jaxvllm/config.py) tokens, cuBLAS beyond); each time the median per call of the
