@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import struct
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from converters.errors import WeightLoadError
-from converters.quant_config import quantization_config
-from jaxvllm.config import INT4_QUANTIZATIONS
+from converters.quant_config import compressed_tensors_formats, quantization_config
+from converters.int4 import int4_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +39,15 @@ def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
     qc = quantization_config(hf_config)
     if not qc:
         return None
-    method = qc.get("quant_method")
-    if method in INT4_QUANTIZATIONS:  # converters/int4.py
+    if int4_checkpoint(hf_config) is not None:
         return None
+    method = qc.get("quant_method")
     if method == "fp8":
         if qc.get("fmt", "e4m3") != "e4m3":
             raise ValueError(f"quantization_config.fmt {qc.get('fmt')!r}: only e4m3 FP8 loads")
         block = qc.get("weight_block_size")
         return Fp8Checkpoint("weight_scale_inv", _block(block, "weight_block_size"))
-    if method == "compressed-tensors" and qc.get("format") == "float-quantized":
+    if method == "compressed-tensors" and compressed_tensors_formats(qc) == {"float-quantized"}:
         blocks = set()
         for name, group in (qc.get("config_groups") or {}).items():
             w = group.get("weights") or {}
@@ -66,10 +63,11 @@ def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
         if len(blocks) > 1:
             raise ValueError("quantization_config.config_groups: one scale layout for all groups")
         return Fp8Checkpoint("weight_scale", blocks.pop() if blocks else None)
+    formats = sorted(map(str, compressed_tensors_formats(qc)))
     raise ValueError(f"quantization_config: quant_method {method!r}"
-                     f"{'' if method != 'compressed-tensors' else ' format ' + repr(qc.get('format'))}"
-                     " cannot be loaded (supported: 'fp8', 'compressed-tensors' float-quantized, "
-                     "'awq', 'gptq')")
+                     f"{'' if method != 'compressed-tensors' else ' format ' + ', '.join(formats)}"
+                     " cannot be loaded (supported: 'fp8', 'compressed-tensors' float-quantized "
+                     "or pack-quantized, 'awq', 'gptq')")
 
 
 def _block(value: Any, field: str) -> Optional[tuple[int, int]]:
@@ -79,29 +77,6 @@ def _block(value: Any, field: str) -> Optional[tuple[int, int]]:
             or not all(isinstance(v, int) and v > 0 for v in value)):
         raise ValueError(f"quantization_config.{field} must be two positive ints, got {value!r}")
     return int(value[0]), int(value[1])
-
-
-def read_fp8(path: str, name: str) -> np.ndarray:
-    """A float8 e4m3 tensor of a safetensors file, read from the file's header and bytes
-    (safetensors' numpy reader has no float8 type)."""
-    data_start, header = _header(path)
-    entry = header[name]
-    if entry["dtype"] != "F8_E4M3":
-        raise WeightLoadError(f"{path}: tensor {name!r} is {entry['dtype']}, not F8_E4M3")
-    start, end = entry["data_offsets"]
-    with open(path, "rb") as f:
-        f.seek(data_start + start)
-        data = f.read(end - start)
-    return np.frombuffer(data, ml_dtypes.float8_e4m3fn).reshape(entry["shape"])
-
-
-@functools.lru_cache(maxsize=4)
-def _header(path: str) -> tuple[int, dict[str, Any]]:
-    """(where the tensor bytes start, the JSON header) of a safetensors file, parsed once per file
-    rather than once per tensor (the loader reads a file's tensors one after another)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        return 8 + header_len, json.loads(f.read(header_len))
 
 
 def scale_name(fmt: Fp8Checkpoint, weight_name: str) -> str:

@@ -21,11 +21,12 @@ import numpy as np
 from converters.errors import WeightLoadError
 from converters.fp8 import channel_scales as fp8_channel_scales
 from converters.fp8 import dequantize as dequantize_fp8
-from converters.fp8 import fp8_checkpoint, read_fp8
+from converters.fp8 import fp8_checkpoint
 from converters.fp8 import scale_name as fp8_scale_name
 from converters.gguf_quant import Int8Weight
-from converters.int4 import COMPANIONS, Int4Weight, int4_checkpoint
+from converters.int4 import PACKED, Int4Weight, int4_checkpoint
 from converters.int4 import unpack as unpack_int4
+from converters.safetensors_raw import read_array
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import pack as pack_int4
 from jaxvllm.models.params import KV_CACHE_SCALES, param_shapes
@@ -78,7 +79,8 @@ _KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\."
 # FP8 checkpoints' scales (converters/fp8.py) and int4 ones' zeros, scales and group indices
 # (converters/int4.py) are read with their weights.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.masked_bias$|\.attn\.bias$"
-                      r"|\.(weight_scale|weight_scale_inv|input_scale|qzeros|scales|g_idx)$"
+                      r"|\.(weight_scale|weight_scale_inv|input_scale|qzeros|scales|g_idx"
+                      r"|weight_shape|weight_zero_point|weight_g_idx)$"
                       r"|^(model\.)?(vision_tower|multi_modal_projector)\.")
 # A multimodal checkpoint's text-model tensors, under the names of the text model alone.
 _TEXT_MODEL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
@@ -499,32 +501,38 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
     hf_config = read_config_dict(model_dir)
     fp8, int4 = fp8_checkpoint(hf_config), int4_checkpoint(hf_config)
 
-    def companion(name: str, path: str, names: list[str], framework: str) -> Any:
+    def companion(name: str, path: str, names: list[str], host: bool = False) -> Any:
         """Tensor `name` (read with its weight: a scale, zeros, group indices) from this file or
-        the one the index names; None where neither has it."""
+        the one the index names, as a numpy array with `host`; None where neither has it."""
         where = path if name in names else (weight_map or {}).get(name)
         if where is None:
             return None
-        with safe_open(where, framework=framework) as g:
+        if host:
+            return read_array(where, name)
+        with safe_open(where, framework="flax") as g:
             return g.get_tensor(name)
 
     def fp8_scale(name: str, names: list[str], path: str) -> Any:
-        scale = companion(fp8_scale_name(fp8, name), path, names, "flax")
+        scale = companion(fp8_scale_name(fp8, name), path, names)
         if scale is None:
             raise WeightLoadError(f"{path}: float8 tensor {name!r} has no "
                                   f"{fp8_scale_name(fp8, name)!r}")
         return scale
 
     def add_int4(name: str, names: list[str], path: str) -> None:
-        prefix = name[:-len(".qweight")]
-        if int4 is None:
+        prefix, suffix = name.rsplit(".", 1)
+        if int4 is None or suffix != int4.parts[0]:
             raise WeightLoadError(f"{path}: tensor {name!r} is a packed int4 weight but config.json "
-                                  "has no AWQ or GPTQ quantization_config")
+                                  "has no " + ("AWQ or GPTQ" if suffix == "qweight" else
+                                               "compressed-tensors pack-quantized")
+                                  + " quantization_config")
         if not builder.wants(prefix + ".weight"):
             return
         try:  # on the host (numpy): unpacked there, placed once packed
-            parts = {part: companion(f"{prefix}.{part}", path, names, "numpy")
-                     for part in ("qweight", *COMPANIONS)}
+            parts = {part: companion(f"{prefix}.{part}", path, names, host=True)
+                     for part in int4.parts}
+        except WeightLoadError:
+            raise
         except Exception as e:
             raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
         parts = {k: v for k, v in parts.items() if v is not None}
@@ -541,7 +549,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
             except Exception as e:
                 raise WeightLoadError(f"{path}: cannot list tensors ({e})") from e
             for name in names:
-                if name.endswith(".qweight"):
+                if name.endswith(PACKED):
                     add_int4(name, names, path)
                     continue
                 if _KV_SCALE.match(text_model_name(name)):
@@ -560,7 +568,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                     raise WeightLoadError(f"{path}: tensor {name!r} is float8 but config.json has "
                                           "no quantization_config")
                 try:
-                    tensor = read_fp8(path, name) if is_fp8 else f.get_tensor(name)
+                    tensor = read_array(path, name) if is_fp8 else f.get_tensor(name)
                 except Exception as e:
                     raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
                 if is_fp8:

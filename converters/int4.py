@@ -13,6 +13,12 @@ GPTQ (`quant_method: "gptq"`): `qweight` int32 [in/8, out], eight input rows per
 original format (`checkpoint_format` "gptq"; "gptq_v2" stores the zero itself), `scales`
 [groups, out], `g_idx` [in] (each input row's group; with `desc_act` the groups are not in row
 order).
+compressed-tensors `pack-quantized` (`quant_method: "compressed-tensors"`, 4-bit int weights,
+strategy "group" or "channel": llm-compressor's W4A16): `weight_packed` int32 [out, in/8], input
+8k+j at bit 4j, each value stored plus 8 (the signed value's offset); `weight_scale` [out, groups];
+`weight_shape` [out, in]; for asymmetric schemes `weight_zero_point` int32 [out/8, groups] (output
+8k+j at bit 4j, plus 8); symmetric ones store none (zero 8); `weight_g_idx` [in] where the
+checkpoint was quantized in activation order (older releases' "group" actorder).
 """
 from __future__ import annotations
 
@@ -22,20 +28,31 @@ from typing import Any, Optional
 import numpy as np
 
 from converters.errors import WeightLoadError
-from converters.quant_config import quantization_config
+from converters.quant_config import compressed_tensors_formats, quantization_config
 from jaxvllm.config import INT4_QUANTIZATIONS
 
-# Tensors that come with a packed weight "<prefix>.qweight" and are read with it.
-COMPANIONS = ("qzeros", "scales", "g_idx")
 _AWQ_NIBBLE = np.array([0, 4, 1, 5, 2, 6, 3, 7])  # AWQ packs outputs 0..7 in the order 0 2 4 6 1 3 5 7
 _SHIFTS = np.arange(8, dtype=np.uint32) * 4
 
 
 @dataclasses.dataclass(frozen=True)
 class Int4Checkpoint:
-    method: str          # "awq" | "gptq"
+    method: str          # one of INT4_QUANTIZATIONS
     group_size: int      # input rows per scale; -1: one group (per output channel)
     zero_offset: int     # added to each stored zero point (1 for GPTQ's original format)
+    symmetric: bool = False  # compressed-tensors: no zero points stored (each is 8)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The tensors of one linear, "<prefix>.<part>", the packed weight first."""
+        if self.method == "compressed-tensors":
+            return ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                    "weight_g_idx")
+        return ("qweight", "qzeros", "scales", "g_idx")
+
+
+# A packed int4 weight's tensor suffix in any of the formats.
+PACKED = (".qweight", ".weight_packed")
 
 
 @dataclasses.dataclass
@@ -56,6 +73,8 @@ def int4_checkpoint(hf_config: dict[str, Any]) -> Optional[Int4Checkpoint]:
     if qc.get("quant_method") not in INT4_QUANTIZATIONS:
         return None
     method = qc["quant_method"]
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
     bits = qc.get("bits", qc.get("w_bit"))
     if bits != 4:
         raise ValueError(f"quantization_config.bits {bits!r}: only 4-bit {method} checkpoints load")
@@ -77,6 +96,44 @@ def int4_checkpoint(hf_config: dict[str, Any]) -> Optional[Int4Checkpoint]:
     return Int4Checkpoint("gptq", group, 1 if fmt == "gptq" else 0)
 
 
+def _compressed_tensors(qc: dict[str, Any]) -> Optional[Int4Checkpoint]:
+    """A compressed-tensors config's int4 format; None for its other formats (float-quantized:
+    converters/fp8.py)."""
+    formats = compressed_tensors_formats(qc)
+    if "pack-quantized" not in formats:
+        return None
+    if formats != {"pack-quantized"}:
+        raise ValueError(f"quantization_config.config_groups: formats {sorted(map(str, formats))} "
+                         "in one checkpoint; only all pack-quantized (int4) or all float-quantized "
+                         "(FP8) load")
+    schemes = set()
+    for name, group in (qc.get("config_groups") or {}).items():
+        where = f"quantization_config.config_groups.{name}"
+        w = group.get("weights") or {}
+        if w.get("type") != "int" or w.get("num_bits") != 4:
+            raise ValueError(f"{where}.weights: only 4-bit int weights load from a pack-quantized "
+                             f"checkpoint, got {w.get('type')!r} {w.get('num_bits')!r} bits")
+        if group.get("input_activations"):
+            raise ValueError(f"{where}.input_activations: only weight-only (W4A16) pack-quantized "
+                             "checkpoints load; activations stay in the model's dtype")
+        if w.get("strategy") == "group":
+            size = w.get("group_size")
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                raise ValueError(f"{where}.weights.group_size must be a positive int, got {size!r}")
+        elif w.get("strategy") == "channel":
+            size = -1
+        else:
+            raise ValueError(f"{where}.weights.strategy {w.get('strategy')!r}: 'group' or 'channel' "
+                             "scales load")
+        schemes.add((size, bool(w.get("symmetric", True))))
+    if len(schemes) != 1:
+        raise ValueError("quantization_config.config_groups: "
+                         + ("a pack-quantized checkpoint names none" if not schemes
+                            else "one group size and symmetry for all groups"))
+    size, symmetric = schemes.pop()
+    return Int4Checkpoint("compressed-tensors", size, 0, symmetric)
+
+
 def _nibbles(packed: np.ndarray) -> np.ndarray:
     """int32 [..., n] -> uint8 [..., n, 8]: the eight 4-bit values of each word, low bits first."""
     words = np.ascontiguousarray(packed).view(np.uint32)
@@ -85,15 +142,51 @@ def _nibbles(packed: np.ndarray) -> np.ndarray:
 
 def unpack(fmt: Int4Checkpoint, name: str, tensors: dict[str, np.ndarray],
            source: str) -> Int4Weight:
-    """The packed tensors of one linear ("qweight", "qzeros", "scales", "g_idx" for GPTQ) ->
-    Int4Weight. A shape that does not fit the format is a WeightLoadError naming the tensor."""
+    """The tensors of one linear (fmt.parts; those a linear lacks left out) -> Int4Weight. A
+    tensor missing or of a shape that does not fit the format is a WeightLoadError naming it."""
     def bad(what: str) -> WeightLoadError:
         return WeightLoadError(f"{source}: int4 tensor {name!r}: {what}")
 
+    read = _compressed_tensors_parts if fmt.method == "compressed-tensors" else _awq_gptq_parts
+    q, zeros, scales, g_idx = read(fmt, {k: np.asarray(v) for k, v in tensors.items()}, bad)
+    inp, out = q.shape
+    group = inp if fmt.group_size == -1 else fmt.group_size
+    groups = -(-inp // group)
+    if inp % group or scales.shape != (groups, out) or zeros.shape != (groups, out):
+        raise bad(f"scales {list(scales.shape)} and zero points {list(zeros.shape)} do not fit a "
+                  f"weight of {inp} inputs and {out} outputs in groups of {group}")
+    zeros = zeros.astype(np.int32) + fmt.zero_offset
+    if zeros.max(initial=0) > 15:  # GPTQ's original format cannot store a zero point of 0
+        raise bad("a zero point of 16: the checkpoint's zeros are stored minus 1 "
+                  "(quantization_config.checkpoint_format 'gptq') and one wrapped from 0; "
+                  "requantize with checkpoint_format 'gptq_v2'")
+    perm = None
+    if g_idx is not None:
+        g_idx = g_idx.astype(np.int64)
+        in_order = np.arange(inp) // group
+        if g_idx.shape != (inp,):
+            raise bad(f"g_idx shape {list(g_idx.shape)}, expected [{inp}]")
+        if not np.array_equal(g_idx, in_order):  # activation order: gather each group's rows
+            perm = np.argsort(g_idx, kind="stable")
+            if not np.array_equal(g_idx[perm], in_order):
+                raise bad(f"g_idx does not put {group} input rows in each group")
+            q = q[perm]
+    scale = scales.T.astype(np.float32)  # exact: the checkpoints' scales are float16 or bfloat16
+    return Int4Weight(q=np.ascontiguousarray(q.T), scale=np.ascontiguousarray(scale),
+                      offset=np.ascontiguousarray(zeros.T.astype(np.uint8)),
+                      perm=None if perm is None else perm.astype(np.int32))
+
+
+_Parts = tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]
+
+
+def _awq_gptq_parts(fmt: Int4Checkpoint, tensors: dict[str, np.ndarray], bad: Any) -> _Parts:
+    """AWQ's or GPTQ's tensors -> (4-bit values [in, out], stored zero points [groups, out],
+    scales [groups, out], GPTQ's g_idx or None)."""
     for part in ("qweight", "qzeros", "scales"):
         if part not in tensors:
             raise bad(f"no {part!r} beside it")
-    qweight, qzeros, scales = (np.asarray(tensors[p]) for p in ("qweight", "qzeros", "scales"))
+    qweight, qzeros, scales = (tensors[p] for p in ("qweight", "qzeros", "scales"))
     if not qweight.ndim == qzeros.ndim == scales.ndim == 2:
         raise bad(f"qweight, qzeros and scales must be 2-D, got shapes {list(qweight.shape)}, "
                   f"{list(qzeros.shape)}, {list(scales.shape)}")
@@ -103,33 +196,40 @@ def unpack(fmt: Int4Checkpoint, name: str, tensors: dict[str, np.ndarray],
         inp, out = qweight.shape[0], qweight.shape[1] * 8
         q = _nibbles(qweight)[..., _AWQ_NIBBLE].reshape(inp, out)
         zeros = _nibbles(qzeros)[..., _AWQ_NIBBLE].reshape(qzeros.shape[0], -1)
+        return q, zeros, scales, None
+    inp, out = qweight.shape[0] * 8, qweight.shape[1]
+    q = np.moveaxis(_nibbles(qweight), -1, 1).reshape(inp, out)
+    zeros = _nibbles(qzeros).reshape(qzeros.shape[0], -1)
+    return q, zeros, scales, tensors.get("g_idx")
+
+
+def _compressed_tensors_parts(fmt: Int4Checkpoint, tensors: dict[str, np.ndarray],
+                              bad: Any) -> _Parts:
+    """compressed-tensors' pack-quantized tensors -> (4-bit values [in, out], zero points
+    [groups, out], scales [groups, out], weight_g_idx or None). The values are stored plus 8 and
+    so are the zero points, so both come out unsigned as the layout's are."""
+    for part in ("weight_packed", "weight_scale", "weight_shape"):
+        if part not in tensors:
+            raise bad(f"no {part!r} beside it")
+    packed, scale, shape = (tensors[p] for p in ("weight_packed", "weight_scale", "weight_shape"))
+    if packed.ndim != 2 or packed.dtype != np.int32 or scale.ndim != 2:
+        raise bad(f"weight_packed must be 2-D int32 and weight_scale 2-D, got {packed.dtype} "
+                  f"{list(packed.shape)} and {list(scale.shape)}")
+    out, inp = packed.shape[0], packed.shape[1] * 8
+    if [int(v) for v in shape.reshape(-1)] != [out, inp]:
+        raise bad(f"weight_shape {shape.reshape(-1).tolist()} does not fit weight_packed "
+                  f"{list(packed.shape)} (eight inputs an int32; inputs not a multiple of 8 do "
+                  "not load)")
+    q = _nibbles(packed).reshape(out, inp).T
+    groups = scale.shape[1]
+    if fmt.symmetric:
+        zeros = np.full((groups, out), 8, np.int32)
+    elif "weight_zero_point" not in tensors:
+        raise bad("no 'weight_zero_point' beside it (the scheme is asymmetric)")
     else:
-        inp, out = qweight.shape[0] * 8, qweight.shape[1]
-        q = np.moveaxis(_nibbles(qweight), -1, 1).reshape(inp, out)
-        zeros = _nibbles(qzeros).reshape(qzeros.shape[0], -1)
-    group = inp if fmt.group_size == -1 else fmt.group_size
-    groups = -(-inp // group)
-    if inp % group or scales.shape != (groups, out) or zeros.shape != (groups, out):
-        raise bad(f"scales {list(scales.shape)} and qzeros {list(qzeros.shape)} do not fit a "
-                  f"weight of {inp} inputs and {out} outputs in groups of {group}")
-    zeros = zeros.astype(np.int32) + fmt.zero_offset
-    if zeros.max(initial=0) > 15:  # GPTQ's original format cannot store a zero point of 0
-        raise bad("a zero point of 16: the checkpoint's zeros are stored minus 1 "
-                  "(quantization_config.checkpoint_format 'gptq') and one wrapped from 0; "
-                  "requantize with checkpoint_format 'gptq_v2'")
-    perm = None
-    g_idx = tensors.get("g_idx")
-    if fmt.method == "gptq" and g_idx is not None:
-        g_idx = np.asarray(g_idx).astype(np.int64)
-        in_order = np.arange(inp) // group
-        if g_idx.shape != (inp,):
-            raise bad(f"g_idx shape {list(g_idx.shape)}, expected [{inp}]")
-        if not np.array_equal(g_idx, in_order):  # activation order: gather each group's rows
-            perm = np.argsort(g_idx, kind="stable")
-            if not np.array_equal(g_idx[perm], in_order):
-                raise bad(f"g_idx does not put {group} input rows in each group")
-            q = q[perm]
-    scale = scales.T.astype(np.float32)  # exact: the checkpoints' scales are float16
-    return Int4Weight(q=np.ascontiguousarray(q.T), scale=np.ascontiguousarray(scale),
-                      offset=np.ascontiguousarray(zeros.T.astype(np.uint8)),
-                      perm=None if perm is None else perm.astype(np.int32))
+        zp = tensors["weight_zero_point"]
+        if zp.dtype != np.int32 or zp.shape != (-(-out // 8), groups):
+            raise bad(f"weight_zero_point {zp.dtype} {list(zp.shape)}, expected int32 "
+                      f"[{-(-out // 8)}, {groups}]")
+        zeros = _nibbles(zp.T).reshape(groups, -1)[:, :out]
+    return q, zeros, scale.T, tensors.get("weight_g_idx")

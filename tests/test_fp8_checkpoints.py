@@ -130,6 +130,23 @@ def test_fp8_checkpoint_runs_in_fp8(tmp_path):
     assert runs["fp8"] == runs["twin"]
 
 
+def test_compressed_tensors_name_takes_a_float_quantized_checkpoint_as_fp8(tmp_path):
+    """quantization="compressed-tensors" (vLLM's name for llm-compressor's checkpoints, which
+    converters/int4.py loads when they are int4) runs a float-quantized one as "fp8", and is
+    refused for a checkpoint that is not compressed-tensors."""
+    from jaxvllm import LLM
+    dirs, _ = _write_pair(tmp_path, "ct-channel")
+    kw = dict(dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
+              num_gpu_blocks_override=16, enforce_eager=True, token_buckets=(8, 32),
+              quantization="compressed-tensors")
+    llm = LLM(model=dirs["fp8"], **kw)
+    assert llm.llm_engine.args.quantization == "fp8"
+    assert llm.llm_engine.runner.params["layers"][0]["q"].dtype == jnp.float8_e4m3fn
+    del llm
+    with pytest.raises(ValueError, match="loads a compressed-tensors checkpoint"):
+        LLM(model=dirs["twin"], **kw)
+
+
 def test_per_tensor_fp8_checkpoint_runs_on_its_own_bytes(tmp_path):
     """A per-tensor FP8 checkpoint in the engine: its linears are the checkpoint's float8 bytes
     with its scale (not requantized per channel, which would round them again), and its greedy

@@ -406,7 +406,7 @@ def test_malformed_int4_tensors_are_named():
 def test_quantization_must_fit_the_checkpoint(tmp_path):
     from jaxvllm import LLM
     write_int4_checkpoint(str(tmp_path), "llama_awq")
-    with pytest.raises(ValueError, match="AWQ checkpoint"):
+    with pytest.raises(ValueError, match="int4 checkpoint of quantization='awq'"):
         LLM(model=str(tmp_path), quantization="gptq", dtype="float32", max_model_len=64)
     with pytest.raises(ValueError, match="is not one"):
         LLM(quantization="awq", max_model_len=64)  # the default model, a GGUF

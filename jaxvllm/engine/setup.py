@@ -115,21 +115,30 @@ def load(args: EngineArgs) -> Any:
 
 def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]:
     """The quantization the loaded checkpoint's own config implies, as vLLM takes it: an FP8
-    checkpoint turns "fp8" on, an AWQ/GPTQ one is its method; asking for int4 of a checkpoint
-    that is not one, or for another method than an int4 checkpoint's, is a ValueError."""
+    checkpoint turns "fp8" on (a compressed-tensors one runs as "fp8" when asked for
+    "compressed-tensors" too), an int4 one is its method; asking for int4 of a checkpoint that is
+    not one, or for another method than an int4 checkpoint's, is a ValueError."""
     from converters.fp8 import fp8_checkpoint
     from converters.int4 import int4_checkpoint
+    from converters.quant_config import quantization_config
     hf = loaded.hf_config if loaded.load_format == "safetensors" else {}
     int4 = int4_checkpoint(hf)
     if int4 is not None:
         if asked not in (None, int4.method):
-            raise ValueError(f"quantization={asked!r}, but {loaded.source} is a "
-                             f"{int4.method.upper()} checkpoint (quantization={int4.method!r})")
+            raise ValueError(f"quantization={asked!r}, but {loaded.source} is an int4 checkpoint "
+                             f"of quantization={int4.method!r}")
         return int4.method
+    fp8 = fp8_checkpoint(hf) is not None
+    if (fp8 and asked == "compressed-tensors"
+            and quantization_config(hf).get("quant_method") == "compressed-tensors"):
+        asked = None  # its float-quantized weights are the FP8 path's
     if asked in INT4_QUANTIZATIONS and loaded.load_format != "dummy":  # dummy weights: quantized in load()
-        raise ValueError(f"quantization={asked!r} loads the 4-bit weights of an {asked.upper()} "
-                         f"checkpoint; {loaded.source} ({loaded.load_format}) is not one")
-    if asked is None and fp8_checkpoint(hf) is not None:
+        what = ("a compressed-tensors checkpoint (int4 pack-quantized or FP8 float-quantized)"
+                if asked == "compressed-tensors" else f"the 4-bit weights of an {asked.upper()} "
+                "checkpoint")
+        raise ValueError(f"quantization={asked!r} loads {what}; {loaded.source} "
+                         f"({loaded.load_format}) is not one")
+    if asked is None and fp8:
         logger.info("%s is an FP8 checkpoint: quantization='fp8'", loaded.source)
         return "fp8"
     return asked

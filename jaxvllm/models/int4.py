@@ -1,10 +1,11 @@
-"""int4 weights (W4A16: AWQ and GPTQ checkpoints, `quantization="awq"|"gptq"`, and a GGUF's 4-bit
-tensors, `quantization="gguf"`): each linear weight kept at 4 bits with a scale and an offset per
-output channel and group of inputs, dequantized to the activations' dtype as the layer runs. The
-offset is an integer zero point where the format has one, w = (q - zero) * scale (AWQ, GPTQ, GGUF's
-Q4_0 and quantize_int4), else a min, w = q * scale + min (GGUF's Q4_1 and Q4_K): with zero points
-the GPU's GEMM dequantizes in bf16 pairs, twice the weights an instruction
-(pallas_kernels/int4_gemm.py).
+"""int4 weights (W4A16: AWQ, GPTQ and compressed-tensors checkpoints,
+`quantization="awq"|"gptq"|"compressed-tensors"`, and a GGUF's 4-bit tensors,
+`quantization="gguf"`): each linear weight kept at 4 bits with a scale and an offset per output
+channel and group of inputs, dequantized to the activations' dtype as the layer runs. The offset is
+an integer zero point where the format has one, w = (q - zero) * scale (AWQ, GPTQ,
+compressed-tensors, GGUF's Q4_0 and quantize_int4), else a min, w = q * scale + min (GGUF's Q4_1
+and Q4_K): with zero points the GPU's GEMM dequantizes in bf16 pairs, twice the weights an
+instruction (pallas_kernels/int4_gemm.py).
 
 Layout (beside the weight `<name>`; converters/int4.py writes it from a checkpoint, pack() from
 values): `<name>` uint8 [out, in/2], two 4-bit values a byte, within each group of inputs byte j

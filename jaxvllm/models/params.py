@@ -20,13 +20,13 @@ params = {
 }
 Linear weights are stored [in, out] (HF's torch weights transposed) so `x @ w` needs no transpose.
 With `quantization="fp8"` (models/quant.py) the quantized ones are float8 [out, in] (the layout
-cuBLASLt's FP8 GEMM reads) with a float32 `<name>_scale` [out] beside each. With "awq"/"gptq"
-(models/int4.py) they are packed uint8 [out, in/2] with `<name>_scale` [groups, out] (float32),
-`<name>_zero` (uint8 zero points) or `<name>_min` (float32, GGUF's Q4_1 and Q4_K) [groups, out],
-and `<name>_perm` int32 [in] for GPTQ in activation order. A GGUF's 5- to 8-bit projection
-(models/int8.py) is int8 [out, in] with `<name>_scale` and, for Q5_1 and Q5_K, `<name>_min`
-[groups, out] (float32). A checkpoint with FP8 KV-cache scales adds KV_CACHE_SCALES to every
-layer, float32 scalars or [kv_heads] vectors (models/llama.attend).
+cuBLASLt's FP8 GEMM reads) with a float32 `<name>_scale` [out] beside each. With "awq"/"gptq"/
+"compressed-tensors" (models/int4.py) they are packed uint8 [out, in/2] with `<name>_scale`
+[groups, out] (float32), `<name>_zero` (uint8 zero points) or `<name>_min` (float32, GGUF's Q4_1
+and Q4_K) [groups, out], and `<name>_perm` int32 [in] for GPTQ in activation order. A GGUF's 5- to
+8-bit projection (models/int8.py) is int8 [out, in] with `<name>_scale` and, for Q5_1 and Q5_K,
+`<name>_min` [groups, out] (float32). A checkpoint with FP8 KV-cache scales adds KV_CACHE_SCALES
+to every layer, float32 scalars or [kv_heads] vectors (models/llama.attend).
 """
 from __future__ import annotations
 
