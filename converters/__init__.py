@@ -314,8 +314,8 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
     else:
         done_format = "gguf" if res.kind == "gguf" else "safetensors"
         root = wcache.resolve_cache_dir(cache_dir)
-        from converters.int4 import int4_checkpoint
-        if keep_gguf_quantized or int4_checkpoint(hf_config) is not None:
+        from converters.integer import int_checkpoint
+        if keep_gguf_quantized or int_checkpoint(hf_config) is not None:
             root = None  # the int4 and int8 layouts are not the cache's (param_shapes)
         if root is not None and not wcache.should_cache(done_format, sum(os.path.getsize(f) for f in files),
                                                          cache_min_bytes):

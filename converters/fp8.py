@@ -24,7 +24,7 @@ import numpy as np
 
 from converters.errors import WeightLoadError
 from converters.quant_config import compressed_tensors_formats, quantization_config
-from converters.int4 import int4_checkpoint
+from converters.integer import int_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
     qc = quantization_config(hf_config)
     if not qc:
         return None
-    if int4_checkpoint(hf_config) is not None:
+    if int_checkpoint(hf_config) is not None:
         return None
     method = qc.get("quant_method")
     if method == "fp8":

@@ -154,7 +154,8 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
     """Dequantize and convert every tensor of the GGUF at `path` (dtype: one of DTYPES, already
     resolved); with `keep_quantized` the projections stored in one of
     converters/gguf_quant.kept_types() stay in the int4 or int8 layout."""
-    from converters.gguf_quant import Int8Weight, kept_types, kept_weight
+    from converters.gguf_quant import kept_types, kept_weight
+    from converters.integer import Int8Weight
     reader = reader if reader is not None else open_reader(path)
     arch = architecture(reader, path)
     builder = ParamsBuilder(cfg, dtype, path, display_name=hf_to_gguf_name)

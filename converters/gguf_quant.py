@@ -22,12 +22,12 @@ gguf's, not restated here.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 
-from converters.int4 import Int4Weight
+from converters.integer import Int4Weight, Int8Weight
+
 
 def kept_types() -> tuple:
     """The GGUF types `quantization="gguf"` keeps quantized."""
@@ -63,15 +63,6 @@ def _blocks(t: Any, types: tuple, layout: str) -> np.ndarray:
 def _f16(b: np.ndarray) -> np.ndarray:
     """[..., 2] bytes of float16 -> float32 [...]."""
     return b.copy().view(np.float16)[..., 0].astype(np.float32)
-
-
-@dataclasses.dataclass
-class Int8Weight:
-    """One linear's weight in the int8 layout: q int8 [out, in], float32 scale [out, groups] and
-    either no offset (w = q * scale) or a float32 min [out, groups] (w = q * scale + min)."""
-    q: np.ndarray
-    scale: np.ndarray
-    offset: Optional[np.ndarray] = None
 
 
 def kept_weight(t: Any) -> Union[Int4Weight, Int8Weight]:

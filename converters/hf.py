@@ -23,12 +23,12 @@ from converters.fp8 import channel_scales as fp8_channel_scales
 from converters.fp8 import dequantize as dequantize_fp8
 from converters.fp8 import fp8_checkpoint
 from converters.fp8 import scale_name as fp8_scale_name
-from converters.gguf_quant import Int8Weight
-from converters.int4 import PACKED, Int4Weight, int4_checkpoint
-from converters.int4 import unpack as unpack_int4
+from converters.integer import PACKED, Int4Weight, Int8Weight, int_checkpoint
+from converters.integer import unpack as unpack_integer
 from converters.safetensors_raw import read_array
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import pack as pack_int4
+from jaxvllm.models.int8 import kernel_groups as int8_groups
 from jaxvllm.models.params import KV_CACHE_SCALES, param_shapes
 from jaxvllm.models.quant import QUANTIZED
 
@@ -76,8 +76,8 @@ _KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\."
                        r"(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)$")
 # Tensors some checkpoints carry that the engine recomputes or does not use (a multimodal
 # checkpoint's vision tower and projector too).
-# FP8 checkpoints' scales (converters/fp8.py) and int4 ones' zeros, scales and group indices
-# (converters/int4.py) are read with their weights.
+# FP8 checkpoints' scales (converters/fp8.py) and integer ones' zeros, scales and group indices
+# (converters/integer.py) are read with their weights.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.attention\.masked_bias$|\.attn\.bias$"
                       r"|\.(weight_scale|weight_scale_inv|input_scale|qzeros|scales|g_idx"
                       r"|weight_shape|weight_zero_point|weight_g_idx)$"
@@ -300,7 +300,7 @@ class ParamsBuilder:
         return True
 
     def takes_quantized(self, name: str) -> bool:
-        """Whether weight `name` (HF) is one of the linears the int4 and FP8 layouts hold: the
+        """Whether weight `name` (HF) is one of the linears the int4, int8 and FP8 layouts hold: the
         attention and dense MLP projections (models/quant.QUANTIZED)."""
         path, _ = self.expected[text_model_name(name)]
         fused = isinstance(path[-1], tuple)
@@ -328,18 +328,22 @@ class ParamsBuilder:
         self.done.add(name)
 
     def add_int8(self, name: str, w: Int8Weight, file: Optional[str] = None) -> None:
-        """An 8-bit linear (converters/gguf_quant.Int8Weight; `name` its HF name) in the int8
-        layout (models/int8.py): the values as they are, the scales (and mins) group-major."""
+        """An 8-bit linear (converters/integer.Int8Weight; `name` its HF name) in the int8
+        layout (models/int8.py): the values as they are, the scales (and mins) group-major, the
+        input order."""
         name, path, _ = self._claim(name, file)
         if not self.takes_quantized(name):
             raise WeightLoadError(f"{file or self.source}: int8 tensor {self.display(name)!r}: only "
                                   "the attention and dense MLP projections load at 8 bits")
         self.check_shape(name, w.q.shape, file)
+        scale, offset = int8_groups(w.scale, w.offset, w.q.shape[1])
         for layer, key, rows in self._output_rows(path):
             layer[key] = jnp.asarray(np.ascontiguousarray(w.q[rows]))
-            layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype="float32")
-            if w.offset is not None:
-                layer[key + "_min"] = place(w.offset[rows].T, transpose=False, dtype="float32")
+            layer[key + "_scale"] = place(scale[rows].T, transpose=False, dtype="float32")
+            if offset is not None:
+                layer[key + "_min"] = place(offset[rows].T, transpose=False, dtype="float32")
+            if w.perm is not None:
+                layer[key + "_perm"] = jnp.asarray(w.perm)
         self.done.add(name)
 
     def add_fp8(self, name: str, q: np.ndarray, scale: np.ndarray,
@@ -499,7 +503,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
     files, weight_map = weight_files(model_dir)
     builder = ParamsBuilder(cfg, dtype, model_dir)
     hf_config = read_config_dict(model_dir)
-    fp8, int4 = fp8_checkpoint(hf_config), int4_checkpoint(hf_config)
+    fp8, integer = fp8_checkpoint(hf_config), int_checkpoint(hf_config)
 
     def companion(name: str, path: str, names: list[str], host: bool = False) -> Any:
         """Tensor `name` (read with its weight: a scale, zeros, group indices) from this file or
@@ -519,24 +523,25 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                                   f"{fp8_scale_name(fp8, name)!r}")
         return scale
 
-    def add_int4(name: str, names: list[str], path: str) -> None:
+    def add_integer(name: str, names: list[str], path: str) -> None:
         prefix, suffix = name.rsplit(".", 1)
-        if int4 is None or suffix != int4.parts[0]:
-            raise WeightLoadError(f"{path}: tensor {name!r} is a packed int4 weight but config.json "
-                                  "has no " + ("AWQ or GPTQ" if suffix == "qweight" else
-                                               "compressed-tensors pack-quantized")
-                                  + " quantization_config")
+        if integer is None or suffix != integer.parts[0]:
+            kind = "AWQ or GPTQ" if suffix == "qweight" else "compressed-tensors pack-quantized"
+            raise WeightLoadError(f"{path}: tensor {name!r} is a packed integer weight but "
+                                  f"config.json has no {kind} quantization_config")
         if not builder.wants(prefix + ".weight"):
             return
         try:  # on the host (numpy): unpacked there, placed once packed
             parts = {part: companion(f"{prefix}.{part}", path, names, host=True)
-                     for part in int4.parts}
+                     for part in integer.parts}
         except WeightLoadError:
             raise
         except Exception as e:
             raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
         parts = {k: v for k, v in parts.items() if v is not None}
-        builder.add_int4(prefix + ".weight", unpack_int4(int4, name, parts, path), path)
+        w = unpack_integer(integer, name, parts, path)
+        (builder.add_int8 if isinstance(w, Int8Weight) else builder.add_int4)(
+            prefix + ".weight", w, path)
 
     for path in files:
         try:
@@ -550,7 +555,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                 raise WeightLoadError(f"{path}: cannot list tensors ({e})") from e
             for name in names:
                 if name.endswith(PACKED):
-                    add_int4(name, names, path)
+                    add_integer(name, names, path)
                     continue
                 if _KV_SCALE.match(text_model_name(name)):
                     builder.take_kv_scale(name, f.get_tensor(name), path)

@@ -1,5 +1,5 @@
 """A checkpoint's `quantization_config` (config.json), where HF puts it: at the top or, for a
-multimodal checkpoint, in its text config. converters/fp8.py and converters/int4.py read it."""
+multimodal checkpoint, in its text config. converters/fp8.py and converters/integer.py read it."""
 from __future__ import annotations
 
 from typing import Any

@@ -11,12 +11,13 @@ from jaxvllm.spec_decode import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
-# 4-bit checkpoints (converters/int4.py). "compressed-tensors" names llm-compressor's checkpoints,
-# whose config says the scheme: pack-quantized int4 ones run here, float-quantized ones as "fp8".
-INT4_QUANTIZATIONS = ("awq", "gptq", "compressed-tensors")
-# Weights in the int4 layout (models/int4.py): those checkpoints, and a GGUF's 4-bit tensors kept
-# small, its 5- to 8-bit ones in the int8 layout (converters/gguf_quant.py).
-INTEGER_QUANTIZATIONS = (*INT4_QUANTIZATIONS, "gguf")
+# Integer-quantized checkpoints, 4 or 8 bits (converters/integer.py). "compressed-tensors" names
+# llm-compressor's checkpoints, whose config says the scheme: pack-quantized int ones run here,
+# float-quantized ones as "fp8".
+INT_CHECKPOINTS = ("awq", "gptq", "compressed-tensors")
+# Weights in the int4 and int8 layouts (models/int4.py, models/int8.py): those checkpoints, and a
+# GGUF's 4-bit tensors kept small, its 5- to 8-bit ones in the int8 layout (converters/gguf_quant.py).
+INTEGER_QUANTIZATIONS = (*INT_CHECKPOINTS, "gguf")
 QUANTIZATIONS = ("fp8", *INTEGER_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
@@ -68,8 +69,9 @@ class EngineArgs:
     quantization: Optional[str] = field(default=None, metadata={
         "help": "fp8: linear weights quantized to FP8 (e4m3) on load, per output channel, and "
                 "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype. "
-                "awq, gptq, compressed-tensors: the 4-bit weights of such a checkpoint (taken from "
-                "its config.json when not given; a compressed-tensors FP8 one runs as fp8). gguf: "
+                "awq, gptq, compressed-tensors: the 4- or 8-bit weights of such a checkpoint (taken "
+                "from its config.json when not given; a compressed-tensors FP8 one runs as fp8). "
+                "gguf: "
                 "a GGUF file's Q4_0/Q4_1/Q4_K projections kept at 4 bits and Q5_0/Q5_1/Q5_K/Q6_K/"
                 "Q8_0 ones at 8 (otherwise dequantized to dtype).",
         "choices": QUANTIZATIONS})

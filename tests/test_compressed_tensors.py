@@ -1,8 +1,9 @@
-"""compressed-tensors int4 checkpoints (llm-compressor's W4A16: `pack-quantized`, converters/int4.py)
-in the int4 layout: tiny random models quantized and saved by the compressed-tensors library itself
-(symmetric and asymmetric groups, per channel, bfloat16 scales), against HF transformers running the
-weights the library decompresses; activation order's `weight_g_idx`, which the library no longer
-writes, from its packer; and the config's and tensors' errors by name."""
+"""compressed-tensors integer checkpoints (llm-compressor's W4A16 and W8A16: `pack-quantized`,
+converters/integer.py) in the int4 and int8 layouts: tiny random models quantized and saved by the
+compressed-tensors library itself (symmetric and asymmetric groups, per channel, bfloat16 scales),
+against HF transformers running the weights the library decompresses; activation order's
+`weight_g_idx`, which the library no longer writes, from its packer; and the config's and tensors'
+errors by name."""
 from __future__ import annotations
 
 import json
@@ -20,22 +21,24 @@ from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfi
 from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
 from converters.errors import WeightLoadError
-from converters.int4 import Int4Checkpoint, int4_checkpoint, unpack
+from converters.integer import IntCheckpoint, int_checkpoint, unpack
 from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
 
 GROUP = 16
 _SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-CHECKPOINTS = {  # name: (model type, strategy, symmetric, the saved model's dtype)
-    "llama_group_asym": ("llama", "group", False, torch.float32),
-    "qwen2_group_sym_bf16": ("qwen2", "group", True, torch.bfloat16),  # q/k/v biases
-    "llama_channel_sym": ("llama", "channel", True, torch.float32),
+CHECKPOINTS = {  # name: (model type, strategy, symmetric, the saved model's dtype, bits)
+    "llama_group_asym": ("llama", "group", False, torch.float32, 4),
+    "qwen2_group_sym_bf16": ("qwen2", "group", True, torch.bfloat16, 4),  # q/k/v biases
+    "llama_channel_sym": ("llama", "channel", True, torch.float32, 4),
+    "llama_w8_channel_sym_bf16": ("llama", "channel", True, torch.bfloat16, 8),  # RedHat's w8a16
+    "qwen2_w8_group_asym": ("qwen2", "group", False, torch.float32, 8),
 }
 PROMPTS = [list(np.random.RandomState(n).randint(2, 256, size=n)) for n in (6, 29)]
 
 
-def _args(strategy: str, symmetric: bool) -> QuantizationArgs:
-    return QuantizationArgs(num_bits=4, type="int", strategy=strategy, symmetric=symmetric,
+def _args(strategy: str, symmetric: bool, bits: int) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=bits, type="int", strategy=strategy, symmetric=symmetric,
                             group_size=GROUP if strategy == "group" else None)
 
 
@@ -45,9 +48,9 @@ def write_checkpoint(d: str, name: str) -> torch.nn.Module:
     decompresses from the saved tensors."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-    model_type, strategy, symmetric, dtype = CHECKPOINTS[name]
+    model_type, strategy, symmetric, dtype, bits = CHECKPOINTS[name]
     model = tiny_model(tiny_config(model_type, **_SMALL), **FAR_FROM_FLAT).to(dtype)
-    args = _args(strategy, symmetric)
+    args = _args(strategy, symmetric, bits)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme},
                                                         ignore=["lm_head"]))
@@ -93,11 +96,16 @@ def test_checkpoint_matches_hf_on_the_weights_the_library_decompresses(name, tmp
     engine = llm.llm_engine
     assert engine.args.quantization == "compressed-tensors"  # taken from config.json
     lp = engine.runner.params["layers"][0]
-    groups = 1 if CHECKPOINTS[name][1] == "channel" else 96 // GROUP
-    assert lp["q+k+v"].dtype == lp["gate+up"].dtype == lp["down_zero"].dtype == jnp.uint8
-    assert lp["down"].shape == (64, 48) and lp["down_scale"].shape == (groups, 64)
-    if CHECKPOINTS[name][2]:  # symmetric: every zero point 8
-        assert (np.asarray(lp["q+k+v_zero"]) == 8).all()
+    _, strategy, symmetric, _, bits = CHECKPOINTS[name]
+    groups = 1 if strategy == "channel" else 96 // GROUP
+    assert lp["down"].shape == (64, 96 * bits // 8) and lp["down_scale"].shape == (groups, 64)
+    if bits == 4:
+        assert lp["q+k+v"].dtype == lp["gate+up"].dtype == lp["down_zero"].dtype == jnp.uint8
+        if symmetric:  # every zero point 8
+            assert (np.asarray(lp["q+k+v_zero"]) == 8).all()
+    else:  # the signed values as they are; an asymmetric scheme's zero points as a min
+        assert lp["q+k+v"].dtype == lp["gate+up"].dtype == jnp.int8
+        assert ("down_min" in lp) == (not symmetric)
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
@@ -112,25 +120,29 @@ def test_checkpoint_matches_hf_on_the_weights_the_library_decompresses(name, tmp
         assert list(out.outputs[0].token_ids) == tokens, name
 
 
-def test_activation_order_g_idx():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_order_g_idx(bits):
     """Older releases' "group" activation order: weight_g_idx gives each input its group, the
     values stay in input order. The engine's unpacked weight, its inputs put back in order,
     dequantizes to the same weight as the format's definition, w = (q - zero) * scale per input's
     group."""
     rng = np.random.default_rng(0)
-    out, inp, groups = 16, 64, 4
-    q = rng.integers(-8, 8, (out, inp)).astype(np.int8)
-    zp = rng.integers(-8, 8, (out, groups)).astype(np.int8)
-    scale = rng.uniform(0.01, 0.1, (out, groups)).astype(np.float32)
+    out, inp, groups, half = 16, 64, 4, 1 << (bits - 1)
+    q = rng.integers(-half, half, (out, inp)).astype(np.int8)
+    zp = rng.integers(-half, half, (out, groups)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.1, (out, groups)).astype(np.float16).astype(np.float32)
     g_idx = rng.permutation(np.arange(inp) // (inp // groups)).astype(np.int32)
-    tensors = {"weight_packed": pack_to_int32(torch.from_numpy(q), 4).numpy(),
-               "weight_zero_point": pack_to_int32(torch.from_numpy(zp), 4, packed_dim=0).numpy(),
+    tensors = {"weight_packed": pack_to_int32(torch.from_numpy(q), bits).numpy(),
+               "weight_zero_point": pack_to_int32(torch.from_numpy(zp), bits, packed_dim=0).numpy(),
                "weight_scale": scale, "weight_shape": np.array([out, inp]), "weight_g_idx": g_idx}
-    w = unpack(Int4Checkpoint("compressed-tensors", inp // groups, 0), "x.weight_packed",
+    w = unpack(IntCheckpoint("compressed-tensors", inp // groups, 0, bits=bits), "x.weight_packed",
                tensors, "test")
-    assert w.perm is not None and w.offset.dtype == np.uint8
+    assert w.perm is not None
     gi = np.arange(inp) // (inp // groups)  # the engine's groups: contiguous after the order
-    ours = (w.q.astype(np.float64) - w.offset[:, gi]) * w.scale[:, gi]
+    if bits == 4:
+        ours = (w.q.astype(np.float64) - w.offset[:, gi]) * w.scale[:, gi]
+    else:
+        ours = w.q.astype(np.float64) * w.scale[:, gi] + w.offset[:, gi]
     back = np.empty_like(ours)
     back[:, w.perm] = ours
     want = (q.astype(np.float64) - zp[:, g_idx]) * scale[:, g_idx]
@@ -146,34 +158,35 @@ def _qc(**weights) -> dict:
 
 
 def test_config_errors_name_the_field():
-    assert int4_checkpoint(_qc()) == Int4Checkpoint("compressed-tensors", 128, 0, True)
-    assert int4_checkpoint(_qc(strategy="channel", group_size=None, symmetric=False)) \
-        == Int4Checkpoint("compressed-tensors", -1, 0, False)
-    for weights, field in (({"num_bits": 8}, r"group_0\.weights"),
+    assert int_checkpoint(_qc()) == IntCheckpoint("compressed-tensors", 128, 0, True)
+    assert int_checkpoint(_qc(strategy="channel", group_size=None, symmetric=False)) \
+        == IntCheckpoint("compressed-tensors", -1, 0, False)
+    assert int_checkpoint(_qc(num_bits=8)).bits == 8
+    for weights, field in (({"num_bits": 3}, r"group_0\.weights"),
                            ({"type": "float"}, r"group_0\.weights"),
                            ({"strategy": "tensor"}, r"weights\.strategy"),
                            ({"group_size": 0}, r"weights\.group_size")):
         with pytest.raises(ValueError, match=field):
-            int4_checkpoint(_qc(**weights))
+            int_checkpoint(_qc(**weights))
     w8a8 = _qc()
     w8a8["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8}
     with pytest.raises(ValueError, match="input_activations"):
-        int4_checkpoint(w8a8)
+        int_checkpoint(w8a8)
     mixed = _qc()
     mixed["quantization_config"]["config_groups"]["group_1"] = {
         "format": "float-quantized", "weights": {"num_bits": 8, "type": "float"}}
     with pytest.raises(ValueError, match="formats"):
-        int4_checkpoint(mixed)
+        int_checkpoint(mixed)
     two = _qc()
     two["quantization_config"]["config_groups"]["group_1"] = {
         "weights": {**two["quantization_config"]["config_groups"]["group_0"]["weights"],
                     "group_size": 32}}
     with pytest.raises(ValueError, match="one group size"):
-        int4_checkpoint(two)
+        int_checkpoint(two)
 
 
 def test_malformed_tensors_are_named():
-    fmt = Int4Checkpoint("compressed-tensors", 16, 0, False)
+    fmt = IntCheckpoint("compressed-tensors", 16, 0, False)
     good = {"weight_packed": np.zeros((8, 4), np.int32), "weight_scale": np.ones((8, 2), np.float32),
             "weight_shape": np.array([8, 32]), "weight_zero_point": np.zeros((1, 2), np.int32)}
     assert unpack(fmt, "x.weight_packed", good, "test").q.shape == (8, 32)

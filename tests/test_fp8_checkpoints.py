@@ -132,7 +132,7 @@ def test_fp8_checkpoint_runs_in_fp8(tmp_path):
 
 def test_compressed_tensors_name_takes_a_float_quantized_checkpoint_as_fp8(tmp_path):
     """quantization="compressed-tensors" (vLLM's name for llm-compressor's checkpoints, which
-    converters/int4.py loads when they are int4) runs a float-quantized one as "fp8", and is
+    converters/integer.py loads when they are int) runs a float-quantized one as "fp8", and is
     refused for a checkpoint that is not compressed-tensors."""
     from jaxvllm import LLM
     dirs, _ = _write_pair(tmp_path, "ct-channel")

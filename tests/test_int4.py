@@ -1,4 +1,5 @@
-"""int4 weights (AWQ and GPTQ checkpoints, models/int4.py, converters/int4.py): the int4 linear
+"""int4 weights (AWQ and GPTQ checkpoints, models/int4.py, converters/integer.py; 8-bit GPTQ in the
+int8 layout, models/int8.py): the int4 linear
 against float64; the packed formats, written here by packers that follow each format's
 description, unpacked; and tiny random checkpoints in each format (GPTQ in activation order, Phi-3's
 fused projections) against HF transformers running the same dequantized weights."""
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from converters.errors import WeightLoadError
-from converters.int4 import Int4Checkpoint, int4_checkpoint, unpack
+from converters.integer import IntCheckpoint, int_checkpoint, unpack
 from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
 from jaxvllm.models.int4 import fuse_projections, int4_linear, pack, quantize_int4
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
@@ -24,10 +25,10 @@ GROUP = 16
 _AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AWQ's packer: nibble i of a word holds output 8k+order[i]
 
 
-def _words(nibbles: list[np.ndarray]) -> np.ndarray:
-    word = np.zeros(nibbles[0].shape, np.uint32)
-    for i, n in enumerate(nibbles):
-        word |= n.astype(np.uint32) << np.uint32(4 * i)
+def _words(values: list[np.ndarray], bits: int = 4) -> np.ndarray:
+    word = np.zeros(values[0].shape, np.uint32)
+    for i, n in enumerate(values):
+        word |= n.astype(np.uint32) << np.uint32(bits * i)
     return word.view(np.int32)
 
 
@@ -36,31 +37,35 @@ def pack_awq(v: np.ndarray) -> np.ndarray:
     return _words([v[:, _AWQ_ORDER[i]::8] for i in range(8)])
 
 
-def pack_cols(v: np.ndarray) -> np.ndarray:
-    """[rows, cols] -> int32 [rows, cols/8], column 8k+i at bits 4i (GPTQ's qzeros)."""
-    return _words([v[:, i::8] for i in range(8)])
+def pack_cols(v: np.ndarray, bits: int = 4) -> np.ndarray:
+    """[rows, cols] -> int32 [rows, cols/p] (p = 32 / bits), column pk+i at bits * i (GPTQ's
+    qzeros)."""
+    p = 32 // bits
+    return _words([v[:, i::p] for i in range(p)], bits)
 
 
-def pack_rows(v: np.ndarray) -> np.ndarray:
-    """[rows, cols] -> int32 [rows/8, cols], row 8k+i at bits 4i (GPTQ's qweight)."""
-    return _words([v[i::8] for i in range(8)])
+def pack_rows(v: np.ndarray, bits: int = 4) -> np.ndarray:
+    """[rows, cols] -> int32 [rows/p, cols], row pk+i at bits * i (GPTQ's qweight)."""
+    p = 32 // bits
+    return _words([v[i::p] for i in range(p)], bits)
 
 
-def quantize(w: np.ndarray, g_idx: np.ndarray, groups: int, min_zero: int = 0):
-    """w [out, in] float -> q uint8 [out, in], zero uint8 [out, groups], scale float16
-    [out, groups] (asymmetric min/max per output channel and group; g_idx [in]: each input's
+def quantize(w: np.ndarray, g_idx: np.ndarray, groups: int, min_zero: int = 0, bits: int = 4):
+    """w [out, in] float -> q uint8 [out, in], zero [out, groups], scale float16 [out, groups]
+    (asymmetric min/max over 2**bits levels per output channel and group; g_idx [in]: each input's
     group) and the dequantized weight."""
-    out = w.shape[0]
+    out, top = w.shape[0], (1 << bits) - 1
     q = np.zeros(w.shape, np.uint8)
-    zero = np.zeros((out, groups), np.uint8)
+    zero = np.zeros((out, groups), np.int32)
     scale = np.zeros((out, groups), np.float16)
     for g in range(groups):
         cols = g_idx == g
         lo, hi = np.minimum(w[:, cols].min(1), 0), np.maximum(w[:, cols].max(1), 0)
-        s = ((hi - lo) / 15).astype(np.float16)
-        z = np.clip(np.round(-lo / s.astype(np.float32)), min_zero, 15)
+        s = ((hi - lo) / top).astype(np.float16)
+        z = np.clip(np.round(-lo / s.astype(np.float32)), min_zero, top)
         scale[:, g], zero[:, g] = s, z
-        q[:, cols] = np.clip(np.round(w[:, cols] / s[:, None].astype(np.float32)) + z[:, None], 0, 15)
+        q[:, cols] = np.clip(np.round(w[:, cols] / s[:, None].astype(np.float32)) + z[:, None],
+                             0, top)
     deq = (q.astype(np.float32) - zero[:, g_idx]) * scale[:, g_idx].astype(np.float32)
     return q, zero, scale, deq
 
@@ -248,13 +253,13 @@ def test_unpack_golden_words():
     column at nibble i, and stores each zero point minus 1 ('gptq'; 'gptq_v2' stores it as is)."""
     word = np.array([[0x76543210]], np.uint32).view(np.int32)
     ones = np.ones((1, 8), np.float16)
-    awq = unpack(Int4Checkpoint("awq", -1, 0), "x.qweight",
+    awq = unpack(IntCheckpoint("awq", -1, 0), "x.qweight",
                  {"qweight": word, "qzeros": word, "scales": ones}, "test")
     np.testing.assert_array_equal(awq.q[:, 0], [0, 4, 1, 5, 2, 6, 3, 7])
     np.testing.assert_array_equal(awq.offset[:, 0], [0, 4, 1, 5, 2, 6, 3, 7])
     assert awq.offset.dtype == np.uint8
     for fmt, offset in (("gptq", 1), ("gptq_v2", 0)):
-        cfg = int4_checkpoint({"quantization_config": {"quant_method": "gptq", "bits": 4,
+        cfg = int_checkpoint({"quantization_config": {"quant_method": "gptq", "bits": 4,
                                                        "group_size": -1, "checkpoint_format": fmt}})
         zeros = np.array([[0x65432100]], np.uint32).view(np.int32)  # outputs 0..7: 0 0 1 2 .. 6
         w = unpack(cfg, "x.qweight", {"qweight": word.repeat(8, 1), "qzeros": zeros,
@@ -272,10 +277,10 @@ def test_unpack_inverts_the_packers(method):
     scale = rng.uniform(0.01, 0.1, (groups, out)).astype(np.float16)
     g_idx = np.arange(inp) // (inp // groups)
     if method == "awq":
-        fmt = Int4Checkpoint("awq", inp // groups, 0)
+        fmt = IntCheckpoint("awq", inp // groups, 0)
         tensors = {"qweight": pack_awq(q.T), "qzeros": pack_awq(zero.T), "scales": scale}
     else:
-        fmt = Int4Checkpoint("gptq", inp // groups, 1)
+        fmt = IntCheckpoint("gptq", inp // groups, 1)
         if method == "gptq_act_order":
             g_idx = rng.permutation(g_idx)
         tensors = {"qweight": pack_rows(q.T), "qzeros": pack_cols(zero.T - 1), "scales": scale,
@@ -295,20 +300,23 @@ def test_unpack_inverts_the_packers(method):
 
 _SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-CHECKPOINTS = {  # name: (HF config, quant_method, activation order)
-    "llama_awq": (lambda: tiny_config("llama", **_SMALL), "awq", False),
-    "qwen2_gptq_act_order": (lambda: tiny_config("qwen2", **_SMALL), "gptq", True),
-    "qwen2_gptq": (lambda: tiny_config("qwen2", **_SMALL), "gptq", False),  # q/k/v biases, fused
-    "phi3_awq": (lambda: tiny_config("phi3", **_SMALL, pad_token_id=0), "awq", False),
+CHECKPOINTS = {  # name: (HF config, quant_method, activation order, bits)
+    "llama_awq": (lambda: tiny_config("llama", **_SMALL), "awq", False, 4),
+    "qwen2_gptq_act_order": (lambda: tiny_config("qwen2", **_SMALL), "gptq", True, 4),
+    "qwen2_gptq": (lambda: tiny_config("qwen2", **_SMALL), "gptq", False, 4),  # q/k/v biases, fused
+    "phi3_awq": (lambda: tiny_config("phi3", **_SMALL, pad_token_id=0), "awq", False, 4),
+    # 8 bits, in the int8 layout (Qwen's GPTQ-Int8 releases' form)
+    "qwen2_gptq8_act_order": (lambda: tiny_config("qwen2", **_SMALL), "gptq", True, 8),
+    "llama_gptq8": (lambda: tiny_config("llama", **_SMALL), "gptq", False, 8),
 }
 PROMPTS = [list(np.random.RandomState(n).randint(2, 256, size=n)) for n in (6, 29)]
 
 
-def write_int4_checkpoint(d: str, name: str):
+def write_int_checkpoint(d: str, name: str):
     """A tiny random model saved as an AWQ or GPTQ checkpoint (every decoder-layer linear
     packed); returns the HF model holding the dequantized weights."""
     from safetensors.numpy import save_file
-    make_config, method, act_order = CHECKPOINTS[name]
+    make_config, method, act_order, bits = CHECKPOINTS[name]
     model = tiny_model(make_config(), **FAR_FROM_FLAT)
     rng = np.random.default_rng(2)
     tensors = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -320,7 +328,8 @@ def write_int4_checkpoint(d: str, name: str):
         g_idx = np.arange(inp) // GROUP
         if act_order:
             g_idx = rng.permutation(g_idx)
-        q, zero, scale, deq = quantize(w, g_idx, inp // GROUP, min_zero=1 if method == "gptq" else 0)
+        q, zero, scale, deq = quantize(w, g_idx, inp // GROUP, min_zero=1 if method == "gptq" else 0,
+                                       bits=bits)
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(deq))
         del tensors[module_name + ".weight"]
@@ -328,8 +337,8 @@ def write_int4_checkpoint(d: str, name: str):
             tensors[module_name + ".qweight"] = pack_awq(q.T)
             tensors[module_name + ".qzeros"] = pack_awq(zero.T)
         else:
-            tensors[module_name + ".qweight"] = pack_rows(q.T)
-            tensors[module_name + ".qzeros"] = pack_cols(zero.T - 1)
+            tensors[module_name + ".qweight"] = pack_rows(q.T, bits)
+            tensors[module_name + ".qzeros"] = pack_cols(zero.T - 1, bits)
             tensors[module_name + ".g_idx"] = g_idx.astype(np.int32)
         tensors[module_name + ".scales"] = np.ascontiguousarray(scale.T)
     model.config.save_pretrained(d)
@@ -340,7 +349,8 @@ def write_int4_checkpoint(d: str, name: str):
     cfg["quantization_config"] = (
         {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}
         if method == "awq" else
-        {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": act_order, "sym": False})
+        {"quant_method": "gptq", "bits": bits, "group_size": GROUP, "desc_act": act_order,
+         "sym": False})
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
     save_word_tokenizer(d, 256)
@@ -348,20 +358,23 @@ def write_int4_checkpoint(d: str, name: str):
 
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
-def test_int4_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
+def test_int_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
     from jaxvllm import LLM, SamplingParams
-    model = write_int4_checkpoint(str(tmp_path), name)
+    model = write_int_checkpoint(str(tmp_path), name)
     llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=128, max_num_seqs=4,
               max_num_batched_tokens=32, num_gpu_blocks_override=64, enforce_eager=True,
               token_buckets=(8, 32))
     engine = llm.llm_engine
     assert engine.args.quantization == CHECKPOINTS[name][1]  # taken from config.json
     lp = engine.runner.params["layers"][0]
-    act_order = CHECKPOINTS[name][2]  # q/k/v and gate/up fused into one GEMM each unless
+    act_order, bits = CHECKPOINTS[name][2:]  # q/k/v and gate/up fused into one GEMM each unless
     qkv = "q" if act_order else "q+k+v"  # their inputs are reordered
-    assert lp[qkv].dtype == lp[qkv + "_zero"].dtype == jnp.uint8 and qkv + "_min" not in lp
+    if bits == 4:
+        assert lp[qkv].dtype == lp[qkv + "_zero"].dtype == jnp.uint8 and qkv + "_min" not in lp
+    else:  # int8 values minus 128, the zero points' (128 - zero) * scale as a min
+        assert lp[qkv].dtype == jnp.int8 and lp[qkv + "_min"].dtype == jnp.float32
     assert ("q+k+v" in lp) == ("gate+up" in lp) == ("q" not in lp) == (not act_order)
-    assert lp["down"].shape == (64, 48) and lp["down_scale"].shape == (96 // GROUP, 64)
+    assert lp["down"].shape == (64, 96 * bits // 8) and lp["down_scale"].shape == (96 // GROUP, 64)
     assert ("q_perm" in lp) == act_order
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
@@ -375,16 +388,16 @@ def test_int4_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
         err = np.abs(np.asarray(got) - want[np.arange(len(prompt) - 1), prompt[1:]]).max()
         assert err < 2e-3, (name, err)
         assert list(out.outputs[0].token_ids) == tokens, name
-    # Weights swaps and tensor parallelism refuse int4 weights by name.
-    with pytest.raises(ValueError, match="int4"):
+    # Weights swaps and tensor parallelism refuse integer weights by name.
+    with pytest.raises(ValueError, match=f"int{bits}"):
         llm.update_weights(engine.runner.params)
     from jaxvllm.worker.sharding import param_specs
-    with pytest.raises(ValueError, match="int4"):
+    with pytest.raises(ValueError, match=f"int{bits}"):
         param_specs(engine.runner.params, engine.model_config, 2)
 
 
 def test_malformed_int4_tensors_are_named():
-    fmt = Int4Checkpoint("awq", -1, 0)
+    fmt = IntCheckpoint("awq", -1, 0)
     with pytest.raises(WeightLoadError, match="'x.qweight'.*2-D"):
         unpack(fmt, "x.qweight", {"qweight": np.zeros(8, np.int32), "qzeros": np.zeros((1, 1), np.int32),
                                   "scales": np.ones((1, 8), np.float16)}, "test")
@@ -398,14 +411,14 @@ def test_malformed_int4_tensors_are_named():
     # GPTQ's original format stores zero - 1: a zero of 0 wraps to 15 and reads back as 16.
     wrapped = np.array([[-1]], np.int32)  # every nibble 15
     with pytest.raises(WeightLoadError, match="gptq_v2"):
-        unpack(Int4Checkpoint("gptq", -1, 1), "x.qweight",
+        unpack(IntCheckpoint("gptq", -1, 1), "x.qweight",
                {"qweight": np.zeros((1, 8), np.int32), "qzeros": wrapped,
                 "scales": np.ones((1, 8), np.float16)}, "test")
 
 
 def test_quantization_must_fit_the_checkpoint(tmp_path):
     from jaxvllm import LLM
-    write_int4_checkpoint(str(tmp_path), "llama_awq")
+    write_int_checkpoint(str(tmp_path), "llama_awq")
     with pytest.raises(ValueError, match="int4 checkpoint of quantization='awq'"):
         LLM(model=str(tmp_path), quantization="gptq", dtype="float32", max_model_len=64)
     with pytest.raises(ValueError, match="is not one"):
@@ -414,7 +427,7 @@ def test_quantization_must_fit_the_checkpoint(tmp_path):
     for field, value in (("bits", 8), ("group_size", 0), ("version", "gemv")):
         bad = {**cfg["quantization_config"], field: value}
         with pytest.raises(ValueError, match=f"quantization_config.{field}"):
-            int4_checkpoint({"quantization_config": bad})
+            int_checkpoint({"quantization_config": bad})
 
 
 def test_dummy_weights_at_four_bits(tmp_path):

@@ -1,6 +1,7 @@
 """int8 weights with group scales (models/int8.py, pallas_kernels/int8_gemm.py): the Pallas GEMM in
-interpret mode against its jnp reference and float64 per tiling, what it refuses, the fusion of
-int8 projections beside int4 ones, and (GPU) the compiled kernel at the 8B shapes."""
+interpret mode against its jnp reference and float64 per tiling, what it refuses, per-channel
+scales in groups it takes, the fusion of int8 projections beside int4 ones, and (GPU) the compiled
+kernel at the 8B shapes."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxvllm.models.int4 import fuse_projections, quantize_int4
-from jaxvllm.models.int8 import int8_linear
+from jaxvllm.models.int8 import CHANNEL_GROUP, int8_linear, kernel_groups
 from pallas_kernels import int8_gemm, int8_matmul, int8_matmul_reference
 from pallas_kernels.int8_gemm import Tiles
 from pallas_kernels.triton_rows import input_splits
@@ -38,7 +39,8 @@ def _random_int8(rng, n: int, k: int, group: int, with_min: bool = False):
     (1, 32, Tiles(dequant="bits", splits=2), True),
     (100, 32, Tiles(block_m=64, splits=1), True),           # past MAX_ROWS: two 64-row tiles
     (5, 32, Tiles(dequant="f16"), False),                   # float16 pairs (emulated here)
-    (9, 16, Tiles(dequant="f16", splits=2), True)])
+    (9, 16, Tiles(dequant="f16", splits=2), True),
+    (3, 128, None, True)])                                  # GPTQ's groups, zero points as mins
 def test_int8_gemm_kernel_against_reference(rows, group, tiles, with_min):
     """The Pallas GEMM (interpret mode) and its jnp reference against float64: bf16 x, each weight
     rounded once to bf16 after its scale (and min)."""
@@ -104,6 +106,28 @@ def test_int8_linear_keeps_leading_dims():
     np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
 
 
+def test_a_channel_scale_is_repeated_into_groups_the_gemm_takes():
+    """A per-channel scale and min (8-bit checkpoints' "channel" strategy: one group of all 512
+    inputs, past the kernel's MAX_GROUP) become one per CHANNEL_GROUP inputs holding the same
+    weights; groups the kernel takes already stay as they are."""
+    rng = np.random.default_rng(2)
+    q, scale, mn, w = _random_int8(rng, 64, 512, 512, with_min=True)
+    assert not int8_gemm.fits(64, 512, 512)
+    s, m = kernel_groups(scale.T, mn.T, 512)  # [out, groups], as the loader holds them
+    assert s.shape == m.shape == (64, 512 // CHANNEL_GROUP)
+    assert int8_gemm.fits(64, 512, CHANNEL_GROUP)
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(int8_matmul_reference(x, jnp.asarray(q), jnp.asarray(s.T), jnp.asarray(m.T))),
+        np.asarray(int8_matmul_reference(x, jnp.asarray(q), jnp.asarray(scale), jnp.asarray(mn))))
+    got = int8_matmul(x.astype(jnp.bfloat16), jnp.asarray(q), jnp.asarray(s.T), jnp.asarray(m.T),
+                      interpret=True)
+    exact = np.asarray(x, np.float64) @ w.T
+    assert np.abs(np.asarray(got, np.float64) - exact).max() < 0.01 * np.abs(exact).max()
+    small = scale[:, :1].T
+    assert kernel_groups(small, None, 256)[0] is small  # within MAX_GROUP: the kernel takes it
+
+
 def test_int8_gemm_splits_shrink_as_rows_grow():
     """Slices of >= 512 inputs, at most 16, and partial sums of at most an eighth of the weight's
     bytes: 8 slices of 4096 inputs (128 groups of 32) up to 16 rows, 4 at 32, 2 at 64; 16 of
@@ -167,10 +191,10 @@ def test_fuse_projections_joins_int8_and_keeps_layouts_apart():
 @pytest.mark.parametrize("dequant", int8_gemm.DEQUANT)
 @pytest.mark.parametrize("rows, n, k, group, with_min", [
     (1, 6144, 4096, 32, False), (16, 4096, 14336, 32, False), (64, 28672, 4096, 32, False),
-    (1, 28672, 4096, 16, False), (8, 6144, 4096, 32, True)])
+    (1, 28672, 4096, 16, False), (8, 6144, 4096, 32, True), (1, 6144, 4096, 128, True)])
 def test_gpu_int8_gemm_against_reference(rows, n, k, group, with_min, dequant):
-    """Compiled for the GPU at the 8B shapes (q/k/v, down, gate/up), groups of 32 (Q8_0, Q5) and
-    16 (Q6_K), with and without mins, bf16 x, each dequantization: the Pallas GEMM against
+    """Compiled for the GPU at the 8B shapes (q/k/v, down, gate/up), groups of 32 (Q8_0, Q5), 16
+    (Q6_K) and 128 (GPTQ; a per-channel scale repeated), with and without mins, bf16 x, each dequantization: the Pallas GEMM against
     float64, and weights read back through unit rows within their rounding to bf16 (a wrong
     group's scale or a shifted column is off by far more)."""
     import jax

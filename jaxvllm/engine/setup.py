@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, INT4_QUANTIZATIONS,
+from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, INT_CHECKPOINTS,
                             INTEGER_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS, EngineArgs)
 from jaxvllm.core.scheduler import SchedulerConfig
 
@@ -116,25 +116,26 @@ def load(args: EngineArgs) -> Any:
 def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]:
     """The quantization the loaded checkpoint's own config implies, as vLLM takes it: an FP8
     checkpoint turns "fp8" on (a compressed-tensors one runs as "fp8" when asked for
-    "compressed-tensors" too), an int4 one is its method; asking for int4 of a checkpoint that is
-    not one, or for another method than an int4 checkpoint's, is a ValueError."""
+    "compressed-tensors" too), an integer one (4 or 8 bits) is its method; asking for an integer
+    method of a checkpoint that is not one, or for another method than an integer checkpoint's, is
+    a ValueError."""
     from converters.fp8 import fp8_checkpoint
-    from converters.int4 import int4_checkpoint
+    from converters.integer import int_checkpoint
     from converters.quant_config import quantization_config
     hf = loaded.hf_config if loaded.load_format == "safetensors" else {}
-    int4 = int4_checkpoint(hf)
-    if int4 is not None:
-        if asked not in (None, int4.method):
-            raise ValueError(f"quantization={asked!r}, but {loaded.source} is an int4 checkpoint "
-                             f"of quantization={int4.method!r}")
-        return int4.method
+    integer = int_checkpoint(hf)
+    if integer is not None:
+        if asked not in (None, integer.method):
+            raise ValueError(f"quantization={asked!r}, but {loaded.source} is an "
+                             f"int{integer.bits} checkpoint of quantization={integer.method!r}")
+        return integer.method
     fp8 = fp8_checkpoint(hf) is not None
     if (fp8 and asked == "compressed-tensors"
             and quantization_config(hf).get("quant_method") == "compressed-tensors"):
         asked = None  # its float-quantized weights are the FP8 path's
-    if asked in INT4_QUANTIZATIONS and loaded.load_format != "dummy":  # dummy weights: quantized in load()
-        what = ("a compressed-tensors checkpoint (int4 pack-quantized or FP8 float-quantized)"
-                if asked == "compressed-tensors" else f"the 4-bit weights of an {asked.upper()} "
+    if asked in INT_CHECKPOINTS and loaded.load_format != "dummy":  # dummy weights: quantized in load()
+        what = ("a compressed-tensors checkpoint (int pack-quantized or FP8 float-quantized)"
+                if asked == "compressed-tensors" else f"the integer weights of an {asked.upper()} "
                 "checkpoint")
         raise ValueError(f"quantization={asked!r} loads {what}; {loaded.source} "
                          f"({loaded.load_format}) is not one")

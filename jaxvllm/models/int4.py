@@ -7,7 +7,7 @@ compressed-tensors, GGUF's Q4_0 and quantize_int4), else a min, w = q * scale + 
 and Q4_K): with zero points the GPU's GEMM dequantizes in bf16 pairs, twice the weights an
 instruction (pallas_kernels/int4_gemm.py).
 
-Layout (beside the weight `<name>`; converters/int4.py writes it from a checkpoint, pack() from
+Layout (beside the weight `<name>`; converters/integer.py writes it from a checkpoint, pack() from
 values): `<name>` uint8 [out, in/2], two 4-bit values a byte, within each group of inputs byte j
 holding input j (low bits) and input j + group/2 (high bits) (the layout the Pallas GEMM reads
 without moving values between lanes); `<name>_scale` [groups, out] in float32 (the checkpoints'

@@ -1,12 +1,16 @@
-"""int8 weights with a scale (and a min) per output channel and group of inputs (W8A16: a GGUF's
-Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 projections, `quantization="gguf"`): each linear weight kept at a
-byte a value, dequantized to the activations' dtype as the layer runs.
+"""int8 weights with a scale (and a min) per output channel and group of inputs (W8A16: 8-bit GPTQ
+and compressed-tensors checkpoints, and a GGUF's Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 projections with
+`quantization="gguf"`): each linear weight kept at a byte a value, dequantized to the activations'
+dtype as the layer runs.
 
-Layout (beside the weight `<name>`; converters/gguf_quant.py writes it): `<name>` int8 [out, in]
-(the format's integer values: Q8_0's signed bytes, Q6_K's q - 32, ...), `<name>_scale` float32
-[groups, out] (the format's scales or their products, exact) and, for the formats with a min
-(Q5_1, Q5_K), `<name>_min` float32 [groups, out]: w = q * scale (+ min). Group-major as the int4
-layout's (models/int4.py). No other weight of any layout is int8.
+Layout (beside the weight `<name>`; converters/integer.py and converters/gguf_quant.py write it):
+`<name>` int8 [out, in] (the format's integer values: Q8_0's signed bytes, Q6_K's q - 32, a
+checkpoint's unsigned values minus 128, ...), `<name>_scale` float32 [groups, out] (the format's
+scales or their products, exact) and, for the formats with a min or a zero point other than the
+values' middle (Q5_1, Q5_K, asymmetric checkpoints: (128 - zero) * scale), `<name>_min` float32
+[groups, out]: w = q * scale (+ min). Group-major as the int4 layout's (models/int4.py); and for a
+checkpoint quantized in activation order `<name>_perm` int32 [in], as the int4 layout's. No other
+weight of any layout is int8.
 """
 from __future__ import annotations
 
@@ -14,16 +18,34 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvllm.models.grouped import grouped_linear
 from pallas_kernels import int8_gemm, int8_matmul, int8_matmul_reference
 
 INT8 = jnp.int8
+# The Pallas GEMM reduces a group in one dot, so its groups are at most int8_gemm.MAX_GROUP inputs:
+# a checkpoint's per-channel scale (one group of all the inputs) is stored repeated per this many.
+CHANNEL_GROUP = 128
 
 
-def int8_linear(x: jax.Array, w: jax.Array, scale: jax.Array,
-                mn: Optional[jax.Array] = None) -> jax.Array:
+def kernel_groups(scale: np.ndarray, offset: Optional[np.ndarray],
+                  inp: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """A weight's scale and min (or None), [out, groups], with one group over more than
+    int8_gemm.MAX_GROUP of its `inp` inputs repeated per CHANNEL_GROUP inputs (exactly the same
+    weights, in groups the GEMM takes); others as they are."""
+    if scale.shape[1] != 1 or inp <= int8_gemm.MAX_GROUP or inp % CHANNEL_GROUP:
+        return scale, offset
+    reps = inp // CHANNEL_GROUP
+    return np.repeat(scale, reps, 1), None if offset is None else np.repeat(offset, reps, 1)
+
+
+def int8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.Array] = None,
+                perm: Optional[jax.Array] = None) -> jax.Array:
     """x [..., in] times the int8 weight (w [out, in], scale and the min `mn` (or None) [groups,
-    out]). Decode-sized batches on the GPU run the Pallas GEMM (the weight read at a byte a
-    value); others dequantize, then multiply. Returns x's dtype."""
+    out]); perm [in] reorders x's features first. Decode-sized batches on the GPU run the Pallas
+    GEMM (the weight read at a byte a value); others dequantize, then multiply. Returns x's
+    dtype."""
+    if perm is not None:
+        x = jnp.take(x, perm, axis=-1)
     return grouped_linear(x, int8_gemm, int8_matmul, int8_matmul_reference, w, scale, mn)

@@ -182,7 +182,7 @@ def _product(x: jax.Array, lp: dict, name: str, invariant: bool, fp8_kernel: boo
     if w.dtype == INT4:
         return int4_linear(x, w, scale, int4_offset(lp, name), lp.get(name + "_perm"))
     if w.dtype == INT8:
-        return int8_linear(x, w, scale, lp.get(name + "_min"))
+        return int8_linear(x, w, scale, lp.get(name + "_min"), lp.get(name + "_perm"))
     return fp8_linear(x, w, scale, fp8_kernel)
 
 

@@ -74,7 +74,7 @@ def quantize_params(params: dict[str, Any], method: str) -> dict[str, Any]:
     """A new params tree with every weight in QUANTIZED replaced by its FP8 form plus
     `<name>_scale`; one already in FP8 (an FP8 checkpoint's, converters/fp8.channel_scales, or
     weights quantized before) stays as it is, with its scale."""
-    if method != "fp8":  # awq and gptq weights arrive quantized (converters/int4.py)
+    if method != "fp8":  # integer checkpoints arrive quantized (converters/integer.py)
         raise ValueError(f"quantization {method!r} does not quantize weights on load: only 'fp8' "
                          f"does (one of {QUANTIZATIONS})")
     return map_linears(params, lambda w: {"": w} if w.dtype == FP8 else
