@@ -24,6 +24,7 @@ from converters.fp8 import dequantize as dequantize_fp8
 from converters.fp8 import fp8_checkpoint
 from converters.fp8 import scale_name as fp8_scale_name
 from converters.int4 import PACKED, Int4Weight, int4_checkpoint
+from converters.int4 import dequantize as dequantize_int4
 from converters.int4 import unpack as unpack_int4
 from converters.safetensors_raw import read_array
 from jaxvllm.models.config import ModelConfig
@@ -485,6 +486,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
     builder = ParamsBuilder(cfg, dtype, model_dir)
     hf_config = read_config_dict(model_dir)
     fp8, int4 = fp8_checkpoint(hf_config), int4_checkpoint(hf_config)
+    dequantized: list[str] = []  # int4 tensors loaded in the model's dtype
 
     def companion(name: str, path: str, names: list[str], host: bool = False) -> Any:
         """Tensor `name` (read with its weight: a scale, zeros, group indices) from this file or
@@ -521,7 +523,16 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
         except Exception as e:
             raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
         parts = {k: v for k, v in parts.items() if v is not None}
-        builder.add_int4(prefix + ".weight", unpack_int4(int4, name, parts, path), path)
+        w = unpack_int4(int4, name, parts, path)
+        if builder.takes_quantized(prefix + ".weight"):
+            builder.add_int4(prefix + ".weight", w, path)
+            return
+        if not dequantized:  # MoE experts, a quantized LM head: the int4 layout holds neither
+            logger.warning("%s: int4 weights the int4 layout does not hold (MoE experts, the LM "
+                           "head; e.g. %s) are dequantized to %s at load, taking that dtype's "
+                           "memory", model_dir, name, dtype)
+        dequantized.append(name)
+        builder.add(prefix + ".weight", dequantize_int4(w), path)
 
     for path in files:
         try:

@@ -68,6 +68,21 @@ class Int4Weight:
     halves: bool = False
 
 
+def dequantize(w: Int4Weight) -> np.ndarray:
+    """The weight an unpacked checkpoint linear holds, float32 [out, in], its inputs in the
+    checkpoint's order (for the linears the int4 layout does not hold: MoE experts, an LM head)."""
+    g = np.arange(w.q.shape[1]) // (w.q.shape[1] // w.scale.shape[1])
+    if w.offset.dtype == np.uint8:
+        deq = (w.q.astype(np.float32) - w.offset[:, g]) * w.scale[:, g]
+    else:
+        deq = w.q.astype(np.float32) * w.scale[:, g] + w.offset[:, g]
+    if w.perm is None:
+        return deq
+    out = np.empty_like(deq)
+    out[:, w.perm] = deq
+    return out
+
+
 def int4_checkpoint(hf_config: dict[str, Any]) -> Optional[Int4Checkpoint]:
     """The checkpoint's int4 format; None for any other. Raises ValueError naming the
     `quantization_config` field an AWQ or GPTQ checkpoint this engine cannot load has wrong."""
