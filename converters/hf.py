@@ -24,6 +24,7 @@ from converters.fp8 import dequantize as dequantize_fp8
 from converters.fp8 import fp8_checkpoint
 from converters.fp8 import scale_name as fp8_scale_name
 from converters.integer import PACKED, Int4Weight, Int8Weight, int_checkpoint
+from converters.integer import dequantize as dequantize_integer
 from converters.integer import unpack as unpack_integer
 from converters.safetensors_raw import read_array
 from jaxvllm.models.config import ModelConfig
@@ -504,6 +505,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
     builder = ParamsBuilder(cfg, dtype, model_dir)
     hf_config = read_config_dict(model_dir)
     fp8, integer = fp8_checkpoint(hf_config), int_checkpoint(hf_config)
+    dequantized: list[str] = []  # integer tensors loaded in the model's dtype
 
     def companion(name: str, path: str, names: list[str], host: bool = False) -> Any:
         """Tensor `name` (read with its weight: a scale, zeros, group indices) from this file or
@@ -540,8 +542,16 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
             raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
         parts = {k: v for k, v in parts.items() if v is not None}
         w = unpack_integer(integer, name, parts, path)
-        (builder.add_int8 if isinstance(w, Int8Weight) else builder.add_int4)(
-            prefix + ".weight", w, path)
+        if builder.takes_quantized(prefix + ".weight"):
+            (builder.add_int8 if isinstance(w, Int8Weight) else builder.add_int4)(
+                prefix + ".weight", w, path)
+            return
+        if not dequantized:  # MoE experts, a quantized LM head: the layouts hold neither
+            logger.warning("%s: integer weights the int4 and int8 layouts do not hold (MoE "
+                           "experts, the LM head; e.g. %s) are dequantized to %s at load, taking "
+                           "that dtype's memory", model_dir, name, dtype)
+        dequantized.append(name)
+        builder.add(prefix + ".weight", dequantize_integer(w), path)
 
     for path in files:
         try:

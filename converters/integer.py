@@ -79,6 +79,23 @@ class Int8Weight:
     perm: Optional[np.ndarray] = None
 
 
+def dequantize(w: Union[Int4Weight, Int8Weight]) -> np.ndarray:
+    """The weight an unpacked checkpoint linear holds, float32 [out, in], its inputs in the
+    checkpoint's order (for the linears the int4 and int8 layouts do not hold: MoE experts, an LM
+    head)."""
+    g = np.arange(w.q.shape[1]) // (w.q.shape[1] // w.scale.shape[1])
+    q = w.q.astype(np.float32)
+    if w.offset is not None and w.offset.dtype == np.uint8:  # int4 zero points
+        deq = (q - w.offset[:, g]) * w.scale[:, g]
+    else:
+        deq = q * w.scale[:, g] + (0.0 if w.offset is None else w.offset[:, g])
+    if w.perm is None:
+        return deq
+    out = np.empty_like(deq)
+    out[:, w.perm] = deq
+    return out
+
+
 def int_checkpoint(hf_config: dict[str, Any]) -> Optional[IntCheckpoint]:
     """The checkpoint's integer format; None for any other. Raises ValueError naming the
     `quantization_config` field a checkpoint of INT_CHECKPOINTS this engine cannot load has wrong."""

@@ -312,36 +312,30 @@ CHECKPOINTS = {  # name: (HF config, quant_method, activation order, bits)
 PROMPTS = [list(np.random.RandomState(n).randint(2, 256, size=n)) for n in (6, 29)]
 
 
-def write_int_checkpoint(d: str, name: str):
-    """A tiny random model saved as an AWQ or GPTQ checkpoint (every decoder-layer linear
-    packed); returns the HF model holding the dequantized weights."""
+def _pack_linear(tensors: dict, prefix: str, w: np.ndarray, method: str, act_order: bool,
+                 rng, bits: int = 4) -> np.ndarray:
+    """Linear `prefix`'s weight w [out, in] quantized and packed into `tensors` in the method's
+    format (GPTQ's groups permuted with activation order); returns the weight it dequantizes to."""
+    inp = w.shape[1]
+    g_idx = np.arange(inp) // GROUP
+    if act_order:
+        g_idx = rng.permutation(g_idx)
+    q, zero, scale, deq = quantize(w, g_idx, inp // GROUP, min_zero=1 if method == "gptq" else 0,
+                                   bits=bits)
+    if method == "awq":
+        tensors[prefix + ".qweight"] = pack_awq(q.T)
+        tensors[prefix + ".qzeros"] = pack_awq(zero.T)
+    else:
+        tensors[prefix + ".qweight"] = pack_rows(q.T, bits)
+        tensors[prefix + ".qzeros"] = pack_cols(zero.T - 1, bits)
+        tensors[prefix + ".g_idx"] = g_idx.astype(np.int32)
+    tensors[prefix + ".scales"] = np.ascontiguousarray(scale.T)
+    return deq
+
+
+def _save_int(d: str, tensors: dict, config, method: str, act_order: bool, bits: int) -> None:
     from safetensors.numpy import save_file
-    make_config, method, act_order, bits = CHECKPOINTS[name]
-    model = tiny_model(make_config(), **FAR_FROM_FLAT)
-    rng = np.random.default_rng(2)
-    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
-    for module_name, module in model.named_modules():
-        if not (isinstance(module, torch.nn.Linear) and ".layers." in module_name):
-            continue
-        w = module.weight.detach().numpy()
-        inp = w.shape[1]
-        g_idx = np.arange(inp) // GROUP
-        if act_order:
-            g_idx = rng.permutation(g_idx)
-        q, zero, scale, deq = quantize(w, g_idx, inp // GROUP, min_zero=1 if method == "gptq" else 0,
-                                       bits=bits)
-        with torch.no_grad():
-            module.weight.copy_(torch.from_numpy(deq))
-        del tensors[module_name + ".weight"]
-        if method == "awq":
-            tensors[module_name + ".qweight"] = pack_awq(q.T)
-            tensors[module_name + ".qzeros"] = pack_awq(zero.T)
-        else:
-            tensors[module_name + ".qweight"] = pack_rows(q.T, bits)
-            tensors[module_name + ".qzeros"] = pack_cols(zero.T - 1, bits)
-            tensors[module_name + ".g_idx"] = g_idx.astype(np.int32)
-        tensors[module_name + ".scales"] = np.ascontiguousarray(scale.T)
-    model.config.save_pretrained(d)
+    config.save_pretrained(d)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               os.path.join(d, "model.safetensors"))
     with open(os.path.join(d, "config.json")) as f:
@@ -354,6 +348,24 @@ def write_int_checkpoint(d: str, name: str):
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
     save_word_tokenizer(d, 256)
+
+
+def write_int_checkpoint(d: str, name: str):
+    """A tiny random model saved as an AWQ or GPTQ checkpoint (every decoder-layer linear
+    packed); returns the HF model holding the dequantized weights."""
+    make_config, method, act_order, bits = CHECKPOINTS[name]
+    model = tiny_model(make_config(), **FAR_FROM_FLAT)
+    rng = np.random.default_rng(2)
+    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    for module_name, module in model.named_modules():
+        if not (isinstance(module, torch.nn.Linear) and ".layers." in module_name):
+            continue
+        deq = _pack_linear(tensors, module_name, module.weight.detach().numpy(), method,
+                           act_order, rng, bits)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(deq))
+        del tensors[module_name + ".weight"]
+    _save_int(d, tensors, model.config, method, act_order, bits)
     return model
 
 
@@ -394,6 +406,62 @@ def test_int_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
     from jaxvllm.worker.sharding import param_specs
     with pytest.raises(ValueError, match=f"int{bits}"):
         param_specs(engine.runner.params, engine.model_config, 2)
+
+
+_QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  decoder_sparse_step=1, mlp_only_layers=[])
+MOE = {  # name: (HF config, quant_method, activation order, bits)
+    "qwen3_moe_gptq_act_order": (lambda: tiny_config("qwen3_moe", **_SMALL, **_QWEN3_MOE), "gptq",
+                                 True, 4),
+    "mixtral_awq": (lambda: tiny_config("mixtral", **_SMALL, num_local_experts=4,
+                                        num_experts_per_tok=2), "awq", False, 4),
+    "qwen3_moe_gptq8": (lambda: tiny_config("qwen3_moe", **_SMALL, **_QWEN3_MOE), "gptq", False, 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_int_moe_checkpoint_loads_its_experts_dequantized(name, tmp_path):
+    """An AWQ/GPTQ mixture-of-experts checkpoint (experts and attention packed, routers not): the
+    attention stays at its bits, the experts, which the int4 and int8 layouts do not hold, load
+    dequantized in the model's dtype, and the model matches HF on its float twin (the weights it dequantizes to,
+    put back in the checkpoint's input order under activation order)."""
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from jaxvllm import LLM, SamplingParams
+    make_config, method, act_order, bits = MOE[name]
+    tiny_model(make_config(), **FAR_FROM_FLAT).save_pretrained(tmp_path / "src")
+    rng = np.random.default_rng(3)
+    packed, twin = {}, {}
+    for key, w in load_file(tmp_path / "src" / "model.safetensors").items():
+        if ".layers." in key and w.ndim == 2 and not key.endswith(".gate.weight"):  # not routers
+            twin[key] = _pack_linear(packed, key[:-len(".weight")], w, method, act_order, rng,
+                                     bits)
+        else:
+            packed[key] = twin[key] = w
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "src").config
+    _save_int(str(tmp_path / "int4"), packed, config, method, act_order, bits)
+    config.save_pretrained(tmp_path / "twin")
+    save_file(twin, tmp_path / "twin" / "model.safetensors")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "twin").float().eval()
+
+    llm = LLM(model=str(tmp_path / "int4"), dtype="float32", max_model_len=128, max_num_seqs=4,
+              max_num_batched_tokens=32, num_gpu_blocks_override=64, enforce_eager=True,
+              token_buckets=(8, 32))
+    lp = llm.llm_engine.runner.params["layers"][0]
+    assert lp["o"].dtype == (jnp.uint8 if bits == 4 else jnp.int8)
+    assert lp["experts_down"].dtype == jnp.float32
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor(prompt)[None]
+        with torch.no_grad():
+            want = torch.log_softmax(reference(ids).logits[0].double(), -1).numpy()
+            tokens = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                        do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        got = [next(iter(pos.values())).logprob for pos in out.prompt_logprobs[1:]]
+        err = np.abs(np.asarray(got) - want[np.arange(len(prompt) - 1), prompt[1:]]).max()
+        assert err < 2e-3, (name, err)
+        assert list(out.outputs[0].token_ids) == tokens, name
 
 
 def test_malformed_int4_tensors_are_named():
