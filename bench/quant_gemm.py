@@ -1,6 +1,6 @@
 """One decoder layer's linears (q, k, v, o, gate, up, down) on one device, at a model's shapes, in
-each weight format the engine runs: bf16, FP8 (models/quant.py: weight-only up to 16 rows, W8A8 on
-cuBLASLt beyond), int4 as the engine runs it (models/int4.py: the Pallas GEMM up to 64 rows on the
+each weight format the engine runs on one GPU: bf16, FP8 (models/quant.py: the Pallas GEMM at one
+row, weight-only up to 16 rows, W8A8 on cuBLASLt beyond), int4 as the engine runs it (models/int4.py: the Pallas GEMM up to 64 rows on the
 GPU), a GGUF Q8_0 weight as `quantization="gguf"` keeps it (converters/gguf_quant.py, models/int8.py:
 int8 with a scale per 32 inputs, the Pallas int8 GEMM up to 64 rows on the GPU), and int4 and Q8_0
 dequantized by XLA before the GEMM (`int4_matmul_reference`, `int8_matmul_reference`), beside each
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                         for k in LINEARS]
             if by_xla == "q8_0":
                 return [int8_matmul_reference(xs[k], lp[k], lp[k + "_scale"]) for k in LINEARS]
-            return [linear(xs[k], lp, k) for k in LINEARS]
+            return [linear(xs[k], lp, k, pallas=on_gpu) for k in LINEARS]
         opts = {"xla_gpu_enable_triton_gemm": tokens <= TRITON_GEMM_MAX_TOKENS} if on_gpu else None
         return jax.jit(f, compiler_options=opts)
 

@@ -125,14 +125,11 @@ def test_default_model_at_four_bits_matches_it_dequantized():
 
 def test_gguf_quantization_needs_a_gguf():
     from converters import load_model
-    from jaxvllm import LLM
     config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
               "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
               "vocab_size": 128, "max_position_embeddings": 64}
     with pytest.raises(ValueError, match="quantization='gguf'"):
         load_model(config, load_format="dummy", keep_gguf_quantized=True)
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        LLM(quantization="gguf", tensor_parallel_size=2)
 
 
 _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",

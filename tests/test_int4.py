@@ -400,12 +400,10 @@ def test_int_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
         err = np.abs(np.asarray(got) - want[np.arange(len(prompt) - 1), prompt[1:]]).max()
         assert err < 2e-3, (name, err)
         assert list(out.outputs[0].token_ids) == tokens, name
-    # Weights swaps and tensor parallelism refuse integer weights by name.
+    # Weight swaps refuse integer weights by name (tensor parallelism takes them:
+    # tests/test_tensor_parallel_int.py).
     with pytest.raises(ValueError, match=f"int{bits}"):
         llm.update_weights(engine.runner.params)
-    from jaxvllm.worker.sharding import param_specs
-    with pytest.raises(ValueError, match=f"int{bits}"):
-        param_specs(engine.runner.params, engine.model_config, 2)
 
 
 _QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -423,8 +421,8 @@ MOE = {  # name: (HF config, quant_method, activation order, bits)
 def test_int_moe_checkpoint_loads_its_experts_dequantized(name, tmp_path):
     """An AWQ/GPTQ mixture-of-experts checkpoint (experts and attention packed, routers not): the
     attention stays at its bits, the experts, which the int4 and int8 layouts do not hold, load
-    dequantized in the model's dtype, and the model matches HF on its float twin (the weights it dequantizes to,
-    put back in the checkpoint's input order under activation order)."""
+    dequantized in the model's dtype, and the model matches HF on its float twin (the weights it
+    dequantizes to, put back in the checkpoint's input order under activation order)."""
     from safetensors.numpy import load_file, save_file
     from transformers import AutoModelForCausalLM
     from jaxvllm import LLM, SamplingParams

@@ -214,7 +214,7 @@ def test_fp8_gemm_kernel_refuses_what_it_cannot_tile():
 
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (2,)])
 def test_fp8_linear_one_row_kernel(lead):
-    """With the engine's fp8_kernel, one row goes through the Pallas GEMM (interpret mode here)
+    """With the engine's pallas_gemms, one row goes through the Pallas GEMM (interpret mode here)
     and more rows through XLA, all exactly x times the dequantized weight."""
     w = jax.random.normal(jax.random.key(9), (512, 64)) * 0.05
     x = jax.random.normal(jax.random.key(10), (*lead, 512), jnp.bfloat16)
@@ -258,8 +258,8 @@ def _one_request(**engine_kw) -> tuple[Any, Any]:
 @pytest.mark.parametrize("on_gpu", [True, False])  # not "gpu": that keyword marks GPU-only tests
 def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
     """The engine adds a bucket of one token for FP8 on one GPU and for int4 weights (AWQ, GPTQ,
-    GGUF's kept types: packed uint8 weights, zero points or mins beside them) on a GPU: never for
-    bf16, a CPU, FP8 sharded over devices, or a GGUF load that kept no packed weight."""
+    GGUF's kept types: packed uint8 weights, zero points or mins beside them) on one GPU: never for
+    bf16, a CPU, weights sharded over devices, or a GGUF load that kept no packed weight."""
     import jax
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine import setup
@@ -271,7 +271,8 @@ def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
     assert fits("fp8") is on_gpu and not fits("fp8", shardings=object())
     for offset in ("q_zero", "q+k+v_min"):
         off = u8 if offset.endswith("_zero") else f32
-        assert fits("awq", {"layers": [{"q": u8, "q_scale": f32, offset: off}]}) is on_gpu
+        int4 = {"layers": [{"q": u8, "q_scale": f32, offset: off}]}
+        assert fits("awq", int4) is on_gpu and not fits("awq", int4, shardings=object())
     assert not fits("gguf") and not fits(None)
 
 
@@ -281,10 +282,10 @@ def test_one_decoding_request_runs_the_fp8_kernel(monkeypatch):
     of XLA's GEMM (float32 activations: only the sums' order differs)."""
     from jaxvllm.engine import setup
     plain_runner, plain = _one_request()
-    monkeypatch.setattr(setup, "fp8_kernel_fits", lambda args, shardings: True)
+    monkeypatch.setattr(setup, "pallas_gemms_fit", lambda shardings: True)
     runner, got = _one_request()
-    assert not plain_runner.cfg.fp8_kernel and plain_runner.token_buckets[0] == 8
-    assert runner.cfg.fp8_kernel and runner.token_buckets[0] == 1
+    assert not plain_runner.cfg.pallas_gemms and plain_runner.token_buckets[0] == 8
+    assert runner.cfg.pallas_gemms and runner.token_buckets[0] == 1
     assert got.token_ids == plain.token_ids
     lp = lambda o: [e[t].logprob for e, t in zip(o.logprobs, o.token_ids)]  # noqa: E731
     np.testing.assert_allclose(lp(got), lp(plain), atol=1e-3)

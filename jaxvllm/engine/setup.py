@@ -98,10 +98,6 @@ def load(args: EngineArgs) -> Any:
                             tokenizer=args.tokenizer, load_tokenizer=False,
                             keep_gguf_quantized=args.quantization == "gguf")
         args.quantization = _checkpoint_quantization(args.quantization, loaded)
-        if args.quantization in INTEGER_QUANTIZATIONS and args.tensor_parallel_size > 1:
-            raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} with integer "
-                             f"({args.quantization}) weights is not supported yet: run it with "
-                             "tensor_parallel_size=1")
         if args.quantization == "fp8":
             from jaxvllm.models.quant import quantize_params
             loaded.params = quantize_params(loaded.params, args.quantization)
@@ -109,7 +105,8 @@ def load(args: EngineArgs) -> Any:
             from jaxvllm.models import int4
             if loaded.load_format == "dummy":  # awq, gptq measured without a checkpoint
                 loaded.params = int4.quantize_params(loaded.params)
-            loaded.params = int4.fuse_projections(loaded.params)
+            if args.tensor_parallel_size == 1:  # fused outputs would not split by heads
+                loaded.params = int4.fuse_projections(loaded.params)
     return loaded
 
 
@@ -234,26 +231,26 @@ def param_bytes(params: Any) -> int:
                    if hasattr(x, "dtype")))
 
 
-def fp8_kernel_fits(args: EngineArgs, shardings: Any) -> bool:
-    """Whether one-row FP8 linears run on the Pallas GEMM (models/quant.fp8_linear): on a GPU, with
-    the weights on one device (a GSPMD-sharded weight would be gathered whole for it)."""
+def pallas_gemms_fit(shardings: Any) -> bool:
+    """Whether quantized linears may run their Pallas GEMMs (ModelConfig.pallas_gemms): on a GPU,
+    with the weights on one device (a GSPMD-sharded weight would be gathered whole for one)."""
     import jax
-    return args.quantization == "fp8" and shardings is None and jax.default_backend() == "gpu"
+    return shardings is None and jax.default_backend() == "gpu"
 
 
 def one_row_bucket(args: EngineArgs, shardings: Any, params: Any) -> bool:
     """Whether the engine compiles a bucket of one token below the default ones, so that one
     decoding request runs without padded rows: where a quantized linear reads its weight faster
-    at one row than at the smallest default bucket's eight. FP8's one-row Pallas GEMM runs only
-    there (fp8_kernel_fits); the int4 GEMM's split-K partial sums are eight times smaller there
-    (batch 1 339-342 against 318-319 decode tok/s, H200, 8B shape; bench/RESULTS.md, "Issue 23's
-    rows in one run, and int4 at one row"), for any int4 weight in `params` (a GGUF's kept
-    types; its other types load dequantized), and the int8 GEMM's alike (split as the int4's)."""
-    import jax
+    at one row than at the smallest default bucket's eight, on its Pallas GEMM (pallas_gemms_fit).
+    FP8's one-row Pallas GEMM runs only there; the int4 GEMM's split-K partial sums are eight
+    times smaller there (batch 1 339-342 against 318-319 decode tok/s, H200, 8B shape;
+    bench/RESULTS.md, "Issue 23's rows in one run, and int4 at one row"), for any int4 weight in
+    `params` (a GGUF's kept types; its other types load dequantized), and the int8 GEMM's alike
+    (split as the int4's)."""
     from jaxvllm.models.int4 import INT4
     from jaxvllm.models.int8 import INT8
     grouped = any(w.dtype in (INT4, INT8) for lp in params["layers"] for w in lp.values())
-    return fp8_kernel_fits(args, shardings) or (grouped and jax.default_backend() == "gpu")
+    return pallas_gemms_fit(shardings) and (args.quantization == "fp8" or grouped)
 
 
 def build_runner(args: EngineArgs, loaded: Any,
@@ -299,8 +296,8 @@ def build_runner(args: EngineArgs, loaded: Any,
         command_buffers=step_command_buffers(args, loaded.params),
         triton_gemm_max_tokens=(TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS
                                 and not args.batch_invariant else 0))
-    if fp8_kernel_fits(args, shardings):
-        cfg = dataclasses.replace(cfg, fp8_kernel=True)
+    if pallas_gemms_fit(shardings):
+        cfg = dataclasses.replace(cfg, pallas_gemms=True)
     attention_fn = None
     if args.batch_invariant:
         cfg, attention_fn = _batch_invariant(cfg)

@@ -52,7 +52,10 @@ class ModelConfig:
     final_logit_softcapping: Optional[float] = None
     rope_local_theta: Optional[float] = None
     batch_invariant: bool = False      # the engine's mode (EngineArgs.batch_invariant), not the model's
-    fp8_kernel: bool = False           # the engine's choice: one-row FP8 linears on the Pallas GEMM
+    # The engine's choice: quantized linears run their Pallas GEMMs (FP8 at one row, int4 and int8 at
+    # decode sizes); only with the weights on one GPU (a GSPMD-sharded weight would be gathered whole
+    # for a Pallas call, which the partitioner does not split).
+    pallas_gemms: bool = False
 
     @property
     def q_size(self) -> int:

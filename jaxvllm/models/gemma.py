@@ -53,8 +53,8 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
     eps, t, inv = cfg.rms_norm_eps, x.shape[0], cfg.batch_invariant
     h = rms_norm(x, lp["input_norm"], eps, inv)
     kv_size = cfg.num_kv_heads * cfg.head_dim
-    fp8 = cfg.fp8_kernel
-    q, k, v = projections(h, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size), inv, fp8)
+    pallas = cfg.pallas_gemms
+    q, k, v = projections(h, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size), inv, pallas)
     q = q.reshape(t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -65,10 +65,11 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
     out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn, lp,
                                    sm_scale=cfg.query_pre_attn_scalar ** -0.5,
                                    sliding_window=window, logits_soft_cap=cfg.attn_logit_softcapping)
-    x = x + rms_norm(linear(out.reshape(t, cfg.q_size), lp, "o", inv, fp8), lp["post_attn_norm"], eps, inv)
+    o = linear(out.reshape(t, cfg.q_size), lp, "o", inv, pallas)
+    x = x + rms_norm(o, lp["post_attn_norm"], eps, inv)
     h = rms_norm(x, lp["pre_ffn_norm"], eps, inv)
-    gate, up = projections(h, lp, ("gate", "up"), invariant=inv, fp8_kernel=fp8)
-    mlp = linear(jax.nn.gelu(gate, approximate=True) * up, lp, "down", inv, fp8)
+    gate, up = projections(h, lp, ("gate", "up"), invariant=inv, pallas=pallas)
+    mlp = linear(jax.nn.gelu(gate, approximate=True) * up, lp, "down", inv, pallas)
     return x + rms_norm(mlp, lp["post_ffn_norm"], eps, inv), k_cache, v_cache
 
 

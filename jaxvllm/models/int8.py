@@ -41,11 +41,12 @@ def kernel_groups(scale: np.ndarray, offset: Optional[np.ndarray],
 
 
 def int8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.Array] = None,
-                perm: Optional[jax.Array] = None) -> jax.Array:
+                perm: Optional[jax.Array] = None, pallas: bool = False) -> jax.Array:
     """x [..., in] times the int8 weight (w [out, in], scale and the min `mn` (or None) [groups,
-    out]); perm [in] reorders x's features first. Decode-sized batches on the GPU run the Pallas
-    GEMM (the weight read at a byte a value); others dequantize, then multiply. Returns x's
-    dtype."""
+    out]); perm [in] reorders x's features first. Decode-sized batches run the Pallas GEMM where
+    `pallas` allows it (ModelConfig.pallas_gemms: the weight read at a byte a value); others
+    dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    return grouped_linear(x, int8_gemm, int8_matmul, int8_matmul_reference, w, scale, mn)
+    return grouped_linear(x, int8_gemm, int8_matmul, int8_matmul_reference, w, scale, mn,
+                          pallas=pallas)

@@ -166,36 +166,37 @@ def lm_head(hidden: jax.Array, params: dict, cfg: ModelConfig,
 
 
 def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False,
-           fp8_kernel: bool = False) -> jax.Array:
+           pallas: bool = False) -> jax.Array:
     """x @ lp[name] (+ lp[name + "_bias"]); an FP8 weight (with lp[name + "_scale"], stored [out, in],
     models/quant.py) runs as an FP8 matmul, an int4 or int8 one (models/int4.py, models/int8.py)
     dequantized in the GEMM's input. `invariant`: see matmul (unquantized weights only: EngineArgs
-    refuses the others); `fp8_kernel`: see fp8_linear (ModelConfig.fp8_kernel)."""
-    return _add_lora(_add_bias(_product(x, lp, name, invariant, fp8_kernel), lp, name), x, lp, name)
+    refuses the others); `pallas`: quantized weights may take their Pallas GEMMs
+    (ModelConfig.pallas_gemms)."""
+    return _add_lora(_add_bias(_product(x, lp, name, invariant, pallas), lp, name), x, lp, name)
 
 
-def _product(x: jax.Array, lp: dict, name: str, invariant: bool, fp8_kernel: bool) -> jax.Array:
+def _product(x: jax.Array, lp: dict, name: str, invariant: bool, pallas: bool) -> jax.Array:
     """x times the weight lp[name] in whichever layout it is stored."""
     w, scale = lp[name], lp.get(name + "_scale")
     if scale is None:
         return matmul(x, w, invariant)
     if w.dtype == INT4:
-        return int4_linear(x, w, scale, int4_offset(lp, name), lp.get(name + "_perm"))
+        return int4_linear(x, w, scale, int4_offset(lp, name), lp.get(name + "_perm"), pallas)
     if w.dtype == INT8:
-        return int8_linear(x, w, scale, lp.get(name + "_min"), lp.get(name + "_perm"))
-    return fp8_linear(x, w, scale, fp8_kernel)
+        return int8_linear(x, w, scale, lp.get(name + "_min"), lp.get(name + "_perm"), pallas)
+    return fp8_linear(x, w, scale, pallas)
 
 
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],
                 sizes: Optional[tuple[int, ...]] = None, invariant: bool = False,
-                fp8_kernel: bool = False) -> list[jax.Array]:
+                pallas: bool = False) -> list[jax.Array]:
     """[linear(x, lp, n) for n in names] for projections of one input (q/k/v, gate/up). int4 and
     int8 ones fused at load (models/int4.fuse_projections, stored under "+".join(names)) run as one
     GEMM whose output is split: `sizes` are the outputs' widths (None: equal)."""
     key = "+".join(names)
     if key not in lp:
-        return [linear(x, lp, n, invariant, fp8_kernel) for n in names]
-    y = _product(x, lp, key, invariant, fp8_kernel)
+        return [linear(x, lp, n, invariant, pallas) for n in names]
+    y = _product(x, lp, key, invariant, pallas)
     cuts = len(names) if sizes is None else np.cumsum(sizes)[:-1].tolist()
     return [_add_lora(_add_bias(y, lp, n), x, lp, n)
             for y, n in zip(jnp.split(y, cuts, axis=-1), names)]

@@ -91,7 +91,7 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
     t = x.shape[0]
     kv_size = cfg.num_kv_heads * cfg.head_dim
     q, k, v = projections(x, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size),
-                          cfg.batch_invariant, cfg.fp8_kernel)
+                          cfg.batch_invariant, cfg.pallas_gemms)
     q = q.reshape(t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -102,14 +102,14 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
     k = apply_rope(k, cos, sin)
     out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn, lp,
                                    sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
-    o = linear(out.reshape(t, cfg.q_size), lp, "o", cfg.batch_invariant, cfg.fp8_kernel)
+    o = linear(out.reshape(t, cfg.q_size), lp, "o", cfg.batch_invariant, cfg.pallas_gemms)
     return o, k_cache, v_cache
 
 
 def _mlp(cfg: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
     gate, up = projections(x, lp, ("gate", "up"), invariant=cfg.batch_invariant,
-                           fp8_kernel=cfg.fp8_kernel)
-    return linear(jax.nn.silu(gate) * up, lp, "down", cfg.batch_invariant, cfg.fp8_kernel)
+                           pallas=cfg.pallas_gemms)
+    return linear(jax.nn.silu(gate) * up, lp, "down", cfg.batch_invariant, cfg.pallas_gemms)
 
 
 def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: ModelConfig,

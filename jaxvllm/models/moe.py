@@ -44,9 +44,9 @@ def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn,
     out = out * weights.reshape(-1)[order][:, None].astype(x.dtype)
     y = jnp.zeros_like(x).at[token].add(jnp.where((flat[order] < e)[:, None], out, 0))
     if "shared_router" in lp:
-        fp8 = dict(fp8_kernel=cfg.fp8_kernel)
-        shared = linear(jax.nn.silu(linear(x, lp, "shared_gate", **fp8)) *
-                        linear(x, lp, "shared_up", **fp8), lp, "shared_down", **fp8)
+        pallas = dict(pallas=cfg.pallas_gemms)
+        shared = linear(jax.nn.silu(linear(x, lp, "shared_gate", **pallas)) *
+                        linear(x, lp, "shared_up", **pallas), lp, "shared_down", **pallas)
         y = y + jax.nn.sigmoid(x @ lp["shared_router"]) * shared
     return y
 

@@ -45,7 +45,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = Fals
     stays in its dtype and the Triton GEMM converts the weight in registers (quantizing so few rows
     cost more kernels than the GEMM at batch 1). A user's XLA_FLAGS turning Triton GEMMs off makes
     cuBLAS write a bf16 copy of the weight for those buckets instead. `kernel` (the engine sets it
-    on one GPU, ModelConfig.fp8_kernel): one row runs on the Pallas GEMM (pallas_kernels/fp8_gemm.py),
+    on one GPU, ModelConfig.pallas_gemms): one row runs on the Pallas GEMM (pallas_kernels/fp8_gemm.py),
     which read the weight 10-40% faster than XLA's GEMM at one row and slower from 16 (H200, 8B
     shapes; bench/RESULTS.md, "FP8"); a GSPMD-sharded weight must not reach it (a Pallas call is
     not partitioned: its operands would be gathered whole). Returns x's dtype."""

@@ -12,6 +12,12 @@ attention wrapper.
   gather plus an all-reduce; the logits are gathered to every device for the sampler by the step's
   `out_shardings`). A vocabulary that does not divide by `tp` keeps them replicated.
 - Norm weights are replicated.
+- int4 and int8 weights (AWQ, GPTQ, compressed-tensors, GGUF; models/int4.py, models/int8.py) split
+  as their float weights would, with their per-group scales, zero points and mins split over the
+  outputs (column-parallel) or the groups of inputs (row-parallel; the groups must divide by `tp`)
+  and an activation order's input order whole. Their q/k/v and gate/up stay unfused (a fused
+  output would not split by heads), and they run XLA's dequantize-then-multiply, which the
+  partitioner splits (a Pallas GEMM would gather its weight whole: ModelConfig.pallas_gemms).
 - The KV cache `[num_blocks, block_size, kv_heads, head_dim]` is split over KV heads, and the
   attention function runs per device under `shard_map`: each device sees only its query heads and
   their KV heads, so the Pallas kernel (GPU) or the jnp reference (CPU) runs unchanged.
@@ -56,6 +62,8 @@ from jaxvllm.models.quant import FP8
 logger = logging.getLogger(__name__)
 
 AXIS = "tp"
+# The tensors beside an int4 or int8 weight `<name>` that hold one value per group and output.
+_GROUPED = ("scale", "zero", "min")
 
 # Partition rules: per-layer param name -> PartitionSpec (params are stored [in, out]; an FP8 weight
 # [out, in] takes its rule reversed).
@@ -239,7 +247,7 @@ def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
     specs: dict[str, Any] = {}
     for name in params:
         if name == "layers":
-            specs[name] = [{k: _layer_spec(k, lp) for k in lp} for lp in params[name]]
+            specs[name] = [{k: _layer_spec(k, lp, tp) for k in lp} for lp in params[name]]
         elif name in VOCAB_RULES:
             specs[name] = VOCAB_RULES[name] if vocab_ok else P()
         else:
@@ -247,16 +255,27 @@ def param_specs(params: Any, cfg: ModelConfig, tp: int) -> Any:
     return specs
 
 
-def _layer_spec(name: str, lp: dict[str, Any]) -> P:
-    if lp[name].dtype in (INT4, INT8):
-        raise ValueError("tensor_parallel_size > 1 with int4 or int8 (AWQ/GPTQ/GGUF) weights is "
-                         "not supported yet: run it with tensor_parallel_size=1")
+def _layer_spec(name: str, lp: dict[str, Any], tp: int) -> P:
     if name in KV_CACHE_SCALES:  # an FP8 cache's scales: a number, or one per KV head (split so)
         return P(AXIS) if lp[name].ndim else P()
+    weight, _, part = name.rpartition("_")
+    grouped = weight in LAYER_RULES and weight in lp and lp[weight].dtype in (INT4, INT8)
+    if grouped and part in _GROUPED:
+        # An int4 or int8 weight's scales, zero points or mins, [groups, out]: split as an [in, out]
+        # weight of its name would be; a row-parallel one's groups of inputs over the devices.
+        rule = LAYER_RULES[weight]
+        if rule[0] == AXIS and lp[name].shape[0] % tp:
+            raise ValueError(f"layer param {weight!r}: its {lp[name].shape[0]} groups of inputs do "
+                             f"not split over tensor_parallel_size ({tp})")
+        return rule
+    if grouped and part == "perm":
+        return P()  # an input order, applied before the weight's own split
     if name not in LAYER_RULES:
         raise ValueError(f"No tensor-parallel partition rule for layer param {name!r}")
-    # An FP8 weight is stored [out, in] (models/quant.py): its [in, out] rule, reversed.
-    return P(*reversed(LAYER_RULES[name])) if lp[name].dtype == FP8 else LAYER_RULES[name]
+    # FP8 (models/quant.py), int4 and int8 weights (models/int4.py, models/int8.py) are stored
+    # [out, in] (int4 two inputs a byte): their [in, out] rule, reversed.
+    return (P(*reversed(LAYER_RULES[name])) if lp[name].dtype in (FP8, INT4, INT8)
+            else LAYER_RULES[name])
 
 
 def _repeat_heads(w: Any, head_dim: int, rep: int) -> Any:
@@ -279,10 +298,12 @@ def _replicate_kv(params: Any, head_dim: int, rep: int) -> Any:
 def _replicate_kv_param(name: str, w: Any, head_dim: int, rep: int) -> Any:
     if name in KV_CACHE_SCALES:  # a number, or one per KV head
         return _repeat_heads(w, 1, rep) if w.ndim else w
-    # A LoRA B's columns are its projection's outputs: the heads, as the weight's.
-    if name not in ("k", "v", "k_bias", "v_bias", "k_scale", "v_scale", "k_lora_b", "v_lora_b"):
+    # A LoRA B's columns are its projection's outputs: the heads, as the weight's; so are an int4
+    # or int8 weight's scales', zero points' and mins' ([groups, out]).
+    if name not in ("k", "v", "k_bias", "v_bias", "k_scale", "v_scale", "k_lora_b", "v_lora_b",
+                    "k_zero", "v_zero", "k_min", "v_min"):
         return w
-    if w.dtype == FP8:  # an FP8 weight, [out, in]: its heads are its rows
+    if name in ("k", "v") and w.dtype in (FP8, INT4, INT8):  # stored [out, in]: heads are rows
         return _repeat_heads(w.T, head_dim, rep).T
     return _repeat_heads(w, head_dim, rep)
 

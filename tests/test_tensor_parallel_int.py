@@ -1,0 +1,126 @@
+"""Tensor parallelism with int4 and int8 weights (jaxvllm/worker/sharding.py) on 8 fake CPU devices:
+tiny GPTQ checkpoints (4 bits in activation order, 8 bits) give the greedy tokens and logprobs of
+one device when split over 2 and 4 (at 4 the 2 KV heads are replicated, packed rows and their
+scales and zero points alike), their tensors split as the rules say, and a row-parallel weight
+whose groups do not divide over the devices is refused by name. Run as a subprocess (this file as a
+script), as tests/test_tensor_parallel.py runs its engines."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+import pytest
+
+from test_tensor_parallel import PROMPTS, NUM_FAKE_DEVICES, _spec, run_script
+
+GROUP = 16
+CHECKPOINTS = {  # name: (activation order, bits, intermediate size, TP sizes)
+    "gptq4_act_order": (True, 4, 128, (1, 2, 4)),
+    "gptq8": (False, 8, 128, (1, 2)),
+    "gptq4_down_groups_6": (False, 4, 96, (4,)),  # down's 6 groups of 16 inputs: not over 4
+}
+
+
+def _save(d: str, act_order: bool, bits: int, intermediate: int) -> None:
+    """A tiny random Llama (4 heads, 2 KV heads) saved as a GPTQ checkpoint, every decoder-layer
+    linear packed in groups of GROUP inputs (test_int4's packers)."""
+    import torch
+    from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
+    from test_int4 import _pack_linear, _save_int
+    model = tiny_model(tiny_config("llama", vocab_size=256, hidden_size=64,
+                                   intermediate_size=intermediate, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256), **FAR_FROM_FLAT)
+    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(5)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            _pack_linear(tensors, name, module.weight.detach().numpy(), "gptq", act_order, rng, bits)
+            del tensors[name + ".weight"]
+    _save_int(d, tensors, model.config, "gptq", act_order, bits)
+
+
+def _run(d: str, tp: int) -> dict[str, Any]:
+    from jaxvllm import LLM, SamplingParams
+    try:
+        llm = LLM(model=d, dtype="float32", tensor_parallel_size=tp, max_model_len=128,
+                  max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=32,
+                  enforce_eager=True, token_buckets=(8, 32), weights_cache_dir="none",
+                  compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
+    except ValueError as e:
+        return {"error": str(e)}
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    res = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+           "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
+    if tp > 1:
+        lp = llm.llm_engine.runner.params["layers"][0]
+        res["layer"] = {k: {"spec": _spec(a), "shape": list(a.shape), "dtype": str(a.dtype),
+                            "shard_shape": list(a.addressable_shards[0].data.shape)}
+                        for k, a in lp.items()}
+    return res
+
+
+def _worker(out_path: str) -> None:
+    import jax
+    assert jax.device_count() == NUM_FAKE_DEVICES, jax.devices()
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (act_order, bits, intermediate, sizes) in CHECKPOINTS.items():
+            d = os.path.join(tmp, name)
+            _save(d, act_order, bits, intermediate)
+            report[name] = {tp: _run(d, tp) for tp in sizes}
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict[str, Any]:
+    rep = run_script(__file__, str(tmp_path_factory.mktemp("tp_int") / "report.json"),
+                     NUM_FAKE_DEVICES)
+    return {m: {int(k): v for k, v in r.items()} for m, r in rep.items()}
+
+
+@pytest.mark.parametrize("name, tp", [("gptq4_act_order", 2), ("gptq4_act_order", 4),
+                                      ("gptq8", 2)])
+def test_integer_weights_match_one_device(report, name, tp):
+    ref, got = report[name][1], report[name][tp]
+    assert got["tokens"] == ref["tokens"]
+    assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+
+
+@pytest.mark.parametrize("name, tp", [("gptq4_act_order", 4), ("gptq8", 2)])
+def test_integer_tensors_split_by_the_rules(report, name, tp):
+    """Column-parallel q/k/v and gate/up unfused, their [out, in] rows over the devices with the
+    scales' and zero points' outputs; row-parallel o and down over their inputs with the groups;
+    an input order whole. At TP 4 the KV heads are replicated: k holds 4 heads' rows."""
+    layer, bits = report[name][tp]["layer"], CHECKPOINTS[name][1]
+    assert "q+k+v" not in layer and "gate+up" not in layer
+    per_byte = 8 // bits
+    assert layer["q"]["dtype"] == ("uint8" if bits == 4 else "int8")
+    assert layer["q"]["spec"] == ["tp", None] and layer["q"]["shard_shape"] == [64 // tp, 64 // per_byte]
+    assert layer["k"]["shape"][0] == 16 * max(tp, 2)  # head_dim 16: 2 KV heads, or one per device
+    assert layer["down"]["spec"] == [None, "tp"]
+    assert layer["down"]["shard_shape"] == [64, 128 // per_byte // tp]
+    groups = 128 // GROUP
+    assert layer["down_scale"]["spec"] == ["tp", None]
+    assert layer["down_scale"]["shard_shape"] == [groups // tp, 64]
+    assert layer["q_scale"]["spec"] == [None, "tp"]
+    offset = "q_zero" if bits == 4 else "q_min"
+    assert layer[offset]["spec"] == [None, "tp"]
+    if CHECKPOINTS[name][0]:
+        assert layer["o_perm"]["spec"] == [] and layer["o_perm"]["shard_shape"] == [64]
+
+
+def test_groups_that_do_not_split_are_refused(report):
+    err = report["gptq4_down_groups_6"][4]["error"]
+    assert "'down'" in err and "6 groups" in err and "tensor_parallel_size (4)" in err
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _worker(sys.argv[1])
