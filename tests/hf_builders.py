@@ -66,3 +66,25 @@ def save_word_tokenizer(path: Union[str, Path], vocab_size: int, *, eos_token: O
     # Only the given ones: an explicit None would be written to tokenizer_config.json as null.
     extra = {k: v for k, v in (("eos_token", eos_token), ("chat_template", chat_template)) if v is not None}
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", **extra).save_pretrained(path)
+
+
+def assert_generates_as_hf(llm: Any, model: PreTrainedModel, prompts: list[list[int]],
+                           tokens: int = 8, tol: float = 2e-3) -> None:
+    """`llm` (an engine's LLM) against the HF `model` on `prompts` (token ids): every prompt
+    token's logprob within `tol` of HF's (float64 log-softmax of its logits) and the same `tokens`
+    greedy tokens."""
+    import numpy as np
+    import torch
+    from jaxvllm import SamplingParams
+    sp = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor(prompt)[None]
+        with torch.no_grad():
+            want = torch.log_softmax(model(ids).logits[0].double(), -1).numpy()
+            greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                    do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        got = [next(iter(pos.values())).logprob for pos in out.prompt_logprobs[1:]]
+        err = np.abs(np.asarray(got) - want[np.arange(len(prompt) - 1), prompt[1:]]).max()
+        assert err < tol, (prompt, err)
+        assert list(out.outputs[0].token_ids) == greedy, prompt

@@ -22,7 +22,8 @@ from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
 from converters.errors import WeightLoadError
 from converters.integer import IntCheckpoint, int_checkpoint, unpack
-from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
+from hf_builders import (FAR_FROM_FLAT, assert_generates_as_hf, save_word_tokenizer,
+                         tiny_config, tiny_model)
 
 GROUP = 16
 _SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -88,7 +89,7 @@ def write_checkpoint(d: str, name: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_checkpoint_matches_hf_on_the_weights_the_library_decompresses(name, tmp_path):
-    from jaxvllm import LLM, SamplingParams
+    from jaxvllm import LLM
     reference = write_checkpoint(str(tmp_path), name)
     llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=128, max_num_seqs=4,
               max_num_batched_tokens=32, num_gpu_blocks_override=64, enforce_eager=True,
@@ -106,18 +107,7 @@ def test_checkpoint_matches_hf_on_the_weights_the_library_decompresses(name, tmp
     else:  # the signed values as they are; an asymmetric scheme's zero points as a min
         assert lp["q+k+v"].dtype == lp["gate+up"].dtype == jnp.int8
         assert ("down_min" in lp) == (not symmetric)
-    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs):
-        ids = torch.tensor(prompt)[None]
-        with torch.no_grad():
-            want = torch.log_softmax(reference(ids).logits[0].double(), -1).numpy()
-            tokens = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                        do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-        got = [next(iter(pos.values())).logprob for pos in out.prompt_logprobs[1:]]
-        err = np.abs(np.asarray(got) - want[np.arange(len(prompt) - 1), prompt[1:]]).max()
-        assert err < 2e-3, (name, err)
-        assert list(out.outputs[0].token_ids) == tokens, name
+    assert_generates_as_hf(llm, reference, PROMPTS)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

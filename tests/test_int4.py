@@ -15,7 +15,8 @@ import torch
 
 from converters.errors import WeightLoadError
 from converters.integer import IntCheckpoint, int_checkpoint, unpack
-from hf_builders import FAR_FROM_FLAT, save_word_tokenizer, tiny_config, tiny_model
+from hf_builders import (FAR_FROM_FLAT, assert_generates_as_hf, save_word_tokenizer,
+                         tiny_config, tiny_model)
 from jaxvllm.models.int4 import fuse_projections, int4_linear, pack, quantize_int4
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 from pallas_kernels.int4_gemm import Tiles
@@ -371,7 +372,7 @@ def write_int_checkpoint(d: str, name: str):
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_int_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
-    from jaxvllm import LLM, SamplingParams
+    from jaxvllm import LLM
     model = write_int_checkpoint(str(tmp_path), name)
     llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=128, max_num_seqs=4,
               max_num_batched_tokens=32, num_gpu_blocks_override=64, enforce_eager=True,
@@ -388,18 +389,7 @@ def test_int_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
     assert ("q+k+v" in lp) == ("gate+up" in lp) == ("q" not in lp) == (not act_order)
     assert lp["down"].shape == (64, 96 * bits // 8) and lp["down_scale"].shape == (96 // GROUP, 64)
     assert ("q_perm" in lp) == act_order
-    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs):
-        ids = torch.tensor(prompt)[None]
-        with torch.no_grad():
-            want = torch.log_softmax(model(ids).logits[0].double(), -1).numpy()
-            tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                    do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-        got = [next(iter(pos.values())).logprob for pos in out.prompt_logprobs[1:]]
-        err = np.abs(np.asarray(got) - want[np.arange(len(prompt) - 1), prompt[1:]]).max()
-        assert err < 2e-3, (name, err)
-        assert list(out.outputs[0].token_ids) == tokens, name
+    assert_generates_as_hf(llm, model, PROMPTS)
     # Weight swaps refuse integer weights by name (tensor parallelism takes them:
     # tests/test_tensor_parallel_int.py).
     with pytest.raises(ValueError, match=f"int{bits}"):
@@ -425,7 +415,7 @@ def test_int_moe_checkpoint_loads_its_experts_dequantized(name, tmp_path):
     dequantizes to, put back in the checkpoint's input order under activation order)."""
     from safetensors.numpy import load_file, save_file
     from transformers import AutoModelForCausalLM
-    from jaxvllm import LLM, SamplingParams
+    from jaxvllm import LLM
     make_config, method, act_order, bits = MOE[name]
     tiny_model(make_config(), **FAR_FROM_FLAT).save_pretrained(tmp_path / "src")
     rng = np.random.default_rng(3)
@@ -448,18 +438,7 @@ def test_int_moe_checkpoint_loads_its_experts_dequantized(name, tmp_path):
     lp = llm.llm_engine.runner.params["layers"][0]
     assert lp["o"].dtype == (jnp.uint8 if bits == 4 else jnp.int8)
     assert lp["experts_down"].dtype == jnp.float32
-    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs):
-        ids = torch.tensor(prompt)[None]
-        with torch.no_grad():
-            want = torch.log_softmax(reference(ids).logits[0].double(), -1).numpy()
-            tokens = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                        do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-        got = [next(iter(pos.values())).logprob for pos in out.prompt_logprobs[1:]]
-        err = np.abs(np.asarray(got) - want[np.arange(len(prompt) - 1), prompt[1:]]).max()
-        assert err < 2e-3, (name, err)
-        assert list(out.outputs[0].token_ids) == tokens, name
+    assert_generates_as_hf(llm, reference, PROMPTS)
 
 
 def test_malformed_int4_tensors_are_named():
