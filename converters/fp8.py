@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import WeightLoadError
-from converters.quant_config import compressed_tensors_formats, quantization_config
 from converters.int4 import int4_checkpoint
+from converters.quant_config import compressed_tensors_formats, quantization_config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,8 @@ import numpy as np
 from converters.errors import WeightLoadError
 from converters.quant_config import compressed_tensors_formats, quantization_config
 from jaxvllm.config import INT4_QUANTIZATIONS
+from jaxvllm.models.int4 import pack
+from pallas_kernels.reference import int4_dequantize
 
 _AWQ_NIBBLE = np.array([0, 4, 1, 5, 2, 6, 3, 7])  # AWQ packs outputs 0..7 in the order 0 2 4 6 1 3 5 7
 _SHIFTS = np.arange(8, dtype=np.uint32) * 4
@@ -68,24 +70,19 @@ class Int4Weight:
     halves: bool = False
 
 
-def dequantize(w: Int4Weight) -> np.ndarray:
+def dequantize(w: Int4Weight) -> Any:
     """The weight an unpacked checkpoint linear holds, float32 [out, in], its inputs in the
-    checkpoint's order (for the linears the int4 layout does not hold: MoE experts, an LM head)."""
-    g = np.arange(w.q.shape[1]) // (w.q.shape[1] // w.scale.shape[1])
-    if w.offset.dtype == np.uint8:
-        deq = (w.q.astype(np.float32) - w.offset[:, g]) * w.scale[:, g]
-    else:
-        deq = w.q.astype(np.float32) * w.scale[:, g] + w.offset[:, g]
-    if w.perm is None:
-        return deq
-    out = np.empty_like(deq)
-    out[:, w.perm] = deq
-    return out
+    checkpoint's order (for the linears the int4 layout does not hold: MoE experts, an LM head):
+    packed as the layout packs it and dequantized by the layout's own reference."""
+    packed = pack(w.q, w.q.shape[1] // w.scale.shape[1])
+    deq = int4_dequantize(packed, w.scale.T, w.offset.T)
+    return deq if w.perm is None else deq[:, np.argsort(w.perm)]
 
 
 def int4_checkpoint(hf_config: dict[str, Any]) -> Optional[Int4Checkpoint]:
     """The checkpoint's int4 format; None for any other. Raises ValueError naming the
-    `quantization_config` field an AWQ or GPTQ checkpoint this engine cannot load has wrong."""
+    `quantization_config` field an AWQ, GPTQ or compressed-tensors pack-quantized checkpoint this
+    engine cannot load has wrong."""
     qc = quantization_config(hf_config)
     if qc.get("quant_method") not in INT4_QUANTIZATIONS:
         return None

@@ -69,8 +69,9 @@ class EngineArgs:
         "help": "fp8: linear weights quantized to FP8 (e4m3) on load, per output channel, and "
                 "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype. "
                 "awq, gptq, compressed-tensors: the 4-bit weights of such a checkpoint (taken from "
-                "its config.json when not given; a compressed-tensors FP8 one runs as fp8). gguf: a GGUF file's Q4_0/Q4_1/Q4_K projections kept at 4 bits "
-                "and Q8_0 ones at 8 (otherwise dequantized to dtype).",
+                "its config.json when not given; a compressed-tensors FP8 one runs as fp8). gguf: "
+                "a GGUF file's Q4_0/Q4_1/Q4_K projections kept at 4 bits and Q8_0 ones at 8 "
+                "(otherwise dequantized to dtype).",
         "choices": QUANTIZATIONS})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "auto: the model's dtype; fp8 (= fp8_e4m3): K/V stored as float8 e4m3 (values "

@@ -22,8 +22,8 @@ Linear weights are stored [in, out] (HF's torch weights transposed) so `x @ w` n
 With `quantization="fp8"` (models/quant.py) the quantized ones are float8 [out, in] (the layout
 cuBLASLt's FP8 GEMM reads) with a float32 `<name>_scale` [out] beside each. With "awq"/"gptq"/
 "compressed-tensors" (models/int4.py) they are packed uint8 [out, in/2] with `<name>_scale`
-[groups, out] (float32), `<name>_zero` (uint8 zero points) or `<name>_min` (float32, GGUF's Q4_1 and Q4_K) [groups, out],
-and `<name>_perm` int32 [in] for GPTQ in activation order. A GGUF's Q8_0 projection is two such
+[groups, out] (float32), `<name>_zero` (uint8 zero points) or `<name>_min` (float32, GGUF's Q4_1
+and Q4_K) [groups, out], and `<name>_perm` int32 [in] for GPTQ in activation order. A GGUF's Q8_0 projection is two such
 weights along the input, packed [out, in] (converters/gguf_int4.py). A checkpoint with FP8
 KV-cache scales adds KV_CACHE_SCALES to every layer, float32 scalars or [kv_heads] vectors
 (models/llama.attend).
