@@ -31,6 +31,8 @@ import numpy as np
 from converters.errors import WeightLoadError
 from converters.quant_config import compressed_tensors_formats, quantization_config
 from jaxvllm.config import INT_CHECKPOINTS
+from jaxvllm.models.int4 import pack
+from pallas_kernels.reference import int4_dequantize, int8_dequantize
 
 _AWQ_NIBBLE = np.array([0, 4, 1, 5, 2, 6, 3, 7])  # AWQ packs outputs 0..7 in the order 0 2 4 6 1 3 5 7
 BITS = (4, 8)
@@ -79,21 +81,15 @@ class Int8Weight:
     perm: Optional[np.ndarray] = None
 
 
-def dequantize(w: Union[Int4Weight, Int8Weight]) -> np.ndarray:
+def dequantize(w: Union[Int4Weight, Int8Weight]) -> Any:
     """The weight an unpacked checkpoint linear holds, float32 [out, in], its inputs in the
     checkpoint's order (for the linears the int4 and int8 layouts do not hold: MoE experts, an LM
-    head)."""
-    g = np.arange(w.q.shape[1]) // (w.q.shape[1] // w.scale.shape[1])
-    q = w.q.astype(np.float32)
-    if w.offset is not None and w.offset.dtype == np.uint8:  # int4 zero points
-        deq = (q - w.offset[:, g]) * w.scale[:, g]
+    head): laid out as its layout lays it and dequantized by the layout's own reference."""
+    if isinstance(w, Int4Weight):
+        deq = int4_dequantize(pack(w.q, w.q.shape[1] // w.scale.shape[1]), w.scale.T, w.offset.T)
     else:
-        deq = q * w.scale[:, g] + (0.0 if w.offset is None else w.offset[:, g])
-    if w.perm is None:
-        return deq
-    out = np.empty_like(deq)
-    out[:, w.perm] = deq
-    return out
+        deq = int8_dequantize(w.q, w.scale.T, None if w.offset is None else w.offset.T)
+    return deq if w.perm is None else deq[:, np.argsort(w.perm)]
 
 
 def int_checkpoint(hf_config: dict[str, Any]) -> Optional[IntCheckpoint]:
