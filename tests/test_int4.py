@@ -314,14 +314,14 @@ PROMPTS = [list(np.random.RandomState(n).randint(2, 256, size=n)) for n in (6, 2
 
 
 def _pack_linear(tensors: dict, prefix: str, w: np.ndarray, method: str, act_order: bool,
-                 rng, bits: int = 4) -> np.ndarray:
+                 rng, bits: int = 4, group: int = GROUP) -> np.ndarray:
     """Linear `prefix`'s weight w [out, in] quantized and packed into `tensors` in the method's
     format (GPTQ's groups permuted with activation order); returns the weight it dequantizes to."""
     inp = w.shape[1]
-    g_idx = np.arange(inp) // GROUP
+    g_idx = np.arange(inp) // group
     if act_order:
         g_idx = rng.permutation(g_idx)
-    q, zero, scale, deq = quantize(w, g_idx, inp // GROUP, min_zero=1 if method == "gptq" else 0,
+    q, zero, scale, deq = quantize(w, g_idx, inp // group, min_zero=1 if method == "gptq" else 0,
                                    bits=bits)
     if method == "awq":
         tensors[prefix + ".qweight"] = pack_awq(q.T)
@@ -334,7 +334,8 @@ def _pack_linear(tensors: dict, prefix: str, w: np.ndarray, method: str, act_ord
     return deq
 
 
-def _save_int(d: str, tensors: dict, config, method: str, act_order: bool, bits: int) -> None:
+def _save_int(d: str, tensors: dict, config, method: str, act_order: bool, bits: int,
+              group: int = GROUP) -> None:
     from safetensors.numpy import save_file
     config.save_pretrained(d)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
@@ -342,9 +343,9 @@ def _save_int(d: str, tensors: dict, config, method: str, act_order: bool, bits:
     with open(os.path.join(d, "config.json")) as f:
         cfg = json.load(f)
     cfg["quantization_config"] = (
-        {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}
+        {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
         if method == "awq" else
-        {"quant_method": "gptq", "bits": bits, "group_size": GROUP, "desc_act": act_order,
+        {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order,
          "sym": False})
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)

@@ -258,8 +258,9 @@ def _one_request(**engine_kw) -> tuple[Any, Any]:
 @pytest.mark.parametrize("on_gpu", [True, False])  # not "gpu": that keyword marks GPU-only tests
 def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
     """The engine adds a bucket of one token for FP8 on one GPU and for int4 weights (AWQ, GPTQ,
-    GGUF's kept types: packed uint8 weights, zero points or mins beside them) on one GPU: never for
-    bf16, a CPU, weights sharded over devices, or a GGUF load that kept no packed weight."""
+    GGUF's kept types: packed uint8 weights, zero points or mins beside them) on GPUs, one or
+    several (their Pallas GEMM runs per device): never for bf16, a CPU, FP8 weights sharded over
+    devices, or a GGUF load that kept no packed weight."""
     import jax
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine import setup
@@ -272,7 +273,7 @@ def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
     for offset in ("q_zero", "q+k+v_min"):
         off = u8 if offset.endswith("_zero") else f32
         int4 = {"layers": [{"q": u8, "q_scale": f32, offset: off}]}
-        assert fits("awq", int4) is on_gpu and not fits("awq", int4, shardings=object())
+        assert fits("awq", int4) is on_gpu and fits("awq", int4, shardings=object()) is on_gpu
     assert not fits("gguf") and not fits(None)
 
 
@@ -282,7 +283,7 @@ def test_one_decoding_request_runs_the_fp8_kernel(monkeypatch):
     of XLA's GEMM (float32 activations: only the sums' order differs)."""
     from jaxvllm.engine import setup
     plain_runner, plain = _one_request()
-    monkeypatch.setattr(setup, "pallas_gemms_fit", lambda shardings: True)
+    monkeypatch.setattr(setup, "pallas_gemms_fit", lambda: True)
     runner, got = _one_request()
     assert not plain_runner.cfg.pallas_gemms and plain_runner.token_buckets[0] == 8
     assert runner.cfg.pallas_gemms and runner.token_buckets[0] == 1

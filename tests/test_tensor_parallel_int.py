@@ -23,11 +23,14 @@ CHECKPOINTS = {  # name: (activation order, bits, intermediate size, TP sizes)
     "gptq8": (False, 8, 128, (1, 2)),
     "gptq4_down_groups_6": (False, 4, 96, (4,)),  # down's 6 groups of 16 inputs: not over 4
 }
+# Run with the Pallas GEMMs forced (interpreted): groups of 32, the int4 GEMM's smallest.
+PALLAS = {"gptq4_g32_act_order": (True, 4), "gptq8_g32": (False, 8)}
+PALLAS_GROUP = 32
 
 
-def _save(d: str, act_order: bool, bits: int, intermediate: int) -> None:
+def _save(d: str, act_order: bool, bits: int, intermediate: int, group: int = GROUP) -> None:
     """A tiny random Llama (4 heads, 2 KV heads) saved as a GPTQ checkpoint, every decoder-layer
-    linear packed in groups of GROUP inputs (test_int4's packers)."""
+    linear packed in groups of `group` inputs (test_int4's packers)."""
     import torch
     from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
     from test_int4 import _pack_linear, _save_int
@@ -39,9 +42,10 @@ def _save(d: str, act_order: bool, bits: int, intermediate: int) -> None:
     rng = np.random.default_rng(5)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            _pack_linear(tensors, name, module.weight.detach().numpy(), "gptq", act_order, rng, bits)
+            _pack_linear(tensors, name, module.weight.detach().numpy(), "gptq", act_order, rng,
+                         bits, group)
             del tensors[name + ".weight"]
-    _save_int(d, tensors, model.config, "gptq", act_order, bits)
+    _save_int(d, tensors, model.config, "gptq", act_order, bits, group)
 
 
 def _run(d: str, tp: int) -> dict[str, Any]:
@@ -65,6 +69,30 @@ def _run(d: str, tp: int) -> dict[str, Any]:
     return res
 
 
+def _run_pallas(d: str, tp: int) -> dict[str, Any]:
+    """_run with the engine's Pallas GEMM choice forced on (as on a GPU; the kernels interpreted),
+    and the operand shapes each int4 or int8 GEMM call was traced with."""
+    from jaxvllm.engine import setup
+    from jaxvllm.models import int4, int8
+    seen = []
+
+    def counted(kernel):
+        def call(x, w, *args, **kwargs):
+            seen.append([list(x.shape), list(w.shape)])
+            return kernel(x, w, *args, **kwargs)
+        return call
+
+    saved = setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul
+    setup.pallas_gemms_fit = lambda: True
+    int4.int4_matmul, int8.int8_matmul = counted(saved[1]), counted(saved[2])
+    try:
+        res = _run(d, tp)
+    finally:
+        setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul = saved
+    res["kernel_shapes"] = seen
+    return res
+
+
 def _worker(out_path: str) -> None:
     import jax
     assert jax.device_count() == NUM_FAKE_DEVICES, jax.devices()
@@ -74,6 +102,10 @@ def _worker(out_path: str) -> None:
             d = os.path.join(tmp, name)
             _save(d, act_order, bits, intermediate)
             report[name] = {tp: _run(d, tp) for tp in sizes}
+        for name, (act_order, bits) in PALLAS.items():
+            d = os.path.join(tmp, name)
+            _save(d, act_order, bits, 128, PALLAS_GROUP)
+            report[name] = {1: _run(d, 1), **{-tp: _run_pallas(d, tp) for tp in (1, 2)}}
     with open(out_path, "w") as f:
         json.dump(report, f)
 
@@ -114,6 +146,26 @@ def test_integer_tensors_split_by_the_rules(report, name, tp):
     assert layer[offset]["spec"] == [None, "tp"]
     if CHECKPOINTS[name][0]:
         assert layer["o_perm"]["spec"] == [] and layer["o_perm"]["shard_shape"] == [64]
+
+
+@pytest.mark.parametrize("name", sorted(PALLAS))
+def test_pallas_gemms_run_per_device(report, name):
+    """With the Pallas GEMMs on (as on GPUs), one device and two give the greedy tokens and
+    logprobs of XLA's dequantize-then-multiply on one; on two each int4 or int8 GEMM call sees
+    its device's shard: q's half of the outputs, down's half of the inputs (x split alike),
+    never a whole down (the weight gathered)."""
+    per_byte = 8 // PALLAS[name][1]
+    ref = report[name][1]
+    for tp in (1, 2):
+        got = report[name][-tp]
+        assert got["tokens"] == ref["tokens"]
+        assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    whole_down = [64, 128 // per_byte]
+    assert any(w == whole_down for _, w in report[name][-1]["kernel_shapes"])
+    shapes = report[name][-2]["kernel_shapes"]
+    assert any(w == [32, 64 // per_byte] for _, w in shapes)             # q: 32 of its 64 outputs
+    assert any(x[1] == 64 and w == [64, 64 // per_byte] for x, w in shapes)  # down: 64 of 128 inputs
+    assert not any(w == whole_down for _, w in shapes)
 
 
 def test_groups_that_do_not_split_are_refused(report):

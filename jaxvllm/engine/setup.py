@@ -231,18 +231,20 @@ def param_bytes(params: Any) -> int:
                    if hasattr(x, "dtype")))
 
 
-def pallas_gemms_fit(shardings: Any) -> bool:
-    """Whether quantized linears may run their Pallas GEMMs (ModelConfig.pallas_gemms): on a GPU,
-    with the weights on one device (a GSPMD-sharded weight would be gathered whole for one)."""
+def pallas_gemms_fit() -> bool:
+    """Whether quantized linears may run their Pallas GEMMs (ModelConfig.pallas_gemms): on a GPU.
+    Under tensor parallelism the int4 and int8 ones run per device (models/grouped.py) and FP8's
+    not at all (layers._product: its weight would be gathered whole)."""
     import jax
-    return shardings is None and jax.default_backend() == "gpu"
+    return jax.default_backend() == "gpu"
 
 
 def one_row_bucket(args: EngineArgs, shardings: Any, params: Any) -> bool:
     """Whether the engine compiles a bucket of one token below the default ones, so that one
     decoding request runs without padded rows: where a quantized linear reads its weight faster
     at one row than at the smallest default bucket's eight, on its Pallas GEMM (pallas_gemms_fit).
-    FP8's one-row Pallas GEMM runs only there; the int4 GEMM's split-K partial sums are eight
+    FP8's one-row Pallas GEMM runs only there (on one device); the int4 GEMM's split-K partial
+    sums are eight
     times smaller there (batch 1 339-342 against 318-319 decode tok/s, H200, 8B shape;
     bench/RESULTS.md, "Issue 23's rows in one run, and int4 at one row"), for any int4 weight in
     `params` (a GGUF's kept types; its other types load dequantized), and the int8 GEMM's alike
@@ -250,7 +252,7 @@ def one_row_bucket(args: EngineArgs, shardings: Any, params: Any) -> bool:
     from jaxvllm.models.int4 import INT4
     from jaxvllm.models.int8 import INT8
     grouped = any(w.dtype in (INT4, INT8) for lp in params["layers"] for w in lp.values())
-    return pallas_gemms_fit(shardings) and (args.quantization == "fp8" or grouped)
+    return pallas_gemms_fit() and (grouped or (args.quantization == "fp8" and shardings is None))
 
 
 def build_runner(args: EngineArgs, loaded: Any,
@@ -296,7 +298,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         command_buffers=step_command_buffers(args, loaded.params),
         triton_gemm_max_tokens=(TRITON_GEMM_MAX_TOKENS if _ENGINE_CHOSE_GEMMS
                                 and not args.batch_invariant else 0))
-    if pallas_gemms_fit(shardings):
+    if pallas_gemms_fit():
         cfg = dataclasses.replace(cfg, pallas_gemms=True)
     attention_fn = None
     if args.batch_invariant:

@@ -45,15 +45,18 @@ def offset(lp: dict, name: str) -> jax.Array:
 
 
 def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
-                perm: Optional[jax.Array] = None, pallas: bool = False) -> jax.Array:
+                perm: Optional[jax.Array] = None, pallas: bool = False,
+                row_parallel: bool = False) -> jax.Array:
     """x [..., in] times the packed int4 weight (w [out, in/2], scale [groups, out], off the uint8
     zero points or float32 min [groups, out]); perm [in] reorders x's features first.
     Decode-sized batches run the Pallas GEMM where `pallas` allows it (ModelConfig.pallas_gemms:
-    the weight read at 4 bits); others dequantize, then multiply. Returns x's dtype."""
+    the weight read at 4 bits; per device under tensor parallelism, `row_parallel` saying how the
+    weight is split: models/grouped.py); others dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    return grouped_linear(x, int4_gemm, int4_matmul, int4_matmul_reference, w, scale, off,
-                          pallas=pallas)
+    kernel = functools.partial(int4_matmul, interpret=jax.default_backend() != "gpu")
+    return grouped_linear(x, int4_gemm, kernel, int4_matmul_reference, w, scale, off,
+                          pallas=pallas, row_parallel=row_parallel)
 
 
 def pack(q: Any, group: int) -> Any:

@@ -14,6 +14,7 @@ weight of any layout is int8.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -41,12 +42,15 @@ def kernel_groups(scale: np.ndarray, offset: Optional[np.ndarray],
 
 
 def int8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.Array] = None,
-                perm: Optional[jax.Array] = None, pallas: bool = False) -> jax.Array:
+                perm: Optional[jax.Array] = None, pallas: bool = False,
+                row_parallel: bool = False) -> jax.Array:
     """x [..., in] times the int8 weight (w [out, in], scale and the min `mn` (or None) [groups,
     out]); perm [in] reorders x's features first. Decode-sized batches run the Pallas GEMM where
-    `pallas` allows it (ModelConfig.pallas_gemms: the weight read at a byte a value); others
-    dequantize, then multiply. Returns x's dtype."""
+    `pallas` allows it (ModelConfig.pallas_gemms: the weight read at a byte a value; per device
+    under tensor parallelism, `row_parallel` saying how the weight is split: models/grouped.py);
+    others dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    return grouped_linear(x, int8_gemm, int8_matmul, int8_matmul_reference, w, scale, mn,
-                          pallas=pallas)
+    kernel = functools.partial(int8_matmul, interpret=jax.default_backend() != "gpu")
+    return grouped_linear(x, int8_gemm, kernel, int8_matmul_reference, w, scale, mn,
+                          pallas=pallas, row_parallel=row_parallel)

@@ -147,9 +147,12 @@ class ModelRunner:
             {} if config.command_buffers else {"xla_gpu_enable_command_buffer": ""})}
         step_kw = dict(donate_argnums=(1,),
                        **({} if shardings is None else shardings.step_jit_kwargs()))
-        self._step = jax.jit(self._step_impl, **step_kw,
-                             compiler_options=self.step_compiler_options or None)
-        self._step_triton_gemm = jax.jit(self._step_impl, **step_kw, compiler_options={
+        # Traced inside the mesh under tensor parallelism: a quantized linear's Pallas GEMM runs
+        # per device there (models/grouped.py).
+        in_mesh = (lambda fn: fn) if shardings is None else shardings.in_mesh
+        step = in_mesh(self._step_impl)
+        self._step = jax.jit(step, **step_kw, compiler_options=self.step_compiler_options or None)
+        self._step_triton_gemm = jax.jit(step, **step_kw, compiler_options={
             **self.step_compiler_options, "xla_gpu_enable_triton_gemm": True})
         self._bucket_by_packed_len = {self._packed_len(t): t for t in self.token_buckets}
         self._sample = jax.jit(self._sample_impl, static_argnames=("mode", "topk_bound"))
@@ -168,7 +171,7 @@ class ModelRunner:
         self._record_tokens = jax.jit(token_table.record, donate_argnums=(0,))
         # Under tensor parallelism the draft's cache stays split over its KV heads, as the target's
         # (the donated buffers updated in place), and its guesses come back whole.
-        self._propose = jax.jit(self._propose_impl, donate_argnums=(1,), **(
+        self._propose = jax.jit(in_mesh(self._propose_impl), donate_argnums=(1,), **(
             {} if shardings is None else
             {"out_shardings": (shardings.kv_cache, shardings.replicated)}))
         self._prompt_logprobs = jax.jit(self._prompt_logprobs_impl, static_argnames=("num_logprobs",),

@@ -16,8 +16,10 @@ attention wrapper.
   as their float weights would, with their per-group scales, zero points and mins split over the
   outputs (column-parallel) or the groups of inputs (row-parallel; the groups must divide by `tp`)
   and an activation order's input order whole. Their q/k/v and gate/up stay unfused (a fused
-  output would not split by heads), and they run XLA's dequantize-then-multiply, which the
-  partitioner splits (a Pallas GEMM would gather its weight whole: ModelConfig.pallas_gemms).
+  output would not split by heads). Decode-sized batches run their Pallas GEMMs per device under
+  `shard_map` (a Pallas call is not partitioned by GSPMD: its operands would be gathered whole),
+  for which the runner traces its steps inside the mesh (`TPShardings.in_mesh`;
+  models/grouped.py); larger ones XLA's dequantize-then-multiply, which the partitioner splits.
 - The KV cache `[num_blocks, block_size, kv_heads, head_dim]` is split over KV heads, and the
   attention function runs per device under `shard_map`: each device sees only its query heads and
   their KV heads, so the Pallas kernel (GPU) or the jnp reference (CPU) runs unchanged.
@@ -44,6 +46,7 @@ so the whole model must fit on one device (or in host memory) while it loads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -54,6 +57,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.grouped import TP_AXIS
 from jaxvllm.models.int4 import INT4
 from jaxvllm.models.int8 import INT8
 from jaxvllm.models.params import KV_CACHE_SCALES
@@ -61,7 +65,7 @@ from jaxvllm.models.quant import FP8
 
 logger = logging.getLogger(__name__)
 
-AXIS = "tp"
+AXIS = TP_AXIS
 # The tensors beside an int4 or int8 weight `<name>` that hold one value per group and output.
 _GROUPED = ("scale", "zero", "min")
 
@@ -209,6 +213,15 @@ class TPShardings:
             return jax.lax.psum(base_fn(rows, group_sizes, w_gate, w_up, w_down), AXIS)
 
         return _shard_map(local, mesh, in_specs=(rep, rep, col, col, row), out_specs=rep)
+
+    def in_mesh(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` traced with the mesh as JAX's abstract mesh: where a quantized linear finds the
+        devices its Pallas GEMM runs over (models/grouped.py)."""
+        @functools.wraps(fn)
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                return fn(*args, **kwargs)
+        return traced
 
     def step_jit_kwargs(self) -> dict[str, Any]:
         """`jax.jit` arguments for the runner's step `(params, kv_cache, packed host inputs,
