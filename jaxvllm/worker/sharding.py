@@ -157,16 +157,8 @@ def _mesh_devices(tp: int, devices: list[Any]) -> list[Any]:
 
 
 def _shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
-    """`jax.shard_map` (newer JAX) or `jax.experimental.shard_map` (older), replication checks off."""
-    if hasattr(jax, "shard_map"):
-        try:
-            return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                                 check_vma=False)
-        except TypeError:
-            return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                                 check_rep=False)
-    from jax.experimental.shard_map import shard_map
-    return shard_map(f, mesh, in_specs, out_specs, check_rep=False)
+    """`jax.shard_map` with its replication checks off."""
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 @dataclass(frozen=True)
