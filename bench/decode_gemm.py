@@ -33,12 +33,15 @@ SHAPES = {"gate+up": (28672, 4096), "down": (4096, 14336), "q+k+v": (6144, 4096)
 
 def _int4_tilings(rows: int, n: int, k: int) -> list:
     """The engine's tiling (default_tiles) and neighbours of Tiles()'s defaults: column tiles,
-    slices, warps, pipeline stages; and the engine's and Tiles()'s with float16 pairs."""
+    slices, warps, pipeline stages; and the engine's and Tiles()'s with float16 pairs. Past 32
+    rows also row tiles of 64 (each weight tile dequantized once, not once per 32 rows)."""
     import dataclasses
 
     from pallas_kernels.int4_gemm import Tiles, default_tiles
-    return list(dict.fromkeys([
-        default_tiles(rows), Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(splits=4),
+    whole = ([Tiles(block_m=64), Tiles(block_m=64, num_warps=8), Tiles(block_m=64, block_n=128),
+              Tiles(block_m=64, block_n=128, num_warps=8)] if rows > 32 else [])
+    return list(dict.fromkeys([default_tiles(rows)] + whole + [
+        Tiles(), Tiles(block_n=32), Tiles(block_n=128), Tiles(splits=4),
         Tiles(splits=16), Tiles(num_warps=8), Tiles(num_warps=2), Tiles(num_stages=2),
         Tiles(num_stages=4), dataclasses.replace(default_tiles(rows), f16=True),
         Tiles(f16=True)]))
