@@ -257,23 +257,23 @@ def _one_request(**engine_kw) -> tuple[Any, Any]:
 
 @pytest.mark.parametrize("on_gpu", [True, False])  # not "gpu": that keyword marks GPU-only tests
 def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
-    """The engine adds a bucket of one token for FP8 on one GPU and for int4 weights (AWQ, GPTQ,
-    GGUF's kept types: packed uint8 weights, zero points or mins beside them) on GPUs, one or
-    several (their Pallas GEMM runs per device): never for bf16, a CPU, FP8 weights sharded over
-    devices, or a GGUF load that kept no packed weight."""
+    """The engine adds a bucket of one token for FP8 and for int4 weights (AWQ, GPTQ, GGUF's kept
+    types: packed uint8 weights, zero points or mins beside them) on GPUs (one or several: their
+    Pallas GEMMs run per device): never for bf16, a CPU, or a GGUF load that kept no packed
+    weight."""
     import jax
     from jaxvllm.config import EngineArgs
     from jaxvllm.engine import setup
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if on_gpu else "cpu")
     f32, u8 = jnp.zeros(2, jnp.float32), jnp.zeros(2, jnp.uint8)
     dense = {"layers": [{"q": f32, "q_scale": f32}]}
-    fits = lambda q, params=dense, shardings=None: setup.one_row_bucket(  # noqa: E731
-        EngineArgs(model="m", quantization=q), shardings, params)
-    assert fits("fp8") is on_gpu and not fits("fp8", shardings=object())
+    fits = lambda q, params=dense: setup.one_row_bucket(  # noqa: E731
+        EngineArgs(model="m", quantization=q), params)
+    assert fits("fp8") is on_gpu
     for offset in ("q_zero", "q+k+v_min"):
         off = u8 if offset.endswith("_zero") else f32
         int4 = {"layers": [{"q": u8, "q_scale": f32, offset: off}]}
-        assert fits("awq", int4) is on_gpu and fits("awq", int4, shardings=object()) is on_gpu
+        assert fits("awq", int4) is on_gpu
     assert not fits("gguf") and not fits(None)
 
 

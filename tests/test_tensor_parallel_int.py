@@ -28,16 +28,21 @@ PALLAS = {"gptq4_g32_act_order": (True, 4), "gptq8_g32": (False, 8)}
 PALLAS_GROUP = 32
 
 
+def _tiny(intermediate: int) -> Any:
+    """A tiny random HF Llama: 4 heads, 2 KV heads, hidden 64."""
+    from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
+    return tiny_model(tiny_config("llama", vocab_size=256, hidden_size=64,
+                                  intermediate_size=intermediate, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256), **FAR_FROM_FLAT)
+
+
 def _save(d: str, act_order: bool, bits: int, intermediate: int, group: int = GROUP) -> None:
     """A tiny random Llama (4 heads, 2 KV heads) saved as a GPTQ checkpoint, every decoder-layer
     linear packed in groups of `group` inputs (test_int4's packers)."""
     import torch
-    from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
     from test_int4 import _pack_linear, _save_int
-    model = tiny_model(tiny_config("llama", vocab_size=256, hidden_size=64,
-                                   intermediate_size=intermediate, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256), **FAR_FROM_FLAT)
+    model = _tiny(intermediate)
     tensors = {k: v.numpy() for k, v in model.state_dict().items()}
     rng = np.random.default_rng(5)
     for name, module in model.named_modules():
@@ -48,17 +53,19 @@ def _save(d: str, act_order: bool, bits: int, intermediate: int, group: int = GR
     _save_int(d, tensors, model.config, "gptq", act_order, bits, group)
 
 
-def _run(d: str, tp: int) -> dict[str, Any]:
+def _run(d: str, tp: int, prompts: list = PROMPTS, **engine_kw: Any) -> dict[str, Any]:
     from jaxvllm import LLM, SamplingParams
+    engine_kw.setdefault("token_buckets", (8, 32))
     try:
         llm = LLM(model=d, dtype="float32", tensor_parallel_size=tp, max_model_len=128,
                   max_num_seqs=4, max_num_batched_tokens=32, num_gpu_blocks_override=32,
-                  enforce_eager=True, token_buckets=(8, 32), weights_cache_dir="none",
-                  compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"))
+                  enforce_eager=True, weights_cache_dir="none",
+                  compilation_cache_dir=os.environ.get("JAXVLLM_TEST_COMPILE_CACHE", "none"),
+                  **engine_kw)
     except ValueError as e:
         return {"error": str(e)}
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     res = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
            "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
     if tp > 1:
@@ -69,11 +76,11 @@ def _run(d: str, tp: int) -> dict[str, Any]:
     return res
 
 
-def _run_pallas(d: str, tp: int) -> dict[str, Any]:
+def _run_pallas(d: str, tp: int, **run_kw: Any) -> dict[str, Any]:
     """_run with the engine's Pallas GEMM choice forced on (as on a GPU; the kernels interpreted),
-    and the operand shapes each int4 or int8 GEMM call was traced with."""
+    and the operand shapes each int4, int8 or FP8 GEMM call was traced with."""
     from jaxvllm.engine import setup
-    from jaxvllm.models import int4, int8
+    from jaxvllm.models import int4, int8, quant
     seen = []
 
     def counted(kernel):
@@ -82,13 +89,13 @@ def _run_pallas(d: str, tp: int) -> dict[str, Any]:
             return kernel(x, w, *args, **kwargs)
         return call
 
-    saved = setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul
+    saved = setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul
     setup.pallas_gemms_fit = lambda: True
-    int4.int4_matmul, int8.int8_matmul = counted(saved[1]), counted(saved[2])
+    int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul = map(counted, saved[1:])
     try:
-        res = _run(d, tp)
+        res = _run(d, tp, **run_kw)
     finally:
-        setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul = saved
+        setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul = saved
     res["kernel_shapes"] = seen
     return res
 
@@ -106,6 +113,11 @@ def _worker(out_path: str) -> None:
             d = os.path.join(tmp, name)
             _save(d, act_order, bits, 128, PALLAS_GROUP)
             report[name] = {1: _run(d, 1), **{-tp: _run_pallas(d, tp) for tp in (1, 2)}}
+        # FP8's one-row GEMM: one request, so that its decode steps have one row.
+        d = os.path.join(tmp, "fp8")
+        _tiny(256).save_pretrained(d)  # down [64, 256]: its shard apart from gate's [128, 64]
+        kw = dict(prompts=PROMPTS[:1], quantization="fp8", token_buckets=(1, 8, 32))
+        report["fp8"] = {1: _run(d, 1, **kw), **{-tp: _run_pallas(d, tp, **kw) for tp in (1, 2)}}
     with open(out_path, "w") as f:
         json.dump(report, f)
 
@@ -166,6 +178,21 @@ def test_pallas_gemms_run_per_device(report, name):
     assert any(w == [32, 64 // per_byte] for _, w in shapes)             # q: 32 of its 64 outputs
     assert any(x[1] == 64 and w == [64, 64 // per_byte] for x, w in shapes)  # down: 64 of 128 inputs
     assert not any(w == whole_down for _, w in shapes)
+
+
+def test_fp8_one_row_gemm_runs_per_device(report):
+    """FP8's one-row Pallas GEMM (forced on, interpreted) under TP 2: the tokens and logprobs of
+    XLA's GEMM on one device, each call on its device's shard (q's 32 of 64 outputs; down's 128 of
+    256 inputs, x split alike), never a whole down."""
+    ref = report["fp8"][1]
+    for tp in (1, 2):
+        got = report["fp8"][-tp]
+        assert got["tokens"] == ref["tokens"]
+        assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    assert [[1, 256], [64, 256]] in report["fp8"][-1]["kernel_shapes"]  # down, whole
+    shapes = report["fp8"][-2]["kernel_shapes"]
+    assert [[1, 64], [32, 64]] in shapes and [[1, 128], [64, 128]] in shapes
+    assert not any(w == [64, 256] for _, w in shapes)
 
 
 def test_groups_that_do_not_split_are_refused(report):

@@ -232,19 +232,17 @@ def param_bytes(params: Any) -> int:
 
 
 def pallas_gemms_fit() -> bool:
-    """Whether quantized linears may run their Pallas GEMMs (ModelConfig.pallas_gemms): on a GPU.
-    Under tensor parallelism the int4 and int8 ones run per device (models/grouped.py) and FP8's
-    not at all (layers._product: its weight would be gathered whole)."""
+    """Whether quantized linears may run their Pallas GEMMs (ModelConfig.pallas_gemms): on GPUs,
+    under tensor parallelism per device (models/grouped.per_device)."""
     import jax
     return jax.default_backend() == "gpu"
 
 
-def one_row_bucket(args: EngineArgs, shardings: Any, params: Any) -> bool:
+def one_row_bucket(args: EngineArgs, params: Any) -> bool:
     """Whether the engine compiles a bucket of one token below the default ones, so that one
     decoding request runs without padded rows: where a quantized linear reads its weight faster
     at one row than at the smallest default bucket's eight, on its Pallas GEMM (pallas_gemms_fit).
-    FP8's one-row Pallas GEMM runs only there (on one device); the int4 GEMM's split-K partial
-    sums are eight
+    FP8's one-row Pallas GEMM runs only there; the int4 GEMM's split-K partial sums are eight
     times smaller there (batch 1 339-342 against 318-319 decode tok/s, H200, 8B shape;
     bench/RESULTS.md, "Issue 23's rows in one run, and int4 at one row"), for any int4 weight in
     `params` (a GGUF's kept types; its other types load dequantized), and the int8 GEMM's alike
@@ -252,7 +250,7 @@ def one_row_bucket(args: EngineArgs, shardings: Any, params: Any) -> bool:
     from jaxvllm.models.int4 import INT4
     from jaxvllm.models.int8 import INT8
     grouped = any(w.dtype in (INT4, INT8) for lp in params["layers"] for w in lp.values())
-    return pallas_gemms_fit() and (grouped or (args.quantization == "fp8" and shardings is None))
+    return pallas_gemms_fit() and (args.quantization == "fp8" or grouped)
 
 
 def build_runner(args: EngineArgs, loaded: Any,
@@ -289,7 +287,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_dtype=params_dtype if args.kv_cache_dtype == "auto" else jnp.float8_e4m3fn,
         token_buckets=args.token_buckets,
-        one_row_bucket=one_row_bucket(args, shardings, loaded.params),
+        one_row_bucket=one_row_bucket(args, loaded.params),
         seed=args.seed, max_logprobs=args.max_logprobs,
         logprobs_mode=args.logprobs_mode,
         max_loras=args.max_loras if args.enable_lora else 0, max_lora_rank=args.max_lora_rank,

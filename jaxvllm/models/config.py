@@ -53,8 +53,8 @@ class ModelConfig:
     rope_local_theta: Optional[float] = None
     batch_invariant: bool = False      # the engine's mode (EngineArgs.batch_invariant), not the model's
     # The engine's choice: quantized linears run their Pallas GEMMs (FP8 at one row, int4 and int8 at
-    # decode sizes) on GPUs; under tensor parallelism int4 and int8 ones per device, FP8's not at
-    # all (a GSPMD-sharded weight would be gathered whole for a Pallas call: models/grouped.py).
+    # decode sizes) on GPUs; under tensor parallelism per device (a GSPMD-sharded weight would be
+    # gathered whole for a Pallas call: models/grouped.per_device).
     pallas_gemms: bool = False
 
     @property

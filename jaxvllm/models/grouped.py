@@ -1,6 +1,7 @@
 """The choice every grouped-integer linear makes (models/int4.py, models/int8.py): its Pallas GEMM
 for decode-sized batches where the engine allows Pallas GEMMs (ModelConfig.pallas_gemms) and the
-kernel's tiles fit; XLA's dequantize-then-multiply (the kernel's jnp reference) otherwise.
+kernel's tiles fit; XLA's dequantize-then-multiply (the kernel's jnp reference) otherwise. And how
+any quantized linear's Pallas GEMM (FP8's one-row GEMM too, models/quant.py) runs over devices.
 
 Under tensor parallelism (the runner traces its steps inside the mesh, worker/sharding.py's
 TPShardings.in_mesh) a Pallas call would not be partitioned by GSPMD: its operands would be gathered
@@ -44,21 +45,37 @@ def grouped_linear(x: jax.Array, gemm: ModuleType, kernel: Callable, reference: 
             and gemm.fits(local_n, local_k, k // groups))
     if not fast:
         return reference(x2, w, scale, *rest).reshape(*lead, n)
-    if tp == 1:
-        return kernel(x2, w, scale, *rest).reshape(*lead, n)
     given = [a for a in rest if a is not None]
 
-    def local(x, w, scale, *given):
+    def call(x, w, scale, *given):
         it = iter(given)
-        y = kernel(x, w, scale, *[None if a is None else next(it) for a in rest])
+        return kernel(x, w, scale, *[None if a is None else next(it) for a in rest])
+
+    # scale and offsets [groups, out]: a column-parallel weight's outputs split, a row-parallel
+    # one's groups of inputs.
+    group_specs = (P(None, TP_AXIS), P(TP_AXIS, None))
+    return per_device(call, x2, w, (scale, *given), row_parallel,
+                      group_specs).reshape(*lead, n)
+
+
+def per_device(kernel: Callable, x: jax.Array, w: jax.Array, extras: tuple,
+               row_parallel: bool, extra_specs: tuple[P, P]) -> jax.Array:
+    """kernel(x [M, in], w [out, in...], *extras) -> [M, out]; under tensor parallelism (tp_size()
+    > 1) run per device under shard_map on w's shard: its outputs (x whole) or, `row_parallel`,
+    its inputs (x split alike; the partial sums added by one all-reduce). `extra_specs`: the
+    extras' PartitionSpecs (column-parallel, row-parallel)."""
+    if tp_size() == 1:
+        return kernel(x, w, *extras)
+
+    def local(x, w, *extras):
+        y = kernel(x, w, *extras)
         return jax.lax.psum(y, TP_AXIS) if row_parallel else y
 
-    # w is [out, in] (int4: two inputs a byte); scale and offsets [groups, out].
-    split_in, split_out = P(None, TP_AXIS), P(TP_AXIS, None)
-    w_spec, g_spec = (split_in, split_out) if row_parallel else (split_out, split_in)
-    y = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                      in_specs=(split_in if row_parallel else P(), w_spec, g_spec,
-                                *[g_spec] * len(given)),
-                      out_specs=P() if row_parallel else P(None, TP_AXIS), check_vma=False)(
-        x2, w, scale, *given)
-    return y.reshape(*lead, n)
+    split_in, split_out = P(None, TP_AXIS), P(TP_AXIS, None)  # of w [out, in]
+    spec = extra_specs[1] if row_parallel else extra_specs[0]
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                         in_specs=(split_in if row_parallel else P(),
+                                   split_in if row_parallel else split_out,
+                                   *[spec] * len(extras)),
+                         out_specs=P() if row_parallel else P(None, TP_AXIS),
+                         check_vma=False)(x, w, *extras)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.grouped import ROW_PARALLEL, tp_size
+from jaxvllm.models.grouped import ROW_PARALLEL
 from jaxvllm.models.int4 import INT4, int4_linear, offset as int4_offset
 from jaxvllm.models.int8 import INT8, int8_linear
 from jaxvllm.models.quant import fp8_linear
@@ -186,8 +186,7 @@ def _product(x: jax.Array, lp: dict, name: str, invariant: bool, pallas: bool) -
         return int4_linear(x, w, scale, int4_offset(lp, name), lp.get(name + "_perm"), pallas, row)
     if w.dtype == INT8:
         return int8_linear(x, w, scale, lp.get(name + "_min"), lp.get(name + "_perm"), pallas, row)
-    # FP8's Pallas GEMMs run on one device only (its weights would be gathered whole).
-    return fp8_linear(x, w, scale, pallas and tp_size() == 1)
+    return fp8_linear(x, w, scale, pallas, row)
 
 
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],

@@ -12,13 +12,16 @@ the LM head, norms, routers and the experts of mixture-of-experts layers stay in
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxvllm.config import QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS
+from jaxvllm.models.grouped import TP_AXIS, per_device, tp_size
 from pallas_kernels import fp8_matmul_reference
 from pallas_kernels.fp8_gemm import fp8_matmul, one_row_tiles
 
@@ -38,25 +41,31 @@ def quantize_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return to_fp8(w32 / scale[:, None]), scale
 
 
-def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = False) -> jax.Array:
+def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = False,
+               row_parallel: bool = False) -> jax.Array:
     """x [..., in] (any float dtype) times an FP8 weight [out, in] with its per-output-channel
     scale; each row of x quantized to FP8 with its own scale first, except up to
     TRITON_GEMM_MAX_TOKENS rows, the decode buckets the engine compiles with Triton GEMMs: there x
     stays in its dtype and the Triton GEMM converts the weight in registers (quantizing so few rows
     cost more kernels than the GEMM at batch 1). A user's XLA_FLAGS turning Triton GEMMs off makes
     cuBLAS write a bf16 copy of the weight for those buckets instead. `kernel` (the engine sets it
-    on one GPU, ModelConfig.pallas_gemms): one row runs on the Pallas GEMM (pallas_kernels/fp8_gemm.py),
+    on GPUs, ModelConfig.pallas_gemms): one row runs on the Pallas GEMM (pallas_kernels/fp8_gemm.py),
     which read the weight 10-40% faster than XLA's GEMM at one row and slower from 16 (H200, 8B
-    shapes; bench/RESULTS.md, "FP8"); a GSPMD-sharded weight must not reach it (a Pallas call is
-    not partitioned: its operands would be gathered whole). Returns x's dtype."""
+    shapes; bench/RESULTS.md, "FP8"); under tensor parallelism per device on the weight's shard
+    (grouped.per_device; `row_parallel`: split over its inputs, else its outputs). Returns x's
+    dtype."""
     dims = (((x.ndim - 1,), (1,)), ((), ()))
     rows = math.prod(x.shape[:-1])
     if kernel and rows == 1:
-        tiles = one_row_tiles(*w.shape)
+        n, k, tp = *w.shape, tp_size()
+        tiles = one_row_tiles(n, k // tp) if row_parallel else one_row_tiles(n // tp, k)
         if tiles is not None:
-            y = fp8_matmul(x.reshape(1, -1), w, scale, tiles=tiles,
-                           interpret=jax.default_backend() != "gpu")
-            return y.reshape(*x.shape[:-1], w.shape[0])
+            mm = functools.partial(fp8_matmul, tiles=tiles,
+                                   interpret=jax.default_backend() != "gpu")
+            # The scale [out]: a column-parallel weight's split with its outputs, a row-parallel
+            # one's whole (it scales the summed outputs).
+            y = per_device(mm, x.reshape(1, -1), w, (scale,), row_parallel, (P(TP_AXIS), P()))
+            return y.reshape(*x.shape[:-1], n)
     if rows <= TRITON_GEMM_MAX_TOKENS:
         return fp8_matmul_reference(x, w, scale)
     x32 = x.astype(jnp.float32)

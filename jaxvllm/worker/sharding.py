@@ -20,6 +20,7 @@ attention wrapper.
   `shard_map` (a Pallas call is not partitioned by GSPMD: its operands would be gathered whole),
   for which the runner traces its steps inside the mesh (`TPShardings.in_mesh`;
   models/grouped.py); larger ones XLA's dequantize-then-multiply, which the partitioner splits.
+  FP8's one-row Pallas GEMM runs per device alike.
 - The KV cache `[num_blocks, block_size, kv_heads, head_dim]` is split over KV heads, and the
   attention function runs per device under `shard_map`: each device sees only its query heads and
   their KV heads, so the Pallas kernel (GPU) or the jnp reference (CPU) runs unchanged.
