@@ -34,8 +34,8 @@ def grouped_linear(x: jax.Array, gemm: ModuleType, kernel: Callable, reference: 
                    row_parallel: bool = False) -> jax.Array:
     """x [..., in] times the weight w [out, ...] with scale [groups, out] (and `rest`, e.g. the
     offsets, None where absent) through `kernel` (of the Pallas module `gemm`: its MAX_ROWS and
-    fits()) where `pallas` allows it, else `reference`, both called as f(x [M, in], w, scale,
-    *rest). `row_parallel`: the weight is split over its inputs under tensor parallelism (else
+    fits()) where `pallas` allows it (interpreted off the GPU), else `reference`, both called as
+    f(x [M, in], w, scale, *rest). `row_parallel`: the weight is split over its inputs under tensor parallelism (else
     over its outputs). Returns [..., out]."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -49,7 +49,8 @@ def grouped_linear(x: jax.Array, gemm: ModuleType, kernel: Callable, reference: 
 
     def call(x, w, scale, *given):
         it = iter(given)
-        return kernel(x, w, scale, *[None if a is None else next(it) for a in rest])
+        return kernel(x, w, scale, *[None if a is None else next(it) for a in rest],
+                      interpret=jax.default_backend() != "gpu")
 
     # scale and offsets [groups, out]: a column-parallel weight's outputs split, a row-parallel
     # one's groups of inputs.

@@ -54,8 +54,7 @@ def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
     weight is split: models/grouped.py); others dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    kernel = functools.partial(int4_matmul, interpret=jax.default_backend() != "gpu")
-    return grouped_linear(x, int4_gemm, kernel, int4_matmul_reference, w, scale, off,
+    return grouped_linear(x, int4_gemm, int4_matmul, int4_matmul_reference, w, scale, off,
                           pallas=pallas, row_parallel=row_parallel)
 
 

@@ -14,7 +14,6 @@ weight of any layout is int8.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
@@ -51,6 +50,5 @@ def int8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.A
     others dequantize, then multiply. Returns x's dtype."""
     if perm is not None:
         x = jnp.take(x, perm, axis=-1)
-    kernel = functools.partial(int8_matmul, interpret=jax.default_backend() != "gpu")
-    return grouped_linear(x, int8_gemm, kernel, int8_matmul_reference, w, scale, mn,
+    return grouped_linear(x, int8_gemm, int8_matmul, int8_matmul_reference, w, scale, mn,
                           pallas=pallas, row_parallel=row_parallel)
