@@ -248,10 +248,18 @@ def int4_dequantize(w, scale, offset):
 def int4_matmul_reference(x, w, scale, offset):
     """`int4_matmul` in jnp (any number of rows): the packed weight dequantized in x's dtype (one
     rounding) and multiplied, float32 accumulation."""
-    deq = int4_dequantize(w, scale, offset).astype(x.dtype)
-    y = lax.dot_general(x, deq, (((x.ndim - 1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    return _dot_f32(x, int4_dequantize(w, scale, offset).astype(x.dtype)).astype(x.dtype)
+
+
+def _dot_f32(x, w):
+    """x [M, K] . w [N, K]^T accumulated in float32. On a CPU both operands go to float32 first
+    (the same products: a 16-bit float's are exact in float32): XLA's CPU runtime runs a 16-bit
+    dot with a float32 result only inside its fused kernels, and a gather before the dot (GPTQ's
+    activation order) can leave one outside them ("Unsupported element type for DotThunk")."""
+    if jax.default_backend() == "cpu":
+        x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
 
 
 def int8_dequantize(w, scale, mn=None):
@@ -268,9 +276,7 @@ def int8_dequantize(w, scale, mn=None):
 def int8_matmul_reference(x, w, scale, mn=None):
     """`int8_matmul` in jnp (any number of rows): the weight dequantized in x's dtype (one
     rounding) and multiplied, float32 accumulation."""
-    y = lax.dot_general(x, int8_dequantize(w, scale, mn).astype(x.dtype),
-                        (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    return _dot_f32(x, int8_dequantize(w, scale, mn).astype(x.dtype)).astype(x.dtype)
 
 
 def fp8_matmul_reference(x, w, scale):

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from converters.errors import WeightLoadError
+from converters.int_writer import (linear_tensors, pack_awq, pack_cols, pack_rows,
+                                   quantization_config)
 from converters.integer import IntCheckpoint, int_checkpoint, unpack
 from hf_builders import (FAR_FROM_FLAT, assert_generates_as_hf, save_word_tokenizer,
                          tiny_config, tiny_model)
@@ -23,52 +25,6 @@ from pallas_kernels.int4_gemm import Tiles
 from pallas_kernels.triton_rows import input_splits
 
 GROUP = 16
-_AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AWQ's packer: nibble i of a word holds output 8k+order[i]
-
-
-def _words(values: list[np.ndarray], bits: int = 4) -> np.ndarray:
-    word = np.zeros(values[0].shape, np.uint32)
-    for i, n in enumerate(values):
-        word |= n.astype(np.uint32) << np.uint32(bits * i)
-    return word.view(np.int32)
-
-
-def pack_awq(v: np.ndarray) -> np.ndarray:
-    """[rows, cols] 4-bit values -> int32 [rows, cols/8], AWQ's interleaved order."""
-    return _words([v[:, _AWQ_ORDER[i]::8] for i in range(8)])
-
-
-def pack_cols(v: np.ndarray, bits: int = 4) -> np.ndarray:
-    """[rows, cols] -> int32 [rows, cols/p] (p = 32 / bits), column pk+i at bits * i (GPTQ's
-    qzeros)."""
-    p = 32 // bits
-    return _words([v[:, i::p] for i in range(p)], bits)
-
-
-def pack_rows(v: np.ndarray, bits: int = 4) -> np.ndarray:
-    """[rows, cols] -> int32 [rows/p, cols], row pk+i at bits * i (GPTQ's qweight)."""
-    p = 32 // bits
-    return _words([v[i::p] for i in range(p)], bits)
-
-
-def quantize(w: np.ndarray, g_idx: np.ndarray, groups: int, min_zero: int = 0, bits: int = 4):
-    """w [out, in] float -> q uint8 [out, in], zero [out, groups], scale float16 [out, groups]
-    (asymmetric min/max over 2**bits levels per output channel and group; g_idx [in]: each input's
-    group) and the dequantized weight."""
-    out, top = w.shape[0], (1 << bits) - 1
-    q = np.zeros(w.shape, np.uint8)
-    zero = np.zeros((out, groups), np.int32)
-    scale = np.zeros((out, groups), np.float16)
-    for g in range(groups):
-        cols = g_idx == g
-        lo, hi = np.minimum(w[:, cols].min(1), 0), np.maximum(w[:, cols].max(1), 0)
-        s = ((hi - lo) / top).astype(np.float16)
-        z = np.clip(np.round(-lo / s.astype(np.float32)), min_zero, top)
-        scale[:, g], zero[:, g] = s, z
-        q[:, cols] = np.clip(np.round(w[:, cols] / s[:, None].astype(np.float32)) + z[:, None],
-                             0, top)
-    deq = (q.astype(np.float32) - zero[:, g_idx]) * scale[:, g_idx].astype(np.float32)
-    return q, zero, scale, deq
 
 
 def _unpack(w: np.ndarray, groups: int) -> np.ndarray:
@@ -317,20 +273,11 @@ def _pack_linear(tensors: dict, prefix: str, w: np.ndarray, method: str, act_ord
                  rng, bits: int = 4, group: int = GROUP) -> np.ndarray:
     """Linear `prefix`'s weight w [out, in] quantized and packed into `tensors` in the method's
     format (GPTQ's groups permuted with activation order); returns the weight it dequantizes to."""
-    inp = w.shape[1]
-    g_idx = np.arange(inp) // group
+    g_idx = np.arange(w.shape[1]) // group
     if act_order:
         g_idx = rng.permutation(g_idx)
-    q, zero, scale, deq = quantize(w, g_idx, inp // group, min_zero=1 if method == "gptq" else 0,
-                                   bits=bits)
-    if method == "awq":
-        tensors[prefix + ".qweight"] = pack_awq(q.T)
-        tensors[prefix + ".qzeros"] = pack_awq(zero.T)
-    else:
-        tensors[prefix + ".qweight"] = pack_rows(q.T, bits)
-        tensors[prefix + ".qzeros"] = pack_cols(zero.T - 1, bits)
-        tensors[prefix + ".g_idx"] = g_idx.astype(np.int32)
-    tensors[prefix + ".scales"] = np.ascontiguousarray(scale.T)
+    parts, deq = linear_tensors(w, method, group, bits, g_idx)
+    tensors.update({f"{prefix}.{part}": t for part, t in parts.items()})
     return deq
 
 
@@ -342,11 +289,7 @@ def _save_int(d: str, tensors: dict, config, method: str, act_order: bool, bits:
               os.path.join(d, "model.safetensors"))
     with open(os.path.join(d, "config.json")) as f:
         cfg = json.load(f)
-    cfg["quantization_config"] = (
-        {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
-        if method == "awq" else
-        {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order,
-         "sym": False})
+    cfg["quantization_config"] = quantization_config(method, group, bits, act_order)
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
     save_word_tokenizer(d, 256)
@@ -395,6 +338,25 @@ def test_int_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
     # tests/test_tensor_parallel_int.py).
     with pytest.raises(ValueError, match=f"int{bits}"):
         llm.update_weights(engine.runner.params)
+
+
+@pytest.mark.parametrize("name", ["qwen2_gptq_act_order", "qwen2_gptq8_act_order", "llama_awq"])
+def test_int_checkpoint_runs_in_bfloat16(name, tmp_path):
+    """The model's usual dtype on a CPU: the same greedy tokens as in float32 and logprobs within
+    bfloat16's rounding (activation order gathers each linear's inputs before its GEMM)."""
+    from jaxvllm import LLM, SamplingParams
+    write_int_checkpoint(str(tmp_path), name)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    runs = []
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(model=str(tmp_path), dtype=dtype, max_model_len=128, max_num_seqs=4,
+                  max_num_batched_tokens=32, num_gpu_blocks_override=64, enforce_eager=True,
+                  token_buckets=(8, 32))
+        runs.append([o.outputs[0] for o in llm.generate(
+            [{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)])
+    for f32, b16 in zip(*runs):
+        assert b16.token_ids[:3] == f32.token_ids[:3]
+        assert abs(b16.cumulative_logprob - f32.cumulative_logprob) < 0.1 * len(f32.token_ids)
 
 
 _QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
