@@ -400,28 +400,36 @@ def test_spec_decode_bench_on_a_grown_model(tiny_dummy, tmp_path):
 
 
 def test_quant_quality_bench(tiny_dummy, tmp_path):
-    """bench/quant_quality.py: each scheme against the bf16 model, a row each (FP8 weights, the
-    FP8 KV cache, int4 quantized on load); int4 without dummy weights is refused."""
+    """bench/quant_quality.py on random weights: each scheme against the bf16 model, a row each
+    (FP8 weights, the FP8 KV cache, and the weights written as AWQ, GPTQ with activation order and
+    8-bit GPTQ checkpoints); the GGUF schemes want a GGUF model."""
     script = os.path.join(ROOT, "bench", "quant_quality.py")
+    schemes = ["fp8", "fp8-kv", "awq", "gptq-act-order", "gptq8"]
     out = subprocess.run([sys.executable, script, "--model", tiny_dummy, "--load-format", "dummy",
-                          "--schemes", "fp8", "fp8-kv", "awq", "--output-len", "4",
+                          "--schemes", *schemes, "--output-len", "4",
                           "--output-json", str(tmp_path / "q.json")],
                          capture_output=True, text=True, env=C.child_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "q.json").read_text())
-    assert set(rows) == {"fp8", "fp8-kv", "awq"}
+    assert list(rows) == schemes
     for r in rows.values():  # quantized: not the reference's logprobs, but close to them
         assert 0 < r["mean_abs_delta"] <= r["max_abs_delta"] < 1.0 and r["tokens_scored"] == 138
         assert 0 <= r["greedy_same"] <= r["prompts"] == 6
-    refused = subprocess.run([sys.executable, script, "--model", tiny_dummy, "--schemes", "awq"],
+    assert rows["gptq8"]["mean_abs_delta"] < rows["gptq-act-order"]["mean_abs_delta"]  # 8 bits
+    for s in ("awq", "gptq-act-order", "gptq8"):  # the engine's int paths hold the values stored
+        assert rows[s]["own_values"]["mean_abs_delta"] < rows[s]["mean_abs_delta"] / 2
+        assert rows[s]["own_values"]["greedy_same"] >= 5
+    assert "own_values" not in rows["fp8"]
+    refused = subprocess.run([sys.executable, script, "--model", tiny_dummy, "--load-format",
+                              "dummy", "--schemes", "gguf-q8_0"],
                              capture_output=True, text=True, env=C.child_env(), timeout=300)
-    assert refused.returncode == 2 and "needs --load-format dummy" in refused.stderr
+    assert refused.returncode == 2 and "take a GGUF model" in refused.stderr
 
 
 def test_quant_quality_fp8_checkpoint_schemes(tiny_hf, tmp_path):
     """bench/quant_quality.py's FP8-checkpoint schemes: the model written as FP8 checkpoints (a
     scale per tensor, 128x128 blocks) and their dequantized twins, each loaded and scored against
-    the model; they need the model's own weights, not dummy ones."""
+    the model."""
     import math
     import shutil
     from hf_builders import save_word_tokenizer
@@ -440,31 +448,33 @@ def test_quant_quality_fp8_checkpoint_schemes(tiny_hf, tmp_path):
     for r in rows.values():  # each weights' rounding moves the logprobs, a little
         assert 0 < r["mean_abs_delta"] <= r["max_abs_delta"] < 1.0 and r["tokens_scored"] > 0
         assert math.isfinite(r["greedy_prefix_kept"])
-    refused = subprocess.run([sys.executable, script, "--model", str(model), "--load-format",
-                              "dummy", "--schemes", "fp8-block-checkpoint"],
-                             capture_output=True, text=True, env=C.child_env(), timeout=300)
-    assert refused.returncode == 2 and "not with dummy ones" in refused.stderr
 
 
-def test_quant_quality_writes_fp8_checkpoints_of_the_model(tiny_hf, tmp_path, monkeypatch):
-    """The checkpoints those schemes score: each twin holds the model's weights within e4m3's
+def test_quant_quality_writes_checkpoints_of_the_model(tiny_hf, tmp_path, monkeypatch):
+    """The checkpoints those schemes score: each FP8 twin holds the model's weights within e4m3's
     rounding under its scales, and each FP8 checkpoint loads to its twin's values (the per-tensor
-    one as float8 bytes with a scale per output channel, the block one dequantized)."""
+    one as float8 bytes with a scale per output channel, the block one dequantized); each integer
+    checkpoint unpacks to the weights within a step of its group's scale, activation order's
+    groups over a permutation of the inputs."""
     import shutil
 
     import numpy as np
+    from safetensors.numpy import load_file
+
     from converters import load_model
+    from converters.integer import dequantize, int_checkpoint, unpack
     from hf_builders import save_word_tokenizer
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
-    from quant_quality import write_fp8_checkpoints
+    from quant_quality import _INT, write_checkpoints
     model = tmp_path / "model"
     shutil.copytree(tiny_hf, model)
     save_word_tokenizer(model, TINY["vocab_size"])
-    dirs = write_fp8_checkpoints(str(model), str(tmp_path / "out"))
+    kinds = {"tensor", "tensor/twin", "block", "block/twin", *_INT}
+    dirs = write_checkpoints(str(model), str(tmp_path / "out"), kinds)
     load = lambda d: load_model(d, dtype="float32", cache_dir=None, load_tokenizer=False).params
     ref = load(str(model))["layers"]
     for layout in ("tensor", "block"):
-        got, twin = load(dirs[layout + "/fp8"])["layers"], load(dirs[layout + "/twin"])["layers"]
+        got, twin = load(dirs[layout])["layers"], load(dirs[layout + "/twin"])["layers"]
         for lg, lt, lr in zip(got, twin, ref):
             for k in ("q", "k", "v", "o", "gate", "up", "down"):
                 w, t = np.asarray(lr[k]), np.asarray(lt[k])
@@ -474,6 +484,51 @@ def test_quant_quality_writes_fp8_checkpoints_of_the_model(tiny_hf, tmp_path, mo
                     np.testing.assert_array_equal((q * scale[:, None]).T, t, err_msg=k)
                 else:
                     np.testing.assert_array_equal(np.asarray(lg[k]), t, err_msg=k)
+    hf = load_file(os.path.join(tiny_hf, "model.safetensors"))
+    for kind in _INT:
+        with open(os.path.join(dirs[kind], "config.json")) as f:
+            fmt = int_checkpoint(json.load(f))
+        assert (fmt.method, fmt.bits, fmt.group_size) == (*_INT[kind][:2], 64)
+        tensors = load_file(os.path.join(dirs[kind], "model.safetensors"))
+        for prefix in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            parts = {p: tensors[f"{prefix}.{p}"] for p in fmt.parts if f"{prefix}.{p}" in tensors}
+            unpacked = unpack(fmt, prefix + ".qweight", parts, kind)
+            if "down" in prefix:  # two groups (q_proj has one: no order to permute)
+                assert (unpacked.perm is not None) == (kind == "gptq-act-order")
+            w = hf[prefix + ".weight"].astype(np.float32)
+            step = np.repeat(unpacked.scale, fmt.group_size, axis=1)  # [out, in] in group order
+            if unpacked.perm is not None:
+                step = step[:, np.argsort(unpacked.perm)]
+            assert np.all(np.abs(dequantize(unpacked) - w) <= step * 1.001), (kind, prefix)
+
+
+def test_quant_quality_requantizes_a_gguf(tmp_path, monkeypatch):
+    """The gguf-<type> schemes' file: the projections requantized to the type, within its rounding
+    of the values they held; every other tensor's bytes and every metadata field as they were."""
+    import gguf
+    import numpy as np
+    from test_gguf_quant import _tiny_gguf
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    from quant_quality import GGUF_PROJECTIONS, write_gguf
+    src = _tiny_gguf(tmp_path, "qwen2", {"attn_q": gguf.GGMLQuantizationType.Q4_1}, inter=96)
+    a = gguf.GGUFReader(src)
+    b = gguf.GGUFReader(write_gguf(src, str(tmp_path / "q8.gguf"), "Q8_0"))
+    fields = lambda r: {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert fields(a) == fields(b)
+    projections = 0
+    for x, y in zip(a.tensors, b.tensors, strict=True):
+        assert x.name == y.name
+        if x.name.endswith(".weight") and x.name.split(".")[-2] in GGUF_PROJECTIONS:
+            projections += 1
+            assert y.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            w = gguf.quants.dequantize(x.data, x.tensor_type)
+            got = gguf.quants.dequantize(y.data, y.tensor_type)
+            blocks = np.abs(w).reshape(-1, 32).max(1, keepdims=True) / 127
+            assert np.all(np.abs(got - w).reshape(-1, 32) <= blocks * 0.57)  # d in float16
+        else:
+            assert y.tensor_type == x.tensor_type
+            np.testing.assert_array_equal(np.asarray(y.data), np.asarray(x.data))
+    assert projections == 14
 
 
 def test_read_ceiling_bench(tmp_path):
