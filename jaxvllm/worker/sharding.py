@@ -58,7 +58,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.grouped import TP_AXIS
+from jaxvllm.models.grouped import ROW_PARALLEL, TP_AXIS
 from jaxvllm.models.int4 import INT4
 from jaxvllm.models.int8 import INT8
 from jaxvllm.models.params import KV_CACHE_SCALES
@@ -70,23 +70,22 @@ AXIS = TP_AXIS
 # The tensors beside an int4 or int8 weight `<name>` that hold one value per group and output.
 _GROUPED = ("scale", "zero", "min")
 
+# Column-parallel projections (split over their outputs: heads, the MLP's intermediate dimension);
+# the row-parallel ones (split over their inputs) are ROW_PARALLEL, which the quantized GEMMs share.
+_COLUMN_PARALLEL = ("q", "k", "v", "gate", "up", "shared_gate", "shared_up")
+
 # Partition rules: per-layer param name -> PartitionSpec (params are stored [in, out]; an FP8 weight
 # [out, in] takes its rule reversed).
 LAYER_RULES: dict[str, P] = {
-    "q": P(None, AXIS), "k": P(None, AXIS), "v": P(None, AXIS),          # column-parallel (heads)
+    **{n: P(None, AXIS) for n in _COLUMN_PARALLEL}, **{n: P(AXIS, None) for n in ROW_PARALLEL},
     "q_bias": P(AXIS), "k_bias": P(AXIS), "v_bias": P(AXIS),
-    "o": P(AXIS, None),                                                  # row-parallel
-    "gate": P(None, AXIS), "up": P(None, AXIS),                          # column-parallel
-    "down": P(AXIS, None),                                               # row-parallel
     # Mixture of experts: each expert's intermediate dimension split, as a dense MLP's.
     "router": P(), "shared_router": P(),
     "experts_gate": P(None, None, AXIS), "experts_up": P(None, None, AXIS),
     "experts_down": P(None, AXIS, None),
-    "shared_gate": P(None, AXIS), "shared_up": P(None, AXIS), "shared_down": P(AXIS, None),
     # FP8 weights' per-output-channel scales (models/quant.py): split as their weight's output.
-    "q_scale": P(AXIS), "k_scale": P(AXIS), "v_scale": P(AXIS), "o_scale": P(),
-    "gate_scale": P(AXIS), "up_scale": P(AXIS), "down_scale": P(),
-    "shared_gate_scale": P(AXIS), "shared_up_scale": P(AXIS), "shared_down_scale": P(),
+    **{f"{n}_scale": P(AXIS) for n in _COLUMN_PARALLEL},
+    **{f"{n}_scale": P() for n in ROW_PARALLEL},
     "input_norm": P(), "post_attn_norm": P(), "q_norm": P(), "k_norm": P(),
     "pre_ffn_norm": P(), "post_ffn_norm": P(),
     # LoRA slots (worker/lora_slots.py), A [in, S*R] and B [S*R, out]: a column-parallel
