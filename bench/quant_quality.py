@@ -11,7 +11,7 @@ usual release form), "gptq-act-order" (the same with `desc_act`: groups over a p
 inputs), "gptq8" (8 bits, symmetric, on the int8 path), each rounded to nearest in groups of 128
 inputs (64 or 32 where 128 does not divide the model's widths; no calibration data, so neither
 AWQ's scale search nor GPTQ's error feedback, and activation order's permutation is a seeded random
-one, not the inputs' activation magnitudes), "gguf-q8_0" / "gguf-q5_1" / "gguf-q5_0" / "gguf-q4_0"
+one an input, not the input's activation magnitudes), "gguf-q8_0" / "gguf-q5_1" / "gguf-q5_0" / "gguf-q4_0"
 (a GGUF model's projections requantized to that type by gguf-py, kept in it by
 `quantization="gguf"`), "fp8-tensor-checkpoint" (an FP8 checkpoint with one scale per tensor,
 HF's `quant_method: "fp8"`: its float8 bytes kept), "fp8-tensor-requantized" (that checkpoint's
@@ -59,6 +59,7 @@ SCHEMES = {"fp8": dict(quantization="fp8"), "fp8-kv": dict(kv_cache_dtype="fp8")
 BLOCK = 128  # the block scales' (out, in) size, as the Qwen3 and DeepSeek FP8 releases
 GGUF_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 _INT = {"awq": ("awq", 4, False, False), "gptq": ("gptq", 4, False, True),  # method, bits,
         "gptq-act-order": ("gptq", 4, True, True), "gptq8": ("gptq", 8, False, True)}  # order, sym
 
@@ -105,7 +106,7 @@ def write_checkpoints(model: str | None, root: str, kinds: set[str], load_format
     group = int_group([np.shape(_leaf(m.params, path))[0 if transpose else 1]
                        for name, (path, transpose) in tmap.items()
                        if name.rsplit(".", 2)[-2] in _LINEARS])
-    perm = np.random.default_rng(seed)
+    perm, orders = np.random.default_rng(seed), {}
     out: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in kinds}
     for name, (path, transpose) in tmap.items():
         if len(path) == 4 or isinstance(path[-1], tuple):
@@ -117,7 +118,10 @@ def write_checkpoints(model: str | None, root: str, kinds: set[str], load_format
             for tensors in out.values():
                 tensors[name] = w
             continue
-        g_idx = perm.permutation(np.arange(w.shape[1]) // group)  # the same for every kind
+        # Activation order: one order an input, as GPTQ's (q/k/v and gate/up see one input alike)
+        linear = name.rsplit(".", 2)[-2]
+        order = name.replace(linear, _SAME_INPUT.get(linear, linear))
+        g_idx = orders.setdefault(order, perm.permutation(np.arange(w.shape[1]) // group))
         for kind in {k.split("/")[0] for k in kinds}:
             if kind == "base":
                 parts, twin = {"weight": w}, w

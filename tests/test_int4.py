@@ -1,12 +1,13 @@
 """int4 weights (AWQ and GPTQ checkpoints, models/int4.py, converters/integer.py; 8-bit GPTQ in the
 int8 layout, models/int8.py): the int4 linear
-against float64; the packed formats, written here by packers that follow each format's
-description, unpacked; and tiny random checkpoints in each format (GPTQ in activation order, Phi-3's
+against float64; the packed formats, written by converters/int_writer.py (each format's
+description followed), unpacked; and tiny random checkpoints in each format (GPTQ in activation order, Phi-3's
 fused projections) against HF transformers running the same dequantized weights."""
 from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -257,9 +258,11 @@ def test_unpack_inverts_the_packers(method):
 
 _SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-CHECKPOINTS = {  # name: (HF config, quant_method, activation order, bits)
+CHECKPOINTS = {  # name: (HF config, quant_method, activation order (per input if "shared"), bits)
     "llama_awq": (lambda: tiny_config("llama", **_SMALL), "awq", False, 4),
     "qwen2_gptq_act_order": (lambda: tiny_config("qwen2", **_SMALL), "gptq", True, 4),
+    # GPTQ's own case: the projections of one input (q/k/v, gate/up) in one order, fused
+    "llama_gptq_act_order_shared": (lambda: tiny_config("llama", **_SMALL), "gptq", "shared", 4),
     "qwen2_gptq": (lambda: tiny_config("qwen2", **_SMALL), "gptq", False, 4),  # q/k/v biases, fused
     "phi3_awq": (lambda: tiny_config("phi3", **_SMALL, pad_token_id=0), "awq", False, 4),
     # 8 bits, in the int8 layout (Qwen's GPTQ-Int8 releases' form)
@@ -305,12 +308,17 @@ def write_int_checkpoint(d: str, name: str):
     for module_name, module in model.named_modules():
         if not (isinstance(module, torch.nn.Linear) and ".layers." in module_name):
             continue
+        if act_order == "shared":  # one seed, so one order, per input
+            short = module_name.rsplit(".", 1)[-1]
+            key = module_name.rsplit(".", 1)[0] + {"k_proj": "q_proj", "v_proj": "q_proj",
+                                                   "up_proj": "gate_proj"}.get(short, short)
+            rng = np.random.default_rng(zlib.crc32(key.encode()))
         deq = _pack_linear(tensors, module_name, module.weight.detach().numpy(), method,
-                           act_order, rng, bits)
+                           bool(act_order), rng, bits)
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(deq))
         del tensors[module_name + ".weight"]
-    _save_int(d, tensors, model.config, method, act_order, bits)
+    _save_int(d, tensors, model.config, method, bool(act_order), bits)
     return model
 
 
@@ -325,14 +333,16 @@ def test_int_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
     assert engine.args.quantization == CHECKPOINTS[name][1]  # taken from config.json
     lp = engine.runner.params["layers"][0]
     act_order, bits = CHECKPOINTS[name][2:]  # q/k/v and gate/up fused into one GEMM each unless
-    qkv = "q" if act_order else "q+k+v"  # their inputs are reordered
+    apart = act_order is True  # their inputs are reordered each its own way
+    qkv = "q" if apart else "q+k+v"
     if bits == 4:
         assert lp[qkv].dtype == lp[qkv + "_zero"].dtype == jnp.uint8 and qkv + "_min" not in lp
     else:  # int8 values minus 128, the zero points' (128 - zero) * scale as a min
         assert lp[qkv].dtype == jnp.int8 and lp[qkv + "_min"].dtype == jnp.float32
-    assert ("q+k+v" in lp) == ("gate+up" in lp) == ("q" not in lp) == (not act_order)
+    assert ("q+k+v" in lp) == ("gate+up" in lp) == ("q" not in lp) == (not apart)
     assert lp["down"].shape == (64, 96 * bits // 8) and lp["down_scale"].shape == (96 // GROUP, 64)
-    assert ("q_perm" in lp) == act_order
+    assert ("q_perm" in lp) == apart and ("q+k+v_perm" in lp) == ("gate+up_perm" in lp) == (
+        act_order == "shared")
     assert_generates_as_hf(llm, model, PROMPTS)
     # Weight swaps refuse integer weights by name (tensor parallelism takes them:
     # tests/test_tensor_parallel_int.py).

@@ -111,22 +111,36 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
     as one weight each ("q+k+v", "gate+up": outputs concatenated, with their scales and offsets),
     so the layer runs one GEMM for them, not three and two: at decode sizes every such GEMM is a
     launch of its own and the narrow k and v ones are launch-bound (bench/RESULTS.md, "int4").
-    Projections that differ in layout, group size or offset kind, or carry an input order (GPTQ's
-    activation order), stay apart."""
+    Projections that differ in layout, group size, offset kind or input order stay apart. Under
+    GPTQ's activation order the projections of one input share its order (GPTQ orders a linear's
+    inputs by statistics of the input, which q/k/v, and gate/up, see alike): fused, they gather
+    their input once."""
     layers = []
     for lp in params["layers"]:
         lp = dict(lp)
         for names in FUSED:
-            if not all(n in lp and lp[n].dtype in (INT4, INT8) and n + "_perm" not in lp
-                       for n in names):
+            if not all(n in lp and lp[n].dtype in (INT4, INT8) for n in names):
                 continue
             parts = {(lp[n + "_scale"].shape[0], _companions(lp, n)) for n in names}
-            if len(parts) != 1:
+            perms = [lp.get(n + "_perm") for n in names]
+            if len(parts) != 1 or not _one_order(perms):
                 continue
             key = "+".join(names)
             _, companions = parts.pop()
             lp[key] = jnp.concatenate([lp.pop(n) for n in names])
             for part in companions:
                 lp[key + part] = jnp.concatenate([lp.pop(n + part) for n in names], axis=1)
+            if perms[0] is not None:
+                lp[key + "_perm"] = perms[0]
+                for n in names:
+                    del lp[n + "_perm"]
         layers.append(lp)
     return {**params, "layers": layers}
+
+
+def _one_order(perms: list[Optional[jax.Array]]) -> bool:
+    """Whether projections with these input orders (None: the inputs' own) take one input alike."""
+    if any(p is None for p in perms):
+        return all(p is None for p in perms)
+    first = np.asarray(perms[0])
+    return all(np.array_equal(first, np.asarray(p)) for p in perms[1:])
