@@ -66,8 +66,8 @@ def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
     formats = sorted(map(str, compressed_tensors_formats(qc)))
     raise ValueError(f"quantization_config: quant_method {method!r}"
                      f"{'' if method != 'compressed-tensors' else ' format ' + ', '.join(formats)}"
-                     " cannot be loaded (supported: 'fp8', 'compressed-tensors' float-quantized "
-                     "or pack-quantized, 'awq', 'gptq')")
+                     " cannot be loaded (supported: 'fp8', 'compressed-tensors' float-quantized, "
+                     "pack-quantized or int-quantized, 'awq', 'gptq')")
 
 
 def _block(value: Any, field: str) -> Optional[tuple[int, int]]:

@@ -506,6 +506,9 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
     hf_config = read_config_dict(model_dir)
     fp8, integer = fp8_checkpoint(hf_config), int_checkpoint(hf_config)
     dequantized: list[str] = []  # integer tensors loaded in the model's dtype
+    if integer is not None and integer.activations:
+        logger.info("%s quantizes activations too: its int%d weights load as they are and the "
+                    "activations stay in %s (weight-only)", model_dir, integer.bits, dtype)
 
     def companion(name: str, path: str, names: list[str], host: bool = False) -> Any:
         """Tensor `name` (read with its weight: a scale, zeros, group indices) from this file or
@@ -564,7 +567,9 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
             except Exception as e:
                 raise WeightLoadError(f"{path}: cannot list tensors ({e})") from e
             for name in names:
-                if name.endswith(PACKED):
+                if name.endswith(PACKED) or (  # int-quantized: "<prefix>.weight" int8, scaled
+                        integer is not None and not integer.packed and name.endswith(".weight")
+                        and (name + "_scale" in names or name + "_scale" in (weight_map or {}))):
                     add_integer(name, names, path)
                     continue
                 if _KV_SCALE.match(text_model_name(name)):

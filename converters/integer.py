@@ -14,12 +14,18 @@ pk+j at bit bits*j) holding zero - 1 in the original format (`checkpoint_format`
 "gptq_v2" stores the zero itself), `scales` [groups, out], `g_idx` [in] (each input row's group;
 with `desc_act` the groups are not in row order).
 compressed-tensors `pack-quantized` (`quant_method: "compressed-tensors"`, 4- or 8-bit int weights,
-strategy "group" or "channel", weight-only: llm-compressor's W4A16 and W8A16): `weight_packed`
+strategy "group" or "channel": llm-compressor's W4A16 and W8A16): `weight_packed`
 int32 [out, in/p], input pk+j at bit bits*j, each value stored plus 2**(bits-1) (the signed
 value's offset); `weight_scale` [out, groups]; `weight_shape` [out, in]; for asymmetric schemes
 `weight_zero_point` int32 [out/p, groups] (output pk+j at bit bits*j, plus the same offset);
 symmetric ones store none (zero 2**(bits-1)); `weight_g_idx` [in] where the checkpoint was
 quantized in activation order (older releases' "group" actorder).
+compressed-tensors `int-quantized` (`naive-quantized` in older releases; llm-compressor's W8A8
+INT8): `weight` int8 [out, in], one signed value a byte; `weight_scale` [out, groups]; for
+asymmetric schemes `weight_zero_point` int8 [out, groups]; w = (q - zero) * scale.
+A compressed-tensors checkpoint that quantizes activations too (W8A8, W4A8) loads its weights so
+and runs its activations in the model's dtype (weight-only: closer to the unquantized model than
+its integer activations, without an integer GEMM's speed).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from pallas_kernels.reference import int4_dequantize, int8_dequantize
 
 _AWQ_NIBBLE = np.array([0, 4, 1, 5, 2, 6, 3, 7])  # AWQ packs outputs 0..7 in the order 0 2 4 6 1 3 5 7
 BITS = (4, 8)
+_CT_INT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")  # compressed-tensors'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +52,16 @@ class IntCheckpoint:
     zero_offset: int     # added to each stored zero point (1 for GPTQ's original format)
     symmetric: bool = False  # compressed-tensors: no zero points stored (each is 2**(bits-1))
     bits: int = 4
+    packed: bool = True  # compressed-tensors: int32 words (pack-quantized), else a value a byte
+    activations: bool = False  # compressed-tensors: the checkpoint quantizes activations too
 
     @property
     def parts(self) -> tuple[str, ...]:
         """The tensors of one linear, "<prefix>.<part>", the packed weight first."""
         if self.method == "compressed-tensors":
-            return ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
-                    "weight_g_idx")
+            head = (("weight_packed", "weight_scale", "weight_shape") if self.packed
+                    else ("weight", "weight_scale"))
+            return head + ("weight_zero_point", "weight_g_idx")
         return ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -127,24 +137,21 @@ def _compressed_tensors(qc: dict[str, Any]) -> Optional[IntCheckpoint]:
     """A compressed-tensors config's integer format; None for its other formats (float-quantized:
     converters/fp8.py)."""
     formats = compressed_tensors_formats(qc)
-    if "pack-quantized" not in formats:
+    if not formats & set(_CT_INT_FORMATS):
         return None
-    if formats != {"pack-quantized"}:
+    if len(formats) != 1:
         raise ValueError(f"quantization_config.config_groups: formats {sorted(map(str, formats))} "
-                         "in one checkpoint; only all pack-quantized (int) or all float-quantized "
-                         "(FP8) load")
-    schemes = set()
+                         f"in one checkpoint; only one integer format ({', '.join(_CT_INT_FORMATS)})"
+                         " or all float-quantized (FP8) load")
+    schemes, activations = set(), False
     for name, group in (qc.get("config_groups") or {}).items():
         where = f"quantization_config.config_groups.{name}"
         w = group.get("weights") or {}
         if w.get("type") != "int" or w.get("num_bits") not in BITS:
             raise ValueError(f"{where}.weights: only 4- or 8-bit int weights load from a "
-                             f"pack-quantized checkpoint, got {w.get('type')!r} "
+                             f"{next(iter(formats))} checkpoint, got {w.get('type')!r} "
                              f"{w.get('num_bits')!r} bits")
-        if group.get("input_activations"):
-            raise ValueError(f"{where}.input_activations: only weight-only (W4A16, W8A16) "
-                             "pack-quantized checkpoints load; activations stay in the model's "
-                             "dtype")
+        activations |= bool(group.get("input_activations"))
         if w.get("strategy") == "group":
             size = w.get("group_size")
             if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
@@ -160,7 +167,8 @@ def _compressed_tensors(qc: dict[str, Any]) -> Optional[IntCheckpoint]:
                          + ("a pack-quantized checkpoint names none" if not schemes
                             else "one group size, symmetry and bits for all groups"))
     size, symmetric, bits = schemes.pop()
-    return IntCheckpoint("compressed-tensors", size, 0, symmetric, bits)
+    return IntCheckpoint("compressed-tensors", size, 0, symmetric, bits,
+                         packed=formats == {"pack-quantized"}, activations=activations)
 
 
 def _values(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -178,7 +186,8 @@ def unpack(fmt: IntCheckpoint, name: str, tensors: dict[str, np.ndarray],
     def bad(what: str) -> WeightLoadError:
         return WeightLoadError(f"{source}: int{fmt.bits} tensor {name!r}: {what}")
 
-    read = _compressed_tensors_parts if fmt.method == "compressed-tensors" else _awq_gptq_parts
+    read = (_awq_gptq_parts if fmt.method != "compressed-tensors" else
+            _compressed_tensors_parts if fmt.packed else _int_quantized_parts)
     q, zeros, scales, g_idx = read(fmt, {k: np.asarray(v) for k, v in tensors.items()}, bad)
     inp, out = q.shape
     group = inp if fmt.group_size == -1 else fmt.group_size
@@ -274,3 +283,31 @@ def _compressed_tensors_parts(fmt: IntCheckpoint, tensors: dict[str, np.ndarray]
                       f"[{-(-out // per)}, {groups}]")
         zeros = _values(zp.T, fmt.bits).reshape(groups, -1)[:, :out]
     return q, zeros, scale.T, tensors.get("weight_g_idx")
+
+
+def _int_quantized_parts(fmt: IntCheckpoint, tensors: dict[str, np.ndarray], bad: Any) -> _Parts:
+    """compressed-tensors' int-quantized tensors -> (values [in, out], zero points [groups, out],
+    scales [groups, out], weight_g_idx or None), values and zero points signed there, shifted by
+    2**(bits-1) here to come out unsigned as the engine's layouts take them."""
+    for part in ("weight", "weight_scale"):
+        if part not in tensors:
+            raise bad(f"no {part!r} beside it")
+    q, scale = tensors["weight"], tensors["weight_scale"]
+    if q.ndim != 2 or q.dtype != np.int8 or scale.ndim != 2:
+        raise bad(f"weight must be 2-D int8 and weight_scale 2-D, got {q.dtype} "
+                  f"{list(q.shape)} and {list(scale.shape)}")
+    half = 1 << (fmt.bits - 1)
+    if q.size and (q.min() < -half or q.max() >= half):
+        raise bad(f"values outside the {fmt.bits}-bit range [{-half}, {half - 1}]")
+    if fmt.symmetric:
+        zeros = np.full((scale.shape[1], q.shape[0]), half, np.int32)
+    elif "weight_zero_point" not in tensors:
+        raise bad("no 'weight_zero_point' beside it (the scheme is asymmetric)")
+    else:
+        zp = tensors["weight_zero_point"]
+        if zp.shape != scale.shape:
+            raise bad(f"weight_zero_point {list(zp.shape)}, expected {list(scale.shape)} (as "
+                      "weight_scale)")
+        zeros = zp.astype(np.int32).T + half
+    return ((q.astype(np.int16) + half).astype(np.uint8).T, zeros, scale.T,
+            tensors.get("weight_g_idx"))

@@ -12,8 +12,8 @@ from jaxvllm.spec_decode import SpeculativeConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
 # Integer-quantized checkpoints, 4 or 8 bits (converters/integer.py). "compressed-tensors" names
-# llm-compressor's checkpoints, whose config says the scheme: pack-quantized int ones run here,
-# float-quantized ones as "fp8".
+# llm-compressor's checkpoints, whose config says the scheme: int ones (pack-quantized,
+# int-quantized) run here, weight-only, float-quantized ones as "fp8".
 INT_CHECKPOINTS = ("awq", "gptq", "compressed-tensors")
 # Weights in the int4 and int8 layouts (models/int4.py, models/int8.py): those checkpoints, and a
 # GGUF's 4-bit tensors kept small, its 5- to 8-bit ones in the int8 layout (converters/gguf_quant.py).

@@ -1,5 +1,5 @@
-"""compressed-tensors integer checkpoints (llm-compressor's W4A16 and W8A16: `pack-quantized`,
-converters/integer.py) in the int4 and int8 layouts: tiny random models quantized and saved by the
+"""compressed-tensors integer checkpoints (llm-compressor's W4A16 and W8A16: `pack-quantized`;
+W8A8 INT8: `int-quantized`, run weight-only; converters/integer.py) in the int4 and int8 layouts: tiny random models quantized and saved by the
 compressed-tensors library itself (symmetric and asymmetric groups, per channel, bfloat16 scales),
 against HF transformers running the weights the library decompresses; activation order's
 `weight_g_idx`, which the library no longer writes, from its packer; and the config's and tensors'
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
@@ -28,12 +29,16 @@ from hf_builders import (FAR_FROM_FLAT, assert_generates_as_hf, save_word_tokeni
 GROUP = 16
 _SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-CHECKPOINTS = {  # name: (model type, strategy, symmetric, the saved model's dtype, bits)
-    "llama_group_asym": ("llama", "group", False, torch.float32, 4),
-    "qwen2_group_sym_bf16": ("qwen2", "group", True, torch.bfloat16, 4),  # q/k/v biases
-    "llama_channel_sym": ("llama", "channel", True, torch.float32, 4),
-    "llama_w8_channel_sym_bf16": ("llama", "channel", True, torch.bfloat16, 8),  # RedHat's w8a16
-    "qwen2_w8_group_asym": ("qwen2", "group", False, torch.float32, 8),
+PACKED, INT = "pack-quantized", "int-quantized"
+CHECKPOINTS = {  # name: (model type, strategy, symmetric, the saved model's dtype, bits, format)
+    "llama_group_asym": ("llama", "group", False, torch.float32, 4, PACKED),
+    "qwen2_group_sym_bf16": ("qwen2", "group", True, torch.bfloat16, 4, PACKED),  # q/k/v biases
+    "llama_channel_sym": ("llama", "channel", True, torch.float32, 4, PACKED),
+    "llama_w8_channel_sym_bf16": ("llama", "channel", True, torch.bfloat16, 8, PACKED),  # w8a16
+    "qwen2_w8_group_asym": ("qwen2", "group", False, torch.float32, 8, PACKED),
+    # W8A8 INT8 (RedHat's quantized.w8a8: int8 weights per channel, int8 activations per token)
+    "llama_w8a8_channel_sym_bf16": ("llama", "channel", True, torch.bfloat16, 8, INT),
+    "qwen2_w8a8_group_asym": ("qwen2", "group", False, torch.float32, 8, INT),
 }
 PROMPTS = [list(np.random.RandomState(n).randint(2, 256, size=n)) for n in (6, 29)]
 
@@ -45,14 +50,17 @@ def _args(strategy: str, symmetric: bool, bits: int) -> QuantizationArgs:
 
 def write_checkpoint(d: str, name: str) -> torch.nn.Module:
     """A tiny random model quantized by compressed-tensors (min/max scales per group or output
-    channel) and saved pack-quantized; returns a float32 HF model holding the weights the library
+    channel) and saved in the checkpoint's format (int-quantized ones with int8 activations per
+    token, as W8A8 releases); returns a float32 HF model holding the weights the library
     decompresses from the saved tensors."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-    model_type, strategy, symmetric, dtype, bits = CHECKPOINTS[name]
+    model_type, strategy, symmetric, dtype, bits, fmt = CHECKPOINTS[name]
     model = tiny_model(tiny_config(model_type, **_SMALL), **FAR_FROM_FLAT).to(dtype)
     args = _args(strategy, symmetric, bits)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    acts = (QuantizationArgs(num_bits=8, type="int", strategy="token", symmetric=True,
+                             dynamic=True) if fmt == INT else None)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme},
                                                         ignore=["lm_head"]))
     for module in model.modules():
@@ -64,7 +72,7 @@ def write_checkpoint(d: str, name: str) -> torch.nn.Module:
         module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(d)
     compressor.update_config(d)
@@ -73,15 +81,16 @@ def write_checkpoint(d: str, name: str) -> torch.nn.Module:
     saved = load_file(os.path.join(d, "model.safetensors"))
     reference = AutoModelForCausalLM.from_config(tiny_config(model_type, **_SMALL)).float().eval()
     state = {}
+    decompressor = PackedQuantizationCompressor if fmt == PACKED else IntQuantizationCompressor
     for key, value in saved.items():
         prefix, part = key.rsplit(".", 1)
-        if part == "weight_packed":
-            parts = {p: saved[f"{prefix}.{p}"] for p in ("weight_packed", "weight_shape",
-                                                         "weight_zero_point") if f"{prefix}.{p}" in saved}
+        quantized = f"{prefix}.weight_scale" in saved
+        if quantized and part in ("weight_packed", "weight"):
+            parts = {p: saved[f"{prefix}.{p}"] for p in (part, "weight_shape", "weight_zero_point")
+                     if f"{prefix}.{p}" in saved}
             parts["weight_scale"] = saved[f"{prefix}.weight_scale"].float()
-            state[prefix + ".weight"] = PackedQuantizationCompressor.decompress(
-                parts, scheme)["weight"].float()
-        elif not part.startswith("weight_"):
+            state[prefix + ".weight"] = decompressor.decompress(parts, scheme)["weight"].float()
+        elif not (quantized and part.startswith("weight_")):
             state[key] = value.float()
     reference.load_state_dict(state)
     return reference
@@ -97,7 +106,7 @@ def test_checkpoint_matches_hf_on_the_weights_the_library_decompresses(name, tmp
     engine = llm.llm_engine
     assert engine.args.quantization == "compressed-tensors"  # taken from config.json
     lp = engine.runner.params["layers"][0]
-    _, strategy, symmetric, _, bits = CHECKPOINTS[name]
+    _, strategy, symmetric, _, bits, _ = CHECKPOINTS[name]
     groups = 1 if strategy == "channel" else 96 // GROUP
     assert lp["down"].shape == (64, 96 * bits // 8) and lp["down_scale"].shape == (groups, 64)
     if bits == 4:
@@ -158,10 +167,11 @@ def test_config_errors_name_the_field():
                            ({"group_size": 0}, r"weights\.group_size")):
         with pytest.raises(ValueError, match=field):
             int_checkpoint(_qc(**weights))
-    w8a8 = _qc()
+    w8a8 = _qc(num_bits=8, strategy="channel", group_size=None)  # run weight-only
+    w8a8["quantization_config"]["format"] = "int-quantized"
     w8a8["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8}
-    with pytest.raises(ValueError, match="input_activations"):
-        int_checkpoint(w8a8)
+    assert int_checkpoint(w8a8) == IntCheckpoint("compressed-tensors", -1, 0, True, 8,
+                                                 packed=False, activations=True)
     mixed = _qc()
     mixed["quantization_config"]["config_groups"]["group_1"] = {
         "format": "float-quantized", "weights": {"num_bits": 8, "type": "float"}}
@@ -189,6 +199,24 @@ def test_malformed_tensors_are_named():
         tensors = {k: v for k, v in {**good, **change}.items() if v is not None}
         with pytest.raises(WeightLoadError, match=match):
             unpack(fmt, "x.weight_packed", tensors, "test")
+
+
+def test_malformed_int_quantized_tensors_are_named():
+    fmt = IntCheckpoint("compressed-tensors", 16, 0, False, 8, packed=False)
+    good = {"weight": np.zeros((8, 32), np.int8), "weight_scale": np.ones((8, 2), np.float32),
+            "weight_zero_point": np.zeros((8, 2), np.int8)}
+    assert unpack(fmt, "x.weight", good, "test").q.shape == (8, 32)
+    for change, match in (({"weight_zero_point": None}, "no 'weight_zero_point'"),
+                          ({"weight_zero_point": np.zeros((2, 8), np.int8)}, "weight_zero_point"),
+                          ({"weight": np.zeros((8, 32), np.int32)}, "int8"),
+                          ({"weight_scale": None}, "no 'weight_scale'")):
+        tensors = {k: v for k, v in {**good, **change}.items() if v is not None}
+        with pytest.raises(WeightLoadError, match=match):
+            unpack(fmt, "x.weight", tensors, "test")
+    four = IntCheckpoint("compressed-tensors", 16, 0, True, 4, packed=False)
+    with pytest.raises(WeightLoadError, match="4-bit range"):
+        unpack(four, "x.weight", {"weight": np.full((8, 32), 8, np.int8),
+                                  "weight_scale": np.ones((8, 2), np.float32)}, "test")
 
 
 def test_quantization_must_fit_the_checkpoint(tmp_path):
