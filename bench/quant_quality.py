@@ -8,7 +8,8 @@ Schemes: "fp8" (weights W8A8, quantized on load), "fp8-kv" (the KV cache in e4m3
 GGUF's own 4-bit projections kept at 4 bits; against the same weights dequantized); the model
 written as a checkpoint and loaded: "awq" (int4, zero points), "gptq" (int4, symmetric, GPTQ's
 usual release form), "gptq-act-order" (the same with `desc_act`: groups over a permutation of the
-inputs), "gptq8" (8 bits, symmetric, on the int8 path), each rounded to nearest in groups of 128
+inputs), "gptq8" (8 bits, symmetric, on the int8 path), "w8a8-int8" (compressed-tensors int-quantized,
+llm-compressor's W8A8 INT8: 8 bits per output channel, run weight-only), each rounded to nearest in groups of 128
 inputs (64 or 32 where 128 does not divide the model's widths; no calibration data, so neither
 AWQ's scale search nor GPTQ's error feedback, and activation order's permutation is a seeded random
 one an input, not the input's activation magnitudes), "gguf-q8_0" / "gguf-q5_1" / "gguf-q5_0" / "gguf-q4_0"
@@ -43,6 +44,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n      
            "In 1969, the first humans to walk on the Moon were",
            "To make a cup of tea, first boil the water, then"]
 GGUF_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_0")
+_SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # one input
+_INT = {"awq": ("awq", 4, False, False), "gptq": ("gptq", 4, False, True),  # method, bits,
+        "gptq-act-order": ("gptq", 4, True, True), "gptq8": ("gptq", 8, False, True),  # order, sym
+        "w8a8-int8": ("compressed-tensors", 8, False, True)}
 # Each scheme's engine arguments ("model": a directory the run writes) and "own": the arguments of
 # the run holding its weights' own values unquantized, in bf16 ({}: the reference itself), the
 # second column's reference.
@@ -50,8 +55,7 @@ SCHEMES = {"fp8": dict(quantization="fp8"), "fp8-kv": dict(kv_cache_dtype="fp8")
            "gguf": dict(quantization="gguf", own={}),
            **{f"gguf-{t.lower()}": dict(model="gguf/" + t, quantization="gguf",
                                         own=dict(model="gguf/" + t)) for t in GGUF_TYPES},
-           **{k: dict(model=k, own=dict(model=k + "/twin"))
-              for k in ("awq", "gptq", "gptq-act-order", "gptq8")},
+           **{k: dict(model=k, own=dict(model=k + "/twin")) for k in _INT},
            "fp8-tensor-checkpoint": dict(model="tensor", own=dict(model="tensor/twin")),
            "fp8-tensor-requantized": dict(model="tensor/twin", quantization="fp8"),
            "fp8-block-checkpoint": dict(model="block", own=dict(model="block/twin")),
@@ -59,9 +63,7 @@ SCHEMES = {"fp8": dict(quantization="fp8"), "fp8-kv": dict(kv_cache_dtype="fp8")
 BLOCK = 128  # the block scales' (out, in) size, as the Qwen3 and DeepSeek FP8 releases
 GGUF_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
-_INT = {"awq": ("awq", 4, False, False), "gptq": ("gptq", 4, False, True),  # method, bits,
-        "gptq-act-order": ("gptq", 4, True, True), "gptq8": ("gptq", 8, False, True)}  # order, sym
+
 
 
 def _fp8(w: np.ndarray, layout: str) -> tuple[dict[str, np.ndarray], np.ndarray]:

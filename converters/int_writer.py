@@ -1,4 +1,4 @@
-"""AWQ and GPTQ checkpoints written: a float weight rounded to nearest per output channel and group
+"""AWQ, GPTQ and compressed-tensors int-quantized checkpoints written: a float weight rounded to nearest per output channel and group
 of inputs (no calibration data, so neither AWQ's scale search nor GPTQ's error feedback) and packed
 as those formats store it, the inverse of converters/integer.py's `unpack`. For the tests and the
 quality benchmark (bench/quant_quality.py), which need integer checkpoints of a given model.
@@ -70,11 +70,17 @@ def quantize(w: np.ndarray, g_idx: np.ndarray, groups: int, bits: int = 4,
 def linear_tensors(w: np.ndarray, method: str, group: int, bits: int = 4,
                    g_idx: Optional[np.ndarray] = None,
                    symmetric: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One linear's weight w [out, in] as an AWQ ("awq", 4 bits, zero points) or GPTQ ("gptq",
-    4 or 8 bits, its original format) checkpoint stores it: its tensors by part name ("qweight",
-    ...) and the float32 weight they dequantize to. g_idx: each input's group under GPTQ's
-    activation order (default: groups in input order)."""
+    """One linear's weight w [out, in] as an AWQ ("awq", 4 bits, zero points), GPTQ ("gptq",
+    4 or 8 bits, its original format) or compressed-tensors int-quantized ("compressed-tensors":
+    llm-compressor's W8A8 weights, symmetric per output channel; `group` and `g_idx` unused)
+    checkpoint stores it: its tensors by part name ("qweight", ...) and the float32 weight they
+    dequantize to. g_idx: each input's group under GPTQ's activation order (default: groups in
+    input order)."""
     inp = w.shape[1]
+    if method == "compressed-tensors":
+        q, _, scale, deq = quantize(w, np.zeros(inp, np.int64), 1, bits, symmetric=True)
+        signed = (q.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+        return {"weight": signed, "weight_scale": scale.astype(np.float32)}, deq
     if g_idx is None:
         g_idx = np.arange(inp) // group
     q, zero, scale, deq = quantize(w, g_idx, inp // group, bits, symmetric,
@@ -91,6 +97,14 @@ def linear_tensors(w: np.ndarray, method: str, group: int, bits: int = 4,
 def quantization_config(method: str, group: int, bits: int = 4, act_order: bool = False,
                         symmetric: bool = False) -> dict[str, Any]:
     """config.json's `quantization_config` for checkpoints written by linear_tensors."""
+    if method == "compressed-tensors":  # W8A8: int activations per token, dynamic
+        int_args = {"type": "int", "symmetric": True, "dynamic": False}
+        return {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {
+            "group_0": {"targets": ["Linear"],
+                        "weights": {**int_args, "num_bits": bits, "strategy": "channel"},
+                        "input_activations": {**int_args, "num_bits": 8, "strategy": "token",
+                                              "dynamic": True}}},
+            "ignore": ["lm_head"]}
     if method == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                 "version": "gemm"}

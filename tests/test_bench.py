@@ -402,9 +402,9 @@ def test_spec_decode_bench_on_a_grown_model(tiny_dummy, tmp_path):
 def test_quant_quality_bench(tiny_dummy, tmp_path):
     """bench/quant_quality.py on random weights: each scheme against the bf16 model, a row each
     (FP8 weights, the FP8 KV cache, and the weights written as AWQ, GPTQ with activation order and
-    8-bit GPTQ checkpoints); the GGUF schemes want a GGUF model."""
+    8-bit GPTQ and W8A8 INT8 checkpoints); the GGUF schemes want a GGUF model."""
     script = os.path.join(ROOT, "bench", "quant_quality.py")
-    schemes = ["fp8", "fp8-kv", "awq", "gptq-act-order", "gptq8"]
+    schemes = ["fp8", "fp8-kv", "awq", "gptq-act-order", "gptq8", "w8a8-int8"]
     out = subprocess.run([sys.executable, script, "--model", tiny_dummy, "--load-format", "dummy",
                           "--schemes", *schemes, "--output-len", "4",
                           "--output-json", str(tmp_path / "q.json")],
@@ -416,7 +416,7 @@ def test_quant_quality_bench(tiny_dummy, tmp_path):
         assert 0 < r["mean_abs_delta"] <= r["max_abs_delta"] < 1.0 and r["tokens_scored"] == 138
         assert 0 <= r["greedy_same"] <= r["prompts"] == 6
     assert rows["gptq8"]["mean_abs_delta"] < rows["gptq-act-order"]["mean_abs_delta"]  # 8 bits
-    for s in ("awq", "gptq-act-order", "gptq8"):  # the engine's int paths hold the values stored
+    for s in ("awq", "gptq-act-order", "gptq8", "w8a8-int8"):  # the int paths hold what is stored
         assert rows[s]["own_values"]["mean_abs_delta"] < rows[s]["mean_abs_delta"] / 2
         assert rows[s]["own_values"]["greedy_same"] >= 5
     assert "own_values" not in rows["fp8"]
@@ -488,15 +488,16 @@ def test_quant_quality_writes_checkpoints_of_the_model(tiny_hf, tmp_path, monkey
     for kind in _INT:
         with open(os.path.join(dirs[kind], "config.json")) as f:
             fmt = int_checkpoint(json.load(f))
-        assert (fmt.method, fmt.bits, fmt.group_size) == (*_INT[kind][:2], 64)
+        group = -1 if fmt.method == "compressed-tensors" else 64  # W8A8: per output channel
+        assert (fmt.method, fmt.bits, fmt.group_size) == (*_INT[kind][:2], group)
         tensors = load_file(os.path.join(dirs[kind], "model.safetensors"))
         for prefix in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
             parts = {p: tensors[f"{prefix}.{p}"] for p in fmt.parts if f"{prefix}.{p}" in tensors}
-            unpacked = unpack(fmt, prefix + ".qweight", parts, kind)
+            unpacked = unpack(fmt, f"{prefix}.{fmt.parts[0]}", parts, kind)
             if "down" in prefix:  # two groups (q_proj has one: no order to permute)
                 assert (unpacked.perm is not None) == (kind == "gptq-act-order")
             w = hf[prefix + ".weight"].astype(np.float32)
-            step = np.repeat(unpacked.scale, fmt.group_size, axis=1)  # [out, in] in group order
+            step = np.repeat(unpacked.scale, w.shape[1] // unpacked.scale.shape[1], axis=1)
             if unpacked.perm is not None:
                 step = step[:, np.argsort(unpacked.perm)]
             assert np.all(np.abs(dequantize(unpacked) - w) <= step * 1.001), (kind, prefix)
