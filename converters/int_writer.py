@@ -1,7 +1,8 @@
-"""AWQ, GPTQ and compressed-tensors int-quantized checkpoints written: a float weight rounded to nearest per output channel and group
-of inputs (no calibration data, so neither AWQ's scale search nor GPTQ's error feedback) and packed
-as those formats store it, the inverse of converters/integer.py's `unpack`. For the tests and the
-quality benchmark (bench/quant_quality.py), which need integer checkpoints of a given model.
+"""AWQ, GPTQ and compressed-tensors int-quantized checkpoints written: a float weight rounded to
+nearest per output channel and group of inputs (no calibration data, so neither AWQ's scale search
+nor GPTQ's error feedback) and stored as those formats store it, the inverse of
+converters/integer.py's `unpack`. For the tests and the quality benchmark
+(bench/quant_quality.py), which need integer checkpoints of a given model.
 """
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from converters.integer import _AWQ_NIBBLE
+from converters.integer import AWQ_NIBBLE
 
-_AWQ_ORDER = np.argsort(_AWQ_NIBBLE)  # nibble i of an AWQ word holds output 8k + _AWQ_ORDER[i]
+_AWQ_ORDER = np.argsort(AWQ_NIBBLE)  # nibble i of an AWQ word holds output 8k + _AWQ_ORDER[i]
 
 
 def _words(values: list[np.ndarray], bits: int) -> np.ndarray:

@@ -7,7 +7,7 @@ The weights stay at their bits; nothing is dequantized at load.
 
 AWQ (`quant_method: "awq"`, version "gemm", zero points, 4 bits): `qweight` int32 [in, out/8] and
 `qzeros` int32 [groups, out/8], eight 4-bit values per int32 along the output dimension in AWQ's
-interleaved order (output 8k+j sits at bit 4*_AWQ_NIBBLE[j]), `scales` [groups, out].
+interleaved order (output 8k+j sits at bit 4*AWQ_NIBBLE[j]), `scales` [groups, out].
 GPTQ (`quant_method: "gptq"`, `bits` 4 or 8; p = 32 / bits values an int32): `qweight` int32
 [in/p, out], p input rows per int32 (row pk+j at bit bits*j), `qzeros` [groups, out/p] (output
 pk+j at bit bits*j) holding zero - 1 in the original format (`checkpoint_format` "gptq";
@@ -40,7 +40,7 @@ from jaxvllm.config import INT_CHECKPOINTS
 from jaxvllm.models.int4 import pack
 from pallas_kernels.reference import int4_dequantize, int8_dequantize
 
-_AWQ_NIBBLE = np.array([0, 4, 1, 5, 2, 6, 3, 7])  # AWQ packs outputs 0..7 in the order 0 2 4 6 1 3 5 7
+AWQ_NIBBLE = np.array([0, 4, 1, 5, 2, 6, 3, 7])  # AWQ packs outputs 0..7 as 0 2 4 6 1 3 5 7
 BITS = (4, 8)
 _CT_INT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")  # compressed-tensors'
 
@@ -141,8 +141,8 @@ def _compressed_tensors(qc: dict[str, Any]) -> Optional[IntCheckpoint]:
         return None
     if len(formats) != 1:
         raise ValueError(f"quantization_config.config_groups: formats {sorted(map(str, formats))} "
-                         f"in one checkpoint; only one integer format ({', '.join(_CT_INT_FORMATS)})"
-                         " or all float-quantized (FP8) load")
+                         "in one checkpoint; only one integer format "
+                         f"({', '.join(_CT_INT_FORMATS)}) or all float-quantized (FP8) load")
     schemes, activations = set(), False
     for name, group in (qc.get("config_groups") or {}).items():
         where = f"quantization_config.config_groups.{name}"
@@ -164,7 +164,7 @@ def _compressed_tensors(qc: dict[str, Any]) -> Optional[IntCheckpoint]:
         schemes.add((size, bool(w.get("symmetric", True)), w["num_bits"]))
     if len(schemes) != 1:
         raise ValueError("quantization_config.config_groups: "
-                         + ("a pack-quantized checkpoint names none" if not schemes
+                         + (f"a {next(iter(formats))} checkpoint names none" if not schemes
                             else "one group size, symmetry and bits for all groups"))
     size, symmetric, bits = schemes.pop()
     return IntCheckpoint("compressed-tensors", size, 0, symmetric, bits,
@@ -242,8 +242,8 @@ def _awq_gptq_parts(fmt: IntCheckpoint, tensors: dict[str, np.ndarray], bad: Any
         raise bad(f"qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}")
     if fmt.method == "awq":
         inp, out = qweight.shape[0], qweight.shape[1] * 8
-        q = _values(qweight, 4)[..., _AWQ_NIBBLE].reshape(inp, out)
-        zeros = _values(qzeros, 4)[..., _AWQ_NIBBLE].reshape(qzeros.shape[0], -1)
+        q = _values(qweight, 4)[..., AWQ_NIBBLE].reshape(inp, out)
+        zeros = _values(qzeros, 4)[..., AWQ_NIBBLE].reshape(qzeros.shape[0], -1)
         return q, zeros, scales, None
     per = 32 // fmt.bits
     inp, out = qweight.shape[0] * per, qweight.shape[1]
