@@ -589,15 +589,20 @@ def test_target_rows_runs_each_row_and_reads_its_figures(tiny_dummy, tmp_path):
                               *argv], capture_output=True, text=True, env=C.child_env(),
                              timeout=600)
         return out, json.loads((tmp_path / "r.json").read_text())["rows"]
-    out, res = rows("--rows", "batch-1,serve-16,spec", "--work-dir", str(tmp_path / "w"))
+    out, res = rows("--rows", "batch-1,fp8-batch-1,serve-16,spec", "--work-dir",
+                    str(tmp_path / "w"))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert list(res) == ["batch-1", "serve-16", "spec"]
+    assert list(res) == ["batch-1", "fp8-batch-1", "serve-16", "spec"]
     for name in res:
         assert json.loads((tmp_path / "w" / f"{name}.json").read_text()) == res[name]["result"]
     assert any((tmp_path / "w" / "jax").iterdir())
     batch1 = res["batch-1"]
     assert batch1["figures"][0] == ["decode tok/s", batch1["result"]["decode_tokens_per_s"]]
     assert batch1["met"] is (batch1["result"]["decode_tokens_per_s"] >= 250)
+    fp8 = res["fp8-batch-1"]  # FP8 weights, judged against the bf16 row of the same run
+    assert fp8["result"]["param_bytes"] < batch1["result"]["param_bytes"]  # its weights in FP8
+    ratio = fp8["result"]["decode_tokens_per_s"] / batch1["result"]["decode_tokens_per_s"]
+    assert fp8["figures"][1] == ["x bf16", ratio] and fp8["met"] is (ratio >= 1.6)
     ttft = res["serve-16"]["result"]["runs"][0]["ttft_ms"]["p50"]
     assert res["serve-16"]["figures"][0] == ["TTFT p50 ms", ttft] and ttft > 0
     runs = res["spec"]["result"]  # plain decoding, then k 2, batch-invariant
@@ -606,7 +611,11 @@ def test_target_rows_runs_each_row_and_reads_its_figures(tiny_dummy, tmp_path):
     assert res["spec"]["figures"] == [["k 2 speed-up", speedup],
                                       ["runs with plain's output", int(runs[1]["same_output"])]]
     assert res["spec"]["met"] is (speedup >= 2 and runs[1]["same_output"])
-    assert out.stdout.count("\n| ") == 4
+    assert out.stdout.count("\n| ") == 5
+    alone = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "target_rows.py"),
+                            "--rows", "int4-batch-1", "--quick"], capture_output=True, text=True,
+                           env=C.child_env(), timeout=60)
+    assert alone.returncode != 0 and "compares with row batch-1" in alone.stderr
     out, res = rows("--rows", "batch-1", "--", "--max-num-seqs", "0")
     assert out.returncode == 1 and "error" in res["batch-1"] and "exit" in out.stdout
 
