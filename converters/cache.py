@@ -34,8 +34,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 3  # 2: an entry of 1 may hold a checkpoint whose FP8 KV-cache scales it dropped;
-# 3: one of 2 may hold an FP8 checkpoint's linears dequantized (now kept in FP8, uncached)
+CONVERTER_VERSION = 4  # 2: an entry of 1 may hold a checkpoint whose FP8 KV-cache scales it dropped;
+# 3: one of 2 may hold an FP8 checkpoint's linears dequantized (now kept in FP8, uncached);
+# 4: one of 3 may hold a block-scaled FP8 checkpoint's linears dequantized (now requantized)
 DEFAULT_GGUF_MIN_BYTES = 256 << 20
 _META = "meta.json"
 _PARAMS = "params"

@@ -7,9 +7,11 @@ DeepSeek FP8 releases) and compressed-tensors' `float-quantized` (a `weight_scal
 output channel or per block). An FP8 checkpoint turns `quantization="fp8"` on (engine/setup.py).
 The linears the engine runs in FP8 (models/quant.py: e4m3 [out, in], a float32 scale per output
 channel) keep a per-tensor or per-channel checkpoint's bytes and scales as they are
-(channel_scales); block-scaled ones, and the other float8 tensors, come out dequantized in the
-engine's dtype, and the engine requantizes those linears with its own per-channel scales. Activation
-scales stored for static quantization are not used: the engine scales activations per token.
+(channel_scales); block-scaled ones come out dequantized in the engine's dtype and requantized per
+output channel (converters/hf.py), and the other float8 tensors dequantized. Linears a checkpoint
+stores unquantized (its `ignore` list) stay so: the engine quantizes no weight of an FP8
+checkpoint on load, as vLLM. Activation scales stored for static quantization are not used: the
+engine scales activations per token.
 """
 from __future__ import annotations
 

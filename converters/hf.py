@@ -31,7 +31,7 @@ from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import pack as pack_int4
 from jaxvllm.models.int8 import kernel_groups as int8_groups
 from jaxvllm.models.params import KV_CACHE_SCALES, param_shapes
-from jaxvllm.models.quant import QUANTIZED
+from jaxvllm.models.quant import QUANTIZED, quantize_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -599,6 +599,10 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                         builder.add_fp8(name, tensor, kept, path)
                         continue
                     tensor = dequantize_fp8(fp8, name, tensor, scale, path)
+                    if builder.takes_quantized(name):  # block scales: one per output channel
+                        q, channel = quantize_fp8(jnp.asarray(tensor).T)
+                        builder.add_fp8(name, np.asarray(q), np.asarray(channel), path)
+                        continue
                 builder.add(name, tensor, path)
                 del tensor
 

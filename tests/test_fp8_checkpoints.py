@@ -1,9 +1,10 @@
 """FP8 checkpoints (converters/fp8.py): tiny random Llama models written in HF's `fp8` format (per
 tensor and 32x32 blocks) and compressed-tensors' `float-quantized` (per output channel), with the
 formats' tensor names and scales. Per-tensor and per-channel ones keep their float8 bytes and
-scales in the engine's FP8 layout, which dequantizes to their float32 twin; block-scaled ones load
-as the twin does, and the engine runs them in FP8 exactly as it runs the twin with
-quantization="fp8"."""
+scales in the engine's FP8 layout, which dequantizes to their float32 twin; block-scaled ones are
+requantized per output channel at load from the values they hold, and the engine runs them
+exactly as it runs the twin with quantization="fp8". Linears a checkpoint stores unquantized stay
+so."""
 import json
 import math
 
@@ -14,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from converters import WeightLoadError, load_model
+from jaxvllm.models.quant import FP8, quantize_fp8
 from hf_builders import save_word_tokenizer, tiny_config, tiny_model
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,9 +52,10 @@ def _quantize(w: np.ndarray, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return q, scale, q.astype(np.float32) * full
 
 
-def _write_pair(tmp_path, fmt: str):
+def _write_pair(tmp_path, fmt: str, unquantized: tuple[str, ...] = ()):
     """An FP8 checkpoint in `fmt` and its float32 twin holding the dequantized weights; and the
-    checkpoint's tensors."""
+    checkpoint's tensors. `unquantized`: linears (HF module names) the checkpoint stores as they
+    are, named in its config's ignore list."""
     cfg = tiny_config("llama", vocab_size=128, hidden_size=64, intermediate_size=80,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       tie_word_embeddings=False)
@@ -61,7 +64,7 @@ def _write_pair(tmp_path, fmt: str):
     qc, suffix, layout = _FORMATS[fmt]
     fp8, twin = {}, {}
     for name, w in tensors.items():
-        if name.rsplit(".", 2)[-2] in _LINEARS:
+        if name.rsplit(".", 2)[-2] in _LINEARS and name[:-len(".weight")] not in unquantized:
             q, scale, deq = _quantize(w.astype(np.float32), layout)
             fp8[name], fp8[name[:-len("weight")] + suffix] = q, scale
             twin[name] = deq
@@ -74,7 +77,9 @@ def _write_pair(tmp_path, fmt: str):
         save_file(ts, d / "model.safetensors")
         conf = json.loads((tmp_path / "src" / "config.json").read_text())
         if kind == "fp8":
-            conf["quantization_config"] = qc
+            ignored = {"ignore" if "ignore" in qc else "modules_to_not_convert": [
+                *qc.get("ignore", ["lm_head"]), *unquantized]}
+            conf["quantization_config"] = {**qc, **ignored}
         (d / "config.json").write_text(json.dumps(conf))
         save_word_tokenizer(d, 128)
         dirs[kind] = str(d)
@@ -94,7 +99,12 @@ def test_fp8_checkpoint_loads_as_its_dequantized_twin(tmp_path, fmt):
     kept = _FORMATS[fmt][2] in (None, "channel")
     for i, (lg, lw) in enumerate(zip(got["layers"], want["layers"])):
         for k in lw:
-            if kept and k in _HF:
+            if not kept and k in _HF:  # requantized per output channel from the values it holds
+                q, scale = quantize_fp8(lw[k])
+                np.testing.assert_array_equal(np.asarray(lg[k]).view(np.uint8),
+                                              np.asarray(q).view(np.uint8), err_msg=k)
+                np.testing.assert_array_equal(np.asarray(lg[k + "_scale"]), np.asarray(scale))
+            elif k in _HF:
                 # the checkpoint's bytes [out, in] and its scale per output channel, exactly
                 name = f"model.layers.{i}.{_HF[k]}."
                 q, scale = tensors[name + "weight"], tensors[name + _FORMATS[fmt][1]]
@@ -106,7 +116,7 @@ def test_fp8_checkpoint_loads_as_its_dequantized_twin(tmp_path, fmt):
                 np.testing.assert_array_equal(deq.T, np.asarray(lw[k]), err_msg=k)
             else:
                 np.testing.assert_array_equal(np.asarray(lg[k]), np.asarray(lw[k]), err_msg=k)
-        assert set(lg) == set(lw) | ({k + "_scale" for k in _HF} if kept else set())
+        assert set(lg) == set(lw) | {k + "_scale" for k in _HF}
     np.testing.assert_array_equal(np.asarray(got["lm_head"]), np.asarray(want["lm_head"]))
 
 
@@ -128,6 +138,37 @@ def test_fp8_checkpoint_runs_in_fp8(tmp_path):
                       for o in llm.generate(prompts, sp, use_tqdm=False)]
         del llm
     assert runs["fp8"] == runs["twin"]
+
+
+@pytest.mark.parametrize("fmt", ["ct-channel", "hf-block"])
+def test_linears_a_checkpoint_stores_unquantized_stay_so(tmp_path, fmt):
+    """An FP8 checkpoint's unquantized linears (its ignore list) run unquantized, as vLLM runs
+    them, the others in FP8; new weights for the model (update_weights) are quantized alike: the
+    checkpoint's own values put back reproduce its outputs."""
+    from jaxvllm import LLM, SamplingParams
+    plain = ("model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj")
+    dirs, _ = _write_pair(tmp_path, fmt, plain)
+    kw = dict(dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
+              num_gpu_blocks_override=16, enforce_eager=True, token_buckets=(8, 32))
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (4, 13)]
+    outputs = lambda llm: [(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob)
+                           for o in llm.generate(prompts, sp, use_tqdm=False)]
+    llm = LLM(model=dirs["fp8"], **kw)
+    layers = llm.llm_engine.runner.params["layers"]
+    for i, k in ((1, "o"), (0, "down")):
+        assert layers[i][k].dtype == jnp.float32 and k + "_scale" not in layers[i]
+    assert layers[0]["o"].dtype == layers[1]["down"].dtype == FP8
+    mixed = outputs(llm)
+    llm.update_weights(load_model(dirs["twin"], dtype="float32", cache_dir=None,
+                                  load_tokenizer=False).params)
+    assert llm.llm_engine.runner.params["layers"][1]["o"].dtype == jnp.float32
+    again = outputs(llm)  # (a scale recomputed from its dequantized row may move by a rounding)
+    assert [t for t, _ in again] == [t for t, _ in mixed]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(again, mixed)) < 1e-4
+    del llm
+    every = outputs(LLM(model=dirs["twin"], quantization="fp8", **kw))  # all in FP8: not these
+    assert [lp for _, lp in every] != [lp for _, lp in mixed]
 
 
 def test_compressed_tensors_name_takes_a_float_quantized_checkpoint_as_fp8(tmp_path):

@@ -622,9 +622,9 @@ class LLMEngine(RequestFront):
         params = to_engine_layout(params, self.loaded.config, "auto")
         if self.runner.params is not None:  # asleep: the runner says so below
             params = keep_cache_scales(params, self.runner.params)
-        if self.args.quantization is not None:  # the new weights quantized as the loaded ones were
+        if self.args.quantization is not None:  # the new weights quantized as the loaded ones are
             from jaxvllm.models.quant import quantize_params
-            params = quantize_params(params, self.args.quantization)
+            params = quantize_params(params, self.args.quantization, like=self.runner.params)
         self.runner.update_weights(params)
         self.loaded.params = self.runner.params
         if reset_prefix_cache:

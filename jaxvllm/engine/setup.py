@@ -98,7 +98,7 @@ def load(args: EngineArgs) -> Any:
                             tokenizer=args.tokenizer, load_tokenizer=False,
                             keep_gguf_quantized=args.quantization == "gguf")
         args.quantization = _checkpoint_quantization(args.quantization, loaded)
-        if args.quantization == "fp8":
+        if args.quantization == "fp8" and not _fp8_checkpoint(loaded):  # one's linears load as stored
             from jaxvllm.models.quant import quantize_params
             loaded.params = quantize_params(loaded.params, args.quantization)
         elif args.quantization in INTEGER_QUANTIZATIONS:
@@ -110,13 +110,18 @@ def load(args: EngineArgs) -> Any:
     return loaded
 
 
+def _fp8_checkpoint(loaded: Any) -> bool:
+    """Whether the loaded weights are an FP8 checkpoint's (its linears in FP8 as stored)."""
+    from converters.fp8 import fp8_checkpoint
+    return loaded.load_format == "safetensors" and fp8_checkpoint(loaded.hf_config) is not None
+
+
 def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]:
     """The quantization the loaded checkpoint's own config implies, as vLLM takes it: an FP8
     checkpoint turns "fp8" on (a compressed-tensors one runs as "fp8" when asked for
     "compressed-tensors" too), an integer one (4 or 8 bits) is its method; asking for an integer
     method of a checkpoint that is not one, or for another method than an integer checkpoint's, is
     a ValueError."""
-    from converters.fp8 import fp8_checkpoint
     from converters.integer import int_checkpoint
     from converters.quant_config import quantization_config
     hf = loaded.hf_config if loaded.load_format == "safetensors" else {}
@@ -126,7 +131,7 @@ def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]
             raise ValueError(f"quantization={asked!r}, but {loaded.source} is an "
                              f"int{integer.bits} checkpoint of quantization={integer.method!r}")
         return integer.method
-    fp8 = fp8_checkpoint(hf) is not None
+    fp8 = _fp8_checkpoint(loaded)
     if (fp8 and asked == "compressed-tensors"
             and quantization_config(hf).get("quant_method") == "compressed-tensors"):
         asked = None  # its float-quantized weights are the FP8 path's
