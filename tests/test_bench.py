@@ -453,9 +453,9 @@ def test_quant_quality_fp8_checkpoint_schemes(tiny_hf, tmp_path):
 def test_quant_quality_writes_checkpoints_of_the_model(tiny_hf, tmp_path, monkeypatch):
     """The checkpoints those schemes score: each FP8 twin holds the model's weights within e4m3's
     rounding under its scales, and each FP8 checkpoint loads to its twin's values (the per-tensor
-    one as float8 bytes with a scale per output channel, the block one dequantized); each integer
-    checkpoint unpacks to the weights within a step of its group's scale, activation order's
-    groups over a permutation of the inputs."""
+    one as float8 bytes with a scale per output channel, the block one requantized per channel
+    from its values); each integer checkpoint unpacks to the weights within a step of its group's
+    scale, activation order's groups over a permutation of the inputs."""
     import shutil
 
     import numpy as np
@@ -463,6 +463,7 @@ def test_quant_quality_writes_checkpoints_of_the_model(tiny_hf, tmp_path, monkey
 
     from converters import load_model
     from converters.integer import dequantize, int_checkpoint, unpack
+    from jaxvllm.models.quant import quantize_fp8
     from hf_builders import save_word_tokenizer
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     from quant_quality import _INT, write_checkpoints
@@ -482,8 +483,11 @@ def test_quant_quality_writes_checkpoints_of_the_model(tiny_hf, tmp_path, monkey
                 if layout == "tensor":
                     q, scale = np.asarray(lg[k]).astype(np.float32), np.asarray(lg[k + "_scale"])
                     np.testing.assert_array_equal((q * scale[:, None]).T, t, err_msg=k)
-                else:
-                    np.testing.assert_array_equal(np.asarray(lg[k]), t, err_msg=k)
+                else:  # requantized per output channel from the values the blocks hold
+                    q, scale = quantize_fp8(lt[k])
+                    np.testing.assert_array_equal(np.asarray(lg[k]).view(np.uint8),
+                                                  np.asarray(q).view(np.uint8), err_msg=k)
+                    np.testing.assert_array_equal(np.asarray(lg[k + "_scale"]), np.asarray(scale))
     hf = load_file(os.path.join(tiny_hf, "model.safetensors"))
     for kind in _INT:
         with open(os.path.join(dirs[kind], "config.json")) as f:
