@@ -54,11 +54,12 @@ class Row:
     workload: list[str]
     quick: list[str]
     target: str
-    figures: Callable[[dict], list[tuple[str, float]]]
-    met: Callable[[dict], bool]
+    # (result) -> ..., or (result, the baseline row's result) -> ... for a row with a baseline
+    figures: Callable[..., list[tuple[str, float]]]
+    met: Callable[..., bool]
     takes_engine_flags: bool = True  # spec_decode sets its engines itself
     flags: tuple[str, ...] = ()  # the row's own engine flags (a quantization)
-    baseline: Optional[str] = None  # the row figures and met compare with: (result, its result)
+    baseline: Optional[str] = None  # the row figures and met compare with
 
 
 def _speedups(r: list) -> list[tuple[float, bool]]:

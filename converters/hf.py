@@ -510,10 +510,15 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
         logger.info("%s quantizes activations too: its int%d weights load as they are and the "
                     "activations stay in %s (weight-only)", model_dir, integer.bits, dtype)
 
+    def located(name: str, path: str, names: list[str]) -> Optional[str]:
+        """The file holding tensor `name`: this one (`path`, its tensors `names`) or the one the
+        index names; None where neither has it."""
+        return path if name in names else (weight_map or {}).get(name)
+
     def companion(name: str, path: str, names: list[str], host: bool = False) -> Any:
         """Tensor `name` (read with its weight: a scale, zeros, group indices) from this file or
         the one the index names, as a numpy array with `host`; None where neither has it."""
-        where = path if name in names else (weight_map or {}).get(name)
+        where = located(name, path, names)
         if where is None:
             return None
         if host:
@@ -569,7 +574,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
             for name in names:
                 if name.endswith(PACKED) or (  # int-quantized: "<prefix>.weight" int8, scaled
                         integer is not None and not integer.packed and name.endswith(".weight")
-                        and (name + "_scale" in names or name + "_scale" in (weight_map or {}))):
+                        and located(name + "_scale", path, names) is not None):
                     add_integer(name, names, path)
                     continue
                 if _KV_SCALE.match(text_model_name(name)):
