@@ -1,8 +1,8 @@
 """Tensor parallelism with int4 and int8 weights (jaxvllm/worker/sharding.py) on 8 fake CPU devices:
 tiny GPTQ checkpoints (4 bits in activation order, 8 bits) give the greedy tokens and logprobs of
 one device when split over 2 and 4 (at 4 the 2 KV heads are replicated, packed rows and their
-scales and zero points alike), their tensors split as the rules say, and a row-parallel weight
-whose groups do not divide over the devices is refused by name. Run as a subprocess (this file as a
+scales and zero points alike), and again after a weight swap; their tensors split as the rules
+say, and a row-parallel weight whose groups do not divide over the devices is refused by name. Run as a subprocess (this file as a
 script), as tests/test_tensor_parallel.py runs its engines."""
 from __future__ import annotations
 
@@ -23,18 +23,19 @@ CHECKPOINTS = {  # name: (activation order, bits, intermediate size, TP sizes)
     "gptq8": (False, 8, 128, (1, 2)),
     "gptq4_down_groups_6": (False, 4, 96, (4,)),  # down's 6 groups of 16 inputs: not over 4
 }
+SWAPPED = ("gptq4_act_order", "gptq8")  # also run after a weight swap
 # Run with the Pallas GEMMs forced (interpreted): groups of 32, the int4 GEMM's smallest.
 PALLAS = {"gptq4_g32_act_order": (True, 4), "gptq8_g32": (False, 8)}
 PALLAS_GROUP = 32
 
 
-def _tiny(intermediate: int) -> Any:
+def _tiny(intermediate: int, seed: int = 0) -> Any:
     """A tiny random HF Llama: 4 heads, 2 KV heads, hidden 64."""
     from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
     return tiny_model(tiny_config("llama", vocab_size=256, hidden_size=64,
                                   intermediate_size=intermediate, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=256), **FAR_FROM_FLAT)
+                                  max_position_embeddings=256), seed=seed, **FAR_FROM_FLAT)
 
 
 def _save(d: str, act_order: bool, bits: int, intermediate: int, group: int = GROUP) -> None:
@@ -53,7 +54,10 @@ def _save(d: str, act_order: bool, bits: int, intermediate: int, group: int = GR
     _save_int(d, tensors, model.config, "gptq", act_order, bits, group)
 
 
-def _run(d: str, tp: int, prompts: list = PROMPTS, **engine_kw: Any) -> dict[str, Any]:
+def _run(d: str, tp: int, prompts: list = PROMPTS, swap: int = 0,
+         **engine_kw: Any) -> dict[str, Any]:
+    """The engine's greedy tokens and logprobs; with `swap` (an intermediate size), again after
+    update_weights with another random model's weights (rounded into the checkpoint's layout)."""
     from jaxvllm import LLM, SamplingParams
     engine_kw.setdefault("token_buckets", (8, 32))
     try:
@@ -68,6 +72,11 @@ def _run(d: str, tp: int, prompts: list = PROMPTS, **engine_kw: Any) -> dict[str
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     res = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
            "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
+    if swap:
+        llm.update_weights({k: v.numpy() for k, v in _tiny(swap, seed=1).state_dict().items()})
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        res["swapped"] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                          "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
     if tp > 1:
         lp = llm.llm_engine.runner.params["layers"][0]
         res["layer"] = {k: {"spec": _spec(a), "shape": list(a.shape), "dtype": str(a.dtype),
@@ -108,7 +117,8 @@ def _worker(out_path: str) -> None:
         for name, (act_order, bits, intermediate, sizes) in CHECKPOINTS.items():
             d = os.path.join(tmp, name)
             _save(d, act_order, bits, intermediate)
-            report[name] = {tp: _run(d, tp) for tp in sizes}
+            report[name] = {tp: _run(d, tp, swap=intermediate if name in SWAPPED else 0)
+                            for tp in sizes}
         for name, (act_order, bits) in PALLAS.items():
             d = os.path.join(tmp, name)
             _save(d, act_order, bits, 128, PALLAS_GROUP)
@@ -132,9 +142,13 @@ def report(tmp_path_factory) -> dict[str, Any]:
 @pytest.mark.parametrize("name, tp", [("gptq4_act_order", 2), ("gptq4_act_order", 4),
                                       ("gptq8", 2)])
 def test_integer_weights_match_one_device(report, name, tp):
+    """Before and after a weight swap (new weights rounded into the layout on the host, then
+    split, KV heads replicated at TP 4, as loaded ones are)."""
     ref, got = report[name][1], report[name][tp]
-    assert got["tokens"] == ref["tokens"]
-    assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    for ref, got in ((ref, got), (ref["swapped"], got["swapped"])):
+        assert got["tokens"] == ref["tokens"]
+        assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    assert report[name][1]["swapped"]["tokens"] != report[name][1]["tokens"]
 
 
 @pytest.mark.parametrize("name, tp", [("gptq4_act_order", 4), ("gptq8", 2)])

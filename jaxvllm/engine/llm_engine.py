@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from jaxvllm.config import INTEGER_QUANTIZATIONS, EngineArgs
+from jaxvllm.config import EngineArgs
 from jaxvllm.core.outputs import EngineCoreOutput
 from jaxvllm.core.request import Request, RequestStatus, lora_cache_salt
 from jaxvllm.core.scheduler import Scheduler, SchedulerStats
@@ -622,9 +622,12 @@ class LLMEngine(RequestFront):
         params = to_engine_layout(params, self.loaded.config, "auto")
         if self.runner.params is not None:  # asleep: the runner says so below
             params = keep_cache_scales(params, self.runner.params)
-        if self.args.quantization is not None:  # the new weights quantized as the loaded ones are
+        if self.args.quantization == "fp8":  # the new weights quantized as the loaded ones are
             from jaxvllm.models.quant import quantize_params
-            params = quantize_params(params, self.args.quantization, like=self.runner.params)
+            params = quantize_params(params, "fp8", like=self.runner.params)
+        elif self.args.quantization is not None and self.runner.params is not None:
+            from jaxvllm.models.int_requant import quantize_like
+            params = quantize_like(params, self.runner.params)
         self.runner.update_weights(params)
         self.loaded.params = self.runner.params
         if reset_prefix_cache:
@@ -647,14 +650,12 @@ class LLMEngine(RequestFront):
 
     def _check_swappable(self, what: str) -> None:
         check_idle(what, self.has_unfinished_requests())
-        if self.args.quantization in INTEGER_QUANTIZATIONS:
-            raise ValueError(f"{what} on a {self.args.quantization.upper()} (integer-quantized) "
-                             "model: new weights are not quantized to its int4 or int8 layout; "
-                             "load an unquantized model (or quantization='fp8') to swap weights")
 
     def _update_weight_chunk(self, chunk: Any) -> None:
-        """Weights by name ("embed", "layers.3.q", ...) in the engine's layout, in place; an FP8
-        model's quantized ones arrive in the model's dtype and are quantized here."""
+        """Weights by name ("embed", "layers.3.q", ...) in the engine's layout, in place; a
+        quantized model's quantized ones arrive in the model's dtype and are quantized here (an
+        int4 or int8 model's fused q/k/v and gate/up from their parts, sent in one chunk)."""
+        from jaxvllm.models.int_requant import quantize_named_like
         from jaxvllm.models.quant import FP8, quantize_fp8
         from jaxvllm.worker.weight_swap import get_named
         check_chunk(chunk)
@@ -663,6 +664,8 @@ class LLMEngine(RequestFront):
             for name in chunk:
                 if self.runner.params is not None and get_named(self.runner.params, name).dtype == FP8:
                     named[name], named[name + "_scale"] = quantize_fp8(chunk[name])
+        elif self.args.quantization is not None and self.runner.params is not None:
+            named = quantize_named_like(named, self.runner.params)
         self.runner.update_named_weights(named)
         self._weight_update.update(chunk)
 

@@ -80,14 +80,18 @@ class LLM:
 
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
         """Overwrite every weight in place (no recompilation; the old buffers are reused). The prefix
-        cache holds K/V computed with the old weights, so it is dropped unless told otherwise."""
+        cache holds K/V computed with the old weights, so it is dropped unless told otherwise.
+        `params` hold the model's dtype: a quantized model rounds the ones it stores quantized
+        to nearest in its own layout (FP8 per channel; int4 or int8 in the checkpoint's groups,
+        offsets and input order, without AWQ's or GPTQ's calibration)."""
         self.llm_engine.update_weights(params, reset_prefix_cache)
 
     def start_weight_update(self) -> None:
         """Begin a weight update in chunks (vLLM's names): until finish_weight_update(),
         update_weights(chunk) takes a dict of some weights by name in the engine's layout
-        ("embed", "final_norm", "lm_head", "layers.3.q", ...; an FP8 model's in the model's
-        dtype), each written in place, so a trainer streams its weights with one chunk in memory
+        ("embed", "final_norm", "lm_head", "layers.3.q", ...; a quantized model's in the model's
+        dtype, quantized as update_weights does: an int4 or int8 model's q, k and v, and gate and
+        up, in one chunk where it stores them as one weight), each written in place, so a trainer streams its weights with one chunk in memory
         at a time. Generating meanwhile is a RuntimeError (the weights are half old)."""
         self.llm_engine.start_weight_update()
 

@@ -67,21 +67,31 @@ def pack(q: Any, group: int) -> Any:
     return (g[..., :half] | (g[..., half:] << 4)).reshape(out, inp // 2)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size",))
-def quantize_int4(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[in, out] -> the layout's (packed uint8 [out, in/2], float32 scale [groups, out], uint8 zero
-    points [groups, out]): round to nearest over 16 levels spanning each group's range widened to
-    hold 0 (AWQ's asymmetric form: zero = round(-min / scale), w ~ (q - zero) * scale). For weights
-    that come without int4 scales (dummy weights measured at 4 bits): AWQ and GPTQ checkpoints
-    bring their own."""
+@functools.partial(jax.jit, static_argnames=("group_size", "offset"))
+def quantize_int4(w: jax.Array, group_size: int,
+                  offset: str = "zero") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[in, out] -> the layout's (packed uint8 [out, in/2], float32 scale [groups, out], offset
+    [groups, out]): round to nearest over 16 levels spanning each group's range. `offset` "zero":
+    the range widened to hold 0, uint8 zero points (AWQ's asymmetric form: zero = round(-min /
+    scale), w ~ (q - zero) * scale); "min": the group's own range, its float32 min (GGUF's Q4_1
+    form, w ~ q * scale + min). For weights that come without int4 scales: dummy weights measured
+    at 4 bits, and new weights swapped into an int4 model (models/int_requant.py)."""
     wt = w.astype(jnp.float32).T
     out, inp = wt.shape
     g = wt.reshape(out, inp // group_size, group_size)
-    lo, hi = jnp.minimum(g.min(-1), 0), jnp.maximum(g.max(-1), 0)
+    lo, hi = g.min(-1), g.max(-1)
+    if offset == "zero":
+        lo, hi = jnp.minimum(lo, 0), jnp.maximum(hi, 0)
     scale = jnp.maximum(hi - lo, 1e-12) / 15
-    zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
-    q = jnp.clip(jnp.round(g / scale[..., None]) + zero[..., None], 0, 15)
-    return pack(q.reshape(out, inp), group_size), scale.T, zero.astype(jnp.uint8).T
+    if offset == "zero":
+        off = jnp.clip(jnp.round(-lo / scale), 0, 15)
+        q = jnp.round(g / scale[..., None]) + off[..., None]
+        off = off.astype(jnp.uint8)
+    else:
+        off = lo
+        q = jnp.round((g - lo[..., None]) / scale[..., None])
+    q = jnp.clip(q, 0, 15)
+    return pack(q.reshape(out, inp), group_size), scale.T, off.T
 
 
 def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, Any]:

@@ -14,6 +14,7 @@ weight of any layout is int8.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -52,3 +53,26 @@ def int8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, mn: Optional[jax.A
         x = jnp.take(x, perm, axis=-1)
     return grouped_linear(x, int8_gemm, int8_matmul, int8_matmul_reference, w, scale, mn,
                           pallas=pallas, row_parallel=row_parallel)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "with_min"))
+def quantize_int8(w: jax.Array, group_size: int,
+                  with_min: bool = False) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    """[in, out] -> the layout's (int8 [out, in], float32 scale [groups, out], float32 min
+    [groups, out] or None): round to nearest per output channel and group of inputs, symmetric
+    (w ~ q * scale, q in -127..127: Q8_0's and symmetric checkpoints' form) or, `with_min`, over
+    the group's own range (w ~ q * scale + min, q in -128..127). For new weights swapped into an
+    int8 model (models/int_requant.py)."""
+    wt = w.astype(jnp.float32).T
+    out, inp = wt.shape
+    g = wt.reshape(out, inp // group_size, group_size)
+    if with_min:
+        lo = g.min(-1)
+        scale = jnp.maximum(g.max(-1) - lo, 1e-12) / 255
+        q = jnp.clip(jnp.round((g - lo[..., None]) / scale[..., None]), 0, 255) - 128
+        mn = (lo + 128 * scale).T
+    else:
+        scale = jnp.maximum(jnp.abs(g).max(-1), 1e-12) / 127
+        q = jnp.clip(jnp.round(g / scale[..., None]), -127, 127)
+        mn = None
+    return q.reshape(out, inp).astype(INT8), scale.T, mn

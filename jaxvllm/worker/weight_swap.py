@@ -48,6 +48,9 @@ def swap_in_place(current: Any, new: Any, donate: bool = True) -> Any:
             raise ValueError(f"params{name}: dtype {leaf.dtype} does not match the model's {old.dtype}")
     out = []
     for (_, old), (_, leaf) in zip(cur_leaves, new_leaves):
+        if leaf is old:  # kept as it is (an FP8 cache's scales, an input order): nothing to copy
+            out.append(old)
+            continue
         if not isinstance(leaf, jax.Array):
             # Host values go where the old ones are, committed to it only if they were: jit's
             # cache keys on it, and committed weights compiled every bucket's step once more.

@@ -1,0 +1,155 @@
+"""Weight swaps on integer-quantized models (models/int_requant.py): new weights rounded to nearest
+into the checkpoint's int4 or int8 layout (its groups, offsets, input order and fused projections),
+whole or streamed in chunks. Each swap is checked twice: the stored weights dequantize to the new
+ones within half a step, and the engine then generates what an unquantized engine holding those
+dequantized values generates."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_builders import FAR_FROM_FLAT, tiny_model
+from jaxvllm.engine.weights import to_engine_layout
+from jaxvllm.models.int4 import INT4, quantize_int4
+from jaxvllm.models.int8 import quantize_int8
+from jaxvllm.worker.weight_swap import weight_chunks
+from pallas_kernels.reference import int4_dequantize, int8_dequantize
+from test_gguf_quant import _K_QUANTS, _tiny_gguf
+from test_int4 import CHECKPOINTS, PROMPTS, write_int_checkpoint
+
+_ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+               num_gpu_blocks_override=64, enforce_eager=True, token_buckets=(8, 32))
+
+
+def _grid(w, group: int, step) -> np.ndarray:
+    """Each element's bound: half its group's step (scale [groups, out]) as [in, out]."""
+    return 0.5 * np.repeat(np.asarray(step, np.float64), group, axis=0)
+
+
+@pytest.mark.parametrize("offset", ["zero", "min"])
+def test_quantize_int4_within_half_a_step(offset):
+    """Both offsets: every weight within half its group's step; a min is the group's own minimum
+    (no zero point widens the range), so the extremes land on levels 0 and 15 exactly."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 24)).astype(np.float32) + 2.0  # positive: the min form's range
+    q, scale, off = quantize_int4(jnp.asarray(w), 16, offset)
+    assert q.dtype == INT4 and scale.dtype == jnp.float32
+    assert off.dtype == (jnp.uint8 if offset == "zero" else jnp.float32)
+    deq = np.asarray(int4_dequantize(q, scale, off), np.float64).T
+    assert (np.abs(deq - w) <= _grid(w, 16, scale) + 1e-6).all()
+    if offset == "min":
+        g = w.reshape(4, 16, 24)
+        np.testing.assert_allclose(np.asarray(off), g.min(1), rtol=1e-6)
+        np.testing.assert_allclose(deq.reshape(4, 16, 24).max(1), g.max(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_min", [False, True])
+def test_quantize_int8_within_half_a_step(with_min):
+    """Symmetric (levels -127..127 around 0) or over the group's range with a min (-128..127
+    used): every weight within half its group's step."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((96, 40)).astype(np.float32) * np.linspace(0.1, 3, 40) + 0.5
+    q, scale, mn = quantize_int8(jnp.asarray(w), 32, with_min=with_min)
+    assert q.dtype == jnp.int8 and q.shape == (40, 96) and scale.shape == (3, 40)
+    assert (mn is None) == (not with_min)
+    deq = np.asarray(int8_dequantize(q, scale, mn), np.float64).T
+    assert (np.abs(deq - w) <= _grid(w, 32, scale) + 1e-6).all()
+    qv = np.asarray(q)
+    assert qv.min() == (-128 if with_min else -127) and qv.max() == 127
+
+
+def _dequantized(params: dict, new: dict) -> dict:
+    """The engine's params with every int4/int8 weight dequantized back into the unquantized
+    layout of `new` ([in, out] each, fused weights split, the input order undone), each checked
+    against `new`'s weight within half a step."""
+    layers = []
+    for lp, nl in zip(params["layers"], new["layers"]):
+        out = {k: v for k, v in lp.items() if k in nl}
+        for name in [k for k in lp if lp[k].dtype in (INT4, jnp.int8) and not k.endswith("_zero")]:
+            scale = lp[name + "_scale"]
+            if lp[name].dtype == INT4:
+                off = lp.get(name + "_zero", lp.get(name + "_min"))
+                deq = int4_dequantize(lp[name], scale, off)
+            else:
+                deq = int8_dequantize(lp[name], scale, lp.get(name + "_min"))
+            deq = np.asarray(deq, np.float64).T  # [in (stored order), out]
+            bound = _grid(deq, deq.shape[0] // scale.shape[0], scale)
+            if name + "_perm" in lp:
+                perm = np.asarray(lp[name + "_perm"])
+                deq, bound = deq[np.argsort(perm)], bound[np.argsort(perm)]
+            parts = name.split("+")
+            cuts = np.cumsum([nl[p].shape[1] for p in parts])[:-1]
+            for p, d, b in zip(parts, np.split(deq, cuts, axis=1), np.split(bound, cuts, axis=1)):
+                target = np.asarray(nl[p], np.float64)
+                assert (np.abs(d - target) <= b + 1e-5).all(), p
+                out[p] = d.astype(np.float32)
+        layers.append(out)
+    return {**new, "layers": layers}
+
+
+def _check_swaps(llm, hf_config, new_hf: dict, prompt_ids) -> None:
+    """Swaps `new_hf` (HF-named float32 tensors) in whole, checks it (_dequantized, then the
+    generations against an unquantized engine of those values), then streams it in chunks and
+    checks that the same weights land."""
+    from jaxvllm import LLM, SamplingParams
+    engine = llm.llm_engine
+    new = to_engine_layout(new_hf, engine.loaded.config, "float32")
+    llm.update_weights(new)
+    swapped = engine.runner.params
+    plain = _dequantized(swapped, new)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    prompts = [{"prompt_token_ids": p} for p in prompt_ids]
+    ref = LLM.from_params(plain, hf_config, **_ENGINE).generate(prompts, sp, use_tqdm=False)
+    got = llm.generate(prompts, sp, use_tqdm=False)
+    for a, b in zip(ref, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for pa, pb, tok in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:]):
+            assert abs(pa[tok].logprob - pb[tok].logprob) < 1e-3
+    whole = {k: np.asarray(v) for k, v in swapped["layers"][1].items()}
+    llm.update_weights({**new, "layers": [{k: v * 0.5 for k, v in lp.items()}
+                                          for lp in new["layers"]]})
+    llm.llm_engine.start_weight_update()
+    for chunk in weight_chunks(new):
+        llm.update_weights(chunk)
+    llm.llm_engine.finish_weight_update()
+    for k, v in engine.runner.params["layers"][1].items():
+        np.testing.assert_array_equal(np.asarray(v), whole[k], err_msg=k)
+    fused = [k for k in engine.runner.params["layers"][0] if "+" in k and "_" not in k]
+    if fused:  # a fused weight's parts arrive together, or the chunk is refused by name
+        part = fused[0].split("+")[0]
+        llm.llm_engine.start_weight_update()
+        with pytest.raises(ValueError, match=f"layers.0.{part}.*send them together"):
+            llm.update_weights({f"layers.0.{part}": new["layers"][0][part]})
+        llm.llm_engine.finish_weight_update()
+
+
+@pytest.mark.parametrize("name", ["llama_awq", "qwen2_gptq_act_order",
+                                  "llama_gptq_act_order_shared", "phi3_awq",
+                                  "qwen2_gptq8_act_order"])
+def test_int_checkpoint_takes_new_weights(name, tmp_path):
+    """AWQ (zero points, q/k/v and gate/up fused; Phi-3's fused HF names), GPTQ in activation order
+    (each linear its own input order; or one per input, fused) and 8-bit GPTQ (int8 with a min, in
+    activation order)."""
+    from jaxvllm import LLM
+    model = write_int_checkpoint(str(tmp_path), name)
+    llm = LLM(model=str(tmp_path), **_ENGINE)
+    new = tiny_model(CHECKPOINTS[name][0](), seed=1, **FAR_FROM_FLAT)
+    _check_swaps(llm, model.config, {k: v.numpy() for k, v in new.state_dict().items()}, PROMPTS)
+
+
+def test_gguf_model_takes_new_weights(tmp_path):
+    """A GGUF kept compact (quantization="gguf") in llama.cpp's Q4_K_M-like mix: Q5_K q/k/v fused
+    in int8 with mins, Q6_K gate/up and down symmetric in int8 by 16, Q4_K o in int4 with a min."""
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig
+    from jaxvllm import LLM
+    path = _tiny_gguf(tmp_path, "llama", _K_QUANTS, 256, 512)
+    llm = LLM(model=path, tokenizer=str(tmp_path / "hf"), quantization="gguf", **_ENGINE)
+    lp = llm.llm_engine.runner.params["layers"][0]
+    assert lp["o"].dtype == INT4 and "o_min" in lp and "gate+up_min" not in lp
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    rng = np.random.default_rng(5)
+    new = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * v.std()) for k, v in hf.items()}
+    _check_swaps(llm, AutoConfig.from_pretrained(tmp_path / "hf"), new,
+                 [list(range(3, 10)), list(range(5, 24))])
