@@ -196,6 +196,8 @@ def unpack(fmt: IntCheckpoint, name: str, tensors: dict[str, np.ndarray],
         raise bad(f"scales {list(scales.shape)} and zero points {list(zeros.shape)} do not fit a "
                   f"weight of {inp} inputs and {out} outputs in groups of {group}")
     zeros = zeros.astype(np.int32) + fmt.zero_offset
+    if zeros.min(initial=0) < 0:  # an asymmetric compressed-tensors zero point below the range
+        raise bad(f"a zero point of {zeros.min()}: outside the {fmt.bits}-bit values it offsets")
     if zeros.max(initial=0) >= 1 << fmt.bits:  # GPTQ's original format cannot store a zero of 0
         raise bad(f"a zero point of {1 << fmt.bits}: the checkpoint's zeros are stored minus 1 "
                   "(quantization_config.checkpoint_format 'gptq') and one wrapped from 0; "

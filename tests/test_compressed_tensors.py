@@ -217,6 +217,12 @@ def test_malformed_int_quantized_tensors_are_named():
     with pytest.raises(WeightLoadError, match="4-bit range"):
         unpack(four, "x.weight", {"weight": np.full((8, 32), 8, np.int8),
                                   "weight_scale": np.ones((8, 2), np.float32)}, "test")
+    # An asymmetric 4-bit zero point below the values' range (it would wrap in uint8).
+    four = IntCheckpoint("compressed-tensors", 16, 0, False, 4, packed=False)
+    with pytest.raises(WeightLoadError, match="zero point of -1"):
+        unpack(four, "x.weight", {"weight": np.zeros((8, 32), np.int8),
+                                  "weight_scale": np.ones((8, 2), np.float32),
+                                  "weight_zero_point": np.full((8, 2), -9, np.int8)}, "test")
 
 
 def test_quantization_must_fit_the_checkpoint(tmp_path):

@@ -22,7 +22,7 @@ _ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batch
                num_gpu_blocks_override=64, enforce_eager=True, token_buckets=(8, 32))
 
 
-def _grid(w, group: int, step) -> np.ndarray:
+def _grid(group: int, step) -> np.ndarray:
     """Each element's bound: half its group's step (scale [groups, out]) as [in, out]."""
     return 0.5 * np.repeat(np.asarray(step, np.float64), group, axis=0)
 
@@ -37,7 +37,7 @@ def test_quantize_int4_within_half_a_step(offset):
     assert q.dtype == INT4 and scale.dtype == jnp.float32
     assert off.dtype == (jnp.uint8 if offset == "zero" else jnp.float32)
     deq = np.asarray(int4_dequantize(q, scale, off), np.float64).T
-    assert (np.abs(deq - w) <= _grid(w, 16, scale) + 1e-6).all()
+    assert (np.abs(deq - w) <= _grid(16, scale) + 1e-6).all()
     if offset == "min":
         g = w.reshape(4, 16, 24)
         np.testing.assert_allclose(np.asarray(off), g.min(1), rtol=1e-6)
@@ -54,7 +54,7 @@ def test_quantize_int8_within_half_a_step(with_min):
     assert q.dtype == jnp.int8 and q.shape == (40, 96) and scale.shape == (3, 40)
     assert (mn is None) == (not with_min)
     deq = np.asarray(int8_dequantize(q, scale, mn), np.float64).T
-    assert (np.abs(deq - w) <= _grid(w, 32, scale) + 1e-6).all()
+    assert (np.abs(deq - w) <= _grid(32, scale) + 1e-6).all()
     qv = np.asarray(q)
     assert qv.min() == (-128 if with_min else -127) and qv.max() == 127
 
@@ -74,7 +74,7 @@ def _dequantized(params: dict, new: dict) -> dict:
             else:
                 deq = int8_dequantize(lp[name], scale, lp.get(name + "_min"))
             deq = np.asarray(deq, np.float64).T  # [in (stored order), out]
-            bound = _grid(deq, deq.shape[0] // scale.shape[0], scale)
+            bound = _grid(deq.shape[0] // scale.shape[0], scale)
             if name + "_perm" in lp:
                 perm = np.asarray(lp[name + "_perm"])
                 deq, bound = deq[np.argsort(perm)], bound[np.argsort(perm)]
@@ -119,7 +119,7 @@ def _check_swaps(llm, hf_config, new_hf: dict, prompt_ids) -> None:
     if fused:  # a fused weight's parts arrive together, or the chunk is refused by name
         part = fused[0].split("+")[0]
         llm.llm_engine.start_weight_update()
-        with pytest.raises(ValueError, match=f"layers.0.{part}.*send them together"):
+        with pytest.raises(ValueError, match=f"layers.0: .* not given with {part} "):
             llm.update_weights({f"layers.0.{part}": new["layers"][0][part]})
         llm.llm_engine.finish_weight_update()
 
@@ -153,3 +153,51 @@ def test_gguf_model_takes_new_weights(tmp_path):
     new = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * v.std()) for k, v in hf.items()}
     _check_swaps(llm, AutoConfig.from_pretrained(tmp_path / "hf"), new,
                  [list(range(3, 10)), list(range(5, 24))])
+
+
+def test_bad_new_weights_are_refused_by_name(tmp_path):
+    """A whole tree is checked before anything is written (a wrong shape, a non-float array, a
+    missing or extra layer or weight: ValueError/TypeError naming it, the weights unchanged);
+    a tree in the engine's own layout swaps in as it is, its input orders with it; sleep(level=2)
+    keeps the input orders new weights are rounded into."""
+    import jax
+    from jaxvllm import LLM
+    write_int_checkpoint(str(tmp_path), "qwen2_gptq_act_order")
+    llm = LLM(model=str(tmp_path), **_ENGINE)
+    engine = llm.llm_engine
+    new = to_engine_layout({k: v.numpy() for k, v in tiny_model(
+        CHECKPOINTS["qwen2_gptq_act_order"][0](), seed=1, **FAR_FROM_FLAT).state_dict().items()},
+        engine.loaded.config, "float32")
+    before = {k: np.asarray(v) for k, v in engine.runner.params["layers"][0].items()}
+
+    def layer(i, **change):
+        return {**new, "layers": [{**lp, **change} if j == i else lp
+                                  for j, lp in enumerate(new["layers"])]}
+    bad = [(layer(1, o=new["layers"][1]["o"][:-8]), ValueError, r"layers.1.o: shape \(56, 64\)"),
+           (layer(1, q=np.asarray(new["layers"][1]["q"], np.int32)), TypeError, "layers.1.q"),
+           (layer(1, q=[[0.0]]), TypeError, "layers.1.q"),
+           (layer(1, input_norm=new["layers"][1]["input_norm"][:-1]), ValueError,
+            "layers.1.input_norm"),
+           ({**new, "layers": new["layers"] + new["layers"][:1]}, ValueError, "list of the model's 2"),
+           (layer(0, extra=new["layers"][0]["o"]), ValueError, "unexpected .'extra'."),
+           ({k: v for k, v in new.items() if k != "lm_head"}, ValueError, "keys")]
+    for params, error, match in bad:
+        with pytest.raises(error, match=match):
+            llm.update_weights(params)
+    for k, v in engine.runner.params["layers"][0].items():
+        np.testing.assert_array_equal(np.asarray(v), before[k], err_msg=k)
+    # The engine's own layout, with another input order for o: taken as it is.
+    own = jax.tree.map(jnp.array, engine.runner.params)
+    own["layers"][0]["o_perm"] = own["layers"][0]["o_perm"][::-1]
+    llm.update_weights(own)
+    np.testing.assert_array_equal(np.asarray(engine.runner.params["layers"][0]["o_perm"]),
+                                  before["o_perm"][::-1])
+    own["layers"][0]["o_perm"] = jnp.asarray(before["o_perm"])
+    llm.update_weights(own)
+    llm.update_weights(new)
+    swapped = {k: np.asarray(v) for k, v in engine.runner.params["layers"][0].items()}
+    llm.sleep(level=2)
+    llm.wake_up()
+    llm.update_weights(new)
+    for k, v in engine.runner.params["layers"][0].items():
+        np.testing.assert_array_equal(np.asarray(v), swapped[k], err_msg=k)

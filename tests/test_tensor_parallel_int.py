@@ -142,8 +142,8 @@ def report(tmp_path_factory) -> dict[str, Any]:
 @pytest.mark.parametrize("name, tp", [("gptq4_act_order", 2), ("gptq4_act_order", 4),
                                       ("gptq8", 2)])
 def test_integer_weights_match_one_device(report, name, tp):
-    """Before and after a weight swap (new weights rounded into the layout on the host, then
-    split, KV heads replicated at TP 4, as loaded ones are)."""
+    """Before and after a weight swap (new weights rounded into the layout a layer at a time,
+    then split, KV heads replicated at TP 4, as loaded ones are)."""
     ref, got = report[name][1], report[name][tp]
     for ref, got in ((ref, got), (ref["swapped"], got["swapped"])):
         assert got["tokens"] == ref["tokens"]

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from jaxvllm.config import EngineArgs
+from jaxvllm.config import INTEGER_QUANTIZATIONS, EngineArgs
 from jaxvllm.core.outputs import EngineCoreOutput
 from jaxvllm.core.request import Request, RequestStatus, lora_cache_salt
 from jaxvllm.core.scheduler import Scheduler, SchedulerStats
@@ -615,7 +615,8 @@ class LLMEngine(RequestFront):
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
         """See LLM.update_weights."""
         from jaxvllm.engine.weights import keep_cache_scales, to_engine_layout
-        self._check_swappable("update_weights")
+        from jaxvllm.models.int_requant import in_layout, layers_like
+        check_idle("update_weights", self.has_unfinished_requests())
         if self._weight_update is not None:
             self._update_weight_chunk(params)
             return
@@ -625,17 +626,19 @@ class LLMEngine(RequestFront):
         if self.args.quantization == "fp8":  # the new weights quantized as the loaded ones are
             from jaxvllm.models.quant import quantize_params
             params = quantize_params(params, "fp8", like=self.runner.params)
-        elif self.args.quantization is not None and self.runner.params is not None:
-            from jaxvllm.models.int_requant import quantize_like
-            params = quantize_like(params, self.runner.params)
-        self.runner.update_weights(params)
+        if (self.args.quantization in INTEGER_QUANTIZATIONS and self.runner.params is not None
+                and not in_layout(params, self.runner.params)):
+            for chunk in layers_like(params, self.runner.params, self.loaded.config):
+                self.runner.update_named_weights(chunk)
+        else:
+            self.runner.update_weights(params)
         self.loaded.params = self.runner.params
         if reset_prefix_cache:
             self.scheduler.reset_prefix_cache()
 
     def start_weight_update(self) -> None:
         """See LLM.start_weight_update."""
-        self._check_swappable("start_weight_update")
+        check_idle("start_weight_update", self.has_unfinished_requests())
         if self._weight_update is not None:
             raise RuntimeError("a weight update is already in progress (finish_weight_update())")
         self._weight_update = set()
@@ -647,9 +650,6 @@ class LLMEngine(RequestFront):
         self._weight_update = None
         if reset_prefix_cache:
             self.scheduler.reset_prefix_cache()
-
-    def _check_swappable(self, what: str) -> None:
-        check_idle(what, self.has_unfinished_requests())
 
     def _update_weight_chunk(self, chunk: Any) -> None:
         """Weights by name ("embed", "layers.3.q", ...) in the engine's layout, in place; a
@@ -665,7 +665,7 @@ class LLMEngine(RequestFront):
                 if self.runner.params is not None and get_named(self.runner.params, name).dtype == FP8:
                     named[name], named[name + "_scale"] = quantize_fp8(chunk[name])
         elif self.args.quantization is not None and self.runner.params is not None:
-            named = quantize_named_like(named, self.runner.params)
+            named = quantize_named_like(named, self.runner.params, self.loaded.config)
         self.runner.update_named_weights(named)
         self._weight_update.update(chunk)
 

@@ -3,7 +3,8 @@ and compressed-tensors checkpoints, and a GGUF's Q5_0, Q5_1, Q5_K, Q6_K and Q8_0
 `quantization="gguf"`): each linear weight kept at a byte a value, dequantized to the activations'
 dtype as the layer runs.
 
-Layout (beside the weight `<name>`; converters/integer.py and converters/gguf_quant.py write it):
+Layout (beside the weight `<name>`; converters/integer.py and converters/gguf_quant.py write it,
+quantize_int8 new weights of a swap):
 `<name>` int8 [out, in] (the format's integer values: Q8_0's signed bytes, Q6_K's q - 32, a
 checkpoint's unsigned values minus 128, ...), `<name>_scale` float32 [groups, out] (the format's
 scales or their products, exact) and, for the formats with a min or a zero point other than the

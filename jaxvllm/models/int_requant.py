@@ -1,25 +1,29 @@
 """New weights in a running model's integer layouts (a weight swap, LLM.update_weights, on an AWQ,
 GPTQ, compressed-tensors or GGUF model): each linear the model holds in int4 (models/int4.py) or
 int8 (models/int8.py) is rounded to nearest in the same layout: the same groups of inputs, offset
-kind (zero points or a min), input order (GPTQ's activation order) and fused projections ("q+k+v"
-from the new q, k and v). Round to nearest with no calibration data, as FP8 models quantize their
-new weights (models/quant.py): neither AWQ's scale search nor GPTQ's error feedback. The new weights
-arrive in the engine's layout ([in, out], the model's dtype); a linear the model keeps unquantized
-takes them as they are.
+kind (zero points or a min), input order (GPTQ's activation order, kept as it is) and fused
+projections ("q+k+v" from the new q, k and v). Round to nearest with no calibration data, as FP8
+models quantize their new weights (models/quant.py): neither AWQ's scale search nor GPTQ's error
+feedback. The new weights arrive in the engine's unquantized layout (models/params.py: [in, out],
+a float dtype); a linear the model keeps unquantized takes them as they are. A whole tree is
+checked first, then quantized and written a layer at a time (layers_like), so a swap holds one
+layer's quantized copy beside the model, not a second model.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvllm.models.int4 import FUSED, INT4, quantize_int4
+from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.int4 import FUSED, INT4, offset, quantize_int4
 from jaxvllm.models.int8 import INT8, quantize_int8
+from jaxvllm.models.params import KV_CACHE_SCALES, layer_shapes, param_shapes
 from jaxvllm.models.quant import QUANTIZED
 
-# The weights an integer layer can hold: each projection, and the fused ones (int4.fuse_projections).
+# The weights an integer layer can hold: each projection and the fused ones (fuse_projections).
 _WEIGHTS = (*QUANTIZED, *("+".join(names) for names in FUSED))
 
 
@@ -34,57 +38,68 @@ def _host(a: jax.Array) -> np.ndarray:
     return np.asarray(a.addressable_shards[0].data if a.is_fully_replicated else a)
 
 
-def quantize_as(w: Any, like: dict[str, Any], name: str) -> dict[str, jax.Array]:
-    """w [in, out] as the layer params `like` store their integer weight `name`: the weight and
-    its scales and offsets by full name ("q+k+v", "q+k+v_scale", ...), its inputs in the order of
-    `like`'s (which stays)."""
+def quantize_as(w: Any, like: dict[str, Any], name: str) -> dict[str, Any]:
+    """w [in, out] as the layer params `like` store their integer weight `name`: the weight, its
+    scales and offsets by full name ("q+k+v", "q+k+v_scale", ...) and `like`'s input order (the
+    stored weight's inputs come in the order the layer gathers x in)."""
     perm = like.get(name + "_perm")
     w = jnp.asarray(w)
-    if perm is not None:  # the stored weight's inputs come in the order the layer gathers x in
+    if perm is not None:
         w = jnp.take(w, jnp.asarray(_host(perm)), axis=0)
     group = w.shape[0] // like[name + "_scale"].shape[0]
     if like[name].dtype == INT4:
-        offset = "zero" if name + "_zero" in like else "min"
-        q, scale, off = quantize_int4(w, group, offset)
-        out = {name: q, name + "_scale": scale, name + "_" + offset: off}
+        off = "_zero" if offset(like, name).dtype == jnp.uint8 else "_min"
+        q, scale, o = quantize_int4(w, group, off[1:])
+        out = {name: q, name + "_scale": scale, name + off: o}
     else:
         q, scale, mn = quantize_int8(w, group, with_min=name + "_min" in like)
         out = {name: q, name + "_scale": scale, **({} if mn is None else {name + "_min": mn})}
-    return out
+    return out if perm is None else {**out, name + "_perm": perm}
 
 
-def quantize_layer_like(new: dict[str, Any], like: dict[str, Any], where: str) -> dict[str, Any]:
-    """The layer params `new` (unquantized weights by name, and whatever else the layer holds)
-    with every weight `like` holds in an integer layout quantized as `like` holds it (quantize_as),
-    a fused one from all of its parts, which `new` must hold together; one `new` holds in that
-    layout already (with its scales and offsets) is taken as it is. `where` names the layer in
-    errors ("layers.3")."""
+def _check_part(w: Any, shape: tuple[int, ...], where: str) -> None:
+    if not hasattr(w, "dtype") or not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"{where}: new weights of a quantized linear come as a float array in "
+                        f"the engine's [in, out] layout, got {getattr(w, 'dtype', type(w))}")
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"{where}: shape {tuple(w.shape)} does not match the model's {shape}")
+
+
+def _check_leaf(w: Any, shape: tuple[int, ...], dtype: Any, where: str) -> None:
+    """An unquantized weight: the model's shape and dtype, as weight_swap.swap_in_place wants."""
+    got = (tuple(getattr(w, "shape", ())), getattr(w, "dtype", type(w)))
+    if got != (tuple(shape), dtype):
+        raise ValueError(f"{where}: shape {got[0]} / dtype {got[1]} do not match the model's "
+                         f"{tuple(shape)} / {dtype}")
+
+
+def quantize_layer_like(new: dict[str, Any], like: dict[str, Any], cfg: ModelConfig,
+                        index: int) -> dict[str, Any]:
+    """Layer `index`'s params `new` (unquantized weights by name, and whatever else the layer
+    holds) with every weight `like` holds in an integer layout quantized as `like` holds it
+    (quantize_as), a fused one from all of its parts, which `new` must hold together; each part
+    checked (a float array of the model's shape: ValueError/TypeError naming it)."""
     out = dict(new)
+    shapes = layer_shapes(cfg, index)
     for name in _integer_weights(like):
         parts = name.split("+")
         given = [p for p in parts if p in out]
-        if not given or out[given[0]].dtype == like[name].dtype:  # none, or already in the layout
+        if not given:
             continue
         if len(given) < len(parts):
-            raise ValueError(f"{where}.{given[0]}: the model stores {' and '.join(parts)} as one "
-                             f"int4/int8 weight ({where}.{name}): send them together")
+            missing = [p for p in parts if p not in given]
+            raise ValueError(f"layers.{index}: the model stores {', '.join(parts)} as one "
+                             f"int4/int8 weight ({name!r}): {', '.join(missing)} not given with "
+                             f"{', '.join(given)} (a chunked update sends them together)")
+        for p in parts:
+            _check_part(out[p], shapes[p], f"layers.{index}.{p}")
         w = jnp.concatenate([jnp.asarray(out.pop(p)) for p in parts], axis=1)
         out.update(quantize_as(w, like, name))
     return out
 
 
-def quantize_like(params: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
-    """The engine-layout params tree `params` (unquantized) in the integer layouts of the running
-    model's params `like`, layer by layer (quantize_layer_like), with `like`'s input orders."""
-    layers = []
-    for i, (lp, cur) in enumerate(zip(params["layers"], like["layers"])):
-        lp = quantize_layer_like(lp, cur, f"layers.{i}")
-        lp.update({k: v for k, v in cur.items() if k.endswith("_perm")})
-        layers.append(lp)
-    return {**params, "layers": layers}
-
-
-def quantize_named_like(named: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+def quantize_named_like(named: dict[str, Any], like: dict[str, Any],
+                        cfg: ModelConfig) -> dict[str, Any]:
     """Weights by name ("layers.3.q", ...; a chunk of a streamed update) with those the running
     model `like` holds in an integer layout quantized so, under their stored names
     ("layers.3.q+k+v", "layers.3.q+k+v_scale", ...)."""
@@ -100,5 +115,48 @@ def quantize_named_like(named: dict[str, Any], like: dict[str, Any]) -> dict[str
             out[full] = w
     for i, ws in by_layer.items():
         out.update({f"layers.{i}.{n}": w for n, w in
-                    quantize_layer_like(ws, like["layers"][i], f"layers.{i}").items()})
+                    quantize_layer_like(ws, like["layers"][i], cfg, i).items()})
     return out
+
+
+def in_layout(params: dict[str, Any], like: dict[str, Any]) -> bool:
+    """Whether `params` hold the running model's own layout (its quantized weights, with their
+    scales, offsets and input orders): a tree to swap in as it is."""
+    layers = params.get("layers")
+    return (isinstance(layers, list) and len(layers) == len(like["layers"])
+            and all(isinstance(lp, dict) and set(lp) == set(cur)
+                    for lp, cur in zip(layers, like["layers"])))
+
+
+def layers_like(params: dict[str, Any], like: dict[str, Any],
+                cfg: ModelConfig) -> Iterator[dict[str, Any]]:
+    """The unquantized engine-layout tree `params` as named chunks (weight_swap.get_named's names),
+    a layer at a time and then the rest, each layer quantized as quantize_layer_like does. Every
+    name, shape and dtype is checked before the first chunk (ValueError/TypeError naming it), so a
+    bad tree changes nothing."""
+    top = {k: v for k, v in params.items() if k != "layers"}
+    shapes = {k: v for k, v in param_shapes(cfg).items() if k != "layers"}
+    if set(top) != set(shapes):
+        raise ValueError(f"params: keys {sorted(top)} do not match the model's {sorted(shapes)}")
+    for k, w in top.items():
+        _check_leaf(w, shapes[k], like[k].dtype, k)
+    layers = params.get("layers")
+    if not isinstance(layers, list) or len(layers) != len(like["layers"]):
+        raise ValueError(f"params['layers'] must be a list of the model's {len(like['layers'])} "
+                         f"layers")
+    for i, (lp, cur) in enumerate(zip(layers, like["layers"])):
+        shapes = layer_shapes(cfg, i)
+        want = set(shapes) | {k for k in KV_CACHE_SCALES if k in cur}
+        if not isinstance(lp, dict) or set(lp) != want:
+            got = set(lp) if isinstance(lp, dict) else set()
+            raise ValueError(f"layers.{i}: missing {sorted(want - got)}, unexpected "
+                             f"{sorted(got - want)}")
+        quantized = {p for n in _integer_weights(cur) for p in n.split("+")}
+        for k, w in lp.items():
+            if k in quantized:
+                _check_part(w, shapes[k], f"layers.{i}.{k}")
+            elif k in shapes:
+                _check_leaf(w, shapes[k], cur[k].dtype, f"layers.{i}.{k}")
+    for i, (lp, cur) in enumerate(zip(layers, like["layers"])):
+        yield {f"layers.{i}.{k}": w for k, w in quantize_layer_like(lp, cur, cfg, i).items()}
+    yield top

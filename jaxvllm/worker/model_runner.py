@@ -205,7 +205,7 @@ class ModelRunner:
             str(getattr(shardings, "mesh", None)), str(device), executables.describe_arrays(params),
             executables.describe_arrays(draft and draft[1]))
         self._host_params: Any = None  # the weights while asleep at level 1 (sleep())
-        self._cache_scales: list = []  # FP8 KV-cache scales while asleep at level 2 (sleep())
+        self._kept: list = []  # what a layer keeps while asleep at level 2 (sleep())
         self._host_draft_params: Any = None  # the draft model's while asleep (any level)
         # The step's logits and hidden states are placed so (step_jit_kwargs / the device).
         self._placed = shardings.replicated if shardings is not None else self._kv_sharding
@@ -263,10 +263,12 @@ class ModelRunner:
             self._params_spec = _specs(self.params)
             # Dropped, not deleted: LLM.from_params may share them with the caller.
             self._host_params = _offload(self.params) if level == 1 else None
-            # Level 2 keeps the FP8 KV-cache scales (a float a layer): they are the checkpoint's
-            # calibration, which update_weights does not bring back (engine.weights.keep_cache_scales).
-            self._cache_scales = [{k: lp[k] for k in KV_CACHE_SCALES if k in lp}
-                                  for lp in self.params["layers"]] if level == 2 else []
+            # Level 2 keeps what update_weights does not bring back, small arrays a layer: the FP8
+            # KV-cache scales, the checkpoint's calibration (engine.weights.keep_cache_scales), and
+            # GPTQ's input orders, the layout new weights are rounded into (models/int_requant.py).
+            self._kept = [] if level == 1 else [
+                {k: v for k, v in lp.items() if k in KV_CACHE_SCALES or k.endswith("_perm")}
+                for lp in self.params["layers"]]
             self.params = None
             if self.drafter is not None:  # at any level: update_weights never refills a draft's
                 self._draft_spec = _specs(self.drafter.params)
@@ -288,7 +290,7 @@ class ModelRunner:
             else:  # made where they go, not sent from the host (15 GB of zeros took 4.5 s)
                 self.params = jax.tree.map(lambda s: jnp.zeros(s[0].shape, s[0].dtype, device=s[1]),
                                            self._params_spec, is_leaf=spec_leaf)
-                for lp, kept in zip(self.params["layers"], self._cache_scales):
+                for lp, kept in zip(self.params["layers"], self._kept):
                     lp.update(kept)
             jax.block_until_ready((self.params, self.drafter and self.drafter.params))
             self._host_params = None
