@@ -73,10 +73,21 @@ def _run(d: str, tp: int, prompts: list = PROMPTS, swap: int = 0,
     res = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
            "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
     if swap:
-        llm.update_weights({k: v.numpy() for k, v in _tiny(swap, seed=1).state_dict().items()})
+        from jaxvllm.engine.weights import to_engine_layout
+        from jaxvllm.worker.weight_swap import weight_chunks
+        new = {k: v.numpy() for k, v in _tiny(swap, seed=1).state_dict().items()}
+        llm.update_weights(new)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         res["swapped"] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
                           "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
+        # The same weights streamed a layer at a time, over other weights.
+        llm.update_weights({k: v * 0.5 for k, v in new.items()})
+        llm.start_weight_update()
+        for chunk in weight_chunks(to_engine_layout(new, llm.llm_engine.loaded.config)):
+            llm.update_weights(chunk)
+        llm.finish_weight_update()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        res["swapped"]["chunked_tokens"] = [list(o.outputs[0].token_ids) for o in outs]
     if tp > 1:
         lp = llm.llm_engine.runner.params["layers"][0]
         res["layer"] = {k: {"spec": _spec(a), "shape": list(a.shape), "dtype": str(a.dtype),
@@ -149,6 +160,8 @@ def test_integer_weights_match_one_device(report, name, tp):
         assert got["tokens"] == ref["tokens"]
         assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
     assert report[name][1]["swapped"]["tokens"] != report[name][1]["tokens"]
+    swapped = report[name][tp]["swapped"]
+    assert swapped["chunked_tokens"] == swapped["tokens"]  # streamed in chunks
 
 
 @pytest.mark.parametrize("name, tp", [("gptq4_act_order", 4), ("gptq8", 2)])
