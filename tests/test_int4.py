@@ -346,7 +346,7 @@ def test_int_checkpoint_matches_hf_on_its_dequantized_weights(name, tmp_path):
         act_order == "shared")
     assert_generates_as_hf(llm, model, PROMPTS)
     # Params already in the engine's layout swap in as they are (new weights in the model's dtype
-    # are rounded into it: tests/test_int_requant.py).
+    # are rounded into it: tests/test_requant.py).
     before = {k: np.asarray(v) for k, v in lp.items()}
     llm.update_weights(jax.tree.map(jnp.array, engine.runner.params))  # copies
     for k, v in engine.runner.params["layers"][0].items():

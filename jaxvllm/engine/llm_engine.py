@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from jaxvllm.config import INTEGER_QUANTIZATIONS, EngineArgs
+from jaxvllm.config import EngineArgs
 from jaxvllm.core.outputs import EngineCoreOutput
 from jaxvllm.core.request import Request, RequestStatus, lora_cache_salt
 from jaxvllm.core.scheduler import Scheduler, SchedulerStats
@@ -615,7 +615,7 @@ class LLMEngine(RequestFront):
     def update_weights(self, params: Any, reset_prefix_cache: bool = True) -> None:
         """See LLM.update_weights."""
         from jaxvllm.engine.weights import keep_cache_scales, to_engine_layout
-        from jaxvllm.models.int_requant import in_layout, layers_like
+        from jaxvllm.models.requant import in_layout, layers_like
         check_idle("update_weights", self.has_unfinished_requests())
         if self._weight_update is not None:
             self._update_weight_chunk(params)
@@ -623,11 +623,8 @@ class LLMEngine(RequestFront):
         params = to_engine_layout(params, self.loaded.config, "auto")
         if self.runner.params is not None:  # asleep: the runner says so below
             params = keep_cache_scales(params, self.runner.params)
-        if self.args.quantization == "fp8":  # the new weights quantized as the loaded ones are
-            from jaxvllm.models.quant import quantize_params
-            params = quantize_params(params, "fp8", like=self.runner.params)
-        if (self.args.quantization in INTEGER_QUANTIZATIONS and self.runner.params is not None
-                and not in_layout(params, self.runner.params)):
+        if (self.args.quantization is not None and self.runner.params is not None
+                and not in_layout(params, self.runner.params)):  # quantized as the loaded ones
             for chunk in layers_like(params, self.runner.params, self.loaded.config):
                 self.runner.update_named_weights(chunk)
         else:
@@ -655,16 +652,10 @@ class LLMEngine(RequestFront):
         """Weights by name ("embed", "layers.3.q", ...) in the engine's layout, in place; a
         quantized model's quantized ones arrive in the model's dtype and are quantized here (an
         int4 or int8 model's fused q/k/v and gate/up from their parts, sent in one chunk)."""
-        from jaxvllm.models.int_requant import quantize_named_like
-        from jaxvllm.models.quant import FP8, quantize_fp8
-        from jaxvllm.worker.weight_swap import get_named
+        from jaxvllm.models.requant import quantize_named_like
         check_chunk(chunk)
         named = dict(chunk)
-        if self.args.quantization == "fp8":
-            for name in chunk:
-                if self.runner.params is not None and get_named(self.runner.params, name).dtype == FP8:
-                    named[name], named[name + "_scale"] = quantize_fp8(chunk[name])
-        elif self.args.quantization is not None and self.runner.params is not None:
+        if self.args.quantization is not None and self.runner.params is not None:
             named = quantize_named_like(named, self.runner.params, self.loaded.config)
         self.runner.update_named_weights(named)
         self._weight_update.update(chunk)

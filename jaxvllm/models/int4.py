@@ -75,7 +75,7 @@ def quantize_int4(w: jax.Array, group_size: int,
     the range widened to hold 0, uint8 zero points (AWQ's asymmetric form: zero = round(-min /
     scale), w ~ (q - zero) * scale); "min": the group's own range, its float32 min (GGUF's Q4_1
     form, w ~ q * scale + min). For weights that come without int4 scales: dummy weights measured
-    at 4 bits, and new weights swapped into an int4 model (models/int_requant.py)."""
+    at 4 bits, and new weights swapped into an int4 model (models/requant.py)."""
     wt = w.astype(jnp.float32).T
     out, inp = wt.shape
     g = wt.reshape(out, inp // group_size, group_size)

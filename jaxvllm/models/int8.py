@@ -63,7 +63,7 @@ def quantize_int8(w: jax.Array, group_size: int,
     [groups, out] or None): round to nearest per output channel and group of inputs, symmetric
     (w ~ q * scale, q in -127..127: Q8_0's and symmetric checkpoints' form) or, `with_min`, over
     the group's own range (w ~ q * scale + min, q in -128..127). For new weights swapped into an
-    int8 model (models/int_requant.py)."""
+    int8 model (models/requant.py)."""
     wt = w.astype(jnp.float32).T
     out, inp = wt.shape
     g = wt.reshape(out, inp // group_size, group_size)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,33 +79,28 @@ def to_fp8(x: jax.Array) -> jax.Array:
     return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(FP8)
 
 
-def quantize_params(params: dict[str, Any], method: str,
-                    like: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def quantize_params(params: dict[str, Any], method: str) -> dict[str, Any]:
     """A new params tree with every weight in QUANTIZED replaced by its FP8 form plus
     `<name>_scale`; one already in FP8 (weights quantized before) stays as it is, with its scale.
-    `like`: a params tree whose FP8 weights are the ones to quantize (new weights for a model
-    loaded from an FP8 checkpoint, which keeps the linears the checkpoint stores unquantized)."""
+    (New weights for a running model: models/requant.py.)"""
     if method != "fp8":  # integer checkpoints arrive quantized (converters/integer.py)
         raise ValueError(f"quantization {method!r} does not quantize weights on load: only 'fp8' "
                          f"does (one of {QUANTIZATIONS})")
-    keep = set() if like is None else {(i, n) for i, lp in enumerate(like["layers"])
-                                       for n in QUANTIZED if n in lp and lp[n].dtype != FP8}
     return map_linears(params, lambda w: {"": w} if w.dtype == FP8 else
-                       dict(zip(("", "_scale"), quantize_fp8(w))), keep)
+                       dict(zip(("", "_scale"), quantize_fp8(w))))
 
 
-def map_linears(params: dict[str, Any], quantize: Callable[[jax.Array], dict[str, Any]],
-                keep: set[tuple[int, str]] = frozenset()) -> dict[str, Any]:
+def map_linears(params: dict[str, Any],
+                quantize: Callable[[jax.Array], dict[str, Any]]) -> dict[str, Any]:
     """A new params tree with each weight `name` in QUANTIZED replaced by the entries
-    `quantize(weight)` returns, keyed by suffix ("" for the weight itself, "_scale", ...), but
-    those `keep` names (layer index, name). `params` itself is left as it is: its weights are
-    freed once the caller drops it, so loading peaks at the model in its dtype plus its quantized
-    copy."""
+    `quantize(weight)` returns, keyed by suffix ("" for the weight itself, "_scale", ...).
+    `params` itself is left as it is: its weights are freed once the caller drops it, so loading
+    peaks at the model in its dtype plus its quantized copy."""
     layers = []
-    for i, lp in enumerate(params["layers"]):
+    for lp in params["layers"]:
         lp = dict(lp)
         for name in QUANTIZED:
-            if name in lp and (i, name) not in keep:
+            if name in lp:
                 lp.update({name + suffix: a for suffix, a in quantize(lp.pop(name)).items()})
         layers.append(lp)
     return {**params, "layers": layers}

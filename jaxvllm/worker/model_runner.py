@@ -265,7 +265,7 @@ class ModelRunner:
             self._host_params = _offload(self.params) if level == 1 else None
             # Level 2 keeps what update_weights does not bring back, small arrays a layer: the FP8
             # KV-cache scales, the checkpoint's calibration (engine.weights.keep_cache_scales), and
-            # GPTQ's input orders, the layout new weights are rounded into (models/int_requant.py).
+            # GPTQ's input orders, the layout new weights are rounded into (models/requant.py).
             self._kept = [] if level == 1 else [
                 {k: v for k, v in lp.items() if k in KV_CACHE_SCALES or k.endswith("_perm")}
                 for lp in self.params["layers"]]

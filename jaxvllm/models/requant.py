@@ -1,13 +1,14 @@
-"""New weights in a running model's integer layouts (a weight swap, LLM.update_weights, on an AWQ,
-GPTQ, compressed-tensors or GGUF model): each linear the model holds in int4 (models/int4.py) or
-int8 (models/int8.py) is rounded to nearest in the same layout: the same groups of inputs, offset
-kind (zero points or a min), input order (GPTQ's activation order, kept as it is) and fused
-projections ("q+k+v" from the new q, k and v). Round to nearest with no calibration data, as FP8
-models quantize their new weights (models/quant.py): neither AWQ's scale search nor GPTQ's error
-feedback. The new weights arrive in the engine's unquantized layout (models/params.py: [in, out],
-a float dtype); a linear the model keeps unquantized takes them as they are. A whole tree is
-checked first, then quantized and written a layer at a time (layers_like), so a swap holds one
-layer's quantized copy beside the model, not a second model.
+"""New weights in a running quantized model's layouts (a weight swap, LLM.update_weights, on an FP8,
+AWQ, GPTQ, compressed-tensors or GGUF model): each linear the model holds quantized is rounded to
+nearest in the same layout: FP8 per output channel (models/quant.py); int4 (models/int4.py) or
+int8 (models/int8.py) in the same groups of inputs, offset kind (zero points or a min), input
+order (GPTQ's activation order, kept as it is) and fused projections ("q+k+v" from the new q, k
+and v), with no calibration data: neither AWQ's scale search nor GPTQ's error feedback. The new
+weights arrive in the engine's unquantized layout (models/params.py: [in, out], a float dtype);
+a linear the model keeps unquantized (an FP8 checkpoint's ignored ones) takes them as they are. A
+whole tree is checked first, then quantized and written a layer at a time (layers_like), so a swap
+holds one layer's quantized copy beside the model, not a second model (under tensor parallelism
+that copy is made on the first device before it is split).
 """
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import FUSED, INT4, offset, quantize_int4
 from jaxvllm.models.int8 import INT8, quantize_int8
 from jaxvllm.models.params import KV_CACHE_SCALES, layer_shapes, param_shapes
-from jaxvllm.models.quant import QUANTIZED
+from jaxvllm.models.quant import FP8, QUANTIZED, quantize_fp8
 
-# The weights an integer layer can hold: each projection and the fused ones (fuse_projections).
+# The weights a quantized layer can hold: each projection and the fused ones (fuse_projections).
 _WEIGHTS = (*QUANTIZED, *("+".join(names) for names in FUSED))
 
 
-def _integer_weights(like: dict[str, Any]) -> list[str]:
-    """The names of the layer params `like`'s int4 or int8 weights (not their companions)."""
-    return [n for n in _WEIGHTS if n in like and like[n].dtype in (INT4, INT8)]
+def _quantized_weights(like: dict[str, Any]) -> list[str]:
+    """The names of the layer params `like`'s FP8, int4 or int8 weights (not their companions)."""
+    return [n for n in _WEIGHTS if n in like and like[n].dtype in (FP8, INT4, INT8)]
 
 
 def _host(a: jax.Array) -> np.ndarray:
@@ -39,11 +40,13 @@ def _host(a: jax.Array) -> np.ndarray:
 
 
 def quantize_as(w: Any, like: dict[str, Any], name: str) -> dict[str, Any]:
-    """w [in, out] as the layer params `like` store their integer weight `name`: the weight, its
+    """w [in, out] as the layer params `like` store their quantized weight `name`: the weight, its
     scales and offsets by full name ("q+k+v", "q+k+v_scale", ...) and `like`'s input order (the
     stored weight's inputs come in the order the layer gathers x in)."""
-    perm = like.get(name + "_perm")
     w = jnp.asarray(w)
+    if like[name].dtype == FP8:
+        return dict(zip((name, name + "_scale"), quantize_fp8(w)))
+    perm = like.get(name + "_perm")
     if perm is not None:
         w = jnp.take(w, jnp.asarray(_host(perm)), axis=0)
     group = w.shape[0] // like[name + "_scale"].shape[0]
@@ -76,12 +79,11 @@ def _check_leaf(w: Any, shape: tuple[int, ...], dtype: Any, where: str) -> None:
 def quantize_layer_like(new: dict[str, Any], like: dict[str, Any], cfg: ModelConfig,
                         index: int) -> dict[str, Any]:
     """Layer `index`'s params `new` (unquantized weights by name, and whatever else the layer
-    holds) with every weight `like` holds in an integer layout quantized as `like` holds it
-    (quantize_as), a fused one from all of its parts, which `new` must hold together; each part
+    holds) with every weight `like` holds quantized in `like`'s layout (quantize_as), a fused one from all of its parts, which `new` must hold together; each part
     checked (a float array of the model's shape: ValueError/TypeError naming it)."""
     out = dict(new)
     shapes = layer_shapes(cfg, index)
-    for name in _integer_weights(like):
+    for name in _quantized_weights(like):
         parts = name.split("+")
         given = [p for p in parts if p in out]
         if not given:
@@ -101,7 +103,7 @@ def quantize_layer_like(new: dict[str, Any], like: dict[str, Any], cfg: ModelCon
 def quantize_named_like(named: dict[str, Any], like: dict[str, Any],
                         cfg: ModelConfig) -> dict[str, Any]:
     """Weights by name ("layers.3.q", ...; a chunk of a streamed update) with those the running
-    model `like` holds in an integer layout quantized so, under their stored names
+    model `like` holds quantized put in its layout, under their stored names
     ("layers.3.q+k+v", "layers.3.q+k+v_scale", ...)."""
     out: dict[str, Any] = {}
     by_layer: dict[int, dict[str, Any]] = {}
@@ -151,7 +153,7 @@ def layers_like(params: dict[str, Any], like: dict[str, Any],
             got = set(lp) if isinstance(lp, dict) else set()
             raise ValueError(f"layers.{i}: missing {sorted(want - got)}, unexpected "
                              f"{sorted(got - want)}")
-        quantized = {p for n in _integer_weights(cur) for p in n.split("+")}
+        quantized = {p for n in _quantized_weights(cur) for p in n.split("+")}
         for k, w in lp.items():
             if k in quantized:
                 _check_part(w, shapes[k], f"layers.{i}.{k}")

@@ -1,6 +1,6 @@
-"""Weight swaps on integer-quantized models (models/int_requant.py): new weights rounded to nearest
-into the checkpoint's int4 or int8 layout (its groups, offsets, input order and fused projections),
-whole or streamed in chunks. Each swap is checked twice: the stored weights dequantize to the new
+"""Weight swaps on quantized models (models/requant.py): new weights rounded to nearest into the
+checkpoint's int4 or int8 layout (its groups, offsets, input order and fused projections), whole
+or streamed in chunks, or into FP8 per channel. Each swap is checked twice: the stored weights dequantize to the new
 ones within half a step, and the engine then generates what an unquantized engine holding those
 dequantized values generates."""
 from __future__ import annotations
@@ -201,3 +201,30 @@ def test_bad_new_weights_are_refused_by_name(tmp_path):
     llm.update_weights(new)
     for k, v in engine.runner.params["layers"][0].items():
         np.testing.assert_array_equal(np.asarray(v), swapped[k], err_msg=k)
+
+
+def test_fp8_model_checks_a_tree_before_writing_it(tmp_path):
+    """FP8 weights take the same path: a bad tree is refused by name with nothing written; new
+    weights land as quantize_fp8 makes them, a layer at a time."""
+    from hf_builders import tiny_config
+    from jaxvllm import LLM
+    from jaxvllm.models.quant import FP8, quantize_fp8
+    cfg = tiny_config("llama", vocab_size=256, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    tiny_model(cfg, **FAR_FROM_FLAT).save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path), quantization="fp8", **_ENGINE)
+    engine = llm.llm_engine
+    new = to_engine_layout({k: v.numpy() for k, v in tiny_model(cfg, seed=1).state_dict().items()},
+                           engine.loaded.config, "float32")
+    before = np.asarray(engine.runner.params["layers"][0]["q"]).view(np.uint8)
+    bad = {**new, "layers": [new["layers"][0], {**new["layers"][1], "down": new["layers"][1]["up"]}]}
+    with pytest.raises(ValueError, match=r"layers.1.down: shape \(64, 96\)"):
+        llm.update_weights(bad)
+    np.testing.assert_array_equal(np.asarray(engine.runner.params["layers"][0]["q"]).view(np.uint8),
+                                  before)
+    llm.update_weights(new)
+    lp = engine.runner.params["layers"][1]
+    q, scale = quantize_fp8(new["layers"][1]["down"])
+    assert lp["down"].dtype == FP8
+    np.testing.assert_array_equal(np.asarray(lp["down"]).view(np.uint8), np.asarray(q).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(lp["down_scale"]), np.asarray(scale))
