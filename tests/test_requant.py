@@ -1,8 +1,8 @@
 """Weight swaps on quantized models (models/requant.py): new weights rounded to nearest into the
 checkpoint's int4 or int8 layout (its groups, offsets, input order and fused projections), whole
-or streamed in chunks, or into FP8 per channel. Each swap is checked twice: the stored weights dequantize to the new
-ones within half a step, and the engine then generates what an unquantized engine holding those
-dequantized values generates."""
+or streamed in chunks, or into FP8 per channel. Each integer swap is checked twice: the stored
+weights dequantize to the new ones within half a step, and the engine then generates what an
+unquantized engine holding those dequantized values generates."""
 from __future__ import annotations
 
 import jax.numpy as jnp

@@ -3,8 +3,8 @@
 `quantization="gguf"`): each linear weight kept at 4 bits with a scale and an offset per output
 channel and group of inputs, dequantized to the activations' dtype as the layer runs. The offset is
 an integer zero point where the format has one, w = (q - zero) * scale (AWQ, GPTQ,
-compressed-tensors, GGUF's Q4_0 and quantize_int4 by default), else a min, w = q * scale + min (GGUF's Q4_1
-and Q4_K): with zero points the GPU's GEMM dequantizes in bf16 pairs, twice the weights an
+compressed-tensors, GGUF's Q4_0 and quantize_int4 by default), else a min, w = q * scale + min
+(GGUF's Q4_1 and Q4_K): with zero points the GPU's GEMM dequantizes in bf16 pairs, twice the weights an
 instruction (pallas_kernels/int4_gemm.py).
 
 Layout (beside the weight `<name>`; converters/integer.py writes it from a checkpoint, pack() from

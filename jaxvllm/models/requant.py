@@ -79,8 +79,9 @@ def _check_leaf(w: Any, shape: tuple[int, ...], dtype: Any, where: str) -> None:
 def quantize_layer_like(new: dict[str, Any], like: dict[str, Any], cfg: ModelConfig,
                         index: int) -> dict[str, Any]:
     """Layer `index`'s params `new` (unquantized weights by name, and whatever else the layer
-    holds) with every weight `like` holds quantized in `like`'s layout (quantize_as), a fused one from all of its parts, which `new` must hold together; each part
-    checked (a float array of the model's shape: ValueError/TypeError naming it)."""
+    holds) with every weight `like` holds quantized in `like`'s layout (quantize_as), a fused one
+    from all of its parts, which `new` must hold together; each part checked (a float array of
+    the model's shape: ValueError/TypeError naming it)."""
     out = dict(new)
     shapes = layer_shapes(cfg, index)
     for name in _quantized_weights(like):
