@@ -137,8 +137,8 @@ def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]
         asked = None  # its float-quantized weights are the FP8 path's
     if asked in INT_CHECKPOINTS and loaded.load_format != "dummy":  # dummy weights: quantized in load()
         what = ("a compressed-tensors checkpoint (int pack-quantized or FP8 float-quantized)"
-                if asked == "compressed-tensors" else f"the integer weights of an {asked.upper()} "
-                "checkpoint")
+                if asked == "compressed-tensors" else f"the integer weights of {asked.upper()} "
+                "checkpoints")
         raise ValueError(f"quantization={asked!r} loads {what}; {loaded.source} "
                          f"({loaded.load_format}) is not one")
     if asked is None and fp8:
