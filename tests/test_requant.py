@@ -216,15 +216,15 @@ def test_fp8_model_checks_a_tree_before_writing_it(tmp_path):
     engine = llm.llm_engine
     new = to_engine_layout({k: v.numpy() for k, v in tiny_model(cfg, seed=1).state_dict().items()},
                            engine.loaded.config, "float32")
-    before = np.asarray(engine.runner.params["layers"][0]["q"]).view(np.uint8)
-    bad = {**new, "layers": [new["layers"][0], {**new["layers"][1], "down": new["layers"][1]["up"]}]}
+    bytes_of = lambda a: np.asarray(a).view(np.uint8)  # noqa: E731 (FP8 compared bit for bit)
+    before = bytes_of(engine.runner.params["layers"][0]["q"])
+    bad_layer = {**new["layers"][1], "down": new["layers"][1]["up"]}
     with pytest.raises(ValueError, match=r"layers.1.down: shape \(64, 96\)"):
-        llm.update_weights(bad)
-    np.testing.assert_array_equal(np.asarray(engine.runner.params["layers"][0]["q"]).view(np.uint8),
-                                  before)
+        llm.update_weights({**new, "layers": [new["layers"][0], bad_layer]})
+    np.testing.assert_array_equal(bytes_of(engine.runner.params["layers"][0]["q"]), before)
     llm.update_weights(new)
     lp = engine.runner.params["layers"][1]
     q, scale = quantize_fp8(new["layers"][1]["down"])
     assert lp["down"].dtype == FP8
-    np.testing.assert_array_equal(np.asarray(lp["down"]).view(np.uint8), np.asarray(q).view(np.uint8))
+    np.testing.assert_array_equal(bytes_of(lp["down"]), bytes_of(q))
     np.testing.assert_array_equal(np.asarray(lp["down_scale"]), np.asarray(scale))

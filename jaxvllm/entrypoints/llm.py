@@ -92,7 +92,8 @@ class LLM:
         ("embed", "final_norm", "lm_head", "layers.3.q", ...; a quantized model's in the model's
         dtype, quantized as update_weights does: an int4 or int8 model's q, k and v, and gate and
         up, in one chunk where it stores them as one weight), each written in place, so a trainer
-        streams its weights with one chunk in memory at a time. Generating meanwhile is a RuntimeError (the weights are half old)."""
+        streams its weights with one chunk in memory at a time. Generating meanwhile is a
+        RuntimeError (the weights are half old)."""
         self.llm_engine.start_weight_update()
 
     def finish_weight_update(self, reset_prefix_cache: bool = True) -> None:

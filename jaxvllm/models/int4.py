@@ -4,8 +4,8 @@
 channel and group of inputs, dequantized to the activations' dtype as the layer runs. The offset is
 an integer zero point where the format has one, w = (q - zero) * scale (AWQ, GPTQ,
 compressed-tensors, GGUF's Q4_0 and quantize_int4 by default), else a min, w = q * scale + min
-(GGUF's Q4_1 and Q4_K): with zero points the GPU's GEMM dequantizes in bf16 pairs, twice the weights an
-instruction (pallas_kernels/int4_gemm.py).
+(GGUF's Q4_1 and Q4_K): with zero points the GPU's GEMM dequantizes in bf16 pairs, twice the
+weights an instruction (pallas_kernels/int4_gemm.py).
 
 Layout (beside the weight `<name>`; converters/integer.py writes it from a checkpoint, pack() from
 values): `<name>` uint8 [out, in/2], two 4-bit values a byte, within each group of inputs byte j
