@@ -111,6 +111,28 @@ def test_quantize_params_keeps_norms_embeddings_and_experts():
         quantize_params(params, "int3")
 
 
+def test_quantizing_with_consume_frees_each_weight_replaced():
+    from jaxvllm.models import int4
+    layer = {"q": jnp.full((64, 64), 0.1), "down": jnp.full((128, 64), -0.3),
+             "k": jnp.ones((64, 64), jnp.float8_e4m3fn), "input_norm": jnp.ones(64)}
+    params = {"layers": [layer]}
+    kept = quantize_params(params, "fp8")
+    out = quantize_params(params, "fp8", consume=True)
+    assert layer["q"].is_deleted() and layer["down"].is_deleted()
+    # a weight already in FP8 is its own replacement, and what is not quantized is shared
+    assert not layer["k"].is_deleted() and out["layers"][0]["k"] is layer["k"]
+    assert not layer["input_norm"].is_deleted()
+    for name, a in kept["layers"][0].items():
+        np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                      np.asarray(out["layers"][0][name], np.float32))
+    q = int4.quantize_params({"layers": [{n: jnp.full((128, 32), 0.01 * i) for i, n in
+                                          enumerate(("q", "k", "v"), 1)}]}, consume=True)
+    apart = dict(q["layers"][0])
+    fused = int4.fuse_projections(q, consume=True)["layers"][0]
+    assert sorted(fused) == ["q+k+v", "q+k+v_scale", "q+k+v_zero"]
+    assert all(a.is_deleted() for a in apart.values())
+
+
 @pytest.mark.parametrize("bad", ["awq_marlin", "FP8", 8])
 def test_engine_args_name_the_quantization(bad):
     from jaxvllm.config import EngineArgs

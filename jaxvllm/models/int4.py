@@ -94,15 +94,17 @@ def quantize_int4(w: jax.Array, group_size: int,
     return pack(q.reshape(out, inp), group_size), scale.T, off.T
 
 
-def quantize_params(params: dict[str, Any], group_size: int = 128) -> dict[str, Any]:
+def quantize_params(params: dict[str, Any], group_size: int = 128, consume: bool = False
+                    ) -> dict[str, Any]:
     """A new params tree with every linear of QUANTIZED in the int4 layout (quantize_int4; one
-    group per output channel where the input size is not a multiple of group_size)."""
+    group per output channel where the input size is not a multiple of group_size). `consume`:
+    as quant.map_linears's."""
     from jaxvllm.models.quant import map_linears
 
     def quantize(w: jax.Array) -> dict[str, jax.Array]:
         group = group_size if w.shape[0] % group_size == 0 else w.shape[0]
         return dict(zip(("", "_scale", "_zero"), quantize_int4(w, group)))
-    return map_linears(params, quantize)
+    return map_linears(params, quantize, consume)
 
 
 FUSED = (("q", "k", "v"), ("gate", "up"))  # projections of one input (models/layers.projections)
@@ -116,7 +118,7 @@ def _companions(lp: dict, name: str) -> tuple[str, ...]:
     return "_scale", _offset_suffix(lp, name)
 
 
-def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
+def fuse_projections(params: dict[str, Any], consume: bool = False) -> dict[str, Any]:
     """A new params tree with each layer's int4 or int8 (models/int8.py) q/k/v and gate/up stored
     as one weight each ("q+k+v", "gate+up": outputs concatenated, with their scales and offsets),
     so the layer runs one GEMM for them, not three and two: at decode sizes every such GEMM is a
@@ -124,7 +126,9 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
     Projections that differ in layout, group size, offset kind or input order stay apart. Under
     GPTQ's activation order the projections of one input share its order (GPTQ orders a linear's
     inputs by statistics of the input, which q/k/v, and gate/up, see alike): fused, they gather
-    their input once."""
+    their input once. `consume`: each projection's arrays are freed once fused (as
+    quant.map_linears's); `params` must not be used afterwards."""
+    from jaxvllm.models.quant import free_replaced
     layers = []
     for lp in params["layers"]:
         lp = dict(lp)
@@ -137,9 +141,12 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
                 continue
             key = "+".join(names)
             _, companions = parts.pop()
-            lp[key] = jnp.concatenate([lp.pop(n) for n in names])
+            apart = {n + part: lp.pop(n + part) for part in ("",) + companions for n in names}
+            lp[key] = jnp.concatenate([apart[n] for n in names])
             for part in companions:
-                lp[key + part] = jnp.concatenate([lp.pop(n + part) for n in names], axis=1)
+                lp[key + part] = jnp.concatenate([apart[n + part] for n in names], axis=1)
+            if consume:
+                free_replaced(list(apart.values()), [lp[key + p] for p in ("",) + companions])
             if perms[0] is not None:
                 lp[key + "_perm"] = perms[0]
                 for n in names:

@@ -206,6 +206,7 @@ class ModelRunner:
             executables.describe_arrays(draft and draft[1]))
         self._host_params: Any = None  # the weights while asleep at level 1 (sleep())
         self._kept: list = []  # what a layer keeps while asleep at level 2 (sleep())
+        self._reserved_bytes: Optional[int] = None  # what the cache's sizing left to the programs
         self._host_draft_params: Any = None  # the draft model's while asleep (any level)
         # The step's logits and hidden states are placed so (step_jit_kwargs / the device).
         self._placed = shardings.replicated if shardings is not None else self._kv_sharding
@@ -218,11 +219,9 @@ class ModelRunner:
                                                     or self._profile_num_blocks(),
                                                     overridden=config.num_blocks is not None)
         self.kv_sizing_seconds = time.perf_counter() - t0
-        self.kv_cache = llama.make_kv_cache(cfg, self.num_blocks, config.block_size,
-                                            config.kv_dtype,
-                                            self._kv_sharding)
-        self.draft_kv_cache = (None if self.drafter is None else self.drafter.make_cache(
-            self.num_blocks, config.kv_dtype, self._kv_sharding))
+        self._make_caches()
+        if config.num_blocks is None:
+            self._fit_free_pieces()
         self._log_capacity()
 
     def update_weights(self, params: Any) -> None:
@@ -295,11 +294,7 @@ class ModelRunner:
             jax.block_until_ready((self.params, self.drafter and self.drafter.params))
             self._host_params = None
         if "kv_cache" in tags and self.kv_cache is None:
-            self.kv_cache = llama.make_kv_cache(self.cfg, self.num_blocks, self.config.block_size,
-                                                self.config.kv_dtype, self._kv_sharding)
-            if self.drafter is not None:
-                self.draft_kv_cache = self.drafter.make_cache(self.num_blocks, self.config.kv_dtype,
-                                                              self._kv_sharding)
+            self._make_caches()
 
     @property
     def is_sleeping(self) -> bool:
@@ -414,17 +409,63 @@ class ModelRunner:
             invariant=self.cfg.batch_invariant)
 
     # ---- memory ------------------------------------------------------------------------------
-    def _profile_num_blocks(self) -> int:
+    def _make_caches(self) -> None:
+        self.kv_cache = llama.make_kv_cache(self.cfg, self.num_blocks, self.config.block_size,
+                                            self.config.kv_dtype, self._kv_sharding)
+        self.draft_kv_cache = (None if self.drafter is None else self.drafter.make_cache(
+            self.num_blocks, self.config.kv_dtype, self._kv_sharding))
+
+    def _block_bytes(self) -> int:
+        """One block's K/V (the draft's too) on one device."""
         per_block = llama.kv_cache_bytes_per_block(self.cfg, self.config.block_size,
                                                    self.config.kv_dtype)
         if self.drafter is not None:  # a block holds the draft's K/V too
             per_block += self.drafter.bytes_per_block(self.config.kv_dtype)
         if self.shardings is not None:
             per_block //= self.shardings.kv_split  # each device holds its KV heads only
-        # Only this process's devices can be queried (multi-host: the others' are remote).
-        devices = ([d for d in self.shardings.mesh.devices.flat
-                    if d.process_index == jax.process_index()] if self.shardings is not None
-                   else [self.device if self.device is not None else jax.local_devices()[0]])
+        return per_block
+
+    def _local_devices(self) -> list:
+        """The devices of this process the runner uses (multi-host: the others' are remote)."""
+        return ([d for d in self.shardings.mesh.devices.flat
+                 if d.process_index == jax.process_index()] if self.shardings is not None
+                else [self.device if self.device is not None else jax.local_devices()[0]])
+
+    def _fit_free_pieces(self) -> None:
+        """Shrinks the cache just made until the memory its sizing left to the programs is one free
+        piece on every device. The sizing counts all free memory, but free memory in pieces holds
+        the cache's layers only where they fit, and a step's temporaries are one allocation: an 8B
+        model quantized to FP8 on load on an H100 left 13 GiB of holes between its weights, and its
+        first step failed to allocate 1.8 GiB with 15 GiB free (bench/RESULTS.md)."""
+        stats = [_device_memory_stats(d) for d in self._local_devices()]
+        if (self._reserved_bytes is None or not _preallocates()
+                or any(s is None or "largest_free_block_bytes" not in s for s in stats)):
+            return  # a pool that grows on demand has no fixed pieces
+        for _ in range(4):
+            jax.block_until_ready((self.kv_cache, self.draft_kv_cache))
+            piece = min(s["largest_free_block_bytes"] for s in
+                        (_device_memory_stats(d) for d in self._local_devices()))
+            short = float(self._reserved_bytes - piece)
+            if jax.process_count() > 1:  # one program for all: the cache shrinks everywhere alike
+                from jax.experimental import multihost_utils
+                short = float(np.max(multihost_utils.process_allgather(np.float64(short))))
+            if short <= 0:
+                return
+            fewer = int(-(-short // self._block_bytes()))
+            if self.num_blocks - fewer < 2:
+                raise ValueError("No device memory left for the KV cache in one piece beside the "
+                                 "programs: lower max_num_batched_tokens or raise "
+                                 "gpu_memory_utilization")
+            logger.info("KV cache: %d blocks fewer, for the programs' %.2f GiB to fit in one free "
+                        "piece (the largest was %.2f GiB)", fewer, self._reserved_bytes / 2**30,
+                        piece / 2**30)
+            self.kv_cache = self.draft_kv_cache = None
+            self.num_blocks -= fewer
+            self._make_caches()
+
+    def _profile_num_blocks(self) -> int:
+        per_block = self._block_bytes()
+        devices = self._local_devices()
         if _device_memory_stats(devices[0]) is None:
             return max(2, CPU_KV_CACHE_BYTES // per_block)
         # What the cache must leave free comes from the compiled programs, not from a trial run's
@@ -441,6 +482,7 @@ class ModelRunner:
                                                 self._prompt_scoring_bytes(), self._propose_bytes())
             if self._store is not None:
                 self._store.put_json("kv-reserved-bytes", reserved)
+        self._reserved_bytes = reserved
         budget = min(self._device_budget(_device_memory_stats(d)) for d in devices)
         budget -= reserved + (256 << 20)
         if jax.process_count() > 1:  # one program for all: every process takes the smallest cache
