@@ -437,18 +437,16 @@ class ModelRunner:
         the cache's layers only where they fit, and a step's temporaries are one allocation: an 8B
         model quantized to FP8 on load on an H100 left 13 GiB of holes between its weights, and its
         first step failed to allocate 1.8 GiB with 15 GiB free (bench/RESULTS.md)."""
-        stats = [_device_memory_stats(d) for d in self._local_devices()]
-        if (self._reserved_bytes is None or not _preallocates()
-                or any(s is None or "largest_free_block_bytes" not in s for s in stats)):
+        if self._reserved_bytes is None or not _preallocates():
             return  # a pool that grows on demand has no fixed pieces
-        for _ in range(4):
+        while True:  # each round gives up blocks: it ends, or raises below 2
             jax.block_until_ready((self.kv_cache, self.draft_kv_cache))
-            piece = min(s["largest_free_block_bytes"] for s in
-                        (_device_memory_stats(d) for d in self._local_devices()))
-            short = float(self._reserved_bytes - piece)
-            if jax.process_count() > 1:  # one program for all: the cache shrinks everywhere alike
-                from jax.experimental import multihost_utils
-                short = float(np.max(multihost_utils.process_allgather(np.float64(short))))
+            stats = [_device_memory_stats(d) for d in self._local_devices()]
+            if any(s is None or "largest_free_block_bytes" not in s for s in stats):
+                return
+            piece = min(s["largest_free_block_bytes"] for s in stats)
+            # one program for all: the cache shrinks everywhere alike
+            short = _across_processes(self._reserved_bytes - piece, np.max)
             if short <= 0:
                 return
             fewer = int(-(-short // self._block_bytes()))
@@ -485,9 +483,7 @@ class ModelRunner:
         self._reserved_bytes = reserved
         budget = min(self._device_budget(_device_memory_stats(d)) for d in devices)
         budget -= reserved + (256 << 20)
-        if jax.process_count() > 1:  # one program for all: every process takes the smallest cache
-            from jax.experimental import multihost_utils
-            budget = float(np.min(multihost_utils.process_allgather(np.float64(budget))))
+        budget = _across_processes(budget, np.min)  # one program for all: the smallest cache
         if budget < 2 * per_block:
             raise ValueError(f"No device memory left for the KV cache (budget {budget / 2**30:.2f} "
                              f"GiB): lower max_num_batched_tokens or raise gpu_memory_utilization")
@@ -1076,6 +1072,14 @@ def _preallocates() -> bool:
     is all this process has."""
     return (os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() not in ("false", "0")
             and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") != "platform")
+
+
+def _across_processes(x: float, reduce: Callable) -> float:
+    """`reduce` of `x` over every process (x itself in a single-process run)."""
+    if jax.process_count() == 1:
+        return float(x)
+    from jax.experimental import multihost_utils
+    return float(reduce(multihost_utils.process_allgather(np.float64(x))))
 
 
 def _device_memory_stats(device: Any) -> Optional[dict]:
