@@ -70,8 +70,11 @@ def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = Fals
         return fp8_matmul_reference(x, w, scale)
     x32 = x.astype(jnp.float32)
     x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_AMAX) / FP8_MAX
-    y = jax.lax.dot_general(to_fp8(x32 / x_scale), w, dims, preferred_element_type=jnp.float32)
-    return (y * x_scale * scale).astype(x.dtype)
+    # The GEMM writes x's dtype, not float32: cuBLASLt takes only scalar scales, so the token's
+    # and the channel's are applied in a pass of their own, and that pass reading float32 was
+    # ~11% of a 16k-token FP8 step (bench/RESULTS.md, "FP8 GEMM outputs"). One more rounding.
+    y = jax.lax.dot_general(to_fp8(x32 / x_scale), w, dims, preferred_element_type=x.dtype)
+    return (y.astype(jnp.float32) * x_scale * scale).astype(x.dtype)
 
 
 def to_fp8(x: jax.Array) -> jax.Array:
