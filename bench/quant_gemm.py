@@ -10,7 +10,8 @@ runs an int4 or int8 model's q/k/v and gate/up as one GEMM each (models/int4.fus
 
     PYTHONPATH=. python3 bench/quant_gemm.py --model bench/configs/llama-3-8b [--tokens 1 8 16 64 256]
 
-With `--sweep` it times the int8 GEMM's tilings instead (pallas_kernels/int8_gemm.Tiles) over the
+With `--mlp` it times the FP8 gated MLP instead, with and without its Pallas activation pass (see
+`mlp`). With `--sweep` it times the int8 GEMM's tilings instead (pallas_kernels/int8_gemm.Tiles) over the
 layer's seven Q8_0 linears at each token count, fastest first, beside the engine's default_tiles
 and XLA's dequantize-then-GEMM (what the engine runs past int8_gemm.MAX_ROWS), so the sweep also
 says where the kernel stops paying and which way of making the weights is fastest (interpret mode
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 
@@ -117,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
                "q8_0": {k + suffix: a for k in LINEARS for suffix, a in q8_0(bf16[k]).items()}}
     if args.sweep:
         return sweep(args, shapes, formats["q8_0"])
+    if args.mlp:
+        return mlp(args, cfg, formats["fp8"])
     on_gpu = jax.default_backend() == "gpu"
     copy_bw = common.measure_bandwidth(1 << (31 if on_gpu else 23))
 
@@ -161,6 +165,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def mlp(args: argparse.Namespace, cfg, lp: dict) -> int:
+    """The FP8 gated MLP (gate, up, down) at each token count as the engine runs it on a GPU
+    (layers.gated_mlp with the Pallas kernels: act(gate) * up quantized for down by
+    pallas_kernels/gated_fp8.py past the decode buckets) against XLA's path (without), and that
+    activation pass alone: the kernel against its jnp reference as XLA compiles it (interpret mode
+    off the GPU: a check that it runs, not a time)."""
+    from jaxvllm.models.layers import gated_mlp
+    from pallas_kernels.gated_fp8 import gated_fp8
+    from pallas_kernels.reference import gated_fp8_reference
+    n = cfg.intermediate_size
+    rows, result = [], {}
+    for t in args.tokens:
+        x = jax.random.normal(jax.random.key(t), (t, cfg.hidden_size), jnp.bfloat16)
+        res = result[t] = {}
+        outs = {}
+        for name, pallas in (("engine", True), ("xla", False)):
+            fn = jax.jit(lambda lp, x, pallas=pallas: gated_mlp(x, lp, pallas=pallas))
+            outs[name] = np.asarray(fn(lp, x), np.float32)
+            res[name + "_us"] = bench(fn, [(lp, x)]) * 1e6
+        res["max_rel_diff"] = float(np.abs(outs["engine"] - outs["xla"]).max()
+                                    / np.abs(outs["xla"]).max())
+        k = jax.random.split(jax.random.key(t), 5)
+        ops = (jax.random.normal(k[0], (t, n), jnp.bfloat16),
+               jax.random.normal(k[1], (t, n), jnp.bfloat16), jax.random.uniform(k[2], (t, 1)),
+               jax.random.uniform(k[3], (n,)), jax.random.uniform(k[4], (n,)))
+        kernel = functools.partial(gated_fp8, interpret=jax.default_backend() != "gpu")
+        for name, f in (("kernel", kernel), ("reference", gated_fp8_reference)):
+            res["activation_" + name + "_us"] = bench(jax.jit(f), [ops]) * 1e6
+        rows.append([t, f"{res['engine_us']:.1f}", f"{res['xla_us']:.1f}",
+                     f"{res['max_rel_diff']:.1e}", f"{res['activation_kernel_us']:.1f}",
+                     f"{res['activation_reference_us']:.1f}"])
+    common.emit(result, args, f"FP8 gated MLP, hidden {cfg.hidden_size}, intermediate {n}; "
+                f"{jax.devices()[0].device_kind}; us\n" + common.table(
+                    rows, ["tokens", "MLP, engine (Pallas activation)", "MLP, XLA",
+                           "rel diff", "activation: kernel", "activation: XLA (reference)"]))
+    return 0
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="bench/configs/llama-3-8b",
                         help="A directory with a dense model's config.json.")
@@ -169,6 +211,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="Time the int8 GEMM's tilings instead of the formats.")
     parser.add_argument("--top", type=int, default=5, help="Tilings listed per token count.")
+    parser.add_argument("--mlp", action="store_true",
+                        help="Time the FP8 gated MLP and its activation pass instead (see mlp).")
     common.add_output_args(parser)
 
 

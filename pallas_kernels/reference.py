@@ -285,3 +285,31 @@ def fp8_matmul_reference(x, w, scale):
     y = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)
     return (y * scale).astype(x.dtype)
+
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale, not a division by zero
+GATED_ACTIVATIONS = {"silu": jax.nn.silu,
+                     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+def to_fp8(x):
+    """Saturating cast to float8 e4m3 (it has no infinity: a value rounded past 448 would be NaN)."""
+    return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(FP8)
+
+
+def quantize_rows_fp8(x):
+    """x [..., K] -> (float8 e4m3 [..., K], float32 scale [..., 1]) with x ~= q * scale, each row's
+    largest magnitude mapped to 448: the FP8 linears' dynamic per-token activation scales."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), MIN_AMAX) / FP8_MAX
+    return to_fp8(x32 / scale), scale
+
+
+def gated_fp8_reference(gate, up, row_scale, gate_scale, up_scale, activation="silu"):
+    """`gated_fp8` in jnp: act(gate * row_scale * gate_scale) * (up * row_scale * up_scale) in
+    float32, quantized per row."""
+    g = gate.astype(jnp.float32) * (row_scale * gate_scale)
+    u = up.astype(jnp.float32) * (row_scale * up_scale)
+    return quantize_rows_fp8(GATED_ACTIVATIONS[activation](g) * u)

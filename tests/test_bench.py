@@ -664,6 +664,16 @@ def test_quant_gemm_bench_times_every_format(tmp_path):
         assert 0 < res[t]["int4_xla_dequant_max_rel_diff"] < 0.3
         assert 0 < res[t]["q8_0_max_rel_diff"] < 0.02
         assert 0 < res[t]["q8_0_xla_dequant_max_rel_diff"] < 0.02
+    # --mlp: the FP8 gated MLP with its Pallas activation pass (interpreted) and without; the
+    # same program in the decode buckets, FP8's rounding apart past them.
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quant_gemm.py"), "--json",
+                          "--model", str(tmp_path), "--tokens", "8", "40", "--mlp"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert res["8"]["max_rel_diff"] == 0 and 0 < res["40"]["max_rel_diff"] < 0.06
+    assert all(res[t][k] > 0 for t in ("8", "40") for k in (
+        "engine_us", "xla_us", "activation_kernel_us", "activation_reference_us"))
     # --sweep: the int8 GEMM's tilings (interpret mode here), the default among them.
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quant_gemm.py"), "--json",
                           "--model", str(tmp_path), "--tokens", "1", "48", "--sweep", "--top", "3"],

@@ -109,14 +109,22 @@ def _run_pallas(d: str, tp: int, **run_kw: Any) -> dict[str, Any]:
             return kernel(x, w, *args, **kwargs)
         return call
 
-    saved = setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul
+    def gated(gate, up, *args, **kwargs):
+        seen_gated.append(list(gate.shape))
+        return saved[-1](gate, up, *args, **kwargs)
+
+    seen_gated = []
+    saved = (setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul,
+             quant.gated_fp8)
     setup.pallas_gemms_fit = lambda: True
-    int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul = map(counted, saved[1:])
+    int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul = map(counted, saved[1:4])
+    quant.gated_fp8 = gated
     try:
         res = _run(d, tp, **run_kw)
     finally:
-        setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul = saved
-    res["kernel_shapes"] = seen
+        (setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul,
+         quant.gated_fp8) = saved
+    res["kernel_shapes"], res["gated_shapes"] = seen, seen_gated
     return res
 
 
@@ -139,6 +147,10 @@ def _worker(out_path: str) -> None:
         _tiny(256).save_pretrained(d)  # down [64, 256]: its shard apart from gate's [128, 64]
         kw = dict(prompts=PROMPTS[:1], quantization="fp8", token_buckets=(1, 8, 32))
         report["fp8"] = {1: _run(d, 1, **kw), **{-tp: _run_pallas(d, tp, **kw) for tp in (1, 2)}}
+        # FP8's gated MLP kernel: a prompt of more rows than the decode buckets.
+        kw["prompts"] = [PROMPTS[3]]
+        report["fp8_prefill"] = {1: _run(d, 1, **kw),
+                                 **{-tp: _run_pallas(d, tp, **kw) for tp in (1, 2)}}
     with open(out_path, "w") as f:
         json.dump(report, f)
 
@@ -220,6 +232,21 @@ def test_fp8_one_row_gemm_runs_per_device(report):
     shapes = report["fp8"][-2]["kernel_shapes"]
     assert [[1, 64], [32, 64]] in shapes and [[1, 128], [64, 128]] in shapes
     assert not any(w == [64, 256] for _, w in shapes)
+
+
+def test_fp8_gated_mlp_kernel_runs_per_device(report):
+    """FP8's gated MLP kernel (forced on, interpreted) on a prompt past the decode buckets: one
+    device and two give the tokens of XLA's path on one (under TP 2 each device scales its own
+    half of act(gate) * up: the logprobs move by ~1e-3), and under TP 2 each call sees its
+    device's 128 of gate's 256 outputs."""
+    ref = report["fp8_prefill"][1]
+    for tp in (1, 2):
+        got = report["fp8_prefill"][-tp]
+        assert got["tokens"] == ref["tokens"]
+        assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=5e-3)
+    whole, halves = (report["fp8_prefill"][-tp]["gated_shapes"] for tp in (1, 2))
+    assert whole and all(s[1] == 256 for s in whole)
+    assert halves and all(s[1] == 128 for s in halves)
 
 
 def test_groups_that_do_not_split_are_refused(report):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import (apply_rope, linear, lm_head, mean_square, projections,
+from jaxvllm.models.layers import (apply_rope, gated_mlp, linear, lm_head, mean_square, projections,
                                    rope_cos_sin)
 from jaxvllm.models.llama import AttentionFn, KVCache, ModelInputs, Params, attend, no_cache
 from jaxvllm.models.moe import ExpertsFn
@@ -68,8 +68,7 @@ def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_c
     o = linear(out.reshape(t, cfg.q_size), lp, "o", inv, pallas)
     x = x + rms_norm(o, lp["post_attn_norm"], eps, inv)
     h = rms_norm(x, lp["pre_ffn_norm"], eps, inv)
-    gate, up = projections(h, lp, ("gate", "up"), invariant=inv, pallas=pallas)
-    mlp = linear(jax.nn.gelu(gate, approximate=True) * up, lp, "down", inv, pallas)
+    mlp = gated_mlp(h, lp, "gelu_tanh", invariant=inv, pallas=pallas)
     return x + rms_norm(mlp, lp["post_ffn_norm"], eps, inv), k_cache, v_cache
 
 

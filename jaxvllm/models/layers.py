@@ -12,9 +12,9 @@ from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.grouped import ROW_PARALLEL
 from jaxvllm.models.int4 import INT4, int4_linear, offset as int4_offset
 from jaxvllm.models.int8 import INT8, int8_linear
-from jaxvllm.models.quant import fp8_linear
+from jaxvllm.models.quant import fp8_gated_fits, fp8_gated_mlp, fp8_linear
 from pallas_kernels import invariant_gemm
-from pallas_kernels.reference import ordered_sum
+from pallas_kernels.reference import GATED_ACTIVATIONS, ordered_sum
 
 
 def lora_update(x: jax.Array, mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -187,6 +187,18 @@ def _product(x: jax.Array, lp: dict, name: str, invariant: bool, pallas: bool) -
     if w.dtype == INT8:
         return int8_linear(x, w, scale, lp.get(name + "_min"), lp.get(name + "_perm"), pallas, row)
     return fp8_linear(x, w, scale, pallas, row)
+
+
+def gated_mlp(x: jax.Array, lp: dict, activation: str = "silu",
+              names: tuple[str, str, str] = ("gate", "up", "down"), invariant: bool = False,
+              pallas: bool = False) -> jax.Array:
+    """down(act(gate(x)) * up(x)), names = (gate, up, down), act one of GATED_ACTIVATIONS. With
+    `pallas` (ModelConfig.pallas_gemms), FP8 weights past the decode buckets take
+    quant.fp8_gated_mlp (act(gate) * up quantized for down in one Pallas pass)."""
+    if pallas and fp8_gated_fits(x, lp, names):
+        return fp8_gated_mlp(x, lp, names, activation)
+    gate, up = projections(x, lp, names[:2], invariant=invariant, pallas=pallas)
+    return linear(GATED_ACTIVATIONS[activation](gate) * up, lp, names[2], invariant, pallas)
 
 
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],

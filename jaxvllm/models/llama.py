@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import apply_rope, linear, lm_head, projections, rms_norm, rope_cos_sin
+from jaxvllm.models.layers import (apply_rope, gated_mlp, linear, lm_head, projections, rms_norm,
+                                   rope_cos_sin)
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 from jaxvllm.models.params import KV_CACHE_SCALES
 from jaxvllm.models.quant import FP8, to_fp8
@@ -107,9 +108,7 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
 
 
 def _mlp(cfg: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
-    gate, up = projections(x, lp, ("gate", "up"), invariant=cfg.batch_invariant,
-                           pallas=cfg.pallas_gemms)
-    return linear(jax.nn.silu(gate) * up, lp, "down", cfg.batch_invariant, cfg.pallas_gemms)
+    return gated_mlp(x, lp, invariant=cfg.batch_invariant, pallas=cfg.pallas_gemms)
 
 
 def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: ModelConfig,

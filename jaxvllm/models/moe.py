@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import linear
+from jaxvllm.models.layers import gated_mlp
 from pallas_kernels import routed_experts
 
 ExpertsFn = Callable[..., jax.Array]
@@ -44,9 +44,8 @@ def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn,
     out = out * weights.reshape(-1)[order][:, None].astype(x.dtype)
     y = jnp.zeros_like(x).at[token].add(jnp.where((flat[order] < e)[:, None], out, 0))
     if "shared_router" in lp:
-        pallas = dict(pallas=cfg.pallas_gemms)
-        shared = linear(jax.nn.silu(linear(x, lp, "shared_gate", **pallas)) *
-                        linear(x, lp, "shared_up", **pallas), lp, "shared_down", **pallas)
+        shared = gated_mlp(x, lp, names=("shared_gate", "shared_up", "shared_down"),
+                           pallas=cfg.pallas_gemms)
         y = y + jax.nn.sigmoid(x @ lp["shared_router"]) * shared
     return y
 

@@ -24,12 +24,11 @@ from jaxvllm.config import QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS
 from jaxvllm.models.grouped import TP_AXIS, per_device, tp_size
 from pallas_kernels import fp8_matmul_reference
 from pallas_kernels.fp8_gemm import fp8_matmul, one_row_tiles
+from pallas_kernels.gated_fp8 import chunk_size, gated_fp8
+from pallas_kernels.reference import FP8, FP8_MAX, MIN_AMAX, quantize_rows_fp8, to_fp8
 
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 # The linear weights quantized (the dense MLP, attention, a shared expert).
 QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
-_MIN_AMAX = 1e-12  # an all-zero row or column gets a tiny scale, not a division by zero
 
 
 @jax.jit
@@ -37,7 +36,7 @@ def quantize_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[in, out] -> (float8 e4m3 [out, in], float32 scale [out]) with w.T ~= q * scale[:, None],
     each output channel's largest magnitude mapped to the format's largest (448)."""
     w32 = w.astype(jnp.float32).T
-    scale = jnp.maximum(jnp.max(jnp.abs(w32), axis=1), _MIN_AMAX) / FP8_MAX
+    scale = jnp.maximum(jnp.max(jnp.abs(w32), axis=1), MIN_AMAX) / FP8_MAX
     return to_fp8(w32 / scale[:, None]), scale
 
 
@@ -54,7 +53,6 @@ def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = Fals
     shapes; bench/RESULTS.md, "FP8"); under tensor parallelism per device on the weight's shard
     (grouped.per_device; `row_parallel`: split over its inputs, else its outputs). Returns x's
     dtype."""
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
     rows = math.prod(x.shape[:-1])
     if kernel and rows == 1:
         n, k, tp = *w.shape, tp_size()
@@ -68,18 +66,63 @@ def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = Fals
             return y.reshape(*x.shape[:-1], n)
     if rows <= TRITON_GEMM_MAX_TOKENS:
         return fp8_matmul_reference(x, w, scale)
-    x32 = x.astype(jnp.float32)
-    x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_AMAX) / FP8_MAX
-    # The GEMM writes x's dtype, not float32: cuBLASLt takes only scalar scales, so the token's
-    # and the channel's are applied in a pass of their own, and that pass reading float32 was
-    # ~11% of a 16k-token FP8 step (bench/RESULTS.md, "FP8 GEMM outputs"). One more rounding.
-    y = jax.lax.dot_general(to_fp8(x32 / x_scale), w, dims, preferred_element_type=x.dtype)
-    return (y.astype(jnp.float32) * x_scale * scale).astype(x.dtype)
+    xq, x_scale = quantize_rows_fp8(x)
+    return _fp8_product(xq, x_scale, w, scale, x.dtype)
 
 
-def to_fp8(x: jax.Array) -> jax.Array:
-    """Saturating cast to float8 e4m3 (it has no infinity: a value rounded past 448 would be NaN)."""
-    return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(FP8)
+def _fp8_dot(xq: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
+    """FP8 rows [..., in] times an FP8 weight [out, in], no scales, in `dtype`: cuBLASLt's FP8
+    GEMM. It writes the model's dtype, not float32: cuBLASLt takes only scalar scales, so the
+    token's and the channel's are applied in a pass of their own, and that pass reading float32
+    outputs was ~11% of a 16k-token FP8 step (bench/RESULTS.md, "FP8 GEMM outputs in bf16")."""
+    return jax.lax.dot_general(xq, w, (((xq.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=dtype)
+
+
+def _fp8_product(xq: jax.Array, x_scale: jax.Array, w: jax.Array, scale: jax.Array,
+                 dtype: Any) -> jax.Array:
+    """FP8 rows with their scales [..., 1] times an FP8 weight with its scales [out], in `dtype`."""
+    return (_fp8_dot(xq, w, dtype).astype(jnp.float32) * x_scale * scale).astype(dtype)
+
+
+def fp8_gated_fits(x: jax.Array, lp: dict, names: tuple[str, str, str]) -> bool:
+    """Whether fp8_gated_mlp runs the MLP names = (gate, up, down) of layer lp on rows x: all three
+    weights FP8 and nothing added to their products (biases, LoRA), more rows than the decode
+    buckets (which run weight-only), and the gate's outputs on each device in whole chunks of
+    the kernel."""
+    rows = math.prod(x.shape[:-1])
+    return (rows > TRITON_GEMM_MAX_TOKENS
+            and all(n in lp and lp[n].dtype == FP8 for n in names)  # not fused at load
+            and not any(n + suffix in lp for n in names for suffix in ("_bias", "_lora_a"))
+            and lp[names[0]].shape[0] % tp_size() == 0
+            and chunk_size(lp[names[0]].shape[0] // tp_size()) is not None)
+
+
+def fp8_gated_mlp(x: jax.Array, lp: dict, names: tuple[str, str, str],
+                  activation: str) -> jax.Array:
+    """down(act(gate(x)) * up(x)) for FP8 weights names = (gate, up, down) (see fp8_gated_fits),
+    act(gate) * up quantized for down by one Pallas pass over the gate and up GEMMs' outputs
+    (pallas_kernels/gated_fp8.py; interpreted off the GPU) instead of XLA's two. Under tensor
+    parallelism per device on its shards of the weights, each device scaling its own slice of
+    act(gate) * up (XLA's path scales the whole row: a finer scale, not the same numbers), the
+    down products' partial sums added by one all-reduce."""
+    xq, x_scale = quantize_rows_fp8(x.reshape(-1, x.shape[-1]))
+    weights = [a for n in names for a in (lp[n], lp[n + "_scale"])]
+
+    def local(xq, x_scale, gate, gate_scale, up, up_scale, down, down_scale):
+        hq, h_scale = gated_fp8(_fp8_dot(xq, gate, x.dtype), _fp8_dot(xq, up, x.dtype), x_scale,
+                                gate_scale, up_scale, activation=activation,
+                                interpret=jax.default_backend() != "gpu")
+        y = _fp8_product(hq, h_scale, down, down_scale, x.dtype)
+        return y if tp_size() == 1 else jax.lax.psum(y, TP_AXIS)
+
+    if tp_size() > 1:
+        split_out, split_in = P(TP_AXIS, None), P(None, TP_AXIS)  # of a weight [out, in]
+        local = jax.shard_map(
+            local, mesh=jax.sharding.get_abstract_mesh(),
+            in_specs=(P(), P(), split_out, P(TP_AXIS), split_out, P(TP_AXIS), split_in, P()),
+            out_specs=P(), check_vma=False)
+    return local(xq, x_scale, *weights).reshape(*x.shape[:-1], -1)
 
 
 def quantize_params(params: dict[str, Any], method: str, consume: bool = False
