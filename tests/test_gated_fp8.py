@@ -2,6 +2,8 @@
 the kernel (interpreted here, compiled on GPUs) against its jnp reference and float64, and an FP8
 MLP through it (quant.fp8_gated_mlp, as the engine runs it on GPUs) against the same MLP through
 XLA's path and against float64."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,11 +119,13 @@ def test_fp8_mlp_kernel_only_where_it_fits():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t, n", [(1, 14336), (37, 14336), (512, 7168), (300, 1536)])
-def test_gpu_kernel_against_reference(t, n):
+@pytest.mark.parametrize("t, n, activation", [(1, 14336, "silu"), (37, 14336, "silu"),
+                                              (512, 7168, "silu"), (300, 1536, "silu"),
+                                              (37, 14336, "gelu_tanh")])
+def test_gpu_kernel_against_reference(t, n, activation):
     ops = _operands(t, n)
-    q, s = jax.jit(gated_fp8)(*ops)
-    rq, rs = jax.jit(gated_fp8_reference)(*ops)
+    q, s = jax.jit(functools.partial(gated_fp8, activation=activation))(*ops)
+    rq, rs = jax.jit(functools.partial(gated_fp8_reference, activation=activation))(*ops)
     np.testing.assert_allclose(_f64(s), _f64(rs), rtol=1e-5)
     assert (_f64(q) != _f64(rq)).mean() < 1e-3
     np.testing.assert_allclose(_f64(q), _f64(rq), rtol=2 ** -3)
