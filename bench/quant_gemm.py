@@ -11,8 +11,8 @@ runs an int4 or int8 model's q/k/v and gate/up as one GEMM each (models/int4.fus
     PYTHONPATH=. python3 bench/quant_gemm.py --model bench/configs/llama-3-8b [--tokens 1 8 16 64 256]
 
 With `--mlp` it times the FP8 gated MLP instead, with and without its Pallas activation pass (see
-`mlp`). With `--sweep` it times the int8 GEMM's tilings instead (pallas_kernels/int8_gemm.Tiles) over the
-layer's seven Q8_0 linears at each token count, fastest first, beside the engine's default_tiles
+`mlp`). With `--sweep` it times the int8 GEMM's tilings instead (pallas_kernels/int8_gemm.Tiles)
+over the layer's seven Q8_0 linears at each token count, fastest first, beside the engine's default_tiles
 and XLA's dequantize-then-GEMM (what the engine runs past int8_gemm.MAX_ROWS), so the sweep also
 says where the kernel stops paying and which way of making the weights is fastest (interpret mode
 off the GPU: a check that it runs, not a time).
