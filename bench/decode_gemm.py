@@ -80,7 +80,8 @@ def _format(fmt: str, w16: list, n: int, k: int) -> tuple:
     """Per layer the weight's arguments in the format's layout, XLA's linear for them, the Pallas
     kernel (tiles -> fn), its tilings, whether a tiling fits, and the weight's bytes."""
     if fmt == "fp8":
-        from jaxvllm.models.quant import fp8_linear, to_fp8
+        from jaxvllm.models.quant import fp8_linear
+        from pallas_kernels.reference import to_fp8
         from pallas_kernels.fp8_gemm import fits, fp8_matmul
         ws = [(to_fp8(w.T.astype(jnp.float32) * 64), jnp.full((n,), 1 / 64, jnp.float32))
               for w in w16]  # [N, K] and its scale, as models/quant.py stores them

@@ -11,9 +11,9 @@ import pytest
 
 from jaxvllm.config import TRITON_GEMM_MAX_TOKENS
 from jaxvllm.models.layers import gated_mlp
-from jaxvllm.models.quant import FP8, FP8_MAX, fp8_gated_fits, quantize_fp8
+from jaxvllm.models.quant import fp8_gated_fits, quantize_fp8
 from pallas_kernels.gated_fp8 import chunk_size, gated_fp8
-from pallas_kernels.reference import gated_fp8_reference
+from pallas_kernels.reference import FP8, FP8_MAX, gated_fp8_reference
 
 
 def _f64(a):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from jaxvllm.config import TRITON_GEMM_MAX_TOKENS
-from jaxvllm.models.quant import FP8_MAX, fp8_linear, quantize_fp8, quantize_params
+from jaxvllm.models.quant import fp8_linear, quantize_fp8, quantize_params
 from pallas_kernels import fp8_matmul_reference
 from pallas_kernels.fp8_gemm import Tiles, fp8_matmul, one_row_tiles
+from pallas_kernels.reference import FP8_MAX
 
 
 def _f64(a):

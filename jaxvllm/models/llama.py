@@ -19,7 +19,7 @@ from jaxvllm.models.layers import (apply_rope, gated_mlp, linear, lm_head, proje
                                    rope_cos_sin)
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 from jaxvllm.models.params import KV_CACHE_SCALES
-from jaxvllm.models.quant import FP8, to_fp8
+from pallas_kernels.reference import FP8, to_fp8
 
 Params = dict[str, Any]
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: K and V, [num_blocks, block_size, kv_heads, head_dim]

@@ -25,7 +25,7 @@ from jaxvllm.models.grouped import TP_AXIS, per_device, tp_size
 from pallas_kernels import fp8_matmul_reference
 from pallas_kernels.fp8_gemm import fp8_matmul, one_row_tiles
 from pallas_kernels.gated_fp8 import chunk_size, gated_fp8
-from pallas_kernels.reference import FP8, FP8_MAX, MIN_AMAX, quantize_rows_fp8, to_fp8
+from pallas_kernels.reference import FP8, quantize_rows_fp8
 
 # The linear weights quantized (the dense MLP, attention, a shared expert).
 QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
@@ -35,9 +35,8 @@ QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up
 def quantize_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[in, out] -> (float8 e4m3 [out, in], float32 scale [out]) with w.T ~= q * scale[:, None],
     each output channel's largest magnitude mapped to the format's largest (448)."""
-    w32 = w.astype(jnp.float32).T
-    scale = jnp.maximum(jnp.max(jnp.abs(w32), axis=1), MIN_AMAX) / FP8_MAX
-    return to_fp8(w32 / scale[:, None]), scale
+    q, scale = quantize_rows_fp8(w.T)  # a row of w.T is an output channel
+    return q, scale[:, 0]
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = False,
@@ -90,12 +89,12 @@ def fp8_gated_fits(x: jax.Array, lp: dict, names: tuple[str, str, str]) -> bool:
     weights FP8 and nothing added to their products (biases, LoRA), more rows than the decode
     buckets (which run weight-only), and the gate's outputs on each device in whole chunks of
     the kernel."""
-    rows = math.prod(x.shape[:-1])
-    return (rows > TRITON_GEMM_MAX_TOKENS
-            and all(n in lp and lp[n].dtype == FP8 for n in names)  # not fused at load
-            and not any(n + suffix in lp for n in names for suffix in ("_bias", "_lora_a"))
-            and lp[names[0]].shape[0] % tp_size() == 0
-            and chunk_size(lp[names[0]].shape[0] // tp_size()) is not None)
+    if (math.prod(x.shape[:-1]) <= TRITON_GEMM_MAX_TOKENS
+            or not all(n in lp and lp[n].dtype == FP8 for n in names)  # not fused at load
+            or any(n + suffix in lp for n in names for suffix in ("_bias", "_lora_a"))):
+        return False
+    width, tp = lp[names[0]].shape[0], tp_size()
+    return width % tp == 0 and chunk_size(width // tp) is not None
 
 
 def fp8_gated_mlp(x: jax.Array, lp: dict, names: tuple[str, str, str],
@@ -109,20 +108,20 @@ def fp8_gated_mlp(x: jax.Array, lp: dict, names: tuple[str, str, str],
     xq, x_scale = quantize_rows_fp8(x.reshape(-1, x.shape[-1]))
     weights = [a for n in names for a in (lp[n], lp[n + "_scale"])]
 
-    def local(xq, x_scale, gate, gate_scale, up, up_scale, down, down_scale):
+    def mlp(xq, x_scale, gate, gate_scale, up, up_scale, down, down_scale):
         hq, h_scale = gated_fp8(_fp8_dot(xq, gate, x.dtype), _fp8_dot(xq, up, x.dtype), x_scale,
                                 gate_scale, up_scale, activation=activation,
                                 interpret=jax.default_backend() != "gpu")
-        y = _fp8_product(hq, h_scale, down, down_scale, x.dtype)
-        return y if tp_size() == 1 else jax.lax.psum(y, TP_AXIS)
+        return _fp8_product(hq, h_scale, down, down_scale, x.dtype)
 
+    run = mlp
     if tp_size() > 1:
         split_out, split_in = P(TP_AXIS, None), P(None, TP_AXIS)  # of a weight [out, in]
-        local = jax.shard_map(
-            local, mesh=jax.sharding.get_abstract_mesh(),
+        run = jax.shard_map(
+            lambda *a: jax.lax.psum(mlp(*a), TP_AXIS), mesh=jax.sharding.get_abstract_mesh(),
             in_specs=(P(), P(), split_out, P(TP_AXIS), split_out, P(TP_AXIS), split_in, P()),
             out_specs=P(), check_vma=False)
-    return local(xq, x_scale, *weights).reshape(*x.shape[:-1], -1)
+    return run(xq, x_scale, *weights).reshape(*x.shape[:-1], -1)
 
 
 def quantize_params(params: dict[str, Any], method: str, consume: bool = False
