@@ -1,17 +1,22 @@
 """FP8 checkpoints: what config.json's `quantization_config` says, and each float8 weight
 dequantized with its scale as it is read.
 
-Two formats, as vLLM loads them: HF's `quant_method: "fp8"` (weights e4m3 [out, in], a
+Four formats, as vLLM loads them: HF's `quant_method: "fp8"` (weights e4m3 [out, in], a
 `weight_scale_inv` per tensor or per `weight_block_size` block, e.g. 128x128 in the Qwen3 and
-DeepSeek FP8 releases) and compressed-tensors' `float-quantized` (a `weight_scale` per tensor, per
-output channel or per block). An FP8 checkpoint turns `quantization="fp8"` on (engine/setup.py).
+DeepSeek FP8 releases), compressed-tensors' `float-quantized` (a `weight_scale` per tensor, per
+output channel or per block), NVIDIA ModelOpt's (`quant_method: "modelopt"` in config.json or the
+`hf_quant_config.json` beside it; `quant_algo` FP8: a `weight_scale` per tensor,
+FP8_PER_CHANNEL_PER_TOKEN: per output channel, FP8_PB_WO: per 128x128 block, stored
+[out blocks, 1, in blocks, 1]) and FBGEMM's (`quant_method: "fbgemm_fp8"`, Meta's Llama 3.1 405B
+FP8: a `weight_scale` per output channel). An FP8 checkpoint turns `quantization="fp8"` on
+(engine/setup.py).
 The linears the engine runs in FP8 (models/quant.py: e4m3 [out, in], a float32 scale per output
 channel) keep a per-tensor or per-channel checkpoint's bytes and scales as they are
 (channel_scales); block-scaled ones come out dequantized in the engine's dtype and requantized per
 output channel (converters/hf.py), and the other float8 tensors dequantized. Linears a checkpoint
-stores unquantized (its `ignore` list) stay so: the engine quantizes no weight of an FP8
-checkpoint on load, as vLLM. Activation scales stored for static quantization are not used: the
-engine scales activations per token.
+stores unquantized (its `ignore`, `exclude_modules` or `modules_to_not_convert` list) stay so: the
+engine quantizes no weight of an FP8 checkpoint on load, as vLLM. Activation scales stored for
+static quantization are not used: the engine scales activations per token.
 """
 from __future__ import annotations
 
@@ -65,11 +70,30 @@ def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
         if len(blocks) > 1:
             raise ValueError("quantization_config.config_groups: one scale layout for all groups")
         return Fp8Checkpoint("weight_scale", blocks.pop() if blocks else None)
+    if method == "modelopt":
+        return _modelopt(qc)
+    if method == "fbgemm_fp8":
+        return Fp8Checkpoint("weight_scale", None)
     formats = sorted(map(str, compressed_tensors_formats(qc)))
     raise ValueError(f"quantization_config: quant_method {method!r}"
                      f"{'' if method != 'compressed-tensors' else ' format ' + ', '.join(formats)}"
                      " cannot be loaded (supported: 'fp8', 'compressed-tensors' float-quantized, "
-                     "pack-quantized or int-quantized, 'awq', 'gptq')")
+                     "pack-quantized or int-quantized, 'modelopt' FP8, 'fbgemm_fp8', 'awq', "
+                     "'gptq')")
+
+
+# ModelOpt's FP8 algorithms -> their weight scales' block (None: per tensor or per channel).
+_MODELOPT_FP8 = {"FP8": None, "FP8_PER_CHANNEL_PER_TOKEN": None, "FP8_PB_WO": (128, 128)}
+
+
+def _modelopt(qc: dict[str, Any]) -> Fp8Checkpoint:
+    """A ModelOpt checkpoint's format: config.json's flat form, or hf_quant_config.json's, whose
+    settings sit under "quantization" (converters/hf.read_config_dict folds that file in)."""
+    algo = str((qc.get("quantization") or qc).get("quant_algo", "")).upper()
+    if algo not in _MODELOPT_FP8:
+        raise ValueError(f"quantization_config.quant_algo {algo or None!r}: of ModelOpt's "
+                         f"checkpoints, the FP8 ones load ({', '.join(_MODELOPT_FP8)})")
+    return Fp8Checkpoint("weight_scale", _MODELOPT_FP8[algo])
 
 
 def _block(value: Any, field: str) -> Optional[tuple[int, int]]:
@@ -88,6 +112,8 @@ def scale_name(fmt: Fp8Checkpoint, weight_name: str) -> str:
 def dequantize(fmt: Fp8Checkpoint, name: str, q: Any, scale: Any, source: str) -> jax.Array:
     """float8 [out, in] times its scale -> float32; a scale whose shape fits neither the format nor
     the weight is a WeightLoadError naming the tensor."""
+    if fmt.block is not None and len(scale.shape) == 4 and scale.shape[1] == scale.shape[3] == 1:
+        scale = scale.reshape(scale.shape[0], scale.shape[2])  # ModelOpt's [out, 1, in, 1] blocks
     _check_scale(fmt, name, q.shape, scale, source)
     return _dequantize(jnp.asarray(q), jnp.asarray(scale), fmt.block)
 

@@ -26,6 +26,7 @@ from converters.fp8 import scale_name as fp8_scale_name
 from converters.integer import PACKED, Int4Weight, Int8Weight, int_checkpoint
 from converters.integer import dequantize as dequantize_integer
 from converters.integer import unpack as unpack_integer
+from converters.quant_config import quantization_config
 from converters.safetensors_raw import read_array
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import pack as pack_int4
@@ -72,9 +73,10 @@ HF_TOP_TENSORS: dict[str, tuple[str, bool]] = {
 }
 # FP8 KV-cache scales (a float per layer for K and one for V, or one per KV head, as vLLM reads
 # them: the current `self_attn.{k,v}_scale`, the `{k,v}_proj.output_scale` of earlier FP8
-# checkpoints, and the deprecated `self_attn.kv_scale`, one for both).
+# checkpoints, ModelOpt's `{k,v}_proj.{k,v}_scale`, and the deprecated `self_attn.kv_scale`, one
+# for both).
 _KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\."
-                       r"(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)$")
+                       r"(?:(k|v|kv)_scale|(k|v)_proj\.(?:output_scale|\3_scale))$")
 # Tensors some checkpoints carry that the engine recomputes or does not use (a multimodal
 # checkpoint's vision tower and projector too).
 # FP8 checkpoints' scales (converters/fp8.py) and integer ones' zeros, scales and group indices
@@ -463,6 +465,16 @@ def read_config_dict(model_dir: str) -> dict[str, Any]:
         raise WeightLoadError(f"{path}: cannot read config ({e})") from e
     if not isinstance(d, dict):
         raise WeightLoadError(f"{path}: config is not a JSON object")
+    modelopt = os.path.join(model_dir, "hf_quant_config.json")
+    if not quantization_config(d) and os.path.isfile(modelopt):
+        # ModelOpt's own file, where its exports before config.json's quantization_config put it.
+        try:
+            with open(modelopt) as f:
+                qc = json.load(f)
+            d["quantization_config"] = {**qc, "quant_method": "modelopt"}
+        except (OSError, ValueError, TypeError) as e:
+            raise WeightLoadError(f"{modelopt}: cannot read ModelOpt's quantization config "
+                                  f"({e})") from e
     return d
 
 

@@ -18,7 +18,10 @@ INT_CHECKPOINTS = ("awq", "gptq", "compressed-tensors")
 # Weights in the int4 and int8 layouts (models/int4.py, models/int8.py): those checkpoints, and a
 # GGUF's 4-bit tensors kept small, its 5- to 8-bit ones in the int8 layout (converters/gguf_quant.py).
 INTEGER_QUANTIZATIONS = (*INT_CHECKPOINTS, "gguf")
-QUANTIZATIONS = ("fp8", *INTEGER_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
+# FP8 checkpoints of these methods run as "fp8" (converters/fp8.py); as does a compressed-tensors
+# float-quantized one.
+FP8_CHECKPOINTS = ("modelopt", "fbgemm_fp8")
+QUANTIZATIONS = ("fp8", *FP8_CHECKPOINTS, *INTEGER_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 # Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens),
@@ -71,6 +74,8 @@ class EngineArgs:
                 "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype. "
                 "awq, gptq, compressed-tensors: the 4- or 8-bit weights of such a checkpoint (taken "
                 "from its config.json when not given; a compressed-tensors FP8 one runs as fp8). "
+                "modelopt, fbgemm_fp8: such an FP8 checkpoint, run as fp8 (as any FP8 checkpoint "
+                "is when not given). "
                 "gguf: "
                 "a GGUF file's Q4_0/Q4_1/Q4_K projections kept at 4 bits and Q5_0/Q5_1/Q5_K/Q6_K/"
                 "Q8_0 ones at 8 (otherwise dequantized to dtype).",

@@ -1,6 +1,7 @@
 """FP8 checkpoints (converters/fp8.py): tiny random Llama models written in HF's `fp8` format (per
-tensor and 32x32 blocks) and compressed-tensors' `float-quantized` (per output channel), with the
-formats' tensor names and scales. Per-tensor and per-channel ones keep their float8 bytes and
+tensor and 32x32 blocks), compressed-tensors' `float-quantized` (per output channel), ModelOpt's
+(per tensor and per channel in config.json, 128x128 blocks in its hf_quant_config.json) and
+FBGEMM's (per channel), with the formats' tensor names and scales. Per-tensor and per-channel ones keep their float8 bytes and
 scales in the engine's FP8 layout, which dequantizes to their float32 twin; block-scaled ones are
 requantized per output channel at load from the values they hold, and the engine runs them
 exactly as it runs the twin with quantization="fp8". Linears a checkpoint stores unquantized stay
@@ -19,28 +20,43 @@ from jaxvllm.models.quant import FP8, quantize_fp8
 from hf_builders import save_word_tokenizer, tiny_config, tiny_model
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_FORMATS = {
-    "hf-tensor": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "weight_scale_inv", None),
+_FORMATS = {  # name: (quantization_config, scale suffix, scale layout, ignore list's key)
+    "hf-tensor": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "weight_scale_inv", None,
+                  "modules_to_not_convert"),
     "hf-block": ({"quant_method": "fp8", "activation_scheme": "dynamic",
-                  "weight_block_size": [32, 32]}, "weight_scale_inv", (32, 32)),
+                  "weight_block_size": [32, 32]}, "weight_scale_inv", (32, 32),
+                 "modules_to_not_convert"),
     "ct-channel": ({"quant_method": "compressed-tensors", "format": "float-quantized",
                     "config_groups": {"group_0": {
                         "targets": ["Linear"],
                         "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
-                        "input_activations": {"type": "float", "num_bits": 8, "dynamic": True}}},
-                    "ignore": ["lm_head"]}, "weight_scale", "channel"),
+                        "input_activations": {"type": "float", "num_bits": 8, "dynamic": True}}}},
+                   "weight_scale", "channel", "ignore"),
+    # ModelOpt in config.json: one scale a tensor, stored 0-d, with the static activation scales
+    # (the engine scales activations per token instead)
+    "modelopt-tensor": ({"quant_method": "modelopt", "quant_algo": "FP8"}, "weight_scale", "0-d",
+                        "ignore"),
+    "modelopt-channel": ({"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
+                         "weight_scale", "channel-1d", "ignore"),
+    # ModelOpt's older hf_quant_config.json beside config.json; 128x128 blocks [out, 1, in, 1]
+    "modelopt-block": ({"producer": {"name": "modelopt", "version": "0.29.0"},
+                        "quantization": {"quant_algo": "FP8_PB_WO"}}, "weight_scale", (128, 128),
+                       "exclude_modules"),
+    "fbgemm-channel": ({"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0},
+                       "weight_scale", "channel", "modules_to_not_convert"),
 }
 
 
 def _quantize(w: np.ndarray, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(float8 [out, in], its scale in the format's shape, the float32 the scale dequantizes to)."""
     out, inp = w.shape
-    if layout is None:
-        scale = np.array(np.abs(w).max() / 448.0, np.float32).reshape(1)
-        full = np.full_like(w, scale[0])
-    elif layout == "channel":
+    if layout in (None, "0-d"):
+        scale = np.array(np.abs(w).max() / 448.0, np.float32).reshape(() if layout else (1,))
+        full = np.full_like(w, scale)
+    elif layout in ("channel", "channel-1d"):
         scale = (np.abs(w).max(1, keepdims=True) / 448.0).astype(np.float32)  # [out, 1]
         full = np.broadcast_to(scale, w.shape)
+        scale = scale.reshape(-1) if layout == "channel-1d" else scale
     else:
         bo, bi = layout
         scale = np.zeros((math.ceil(out / bo), math.ceil(inp / bi)), np.float32)
@@ -56,17 +72,22 @@ def _write_pair(tmp_path, fmt: str, unquantized: tuple[str, ...] = ()):
     """An FP8 checkpoint in `fmt` and its float32 twin holding the dequantized weights; and the
     checkpoint's tensors. `unquantized`: linears (HF module names) the checkpoint stores as they
     are, named in its config's ignore list."""
-    cfg = tiny_config("llama", vocab_size=128, hidden_size=64, intermediate_size=80,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      tie_word_embeddings=False)
+    qc, suffix, layout, ignore_key = _FORMATS[fmt]
+    wide = fmt == "modelopt-block"  # several of ModelOpt's fixed 128x128 blocks a weight
+    cfg = tiny_config("llama", vocab_size=128, hidden_size=256 if wide else 64,
+                      intermediate_size=384 if wide else 80, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     tiny_model(cfg, matrix_scale=4.0).save_pretrained(tmp_path / "src")
     tensors = load_file(tmp_path / "src" / "model.safetensors")
-    qc, suffix, layout = _FORMATS[fmt]
     fp8, twin = {}, {}
     for name, w in tensors.items():
         if name.rsplit(".", 2)[-2] in _LINEARS and name[:-len(".weight")] not in unquantized:
             q, scale, deq = _quantize(w.astype(np.float32), layout)
+            if fmt == "modelopt-block":
+                scale = scale[:, None, :, None]
             fp8[name], fp8[name[:-len("weight")] + suffix] = q, scale
+            if fmt.startswith("modelopt"):
+                fp8[name[:-len("weight")] + "input_scale"] = np.array(0.05, np.float32)
             twin[name] = deq
         else:
             fp8[name] = twin[name] = w
@@ -77,9 +98,12 @@ def _write_pair(tmp_path, fmt: str, unquantized: tuple[str, ...] = ()):
         save_file(ts, d / "model.safetensors")
         conf = json.loads((tmp_path / "src" / "config.json").read_text())
         if kind == "fp8":
-            ignored = {"ignore" if "ignore" in qc else "modules_to_not_convert": [
-                *qc.get("ignore", ["lm_head"]), *unquantized]}
-            conf["quantization_config"] = {**qc, **ignored}
+            ignored = ["lm_head", *unquantized]
+            if "quantization" in qc:
+                (d / "hf_quant_config.json").write_text(json.dumps(
+                    {**qc, "quantization": {**qc["quantization"], ignore_key: ignored}}))
+            else:
+                conf["quantization_config"] = {**qc, ignore_key: ignored}
         (d / "config.json").write_text(json.dumps(conf))
         save_word_tokenizer(d, 128)
         dirs[kind] = str(d)
@@ -96,7 +120,7 @@ def test_fp8_checkpoint_loads_as_its_dequantized_twin(tmp_path, fmt):
     dirs, tensors = _write_pair(tmp_path, fmt)
     got = load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False).params
     want = load_model(dirs["twin"], dtype="float32", cache_dir=None, load_tokenizer=False).params
-    kept = _FORMATS[fmt][2] in (None, "channel")
+    kept = not isinstance(_FORMATS[fmt][2], tuple)
     for i, (lg, lw) in enumerate(zip(got["layers"], want["layers"])):
         for k in lw:
             if not kept and k in _HF:  # requantized per output channel from the values it holds
@@ -171,20 +195,22 @@ def test_linears_a_checkpoint_stores_unquantized_stay_so(tmp_path, fmt):
     assert [lp for _, lp in every] != [lp for _, lp in mixed]
 
 
-def test_compressed_tensors_name_takes_a_float_quantized_checkpoint_as_fp8(tmp_path):
-    """quantization="compressed-tensors" (vLLM's name for llm-compressor's checkpoints, which
-    converters/integer.py loads when they are int) runs a float-quantized one as "fp8", and is
-    refused for a checkpoint that is not compressed-tensors."""
+@pytest.mark.parametrize("fmt,name", [("ct-channel", "compressed-tensors"),
+                                      ("modelopt-block", "modelopt"), ("fbgemm-channel", "fbgemm_fp8")])
+def test_a_checkpoint_method_name_takes_its_fp8_checkpoint_as_fp8(tmp_path, fmt, name):
+    """vLLM's name of a checkpoint's method (compressed-tensors: llm-compressor's, which
+    converters/integer.py loads when they are int; modelopt, also from an hf_quant_config.json;
+    fbgemm_fp8) runs an FP8 one as "fp8", and is refused for a checkpoint that is not one."""
     from jaxvllm import LLM
-    dirs, _ = _write_pair(tmp_path, "ct-channel")
+    dirs, _ = _write_pair(tmp_path, fmt)
     kw = dict(dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
               num_gpu_blocks_override=16, enforce_eager=True, token_buckets=(8, 32),
-              quantization="compressed-tensors")
+              quantization=name)
     llm = LLM(model=dirs["fp8"], **kw)
     assert llm.llm_engine.args.quantization == "fp8"
     assert llm.llm_engine.runner.params["layers"][0]["q"].dtype == jnp.float8_e4m3fn
     del llm
-    with pytest.raises(ValueError, match="loads a compressed-tensors checkpoint"):
+    with pytest.raises(ValueError, match=f"quantization={name!r} loads"):
         LLM(model=dirs["twin"], **kw)
 
 
@@ -224,6 +250,11 @@ def test_fp8_checkpoint_errors_name_the_problem(tmp_path):
     conf_path.write_text(json.dumps({**conf, "quantization_config": {"quant_method": "bitsandbytes"}}))
     with pytest.raises(ValueError, match="quant_method 'bitsandbytes'"):
         load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False)
+    # ModelOpt's other algorithms (FP4): refused by name.
+    conf_path.write_text(json.dumps({**conf, "quantization_config": {
+        "quant_method": "modelopt", "quant_algo": "NVFP4"}}))
+    with pytest.raises(ValueError, match="quant_algo 'NVFP4'"):
+        load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False)
     # A block size the scales do not fit: the tensor is named.
     conf_path.write_text(json.dumps({**conf, "quantization_config": {
         "quant_method": "fp8", "weight_block_size": [16, 16]}}))
@@ -232,4 +263,8 @@ def test_fp8_checkpoint_errors_name_the_problem(tmp_path):
     # float8 tensors with no quantization_config at all.
     conf_path.write_text(json.dumps({k: v for k, v in conf.items() if k != "quantization_config"}))
     with pytest.raises(WeightLoadError, match="float8 but config.json has no quantization_config"):
+        load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False)
+    # ModelOpt's hf_quant_config.json beside it, unreadable: the file is named.
+    (tmp_path / "fp8" / "hf_quant_config.json").write_text("{not json")
+    with pytest.raises(WeightLoadError, match="hf_quant_config.json: cannot read"):
         load_model(dirs["fp8"], dtype="float32", cache_dir=None, load_tokenizer=False)

@@ -1,5 +1,5 @@
-"""FP8 KV-cache scales from a checkpoint (`model.layers.N.self_attn.{k,v}_scale`, or the older
-`{k,v}_proj.output_scale`): loaded a float per layer or one per KV head, applied by an FP8 cache
+"""FP8 KV-cache scales from a checkpoint (`model.layers.N.self_attn.{k,v}_scale`, the older
+`{k,v}_proj.output_scale`, or ModelOpt's `{k,v}_proj.{k,v}_scale`): loaded a float per layer or one per KV head, applied by an FP8 cache
 (K / k_scale and V / v_scale stored, the query and the output scaled back), ignored by a bf16 or
 float32 cache."""
 import numpy as np
@@ -48,8 +48,8 @@ def _layers(path: str) -> list:
 
 
 def test_kv_cache_scales_load_by_any_name(tmp_path):
-    """The current names, the older `output_scale` and the deprecated `kv_scale`; as vLLM, a layer
-    with one scale uses it for both, one with none takes 1."""
+    """The current names, the older `output_scale`, ModelOpt's and the deprecated `kv_scale`; as
+    vLLM, a layer with one scale uses it for both, one with none takes 1."""
     layers = _layers(_write(tmp_path, {"model.layers.0.self_attn.k_scale": 0.5,
                                        "model.layers.0.self_attn.v_scale": [8.0],
                                        "model.layers.1.self_attn.v_proj.output_scale": 4.0}))
@@ -60,6 +60,10 @@ def test_kv_cache_scales_load_by_any_name(tmp_path):
     assert [(float(lp["k_cache_scale"]), float(lp["v_cache_scale"])) for lp in layers] == [
         (1.0, 1.0), (2.0, 2.0)]
     assert "k_cache_scale" not in _layers(_write(tmp_path, {}))[0]
+    layers = _layers(_write(tmp_path, {"model.layers.0.self_attn.k_proj.k_scale": 0.25,  # ModelOpt
+                                       "model.layers.0.self_attn.v_proj.v_scale": 0.5}))
+    assert [(float(lp["k_cache_scale"]), float(lp["v_cache_scale"])) for lp in layers] == [
+        (0.25, 0.5), (1.0, 1.0)]
 
 
 def test_per_head_kv_cache_scales_load_as_vectors(tmp_path, caplog):

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, INT_CHECKPOINTS,
+from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, FP8_CHECKPOINTS, INT_CHECKPOINTS,
                             INTEGER_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS, EngineArgs)
 from jaxvllm.core.scheduler import SchedulerConfig
 
@@ -120,10 +120,10 @@ def _fp8_checkpoint(loaded: Any) -> bool:
 
 def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]:
     """The quantization the loaded checkpoint's own config implies, as vLLM takes it: an FP8
-    checkpoint turns "fp8" on (a compressed-tensors one runs as "fp8" when asked for
-    "compressed-tensors" too), an integer one (4 or 8 bits) is its method; asking for an integer
-    method of a checkpoint that is not one, or for another method than an integer checkpoint's, is
-    a ValueError."""
+    checkpoint turns "fp8" on (and runs as "fp8" when asked for by its own method's name:
+    "compressed-tensors", "modelopt", "fbgemm_fp8"), an integer one (4 or 8 bits) is its method;
+    asking for a checkpoint method of a checkpoint that is not one, or for another method than an
+    integer checkpoint's, is a ValueError."""
     from converters.integer import int_checkpoint
     from converters.quant_config import quantization_config
     hf = loaded.hf_config if loaded.load_format == "safetensors" else {}
@@ -134,9 +134,11 @@ def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]
                              f"int{integer.bits} checkpoint of quantization={integer.method!r}")
         return integer.method
     fp8 = _fp8_checkpoint(loaded)
-    if (fp8 and asked == "compressed-tensors"
-            and quantization_config(hf).get("quant_method") == "compressed-tensors"):
-        asked = None  # its float-quantized weights are the FP8 path's
+    if fp8 and asked == quantization_config(hf).get("quant_method"):
+        asked = None  # its float8 weights are the FP8 path's
+    if asked in FP8_CHECKPOINTS:
+        raise ValueError(f"quantization={asked!r} loads the FP8 weights of {asked} checkpoints; "
+                         f"{loaded.source} ({loaded.load_format}) is not one")
     if asked in INT_CHECKPOINTS and loaded.load_format != "dummy":  # dummy weights: quantized in load()
         what = ("a compressed-tensors checkpoint (int pack-quantized or FP8 float-quantized)"
                 if asked == "compressed-tensors" else f"the integer weights of {asked.upper()} "
