@@ -6,9 +6,10 @@ tokens pick at the measured copy bandwidth, or their FLOPs at a measured bf16 ma
 whichever is larger).
 
     PYTHONPATH=. python3 bench/moe.py --model bench/configs/qwen3-30b-a3b [--tokens 1 8 64 256 2048]
-        [--sweep]
+        [--sweep] [--fp8]
 
-Random bf16 weights and inputs (routing near uniform); each time is the median per call of a jitted
+Random bf16 weights and inputs (routing near uniform); `--fp8`: the experts in FP8 as
+`quantization="fp8"` stores them (models/quant.py), the roofline counting their bytes; each time is the median per call of a jitted
 layer called back to back. Every way is checked against XLA's ragged_dot first (the Mosaic kernel where
 `--max-xla-rows` skips it). `--sweep` also
 times the routed kernel over a grid of tiles per token count.
@@ -41,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
           "experts_gate": jax.random.normal(ks[1], (e, h, m), jnp.bfloat16) * 0.02,
           "experts_up": jax.random.normal(ks[2], (e, h, m), jnp.bfloat16) * 0.02,
           "experts_down": jax.random.normal(ks[3], (e, m, h), jnp.bfloat16) * 0.02}
+    if args.fp8:
+        from jaxvllm.models.quant import EXPERTS, quantize_experts_fp8
+        for name in EXPERTS:
+            lp[name], lp[name + "_scale"] = quantize_experts_fp8(lp[name])
     on_gpu = jax.default_backend() == "gpu"
     copy_bw = common.measure_bandwidth(1 << (31 if on_gpu else 23))
     n = 8192 if on_gpu else 512
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
              for bk, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4,), (3, 4))
              if routed_experts.fits(h, m, *(routed_experts.ExpertTiles(bk=bk, bn=bn),) * 2)
              ] if args.sweep and "routed" in ways else []
-    expert_bytes = 3 * h * m * 2
+    expert_bytes = 3 * h * m * (1 if args.fp8 else 2)
     rows, result = [], {"copy_tbs": copy_bw / 1e12, "matmul_tflops": flops / 1e12, "tokens": {}}
     for t in args.tokens:
         x = jax.random.normal(jax.random.fold_in(ks[4], t), (t, h), jnp.bfloat16)
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         ref = np.asarray(ways[ref_way](lp, x), np.float32)
         picked = jax.lax.top_k(x @ lp["router"], k)[1]
         distinct = int(np.unique(np.asarray(picked)).size)
-        roof = max(distinct * expert_bytes / copy_bw, 2 * t * k * expert_bytes / 2 / flops)
+        roof = max(distinct * expert_bytes / copy_bw, 2 * t * k * 3 * h * m / flops)
         res = result["tokens"][t] = {"roofline_us": roof * 1e6, "distinct_experts": distinct}
         for name, fn in ways.items():
             if name == "xla_ragged_dot" and t * k > args.max_xla_rows:
@@ -87,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                     + [f"{res.get(w + '_us', float('nan')):.1f}"
                        for w in ("routed", "mosaic", "xla_ragged_dot")])
     common.emit(result, args, f"{cfg.architecture} MoE layer: {e} experts, top {k}, hidden {h}, "
-                f"expert intermediate {m}, bf16; {jax.devices()[0].device_kind}, copy "
+                f"expert intermediate {m}, {'FP8 experts' if args.fp8 else 'bf16'}; "
+                f"{jax.devices()[0].device_kind}, copy "
                 f"{copy_bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s\n" + common.table(
                     rows, ["tokens", "experts picked", "roofline us", "engine us", "of roofline",
                            "its max rel diff", "routed kernel us", "Mosaic GPU us",
@@ -104,6 +110,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "shapes it allocates far more than the weights.")
     parser.add_argument("--sweep", action="store_true",
                         help="Also time the routed kernel over a grid of tiles.")
+    parser.add_argument("--fp8", action="store_true",
+                        help="The experts in FP8, a scale per expert and output channel.")
     common.add_output_args(parser)
 
 

@@ -349,11 +349,24 @@ class ParamsBuilder:
                 layer[key + "_perm"] = jnp.asarray(w.perm)
         self.done.add(name)
 
+    def takes_fp8(self, name: str) -> bool:
+        """Whether weight `name` (HF) has an FP8 layout (models/quant.py): a linear that
+        takes_quantized, or one expert of a mixture-of-experts layer."""
+        path, _ = self.expected[text_model_name(name)]
+        return self.takes_quantized(name) or (path[0] == "layers" and len(path) == 4)
+
     def add_fp8(self, name: str, q: np.ndarray, scale: np.ndarray,
                 file: Optional[str] = None) -> None:
-        """An FP8 linear (one that takes_quantized) kept in the FP8 layout (models/quant.py): float8
-        `q` [out, in] as it is, `scale` float32 [out]."""
+        """A weight that takes_fp8, kept in its FP8 layout (models/quant.py): float8 `q` [out, in]
+        as it is (one expert's transposed into its stack, [experts, in, out]), `scale` float32
+        [out]."""
         name, path, _ = self._claim(name, file)
+        if len(path) == 4:  # one expert: stacked with its scales once the layer has them all
+            layer = self.params["layers"][path[1]]
+            for key, value in ((path[2], np.ascontiguousarray(q.T)), (path[2] + "_scale", scale)):
+                layer.setdefault(key, [None] * self.cfg.num_experts)[path[3]] = jnp.asarray(value)
+            self.done.add(name)
+            return
         for layer, key, rows in self._output_rows(path):
             layer[key] = jnp.asarray(np.ascontiguousarray(q[rows]))
             layer[key + "_scale"] = jnp.asarray(scale[rows])
@@ -395,9 +408,12 @@ class ParamsBuilder:
                 layer.update({key: jnp.asarray(np.broadcast_to(have.get(key, one), (size,))
                                                .reshape((size,) if per_head else ()))
                               for key in KV_CACHE_SCALES})
-        for layer in self.params["layers"]:
+        for i, layer in enumerate(self.params["layers"]):
             for key, value in layer.items():
                 if isinstance(value, list):
+                    if any(v is None for v in value) or len({v.dtype for v in value}) > 1:
+                        raise WeightLoadError(f"{self.source}: layer {i}'s {key}: the checkpoint "
+                                              "holds some of its experts in float8 and others not")
                     layer[key] = jnp.stack(value)
                     value.clear()  # each expert's own copy goes now, not with the whole model
         return self.params
@@ -611,12 +627,12 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
                 if is_fp8:
                     scale = fp8_scale(name, names, path)
                     kept = (fp8_channel_scales(fp8, name, tensor, scale, path)
-                            if builder.takes_quantized(name) else None)
+                            if builder.takes_fp8(name) else None)
                     if kept is not None:
                         builder.add_fp8(name, tensor, kept, path)
                         continue
                     tensor = dequantize_fp8(fp8, name, tensor, scale, path)
-                    if builder.takes_quantized(name):  # block scales: one per output channel
+                    if builder.takes_fp8(name):  # block scales: one per output channel
                         q, channel = quantize_fp8(jnp.asarray(tensor).T)
                         builder.add_fp8(name, np.asarray(q), np.asarray(channel), path)
                         continue

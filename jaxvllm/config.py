@@ -71,7 +71,8 @@ class EngineArgs:
                                                        "choices": LOAD_FORMATS})
     quantization: Optional[str] = field(default=None, metadata={
         "help": "fp8: linear weights quantized to FP8 (e4m3) on load, per output channel, and "
-                "activations per token (W8A8); the embedding, LM head and MoE experts keep dtype. "
+                "activations per token (W8A8); MoE experts per expert and output channel (weight-only); "
+                "the embedding and LM head keep dtype. "
                 "awq, gptq, compressed-tensors: the 4- or 8-bit weights of such a checkpoint (taken "
                 "from its config.json when not given; a compressed-tensors FP8 one runs as fp8). "
                 "modelopt, fbgemm_fp8: such an FP8 checkpoint, run as fp8 (as any FP8 checkpoint "

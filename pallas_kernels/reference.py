@@ -214,19 +214,26 @@ def make_attention_batch(q_lens: Sequence[int], kv_lens: Sequence[int], *, num_q
     return AttentionBatch(jax.random.normal(kq, q_shape, dtype), caches, metadata, int(qsl[n]))
 
 
-def routed_swiglu_reference(rows, group_sizes, w_gate, w_up, w_down):
+def routed_swiglu_reference(rows, group_sizes, w_gate, w_up, w_down, scales=None):
     """Mixture-of-experts SwiGLU over rows sorted by expert, each row with its own expert's weights
-    gathered (the routed-experts kernel's reference; rows past the groups come out zero)."""
+    gathered (the routed-experts kernel's reference; rows past the groups come out zero).
+    `scales`: FP8 weights' scales per expert and output column, [E, I], [E, I], [E, H]."""
     n = rows.shape[0]
     ends = jnp.cumsum(group_sizes)
     expert = jnp.searchsorted(ends, jnp.arange(n), side="right")
     valid = expert < group_sizes.shape[0]
     expert = jnp.minimum(expert, group_sizes.shape[0] - 1)
-    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    gate = f32("nh,nhi->ni", rows, w_gate[expert])
-    up = f32("nh,nhi->ni", rows, w_up[expert])
-    act = (jax.nn.silu(gate) * up).astype(rows.dtype)
-    out = f32("ni,nih->nh", act, w_down[expert]).astype(rows.dtype)
+    ones = jnp.ones((group_sizes.shape[0], 1), jnp.float32)
+    gate_scale, up_scale, down_scale = (ones,) * 3 if scales is None else scales
+
+    def product(x, w, scale):
+        y = jnp.einsum("nk,nkc->nc", x, w[expert].astype(x.dtype),
+                       preferred_element_type=jnp.float32)
+        return y * scale[expert]
+
+    act = (jax.nn.silu(product(rows, w_gate, gate_scale))
+           * product(rows, w_up, up_scale)).astype(rows.dtype)
+    out = product(act, w_down, down_scale).astype(rows.dtype)
     return jnp.where(valid[:, None], out, 0)
 
 

@@ -95,18 +95,25 @@ def test_gpu_fp8_linear_reads_the_fp8_weight_where_it_lies(tokens):
     assert np.abs(y - full).max() < 0.06 * np.abs(full).max()
 
 
-def test_quantize_params_keeps_norms_embeddings_and_experts():
+def test_quantize_params_keeps_norms_embeddings_and_routers():
+    experts = jax.random.normal(jax.random.key(0), (2, 4, 3))
     params = {"embed": jnp.ones((8, 4)), "final_norm": jnp.ones(4),
               "layers": [{"q": jnp.ones((4, 4)), "q_bias": jnp.ones(4), "input_norm": jnp.ones(4),
-                          "router": jnp.ones((4, 2)), "experts_gate": jnp.ones((2, 4, 3)),
+                          "router": jnp.ones((4, 2)), "experts_gate": experts,
                           "shared_down": jnp.ones((3, 4))}]}
     out = quantize_params(params, "fp8")
     lp = out["layers"][0]
     assert lp["q"].dtype == jnp.float8_e4m3fn and lp["q_scale"].shape == (4,)
     assert lp["shared_down"].dtype == jnp.float8_e4m3fn and lp["shared_down"].shape == (4, 3)
     assert lp["shared_down_scale"].shape == (4,)
-    for name in ("q_bias", "input_norm", "router", "experts_gate"):
+    for name in ("q_bias", "input_norm", "router"):
         assert lp[name].dtype == jnp.float32 and name + "_scale" not in lp
+    # experts keep their [experts, in, out] layout, a scale per expert and output channel
+    assert lp["experts_gate"].dtype == jnp.float8_e4m3fn and lp["experts_gate"].shape == (2, 4, 3)
+    want = np.abs(np.asarray(experts)).max(axis=1) / 448
+    np.testing.assert_allclose(np.asarray(lp["experts_gate_scale"]), want, rtol=1e-6)
+    deq = np.asarray(lp["experts_gate"], np.float32) * want[:, None, :]
+    np.testing.assert_allclose(deq, np.asarray(experts), rtol=2 ** -4, atol=1e-6)
     assert out["embed"].dtype == jnp.float32 and params["layers"][0]["q"].dtype == jnp.float32
     with pytest.raises(ValueError, match="quantization"):
         quantize_params(params, "int3")

@@ -1,5 +1,5 @@
 """The routed-experts kernel (Pallas Triton, interpret mode on CPU) against its pure-jnp reference
-and XLA's ragged_dot, and the MoE layer's padding rows."""
+and XLA's ragged_dot, over float and FP8 experts, and the MoE layer's padding rows."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +7,7 @@ import pytest
 
 from jaxvllm.models import moe
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.quant import quantize_experts_fp8
 from pallas_kernels import routed_experts
 from pallas_kernels.reference import routed_swiglu_reference
 
@@ -101,3 +102,28 @@ def test_moe_layer_with_the_routed_kernel_masks_undefined_rows():
     got = moe.moe(cfg, lp, x, routed, num_tokens=jnp.int32(5))
     want = moe.moe(cfg, lp, x, moe.grouped_swiglu, num_tokens=jnp.int32(5))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fp8_experts_read_as_stored_match_their_dequantized_weights(dtype):
+    """FP8 experts (a scale per expert and output column): the routed kernel, which converts each
+    tile in registers and scales its columns, equals the reference on the same FP8 weights and
+    XLA's grouped GEMM over the weights dequantized; all within FP8's rounding of the float
+    weights."""
+    h, i = 64, 96
+    sizes = jnp.array([3, 0, 17, 0, 1, 2], jnp.int32)
+    rows = jax.random.normal(jax.random.key(7), (23, h), jnp.float32).astype(dtype)
+    w = _weights(jax.random.key(8), 6, h, i)
+    q, scales = zip(*(quantize_experts_fp8(a) for a in w))
+    assert all(a.dtype == jnp.float8_e4m3fn for a in q)
+    got = routed_experts.routed_swiglu(rows, sizes, *q, scales, gate_up_tiles=_TILES,
+                                       down_tiles=_TILES, interpret=True)
+    ref = routed_swiglu_reference(rows, sizes, *q, scales)
+    xla = moe.grouped_swiglu(rows, sizes, *q, scales)
+    f32 = lambda a: np.asarray(a, np.float32)
+    # bf16: XLA's path rounds the dequantized weights and gate's and up's outputs to bf16
+    tol = (1e-4 if dtype == jnp.float32 else 2e-2) * np.abs(f32(ref)).max()
+    np.testing.assert_allclose(f32(got), f32(ref), rtol=0, atol=tol)
+    np.testing.assert_allclose(f32(xla), f32(ref), rtol=0, atol=tol)
+    exact = f32(routed_swiglu_reference(rows.astype(jnp.float32), sizes, *w))
+    assert np.abs(f32(got) - exact).max() < 0.08 * np.abs(exact).max()

@@ -279,6 +279,9 @@ def _worker(out_path: str) -> None:
         _save_model(moe, "qwen2_moe", hidden=64, kv_heads=4, num_experts=4, num_experts_per_tok=2,
                     moe_intermediate_size=32, shared_expert_intermediate_size=64)
         report["qwen2_moe"] = {tp: _run_engine(moe, tp, "float32", inspect=False) for tp in (1, 4)}
+        # FP8 experts: their scales split with gate's and up's outputs, down's whole.
+        report["qwen2_moe_fp8"] = {tp: _run_engine(moe, tp, "float32", inspect=False,
+                                                   quantization="fp8") for tp in (1, 4)}
         # Gemma 2: soft-capped attention per device, local and global layers.
         gemma = os.path.join(tmp, "gemma2")
         _save_model(gemma, "gemma2", hidden=64, kv_heads=4, head_dim=16, query_pre_attn_scalar=16,
@@ -399,7 +402,8 @@ def test_token_masks_hold_under_tp(report):
         assert masked != report["llama"][tp]["tokens"]  # the mask mattered
 
 
-@pytest.mark.parametrize("model, tp", [("qwen2_moe", 4), ("gemma2", 2), ("qwen2_fp8", 4)])
+@pytest.mark.parametrize("model, tp", [("qwen2_moe", 4), ("gemma2", 2), ("qwen2_fp8", 4),
+                                       ("qwen2_moe_fp8", 4)])
 def test_other_families_greedy_tokens_match_tp1(report, model, tp):
     ref, got = report[model][1], report[model][tp]
     assert got["tokens"] == ref["tokens"]
@@ -408,7 +412,7 @@ def test_other_families_greedy_tokens_match_tp1(report, model, tp):
 
 
 @pytest.mark.parametrize("model, tp", [("llama", 8), ("qwen2", 4), ("qwen2_fp8", 4),
-                                       ("qwen2_moe", 4), ("gemma2", 2)])
+                                       ("qwen2_moe", 4), ("qwen2_moe_fp8", 4), ("gemma2", 2)])
 def test_chunked_update_under_tp_equals_a_whole_one(report, model, tp):
     """start_weight_update / update_weights(chunk) / finish_weight_update on a sharded engine
     (replicated KV heads at Llama 8 and Qwen2 4, FP8 weights quantized on arrival)."""
@@ -426,7 +430,7 @@ def test_update_weights_from_another_mesh_reshards_on_device(report):
 
 
 @pytest.mark.parametrize("model, tp", [("gemma2", 2), ("llama", 8), ("qwen2", 4), ("qwen2_moe", 4),
-                                       ("qwen2_fp8", 4)])
+                                       ("qwen2_fp8", 4), ("qwen2_moe_fp8", 4)])
 def test_update_weights_under_tp(report, model, tp):
     ref, got = report[model][1], report[model][tp]
     assert got["tokens_after_update"] == ref["tokens_after_update"]

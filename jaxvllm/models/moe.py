@@ -3,9 +3,10 @@ experts' SwiGLU over the routed rows as grouped GEMMs (bench/RESULTS.md, "Mixtur
 
 The k copies of every token are sorted by expert, so each expert's rows are contiguous, and an
 `ExpertsFn` computes every row's SwiGLU with its own expert: `(rows [N, H], group_sizes [E],
-w_gate [E, H, I], w_up [E, H, I], w_down [E, I, H]) -> [N, H]`. Under tensor
-parallelism each device holds every expert's slice of I and the rows whole (worker/sharding.py
-wraps the function per device and sums the partial outputs).
+w_gate [E, H, I], w_up [E, H, I], w_down [E, I, H], scales) -> [N, H]`, where `scales` is None,
+or for FP8 experts (models/quant.py) their scales per expert and output channel, ([E, I], [E, I],
+[E, H]). Under tensor parallelism each device holds every expert's slice of I and the rows whole
+(worker/sharding.py wraps the function per device and sums the partial outputs).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.layers import gated_mlp
+from jaxvllm.models.quant import EXPERTS, FP8, dequantize_experts
 from pallas_kernels import routed_experts
 
 ExpertsFn = Callable[..., jax.Array]
@@ -38,8 +40,9 @@ def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn,
     order = jnp.argsort(flat, stable=True)                         # rows grouped by expert
     token = order // k
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    out = experts_fn(x[token], group_sizes, lp["experts_gate"], lp["experts_up"],
-                     lp["experts_down"])
+    scales = (tuple(lp[n + "_scale"] for n in EXPERTS) if lp["experts_gate"].dtype == FP8
+              else None)
+    out = experts_fn(x[token], group_sizes, *(lp[n] for n in EXPERTS), scales)
     # Rows outside every group are undefined in the kernels' output.
     out = out * weights.reshape(-1)[order][:, None].astype(x.dtype)
     y = jnp.zeros_like(x).at[token].add(jnp.where((flat[order] < e)[:, None], out, 0))
@@ -59,23 +62,29 @@ ROUTED_MAX_ROWS_PER_EXPERT = 8
 
 
 def experts_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array) -> jax.Array:
+                   w_down: jax.Array, scales: Optional[tuple[jax.Array, ...]] = None) -> jax.Array:
     """The default ExpertsFn on the GPU: for a few rows the routed-experts kernel
-    (pallas_kernels/routed_experts.py), for more JAX's Mosaic GPU grouped GEMM on Hopper in
-    bf16/f16 where its tiles fit; XLA's ragged_dot elsewhere (CPU; 5-20x slower on the GPU)."""
+    (pallas_kernels/routed_experts.py; FP8 experts read as stored), for more JAX's Mosaic GPU
+    grouped GEMM on Hopper in bf16/f16 where its tiles fit; XLA's ragged_dot elsewhere (CPU;
+    5-20x slower on the GPU)."""
     if jax.default_backend() == "gpu":
         few_rows = rows.shape[0] <= ROUTED_MAX_ROWS_PER_EXPERT * w_gate.shape[0]
         if few_rows and routed_experts.fits(rows.shape[1], w_gate.shape[2]):
-            return routed_experts.routed_swiglu(rows, group_sizes, w_gate, w_up, w_down)
+            return routed_experts.routed_swiglu(rows, group_sizes, w_gate, w_up, w_down, scales)
         if _mosaic_fits(rows, w_gate):
-            return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, mosaic_ragged_dot)
-    return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down)
+            return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, scales,
+                                  mosaic_ragged_dot)
+    return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, scales)
 
 
 def grouped_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array,
+                   w_down: jax.Array, scales: Optional[tuple[jax.Array, ...]] = None,
                    gemm: Callable[..., jax.Array] = jax.lax.ragged_dot) -> jax.Array:
-    """One grouped GEMM per projection over the rows sorted by expert."""
+    """One grouped GEMM per projection over the rows sorted by expert; FP8 experts dequantized to
+    the rows' dtype first."""
+    if scales is not None:
+        w_gate, w_up, w_down = (dequantize_experts(w, s, rows.dtype)
+                                for w, s in zip((w_gate, w_up, w_down), scales))
     gate = gemm(rows, w_gate, group_sizes)
     up = gemm(rows, w_up, group_sizes)
     return gemm(jax.nn.silu(gate) * up, w_down, group_sizes)

@@ -26,7 +26,8 @@ cuBLASLt's FP8 GEMM reads) with a float32 `<name>_scale` [out] beside each. With
 and Q4_K) [groups, out], and `<name>_perm` int32 [in] for GPTQ in activation order. A GGUF's 5- to
 8-bit projection (models/int8.py) is int8 [out, in] with `<name>_scale` and, for Q5_1 and Q5_K,
 `<name>_min` [groups, out] (float32). A checkpoint with FP8 KV-cache scales adds KV_CACHE_SCALES
-to every layer, float32 scalars or [kv_heads] vectors (models/llama.attend).
+to every layer, float32 scalars or [kv_heads] vectors (models/llama.attend). FP8 experts keep
+their [experts, in, out] as float8 with `<name>_scale` [experts, out] (float32).
 """
 from __future__ import annotations
 

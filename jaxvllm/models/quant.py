@@ -8,7 +8,13 @@ beside it (models/params.py). [out, in] is the K-major layout cuBLASLt's FP8 GEM
 operands in: with the [in, out] of the model's other weights XLA transposed every FP8 weight on
 every step (a copy of the weight, read and written, beside the GEMM that reads it). Tensor
 parallelism splits an FP8 weight and its scale by that layout (worker/sharding.py). The embedding,
-the LM head, norms, routers and the experts of mixture-of-experts layers stay in the model's dtype.
+the LM head, norms and routers stay in the model's dtype.
+
+The experts of mixture-of-experts layers are stored in float8 e4m3 in their own layout, [experts,
+in, out] as the model's dtype holds them, with `<name>_scale` [experts, out]: one scale per expert
+and output channel. They run weight-only (models/moe.py): the routed-experts kernel converts each
+tile in registers, the grouped GEMMs for many rows take the weights dequantized to the model's
+dtype.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from pallas_kernels.reference import FP8, quantize_rows_fp8
 
 # The linear weights quantized (the dense MLP, attention, a shared expert).
 QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+# A mixture-of-experts layer's routed experts, [experts, in, out] (models/params.py).
+EXPERTS = ("experts_gate", "experts_up", "experts_down")
 
 
 @jax.jit
@@ -37,6 +45,19 @@ def quantize_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     each output channel's largest magnitude mapped to the format's largest (448)."""
     q, scale = quantize_rows_fp8(w.T)  # a row of w.T is an output channel
     return q, scale[:, 0]
+
+
+@jax.jit
+def quantize_experts_fp8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Experts [E, in, out] -> (float8 e4m3 [E, in, out], float32 scale [E, out]), each expert's
+    output channels scaled as quantize_fp8 scales a linear's."""
+    q, scale = quantize_rows_fp8(jnp.swapaxes(w, 1, 2))
+    return jnp.swapaxes(q, 1, 2), scale[..., 0]
+
+
+def dequantize_experts(w: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
+    """FP8 experts [E, in, out] with their scales [E, out] as `dtype`."""
+    return (w.astype(jnp.float32) * scale[:, None, :]).astype(dtype)
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = False,
@@ -126,19 +147,24 @@ def fp8_gated_mlp(x: jax.Array, lp: dict, names: tuple[str, str, str],
 
 def quantize_params(params: dict[str, Any], method: str, consume: bool = False
                     ) -> dict[str, Any]:
-    """A new params tree with every weight in QUANTIZED replaced by its FP8 form plus
+    """A new params tree with every weight in QUANTIZED and EXPERTS replaced by its FP8 form plus
     `<name>_scale`; one already in FP8 (weights quantized before) stays as it is, with its scale.
     `consume`: as map_linears's. (New weights for a running model: models/requant.py.)"""
     if method != "fp8":  # integer checkpoints arrive quantized (converters/integer.py)
         raise ValueError(f"quantization {method!r} does not quantize weights on load: only 'fp8' "
                          f"does (one of {QUANTIZATIONS})")
     return map_linears(params, lambda w: {"": w} if w.dtype == FP8 else
-                       dict(zip(("", "_scale"), quantize_fp8(w))), consume)
+                       dict(zip(("", "_scale"), fp8_weight(w))), consume, QUANTIZED + EXPERTS)
+
+
+def fp8_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A linear [in, out] or experts [E, in, out] weight in its FP8 layout, with its scales."""
+    return quantize_experts_fp8(w) if w.ndim == 3 else quantize_fp8(w)
 
 
 def map_linears(params: dict[str, Any], quantize: Callable[[jax.Array], dict[str, Any]],
-                consume: bool = False) -> dict[str, Any]:
-    """A new params tree with each weight `name` in QUANTIZED replaced by the entries
+                consume: bool = False, names: tuple[str, ...] = QUANTIZED) -> dict[str, Any]:
+    """A new params tree with each weight `name` in `names` replaced by the entries
     `quantize(weight)` returns, keyed by suffix ("" for the weight itself, "_scale", ...).
     Without `consume`, `params` is left as it is and loading peaks at the model in its dtype plus
     its quantized copy. With it, each weight replaced is freed as soon as its replacement exists
@@ -146,7 +172,7 @@ def map_linears(params: dict[str, Any], quantize: Callable[[jax.Array], dict[str
     layers = []
     for lp in params["layers"]:
         lp = dict(lp)
-        for name in QUANTIZED:
+        for name in names:
             if name in lp:
                 w = lp.pop(name)
                 new = quantize(w)

@@ -1,7 +1,7 @@
 """New weights in a running quantized model's layouts (a weight swap, LLM.update_weights, on an FP8,
 AWQ, GPTQ, compressed-tensors or GGUF model): each linear the model holds quantized is rounded to
-nearest in the same layout: FP8 per output channel (models/quant.py); int4 (models/int4.py) or
-int8 (models/int8.py) in the same groups of inputs, offset kind (zero points or a min), input
+nearest in the same layout: FP8 per output channel (and per expert; models/quant.py); int4
+(models/int4.py) or int8 (models/int8.py) in the same groups of inputs, offset kind (zero points or a min), input
 order (GPTQ's activation order, kept as it is) and fused projections ("q+k+v" from the new q, k
 and v), with no calibration data: neither AWQ's scale search nor GPTQ's error feedback. The new
 weights arrive in the engine's unquantized layout (models/params.py: [in, out], a float dtype);
@@ -22,10 +22,11 @@ from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import FUSED, INT4, offset, quantize_int4
 from jaxvllm.models.int8 import INT8, quantize_int8
 from jaxvllm.models.params import KV_CACHE_SCALES, layer_shapes, param_shapes
-from jaxvllm.models.quant import FP8, QUANTIZED, quantize_fp8
+from jaxvllm.models.quant import EXPERTS, FP8, QUANTIZED, fp8_weight
 
-# The weights a quantized layer can hold: each projection and the fused ones (fuse_projections).
-_WEIGHTS = (*QUANTIZED, *("+".join(names) for names in FUSED))
+# The weights a quantized layer can hold: each projection, the fused ones (fuse_projections) and
+# FP8 experts.
+_WEIGHTS = (*QUANTIZED, *("+".join(names) for names in FUSED), *EXPERTS)
 
 
 def _quantized_weights(like: dict[str, Any]) -> list[str]:
@@ -40,12 +41,12 @@ def _host(a: jax.Array) -> np.ndarray:
 
 
 def quantize_as(w: Any, like: dict[str, Any], name: str) -> dict[str, Any]:
-    """w [in, out] as the layer params `like` store their quantized weight `name`: the weight, its
-    scales and offsets by full name ("q+k+v", "q+k+v_scale", ...) and `like`'s input order (the
-    stored weight's inputs come in the order the layer gathers x in)."""
+    """w [in, out] ([experts, in, out]) as the layer params `like` store their quantized weight
+    `name`: the weight, its scales and offsets by full name ("q+k+v", "q+k+v_scale", ...) and
+    `like`'s input order (the stored weight's inputs come in the order the layer gathers x in)."""
     w = jnp.asarray(w)
     if like[name].dtype == FP8:
-        return dict(zip((name, name + "_scale"), quantize_fp8(w)))
+        return dict(zip((name, name + "_scale"), fp8_weight(w)))
     perm = like.get(name + "_perm")
     if perm is not None:
         w = jnp.take(w, jnp.asarray(_host(perm)), axis=0)

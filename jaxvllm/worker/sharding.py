@@ -62,7 +62,7 @@ from jaxvllm.models.grouped import ROW_PARALLEL, TP_AXIS
 from jaxvllm.models.int4 import INT4
 from jaxvllm.models.int8 import INT8
 from jaxvllm.models.params import KV_CACHE_SCALES
-from jaxvllm.models.quant import FP8
+from jaxvllm.models.quant import EXPERTS, FP8
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ LAYER_RULES: dict[str, P] = {
     "router": P(), "shared_router": P(),
     "experts_gate": P(None, None, AXIS), "experts_up": P(None, None, AXIS),
     "experts_down": P(None, AXIS, None),
+    "experts_gate_scale": P(None, AXIS), "experts_up_scale": P(None, AXIS), "experts_down_scale": P(),
     # FP8 weights' per-output-channel scales (models/quant.py): split as their weight's output.
     **{f"{n}_scale": P(AXIS) for n in _COLUMN_PARALLEL},
     **{f"{n}_scale": P() for n in ROW_PARALLEL},
@@ -200,11 +201,20 @@ class TPShardings:
         are summed (the all-reduce of a dense MLP's down projection)."""
         mesh, rep = self.mesh, P()
         col, row = LAYER_RULES["experts_gate"], LAYER_RULES["experts_down"]
+        # FP8 experts' scales [E, out]: gate's and up's split with their outputs, down's whole.
+        scale_specs = tuple(LAYER_RULES[n + "_scale"] for n in EXPERTS)
 
-        def local(rows, group_sizes, w_gate, w_up, w_down):
-            return jax.lax.psum(base_fn(rows, group_sizes, w_gate, w_up, w_down), AXIS)
+        def local(rows, group_sizes, w_gate, w_up, w_down, *scales):
+            return jax.lax.psum(base_fn(rows, group_sizes, w_gate, w_up, w_down,
+                                        scales[0] if scales else None), AXIS)
 
-        return _shard_map(local, mesh, in_specs=(rep, rep, col, col, row), out_specs=rep)
+        def sharded(rows, group_sizes, w_gate, w_up, w_down, scales=None):
+            args, specs = (rows, group_sizes, w_gate, w_up, w_down), (rep, rep, col, col, row)
+            if scales is not None:
+                args, specs = (*args, scales), (*specs, scale_specs)
+            return _shard_map(local, mesh, in_specs=specs, out_specs=rep)(*args)
+
+        return sharded
 
     def in_mesh(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn` traced with the mesh as JAX's abstract mesh: where a quantized linear finds the
@@ -278,9 +288,10 @@ def _layer_spec(name: str, lp: dict[str, Any], tp: int) -> P:
     if name not in LAYER_RULES:
         raise ValueError(f"No tensor-parallel partition rule for layer param {name!r}")
     # FP8 (models/quant.py), int4 and int8 weights (models/int4.py, models/int8.py) are stored
-    # [out, in] (int4 two inputs a byte): their [in, out] rule, reversed.
-    return (P(*reversed(LAYER_RULES[name])) if lp[name].dtype in (FP8, INT4, INT8)
-            else LAYER_RULES[name])
+    # [out, in] (int4 two inputs a byte): their [in, out] rule, reversed. FP8 experts keep the
+    # model's [experts, in, out].
+    return (P(*reversed(LAYER_RULES[name]))
+            if lp[name].dtype in (FP8, INT4, INT8) and name not in EXPERTS else LAYER_RULES[name])
 
 
 def _repeat_heads(w: Any, head_dim: int, rep: int) -> Any:
