@@ -14,10 +14,10 @@ The linears the engine runs in FP8 (models/quant.py: e4m3 [out, in], a float32 s
 channel; the experts of mixture-of-experts layers alike per expert) keep a per-tensor or
 per-channel checkpoint's bytes and scales as they are (channel_scales); block-scaled ones come out
 dequantized in the engine's dtype and requantized per output channel (converters/hf.py), and the
-other float8 tensors dequantized. Linears a checkpoint
-stores unquantized (its `ignore`, `exclude_modules` or `modules_to_not_convert` list) stay so: the
-engine quantizes no weight of an FP8 checkpoint on load, as vLLM. Activation scales stored for
-static quantization are not used: the engine scales activations per token.
+other float8 tensors dequantized. Linears a checkpoint stores unquantized (its `ignore`,
+`exclude_modules` or `modules_to_not_convert` list) stay so: the engine quantizes no weight of an
+FP8 checkpoint on load, as vLLM. Activation scales stored for static quantization are not used:
+the engine scales activations per token.
 """
 from __future__ import annotations
 

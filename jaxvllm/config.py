@@ -21,7 +21,8 @@ INTEGER_QUANTIZATIONS = (*INT_CHECKPOINTS, "gguf")
 # FP8 checkpoints of these methods run as "fp8" (converters/fp8.py); as does a compressed-tensors
 # float-quantized one.
 FP8_CHECKPOINTS = ("modelopt", "fbgemm_fp8")
-QUANTIZATIONS = ("fp8", *FP8_CHECKPOINTS, *INTEGER_QUANTIZATIONS)  # models/quant.py for fp8; vLLM's names
+# models/quant.py for fp8; vLLM's names
+QUANTIZATIONS = ("fp8", *FP8_CHECKPOINTS, *INTEGER_QUANTIZATIONS)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 # Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens),
@@ -71,8 +72,8 @@ class EngineArgs:
                                                        "choices": LOAD_FORMATS})
     quantization: Optional[str] = field(default=None, metadata={
         "help": "fp8: linear weights quantized to FP8 (e4m3) on load, per output channel, and "
-                "activations per token (W8A8); MoE experts per expert and output channel (weight-only); "
-                "the embedding and LM head keep dtype. "
+                "activations per token (W8A8); MoE experts per expert and output channel "
+                "(weight-only); the embedding and LM head keep dtype. "
                 "awq, gptq, compressed-tensors: the 4- or 8-bit weights of such a checkpoint (taken "
                 "from its config.json when not given; a compressed-tensors FP8 one runs as fp8). "
                 "modelopt, fbgemm_fp8: such an FP8 checkpoint, run as fp8 (as any FP8 checkpoint "

@@ -1,11 +1,11 @@
-"""FP8 checkpoints (converters/fp8.py): tiny random Llama models written in HF's `fp8` format (per
-tensor and 32x32 blocks), compressed-tensors' `float-quantized` (per output channel), ModelOpt's
-(per tensor and per channel in config.json, 128x128 blocks in its hf_quant_config.json) and
-FBGEMM's (per channel), with the formats' tensor names and scales. Per-tensor and per-channel ones keep their float8 bytes and
-scales in the engine's FP8 layout, which dequantizes to their float32 twin; block-scaled ones are
-requantized per output channel at load from the values they hold, and the engine runs them
-exactly as it runs the twin with quantization="fp8". Linears a checkpoint stores unquantized stay
-so."""
+"""FP8 checkpoints (converters/fp8.py): tiny random Llama models (and a Qwen3-MoE, its experts in
+FP8 too) written in HF's `fp8` format (per tensor and 32x32 blocks), compressed-tensors'
+`float-quantized` (per output channel), ModelOpt's (per tensor and per channel in config.json,
+128x128 blocks in its hf_quant_config.json) and FBGEMM's (per channel), with the formats' tensor
+names and scales. Per-tensor and per-channel ones keep their float8 bytes and scales in the
+engine's FP8 layout, which dequantizes to their float32 twin; block-scaled ones are requantized
+per output channel at load from the values they hold, and the engine runs them exactly as it runs
+the twin with quantization="fp8". Linears a checkpoint stores unquantized stay so."""
 import json
 import math
 
