@@ -23,7 +23,8 @@ INTEGER_QUANTIZATIONS = (*INT_CHECKPOINTS, "gguf")
 FP8_CHECKPOINTS = ("modelopt", "fbgemm_fp8")
 # models/quant.py for fp8; vLLM's names
 QUANTIZATIONS = ("fp8", *FP8_CHECKPOINTS, *INTEGER_QUANTIZATIONS)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", *FP8_KV_CACHE_DTYPES, "bfloat16", "float16", "float32")
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 # Decode buckets up to this many tokens compile with Triton GEMMs (RunnerConfig.triton_gemm_max_tokens),
 # and FP8 linears that small run weight-only (models/quant.py): the Triton GEMM converts the FP8
@@ -83,9 +84,12 @@ class EngineArgs:
                 "Q8_0 ones at 8 (otherwise dequantized to dtype).",
         "choices": QUANTIZATIONS})
     kv_cache_dtype: str = field(default="auto", metadata={
-        "help": "auto: the model's dtype; fp8 (= fp8_e4m3): K/V stored as float8 e4m3 (values "
-                "clipped to +-448, divided by the checkpoint's k_scale / v_scale, per layer or per KV "
-                "head, where it has them), half the bytes per cached token.",
+        "help": "auto: fp8 where the checkpoint's config asks for an FP8 KV cache (ModelOpt's "
+                "kv_cache_quant_algo, compressed-tensors' kv_cache_scheme), else the model's dtype; "
+                "fp8 (= fp8_e4m3): K/V stored as float8 e4m3 (values clipped to +-448, divided by "
+                "the checkpoint's k_scale / v_scale, per layer or per KV head, where it has them), "
+                "half the bytes per cached token; bfloat16, float16, float32: the model's dtype, "
+                "named (it must be the model's), whatever the checkpoint asks.",
         "choices": KV_CACHE_DTYPES})
     seed: int = field(default=0, metadata={"help": "Seed for dummy weights and unseeded sampling."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Accepted for vLLM "

@@ -6,8 +6,9 @@ import logging
 import os
 from typing import Any, Optional
 
-from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, FP8_CHECKPOINTS, INT_CHECKPOINTS,
-                            INTEGER_QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS, EngineArgs)
+from jaxvllm.config import (COMMAND_BUFFERS_OFF_MIN_BYTES, FP8_CHECKPOINTS,
+                            FP8_KV_CACHE_DTYPES, INT_CHECKPOINTS, INTEGER_QUANTIZATIONS,
+                            TRITON_GEMM_MAX_TOKENS, EngineArgs)
 from jaxvllm.core.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,23 @@ def _checkpoint_quantization(asked: Optional[str], loaded: Any) -> Optional[str]
     return asked
 
 
+def _checkpoint_kv_cache_dtype(asked: str, loaded: Any) -> str:
+    """The KV cache's dtype, as vLLM takes it: "auto" is "fp8" where the checkpoint's config asks
+    for an FP8 cache (converters/quant_config.asks_fp8_kv_cache), the model's dtype otherwise; a
+    dtype named must be the model's (a ValueError naming both otherwise)."""
+    from converters.quant_config import asks_fp8_kv_cache
+    if asked == "auto":
+        if loaded.load_format == "safetensors" and asks_fp8_kv_cache(loaded.hf_config):
+            logger.info("%s asks for an FP8 KV cache: kv_cache_dtype='fp8' (pass the model's "
+                        "dtype to keep the cache in it)", loaded.source)
+            return "fp8"
+        return asked
+    if asked not in FP8_KV_CACHE_DTYPES and asked != loaded.config.dtype:
+        raise ValueError(f"kv_cache_dtype={asked!r}: the cache is in the model's dtype "
+                         f"({loaded.config.dtype}) or in FP8 ('fp8')")
+    return asked
+
+
 def start_tokenizer_load(args: EngineArgs) -> Any:
     """The tokenizer, from the tokenizer cache beside the converted weights or loading in a child
     process from now on (`.result()` waits for it)."""
@@ -273,6 +291,7 @@ def build_runner(args: EngineArgs, loaded: Any,
 
     startup_phase("placing the weights and sizing the KV cache")
     cfg = loaded.config
+    args.kv_cache_dtype = _checkpoint_kv_cache_dtype(args.kv_cache_dtype, loaded)
     max_model_len = args.max_model_len or cfg.max_position_embeddings
     if max_model_len > cfg.max_position_embeddings and not cfg.rope_scaling:
         raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
@@ -294,7 +313,7 @@ def build_runner(args: EngineArgs, loaded: Any,
         block_size=args.block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget, num_blocks=args.num_gpu_blocks_override,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_dtype=params_dtype if args.kv_cache_dtype == "auto" else jnp.float8_e4m3fn,
+        kv_dtype=jnp.float8_e4m3fn if args.kv_cache_dtype in FP8_KV_CACHE_DTYPES else params_dtype,
         token_buckets=args.token_buckets,
         one_row_bucket=one_row_bucket(args, loaded.params),
         seed=args.seed, max_logprobs=args.max_logprobs,
