@@ -53,6 +53,7 @@ def fp8_checkpoint(hf_config: dict[str, Any]) -> Optional[Fp8Checkpoint]:
     method = qc.get("quant_method")
     if quantizes_kv_cache_only(qc):
         return None
+    if method == "fp8":
         if qc.get("fmt", "e4m3") != "e4m3":
             raise ValueError(f"quantization_config.fmt {qc.get('fmt')!r}: only e4m3 FP8 loads")
         block = qc.get("weight_block_size")
@@ -92,7 +93,8 @@ _MODELOPT_FP8 = {"FP8": None, "FP8_PER_CHANNEL_PER_TOKEN": None, "FP8_PB_WO": (1
 def _modelopt(qc: dict[str, Any]) -> Fp8Checkpoint:
     """A ModelOpt checkpoint's format: config.json's flat form, or hf_quant_config.json's, whose
     settings sit under "quantization" (converters/hf.read_config_dict folds that file in)."""
-    algo = str((qc.get("quantization") or qc).get("quant_algo") or "").upper()
+    settings = qc.get("quantization") if isinstance(qc.get("quantization"), dict) else qc
+    algo = str(settings.get("quant_algo") or "").upper()
     if algo not in _MODELOPT_FP8:
         raise ValueError(f"quantization_config.quant_algo {algo or None!r}: of ModelOpt's "
                          f"checkpoints, the FP8 ones load ({', '.join(_MODELOPT_FP8)})")

@@ -178,35 +178,32 @@ def test_weight_updates_sleep_and_the_flax_module_keep_the_scales(tmp_path):
     CausalLM.load(scaled, dtype="float32")
 
 
-@pytest.mark.parametrize("form", ["compressed-tensors", "modelopt"])
-def test_a_checkpoint_asking_for_an_fp8_cache_gets_one_by_default(tmp_path, form):
+def test_a_checkpoint_asking_for_an_fp8_cache_gets_one_by_default(tmp_path):
     """As vLLM: kv_cache_dtype="auto" takes an FP8 cache where the checkpoint's config asks for one
     (compressed-tensors' kv_cache_scheme, ModelOpt's kv_cache_quant_algo in its
-    hf_quant_config.json; both quantizing the KV cache only, the weights as they are), and the
+    hf_quant_config.json; both quantizing the KV cache only, the weights as they are), with the
     results of kv_cache_dtype="fp8"; the model's dtype named keeps a float cache, another dtype
     is refused by name."""
     import json
     from jaxvllm import LLM
     scales = {f"model.layers.{i}.self_attn.{kv}_scale": 8.0 for i in range(LAYERS) for kv in "kv"}
-    path = _write(tmp_path, scales)
-    if form == "compressed-tensors":
-        conf = json.load(open(f"{path}/config.json"))
-        conf["quantization_config"] = {"quant_method": "compressed-tensors", "kv_cache_scheme": {
-            "type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}}
-        json.dump(conf, open(f"{path}/config.json", "w"))
-    else:
-        json.dump({"producer": {"name": "modelopt"},
-                   "quantization": {"quant_algo": None, "kv_cache_quant_algo": "FP8"}},
-                  open(f"{path}/hf_quant_config.json", "w"))
+    ct, modelopt = _write(tmp_path, scales), _write(tmp_path, scales)
+    conf = json.load(open(f"{ct}/config.json"))
+    conf["quantization_config"] = {"quant_method": "compressed-tensors", "kv_cache_scheme": {
+        "type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}}
+    json.dump(conf, open(f"{ct}/config.json", "w"))
+    json.dump({"producer": {"name": "modelopt"},
+               "quantization": {"quant_algo": None, "kv_cache_quant_algo": "FP8"}},
+              open(f"{modelopt}/hf_quant_config.json", "w"))
     kw = dict(dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
               num_gpu_blocks_override=16, enforce_eager=True, token_buckets=(8, 32))
-    llm = LLM(model=path, **kw)
-    assert llm.llm_engine.args.kv_cache_dtype == "fp8" and llm.llm_engine.args.quantization is None
-    assert llm.llm_engine.runner.kv_cache[0][0].dtype == jnp.float8_e4m3fn
-    del llm
-    np.testing.assert_array_equal(_prompt_logprobs(path), _prompt_logprobs(path, kv_cache_dtype="fp8"))
-    llm = LLM(model=path, kv_cache_dtype="float32", **kw)
-    assert llm.llm_engine.runner.kv_cache[0][0].dtype == jnp.float32
-    del llm
+    for path, kv_dtype in ((ct, "auto"), (modelopt, "auto"), (ct, "float32")):
+        llm = LLM(model=path, kv_cache_dtype=kv_dtype, **kw)
+        fp8 = kv_dtype == "auto"
+        assert llm.llm_engine.args.kv_cache_dtype == ("fp8" if fp8 else kv_dtype)
+        assert llm.llm_engine.args.quantization is None
+        assert llm.llm_engine.runner.kv_cache[0][0].dtype == (jnp.float8_e4m3fn if fp8 else jnp.float32)
+        del llm
+    np.testing.assert_array_equal(_prompt_logprobs(ct), _prompt_logprobs(ct, kv_cache_dtype="fp8"))
     with pytest.raises(ValueError, match=r"kv_cache_dtype='bfloat16'.*model's dtype \(float32\)"):
-        LLM(model=path, kv_cache_dtype="bfloat16", **kw)
+        LLM(model=ct, kv_cache_dtype="bfloat16", **kw)
