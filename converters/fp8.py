@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import WeightLoadError
-from converters.quant_config import (compressed_tensors_formats, quantization_config,
-                                     quantizes_kv_cache_only)
+from converters.quant_config import (compressed_tensors_formats, modelopt_settings,
+                                     quantization_config, quantizes_kv_cache_only)
 from converters.integer import int_checkpoint
 
 
@@ -91,10 +91,8 @@ _MODELOPT_FP8 = {"FP8": None, "FP8_PER_CHANNEL_PER_TOKEN": None, "FP8_PB_WO": (1
 
 
 def _modelopt(qc: dict[str, Any]) -> Fp8Checkpoint:
-    """A ModelOpt checkpoint's format: config.json's flat form, or hf_quant_config.json's, whose
-    settings sit under "quantization" (converters/hf.read_config_dict folds that file in)."""
-    settings = qc.get("quantization") if isinstance(qc.get("quantization"), dict) else qc
-    algo = str(settings.get("quant_algo") or "").upper()
+    """A ModelOpt checkpoint's format, from its quant_algo."""
+    algo = str(modelopt_settings(qc).get("quant_algo") or "").upper()
     if algo not in _MODELOPT_FP8:
         raise ValueError(f"quantization_config.quant_algo {algo or None!r}: of ModelOpt's "
                          f"checkpoints, the FP8 ones load ({', '.join(_MODELOPT_FP8)})")

@@ -1,11 +1,12 @@
 """New weights in a running quantized model's layouts (a weight swap, LLM.update_weights, on an FP8,
 AWQ, GPTQ, compressed-tensors or GGUF model): each linear the model holds quantized is rounded to
 nearest in the same layout: FP8 per output channel (and per expert; models/quant.py); int4
-(models/int4.py) or int8 (models/int8.py) in the same groups of inputs, offset kind (zero points or a min), input
-order (GPTQ's activation order, kept as it is) and fused projections ("q+k+v" from the new q, k
-and v), with no calibration data: neither AWQ's scale search nor GPTQ's error feedback. The new
-weights arrive in the engine's unquantized layout (models/params.py: [in, out], a float dtype);
-a linear the model keeps unquantized (an FP8 checkpoint's ignored ones) takes them as they are. A
+(models/int4.py) or int8 (models/int8.py) in the same groups of inputs, offset kind (zero points
+or a min), input order (GPTQ's activation order, kept as it is) and fused projections ("q+k+v"
+from the new q, k and v), with no calibration data: neither AWQ's scale search nor GPTQ's error
+feedback. The new weights arrive in the engine's unquantized layout (models/params.py: [in, out],
+a float dtype); a linear the model keeps unquantized (an FP8 checkpoint's ignored ones) takes them
+as they are. A
 whole tree is checked first, then quantized and written a layer at a time (layers_like), so a swap
 holds one layer's quantized copy beside the model, not a second model (under tensor parallelism
 that copy is made on the first device before it is split).
