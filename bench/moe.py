@@ -6,11 +6,13 @@ tokens pick at the measured copy bandwidth, or their FLOPs at a measured bf16 ma
 whichever is larger).
 
     PYTHONPATH=. python3 bench/moe.py --model bench/configs/qwen3-30b-a3b [--tokens 1 8 64 256 2048]
-        [--sweep] [--fp8]
+        [--sweep] [--fp8 | --int4]
 
 Random bf16 weights and inputs (routing near uniform); `--fp8`: the experts in FP8 as
-`quantization="fp8"` stores them (models/quant.py), the roofline counting their bytes; each time is the median per call of a jitted
-layer called back to back. Every way is checked against XLA's ragged_dot first (the Mosaic kernel where
+`quantization="fp8"` stores them (models/quant.py), `--int4`: at 4 bits in groups of 128 inputs
+(or one group where that does not divide them) with zero points, as an AWQ or GPTQ checkpoint
+loads (models/int4.py); the roofline counts the
+bytes they are stored in. Each time is the median per call of a jitted layer called back to back. Every way is checked against XLA's ragged_dot first (the Mosaic kernel where
 `--max-xla-rows` skips it). `--sweep` also
 times the routed kernel over a grid of tiles per token count.
 """
@@ -42,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
           "experts_gate": jax.random.normal(ks[1], (e, h, m), jnp.bfloat16) * 0.02,
           "experts_up": jax.random.normal(ks[2], (e, h, m), jnp.bfloat16) * 0.02,
           "experts_down": jax.random.normal(ks[3], (e, m, h), jnp.bfloat16) * 0.02}
+    from jaxvllm.models import int4, quant as fp8
     if args.fp8:
-        from jaxvllm.models.quant import EXPERTS, quantize_experts_fp8
-        for name in EXPERTS:
-            lp[name], lp[name + "_scale"] = quantize_experts_fp8(lp[name])
+        lp = fp8.quantize_params({"layers": [lp]}, "fp8")["layers"][0]
+    elif args.int4:
+        lp = int4.quantize_params({"layers": [lp]})["layers"][0]
+    quant = moe.expert_quant(lp)
     on_gpu = jax.default_backend() == "gpu"
     copy_bw = common.measure_bandwidth(1 << (31 if on_gpu else 23))
     n = 8192 if on_gpu else 512
@@ -55,15 +59,17 @@ def run(args: argparse.Namespace) -> int:
         return jax.jit(lambda lp, x: moe.moe(cfg, lp, x, experts_fn))
 
     ways = {"engine": layer(moe.experts_swiglu), "xla_ragged_dot": layer(moe.grouped_swiglu)}
-    if on_gpu and routed_experts.fits(h, m):
+    if on_gpu and routed_experts.fits(lp["experts_gate"], lp["experts_down"], quant):
         ways["routed"] = layer(routed_experts.routed_swiglu)
     if moe._mosaic_fits(jnp.zeros((1, h), jnp.bfloat16), lp["experts_gate"]) and on_gpu:
         ways["mosaic"] = layer(functools.partial(moe.grouped_swiglu, gemm=moe.mosaic_ragged_dot))
     sweep = [routed_experts.ExpertTiles(bk=bk, bn=bn, num_warps=w, num_stages=st)
              for bk, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4,), (3, 4))
-             if routed_experts.fits(h, m, *(routed_experts.ExpertTiles(bk=bk, bn=bn),) * 2)
+             if routed_experts.fits(lp["experts_gate"], lp["experts_down"], quant,
+                                    *(routed_experts.ExpertTiles(bk=bk, bn=bn),) * 2)
              ] if args.sweep and "routed" in ways else []
-    expert_bytes = 3 * h * m * (1 if args.fp8 else 2)
+    expert_bytes = sum(a.nbytes for q in (quant or ()) for a in q) / e + 3 * h * m * (
+        1 if args.fp8 else 0.5 if args.int4 else 2)
     rows, result = [], {"copy_tbs": copy_bw / 1e12, "matmul_tflops": flops / 1e12, "tokens": {}}
     for t in args.tokens:
         x = jax.random.normal(jax.random.fold_in(ks[4], t), (t, h), jnp.bfloat16)
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
                     + [f"{res.get(w + '_us', float('nan')):.1f}"
                        for w in ("routed", "mosaic", "xla_ragged_dot")])
     common.emit(result, args, f"{cfg.architecture} MoE layer: {e} experts, top {k}, hidden {h}, "
-                f"expert intermediate {m}, {'FP8 experts' if args.fp8 else 'bf16'}; "
+                f"expert intermediate {m}, "
+                f"{'FP8 experts' if args.fp8 else 'int4 experts' if args.int4 else 'bf16'}; "
                 f"{jax.devices()[0].device_kind}, copy "
                 f"{copy_bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s\n" + common.table(
                     rows, ["tokens", "experts picked", "roofline us", "engine us", "of roofline",
@@ -110,8 +117,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "shapes it allocates far more than the weights.")
     parser.add_argument("--sweep", action="store_true",
                         help="Also time the routed kernel over a grid of tiles.")
-    parser.add_argument("--fp8", action="store_true",
-                        help="The experts in FP8, a scale per expert and output channel.")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--fp8", action="store_true",
+                         help="The experts in FP8, a scale per expert and output channel.")
+    weights.add_argument("--int4", action="store_true",
+                         help="The experts at 4 bits, a scale and zero point per group of 128 "
+                         "inputs (int4.quantize_params) and output channel.")
     common.add_output_args(parser)
 
 

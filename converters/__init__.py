@@ -254,9 +254,10 @@ def load_model(source: Union[str, os.PathLike, dict, None] = None, *, dtype: str
       weight files total at least N bytes (0: every source).
     tokenizer: another tokenizer path (HF directory or .gguf); load_tokenizer=False skips the tokenizer
       (load it later with `load_model_tokenizer`).
-    keep_gguf_quantized: a GGUF's attention and MLP projections stored as Q4_0/Q4_1/Q4_K stay at 4 bits,
-      in the int4 layout (models/int4.py), and Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 ones at 8, in the int8 layout
-      (models/int8.py) (the engine's quantization="gguf"); a ValueError for other sources.
+    keep_gguf_quantized: a GGUF's attention and MLP projections (and MoE experts) stored as
+      Q4_0/Q4_1/Q4_K stay at 4 bits, in the int4 layout (models/int4.py), and Q5_0/Q5_1/Q5_K/Q6_K/
+      Q8_0 projections at 8, in the int8 layout (models/int8.py) (the engine's
+      quantization="gguf"); a ValueError for other sources.
     """
     from converters import cache as wcache
     from converters.hf import canonical_dtype

@@ -163,7 +163,8 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
     for t in reader.tensors:
         m = _BLK.match(t.name)
         if m and m.group(2) in GGUF_MOE_TENSORS:
-            _add_moe_tensor(builder, cfg, int(m.group(1)), GGUF_MOE_TENSORS[m.group(2)], t, path)
+            _add_moe_tensor(builder, cfg, int(m.group(1)), GGUF_MOE_TENSORS[m.group(2)], t, path,
+                            keep)
             continue
         hf_name = gguf_to_hf_name(t.name, arch)
         if hf_name is None:
@@ -199,21 +200,35 @@ def load_gguf_params(path: str, cfg: ModelConfig, dtype: str, reader=None,
 
 
 def _add_moe_tensor(builder: ParamsBuilder, cfg: ModelConfig, layer: int, part: str, t: Any,
-                    path: str) -> None:
-    """One mixture-of-experts tensor of a GGUF: a stack of experts goes in expert by expert."""
+                    path: str, keep: tuple = ()) -> None:
+    """One mixture-of-experts tensor of a GGUF: a stack of experts goes in expert by expert, in
+    the int4 or int8 layout where its type is one of `keep`."""
+    from converters.gguf_quant import kept_weight
+    from converters.integer import Int8Weight
     module, router, experts = moe_tensor_names(cfg)
     prefix = f"model.layers.{layer}."
+    packed = part in ("gate", "up", "down") and t.tensor_type in keep
     try:
-        w = tensor_array(t)
+        w = kept_weight(t) if packed else tensor_array(t)
     except Exception as e:
-        raise WeightLoadError(f"{path}: cannot dequantize tensor {t.name!r} "
-                              f"({t.tensor_type.name}: {e})") from e
+        raise WeightLoadError(f"{path}: cannot {'unpack' if packed else 'dequantize'} tensor "
+                              f"{t.name!r} ({t.tensor_type.name}: {e})") from e
     if part in ("gate", "up", "down"):
-        if w.ndim != 3 or w.shape[0] != cfg.num_experts:
-            raise WeightLoadError(f"{path}: tensor {t.name!r} has shape {list(w.shape)}, but the "
+        shape = tuple(int(s) for s in reversed(list(t.shape)))
+        if len(shape) != 3 or shape[0] != cfg.num_experts:
+            raise WeightLoadError(f"{path}: tensor {t.name!r} has shape {list(shape)}, but the "
                                   f"config expects {cfg.num_experts} stacked experts")
         for j in range(cfg.num_experts):
-            builder.add(f"{prefix}{module}.experts.{j}.{experts[part]}.weight", w[j], path)
+            name = f"{prefix}{module}.experts.{j}.{experts[part]}.weight"
+            if not packed:
+                builder.add(name, w[j], path)
+                continue
+            one = slice(j * shape[1], (j + 1) * shape[1])  # expert j's rows of the stack
+            expert = dataclasses.replace(w, **{f: getattr(w, f)[one] for f in
+                                               ("q", "scale", "offset")
+                                               if getattr(w, f) is not None})
+            (builder.add_int8 if isinstance(w, Int8Weight) else builder.add_int4)(
+                name, expert, path)
         return
     name = prefix + (f"{module}.{router}.weight" if part == "{router}" else part)
     if name.endswith("shared_expert_gate.weight") and w.ndim == 1:

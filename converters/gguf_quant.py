@@ -49,13 +49,13 @@ def int8_types() -> tuple:
 
 
 def _blocks(t: Any, types: tuple, layout: str) -> np.ndarray:
-    """A GGUF tensor's raw blocks, uint8 [out, blocks, bytes a block], if its type is one of
-    `types` (those the `layout` holds)."""
+    """A GGUF tensor's raw blocks, uint8 [out, blocks, bytes a block] (a stack of experts' rows
+    one after another), if its type is one of `types` (those the `layout` holds)."""
     import gguf
     if t.tensor_type not in types:
         raise ValueError(f"{t.name}: {t.tensor_type.name} is not a GGUF type kept in the {layout} "
                          f"layout ({', '.join(k.name for k in types)})")
-    out, inp = (int(s) for s in reversed(list(t.shape)))
+    inp, out = int(t.shape[0]), int(np.prod([int(s) for s in t.shape[1:]]))
     block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
     return np.asarray(t.data).view(np.uint8).reshape(out, inp // block, size)
 
@@ -66,14 +66,14 @@ def _f16(b: np.ndarray) -> np.ndarray:
 
 
 def kept_weight(t: Any) -> Union[Int4Weight, Int8Weight]:
-    """A GGUF tensor of one of kept_types() ([out, in] in numpy order) in the layout that holds
-    its type."""
+    """A GGUF tensor of one of kept_types() ([out, in] in numpy order; a stack of experts as
+    [experts * out, in]) in the layout that holds its type."""
     return int8_weight(t) if t.tensor_type in int8_types() else int4_weight(t)
 
 
 def int8_weight(t: Any) -> Int8Weight:
-    """A GGUF tensor of one of int8_types() ([out, in] in numpy order) as its integer values, a
-    byte each, with their scales (and mins)."""
+    """A GGUF tensor of one of int8_types() ([out, in] in numpy order; a stack of experts as
+    [experts * out, in]) as its integer values, a byte each, with their scales (and mins)."""
     import gguf
     T = gguf.GGMLQuantizationType
     blocks = _blocks(t, int8_types(), "int8")
@@ -127,7 +127,8 @@ def _dequantized(blocks: np.ndarray, kind: Any, out: int, dtype: Any = np.int8) 
 
 
 def int4_weight(t: Any) -> Int4Weight:
-    """A GGUF tensor of one of int4_types() ([out, in] in numpy order) as an Int4Weight."""
+    """A GGUF tensor of one of int4_types() ([out, in] in numpy order; a stack of experts
+    [experts, out, in] as [experts * out, in]) as an Int4Weight."""
     import gguf
     T = gguf.GGMLQuantizationType
     blocks = _blocks(t, int4_types(), "int4")

@@ -32,9 +32,12 @@ from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.int4 import pack as pack_int4
 from jaxvllm.models.int8 import kernel_groups as int8_groups
 from jaxvllm.models.params import KV_CACHE_SCALES, param_shapes
-from jaxvllm.models.quant import QUANTIZED, quantize_fp8
+from jaxvllm.models.quant import EXPERTS, QUANTIZED, quantize_fp8
+from pallas_kernels.reference import int4_dequantize, int8_dequantize
 
 logger = logging.getLogger(__name__)
+
+INTEGERS = (jnp.uint8, jnp.int8)  # the int4 and int8 layouts' weights
 
 DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {
@@ -309,51 +312,72 @@ class ParamsBuilder:
         fused = isinstance(path[-1], tuple)
         return path[0] == "layers" and len(path) != 4 and (fused or path[2] in QUANTIZED)
 
-    def add_int4(self, name: str, w: Int4Weight, file: Optional[str] = None) -> None:
-        """A 4-bit linear (`name` is its unpacked weight's HF name, "<prefix>.weight") in the
-        int4 layout (models/int4.py): the weight packed, its scale, offset and input order."""
+    def takes_integer(self, name: str, w: Int4Weight | Int8Weight) -> bool:
+        """Whether the integer weight `w` of `name` (HF) keeps its bits: a linear that
+        takes_quantized, or one expert of a mixture-of-experts layer in its inputs' own order
+        (activation order would gather each expert's rows in an order of its own)."""
+        return self.takes_quantized(name) or (w.perm is None and self._expert(name))
+
+    def _expert(self, name: str) -> bool:
+        path, _ = self.expected[text_model_name(name)]
+        return path[0] == "layers" and len(path) == 4
+
+    def _add_integer(self, name: str, w: Int4Weight | Int8Weight, file: Optional[str],
+                     tensors: Callable[[slice], dict[str, Any]]) -> None:
+        """Integer weight `w` of HF tensor `name` (takes_integer) in its layout: `tensors(rows)`
+        gives the layout's tensors by suffix for those rows of it; one expert's go into its
+        layer's stacks ([experts, ...] once finish has them all)."""
         name, path, _ = self._claim(name, file)
-        where = file or self.source
-        if not self.takes_quantized(name):
-            raise WeightLoadError(f"{where}: int4 tensor {self.display(name)!r}: only the attention "
-                                  "and dense MLP projections load at 4 bits")
+        if not self.takes_integer(name, w):
+            bits = 4 if isinstance(w, Int4Weight) else 8
+            raise WeightLoadError(f"{file or self.source}: int{bits} tensor "
+                                  f"{self.display(name)!r}: only the attention and MLP "
+                                  f"projections and experts in their inputs' order load at "
+                                  f"{bits} bits")
         self.check_shape(name, w.q.shape, file)  # [out, in], as HF
-        group = w.q.shape[1] // w.scale.shape[1]
-        for layer, key, rows in self._output_rows(path):
-            layer[key] = jnp.asarray(pack_int4(w.q[rows], group))
-            layer[key + "_scale"] = place(w.scale[rows].T, transpose=False, dtype="float32")
-            if w.offset.dtype == np.uint8:
-                layer[key + "_zero"] = jnp.asarray(np.ascontiguousarray(w.offset[rows].T))
-            else:
-                layer[key + "_min"] = place(w.offset[rows].T, transpose=False, dtype="float32")
-            if w.perm is not None:
-                layer[key + "_perm"] = jnp.asarray(w.perm)
+        if len(path) == 4:
+            layer = self.params["layers"][path[1]]
+            for suffix, value in tensors(slice(None)).items():
+                layer.setdefault(path[2] + suffix, [None] * self.cfg.num_experts)[path[3]] = value
+        else:
+            for layer, key, rows in self._output_rows(path):
+                layer.update({key + suffix: v for suffix, v in tensors(rows).items()})
         self.done.add(name)
 
+    def add_int4(self, name: str, w: Int4Weight, file: Optional[str] = None) -> None:
+        """A 4-bit weight that takes_integer (`name` is its unpacked weight's HF name,
+        "<prefix>.weight") in the int4 layout (models/int4.py): the weight packed, its scale,
+        offset and input order."""
+        group = w.q.shape[1] // w.scale.shape[1]
+
+        def tensors(rows: slice) -> dict[str, Any]:
+            out = {"": jnp.asarray(pack_int4(w.q[rows], group)),
+                   "_scale": place(w.scale[rows].T, transpose=False, dtype="float32")}
+            if w.offset.dtype == np.uint8:
+                out["_zero"] = jnp.asarray(np.ascontiguousarray(w.offset[rows].T))
+            else:
+                out["_min"] = place(w.offset[rows].T, transpose=False, dtype="float32")
+            return out if w.perm is None else {**out, "_perm": jnp.asarray(w.perm)}
+        self._add_integer(name, w, file, tensors)
+
     def add_int8(self, name: str, w: Int8Weight, file: Optional[str] = None) -> None:
-        """An 8-bit linear (converters/integer.Int8Weight; `name` its HF name) in the int8
-        layout (models/int8.py): the values as they are, the scales (and mins) group-major, the
-        input order."""
-        name, path, _ = self._claim(name, file)
-        if not self.takes_quantized(name):
-            raise WeightLoadError(f"{file or self.source}: int8 tensor {self.display(name)!r}: only "
-                                  "the attention and dense MLP projections load at 8 bits")
-        self.check_shape(name, w.q.shape, file)
+        """An 8-bit weight that takes_integer (converters/integer.Int8Weight; `name` its HF name)
+        in the int8 layout (models/int8.py): the values as they are, the scales (and mins)
+        group-major, the input order."""
         scale, offset = int8_groups(w.scale, w.offset, w.q.shape[1])
-        for layer, key, rows in self._output_rows(path):
-            layer[key] = jnp.asarray(np.ascontiguousarray(w.q[rows]))
-            layer[key + "_scale"] = place(scale[rows].T, transpose=False, dtype="float32")
+
+        def tensors(rows: slice) -> dict[str, Any]:
+            out = {"": jnp.asarray(np.ascontiguousarray(w.q[rows])),
+                   "_scale": place(scale[rows].T, transpose=False, dtype="float32")}
             if offset is not None:
-                layer[key + "_min"] = place(offset[rows].T, transpose=False, dtype="float32")
-            if w.perm is not None:
-                layer[key + "_perm"] = jnp.asarray(w.perm)
-        self.done.add(name)
+                out["_min"] = place(offset[rows].T, transpose=False, dtype="float32")
+            return out if w.perm is None else {**out, "_perm": jnp.asarray(w.perm)}
+        self._add_integer(name, w, file, tensors)
 
     def takes_fp8(self, name: str) -> bool:
         """Whether weight `name` (HF) has an FP8 layout (models/quant.py): a linear that
         takes_quantized, or one expert of a mixture-of-experts layer."""
-        path, _ = self.expected[text_model_name(name)]
-        return self.takes_quantized(name) or (path[0] == "layers" and len(path) == 4)
+        return self.takes_quantized(name) or self._expert(name)
 
     def add_fp8(self, name: str, q: np.ndarray, scale: np.ndarray,
                 file: Optional[str] = None) -> None:
@@ -409,14 +433,51 @@ class ParamsBuilder:
                                                .reshape((size,) if per_head else ()))
                               for key in KV_CACHE_SCALES})
         for i, layer in enumerate(self.params["layers"]):
+            self._settle_integer_experts(layer)
             for key, value in layer.items():
                 if isinstance(value, list):
                     if any(v is None for v in value) or len({v.dtype for v in value}) > 1:
                         raise WeightLoadError(f"{self.source}: layer {i}'s {key}: the checkpoint "
-                                              "holds some of its experts in float8 and others not")
+                                              "holds its experts in more than one format")
                     layer[key] = jnp.stack(value)
                     value.clear()  # each expert's own copy goes now, not with the whole model
         return self.params
+
+    def _settle_integer_experts(self, layer: dict[str, Any]) -> None:
+        """Integer experts stacked in one format each: an 8-bit expert without a min (its zero
+        point the middle) beside others with one takes a min of zeros; the stacks the layouts
+        cannot hold as they came are dequantized whole: one some of whose experts kept their bits
+        (takes_integer) where others were dequantized (under GPTQ's activation order, those whose
+        inputs happen to be in order), and gate's and up's stacks in two formats or groups (a
+        GGUF's types: the routed-experts kernel runs the two in one launch)."""
+        def kept(key: str) -> list[int]:
+            stack = layer.get(key)
+            return ([j for j, v in enumerate(stack) if v is not None and v.dtype in INTEGERS]
+                    if isinstance(stack, list) else [])
+
+        for key in EXPERTS:
+            which, mins = kept(key), layer.get(key + "_min")
+            if which and isinstance(mins, list) and layer[key][which[0]].dtype == jnp.int8:
+                for j in which:
+                    if mins[j] is None:
+                        mins[j] = jnp.zeros_like(layer[key + "_scale"][j])
+
+        def form(key: str) -> Any:
+            which = kept(key)
+            return (layer[key][which[0]].dtype, layer[key + "_scale"][which[0]].shape) if which \
+                else None
+        pair_apart = form(EXPERTS[0]) != form(EXPERTS[1])
+        for key in EXPERTS:
+            stack, which = layer.get(key), kept(key)
+            if not which or (len(which) == len(stack) and not (pair_apart and key in EXPERTS[:2])):
+                continue
+            companions = [key + s for s in ("_scale", "_zero", "_min") if key + s in layer]
+            for j in which:
+                deq = int4_dequantize if stack[j].dtype == jnp.uint8 else int8_dequantize
+                w = deq(stack[j], *(layer[c][j] for c in companions))
+                stack[j] = place(w, transpose=True, dtype=self.dtype)
+            for c in companions:
+                del layer[c]
 
 
 def convert_hf_state_dict(cfg: ModelConfig, named_tensors: Any, dtype: str = "auto", *,
@@ -578,14 +639,14 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
             raise WeightLoadError(f"{path}: cannot read tensor {name!r} ({e})") from e
         parts = {k: v for k, v in parts.items() if v is not None}
         w = unpack_integer(integer, name, parts, path)
-        if builder.takes_quantized(prefix + ".weight"):
+        if builder.takes_integer(prefix + ".weight", w):
             (builder.add_int8 if isinstance(w, Int8Weight) else builder.add_int4)(
                 prefix + ".weight", w, path)
             return
-        if not dequantized:  # MoE experts, a quantized LM head: the layouts hold neither
-            logger.warning("%s: integer weights the int4 and int8 layouts do not hold (MoE "
-                           "experts, the LM head; e.g. %s) are dequantized to %s at load, taking "
-                           "that dtype's memory", model_dir, name, dtype)
+        if not dequantized:  # 8-bit or activation-ordered experts, a quantized LM head
+            logger.warning("%s: integer weights the int4 and int8 layouts do not hold (8-bit or "
+                           "activation-ordered MoE experts, the LM head; e.g. %s) are dequantized "
+                           "to %s at load, taking that dtype's memory", model_dir, name, dtype)
         dequantized.append(name)
         builder.add(prefix + ".weight", dequantize_integer(w), path)
 

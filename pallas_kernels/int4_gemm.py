@@ -104,10 +104,12 @@ def fits(n: int, k: int, group: int) -> bool:
     """Whether the kernel's tiles divide these sizes: N by the smallest column tile, and each half
     group (the bytes of a group) by a reduction step of at least 16 inputs (the tensor cores'
     minimum) and a power of two (Triton's tiles are)."""
-    return n % MIN_BLOCK_N == 0 and group % 2 == 0 and k % group == 0 and _step(group) >= 16
+    return n % MIN_BLOCK_N == 0 and group % 2 == 0 and k % group == 0 and step_bytes(group) >= 16
 
 
-def _step(group: int) -> int:
+def step_bytes(group: int) -> int:
+    """Packed bytes a reduction step of a weight with groups of `group` inputs takes: at most
+    MAX_STEP and a power of two that divides the half group (0: none fits)."""
     half = group // 2
     step = min(half, MAX_STEP)
     return step if half % step == 0 and step & (step - 1) == 0 else 0
@@ -128,14 +130,8 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array,
                          f"inputs)")
     tiles = tiles or default_tiles(m)
     bm, bn, splits = grouped_tiles(m, n, k, groups, tiles, PARTIAL_SHARE, "int4_matmul")
-    step = _step(group)
-    zero = offset.dtype == jnp.uint8
-    if tiles.f16:
-        dequant = "f16" if zero else "f16-min"
-    elif zero:
-        dequant = "bf16" if x.dtype == jnp.bfloat16 else "zero"
-    else:
-        dequant = "min"
+    step = step_bytes(group)
+    dequant = dequant_form(offset.dtype, x.dtype, tiles.f16)
     kernel = functools.partial(_kernel, group=group, step=step, block_m=bm, block_n=bn,
                                steps=(k // 2) // splits // step, dequant=dequant,
                                asm=not interpret)
@@ -154,7 +150,18 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array,
     return (y if shift is None else y * jnp.exp2(-shift)).astype(x.dtype)
 
 
-def _dequantize(packed, scale, offset, dtype, how: str, asm: bool):
+def dequant_form(offset_dtype, x_dtype, f16: bool = False) -> str:
+    """How dequantize_tile turns weights with this offset into operands for x: in bf16 pairs for
+    zero points and a bf16 x, in float16 pairs under `f16` (Tiles.f16), else through float32."""
+    zero = offset_dtype == jnp.uint8
+    if f16:
+        return "f16" if zero else "f16-min"
+    if zero:
+        return "bf16" if x_dtype == jnp.bfloat16 else "zero"
+    return "min"
+
+
+def dequantize_tile(packed, scale, offset, dtype, how: str, asm: bool):
     """[BN, step] packed bytes and [BN] scales and offsets of their group -> the low and the high
     nibbles' weights, [BN, step] each in `dtype`. `how`: "min" (q * scale + min), "zero"
     ((q - zero) * scale), both through float32; "bf16", "f16" (zero points) and "f16-min" in
@@ -200,7 +207,7 @@ def _kernel(x_ref, w_ref, s_ref, off_ref, o_ref, *, group, step, block_m, block_
         g = j0 // half                                       # its group
         e0 = pl.multiple_of(g * group + (j0 - g * half), step)  # the low half's first input
         packed = w_ref[:, pl.ds(j0, step)]                  # [BN, step]
-        lo, hi = _dequantize(packed, s_ref[g, :], off_ref[g, :], dtype, dequant, asm)
+        lo, hi = dequantize_tile(packed, s_ref[g, :], off_ref[g, :], dtype, dequant, asm)
         acc += plgpu.dot(x_tile(e0), lo, trans_b=True)
         return acc + plgpu.dot(x_tile(e0 + half), hi, trans_b=True)
 

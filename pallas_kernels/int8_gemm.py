@@ -11,7 +11,7 @@ input dimension, as in the int4 GEMM (int4_gemm.py): it loads a [block_n, group]
 turns them into floats, multiplies each column by its group's scale (and adds its min), rounds the
 result to x's dtype (the weight a load in that dtype would hold) and feeds it to the tensor cores
 against the group's input columns; `groups_per_step` groups a loop step. Three ways of making the
-weights (_dequantize; Tiles.dequant): through float32 by a type conversion or by the bytes' bits,
+weights (dequantize_tile; Tiles.dequant): through float32 by a type conversion or by the bytes' bits,
 or in float16 pairs against an input made float16 row by row (triton_rows.f16_rows). Each
 slice writes its float32 partial sums; XLA adds them and casts to x's dtype, fused into the
 consumer. Rows past M are masked, neither padded in memory nor written.
@@ -51,7 +51,7 @@ class Tiles:
     splits: Optional[int] = None   # None: triton_rows.input_splits()
     num_warps: int = 4
     num_stages: int = 3
-    dequant: str = "convert"       # how a byte becomes a weight: _dequantize
+    dequant: str = "convert"       # how a byte becomes a weight: dequantize_tile
 
 
 def default_tiles(m: int) -> Tiles:
@@ -130,7 +130,7 @@ def _f16_asm(with_min: bool) -> str:
             + last + "}")
 
 
-def _dequantize(q: jax.Array, scale: jax.Array, mn, how: str, dtype, asm: bool) -> jax.Array:
+def dequantize_tile(q: jax.Array, scale: jax.Array, mn, how: str, dtype, asm: bool) -> jax.Array:
     """[BN, group] int8 and [BN] scales (and mins, or None) of their group -> the weights
     [BN, group] in `dtype`. "convert": int8 to float32 by a type conversion, which Hopper issues
     at an eighth of its float32 rate (16 a cycle per SM against 128, CUDA's throughput table);
@@ -175,7 +175,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group, block_m, block_n, per_step, steps
         for u in range(per_step):
             g = first + i * per_step + u
             k0 = pl.multiple_of(g * group, group)
-            wt = _dequantize(w_ref[:, pl.ds(k0, group)], s_ref[g, :],
+            wt = dequantize_tile(w_ref[:, pl.ds(k0, group)], s_ref[g, :],
                              min_ref[0][g, :] if min_ref else None, dequant, x_ref.dtype, asm)
             xt = plgpu.load(x_ref.at[rows, pl.ds(k0, group)], mask=live(group), other=0)
             acc += plgpu.dot(xt, wt, trans_b=True)

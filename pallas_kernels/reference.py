@@ -214,26 +214,29 @@ def make_attention_batch(q_lens: Sequence[int], kv_lens: Sequence[int], *, num_q
     return AttentionBatch(jax.random.normal(kq, q_shape, dtype), caches, metadata, int(qsl[n]))
 
 
-def routed_swiglu_reference(rows, group_sizes, w_gate, w_up, w_down, scales=None):
+def routed_swiglu_reference(rows, group_sizes, w_gate, w_up, w_down, quant=None):
     """Mixture-of-experts SwiGLU over rows sorted by expert, each row with its own expert's weights
     gathered (the routed-experts kernel's reference; rows past the groups come out zero).
-    `scales`: FP8 weights' scales per expert and output column, [E, I], [E, I], [E, H]."""
+    `quant`: quantized weights' companions as routed_swiglu takes them: FP8's scales per expert
+    and output column applied to the products, integer experts dequantized (int4_dequantize,
+    int8_dequantize) first."""
     n = rows.shape[0]
     ends = jnp.cumsum(group_sizes)
     expert = jnp.searchsorted(ends, jnp.arange(n), side="right")
     valid = expert < group_sizes.shape[0]
     expert = jnp.minimum(expert, group_sizes.shape[0] - 1)
-    ones = jnp.ones((group_sizes.shape[0], 1), jnp.float32)
-    gate_scale, up_scale, down_scale = (ones,) * 3 if scales is None else scales
 
-    def product(x, w, scale):
+    def product(x, w, companions):
+        if w.dtype in (jnp.uint8, jnp.int8):  # int4 [E, out, in/2], int8 [E, out, in]
+            deq = int4_dequantize if w.dtype == jnp.uint8 else int8_dequantize
+            w, companions = jnp.swapaxes(jax.vmap(deq)(w, *companions), 1, 2), ()
         y = jnp.einsum("nk,nkc->nc", x, w[expert].astype(x.dtype),
                        preferred_element_type=jnp.float32)
-        return y * scale[expert]
+        return y * companions[0][expert] if companions else y
 
-    act = (jax.nn.silu(product(rows, w_gate, gate_scale))
-           * product(rows, w_up, up_scale)).astype(rows.dtype)
-    out = product(act, w_down, down_scale).astype(rows.dtype)
+    gate_q, up_q, down_q = ((),) * 3 if quant is None else quant
+    act = (jax.nn.silu(product(rows, w_gate, gate_q)) * product(rows, w_up, up_q)).astype(rows.dtype)
+    out = product(act, w_down, down_q).astype(rows.dtype)
     return jnp.where(valid[:, None], out, 0)
 
 

@@ -701,9 +701,10 @@ and XLA's ragged_dot as the reference) agree."""
     for t in ("1", "16"):
         assert res[t]["engine_us"] > 0 and res[t]["xla_ragged_dot_us"] > 0
         assert res[t]["engine_max_rel_diff"] < 1e-2
-    fp8 = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "moe.py"), "--json", "--fp8",
-                          "--model", str(tmp_path), "--tokens", "4"],
-                         capture_output=True, text=True, timeout=600)
-    assert fp8.returncode == 0, fp8.stderr[-3000:]
-    got = json.loads(fp8.stdout)["tokens"]["4"]
-    assert got["engine_us"] > 0 and got["engine_max_rel_diff"] < 1e-2
+    for experts in ("--fp8", "--int4"):
+        quant = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "moe.py"), "--json",
+                                experts, "--model", str(tmp_path), "--tokens", "4"],
+                               capture_output=True, text=True, timeout=600)
+        assert quant.returncode == 0, quant.stderr[-3000:]
+        got = json.loads(quant.stdout)["tokens"]["4"]
+        assert got["engine_us"] > 0 and got["engine_max_rel_diff"] < 1e-2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Optional
 
 import jax
 import numpy as np
@@ -655,7 +656,9 @@ def _finish_gguf(w) -> None:
     w.close()
 
 
-def _write_moe_gguf(path, arch: str, cfg, sd: dict) -> None:
+def _write_moe_gguf(path, arch: str, cfg, sd: dict, kinds: Optional[dict] = None) -> None:
+    """`kinds`: GGUF tensor kinds ("ffn_gate_exps", ...) whose expert stacks are stored in that
+    quantized type (test_gguf_quant._data's blocks, expert by expert); the rest in float32."""
     w, names = _gguf_writer(path, arch, cfg)
     w.add_expert_count(sd_experts := (getattr(cfg, "num_experts", None) or cfg.num_local_experts))
     w.add_expert_used_count(cfg.num_experts_per_tok)
@@ -677,9 +680,17 @@ def _write_moe_gguf(path, arch: str, cfg, sd: dict) -> None:
             heads = cfg.num_attention_heads if "attn_q" in g else cfg.num_key_value_heads
             t = _llama_cpp_permute(t, heads)
         w.add_tensor(g, np.ascontiguousarray(t))
+    rng = np.random.default_rng(0)
     for name, ts in stacks.items():
         assert len(ts) == sd_experts
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.stack(ts))
+        g = names.get_name(name, try_suffixes=(".weight",))
+        qtype = (kinds or {}).get(g.split(".")[2])
+        if qtype is None:
+            w.add_tensor(g, np.stack(ts))
+        else:
+            from test_gguf_quant import _data
+            w.add_tensor(g, np.stack([_data(qtype, t.astype(np.float32), rng) for t in ts]),
+                         raw_dtype=qtype)
     _finish_gguf(w)
 
 

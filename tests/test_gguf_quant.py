@@ -237,6 +237,57 @@ def test_int8_projections_match_them_dequantized(tmp_path, arch, kinds, hidden, 
             assert abs(pa[tok].logprob - pb[tok].logprob) < 1e-3
 
 
+@pytest.mark.parametrize("up, down", [(T.Q4_K, T.Q4_0), (T.Q4_K, T.Q6_K), (T.Q8_0, T.Q8_0)],
+                         ids=["q4_k-q4_0", "q6_k-down", "q8_0-up"])
+def test_moe_experts_kept_quantized_match_them_dequantized(tmp_path, up, down):
+    """quantization="gguf" on a Qwen3-MoE GGUF: expert stacks stay quantized expert by expert,
+    Q4_K (a scale and a min per 32 inputs) and Q4_0 (zero points) in the int4 layout, Q6_K (groups
+    of 16) and Q8_0 in the int8 layout; a Q4_K gate beside a Q8_0 up (two formats the kernel would
+    run in one launch) is dequantized with it. In float32 it gives the prompt logprobs and greedy
+    tokens of the same GGUF dequantized on load."""
+    from safetensors.numpy import load_file
+    from hf_builders import save_word_tokenizer, tiny_config, tiny_model
+    from jaxvllm import LLM, SamplingParams
+    from test_converters import _write_moe_gguf
+    cfg = tiny_config("qwen3_moe", vocab_size=128, hidden_size=256, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                      norm_topk_prob=True, tie_word_embeddings=False)
+    tiny_model(cfg, matrix_scale=4.0).save_pretrained(tmp_path / "hf")
+    save_word_tokenizer(tmp_path / "hf", 128)
+    path = tmp_path / "moe.gguf"
+    _write_moe_gguf(path, "qwen3moe", cfg, load_file(tmp_path / "hf" / "model.safetensors"),
+                    {"ffn_gate_exps": T.Q4_K, "ffn_up_exps": up, "ffn_down_exps": down})
+    prompts = [{"prompt_token_ids": list(range(3 + j, 3 + j + n))} for j, n in enumerate((7, 19))]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    runs = {}
+    for kind, extra in (("plain", {}), ("gguf", {"quantization": "gguf"})):
+        llm = LLM(model=str(path), tokenizer=str(tmp_path / "hf"), dtype="float32",
+                  max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
+                  num_gpu_blocks_override=16, enforce_eager=True, token_buckets=(8, 32), **extra)
+        runs[kind] = (llm.llm_engine.runner.params["layers"][0],
+                      llm.generate(prompts, sp, use_tqdm=False))
+    lp, outs = runs["gguf"]
+    if up == T.Q4_K:
+        assert lp["experts_gate"].dtype == jnp.uint8 and lp["experts_gate"].shape == (4, 256, 128)
+        assert lp["experts_up_min"].shape == lp["experts_up_scale"].shape == (4, 256 // 32, 256)
+    else:
+        assert lp["experts_gate"].dtype == lp["experts_up"].dtype == jnp.float32
+        assert "experts_gate_scale" not in lp and "experts_up_scale" not in lp
+    if down == T.Q4_0:
+        assert lp["experts_down"].shape == (4, 256, 128) and lp["experts_down_zero"].shape == (
+            4, 256 // 32, 256)
+    else:  # Q6_K's groups of 16, Q8_0's of 32, no min
+        assert lp["experts_down"].dtype == jnp.int8 and lp["experts_down"].shape == (4, 256, 256)
+        group = 16 if down == T.Q6_K else 32
+        assert lp["experts_down_scale"].shape == (4, 256 // group, 256)
+        assert "experts_down_min" not in lp
+    for a, b in zip(runs["plain"][1], outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for pa, pb, tok in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:]):
+            assert abs(pa[tok].logprob - pb[tok].logprob) < 1e-3
+
+
 @pytest.mark.parametrize("rows", [1, 16, 80])
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_1, T.Q6_K], ids=lambda t: t.name)
 def test_int8_blocks_through_int8_linear(rows, qtype):

@@ -195,14 +195,15 @@ def test_a_script_using_the_engine_exits_cleanly(tmp_path):
     assert "terminate called" not in proc.stderr
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("experts", ["bf16", "fp8", "int4"])
 @pytest.mark.parametrize("way", ["routed", "mosaic", "engine"])
 @pytest.mark.parametrize("tokens", [1, 40, 300])
-def test_moe_kernels_match_xla(tokens, way, fp8):
+def test_moe_kernels_match_xla(tokens, way, experts):
     """The GPU experts kernels of mixture-of-experts layers (the routed-experts Pallas kernel, JAX's
     Mosaic GPU grouped GEMM, and the engine's choice between them) agree with XLA's ragged_dot in
     bf16 (empty experts, one-row experts, multi-tile experts, a quarter of the tokens padding);
-    `fp8`: over FP8 experts (models/quant.py), XLA's over them dequantized."""
+    over FP8 experts (models/quant.py) and int4 experts in groups of 128 inputs (models/int4.py),
+    XLA's over them dequantized."""
     import functools
     import jax
     import jax.numpy as jnp
@@ -220,11 +221,15 @@ def test_moe_kernels_match_xla(tokens, way, fp8):
           "experts_up": jax.random.normal(ks[2], (16, 256, 128), jnp.bfloat16) * 0.1,
           "experts_down": jax.random.normal(ks[3], (16, 128, 256), jnp.bfloat16) * 0.1}
     x = jax.random.normal(ks[4], (tokens, 256), jnp.bfloat16)
-    if fp8:
-        from jaxvllm.models.quant import EXPERTS, quantize_experts_fp8
-        for name in EXPERTS:
+    from jaxvllm.models.int4 import quantize_experts_int4
+    from jaxvllm.models.quant import EXPERTS, quantize_experts_fp8
+    for name in EXPERTS if experts != "bf16" else ():
+        if experts == "fp8":
             lp[name], lp[name + "_scale"] = quantize_experts_fp8(lp[name])
-    assert moe._mosaic_fits(x, lp["experts_gate"]) and routed_experts.fits(256, 128)
+        else:
+            lp[name], lp[name + "_scale"], lp[name + "_zero"] = quantize_experts_int4(lp[name], 128)
+    assert moe._mosaic_fits(x, lp["experts_gate"])
+    assert routed_experts.fits(lp["experts_gate"], lp["experts_down"], moe.expert_quant(lp))
     fn = {"routed": routed_experts.routed_swiglu, "engine": moe.experts_swiglu,
           "mosaic": functools.partial(moe.grouped_swiglu, gemm=moe.mosaic_ragged_dot)}[way]
     real = jnp.int32(tokens - tokens // 4)

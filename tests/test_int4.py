@@ -274,13 +274,13 @@ PROMPTS = [list(np.random.RandomState(n).randint(2, 256, size=n)) for n in (6, 2
 
 
 def _pack_linear(tensors: dict, prefix: str, w: np.ndarray, method: str, act_order: bool,
-                 rng, bits: int = 4, group: int = GROUP) -> np.ndarray:
+                 rng, bits: int = 4, group: int = GROUP, symmetric: bool = False) -> np.ndarray:
     """Linear `prefix`'s weight w [out, in] quantized and packed into `tensors` in the method's
     format (GPTQ's groups permuted with activation order); returns the weight it dequantizes to."""
     g_idx = np.arange(w.shape[1]) // group
     if act_order:
         g_idx = rng.permutation(g_idx)
-    parts, deq = linear_tensors(w, method, group, bits, g_idx)
+    parts, deq = linear_tensors(w, method, group, bits, g_idx, symmetric)
     tensors.update({f"{prefix}.{part}": t for part, t in parts.items()})
     return deq
 
@@ -375,45 +375,70 @@ def test_int_checkpoint_runs_in_bfloat16(name, tmp_path):
 _QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                   decoder_sparse_step=1, mlp_only_layers=[])
 MOE = {  # name: (HF config, quant_method, activation order, bits)
-    "qwen3_moe_gptq_act_order": (lambda: tiny_config("qwen3_moe", **_SMALL, **_QWEN3_MOE), "gptq",
-                                 True, 4),
     "mixtral_awq": (lambda: tiny_config("mixtral", **_SMALL, num_local_experts=4,
                                         num_experts_per_tok=2), "awq", False, 4),
+    # every expert's inputs but expert 0's in an order of their own
+    "qwen3_moe_gptq_act_order": (lambda: tiny_config("qwen3_moe", **_SMALL, **_QWEN3_MOE), "gptq",
+                                 "but expert 0", 4),
     "qwen3_moe_gptq8": (lambda: tiny_config("qwen3_moe", **_SMALL, **_QWEN3_MOE), "gptq", False, 8),
 }
 
 
-@pytest.mark.parametrize("name", sorted(MOE))
-def test_int_moe_checkpoint_loads_its_experts_dequantized(name, tmp_path):
-    """An AWQ/GPTQ mixture-of-experts checkpoint (experts and attention packed, routers not): the
-    attention stays at its bits, the experts, which the int4 and int8 layouts do not hold, load
-    dequantized in the model's dtype, and the model matches HF on its float twin (the weights it
-    dequantizes to, put back in the checkpoint's input order under activation order)."""
+def write_int_moe_checkpoint(d, name: str):
+    """A tiny random mixture-of-experts model of MOE saved as an AWQ or GPTQ checkpoint in d/int4
+    (experts and attention packed, routers not; at 8 bits expert 0 symmetric, its zero points
+    all the middle, the others not); returns its HF float twin, the weights it dequantizes to (in
+    the checkpoint's input order under activation order), saved in d/twin."""
     from safetensors.numpy import load_file, save_file
     from transformers import AutoModelForCausalLM
-    from jaxvllm import LLM
     make_config, method, act_order, bits = MOE[name]
-    tiny_model(make_config(), **FAR_FROM_FLAT).save_pretrained(tmp_path / "src")
+    tiny_model(make_config(), **FAR_FROM_FLAT).save_pretrained(d / "src")
     rng = np.random.default_rng(3)
     packed, twin = {}, {}
-    for key, w in load_file(tmp_path / "src" / "model.safetensors").items():
+    for key, w in load_file(d / "src" / "model.safetensors").items():
         if ".layers." in key and w.ndim == 2 and not key.endswith(".gate.weight"):  # not routers
-            twin[key] = _pack_linear(packed, key[:-len(".weight")], w, method, act_order, rng,
-                                     bits)
+            ordered = act_order == "but expert 0" and ".experts.0." not in key
+            twin[key] = _pack_linear(packed, key[:-len(".weight")], w, method,
+                                     bool(act_order) and not ordered, rng, bits,
+                                     symmetric=bits == 8 and ".experts.0." in key)
         else:
             packed[key] = twin[key] = w
-    config = AutoModelForCausalLM.from_pretrained(tmp_path / "src").config
-    _save_int(str(tmp_path / "int4"), packed, config, method, act_order, bits)
-    config.save_pretrained(tmp_path / "twin")
-    save_file(twin, tmp_path / "twin" / "model.safetensors")
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "twin").float().eval()
+    config = AutoModelForCausalLM.from_pretrained(d / "src").config
+    _save_int(str(d / "int4"), packed, config, method, bool(act_order), bits)
+    config.save_pretrained(d / "twin")
+    save_file(twin, d / "twin" / "model.safetensors")
+    return AutoModelForCausalLM.from_pretrained(d / "twin").float().eval()
 
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_int_moe_checkpoint_keeps_its_experts_at_their_bits(name, tmp_path):
+    """An AWQ/GPTQ mixture-of-experts checkpoint: the attention stays at its bits, and so do the
+    experts in their inputs' order (each expert an int4 or int8 linear, stacked); under
+    activation order they load dequantized in the model's dtype (the experts whose inputs happen
+    to be in order with them); the model matches HF on its float twin."""
+    from jaxvllm import LLM
+    _, _, act_order, bits = MOE[name]
+    reference = write_int_moe_checkpoint(tmp_path, name)
+    config = reference.config
     llm = LLM(model=str(tmp_path / "int4"), dtype="float32", max_model_len=128, max_num_seqs=4,
               max_num_batched_tokens=32, num_gpu_blocks_override=64, enforce_eager=True,
               token_buckets=(8, 32))
     lp = llm.llm_engine.runner.params["layers"][0]
     assert lp["o"].dtype == (jnp.uint8 if bits == 4 else jnp.int8)
-    assert lp["experts_down"].dtype == jnp.float32
+    e, h = 4, 64
+    i = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    if act_order:
+        assert lp["experts_down"].dtype == jnp.float32 and "experts_down_scale" not in lp
+    elif bits == 4:
+        assert lp["experts_gate"].dtype == lp["experts_down_zero"].dtype == jnp.uint8
+        assert lp["experts_gate"].shape == (e, i, h // 2)
+        assert lp["experts_down"].shape == (e, h, i // 2)
+        assert lp["experts_down_scale"].shape == (e, i // GROUP, h)
+    else:  # int8 values minus 128, (128 - zero) * scale as a min (expert 0's: zeros)
+        assert lp["experts_up"].dtype == jnp.int8 and lp["experts_up"].shape == (e, i, h)
+        assert lp["experts_down_min"].shape == (e, i // GROUP, h)
+        assert not np.asarray(lp["experts_down_min"][0]).any()
+        assert np.asarray(lp["experts_down_min"][1]).any()
     assert_generates_as_hf(llm, reference, PROMPTS)
 
 
@@ -451,18 +476,26 @@ def test_quantization_must_fit_the_checkpoint(tmp_path):
             int_checkpoint({"quantization_config": bad})
 
 
-def test_dummy_weights_at_four_bits(tmp_path):
-    """load_format="dummy" with quantization="awq": random weights quantized to the int4 layout
-    (how the bench measures an int4 model without a checkpoint); it generates."""
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_dummy_weights_at_four_bits(family, tmp_path):
+    """load_format="dummy" with quantization="awq": random weights quantized to the int4 layout,
+    a mixture of experts' experts too (how the bench measures an int4 model without a
+    checkpoint); it generates."""
     from jaxvllm import LLM, SamplingParams
-    tiny_config("llama", **_SMALL).save_pretrained(tmp_path)
+    tiny_config(family, **_SMALL, **(_QWEN3_MOE if family == "qwen3_moe" else {})
+                ).save_pretrained(tmp_path)
     save_word_tokenizer(tmp_path, 256)
     llm = LLM(model=str(tmp_path), load_format="dummy", quantization="awq", dtype="bfloat16",
               max_model_len=64, max_num_seqs=2, num_gpu_blocks_override=16, enforce_eager=True,
               token_buckets=(8, 32), max_num_batched_tokens=32)
     lp = llm.llm_engine.runner.params["layers"][0]
-    assert lp["gate+up"].dtype == jnp.uint8 and lp["gate+up_scale"].shape == (1, 192)  # 64 inputs
-    assert lp["down_scale"].shape == (1, 64) and lp["down_scale"].dtype == jnp.float32
+    assert lp["q+k+v"].dtype == jnp.uint8 and lp["o_scale"].shape == (1, 64)  # 64 inputs
+    if family == "llama":
+        assert lp["gate+up"].dtype == jnp.uint8 and lp["gate+up_scale"].shape == (1, 192)
+        assert lp["down_scale"].shape == (1, 64) and lp["down_scale"].dtype == jnp.float32
+    else:  # 4 experts of intermediate size 32
+        assert lp["experts_gate"].dtype == jnp.uint8 and lp["experts_gate"].shape == (4, 32, 32)
+        assert lp["experts_down_scale"].shape == (4, 1, 64)
     out = llm.generate([{"prompt_token_ids": PROMPTS[0]}],
                        SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4

@@ -5,6 +5,7 @@ weights dequantize to the new ones within half a step, and the engine then gener
 unquantized engine holding those dequantized values generates."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,15 +17,16 @@ from jaxvllm.models.int8 import quantize_int8
 from jaxvllm.worker.weight_swap import weight_chunks
 from pallas_kernels.reference import int4_dequantize, int8_dequantize
 from test_gguf_quant import _K_QUANTS, _tiny_gguf
-from test_int4 import CHECKPOINTS, PROMPTS, write_int_checkpoint
+from test_int4 import CHECKPOINTS, MOE, PROMPTS, write_int_checkpoint, write_int_moe_checkpoint
 
 _ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
                num_gpu_blocks_override=64, enforce_eager=True, token_buckets=(8, 32))
 
 
 def _grid(group: int, step) -> np.ndarray:
-    """Each element's bound: half its group's step (scale [groups, out]) as [in, out]."""
-    return 0.5 * np.repeat(np.asarray(step, np.float64), group, axis=0)
+    """Each element's bound: half its group's step (scale [groups, out], experts' [E, groups,
+    out]) as [in, out] ([E, in, out])."""
+    return 0.5 * np.repeat(np.asarray(step, np.float64), group, axis=-2)
 
 
 @pytest.mark.parametrize("offset", ["zero", "min"])
@@ -68,19 +70,18 @@ def _dequantized(params: dict, new: dict) -> dict:
         out = {k: v for k, v in lp.items() if k in nl}
         for name in [k for k in lp if lp[k].dtype in (INT4, jnp.int8) and not k.endswith("_zero")]:
             scale = lp[name + "_scale"]
-            if lp[name].dtype == INT4:
-                off = lp.get(name + "_zero", lp.get(name + "_min"))
-                deq = int4_dequantize(lp[name], scale, off)
-            else:
-                deq = int8_dequantize(lp[name], scale, lp.get(name + "_min"))
-            deq = np.asarray(deq, np.float64).T  # [in (stored order), out]
-            bound = _grid(deq.shape[0] // scale.shape[0], scale)
+            companions = [lp[name + s] for s in ("_scale", "_zero", "_min") if name + s in lp]
+            deq = int4_dequantize if lp[name].dtype == INT4 else int8_dequantize
+            deq = (jax.vmap(deq) if lp[name].ndim == 3 else deq)(lp[name], *companions)
+            deq = np.swapaxes(np.asarray(deq, np.float64), -1, -2)  # [in (stored order), out]
+            bound = _grid(deq.shape[-2] // scale.shape[-2], scale)
             if name + "_perm" in lp:
                 perm = np.asarray(lp[name + "_perm"])
                 deq, bound = deq[np.argsort(perm)], bound[np.argsort(perm)]
             parts = name.split("+")
             cuts = np.cumsum([nl[p].shape[1] for p in parts])[:-1]
-            for p, d, b in zip(parts, np.split(deq, cuts, axis=1), np.split(bound, cuts, axis=1)):
+            for p, d, b in zip(parts, np.split(deq, cuts, axis=-1),
+                               np.split(bound, cuts, axis=-1)):
                 target = np.asarray(nl[p], np.float64)
                 assert (np.abs(d - target) <= b + 1e-5).all(), p
                 out[p] = d.astype(np.float32)
@@ -136,6 +137,20 @@ def test_int_checkpoint_takes_new_weights(name, tmp_path):
     llm = LLM(model=str(tmp_path), **_ENGINE)
     new = tiny_model(CHECKPOINTS[name][0](), seed=1, **FAR_FROM_FLAT)
     _check_swaps(llm, model.config, {k: v.numpy() for k, v in new.state_dict().items()}, PROMPTS)
+
+
+@pytest.mark.parametrize("name", ["mixtral_awq", "qwen3_moe_gptq8"])
+def test_integer_experts_take_new_weights(name, tmp_path):
+    """AWQ Mixtral's int4 experts and 8-bit GPTQ Qwen3-MoE's int8 experts (with mins; expert 0's
+    zeros): new experts rounded to nearest expert by expert in their groups."""
+    from safetensors.numpy import load_file
+    from jaxvllm import LLM
+    write_int_moe_checkpoint(tmp_path, name)
+    llm = LLM(model=str(tmp_path / "int4"), **_ENGINE)
+    assert llm.llm_engine.runner.params["layers"][0]["experts_up"].dtype in (INT4, jnp.int8)
+    new = tiny_model(MOE[name][0](), seed=1, **FAR_FROM_FLAT)
+    new.save_pretrained(tmp_path / "new")  # saved in HF's checkpoint names, one tensor an expert
+    _check_swaps(llm, new.config, load_file(tmp_path / "new" / "model.safetensors"), PROMPTS)
 
 
 def test_gguf_model_takes_new_weights(tmp_path):

@@ -1,5 +1,5 @@
 """The routed-experts kernel (Pallas Triton, interpret mode on CPU) against its pure-jnp reference
-and XLA's ragged_dot, over float and FP8 experts, and the MoE layer's padding rows."""
+and XLA's ragged_dot, over float, FP8, int4 and int8 experts, and the MoE layer's padding rows."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +7,8 @@ import pytest
 
 from jaxvllm.models import moe
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.int4 import quantize_experts_int4, quantize_int4
+from jaxvllm.models.int8 import quantize_experts_int8
 from jaxvllm.models.quant import quantize_experts_fp8
 from pallas_kernels import routed_experts
 from pallas_kernels.reference import routed_swiglu_reference
@@ -50,8 +52,9 @@ def test_routed_swiglu_leaves_rows_past_the_groups_alone_and_checks_tiles():
                                        interpret=True)
     ref = routed_swiglu_reference(rows, sizes, *w)
     np.testing.assert_allclose(np.asarray(got)[:6], np.asarray(ref)[:6], rtol=1e-4, atol=1e-4)
-    assert not routed_experts.fits(64, 40, _TILES, _TILES)
-    with pytest.raises(ValueError, match="intermediate 40"):
+    narrow = _weights(jax.random.key(2), 4, h, 40)
+    assert not routed_experts.fits(narrow[0], narrow[2], None, _TILES, _TILES)
+    with pytest.raises(ValueError, match=r"\(4, 40, 64\).*do not fit"):
         routed_experts.routed_swiglu(rows, sizes, *_weights(jax.random.key(2), 4, h, 40),
                                      gate_up_tiles=_TILES, down_tiles=_TILES, interpret=True)
 
@@ -115,6 +118,7 @@ def test_fp8_experts_read_as_stored_match_their_dequantized_weights(dtype):
     rows = jax.random.normal(jax.random.key(7), (23, h), jnp.float32).astype(dtype)
     w = _weights(jax.random.key(8), 6, h, i)
     q, scales = zip(*(quantize_experts_fp8(a) for a in w))
+    scales = tuple((s,) for s in scales)
     assert all(a.dtype == jnp.float8_e4m3fn for a in q)
     got = routed_experts.routed_swiglu(rows, sizes, *q, scales, gate_up_tiles=_TILES,
                                        down_tiles=_TILES, interpret=True)
@@ -127,3 +131,68 @@ def test_fp8_experts_read_as_stored_match_their_dequantized_weights(dtype):
     np.testing.assert_allclose(f32(xla), f32(ref), rtol=0, atol=tol)
     exact = f32(routed_swiglu_reference(rows.astype(jnp.float32), sizes, *w))
     assert np.abs(f32(got) - exact).max() < 0.08 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("dtype,offset,float_down", [
+    (jnp.float32, "zero", False), (jnp.bfloat16, "zero", False), (jnp.bfloat16, "min", False),
+    (jnp.float32, "min", True)])  # down unquantized, as a GGUF's down in more bits loads
+def test_int4_experts_read_at_four_bits_match_their_dequantized_weights(dtype, offset,
+                                                                        float_down):
+    """int4 experts (each expert packed as an int4 linear, [E, out, in/2], a scale and a zero
+    point or min per group of 32 inputs): the routed kernel, which splits each step's bytes into
+    two tiles of weights in registers, equals the reference and XLA's grouped GEMM over the
+    weights dequantized, two groups of gate's and up's inputs and three of down's."""
+    h, i = 64, 96
+    sizes = jnp.array([3, 0, 17, 0, 1, 2], jnp.int32)
+    rows = jax.random.normal(jax.random.key(9), (23, h), jnp.float32).astype(dtype)
+    w = _weights(jax.random.key(10), 6, h, i)
+    if offset == "zero":
+        packed = [quantize_experts_int4(a, 32) for a in w]
+    else:
+        packed = [jax.vmap(lambda e: quantize_int4(e, 32, "min"))(a) for a in w]
+    q, quant = [p[0] for p in packed], [p[1:] for p in packed]
+    assert q[0].shape == (6, i, h // 2) and quant[2][0].shape == (6, i // 32, h)
+    if float_down:
+        q[2], quant[2] = w[2], ()
+    quant = tuple(quant)
+    assert routed_experts.fits(q[0], q[2], quant, _TILES, _TILES)
+    got = routed_experts.routed_swiglu(rows, sizes, *q, quant, gate_up_tiles=_TILES,
+                                       down_tiles=_TILES, interpret=True)
+    ref = routed_swiglu_reference(rows, sizes, *q, quant)
+    xla = moe.grouped_swiglu(rows, sizes, *q, quant)
+    f32 = lambda a: np.asarray(a, np.float32)
+    tol = (1e-4 if dtype == jnp.float32 else 2e-2) * np.abs(f32(ref)).max()
+    np.testing.assert_allclose(f32(got), f32(ref), rtol=0, atol=tol)
+    np.testing.assert_allclose(f32(xla), f32(ref), rtol=0, atol=tol)
+    exact = f32(routed_swiglu_reference(rows.astype(jnp.float32), sizes, *w))
+    assert np.abs(f32(got) - exact).max() < 0.25 * np.abs(exact).max()  # 16 levels a group
+
+
+@pytest.mark.parametrize("dtype,with_min,group", [(jnp.float32, False, 32),
+                                                  (jnp.bfloat16, True, 16)])
+def test_int8_experts_read_at_a_byte_match_their_dequantized_weights(dtype, with_min, group):
+    """int8 experts (each expert in the int8 linear layout, [E, out, in], a scale and maybe a min
+    per group of inputs; up without the min where gate has one, down at 4 bits: each weight's
+    companions its own): the routed kernel, a group a reduction step, equals the reference and
+    XLA's grouped GEMM over the weights dequantized."""
+    h, i = 64, 96
+    sizes = jnp.array([3, 0, 17, 0, 1, 2], jnp.int32)
+    rows = jax.random.normal(jax.random.key(11), (23, h), jnp.float32).astype(dtype)
+    w = _weights(jax.random.key(12), 6, h, i)
+    gate, up = (quantize_experts_int8(a, group, with_min=m) for a, m in ((w[0], with_min),
+                                                                        (w[1], False)))
+    down = quantize_experts_int4(w[2], 32)
+    q = (gate[0], up[0], down[0])
+    quant = (tuple(a for a in gate[1:] if a is not None), (up[1],), down[1:])
+    assert q[0].dtype == jnp.int8 and q[0].shape == (6, i, h)
+    assert routed_experts.fits(q[0], q[2], quant, _TILES, _TILES)
+    got = routed_experts.routed_swiglu(rows, sizes, *q, quant, gate_up_tiles=_TILES,
+                                       down_tiles=_TILES, interpret=True)
+    ref = routed_swiglu_reference(rows, sizes, *q, quant)
+    xla = moe.grouped_swiglu(rows, sizes, *q, quant)
+    f32 = lambda a: np.asarray(a, np.float32)
+    tol = (1e-4 if dtype == jnp.float32 else 2e-2) * np.abs(f32(ref)).max()
+    np.testing.assert_allclose(f32(got), f32(ref), rtol=0, atol=tol)
+    np.testing.assert_allclose(f32(xla), f32(ref), rtol=0, atol=tol)
+    exact = f32(routed_swiglu_reference(rows.astype(jnp.float32), sizes, *w))
+    assert np.abs(f32(got) - exact).max() < 0.25 * np.abs(exact).max()

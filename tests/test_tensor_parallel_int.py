@@ -2,15 +2,17 @@
 tiny GPTQ checkpoints (4 bits in activation order, 8 bits) give the greedy tokens and logprobs of
 one device when split over 2 and 4 (at 4 the 2 KV heads are replicated, packed rows and their
 scales and zero points alike), and again after a weight swap; their tensors split as the rules
-say, and a row-parallel weight whose groups do not divide over the devices is refused by name. Run as a subprocess (this file as a
-script), as tests/test_tensor_parallel.py runs its engines."""
+say, and a row-parallel weight whose groups do not divide over the devices is refused by name;
+an AWQ mixture of experts keeps its packed experts split alike. Run as a subprocess (this file as
+a script), as tests/test_tensor_parallel.py runs its engines."""
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -54,10 +56,15 @@ def _save(d: str, act_order: bool, bits: int, intermediate: int, group: int = GR
     _save_int(d, tensors, model.config, "gptq", act_order, bits, group)
 
 
-def _run(d: str, tp: int, prompts: list = PROMPTS, swap: int = 0,
+def _new_weights(intermediate: int) -> dict[str, np.ndarray]:
+    """Another random model's weights, HF-named, for a weight swap."""
+    return {k: v.numpy() for k, v in _tiny(intermediate, seed=1).state_dict().items()}
+
+
+def _run(d: str, tp: int, prompts: list = PROMPTS, swap: Optional[dict] = None,
          **engine_kw: Any) -> dict[str, Any]:
-    """The engine's greedy tokens and logprobs; with `swap` (an intermediate size), again after
-    update_weights with another random model's weights (rounded into the checkpoint's layout)."""
+    """The engine's greedy tokens and logprobs; with `swap` (HF-named float weights), again after
+    update_weights with them (rounded into the checkpoint's layout)."""
     from jaxvllm import LLM, SamplingParams
     engine_kw.setdefault("token_buckets", (8, 32))
     try:
@@ -72,10 +79,10 @@ def _run(d: str, tp: int, prompts: list = PROMPTS, swap: int = 0,
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     res = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
            "cum_logprobs": [o.outputs[0].cumulative_logprob for o in outs]}
-    if swap:
+    if swap is not None:
         from jaxvllm.engine.weights import to_engine_layout
         from jaxvllm.worker.weight_swap import weight_chunks
-        new = {k: v.numpy() for k, v in _tiny(swap, seed=1).state_dict().items()}
+        new = swap
         llm.update_weights(new)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         res["swapped"] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
@@ -136,8 +143,17 @@ def _worker(out_path: str) -> None:
         for name, (act_order, bits, intermediate, sizes) in CHECKPOINTS.items():
             d = os.path.join(tmp, name)
             _save(d, act_order, bits, intermediate)
-            report[name] = {tp: _run(d, tp, swap=intermediate if name in SWAPPED else 0)
-                            for tp in sizes}
+            swap = _new_weights(intermediate) if name in SWAPPED else None
+            report[name] = {tp: _run(d, tp, swap=swap) for tp in sizes}
+        # int4 experts (AWQ, Mixtral): packed per expert, split as their layer's rules say.
+        from safetensors.numpy import load_file
+        from hf_builders import FAR_FROM_FLAT, tiny_model
+        from test_int4 import MOE, write_int_moe_checkpoint
+        d = pathlib.Path(tmp) / "moe_awq"
+        write_int_moe_checkpoint(d, "mixtral_awq")
+        tiny_model(MOE["mixtral_awq"][0](), seed=1, **FAR_FROM_FLAT).save_pretrained(d / "new")
+        swap = load_file(d / "new" / "model.safetensors")  # one tensor an expert, as HF saves
+        report["moe_awq"] = {tp: _run(str(d / "int4"), tp, swap=swap) for tp in (1, 2)}
         for name, (act_order, bits) in PALLAS.items():
             d = os.path.join(tmp, name)
             _save(d, act_order, bits, 128, PALLAS_GROUP)
@@ -174,6 +190,29 @@ def test_integer_weights_match_one_device(report, name, tp):
     assert report[name][1]["swapped"]["tokens"] != report[name][1]["tokens"]
     swapped = report[name][tp]["swapped"]
     assert swapped["chunked_tokens"] == swapped["tokens"]  # streamed in chunks
+
+
+def test_int4_experts_match_one_device_and_split_by_the_rules(report):
+    """AWQ Mixtral's packed experts [experts, out, in/2] over 2 devices: gate's and up's rows
+    (outputs) split with their scales' and zero points' outputs, down's packed inputs with its
+    groups; the greedy tokens and logprobs of one device, before and after a weight swap."""
+    ref, got = report["moe_awq"][1], report["moe_awq"][2]
+    for ref, got in ((ref, got), (ref["swapped"], got["swapped"])):
+        assert got["tokens"] == ref["tokens"]
+        assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
+    assert report["moe_awq"][1]["swapped"]["tokens"] != report["moe_awq"][1]["tokens"]
+    assert got["chunked_tokens"] == got["tokens"]
+    layer = report["moe_awq"][2]["layer"]
+    e, h, i = 4, 64, 96
+    want = {"experts_gate": ([None, "tp", None], [e, i // 2, h // 2]),
+            "experts_gate_scale": ([None, None, "tp"], [e, h // GROUP, i // 2]),
+            "experts_up_zero": ([None, None, "tp"], [e, h // GROUP, i // 2]),
+            "experts_down": ([None, None, "tp"], [e, h, i // 4]),
+            "experts_down_scale": ([None, "tp", None], [e, i // GROUP // 2, h]),
+            "experts_down_zero": ([None, "tp", None], [e, i // GROUP // 2, h])}
+    for name, (spec, shard) in want.items():
+        assert layer[name]["dtype"] == ("float32" if name.endswith("scale") else "uint8")
+        assert (layer[name]["spec"], layer[name]["shard_shape"]) == (spec, shard), name
 
 
 @pytest.mark.parametrize("name, tp", [("gptq4_act_order", 4), ("gptq8", 2)])

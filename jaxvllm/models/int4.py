@@ -17,6 +17,11 @@ whole group; bench/RESULTS.md, "GGUF at 4 bits"); and for a GPTQ checkpoint quan
 activation order `<name>_perm` int32 [in]: the order of the inputs that makes each group contiguous
 (the weight's inputs are stored in that order and the layer gathers its input the same way).
 The embedding, LM head, norms and routers stay in the model's dtype.
+
+A mixture-of-experts layer's routed experts (AWQ and GPTQ checkpoints without activation order)
+keep the layout expert by expert: `experts_<proj>` uint8 [experts, out, in/2], its scales and
+offsets [experts, groups, out]. The routed-experts kernel reads them at 4 bits for a few rows;
+the grouped GEMMs for many take them dequantized (models/moe.py).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import numpy as np
 from jaxvllm.models.grouped import grouped_linear
 from jaxvllm.models.int8 import INT8
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
+from pallas_kernels.reference import int4_dequantize
 
 INT4 = jnp.uint8  # the packed weight's dtype (no other weight of the layout is uint8)
 
@@ -94,17 +100,33 @@ def quantize_int4(w: jax.Array, group_size: int,
     return pack(q.reshape(out, inp), group_size), scale.T, off.T
 
 
+@functools.partial(jax.jit, static_argnames=("group_size", "offset"))
+def quantize_experts_int4(w: jax.Array, group_size: int,
+                          offset: str = "zero") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Experts [E, in, out] -> the layout's (uint8 [E, out, in/2], float32 scale [E, groups, out],
+    offset [E, groups, out]), each expert quantized as quantize_int4 does a linear."""
+    return jax.vmap(lambda a: quantize_int4(a, group_size, offset))(w)
+
+
+def dequantize_experts(w: jax.Array, scale: jax.Array, off: jax.Array, dtype: Any) -> jax.Array:
+    """int4 experts (uint8 [E, out, in/2], scale and offset [E, groups, out]) as `dtype`
+    [E, in, out], the model's layout of experts."""
+    return jnp.swapaxes(jax.vmap(int4_dequantize)(w, scale, off), 1, 2).astype(dtype)
+
+
 def quantize_params(params: dict[str, Any], group_size: int = 128, consume: bool = False
                     ) -> dict[str, Any]:
-    """A new params tree with every linear of QUANTIZED in the int4 layout (quantize_int4; one
-    group per output channel where the input size is not a multiple of group_size). `consume`:
-    as quant.map_linears's."""
-    from jaxvllm.models.quant import map_linears
+    """A new params tree with every linear of QUANTIZED and the routed experts in the int4
+    layout (quantize_int4, quantize_experts_int4; one group per output channel where the input
+    size is not a multiple of group_size). `consume`: as quant.map_linears's."""
+    from jaxvllm.models.quant import EXPERTS, QUANTIZED, map_linears
 
     def quantize(w: jax.Array) -> dict[str, jax.Array]:
-        group = group_size if w.shape[0] % group_size == 0 else w.shape[0]
-        return dict(zip(("", "_scale", "_zero"), quantize_int4(w, group)))
-    return map_linears(params, quantize, consume)
+        inputs = w.shape[-2]
+        group = group_size if inputs % group_size == 0 else inputs
+        fn = quantize_experts_int4 if w.ndim == 3 else quantize_int4
+        return dict(zip(("", "_scale", "_zero"), fn(w, group)))
+    return map_linears(params, quantize, consume, QUANTIZED + EXPERTS)
 
 
 FUSED = (("q", "k", "v"), ("gate", "up"))  # projections of one input (models/layers.projections)

@@ -11,12 +11,15 @@ scales or their products, exact) and, for the formats with a min or a zero point
 values' middle (Q5_1, Q5_K, asymmetric checkpoints: (128 - zero) * scale), `<name>_min` float32
 [groups, out]: w = q * scale (+ min). Group-major as the int4 layout's (models/int4.py); and for a
 checkpoint quantized in activation order `<name>_perm` int32 [in], as the int4 layout's. No other
-weight of any layout is int8.
+weight of any layout is int8. A mixture-of-experts layer's routed experts (8-bit GPTQ and
+compressed-tensors checkpoints without activation order, a GGUF's 5- to 8-bit expert stacks) keep
+the layout expert by expert: `experts_<proj>` int8 [experts, out, in], its scales and mins
+[experts, groups, out] (models/moe.py runs them).
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,7 @@ import numpy as np
 
 from jaxvllm.models.grouped import grouped_linear
 from pallas_kernels import int8_gemm, int8_matmul, int8_matmul_reference
+from pallas_kernels.reference import int8_dequantize
 
 INT8 = jnp.int8
 # The Pallas GEMM reduces a group in one dot, so its groups are at most int8_gemm.MAX_GROUP inputs:
@@ -77,3 +81,19 @@ def quantize_int8(w: jax.Array, group_size: int,
         q = jnp.clip(jnp.round(g / scale[..., None]), -127, 127)
         mn = None
     return q.reshape(out, inp).astype(INT8), scale.T, mn
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "with_min"))
+def quantize_experts_int8(w: jax.Array, group_size: int, with_min: bool = False
+                          ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    """Experts [E, in, out] -> the layout's (int8 [E, out, in], float32 scale [E, groups, out],
+    min [E, groups, out] or None), each expert quantized as quantize_int8 does a linear."""
+    return jax.vmap(lambda a: quantize_int8(a, group_size, with_min))(w)
+
+
+def dequantize_experts(w: jax.Array, scale: jax.Array, mn: Optional[jax.Array],
+                       dtype: Any) -> jax.Array:
+    """int8 experts (int8 [E, out, in], scale and min or None [E, groups, out]) as `dtype`
+    [E, in, out], the model's layout of experts."""
+    deq = jax.vmap(int8_dequantize)(w, scale, *(() if mn is None else (mn,)))
+    return jnp.swapaxes(deq, 1, 2).astype(dtype)

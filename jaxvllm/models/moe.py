@@ -3,10 +3,14 @@ experts' SwiGLU over the routed rows as grouped GEMMs (bench/RESULTS.md, "Mixtur
 
 The k copies of every token are sorted by expert, so each expert's rows are contiguous, and an
 `ExpertsFn` computes every row's SwiGLU with its own expert: `(rows [N, H], group_sizes [E],
-w_gate [E, H, I], w_up [E, H, I], w_down [E, I, H], scales) -> [N, H]`, where `scales` is None,
-or for FP8 experts (models/quant.py) their scales per expert and output channel, ([E, I], [E, I],
-[E, H]). Under tensor parallelism each device holds every expert's slice of I and the rows whole
-(worker/sharding.py wraps the function per device and sums the partial outputs).
+w_gate [E, H, I], w_up [E, H, I], w_down [E, I, H], quant) -> [N, H]`, where `quant` is None for
+experts in a float dtype, else a tuple per weight of the tensors stored beside it (expert_quant):
+() for a float weight, FP8 experts' (models/quant.py) scales per expert and output channel,
+(scale,), int4 experts' (models/int4.py: the weights packed [E, out, in/2]) scales and zero points
+or mins per expert, group of inputs and output channel, (scale, offset). Gate and up share one
+format; down may differ (a GGUF's down projections in more bits than gate's and up's). Under tensor parallelism each device holds
+every expert's slice of I and the rows whole (worker/sharding.py wraps the function per device and
+sums the partial outputs).
 """
 from __future__ import annotations
 
@@ -15,12 +19,41 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxvllm.models import int4, int8, quant
 from jaxvllm.models.config import ModelConfig
 from jaxvllm.models.layers import gated_mlp
-from jaxvllm.models.quant import EXPERTS, FP8, dequantize_experts
+from jaxvllm.models.quant import EXPERTS, FP8
 from pallas_kernels import routed_experts
+from pallas_kernels.routed_experts import Quant
 
 ExpertsFn = Callable[..., jax.Array]
+
+
+def expert_quant(lp: dict) -> Quant:
+    """The `quant` argument of an ExpertsFn for the experts of layer params `lp`."""
+    quant = tuple(_companions(lp, n) for n in EXPERTS)
+    return quant if any(quant) else None
+
+
+def _companions(lp: dict, name: str) -> tuple[jax.Array, ...]:
+    dtype = lp[name].dtype
+    if dtype == FP8:
+        return (lp[name + "_scale"],)
+    if dtype == int4.INT4:
+        return lp[name + "_scale"], int4.offset(lp, name)
+    if dtype == int8.INT8:
+        return (lp[name + "_scale"],) + ((lp[name + "_min"],) if name + "_min" in lp else ())
+    return ()
+
+
+def dequantized(w: jax.Array, companions: tuple[jax.Array, ...], dtype) -> jax.Array:
+    """Quantized experts (one weight of a Quant with its companions) as `dtype` [E, in, out]."""
+    if w.dtype == int4.INT4:
+        return int4.dequantize_experts(w, *companions, dtype)
+    if w.dtype == int8.INT8:
+        return int8.dequantize_experts(w, companions[0], companions[1] if len(companions) > 1
+                                       else None, dtype)
+    return quant.dequantize_experts(w, *companions, dtype)
 
 
 def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn,
@@ -40,9 +73,7 @@ def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn,
     order = jnp.argsort(flat, stable=True)                         # rows grouped by expert
     token = order // k
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    scales = (tuple(lp[n + "_scale"] for n in EXPERTS) if lp["experts_gate"].dtype == FP8
-              else None)
-    out = experts_fn(x[token], group_sizes, *(lp[n] for n in EXPERTS), scales)
+    out = experts_fn(x[token], group_sizes, *(lp[n] for n in EXPERTS), expert_quant(lp))
     # Rows outside every group are undefined in the kernels' output.
     out = out * weights.reshape(-1)[order][:, None].astype(x.dtype)
     y = jnp.zeros_like(x).at[token].add(jnp.where((flat[order] < e)[:, None], out, 0))
@@ -62,29 +93,29 @@ ROUTED_MAX_ROWS_PER_EXPERT = 8
 
 
 def experts_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, scales: Optional[tuple[jax.Array, ...]] = None) -> jax.Array:
+                   w_down: jax.Array, quant: Quant = None) -> jax.Array:
     """The default ExpertsFn on the GPU: for a few rows the routed-experts kernel
-    (pallas_kernels/routed_experts.py; FP8 experts read as stored), for more JAX's Mosaic GPU
+    (pallas_kernels/routed_experts.py; quantized experts read as stored), for more JAX's Mosaic GPU
     grouped GEMM on Hopper in bf16/f16 where its tiles fit; XLA's ragged_dot elsewhere (CPU;
     5-20x slower on the GPU)."""
     if jax.default_backend() == "gpu":
         few_rows = rows.shape[0] <= ROUTED_MAX_ROWS_PER_EXPERT * w_gate.shape[0]
-        if few_rows and routed_experts.fits(rows.shape[1], w_gate.shape[2]):
-            return routed_experts.routed_swiglu(rows, group_sizes, w_gate, w_up, w_down, scales)
+        if few_rows and routed_experts.fits(w_gate, w_down, quant):
+            return routed_experts.routed_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant)
         if _mosaic_fits(rows, w_gate):
-            return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, scales,
+            return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant,
                                   mosaic_ragged_dot)
-    return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, scales)
+    return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant)
 
 
 def grouped_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, scales: Optional[tuple[jax.Array, ...]] = None,
+                   w_down: jax.Array, quant: Quant = None,
                    gemm: Callable[..., jax.Array] = jax.lax.ragged_dot) -> jax.Array:
-    """One grouped GEMM per projection over the rows sorted by expert; FP8 experts dequantized to
-    the rows' dtype first."""
-    if scales is not None:
-        w_gate, w_up, w_down = (dequantize_experts(w, s, rows.dtype)
-                                for w, s in zip((w_gate, w_up, w_down), scales))
+    """One grouped GEMM per projection over the rows sorted by expert; quantized experts
+    dequantized to the rows' dtype first."""
+    if quant is not None:
+        w_gate, w_up, w_down = (dequantized(w, q, rows.dtype) if q else w
+                                for w, q in zip((w_gate, w_up, w_down), quant))
     gate = gemm(rows, w_gate, group_sizes)
     up = gemm(rows, w_up, group_sizes)
     return gemm(jax.nn.silu(gate) * up, w_down, group_sizes)
@@ -98,7 +129,11 @@ def _mosaic_fits(rows: jax.Array, w_gate: jax.Array) -> bool:
         return False
     if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."):
         return False  # warpgroup MMA: Hopper only
-    h, i = w_gate.shape[1], w_gate.shape[2]
+    h, i = w_gate.shape[1:]
+    if w_gate.dtype == int4.INT4:  # packed [E, out, in/2]
+        h, i = 2 * i, h
+    elif w_gate.dtype == int8.INT8:  # [E, out, in]
+        h, i = i, h
     k_tile, n_tile = _MOSAIC_TILES["block_k"], _MOSAIC_TILES["block_n"]
     return h % k_tile == 0 and i % k_tile == 0 and i % n_tile == 0 and h % n_tile == 0
 

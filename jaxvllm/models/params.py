@@ -27,7 +27,9 @@ and Q4_K) [groups, out], and `<name>_perm` int32 [in] for GPTQ in activation ord
 8-bit projection (models/int8.py) is int8 [out, in] with `<name>_scale` and, for Q5_1 and Q5_K,
 `<name>_min` [groups, out] (float32). A checkpoint with FP8 KV-cache scales adds KV_CACHE_SCALES
 to every layer, float32 scalars or [kv_heads] vectors (models/llama.attend). FP8 experts keep
-their [experts, in, out] as float8 with `<name>_scale` [experts, out] (float32).
+their [experts, in, out] as float8 with `<name>_scale` [experts, out] (float32); int4 experts are
+each packed as an int4 linear and stacked, uint8 [experts, out, in/2] with `<name>_scale` and
+`<name>_zero` or `<name>_min` [experts, groups, out].
 """
 from __future__ import annotations
 

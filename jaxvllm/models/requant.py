@@ -1,15 +1,15 @@
 """New weights in a running quantized model's layouts (a weight swap, LLM.update_weights, on an FP8,
 AWQ, GPTQ, compressed-tensors or GGUF model): each linear the model holds quantized is rounded to
 nearest in the same layout: FP8 per output channel (and per expert; models/quant.py); int4
-(models/int4.py) or int8 (models/int8.py) in the same groups of inputs, offset kind (zero points
-or a min), input order (GPTQ's activation order, kept as it is) and fused projections ("q+k+v"
-from the new q, k and v), with no calibration data: neither AWQ's scale search nor GPTQ's error
-feedback. The new weights arrive in the engine's unquantized layout (models/params.py: [in, out],
-a float dtype); a linear the model keeps unquantized (an FP8 checkpoint's ignored ones) takes them
-as they are. A
-whole tree is checked first, then quantized and written a layer at a time (layers_like), so a swap
-holds one layer's quantized copy beside the model, not a second model (under tensor parallelism
-that copy is made on the first device before it is split).
+(models/int4.py) or int8 (models/int8.py; experts expert by expert) in the same groups of inputs,
+offset kind (zero points or a min), input order (GPTQ's activation order, kept as it is) and
+fused projections ("q+k+v" from the new q, k and v), with no calibration data: neither AWQ's
+scale search nor GPTQ's error feedback. The new weights arrive in the engine's unquantized layout
+(models/params.py: [in, out], a float dtype); a linear the model keeps unquantized (an FP8
+checkpoint's ignored ones) takes them as they are. A whole tree is checked first, then quantized
+and written a layer at a time (layers_like), so a swap holds one layer's quantized copy beside the
+model, not a second model (under tensor parallelism that copy is made on the first device before
+it is split).
 """
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.int4 import FUSED, INT4, offset, quantize_int4
-from jaxvllm.models.int8 import INT8, quantize_int8
+from jaxvllm.models.int4 import FUSED, INT4, offset, quantize_experts_int4, quantize_int4
+from jaxvllm.models.int8 import INT8, quantize_experts_int8, quantize_int8
 from jaxvllm.models.params import KV_CACHE_SCALES, layer_shapes, param_shapes
 from jaxvllm.models.quant import EXPERTS, FP8, QUANTIZED, fp8_weight
 
 # The weights a quantized layer can hold: each projection, the fused ones (fuse_projections) and
-# FP8 experts.
+# the experts.
 _WEIGHTS = (*QUANTIZED, *("+".join(names) for names in FUSED), *EXPERTS)
 
 
@@ -51,13 +51,14 @@ def quantize_as(w: Any, like: dict[str, Any], name: str) -> dict[str, Any]:
     perm = like.get(name + "_perm")
     if perm is not None:
         w = jnp.take(w, jnp.asarray(_host(perm)), axis=0)
-    group = w.shape[0] // like[name + "_scale"].shape[0]
+    group = w.shape[-2] // like[name + "_scale"].shape[-2]
     if like[name].dtype == INT4:
         off = "_zero" if offset(like, name).dtype == jnp.uint8 else "_min"
-        q, scale, o = quantize_int4(w, group, off[1:])
+        q, scale, o = (quantize_experts_int4 if w.ndim == 3 else quantize_int4)(w, group, off[1:])
         out = {name: q, name + "_scale": scale, name + off: o}
     else:
-        q, scale, mn = quantize_int8(w, group, with_min=name + "_min" in like)
+        q, scale, mn = (quantize_experts_int8 if w.ndim == 3 else quantize_int8)(
+            w, group, with_min=name + "_min" in like)
         out = {name: q, name + "_scale": scale, **({} if mn is None else {name + "_min": mn})}
     return out if perm is None else {**out, name + "_perm": perm}
 

@@ -200,19 +200,20 @@ class TPShardings:
         expert's slice of the intermediate dimension, the routed rows whole; the partial outputs
         are summed (the all-reduce of a dense MLP's down projection)."""
         mesh, rep = self.mesh, P()
-        col, row = LAYER_RULES["experts_gate"], LAYER_RULES["experts_down"]
-        # FP8 experts' scales [E, out]: gate's and up's split with their outputs, down's whole.
-        scale_specs = tuple(LAYER_RULES[n + "_scale"] for n in EXPERTS)
 
-        def local(rows, group_sizes, w_gate, w_up, w_down, *scales):
-            return jax.lax.psum(base_fn(rows, group_sizes, w_gate, w_up, w_down,
-                                        scales[0] if scales else None), AXIS)
+        def local(rows, group_sizes, w_gate, w_up, w_down, quant):
+            return jax.lax.psum(base_fn(rows, group_sizes, w_gate, w_up, w_down, quant), AXIS)
 
-        def sharded(rows, group_sizes, w_gate, w_up, w_down, scales=None):
-            args, specs = (rows, group_sizes, w_gate, w_up, w_down), (rep, rep, col, col, row)
-            if scales is not None:
-                args, specs = (*args, scales), (*specs, scale_specs)
-            return _shard_map(local, mesh, in_specs=specs, out_specs=rep)(*args)
+        def sharded(rows, group_sizes, w_gate, w_up, w_down, quant=None):
+            weights = (w_gate, w_up, w_down)
+            specs = tuple(_stored_rule(n, w.dtype) for n, w in zip(EXPERTS, weights))
+            # FP8's scales [E, out] by their own rules, int4's scales and offsets [E, groups, out]
+            # as the [E, in, out] weight
+            quant_specs = None if quant is None else tuple(
+                (LAYER_RULES[n + "_scale"],) if w.dtype == FP8 else (LAYER_RULES[n],) * len(q)
+                for n, w, q in zip(EXPERTS, weights, quant))
+            return _shard_map(local, mesh, in_specs=(rep, rep, *specs, quant_specs),
+                              out_specs=rep)(rows, group_sizes, *weights, quant)
 
         return sharded
 
@@ -276,22 +277,30 @@ def _layer_spec(name: str, lp: dict[str, Any], tp: int) -> P:
     weight, _, part = name.rpartition("_")
     grouped = weight in LAYER_RULES and weight in lp and lp[weight].dtype in (INT4, INT8)
     if grouped and part in _GROUPED:
-        # An int4 or int8 weight's scales, zero points or mins, [groups, out]: split as an [in, out]
-        # weight of its name would be; a row-parallel one's groups of inputs over the devices.
+        # An int4 or int8 weight's scales, zero points or mins, [groups, out] ([experts, groups,
+        # out]): split as an [in, out] weight of its name would be; a row-parallel one's groups of
+        # inputs over the devices.
         rule = LAYER_RULES[weight]
-        if rule[0] == AXIS and lp[name].shape[0] % tp:
-            raise ValueError(f"layer param {weight!r}: its {lp[name].shape[0]} groups of inputs do "
-                             f"not split over tensor_parallel_size ({tp})")
+        if rule[-2] == AXIS and lp[name].shape[-2] % tp:
+            raise ValueError(f"layer param {weight!r}: its {lp[name].shape[-2]} groups of inputs "
+                             f"do not split over tensor_parallel_size ({tp})")
         return rule
     if grouped and part == "perm":
         return P()  # an input order, applied before the weight's own split
     if name not in LAYER_RULES:
         raise ValueError(f"No tensor-parallel partition rule for layer param {name!r}")
-    # FP8 (models/quant.py), int4 and int8 weights (models/int4.py, models/int8.py) are stored
-    # [out, in] (int4 two inputs a byte): their [in, out] rule, reversed. FP8 experts keep the
-    # model's [experts, in, out].
-    return (P(*reversed(LAYER_RULES[name]))
-            if lp[name].dtype in (FP8, INT4, INT8) and name not in EXPERTS else LAYER_RULES[name])
+    return _stored_rule(name, lp[name].dtype)
+
+
+def _stored_rule(name: str, dtype: Any) -> P:
+    """The partition rule of layer weight `name` as stored in `dtype`: FP8 (models/quant.py), int4
+    and int8 weights (models/int4.py, models/int8.py) are stored [out, in] (int4 two inputs a
+    byte; int4 experts [experts, out, in/2]): their [in, out] rule with its last two axes swapped.
+    FP8 experts keep the model's [experts, in, out]."""
+    rule = LAYER_RULES[name]
+    if dtype in (INT4, INT8) or (dtype == FP8 and name not in EXPERTS):
+        return P(*rule[:-2], rule[-1], rule[-2])
+    return rule
 
 
 def _repeat_heads(w: Any, head_dim: int, rep: int) -> Any:
