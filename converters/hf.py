@@ -643,10 +643,11 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
             (builder.add_int8 if isinstance(w, Int8Weight) else builder.add_int4)(
                 prefix + ".weight", w, path)
             return
-        if not dequantized:  # 8-bit or activation-ordered experts, a quantized LM head
-            logger.warning("%s: integer weights the int4 and int8 layouts do not hold (8-bit or "
-                           "activation-ordered MoE experts, the LM head; e.g. %s) are dequantized "
-                           "to %s at load, taking that dtype's memory", model_dir, name, dtype)
+        if not dequantized:  # activation-ordered experts, a quantized LM head
+            logger.warning("%s: integer weights the int4 and int8 layouts do not hold "
+                           "(activation-ordered MoE experts, the LM head; e.g. %s) are "
+                           "dequantized to %s at load, taking that dtype's memory", model_dir,
+                           name, dtype)
         dequantized.append(name)
         builder.add(prefix + ".weight", dequantize_integer(w), path)
 
