@@ -14,7 +14,7 @@ Random bf16 weights and inputs (routing near uniform); `--fp8`: the experts in F
 loads (models/int4.py); the roofline counts the
 bytes they are stored in. Each time is the median per call of a jitted layer called back to back. Every way is checked against XLA's ragged_dot first (the Mosaic kernel where
 `--max-xla-rows` skips it). `--sweep` also
-times the routed kernel over a grid of tiles per token count.
+times the routed kernel over a grid of tiles per token count (rows a tile: `--sweep-bm`).
 """
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
         ways["routed"] = layer(routed_experts.routed_swiglu)
     if moe._mosaic_fits(jnp.zeros((1, h), jnp.bfloat16), lp["experts_gate"]) and on_gpu:
         ways["mosaic"] = layer(functools.partial(moe.grouped_swiglu, gemm=moe.mosaic_ragged_dot))
-    sweep = [routed_experts.ExpertTiles(bk=bk, bn=bn, num_warps=w, num_stages=st)
-             for bk, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4,), (3, 4))
+    sweep = [routed_experts.ExpertTiles(bm=bm, bk=bk, bn=bn, num_warps=w, num_stages=st)
+             for bm, bk, bn, w, st in itertools.product(args.sweep_bm, (64, 128), (32, 64, 128),
+                                                        (4,), (3, 4))
              if routed_experts.fits(lp["experts_gate"], lp["experts_down"], quant,
                                     *(routed_experts.ExpertTiles(bk=bk, bn=bn),) * 2)
              ] if args.sweep and "routed" in ways else []
@@ -117,6 +118,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "shapes it allocates far more than the weights.")
     parser.add_argument("--sweep", action="store_true",
                         help="Also time the routed kernel over a grid of tiles.")
+    parser.add_argument("--sweep-bm", type=int, nargs="+", default=[16],
+                        help="The sweep's rows per tile (an expert's rows are walked so many at a "
+                        "time).")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--fp8", action="store_true",
                          help="The experts in FP8, a scale per expert and output channel.")

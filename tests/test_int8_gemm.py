@@ -70,13 +70,13 @@ def test_int8_gemm_float32_is_exact_to_float32_rounding():
 def test_every_byte_through_each_dequantization_is_exact():
     """Every int8 value with a unit scale (and a zero min) through the kernel's dequantizations
     (interpret mode's emulation of the float16 pairs): the value itself."""
-    from pallas_kernels.int8_gemm import DEQUANT, _dequantize
+    from pallas_kernels.int8_gemm import DEQUANT, dequantize_tile
     q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(8, 32)
     ones, zeros = jnp.ones(8, jnp.float32), jnp.zeros(8, jnp.float32)
     for how in DEQUANT:
         dtype = jnp.float16 if how == "f16" else jnp.bfloat16
         for mn in (None, zeros):
-            w = _dequantize(q, ones, mn, how, dtype, asm=False)
+            w = dequantize_tile(q, ones, mn, how, dtype, asm=False)
             assert w.dtype == dtype
             np.testing.assert_array_equal(np.asarray(w, np.float32), np.asarray(q, np.float32))
 
