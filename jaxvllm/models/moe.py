@@ -85,21 +85,28 @@ def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn,
 
 
 # Rows per expert on average (tokens x k / experts) up to which the routed-experts kernel, which
-# reads only the experts picked, beats the grouped GEMM that tiles every expert: it walks an
-# expert's rows 16 at a time and re-reads the weights for each 16 (bench/RESULTS.md, "Mixture of
-# experts": on Qwen3-30B-A3B's layer 6.8x faster at one token, 1.26x at 8 rows per expert; at
-# Mixtral's shapes 0.8x at 16).
+# reads only the experts picked, beats the grouped GEMMs that tile every expert, by the experts'
+# format. Float experts: the kernel walks an expert's rows 16 at a time and re-reads the weights
+# for each 16 (bench/RESULTS.md, "Mixture of experts": on Qwen3-30B-A3B's layer 6.8x faster at one
+# token, 1.26x at 8 rows per expert; at Mixtral's shapes 0.8x at 16). Quantized experts: the
+# grouped GEMMs first dequantize every expert (written in the model's dtype and read again), so
+# the kernel, which reads them as stored, wins much further (bench/RESULTS.md, "Integer experts":
+# Qwen3-30B-A3B's layer on an H200, FP8 1.6x at 32 rows, even at 64, 0.74x at 128; int4 3.5x at
+# 16, 1.17x at 128, more not measured); int8's are not measured and take FP8's.
 ROUTED_MAX_ROWS_PER_EXPERT = 8
+ROUTED_MAX_ROWS_PER_QUANTIZED_EXPERT = {jnp.dtype(FP8): 64, jnp.dtype(int4.INT4): 128,
+                                        jnp.dtype(int8.INT8): 64}
 
 
 def experts_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                    w_down: jax.Array, quant: Quant = None) -> jax.Array:
-    """The default ExpertsFn on the GPU: for a few rows the routed-experts kernel
-    (pallas_kernels/routed_experts.py; quantized experts read as stored), for more JAX's Mosaic GPU
-    grouped GEMM on Hopper in bf16/f16 where its tiles fit; XLA's ragged_dot elsewhere (CPU;
-    5-20x slower on the GPU)."""
+    """The default ExpertsFn on the GPU: for a few rows (ROUTED_MAX_ROWS_PER_EXPERT, or by their
+    format for quantized experts) the routed-experts kernel (pallas_kernels/routed_experts.py;
+    quantized experts read as stored), for more JAX's Mosaic GPU grouped GEMM on Hopper in
+    bf16/f16 where its tiles fit; XLA's ragged_dot elsewhere (CPU; 5-20x slower on the GPU)."""
     if jax.default_backend() == "gpu":
-        few_rows = rows.shape[0] <= ROUTED_MAX_ROWS_PER_EXPERT * w_gate.shape[0]
+        limit = ROUTED_MAX_ROWS_PER_QUANTIZED_EXPERT.get(w_gate.dtype, ROUTED_MAX_ROWS_PER_EXPERT)
+        few_rows = rows.shape[0] <= limit * w_gate.shape[0]
         if few_rows and routed_experts.fits(w_gate, w_down, quant):
             return routed_experts.routed_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant)
         if _mosaic_fits(rows, w_gate):
