@@ -237,8 +237,8 @@ def test_int8_projections_match_them_dequantized(tmp_path, arch, kinds, hidden, 
             assert abs(pa[tok].logprob - pb[tok].logprob) < 1e-3
 
 
-@pytest.mark.parametrize("up, down", [(T.Q4_K, T.Q4_0), (T.Q4_K, T.Q6_K), (T.Q8_0, T.Q8_0)],
-                         ids=["q4_k-q4_0", "q6_k-down", "q8_0-up"])
+@pytest.mark.parametrize("up, down", [(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q4_0)],
+                         ids=["q4_k-q6_k", "q8_0-up-q4_0"])
 def test_moe_experts_kept_quantized_match_them_dequantized(tmp_path, up, down):
     """quantization="gguf" on a Qwen3-MoE GGUF: expert stacks stay quantized expert by expert,
     Q4_K (a scale and a min per 32 inputs) and Q4_0 (zero points) in the int4 layout, Q6_K (groups
