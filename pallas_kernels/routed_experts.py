@@ -16,10 +16,10 @@ tile converted to the rows' dtype, each product scaled by its columns' scales. i
 and an offset [E, groups, out] per group of inputs): a reduction step takes packed bytes of one
 group and splits them into two tiles of weights, as pallas_kernels/int4_gemm.py does. int8
 experts (models/int8.py's layout, [E, out, in], a scale and maybe a min [E, groups, out]): a
-reduction step is one group, its bytes made weights as pallas_kernels/int8_gemm.py makes them. Rows of one
-expert are taken ``bm`` at a time (tensor-core minimum 16); an expert with more rows loops,
-re-reading its tiles from L2. Rows past ``sum(group_sizes)`` are not written (their values are
-undefined): callers that pad mask them.
+reduction step is one group, its bytes made weights as pallas_kernels/int8_gemm.py makes them.
+Rows of one expert are taken ``bm`` at a time (tensor-core minimum 16); an expert with more rows
+loops, re-reading its tiles from L2. Rows past ``sum(group_sizes)`` are not written (their values
+are undefined): callers that pad mask them.
 """
 from __future__ import annotations
 
@@ -100,9 +100,8 @@ def _launch_fits(w: jax.Array, companions: tuple[jax.Array, ...], tiles: ExpertT
     if kind == "float":
         return k % tiles.bk == 0 and cols % tiles.bn == 0
     group = k // companions[0].shape[1]
-    step = step_bytes(group) if kind == "int4" else group
-    return k % group == 0 and cols % tiles.bn == 0 and (
-        step >= 16 if kind == "int4" else int8_gemm.fits(cols, k, group))
+    steps_fit = step_bytes(group) >= 16 if kind == "int4" else int8_gemm.fits(cols, k, group)
+    return k % group == 0 and cols % tiles.bn == 0 and steps_fit
 
 
 def _kind(w: jax.Array) -> tuple[str, int, int]:

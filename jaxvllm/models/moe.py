@@ -7,10 +7,11 @@ w_gate [E, H, I], w_up [E, H, I], w_down [E, I, H], quant) -> [N, H]`, where `qu
 experts in a float dtype, else a tuple per weight of the tensors stored beside it (expert_quant):
 () for a float weight, FP8 experts' (models/quant.py) scales per expert and output channel,
 (scale,), int4 experts' (models/int4.py: the weights packed [E, out, in/2]) scales and zero points
-or mins per expert, group of inputs and output channel, (scale, offset). Gate and up share one
-format; down may differ (a GGUF's down projections in more bits than gate's and up's). Under tensor parallelism each device holds
-every expert's slice of I and the rows whole (worker/sharding.py wraps the function per device and
-sums the partial outputs).
+or mins per expert, group of inputs and output channel, (scale, offset), int8 experts'
+(models/int8.py: [E, out, in]) scales and mins where they have them, (scale,) or (scale, min).
+Gate and up share one format; down may differ (a GGUF's down projections in more bits than gate's
+and up's). Under tensor parallelism each device holds every expert's slice of I and the rows whole
+(worker/sharding.py wraps the function per device and sums the partial outputs).
 """
 from __future__ import annotations
 
