@@ -107,6 +107,24 @@ def test_moe_layer_with_the_routed_kernel_masks_undefined_rows():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
+def _check_quantized(rows, sizes, q, quant, w, bound):
+    """The routed kernel over quantized experts `q` with their companions `quant` equals its
+    reference and XLA's grouped GEMM over them dequantized (bf16: XLA's path rounds the
+    dequantized weights and gate's and up's outputs to bf16), and stays within `bound` (of the
+    largest output) of the float experts `w` it was quantized from."""
+    assert routed_experts.fits(q[0], q[2], quant, _TILES, _TILES)
+    got = routed_experts.routed_swiglu(rows, sizes, *q, quant, gate_up_tiles=_TILES,
+                                       down_tiles=_TILES, interpret=True)
+    ref = routed_swiglu_reference(rows, sizes, *q, quant)
+    xla = moe.grouped_swiglu(rows, sizes, *q, quant)
+    f32 = lambda a: np.asarray(a, np.float32)
+    tol = (1e-4 if rows.dtype == jnp.float32 else 2e-2) * np.abs(f32(ref)).max()
+    np.testing.assert_allclose(f32(got), f32(ref), rtol=0, atol=tol)
+    np.testing.assert_allclose(f32(xla), f32(ref), rtol=0, atol=tol)
+    exact = f32(routed_swiglu_reference(rows.astype(jnp.float32), sizes, *w))
+    assert np.abs(f32(got) - exact).max() < bound * np.abs(exact).max()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_fp8_experts_read_as_stored_match_their_dequantized_weights(dtype):
     """FP8 experts (a scale per expert and output column): the routed kernel, which converts each
@@ -120,17 +138,7 @@ def test_fp8_experts_read_as_stored_match_their_dequantized_weights(dtype):
     q, scales = zip(*(quantize_experts_fp8(a) for a in w))
     scales = tuple((s,) for s in scales)
     assert all(a.dtype == jnp.float8_e4m3fn for a in q)
-    got = routed_experts.routed_swiglu(rows, sizes, *q, scales, gate_up_tiles=_TILES,
-                                       down_tiles=_TILES, interpret=True)
-    ref = routed_swiglu_reference(rows, sizes, *q, scales)
-    xla = moe.grouped_swiglu(rows, sizes, *q, scales)
-    f32 = lambda a: np.asarray(a, np.float32)
-    # bf16: XLA's path rounds the dequantized weights and gate's and up's outputs to bf16
-    tol = (1e-4 if dtype == jnp.float32 else 2e-2) * np.abs(f32(ref)).max()
-    np.testing.assert_allclose(f32(got), f32(ref), rtol=0, atol=tol)
-    np.testing.assert_allclose(f32(xla), f32(ref), rtol=0, atol=tol)
-    exact = f32(routed_swiglu_reference(rows.astype(jnp.float32), sizes, *w))
-    assert np.abs(f32(got) - exact).max() < 0.08 * np.abs(exact).max()
+    _check_quantized(rows, sizes, q, scales, w, 0.08)
 
 
 @pytest.mark.parametrize("dtype,offset,float_down", [
@@ -155,17 +163,7 @@ def test_int4_experts_read_at_four_bits_match_their_dequantized_weights(dtype, o
     if float_down:
         q[2], quant[2] = w[2], ()
     quant = tuple(quant)
-    assert routed_experts.fits(q[0], q[2], quant, _TILES, _TILES)
-    got = routed_experts.routed_swiglu(rows, sizes, *q, quant, gate_up_tiles=_TILES,
-                                       down_tiles=_TILES, interpret=True)
-    ref = routed_swiglu_reference(rows, sizes, *q, quant)
-    xla = moe.grouped_swiglu(rows, sizes, *q, quant)
-    f32 = lambda a: np.asarray(a, np.float32)
-    tol = (1e-4 if dtype == jnp.float32 else 2e-2) * np.abs(f32(ref)).max()
-    np.testing.assert_allclose(f32(got), f32(ref), rtol=0, atol=tol)
-    np.testing.assert_allclose(f32(xla), f32(ref), rtol=0, atol=tol)
-    exact = f32(routed_swiglu_reference(rows.astype(jnp.float32), sizes, *w))
-    assert np.abs(f32(got) - exact).max() < 0.25 * np.abs(exact).max()  # 16 levels a group
+    _check_quantized(rows, sizes, q, quant, w, 0.25)  # 16 levels a group
 
 
 @pytest.mark.parametrize("dtype,with_min,group", [(jnp.float32, False, 32),
@@ -185,14 +183,4 @@ def test_int8_experts_read_at_a_byte_match_their_dequantized_weights(dtype, with
     q = (gate[0], up[0], down[0])
     quant = (tuple(a for a in gate[1:] if a is not None), (up[1],), down[1:])
     assert q[0].dtype == jnp.int8 and q[0].shape == (6, i, h)
-    assert routed_experts.fits(q[0], q[2], quant, _TILES, _TILES)
-    got = routed_experts.routed_swiglu(rows, sizes, *q, quant, gate_up_tiles=_TILES,
-                                       down_tiles=_TILES, interpret=True)
-    ref = routed_swiglu_reference(rows, sizes, *q, quant)
-    xla = moe.grouped_swiglu(rows, sizes, *q, quant)
-    f32 = lambda a: np.asarray(a, np.float32)
-    tol = (1e-4 if dtype == jnp.float32 else 2e-2) * np.abs(f32(ref)).max()
-    np.testing.assert_allclose(f32(got), f32(ref), rtol=0, atol=tol)
-    np.testing.assert_allclose(f32(xla), f32(ref), rtol=0, atol=tol)
-    exact = f32(routed_swiglu_reference(rows.astype(jnp.float32), sizes, *w))
-    assert np.abs(f32(got) - exact).max() < 0.25 * np.abs(exact).max()
+    _check_quantized(rows, sizes, q, quant, w, 0.25)
