@@ -13,7 +13,7 @@ Each linear of the Llama-3-8B shape runs as a model step runs it: one program ov
 weights (more bytes than the L2 holds; no host dispatch between calls), time per layer the median
 program time divided by the layer count. (A scan over stacked weights copied each layer's slice
 first: it read bf16 at 40% of the copy bandwidth.) q/k/v and gate/up are timed apart and
-fused (one weight, outputs concatenated; the engine fuses int4's, models/int4.fuse_projections).
+fused (one weight, outputs concatenated; the engine fuses quantized ones, models/fused.py).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ row, weight-only up to 16 rows, W8A8 on cuBLASLt beyond), int4 as the engine run
 inputs, the Pallas int8 GEMM up to 64 rows on the GPU), and int4 and Q8_0 dequantized by XLA
 before the GEMM (`int4_matmul_reference`, `int8_matmul_reference`), beside each format's roofline
 (its weight bytes at the measured copy bandwidth). Each linear is its own GEMM here; the engine
-runs an int4 or int8 model's q/k/v and gate/up as one GEMM each (models/int4.fuse_projections).
+runs an int4 or int8 model's q/k/v and gate/up as one GEMM each (models/fused.py).
 
     PYTHONPATH=. python3 bench/quant_gemm.py --model bench/configs/llama-3-8b [--tokens 1 8 16 64 256]
 

@@ -314,9 +314,9 @@ class ParamsBuilder:
 
     def takes_integer(self, name: str, w: Int4Weight | Int8Weight) -> bool:
         """Whether the integer weight `w` of `name` (HF) keeps its bits: a linear that
-        takes_quantized, or one expert of a mixture-of-experts layer in its inputs' own order
-        (activation order would gather each expert's rows in an order of its own)."""
-        return self.takes_quantized(name) or (w.perm is None and self._expert(name))
+        takes_quantized, or one expert of a mixture-of-experts layer (in activation order too:
+        _settle_integer_experts)."""
+        return self.takes_quantized(name) or self._expert(name)
 
     def _expert(self, name: str) -> bool:
         path, _ = self.expected[text_model_name(name)]
@@ -332,8 +332,7 @@ class ParamsBuilder:
             bits = 4 if isinstance(w, Int4Weight) else 8
             raise WeightLoadError(f"{file or self.source}: int{bits} tensor "
                                   f"{self.display(name)!r}: only the attention and MLP "
-                                  f"projections and experts in their inputs' order load at "
-                                  f"{bits} bits")
+                                  f"projections and experts load at {bits} bits")
         self.check_shape(name, w.q.shape, file)  # [out, in], as HF
         if len(path) == 4:
             layer = self.params["layers"][path[1]]
@@ -446,10 +445,15 @@ class ParamsBuilder:
     def _settle_integer_experts(self, layer: dict[str, Any]) -> None:
         """Integer experts stacked in one format each: an 8-bit expert without a min (its zero
         point the middle) beside others with one takes a min of zeros; the stacks the layouts
-        cannot hold as they came are dequantized whole: one some of whose experts kept their bits
-        (takes_integer) where others were dequantized (under GPTQ's activation order, those whose
-        inputs happen to be in order), and gate's and up's stacks in two formats or groups (a
-        GGUF's types: the routed-experts kernel runs the two in one launch)."""
+        cannot hold as they came are dequantized whole, into their inputs' own order: one some of
+        whose experts kept their bits (takes_integer) where others were dequantized, and gate's
+        and up's stacks in two formats or groups (a GGUF's types) or input orders (the
+        routed-experts kernel runs the two in one launch, on one input). GPTQ's activation order
+        is settled as models/moe.py runs it: gate's and up's one order per expert,
+        `experts_gate_perm` [E, H]; down's, `experts_down_perm` [E, I], applied here to gate's and
+        up's outputs, so that the SwiGLU comes out in the order down takes its inputs (no gather
+        between them, none across devices under tensor parallelism), and kept for new weights
+        (models/requant.py). An expert in its inputs' own order takes arange."""
         def kept(key: str) -> list[int]:
             stack = layer.get(key)
             return ([j for j, v in enumerate(stack) if v is not None and v.dtype in INTEGERS]
@@ -466,18 +470,69 @@ class ParamsBuilder:
             which = kept(key)
             return (layer[key][which[0]].dtype, layer[key + "_scale"][which[0]].shape) if which \
                 else None
-        pair_apart = form(EXPERTS[0]) != form(EXPERTS[1])
+        orders = {key: layer.pop(key + "_perm", None) for key in EXPERTS}  # per expert, or None
+        gate, up, down = EXPERTS
+        pair_apart = form(gate) != form(up) or not _same_orders(orders[gate], orders[up])
+        # down's order goes to gate's and up's outputs expert by expert: stacks, not one tensor
+        unfoldable = not all(isinstance(layer.get(k), list) for k in (gate, up))
         for key in EXPERTS:
             stack, which = layer.get(key), kept(key)
-            if not which or (len(which) == len(stack) and not (pair_apart and key in EXPERTS[:2])):
+            apart = pair_apart if key != down else unfoldable and _any_order(orders[down])
+            if not which or (len(which) == len(stack) and not apart):
                 continue
             companions = [key + s for s in ("_scale", "_zero", "_min") if key + s in layer]
             for j in which:
                 deq = int4_dequantize if stack[j].dtype == jnp.uint8 else int8_dequantize
-                w = deq(stack[j], *(layer[c][j] for c in companions))
+                w = deq(stack[j], *(layer[c][j] for c in companions))  # [out, in], inputs as stored
+                if orders[key] is not None and orders[key][j] is not None:
+                    w = w[:, np.argsort(np.asarray(orders[key][j]))]
                 stack[j] = place(w, transpose=True, dtype=self.dtype)
             for c in companions:
                 del layer[c]
+            orders[key] = None
+        if _any_order(orders[down]):
+            for j, perm in enumerate(orders[down]):
+                if perm is not None:
+                    self._order_outputs(layer, (gate, up), j, np.asarray(perm))
+            layer[down + "_perm"] = _filled(orders[down])
+        if _any_order(orders[gate]):
+            layer[gate + "_perm"] = _filled(orders[gate])
+
+    @staticmethod
+    def _order_outputs(layer: dict[str, Any], keys: tuple[str, ...], j: int,
+                       perm: np.ndarray) -> None:
+        """Expert j of the stacks `keys` with its output channels in the order `perm`: an
+        integer expert's rows [out, in'] and its companions' columns [groups, out], a float
+        one's columns [in, out]."""
+        for key in keys:
+            w = layer[key][j]
+            if w.dtype in INTEGERS:
+                layer[key][j] = w[perm]
+                for suffix in ("_scale", "_zero", "_min"):
+                    if key + suffix in layer:
+                        layer[key + suffix][j] = layer[key + suffix][j][:, perm]
+            else:
+                layer[key][j] = w[:, perm]
+
+
+def _any_order(perms: Optional[list]) -> bool:
+    return perms is not None and any(p is not None for p in perms)
+
+
+def _same_orders(a: Optional[list], b: Optional[list]) -> bool:
+    """Whether two stacks' experts take their inputs in one order each (None: the inputs' own)."""
+    n = len(a if a is not None else b or [])
+    a, b = a or [None] * n, b or [None] * n
+    return all((p is None and q is None) or (p is not None and q is not None
+                                             and np.array_equal(np.asarray(p), np.asarray(q)))
+               for p, q in zip(a, b))
+
+
+def _filled(perms: list) -> list:
+    """A stack's input orders with arange for the experts in their inputs' own order."""
+    size = next(p for p in perms if p is not None).shape[0]
+    return [jnp.arange(size, dtype=jnp.int32) if p is None else jnp.asarray(p, jnp.int32)
+            for p in perms]
 
 
 def convert_hf_state_dict(cfg: ModelConfig, named_tensors: Any, dtype: str = "auto", *,
@@ -643,11 +698,10 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: str) -> dict[str, An
             (builder.add_int8 if isinstance(w, Int8Weight) else builder.add_int4)(
                 prefix + ".weight", w, path)
             return
-        if not dequantized:  # activation-ordered experts, a quantized LM head
-            logger.warning("%s: integer weights the int4 and int8 layouts do not hold "
-                           "(activation-ordered MoE experts, the LM head; e.g. %s) are "
-                           "dequantized to %s at load, taking that dtype's memory", model_dir,
-                           name, dtype)
+        if not dequantized:  # a quantized LM head
+            logger.warning("%s: integer weights the int4 and int8 layouts do not hold (the LM "
+                           "head; e.g. %s) are dequantized to %s at load, taking that dtype's "
+                           "memory", model_dir, name, dtype)
         dequantized.append(name)
         builder.add(prefix + ".weight", dequantize_integer(w), path)
 

@@ -41,25 +41,36 @@ def num_warps(n: int) -> int:
     return max(4, min(32, 1 << max(0, math.ceil(math.log2(n / 1024)))))
 
 
-def gated_fp8(gate: jax.Array, up: jax.Array, row_scale: jax.Array, gate_scale: jax.Array,
-              up_scale: jax.Array, *, activation: str = "silu", warps: Optional[int] = None,
-              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+def gated_fp8(gate: jax.Array, up: Optional[jax.Array], row_scale: jax.Array,
+              gate_scale: jax.Array, up_scale: Optional[jax.Array], *, activation: str = "silu",
+              warps: Optional[int] = None, interpret: bool = False
+              ) -> tuple[jax.Array, jax.Array]:
     """gate, up [T, N] (the GEMMs' outputs before their scales), row_scale [T, 1] (their input
     rows' scales), gate_scale and up_scale [N] (the weights' per-channel scales) ->
     (float8 e4m3 [T, N], float32 [T, 1]) with h = act(gate * row_scale * gate_scale) *
     (up * row_scale * up_scale) ~= q * s, each row's largest magnitude mapped to 448. float32
-    arithmetic throughout (reference: gated_fp8_reference). `warps`: default num_warps(N)."""
-    t, n = gate.shape
+    arithmetic throughout (reference: gated_fp8_reference). `up` and `up_scale` None: gate and
+    up come side by side, gate [T, 2N] and gate_scale [2N] (a fused gate+up GEMM's output,
+    models/fused.py), each program reading its row's two halves. `warps`: default num_warps(N)."""
+    fused = up is None
+    t, n = gate.shape[0], gate.shape[1] // 2 if fused else gate.shape[1]
     chunk = chunk_size(n)
-    if chunk is None or up.shape != (t, n) or activation not in GATED_ACTIVATIONS:
-        raise ValueError(f"gated_fp8: gate {gate.shape}, up {up.shape}, activation "
-                         f"{activation!r}: needs equal shapes, N a multiple of {MIN_CHUNK} up to "
-                         f"{MAX_COLUMNS}, one of {tuple(GATED_ACTIVATIONS)}")
+    if (chunk is None or activation not in GATED_ACTIVATIONS
+            or (gate.shape[1] != 2 * n if fused else up.shape != gate.shape)):
+        raise ValueError(f"gated_fp8: gate {gate.shape}, up {None if fused else up.shape}, "
+                         f"activation {activation!r}: needs equal halves or shapes, N a multiple "
+                         f"of {MIN_CHUNK} up to {MAX_COLUMNS}, one of {tuple(GATED_ACTIVATIONS)}")
     row = functools.partial(full_spec, squeeze_axis=0, grid_axis=0)
+    if fused:  # the same arrays twice, as their halves: block (row, N) at column block 0 and 1
+        halves = [pl.BlockSpec((None, n), lambda i, h=h: (i, h)) for h in (0, 1)]
+        scales = [pl.BlockSpec((n,), lambda i, h=h: (h,)) for h in (0, 1)]
+        up, up_scale = gate, gate_scale
+    else:
+        halves, scales = [row((t, n))] * 2, [full_spec((n,))] * 2
     kernel = functools.partial(_kernel, chunk=chunk, act=GATED_ACTIVATIONS[activation])
     return pl.pallas_call(
         kernel, grid=(t,),
-        in_specs=[row((t, n)), row((t, n)), row((t, 1)), full_spec((n,)), full_spec((n,))],
+        in_specs=[*halves, row((t, 1)), *scales],
         out_specs=[row((t, n)), row((t, 1))],
         out_shape=[jax.ShapeDtypeStruct((t, n), FP8), jax.ShapeDtypeStruct((t, 1), jnp.float32)],
         compiler_params=None if interpret else plgpu.CompilerParams(

@@ -61,7 +61,7 @@ Quant = Optional[tuple[tuple[jax.Array, ...], ...]]  # see routed_swiglu
 
 
 def routed_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                  w_down: jax.Array, quant: Quant = None, *,
+                  w_down: jax.Array, quant: Quant = None, order: Optional[jax.Array] = None, *,
                   gate_up_tiles: ExpertTiles = GATE_UP_TILES, down_tiles: ExpertTiles = DOWN_TILES,
                   interpret: bool = False) -> jax.Array:
     """`rows` [N, H] sorted by expert, `group_sizes` [E] rows per expert, weights [E, H, I],
@@ -69,11 +69,15 @@ def routed_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_
     models/moe.py). `quant`: quantized weights' companions, one tuple per weight (gate, up, down):
     a float weight's (), FP8's (scale [E, out],), int4's (scale [E, groups, out], zero points or
     mins [E, groups, out]) with the weight packed [E, out, in/2], int8's (scale, and a min where
-    it has one) with the weight [E, out, in]; gate and up in one format and groups."""
+    it has one) with the weight [E, out, in]; gate and up in one format and groups. `order`
+    [E, H] int32: the order gate's and up's inputs are stored in, expert by expert (GPTQ's
+    activation order): each row's features gathered so first."""
     n = rows.shape[0]
     if not fits(w_gate, w_down, quant, gate_up_tiles, down_tiles):
         raise ValueError(f"routed_swiglu: experts {w_gate.shape} / {w_down.shape} "
                          f"({w_gate.dtype}) do not fit the tiles {gate_up_tiles}, {down_tiles}")
+    if order is not None:
+        rows = ordered_rows(rows, group_sizes, order)
     slots = min(w_gate.shape[0], n)  # at most this many experts have rows
     group_sizes = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(group_sizes) - group_sizes
@@ -82,6 +86,14 @@ def routed_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_
     gate_q, up_q, down_q = ((),) * 3 if quant is None else quant
     act = _launch(meta, rows, (w_gate, w_up), (gate_q, up_q), gate_up_tiles, slots, interpret)
     return _launch(meta, act, (w_down,), (down_q,), down_tiles, slots, interpret)
+
+
+def ordered_rows(rows: jax.Array, group_sizes: jax.Array, order: jax.Array) -> jax.Array:
+    """rows [N, H] sorted by expert with each one's features in its expert's input order,
+    order [E, H] (row n takes rows[n, order[e]] for its expert e; rows past every group, the
+    last expert's)."""
+    expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right")
+    return jnp.take_along_axis(rows, order[jnp.minimum(expert, order.shape[0] - 1)], axis=1)
 
 
 def fits(w_gate: jax.Array, w_down: jax.Array, quant: Quant = None,

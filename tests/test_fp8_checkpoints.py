@@ -160,7 +160,7 @@ def test_fp8_checkpoint_runs_in_fp8(tmp_path):
     for kind, extra in (("fp8", {}), ("twin", {"quantization": "fp8"})):
         llm = LLM(model=dirs[kind], **kw, **extra)
         assert llm.llm_engine.args.quantization == "fp8"
-        assert llm.llm_engine.runner.params["layers"][0]["q"].dtype == jnp.float8_e4m3fn
+        assert llm.llm_engine.runner.params["layers"][0]["q+k+v"].dtype == jnp.float8_e4m3fn
         runs[kind] = [(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob)
                       for o in llm.generate(prompts, sp, use_tqdm=False)]
         del llm
@@ -211,7 +211,7 @@ def test_a_checkpoint_method_name_takes_its_fp8_checkpoint_as_fp8(tmp_path, fmt,
               quantization=name)
     llm = LLM(model=dirs["fp8"], **kw)
     assert llm.llm_engine.args.quantization == "fp8"
-    assert llm.llm_engine.runner.params["layers"][0]["q"].dtype == jnp.float8_e4m3fn
+    assert llm.llm_engine.runner.params["layers"][0]["q+k+v"].dtype == jnp.float8_e4m3fn
     del llm
     with pytest.raises(ValueError, match=f"quantization={name!r} loads"):
         LLM(model=dirs["twin"], **kw)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxvllm.config import TRITON_GEMM_MAX_TOKENS
+from jaxvllm.models.fused import fuse_projections
 from jaxvllm.models.layers import gated_mlp
 from jaxvllm.models.quant import fp8_gated_fits, quantize_fp8
 from pallas_kernels.gated_fp8 import chunk_size, gated_fp8
@@ -58,6 +59,19 @@ def test_kernel_against_reference_and_float64(t, n, activation):
     err = np.abs(_f64(q) * _f64(s) - h)
     assert (err <= 2.0 ** -4 * np.abs(h) + 2.0 ** -9 * _f64(s) * 1.01).all()
     assert not _f64(q)[1].any()
+
+
+def test_kernel_reads_a_fused_gate_up_by_halves():
+    """gate and up side by side (a fused gate+up GEMM's output, one scale vector for both): the
+    same bits as the two apart; a width that does not halve into chunks is refused."""
+    gate, up, row_scale, gate_scale, up_scale = _operands(3, 640)
+    apart = gated_fp8(gate, up, row_scale, gate_scale, up_scale, interpret=True)
+    fused = gated_fp8(jnp.concatenate([gate, up], 1), None, row_scale,
+                      jnp.concatenate([gate_scale, up_scale]), None, interpret=True)
+    for a, b in zip(apart, fused):
+        np.testing.assert_array_equal(_f64(a), _f64(b))
+    with pytest.raises(ValueError, match="equal halves"):
+        gated_fp8(gate[:, :384], None, row_scale, gate_scale[:384], None, interpret=True)
 
 
 def test_kernel_refuses_what_it_cannot_chunk():
@@ -116,15 +130,38 @@ def test_fp8_mlp_kernel_only_where_it_fits():
     assert not fp8_gated_fits(many, _fp8_layer(64, 96), names)
     fused = {k: v for k, v in lp.items() if not k.startswith(("gate", "up"))}  # int4's gate+up
     assert not fp8_gated_fits(many, {**fused, "gate+up": jnp.zeros((512, 32), jnp.uint8)}, names)
+    assert fp8_gated_fits(many, fuse_projections({"layers": [lp]})["layers"][0], names)
+    assert not fp8_gated_fits(many, fuse_projections({"layers": [_fp8_layer(64, 96)]})[
+        "layers"][0], names)
+
+
+def test_fp8_mlp_with_gate_up_fused_at_load():
+    """The engine fuses an FP8 gate and up at load (models/fused.py): the MLP through the kernel
+    then runs one GEMM for both and gives what it gave apart, past the decode buckets and in
+    them."""
+    lp = _fp8_layer(64, 256)
+    fused = fuse_projections({"layers": [lp]})["layers"][0]
+    assert "gate+up" in fused and "gate" not in fused and fused["gate+up_scale"].shape == (512,)
+    for rows in (1, TRITON_GEMM_MAX_TOKENS, TRITON_GEMM_MAX_TOKENS + 9):
+        x = jax.random.normal(jax.random.key(rows), (rows, 64), jnp.bfloat16)
+        np.testing.assert_allclose(_f64(gated_mlp(x, fused, pallas=True)),
+                                   _f64(gated_mlp(x, lp, pallas=True)), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("t, n, activation", [(1, 14336, "silu"), (37, 14336, "silu"),
                                               (512, 7168, "silu"), (300, 1536, "silu"),
                                               (37, 14336, "gelu_tanh")])
-def test_gpu_kernel_against_reference(t, n, activation):
+def test_gpu_kernel_against_reference(t, n, activation, fused):
     ops = _operands(t, n)
-    q, s = jax.jit(functools.partial(gated_fp8, activation=activation))(*ops)
+    gated = jax.jit(functools.partial(gated_fp8, activation=activation))
+    if fused:  # gate and up side by side, as a fused gate+up GEMM writes them
+        gate, up, row_scale, gate_scale, up_scale = ops
+        q, s = gated(jnp.concatenate([gate, up], 1), None, row_scale,
+                     jnp.concatenate([gate_scale, up_scale]), None)
+    else:
+        q, s = gated(*ops)
     rq, rs = jax.jit(functools.partial(gated_fp8_reference, activation=activation))(*ops)
     np.testing.assert_allclose(_f64(s), _f64(rs), rtol=1e-5)
     assert (_f64(q) != _f64(rq)).mean() < 1e-3

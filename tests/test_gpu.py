@@ -195,7 +195,7 @@ def test_a_script_using_the_engine_exits_cleanly(tmp_path):
     assert "terminate called" not in proc.stderr
 
 
-@pytest.mark.parametrize("experts", ["bf16", "fp8", "int4"])
+@pytest.mark.parametrize("experts", ["bf16", "fp8", "int4", "int4_act_order"])
 @pytest.mark.parametrize("way", ["routed", "mosaic", "engine"])
 @pytest.mark.parametrize("tokens", [1, 40, 300])
 def test_moe_kernels_match_xla(tokens, way, experts):
@@ -203,7 +203,8 @@ def test_moe_kernels_match_xla(tokens, way, experts):
     Mosaic GPU grouped GEMM, and the engine's choice between them) agree with XLA's ragged_dot in
     bf16 (empty experts, one-row experts, multi-tile experts, a quarter of the tokens padding);
     over FP8 experts (models/quant.py) and int4 experts in groups of 128 inputs (models/int4.py),
-    XLA's over them dequantized."""
+    also with gate's and up's inputs in an order of each expert's own (GPTQ's activation order,
+    models/moe.py), XLA's over them dequantized."""
     import functools
     import jax
     import jax.numpy as jnp
@@ -223,11 +224,17 @@ def test_moe_kernels_match_xla(tokens, way, experts):
     x = jax.random.normal(ks[4], (tokens, 256), jnp.bfloat16)
     from jaxvllm.models.int4 import quantize_experts_int4
     from jaxvllm.models.quant import EXPERTS, quantize_experts_fp8
+    order = jnp.stack([jax.random.permutation(jax.random.key(j), 256) for j in range(16)])
     for name in EXPERTS if experts != "bf16" else ():
         if experts == "fp8":
             lp[name], lp[name + "_scale"] = quantize_experts_fp8(lp[name])
-        else:
-            lp[name], lp[name + "_scale"], lp[name + "_zero"] = quantize_experts_int4(lp[name], 128)
+            continue
+        w = lp[name]
+        if experts == "int4_act_order" and name != EXPERTS[2]:  # stored in its inputs' order
+            w = jnp.take_along_axis(w, order[:, :, None], axis=1)
+        lp[name], lp[name + "_scale"], lp[name + "_zero"] = quantize_experts_int4(w, 128)
+    if experts == "int4_act_order":
+        lp[moe.ORDER] = order.astype(jnp.int32)
     assert moe._mosaic_fits(x, lp["experts_gate"])
     assert routed_experts.fits(lp["experts_gate"], lp["experts_down"], moe.expert_quant(lp))
     fn = {"routed": routed_experts.routed_swiglu, "engine": moe.experts_swiglu,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 
 import jax
@@ -21,7 +22,8 @@ from converters.int_writer import (linear_tensors, pack_awq, pack_cols, pack_row
 from converters.integer import IntCheckpoint, int_checkpoint, unpack
 from hf_builders import (FAR_FROM_FLAT, assert_generates_as_hf, save_word_tokenizer,
                          tiny_config, tiny_model)
-from jaxvllm.models.int4 import fuse_projections, int4_linear, pack, quantize_int4
+from jaxvllm.models.fused import fuse_projections
+from jaxvllm.models.int4 import int4_linear, pack, quantize_int4
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 from pallas_kernels.int4_gemm import Tiles
 from pallas_kernels.triton_rows import input_splits
@@ -374,12 +376,16 @@ def test_int_checkpoint_runs_in_bfloat16(name, tmp_path):
 
 _QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                   decoder_sparse_step=1, mlp_only_layers=[])
+_MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2)
 MOE = {  # name: (HF config, quant_method, activation order, bits)
-    "mixtral_awq": (lambda: tiny_config("mixtral", **_SMALL, num_local_experts=4,
-                                        num_experts_per_tok=2), "awq", False, 4),
-    # every expert's inputs but expert 0's in an order of their own
+    "mixtral_awq": (lambda: tiny_config("mixtral", **_SMALL, **_MIXTRAL), "awq", False, 4),
+    # expert 0's linears each in an order of its own, the other experts' in their inputs' order
     "qwen3_moe_gptq_act_order": (lambda: tiny_config("qwen3_moe", **_SMALL, **_QWEN3_MOE), "gptq",
-                                 "but expert 0", 4),
+                                 "expert 0", 4),
+    # every linear in activation order, as GPTQ orders them: one order per input (an expert's
+    # gate and up share theirs, q/k/v theirs)
+    "mixtral_gptq_act_order": (lambda: tiny_config("mixtral", **_SMALL, **_MIXTRAL), "gptq",
+                               "shared", 4),
     "qwen3_moe_gptq8": (lambda: tiny_config("qwen3_moe", **_SMALL, **_QWEN3_MOE), "gptq", False, 8),
 }
 
@@ -397,7 +403,11 @@ def write_int_moe_checkpoint(d, name: str):
     packed, twin = {}, {}
     for key, w in load_file(d / "src" / "model.safetensors").items():
         if ".layers." in key and w.ndim == 2 and not key.endswith(".gate.weight"):  # not routers
-            ordered = act_order == "but expert 0" and ".experts.0." not in key
+            ordered = act_order == "expert 0" and ".experts.0." not in key
+            if act_order == "shared":  # one seed, so one order, per input
+                seed = re.sub(r"\.(w3|up_proj|k_proj|v_proj)\.", lambda m: ".w1." if m[1] == "w3"
+                              else ".gate_proj." if m[1] == "up_proj" else ".q_proj.", key)
+                rng = np.random.default_rng(zlib.crc32(seed.encode()))
             twin[key] = _pack_linear(packed, key[:-len(".weight")], w, method,
                                      bool(act_order) and not ordered, rng, bits,
                                      symmetric=bits == 8 and ".experts.0." in key)
@@ -413,9 +423,12 @@ def write_int_moe_checkpoint(d, name: str):
 @pytest.mark.parametrize("name", sorted(MOE))
 def test_int_moe_checkpoint_keeps_its_experts_at_their_bits(name, tmp_path):
     """An AWQ/GPTQ mixture-of-experts checkpoint: the attention stays at its bits, and so do the
-    experts in their inputs' order (each expert an int4 or int8 linear, stacked); under
-    activation order they load dequantized in the model's dtype (the experts whose inputs happen
-    to be in order with them); the model matches HF on its float twin."""
+    experts (each expert an int4 or int8 linear, stacked). Under activation order, gate's and
+    up's one order per expert is kept (arange for an expert in its inputs' order) and down's
+    put into their outputs, or, where gate's and up's orders differ, the two load dequantized in
+    the model's dtype (down's order in their outputs alike). The model matches HF on its float
+    twin."""
+    from jaxvllm.models.moe import DOWN_ORDER, ORDER
     from jaxvllm import LLM
     _, _, act_order, bits = MOE[name]
     reference = write_int_moe_checkpoint(tmp_path, name)
@@ -427,8 +440,15 @@ def test_int_moe_checkpoint_keeps_its_experts_at_their_bits(name, tmp_path):
     assert lp["o"].dtype == (jnp.uint8 if bits == 4 else jnp.int8)
     e, h = 4, 64
     i = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    if act_order:
-        assert lp["experts_down"].dtype == jnp.float32 and "experts_down_scale" not in lp
+    if act_order == "expert 0":
+        assert lp["experts_gate"].dtype == lp["experts_up"].dtype == jnp.float32
+        assert ORDER not in lp and "experts_gate_scale" not in lp
+        assert lp["experts_down"].dtype == jnp.uint8 and lp[DOWN_ORDER].shape == (e, i)
+        np.testing.assert_array_equal(lp[DOWN_ORDER][1], np.arange(i))
+    elif act_order:
+        assert lp["experts_gate"].dtype == lp["experts_up"].dtype == jnp.uint8
+        assert lp[ORDER].shape == (e, h) and lp[DOWN_ORDER].shape == (e, i)
+        assert "experts_up_perm" not in lp and lp["q+k+v_perm"].shape == (h,)
     elif bits == 4:
         assert lp["experts_gate"].dtype == lp["experts_down_zero"].dtype == jnp.uint8
         assert lp["experts_gate"].shape == (e, i, h // 2)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvllm.models.int4 import fuse_projections, quantize_int4
+from jaxvllm.models.fused import fuse_projections
+from jaxvllm.models.int4 import quantize_int4
 from jaxvllm.models.int8 import CHANNEL_GROUP, int8_linear, kernel_groups
 from pallas_kernels import int8_gemm, int8_matmul, int8_matmul_reference
 from pallas_kernels.int8_gemm import Tiles

@@ -14,6 +14,8 @@ from hf_builders import FAR_FROM_FLAT, tiny_model
 from jaxvllm.engine.weights import to_engine_layout
 from jaxvllm.models.int4 import INT4, quantize_int4
 from jaxvllm.models.int8 import quantize_int8
+from jaxvllm.models.moe import DOWN_ORDER, ORDER
+from jaxvllm.models.quant import EXPERTS
 from jaxvllm.worker.weight_swap import weight_chunks
 from pallas_kernels.reference import int4_dequantize, int8_dequantize
 from test_gguf_quant import _K_QUANTS, _tiny_gguf
@@ -75,7 +77,9 @@ def _dequantized(params: dict, new: dict) -> dict:
             deq = (jax.vmap(deq) if lp[name].ndim == 3 else deq)(lp[name], *companions)
             deq = np.swapaxes(np.asarray(deq, np.float64), -1, -2)  # [in (stored order), out]
             bound = _grid(deq.shape[-2] // scale.shape[-2], scale)
-            if name + "_perm" in lp:
+            if name in EXPERTS:
+                deq, bound = (_experts_in_order(a, lp, name) for a in (deq, bound))
+            elif name + "_perm" in lp:
                 perm = np.asarray(lp[name + "_perm"])
                 deq, bound = deq[np.argsort(perm)], bound[np.argsort(perm)]
             parts = name.split("+")
@@ -87,6 +91,19 @@ def _dequantized(params: dict, new: dict) -> dict:
                 out[p] = d.astype(np.float32)
         layers.append(out)
     return {**new, "layers": layers}
+
+
+def _experts_in_order(a: np.ndarray, lp: dict, name: str) -> np.ndarray:
+    """Experts [E, in, out] as stored in activation order (models/moe.py: gate's and up's inputs
+    in ORDER, down's in DOWN_ORDER, as gate's and up's outputs) back in the model's order."""
+    def undo(a: np.ndarray, order: str, axis: int) -> np.ndarray:
+        inverse = np.argsort(np.asarray(lp[order]), axis=1)
+        return np.take_along_axis(a, np.expand_dims(inverse, 3 - axis), axis=axis)
+
+    down = name == EXPERTS[2]
+    if DOWN_ORDER in lp:
+        a = undo(a, DOWN_ORDER, 1 if down else 2)
+    return undo(a, ORDER, 1) if ORDER in lp and not down else a
 
 
 def _check_swaps(llm, hf_config, new_hf: dict, prompt_ids) -> None:
@@ -139,10 +156,11 @@ def test_int_checkpoint_takes_new_weights(name, tmp_path):
     _check_swaps(llm, model.config, {k: v.numpy() for k, v in new.state_dict().items()}, PROMPTS)
 
 
-@pytest.mark.parametrize("name", ["mixtral_awq", "qwen3_moe_gptq8"])
+@pytest.mark.parametrize("name", ["mixtral_gptq_act_order", "qwen3_moe_gptq8"])
 def test_integer_experts_take_new_weights(name, tmp_path):
-    """AWQ Mixtral's int4 experts and 8-bit GPTQ Qwen3-MoE's int8 experts (with mins; expert 0's
-    zeros): new experts rounded to nearest expert by expert in their groups."""
+    """GPTQ Mixtral's int4 experts in activation order and 8-bit GPTQ Qwen3-MoE's int8 experts
+    (with mins; expert 0's zeros): new experts rounded to nearest expert by expert in their
+    groups, and in their input orders (gate's and up's outputs in down's)."""
     from safetensors.numpy import load_file
     from jaxvllm import LLM
     write_int_moe_checkpoint(tmp_path, name)
@@ -232,11 +250,11 @@ def test_fp8_model_checks_a_tree_before_writing_it(tmp_path):
     new = to_engine_layout({k: v.numpy() for k, v in tiny_model(cfg, seed=1).state_dict().items()},
                            engine.loaded.config, "float32")
     bytes_of = lambda a: np.asarray(a).view(np.uint8)  # noqa: E731 (FP8 compared bit for bit)
-    before = bytes_of(engine.runner.params["layers"][0]["q"])
+    before = bytes_of(engine.runner.params["layers"][0]["q+k+v"])
     bad_layer = {**new["layers"][1], "down": new["layers"][1]["up"]}
     with pytest.raises(ValueError, match=r"layers.1.down: shape \(64, 96\)"):
         llm.update_weights({**new, "layers": [new["layers"][0], bad_layer]})
-    np.testing.assert_array_equal(bytes_of(engine.runner.params["layers"][0]["q"]), before)
+    np.testing.assert_array_equal(bytes_of(engine.runner.params["layers"][0]["q+k+v"]), before)
     llm.update_weights(new)
     lp = engine.runner.params["layers"][1]
     q, scale = quantize_fp8(new["layers"][1]["down"])

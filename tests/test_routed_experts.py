@@ -184,3 +184,32 @@ def test_int8_experts_read_at_a_byte_match_their_dequantized_weights(dtype, with
     quant = (tuple(a for a in gate[1:] if a is not None), (up[1],), down[1:])
     assert q[0].dtype == jnp.int8 and q[0].shape == (6, i, h)
     _check_quantized(rows, sizes, q, quant, w, 0.25)
+
+
+def test_int4_experts_in_activation_order():
+    """int4 experts quantized in activation order (GPTQ's desc_act): gate's and up's inputs
+    stored in one order per expert, `order` [E, H]. The routed kernel, which gathers each row's
+    features into its expert's order, its reference over the gathered rows, and XLA's grouped
+    GEMM, which puts the dequantized weights' inputs back in order, all compute the float experts
+    (the order unused, they do not)."""
+    h, i, e = 64, 96, 6
+    sizes = jnp.array([3, 0, 17, 0, 1, 2], jnp.int32)
+    rows = jax.random.normal(jax.random.key(13), (23, h), jnp.float32)
+    w = _weights(jax.random.key(14), e, h, i)
+    order = jnp.stack([jax.random.permutation(jax.random.key(15 + j), h) for j in range(e)])
+    order = order.astype(jnp.int32)
+    stored = [jnp.take_along_axis(a, order[:, :, None], axis=1) for a in w[:2]]
+    packed = [quantize_experts_int4(a, 32) for a in (*stored, w[2])]
+    q, quant = [p[0] for p in packed], tuple(p[1:] for p in packed)
+    exact = np.asarray(routed_swiglu_reference(rows, sizes, *w))
+    got = routed_experts.routed_swiglu(rows, sizes, *q, quant, order, gate_up_tiles=_TILES,
+                                       down_tiles=_TILES, interpret=True)
+    ref = routed_swiglu_reference(routed_experts.ordered_rows(rows, sizes, order), sizes, *q,
+                                  quant)
+    xla = moe.grouped_swiglu(rows, sizes, *q, quant, order)
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(ref), rtol=0, atol=1e-4 * scale)
+    assert np.abs(np.asarray(got) - exact).max() < 0.25 * scale
+    assert np.abs(np.asarray(moe.grouped_swiglu(rows, sizes, *q, quant)) - exact).max() \
+        > 0.5 * scale

@@ -3,7 +3,7 @@ tiny GPTQ checkpoints (4 bits in activation order, 8 bits) give the greedy token
 one device when split over 2 and 4 (at 4 the 2 KV heads are replicated, packed rows and their
 scales and zero points alike), and again after a weight swap; their tensors split as the rules
 say, and a row-parallel weight whose groups do not divide over the devices is refused by name;
-an AWQ mixture of experts keeps its packed experts split alike. Run as a subprocess (this file as
+a GPTQ mixture of experts in activation order keeps its packed experts split alike. Run as a subprocess (this file as
 a script), as tests/test_tensor_parallel.py runs its engines."""
 from __future__ import annotations
 
@@ -145,11 +145,12 @@ def _worker(out_path: str) -> None:
             _save(d, act_order, bits, intermediate)
             swap = _new_weights(intermediate) if name in SWAPPED else None
             report[name] = {tp: _run(d, tp, swap=swap) for tp in sizes}
-        # int4 experts (AWQ, Mixtral): packed per expert, split as their layer's rules say.
+        # int4 experts (GPTQ in activation order, Mixtral): packed per expert, split as their
+        # layer's rules say.
         from test_int4 import write_int_moe_checkpoint
-        d = pathlib.Path(tmp) / "moe_awq"
-        write_int_moe_checkpoint(d, "mixtral_awq")
-        report["moe_awq"] = {tp: _run(str(d / "int4"), tp) for tp in (1, 2)}
+        d = pathlib.Path(tmp) / "moe"
+        write_int_moe_checkpoint(d, "mixtral_gptq_act_order")
+        report["moe"] = {tp: _run(str(d / "int4"), tp) for tp in (1, 2)}
         for name, (act_order, bits) in PALLAS.items():
             d = os.path.join(tmp, name)
             _save(d, act_order, bits, 128, PALLAS_GROUP)
@@ -189,14 +190,16 @@ def test_integer_weights_match_one_device(report, name, tp):
 
 
 def test_int4_experts_match_one_device_and_split_by_the_rules(report):
-    """AWQ Mixtral's packed experts [experts, out, in/2] over 2 devices: gate's and up's rows
-    (outputs) split with their scales' and zero points' outputs, down's packed inputs with its
-    groups; the greedy tokens and logprobs of one device (weight swaps into packed experts:
-    tests/test_requant.py, split as loaded weights are)."""
-    ref, got = report["moe_awq"][1], report["moe_awq"][2]
+    """GPTQ Mixtral's packed experts [experts, out, in/2] in activation order over 2 devices:
+    gate's and up's rows (outputs) split with their scales' and zero points' outputs, down's
+    packed inputs with its groups, the input orders whole (down's is in gate's and up's outputs:
+    each device's slice of the SwiGLU is its slice of down's inputs); the greedy tokens and
+    logprobs of one device (weight swaps into packed experts: tests/test_requant.py, split as
+    loaded weights are)."""
+    ref, got = report["moe"][1], report["moe"][2]
     assert got["tokens"] == ref["tokens"]
     assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=1e-3)
-    layer = report["moe_awq"][2]["layer"]
+    layer = report["moe"][2]["layer"]
     e, h, i = 4, 64, 96
     want = {"experts_gate": ([None, "tp", None], [e, i // 2, h // 2]),
             "experts_gate_scale": ([None, None, "tp"], [e, h // GROUP, i // 2]),
@@ -207,6 +210,9 @@ def test_int4_experts_match_one_device_and_split_by_the_rules(report):
     for name, (spec, shard) in want.items():
         assert layer[name]["dtype"] == ("float32" if name.endswith("scale") else "uint8")
         assert (layer[name]["spec"], layer[name]["shard_shape"]) == (spec, shard), name
+    for name, shape in (("experts_gate_perm", [e, h]), ("experts_down_perm", [e, i])):
+        assert (layer[name]["dtype"], layer[name]["spec"], layer[name]["shard_shape"]) == (
+            "int32", [], shape), name
 
 
 @pytest.mark.parametrize("name, tp", [("gptq4_act_order", 4), ("gptq8", 2)])
@@ -270,15 +276,16 @@ def test_fp8_one_row_gemm_runs_per_device(report):
 def test_fp8_gated_mlp_kernel_runs_per_device(report):
     """FP8's gated MLP kernel (forced on, interpreted) on a prompt past the decode buckets: one
     device and two give the tokens of XLA's path on one (under TP 2 each device scales its own
-    half of act(gate) * up: the logprobs move by ~1e-3), and under TP 2 each call sees its
-    device's 128 of gate's 256 outputs."""
+    half of act(gate) * up: the logprobs move by ~1e-3); on one device gate and up fused at load
+    (models/fused.py: the kernel reads their 2 x 256 outputs side by side), under TP 2 apart, each
+    call seeing its device's 128 of gate's 256 outputs."""
     ref = report["fp8_prefill"][1]
     for tp in (1, 2):
         got = report["fp8_prefill"][-tp]
         assert got["tokens"] == ref["tokens"]
         assert got["cum_logprobs"] == pytest.approx(ref["cum_logprobs"], abs=5e-3)
     whole, halves = (report["fp8_prefill"][-tp]["gated_shapes"] for tp in (1, 2))
-    assert whole and all(s[1] == 256 for s in whole)
+    assert whole and all(s[1] == 512 for s in whole)
     assert halves and all(s[1] == 128 for s in halves)
 
 

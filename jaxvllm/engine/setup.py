@@ -108,8 +108,9 @@ def load(args: EngineArgs) -> Any:
             from jaxvllm.models import int4
             if loaded.load_format == "dummy":  # awq, gptq measured without a checkpoint
                 loaded.params = int4.quantize_params(loaded.params, consume=True)
-            if args.tensor_parallel_size == 1:  # fused outputs would not split by heads
-                loaded.params = int4.fuse_projections(loaded.params, consume=True)
+        if args.quantization is not None and args.tensor_parallel_size == 1:
+            from jaxvllm.models.fused import fuse_projections
+            loaded.params = fuse_projections(loaded.params, consume=True)
     return loaded
 
 

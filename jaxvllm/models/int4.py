@@ -18,9 +18,9 @@ activation order `<name>_perm` int32 [in]: the order of the inputs that makes ea
 (the weight's inputs are stored in that order and the layer gathers its input the same way).
 The embedding, LM head, norms and routers stay in the model's dtype.
 
-A mixture-of-experts layer's routed experts (AWQ and GPTQ checkpoints without activation order)
-keep the layout expert by expert: `experts_<proj>` uint8 [experts, out, in/2], its scales and
-offsets [experts, groups, out]. The routed-experts kernel reads them at 4 bits for a few rows;
+A mixture-of-experts layer's routed experts (AWQ and GPTQ checkpoints) keep the layout expert by
+expert: `experts_<proj>` uint8 [experts, out, in/2], its scales and offsets [experts, groups, out]
+(and in activation order the experts' input orders, models/moe.py). The routed-experts kernel reads them at 4 bits for a few rows;
 the grouped GEMMs for many take them dequantized (models/moe.py).
 """
 from __future__ import annotations
@@ -33,21 +33,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvllm.models.grouped import grouped_linear
-from jaxvllm.models.int8 import INT8
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
 from pallas_kernels.reference import int4_dequantize
 
 INT4 = jnp.uint8  # the packed weight's dtype (no other weight of the layout is uint8)
 
 
-def _offset_suffix(lp: dict, name: str) -> str:
+def offset_suffix(lp: dict, name: str) -> str:
     """Which offset the int4 weight `name` has in the layer params `lp`: "_zero" or "_min"."""
     return "_zero" if name + "_zero" in lp else "_min"
 
 
 def offset(lp: dict, name: str) -> jax.Array:
     """The int4 weight `name`'s offset in the layer params `lp`: its zero points or its min."""
-    return lp[name + _offset_suffix(lp, name)]
+    return lp[name + offset_suffix(lp, name)]
 
 
 def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
@@ -127,59 +126,3 @@ def quantize_params(params: dict[str, Any], group_size: int = 128, consume: bool
         fn = quantize_experts_int4 if w.ndim == 3 else quantize_int4
         return dict(zip(("", "_scale", "_zero"), fn(w, group)))
     return map_linears(params, quantize, consume, QUANTIZED + EXPERTS)
-
-
-FUSED = (("q", "k", "v"), ("gate", "up"))  # projections of one input (models/layers.projections)
-
-
-def _companions(lp: dict, name: str) -> tuple[str, ...]:
-    """The suffixes of the tensors stored beside the int4 or int8 weight `name`, [groups, out]
-    each."""
-    if lp[name].dtype == INT8:
-        return ("_scale", "_min") if name + "_min" in lp else ("_scale",)
-    return "_scale", _offset_suffix(lp, name)
-
-
-def fuse_projections(params: dict[str, Any], consume: bool = False) -> dict[str, Any]:
-    """A new params tree with each layer's int4 or int8 (models/int8.py) q/k/v and gate/up stored
-    as one weight each ("q+k+v", "gate+up": outputs concatenated, with their scales and offsets),
-    so the layer runs one GEMM for them, not three and two: at decode sizes every such GEMM is a
-    launch of its own and the narrow k and v ones are launch-bound (bench/RESULTS.md, "int4").
-    Projections that differ in layout, group size, offset kind or input order stay apart. Under
-    GPTQ's activation order the projections of one input share its order (GPTQ orders a linear's
-    inputs by statistics of the input, which q/k/v, and gate/up, see alike): fused, they gather
-    their input once. `consume`: each projection's arrays are freed once fused (as
-    quant.map_linears's); `params` must not be used afterwards."""
-    from jaxvllm.models.quant import free_replaced
-    layers = []
-    for lp in params["layers"]:
-        lp = dict(lp)
-        for names in FUSED:
-            if not all(n in lp and lp[n].dtype in (INT4, INT8) for n in names):
-                continue
-            parts = {(lp[n + "_scale"].shape[0], _companions(lp, n)) for n in names}
-            perms = [lp.get(n + "_perm") for n in names]
-            if len(parts) != 1 or not _one_order(perms):
-                continue
-            key = "+".join(names)
-            _, companions = parts.pop()
-            apart = {n + part: lp.pop(n + part) for part in ("",) + companions for n in names}
-            lp[key] = jnp.concatenate([apart[n] for n in names])
-            for part in companions:
-                lp[key + part] = jnp.concatenate([apart[n + part] for n in names], axis=1)
-            if consume:
-                free_replaced(list(apart.values()), [lp[key + p] for p in ("",) + companions])
-            if perms[0] is not None:
-                lp[key + "_perm"] = perms[0]
-                for n in names:
-                    del lp[n + "_perm"]
-        layers.append(lp)
-    return {**params, "layers": layers}
-
-
-def _one_order(perms: list[Optional[jax.Array]]) -> bool:
-    """Whether projections with these input orders (None: the inputs' own) take one input alike."""
-    if any(p is None for p in perms):
-        return all(p is None for p in perms)
-    first = np.asarray(perms[0])
-    return all(np.array_equal(first, np.asarray(p)) for p in perms[1:])

@@ -204,9 +204,9 @@ def gated_mlp(x: jax.Array, lp: dict, activation: str = "silu",
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],
                 sizes: Optional[tuple[int, ...]] = None, invariant: bool = False,
                 pallas: bool = False) -> list[jax.Array]:
-    """[linear(x, lp, n) for n in names] for projections of one input (q/k/v, gate/up). int4 and
-    int8 ones fused at load (models/int4.fuse_projections, stored under "+".join(names)) run as one
-    GEMM whose output is split: `sizes` are the outputs' widths (None: equal)."""
+    """[linear(x, lp, n) for n in names] for projections of one input (q/k/v, gate/up). Quantized
+    ones fused at load (models/fused.py, stored under "+".join(names)) run as one GEMM whose output
+    is split: `sizes` are the outputs' widths (None: equal)."""
     key = "+".join(names)
     if key not in lp:
         return [linear(x, lp, n, invariant, pallas) for n in names]

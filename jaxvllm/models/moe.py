@@ -3,7 +3,10 @@ experts' SwiGLU over the routed rows as grouped GEMMs (bench/RESULTS.md, "Mixtur
 
 The k copies of every token are sorted by expert, so each expert's rows are contiguous, and an
 `ExpertsFn` computes every row's SwiGLU with its own expert: `(rows [N, H], group_sizes [E],
-w_gate [E, H, I], w_up [E, H, I], w_down [E, I, H], quant) -> [N, H]`, where `quant` is None for
+w_gate [E, H, I], w_up [E, H, I], w_down [E, I, H], quant, order) -> [N, H]`, where `order` is
+None but for integer experts in GPTQ's activation order: the order gate's and up's inputs are
+stored in, [E, H] int32 (ORDER; down's order is applied to gate's and up's outputs at load,
+converters/hf.py), and `quant` is None for
 experts in a float dtype, else a tuple per weight of the tensors stored beside it (expert_quant):
 () for a float weight, FP8 experts' (models/quant.py) scales per expert and output channel,
 (scale,), int4 experts' (models/int4.py: the weights packed [E, out, in/2]) scales and zero points
@@ -28,6 +31,10 @@ from pallas_kernels import routed_experts
 from pallas_kernels.routed_experts import Quant
 
 ExpertsFn = Callable[..., jax.Array]
+# Integer experts' input orders (GPTQ's activation order), [E, in] int32 each: gate's and up's (one
+# order: they take one input), which the experts run on, and down's, which their outputs were put in
+# at load and new weights are rounded into (models/requant.py).
+ORDER, DOWN_ORDER = EXPERTS[0] + "_perm", EXPERTS[2] + "_perm"
 
 
 def expert_quant(lp: dict) -> Quant:
@@ -74,7 +81,8 @@ def moe(cfg: ModelConfig, lp: dict, x: jax.Array, experts_fn: ExpertsFn,
     order = jnp.argsort(flat, stable=True)                         # rows grouped by expert
     token = order // k
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    out = experts_fn(x[token], group_sizes, *(lp[n] for n in EXPERTS), expert_quant(lp))
+    out = experts_fn(x[token], group_sizes, *(lp[n] for n in EXPERTS), expert_quant(lp),
+                     lp.get(ORDER))
     # Rows outside every group are undefined in the kernels' output.
     out = out * weights.reshape(-1)[order][:, None].astype(x.dtype)
     y = jnp.zeros_like(x).at[token].add(jnp.where((flat[order] < e)[:, None], out, 0))
@@ -100,7 +108,8 @@ ROUTED_MAX_ROWS_PER_QUANTIZED_EXPERT = {jnp.dtype(FP8): 64, jnp.dtype(int4.INT4)
 
 
 def experts_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, quant: Quant = None) -> jax.Array:
+                   w_down: jax.Array, quant: Quant = None,
+                   order: Optional[jax.Array] = None) -> jax.Array:
     """The default ExpertsFn on the GPU: for a few rows (ROUTED_MAX_ROWS_PER_EXPERT, or by their
     format for quantized experts) the routed-experts kernel (pallas_kernels/routed_experts.py;
     quantized experts read as stored), for more JAX's Mosaic GPU grouped GEMM on Hopper in
@@ -109,21 +118,26 @@ def experts_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w
         limit = ROUTED_MAX_ROWS_PER_QUANTIZED_EXPERT.get(w_gate.dtype, ROUTED_MAX_ROWS_PER_EXPERT)
         few_rows = rows.shape[0] <= limit * w_gate.shape[0]
         if few_rows and routed_experts.fits(w_gate, w_down, quant):
-            return routed_experts.routed_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant)
+            return routed_experts.routed_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant,
+                                                order)
         if _mosaic_fits(rows, w_gate):
-            return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant,
+            return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant, order,
                                   mosaic_ragged_dot)
-    return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant)
+    return grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down, quant, order)
 
 
 def grouped_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, quant: Quant = None,
+                   w_down: jax.Array, quant: Quant = None, order: Optional[jax.Array] = None,
                    gemm: Callable[..., jax.Array] = jax.lax.ragged_dot) -> jax.Array:
     """One grouped GEMM per projection over the rows sorted by expert; quantized experts
-    dequantized to the rows' dtype first."""
+    dequantized to the rows' dtype first, gate's and up's inputs put back in the rows' order
+    where `order` says they are stored in another (cheaper than gathering many rows)."""
     if quant is not None:
         w_gate, w_up, w_down = (dequantized(w, q, rows.dtype) if q else w
                                 for w, q in zip((w_gate, w_up, w_down), quant))
+    if order is not None:
+        inverse = jnp.argsort(order, axis=1)[:, :, None]
+        w_gate, w_up = (jnp.take_along_axis(w, inverse, axis=1) for w in (w_gate, w_up))
     gate = gemm(rows, w_gate, group_sizes)
     up = gemm(rows, w_up, group_sizes)
     return gemm(jax.nn.silu(gate) * up, w_down, group_sizes)

@@ -29,7 +29,10 @@ and Q4_K) [groups, out], and `<name>_perm` int32 [in] for GPTQ in activation ord
 to every layer, float32 scalars or [kv_heads] vectors (models/llama.attend). FP8 experts keep
 their [experts, in, out] as float8 with `<name>_scale` [experts, out] (float32); int4 experts are
 each packed as an int4 linear and stacked, uint8 [experts, out, in/2] with `<name>_scale` and
-`<name>_zero` or `<name>_min` [experts, groups, out].
+`<name>_zero` or `<name>_min` [experts, groups, out] (int8 experts alike, [experts, out, in]);
+in GPTQ's activation order `experts_gate_perm` [experts, hidden] (gate's and up's input order) and
+`experts_down_perm` [experts, intermediate] (down's, and gate's and up's output order) beside
+them (models/moe.py).
 """
 from __future__ import annotations
 

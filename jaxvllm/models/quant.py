@@ -107,14 +107,17 @@ def _fp8_product(xq: jax.Array, x_scale: jax.Array, w: jax.Array, scale: jax.Arr
 
 def fp8_gated_fits(x: jax.Array, lp: dict, names: tuple[str, str, str]) -> bool:
     """Whether fp8_gated_mlp runs the MLP names = (gate, up, down) of layer lp on rows x: all three
-    weights FP8 and nothing added to their products (biases, LoRA), more rows than the decode
-    buckets (which run weight-only), and the gate's outputs on each device in whole chunks of
-    the kernel."""
+    weights FP8 (gate and up apart or fused at load, models/fused.py) and nothing added to their
+    products (biases, LoRA), more rows than the decode buckets (which run weight-only), and the
+    gate's outputs on each device in whole chunks of the kernel."""
+    gate_up = "+".join(names[:2])
+    weights = (gate_up, names[2]) if gate_up in lp else names
     if (math.prod(x.shape[:-1]) <= TRITON_GEMM_MAX_TOKENS
-            or not all(n in lp and lp[n].dtype == FP8 for n in names)  # not fused at load
+            or not all(n in lp and lp[n].dtype == FP8 for n in weights)
             or any(n + suffix in lp for n in names for suffix in ("_bias", "_lora_a"))):
         return False
-    width, tp = lp[names[0]].shape[0], tp_size()
+    width = lp[gate_up].shape[0] // 2 if gate_up in lp else lp[names[0]].shape[0]
+    tp = tp_size()
     return width % tp == 0 and chunk_size(width // tp) is not None
 
 
@@ -125,14 +128,22 @@ def fp8_gated_mlp(x: jax.Array, lp: dict, names: tuple[str, str, str],
     (pallas_kernels/gated_fp8.py; interpreted off the GPU) instead of XLA's two. Under tensor
     parallelism per device on its shards of the weights, each device scaling its own slice of
     act(gate) * up (XLA's path scales the whole row: a finer scale, not the same numbers), the
-    down products' partial sums added by one all-reduce."""
+    down products' partial sums added by one all-reduce. gate and up fused at load (never under
+    tensor parallelism) run as one GEMM whose output the kernel reads by halves."""
     xq, x_scale = quantize_rows_fp8(x.reshape(-1, x.shape[-1]))
+    gated = functools.partial(gated_fp8, activation=activation,
+                              interpret=jax.default_backend() != "gpu")
+    gate_up, down = "+".join(names[:2]), names[2]
+    if gate_up in lp:
+        hq, h_scale = gated(_fp8_dot(xq, lp[gate_up], x.dtype), None, x_scale,
+                            lp[gate_up + "_scale"], None)
+        y = _fp8_product(hq, h_scale, lp[down], lp[down + "_scale"], x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
     weights = [a for n in names for a in (lp[n], lp[n + "_scale"])]
 
     def mlp(xq, x_scale, gate, gate_scale, up, up_scale, down, down_scale):
-        hq, h_scale = gated_fp8(_fp8_dot(xq, gate, x.dtype), _fp8_dot(xq, up, x.dtype), x_scale,
-                                gate_scale, up_scale, activation=activation,
-                                interpret=jax.default_backend() != "gpu")
+        hq, h_scale = gated(_fp8_dot(xq, gate, x.dtype), _fp8_dot(xq, up, x.dtype), x_scale,
+                            gate_scale, up_scale)
         return _fp8_product(hq, h_scale, down, down_scale, x.dtype)
 
     run = mlp

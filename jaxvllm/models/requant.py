@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.int4 import FUSED, INT4, offset, quantize_experts_int4, quantize_int4
+from jaxvllm.models.fused import FUSED
+from jaxvllm.models.int4 import INT4, offset, quantize_experts_int4, quantize_int4
 from jaxvllm.models.int8 import INT8, quantize_experts_int8, quantize_int8
+from jaxvllm.models.moe import DOWN_ORDER, ORDER
 from jaxvllm.models.params import KV_CACHE_SCALES, layer_shapes, param_shapes
 from jaxvllm.models.quant import EXPERTS, FP8, QUANTIZED, fp8_weight
 
@@ -49,7 +51,9 @@ def quantize_as(w: Any, like: dict[str, Any], name: str) -> dict[str, Any]:
     if like[name].dtype == FP8:
         return dict(zip((name, name + "_scale"), fp8_weight(w)))
     perm = like.get(name + "_perm")
-    if perm is not None:
+    if name in EXPERTS:
+        w = _in_expert_orders(w, like, name)
+    elif perm is not None:
         w = jnp.take(w, jnp.asarray(_host(perm)), axis=0)
     group = w.shape[-2] // like[name + "_scale"].shape[-2]
     if like[name].dtype == INT4:
@@ -61,6 +65,22 @@ def quantize_as(w: Any, like: dict[str, Any], name: str) -> dict[str, Any]:
             w, group, with_min=name + "_min" in like)
         out = {name: q, name + "_scale": scale, **({} if mn is None else {name + "_min": mn})}
     return out if perm is None else {**out, name + "_perm": perm}
+
+
+def _in_expert_orders(w: jax.Array, like: dict[str, Any], name: str) -> jax.Array:
+    """New experts [E, in, out] in the orders integer experts in activation order are stored in
+    (models/moe.py): gate's and up's inputs in ORDER, down's in DOWN_ORDER, and gate's and up's
+    outputs too."""
+    def along(w: jax.Array, order: str, axis: int) -> jax.Array:
+        index = jnp.asarray(_host(like[order]))
+        return jnp.take_along_axis(w, jnp.expand_dims(index, 3 - axis), axis=axis)
+
+    down = name == EXPERTS[2]
+    if DOWN_ORDER in like:
+        w = along(w, DOWN_ORDER, 1 if down else 2)
+    if ORDER in like and not down:
+        w = along(w, ORDER, 1)
+    return w
 
 
 def _check_part(w: Any, shape: tuple[int, ...], where: str) -> None:
@@ -95,7 +115,7 @@ def quantize_layer_like(new: dict[str, Any], like: dict[str, Any], cfg: ModelCon
         if len(given) < len(parts):
             missing = [p for p in parts if p not in given]
             raise ValueError(f"layers.{index}: the model stores {', '.join(parts)} as one "
-                             f"int4/int8 weight ({name!r}): {', '.join(missing)} not given with "
+                             f"weight ({name!r}): {', '.join(missing)} not given with "
                              f"{', '.join(given)} (a chunked update sends them together)")
         for p in parts:
             _check_part(out[p], shapes[p], f"layers.{index}.{p}")

@@ -201,10 +201,11 @@ class TPShardings:
         are summed (the all-reduce of a dense MLP's down projection)."""
         mesh, rep = self.mesh, P()
 
-        def local(rows, group_sizes, w_gate, w_up, w_down, quant):
-            return jax.lax.psum(base_fn(rows, group_sizes, w_gate, w_up, w_down, quant), AXIS)
+        def local(rows, group_sizes, w_gate, w_up, w_down, quant, order):
+            return jax.lax.psum(base_fn(rows, group_sizes, w_gate, w_up, w_down, quant, order),
+                                AXIS)
 
-        def sharded(rows, group_sizes, w_gate, w_up, w_down, quant=None):
+        def sharded(rows, group_sizes, w_gate, w_up, w_down, quant=None, order=None):
             weights = (w_gate, w_up, w_down)
             specs = tuple(_stored_rule(n, w.dtype) for n, w in zip(EXPERTS, weights))
             # FP8's scales [E, out] by their own rules, int4's scales and offsets [E, groups, out]
@@ -212,8 +213,10 @@ class TPShardings:
             quant_specs = None if quant is None else tuple(
                 (LAYER_RULES[n + "_scale"],) if w.dtype == FP8 else (LAYER_RULES[n],) * len(q)
                 for n, w, q in zip(EXPERTS, weights, quant))
-            return _shard_map(local, mesh, in_specs=(rep, rep, *specs, quant_specs),
-                              out_specs=rep)(rows, group_sizes, *weights, quant)
+            # an input order (activation order) whole: the rows are whole on every device
+            return _shard_map(local, mesh, in_specs=(rep, rep, *specs, quant_specs,
+                                                     None if order is None else rep),
+                              out_specs=rep)(rows, group_sizes, *weights, quant, order)
 
         return sharded
 
