@@ -313,19 +313,26 @@ def test_research_bench_times_lora_and_a_sleep_cycle(tiny_dummy):
 def test_spec_decode_bench_compares_with_plain_decoding(tiny_dummy, tmp_path):
     """bench/spec_decode.py: plain (async and synchronous) and speculative rows, each engine in a
     process of its own, with per-step phase times; greedy output the same in every row; nothing
-    compiled while timed (the warm-up runs the prompts from the prefix cache too)."""
+    compiled while timed (the warm-up runs the prompts from the prefix cache too). With
+    --grow-to the model runs grown to the config's shape, and speculative output is plain's in
+    batch-invariant mode, which every engine of the run takes."""
+    target = tmp_path / "grown"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({**TINY, **GROWN}))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "spec_decode.py"),
                           "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "float32",
                           "--max-model-len", "512", "--output-len", "12", "--k", "2",
-                          "--sync-baseline", "--phases", "--output-json", str(tmp_path / "r.json")],
+                          "--sync-baseline", "--phases", "--grow-to", str(target),
+                          "--batch-invariant", "--output-json", str(tmp_path / "r.json")],
                          capture_output=True, text=True, env=C.child_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["k"] for r in rows] == [0, -1, 2]
+    assert [r["k"] for r in rows] == [0, -1, 2] and all(r["batch_invariant"] for r in rows)
     assert all(r["decode_tok_s"] > 0 and r["phases_ms"]["step"] > 0 for r in rows)
     assert all(r["compiled_while_timed"] == [] for r in rows), rows
     table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) == 4 and all(line.endswith("| True | - |") for line in table[1:]), out.stdout
+    assert f"grown to {target}, batch-invariant" in out.stdout
 
 
 def test_spec_decode_bench_says_where_outputs_first_differ():
@@ -378,25 +385,6 @@ def test_a_grown_model_computes_what_the_small_one_does():
                        ({"num_attention_heads": 4}, "query heads per KV head 2 is smaller")):
         with pytest.raises(ValueError, match=match):
             grow.grown_config(cfg, {**GROWN, **bad})
-
-
-def test_spec_decode_bench_on_a_grown_model(tiny_dummy, tmp_path):
-    """--grow-to: the model runs grown to the config's shape; speculative output is plain's (in
-    batch-invariant mode, which every engine of the run takes)."""
-    target = tmp_path / "grown"
-    target.mkdir()
-    (target / "config.json").write_text(json.dumps({**TINY, **GROWN}))
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "spec_decode.py"),
-                          "--model", tiny_dummy, "--load-format", "dummy", "--dtype", "float32",
-                          "--max-model-len", "512", "--output-len", "12", "--k", "2",
-                          "--grow-to", str(target), "--batch-invariant",
-                          "--output-json", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, env=C.child_env(), timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert all(r["batch_invariant"] for r in json.loads((tmp_path / "r.json").read_text()))
-    table = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(table) == 3 and table[2].endswith("| True | - |"), out.stdout
-    assert f"grown to {target}, batch-invariant" in out.stdout
 
 
 def test_quant_quality_bench(tiny_dummy, tmp_path):

@@ -302,12 +302,13 @@ def test_gpu_fp8_one_row_kernel_against_reference(n, k):
     np.testing.assert_allclose(got, exact, rtol=2 ** -7, atol=1e-3 * np.abs(exact).max())
 
 
-def _one_request(**engine_kw) -> tuple[Any, Any]:
+def _one_request(model: str) -> tuple[Any, Any]:
     from jaxvllm import LLM, SamplingParams
-    llm = LLM(dtype="float32", quantization="fp8", max_model_len=128, max_num_seqs=4,
-              max_num_batched_tokens=64, num_gpu_blocks_override=64, enforce_eager=True,
-              **engine_kw)
-    out = llm.generate(_PROMPTS[:1], SamplingParams(temperature=0, max_tokens=6, logprobs=0),
+    llm = LLM(model=model, dtype="float32", quantization="fp8", max_model_len=128,
+              max_num_seqs=4, max_num_batched_tokens=64, num_gpu_blocks_override=64,
+              enforce_eager=True)
+    out = llm.generate([{"prompt_token_ids": [5, 9, 2, 7, 31]}],
+                       SamplingParams(temperature=0, max_tokens=6, logprobs=0),
                        use_tqdm=False)[0].outputs[0]
     return llm.llm_engine.runner, out
 
@@ -334,14 +335,19 @@ def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
     assert not fits("gguf") and not fits(None)
 
 
-def test_one_decoding_request_runs_the_fp8_kernel(monkeypatch):
+def test_one_decoding_request_runs_the_fp8_kernel(monkeypatch, tmp_path):
     """Where the engine picks the Pallas FP8 GEMM (on a GPU; forced here, the kernel interpreted)
     one decoding request runs in a bucket of one token through it, with the tokens and logprobs
-    of XLA's GEMM (float32 activations: only the sums' order differs)."""
+    of XLA's GEMM (float32 activations: only the sums' order differs). A tiny random Llama: the
+    interpreted kernel takes seconds a layer."""
+    from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
     from jaxvllm.engine import setup
-    plain_runner, plain = _one_request()
+    tiny_model(tiny_config("llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+               **FAR_FROM_FLAT).save_pretrained(tmp_path)
+    plain_runner, plain = _one_request(str(tmp_path))
     monkeypatch.setattr(setup, "pallas_gemms_fit", lambda: True)
-    runner, got = _one_request()
+    runner, got = _one_request(str(tmp_path))
     assert not plain_runner.cfg.pallas_gemms and plain_runner.token_buckets[0] == 8
     assert runner.cfg.pallas_gemms and runner.token_buckets[0] == 1
     assert got.token_ids == plain.token_ids
