@@ -640,11 +640,11 @@ def test_quant_gemm_bench_times_every_format(tmp_path):
     tiny_config("llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
                 num_key_value_heads=2).save_pretrained(tmp_path)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quant_gemm.py"), "--json",
-                          "--model", str(tmp_path), "--tokens", "1", "24", "--group-size", "32"],
+                          "--model", str(tmp_path), "--tokens", "24", "--group-size", "32"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)["tokens"]
-    for t in ("1", "24"):
+    for t in ("24",):
         assert all(res[t][w + "_us"] > 0 for w in ("bf16", "fp8", "int4", "int4_xla_dequant",
                                                    "q8_0", "q8_0_xla_dequant"))
         assert 0 < res[t]["fp8_max_rel_diff"] < 0.1
