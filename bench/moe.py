@@ -6,13 +6,15 @@ tokens pick at the measured copy bandwidth, or their FLOPs at a measured bf16 ma
 whichever is larger).
 
     PYTHONPATH=. python3 bench/moe.py --model bench/configs/qwen3-30b-a3b [--tokens 1 8 64 256 2048]
-        [--sweep] [--fp8 | --int4]
+        [--sweep] [--fp8 | --int4 [--act-order]]
 
 Random bf16 weights and inputs (routing near uniform); `--fp8`: the experts in FP8 as
 `quantization="fp8"` stores them (models/quant.py), `--int4`: at 4 bits in groups of 128 inputs
 (or one group where that does not divide them) with zero points, as an AWQ or GPTQ checkpoint
-loads (models/int4.py); the roofline counts the
-bytes they are stored in. Each time is the median per call of a jitted layer called back to back. Every way is checked against XLA's ragged_dot first (the Mosaic kernel where
+loads (models/int4.py), with `--act-order` gate's and up's inputs stored in an order of each
+expert's own, as a GPTQ checkpoint in activation order loads (models/moe.py: the routed kernel
+gathers each row's features into its expert's order, the grouped GEMMs put the dequantized
+weights' inputs back); the roofline counts the bytes they are stored in. Each time is the median per call of a jitted layer called back to back. Every way is checked against XLA's ragged_dot first (the Mosaic kernel where
 `--max-xla-rows` skips it). `--sweep` also
 times the routed kernel over a grid of tiles per token count (rows a tile: `--sweep-bm`).
 """
@@ -35,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from jaxvllm.models import moe
     from pallas_kernels import routed_experts
     from jaxvllm.models.config import ModelConfig
+    if args.act_order and not args.int4:
+        raise SystemExit("bench moe: --act-order orders int4 experts' inputs: it takes --int4")
     with open(os.path.join(args.model, "config.json")) as f:
         cfg = ModelConfig.from_hf(json.load(f))
     h, e, m, k = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok
@@ -48,7 +52,13 @@ def run(args: argparse.Namespace) -> int:
     if args.fp8:
         lp = fp8.quantize_params({"layers": [lp]}, "fp8")["layers"][0]
     elif args.int4:
+        order = jax.vmap(lambda k: jax.random.permutation(k, h))(jax.random.split(ks[4], e))
+        if args.act_order:  # stored in their inputs' order: the model's weights are the same
+            lp.update({n: jnp.take_along_axis(lp[n], order[:, :, None], axis=1)
+                       for n in ("experts_gate", "experts_up")})
         lp = int4.quantize_params({"layers": [lp]})["layers"][0]
+        if args.act_order:
+            lp[moe.ORDER] = order.astype(jnp.int32)
     quant = moe.expert_quant(lp)
     on_gpu = jax.default_backend() == "gpu"
     copy_bw = common.measure_bandwidth(1 << (31 if on_gpu else 23))
@@ -100,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
                        for w in ("routed", "mosaic", "xla_ragged_dot")])
     common.emit(result, args, f"{cfg.architecture} MoE layer: {e} experts, top {k}, hidden {h}, "
                 f"expert intermediate {m}, "
-                f"{'FP8 experts' if args.fp8 else 'int4 experts' if args.int4 else 'bf16'}; "
+                f"{'FP8 experts' if args.fp8 else 'int4 experts' if args.int4 else 'bf16'}"
+                f"{' in activation order' if args.act_order else ''}; "
                 f"{jax.devices()[0].device_kind}, copy "
                 f"{copy_bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s\n" + common.table(
                     rows, ["tokens", "experts picked", "roofline us", "engine us", "of roofline",
@@ -127,6 +138,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     weights.add_argument("--int4", action="store_true",
                          help="The experts at 4 bits, a scale and zero point per group of 128 "
                          "inputs (int4.quantize_params) and output channel.")
+    parser.add_argument("--act-order", action="store_true",
+                        help="With --int4: gate's and up's inputs stored in a random order of each "
+                        "expert's own (GPTQ's activation order).")
     common.add_output_args(parser)
 
 

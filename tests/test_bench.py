@@ -677,7 +677,8 @@ def test_quant_gemm_bench_times_every_format(tmp_path):
 
 def test_moe_bench_compares_the_ways(tmp_path):
     """bench/moe.py on a tiny mixture-of-experts config: the ways it times on the CPU (the engine's,
-and XLA's ragged_dot as the reference) agree."""
+and XLA's ragged_dot as the reference) agree, over bf16, FP8 and int4 experts (the last in
+activation order, which takes --int4)."""
     from hf_builders import tiny_config
     tiny_config("qwen3_moe", hidden_size=64, num_attention_heads=4, head_dim=16, num_experts=8,
                 num_experts_per_tok=2, moe_intermediate_size=32).save_pretrained(tmp_path)
@@ -689,10 +690,13 @@ and XLA's ragged_dot as the reference) agree."""
     for t in ("1", "16"):
         assert res[t]["engine_us"] > 0 and res[t]["xla_ragged_dot_us"] > 0
         assert res[t]["engine_max_rel_diff"] < 1e-2
-    for experts in ("--fp8", "--int4"):
+    for experts in (["--fp8"], ["--int4", "--act-order"]):
         quant = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "moe.py"), "--json",
-                                experts, "--model", str(tmp_path), "--tokens", "4"],
+                                *experts, "--model", str(tmp_path), "--tokens", "4"],
                                capture_output=True, text=True, timeout=600)
         assert quant.returncode == 0, quant.stderr[-3000:]
         got = json.loads(quant.stdout)["tokens"]["4"]
         assert got["engine_us"] > 0 and got["engine_max_rel_diff"] < 1e-2
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "moe.py"), "--act-order",
+                          "--model", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "it takes --int4" in bad.stderr
