@@ -29,6 +29,7 @@ from converters.integer import unpack as unpack_integer
 from converters.quant_config import quantization_config
 from converters.safetensors_raw import read_array
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.fused import one_order
 from jaxvllm.models.int4 import pack as pack_int4
 from jaxvllm.models.int8 import kernel_groups as int8_groups
 from jaxvllm.models.params import KV_CACHE_SCALES, param_shapes
@@ -473,12 +474,9 @@ class ParamsBuilder:
         orders = {key: layer.pop(key + "_perm", None) for key in EXPERTS}  # per expert, or None
         gate, up, down = EXPERTS
         pair_apart = form(gate) != form(up) or not _same_orders(orders[gate], orders[up])
-        # down's order goes to gate's and up's outputs expert by expert: stacks, not one tensor
-        unfoldable = not all(isinstance(layer.get(k), list) for k in (gate, up))
         for key in EXPERTS:
             stack, which = layer.get(key), kept(key)
-            apart = pair_apart if key != down else unfoldable and _any_order(orders[down])
-            if not which or (len(which) == len(stack) and not apart):
+            if not which or (len(which) == len(stack) and not (pair_apart and key != down)):
                 continue
             companions = [key + s for s in ("_scale", "_zero", "_min") if key + s in layer]
             for j in which:
@@ -522,10 +520,7 @@ def _any_order(perms: Optional[list]) -> bool:
 def _same_orders(a: Optional[list], b: Optional[list]) -> bool:
     """Whether two stacks' experts take their inputs in one order each (None: the inputs' own)."""
     n = len(a if a is not None else b or [])
-    a, b = a or [None] * n, b or [None] * n
-    return all((p is None and q is None) or (p is not None and q is not None
-                                             and np.array_equal(np.asarray(p), np.asarray(q)))
-               for p, q in zip(a, b))
+    return all(one_order([p, q]) for p, q in zip(a or [None] * n, b or [None] * n))
 
 
 def _filled(perms: list) -> list:

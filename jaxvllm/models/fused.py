@@ -21,19 +21,29 @@ from jaxvllm.models.quant import FP8, free_replaced
 FUSED = (("q", "k", "v"), ("gate", "up"))  # projections of one input (models/layers.projections)
 
 
+def companion_suffixes(lp: dict, name: str) -> tuple[str, ...]:
+    """The suffixes of the tensors stored beside the weight `name` of layer params `lp` (a linear
+    or a stack of experts): an FP8 weight's scale, an int4 one's scale and zero points or min, an
+    int8 one's scale and min where it has one; () for a weight in the model's dtype."""
+    dtype = lp[name].dtype
+    if dtype == FP8:
+        return ("_scale",)
+    if dtype == INT4:
+        return "_scale", offset_suffix(lp, name)
+    if dtype == INT8:
+        return ("_scale", "_min") if name + "_min" in lp else ("_scale",)
+    return ()
+
+
 def _layout(lp: dict, name: str) -> Optional[tuple[Any, int, tuple[str, ...]]]:
-    """The quantized weight `name`'s dtype, groups of inputs and companion suffixes (the tensors
-    stored beside it: an FP8 weight's scale [out]; an int4 or int8 one's [groups, out] each), or
-    None for a weight left in the model's dtype."""
-    w = lp[name]
-    if w.dtype == FP8:
-        return FP8, 1, ("_scale",)
-    if w.dtype == INT8:
-        return INT8, lp[name + "_scale"].shape[0], (
-            ("_scale", "_min") if name + "_min" in lp else ("_scale",))
-    if w.dtype == INT4:
-        return INT4, lp[name + "_scale"].shape[0], ("_scale", offset_suffix(lp, name))
-    return None
+    """The quantized linear `name`'s dtype, groups of inputs (FP8: one) and companion suffixes
+    (an FP8 scale [out]; an int4 or int8 one's tensors [groups, out] each), or None for a weight
+    left in the model's dtype."""
+    suffixes = companion_suffixes(lp, name)
+    if not suffixes:
+        return None
+    dtype = lp[name].dtype
+    return dtype, 1 if dtype == FP8 else lp[name + "_scale"].shape[0], suffixes
 
 
 def fuse_projections(params: dict[str, Any], consume: bool = False) -> dict[str, Any]:
@@ -51,7 +61,7 @@ def fuse_projections(params: dict[str, Any], consume: bool = False) -> dict[str,
                 continue
             layouts = {_layout(lp, n) for n in names}
             perms = [lp.get(n + "_perm") for n in names]
-            if len(layouts) != 1 or None in layouts or not _one_order(perms):
+            if len(layouts) != 1 or None in layouts or not one_order(perms):
                 continue
             key = "+".join(names)
             _, _, companions = layouts.pop()
@@ -69,7 +79,7 @@ def fuse_projections(params: dict[str, Any], consume: bool = False) -> dict[str,
     return {**params, "layers": layers}
 
 
-def _one_order(perms: list[Optional[jax.Array]]) -> bool:
+def one_order(perms: list[Optional[jax.Array]]) -> bool:
     """Whether projections with these input orders (None: the inputs' own) take one input alike."""
     if any(p is None for p in perms):
         return all(p is None for p in perms)

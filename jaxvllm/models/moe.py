@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxvllm.models import int4, int8, quant
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.fused import companion_suffixes
 from jaxvllm.models.layers import gated_mlp
 from jaxvllm.models.quant import EXPERTS, FP8
 from pallas_kernels import routed_experts
@@ -39,19 +40,8 @@ ORDER, DOWN_ORDER = EXPERTS[0] + "_perm", EXPERTS[2] + "_perm"
 
 def expert_quant(lp: dict) -> Quant:
     """The `quant` argument of an ExpertsFn for the experts of layer params `lp`."""
-    quant = tuple(_companions(lp, n) for n in EXPERTS)
+    quant = tuple(tuple(lp[n + s] for s in companion_suffixes(lp, n)) for n in EXPERTS)
     return quant if any(quant) else None
-
-
-def _companions(lp: dict, name: str) -> tuple[jax.Array, ...]:
-    dtype = lp[name].dtype
-    if dtype == FP8:
-        return (lp[name + "_scale"],)
-    if dtype == int4.INT4:
-        return lp[name + "_scale"], int4.offset(lp, name)
-    if dtype == int8.INT8:
-        return (lp[name + "_scale"],) + ((lp[name + "_min"],) if name + "_min" in lp else ())
-    return ()
 
 
 def dequantized(w: jax.Array, companions: tuple[jax.Array, ...], dtype) -> jax.Array:
