@@ -43,6 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--trace-steps", default=None, metavar="START:COUNT",
                    help="Profile COUNT steps from step START and sum their GPU kernels.")
     g.add_argument("--trace-dir", default=None, help="Where the trace goes (default: a temp dir).")
+    g.add_argument("--trace-top", type=int, default=25, help="How many kernels the summary lists.")
     g.add_argument("--host-profile", default=None, metavar="START:COUNT",
                    help="cProfile the engine's thread over COUNT steps from step START (not overlapping "
                         "--trace-steps: both hook the interpreter's profiler); prints "
@@ -322,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
               "param_bytes": param_bytes, "kv_bytes_per_token": kv_bytes_per_token,
               "kinds": kinds, "buckets": buckets, "device": C.device_description(engine)}
     if trace is not None:
-        result["trace"] = kernel_summary(trace["dir"])
+        result["trace"] = kernel_summary(trace["dir"], args.trace_top)
     if profile is not None:
         import io
         import pstats

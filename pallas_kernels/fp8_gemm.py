@@ -5,7 +5,8 @@ their dtype (quantizing so few rows costs more kernels than the GEMM, bench/RESU
 The program grid is int4_gemm.py's: a program owns `block_m` rows, `block_n` output columns and
 one of `splits` equal slices of the input dimension, and writes its float32 partial sums; their
 sum, the per-output-channel scale and the cast to x's dtype are left to XLA, which fuses them
-into the consumer. Rows past M are masked, never padded in memory. Two ways to reduce a tile:
+into the consumer, or, through fp8_partials, to a kernel that adds them up itself
+(decode_epilogue.py). Rows past M are masked, never padded in memory. Two ways to reduce a tile:
 "dot" converts it to x's dtype and feeds the tensor cores (M padded to 16 in registers); "fma"
 (one row) multiplies it by the row and keeps a [block_n, block_k] float32 sum that is reduced
 once at the end, no tensor cores and no padded rows.
@@ -71,6 +72,14 @@ def fp8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *, tiles: Tiles = T
                interpret: bool = False) -> jax.Array:
     """x [M, K] (M <= MAX_ROWS) times the FP8 weight w [N, K] with its per-output-channel scale
     [N] -> [M, N] in x's dtype, float32 accumulation."""
+    partials = fp8_partials(x, w, tiles=tiles, interpret=interpret)
+    return (partials.sum(0) * scale).astype(x.dtype)
+
+
+def fp8_partials(x: jax.Array, w: jax.Array, *, tiles: Tiles = Tiles(),
+                 interpret: bool = False) -> jax.Array:
+    """fp8_matmul's float32 partial sums [splits, M, N], one for each slice of K, before the
+    scale: for a consumer that adds them up itself (decode_epilogue.py)."""
     m, k = x.shape
     n = w.shape[0]
     if m > MAX_ROWS or not fits(n, k, tiles) or tiles.mode not in MODES or (
@@ -85,12 +94,11 @@ def fp8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, *, tiles: Tiles = T
     kernel = functools.partial(_fma_kernel if tiles.mode == "fma" else _dot_kernel,
                                block_m=bm, block_n=tiles.block_n, block_k=tiles.block_k,
                                steps=steps // splits)
-    partials = split_k_call(
+    return split_k_call(
         kernel, (x, w), [pl.BlockSpec((m, k), lambda i, j: (0, 0)),
                          pl.BlockSpec((tiles.block_n, k), lambda i, j: (i, 0))],
         grid=(n // tiles.block_n, splits), m=m, n=n, splits=splits, tiles=tiles,
         interpret=interpret, name="fp8_matmul")
-    return (partials.sum(0) * scale).astype(x.dtype)
 
 
 def _dot_kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, steps):

@@ -10,7 +10,8 @@ the weight holds, read and written again every step. Here a program owns `block_
 input columns. Splitting the input dimension is what fills the GPU: a decode GEMV has too few
 output tiles to keep enough loads in flight (bench/RESULTS.md). Each slice writes its float32
 partial sums; their sum and the cast to x's dtype are left to XLA, which fuses them into the
-consumer. Rows past M are masked, neither padded in memory nor written: the kernel is the GEMM's
+consumer, or, through int4_partials, to a kernel that adds them up itself (decode_epilogue.py).
+Rows past M are masked, neither padded in memory nor written: the kernel is the GEMM's
 only launch (padding, zeroing an atomic accumulator and casting it cost a kernel each, more than
 the GEMM at decode sizes).
 
@@ -120,6 +121,17 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array,
     """x [M, K] (M <= MAX_ROWS) times the packed int4 weight (w uint8 [N, K/2], scale [G, N],
     offset [G, N]: a float32 min or uint8 zero points) -> [M, N] in x's dtype, float32
     accumulation. `tiles`: default_tiles(M) unless given."""
+    tiles = tiles or default_tiles(x.shape[0])
+    xk, shift = f16_rows(x) if tiles.f16 else (x, None)
+    y = int4_partials(xk, w, scale, offset, tiles=tiles, interpret=interpret).sum(0)
+    return (y if shift is None else y * jnp.exp2(-shift)).astype(x.dtype)
+
+
+def int4_partials(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array, *,
+                  tiles: Optional[Tiles] = None, interpret: bool = False) -> jax.Array:
+    """int4_matmul's float32 partial sums [splits, M, N], one for each slice of K (x as the kernel
+    reads it: float16 rows under Tiles.f16), for a consumer that adds them up itself
+    (decode_epilogue.py)."""
     m, k = x.shape
     n = w.shape[0]
     groups = scale.shape[0]
@@ -135,9 +147,8 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array,
     kernel = functools.partial(_kernel, group=group, step=step, block_m=bm, block_n=bn,
                                steps=(k // 2) // splits // step, dequant=dequant,
                                asm=not interpret)
-    xk, shift = f16_rows(x) if tiles.f16 else (x, None)
-    partials = split_k_call(
-        kernel, (xk, w, scale, offset),
+    return split_k_call(
+        kernel, (x, w, scale, offset),
         [pl.BlockSpec((m, k), lambda r, i, j: (0, 0)),
          pl.BlockSpec((bn, k // 2), lambda r, i, j: (i, 0)),
          pl.BlockSpec((groups, bn), lambda r, i, j: (0, i)),
@@ -146,8 +157,6 @@ def int4_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, offset: jax.Array,
         # later ones find it in the L2.
         grid=(-(-m // bm), n // bn, splits), m=m, n=n, splits=splits, tiles=tiles,
         interpret=interpret, name="int4_matmul")
-    y = partials.sum(0)
-    return (y if shift is None else y * jnp.exp2(-shift)).astype(x.dtype)
 
 
 def dequant_form(offset_dtype, x_dtype, f16: bool = False) -> str:

@@ -323,3 +323,39 @@ def gated_fp8_reference(gate, up, row_scale, gate_scale, up_scale, activation="s
     g = gate.astype(jnp.float32) * (row_scale * gate_scale)
     u = up.astype(jnp.float32) * (row_scale * up_scale)
     return quantize_rows_fp8(GATED_ACTIVATIONS[activation](g) * u)
+
+
+def _split_total(partials, scale, dtype):
+    """A GEMM's output from its split-K slices [S, ..., N] and scale [N] (or None), in `dtype`."""
+    y = partials.astype(jnp.float32).sum(0)
+    return (y if scale is None else y * scale).astype(dtype)
+
+
+def add_rms_norm_reference(x, partials, scale, weight, eps):
+    """`add_rms_norm` in jnp: (x + y, the RMSNorm of x + y times weight), y the GEMM's output."""
+    new = x + _split_total(partials, scale, x.dtype)
+    x32 = new.astype(jnp.float32)
+    normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return new, weight * normed.astype(x.dtype)
+
+
+def rope_write_kv_reference(partials, scale, cos, sin, slot_mapping, k_cache, v_cache, *,
+                            num_heads, dtype):
+    """`rope_write_kv` in jnp: the q+k+v output split into heads, q and k rotated (rotate-half,
+    cos and sin in `dtype`), k and v scattered into their slots (out-of-range slots dropped)."""
+    t = partials.shape[1]
+    kv_heads, d = k_cache.shape[2:]
+    y = _split_total(partials, scale, dtype).reshape(t, num_heads + 2 * kv_heads, d)
+    c, s = cos[:, None, :].astype(dtype), sin[:, None, :].astype(dtype)
+
+    def rotate(h):
+        return h * c + jnp.concatenate([-h[..., d // 2:], h[..., :d // 2]], axis=-1) * s
+
+    q, k, v = rotate(y[:, :num_heads]), rotate(y[:, num_heads:num_heads + kv_heads]), y[:, -kv_heads:]
+
+    def write(cache, new):
+        nb, bs = cache.shape[:2]
+        new = to_fp8(new.astype(jnp.float32)) if cache.dtype == FP8 else new.astype(cache.dtype)
+        flat = cache.reshape(nb * bs, kv_heads, d).at[slot_mapping].set(new, mode="drop")
+        return flat.reshape(cache.shape)
+    return q, write(k_cache, k), write(v_cache, v)

@@ -301,9 +301,9 @@ def _save_int(d: str, tensors: dict, config, method: str, act_order: bool, bits:
     save_word_tokenizer(d, 256)
 
 
-def write_int_checkpoint(d: str, name: str):
+def write_int_checkpoint(d: str, name: str, group: int = GROUP):
     """A tiny random model saved as an AWQ or GPTQ checkpoint (every decoder-layer linear
-    packed); returns the HF model holding the dequantized weights."""
+    packed, `group` inputs a group); returns the HF model holding the dequantized weights."""
     make_config, method, act_order, bits = CHECKPOINTS[name]
     model = tiny_model(make_config(), **FAR_FROM_FLAT)
     rng = np.random.default_rng(2)
@@ -317,11 +317,11 @@ def write_int_checkpoint(d: str, name: str):
                                                    "up_proj": "gate_proj"}.get(short, short)
             rng = np.random.default_rng(zlib.crc32(key.encode()))
         deq = _pack_linear(tensors, module_name, module.weight.detach().numpy(), method,
-                           bool(act_order), rng, bits)
+                           bool(act_order), rng, bits, group)
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(deq))
         del tensors[module_name + ".weight"]
-    _save_int(d, tensors, model.config, method, bool(act_order), bits)
+    _save_int(d, tensors, model.config, method, bool(act_order), bits, group)
     return model
 
 

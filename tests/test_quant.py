@@ -1,6 +1,7 @@
 """FP8 weights (W8A8, models/quant.py): the quantizer and the FP8 linear layer against float64
 references, the engine arguments, and the default model quantized on load against itself in bf16."""
-from typing import Any
+import collections
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -302,9 +303,9 @@ def test_gpu_fp8_one_row_kernel_against_reference(n, k):
     np.testing.assert_allclose(got, exact, rtol=2 ** -7, atol=1e-3 * np.abs(exact).max())
 
 
-def _one_request(model: str) -> tuple[Any, Any]:
+def _one_request(model: str, quantization: Optional[str] = "fp8") -> tuple[Any, Any]:
     from jaxvllm import LLM, SamplingParams
-    llm = LLM(model=model, dtype="float32", quantization="fp8", max_model_len=128,
+    llm = LLM(model=model, dtype="float32", quantization=quantization, max_model_len=128,
               max_num_seqs=4, max_num_batched_tokens=64, num_gpu_blocks_override=64,
               enforce_eager=True)
     out = llm.generate([{"prompt_token_ids": [5, 9, 2, 7, 31]}],
@@ -335,21 +336,47 @@ def test_one_row_bucket_where_a_quantized_gemm_runs(monkeypatch, on_gpu):
     assert not fits("gguf") and not fits(None)
 
 
-def test_one_decoding_request_runs_the_fp8_kernel(monkeypatch, tmp_path):
-    """Where the engine picks the Pallas FP8 GEMM (on a GPU; forced here, the kernel interpreted)
-    one decoding request runs in a bucket of one token through it, with the tokens and logprobs
-    of XLA's GEMM (float32 activations: only the sums' order differs). A tiny random Llama: the
-    interpreted kernel takes seconds a layer."""
+@pytest.mark.parametrize("quantization", ["fp8", "gptq", "none"])
+def test_decode_buckets_run_the_pallas_kernels(monkeypatch, tmp_path, quantization):
+    """Where the engine picks its Pallas kernels (on a GPU; forced here, interpreted) a request's
+    prompt (5 tokens in the bucket of 8) and its decoding (quantized: a bucket of one token through
+    the FP8 or int4 GEMM) run with the tokens and logprobs of XLA's path (float32 activations:
+    only the sums' order differs), the decode buckets' GEMM outputs (or, at one row, their slices)
+    added up by the epilogue kernels: the rotation and cache write after a fused q+k+v (padding
+    rows' slots not written), the residual add and norm after o and down. FP8: a tiny random
+    Llama quantized on load; int4: a GPTQ checkpoint with q/k/v and gate/up in one activation
+    order each (their inputs gathered); none: the same Llama unquantized (q, k and v apart: no
+    rotation kernel). The interpreted kernels take seconds a layer."""
     from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
     from jaxvllm.engine import setup
-    tiny_model(tiny_config("llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-               **FAR_FROM_FLAT).save_pretrained(tmp_path)
-    plain_runner, plain = _one_request(str(tmp_path))
+    from pallas_kernels import decode_epilogue
+    if quantization == "gptq":
+        from test_int4 import write_int_checkpoint
+        # Groups of 32: the kernel's smallest (a reduction step of 16 bytes).
+        write_int_checkpoint(str(tmp_path), "llama_gptq_act_order_shared", group=32)
+    else:
+        tiny_model(tiny_config("llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+                   **FAR_FROM_FLAT).save_pretrained(tmp_path)
+    method = "fp8" if quantization == "fp8" else None  # GPTQ: the checkpoint's own
+    plain_runner, plain = _one_request(str(tmp_path), method)
     monkeypatch.setattr(setup, "pallas_gemms_fit", lambda: True)
-    runner, got = _one_request(str(tmp_path))
+    traced = collections.Counter()
+    for name in ("rope_write_kv", "add_rms_norm"):
+        def counted(*a, _fn=getattr(decode_epilogue, name), _name=name, **kw):
+            traced[_name] += 1
+            return _fn(*a, **kw)
+        monkeypatch.setattr(decode_epilogue, name, counted)
+    runner, got = _one_request(str(tmp_path), method)
     assert not plain_runner.cfg.pallas_gemms and plain_runner.token_buckets[0] == 8
-    assert runner.cfg.pallas_gemms and runner.token_buckets[0] == 1
+    quantized = quantization != "none"
+    assert runner.cfg.pallas_gemms and runner.token_buckets[0] == (1 if quantized else 8)
+    # Each bucket run (8; quantized also 1) traces the first layer and the others (whose input
+    # comes from the kernels) once: a rotation each, a norm after the first layer's attention
+    # and two in the others'.
+    buckets = 2 if quantized else 1
+    assert traced["rope_write_kv"] == 2 * buckets * quantized
+    assert traced["add_rms_norm"] == 3 * buckets
     assert got.token_ids == plain.token_ids
     lp = lambda o: [e[t].logprob for e, t in zip(o.logprobs, o.token_ids)]  # noqa: E731
     np.testing.assert_allclose(lp(got), lp(plain), atol=1e-3)

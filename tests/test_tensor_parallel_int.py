@@ -121,16 +121,18 @@ def _run_pallas(d: str, tp: int, **run_kw: Any) -> dict[str, Any]:
         return saved[-1](gate, up, *args, **kwargs)
 
     seen_gated = []
+    # The GEMMs and, on one device, the same GEMMs leaving their slices to an epilogue kernel.
     saved = (setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul,
-             quant.gated_fp8)
+             int4.int4_partials, quant.fp8_partials, quant.gated_fp8)
     setup.pallas_gemms_fit = lambda: True
-    int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul = map(counted, saved[1:4])
+    (int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul, int4.int4_partials,
+     quant.fp8_partials) = map(counted, saved[1:6])
     quant.gated_fp8 = gated
     try:
         res = _run(d, tp, **run_kw)
     finally:
         (setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul,
-         quant.gated_fp8) = saved
+         int4.int4_partials, quant.fp8_partials, quant.gated_fp8) = saved
     res["kernel_shapes"], res["gated_shapes"] = seen, seen_gated
     return res
 

@@ -26,14 +26,16 @@ the grouped GEMMs for many take them dequantized (models/moe.py).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvllm.models.grouped import grouped_linear
+from jaxvllm.models.grouped import grouped_linear, tp_size
 from pallas_kernels import int4_gemm, int4_matmul, int4_matmul_reference
+from pallas_kernels.int4_gemm import int4_partials
 from pallas_kernels.reference import int4_dequantize
 
 INT4 = jnp.uint8  # the packed weight's dtype (no other weight of the layout is uint8)
@@ -61,6 +63,19 @@ def int4_linear(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
         x = jnp.take(x, perm, axis=-1)
     return grouped_linear(x, int4_gemm, int4_matmul, int4_matmul_reference, w, scale, off,
                           pallas=pallas, row_parallel=row_parallel)
+
+
+def int4_one_row_partials(x: jax.Array, w: jax.Array, scale: jax.Array, off: jax.Array,
+                          perm: Optional[jax.Array] = None) -> Optional[jax.Array]:
+    """int4_linear's Pallas GEMM at one row on one device left as the float32 partial sums of its
+    slices [S, 1, N] (for pallas_kernels/decode_epilogue.py); None where that GEMM does not run:
+    more rows, tensor parallelism, a weight its tiles do not fit."""
+    k = x.shape[-1]
+    if (math.prod(x.shape[:-1]) != 1 or tp_size() > 1
+            or not int4_gemm.fits(w.shape[0], k, k // scale.shape[0])):
+        return None
+    x = x.reshape(1, k) if perm is None else jnp.take(x.reshape(1, k), perm, axis=-1)
+    return int4_partials(x, w, scale, off, interpret=jax.default_backend() != "gpu")
 
 
 def pack(q: Any, group: int) -> Any:

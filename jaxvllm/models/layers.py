@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvllm.config import TRITON_GEMM_MAX_TOKENS
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.grouped import ROW_PARALLEL
-from jaxvllm.models.int4 import INT4, int4_linear, offset as int4_offset
+from jaxvllm.models.grouped import ROW_PARALLEL, tp_size
+from jaxvllm.models.int4 import INT4, int4_linear, int4_one_row_partials, offset as int4_offset
 from jaxvllm.models.int8 import INT8, int8_linear
-from jaxvllm.models.quant import fp8_gated_fits, fp8_gated_mlp, fp8_linear
-from pallas_kernels import invariant_gemm
-from pallas_kernels.reference import GATED_ACTIVATIONS, ordered_sum
+from jaxvllm.models.quant import (fp8_gated_fits, fp8_gated_mlp, fp8_linear,
+                                  fp8_one_row_partials)
+from pallas_kernels import decode_epilogue, invariant_gemm
+from pallas_kernels.reference import FP8, GATED_ACTIVATIONS, ordered_sum
 
 
 def lora_update(x: jax.Array, mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -37,6 +40,39 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, invariant: bool = Fals
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(mean_square(x32, invariant) + eps)
     return weight * y.astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SplitSums:
+    """A one-row GEMM's output as its Pallas kernel leaves it: the float32 partial sums of its
+    slices of the input [S, T, N] and the per-output-channel scale still to apply (None: none),
+    for a consumer that adds them up in its own kernel (add_norm, and the q+k+v epilogue of
+    models/llama.py; pallas_kernels/decode_epilogue.py) instead of an XLA kernel of their own."""
+    partials: jax.Array
+    scale: Optional[jax.Array]
+
+    def total(self, dtype: jnp.dtype) -> jax.Array:
+        """The GEMM's output [T, N] in `dtype`, as the GEMM would have returned it."""
+        y = self.partials.sum(0)
+        return (y if self.scale is None else y * self.scale).astype(dtype)
+
+
+Output = Union[jax.Array, SplitSums]
+
+
+def add_norm(x: jax.Array, delta: Output, weight: jax.Array, eps: float,
+             invariant: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The residual stream's add and the next RMSNorm: (x + delta, rms_norm(x + delta)). A
+    SplitSums delta in one Pallas kernel where its rows fit (decode_epilogue.add_rms_norm,
+    interpreted off the GPU)."""
+    if isinstance(delta, SplitSums):
+        if x.ndim == 2 and decode_epilogue.add_norm_fits(x.shape[1]):
+            return decode_epilogue.add_rms_norm(x, delta.partials, delta.scale, weight, eps,
+                                                interpret=jax.default_backend() != "gpu")
+        delta = delta.total(x.dtype)
+    x = x + delta
+    return x, rms_norm(x, weight, eps, invariant)
 
 
 def rope_inv_freq(cfg: ModelConfig, longrope_factors: str = "short_factor") -> np.ndarray:
@@ -167,13 +203,41 @@ def lm_head(hidden: jax.Array, params: dict, cfg: ModelConfig,
 
 
 def linear(x: jax.Array, lp: dict, name: str, invariant: bool = False,
-           pallas: bool = False) -> jax.Array:
+           pallas: bool = False, sums: bool = False) -> Output:
     """x @ lp[name] (+ lp[name + "_bias"]); an FP8 weight (with lp[name + "_scale"], stored [out, in],
     models/quant.py) runs as an FP8 matmul, an int4 or int8 one (models/int4.py, models/int8.py)
     dequantized in the GEMM's input. `invariant`: see matmul (unquantized weights only: EngineArgs
     refuses the others); `pallas`: quantized weights may take their Pallas GEMMs
-    (ModelConfig.pallas_gemms)."""
+    (ModelConfig.pallas_gemms); `sums`: the output may come as SplitSums (split_sums, never
+    under `invariant`: its kernel rounds as XLA's larger buckets need not), for add_norm."""
+    split = split_sums(x, lp, name, pallas) if sums and not invariant else None
+    if split is not None:
+        return split
     return _add_lora(_add_bias(_product(x, lp, name, invariant, pallas), lp, name), x, lp, name)
+
+
+def split_sums(x: jax.Array, lp: dict, name: str, pallas: bool) -> Optional[SplitSums]:
+    """x times lp[name] for a consumer that adds it up in its own Pallas kernel
+    (pallas_kernels/decode_epilogue.py): at the decode buckets' rows (up to
+    TRITON_GEMM_MAX_TOKENS) on one device where `pallas` allows (ModelConfig.pallas_gemms) and
+    nothing is added to the product (a bias, LoRA). An FP8 or int4 weight's one-row Pallas GEMM
+    leaves its slices' partial sums (quant.fp8_one_row_partials, int4.int4_one_row_partials);
+    other products come whole, as one slice. None elsewhere. `name` may be projections fused at
+    load ("q+k+v")."""
+    rows = math.prod(x.shape[:-1])
+    if (not pallas or rows > TRITON_GEMM_MAX_TOKENS or tp_size() > 1
+            or any(n + suffix in lp for n in name.split("+") for suffix in ("_bias", "_lora_a"))):
+        return None
+    w, scale = lp[name], lp.get(name + "_scale")
+    partials = None
+    if w.dtype == FP8 and scale is not None:
+        partials = fp8_one_row_partials(x, w)
+    elif w.dtype == INT4:  # its scales are applied in the GEMM, group by group
+        partials, scale = int4_one_row_partials(x, w, scale, int4_offset(lp, name),
+                                                lp.get(name + "_perm")), None
+    if partials is None:
+        return SplitSums(_product(x, lp, name, False, pallas).reshape(1, rows, -1), None)
+    return SplitSums(partials, scale)
 
 
 def _product(x: jax.Array, lp: dict, name: str, invariant: bool, pallas: bool) -> jax.Array:
@@ -191,14 +255,15 @@ def _product(x: jax.Array, lp: dict, name: str, invariant: bool, pallas: bool) -
 
 def gated_mlp(x: jax.Array, lp: dict, activation: str = "silu",
               names: tuple[str, str, str] = ("gate", "up", "down"), invariant: bool = False,
-              pallas: bool = False) -> jax.Array:
+              pallas: bool = False, sums: bool = False) -> Output:
     """down(act(gate(x)) * up(x)), names = (gate, up, down), act one of GATED_ACTIVATIONS. With
     `pallas` (ModelConfig.pallas_gemms), FP8 weights past the decode buckets take
-    quant.fp8_gated_mlp (act(gate) * up quantized for down in one Pallas pass)."""
+    quant.fp8_gated_mlp (act(gate) * up quantized for down in one Pallas pass). `sums`: down's
+    output may come as SplitSums (see linear)."""
     if pallas and fp8_gated_fits(x, lp, names):
         return fp8_gated_mlp(x, lp, names, activation)
     gate, up = projections(x, lp, names[:2], invariant=invariant, pallas=pallas)
-    return linear(GATED_ACTIVATIONS[activation](gate) * up, lp, names[2], invariant, pallas)
+    return linear(GATED_ACTIVATIONS[activation](gate) * up, lp, names[2], invariant, pallas, sums)
 
 
 def projections(x: jax.Array, lp: dict, names: tuple[str, ...],

@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import (apply_rope, gated_mlp, linear, lm_head, projections, rms_norm,
-                                   rope_cos_sin)
+from jaxvllm.models.layers import (Output, SplitSums, add_norm, apply_rope, gated_mlp, linear,
+                                   lm_head, projections, rms_norm, rope_cos_sin, split_sums)
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 from jaxvllm.models.params import KV_CACHE_SCALES
+from pallas_kernels import decode_epilogue
 from pallas_kernels.reference import FP8, to_fp8
 
 Params = dict[str, Any]
@@ -71,11 +72,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: Optional[jax.Array
     # another request of the same step is filling (the scheduler's same-step prefix sharing relies on it).
     k_cache = write_kv(k_cache, k, inp.slot_mapping)
     v_cache = write_kv(v_cache, v, inp.slot_mapping)
-    out = attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
-                       inp.num_seqs, **kw)
+    out = _paged_attention(q, k_cache, v_cache, inp, attention_fn, **kw)
     if scales is not None:
         out = (out.astype(jnp.float32) * _per_head(scales[1], out.shape[1])).astype(out.dtype)
     return out, k_cache, v_cache
+
+
+def _paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, inp: ModelInputs,
+                     attention_fn: AttentionFn, **kw: Any) -> jax.Array:
+    return attention_fn(q, k_cache, v_cache, inp.seq_lens, inp.block_tables, inp.query_start_loc,
+                        inp.num_seqs, **kw)
 
 
 def _per_head(scale: jax.Array, heads: int) -> jax.Array:
@@ -88,27 +94,48 @@ def _per_head(scale: jax.Array, heads: int) -> jax.Array:
 
 def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array,
                      k_cache: jax.Array, v_cache: jax.Array, inp: ModelInputs,
-                     attention_fn: AttentionFn) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     attention_fn: AttentionFn) -> tuple[Output, jax.Array, jax.Array]:
     t = x.shape[0]
-    kv_size = cfg.num_kv_heads * cfg.head_dim
-    q, k, v = projections(x, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size),
-                          cfg.batch_invariant, cfg.pallas_gemms)
-    q = q.reshape(t, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
-    out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn, lp,
-                                   sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
-    o = linear(out.reshape(t, cfg.q_size), lp, "o", cfg.batch_invariant, cfg.pallas_gemms)
+    kw = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    qkv = _decode_qkv(cfg, lp, x, k_cache)
+    if qkv is not None:
+        q, k_cache, v_cache = decode_epilogue.rope_write_kv(
+            qkv.partials, qkv.scale, cos, sin, inp.slot_mapping, k_cache, v_cache,
+            num_heads=cfg.num_heads, dtype=x.dtype, interpret=jax.default_backend() != "gpu")
+        out = _paged_attention(q, k_cache, v_cache, inp, attention_fn, **kw)
+    else:
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        q, k, v = projections(x, lp, ("q", "k", "v"), (cfg.q_size, kv_size, kv_size),
+                              cfg.batch_invariant, cfg.pallas_gemms)
+        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
+            k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, inp, attention_fn, lp, **kw)
+    o = linear(out.reshape(t, cfg.q_size), lp, "o", cfg.batch_invariant, cfg.pallas_gemms,
+               sums=True)
     return o, k_cache, v_cache
 
 
-def _mlp(cfg: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
-    return gated_mlp(x, lp, invariant=cfg.batch_invariant, pallas=cfg.pallas_gemms)
+def _decode_qkv(cfg: ModelConfig, lp: Params, x: jax.Array,
+                k_cache: Optional[jax.Array]) -> Optional[SplitSums]:
+    """The fused q+k+v GEMM's output as SplitSums where one kernel may rotate it and write the
+    cache (decode_epilogue.rope_write_kv): decode-sized rows (layers.split_sums), a cache without
+    a checkpoint's scales, every dimension of a head rotated, no q/k norm between the GEMM and the
+    rotation, not batch-invariant. None elsewhere: the general path."""
+    if (k_cache is None or cfg.qk_norm or cfg.batch_invariant or cfg.rotary_dim != cfg.head_dim
+            or not decode_epilogue.rope_fits(cfg.head_dim) or "q+k+v" not in lp
+            or KV_CACHE_SCALES[0] in lp):
+        return None
+    return split_sums(x, lp, "q+k+v", cfg.pallas_gemms)
+
+
+def _mlp(cfg: ModelConfig, lp: Params, x: jax.Array) -> Output:
+    return gated_mlp(x, lp, invariant=cfg.batch_invariant, pallas=cfg.pallas_gemms, sums=True)
 
 
 def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: ModelConfig,
@@ -124,10 +151,16 @@ def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: 
         token_seq_lens = inp.seq_lens[jnp.minimum(req, inp.seq_lens.shape[0] - 1)]
     cos, sin = rope_cos_sin(cfg, inp.positions, token_seq_lens)
     new_cache: KVCache = []
+    # Each layer takes the residual stream and the previous layer's output not yet added to it:
+    # the add belongs to the layer's first norm (layers.add_norm). The first layer's zeros fold
+    # away (x + 0).
+    delta: Output = jnp.zeros_like(x)
     for lp, (k_cache, v_cache) in zip(params["layers"], kv_cache or no_cache(cfg)):
-        x, k_cache, v_cache = _decoder_layer(lp, x, cos, sin, k_cache, v_cache, inp, cfg=cfg,
-                                             attention_fn=attention_fn, experts_fn=experts_fn)
+        x, delta, k_cache, v_cache = _decoder_layer(
+            lp, x, delta, cos, sin, k_cache, v_cache, inp, cfg=cfg, attention_fn=attention_fn,
+            experts_fn=experts_fn)
         new_cache.append((k_cache, v_cache))
+    x = x + (delta.total(x.dtype) if isinstance(delta, SplitSums) else delta)
     return x, new_cache if kv_cache is not None else None
 
 
@@ -140,17 +173,19 @@ def no_cache(cfg: ModelConfig) -> list[tuple[None, None]]:
 # buckets' tracing + lowering from 9.0 s to 5.0 s of start-up. XLA inlines the calls, so the compiled
 # step is the same program.
 @functools.partial(jax.jit, static_argnames=("cfg", "attention_fn", "experts_fn"))
-def _decoder_layer(lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
-                   v_cache: jax.Array, inp: ModelInputs, cfg: ModelConfig, attention_fn: AttentionFn,
-                   experts_fn: ExpertsFn) -> tuple[jax.Array, jax.Array, jax.Array]:
-    h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
+def _decoder_layer(lp: Params, x: jax.Array, delta: Output, cos: jax.Array, sin: jax.Array,
+                   k_cache: jax.Array, v_cache: jax.Array, inp: ModelInputs, cfg: ModelConfig,
+                   attention_fn: AttentionFn, experts_fn: ExpertsFn
+                   ) -> tuple[jax.Array, Output, jax.Array, jax.Array]:
+    """(x + delta) through the layer: returns the residual stream after attention, the MLP's
+    output to add to it (the next layer's delta) and the updated cache."""
+    x, h = add_norm(x, delta, lp["input_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
     attn, k_cache, v_cache = _attention_block(cfg, lp, h, cos, sin, k_cache, v_cache, inp,
                                               attention_fn)
-    x = x + attn
-    h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
+    x, h = add_norm(x, attn, lp["post_attn_norm"], cfg.rms_norm_eps, cfg.batch_invariant)
     mlp = (moe(cfg, lp, h, experts_fn, inp.query_start_loc[inp.num_seqs[0]]) if "router" in lp
            else _mlp(cfg, lp, h))
-    return x + mlp, k_cache, v_cache
+    return x, mlp, k_cache, v_cache
 
 
 def compute_logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from jaxvllm.config import QUANTIZATIONS, TRITON_GEMM_MAX_TOKENS
 from jaxvllm.models.grouped import TP_AXIS, per_device, tp_size
 from pallas_kernels import fp8_matmul_reference
-from pallas_kernels.fp8_gemm import fp8_matmul, one_row_tiles
+from pallas_kernels.fp8_gemm import fp8_matmul, fp8_partials, one_row_tiles
 from pallas_kernels.gated_fp8 import chunk_size, gated_fp8
 from pallas_kernels.reference import FP8, quantize_rows_fp8
 
@@ -88,6 +88,17 @@ def fp8_linear(x: jax.Array, w: jax.Array, scale: jax.Array, kernel: bool = Fals
         return fp8_matmul_reference(x, w, scale)
     xq, x_scale = quantize_rows_fp8(x)
     return _fp8_product(xq, x_scale, w, scale, x.dtype)
+
+
+def fp8_one_row_partials(x: jax.Array, w: jax.Array) -> Optional[jax.Array]:
+    """fp8_linear's one-row Pallas GEMM on one device left as the float32 partial sums of its
+    slices [S, 1, N], before the scale (for pallas_kernels/decode_epilogue.py); None where that
+    GEMM does not run: more rows, tensor parallelism, a weight its tiles do not fit."""
+    tiles = one_row_tiles(*w.shape)
+    if math.prod(x.shape[:-1]) != 1 or tp_size() > 1 or tiles is None:
+        return None
+    return fp8_partials(x.reshape(1, -1), w, tiles=tiles,
+                        interpret=jax.default_backend() != "gpu")
 
 
 def _fp8_dot(xq: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:

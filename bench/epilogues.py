@@ -1,0 +1,120 @@
+"""The decode step's GEMM epilogues (pallas_kernels/decode_epilogue.py) against the XLA ops they
+replace, at the Llama-3-8B shape: add_rms_norm (o's or down's output added to the residual stream,
+then the next RMSNorm; FP8's one-row slices, or a whole bf16 output) over its warps, and
+rope_write_kv (a fused q+k+v output rotated, K and V written into a bf16 cache). GPU time a call
+from a profiler trace of `--calls` chained calls in one program (the kernels' time, launch gaps
+apart), and the wall time a call.
+
+    PYTHONPATH=.:bench python3 bench/epilogues.py [--rows 1 8] [--warps 4 8 16 32]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+import time
+
+import common as C
+import jax
+import jax.numpy as jnp
+from step_profile import kernel_summary
+
+from pallas_kernels.decode_epilogue import add_rms_norm, rope_write_kv
+from pallas_kernels.reference import add_rms_norm_reference, rope_write_kv_reference
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 4096, 32, 8, 128
+SLICES = 4  # FP8's one-row GEMM of o and down (fp8_gemm.one_row_tiles)
+
+
+def _gpu_time(fn, args, calls):
+    """(GPU µs a call from a trace, wall µs a call) of fn(*args), which runs `calls` calls."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(5):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    wall = (time.perf_counter() - t0) / 5 / calls * 1e6
+    trace_dir = tempfile.mkdtemp(prefix="epilogue-trace-")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    jax.block_until_ready(fn(*args))
+    jax.profiler.stop_trace()
+    summary = kernel_summary(trace_dir, top=6)
+    if "error" in summary:
+        return float("nan"), wall, summary["error"]
+    return summary["busy_ms"] * 1e3 / calls, wall, summary["kernels"]
+
+
+def add_norm_rows(rows, warps, calls):
+    ks = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(ks[0], (rows, HIDDEN)).astype(jnp.bfloat16)
+    weight = jnp.ones(HIDDEN, jnp.bfloat16)
+    slices = [("FP8 one-row slices", jax.random.normal(ks[1], (SLICES, rows, HIDDEN)),
+               jnp.full(HIDDEN, 1e-2)),
+              ("a whole bf16 output", jax.random.normal(ks[2], (1, rows, HIDDEN)).astype(jnp.bfloat16),
+               None)]
+    out = []
+    for what, partials, scale in slices:
+        if rows > 1 and partials.shape[0] > 1:
+            continue  # the one-row GEMM's slices come at one row only
+        variants = [("XLA", add_rms_norm_reference)] + [
+            (f"kernel, {w} warps", functools.partial(add_rms_norm, warps=w)) for w in warps]
+        for name, f in variants:
+            @jax.jit
+            def chained(x, partials, scale, weight, f=f):
+                acc = jnp.zeros_like(x)
+                for _ in range(calls):
+                    x, h = f(x, partials, scale, weight, 1e-5)
+                    acc = acc + h  # keeps each norm live
+                return x, acc
+            gpu, wall, _ = _gpu_time(chained, (x, partials, scale, weight), calls)
+            out.append([f"add_rms_norm, {rows} row(s), {what}", name, gpu, wall])
+    return out
+
+
+def rope_rows(rows, calls):
+    ks = jax.random.split(jax.random.key(1), 2)
+    n = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    cases = [("FP8 one-row slices", jax.random.normal(ks[0], (SLICES, rows, n)), jnp.full(n, 1e-2)),
+             ("a whole bf16 output", jax.random.normal(ks[1], (1, rows, n)).astype(jnp.bfloat16), None)]
+    emb = jnp.ones((rows, HEAD_DIM)) * 0.3
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    blocks, bs = 64, 16  # small: the caches' copy into the program is ~0.1 µs a call
+    slots = jnp.arange(rows, dtype=jnp.int32) * 7
+    out = []
+    for what, partials, scale in cases:
+        if rows > 1 and partials.shape[0] > 1:
+            continue
+        for name, f in (("XLA", rope_write_kv_reference), ("kernel", rope_write_kv)):
+            @jax.jit
+            def chained(partials, scale, cos, sin, slots, k, v, f=f):
+                acc = jnp.zeros((rows, HEADS, HEAD_DIM), jnp.bfloat16)
+                for i in range(calls):
+                    q, k, v = f(partials, scale, cos, sin, slots + i, k, v, num_heads=HEADS,
+                                dtype=jnp.bfloat16)
+                    acc = acc + q
+                return acc, k, v
+
+            cache = jnp.zeros((blocks, bs, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+            gpu, wall, _ = _gpu_time(chained, (partials, scale, cos, sin, slots, cache, cache),
+                                     calls)
+            out.append([f"rope_write_kv, {rows} row(s), {what}", name, gpu, wall])
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--calls", type=int, default=64)
+    C.add_output_args(p)
+    args = p.parse_args()
+    rows = []
+    for r in args.rows:
+        rows += add_norm_rows(r, args.warps, args.calls) + rope_rows(r, args.calls)
+    C.emit({"rows": rows}, args, C.table(rows, ["op", "variant", "GPU µs a call",
+                                                 "wall µs a call"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
