@@ -122,6 +122,26 @@ def test_batch_invariant_module_on_the_gpu_kernel_path(family, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_module_from_an_engine_config_stays_differentiable():
+    """An engine's ModelConfig turns its decode step's Pallas kernels on (pallas_gemms, on GPUs);
+    a module built from it runs XLA's ops, which have gradients: a sequence short enough for the
+    decode buckets (8 tokens) gives the gradients of the module built from the HF config."""
+    import dataclasses
+    loaded = load_model(CONFIGS["llama"], load_format="dummy", dtype="float32",
+                        load_tokenizer=False)
+    ids, pos = _padded([list(range(3, 11))])
+
+    def grads(config) -> list[np.ndarray]:
+        module = CausalLM(loaded.params, config)
+        loss = lambda m: -jnp.sum(token_logprobs(m(ids, pos), ids))  # noqa: E731
+        return [np.asarray(g) for g in jax.tree.leaves(nnx.grad(loss)(module))]
+
+    engine_config = dataclasses.replace(loaded.config, pallas_gemms=True)
+    assert not CausalLM(loaded.params, engine_config).config.pallas_gemms
+    for a, b in zip(grads(engine_config), grads(loaded.config)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_batch_invariant_module_refuses_experts():
     loaded = load_model(CONFIGS["qwen2_moe"], load_format="dummy", dtype="float32",
                         load_tokenizer=False)

@@ -151,6 +151,41 @@ def test_the_cache_shrinks_until_the_programs_fit_in_one_free_piece(runner, per_
         runner._make_caches()
 
 
+def test_a_cache_whose_layers_find_no_free_piece_shrinks(runner, per_block, monkeypatch):
+    """The sizing counted holes between weights that no cache layer fits in (an 8B model quantized
+    to int4 on load, on an 80 GB card): making the cache runs out of device memory, and the
+    runner tries a tenth fewer blocks until every layer finds a piece (faked: an allocation past
+    70 blocks fails as XLA's allocator does). Another failure, or too few blocks left, is raised."""
+    from jaxvllm.models import llama
+    make = llama.make_kv_cache
+    tries = []
+
+    def allocator(cfg, num_blocks, *a, **kw):
+        tries.append(num_blocks)
+        if num_blocks > limit:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                             "allocate 919.81MiB with allocator GPU_0_bfc")
+        return make(cfg, num_blocks, *a, **kw)
+
+    monkeypatch.setattr(llama, "make_kv_cache", allocator)
+    try:
+        limit, runner.num_blocks = 70, 100
+        runner._make_sized_caches()
+        assert tries == [100, 90, 81, 73, 66] and runner.num_blocks == 66
+        assert _cache_bytes(runner) == 66 * per_block
+        limit, runner.num_blocks = 1, 10
+        with pytest.raises(ValueError, match="free pieces"):
+            runner._make_sized_caches()
+        monkeypatch.setattr(llama, "make_kv_cache", lambda *a, **kw: (_ for _ in ()).throw(
+            jax.errors.JaxRuntimeError("INTERNAL: something else")))
+        with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+            runner._make_sized_caches()
+    finally:
+        monkeypatch.setattr(llama, "make_kv_cache", make)
+        runner.num_blocks = 33
+        runner._make_caches()
+
+
 def test_a_pool_smaller_than_the_limit_bounds_the_cache(runner, blocks_at, per_block, monkeypatch):
     """Another process holds part of the card: XLA's preallocation backed off to a smaller pool
     than its limit, and the cache is sized from that pool (sized from the limit it ran out of memory

@@ -186,8 +186,10 @@ class CausalLM(nnx.Module):
             if _quantized(path, leaf):
                 raise ValueError(f"params{jax.tree_util.keystr(path)}: a quantized weight "
                                  f"({leaf.dtype}); CausalLM trains unquantized params")
+        # pallas_gemms off whatever the config says (an engine's has it on GPUs): the dense
+        # forward is differentiated, and the decode step's Pallas kernels have no gradients.
         self.config = dataclasses.replace(cfg, dtype=str(params["final_norm"].dtype),
-                                          batch_invariant=batch_invariant)
+                                          batch_invariant=batch_invariant, pallas_gemms=False)
         self._model = get_model_module(cfg.architecture)
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
