@@ -45,10 +45,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, invariant: bool = Fals
 @jax.tree_util.register_dataclass
 @dataclass
 class SplitSums:
-    """A one-row GEMM's output as its Pallas kernel leaves it: the float32 partial sums of its
-    slices of the input [S, T, N] and the per-output-channel scale still to apply (None: none),
-    for a consumer that adds them up in its own kernel (add_norm, and the q+k+v epilogue of
-    models/llama.py; pallas_kernels/decode_epilogue.py) instead of an XLA kernel of their own."""
+    """A decode-sized GEMM's output left to the kernel that uses it (add_norm, and the q+k+v
+    epilogue of models/llama.py; pallas_kernels/decode_epilogue.py) instead of XLA's kernels:
+    [S, T, N] partial sums of S slices of the input (float32: a one-row Pallas GEMM's split-K
+    slices) or the whole output as one slice, and the per-output-channel scale still to apply
+    (None: none). See split_sums."""
     partials: jax.Array
     scale: Optional[jax.Array]
 
