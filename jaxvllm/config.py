@@ -120,7 +120,9 @@ class EngineArgs:
         "help": "Converted-weights cache, with pickled tokenizers under its 'tokenizers' "
                 "subdirectory (default: ~/.cache/jaxvllm/weights; 'none' disables both)."})
     token_buckets: Optional[tuple[int, ...]] = field(default=None, metadata={
-        "help": "Compiled token-count buckets (default: powers of two up to the token budget)."})
+        "help": "Compiled token-count buckets (default: powers of two up to the token budget, "
+                "and on a GPU with quantized weights a one-token bucket first; a list given "
+                "here replaces them all)."})
     disable_log_stats: bool = field(default=False, metadata={
         "help": "Do not log throughput, queue and KV-cache stats every few seconds."})
     scheduling_policy: str = field(default="fcfs", metadata={
