@@ -47,7 +47,7 @@ def add_norm_fits(hidden: int) -> bool:
 
 def rope_fits(head_dim: int) -> bool:
     """Whether rope_write_kv takes heads of `head_dim` (two halves, each a power of two)."""
-    return head_dim >= 2 and _pow2(head_dim // 2) and head_dim % 2 == 0
+    return head_dim >= 2 and _pow2(head_dim)
 
 
 def _slices_total(p_ref, s_ref, row, cols, dtype):

@@ -325,7 +325,7 @@ def gated_fp8_reference(gate, up, row_scale, gate_scale, up_scale, activation="s
     return quantize_rows_fp8(GATED_ACTIVATIONS[activation](g) * u)
 
 
-def _split_total(partials, scale, dtype):
+def split_total(partials, scale, dtype):
     """A GEMM's output from its split-K slices [S, ..., N] and scale [N] (or None), in `dtype`."""
     y = partials.astype(jnp.float32).sum(0)
     return (y if scale is None else y * scale).astype(dtype)
@@ -333,7 +333,7 @@ def _split_total(partials, scale, dtype):
 
 def add_rms_norm_reference(x, partials, scale, weight, eps):
     """`add_rms_norm` in jnp: (x + y, the RMSNorm of x + y times weight), y the GEMM's output."""
-    new = x + _split_total(partials, scale, x.dtype)
+    new = x + split_total(partials, scale, x.dtype)
     x32 = new.astype(jnp.float32)
     normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return new, weight * normed.astype(x.dtype)
@@ -345,7 +345,7 @@ def rope_write_kv_reference(partials, scale, cos, sin, slot_mapping, k_cache, v_
     cos and sin in `dtype`), k and v scattered into their slots (out-of-range slots dropped)."""
     t = partials.shape[1]
     kv_heads, d = k_cache.shape[2:]
-    y = _split_total(partials, scale, dtype).reshape(t, num_heads + 2 * kv_heads, d)
+    y = split_total(partials, scale, dtype).reshape(t, num_heads + 2 * kv_heads, d)
     c, s = cos[:, None, :].astype(dtype), sin[:, None, :].astype(dtype)
 
     def rotate(h):

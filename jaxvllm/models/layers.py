@@ -17,7 +17,7 @@ from jaxvllm.models.int8 import INT8, int8_linear
 from jaxvllm.models.quant import (fp8_gated_fits, fp8_gated_mlp, fp8_linear,
                                   fp8_one_row_partials)
 from pallas_kernels import decode_epilogue, invariant_gemm
-from pallas_kernels.reference import FP8, GATED_ACTIVATIONS, ordered_sum
+from pallas_kernels.reference import FP8, GATED_ACTIVATIONS, ordered_sum, split_total
 
 
 def lora_update(x: jax.Array, mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -53,13 +53,14 @@ class SplitSums:
     partials: jax.Array
     scale: Optional[jax.Array]
 
-    def total(self, dtype: jnp.dtype) -> jax.Array:
-        """The GEMM's output [T, N] in `dtype`, as the GEMM would have returned it."""
-        y = self.partials.sum(0)
-        return (y if self.scale is None else y * self.scale).astype(dtype)
-
 
 Output = Union[jax.Array, SplitSums]
+
+
+def as_array(y: Output, dtype: jnp.dtype) -> jax.Array:
+    """A layer's output as an array: a SplitSums' total in `dtype`, as its GEMM would have
+    returned it (reference.split_total)."""
+    return split_total(y.partials, y.scale, dtype) if isinstance(y, SplitSums) else y
 
 
 def add_norm(x: jax.Array, delta: Output, weight: jax.Array, eps: float,
@@ -67,12 +68,11 @@ def add_norm(x: jax.Array, delta: Output, weight: jax.Array, eps: float,
     """The residual stream's add and the next RMSNorm: (x + delta, rms_norm(x + delta)). A
     SplitSums delta in one Pallas kernel where its rows fit (decode_epilogue.add_rms_norm,
     interpreted off the GPU)."""
-    if isinstance(delta, SplitSums):
-        if x.ndim == 2 and decode_epilogue.add_norm_fits(x.shape[1]):
-            return decode_epilogue.add_rms_norm(x, delta.partials, delta.scale, weight, eps,
-                                                interpret=jax.default_backend() != "gpu")
-        delta = delta.total(x.dtype)
-    x = x + delta
+    if (isinstance(delta, SplitSums) and x.ndim == 2
+            and decode_epilogue.add_norm_fits(x.shape[1])):
+        return decode_epilogue.add_rms_norm(x, delta.partials, delta.scale, weight, eps,
+                                            interpret=jax.default_backend() != "gpu")
+    x = x + as_array(delta, x.dtype)
     return x, rms_norm(x, weight, eps, invariant)
 
 
@@ -231,7 +231,7 @@ def split_sums(x: jax.Array, lp: dict, name: str, pallas: bool) -> Optional[Spli
         return None
     w, scale = lp[name], lp.get(name + "_scale")
     partials = None
-    if w.dtype == FP8 and scale is not None:
+    if w.dtype == FP8:
         partials = fp8_one_row_partials(x, w)
     elif w.dtype == INT4:  # its scales are applied in the GEMM, group by group
         partials, scale = int4_one_row_partials(x, w, scale, int4_offset(lp, name),

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
-from jaxvllm.models.layers import (Output, SplitSums, add_norm, apply_rope, gated_mlp, linear,
-                                   lm_head, projections, rms_norm, rope_cos_sin, split_sums)
+from jaxvllm.models.layers import (Output, SplitSums, add_norm, apply_rope, as_array, gated_mlp,
+                                   linear, lm_head, projections, rms_norm, rope_cos_sin,
+                                   split_sums)
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 from jaxvllm.models.params import KV_CACHE_SCALES
 from pallas_kernels import decode_epilogue
@@ -160,7 +161,7 @@ def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: 
             lp, x, delta, cos, sin, k_cache, v_cache, inp, cfg=cfg, attention_fn=attention_fn,
             experts_fn=experts_fn)
         new_cache.append((k_cache, v_cache))
-    x = x + (delta.total(x.dtype) if isinstance(delta, SplitSums) else delta)
+    x = x + as_array(delta, x.dtype)
     return x, new_cache if kv_cache is not None else None
 
 
