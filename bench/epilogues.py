@@ -1,7 +1,8 @@
 """The decode step's GEMM epilogues (pallas_kernels/decode_epilogue.py) against the XLA ops they
 replace, at the Llama-3-8B shape: add_rms_norm (o's or down's output added to the residual stream,
-then the next RMSNorm; FP8's one-row slices, or a whole bf16 output) over its warps, and
-rope_write_kv (a fused q+k+v output rotated, K and V written into a bf16 cache). GPU time a call
+then the next RMSNorm; FP8's one-row slices, or a whole bf16 output) over its warps,
+rope_write_kv (a fused q+k+v output rotated, K and V written into a bf16 cache), and the
+one-row FP8 GEMMs of o and down over the slices of their input feeding add_rms_norm. GPU time a call
 from a profiler trace of `--calls` chained calls in one program (the kernels' time, launch gaps
 apart), and the wall time a call.
 
@@ -10,6 +11,7 @@ apart), and the wall time a call.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import tempfile
 import time
@@ -20,14 +22,16 @@ import jax.numpy as jnp
 from step_profile import kernel_summary
 
 from pallas_kernels.decode_epilogue import add_rms_norm, rope_write_kv
-from pallas_kernels.reference import add_rms_norm_reference, rope_write_kv_reference
+from pallas_kernels.fp8_gemm import fp8_partials, one_row_tiles
+from pallas_kernels.reference import FP8, add_rms_norm_reference, rope_write_kv_reference
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 4096, 32, 8, 128
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
 SLICES = 4  # FP8's one-row GEMM of o and down (fp8_gemm.one_row_tiles)
 
 
-def _gpu_time(fn, args, calls):
-    """(GPU µs a call from a trace, wall µs a call) of fn(*args), which runs `calls` calls."""
+def _gpu_time(fn, args, calls, kernels=()):
+    """(GPU µs a call from a trace, wall µs a call) of fn(*args), which runs `calls` calls, then
+    the GPU µs a call of each kernel in `kernels` (by name prefix)."""
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     for _ in range(5):
@@ -39,7 +43,9 @@ def _gpu_time(fn, args, calls):
     jax.block_until_ready(fn(*args))
     jax.profiler.stop_trace()
     summary = kernel_summary(trace_dir)
-    return summary.get("busy_ms", float("nan")) * 1e3 / calls, wall
+    per_kernel = [sum(k["ms"] for k in summary.get("kernels", []) if k["name"].startswith(name))
+                  * 1e3 / calls for name in kernels]
+    return (summary.get("busy_ms", float("nan")) * 1e3 / calls, wall, *per_kernel)
 
 
 def add_norm_rows(rows, warps, calls):
@@ -99,18 +105,53 @@ def rope_rows(rows, calls):
     return out
 
 
+def gemm_norm_rows(calls, splits):
+    """FP8's one-row GEMM of o (4096 x 4096) and of down (4096 x 14336) with its input cut into
+    each number of `splits` slices, their partial sums into add_rms_norm (the engine's decode
+    epilogue): the GEMM and the norm each call, chained through the norm's output."""
+    out = []
+    for name, k in (("o", HIDDEN), ("down", INTERMEDIATE)):
+        ks = jax.random.split(jax.random.key(3), 3)
+        w = (jax.random.normal(ks[0], (HIDDEN, k)) * k ** -0.5).astype(FP8)
+        scale = jnp.full(HIDDEN, 1e-2)
+        x = jax.random.normal(ks[1], (1, HIDDEN)).astype(jnp.bfloat16)
+        weight = jnp.ones(HIDDEN, jnp.bfloat16)
+        base = one_row_tiles(HIDDEN, k)
+        for s in splits:
+            if (k // base.block_k) % s:
+                continue
+            tiles = dataclasses.replace(base, splits=s)
+
+            @jax.jit
+            def chained(x, w, scale, weight, tiles=tiles, k=k):
+                h = x
+                for _ in range(calls):
+                    inp = jnp.tile(h, (1, -(-k // HIDDEN)))[:, :k]
+                    x, h = add_rms_norm(x, fp8_partials(inp, w, tiles=tiles), scale, weight, 1e-5)
+                return x, h
+            gpu, wall, gemm, norm = _gpu_time(chained, (x, w, scale, weight), calls,
+                                              ("fp8_matmul", "add_rms_norm"))
+            out.append([f"FP8 {name} one row, then add_rms_norm", f"{s} slice(s)"
+                        + (" (engine)" if s == base.splits else ""), gpu, wall,
+                        f"GEMM {gemm:.2f}, norm {norm:.2f}"])
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--calls", type=int, default=64)
     C.add_output_args(p)
+    p.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="input slices of the one-row o and down GEMMs before add_rms_norm")
     args = p.parse_args()
     rows = []
     for r in args.rows:
         rows += add_norm_rows(r, args.warps, args.calls) + rope_rows(r, args.calls)
+    rows = [row + [""] for row in rows] + gemm_norm_rows(args.calls, args.splits)
     C.emit({"rows": rows}, args, C.table(rows, ["op", "variant", "GPU µs a call",
-                                                 "wall µs a call"]))
+                                                 "wall µs a call", "kernels, µs a call"]))
     return 0
 
 
