@@ -26,7 +26,6 @@ from pallas_kernels.fp8_gemm import fp8_partials, one_row_tiles
 from pallas_kernels.reference import FP8, add_rms_norm_reference, rope_write_kv_reference
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
-SLICES = 4  # FP8's one-row GEMM of o and down (fp8_gemm.one_row_tiles)
 
 
 def _gpu_time(fn, args, calls, kernels=()):
@@ -52,7 +51,8 @@ def add_norm_rows(rows, warps, calls):
     ks = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(ks[0], (rows, HIDDEN)).astype(jnp.bfloat16)
     weight = jnp.ones(HIDDEN, jnp.bfloat16)
-    slices = [("FP8 one-row slices", jax.random.normal(ks[1], (SLICES, rows, HIDDEN)),
+    o_slices = one_row_tiles(HIDDEN, HIDDEN).splits  # FP8's one-row o (and down) GEMM
+    slices = [("FP8 one-row slices", jax.random.normal(ks[1], (o_slices, rows, HIDDEN)),
                jnp.full(HIDDEN, 1e-2)),
               ("a whole bf16 output", jax.random.normal(ks[2], (1, rows, HIDDEN)).astype(jnp.bfloat16),
                None)]
@@ -78,7 +78,9 @@ def add_norm_rows(rows, warps, calls):
 def rope_rows(rows, calls):
     ks = jax.random.split(jax.random.key(1), 2)
     n = (HEADS + 2 * KV_HEADS) * HEAD_DIM
-    cases = [("FP8 one-row slices", jax.random.normal(ks[0], (SLICES, rows, n)), jnp.full(n, 1e-2)),
+    qkv_slices = one_row_tiles(n, HIDDEN).splits  # FP8's one-row fused q+k+v GEMM
+    cases = [("FP8 one-row slices", jax.random.normal(ks[0], (qkv_slices, rows, n)),
+              jnp.full(n, 1e-2)),
              ("a whole bf16 output", jax.random.normal(ks[1], (1, rows, n)).astype(jnp.bfloat16), None)]
     emb = jnp.ones((rows, HEAD_DIM)) * 0.3
     cos, sin = jnp.cos(emb), jnp.sin(emb)
@@ -111,7 +113,7 @@ def gemm_norm_rows(calls, splits):
     epilogue): the GEMM and the norm each call, chained through the norm's output."""
     out = []
     for name, k in (("o", HIDDEN), ("down", INTERMEDIATE)):
-        ks = jax.random.split(jax.random.key(3), 3)
+        ks = jax.random.split(jax.random.key(3), 2)
         w = (jax.random.normal(ks[0], (HIDDEN, k)) * k ** -0.5).astype(FP8)
         scale = jnp.full(HIDDEN, 1e-2)
         x = jax.random.normal(ks[1], (1, HIDDEN)).astype(jnp.bfloat16)
