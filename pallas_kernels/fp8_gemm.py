@@ -28,6 +28,7 @@ from pallas_kernels.triton_rows import split_k_call
 MAX_ROWS = 16    # the engine's Triton-GEMM decode buckets (config.TRITON_GEMM_MAX_TOKENS)
 MIN_BLOCK_M = 16  # the tensor cores' smallest M
 MODES = ("dot", "fma")
+ROW_BLOCK_N = 32  # one-row tiles' output columns a program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +52,12 @@ def one_row_tiles(n: int, k: int) -> Optional[Tiles]:
     are about 512 programs (at most 8), and 8 warps with 256-input steps (4 otherwise: 8 were
     9-11% faster there and 39% slower with 128). None where the sizes do not tile."""
     block_k = next((b for b in ((128, 64) if n >= 8192 else (256, 128, 64)) if k % b == 0), None)
-    if n % 32 or block_k is None:
+    if n % ROW_BLOCK_N or block_k is None:
         return None
     steps, splits = k // block_k, 1
-    while n // 32 * splits < 512 and splits < 8 and steps % (2 * splits) == 0:
+    while n // ROW_BLOCK_N * splits < 512 and splits < 8 and steps % (2 * splits) == 0:
         splits *= 2
-    return Tiles(block_n=32, block_k=block_k, splits=splits, mode="fma",
+    return Tiles(block_n=ROW_BLOCK_N, block_k=block_k, splits=splits, mode="fma",
                  num_warps=8 if block_k == 256 else 4)
 
 
@@ -117,14 +118,120 @@ def _dot_kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, steps):
                 acc, mask=live(block_n))
 
 
-def _fma_kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, steps):
-    del block_m  # one row
+def _fma_kernel(x_ref, w_ref, *refs, block_m, block_n, block_k, steps, eps=None, splits=None,
+                interpret=False):
+    """One row. `eps`: x is the residual stream, normed here (refs start with its block sums of
+    squares and the norm's weight); `splits`: the tail of fp8_row_add_norm (refs then hold the
+    scale, the residual stream and the counters in, and the new stream, its block sums of squares
+    and the counters out after the partials)."""
+    del block_m
+    refs = list(refs)
+    if eps is not None:
+        ssq_ref, g_ref = refs.pop(0), refs.pop(0)
+        factor = lax.rsqrt(jnp.sum(ssq_ref[...]) / x_ref.shape[1] + eps)
+    if splits is not None:
+        scale_ref, res_ref, _ = refs.pop(0), refs.pop(0), refs.pop(0)
+    o_ref = refs.pop(0)
     first = pl.program_id(1) * steps
+    dtype = x_ref.dtype
 
     def k_step(i, acc):
         k0 = pl.multiple_of((first + i) * block_k, block_k)
         x = x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32)
+        if eps is not None:  # as models/layers.rms_norm rounds: normed, then times the weight
+            normed = (x * factor).astype(dtype).astype(jnp.float32)
+            x = (g_ref[pl.ds(k0, block_k)].astype(jnp.float32) * normed).astype(dtype)
+            x = x.astype(jnp.float32)
         return acc + w_ref[:, pl.ds(k0, block_k)].astype(jnp.float32) * x[None, :]
 
     acc = lax.fori_loop(0, steps, k_step, jnp.zeros((block_n, block_k), jnp.float32))
-    o_ref[pl.program_id(1), 0, pl.ds(pl.program_id(0) * block_n, block_n)] = acc.sum(1)
+    col = pl.program_id(0)
+    cols = pl.ds(col * block_n, block_n)
+    o_ref[pl.program_id(1), 0, cols] = acc.sum(1)
+    if splits is None:
+        return
+    x_out, ssq_out, count_ref = refs
+    # The last of the column block's programs to finish adds up its slices: a barrier so that
+    # every thread's store precedes the count (acquire-release at GPU scope), then the count.
+    if not interpret:  # interpret mode runs the programs one after another
+        plgpu.debug_barrier()
+    seen = plgpu.atomic_add(count_ref, pl.ds(col, 1), jnp.ones((1,), jnp.int32))
+
+    @pl.when(seen[0] == splits - 1)
+    def _tail():
+        # the other programs' slices from L2 (".cg"), never a line this SM's L1 might hold
+        def slice_(s):
+            return plgpu.load(o_ref.at[jnp.int32(s), jnp.int32(0), cols], cache_modifier=".cg")
+        y = slice_(0)
+        for s in range(1, splits):
+            y += slice_(s)
+        y = (y * scale_ref[cols]).astype(dtype).astype(jnp.float32)
+        new = (res_ref[0, cols].astype(jnp.float32) + y).astype(dtype)
+        x_out[0, cols] = new
+        new = new.astype(jnp.float32)
+        ssq_out[pl.ds(col, 1)] = jnp.broadcast_to(jnp.sum(new * new), (1,))
+        count_ref[pl.ds(col, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next call
+
+
+def _row_call(x, w, extra, out_shape, aliases, *, tiles, interpret, name, **kw):
+    """A one-row ("fma") launch of _fma_kernel with `extra` inputs after x and w and `out_shape`
+    outputs (the partials first), all whole-array blocks."""
+    n, k = w.shape
+    if x.shape != (1, k) or one_row_tiles(n, k) is None or tiles.mode != "fma" or not fits(
+            n, k, tiles) or (k // tiles.block_k) % (tiles.splits or 1):
+        raise ValueError(f"{name}: x {x.shape} and an FP8 weight {w.shape} do not fit one row of "
+                         f"{tiles}")
+    splits = tiles.splits or 1
+    kernel = functools.partial(_fma_kernel, block_m=1, block_n=tiles.block_n,
+                               block_k=tiles.block_k, steps=k // tiles.block_k // splits,
+                               interpret=interpret, **kw)
+    whole = [pl.BlockSpec(a.shape, lambda i, j, nd=a.ndim: (0,) * nd) for a in (x, *extra)]
+    return pl.pallas_call(
+        kernel, grid=(n // tiles.block_n, splits),
+        in_specs=[whole[0], pl.BlockSpec((tiles.block_n, k), lambda i, j: (i, 0)), *whole[1:]],
+        out_specs=[pl.BlockSpec(o.shape, lambda i, j, nd=len(o.shape): (0,) * nd)
+                   for o in out_shape],
+        out_shape=out_shape, input_output_aliases=aliases,
+        compiler_params=None if interpret else plgpu.CompilerParams(
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret, name=name,
+    )(x, w, *extra)
+
+
+def fp8_row_add_norm(y_in: jax.Array, w: jax.Array, scale: jax.Array, residual: jax.Array,
+                     counts: jax.Array, *, interpret: bool = False
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One row's FP8 GEMM y_in [1, K] times w [N, K] with its scale [N], added to the residual
+    stream [1, N]: (the new stream in its dtype, the sums of squares of its blocks of columns
+    [N / ROW_BLOCK_N] float32, counts). The last program of each column block adds the block's
+    slices (its tail: no kernel after the GEMM); `counts` [N / ROW_BLOCK_N] int32 zeros, their
+    buffer taken and returned zeroed for the next call (thread one array through a step). The
+    next RMSNorm is left to fp8_row_norm_partials."""
+    n, k = w.shape
+    tiles = one_row_tiles(n, k)
+    if tiles is None or residual.shape != (1, n) or counts.shape != (n // tiles.block_n,):
+        raise ValueError(f"fp8_row_add_norm: weight {w.shape}, residual {residual.shape}, counts "
+                         f"{counts.shape}: needs a one-row tiling, [1, N] and a count a block")
+    out_shape = [jax.ShapeDtypeStruct((tiles.splits, 1, n), jnp.float32),
+                 jax.ShapeDtypeStruct((1, n), residual.dtype),
+                 jax.ShapeDtypeStruct(counts.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(counts.shape, jnp.int32)]
+    _, new, ssq, counts = _row_call(
+        y_in.astype(residual.dtype), w, [scale.astype(jnp.float32), residual, counts], out_shape,
+        {4: 3}, tiles=tiles, interpret=interpret, name="fp8_row_add_norm", splits=tiles.splits)
+    return new, ssq, counts
+
+
+def fp8_row_norm_partials(x: jax.Array, ssq: jax.Array, norm_weight: jax.Array, eps: float,
+                          w: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """fp8_partials of rms_norm(x) * norm_weight (models/layers.rms_norm's roundings) for one row
+    of the residual stream x [1, K] whose squares come summed by blocks of columns (ssq, from
+    fp8_row_add_norm): each program finishes the norm in its prologue."""
+    n, k = w.shape
+    tiles = one_row_tiles(n, k)
+    if tiles is None or norm_weight.shape != (k,) or ssq.ndim != 1:
+        raise ValueError(f"fp8_row_norm_partials: weight {w.shape}, norm weight "
+                         f"{norm_weight.shape}, ssq {ssq.shape}")
+    out_shape = [jax.ShapeDtypeStruct((tiles.splits, 1, n), jnp.float32)]
+    return _row_call(x, w, [ssq, norm_weight], out_shape, {}, tiles=tiles, interpret=interpret,
+                     name="fp8_row_norm_matmul", eps=float(eps))[0]

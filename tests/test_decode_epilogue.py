@@ -1,6 +1,7 @@
-"""The one-row decode step's GEMM epilogues (pallas_kernels/decode_epilogue.py): each kernel
-(interpreted here, compiled on GPUs) against its jnp reference, and the references against the
-model's own XLA path (models/layers.py, llama.write_kv) and float64."""
+"""The one-row decode step's GEMM epilogues (pallas_kernels/decode_epilogue.py, and FP8's GEMM
+tails and norm prologues in pallas_kernels/fp8_gemm.py): each kernel (interpreted here, compiled on
+GPUs) against its jnp reference, and the references against the model's own XLA path
+(models/layers.py, llama.write_kv) and float64."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 from jaxvllm.models.layers import apply_rope, rms_norm
 from jaxvllm.models.llama import write_kv
 from pallas_kernels.decode_epilogue import add_rms_norm, rope_write_kv
+from pallas_kernels.fp8_gemm import (ROW_BLOCK_N, fp8_partials, fp8_row_add_norm,
+                                     fp8_row_norm_partials, one_row_tiles)
 from pallas_kernels.reference import FP8, add_rms_norm_reference, rope_write_kv_reference
 
 on_gpu = jax.default_backend() == "gpu"
@@ -163,3 +166,99 @@ def test_epilogues_at_the_8b_shape():
         for g, w in zip(got, want):  # as test_rope_write_kv's tolerances
             np.testing.assert_allclose(_f64(g), _f64(w), rtol=2 ** -3,
                                        atol=2 ** -7 * np.abs(_f64(w)).max())
+
+
+def _fp8_weight(key, n, k):
+    return (jax.random.normal(key, (n, k)) * k ** -0.5).astype(FP8)
+
+
+@pytest.mark.parametrize("n, k, dtype", [(256, 1024, jnp.bfloat16), (128, 64, jnp.float32)])
+def test_fp8_row_add_norm(n, k, dtype):
+    """One row's FP8 GEMM whose last program of each column block adds the slices to the residual
+    stream: the stream add_rms_norm writes, the block sums of its squares, the counts zeroed for
+    the next call (a second call through them gives the same)."""
+    ks = jax.random.split(jax.random.key(n + k), 4)
+    w = _fp8_weight(ks[0], n, k)
+    scale = jax.random.uniform(ks[1], (n,), minval=1e-2, maxval=2e-2)
+    y_in = jax.random.normal(ks[2], (1, k)).astype(dtype)
+    residual = (jax.random.normal(ks[3], (1, n)) * 2).astype(dtype)
+    counts = jnp.zeros(n // ROW_BLOCK_N, jnp.int32)
+    new, ssq, counts = fp8_row_add_norm(y_in, w, scale, residual, counts, interpret=not on_gpu)
+    partials = fp8_partials(y_in, w, tiles=one_row_tiles(n, k), interpret=not on_gpu)
+    want, _ = add_rms_norm_reference(residual, partials, scale, jnp.ones(n, dtype), 1e-5)
+    assert new.dtype == dtype and ssq.shape == counts.shape == (n // ROW_BLOCK_N,)
+    np.testing.assert_allclose(_f64(new), _f64(want), rtol=0 if dtype == jnp.bfloat16 else 1e-6)
+    np.testing.assert_allclose(_f64(ssq), (_f64(new) ** 2).reshape(-1, ROW_BLOCK_N).sum(1),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(counts), 0)
+    again = fp8_row_add_norm(y_in, w, scale, residual, counts, interpret=not on_gpu)
+    for a, b in zip((new, ssq, counts), again):
+        np.testing.assert_array_equal(_f64(a), _f64(b))
+
+
+@pytest.mark.parametrize("n, k, dtype", [(512, 256, jnp.bfloat16), (256, 64, jnp.float32)])
+def test_fp8_row_norm_partials(n, k, dtype):
+    """The RMSNorm finished in the GEMM's prologue from the block sums of squares: the partial
+    sums of the normed row's GEMM as layers.rms_norm rounds it (float32 sums of the squares in
+    another order: at most a rounding of the normed values apart)."""
+    ks = jax.random.split(jax.random.key(n), 3)
+    x = (jax.random.normal(ks[0], (1, k)) * 3).astype(dtype)
+    g = (1 + 0.1 * jax.random.normal(ks[1], (k,))).astype(dtype)
+    w = _fp8_weight(ks[2], n, k)
+    x32 = _f64(x)
+    ssq = jnp.asarray((x32 ** 2).reshape(-1, ROW_BLOCK_N).sum(1), jnp.float32)
+    got = fp8_row_norm_partials(x, ssq, g, 1e-5, w, interpret=not on_gpu)
+    tiles = one_row_tiles(n, k)
+    want = fp8_partials(rms_norm(x, g, 1e-5), w, tiles=tiles, interpret=not on_gpu)
+    assert got.shape == want.shape == (tiles.splits, 1, n)
+    np.testing.assert_allclose(_f64(got), _f64(want), atol=2 ** -7 * np.abs(_f64(want)).max())
+    # against float64: the norm, the weight and the GEMM
+    normed = x32 / np.sqrt((x32 ** 2).mean() + 1e-5) * _f64(g)
+    np.testing.assert_allclose(_f64(got).sum(0), normed @ _f64(w).T,
+                               atol=2 ** -6 * np.abs(normed @ _f64(w).T).max())
+
+
+def test_fp8_row_kernels_refuse_bad_shapes():
+    w = _fp8_weight(jax.random.key(0), 128, 64)
+    x = jnp.ones((1, 64), jnp.float32)
+    with pytest.raises(ValueError, match="fp8_row_add_norm"):
+        fp8_row_add_norm(x, w, jnp.ones(128), jnp.ones((1, 96)), jnp.zeros(4, jnp.int32),
+                         interpret=True)
+    with pytest.raises(ValueError, match="fp8_row_add_norm"):
+        fp8_row_add_norm(x, w, jnp.ones(128), jnp.ones((1, 128)), jnp.zeros(3, jnp.int32),
+                         interpret=True)
+    with pytest.raises(ValueError, match="fp8_row_norm_partials"):
+        fp8_row_norm_partials(x, jnp.ones(2), jnp.ones(32), 1e-5, w, interpret=True)
+    with pytest.raises(ValueError, match="fp8_row_add_norm"):
+        fp8_row_add_norm(jnp.ones((2, 64)), w, jnp.ones(128), jnp.ones((1, 128)),
+                         jnp.zeros(4, jnp.int32), interpret=True)
+
+
+@pytest.mark.gpu
+def test_fp8_row_kernels_at_the_8b_shape():
+    """Compiled at the 8B shape's o (4096 x 4096) and down (4096 x 14336) tails and q+k+v (6144 x
+    4096) and gate+up (28672 x 4096) prologues against the references; the tails' counts (atomic
+    on the GPU) leave the same outputs call after call."""
+    ks = jax.random.split(jax.random.key(1), 6)
+    residual = jax.random.normal(ks[0], (1, 4096)).astype(jnp.bfloat16)
+    counts = jnp.zeros(4096 // ROW_BLOCK_N, jnp.int32)
+    for i, k in enumerate((4096, 14336)):
+        w = _fp8_weight(ks[1 + i], 4096, k)
+        scale = jnp.full(4096, 1e-2)
+        y_in = jax.random.normal(ks[3], (1, k)).astype(jnp.bfloat16)
+        outs = [fp8_row_add_norm(y_in, w, scale, residual, counts) for _ in range(8)]
+        partials = fp8_partials(y_in, w, tiles=one_row_tiles(4096, k))
+        want, _ = add_rms_norm_reference(residual, partials, scale, jnp.ones(4096, jnp.bfloat16),
+                                         1e-5)
+        for new, ssq, c in outs:
+            np.testing.assert_array_equal(_f64(new), _f64(want))
+            np.testing.assert_array_equal(_f64(ssq), _f64(outs[0][1]))
+            np.testing.assert_array_equal(np.asarray(c), 0)
+        counts = outs[-1][2]
+    new, ssq, _ = outs[0]
+    g = jnp.ones(4096, jnp.bfloat16)
+    for n in (6144, 28672):
+        w = _fp8_weight(ks[4], n, 4096)
+        got = fp8_row_norm_partials(new, ssq, g, 1e-5, w)
+        want = fp8_partials(rms_norm(new, g, 1e-5), w, tiles=one_row_tiles(n, 4096))
+        np.testing.assert_allclose(_f64(got), _f64(want), atol=2 ** -7 * np.abs(_f64(want)).max())

@@ -343,12 +343,14 @@ def test_decode_buckets_run_the_pallas_kernels(monkeypatch, tmp_path, quantizati
     the FP8 or int4 GEMM) run with the tokens and logprobs of XLA's path (float32 activations:
     only the sums' order differs), the decode buckets' GEMM outputs (or, at one row, their slices)
     added up by the epilogue kernels: the rotation and cache write after a fused q+k+v (padding
-    rows' slots not written), the residual add and norm after o and down. FP8: a tiny random
-    Llama quantized on load; int4: a GPTQ checkpoint with q/k/v and gate/up in one activation
-    order each (their inputs gathered); none: the same Llama unquantized (q, k and v apart: no
-    rotation kernel). The interpreted kernels take seconds a layer."""
+    rows' slots not written), the residual add and norm after o and down (FP8 at one row: in o's
+    and down's GEMMs, the norm finished by the next GEMM, llama._fp8_row_layers). FP8: a tiny
+    random Llama quantized on load; int4: a GPTQ checkpoint with q/k/v and gate/up in one
+    activation order each (their inputs gathered); none: the same Llama unquantized (q, k and v
+    apart: no rotation kernel). The interpreted kernels take seconds a layer."""
     from hf_builders import FAR_FROM_FLAT, tiny_config, tiny_model
     from jaxvllm.engine import setup
+    from jaxvllm.models import llama
     from pallas_kernels import decode_epilogue
     if quantization == "gptq":
         from test_int4 import write_int_checkpoint
@@ -362,21 +364,25 @@ def test_decode_buckets_run_the_pallas_kernels(monkeypatch, tmp_path, quantizati
     plain_runner, plain = _one_request(str(tmp_path), method)
     monkeypatch.setattr(setup, "pallas_gemms_fit", lambda: True)
     traced = collections.Counter()
-    for name in ("rope_write_kv", "add_rms_norm"):
-        def counted(*a, _fn=getattr(decode_epilogue, name), _name=name, **kw):
+    for module, name in ((decode_epilogue, "rope_write_kv"), (decode_epilogue, "add_rms_norm"),
+                         (llama, "fp8_row_add_norm")):
+        def counted(*a, _fn=getattr(module, name), _name=name, **kw):
             traced[_name] += 1
             return _fn(*a, **kw)
-        monkeypatch.setattr(decode_epilogue, name, counted)
+        monkeypatch.setattr(module, name, counted)
     runner, got = _one_request(str(tmp_path), method)
     assert not plain_runner.cfg.pallas_gemms and plain_runner.token_buckets[0] == 8
     quantized = quantization != "none"
     assert runner.cfg.pallas_gemms and runner.token_buckets[0] == (1 if quantized else 8)
     # Each bucket run (8; quantized also 1) traces the first layer and the others (whose input
     # comes from the kernels) once: a rotation each, a norm after the first layer's attention
-    # and two in the others'.
-    buckets = 2 if quantized else 1
-    assert traced["rope_write_kv"] == 2 * buckets * quantized
+    # and two in the others'. FP8's one-row bucket traces one layer for all (the same inputs):
+    # a rotation and two GEMM tails.
+    fp8 = quantization == "fp8"
+    buckets = 2 if quantized and not fp8 else 1
+    assert traced["rope_write_kv"] == 2 * buckets * quantized + fp8
     assert traced["add_rms_norm"] == 3 * buckets
+    assert traced["fp8_row_add_norm"] == 2 * fp8
     assert got.token_ids == plain.token_ids
     lp = lambda o: [e[t].logprob for e, t in zip(o.logprobs, o.token_ids)]  # noqa: E731
     np.testing.assert_allclose(lp(got), lp(plain), atol=1e-3)

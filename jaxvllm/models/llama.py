@@ -20,8 +20,11 @@ from jaxvllm.models.layers import (Output, SplitSums, add_norm, apply_rope, as_a
                                    split_sums)
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 from jaxvllm.models.params import KV_CACHE_SCALES
+from jaxvllm.models.grouped import tp_size
 from pallas_kernels import decode_epilogue
-from pallas_kernels.reference import FP8, to_fp8
+from pallas_kernels.fp8_gemm import (ROW_BLOCK_N, fp8_row_add_norm, fp8_row_norm_partials,
+                                     one_row_tiles)
+from pallas_kernels.reference import FP8, GATED_ACTIVATIONS, split_total, to_fp8
 
 Params = dict[str, Any]
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: K and V, [num_blocks, block_size, kv_heads, head_dim]
@@ -151,6 +154,8 @@ def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: 
         req = jnp.searchsorted(inp.query_start_loc[1:], jnp.arange(x.shape[0]), side="right")
         token_seq_lens = inp.seq_lens[jnp.minimum(req, inp.seq_lens.shape[0] - 1)]
     cos, sin = rope_cos_sin(cfg, inp.positions, token_seq_lens)
+    if kv_cache is not None and _fp8_row_fits(cfg, params["layers"], x):
+        return _fp8_row_layers(params["layers"], x, cos, sin, kv_cache, inp, cfg, attention_fn)
     new_cache: KVCache = []
     # Each layer takes the residual stream and the previous layer's output not yet added to it:
     # the add belongs to the layer's first norm (layers.add_norm). The first layer's zeros fold
@@ -163,6 +168,72 @@ def forward(params: Params, kv_cache: Optional[KVCache], inp: ModelInputs, cfg: 
         new_cache.append((k_cache, v_cache))
     x = x + as_array(delta, x.dtype)
     return x, new_cache if kv_cache is not None else None
+
+
+_FP8_ROW_WEIGHTS = ("q+k+v", "o", "gate+up", "down")
+
+
+def _fp8_row_fits(cfg: ModelConfig, layers: list[Params], x: jax.Array) -> bool:
+    """Whether a one-row step runs _fp8_row_layers: one token, the Pallas GEMMs on one device,
+    every layer a dense one with FP8 q+k+v, o, gate+up and down (fused at load) and nothing added
+    to their products, the decode epilogue's rotation (_decode_qkv) and a hidden size the tails
+    block (a power of two)."""
+    h = x.shape[-1]
+    return (x.shape[0] == 1 and cfg.pallas_gemms and tp_size() == 1 and not cfg.batch_invariant
+            and not cfg.qk_norm and cfg.rotary_dim == cfg.head_dim
+            and decode_epilogue.rope_fits(cfg.head_dim) and decode_epilogue.add_norm_fits(h)
+            and h >= ROW_BLOCK_N
+            and all(_fp8_row_layer_fits(lp) for lp in layers))
+
+
+def _fp8_row_layer_fits(lp: Params) -> bool:
+    return (KV_CACHE_SCALES[0] not in lp and "router" not in lp and all(
+        name in lp and lp[name].dtype == FP8 and one_row_tiles(*lp[name].shape) is not None
+        for name in _FP8_ROW_WEIGHTS) and not any(
+        key.endswith(("_bias", "_lora_a")) for key in lp))
+
+
+def _fp8_row_layers(layers: list[Params], x: jax.Array, cos: jax.Array, sin: jax.Array,
+                    kv_cache: KVCache, inp: ModelInputs, cfg: ModelConfig,
+                    attention_fn: AttentionFn) -> tuple[jax.Array, KVCache]:
+    """forward's layers for one row with FP8 weights: o's and down's GEMMs add their output to the
+    residual stream in their last programs and sum its squares by blocks of columns
+    (fp8_gemm.fp8_row_add_norm), and the next GEMM finishes the RMSNorm in its prologue
+    (fp8_row_norm_partials): no kernel between two GEMMs for the add and the norm. The first
+    layer's input squares are summed by XLA."""
+    x32 = x.astype(jnp.float32)
+    ssq = (x32 * x32).reshape(-1, ROW_BLOCK_N).sum(1)
+    counts = jnp.zeros(x.shape[-1] // ROW_BLOCK_N, jnp.int32)
+    new_cache: KVCache = []
+    for lp, (k_cache, v_cache) in zip(layers, kv_cache):
+        x, ssq, counts, k_cache, v_cache = _fp8_row_layer(
+            lp, x, ssq, counts, cos, sin, k_cache, v_cache, inp, cfg=cfg,
+            attention_fn=attention_fn)
+        new_cache.append((k_cache, v_cache))
+    return x, new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_fn"))  # as _decoder_layer
+def _fp8_row_layer(lp: Params, x: jax.Array, ssq: jax.Array, counts: jax.Array, cos: jax.Array,
+                   sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array, inp: ModelInputs,
+                   cfg: ModelConfig, attention_fn: AttentionFn
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    interpret = jax.default_backend() != "gpu"
+    eps = cfg.rms_norm_eps
+    qkv = fp8_row_norm_partials(x, ssq, lp["input_norm"], eps, lp["q+k+v"], interpret=interpret)
+    q, k_cache, v_cache = decode_epilogue.rope_write_kv(
+        qkv, lp["q+k+v_scale"], cos, sin, inp.slot_mapping, k_cache, v_cache,
+        num_heads=cfg.num_heads, dtype=x.dtype, interpret=interpret)
+    out = _paged_attention(q, k_cache, v_cache, inp, attention_fn,
+                           sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    x, ssq, counts = fp8_row_add_norm(out.reshape(1, cfg.q_size), lp["o"], lp["o_scale"], x,
+                                      counts, interpret=interpret)
+    gate_up = fp8_row_norm_partials(x, ssq, lp["post_attn_norm"], eps, lp["gate+up"],
+                                    interpret=interpret)
+    gate, up = jnp.split(split_total(gate_up, lp["gate+up_scale"], x.dtype), 2, axis=-1)
+    x, ssq, counts = fp8_row_add_norm(GATED_ACTIVATIONS["silu"](gate) * up, lp["down"],
+                                      lp["down_scale"], x, counts, interpret=interpret)
+    return x, ssq, counts, k_cache, v_cache
 
 
 def no_cache(cfg: ModelConfig) -> list[tuple[None, None]]:
