@@ -153,18 +153,17 @@ def _fma_kernel(x_ref, w_ref, *refs, block_m, block_n, block_k, steps, eps=None,
     x_out, ssq_out, count_ref = refs
     # The last of the column block's programs to finish adds up its slices: a barrier so that
     # every thread's store precedes the count (acquire-release at GPU scope), then the count.
-    if not interpret:  # interpret mode runs the programs one after another
+    if interpret:  # the programs one after another; a scalar index does not discharge
+        seen = plgpu.atomic_add(count_ref, pl.ds(col, 1), jnp.ones((1,), jnp.int32))[0]
+    else:  # a scalar: one thread counts and every thread gets what it saw (a vector's would not)
         plgpu.debug_barrier()
-    seen = plgpu.atomic_add(count_ref, pl.ds(col, 1), jnp.ones((1,), jnp.int32))
+        seen = plgpu.atomic_add(count_ref, col, 1)
 
-    @pl.when(seen[0] == splits - 1)
+    @pl.when(seen == splits - 1)
     def _tail():
-        # the other programs' slices from L2 (".cg"), never a line this SM's L1 might hold
-        def slice_(s):
-            return plgpu.load(o_ref.at[jnp.int32(s), jnp.int32(0), cols], cache_modifier=".cg")
-        y = slice_(0)
+        y = o_ref[0, 0, cols]
         for s in range(1, splits):
-            y += slice_(s)
+            y += o_ref[s, 0, cols]
         y = (y * scale_ref[cols]).astype(dtype).astype(jnp.float32)
         new = (res_ref[0, cols].astype(jnp.float32) + y).astype(dtype)
         x_out[0, cols] = new
