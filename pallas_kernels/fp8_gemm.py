@@ -6,10 +6,12 @@ The program grid is int4_gemm.py's: a program owns `block_m` rows, `block_n` out
 one of `splits` equal slices of the input dimension, and writes its float32 partial sums; their
 sum, the per-output-channel scale and the cast to x's dtype are left to XLA, which fuses them
 into the consumer, or, through fp8_partials, to a kernel that adds them up itself
-(decode_epilogue.py). Rows past M are masked, never padded in memory. Two ways to reduce a tile:
-"dot" converts it to x's dtype and feeds the tensor cores (M padded to 16 in registers); "fma"
-(one row) multiplies it by the row and keeps a [block_n, block_k] float32 sum that is reduced
-once at the end, no tensor cores and no padded rows.
+(decode_epilogue.py), or at one row to the GEMM's own last programs (fp8_row_add_norm: the
+residual add, with the next RMSNorm finished in the next GEMM's prologue, fp8_row_norm_partials).
+Rows past M are masked, never padded in memory. Two ways to reduce a tile: "dot" converts it to
+x's dtype and feeds the tensor cores (M padded to 16 in registers); "fma" (one row) multiplies it
+by the row and keeps a [block_n, block_k] float32 sum that is reduced once at the end, no tensor
+cores and no padded rows.
 """
 from __future__ import annotations
 
@@ -173,20 +175,17 @@ def _fma_kernel(x_ref, w_ref, *refs, block_m, block_n, block_k, steps, eps=None,
 
 
 def _row_call(x, w, extra, out_shape, aliases, *, tiles, interpret, name, **kw):
-    """A one-row ("fma") launch of _fma_kernel with `extra` inputs after x and w and `out_shape`
-    outputs (the partials first), all whole-array blocks."""
+    """A one-row launch of _fma_kernel on one_row_tiles' `tiles` with `extra` inputs after x and w
+    and `out_shape` outputs (the partials first), all whole-array blocks."""
     n, k = w.shape
-    if x.shape != (1, k) or one_row_tiles(n, k) is None or tiles.mode != "fma" or not fits(
-            n, k, tiles) or (k // tiles.block_k) % (tiles.splits or 1):
-        raise ValueError(f"{name}: x {x.shape} and an FP8 weight {w.shape} do not fit one row of "
-                         f"{tiles}")
-    splits = tiles.splits or 1
+    if x.shape != (1, k):
+        raise ValueError(f"{name}: x {x.shape} is not one row of the weight's {k} inputs")
     kernel = functools.partial(_fma_kernel, block_m=1, block_n=tiles.block_n,
-                               block_k=tiles.block_k, steps=k // tiles.block_k // splits,
+                               block_k=tiles.block_k, steps=k // tiles.block_k // tiles.splits,
                                interpret=interpret, **kw)
     whole = [pl.BlockSpec(a.shape, lambda i, j, nd=a.ndim: (0,) * nd) for a in (x, *extra)]
     return pl.pallas_call(
-        kernel, grid=(n // tiles.block_n, splits),
+        kernel, grid=(n // tiles.block_n, tiles.splits),
         in_specs=[whole[0], pl.BlockSpec((tiles.block_n, k), lambda i, j: (i, 0)), *whole[1:]],
         out_specs=[pl.BlockSpec(o.shape, lambda i, j, nd=len(o.shape): (0,) * nd)
                    for o in out_shape],
@@ -228,9 +227,10 @@ def fp8_row_norm_partials(x: jax.Array, ssq: jax.Array, norm_weight: jax.Array, 
     fp8_row_add_norm): each program finishes the norm in its prologue."""
     n, k = w.shape
     tiles = one_row_tiles(n, k)
-    if tiles is None or norm_weight.shape != (k,) or ssq.ndim != 1:
+    if tiles is None or norm_weight.shape != (k,) or ssq.shape != (k // ROW_BLOCK_N,):
         raise ValueError(f"fp8_row_norm_partials: weight {w.shape}, norm weight "
-                         f"{norm_weight.shape}, ssq {ssq.shape}")
+                         f"{norm_weight.shape}, ssq {ssq.shape}: needs a one-row tiling, [K] and "
+                         f"a sum a block of {ROW_BLOCK_N} inputs")
     out_shape = [jax.ShapeDtypeStruct((tiles.splits, 1, n), jnp.float32)]
     return _row_call(x, w, [ssq, norm_weight], out_shape, {}, tiles=tiles, interpret=interpret,
                      name="fp8_row_norm_matmul", eps=float(eps))[0]

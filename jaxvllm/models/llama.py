@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxvllm.models.config import ModelConfig
+from jaxvllm.models.grouped import tp_size
 from jaxvllm.models.layers import (Output, SplitSums, add_norm, apply_rope, as_array, gated_mlp,
                                    linear, lm_head, projections, rms_norm, rope_cos_sin,
                                    split_sums)
 from jaxvllm.models.moe import ExpertsFn, experts_swiglu, moe
 from jaxvllm.models.params import KV_CACHE_SCALES
-from jaxvllm.models.grouped import tp_size
 from pallas_kernels import decode_epilogue
 from pallas_kernels.fp8_gemm import (ROW_BLOCK_N, fp8_row_add_norm, fp8_row_norm_partials,
                                      one_row_tiles)
@@ -182,7 +182,6 @@ def _fp8_row_fits(cfg: ModelConfig, layers: list[Params], x: jax.Array) -> bool:
     return (x.shape[0] == 1 and cfg.pallas_gemms and tp_size() == 1 and not cfg.batch_invariant
             and not cfg.qk_norm and cfg.rotary_dim == cfg.head_dim
             and decode_epilogue.rope_fits(cfg.head_dim) and decode_epilogue.add_norm_fits(h)
-            and h >= ROW_BLOCK_N
             and all(_fp8_row_layer_fits(lp) for lp in layers))
 
 
