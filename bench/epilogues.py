@@ -2,7 +2,8 @@
 replace, at the Llama-3-8B shape: add_rms_norm (o's or down's output added to the residual stream,
 then the next RMSNorm; FP8's one-row slices, or a whole bf16 output) over its warps,
 rope_write_kv (a fused q+k+v output rotated, K and V written into a bf16 cache), and the
-one-row FP8 GEMMs of o and down over the slices of their input feeding add_rms_norm. GPU time a call
+one-row FP8 GEMMs of o and down over the slices of their input feeding add_rms_norm, and (`--tails`)
+those GEMMs adding to the residual stream themselves with the norm in the next GEMM. GPU time a call
 from a profiler trace of `--calls` chained calls in one program (the kernels' time, launch gaps
 apart), and the wall time a call.
 
@@ -22,7 +23,8 @@ import jax.numpy as jnp
 from step_profile import kernel_summary
 
 from pallas_kernels.decode_epilogue import add_rms_norm, rope_write_kv
-from pallas_kernels.fp8_gemm import fp8_partials, one_row_tiles
+from pallas_kernels.fp8_gemm import (ROW_BLOCK_N, fp8_partials, fp8_row_add_norm,
+                                     fp8_row_norm_partials, one_row_tiles)
 from pallas_kernels.reference import FP8, add_rms_norm_reference, rope_write_kv_reference
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
@@ -139,6 +141,49 @@ def gemm_norm_rows(calls, splits):
     return out
 
 
+def tail_rows(layers):
+    """One-row FP8 o then gate+up, `layers` times with weights of their own (cold in L2, as a
+    step's): the engine before its GEMM tails (o's slices into add_rms_norm, its normed output
+    into gate+up) against now (o's tails add the residual stream and sum its squares by block,
+    gate+up finishes the norm in its prologue: fp8_row_add_norm, fp8_row_norm_partials); chained
+    through gate+up's first 4096 outputs as the next o's input."""
+    ks = jax.random.split(jax.random.key(6), 2 * layers + 1)
+    w_o = [(jax.random.normal(k, (HIDDEN, HIDDEN)) * HIDDEN ** -0.5).astype(FP8)
+           for k in ks[1:layers + 1]]
+    w_gu = [(jax.random.normal(k, (2 * INTERMEDIATE, HIDDEN)) * HIDDEN ** -0.5).astype(FP8)
+            for k in ks[layers + 1:]]
+    x = jax.random.normal(ks[0], (1, HIDDEN)).astype(jnp.bfloat16)
+    scale, weight = jnp.full(HIDDEN, 1e-2), jnp.ones(HIDDEN, jnp.bfloat16)
+    o_tiles, gu_tiles = one_row_tiles(HIDDEN, HIDDEN), one_row_tiles(2 * INTERMEDIATE, HIDDEN)
+
+    @jax.jit
+    def before(x, w_o, w_gu):
+        y = x
+        for wo, wg in zip(w_o, w_gu):
+            x, h = add_rms_norm(x, fp8_partials(y, wo, tiles=o_tiles), scale, weight, 1e-5)
+            y = fp8_partials(h, wg, tiles=gu_tiles).sum(0)[:, :HIDDEN].astype(x.dtype)
+        return x, y
+
+    @jax.jit
+    def tails(x, w_o, w_gu):
+        y, counts = x, jnp.zeros(HIDDEN // ROW_BLOCK_N, jnp.int32)
+        for wo, wg in zip(w_o, w_gu):
+            x, ssq, counts = fp8_row_add_norm(y, wo, scale, x, counts)
+            y = fp8_row_norm_partials(x, ssq, weight, 1e-5, wg).sum(0)[:, :HIDDEN].astype(x.dtype)
+        return x, y
+
+    out = []
+    for name, fn in (("before: GEMM, add_rms_norm, GEMM", before),
+                     ("GEMM tail, GEMM with the norm's prologue", tails)):
+        gpu, wall, *kernels = _gpu_time(fn, (x, w_o, w_gu), layers, (
+            "fp8_matmul", "add_rms_norm", "fp8_row_add_norm", "fp8_row_norm_matmul"))
+        out.append(["FP8 one row: o, the add and norm, gate+up (a layer's weights each)", name,
+                    gpu, wall, ", ".join(f"{k} {t:.2f}" for k, t in zip(
+                        ("GEMMs", "add_rms_norm", "o with its tail", "gate+up with the norm"),
+                        kernels) if t)])
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
@@ -147,11 +192,15 @@ def main() -> int:
     C.add_output_args(p)
     p.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8],
                    help="input slices of the one-row o and down GEMMs before add_rms_norm")
+    p.add_argument("--tails", type=int, default=0, metavar="LAYERS",
+                   help="also time FP8's one-row GEMM tails over this many layers' weights")
     args = p.parse_args()
     rows = []
     for r in args.rows:
         rows += add_norm_rows(r, args.warps, args.calls) + rope_rows(r, args.calls)
     rows = [row + [""] for row in rows] + gemm_norm_rows(args.calls, args.splits)
+    if args.tails:
+        rows += tail_rows(args.tails)
     C.emit({"rows": rows}, args, C.table(rows, ["op", "variant", "GPU µs a call",
                                                  "wall µs a call", "kernels, µs a call"]))
     return 0
