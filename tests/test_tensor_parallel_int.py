@@ -107,7 +107,7 @@ def _run_pallas(d: str, tp: int, **run_kw: Any) -> dict[str, Any]:
     """_run with the engine's Pallas GEMM choice forced on (as on a GPU; the kernels interpreted),
     and the operand shapes each int4, int8 or FP8 GEMM call was traced with."""
     from jaxvllm.engine import setup
-    from jaxvllm.models import int4, int8, quant
+    from jaxvllm.models import int4, int8, llama, quant
     seen = []
 
     def counted(kernel):
@@ -121,18 +121,20 @@ def _run_pallas(d: str, tp: int, **run_kw: Any) -> dict[str, Any]:
         return saved[-1](gate, up, *args, **kwargs)
 
     seen_gated = []
-    # The GEMMs and, on one device, the same GEMMs leaving their slices to an epilogue kernel.
+    # The GEMMs and, on one device, the same GEMMs leaving their slices to an epilogue kernel
+    # (FP8's one-row o and down: adding to the residual stream themselves, fp8_row_add_norm).
     saved = (setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul,
-             int4.int4_partials, quant.fp8_partials, quant.gated_fp8)
+             int4.int4_partials, quant.fp8_partials, llama.fp8_row_add_norm, quant.gated_fp8)
     setup.pallas_gemms_fit = lambda: True
     (int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul, int4.int4_partials,
-     quant.fp8_partials) = map(counted, saved[1:6])
+     quant.fp8_partials, llama.fp8_row_add_norm) = map(counted, saved[1:7])
     quant.gated_fp8 = gated
     try:
         res = _run(d, tp, **run_kw)
     finally:
         (setup.pallas_gemms_fit, int4.int4_matmul, int8.int8_matmul, quant.fp8_matmul,
-         int4.int4_partials, quant.fp8_partials, quant.gated_fp8) = saved
+         int4.int4_partials, quant.fp8_partials, llama.fp8_row_add_norm,
+         quant.gated_fp8) = saved
     res["kernel_shapes"], res["gated_shapes"] = seen, seen_gated
     return res
 
