@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.decode_epilogue import _slices_total
 from pallas_kernels.triton_rows import split_k_call
 
 MAX_ROWS = 16    # the engine's Triton-GEMM decode buckets (config.TRITON_GEMM_MAX_TOKENS)
@@ -163,10 +164,7 @@ def _fma_kernel(x_ref, w_ref, *refs, block_m, block_n, block_k, steps, eps=None,
 
     @pl.when(seen == splits - 1)
     def _tail():
-        y = o_ref[0, 0, cols]
-        for s in range(1, splits):
-            y += o_ref[s, 0, cols]
-        y = (y * scale_ref[cols]).astype(dtype).astype(jnp.float32)
+        y = _slices_total(o_ref, scale_ref, 0, cols, dtype)
         new = (res_ref[0, cols].astype(jnp.float32) + y).astype(dtype)
         x_out[0, cols] = new
         new = new.astype(jnp.float32)

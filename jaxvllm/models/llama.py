@@ -128,14 +128,19 @@ def _attention_block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array,
 def _decode_qkv(cfg: ModelConfig, lp: Params, x: jax.Array,
                 k_cache: Optional[jax.Array]) -> Optional[SplitSums]:
     """The fused q+k+v GEMM's output as SplitSums where one kernel may rotate it and write the
-    cache (decode_epilogue.rope_write_kv): decode-sized rows (layers.split_sums), a cache without
-    a checkpoint's scales, every dimension of a head rotated, no q/k norm between the GEMM and the
-    rotation, not batch-invariant. None elsewhere: the general path."""
-    if (k_cache is None or cfg.qk_norm or cfg.batch_invariant or cfg.rotary_dim != cfg.head_dim
-            or not decode_epilogue.rope_fits(cfg.head_dim) or "q+k+v" not in lp
-            or KV_CACHE_SCALES[0] in lp):
+    cache (decode_epilogue.rope_write_kv, where _epilogue_rotates): decode-sized rows
+    (layers.split_sums). None elsewhere: the general path."""
+    if k_cache is None or "q+k+v" not in lp or not _epilogue_rotates(cfg, lp):
         return None
     return split_sums(x, lp, "q+k+v", cfg.pallas_gemms)
+
+
+def _epilogue_rotates(cfg: ModelConfig, lp: Params) -> bool:
+    """Whether decode_epilogue.rope_write_kv may rotate q and k straight from the GEMM and write
+    the cache: no checkpoint's cache scales, every dimension of a head rotated, no q/k norm
+    between, not batch-invariant."""
+    return (not cfg.qk_norm and not cfg.batch_invariant and cfg.rotary_dim == cfg.head_dim
+            and decode_epilogue.rope_fits(cfg.head_dim) and KV_CACHE_SCALES[0] not in lp)
 
 
 def _mlp(cfg: ModelConfig, lp: Params, x: jax.Array) -> Output:
@@ -179,14 +184,13 @@ def _fp8_row_fits(cfg: ModelConfig, layers: list[Params], x: jax.Array) -> bool:
     to their products, the decode epilogue's rotation (_decode_qkv) and a hidden size the tails
     block (a power of two)."""
     h = x.shape[-1]
-    return (x.shape[0] == 1 and cfg.pallas_gemms and tp_size() == 1 and not cfg.batch_invariant
-            and not cfg.qk_norm and cfg.rotary_dim == cfg.head_dim
-            and decode_epilogue.rope_fits(cfg.head_dim) and decode_epilogue.add_norm_fits(h)
-            and all(_fp8_row_layer_fits(lp) for lp in layers))
+    return (x.shape[0] == 1 and cfg.pallas_gemms and tp_size() == 1
+            and decode_epilogue.add_norm_fits(h)
+            and all(_fp8_row_layer_fits(cfg, lp) for lp in layers))
 
 
-def _fp8_row_layer_fits(lp: Params) -> bool:
-    return (KV_CACHE_SCALES[0] not in lp and "router" not in lp and all(
+def _fp8_row_layer_fits(cfg: ModelConfig, lp: Params) -> bool:
+    return (_epilogue_rotates(cfg, lp) and "router" not in lp and all(
         name in lp and lp[name].dtype == FP8 and one_row_tiles(*lp[name].shape) is not None
         for name in _FP8_ROW_WEIGHTS) and not any(
         key.endswith(("_bias", "_lora_a")) for key in lp))
