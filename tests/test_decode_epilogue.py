@@ -198,9 +198,9 @@ def test_fp8_row_add_norm(n, k, dtype):
 
 @pytest.mark.parametrize("n, k, dtype", [(512, 256, jnp.bfloat16), (256, 64, jnp.float32)])
 def test_fp8_row_norm_partials(n, k, dtype):
-    """The RMSNorm finished in the GEMM's prologue from the block sums of squares: the partial
-    sums of the normed row's GEMM as layers.rms_norm rounds it (float32 sums of the squares in
-    another order: at most a rounding of the normed values apart)."""
+    """The RMSNorm finished by the GEMM from the block sums of squares (the weight in the prologue,
+    the factor on the sums, in float32): the partial sums of the GEMM of layers.rms_norm's output
+    within its bf16 roundings, and float64's."""
     ks = jax.random.split(jax.random.key(n), 3)
     x = (jax.random.normal(ks[0], (1, k)) * 3).astype(dtype)
     g = (1 + 0.1 * jax.random.normal(ks[1], (k,))).astype(dtype)

@@ -201,9 +201,9 @@ def _fp8_row_layers(layers: list[Params], x: jax.Array, cos: jax.Array, sin: jax
                     attention_fn: AttentionFn) -> tuple[jax.Array, KVCache]:
     """forward's layers for one row with FP8 weights: o's and down's GEMMs add their output to the
     residual stream in their last programs and sum its squares by blocks of columns
-    (fp8_gemm.fp8_row_add_norm), and the next GEMM finishes the RMSNorm in its prologue
-    (fp8_row_norm_partials): no kernel between two GEMMs for the add and the norm. The first
-    layer's input squares are summed by XLA."""
+    (fp8_gemm.fp8_row_add_norm), and the next GEMM finishes the RMSNorm (fp8_row_norm_partials:
+    the norm's weight on its inputs, the row's factor on its sums): no kernel between two GEMMs
+    for the add and the norm. The first layer's input squares are summed by XLA."""
     x32 = x.astype(jnp.float32)
     ssq = (x32 * x32).reshape(-1, ROW_BLOCK_N).sum(1)
     counts = jnp.zeros(x.shape[-1] // ROW_BLOCK_N, jnp.int32)
