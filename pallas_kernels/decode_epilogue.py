@@ -50,7 +50,7 @@ def rope_fits(head_dim: int) -> bool:
     return head_dim >= 2 and _pow2(head_dim)
 
 
-def _slices_total(p_ref, s_ref, row, cols, dtype):
+def slices_total(p_ref, s_ref, row, cols, dtype):
     """The GEMM's output at `row`, columns `cols`: its slices summed, scaled, in float32 holding
     the value rounded to `dtype` (the GEMM's output dtype)."""
     acc = p_ref[0, row, cols].astype(jnp.float32)
@@ -91,7 +91,7 @@ def _add_norm_kernel(x_ref, p_ref, w_ref, *refs, eps, scaled):
     x_out, h_out = refs[-2:]
     row, cols = pl.program_id(0), pl.ds(0, x_ref.shape[1])
     dtype = x_ref.dtype
-    y = _slices_total(p_ref, s_ref, row, cols, dtype)
+    y = slices_total(p_ref, s_ref, row, cols, dtype)
     x32 = (x_ref[row, cols].astype(jnp.float32) + y).astype(dtype).astype(jnp.float32)
     normed = x32 * lax.rsqrt(jnp.sum(x32 * x32) / x_ref.shape[1] + eps)
     x_out[row, cols] = x32.astype(dtype)
@@ -144,8 +144,8 @@ def _rope_kernel(p_ref, cos_ref, sin_ref, slot_ref, _k_in, _v_in, *refs, num_hea
     half = d // 2
     tok, head = pl.program_id(0), pl.program_id(1)
     lo_cols, hi_cols = pl.ds(head * d, half), pl.ds(head * d + half, half)
-    lo = _slices_total(p_ref, s_ref, tok, lo_cols, dtype)
-    hi = _slices_total(p_ref, s_ref, tok, hi_cols, dtype)
+    lo = slices_total(p_ref, s_ref, tok, lo_cols, dtype)
+    hi = slices_total(p_ref, s_ref, tok, hi_cols, dtype)
     # As layers.apply_rope: cos and sin in the model's dtype, rotate-half.
     trig = [r[tok, pl.ds(c, half)].astype(dtype).astype(jnp.float32)
             for r in (cos_ref, sin_ref) for c in (0, half)]

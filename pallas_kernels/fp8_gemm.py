@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_epilogue import _slices_total
+from pallas_kernels.decode_epilogue import slices_total
 from pallas_kernels.triton_rows import split_k_call
 
 MAX_ROWS = 16    # the engine's Triton-GEMM decode buckets (config.TRITON_GEMM_MAX_TOKENS)
@@ -124,9 +124,10 @@ def _dot_kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, steps):
 def _fma_kernel(x_ref, w_ref, *refs, block_m, block_n, block_k, steps, eps=None, splits=None,
                 interpret=False):
     """One row. `eps`: x is the residual stream, normed here (refs start with its block sums of
-    squares and the norm's weight: the weight on the inputs, the factor on the sums); `splits`: the tail of fp8_row_add_norm (refs then hold the
-    scale, the residual stream and the counters in, and the new stream, its block sums of squares
-    and the counters out after the partials)."""
+    squares and the norm's weight: the weight on the inputs, the factor on the sums); `splits`:
+    the tail of fp8_row_add_norm (refs then hold the scale, the residual stream and the counters
+    in, and the new stream, its block sums of squares and the counters out after the
+    partials)."""
     del block_m
     refs = list(refs)
     if eps is not None:
@@ -162,7 +163,7 @@ def _fma_kernel(x_ref, w_ref, *refs, block_m, block_n, block_k, steps, eps=None,
 
     @pl.when(seen == splits - 1)
     def _tail():
-        y = _slices_total(o_ref, scale_ref, 0, cols, dtype)
+        y = slices_total(o_ref, scale_ref, 0, cols, dtype)
         new = (res_ref[0, cols].astype(jnp.float32) + y).astype(dtype)
         x_out[0, cols] = new
         new = new.astype(jnp.float32)
