@@ -181,8 +181,8 @@ _FP8_ROW_WEIGHTS = ("q+k+v", "o", "gate+up", "down")
 def _fp8_row_fits(cfg: ModelConfig, layers: list[Params], x: jax.Array) -> bool:
     """Whether a one-row step runs _fp8_row_layers: one token, the Pallas GEMMs on one device,
     every layer a dense one with FP8 q+k+v, o, gate+up and down (fused at load) and nothing added
-    to their products, the decode epilogue's rotation (_decode_qkv) and a hidden size the tails
-    block (a power of two)."""
+    to their products, the decode epilogue's rotation (_epilogue_rotates) and a hidden size the
+    tails block (a power of two)."""
     h = x.shape[-1]
     return (x.shape[0] == 1 and cfg.pallas_gemms and tp_size() == 1
             and decode_epilogue.add_norm_fits(h)
